@@ -1,0 +1,199 @@
+//! The dataplane snapshot: services and backends as the workers see them.
+//!
+//! A [`Dataplane`] is immutable. The control thread builds a new one for every
+//! change (weight, add, remove, reload) — Maglev tables included, off the hot
+//! path — and publishes it through a [`DataplaneCell`]. Workers check the
+//! cell's generation once per burst and pick up the new snapshot when it
+//! changed, so they never wait on the control thread.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hashbrown::HashMap;
+
+use crate::packet::{Family, FlowKey};
+use crate::sched::MaglevTable;
+
+/// Index of a service in [`Dataplane::services`].
+pub type ServiceId = u16;
+/// Identity of a backend within one service; stable across snapshots for as
+/// long as the backend stays configured.
+pub type BackendId = u32;
+
+/// Most services one instance serves.
+pub const MAX_SERVICES: usize = 256;
+/// Most backend ids one instance hands out (across all services).
+pub const MAX_BACKENDS: usize = 4096;
+
+/// How packets reach a backend. Both are direct server return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardMode {
+    /// IPv4-in-IPv4 or IPv6-in-IPv6 to the backend address; `source` is the
+    /// outer source address (same family as the VIP).
+    IpIp { source: u128 },
+    /// Destination MAC rewritten to the backend's; the backend holds the VIP.
+    L2,
+}
+
+/// Which scheduler picks backends for new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchedulerKind {
+    Maglev,
+    RoundRobin,
+}
+
+/// A backend of one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub id: BackendId,
+    pub service: ServiceId,
+    pub name: String,
+    pub addr: IpAddr,
+    /// `addr` as bits (IPv4 in the low 32).
+    pub addr_bits: u128,
+    /// Next-hop MAC: required for `l2`, optional for `ipip`.
+    pub mac: Option<[u8; 6]>,
+    /// 0 = draining: no new connections, existing ones and affinities kept.
+    pub weight: u32,
+}
+
+/// Automatic affinity for parallel connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoAffinity {
+    /// How long the pin outlives the client's last connection.
+    pub linger: Duration,
+}
+
+/// A service: VIP, port and protocol, with its backends and scheduler.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub id: ServiceId,
+    pub name: String,
+    pub vip: IpAddr,
+    pub vip_bits: u128,
+    pub family: Family,
+    pub port: u16,
+    pub proto: u8,
+    pub mode: ForwardMode,
+    pub scheduler: SchedulerKind,
+    /// Backend ids in configuration order; Maglev indices refer to this list.
+    pub backends: Vec<BackendId>,
+    pub maglev: Arc<MaglevTable>,
+    pub auto_affinity: Option<AutoAffinity>,
+    /// Longest affinity a backend may request on this service.
+    pub max_affinity: Duration,
+}
+
+/// One immutable snapshot of the whole service configuration.
+#[derive(Debug, Default)]
+pub struct Dataplane {
+    pub generation: u64,
+    pub services: Vec<Service>,
+    /// Indexed by [`BackendId`]; `None` for ids not in use.
+    pub backends: Vec<Option<Backend>>,
+    vip_index: HashMap<(u128, u16, u8), ServiceId>,
+}
+
+impl Dataplane {
+    /// Builds a snapshot. Service ids must equal their index; backend ids must
+    /// be below [`MAX_BACKENDS`].
+    pub fn new(generation: u64, services: Vec<Service>, backends: Vec<Backend>) -> Dataplane {
+        let mut vip_index = HashMap::with_capacity(services.len());
+        for s in &services {
+            debug_assert_eq!(
+                s.id as usize,
+                services.iter().position(|x| x.id == s.id).unwrap()
+            );
+            vip_index.insert((s.vip_bits, s.port, s.proto), s.id);
+        }
+        let max_id = backends
+            .iter()
+            .map(|b| b.id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut by_id: Vec<Option<Backend>> = vec![None; max_id];
+        for b in backends {
+            let id = b.id as usize;
+            by_id[id] = Some(b);
+        }
+        Dataplane {
+            generation,
+            services,
+            backends: by_id,
+            vip_index,
+        }
+    }
+
+    /// The service a packet is addressed to.
+    #[inline]
+    pub fn service_for(&self, key: &FlowKey) -> Option<&Service> {
+        self.find_service(key.dst, key.dport, key.proto)
+    }
+
+    /// The service with this VIP (as bits), port and protocol.
+    #[inline]
+    pub fn find_service(&self, vip: u128, port: u16, proto: u8) -> Option<&Service> {
+        let id = *self.vip_index.get(&(vip, port, proto))?;
+        self.services.get(id as usize)
+    }
+
+    /// A service by name.
+    pub fn service_named(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// A backend by id, if it is still configured.
+    #[inline]
+    pub fn backend(&self, id: BackendId) -> Option<&Backend> {
+        self.backends.get(id as usize)?.as_ref()
+    }
+
+    /// The backend of a service with this name.
+    pub fn find_backend(&self, service: ServiceId, name: &str) -> Option<&Backend> {
+        let s = self.services.get(service as usize)?;
+        s.backends
+            .iter()
+            .filter_map(|&id| self.backend(id))
+            .find(|b| b.name == name)
+    }
+}
+
+/// Where the control thread publishes snapshots and workers pick them up.
+pub struct DataplaneCell {
+    generation: AtomicU64,
+    current: Mutex<Arc<Dataplane>>,
+}
+
+impl DataplaneCell {
+    pub fn new(dp: Dataplane) -> DataplaneCell {
+        DataplaneCell {
+            generation: AtomicU64::new(dp.generation),
+            current: Mutex::new(Arc::new(dp)),
+        }
+    }
+
+    /// The generation of the current snapshot: one relaxed load, read by
+    /// workers once per burst.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The current snapshot. Takes a lock held only for an `Arc` clone; workers
+    /// call it only when the generation changed.
+    pub fn load(&self) -> Arc<Dataplane> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Publishes a new snapshot (control thread only).
+    pub fn publish(&self, dp: Dataplane) {
+        let gen = dp.generation;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(dp);
+        self.generation.store(gen, Ordering::Release);
+    }
+}
