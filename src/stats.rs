@@ -1,4 +1,13 @@
 //! Counters: why packets were dropped, and what each worker did.
+//!
+//! Every worker owns one [`WorkerCounters`] and is its only writer: a counter
+//! update is a relaxed load and store of the worker's own cache lines, never a
+//! locked read-modify-write and never a write to memory another core writes.
+//! The control thread reads them (relaxed) and sums over workers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::dataplane::{MAX_BACKENDS, MAX_SERVICES};
 
 /// Why a packet was dropped. Every drop on the data path is one of these.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -16,6 +25,8 @@ pub enum DropReason {
     NoService,
     /// The service has no backend that can take the packet.
     NoBackend,
+    /// No next-hop MAC for the chosen backend.
+    NoRoute,
     /// No headroom (or room) to build the output packet.
     NoRoom,
     /// The transmit queue was full.
@@ -23,7 +34,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 8;
+    pub const COUNT: usize = 9;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::NotIp,
@@ -31,6 +42,7 @@ impl DropReason {
         DropReason::UnsupportedL4,
         DropReason::NoService,
         DropReason::NoBackend,
+        DropReason::NoRoute,
         DropReason::NoRoom,
         DropReason::TxFull,
     ];
@@ -44,8 +56,159 @@ impl DropReason {
             DropReason::UnsupportedL4 => "unsupported_l4",
             DropReason::NoService => "no_service",
             DropReason::NoBackend => "no_backend",
+            DropReason::NoRoute => "no_route",
             DropReason::NoRoom => "no_room",
             DropReason::TxFull => "tx_full",
         }
+    }
+}
+
+/// A counter with a single writer.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning worker may call this: it is a plain load and
+    /// store, not an atomic read-modify-write.
+    #[inline(always)]
+    pub fn add(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.wrapping_add(n), Ordering::Relaxed);
+    }
+    #[inline(always)]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    /// Subtracts `n` (gauges such as active connections).
+    #[inline(always)]
+    pub fn sub(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.wrapping_sub(n), Ordering::Relaxed);
+    }
+    /// Sets the value (gauges such as table occupancy).
+    #[inline(always)]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-backend counters of one worker.
+#[derive(Default, Debug)]
+pub struct BackendCounters {
+    pub packets: Counter,
+    pub bytes: Counter,
+    /// New connections sent to this backend.
+    pub connections: Counter,
+    /// Connections in this worker's flow table (a gauge; wraps if read
+    /// mid-update, so readers sum as i64).
+    pub active: Counter,
+}
+
+/// Per-service counters of one worker.
+#[derive(Default, Debug)]
+pub struct ServiceCounters {
+    pub packets: Counter,
+    pub new_connections: Counter,
+    pub affinity_hits: Counter,
+    pub affinity_misses: Counter,
+    pub auto_affinity_hits: Counter,
+}
+
+/// Everything one worker counts. Aligned so two workers never share a line.
+#[repr(align(128))]
+#[derive(Debug)]
+pub struct WorkerCounters {
+    pub rx_packets: Counter,
+    pub rx_bytes: Counter,
+    pub tx_packets: Counter,
+    pub tx_bytes: Counter,
+    /// Poll iterations and the ones that received something.
+    pub polls: Counter,
+    pub busy_polls: Counter,
+    pub drops: [Counter; DropReason::COUNT],
+    /// TCP SYNs without ACK seen for a service.
+    pub syns: Counter,
+    /// Packets of a flow the table did not know that was not a SYN
+    /// (after a restart, an eviction, or an RSS change): routed statelessly.
+    pub unknown_flows: Counter,
+    /// Flows whose backend vanished and were rerouted.
+    pub rerouted: Counter,
+    pub flows_active: Counter,
+    pub flows_evicted: Counter,
+    pub flows_expired: Counter,
+    pub flows_closed: Counter,
+    /// Auto-affinity pins refused because the shared table was full.
+    pub auto_affinity_full: Counter,
+    /// Nanoseconds spent processing non-empty bursts.
+    pub busy_ns: Counter,
+    pub services: Box<[ServiceCounters]>,
+    pub backends: Box<[BackendCounters]>,
+}
+
+impl Default for WorkerCounters {
+    fn default() -> Self {
+        WorkerCounters {
+            rx_packets: Counter::default(),
+            rx_bytes: Counter::default(),
+            tx_packets: Counter::default(),
+            tx_bytes: Counter::default(),
+            polls: Counter::default(),
+            busy_polls: Counter::default(),
+            drops: Default::default(),
+            syns: Counter::default(),
+            unknown_flows: Counter::default(),
+            rerouted: Counter::default(),
+            flows_active: Counter::default(),
+            flows_evicted: Counter::default(),
+            flows_expired: Counter::default(),
+            flows_closed: Counter::default(),
+            auto_affinity_full: Counter::default(),
+            busy_ns: Counter::default(),
+            services: (0..MAX_SERVICES).map(|_| ServiceCounters::default()).collect(),
+            backends: (0..MAX_BACKENDS).map(|_| BackendCounters::default()).collect(),
+        }
+    }
+}
+
+impl WorkerCounters {
+    #[inline(always)]
+    pub fn drop(&self, reason: DropReason) {
+        self.drops[reason as usize].inc();
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().map(Counter::get).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_add_sub_set() {
+        let c = Counter::default();
+        c.add(5);
+        c.inc();
+        c.sub(2);
+        assert_eq!(c.get(), 4);
+        c.set(10);
+        assert_eq!(c.get(), 10);
+    }
+
+    #[test]
+    fn drop_reasons_are_indexed_in_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        let w = WorkerCounters::default();
+        w.drop(DropReason::TxFull);
+        w.drop(DropReason::NoService);
+        assert_eq!(w.total_drops(), 2);
+        assert_eq!(w.drops[DropReason::TxFull as usize].get(), 1);
     }
 }

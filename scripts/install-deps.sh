@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what pktdist needs on a Debian machine and is not there yet:
+# DPDK 22.11 (libraries, drivers, dpdk-testpmd), pkg-config, libclang (bindgen),
+# tshark (independent dissector for tests), iproute2 (test bed), and a Rust
+# toolchain check. Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+need=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+for p in libdpdk-dev dpdk pkg-config libclang-dev tshark iproute2 curl python3; do
+    have_pkg "$p" || need+=("$p")
+done
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "install-deps: installing ${need[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    # tshark asks whether non-root users may capture; answer no.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "install-deps: cargo not found; install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+
+ver=$(pkg-config --modversion libdpdk)
+case "$ver" in
+    2[2-9].*|[3-9][0-9].*) ;;
+    *) echo "install-deps: libdpdk $ver is older than 22.11" >&2; exit 1 ;;
+esac
+echo "install-deps: DPDK $ver, $(cargo --version)"
