@@ -1,1 +1,479 @@
-//! (skeleton)
+//! The two direct-server-return output paths: IP-in-IP encapsulation to the
+//! backend's address, and rewriting the MAC addresses for a backend on the
+//! same segment that holds the VIP on its loopback.
+//!
+//! Both work in place on the received buffer: encapsulation grows the frame
+//! into the buffer's headroom, so no packet is copied in the common case.
+
+use crate::io::PacketBuf;
+use crate::packet::{flow_hash, Family, ParsedPacket};
+use crate::stats::DropReason;
+use crate::wire::{checksum, ipv4, ipv6};
+
+/// TTL / hop limit of the outer header.
+const OUTER_TTL: u8 = 64;
+
+/// Encapsulates the IP packet of a parsed frame in an outer IP header of the
+/// same family, from `outer_src` to `backend` (RFC 2003 IPv4-in-IPv4, or RFC
+/// 2473 IPv6-in-IPv6), and rewrites the Ethernet header for the next hop.
+///
+/// The link-layer header keeps its VLAN tag(s); Ethernet padding after the
+/// inner packet is removed so the frame ends where the outer packet does.
+/// The outer IPv4 header copies the inner TOS, has DF clear, id 0 and TTL 64;
+/// the outer IPv6 header copies the traffic class and takes its flow label
+/// from the flow hash, so routers spread tunnelled flows (RFC 6438).
+///
+/// Fails with `NoRoom` when the headroom cannot take the outer header or the
+/// outer packet would exceed its 64 KiB length field, and with `Malformed`
+/// when `pkt` does not describe `buf` (its IP packet runs past the frame).
+/// On failure the buffer is unchanged.
+#[inline]
+pub fn encap_ipip<B: PacketBuf>(
+    buf: &mut B,
+    pkt: &ParsedPacket,
+    outer_src: u128,
+    backend: u128,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> Result<(), DropReason> {
+    let l2 = pkt.l3_offset as usize;
+    let inner = pkt.l3_len as usize;
+    let frame_len = buf.data().len();
+    let end = l2 + inner;
+    if l2 < 14 || end > frame_len {
+        return Err(DropReason::Malformed);
+    }
+    let outer = match pkt.key.family {
+        Family::V4 => {
+            if inner + ipv4::HEADER_LEN > u16::MAX as usize {
+                return Err(DropReason::NoRoom);
+            }
+            ipv4::HEADER_LEN
+        }
+        Family::V6 => ipv6::HEADER_LEN,
+    };
+    // Every inner packet has at least the header the outer one copies from.
+    if inner < outer {
+        return Err(DropReason::Malformed);
+    }
+
+    // Make the frame exactly l2 + outer + inner long, ending where the old
+    // one ended: grow the front by what the padding does not provide, or
+    // (padding longer than the outer header) shrink it.
+    let pad = frame_len - end;
+    let (old_front, new_front) = if pad < outer {
+        if !buf.prepend(outer - pad) {
+            return Err(DropReason::NoRoom);
+        }
+        (outer - pad, 0)
+    } else {
+        (0, pad - outer)
+    };
+    let data = buf.data_mut();
+    // Inner packet first (it moves towards the end, over the padding), then
+    // the tag and EtherType bytes of the link header; the MACs are rewritten
+    // anyway. Neither destination overlaps the other's source.
+    let inner_from = old_front + l2;
+    let inner_to = new_front + l2 + outer;
+    if inner_from != inner_to {
+        data.copy_within(inner_from..inner_from + inner, inner_to);
+    }
+    data.copy_within(old_front + 12..old_front + l2, new_front + 12);
+    let data = &mut data[new_front..];
+    data[0..6].copy_from_slice(&dst_mac);
+    data[6..12].copy_from_slice(&src_mac);
+
+    let (hdr, inner_ip) = data[l2..].split_at_mut(outer);
+    match pkt.key.family {
+        Family::V4 => {
+            let mut h = [0u8; ipv4::HEADER_LEN];
+            h[0] = 0x45;
+            h[1] = inner_ip[1];
+            h[2..4].copy_from_slice(&((inner + outer) as u16).to_be_bytes());
+            // id 0, flags and fragment offset 0 (DF clear).
+            h[8] = OUTER_TTL;
+            h[9] = ipv4::PROTO_IPIP;
+            h[12..16].copy_from_slice(&(outer_src as u32).to_be_bytes());
+            h[16..20].copy_from_slice(&(backend as u32).to_be_bytes());
+            let c = checksum::ipv4_header20(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            hdr.copy_from_slice(&h);
+        }
+        Family::V6 => {
+            let tc = (u16::from_be_bytes([inner_ip[0], inner_ip[1]]) >> 4) as u8;
+            let flow = (flow_hash(&pkt.key) as u32) & 0x000f_ffff;
+            let mut h = [0u8; ipv6::HEADER_LEN];
+            h[0..4].copy_from_slice(&(6u32 << 28 | (tc as u32) << 20 | flow).to_be_bytes());
+            h[4..6].copy_from_slice(&(inner as u16).to_be_bytes());
+            h[6] = ipv6::PROTO_IPV6;
+            h[7] = OUTER_TTL;
+            h[8..24].copy_from_slice(&outer_src.to_be_bytes());
+            h[24..40].copy_from_slice(&backend.to_be_bytes());
+            hdr.copy_from_slice(&h);
+        }
+    }
+    if new_front > 0 {
+        // Cannot fail: new_front is at most the padding, inside the frame.
+        buf.trim_front(new_front);
+    }
+    Ok(())
+}
+
+/// Rewrites the destination and source MAC addresses (the `l2` forwarding
+/// mode). A frame shorter than the two addresses is left unchanged; parsed
+/// frames never are.
+#[inline]
+pub fn rewrite_l2<B: PacketBuf>(buf: &mut B, src_mac: [u8; 6], dst_mac: [u8; 6]) {
+    if let Some(h) = buf.data_mut().get_mut(..12) {
+        h[0..6].copy_from_slice(&dst_mac);
+        h[6..12].copy_from_slice(&src_mac);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{MemBuf, PacketBuf};
+    use crate::packet::{parse, tcp_flags};
+    use crate::wire::build::FrameSpec;
+    use crate::wire::{ethernet, ipv4, ipv6};
+    use proptest::prelude::*;
+
+    const SRC_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];
+    const DST_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 2];
+    const LB4: u128 = 0xc633_6401; // 198.51.100.1
+    const BE4: u128 = 0x0a00_0063; // 10.0.0.99
+    const LB6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0001;
+    const BE6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0063;
+
+    /// A packet buffer with a chosen headroom.
+    struct TestBuf {
+        buf: Vec<u8>,
+        start: usize,
+        len: usize,
+    }
+
+    impl TestBuf {
+        fn new(headroom: usize, frame: &[u8]) -> TestBuf {
+            let mut buf = vec![0u8; headroom];
+            buf.extend_from_slice(frame);
+            TestBuf {
+                buf,
+                start: headroom,
+                len: frame.len(),
+            }
+        }
+    }
+
+    impl PacketBuf for TestBuf {
+        fn data(&self) -> &[u8] {
+            &self.buf[self.start..self.start + self.len]
+        }
+        fn data_mut(&mut self) -> &mut [u8] {
+            &mut self.buf[self.start..self.start + self.len]
+        }
+        fn prepend(&mut self, n: usize) -> bool {
+            if n > self.start {
+                return false;
+            }
+            self.start -= n;
+            self.len += n;
+            true
+        }
+        fn trim_front(&mut self, n: usize) -> bool {
+            if n > self.len {
+                return false;
+            }
+            self.start += n;
+            self.len -= n;
+            true
+        }
+    }
+
+    /// Encapsulates `frame` and checks the output against the input.
+    fn encap_and_check(frame: &[u8]) -> Vec<u8> {
+        let pkt = parse(frame).unwrap();
+        let (l3, l3_len) = (pkt.l3_offset as usize, pkt.l3_len as usize);
+        let original_ip = &frame[l3..l3 + l3_len];
+        let (outer_src, backend) = match pkt.key.family {
+            Family::V4 => (LB4, BE4),
+            Family::V6 => (LB6, BE6),
+        };
+        let mut buf = MemBuf::from_frame(frame);
+        encap_ipip(&mut buf, &pkt, outer_src, backend, SRC_MAC, DST_MAC).unwrap();
+        let out = buf.data().to_vec();
+
+        let eth = ethernet::Frame::new_checked(&out[..]).unwrap();
+        assert_eq!(eth.dst_addr(), DST_MAC);
+        assert_eq!(eth.src_addr(), SRC_MAC);
+        let l2 = eth.l2_info().unwrap();
+        assert_eq!(l2.vlan, pkt.vlan);
+        assert_eq!(l2.header_len, l3);
+        assert_eq!(&out[12..l3 - 2], &frame[12..l3 - 2], "tags preserved");
+        let o = &out[l3..];
+        match pkt.key.family {
+            Family::V4 => {
+                assert_eq!(l2.ethertype, ethernet::ETHERTYPE_IPV4);
+                let ip = ipv4::Packet::new_checked(o).unwrap();
+                assert_eq!(ip.header_len(), 20);
+                assert_eq!(ip.total_len() as usize, l3_len + 20);
+                assert_eq!(o.len(), l3_len + 20, "padding removed");
+                assert_eq!(ip.protocol(), ipv4::PROTO_IPIP);
+                assert_eq!(ip.ttl(), 64);
+                assert_eq!(ip.tos(), original_ip[1]);
+                assert!(!ip.dont_frag() && !ip.is_fragment());
+                assert_eq!(ip.ident(), 0);
+                assert_eq!(u32::from_be_bytes(ip.src_addr()) as u128, LB4);
+                assert_eq!(u32::from_be_bytes(ip.dst_addr()) as u128, BE4);
+                assert!(ip.verify_checksum());
+                assert_eq!(checksum::checksum(&o[..20]), 0);
+                assert_eq!(ip.payload(), original_ip);
+            }
+            Family::V6 => {
+                assert_eq!(l2.ethertype, ethernet::ETHERTYPE_IPV6);
+                let ip = ipv6::Packet::new_checked(o).unwrap();
+                assert_eq!(ip.payload_len() as usize, l3_len);
+                assert_eq!(o.len(), l3_len + 40, "padding removed");
+                assert_eq!(ip.next_header(), ipv6::PROTO_IPV6);
+                assert_eq!(ip.hop_limit(), 64);
+                assert_eq!(u128::from_be_bytes(ip.src_addr()), LB6);
+                assert_eq!(u128::from_be_bytes(ip.dst_addr()), BE6);
+                assert_eq!(ip.flow_label(), flow_hash(&pkt.key) as u32 & 0xfffff);
+                assert_eq!(ip.payload(), original_ip);
+            }
+        }
+        // The outer packet is IP-in-IP, which the distributor itself does
+        // not route.
+        assert_eq!(parse(&out), Err(DropReason::UnsupportedL4));
+        out
+    }
+
+    #[test]
+    fn ipip_v4_syn() {
+        let f = FrameSpec::tcp_v4([10, 1, 1, 1], 5555, [192, 0, 2, 1], 80, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let out = encap_and_check(&f);
+        assert_eq!(out.len(), 14 + 20 + 40);
+    }
+
+    #[test]
+    fn ipip_v4_keeps_tos_and_vlan() {
+        let mut f = FrameSpec {
+            vlan: Some(300),
+            payload: &[7; 100],
+            ..FrameSpec::tcp_v4([10, 1, 1, 1], 5555, [192, 0, 2, 1], 80, tcp_flags::ACK)
+        }
+        .build()
+        .unwrap();
+        let mut ip = ipv4::Packet::new_checked(&mut f[18..]).unwrap();
+        ip.set_tos(0xb8);
+        ip.fill_checksum();
+        let out = encap_and_check(&f);
+        assert_eq!(out[18 + 1], 0xb8);
+        assert_eq!(&out[12..16], &[0x81, 0x00, 0x01, 0x2c]);
+    }
+
+    #[test]
+    fn ipip_v6_with_vlan_and_extensions() {
+        let hbh = [0u8; 8];
+        let f = FrameSpec {
+            vlan: Some(9),
+            ipv6_ext: &[(ipv6::EXT_HOP_BY_HOP, &hbh)],
+            payload: b"GET / HTTP/1.1\r\n",
+            ..FrameSpec::tcp_v6(
+                LB6.to_be_bytes(),
+                40000,
+                BE6.to_be_bytes(),
+                443,
+                tcp_flags::SYN,
+            )
+        }
+        .build()
+        .unwrap();
+        encap_and_check(&f);
+    }
+
+    #[test]
+    fn short_padding_is_removed() {
+        // 14 + 28 = 42 bytes padded to 60: 18 bytes of padding, fewer than
+        // the 20-byte outer header.
+        let f = FrameSpec::udp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2)
+            .build()
+            .unwrap();
+        assert_eq!(f.len(), 60);
+        let out = encap_and_check(&f);
+        assert_eq!(out.len(), 14 + 20 + 28);
+    }
+
+    #[test]
+    fn long_trailer_is_removed() {
+        // Trailing bytes longer than the outer header: the frame shrinks at
+        // the front instead of growing.
+        for spec in [
+            FrameSpec::udp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2),
+            FrameSpec::udp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2),
+        ] {
+            for trailer in [1usize, 20, 39, 40, 41, 100] {
+                let mut f = FrameSpec {
+                    vlan: Some(1),
+                    ..spec
+                }
+                .build()
+                .unwrap();
+                f.extend(std::iter::repeat(0xee).take(trailer));
+                encap_and_check(&f);
+            }
+        }
+    }
+
+    #[test]
+    fn no_headroom() {
+        // 64 bytes, no padding: needs all 20 bytes of the outer header.
+        let f = FrameSpec {
+            payload: &[1; 10],
+            ..FrameSpec::tcp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2, tcp_flags::SYN)
+        }
+        .build()
+        .unwrap();
+        assert_eq!(f.len(), 64);
+        let pkt = parse(&f).unwrap();
+        let mut b = TestBuf::new(19, &f);
+        assert_eq!(
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            Err(DropReason::NoRoom)
+        );
+        assert_eq!(b.data(), &f[..], "unchanged on failure");
+        let mut b = TestBuf::new(20, &f);
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert_eq!(b.data().len(), f.len() + 20);
+
+        let f6 = FrameSpec::tcp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2, 0)
+            .build()
+            .unwrap();
+        let pkt = parse(&f6).unwrap();
+        let mut b = TestBuf::new(39, &f6);
+        assert_eq!(
+            encap_ipip(&mut b, &pkt, LB6, BE6, SRC_MAC, DST_MAC),
+            Err(DropReason::NoRoom)
+        );
+        // A padded frame needs only what the padding does not provide.
+        let small = FrameSpec::udp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2)
+            .build()
+            .unwrap();
+        let pkt = parse(&small).unwrap();
+        let mut b = TestBuf::new(1, &small);
+        assert_eq!(
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            Err(DropReason::NoRoom)
+        );
+        let mut b = TestBuf::new(2, &small);
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert_eq!(b.data().len(), 14 + 20 + 28);
+    }
+
+    #[test]
+    fn too_big_for_outer_v4() {
+        let payload = vec![0u8; 65535 - 40];
+        let f = FrameSpec {
+            payload: &payload,
+            ..FrameSpec::tcp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2, tcp_flags::ACK)
+        }
+        .build()
+        .unwrap();
+        let pkt = parse(&f).unwrap();
+        assert_eq!(pkt.l3_len, 65535);
+        let mut b = TestBuf::new(64, &f);
+        assert_eq!(
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            Err(DropReason::NoRoom)
+        );
+        // 20 bytes less fits exactly.
+        let f = FrameSpec {
+            payload: &payload[20..],
+            ..FrameSpec::tcp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2, tcp_flags::ACK)
+        }
+        .build()
+        .unwrap();
+        let pkt = parse(&f).unwrap();
+        let mut b = TestBuf::new(64, &f);
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert_eq!(u16::from_be_bytes([b.data()[16], b.data()[17]]), 65535);
+    }
+
+    #[test]
+    fn mismatched_parse_result_is_refused() {
+        let f = FrameSpec::tcp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let pkt = parse(&f).unwrap();
+        let mut b = MemBuf::from_frame(&f[..50]);
+        assert_eq!(
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            Err(DropReason::Malformed)
+        );
+        assert_eq!(b.data(), &f[..50]);
+    }
+
+    #[test]
+    fn l2_rewrite() {
+        let f = FrameSpec {
+            vlan: Some(5),
+            ..FrameSpec::tcp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2, tcp_flags::SYN)
+        }
+        .build()
+        .unwrap();
+        let mut b = MemBuf::from_frame(&f);
+        rewrite_l2(&mut b, SRC_MAC, DST_MAC);
+        let out = b.data();
+        assert_eq!(&out[0..6], &DST_MAC);
+        assert_eq!(&out[6..12], &SRC_MAC);
+        assert_eq!(&out[12..], &f[12..]);
+        let mut tiny = MemBuf::from_frame(&[1, 2, 3]);
+        rewrite_l2(&mut tiny, SRC_MAC, DST_MAC);
+        assert_eq!(tiny.data(), &[1, 2, 3]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Any frame the parser accepts, however mutated, encapsulates
+        /// without panicking and with its IP packet intact.
+        #[test]
+        fn encap_of_any_parsed_frame(
+            v6 in any::<bool>(),
+            vlan in proptest::option::of(0u16..4096),
+            plen in 0usize..64,
+            trailer in 0usize..64,
+            flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..3),
+        ) {
+            let payload = vec![0xa5; plen];
+            let spec = if v6 {
+                FrameSpec::udp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2)
+            } else {
+                FrameSpec::tcp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2, tcp_flags::SYN)
+            };
+            let mut f = FrameSpec { vlan, payload: &payload, ..spec }.build().unwrap();
+            f.extend(std::iter::repeat(0x33).take(trailer));
+            for (i, b) in flips {
+                let at = i.index(f.len());
+                f[at] = b;
+            }
+            if let Ok(pkt) = parse(&f) {
+                let mut b = MemBuf::from_frame(&f);
+                let (s, d) = if pkt.key.family == Family::V4 { (LB4, BE4) } else { (LB6, BE6) };
+                encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC).unwrap();
+                let out = b.data();
+                let l3 = pkt.l3_offset as usize;
+                let n = pkt.l3_len as usize;
+                let outer = if pkt.key.family == Family::V4 { 20 } else { 40 };
+                prop_assert_eq!(out.len(), l3 + outer + n);
+                prop_assert_eq!(&out[l3 + outer..], &f[l3..l3 + n]);
+                prop_assert_eq!(&out[12..l3], &f[12..l3]);
+                if pkt.key.family == Family::V4 {
+                    prop_assert_eq!(checksum::checksum(&out[l3..l3 + 20]), 0);
+                }
+            }
+        }
+    }
+}

@@ -105,14 +105,105 @@ pub fn addr_hash(addr: u128, salt: u64) -> u64 {
 ///
 /// Returns the reason to drop it when it is not an unfragmented IPv4/IPv6
 /// TCP or UDP packet with well-formed headers.
+///
+/// Checks every length the forwarding step relies on (headers inside the IP
+/// packet, IP packet inside the frame; bytes after the IP packet are Ethernet
+/// padding and ignored) but no checksums: the backend verifies those.
 pub fn parse(frame: &[u8]) -> Result<ParsedPacket, DropReason> {
-    let _ = frame;
-    unimplemented!("skeleton: parser lands with the wire module")
+    use crate::wire::{ethernet, ipv4, ipv6, tcp, udp};
+
+    let malformed = |_| DropReason::Malformed;
+    let l2 = ethernet::Frame::new_checked(frame)
+        .and_then(|e| e.l2_info())
+        .map_err(malformed)?;
+    let l3 = &frame[l2.header_len..];
+
+    // (family, src, dst, proto, L4 offset in the IP packet, IP packet length)
+    let (family, src, dst, proto, l4_rel, l3_len) = match l2.ethertype {
+        ethernet::ETHERTYPE_IPV4 => {
+            let ip = ipv4::Packet::new_checked(l3).map_err(malformed)?;
+            if ip.is_fragment() {
+                return Err(DropReason::Fragment);
+            }
+            (
+                Family::V4,
+                u32::from_be_bytes(ip.src_addr()) as u128,
+                u32::from_be_bytes(ip.dst_addr()) as u128,
+                ip.protocol(),
+                ip.header_len(),
+                ip.total_len() as usize,
+            )
+        }
+        ethernet::ETHERTYPE_IPV6 => {
+            let ip = ipv6::Packet::new_checked(l3).map_err(malformed)?;
+            let (proto, offset) = match ip.upper_layer().map_err(malformed)? {
+                ipv6::Upper::Proto { proto, offset } => (proto, offset),
+                ipv6::Upper::Fragment => return Err(DropReason::Fragment),
+                ipv6::Upper::Unsupported => return Err(DropReason::UnsupportedL4),
+            };
+            (
+                Family::V6,
+                u128::from_be_bytes(ip.src_addr()),
+                u128::from_be_bytes(ip.dst_addr()),
+                proto,
+                offset,
+                ip.total_len(),
+            )
+        }
+        _ => return Err(DropReason::NotIp),
+    };
+
+    let l4 = &l3[l4_rel..l3_len];
+    let (sport, dport, tcp_flags) = match proto {
+        PROTO_TCP => {
+            let t = tcp::Packet::new_checked(l4).map_err(malformed)?;
+            (t.src_port(), t.dst_port(), t.flags())
+        }
+        PROTO_UDP => {
+            let u = udp::Packet::new_checked(l4).map_err(malformed)?;
+            (u.src_port(), u.dst_port(), 0)
+        }
+        _ => return Err(DropReason::UnsupportedL4),
+    };
+
+    // An IPv6 packet of 64 KiB plus its header does not fit the u16 fields;
+    // no frame that large reaches a worker, but the slice could say so.
+    let l3_len = u16::try_from(l3_len).map_err(|_| DropReason::Malformed)?;
+    let l4_offset = u16::try_from(l2.header_len + l4_rel).map_err(|_| DropReason::Malformed)?;
+    Ok(ParsedPacket {
+        key: FlowKey {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            family,
+        },
+        l3_offset: l2.header_len as u16,
+        l4_offset,
+        l3_len,
+        vlan: l2.vlan,
+        tcp_flags,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::build::{FrameSpec, L4};
+    use crate::wire::{ethernet, ipv4, ipv6};
+    use proptest::prelude::*;
+
+    const C6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const V6: [u8; 16] = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0,
+    ];
+
+    fn syn_v4() -> Vec<u8> {
+        FrameSpec::tcp_v4([10, 1, 2, 3], 40000, [192, 0, 2, 10], 80, tcp_flags::SYN)
+            .build()
+            .unwrap()
+    }
 
     #[test]
     fn flow_hash_is_stable_and_spreads() {
@@ -127,5 +218,364 @@ mod tests {
         assert_eq!(flow_hash(&k), flow_hash(&k.clone()));
         let k2 = FlowKey { sport: 1235, ..k };
         assert_ne!(flow_hash(&k), flow_hash(&k2));
+    }
+
+    #[test]
+    fn tcp_v4_syn() {
+        let f = syn_v4();
+        let p = parse(&f).unwrap();
+        assert_eq!(
+            p,
+            ParsedPacket {
+                key: FlowKey {
+                    src: 0x0a01_0203,
+                    dst: 0xc000_020a,
+                    sport: 40000,
+                    dport: 80,
+                    proto: PROTO_TCP,
+                    family: Family::V4,
+                },
+                l3_offset: 14,
+                l4_offset: 34,
+                l3_len: 40,
+                vlan: None,
+                tcp_flags: tcp_flags::SYN,
+            }
+        );
+        assert!(p.is_syn());
+    }
+
+    #[test]
+    fn syn_ack_and_ack_are_not_syn() {
+        for flags in [
+            tcp_flags::SYN | tcp_flags::ACK,
+            tcp_flags::ACK,
+            tcp_flags::FIN,
+        ] {
+            let f = FrameSpec::tcp_v4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2, flags)
+                .build()
+                .unwrap();
+            let p = parse(&f).unwrap();
+            assert_eq!(p.tcp_flags, flags);
+            assert!(!p.is_syn());
+        }
+    }
+
+    #[test]
+    fn ipv4_options_udp_and_padding() {
+        let f = FrameSpec {
+            ipv4_options: &[1, 1, 1, 0, 0x94, 0x04, 0, 0],
+            ..FrameSpec::udp_v4([10, 0, 0, 1], 53, [10, 0, 0, 2], 5353)
+        }
+        .build()
+        .unwrap();
+        // 14 + 28 + 8 = 50 bytes of packet, padded to 60.
+        assert_eq!(f.len(), 60);
+        let p = parse(&f).unwrap();
+        assert_eq!((p.l3_offset, p.l4_offset, p.l3_len), (14, 42, 36));
+        assert_eq!(
+            (p.key.sport, p.key.dport, p.key.proto),
+            (53, 5353, PROTO_UDP)
+        );
+        assert_eq!(p.tcp_flags, 0);
+        assert!(!p.is_syn());
+    }
+
+    #[test]
+    fn ipv6_tcp_and_extensions() {
+        let f = FrameSpec::tcp_v6(C6, 1234, V6, 443, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let p = parse(&f).unwrap();
+        assert_eq!(p.key.family, Family::V6);
+        assert_eq!(p.key.src, u128::from_be_bytes(C6));
+        assert_eq!(p.key.dst, u128::from_be_bytes(V6));
+        assert_eq!((p.l3_offset, p.l4_offset, p.l3_len), (14, 54, 60));
+        assert!(p.is_syn());
+
+        let hbh = [0u8; 8];
+        let rt = [0u8; 24];
+        let ah = [0u8; 16];
+        let frag = [0u8; 8]; // atomic: offset 0, no M flag
+        let ext: &[(u8, &[u8])] = &[
+            (ipv6::EXT_HOP_BY_HOP, &hbh),
+            (ipv6::EXT_ROUTING, &rt),
+            (ipv6::EXT_AH, &ah),
+            (ipv6::EXT_FRAGMENT, &frag),
+            (ipv6::EXT_DEST_OPTS, &hbh),
+        ];
+        let f = FrameSpec {
+            ipv6_ext: ext,
+            vlan: Some(7),
+            ..FrameSpec::udp_v6(C6, 1000, V6, 2000)
+        }
+        .build()
+        .unwrap();
+        let p = parse(&f).unwrap();
+        assert_eq!(p.vlan, Some(7));
+        assert_eq!((p.l3_offset, p.l4_offset), (18, 18 + 40 + 64));
+        assert_eq!(p.l3_len, 40 + 64 + 8);
+        assert_eq!(
+            (p.key.sport, p.key.dport, p.key.proto),
+            (1000, 2000, PROTO_UDP)
+        );
+    }
+
+    #[test]
+    fn vlan_and_qinq() {
+        let f = FrameSpec {
+            vlan: Some(0x123),
+            ..FrameSpec::tcp_v4([1, 2, 3, 4], 5, [6, 7, 8, 9], 10, tcp_flags::ACK)
+        }
+        .build()
+        .unwrap();
+        let p = parse(&f).unwrap();
+        assert_eq!((p.vlan, p.l3_offset, p.l4_offset), (Some(0x123), 18, 38));
+
+        // Insert an 802.1ad outer tag in front of the 802.1Q one.
+        let mut q = f[..12].to_vec();
+        q.extend_from_slice(&[0x88, 0xa8, 0x00, 0x64]);
+        q.extend_from_slice(&f[12..]);
+        let p = parse(&q).unwrap();
+        assert_eq!((p.vlan, p.l3_offset, p.l4_offset), (Some(100), 22, 42));
+        assert_eq!(p.key.sport, 5);
+    }
+
+    /// Applies `edit` to a copy of `f`, fixing nothing else.
+    fn edited(f: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut v = f.to_vec();
+        edit(&mut v);
+        v
+    }
+
+    #[test]
+    fn malformed_cases() {
+        use DropReason::Malformed;
+        let f = syn_v4();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("short ethernet", f[..13].to_vec()),
+            ("ip header cut", f[..14 + 19].to_vec()),
+            ("ihl 4", edited(&f, |v| v[14] = 0x44)),
+            ("ip version 6 in v4 ethertype", edited(&f, |v| v[14] = 0x65)),
+            (
+                "total length beyond frame",
+                edited(&f, |v| v[16..18].copy_from_slice(&100u16.to_be_bytes())),
+            ),
+            (
+                "total length below header",
+                edited(&f, |v| v[16..18].copy_from_slice(&19u16.to_be_bytes())),
+            ),
+            ("ihl beyond total length", edited(&f, |v| v[14] = 0x4f)),
+            (
+                "tcp cut by total length",
+                edited(&f, |v| v[16..18].copy_from_slice(&39u16.to_be_bytes())),
+            ),
+            ("tcp data offset 4", edited(&f, |v| v[14 + 20 + 12] = 0x40)),
+            (
+                "tcp data offset beyond packet",
+                edited(&f, |v| v[14 + 20 + 12] = 0x60),
+            ),
+            ("vlan tag cut", {
+                let mut v = f[..12].to_vec();
+                v.extend_from_slice(&[0x81, 0x00, 0x00]);
+                v
+            }),
+        ];
+        for (name, frame) in cases {
+            assert_eq!(parse(&frame), Err(Malformed), "{name}");
+        }
+
+        let u = FrameSpec::udp_v4([1, 1, 1, 1], 1, [2, 2, 2, 2], 2)
+            .build()
+            .unwrap();
+        assert!(parse(&u).is_ok());
+        let bad = edited(&u, |v| {
+            v[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&7u16.to_be_bytes())
+        });
+        assert_eq!(parse(&bad), Err(Malformed), "udp length 7");
+        let bad = edited(&u, |v| {
+            v[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&9u16.to_be_bytes())
+        });
+        assert_eq!(parse(&bad), Err(Malformed), "udp length beyond ip payload");
+
+        let s6 = FrameSpec::tcp_v6(C6, 1, V6, 2, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let bad = edited(&s6, |v| v[18..20].copy_from_slice(&21u16.to_be_bytes()));
+        assert_eq!(parse(&bad), Err(Malformed), "v6 payload beyond frame");
+        assert_eq!(parse(&s6[..14 + 39]), Err(Malformed), "v6 header cut");
+        let bad = edited(&s6, |v| v[14] = 0x45);
+        assert_eq!(parse(&bad), Err(Malformed), "v4 version in v6 ethertype");
+        let hbh = [0u8; 8];
+        let e6 = FrameSpec {
+            ipv6_ext: &[(ipv6::EXT_HOP_BY_HOP, &hbh)],
+            ..FrameSpec::tcp_v6(C6, 1, V6, 2, tcp_flags::SYN)
+        }
+        .build()
+        .unwrap();
+        assert!(parse(&e6).is_ok());
+        let bad = edited(&e6, |v| v[14 + 41] = 10);
+        assert_eq!(
+            parse(&bad),
+            Err(Malformed),
+            "extension header beyond payload"
+        );
+    }
+
+    #[test]
+    fn not_ip_fragment_unsupported() {
+        let f = syn_v4();
+        let arp = edited(&f, |v| {
+            v[12..14].copy_from_slice(&ethernet::ETHERTYPE_ARP.to_be_bytes())
+        });
+        assert_eq!(parse(&arp), Err(DropReason::NotIp));
+
+        let frag = |df: bool, mf: bool, off: u16| {
+            edited(&f, |v| {
+                let mut ip = ipv4::Packet::new_unchecked(&mut v[14..]);
+                ip.set_frag(df, mf, off);
+                ip.fill_checksum();
+            })
+        };
+        assert!(parse(&frag(true, false, 0)).is_ok());
+        assert_eq!(parse(&frag(false, true, 0)), Err(DropReason::Fragment));
+        assert_eq!(parse(&frag(false, false, 8)), Err(DropReason::Fragment));
+
+        let icmp = edited(&f, |v| v[14 + 9] = 1);
+        assert_eq!(parse(&icmp), Err(DropReason::UnsupportedL4));
+
+        let frag6 = [0u8, 0, 0, 1, 0, 0, 0, 9]; // M flag set
+        let f6 = FrameSpec {
+            ipv6_ext: &[(ipv6::EXT_FRAGMENT, &frag6)],
+            ..FrameSpec::udp_v6(C6, 1, V6, 2)
+        }
+        .build()
+        .unwrap();
+        assert_eq!(parse(&f6), Err(DropReason::Fragment));
+
+        let s6 = FrameSpec::tcp_v6(C6, 1, V6, 2, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let none = edited(&s6, |v| v[14 + 6] = ipv6::EXT_NO_NEXT);
+        assert_eq!(parse(&none), Err(DropReason::UnsupportedL4));
+        let icmp6 = edited(&s6, |v| v[14 + 6] = 58);
+        assert_eq!(parse(&icmp6), Err(DropReason::UnsupportedL4));
+    }
+
+    /// Checks the invariants the worker and forwarding rely on.
+    fn check_bounds(frame: &[u8], p: &ParsedPacket) {
+        let l3 = p.l3_offset as usize;
+        let l4 = p.l4_offset as usize;
+        let end = l3 + p.l3_len as usize;
+        assert!(l3 >= 14 && l3 < l4 && end <= frame.len());
+        let l4_min = if p.key.proto == PROTO_TCP { 20 } else { 8 };
+        assert!(l4 + l4_min <= end);
+        assert!(p.key.proto == PROTO_TCP || p.key.proto == PROTO_UDP);
+        if p.key.family == Family::V4 {
+            assert!(p.key.src >> 32 == 0 && p.key.dst >> 32 == 0);
+        }
+    }
+
+    fn arb_spec_frame() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(0u16..4096),
+            any::<(u128, u128, u16, u16, u8)>(),
+            0usize..3,
+            0usize..40,
+        )
+            .prop_map(
+                |(v6, tcp, vlan, (src, dst, sport, dport, flags), ext, plen)| {
+                    let payload = vec![0x5a; plen];
+                    let hdrs = [0u8; 16];
+                    let opts = [1u8; 8];
+                    let ext6: Vec<(u8, &[u8])> =
+                        (0..ext).map(|_| (ipv6::EXT_DEST_OPTS, &hdrs[..])).collect();
+                    FrameSpec {
+                        vlan,
+                        family: if v6 { Family::V6 } else { Family::V4 },
+                        src: if v6 { src } else { src as u32 as u128 },
+                        dst: if v6 { dst } else { dst as u32 as u128 },
+                        sport,
+                        dport,
+                        l4: if tcp {
+                            L4::Tcp {
+                                flags,
+                                seq: 1,
+                                ack: 2,
+                                window: 3,
+                            }
+                        } else {
+                            L4::Udp
+                        },
+                        ipv4_options: &opts[..ext * 4],
+                        ipv6_ext: &ext6,
+                        payload: &payload,
+                        ..FrameSpec::default()
+                    }
+                    .build()
+                    .unwrap()
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..160), et in 0usize..4) {
+            // Steer a share of the inputs past the EtherType check.
+            let mut bytes = bytes;
+            if bytes.len() >= 14 {
+                let t: [u16; 4] = [0x0800, 0x86dd, 0x8100, bytes[12] as u16];
+                bytes[12..14].copy_from_slice(&t[et].to_be_bytes());
+            }
+            if let Ok(p) = parse(&bytes) {
+                check_bounds(&bytes, &p);
+            }
+        }
+
+        #[test]
+        fn built_frames_parse_back(f in arb_spec_frame()) {
+            let p = parse(&f).unwrap();
+            check_bounds(&f, &p);
+            // The key matches the bytes at the offsets.
+            let l3 = p.l3_offset as usize;
+            let l4 = p.l4_offset as usize;
+            prop_assert_eq!(u16::from_be_bytes([f[l4], f[l4 + 1]]), p.key.sport);
+            prop_assert_eq!(u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]), p.key.dport);
+            match p.key.family {
+                Family::V4 => prop_assert_eq!(
+                    u32::from_be_bytes([f[l3 + 12], f[l3 + 13], f[l3 + 14], f[l3 + 15]]) as u128,
+                    p.key.src
+                ),
+                Family::V6 => {
+                    let mut a = [0u8; 16];
+                    a.copy_from_slice(&f[l3 + 8..l3 + 24]);
+                    prop_assert_eq!(u128::from_be_bytes(a), p.key.src);
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(
+            f in arb_spec_frame(),
+            cut in any::<proptest::sample::Index>(),
+            do_cut in any::<bool>(),
+            flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..4),
+        ) {
+            let mut f = f;
+            for (i, b) in flips {
+                let at = i.index(f.len());
+                f[at] = b;
+            }
+            if do_cut {
+                f.truncate(cut.index(f.len() + 1));
+            }
+            if let Ok(p) = parse(&f) {
+                check_bounds(&f, &p);
+            }
+        }
     }
 }
