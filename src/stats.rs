@@ -176,7 +176,7 @@ impl Default for WorkerCounters {
 
 impl WorkerCounters {
     #[inline(always)]
-    pub fn drop(&self, reason: DropReason) {
+    pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason as usize].inc();
     }
 
@@ -206,8 +206,8 @@ mod tests {
             assert_eq!(*r as usize, i);
         }
         let w = WorkerCounters::default();
-        w.drop(DropReason::TxFull);
-        w.drop(DropReason::NoService);
+        w.count_drop(DropReason::TxFull);
+        w.count_drop(DropReason::NoService);
         assert_eq!(w.total_drops(), 2);
         assert_eq!(w.drops[DropReason::TxFull as usize].get(), 1);
     }

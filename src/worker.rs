@@ -204,17 +204,17 @@ impl<IO: PacketIo> Worker<IO> {
             let p = match parsed[i] {
                 Some(Ok(p)) => p,
                 Some(Err(reason)) => {
-                    self.counters.drop(reason);
+                    self.counters.count_drop(reason);
                     continue;
                 }
                 None => {
-                    self.counters.drop(DropReason::Malformed);
+                    self.counters.count_drop(DropReason::Malformed);
                     continue;
                 }
             };
             match self.route_and_rewrite(&dp, &mut buf, &p, hashes[i], now, plan, src_mac) {
                 Ok(()) => self.tx[plan.forward_to].push(buf),
-                Err(reason) => self.counters.drop(reason),
+                Err(reason) => self.counters.count_drop(reason),
             }
             if self.tx[plan.forward_to].len() == MAX_BURST {
                 self.flush(plan.forward_to);
