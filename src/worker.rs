@@ -515,3 +515,294 @@ fn maglev_pick(dp: &Dataplane, svc: &Service, hash: u64) -> Option<BackendId> {
     let id = *svc.backends.get(idx)?;
     dp.backend(id).map(|b| b.id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::affinity::{AffinityKey, AffinityTable, AffinityWriter, PortMatch};
+    use crate::dataplane::{AutoAffinity, Backend, ServiceId};
+    use crate::io::MemIo;
+    use crate::packet::{Family, PROTO_UDP};
+    use crate::sched::MaglevTable;
+    use crate::wire::build::FrameSpec;
+    use crate::wire::{ethernet, ipv4};
+    use std::time::Duration;
+
+    const VIP: [u8; 4] = [10, 0, 0, 1];
+    const SEC: u64 = 1_000_000_000;
+
+    fn backend(id: u32, service: ServiceId, weight: u32) -> Backend {
+        let addr = std::net::Ipv4Addr::new(10, 1, 0, id as u8 + 1);
+        Backend {
+            id,
+            service,
+            name: format!("be{id}"),
+            addr: addr.into(),
+            addr_bits: u32::from(addr) as u128,
+            mac: Some([2, 0, 0, 0, 1, id as u8]),
+            weight,
+        }
+    }
+
+    fn service(
+        id: ServiceId,
+        port: u16,
+        proto: u8,
+        backends: &[Backend],
+        scheduler: SchedulerKind,
+        mode: ForwardMode,
+    ) -> Service {
+        let names: Vec<(&str, u32)> = backends.iter().map(|b| (b.name.as_str(), b.weight)).collect();
+        Service {
+            id,
+            name: format!("svc{id}"),
+            vip: std::net::Ipv4Addr::from(VIP).into(),
+            vip_bits: u32::from_be_bytes(VIP) as u128,
+            family: Family::V4,
+            port,
+            proto,
+            mode,
+            scheduler,
+            backends: backends.iter().map(|b| b.id).collect(),
+            maglev: Arc::new(MaglevTable::new(&names, 65537).unwrap()),
+            auto_affinity: None,
+            max_affinity: Duration::from_secs(3600),
+        }
+    }
+
+    const IPIP: ForwardMode = ForwardMode::IpIp { source: 0x0a00_00fe };
+
+    struct Bed {
+        worker: Worker<MemIo>,
+        cell: Arc<DataplaneCell>,
+        affinity: AffinityWriter,
+    }
+
+    fn bed(services: Vec<Service>, backends: Vec<Backend>, flow_capacity: usize) -> Bed {
+        let cell = Arc::new(DataplaneCell::new(Dataplane::new(1, services, backends)));
+        let (affinity, reader) = AffinityTable::new(1024);
+        let shared = Shared {
+            dataplane: cell.clone(),
+            affinity: reader,
+            auto_affinity: Arc::new(AutoAffinityTable::new(1024)),
+        };
+        let setup = WorkerSetup {
+            id: 0,
+            ports: vec![PortPlan { forward_to: 0, gateway_mac: None }],
+            flow_capacity,
+            timeouts: FlowTimeouts {
+                syn: Duration::from_secs(5),
+                established: Duration::from_secs(60),
+                fin: Duration::from_secs(5),
+                udp: Duration::from_secs(30),
+            },
+        };
+        let worker = Worker::new(MemIo::new(1), setup, shared, Arc::new(WorkerCounters::default()));
+        Bed { worker, cell, affinity }
+    }
+
+    fn tcp(src: [u8; 4], sport: u16, flags: u8) -> Vec<u8> {
+        FrameSpec::tcp_v4(src, sport, VIP, 80, flags).build().unwrap()
+    }
+
+    /// Runs the frames through the worker and returns, per frame sent, the
+    /// backend address the output was encapsulated to.
+    fn send(b: &mut Bed, frames: &[Vec<u8>], now: u64) -> Vec<[u8; 4]> {
+        let mut out = Vec::new();
+        for chunk in frames.chunks(MAX_BURST) {
+            for f in chunk {
+                b.worker.io_mut().push_rx(0, f);
+            }
+            b.worker.poll(now);
+            for buf in b.worker.io_mut().tx[0].drain(..) {
+                let eth = ethernet::Frame::new_checked(buf.data()).unwrap();
+                let info = eth.l2_info().unwrap();
+                let outer = ipv4::Packet::new_checked(&buf.data()[info.header_len..]).unwrap();
+                assert_eq!(outer.protocol(), ipv4::PROTO_IPIP);
+                assert!(outer.verify_checksum());
+                out.push(outer.dst_addr());
+            }
+        }
+        out
+    }
+
+    fn backend_index(addr: [u8; 4]) -> usize {
+        addr[3] as usize - 1
+    }
+
+    #[test]
+    fn syns_spread_by_weight_and_flows_stick() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 200), backend(2, 0, 300)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1 << 16);
+        let syns: Vec<Vec<u8>> = (0..6000u32)
+            .map(|i| tcp([198, 18, (i >> 8) as u8, i as u8], 1000 + (i % 7) as u16, tcp_flags::SYN))
+            .collect();
+        let first = send(&mut b, &syns, SEC);
+        assert_eq!(first.len(), 6000);
+        let mut per = [0usize; 3];
+        for a in &first {
+            per[backend_index(*a)] += 1;
+        }
+        for (i, w) in [1.0, 2.0, 3.0].iter().enumerate() {
+            let share = per[i] as f64 / 6000.0;
+            assert!((share - w / 6.0).abs() < 0.03, "backend {i}: {share}");
+        }
+        // The same connections' next packets go where their SYN went.
+        let acks: Vec<Vec<u8>> = (0..6000u32)
+            .map(|i| tcp([198, 18, (i >> 8) as u8, i as u8], 1000 + (i % 7) as u16, tcp_flags::ACK))
+            .collect();
+        assert_eq!(send(&mut b, &acks, 2 * SEC), first);
+        let c = b.worker.counters();
+        assert_eq!(c.syns.get(), 6000);
+        assert_eq!(c.rx_packets.get(), 12000);
+        assert_eq!(c.tx_packets.get(), 12000);
+        assert_eq!(c.total_drops(), 0);
+        assert_eq!(b.worker.flows().len(), 6000);
+    }
+
+    #[test]
+    fn drops_are_counted_by_reason() {
+        let bes = vec![backend(0, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1024);
+        let other_port = FrameSpec::tcp_v4([1, 2, 3, 4], 5, VIP, 81, tcp_flags::SYN).build().unwrap();
+        let arp = {
+            let mut f = vec![0u8; 60];
+            f[12] = 0x08;
+            f[13] = 0x06;
+            f
+        };
+        let out = send(&mut b, &[other_port, arp, vec![1, 2, 3]], SEC);
+        assert!(out.is_empty());
+        let c = b.worker.counters();
+        assert_eq!(c.drops[DropReason::NoService as usize].get(), 1);
+        assert_eq!(c.drops[DropReason::NotIp as usize].get(), 1);
+        assert_eq!(c.drops[DropReason::Malformed as usize].get(), 1);
+        assert_eq!(c.rx_packets.get(), c.tx_packets.get() + c.total_drops());
+    }
+
+    #[test]
+    fn draining_keeps_connections_and_removal_reroutes() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc.clone()], bes.clone(), 1 << 14);
+        let syns: Vec<Vec<u8>> = (0..400u32).map(|i| tcp([198, 18, 1, i as u8], 2000 + i as u16, tcp_flags::SYN)).collect();
+        let first = send(&mut b, &syns, SEC);
+        let on_be0: Vec<usize> = (0..400).filter(|&i| backend_index(first[i]) == 0).collect();
+        assert!(!on_be0.is_empty());
+
+        // Drain be0: its connections stay, new ones avoid it.
+        let drained = vec![backend(0, 0, 0), backend(1, 0, 100)];
+        let svc2 = service(0, 80, PROTO_TCP, &drained, SchedulerKind::Maglev, IPIP);
+        b.cell.publish(Dataplane::new(2, vec![svc2], drained));
+        let acks: Vec<Vec<u8>> = (0..400u32).map(|i| tcp([198, 18, 1, i as u8], 2000 + i as u16, tcp_flags::ACK)).collect();
+        assert_eq!(send(&mut b, &acks, 2 * SEC), first);
+        let fresh: Vec<Vec<u8>> = (0..400u32).map(|i| tcp([198, 18, 2, i as u8], 3000 + i as u16, tcp_flags::SYN)).collect();
+        assert!(send(&mut b, &fresh, 2 * SEC).iter().all(|a| backend_index(*a) == 1));
+
+        // Remove be0: its connections move to be1.
+        let removed = vec![backend(1, 0, 100)];
+        let svc3 = service(0, 80, PROTO_TCP, &removed, SchedulerKind::Maglev, IPIP);
+        b.cell.publish(Dataplane::new(3, vec![svc3], removed));
+        let moved = send(&mut b, &acks, 3 * SEC);
+        assert!(moved.iter().all(|a| backend_index(*a) == 1));
+        assert_eq!(b.worker.counters().rerouted.get(), on_be0.len() as u64);
+    }
+
+    #[test]
+    fn unknown_established_flows_follow_the_consistent_hash() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut a = bed(vec![svc.clone()], bes.clone(), 1 << 14);
+        let mut restarted = bed(vec![svc], bes, 1 << 14);
+        let syns: Vec<Vec<u8>> = (0..500u32).map(|i| tcp([198, 18, 3, i as u8], 4000 + i as u16, tcp_flags::SYN)).collect();
+        let acks: Vec<Vec<u8>> = (0..500u32).map(|i| tcp([198, 18, 3, i as u8], 4000 + i as u16, tcp_flags::ACK)).collect();
+        let chosen = send(&mut a, &syns, SEC);
+        // A second instance that never saw the SYNs agrees on every flow.
+        assert_eq!(send(&mut restarted, &acks, SEC), chosen);
+        assert_eq!(restarted.worker.counters().unknown_flows.get(), 500);
+    }
+
+    #[test]
+    fn affinity_beats_the_scheduler_for_new_connections() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1 << 14);
+        let key = AffinityKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
+        b.affinity.insert(key, 2).unwrap();
+        let pinned: Vec<Vec<u8>> = (0..256u32).map(|i| tcp([198, 18, 5, i as u8], 5000, tcp_flags::SYN)).collect();
+        assert!(send(&mut b, &pinned, SEC).iter().all(|a| backend_index(*a) == 2));
+        let free: Vec<Vec<u8>> = (0..256u32).map(|i| tcp([198, 18, 6, i as u8], 5000, tcp_flags::SYN)).collect();
+        let out = send(&mut b, &free, SEC);
+        assert!((0..3).all(|k| out.iter().any(|a| backend_index(*a) == k)));
+        let sc = &b.worker.counters().services[0];
+        assert_eq!(sc.affinity_hits.get(), 256);
+        assert_eq!(sc.affinity_misses.get(), 256);
+    }
+
+    #[test]
+    fn auto_affinity_pins_parallel_connections() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let mut svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::RoundRobin, IPIP);
+        svc.auto_affinity = Some(AutoAffinity { linger: Duration::from_secs(0) });
+        let mut b = bed(vec![svc], bes, 1 << 14);
+        // Round robin would spread these; auto-affinity keeps each client on one backend.
+        for client in 0..20u8 {
+            let conns: Vec<Vec<u8>> = (0..6u16).map(|p| tcp([198, 18, 7, client], 6000 + p, tcp_flags::SYN)).collect();
+            let out = send(&mut b, &conns, SEC);
+            assert!(out.iter().all(|a| *a == out[0]), "client {client}: {out:?}");
+        }
+        // Once every connection closed (RST) and no linger, the client is free again.
+        let rst: Vec<Vec<u8>> = (0..6u16).map(|p| tcp([198, 18, 7, 0], 6000 + p, tcp_flags::RST)).collect();
+        send(&mut b, &rst, 2 * SEC);
+        let again: Vec<Vec<u8>> = (0..6u16).map(|p| tcp([198, 18, 7, 0], 7000 + p, tcp_flags::SYN)).collect();
+        let out = send(&mut b, &again, 3 * SEC);
+        assert!(out.iter().all(|a| *a == out[0]));
+    }
+
+    #[test]
+    fn udp_flows_and_round_robin() {
+        let bes = vec![backend(0, 0, 1), backend(1, 0, 1)];
+        let svc = service(0, 53, PROTO_UDP, &bes, SchedulerKind::RoundRobin, IPIP);
+        let mut b = bed(vec![svc], bes, 1024);
+        let frames: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| FrameSpec::udp_v4([198, 18, 9, i], 999, VIP, 53).build().unwrap())
+            .collect();
+        let out = send(&mut b, &frames, SEC);
+        let ones = out.iter().filter(|a| backend_index(**a) == 1).count();
+        assert_eq!(ones, 5, "round robin alternates: {out:?}");
+        // The same flows again stick to their backends.
+        assert_eq!(send(&mut b, &frames, 2 * SEC), out);
+    }
+
+    #[test]
+    fn full_tx_queue_is_counted() {
+        let bes = vec![backend(0, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1024);
+        b.worker.io_mut().tx_capacity = 3;
+        let syns: Vec<Vec<u8>> = (0..10u8).map(|i| tcp([198, 18, 10, i], 1, tcp_flags::SYN)).collect();
+        for f in &syns {
+            b.worker.io_mut().push_rx(0, f);
+        }
+        b.worker.poll(SEC);
+        let c = b.worker.counters();
+        assert_eq!(c.tx_packets.get(), 3);
+        assert_eq!(c.drops[DropReason::TxFull as usize].get(), 7);
+    }
+
+    #[test]
+    fn l2_mode_rewrites_macs_only() {
+        let bes = vec![backend(0, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, ForwardMode::L2);
+        let mut b = bed(vec![svc], bes, 1024);
+        let f = tcp([198, 18, 11, 1], 1, tcp_flags::SYN);
+        b.worker.io_mut().push_rx(0, &f);
+        b.worker.poll(SEC);
+        let out = b.worker.io_mut().tx[0].pop().unwrap();
+        assert_eq!(&out.data()[..6], &[2, 0, 0, 0, 1, 0]);
+        assert_eq!(&out.data()[6..12], &b.worker.io_mut().port_mac(0));
+        assert_eq!(&out.data()[12..], &f[12..]);
+    }
+}
