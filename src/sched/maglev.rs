@@ -98,7 +98,10 @@ impl MaglevTable {
         // only on the (name, weight) set.
         let mut order: Vec<usize> = (0..backends.len()).collect();
         order.sort_by(|&a, &b| backends[a].0.cmp(backends[b].0));
-        if let Some(w) = order.windows(2).find(|w| backends[w[0]].0 == backends[w[1]].0) {
+        if let Some(w) = order
+            .windows(2)
+            .find(|w| backends[w[0]].0 == backends[w[1]].0)
+        {
             return Err(format!("backend name {:?} appears twice", backends[w[0]].0));
         }
         let max_weight = backends.iter().map(|b| b.1 as u64).max().unwrap_or(0);
