@@ -743,6 +743,53 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Random inserts, lookups and removes on a small table: the header
+        /// stays consistent, the bound holds, a key is never duplicated and
+        /// a found flow carries the backend it was last inserted with.
+        #[test]
+        fn random_operations_keep_invariants(
+            ops in proptest::collection::vec((0u8..3, 0u32..200, 0u8..0x20, 0u32..5), 1..400)
+        ) {
+            let mut t = table(64);
+            let mut last_backend = std::collections::HashMap::new();
+            let mut now = SEC;
+            for (op, k, flags, be) in ops {
+                now += SEC / 10;
+                let key = key(k, PROTO_TCP);
+                let h = flow_hash(&key);
+                match op {
+                    0 => {
+                        let mut e = entry(key, TcpState::Established);
+                        e.backend = be;
+                        t.insert(e, h, now);
+                        last_backend.insert(k, be);
+                    }
+                    1 => {
+                        if let Lookup::Hit(e) = t.lookup(&key, h, now, flags & !tcp_flags::SYN) {
+                            proptest::prop_assert_eq!(Some(&e.backend), last_backend.get(&k));
+                        }
+                    }
+                    _ => {
+                        t.remove(&key, h);
+                    }
+                }
+                proptest::prop_assert!(t.len() <= t.capacity());
+                proptest::prop_assert!(t.consistent());
+            }
+            for k in 0..200 {
+                let key = key(k, PROTO_TCP);
+                let h = flow_hash(&key);
+                let b = t.bucket(h);
+                let n = (0..WAYS)
+                    .filter(|&s| t.headers[b].tags[s] != EMPTY && t.entries[b * WAYS + s].key == key)
+                    .count();
+                proptest::prop_assert!(n <= 1);
+            }
+        }
+    }
+
     #[test]
     fn header_is_one_cache_line() {
         assert_eq!(std::mem::size_of::<Header>(), 64);
