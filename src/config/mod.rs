@@ -1,1 +1,921 @@
-//! (skeleton)
+//! The TOML configuration and its validation.
+//!
+//! [`Config::load`] reads a file, [`Config::parse`] a string. Every table
+//! refuses unknown keys. Every error, whether TOML syntax, a wrong type or a
+//! failed validation rule, is a [`ConfigError`] naming the file, line, column
+//! and key path, e.g.
+//! `demo.toml:42:11: services[1].backends[0].address: 10.0.0.1 is IPv4 but the service vip is IPv6`.
+//!
+//! `config/demo.toml` documents every key.
+
+mod error;
+mod types;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::flow::FlowTimeouts;
+use crate::packet::{PROTO_TCP, PROTO_UDP};
+use crate::sched::maglev::{is_prime, MaglevTable};
+
+pub use error::{ConfigError, KeyPath, Seg};
+pub use types::{ip_bits, DurationStr, HexKey, IpNet, MacAddr, PortMatch, MIN_KEY_BYTES};
+
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 65535;
+/// Largest flow-table capacity per worker.
+pub const MAX_FLOW_CAPACITY: usize = crate::flow::MAX_CAPACITY;
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub eal: EalConfig,
+    pub cores: CoresConfig,
+    #[serde(default)]
+    pub mempool: MempoolConfig,
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+    #[serde(default)]
+    pub flow: FlowConfig,
+    #[serde(default)]
+    pub affinity: AffinityConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub traffic: Option<TrafficConfig>,
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+    /// Static affinities.
+    #[serde(default)]
+    pub affinities: Vec<StaticAffinityConfig>,
+}
+
+/// DPDK EAL arguments (without the program name; the `--vdev` arguments for
+/// virtual devices are derived from `[[ports]]`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EalConfig {
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// The core plan.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoresConfig {
+    /// Core of the main/control thread (EAL main lcore).
+    pub control: usize,
+    /// One worker per core; each gets one RX and one TX queue on every port.
+    pub workers: Vec<usize>,
+}
+
+/// The packet-buffer pool.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MempoolConfig {
+    /// Number of mbufs (2^n - 1 is most memory-efficient).
+    pub mbufs: u32,
+    /// Per-core mbuf cache.
+    pub cache: u32,
+}
+
+impl Default for MempoolConfig {
+    fn default() -> MempoolConfig {
+        MempoolConfig {
+            mbufs: 16383,
+            cache: 256,
+        }
+    }
+}
+
+fn default_descriptors() -> u16 {
+    1024
+}
+
+/// A DPDK port.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// Name other keys refer to.
+    pub name: String,
+    /// DPDK device: a PCI address ("0000:3b:00.0") or a vdev string
+    /// ("net_ring0", "net_pcap0,rx_pcap=in.pcap,tx_pcap=out.pcap", ...).
+    pub device: String,
+    #[serde(default = "default_descriptors")]
+    pub rx_descriptors: u16,
+    #[serde(default = "default_descriptors")]
+    pub tx_descriptors: u16,
+    /// Next-hop MAC for `ipip` backends that have no MAC of their own.
+    #[serde(default)]
+    pub gateway_mac: Option<MacAddr>,
+    /// Port that transmits packets forwarded from this one (default: this).
+    #[serde(default)]
+    pub forward_to: Option<String>,
+    /// Port that receives non-service traffic arriving here (default: drop).
+    #[serde(default)]
+    pub unmatched_to: Option<String>,
+}
+
+impl PortConfig {
+    /// True when the device is a PCI address rather than a virtual device.
+    pub fn is_pci(&self) -> bool {
+        let d = self.device.split(',').next().unwrap_or_default();
+        d.contains(':')
+            && d.contains('.')
+            && d.bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+    }
+}
+
+/// The per-worker connection table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowConfig {
+    /// Flows per worker (rounded up to a power of two).
+    pub capacity: usize,
+    pub syn_timeout: DurationStr,
+    pub established_timeout: DurationStr,
+    pub fin_timeout: DurationStr,
+    pub udp_timeout: DurationStr,
+}
+
+impl Default for FlowConfig {
+    fn default() -> FlowConfig {
+        FlowConfig {
+            capacity: 1 << 20,
+            syn_timeout: DurationStr::secs(10),
+            established_timeout: DurationStr::secs(300),
+            fin_timeout: DurationStr::secs(10),
+            udp_timeout: DurationStr::secs(60),
+        }
+    }
+}
+
+/// Affinity table sizes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AffinityConfig {
+    /// Most affinities (created and static) at once.
+    pub capacity: usize,
+    /// Most client pins held by automatic affinity at once.
+    pub auto_capacity: usize,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> AffinityConfig {
+        AffinityConfig {
+            capacity: 1 << 20,
+            auto_capacity: 1 << 16,
+        }
+    }
+}
+
+/// The control thread.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// UDP address of the affinity/control protocol.
+    pub listen: SocketAddr,
+    /// Source networks requests are accepted from.
+    pub allowed_networks: Vec<IpNet>,
+    /// Largest difference between a request's timestamp and our clock.
+    pub max_clock_skew: DurationStr,
+    /// HTTP address of the Prometheus endpoint (none: disabled).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Period of the status line of `pktdist run`.
+    pub status_interval: DurationStr,
+    /// HMAC keys: backend (application) name -> key; "admin" is the
+    /// operator's key.
+    pub keys: BTreeMap<String, HexKey>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> ControlConfig {
+        ControlConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            allowed_networks: vec![
+                IpNet {
+                    addr: IpAddr::from([127, 0, 0, 0]),
+                    prefix: 8,
+                },
+                IpNet {
+                    addr: IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+                    prefix: 128,
+                },
+            ],
+            max_clock_skew: DurationStr::secs(30),
+            metrics_listen: None,
+            status_interval: DurationStr::secs(2),
+            keys: BTreeMap::new(),
+        }
+    }
+}
+
+/// The built-in traffic source.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficConfig {
+    /// Port whose RX queues the source feeds.
+    pub port: String,
+    #[serde(default = "TrafficConfig::default_clients")]
+    pub clients: u32,
+    #[serde(default = "TrafficConfig::default_concurrent")]
+    pub concurrent_flows: u32,
+    #[serde(default = "TrafficConfig::default_ppf")]
+    pub packets_per_flow: u32,
+    #[serde(default = "TrafficConfig::default_size")]
+    pub packet_size: u16,
+    /// Packets per second in total; 0 = as fast as possible.
+    #[serde(default)]
+    pub rate_pps: u64,
+    /// Fraction of flows sent over IPv6 (to IPv6 services).
+    #[serde(default)]
+    pub ipv6_share: f64,
+}
+
+impl TrafficConfig {
+    fn default_clients() -> u32 {
+        4096
+    }
+    fn default_concurrent() -> u32 {
+        16384
+    }
+    fn default_ppf() -> u32 {
+        8
+    }
+    fn default_size() -> u16 {
+        64
+    }
+}
+
+/// L4 protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Scheduler of new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    #[default]
+    Maglev,
+    RoundRobin,
+}
+
+/// Forwarding mode (both are direct server return).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    Ipip,
+    L2,
+}
+
+/// Automatic affinity for parallel connections.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoAffinityConfig {
+    /// How long the pin outlives the client's last connection.
+    #[serde(default)]
+    pub linger: DurationStr,
+}
+
+fn default_max_affinity() -> DurationStr {
+    DurationStr::secs(3600)
+}
+
+/// A service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    pub forwarding: Forwarding,
+    /// Outer source address for `ipip` (same family as the VIP).
+    #[serde(default)]
+    pub ipip_source: Option<IpAddr>,
+    /// Maglev table size (a prime >= 100 x backends); default
+    /// [`MaglevTable::default_size`].
+    #[serde(default)]
+    pub maglev_table_size: Option<usize>,
+    #[serde(default = "default_max_affinity")]
+    pub max_affinity_duration: DurationStr,
+    /// Present: automatic affinity is on.
+    #[serde(default)]
+    pub auto_affinity: Option<AutoAffinityConfig>,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+impl ServiceConfig {
+    /// The Maglev table size: configured, or the default for the backends.
+    pub fn maglev_size(&self) -> usize {
+        self.maglev_table_size
+            .unwrap_or_else(|| MaglevTable::default_size(self.backends.len()))
+    }
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// A backend of a service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: IpAddr,
+    /// Required for `l2`; for `ipip` the next hop (else the port's
+    /// gateway_mac).
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// 0..=65535; 0 = draining.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// A static affinity from the configuration (never expires).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticAffinityConfig {
+    /// Service name.
+    pub service: String,
+    /// Client network.
+    pub client: IpNet,
+    #[serde(default)]
+    pub client_port: PortMatch,
+    /// Backend name within the service.
+    pub backend: String,
+}
+
+/// A validation failure before it is located in the text.
+struct Invalid(KeyPath, String);
+
+type Check = Result<(), Invalid>;
+
+fn fail(path: KeyPath, msg: impl Into<String>) -> Check {
+    Err(Invalid(path, msg.into()))
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: shown.clone(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, &shown)
+    }
+
+    /// Parses and validates configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| error::from_toml(file, text, &e))?;
+        cfg.validate()
+            .map_err(|Invalid(path, msg)| error::at_path(file, text, &path, msg))?;
+        Ok(cfg)
+    }
+
+    /// The flow-table timeouts.
+    pub fn flow_timeouts(&self) -> FlowTimeouts {
+        FlowTimeouts {
+            syn: self.flow.syn_timeout.0,
+            established: self.flow.established_timeout.0,
+            fin: self.flow.fin_timeout.0,
+            udp: self.flow.udp_timeout.0,
+        }
+    }
+
+    /// Index of the port with this name.
+    pub fn port_index(&self, name: &str) -> Option<usize> {
+        self.ports.iter().position(|p| p.name == name)
+    }
+
+    fn validate(&self) -> Check {
+        let root = KeyPath::root();
+        self.validate_cores(&root.key("cores"))?;
+        self.validate_ports(&root.key("ports"))?;
+        self.validate_sections(&root)?;
+        self.validate_services(&root.key("services"))?;
+        self.validate_affinities(&root.key("affinities"))
+    }
+
+    fn validate_cores(&self, p: &KeyPath) -> Check {
+        let c = &self.cores;
+        if c.workers.is_empty() {
+            return fail(p.key("workers"), "at least one worker core is required");
+        }
+        let mut seen = HashSet::new();
+        for (i, &w) in c.workers.iter().enumerate() {
+            if w == c.control {
+                return fail(
+                    p.key("workers").index(i),
+                    format!("core {w} is also the control core"),
+                );
+            }
+            if !seen.insert(w) {
+                return fail(
+                    p.key("workers").index(i),
+                    format!("core {w} is listed twice"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_ports(&self, p: &KeyPath) -> Check {
+        if self.ports.is_empty() {
+            return fail(p.clone(), "no [[ports]]: at least one port is required");
+        }
+        let mut names = HashSet::new();
+        let mut devices = HashSet::new();
+        for (i, port) in self.ports.iter().enumerate() {
+            let pp = p.index(i);
+            if port.name.is_empty() {
+                return fail(pp.key("name"), "a port needs a name");
+            }
+            if !names.insert(port.name.as_str()) {
+                return fail(
+                    pp.key("name"),
+                    format!("port {:?} is defined twice", port.name),
+                );
+            }
+            if port.device.trim().is_empty() {
+                return fail(pp.key("device"), "a port needs a DPDK device");
+            }
+            let dev = port.device.split(',').next().unwrap_or_default();
+            if !devices.insert(dev) {
+                return fail(
+                    pp.key("device"),
+                    format!("device {dev:?} is used by two ports"),
+                );
+            }
+            for (k, n) in [
+                ("rx_descriptors", port.rx_descriptors),
+                ("tx_descriptors", port.tx_descriptors),
+            ] {
+                if !(64..=32768).contains(&n) || !n.is_power_of_two() {
+                    return fail(
+                        pp.key(k),
+                        format!("{n} descriptors: must be a power of two in 64..=32768"),
+                    );
+                }
+            }
+        }
+        for (i, port) in self.ports.iter().enumerate() {
+            for (k, target) in [
+                ("forward_to", &port.forward_to),
+                ("unmatched_to", &port.unmatched_to),
+            ] {
+                if let Some(t) = target {
+                    if self.port_index(t).is_none() {
+                        return fail(p.index(i).key(k), format!("no port named {t:?}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_sections(&self, root: &KeyPath) -> Check {
+        let m = &self.mempool;
+        if m.mbufs < 1024 {
+            return fail(
+                root.key("mempool").key("mbufs"),
+                format!("{} mbufs: at least 1024 are needed", m.mbufs),
+            );
+        }
+        if m.cache > 512 || m.cache >= m.mbufs {
+            return fail(
+                root.key("mempool").key("cache"),
+                format!("cache {} must be at most 512 and below mbufs", m.cache),
+            );
+        }
+        let f = &self.flow;
+        let fp = root.key("flow");
+        if f.capacity == 0 || f.capacity > MAX_FLOW_CAPACITY {
+            return fail(
+                fp.key("capacity"),
+                format!("{} flows: must be in 1..={MAX_FLOW_CAPACITY}", f.capacity),
+            );
+        }
+        for (k, d) in [
+            ("syn_timeout", f.syn_timeout),
+            ("established_timeout", f.established_timeout),
+            ("fin_timeout", f.fin_timeout),
+            ("udp_timeout", f.udp_timeout),
+        ] {
+            if d.0.is_zero() {
+                return fail(fp.key(k), "a timeout must be longer than 0");
+            }
+        }
+        let a = &self.affinity;
+        if a.capacity == 0 {
+            return fail(root.key("affinity").key("capacity"), "must be at least 1");
+        }
+        if a.auto_capacity == 0 {
+            return fail(
+                root.key("affinity").key("auto_capacity"),
+                "must be at least 1",
+            );
+        }
+        let c = &self.control;
+        let cp = root.key("control");
+        if c.status_interval.0.is_zero() {
+            return fail(cp.key("status_interval"), "must be longer than 0");
+        }
+        if c.max_clock_skew.0.is_zero() {
+            return fail(cp.key("max_clock_skew"), "must be longer than 0");
+        }
+        if c.metrics_listen == Some(c.listen) {
+            return fail(cp.key("metrics_listen"), "is the same address as listen");
+        }
+        for name in c.keys.keys() {
+            if name.is_empty() {
+                return fail(cp.key("keys"), "a key needs a name");
+            }
+        }
+        if let Some(t) = &self.traffic {
+            let tp = root.key("traffic");
+            if self.port_index(&t.port).is_none() {
+                return fail(tp.key("port"), format!("no port named {:?}", t.port));
+            }
+            for (k, v) in [
+                ("clients", t.clients),
+                ("concurrent_flows", t.concurrent_flows),
+                ("packets_per_flow", t.packets_per_flow),
+            ] {
+                if v == 0 {
+                    return fail(tp.key(k), "must be at least 1");
+                }
+            }
+            if !(64..=9000).contains(&t.packet_size) {
+                return fail(
+                    tp.key("packet_size"),
+                    format!("{} bytes: must be in 64..=9000", t.packet_size),
+                );
+            }
+            if !(0.0..=1.0).contains(&t.ipv6_share) {
+                return fail(
+                    tp.key("ipv6_share"),
+                    format!("{}: must be between 0.0 and 1.0", t.ipv6_share),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_services(&self, p: &KeyPath) -> Check {
+        if self.services.is_empty() {
+            return fail(
+                p.clone(),
+                "no [[services]]: at least one service is required",
+            );
+        }
+        if self.services.len() > crate::dataplane::MAX_SERVICES {
+            return fail(
+                p.clone(),
+                format!("at most {} services", crate::dataplane::MAX_SERVICES),
+            );
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut vips: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
+        let mut backends_total = 0usize;
+        for (i, s) in self.services.iter().enumerate() {
+            let sp = p.index(i);
+            if s.name.is_empty() {
+                return fail(sp.key("name"), "a service needs a name");
+            }
+            if let Some(j) = names.insert(&s.name, i) {
+                return fail(
+                    sp.key("name"),
+                    format!("service name {:?} is already used by services[{j}]", s.name),
+                );
+            }
+            if let Some(j) = vips.insert((s.vip, s.port, s.protocol), i) {
+                return fail(
+                    sp.key("vip"),
+                    format!(
+                        "{} port {} {} is already served by services[{j}] ({:?})",
+                        s.vip,
+                        s.port,
+                        s.protocol.name(),
+                        self.services[j].name
+                    ),
+                );
+            }
+            if s.port == 0 {
+                return fail(sp.key("port"), "port 0 is not a service port");
+            }
+            let fam = types::family_of(&s.vip);
+            match (s.forwarding, s.ipip_source) {
+                (Forwarding::Ipip, None) => {
+                    return fail(
+                        sp.key("ipip_source"),
+                        "forwarding = \"ipip\" needs ipip_source (the outer source address)",
+                    )
+                }
+                (_, Some(src)) if src.is_ipv4() != s.vip.is_ipv4() => {
+                    return fail(
+                        sp.key("ipip_source"),
+                        format!(
+                            "{src} is {} but the service vip is {fam}",
+                            types::family_of(&src)
+                        ),
+                    )
+                }
+                _ => {}
+            }
+            if let Some(size) = s.maglev_table_size {
+                let need = 100 * s.backends.len();
+                if !is_prime(size) {
+                    return fail(
+                        sp.key("maglev_table_size"),
+                        format!("{size} is not a prime"),
+                    );
+                }
+                if size < need {
+                    return fail(
+                        sp.key("maglev_table_size"),
+                        format!(
+                            "{size} is below 100 x {} backends = {need}",
+                            s.backends.len()
+                        ),
+                    );
+                }
+            }
+            if s.max_affinity_duration.0.is_zero() {
+                return fail(sp.key("max_affinity_duration"), "must be longer than 0");
+            }
+            let mut bnames = HashSet::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                let bp = sp.key("backends").index(j);
+                if b.name.is_empty() {
+                    return fail(bp.key("name"), "a backend needs a name");
+                }
+                if !bnames.insert(b.name.as_str()) {
+                    return fail(
+                        bp.key("name"),
+                        format!("backend {:?} appears twice in service {:?}", b.name, s.name),
+                    );
+                }
+                if b.address.is_ipv4() != s.vip.is_ipv4() {
+                    return fail(
+                        bp.key("address"),
+                        format!(
+                            "{} is {} but the service vip is {fam}",
+                            b.address,
+                            types::family_of(&b.address)
+                        ),
+                    );
+                }
+                if b.weight > MAX_WEIGHT {
+                    return fail(
+                        bp.key("weight"),
+                        format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
+                    );
+                }
+                if s.forwarding == Forwarding::L2 && b.mac.is_none() {
+                    return fail(bp.key("mac"), "forwarding = \"l2\" needs the backend's mac");
+                }
+            }
+            backends_total += s.backends.len();
+            if let Err(e) = MaglevTable::new(
+                &s.backends
+                    .iter()
+                    .map(|b| (b.name.as_str(), b.weight))
+                    .collect::<Vec<_>>(),
+                s.maglev_size(),
+            ) {
+                return fail(sp.key("backends"), e);
+            }
+        }
+        if backends_total > crate::dataplane::MAX_BACKENDS {
+            return fail(
+                p.clone(),
+                format!(
+                    "{backends_total} backends in all: at most {}",
+                    crate::dataplane::MAX_BACKENDS
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_affinities(&self, p: &KeyPath) -> Check {
+        if self.affinities.len() > self.affinity.capacity {
+            return fail(
+                p.clone(),
+                format!(
+                    "{} static affinities exceed affinity.capacity",
+                    self.affinities.len()
+                ),
+            );
+        }
+        let mut seen: HashMap<(&str, IpNet, PortMatch), usize> = HashMap::new();
+        for (i, a) in self.affinities.iter().enumerate() {
+            let ap = p.index(i);
+            let Some(s) = self.services.iter().find(|s| s.name == a.service) else {
+                return fail(
+                    ap.key("service"),
+                    format!("no service named {:?}", a.service),
+                );
+            };
+            if !s.backends.iter().any(|b| b.name == a.backend) {
+                return fail(
+                    ap.key("backend"),
+                    format!("service {:?} has no backend named {:?}", s.name, a.backend),
+                );
+            }
+            if a.client.addr.is_ipv4() != s.vip.is_ipv4() {
+                return fail(
+                    ap.key("client"),
+                    format!(
+                        "{} is {} but the service vip is {}",
+                        a.client,
+                        types::family_of(&a.client.addr),
+                        types::family_of(&s.vip)
+                    ),
+                );
+            }
+            if let Some(j) = seen.insert((a.service.as_str(), a.client, a.client_port), i) {
+                return fail(
+                    ap.key("client"),
+                    format!("the same client and port are already pinned by affinities[{j}]"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The resolved plan, as `pktdist check` prints it.
+    pub fn plan(&self) -> String {
+        let mut o = String::new();
+        let nw = self.cores.workers.len();
+        let _ = writeln!(o, "EAL arguments: {}", self.eal.args.join(" "));
+        let _ = writeln!(
+            o,
+            "cores: control {}, workers {:?} ({nw} worker{})",
+            self.cores.control,
+            self.cores.workers,
+            if nw == 1 { "" } else { "s" }
+        );
+        let _ = writeln!(
+            o,
+            "mempool: {} mbufs, cache {}",
+            self.mempool.mbufs, self.mempool.cache
+        );
+        let _ = writeln!(o, "ports:");
+        for (i, p) in self.ports.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  [{i}] {} device {} ({}): {nw} rx + {nw} tx queue{} (one per worker), {} rx / {} tx descriptors, forwards on {}{}{}",
+                p.name,
+                p.device,
+                if p.is_pci() { "PCI" } else { "virtual" },
+                if nw == 1 { "" } else { "s" },
+                p.rx_descriptors,
+                p.tx_descriptors,
+                p.forward_to.as_deref().unwrap_or(&p.name),
+                p.gateway_mac.map(|m| format!(", gateway {m}")).unwrap_or_default(),
+                p.unmatched_to.as_deref().map(|t| format!(", non-service traffic to {t}")).unwrap_or_default(),
+            );
+        }
+        let f = &self.flow;
+        let _ = writeln!(
+            o,
+            "flow table: {} flows per worker (x{nw}), timeouts syn {} established {} fin {} udp {}",
+            f.capacity.max(crate::flow::WAYS).next_power_of_two(),
+            f.syn_timeout,
+            f.established_timeout,
+            f.fin_timeout,
+            f.udp_timeout
+        );
+        let _ = writeln!(
+            o,
+            "affinity: capacity {}, automatic-affinity capacity {}",
+            self.affinity.capacity, self.affinity.auto_capacity
+        );
+        let c = &self.control;
+        let _ = writeln!(
+            o,
+            "control: listen udp {}, allowed {}, max clock skew {}, metrics {}, status every {}, keys for {}",
+            c.listen,
+            c.allowed_networks.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" "),
+            c.max_clock_skew,
+            c.metrics_listen.map(|a| format!("http://{a}/metrics")).unwrap_or_else(|| "off".into()),
+            c.status_interval,
+            if c.keys.is_empty() { "nobody".to_string() } else { c.keys.keys().cloned().collect::<Vec<_>>().join(", ") }
+        );
+        if let Some(t) = &self.traffic {
+            let _ = writeln!(
+                o,
+                "traffic source: into {}, {} clients, {} concurrent flows, {} packets per flow, {} bytes, {}, {:.0}% IPv6",
+                t.port,
+                t.clients,
+                t.concurrent_flows,
+                t.packets_per_flow,
+                t.packet_size,
+                if t.rate_pps == 0 { "as fast as possible".to_string() } else { format!("{} pps", t.rate_pps) },
+                t.ipv6_share * 100.0
+            );
+        }
+        let _ = writeln!(o, "services:");
+        for s in &self.services {
+            let mode = match (s.forwarding, s.ipip_source) {
+                (Forwarding::Ipip, Some(src)) => format!("ipip from {src}"),
+                (Forwarding::Ipip, None) => "ipip".to_string(),
+                (Forwarding::L2, _) => "l2".to_string(),
+            };
+            let sched = match s.scheduler {
+                Scheduler::Maglev => format!("maglev (table {})", s.maglev_size()),
+                Scheduler::RoundRobin => "round robin".to_string(),
+            };
+            let _ = writeln!(
+                o,
+                "  {} {} {}:{}  {sched}, {mode}, max affinity {}{}",
+                s.name,
+                s.protocol.name(),
+                fmt_vip(s.vip),
+                s.port,
+                s.max_affinity_duration,
+                s.auto_affinity
+                    .map(|a| format!(", auto affinity (linger {})", a.linger))
+                    .unwrap_or_default()
+            );
+            let total: u64 = s.backends.iter().map(|b| b.weight as u64).sum();
+            for b in &s.backends {
+                let share = if total == 0 {
+                    0.0
+                } else {
+                    100.0 * b.weight as f64 / total as f64
+                };
+                let _ = writeln!(
+                    o,
+                    "    {} {}{}  weight {} ({share:.1}%){}",
+                    b.name,
+                    b.address,
+                    b.mac.map(|m| format!(" mac {m}")).unwrap_or_default(),
+                    b.weight,
+                    if b.weight == 0 { " draining" } else { "" }
+                );
+            }
+            if s.backends.is_empty() {
+                let _ = writeln!(o, "    (no backends)");
+            }
+        }
+        if !self.affinities.is_empty() {
+            let _ = writeln!(o, "static affinities:");
+            for a in &self.affinities {
+                let _ = writeln!(
+                    o,
+                    "  {}: client {} port {} -> {}",
+                    a.service, a.client, a.client_port, a.backend
+                );
+            }
+        }
+        o
+    }
+}
+
+fn fmt_vip(a: IpAddr) -> String {
+    match a {
+        IpAddr::V4(v) => v.to_string(),
+        IpAddr::V6(v) => format!("[{v}]"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

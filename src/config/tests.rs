@@ -1,0 +1,444 @@
+use super::*;
+
+/// A small valid configuration; tests edit it to break one rule each.
+const BASE: &str = r#"[eal]
+args = ["--no-huge", "--no-pci"]
+
+[cores]
+control = 0
+workers = [1, 2]
+
+[[ports]]
+name = "p0"
+device = "net_ring0"
+
+[[ports]]
+name = "p1"
+device = "net_ring1"
+forward_to = "p0"
+
+[flow]
+capacity = 4096
+syn_timeout = "5s"
+
+[control]
+listen = "127.0.0.1:7400"
+
+[control.keys]
+admin = "000102030405060708090a0b0c0d0e0f"
+
+[traffic]
+port = "p0"
+
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+
+[[services.backends]]
+name = "be1"
+address = "10.0.0.1"
+weight = 100
+
+[[services.backends]]
+name = "be2"
+address = "10.0.0.2"
+
+[[services]]
+name = "dns6"
+vip = "2001:db8::53"
+port = 53
+protocol = "udp"
+forwarding = "l2"
+auto_affinity = { linger = "30s" }
+
+[[services.backends]]
+name = "ns1"
+address = "2001:db8:1::1"
+mac = "02:00:00:00:01:01"
+
+[[affinities]]
+service = "web"
+client = "203.0.113.0/24"
+client_port = "1000-2000"
+backend = "be2"
+"#;
+
+fn err(text: &str) -> ConfigError {
+    match Config::parse(text, "t.toml") {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+/// Replaces exactly one occurrence of `from`.
+fn edit(from: &str, to: &str) -> String {
+    assert_eq!(BASE.matches(from).count(), 1, "{from:?} must occur once");
+    BASE.replace(from, to)
+}
+
+/// Line of the `n`th (0-based) line containing `needle`.
+fn nth_line_of(text: &str, needle: &str, n: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .nth(n)
+        .map(|(i, _)| i + 1)
+        .expect("needle in text")
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .expect("needle in text")
+}
+
+/// Checks the key and that the line is where `needle` is.
+fn check(text: &str, key: &str, needle: &str, msg_part: &str) {
+    let e = err(text);
+    assert_eq!(e.key, key, "{e}");
+    assert_eq!(e.line, line_of(text, needle), "{e}");
+    assert!(e.message.contains(msg_part), "{e}");
+    let shown = e.to_string();
+    assert!(shown.starts_with(&format!("t.toml:{}:", e.line)), "{shown}");
+    assert!(shown.contains(key), "{shown}");
+}
+
+#[test]
+fn base_is_valid() {
+    let c = Config::parse(BASE, "t.toml").unwrap();
+    assert_eq!(c.cores.workers, vec![1, 2]);
+    assert_eq!(c.ports[1].forward_to.as_deref(), Some("p0"));
+    assert_eq!(c.ports[0].rx_descriptors, 1024);
+    assert_eq!(c.flow.syn_timeout.0, std::time::Duration::from_secs(5));
+    assert_eq!(
+        c.flow_timeouts().established,
+        std::time::Duration::from_secs(300)
+    );
+    assert_eq!(c.services[0].backends[1].weight, 100);
+    assert_eq!(c.services[0].scheduler, Scheduler::Maglev);
+    assert_eq!(c.services[0].maglev_size(), 65537);
+    assert_eq!(c.services[1].protocol.number(), PROTO_UDP);
+    assert_eq!(
+        c.services[1].auto_affinity.map(|a| a.linger.0),
+        Some(std::time::Duration::from_secs(30))
+    );
+    assert_eq!(c.affinities[0].client_port, PortMatch::Range(1000, 2000));
+    assert_eq!(c.control.keys["admin"].0.len(), 16);
+    assert_eq!(c.traffic.as_ref().map(|t| t.clients), Some(4096));
+    let plan = c.plan();
+    assert!(plan.contains("2 rx + 2 tx queues"), "{plan}");
+    assert!(plan.contains("be1 10.0.0.1  weight 100 (50.0%)"), "{plan}");
+    assert!(plan.contains("[2001:db8::53]:53"), "{plan}");
+}
+
+#[test]
+fn core_listed_twice() {
+    check(
+        &edit("workers = [1, 2]", "workers = [1, 2, 1]"),
+        "cores.workers[2]",
+        "workers = [1, 2, 1]",
+        "listed twice",
+    );
+}
+
+#[test]
+fn worker_equals_control() {
+    check(
+        &edit("workers = [1, 2]", "workers = [0, 2]"),
+        "cores.workers[0]",
+        "workers = [0, 2]",
+        "control core",
+    );
+}
+
+#[test]
+fn backend_address_of_wrong_family() {
+    let t = edit("address = \"2001:db8:1::1\"", "address = \"10.9.9.9\"");
+    check(
+        &t,
+        "services[1].backends[0].address",
+        "10.9.9.9",
+        "is IPv4 but the service vip is IPv6",
+    );
+}
+
+#[test]
+fn weight_out_of_range() {
+    let t = edit("weight = 100", "weight = 70000");
+    check(
+        &t,
+        "services[0].backends[0].weight",
+        "weight = 70000",
+        "out of range",
+    );
+    // A negative weight is a type error, located the same way.
+    let t = edit("weight = 100", "weight = -1");
+    let e = err(&t);
+    assert_eq!(e.key, "services[0].backends[0].weight", "{e}");
+    assert_eq!(e.line, line_of(&t, "weight = -1"));
+}
+
+#[test]
+fn missing_port() {
+    let t = edit("[traffic]\nport = \"p0\"", "[traffic]\nport = \"p9\"");
+    check(&t, "traffic.port", "port = \"p9\"", "no port named \"p9\"");
+    let t = edit("forward_to = \"p0\"", "forward_to = \"nope\"");
+    check(
+        &t,
+        "ports[1].forward_to",
+        "forward_to = \"nope\"",
+        "no port named",
+    );
+    // No [[ports]] at all.
+    let t = BASE
+        .replace("[[ports]]\nname = \"p0\"\ndevice = \"net_ring0\"\n", "")
+        .replace(
+            "[[ports]]\nname = \"p1\"\ndevice = \"net_ring1\"\nforward_to = \"p0\"\n",
+            "",
+        )
+        .replace("[traffic]\nport = \"p0\"\n", "");
+    let e = err(&t);
+    assert_eq!(e.key, "ports", "{e}");
+    assert!(e.message.contains("at least one port"), "{e}");
+}
+
+#[test]
+fn duplicate_service() {
+    // Same vip, port and protocol under another name.
+    let t = edit(
+        "vip = \"2001:db8::53\"\nport = 53\nprotocol = \"udp\"",
+        "vip = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"",
+    )
+    .replace("address = \"2001:db8:1::1\"", "address = \"10.0.1.1\"");
+    let e = err(&t);
+    assert_eq!(e.key, "services[1].vip", "{e}");
+    assert!(e.message.contains("already served by services[0]"), "{e}");
+    assert_eq!(e.line, nth_line_of(&t, "vip = \"192.0.2.10\"", 1), "{e}");
+    // Same name.
+    let t = edit("name = \"dns6\"", "name = \"web\"");
+    let e = err(&t);
+    assert_eq!(e.key, "services[1].name", "{e}");
+    assert!(e.message.contains("already used by services[0]"), "{e}");
+    assert_eq!(e.line, nth_line_of(&t, "name = \"web\"", 1), "{e}");
+}
+
+#[test]
+fn duplicate_backend_name() {
+    let t = edit("name = \"be2\"", "name = \"be1\"");
+    let e = err(&t);
+    assert_eq!(e.key, "services[0].backends[1].name", "{e}");
+    assert!(e.message.contains("appears twice"), "{e}");
+    assert_eq!(e.line, nth_line_of(&t, "name = \"be1\"", 1), "{e}");
+}
+
+#[test]
+fn l2_without_mac() {
+    let t = edit("mac = \"02:00:00:00:01:01\"\n", "");
+    let e = err(&t);
+    assert_eq!(e.key, "services[1].backends[0].mac", "{e}");
+    assert!(e.message.contains("needs the backend's mac"), "{e}");
+    // A missing key is reported at its table's [[header]].
+    assert_eq!(e.line, line_of(&t, "name = \"ns1\"") - 1, "{e}");
+}
+
+#[test]
+fn ipip_without_source() {
+    let t = edit("ipip_source = \"198.51.100.1\"\n", "");
+    let e = err(&t);
+    assert_eq!(e.key, "services[0].ipip_source", "{e}");
+    assert!(e.message.contains("needs ipip_source"), "{e}");
+    assert_eq!(e.line, line_of(&t, "name = \"web\"") - 1, "{e}");
+    let t = edit(
+        "ipip_source = \"198.51.100.1\"",
+        "ipip_source = \"2001:db8::1\"",
+    );
+    check(
+        &t,
+        "services[0].ipip_source",
+        "ipip_source",
+        "IPv6 but the service vip is IPv4",
+    );
+}
+
+#[test]
+fn maglev_size_not_prime_or_too_small() {
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nmaglev_table_size = 1000",
+    );
+    check(
+        &t,
+        "services[0].maglev_table_size",
+        "maglev_table_size",
+        "not a prime",
+    );
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nmaglev_table_size = 197",
+    );
+    check(
+        &t,
+        "services[0].maglev_table_size",
+        "maglev_table_size",
+        "below 100 x 2 backends",
+    );
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nmaglev_table_size = 211",
+    );
+    assert_eq!(
+        Config::parse(&t, "t.toml").unwrap().services[0].maglev_size(),
+        211
+    );
+}
+
+#[test]
+fn static_affinity_errors() {
+    let t = edit("service = \"web\"", "service = \"mail\"");
+    check(
+        &t,
+        "affinities[0].service",
+        "service = \"mail\"",
+        "no service named",
+    );
+    let t = edit("backend = \"be2\"", "backend = \"be7\"");
+    check(
+        &t,
+        "affinities[0].backend",
+        "backend = \"be7\"",
+        "no backend named",
+    );
+    let t = edit("client = \"203.0.113.0/24\"", "client = \"203.0.113.0/40\"");
+    check(&t, "affinities[0].client", "client = ", "prefix length");
+    let t = edit("client = \"203.0.113.0/24\"", "client = \"203.0.113.9/24\"");
+    check(
+        &t,
+        "affinities[0].client",
+        "client = ",
+        "did you mean \"203.0.113.0/24\"",
+    );
+    let t = edit("client = \"203.0.113.0/24\"", "client = \"2001:db8::/64\"");
+    check(
+        &t,
+        "affinities[0].client",
+        "client = ",
+        "is IPv6 but the service vip is IPv4",
+    );
+    let t = edit("client_port = \"1000-2000\"", "client_port = \"2000-1000\"");
+    check(
+        &t,
+        "affinities[0].client_port",
+        "client_port",
+        "2000 > 1000",
+    );
+    let t = edit("client_port = \"1000-2000\"", "client_port = 443");
+    assert_eq!(
+        Config::parse(&t, "t.toml").unwrap().affinities[0].client_port,
+        PortMatch::One(443)
+    );
+}
+
+#[test]
+fn unknown_key() {
+    let t = edit(
+        "syn_timeout = \"5s\"",
+        "syn_timeout = \"5s\"\nsyn_timout = \"5s\"",
+    );
+    check(
+        &t,
+        "flow.syn_timout",
+        "syn_timout",
+        "unknown field `syn_timout`",
+    );
+    let t = edit("weight = 100", "weight = 100\ncolour = \"blue\"");
+    check(
+        &t,
+        "services[0].backends[0].colour",
+        "colour",
+        "unknown field",
+    );
+    let t = format!("{BASE}\n[extra]\na = 1\n");
+    let e = err(&t);
+    assert!(e.message.contains("unknown field `extra`"), "{e}");
+    assert_eq!(e.line, line_of(&t, "[extra]"), "{e}");
+}
+
+#[test]
+fn bad_duration() {
+    let t = edit("syn_timeout = \"5s\"", "syn_timeout = \"5 parsecs\"");
+    check(&t, "flow.syn_timeout", "parsecs", "bad duration");
+    let t = edit("linger = \"30s\"", "linger = \"30\"");
+    check(
+        &t,
+        "services[1].auto_affinity.linger",
+        "linger",
+        "bad duration",
+    );
+}
+
+#[test]
+fn other_value_errors() {
+    let t = edit("mac = \"02:00:00:00:01:01\"", "mac = \"02:00:00:00:01\"");
+    check(
+        &t,
+        "services[1].backends[0].mac",
+        "mac = ",
+        "bad MAC address",
+    );
+    let t = edit(
+        "admin = \"000102030405060708090a0b0c0d0e0f\"",
+        "admin = \"0001\"",
+    );
+    check(&t, "control.keys.admin", "admin = ", "too short");
+    let t = edit("protocol = \"tcp\"", "protocol = \"sctp\"");
+    check(&t, "services[0].protocol", "sctp", "unknown variant");
+    let t = edit("vip = \"192.0.2.10\"", "vip = \"192.0.2.300\"");
+    check(&t, "services[0].vip", "192.0.2.300", "");
+    let t = edit("[cores]\ncontrol = 0", "[cores]\ncontrol = 0\n\n[flow2]");
+    let e = err(&t);
+    assert!(e.line > 0, "{e}");
+}
+
+#[test]
+fn syntax_error_names_line() {
+    let t = edit("port = 80", "port = = 80");
+    let e = err(&t);
+    assert_eq!(e.line, line_of(&t, "port = = 80"), "{e}");
+}
+
+#[test]
+fn missing_file() {
+    let e = Config::load("/nonexistent/pktdist.toml").unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/pktdist.toml: cannot read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    for f in ["config/demo.toml", "config/real-nic.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.services.is_empty());
+        assert!(!c.plan().is_empty());
+    }
+    let demo =
+        Config::load(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"))
+            .unwrap();
+    assert_eq!(demo.ports[0].device, "net_ring0");
+    assert!(demo.traffic.is_some());
+    let weights: Vec<u32> = demo.services[0].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, vec![100, 200, 300]);
+    assert_eq!(demo.services[0].forwarding, Forwarding::Ipip);
+    assert!(demo
+        .services
+        .iter()
+        .any(|s| s.auto_affinity.is_some() && s.forwarding == Forwarding::L2));
+}

@@ -1,0 +1,452 @@
+//! Value types of the configuration, each with a deserializer from the text
+//! an operator writes: durations like "30s", MAC addresses, CIDR networks,
+//! client-port matches and hex keys.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// An IP address as the `u128` bits the data path uses (IPv4 in the low 32).
+pub fn ip_bits(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn family_name(addr: &IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+/// "IPv4" or "IPv6".
+pub fn family_of(addr: &IpAddr) -> &'static str {
+    family_name(addr)
+}
+
+/// A duration written with units: "250ms", "30s", "5m", "1h", "2d", or a
+/// sum such as "1h30m". Units: ns, us, ms, s, m, h, d.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct DurationStr(pub Duration);
+
+impl DurationStr {
+    pub fn secs(s: u64) -> DurationStr {
+        DurationStr(Duration::from_secs(s))
+    }
+}
+
+impl FromStr for DurationStr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<DurationStr, String> {
+        let bad = || {
+            format!(
+                "bad duration {s:?}: expected a number with a unit (ms, s, m, h, d), like \"30s\" or \"1h30m\""
+            )
+        };
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(bad());
+        }
+        let mut total: u128 = 0;
+        let mut rest = t;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+            if digits == 0 {
+                return Err(bad());
+            }
+            let n: u128 = rest[..digits].parse().map_err(|_| bad())?;
+            rest = &rest[digits..];
+            let ulen = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+            let unit_ns: u128 = match &rest[..ulen] {
+                "ns" => 1,
+                "us" => 1_000,
+                "ms" => 1_000_000,
+                "s" => 1_000_000_000,
+                "m" => 60_000_000_000,
+                "h" => 3_600_000_000_000,
+                "d" => 86_400_000_000_000,
+                _ => return Err(bad()),
+            };
+            rest = &rest[ulen..];
+            total = n
+                .checked_mul(unit_ns)
+                .and_then(|v| total.checked_add(v))
+                .ok_or_else(bad)?;
+        }
+        let secs = u64::try_from(total / 1_000_000_000).map_err(|_| bad())?;
+        Ok(DurationStr(Duration::new(
+            secs,
+            (total % 1_000_000_000) as u32,
+        )))
+    }
+}
+
+impl fmt::Display for DurationStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ns = self.0.as_nanos();
+        for (unit, div) in [
+            ("d", 86_400_000_000_000u128),
+            ("h", 3_600_000_000_000),
+            ("m", 60_000_000_000),
+            ("s", 1_000_000_000),
+            ("ms", 1_000_000),
+            ("us", 1_000),
+        ] {
+            if ns >= div && ns % div == 0 {
+                return write!(f, "{}{unit}", ns / div);
+            }
+        }
+        write!(f, "{ns}ns")
+    }
+}
+
+/// Deserializes any `FromStr<Err = String>` type from a TOML string.
+struct StrVisitor<T>(&'static str, std::marker::PhantomData<T>);
+
+impl<T: FromStr<Err = String>> Visitor<'_> for StrVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        v.parse().map_err(E::custom)
+    }
+}
+
+macro_rules! deserialize_from_str {
+    ($t:ty, $what:expr) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                d.deserialize_str(StrVisitor::<$t>($what, std::marker::PhantomData))
+            }
+        }
+    };
+}
+
+deserialize_from_str!(DurationStr, "a duration string like \"30s\"");
+
+/// A MAC address, written "02:00:00:00:00:01".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<MacAddr, String> {
+        let bad =
+            || format!("bad MAC address {s:?}: expected six hex bytes like \"02:00:00:00:00:01\"");
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for b in out.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+deserialize_from_str!(MacAddr, "a MAC address like \"02:00:00:00:00:01\"");
+
+/// An IP network in CIDR notation, "192.0.2.0/24" or "2001:db8::/32"; a bare
+/// address is a /32 or /128. Bits after the prefix must be zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    fn max_prefix(addr: &IpAddr) -> u8 {
+        if addr.is_ipv4() {
+            32
+        } else {
+            128
+        }
+    }
+
+    /// The network's mask over [`ip_bits`] of its family.
+    pub fn mask_bits(&self) -> u128 {
+        let width = Self::max_prefix(&self.addr) as u32;
+        let full: u128 = if width == 128 {
+            u128::MAX
+        } else {
+            (1u128 << width) - 1
+        };
+        if self.prefix == 0 {
+            0
+        } else {
+            full & !((1u128 << (width - self.prefix as u32)) - 1)
+        }
+    }
+
+    /// True when `addr` (same family) lies in the network.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        addr.is_ipv4() == self.addr.is_ipv4()
+            && ip_bits(addr) & self.mask_bits() == ip_bits(self.addr)
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IpNet, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("bad network {s:?}: {a:?} is not an IP address"))?;
+        let max = Self::max_prefix(&addr);
+        let prefix = match p {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => {
+                    return Err(format!(
+                        "bad network {s:?}: prefix length must be 0..={max} for {}",
+                        family_name(&addr)
+                    ))
+                }
+            },
+        };
+        let net = IpNet { addr, prefix };
+        if ip_bits(addr) & !net.mask_bits() != 0 {
+            let base = ip_bits(addr) & net.mask_bits();
+            let base: IpAddr = match addr {
+                IpAddr::V4(_) => IpAddr::V4((base as u32).into()),
+                IpAddr::V6(_) => IpAddr::V6(base.into()),
+            };
+            return Err(format!(
+                "bad network {s:?}: bits are set after the /{prefix} prefix (did you mean \"{base}/{prefix}\"?)"
+            ));
+        }
+        Ok(net)
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+deserialize_from_str!(IpNet, "a network like \"192.0.2.0/24\"");
+
+/// Which client ports an affinity covers: "any", one port (1234 or "1234"),
+/// or an inclusive range "1000-2000".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum PortMatch {
+    #[default]
+    Any,
+    One(u16),
+    Range(u16, u16),
+}
+
+impl FromStr for PortMatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PortMatch, String> {
+        let bad = || {
+            format!("bad client port {s:?}: expected \"any\", a port like 1234, or a range like \"1000-2000\"")
+        };
+        let port = |p: &str| p.trim().parse::<u16>().map_err(|_| bad());
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("any") {
+            return Ok(PortMatch::Any);
+        }
+        match t.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (port(a)?, port(b)?);
+                if a > b {
+                    return Err(format!("bad client port range {s:?}: {a} > {b}"));
+                }
+                Ok(PortMatch::Range(a, b))
+            }
+            None => Ok(PortMatch::One(port(t)?)),
+        }
+    }
+}
+
+impl fmt::Display for PortMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortMatch::Any => f.write_str("any"),
+            PortMatch::One(p) => write!(f, "{p}"),
+            PortMatch::Range(a, b) => write!(f, "{a}-{b}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PortMatch, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = PortMatch;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"any\", a port number, or a range like \"1000-2000\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortMatch, E> {
+                u16::try_from(v)
+                    .map(PortMatch::One)
+                    .map_err(|_| E::custom(format!("client port {v} is out of range 0..=65535")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortMatch, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortMatch, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A secret key written in hex (at least 16 bytes). Its Debug output does
+/// not show the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HexKey(pub Vec<u8>);
+
+/// Shortest HMAC key accepted, in bytes.
+pub const MIN_KEY_BYTES: usize = 16;
+
+impl FromStr for HexKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<HexKey, String> {
+        let s = s.trim();
+        if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("bad key: expected an even number of hex digits".to_string());
+        }
+        let bytes: Vec<u8> = (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or(0))
+            .collect();
+        if bytes.len() < MIN_KEY_BYTES {
+            return Err(format!(
+                "key too short: {} bytes, at least {MIN_KEY_BYTES} ({} hex digits) required",
+                bytes.len(),
+                MIN_KEY_BYTES * 2
+            ));
+        }
+        Ok(HexKey(bytes))
+    }
+}
+
+impl fmt::Debug for HexKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HexKey(<{} bytes>)", self.0.len())
+    }
+}
+
+deserialize_from_str!(HexKey, "a hex key string");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let d = |s: &str| s.parse::<DurationStr>().map(|d| d.0);
+        assert_eq!(d("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(d("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(d("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(d("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(d("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(d("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in [
+            "",
+            "30",
+            "s",
+            "5x",
+            "1.5s",
+            "-3s",
+            "99999999999999999999999d",
+        ] {
+            assert!(d(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert_eq!(DurationStr::secs(300).to_string(), "5m");
+        assert_eq!(
+            DurationStr(Duration::from_millis(1500)).to_string(),
+            "1500ms"
+        );
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            "02:00:00:00:00:0a".parse::<MacAddr>(),
+            Ok(MacAddr([2, 0, 0, 0, 0, 10]))
+        );
+        assert_eq!(
+            MacAddr([2, 0, 0, 0, 0, 10]).to_string(),
+            "02:00:00:00:00:0a"
+        );
+        for bad in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "zz:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn networks() {
+        let n: IpNet = "192.0.2.0/24".parse().unwrap();
+        assert!(n.contains("192.0.2.77".parse().unwrap()));
+        assert!(!n.contains("192.0.3.1".parse().unwrap()));
+        assert!(!n.contains("::1".parse().unwrap()));
+        let h: IpNet = "10.1.2.3".parse().unwrap();
+        assert_eq!(h.prefix, 32);
+        let all: IpNet = "::/0".parse().unwrap();
+        assert!(all.contains("2001:db8::1".parse().unwrap()));
+        let six: IpNet = "2001:db8::/32".parse().unwrap();
+        assert!(six.contains("2001:db8:ffff::1".parse().unwrap()));
+        let e = "192.0.2.1/24".parse::<IpNet>().unwrap_err();
+        assert!(e.contains("192.0.2.0/24"), "{e}");
+        assert!("192.0.2.0/33".parse::<IpNet>().is_err());
+        assert!("2001:db8::/129".parse::<IpNet>().is_err());
+        assert!("nonsense/8".parse::<IpNet>().is_err());
+    }
+
+    #[test]
+    fn port_matches() {
+        assert_eq!("any".parse(), Ok(PortMatch::Any));
+        assert_eq!("1234".parse(), Ok(PortMatch::One(1234)));
+        assert_eq!("1000-2000".parse(), Ok(PortMatch::Range(1000, 2000)));
+        assert!("2000-1000".parse::<PortMatch>().is_err());
+        assert!("70000".parse::<PortMatch>().is_err());
+    }
+
+    #[test]
+    fn keys() {
+        assert!("00112233445566778899aabbccddeeff".parse::<HexKey>().is_ok());
+        assert!("0011".parse::<HexKey>().unwrap_err().contains("too short"));
+        assert!("xyz".parse::<HexKey>().is_err());
+        let k: HexKey = "00112233445566778899aabbccddeeff".parse().unwrap();
+        assert!(!format!("{k:?}").contains("0011"));
+    }
+}
