@@ -36,5 +36,4 @@ pub mod trafficgen;
 pub mod wire;
 pub mod worker;
 
-#[cfg(feature = "dpdk")]
 pub mod dpdk;

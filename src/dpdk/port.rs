@@ -1,0 +1,581 @@
+//! Ethernet ports: probing by device string, configuration with one
+//! receive and one transmit queue per worker, statistics.
+
+use std::ffi::{CStr, CString};
+use std::mem::MaybeUninit;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::eal;
+use super::mempool::HEADROOM;
+use super::sys;
+use super::{DpdkError, Mempool};
+
+/// Longest Ethernet frame at the default 1500-byte MTU (`RTE_ETHER_MAX_LEN`).
+const MAX_FRAME: u16 = 1518;
+
+/// How to set up a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Receive and transmit queues, one pair per worker.
+    pub queues: u16,
+    /// Receive descriptors per queue (DPDK may round it to the device's limits).
+    pub rx_desc: u16,
+    /// Transmit descriptors per queue.
+    pub tx_desc: u16,
+    /// Receive frames for any destination MAC (a VIP's frames come to us by
+    /// routing, not by our MAC, on some set-ups).
+    pub promiscuous: bool,
+    /// Spread flows over the queues with RSS on IP addresses and TCP/UDP
+    /// ports, when there are several queues and the device can.
+    pub rss: bool,
+}
+
+impl Default for PortConfig {
+    fn default() -> PortConfig {
+        PortConfig {
+            queues: 1,
+            rx_desc: 1024,
+            tx_desc: 1024,
+            promiscuous: true,
+            rss: true,
+        }
+    }
+}
+
+/// Counters of `rte_eth_stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    pub ipackets: u64,
+    pub opackets: u64,
+    pub ibytes: u64,
+    pub obytes: u64,
+    /// Received frames the device dropped because no descriptor was free
+    /// (the workers are too slow).
+    pub imissed: u64,
+    pub ierrors: u64,
+    pub oerrors: u64,
+    /// Receive failures for want of an mbuf (the mempool is too small).
+    pub rx_nombuf: u64,
+}
+
+/// Link state of `rte_eth_link`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub up: bool,
+    /// Mbit/s; 0 when unknown.
+    pub speed_mbps: u32,
+    pub full_duplex: bool,
+    pub autoneg: bool,
+}
+
+/// A configured DPDK port, started by [`Port::open`]. Workers reach its
+/// queues through [`PortQueue`]s, which keep it alive; it is stopped,
+/// closed (and detached, if `open` hot-plugged it) when the last one goes.
+pub struct Port {
+    id: u16,
+    name: String,
+    driver: String,
+    mac: [u8; 6],
+    socket: i32,
+    rss: bool,
+    started: bool,
+    /// One flag per queue pair: taken by a live PortQueue.
+    claimed: Box<[AtomicBool]>,
+    /// The device `open` hot-plugged, to detach on drop.
+    hotplugged: Option<NonNull<sys::rte_device>>,
+    /// Set once the port is closed (on a failed `open`), so drop does not
+    /// repeat it.
+    closed: bool,
+    /// The receive queues allocate from this pool: it must outlive them.
+    pool: Arc<Mempool>,
+}
+
+// SAFETY: the control-path calls a Port makes (configure, start, stop,
+// stats, close) may come from any thread and are serialised by the control
+// lock or need &mut self; the rte_device pointer is only passed back to
+// DPDK under that lock.
+unsafe impl Send for Port {}
+// SAFETY: &Port only reads plain fields or makes thread-safe queries
+// (statistics, link status); queue access goes through PortQueue, whose
+// claim flag gives one thread at a time each queue.
+unsafe impl Sync for Port {}
+
+impl Port {
+    /// Opens, configures and starts the port for `device`:
+    ///
+    /// * a port EAL already knows by that name (a PCI address given with
+    ///   `-a`, e.g. `0000:01:00.0` or `01:00.0`, or a `--vdev`), or else
+    /// * a device hot-plugged now with `rte_dev_probe`: a PCI address, or a
+    ///   vdev string such as `net_ring0`, `net_pcap0,rx_pcap=in.pcap,tx_pcap=out.pcap`,
+    ///   `net_memif0,role=server` or `net_af_packet0,iface=veth0`.
+    ///
+    /// Each of the `conf.queues` receive queues fills from `pool`, whose data
+    /// room must hold a full 1518-byte frame after the headroom (no scatter).
+    pub fn open(device: &str, conf: &PortConfig, pool: Arc<Mempool>) -> Result<Port, DpdkError> {
+        if conf.queues == 0 || conf.rx_desc == 0 || conf.tx_desc == 0 {
+            return Err(DpdkError::InvalidArgument(format!(
+                "port {device}: queues and descriptor counts must be positive"
+            )));
+        }
+        if pool.data_room() < HEADROOM + MAX_FRAME {
+            return Err(DpdkError::InvalidArgument(format!(
+                "port {device}: mempool {} has {} bytes per mbuf, less than {} \
+                 (headroom plus a full frame; ports run without scatter)",
+                pool.name(),
+                pool.data_room(),
+                HEADROOM + MAX_FRAME
+            )));
+        }
+        let name = port_name(device)?;
+        let cname = CString::new(name.as_str()).map_err(|_| {
+            DpdkError::InvalidArgument(format!("device {device:?} contains a NUL byte"))
+        })?;
+        let cdevice = CString::new(device).map_err(|_| {
+            DpdkError::InvalidArgument(format!("device {device:?} contains a NUL byte"))
+        })?;
+
+        let control = eal::control();
+        eal::ensure_ready(&control)?;
+        let mut probed = false;
+        let id = match lookup(&cname) {
+            Some(id) => id,
+            None => {
+                // SAFETY: EAL is ready (checked under the control lock, which
+                // serialises hot-plug); the devargs string is valid and
+                // copied by DPDK.
+                let ret = unsafe { sys::rte_dev_probe(cdevice.as_ptr()) };
+                if ret < 0 {
+                    return Err(DpdkError::ret("rte_dev_probe", ret));
+                }
+                probed = true;
+                lookup(&cname).ok_or_else(|| DpdkError::NoSuchDevice(device.to_string()))?
+            }
+        };
+        let info = dev_info(id)?;
+        let mut port = Port {
+            id,
+            name,
+            driver: c_string(info.driver_name),
+            mac: [0; 6],
+            socket: sys::SOCKET_ANY,
+            rss: false,
+            started: false,
+            claimed: (0..conf.queues).map(|_| AtomicBool::new(false)).collect(),
+            hotplugged: if probed {
+                NonNull::new(info.device)
+            } else {
+                None
+            },
+            closed: false,
+            pool,
+        };
+        eal::retain();
+        match port.configure(&info, conf) {
+            Ok(()) => {
+                drop(control);
+                Ok(port)
+            }
+            Err(e) => {
+                port.close_locked();
+                drop(control);
+                Err(e)
+            }
+        }
+    }
+
+    /// Configure, set up queues, start; on error the caller closes.
+    fn configure(
+        &mut self,
+        info: &sys::rte_eth_dev_info,
+        conf: &PortConfig,
+    ) -> Result<(), DpdkError> {
+        let id = self.id;
+        let q = conf.queues;
+        if q > info.max_rx_queues || q > info.max_tx_queues {
+            return Err(DpdkError::InvalidArgument(format!(
+                "port {} ({}): {q} queues requested, device has {} rx and {} tx",
+                self.name, self.driver, info.max_rx_queues, info.max_tx_queues
+            )));
+        }
+        let mut eth_conf = sys::rte_eth_conf::default();
+        // SAFETY: a plain-data constant from the shim.
+        let rss_hf = unsafe { sys::pktdist_rss_hf_ip_tcp_udp() } & info.flow_type_rss_offloads;
+        if conf.rss && q > 1 && rss_hf != 0 {
+            eth_conf.rxmode.mq_mode = sys::rte_eth_rx_mq_mode::RTE_ETH_MQ_RX_RSS;
+            eth_conf.rx_adv_conf.rss_conf.rss_hf = rss_hf;
+            self.rss = true;
+        }
+        // SAFETY: the port exists; eth_conf is a valid, initialised struct
+        // that DPDK copies.
+        let ret = unsafe { sys::rte_eth_dev_configure(id, q, q, &eth_conf) };
+        if ret < 0 {
+            return Err(DpdkError::ret("rte_eth_dev_configure", ret));
+        }
+        let (mut rxd, mut txd) = (conf.rx_desc, conf.tx_desc);
+        // SAFETY: the port is configured; both pointers are to live u16s.
+        let ret = unsafe { sys::rte_eth_dev_adjust_nb_rx_tx_desc(id, &mut rxd, &mut txd) };
+        if ret < 0 {
+            return Err(DpdkError::ret("rte_eth_dev_adjust_nb_rx_tx_desc", ret));
+        }
+        // SAFETY: the port exists.
+        self.socket = unsafe { sys::rte_eth_dev_socket_id(id) };
+        for qi in 0..q {
+            // SAFETY: the port is configured with q queues; NULL rx_conf
+            // means the driver's defaults; the pool outlives the port
+            // (held in self.pool).
+            let ret = unsafe {
+                sys::rte_eth_rx_queue_setup(
+                    id,
+                    qi,
+                    rxd,
+                    self.socket as u32,
+                    std::ptr::null(),
+                    self.pool.as_ptr(),
+                )
+            };
+            if ret < 0 {
+                return Err(DpdkError::ret("rte_eth_rx_queue_setup", ret));
+            }
+            // SAFETY: as above, NULL tx_conf for the driver's defaults.
+            let ret = unsafe {
+                sys::rte_eth_tx_queue_setup(id, qi, txd, self.socket as u32, std::ptr::null())
+            };
+            if ret < 0 {
+                return Err(DpdkError::ret("rte_eth_tx_queue_setup", ret));
+            }
+        }
+        let mut addr = MaybeUninit::<sys::rte_ether_addr>::zeroed();
+        // SAFETY: the port exists; addr is writable.
+        let ret = unsafe { sys::rte_eth_macaddr_get(id, addr.as_mut_ptr()) };
+        if ret < 0 {
+            return Err(DpdkError::ret("rte_eth_macaddr_get", ret));
+        }
+        // SAFETY: zero-initialised, and filled in on success.
+        self.mac = unsafe { addr.assume_init() }.addr_bytes;
+        self.start_locked()?;
+        if conf.promiscuous {
+            // SAFETY: the port exists.
+            let ret = unsafe { sys::rte_eth_promiscuous_enable(id) };
+            // Some virtual devices have no filter to open: not an error.
+            if ret < 0 && ret != -ENOTSUP {
+                return Err(DpdkError::ret("rte_eth_promiscuous_enable", ret));
+            }
+        }
+        Ok(())
+    }
+
+    fn start_locked(&mut self) -> Result<(), DpdkError> {
+        // SAFETY: the port is configured with its queues set up.
+        let ret = unsafe { sys::rte_eth_dev_start(self.id) };
+        if ret < 0 {
+            return Err(DpdkError::ret("rte_eth_dev_start", ret));
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    /// Restarts a stopped port. Needs exclusive access: no worker may poll it.
+    pub fn start(&mut self) -> Result<(), DpdkError> {
+        let _control = eal::control();
+        if self.started {
+            return Ok(());
+        }
+        self.start_locked()
+    }
+
+    /// Stops the port; received frames in its queues stay there until it
+    /// is started again or closed. Needs exclusive access: `&mut` on a port
+    /// shared with workers is only available once their [`PortQueue`]s are
+    /// dropped (`Arc::get_mut`).
+    pub fn stop(&mut self) -> Result<(), DpdkError> {
+        let _control = eal::control();
+        self.stop_locked()
+    }
+
+    fn stop_locked(&mut self) -> Result<(), DpdkError> {
+        if !self.started {
+            return Ok(());
+        }
+        // SAFETY: the port is started; &mut self means no queue is in use.
+        let ret = unsafe { sys::rte_eth_dev_stop(self.id) };
+        if ret < 0 {
+            return Err(DpdkError::ret("rte_eth_dev_stop", ret));
+        }
+        self.started = false;
+        Ok(())
+    }
+
+    /// Stop, close and detach, with the control lock held.
+    fn close_locked(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        // Errors cannot be reported from drop; a port that failed to stop is
+        // still closed, which stops it.
+        let _ = self.stop_locked();
+        // SAFETY: the port exists and no queue is in use (we are its only
+        // owner); after close the id is not used again by this Port.
+        unsafe { sys::rte_eth_dev_close(self.id) };
+        if let Some(dev) = self.hotplugged.take() {
+            // SAFETY: the device was probed by `open` and nothing else
+            // references it now that its port is closed.
+            unsafe { sys::rte_dev_remove(dev.as_ptr()) };
+        }
+        eal::release();
+    }
+
+    /// DPDK port id.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// The device name (the device string up to its first comma).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver, e.g. `net_ring`, `net_ixgbe`.
+    pub fn driver(&self) -> &str {
+        &self.driver
+    }
+
+    /// The port's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Number of receive/transmit queue pairs.
+    pub fn queues(&self) -> u16 {
+        self.claimed.len() as u16
+    }
+
+    /// Whether RSS spreads received flows over the queues. When false with
+    /// several queues, every frame arrives on queue 0.
+    pub fn rss(&self) -> bool {
+        self.rss
+    }
+
+    /// NUMA socket of the device (-1 when unknown).
+    pub fn socket(&self) -> i32 {
+        self.socket
+    }
+
+    /// Whether the port is started.
+    pub fn is_started(&self) -> bool {
+        self.started
+    }
+
+    /// The pool the receive queues fill from.
+    pub fn pool(&self) -> &Arc<Mempool> {
+        &self.pool
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> Result<PortStats, DpdkError> {
+        let mut s = MaybeUninit::<sys::rte_eth_stats>::zeroed();
+        // SAFETY: the port is open (we are alive); s is writable.
+        let ret = unsafe { sys::rte_eth_stats_get(self.id, s.as_mut_ptr()) };
+        if ret < 0 {
+            return Err(DpdkError::ret("rte_eth_stats_get", ret));
+        }
+        // SAFETY: zero-initialised plain integers, filled in on success.
+        let s = unsafe { s.assume_init() };
+        Ok(PortStats {
+            ipackets: s.ipackets,
+            opackets: s.opackets,
+            ibytes: s.ibytes,
+            obytes: s.obytes,
+            imissed: s.imissed,
+            ierrors: s.ierrors,
+            oerrors: s.oerrors,
+            rx_nombuf: s.rx_nombuf,
+        })
+    }
+
+    /// Zeroes the device's counters.
+    pub fn reset_stats(&self) -> Result<(), DpdkError> {
+        // SAFETY: the port is open.
+        let ret = unsafe { sys::rte_eth_stats_reset(self.id) };
+        if ret < 0 {
+            return Err(DpdkError::ret("rte_eth_stats_reset", ret));
+        }
+        Ok(())
+    }
+
+    /// The link state, without waiting for negotiation.
+    pub fn link(&self) -> Result<LinkStatus, DpdkError> {
+        let mut l = sys::rte_eth_link::default();
+        // SAFETY: the port is open; l is writable.
+        let ret = unsafe { sys::rte_eth_link_get_nowait(self.id, &mut l) };
+        if ret < 0 {
+            return Err(DpdkError::ret("rte_eth_link_get_nowait", ret));
+        }
+        Ok(LinkStatus {
+            up: l.link_status() != 0,
+            speed_mbps: if l.link_speed == u32::MAX {
+                0
+            } else {
+                l.link_speed
+            },
+            full_duplex: l.link_duplex() != 0,
+            autoneg: l.link_autoneg() != 0,
+        })
+    }
+
+    /// Claims queue pair `queue` for one worker. Fails with
+    /// [`DpdkError::QueueInUse`] while another [`PortQueue`] holds it.
+    pub fn queue(self: &Arc<Self>, queue: u16) -> Result<PortQueue, DpdkError> {
+        let flag = self.claimed.get(usize::from(queue)).ok_or_else(|| {
+            DpdkError::InvalidArgument(format!(
+                "port {} has {} queues, no queue {queue}",
+                self.name,
+                self.claimed.len()
+            ))
+        })?;
+        if flag.swap(true, Ordering::AcqRel) {
+            return Err(DpdkError::QueueInUse {
+                port: self.id,
+                queue,
+            });
+        }
+        Ok(PortQueue {
+            id: self.id,
+            queue,
+            mac: self.mac,
+            port: Arc::clone(self),
+        })
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        let _control = eal::control();
+        self.close_locked();
+    }
+}
+
+impl std::fmt::Debug for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Port")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("driver", &self.driver)
+            .field("queues", &self.claimed.len())
+            .field("rss", &self.rss)
+            .finish()
+    }
+}
+
+/// Exclusive use of one receive/transmit queue pair of a port by one
+/// worker. Keeps the port open; frees the queue for another claim on drop.
+pub struct PortQueue {
+    pub(crate) id: u16,
+    pub(crate) queue: u16,
+    pub(crate) mac: [u8; 6],
+    port: Arc<Port>,
+}
+
+impl PortQueue {
+    /// The port.
+    pub fn port(&self) -> &Arc<Port> {
+        &self.port
+    }
+
+    /// The queue pair's index.
+    pub fn queue(&self) -> u16 {
+        self.queue
+    }
+}
+
+impl Drop for PortQueue {
+    fn drop(&mut self) {
+        if let Some(f) = self.port.claimed.get(usize::from(self.queue)) {
+            f.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl std::fmt::Debug for PortQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortQueue")
+            .field("port", &self.id)
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+/// The ethdev name DPDK gives `device`: the devargs up to the first comma,
+/// with a PCI address missing its domain completed (`01:00.0` becomes
+/// `0000:01:00.0`).
+fn port_name(device: &str) -> Result<String, DpdkError> {
+    let name = device.split(',').next().unwrap_or("").trim();
+    if name.is_empty() {
+        return Err(DpdkError::InvalidArgument(format!(
+            "empty device name in {device:?}"
+        )));
+    }
+    if is_short_pci(name) {
+        return Ok(format!("0000:{name}"));
+    }
+    Ok(name.to_string())
+}
+
+/// `BB:DD.F` in hex.
+fn is_short_pci(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 7
+        && b[2] == b':'
+        && b[5] == b'.'
+        && [0, 1, 3, 4, 6].iter().all(|&i| b[i].is_ascii_hexdigit())
+}
+
+fn lookup(name: &CStr) -> Option<u16> {
+    let mut id = 0u16;
+    // SAFETY: EAL is ready (callers hold the control lock after checking);
+    // name is a valid C string; id is writable.
+    let ret = unsafe { sys::rte_eth_dev_get_port_by_name(name.as_ptr(), &mut id) };
+    (ret == 0).then_some(id)
+}
+
+fn dev_info(id: u16) -> Result<sys::rte_eth_dev_info, DpdkError> {
+    let mut info = sys::rte_eth_dev_info::default();
+    // SAFETY: the port exists; info is writable.
+    let ret = unsafe { sys::rte_eth_dev_info_get(id, &mut info) };
+    if ret < 0 {
+        return Err(DpdkError::ret("rte_eth_dev_info_get", ret));
+    }
+    Ok(info)
+}
+
+fn c_string(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: a non-null driver name from DPDK is a static C string.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// ENOTSUP on Linux: DPDK returns -ENOTSUP for operations a driver lacks.
+const ENOTSUP: i32 = 95;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_names() {
+        assert_eq!(port_name("net_ring0").unwrap(), "net_ring0");
+        assert_eq!(
+            port_name("net_pcap0,rx_pcap=a.pcap,tx_pcap=b.pcap").unwrap(),
+            "net_pcap0"
+        );
+        assert_eq!(port_name("01:00.0").unwrap(), "0000:01:00.0");
+        assert_eq!(port_name("0000:3b:00.1").unwrap(), "0000:3b:00.1");
+        assert!(port_name("").is_err());
+        assert!(port_name(",iface=x").is_err());
+        assert!(!is_short_pci("net_ri0"));
+    }
+}
