@@ -23,6 +23,7 @@
 use std::time::Duration;
 
 use crate::dataplane::{BackendId, ServiceId};
+use crate::dpdk::prefetch;
 use crate::packet::{tcp_flags, Family, FlowKey};
 
 /// Slots per bucket.
@@ -36,10 +37,6 @@ const STAMP_SHIFT: u32 = 20;
 /// Tag of an empty slot.
 const EMPTY: u16 = 0;
 
-// replaced by crate::dpdk::prefetch at merge
-fn prefetch<T>(p: &T) {
-    let _ = p;
-}
 
 /// Connection state, as far as a one-directional (DSR) observer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -194,6 +194,12 @@ impl<IO: PacketIo> Worker<IO> {
             parsed[i] = Some(p);
         }
         c.rx_bytes.add(bytes);
+        // Second stage: the bucket headers are on their way; hint the entries.
+        for i in 0..n {
+            if let Some(Ok(_)) = parsed[i] {
+                self.flows.prefetch_entry(hashes[i]);
+            }
+        }
 
         // Pass 3: route, rewrite, queue.
         let plan = self.setup.ports[port];
@@ -305,18 +311,21 @@ impl<IO: PacketIo> Worker<IO> {
                     self.release(&old, now);
                 }
             }
-            Lookup::Ended(e) => {
+            Lookup::Reset(e) => {
                 self.counters.flows_closed.inc();
                 self.release(&e, now);
-                if flags & tcp_flags::RST != 0 {
-                    // The reset that ended the flow still reaches its backend.
-                    let backend = match dp.backend(e.backend) {
-                        Some(b) => b.id,
-                        None => self.pick_stateless(dp, svc, p, hash)?,
-                    };
-                    return Ok(Route { backend });
-                }
-                // Found idle past its timeout: this packet starts over.
+                // The reset that ended the flow still reaches its backend.
+                let backend = match dp.backend(e.backend) {
+                    Some(b) => b.id,
+                    None => self.pick_stateless(dp, svc, p, hash)?,
+                };
+                return Ok(Route { backend });
+            }
+            Lookup::Stale(e) => {
+                // Idle past its timeout, or a new SYN on a closing flow's
+                // tuple: the old flow is over and this packet starts anew.
+                self.counters.flows_expired.inc();
+                self.release(&e, now);
             }
             Lookup::Miss => {}
         }

@@ -1,0 +1,383 @@
+//! What the control thread reports: the one-line status printed every few
+//! seconds and the summary at the end of a run (also written as JSON), both
+//! computed from the workers' counters and the current dataplane snapshot.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::dataplane::Dataplane;
+use crate::stats::{DropReason, WorkerCounters};
+
+/// Counters summed over workers at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub drops: [u64; DropReason::COUNT],
+    pub syns: u64,
+    pub new_connections: u64,
+    pub affinity_hits: u64,
+    pub affinity_misses: u64,
+    pub auto_affinity_hits: u64,
+    pub unknown_flows: u64,
+    pub flows_active: u64,
+    pub busy_ns: u64,
+}
+
+impl Totals {
+    /// Sums the workers' counters.
+    pub fn collect(workers: &[std::sync::Arc<WorkerCounters>]) -> Totals {
+        let mut t = Totals::default();
+        for w in workers {
+            t.rx_packets += w.rx_packets.get();
+            t.tx_packets += w.tx_packets.get();
+            t.rx_bytes += w.rx_bytes.get();
+            t.tx_bytes += w.tx_bytes.get();
+            for (i, d) in w.drops.iter().enumerate() {
+                t.drops[i] += d.get();
+            }
+            t.syns += w.syns.get();
+            t.unknown_flows += w.unknown_flows.get();
+            t.flows_active += w.flows_active.get();
+            t.busy_ns += w.busy_ns.get();
+            for s in w.services.iter() {
+                t.new_connections += s.new_connections.get();
+                t.affinity_hits += s.affinity_hits.get();
+                t.affinity_misses += s.affinity_misses.get();
+                t.auto_affinity_hits += s.auto_affinity_hits.get();
+            }
+        }
+        t
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// One status line: rates since the previous sample and current gauges.
+pub fn status_line(prev: &Totals, cur: &Totals, secs: f64, affinities: usize) -> String {
+    let rate = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / secs.max(1e-9);
+    format!(
+        "rx {:.3} Mpps  tx {:.3} Mpps  drop {:.0}/s  new conn {:.0}/s  syn {:.0}/s  flows {}  affinities {}  aff hits {}",
+        rate(prev.rx_packets, cur.rx_packets) / 1e6,
+        rate(prev.tx_packets, cur.tx_packets) / 1e6,
+        rate(prev.total_drops(), cur.total_drops()),
+        rate(prev.new_connections, cur.new_connections),
+        rate(prev.syns, cur.syns),
+        cur.flows_active,
+        affinities,
+        cur.affinity_hits,
+    )
+}
+
+/// One backend in the summary.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BackendSummary {
+    pub name: String,
+    pub address: String,
+    pub weight: u32,
+    /// This backend's share of the service's total weight.
+    pub weight_share: f64,
+    pub connections: u64,
+    /// This backend's share of the service's new connections.
+    pub connection_share: f64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub active_connections: i64,
+}
+
+/// One service in the summary.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ServiceSummary {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub packets: u64,
+    pub new_connections: u64,
+    pub affinity_hits: u64,
+    pub affinity_misses: u64,
+    pub auto_affinity_hits: u64,
+    pub backends: Vec<BackendSummary>,
+}
+
+/// The end-of-run summary (SPEC section 5).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Summary {
+    pub seconds: f64,
+    pub workers: usize,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub syns: u64,
+    pub new_connections: u64,
+    pub unknown_flows: u64,
+    pub affinity_hits: u64,
+    pub affinity_misses: u64,
+    pub auto_affinity_hits: u64,
+    pub active_flows: u64,
+    pub affinities: usize,
+    /// Received packets per second over the run, all workers.
+    pub mpps: f64,
+    /// Received packets per second of time the workers spent on non-empty
+    /// bursts, per worker: what one core sustains when busy.
+    pub mpps_per_busy_core: f64,
+    pub services: Vec<ServiceSummary>,
+    /// Anything the run adds (port counters, traffic source, sink).
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Summary {
+    /// Builds the summary from the workers' counters.
+    pub fn collect(
+        workers: &[std::sync::Arc<WorkerCounters>],
+        dp: &Dataplane,
+        seconds: f64,
+        affinities: usize,
+    ) -> Summary {
+        let t = Totals::collect(workers);
+        let services = dp
+            .services
+            .iter()
+            .map(|s| {
+                let sum = |f: &dyn Fn(&WorkerCounters) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
+                let id = s.id as usize;
+                let total_weight: u64 = s
+                    .backends
+                    .iter()
+                    .filter_map(|&b| dp.backend(b))
+                    .map(|b| b.weight as u64)
+                    .sum();
+                let conns: Vec<u64> = s
+                    .backends
+                    .iter()
+                    .map(|&b| sum(&|w| w.backends[b as usize].connections.get()))
+                    .collect();
+                let total_conns: u64 = conns.iter().sum();
+                let backends = s
+                    .backends
+                    .iter()
+                    .zip(&conns)
+                    .filter_map(|(&b, &c)| {
+                        let be = dp.backend(b)?;
+                        let active: i64 = workers
+                            .iter()
+                            .map(|w| w.backends[b as usize].active.get() as i64)
+                            .sum();
+                        Some(BackendSummary {
+                            name: be.name.clone(),
+                            address: be.addr.to_string(),
+                            weight: be.weight,
+                            weight_share: share(be.weight as u64, total_weight),
+                            connections: c,
+                            connection_share: share(c, total_conns),
+                            packets: sum(&|w| w.backends[b as usize].packets.get()),
+                            bytes: sum(&|w| w.backends[b as usize].bytes.get()),
+                            active_connections: active,
+                        })
+                    })
+                    .collect();
+                ServiceSummary {
+                    name: s.name.clone(),
+                    vip: s.vip.to_string(),
+                    port: s.port,
+                    protocol: if s.proto == crate::packet::PROTO_TCP { "tcp" } else { "udp" },
+                    packets: sum(&|w| w.services[id].packets.get()),
+                    new_connections: sum(&|w| w.services[id].new_connections.get()),
+                    affinity_hits: sum(&|w| w.services[id].affinity_hits.get()),
+                    affinity_misses: sum(&|w| w.services[id].affinity_misses.get()),
+                    auto_affinity_hits: sum(&|w| w.services[id].auto_affinity_hits.get()),
+                    backends,
+                }
+            })
+            .collect();
+        let busy_s = t.busy_ns as f64 / 1e9;
+        Summary {
+            seconds,
+            workers: workers.len(),
+            rx_packets: t.rx_packets,
+            tx_packets: t.tx_packets,
+            rx_bytes: t.rx_bytes,
+            tx_bytes: t.tx_bytes,
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (r.name(), t.drops[*r as usize]))
+                .collect(),
+            syns: t.syns,
+            new_connections: t.new_connections,
+            unknown_flows: t.unknown_flows,
+            affinity_hits: t.affinity_hits,
+            affinity_misses: t.affinity_misses,
+            auto_affinity_hits: t.auto_affinity_hits,
+            active_flows: t.flows_active,
+            affinities,
+            mpps: if seconds > 0.0 { t.rx_packets as f64 / seconds / 1e6 } else { 0.0 },
+            mpps_per_busy_core: if busy_s > 0.0 { t.rx_packets as f64 / busy_s / 1e6 } else { 0.0 },
+            services,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// The summary as text for a terminal.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "pktdist summary: {:.1} s, {} worker(s)\n  packets  in {}  out {}  dropped {}   ({:.3} Mpps in; {:.2} Mpps per busy worker core)",
+            self.seconds,
+            self.workers,
+            self.rx_packets,
+            self.tx_packets,
+            self.drops.values().sum::<u64>(),
+            self.mpps,
+            self.mpps_per_busy_core
+        );
+        let drops: Vec<String> = self
+            .drops
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  drops    {}",
+            if drops.is_empty() { "none".to_string() } else { drops.join(", ") }
+        );
+        let _ = writeln!(
+            o,
+            "  TCP SYNs {}  new connections {}  unknown flows routed statelessly {}  active flows {}",
+            self.syns, self.new_connections, self.unknown_flows, self.active_flows
+        );
+        let _ = writeln!(
+            o,
+            "  affinity hits {}  misses {}  auto-affinity hits {}  affinities installed {}",
+            self.affinity_hits, self.affinity_misses, self.auto_affinity_hits, self.affinities
+        );
+        for s in &self.services {
+            let _ = writeln!(
+                o,
+                "  service {} {}:{}/{}: {} packets, {} new connections, {} affinity hits",
+                s.name, s.vip, s.port, s.protocol, s.packets, s.new_connections, s.affinity_hits
+            );
+            let _ = writeln!(
+                o,
+                "    {:<12} {:<16} {:>6} {:>7} {:>11} {:>7} {:>12}",
+                "backend", "address", "weight", "w-share", "connections", "c-share", "packets"
+            );
+            for b in &s.backends {
+                let _ = writeln!(
+                    o,
+                    "    {:<12} {:<16} {:>6} {:>6.1}% {:>11} {:>6.1}% {:>12}",
+                    b.name,
+                    b.address,
+                    b.weight,
+                    b.weight_share * 100.0,
+                    b.connections,
+                    b.connection_share * 100.0,
+                    b.packets
+                );
+            }
+        }
+        for (k, v) in &self.extra {
+            let _ = writeln!(o, "  {k}: {v}");
+        }
+        o
+    }
+}
+
+fn share(part: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        part as f64 / total as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{Backend, ForwardMode, SchedulerKind, Service};
+    use crate::packet::{Family, PROTO_TCP};
+    use crate::sched::MaglevTable;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn dp() -> Dataplane {
+        let backends: Vec<Backend> = (0..2)
+            .map(|i| Backend {
+                id: i,
+                service: 0,
+                name: format!("be{i}"),
+                addr: std::net::Ipv4Addr::new(10, 0, 0, i as u8 + 1).into(),
+                addr_bits: 0x0a00_0001 + i as u128,
+                mac: None,
+                weight: 100 * (i + 1),
+            })
+            .collect();
+        let svc = Service {
+            id: 0,
+            name: "web".into(),
+            vip: std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
+            vip_bits: 0xc000_0201,
+            family: Family::V4,
+            port: 80,
+            proto: PROTO_TCP,
+            mode: ForwardMode::L2,
+            scheduler: SchedulerKind::Maglev,
+            backends: vec![0, 1],
+            maglev: Arc::new(MaglevTable::new(&[("be0", 100), ("be1", 200)], 65537).unwrap()),
+            auto_affinity: None,
+            max_affinity: Duration::from_secs(60),
+        };
+        Dataplane::new(1, vec![svc], backends)
+    }
+
+    #[test]
+    fn summary_adds_up_over_workers() {
+        let w: Vec<Arc<WorkerCounters>> = (0..2).map(|_| Arc::new(WorkerCounters::default())).collect();
+        for (i, c) in w.iter().enumerate() {
+            c.rx_packets.add(100);
+            c.tx_packets.add(90);
+            c.count_drop(DropReason::NoService);
+            c.drops[DropReason::Malformed as usize].add(9);
+            c.backends[0].connections.add(10 + i as u64);
+            c.backends[1].connections.add(20);
+            c.services[0].new_connections.add(30 + i as u64);
+            c.busy_ns.add(1_000_000);
+        }
+        let s = Summary::collect(&w, &dp(), 2.0, 3);
+        assert_eq!(s.rx_packets, 200);
+        assert_eq!(s.tx_packets + s.drops.values().sum::<u64>(), s.rx_packets);
+        assert_eq!(s.drops["no_service"], 2);
+        let b = &s.services[0].backends;
+        assert_eq!(b[0].connections, 21);
+        assert!((b[1].weight_share - 2.0 / 3.0).abs() < 1e-9);
+        assert!((b[0].connection_share - 21.0 / 61.0).abs() < 1e-9);
+        assert!((s.mpps - 100.0 / 1e6).abs() < 1e-12);
+        assert!((s.mpps_per_busy_core - 200.0 / 0.002 / 1e6).abs() < 1e-9);
+        let text = s.render();
+        assert!(text.contains("be1"), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["services"][0]["backends"][1]["connections"], 40);
+    }
+
+    #[test]
+    fn status_line_reports_rates() {
+        let a = Totals::default();
+        let b = Totals {
+            rx_packets: 2_000_000,
+            tx_packets: 1_000_000,
+            ..Totals::default()
+        };
+        let line = status_line(&a, &b, 2.0, 5);
+        assert!(line.starts_with("rx 1.000 Mpps  tx 0.500 Mpps"), "{line}");
+        assert!(line.contains("affinities 5"));
+    }
+}
