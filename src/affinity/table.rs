@@ -1,0 +1,1014 @@
+//! The affinity table: one writer, many lock-free readers.
+//!
+//! Workers look up the owner of every TCP SYN here, so a lookup takes no lock,
+//! makes no system call and allocates nothing; the control thread is the only
+//! writer, which the types enforce: [`AffinityTable::new`] returns one
+//! [`AffinityWriter`] (not `Clone`) and an [`AffinityReader`] to clone per worker.
+//!
+//! Layout: a bucketized hash with [`SLOTS`] slots per bucket and two candidate
+//! buckets per key, `2 × capacity` slots in all (rounded up to a power of two),
+//! allocated once: a full table refuses inserts, it never grows. A key goes to
+//! its primary bucket when there is room, else to its alternate, else one key
+//! of a full candidate moves on to its own alternate to make room (one cuckoo
+//! step). Each primary counts its keys living elsewhere, so a miss usually
+//! costs one bucket.
+//!
+//! Each bucket has a 16-byte header — a [`SeqLock`] version, the overflow
+//! count, and an 8-bit tag per slot — and its slots live in a separate array
+//! of cache lines (two 32-byte slots per line), so a probe touches the header
+//! line and, on a tag match, one slot line. All fields are atomics: readers
+//! load them `Relaxed` between the version checks and retry if a write
+//! intervened, so they never act on a torn entry.
+//!
+//! Most specific match: a key hashes on (service, family, masked address,
+//! prefix length, port kind, and the port for `One`). All ranges of one prefix
+//! share the hash position of "range", so one probe sees them all; at most the
+//! two buckets' worth of ranges per prefix fit. Per (service, family) the
+//! writer keeps bitmaps of which prefix lengths, and which port kinds per
+//! length, are present; the reader probes only those, longest prefix first and
+//! one port, range, any within a length. An empty table costs a few loads; a
+//! table of /32s costs one probe.
+
+use core::fmt;
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+
+use super::key::{max_prefix, prefix_mask, AffinityKey, PortMatch};
+use super::seqlock::SeqLock;
+use super::{hash3, prefetch, random_seed};
+use crate::dataplane::{BackendId, ServiceId, MAX_SERVICES};
+use crate::packet::Family;
+
+/// Slots per bucket (one tag byte each in the header).
+pub const SLOTS: usize = 8;
+/// Largest capacity a table accepts; larger requests are clamped.
+pub const MAX_CAPACITY: usize = 1 << 30;
+
+const KIND_ANY: u64 = 0;
+const KIND_ONE: u64 = 1;
+const KIND_RANGE: u64 = 2;
+const OCCUPIED: u64 = 1 << 27;
+/// The part of a metadata word without the port bounds.
+const META_LOW: u64 = 0xffff_ffff;
+
+/// The key does not fit: the table holds `capacity` entries, or both of the
+/// key's buckets are full.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TableFull;
+
+impl fmt::Display for TableFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("affinity table full")
+    }
+}
+
+impl std::error::Error for TableFull {}
+
+#[repr(C, align(16))]
+#[derive(Default)]
+struct Header {
+    seq: SeqLock,
+    /// Keys whose primary is this bucket but which live in their alternate.
+    overflow: AtomicU32,
+    /// One tag byte per slot; 0 = empty.
+    tags: AtomicU64,
+}
+
+/// Two slots of four words: metadata, address low, address high, owner.
+#[repr(C, align(64))]
+#[derive(Default)]
+struct Line([[AtomicU64; 4]; 2]);
+
+/// Which prefix lengths and port kinds exist for one (service, family).
+#[repr(C, align(64))]
+struct Presence {
+    /// Bit `p` set when some key of prefix length `p` exists.
+    plens: [AtomicU64; 3],
+    /// Per prefix length, bit `1 << kind` for each port kind present.
+    kinds: [AtomicU8; 129],
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            plens: Default::default(),
+            kinds: core::array::from_fn(|_| AtomicU8::new(0)),
+        }
+    }
+}
+
+struct Inner {
+    headers: Box<[Header]>,
+    lines: Box<[Line]>,
+    /// Indexed by [`presence_index`]; services beyond [`MAX_SERVICES`] share
+    /// entries, which costs them extra probes, never wrong answers.
+    presence: Box<[Presence]>,
+    mask: u64,
+    seed: u64,
+    capacity: usize,
+}
+
+/// Namespace for the constructor.
+pub struct AffinityTable;
+
+impl AffinityTable {
+    /// A table for at most `capacity` affinities (clamped to
+    /// [`MAX_CAPACITY`]), all memory allocated here.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(capacity: usize) -> (AffinityWriter, AffinityReader) {
+        let capacity = capacity.min(MAX_CAPACITY);
+        let slots = (capacity * 2).next_power_of_two().max(2 * SLOTS);
+        let buckets = slots / SLOTS;
+        let inner = Arc::new(Inner {
+            headers: (0..buckets).map(|_| Header::default()).collect(),
+            lines: (0..slots / 2).map(|_| Line::default()).collect(),
+            presence: (0..MAX_SERVICES * 2).map(|_| Presence::default()).collect(),
+            mask: buckets as u64 - 1,
+            seed: random_seed(),
+            capacity,
+        });
+        (
+            AffinityWriter {
+                inner: inner.clone(),
+                len: 0,
+                counts: HashMap::new(),
+            },
+            AffinityReader { inner },
+        )
+    }
+}
+
+#[inline(always)]
+fn family_bit(family: Family) -> u64 {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+#[inline(always)]
+fn presence_index(service: ServiceId, family: Family) -> usize {
+    (service as usize % MAX_SERVICES) * 2 + family_bit(family) as usize
+}
+
+/// Bytes of `tags` equal to `tag` as 0x80 in a mask (exact, no false hits).
+#[inline(always)]
+fn match_tag(tags: u64, tag: u8) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = tags ^ (u64::from(tag) * 0x0101_0101_0101_0101);
+    !(((x & LOW7) + LOW7) | x | LOW7)
+}
+
+/// One hash position: the metadata and address a slot must hold to match.
+#[derive(Clone, Copy)]
+struct Probe {
+    meta: u64,
+    lo: u64,
+    hi: u64,
+    hash: u64,
+}
+
+impl Probe {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        seed: u64,
+        service: ServiceId,
+        family: Family,
+        addr: u128,
+        plen: u8,
+        kind: u64,
+        port_lo: u16,
+        port_hi: u16,
+    ) -> Probe {
+        let meta = u64::from(service)
+            | family_bit(family) << 16
+            | u64::from(plen) << 17
+            | kind << 25
+            | OCCUPIED
+            | u64::from(port_lo) << 32
+            | u64::from(port_hi) << 48;
+        Probe::from_words(seed, meta, addr as u64, (addr >> 64) as u64)
+    }
+
+    /// The probe of a stored slot's words.
+    #[inline(always)]
+    fn from_words(seed: u64, meta: u64, lo: u64, hi: u64) -> Probe {
+        let hashed = if (meta >> 25) & 3 == KIND_RANGE {
+            meta & META_LOW
+        } else {
+            meta
+        };
+        Probe {
+            meta,
+            lo,
+            hi,
+            hash: hash3(seed, lo, hi, hashed),
+        }
+    }
+
+    fn of_key(seed: u64, key: &AffinityKey) -> Probe {
+        let (kind, plo, phi) = match key.ports() {
+            PortMatch::Any => (KIND_ANY, 0, 0),
+            PortMatch::One(p) => (KIND_ONE, p, p),
+            PortMatch::Range(lo, hi) => (KIND_RANGE, lo, hi),
+        };
+        Probe::new(
+            seed,
+            key.service(),
+            key.family(),
+            key.addr(),
+            key.prefix_len(),
+            kind,
+            plo,
+            phi,
+        )
+    }
+
+    #[inline(always)]
+    fn tag(&self) -> u8 {
+        ((self.hash >> 56) as u8).max(1)
+    }
+
+    #[inline(always)]
+    fn kind(&self) -> u64 {
+        (self.meta >> 25) & 3
+    }
+}
+
+impl Inner {
+    #[inline(always)]
+    fn primary(&self, p: &Probe) -> usize {
+        (p.hash & self.mask) as usize
+    }
+
+    #[inline(always)]
+    fn alternate(&self, p: &Probe) -> usize {
+        ((p.hash >> 32) & self.mask) as usize
+    }
+
+    #[inline(always)]
+    fn slot(&self, bucket: usize, i: usize) -> &[AtomicU64; 4] {
+        let idx = bucket * SLOTS + i;
+        &self.lines[idx >> 1].0[idx & 1]
+    }
+
+    /// One bucket, consistently: the owner of the exact key if present, and
+    /// the bucket's overflow count.
+    #[inline(always)]
+    fn scan_exact(&self, bucket: usize, p: &Probe) -> (Option<BackendId>, u32) {
+        let hdr = &self.headers[bucket];
+        let tag = p.tag();
+        loop {
+            let v = hdr.seq.read_begin();
+            let mut m = match_tag(hdr.tags.load(Ordering::Relaxed), tag);
+            let mut found = None;
+            while m != 0 {
+                let i = (m.trailing_zeros() / 8) as usize;
+                m &= m - 1;
+                let s = self.slot(bucket, i);
+                if s[0].load(Ordering::Relaxed) == p.meta
+                    && s[1].load(Ordering::Relaxed) == p.lo
+                    && s[2].load(Ordering::Relaxed) == p.hi
+                {
+                    found = Some(s[3].load(Ordering::Relaxed) as BackendId);
+                    break;
+                }
+            }
+            let overflow = hdr.overflow.load(Ordering::Relaxed);
+            if hdr.seq.read_valid(v) {
+                return (found, overflow);
+            }
+        }
+    }
+
+    /// One bucket, consistently: the narrowest range of this prefix holding
+    /// `port` as (width, low port, owner), and the overflow count.
+    #[inline(always)]
+    fn scan_range(&self, bucket: usize, p: &Probe, port: u16) -> (Option<(u32, u32)>, u32) {
+        let hdr = &self.headers[bucket];
+        let tag = p.tag();
+        loop {
+            let v = hdr.seq.read_begin();
+            let mut m = match_tag(hdr.tags.load(Ordering::Relaxed), tag);
+            // (width << 16 | lo) orders narrower first, then lower start.
+            let mut best: Option<(u32, u32)> = None;
+            while m != 0 {
+                let i = (m.trailing_zeros() / 8) as usize;
+                m &= m - 1;
+                let s = self.slot(bucket, i);
+                let meta = s[0].load(Ordering::Relaxed);
+                if meta & META_LOW == p.meta & META_LOW
+                    && s[1].load(Ordering::Relaxed) == p.lo
+                    && s[2].load(Ordering::Relaxed) == p.hi
+                {
+                    let lo = (meta >> 32) as u16;
+                    let hi = (meta >> 48) as u16;
+                    if lo <= port && port <= hi {
+                        let rank = u32::from(hi - lo) << 16 | u32::from(lo);
+                        if best.map_or(true, |(r, _)| rank < r) {
+                            best = Some((rank, s[3].load(Ordering::Relaxed) as BackendId));
+                        }
+                    }
+                }
+            }
+            let overflow = hdr.overflow.load(Ordering::Relaxed);
+            if hdr.seq.read_valid(v) {
+                return (best, overflow);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn find_exact(&self, p: &Probe) -> Option<BackendId> {
+        let b1 = self.primary(p);
+        let (found, overflow) = self.scan_exact(b1, p);
+        if found.is_some() || overflow == 0 {
+            return found;
+        }
+        let b2 = self.alternate(p);
+        if b2 == b1 {
+            return None;
+        }
+        self.scan_exact(b2, p).0
+    }
+
+    #[inline(always)]
+    fn find_range(&self, p: &Probe, port: u16) -> Option<BackendId> {
+        let b1 = self.primary(p);
+        let (best, overflow) = self.scan_range(b1, p, port);
+        let b2 = self.alternate(p);
+        if overflow == 0 || b2 == b1 {
+            return best.map(|(_, o)| o);
+        }
+        let (best2, _) = self.scan_range(b2, p, port);
+        match (best, best2) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b.1 } else { a.1 }),
+            (a, b) => a.or(b).map(|(_, o)| o),
+        }
+    }
+
+    /// Where an exact key sits: (bucket, slot). Writer side only.
+    fn locate(&self, p: &Probe) -> Option<(usize, usize)> {
+        let b1 = self.primary(p);
+        let b2 = self.alternate(p);
+        let buckets = if b1 == b2 { &[b1][..] } else { &[b1, b2][..] };
+        for &b in buckets {
+            let mut m = match_tag(self.headers[b].tags.load(Ordering::Relaxed), p.tag());
+            while m != 0 {
+                let i = (m.trailing_zeros() / 8) as usize;
+                m &= m - 1;
+                let s = self.slot(b, i);
+                if s[0].load(Ordering::Relaxed) == p.meta
+                    && s[1].load(Ordering::Relaxed) == p.lo
+                    && s[2].load(Ordering::Relaxed) == p.hi
+                {
+                    return Some((b, i));
+                }
+            }
+        }
+        None
+    }
+
+    fn free_slot(&self, bucket: usize) -> Option<usize> {
+        let m = match_tag(self.headers[bucket].tags.load(Ordering::Relaxed), 0);
+        (m != 0).then(|| (m.trailing_zeros() / 8) as usize)
+    }
+
+    /// Writes a slot and its tag. Writer side only.
+    fn write_slot(&self, bucket: usize, i: usize, p: &Probe, owner: u64) {
+        let hdr = &self.headers[bucket];
+        let odd = hdr.seq.write_begin();
+        let s = self.slot(bucket, i);
+        s[0].store(p.meta, Ordering::Relaxed);
+        s[1].store(p.lo, Ordering::Relaxed);
+        s[2].store(p.hi, Ordering::Relaxed);
+        s[3].store(owner, Ordering::Relaxed);
+        let tags = hdr.tags.load(Ordering::Relaxed) | u64::from(p.tag()) << (8 * i);
+        hdr.tags.store(tags, Ordering::Relaxed);
+        hdr.seq.write_end(odd);
+    }
+
+    /// Empties a slot. Writer side only.
+    fn clear_slot(&self, bucket: usize, i: usize) {
+        let hdr = &self.headers[bucket];
+        let odd = hdr.seq.write_begin();
+        let tags = hdr.tags.load(Ordering::Relaxed) & !(0xffu64 << (8 * i));
+        hdr.tags.store(tags, Ordering::Relaxed);
+        self.slot(bucket, i)[0].store(0, Ordering::Relaxed);
+        hdr.seq.write_end(odd);
+    }
+
+    /// Adds (or takes back) one key of `bucket` living in its alternate.
+    fn add_overflow(&self, bucket: usize, add: bool) {
+        let o = &self.headers[bucket].overflow;
+        let v = o.load(Ordering::Relaxed);
+        let v = if add { v + 1 } else { v.saturating_sub(1) };
+        o.store(v, Ordering::Release);
+    }
+
+    /// Frees a slot of full bucket `c` by moving one of its keys that sits in
+    /// its primary (`c`) to its alternate. Only that direction is safe for
+    /// readers: the key is copied to the alternate, the overflow count raised,
+    /// and only then the original cleared, so a reader that misses it in `c`
+    /// is sent on to the copy. Returns the freed slot.
+    fn displace(&self, c: usize) -> Option<usize> {
+        for j in 0..SLOTS {
+            let s = self.slot(c, j);
+            let p = Probe::from_words(
+                self.seed,
+                s[0].load(Ordering::Relaxed),
+                s[1].load(Ordering::Relaxed),
+                s[2].load(Ordering::Relaxed),
+            );
+            let d = self.alternate(&p);
+            if self.primary(&p) != c || d == c {
+                continue;
+            }
+            if let Some(k) = self.free_slot(d) {
+                self.write_slot(d, k, &p, s[3].load(Ordering::Relaxed));
+                self.add_overflow(c, true);
+                self.clear_slot(c, j);
+                return Some(j);
+            }
+        }
+        None
+    }
+}
+
+/// The workers' handle: lock-free lookups. Clone one per worker.
+#[derive(Clone)]
+pub struct AffinityReader {
+    inner: Arc<Inner>,
+}
+
+impl AffinityReader {
+    /// The owner of the most specific affinity covering `client:port` on
+    /// `service`: longest prefix first; within a prefix one port, then the
+    /// narrowest range, then any port. `client` holds IPv4 in its low 32 bits.
+    #[inline]
+    pub fn lookup(
+        &self,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+    ) -> Option<BackendId> {
+        let t = &*self.inner;
+        let pres = &t.presence[presence_index(service, family)];
+        let words = match family {
+            Family::V4 => 1,
+            Family::V6 => 3,
+        };
+        for w in (0..words).rev() {
+            let mut bits = pres.plens[w].load(Ordering::Acquire);
+            while bits != 0 {
+                let b = 63 - bits.leading_zeros();
+                bits &= !(1u64 << b);
+                let plen = (w as u32 * 64 + b) as u8;
+                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Acquire));
+                let addr = client & prefix_mask(family, plen);
+                let probe =
+                    |kind, lo, hi| Probe::new(t.seed, service, family, addr, plen, kind, lo, hi);
+                if kinds & (1 << KIND_ONE) != 0 {
+                    if let Some(o) = t.find_exact(&probe(KIND_ONE, port, port)) {
+                        return Some(o);
+                    }
+                }
+                if kinds & (1 << KIND_RANGE) != 0 {
+                    if let Some(o) = t.find_range(&probe(KIND_RANGE, 0, 0), port) {
+                        return Some(o);
+                    }
+                }
+                if kinds & (1 << KIND_ANY) != 0 {
+                    if let Some(o) = t.find_exact(&probe(KIND_ANY, 0, 0)) {
+                        return Some(o);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts loading the bucket a lookup for `client` will most likely probe
+    /// first (the longest prefix present, any-port or range position), so a
+    /// worker can issue it for a whole burst before the lookups.
+    #[inline]
+    pub fn prefetch(&self, service: ServiceId, family: Family, client: u128) {
+        let t = &*self.inner;
+        let pres = &t.presence[presence_index(service, family)];
+        let words = match family {
+            Family::V4 => 1,
+            Family::V6 => 3,
+        };
+        for w in (0..words).rev() {
+            let bits = pres.plens[w].load(Ordering::Relaxed);
+            if bits == 0 {
+                continue;
+            }
+            let plen = (w as u32 * 64 + 63 - bits.leading_zeros()) as u8;
+            let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Relaxed));
+            let kind = if kinds & (1 << KIND_ANY) != 0 {
+                KIND_ANY
+            } else {
+                KIND_RANGE
+            };
+            let addr = client & prefix_mask(family, plen);
+            let p = Probe::new(t.seed, service, family, addr, plen, kind, 0, 0);
+            prefetch(&t.headers[t.primary(&p)]);
+            return;
+        }
+    }
+
+    /// The capacity the table was built with.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+}
+
+impl fmt::Debug for AffinityReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AffinityReader")
+            .field("capacity", &self.inner.capacity)
+            .finish()
+    }
+}
+
+/// The control thread's handle: the only one that can change the table.
+pub struct AffinityWriter {
+    inner: Arc<Inner>,
+    len: usize,
+    /// Keys per (presence index, prefix length, port kind), behind the
+    /// readers' bitmaps.
+    counts: HashMap<(usize, u8, u8), u32>,
+}
+
+impl AffinityWriter {
+    /// Inserts `key` owned by `owner`, or changes the owner of an existing
+    /// equal key. Readers see the old or the new state, never a mix.
+    pub fn insert(&mut self, key: AffinityKey, owner: BackendId) -> Result<(), TableFull> {
+        let t = &*self.inner;
+        let p = Probe::of_key(t.seed, &key);
+        if let Some((b, i)) = t.locate(&p) {
+            let hdr = &t.headers[b];
+            let odd = hdr.seq.write_begin();
+            t.slot(b, i)[3].store(u64::from(owner), Ordering::Relaxed);
+            hdr.seq.write_end(odd);
+            return Ok(());
+        }
+        if self.len >= t.capacity {
+            return Err(TableFull);
+        }
+        let b1 = t.primary(&p);
+        let b2 = t.alternate(&p);
+        // Primary if it has room, else the alternate, else make room in
+        // either by moving one key on to its own alternate.
+        let place = t
+            .free_slot(b1)
+            .map(|i| (b1, i))
+            .or_else(|| (b2 != b1).then(|| t.free_slot(b2).map(|i| (b2, i)))?)
+            .or_else(|| t.displace(b1).map(|i| (b1, i)))
+            .or_else(|| (b2 != b1).then(|| t.displace(b2).map(|i| (b2, i)))?);
+        let Some((b, i)) = place else {
+            return Err(TableFull);
+        };
+        t.write_slot(b, i, &p, u64::from(owner));
+        if b != b1 {
+            t.add_overflow(b1, true);
+        }
+        self.count(&key, p.kind(), true);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Removes `key`; false if it was not there.
+    pub fn remove(&mut self, key: &AffinityKey) -> bool {
+        let t = &*self.inner;
+        let p = Probe::of_key(t.seed, key);
+        let Some((b, i)) = t.locate(&p) else {
+            return false;
+        };
+        t.clear_slot(b, i);
+        let b1 = t.primary(&p);
+        if b != b1 {
+            t.add_overflow(b1, false);
+        }
+        self.count(key, p.kind(), false);
+        self.len -= 1;
+        true
+    }
+
+    /// The owner of exactly `key` (no prefix or port matching).
+    pub fn get(&self, key: &AffinityKey) -> Option<BackendId> {
+        let t = &*self.inner;
+        let p = Probe::of_key(t.seed, key);
+        t.locate(&p)
+            .map(|(b, i)| t.slot(b, i)[3].load(Ordering::Relaxed) as BackendId)
+    }
+
+    /// Entries in the table.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Most entries the table holds.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// Another reader handle on this table.
+    pub fn reader(&self) -> AffinityReader {
+        AffinityReader {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Keeps the readers' presence bitmaps in step with the keys. Set after
+    /// the entry is written, cleared after it is removed, so a reader that
+    /// sees a bit finds the entry unless it is being removed.
+    fn count(&mut self, key: &AffinityKey, kind: u64, add: bool) {
+        let idx = presence_index(key.service(), key.family());
+        let plen = key.prefix_len();
+        debug_assert!(plen <= max_prefix(key.family()));
+        let pres = &self.inner.presence[idx];
+        let kbit = 1u8 << kind;
+        let pbit = 1u64 << (plen % 64);
+        let word = &pres.plens[plen as usize / 64];
+        let slot = (idx, plen, kind as u8);
+        if add {
+            let c = self.counts.entry(slot).or_insert(0);
+            *c += 1;
+            if *c == 1 {
+                pres.kinds[plen as usize].fetch_or(kbit, Ordering::Release);
+                word.fetch_or(pbit, Ordering::Release);
+            }
+        } else if let Some(c) = self.counts.get_mut(&slot) {
+            *c -= 1;
+            if *c == 0 {
+                self.counts.remove(&slot);
+                let left = pres.kinds[plen as usize].fetch_and(!kbit, Ordering::Release) & !kbit;
+                if left == 0 {
+                    word.fetch_and(!pbit, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for AffinityWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AffinityWriter")
+            .field("len", &self.len)
+            .field("capacity", &self.inner.capacity)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn key(svc: u16, fam: Family, addr: u128, plen: u8, ports: PortMatch) -> AffinityKey {
+        AffinityKey::new(svc, fam, addr, plen, ports).unwrap()
+    }
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> u128 {
+        u128::from(u32::from_be_bytes([a, b, c, d]))
+    }
+
+    #[test]
+    fn types_enforce_single_writer() {
+        fn send_sync_clone<T: Send + Sync + Clone>() {}
+        fn send<T: Send>() {}
+        send_sync_clone::<AffinityReader>();
+        send::<AffinityWriter>();
+    }
+
+    #[test]
+    fn empty_table_misses() {
+        let (_w, r) = AffinityTable::new(100);
+        assert_eq!(r.lookup(0, Family::V4, v4(10, 0, 0, 1), 80), None);
+        assert_eq!(r.lookup(0, Family::V6, 1, 80), None);
+        r.prefetch(0, Family::V4, 1);
+    }
+
+    #[test]
+    fn most_specific_ipv4() {
+        let (mut w, r) = AffinityTable::new(64);
+        let s = 7;
+        let f = Family::V4;
+        w.insert(key(s, f, 0, 0, PortMatch::Any), 1).unwrap();
+        w.insert(key(s, f, v4(10, 0, 0, 0), 8, PortMatch::Any), 2)
+            .unwrap();
+        w.insert(key(s, f, v4(10, 1, 0, 0), 16, PortMatch::Any), 3)
+            .unwrap();
+        w.insert(
+            key(s, f, v4(10, 1, 0, 0), 16, PortMatch::Range(1000, 2000)),
+            4,
+        )
+        .unwrap();
+        w.insert(
+            key(s, f, v4(10, 1, 0, 0), 16, PortMatch::Range(1400, 1600)),
+            5,
+        )
+        .unwrap();
+        w.insert(key(s, f, v4(10, 1, 0, 0), 16, PortMatch::One(1500)), 6)
+            .unwrap();
+        w.insert(key(s, f, v4(10, 1, 2, 3), 32, PortMatch::Any), 7)
+            .unwrap();
+        w.insert(key(s, f, v4(10, 1, 2, 3), 32, PortMatch::Range(10, 20)), 8)
+            .unwrap();
+        assert_eq!(w.len(), 8);
+
+        assert_eq!(r.lookup(s, f, v4(192, 168, 0, 1), 5), Some(1));
+        assert_eq!(r.lookup(s, f, v4(10, 9, 9, 9), 5), Some(2));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 9, 9), 5), Some(3));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 9, 9), 1000), Some(4));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 9, 9), 1400), Some(5));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 9, 9), 1500), Some(6));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 9, 9), 2001), Some(3));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 3), 1500), Some(7));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 3), 15), Some(8));
+        // Other service and other family see none of it.
+        assert_eq!(r.lookup(s + 1, f, v4(10, 1, 2, 3), 15), None);
+        assert_eq!(r.lookup(s, Family::V6, v4(10, 1, 2, 3), 15), None);
+
+        assert!(w.remove(&key(s, f, v4(10, 1, 2, 3), 32, PortMatch::Any)));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 3), 1500), Some(6));
+        assert!(!w.remove(&key(s, f, v4(10, 1, 2, 3), 32, PortMatch::Any)));
+        assert!(w.remove(&key(s, f, 0, 0, PortMatch::Any)));
+        assert_eq!(r.lookup(s, f, v4(192, 168, 0, 1), 5), None);
+        assert_eq!(w.len(), 6);
+    }
+
+    #[test]
+    fn most_specific_ipv6() {
+        let (mut w, r) = AffinityTable::new(64);
+        let f = Family::V6;
+        let net: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0000;
+        let host = net | 0x1234_5678_9abc_def0;
+        w.insert(key(1, f, net, 32, PortMatch::Any), 10).unwrap();
+        w.insert(key(1, f, net, 64, PortMatch::Any), 11).unwrap();
+        w.insert(key(1, f, host, 127, PortMatch::Any), 12).unwrap();
+        w.insert(key(1, f, host, 128, PortMatch::One(443)), 13)
+            .unwrap();
+        w.insert(key(1, f, host, 128, PortMatch::Range(400, 500)), 14)
+            .unwrap();
+        assert_eq!(r.lookup(1, f, host, 443), Some(13));
+        assert_eq!(r.lookup(1, f, host, 444), Some(14));
+        assert_eq!(r.lookup(1, f, host, 80), Some(12));
+        assert_eq!(r.lookup(1, f, host ^ 1, 443), Some(12));
+        assert_eq!(r.lookup(1, f, host ^ 2, 443), Some(11));
+        assert_eq!(r.lookup(1, f, net | 1 << 70, 443), Some(10));
+        assert_eq!(r.lookup(1, f, 1 << 100, 443), None);
+        assert_eq!(r.lookup(1, Family::V4, host & 0xffff_ffff, 443), None);
+    }
+
+    #[test]
+    fn replace_changes_owner_only() {
+        let (mut w, r) = AffinityTable::new(4);
+        let k = key(0, Family::V4, v4(1, 2, 3, 4), 32, PortMatch::Any);
+        w.insert(k, 1).unwrap();
+        w.insert(k, 2).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w.get(&k), Some(2));
+        assert_eq!(r.lookup(0, Family::V4, v4(1, 2, 3, 4), 9), Some(2));
+    }
+
+    #[test]
+    fn bounded_capacity() {
+        let (mut w, r) = AffinityTable::new(100);
+        for i in 0..100u128 {
+            w.insert(key(0, Family::V4, i, 32, PortMatch::Any), i as u32)
+                .unwrap();
+        }
+        assert_eq!(
+            w.insert(key(0, Family::V4, 1000, 32, PortMatch::Any), 1),
+            Err(TableFull)
+        );
+        // Replacing an existing key still works when full.
+        assert_eq!(
+            w.insert(key(0, Family::V4, 5, 32, PortMatch::Any), 77),
+            Ok(())
+        );
+        assert_eq!(w.len(), 100);
+        assert_eq!(r.lookup(0, Family::V4, 1000, 1), None);
+        assert_eq!(r.lookup(0, Family::V4, 5, 1), Some(77));
+        for i in 0..100u128 {
+            if i != 5 {
+                assert_eq!(r.lookup(0, Family::V4, i, 1), Some(i as u32));
+            }
+        }
+        assert!(w.remove(&key(0, Family::V4, 3, 32, PortMatch::Any)));
+        w.insert(key(0, Family::V4, 1000, 32, PortMatch::Any), 1)
+            .unwrap();
+        assert_eq!(r.lookup(0, Family::V4, 1000, 1), Some(1));
+        let (mut z, _) = AffinityTable::new(0);
+        assert_eq!(
+            z.insert(key(0, Family::V4, 1, 32, PortMatch::Any), 1),
+            Err(TableFull)
+        );
+    }
+
+    #[test]
+    fn full_buckets_refuse() {
+        // Ranges of one prefix share a bucket pair: at most 2 × SLOTS fit.
+        let (mut w, r) = AffinityTable::new(1000);
+        let mut ok = 0;
+        let mut full = 0;
+        for i in 0..40u16 {
+            let k = key(0, Family::V4, 1, 32, PortMatch::Range(i, 100 + i));
+            match w.insert(k, u32::from(i)) {
+                Ok(()) => ok += 1,
+                Err(TableFull) => full += 1,
+            }
+        }
+        assert!((SLOTS..=2 * SLOTS).contains(&ok), "{ok}");
+        assert_eq!(ok + full, 40);
+        assert_eq!(w.len(), ok);
+        // Narrowest covering range (all width 100): lowest start wins.
+        assert_eq!(r.lookup(0, Family::V4, 1, 100), Some(0));
+        assert_eq!(r.lookup(0, Family::V4, 1, 101), Some(1));
+    }
+
+    /// Many entries: every one is found after inserts and after half are
+    /// removed (exercises overflow into alternate buckets).
+    #[test]
+    fn many_entries() {
+        // Exactly half the slots: needs the alternate buckets and displacement.
+        let n = 65_536u128;
+        let (mut w, r) = AffinityTable::new(n as usize);
+        for i in 0..n {
+            w.insert(
+                key(3, Family::V6, i << 64 | i, 128, PortMatch::Any),
+                i as u32,
+            )
+            .unwrap();
+        }
+        for i in 0..n {
+            assert_eq!(r.lookup(3, Family::V6, i << 64 | i, 0), Some(i as u32));
+        }
+        for i in (0..n).step_by(2) {
+            assert!(w.remove(&key(3, Family::V6, i << 64 | i, 128, PortMatch::Any)));
+        }
+        for i in 0..n {
+            let want = (i % 2 == 1).then_some(i as u32);
+            assert_eq!(r.lookup(3, Family::V6, i << 64 | i, 0), want);
+        }
+        assert_eq!(w.len(), n as usize / 2);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Against a brute-force oracle over random mixed keys.
+        #[test]
+        fn matches_oracle(
+            keys in proptest::collection::vec(
+                (0u16..2, 0u32..4, 0u8..=32, 0u8..3, 0u16..8, 0u16..8), 1..40),
+            probes in proptest::collection::vec((0u16..2, 0u32..4, 0u16..8), 1..40),
+        ) {
+            let (mut w, r) = AffinityTable::new(256);
+            let mut all: Vec<(AffinityKey, u32)> = Vec::new();
+            for (i, &(svc, a, plen, kind, p1, p2)) in keys.iter().enumerate() {
+                // Addresses differ in the top bits so prefixes nest and overlap.
+                let addr = u128::from(a.rotate_right(2));
+                let ports = match kind {
+                    0 => PortMatch::Any,
+                    1 => PortMatch::One(p1),
+                    _ => PortMatch::Range(p1.min(p2), p1.max(p2)),
+                };
+                let k = key(svc, Family::V4, addr, plen, ports);
+                if w.insert(k, i as u32).is_ok() {
+                    all.retain(|(x, _)| *x != k);
+                    all.push((k, i as u32));
+                }
+            }
+            for &(svc, a, port) in &probes {
+                let client = u128::from(a.rotate_right(2)) | 0x55;
+                let want = all
+                    .iter()
+                    .filter(|(k, _)| k.matches(svc, Family::V4, client, port))
+                    .max_by_key(|(k, _)| k.specificity())
+                    .map(|&(_, o)| o);
+                proptest::prop_assert_eq!(r.lookup(svc, Family::V4, client, port), want);
+            }
+        }
+    }
+
+    /// Owner values carry the key index, a version and a checksum, so a read
+    /// mixing two entries (or two versions) yields an impossible value.
+    fn encode(key_idx: u32, version: u32) -> u32 {
+        let body = (key_idx & 0xfff) << 12 | (version & 0xfff);
+        let check = (body.wrapping_mul(0x9e37_79b1) >> 24) & 0xff;
+        check << 24 | body
+    }
+
+    fn decode(owner: u32) -> Option<(u32, u32)> {
+        let body = owner & 0xff_ffff;
+        let check = (body.wrapping_mul(0x9e37_79b1) >> 24) & 0xff;
+        (owner >> 24 == check).then_some((body >> 12, body & 0xfff))
+    }
+
+    /// A writer inserts, replaces and removes from a deterministic history
+    /// while two readers look up continuously; every answer must be a value
+    /// that key really had, and never-inserted keys never match.
+    #[test]
+    fn concurrent_readers_see_no_torn_entries() {
+        const KEYS: u32 = 192;
+        const OPS: u32 = 150_000;
+        // Small table: buckets are shared, so readers race writes to
+        // neighbouring slots as well as to their own.
+        let (mut w, r) = AffinityTable::new(KEYS as usize);
+        // Key i: its own /24 region (10.i.x.0), alternating prefix and port
+        // kinds; the probe address is inside the region and port 7 matches.
+        let kinds = |i: u32| -> (u8, PortMatch) {
+            match i % 4 {
+                0 => (32, PortMatch::Any),
+                1 => (24, PortMatch::One(7)),
+                2 => (28, PortMatch::Range(1, 100)),
+                _ => (26, PortMatch::Range(7, 7)),
+            }
+        };
+        let keys: Vec<AffinityKey> = (0..KEYS)
+            .map(|i| {
+                let (plen, ports) = kinds(i);
+                key(
+                    1,
+                    Family::V4,
+                    v4(10, (i / 8) as u8, (i % 8) as u8, 1),
+                    plen,
+                    ports,
+                )
+            })
+            .collect();
+        let probe_addr = |i: u32| v4(10, (i / 8) as u8, (i % 8) as u8, 1);
+        // Highest version ever written per key, published before the write.
+        let max_ver: Arc<Vec<AtomicU32>> = Arc::new((0..KEYS).map(|_| AtomicU32::new(0)).collect());
+        let done = Arc::new(AtomicBool::new(false));
+
+        let readers: Vec<_> = (0..2)
+            .map(|t| {
+                let r = r.clone();
+                let max_ver = max_ver.clone();
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let mut hits = 0u64;
+                    let mut i = t * 37;
+                    while !done.load(Ordering::Relaxed) {
+                        i = (i + 1) % KEYS;
+                        if let Some(owner) = r.lookup(1, Family::V4, probe_addr(i), 7) {
+                            let (k, ver) = decode(owner)
+                                .unwrap_or_else(|| panic!("torn owner {owner:#x} for key {i}"));
+                            assert_eq!(k, i, "owner of another key");
+                            assert!(ver <= max_ver[i as usize].load(Ordering::Acquire));
+                            hits += 1;
+                        }
+                        // Never inserted: another service, region and family.
+                        assert_eq!(r.lookup(2, Family::V4, probe_addr(i), 7), None);
+                        assert_eq!(
+                            r.lookup(1, Family::V4, v4(11, 0, 0, (i % 256) as u8), 7),
+                            None
+                        );
+                        assert_eq!(r.lookup(1, Family::V6, probe_addr(i), 7), None);
+                    }
+                    hits
+                })
+            })
+            .collect();
+
+        // Deterministic history (xorshift).
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut version = vec![0u32; KEYS as usize];
+        let mut present = vec![false; KEYS as usize];
+        for _ in 0..OPS {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = (x % u64::from(KEYS)) as usize;
+            if present[i] && x >> 60 < 5 {
+                assert!(w.remove(&keys[i]));
+                present[i] = false;
+            } else {
+                version[i] += 1;
+                assert!(version[i] < 0x1000, "versions must fit 12 bits");
+                max_ver[i].store(version[i], Ordering::Release);
+                w.insert(keys[i], encode(i as u32, version[i])).unwrap();
+                present[i] = true;
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        let hits: u64 = readers.into_iter().map(|h| h.join().unwrap()).sum();
+        assert!(hits > 0);
+        for i in 0..KEYS as usize {
+            let want = present[i].then(|| encode(i as u32, version[i]));
+            assert_eq!(r.lookup(1, Family::V4, probe_addr(i as u32), 7), want);
+        }
+    }
+}
