@@ -37,7 +37,6 @@ const STAMP_SHIFT: u32 = 20;
 /// Tag of an empty slot.
 const EMPTY: u16 = 0;
 
-
 /// Connection state, as far as a one-directional (DSR) observer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

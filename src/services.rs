@@ -25,8 +25,14 @@ pub const MAX_WEIGHT: u32 = 65535;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RegistryError {
     NoSuchService(String),
-    NoSuchBackend { service: String, backend: String },
-    DuplicateBackend { service: String, backend: String },
+    NoSuchBackend {
+        service: String,
+        backend: String,
+    },
+    DuplicateBackend {
+        service: String,
+        backend: String,
+    },
     /// A value that cannot be applied (wrong family, weight out of range...).
     Invalid(String),
     /// No backend id left.
@@ -101,9 +107,10 @@ impl ServiceEntry {
                 Scheduler::RoundRobin => SchedulerKind::RoundRobin,
             },
             maglev_size: s.maglev_table_size,
-            auto_affinity: s.auto_affinity.as_ref().map(|a| AutoAffinity {
-                linger: a.linger.0,
-            }),
+            auto_affinity: s
+                .auto_affinity
+                .as_ref()
+                .map(|a| AutoAffinity { linger: a.linger.0 }),
             max_affinity: s.max_affinity_duration.0,
             backends: Vec::new(),
             maglev: None,
@@ -287,7 +294,12 @@ impl ServiceRegistry {
     }
 
     /// Changes a backend's weight (0 drains it).
-    pub fn set_weight(&mut self, service: &str, backend: &str, weight: u32) -> Result<(), RegistryError> {
+    pub fn set_weight(
+        &mut self,
+        service: &str,
+        backend: &str,
+        weight: u32,
+    ) -> Result<(), RegistryError> {
         if weight > MAX_WEIGHT {
             return Err(RegistryError::Invalid(format!(
                 "weight {weight} is out of range (0..={MAX_WEIGHT})"
@@ -311,7 +323,11 @@ impl ServiceRegistry {
     }
 
     /// Adds a backend to a service.
-    pub fn add_backend(&mut self, service: &str, spec: BackendSpec) -> Result<BackendId, RegistryError> {
+    pub fn add_backend(
+        &mut self,
+        service: &str,
+        spec: BackendSpec,
+    ) -> Result<BackendId, RegistryError> {
         {
             let (_, s) = self.service_mut(service)?;
             if s.backends.iter().any(|(_, b)| b.name == spec.name) {
@@ -330,7 +346,11 @@ impl ServiceRegistry {
     }
 
     /// Removes a backend; returns its id so its affinities can be ended.
-    pub fn remove_backend(&mut self, service: &str, backend: &str) -> Result<BackendId, RegistryError> {
+    pub fn remove_backend(
+        &mut self,
+        service: &str,
+        backend: &str,
+    ) -> Result<BackendId, RegistryError> {
         let (_, s) = self.service_mut(service)?;
         let pos = s
             .backends
@@ -383,9 +403,10 @@ impl ServiceRegistry {
             if let Some(o) = old {
                 let same = o.maglev_size == entry.maglev_size
                     && o.backends.len() == entry.backends.len()
-                    && o.backends.iter().zip(&entry.backends).all(|((_, a), (_, b))| {
-                        a.name == b.name && a.weight == b.weight
-                    });
+                    && o.backends
+                        .iter()
+                        .zip(&entry.backends)
+                        .all(|((_, a), (_, b))| a.name == b.name && a.weight == b.weight);
                 if same {
                     entry.maglev = o.maglev.clone();
                 }
@@ -455,7 +476,12 @@ weight = 300
         assert_eq!(dp.generation, 1);
         let s = &dp.services[0];
         assert_eq!(s.port, 80);
-        assert_eq!(s.mode, ForwardMode::IpIp { source: 0xc633_6401 });
+        assert_eq!(
+            s.mode,
+            ForwardMode::IpIp {
+                source: 0xc633_6401
+            }
+        );
         let shares = s.maglev.shares();
         assert!(shares[1] > 2 * shares[0]);
         assert_eq!(dp.find_backend(0, "b").unwrap().addr_bits, 0x0a00_0002);
@@ -477,7 +503,10 @@ weight = 300
                 backend: "zz".into()
             })
         );
-        assert!(matches!(r.set_weight("web", "a", 70000), Err(RegistryError::Invalid(_))));
+        assert!(matches!(
+            r.set_weight("web", "a", 70000),
+            Err(RegistryError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -500,7 +529,10 @@ weight = 300
             addr: "2001:db8::1".parse().unwrap(),
             ..spec
         };
-        assert!(matches!(r.add_backend("web", v6), Err(RegistryError::Invalid(_))));
+        assert!(matches!(
+            r.add_backend("web", v6),
+            Err(RegistryError::Invalid(_))
+        ));
         let dp = r.snapshot().unwrap();
         assert_eq!(dp.services[0].backends, vec![0, 1, 2]);
         assert_eq!(r.remove_backend("web", "a").unwrap(), 0);

@@ -141,8 +141,6 @@ pub struct WorkerCounters {
     pub flows_evicted: Counter,
     pub flows_expired: Counter,
     pub flows_closed: Counter,
-    /// Auto-affinity pins refused because the shared table was full.
-    pub auto_affinity_full: Counter,
     /// Nanoseconds spent processing non-empty bursts.
     pub busy_ns: Counter,
     pub services: Box<[ServiceCounters]>,
@@ -166,10 +164,13 @@ impl Default for WorkerCounters {
             flows_evicted: Counter::default(),
             flows_expired: Counter::default(),
             flows_closed: Counter::default(),
-            auto_affinity_full: Counter::default(),
             busy_ns: Counter::default(),
-            services: (0..MAX_SERVICES).map(|_| ServiceCounters::default()).collect(),
-            backends: (0..MAX_BACKENDS).map(|_| BackendCounters::default()).collect(),
+            services: (0..MAX_SERVICES)
+                .map(|_| ServiceCounters::default())
+                .collect(),
+            backends: (0..MAX_BACKENDS)
+                .map(|_| BackendCounters::default())
+                .collect(),
         }
     }
 }

@@ -147,7 +147,8 @@ impl Summary {
             .services
             .iter()
             .map(|s| {
-                let sum = |f: &dyn Fn(&WorkerCounters) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
+                let sum =
+                    |f: &dyn Fn(&WorkerCounters) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
                 let id = s.id as usize;
                 let total_weight: u64 = s
                     .backends
@@ -188,7 +189,11 @@ impl Summary {
                     name: s.name.clone(),
                     vip: s.vip.to_string(),
                     port: s.port,
-                    protocol: if s.proto == crate::packet::PROTO_TCP { "tcp" } else { "udp" },
+                    protocol: if s.proto == crate::packet::PROTO_TCP {
+                        "tcp"
+                    } else {
+                        "udp"
+                    },
                     packets: sum(&|w| w.services[id].packets.get()),
                     new_connections: sum(&|w| w.services[id].new_connections.get()),
                     affinity_hits: sum(&|w| w.services[id].affinity_hits.get()),
@@ -218,8 +223,16 @@ impl Summary {
             auto_affinity_hits: t.auto_affinity_hits,
             active_flows: t.flows_active,
             affinities,
-            mpps: if seconds > 0.0 { t.rx_packets as f64 / seconds / 1e6 } else { 0.0 },
-            mpps_per_busy_core: if busy_s > 0.0 { t.rx_packets as f64 / busy_s / 1e6 } else { 0.0 },
+            mpps: if seconds > 0.0 {
+                t.rx_packets as f64 / seconds / 1e6
+            } else {
+                0.0
+            },
+            mpps_per_busy_core: if busy_s > 0.0 {
+                t.rx_packets as f64 / busy_s / 1e6
+            } else {
+                0.0
+            },
             services,
             extra: BTreeMap::new(),
         }
@@ -248,7 +261,11 @@ impl Summary {
         let _ = writeln!(
             o,
             "  drops    {}",
-            if drops.is_empty() { "none".to_string() } else { drops.join(", ") }
+            if drops.is_empty() {
+                "none".to_string()
+            } else {
+                drops.join(", ")
+            }
         );
         let _ = writeln!(
             o,
@@ -341,7 +358,9 @@ mod tests {
 
     #[test]
     fn summary_adds_up_over_workers() {
-        let w: Vec<Arc<WorkerCounters>> = (0..2).map(|_| Arc::new(WorkerCounters::default())).collect();
+        let w: Vec<Arc<WorkerCounters>> = (0..2)
+            .map(|_| Arc::new(WorkerCounters::default()))
+            .collect();
         for (i, c) in w.iter().enumerate() {
             c.rx_packets.add(100);
             c.tx_packets.add(90);

@@ -129,7 +129,11 @@ impl TrafficGen {
 
     fn new_conn(&mut self) -> Conn {
         let want_v6 = (self.rand() >> 11) as f64 / (1u64 << 53) as f64 > 1.0 - self.spec.ipv6_share;
-        let family = match (want_v6, self.v6_targets.is_empty(), self.v4_targets.is_empty()) {
+        let family = match (
+            want_v6,
+            self.v6_targets.is_empty(),
+            self.v4_targets.is_empty(),
+        ) {
             (true, false, _) | (false, false, true) => Family::V6,
             _ => Family::V4,
         };
@@ -144,7 +148,11 @@ impl TrafficGen {
             Family::V4 => CLIENT_BASE_V4 + n,
             Family::V6 => CLIENT_BASE_V6 + n,
         };
-        self.next_sport = if self.next_sport == u16::MAX { 1024 } else { self.next_sport + 1 };
+        self.next_sport = if self.next_sport == u16::MAX {
+            1024
+        } else {
+            self.next_sport + 1
+        };
         self.counts.connections += 1;
         Conn {
             target,
@@ -160,7 +168,11 @@ impl TrafficGen {
     /// is too small for it).
     pub fn next_frame(&mut self, buf: &mut [u8]) -> usize {
         let slot = self.next;
-        self.next = if self.next + 1 == self.conns.len() { 0 } else { self.next + 1 };
+        self.next = if self.next + 1 == self.conns.len() {
+            0
+        } else {
+            self.next + 1
+        };
         let c = self.conns[slot];
         let t = self.spec.targets[c.target];
         let last = c.sent + 1 >= self.spec.packets_per_flow.max(2);
@@ -252,7 +264,10 @@ mod tests {
             let p = parse(&buf[..n]).expect("generated frames parse");
             assert_eq!((p.key.dst, p.key.dport), (WEB.vip, WEB.port));
             assert!(p.key.src >= CLIENT_BASE_V4 && p.key.src < CLIENT_BASE_V4 + 100);
-            per_flow.entry((p.key.src, p.key.sport)).or_default().push(p.tcp_flags);
+            per_flow
+                .entry((p.key.src, p.key.sport))
+                .or_default()
+                .push(p.tcp_flags);
         }
         let c = g.counts();
         assert_eq!(c.packets, 400);

@@ -69,11 +69,6 @@ pub struct Worker<IO: PacketIo> {
     epoch: Instant,
 }
 
-/// The outcome of routing one packet.
-struct Route {
-    backend: BackendId,
-}
-
 impl<IO: PacketIo> Worker<IO> {
     pub fn new(io: IO, setup: WorkerSetup, shared: Shared, counters: Arc<WorkerCounters>) -> Self {
         let dp = shared.dataplane.load();
@@ -264,12 +259,15 @@ impl<IO: PacketIo> Worker<IO> {
         src_mac: [u8; 6],
     ) -> Result<(), DropReason> {
         let svc = dp.service_for(&p.key).ok_or(DropReason::NoService)?;
-        let route = self.route(dp, svc, p, hash, now)?;
-        let backend = dp.backend(route.backend).ok_or(DropReason::NoBackend)?;
+        let backend = self.route(dp, svc, p, hash, now)?;
+        let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.data().len() as u64;
         match svc.mode {
             ForwardMode::IpIp { source } => {
-                let dst_mac = backend.mac.or(plan.gateway_mac).ok_or(DropReason::NoRoute)?;
+                let dst_mac = backend
+                    .mac
+                    .or(plan.gateway_mac)
+                    .ok_or(DropReason::NoRoute)?;
                 forward::encap_ipip(buf, p, source, backend.addr_bits, src_mac, dst_mac)?;
             }
             ForwardMode::L2 => {
@@ -293,7 +291,7 @@ impl<IO: PacketIo> Worker<IO> {
         p: &ParsedPacket,
         hash: u64,
         now: u64,
-    ) -> Result<Route, DropReason> {
+    ) -> Result<BackendId, DropReason> {
         let is_tcp = p.key.proto == PROTO_TCP;
         let flags = if is_tcp { p.tcp_flags } else { 0 };
         // A known flow keeps its backend while that backend is configured
@@ -301,8 +299,8 @@ impl<IO: PacketIo> Worker<IO> {
         match self.flows.lookup(&p.key, hash, now, flags) {
             Lookup::Hit(e) => {
                 let backend = e.backend;
-                if dp.backend(backend).is_some() {
-                    return Ok(Route { backend });
+                if dp.backend(backend).is_some_and(|b| b.service == svc.id) {
+                    return Ok(backend);
                 }
                 // Its backend was removed: forget the flow and route anew.
                 self.counters.rerouted.inc();
@@ -319,7 +317,7 @@ impl<IO: PacketIo> Worker<IO> {
                     Some(b) => b.id,
                     None => self.pick_stateless(dp, svc, p, hash)?,
                 };
-                return Ok(Route { backend });
+                return Ok(backend);
             }
             Lookup::Stale(e) => {
                 // Idle past its timeout, or a new SYN on a closing flow's
@@ -340,7 +338,7 @@ impl<IO: PacketIo> Worker<IO> {
                     // A reset for a flow we do not know: route it statelessly
                     // and remember nothing.
                     let backend = self.pick_stateless(dp, svc, p, hash)?;
-                    return Ok(Route { backend });
+                    return Ok(backend);
                 }
             }
         }
@@ -374,7 +372,7 @@ impl<IO: PacketIo> Worker<IO> {
         let bc = &self.counters.backends[backend as usize];
         bc.connections.inc();
         bc.active.inc();
-        Ok(Route { backend })
+        Ok(backend)
     }
 
     /// Backend for a connection the flow table does not know: affinity,
@@ -427,7 +425,8 @@ impl<IO: PacketIo> Worker<IO> {
                 return Ok((backend, Some(slot)));
             }
             // No pin: the shared table had no room for this client (it
-            // counts that), or there is no backend; distribute unpinned.
+            // counts that in its stats), or there is no backend; distribute
+            // unpinned.
         }
 
         let backend = if new_connection {
@@ -561,7 +560,10 @@ mod tests {
         scheduler: SchedulerKind,
         mode: ForwardMode,
     ) -> Service {
-        let names: Vec<(&str, u32)> = backends.iter().map(|b| (b.name.as_str(), b.weight)).collect();
+        let names: Vec<(&str, u32)> = backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.weight))
+            .collect();
         Service {
             id,
             name: format!("svc{id}"),
@@ -579,7 +581,9 @@ mod tests {
         }
     }
 
-    const IPIP: ForwardMode = ForwardMode::IpIp { source: 0x0a00_00fe };
+    const IPIP: ForwardMode = ForwardMode::IpIp {
+        source: 0x0a00_00fe,
+    };
 
     struct Bed {
         worker: Worker<MemIo>,
@@ -597,7 +601,10 @@ mod tests {
         };
         let setup = WorkerSetup {
             id: 0,
-            ports: vec![PortPlan { forward_to: 0, gateway_mac: None }],
+            ports: vec![PortPlan {
+                forward_to: 0,
+                gateway_mac: None,
+            }],
             flow_capacity,
             timeouts: FlowTimeouts {
                 syn: Duration::from_secs(5),
@@ -606,12 +613,23 @@ mod tests {
                 udp: Duration::from_secs(30),
             },
         };
-        let worker = Worker::new(MemIo::new(1), setup, shared, Arc::new(WorkerCounters::default()));
-        Bed { worker, cell, affinity }
+        let worker = Worker::new(
+            MemIo::new(1),
+            setup,
+            shared,
+            Arc::new(WorkerCounters::default()),
+        );
+        Bed {
+            worker,
+            cell,
+            affinity,
+        }
     }
 
     fn tcp(src: [u8; 4], sport: u16, flags: u8) -> Vec<u8> {
-        FrameSpec::tcp_v4(src, sport, VIP, 80, flags).build().unwrap()
+        FrameSpec::tcp_v4(src, sport, VIP, 80, flags)
+            .build()
+            .unwrap()
     }
 
     /// Runs the frames through the worker and returns, per frame sent, the
@@ -645,7 +663,13 @@ mod tests {
         let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
         let mut b = bed(vec![svc], bes, 1 << 16);
         let syns: Vec<Vec<u8>> = (0..6000u32)
-            .map(|i| tcp([198, 18, (i >> 8) as u8, i as u8], 1000 + (i % 7) as u16, tcp_flags::SYN))
+            .map(|i| {
+                tcp(
+                    [198, 18, (i >> 8) as u8, i as u8],
+                    1000 + (i % 7) as u16,
+                    tcp_flags::SYN,
+                )
+            })
             .collect();
         let first = send(&mut b, &syns, SEC);
         assert_eq!(first.len(), 6000);
@@ -659,7 +683,13 @@ mod tests {
         }
         // The same connections' next packets go where their SYN went.
         let acks: Vec<Vec<u8>> = (0..6000u32)
-            .map(|i| tcp([198, 18, (i >> 8) as u8, i as u8], 1000 + (i % 7) as u16, tcp_flags::ACK))
+            .map(|i| {
+                tcp(
+                    [198, 18, (i >> 8) as u8, i as u8],
+                    1000 + (i % 7) as u16,
+                    tcp_flags::ACK,
+                )
+            })
             .collect();
         assert_eq!(send(&mut b, &acks, 2 * SEC), first);
         let c = b.worker.counters();
@@ -675,7 +705,9 @@ mod tests {
         let bes = vec![backend(0, 0, 100)];
         let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
         let mut b = bed(vec![svc], bes, 1024);
-        let other_port = FrameSpec::tcp_v4([1, 2, 3, 4], 5, VIP, 81, tcp_flags::SYN).build().unwrap();
+        let other_port = FrameSpec::tcp_v4([1, 2, 3, 4], 5, VIP, 81, tcp_flags::SYN)
+            .build()
+            .unwrap();
         let arp = {
             let mut f = vec![0u8; 60];
             f[12] = 0x08;
@@ -696,7 +728,9 @@ mod tests {
         let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
         let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
         let mut b = bed(vec![svc.clone()], bes.clone(), 1 << 14);
-        let syns: Vec<Vec<u8>> = (0..400u32).map(|i| tcp([198, 18, 1, i as u8], 2000 + i as u16, tcp_flags::SYN)).collect();
+        let syns: Vec<Vec<u8>> = (0..400u32)
+            .map(|i| tcp([198, 18, 1, i as u8], 2000 + i as u16, tcp_flags::SYN))
+            .collect();
         let first = send(&mut b, &syns, SEC);
         let on_be0: Vec<usize> = (0..400).filter(|&i| backend_index(first[i]) == 0).collect();
         assert!(!on_be0.is_empty());
@@ -705,10 +739,16 @@ mod tests {
         let drained = vec![backend(0, 0, 0), backend(1, 0, 100)];
         let svc2 = service(0, 80, PROTO_TCP, &drained, SchedulerKind::Maglev, IPIP);
         b.cell.publish(Dataplane::new(2, vec![svc2], drained));
-        let acks: Vec<Vec<u8>> = (0..400u32).map(|i| tcp([198, 18, 1, i as u8], 2000 + i as u16, tcp_flags::ACK)).collect();
+        let acks: Vec<Vec<u8>> = (0..400u32)
+            .map(|i| tcp([198, 18, 1, i as u8], 2000 + i as u16, tcp_flags::ACK))
+            .collect();
         assert_eq!(send(&mut b, &acks, 2 * SEC), first);
-        let fresh: Vec<Vec<u8>> = (0..400u32).map(|i| tcp([198, 18, 2, i as u8], 3000 + i as u16, tcp_flags::SYN)).collect();
-        assert!(send(&mut b, &fresh, 2 * SEC).iter().all(|a| backend_index(*a) == 1));
+        let fresh: Vec<Vec<u8>> = (0..400u32)
+            .map(|i| tcp([198, 18, 2, i as u8], 3000 + i as u16, tcp_flags::SYN))
+            .collect();
+        assert!(send(&mut b, &fresh, 2 * SEC)
+            .iter()
+            .all(|a| backend_index(*a) == 1));
 
         // Remove be0: its connections move to be1.
         let removed = vec![backend(1, 0, 100)];
@@ -725,8 +765,12 @@ mod tests {
         let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
         let mut a = bed(vec![svc.clone()], bes.clone(), 1 << 14);
         let mut restarted = bed(vec![svc], bes, 1 << 14);
-        let syns: Vec<Vec<u8>> = (0..500u32).map(|i| tcp([198, 18, 3, i as u8], 4000 + i as u16, tcp_flags::SYN)).collect();
-        let acks: Vec<Vec<u8>> = (0..500u32).map(|i| tcp([198, 18, 3, i as u8], 4000 + i as u16, tcp_flags::ACK)).collect();
+        let syns: Vec<Vec<u8>> = (0..500u32)
+            .map(|i| tcp([198, 18, 3, i as u8], 4000 + i as u16, tcp_flags::SYN))
+            .collect();
+        let acks: Vec<Vec<u8>> = (0..500u32)
+            .map(|i| tcp([198, 18, 3, i as u8], 4000 + i as u16, tcp_flags::ACK))
+            .collect();
         let chosen = send(&mut a, &syns, SEC);
         // A second instance that never saw the SYNs agrees on every flow.
         assert_eq!(send(&mut restarted, &acks, SEC), chosen);
@@ -740,9 +784,15 @@ mod tests {
         let mut b = bed(vec![svc], bes, 1 << 14);
         let key = AffinityKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
         b.affinity.insert(key, 2).unwrap();
-        let pinned: Vec<Vec<u8>> = (0..256u32).map(|i| tcp([198, 18, 5, i as u8], 5000, tcp_flags::SYN)).collect();
-        assert!(send(&mut b, &pinned, SEC).iter().all(|a| backend_index(*a) == 2));
-        let free: Vec<Vec<u8>> = (0..256u32).map(|i| tcp([198, 18, 6, i as u8], 5000, tcp_flags::SYN)).collect();
+        let pinned: Vec<Vec<u8>> = (0..256u32)
+            .map(|i| tcp([198, 18, 5, i as u8], 5000, tcp_flags::SYN))
+            .collect();
+        assert!(send(&mut b, &pinned, SEC)
+            .iter()
+            .all(|a| backend_index(*a) == 2));
+        let free: Vec<Vec<u8>> = (0..256u32)
+            .map(|i| tcp([198, 18, 6, i as u8], 5000, tcp_flags::SYN))
+            .collect();
         let out = send(&mut b, &free, SEC);
         assert!((0..3).all(|k| out.iter().any(|a| backend_index(*a) == k)));
         let sc = &b.worker.counters().services[0];
@@ -754,18 +804,26 @@ mod tests {
     fn auto_affinity_pins_parallel_connections() {
         let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
         let mut svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::RoundRobin, IPIP);
-        svc.auto_affinity = Some(AutoAffinity { linger: Duration::from_secs(0) });
+        svc.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(0),
+        });
         let mut b = bed(vec![svc], bes, 1 << 14);
         // Round robin would spread these; auto-affinity keeps each client on one backend.
         for client in 0..20u8 {
-            let conns: Vec<Vec<u8>> = (0..6u16).map(|p| tcp([198, 18, 7, client], 6000 + p, tcp_flags::SYN)).collect();
+            let conns: Vec<Vec<u8>> = (0..6u16)
+                .map(|p| tcp([198, 18, 7, client], 6000 + p, tcp_flags::SYN))
+                .collect();
             let out = send(&mut b, &conns, SEC);
             assert!(out.iter().all(|a| *a == out[0]), "client {client}: {out:?}");
         }
         // Once every connection closed (RST) and no linger, the client is free again.
-        let rst: Vec<Vec<u8>> = (0..6u16).map(|p| tcp([198, 18, 7, 0], 6000 + p, tcp_flags::RST)).collect();
+        let rst: Vec<Vec<u8>> = (0..6u16)
+            .map(|p| tcp([198, 18, 7, 0], 6000 + p, tcp_flags::RST))
+            .collect();
         send(&mut b, &rst, 2 * SEC);
-        let again: Vec<Vec<u8>> = (0..6u16).map(|p| tcp([198, 18, 7, 0], 7000 + p, tcp_flags::SYN)).collect();
+        let again: Vec<Vec<u8>> = (0..6u16)
+            .map(|p| tcp([198, 18, 7, 0], 7000 + p, tcp_flags::SYN))
+            .collect();
         let out = send(&mut b, &again, 3 * SEC);
         assert!(out.iter().all(|a| *a == out[0]));
     }
@@ -776,7 +834,11 @@ mod tests {
         let svc = service(0, 53, PROTO_UDP, &bes, SchedulerKind::RoundRobin, IPIP);
         let mut b = bed(vec![svc], bes, 1024);
         let frames: Vec<Vec<u8>> = (0..10u8)
-            .map(|i| FrameSpec::udp_v4([198, 18, 9, i], 999, VIP, 53).build().unwrap())
+            .map(|i| {
+                FrameSpec::udp_v4([198, 18, 9, i], 999, VIP, 53)
+                    .build()
+                    .unwrap()
+            })
             .collect();
         let out = send(&mut b, &frames, SEC);
         let ones = out.iter().filter(|a| backend_index(**a) == 1).count();
@@ -791,7 +853,9 @@ mod tests {
         let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
         let mut b = bed(vec![svc], bes, 1024);
         b.worker.io_mut().tx_capacity = 3;
-        let syns: Vec<Vec<u8>> = (0..10u8).map(|i| tcp([198, 18, 10, i], 1, tcp_flags::SYN)).collect();
+        let syns: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| tcp([198, 18, 10, i], 1, tcp_flags::SYN))
+            .collect();
         for f in &syns {
             b.worker.io_mut().push_rx(0, f);
         }
@@ -804,7 +868,14 @@ mod tests {
     #[test]
     fn l2_mode_rewrites_macs_only() {
         let bes = vec![backend(0, 0, 100)];
-        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, ForwardMode::L2);
+        let svc = service(
+            0,
+            80,
+            PROTO_TCP,
+            &bes,
+            SchedulerKind::Maglev,
+            ForwardMode::L2,
+        );
         let mut b = bed(vec![svc], bes, 1024);
         let f = tcp([198, 18, 11, 1], 1, tcp_flags::SYN);
         b.worker.io_mut().push_rx(0, &f);
