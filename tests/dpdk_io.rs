@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use pktdist::dpdk::{
-    lcore_id, spawn_worker, DpdkError, Eal, Mbuf, Mempool, Port, PortConfig, PortQueues,
+    lcore_id, spawn_worker, DpdkError, Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, QueueDir,
     DEFAULT_DATA_ROOM, HEADROOM, SOCKET_ANY,
 };
 use pktdist::io::{PacketBuf, PacketIo, MAX_BURST};
@@ -569,4 +569,37 @@ fn ports_stop_start_and_reopen_after_drop() {
     assert_eq!(again.name(), name);
     drop(again);
     assert_eq!(pool.available(), pool.size());
+}
+
+#[test]
+fn one_thread_receives_where_another_transmits() {
+    let pool = pool(255);
+    let port = ring_port(1, &pool);
+    let rx = port.queue_dir(0, QueueDir::Rx).expect("rx half");
+    let tx = port.queue_dir(0, QueueDir::Tx).expect("tx half");
+    // Each half is held once; the pair can no longer be claimed whole.
+    assert!(matches!(
+        port.queue_dir(0, QueueDir::Rx),
+        Err(DpdkError::QueueInUse { .. })
+    ));
+    assert!(matches!(port.queue(0), Err(DpdkError::QueueInUse { .. })));
+    let mut sender = PortQueues::new(vec![tx]);
+    let mut receiver = PortQueues::new(vec![rx]);
+
+    // The receive half does not transmit, the transmit half does not receive.
+    let mut keep = vec![Mbuf::from_frame(&pool, &frame(3, 64)).expect("from_frame")];
+    receiver.tx_burst(0, &mut keep);
+    assert_eq!(keep.len(), 1);
+    sender.tx_burst(0, &mut keep);
+    assert!(keep.is_empty());
+    let mut none = Vec::with_capacity(MAX_BURST);
+    sender.rx_burst(0, &mut none);
+    assert!(none.is_empty());
+    let got = receive(&mut receiver, 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data(), &frame(3, 64)[..]);
+
+    // Released halves can be claimed again, as a pair.
+    drop((sender, receiver));
+    assert!(port.queue(0).is_ok());
 }

@@ -71,7 +71,7 @@ pub use mbuf::Mbuf;
 #[cfg(feature = "dpdk")]
 pub use mempool::{Mempool, DEFAULT_DATA_ROOM, HEADROOM};
 #[cfg(feature = "dpdk")]
-pub use port::{LinkStatus, Port, PortConfig, PortQueue, PortStats};
+pub use port::{LinkStatus, Port, PortConfig, PortQueue, PortStats, QueueDir};
 #[cfg(feature = "dpdk")]
 pub use queues::PortQueues;
 #[cfg(feature = "dpdk")]

@@ -4,7 +4,7 @@
 use std::ffi::{CStr, CString};
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::eal;
@@ -82,7 +82,8 @@ pub struct Port {
     rss: bool,
     started: bool,
     /// One flag per queue pair: taken by a live PortQueue.
-    claimed: Box<[AtomicBool]>,
+    /// Per queue index, the directions claimed ([`QueueDir`] bits).
+    claimed: Box<[AtomicU8]>,
     /// The device `open` hot-plugged, to detach on drop.
     hotplugged: Option<NonNull<sys::rte_device>>,
     /// Set once the port is closed (on a failed `open`), so drop does not
@@ -162,7 +163,7 @@ impl Port {
             socket: sys::SOCKET_ANY,
             rss: false,
             started: false,
-            claimed: (0..conf.queues).map(|_| AtomicBool::new(false)).collect(),
+            claimed: (0..conf.queues).map(|_| AtomicU8::new(0)).collect(),
             hotplugged: if probed {
                 NonNull::new(info.device)
             } else {
@@ -428,6 +429,14 @@ impl Port {
     /// Claims queue pair `queue` for one worker. Fails with
     /// [`DpdkError::QueueInUse`] while another [`PortQueue`] holds it.
     pub fn queue(self: &Arc<Self>, queue: u16) -> Result<PortQueue, DpdkError> {
+        self.queue_dir(queue, QueueDir::Both)
+    }
+
+    /// Claims one direction (or both) of queue pair `queue`. Receive and
+    /// transmit queues are independent in DPDK, so one thread may receive
+    /// on a queue while another transmits on the queue of the same index
+    /// (the built-in traffic source feeds a worker that way on `net_ring`).
+    pub fn queue_dir(self: &Arc<Self>, queue: u16, dir: QueueDir) -> Result<PortQueue, DpdkError> {
         let flag = self.claimed.get(usize::from(queue)).ok_or_else(|| {
             DpdkError::InvalidArgument(format!(
                 "port {} has {} queues, no queue {queue}",
@@ -435,7 +444,11 @@ impl Port {
                 self.claimed.len()
             ))
         })?;
-        if flag.swap(true, Ordering::AcqRel) {
+        let bits = dir as u8;
+        let prev = flag.fetch_or(bits, Ordering::AcqRel);
+        if prev & bits != 0 {
+            // Give back only the bits this call set; the holder keeps its own.
+            flag.fetch_and(!(bits & !prev), Ordering::AcqRel);
             return Err(DpdkError::QueueInUse {
                 port: self.id,
                 queue,
@@ -444,10 +457,20 @@ impl Port {
         Ok(PortQueue {
             id: self.id,
             queue,
+            dir: bits,
             mac: self.mac,
             port: Arc::clone(self),
         })
     }
+}
+
+/// Which directions of a queue pair a [`PortQueue`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum QueueDir {
+    Rx = 1,
+    Tx = 2,
+    Both = 3,
 }
 
 impl Drop for Port {
@@ -474,6 +497,8 @@ impl std::fmt::Debug for Port {
 pub struct PortQueue {
     pub(crate) id: u16,
     pub(crate) queue: u16,
+    /// [`QueueDir`] bits held.
+    pub(crate) dir: u8,
     pub(crate) mac: [u8; 6],
     port: Arc<Port>,
 }
@@ -493,7 +518,7 @@ impl PortQueue {
 impl Drop for PortQueue {
     fn drop(&mut self) {
         if let Some(f) = self.port.claimed.get(usize::from(self.queue)) {
-            f.store(false, Ordering::Release);
+            f.fetch_and(!self.dir, Ordering::AcqRel);
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::sys;
-use super::{DpdkError, Mbuf, Port, PortQueue};
+use super::{DpdkError, Mbuf, Port, PortQueue, QueueDir};
 use crate::io::{PacketIo, MAX_BURST};
 
 /// One worker's queue pair on each of its ports. Index `i` of the
@@ -56,6 +56,9 @@ impl PacketIo for PortQueues {
         let Some(q) = self.queues.get(port) else {
             return;
         };
+        if q.dir & QueueDir::Rx as u8 == 0 {
+            return;
+        }
         let room = MAX_BURST.saturating_sub(bufs.len());
         if room == 0 {
             return;
@@ -83,6 +86,9 @@ impl PacketIo for PortQueues {
         let Some(q) = self.queues.get(port) else {
             return;
         };
+        if q.dir & QueueDir::Tx as u8 == 0 {
+            return;
+        }
         let len = bufs.len();
         if len == 0 {
             return;
