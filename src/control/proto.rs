@@ -1436,6 +1436,41 @@ mod tests {
         assert_eq!(seen.len(), 9, "every request type covered");
     }
 
+    /// The worked example of docs/PROTOCOL.md, computed independently (with
+    /// Python's hmac module): an implementation in another language can check
+    /// itself against the same bytes.
+    #[test]
+    fn documented_example_matches_byte_for_byte() {
+        const EXAMPLE: &str = "5044010100000000010000018bcfe568001122334455667788047765623104c000020a\
+                               00500604c63364001800000000000000012c00007dc75ded5878a5a0fe8f6b8daea421\
+                               df8238d54b2104c871ea5c26792061884f";
+        let key: Vec<u8> = (0u8..32).collect();
+        let key = Key::new(&key).unwrap();
+        let req = Request::AffinityCreate(AffinityOp {
+            key: AffinityKey::new(svc4(), v4("198.51.100.0"), 24).unwrap(),
+            duration_secs: 300,
+            owner: None,
+            notify: None,
+        });
+        let h = Header {
+            msg_type: 0,
+            request_id: 1,
+            timestamp_ms: 1_700_000_000_000,
+            nonce: 0x1122_3344_5566_7788,
+            name: "web1",
+        };
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = encode_request(&mut buf, &h, &key, &req).unwrap();
+        let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, EXAMPLE.replace(' ', ""));
+        let env = Envelope::open(&buf[..n]).unwrap();
+        assert!(env.verify(&key));
+        assert_eq!(
+            Request::decode_body(MsgType::AffinityCreate, env.body).unwrap(),
+            req
+        );
+    }
+
     #[test]
     fn header_layout_is_as_documented() {
         let mut buf = [0u8; MAX_DATAGRAM];

@@ -737,21 +737,17 @@ fn fit_limit(requested: u16, name_len: usize, typical: usize) -> u16 {
 /// Cuts a list reply to the entries that fit one datagram, fixing `more`
 /// and `next_offset` (which arrives holding the request's offset).
 fn fit_page(reply: &mut Reply, name_len: usize) {
-    let room = MAX_DATAGRAM
-        - TAG_LEN
-        - FIXED_HEADER_LEN
-        - name_len
-        - REPLY_FIXED_LEN
-        - reply.owner.as_ref().map_or(0, |o| o.len())
-        - reply.message.len().min(super::proto::MAX_TEXT_LEN)
-        - LIST_PAYLOAD_FIXED_LEN;
-    let mut scratch = [0u8; MAX_DATAGRAM];
+    let room =
+        (MAX_DATAGRAM - TAG_LEN - FIXED_HEADER_LEN - REPLY_FIXED_LEN - LIST_PAYLOAD_FIXED_LEN)
+            .saturating_sub(name_len)
+            .saturating_sub(reply.owner.as_ref().map_or(0, |o| o.len()))
+            .saturating_sub(reply.message.len().min(super::proto::MAX_TEXT_LEN));
     match &mut reply.payload {
         ReplyPayload::Affinities {
             next_offset,
             entries,
         } => {
-            let fit = count_fitting(entries, room, &mut scratch, |e, w| e.encode(w));
+            let fit = count_fitting(entries, room, |e, w| e.encode(w));
             if fit < entries.len() {
                 entries.truncate(fit);
                 reply.more = true;
@@ -762,7 +758,7 @@ fn fit_page(reply: &mut Reply, name_len: usize) {
             next_offset,
             entries,
         } => {
-            let fit = count_fitting(entries, room, &mut scratch, |e, w| e.encode(w));
+            let fit = count_fitting(entries, room, |e, w| e.encode(w));
             if fit < entries.len() {
                 entries.truncate(fit);
                 reply.more = true;
@@ -773,12 +769,13 @@ fn fit_page(reply: &mut Reply, name_len: usize) {
     }
 }
 
+/// How many leading entries encode within `room` bytes.
 fn count_fitting<T>(
     entries: &[T],
     room: usize,
-    scratch: &mut [u8],
     enc: impl Fn(&T, &mut Writer<'_>) -> Result<(), super::proto::EncodeError>,
 ) -> usize {
+    let mut scratch = [0u8; MAX_DATAGRAM];
     let mut w = Writer::new(&mut scratch[..room.min(MAX_DATAGRAM)]);
     let mut n = 0;
     for e in entries {
@@ -1297,6 +1294,59 @@ pub(crate) mod tests {
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(replies, n);
         println!("pipeline: {:.0} requests/s", n as f64 / secs);
+    }
+
+    /// Control-plane rate over real UDP on loopback: one thread keeps a
+    /// window of requests in flight, the server thread answers them. Prints
+    /// a rate; asserts no time.
+    #[test]
+    #[ignore = "benchmark: cargo test --release --no-default-features --lib control::server::tests::udp_rate -- --ignored --nocapture"]
+    fn udp_rate() {
+        let config = ServerConfig {
+            read_timeout: Some(Duration::from_millis(5)),
+            ..ServerConfig::new(Allowlist::loopback(), keyring())
+        };
+        let mut s = server_with(config);
+        let addr = s.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let t = std::thread::spawn(move || {
+            let mut h = NullHandler;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                s.poll(&mut h, SystemTime::now());
+            }
+            *s.counters()
+        });
+        let n = 300_000u64;
+        let now = unix_ms(SystemTime::now());
+        let datagrams: Vec<Vec<u8>> = (0..n)
+            .map(|i| datagram("web1", now, i, &create(None)))
+            .collect();
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let (mut sent, mut got, window) = (0usize, 0u64, 64usize);
+        let started = Instant::now();
+        while got < n {
+            while sent < datagrams.len() && sent as u64 - got < window as u64 {
+                sock.send_to(&datagrams[sent], addr).unwrap();
+                sent += 1;
+            }
+            match sock.recv_from(&mut buf) {
+                Ok(_) => got += 1,
+                Err(_) => break, // a reply lost to a full buffer
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let c = t.join().unwrap();
+        println!(
+            "udp: {got} replies in {secs:.2} s = {:.0} requests/s (server: {} dispatched, {} refused)",
+            got as f64 / secs,
+            c.dispatched,
+            c.refused.total()
+        );
     }
 
     struct NullHandler;
