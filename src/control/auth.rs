@@ -1,0 +1,643 @@
+//! Who may talk to the control thread: source networks, per-sender HMAC keys
+//! and replay protection.
+//!
+//! Every check here runs before a request can reach the handler, so all of
+//! it is bounded: the key lookup is one hash probe, the HMAC is computed from
+//! a pre-keyed state, and the replay memory has a fixed capacity and refuses
+//! (rather than grows) when full.
+
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use hashbrown::{HashMap, HashSet};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// Length of an HMAC-SHA256 tag.
+pub const TAG_LEN: usize = 32;
+/// Shortest key accepted: 128 bits.
+pub const MIN_KEY_LEN: usize = 16;
+/// Longest key accepted (longer keys are hashed by HMAC anyway).
+pub const MAX_KEY_LEN: usize = 128;
+
+type HmacSha256 = Hmac<Sha256>;
+
+// ---------------------------------------------------------------------------
+// Networks
+
+/// An IPv4 or IPv6 network in CIDR form. Host bits are cleared on creation so
+/// that two spellings of one network compare equal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// Why a network string was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetParseError(pub String);
+
+impl fmt::Display for NetParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NetParseError {}
+
+impl IpNet {
+    /// A network from an address and prefix length; fails if the prefix is
+    /// longer than the family allows.
+    pub fn new(addr: IpAddr, prefix: u8) -> Result<IpNet, NetParseError> {
+        let max = max_prefix(addr);
+        if prefix > max {
+            return Err(NetParseError(format!(
+                "prefix length /{prefix} is longer than /{max} for {addr}"
+            )));
+        }
+        Ok(IpNet {
+            addr: mask_addr(addr, prefix),
+            prefix,
+        })
+    }
+
+    /// Parses `ADDR/PREFIX` or a bare `ADDR` (a host network).
+    pub fn parse(s: &str) -> Result<IpNet, NetParseError> {
+        let s = s.trim();
+        let (addr_s, prefix_s) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr_s
+            .parse()
+            .map_err(|_| NetParseError(format!("`{addr_s}` is not an IPv4 or IPv6 address")))?;
+        let prefix = match prefix_s {
+            None => max_prefix(addr),
+            Some(p) => p.parse::<u8>().map_err(|_| {
+                NetParseError(format!("`{p}` is not a prefix length (0-32 or 0-128)"))
+            })?,
+        };
+        IpNet::new(addr, prefix)
+    }
+
+    /// The network address (host bits clear).
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` lies in this network. An IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`, as a dual-stack socket reports IPv4 peers) is
+    /// matched as the IPv4 address it carries.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                mask_v4(u32::from(ip), self.prefix) == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask_v6(u128::from(ip), self.prefix) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = NetParseError;
+    fn from_str(s: &str) -> Result<IpNet, NetParseError> {
+        IpNet::parse(s)
+    }
+}
+
+/// 32 for IPv4, 128 for IPv6.
+pub fn max_prefix(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+fn mask_v4(a: u32, prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        a & (u32::MAX << (32 - u32::from(prefix.min(32))))
+    }
+}
+
+fn mask_v6(a: u128, prefix: u8) -> u128 {
+    if prefix == 0 {
+        0
+    } else {
+        a & (u128::MAX << (128 - u32::from(prefix.min(128))))
+    }
+}
+
+/// Clears the host bits of `addr` beyond `prefix` (a longer prefix than the
+/// family has keeps every bit).
+pub fn mask_addr(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(mask_v4(u32::from(a), prefix))),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(mask_v6(u128::from(a), prefix))),
+    }
+}
+
+/// The source networks allowed to send requests. Empty = nobody.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    nets: Vec<IpNet>,
+}
+
+impl Allowlist {
+    pub fn new(nets: Vec<IpNet>) -> Allowlist {
+        Allowlist { nets }
+    }
+
+    /// Loopback only (127.0.0.0/8 and ::1): a safe default.
+    pub fn loopback() -> Allowlist {
+        Allowlist {
+            nets: vec![
+                IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8).expect("valid"),
+                IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128).expect("valid"),
+            ],
+        }
+    }
+
+    /// Parses a list of CIDR strings.
+    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Allowlist, NetParseError> {
+        let nets = items
+            .iter()
+            .map(|s| IpNet::parse(s.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Allowlist { nets })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|n| n.contains(ip))
+    }
+
+    pub fn nets(&self) -> &[IpNet] {
+        &self.nets
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Keys
+
+/// Why a key was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyError(pub String);
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// Parses a hex key (whitespace around it ignored, an optional `0x` prefix
+/// allowed) of [`MIN_KEY_LEN`]..=[`MAX_KEY_LEN`] bytes.
+pub fn parse_hex_key(s: &str) -> Result<Vec<u8>, KeyError> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if s.is_empty() {
+        return Err(KeyError("the key is empty".into()));
+    }
+    if s.len() % 2 != 0 {
+        return Err(KeyError(format!(
+            "the key has an odd number of hex digits ({})",
+            s.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(s.len() / 2);
+    let bytes = s.as_bytes();
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = hex_digit(pair[0]);
+        let lo = hex_digit(pair[1]);
+        match (hi, lo) {
+            (Some(h), Some(l)) => out.push(h << 4 | l),
+            _ => {
+                let at = if hi.is_none() { 2 * i } else { 2 * i + 1 };
+                let c = s[at..].chars().next().unwrap_or('?');
+                return Err(KeyError(format!(
+                    "the key has a non-hex character `{c}` at position {}",
+                    at + 1
+                )));
+            }
+        }
+    }
+    check_key_len(&out)?;
+    Ok(out)
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn check_key_len(key: &[u8]) -> Result<(), KeyError> {
+    if key.len() < MIN_KEY_LEN {
+        return Err(KeyError(format!(
+            "the key is {} bytes; at least {MIN_KEY_LEN} bytes ({} hex digits) are required",
+            key.len(),
+            2 * MIN_KEY_LEN
+        )));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError(format!(
+            "the key is {} bytes; at most {MAX_KEY_LEN} are allowed",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// One HMAC-SHA256 key, kept as the keyed state so that signing or verifying
+/// a message costs only the message's own compression rounds.
+#[derive(Clone)]
+pub struct Key {
+    mac: HmacSha256,
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+impl Key {
+    /// A key from raw bytes ([`MIN_KEY_LEN`]..=[`MAX_KEY_LEN`] of them).
+    pub fn new(bytes: &[u8]) -> Result<Key, KeyError> {
+        check_key_len(bytes)?;
+        let mac = <HmacSha256 as Mac>::new_from_slice(bytes)
+            .map_err(|_| KeyError("the key cannot be used for HMAC".into()))?;
+        Ok(Key { mac })
+    }
+
+    /// A key from hex.
+    pub fn from_hex(s: &str) -> Result<Key, KeyError> {
+        Key::new(&parse_hex_key(s)?)
+    }
+
+    /// The HMAC-SHA256 tag of `data`.
+    pub fn sign(&self, data: &[u8]) -> [u8; TAG_LEN] {
+        let mut mac = self.mac.clone();
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the tag of `data`, compared in constant time.
+    pub fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
+        let mut mac = self.mac.clone();
+        mac.update(data);
+        mac.verify_slice(tag).is_ok()
+    }
+}
+
+/// Sender name -> key.
+#[derive(Clone, Debug, Default)]
+pub struct Keyring {
+    keys: HashMap<String, Key>,
+}
+
+impl Keyring {
+    pub fn new() -> Keyring {
+        Keyring::default()
+    }
+
+    /// Adds or replaces the key of `name`.
+    pub fn insert(&mut self, name: &str, key: Key) -> Result<(), KeyError> {
+        if name.is_empty() || name.len() > super::proto::MAX_NAME_LEN {
+            return Err(KeyError(format!(
+                "key name `{name}` must be 1 to {} bytes long",
+                super::proto::MAX_NAME_LEN
+            )));
+        }
+        self.keys.insert(name.to_string(), key);
+        Ok(())
+    }
+
+    /// Adds the hex key of `name`; the error names the sender.
+    pub fn insert_hex(&mut self, name: &str, hex: &str) -> Result<(), KeyError> {
+        let key = Key::from_hex(hex).map_err(|e| KeyError(format!("key of `{name}`: {e}")))?;
+        self.insert(name, key)
+    }
+
+    /// Builds a keyring from (name, hex key) pairs.
+    pub fn from_hex_pairs<N: AsRef<str>, K: AsRef<str>>(
+        pairs: &[(N, K)],
+    ) -> Result<Keyring, KeyError> {
+        let mut ring = Keyring::new();
+        for (n, k) in pairs {
+            ring.insert_hex(n.as_ref(), k.as_ref())?;
+        }
+        Ok(ring)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Key> {
+        self.keys.get(name)
+    }
+
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.keys.remove(name).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Replay protection
+
+/// Why a fresh-looking request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayError {
+    /// The timestamp is further than the allowed skew from our clock.
+    Stale,
+    /// This (sender, nonce) was already accepted within the window.
+    Replay,
+    /// The memory of recent nonces is full; refuse rather than forget.
+    Full,
+}
+
+/// Passes the 64-bit value written by [`ReplayGuard`] through: the value is
+/// already a keyed SipHash, so hashing it again would only cost time.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// Remembers the (sender, nonce) pairs accepted within the clock-skew window.
+///
+/// A request is accepted only if its timestamp is within `max_skew` of our
+/// clock, so a pair accepted at timestamp `t` can only be replayed until
+/// `t + max_skew`; it is remembered until then and forgotten after. Pairs are
+/// stored as a keyed 64-bit hash (a secret SipHash key per process, so a
+/// sender cannot aim for collisions), in a set bounded by `capacity`.
+pub struct ReplayGuard {
+    max_skew_ms: u64,
+    capacity: usize,
+    hasher: RandomState,
+    seen: HashSet<u64, BuildHasherDefault<PassThrough>>,
+    /// (forget-after ms, fingerprint) in insertion order.
+    order: VecDeque<(u64, u64)>,
+}
+
+impl ReplayGuard {
+    pub fn new(max_skew: Duration, capacity: usize) -> ReplayGuard {
+        ReplayGuard {
+            max_skew_ms: u64::try_from(max_skew.as_millis()).unwrap_or(u64::MAX),
+            capacity: capacity.max(1),
+            hasher: RandomState::new(),
+            seen: HashSet::default(),
+            order: VecDeque::new(),
+        }
+    }
+
+    pub fn max_skew(&self) -> Duration {
+        Duration::from_millis(self.max_skew_ms)
+    }
+
+    /// Pairs currently remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Checks and, if accepted, records one request. Call only after the
+    /// request's HMAC verified, so that forgeries cannot fill the memory.
+    pub fn check(
+        &mut self,
+        sender: &str,
+        nonce: u64,
+        timestamp_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), ReplayError> {
+        if timestamp_ms.abs_diff(now_ms) > self.max_skew_ms {
+            return Err(ReplayError::Stale);
+        }
+        self.expire(now_ms);
+        let mut h = self.hasher.build_hasher();
+        h.write(sender.as_bytes());
+        h.write_u8(0xff);
+        h.write_u64(nonce);
+        let fp = h.finish();
+        if self.seen.contains(&fp) {
+            return Err(ReplayError::Replay);
+        }
+        if self.seen.len() >= self.capacity {
+            return Err(ReplayError::Full);
+        }
+        self.seen.insert(fp);
+        self.order
+            .push_back((timestamp_ms.saturating_add(self.max_skew_ms), fp));
+        Ok(())
+    }
+
+    /// Forgets pairs whose timestamp has left the window. Entries are
+    /// forgotten in insertion order; one with a later deadline at the front
+    /// holds back the ones behind it for at most twice the skew, which only
+    /// remembers them longer (safe).
+    pub fn expire(&mut self, now_ms: u64) {
+        while let Some(&(until, fp)) = self.order.front() {
+            if until >= now_ms {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&fp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipnet_parse_and_contains_v4() {
+        let n = IpNet::parse("10.1.2.3/16").unwrap();
+        assert_eq!(n.addr(), ip("10.1.0.0"));
+        assert_eq!(n.prefix_len(), 16);
+        assert_eq!(n.to_string(), "10.1.0.0/16");
+        assert!(n.contains(ip("10.1.255.7")));
+        assert!(!n.contains(ip("10.2.0.1")));
+        assert!(!n.contains(ip("::1")));
+        // IPv4-mapped IPv6 peer of a dual-stack socket.
+        assert!(n.contains(ip("::ffff:10.1.9.9")));
+        let host = IpNet::parse("192.0.2.1").unwrap();
+        assert_eq!(host.prefix_len(), 32);
+        assert!(host.contains(ip("192.0.2.1")));
+        assert!(!host.contains(ip("192.0.2.2")));
+        let all = IpNet::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains(ip("255.255.255.255")));
+        assert!(!all.contains(ip("::")));
+    }
+
+    #[test]
+    fn ipnet_parse_and_contains_v6() {
+        let n = IpNet::parse("2001:db8::1/32").unwrap();
+        assert_eq!(n.addr(), ip("2001:db8::"));
+        assert!(n.contains(ip("2001:db8:ffff::1")));
+        assert!(!n.contains(ip("2001:db9::1")));
+        assert!(!n.contains(ip("10.0.0.1")));
+        let h = IpNet::parse("::1").unwrap();
+        assert_eq!(h.prefix_len(), 128);
+        assert!(h.contains(ip("::1")));
+        assert!(IpNet::parse("::/0").unwrap().contains(ip("ff02::1")));
+        let odd = IpNet::parse("2001:db8:abcd::/37").unwrap();
+        assert!(odd.contains(ip("2001:db8:a800::1")));
+        assert!(!odd.contains(ip("2001:db8:b000::1")));
+    }
+
+    #[test]
+    fn ipnet_rejects_bad_input() {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+            "x/8",
+            "1.2.3.4/8/9",
+        ] {
+            assert!(IpNet::parse(bad).is_err(), "{bad} parsed");
+        }
+        assert!(IpNet::parse("10.0.0.0/33")
+            .unwrap_err()
+            .to_string()
+            .contains("/33"));
+    }
+
+    #[test]
+    fn allowlist_matches_any_network() {
+        let a = Allowlist::parse(&["10.0.0.0/8", "2001:db8::/32"]).unwrap();
+        assert!(a.contains(ip("10.9.9.9")));
+        assert!(a.contains(ip("2001:db8::5")));
+        assert!(!a.contains(ip("127.0.0.1")));
+        assert!(!Allowlist::default().contains(ip("127.0.0.1")));
+        assert!(Allowlist::loopback().contains(ip("127.0.0.1")));
+        assert!(Allowlist::loopback().contains(ip("::1")));
+        assert!(Allowlist::parse(&["10.0.0.0/8", "nope"]).is_err());
+    }
+
+    #[test]
+    fn hex_keys_parse_with_clear_errors() {
+        let k = parse_hex_key(" 0x00112233445566778899AABBCCDDEEFF\n").unwrap();
+        assert_eq!(k.len(), 16);
+        assert_eq!(k[15], 0xff);
+        let e = parse_hex_key("0011").unwrap_err().to_string();
+        assert!(e.contains("at least 16 bytes"), "{e}");
+        let e = parse_hex_key("001").unwrap_err().to_string();
+        assert!(e.contains("odd"), "{e}");
+        let e = parse_hex_key("00112233445566778899aabbccddeeZf")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`Z`") && e.contains("position 31"), "{e}");
+        assert!(parse_hex_key("").is_err());
+        assert!(parse_hex_key(&"ab".repeat(MAX_KEY_LEN + 1)).is_err());
+        let mut ring = Keyring::new();
+        let e = ring.insert_hex("web1", "xyz").unwrap_err().to_string();
+        assert!(e.contains("web1"), "{e}");
+        assert!(ring.insert_hex("", &"ab".repeat(16)).is_err());
+        assert!(ring.is_empty());
+    }
+
+    #[test]
+    fn hmac_signs_and_verifies() {
+        let k = Key::new(&[7u8; 32]).unwrap();
+        let other = Key::new(&[8u8; 32]).unwrap();
+        let tag = k.sign(b"hello");
+        assert!(k.verify(b"hello", &tag));
+        assert!(!k.verify(b"hellp", &tag));
+        assert!(!other.verify(b"hello", &tag));
+        assert!(!k.verify(b"hello", &tag[..31]));
+        // RFC 4231 test case 2 uses a short key; check against case 1's
+        // construction with a 20-byte key instead.
+        let k1 = Key::new(&[0x0b; 20]).unwrap();
+        let t = k1.sign(b"Hi There");
+        assert_eq!(
+            t[..8],
+            [0xb0, 0x34, 0x4c, 0x61, 0xd8, 0xdb, 0x38, 0x53],
+            "RFC 4231 test case 1"
+        );
+    }
+
+    #[test]
+    fn replay_guard_refuses_stale_and_repeated() {
+        let mut g = ReplayGuard::new(Duration::from_secs(10), 100);
+        let now = 1_000_000;
+        assert_eq!(g.check("a", 1, now, now), Ok(()));
+        assert_eq!(g.check("a", 1, now, now + 5), Err(ReplayError::Replay));
+        // Same nonce from another sender is a different pair.
+        assert_eq!(g.check("b", 1, now, now), Ok(()));
+        assert_eq!(g.check("a", 2, now - 10_001, now), Err(ReplayError::Stale));
+        assert_eq!(g.check("a", 3, now + 10_001, now), Err(ReplayError::Stale));
+        assert_eq!(g.check("a", 4, now - 10_000, now), Ok(()));
+        // Once the original's timestamp is out of the window, the pair is
+        // forgotten, and a replay is refused as stale instead.
+        assert_eq!(g.check("a", 1, now, now + 10_001), Err(ReplayError::Stale));
+        g.expire(now + 10_001);
+        assert!(g.len() < 3);
+    }
+
+    #[test]
+    fn replay_guard_is_bounded() {
+        let mut g = ReplayGuard::new(Duration::from_secs(10), 3);
+        let now = 50_000;
+        for n in 0..3 {
+            assert_eq!(g.check("a", n, now, now), Ok(()));
+        }
+        assert_eq!(g.check("a", 99, now, now), Err(ReplayError::Full));
+        assert_eq!(g.len(), 3);
+        // After the window passes, room is made again.
+        assert_eq!(g.check("a", 99, now + 20_000, now + 20_000), Ok(()));
+        assert_eq!(g.len(), 1);
+    }
+}

@@ -1,0 +1,660 @@
+//! The `pktdist affinity|backend|stats` subcommands: talk to a running
+//! instance through the client library and print the answers as tables.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::auth::{parse_hex_key, IpNet};
+use super::client::{AffinitySpec, ClientError, ControlClient};
+use super::proto::{
+    AffinityEntry, AffinityKey, BackendEntry, PortMatch, Reply, ReturnCode, ServiceAddr,
+};
+use crate::packet::{PROTO_TCP, PROTO_UDP};
+
+/// Default control address.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
+
+/// How to reach and authenticate to the running instance.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct ConnArgs {
+    /// Control address of the running pktdist.
+    #[arg(long, default_value = DEFAULT_SERVER)]
+    pub server: SocketAddr,
+    /// Name to send as: `admin`, or a backend name.
+    #[arg(long, default_value = "admin")]
+    pub name: String,
+    /// The name's key, in hex.
+    #[arg(long, conflicts_with = "key_file")]
+    pub key: Option<String>,
+    /// A file holding the name's key in hex.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Time to wait for each reply (two retries follow a timeout).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+impl ConnArgs {
+    /// The key bytes from `--key` or `--key-file`.
+    pub fn key_bytes(&self) -> Result<Vec<u8>, String> {
+        match (&self.key, &self.key_file) {
+            (Some(hex), _) => parse_hex_key(hex).map_err(|e| format!("--key: {e}")),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--key-file {}: {e}", path.display()))?;
+                parse_hex_key(&text).map_err(|e| format!("--key-file {}: {e}", path.display()))
+            }
+            (None, None) => Err("give the key with --key HEX or --key-file PATH".into()),
+        }
+    }
+
+    /// A client connected as these arguments say.
+    pub fn client(&self) -> Result<ControlClient, String> {
+        let key = self.key_bytes()?;
+        let mut c = ControlClient::new(self.server, &self.name, &key)
+            .map_err(|e| format!("control client: {e}"))?;
+        c.set_timeout(self.timeout);
+        Ok(c)
+    }
+}
+
+/// Which affinity: service, client network, client ports, owner.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct AffinityTarget {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Service VIP and port, e.g. 192.0.2.10:80 or [2001:db8::10]:443.
+    #[arg(long)]
+    pub service: SocketAddr,
+    /// Service protocol: tcp or udp.
+    #[arg(long, default_value = "tcp", value_parser = parse_proto)]
+    pub proto: u8,
+    /// Client address or network: 198.51.100.7 or 198.51.100.0/24.
+    #[arg(long)]
+    pub client: IpNet,
+    /// Client ports: any, one port (1234) or a range (1000-1999).
+    #[arg(long, default_value = "any", value_parser = parse_ports)]
+    pub ports: PortMatch,
+    /// Owning backend (admin only; a backend always owns its own).
+    #[arg(long)]
+    pub owner: Option<String>,
+}
+
+impl AffinityTarget {
+    pub fn spec(&self) -> Result<AffinitySpec, String> {
+        let service = ServiceAddr {
+            addr: self.service.ip(),
+            port: self.service.port(),
+            proto: self.proto,
+        };
+        let key = AffinityKey::new(service, self.client.addr(), self.client.prefix_len())
+            .map_err(str::to_string)?
+            .with_ports(self.ports);
+        Ok(AffinitySpec {
+            key,
+            owner: self.owner.clone(),
+            notify: None,
+        })
+    }
+}
+
+/// An affinity with a duration (add, extend).
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct AffinityTimed {
+    #[command(flatten)]
+    pub target: AffinityTarget,
+    /// How long: 90, 30s, 5m, 2h, 1d.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Where the ended notification goes (default: this command's socket).
+    #[arg(long)]
+    pub notify: Option<SocketAddr>,
+}
+
+/// `pktdist affinity ...`
+#[derive(Subcommand, Clone, Debug, PartialEq, Eq)]
+pub enum AffinityCmd {
+    /// Pin a client (or network) on a service to a backend for a duration.
+    Add(AffinityTimed),
+    /// Give an existing affinity a new duration from now.
+    Extend(AffinityTimed),
+    /// Remove an affinity now.
+    Cancel(AffinityTarget),
+    /// List affinities.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Only this service (VIP:PORT).
+        #[arg(long)]
+        service: Option<SocketAddr>,
+        /// Protocol of --service.
+        #[arg(long, default_value = "tcp", value_parser = parse_proto)]
+        proto: u8,
+        /// Only this owner.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+}
+
+/// A MAC address as `02:00:00:00:00:01`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mac(pub [u8; 6]);
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let parts: Vec<&str> = s.split([':', '-']).collect();
+        if parts.len() != 6 {
+            return Err(format!("`{s}` is not a MAC address (six hex bytes)"));
+        }
+        let mut m = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            if p.len() != 2 {
+                return Err(format!("`{s}` is not a MAC address (six hex bytes)"));
+            }
+            m[i] = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("`{s}` is not a MAC address (six hex bytes)"))?;
+        }
+        Ok(Mac(m))
+    }
+}
+
+/// `pktdist backend ...`
+#[derive(Subcommand, Clone, Debug, PartialEq, Eq)]
+pub enum BackendCmd {
+    /// List backends with their weights.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Only this service (by name).
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Set a backend's weight; 0 drains it.
+    SetWeight {
+        #[command(flatten)]
+        conn: ConnArgs,
+        service: String,
+        backend: String,
+        weight: u32,
+    },
+    /// Add a backend to a service.
+    Add {
+        #[command(flatten)]
+        conn: ConnArgs,
+        service: String,
+        backend: String,
+        /// Backend address (same family as the service VIP).
+        #[arg(long)]
+        addr: IpAddr,
+        /// Next-hop MAC (needed for l2 forwarding).
+        #[arg(long)]
+        mac: Option<Mac>,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Remove a backend; its affinities end.
+    Remove {
+        #[command(flatten)]
+        conn: ConnArgs,
+        service: String,
+        backend: String,
+    },
+}
+
+/// `pktdist stats`
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Refresh continuously.
+    #[arg(long)]
+    pub watch: bool,
+    /// Refresh interval for --watch.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+}
+
+/// `30s`, `5m`, `2h`, `1d`, `250ms`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (like 30s, 5m, 2h)"))?;
+    let secs = |m: u64| {
+        n.checked_mul(m)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("`{s}` is too long"))
+    };
+    match unit {
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        "ms" => Ok(Duration::from_millis(n)),
+        _ => Err(format!(
+            "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
+        )),
+    }
+}
+
+/// `tcp`, `udp`, `6` or `17`.
+pub fn parse_proto(s: &str) -> Result<u8, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" | "6" => Ok(PROTO_TCP),
+        "udp" | "17" => Ok(PROTO_UDP),
+        _ => Err(format!("`{s}` is not a protocol (tcp or udp)")),
+    }
+}
+
+/// `any`, `PORT` or `LO-HI`.
+pub fn parse_ports(s: &str) -> Result<PortMatch, String> {
+    let bad = || format!("`{s}` is not a port match (any, 443 or 1000-1999)");
+    if s.eq_ignore_ascii_case("any") {
+        return Ok(PortMatch::Any);
+    }
+    match s.split_once('-') {
+        None => s.parse().map(PortMatch::One).map_err(|_| bad()),
+        Some((lo, hi)) => {
+            let lo: u16 = lo.parse().map_err(|_| bad())?;
+            let hi: u16 = hi.parse().map_err(|_| bad())?;
+            if lo > hi {
+                return Err(format!("`{s}`: the range's low end is above its high end"));
+            }
+            Ok(PortMatch::Range(lo, hi))
+        }
+    }
+}
+
+fn err(e: ClientError) -> String {
+    e.to_string()
+}
+
+/// One line for a reply; Err (for a non-zero exit) unless the code is OK.
+pub fn render_reply(what: &str, reply: &Reply) -> Result<String, String> {
+    let mut line = format!("{}: {what}", reply.code);
+    if let Some(owner) = &reply.owner {
+        let _ = write!(line, ", owned by {owner}");
+    }
+    if reply.remaining_secs > 0 {
+        let _ = write!(line, ", {} s remaining", reply.remaining_secs);
+    }
+    if !reply.message.is_empty() {
+        let _ = write!(line, " ({})", reply.message);
+    }
+    if reply.code == ReturnCode::Ok {
+        Ok(line)
+    } else {
+        Err(line)
+    }
+}
+
+/// Aligned columns under a header row.
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, c) in cells.enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            let _ = write!(l, "{:<w$}", c, w = widths.get(i).copied().unwrap_or(0));
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+fn fmt_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+/// The affinity list as a table.
+pub fn render_affinities(entries: &[AffinityEntry]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.key.service.to_string(),
+                format!("{}/{}", e.key.client, e.key.prefix_len),
+                e.key.ports.to_string(),
+                e.owner.clone(),
+                if e.remaining_secs == u32::MAX {
+                    "static".into()
+                } else {
+                    format!("{}s", e.remaining_secs)
+                },
+                e.notify.map_or_else(|| "-".into(), |n| n.to_string()),
+            ]
+        })
+        .collect();
+    let mut out = render_table(
+        &["SERVICE", "CLIENT", "PORTS", "OWNER", "REMAINING", "NOTIFY"],
+        &rows,
+    );
+    let _ = writeln!(out, "{} affinities", entries.len());
+    out
+}
+
+/// The backend list as a table.
+pub fn render_backends(entries: &[BackendEntry]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|b| {
+            vec![
+                b.service.clone(),
+                b.backend.clone(),
+                b.addr.to_string(),
+                b.mac.map_or_else(|| "-".into(), fmt_mac),
+                b.weight.to_string(),
+                if b.weight == 0 { "draining" } else { "active" }.into(),
+            ]
+        })
+        .collect();
+    render_table(
+        &["SERVICE", "BACKEND", "ADDRESS", "MAC", "WEIGHT", "STATE"],
+        &rows,
+    )
+}
+
+/// Runs `pktdist affinity ...`, printing the result.
+pub fn run_affinity(cmd: &AffinityCmd) -> Result<(), String> {
+    match cmd {
+        AffinityCmd::Add(a) | AffinityCmd::Extend(a) => {
+            let mut spec = a.target.spec()?;
+            spec.notify = a.notify;
+            let mut c = a.target.conn.client()?;
+            let (what, reply) = if matches!(cmd, AffinityCmd::Add(_)) {
+                ("create", c.create_affinity(&spec, a.duration).map_err(err)?)
+            } else {
+                ("extend", c.extend_affinity(&spec, a.duration).map_err(err)?)
+            };
+            println!("{}", render_reply(&format!("{what} {}", spec.key), &reply)?);
+            Ok(())
+        }
+        AffinityCmd::Cancel(t) => {
+            let spec = t.spec()?;
+            let reply = t.conn.client()?.cancel_affinity(&spec).map_err(err)?;
+            println!("{}", render_reply(&format!("cancel {}", spec.key), &reply)?);
+            Ok(())
+        }
+        AffinityCmd::List {
+            conn,
+            service,
+            proto,
+            owner,
+        } => {
+            let service = service.map(|s| ServiceAddr {
+                addr: s.ip(),
+                port: s.port(),
+                proto: *proto,
+            });
+            let entries = conn
+                .client()?
+                .list_affinities(service, owner.as_deref())
+                .map_err(err)?;
+            print!("{}", render_affinities(&entries));
+            Ok(())
+        }
+    }
+}
+
+/// Runs `pktdist backend ...`, printing the result.
+pub fn run_backend(cmd: &BackendCmd) -> Result<(), String> {
+    match cmd {
+        BackendCmd::List { conn, service } => {
+            let entries = conn
+                .client()?
+                .backend_list(service.as_deref())
+                .map_err(err)?;
+            print!("{}", render_backends(&entries));
+            Ok(())
+        }
+        BackendCmd::SetWeight {
+            conn,
+            service,
+            backend,
+            weight,
+        } => {
+            let reply = conn
+                .client()?
+                .set_weight(service, backend, *weight)
+                .map_err(err)?;
+            println!(
+                "{}",
+                render_reply(&format!("{service}/{backend} weight {weight}"), &reply)?
+            );
+            Ok(())
+        }
+        BackendCmd::Add {
+            conn,
+            service,
+            backend,
+            addr,
+            mac,
+            weight,
+        } => {
+            let entry = BackendEntry {
+                service: service.clone(),
+                backend: backend.clone(),
+                addr: *addr,
+                mac: mac.map(|m| m.0),
+                weight: *weight,
+            };
+            let reply = conn.client()?.add_backend(&entry).map_err(err)?;
+            println!(
+                "{}",
+                render_reply(&format!("add {service}/{backend} at {addr}"), &reply)?
+            );
+            Ok(())
+        }
+        BackendCmd::Remove {
+            conn,
+            service,
+            backend,
+        } => {
+            let reply = conn
+                .client()?
+                .remove_backend(service, backend)
+                .map_err(err)?;
+            println!(
+                "{}",
+                render_reply(&format!("remove {service}/{backend}"), &reply)?
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The statistics document (JSON) of the running instance.
+pub fn fetch_stats(conn: &ConnArgs) -> Result<String, String> {
+    conn.client()?.stats().map_err(err)
+}
+
+/// Runs `pktdist stats` once: prints the statistics, pretty-printed when
+/// they are JSON. (`--watch` rendering is the caller's loop around
+/// [`fetch_stats`].)
+pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
+    let doc = fetch_stats(&args.conn)?;
+    match serde_json::from_str::<serde_json::Value>(&doc) {
+        Ok(v) => println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| doc.clone())
+        ),
+        Err(_) => println!("{doc}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Parser, Subcommand};
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Top,
+    }
+
+    #[derive(Subcommand, Debug)]
+    enum Top {
+        #[command(subcommand)]
+        Affinity(AffinityCmd),
+        #[command(subcommand)]
+        Backend(BackendCmd),
+        Stats(StatsArgs),
+    }
+
+    fn parse(args: &[&str]) -> Result<Top, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pktdist").chain(args.iter().copied())).map(|c| c.cmd)
+    }
+
+    #[test]
+    fn affinity_add_parses() {
+        let Top::Affinity(AffinityCmd::Add(a)) = parse(&[
+            "affinity",
+            "add",
+            "--service",
+            "192.0.2.10:80",
+            "--client",
+            "198.51.100.77/24",
+            "--ports",
+            "1000-1999",
+            "--duration",
+            "5m",
+            "--key",
+            "00112233445566778899aabbccddeeff",
+        ])
+        .unwrap() else {
+            panic!("wrong command")
+        };
+        assert_eq!(a.duration, Duration::from_secs(300));
+        assert_eq!(a.target.conn.server, DEFAULT_SERVER.parse().unwrap());
+        assert_eq!(a.target.conn.name, "admin");
+        let spec = a.target.spec().unwrap();
+        assert_eq!(spec.key.client, "198.51.100.0".parse::<IpAddr>().unwrap());
+        assert_eq!(spec.key.prefix_len, 24);
+        assert_eq!(spec.key.ports, PortMatch::Range(1000, 1999));
+        assert_eq!(spec.key.service.proto, PROTO_TCP);
+        assert_eq!(a.target.conn.key_bytes().unwrap().len(), 16);
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(parse(&["affinity", "add", "--service", "192.0.2.10:80"]).is_err());
+        assert!(parse(&[
+            "affinity",
+            "cancel",
+            "--service",
+            "192.0.2.10:80",
+            "--client",
+            "10.0.0.0/40"
+        ])
+        .is_err());
+        assert!(parse(&["backend", "set-weight", "web", "b1", "heavy"]).is_err());
+        assert!(
+            parse(&["backend", "add", "web", "b1", "--addr", "10.0.0.1", "--mac", "zz"]).is_err()
+        );
+        let Top::Affinity(AffinityCmd::Cancel(t)) = parse(&[
+            "affinity",
+            "cancel",
+            "--service",
+            "[2001:db8::1]:443",
+            "--client",
+            "10.0.0.1",
+        ])
+        .unwrap() else {
+            panic!("wrong command")
+        };
+        assert!(t.spec().is_err(), "family mismatch");
+        assert!(t.conn.key_bytes().unwrap_err().contains("--key"));
+    }
+
+    #[test]
+    fn backend_and_stats_parse() {
+        let Top::Backend(BackendCmd::Add { mac, weight, .. }) = parse(&[
+            "backend",
+            "add",
+            "web",
+            "b9",
+            "--addr",
+            "10.0.0.9",
+            "--mac",
+            "02:00:00:00:00:09",
+            "--weight",
+            "5",
+        ])
+        .unwrap() else {
+            panic!("wrong command")
+        };
+        assert_eq!(mac, Some(Mac([2, 0, 0, 0, 0, 9])));
+        assert_eq!(weight, 5);
+        let Top::Stats(s) = parse(&["stats", "--watch", "--server", "10.0.0.1:7000"]).unwrap()
+        else {
+            panic!("wrong command")
+        };
+        assert!(s.watch);
+        assert_eq!(s.conn.server, "10.0.0.1:7000".parse().unwrap());
+    }
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(parse_ports("any").unwrap(), PortMatch::Any);
+        assert_eq!(parse_ports("443").unwrap(), PortMatch::One(443));
+        assert!(parse_ports("9-1").is_err());
+        assert!(parse_ports("70000").is_err());
+        assert_eq!(parse_proto("UDP").unwrap(), PROTO_UDP);
+        assert!(parse_proto("sctp").is_err());
+    }
+
+    #[test]
+    fn tables_render() {
+        let t = render_table(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
+        assert_eq!(t, "A     LONGER\nxxxx  y\n");
+        let b = render_backends(&[BackendEntry {
+            service: "web".into(),
+            backend: "b1".into(),
+            addr: "10.0.0.1".parse().unwrap(),
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            weight: 0,
+        }]);
+        assert!(
+            b.contains("02:00:00:00:00:01") && b.contains("draining"),
+            "{b}"
+        );
+        let mut r = Reply::new(1, 0, ReturnCode::Conflict);
+        r.owner = Some("web2".into());
+        r.remaining_secs = 30;
+        let e = render_reply("create", &r).unwrap_err();
+        assert_eq!(e, "CONFLICT: create, owned by web2, 30 s remaining");
+        assert!(render_reply("x", &Reply::new(1, 0, ReturnCode::Ok)).is_ok());
+    }
+}

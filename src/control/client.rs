@@ -1,0 +1,1008 @@
+//! The client library: what the CLI and server applications use to talk to
+//! a running distributor.
+//!
+//! Each request is signed with the client's key, sent, and retried on
+//! timeout. A retry keeps the request id but gets a fresh nonce and
+//! timestamp (the server refuses a repeated nonce as a replay), so it is a
+//! new message for the same operation; the client accepts a reply to any of
+//! its attempts, recognised by request id and by the request nonce the reply
+//! echoes, and only if the reply's HMAC verifies under the client's key.
+//!
+//! An application that wants the AFFINITY_ENDED notifications uses one
+//! [`ControlClient`] (one socket) for its requests and for
+//! [`ControlClient::recv_ended`]: the notification goes to the address the
+//! create request came from unless another was named. Notifications that
+//! arrive while the client waits for a reply are queued, not lost.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::auth::Key;
+use super::proto::{
+    encode_request, AffinityEntry, AffinityKey, AffinityOp, BackendEntry, BackendSpec, DecodeError,
+    EncodeError, EndedNotice, Envelope, Header, MsgType, Reply, ReplyPayload, Request, ReturnCode,
+    ServiceAddr, MAX_DATAGRAM,
+};
+use super::server::{unix_ms, NonceSource};
+
+/// Default time to wait for a reply per attempt.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Default retries after the first attempt.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Largest statistics document the client accepts.
+const MAX_STATS_LEN: u32 = 16 << 20;
+/// Notification nonces remembered to drop duplicates.
+const SEEN_NOTICES: usize = 256;
+/// Notifications queued while waiting for replies.
+const MAX_QUEUED_NOTICES: usize = 4096;
+
+/// Why a request did not produce a reply (or, for the list and one-call
+/// helpers, an OK reply).
+#[derive(Debug)]
+pub enum ClientError {
+    Io(io::Error),
+    /// No authentic reply after every attempt. The usual causes: wrong key,
+    /// clock skew beyond the server's limit, source network not allowed,
+    /// or no server listening — the server answers none of these.
+    Timeout {
+        attempts: u32,
+    },
+    /// The request could not be encoded (a field out of range).
+    Encode(EncodeError),
+    /// The server answered with another code than OK.
+    Refused {
+        code: ReturnCode,
+        message: String,
+        owner: Option<String>,
+        remaining_secs: u32,
+    },
+    /// An authentic reply that makes no sense for the request.
+    Protocol(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Io(e) => write!(f, "control socket: {e}"),
+            ClientError::Timeout { attempts } => write!(
+                f,
+                "no reply after {attempts} attempts (is the server running, the key right, \
+                 the clock in sync and this address allowed?)"
+            ),
+            ClientError::Encode(e) => write!(f, "cannot encode request: {e}"),
+            ClientError::Refused {
+                code,
+                message,
+                owner,
+                ..
+            } => {
+                write!(f, "{code}")?;
+                if let Some(o) = owner {
+                    write!(f, " (owner {o})")?;
+                }
+                if !message.is_empty() {
+                    write!(f, ": {message}")?;
+                }
+                Ok(())
+            }
+            ClientError::Protocol(m) => write!(f, "protocol error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> ClientError {
+        ClientError::Io(e)
+    }
+}
+
+impl From<EncodeError> for ClientError {
+    fn from(e: EncodeError) -> ClientError {
+        ClientError::Encode(e)
+    }
+}
+
+impl ClientError {
+    fn refused(reply: Reply) -> ClientError {
+        ClientError::Refused {
+            code: reply.code,
+            message: reply.message.into_owned(),
+            owner: reply.owner,
+            remaining_secs: reply.remaining_secs,
+        }
+    }
+}
+
+/// Ok for an OK reply, [`ClientError::Refused`] for any other code.
+pub fn ok(reply: Reply) -> Result<Reply, ClientError> {
+    if reply.code == ReturnCode::Ok {
+        Ok(reply)
+    } else {
+        Err(ClientError::refused(reply))
+    }
+}
+
+/// An affinity to create, extend or cancel: its key, and optionally the
+/// owner (only an admin may name another backend) and the notify address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinitySpec {
+    pub key: AffinityKey,
+    pub owner: Option<String>,
+    pub notify: Option<SocketAddr>,
+}
+
+impl AffinitySpec {
+    pub fn new(key: AffinityKey) -> AffinitySpec {
+        AffinitySpec {
+            key,
+            owner: None,
+            notify: None,
+        }
+    }
+
+    fn op(&self, duration_secs: u32) -> AffinityOp<'_> {
+        AffinityOp {
+            key: self.key,
+            duration_secs,
+            owner: self.owner.as_deref(),
+            notify: self.notify,
+        }
+    }
+}
+
+impl From<AffinityKey> for AffinitySpec {
+    fn from(key: AffinityKey) -> AffinitySpec {
+        AffinitySpec::new(key)
+    }
+}
+
+/// Whole seconds, rounded up, at least 1, at most `u32::MAX`.
+fn duration_secs(d: Duration) -> u32 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    u32::try_from(s.max(1)).unwrap_or(u32::MAX)
+}
+
+/// A signed-request client bound to one UDP socket.
+pub struct ControlClient {
+    socket: UdpSocket,
+    server: SocketAddr,
+    name: String,
+    key: Key,
+    timeout: Duration,
+    retries: u32,
+    next_id: u32,
+    nonces: NonceSource,
+    tx: Vec<u8>,
+    rx: Vec<u8>,
+    ended: VecDeque<EndedNotice>,
+    seen_notices: VecDeque<u64>,
+    ignored: u64,
+}
+
+impl ControlClient {
+    /// A client on an ephemeral local port, speaking to `server` as `name`.
+    pub fn new(server: SocketAddr, name: &str, key: &[u8]) -> io::Result<ControlClient> {
+        let local = match server {
+            SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+        };
+        ControlClient::bind(local, server, name, key)
+    }
+
+    /// A client on a chosen local address (where the application wants its
+    /// ended notifications).
+    pub fn bind(
+        local: SocketAddr,
+        server: SocketAddr,
+        name: &str,
+        key: &[u8],
+    ) -> io::Result<ControlClient> {
+        let key = Key::new(key).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if name.is_empty() || name.len() > super::proto::MAX_NAME_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the sender name must be 1 to 64 bytes long",
+            ));
+        }
+        let socket = UdpSocket::bind(local)?;
+        let mut nonces = NonceSource::new();
+        let next_id = nonces.next() as u32;
+        Ok(ControlClient {
+            socket,
+            server,
+            name: name.to_string(),
+            key,
+            timeout: DEFAULT_TIMEOUT,
+            retries: DEFAULT_RETRIES,
+            next_id,
+            nonces,
+            tx: vec![0; MAX_DATAGRAM],
+            rx: vec![0; MAX_DATAGRAM + 1],
+            ended: VecDeque::new(),
+            seen_notices: VecDeque::with_capacity(SEEN_NOTICES),
+            ignored: 0,
+        })
+    }
+
+    /// Time to wait for a reply per attempt.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout.max(Duration::from_millis(1));
+    }
+
+    /// Attempts after the first.
+    pub fn set_retries(&mut self, retries: u32) {
+        self.retries = retries;
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Datagrams received and dropped: not authentic, not ours, duplicates.
+    pub fn ignored(&self) -> u64 {
+        self.ignored
+    }
+
+    /// Pins `spec.key` to the owner for `duration` (rounded up to seconds).
+    pub fn create_affinity(
+        &mut self,
+        spec: &AffinitySpec,
+        duration: Duration,
+    ) -> Result<Reply, ClientError> {
+        self.request(&Request::AffinityCreate(spec.op(duration_secs(duration))))
+    }
+
+    /// Gives an existing affinity a new duration from now.
+    pub fn extend_affinity(
+        &mut self,
+        spec: &AffinitySpec,
+        duration: Duration,
+    ) -> Result<Reply, ClientError> {
+        self.request(&Request::AffinityExtend(spec.op(duration_secs(duration))))
+    }
+
+    /// Removes an affinity at once.
+    pub fn cancel_affinity(&mut self, spec: &AffinitySpec) -> Result<Reply, ClientError> {
+        self.request(&Request::AffinityCancel(spec.op(0)))
+    }
+
+    /// Every affinity (optionally of one service and/or owner), all pages.
+    pub fn list_affinities(
+        &mut self,
+        service: Option<ServiceAddr>,
+        owner: Option<&str>,
+    ) -> Result<Vec<AffinityEntry>, ClientError> {
+        let mut out = Vec::new();
+        let mut offset = 0u32;
+        loop {
+            let reply = ok(self.request(&Request::AffinityList {
+                service,
+                owner,
+                offset,
+                limit: 0,
+            })?)?;
+            let more = reply.more;
+            let ReplyPayload::Affinities {
+                next_offset,
+                entries,
+            } = reply.payload
+            else {
+                return Err(ClientError::Protocol("list reply without entries".into()));
+            };
+            let progressed = !entries.is_empty() && next_offset > offset;
+            out.extend(entries);
+            if !more {
+                return Ok(out);
+            }
+            if !progressed {
+                return Err(ClientError::Protocol(
+                    "list pagination made no progress".into(),
+                ));
+            }
+            offset = next_offset;
+        }
+    }
+
+    /// Every backend (optionally of one service), all pages.
+    pub fn backend_list(
+        &mut self,
+        service: Option<&str>,
+    ) -> Result<Vec<BackendEntry>, ClientError> {
+        let mut out = Vec::new();
+        let mut offset = 0u32;
+        loop {
+            let reply = ok(self.request(&Request::BackendList {
+                service,
+                offset,
+                limit: 0,
+            })?)?;
+            let more = reply.more;
+            let ReplyPayload::Backends {
+                next_offset,
+                entries,
+            } = reply.payload
+            else {
+                return Err(ClientError::Protocol("list reply without entries".into()));
+            };
+            let progressed = !entries.is_empty() && next_offset > offset;
+            out.extend(entries);
+            if !more {
+                return Ok(out);
+            }
+            if !progressed {
+                return Err(ClientError::Protocol(
+                    "list pagination made no progress".into(),
+                ));
+            }
+            offset = next_offset;
+        }
+    }
+
+    /// Sets a backend's weight (0 = drain).
+    pub fn set_weight(
+        &mut self,
+        service: &str,
+        backend: &str,
+        weight: u32,
+    ) -> Result<Reply, ClientError> {
+        self.request(&Request::BackendSetWeight {
+            service,
+            backend,
+            weight,
+        })
+    }
+
+    /// Adds a backend to a service.
+    pub fn add_backend(&mut self, backend: &BackendEntry) -> Result<Reply, ClientError> {
+        self.request(&Request::BackendAdd(BackendSpec {
+            service: &backend.service,
+            backend: &backend.backend,
+            addr: backend.addr,
+            mac: backend.mac,
+            weight: backend.weight,
+        }))
+    }
+
+    /// Removes a backend from a service (its affinities end).
+    pub fn remove_backend(&mut self, service: &str, backend: &str) -> Result<Reply, ClientError> {
+        self.request(&Request::BackendRemove { service, backend })
+    }
+
+    /// The statistics document (JSON), fetched in chunks from one snapshot.
+    pub fn stats(&mut self) -> Result<String, ClientError> {
+        // A snapshot can be pushed out by other clients' requests between
+        // chunks; start again a few times before giving up.
+        for _ in 0..3 {
+            match self.stats_once()? {
+                Some(doc) => return Ok(doc),
+                None => continue,
+            }
+        }
+        Err(ClientError::Protocol(
+            "statistics snapshot kept expiring while being fetched".into(),
+        ))
+    }
+
+    fn stats_once(&mut self) -> Result<Option<String>, ClientError> {
+        let mut doc = Vec::new();
+        let mut token = 0u32;
+        loop {
+            let reply = self.request(&Request::Stats {
+                token,
+                offset: doc.len() as u32,
+            })?;
+            if reply.code == ReturnCode::NotFound && token != 0 {
+                return Ok(None);
+            }
+            let reply = ok(reply)?;
+            let more = reply.more;
+            let ReplyPayload::Stats {
+                token: t,
+                total_len,
+                offset,
+                chunk,
+            } = reply.payload
+            else {
+                return Err(ClientError::Protocol("stats reply without a chunk".into()));
+            };
+            if total_len > MAX_STATS_LEN
+                || offset as usize != doc.len()
+                || (token != 0 && t != token)
+                || (more && chunk.is_empty())
+            {
+                return Err(ClientError::Protocol("inconsistent stats chunk".into()));
+            }
+            token = t;
+            doc.extend_from_slice(&chunk);
+            if !more {
+                if doc.len() != total_len as usize {
+                    return Err(ClientError::Protocol("stats document incomplete".into()));
+                }
+                return String::from_utf8(doc)
+                    .map(Some)
+                    .map_err(|_| ClientError::Protocol("stats document is not UTF-8".into()));
+            }
+        }
+    }
+
+    /// Sends one request (with retries) and returns the server's authentic
+    /// reply, whatever its code.
+    pub fn request(&mut self, request: &Request<'_>) -> Result<Reply, ClientError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let attempts = self.retries.saturating_add(1);
+        let mut sent: Vec<u64> = Vec::with_capacity(attempts as usize);
+        for _ in 0..attempts {
+            let nonce = self.nonces.next();
+            let header = Header {
+                msg_type: request.msg_type() as u8,
+                request_id: id,
+                timestamp_ms: unix_ms(SystemTime::now()),
+                nonce,
+                name: &self.name,
+            };
+            let n = encode_request(&mut self.tx, &header, &self.key, request)?;
+            self.socket.send_to(&self.tx[..n], self.server)?;
+            sent.push(nonce);
+            let deadline = Instant::now() + self.timeout;
+            while let Some((rid, reply)) = self.receive_until(deadline)? {
+                if rid == id && sent.contains(&reply.request_nonce) {
+                    return Ok(reply);
+                }
+                self.ignored += 1;
+            }
+        }
+        Err(ClientError::Timeout { attempts })
+    }
+
+    /// Waits up to `timeout` for an AFFINITY_ENDED notification for this
+    /// client's name. Replies to earlier requests that arrive late are
+    /// dropped.
+    pub fn recv_ended(&mut self, timeout: Duration) -> Result<Option<EndedNotice>, ClientError> {
+        if let Some(n) = self.ended.pop_front() {
+            return Ok(Some(n));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.receive_until(deadline)? {
+                None => return Ok(self.ended.pop_front()),
+                Some(_) => self.ignored += 1,
+            }
+            if let Some(n) = self.ended.pop_front() {
+                return Ok(Some(n));
+            }
+        }
+    }
+
+    /// Receives datagrams until an authentic reply arrives (returned with its
+    /// request id) or `deadline` passes (`None`). Notifications are queued.
+    fn receive_until(&mut self, deadline: Instant) -> Result<Option<(u32, Reply)>, ClientError> {
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.socket.set_read_timeout(Some(deadline - now))?;
+            let len = match self.socket.recv_from(&mut self.rx) {
+                Ok((len, _)) => len,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            match self.accept(len) {
+                Ok(Some(r)) => return Ok(Some(r)),
+                Ok(None) => {}
+                Err(_) => self.ignored += 1,
+            }
+        }
+    }
+
+    /// Authenticates one received datagram: a reply is returned, a
+    /// notification queued, anything else refused.
+    fn accept(&mut self, len: usize) -> Result<Option<(u32, Reply)>, DecodeError> {
+        if len > MAX_DATAGRAM {
+            return Err(DecodeError::Invalid("oversize datagram"));
+        }
+        let env = Envelope::open(&self.rx[..len])?;
+        if env.header.name != self.name || !env.verify(&self.key) {
+            return Err(DecodeError::Invalid("not signed for this client"));
+        }
+        match MsgType::from_u8(env.header.msg_type) {
+            Some(MsgType::Reply) => {
+                let reply = Reply::decode_body(env.body)?;
+                Ok(Some((env.header.request_id, reply)))
+            }
+            Some(MsgType::AffinityEnded) => {
+                let notice = EndedNotice::decode_body(env.body)?;
+                let nonce = env.header.nonce;
+                if self.seen_notices.contains(&nonce) {
+                    return Err(DecodeError::Invalid("duplicate notification"));
+                }
+                if self.seen_notices.len() == SEEN_NOTICES {
+                    self.seen_notices.pop_front();
+                }
+                self.seen_notices.push_back(nonce);
+                if self.ended.len() == MAX_QUEUED_NOTICES {
+                    self.ended.pop_front();
+                }
+                self.ended.push_back(notice);
+                Ok(None)
+            }
+            _ => Err(DecodeError::Invalid("unexpected message type")),
+        }
+    }
+}
+
+fn one_shot(
+    server: SocketAddr,
+    name: &str,
+    key: &[u8],
+    f: impl FnOnce(&mut ControlClient) -> Result<Reply, ClientError>,
+) -> Result<Reply, ClientError> {
+    let mut client = ControlClient::new(server, name, key)?;
+    ok(f(&mut client)?)
+}
+
+/// One call for a server application: pin `client/prefix_len` on `service`
+/// to the calling backend `name` for `duration`. Ok only for an OK reply
+/// (a CONFLICT names the owner in [`ClientError::Refused`]). The ended
+/// notification goes to this call's ephemeral socket, which is closed on
+/// return; use a [`ControlClient`] to receive it.
+pub fn request_affinity(
+    server: SocketAddr,
+    name: &str,
+    key: &[u8],
+    service: ServiceAddr,
+    client: IpAddr,
+    prefix_len: u8,
+    duration: Duration,
+) -> Result<Reply, ClientError> {
+    let akey = AffinityKey::new(service, client, prefix_len)
+        .map_err(|e| ClientError::Encode(EncodeError::Invalid(e)))?;
+    one_shot(server, name, key, |c| {
+        c.create_affinity(&AffinitySpec::new(akey), duration)
+    })
+}
+
+/// One call: give the affinity a new duration.
+pub fn extend_affinity(
+    server: SocketAddr,
+    name: &str,
+    key: &[u8],
+    service: ServiceAddr,
+    client: IpAddr,
+    prefix_len: u8,
+    duration: Duration,
+) -> Result<Reply, ClientError> {
+    let akey = AffinityKey::new(service, client, prefix_len)
+        .map_err(|e| ClientError::Encode(EncodeError::Invalid(e)))?;
+    one_shot(server, name, key, |c| {
+        c.extend_affinity(&AffinitySpec::new(akey), duration)
+    })
+}
+
+/// One call: cancel the affinity.
+pub fn cancel_affinity(
+    server: SocketAddr,
+    name: &str,
+    key: &[u8],
+    service: ServiceAddr,
+    client: IpAddr,
+    prefix_len: u8,
+) -> Result<Reply, ClientError> {
+    let akey = AffinityKey::new(service, client, prefix_len)
+        .map_err(|e| ClientError::Encode(EncodeError::Invalid(e)))?;
+    one_shot(server, name, key, |c| {
+        c.cancel_affinity(&AffinitySpec::new(akey))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::auth::Allowlist;
+    use crate::control::proto::{encode_reply, EndReason, MsgType, PortMatch, Request};
+    use crate::control::server::tests::{akey, keyring, ADMIN_KEY, WEB1_KEY, WEB2_KEY};
+    use crate::control::server::{
+        ControlHandler, ControlServer, Payload, Response, ServerConfig, ServerCounters,
+    };
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+
+    /// A miniature affinity manager, enough to exercise the protocol.
+    #[derive(Default)]
+    struct Fake {
+        table: Vec<(AffinityKey, String, SocketAddr, u32)>,
+        pending: Vec<(SocketAddr, String, EndedNotice)>,
+    }
+
+    impl ControlHandler for Fake {
+        fn handle(
+            &mut self,
+            sender: &str,
+            is_admin: bool,
+            _source: SocketAddr,
+            request: &Request<'_>,
+            _now_ms: u64,
+        ) -> Response {
+            match request {
+                Request::AffinityCreate(op) => {
+                    let owner = op.owner.unwrap_or(sender);
+                    if let Some(e) = self.table.iter().find(|e| e.0 == op.key) {
+                        if e.1 != owner {
+                            return Response::conflict(&e.1, e.3);
+                        }
+                    }
+                    self.table.retain(|e| e.0 != op.key);
+                    self.table.push((
+                        op.key,
+                        owner.to_string(),
+                        op.notify.unwrap_or(_source),
+                        op.duration_secs,
+                    ));
+                    Response::ok().with_remaining(op.duration_secs)
+                }
+                Request::AffinityExtend(op) => {
+                    match self.table.iter_mut().find(|e| e.0 == op.key) {
+                        Some(e) if e.1 == op.owner.unwrap_or(sender) => {
+                            e.3 = op.duration_secs;
+                            Response::ok().with_remaining(e.3)
+                        }
+                        Some(e) => Response::conflict(&e.1, e.3),
+                        None => Response::new(ReturnCode::NotFound),
+                    }
+                }
+                Request::AffinityCancel(op) => {
+                    let Some(i) = self.table.iter().position(|e| e.0 == op.key) else {
+                        return Response::new(ReturnCode::NotFound);
+                    };
+                    let e = self.table.remove(i);
+                    self.pending.push((
+                        e.2,
+                        e.1.clone(),
+                        EndedNotice {
+                            key: e.0,
+                            owner: e.1,
+                            reason: EndReason::Cancelled,
+                        },
+                    ));
+                    Response::ok()
+                }
+                Request::AffinityList {
+                    owner,
+                    offset,
+                    limit,
+                    ..
+                } => {
+                    let all: Vec<AffinityEntry> = self
+                        .table
+                        .iter()
+                        .filter(|e| owner.map_or(true, |o| o == e.1))
+                        .map(|e| AffinityEntry {
+                            key: e.0,
+                            owner: e.1.clone(),
+                            remaining_secs: e.3,
+                            notify: Some(e.2),
+                        })
+                        .collect();
+                    let start = (*offset as usize).min(all.len());
+                    let end = all.len().min(start + usize::from(*limit));
+                    Response::affinities(all[start..end].to_vec(), end < all.len())
+                }
+                Request::BackendList { .. } => Response::backends(
+                    vec![BackendEntry {
+                        service: "web".into(),
+                        backend: "web1".into(),
+                        addr: "10.0.0.1".parse().unwrap(),
+                        mac: None,
+                        weight: 3,
+                    }],
+                    false,
+                ),
+                Request::BackendSetWeight { backend, .. }
+                | Request::BackendRemove { backend, .. } => {
+                    if !is_admin {
+                        Response::new(ReturnCode::NotAuthorized)
+                    } else if *backend == "web1" {
+                        Response::ok()
+                    } else {
+                        Response::new(ReturnCode::NotFound).with_message("no such backend")
+                    }
+                }
+                Request::BackendAdd(_) => Response::new(ReturnCode::TableFull),
+                Request::Stats { .. } => Response {
+                    payload: Payload::Stats(format!(
+                        "{{\"affinities\":{},\"pad\":\"{}\"}}",
+                        self.table.len(),
+                        "x".repeat(3000)
+                    )),
+                    ..Response::ok()
+                },
+            }
+        }
+    }
+
+    struct Running {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<ServerCounters>>,
+    }
+
+    impl Running {
+        fn stop(mut self) -> ServerCounters {
+            self.stop.store(true, Ordering::Relaxed);
+            self.thread.take().unwrap().join().unwrap()
+        }
+    }
+
+    fn spawn_server() -> Running {
+        let config = ServerConfig {
+            read_timeout: Some(Duration::from_millis(5)),
+            ..ServerConfig::new(Allowlist::loopback(), keyring())
+        };
+        let mut server = ControlServer::bind("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let addr = server.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut h = Fake::default();
+            while !flag.load(Ordering::Relaxed) {
+                server.poll(&mut h, SystemTime::now());
+                for (to, name, notice) in h.pending.drain(..) {
+                    server.send_ended(to, &name, &notice).unwrap();
+                }
+            }
+            *server.counters()
+        });
+        Running {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    #[test]
+    fn client_and_server_over_udp() {
+        let srv = spawn_server();
+        let mut web1 = ControlClient::new(srv.addr, "web1", WEB1_KEY).unwrap();
+        let mut web2 = ControlClient::new(srv.addr, "web2", WEB2_KEY).unwrap();
+        let mut admin = ControlClient::new(srv.addr, "admin", ADMIN_KEY).unwrap();
+        let spec = AffinitySpec::new(akey());
+
+        let r = web1
+            .create_affinity(&spec, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!((r.code, r.remaining_secs), (ReturnCode::Ok, 60));
+        let r = web2
+            .create_affinity(&spec, Duration::from_millis(1500))
+            .unwrap();
+        assert_eq!(r.code, ReturnCode::Conflict);
+        assert_eq!(r.owner.as_deref(), Some("web1"));
+        assert_eq!(r.remaining_secs, 60);
+        let r = web1
+            .extend_affinity(&spec, Duration::from_secs(90))
+            .unwrap();
+        assert_eq!((r.code, r.remaining_secs), (ReturnCode::Ok, 90));
+        // A backend may not own for another.
+        let mut theirs = spec.clone();
+        theirs.owner = Some("web1".into());
+        let r = web2
+            .create_affinity(&theirs, Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(r.code, ReturnCode::NotAuthorized);
+
+        // Enough affinities (admin acting for web2) to need several pages.
+        for p in 0..40u16 {
+            let mut s = AffinitySpec::new(akey().with_ports(PortMatch::One(p)));
+            s.owner = Some("web2".into());
+            s.notify = Some("127.0.0.1:9".parse().unwrap());
+            let r = admin.create_affinity(&s, Duration::from_secs(30)).unwrap();
+            assert_eq!(r.code, ReturnCode::Ok);
+        }
+        let all = admin.list_affinities(None, None).unwrap();
+        assert_eq!(all.len(), 41);
+        assert_eq!(all[0].owner, "web1");
+        assert_eq!(
+            all[0].notify,
+            Some(web1.local_addr().unwrap())
+                .map(|a| { SocketAddr::new("127.0.0.1".parse().unwrap(), a.port()) })
+        );
+        assert_eq!(admin.list_affinities(None, Some("web2")).unwrap().len(), 40);
+
+        let backends = web1.backend_list(None).unwrap();
+        assert_eq!(backends.len(), 1);
+        assert_eq!(backends[0].weight, 3);
+        assert_eq!(
+            web1.set_weight("web", "web1", 0).unwrap().code,
+            ReturnCode::NotAuthorized
+        );
+        assert_eq!(
+            admin.set_weight("web", "web1", 0).unwrap().code,
+            ReturnCode::Ok
+        );
+        let r = admin.remove_backend("web", "nope").unwrap();
+        assert_eq!(r.code, ReturnCode::NotFound);
+        assert_eq!(r.message, "no such backend");
+        assert_eq!(
+            admin.add_backend(&backends[0]).unwrap().code,
+            ReturnCode::TableFull
+        );
+        let stats = admin.stats().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        assert_eq!(v["affinities"], 41);
+
+        // Cancel: the reply, then the notification, signed with web1's key.
+        assert_eq!(web1.cancel_affinity(&spec).unwrap().code, ReturnCode::Ok);
+        // A request made meanwhile queues the notification rather than losing it.
+        assert_eq!(web1.backend_list(Some("web")).unwrap().len(), 1);
+        let n = web1.recv_ended(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(n.key, akey());
+        assert_eq!(n.owner, "web1");
+        assert_eq!(n.reason, EndReason::Cancelled);
+        assert_eq!(
+            web1.cancel_affinity(&spec).unwrap().code,
+            ReturnCode::NotFound
+        );
+
+        // The one-call helpers.
+        let r = request_affinity(
+            srv.addr,
+            "web1",
+            WEB1_KEY,
+            akey().service,
+            "198.51.100.9".parse().unwrap(),
+            32,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(r.remaining_secs, 10);
+        let e = request_affinity(
+            srv.addr,
+            "web2",
+            WEB2_KEY,
+            akey().service,
+            "198.51.100.9".parse().unwrap(),
+            32,
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ClientError::Refused { code: ReturnCode::Conflict, ref owner, .. } if owner.as_deref() == Some("web1"))
+        );
+        extend_affinity(
+            srv.addr,
+            "web1",
+            WEB1_KEY,
+            akey().service,
+            "198.51.100.9".parse().unwrap(),
+            32,
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        cancel_affinity(
+            srv.addr,
+            "web1",
+            WEB1_KEY,
+            akey().service,
+            "198.51.100.9".parse().unwrap(),
+            32,
+        )
+        .unwrap();
+
+        // A wrong key gets no answer at all.
+        let mut bad = ControlClient::new(srv.addr, "web1", WEB2_KEY).unwrap();
+        bad.set_timeout(Duration::from_millis(50));
+        bad.set_retries(1);
+        assert!(matches!(
+            bad.create_affinity(&spec, Duration::from_secs(1)),
+            Err(ClientError::Timeout { attempts: 2 })
+        ));
+
+        let counters = srv.stop();
+        assert_eq!(counters.refused.bad_hmac, 2);
+        assert_eq!(counters.notices_sent, 2);
+        assert_eq!(counters.send_errors, 0);
+    }
+
+    /// A fake server that answers by a script, to test the client's checks.
+    fn scripted(script: impl FnOnce(&UdpSocket) + Send + 'static) -> (SocketAddr, JoinHandle<()>) {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        (addr, std::thread::spawn(move || script(&sock)))
+    }
+
+    fn answer(
+        sock: &UdpSocket,
+        signer: &[u8],
+        name: &str,
+        tweak: impl FnOnce(&mut Header, &mut Reply),
+    ) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        let env = Envelope::open(&buf[..n]).unwrap();
+        let mut h = Header {
+            msg_type: MsgType::Reply as u8,
+            request_id: env.header.request_id,
+            timestamp_ms: env.header.timestamp_ms,
+            nonce: 1,
+            name,
+        };
+        let mut r = Reply::new(env.header.msg_type, env.header.nonce, ReturnCode::Ok);
+        tweak(&mut h, &mut r);
+        let mut out = [0u8; MAX_DATAGRAM];
+        let len = encode_reply(&mut out, &h, &Key::new(signer).unwrap(), &r).unwrap();
+        sock.send_to(&out[..len], from).unwrap();
+    }
+
+    #[test]
+    fn client_ignores_forged_and_unrelated_replies() {
+        let (addr, t) = scripted(|s| {
+            answer(s, WEB2_KEY, "web1", |_, _| {}); // wrong key
+            answer(s, WEB1_KEY, "web2", |_, _| {}); // someone else's
+            answer(s, WEB1_KEY, "web1", |h, _| h.request_id ^= 1); // other request
+            answer(s, WEB1_KEY, "web1", |_, r| r.request_nonce ^= 1); // other attempt
+        });
+        let mut c = ControlClient::new(addr, "web1", WEB1_KEY).unwrap();
+        c.set_timeout(Duration::from_millis(200));
+        c.set_retries(3);
+        let e = c.cancel_affinity(&AffinitySpec::new(akey())).unwrap_err();
+        assert!(matches!(e, ClientError::Timeout { attempts: 4 }), "{e}");
+        assert_eq!(c.ignored(), 4);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn retry_uses_a_fresh_nonce_and_same_request_id() {
+        let (addr, t) = scripted(|s| {
+            let mut buf = [0u8; MAX_DATAGRAM];
+            let (n, _) = s.recv_from(&mut buf).unwrap();
+            let first = Envelope::open(&buf[..n]).unwrap().header;
+            let (first_id, first_nonce) = (first.request_id, first.nonce);
+            let mut seen = None;
+            answer(s, WEB1_KEY, "web1", |h, r| {
+                seen = Some((h.request_id, r.request_nonce));
+                r.remaining_secs = 7;
+            });
+            let (id, nonce) = seen.unwrap();
+            assert_eq!(id, first_id);
+            assert_ne!(nonce, first_nonce);
+        });
+        let mut c = ControlClient::new(addr, "web1", WEB1_KEY).unwrap();
+        c.set_timeout(Duration::from_millis(100));
+        c.set_retries(5);
+        let r = c
+            .create_affinity(&AffinitySpec::new(akey()), Duration::from_secs(7))
+            .unwrap();
+        assert_eq!(r.remaining_secs, 7);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn durations_round_up_to_seconds() {
+        assert_eq!(duration_secs(Duration::from_millis(1)), 1);
+        assert_eq!(duration_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(duration_secs(Duration::ZERO), 1);
+        assert_eq!(duration_secs(Duration::from_secs(u64::MAX)), u32::MAX);
+        assert!(ControlClient::new("127.0.0.1:1".parse().unwrap(), "x", b"short").is_err());
+        assert!(ControlClient::new("127.0.0.1:1".parse().unwrap(), "", WEB1_KEY).is_err());
+    }
+}
