@@ -320,6 +320,9 @@ impl ControlServer {
 
     /// Uses an already bound socket.
     pub fn from_socket(socket: UdpSocket, config: ServerConfig) -> io::Result<ControlServer> {
+        // A reply must never hold the control thread up: a send that finds
+        // the socket buffer full gives up quickly and is counted.
+        socket.set_write_timeout(Some(Duration::from_millis(5)))?;
         match config.read_timeout {
             Some(t) if !t.is_zero() => {
                 socket.set_nonblocking(false)?;
