@@ -256,50 +256,9 @@ impl fmt::Display for IpNet {
 
 deserialize_from_str!(IpNet, "a network like \"192.0.2.0/24\"");
 
-/// Which client ports an affinity covers: "any", one port (1234 or "1234"),
-/// or an inclusive range "1000-2000".
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum PortMatch {
-    #[default]
-    Any,
-    One(u16),
-    Range(u16, u16),
-}
+pub use crate::affinity::PortMatch;
 
-impl FromStr for PortMatch {
-    type Err = String;
-    fn from_str(s: &str) -> Result<PortMatch, String> {
-        let bad = || {
-            format!("bad client port {s:?}: expected \"any\", a port like 1234, or a range like \"1000-2000\"")
-        };
-        let port = |p: &str| p.trim().parse::<u16>().map_err(|_| bad());
-        let t = s.trim();
-        if t.eq_ignore_ascii_case("any") {
-            return Ok(PortMatch::Any);
-        }
-        match t.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (port(a)?, port(b)?);
-                if a > b {
-                    return Err(format!("bad client port range {s:?}: {a} > {b}"));
-                }
-                Ok(PortMatch::Range(a, b))
-            }
-            None => Ok(PortMatch::One(port(t)?)),
-        }
-    }
-}
-
-impl fmt::Display for PortMatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PortMatch::Any => f.write_str("any"),
-            PortMatch::One(p) => write!(f, "{p}"),
-            PortMatch::Range(a, b) => write!(f, "{a}-{b}"),
-        }
-    }
-}
-
+/// Client ports: "any", one port (1234 or "1234"), or a range "1000-2000".
 impl<'de> Deserialize<'de> for PortMatch {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PortMatch, D::Error> {
         struct V;

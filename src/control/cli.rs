@@ -256,21 +256,7 @@ pub fn parse_proto(s: &str) -> Result<u8, String> {
 
 /// `any`, `PORT` or `LO-HI`.
 pub fn parse_ports(s: &str) -> Result<PortMatch, String> {
-    let bad = || format!("`{s}` is not a port match (any, 443 or 1000-1999)");
-    if s.eq_ignore_ascii_case("any") {
-        return Ok(PortMatch::Any);
-    }
-    match s.split_once('-') {
-        None => s.parse().map(PortMatch::One).map_err(|_| bad()),
-        Some((lo, hi)) => {
-            let lo: u16 = lo.parse().map_err(|_| bad())?;
-            let hi: u16 = hi.parse().map_err(|_| bad())?;
-            if lo > hi {
-                return Err(format!("`{s}`: the range's low end is above its high end"));
-            }
-            Ok(PortMatch::Range(lo, hi))
-        }
-    }
+    s.parse()
 }
 
 fn err(e: ClientError) -> String {

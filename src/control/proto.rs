@@ -507,14 +507,7 @@ impl fmt::Display for ServiceAddr {
     }
 }
 
-/// Which client ports an affinity covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PortMatch {
-    Any,
-    One(u16),
-    /// Inclusive; `lo <= hi`.
-    Range(u16, u16),
-}
+pub use crate::affinity::PortMatch;
 
 impl PortMatch {
     fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -549,16 +542,6 @@ impl PortMatch {
             _ => Err(DecodeError::Invalid(
                 "port kind must be 0 (any), 1 (one) or 2 (range)",
             )),
-        }
-    }
-}
-
-impl fmt::Display for PortMatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PortMatch::Any => f.write_str("any"),
-            PortMatch::One(p) => write!(f, "{p}"),
-            PortMatch::Range(lo, hi) => write!(f, "{lo}-{hi}"),
         }
     }
 }

@@ -1,0 +1,523 @@
+//! The control plane behind the protocol: what the control thread owns.
+//!
+//! [`ControlPlane`] holds the service registry, the affinity manager (the
+//! only writer of the lock-free affinity table) and the dataplane cell the
+//! workers read. It answers authenticated requests ([`ControlHandler`]),
+//! enforces who may do what, expires affinities and collects the ended
+//! notifications to send.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::affinity::{self, AffinityError, AffinityManager, EndReason, Ended};
+use crate::config::ip_bits;
+use crate::control::proto::{
+    self, AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
+};
+use crate::control::server::{ControlHandler, Response};
+use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service};
+use crate::packet::Family;
+use crate::services::{BackendSpec, RegistryError, ServiceRegistry};
+use crate::stats::WorkerCounters;
+use crate::summary::Summary;
+
+/// Counts of what the control plane did, by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlaneCounters {
+    pub requests: u64,
+    pub by_code: [u64; 8],
+    pub ended_expired: u64,
+    pub ended_cancelled: u64,
+    pub ended_backend_removed: u64,
+    pub snapshots: u64,
+}
+
+/// The state of the control thread.
+pub struct ControlPlane {
+    registry: ServiceRegistry,
+    cell: Arc<DataplaneCell>,
+    dp: Arc<Dataplane>,
+    affinities: AffinityManager,
+    workers: Vec<Arc<WorkerCounters>>,
+    epoch: Instant,
+    /// Ended affinities, resolved to notices while their owner's name is
+    /// still known: (where to send, notice).
+    notices: Vec<(Option<SocketAddr>, EndedNotice)>,
+    counters: PlaneCounters,
+}
+
+impl ControlPlane {
+    /// `epoch` is the clock origin shared with the workers.
+    pub fn new(
+        registry: ServiceRegistry,
+        cell: Arc<DataplaneCell>,
+        affinities: AffinityManager,
+        workers: Vec<Arc<WorkerCounters>>,
+        epoch: Instant,
+    ) -> ControlPlane {
+        let dp = cell.load();
+        ControlPlane {
+            registry,
+            cell,
+            dp,
+            affinities,
+            workers,
+            epoch,
+            notices: Vec::new(),
+            counters: PlaneCounters::default(),
+        }
+    }
+
+    /// Monotonic milliseconds since the shared epoch.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn dataplane(&self) -> &Arc<Dataplane> {
+        &self.dp
+    }
+
+    pub fn affinities(&self) -> &AffinityManager {
+        &self.affinities
+    }
+
+    pub fn affinities_mut(&mut self) -> &mut AffinityManager {
+        &mut self.affinities
+    }
+
+    pub fn registry(&self) -> &ServiceRegistry {
+        &self.registry
+    }
+
+    pub fn counters(&self) -> PlaneCounters {
+        self.counters
+    }
+
+    pub fn workers(&self) -> &[Arc<WorkerCounters>] {
+        &self.workers
+    }
+
+    /// Removes expired affinities; their notifications wait in
+    /// [`take_notices`](Self::take_notices).
+    pub fn tick(&mut self) {
+        let now = self.now_ms();
+        let mut ended = Vec::new();
+        self.affinities.expire(now, &mut ended);
+        self.counters.ended_expired += ended.len() as u64;
+        self.queue_notices(ended);
+    }
+
+    /// The affinities that ended since the last call: (where to send the
+    /// notification, if the owner gave an address; the notice).
+    pub fn take_notices(&mut self) -> Vec<(Option<SocketAddr>, EndedNotice)> {
+        std::mem::take(&mut self.notices)
+    }
+
+    fn queue_notices(&mut self, ended: Vec<Ended>) {
+        for e in ended {
+            if let Some(n) = self.notice(&e) {
+                self.notices.push((e.notify, n));
+            }
+        }
+    }
+
+    fn notice(&self, e: &Ended) -> Option<EndedNotice> {
+        let svc = self.dp.services.get(e.key.service() as usize)?;
+        let owner = self.backend_name(e.owner).unwrap_or("?").to_string();
+        Some(EndedNotice {
+            key: wire_key(svc, &e.key),
+            owner,
+            reason: match e.reason {
+                EndReason::Expired => proto::EndReason::Expired,
+                EndReason::Cancelled => proto::EndReason::Cancelled,
+                EndReason::BackendRemoved => proto::EndReason::BackendRemoved,
+            },
+        })
+    }
+
+    /// Name of a backend, from the current snapshot or, for one just
+    /// removed, the one before.
+    fn backend_name(&self, id: BackendId) -> Option<&str> {
+        self.dp.backend(id).map(|b| b.name.as_str())
+    }
+
+    /// Builds and publishes a new snapshot after a registry change.
+    fn publish(&mut self) -> Result<(), RegistryError> {
+        let dp = self.registry.snapshot()?;
+        self.cell.publish(dp);
+        self.dp = self.cell.load();
+        self.counters.snapshots += 1;
+        Ok(())
+    }
+
+    /// Ends every affinity a removed backend owned. Call before publishing
+    /// the snapshot without it, so the notices can still name it.
+    fn end_backend(&mut self, id: BackendId) {
+        let mut ended = Vec::new();
+        self.affinities.remove_backend(id, &mut ended);
+        self.counters.ended_backend_removed += ended.len() as u64;
+        self.queue_notices(ended);
+    }
+
+    /// Applies a new configuration (hot reload): services and backends
+    /// change in one snapshot; removed backends' affinities end.
+    pub fn reload(&mut self, cfg: &crate::config::Config) -> Result<Vec<BackendId>, RegistryError> {
+        let mut next = self.registry.clone();
+        let removed = next.reload(cfg)?;
+        for id in &removed {
+            self.end_backend(*id);
+        }
+        self.registry = next;
+        self.publish()?;
+        Ok(removed)
+    }
+
+    /// Statistics as JSON: the summary of the run so far plus the control
+    /// plane's own counters.
+    pub fn stats_json(&self, extra: impl FnOnce(&mut Summary)) -> String {
+        let secs = self.epoch.elapsed().as_secs_f64();
+        let mut s = Summary::collect(&self.workers, &self.dp, secs, self.affinities.len());
+        extra(&mut s);
+        serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The service a wire key names, and the key in table form.
+    fn table_key(
+        &self,
+        key: &proto::AffinityKey,
+    ) -> Result<(&Service, affinity::AffinityKey), Response> {
+        let svc = self
+            .dp
+            .find_service(
+                ip_bits(key.service.addr),
+                key.service.port,
+                key.service.proto,
+            )
+            .ok_or_else(|| {
+                Response::new(ReturnCode::NotFound)
+                    .with_message(format!("no service {}", key.service))
+            })?;
+        let family = match key.client {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        };
+        if family != svc.family {
+            return Err(Response::new(ReturnCode::Invalid)
+                .with_message("client address family differs from the service's"));
+        }
+        let k = affinity::AffinityKey::new(
+            svc.id,
+            family,
+            ip_bits(key.client),
+            key.prefix_len,
+            key.ports,
+        )
+        .map_err(|e| Response::new(ReturnCode::Invalid).with_message(e.to_string()))?;
+        Ok((svc, k))
+    }
+
+    /// The owner named in a request, as a backend of `svc`.
+    fn owner_of(
+        &self,
+        svc: &Service,
+        op: &AffinityOp<'_>,
+        sender: &str,
+    ) -> Result<BackendId, Response> {
+        let name = op.owner.unwrap_or(sender);
+        self.dp
+            .find_backend(svc.id, name)
+            .map(|b| b.id)
+            .ok_or_else(|| {
+                Response::new(ReturnCode::NotAuthorized)
+                    .with_message(format!("{name} is not a backend of service {}", svc.name))
+            })
+    }
+
+    fn affinity_error(&self, e: AffinityError, now: u64, key: &affinity::AffinityKey) -> Response {
+        match e {
+            AffinityError::Conflict { owner } => {
+                let remaining = self
+                    .affinities
+                    .get(key)
+                    .and_then(|r| r.remaining_ms(now))
+                    .map_or(u32::MAX, secs);
+                Response::conflict(self.backend_name(owner).unwrap_or("?"), remaining)
+            }
+            AffinityError::NotFound => {
+                Response::new(ReturnCode::NotFound).with_message("no such affinity")
+            }
+            AffinityError::TableFull => Response::new(ReturnCode::TableFull).with_message(format!(
+                "affinity table full ({} entries)",
+                self.affinities.capacity()
+            )),
+            AffinityError::Invalid(m) => Response::new(ReturnCode::Invalid).with_message(m),
+        }
+    }
+
+    fn affinity_op(&mut self, sender: &str, is_admin: bool, request: &Request<'_>) -> Response {
+        let (op, kind) = match request {
+            Request::AffinityCreate(op) => (op, 0),
+            Request::AffinityExtend(op) => (op, 1),
+            Request::AffinityCancel(op) => (op, 2),
+            _ => return Response::new(ReturnCode::Unsupported),
+        };
+        let (svc, key) = match self.table_key(&op.key) {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        let owner = match self.owner_of(svc, op, sender) {
+            Ok(o) => o,
+            Err(r) => return r,
+        };
+        let now = self.now_ms();
+        let max = svc.max_affinity.as_millis() as u64;
+        let duration = u64::from(op.duration_secs) * 1000;
+        if kind != 2 && (duration == 0 || duration > max) {
+            return Response::new(ReturnCode::Invalid).with_message(format!(
+                "duration must be 1 to {} seconds on service {}",
+                max / 1000,
+                svc.name
+            ));
+        }
+        if kind == 0 && self.dp.backend(owner).is_some_and(|b| b.weight == 0) {
+            return Response::new(ReturnCode::Invalid)
+                .with_message("backend is draining (weight 0): no new affinities");
+        }
+        let result = match kind {
+            0 => self
+                .affinities
+                .create(key, owner, Some(duration), op.notify, now),
+            1 => self.affinities.extend(&key, owner, duration, now),
+            _ => {
+                let who = if is_admin && op.owner.is_none() {
+                    None
+                } else {
+                    Some(owner)
+                };
+                match self.affinities.cancel(&key, who, now) {
+                    Ok(ended) => {
+                        self.counters.ended_cancelled += 1;
+                        self.queue_notices(vec![ended]);
+                        return Response::ok();
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match result {
+            Ok(g) => Response::ok().with_remaining(g.remaining_ms.map_or(u32::MAX, secs)),
+            Err(e) => self.affinity_error(e, now, &key),
+        }
+    }
+
+    fn affinity_list(&self, sender: &str, is_admin: bool, request: &Request<'_>) -> Response {
+        let Request::AffinityList {
+            service,
+            owner,
+            offset,
+            limit,
+        } = request
+        else {
+            return Response::new(ReturnCode::Unsupported);
+        };
+        let svc_id = match service {
+            None => None,
+            Some(s) => match self.dp.find_service(ip_bits(s.addr), s.port, s.proto) {
+                Some(svc) => Some(svc.id),
+                None => {
+                    return Response::new(ReturnCode::NotFound)
+                        .with_message(format!("no service {s}"))
+                }
+            },
+        };
+        // A backend sees only its own affinities.
+        let owner = if is_admin { *owner } else { Some(sender) };
+        let now = self.now_ms();
+        let mut entries: Vec<(&affinity::AffinityKey, &affinity::Record)> = self
+            .affinities
+            .list()
+            .filter(|(k, _)| svc_id.is_none_or(|s| k.service() == s))
+            .filter(|(_, r)| owner.is_none_or(|o| self.backend_name(r.owner) == Some(o)))
+            .collect();
+        // A stable order so that pages do not overlap.
+        entries.sort_by_key(|(k, _)| {
+            (
+                k.service(),
+                k.prefix_len(),
+                k.addr(),
+                format!("{:?}", k.ports()),
+            )
+        });
+        let offset = *offset as usize;
+        let limit = if *limit == 0 {
+            usize::MAX
+        } else {
+            *limit as usize
+        };
+        let page: Vec<AffinityEntry> = entries
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .filter_map(|(k, r)| {
+                let svc = self.dp.services.get(k.service() as usize)?;
+                Some(AffinityEntry {
+                    key: wire_key(svc, k),
+                    owner: self.backend_name(r.owner).unwrap_or("?").to_string(),
+                    remaining_secs: r.remaining_ms(now).map_or(u32::MAX, secs),
+                    notify: r.notify,
+                })
+            })
+            .collect();
+        let more = entries.len() > offset.saturating_add(page.len());
+        Response::affinities(page, more)
+    }
+
+    fn backend_list(&self, service: Option<&str>, offset: u32, limit: u16) -> Response {
+        if let Some(name) = service {
+            if self.dp.service_named(name).is_none() {
+                return Response::new(ReturnCode::NotFound)
+                    .with_message(format!("no service {name}"));
+            }
+        }
+        let all: Vec<BackendEntry> = self
+            .dp
+            .services
+            .iter()
+            .filter(|s| service.is_none_or(|n| s.name == n))
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter_map(|&id| self.dp.backend(id))
+                    .map(|b| BackendEntry {
+                        service: s.name.clone(),
+                        backend: b.name.clone(),
+                        addr: b.addr,
+                        mac: b.mac,
+                        weight: b.weight,
+                    })
+            })
+            .collect();
+        let offset = offset as usize;
+        let limit = if limit == 0 {
+            usize::MAX
+        } else {
+            limit as usize
+        };
+        let page: Vec<BackendEntry> = all.iter().skip(offset).take(limit).cloned().collect();
+        let more = all.len() > offset.saturating_add(page.len());
+        Response::backends(page, more)
+    }
+
+    fn backend_change(&mut self, request: &Request<'_>) -> Response {
+        let result = match request {
+            Request::BackendSetWeight {
+                service,
+                backend,
+                weight,
+            } => self
+                .registry
+                .set_weight(service, backend, *weight)
+                .map(|_| None),
+            Request::BackendAdd(spec) => self
+                .registry
+                .add_backend(
+                    spec.service,
+                    BackendSpec {
+                        name: spec.backend.to_string(),
+                        addr: spec.addr,
+                        mac: spec.mac,
+                        weight: spec.weight,
+                    },
+                )
+                .map(|_| None),
+            Request::BackendRemove { service, backend } => {
+                self.registry.remove_backend(service, backend).map(Some)
+            }
+            _ => return Response::new(ReturnCode::Unsupported),
+        };
+        let removed = match result {
+            Ok(r) => r,
+            Err(e) => return registry_error(e),
+        };
+        if let Some(id) = removed {
+            self.end_backend(id);
+        }
+        match self.publish() {
+            Ok(()) => Response::ok(),
+            Err(e) => registry_error(e),
+        }
+    }
+}
+
+impl ControlHandler for ControlPlane {
+    fn handle(
+        &mut self,
+        sender: &str,
+        is_admin: bool,
+        _source: SocketAddr,
+        request: &Request<'_>,
+        _now_ms: u64,
+    ) -> Response {
+        self.counters.requests += 1;
+        let resp = match request {
+            Request::AffinityCreate(_)
+            | Request::AffinityExtend(_)
+            | Request::AffinityCancel(_) => self.affinity_op(sender, is_admin, request),
+            Request::AffinityList { .. } => self.affinity_list(sender, is_admin, request),
+            Request::BackendList {
+                service,
+                offset,
+                limit,
+            } => self.backend_list(*service, *offset, *limit),
+            Request::BackendSetWeight { .. }
+            | Request::BackendAdd(_)
+            | Request::BackendRemove { .. } => {
+                if is_admin {
+                    self.backend_change(request)
+                } else {
+                    Response::new(ReturnCode::NotAuthorized)
+                        .with_message("backend changes need the admin key")
+                }
+            }
+            Request::Stats { .. } => Response::stats(self.stats_json(|_| {})),
+        };
+        self.counters.by_code[(resp.code as usize).min(7)] += 1;
+        resp
+    }
+}
+
+/// Milliseconds to whole seconds, rounded up, saturating.
+fn secs(ms: u64) -> u32 {
+    u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
+}
+
+fn registry_error(e: RegistryError) -> Response {
+    let code = match e {
+        RegistryError::NoSuchService(_) | RegistryError::NoSuchBackend { .. } => {
+            ReturnCode::NotFound
+        }
+        RegistryError::DuplicateBackend { .. } => ReturnCode::Conflict,
+        RegistryError::Invalid(_) => ReturnCode::Invalid,
+        RegistryError::Full => ReturnCode::TableFull,
+    };
+    Response::new(code).with_message(e.to_string())
+}
+
+/// A table key in wire form.
+fn wire_key(svc: &Service, k: &affinity::AffinityKey) -> proto::AffinityKey {
+    let client = match k.family() {
+        Family::V4 => IpAddr::V4((k.addr() as u32).into()),
+        Family::V6 => IpAddr::V6(k.addr().into()),
+    };
+    proto::AffinityKey {
+        service: ServiceAddr {
+            addr: svc.vip,
+            port: svc.port,
+            proto: svc.proto,
+        },
+        client,
+        prefix_len: k.prefix_len(),
+        ports: k.ports(),
+    }
+}
