@@ -47,6 +47,18 @@ impl DropReason {
         DropReason::TxFull,
     ];
 
+    /// Traffic that is simply not ours (as opposed to broken or refused):
+    /// what a port's `unmatched_to` passes on instead of dropping.
+    pub fn is_unmatched(self) -> bool {
+        matches!(
+            self,
+            DropReason::NotIp
+                | DropReason::Fragment
+                | DropReason::UnsupportedL4
+                | DropReason::NoService
+        )
+    }
+
     /// The label used in summaries and metrics.
     pub fn name(self) -> &'static str {
         match self {
@@ -126,6 +138,8 @@ pub struct WorkerCounters {
     pub rx_bytes: Counter,
     pub tx_packets: Counter,
     pub tx_bytes: Counter,
+    /// Packets not for a service passed unchanged to an `unmatched_to` port.
+    pub passed: Counter,
     /// Poll iterations and the ones that received something.
     pub polls: Counter,
     pub busy_polls: Counter,
@@ -154,6 +168,7 @@ impl Default for WorkerCounters {
             rx_bytes: Counter::default(),
             tx_packets: Counter::default(),
             tx_bytes: Counter::default(),
+            passed: Counter::default(),
             polls: Counter::default(),
             busy_polls: Counter::default(),
             drops: Default::default(),

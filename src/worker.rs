@@ -35,6 +35,9 @@ pub struct PortPlan {
     pub forward_to: usize,
     /// Next-hop MAC for `ipip` backends that have no MAC of their own.
     pub gateway_mac: Option<[u8; 6]>,
+    /// Port that receives, unchanged, what is not for a service (non-IP,
+    /// fragments, other protocols, other destinations); None = drop.
+    pub unmatched_to: Option<usize>,
 }
 
 /// What a worker is told at start.
@@ -52,6 +55,9 @@ pub struct Shared {
     pub dataplane: Arc<DataplaneCell>,
     pub affinity: AffinityReader,
     pub auto_affinity: Arc<AutoAffinityTable>,
+    /// The clock origin every worker and the control thread share, so that
+    /// times written to shared tables (auto-affinity lingers) agree.
+    pub epoch: Instant,
 }
 
 /// One worker's state.
@@ -74,6 +80,7 @@ impl<IO: PacketIo> Worker<IO> {
         let dp = shared.dataplane.load();
         let nports = io.num_ports();
         let flows = FlowTable::new(setup.flow_capacity, setup.timeouts);
+        let epoch = shared.epoch;
         let mut w = Worker {
             io,
             setup,
@@ -84,7 +91,7 @@ impl<IO: PacketIo> Worker<IO> {
             counters,
             rx: Vec::with_capacity(MAX_BURST),
             tx: (0..nports).map(|_| Vec::with_capacity(MAX_BURST)).collect(),
-            epoch: Instant::now(),
+            epoch,
         };
         w.rebuild_wrr();
         w
@@ -202,23 +209,29 @@ impl<IO: PacketIo> Worker<IO> {
         // One reference-count increment per burst, not per packet.
         let dp = Arc::clone(&self.dp);
         for (i, mut buf) in rx.drain(..).enumerate() {
-            let p = match parsed[i] {
-                Some(Ok(p)) => p,
-                Some(Err(reason)) => {
-                    self.counters.count_drop(reason);
-                    continue;
-                }
-                None => {
-                    self.counters.count_drop(DropReason::Malformed);
-                    continue;
-                }
+            let verdict = match parsed[i] {
+                Some(Ok(p)) => self
+                    .route_and_rewrite(&dp, &mut buf, &p, hashes[i], now, plan, src_mac)
+                    .map(|()| plan.forward_to),
+                Some(Err(reason)) => Err(reason),
+                None => Err(DropReason::Malformed),
             };
-            match self.route_and_rewrite(&dp, &mut buf, &p, hashes[i], now, plan, src_mac) {
-                Ok(()) => self.tx[plan.forward_to].push(buf),
-                Err(reason) => self.counters.count_drop(reason),
-            }
-            if self.tx[plan.forward_to].len() == MAX_BURST {
-                self.flush(plan.forward_to);
+            let out = match verdict {
+                Ok(out) => out,
+                Err(reason) => match plan.unmatched_to {
+                    Some(out) if reason.is_unmatched() => {
+                        self.counters.passed.inc();
+                        out
+                    }
+                    _ => {
+                        self.counters.count_drop(reason);
+                        continue;
+                    }
+                },
+            };
+            self.tx[out].push(buf);
+            if self.tx[out].len() == MAX_BURST {
+                self.flush(out);
             }
         }
         self.rx = rx;
@@ -598,12 +611,14 @@ mod tests {
             dataplane: cell.clone(),
             affinity: reader,
             auto_affinity: Arc::new(AutoAffinityTable::new(1024)),
+            epoch: Instant::now(),
         };
         let setup = WorkerSetup {
             id: 0,
             ports: vec![PortPlan {
                 forward_to: 0,
                 gateway_mac: None,
+                unmatched_to: None,
             }],
             flow_capacity,
             timeouts: FlowTimeouts {
@@ -884,5 +899,32 @@ mod tests {
         assert_eq!(&out.data()[..6], &[2, 0, 0, 0, 1, 0]);
         assert_eq!(&out.data()[6..12], &b.worker.io_mut().port_mac(0));
         assert_eq!(&out.data()[12..], &f[12..]);
+    }
+
+    #[test]
+    fn unmatched_traffic_can_be_passed_to_a_port() {
+        let bes = vec![backend(0, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1024);
+        b.worker.setup.ports[0].unmatched_to = Some(0);
+        let other = FrameSpec::tcp_v4([1, 2, 3, 4], 5, [10, 9, 9, 9], 22, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let mut arp = vec![0u8; 60];
+        arp[12] = 0x08;
+        arp[13] = 0x06;
+        for f in [&other, &arp, &vec![0u8; 3]] {
+            b.worker.io_mut().push_rx(0, f);
+        }
+        b.worker.poll(SEC);
+        let out: Vec<Vec<u8>> = b.worker.io_mut().tx[0]
+            .drain(..)
+            .map(|m| m.data().to_vec())
+            .collect();
+        assert_eq!(out, vec![other, arp], "passed unchanged, in order");
+        let c = b.worker.counters();
+        assert_eq!(c.passed.get(), 2);
+        // Malformed frames are never passed on.
+        assert_eq!(c.drops[DropReason::Malformed as usize].get(), 1);
     }
 }
