@@ -7,9 +7,10 @@
 #   bind-nic.sh status [PCI_ADDR...]
 #
 # bind     loads the driver, records each port's kernel driver in
-#          /run/pktdist/bind-<pci>.orig and binds the port to --driver
-#          (default vfio-pci). A port whose interface carries routes is
-#          refused: that is how you lose the SSH session.
+#          /run/pktdist/bind-<pci>.orig (its interface and MAC in .iface)
+#          and binds the port to --driver (default vfio-pci). A port whose
+#          interface carries routes is refused: that is how you lose the SSH
+#          session.
 # unbind   binds each port back to its recorded kernel driver (or --driver).
 # status   dpdk-devbind.py --status-dev net, plus IOMMU, NUMA node and the
 #          recorded driver of the given ports.
@@ -26,7 +27,7 @@ RUN_DIR=${PKTDIST_RUN_DIR:-/run/pktdist}
 PCI_SYS=/sys/bus/pci/devices
 
 usage() {
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -158,6 +159,10 @@ orig_file() {
     echo "$RUN_DIR/bind-$1.orig"
 }
 
+iface_file() {
+    echo "$RUN_DIR/bind-$1.iface"
+}
+
 run() {
     if [ "$dry_run" -eq 1 ]; then
         echo "[dry-run] $*"
@@ -197,6 +202,9 @@ show_port() {
     ifs=$(interfaces "$p" | paste -sd, -)
     orig=$(cat "$(orig_file "$p")" 2>/dev/null || echo "-")
     echo "  $p: driver=$drv numa_node=$numa iommu_group=$grp interfaces=${ifs:--} recorded_kernel_driver=$orig"
+    if [ -r "$(iface_file "$p")" ]; then
+        echo "    before binding: $(paste -sd, "$(iface_file "$p")") (interface MAC)"
+    fi
 }
 
 iommu_summary() {
@@ -244,10 +252,12 @@ do_status() {
         echo "Ports:"
         for p in "${pcis[@]}"; do show_port "$p"; done
     fi
-    local f
+    local f p
     for f in "$RUN_DIR"/bind-*.orig; do
         [ -e "$f" ] || continue
-        echo "Recorded: $(basename "$f" .orig | sed 's/^bind-//') was on $(cat "$f")"
+        p=$(basename "$f" .orig)
+        p=${p#bind-}
+        echo "Recorded: $p was on $(cat "$f")$([ -r "$(iface_file "$p")" ] && echo " as $(paste -sd, "$(iface_file "$p")")")"
     done
 }
 
@@ -273,7 +283,7 @@ check_not_in_use() {
 }
 
 do_bind() {
-    local target=${driver:-vfio-pci} p cur f failed=0
+    local target=${driver:-vfio-pci} p cur f ifc ifinfo failed=0
     [ ${#pcis[@]} -gt 0 ] || die "bind needs at least one PCI address"
 
     # Check every port before changing anything.
@@ -320,14 +330,22 @@ do_bind() {
             echo "$p is already bound to $target"
             continue
         fi
-        # Remember the kernel driver so that unbind can restore it; a port
-        # moved between DPDK drivers keeps its first record.
+        # Remember the kernel driver so that unbind can restore it, and the
+        # interface name and MAC, which pktgen and the router need and which
+        # vanish from the kernel's view once DPDK owns the port. A port moved
+        # between DPDK drivers keeps its first record.
         if [ "$cur" != none ] && ! is_dpdk_driver "$cur"; then
+            ifinfo=""
+            for ifc in $(interfaces "$p"); do
+                ifinfo="$ifinfo$ifc $(cat "/sys/class/net/$ifc/address" 2>/dev/null || echo '?')"$'\n'
+            done
             if [ "$dry_run" -eq 1 ]; then
                 echo "[dry-run] echo $cur > $f"
+                [ -z "$ifinfo" ] || echo "[dry-run] record interface and MAC: ${ifinfo%$'\n'} > $(iface_file "$p")"
             else
                 echo "+ echo $cur > $f"
                 echo "$cur" >"$f"
+                [ -z "$ifinfo" ] || printf '%s' "$ifinfo" >"$(iface_file "$p")"
             fi
         fi
         if ! devbind -b "$target" "$p"; then
@@ -403,6 +421,7 @@ do_unbind() {
         fi
         if [ "$ok" -eq 1 ]; then
             [ ! -e "$f" ] || run rm -f "$f"
+            [ ! -e "$(iface_file "$p")" ] || run rm -f "$(iface_file "$p")"
             [ "$dry_run" -eq 1 ] || show_port "$p"
         else
             echo "$prog: error: dpdk-devbind.py did not move $p to $target (its message is above)" >&2
