@@ -72,7 +72,7 @@ case "$PKTGEN_LCORES" in
         ;;
 esac
 OUT_DIR=${OUT_DIR:-$(mktemp -d /tmp/pktdist-pktgen.XXXXXX)}
-mkdir -p "$OUT_DIR" "$(dirname "$MEMIF_SOCKET")"
+mkdir -p "$OUT_DIR"
 
 PKTDIST=${PKTDIST:-target/release/pktdist}
 if [ ! -x "$PKTDIST" ]; then
@@ -88,6 +88,7 @@ sed "s|socket=/run/pktdist/memif.sock|socket=$MEMIF_SOCKET|" "$HERE/pktdist-memi
     exit 1
 }
 
+mkdir -p "$(dirname "$MEMIF_SOCKET")"
 # The memif server creates the socket; a stale one makes it fail.
 if [ -e "$MEMIF_SOCKET" ]; then
     echo "run-memif: removing stale $MEMIF_SOCKET"
