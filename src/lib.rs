@@ -39,3 +39,5 @@ pub mod wire;
 pub mod worker;
 
 pub mod dpdk;
+#[cfg(feature = "dpdk")]
+pub mod runtime;

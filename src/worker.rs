@@ -25,8 +25,14 @@ use crate::stats::{DropReason, WorkerCounters};
 /// No auto-affinity slot in a flow entry.
 const NO_AUTO_SLOT: u32 = u32::MAX;
 
-/// Flow-table buckets examined for expiry per loop iteration.
-const SWEEP_BUCKETS: usize = 16;
+/// The expiry sweep visits every flow-table bucket once per this period,
+/// spread over the loop iterations in proportion to time: its cost is a
+/// fixed number of buckets per second (a few per mille of a core for a
+/// million flows), whatever the packet rate. Entries found idle on lookup
+/// are reclaimed at once; the sweep releases the ones never seen again.
+const SWEEP_PERIOD_NS: u64 = 1_000_000_000;
+/// Most buckets one iteration sweeps (after a stall).
+const SWEEP_MAX_BUCKETS: u64 = 256;
 
 /// How a port's forwarded packets leave and where they go next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +75,8 @@ pub struct Worker<IO: PacketIo> {
     /// Per-service round-robin state, rebuilt with each snapshot.
     wrr: Vec<Option<SmoothWrr>>,
     flows: FlowTable,
+    /// Time up to which the sweep has done its share.
+    swept_until: u64,
     counters: Arc<WorkerCounters>,
     rx: Vec<IO::Buf>,
     tx: Vec<Vec<IO::Buf>>,
@@ -88,6 +96,7 @@ impl<IO: PacketIo> Worker<IO> {
             dp,
             wrr: Vec::new(),
             flows,
+            swept_until: 0,
             counters,
             rx: Vec::with_capacity(MAX_BURST),
             tx: (0..nports).map(|_| Vec::with_capacity(MAX_BURST)).collect(),
@@ -380,11 +389,15 @@ impl<IO: PacketIo> Worker<IO> {
             self.release(&old, now);
         }
         self.counters.flows_active.set(self.flows.len() as u64);
-        let sc = &self.counters.services[svc.id as usize];
-        sc.new_connections.inc();
         let bc = &self.counters.backends[backend as usize];
-        bc.connections.inc();
         bc.active.inc();
+        if syn || !is_tcp {
+            // A new connection, not one re-learned mid-stream.
+            self.counters.services[svc.id as usize]
+                .new_connections
+                .inc();
+            bc.connections.inc();
+        }
         Ok(backend)
     }
 
@@ -477,9 +490,21 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     fn sweep(&mut self, now: u64) {
+        let buckets = self.flows.buckets() as u64;
+        let ns_per_bucket = (SWEEP_PERIOD_NS / buckets.max(1)).max(1);
+        let due = now.saturating_sub(self.swept_until) / ns_per_bucket;
+        if due == 0 {
+            return;
+        }
+        let n = due.min(SWEEP_MAX_BUCKETS);
+        self.swept_until = if due > n {
+            now
+        } else {
+            self.swept_until + n * ns_per_bucket
+        };
         let mut expired = 0u64;
         let (counters, auto, dp) = (&self.counters, &self.shared.auto_affinity, &self.dp);
-        self.flows.sweep(now, SWEEP_BUCKETS, |e| {
+        self.flows.sweep(now, n as usize, |e| {
             expired += 1;
             release_flow(counters, auto, dp, &e, now);
         });

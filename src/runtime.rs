@@ -1,0 +1,604 @@
+//! `pktdist run`: starts EAL, the ports, one pinned worker per worker core,
+//! the optional built-in traffic source and the control thread, and stops
+//! them cleanly on SIGINT/SIGTERM or when the run's duration ends.
+//!
+//! This is where the distribution logic meets DPDK; it holds no `unsafe`
+//! itself: everything DPDK goes through [`crate::dpdk`].
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::affinity::{AffinityKey, AffinityManager, AffinityTable, AutoAffinityTable};
+use crate::config::{ip_bits, Config};
+use crate::control::auth::{Allowlist, IpNet, Key, Keyring};
+use crate::control::plane::ControlPlane;
+use crate::control::server::{ControlServer, ServerConfig};
+use crate::dataplane::{DataplaneCell, ForwardMode};
+use crate::dpdk::{
+    spawn_worker, Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, QueueDir, WorkerHandle,
+    DEFAULT_DATA_ROOM, HEADROOM, SOCKET_ANY,
+};
+use crate::io::{PacketBuf, PacketIo, MAX_BURST};
+use crate::packet::Family;
+use crate::services::ServiceRegistry;
+use crate::stats::WorkerCounters;
+use crate::summary::{status_line, Summary, Totals};
+use crate::trafficgen::{Target, TrafficGen, TrafficSpec};
+use crate::wire::{ethernet, ipv4, ipv6};
+use crate::worker::{PortPlan, Shared, Worker, WorkerSetup};
+
+/// How `pktdist run` was asked to run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Stop after this long; None = until SIGINT/SIGTERM.
+    pub duration: Option<Duration>,
+    /// Print the status line every `[control] status_interval`.
+    pub status: bool,
+    /// The configuration file (re-read on SIGHUP).
+    pub config_path: Option<PathBuf>,
+}
+
+/// Everything that stops the run.
+struct StopFlags {
+    /// Set by SIGINT/SIGTERM.
+    signal: Arc<AtomicBool>,
+    /// Set by SIGHUP: re-read the configuration.
+    reload: Arc<AtomicBool>,
+}
+
+impl StopFlags {
+    fn install() -> Result<StopFlags, String> {
+        let signal = Arc::new(AtomicBool::new(false));
+        let reload = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // A second signal while stopping ends the process at once.
+            signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&signal))
+                .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&signal)))
+                .map_err(|e| format!("cannot install signal handler: {e}"))?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
+            .map_err(|e| format!("cannot install SIGHUP handler: {e}"))?;
+        Ok(StopFlags { signal, reload })
+    }
+}
+
+/// The EAL arguments of a configuration: its `[eal] args`, plus the control
+/// core as the only EAL lcore (workers are our own threads, pinned and
+/// registered with EAL when they start) unless the file sets a core list.
+pub fn eal_args(cfg: &Config) -> Vec<String> {
+    let mut args = cfg.eal.args.clone();
+    let has_cores = args
+        .iter()
+        .any(|a| a == "-l" || a == "-c" || a.starts_with("--lcores") || a.starts_with("-l"));
+    if !has_cores {
+        args.push("-l".into());
+        args.push(cfg.cores.control.to_string());
+    }
+    args
+}
+
+/// Runs the distributor until stopped; returns the summary.
+pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
+    let flags = StopFlags::install()?;
+    let started = Instant::now();
+
+    // Cores: check the plan against the machine before EAL narrows our view.
+    let available: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    for &core in std::iter::once(&cfg.cores.control).chain(&cfg.cores.workers) {
+        if !available.is_empty() && !available.contains(&core) {
+            return Err(format!(
+                "core {core} is not available to this process (available: {available:?})"
+            ));
+        }
+    }
+
+    let eal = Eal::init(&eal_args(cfg)).map_err(|e| format!("EAL: {e}"))?;
+    let pool = Mempool::new(
+        "pktdist",
+        cfg.mempool.mbufs,
+        cfg.mempool.cache,
+        DEFAULT_DATA_ROOM,
+        SOCKET_ANY,
+    )
+    .map_err(|e| format!("mempool of {} mbufs: {e}", cfg.mempool.mbufs))?;
+
+    let workers_n = cfg.cores.workers.len();
+    let mut ports = Vec::with_capacity(cfg.ports.len());
+    for p in &cfg.ports {
+        let conf = PortConfig {
+            queues: workers_n as u16,
+            rx_desc: p.rx_descriptors,
+            tx_desc: p.tx_descriptors,
+            promiscuous: true,
+            rss: true,
+        };
+        let port = Port::open(&p.device, &conf, Arc::clone(&pool))
+            .map_err(|e| format!("port {} ({}): {e}", p.name, p.device))?;
+        let mac = port.mac();
+        eprintln!(
+            "pktdist: port {} = {} ({}), mac {}, {} queue(s){}",
+            p.name,
+            p.device,
+            port.driver(),
+            fmt_mac(&mac),
+            port.queues(),
+            if port.rss() { ", RSS" } else { "" }
+        );
+        ports.push(Arc::new(port));
+    }
+
+    let plans: Vec<PortPlan> = cfg
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PortPlan {
+            forward_to: p
+                .forward_to
+                .as_deref()
+                .and_then(|n| cfg.port_index(n))
+                .unwrap_or(i),
+            gateway_mac: p.gateway_mac.map(|m| m.0),
+            unmatched_to: p.unmatched_to.as_deref().and_then(|n| cfg.port_index(n)),
+        })
+        .collect();
+
+    // The traffic source transmits on the traffic port's queues (the
+    // workers receive there) and drains the port the workers forward to.
+    let traffic = match &cfg.traffic {
+        None => None,
+        Some(t) => {
+            let port = cfg
+                .port_index(&t.port)
+                .ok_or_else(|| format!("[traffic] port {} is not configured", t.port))?;
+            let sink = plans[port].forward_to;
+            if sink == port {
+                return Err(format!(
+                    "[traffic] needs port {}'s forward_to set to another port: the source transmits on {} and the workers must forward elsewhere",
+                    t.port, t.port
+                ));
+            }
+            Some((port, sink))
+        }
+    };
+
+    // Shared state.
+    let mut registry = ServiceRegistry::from_config(cfg).map_err(|e| e.to_string())?;
+    let dp = registry.snapshot().map_err(|e| e.to_string())?;
+    let cell = Arc::new(DataplaneCell::new(dp));
+    let (writer, reader) = AffinityTable::new(cfg.affinity.capacity);
+    let mut manager = AffinityManager::new(writer);
+    install_static_affinities(cfg, &cell, &mut manager)?;
+    let auto = Arc::new(AutoAffinityTable::new(cfg.affinity.auto_capacity));
+    let epoch = Instant::now();
+    let shared = Shared {
+        dataplane: Arc::clone(&cell),
+        affinity: reader,
+        auto_affinity: auto,
+        epoch,
+    };
+
+    // Workers.
+    let stop_workers = Arc::new(AtomicBool::new(false));
+    let mut counters = Vec::with_capacity(workers_n);
+    let mut handles: Vec<WorkerHandle<()>> = Vec::with_capacity(workers_n);
+    for (w, &core) in cfg.cores.workers.iter().enumerate() {
+        let mut queues = Vec::with_capacity(ports.len());
+        for (i, port) in ports.iter().enumerate() {
+            let dir = match traffic {
+                Some((tp, _)) if tp == i => QueueDir::Rx,
+                Some((_, sink)) if sink == i => QueueDir::Tx,
+                _ => QueueDir::Both,
+            };
+            queues.push(port.queue_dir(w as u16, dir).map_err(|e| e.to_string())?);
+        }
+        let io = PortQueues::new(queues);
+        let c = Arc::new(WorkerCounters::default());
+        counters.push(Arc::clone(&c));
+        let setup = WorkerSetup {
+            id: w,
+            ports: plans.clone(),
+            flow_capacity: cfg.flow.capacity,
+            timeouts: cfg.flow_timeouts(),
+        };
+        let shared = shared.clone();
+        let stop = Arc::clone(&stop_workers);
+        let h = spawn_worker(core, &format!("pktdist-w{w}"), move || {
+            let mut worker = Worker::new(io, setup, shared, c);
+            worker.run(&stop);
+        })
+        .map_err(|e| format!("worker {w} on core {core}: {e}"))?;
+        handles.push(h);
+    }
+    eprintln!(
+        "pktdist: {} worker(s) on core(s) {:?}, control on core {}",
+        workers_n, cfg.cores.workers, cfg.cores.control
+    );
+
+    // Traffic source.
+    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let source = match (traffic, &cfg.traffic) {
+        (Some((tp, sink)), Some(t)) => {
+            let mut tx = Vec::new();
+            let mut rx = Vec::new();
+            for w in 0..workers_n as u16 {
+                tx.push(
+                    ports[tp]
+                        .queue_dir(w, QueueDir::Tx)
+                        .map_err(|e| e.to_string())?,
+                );
+                rx.push(
+                    ports[sink]
+                        .queue_dir(w, QueueDir::Rx)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let dp = cell.load();
+            let targets: Vec<Target> = dp
+                .services
+                .iter()
+                .map(|s| Target {
+                    family: s.family,
+                    vip: s.vip_bits,
+                    port: s.port,
+                    proto: s.proto,
+                })
+                .collect();
+            let gen = TrafficGen::new(TrafficSpec {
+                targets,
+                clients: t.clients,
+                concurrent_flows: t.concurrent_flows,
+                packets_per_flow: t.packets_per_flow,
+                packet_size: t.packet_size,
+                ipv6_share: t.ipv6_share,
+                src_mac: [0x02, 0, 0, 0, 0xee, 0x01],
+                dst_mac: ports[tp].mac(),
+                seed: 0x5eed,
+            })?;
+            let src = TrafficSource {
+                gen,
+                pool: Arc::clone(&pool),
+                tx: PortQueues::new(tx),
+                rx: PortQueues::new(rx),
+                rate_pps: t.rate_pps,
+            };
+            let stop = Arc::clone(&stop_traffic);
+            Some(
+                spawn_worker(cfg.cores.control, "pktdist-traffic", move || src.run(&stop))
+                    .map_err(|e| format!("traffic source: {e}"))?,
+            )
+        }
+        _ => None,
+    };
+
+    // The control thread: this one.
+    let mut keyring = Keyring::new();
+    for (name, key) in &cfg.control.keys {
+        let key = Key::new(&key.0).map_err(|e| format!("[control.keys] {name}: {e}"))?;
+        keyring
+            .insert(name, key)
+            .map_err(|e| format!("[control.keys] {name}: {e}"))?;
+    }
+    let allowed = Allowlist::new(
+        cfg.control
+            .allowed_networks
+            .iter()
+            .map(|n| IpNet::new(n.addr, n.prefix).map_err(|e| e.0))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    let mut server_cfg = ServerConfig::new(allowed, keyring);
+    server_cfg.max_clock_skew = cfg.control.max_clock_skew.0;
+    server_cfg.read_timeout = Some(Duration::from_millis(20));
+    let mut server = ControlServer::bind(cfg.control.listen, server_cfg)
+        .map_err(|e| format!("control listen {}: {e}", cfg.control.listen))?;
+    eprintln!("pktdist: control protocol on udp {}", cfg.control.listen);
+    let mut plane = ControlPlane::new(
+        registry,
+        Arc::clone(&cell),
+        manager,
+        counters.clone(),
+        epoch,
+    );
+
+    let interval = cfg
+        .control
+        .status_interval
+        .0
+        .max(Duration::from_millis(100));
+    let mut last_status = Instant::now();
+    let mut prev = Totals::default();
+    let mut last_tick = Instant::now();
+    let deadline = opts.duration.map(|d| started + d);
+    loop {
+        server.poll(&mut plane, SystemTime::now());
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            last_tick = Instant::now();
+            plane.tick();
+            for (notify, notice) in plane.take_notices() {
+                eprintln!(
+                    "pktdist: affinity {} -> {} ended ({})",
+                    notice.key.client,
+                    notice.owner,
+                    notice.reason.name()
+                );
+                if let Some(to) = notify {
+                    if let Err(e) = server.send_ended(to, &notice.owner, &notice) {
+                        eprintln!("pktdist: ended notification to {to}: {e}");
+                    }
+                }
+            }
+        }
+        if flags.reload.swap(false, Ordering::Relaxed) {
+            reload(&mut plane, opts);
+        }
+        if opts.status && last_status.elapsed() >= interval {
+            let cur = Totals::collect(&counters);
+            let secs = last_status.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                status_line(&prev, &cur, secs, plane.affinities().len())
+            );
+            let _ = std::io::stdout().flush();
+            prev = cur;
+            last_status = Instant::now();
+        }
+        if flags.signal.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+
+    // Stop: the source first, so the workers drain what it sent.
+    stop_traffic.store(true, Ordering::Relaxed);
+    let report = source.map(|h| h.join().map_err(|_| "traffic source panicked".to_string()));
+    std::thread::sleep(Duration::from_millis(50));
+    stop_workers.store(true, Ordering::Relaxed);
+    for (w, h) in handles.into_iter().enumerate() {
+        h.join().map_err(|_| format!("worker {w} panicked"))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let dp = cell.load();
+    let mut summary = Summary::collect(&counters, &dp, seconds, plane.affinities().len());
+    for (p, port) in cfg.ports.iter().zip(&ports) {
+        if let Ok(s) = port.stats() {
+            summary.extra.insert(
+                format!("port {}", p.name),
+                serde_json::json!({
+                    "ipackets": s.ipackets, "opackets": s.opackets, "imissed": s.imissed,
+                    "ierrors": s.ierrors, "oerrors": s.oerrors, "rx_nombuf": s.rx_nombuf,
+                }),
+            );
+        }
+    }
+    let sc = server.counters();
+    summary.extra.insert(
+        "control".into(),
+        serde_json::json!({
+            "requests": sc.received, "answered": sc.replies_sent, "refused": sc.refused.total(),
+            "notifications": sc.notices_sent,
+        }),
+    );
+    if let Some(report) = report {
+        let report = report?;
+        summary
+            .extra
+            .insert("traffic source".into(), report.to_json(&dp));
+    }
+    drop(plane);
+    drop(ports);
+    drop(pool);
+    let _ = eal;
+    Ok(summary)
+}
+
+fn install_static_affinities(
+    cfg: &Config,
+    cell: &DataplaneCell,
+    manager: &mut AffinityManager,
+) -> Result<(), String> {
+    let dp = cell.load();
+    for (i, a) in cfg.affinities.iter().enumerate() {
+        let what = format!("affinities[{i}]");
+        let svc = dp
+            .service_named(&a.service)
+            .ok_or_else(|| format!("{what}: no service {}", a.service))?;
+        let owner = dp
+            .find_backend(svc.id, &a.backend)
+            .ok_or_else(|| format!("{what}: no backend {} in {}", a.backend, a.service))?;
+        let family = if a.client.addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        };
+        let key = AffinityKey::new(
+            svc.id,
+            family,
+            ip_bits(a.client.addr),
+            a.client.prefix,
+            a.client_port,
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        manager
+            .create(key, owner.id, None, None, 0)
+            .map_err(|e| format!("{what}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-read the configuration and apply its services and backends;
+/// a bad file changes nothing.
+fn reload(plane: &mut ControlPlane, opts: &RunOptions) {
+    let Some(path) = &opts.config_path else {
+        eprintln!("pktdist: reload requested, but no configuration file is known");
+        return;
+    };
+    match Config::load(path) {
+        Err(e) => eprintln!("pktdist: reload refused, running configuration kept: {e}"),
+        Ok(cfg) => match plane.reload(&cfg) {
+            Ok(removed) => eprintln!(
+                "pktdist: reloaded {} ({} backend(s) removed)",
+                path.display(),
+                removed.len()
+            ),
+            Err(e) => eprintln!("pktdist: reload refused, running configuration kept: {e}"),
+        },
+    }
+}
+
+fn fmt_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+/// The built-in traffic source's thread: writes connections into mbufs,
+/// transmits them to the workers, and drains (and counts, per backend) what
+/// the workers forwarded.
+struct TrafficSource {
+    gen: TrafficGen,
+    pool: Arc<Mempool>,
+    /// Port index w = worker w's receive queue.
+    tx: PortQueues,
+    /// Port index w = worker w's transmit queue on the forwarding port.
+    rx: PortQueues,
+    rate_pps: u64,
+}
+
+/// What the traffic source did.
+#[derive(Debug, Default)]
+struct TrafficReport {
+    sent: u64,
+    /// Bursts a full queue did not take whole (the workers were saturated).
+    queue_full: u64,
+    no_mbuf: u64,
+    /// Forwarded packets seen at the sink, by outer destination (ipip) or
+    /// destination MAC (l2, as 0xffff_0000_0000_0000 | mac).
+    delivered: BTreeMap<u128, u64>,
+    seconds: f64,
+}
+
+impl TrafficReport {
+    fn to_json(&self, dp: &crate::dataplane::Dataplane) -> serde_json::Value {
+        let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
+        for (dst, n) in &self.delivered {
+            let owner =
+                dp.backends
+                    .iter()
+                    .flatten()
+                    .find(|b| match dp.services[b.service as usize].mode {
+                        ForwardMode::IpIp { .. } => b.addr_bits == *dst,
+                        ForwardMode::L2 => b.mac.is_some_and(|m| mac_key(&m) == *dst),
+                    });
+            let name = owner.map_or_else(
+                || "other".to_string(),
+                |b| format!("{}/{}", dp.services[b.service as usize].name, b.name),
+            );
+            *by_backend.entry(name).or_insert(0) += n;
+        }
+        serde_json::json!({
+            "sent": self.sent,
+            "offered_mpps": self.sent as f64 / self.seconds.max(1e-9) / 1e6,
+            "bursts_refused_by_full_queue": self.queue_full,
+            "no_mbuf": self.no_mbuf,
+            "delivered_to_backends": by_backend,
+        })
+    }
+}
+
+fn mac_key(m: &[u8; 6]) -> u128 {
+    let mut v = 0xffffu128 << 48;
+    for b in m {
+        v = v << 8 | u128::from(*b);
+    }
+    v
+}
+
+impl TrafficSource {
+    fn run(mut self, stop: &AtomicBool) -> TrafficReport {
+        let started = Instant::now();
+        let mut report = TrafficReport::default();
+        let mut bufs: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
+        let room = usize::from(DEFAULT_DATA_ROOM) - usize::from(HEADROOM);
+        let queues = self.tx.num_ports();
+        let mut pending: Vec<Vec<Mbuf>> =
+            (0..queues).map(|_| Vec::with_capacity(MAX_BURST)).collect();
+        while !stop.load(Ordering::Relaxed) {
+            for q in 0..queues {
+                let mut burst = MAX_BURST;
+                if self.rate_pps > 0 {
+                    let allowed = (started.elapsed().as_secs_f64() * self.rate_pps as f64) as u64;
+                    burst = burst.min(allowed.saturating_sub(report.sent) as usize);
+                }
+                // Frames a full queue refused wait for the next turn: a
+                // connection's packets are never lost at the source.
+                let pending = &mut pending[q];
+                if pending.is_empty() && burst > 0 {
+                    if Mbuf::alloc_bulk(&self.pool, pending, burst) {
+                        for m in pending.iter_mut() {
+                            if m.resize(room) {
+                                let n = self.gen.next_frame(m.data_mut());
+                                m.resize(n.max(60));
+                            }
+                        }
+                    } else {
+                        report.no_mbuf += 1;
+                    }
+                }
+                if !pending.is_empty() {
+                    let offered = pending.len() as u64;
+                    self.tx.tx_burst(q, pending);
+                    let sent = offered - pending.len() as u64;
+                    report.sent += sent;
+                    if sent < offered {
+                        report.queue_full += 1;
+                    }
+                }
+                // The sink: what the workers forwarded, counted by backend.
+                self.rx.rx_burst(q, &mut bufs);
+                for m in bufs.drain(..) {
+                    if let Some(dst) = outer_destination(m.data()) {
+                        *report.delivered.entry(dst).or_insert(0) += 1;
+                    }
+                }
+            }
+            if self.rate_pps > 0 {
+                std::thread::yield_now();
+            }
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        report
+    }
+}
+
+/// The outer IP destination of an encapsulated frame, or the destination
+/// MAC (as [`mac_key`]) of any other.
+fn outer_destination(frame: &[u8]) -> Option<u128> {
+    let eth = ethernet::Frame::new_checked(frame).ok()?;
+    let info = eth.l2_info().ok()?;
+    let l3 = frame.get(info.header_len..)?;
+    match info.ethertype {
+        ethernet::ETHERTYPE_IPV4 => {
+            let ip = ipv4::Packet::new_checked(l3).ok()?;
+            if ip.protocol() == ipv4::PROTO_IPIP {
+                return Some(u32::from_be_bytes(ip.dst_addr()) as u128);
+            }
+        }
+        ethernet::ETHERTYPE_IPV6 => {
+            let ip = ipv6::Packet::new_checked(l3).ok()?;
+            if ip.next_header() == ipv6::PROTO_IPV6 {
+                return Some(u128::from_be_bytes(ip.dst_addr()));
+            }
+        }
+        _ => {}
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&frame[..6]);
+    Some(mac_key(&mac))
+}
