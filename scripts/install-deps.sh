@@ -22,6 +22,13 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
+# The tests check the metrics with Prometheus' own Python parser.
+if ! python3 -c "import prometheus_client" >/dev/null 2>&1; then
+    echo "install-deps: installing prometheus-client (Python) for the metrics test"
+    python3 -m pip install --quiet --disable-pip-version-check prometheus-client \
+        || python3 -m pip install --quiet --break-system-packages prometheus-client
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: cargo not found; install Rust (https://rustup.rs) first" >&2
     exit 1

@@ -29,6 +29,7 @@ pub mod dataplane;
 pub mod flow;
 pub mod forward;
 pub mod io;
+pub mod latency;
 pub mod packet;
 pub mod sched;
 pub mod services;

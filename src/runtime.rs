@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::affinity::{AffinityKey, AffinityManager, AffinityTable, AutoAffinityTable};
 use crate::config::{ip_bits, Config};
 use crate::control::auth::{Allowlist, IpNet, Key, Keyring};
+use crate::control::metrics::{self, MetricsServer};
 use crate::control::plane::ControlPlane;
 use crate::control::server::{ControlServer, ServerConfig};
 use crate::dataplane::{DataplaneCell, ForwardMode};
@@ -26,7 +27,7 @@ use crate::io::{PacketBuf, PacketIo, MAX_BURST};
 use crate::packet::Family;
 use crate::services::ServiceRegistry;
 use crate::stats::WorkerCounters;
-use crate::summary::{status_line, Summary, Totals};
+use crate::summary::{status_line, PortSummary, Summary, Totals};
 use crate::trafficgen::{Target, TrafficGen, TrafficSpec};
 use crate::wire::{ethernet, ipv4, ipv6};
 use crate::worker::{PortPlan, Shared, Worker, WorkerSetup};
@@ -306,6 +307,37 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         counters.clone(),
         epoch,
     );
+    let port_names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
+    let stat_ports = ports.clone();
+    plane.set_port_stats(Box::new(move || {
+        port_names
+            .iter()
+            .zip(&stat_ports)
+            .filter_map(|(name, port)| {
+                let s = port.stats().ok()?;
+                Some(PortSummary {
+                    name: name.clone(),
+                    ipackets: s.ipackets,
+                    opackets: s.opackets,
+                    ibytes: s.ibytes,
+                    obytes: s.obytes,
+                    imissed: s.imissed,
+                    ierrors: s.ierrors,
+                    oerrors: s.oerrors,
+                    rx_nombuf: s.rx_nombuf,
+                })
+            })
+            .collect()
+    }));
+    let metrics = match cfg.control.metrics_listen {
+        Some(addr) => {
+            Some(MetricsServer::start(addr).map_err(|e| format!("metrics listen {addr}: {e}"))?)
+        }
+        None => None,
+    };
+    if let Some(m) = &metrics {
+        eprintln!("pktdist: metrics on http://{}/metrics", m.local_addr());
+    }
 
     let interval = cfg
         .control
@@ -320,7 +352,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         server.poll(&mut plane, SystemTime::now());
         if last_tick.elapsed() >= Duration::from_millis(100) {
             last_tick = Instant::now();
+            plane.observe_server(server.counters(), server.latency());
             plane.tick();
+            if let Some(m) = &metrics {
+                if m.wants_update() {
+                    m.publish(metrics::render(&plane.summary()));
+                }
+            }
             for (notify, notice) in plane.take_notices() {
                 eprintln!(
                     "pktdist: affinity {} -> {} ended ({})",
@@ -362,34 +400,17 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     for (w, h) in handles.into_iter().enumerate() {
         h.join().map_err(|_| format!("worker {w} panicked"))?;
     }
-    let seconds = started.elapsed().as_secs_f64();
+    plane.observe_server(server.counters(), server.latency());
+    let mut summary = plane.summary();
+    summary.seconds = started.elapsed().as_secs_f64();
     let dp = cell.load();
-    let mut summary = Summary::collect(&counters, &dp, seconds, plane.affinities().len());
-    for (p, port) in cfg.ports.iter().zip(&ports) {
-        if let Ok(s) = port.stats() {
-            summary.extra.insert(
-                format!("port {}", p.name),
-                serde_json::json!({
-                    "ipackets": s.ipackets, "opackets": s.opackets, "imissed": s.imissed,
-                    "ierrors": s.ierrors, "oerrors": s.oerrors, "rx_nombuf": s.rx_nombuf,
-                }),
-            );
-        }
-    }
-    let sc = server.counters();
-    summary.extra.insert(
-        "control".into(),
-        serde_json::json!({
-            "requests": sc.received, "answered": sc.replies_sent, "refused": sc.refused.total(),
-            "notifications": sc.notices_sent,
-        }),
-    );
     if let Some(report) = report {
         let report = report?;
         summary
             .extra
             .insert("traffic source".into(), report.to_json(&dp));
     }
+    drop(metrics);
     drop(plane);
     drop(ports);
     drop(pool);

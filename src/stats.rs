@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dataplane::{MAX_BACKENDS, MAX_SERVICES};
+use crate::latency::SharedHistogram;
 
 /// Why a packet was dropped. Every drop on the data path is one of these.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -157,6 +158,8 @@ pub struct WorkerCounters {
     pub flows_closed: Counter,
     /// Nanoseconds spent processing non-empty bursts.
     pub busy_ns: Counter,
+    /// Per-packet processing time (ns), measured per burst from the TSC.
+    pub latency: SharedHistogram,
     pub services: Box<[ServiceCounters]>,
     pub backends: Box<[BackendCounters]>,
 }
@@ -180,6 +183,7 @@ impl Default for WorkerCounters {
             flows_expired: Counter::default(),
             flows_closed: Counter::default(),
             busy_ns: Counter::default(),
+            latency: SharedHistogram::default(),
             services: (0..MAX_SERVICES)
                 .map(|_| ServiceCounters::default())
                 .collect(),

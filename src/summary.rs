@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::dataplane::Dataplane;
+use crate::latency::{new_histogram, Percentiles};
 use crate::stats::{DropReason, WorkerCounters};
 
 /// Counters summed over workers at one instant.
@@ -106,6 +107,34 @@ pub struct ServiceSummary {
     pub backends: Vec<BackendSummary>,
 }
 
+/// One port's device counters.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PortSummary {
+    pub name: String,
+    pub ipackets: u64,
+    pub opackets: u64,
+    pub ibytes: u64,
+    pub obytes: u64,
+    /// Dropped by the device: receive queue full.
+    pub imissed: u64,
+    pub ierrors: u64,
+    pub oerrors: u64,
+    /// Receive failures for want of an mbuf.
+    pub rx_nombuf: u64,
+}
+
+/// One worker's own counters.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct WorkerSummary {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub dropped: u64,
+    pub passed: u64,
+    pub active_flows: u64,
+    /// Share of wall time spent on non-empty bursts.
+    pub busy: f64,
+}
+
 /// The end-of-run summary (SPEC section 5).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Summary {
@@ -130,6 +159,15 @@ pub struct Summary {
     /// bursts, per worker: what one core sustains when busy.
     pub mpps_per_busy_core: f64,
     pub services: Vec<ServiceSummary>,
+    pub workers_detail: Vec<WorkerSummary>,
+    /// Filled by the runtime (device counters); empty without ports.
+    pub ports: Vec<PortSummary>,
+    /// Per-packet processing time in the workers (ns), over all workers.
+    pub packet_latency_ns: Percentiles,
+    /// Control request handling time (ns), when a control thread ran.
+    pub control_latency_ns: Percentiles,
+    /// How long ended affinities lived (ms).
+    pub affinity_lifetime_ms: Percentiles,
     /// Anything the run adds (port counters, traffic source, sink).
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -204,6 +242,10 @@ impl Summary {
             })
             .collect();
         let busy_s = t.busy_ns as f64 / 1e9;
+        let mut packets = new_histogram();
+        for w in workers {
+            let _ = packets.add(w.latency.snapshot());
+        }
         Summary {
             seconds,
             workers: workers.len(),
@@ -234,6 +276,25 @@ impl Summary {
                 0.0
             },
             services,
+            workers_detail: workers
+                .iter()
+                .map(|w| WorkerSummary {
+                    rx_packets: w.rx_packets.get(),
+                    tx_packets: w.tx_packets.get(),
+                    dropped: w.total_drops(),
+                    passed: w.passed.get(),
+                    active_flows: w.flows_active.get(),
+                    busy: if seconds > 0.0 {
+                        w.busy_ns.get() as f64 / 1e9 / seconds
+                    } else {
+                        0.0
+                    },
+                })
+                .collect(),
+            ports: Vec::new(),
+            packet_latency_ns: Percentiles::of(&packets),
+            control_latency_ns: Percentiles::default(),
+            affinity_lifetime_ms: Percentiles::default(),
             extra: BTreeMap::new(),
         }
     }
@@ -301,6 +362,35 @@ impl Summary {
                     b.packets
                 );
             }
+        }
+        let lat = |name: &str, p: &Percentiles, unit: &str, o: &mut String| {
+            if p.count > 0 {
+                let _ = writeln!(
+                    o,
+                    "  {name}: p50 {} p90 {} p99 {} p99.9 {} max {} {unit} ({} samples)",
+                    p.p50, p.p90, p.p99, p.p999, p.max, p.count
+                );
+            }
+        };
+        lat("packet latency", &self.packet_latency_ns, "ns", &mut o);
+        lat(
+            "control request latency",
+            &self.control_latency_ns,
+            "ns",
+            &mut o,
+        );
+        lat(
+            "affinity lifetime",
+            &self.affinity_lifetime_ms,
+            "ms",
+            &mut o,
+        );
+        for p in &self.ports {
+            let _ = writeln!(
+                o,
+                "  port {}: rx {} tx {} missed {} errors {}/{} no-mbuf {}",
+                p.name, p.ipackets, p.opackets, p.imissed, p.ierrors, p.oerrors, p.rx_nombuf
+            );
         }
         for (k, v) in &self.extra {
             let _ = writeln!(o, "  {k}: {v}");

@@ -18,6 +18,7 @@ use crate::dataplane::{BackendId, Dataplane, DataplaneCell, ForwardMode, Schedul
 use crate::flow::{FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState};
 use crate::forward;
 use crate::io::{PacketBuf, PacketIo, MAX_BURST};
+use crate::latency::{new_histogram, TscScale};
 use crate::packet::{self, tcp_flags, ParsedPacket, PROTO_TCP};
 use crate::sched::SmoothWrr;
 use crate::stats::{DropReason, WorkerCounters};
@@ -31,6 +32,8 @@ const NO_AUTO_SLOT: u32 = u32::MAX;
 /// million flows), whatever the packet rate. Entries found idle on lookup
 /// are reclaimed at once; the sweep releases the ones never seen again.
 const SWEEP_PERIOD_NS: u64 = 1_000_000_000;
+/// How often a worker publishes its latency histogram.
+const LATENCY_FOLD_NS: u64 = 200_000_000;
 /// Most buckets one iteration sweeps (after a stall).
 const SWEEP_MAX_BUCKETS: u64 = 256;
 
@@ -78,6 +81,11 @@ pub struct Worker<IO: PacketIo> {
     /// Time up to which the sweep has done its share.
     swept_until: u64,
     counters: Arc<WorkerCounters>,
+    /// Per-packet processing time, folded into `counters.latency` a few
+    /// times a second.
+    latency: hdrhistogram::Histogram<u64>,
+    latency_folded: u64,
+    tsc: TscScale,
     rx: Vec<IO::Buf>,
     tx: Vec<Vec<IO::Buf>>,
     epoch: Instant,
@@ -98,6 +106,9 @@ impl<IO: PacketIo> Worker<IO> {
             flows,
             swept_until: 0,
             counters,
+            latency: new_histogram(),
+            latency_folded: 0,
+            tsc: TscScale::new(crate::dpdk::tsc_hz()),
             rx: Vec::with_capacity(MAX_BURST),
             tx: (0..nports).map(|_| Vec::with_capacity(MAX_BURST)).collect(),
             epoch,
@@ -138,6 +149,7 @@ impl<IO: PacketIo> Worker<IO> {
     /// One loop iteration at time `now` (ns): every port polled once.
     /// Returns the number of packets received.
     pub fn poll(&mut self, now: u64) -> usize {
+        let start = crate::dpdk::tsc();
         if self.shared.dataplane.generation() != self.dp.generation {
             self.dp = self.shared.dataplane.load();
             self.rebuild_wrr();
@@ -148,8 +160,16 @@ impl<IO: PacketIo> Worker<IO> {
             received += self.poll_port(port, now);
         }
         if received > 0 {
+            let ns = self.tsc.ns(crate::dpdk::tsc().wrapping_sub(start));
             self.counters.busy_polls.inc();
-            self.counters.busy_ns.add(self.now_ns().saturating_sub(now));
+            self.counters.busy_ns.add(ns);
+            let per_packet = (ns / received as u64).max(1);
+            let _ = self.latency.record_n(per_packet, received as u64);
+        }
+        if now.saturating_sub(self.latency_folded) >= LATENCY_FOLD_NS
+            && self.counters.latency.try_fold(&mut self.latency)
+        {
+            self.latency_folded = now;
         }
         self.sweep(now);
         received

@@ -49,6 +49,8 @@ pub struct Ended {
     pub owner: BackendId,
     pub notify: Option<SocketAddr>,
     pub reason: EndReason,
+    /// When it was created (ms), for lifetime statistics.
+    pub created_ms: u64,
 }
 
 /// A granted create or extend.
@@ -194,6 +196,7 @@ impl AffinityManager {
             owner: rec.owner,
             notify: rec.notify,
             reason: EndReason::Cancelled,
+            created_ms: rec.created_ms,
         })
     }
 
@@ -223,6 +226,7 @@ impl AffinityManager {
                     owner: e.rec.owner,
                     notify: e.rec.notify,
                     reason: EndReason::Expired,
+                    created_ms: e.rec.created_ms,
                 });
             }
         }
@@ -245,6 +249,7 @@ impl AffinityManager {
                     owner: rec.owner,
                     notify: rec.notify,
                     reason: EndReason::BackendRemoved,
+                    created_ms: rec.created_ms,
                 });
             }
         }
@@ -397,7 +402,8 @@ mod tests {
                 key: k,
                 owner: 3,
                 notify: notify(),
-                reason: EndReason::Cancelled
+                reason: EndReason::Cancelled,
+                created_ms: 0
             }
         );
         assert_eq!(r.lookup(1, Family::V4, 0x0a00_0001, 1), None);

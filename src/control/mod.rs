@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod metrics;
 pub mod plane;
 pub mod proto;
 pub mod server;

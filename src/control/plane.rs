@@ -15,12 +15,13 @@ use crate::config::ip_bits;
 use crate::control::proto::{
     self, AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
 };
-use crate::control::server::{ControlHandler, Response};
+use crate::control::server::{ControlHandler, Response, ServerCounters};
 use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service};
+use crate::latency::{new_histogram, Percentiles};
 use crate::packet::Family;
 use crate::services::{BackendSpec, RegistryError, ServiceRegistry};
 use crate::stats::WorkerCounters;
-use crate::summary::Summary;
+use crate::summary::{PortSummary, Summary};
 
 /// Counts of what the control plane did, by outcome.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,7 +46,17 @@ pub struct ControlPlane {
     /// still known: (where to send, notice).
     notices: Vec<(Option<SocketAddr>, EndedNotice)>,
     counters: PlaneCounters,
+    /// The server's counters and latency, as of the control loop's last
+    /// look (the server calls us, so we cannot look at it then).
+    server: (ServerCounters, Percentiles),
+    /// How long ended affinities lived (ms).
+    lifetimes: hdrhistogram::Histogram<u64>,
+    /// Reads the ports' device counters (set by the runtime).
+    port_stats: Option<PortStats>,
 }
+
+/// A source of the ports' device counters.
+pub type PortStats = Box<dyn Fn() -> Vec<PortSummary> + Send>;
 
 impl ControlPlane {
     /// `epoch` is the clock origin shared with the workers.
@@ -66,6 +77,9 @@ impl ControlPlane {
             epoch,
             notices: Vec::new(),
             counters: PlaneCounters::default(),
+            server: (ServerCounters::default(), Percentiles::default()),
+            lifetimes: new_histogram(),
+            port_stats: None,
         }
     }
 
@@ -98,6 +112,50 @@ impl ControlPlane {
         &self.workers
     }
 
+    /// Where the ports' device counters come from.
+    pub fn set_port_stats(&mut self, source: PortStats) {
+        self.port_stats = Some(source);
+    }
+
+    /// Records the server's counters and latency for statistics.
+    pub fn observe_server(
+        &mut self,
+        counters: &ServerCounters,
+        latency: &hdrhistogram::Histogram<u64>,
+    ) {
+        self.server = (*counters, Percentiles::of(latency));
+    }
+
+    /// The statistics snapshot: the run so far, with ports, control
+    /// latency and affinity lifetimes.
+    pub fn summary(&self) -> Summary {
+        let secs = self.epoch.elapsed().as_secs_f64();
+        let mut s = Summary::collect(&self.workers, &self.dp, secs, self.affinities.len());
+        if let Some(ports) = &self.port_stats {
+            s.ports = ports();
+        }
+        s.control_latency_ns = self.server.1;
+        s.affinity_lifetime_ms = Percentiles::of(&self.lifetimes);
+        let (c, p) = (&self.server.0, &self.counters);
+        let refused: serde_json::Map<String, serde_json::Value> = c
+            .refused
+            .as_array()
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        s.extra.insert(
+            "control".into(),
+            serde_json::json!({
+                "received": c.received, "answered": c.replies_sent, "notifications": c.notices_sent,
+                "send_errors": c.send_errors, "refused": refused, "handled": p.requests,
+                "by_code": ReturnCode::ALL.iter().map(|rc| (rc.name(), p.by_code[*rc as usize])).collect::<std::collections::BTreeMap<_, _>>(),
+                "ended": {"expired": p.ended_expired, "cancelled": p.ended_cancelled, "backend_removed": p.ended_backend_removed},
+                "snapshots": p.snapshots,
+            }),
+        );
+        s
+    }
+
     /// Removes expired affinities; their notifications wait in
     /// [`take_notices`](Self::take_notices).
     pub fn tick(&mut self) {
@@ -115,7 +173,11 @@ impl ControlPlane {
     }
 
     fn queue_notices(&mut self, ended: Vec<Ended>) {
+        let now = self.now_ms();
         for e in ended {
+            let _ = self
+                .lifetimes
+                .record(now.saturating_sub(e.created_ms).max(1));
             if let Some(n) = self.notice(&e) {
                 self.notices.push((e.notify, n));
             }
@@ -171,15 +233,6 @@ impl ControlPlane {
         self.registry = next;
         self.publish()?;
         Ok(removed)
-    }
-
-    /// Statistics as JSON: the summary of the run so far plus the control
-    /// plane's own counters.
-    pub fn stats_json(&self, extra: impl FnOnce(&mut Summary)) -> String {
-        let secs = self.epoch.elapsed().as_secs_f64();
-        let mut s = Summary::collect(&self.workers, &self.dp, secs, self.affinities.len());
-        extra(&mut s);
-        serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
     /// The service a wire key names, and the key in table form.
@@ -480,7 +533,10 @@ impl ControlHandler for ControlPlane {
                         .with_message("backend changes need the admin key")
                 }
             }
-            Request::Stats { .. } => Response::stats(self.stats_json(|_| {})),
+            Request::Stats { .. } => Response::stats(
+                serde_json::to_string(&self.summary())
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+            ),
         };
         self.counters.by_code[(resp.code as usize).min(7)] += 1;
         resp

@@ -257,6 +257,8 @@ pub struct ControlServer {
     read_timeout: Option<Duration>,
     max_per_poll: usize,
     counters: ServerCounters,
+    /// Time from a datagram's arrival to its reply being sent (ns).
+    latency: hdrhistogram::Histogram<u64>,
     rx: Vec<u8>,
     tx: Vec<u8>,
     stats: VecDeque<StatsSnapshot>,
@@ -338,6 +340,7 @@ impl ControlServer {
             read_timeout: config.read_timeout.filter(|t| !t.is_zero()),
             max_per_poll: config.max_per_poll.max(1),
             counters: ServerCounters::default(),
+            latency: crate::latency::new_histogram(),
             rx: vec![0; MAX_DATAGRAM + 1],
             tx: vec![0; MAX_DATAGRAM],
             stats: VecDeque::with_capacity(STATS_SNAPSHOTS),
@@ -354,6 +357,12 @@ impl ControlServer {
 
     pub fn counters(&self) -> &ServerCounters {
         &self.counters
+    }
+
+    /// Handling time of each datagram received (decode, authentication,
+    /// handler, reply), in nanoseconds.
+    pub fn latency(&self) -> &hdrhistogram::Histogram<u64> {
+        &self.latency
     }
 
     /// Replaces the keys (configuration reload).
@@ -399,11 +408,13 @@ impl ControlServer {
             }
             let now_ms = base_ms + u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
             let rx = std::mem::take(&mut self.rx);
+            let t0 = Instant::now();
             let verdict = self.process_inner(&rx[..len], source, handler, now_ms);
             self.rx = rx;
             if let Verdict::Reply(n) = verdict {
                 self.send_tx(n, source, false);
             }
+            let _ = self.latency.record((t0.elapsed().as_nanos() as u64).max(1));
         }
         if switched && self.socket.set_nonblocking(false).is_err() {
             self.counters.recv_errors += 1;

@@ -1,0 +1,544 @@
+//! The Prometheus endpoint: `GET /metrics` in the text exposition format
+//! (version 0.0.4), rendered from the same [`Summary`] that `pktdist stats`
+//! and the end-of-run summary show.
+//!
+//! The control thread renders the text about once a second; a small HTTP
+//! thread serves the latest rendering, so a slow scraper never holds up the
+//! control thread.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::latency::Percentiles;
+use crate::summary::Summary;
+
+/// How often the control thread re-renders the metrics.
+const RENDER_PERIOD: Duration = Duration::from_secs(1);
+/// Largest request head read.
+const MAX_REQUEST: usize = 8192;
+
+struct Family<'a> {
+    out: &'a mut String,
+    name: &'static str,
+}
+
+impl Family<'_> {
+    fn new<'a>(out: &'a mut String, name: &'static str, kind: &str, help: &str) -> Family<'a> {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Family { out, name }
+    }
+
+    fn sample(&mut self, suffix: &str, labels: &[(&str, &str)], value: f64) {
+        let _ = write!(self.out, "{}{suffix}", self.name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        if value.fract() == 0.0 && value.abs() < 9.0e15 {
+            let _ = writeln!(self.out, " {}", value as i64);
+        } else {
+            let _ = writeln!(self.out, " {value}");
+        }
+    }
+
+    fn value(&mut self, labels: &[(&str, &str)], value: f64) {
+        self.sample("", labels, value);
+    }
+
+    /// A summary's quantiles, count and sum (from the mean), scaled to
+    /// base units by `scale` (ns -> s: 1e-9).
+    fn quantiles(&mut self, p: &Percentiles, scale: f64) {
+        for (q, v) in p.quantiles() {
+            self.sample("", &[("quantile", q)], v as f64 * scale);
+        }
+        self.sample("", &[("quantile", "1")], p.max as f64 * scale);
+        self.sample("_sum", &[], p.mean * p.count as f64 * scale);
+        self.sample("_count", &[], p.count as f64);
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders the metrics for a summary.
+pub fn render(s: &Summary) -> String {
+    let mut o = String::with_capacity(8192);
+    let totals: [(&'static str, &str, u64); 7] = [
+        (
+            "pktdist_received_packets_total",
+            "Packets received by the workers.",
+            s.rx_packets,
+        ),
+        (
+            "pktdist_transmitted_packets_total",
+            "Packets transmitted by the workers.",
+            s.tx_packets,
+        ),
+        (
+            "pktdist_received_bytes_total",
+            "Bytes received by the workers.",
+            s.rx_bytes,
+        ),
+        (
+            "pktdist_transmitted_bytes_total",
+            "Bytes transmitted by the workers.",
+            s.tx_bytes,
+        ),
+        (
+            "pktdist_tcp_syn_total",
+            "TCP SYNs (without ACK) to a service.",
+            s.syns,
+        ),
+        (
+            "pktdist_unknown_flow_packets_total",
+            "Packets of flows the connection table did not know, routed statelessly.",
+            s.unknown_flows,
+        ),
+        (
+            "pktdist_new_connections_total",
+            "New connections distributed.",
+            s.new_connections,
+        ),
+    ];
+    for (name, help, v) in totals {
+        Family::new(&mut o, name, "counter", help).value(&[], v as f64);
+    }
+    let mut f = Family::new(
+        &mut o,
+        "pktdist_dropped_packets_total",
+        "counter",
+        "Packets dropped, by reason.",
+    );
+    for (reason, v) in &s.drops {
+        f.value(&[("reason", reason)], *v as f64);
+    }
+    Family::new(
+        &mut o,
+        "pktdist_active_flows",
+        "gauge",
+        "Connections in the workers' flow tables.",
+    )
+    .value(&[], s.active_flows as f64);
+    Family::new(
+        &mut o,
+        "pktdist_affinities",
+        "gauge",
+        "Affinities installed (requested and static).",
+    )
+    .value(&[], s.affinities as f64);
+
+    let per_service: [(
+        &'static str,
+        &str,
+        fn(&crate::summary::ServiceSummary) -> u64,
+    ); 5] = [
+        (
+            "pktdist_service_packets_total",
+            "Packets forwarded, by service.",
+            |x| x.packets,
+        ),
+        (
+            "pktdist_service_connections_total",
+            "New connections, by service.",
+            |x| x.new_connections,
+        ),
+        (
+            "pktdist_affinity_hits_total",
+            "New connections routed by an affinity.",
+            |x| x.affinity_hits,
+        ),
+        (
+            "pktdist_affinity_misses_total",
+            "New connections no affinity matched.",
+            |x| x.affinity_misses,
+        ),
+        (
+            "pktdist_auto_affinity_hits_total",
+            "New connections routed by automatic affinity.",
+            |x| x.auto_affinity_hits,
+        ),
+    ];
+    for (name, help, get) in per_service {
+        let mut f = Family::new(&mut o, name, "counter", help);
+        for svc in &s.services {
+            f.value(&[("service", &svc.name)], get(svc) as f64);
+        }
+    }
+
+    type Get = fn(&crate::summary::BackendSummary) -> f64;
+    let per_backend: [(&'static str, &str, &str, Get); 5] = [
+        (
+            "pktdist_backend_packets_total",
+            "counter",
+            "Packets forwarded to a backend.",
+            |b| b.packets as f64,
+        ),
+        (
+            "pktdist_backend_bytes_total",
+            "counter",
+            "Bytes forwarded to a backend.",
+            |b| b.bytes as f64,
+        ),
+        (
+            "pktdist_backend_connections_total",
+            "counter",
+            "New connections sent to a backend.",
+            |b| b.connections as f64,
+        ),
+        (
+            "pktdist_backend_active_connections",
+            "gauge",
+            "Connections to a backend in the flow tables.",
+            |b| b.active_connections as f64,
+        ),
+        (
+            "pktdist_backend_weight",
+            "gauge",
+            "A backend's weight (0 = draining).",
+            |b| b.weight as f64,
+        ),
+    ];
+    for (name, kind, help, get) in per_backend {
+        let mut f = Family::new(&mut o, name, kind, help);
+        for svc in &s.services {
+            for b in &svc.backends {
+                f.value(&[("service", &svc.name), ("backend", &b.name)], get(b));
+            }
+        }
+    }
+
+    let mut f = Family::new(
+        &mut o,
+        "pktdist_worker_received_packets_total",
+        "counter",
+        "Packets received, by worker.",
+    );
+    for (i, w) in s.workers_detail.iter().enumerate() {
+        f.value(&[("worker", &i.to_string())], w.rx_packets as f64);
+    }
+    let mut f = Family::new(
+        &mut o,
+        "pktdist_worker_busy_ratio",
+        "gauge",
+        "Share of time a worker spent on non-empty bursts.",
+    );
+    for (i, w) in s.workers_detail.iter().enumerate() {
+        f.value(&[("worker", &i.to_string())], w.busy);
+    }
+
+    type PortGet = fn(&crate::summary::PortSummary) -> u64;
+    let per_port: [(&'static str, &str, PortGet); 6] = [
+        (
+            "pktdist_port_received_packets_total",
+            "Packets the device received.",
+            |p| p.ipackets,
+        ),
+        (
+            "pktdist_port_transmitted_packets_total",
+            "Packets the device transmitted.",
+            |p| p.opackets,
+        ),
+        (
+            "pktdist_port_missed_packets_total",
+            "Packets the device dropped for a full receive queue.",
+            |p| p.imissed,
+        ),
+        (
+            "pktdist_port_receive_errors_total",
+            "Receive errors of the device.",
+            |p| p.ierrors,
+        ),
+        (
+            "pktdist_port_transmit_errors_total",
+            "Transmit errors of the device.",
+            |p| p.oerrors,
+        ),
+        (
+            "pktdist_port_no_mbuf_total",
+            "Receive failures for want of a packet buffer.",
+            |p| p.rx_nombuf,
+        ),
+    ];
+    for (name, help, get) in per_port {
+        let mut f = Family::new(&mut o, name, "counter", help);
+        for p in &s.ports {
+            f.value(&[("port", &p.name)], get(p) as f64);
+        }
+    }
+
+    if let Some(control) = s.extra.get("control") {
+        let mut f = Family::new(
+            &mut o,
+            "pktdist_control_refused_total",
+            "counter",
+            "Control datagrams refused, by reason.",
+        );
+        if let Some(refused) = control.get("refused").and_then(|r| r.as_object()) {
+            for (reason, v) in refused {
+                f.value(&[("reason", reason)], v.as_f64().unwrap_or(0.0));
+            }
+        }
+        let mut f = Family::new(
+            &mut o,
+            "pktdist_control_replies_total",
+            "counter",
+            "Control replies, by return code.",
+        );
+        if let Some(codes) = control.get("by_code").and_then(|r| r.as_object()) {
+            for (code, v) in codes {
+                f.value(&[("code", code)], v.as_f64().unwrap_or(0.0));
+            }
+        }
+        let mut f = Family::new(
+            &mut o,
+            "pktdist_affinity_ended_total",
+            "counter",
+            "Affinities ended, by reason.",
+        );
+        if let Some(ended) = control.get("ended").and_then(|r| r.as_object()) {
+            for (reason, v) in ended {
+                f.value(&[("reason", reason)], v.as_f64().unwrap_or(0.0));
+            }
+        }
+    }
+
+    Family::new(
+        &mut o,
+        "pktdist_packet_processing_seconds",
+        "summary",
+        "Per-packet processing time in the workers, measured per burst.",
+    )
+    .quantiles(&s.packet_latency_ns, 1e-9);
+    Family::new(
+        &mut o,
+        "pktdist_control_request_seconds",
+        "summary",
+        "Time to handle one control datagram.",
+    )
+    .quantiles(&s.control_latency_ns, 1e-9);
+    Family::new(
+        &mut o,
+        "pktdist_affinity_lifetime_seconds",
+        "summary",
+        "How long ended affinities lived.",
+    )
+    .quantiles(&s.affinity_lifetime_ms, 1e-3);
+    o
+}
+
+struct Shared {
+    text: Mutex<String>,
+    stop: AtomicBool,
+    rendered: Mutex<Option<Instant>>,
+}
+
+/// The HTTP endpoint's thread.
+pub struct MetricsServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Listens on `addr` and serves until dropped.
+    pub fn start(addr: SocketAddr) -> io::Result<MetricsServer> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            text: Mutex::new(String::new()),
+            stop: AtomicBool::new(false),
+            rendered: Mutex::new(None),
+        });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("pktdist-metrics".into())
+            .spawn(move || serve(listener, &s))?;
+        Ok(MetricsServer {
+            shared,
+            addr,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether the text is due to be rendered again.
+    pub fn wants_update(&self) -> bool {
+        let last = self
+            .shared
+            .rendered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        last.is_none_or(|t| t.elapsed() >= RENDER_PERIOD)
+    }
+
+    /// Replaces the text served.
+    pub fn publish(&self, text: String) {
+        *self.shared.text.lock().unwrap_or_else(|e| e.into_inner()) = text;
+        *self
+            .shared
+            .rendered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(listener: TcpListener, shared: &Shared) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                // A misbehaving client costs at most its timeouts.
+                let _ = answer(stream, shared);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+        let n = stream.read(&mut buf[len..])?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared
+                .text
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        ),
+        ("GET", "/") => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            "pktdist: metrics at /metrics\n".to_string(),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET\n".to_string(),
+        ),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{DropReason, WorkerCounters};
+
+    fn summary() -> Summary {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        w[0].rx_packets.add(10);
+        w[0].count_drop(DropReason::NoService);
+        let mut s = Summary::collect(&w, &crate::dataplane::Dataplane::default(), 1.0, 0);
+        s.packet_latency_ns = Percentiles {
+            count: 4,
+            p50: 100,
+            p90: 200,
+            p99: 300,
+            p999: 400,
+            max: 500,
+            mean: 150.0,
+        };
+        s
+    }
+
+    #[test]
+    fn renders_families_with_help_type_and_labels() {
+        let text = render(&summary());
+        assert!(text.contains(
+            "# TYPE pktdist_received_packets_total counter\npktdist_received_packets_total 10\n"
+        ));
+        assert!(text.contains("pktdist_dropped_packets_total{reason=\"no_service\"} 1\n"));
+        assert!(text.contains("pktdist_packet_processing_seconds{quantile=\"0.99\"} 0.0000003"));
+        assert!(text.contains("pktdist_packet_processing_seconds_count 4\n"));
+        // Every sample line belongs to a family declared before it.
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.insert(rest.split(' ').next().unwrap().to_string());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let base = name.trim_end_matches("_sum").trim_end_matches("_count");
+                assert!(declared.contains(name) || declared.contains(base), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn http_endpoint_serves_metrics_and_404() {
+        let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        m.publish("pktdist_x 1\n".into());
+        let get = |path: &str| {
+            let mut s = TcpStream::connect(m.local_addr()).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut r = String::new();
+            s.read_to_string(&mut r).unwrap();
+            r
+        };
+        let ok = get("/metrics");
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(ok.contains("text/plain; version=0.0.4"));
+        assert!(ok.ends_with("\r\n\r\npktdist_x 1\n"));
+        assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    }
+}

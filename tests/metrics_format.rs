@@ -1,0 +1,106 @@
+//! The Prometheus text that `GET /metrics` serves, checked by an independent
+//! parser: the official Python client's (prometheus_client.parser), which
+//! scripts/install-deps.sh installs.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use pktdist::config::Config;
+use pktdist::control::metrics::render;
+use pktdist::services::ServiceRegistry;
+use pktdist::stats::{DropReason, WorkerCounters};
+use pktdist::summary::{PortSummary, Summary};
+
+const PARSE: &str = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        print(f"{fam.type} {s.name} {labels} {s.value}")
+"#;
+
+fn parsed(text: &str) -> Vec<String> {
+    let mut child = Command::new("python3")
+        .args(["-c", PARSE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client refused the text: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn metrics_parse_with_the_prometheus_client_parser() {
+    let cfg = Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml")).unwrap();
+    let dp = ServiceRegistry::from_config(&cfg)
+        .unwrap()
+        .snapshot()
+        .unwrap();
+    let workers: Vec<Arc<WorkerCounters>> = (0..2)
+        .map(|_| Arc::new(WorkerCounters::default()))
+        .collect();
+    for (i, w) in workers.iter().enumerate() {
+        w.rx_packets.add(1000);
+        w.tx_packets.add(990);
+        w.drops[DropReason::NoService as usize].add(10);
+        w.backends[0].connections.add(7 + i as u64);
+        w.services[0].affinity_hits.add(3);
+        w.latency.record(250);
+    }
+    let mut s = Summary::collect(&workers, &dp, 2.0, 5);
+    s.ports.push(PortSummary {
+        name: "p0".into(),
+        ipackets: 2000,
+        ..PortSummary::default()
+    });
+    s.extra.insert(
+        "control".into(),
+        serde_json::json!({"refused": {"bad_hmac": 2}, "by_code": {"OK": 4}, "ended": {"expired": 1}}),
+    );
+    let samples = parsed(&render(&s));
+    let has = |line: &str| samples.iter().any(|l| l == line);
+    assert!(
+        has("counter pktdist_received_packets_total  2000"),
+        "{samples:#?}"
+    );
+    assert!(has(
+        "counter pktdist_dropped_packets_total reason=no_service 20"
+    ));
+    assert!(has(
+        "counter pktdist_backend_connections_total backend=be1,service=web 15"
+    ));
+    assert!(has("counter pktdist_affinity_hits_total service=web 6"));
+    assert!(has(
+        "counter pktdist_port_received_packets_total port=p0 2000"
+    ));
+    assert!(has(
+        "counter pktdist_control_refused_total reason=bad_hmac 2"
+    ));
+    assert!(has("gauge pktdist_affinities  5"));
+    assert!(has(
+        "gauge pktdist_backend_weight backend=be3,service=web 300"
+    ));
+    assert!(samples
+        .iter()
+        .any(|l| l.starts_with("summary pktdist_packet_processing_seconds quantile=0.99 ")));
+    assert!(has("summary pktdist_packet_processing_seconds_count  2"));
+}
