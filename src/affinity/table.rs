@@ -18,7 +18,11 @@
 //! of cache lines (two 32-byte slots per line), so a probe touches the header
 //! line and, on a tag match, one slot line. All fields are atomics: readers
 //! load them `Relaxed` between the version checks and retry if a write
-//! intervened, so they never act on a torn entry.
+//! intervened, so they never act on a torn entry. (A reader waits only while
+//! the writer is inside one bucket write: a handful of stores.) The header
+//! array is small (16 bytes per 8 slots: 4 MB for a million entries), so a
+//! miss — the common case in a SYN flood from random sources — mostly stays
+//! in cache; a hit adds one slot line.
 //!
 //! Most specific match: a key hashes on (service, family, masked address,
 //! prefix length, port kind, and the port for `One`). All ranges of one prefix
