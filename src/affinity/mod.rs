@@ -82,10 +82,3 @@ fn random_seed() -> u64 {
     h.write_u64(0x5eed);
     h.finish() | 1
 }
-
-/// Hints the CPU to load `p`'s cache line.
-#[inline(always)]
-fn prefetch<T>(p: &T) {
-    // replaced by crate::dpdk::prefetch at merge
-    let _ = p;
-}

@@ -41,8 +41,9 @@ use hashbrown::HashMap;
 
 use super::key::{max_prefix, prefix_mask, AffinityKey, PortMatch};
 use super::seqlock::SeqLock;
-use super::{hash3, prefetch, random_seed};
+use super::{hash3, random_seed};
 use crate::dataplane::{BackendId, ServiceId, MAX_SERVICES};
+use crate::dpdk::prefetch;
 use crate::packet::Family;
 
 /// Slots per bucket (one tag byte each in the header).
