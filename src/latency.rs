@@ -9,7 +9,7 @@
 use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Nanoseconds up to one minute, three significant digits.
 const MAX_NS: u64 = 60_000_000_000;
@@ -61,7 +61,7 @@ impl SharedHistogram {
 }
 
 /// The percentiles reported in summaries, stats and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: u64,
     pub p50: u64,

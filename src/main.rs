@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use pktdist::config::Config;
-use pktdist::control::cli::{self, parse_duration, AffinityCmd, BackendCmd, StatsArgs};
+use pktdist::control::cli::{self, parse_duration, AffinityCmd, BackendCmd, ConnArgs, StatsArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,8 +50,10 @@ enum Cmd {
     /// List backends of a running instance and change them.
     #[command(subcommand)]
     Backend(BackendCmd),
-    /// Statistics of a running instance.
+    /// Statistics of a running instance (--watch for a live view).
     Stats(StatsArgs),
+    /// Make a running instance re-read its configuration file (as SIGHUP).
+    Reload(ConnArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Cmd::Affinity(cmd) => cli::run_affinity(&cmd),
         Cmd::Backend(cmd) => cli::run_backend(&cmd),
         Cmd::Stats(args) => cli::run_stats(&args),
+        Cmd::Reload(conn) => cli::run_reload(&conn),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

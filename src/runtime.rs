@@ -12,11 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::affinity::{AffinityKey, AffinityManager, AffinityTable, AutoAffinityTable};
-use crate::config::{ip_bits, Config};
-use crate::control::auth::{Allowlist, IpNet, Key, Keyring};
+use crate::affinity::{AffinityManager, AffinityTable, AutoAffinityTable};
+use crate::config::Config;
 use crate::control::metrics::{self, MetricsServer};
-use crate::control::plane::ControlPlane;
+use crate::control::plane::{auth_from_config, ControlPlane};
 use crate::control::server::{ControlServer, ServerConfig};
 use crate::dataplane::{DataplaneCell, ForwardMode};
 use crate::dpdk::{
@@ -24,7 +23,6 @@ use crate::dpdk::{
     DEFAULT_DATA_ROOM, HEADROOM, SOCKET_ANY,
 };
 use crate::io::{PacketBuf, PacketIo, MAX_BURST};
-use crate::packet::Family;
 use crate::services::ServiceRegistry;
 use crate::stats::WorkerCounters;
 use crate::summary::{status_line, PortSummary, Summary, Totals};
@@ -175,8 +173,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     let dp = registry.snapshot().map_err(|e| e.to_string())?;
     let cell = Arc::new(DataplaneCell::new(dp));
     let (writer, reader) = AffinityTable::new(cfg.affinity.capacity);
-    let mut manager = AffinityManager::new(writer);
-    install_static_affinities(cfg, &cell, &mut manager)?;
+    let manager = AffinityManager::new(writer);
     let auto = Arc::new(AutoAffinityTable::new(cfg.affinity.auto_capacity));
     let epoch = Instant::now();
     let shared = Shared {
@@ -280,20 +277,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     };
 
     // The control thread: this one.
-    let mut keyring = Keyring::new();
-    for (name, key) in &cfg.control.keys {
-        let key = Key::new(&key.0).map_err(|e| format!("[control.keys] {name}: {e}"))?;
-        keyring
-            .insert(name, key)
-            .map_err(|e| format!("[control.keys] {name}: {e}"))?;
-    }
-    let allowed = Allowlist::new(
-        cfg.control
-            .allowed_networks
-            .iter()
-            .map(|n| IpNet::new(n.addr, n.prefix).map_err(|e| e.0))
-            .collect::<Result<Vec<_>, _>>()?,
-    );
+    let (allowed, keyring) = auth_from_config(cfg)?;
     let mut server_cfg = ServerConfig::new(allowed, keyring);
     server_cfg.max_clock_skew = cfg.control.max_clock_skew.0;
     server_cfg.read_timeout = Some(Duration::from_millis(20));
@@ -307,6 +291,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         counters.clone(),
         epoch,
     );
+    let statics = plane.add_static_affinities(cfg);
+    if !statics.is_empty() {
+        return Err(statics.trim_start_matches("; ").to_string());
+    }
+    if let Some(path) = &opts.config_path {
+        plane.set_config(path.clone(), cfg.clone());
+    }
     let port_names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
     let stat_ports = ports.clone();
     plane.set_port_stats(Box::new(move || {
@@ -374,7 +365,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             }
         }
         if flags.reload.swap(false, Ordering::Relaxed) {
-            reload(&mut plane, opts);
+            match plane.reload_from_file() {
+                Ok(msg) => eprintln!("pktdist: SIGHUP: {msg}"),
+                Err(e) => {
+                    eprintln!("pktdist: SIGHUP: reload refused, running configuration kept: {e}")
+                }
+            }
+        }
+        if let Some((allowed, keyring)) = plane.take_pending_auth() {
+            server.set_allowed(allowed);
+            server.set_keyring(keyring);
         }
         if opts.status && last_status.elapsed() >= interval {
             let cur = Totals::collect(&counters);
@@ -416,60 +416,6 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     drop(pool);
     let _ = eal;
     Ok(summary)
-}
-
-fn install_static_affinities(
-    cfg: &Config,
-    cell: &DataplaneCell,
-    manager: &mut AffinityManager,
-) -> Result<(), String> {
-    let dp = cell.load();
-    for (i, a) in cfg.affinities.iter().enumerate() {
-        let what = format!("affinities[{i}]");
-        let svc = dp
-            .service_named(&a.service)
-            .ok_or_else(|| format!("{what}: no service {}", a.service))?;
-        let owner = dp
-            .find_backend(svc.id, &a.backend)
-            .ok_or_else(|| format!("{what}: no backend {} in {}", a.backend, a.service))?;
-        let family = if a.client.addr.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        };
-        let key = AffinityKey::new(
-            svc.id,
-            family,
-            ip_bits(a.client.addr),
-            a.client.prefix,
-            a.client_port,
-        )
-        .map_err(|e| format!("{what}: {e}"))?;
-        manager
-            .create(key, owner.id, None, None, 0)
-            .map_err(|e| format!("{what}: {e}"))?;
-    }
-    Ok(())
-}
-
-/// SIGHUP: re-read the configuration and apply its services and backends;
-/// a bad file changes nothing.
-fn reload(plane: &mut ControlPlane, opts: &RunOptions) {
-    let Some(path) = &opts.config_path else {
-        eprintln!("pktdist: reload requested, but no configuration file is known");
-        return;
-    };
-    match Config::load(path) {
-        Err(e) => eprintln!("pktdist: reload refused, running configuration kept: {e}"),
-        Ok(cfg) => match plane.reload(&cfg) {
-            Ok(removed) => eprintln!(
-                "pktdist: reloaded {} ({} backend(s) removed)",
-                path.display(),
-                removed.len()
-            ),
-            Err(e) => eprintln!("pktdist: reload refused, running configuration kept: {e}"),
-        },
-    }
 }
 
 fn fmt_mac(m: &[u8; 6]) -> String {

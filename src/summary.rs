@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dataplane::Dataplane;
 use crate::latency::{new_histogram, Percentiles};
@@ -77,7 +77,7 @@ pub fn status_line(prev: &Totals, cur: &Totals, secs: f64, affinities: usize) ->
 }
 
 /// One backend in the summary.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BackendSummary {
     pub name: String,
     pub address: String,
@@ -93,12 +93,12 @@ pub struct BackendSummary {
 }
 
 /// One service in the summary.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ServiceSummary {
     pub name: String,
     pub vip: String,
     pub port: u16,
-    pub protocol: &'static str,
+    pub protocol: String,
     pub packets: u64,
     pub new_connections: u64,
     pub affinity_hits: u64,
@@ -108,7 +108,7 @@ pub struct ServiceSummary {
 }
 
 /// One port's device counters.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PortSummary {
     pub name: String,
     pub ipackets: u64,
@@ -124,7 +124,7 @@ pub struct PortSummary {
 }
 
 /// One worker's own counters.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct WorkerSummary {
     pub rx_packets: u64,
     pub tx_packets: u64,
@@ -136,7 +136,7 @@ pub struct WorkerSummary {
 }
 
 /// The end-of-run summary (SPEC section 5).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub seconds: f64,
     pub workers: usize,
@@ -144,7 +144,7 @@ pub struct Summary {
     pub tx_packets: u64,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
-    pub drops: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<String, u64>,
     pub syns: u64,
     pub new_connections: u64,
     pub unknown_flows: u64,
@@ -231,7 +231,8 @@ impl Summary {
                         "tcp"
                     } else {
                         "udp"
-                    },
+                    }
+                    .to_string(),
                     packets: sum(&|w| w.services[id].packets.get()),
                     new_connections: sum(&|w| w.services[id].new_connections.get()),
                     affinity_hits: sum(&|w| w.services[id].affinity_hits.get()),
@@ -255,7 +256,7 @@ impl Summary {
             tx_bytes: t.tx_bytes,
             drops: DropReason::ALL
                 .iter()
-                .map(|r| (r.name(), t.drops[*r as usize]))
+                .map(|r| (r.name().to_string(), t.drops[*r as usize]))
                 .collect(),
             syns: t.syns,
             new_connections: t.new_connections,

@@ -2,6 +2,7 @@
 //! instance through the client library and print the answers as tables.
 
 use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -12,9 +13,12 @@ use clap::{Args, Subcommand};
 use super::auth::{parse_hex_key, IpNet};
 use super::client::{AffinitySpec, ClientError, ControlClient};
 use super::proto::{
-    AffinityEntry, AffinityKey, BackendEntry, PortMatch, Reply, ReturnCode, ServiceAddr,
+    AffinityEntry, AffinityKey, BackendEntry, PortMatch, Reply, Request, ReturnCode, ServiceAddr,
 };
+use super::statsview;
+use crate::config::Config;
 use crate::packet::{PROTO_TCP, PROTO_UDP};
+use crate::summary::Summary;
 
 /// Default control address.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
@@ -22,9 +26,10 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
 /// How to reach and authenticate to the running instance.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct ConnArgs {
-    /// Control address of the running pktdist.
-    #[arg(long, default_value = DEFAULT_SERVER)]
-    pub server: SocketAddr,
+    /// Control address of the running pktdist [default: the --config file's
+    /// [control] listen, else 127.0.0.1:7400].
+    #[arg(long)]
+    pub server: Option<SocketAddr>,
     /// Name to send as: `admin`, or a backend name.
     #[arg(long, default_value = "admin")]
     pub name: String,
@@ -34,13 +39,35 @@ pub struct ConnArgs {
     /// A file holding the name's key in hex.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// The running instance's configuration file: the control address and
+    /// the key of --name are taken from it unless given.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Time to wait for each reply (two retries follow a timeout).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
 
 impl ConnArgs {
-    /// The key bytes from `--key` or `--key-file`.
+    fn config_file(&self) -> Result<Option<Config>, String> {
+        self.config
+            .as_ref()
+            .map(|p| Config::load(p).map_err(|e| e.to_string()))
+            .transpose()
+    }
+
+    /// The control address: --server, else the config's, else the default.
+    pub fn server_addr(&self) -> Result<SocketAddr, String> {
+        if let Some(s) = self.server {
+            return Ok(s);
+        }
+        Ok(match self.config_file()? {
+            Some(cfg) => cfg.control.listen,
+            None => DEFAULT_SERVER.parse().map_err(|e| format!("{e}"))?,
+        })
+    }
+
+    /// The key bytes from `--key`, `--key-file` or the config's keys.
     pub fn key_bytes(&self) -> Result<Vec<u8>, String> {
         match (&self.key, &self.key_file) {
             (Some(hex), _) => parse_hex_key(hex).map_err(|e| format!("--key: {e}")),
@@ -49,14 +76,27 @@ impl ConnArgs {
                     .map_err(|e| format!("--key-file {}: {e}", path.display()))?;
                 parse_hex_key(&text).map_err(|e| format!("--key-file {}: {e}", path.display()))
             }
-            (None, None) => Err("give the key with --key HEX or --key-file PATH".into()),
+            (None, None) => match self.config_file()? {
+                Some(cfg) => cfg
+                    .control
+                    .keys
+                    .get(&self.name)
+                    .map(|k| k.0.clone())
+                    .ok_or_else(|| {
+                        format!(
+                            "the configuration has no key for {:?} in [control.keys]",
+                            self.name
+                        )
+                    }),
+                None => Err("give the key with --key HEX, --key-file PATH or --config FILE".into()),
+            },
         }
     }
 
     /// A client connected as these arguments say.
     pub fn client(&self) -> Result<ControlClient, String> {
         let key = self.key_bytes()?;
-        let mut c = ControlClient::new(self.server, &self.name, &key)
+        let mut c = ControlClient::new(self.server_addr()?, &self.name, &key)
             .map_err(|e| format!("control client: {e}"))?;
         c.set_timeout(self.timeout);
         Ok(c)
@@ -482,14 +522,49 @@ pub fn fetch_stats(conn: &ConnArgs) -> Result<String, String> {
 /// they are JSON. (`--watch` rendering is the caller's loop around
 /// [`fetch_stats`].)
 pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
-    let doc = fetch_stats(&args.conn)?;
-    match serde_json::from_str::<serde_json::Value>(&doc) {
-        Ok(v) => println!(
-            "{}",
-            serde_json::to_string_pretty(&v).unwrap_or_else(|_| doc.clone())
-        ),
-        Err(_) => println!("{doc}"),
+    if !args.watch {
+        let doc = fetch_stats(&args.conn)?;
+        match serde_json::from_str::<serde_json::Value>(&doc) {
+            Ok(v) => println!(
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_else(|_| doc.clone())
+            ),
+            Err(_) => println!("{doc}"),
+        }
+        return Ok(());
     }
+    let terminal = std::io::stdout().is_terminal();
+    let server = args.conn.server_addr()?.to_string();
+    let mut prev: Option<(Summary, std::time::Instant)> = None;
+    loop {
+        let doc = fetch_stats(&args.conn)?;
+        let cur: Summary =
+            serde_json::from_str(&doc).map_err(|e| format!("statistics are not a summary: {e}"))?;
+        let now = std::time::Instant::now();
+        let secs = prev
+            .as_ref()
+            .map_or(0.0, |(_, t)| now.duration_since(*t).as_secs_f64());
+        let frame = statsview::render(&server, prev.as_ref().map(|(s, _)| s), &cur, secs, terminal);
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(frame.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            // The reader went away (a closed pipe): stop quietly.
+            return Ok(());
+        }
+        prev = Some((cur, now));
+        std::thread::sleep(args.interval);
+    }
+}
+
+/// `pktdist reload`: the running instance re-reads its configuration file.
+pub fn run_reload(conn: &ConnArgs) -> Result<(), String> {
+    let mut client = conn.client()?;
+    let reply = client.request(&Request::Reload).map_err(err)?;
+    let text = render_reply("reload", &reply)?;
+    println!("{text}");
     Ok(())
 }
 
@@ -537,7 +612,10 @@ mod tests {
             panic!("wrong command")
         };
         assert_eq!(a.duration, Duration::from_secs(300));
-        assert_eq!(a.target.conn.server, DEFAULT_SERVER.parse().unwrap());
+        assert_eq!(
+            a.target.conn.server_addr().unwrap(),
+            DEFAULT_SERVER.parse().unwrap()
+        );
         assert_eq!(a.target.conn.name, "admin");
         let spec = a.target.spec().unwrap();
         assert_eq!(spec.key.client, "198.51.100.0".parse::<IpAddr>().unwrap());
@@ -602,7 +680,7 @@ mod tests {
             panic!("wrong command")
         };
         assert!(s.watch);
-        assert_eq!(s.conn.server, "10.0.0.1:7000".parse().unwrap());
+        assert_eq!(s.conn.server, Some("10.0.0.1:7000".parse().unwrap()));
     }
 
     #[test]

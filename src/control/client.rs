@@ -737,6 +737,8 @@ mod tests {
                     )),
                     ..Response::ok()
                 },
+                Request::Reload if is_admin => Response::ok().with_message("reloaded"),
+                Request::Reload => Response::new(ReturnCode::NotAuthorized),
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod plane;
 pub mod proto;
 pub mod server;
+pub mod statsview;
 
 pub use auth::{Allowlist, IpNet, Key, Keyring};
 pub use client::{ClientError, ControlClient};

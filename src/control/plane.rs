@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::affinity::{self, AffinityError, AffinityManager, EndReason, Ended};
-use crate::config::ip_bits;
+use std::path::PathBuf;
+
+use crate::config::{ip_bits, Config};
+use crate::control::auth::{Allowlist, IpNet, Key, Keyring};
 use crate::control::proto::{
     self, AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
 };
@@ -53,6 +56,11 @@ pub struct ControlPlane {
     lifetimes: hdrhistogram::Histogram<u64>,
     /// Reads the ports' device counters (set by the runtime).
     port_stats: Option<PortStats>,
+    /// The configuration file and what was last applied from it, for reload.
+    config: Option<(PathBuf, Config)>,
+    /// Keys and allowed networks of a reloaded configuration, for the
+    /// control loop to hand to the server.
+    pending_auth: Option<(Allowlist, Keyring)>,
 }
 
 /// A source of the ports' device counters.
@@ -80,6 +88,8 @@ impl ControlPlane {
             server: (ServerCounters::default(), Percentiles::default()),
             lifetimes: new_histogram(),
             port_stats: None,
+            config: None,
+            pending_auth: None,
         }
     }
 
@@ -110,6 +120,129 @@ impl ControlPlane {
 
     pub fn workers(&self) -> &[Arc<WorkerCounters>] {
         &self.workers
+    }
+
+    /// The file `reload` re-reads, and the configuration running now.
+    pub fn set_config(&mut self, path: PathBuf, running: Config) {
+        self.config = Some((path, running));
+    }
+
+    /// New keys and allowed networks after a reload, once.
+    pub fn take_pending_auth(&mut self) -> Option<(Allowlist, Keyring)> {
+        self.pending_auth.take()
+    }
+
+    /// Re-reads the configuration file and applies it: services and
+    /// backends (one new snapshot: workers pick it up without stopping;
+    /// kept backends keep their ids, so established connections stay),
+    /// static affinities, keys and allowed networks. A bad file changes
+    /// nothing. Returns what was done, naming settings that need a restart.
+    pub fn reload_from_file(&mut self) -> Result<String, String> {
+        let (path, running) = self
+            .config
+            .as_ref()
+            .ok_or("no configuration file is known to reload")?;
+        let path = path.clone();
+        let next = Config::load(&path).map_err(|e| e.to_string())?;
+        let auth = auth_from_config(&next)?;
+        let restart: Vec<&str> = [
+            (
+                "eal",
+                format!("{:?}", running.eal) != format!("{:?}", next.eal),
+            ),
+            (
+                "cores",
+                format!("{:?}", running.cores) != format!("{:?}", next.cores),
+            ),
+            (
+                "ports",
+                format!("{:?}", running.ports) != format!("{:?}", next.ports),
+            ),
+            (
+                "mempool",
+                format!("{:?}", running.mempool) != format!("{:?}", next.mempool),
+            ),
+            (
+                "flow",
+                format!("{:?}", running.flow) != format!("{:?}", next.flow),
+            ),
+            (
+                "affinity",
+                format!("{:?}", running.affinity) != format!("{:?}", next.affinity),
+            ),
+            (
+                "control.listen",
+                running.control.listen != next.control.listen,
+            ),
+        ]
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| *name)
+        .collect();
+        let removed = self.reload(&next).map_err(|e| e.to_string())?;
+        let statics = self.add_static_affinities(&next);
+        self.pending_auth = Some(auth);
+        let mut msg = format!(
+            "reloaded {}: {} service(s), {} backend(s) removed{}",
+            path.display(),
+            next.services.len(),
+            removed.len(),
+            statics
+        );
+        if !restart.is_empty() {
+            msg.push_str(&format!(
+                "; changes to [{}] take effect at the next restart",
+                restart.join("], [")
+            ));
+        }
+        if let Some((_, running)) = self.config.as_mut() {
+            *running = next;
+        }
+        Ok(msg)
+    }
+
+    /// Installs the configuration's static affinities that are not there
+    /// yet; returns a note on those that could not be.
+    pub fn add_static_affinities(&mut self, cfg: &Config) -> String {
+        let mut failed = Vec::new();
+        for (i, a) in cfg.affinities.iter().enumerate() {
+            let result = (|| {
+                let svc = self.dp.service_named(&a.service).ok_or("no such service")?;
+                let owner = self
+                    .dp
+                    .find_backend(svc.id, &a.backend)
+                    .ok_or("no such backend")?
+                    .id;
+                let family = if a.client.addr.is_ipv4() {
+                    Family::V4
+                } else {
+                    Family::V6
+                };
+                let key = affinity::AffinityKey::new(
+                    svc.id,
+                    family,
+                    ip_bits(a.client.addr),
+                    a.client.prefix,
+                    a.client_port,
+                )
+                .map_err(|_| "bad key")?;
+                if self.affinities.get(&key).is_some_and(|r| r.owner == owner) {
+                    return Ok(());
+                }
+                self.affinities
+                    .create(key, owner, None, None, self.now_ms())
+                    .map(|_| ())
+                    .map_err(|_| "refused (conflict or table full)")
+            })();
+            if let Err(e) = result {
+                failed.push(format!("affinities[{i}]: {e}"));
+            }
+        }
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!("; static affinities not installed: {}", failed.join(", "))
+        }
     }
 
     /// Where the ports' device counters come from.
@@ -533,6 +666,14 @@ impl ControlHandler for ControlPlane {
                         .with_message("backend changes need the admin key")
                 }
             }
+            Request::Reload if !is_admin => {
+                Response::new(ReturnCode::NotAuthorized).with_message("reload needs the admin key")
+            }
+            Request::Reload => match self.reload_from_file() {
+                Ok(msg) => Response::ok().with_message(msg),
+                Err(e) => Response::new(ReturnCode::Invalid)
+                    .with_message(format!("reload refused, running configuration kept: {e}")),
+            },
             Request::Stats { .. } => Response::stats(
                 serde_json::to_string(&self.summary())
                     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
@@ -541,6 +682,24 @@ impl ControlHandler for ControlPlane {
         self.counters.by_code[(resp.code as usize).min(7)] += 1;
         resp
     }
+}
+
+/// The control server's allowed networks and keyring from a configuration.
+pub fn auth_from_config(cfg: &Config) -> Result<(Allowlist, Keyring), String> {
+    let mut keyring = Keyring::new();
+    for (name, key) in &cfg.control.keys {
+        let key = Key::new(&key.0).map_err(|e| format!("[control.keys] {name}: {e}"))?;
+        keyring
+            .insert(name, key)
+            .map_err(|e| format!("[control.keys] {name}: {e}"))?;
+    }
+    let nets = cfg
+        .control
+        .allowed_networks
+        .iter()
+        .map(|n| IpNet::new(n.addr, n.prefix).map_err(|e| e.0))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((Allowlist::new(nets), keyring))
 }
 
 /// Milliseconds to whole seconds, rounded up, saturating.

@@ -50,12 +50,14 @@ pub enum MsgType {
     BackendAdd = 7,
     BackendRemove = 8,
     Stats = 9,
+    /// Re-read the configuration file (admin only).
+    Reload = 10,
     Reply = 0x80,
     AffinityEnded = 0x81,
 }
 
 impl MsgType {
-    pub const ALL: [MsgType; 11] = [
+    pub const ALL: [MsgType; 12] = [
         MsgType::AffinityCreate,
         MsgType::AffinityExtend,
         MsgType::AffinityCancel,
@@ -65,6 +67,7 @@ impl MsgType {
         MsgType::BackendAdd,
         MsgType::BackendRemove,
         MsgType::Stats,
+        MsgType::Reload,
         MsgType::Reply,
         MsgType::AffinityEnded,
     ];
@@ -89,6 +92,7 @@ impl MsgType {
             MsgType::BackendAdd => "BACKEND_ADD",
             MsgType::BackendRemove => "BACKEND_REMOVE",
             MsgType::Stats => "STATS",
+            MsgType::Reload => "RELOAD",
             MsgType::Reply => "REPLY",
             MsgType::AffinityEnded => "AFFINITY_ENDED",
         }
@@ -747,6 +751,9 @@ pub enum Request<'a> {
         token: u32,
         offset: u32,
     },
+    /// Re-read the configuration file the instance was started with and
+    /// apply its services, backends, keys and allowed networks.
+    Reload,
 }
 
 impl<'a> Request<'a> {
@@ -761,6 +768,7 @@ impl<'a> Request<'a> {
             Request::BackendAdd(_) => MsgType::BackendAdd,
             Request::BackendRemove { .. } => MsgType::BackendRemove,
             Request::Stats { .. } => MsgType::Stats,
+            Request::Reload => MsgType::Reload,
         }
     }
 
@@ -819,6 +827,7 @@ impl<'a> Request<'a> {
                 w.name(service, "service name missing")?;
                 w.name(backend, "backend name missing")
             }
+            Request::Reload => Ok(()),
             Request::Stats { token, offset } => {
                 w.u32(*token)?;
                 w.u32(*offset)
@@ -871,6 +880,7 @@ impl<'a> Request<'a> {
                 token: r.u32()?,
                 offset: r.u32()?,
             },
+            MsgType::Reload => Request::Reload,
             MsgType::Reply | MsgType::AffinityEnded => {
                 return Err(DecodeError::Invalid("not a request type"))
             }

@@ -1233,7 +1233,7 @@ pub(crate) mod tests {
             let mut s = server();
             let mut h = Recorder::default();
             let mut d = bytes;
-            if prefix && d.len() >= 4 {
+            if prefix && d.len() >= 5 {
                 // Make it get past the magic and version checks.
                 d[..3].copy_from_slice(b"PD\x01");
                 d[4] = 0;

@@ -1,0 +1,220 @@
+//! `pktdist stats --watch`: a live view of a running instance, 80 columns
+//! wide, redrawn in place on a terminal and printed as plain blocks of lines
+//! when the output is a pipe or a file.
+//!
+//! Rates come from two successive snapshots of the instance's [`Summary`].
+
+use std::fmt::Write as _;
+
+use crate::summary::Summary;
+
+/// Width the view is laid out for.
+pub const WIDTH: usize = 80;
+
+/// ANSI: cursor home, clear screen.
+const CLEAR: &str = "\x1b[H\x1b[2J";
+
+fn rate(prev: Option<u64>, cur: u64, secs: f64) -> Option<f64> {
+    let p = prev?;
+    (secs > 0.0).then(|| cur.saturating_sub(p) as f64 / secs)
+}
+
+fn fmt_rate(r: Option<f64>) -> String {
+    match r {
+        None => "-".into(),
+        Some(v) if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        Some(v) if v >= 1e4 => format!("{:.1}k", v / 1e3),
+        Some(v) => format!("{v:.0}"),
+    }
+}
+
+fn fmt_count(v: u64) -> String {
+    if v >= 10_000_000 {
+        format!("{:.1}M", v as f64 / 1e6)
+    } else if v >= 100_000 {
+        format!("{:.0}k", v as f64 / 1e3)
+    } else {
+        v.to_string()
+    }
+}
+
+/// Renders one frame of the view: `cur` with rates against `prev` taken
+/// `secs` earlier. With `terminal` the frame starts by clearing the screen;
+/// without, it is a block of plain lines ending with a blank line.
+pub fn render(
+    server: &str,
+    prev: Option<&Summary>,
+    cur: &Summary,
+    secs: f64,
+    terminal: bool,
+) -> String {
+    let mut o = String::new();
+    if terminal {
+        o.push_str(CLEAR);
+    }
+    let r = |get: fn(&Summary) -> u64| rate(prev.map(get), get(cur), secs);
+    let _ = writeln!(
+        o,
+        "pktdist {server}  up {:.0}s  {} worker(s)  affinities {}  flows {}",
+        cur.seconds,
+        cur.workers,
+        cur.affinities,
+        fmt_count(cur.active_flows)
+    );
+    let drops: u64 = cur.drops.values().sum();
+    let _ = writeln!(
+        o,
+        "rx {} pps  tx {} pps  drop {}/s  new conn {}/s  syn {}/s",
+        fmt_rate(r(|s| s.rx_packets)),
+        fmt_rate(r(|s| s.tx_packets)),
+        fmt_rate(rate(prev.map(|p| p.drops.values().sum()), drops, secs)),
+        fmt_rate(r(|s| s.new_connections)),
+        fmt_rate(r(|s| s.syns)),
+    );
+    let _ = writeln!(
+        o,
+        "affinity hits {} misses {} auto {}   unknown flows {}",
+        fmt_count(cur.affinity_hits),
+        fmt_count(cur.affinity_misses),
+        fmt_count(cur.auto_affinity_hits),
+        fmt_count(cur.unknown_flows)
+    );
+    let l = &cur.packet_latency_ns;
+    let _ = writeln!(
+        o,
+        "latency ns/pkt p50 {} p90 {} p99 {} p99.9 {} max {}",
+        l.p50, l.p90, l.p99, l.p999, l.max
+    );
+    for svc in &cur.services {
+        let prev_svc = prev.and_then(|p| p.services.iter().find(|s| s.name == svc.name));
+        let _ = writeln!(o);
+        let head = format!(
+            "{} {}:{}/{}  {} pps  {} conn/s",
+            svc.name,
+            svc.vip,
+            svc.port,
+            svc.protocol,
+            fmt_rate(rate(prev_svc.map(|s| s.packets), svc.packets, secs)),
+            fmt_rate(rate(
+                prev_svc.map(|s| s.new_connections),
+                svc.new_connections,
+                secs
+            )),
+        );
+        let _ = writeln!(o, "{}", clip(&head));
+        let _ = writeln!(
+            o,
+            "  {:<14} {:>6} {:>7} {:>9} {:>7} {:>8} {:>9}",
+            "backend", "weight", "w-share", "conn/s", "c-share", "active", "pps"
+        );
+        for b in &svc.backends {
+            let pb = prev_svc.and_then(|s| s.backends.iter().find(|x| x.name == b.name));
+            let _ = writeln!(
+                o,
+                "  {:<14} {:>6} {:>6.1}% {:>9} {:>6.1}% {:>8} {:>9}",
+                clip_to(&b.name, 14),
+                b.weight,
+                b.weight_share * 100.0,
+                fmt_rate(rate(pb.map(|x| x.connections), b.connections, secs)),
+                b.connection_share * 100.0,
+                fmt_count(b.active_connections.max(0) as u64),
+                fmt_rate(rate(pb.map(|x| x.packets), b.packets, secs)),
+            );
+        }
+    }
+    let nonzero: Vec<String> = cur
+        .drops
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k} {}", fmt_count(*v)))
+        .collect();
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{}",
+        clip(&format!(
+            "drops: {}",
+            if nonzero.is_empty() {
+                "none".to_string()
+            } else {
+                nonzero.join(", ")
+            }
+        ))
+    );
+    if !terminal {
+        o.push('\n');
+    }
+    o
+}
+
+fn clip(s: &str) -> String {
+    clip_to(s, WIDTH)
+}
+
+fn clip_to(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('~');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::services::ServiceRegistry;
+    use crate::stats::WorkerCounters;
+    use std::sync::Arc;
+
+    fn snapshot(packets: u64) -> Summary {
+        let cfg = Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml")).unwrap();
+        let dp = ServiceRegistry::from_config(&cfg)
+            .unwrap()
+            .snapshot()
+            .unwrap();
+        let w = Arc::new(WorkerCounters::default());
+        w.rx_packets.add(packets);
+        w.tx_packets.add(packets);
+        w.backends[0].connections.add(packets / 10);
+        w.backends[0].packets.add(packets);
+        w.services[0].packets.add(packets);
+        Summary::collect(&[w], &dp, 10.0, 3)
+    }
+
+    #[test]
+    fn plain_mode_has_rates_backends_and_fits_80_columns() {
+        let a = snapshot(1_000_000);
+        let b = snapshot(3_000_000);
+        let text = render("127.0.0.1:7400", Some(&a), &b, 2.0, false);
+        assert!(
+            !text.contains('\x1b'),
+            "no escape codes when not a terminal"
+        );
+        assert!(
+            text.ends_with("\n\n"),
+            "frames are separated by a blank line"
+        );
+        assert!(text.contains("rx 1.00M pps"), "{text}");
+        assert!(text.contains("web 192.0.2.10:80/tcp"));
+        let be1 = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("be1"))
+            .unwrap();
+        assert!(be1.contains("16.7%"), "{be1}");
+        assert!(be1.contains("100.0k"), "connection rate: {be1}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
+        }
+    }
+
+    #[test]
+    fn first_frame_has_no_rates_and_terminal_mode_clears() {
+        let b = snapshot(10);
+        let text = render("x", None, &b, 1.0, true);
+        assert!(text.starts_with(CLEAR));
+        assert!(text.contains("rx - pps"));
+    }
+}

@@ -1,0 +1,273 @@
+//! Hot reload (SIGHUP and `pktdist reload` both call
+//! `ControlPlane::reload_from_file`): added, removed and re-weighted backends
+//! and services take effect while a worker keeps running, established
+//! connections stay where they are, nothing is dropped, and a bad file is
+//! refused with the same error `pktdist check` prints, changing nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pktdist::affinity::{AffinityManager, AffinityTable, AutoAffinityTable};
+use pktdist::config::Config;
+use pktdist::control::plane::ControlPlane;
+use pktdist::dataplane::DataplaneCell;
+use pktdist::io::{MemIo, PacketBuf};
+use pktdist::packet::tcp_flags;
+use pktdist::services::ServiceRegistry;
+use pktdist::stats::WorkerCounters;
+use pktdist::wire::build::FrameSpec;
+use pktdist::wire::{ethernet, ipv4};
+use pktdist::worker::{PortPlan, Shared, Worker, WorkerSetup};
+
+const BASE: &str = r#"
+[eal]
+args = ["--no-huge"]
+[cores]
+control = 0
+workers = [1]
+[[ports]]
+name = "p0"
+device = "net_ring0"
+gateway_mac = "02:00:00:00:00:fe"
+[control]
+listen = "127.0.0.1:7400"
+allowed_networks = ["127.0.0.0/8"]
+[control.keys]
+admin = "00112233445566778899aabbccddeeff"
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+[[services.backends]]
+name = "a"
+address = "10.0.0.1"
+weight = 100
+[[services.backends]]
+name = "b"
+address = "10.0.0.2"
+weight = 100
+[[services.backends]]
+name = "c"
+address = "10.0.0.3"
+weight = 100
+"#;
+
+/// a re-weighted to 0 (drained), b kept, c removed, d added; a new service.
+const NEXT: &str = r#"
+[eal]
+args = ["--no-huge"]
+[cores]
+control = 0
+workers = [1]
+[[ports]]
+name = "p0"
+device = "net_ring0"
+gateway_mac = "02:00:00:00:00:fe"
+[control]
+listen = "127.0.0.1:7400"
+allowed_networks = ["127.0.0.0/8"]
+[control.keys]
+admin = "00112233445566778899aabbccddeeff"
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+[[services.backends]]
+name = "a"
+address = "10.0.0.1"
+weight = 0
+[[services.backends]]
+name = "b"
+address = "10.0.0.2"
+weight = 100
+[[services.backends]]
+name = "d"
+address = "10.0.0.4"
+weight = 100
+[[services]]
+name = "dns"
+vip = "192.0.2.53"
+port = 53
+protocol = "udp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+[[services.backends]]
+name = "r1"
+address = "10.0.5.1"
+"#;
+
+struct Bed {
+    plane: ControlPlane,
+    worker: Worker<MemIo>,
+    path: PathBuf,
+}
+
+fn bed(name: &str) -> Bed {
+    let path =
+        std::env::temp_dir().join(format!("pktdist-reload-{name}-{}.toml", std::process::id()));
+    std::fs::write(&path, BASE).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let mut registry = ServiceRegistry::from_config(&cfg).unwrap();
+    let cell = Arc::new(DataplaneCell::new(registry.snapshot().unwrap()));
+    let (writer, reader) = AffinityTable::new(1024);
+    let counters = Arc::new(WorkerCounters::default());
+    let epoch = Instant::now();
+    let shared = Shared {
+        dataplane: Arc::clone(&cell),
+        affinity: reader,
+        auto_affinity: Arc::new(AutoAffinityTable::new(1024)),
+        epoch,
+    };
+    let setup = WorkerSetup {
+        id: 0,
+        ports: vec![PortPlan {
+            forward_to: 0,
+            gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]),
+            unmatched_to: None,
+        }],
+        flow_capacity: 1 << 14,
+        timeouts: cfg.flow_timeouts(),
+    };
+    let worker = Worker::new(MemIo::new(1), setup, shared, Arc::clone(&counters));
+    let mut plane = ControlPlane::new(
+        registry,
+        cell,
+        AffinityManager::new(writer),
+        vec![counters],
+        epoch,
+    );
+    plane.set_config(path.clone(), cfg);
+    Bed {
+        plane,
+        worker,
+        path,
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn tcp(i: u32, flags: u8) -> Vec<u8> {
+    FrameSpec::tcp_v4(
+        [198, 18, (i >> 8) as u8, i as u8],
+        1000 + (i % 50) as u16,
+        [192, 0, 2, 10],
+        80,
+        flags,
+    )
+    .build()
+    .unwrap()
+}
+
+/// Sends frames through the worker; returns each output's outer destination
+/// (last octet), in order.
+fn send(b: &mut Bed, frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in frames.chunks(32) {
+        for f in chunk {
+            b.worker.io_mut().push_rx(0, f);
+        }
+        let now = b.worker.now_ns();
+        b.worker.poll(now);
+        for m in b.worker.io_mut().tx[0].drain(..) {
+            let eth = ethernet::Frame::new_checked(m.data()).unwrap();
+            let ip =
+                ipv4::Packet::new_checked(&m.data()[eth.l2_info().unwrap().header_len..]).unwrap();
+            out.push(ip.dst_addr()[3]);
+        }
+    }
+    out
+}
+
+#[test]
+fn reload_applies_backend_and_service_changes_without_moving_connections() {
+    let mut b = bed("apply");
+    let syns: Vec<Vec<u8>> = (0..3000).map(|i| tcp(i, tcp_flags::SYN)).collect();
+    let before = send(&mut b, &syns);
+    assert_eq!(before.len(), 3000);
+
+    std::fs::write(&b.path, NEXT).unwrap();
+    let msg = b.plane.reload_from_file().expect("reload");
+    assert!(msg.contains("1 backend(s) removed"), "{msg}");
+
+    // Established connections: on a and b they stay (a drains, it is not
+    // removed); those on the removed c move, to b or d.
+    let acks: Vec<Vec<u8>> = (0..3000).map(|i| tcp(i, tcp_flags::ACK)).collect();
+    let after = send(&mut b, &acks);
+    assert_eq!(after.len(), 3000, "nothing dropped across the reload");
+    for (x, y) in before.iter().zip(&after) {
+        match x {
+            1 | 2 => assert_eq!(x, y, "an established connection moved"),
+            3 => assert!(*y == 2 || *y == 4, "c's connection went to {y}"),
+            _ => unreachable!(),
+        }
+    }
+    // New connections: never to the drained a or the removed c; d gets some.
+    let fresh: Vec<Vec<u8>> = (5000..8000).map(|i| tcp(i, tcp_flags::SYN)).collect();
+    let new = send(&mut b, &fresh);
+    assert!(new.iter().all(|d| *d == 2 || *d == 4), "{new:?}");
+    assert!(new.iter().filter(|d| **d == 4).count() > 1000);
+    // The added service works.
+    let dns = FrameSpec::udp_v4([198, 18, 0, 1], 5353, [192, 0, 2, 53], 53)
+        .build()
+        .unwrap();
+    assert_eq!(send(&mut b, &[dns]), vec![1], "to r1 at 10.0.5.1");
+    let c = b.worker.counters();
+    assert_eq!(c.total_drops(), 0);
+    assert_eq!(c.rx_packets.get(), c.tx_packets.get());
+}
+
+#[test]
+fn a_bad_file_is_refused_with_the_check_error_and_nothing_changes() {
+    let mut b = bed("bad");
+    let syns: Vec<Vec<u8>> = (0..500).map(|i| tcp(i, tcp_flags::SYN)).collect();
+    let before = send(&mut b, &syns);
+    let generation = b.plane.dataplane().generation;
+
+    let bad = BASE.replace(
+        "weight = 100\n[[services.backends]]\nname = \"c\"",
+        "weight = 70000\n[[services.backends]]\nname = \"c\"",
+    );
+    std::fs::write(&b.path, &bad).unwrap();
+    let err = b.plane.reload_from_file().unwrap_err();
+    let check = Config::load(&b.path).unwrap_err().to_string();
+    assert_eq!(err, check, "the same error as `pktdist check`");
+    assert!(err.contains("weight"), "{err}");
+    assert_eq!(
+        b.plane.dataplane().generation,
+        generation,
+        "no new snapshot"
+    );
+
+    // Unknown keys are refused the same way.
+    std::fs::write(&b.path, format!("{BASE}\nbogus = 1\n")).unwrap();
+    assert!(b.plane.reload_from_file().unwrap_err().contains("bogus"));
+
+    // Traffic keeps flowing on the running configuration.
+    let acks: Vec<Vec<u8>> = (0..500).map(|i| tcp(i, tcp_flags::ACK)).collect();
+    assert_eq!(send(&mut b, &acks), before);
+    let fresh: Vec<Vec<u8>> = (900..1500).map(|i| tcp(i, tcp_flags::SYN)).collect();
+    let new = send(&mut b, &fresh);
+    assert!(
+        (1..=3).all(|k| new.contains(&k)),
+        "all three backends still in use"
+    );
+}
+
+#[test]
+fn reload_names_settings_that_need_a_restart() {
+    let mut b = bed("restart");
+    std::fs::write(&b.path, BASE.replace("workers = [1]", "workers = [1, 2]")).unwrap();
+    let msg = b.plane.reload_from_file().unwrap();
+    assert!(msg.contains("[cores]"), "{msg}");
+}
