@@ -394,9 +394,57 @@ impl Summary {
             );
         }
         for (k, v) in &self.extra {
-            let _ = writeln!(o, "  {k}: {v}");
+            let _ = writeln!(o, "  {k}: {}", render_extra(k, v));
         }
         o
+    }
+}
+
+/// Known extras in words; anything else as JSON.
+fn render_extra(key: &str, v: &serde_json::Value) -> String {
+    let n = |path: &[&str]| {
+        path.iter()
+            .try_fold(v, |v, k| v.get(k))
+            .and_then(|x| x.as_u64())
+            .unwrap_or(0)
+    };
+    match key {
+        "control" => {
+            let refused: u64 = v
+                .get("refused")
+                .and_then(|r| r.as_object())
+                .map_or(0, |r| r.values().filter_map(|x| x.as_u64()).sum());
+            format!(
+                "{} requests, {} answered, {} refused, {} ended notifications; affinities ended: {} expired, {} cancelled, {} backend removed",
+                n(&["received"]),
+                n(&["answered"]),
+                refused,
+                n(&["notifications"]),
+                n(&["ended", "expired"]),
+                n(&["ended", "cancelled"]),
+                n(&["ended", "backend_removed"]),
+            )
+        }
+        "traffic source" => {
+            let delivered = v
+                .get("delivered_to_backends")
+                .and_then(|d| d.as_object())
+                .map(|d| {
+                    d.iter()
+                        .map(|(k, x)| format!("{k} {}", x.as_u64().unwrap_or(0)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            format!(
+                "sent {} ({:.3} Mpps); received back from the workers per backend: {delivered}",
+                n(&["sent"]),
+                v.get("offered_mpps")
+                    .and_then(|x| x.as_f64())
+                    .unwrap_or(0.0),
+            )
+        }
+        _ => v.to_string(),
     }
 }
 
