@@ -96,7 +96,11 @@ backend = "be3"
 /// of its own that ends right after.
 fn eal() -> &'static Eal {
     static EAL: OnceLock<Eal> = OnceLock::new();
-    EAL.get_or_init(|| std::thread::spawn(init_eal).join().expect("EAL init thread"))
+    EAL.get_or_init(|| {
+        std::thread::spawn(init_eal)
+            .join()
+            .expect("EAL init thread")
+    })
 }
 
 fn init_eal() -> Eal {
@@ -109,7 +113,7 @@ fn init_eal() -> Eal {
             "--no-shconf",
             "--no-telemetry",
             "--file-prefix",
-            &format!("e2e-test-{}", std::process::id()),
+            common::TEST_EAL_PREFIX,
             "-l",
             "0",
             "--log-level=*:warning",
@@ -160,9 +164,11 @@ gateway_mac = "02:00:00:00:00:fe"
         let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
         let dp = registry.snapshot().expect("snapshot");
 
+        let t0 = Instant::now();
         let (pktdist, control) = Pktdist::run(&config);
-        let pool = Mempool::new(&unique("e2e"), 4095, 0, DEFAULT_DATA_ROOM, SOCKET_ANY)
-            .expect("mempool");
+        eprintln!("TIMING started {:?}", t0.elapsed());
+        let pool =
+            Mempool::new(&unique("e2e"), 4095, 0, DEFAULT_DATA_ROOM, SOCKET_ANY).expect("mempool");
         let device = format!(
             "{},role=client,socket={},socket-abstract=no",
             unique("net_memif_e2e"),
@@ -178,6 +184,7 @@ gateway_mac = "02:00:00:00:00:fe"
                 pktdist.stderr_text()
             );
         }
+        eprintln!("TIMING link {:?}", t0.elapsed());
         let io = PortQueues::claim(std::slice::from_ref(&port), 0).expect("claim queue");
         Bed {
             pktdist,
@@ -307,9 +314,12 @@ gateway_mac = "02:00:00:00:00:fe"
         let Bed {
             pktdist, io, port, ..
         } = self;
+        let t0 = Instant::now();
         let done = pktdist.stop(PATIENCE);
+        eprintln!("TIMING stop {:?}", t0.elapsed());
         drop(io);
         drop(port);
+        eprintln!("TIMING drop {:?}", t0.elapsed());
         assert!(
             done.status.success(),
             "pktdist did not stop cleanly: {}\n{}",
@@ -380,6 +390,13 @@ fn affinity_pins_a_prefix_extend_keeps_it_cancel_ends_it() {
     );
     let got = bed.connect(WEB, &statics);
     assert!(got.iter().all(|&b| b == BE3), "static affinity: {got:?}");
+    let listed = bed
+        .admin()
+        .list_affinities(None, Some("be3"))
+        .expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].key, spec(WEB, "203.0.113.0", 24).key);
+    assert_eq!(listed[0].remaining_secs, u32::MAX, "static: never expires");
 
     // Before any request: the prefix follows Maglev like everyone else.
     let pinned_clients = hosts([198, 51, 100], 32);

@@ -131,7 +131,11 @@ fn check_accepts_a_good_configuration_and_locates_errors() {
     let missing = dir.path("missing.toml");
     let out = pktdist(&["check", "--config", path_str(&missing)]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("missing.toml"), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("missing.toml"),
+        "{}",
+        text_of(&out)
+    );
 }
 
 /// Runs a control subcommand as `admin` against `server`.
@@ -148,7 +152,11 @@ fn ok(out: Output, what: &str) -> String {
 }
 
 fn refused(out: Output, what: &str) -> String {
-    assert!(!out.status.success(), "{what} succeeded:\n{}", text_of(&out));
+    assert!(
+        !out.status.success(),
+        "{what} succeeded:\n{}",
+        text_of(&out)
+    );
     text(&out.stderr)
 }
 
@@ -168,12 +176,7 @@ fn affinity_and_backend_commands_against_a_running_instance() {
     std::fs::write(&config, config_text()).expect("write");
     let (run, server) = Pktdist::run(Path::new(&config));
 
-    let target = [
-        "--service",
-        "192.0.2.10:80",
-        "--client",
-        "198.51.100.0/24",
-    ];
+    let target = ["--service", "192.0.2.10:80", "--client", "198.51.100.0/24"];
     let add = |owner: &str, duration: &str| {
         let mut a = vec!["affinity", "add"];
         a.extend_from_slice(&target);
@@ -183,7 +186,10 @@ fn affinity_and_backend_commands_against_a_running_instance() {
 
     // Only the static affinity at first.
     let list = ok(admin(server, &["affinity", "list"]), "affinity list");
-    assert!(row(&list, &["203.0.113.0/24", "be2", "static"]).is_some(), "{list}");
+    assert!(
+        row(&list, &["203.0.113.0/24", "be2", "static"]).is_some(),
+        "{list}"
+    );
     assert!(list.contains("1 affinities"), "{list}");
 
     let out = ok(add("be1", "5m"), "affinity add");
@@ -223,8 +229,14 @@ fn affinity_and_backend_commands_against_a_running_instance() {
 
     // Backends: list, drain, refuse unknown names and non-admins.
     let list = ok(admin(server, &["backend", "list"]), "backend list");
-    assert!(row(&list, &["web", "be1", "10.0.0.1", "100", "active"]).is_some(), "{list}");
-    assert!(row(&list, &["web", "be2", "10.0.0.2", "200", "active"]).is_some(), "{list}");
+    assert!(
+        row(&list, &["web", "be1", "10.0.0.1", "100", "active"]).is_some(),
+        "{list}"
+    );
+    assert!(
+        row(&list, &["web", "be2", "10.0.0.2", "200", "active"]).is_some(),
+        "{list}"
+    );
     ok(
         admin(server, &["backend", "set-weight", "web", "be2", "0"]),
         "set-weight",

@@ -23,7 +23,11 @@ const IPIP_SRC: [u8; 4] = [198, 51, 100, 1];
 const IPIP_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const GATEWAY: &str = "02:00:00:00:00:fe";
 /// The web service's backends: (address, weight).
-const WEB: [([u8; 4], u32); 3] = [([10, 0, 0, 1], 100), ([10, 0, 0, 2], 200), ([10, 0, 0, 3], 300)];
+const WEB: [([u8; 4], u32); 3] = [
+    ([10, 0, 0, 1], 100),
+    ([10, 0, 0, 2], 200),
+    ([10, 0, 0, 3], 300),
+];
 const DNS: [[u8; 4]; 2] = [[10, 0, 2, 1], [10, 0, 2, 2]];
 const WEB6: [Ipv6Addr; 2] = [
     Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1),
@@ -130,7 +134,12 @@ fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8, payload: 
 }
 
 fn web_client(i: usize) -> [u8; 4] {
-    [10, 1 + (i / 250) as u8, (i % 250) as u8, 1 + (i * 7 % 200) as u8]
+    [
+        10,
+        1 + (i / 250) as u8,
+        (i % 250) as u8,
+        1 + (i * 7 % 200) as u8,
+    ]
 }
 
 /// The input: web connections (SYN and two data segments each, flows
@@ -221,7 +230,9 @@ fn inputs() -> Vec<Input> {
     }
     // ICMP (protocol 1) to the VIP.
     for i in 0..3u8 {
-        let mut f = FrameSpec::udp_v4([10, 8, 0, i], 7, VIP, 80).build().expect("frame");
+        let mut f = FrameSpec::udp_v4([10, 8, 0, i], 7, VIP, 80)
+            .build()
+            .expect("frame");
         let mut ip = ipv4::Packet::new_unchecked(&mut f[14..]);
         ip.set_protocol(1);
         ip.fill_checksum();
@@ -370,8 +381,10 @@ gateway_mac = "{GATEWAY}"
         "run",
         "--config",
         path_str(&config),
+        // The file is read once, in milliseconds; the rest is margin for
+        // a loaded machine (the clock starts before EAL does).
         "--duration",
-        "2",
+        "3",
         "--quiet",
         "--summary-json",
         path_str(&summary_path),
@@ -386,10 +399,9 @@ gateway_mac = "{GATEWAY}"
     );
 
     // The summary adds up.
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&summary_path).expect("summary written"),
-    )
-    .expect("summary is JSON");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary_path).expect("summary written"))
+            .expect("summary is JSON");
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
     let rx = n(&summary["rx_packets"]);
     let tx = n(&summary["tx_packets"]);
@@ -509,7 +521,11 @@ gateway_mac = "{GATEWAY}"
             .iter()
             .find(|b| b["address"] == IpAddr::from(addr).to_string())
             .expect("backend in summary");
-        assert_eq!(n(&be["connections"]), got, "summary connections of {addr:?}");
+        assert_eq!(
+            n(&be["connections"]),
+            got,
+            "summary connections of {addr:?}"
+        );
         assert_eq!(n(&be["packets"]), 3 * got, "summary packets of {addr:?}");
     }
 
@@ -527,13 +543,20 @@ gateway_mac = "{GATEWAY}"
                 assert_eq!(field(d, "ip.src")[0], "198.51.100.1", "frame {k}");
                 let status = field(d, "ip.checksum.status");
                 assert_eq!(status.len(), 2, "frame {k}: two IPv4 headers");
-                assert!(status.iter().all(|s| s == "1"), "frame {k}: IPv4 checksums {status:?}");
+                assert!(
+                    status.iter().all(|s| s == "1"),
+                    "frame {k}: IPv4 checksums {status:?}"
+                );
                 let dst = field(d, "ip.dst");
                 assert_eq!(dst.len(), 2, "frame {k}: {dst:?}");
                 (dst[0].clone(), dst[1].clone())
             }
             Family::V6 => {
-                assert_eq!(field(d, "ipv6.nxt")[0], "41", "frame {k}: outer next header");
+                assert_eq!(
+                    field(d, "ipv6.nxt")[0],
+                    "41",
+                    "frame {k}: outer next header"
+                );
                 assert_eq!(field(d, "ipv6.src")[0], "2001:db8::1", "frame {k}");
                 let dst = field(d, "ipv6.dst");
                 assert_eq!(dst.len(), 2, "frame {k}: {dst:?}");
@@ -570,5 +593,8 @@ gateway_mac = "{GATEWAY}"
         .iter()
         .map(|(a, c)| (Ipv4Addr::from(*a).to_string(), *c))
         .collect();
-    assert_eq!(tshark_conns, ours, "connections per backend, tshark vs ours");
+    assert_eq!(
+        tshark_conns, ours,
+        "connections per backend, tshark vs ours"
+    );
 }

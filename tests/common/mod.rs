@@ -79,14 +79,15 @@ impl Drop for TempDir {
     }
 }
 
+/// EAL file prefix of the test processes' own EAL.
+pub const TEST_EAL_PREFIX: &str = "pktdist-e2e-test";
+
 /// EAL arguments for a `pktdist` child: no hugepages, no PCI, no shared
-/// configuration, and a file prefix of its own so it never meets the test
-/// process's EAL or another child's.
+/// configuration (so instances never meet, whatever their prefix), and a
+/// file prefix apart from the test process's. The prefix is fixed: EAL
+/// leaves a directory per prefix under /var/run/dpdk.
 pub fn child_eal_args() -> String {
-    format!(
-        r#"["--no-huge", "-m", "256", "--no-pci", "--no-shconf", "--no-telemetry", "--file-prefix", "{}", "--log-level=*:warning"]"#,
-        unique(&format!("pdt-e2e-{}-", std::process::id()))
-    )
+    r#"["--no-huge", "-m", "256", "--no-pci", "--no-shconf", "--no-telemetry", "--file-prefix", "pktdist-e2e", "--log-level=*:warning"]"#.to_string()
 }
 
 /// The parts of a configuration every test shares: EAL, cores (control 0,
