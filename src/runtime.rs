@@ -283,7 +283,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     server_cfg.read_timeout = Some(Duration::from_millis(20));
     let mut server = ControlServer::bind(cfg.control.listen, server_cfg)
         .map_err(|e| format!("control listen {}: {e}", cfg.control.listen))?;
-    eprintln!("pktdist: control protocol on udp {}", cfg.control.listen);
+    // The bound address: `listen` may name port 0 (any free port).
+    let control_addr = server.local_addr().unwrap_or(cfg.control.listen);
+    eprintln!("pktdist: control protocol on udp {control_addr}");
     let mut plane = ControlPlane::new(
         registry,
         Arc::clone(&cell),

@@ -458,7 +458,7 @@ impl ControlClient {
             self.socket.send_to(&self.tx[..n], self.server)?;
             sent.push(nonce);
             let deadline = Instant::now() + self.timeout;
-            while let Some((rid, reply)) = self.receive_until(deadline)? {
+            while let Some((rid, reply)) = self.receive_until(deadline, false)? {
                 if rid == id && sent.contains(&reply.request_nonce) {
                     return Ok(reply);
                 }
@@ -477,7 +477,7 @@ impl ControlClient {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            match self.receive_until(deadline)? {
+            match self.receive_until(deadline, true)? {
                 None => return Ok(self.ended.pop_front()),
                 Some(_) => self.ignored += 1,
             }
@@ -488,8 +488,13 @@ impl ControlClient {
     }
 
     /// Receives datagrams until an authentic reply arrives (returned with its
-    /// request id) or `deadline` passes (`None`). Notifications are queued.
-    fn receive_until(&mut self, deadline: Instant) -> Result<Option<(u32, Reply)>, ClientError> {
+    /// request id) or `deadline` passes (`None`). Notifications are queued;
+    /// with `until_notice`, a queued one also ends the wait (`None`).
+    fn receive_until(
+        &mut self,
+        deadline: Instant,
+        until_notice: bool,
+    ) -> Result<Option<(u32, Reply)>, ClientError> {
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -509,6 +514,7 @@ impl ControlClient {
             };
             match self.accept(len) {
                 Ok(Some(r)) => return Ok(Some(r)),
+                Ok(None) if until_notice && !self.ended.is_empty() => return Ok(None),
                 Ok(None) => {}
                 Err(_) => self.ignored += 1,
             }
@@ -1006,5 +1012,29 @@ mod tests {
         assert_eq!(duration_secs(Duration::from_secs(u64::MAX)), u32::MAX);
         assert!(ControlClient::new("127.0.0.1:1".parse().unwrap(), "x", b"short").is_err());
         assert!(ControlClient::new("127.0.0.1:1".parse().unwrap(), "", WEB1_KEY).is_err());
+    }
+
+    #[test]
+    fn recv_ended_returns_as_soon_as_a_notice_arrives() {
+        let cfg = ServerConfig::new(Allowlist::new(Vec::new()), keyring());
+        let mut server = ControlServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+        let mut web1 = ControlClient::new(server.local_addr().unwrap(), "web1", WEB1_KEY).unwrap();
+        let to = SocketAddr::new(
+            "127.0.0.1".parse().unwrap(),
+            web1.local_addr().unwrap().port(),
+        );
+        let notice = EndedNotice {
+            key: akey(),
+            owner: "web1".into(),
+            reason: EndReason::Expired,
+        };
+        server.send_ended(to, "web1", &notice).unwrap();
+        // The notice is in the socket, not yet queued: recv_ended must
+        // return it without waiting out its timeout.
+        let timeout = Duration::from_secs(30);
+        let started = Instant::now();
+        let got = web1.recv_ended(timeout).unwrap();
+        assert!(started.elapsed() < timeout, "waited out the whole timeout");
+        assert_eq!(got, Some(notice));
     }
 }

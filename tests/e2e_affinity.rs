@@ -1,0 +1,621 @@
+//! The affinity story end to end under real DPDK: the real `pktdist` binary
+//! serves a `net_memif` port; this test process is the memif client (its
+//! own EAL), injects TCP SYNs and reads back what pktdist forwarded, while
+//! it drives affinities through the control protocol with the client
+//! library, as a backend application and as the operator.
+//!
+//! Where a connection should "follow Maglev", the expected backend is
+//! computed here from the same configuration with the project's Maglev
+//! table: two instances built from one configuration must agree.
+#![cfg(feature = "dpdk")]
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{
+    backend_key_hex, base_config, path_str, poll_until, serial, unhex, unique, Pktdist, TempDir,
+    ADMIN_KEY,
+};
+use pktdist::config::Config;
+use pktdist::control::client::{AffinitySpec, ClientError, ControlClient};
+use pktdist::control::proto::{AffinityKey, EndReason, ReturnCode, ServiceAddr};
+use pktdist::dataplane::Dataplane;
+use pktdist::dpdk::{
+    Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, DEFAULT_DATA_ROOM, SOCKET_ANY,
+};
+use pktdist::io::{PacketBuf, PacketIo, MAX_BURST};
+use pktdist::packet::{flow_hash, tcp_flags, Family, FlowKey, PROTO_TCP};
+use pktdist::services::ServiceRegistry;
+use pktdist::wire::build::FrameSpec;
+use pktdist::wire::{ethernet, ipv4, tcp};
+
+const WEB: &str = "192.0.2.10:80";
+const APP: &str = "192.0.2.20:8080";
+const BE1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const BE2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const BE3: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+/// How long to wait for anything pktdist does (forwarding, replies).
+const PATIENCE: Duration = Duration::from_secs(10);
+
+const SERVICES: &str = r#"
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+max_affinity_duration = "10m"
+
+[[services.backends]]
+name = "be1"
+address = "10.0.0.1"
+
+[[services.backends]]
+name = "be2"
+address = "10.0.0.2"
+
+[[services.backends]]
+name = "be3"
+address = "10.0.0.3"
+
+[[services]]
+name = "app"
+vip = "192.0.2.20"
+port = 8080
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+auto_affinity = { linger = "5s" }
+
+[[services.backends]]
+name = "a1"
+address = "10.0.1.1"
+
+[[services.backends]]
+name = "a2"
+address = "10.0.1.2"
+
+[[services.backends]]
+name = "a3"
+address = "10.0.1.3"
+
+[[affinities]]
+service = "web"
+client = "203.0.113.0/24"
+backend = "be3"
+"#;
+
+/// The test process's own EAL: once per process, its own file prefix.
+/// EAL pins the thread that starts it (and what that thread spawns later,
+/// a `pktdist` child included) to its first core, so it starts on a thread
+/// of its own that ends right after.
+fn eal() -> &'static Eal {
+    static EAL: OnceLock<Eal> = OnceLock::new();
+    EAL.get_or_init(|| {
+        std::thread::spawn(init_eal)
+            .join()
+            .expect("EAL init thread")
+    })
+}
+
+fn init_eal() -> Eal {
+    {
+        let args: Vec<String> = [
+            "--no-huge",
+            "-m",
+            "256",
+            "--no-pci",
+            "--no-shconf",
+            "--no-telemetry",
+            "--file-prefix",
+            common::TEST_EAL_PREFIX,
+            "-l",
+            "0",
+            "--log-level=*:warning",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Eal::init(&args).expect("test EAL init")
+    }
+}
+
+/// A running pktdist on a memif port, and this process on the other end.
+struct Bed {
+    // Field order is drop order: pktdist first, then our port, then files.
+    // Not the other way round: a memif peer that disconnects while the
+    // other side's worker polls crashes that side (DPDK 22.11's memif
+    // driver unmaps the shared rings in its interrupt thread, under the
+    // polling worker's feet), so the side that polls stops first.
+    pktdist: Pktdist,
+    io: PortQueues,
+    port: Arc<Port>,
+    pool: Arc<Mempool>,
+    control: SocketAddr,
+    registry: ServiceRegistry,
+    dp: Dataplane,
+    next_sport: u16,
+    _dir: TempDir,
+}
+
+impl Bed {
+    fn start() -> Bed {
+        eal();
+        let dir = TempDir::new("e2e-aff");
+        let sock = dir.path("memif.sock");
+        let config = dir.path("pktdist.toml");
+        let toml = format!(
+            r#"{base}
+[[ports]]
+name = "p0"
+device = "net_memif0,role=server,socket={sock},socket-abstract=no"
+gateway_mac = "02:00:00:00:00:fe"
+{SERVICES}"#,
+            base = base_config(&["be1", "be2", "be3"]),
+            sock = sock.display()
+        );
+        std::fs::write(&config, toml).expect("write config");
+        let cfg = Config::load(&config).expect("test configuration is valid");
+        let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
+        let dp = registry.snapshot().expect("snapshot");
+
+        let t0 = Instant::now();
+        let (pktdist, control) = Pktdist::run(&config);
+        eprintln!("TIMING started {:?}", t0.elapsed());
+        let pool =
+            Mempool::new(&unique("e2e"), 4095, 0, DEFAULT_DATA_ROOM, SOCKET_ANY).expect("mempool");
+        let device = format!(
+            "{},role=client,socket={},socket-abstract=no",
+            unique("net_memif_e2e"),
+            path_str(&sock)
+        );
+        let port = Arc::new(
+            Port::open(&device, &PortConfig::default(), Arc::clone(&pool))
+                .unwrap_or_else(|e| panic!("memif client {device}: {e}")),
+        );
+        if poll_until(PATIENCE, || port.link().ok().filter(|l| l.up)).is_none() {
+            panic!(
+                "memif link to pktdist did not come up\n--- pktdist stderr\n{}",
+                pktdist.stderr_text()
+            );
+        }
+        eprintln!("TIMING link {:?}", t0.elapsed());
+        let io = PortQueues::claim(std::slice::from_ref(&port), 0).expect("claim queue");
+        Bed {
+            pktdist,
+            io,
+            port,
+            pool,
+            control,
+            registry,
+            dp,
+            next_sport: 10000,
+            _dir: dir,
+        }
+    }
+
+    fn admin(&self) -> ControlClient {
+        ControlClient::new(self.control, "admin", &unhex(ADMIN_KEY)).expect("admin client")
+    }
+
+    /// A backend application's client, on a socket of its own where its
+    /// ended notifications arrive.
+    fn backend_app(&self, name: &str) -> ControlClient {
+        ControlClient::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            self.control,
+            name,
+            &unhex(&backend_key_hex(name)),
+        )
+        .expect("backend client")
+    }
+
+    /// Fresh SYN tuples: `per_client` connections from each of `clients`,
+    /// interleaved (the connections of one client are in flight together).
+    fn tuples(&mut self, clients: &[Ipv4Addr], per_client: usize) -> Vec<(Ipv4Addr, u16)> {
+        let mut v = Vec::new();
+        for _ in 0..per_client {
+            for &c in clients {
+                v.push((c, self.next_sport));
+                self.next_sport = self.next_sport.checked_add(1).expect("ports left");
+            }
+        }
+        v
+    }
+
+    /// Sends a SYN for each tuple to `service` and returns, for each, the
+    /// backend pktdist encapsulated it to (outer IPv4 destination).
+    fn connect(&mut self, service: &str, tuples: &[(Ipv4Addr, u16)]) -> Vec<Ipv4Addr> {
+        let svc: SocketAddr = service.parse().expect("service");
+        let IpAddr::V4(vip) = svc.ip() else {
+            panic!("IPv4 services only")
+        };
+        let mut to_send: Vec<Vec<u8>> = tuples
+            .iter()
+            .map(|&(c, sport)| {
+                FrameSpec {
+                    dst_mac: self.port.mac(),
+                    ..FrameSpec::tcp_v4(c.octets(), sport, vip.octets(), svc.port(), tcp_flags::SYN)
+                }
+                .build()
+                .expect("SYN frame")
+            })
+            .collect();
+        to_send.reverse();
+        let mut got: HashMap<(Ipv4Addr, u16), Ipv4Addr> = HashMap::new();
+        let deadline = Instant::now() + PATIENCE;
+        let mut pending: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
+        let mut rx: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
+        while got.len() < tuples.len() && Instant::now() < deadline {
+            while pending.len() < MAX_BURST {
+                let Some(f) = to_send.pop() else { break };
+                pending.push(Mbuf::from_frame(&self.pool, &f).expect("mbuf"));
+            }
+            if !pending.is_empty() {
+                self.io.tx_burst(0, &mut pending);
+            }
+            self.io.rx_burst(0, &mut rx);
+            if rx.is_empty() {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            for m in rx.drain(..) {
+                if let Some((client, sport, backend)) = decap(m.data(), vip, svc.port()) {
+                    got.insert((client, sport), backend);
+                }
+            }
+        }
+        let missing = tuples.iter().filter(|t| !got.contains_key(t)).count();
+        if missing > 0 {
+            panic!(
+                "{missing} of {} SYNs to {service} did not come back from pktdist\n--- pktdist stderr\n{}",
+                tuples.len(),
+                self.pktdist.stderr_text()
+            );
+        }
+        tuples.iter().map(|t| got[t]).collect()
+    }
+
+    /// The backend Maglev picks for a new connection in snapshot `dp`.
+    fn maglev_in(dp: &Dataplane, service: &str, (client, sport): (Ipv4Addr, u16)) -> Ipv4Addr {
+        let svc_addr: SocketAddr = service.parse().expect("service");
+        let IpAddr::V4(vip) = svc_addr.ip() else {
+            panic!("IPv4 services only")
+        };
+        let key = FlowKey {
+            src: u32::from(client) as u128,
+            dst: u32::from(vip) as u128,
+            sport,
+            dport: svc_addr.port(),
+            proto: PROTO_TCP,
+            family: Family::V4,
+        };
+        let svc = dp.service_for(&key).expect("service in snapshot");
+        let idx = svc.maglev.lookup(flow_hash(&key)).expect("maglev entry");
+        match dp.backend(svc.backends[idx]).expect("backend").addr {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => panic!("IPv6 backend {a}"),
+        }
+    }
+
+    fn maglev(&self, service: &str, tuples: &[(Ipv4Addr, u16)]) -> Vec<Ipv4Addr> {
+        tuples
+            .iter()
+            .map(|&t| Bed::maglev_in(&self.dp, service, t))
+            .collect()
+    }
+
+    /// Stops pktdist and checks it ended cleanly.
+    fn finish(self) {
+        let Bed {
+            pktdist, io, port, ..
+        } = self;
+        let t0 = Instant::now();
+        let done = pktdist.stop(PATIENCE);
+        eprintln!("TIMING stop {:?}", t0.elapsed());
+        drop(io);
+        drop(port);
+        eprintln!("TIMING drop {:?}", t0.elapsed());
+        assert!(
+            done.status.success(),
+            "pktdist did not stop cleanly: {}\n{}",
+            done.status,
+            done.stderr
+        );
+        assert!(done.stdout.contains("pktdist summary"), "{}", done.stdout);
+    }
+}
+
+/// (inner client address, client port, outer destination) of an
+/// IPv4-in-IPv4 frame pktdist forwarded for `vip:port`.
+fn decap(frame: &[u8], vip: Ipv4Addr, port: u16) -> Option<(Ipv4Addr, u16, Ipv4Addr)> {
+    let eth = ethernet::Frame::new_checked(frame).ok()?;
+    if eth.ethertype() != ethernet::ETHERTYPE_IPV4 {
+        return None;
+    }
+    let outer = ipv4::Packet::new_checked(&frame[ethernet::HEADER_LEN..]).ok()?;
+    if outer.protocol() != ipv4::PROTO_IPIP || !outer.verify_checksum() {
+        return None;
+    }
+    let inner = ipv4::Packet::new_checked(outer.payload()).ok()?;
+    if inner.dst_addr() != vip.octets() || inner.protocol() != PROTO_TCP {
+        return None;
+    }
+    let t = tcp::Packet::new_checked(inner.payload()).ok()?;
+    if t.dst_port() != port {
+        return None;
+    }
+    Some((
+        Ipv4Addr::from(inner.src_addr()),
+        t.src_port(),
+        Ipv4Addr::from(outer.dst_addr()),
+    ))
+}
+
+fn hosts(net: [u8; 3], n: u8) -> Vec<Ipv4Addr> {
+    (1..=n)
+        .map(|h| Ipv4Addr::new(net[0], net[1], net[2], h))
+        .collect()
+}
+
+fn spec(service: &str, client: &str, prefix: u8) -> AffinitySpec {
+    AffinitySpec::new(
+        AffinityKey::new(
+            ServiceAddr::tcp(service.parse().expect("service")),
+            client.parse().expect("client"),
+            prefix,
+        )
+        .expect("affinity key"),
+    )
+}
+
+fn distinct(v: &[Ipv4Addr]) -> BTreeSet<Ipv4Addr> {
+    v.iter().copied().collect()
+}
+
+#[test]
+fn affinity_pins_a_prefix_extend_keeps_it_cancel_ends_it() {
+    let _serial = serial();
+    let mut bed = Bed::start();
+
+    // The static affinity of the configuration holds from the start.
+    let statics = bed.tuples(&hosts([203, 0, 113], 24), 1);
+    assert!(
+        bed.maglev(WEB, &statics).iter().any(|&b| b != BE3),
+        "Maglev alone would send these clients to be3: the test proves nothing"
+    );
+    let got = bed.connect(WEB, &statics);
+    assert!(got.iter().all(|&b| b == BE3), "static affinity: {got:?}");
+    let listed = bed
+        .admin()
+        .list_affinities(None, Some("be3"))
+        .expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].key, spec(WEB, "203.0.113.0", 24).key);
+    assert_eq!(listed[0].remaining_secs, u32::MAX, "static: never expires");
+
+    // Before any request: the prefix follows Maglev like everyone else.
+    let pinned_clients = hosts([198, 51, 100], 32);
+    let t = bed.tuples(&pinned_clients, 1);
+    let got = bed.connect(WEB, &t);
+    assert_eq!(got, bed.maglev(WEB, &t), "no affinity yet");
+    assert!(distinct(&got).len() > 1, "Maglev spreads: {got:?}");
+
+    // be2's application pins 198.51.100.0/24 to itself.
+    let mut be2 = bed.backend_app("be2");
+    let pin = spec(WEB, "198.51.100.0", 24);
+    let reply = be2
+        .create_affinity(&pin, Duration::from_secs(60))
+        .expect("create");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    assert!((1..=60).contains(&reply.remaining_secs), "{reply:?}");
+
+    let t = bed.tuples(&pinned_clients, 2);
+    let got = bed.connect(WEB, &t);
+    assert!(got.iter().all(|&b| b == BE2), "pinned prefix: {got:?}");
+    // Others follow Maglev.
+    let others = bed.tuples(&hosts([172, 16, 5], 32), 1);
+    let got = bed.connect(WEB, &others);
+    assert_eq!(got, bed.maglev(WEB, &others), "clients outside the prefix");
+    assert!(distinct(&got).len() > 1, "{got:?}");
+
+    // The table shows it; another backend cannot take it over.
+    let listed = bed
+        .admin()
+        .list_affinities(None, Some("be2"))
+        .expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].key, pin.key);
+    let mut steal = pin.clone();
+    steal.owner = Some("be1".into());
+    let reply = bed
+        .admin()
+        .create_affinity(&steal, Duration::from_secs(60))
+        .expect("conflicting create is answered");
+    assert_eq!(reply.code, ReturnCode::Conflict, "{reply:?}");
+    assert_eq!(reply.owner.as_deref(), Some("be2"));
+
+    // Extend keeps it.
+    let reply = be2
+        .extend_affinity(&pin, Duration::from_secs(300))
+        .expect("extend");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    assert!(reply.remaining_secs > 60, "{reply:?}");
+    let t = bed.tuples(&pinned_clients, 1);
+    let got = bed.connect(WEB, &t);
+    assert!(got.iter().all(|&b| b == BE2), "after extend: {got:?}");
+
+    // Cancel ends it: the owner is told, and the prefix follows Maglev again.
+    let reply = be2.cancel_affinity(&pin).expect("cancel");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    let notice = be2
+        .recv_ended(PATIENCE)
+        .expect("receive")
+        .expect("AFFINITY_ENDED after cancel");
+    assert_eq!(notice.reason, EndReason::Cancelled);
+    assert_eq!(notice.key, pin.key);
+    assert_eq!(notice.owner, "be2");
+    let t = bed.tuples(&pinned_clients, 1);
+    let got = bed.connect(WEB, &t);
+    assert_eq!(got, bed.maglev(WEB, &t), "after cancel");
+    assert!(got.iter().any(|&b| b != BE2), "{got:?}");
+    match be2.cancel_affinity(&pin) {
+        Ok(r) => assert_eq!(r.code, ReturnCode::NotFound, "{r:?}"),
+        Err(e) => panic!("second cancel: {e}"),
+    }
+
+    bed.finish();
+}
+
+#[test]
+fn short_affinity_expires_and_its_owner_is_notified() {
+    let _serial = serial();
+    let mut bed = Bed::start();
+    let mut be1 = bed.backend_app("be1");
+    let clients = hosts([198, 51, 100], 32);
+    let pin = spec(WEB, "198.51.100.0", 24);
+    let life = Duration::from_secs(2);
+
+    let created = Instant::now();
+    let reply = be1.create_affinity(&pin, life).expect("create");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    let t = bed.tuples(&clients, 1);
+    let got = bed.connect(WEB, &t);
+    // Asserted only if the probe ran within the affinity's life (a very
+    // loaded machine may be slower than that).
+    if created.elapsed() < life {
+        assert!(got.iter().all(|&b| b == BE1), "pinned: {got:?}");
+    }
+
+    // Ended within a second of its expiry; a further 2 s allows for a
+    // loaded machine's scheduling.
+    let deadline = created + life + Duration::from_secs(1) + Duration::from_secs(2);
+    let notice = be1
+        .recv_ended(deadline.saturating_duration_since(Instant::now()))
+        .expect("receive")
+        .unwrap_or_else(|| {
+            panic!(
+                "no AFFINITY_ENDED within 1 s (+2 s slack) of expiry\n--- pktdist stderr\n{}",
+                bed.pktdist.stderr_text()
+            )
+        });
+    assert_eq!(notice.reason, EndReason::Expired);
+    assert_eq!(notice.key, pin.key);
+    assert_eq!(notice.owner, "be1");
+
+    // Gone from the table and from the data path.
+    let listed = bed
+        .admin()
+        .list_affinities(None, Some("be1"))
+        .expect("list");
+    assert!(listed.is_empty(), "{listed:?}");
+    let t = bed.tuples(&clients, 1);
+    let got = bed.connect(WEB, &t);
+    assert_eq!(got, bed.maglev(WEB, &t), "after expiry");
+    assert!(got.iter().any(|&b| b != BE1), "{got:?}");
+
+    bed.finish();
+}
+
+#[test]
+fn removing_a_backend_ends_its_affinities_with_that_reason() {
+    let _serial = serial();
+    let mut bed = Bed::start();
+    let mut be2 = bed.backend_app("be2");
+    let pins = [
+        spec(WEB, "198.51.100.0", 24),
+        spec(WEB, "198.51.101.128", 25),
+    ];
+    for p in &pins {
+        let reply = be2
+            .create_affinity(p, Duration::from_secs(300))
+            .expect("create");
+        assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    }
+    let clients: Vec<Ipv4Addr> = hosts([198, 51, 100], 16)
+        .into_iter()
+        .chain((129..=144).map(|h| Ipv4Addr::new(198, 51, 101, h)))
+        .collect();
+    let t = bed.tuples(&clients, 1);
+    let got = bed.connect(WEB, &t);
+    assert!(got.iter().all(|&b| b == BE2), "pinned: {got:?}");
+
+    // A backend may not remove backends; the operator may.
+    match be2.remove_backend("web", "be2") {
+        Ok(r) => assert_eq!(r.code, ReturnCode::NotAuthorized, "{r:?}"),
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, ReturnCode::NotAuthorized),
+        Err(e) => panic!("{e}"),
+    }
+    let reply = bed.admin().remove_backend("web", "be2").expect("remove");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+
+    let mut ended = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while ended.len() < pins.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match be2.recv_ended(left).expect("receive") {
+            Some(n) => ended.push(n),
+            None => panic!("only {} of 2 AFFINITY_ENDED: {ended:?}", ended.len()),
+        }
+    }
+    for n in &ended {
+        assert_eq!(n.reason, EndReason::BackendRemoved, "{n:?}");
+        assert_eq!(n.owner, "be2");
+    }
+    let keys: BTreeSet<String> = ended.iter().map(|n| format!("{:?}", n.key)).collect();
+    let want: BTreeSet<String> = pins.iter().map(|p| format!("{:?}", p.key)).collect();
+    assert_eq!(keys, want);
+    assert!(bed
+        .admin()
+        .list_affinities(None, None)
+        .expect("list")
+        .iter()
+        .all(|e| e.owner != "be2"));
+
+    // New connections of the formerly pinned clients follow the rebuilt
+    // Maglev table of the remaining backends.
+    bed.registry
+        .remove_backend("web", "be2")
+        .expect("remove in the expected registry");
+    let after = bed.registry.snapshot().expect("snapshot");
+    let t = bed.tuples(&clients, 1);
+    let got = bed.connect(WEB, &t);
+    let want: Vec<Ipv4Addr> = t.iter().map(|&x| Bed::maglev_in(&after, WEB, x)).collect();
+    assert_eq!(got, want, "after removal");
+    assert!(got.iter().all(|&b| b != BE2), "{got:?}");
+
+    bed.finish();
+}
+
+#[test]
+fn auto_affinity_keeps_a_clients_parallel_connections_on_one_backend() {
+    let _serial = serial();
+    let mut bed = Bed::start();
+    let clients = hosts([100, 64, 7], 12);
+    let per_client = 16;
+
+    // Sixteen connections of each client in flight at once.
+    let t = bed.tuples(&clients, per_client);
+    let got = bed.connect(APP, &t);
+    let mut by_client: HashMap<Ipv4Addr, BTreeSet<Ipv4Addr>> = HashMap::new();
+    for (&(c, _), &b) in t.iter().zip(&got) {
+        by_client.entry(c).or_default().insert(b);
+    }
+    for (c, backends) in &by_client {
+        assert_eq!(backends.len(), 1, "client {c} spread over {backends:?}");
+    }
+    let used: BTreeSet<Ipv4Addr> = by_client.values().flatten().copied().collect();
+    assert!(used.len() > 1, "all clients on one backend: {used:?}");
+
+    // The same client on a service without auto-affinity spreads.
+    let t = bed.tuples(&clients[..1], per_client);
+    let got = bed.connect(WEB, &t);
+    assert_eq!(got, bed.maglev(WEB, &t));
+    assert!(distinct(&got).len() > 1, "{got:?}");
+
+    bed.finish();
+}

@@ -1,0 +1,288 @@
+//! The `pktdist` command line end to end: `check` on good and bad
+//! configurations, and the `affinity` and `backend` subcommands against a
+//! running instance (real DPDK, a `net_ring` port), checking what they print
+//! and their exit codes.
+#![cfg(feature = "dpdk")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{base_config, path_str, serial, Pktdist, TempDir, ADMIN_KEY, PKTDIST};
+
+const SERVICES: &str = r#"
+[[ports]]
+name = "p0"
+device = "net_ring0"
+gateway_mac = "02:00:00:00:00:fe"
+
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+
+[[services.backends]]
+name = "be1"
+address = "10.0.0.1"
+weight = 100
+
+[[services.backends]]
+name = "be2"
+address = "10.0.0.2"
+weight = 200
+
+[[affinities]]
+service = "web"
+client = "203.0.113.0/24"
+backend = "be2"
+"#;
+
+fn config_text() -> String {
+    format!("{}{SERVICES}", base_config(&["be1", "be2"]))
+}
+
+fn pktdist(args: &[&str]) -> Output {
+    Command::new(PKTDIST)
+        .args(args)
+        .output()
+        .expect("run pktdist")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// 1-based line of the first line containing `pat`.
+fn line_of(text: &str, pat: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(pat))
+        .unwrap_or_else(|| panic!("{pat:?} not in the configuration"))
+        + 1
+}
+
+/// `pktdist check` refuses `text` (a one-line edit of the good
+/// configuration) naming the file, the line of `at`, the key and `why`.
+fn check_refuses(dir: &TempDir, name: &str, text: &str, at: &str, key: &str, why: &str) {
+    let path = dir.path(name);
+    std::fs::write(&path, text).expect("write");
+    let out = pktdist(&["check", "--config", path_str(&path)]);
+    let err = text_of(&out);
+    assert!(!out.status.success(), "{name}: accepted\n{err}");
+    let want_at = format!("{}:{}:", path.display(), line_of(text, at));
+    assert!(err.contains(&want_at), "{name}: no {want_at:?} in {err:?}");
+    assert!(err.contains(key), "{name}: no key {key:?} in {err:?}");
+    assert!(err.contains(why), "{name}: no {why:?} in {err:?}");
+}
+
+fn text_of(out: &Output) -> String {
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn check_accepts_a_good_configuration_and_locates_errors() {
+    let dir = TempDir::new("e2e-check");
+    let good = config_text();
+    let path = dir.path("good.toml");
+    std::fs::write(&path, &good).expect("write");
+    let out = pktdist(&["check", "--config", path_str(&path)]);
+    assert!(out.status.success(), "{}", text_of(&out));
+    let plan = text(&out.stdout);
+    assert!(plan.contains("be1 10.0.0.1"), "{plan}");
+    assert!(plan.contains("192.0.2.10"), "{plan}");
+
+    check_refuses(
+        &dir,
+        "twice.toml",
+        &good.replace("workers = [1]", "workers = [1, 1]"),
+        "workers = [1, 1]",
+        "cores.workers[1]",
+        "listed twice",
+    );
+    check_refuses(
+        &dir,
+        "weight.toml",
+        &good.replace("weight = 100", "weight = 70000"),
+        "weight = 70000",
+        "services[0].backends[0].weight",
+        "out of range",
+    );
+    check_refuses(
+        &dir,
+        "family.toml",
+        &good.replace("address = \"10.0.0.2\"", "address = \"2001:db8::2\""),
+        "2001:db8::2",
+        "services[0].backends[1].address",
+        "IPv6",
+    );
+    check_refuses(
+        &dir,
+        "unknown.toml",
+        &good.replace("weight = 200", "weight = 200\ncolour = \"blue\""),
+        "colour",
+        "colour",
+        "unknown",
+    );
+
+    let missing = dir.path("missing.toml");
+    let out = pktdist(&["check", "--config", path_str(&missing)]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("missing.toml"),
+        "{}",
+        text_of(&out)
+    );
+}
+
+/// Runs a control subcommand as `admin` against `server`.
+fn admin(server: SocketAddr, args: &[&str]) -> Output {
+    let server = server.to_string();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend_from_slice(&["--server", &server, "--key", ADMIN_KEY, "--timeout", "2s"]);
+    pktdist(&all)
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed:\n{}", text_of(&out));
+    text(&out.stdout)
+}
+
+fn refused(out: Output, what: &str) -> String {
+    assert!(
+        !out.status.success(),
+        "{what} succeeded:\n{}",
+        text_of(&out)
+    );
+    text(&out.stderr)
+}
+
+/// The row of `table` whose cells include all of `cells`.
+fn row<'a>(table: &'a str, cells: &[&str]) -> Option<&'a str> {
+    table.lines().find(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        cells.iter().all(|c| words.contains(c))
+    })
+}
+
+#[test]
+fn affinity_and_backend_commands_against_a_running_instance() {
+    let _serial = serial();
+    let dir = TempDir::new("e2e-cli");
+    let config = dir.path("pktdist.toml");
+    std::fs::write(&config, config_text()).expect("write");
+    let (run, server) = Pktdist::run(Path::new(&config));
+
+    let target = ["--service", "192.0.2.10:80", "--client", "198.51.100.0/24"];
+    let add = |owner: &str, duration: &str| {
+        let mut a = vec!["affinity", "add"];
+        a.extend_from_slice(&target);
+        a.extend_from_slice(&["--owner", owner, "--duration", duration]);
+        admin(server, &a)
+    };
+
+    // Only the static affinity at first.
+    let list = ok(admin(server, &["affinity", "list"]), "affinity list");
+    assert!(
+        row(&list, &["203.0.113.0/24", "be2", "static"]).is_some(),
+        "{list}"
+    );
+    assert!(list.contains("1 affinities"), "{list}");
+
+    let out = ok(add("be1", "5m"), "affinity add");
+    assert!(out.starts_with("OK"), "{out}");
+    let list = ok(admin(server, &["affinity", "list"]), "affinity list");
+    assert!(row(&list, &["198.51.100.0/24", "be1"]).is_some(), "{list}");
+    assert!(list.contains("2 affinities"), "{list}");
+    let only = ok(
+        admin(server, &["affinity", "list", "--owner", "be1"]),
+        "affinity list --owner",
+    );
+    assert!(only.contains("1 affinities"), "{only}");
+
+    // Another owner for the same key: CONFLICT naming the owner, exit 1.
+    let err = refused(add("be2", "5m"), "conflicting add");
+    assert!(err.contains("CONFLICT") && err.contains("be1"), "{err}");
+
+    // Beyond the service's maximum (default 1h): INVALID.
+    let err = refused(add("be1", "2h"), "overlong add");
+    assert!(err.contains("INVALID"), "{err}");
+
+    let mut ext = vec!["affinity", "extend"];
+    ext.extend_from_slice(&target);
+    ext.extend_from_slice(&["--owner", "be1", "--duration", "10m"]);
+    let out = ok(admin(server, &ext), "affinity extend");
+    assert!(out.starts_with("OK"), "{out}");
+
+    let mut cancel = vec!["affinity", "cancel"];
+    cancel.extend_from_slice(&target);
+    cancel.extend_from_slice(&["--owner", "be1"]);
+    let out = ok(admin(server, &cancel), "affinity cancel");
+    assert!(out.starts_with("OK"), "{out}");
+    let err = refused(admin(server, &cancel), "second cancel");
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    let list = ok(admin(server, &["affinity", "list"]), "affinity list");
+    assert!(row(&list, &["198.51.100.0/24"]).is_none(), "{list}");
+
+    // Backends: list, drain, refuse unknown names and non-admins.
+    let list = ok(admin(server, &["backend", "list"]), "backend list");
+    assert!(
+        row(&list, &["web", "be1", "10.0.0.1", "100", "active"]).is_some(),
+        "{list}"
+    );
+    assert!(
+        row(&list, &["web", "be2", "10.0.0.2", "200", "active"]).is_some(),
+        "{list}"
+    );
+    ok(
+        admin(server, &["backend", "set-weight", "web", "be2", "0"]),
+        "set-weight",
+    );
+    let list = ok(
+        admin(server, &["backend", "list", "--service", "web"]),
+        "backend list",
+    );
+    assert!(row(&list, &["be2", "0", "draining"]).is_some(), "{list}");
+    let err = refused(
+        admin(server, &["backend", "set-weight", "web", "nosuch", "5"]),
+        "set-weight of an unknown backend",
+    );
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    let be1_key = common::backend_key_hex("be1");
+    let out = pktdist(&[
+        "backend",
+        "set-weight",
+        "web",
+        "be1",
+        "7",
+        "--server",
+        &server.to_string(),
+        "--name",
+        "be1",
+        "--key",
+        &be1_key,
+    ]);
+    let err = refused(out, "set-weight by a backend");
+    assert!(err.contains("NOT_AUTHORIZED"), "{err}");
+
+    // A wrong key gets no answer: a clear error and exit 1.
+    let out = pktdist(&[
+        "affinity",
+        "list",
+        "--server",
+        &server.to_string(),
+        "--key",
+        &"ab".repeat(32),
+        "--timeout",
+        "200ms",
+    ]);
+    let err = refused(out, "wrong key");
+    assert!(err.contains("no reply"), "{err}");
+
+    let done = run.stop(std::time::Duration::from_secs(10));
+    assert!(done.status.success(), "{}", done.stderr);
+    assert!(done.stdout.contains("pktdist summary"), "{}", done.stdout);
+}
