@@ -66,6 +66,10 @@ struct Args {
     /// One connection per source, held open until a line on stdin.
     #[arg(long)]
     hold: bool,
+    /// Pause after each connection in the default mode (a steady trickle
+    /// rather than a burst), in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
     /// Seconds to wait for a connection, and for each read.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
@@ -299,6 +303,9 @@ fn many(args: &Args, sources: &[Ipv4Addr], failures: &Arc<AtomicUsize>) {
                 };
                 let (local, o) = one(args, src, &path);
                 report(i, local, "only", &o, failures);
+                if args.pause_ms > 0 {
+                    thread::sleep(Duration::from_millis(args.pause_ms));
+                }
             });
         }
     });
