@@ -571,3 +571,113 @@ fn ipv4_packet(buf: &[u8]) -> Option<&[u8]> {
     }
     Some(&buf[..total])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4 header of `total` bytes with protocol `proto` to `dst`.
+    fn header(total: u16, proto: u8, dst: [u8; 4]) -> Vec<u8> {
+        let mut h = vec![0u8; 20];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        h[8] = 64;
+        h[9] = proto;
+        h[12..16].copy_from_slice(&[10, 99, 0, 2]);
+        h[16..20].copy_from_slice(&dst);
+        h
+    }
+
+    /// Outer IPv4 (protocol 4) around an inner IPv4/TCP packet of 40 bytes,
+    /// plus `trailer` bytes after the outer packet.
+    fn ipip(trailer: usize) -> Vec<u8> {
+        let mut inner = header(40, 6, [10, 99, 100, 1]);
+        inner.extend_from_slice(&[0xab; 20]);
+        let mut p = header(60, 4, [10, 99, 10, 1]);
+        p.extend_from_slice(&inner);
+        p.extend(std::iter::repeat(0).take(trailer));
+        p
+    }
+
+    #[test]
+    fn inner_packet_of_ipip() {
+        let p = ipip(6);
+        let inner = inner_packet(&p).expect("well formed");
+        assert_eq!(inner.len(), 40);
+        assert_eq!(&inner[16..20], &[10, 99, 100, 1]);
+        assert_eq!(inner[9], 6);
+    }
+
+    #[test]
+    fn malformed_outer_or_inner_is_refused() {
+        let good = ipip(0);
+        // Truncated anywhere.
+        for n in 0..good.len() {
+            assert!(inner_packet(&good[..n]).is_none(), "cut at {n}");
+        }
+        // Not IP-in-IP.
+        let mut p = good.clone();
+        p[9] = 17;
+        assert!(inner_packet(&p).is_none());
+        // Fragments (more-fragments flag, or an offset) of either header.
+        for (at, v) in [(6, 0x20u8), (7, 1), (26, 0x20), (27, 1)] {
+            let mut p = good.clone();
+            p[at] = v;
+            assert!(inner_packet(&p).is_none(), "fragment byte {at}");
+        }
+        // Header length below 20, inner version not 4, inner total too long.
+        let mut p = good.clone();
+        p[0] = 0x44;
+        assert!(inner_packet(&p).is_none());
+        let mut p = good.clone();
+        p[20] = 0x65;
+        assert!(inner_packet(&p).is_none());
+        let mut p = good;
+        p[23] = 41;
+        assert!(inner_packet(&p).is_none());
+    }
+
+    #[test]
+    fn content_depends_on_position() {
+        let a: Vec<u8> = (0..4096).map(content_byte).collect();
+        let b: Vec<u8> = (1..4097).map(content_byte).collect();
+        assert_ne!(a, b, "a shifted body must differ");
+        let distinct: HashSet<u8> = a.iter().copied().collect();
+        assert!(distinct.len() > 200);
+    }
+
+    #[test]
+    fn rule_fires_once_at_the_nth_request_of_a_network() {
+        let (tx, rx) = mpsc::channel();
+        let rule = Rule {
+            after: 2,
+            prefix: 24,
+            counts: Mutex::new(HashMap::new()),
+            requests: tx,
+        };
+        let svc: SocketAddr = "10.99.100.1:80".parse().unwrap();
+        let other: SocketAddr = "10.99.100.1:8080".parse().unwrap();
+        let a: IpAddr = "10.99.1.1".parse().unwrap();
+        let b: IpAddr = "10.99.1.7".parse().unwrap();
+        let c: IpAddr = "10.99.2.1".parse().unwrap();
+        rule.count(svc, a);
+        assert!(rx.try_recv().is_err(), "first request of 10.99.1.0/24");
+        rule.count(svc, b);
+        assert_eq!(
+            rx.try_recv().ok(),
+            Some((svc, b)),
+            "second request of the /24"
+        );
+        rule.count(svc, a);
+        rule.count(svc, b);
+        assert!(rx.try_recv().is_err(), "only once per network");
+        rule.count(other, a);
+        rule.count(svc, c);
+        assert!(
+            rx.try_recv().is_err(),
+            "other service, other network: first requests"
+        );
+        rule.count(other, b);
+        assert_eq!(rx.try_recv().ok(), Some((other, b)));
+    }
+}

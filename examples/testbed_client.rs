@@ -402,3 +402,33 @@ fn hold(args: &Args, sources: &[Ipv4Addr], failures: &Arc<AtomicUsize>) {
         report(i, local, "second", &o, failures);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_lists_and_ranges() {
+        let s = parse_sources("10.99.1.1-10.99.1.3, 10.99.2.8,").unwrap();
+        let want: Vec<Ipv4Addr> = ["10.99.1.1", "10.99.1.2", "10.99.1.3", "10.99.2.8"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(s, want);
+        // A range across an octet boundary.
+        let s = parse_sources("10.99.1.255-10.99.2.0").unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(parse_sources("10.99.1.3-10.99.1.1").is_err());
+        assert!(parse_sources("10.0.0.0-10.2.0.0").is_err());
+        assert!(parse_sources("example.org").is_err());
+        assert!(parse_sources("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn content_matches_the_server() {
+        // The same function as examples/backend_server.rs: spot values.
+        assert_eq!(content_byte(0), 0);
+        assert_eq!(content_byte(1), 0x9e);
+        assert_eq!(content_byte(2), 0x3c);
+    }
+}

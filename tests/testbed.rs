@@ -525,6 +525,50 @@ fn reach(bed: &Bed, backend: &str) {
     panic!("80 connections from c1 and none reached {backend}");
 }
 
+/// config/testbed.toml agrees with the script and these tests: control
+/// address, keys, backends' addresses, MACs and weights, the static pin.
+/// Runs anywhere (no root).
+#[test]
+fn testbed_config_matches_the_bed() {
+    let cfg = pktdist::config::Config::load(repo().join("config/testbed.toml"))
+        .expect("config/testbed.toml loads");
+    assert_eq!(cfg.control.listen.to_string(), CONTROL);
+    let hex =
+        |k: &pktdist::config::HexKey| k.0.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(hex(&cfg.control.keys["admin"]), ADMIN_KEY);
+    assert!(cfg.ports[0].device.contains("iface=lb0"));
+    let web = &cfg.services[0];
+    assert_eq!((web.name.as_str(), web.port), ("web", 80));
+    assert_eq!(web.vip.to_string(), VIP);
+    assert_eq!(
+        web.ipip_source.map(|a| a.to_string()).as_deref(),
+        Some("10.99.0.2")
+    );
+    assert_eq!(cfg.services[1].port, 8080);
+    assert!(cfg.services[1].auto_affinity.is_some());
+    for svc in &cfg.services {
+        assert_eq!(svc.backends.len(), 3);
+        for (b, (name, addr, mac, weight)) in svc.backends.iter().zip(BACKENDS) {
+            assert_eq!(b.name, name);
+            assert_eq!(b.address.to_string(), addr);
+            let m = b.mac.expect("backend MAC").0;
+            let m = m
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            assert_eq!(m, mac);
+            if svc.name == "web" {
+                assert_eq!(b.weight, weight);
+            }
+            assert_eq!(hex(&cfg.control.keys[name]), key_of(name));
+        }
+    }
+    assert_eq!(cfg.affinities.len(), 1);
+    assert_eq!(cfg.affinities[0].client.addr.to_string(), PINNED);
+    assert_eq!(cfg.affinities[0].backend, "be1");
+}
+
 #[test]
 fn testbed_end_to_end() {
     if let Some(why) = skip_reason() {
