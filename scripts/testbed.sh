@@ -5,6 +5,8 @@
 #
 #   pd-c1, pd-c2      clients   10.99.1.1-10.99.1.8, 10.99.2.1-10.99.2.8
 #   pd-lb             pktdist   lb0 (no address: DPDK owns it), MAC 02:50:44:00:00:02
+#                               ctl0 10.99.0.1: the control plane (UDP 7400), a
+#                               kernel interface the backends' applications reach
 #   pd-be1..pd-be3    backends  10.99.10.1-10.99.10.3, VIP on loopback, ipip decap
 #   pd-sw             the switch: bridge br0 joining everyone's veth
 #
@@ -23,6 +25,7 @@ PREFIX=${PD_TESTBED_PREFIX:-pd}
 VIP=10.99.100.1
 LB_IP=10.99.0.2
 LB_MAC=02:50:44:00:00:02
+CTL_IP=10.99.0.1   # pktdist's control address, on ctl0 beside the DPDK port
 MTU_WIRE=1600   # room for the 20-byte outer header of IP-in-IP
 NS_SW=$PREFIX-sw
 NS_LB=$PREFIX-lb
@@ -57,6 +60,9 @@ attach() {
 }
 
 up() {
+    for tool in ip ethtool; do
+        command -v $tool >/dev/null || { echo "testbed: $tool is missing (apt-get install iproute2 ethtool)" >&2; exit 1; }
+    done
     down
     command -v modprobe >/dev/null && modprobe ipip 2>/dev/null || true
     ip netns add "$NS_SW"
@@ -70,6 +76,11 @@ up() {
     ip -n "$NS_LB" link set lo up
     # The kernel must not answer or reset what pktdist handles.
     ip netns exec "$NS_LB" sysctl -qw net.ipv6.conf.lb0.disable_ipv6=1
+    # The control plane: DPDK owns lb0, so the control thread's UDP socket
+    # needs a kernel interface of its own that the backends can reach.
+    attach lbctl "$NS_LB" ctl0
+    ip -n "$NS_LB" link set ctl0 up
+    ip -n "$NS_LB" addr add $CTL_IP/16 dev ctl0
 
     local i=0
     for c in "${CLIENTS[@]}"; do
@@ -79,6 +90,12 @@ up() {
         attach "$c" "$ns" eth0
         ip -n "$ns" link set lo up
         ip -n "$ns" link set eth0 mtu 1500 up
+        # A veth hands its peer a packet whose checksum the kernel left for
+        # "the NIC" to fill in; DPDK's af_packet receives it so and forwards it
+        # unfinished, and the backend's kernel drops it (TcpInCsumErrors).
+        # Real NICs never deliver such packets: make the clients finish their
+        # checksums in software.
+        ip netns exec "$ns" ethtool -K eth0 tx off >/dev/null
         for h in $(seq 1 8); do ip -n "$ns" addr add "10.99.$i.$h/16" dev eth0; done
         ip -n "$ns" route add $VIP/32 via $LB_IP dev eth0
         ip -n "$ns" neigh replace $LB_IP lladdr $LB_MAC dev eth0 nud permanent

@@ -1,0 +1,1030 @@
+//! End to end with real TCP stacks: the network-namespace test bed
+//! (scripts/testbed.sh), pktdist on its veth through DPDK's net_af_packet
+//! (config/testbed.toml), the example backend server in three backend
+//! namespaces and kernel TCP clients (examples/testbed_client.rs) in two
+//! client namespaces.
+//!
+//! The scenarios share one test bed, so they run one after another inside a
+//! single test; each starts its own pktdist and backend servers and stops
+//! them (guards, also on failure), and the bed is taken down at the end.
+//! The bed uses the namespace prefix `pdt`, so a test bed an operator
+//! brought up by hand (`pd`) is left alone.
+//!
+//! Needs root (namespaces, raw sockets, DPDK). Elsewhere the test prints a
+//! SKIP line and passes, except under CI (`CI` set), where it must run.
+#![cfg(feature = "dpdk")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+const PREFIX: &str = "pdt";
+const CONTROL: &str = "10.99.0.1:7400";
+const VIP: &str = "10.99.100.1";
+const ADMIN_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+const BACKENDS: [(&str, &str, &str, u32); 3] = [
+    ("be1", "10.99.10.1", "02:50:44:00:10:01", 100),
+    ("be2", "10.99.10.2", "02:50:44:00:10:02", 200),
+    ("be3", "10.99.10.3", "02:50:44:00:10:03", 300),
+];
+/// Client sources of namespace c1 and c2. 10.99.2.8 is left out: the
+/// configuration pins it statically to be1 (the restart scenario uses it).
+const C1: &str = "10.99.1.1-10.99.1.8";
+const C2: &str = "10.99.2.1-10.99.2.7";
+const PINNED: &str = "10.99.2.8";
+
+fn key_of(backend: &str) -> String {
+    let digit = backend.trim_start_matches("be");
+    digit.repeat(64)
+}
+
+fn ns(name: &str) -> String {
+    format!("{PREFIX}-{name}")
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Why the test cannot run here, if it cannot.
+fn skip_reason() -> Option<String> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_string));
+    if uid.as_deref() != Some("0") {
+        return Some("not root (network namespaces, raw sockets and DPDK need it)".into());
+    }
+    match Command::new("ip").args(["netns", "list"]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return Some(format!(
+                "`ip netns list` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+        Err(e) => return Some(format!("`ip` not runnable: {e}")),
+    }
+    if Command::new("ethtool").arg("--version").output().is_err() {
+        return Some("ethtool missing (scripts/install-deps.sh installs it)".into());
+    }
+    None
+}
+
+/// The example binaries. `cargo test --all-targets` builds examples only as
+/// test harnesses, so look for plain builds: this profile's, then release
+/// (scripts/test.sh builds `--release --examples` first), then debug; one
+/// older than its source does not count. Built here if none is found.
+fn examples() -> (PathBuf, PathBuf) {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf();
+    let target = profile_dir
+        .parent()
+        .expect("target directory")
+        .to_path_buf();
+    let dirs = [
+        profile_dir.join("examples"),
+        target.join("release/examples"),
+        target.join("debug/examples"),
+    ];
+    let find = |name: &str| -> Option<PathBuf> {
+        let source = fs::metadata(repo().join(format!("examples/{name}.rs")))
+            .and_then(|m| m.modified())
+            .ok()?;
+        dirs.iter().map(|d| d.join(name)).find(|p| {
+            fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= source)
+        })
+    };
+    if let (Some(s), Some(c)) = (find("backend_server"), find("testbed_client")) {
+        return (s, c);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(repo())
+        .args([
+            "build",
+            "--example",
+            "backend_server",
+            "--example",
+            "testbed_client",
+        ])
+        .status()
+        .expect("run cargo build --example");
+    assert!(st.success(), "cargo build of the examples failed");
+    let debug = target.join("debug/examples");
+    (debug.join("backend_server"), debug.join("testbed_client"))
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after
+/// `limit` (a guard against hangs, not a timing assertion).
+fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "gave up waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The test bed: up on creation, down on drop.
+struct Bed {
+    logs: PathBuf,
+    server: PathBuf,
+    client: PathBuf,
+    /// The kernel has no ipip driver: the backends decapsulate in user space.
+    decap: bool,
+}
+
+impl Bed {
+    fn script(arg: &str) -> std::process::Output {
+        Command::new(repo().join("scripts/testbed.sh"))
+            .arg(arg)
+            .env("PD_TESTBED_PREFIX", PREFIX)
+            .output()
+            .expect("run scripts/testbed.sh")
+    }
+
+    fn up() -> Bed {
+        let (server, client) = examples();
+        let logs = std::env::temp_dir().join(format!("pktdist-testbed-{}", std::process::id()));
+        fs::create_dir_all(&logs).expect("log directory");
+        let out = Bed::script("up");
+        let mut bed = Bed {
+            logs,
+            server,
+            client,
+            decap: true,
+        };
+        assert!(
+            out.status.success(),
+            "scripts/testbed.sh up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tunl = Command::new("ip")
+            .args(["-n", &ns("be1"), "link", "show", "tunl0"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        bed.decap = !tunl;
+        bed
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+
+    /// Starts a process inside a namespace, output to `log`.
+    fn spawn(&self, netns: &str, log: &str, program: &Path, args: &[String]) -> Proc {
+        let path = self.log(log);
+        let out = File::create(&path).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns(netns)])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn in namespace");
+        Proc {
+            name: log.to_string(),
+            child,
+            log: path,
+        }
+    }
+
+    /// pktdist with config/testbed.toml, ready when its control plane answers.
+    fn pktdist(&self, log: &str) -> Proc {
+        let args = vec![
+            "run".to_string(),
+            "--config".into(),
+            repo().join("config/testbed.toml").display().to_string(),
+        ];
+        let mut p = self.spawn("lb", log, Path::new(env!("CARGO_BIN_EXE_pktdist")), &args);
+        wait_until("pktdist's control plane", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("pktdist exited ({st}):\n{}", p.tail());
+            }
+            self.cli(&["backend", "list"]).0
+        });
+        p
+    }
+
+    /// A backend server in its namespace, on ports 80 and 8080, ready when
+    /// it says so.
+    fn backend(&self, name: &str, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "--name".into(),
+            name.into(),
+            "--listen".into(),
+            format!("{VIP}:80"),
+            "--listen".into(),
+            format!("{VIP}:8080"),
+            "--control".into(),
+            CONTROL.into(),
+            "--key".into(),
+            key_of(name),
+        ];
+        if self.decap {
+            args.push("--decap".into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let server = self.server.clone();
+        let mut p = self.spawn(name, name, &server, &args);
+        wait_until(
+            &format!("{name} to listen"),
+            Duration::from_secs(10),
+            || {
+                if let Ok(Some(st)) = p.child.try_wait() {
+                    panic!("{name} exited ({st}):\n{}", p.tail());
+                }
+                p.text().contains("ready:")
+            },
+        );
+        p
+    }
+
+    /// The three backends, plain (no affinity rule).
+    fn backends(&self) -> Vec<Proc> {
+        BACKENDS.iter().map(|b| self.backend(b.0, &[])).collect()
+    }
+
+    /// `pktdist <args>` as admin inside the distributor's namespace:
+    /// (success, stdout + stderr).
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns("lb")])
+            .arg(env!("CARGO_BIN_EXE_pktdist"))
+            .args(args)
+            .args([
+                "--server",
+                CONTROL,
+                "--key",
+                ADMIN_KEY,
+                "--timeout",
+                "300ms",
+            ])
+            .output()
+            .expect("run pktdist CLI");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let (ok, text) = self.cli(args);
+        assert!(ok, "pktdist {args:?} failed: {text}");
+        text
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["stats"])).expect("stats JSON")
+    }
+
+    /// Lines of `pktdist affinity list` naming `client` and `owner`.
+    fn has_affinity(&self, client: &str, owner: &str) -> bool {
+        self.cli_ok(&["affinity", "list"]).lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.get(1) == Some(&client) && cols.get(3) == Some(&owner)
+        })
+    }
+
+    /// Runs the client in a client namespace to the end.
+    fn run_client(&self, netns: &str, args: &[&str]) -> Vec<Conn> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns(netns)])
+            .arg(&self.client)
+            .args(args)
+            .output()
+            .expect("run testbed_client");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() != Some(2),
+            "testbed_client {args:?}: {stderr}"
+        );
+        parse_conns(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Starts the client in a client namespace, reading its output later.
+    fn start_client(&self, netns: &str, args: &[&str]) -> Running {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns(netns)])
+            .arg(&self.client)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn testbed_client");
+        let stdout = BufReader::new(child.stdout.take().expect("client stdout"));
+        let stdin = child.stdin.take();
+        Running {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let out = Bed::script("down");
+        if !out.status.success() {
+            eprintln!(
+                "testbed down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if thread::panicking() {
+            eprintln!("test-bed logs kept in {}", self.logs.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.logs);
+        }
+    }
+}
+
+/// A process in a namespace (`ip netns exec` execs it: the child is the
+/// program itself), killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn tail(&self) -> String {
+        let t = self.text();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!(
+                "--- {} ({}):\n{}",
+                self.name,
+                self.log.display(),
+                self.tail()
+            );
+        }
+    }
+}
+
+/// A client still running: its stdin (the go-ahead of `--hold`) and its
+/// JSON lines.
+struct Running {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Running {
+    /// Reads lines up to `{"held":N}`: the first requests of `--hold`.
+    fn held(&mut self) -> Vec<Conn> {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.stdout.read_line(&mut line).expect("client output");
+            assert!(n > 0, "client ended before holding: {text}");
+            if line.contains("\"held\"") {
+                return parse_conns(&text);
+            }
+            text.push_str(&line);
+        }
+    }
+
+    /// Lets a `--hold` client make its second requests.
+    fn release(&mut self) {
+        if let Some(mut s) = self.stdin.take() {
+            let _ = s.write_all(b"go\n");
+        }
+    }
+
+    fn still_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the end and returns the remaining lines.
+    fn finish(mut self) -> Vec<Conn> {
+        self.release();
+        let mut text = String::new();
+        for line in (&mut self.stdout).lines() {
+            text.push_str(&line.expect("client output"));
+            text.push('\n');
+        }
+        let _ = self.child.wait();
+        parse_conns(&text)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request as the client reported it.
+#[derive(Debug, Deserialize, Clone)]
+struct Conn {
+    src: Option<String>,
+    phase: String,
+    backend: Option<String>,
+    bytes: u64,
+    ok: bool,
+    error: Option<String>,
+}
+
+impl Conn {
+    fn src_ip(&self) -> &str {
+        self.src
+            .as_deref()
+            .and_then(|s| s.split(':').next())
+            .unwrap_or("?")
+    }
+}
+
+fn parse_conns(text: &str) -> Vec<Conn> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("\"held\""))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client line {l:?}: {e}")))
+        .collect()
+}
+
+/// Every request completed (no reset, no timeout, byte-exact).
+fn assert_all_ok(what: &str, conns: &[Conn], expected: usize) {
+    let bad: Vec<String> = conns
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| {
+            format!(
+                "{} ({}) via {:?}: {}",
+                c.src.as_deref().unwrap_or("?"),
+                c.phase,
+                c.backend,
+                c.error.as_deref().unwrap_or("not ok")
+            )
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} requests failed, e.g. {:?}",
+        bad.len(),
+        conns.len(),
+        &bad[..bad.len().min(5)]
+    );
+    assert_eq!(conns.len(), expected, "{what}: requests reported");
+}
+
+fn by_backend(conns: &[Conn]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for c in conns {
+        *m.entry(c.backend.clone().unwrap_or_default()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Connections from c1 one by one until one reaches `backend` (whose
+/// affinity rule then fires for the c1 network).
+fn reach(bed: &Bed, backend: &str) {
+    for _ in 0..10 {
+        let conns = bed.run_client("c1", &["--sources", C1, "--connections", "8"]);
+        if conns.iter().any(|c| c.backend.as_deref() == Some(backend)) {
+            return;
+        }
+    }
+    panic!("80 connections from c1 and none reached {backend}");
+}
+
+/// config/testbed.toml agrees with the script and these tests: control
+/// address, keys, backends' addresses, MACs and weights, the static pin.
+/// Runs anywhere (no root).
+#[test]
+fn testbed_config_matches_the_bed() {
+    let cfg = pktdist::config::Config::load(repo().join("config/testbed.toml"))
+        .expect("config/testbed.toml loads");
+    assert_eq!(cfg.control.listen.to_string(), CONTROL);
+    let hex =
+        |k: &pktdist::config::HexKey| k.0.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(hex(&cfg.control.keys["admin"]), ADMIN_KEY);
+    assert!(cfg.ports[0].device.contains("iface=lb0"));
+    let web = &cfg.services[0];
+    assert_eq!((web.name.as_str(), web.port), ("web", 80));
+    assert_eq!(web.vip.to_string(), VIP);
+    assert_eq!(
+        web.ipip_source.map(|a| a.to_string()).as_deref(),
+        Some("10.99.0.2")
+    );
+    assert_eq!(cfg.services[1].port, 8080);
+    assert!(cfg.services[1].auto_affinity.is_some());
+    for svc in &cfg.services {
+        assert_eq!(svc.backends.len(), 3);
+        for (b, (name, addr, mac, weight)) in svc.backends.iter().zip(BACKENDS) {
+            assert_eq!(b.name, name);
+            assert_eq!(b.address.to_string(), addr);
+            let m = b.mac.expect("backend MAC").0;
+            let m = m
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            assert_eq!(m, mac);
+            if svc.name == "web" {
+                assert_eq!(b.weight, weight);
+            }
+            assert_eq!(hex(&cfg.control.keys[name]), key_of(name));
+        }
+    }
+    assert_eq!(cfg.affinities.len(), 1);
+    assert_eq!(cfg.affinities[0].client.addr.to_string(), PINNED);
+    assert_eq!(cfg.affinities[0].backend, "be1");
+}
+
+#[test]
+fn testbed_end_to_end() {
+    if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the test bed must run in CI, but: {why}"
+        );
+        println!("SKIP testbed_end_to_end: {why}");
+        return;
+    }
+    let bed = Bed::up();
+    println!(
+        "test bed up (IP-in-IP decapsulated {})",
+        if bed.decap {
+            "in user space by backend_server --decap"
+        } else {
+            "by the kernel's tunl0"
+        }
+    );
+    distribution_follows_weights(&bed);
+    application_affinity_until_cancel_and_expiry(&bed);
+    auto_affinity_keeps_parallel_connections_together(&bed);
+    weight_zero_drains_without_breaking_open_connections(&bed);
+    removing_a_backend_ends_its_affinities(&bed);
+    restart_mid_traffic_keeps_connections(&bed);
+}
+
+/// 1200 connections from 15 client addresses spread over be1..be3 in
+/// proportion to the weights 100/200/300: each share within 0.05 of
+/// 1/6, 1/3, 1/2 (over 3.5 standard deviations of the binomial spread).
+/// Every connection completes byte-exact, one in ten with a 100 KB
+/// (multi-segment) response, none reset or timed out.
+fn distribution_follows_weights(bed: &Bed) {
+    let _lb = bed.pktdist("lb-weights");
+    let _be = bed.backends();
+    let args = |src: &'static str| {
+        [
+            "--sources",
+            src,
+            "--connections",
+            "600",
+            "--concurrency",
+            "8",
+            "--path",
+            "/bytes/1000",
+            "--large-every",
+            "10",
+            "--large",
+            "100000",
+        ]
+    };
+    let c1 = bed.start_client("c1", &args(C1));
+    let c2 = bed.start_client("c2", &args(C2));
+    let mut conns = c1.finish();
+    conns.extend(c2.finish());
+    assert_all_ok("weights", &conns, 1200);
+    let large = conns.iter().filter(|c| c.bytes == 100_000).count();
+    assert_eq!(large, 120, "100 KB responses received whole");
+    let counts = by_backend(&conns);
+    let total: u32 = BACKENDS.iter().map(|b| b.3).sum();
+    for (name, _, _, weight) in BACKENDS {
+        let share = *counts.get(name).unwrap_or(&0) as f64 / conns.len() as f64;
+        let want = f64::from(weight) / f64::from(total);
+        assert!(
+            (share - want).abs() <= 0.05,
+            "{name}: share {share:.3}, weight share {want:.3} ({counts:?})"
+        );
+    }
+    // pktdist counted at least the connections the clients saw per backend.
+    let stats = bed.stats();
+    let web = &stats["services"][0];
+    assert_eq!(web["name"], "web");
+    for b in web["backends"].as_array().expect("backends") {
+        let name = b["name"].as_str().unwrap_or("");
+        let seen = *counts.get(name).unwrap_or(&0) as u64;
+        assert!(
+            b["connections"].as_u64().unwrap_or(0) >= seen,
+            "pktdist counted fewer connections for {name} than reached it: {b}"
+        );
+    }
+    println!("weights: {counts:?} of {}", conns.len());
+}
+
+/// be2's application pins the c1 network (10.99.1.0/24) to itself at the
+/// network's first request: every new connection from it reaches be2 until
+/// the operator cancels the affinity; then connections follow the weights
+/// again. A second affinity with a short duration expires: be2 is notified
+/// and the network is free again.
+fn application_affinity_until_cancel_and_expiry(bed: &Bed) {
+    let _lb = bed.pktdist("lb-affinity");
+    let _be1 = bed.backend("be1", &[]);
+    let _be3 = bed.backend("be3", &[]);
+    let rule = [
+        "--affinity-after",
+        "1",
+        "--affinity-prefix",
+        "24",
+        "--affinity-duration",
+        "60s",
+    ];
+    let be2 = bed.backend("be2", &rule);
+    reach(bed, "be2");
+    wait_until(
+        "be2's affinity for 10.99.1.0/24",
+        Duration::from_secs(10),
+        || bed.has_affinity("10.99.1.0/24", "be2"),
+    );
+    assert!(be2
+        .text()
+        .contains("affinity 10.99.1.0/24 on 10.99.100.1:80 for 60s: OK"));
+    let pinned = bed.run_client(
+        "c1",
+        &[
+            "--sources",
+            C1,
+            "--connections",
+            "100",
+            "--path",
+            "/bytes/3000",
+        ],
+    );
+    assert_all_ok("pinned", &pinned, 100);
+    assert_eq!(by_backend(&pinned).keys().collect::<Vec<_>>(), ["be2"]);
+
+    // The operator cancels it; be2 hears why.
+    bed.cli_ok(&[
+        "affinity",
+        "cancel",
+        "--service",
+        &format!("{VIP}:80"),
+        "--client",
+        "10.99.1.0/24",
+        "--owner",
+        "be2",
+    ]);
+    wait_until("be2's CANCELLED notice", Duration::from_secs(10), || {
+        be2.text()
+            .contains("AFFINITY_ENDED 10.99.1.0/24 on 10.99.100.1:80/tcp owner be2: CANCELLED")
+    });
+    assert!(!bed.has_affinity("10.99.1.0/24", "be2"));
+    let free = bed.run_client("c1", &["--sources", C1, "--connections", "100"]);
+    assert_all_ok("after cancel", &free, 100);
+    assert!(
+        by_backend(&free).len() >= 2,
+        "after cancel the weights apply again: {:?}",
+        by_backend(&free)
+    );
+    be2.stop();
+
+    // A short affinity that expires.
+    let short = [
+        "--affinity-after",
+        "1",
+        "--affinity-prefix",
+        "24",
+        "--affinity-duration",
+        "6s",
+    ];
+    let be2 = bed.backend("be2", &short);
+    reach(bed, "be2");
+    wait_until("be2's 6 s affinity", Duration::from_secs(10), || {
+        bed.has_affinity("10.99.1.0/24", "be2")
+    });
+    let pinned = bed.run_client("c1", &["--sources", C1, "--connections", "40"]);
+    assert_all_ok("pinned (short)", &pinned, 40);
+    assert_eq!(by_backend(&pinned).keys().collect::<Vec<_>>(), ["be2"]);
+    wait_until("be2's EXPIRED notice", Duration::from_secs(20), || {
+        be2.text()
+            .contains("AFFINITY_ENDED 10.99.1.0/24 on 10.99.100.1:80/tcp owner be2: EXPIRED")
+    });
+    assert!(!bed.has_affinity("10.99.1.0/24", "be2"));
+    let free = bed.run_client("c1", &["--sources", C1, "--connections", "100"]);
+    assert_all_ok("after expiry", &free, 100);
+    assert!(
+        by_backend(&free).len() >= 2,
+        "after expiry the weights apply again: {:?}",
+        by_backend(&free)
+    );
+    println!(
+        "affinity: 10.99.1.0/24 pinned to be2 (140 connections), cancelled, expired; then {:?}",
+        by_backend(&free)
+    );
+}
+
+/// The l2 service on port 8080 has automatic affinity: 8 connections of
+/// one client, all open at once, land on one backend, for each of 15
+/// clients; different clients still use different backends.
+fn auto_affinity_keeps_parallel_connections_together(bed: &Bed) {
+    let _lb = bed.pktdist("lb-auto");
+    let _be = bed.backends();
+    let target = format!("{VIP}:8080");
+    let args = |src: &'static str| {
+        [
+            "--target".to_string(),
+            target.clone(),
+            "--sources".into(),
+            src.into(),
+            "--connections".into(),
+            "8".into(),
+            "--parallel".into(),
+        ]
+    };
+    let a1 = args(C1);
+    let a2 = args(C2);
+    let c1 = bed.start_client("c1", &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    let c2 = bed.start_client("c2", &a2.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut conns = c1.finish();
+    conns.extend(c2.finish());
+    assert_all_ok("parallel", &conns, 15 * 8);
+    let mut per_client: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for c in &conns {
+        per_client
+            .entry(c.src_ip().to_string())
+            .or_default()
+            .insert(c.backend.clone().unwrap_or_default());
+    }
+    assert_eq!(per_client.len(), 15);
+    for (client, backends) in &per_client {
+        assert_eq!(
+            backends.len(),
+            1,
+            "{client}'s parallel connections went to {backends:?}"
+        );
+    }
+    let used: BTreeSet<&String> = per_client.values().flatten().collect();
+    assert!(used.len() >= 2, "all clients on {used:?}");
+    let stats = bed.stats();
+    let app = &stats["services"][1];
+    assert_eq!(app["name"], "app");
+    assert!(
+        app["auto_affinity_hits"].as_u64().unwrap_or(0) > 0,
+        "no automatic-affinity hit counted: {app}"
+    );
+    println!(
+        "auto-affinity: 15 clients x 8 parallel connections, each client on one backend, backends used {used:?}"
+    );
+}
+
+/// Weight 0 drains a backend: 300 new connections avoid it, while
+/// connections already open on it complete (a 100 KB response after the
+/// change, byte-exact).
+fn weight_zero_drains_without_breaking_open_connections(bed: &Bed) {
+    let _lb = bed.pktdist("lb-drain");
+    let _be = bed.backends();
+    let mut held = bed.start_client(
+        "c1",
+        &["--hold", "--sources", C1, "--path", "/bytes/100000"],
+    );
+    let first = held.held();
+    assert_all_ok("held (first)", &first, 8);
+    let counts = by_backend(&first);
+    let (drained, _) = counts
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .expect("a held connection");
+    let drained = drained.clone();
+    bed.cli_ok(&["backend", "set-weight", "web", &drained, "0"]);
+    let list = bed.cli_ok(&["backend", "list", "--service", "web"]);
+    assert!(
+        list.lines()
+            .any(|l| l.contains(&drained) && l.contains("draining")),
+        "{list}"
+    );
+    let fresh = bed.run_client("c2", &["--sources", C2, "--connections", "300"]);
+    assert_all_ok("while draining", &fresh, 300);
+    assert!(
+        !by_backend(&fresh).contains_key(&drained),
+        "draining {drained} got new connections: {:?}",
+        by_backend(&fresh)
+    );
+    let second = held.finish();
+    assert_all_ok("held (second)", &second, 8);
+    for c in &second {
+        let before = first
+            .iter()
+            .find(|f| f.src == c.src)
+            .expect("same connection");
+        assert_eq!(
+            (before.phase.as_str(), c.phase.as_str()),
+            ("first", "second")
+        );
+        assert_eq!(c.backend, before.backend, "a held connection moved");
+        assert_eq!(c.bytes, 100_000);
+    }
+    bed.cli_ok(&["backend", "set-weight", "web", &drained, "300"]);
+    println!(
+        "drain: {drained} at weight 0, 300 new connections on {:?}, {} held on {drained} finished",
+        by_backend(&fresh),
+        counts[&drained]
+    );
+}
+
+/// be3's application pins the c1 network; removing be3 ends the affinity
+/// (be3 is told BACKEND_REMOVED) and c1's connections go elsewhere; adding
+/// be3 back does not bring the affinity back.
+fn removing_a_backend_ends_its_affinities(bed: &Bed) {
+    let _lb = bed.pktdist("lb-remove");
+    let _be1 = bed.backend("be1", &[]);
+    let _be2 = bed.backend("be2", &[]);
+    let be3 = bed.backend(
+        "be3",
+        &[
+            "--affinity-after",
+            "1",
+            "--affinity-prefix",
+            "24",
+            "--affinity-duration",
+            "60s",
+        ],
+    );
+    reach(bed, "be3");
+    wait_until("be3's affinity", Duration::from_secs(10), || {
+        bed.has_affinity("10.99.1.0/24", "be3")
+    });
+    bed.cli_ok(&["backend", "remove", "web", "be3"]);
+    wait_until(
+        "be3's BACKEND_REMOVED notice",
+        Duration::from_secs(10),
+        || {
+            be3.text().contains(
+                "AFFINITY_ENDED 10.99.1.0/24 on 10.99.100.1:80/tcp owner be3: BACKEND_REMOVED",
+            )
+        },
+    );
+    let list = bed.cli_ok(&["affinity", "list"]);
+    assert!(!list.contains("be3"), "{list}");
+    let conns = bed.run_client("c1", &["--sources", C1, "--connections", "100"]);
+    assert_all_ok("after removal", &conns, 100);
+    assert!(
+        !by_backend(&conns).contains_key("be3"),
+        "{:?}",
+        by_backend(&conns)
+    );
+    let (_, addr, mac, weight) = BACKENDS[2];
+    bed.cli_ok(&[
+        "backend",
+        "add",
+        "web",
+        "be3",
+        "--addr",
+        addr,
+        "--mac",
+        mac,
+        "--weight",
+        &weight.to_string(),
+    ]);
+    let conns = bed.run_client("c1", &["--sources", C1, "--connections", "100"]);
+    assert_all_ok("after re-adding", &conns, 100);
+    assert!(
+        by_backend(&conns).len() >= 2,
+        "re-added be3 must not revive the affinity: {:?}",
+        by_backend(&conns)
+    );
+    println!(
+        "remove: be3's affinity ended with it; after re-adding {:?}",
+        by_backend(&conns)
+    );
+}
+
+/// pktdist is killed (SIGKILL: all state lost) and started again while
+/// clients open connections and others hold theirs open. With the same
+/// backends, Maglev maps every connection as before, so the prediction is
+/// that no connection is lost: every held connection finishes on its
+/// backend, byte-exact, and every connection of the trickle completes (SYNs
+/// sent during the gap are retransmitted by the clients' kernels). The
+/// statically pinned client 10.99.2.8 is pinned again at start: its held
+/// connection survives and its new connections reach its owner be1.
+fn restart_mid_traffic_keeps_connections(bed: &Bed) {
+    let lb = bed.pktdist("lb-restart-1");
+    let _be = bed.backends();
+    let mut held1 = bed.start_client(
+        "c1",
+        &["--hold", "--sources", C1, "--path", "/bytes/100000"],
+    );
+    let mut held2 = bed.start_client(
+        "c2",
+        &[
+            "--hold",
+            "--sources",
+            "10.99.2.1-10.99.2.3,10.99.2.8",
+            "--path",
+            "/bytes/100000",
+        ],
+    );
+    let mut first = held1.held();
+    first.extend(held2.held());
+    assert_all_ok("held before restart", &first, 12);
+    let pinned_first = first
+        .iter()
+        .find(|c| c.src_ip() == PINNED)
+        .expect("pinned client's connection");
+    assert_eq!(pinned_first.backend.as_deref(), Some("be1"));
+
+    let mut trickle = bed.start_client(
+        "c2",
+        &[
+            "--sources",
+            C2,
+            "--connections",
+            "400",
+            "--concurrency",
+            "4",
+            "--pause-ms",
+            "20",
+            "--path",
+            "/bytes/20000",
+        ],
+    );
+    wait_until(
+        "traffic through the first pktdist",
+        Duration::from_secs(10),
+        || {
+            bed.stats()["services"][0]["new_connections"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 40
+        },
+    );
+    assert!(
+        trickle.still_running(),
+        "the trickle ended before the restart"
+    );
+    lb.stop();
+    let _lb = bed.pktdist("lb-restart-2");
+    assert!(
+        trickle.still_running(),
+        "the trickle ended before pktdist was back"
+    );
+
+    let conns = trickle.finish();
+    assert_all_ok("trickle across the restart", &conns, 400);
+    let mut second = held1.finish();
+    second.extend(held2.finish());
+    assert_all_ok("held across the restart", &second, 12);
+    for c in &second {
+        let before = first
+            .iter()
+            .find(|f| f.src == c.src)
+            .expect("same connection");
+        assert_eq!(
+            (before.phase.as_str(), c.phase.as_str()),
+            ("first", "second")
+        );
+        assert_eq!(c.backend, before.backend, "a held connection moved");
+        assert_eq!(c.bytes, 100_000);
+    }
+    let stats = bed.stats();
+    assert!(
+        stats["unknown_flows"].as_u64().unwrap_or(0) > 0,
+        "the new pktdist never saw an established flow it did not know: {stats}"
+    );
+    let pinned = bed.run_client("c2", &["--sources", PINNED, "--connections", "30"]);
+    assert_all_ok("pinned after restart", &pinned, 30);
+    assert_eq!(by_backend(&pinned).keys().collect::<Vec<_>>(), ["be1"]);
+    println!(
+        "restart: 400 connections across a restart and 12 held ones all completed; {} unknown flows routed without state",
+        stats["unknown_flows"]
+    );
+}
