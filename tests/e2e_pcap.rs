@@ -422,7 +422,10 @@ gateway_mac = "{GATEWAY}"
     for reason in want_drops.keys() {
         assert!(drops.contains_key(*reason), "no drop counter {reason}");
     }
-    let port = &summary["extra"]["port p0"];
+    let port = summary["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["name"] == "p0"))
+        .expect("port p0 in the summary");
     assert_eq!(n(&port["ipackets"]), rx);
     assert_eq!(n(&port["opackets"]), tx);
     assert_eq!(
