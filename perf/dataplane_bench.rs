@@ -111,6 +111,8 @@ struct LoopStats {
     hist: Histogram<u64>,
     /// Worker counters over the measurement (pipeline only).
     counters: Vec<(&'static str, u64)>,
+    /// Share of the measurement the worker thread was on a CPU.
+    on_cpu: f64,
 }
 
 /// One worker loop iteration, timed from outside.
@@ -202,7 +204,9 @@ fn measure_loop(phase: &AtomicU8, s: &mut impl Step, hz: u64) -> LoopStats {
         cycles: 0,
         hist: new_hist(),
         counters: Vec::new(),
+        on_cpu: f64::NAN,
     };
+    let mut on_cpu = feeder::OnCpu::default();
     let mut start = 0u64;
     let mut measuring = false;
     let mut before = Vec::new();
@@ -212,6 +216,7 @@ fn measure_loop(phase: &AtomicU8, s: &mut impl Step, hz: u64) -> LoopStats {
             if !measuring {
                 measuring = true;
                 before = s.counters();
+                on_cpu.start();
                 start = tsc();
             }
             s.prepare();
@@ -231,6 +236,7 @@ fn measure_loop(phase: &AtomicU8, s: &mut impl Step, hz: u64) -> LoopStats {
             if measuring {
                 measuring = false;
                 st.cycles = tsc().wrapping_sub(start);
+                st.on_cpu = on_cpu.stop();
                 st.counters = s
                     .counters()
                     .into_iter()
@@ -282,6 +288,7 @@ struct LoopSummary {
     polls: u64,
     busy_polls: u64,
     busy_share: f64,
+    on_cpu: f64,
     busy_ns_per_packet: f64,
     /// p50, p90, p99, p99.9, max in ns.
     lat: [f64; 5],
@@ -291,17 +298,18 @@ struct LoopSummary {
 }
 
 impl Row {
-    /// Who limited the rate: the worker (input ring full, worker never
-    /// idle: the figure is the worker's capacity), the feeder (ring rarely
-    /// full), or CPU contention (the ring filled while the worker was
-    /// descheduled and ran empty while the feeder was: both threads lost
-    /// their core to other processes; Mpps understates the worker, see
+    /// Who limited the rate: the worker (it never found its input empty:
+    /// the figure is its capacity), the feeder (both threads had their
+    /// cores, yet the worker waited for input), or CPU contention (other
+    /// processes took the cores in turns, so the input ring ran empty while
+    /// the feeder was descheduled: Mpps/core understates the worker; see
     /// `cap Mpps`).
     fn bottleneck(&self) -> &'static str {
-        if self.feeder.full_share() < 0.25 {
-            "feeder"
-        } else if self.loop_stats.busy_share >= 0.9 {
+        let l = &self.loop_stats;
+        if l.busy_share >= 0.9 {
             "worker"
+        } else if l.on_cpu >= 0.9 && self.feeder.on_cpu >= 0.9 {
+            "feeder"
         } else {
             "cpu-contention"
         }
@@ -335,6 +343,7 @@ impl Row {
                 "polls": l.polls,
                 "busy_polls": l.busy_polls,
                 "busy_share": l.busy_share,
+                "on_cpu_share": l.on_cpu,
                 "packets_per_busy_poll": l.packets as f64 / l.busy_polls.max(1) as f64,
                 "counters": self.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             },
@@ -344,6 +353,7 @@ impl Row {
                 "bursts_refused_by_full_ring": f.bursts_full,
                 "full_ring_share": f.full_share(),
                 "no_mbuf": f.no_mbuf,
+                "on_cpu_share": f.on_cpu,
                 "drained": f.drained,
             },
             "extra": self.extra,
@@ -369,6 +379,7 @@ fn summarize(st: &LoopStats, hz: u64) -> LoopSummary {
         polls: st.polls,
         busy_polls: st.busy_polls,
         busy_share: st.busy_cycles as f64 / st.cycles.max(1) as f64,
+        on_cpu: st.on_cpu,
         busy_ns_per_packet: st.busy_cycles as f64 * 1e9 / hz as f64 / st.packets.max(1) as f64,
         lat: [
             q(0.5),
@@ -798,7 +809,7 @@ fn print_rows(rows: &[Row]) {
         .map(Row::capacity_mpps);
     println!();
     println!(
-        "{:<19} {:>9} {:>7} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>6}  {}",
+        "{:<19} {:>9} {:>7} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8}  {}",
         "scenario",
         "Mpps/core",
         "x base",
@@ -810,13 +821,13 @@ fn print_rows(rows: &[Row]) {
         "p99.9",
         "max ns",
         "busy%",
-        "full%",
+        "cpu w/f%",
         "bottleneck"
     );
     for r in rows {
         let l = &r.loop_stats;
         println!(
-            "{:<19} {:>9.2} {:>7} {:>7.1} {:>8.2} {:>7} {:>7.1} {:>7.1} {:>7.1} {:>8.0} {:>6.1} {:>6.1}  {}",
+            "{:<19} {:>9.2} {:>7} {:>7.1} {:>8.2} {:>7} {:>7.1} {:>7.1} {:>7.1} {:>8.0} {:>6.1} {:>8}  {}",
             r.name,
             r.mpps,
             r.ratio_to_baseline
@@ -829,7 +840,7 @@ fn print_rows(rows: &[Row]) {
             l.lat[3],
             l.lat[4],
             l.busy_share * 100.0,
-            r.feeder.full_share() * 100.0,
+            format!("{:.0}/{:.0}", l.on_cpu * 100.0, r.feeder.on_cpu * 100.0),
             r.bottleneck()
         );
     }
@@ -956,16 +967,16 @@ fn real_main(args: Args) -> Result<(), String> {
         for r in &rows {
             match r.bottleneck() {
                 "feeder" => println!(
-                    "note: {}: the feeder, not the worker, was the bottleneck (input ring full on {:.1}% of bursts, worker busy {:.0}%): its Mpps is a lower bound of the worker's capacity",
+                    "note: {}: the feeder, not the worker, was the bottleneck (worker busy {:.0}% with both threads on their cores): its Mpps is a lower bound of the worker's capacity",
                     r.name,
-                    r.feeder.full_share() * 100.0,
                     r.loop_stats.busy_share * 100.0
                 ),
                 "cpu-contention" => println!(
-                    "note: {}: the worker was busy only {:.0}% of the time although the feeder found the ring full on {:.0}% of its bursts: other processes took the cores in turns; Mpps/core understates the worker, cap Mpps is its rate when running",
+                    "note: {}: other processes took the cores (worker on a CPU {:.0}% of the time, feeder {:.0}%); the worker was busy {:.0}% and waited for input the rest: Mpps/core understates it, cap Mpps is its rate with a full input ring",
                     r.name,
-                    r.loop_stats.busy_share * 100.0,
-                    r.feeder.full_share() * 100.0
+                    r.loop_stats.on_cpu * 100.0,
+                    r.feeder.on_cpu * 100.0,
+                    r.loop_stats.busy_share * 100.0
                 ),
                 _ => {}
             }

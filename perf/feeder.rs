@@ -192,6 +192,36 @@ pub struct FeederStats {
     /// Forwarded frames drained from the output port.
     pub drained: u64,
     pub cycles: u64,
+    /// Share of the measurement the feeder thread was on a CPU.
+    pub on_cpu: f64,
+}
+
+/// Nanoseconds the calling thread has run on a CPU (`/proc/thread-self/schedstat`).
+pub fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Measures the share of wall time the calling thread spends on a CPU
+/// between `start` and `stop`.
+#[derive(Default)]
+pub struct OnCpu {
+    at: Option<(std::time::Instant, u64)>,
+}
+
+impl OnCpu {
+    pub fn start(&mut self) {
+        self.at = thread_cpu_ns().map(|ns| (std::time::Instant::now(), ns));
+    }
+
+    pub fn stop(&self) -> f64 {
+        match (self.at, thread_cpu_ns()) {
+            (Some((t0, c0)), Some(c1)) => {
+                (c1.saturating_sub(c0)) as f64 / (t0.elapsed().as_nanos().max(1)) as f64
+            }
+            _ => f64::NAN,
+        }
+    }
 }
 
 impl FeederStats {
@@ -225,6 +255,7 @@ pub fn run(
     let mut total_sent = 0u64;
     let mut start = 0u64;
     let mut measuring = false;
+    let mut on_cpu = OnCpu::default();
     loop {
         let ph = phase.load(Ordering::Relaxed);
         if ph >= STOP_FEEDER {
@@ -232,10 +263,12 @@ pub fn run(
         }
         if ph == MEASURE && !measuring {
             measuring = true;
+            on_cpu.start();
             start = tsc();
         } else if ph != MEASURE && measuring {
             measuring = false;
             st.cycles = tsc().wrapping_sub(start);
+            st.on_cpu = on_cpu.stop();
         }
         if ph <= MEASURE {
             if pending.is_empty() {

@@ -86,6 +86,5 @@ fn random_seed() -> u64 {
 /// Hints the CPU to load `p`'s cache line.
 #[inline(always)]
 fn prefetch<T>(p: &T) {
-    // replaced by crate::dpdk::prefetch at merge
-    let _ = p;
+    crate::dpdk::prefetch(p);
 }
