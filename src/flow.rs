@@ -84,7 +84,13 @@ impl Default for FlowTimeouts {
 }
 
 /// One tracked connection.
+///
+/// `repr(C)` keeps what a hit reads (key, backend, state, last_seen) in the
+/// first 64 bytes and `auto_slot` last, at byte 64: an 80-byte entry spans
+/// two cache lines wherever it starts, and prefetching its first byte and
+/// `auto_slot` brings in both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
 pub struct FlowEntry {
     pub key: FlowKey,
     pub backend: BackendId,
@@ -234,14 +240,25 @@ impl FlowTable {
 
     /// Second prefetch stage: once the bucket header is in cache (after
     /// [`FlowTable::prefetch`] for the whole burst), hints the entry whose
-    /// tag matches `hash`, so that the burst's entry reads overlap too.
+    /// tag matches `hash`, so that the burst's entry reads overlap too. With
+    /// no match (a new flow) it hints the slot `insert` will most likely
+    /// write: the first empty one, else the least recently seen.
     #[inline]
     pub fn prefetch_entry(&self, hash: u64) {
         let b = self.bucket(hash);
+        let h = &self.headers[b];
         let tag = tag_of(hash);
-        if let Some(s) = self.headers[b].tags.iter().position(|&t| t == tag) {
-            prefetch(&self.entries[b * WAYS + s]);
-        }
+        let slot = match h.tags.iter().position(|&t| t == tag) {
+            Some(s) => s,
+            None => match h.tags.iter().position(|&t| t == EMPTY) {
+                Some(s) => s,
+                None => (0..WAYS).min_by_key(|&s| h.stamps[s]).unwrap_or(0),
+            },
+        };
+        let e = &self.entries[b * WAYS + slot];
+        // Both cache lines the entry spans (see FlowEntry).
+        prefetch(e);
+        prefetch(&e.auto_slot);
     }
 
     #[inline]
@@ -789,5 +806,10 @@ mod tests {
     #[test]
     fn header_is_one_cache_line() {
         assert_eq!(std::mem::size_of::<Header>(), 64);
+        // prefetch_entry relies on this layout to cover both lines.
+        assert_eq!(std::mem::size_of::<FlowEntry>(), 80);
+        assert_eq!(std::mem::align_of::<FlowEntry>() % 16, 0);
+        assert_eq!(std::mem::offset_of!(FlowEntry, auto_slot), 64);
+        assert!(std::mem::offset_of!(FlowEntry, last_seen) + 8 <= 64);
     }
 }

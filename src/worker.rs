@@ -210,7 +210,8 @@ impl<IO: PacketIo> Worker<IO> {
         for b in rx.iter() {
             b.prefetch();
         }
-        // Pass 2: parse, hash, prefetch flow buckets.
+        // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, the
+        // affinity buckets their lookup will probe.
         let mut parsed: [Option<Result<ParsedPacket, DropReason>>; MAX_BURST] = [None; MAX_BURST];
         let mut hashes = [0u64; MAX_BURST];
         let mut bytes = 0u64;
@@ -221,6 +222,14 @@ impl<IO: PacketIo> Worker<IO> {
                 let h = packet::flow_hash(&p.key);
                 self.flows.prefetch(h);
                 hashes[i] = h;
+                if p.is_syn() {
+                    if let Some(svc) = self.dp.service_for(&p.key) {
+                        let k = &p.key;
+                        self.shared
+                            .affinity
+                            .prefetch(svc.id, k.family, k.src, k.sport);
+                    }
+                }
             }
             parsed[i] = Some(p);
         }

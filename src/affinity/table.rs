@@ -48,6 +48,8 @@ use crate::packet::Family;
 
 /// Slots per bucket (one tag byte each in the header).
 pub const SLOTS: usize = 8;
+/// Most buckets [`AffinityReader::prefetch`] hints per lookup.
+pub const PREFETCH_MAX: usize = 4;
 /// Largest capacity a table accepts; larger requests are clamped.
 pub const MAX_CAPACITY: usize = 1 << 30;
 
@@ -504,33 +506,40 @@ impl AffinityReader {
         None
     }
 
-    /// Starts loading the bucket a lookup for `client` will most likely probe
-    /// first (the longest prefix present, any-port or range position), so a
-    /// worker can issue it for a whole burst before the lookups.
+    /// Starts loading the buckets a lookup for `client:port` will probe
+    /// (the primary bucket of each prefix length and port kind present,
+    /// longest prefix first, at most [`PREFETCH_MAX`] of them), so that a
+    /// worker can issue them for a whole burst before the lookups and the
+    /// burst's misses overlap. An empty table costs the presence loads only.
     #[inline]
-    pub fn prefetch(&self, service: ServiceId, family: Family, client: u128) {
+    pub fn prefetch(&self, service: ServiceId, family: Family, client: u128, port: u16) {
         let t = &*self.inner;
         let pres = &t.presence[presence_index(service, family)];
         let words = match family {
             Family::V4 => 1,
             Family::V6 => 3,
         };
+        let mut issued = 0;
         for w in (0..words).rev() {
-            let bits = pres.plens[w].load(Ordering::Relaxed);
-            if bits == 0 {
-                continue;
+            let mut bits = pres.plens[w].load(Ordering::Relaxed);
+            while bits != 0 {
+                let b = 63 - bits.leading_zeros();
+                bits &= !(1u64 << b);
+                let plen = (w as u32 * 64 + b) as u8;
+                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Relaxed));
+                let addr = client & prefix_mask(family, plen);
+                for (kind, lo) in [(KIND_ONE, port), (KIND_RANGE, 0), (KIND_ANY, 0)] {
+                    if kinds & (1 << kind) == 0 {
+                        continue;
+                    }
+                    let p = Probe::new(t.seed, service, family, addr, plen, kind, lo, lo);
+                    prefetch(&t.headers[t.primary(&p)]);
+                    issued += 1;
+                    if issued == PREFETCH_MAX {
+                        return;
+                    }
+                }
             }
-            let plen = (w as u32 * 64 + 63 - bits.leading_zeros()) as u8;
-            let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Relaxed));
-            let kind = if kinds & (1 << KIND_ANY) != 0 {
-                KIND_ANY
-            } else {
-                KIND_RANGE
-            };
-            let addr = client & prefix_mask(family, plen);
-            let p = Probe::new(t.seed, service, family, addr, plen, kind, 0, 0);
-            prefetch(&t.headers[t.primary(&p)]);
-            return;
         }
     }
 
@@ -719,7 +728,7 @@ mod tests {
         let (_w, r) = AffinityTable::new(100);
         assert_eq!(r.lookup(0, Family::V4, v4(10, 0, 0, 1), 80), None);
         assert_eq!(r.lookup(0, Family::V6, 1, 80), None);
-        r.prefetch(0, Family::V4, 1);
+        r.prefetch(0, Family::V4, 1, 80);
     }
 
     #[test]
