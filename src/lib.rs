@@ -30,6 +30,7 @@ pub mod flow;
 pub mod forward;
 pub mod io;
 pub mod latency;
+pub mod net;
 pub mod packet;
 pub mod sched;
 pub mod services;

@@ -127,7 +127,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             p.name,
             p.device,
             port.driver(),
-            fmt_mac(&mac),
+            crate::config::MacAddr(mac),
             port.queues(),
             if port.rss() { ", RSS" } else { "" }
         );
@@ -418,13 +418,6 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     drop(pool);
     let _ = eal;
     Ok(summary)
-}
-
-fn fmt_mac(m: &[u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
 }
 
 /// The built-in traffic source's thread: writes connections into mbufs,

@@ -64,27 +64,7 @@ impl fmt::Display for PortMatch {
     }
 }
 
-/// The longest prefix a family allows.
-#[inline]
-pub fn max_prefix(family: Family) -> u8 {
-    match family {
-        Family::V4 => 32,
-        Family::V6 => 128,
-    }
-}
-
-/// The network mask of a prefix length, as address bits (IPv4 in the low 32).
-/// `plen` must not exceed [`max_prefix`].
-#[inline]
-pub fn prefix_mask(family: Family, plen: u8) -> u128 {
-    if plen == 0 {
-        return 0;
-    }
-    match family {
-        Family::V4 => (u32::MAX << (32 - u32::from(plen).min(32))) as u128,
-        Family::V6 => u128::MAX << (128 - u32::from(plen).min(128)),
-    }
-}
+pub use crate::net::{max_prefix, prefix_mask};
 
 /// Service, client prefix and client ports of one affinity.
 ///

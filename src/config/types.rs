@@ -3,33 +3,13 @@
 //! client-port matches and hex keys.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-/// An IP address as the `u128` bits the data path uses (IPv4 in the low 32).
-pub fn ip_bits(addr: IpAddr) -> u128 {
-    match addr {
-        IpAddr::V4(a) => u32::from(a) as u128,
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-fn family_name(addr: &IpAddr) -> &'static str {
-    if addr.is_ipv4() {
-        "IPv4"
-    } else {
-        "IPv6"
-    }
-}
-
-/// "IPv4" or "IPv6".
-pub fn family_of(addr: &IpAddr) -> &'static str {
-    family_name(addr)
-}
+pub use crate::net::{family_name as family_of, ip_bits, IpNet};
 
 /// A duration written with units: "250ms", "30s", "5m", "1h", "2d", or a
 /// sum such as "1h30m". Units: ns, us, ms, s, m, h, d.
@@ -171,90 +151,14 @@ impl fmt::Display for MacAddr {
 
 deserialize_from_str!(MacAddr, "a MAC address like \"02:00:00:00:00:01\"");
 
-/// An IP network in CIDR notation, "192.0.2.0/24" or "2001:db8::/32"; a bare
-/// address is a /32 or /128. Bits after the prefix must be zero.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct IpNet {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl IpNet {
-    fn max_prefix(addr: &IpAddr) -> u8 {
-        if addr.is_ipv4() {
-            32
-        } else {
-            128
-        }
-    }
-
-    /// The network's mask over [`ip_bits`] of its family.
-    pub fn mask_bits(&self) -> u128 {
-        let width = Self::max_prefix(&self.addr) as u32;
-        let full: u128 = if width == 128 {
-            u128::MAX
-        } else {
-            (1u128 << width) - 1
-        };
-        if self.prefix == 0 {
-            0
-        } else {
-            full & !((1u128 << (width - self.prefix as u32)) - 1)
-        }
-    }
-
-    /// True when `addr` (same family) lies in the network.
-    pub fn contains(&self, addr: IpAddr) -> bool {
-        addr.is_ipv4() == self.addr.is_ipv4()
-            && ip_bits(addr) & self.mask_bits() == ip_bits(self.addr)
+/// Networks in a configuration are CIDR, "192.0.2.0/24" or "2001:db8::/32"
+/// (a bare address is a /32 or /128), with no bits set after the prefix.
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+        let s = String::deserialize(d)?;
+        IpNet::parse_exact(&s).map_err(|e| de::Error::custom(e.0))
     }
 }
-
-impl FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<IpNet, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("bad network {s:?}: {a:?} is not an IP address"))?;
-        let max = Self::max_prefix(&addr);
-        let prefix = match p {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(n) if n <= max => n,
-                _ => {
-                    return Err(format!(
-                        "bad network {s:?}: prefix length must be 0..={max} for {}",
-                        family_name(&addr)
-                    ))
-                }
-            },
-        };
-        let net = IpNet { addr, prefix };
-        if ip_bits(addr) & !net.mask_bits() != 0 {
-            let base = ip_bits(addr) & net.mask_bits();
-            let base: IpAddr = match addr {
-                IpAddr::V4(_) => IpAddr::V4((base as u32).into()),
-                IpAddr::V6(_) => IpAddr::V6(base.into()),
-            };
-            return Err(format!(
-                "bad network {s:?}: bits are set after the /{prefix} prefix (did you mean \"{base}/{prefix}\"?)"
-            ));
-        }
-        Ok(net)
-    }
-}
-
-impl fmt::Display for IpNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-deserialize_from_str!(IpNet, "a network like \"192.0.2.0/24\"");
 
 pub use crate::affinity::PortMatch;
 
@@ -373,22 +277,19 @@ mod tests {
     }
 
     #[test]
-    fn networks() {
-        let n: IpNet = "192.0.2.0/24".parse().unwrap();
+    fn networks_in_a_file_must_have_no_host_bits() {
+        #[derive(Deserialize)]
+        struct W {
+            n: IpNet,
+        }
+        let n = toml::from_str::<W>("n = \"192.0.2.0/24\"").unwrap().n;
         assert!(n.contains("192.0.2.77".parse().unwrap()));
-        assert!(!n.contains("192.0.3.1".parse().unwrap()));
-        assert!(!n.contains("::1".parse().unwrap()));
-        let h: IpNet = "10.1.2.3".parse().unwrap();
-        assert_eq!(h.prefix, 32);
-        let all: IpNet = "::/0".parse().unwrap();
-        assert!(all.contains("2001:db8::1".parse().unwrap()));
-        let six: IpNet = "2001:db8::/32".parse().unwrap();
-        assert!(six.contains("2001:db8:ffff::1".parse().unwrap()));
-        let e = "192.0.2.1/24".parse::<IpNet>().unwrap_err();
+        let e = toml::from_str::<W>("n = \"192.0.2.1/24\"")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("192.0.2.0/24"), "{e}");
-        assert!("192.0.2.0/33".parse::<IpNet>().is_err());
-        assert!("2001:db8::/129".parse::<IpNet>().is_err());
-        assert!("nonsense/8".parse::<IpNet>().is_err());
+        assert!(toml::from_str::<W>("n = \"2001:db8::/129\"").is_err());
     }
 
     #[test]

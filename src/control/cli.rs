@@ -5,7 +5,6 @@ use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -16,7 +15,7 @@ use super::proto::{
     AffinityEntry, AffinityKey, BackendEntry, PortMatch, Reply, Request, ReturnCode, ServiceAddr,
 };
 use super::statsview;
-use crate::config::Config;
+use crate::config::{Config, DurationStr};
 use crate::packet::{PROTO_TCP, PROTO_UDP};
 use crate::summary::Summary;
 
@@ -181,28 +180,7 @@ pub enum AffinityCmd {
     },
 }
 
-/// A MAC address as `02:00:00:00:00:01`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mac(pub [u8; 6]);
-
-impl FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mac, String> {
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!("`{s}` is not a MAC address (six hex bytes)"));
-        }
-        let mut m = [0u8; 6];
-        for (i, p) in parts.iter().enumerate() {
-            if p.len() != 2 {
-                return Err(format!("`{s}` is not a MAC address (six hex bytes)"));
-            }
-            m[i] = u8::from_str_radix(p, 16)
-                .map_err(|_| format!("`{s}` is not a MAC address (six hex bytes)"))?;
-        }
-        Ok(Mac(m))
-    }
-}
+pub use crate::config::MacAddr as Mac;
 
 /// `pktdist backend ...`
 #[derive(Subcommand, Clone, Debug, PartialEq, Eq)]
@@ -263,26 +241,13 @@ pub struct StatsArgs {
 /// `30s`, `5m`, `2h`, `1d`, `250ms`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (like 30s, 5m, 2h)"))?;
-    let secs = |m: u64| {
-        n.checked_mul(m)
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
             .map(Duration::from_secs)
-            .ok_or_else(|| format!("`{s}` is too long"))
-    };
-    match unit {
-        "" | "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        "d" => secs(86_400),
-        "ms" => Ok(Duration::from_millis(n)),
-        _ => Err(format!(
-            "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
-        )),
+            .map_err(|_| format!("`{s}` is too long"));
     }
+    s.parse::<DurationStr>().map(|d| d.0)
 }
 
 /// `tcp`, `udp`, `6` or `17`.
@@ -350,10 +315,7 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn fmt_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+    Mac(m).to_string()
 }
 
 /// The affinity list as a table.

@@ -6,7 +6,7 @@
 //! enforces who may do what, expires affinities and collects the ended
 //! notifications to send.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,14 +14,13 @@ use crate::affinity::{self, AffinityError, AffinityManager, EndReason, Ended};
 use std::path::PathBuf;
 
 use crate::config::{ip_bits, Config};
-use crate::control::auth::{Allowlist, IpNet, Key, Keyring};
+use crate::control::auth::{Allowlist, Key, Keyring};
 use crate::control::proto::{
     self, AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
 };
 use crate::control::server::{ControlHandler, Response, ServerCounters};
 use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service};
 use crate::latency::{new_histogram, Percentiles};
-use crate::packet::Family;
 use crate::services::{BackendSpec, RegistryError, ServiceRegistry};
 use crate::stats::WorkerCounters;
 use crate::summary::{PortSummary, Summary};
@@ -213,11 +212,7 @@ impl ControlPlane {
                     .find_backend(svc.id, &a.backend)
                     .ok_or("no such backend")?
                     .id;
-                let family = if a.client.addr.is_ipv4() {
-                    Family::V4
-                } else {
-                    Family::V6
-                };
+                let family = crate::net::family(a.client.addr);
                 let key = affinity::AffinityKey::new(
                     svc.id,
                     family,
@@ -384,10 +379,7 @@ impl ControlPlane {
                 Response::new(ReturnCode::NotFound)
                     .with_message(format!("no service {}", key.service))
             })?;
-        let family = match key.client {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        };
+        let family = crate::net::family(key.client);
         if family != svc.family {
             return Err(Response::new(ReturnCode::Invalid)
                 .with_message("client address family differs from the service's"));
@@ -693,13 +685,10 @@ pub fn auth_from_config(cfg: &Config) -> Result<(Allowlist, Keyring), String> {
             .insert(name, key)
             .map_err(|e| format!("[control.keys] {name}: {e}"))?;
     }
-    let nets = cfg
-        .control
-        .allowed_networks
-        .iter()
-        .map(|n| IpNet::new(n.addr, n.prefix).map_err(|e| e.0))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((Allowlist::new(nets), keyring))
+    Ok((
+        Allowlist::new(cfg.control.allowed_networks.clone()),
+        keyring,
+    ))
 }
 
 /// Milliseconds to whole seconds, rounded up, saturating.
@@ -721,10 +710,7 @@ fn registry_error(e: RegistryError) -> Response {
 
 /// A table key in wire form.
 fn wire_key(svc: &Service, k: &affinity::AffinityKey) -> proto::AffinityKey {
-    let client = match k.family() {
-        Family::V4 => IpAddr::V4((k.addr() as u32).into()),
-        Family::V6 => IpAddr::V6(k.addr().into()),
-    };
+    let client = crate::net::bits_ip(k.family(), k.addr());
     proto::AffinityKey {
         service: ServiceAddr {
             addr: svc.vip,
