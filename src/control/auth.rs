@@ -263,8 +263,11 @@ pub enum ReplayError {
     Stale,
     /// This (sender, nonce) was already accepted within the window.
     Replay,
-    /// The memory of recent nonces is full; refuse rather than forget.
-    Full,
+    /// Older than what a sender's full replay memory still holds: the
+    /// memory forgot the oldest pairs to take new ones, so anything at or
+    /// before the newest forgotten timestamp is refused (fresh requests never
+    /// are).
+    Forgotten,
 }
 
 /// Passes the 64-bit value written by [`ReplayGuard`] through: the value is
@@ -293,13 +296,23 @@ impl Hasher for PassThrough {
 /// `t + max_skew`; it is remembered until then and forgotten after. Pairs are
 /// stored as a keyed 64-bit hash (a secret SipHash key per process, so a
 /// sender cannot aim for collisions), in a set bounded by `capacity`.
+///
+/// When the set is full, the oldest pair is forgotten early and its sender's
+/// *floor* rises to its timestamp: that sender's requests stamped at or
+/// before the floor are refused from then on. Memory stays bounded, a replay
+/// is never accepted, and a sender sending fresh requests is never refused,
+/// however busy the others are.
 pub struct ReplayGuard {
     max_skew_ms: u64,
     capacity: usize,
     hasher: RandomState,
     seen: HashSet<u64, BuildHasherDefault<PassThrough>>,
-    /// (forget-after ms, fingerprint) in insertion order.
-    order: VecDeque<(u64, u64)>,
+    /// (forget-after ms, fingerprint, timestamp ms, sender) in insertion order.
+    order: VecDeque<(u64, u64, u64, u32)>,
+    /// Sender names seen (authenticated, so bounded by the keyring) and each
+    /// one's floor.
+    senders: HashMap<String, u32>,
+    floors: Vec<u64>,
 }
 
 impl ReplayGuard {
@@ -310,6 +323,8 @@ impl ReplayGuard {
             hasher: RandomState::new(),
             seen: HashSet::default(),
             order: VecDeque::new(),
+            senders: HashMap::new(),
+            floors: Vec::new(),
         }
     }
 
@@ -339,6 +354,18 @@ impl ReplayGuard {
             return Err(ReplayError::Stale);
         }
         self.expire(now_ms);
+        let idx = match self.senders.get(sender) {
+            Some(&i) => i,
+            None => {
+                let i = self.floors.len() as u32;
+                self.senders.insert(sender.to_string(), i);
+                self.floors.push(0);
+                i
+            }
+        };
+        if timestamp_ms <= self.floors[idx as usize] {
+            return Err(ReplayError::Forgotten);
+        }
         let mut h = self.hasher.build_hasher();
         h.write(sender.as_bytes());
         h.write_u8(0xff);
@@ -347,12 +374,25 @@ impl ReplayGuard {
         if self.seen.contains(&fp) {
             return Err(ReplayError::Replay);
         }
-        if self.seen.len() >= self.capacity {
-            return Err(ReplayError::Full);
+        while self.seen.len() >= self.capacity {
+            let Some((_, old_fp, old_ts, old_sender)) = self.order.pop_front() else {
+                break;
+            };
+            self.seen.remove(&old_fp);
+            let floor = &mut self.floors[old_sender as usize];
+            *floor = (*floor).max(old_ts);
+        }
+        if timestamp_ms <= self.floors[idx as usize] {
+            // Making room raised this very sender's floor past the request.
+            return Err(ReplayError::Forgotten);
         }
         self.seen.insert(fp);
-        self.order
-            .push_back((timestamp_ms.saturating_add(self.max_skew_ms), fp));
+        self.order.push_back((
+            timestamp_ms.saturating_add(self.max_skew_ms),
+            fp,
+            timestamp_ms,
+            idx,
+        ));
         Ok(())
     }
 
@@ -361,7 +401,7 @@ impl ReplayGuard {
     /// holds back the ones behind it for at most twice the skew, which only
     /// remembers them longer (safe).
     pub fn expire(&mut self, now_ms: u64) {
-        while let Some(&(until, fp)) = self.order.front() {
+        while let Some(&(until, fp, _, _)) = self.order.front() {
             if until >= now_ms {
                 break;
             }
@@ -452,16 +492,38 @@ mod tests {
     }
 
     #[test]
-    fn replay_guard_is_bounded() {
+    fn replay_guard_is_bounded_and_forgets_the_oldest() {
         let mut g = ReplayGuard::new(Duration::from_secs(10), 3);
         let now = 50_000;
         for n in 0..3 {
-            assert_eq!(g.check("a", n, now, now), Ok(()));
+            assert_eq!(g.check("a", n, now + n, now), Ok(()));
         }
-        assert_eq!(g.check("a", 99, now, now), Err(ReplayError::Full));
+        // Full: a fresh request is taken, the oldest pair is forgotten and
+        // a's floor rises to its timestamp.
+        assert_eq!(g.check("b", 7, now + 5, now), Ok(()));
         assert_eq!(g.len(), 3);
-        // After the window passes, room is made again.
+        // The forgotten request cannot be replayed: it is below the floor.
+        assert_eq!(g.check("a", 0, now, now), Err(ReplayError::Forgotten));
+        // Remembered ones are still replays; b's floor did not move.
+        assert_eq!(g.check("a", 2, now + 2, now), Err(ReplayError::Replay));
+        assert_eq!(g.check("b", 8, now + 1, now), Ok(()));
+        // After the window passes, everything is forgotten normally.
         assert_eq!(g.check("a", 99, now + 20_000, now + 20_000), Ok(()));
         assert_eq!(g.len(), 1);
+    }
+
+    #[test]
+    fn a_busy_sender_never_locks_out_the_others() {
+        let mut g = ReplayGuard::new(Duration::from_secs(30), 1000);
+        let now = 1_000_000;
+        for n in 0..100_000u64 {
+            assert_eq!(g.check("busy", n, now + n / 100, now + n / 100), Ok(()));
+        }
+        assert_eq!(g.len(), 1000);
+        assert_eq!(g.check("quiet", 1, now + 1000, now + 1000), Ok(()));
+        assert_eq!(
+            g.check("busy", 5, now, now + 1000),
+            Err(ReplayError::Forgotten)
+        );
     }
 }

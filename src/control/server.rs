@@ -166,7 +166,7 @@ pub struct RefusalCounters {
     /// (sender, nonce) already seen. No reply.
     pub replay: u64,
     /// The nonce memory is full. No reply.
-    pub replay_table_full: u64,
+    pub replay_forgotten: u64,
     /// Authentic, but the body does not decode. Reply INVALID.
     pub invalid_body: u64,
     /// Authentic, but a type this server does not know. Reply UNSUPPORTED.
@@ -188,7 +188,7 @@ impl RefusalCounters {
             ("bad_hmac", self.bad_hmac),
             ("stale_timestamp", self.stale_timestamp),
             ("replay", self.replay),
-            ("replay_table_full", self.replay_table_full),
+            ("replay_forgotten", self.replay_forgotten),
             ("invalid_body", self.invalid_body),
             ("unsupported_type", self.unsupported_type),
             ("owner_mismatch", self.owner_mismatch),
@@ -540,8 +540,8 @@ impl ControlServer {
                 refused.replay += 1;
                 return Verdict::Drop;
             }
-            Err(ReplayError::Full) => {
-                refused.replay_table_full += 1;
+            Err(ReplayError::Forgotten) => {
+                refused.replay_forgotten += 1;
                 return Verdict::Drop;
             }
         }
@@ -1096,7 +1096,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn full_replay_memory_refuses() {
+    fn full_replay_memory_forgets_the_oldest_never_the_fresh() {
         let mut s = server_with(ServerConfig {
             replay_capacity: 2,
             read_timeout: None,
@@ -1104,13 +1104,18 @@ pub(crate) mod tests {
         });
         let mut h = Recorder::default();
         let lo: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        for n in 0..2 {
-            let d = datagram("web1", NOW, n, &create(None));
-            assert!(s.process(&d, lo, &mut h, NOW).is_some());
+        let first = datagram("web1", NOW - 10, 0, &create(None));
+        assert!(s.process(&first, lo, &mut h, NOW).is_some());
+        for n in 1..4 {
+            let d = datagram("web1", NOW + n, n, &create(None));
+            assert!(
+                s.process(&d, lo, &mut h, NOW).is_some(),
+                "fresh request {n}"
+            );
         }
-        let d = datagram("web1", NOW, 5, &create(None));
-        assert_refused_silently(&mut s, &d, lo, "replay_table_full");
-        assert_eq!(h.calls.len(), 2);
+        // The first was forgotten to make room: replaying it is refused.
+        assert_refused_silently(&mut s, &first, lo, "replay_forgotten");
+        assert_eq!(h.calls.len(), 4);
     }
 
     #[test]
