@@ -19,7 +19,7 @@ use crate::control::proto::{
     self, AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
 };
 use crate::control::server::{ControlHandler, Response, ServerCounters};
-use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service};
+use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service, ServiceId};
 use crate::latency::{new_histogram, Percentiles};
 use crate::services::{BackendSpec, RegistryError, ServiceRegistry};
 use crate::stats::WorkerCounters;
@@ -333,12 +333,13 @@ impl ControlPlane {
     }
 
     /// Builds and publishes a new snapshot after a registry change.
-    fn publish(&mut self) -> Result<(), RegistryError> {
-        let dp = self.registry.snapshot()?;
+    /// Makes `next` the registry and publishes its snapshot `dp` (built
+    /// first, so that a change that cannot be built changes nothing).
+    fn commit(&mut self, next: ServiceRegistry, dp: Dataplane) {
+        self.registry = next;
         self.cell.publish(dp);
         self.dp = self.cell.load();
         self.counters.snapshots += 1;
-        Ok(())
     }
 
     /// Ends every affinity a removed backend owned. Call before publishing
@@ -355,11 +356,35 @@ impl ControlPlane {
     pub fn reload(&mut self, cfg: &crate::config::Config) -> Result<Vec<BackendId>, RegistryError> {
         let mut next = self.registry.clone();
         let removed = next.reload(cfg)?;
+        let dp = next.snapshot()?;
+        // Service ids are positions in the file: a service removed or moved
+        // renumbers the others. Affinities follow their service to its new
+        // id (those of a removed service end with its backends).
+        let new_id = |s: &Service| {
+            cfg.services
+                .iter()
+                .position(|c| {
+                    c.name == s.name
+                        && ip_bits(c.vip) == s.vip_bits
+                        && c.port == s.port
+                        && c.protocol.number() == s.proto
+                })
+                .map(|i| i as ServiceId)
+        };
+        let map: Vec<Option<ServiceId>> = self.dp.services.iter().map(new_id).collect();
         for id in &removed {
             self.end_backend(*id);
         }
-        self.registry = next;
-        self.publish()?;
+        let mut ended = Vec::new();
+        let now = self.now_ms();
+        self.affinities.remap_services(
+            |old| map.get(old as usize).copied().flatten(),
+            now,
+            &mut ended,
+        );
+        self.counters.ended_backend_removed += ended.len() as u64;
+        self.queue_notices(ended);
+        self.commit(next, dp);
         Ok(removed)
     }
 
@@ -395,14 +420,13 @@ impl ControlPlane {
         Ok((svc, k))
     }
 
-    /// The owner named in a request, as a backend of `svc`.
-    fn owner_of(
-        &self,
-        svc: &Service,
-        op: &AffinityOp<'_>,
-        sender: &str,
-    ) -> Result<BackendId, Response> {
-        let name = op.owner.unwrap_or(sender);
+    /// The owner named in a request, as a backend of `svc` (the server has
+    /// already made a backend's requests name itself).
+    fn owner_of(&self, svc: &Service, op: &AffinityOp<'_>) -> Result<BackendId, Response> {
+        let Some(name) = op.owner else {
+            return Err(Response::new(ReturnCode::Invalid)
+                .with_message("name the backend that owns the affinity (--owner)"));
+        };
         self.dp
             .find_backend(svc.id, name)
             .map(|b| b.id)
@@ -433,7 +457,7 @@ impl ControlPlane {
         }
     }
 
-    fn affinity_op(&mut self, sender: &str, is_admin: bool, request: &Request<'_>) -> Response {
+    fn affinity_op(&mut self, is_admin: bool, request: &Request<'_>) -> Response {
         let (op, kind) = match request {
             Request::AffinityCreate(op) => (op, 0),
             Request::AffinityExtend(op) => (op, 1),
@@ -444,11 +468,22 @@ impl ControlPlane {
             Ok(v) => v,
             Err(r) => return r,
         };
-        let owner = match self.owner_of(svc, op, sender) {
+        let now = self.now_ms();
+        if kind == 2 && is_admin && op.owner.is_none() {
+            // The operator cancels whoever owns it.
+            return match self.affinities.cancel(&key, None, now) {
+                Ok(ended) => {
+                    self.counters.ended_cancelled += 1;
+                    self.queue_notices(vec![ended]);
+                    Response::ok()
+                }
+                Err(e) => self.affinity_error(e, now, &key),
+            };
+        }
+        let owner = match self.owner_of(svc, op) {
             Ok(o) => o,
             Err(r) => return r,
         };
-        let now = self.now_ms();
         let max = svc.max_affinity.as_millis() as u64;
         let duration = u64::from(op.duration_secs) * 1000;
         if kind != 2 && (duration == 0 || duration > max) {
@@ -519,13 +554,13 @@ impl ControlPlane {
             .filter(|(_, r)| owner.is_none_or(|o| self.backend_name(r.owner) == Some(o)))
             .collect();
         // A stable order so that pages do not overlap.
-        entries.sort_by_key(|(k, _)| {
-            (
-                k.service(),
-                k.prefix_len(),
-                k.addr(),
-                format!("{:?}", k.ports()),
-            )
+        let port_order = |p: crate::affinity::PortMatch| match p {
+            crate::affinity::PortMatch::Any => (0, 0, 0),
+            crate::affinity::PortMatch::One(x) => (1, x, x),
+            crate::affinity::PortMatch::Range(a, b) => (2, a, b),
+        };
+        entries.sort_unstable_by_key(|(k, _)| {
+            (k.service(), k.prefix_len(), k.addr(), port_order(k.ports()))
         });
         let offset = *offset as usize;
         let limit = if *limit == 0 {
@@ -588,17 +623,14 @@ impl ControlPlane {
     }
 
     fn backend_change(&mut self, request: &Request<'_>) -> Response {
+        let mut next = self.registry.clone();
         let result = match request {
             Request::BackendSetWeight {
                 service,
                 backend,
                 weight,
-            } => self
-                .registry
-                .set_weight(service, backend, *weight)
-                .map(|_| None),
-            Request::BackendAdd(spec) => self
-                .registry
+            } => next.set_weight(service, backend, *weight).map(|_| None),
+            Request::BackendAdd(spec) => next
                 .add_backend(
                     spec.service,
                     BackendSpec {
@@ -610,7 +642,7 @@ impl ControlPlane {
                 )
                 .map(|_| None),
             Request::BackendRemove { service, backend } => {
-                self.registry.remove_backend(service, backend).map(Some)
+                next.remove_backend(service, backend).map(Some)
             }
             _ => return Response::new(ReturnCode::Unsupported),
         };
@@ -618,13 +650,15 @@ impl ControlPlane {
             Ok(r) => r,
             Err(e) => return registry_error(e),
         };
+        let dp = match next.snapshot() {
+            Ok(dp) => dp,
+            Err(e) => return registry_error(e),
+        };
         if let Some(id) = removed {
             self.end_backend(id);
         }
-        match self.publish() {
-            Ok(()) => Response::ok(),
-            Err(e) => registry_error(e),
-        }
+        self.commit(next, dp);
+        Response::ok()
     }
 }
 
@@ -641,7 +675,7 @@ impl ControlHandler for ControlPlane {
         let resp = match request {
             Request::AffinityCreate(_)
             | Request::AffinityExtend(_)
-            | Request::AffinityCancel(_) => self.affinity_op(sender, is_admin, request),
+            | Request::AffinityCancel(_) => self.affinity_op(is_admin, request),
             Request::AffinityList { .. } => self.affinity_list(sender, is_admin, request),
             Request::BackendList {
                 service,
@@ -720,5 +754,287 @@ fn wire_key(svc: &Service, k: &affinity::AffinityKey) -> proto::AffinityKey {
         client,
         prefix_len: k.prefix_len(),
         ports: k.ports(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::affinity::{AffinityReader, AffinityTable};
+    use crate::control::proto::{AffinityKey as WireKey, BackendSpec as WireBackend, PortMatch};
+    use crate::control::server::Payload;
+    use crate::packet::Family;
+
+    const CFG: &str = r#"
+[eal]
+args = ["--no-huge"]
+[cores]
+control = 0
+workers = [1]
+[[ports]]
+name = "p0"
+device = "net_ring0"
+[control]
+listen = "127.0.0.1:7400"
+allowed_networks = ["127.0.0.0/8"]
+[[services]]
+name = "mail"
+vip = "192.0.2.25"
+port = 25
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+[[services.backends]]
+name = "m1"
+address = "10.0.2.1"
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+max_affinity_duration = "10m"
+[[services.backends]]
+name = "a"
+address = "10.0.0.1"
+[[services.backends]]
+name = "b"
+address = "10.0.0.2"
+"#;
+
+    fn plane(text: &str) -> (ControlPlane, AffinityReader) {
+        let cfg = Config::parse(text, "t.toml").unwrap();
+        let mut registry = ServiceRegistry::from_config(&cfg).unwrap();
+        let cell = Arc::new(DataplaneCell::new(registry.snapshot().unwrap()));
+        let (writer, reader) = AffinityTable::new(1024);
+        let p = ControlPlane::new(
+            registry,
+            cell,
+            AffinityManager::new(writer),
+            Vec::new(),
+            Instant::now(),
+        );
+        (p, reader)
+    }
+
+    fn src() -> SocketAddr {
+        "127.0.0.1:5000".parse().unwrap()
+    }
+
+    fn op<'a>(client: &str, plen: u8, owner: Option<&'a str>, secs: u32) -> AffinityOp<'a> {
+        AffinityOp {
+            key: WireKey::new(
+                ServiceAddr::tcp("192.0.2.10:80".parse().unwrap()),
+                client.parse().unwrap(),
+                plen,
+            )
+            .unwrap()
+            .with_ports(PortMatch::Any),
+            duration_secs: secs,
+            owner,
+            notify: Some(src()),
+        }
+    }
+
+    fn call(p: &mut ControlPlane, sender: &str, req: Request<'_>) -> Response {
+        p.handle(sender, sender == "admin", src(), &req, 0)
+    }
+
+    const WEB: ServiceId = 1;
+
+    #[test]
+    fn backends_pin_only_themselves_on_their_services() {
+        let (mut p, r) = plane(CFG);
+        let ok = call(
+            &mut p,
+            "a",
+            Request::AffinityCreate(op("198.18.0.0", 24, Some("a"), 60)),
+        );
+        assert_eq!(ok.code, ReturnCode::Ok);
+        assert_eq!(ok.remaining_secs, 60);
+        assert_eq!(
+            r.lookup(WEB, Family::V4, 0xc612_0007, 1),
+            Some(1),
+            "a is backend id 1"
+        );
+        // m1 is no backend of web.
+        let no = call(
+            &mut p,
+            "m1",
+            Request::AffinityCreate(op("198.18.1.0", 24, Some("m1"), 60)),
+        );
+        assert_eq!(no.code, ReturnCode::NotAuthorized);
+        // b asks for a's key: conflict naming a.
+        let c = call(
+            &mut p,
+            "b",
+            Request::AffinityCreate(op("198.18.0.0", 24, Some("b"), 60)),
+        );
+        assert_eq!(
+            (c.code, c.owner.as_deref()),
+            (ReturnCode::Conflict, Some("a"))
+        );
+        // Too long for the service's 10 minutes.
+        let long = call(
+            &mut p,
+            "a",
+            Request::AffinityCreate(op("198.18.2.0", 24, Some("a"), 601)),
+        );
+        assert_eq!(long.code, ReturnCode::Invalid);
+        assert!(long.message.contains("600"), "{}", long.message);
+        // Unknown service.
+        let mut o = op("198.18.3.0", 24, Some("a"), 60);
+        o.key.service.port = 81;
+        assert_eq!(
+            call(&mut p, "a", Request::AffinityCreate(o)).code,
+            ReturnCode::NotFound
+        );
+        assert_eq!(p.affinities().len(), 1);
+    }
+
+    #[test]
+    fn admin_acts_for_a_named_owner_and_cancels_any() {
+        let (mut p, r) = plane(CFG);
+        let none = call(
+            &mut p,
+            "admin",
+            Request::AffinityCreate(op("198.18.0.0", 24, None, 60)),
+        );
+        assert_eq!(
+            none.code,
+            ReturnCode::Invalid,
+            "the admin must name the owner"
+        );
+        let ok = call(
+            &mut p,
+            "admin",
+            Request::AffinityCreate(op("198.18.0.0", 24, Some("b"), 60)),
+        );
+        assert_eq!(ok.code, ReturnCode::Ok);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(2));
+        // Cancel without naming the owner.
+        let c = call(
+            &mut p,
+            "admin",
+            Request::AffinityCancel(op("198.18.0.0", 24, None, 0)),
+        );
+        assert_eq!(c.code, ReturnCode::Ok);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), None);
+        let notices = p.take_notices();
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].1.owner, "b");
+        assert_eq!(notices[0].1.reason, proto::EndReason::Cancelled);
+        assert_eq!(notices[0].0, Some(src()));
+    }
+
+    #[test]
+    fn draining_backends_get_no_new_affinities_and_removal_ends_them() {
+        let (mut p, r) = plane(CFG);
+        assert_eq!(
+            call(
+                &mut p,
+                "a",
+                Request::AffinityCreate(op("198.18.0.0", 24, Some("a"), 60))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        // Only the admin changes backends.
+        let w = Request::BackendSetWeight {
+            service: "web",
+            backend: "a",
+            weight: 0,
+        };
+        assert_eq!(call(&mut p, "a", w.clone()).code, ReturnCode::NotAuthorized);
+        assert_eq!(call(&mut p, "admin", w).code, ReturnCode::Ok);
+        let d = call(
+            &mut p,
+            "a",
+            Request::AffinityCreate(op("198.18.5.0", 24, Some("a"), 60)),
+        );
+        assert_eq!(d.code, ReturnCode::Invalid);
+        // The draining backend keeps its affinity and may extend it.
+        assert_eq!(
+            call(
+                &mut p,
+                "a",
+                Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 120))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        let gen = p.dataplane().generation;
+        let bad = Request::BackendAdd(WireBackend {
+            service: "web",
+            backend: "c",
+            addr: "2001:db8::1".parse().unwrap(),
+            mac: None,
+            weight: 1,
+        });
+        assert_eq!(call(&mut p, "admin", bad).code, ReturnCode::Invalid);
+        assert_eq!(
+            p.dataplane().generation,
+            gen,
+            "a refused change publishes nothing"
+        );
+        let rm = Request::BackendRemove {
+            service: "web",
+            backend: "a",
+        };
+        assert_eq!(call(&mut p, "admin", rm).code, ReturnCode::Ok);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), None);
+        let n = p.take_notices();
+        assert_eq!(
+            (n.len(), n[0].1.reason),
+            (1, proto::EndReason::BackendRemoved)
+        );
+        assert_eq!(n[0].1.owner, "a");
+    }
+
+    #[test]
+    fn reload_that_renumbers_services_moves_their_affinities() {
+        let (mut p, r) = plane(CFG);
+        let path = std::env::temp_dir().join(format!("pktdist-plane-{}.toml", std::process::id()));
+        std::fs::write(&path, CFG).unwrap();
+        p.set_config(path.clone(), Config::parse(CFG, "t.toml").unwrap());
+        assert_eq!(
+            call(
+                &mut p,
+                "b",
+                Request::AffinityCreate(op("198.18.0.0", 24, Some("b"), 60))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        // Remove the first service: web becomes service 0.
+        let start = CFG.find("[[services]]").unwrap();
+        let second = start + 1 + CFG[start + 1..].find("[[services]]").unwrap();
+        let next = format!("{}{}", &CFG[..start], &CFG[second..]);
+        std::fs::write(&path, &next).unwrap();
+        let msg = p.reload_from_file().unwrap();
+        assert!(msg.contains("1 backend(s) removed"), "{msg}");
+        assert_eq!(p.dataplane().services[0].name, "web");
+        assert_eq!(
+            r.lookup(0, Family::V4, 0xc612_0001, 1),
+            Some(2),
+            "followed web to id 0"
+        );
+        assert_eq!(r.lookup(1, Family::V4, 0xc612_0001, 1), None);
+        let list = call(
+            &mut p,
+            "admin",
+            Request::AffinityList {
+                service: None,
+                owner: None,
+                offset: 0,
+                limit: 0,
+            },
+        );
+        let Payload::Affinities { entries, .. } = list.payload else {
+            panic!("no list")
+        };
+        assert_eq!(entries[0].key.service.port, 80);
+        std::fs::remove_file(&path).unwrap();
     }
 }

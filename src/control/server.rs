@@ -583,7 +583,11 @@ impl ControlServer {
                         return self.reply(&header, reply);
                     }
                 }
-                op.owner = Some(op.owner.unwrap_or(sender));
+                // A backend always acts for itself; the operator names the
+                // owner it acts for (or, to cancel, may name none).
+                if !is_admin {
+                    op.owner = Some(sender);
+                }
                 op.notify = Some(op.notify.unwrap_or(source));
             }
             Request::AffinityList { limit, .. } => {
