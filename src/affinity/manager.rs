@@ -440,11 +440,11 @@ mod tests {
         m.expire(5_500, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(m.len(), 0);
-        // A static affinity extended becomes timed.
+        // A static affinity (from the configuration) stays static.
         m.create(k, 1, None, None, 6_000).unwrap();
-        m.extend(&k, 1, 100, 6_000).unwrap();
+        assert_eq!(m.extend(&k, 1, 100, 6_000), Ok(Granted { remaining_ms: None }));
         m.expire(6_100, &mut out);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 1);
     }
 
     #[test]
