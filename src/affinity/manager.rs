@@ -442,7 +442,10 @@ mod tests {
         assert_eq!(m.len(), 0);
         // A static affinity (from the configuration) stays static.
         m.create(k, 1, None, None, 6_000).unwrap();
-        assert_eq!(m.extend(&k, 1, 100, 6_000), Ok(Granted { remaining_ms: None }));
+        assert_eq!(
+            m.extend(&k, 1, 100, 6_000),
+            Ok(Granted { remaining_ms: None })
+        );
         m.expire(6_100, &mut out);
         assert_eq!(out.len(), 1);
     }

@@ -542,14 +542,20 @@ impl Config {
             }
         }
         let a = &self.affinity;
-        if a.capacity == 0 {
-            return fail(root.key("affinity").key("capacity"), "must be at least 1");
-        }
-        if a.auto_capacity == 0 {
-            return fail(
-                root.key("affinity").key("auto_capacity"),
-                "must be at least 1",
-            );
+        for (k, v, max) in [
+            ("capacity", a.capacity, crate::affinity::table::MAX_CAPACITY),
+            (
+                "auto_capacity",
+                a.auto_capacity,
+                crate::affinity::auto::MAX_CAPACITY,
+            ),
+        ] {
+            if v == 0 || v > max {
+                return fail(
+                    root.key("affinity").key(k),
+                    format!("{v}: must be in 1..={max}"),
+                );
+            }
         }
         let c = &self.control;
         let cp = root.key("control");
@@ -563,8 +569,14 @@ impl Config {
             return fail(cp.key("metrics_listen"), "is the same address as listen");
         }
         for name in c.keys.keys() {
-            if name.is_empty() {
-                return fail(cp.key("keys"), "a key needs a name");
+            if name.is_empty() || name.len() > crate::control::proto::MAX_NAME_LEN {
+                return fail(
+                    cp.key("keys"),
+                    format!(
+                        "key name {name:?}: names are 1 to {} bytes",
+                        crate::control::proto::MAX_NAME_LEN
+                    ),
+                );
             }
         }
         if let Some(t) = &self.traffic {

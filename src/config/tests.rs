@@ -394,7 +394,7 @@ fn other_value_errors() {
         "admin = \"000102030405060708090a0b0c0d0e0f\"",
         "admin = \"0001\"",
     );
-    check(&t, "control.keys.admin", "admin = ", "too short");
+    check(&t, "control.keys.admin", "admin = ", "at least 16 bytes");
     let t = edit("protocol = \"tcp\"", "protocol = \"sctp\"");
     check(&t, "services[0].protocol", "sctp", "unknown variant");
     let t = edit("vip = \"192.0.2.10\"", "vip = \"192.0.2.300\"");

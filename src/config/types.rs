@@ -193,27 +193,14 @@ impl<'de> Deserialize<'de> for PortMatch {
 pub struct HexKey(pub Vec<u8>);
 
 /// Shortest HMAC key accepted, in bytes.
-pub const MIN_KEY_BYTES: usize = 16;
+pub const MIN_KEY_BYTES: usize = crate::control::auth::MIN_KEY_LEN;
 
 impl FromStr for HexKey {
     type Err = String;
     fn from_str(s: &str) -> Result<HexKey, String> {
-        let s = s.trim();
-        if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err("bad key: expected an even number of hex digits".to_string());
-        }
-        let bytes: Vec<u8> = (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or(0))
-            .collect();
-        if bytes.len() < MIN_KEY_BYTES {
-            return Err(format!(
-                "key too short: {} bytes, at least {MIN_KEY_BYTES} ({} hex digits) required",
-                bytes.len(),
-                MIN_KEY_BYTES * 2
-            ));
-        }
-        Ok(HexKey(bytes))
+        crate::control::auth::parse_hex_key(s)
+            .map(HexKey)
+            .map_err(|e| format!("bad key: {e}"))
     }
 }
 
@@ -304,7 +291,10 @@ mod tests {
     #[test]
     fn keys() {
         assert!("00112233445566778899aabbccddeeff".parse::<HexKey>().is_ok());
-        assert!("0011".parse::<HexKey>().unwrap_err().contains("too short"));
+        assert!("0011"
+            .parse::<HexKey>()
+            .unwrap_err()
+            .contains("at least 16 bytes"));
         assert!("xyz".parse::<HexKey>().is_err());
         let k: HexKey = "00112233445566778899aabbccddeeff".parse().unwrap();
         assert!(!format!("{k:?}").contains("0011"));
