@@ -174,8 +174,8 @@ impl DataplaneCell {
         }
     }
 
-    /// The generation of the current snapshot: one relaxed load, read by
-    /// workers once per burst.
+    /// The generation of the current snapshot: one load (acquire, so that
+    /// the snapshot it announces is visible), read by workers once per burst.
     #[inline]
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)

@@ -29,7 +29,7 @@ use crate::summary::{PortSummary, Summary};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PlaneCounters {
     pub requests: u64,
-    pub by_code: [u64; 8],
+    pub by_code: [u64; ReturnCode::ALL.len()],
     pub ended_expired: u64,
     pub ended_cancelled: u64,
     pub ended_backend_removed: u64,
@@ -178,8 +178,13 @@ impl ControlPlane {
         .filter(|(_, changed)| *changed)
         .map(|(name, _)| *name)
         .collect();
+        let running = running.clone();
         let removed = self.reload(&next).map_err(|e| e.to_string())?;
-        let statics = self.add_static_affinities(&next);
+        let dropped = self.drop_static_affinities(&running, &next);
+        let mut statics = self.add_static_affinities(&next);
+        if dropped > 0 {
+            statics.push_str(&format!("; {dropped} static affinit(ies) removed"));
+        }
         self.pending_auth = Some(auth);
         let mut msg = format!(
             "reloaded {}: {} service(s), {} backend(s) removed{}",
@@ -204,31 +209,17 @@ impl ControlPlane {
     /// yet; returns a note on those that could not be.
     pub fn add_static_affinities(&mut self, cfg: &Config) -> String {
         let mut failed = Vec::new();
-        for (i, a) in cfg.affinities.iter().enumerate() {
-            let result = (|| {
-                let svc = self.dp.service_named(&a.service).ok_or("no such service")?;
-                let owner = self
-                    .dp
-                    .find_backend(svc.id, &a.backend)
-                    .ok_or("no such backend")?
-                    .id;
-                let family = crate::net::family(a.client.addr);
-                let key = affinity::AffinityKey::new(
-                    svc.id,
-                    family,
-                    ip_bits(a.client.addr),
-                    a.client.prefix,
-                    a.client_port,
-                )
-                .map_err(|_| "bad key")?;
+        let now = self.now_ms();
+        for (i, resolved) in self.static_keys(cfg).into_iter().enumerate() {
+            let result = resolved.and_then(|(key, owner)| {
                 if self.affinities.get(&key).is_some_and(|r| r.owner == owner) {
                     return Ok(());
                 }
                 self.affinities
-                    .create(key, owner, None, None, self.now_ms())
+                    .create(key, owner, None, None, now)
                     .map(|_| ())
                     .map_err(|_| "refused (conflict or table full)")
-            })();
+            });
             if let Err(e) = result {
                 failed.push(format!("affinities[{i}]: {e}"));
             }
@@ -238,6 +229,67 @@ impl ControlPlane {
         } else {
             format!("; static affinities not installed: {}", failed.join(", "))
         }
+    }
+
+    /// A configuration's static affinities as table keys and owners, against
+    /// the current snapshot.
+    fn static_keys(
+        &self,
+        cfg: &Config,
+    ) -> Vec<Result<(affinity::AffinityKey, BackendId), &'static str>> {
+        cfg.affinities
+            .iter()
+            .map(|a| {
+                let svc = self.dp.service_named(&a.service).ok_or("no such service")?;
+                let owner = self
+                    .dp
+                    .find_backend(svc.id, &a.backend)
+                    .ok_or("no such backend")?
+                    .id;
+                let key = affinity::AffinityKey::new(
+                    svc.id,
+                    crate::net::family(a.client.addr),
+                    ip_bits(a.client.addr),
+                    a.client.prefix,
+                    a.client_port,
+                )
+                .map_err(|_| "bad key")?;
+                Ok((key, owner))
+            })
+            .collect()
+    }
+
+    /// Removes the static affinities `old` declared that `new` does not.
+    fn drop_static_affinities(&mut self, old: &Config, new: &Config) -> usize {
+        let keep: Vec<affinity::AffinityKey> = self
+            .static_keys(new)
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        let gone: Vec<(affinity::AffinityKey, BackendId)> = self
+            .static_keys(old)
+            .into_iter()
+            .flatten()
+            .filter(|(k, owner)| {
+                !keep.contains(k)
+                    && self
+                        .affinities
+                        .get(k)
+                        .is_some_and(|r| r.owner == *owner && r.expires.is_none())
+            })
+            .collect();
+        let now = self.now_ms();
+        let mut ended = Vec::new();
+        for (k, _) in &gone {
+            if let Ok(e) = self.affinities.cancel(k, None, now) {
+                ended.push(e);
+            }
+        }
+        self.counters.ended_cancelled += ended.len() as u64;
+        let n = ended.len();
+        self.queue_notices(ended);
+        n
     }
 
     /// Where the ports' device counters come from.
@@ -326,8 +378,9 @@ impl ControlPlane {
         })
     }
 
-    /// Name of a backend, from the current snapshot or, for one just
-    /// removed, the one before.
+    /// Name of a backend in the current snapshot (callers resolve the names
+    /// of backends being removed before publishing the snapshot without
+    /// them).
     fn backend_name(&self, id: BackendId) -> Option<&str> {
         self.dp.backend(id).map(|b| b.name.as_str())
     }
@@ -705,7 +758,9 @@ impl ControlHandler for ControlPlane {
                     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
             ),
         };
-        self.counters.by_code[(resp.code as usize).min(7)] += 1;
+        if let Some(n) = self.counters.by_code.get_mut(resp.code as usize) {
+            *n += 1;
+        }
         resp
     }
 }
@@ -1035,6 +1090,32 @@ address = "10.0.0.2"
             panic!("no list")
         };
         assert_eq!(entries[0].key.service.port, 80);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn reload_adds_and_removes_static_affinities() {
+        let with = format!(
+            "{CFG}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n"
+        );
+        let (mut p, r) = plane(&with);
+        let path =
+            std::env::temp_dir().join(format!("pktdist-statics-{}.toml", std::process::id()));
+        let cfg = Config::parse(&with, "t.toml").unwrap();
+        assert_eq!(p.add_static_affinities(&cfg), "");
+        p.set_config(path.clone(), cfg);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(2));
+        std::fs::write(&path, CFG).unwrap();
+        let msg = p.reload_from_file().unwrap();
+        assert!(msg.contains("1 static affinit(ies) removed"), "{msg}");
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), None);
+        std::fs::write(&path, &with).unwrap();
+        p.reload_from_file().unwrap();
+        assert_eq!(
+            r.lookup(WEB, Family::V4, 0xcb00_7105, 9),
+            Some(2),
+            "added back"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 }
