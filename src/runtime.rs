@@ -179,7 +179,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     let shared = Shared {
         dataplane: Arc::clone(&cell),
         affinity: reader,
-        auto_affinity: auto,
+        auto_affinity: Arc::clone(&auto),
         epoch,
     };
 
@@ -293,6 +293,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         counters.clone(),
         epoch,
     );
+    plane.set_auto_affinity(auto);
     let statics = plane.add_static_affinities(cfg);
     if !statics.is_empty() {
         return Err(statics.trim_start_matches("; ").to_string());
@@ -308,17 +309,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             .zip(&stat_ports)
             .filter_map(|(name, port)| {
                 let s = port.stats().ok()?;
-                Some(PortSummary {
-                    name: name.clone(),
-                    ipackets: s.ipackets,
-                    opackets: s.opackets,
-                    ibytes: s.ibytes,
-                    obytes: s.obytes,
-                    imissed: s.imissed,
-                    ierrors: s.ierrors,
-                    oerrors: s.oerrors,
-                    rx_nombuf: s.rx_nombuf,
-                })
+                Some(port_summary(name, &s))
             })
             .collect()
     }));
@@ -418,6 +409,21 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     drop(pool);
     let _ = eal;
     Ok(summary)
+}
+
+/// A port's device counters as the summary shows them.
+fn port_summary(name: &str, s: &crate::dpdk::PortStats) -> PortSummary {
+    PortSummary {
+        name: name.to_string(),
+        ipackets: s.ipackets,
+        opackets: s.opackets,
+        ibytes: s.ibytes,
+        obytes: s.obytes,
+        imissed: s.imissed,
+        ierrors: s.ierrors,
+        oerrors: s.oerrors,
+        rx_nombuf: s.rx_nombuf,
+    }
 }
 
 /// The built-in traffic source's thread: writes connections into mbufs,

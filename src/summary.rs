@@ -153,6 +153,10 @@ pub struct Summary {
     pub auto_affinity_hits: u64,
     pub active_flows: u64,
     pub affinities: usize,
+    /// Clients pinned by automatic affinity, and new clients left unpinned
+    /// because the table had no room (filled by the control plane).
+    pub auto_affinity_pins: usize,
+    pub auto_affinity_table_full: u64,
     /// Received packets per second over the run, all workers.
     pub mpps: f64,
     /// Received packets per second of time the workers spent on non-empty
@@ -266,6 +270,8 @@ impl Summary {
             auto_affinity_hits: t.auto_affinity_hits,
             active_flows: t.flows_active,
             affinities,
+            auto_affinity_pins: 0,
+            auto_affinity_table_full: 0,
             mpps: if seconds > 0.0 {
                 t.rx_packets as f64 / seconds / 1e6
             } else {
@@ -336,8 +342,17 @@ impl Summary {
         );
         let _ = writeln!(
             o,
-            "  affinity hits {}  misses {}  auto-affinity hits {}  affinities installed {}",
-            self.affinity_hits, self.affinity_misses, self.auto_affinity_hits, self.affinities
+            "  affinity hits {}  misses {}  auto-affinity hits {}  affinities installed {}  auto-affinity pins {}{}",
+            self.affinity_hits,
+            self.affinity_misses,
+            self.auto_affinity_hits,
+            self.affinities,
+            self.auto_affinity_pins,
+            if self.auto_affinity_table_full > 0 {
+                format!(" (table full {} times)", self.auto_affinity_table_full)
+            } else {
+                String::new()
+            }
         );
         for s in &self.services {
             let _ = writeln!(

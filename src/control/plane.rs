@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::affinity::{self, AffinityError, AffinityManager, EndReason, Ended};
+use crate::affinity::{self, AffinityError, AffinityManager, AutoAffinityTable, EndReason, Ended};
 use std::path::PathBuf;
 
 use crate::config::{ip_bits, Config};
@@ -55,6 +55,8 @@ pub struct ControlPlane {
     lifetimes: hdrhistogram::Histogram<u64>,
     /// Reads the ports' device counters (set by the runtime).
     port_stats: Option<PortStats>,
+    /// The shared automatic-affinity table, for its statistics.
+    auto: Option<Arc<AutoAffinityTable>>,
     /// The configuration file and what was last applied from it, for reload.
     config: Option<(PathBuf, Config)>,
     /// Keys and allowed networks of a reloaded configuration, for the
@@ -87,6 +89,7 @@ impl ControlPlane {
             server: (ServerCounters::default(), Percentiles::default()),
             lifetimes: new_histogram(),
             port_stats: None,
+            auto: None,
             config: None,
             pending_auth: None,
         }
@@ -292,6 +295,11 @@ impl ControlPlane {
         n
     }
 
+    /// The automatic-affinity table, for statistics.
+    pub fn set_auto_affinity(&mut self, table: Arc<AutoAffinityTable>) {
+        self.auto = Some(table);
+    }
+
     /// Where the ports' device counters come from.
     pub fn set_port_stats(&mut self, source: PortStats) {
         self.port_stats = Some(source);
@@ -315,6 +323,10 @@ impl ControlPlane {
             s.ports = ports();
         }
         s.control_latency_ns = self.server.1;
+        if let Some(auto) = &self.auto {
+            s.auto_affinity_pins = auto.len_active(self.now_ms());
+            s.auto_affinity_table_full = auto.stats().table_full;
+        }
         s.affinity_lifetime_ms = Percentiles::of(&self.lifetimes);
         let (c, p) = (&self.server.0, &self.counters);
         let refused: serde_json::Map<String, serde_json::Value> = c
