@@ -231,14 +231,38 @@ pub fn render(s: &Summary) -> String {
     for (i, w) in s.workers_detail.iter().enumerate() {
         f.value(&[("worker", &i.to_string())], w.rx_packets as f64);
     }
-    let mut f = Family::new(
-        &mut o,
-        "pktdist_worker_busy_ratio",
-        "gauge",
-        "Share of time a worker spent on non-empty bursts.",
-    );
-    for (i, w) in s.workers_detail.iter().enumerate() {
-        f.value(&[("worker", &i.to_string())], w.busy);
+    type WorkerGet = fn(&crate::summary::WorkerSummary) -> f64;
+    let per_worker: [(&'static str, &str, &str, WorkerGet); 4] = [
+        (
+            "pktdist_worker_transmitted_packets_total",
+            "counter",
+            "Packets transmitted, by worker.",
+            |w| w.tx_packets as f64,
+        ),
+        (
+            "pktdist_worker_dropped_packets_total",
+            "counter",
+            "Packets dropped, by worker.",
+            |w| w.dropped as f64,
+        ),
+        (
+            "pktdist_worker_active_flows",
+            "gauge",
+            "Flows in a worker's connection table.",
+            |w| w.active_flows as f64,
+        ),
+        (
+            "pktdist_worker_busy_ratio",
+            "gauge",
+            "Share of time a worker spent on non-empty bursts.",
+            |w| w.busy,
+        ),
+    ];
+    for (name, kind, help, get) in per_worker {
+        let mut f = Family::new(&mut o, name, kind, help);
+        for (i, w) in s.workers_detail.iter().enumerate() {
+            f.value(&[("worker", &i.to_string())], get(w));
+        }
     }
 
     type PortGet = fn(&crate::summary::PortSummary) -> u64;
