@@ -436,18 +436,8 @@ impl ServiceRegistry {
 mod tests {
     use super::*;
 
-    const CFG: &str = r#"
-[eal]
-args = ["--no-huge"]
-[cores]
-control = 0
-workers = [1]
-[[ports]]
-name = "p0"
-device = "net_ring0"
-[control]
-listen = "127.0.0.1:7400"
-allowed_networks = ["127.0.0.0/8"]
+    /// The services of the test configuration.
+    const SERVICES: &str = r#"
 [[services]]
 name = "web"
 vip = "192.0.2.10"
@@ -465,8 +455,12 @@ address = "10.0.0.2"
 weight = 300
 "#;
 
+    fn config_text() -> String {
+        crate::config::testing::with_services(SERVICES)
+    }
+
     fn registry() -> ServiceRegistry {
-        ServiceRegistry::from_config(&Config::parse(CFG, "t.toml").unwrap()).unwrap()
+        ServiceRegistry::from_config(&Config::parse(&config_text(), "t.toml").unwrap()).unwrap()
     }
 
     #[test]
@@ -546,7 +540,7 @@ weight = 300
     fn reload_keeps_ids_of_kept_backends() {
         let mut r = registry();
         r.snapshot().unwrap();
-        let text = CFG.replace(
+        let text = config_text().replace(
             "name = \"a\"\naddress = \"10.0.0.1\"\nweight = 100",
             "name = \"c\"\naddress = \"10.0.0.3\"\nweight = 100",
         );
