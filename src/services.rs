@@ -436,15 +436,8 @@ impl ServiceRegistry {
 mod tests {
     use super::*;
 
-    /// The services of the test configuration.
-    const SERVICES: &str = r#"
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
+    /// The backends of the test configuration's web service.
+    const WEB_BACKENDS: &str = r#"
 [[services.backends]]
 name = "a"
 address = "10.0.0.1"
@@ -456,7 +449,8 @@ weight = 300
 "#;
 
     fn config_text() -> String {
-        crate::config::testing::with_services(SERVICES)
+        use crate::config::testing::{with_services, WEB};
+        with_services(&format!("{WEB}{WEB_BACKENDS}"))
     }
 
     fn registry() -> ServiceRegistry {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     backend_key_hex, base_config, ipip_service, path_str, poll_until, port_toml, serial, unhex,
-    unique, Pktdist, TempDir, ADMIN_KEY,
+    unique, web_service, Pktdist, TempDir, ADMIN_KEY,
 };
 use pktdist::config::Config;
 use pktdist::control::client::{AffinitySpec, ClientError, ControlClient};
@@ -43,11 +43,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 fn services() -> String {
     [
-        ipip_service(
-            "web",
-            "192.0.2.10",
-            80,
-            "tcp",
+        web_service(
             "max_affinity_duration = \"10m\"\n",
             &[
                 ("be1", "10.0.0.1", None),

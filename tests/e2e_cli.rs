@@ -11,18 +11,14 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{
-    base_config, ipip_service, path_str, port_toml, serial, Pktdist, TempDir, ADMIN_KEY, PKTDIST,
+    base_config, path_str, port_toml, serial, web_service, Pktdist, TempDir, ADMIN_KEY, PKTDIST,
 };
 
 fn config_text() -> String {
     [
         base_config(&["be1", "be2"]),
         port_toml("net_ring0"),
-        ipip_service(
-            "web",
-            "192.0.2.10",
-            80,
-            "tcp",
+        web_service(
             "",
             &[
                 ("be1", "10.0.0.1", Some(100)),

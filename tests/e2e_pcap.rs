@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    base_config, ipip_service, path_str, port_toml, read_pcap, serial, write_pcap, Pktdist,
-    TempDir, GATEWAY,
+    base_config, ipip_service, path_str, port_toml, read_pcap, serial, web_service, write_pcap,
+    Pktdist, TempDir, GATEWAY,
 };
 use pktdist::packet::{self, tcp_flags, Family};
 use pktdist::wire::build::{FrameSpec, L4};
@@ -42,11 +42,7 @@ const WEB6_CLIENTS: usize = 4;
 
 fn services() -> String {
     [
-        ipip_service(
-            "web",
-            "192.0.2.10",
-            80,
-            "tcp",
+        web_service(
             "",
             &[
                 ("be1", "10.0.0.1", Some(WEB[0].1)),

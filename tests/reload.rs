@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{ipip_service, port_toml};
+use common::{ipip_service, port_toml, web_service};
 use pktdist::affinity::{AffinityManager, AffinityTable, AutoAffinityTable};
 use pktdist::config::Config;
 use pktdist::control::plane::ControlPlane;
@@ -41,11 +41,7 @@ fn base() -> String {
     [
         HEADER.into(),
         port_toml("net_ring0"),
-        ipip_service(
-            "web",
-            "192.0.2.10",
-            80,
-            "tcp",
+        web_service(
             "",
             &[
                 ("a", "10.0.0.1", Some(100)),
@@ -62,11 +58,7 @@ fn next() -> String {
     [
         HEADER.into(),
         port_toml("net_ring0"),
-        ipip_service(
-            "web",
-            "192.0.2.10",
-            80,
-            "tcp",
+        web_service(
             "",
             &[
                 ("a", "10.0.0.1", Some(0)),

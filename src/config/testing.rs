@@ -22,3 +22,15 @@ allowed_networks = ["127.0.0.0/8"]
 pub(crate) fn with_services(services: &str) -> String {
     format!("{HEADER}{services}")
 }
+
+/// The "web" service, 192.0.2.10:80 over TCP by IPIP, for a test to follow
+/// with more keys and its `[[services.backends]]`.
+pub(crate) const WEB: &str = r#"
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+"#;

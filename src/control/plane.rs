@@ -832,8 +832,8 @@ mod tests {
     use crate::control::server::Payload;
     use crate::packet::Family;
 
-    /// The services of the test configuration.
-    const SERVICES: &str = r#"
+    /// The first service of the test configuration, before web.
+    const MAIL: &str = r#"
 [[services]]
 name = "mail"
 vip = "192.0.2.25"
@@ -844,13 +844,10 @@ ipip_source = "198.51.100.1"
 [[services.backends]]
 name = "m1"
 address = "10.0.2.1"
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
+"#;
+
+    /// The rest of the test configuration's web service.
+    const WEB_REST: &str = r#"
 max_affinity_duration = "10m"
 [[services.backends]]
 name = "a"
@@ -861,7 +858,8 @@ address = "10.0.0.2"
 "#;
 
     fn config_text() -> String {
-        crate::config::testing::with_services(SERVICES)
+        use crate::config::testing::{with_services, WEB};
+        with_services(&format!("{MAIL}{WEB}{WEB_REST}"))
     }
 
     fn plane(text: &str) -> (ControlPlane, AffinityReader) {

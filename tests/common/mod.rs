@@ -169,6 +169,12 @@ pub fn ipip_service(
     t
 }
 
+/// The "web" service of the test configurations, 192.0.2.10:80 over TCP
+/// (see [`ipip_service`]).
+pub fn web_service(extra: &str, backends: &[(&str, &str, Option<u32>)]) -> String {
+    ipip_service("web", "192.0.2.10", 80, "tcp", extra, backends)
+}
+
 /// Lines a child printed, shared with the thread that reads them.
 #[derive(Default)]
 struct Lines {
