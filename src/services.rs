@@ -436,25 +436,8 @@ impl ServiceRegistry {
 mod tests {
     use super::*;
 
-    const CFG: &str = r#"
-[eal]
-args = ["--no-huge"]
-[cores]
-control = 0
-workers = [1]
-[[ports]]
-name = "p0"
-device = "net_ring0"
-[control]
-listen = "127.0.0.1:7400"
-allowed_networks = ["127.0.0.0/8"]
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
+    /// The backends of the test configuration's web service.
+    const WEB_BACKENDS: &str = r#"
 [[services.backends]]
 name = "a"
 address = "10.0.0.1"
@@ -465,8 +448,13 @@ address = "10.0.0.2"
 weight = 300
 "#;
 
+    fn config_text() -> String {
+        use crate::config::testing::{with_services, WEB};
+        with_services(&format!("{WEB}{WEB_BACKENDS}"))
+    }
+
     fn registry() -> ServiceRegistry {
-        ServiceRegistry::from_config(&Config::parse(CFG, "t.toml").unwrap()).unwrap()
+        ServiceRegistry::from_config(&Config::parse(&config_text(), "t.toml").unwrap()).unwrap()
     }
 
     #[test]
@@ -546,7 +534,7 @@ weight = 300
     fn reload_keeps_ids_of_kept_backends() {
         let mut r = registry();
         r.snapshot().unwrap();
-        let text = CFG.replace(
+        let text = config_text().replace(
             "name = \"a\"\naddress = \"10.0.0.1\"\nweight = 100",
             "name = \"c\"\naddress = \"10.0.0.3\"\nweight = 100",
         );

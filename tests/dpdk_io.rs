@@ -5,9 +5,11 @@
 //! every test opens its own port and mempool under a unique name.
 #![cfg(feature = "dpdk")]
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
 use std::sync::{Arc, OnceLock};
+
+use common::{read_pcap, unique, write_pcap, TempDir};
 
 use pktdist::dpdk::{
     lcore_id, spawn_worker, DpdkError, Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, QueueDir,
@@ -35,12 +37,6 @@ fn eal_args() -> Vec<String> {
 fn eal() -> &'static Eal {
     static EAL: OnceLock<Eal> = OnceLock::new();
     EAL.get_or_init(|| Eal::init(&eal_args()).expect("EAL init"))
-}
-
-/// A name no other test uses.
-fn unique(prefix: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
 fn pool(n: u32) -> Arc<Mempool> {
@@ -328,84 +324,11 @@ fn rx_burst_fills_only_up_to_max_burst() {
     assert_eq!(rest.len(), 50 - (MAX_BURST - 1));
 }
 
-fn write_pcap(path: &Path, frames: &[Vec<u8>]) {
-    let mut b = Vec::new();
-    b.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-    b.extend_from_slice(&2u16.to_le_bytes());
-    b.extend_from_slice(&4u16.to_le_bytes());
-    b.extend_from_slice(&0i32.to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
-    b.extend_from_slice(&65535u32.to_le_bytes());
-    b.extend_from_slice(&1u32.to_le_bytes()); // LINKTYPE_ETHERNET
-    for (i, f) in frames.iter().enumerate() {
-        b.extend_from_slice(&(1_700_000_000u32 + i as u32).to_le_bytes());
-        b.extend_from_slice(&(i as u32 * 10).to_le_bytes());
-        b.extend_from_slice(&(f.len() as u32).to_le_bytes());
-        b.extend_from_slice(&(f.len() as u32).to_le_bytes());
-        b.extend_from_slice(f);
-    }
-    std::fs::write(path, b).expect("write pcap");
-}
-
-/// The captured bytes of each record of a pcap file (either byte order,
-/// microsecond or nanosecond timestamps).
-fn read_pcap(path: &Path) -> Vec<Vec<u8>> {
-    let b = std::fs::read(path).expect("read pcap");
-    assert!(b.len() >= 24, "pcap shorter than its global header");
-    let magic = [b[0], b[1], b[2], b[3]];
-    let le = match magic {
-        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
-        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
-        _ => panic!("not a pcap file: magic {magic:02x?}"),
-    };
-    let u32_at = |i: usize| {
-        let w = [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        if le {
-            u32::from_le_bytes(w)
-        } else {
-            u32::from_be_bytes(w)
-        }
-    };
-    assert_eq!(u32_at(20), 1, "link type is not Ethernet");
-    let mut records = Vec::new();
-    let mut at = 24;
-    while at < b.len() {
-        assert!(at + 16 <= b.len(), "truncated record header at {at}");
-        let incl = u32_at(at + 8) as usize;
-        let orig = u32_at(at + 12) as usize;
-        assert_eq!(incl, orig, "record {} was cut", records.len());
-        assert!(at + 16 + incl <= b.len(), "truncated record data at {at}");
-        records.push(b[at + 16..at + 16 + incl].to_vec());
-        at += 16 + incl;
-    }
-    records
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "pktdist-dpdk-io-{}-{}",
-            std::process::id(),
-            unique("")
-        ));
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn pcap_port_reads_and_writes_frames() {
-    let dir = TempDir::new();
-    let input = dir.0.join("in.pcap");
-    let output = dir.0.join("out.pcap");
+    let dir = TempDir::new("dpdk-io");
+    let input = dir.path("in.pcap");
+    let output = dir.path("out.pcap");
     let frames: Vec<Vec<u8>> = (0..40)
         .map(|i| frame(i as u8, 60 + (i * 37) % 1455))
         .collect();

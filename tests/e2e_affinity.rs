@@ -17,8 +17,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
-    backend_key_hex, base_config, path_str, poll_until, serial, unhex, unique, Pktdist, TempDir,
-    ADMIN_KEY,
+    backend_key_hex, base_config, ipip_service, path_str, poll_until, port_toml, serial, unhex,
+    unique, web_service, Pktdist, TempDir, ADMIN_KEY,
 };
 use pktdist::config::Config;
 use pktdist::control::client::{AffinitySpec, ClientError, ControlClient};
@@ -41,54 +41,33 @@ const BE3: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
 /// How long to wait for anything pktdist does (forwarding, replies).
 const PATIENCE: Duration = Duration::from_secs(10);
 
-const SERVICES: &str = r#"
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-max_affinity_duration = "10m"
-
-[[services.backends]]
-name = "be1"
-address = "10.0.0.1"
-
-[[services.backends]]
-name = "be2"
-address = "10.0.0.2"
-
-[[services.backends]]
-name = "be3"
-address = "10.0.0.3"
-
-[[services]]
-name = "app"
-vip = "192.0.2.20"
-port = 8080
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-auto_affinity = { linger = "5s" }
-
-[[services.backends]]
-name = "a1"
-address = "10.0.1.1"
-
-[[services.backends]]
-name = "a2"
-address = "10.0.1.2"
-
-[[services.backends]]
-name = "a3"
-address = "10.0.1.3"
-
-[[affinities]]
-service = "web"
-client = "203.0.113.0/24"
-backend = "be3"
-"#;
+fn services() -> String {
+    [
+        web_service(
+            "max_affinity_duration = \"10m\"\n",
+            &[
+                ("be1", "10.0.0.1", None),
+                ("be2", "10.0.0.2", None),
+                ("be3", "10.0.0.3", None),
+            ],
+        ),
+        ipip_service(
+            "app",
+            "192.0.2.20",
+            8080,
+            "tcp",
+            "auto_affinity = { linger = \"5s\" }\n",
+            &[
+                ("a1", "10.0.1.1", None),
+                ("a2", "10.0.1.2", None),
+                ("a3", "10.0.1.3", None),
+            ],
+        ),
+        "\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"be3\"\n"
+            .into(),
+    ]
+    .concat()
+}
 
 /// The test process's own EAL: once per process, its own file prefix.
 /// EAL pins the thread that starts it (and what that thread spawns later,
@@ -149,16 +128,15 @@ impl Bed {
         let dir = TempDir::new("e2e-aff");
         let sock = dir.path("memif.sock");
         let config = dir.path("pktdist.toml");
-        let toml = format!(
-            r#"{base}
-[[ports]]
-name = "p0"
-device = "net_memif0,role=server,socket={sock},socket-abstract=no"
-gateway_mac = "02:00:00:00:00:fe"
-{SERVICES}"#,
-            base = base_config(&["be1", "be2", "be3"]),
-            sock = sock.display()
-        );
+        let toml = [
+            base_config(&["be1", "be2", "be3"]),
+            port_toml(&format!(
+                "net_memif0,role=server,socket={},socket-abstract=no",
+                sock.display()
+            )),
+            services(),
+        ]
+        .concat();
         std::fs::write(&config, toml).expect("write config");
         let cfg = Config::load(&config).expect("test configuration is valid");
         let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");

@@ -10,40 +10,25 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{base_config, path_str, serial, Pktdist, TempDir, ADMIN_KEY, PKTDIST};
-
-const SERVICES: &str = r#"
-[[ports]]
-name = "p0"
-device = "net_ring0"
-gateway_mac = "02:00:00:00:00:fe"
-
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-
-[[services.backends]]
-name = "be1"
-address = "10.0.0.1"
-weight = 100
-
-[[services.backends]]
-name = "be2"
-address = "10.0.0.2"
-weight = 200
-
-[[affinities]]
-service = "web"
-client = "203.0.113.0/24"
-backend = "be2"
-"#;
+use common::{
+    base_config, path_str, port_toml, serial, web_service, Pktdist, TempDir, ADMIN_KEY, PKTDIST,
+};
 
 fn config_text() -> String {
-    format!("{}{SERVICES}", base_config(&["be1", "be2"]))
+    [
+        base_config(&["be1", "be2"]),
+        port_toml("net_ring0"),
+        web_service(
+            "",
+            &[
+                ("be1", "10.0.0.1", Some(100)),
+                ("be2", "10.0.0.2", Some(200)),
+            ],
+        ),
+        "\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"be2\"\n"
+            .into(),
+    ]
+    .concat()
 }
 
 fn pktdist(args: &[&str]) -> Output {

@@ -11,7 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{base_config, path_str, read_pcap, serial, write_pcap, Pktdist, TempDir};
+use common::{
+    base_config, ipip_service, path_str, port_toml, read_pcap, serial, web_service, write_pcap,
+    Pktdist, TempDir, GATEWAY,
+};
 use pktdist::packet::{self, tcp_flags, Family};
 use pktdist::wire::build::{FrameSpec, L4};
 use pktdist::wire::{ethernet, ipv4, ipv6};
@@ -21,7 +24,6 @@ const DNS_VIP: [u8; 4] = [192, 0, 2, 53];
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const IPIP_SRC: [u8; 4] = [198, 51, 100, 1];
 const IPIP_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
-const GATEWAY: &str = "02:00:00:00:00:fe";
 /// The web service's backends: (address, weight).
 const WEB: [([u8; 4], u32); 3] = [
     ([10, 0, 0, 1], 100),
@@ -39,65 +41,36 @@ const DNS_CLIENTS: usize = 60;
 const WEB6_CLIENTS: usize = 4;
 
 fn services() -> String {
-    format!(
-        r#"
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-
-[[services.backends]]
-name = "be1"
-address = "10.0.0.1"
-weight = {}
-
-[[services.backends]]
-name = "be2"
-address = "10.0.0.2"
-weight = {}
-
-[[services.backends]]
-name = "be3"
-address = "10.0.0.3"
-weight = {}
-
-[[services]]
-name = "dns"
-vip = "192.0.2.53"
-port = 53
-protocol = "udp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-
-[[services.backends]]
-name = "ns1"
-address = "10.0.2.1"
-
-[[services.backends]]
-name = "ns2"
-address = "10.0.2.2"
-
-[[services]]
-name = "web6"
-vip = "2001:db8::10"
-port = 443
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "2001:db8::1"
-
-[[services.backends]]
-name = "v6a"
-address = "2001:db8:1::1"
-
-[[services.backends]]
-name = "v6b"
-address = "2001:db8:1::2"
-"#,
-        WEB[0].1, WEB[1].1, WEB[2].1
-    )
+    [
+        web_service(
+            "",
+            &[
+                ("be1", "10.0.0.1", Some(WEB[0].1)),
+                ("be2", "10.0.0.2", Some(WEB[1].1)),
+                ("be3", "10.0.0.3", Some(WEB[2].1)),
+            ],
+        ),
+        ipip_service(
+            "dns",
+            "192.0.2.53",
+            53,
+            "udp",
+            "",
+            &[("ns1", "10.0.2.1", None), ("ns2", "10.0.2.2", None)],
+        ),
+        ipip_service(
+            "web6",
+            "2001:db8::10",
+            443,
+            "tcp",
+            "",
+            &[
+                ("v6a", "2001:db8:1::1", None),
+                ("v6b", "2001:db8:1::2", None),
+            ],
+        ),
+    ]
+    .concat()
 }
 
 /// One input frame and what pktdist must do with it.
@@ -353,18 +326,16 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
         }
     }
 
-    let toml = format!(
-        r#"{base}
-[[ports]]
-name = "p0"
-device = "net_pcap0,rx_pcap={input},tx_pcap={output}"
-gateway_mac = "{GATEWAY}"
-{services}"#,
-        base = base_config(&["be1", "be2", "be3"]),
-        input = input.display(),
-        output = output.display(),
-        services = services()
-    );
+    let toml = [
+        base_config(&["be1", "be2", "be3"]),
+        port_toml(&format!(
+            "net_pcap0,rx_pcap={},tx_pcap={}",
+            input.display(),
+            output.display()
+        )),
+        services(),
+    ]
+    .concat();
     std::fs::write(&config, toml).expect("write config");
 
     let check = Command::new(common::PKTDIST)

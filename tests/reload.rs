@@ -4,10 +4,13 @@
 //! connections stay where they are, nothing is dropped, and a bad file is
 //! refused with the same error `pktdist check` prints, changing nothing.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::{ipip_service, port_toml, web_service};
 use pktdist::affinity::{AffinityManager, AffinityTable, AutoAffinityTable};
 use pktdist::config::Config;
 use pktdist::control::plane::ControlPlane;
@@ -20,88 +23,60 @@ use pktdist::wire::build::FrameSpec;
 use pktdist::wire::{ethernet, ipv4};
 use pktdist::worker::{PortPlan, Shared, Worker, WorkerSetup};
 
-const BASE: &str = r#"
+/// Everything but the ports and services.
+const HEADER: &str = r#"
 [eal]
 args = ["--no-huge"]
 [cores]
 control = 0
 workers = [1]
-[[ports]]
-name = "p0"
-device = "net_ring0"
-gateway_mac = "02:00:00:00:00:fe"
 [control]
 listen = "127.0.0.1:7400"
 allowed_networks = ["127.0.0.0/8"]
 [control.keys]
 admin = "00112233445566778899aabbccddeeff"
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-[[services.backends]]
-name = "a"
-address = "10.0.0.1"
-weight = 100
-[[services.backends]]
-name = "b"
-address = "10.0.0.2"
-weight = 100
-[[services.backends]]
-name = "c"
-address = "10.0.0.3"
-weight = 100
 "#;
 
+fn base() -> String {
+    [
+        HEADER.into(),
+        port_toml("net_ring0"),
+        web_service(
+            "",
+            &[
+                ("a", "10.0.0.1", Some(100)),
+                ("b", "10.0.0.2", Some(100)),
+                ("c", "10.0.0.3", Some(100)),
+            ],
+        ),
+    ]
+    .concat()
+}
+
 /// a re-weighted to 0 (drained), b kept, c removed, d added; a new service.
-const NEXT: &str = r#"
-[eal]
-args = ["--no-huge"]
-[cores]
-control = 0
-workers = [1]
-[[ports]]
-name = "p0"
-device = "net_ring0"
-gateway_mac = "02:00:00:00:00:fe"
-[control]
-listen = "127.0.0.1:7400"
-allowed_networks = ["127.0.0.0/8"]
-[control.keys]
-admin = "00112233445566778899aabbccddeeff"
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-[[services.backends]]
-name = "a"
-address = "10.0.0.1"
-weight = 0
-[[services.backends]]
-name = "b"
-address = "10.0.0.2"
-weight = 100
-[[services.backends]]
-name = "d"
-address = "10.0.0.4"
-weight = 100
-[[services]]
-name = "dns"
-vip = "192.0.2.53"
-port = 53
-protocol = "udp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-[[services.backends]]
-name = "r1"
-address = "10.0.5.1"
-"#;
+fn next() -> String {
+    [
+        HEADER.into(),
+        port_toml("net_ring0"),
+        web_service(
+            "",
+            &[
+                ("a", "10.0.0.1", Some(0)),
+                ("b", "10.0.0.2", Some(100)),
+                ("d", "10.0.0.4", Some(100)),
+            ],
+        ),
+        ipip_service(
+            "dns",
+            "192.0.2.53",
+            53,
+            "udp",
+            "",
+            &[("r1", "10.0.5.1", None)],
+        ),
+    ]
+    .concat()
+}
 
 struct Bed {
     plane: ControlPlane,
@@ -112,7 +87,7 @@ struct Bed {
 fn bed(name: &str) -> Bed {
     let path =
         std::env::temp_dir().join(format!("pktdist-reload-{name}-{}.toml", std::process::id()));
-    std::fs::write(&path, BASE).unwrap();
+    std::fs::write(&path, base()).unwrap();
     let cfg = Config::load(&path).unwrap();
     let mut registry = ServiceRegistry::from_config(&cfg).unwrap();
     let cell = Arc::new(DataplaneCell::new(registry.snapshot().unwrap()));
@@ -196,7 +171,7 @@ fn reload_applies_backend_and_service_changes_without_moving_connections() {
     let before = send(&mut b, &syns);
     assert_eq!(before.len(), 3000);
 
-    std::fs::write(&b.path, NEXT).unwrap();
+    std::fs::write(&b.path, next()).unwrap();
     let msg = b.plane.reload_from_file().expect("reload");
     assert!(msg.contains("1 backend(s) removed"), "{msg}");
 
@@ -234,10 +209,11 @@ fn a_bad_file_is_refused_with_the_check_error_and_nothing_changes() {
     let before = send(&mut b, &syns);
     let generation = b.plane.dataplane().generation;
 
-    let bad = BASE.replace(
-        "weight = 100\n[[services.backends]]\nname = \"c\"",
-        "weight = 70000\n[[services.backends]]\nname = \"c\"",
+    let bad = base().replace(
+        "address = \"10.0.0.2\"\nweight = 100",
+        "address = \"10.0.0.2\"\nweight = 70000",
     );
+    assert_ne!(bad, base(), "b's weight replaced");
     std::fs::write(&b.path, &bad).unwrap();
     let err = b.plane.reload_from_file().unwrap_err();
     let check = Config::load(&b.path).unwrap_err().to_string();
@@ -250,7 +226,7 @@ fn a_bad_file_is_refused_with_the_check_error_and_nothing_changes() {
     );
 
     // Unknown keys are refused the same way.
-    std::fs::write(&b.path, format!("{BASE}\nbogus = 1\n")).unwrap();
+    std::fs::write(&b.path, format!("{}\nbogus = 1\n", base())).unwrap();
     assert!(b.plane.reload_from_file().unwrap_err().contains("bogus"));
 
     // Traffic keeps flowing on the running configuration.
@@ -267,7 +243,7 @@ fn a_bad_file_is_refused_with_the_check_error_and_nothing_changes() {
 #[test]
 fn reload_names_settings_that_need_a_restart() {
     let mut b = bed("restart");
-    std::fs::write(&b.path, BASE.replace("workers = [1]", "workers = [1, 2]")).unwrap();
+    std::fs::write(&b.path, base().replace("workers = [1]", "workers = [1, 2]")).unwrap();
     let msg = b.plane.reload_from_file().unwrap();
     assert!(msg.contains("[cores]"), "{msg}");
 }

@@ -22,7 +22,7 @@ luac=${lua/lua/luac}
 command -v "$luac" >/dev/null 2>&1 || luac=""
 
 fail=0
-for f in syn-flood.lua established-mix.lua imix.lua; do
+for f in common.lua syn-flood.lua established-mix.lua imix.lua; do
     if [ -n "$luac" ]; then
         if "$luac" -p "$f"; then echo "ok   $f: syntax ($luac -p)"; else fail=1; fi
     fi

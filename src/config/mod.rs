@@ -930,4 +930,6 @@ fn fmt_vip(a: IpAddr) -> String {
 }
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;

@@ -1,7 +1,12 @@
+use super::testing::WEB;
 use super::*;
+use std::sync::LazyLock;
 
 /// A small valid configuration; tests edit it to break one rule each.
-const BASE: &str = r#"[eal]
+static BASE: LazyLock<String> = LazyLock::new(|| format!("{HEAD}{WEB}{REST}"));
+
+/// BASE up to the web service.
+const HEAD: &str = r#"[eal]
 args = ["--no-huge", "--no-pci"]
 
 [cores]
@@ -29,15 +34,10 @@ admin = "000102030405060708090a0b0c0d0e0f"
 
 [traffic]
 port = "p0"
+"#;
 
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-
+/// BASE after the web service's own keys: its backends and the rest.
+const REST: &str = r#"
 [[services.backends]]
 name = "be1"
 address = "10.0.0.1"
@@ -110,7 +110,7 @@ fn check(text: &str, key: &str, needle: &str, msg_part: &str) {
 
 #[test]
 fn base_is_valid() {
-    let c = Config::parse(BASE, "t.toml").unwrap();
+    let c = Config::parse(&BASE, "t.toml").unwrap();
     assert_eq!(c.cores.workers, vec![1, 2]);
     assert_eq!(c.ports[1].forward_to.as_deref(), Some("p0"));
     assert_eq!(c.ports[0].rx_descriptors, 1024);
@@ -362,7 +362,7 @@ fn unknown_key() {
         "colour",
         "unknown field",
     );
-    let t = format!("{BASE}\n[extra]\na = 1\n");
+    let t = format!("{}\n[extra]\na = 1\n", *BASE);
     let e = err(&t);
     assert!(e.message.contains("unknown field `extra`"), "{e}");
     assert_eq!(e.line, line_of(&t, "[extra]"), "{e}");

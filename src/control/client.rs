@@ -285,35 +285,21 @@ impl ControlClient {
         service: Option<ServiceAddr>,
         owner: Option<&str>,
     ) -> Result<Vec<AffinityEntry>, ClientError> {
-        let mut out = Vec::new();
-        let mut offset = 0u32;
-        loop {
-            let reply = ok(self.request(&Request::AffinityList {
+        self.list_all(
+            |offset| Request::AffinityList {
                 service,
                 owner,
                 offset,
                 limit: 0,
-            })?)?;
-            let more = reply.more;
-            let ReplyPayload::Affinities {
-                next_offset,
-                entries,
-            } = reply.payload
-            else {
-                return Err(ClientError::Protocol("list reply without entries".into()));
-            };
-            let progressed = !entries.is_empty() && next_offset > offset;
-            out.extend(entries);
-            if !more {
-                return Ok(out);
-            }
-            if !progressed {
-                return Err(ClientError::Protocol(
-                    "list pagination made no progress".into(),
-                ));
-            }
-            offset = next_offset;
-        }
+            },
+            |payload| match payload {
+                ReplyPayload::Affinities {
+                    next_offset,
+                    entries,
+                } => Some((next_offset, entries)),
+                _ => None,
+            },
+        )
     }
 
     /// Every backend (optionally of one service), all pages.
@@ -321,20 +307,37 @@ impl ControlClient {
         &mut self,
         service: Option<&str>,
     ) -> Result<Vec<BackendEntry>, ClientError> {
-        let mut out = Vec::new();
-        let mut offset = 0u32;
-        loop {
-            let reply = ok(self.request(&Request::BackendList {
+        self.list_all(
+            |offset| Request::BackendList {
                 service,
                 offset,
                 limit: 0,
-            })?)?;
+            },
+            |payload| match payload {
+                ReplyPayload::Backends {
+                    next_offset,
+                    entries,
+                } => Some((next_offset, entries)),
+                _ => None,
+            },
+        )
+    }
+
+    /// Every page of a list: `page` is the request for one page from an
+    /// offset, `entries` takes the next offset and the entries out of a
+    /// reply (None: the wrong kind of reply). Stops with an error rather
+    /// than loop when a page promises more but does not advance.
+    fn list_all<'r, T>(
+        &mut self,
+        page: impl Fn(u32) -> Request<'r>,
+        entries: impl Fn(ReplyPayload) -> Option<(u32, Vec<T>)>,
+    ) -> Result<Vec<T>, ClientError> {
+        let mut out = Vec::new();
+        let mut offset = 0u32;
+        loop {
+            let reply = ok(self.request(&page(offset))?)?;
             let more = reply.more;
-            let ReplyPayload::Backends {
-                next_offset,
-                entries,
-            } = reply.payload
-            else {
+            let Some((next_offset, entries)) = entries(reply.payload) else {
                 return Err(ClientError::Protocol("list reply without entries".into()));
             };
             let progressed = !entries.is_empty() && next_offset > offset;

@@ -832,18 +832,8 @@ mod tests {
     use crate::control::server::Payload;
     use crate::packet::Family;
 
-    const CFG: &str = r#"
-[eal]
-args = ["--no-huge"]
-[cores]
-control = 0
-workers = [1]
-[[ports]]
-name = "p0"
-device = "net_ring0"
-[control]
-listen = "127.0.0.1:7400"
-allowed_networks = ["127.0.0.0/8"]
+    /// The first service of the test configuration, before web.
+    const MAIL: &str = r#"
 [[services]]
 name = "mail"
 vip = "192.0.2.25"
@@ -854,13 +844,10 @@ ipip_source = "198.51.100.1"
 [[services.backends]]
 name = "m1"
 address = "10.0.2.1"
-[[services]]
-name = "web"
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
+"#;
+
+    /// The rest of the test configuration's web service.
+    const WEB_REST: &str = r#"
 max_affinity_duration = "10m"
 [[services.backends]]
 name = "a"
@@ -869,6 +856,11 @@ address = "10.0.0.1"
 name = "b"
 address = "10.0.0.2"
 "#;
+
+    fn config_text() -> String {
+        use crate::config::testing::{with_services, WEB};
+        with_services(&format!("{MAIL}{WEB}{WEB_REST}"))
+    }
 
     fn plane(text: &str) -> (ControlPlane, AffinityReader) {
         let cfg = Config::parse(text, "t.toml").unwrap();
@@ -912,7 +904,7 @@ address = "10.0.0.2"
 
     #[test]
     fn backends_pin_only_themselves_on_their_services() {
-        let (mut p, r) = plane(CFG);
+        let (mut p, r) = plane(&config_text());
         let ok = call(
             &mut p,
             "a",
@@ -962,7 +954,7 @@ address = "10.0.0.2"
 
     #[test]
     fn admin_acts_for_a_named_owner_and_cancels_any() {
-        let (mut p, r) = plane(CFG);
+        let (mut p, r) = plane(&config_text());
         let none = call(
             &mut p,
             "admin",
@@ -997,7 +989,7 @@ address = "10.0.0.2"
 
     #[test]
     fn draining_backends_get_no_new_affinities_and_removal_ends_them() {
-        let (mut p, r) = plane(CFG);
+        let (mut p, r) = plane(&config_text());
         assert_eq!(
             call(
                 &mut p,
@@ -1061,10 +1053,11 @@ address = "10.0.0.2"
 
     #[test]
     fn reload_that_renumbers_services_moves_their_affinities() {
-        let (mut p, r) = plane(CFG);
+        let (mut p, r) = plane(&config_text());
+        let text = config_text();
         let path = std::env::temp_dir().join(format!("pktdist-plane-{}.toml", std::process::id()));
-        std::fs::write(&path, CFG).unwrap();
-        p.set_config(path.clone(), Config::parse(CFG, "t.toml").unwrap());
+        std::fs::write(&path, &text).unwrap();
+        p.set_config(path.clone(), Config::parse(&text, "t.toml").unwrap());
         assert_eq!(
             call(
                 &mut p,
@@ -1075,9 +1068,9 @@ address = "10.0.0.2"
             ReturnCode::Ok
         );
         // Remove the first service: web becomes service 0.
-        let start = CFG.find("[[services]]").unwrap();
-        let second = start + 1 + CFG[start + 1..].find("[[services]]").unwrap();
-        let next = format!("{}{}", &CFG[..start], &CFG[second..]);
+        let start = text.find("[[services]]").unwrap();
+        let second = start + 1 + text[start + 1..].find("[[services]]").unwrap();
+        let next = format!("{}{}", &text[..start], &text[second..]);
         std::fs::write(&path, &next).unwrap();
         let msg = p.reload_from_file().unwrap();
         assert!(msg.contains("1 backend(s) removed"), "{msg}");
@@ -1108,7 +1101,8 @@ address = "10.0.0.2"
     #[test]
     fn reload_adds_and_removes_static_affinities() {
         let with = format!(
-            "{CFG}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n"
+            "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
+            config_text()
         );
         let (mut p, r) = plane(&with);
         let path =
@@ -1117,7 +1111,7 @@ address = "10.0.0.2"
         assert_eq!(p.add_static_affinities(&cfg), "");
         p.set_config(path.clone(), cfg);
         assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(2));
-        std::fs::write(&path, CFG).unwrap();
+        std::fs::write(&path, config_text()).unwrap();
         let msg = p.reload_from_file().unwrap();
         assert!(msg.contains("1 static affinit(ies) removed"), "{msg}");
         assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), None);

@@ -764,27 +764,34 @@ fn fit_page(reply: &mut Reply, name_len: usize) {
         ReplyPayload::Affinities {
             next_offset,
             entries,
-        } => {
-            let fit = count_fitting(entries, room, |e, w| e.encode(w));
-            if fit < entries.len() {
-                entries.truncate(fit);
-                reply.more = true;
-            }
-            *next_offset = next_offset.saturating_add(entries.len() as u32);
-        }
+        } => cut_page(entries, next_offset, &mut reply.more, room, |e, w| {
+            e.encode(w)
+        }),
         ReplyPayload::Backends {
             next_offset,
             entries,
-        } => {
-            let fit = count_fitting(entries, room, |e, w| e.encode(w));
-            if fit < entries.len() {
-                entries.truncate(fit);
-                reply.more = true;
-            }
-            *next_offset = next_offset.saturating_add(entries.len() as u32);
-        }
+        } => cut_page(entries, next_offset, &mut reply.more, room, |e, w| {
+            e.encode(w)
+        }),
         _ => {}
     }
+}
+
+/// One list page cut to the entries that encode within `room` bytes, setting
+/// `more` if any were cut and advancing `next_offset` past those kept.
+fn cut_page<T>(
+    entries: &mut Vec<T>,
+    next_offset: &mut u32,
+    more: &mut bool,
+    room: usize,
+    enc: impl Fn(&T, &mut Writer<'_>) -> Result<(), super::proto::EncodeError>,
+) {
+    let fit = count_fitting(entries, room, enc);
+    if fit < entries.len() {
+        entries.truncate(fit);
+        *more = true;
+    }
+    *next_offset = next_offset.saturating_add(entries.len() as u32);
 }
 
 /// How many leading entries encode within `room` bytes.

@@ -129,6 +129,52 @@ status_interval = "1s"
     )
 }
 
+/// The gateway MAC of the test configurations' port.
+pub const GATEWAY: &str = "02:00:00:00:00:fe";
+
+/// A `[[ports]]` table: port "p0" on `device`, next hop [`GATEWAY`].
+pub fn port_toml(device: &str) -> String {
+    format!("\n[[ports]]\nname = \"p0\"\ndevice = \"{device}\"\ngateway_mac = \"{GATEWAY}\"\n")
+}
+
+/// A `[[services]]` table forwarding by IPIP (from 198.51.100.1, or from
+/// 2001:db8::1 for an IPv6 VIP) with `extra` more service keys (TOML
+/// lines), then a `[[services.backends]]` table for each backend: (name,
+/// address, weight; None keeps the default weight).
+pub fn ipip_service(
+    name: &str,
+    vip: &str,
+    port: u16,
+    protocol: &str,
+    extra: &str,
+    backends: &[(&str, &str, Option<u32>)],
+) -> String {
+    let source = if vip.contains(':') {
+        "2001:db8::1"
+    } else {
+        "198.51.100.1"
+    };
+    let mut t = format!(
+        "\n[[services]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\n\
+         protocol = \"{protocol}\"\nforwarding = \"ipip\"\nipip_source = \"{source}\"\n{extra}"
+    );
+    for (name, address, weight) in backends {
+        t.push_str(&format!(
+            "\n[[services.backends]]\nname = \"{name}\"\naddress = \"{address}\"\n"
+        ));
+        if let Some(w) = weight {
+            t.push_str(&format!("weight = {w}\n"));
+        }
+    }
+    t
+}
+
+/// The "web" service of the test configurations, 192.0.2.10:80 over TCP
+/// (see [`ipip_service`]).
+pub fn web_service(extra: &str, backends: &[(&str, &str, Option<u32>)]) -> String {
+    ipip_service("web", "192.0.2.10", 80, "tcp", extra, backends)
+}
+
 /// Lines a child printed, shared with the thread that reads them.
 #[derive(Default)]
 struct Lines {
