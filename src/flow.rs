@@ -2,13 +2,16 @@
 //!
 //! Each worker owns one `FlowTable` and is its only user, so it needs no
 //! locks. The table is set-associative: a flow's hash picks exactly one
-//! bucket of [`WAYS`] slots, and a bucket keeps a one-cache-line header with
-//! a 16-bit tag, a coarse last-seen stamp and the TCP state of each slot,
-//! beside the entries themselves. A lookup reads the header and, on a tag
-//! match, one entry: one or two cache lines, whatever the table's fill.
+//! bucket of [`WAYS`] slots. A bucket is 512 bytes, aligned to 512: one
+//! header cache line with a 16-bit tag, a coarse last-seen stamp and the TCP
+//! state of each slot, then one 64-byte cache line per slot holding the key,
+//! backend, service and auto-affinity handle. A lookup reads the header and,
+//! on a tag match, one slot line: two cache lines in the same 4 KiB page, so
+//! one TLB miss at most, whatever the table's fill (the tables are far larger
+//! than the TLB's reach, and page walks were half the cost of a packet).
 //!
-//! Capacity is fixed at construction (rounded up to a power of two) and
-//! nothing is allocated afterwards. When a new flow's bucket is full, an
+//! Capacity is fixed at construction (rounded up to a multiple of [`WAYS`])
+//! and nothing is allocated afterwards. When a new flow's bucket is full, an
 //! entry whose idle timeout has passed is replaced first; otherwise the
 //! bucket's least recently seen entry is evicted. Eviction is therefore
 //! oldest-first *per bucket*, as in production load-balancer flow tables
@@ -16,9 +19,12 @@
 //! evicted flow is not lost: its next packet is routed again by affinity and
 //! the consistent hash, which normally picks the same backend.
 //!
-//! Entries whose idle timeout passed are treated as gone by `lookup` and
-//! `insert` and are removed by the incremental [`FlowTable::sweep`], which
-//! hands each one back so the caller can release what it holds.
+//! Last-seen times are kept in units of 2^20 ns (about 1.05 ms), so idle
+//! timeouts are honoured to within about two milliseconds (an entry is
+//! judged expired only once it certainly is). Entries whose idle timeout
+//! passed are treated as gone by `lookup` and `insert` and are removed by the
+//! incremental [`FlowTable::sweep`], which hands each one back so the caller
+//! can release what it holds.
 
 use std::time::Duration;
 
@@ -26,8 +32,9 @@ use crate::dataplane::{BackendId, ServiceId};
 use crate::dpdk::prefetch;
 use crate::packet::{tcp_flags, Family, FlowKey};
 
-/// Slots per bucket.
-pub const WAYS: usize = 8;
+/// Slots per bucket: a header line and seven slot lines make 512 bytes,
+/// eight buckets to a 4 KiB page.
+pub const WAYS: usize = 7;
 /// Largest capacity a table is built with (2^28 flows).
 pub const MAX_CAPACITY: usize = 1 << 28;
 
@@ -52,7 +59,7 @@ pub enum TcpState {
 }
 
 impl TcpState {
-    #[cfg(test)]
+    #[inline]
     fn from_u8(v: u8) -> TcpState {
         match v {
             0 => TcpState::SynSeen,
@@ -83,42 +90,21 @@ impl Default for FlowTimeouts {
     }
 }
 
-/// One tracked connection.
-///
-/// `repr(C)` keeps what a hit reads (key, backend, state, last_seen) in the
-/// first 64 bytes and `auto_slot` last, at byte 64: an 80-byte entry spans
-/// two cache lines wherever it starts, and prefetching its first byte and
-/// `auto_slot` brings in both.
+/// One tracked connection, as handed to and from the table. The table
+/// stores the state and last-seen time in the bucket header (the time
+/// coarsely) and the rest in a 64-byte slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(C)]
 pub struct FlowEntry {
     pub key: FlowKey,
     pub backend: BackendId,
     pub service: ServiceId,
     /// Owned by the table: changed by the TCP flags passed to `lookup`.
     pub state: TcpState,
-    /// Time of the last packet, in ns; owned by the table.
+    /// Time of the last packet, in ns; owned by the table, which keeps it
+    /// to about a millisecond (entries it hands back carry that time).
     pub last_seen: u64,
     /// Opaque handle for automatic affinity; `u32::MAX` = none.
     pub auto_slot: u32,
-}
-
-impl FlowEntry {
-    const VACANT: FlowEntry = FlowEntry {
-        key: FlowKey {
-            src: 0,
-            dst: 0,
-            sport: 0,
-            dport: 0,
-            proto: 0,
-            family: Family::V4,
-        },
-        backend: 0,
-        service: 0,
-        state: TcpState::Udp,
-        last_seen: 0,
-        auto_slot: u32::MAX,
-    };
 }
 
 /// Counters of one table, totals since construction.
@@ -144,10 +130,10 @@ pub struct FlowStats {
 
 /// The outcome of [`FlowTable::lookup`].
 #[derive(Debug, PartialEq, Eq)]
-pub enum Lookup<'a> {
-    /// A live flow, refreshed and with the packet's flags applied. Callers
-    /// may change `backend`, `service` and `auto_slot`, not the rest.
-    Hit(&'a mut FlowEntry),
+pub enum Lookup {
+    /// A live flow, refreshed and with the packet's flags applied (a copy:
+    /// change its backend with [`FlowTable::set_backend`]).
+    Hit(FlowEntry),
     /// The packet carried RST: the flow is removed and handed back. The
     /// packet itself still belongs to `backend`; the caller releases the
     /// entry's auto-affinity slot and counts the connection as ended.
@@ -161,30 +147,63 @@ pub enum Lookup<'a> {
     Miss,
 }
 
-/// One bucket's header: a cache line with the per-slot tags, coarse
-/// last-seen stamps and states, so that finding a key, a free slot or the
-/// oldest slot reads no entry.
+/// One bucket's header: the per-slot stamps, tags and states, so that
+/// finding a key, a free slot, an expired slot or the oldest slot reads no
+/// slot line.
 #[derive(Clone, Copy, Debug)]
-#[repr(C, align(64))]
+#[repr(C)]
 struct Header {
-    tags: [u16; WAYS],
     stamps: [u32; WAYS],
+    tags: [u16; WAYS],
     states: [u8; WAYS],
 }
 
-impl Header {
-    const EMPTY: Header = Header {
-        tags: [EMPTY; WAYS],
-        stamps: [0; WAYS],
-        states: [0; WAYS],
+/// What a slot stores: everything of a [`FlowEntry`] but the state and
+/// last-seen time, which live in the header.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Slot {
+    key: FlowKey,
+    backend: BackendId,
+    auto_slot: u32,
+    service: ServiceId,
+}
+
+/// A header line and its slots: 512 bytes, so a bucket never straddles a
+/// 4 KiB page.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(512))]
+struct Bucket {
+    header: Header,
+    slots: [Slot; WAYS],
+}
+
+impl Bucket {
+    const EMPTY: Bucket = Bucket {
+        header: Header {
+            stamps: [0; WAYS],
+            tags: [EMPTY; WAYS],
+            states: [0; WAYS],
+        },
+        slots: [Slot {
+            key: FlowKey {
+                src: 0,
+                dst: 0,
+                sport: 0,
+                dport: 0,
+                proto: 0,
+                family: Family::V4,
+            },
+            backend: 0,
+            auto_slot: u32::MAX,
+            service: 0,
+        }; WAYS],
     };
 }
 
 /// The per-worker connection table.
 pub struct FlowTable {
-    headers: Box<[Header]>,
-    entries: Box<[FlowEntry]>,
-    mask: usize,
+    buckets: Box<[Bucket]>,
     len: usize,
     /// Idle timeout in ns, indexed by `TcpState as usize`.
     timeout_ns: [u64; 4],
@@ -194,7 +213,7 @@ pub struct FlowTable {
 
 #[inline]
 fn tag_of(hash: u64) -> u16 {
-    // Top 16 bits (the bucket index uses the low bits); never EMPTY.
+    // Top 16 bits (the bucket index uses the low 32); never EMPTY.
     ((hash >> 48) as u16).max(1)
 }
 
@@ -204,16 +223,14 @@ fn stamp_of(ns: u64) -> u32 {
 }
 
 impl FlowTable {
-    /// A table for `capacity` flows, rounded up to a power of two (at least
-    /// [`WAYS`], at most [`MAX_CAPACITY`]). All memory is allocated here.
+    /// A table for `capacity` flows, rounded up to a multiple of [`WAYS`]
+    /// (at least [`WAYS`], at most about [`MAX_CAPACITY`]). All memory is
+    /// allocated here.
     pub fn new(capacity: usize, timeouts: FlowTimeouts) -> FlowTable {
-        let cap = capacity.clamp(WAYS, MAX_CAPACITY).next_power_of_two();
-        let buckets = cap / WAYS;
+        let buckets = capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS);
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         FlowTable {
-            headers: vec![Header::EMPTY; buckets].into_boxed_slice(),
-            entries: vec![FlowEntry::VACANT; cap].into_boxed_slice(),
-            mask: buckets - 1,
+            buckets: vec![Bucket::EMPTY; buckets].into_boxed_slice(),
             len: 0,
             timeout_ns: [
                 ns(timeouts.syn),
@@ -226,27 +243,29 @@ impl FlowTable {
         }
     }
 
+    /// The bucket of `hash`: its low 32 bits scaled to the bucket count (no
+    /// division, any count).
     #[inline]
     fn bucket(&self, hash: u64) -> usize {
-        hash as usize & self.mask
+        ((hash & 0xffff_ffff) * self.buckets.len() as u64 >> 32) as usize
     }
 
     /// Hints that the bucket of `hash` will be read soon (called for a whole
     /// burst before its lookups).
     #[inline]
     pub fn prefetch(&self, hash: u64) {
-        prefetch(&self.headers[self.bucket(hash)]);
+        prefetch(&self.buckets[self.bucket(hash)].header);
     }
 
     /// Second prefetch stage: once the bucket header is in cache (after
-    /// [`FlowTable::prefetch`] for the whole burst), hints the entry whose
-    /// tag matches `hash`, so that the burst's entry reads overlap too. With
+    /// [`FlowTable::prefetch`] for the whole burst), hints the slot whose
+    /// tag matches `hash`, so that the burst's slot reads overlap too. With
     /// no match (a new flow) it hints the slot `insert` will most likely
     /// write: the first empty one, else the least recently seen.
     #[inline]
     pub fn prefetch_entry(&self, hash: u64) {
-        let b = self.bucket(hash);
-        let h = &self.headers[b];
+        let bk = &self.buckets[self.bucket(hash)];
+        let h = &bk.header;
         let tag = tag_of(hash);
         let slot = match h.tags.iter().position(|&t| t == tag) {
             Some(s) => s,
@@ -255,43 +274,44 @@ impl FlowTable {
                 None => (0..WAYS).min_by_key(|&s| h.stamps[s]).unwrap_or(0),
             },
         };
-        let e = &self.entries[b * WAYS + slot];
-        // Both cache lines the entry spans (see FlowEntry).
-        prefetch(e);
-        prefetch(&e.auto_slot);
+        prefetch(&bk.slots[slot]);
     }
 
     #[inline]
     fn find(&self, b: usize, tag: u16, key: &FlowKey) -> Option<usize> {
-        let h = &self.headers[b];
-        (0..WAYS).find(|&s| h.tags[s] == tag && self.entries[b * WAYS + s].key == *key)
+        let bk = &self.buckets[b];
+        (0..WAYS).find(|&s| bk.header.tags[s] == tag && bk.slots[s].key == *key)
     }
 
+    /// True when slot `s` of bucket `b` has certainly been idle longer than
+    /// its state's timeout (stamps are coarse: up to two stamp units late).
     #[inline]
-    fn expired(&self, e: &FlowEntry, now: u64) -> bool {
-        now.saturating_sub(e.last_seen) > self.timeout_ns[e.state as usize]
+    fn expired(&self, b: usize, s: usize, now: u64) -> bool {
+        let h = &self.buckets[b].header;
+        let age = u64::from(stamp_of(now).wrapping_sub(h.stamps[s]));
+        age.saturating_sub(1) << STAMP_SHIFT > self.timeout_ns[h.states[s] as usize & 3]
     }
 
-    /// False only when slot `s` of bucket `b` certainly has not timed out,
-    /// judged from the header alone (stamps are coarse, so "maybe").
+    /// The entry in slot `s` of bucket `b`, as the caller sees it.
     #[inline]
-    fn maybe_expired(&self, b: usize, s: usize, now: u64) -> bool {
-        let h = &self.headers[b];
-        let age = stamp_of(now).wrapping_sub(h.stamps[s]) as u64;
-        (age + 1) << STAMP_SHIFT > self.timeout_ns[h.states[s] as usize]
+    fn entry(&self, b: usize, s: usize) -> FlowEntry {
+        let bk = &self.buckets[b];
+        let slot = &bk.slots[s];
+        FlowEntry {
+            key: slot.key,
+            backend: slot.backend,
+            service: slot.service,
+            state: TcpState::from_u8(bk.header.states[s]),
+            last_seen: u64::from(bk.header.stamps[s]) << STAMP_SHIFT,
+            auto_slot: slot.auto_slot,
+        }
     }
 
     fn take(&mut self, b: usize, s: usize) -> FlowEntry {
-        self.headers[b].tags[s] = EMPTY;
+        let e = self.entry(b, s);
+        self.buckets[b].header.tags[s] = EMPTY;
         self.len -= 1;
-        self.entries[b * WAYS + s]
-    }
-
-    fn touch(&mut self, b: usize, s: usize, now: u64) {
-        let i = b * WAYS + s;
-        self.entries[i].last_seen = now;
-        self.headers[b].stamps[s] = stamp_of(now);
-        self.headers[b].states[s] = self.entries[i].state as u8;
+        e
     }
 
     /// Finds a live flow, refreshes its last-seen time to `now` and applies
@@ -299,20 +319,19 @@ impl FlowTable {
     /// Closing (the shorter `fin` timeout), RST ends the flow. UDP flows
     /// ignore flags. See [`Lookup`] for what comes back.
     #[inline]
-    pub fn lookup(&mut self, key: &FlowKey, hash: u64, now: u64, tcp_flags: u8) -> Lookup<'_> {
+    pub fn lookup(&mut self, key: &FlowKey, hash: u64, now: u64, tcp_flags: u8) -> Lookup {
         let b = self.bucket(hash);
         let Some(s) = self.find(b, tag_of(hash), key) else {
             self.stats.misses += 1;
             return Lookup::Miss;
         };
-        let i = b * WAYS + s;
-        let e = &self.entries[i];
-        let old_state = e.state;
-        if self.expired(e, now) {
+        if self.expired(b, s, now) {
             self.stats.expired += 1;
             self.stats.misses += 1;
             return Lookup::Stale(self.take(b, s));
         }
+        let old_state = TcpState::from_u8(self.buckets[b].header.states[s]);
+        let mut state = old_state;
         if old_state != TcpState::Udp {
             if tcp_flags & tcp_flags::RST != 0 {
                 self.stats.closed += 1;
@@ -325,18 +344,37 @@ impl FlowTable {
                 self.stats.misses += 1;
                 return Lookup::Stale(self.take(b, s));
             }
-            let state = if tcp_flags & tcp_flags::FIN != 0 {
-                TcpState::Closing
+            if tcp_flags & tcp_flags::FIN != 0 {
+                state = TcpState::Closing;
             } else if old_state == TcpState::SynSeen && tcp_flags & tcp_flags::ACK != 0 {
-                TcpState::Established
-            } else {
-                old_state
-            };
-            self.entries[i].state = state;
+                state = TcpState::Established;
+            }
         }
-        self.touch(b, s, now);
+        let h = &mut self.buckets[b].header;
+        h.states[s] = state as u8;
+        h.stamps[s] = stamp_of(now);
         self.stats.hits += 1;
-        Lookup::Hit(&mut self.entries[i])
+        let slot = &self.buckets[b].slots[s];
+        Lookup::Hit(FlowEntry {
+            key: *key,
+            backend: slot.backend,
+            service: slot.service,
+            state,
+            last_seen: now,
+            auto_slot: slot.auto_slot,
+        })
+    }
+
+    /// Changes the backend of a live flow; false if the flow is not there.
+    pub fn set_backend(&mut self, key: &FlowKey, hash: u64, backend: BackendId) -> bool {
+        let b = self.bucket(hash);
+        match self.find(b, tag_of(hash), key) {
+            Some(s) => {
+                self.buckets[b].slots[s].backend = backend;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Inserts `entry` (its `last_seen` is set to `now`). An entry with the
@@ -344,36 +382,40 @@ impl FlowTable {
     /// entry of the same key, an entry whose timeout had passed, or the
     /// bucket's least recently seen entry evicted to make room. The caller
     /// releases what the displaced entry holds.
-    pub fn insert(&mut self, mut entry: FlowEntry, hash: u64, now: u64) -> Option<FlowEntry> {
+    pub fn insert(&mut self, entry: FlowEntry, hash: u64, now: u64) -> Option<FlowEntry> {
         let b = self.bucket(hash);
         let tag = tag_of(hash);
-        entry.last_seen = now;
         let (slot, displaced) = if let Some(s) = self.find(b, tag, &entry.key) {
             self.stats.updated += 1;
-            (s, Some(self.entries[b * WAYS + s]))
+            (s, Some(self.entry(b, s)))
         } else {
             self.stats.inserted += 1;
-            let h = &self.headers[b];
+            let h = &self.buckets[b].header;
             if let Some(s) = (0..WAYS).find(|&s| h.tags[s] == EMPTY) {
                 self.len += 1;
                 (s, None)
-            } else if let Some(s) = (0..WAYS).find(|&s| {
-                self.maybe_expired(b, s, now) && self.expired(&self.entries[b * WAYS + s], now)
-            }) {
+            } else if let Some(s) = (0..WAYS).find(|&s| self.expired(b, s, now)) {
                 self.stats.expired += 1;
-                (s, Some(self.entries[b * WAYS + s]))
+                (s, Some(self.entry(b, s)))
             } else {
                 let now_stamp = stamp_of(now);
                 let s = (0..WAYS)
                     .max_by_key(|&s| now_stamp.wrapping_sub(h.stamps[s]))
                     .unwrap_or(0);
                 self.stats.evicted += 1;
-                (s, Some(self.entries[b * WAYS + s]))
+                (s, Some(self.entry(b, s)))
             }
         };
-        self.entries[b * WAYS + slot] = entry;
-        self.headers[b].tags[slot] = tag;
-        self.touch(b, slot, now);
+        let bk = &mut self.buckets[b];
+        bk.slots[slot] = Slot {
+            key: entry.key,
+            backend: entry.backend,
+            auto_slot: entry.auto_slot,
+            service: entry.service,
+        };
+        bk.header.tags[slot] = tag;
+        bk.header.stamps[slot] = stamp_of(now);
+        bk.header.states[slot] = entry.state as u8;
         displaced
     }
 
@@ -387,16 +429,14 @@ impl FlowTable {
 
     /// Incremental sweep: examines up to `buckets` buckets from an internal
     /// cursor and calls `ended` for each timed-out entry, removing it. A
-    /// full cycle (capacity / WAYS buckets) visits every entry once.
+    /// full cycle ([`FlowTable::buckets`] buckets) visits every entry once.
     pub fn sweep(&mut self, now: u64, buckets: usize, mut ended: impl FnMut(FlowEntry)) {
-        for _ in 0..buckets.min(self.headers.len()) {
+        let n = self.buckets.len();
+        for _ in 0..buckets.min(n) {
             let b = self.cursor;
-            self.cursor = (self.cursor + 1) & self.mask;
+            self.cursor = if b + 1 == n { 0 } else { b + 1 };
             for s in 0..WAYS {
-                if self.headers[b].tags[s] != EMPTY
-                    && self.maybe_expired(b, s, now)
-                    && self.expired(&self.entries[b * WAYS + s], now)
-                {
+                if self.buckets[b].header.tags[s] != EMPTY && self.expired(b, s, now) {
                     self.stats.expired += 1;
                     ended(self.take(b, s));
                 }
@@ -415,12 +455,12 @@ impl FlowTable {
 
     /// Maximum number of flows.
     pub fn capacity(&self) -> usize {
-        self.entries.len()
+        self.buckets.len() * WAYS
     }
 
     /// Number of buckets (a full sweep cycle).
     pub fn buckets(&self) -> usize {
-        self.headers.len()
+        self.buckets.len()
     }
 
     pub fn stats(&self) -> FlowStats {
@@ -432,23 +472,14 @@ impl FlowTable {
         Duration::from_nanos(self.timeout_ns[state as usize])
     }
 
-    /// The state recorded in the header matches the entry (test helper).
+    /// The occupied slots match `len` (test helper).
     #[cfg(test)]
     fn consistent(&self) -> bool {
-        let mut n = 0;
-        for b in 0..self.headers.len() {
-            for s in 0..WAYS {
-                if self.headers[b].tags[s] != EMPTY {
-                    n += 1;
-                    let e = &self.entries[b * WAYS + s];
-                    if TcpState::from_u8(self.headers[b].states[s]) != e.state
-                        || self.headers[b].stamps[s] != stamp_of(e.last_seen)
-                    {
-                        return false;
-                    }
-                }
-            }
-        }
+        let n: usize = self
+            .buckets
+            .iter()
+            .map(|bk| bk.header.tags.iter().filter(|&&t| t != EMPTY).count())
+            .sum();
         n == self.len
     }
 }
@@ -495,13 +526,13 @@ mod tests {
         )
     }
 
-    fn is_hit(l: &Lookup<'_>) -> bool {
+    fn is_hit(l: &Lookup) -> bool {
         matches!(l, Lookup::Hit(_))
     }
 
     #[test]
     fn capacity_rounds_up_and_bounds_hold() {
-        assert_eq!(table(1000).capacity(), 1024);
+        assert_eq!(table(1000).capacity(), 1001);
         assert_eq!(table(0).capacity(), WAYS);
         let mut t = table(1000);
         let mut displaced = 0u64;
@@ -542,8 +573,9 @@ mod tests {
             t.insert(entry(k, state), h, t0);
             // Just inside the timeout: still there (flags 0 keep the state).
             assert!(is_hit(&t.lookup(&k, h, t0 + secs * SEC, 0)), "{state:?}");
-            // Past the timeout from the refreshed time: handed back as stale.
-            let t1 = t0 + 2 * secs * SEC + 1;
+            // Past the timeout from the refreshed time (by more than the
+            // stamps' two-unit slack): handed back as stale.
+            let t1 = t0 + 2 * secs * SEC + (3 << STAMP_SHIFT);
             match t.lookup(&k, h, t1, 0) {
                 Lookup::Stale(e) => assert_eq!(e.state, state),
                 other => panic!("{state:?}: expected Stale, got {other:?}"),
@@ -747,9 +779,10 @@ mod tests {
         let k = key(11, PROTO_TCP);
         let h = flow_hash(&k);
         t.insert(entry(k, TcpState::Established), h, SEC);
-        if let Lookup::Hit(e) = t.lookup(&k, h, SEC, ACK) {
-            e.backend = 3;
-        }
+        assert!(is_hit(&t.lookup(&k, h, SEC, ACK)));
+        assert!(t.set_backend(&k, h, 3));
+        let other = key(12, PROTO_TCP);
+        assert!(!t.set_backend(&other, flow_hash(&other), 3));
         assert!(matches!(
             t.lookup(&k, h, SEC, ACK),
             Lookup::Hit(FlowEntry { backend: 3, .. })
@@ -794,9 +827,9 @@ mod tests {
             for k in 0..200 {
                 let key = key(k, PROTO_TCP);
                 let h = flow_hash(&key);
-                let b = t.bucket(h);
+                let bk = &t.buckets[t.bucket(h)];
                 let n = (0..WAYS)
-                    .filter(|&s| t.headers[b].tags[s] != EMPTY && t.entries[b * WAYS + s].key == key)
+                    .filter(|&s| bk.header.tags[s] != EMPTY && bk.slots[s].key == key)
                     .count();
                 proptest::prop_assert!(n <= 1);
             }
@@ -804,12 +837,39 @@ mod tests {
     }
 
     #[test]
-    fn header_is_one_cache_line() {
-        assert_eq!(std::mem::size_of::<Header>(), 64);
-        // prefetch_entry relies on this layout to cover both lines.
-        assert_eq!(std::mem::size_of::<FlowEntry>(), 80);
-        assert_eq!(std::mem::align_of::<FlowEntry>() % 16, 0);
-        assert_eq!(std::mem::offset_of!(FlowEntry, auto_slot), 64);
-        assert!(std::mem::offset_of!(FlowEntry, last_seen) + 8 <= 64);
+    fn bucket_is_a_header_line_and_one_line_per_slot() {
+        assert!(std::mem::size_of::<Header>() <= 64);
+        assert_eq!(std::mem::size_of::<Slot>(), 64);
+        assert_eq!(std::mem::size_of::<Bucket>(), 512);
+        assert_eq!(std::mem::align_of::<Bucket>(), 512);
+        assert_eq!(std::mem::offset_of!(Bucket, slots), 64);
+        let t = table(1 << 12);
+        assert_eq!(t.buckets.as_ptr() as usize % 4096 % 512, 0);
+    }
+
+    #[test]
+    fn entries_keep_the_fields_the_caller_gave() {
+        let mut t = table(64);
+        let k = key(21, PROTO_TCP);
+        let h = flow_hash(&k);
+        let mut e = entry(k, TcpState::SynSeen);
+        e.backend = 5;
+        e.service = 9;
+        e.auto_slot = 77;
+        t.insert(e, h, 3 * SEC);
+        match t.lookup(&k, h, 4 * SEC, 0) {
+            Lookup::Hit(got) => {
+                assert_eq!((got.key, got.backend, got.service), (k, 5, 9));
+                assert_eq!(
+                    (got.auto_slot, got.state, got.last_seen),
+                    (77, TcpState::SynSeen, 4 * SEC)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let out = t.remove(&k, h).expect("present");
+        assert_eq!((out.backend, out.service, out.auto_slot), (5, 9, 77));
+        // The stored time is coarse: within one stamp unit of the last packet.
+        assert!(4 * SEC - out.last_seen < 1 << STAMP_SHIFT);
     }
 }

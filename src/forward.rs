@@ -8,7 +8,7 @@
 use crate::io::PacketBuf;
 use crate::packet::{flow_hash, Family, ParsedPacket};
 use crate::stats::DropReason;
-use crate::wire::{checksum, ipv4, ipv6};
+use crate::wire::{ipv4, ipv6};
 
 /// TTL / hop limit of the outer header.
 const OUTER_TTL: u8 = 64;
@@ -86,18 +86,22 @@ pub fn encap_ipip<B: PacketBuf>(
     let (hdr, inner_ip) = data[l2..].split_at_mut(outer);
     match pkt.key.family {
         Family::V4 => {
-            let mut h = [0u8; ipv4::HEADER_LEN];
-            h[0] = 0x45;
-            h[1] = inner_ip[1];
-            h[2..4].copy_from_slice(&((inner + outer) as u16).to_be_bytes());
-            // id 0, flags and fragment offset 0 (DF clear).
-            h[8] = OUTER_TTL;
-            h[9] = ipv4::PROTO_IPIP;
-            h[12..16].copy_from_slice(&(outer_src as u32).to_be_bytes());
-            h[16..20].copy_from_slice(&(backend as u32).to_be_bytes());
-            let c = checksum::ipv4_header20(&h);
-            h[10..12].copy_from_slice(&c.to_be_bytes());
-            hdr.copy_from_slice(&h);
+            // The header's 16-bit words are summed as values (not read back
+            // from bytes just stored, which defeats store forwarding):
+            // version/IHL and TOS, total length, id 0, flags and fragment
+            // offset 0 (DF clear), TTL and protocol, addresses.
+            let (src, dst) = (outer_src as u32, backend as u32);
+            let w0 = 0x4500 | u32::from(inner_ip[1]);
+            let total = (inner + outer) as u32;
+            let w4 = u32::from(OUTER_TTL) << 8 | u32::from(ipv4::PROTO_IPIP);
+            let sum = w0 + total + w4 + (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
+            let sum = (sum & 0xffff) + (sum >> 16);
+            let c = !((sum & 0xffff) + (sum >> 16)) as u16;
+            hdr[0..4].copy_from_slice(&(w0 << 16 | total).to_be_bytes());
+            hdr[4..8].copy_from_slice(&[0; 4]);
+            hdr[8..12].copy_from_slice(&(w4 << 16 | u32::from(c)).to_be_bytes());
+            hdr[12..16].copy_from_slice(&src.to_be_bytes());
+            hdr[16..20].copy_from_slice(&dst.to_be_bytes());
         }
         Family::V6 => {
             let tc = (u16::from_be_bytes([inner_ip[0], inner_ip[1]]) >> 4) as u8;
@@ -136,7 +140,7 @@ mod tests {
     use crate::io::{MemBuf, PacketBuf};
     use crate::packet::{parse, tcp_flags};
     use crate::wire::build::FrameSpec;
-    use crate::wire::{ethernet, ipv4, ipv6};
+    use crate::wire::{checksum, ethernet, ipv4, ipv6};
     use proptest::prelude::*;
 
     const SRC_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];

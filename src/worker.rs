@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::affinity::{AffinityReader, AutoAffinityTable, AutoSlot};
-use crate::dataplane::{BackendId, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service};
+use crate::dataplane::{
+    BackendId, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service, ServiceId,
+};
 use crate::flow::{FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState};
 use crate::forward;
 use crate::io::{PacketBuf, PacketIo, MAX_BURST};
@@ -214,6 +216,10 @@ impl<IO: PacketIo> Worker<IO> {
         // affinity buckets their lookup will probe.
         let mut parsed: [Option<Result<ParsedPacket, DropReason>>; MAX_BURST] = [None; MAX_BURST];
         let mut hashes = [0u64; MAX_BURST];
+        // The service of each packet, looked up once here for pass 3; a
+        // burst mostly goes to one service, so the last answer is kept.
+        let mut services: [Option<ServiceId>; MAX_BURST] = [None; MAX_BURST];
+        let mut last: Option<(u128, u16, u8, Option<ServiceId>)> = None;
         let mut bytes = 0u64;
         for (i, b) in rx.iter().enumerate() {
             bytes += b.data().len() as u64;
@@ -222,13 +228,22 @@ impl<IO: PacketIo> Worker<IO> {
                 let h = packet::flow_hash(&p.key);
                 self.flows.prefetch(h);
                 hashes[i] = h;
-                if p.is_syn() {
-                    if let Some(svc) = self.dp.service_for(&p.key) {
-                        let k = &p.key;
-                        self.shared
-                            .affinity
-                            .prefetch(svc.id, k.family, k.src, k.sport);
+                let k = &p.key;
+                let svc = match last {
+                    Some((dst, port, proto, svc))
+                        if dst == k.dst && port == k.dport && proto == k.proto =>
+                    {
+                        svc
                     }
+                    _ => {
+                        let svc = self.dp.service_for(k).map(|s| s.id);
+                        last = Some((k.dst, k.dport, k.proto, svc));
+                        svc
+                    }
+                };
+                services[i] = svc;
+                if let Some(id) = svc.filter(|_| p.is_syn()) {
+                    self.shared.affinity.prefetch(id, k.family, k.src, k.sport);
                 }
             }
             parsed[i] = Some(p);
@@ -249,7 +264,16 @@ impl<IO: PacketIo> Worker<IO> {
         for (i, mut buf) in rx.drain(..).enumerate() {
             let verdict = match parsed[i] {
                 Some(Ok(p)) => self
-                    .route_and_rewrite(&dp, &mut buf, &p, hashes[i], now, plan, src_mac)
+                    .route_and_rewrite(
+                        &dp,
+                        services[i],
+                        &mut buf,
+                        &p,
+                        hashes[i],
+                        now,
+                        plan,
+                        src_mac,
+                    )
                     .map(|()| plan.forward_to),
                 Some(Err(reason)) => Err(reason),
                 None => Err(DropReason::Malformed),
@@ -302,6 +326,7 @@ impl<IO: PacketIo> Worker<IO> {
     fn route_and_rewrite(
         &mut self,
         dp: &Dataplane,
+        service: Option<ServiceId>,
         buf: &mut IO::Buf,
         p: &ParsedPacket,
         hash: u64,
@@ -309,7 +334,9 @@ impl<IO: PacketIo> Worker<IO> {
         plan: PortPlan,
         src_mac: [u8; 6],
     ) -> Result<(), DropReason> {
-        let svc = dp.service_for(&p.key).ok_or(DropReason::NoService)?;
+        let svc = service
+            .and_then(|id| dp.services.get(id as usize))
+            .ok_or(DropReason::NoService)?;
         let backend = self.route(dp, svc, p, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.data().len() as u64;
