@@ -77,6 +77,9 @@ pub struct Worker<IO: PacketIo> {
     setup: WorkerSetup,
     shared: Shared,
     dp: Arc<Dataplane>,
+    /// An empty snapshot only this worker holds, parked in `dp` while a
+    /// burst borrows the real one.
+    idle_dp: Arc<Dataplane>,
     /// Per-service round-robin state, rebuilt with each snapshot.
     wrr: Vec<Option<SmoothWrr>>,
     flows: FlowTable,
@@ -104,6 +107,7 @@ impl<IO: PacketIo> Worker<IO> {
             setup,
             shared,
             dp,
+            idle_dp: Arc::new(Dataplane::default()),
             wrr: Vec::new(),
             flows,
             swept_until: 0,
@@ -259,8 +263,11 @@ impl<IO: PacketIo> Worker<IO> {
         // Pass 3: route, rewrite, queue.
         let plan = self.setup.ports[port];
         let src_mac = self.io.port_mac(plan.forward_to);
-        // One reference-count increment per burst, not per packet.
-        let dp = Arc::clone(&self.dp);
+        // Borrow the snapshot for the burst without touching its reference
+        // count (a line every worker would write): park a worker-private
+        // placeholder in its place and put it back after.
+        let placeholder = Arc::clone(&self.idle_dp);
+        let dp = std::mem::replace(&mut self.dp, placeholder);
         for (i, mut buf) in rx.drain(..).enumerate() {
             let verdict = match parsed[i] {
                 Some(Ok(p)) => self
@@ -296,6 +303,7 @@ impl<IO: PacketIo> Worker<IO> {
                 self.flush(out);
             }
         }
+        self.dp = dp;
         self.rx = rx;
         for out in 0..self.tx.len() {
             if !self.tx[out].is_empty() {
@@ -384,12 +392,12 @@ impl<IO: PacketIo> Worker<IO> {
                 self.counters.rerouted.inc();
                 if let Some(old) = self.flows.remove(&p.key, hash) {
                     self.counters.flows_closed.inc();
-                    self.release(&old, now);
+                    self.release(dp, &old, now);
                 }
             }
             Lookup::Reset(e) => {
                 self.counters.flows_closed.inc();
-                self.release(&e, now);
+                self.release(dp, &e, now);
                 // The reset that ended the flow still reaches its backend.
                 let backend = match dp.backend(e.backend) {
                     Some(b) => b.id,
@@ -401,10 +409,11 @@ impl<IO: PacketIo> Worker<IO> {
                 // Idle past its timeout, or a new SYN on a closing flow's
                 // tuple: the old flow is over and this packet starts anew.
                 self.counters.flows_expired.inc();
-                self.release(&e, now);
+                self.release(dp, &e, now);
             }
             Lookup::Miss => {}
         }
+        self.counters.flows_active.set(self.flows.len() as u64);
 
         let syn = p.is_syn();
         if is_tcp {
@@ -441,8 +450,13 @@ impl<IO: PacketIo> Worker<IO> {
             auto_slot: auto_slot.map_or(NO_AUTO_SLOT, |s| s.0),
         };
         if let Some(old) = self.flows.insert(entry, hash, now) {
-            self.counters.flows_evicted.inc();
-            self.release(&old, now);
+            if now.saturating_sub(old.last_seen) >= self.flows.timeout(old.state).as_nanos() as u64
+            {
+                self.counters.flows_expired.inc();
+            } else {
+                self.counters.flows_evicted.inc();
+            }
+            self.release(dp, &old, now);
         }
         self.counters.flows_active.set(self.flows.len() as u64);
         let bc = &self.counters.backends[backend as usize];
@@ -475,12 +489,16 @@ impl<IO: PacketIo> Worker<IO> {
                 .affinity
                 .lookup(svc.id, p.key.family, p.key.src, p.key.sport)
         {
-            if dp.backend(owner).is_some() {
-                sc.affinity_hits.inc();
+            if dp.backend(owner).is_some_and(|b| b.service == svc.id) {
+                if new_connection {
+                    sc.affinity_hits.inc();
+                }
                 return Ok((owner, None));
             }
         }
-        sc.affinity_misses.inc();
+        if new_connection {
+            sc.affinity_misses.inc();
+        }
 
         if svc.auto_affinity.is_some() {
             let wrr = &mut self.wrr;
@@ -490,7 +508,12 @@ impl<IO: PacketIo> Worker<IO> {
                 p.key.family,
                 p.key.src,
                 now_ms,
-                |id| dp.backend(id).is_some(),
+                // A pin holds while its backend takes new connections: a
+                // draining (weight 0) or removed one loses its pins.
+                |id| {
+                    dp.backend(id)
+                        .is_some_and(|b| b.service == svc.id && b.weight > 0)
+                },
                 || {
                     scheduled = true;
                     if new_connection {
@@ -532,7 +555,7 @@ impl<IO: PacketIo> Worker<IO> {
                 .affinity
                 .lookup(svc.id, p.key.family, p.key.src, p.key.sport)
         {
-            if dp.backend(owner).is_some() {
+            if dp.backend(owner).is_some_and(|b| b.service == svc.id) {
                 return Ok(owner);
             }
         }
@@ -541,8 +564,8 @@ impl<IO: PacketIo> Worker<IO> {
 
     /// A flow left the table (closed, reset, expired or evicted): its
     /// backend has one connection less and its auto-affinity pin one user less.
-    fn release(&self, e: &FlowEntry, now: u64) {
-        release_flow(&self.counters, &self.shared.auto_affinity, &self.dp, e, now);
+    fn release(&self, dp: &Dataplane, e: &FlowEntry, now: u64) {
+        release_flow(&self.counters, &self.shared.auto_affinity, dp, e, now);
     }
 
     fn sweep(&mut self, now: u64) {
@@ -1007,5 +1030,44 @@ mod tests {
         assert_eq!(c.passed.get(), 2);
         // Malformed frames are never passed on.
         assert_eq!(c.drops[DropReason::Malformed as usize].get(), 1);
+    }
+
+    #[test]
+    fn draining_a_backend_moves_its_auto_affinity_pins() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
+        let mut svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        svc.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(60),
+        });
+        let mut b = bed(vec![svc.clone()], bes, 1 << 12);
+        let first = send(&mut b, &[tcp([198, 18, 12, 1], 100, tcp_flags::SYN)], SEC)[0];
+        let pinned = backend_index(first);
+        // Drain the pinned backend while the client's connection is open.
+        let mut drained = vec![backend(0, 0, 100), backend(1, 0, 100)];
+        drained[pinned].weight = 0;
+        let mut svc2 = svc;
+        svc2.maglev = Arc::new(
+            MaglevTable::new(
+                &[("be0", drained[0].weight), ("be1", drained[1].weight)],
+                65537,
+            )
+            .unwrap(),
+        );
+        b.cell.publish(Dataplane::new(2, vec![svc2], drained));
+        // The open connection stays; a new one goes to the other backend.
+        assert_eq!(
+            send(
+                &mut b,
+                &[tcp([198, 18, 12, 1], 100, tcp_flags::ACK)],
+                2 * SEC
+            ),
+            vec![first]
+        );
+        let next = send(
+            &mut b,
+            &[tcp([198, 18, 12, 1], 101, tcp_flags::SYN)],
+            2 * SEC,
+        )[0];
+        assert_ne!(backend_index(next), pinned);
     }
 }
