@@ -19,7 +19,8 @@ const OUTER_TTL: u8 = 64;
 ///
 /// The link-layer header keeps its VLAN tag(s); Ethernet padding after the
 /// inner packet is removed so the frame ends where the outer packet does.
-/// The outer IPv4 header copies the inner TOS, has DF clear, id 0 and TTL 64;
+/// The outer IPv4 header copies the inner TOS and DF bit (RFC 2003 3.1, so
+/// path-MTU discovery keeps working through the tunnel), has id 0 and TTL 64;
 /// the outer IPv6 header copies the traffic class and takes its flow label
 /// from the flow hash, so routers spread tunnelled flows (RFC 6438).
 ///
@@ -88,17 +89,19 @@ pub fn encap_ipip<B: PacketBuf>(
         Family::V4 => {
             // The header's 16-bit words are summed as values (not read back
             // from bytes just stored, which defeats store forwarding):
-            // version/IHL and TOS, total length, id 0, flags and fragment
-            // offset 0 (DF clear), TTL and protocol, addresses.
+            // version/IHL and TOS, total length, id 0, flags (the inner DF)
+            // and fragment offset 0, TTL and protocol, addresses.
             let (src, dst) = (outer_src as u32, backend as u32);
             let w0 = 0x4500 | u32::from(inner_ip[1]);
             let total = (inner + outer) as u32;
+            let w3 = u32::from(inner_ip[6] & 0x40) << 8;
             let w4 = u32::from(OUTER_TTL) << 8 | u32::from(ipv4::PROTO_IPIP);
-            let sum = w0 + total + w4 + (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
+            let sum =
+                w0 + total + w3 + w4 + (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
             let sum = (sum & 0xffff) + (sum >> 16);
             let c = !((sum & 0xffff) + (sum >> 16)) as u16;
             hdr[0..4].copy_from_slice(&(w0 << 16 | total).to_be_bytes());
-            hdr[4..8].copy_from_slice(&[0; 4]);
+            hdr[4..8].copy_from_slice(&w3.to_be_bytes());
             hdr[8..12].copy_from_slice(&(w4 << 16 | u32::from(c)).to_be_bytes());
             hdr[12..16].copy_from_slice(&src.to_be_bytes());
             hdr[16..20].copy_from_slice(&dst.to_be_bytes());
@@ -225,7 +228,9 @@ mod tests {
                 assert_eq!(ip.protocol(), ipv4::PROTO_IPIP);
                 assert_eq!(ip.ttl(), 64);
                 assert_eq!(ip.tos(), original_ip[1]);
-                assert!(!ip.dont_frag() && !ip.is_fragment());
+                assert!(!ip.is_fragment());
+                let inner_df = original_ip[6] & 0x40 != 0;
+                assert_eq!(ip.dont_frag(), inner_df, "DF copied from the inner header");
                 assert_eq!(ip.ident(), 0);
                 assert_eq!(u32::from_be_bytes(ip.src_addr()) as u128, LB4);
                 assert_eq!(u32::from_be_bytes(ip.dst_addr()) as u128, BE4);
