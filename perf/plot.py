@@ -125,7 +125,7 @@ def throughput(plt, data, path):
 
     ax.legend(
         handles=[
-            Patch(color=GREY, label="baseline: rx -> tx, no work (feeder-limited)"),
+            Patch(color=GREY, label="baseline: rx -> tx of the same mbufs, no work"),
             Patch(color=BLUE, label="pktdist worker, Mpps/core measured"),
             Line2D([], [], marker="<", color="black", linestyle="", label="cap Mpps: 1 / trimmed mean ns per packet"),
             Line2D([], [], color=RED, linestyle="--", label="target for that scenario"),
