@@ -79,6 +79,9 @@ def throughput(plt, data, path):
     others += [r["capacity_mpps"] for r in rows if r["scenario"] != "baseline"]
     others += [t for t, _ in targets.values()]
     top = max(others) * 1.45 if others else max(r["mpps_per_core"] for r in rows) * 1.2
+    contended = [r["scenario"] for r in rows if r.get("bottleneck") == "cpu-contention"]
+    if contended:
+        top *= 1.15  # room for the warning box
 
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     xs = list(range(len(rows)))
@@ -97,8 +100,11 @@ def throughput(plt, data, path):
             label += f"\n{syn_ratio:.2f}x syn"
         if clipped:
             label += "\n(bar clipped)"
-        if r.get("bottleneck") not in (None, "worker"):
-            label += f"\n{r['bottleneck']}-limited"
+        bottleneck = r.get("bottleneck")
+        if bottleneck == "feeder":
+            label += "\nfeeder-limited"
+        elif bottleneck == "cpu-contention":
+            label += "\nCPU contention"
         if clipped:
             # Break marks across the top of the clipped bar.
             for dy in (0.0, 0.025 * top):
@@ -107,13 +113,29 @@ def throughput(plt, data, path):
         if h >= top * (0.06 * lines + 0.1):
             ax.text(i, h - top * (0.08 if clipped else 0.015), label, ha="center", va="top", fontsize=8, color="white", fontweight="bold", zorder=4)
         else:
-            ax.annotate(label, (i, h), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+            # Above the bar, and above its target line if that is higher.
+            y = max(h, targets.get(r["scenario"], (0, ""))[0])
+            ax.annotate(label, (i, y), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
         cap = r.get("capacity_mpps")
         if cap is not None and cap <= top:
             ax.plot([i + 0.36], [cap], marker="<", color="black", markersize=6, zorder=4)
     for n, (t, _) in targets.items():
         i = names.index(n)
         ax.hlines(t, i - 0.42, i + 0.42, colors=RED, linestyles="--", linewidth=1.8, zorder=3)
+    if contended:
+        ax.text(
+            0.01,
+            0.98,
+            "Other processes took the cores during " + ", ".join(contended) + ":\n"
+            "their Mpps/core understates the worker; compare cap Mpps (\u25c0).",
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=8,
+            color=RED,
+            bbox={"facecolor": "white", "edgecolor": RED, "alpha": 0.9},
+            zorder=5,
+        )
     ax.set_ylim(0, top)
     ax.set_xticks(xs)
     ax.set_xticklabels([n + ("\n" + targets[n][1] if n in targets else "") for n in names])

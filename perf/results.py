@@ -130,6 +130,16 @@ def dataplane_section(d):
                 met,
             )
         )
+    contended = [r["scenario"] for r in rows if r.get("bottleneck") == "cpu-contention"]
+    if contended:
+        out += [
+            "",
+            "**Other processes took the cores during "
+            + ", ".join(f"`{n}`" for n in contended)
+            + "** (on-CPU share below 90% and the worker waited for input): their Mpps/core "
+            "understates the worker; read cap Mpps, and re-run on a quiet machine before "
+            "judging a target.",
+        ]
     if base and base.get("bottleneck") == "feeder":
         out += [
             "",
