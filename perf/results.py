@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Regenerates the figures in perf/RESULTS.md from one dataplane-bench JSON.
+
+    python3 perf/results.py [FILE.json] [--results perf/RESULTS.md]
+
+Replaces what lies between `<!-- results:begin -->` and
+`<!-- results:end -->` (the run, the machine and the tables) and leaves the
+rest of the file, written by hand, alone. Standard library only.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+
+TARGET_MPPS = {"established": 10.0, "syn": 5.0}
+TARGET_SYN_AFFINITY_RATIO = 0.80
+TARGET_CONTROL_RPS = 100_000.0
+
+
+def die(msg):
+    print(f"results.py: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def dpdk_version():
+    try:
+        out = subprocess.run(
+            ["pkg-config", "--modversion", "libdpdk"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (pkg-config libdpdk failed)"
+
+
+def hugepages():
+    """HugePages_Total and Hugepagesize from /proc/meminfo, as a phrase."""
+    total, size = None, None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k == "HugePages_Total":
+                    total = int(v.split()[0])
+                elif k == "Hugepagesize":
+                    size = v.strip()
+    except OSError:
+        return "unknown"
+    if total is None:
+        return "unknown"
+    if total == 0:
+        return "none reserved (the EAL runs with `--no-huge`)"
+    return f"{total} x {size} reserved (the benchmark still runs with `--no-huge`)"
+
+
+def f(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def ns(x):
+    if x is None:
+        return "-"
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def yes_no(ok):
+    return "**yes**" if ok else "**no**"
+
+
+def run_section(d, json_name):
+    m = d.get("machine", {})
+    lines = [
+        f"* **Date**: {d.get('date', '?')}",
+        f"* **Machine**: {m.get('cpu', '?')}, {m.get('cores', '?')} cores (VM), TSC "
+        f"{m.get('tsc_hz', 0) / 1e9:.3f} GHz, Linux {m.get('kernel', '?')}",
+        f"* **DPDK**: {dpdk_version()} (`pkg-config --modversion libdpdk`); hugepages: {hugepages()}",
+        f"* **Seconds per scenario**: {d.get('seconds_per_scenario', '?')}",
+        f"* **Command**: `{d.get('command', '?')}` (JSON: `{json_name}`, not committed)",
+    ]
+    return lines
+
+
+def dataplane_section(d):
+    rows = d.get("scenarios") or []
+    if not rows:
+        return ["*No data-plane scenario in this run.*"]
+    by = {r["scenario"]: r for r in rows}
+    base = by.get("baseline")
+    base_cap = base["capacity_mpps"] if base else None
+    out = [
+        "| scenario | Mpps/core | x base | ns/pkt | cap Mpps | p50 ns | p90 ns | p99 ns | p99.9 ns | max ns | busy % | on-CPU worker/feeder % | bottleneck | target | met |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|---|",
+    ]
+    for r in rows:
+        n = r["scenario"]
+        lat = r["latency_ns"]
+        w, fd = r.get("worker", {}), r.get("feeder", {})
+        target, met = "-", "-"
+        if n in TARGET_MPPS:
+            t = TARGET_MPPS[n]
+            target = f"≥ {t:g} Mpps"
+            met = yes_no(r["mpps_per_core"] >= t)
+        elif n == "syn-1m-affinities":
+            ratio = r.get("extra", {}).get("ratio_to_syn")
+            target = "≥ 0.80 x syn"
+            met = "-" if ratio is None else f"{yes_no(ratio >= TARGET_SYN_AFFINITY_RATIO)} ({ratio:.2f})"
+        elif n == "baseline":
+            target = "reference"
+        out.append(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                n,
+                f(r["mpps_per_core"]),
+                f(r.get("ratio_to_baseline")),
+                ns(r["ns_per_packet"]),
+                f(r["capacity_mpps"]),
+                ns(lat["p50"]),
+                ns(lat["p90"]),
+                ns(lat["p99"]),
+                ns(lat["p99_9"]),
+                f"{lat['max']:.0f}",
+                f(w.get("busy_share", 0) * 100, 0),
+                f"{w.get('on_cpu_share', 0) * 100:.0f} / {fd.get('on_cpu_share', 0) * 100:.0f}",
+                r.get("bottleneck", "?"),
+                target,
+                met,
+            )
+        )
+    contended = [r["scenario"] for r in rows if r.get("bottleneck") == "cpu-contention"]
+    if contended:
+        out += [
+            "",
+            "**Other processes took the cores during "
+            + ", ".join(f"`{n}`" for n in contended)
+            + "** (on-CPU share below 90% and the worker waited for input): their Mpps/core "
+            "understates the worker; read cap Mpps, and re-run on a quiet machine before "
+            "judging a target.",
+        ]
+    if base and base.get("bottleneck") == "feeder":
+        out += [
+            "",
+            f"The baseline loop only moves pointers (cap {f(base_cap)} Mpps), so its "
+            f"{f(base['mpps_per_core'])} Mpps is what the feeder can offer on this set-up, not the "
+            "bare loop's cost: `x base` is a scenario's rate as a share of that offer.",
+        ]
+    est = by.get("established")
+    if est:
+        c = est.get("worker", {}).get("counters", {})
+        unknown, pk = c.get("unknown_flows", 0), est.get("worker", {}).get("packets", 0)
+        if unknown:
+            out += [
+                "",
+                f"In `established`, {unknown:,} of the {pk:,} packets measured "
+                f"({unknown / max(pk, 1) * 100:.1f}%) found no flow entry (`unknown_flows`; "
+                f"{c.get('flows_evicted', 0):,} flow-table evictions): the worker re-learned those flows (backend pick and insert), as it does mid-stream.",
+            ]
+    a = by.get("syn-1m-affinities")
+    if a:
+        e = a.get("extra", {})
+        out += [
+            "",
+            "SYN flood with 1M affinities and the control thread changing them, against `syn`:",
+            "",
+            "| affinities (/24s) | client space covered | SYNs matching an affinity | changes/s applied (refused) | ratio to syn, Mpps | ratio to syn, cap Mpps | target |",
+            "|--:|--:|--:|--:|--:|--:|---|",
+            "| {:,} ({:,}) | {:.1f}% | {:.1f}% | {:,.0f} ({}) | {} | {} | ≥ 0.80 |".format(
+                e.get("affinities", 0),
+                e.get("affinity_24s", 0),
+                e.get("client_space_covered", 0) * 100,
+                e.get("affinity_hit_share", 0) * 100,
+                e.get("control_changes_per_sec", 0),
+                e.get("control_changes_refused", 0),
+                f(e.get("ratio_to_syn")),
+                f(e.get("capacity_ratio_to_syn")),
+            ),
+        ]
+    return out
+
+
+def lookup_section(d):
+    lk = d.get("lookup")
+    if not lk:
+        return ["*No lookup benchmark in this run.*"]
+    n = lk.get("affinities", 0)
+    out = [
+        "| affinity table | ns per lookup | hit share | lookups | control changes/s |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for label, key in (
+        ("empty", "empty"),
+        (f"{n:,} entries", "loaded"),
+        (f"{n:,} entries, control thread writing", "loaded_with_writer"),
+    ):
+        s = lk.get(key)
+        if not s:
+            continue
+        rate = s.get("control_changes_per_sec")
+        out.append(
+            "| {} | {:.1f} | {:.1f}% | {:,} | {} |".format(
+                label,
+                s["ns_per_lookup"],
+                s["hit_share"] * 100,
+                s["lookups"],
+                "-" if rate is None else f"{rate:,.0f}",
+            )
+        )
+    return out
+
+
+def control_section(d):
+    c = d.get("control")
+    if not c:
+        return ["*No control-plane benchmark in this run.*"]
+    rps = c["requests_per_sec"]
+    return [
+        "| requests/s answered | target | met | replies | OK | other codes | lost | creates / extends | in flight | affinities at end |",
+        "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| {:,.0f} | {:,.0f} | {} | {:,} | {:,} | {:,} | {:,} | {:,} / {:,} | {} | {:,} |".format(
+            rps,
+            TARGET_CONTROL_RPS,
+            yes_no(rps >= TARGET_CONTROL_RPS),
+            c["replies"],
+            c["ok"],
+            c["other_codes"],
+            c["lost"],
+            c["creates"],
+            c["extends"],
+            c["window"],
+            c["affinities_at_end"],
+        ),
+    ]
+
+
+def render(d, json_name):
+    parts = [BEGIN, "<!-- generated by perf/results.py from the benchmark JSON: edit that script, not this block -->", ""]
+    parts += ["### Run", ""] + run_section(d, json_name) + [""]
+    parts += ["### Data plane (one worker core)", ""] + dataplane_section(d) + [""]
+    parts += ["### Affinity lookup", ""] + lookup_section(d) + [""]
+    parts += ["### Control plane", ""] + control_section(d) + [""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="?", default=os.path.join(HERE, "out", "latest.json"))
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"), help="Markdown file to update")
+    args = ap.parse_args()
+    try:
+        with open(args.json) as fh:
+            d = json.load(fh)
+    except OSError as e:
+        die(f"cannot read {args.json}: {e.strerror} (run perf/run.sh first)")
+    except json.JSONDecodeError as e:
+        die(f"{args.json} is not valid JSON: {e}")
+    try:
+        with open(args.results) as fh:
+            text = fh.read()
+    except OSError as e:
+        die(f"cannot read {args.results}: {e.strerror}")
+    b, e = text.find(BEGIN), text.find(END)
+    if b < 0 or e < b:
+        die(f"{args.results} lacks the markers {BEGIN} ... {END}")
+    name = os.path.basename(os.path.realpath(args.json))
+    try:
+        block = render(d, name)
+    except (KeyError, TypeError) as err:
+        die(f"{args.json} does not look like dataplane-bench output (missing {err})")
+    new = text[:b] + block + text[e + len(END):]
+    with open(args.results, "w") as fh:
+        fh.write(new)
+    print(f"updated {args.results} from {args.json}")
+
+
+if __name__ == "__main__":
+    main()
