@@ -247,7 +247,7 @@ impl FlowTable {
     /// division, any count).
     #[inline]
     fn bucket(&self, hash: u64) -> usize {
-        ((hash & 0xffff_ffff) * self.buckets.len() as u64 >> 32) as usize
+        (((hash & 0xffff_ffff) * self.buckets.len() as u64) >> 32) as usize
     }
 
     /// Hints that the bucket of `hash` will be read soon (called for a whole

@@ -330,7 +330,7 @@ mod tests {
                 }
                 .build()
                 .unwrap();
-                f.extend(std::iter::repeat(0xee).take(trailer));
+                f.extend(std::iter::repeat_n(0xee, trailer));
                 encap_and_check(&f);
             }
         }
@@ -463,7 +463,7 @@ mod tests {
                 FrameSpec::tcp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2, tcp_flags::SYN)
             };
             let mut f = FrameSpec { vlan, payload: &payload, ..spec }.build().unwrap();
-            f.extend(std::iter::repeat(0x33).take(trailer));
+            f.extend(std::iter::repeat_n(0x33, trailer));
             for (i, b) in flips {
                 let at = i.index(f.len());
                 f[at] = b;

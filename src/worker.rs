@@ -626,7 +626,7 @@ fn schedule(
     match svc.scheduler {
         SchedulerKind::Maglev => maglev_pick(dp, svc, hash),
         SchedulerKind::RoundRobin => {
-            let idx = wrr.get_mut(svc.id as usize)?.as_mut()?.next()?;
+            let idx = wrr.get_mut(svc.id as usize)?.as_mut()?.pick()?;
             let id = *svc.backends.get(idx)?;
             dp.backend(id).map(|b| b.id)
         }

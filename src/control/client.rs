@@ -705,7 +705,7 @@ mod tests {
                     let all: Vec<AffinityEntry> = self
                         .table
                         .iter()
-                        .filter(|e| owner.map_or(true, |o| o == e.1))
+                        .filter(|e| owner.is_none_or(|o| o == e.1))
                         .map(|e| AffinityEntry {
                             key: e.0,
                             owner: e.1.clone(),

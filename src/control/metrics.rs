@@ -142,11 +142,8 @@ pub fn render(s: &Summary) -> String {
     )
     .value(&[], s.affinities as f64);
 
-    let per_service: [(
-        &'static str,
-        &str,
-        fn(&crate::summary::ServiceSummary) -> u64,
-    ); 5] = [
+    type ServiceGet = fn(&crate::summary::ServiceSummary) -> u64;
+    let per_service: [(&'static str, &str, ServiceGet); 5] = [
         (
             "pktdist_service_packets_total",
             "Packets forwarded, by service.",

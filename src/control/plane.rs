@@ -1005,7 +1005,7 @@ address = "10.0.0.2"
             backend: "a",
             weight: 0,
         };
-        assert_eq!(call(&mut p, "a", w.clone()).code, ReturnCode::NotAuthorized);
+        assert_eq!(call(&mut p, "a", w).code, ReturnCode::NotAuthorized);
         assert_eq!(call(&mut p, "admin", w).code, ReturnCode::Ok);
         let d = call(
             &mut p,

@@ -28,7 +28,7 @@ impl SmoothWrr {
 
     /// The next backend index, or None when every weight is 0.
     #[inline]
-    pub fn next(&mut self) -> Option<usize> {
+    pub fn pick(&mut self) -> Option<usize> {
         if self.total == 0 {
             return None;
         }
@@ -72,7 +72,7 @@ mod tests {
             for _cycle in 0..2 {
                 let mut counts = vec![0u32; weights.len()];
                 for _ in 0..total {
-                    counts[s.next().unwrap()] += 1;
+                    counts[s.pick().unwrap()] += 1;
                 }
                 assert_eq!(counts, weights);
             }
@@ -86,7 +86,7 @@ mod tests {
             let mut s = SmoothWrr::new(&weights);
             let mut counts = vec![0u32; weights.len()];
             for k in 1..=(2 * total) {
-                counts[s.next().unwrap()] += 1;
+                counts[s.pick().unwrap()] += 1;
                 for (i, &w) in weights.iter().enumerate() {
                     let bound = (w as u64 * k as u64).div_ceil(total as u64) + 1;
                     assert!(
@@ -102,17 +102,17 @@ mod tests {
     #[test]
     fn nginx_sequence() {
         let mut s = SmoothWrr::new(&[5, 1, 1]);
-        let seq: Vec<usize> = (0..7).map(|_| s.next().unwrap()).collect();
+        let seq: Vec<usize> = (0..7).map(|_| s.pick().unwrap()).collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]
     fn zero_weights() {
-        assert_eq!(SmoothWrr::new(&[0, 0]).next(), None);
-        assert_eq!(SmoothWrr::new(&[]).next(), None);
+        assert_eq!(SmoothWrr::new(&[0, 0]).pick(), None);
+        assert_eq!(SmoothWrr::new(&[]).pick(), None);
         let mut s = SmoothWrr::new(&[0, 4, 0]);
         for _ in 0..10 {
-            assert_eq!(s.next(), Some(1));
+            assert_eq!(s.pick(), Some(1));
         }
     }
 }
