@@ -153,50 +153,6 @@ mod tests {
     const LB6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0001;
     const BE6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0063;
 
-    /// A packet buffer with a chosen headroom.
-    struct TestBuf {
-        buf: Vec<u8>,
-        start: usize,
-        len: usize,
-    }
-
-    impl TestBuf {
-        fn new(headroom: usize, frame: &[u8]) -> TestBuf {
-            let mut buf = vec![0u8; headroom];
-            buf.extend_from_slice(frame);
-            TestBuf {
-                buf,
-                start: headroom,
-                len: frame.len(),
-            }
-        }
-    }
-
-    impl PacketBuf for TestBuf {
-        fn data(&self) -> &[u8] {
-            &self.buf[self.start..self.start + self.len]
-        }
-        fn data_mut(&mut self) -> &mut [u8] {
-            &mut self.buf[self.start..self.start + self.len]
-        }
-        fn prepend(&mut self, n: usize) -> bool {
-            if n > self.start {
-                return false;
-            }
-            self.start -= n;
-            self.len += n;
-            true
-        }
-        fn trim_front(&mut self, n: usize) -> bool {
-            if n > self.len {
-                return false;
-            }
-            self.start += n;
-            self.len -= n;
-            true
-        }
-    }
-
     /// Encapsulates `frame` and checks the output against the input.
     fn encap_and_check(frame: &[u8]) -> Vec<u8> {
         let pkt = parse(frame).unwrap();
@@ -347,13 +303,13 @@ mod tests {
         .unwrap();
         assert_eq!(f.len(), 64);
         let pkt = parse(&f).unwrap();
-        let mut b = TestBuf::new(19, &f);
+        let mut b = MemBuf::with_headroom(19, &f);
         assert_eq!(
             encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
             Err(DropReason::NoRoom)
         );
         assert_eq!(b.data(), &f[..], "unchanged on failure");
-        let mut b = TestBuf::new(20, &f);
+        let mut b = MemBuf::with_headroom(20, &f);
         assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
         assert_eq!(b.data().len(), f.len() + 20);
 
@@ -361,7 +317,7 @@ mod tests {
             .build()
             .unwrap();
         let pkt = parse(&f6).unwrap();
-        let mut b = TestBuf::new(39, &f6);
+        let mut b = MemBuf::with_headroom(39, &f6);
         assert_eq!(
             encap_ipip(&mut b, &pkt, LB6, BE6, SRC_MAC, DST_MAC),
             Err(DropReason::NoRoom)
@@ -371,12 +327,12 @@ mod tests {
             .build()
             .unwrap();
         let pkt = parse(&small).unwrap();
-        let mut b = TestBuf::new(1, &small);
+        let mut b = MemBuf::with_headroom(1, &small);
         assert_eq!(
             encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
             Err(DropReason::NoRoom)
         );
-        let mut b = TestBuf::new(2, &small);
+        let mut b = MemBuf::with_headroom(2, &small);
         assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
         assert_eq!(b.data().len(), 14 + 20 + 28);
     }
@@ -392,7 +348,7 @@ mod tests {
         .unwrap();
         let pkt = parse(&f).unwrap();
         assert_eq!(pkt.l3_len, 65535);
-        let mut b = TestBuf::new(64, &f);
+        let mut b = MemBuf::with_headroom(64, &f);
         assert_eq!(
             encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
             Err(DropReason::NoRoom)
@@ -405,7 +361,7 @@ mod tests {
         .build()
         .unwrap();
         let pkt = parse(&f).unwrap();
-        let mut b = TestBuf::new(64, &f);
+        let mut b = MemBuf::with_headroom(64, &f);
         assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
         assert_eq!(u16::from_be_bytes([b.data()[16], b.data()[17]]), 65535);
     }

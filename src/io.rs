@@ -59,13 +59,25 @@ impl MemBuf {
     /// A buffer holding a copy of `frame` after the standard headroom.
     /// Frames longer than the buffer are truncated to fit.
     pub fn from_frame(frame: &[u8]) -> MemBuf {
-        let mut buf = vec![0u8; MEM_BUF_SIZE].into_boxed_slice();
         let len = frame.len().min(MEM_BUF_SIZE - MEM_HEADROOM);
+        let mut buf = vec![0u8; MEM_BUF_SIZE].into_boxed_slice();
         buf[MEM_HEADROOM..MEM_HEADROOM + len].copy_from_slice(&frame[..len]);
         MemBuf {
             buf,
             start: MEM_HEADROOM,
             len,
+        }
+    }
+
+    /// A buffer holding `frame` after exactly `headroom` bytes (tests of
+    /// what a short headroom does).
+    pub fn with_headroom(headroom: usize, frame: &[u8]) -> MemBuf {
+        let mut buf = vec![0u8; headroom + frame.len()];
+        buf[headroom..].copy_from_slice(frame);
+        MemBuf {
+            buf: buf.into_boxed_slice(),
+            start: headroom,
+            len: frame.len(),
         }
     }
 
