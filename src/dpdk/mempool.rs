@@ -28,9 +28,11 @@ pub struct Mempool {
     data_room: u16,
 }
 
-// SAFETY: the pool's default ops (ring_mp_mc) are multi-producer and
-// multi-consumer: allocating and freeing from any thread is safe, and the
-// handle itself is immutable.
+// SAFETY: rte_pktmbuf_pool_create uses the platform's mbuf pool ops
+// (ring_mp_mc unless --mbuf-pool-ops-name says otherwise), and mbuf pool ops
+// must be multi-producer/multi-consumer because any lcore may free an mbuf
+// (a transmit completion frees on whichever core transmitted): allocating
+// and freeing from any thread is safe, and the handle itself is immutable.
 unsafe impl Send for Mempool {}
 // SAFETY: as above; every method takes &self and DPDK synchronises.
 unsafe impl Sync for Mempool {}

@@ -98,9 +98,12 @@ pub struct Port {
 // lock or need &mut self; the rte_device pointer is only passed back to
 // DPDK under that lock.
 unsafe impl Send for Port {}
-// SAFETY: &Port only reads plain fields or makes thread-safe queries
-// (statistics, link status); queue access goes through PortQueue, whose
-// claim flag gives one thread at a time each queue.
+// SAFETY: &Port only reads plain fields or makes read-only queries
+// (statistics, link status) that touch no queue state; on some drivers a
+// statistics read racing the data path may return slightly stale or torn
+// counters, which is acceptable for statistics and never unsafe. Queue
+// access goes through PortQueue, whose claim flag gives one thread at a
+// time each queue.
 unsafe impl Sync for Port {}
 
 impl Port {
