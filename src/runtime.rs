@@ -403,11 +403,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             .extra
             .insert("traffic source".into(), report.to_json(&dp));
     }
+    // Ports stop and close as they drop (before the pool they fill from,
+    // which they hold); EAL itself stays up until the process exits.
     drop(metrics);
-    drop(plane);
     drop(ports);
-    drop(pool);
-    let _ = eal;
+    drop(eal);
     Ok(summary)
 }
 
