@@ -322,7 +322,7 @@ impl Inner {
                     let hi = (meta >> 48) as u16;
                     if lo <= port && port <= hi {
                         let rank = u32::from(hi - lo) << 16 | u32::from(lo);
-                        if best.map_or(true, |(r, _)| rank < r) {
+                        if best.is_none_or(|(r, _)| rank < r) {
                             best = Some((rank, s[3].load(Ordering::Relaxed) as BackendId));
                         }
                     }
