@@ -505,6 +505,19 @@ fn assert_all_ok(what: &str, conns: &[Conn], expected: usize) {
     assert_eq!(conns.len(), expected, "{what}: requests reported");
 }
 
+/// 100 connections from c1's addresses, all completing, spread over at
+/// least two backends (no affinity holds them); returns the spread.
+fn assert_weights_apply(bed: &Bed, what: &str) -> BTreeMap<String, usize> {
+    let conns = bed.run_client("c1", &["--sources", C1, "--connections", "100"]);
+    assert_all_ok(what, &conns, 100);
+    let spread = by_backend(&conns);
+    assert!(
+        spread.len() >= 2,
+        "{what}: the weights apply again: {spread:?}"
+    );
+    spread
+}
+
 fn by_backend(conns: &[Conn]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for c in conns {
@@ -709,13 +722,7 @@ fn application_affinity_until_cancel_and_expiry(bed: &Bed) {
             .contains("AFFINITY_ENDED 10.99.1.0/24 on 10.99.100.1:80/tcp owner be2: CANCELLED")
     });
     assert!(!bed.has_affinity("10.99.1.0/24", "be2"));
-    let free = bed.run_client("c1", &["--sources", C1, "--connections", "100"]);
-    assert_all_ok("after cancel", &free, 100);
-    assert!(
-        by_backend(&free).len() >= 2,
-        "after cancel the weights apply again: {:?}",
-        by_backend(&free)
-    );
+    assert_weights_apply(bed, "after cancel");
     be2.stop();
 
     // A short affinity that expires.
@@ -740,16 +747,9 @@ fn application_affinity_until_cancel_and_expiry(bed: &Bed) {
             .contains("AFFINITY_ENDED 10.99.1.0/24 on 10.99.100.1:80/tcp owner be2: EXPIRED")
     });
     assert!(!bed.has_affinity("10.99.1.0/24", "be2"));
-    let free = bed.run_client("c1", &["--sources", C1, "--connections", "100"]);
-    assert_all_ok("after expiry", &free, 100);
-    assert!(
-        by_backend(&free).len() >= 2,
-        "after expiry the weights apply again: {:?}",
-        by_backend(&free)
-    );
+    let free = assert_weights_apply(bed, "after expiry");
     println!(
-        "affinity: 10.99.1.0/24 pinned to be2 (140 connections), cancelled, expired; then {:?}",
-        by_backend(&free)
+        "affinity: 10.99.1.0/24 pinned to be2 (140 connections), cancelled, expired; then {free:?}"
     );
 }
 
@@ -915,17 +915,9 @@ fn removing_a_backend_ends_its_affinities(bed: &Bed) {
         "--weight",
         &weight.to_string(),
     ]);
-    let conns = bed.run_client("c1", &["--sources", C1, "--connections", "100"]);
-    assert_all_ok("after re-adding", &conns, 100);
-    assert!(
-        by_backend(&conns).len() >= 2,
-        "re-added be3 must not revive the affinity: {:?}",
-        by_backend(&conns)
-    );
-    println!(
-        "remove: be3's affinity ended with it; after re-adding {:?}",
-        by_backend(&conns)
-    );
+    // Re-added be3 must not revive its ended affinity.
+    let conns = assert_weights_apply(bed, "after re-adding");
+    println!("remove: be3's affinity ended with it; after re-adding {conns:?}");
 }
 
 /// pktdist is killed (SIGKILL: all state lost) and started again while

@@ -560,14 +560,21 @@ impl ControlClient {
     }
 }
 
+/// Runs one call on a fresh client for the affinity `client/prefix_len` on
+/// `service`; Ok only for an OK reply.
 fn one_shot(
     server: SocketAddr,
     name: &str,
     key: &[u8],
-    f: impl FnOnce(&mut ControlClient) -> Result<Reply, ClientError>,
+    service: ServiceAddr,
+    client: IpAddr,
+    prefix_len: u8,
+    f: impl FnOnce(&mut ControlClient, &AffinitySpec) -> Result<Reply, ClientError>,
 ) -> Result<Reply, ClientError> {
-    let mut client = ControlClient::new(server, name, key)?;
-    ok(f(&mut client)?)
+    let akey = AffinityKey::new(service, client, prefix_len)
+        .map_err(|e| ClientError::Encode(EncodeError::Invalid(e)))?;
+    let mut c = ControlClient::new(server, name, key)?;
+    ok(f(&mut c, &AffinitySpec::new(akey))?)
 }
 
 /// One call for a server application: pin `client/prefix_len` on `service`
@@ -584,10 +591,8 @@ pub fn request_affinity(
     prefix_len: u8,
     duration: Duration,
 ) -> Result<Reply, ClientError> {
-    let akey = AffinityKey::new(service, client, prefix_len)
-        .map_err(|e| ClientError::Encode(EncodeError::Invalid(e)))?;
-    one_shot(server, name, key, |c| {
-        c.create_affinity(&AffinitySpec::new(akey), duration)
+    one_shot(server, name, key, service, client, prefix_len, |c, spec| {
+        c.create_affinity(spec, duration)
     })
 }
 
@@ -601,10 +606,8 @@ pub fn extend_affinity(
     prefix_len: u8,
     duration: Duration,
 ) -> Result<Reply, ClientError> {
-    let akey = AffinityKey::new(service, client, prefix_len)
-        .map_err(|e| ClientError::Encode(EncodeError::Invalid(e)))?;
-    one_shot(server, name, key, |c| {
-        c.extend_affinity(&AffinitySpec::new(akey), duration)
+    one_shot(server, name, key, service, client, prefix_len, |c, spec| {
+        c.extend_affinity(spec, duration)
     })
 }
 
@@ -617,10 +620,8 @@ pub fn cancel_affinity(
     client: IpAddr,
     prefix_len: u8,
 ) -> Result<Reply, ClientError> {
-    let akey = AffinityKey::new(service, client, prefix_len)
-        .map_err(|e| ClientError::Encode(EncodeError::Invalid(e)))?;
-    one_shot(server, name, key, |c| {
-        c.cancel_affinity(&AffinitySpec::new(akey))
+    one_shot(server, name, key, service, client, prefix_len, |c, spec| {
+        c.cancel_affinity(spec)
     })
 }
 
