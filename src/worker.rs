@@ -253,10 +253,17 @@ impl<IO: PacketIo> Worker<IO> {
             parsed[i] = Some(p);
         }
         c.rx_bytes.add(bytes);
-        // Second stage: the bucket headers are on their way; hint the entries.
+        // Second stage: the bucket headers are on their way; hint the entries
+        // (and, for SYNs, the affinity slots whose tags match).
         for i in 0..n {
-            if let Some(Ok(_)) = parsed[i] {
+            if let Some(Ok(p)) = &parsed[i] {
                 self.flows.prefetch_entry(hashes[i]);
+                if let Some(id) = services[i].filter(|_| p.is_syn()) {
+                    let k = &p.key;
+                    self.shared
+                        .affinity
+                        .prefetch_slots(id, k.family, k.src, k.sport);
+                }
             }
         }
 

@@ -269,6 +269,71 @@ impl Inner {
         &self.lines[idx >> 1].0[idx & 1]
     }
 
+    /// Calls `f` with the probe of each prefix length and port kind present
+    /// for `client:port` on `service`, longest prefix first, at most
+    /// [`PREFETCH_MAX`] of them: the buckets a lookup will read first.
+    #[inline(always)]
+    fn present_probes(
+        &self,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+        mut f: impl FnMut(&Inner, &Probe),
+    ) {
+        let pres = &self.presence[presence_index(service, family)];
+        let words = match family {
+            Family::V4 => 1,
+            Family::V6 => 3,
+        };
+        let mut issued = 0;
+        for w in (0..words).rev() {
+            let mut bits = pres.plens[w].load(Ordering::Relaxed);
+            while bits != 0 {
+                let b = 63 - bits.leading_zeros();
+                bits &= !(1u64 << b);
+                let plen = (w as u32 * 64 + b) as u8;
+                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Relaxed));
+                let addr = client & prefix_mask(family, plen);
+                for (kind, lo) in [(KIND_ONE, port), (KIND_RANGE, 0), (KIND_ANY, 0)] {
+                    if kinds & (1 << kind) == 0 {
+                        continue;
+                    }
+                    f(
+                        self,
+                        &Probe::new(self.seed, service, family, addr, plen, kind, lo, lo),
+                    );
+                    issued += 1;
+                    if issued == PREFETCH_MAX {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Calls `f(bucket, slot)` for each slot of the probed primary buckets
+    /// (see [`Inner::present_probes`]) whose tag matches: the slots a lookup
+    /// will compare. A hint only: no version check.
+    #[inline(always)]
+    fn tag_matches(
+        &self,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+        mut f: impl FnMut(usize, usize),
+    ) {
+        self.present_probes(service, family, client, port, |t, p| {
+            let b = t.primary(p);
+            let mut m = match_tag(t.headers[b].tags.load(Ordering::Relaxed), p.tag());
+            while m != 0 {
+                f(b, (m.trailing_zeros() / 8) as usize);
+                m &= m - 1;
+            }
+        });
+    }
+
     /// One bucket, consistently: the owner of the exact key if present, and
     /// the bucket's overflow count.
     #[inline(always)]
@@ -513,34 +578,21 @@ impl AffinityReader {
     /// burst's misses overlap. An empty table costs the presence loads only.
     #[inline]
     pub fn prefetch(&self, service: ServiceId, family: Family, client: u128, port: u16) {
+        self.inner
+            .present_probes(service, family, client, port, |t, p| {
+                prefetch(&t.headers[t.primary(p)]);
+            });
+    }
+
+    /// Second prefetch stage, once the headers hinted by
+    /// [`AffinityReader::prefetch`] are in cache: starts loading the slot
+    /// lines whose tags match the lookup's keys. Without it a hit (or a tag
+    /// collision) costs the lookup one more dependent miss, on a line of the
+    /// large slot array, at a page walk of its own.
+    #[inline]
+    pub fn prefetch_slots(&self, service: ServiceId, family: Family, client: u128, port: u16) {
         let t = &*self.inner;
-        let pres = &t.presence[presence_index(service, family)];
-        let words = match family {
-            Family::V4 => 1,
-            Family::V6 => 3,
-        };
-        let mut issued = 0;
-        for w in (0..words).rev() {
-            let mut bits = pres.plens[w].load(Ordering::Relaxed);
-            while bits != 0 {
-                let b = 63 - bits.leading_zeros();
-                bits &= !(1u64 << b);
-                let plen = (w as u32 * 64 + b) as u8;
-                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Relaxed));
-                let addr = client & prefix_mask(family, plen);
-                for (kind, lo) in [(KIND_ONE, port), (KIND_RANGE, 0), (KIND_ANY, 0)] {
-                    if kinds & (1 << kind) == 0 {
-                        continue;
-                    }
-                    let p = Probe::new(t.seed, service, family, addr, plen, kind, lo, lo);
-                    prefetch(&t.headers[t.primary(&p)]);
-                    issued += 1;
-                    if issued == PREFETCH_MAX {
-                        return;
-                    }
-                }
-            }
-        }
+        t.tag_matches(service, family, client, port, |b, i| prefetch(t.slot(b, i)));
     }
 
     /// The capacity the table was built with.
@@ -729,6 +781,51 @@ mod tests {
         assert_eq!(r.lookup(0, Family::V4, v4(10, 0, 0, 1), 80), None);
         assert_eq!(r.lookup(0, Family::V6, 1, 80), None);
         r.prefetch(0, Family::V4, 1, 80);
+    }
+
+    /// The second prefetch stage hints the slot of every key a lookup will
+    /// find in its primary bucket, for each prefix length and port kind.
+    #[test]
+    fn slot_hints_cover_the_matching_entries() {
+        let (mut w, r) = AffinityTable::new(4096);
+        let (s, f) = (3, Family::V4);
+        let keys = [
+            key(s, f, v4(10, 1, 2, 3), 32, PortMatch::Any),
+            key(s, f, v4(10, 1, 2, 0), 24, PortMatch::One(443)),
+            key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Range(400, 500)),
+            key(s, f, v4(10, 0, 0, 0), 8, PortMatch::Any),
+        ];
+        for (n, k) in keys.iter().enumerate() {
+            w.insert(*k, n as BackendId).unwrap();
+        }
+        for i in 0..2000u128 {
+            w.insert(key(s, f, v4(10, 2, 0, 0) + i, 32, PortMatch::Any), 9)
+                .unwrap();
+        }
+        let t = &*r.inner;
+        let mut hinted = Vec::new();
+        t.tag_matches(s, f, v4(10, 1, 2, 3), 443, |b, i| hinted.push((b, i)));
+        for k in &keys {
+            let p = Probe::of_key(t.seed, k);
+            let at = t.locate(&p).unwrap();
+            if at.0 == t.primary(&p) {
+                assert!(hinted.contains(&at), "{k:?} at {at:?} not in {hinted:?}");
+            }
+        }
+        // /32 any, /24 one port and range, /8 any; a fifth would be cut.
+        let mut probes = 0;
+        t.present_probes(s, f, v4(10, 1, 2, 3), 443, |_, _| probes += 1);
+        assert_eq!(probes, 4);
+        w.insert(key(s, f, v4(10, 1, 0, 0), 16, PortMatch::Any), 5)
+            .unwrap();
+        probes = 0;
+        t.present_probes(s, f, v4(10, 1, 2, 3), 443, |_, _| probes += 1);
+        assert_eq!(probes, PREFETCH_MAX);
+        r.prefetch_slots(s, f, v4(10, 1, 2, 3), 443);
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 3), 443), Some(0));
+        // A client with no affinity in a table of other keys: no hints
+        // beyond tag collisions, which the lookup then rejects.
+        assert_eq!(r.lookup(s, f, v4(172, 16, 0, 1), 443), None);
     }
 
     #[test]
