@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Side-by-side comparison of two builds of the benchmark.
+
+This VM's speed drifts by +-30% over minutes (other tenants on the host), so
+one run of build A followed by one of build B says little. ab.py alternates
+A, B, A, B, ... for a number of rounds, each a short run of the same
+scenarios, and reports per scenario the median Mpps of each build and the
+median of the per-round B/A ratios (each ratio pairs runs a few seconds
+apart, so a slow phase of the machine affects both sides).
+
+    cargo build --release --example dataplane-bench
+    cp target/release/examples/dataplane-bench /tmp/bench-a
+    # ... change the code, build again ...
+    cp target/release/examples/dataplane-bench /tmp/bench-b
+    sudo perf/ab.py /tmp/bench-a /tmp/bench-b --scenario established,syn-affinity --rounds 6
+
+For `syn-affinity` it also reports the ratio of `syn-1m-affinities` to `syn`
+within each run (the issue 3 target), per build.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def run(binary, scenario, seconds, extra):
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    try:
+        cmd = [binary, "--scenario", scenario, "--seconds", str(seconds), "--json", path]
+        subprocess.run(cmd + extra, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(path) as f:
+            data = json.load(f)
+    finally:
+        os.unlink(path)
+    out = {}
+    for s in data.get("scenarios", []):
+        if "mpps_per_core" in s:
+            out[s["scenario"]] = s["mpps_per_core"]
+    if "syn" in out and "syn-1m-affinities" in out:
+        out["affinity/syn ratio"] = out["syn-1m-affinities"] / out["syn"]
+    out.pop("baseline", None)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", help="benchmark binary A (the reference)")
+    ap.add_argument("b", help="benchmark binary B (the change)")
+    ap.add_argument("--scenario", default="established,syn-affinity")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--seconds", type=float, default=1.5)
+    ap.add_argument("extra", nargs="*", help="more benchmark arguments (after --)")
+    args = ap.parse_args()
+
+    rows = {"A": [], "B": []}
+    for r in range(args.rounds):
+        for name, binary in (("A", args.a), ("B", args.b)):
+            res = run(binary, args.scenario, args.seconds, args.extra)
+            rows[name].append(res)
+            line = "  ".join(f"{k} {v:.2f}" for k, v in res.items())
+            print(f"round {r + 1} {name}: {line}", flush=True)
+
+    keys = [k for k in rows["A"][0] if all(k in x for x in rows["A"] + rows["B"])]
+    print()
+    print(f"{'metric':<22} {'A median':>9} {'B median':>9} {'B/A per round (median)':>24}")
+    for k in keys:
+        a = [x[k] for x in rows["A"]]
+        b = [x[k] for x in rows["B"]]
+        ratios = [y / x for x, y in zip(a, b) if x > 0]
+        print(f"{k:<22} {statistics.median(a):>9.3f} {statistics.median(b):>9.3f} "
+              f"{statistics.median(ratios):>24.3f}")
+    print(f"\nA = {args.a}\nB = {args.b}\n{args.rounds} rounds, {args.seconds} s per scenario")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
