@@ -60,7 +60,8 @@ struct Args {
     /// Distinct established flows.
     #[arg(long, default_value_t = 1_000_000)]
     flows: usize,
-    /// Flow-table capacity of the worker (rounded up to a power of two).
+    /// IPv4 flow-table capacity of the worker (rounded up to a multiple of
+    /// 8); its IPv6 capacity is a quarter of it.
     #[arg(long, default_value_t = 1 << 21)]
     flow_capacity: usize,
     /// Affinities installed for syn-affinity and lookup.
@@ -495,6 +496,7 @@ impl Bench {
                 },
             ],
             flow_capacity: self.args.flow_capacity,
+            flow_capacity_v6: self.args.flow_capacity / 4,
             timeouts: FlowTimeouts::default(),
         };
         let worker = spawn_worker(self.worker_core, "bench-worker", move || match mode {

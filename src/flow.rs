@@ -2,22 +2,41 @@
 //!
 //! Each worker owns one `FlowTable` and is its only user, so it needs no
 //! locks. The table is set-associative: a flow's hash picks exactly one
-//! bucket of [`WAYS`] slots. A bucket is 512 bytes, aligned to 512: one
-//! header cache line with a 16-bit tag, a coarse last-seen stamp and the TCP
-//! state of each slot, then one 64-byte cache line per slot holding the key,
-//! backend, service and auto-affinity handle. A lookup reads the header and,
-//! on a tag match, one slot line: two cache lines in the same 4 KiB page, so
-//! one TLB miss at most, whatever the table's fill (the tables are far larger
-//! than the TLB's reach, and page walks were half the cost of a packet).
+//! bucket of [`WAYS`] slots, and a lookup reads that bucket only.
 //!
-//! Capacity is fixed at construction (rounded up to a multiple of [`WAYS`])
-//! and nothing is allocated afterwards. When a new flow's bucket is full, an
-//! entry whose idle timeout has passed is replaced first; otherwise the
-//! bucket's least recently seen entry is evicted. Eviction is therefore
-//! oldest-first *per bucket*, as in production load-balancer flow tables
-//! (Maglev, Katran): a global LRU would cost a list update per packet. An
-//! evicted flow is not lost: its next packet is routed again by affinity and
-//! the consistent hash, which normally picks the same backend.
+//! Bytes per flow are what matter. A worker's table (a million flows or
+//! more) is far beyond the TLB's reach, so on 4 KiB pages a packet of an
+//! established flow pays a page walk for its bucket, and under a hypervisor
+//! that nested walk costs more than the rest of the packet; how much it
+//! costs grows with the table's size (a smaller table keeps more of its
+//! page-table entries in cache: a 4x smaller table measured +16% packets/s).
+//! So slots are self-contained and as small as the key allows, with one
+//! sub-table per address family:
+//!
+//! * IPv4 (the common case): the 5-tuple packed in a `u128`, plus last-seen
+//!   stamp, backend, auto-affinity handle, service and state: a 32-byte
+//!   slot, eight to a 256-byte bucket aligned to 256 (four cache lines,
+//!   never across a page). 32 bytes per flow: 2^21 flows take 64 MiB.
+//! * IPv6: the full key and the same fields in a 64-byte slot, eight to a
+//!   512-byte bucket aligned to 512. 64 bytes per flow: 2^19 take 32 MiB.
+//!
+//! (The previous layout, a tag header line and seven 64-byte slot lines per
+//! 512-byte bucket, took 73 bytes per flow whatever the family.) A lookup
+//! compares the packed key with the bucket's eight keys directly: no tags,
+//! and no second dependent read. [`FlowTable::prefetch`] hints all of the
+//! bucket's lines, so one prefetch stage a burst ahead covers both a hit
+//! and the slot an insert will write. The whole table is written once at
+//! construction, so its pages are faulted in before the first packet.
+//!
+//! Capacity is fixed at construction, per family (each rounded up to a
+//! multiple of [`WAYS`]), and nothing is allocated afterwards. When a new
+//! flow's bucket is full, an entry whose idle timeout has passed is replaced
+//! first; otherwise the bucket's least recently seen entry is evicted.
+//! Eviction is therefore oldest-first *per bucket*, as in production
+//! load-balancer flow tables (Maglev, Katran): a global LRU would cost a list
+//! update per packet. An evicted flow is not lost: its next packet is routed
+//! again by affinity and the consistent hash, which normally picks the same
+//! backend.
 //!
 //! Last-seen times are kept in units of 2^20 ns (about 1.05 ms), so idle
 //! timeouts are honoured to within about two milliseconds (an entry is
@@ -32,17 +51,19 @@ use crate::dataplane::{BackendId, ServiceId};
 use crate::dpdk::prefetch;
 use crate::packet::{tcp_flags, Family, FlowKey};
 
-/// Slots per bucket: a header line and seven slot lines make 512 bytes,
-/// eight buckets to a 4 KiB page.
-pub const WAYS: usize = 7;
-/// Largest capacity a table is built with (2^28 flows).
+/// Slots per bucket, in both families: 256-byte IPv4 buckets and 512-byte
+/// IPv6 buckets, sixteen or eight to a 4 KiB page.
+pub const WAYS: usize = 8;
+/// Largest capacity of each family's sub-table (2^28 flows).
 pub const MAX_CAPACITY: usize = 1 << 28;
 
-/// Header stamps count time in units of 2^20 ns (about 1.05 ms); a `u32` of
-/// them wraps after about 52 days, far beyond any idle timeout.
+/// Stamps count time in units of 2^20 ns (about 1.05 ms); a `u32` of them
+/// wraps after about 52 days, far beyond any idle timeout.
 const STAMP_SHIFT: u32 = 20;
-/// Tag of an empty slot.
-const EMPTY: u16 = 0;
+/// Bit of a slot's state byte marking it in use (the low two bits are the
+/// [`TcpState`]), so that any key, all-zero included, can be stored.
+const OCCUPIED: u8 = 0x80;
+const CACHE_LINE: usize = 64;
 
 /// Connection state, as far as a one-directional (DSR) observer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +82,7 @@ pub enum TcpState {
 impl TcpState {
     #[inline]
     fn from_u8(v: u8) -> TcpState {
-        match v {
+        match v & 3 {
             0 => TcpState::SynSeen,
             1 => TcpState::Established,
             2 => TcpState::Closing,
@@ -91,8 +112,7 @@ impl Default for FlowTimeouts {
 }
 
 /// One tracked connection, as handed to and from the table. The table
-/// stores the state and last-seen time in the bucket header (the time
-/// coarsely) and the rest in a 64-byte slot.
+/// stores it in a compact slot (the key packed, the time coarsely).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEntry {
     pub key: FlowKey,
@@ -147,74 +167,196 @@ pub enum Lookup {
     Miss,
 }
 
-/// One bucket's header: the per-slot stamps, tags and states, so that
-/// finding a key, a free slot, an expired slot or the oldest slot reads no
-/// slot line.
-#[derive(Clone, Copy, Debug)]
-#[repr(C)]
-struct Header {
-    stamps: [u32; WAYS],
-    tags: [u16; WAYS],
-    states: [u8; WAYS],
+/// The key as one family's slots store it. One implementation of the table
+/// ([`Part`]) serves both families through this trait.
+trait SlotKey: Copy + Eq + std::fmt::Debug {
+    /// A zero-sized type aligned to the bucket's size, so that a bucket
+    /// never straddles a page.
+    type Align: Copy + std::fmt::Debug;
+    /// The key of an empty slot (any key will do: the state byte says
+    /// whether a slot is in use).
+    const ZERO: Self;
+    fn pack(key: &FlowKey) -> Self;
+    fn unpack(self) -> FlowKey;
 }
 
-/// What a slot stores: everything of a [`FlowEntry`] but the state and
-/// last-seen time, which live in the header.
 #[derive(Clone, Copy, Debug)]
-#[repr(C, align(64))]
-struct Slot {
-    key: FlowKey,
+#[repr(align(256))]
+struct Align256;
+
+#[derive(Clone, Copy, Debug)]
+#[repr(align(512))]
+struct Align512;
+
+/// An IPv4 5-tuple in one `u128`: src 32 | dst 32 | sport 16 | dport 16 |
+/// (8 unused) | proto 8, so a slot compare is two word compares. IPv4
+/// addresses are the low 32 bits of [`FlowKey`]'s (as `packet::parse`
+/// produces them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct V4Key(u128);
+
+impl SlotKey for V4Key {
+    type Align = Align256;
+    const ZERO: V4Key = V4Key(0);
+
+    #[inline]
+    fn pack(k: &FlowKey) -> V4Key {
+        debug_assert!(
+            (k.src | k.dst) >> 32 == 0,
+            "IPv4 key with bits above 32: {k:?}"
+        );
+        V4Key(
+            u128::from(k.src as u32) << 96
+                | u128::from(k.dst as u32) << 64
+                | u128::from(k.sport) << 48
+                | u128::from(k.dport) << 32
+                | u128::from(k.proto),
+        )
+    }
+
+    #[inline]
+    fn unpack(self) -> FlowKey {
+        let v = self.0;
+        FlowKey {
+            src: u128::from((v >> 96) as u32),
+            dst: u128::from((v >> 64) as u32),
+            sport: (v >> 48) as u16,
+            dport: (v >> 32) as u16,
+            proto: v as u8,
+            family: Family::V4,
+        }
+    }
+}
+
+/// An IPv6 5-tuple (48 bytes with padding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+struct V6Key {
+    src: u128,
+    dst: u128,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+}
+
+impl SlotKey for V6Key {
+    type Align = Align512;
+    const ZERO: V6Key = V6Key {
+        src: 0,
+        dst: 0,
+        sport: 0,
+        dport: 0,
+        proto: 0,
+    };
+
+    #[inline]
+    fn pack(k: &FlowKey) -> V6Key {
+        V6Key {
+            src: k.src,
+            dst: k.dst,
+            sport: k.sport,
+            dport: k.dport,
+            proto: k.proto,
+        }
+    }
+
+    #[inline]
+    fn unpack(self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: Family::V6,
+        }
+    }
+}
+
+/// One flow, self-contained: 32 bytes with a [`V4Key`], 64 with a
+/// [`V6Key`].
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct Slot<K> {
+    key: K,
+    /// Last-seen time in 2^20 ns units.
+    stamp: u32,
     backend: BackendId,
     auto_slot: u32,
     service: ServiceId,
+    /// [`OCCUPIED`] | [`TcpState`]; 0 = empty.
+    state: u8,
 }
 
-/// A header line and its slots: 512 bytes, so a bucket never straddles a
-/// 4 KiB page.
+impl<K: SlotKey> Slot<K> {
+    const EMPTY: Slot<K> = Slot {
+        key: K::ZERO,
+        stamp: 0,
+        backend: 0,
+        auto_slot: u32::MAX,
+        service: 0,
+        state: 0,
+    };
+
+    #[inline]
+    fn used(&self) -> bool {
+        self.state & OCCUPIED != 0
+    }
+
+    /// The entry as the caller sees it.
+    #[inline]
+    fn entry(&self) -> FlowEntry {
+        FlowEntry {
+            key: self.key.unpack(),
+            backend: self.backend,
+            service: self.service,
+            state: TcpState::from_u8(self.state),
+            last_seen: u64::from(self.stamp) << STAMP_SHIFT,
+            auto_slot: self.auto_slot,
+        }
+    }
+}
+
+/// [`WAYS`] slots, aligned to their total size.
 #[derive(Clone, Copy, Debug)]
-#[repr(C, align(512))]
-struct Bucket {
-    header: Header,
-    slots: [Slot; WAYS],
+#[repr(C)]
+struct Bucket<K: SlotKey> {
+    _align: [K::Align; 0],
+    slots: [Slot<K>; WAYS],
 }
 
-impl Bucket {
-    const EMPTY: Bucket = Bucket {
-        header: Header {
-            stamps: [0; WAYS],
-            tags: [EMPTY; WAYS],
-            states: [0; WAYS],
-        },
-        slots: [Slot {
-            key: FlowKey {
-                src: 0,
-                dst: 0,
-                sport: 0,
-                dport: 0,
-                proto: 0,
-                family: Family::V4,
-            },
-            backend: 0,
-            auto_slot: u32::MAX,
-            service: 0,
-        }; WAYS],
+impl<K: SlotKey> Bucket<K> {
+    const EMPTY: Bucket<K> = Bucket {
+        _align: [],
+        slots: [Slot::EMPTY; WAYS],
     };
 }
 
-/// The per-worker connection table.
-pub struct FlowTable {
-    buckets: Box<[Bucket]>,
+/// What both sub-tables share: the flow count, the timeouts and the
+/// counters.
+struct Books {
     len: usize,
     /// Idle timeout in ns, indexed by `TcpState as usize`.
     timeout_ns: [u64; 4],
-    cursor: usize,
     stats: FlowStats,
 }
 
-#[inline]
-fn tag_of(hash: u64) -> u16 {
-    // Top 16 bits (the bucket index uses the low 32); never EMPTY.
-    ((hash >> 48) as u16).max(1)
+impl Books {
+    /// True when `slot` has certainly been idle longer than its state's
+    /// timeout (stamps are coarse: up to two stamp units late).
+    #[inline]
+    fn expired<K>(&self, slot: &Slot<K>, now: u64) -> bool {
+        let age = u64::from(stamp_of(now).wrapping_sub(slot.stamp));
+        age.saturating_sub(1) << STAMP_SHIFT > self.timeout_ns[usize::from(slot.state & 3)]
+    }
+
+    #[inline]
+    fn take<K: SlotKey>(&mut self, slot: &mut Slot<K>) -> FlowEntry {
+        let e = slot.entry();
+        slot.state = 0;
+        self.len -= 1;
+        e
+    }
 }
 
 #[inline]
@@ -222,24 +364,16 @@ fn stamp_of(ns: u64) -> u32 {
     (ns >> STAMP_SHIFT) as u32
 }
 
-impl FlowTable {
-    /// A table for `capacity` flows, rounded up to a multiple of [`WAYS`]
-    /// (at least [`WAYS`], at most about [`MAX_CAPACITY`]). All memory is
-    /// allocated here.
-    pub fn new(capacity: usize, timeouts: FlowTimeouts) -> FlowTable {
-        let buckets = capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS);
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        FlowTable {
-            buckets: vec![Bucket::EMPTY; buckets].into_boxed_slice(),
-            len: 0,
-            timeout_ns: [
-                ns(timeouts.syn),
-                ns(timeouts.established),
-                ns(timeouts.fin),
-                ns(timeouts.udp),
-            ],
-            cursor: 0,
-            stats: FlowStats::default(),
+/// One family's sub-table.
+struct Part<K: SlotKey> {
+    buckets: Box<[Bucket<K>]>,
+}
+
+impl<K: SlotKey> Part<K> {
+    fn new(capacity: usize) -> Part<K> {
+        let n = capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS);
+        Part {
+            buckets: vec![Bucket::EMPTY; n].into_boxed_slice(),
         }
     }
 
@@ -250,99 +384,54 @@ impl FlowTable {
         (((hash & 0xffff_ffff) * self.buckets.len() as u64) >> 32) as usize
     }
 
-    /// Hints that the bucket of `hash` will be read soon (called for a whole
-    /// burst before its lookups).
     #[inline]
-    pub fn prefetch(&self, hash: u64) {
-        prefetch(&self.buckets[self.bucket(hash)].header);
-    }
-
-    /// Second prefetch stage: once the bucket header is in cache (after
-    /// [`FlowTable::prefetch`] for the whole burst), hints the slot whose
-    /// tag matches `hash`, so that the burst's slot reads overlap too. With
-    /// no match (a new flow) it hints the slot `insert` will most likely
-    /// write: the first empty one, else the least recently seen.
-    #[inline]
-    pub fn prefetch_entry(&self, hash: u64) {
+    fn prefetch(&self, hash: u64) {
         let bk = &self.buckets[self.bucket(hash)];
-        let h = &bk.header;
-        let tag = tag_of(hash);
-        let slot = match h.tags.iter().position(|&t| t == tag) {
-            Some(s) => s,
-            None => match h.tags.iter().position(|&t| t == EMPTY) {
-                Some(s) => s,
-                None => (0..WAYS).min_by_key(|&s| h.stamps[s]).unwrap_or(0),
-            },
-        };
-        prefetch(&bk.slots[slot]);
-    }
-
-    #[inline]
-    fn find(&self, b: usize, tag: u16, key: &FlowKey) -> Option<usize> {
-        let bk = &self.buckets[b];
-        (0..WAYS).find(|&s| bk.header.tags[s] == tag && bk.slots[s].key == *key)
-    }
-
-    /// True when slot `s` of bucket `b` has certainly been idle longer than
-    /// its state's timeout (stamps are coarse: up to two stamp units late).
-    #[inline]
-    fn expired(&self, b: usize, s: usize, now: u64) -> bool {
-        let h = &self.buckets[b].header;
-        let age = u64::from(stamp_of(now).wrapping_sub(h.stamps[s]));
-        age.saturating_sub(1) << STAMP_SHIFT > self.timeout_ns[h.states[s] as usize & 3]
-    }
-
-    /// The entry in slot `s` of bucket `b`, as the caller sees it.
-    #[inline]
-    fn entry(&self, b: usize, s: usize) -> FlowEntry {
-        let bk = &self.buckets[b];
-        let slot = &bk.slots[s];
-        FlowEntry {
-            key: slot.key,
-            backend: slot.backend,
-            service: slot.service,
-            state: TcpState::from_u8(bk.header.states[s]),
-            last_seen: u64::from(bk.header.stamps[s]) << STAMP_SHIFT,
-            auto_slot: slot.auto_slot,
+        let per_line = (CACHE_LINE / std::mem::size_of::<Slot<K>>()).max(1);
+        for s in (0..WAYS).step_by(per_line) {
+            prefetch(&bk.slots[s]);
         }
     }
 
-    fn take(&mut self, b: usize, s: usize) -> FlowEntry {
-        let e = self.entry(b, s);
-        self.buckets[b].header.tags[s] = EMPTY;
-        self.len -= 1;
-        e
+    #[inline]
+    fn find(&self, b: usize, key: K) -> Option<usize> {
+        let slots = &self.buckets[b].slots;
+        (0..WAYS).find(|&s| slots[s].key == key && slots[s].used())
     }
 
-    /// Finds a live flow, refreshes its last-seen time to `now` and applies
-    /// the packet's TCP flags: ACK moves SynSeen to Established, FIN moves to
-    /// Closing (the shorter `fin` timeout), RST ends the flow. UDP flows
-    /// ignore flags. See [`Lookup`] for what comes back.
     #[inline]
-    pub fn lookup(&mut self, key: &FlowKey, hash: u64, now: u64, tcp_flags: u8) -> Lookup {
+    fn lookup(
+        &mut self,
+        books: &mut Books,
+        flow: &FlowKey,
+        hash: u64,
+        now: u64,
+        tcp_flags: u8,
+    ) -> Lookup {
         let b = self.bucket(hash);
-        let Some(s) = self.find(b, tag_of(hash), key) else {
-            self.stats.misses += 1;
+        let Some(s) = self.find(b, K::pack(flow)) else {
+            books.stats.misses += 1;
             return Lookup::Miss;
         };
-        if self.expired(b, s, now) {
-            self.stats.expired += 1;
-            self.stats.misses += 1;
-            return Lookup::Stale(self.take(b, s));
+        let slot = &mut self.buckets[b].slots[s];
+        if books.expired(slot, now) {
+            books.stats.expired += 1;
+            books.stats.misses += 1;
+            return Lookup::Stale(books.take(slot));
         }
-        let old_state = TcpState::from_u8(self.buckets[b].header.states[s]);
+        let old_state = TcpState::from_u8(slot.state);
         let mut state = old_state;
         if old_state != TcpState::Udp {
             if tcp_flags & tcp_flags::RST != 0 {
-                self.stats.closed += 1;
-                self.stats.hits += 1;
-                return Lookup::Reset(self.take(b, s));
+                books.stats.closed += 1;
+                books.stats.hits += 1;
+                return Lookup::Reset(books.take(slot));
             }
             let syn_only = tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
             if old_state == TcpState::Closing && syn_only {
-                self.stats.closed += 1;
-                self.stats.misses += 1;
-                return Lookup::Stale(self.take(b, s));
+                books.stats.closed += 1;
+                books.stats.misses += 1;
+                return Lookup::Stale(books.take(slot));
             }
             if tcp_flags & tcp_flags::FIN != 0 {
                 state = TcpState::Closing;
@@ -350,13 +439,11 @@ impl FlowTable {
                 state = TcpState::Established;
             }
         }
-        let h = &mut self.buckets[b].header;
-        h.states[s] = state as u8;
-        h.stamps[s] = stamp_of(now);
-        self.stats.hits += 1;
-        let slot = &self.buckets[b].slots[s];
+        slot.state = OCCUPIED | state as u8;
+        slot.stamp = stamp_of(now);
+        books.stats.hits += 1;
         Lookup::Hit(FlowEntry {
-            key: *key,
+            key: *flow,
             backend: slot.backend,
             service: slot.service,
             state,
@@ -365,15 +452,155 @@ impl FlowTable {
         })
     }
 
-    /// Changes the backend of a live flow; false if the flow is not there.
-    pub fn set_backend(&mut self, key: &FlowKey, hash: u64, backend: BackendId) -> bool {
+    fn set_backend(&mut self, key: &FlowKey, hash: u64, backend: BackendId) -> bool {
         let b = self.bucket(hash);
-        match self.find(b, tag_of(hash), key) {
+        match self.find(b, K::pack(key)) {
             Some(s) => {
                 self.buckets[b].slots[s].backend = backend;
                 true
             }
             None => false,
+        }
+    }
+
+    fn insert(
+        &mut self,
+        books: &mut Books,
+        entry: FlowEntry,
+        hash: u64,
+        now: u64,
+    ) -> Option<FlowEntry> {
+        let key = K::pack(&entry.key);
+        let b = self.bucket(hash);
+        let slots = &self.buckets[b].slots;
+        let (s, displaced) = if let Some(s) = self.find(b, key) {
+            books.stats.updated += 1;
+            (s, Some(slots[s].entry()))
+        } else {
+            books.stats.inserted += 1;
+            if let Some(s) = slots.iter().position(|x| !x.used()) {
+                books.len += 1;
+                (s, None)
+            } else if let Some(s) = slots.iter().position(|x| books.expired(x, now)) {
+                books.stats.expired += 1;
+                (s, Some(slots[s].entry()))
+            } else {
+                let now_stamp = stamp_of(now);
+                let s = (0..WAYS)
+                    .max_by_key(|&s| now_stamp.wrapping_sub(slots[s].stamp))
+                    .unwrap_or(0);
+                books.stats.evicted += 1;
+                (s, Some(slots[s].entry()))
+            }
+        };
+        self.buckets[b].slots[s] = Slot {
+            key,
+            stamp: stamp_of(now),
+            backend: entry.backend,
+            auto_slot: entry.auto_slot,
+            service: entry.service,
+            state: OCCUPIED | entry.state as u8,
+        };
+        displaced
+    }
+
+    fn remove(&mut self, books: &mut Books, key: &FlowKey, hash: u64) -> Option<FlowEntry> {
+        let b = self.bucket(hash);
+        let s = self.find(b, K::pack(key))?;
+        books.stats.removed += 1;
+        Some(books.take(&mut self.buckets[b].slots[s]))
+    }
+
+    /// Removes the timed-out entries of bucket `b`, handing each to `ended`.
+    fn sweep_bucket(
+        &mut self,
+        books: &mut Books,
+        b: usize,
+        now: u64,
+        ended: &mut impl FnMut(FlowEntry),
+    ) {
+        for slot in self.buckets[b].slots.iter_mut() {
+            if slot.used() && books.expired(slot, now) {
+                books.stats.expired += 1;
+                ended(books.take(slot));
+            }
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.buckets.len() * WAYS
+    }
+
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        self.buckets
+            .iter()
+            .map(|bk| bk.slots.iter().filter(|s| s.used()).count())
+            .sum()
+    }
+}
+
+/// The per-worker connection table: an IPv4 and an IPv6 sub-table.
+pub struct FlowTable {
+    v4: Part<V4Key>,
+    v6: Part<V6Key>,
+    books: Books,
+    /// Next bucket [`FlowTable::sweep`] visits: the IPv4 buckets, then the
+    /// IPv6 ones.
+    cursor: usize,
+}
+
+impl FlowTable {
+    /// A table for `capacity` IPv4 flows and `capacity_v6` IPv6 flows, each
+    /// rounded up to a multiple of [`WAYS`] (at least [`WAYS`], at most
+    /// about [`MAX_CAPACITY`]). All memory is allocated (and written) here.
+    pub fn new(capacity: usize, capacity_v6: usize, timeouts: FlowTimeouts) -> FlowTable {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        FlowTable {
+            v4: Part::new(capacity),
+            v6: Part::new(capacity_v6),
+            books: Books {
+                len: 0,
+                timeout_ns: [
+                    ns(timeouts.syn),
+                    ns(timeouts.established),
+                    ns(timeouts.fin),
+                    ns(timeouts.udp),
+                ],
+                stats: FlowStats::default(),
+            },
+            cursor: 0,
+        }
+    }
+
+    /// Hints that the bucket of `key` (whose hash is `hash`) will be read
+    /// soon: all its cache lines, so that both a hit and an insert find
+    /// them in cache. Called for a whole burst before its lookups.
+    #[inline]
+    pub fn prefetch(&self, key: &FlowKey, hash: u64) {
+        match key.family {
+            Family::V4 => self.v4.prefetch(hash),
+            Family::V6 => self.v6.prefetch(hash),
+        }
+    }
+
+    /// Finds a live flow, refreshes its last-seen time to `now` and applies
+    /// the packet's TCP flags: ACK moves SynSeen to Established, FIN moves to
+    /// Closing (the shorter `fin` timeout), RST ends the flow. UDP flows
+    /// ignore flags. See [`Lookup`] for what comes back.
+    #[inline]
+    pub fn lookup(&mut self, key: &FlowKey, hash: u64, now: u64, tcp_flags: u8) -> Lookup {
+        match key.family {
+            Family::V4 => self.v4.lookup(&mut self.books, key, hash, now, tcp_flags),
+            Family::V6 => self.v6.lookup(&mut self.books, key, hash, now, tcp_flags),
+        }
+    }
+
+    /// Changes the backend of a live flow; false if the flow is not there.
+    pub fn set_backend(&mut self, key: &FlowKey, hash: u64, backend: BackendId) -> bool {
+        match key.family {
+            Family::V4 => self.v4.set_backend(key, hash, backend),
+            Family::V6 => self.v6.set_backend(key, hash, backend),
         }
     }
 
@@ -383,104 +610,71 @@ impl FlowTable {
     /// bucket's least recently seen entry evicted to make room. The caller
     /// releases what the displaced entry holds.
     pub fn insert(&mut self, entry: FlowEntry, hash: u64, now: u64) -> Option<FlowEntry> {
-        let b = self.bucket(hash);
-        let tag = tag_of(hash);
-        let (slot, displaced) = if let Some(s) = self.find(b, tag, &entry.key) {
-            self.stats.updated += 1;
-            (s, Some(self.entry(b, s)))
-        } else {
-            self.stats.inserted += 1;
-            let h = &self.buckets[b].header;
-            if let Some(s) = (0..WAYS).find(|&s| h.tags[s] == EMPTY) {
-                self.len += 1;
-                (s, None)
-            } else if let Some(s) = (0..WAYS).find(|&s| self.expired(b, s, now)) {
-                self.stats.expired += 1;
-                (s, Some(self.entry(b, s)))
-            } else {
-                let now_stamp = stamp_of(now);
-                let s = (0..WAYS)
-                    .max_by_key(|&s| now_stamp.wrapping_sub(h.stamps[s]))
-                    .unwrap_or(0);
-                self.stats.evicted += 1;
-                (s, Some(self.entry(b, s)))
-            }
-        };
-        let bk = &mut self.buckets[b];
-        bk.slots[slot] = Slot {
-            key: entry.key,
-            backend: entry.backend,
-            auto_slot: entry.auto_slot,
-            service: entry.service,
-        };
-        bk.header.tags[slot] = tag;
-        bk.header.stamps[slot] = stamp_of(now);
-        bk.header.states[slot] = entry.state as u8;
-        displaced
+        match entry.key.family {
+            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now),
+            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now),
+        }
     }
 
     /// Removes a flow, returning it.
     pub fn remove(&mut self, key: &FlowKey, hash: u64) -> Option<FlowEntry> {
-        let b = self.bucket(hash);
-        let s = self.find(b, tag_of(hash), key)?;
-        self.stats.removed += 1;
-        Some(self.take(b, s))
+        match key.family {
+            Family::V4 => self.v4.remove(&mut self.books, key, hash),
+            Family::V6 => self.v6.remove(&mut self.books, key, hash),
+        }
     }
 
     /// Incremental sweep: examines up to `buckets` buckets from an internal
     /// cursor and calls `ended` for each timed-out entry, removing it. A
-    /// full cycle ([`FlowTable::buckets`] buckets) visits every entry once.
+    /// full cycle ([`FlowTable::buckets`] buckets, both families) visits
+    /// every entry once.
     pub fn sweep(&mut self, now: u64, buckets: usize, mut ended: impl FnMut(FlowEntry)) {
-        let n = self.buckets.len();
+        let n4 = self.v4.buckets.len();
+        let n = self.buckets();
         for _ in 0..buckets.min(n) {
             let b = self.cursor;
             self.cursor = if b + 1 == n { 0 } else { b + 1 };
-            for s in 0..WAYS {
-                if self.buckets[b].header.tags[s] != EMPTY && self.expired(b, s, now) {
-                    self.stats.expired += 1;
-                    ended(self.take(b, s));
-                }
+            if b < n4 {
+                self.v4.sweep_bucket(&mut self.books, b, now, &mut ended);
+            } else {
+                self.v6
+                    .sweep_bucket(&mut self.books, b - n4, now, &mut ended);
             }
         }
     }
 
     /// Slots in use (timed-out entries not yet swept included).
     pub fn len(&self) -> usize {
-        self.len
+        self.books.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.books.len == 0
     }
 
-    /// Maximum number of flows.
+    /// Maximum number of flows (both families).
     pub fn capacity(&self) -> usize {
-        self.buckets.len() * WAYS
+        self.v4.capacity() + self.v6.capacity()
     }
 
-    /// Number of buckets (a full sweep cycle).
+    /// Number of buckets, both families (a full sweep cycle).
     pub fn buckets(&self) -> usize {
-        self.buckets.len()
+        self.v4.buckets.len() + self.v6.buckets.len()
     }
 
     pub fn stats(&self) -> FlowStats {
-        self.stats
+        self.books.stats
     }
 
     /// The idle timeout of a state.
     pub fn timeout(&self, state: TcpState) -> Duration {
-        Duration::from_nanos(self.timeout_ns[state as usize])
+        Duration::from_nanos(self.books.timeout_ns[state as usize])
     }
 
     /// The occupied slots match `len` (test helper).
     #[cfg(test)]
     fn consistent(&self) -> bool {
-        let n: usize = self
-            .buckets
-            .iter()
-            .map(|bk| bk.header.tags.iter().filter(|&&t| t != EMPTY).count())
-            .sum();
-        n == self.len
+        self.v4.used() + self.v6.used() == self.books.len
     }
 }
 
@@ -488,18 +682,32 @@ impl FlowTable {
 mod tests {
     use super::*;
     use crate::packet::{flow_hash, PROTO_TCP, PROTO_UDP};
+    use std::collections::HashMap;
     use tcp_flags::{ACK, FIN, RST, SYN};
 
     const SEC: u64 = 1_000_000_000;
+    const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
     fn key(i: u32, proto: u8) -> FlowKey {
+        key_of(Family::V4, i, proto)
+    }
+
+    /// Flow `i` of a family: distinct clients towards one service.
+    fn key_of(family: Family, i: u32, proto: u8) -> FlowKey {
+        let (src, dst) = match family {
+            Family::V4 => (0x0a00_0000 | i as u128, 0xc000_0201),
+            Family::V6 => (
+                0x2001_0db8_0000_0000_0000_0000_0000_0000 | i as u128,
+                0x2001_0db8_ffff_0000_0000_0000_0000_0001,
+            ),
+        };
         FlowKey {
-            src: 0x0a00_0000 | i as u128,
-            dst: 0xc000_0201,
+            src,
+            dst,
             sport: 1024 + (i % 50_000) as u16,
             dport: 80,
             proto,
-            family: Family::V4,
+            family,
         }
     }
 
@@ -514,16 +722,16 @@ mod tests {
         }
     }
 
+    const TIMEOUTS: FlowTimeouts = FlowTimeouts {
+        syn: Duration::from_secs(10),
+        established: Duration::from_secs(300),
+        fin: Duration::from_secs(5),
+        udp: Duration::from_secs(60),
+    };
+
+    /// A table of `cap` flows per family.
     fn table(cap: usize) -> FlowTable {
-        FlowTable::new(
-            cap,
-            FlowTimeouts {
-                syn: Duration::from_secs(10),
-                established: Duration::from_secs(300),
-                fin: Duration::from_secs(5),
-                udp: Duration::from_secs(60),
-            },
-        )
+        FlowTable::new(cap, cap, TIMEOUTS)
     }
 
     fn is_hit(l: &Lookup) -> bool {
@@ -532,193 +740,367 @@ mod tests {
 
     #[test]
     fn capacity_rounds_up_and_bounds_hold() {
-        assert_eq!(table(1000).capacity(), 1001);
-        assert_eq!(table(0).capacity(), WAYS);
-        let mut t = table(1000);
-        let mut displaced = 0u64;
-        for i in 0..10_240 {
-            let k = key(i, PROTO_TCP);
-            if t.insert(
-                entry(k, TcpState::Established),
-                flow_hash(&k),
-                SEC + i as u64,
-            )
-            .is_some()
-            {
-                displaced += 1;
+        let t = FlowTable::new(1001, 100, TIMEOUTS);
+        assert_eq!((t.v4.capacity(), t.v6.capacity()), (1008, 104));
+        assert_eq!(t.capacity(), 1112);
+        assert_eq!(t.buckets(), 126 + 13);
+        assert_eq!(table(0).capacity(), 2 * WAYS);
+        for fam in FAMILIES {
+            let mut t = table(1000);
+            let mut displaced = 0u64;
+            for i in 0..10_240 {
+                let k = key_of(fam, i, PROTO_TCP);
+                if t.insert(
+                    entry(k, TcpState::Established),
+                    flow_hash(&k),
+                    SEC + i as u64,
+                )
+                .is_some()
+                {
+                    displaced += 1;
+                }
+                assert!(t.len() <= 1000, "{fam:?}: one family's bound");
             }
-            assert!(t.len() <= t.capacity());
+            let st = t.stats();
+            assert_eq!(st.inserted, 10_240);
+            assert_eq!(st.evicted, displaced);
+            assert_eq!(t.len() as u64, st.inserted - st.evicted);
+            assert!(t.len() > 900, "{fam:?} should be nearly full: {}", t.len());
+            assert!(t.consistent());
         }
-        let st = t.stats();
-        assert_eq!(st.inserted, 10_240);
-        assert_eq!(st.evicted, displaced);
-        assert_eq!(t.len() as u64, st.inserted - st.evicted);
-        assert!(t.len() > 900, "table should be nearly full: {}", t.len());
+    }
+
+    #[test]
+    fn keys_round_trip_through_their_packing() {
+        let k4 = FlowKey {
+            src: 0xffff_fffe,
+            dst: 0x8000_0001,
+            sport: 0xfedc,
+            dport: 0x0102,
+            proto: PROTO_UDP,
+            family: Family::V4,
+        };
+        assert_eq!(V4Key::pack(&k4).unpack(), k4);
+        let zero = FlowKey {
+            src: 0,
+            dst: 0,
+            sport: 0,
+            dport: 0,
+            proto: 0,
+            family: Family::V4,
+        };
+        assert_eq!(V4Key::pack(&zero).unpack(), zero);
+        let k6 = FlowKey {
+            src: u128::MAX - 5,
+            dst: 1 << 127,
+            family: Family::V6,
+            ..k4
+        };
+        assert_eq!(V6Key::pack(&k6).unpack(), k6);
+        // Each field lands in its own bits.
+        let fields = [
+            FlowKey { src: 1, ..zero },
+            FlowKey { dst: 1, ..zero },
+            FlowKey { sport: 1, ..zero },
+            FlowKey { dport: 1, ..zero },
+            FlowKey { proto: 1, ..zero },
+        ];
+        for (i, a) in fields.iter().enumerate() {
+            for b in &fields[i + 1..] {
+                assert_ne!(V4Key::pack(a), V4Key::pack(b));
+            }
+        }
+    }
+
+    /// The all-zero key is a key like any other, not an empty slot.
+    #[test]
+    fn all_zero_key_is_stored() {
+        let mut t = table(64);
+        for fam in FAMILIES {
+            let k = FlowKey {
+                src: 0,
+                dst: 0,
+                sport: 0,
+                dport: 0,
+                proto: 0,
+                family: fam,
+            };
+            let h = flow_hash(&k);
+            assert_eq!(t.lookup(&k, h, SEC, 0), Lookup::Miss);
+            assert_eq!(t.insert(entry(k, TcpState::Udp), h, SEC), None);
+            assert!(is_hit(&t.lookup(&k, h, SEC, 0)), "{fam:?}");
+        }
+        assert_eq!(t.len(), 2);
         assert!(t.consistent());
     }
 
     #[test]
     fn timeouts_per_state() {
-        let mut t = table(64);
-        let cases = [
-            (TcpState::SynSeen, PROTO_TCP, 10),
-            (TcpState::Established, PROTO_TCP, 300),
-            (TcpState::Closing, PROTO_TCP, 5),
-            (TcpState::Udp, PROTO_UDP, 60),
-        ];
-        for (n, &(state, proto, secs)) in cases.iter().enumerate() {
-            let k = key(n as u32, proto);
-            let h = flow_hash(&k);
-            let t0 = 100 * SEC;
-            t.insert(entry(k, state), h, t0);
-            // Just inside the timeout: still there (flags 0 keep the state).
-            assert!(is_hit(&t.lookup(&k, h, t0 + secs * SEC, 0)), "{state:?}");
-            // Past the timeout from the refreshed time (by more than the
-            // stamps' two-unit slack): handed back as stale.
-            let t1 = t0 + 2 * secs * SEC + (3 << STAMP_SHIFT);
-            match t.lookup(&k, h, t1, 0) {
-                Lookup::Stale(e) => assert_eq!(e.state, state),
-                other => panic!("{state:?}: expected Stale, got {other:?}"),
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let cases = [
+                (TcpState::SynSeen, PROTO_TCP, 10),
+                (TcpState::Established, PROTO_TCP, 300),
+                (TcpState::Closing, PROTO_TCP, 5),
+                (TcpState::Udp, PROTO_UDP, 60),
+            ];
+            for (n, &(state, proto, secs)) in cases.iter().enumerate() {
+                let k = key_of(fam, n as u32, proto);
+                let h = flow_hash(&k);
+                let t0 = 100 * SEC;
+                t.insert(entry(k, state), h, t0);
+                // Just inside the timeout: still there (flags 0 keep the state).
+                assert!(
+                    is_hit(&t.lookup(&k, h, t0 + secs * SEC, 0)),
+                    "{fam:?} {state:?}"
+                );
+                // Past the timeout from the refreshed time (by more than the
+                // stamps' two-unit slack): handed back as stale.
+                let t1 = t0 + 2 * secs * SEC + (3 << STAMP_SHIFT);
+                match t.lookup(&k, h, t1, 0) {
+                    Lookup::Stale(e) => assert_eq!((e.key, e.state), (k, state)),
+                    other => panic!("{fam:?} {state:?}: expected Stale, got {other:?}"),
+                }
+                assert_eq!(t.lookup(&k, h, t1, 0), Lookup::Miss);
             }
-            assert_eq!(t.lookup(&k, h, t1, 0), Lookup::Miss);
+            assert_eq!(t.stats().expired, 4);
+            assert!(t.is_empty());
         }
-        assert_eq!(t.stats().expired, 4);
-        assert!(t.is_empty());
     }
 
     #[test]
     fn ack_establishes_and_fin_shortens_timeout() {
-        let mut t = table(64);
-        let k = key(1, PROTO_TCP);
-        let h = flow_hash(&k);
-        t.insert(entry(k, TcpState::SynSeen), h, 0);
-        match t.lookup(&k, h, SEC, ACK) {
-            Lookup::Hit(e) => assert_eq!(e.state, TcpState::Established),
-            other => panic!("{other:?}"),
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let k = key_of(fam, 1, PROTO_TCP);
+            let h = flow_hash(&k);
+            t.insert(entry(k, TcpState::SynSeen), h, 0);
+            match t.lookup(&k, h, SEC, ACK) {
+                Lookup::Hit(e) => assert_eq!(e.state, TcpState::Established),
+                other => panic!("{other:?}"),
+            }
+            // Established survives 200 s of idleness.
+            assert!(is_hit(&t.lookup(&k, h, 201 * SEC, ACK)));
+            match t.lookup(&k, h, 202 * SEC, FIN | ACK) {
+                Lookup::Hit(e) => assert_eq!(e.state, TcpState::Closing),
+                other => panic!("{other:?}"),
+            }
+            // Now the 5 s fin timeout applies.
+            assert!(matches!(
+                t.lookup(&k, h, 208 * SEC, ACK),
+                Lookup::Stale(FlowEntry {
+                    state: TcpState::Closing,
+                    ..
+                })
+            ));
+            assert!(t.consistent());
         }
-        // Established survives 200 s of idleness.
-        assert!(is_hit(&t.lookup(&k, h, 201 * SEC, ACK)));
-        match t.lookup(&k, h, 202 * SEC, FIN | ACK) {
-            Lookup::Hit(e) => assert_eq!(e.state, TcpState::Closing),
-            other => panic!("{other:?}"),
-        }
-        // Now the 5 s fin timeout applies.
-        assert!(matches!(
-            t.lookup(&k, h, 208 * SEC, ACK),
-            Lookup::Stale(FlowEntry {
-                state: TcpState::Closing,
-                ..
-            })
-        ));
-        assert!(t.consistent());
     }
 
     #[test]
     fn rst_ends_the_flow_and_hands_it_back() {
-        let mut t = table(64);
-        let k = key(3, PROTO_TCP);
-        let h = flow_hash(&k);
-        let mut e = entry(k, TcpState::Established);
-        e.auto_slot = 42;
-        t.insert(e, h, SEC);
-        match t.lookup(&k, h, 2 * SEC, RST | ACK) {
-            Lookup::Reset(e) => {
-                assert_eq!(e.auto_slot, 42);
-                assert_eq!(e.backend, 7);
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let k = key_of(fam, 3, PROTO_TCP);
+            let h = flow_hash(&k);
+            let mut e = entry(k, TcpState::Established);
+            e.auto_slot = 42;
+            t.insert(e, h, SEC);
+            match t.lookup(&k, h, 2 * SEC, RST | ACK) {
+                Lookup::Reset(e) => {
+                    assert_eq!(e.key, k);
+                    assert_eq!(e.auto_slot, 42);
+                    assert_eq!(e.backend, 7);
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
+            assert_eq!(t.lookup(&k, h, 2 * SEC, ACK), Lookup::Miss);
+            assert_eq!(t.stats().closed, 1);
+            assert_eq!(t.len(), 0);
         }
-        assert_eq!(t.lookup(&k, h, 2 * SEC, ACK), Lookup::Miss);
-        assert_eq!(t.stats().closed, 1);
-        assert_eq!(t.len(), 0);
     }
 
     #[test]
     fn syn_on_closing_flow_is_a_new_connection() {
-        let mut t = table(64);
-        let k = key(4, PROTO_TCP);
-        let h = flow_hash(&k);
-        t.insert(entry(k, TcpState::Closing), h, SEC);
-        assert!(matches!(t.lookup(&k, h, 2 * SEC, SYN), Lookup::Stale(_)));
-        // A SYN on an established flow is just a retransmission.
-        t.insert(entry(k, TcpState::Established), h, SEC);
-        assert!(is_hit(&t.lookup(&k, h, 2 * SEC, SYN)));
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let k = key_of(fam, 4, PROTO_TCP);
+            let h = flow_hash(&k);
+            t.insert(entry(k, TcpState::Closing), h, SEC);
+            assert!(matches!(t.lookup(&k, h, 2 * SEC, SYN), Lookup::Stale(_)));
+            // A SYN on an established flow is just a retransmission.
+            t.insert(entry(k, TcpState::Established), h, SEC);
+            assert!(is_hit(&t.lookup(&k, h, 2 * SEC, SYN)));
+        }
     }
 
     #[test]
     fn udp_ignores_flags() {
-        let mut t = table(64);
-        let k = key(5, PROTO_UDP);
-        let h = flow_hash(&k);
-        t.insert(entry(k, TcpState::Udp), h, 0);
-        match t.lookup(&k, h, SEC, RST | FIN) {
-            Lookup::Hit(e) => assert_eq!(e.state, TcpState::Udp),
-            other => panic!("{other:?}"),
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let k = key_of(fam, 5, PROTO_UDP);
+            let h = flow_hash(&k);
+            t.insert(entry(k, TcpState::Udp), h, 0);
+            match t.lookup(&k, h, SEC, RST | FIN) {
+                Lookup::Hit(e) => assert_eq!(e.state, TcpState::Udp),
+                other => panic!("{other:?}"),
+            }
         }
     }
 
-    /// Keys that all land in bucket 0 of a one-bucket table.
+    /// Keys that all land in the one bucket of their family.
     #[test]
     fn eviction_picks_the_least_recently_seen() {
-        let mut t = table(WAYS);
-        assert_eq!(t.buckets(), 1);
-        let keys: Vec<FlowKey> = (0..WAYS as u32 + 1).map(|i| key(i, PROTO_TCP)).collect();
-        for (i, k) in keys[..WAYS].iter().enumerate() {
-            t.insert(
-                entry(*k, TcpState::Established),
-                flow_hash(k),
-                (i as u64 + 1) * SEC,
-            );
-        }
-        // Refresh all but key 3, so key 3 is the oldest.
-        for (i, k) in keys[..WAYS].iter().enumerate() {
-            if i != 3 {
-                assert!(is_hit(&t.lookup(k, flow_hash(k), 20 * SEC, ACK)));
+        for fam in FAMILIES {
+            let mut t = table(WAYS);
+            assert_eq!(t.buckets(), 2);
+            let keys: Vec<FlowKey> = (0..WAYS as u32 + 1)
+                .map(|i| key_of(fam, i, PROTO_TCP))
+                .collect();
+            for (i, k) in keys[..WAYS].iter().enumerate() {
+                t.insert(
+                    entry(*k, TcpState::Established),
+                    flow_hash(k),
+                    (i as u64 + 1) * SEC,
+                );
             }
+            // Refresh all but key 3, so key 3 is the oldest.
+            for (i, k) in keys[..WAYS].iter().enumerate() {
+                if i != 3 {
+                    assert!(is_hit(&t.lookup(k, flow_hash(k), 20 * SEC, ACK)));
+                }
+            }
+            let k = keys[WAYS];
+            let ev = t.insert(entry(k, TcpState::Established), flow_hash(&k), 21 * SEC);
+            assert_eq!(ev.map(|e| e.key), Some(keys[3]), "{fam:?}");
+            assert_eq!(t.stats().evicted, 1);
+            assert_eq!(t.len(), WAYS);
+            assert_eq!(
+                t.lookup(&keys[3], flow_hash(&keys[3]), 21 * SEC, 0),
+                Lookup::Miss
+            );
+            assert!(is_hit(&t.lookup(&k, flow_hash(&k), 21 * SEC, 0)));
         }
-        let k = keys[WAYS];
-        let ev = t.insert(entry(k, TcpState::Established), flow_hash(&k), 21 * SEC);
-        assert_eq!(ev.map(|e| e.key), Some(keys[3]));
-        assert_eq!(t.stats().evicted, 1);
-        assert_eq!(t.len(), WAYS);
-        assert_eq!(
-            t.lookup(&keys[3], flow_hash(&keys[3]), 21 * SEC, 0),
-            Lookup::Miss
-        );
-        assert!(is_hit(&t.lookup(&k, flow_hash(&k), 21 * SEC, 0)));
     }
 
     #[test]
     fn expired_entries_are_replaced_before_live_ones() {
+        for fam in FAMILIES {
+            let mut t = table(WAYS);
+            let keys: Vec<FlowKey> = (0..WAYS as u32 + 1)
+                .map(|i| key_of(fam, i, PROTO_TCP))
+                .collect();
+            // Key 5 is a SYN (10 s timeout) seen last of all; the others are
+            // established and older but live.
+            for (i, k) in keys[..WAYS].iter().enumerate() {
+                let st = if i == 5 {
+                    TcpState::SynSeen
+                } else {
+                    TcpState::Established
+                };
+                t.insert(
+                    entry(*k, st),
+                    flow_hash(k),
+                    if i == 5 { 50 } else { 1 } * SEC,
+                );
+            }
+            let k = keys[WAYS];
+            let out = t.insert(entry(k, TcpState::SynSeen), flow_hash(&k), 100 * SEC);
+            assert_eq!(out.map(|e| e.key), Some(keys[5]), "{fam:?}");
+            assert_eq!(t.stats().expired, 1);
+            assert_eq!(t.stats().evicted, 0);
+        }
+    }
+
+    /// A full IPv4 bucket does not evict IPv6 flows and the other way round:
+    /// each family has its own capacity.
+    #[test]
+    fn families_do_not_share_slots() {
         let mut t = table(WAYS);
-        let keys: Vec<FlowKey> = (0..WAYS as u32 + 1).map(|i| key(i, PROTO_TCP)).collect();
-        // Key 5 is a SYN (10 s timeout) seen last of all; the others are
-        // established and older but live.
-        for (i, k) in keys[..WAYS].iter().enumerate() {
-            let st = if i == 5 {
-                TcpState::SynSeen
-            } else {
-                TcpState::Established
-            };
-            t.insert(
-                entry(*k, st),
-                flow_hash(k),
-                if i == 5 { 50 } else { 1 } * SEC,
+        let n = WAYS as u32 * 3;
+        for i in 0..n {
+            let k = key(i, PROTO_TCP);
+            t.insert(entry(k, TcpState::Established), flow_hash(&k), SEC);
+        }
+        assert_eq!(t.len(), WAYS);
+        for i in 0..WAYS as u32 {
+            let k = key_of(Family::V6, i, PROTO_TCP);
+            assert_eq!(
+                t.insert(entry(k, TcpState::Established), flow_hash(&k), SEC),
+                None
             );
         }
-        let k = keys[WAYS];
-        let out = t.insert(entry(k, TcpState::SynSeen), flow_hash(&k), 100 * SEC);
-        assert_eq!(out.map(|e| e.key), Some(keys[5]));
-        assert_eq!(t.stats().expired, 1);
-        assert_eq!(t.stats().evicted, 0);
+        assert_eq!(t.len(), 2 * WAYS);
+        assert_eq!(t.stats().evicted as u32, n - WAYS as u32);
+        assert!(t.consistent());
+    }
+
+    #[test]
+    fn both_families_mixed() {
+        let mut t = FlowTable::new(4096, 4096, TIMEOUTS);
+        let n = 600u32;
+        // The same numbers in both families: distinct flows.
+        for i in 0..n {
+            for fam in FAMILIES {
+                let k = key_of(fam, i, PROTO_TCP);
+                let mut e = entry(k, TcpState::SynSeen);
+                e.backend = i * 2 + (fam == Family::V6) as u32;
+                e.auto_slot = i;
+                assert_eq!(t.insert(e, flow_hash(&k), SEC), None);
+            }
+        }
+        assert_eq!(t.len(), 2 * n as usize);
+        // A v4 key and a v6 key with the same numbers do not collide even
+        // when given the same hash.
+        let k4 = key(0, PROTO_UDP);
+        let k6 = FlowKey {
+            family: Family::V6,
+            ..k4
+        };
+        t.insert(entry(k4, TcpState::Udp), 99, SEC);
+        assert_eq!(t.lookup(&k6, 99, SEC, 0), Lookup::Miss);
+        assert_eq!(t.remove(&k4, 99).map(|e| e.key), Some(k4));
+        for i in 0..n {
+            for fam in FAMILIES {
+                let k = key_of(fam, i, PROTO_TCP);
+                let h = flow_hash(&k);
+                t.prefetch(&k, h);
+                match t.lookup(&k, h, 2 * SEC, ACK) {
+                    Lookup::Hit(e) => {
+                        assert_eq!(e.backend, i * 2 + (fam == Family::V6) as u32);
+                        assert_eq!((e.auto_slot, e.state), (i, TcpState::Established));
+                    }
+                    other => panic!("{fam:?} {i}: {other:?}"),
+                }
+            }
+        }
+        // Closing the v4 flows leaves the v6 ones.
+        for i in 0..n {
+            let k = key(i, PROTO_TCP);
+            assert!(matches!(
+                t.lookup(&k, flow_hash(&k), 3 * SEC, RST),
+                Lookup::Reset(_)
+            ));
+        }
+        assert_eq!(t.len(), n as usize);
+        assert_eq!(t.v6.used(), n as usize);
+        // A sweep cycle past the timeouts hands back exactly the v6 flows.
+        let mut ended = Vec::new();
+        t.sweep(1000 * SEC, t.buckets(), |e| ended.push(e));
+        assert_eq!(ended.len(), n as usize);
+        assert!(ended.iter().all(|e| e.key.family == Family::V6));
+        assert!(t.is_empty());
+        assert!(t.consistent());
     }
 
     #[test]
     fn sweep_finds_all_expired_over_a_cycle() {
-        let mut t = table(4096);
+        let mut t = FlowTable::new(4096, 1024, TIMEOUTS);
         let n = 3000u32;
         for i in 0..n {
-            let k = key(i, if i % 2 == 0 { PROTO_TCP } else { PROTO_UDP });
+            // Every fourth flow is IPv6.
+            let fam = if i % 4 == 3 { Family::V6 } else { Family::V4 };
+            let k = key_of(fam, i, if i % 2 == 0 { PROTO_TCP } else { PROTO_UDP });
             let st = if i % 2 == 0 {
                 TcpState::SynSeen
             } else {
@@ -746,130 +1128,279 @@ mod tests {
         assert_eq!(syns_left, 0);
         assert_eq!(ended.len() + t.len(), live);
         assert_eq!(t.stats().expired as usize, ended.len());
-        // Another cycle well past the UDP timeout empties the table.
+        // Another cycle well past the UDP timeout empties the table, both
+        // families.
+        let udp6 = t.v6.used();
+        assert!(udp6 > 600, "{udp6}");
+        let before = ended.len();
         t.sweep(1000 * SEC, cycle, |e| ended.push(e));
+        let v6 = ended[before..]
+            .iter()
+            .filter(|e| e.key.family == Family::V6)
+            .count();
+        assert_eq!(v6, udp6);
         assert!(t.is_empty());
         assert!(t.consistent());
     }
 
     #[test]
     fn reinsert_updates_without_duplicates() {
-        let mut t = table(64);
-        let k = key(9, PROTO_TCP);
-        let h = flow_hash(&k);
-        assert_eq!(t.insert(entry(k, TcpState::SynSeen), h, SEC), None);
-        let mut e2 = entry(k, TcpState::Established);
-        e2.backend = 99;
-        let old = t.insert(e2, h, 2 * SEC).expect("old entry handed back");
-        assert_eq!(old.backend, 7);
-        assert_eq!(t.len(), 1);
-        match t.lookup(&k, h, 3 * SEC, ACK) {
-            Lookup::Hit(e) => assert_eq!(e.backend, 99),
-            other => panic!("{other:?}"),
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let k = key_of(fam, 9, PROTO_TCP);
+            let h = flow_hash(&k);
+            assert_eq!(t.insert(entry(k, TcpState::SynSeen), h, SEC), None);
+            let mut e2 = entry(k, TcpState::Established);
+            e2.backend = 99;
+            let old = t.insert(e2, h, 2 * SEC).expect("old entry handed back");
+            assert_eq!(old.backend, 7);
+            assert_eq!(t.len(), 1);
+            match t.lookup(&k, h, 3 * SEC, ACK) {
+                Lookup::Hit(e) => assert_eq!(e.backend, 99),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(t.remove(&k, h).map(|e| e.backend), Some(99));
+            assert_eq!(t.remove(&k, h), None);
+            assert_eq!(t.stats().updated, 1);
+            assert_eq!(t.stats().inserted, 1);
         }
-        assert_eq!(t.remove(&k, h).map(|e| e.backend), Some(99));
-        assert_eq!(t.remove(&k, h), None);
-        assert_eq!(t.stats().updated, 1);
-        assert_eq!(t.stats().inserted, 1);
     }
 
     #[test]
     fn hit_allows_backend_change() {
-        let mut t = table(64);
-        let k = key(11, PROTO_TCP);
-        let h = flow_hash(&k);
-        t.insert(entry(k, TcpState::Established), h, SEC);
-        assert!(is_hit(&t.lookup(&k, h, SEC, ACK)));
-        assert!(t.set_backend(&k, h, 3));
-        let other = key(12, PROTO_TCP);
-        assert!(!t.set_backend(&other, flow_hash(&other), 3));
-        assert!(matches!(
-            t.lookup(&k, h, SEC, ACK),
-            Lookup::Hit(FlowEntry { backend: 3, .. })
-        ));
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let k = key_of(fam, 11, PROTO_TCP);
+            let h = flow_hash(&k);
+            t.insert(entry(k, TcpState::Established), h, SEC);
+            assert!(is_hit(&t.lookup(&k, h, SEC, ACK)));
+            assert!(t.set_backend(&k, h, 3));
+            let other = key_of(fam, 12, PROTO_TCP);
+            assert!(!t.set_backend(&other, flow_hash(&other), 3));
+            assert!(matches!(
+                t.lookup(&k, h, SEC, ACK),
+                Lookup::Hit(FlowEntry { backend: 3, .. })
+            ));
+        }
     }
+
+    /// What the model knows of a flow.
+    #[derive(Clone, Copy, Debug)]
+    struct Known {
+        backend: BackendId,
+        state: TcpState,
+        last_seen: u64,
+    }
+
+    /// Stamp units of slack: the table may judge an entry expired up to
+    /// this much after its timeout passed, never before.
+    const SLACK: u64 = 2 << STAMP_SHIFT;
+
+    fn timeout_ns(state: TcpState) -> u64 {
+        let d = match state {
+            TcpState::SynSeen => TIMEOUTS.syn,
+            TcpState::Established => TIMEOUTS.established,
+            TcpState::Closing => TIMEOUTS.fin,
+            TcpState::Udp => TIMEOUTS.udp,
+        };
+        d.as_nanos() as u64
+    }
+
+    /// The bucket of a key, for the model's checks.
+    fn bucket_of(t: &FlowTable, k: &FlowKey) -> (Family, usize) {
+        let h = flow_hash(k);
+        let b = match k.family {
+            Family::V4 => t.v4.bucket(h),
+            Family::V6 => t.v6.bucket(h),
+        };
+        (k.family, b)
+    }
+
+    /// Time steps: within a stamp unit, around the timeouts (5, 10, 60 and
+    /// 300 s) and beyond all of them.
+    const STEPS: [u64; 8] = [
+        0,
+        1 << 19,
+        SEC / 10,
+        4 * SEC,
+        6 * SEC,
+        11 * SEC,
+        61 * SEC,
+        301 * SEC,
+    ];
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
-        /// Random inserts, lookups and removes on a small table: the header
-        /// stays consistent, the bound holds, a key is never duplicated and
-        /// a found flow carries the backend it was last inserted with.
+        /// Random inserts, lookups, removes, sweeps and time steps on a small
+        /// two-family table, against a map of what should be there: a flow
+        /// present in the model is found with its backend and state until it
+        /// is handed back (displaced, stale, reset, removed or swept), an
+        /// eviction happens only from a full bucket and takes its least
+        /// recently seen flow, an expiry only once the timeout certainly
+        /// passed, and the count and the bound always hold.
         #[test]
-        fn random_operations_keep_invariants(
-            ops in proptest::collection::vec((0u8..3, 0u32..200, 0u8..0x20, 0u32..5), 1..400)
+        fn random_operations_match_a_model(
+            ops in proptest::collection::vec(
+                (0u8..6, 0u32..48, proptest::bool::ANY, 0u8..4, 0u8..0x20, 0u32..5),
+                1..400,
+            )
         ) {
-            let mut t = table(64);
-            let mut last_backend = std::collections::HashMap::new();
+            use proptest::{prop_assert, prop_assert_eq};
+            let mut t = FlowTable::new(16, 16, TIMEOUTS);
+            let mut model: HashMap<FlowKey, Known> = HashMap::new();
             let mut now = SEC;
-            for (op, k, flags, be) in ops {
-                now += SEC / 10;
-                let key = key(k, PROTO_TCP);
-                let h = flow_hash(&key);
+            for (op, i, v6, st, flags, be) in ops {
+                let fam = if v6 { Family::V6 } else { Family::V4 };
+                let state = TcpState::from_u8(st);
+                let proto = if state == TcpState::Udp { PROTO_UDP } else { PROTO_TCP };
+                let k = key_of(fam, i, proto);
+                let h = flow_hash(&k);
                 match op {
-                    0 => {
-                        let mut e = entry(key, TcpState::Established);
+                    0 | 1 => {
+                        let mut e = entry(k, state);
                         e.backend = be;
-                        t.insert(e, h, now);
-                        last_backend.insert(k, be);
+                        let before = t.stats();
+                        let out = t.insert(e, h, now);
+                        if let Some(old) = model.get(&k) {
+                            let d = out.expect("same key handed back");
+                            prop_assert_eq!((d.key, d.backend), (k, old.backend));
+                        } else if let Some(d) = out {
+                            let known = model.get(&d.key).copied();
+                            prop_assert!(known.is_some(), "displaced unknown {:?}", d.key);
+                            let known = known.unwrap();
+                            prop_assert_eq!(d.backend, known.backend);
+                            prop_assert_eq!(bucket_of(&t, &d.key), bucket_of(&t, &k));
+                            let same_bucket: Vec<&Known> = model
+                                .iter()
+                                .filter(|(x, _)| bucket_of(&t, x) == bucket_of(&t, &k))
+                                .map(|(_, v)| v)
+                                .collect();
+                            prop_assert_eq!(same_bucket.len(), WAYS, "displaced from a full bucket");
+                            let idle = now - known.last_seen;
+                            if t.stats().evicted > before.evicted {
+                                // Nothing in the bucket had certainly expired,
+                                // and the victim was the least recently seen.
+                                prop_assert!(idle <= timeout_ns(known.state) + SLACK);
+                                let oldest = same_bucket
+                                    .iter()
+                                    .map(|v| stamp_of(v.last_seen))
+                                    .min()
+                                    .unwrap();
+                                prop_assert_eq!(stamp_of(known.last_seen), oldest);
+                            } else {
+                                prop_assert_eq!(t.stats().expired, before.expired + 1);
+                                prop_assert!(idle > timeout_ns(known.state));
+                            }
+                            model.remove(&d.key);
+                        }
+                        model.insert(k, Known { backend: be, state, last_seen: now });
                     }
-                    1 => {
-                        if let Lookup::Hit(e) = t.lookup(&key, h, now, flags & !tcp_flags::SYN) {
-                            proptest::prop_assert_eq!(Some(&e.backend), last_backend.get(&k));
+                    2 | 3 => {
+                        let got = t.lookup(&k, h, now, flags);
+                        match model.get(&k).copied() {
+                            None => prop_assert_eq!(got, Lookup::Miss),
+                            Some(known) => {
+                                let idle = now - known.last_seen;
+                                let timeout = timeout_ns(known.state);
+                                if let Lookup::Stale(e) = got {
+                                    prop_assert_eq!((e.key, e.backend), (k, known.backend));
+                                    let syn_on_closing = known.state == TcpState::Closing
+                                        && flags & (SYN | ACK) == SYN;
+                                    prop_assert!(idle > timeout || syn_on_closing);
+                                    model.remove(&k);
+                                } else {
+                                    prop_assert!(idle <= timeout + SLACK, "{got:?} after {idle} ns");
+                                    let mut next = known.state;
+                                    if known.state != TcpState::Udp {
+                                        if flags & FIN != 0 {
+                                            next = TcpState::Closing;
+                                        } else if known.state == TcpState::SynSeen && flags & ACK != 0 {
+                                            next = TcpState::Established;
+                                        }
+                                    }
+                                    match got {
+                                        Lookup::Hit(e) => {
+                                            prop_assert!(known.state == TcpState::Udp || flags & RST == 0);
+                                            prop_assert_eq!((e.key, e.backend, e.state), (k, known.backend, next));
+                                            prop_assert_eq!(e.last_seen, now);
+                                            model.insert(k, Known { state: next, last_seen: now, ..known });
+                                        }
+                                        Lookup::Reset(e) => {
+                                            prop_assert!(known.state != TcpState::Udp && flags & RST != 0);
+                                            prop_assert_eq!((e.key, e.backend), (k, known.backend));
+                                            model.remove(&k);
+                                        }
+                                        other => prop_assert!(false, "present flow: {other:?}"),
+                                    }
+                                }
+                            }
                         }
                     }
+                    4 => {
+                        let got = t.remove(&k, h);
+                        prop_assert_eq!(got.map(|e| (e.key, e.backend)), model.remove(&k).map(|m| (k, m.backend)));
+                    }
                     _ => {
-                        t.remove(&key, h);
+                        now += STEPS[(be as usize + usize::from(flags)) % STEPS.len()];
+                        let mut ended = Vec::new();
+                        t.sweep(now, usize::from(flags % 4), |e| ended.push(e));
+                        for e in ended {
+                            let known = model.remove(&e.key);
+                            prop_assert!(known.is_some(), "swept unknown {:?}", e.key);
+                            let known = known.unwrap();
+                            prop_assert_eq!(e.backend, known.backend);
+                            prop_assert!(now - known.last_seen > timeout_ns(known.state));
+                        }
                     }
                 }
-                proptest::prop_assert!(t.len() <= t.capacity());
-                proptest::prop_assert!(t.consistent());
-            }
-            for k in 0..200 {
-                let key = key(k, PROTO_TCP);
-                let h = flow_hash(&key);
-                let bk = &t.buckets[t.bucket(h)];
-                let n = (0..WAYS)
-                    .filter(|&s| bk.header.tags[s] != EMPTY && bk.slots[s].key == key)
-                    .count();
-                proptest::prop_assert!(n <= 1);
+                prop_assert_eq!(t.len(), model.len());
+                prop_assert!(t.len() <= t.capacity());
+                prop_assert!(t.v4.used() <= t.v4.capacity() && t.v6.used() <= t.v6.capacity());
+                prop_assert!(t.consistent());
             }
         }
     }
 
     #[test]
-    fn bucket_is_a_header_line_and_one_line_per_slot() {
-        assert!(std::mem::size_of::<Header>() <= 64);
-        assert_eq!(std::mem::size_of::<Slot>(), 64);
-        assert_eq!(std::mem::size_of::<Bucket>(), 512);
-        assert_eq!(std::mem::align_of::<Bucket>(), 512);
-        assert_eq!(std::mem::offset_of!(Bucket, slots), 64);
+    fn slots_and_buckets_have_the_intended_sizes() {
+        use std::mem::{align_of, size_of};
+        assert_eq!(size_of::<Slot<V4Key>>(), 32);
+        assert_eq!(size_of::<Bucket<V4Key>>(), 256);
+        assert_eq!(align_of::<Bucket<V4Key>>(), 256);
+        assert_eq!(size_of::<Slot<V6Key>>(), 64);
+        assert_eq!(size_of::<Bucket<V6Key>>(), 512);
+        assert_eq!(align_of::<Bucket<V6Key>>(), 512);
         let t = table(1 << 12);
-        assert_eq!(t.buckets.as_ptr() as usize % 4096 % 512, 0);
+        assert_eq!(t.v4.buckets.as_ptr() as usize % 256, 0);
+        assert_eq!(t.v6.buckets.as_ptr() as usize % 512, 0);
     }
 
     #[test]
     fn entries_keep_the_fields_the_caller_gave() {
-        let mut t = table(64);
-        let k = key(21, PROTO_TCP);
-        let h = flow_hash(&k);
-        let mut e = entry(k, TcpState::SynSeen);
-        e.backend = 5;
-        e.service = 9;
-        e.auto_slot = 77;
-        t.insert(e, h, 3 * SEC);
-        match t.lookup(&k, h, 4 * SEC, 0) {
-            Lookup::Hit(got) => {
-                assert_eq!((got.key, got.backend, got.service), (k, 5, 9));
-                assert_eq!(
-                    (got.auto_slot, got.state, got.last_seen),
-                    (77, TcpState::SynSeen, 4 * SEC)
-                );
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let k = key_of(fam, 21, PROTO_TCP);
+            let h = flow_hash(&k);
+            let mut e = entry(k, TcpState::SynSeen);
+            e.backend = 5;
+            e.service = 9;
+            e.auto_slot = 77;
+            t.insert(e, h, 3 * SEC);
+            match t.lookup(&k, h, 4 * SEC, 0) {
+                Lookup::Hit(got) => {
+                    assert_eq!((got.key, got.backend, got.service), (k, 5, 9));
+                    assert_eq!(
+                        (got.auto_slot, got.state, got.last_seen),
+                        (77, TcpState::SynSeen, 4 * SEC)
+                    );
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
+            let out = t.remove(&k, h).expect("present");
+            assert_eq!((out.key, out.backend, out.service), (k, 5, 9));
+            assert_eq!(out.auto_slot, 77);
+            // The stored time is coarse: within one stamp unit of the last packet.
+            assert!(4 * SEC - out.last_seen < 1 << STAMP_SHIFT);
         }
-        let out = t.remove(&k, h).expect("present");
-        assert_eq!((out.backend, out.service, out.auto_slot), (5, 9, 77));
-        // The stored time is coarse: within one stamp unit of the last packet.
-        assert!(4 * SEC - out.last_seen < 1 << STAMP_SHIFT);
     }
 }

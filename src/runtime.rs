@@ -204,6 +204,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             id: w,
             ports: plans.clone(),
             flow_capacity: cfg.flow.capacity,
+            flow_capacity_v6: cfg.flow.v6_capacity(),
             timeouts: cfg.flow_timeouts(),
         };
         let shared = shared.clone();

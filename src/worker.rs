@@ -56,7 +56,10 @@ pub struct PortPlan {
 pub struct WorkerSetup {
     pub id: usize,
     pub ports: Vec<PortPlan>,
+    /// IPv4 flows per worker.
     pub flow_capacity: usize,
+    /// IPv6 flows per worker.
+    pub flow_capacity_v6: usize,
     pub timeouts: FlowTimeouts,
 }
 
@@ -100,7 +103,7 @@ impl<IO: PacketIo> Worker<IO> {
     pub fn new(io: IO, setup: WorkerSetup, shared: Shared, counters: Arc<WorkerCounters>) -> Self {
         let dp = shared.dataplane.load();
         let nports = io.num_ports();
-        let flows = FlowTable::new(setup.flow_capacity, setup.timeouts);
+        let flows = FlowTable::new(setup.flow_capacity, setup.flow_capacity_v6, setup.timeouts);
         let epoch = shared.epoch;
         let mut w = Worker {
             io,
@@ -230,7 +233,7 @@ impl<IO: PacketIo> Worker<IO> {
             let p = packet::parse(b.data());
             if let Ok(p) = &p {
                 let h = packet::flow_hash(&p.key);
-                self.flows.prefetch(h);
+                self.flows.prefetch(&p.key, h);
                 hashes[i] = h;
                 let k = &p.key;
                 let svc = match last {
@@ -253,11 +256,11 @@ impl<IO: PacketIo> Worker<IO> {
             parsed[i] = Some(p);
         }
         c.rx_bytes.add(bytes);
-        // Second stage: the bucket headers are on their way; hint the entries
-        // (and, for SYNs, the affinity slots whose tags match).
+        // Second stage: the affinity bucket headers are on their way; hint,
+        // for SYNs, the affinity slots whose tags match. (A flow bucket's
+        // slots are self-contained: its one prefetch above covers them.)
         for i in 0..n {
             if let Some(Ok(p)) = &parsed[i] {
-                self.flows.prefetch_entry(hashes[i]);
                 if let Some(id) = services[i].filter(|_| p.is_syn()) {
                     let k = &p.key;
                     self.shared
@@ -732,6 +735,7 @@ mod tests {
                 unmatched_to: None,
             }],
             flow_capacity,
+            flow_capacity_v6: flow_capacity,
             timeouts: FlowTimeouts {
                 syn: Duration::from_secs(5),
                 established: Duration::from_secs(60),

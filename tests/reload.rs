@@ -108,6 +108,7 @@ fn bed(name: &str) -> Bed {
             unmatched_to: None,
         }],
         flow_capacity: 1 << 14,
+        flow_capacity_v6: 1 << 12,
         timeouts: cfg.flow_timeouts(),
     };
     let worker = Worker::new(MemIo::new(1), setup, shared, Arc::clone(&counters));

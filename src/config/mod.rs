@@ -27,7 +27,7 @@ pub use types::{ip_bits, DurationStr, HexKey, IpNet, MacAddr, PortMatch, MIN_KEY
 
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 65535;
-/// Largest flow-table capacity per worker.
+/// Largest flow-table capacity per worker and address family.
 pub const MAX_FLOW_CAPACITY: usize = crate::flow::MAX_CAPACITY;
 
 /// The whole configuration file.
@@ -137,8 +137,11 @@ impl PortConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlowConfig {
-    /// Flows per worker (rounded up to a power of two).
+    /// IPv4 flows per worker (rounded up to a multiple of 8).
     pub capacity: usize,
+    /// IPv6 flows per worker (rounded up to a multiple of 8); absent: a
+    /// quarter of `capacity` (see [`FlowConfig::v6_capacity`]).
+    pub capacity_v6: Option<usize>,
     pub syn_timeout: DurationStr,
     pub established_timeout: DurationStr,
     pub fin_timeout: DurationStr,
@@ -149,11 +152,21 @@ impl Default for FlowConfig {
     fn default() -> FlowConfig {
         FlowConfig {
             capacity: 1 << 20,
+            capacity_v6: None,
             syn_timeout: DurationStr::secs(10),
             established_timeout: DurationStr::secs(300),
             fin_timeout: DurationStr::secs(10),
             udp_timeout: DurationStr::secs(60),
         }
+    }
+}
+
+impl FlowConfig {
+    /// IPv6 flows per worker: `capacity_v6`, or a quarter of `capacity`
+    /// (IPv6 slots take twice the bytes, and IPv6 is the smaller share of
+    /// traffic in most places).
+    pub fn v6_capacity(&self) -> usize {
+        self.capacity_v6.unwrap_or((self.capacity / 4).max(1))
     }
 }
 
@@ -525,11 +538,16 @@ impl Config {
         }
         let f = &self.flow;
         let fp = root.key("flow");
-        if f.capacity == 0 || f.capacity > MAX_FLOW_CAPACITY {
-            return fail(
-                fp.key("capacity"),
-                format!("{} flows: must be in 1..={MAX_FLOW_CAPACITY}", f.capacity),
-            );
+        for (k, v) in [
+            ("capacity", Some(f.capacity)),
+            ("capacity_v6", f.capacity_v6),
+        ] {
+            if let Some(v) = v.filter(|&v| v == 0 || v > MAX_FLOW_CAPACITY) {
+                return fail(
+                    fp.key(k),
+                    format!("{v} flows: must be in 1..={MAX_FLOW_CAPACITY}"),
+                );
+            }
         }
         for (k, d) in [
             ("syn_timeout", f.syn_timeout),
@@ -826,10 +844,16 @@ impl Config {
             );
         }
         let f = &self.flow;
+        // As the table rounds them.
+        let ways = |n: usize| {
+            n.clamp(crate::flow::WAYS, MAX_FLOW_CAPACITY)
+                .next_multiple_of(crate::flow::WAYS)
+        };
         let _ = writeln!(
             o,
-            "flow table: {} flows per worker (x{nw}), timeouts syn {} established {} fin {} udp {}",
-            f.capacity.max(crate::flow::WAYS).next_power_of_two(),
+            "flow table: {} IPv4 + {} IPv6 flows per worker (x{nw}), timeouts syn {} established {} fin {} udp {}",
+            ways(f.capacity),
+            ways(f.v6_capacity()),
             f.syn_timeout,
             f.established_timeout,
             f.fin_timeout,

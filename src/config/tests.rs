@@ -405,6 +405,34 @@ fn other_value_errors() {
 }
 
 #[test]
+fn flow_capacities() {
+    // capacity_v6 absent: a quarter of capacity.
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert_eq!((c.flow.capacity, c.flow.v6_capacity()), (4096, 1024));
+    let plan = c.plan();
+    assert!(
+        plan.contains("4096 IPv4 + 1024 IPv6 flows per worker"),
+        "{plan}"
+    );
+    let t = edit("capacity = 4096\n", "capacity = 4096\ncapacity_v6 = 100\n");
+    let c = Config::parse(&t, "t.toml").unwrap();
+    assert_eq!(c.flow.v6_capacity(), 100);
+    // The plan shows them as the table rounds them.
+    assert!(
+        c.plan().contains("4096 IPv4 + 104 IPv6 flows"),
+        "{}",
+        c.plan()
+    );
+    let t = edit("capacity = 4096\n", "capacity = 4096\ncapacity_v6 = 0\n");
+    check(&t, "flow.capacity_v6", "capacity_v6 = 0", "must be in 1..=");
+    let too_big = format!("capacity = 4096\ncapacity_v6 = {}\n", MAX_FLOW_CAPACITY + 1);
+    let t = edit("capacity = 4096\n", &too_big);
+    check(&t, "flow.capacity_v6", "capacity_v6 = ", "must be in 1..=");
+    let t = edit("capacity = 4096\n", "capacity = 0\n");
+    check(&t, "flow.capacity", "capacity = 0", "must be in 1..=");
+}
+
+#[test]
 fn syntax_error_names_line() {
     let t = edit("port = 80", "port = = 80");
     let e = err(&t);
