@@ -14,6 +14,11 @@ apart, so a slow phase of the machine affects both sides).
     cp target/release/examples/dataplane-bench /tmp/bench-b
     sudo perf/ab.py /tmp/bench-a /tmp/bench-b --scenario established,syn-affinity --rounds 6
 
+Besides each scenario's Mpps over the whole run it reports `<scenario> p90w`,
+the 90th percentile of the run's 100 ms windows: the rate in the machine's
+fast mode (the host's other tenants switch it between a fast and a slow mode
+within seconds; see perf/README.md).
+
 For `syn-affinity` it also reports the ratio of `syn-1m-affinities` to `syn`
 within each run (the issue 3 target), per build.
 """
@@ -39,11 +44,15 @@ def run(binary, scenario, seconds, extra):
         os.unlink(path)
     out = {}
     for s in data.get("scenarios", []):
-        if "mpps_per_core" in s:
+        if "mpps_per_core" in s and s["scenario"] != "baseline":
             out[s["scenario"]] = s["mpps_per_core"]
+            fast = s.get("window_mpps", {}).get("p90")
+            if fast is not None:
+                out[s["scenario"] + " p90w"] = fast
     if "syn" in out and "syn-1m-affinities" in out:
         out["affinity/syn ratio"] = out["syn-1m-affinities"] / out["syn"]
-    out.pop("baseline", None)
+        if "syn p90w" in out and "syn-1m-affinities p90w" in out:
+            out["affinity/syn p90w"] = out["syn-1m-affinities p90w"] / out["syn p90w"]
     return out
 
 

@@ -20,7 +20,12 @@ pub trait PacketBuf {
     /// Removes `n` bytes from the front of the frame. Returns false, changing
     /// nothing, when the frame is shorter than `n`.
     fn trim_front(&mut self, n: usize) -> bool;
-    /// Hints that the frame's first cache line will be read soon.
+    /// Hints that the buffer's descriptor (the mbuf header: data offset and
+    /// lengths) will be read and written soon. Needs no read of the buffer.
+    #[inline]
+    fn prefetch_meta(&self) {}
+    /// Hints that the frame's first cache line, and the headroom line before
+    /// it where an encapsulation header goes, will be read and written soon.
     #[inline]
     fn prefetch(&self) {}
 }

@@ -215,7 +215,11 @@ impl<IO: PacketIo> Worker<IO> {
         let c = &self.counters;
         c.rx_packets.add(n as u64);
 
-        // Pass 1: bring the frames' first cache line in.
+        // Pass 1: bring the descriptors in, then the frames' first cache
+        // lines, both for writing: the rewrite changes them.
+        for b in rx.iter() {
+            b.prefetch_meta();
+        }
         for b in rx.iter() {
             b.prefetch();
         }

@@ -2,7 +2,7 @@
 
 use std::ptr::NonNull;
 
-use super::cpu::prefetch_ptr;
+use super::cpu::prefetch_write_ptr;
 use super::sys;
 use super::{DpdkError, Mempool};
 use crate::io::PacketBuf;
@@ -203,8 +203,19 @@ impl PacketBuf for Mbuf {
     }
 
     #[inline]
+    fn prefetch_meta(&self) {
+        // The first cache line of struct rte_mbuf holds buf_addr, data_off
+        // and the lengths.
+        prefetch_write_ptr(self.0.as_ptr().cast());
+    }
+
+    #[inline]
     fn prefetch(&self) {
-        prefetch_ptr(self.data_ptr());
+        let data = self.data_ptr();
+        prefetch_write_ptr(data);
+        // The line the next-largest header (IPv6, 40 bytes) starts in when
+        // prepended: the same line as `data` or the one before.
+        prefetch_write_ptr(data.wrapping_sub(40));
     }
 }
 
