@@ -58,11 +58,24 @@ pub fn encap_ipip<B: PacketBuf>(
         return Err(DropReason::Malformed);
     }
 
-    // Make the frame exactly l2 + outer + inner long, ending where the old
-    // one ended: grow the front by what the padding does not provide, or
-    // (padding longer than the outer header) shrink it.
+    // Make the frame exactly l2 + outer + inner long. Usually the headroom
+    // takes the whole outer header and any padding is cut from the tail, so
+    // the inner packet stays where it is. Otherwise (a short headroom, or a
+    // buffer that cannot be cut) the frame ends where the old one ended:
+    // grow the front by what the padding does not provide, or (padding
+    // longer than the outer header) shrink it, moving the inner packet.
     let pad = frame_len - end;
-    let (old_front, new_front) = if pad < outer {
+    let in_place = buf.prepend(outer) && {
+        if pad == 0 || buf.truncate(end + outer) {
+            true
+        } else {
+            buf.trim_front(outer);
+            false
+        }
+    };
+    let (old_front, new_front) = if in_place {
+        (outer, 0)
+    } else if pad < outer {
         if !buf.prepend(outer - pad) {
             return Err(DropReason::NoRoom);
         }
@@ -155,6 +168,47 @@ mod tests {
 
     /// Encapsulates `frame` and checks the output against the input.
     fn encap_and_check(frame: &[u8]) -> Vec<u8> {
+        check_encap(frame, MemBuf::from_frame(frame))
+    }
+
+    /// A buffer that cannot be cut at the tail, as a multi-segment mbuf:
+    /// encapsulation must then move the inner packet over the padding.
+    struct Uncuttable(MemBuf);
+
+    impl PacketBuf for Uncuttable {
+        fn data(&self) -> &[u8] {
+            self.0.data()
+        }
+        fn data_mut(&mut self) -> &mut [u8] {
+            self.0.data_mut()
+        }
+        fn prepend(&mut self, n: usize) -> bool {
+            self.0.prepend(n)
+        }
+        fn trim_front(&mut self, n: usize) -> bool {
+            self.0.trim_front(n)
+        }
+        fn truncate(&mut self, _: usize) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn padding_removed_by_moving_when_the_tail_cannot_be_cut() {
+        for spec in [
+            FrameSpec::udp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2),
+            FrameSpec::udp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2),
+        ] {
+            for trailer in [0usize, 1, 20, 41, 100] {
+                let mut f = spec.build().unwrap();
+                f.extend(std::iter::repeat_n(0xee, trailer));
+                let moved = check_encap(&f, Uncuttable(MemBuf::from_frame(&f)));
+                assert_eq!(moved, encap_and_check(&f), "trailer {trailer}");
+            }
+        }
+    }
+
+    fn check_encap<B: PacketBuf>(frame: &[u8], mut buf: B) -> Vec<u8> {
         let pkt = parse(frame).unwrap();
         let (l3, l3_len) = (pkt.l3_offset as usize, pkt.l3_len as usize);
         let original_ip = &frame[l3..l3 + l3_len];
@@ -162,7 +216,6 @@ mod tests {
             Family::V4 => (LB4, BE4),
             Family::V6 => (LB6, BE6),
         };
-        let mut buf = MemBuf::from_frame(frame);
         encap_ipip(&mut buf, &pkt, outer_src, backend, SRC_MAC, DST_MAC).unwrap();
         let out = buf.data().to_vec();
 

@@ -20,6 +20,10 @@ pub trait PacketBuf {
     /// Removes `n` bytes from the front of the frame. Returns false, changing
     /// nothing, when the frame is shorter than `n`.
     fn trim_front(&mut self, n: usize) -> bool;
+    /// Shortens the frame to its first `len` bytes. Returns false, changing
+    /// nothing, when the frame is shorter than `len` or the buffer cannot
+    /// (a multi-segment mbuf).
+    fn truncate(&mut self, len: usize) -> bool;
     /// Hints that the buffer's descriptor (the mbuf header: data offset and
     /// lengths) will be read and written soon. Needs no read of the buffer.
     #[inline]
@@ -114,6 +118,14 @@ impl PacketBuf for MemBuf {
         self.len -= n;
         true
     }
+
+    fn truncate(&mut self, len: usize) -> bool {
+        if len > self.len {
+            return false;
+        }
+        self.len = len;
+        true
+    }
 }
 
 /// In-memory ports: tests push frames into `rx[port]` and read what the worker
@@ -181,6 +193,11 @@ mod tests {
         assert_eq!(b.data(), &[1, 2, 3]);
         assert!(!b.trim_front(4));
         assert!(!b.prepend(MEM_HEADROOM + 10));
+        assert!(!b.truncate(4));
+        assert!(b.truncate(2));
+        assert_eq!(b.data(), &[1, 2]);
+        assert!(b.truncate(0));
+        assert!(b.data().is_empty());
     }
 
     #[test]

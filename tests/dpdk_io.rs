@@ -136,7 +136,11 @@ fn prepend_and_trim_on_real_mbufs() {
     // Refusals change nothing.
     assert!(!m.prepend(m.headroom() + 1));
     assert!(!m.trim_front(f.len() + 1));
+    assert!(!m.truncate(f.len() + 1));
     assert_eq!(m.data(), &f[..]);
+    assert!(m.truncate(60));
+    assert_eq!(m.data(), &f[..60]);
+    assert_eq!(m.pkt_len(), 60);
     assert!(m.prepend(m.headroom()));
     assert_eq!(m.headroom(), 0);
     assert!(m.trim_front(m.data().len()));

@@ -203,6 +203,18 @@ impl PacketBuf for Mbuf {
     }
 
     #[inline]
+    fn truncate(&mut self, len: usize) -> bool {
+        let m = self.raw_mut();
+        if m.nb_segs != 1 || len > usize::from(m.data_len) {
+            return false;
+        }
+        // len <= data_len, a u16.
+        m.data_len = len as u16;
+        m.pkt_len = len as u32;
+        true
+    }
+
+    #[inline]
     fn prefetch_meta(&self) {
         // The first cache line of struct rte_mbuf holds buf_addr, data_off
         // and the lengths.
