@@ -46,9 +46,11 @@ def run(binary, scenario, seconds, extra):
     for s in data.get("scenarios", []):
         if "mpps_per_core" in s and s["scenario"] != "baseline":
             out[s["scenario"]] = s["mpps_per_core"]
-            fast = s.get("window_mpps", {}).get("p90")
-            if fast is not None:
-                out[s["scenario"] + " p90w"] = fast
+            w = s.get("window_mpps", {})
+            if w.get("p90") is not None:
+                out[s["scenario"] + " p90w"] = w["p90"]
+            if w.get("values"):
+                out.setdefault("_windows", {})[s["scenario"]] = w["values"]
     if "syn" in out and "syn-1m-affinities" in out:
         out["affinity/syn ratio"] = out["syn-1m-affinities"] / out["syn"]
         if "syn p90w" in out and "syn-1m-affinities p90w" in out:
@@ -67,9 +69,12 @@ def main():
     args = ap.parse_args()
 
     rows = {"A": [], "B": []}
+    windows = {"A": {}, "B": {}}
     for r in range(args.rounds):
         for name, binary in (("A", args.a), ("B", args.b)):
             res = run(binary, args.scenario, args.seconds, args.extra)
+            for scen, values in res.pop("_windows", {}).items():
+                windows[name].setdefault(scen, []).extend(values)
             rows[name].append(res)
             line = "  ".join(f"{k} {v:.2f}" for k, v in res.items())
             print(f"round {r + 1} {name}: {line}", flush=True)
@@ -83,6 +88,16 @@ def main():
         ratios = [y / x for x, y in zip(a, b) if x > 0]
         print(f"{k:<22} {statistics.median(a):>9.3f} {statistics.median(b):>9.3f} "
               f"{statistics.median(ratios):>24.3f}")
+    print()
+    print("100 ms windows pooled over all rounds (Mpps): p50 / p90 / p99")
+    for scen in windows["A"]:
+        qs = []
+        for name in ("A", "B"):
+            v = sorted(windows[name].get(scen, []))
+            if v:
+                q = lambda p: v[min(len(v) - 1, int(round((len(v) - 1) * p)))]
+                qs.append(f"{name} {q(0.5):.2f} / {q(0.9):.2f} / {q(0.99):.2f}")
+        print(f"  {scen:<20} " + "   ".join(qs))
     print(f"\nA = {args.a}\nB = {args.b}\n{args.rounds} rounds, {args.seconds} s per scenario")
 
 

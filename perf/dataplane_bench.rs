@@ -315,6 +315,8 @@ struct LoopSummary {
     trimmed_ns: f64,
     /// Mpps of the 100 ms windows: min, median, 90th percentile, max.
     windows_mpps: [f64; 4],
+    /// Mpps of each 100 ms window, in order.
+    windows: Vec<f64>,
 }
 
 impl Row {
@@ -360,6 +362,7 @@ impl Row {
             "window_mpps": {
                 "seconds": WINDOW_SECONDS,
                 "min": l.windows_mpps[0], "median": l.windows_mpps[1], "p90": l.windows_mpps[2], "max": l.windows_mpps[3],
+                "values": l.windows,
             },
             "worker": {
                 "packets": l.packets,
@@ -421,6 +424,7 @@ fn summarize(st: &LoopStats, hz: u64) -> LoopSummary {
         ],
         trimmed_ns,
         windows_mpps: [wq(0.0), wq(0.5), wq(0.9), wq(1.0)],
+        windows: st.windows.iter().map(|r| r / 1e6).collect(),
     }
 }
 

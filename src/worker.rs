@@ -80,9 +80,10 @@ pub struct Worker<IO: PacketIo> {
     setup: WorkerSetup,
     shared: Shared,
     dp: Arc<Dataplane>,
-    /// An empty snapshot only this worker holds, parked in `dp` while a
-    /// burst borrows the real one.
-    idle_dp: Arc<Dataplane>,
+    /// An empty snapshot only this worker holds: it stands in `dp` while a
+    /// burst borrows the real one, and waits here in between. Moved, never
+    /// cloned, so a burst changes no reference count.
+    idle_dp: Option<Arc<Dataplane>>,
     /// Per-service round-robin state, rebuilt with each snapshot.
     wrr: Vec<Option<SmoothWrr>>,
     flows: FlowTable,
@@ -110,7 +111,7 @@ impl<IO: PacketIo> Worker<IO> {
             setup,
             shared,
             dp,
-            idle_dp: Arc::new(Dataplane::default()),
+            idle_dp: Some(Arc::new(Dataplane::default())),
             wrr: Vec::new(),
             flows,
             swept_until: 0,
@@ -278,9 +279,13 @@ impl<IO: PacketIo> Worker<IO> {
         let plan = self.setup.ports[port];
         let src_mac = self.io.port_mac(plan.forward_to);
         // Borrow the snapshot for the burst without touching its reference
-        // count (a line every worker would write): park a worker-private
-        // placeholder in its place and put it back after.
-        let placeholder = Arc::clone(&self.idle_dp);
+        // count (a line every worker would write, with a locked instruction
+        // that would wait for the burst's pending stores): move a
+        // worker-private placeholder into its place and back after.
+        let placeholder = self
+            .idle_dp
+            .take()
+            .unwrap_or_else(|| Arc::new(Dataplane::default()));
         let dp = std::mem::replace(&mut self.dp, placeholder);
         for (i, mut buf) in rx.drain(..).enumerate() {
             let verdict = match parsed[i] {
@@ -317,7 +322,7 @@ impl<IO: PacketIo> Worker<IO> {
                 self.flush(out);
             }
         }
-        self.dp = dp;
+        self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
         self.rx = rx;
         for out in 0..self.tx.len() {
             if !self.tx[out].is_empty() {
