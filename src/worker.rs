@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::affinity::{AffinityReader, AutoAffinityTable, AutoSlot};
+use crate::affinity::{AffinityQuery, AffinityReader, AutoAffinityTable, AutoSlot};
 use crate::dataplane::{
     BackendId, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service, ServiceId,
 };
@@ -34,6 +34,10 @@ const NO_AUTO_SLOT: u32 = u32::MAX;
 /// million flows), whatever the packet rate. Entries found idle on lookup
 /// are reclaimed at once; the sweep releases the ones never seen again.
 const SWEEP_PERIOD_NS: u64 = 1_000_000_000;
+/// How many packets ahead of the one being routed pass 3 hints the affinity
+/// slot lines of a SYN: far enough for the bucket headers prefetched in
+/// pass 2 to have arrived.
+const AFFINITY_SLOT_DISTANCE: usize = 8;
 /// How often a worker publishes its latency histogram.
 const LATENCY_FOLD_NS: u64 = 200_000_000;
 /// Most buckets one iteration sweeps (after a stall).
@@ -87,6 +91,8 @@ pub struct Worker<IO: PacketIo> {
     /// Per-service round-robin state, rebuilt with each snapshot.
     wrr: Vec<Option<SmoothWrr>>,
     flows: FlowTable,
+    /// The prepared affinity lookups of the current burst's SYNs.
+    queries: Vec<AffinityQuery>,
     /// Time up to which the sweep has done its share.
     swept_until: u64,
     counters: Arc<WorkerCounters>,
@@ -114,6 +120,7 @@ impl<IO: PacketIo> Worker<IO> {
             idle_dp: Some(Arc::new(Dataplane::default())),
             wrr: Vec::new(),
             flows,
+            queries: vec![AffinityQuery::NONE; MAX_BURST],
             swept_until: 0,
             counters,
             latency: new_histogram(),
@@ -204,6 +211,7 @@ impl<IO: PacketIo> Worker<IO> {
             .collect();
     }
 
+    #[inline(always)]
     fn poll_port(&mut self, port: usize, now: u64) -> usize {
         let mut rx = std::mem::take(&mut self.rx);
         rx.clear();
@@ -232,6 +240,10 @@ impl<IO: PacketIo> Worker<IO> {
         // burst mostly goes to one service, so the last answer is kept.
         let mut services: [Option<ServiceId>; MAX_BURST] = [None; MAX_BURST];
         let mut last: Option<(u128, u16, u8, Option<ServiceId>)> = None;
+        // Which packets are SYNs with a prepared affinity query (in
+        // `queries`, moved out of the worker for the burst).
+        let mut queried = [false; MAX_BURST];
+        let mut queries = std::mem::take(&mut self.queries);
         let mut bytes = 0u64;
         for (i, b) in rx.iter().enumerate() {
             bytes += b.data().len() as u64;
@@ -255,23 +267,23 @@ impl<IO: PacketIo> Worker<IO> {
                 };
                 services[i] = svc;
                 if let Some(id) = svc.filter(|_| p.is_syn()) {
-                    self.shared.affinity.prefetch(id, k.family, k.src, k.sport);
+                    let q = &mut queries[i];
+                    self.shared
+                        .affinity
+                        .prepare(q, id, k.family, k.src, k.sport);
+                    queried[i] = true;
                 }
             }
             parsed[i] = Some(p);
         }
         c.rx_bytes.add(bytes);
-        // Second stage: the affinity bucket headers are on their way; hint,
-        // for SYNs, the affinity slots whose tags match. (A flow bucket's
+        // Second affinity stage for the first SYNs (pass 3 issues it for the
+        // others, AFFINITY_SLOT_DISTANCE packets ahead): their bucket headers
+        // have arrived; hint the slots whose tags match. (A flow bucket's
         // slots are self-contained: its one prefetch above covers them.)
-        for i in 0..n {
-            if let Some(Ok(p)) = &parsed[i] {
-                if let Some(id) = services[i].filter(|_| p.is_syn()) {
-                    let k = &p.key;
-                    self.shared
-                        .affinity
-                        .prefetch_slots(id, k.family, k.src, k.sport);
-                }
+        for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
+            if queried[i] {
+                self.shared.affinity.prefetch_slots(&queries[i]);
             }
         }
 
@@ -288,11 +300,17 @@ impl<IO: PacketIo> Worker<IO> {
             .unwrap_or_else(|| Arc::new(Dataplane::default()));
         let dp = std::mem::replace(&mut self.dp, placeholder);
         for (i, mut buf) in rx.drain(..).enumerate() {
+            let ahead = i + AFFINITY_SLOT_DISTANCE;
+            if ahead < n && queried[ahead] {
+                self.shared.affinity.prefetch_slots(&queries[ahead]);
+            }
+            let query = queried[i].then_some(&queries[i]);
             let verdict = match parsed[i] {
                 Some(Ok(p)) => self
                     .route_and_rewrite(
                         &dp,
                         services[i],
+                        query,
                         &mut buf,
                         &p,
                         hashes[i],
@@ -323,6 +341,7 @@ impl<IO: PacketIo> Worker<IO> {
             }
         }
         self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
+        self.queries = queries;
         self.rx = rx;
         for out in 0..self.tx.len() {
             if !self.tx[out].is_empty() {
@@ -354,6 +373,7 @@ impl<IO: PacketIo> Worker<IO> {
         &mut self,
         dp: &Dataplane,
         service: Option<ServiceId>,
+        query: Option<&AffinityQuery>,
         buf: &mut IO::Buf,
         p: &ParsedPacket,
         hash: u64,
@@ -364,7 +384,7 @@ impl<IO: PacketIo> Worker<IO> {
         let svc = service
             .and_then(|id| dp.services.get(id as usize))
             .ok_or(DropReason::NoService)?;
-        let backend = self.route(dp, svc, p, hash, now)?;
+        let backend = self.route(dp, svc, query, p, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.data().len() as u64;
         match svc.mode {
@@ -389,10 +409,12 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Finds the connection's backend, creating its flow entry if needed.
+    /// `query` is the packet's prepared affinity lookup (SYNs).
     fn route(
         &mut self,
         dp: &Dataplane,
         svc: &Service,
+        query: Option<&AffinityQuery>,
         p: &ParsedPacket,
         hash: u64,
         now: u64,
@@ -450,7 +472,8 @@ impl<IO: PacketIo> Worker<IO> {
         }
 
         let now_ms = now / 1_000_000;
-        let (backend, auto_slot) = self.pick_new(dp, svc, p, hash, now_ms, syn || !is_tcp)?;
+        let (backend, auto_slot) =
+            self.pick_new(dp, svc, query, p, hash, now_ms, syn || !is_tcp)?;
         let state = if !is_tcp {
             TcpState::Udp
         } else if syn {
@@ -493,21 +516,24 @@ impl<IO: PacketIo> Worker<IO> {
     /// Backend for a connection the flow table does not know: affinity,
     /// then automatic affinity, then the scheduler (for a new connection) or
     /// the consistent hash (for the middle of an unknown one).
+    #[allow(clippy::too_many_arguments)]
     fn pick_new(
         &mut self,
         dp: &Dataplane,
         svc: &Service,
+        query: Option<&AffinityQuery>,
         p: &ParsedPacket,
         hash: u64,
         now_ms: u64,
         new_connection: bool,
     ) -> Result<(BackendId, Option<AutoSlot>), DropReason> {
         let sc = &self.counters.services[svc.id as usize];
-        if let Some(owner) =
-            self.shared
-                .affinity
-                .lookup(svc.id, p.key.family, p.key.src, p.key.sport)
-        {
+        let affinity = &self.shared.affinity;
+        let owner = match query {
+            Some(q) => affinity.lookup_prepared(q),
+            None => affinity.lookup(svc.id, p.key.family, p.key.src, p.key.sport),
+        };
+        if let Some(owner) = owner {
             if dp.backend(owner).is_some_and(|b| b.service == svc.id) {
                 if new_connection {
                     sc.affinity_hits.inc();

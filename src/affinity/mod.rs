@@ -24,7 +24,7 @@ use crate::dataplane::BackendId;
 pub use auto::{AutoAffinityTable, AutoSlot, AutoStats};
 pub use key::{max_prefix, prefix_mask, AffinityKey, PortMatch};
 pub use manager::{AffinityManager, EndReason, Ended, Granted, Record};
-pub use table::{AffinityReader, AffinityTable, AffinityWriter, TableFull};
+pub use table::{AffinityQuery, AffinityReader, AffinityTable, AffinityWriter, TableFull};
 
 /// Why an affinity request was refused.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

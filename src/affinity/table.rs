@@ -175,6 +175,52 @@ fn match_tag(tags: u64, tag: u8) -> u64 {
     !(((x & LOW7) + LOW7) | x | LOW7)
 }
 
+/// A lookup prepared by [`AffinityReader::prepare`]: its probes, hashed
+/// once, for the prefetch stages and the lookup itself.
+#[derive(Clone, Copy)]
+pub struct AffinityQuery {
+    probes: [Probe; PREFETCH_MAX],
+    len: u8,
+    /// False when the client has more candidate probes than fit; the lookup
+    /// then runs in full.
+    complete: bool,
+    service: ServiceId,
+    family: Family,
+    client: u128,
+    port: u16,
+}
+
+impl AffinityQuery {
+    /// A query that finds nothing (filler for a worker's per-burst array).
+    pub const NONE: AffinityQuery = AffinityQuery {
+        probes: [Probe::NONE; PREFETCH_MAX],
+        len: 0,
+        complete: true,
+        service: 0,
+        family: Family::V4,
+        client: 0,
+        port: 0,
+    };
+
+    #[inline(always)]
+    fn probes(&self) -> &[Probe] {
+        &self.probes[..usize::from(self.len)]
+    }
+}
+
+impl fmt::Debug for AffinityQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AffinityQuery")
+            .field("service", &self.service)
+            .field("family", &self.family)
+            .field("client", &self.client)
+            .field("port", &self.port)
+            .field("probes", &self.len)
+            .field("complete", &self.complete)
+            .finish()
+    }
+}
+
 /// One hash position: the metadata and address a slot must hold to match.
 #[derive(Clone, Copy)]
 struct Probe {
@@ -185,6 +231,14 @@ struct Probe {
 }
 
 impl Probe {
+    /// Filler for unused places in an [`AffinityQuery`].
+    const NONE: Probe = Probe {
+        meta: 0,
+        lo: 0,
+        hi: 0,
+        hash: 0,
+    };
+
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -271,7 +325,8 @@ impl Inner {
 
     /// Calls `f` with the probe of each prefix length and port kind present
     /// for `client:port` on `service`, longest prefix first, at most
-    /// [`PREFETCH_MAX`] of them: the buckets a lookup will read first.
+    /// [`PREFETCH_MAX`] of them: the probes a lookup makes, in its order.
+    /// False when there were more.
     #[inline(always)]
     fn present_probes(
         &self,
@@ -280,7 +335,7 @@ impl Inner {
         client: u128,
         port: u16,
         mut f: impl FnMut(&Inner, &Probe),
-    ) {
+    ) -> bool {
         let pres = &self.presence[presence_index(service, family)];
         let words = match family {
             Family::V4 => 1,
@@ -299,39 +354,31 @@ impl Inner {
                     if kinds & (1 << kind) == 0 {
                         continue;
                     }
+                    if issued == PREFETCH_MAX {
+                        return false;
+                    }
                     f(
                         self,
                         &Probe::new(self.seed, service, family, addr, plen, kind, lo, lo),
                     );
                     issued += 1;
-                    if issued == PREFETCH_MAX {
-                        return;
-                    }
                 }
             }
         }
+        true
     }
 
-    /// Calls `f(bucket, slot)` for each slot of the probed primary buckets
-    /// (see [`Inner::present_probes`]) whose tag matches: the slots a lookup
-    /// will compare. A hint only: no version check.
+    /// Calls `f(bucket, slot)` for each slot of the probe's primary bucket
+    /// whose tag matches: the slots a lookup will compare. A hint only: no
+    /// version check.
     #[inline(always)]
-    fn tag_matches(
-        &self,
-        service: ServiceId,
-        family: Family,
-        client: u128,
-        port: u16,
-        mut f: impl FnMut(usize, usize),
-    ) {
-        self.present_probes(service, family, client, port, |t, p| {
-            let b = t.primary(p);
-            let mut m = match_tag(t.headers[b].tags.load(Ordering::Relaxed), p.tag());
-            while m != 0 {
-                f(b, (m.trailing_zeros() / 8) as usize);
-                m &= m - 1;
-            }
-        });
+    fn tag_matches(&self, p: &Probe, mut f: impl FnMut(usize, usize)) {
+        let b = self.primary(p);
+        let mut m = match_tag(self.headers[b].tags.load(Ordering::Relaxed), p.tag());
+        while m != 0 {
+            f(b, (m.trailing_zeros() / 8) as usize);
+            m &= m - 1;
+        }
     }
 
     /// One bucket, consistently: the owner of the exact key if present, and
@@ -571,28 +618,59 @@ impl AffinityReader {
         None
     }
 
-    /// Starts loading the buckets a lookup for `client:port` will probe
-    /// (the primary bucket of each prefix length and port kind present,
-    /// longest prefix first, at most [`PREFETCH_MAX`] of them), so that a
-    /// worker can issue them for a whole burst before the lookups and the
-    /// burst's misses overlap. An empty table costs the presence loads only.
+    /// Prepares the lookup of `client:port` on `service` and starts loading
+    /// the buckets it will probe (the primary bucket of each prefix length
+    /// and port kind present, longest prefix first, at most
+    /// [`PREFETCH_MAX`] of them). A worker prepares the queries of a whole
+    /// burst's SYNs before looking any up, so that their misses overlap, and
+    /// hashes each probe once. `q` is filled in place (a worker keeps one
+    /// per packet of a burst), writing only the probes there are: an empty
+    /// table costs the presence loads and a few stores.
     #[inline]
-    pub fn prefetch(&self, service: ServiceId, family: Family, client: u128, port: u16) {
-        self.inner
+    pub fn prepare(
+        &self,
+        q: &mut AffinityQuery,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+    ) {
+        (q.service, q.family, q.client, q.port, q.len) = (service, family, client, port, 0);
+        q.complete = self
+            .inner
             .present_probes(service, family, client, port, |t, p| {
                 prefetch(&t.headers[t.primary(p)]);
+                q.probes[usize::from(q.len)] = *p;
+                q.len += 1;
             });
     }
 
-    /// Second prefetch stage, once the headers hinted by
-    /// [`AffinityReader::prefetch`] are in cache: starts loading the slot
-    /// lines whose tags match the lookup's keys. Without it a hit (or a tag
-    /// collision) costs the lookup one more dependent miss, on a line of the
-    /// large slot array, at a page walk of its own.
+    /// Second prefetch stage, once the headers [`AffinityReader::prepare`]
+    /// hinted are in cache: starts loading the slot lines whose tags match
+    /// the query's keys. Without it a hit (or a tag collision) costs the
+    /// lookup one more dependent miss, on a line of the large slot array, at
+    /// a page walk of its own.
     #[inline]
-    pub fn prefetch_slots(&self, service: ServiceId, family: Family, client: u128, port: u16) {
+    pub fn prefetch_slots(&self, q: &AffinityQuery) {
         let t = &*self.inner;
-        t.tag_matches(service, family, client, port, |b, i| prefetch(t.slot(b, i)));
+        for p in q.probes() {
+            t.tag_matches(p, |b, i| prefetch(t.slot(b, i)));
+        }
+    }
+
+    /// The answer [`AffinityReader::lookup`] gives for the query's client,
+    /// from its prepared probes (the table is read now: a change since
+    /// `prepare` is seen, unless it added a prefix length or port kind).
+    #[inline]
+    pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<BackendId> {
+        if !q.complete {
+            return self.lookup(q.service, q.family, q.client, q.port);
+        }
+        let t = &*self.inner;
+        q.probes().iter().find_map(|p| match p.kind() {
+            KIND_RANGE => t.find_range(p, q.port),
+            _ => t.find_exact(p),
+        })
     }
 
     /// The capacity the table was built with.
@@ -780,7 +858,10 @@ mod tests {
         let (_w, r) = AffinityTable::new(100);
         assert_eq!(r.lookup(0, Family::V4, v4(10, 0, 0, 1), 80), None);
         assert_eq!(r.lookup(0, Family::V6, 1, 80), None);
-        r.prefetch(0, Family::V4, 1, 80);
+        let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, 0, Family::V4, 1, 80);
+        assert_eq!(q.probes().len(), 0);
+        assert_eq!(r.lookup_prepared(&q), None);
     }
 
     /// The second prefetch stage hints the slot of every key a lookup will
@@ -803,8 +884,14 @@ mod tests {
                 .unwrap();
         }
         let t = &*r.inner;
+        let client = v4(10, 1, 2, 3);
+        let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, s, f, client, 443);
+        assert!(q.complete);
         let mut hinted = Vec::new();
-        t.tag_matches(s, f, v4(10, 1, 2, 3), 443, |b, i| hinted.push((b, i)));
+        for p in q.probes() {
+            t.tag_matches(p, |b, i| hinted.push((b, i)));
+        }
         for k in &keys {
             let p = Probe::of_key(t.seed, k);
             let at = t.locate(&p).unwrap();
@@ -812,20 +899,47 @@ mod tests {
                 assert!(hinted.contains(&at), "{k:?} at {at:?} not in {hinted:?}");
             }
         }
-        // /32 any, /24 one port and range, /8 any; a fifth would be cut.
-        let mut probes = 0;
-        t.present_probes(s, f, v4(10, 1, 2, 3), 443, |_, _| probes += 1);
-        assert_eq!(probes, 4);
+        // /32 any, /24 one port and range, /8 any: four probes, all kept.
+        assert_eq!(q.probes().len(), 4);
+        r.prefetch_slots(&q);
+        assert_eq!(r.lookup_prepared(&q), Some(0));
+        assert_eq!(r.lookup(s, f, client, 443), Some(0));
+
+        // A fifth (a /16) does not fit: the query says so, and its lookup
+        // runs in full, down to the /8 below the cut.
         w.insert(key(s, f, v4(10, 1, 0, 0), 16, PortMatch::Any), 5)
             .unwrap();
-        probes = 0;
-        t.present_probes(s, f, v4(10, 1, 2, 3), 443, |_, _| probes += 1);
-        assert_eq!(probes, PREFETCH_MAX);
-        r.prefetch_slots(s, f, v4(10, 1, 2, 3), 443);
-        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 3), 443), Some(0));
-        // A client with no affinity in a table of other keys: no hints
-        // beyond tag collisions, which the lookup then rejects.
-        assert_eq!(r.lookup(s, f, v4(172, 16, 0, 1), 443), None);
+        assert!(w.remove(&keys[0]));
+        assert!(w.remove(&keys[1]));
+        assert!(w.remove(&keys[2]));
+        w.insert(key(s, f, v4(10, 1, 2, 0), 24, PortMatch::One(1)), 6)
+            .unwrap();
+        w.insert(key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Range(1, 2)), 7)
+            .unwrap();
+        w.insert(key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Any), 8)
+            .unwrap();
+        w.insert(key(s, f, v4(10, 1, 2, 3), 32, PortMatch::One(1)), 10)
+            .unwrap();
+        // Probes for 10.1.2.3:443: /32 one, /24 one, range, any, /16 any, /8.
+        let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, s, f, client, 443);
+        assert!(!q.complete);
+        assert_eq!(r.lookup_prepared(&q), Some(8));
+        assert!(w.remove(&key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Any)));
+        assert_eq!(
+            r.lookup_prepared(&q),
+            Some(5),
+            "read now, not when prepared"
+        );
+        let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, s, f, v4(10, 9, 9, 9), 443);
+        assert_eq!(r.lookup_prepared(&q), Some(3));
+        // A client with no affinity in a table of other keys.
+        let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, s, f, v4(172, 16, 0, 1), 443);
+        r.prefetch_slots(&q);
+        assert_eq!(r.lookup_prepared(&q), None);
+        assert_eq!(r.lookup_prepared(&AffinityQuery::NONE), None);
     }
 
     #[test]
@@ -1027,6 +1141,9 @@ mod tests {
                     .max_by_key(|(k, _)| k.specificity())
                     .map(|&(_, o)| o);
                 proptest::prop_assert_eq!(r.lookup(svc, Family::V4, client, port), want);
+                let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, svc, Family::V4, client, port);
+                proptest::prop_assert_eq!(r.lookup_prepared(&q), want);
             }
         }
     }
