@@ -278,7 +278,7 @@ mod tests {
                     family,
                 };
                 let h = flow_hash(&k);
-                low[((h & 0xffff_ffff) * BINS as u64 >> 32) as usize] += 1;
+                low[(((h & 0xffff_ffff) * BINS as u64) >> 32) as usize] += 1;
                 high[((h as u128 * BINS as u128) >> 64) as usize] += 1;
             }
             let mean = (KEYS / BINS) as u32;

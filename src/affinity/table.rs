@@ -34,6 +34,7 @@
 //! table of /32s costs one probe.
 
 use core::fmt;
+use core::ops::ControlFlow;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -323,49 +324,61 @@ impl Inner {
         &self.lines[idx >> 1].0[idx & 1]
     }
 
-    /// Calls `f` with the probe of each prefix length and port kind present
-    /// for `client:port` on `service`, longest prefix first, at most
-    /// [`PREFETCH_MAX`] of them: the probes a lookup makes, in its order.
-    /// False when there were more.
+    /// Walks the probes a lookup of `client:port` on `service` makes, in
+    /// its order (the prefix lengths present, longest first; within one, the
+    /// port kinds present: one port, range, any), calling `f` on each until
+    /// it breaks. Returns what `f` broke with, or `Err(())` when there were
+    /// more than `max` probes.
     #[inline(always)]
-    fn present_probes(
+    fn walk_probes<B>(
         &self,
         service: ServiceId,
         family: Family,
         client: u128,
         port: u16,
-        mut f: impl FnMut(&Inner, &Probe),
-    ) -> bool {
+        max: usize,
+        mut f: impl FnMut(&Probe) -> ControlFlow<B>,
+    ) -> Result<Option<B>, ()> {
         let pres = &self.presence[presence_index(service, family)];
         let words = match family {
             Family::V4 => 1,
             Family::V6 => 3,
         };
-        let mut issued = 0;
+        let mut walked = 0;
         for w in (0..words).rev() {
-            let mut bits = pres.plens[w].load(Ordering::Relaxed);
+            let mut bits = pres.plens[w].load(Ordering::Acquire);
             while bits != 0 {
                 let b = 63 - bits.leading_zeros();
                 bits &= !(1u64 << b);
                 let plen = (w as u32 * 64 + b) as u8;
-                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Relaxed));
+                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Acquire));
                 let addr = client & prefix_mask(family, plen);
                 for (kind, lo) in [(KIND_ONE, port), (KIND_RANGE, 0), (KIND_ANY, 0)] {
                     if kinds & (1 << kind) == 0 {
                         continue;
                     }
-                    if issued == PREFETCH_MAX {
-                        return false;
+                    if walked == max {
+                        return Err(());
                     }
-                    f(
-                        self,
-                        &Probe::new(self.seed, service, family, addr, plen, kind, lo, lo),
-                    );
-                    issued += 1;
+                    walked += 1;
+                    let p = Probe::new(self.seed, service, family, addr, plen, kind, lo, lo);
+                    if let ControlFlow::Break(found) = f(&p) {
+                        return Ok(Some(found));
+                    }
                 }
             }
         }
-        true
+        Ok(None)
+    }
+
+    /// The owner one probe finds: the exact key, or for a range probe the
+    /// narrowest range of its prefix holding `port`.
+    #[inline(always)]
+    fn find(&self, p: &Probe, port: u16) -> Option<BackendId> {
+        match p.kind() {
+            KIND_RANGE => self.find_range(p, port),
+            _ => self.find_exact(p),
+        }
     }
 
     /// Calls `f(bucket, slot)` for each slot of the probe's primary bucket
@@ -583,39 +596,14 @@ impl AffinityReader {
         port: u16,
     ) -> Option<BackendId> {
         let t = &*self.inner;
-        let pres = &t.presence[presence_index(service, family)];
-        let words = match family {
-            Family::V4 => 1,
-            Family::V6 => 3,
-        };
-        for w in (0..words).rev() {
-            let mut bits = pres.plens[w].load(Ordering::Acquire);
-            while bits != 0 {
-                let b = 63 - bits.leading_zeros();
-                bits &= !(1u64 << b);
-                let plen = (w as u32 * 64 + b) as u8;
-                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Acquire));
-                let addr = client & prefix_mask(family, plen);
-                let probe =
-                    |kind, lo, hi| Probe::new(t.seed, service, family, addr, plen, kind, lo, hi);
-                if kinds & (1 << KIND_ONE) != 0 {
-                    if let Some(o) = t.find_exact(&probe(KIND_ONE, port, port)) {
-                        return Some(o);
-                    }
-                }
-                if kinds & (1 << KIND_RANGE) != 0 {
-                    if let Some(o) = t.find_range(&probe(KIND_RANGE, 0, 0), port) {
-                        return Some(o);
-                    }
-                }
-                if kinds & (1 << KIND_ANY) != 0 {
-                    if let Some(o) = t.find_exact(&probe(KIND_ANY, 0, 0)) {
-                        return Some(o);
-                    }
-                }
+        t.walk_probes(service, family, client, port, usize::MAX, |p| {
+            match t.find(p, port) {
+                Some(owner) => ControlFlow::Break(owner),
+                None => ControlFlow::Continue(()),
             }
-        }
-        None
+        })
+        .ok()
+        .flatten()
     }
 
     /// Prepares the lookup of `client:port` on `service` and starts loading
@@ -636,13 +624,15 @@ impl AffinityReader {
         port: u16,
     ) {
         (q.service, q.family, q.client, q.port, q.len) = (service, family, client, port, 0);
-        q.complete = self
-            .inner
-            .present_probes(service, family, client, port, |t, p| {
+        let t = &*self.inner;
+        q.complete = t
+            .walk_probes(service, family, client, port, PREFETCH_MAX, |p| {
                 prefetch(&t.headers[t.primary(p)]);
                 q.probes[usize::from(q.len)] = *p;
                 q.len += 1;
-            });
+                ControlFlow::<()>::Continue(())
+            })
+            .is_ok();
     }
 
     /// Second prefetch stage, once the headers [`AffinityReader::prepare`]
@@ -667,10 +657,7 @@ impl AffinityReader {
             return self.lookup(q.service, q.family, q.client, q.port);
         }
         let t = &*self.inner;
-        q.probes().iter().find_map(|p| match p.kind() {
-            KIND_RANGE => t.find_range(p, q.port),
-            _ => t.find_exact(p),
-        })
+        q.probes().iter().find_map(|p| t.find(p, q.port))
     }
 
     /// The capacity the table was built with.
