@@ -86,8 +86,8 @@ def main():
         a = [x[k] for x in rows["A"]]
         b = [x[k] for x in rows["B"]]
         ratios = [y / x for x, y in zip(a, b) if x > 0]
-        print(f"{k:<22} {statistics.median(a):>9.3f} {statistics.median(b):>9.3f} "
-              f"{statistics.median(ratios):>24.3f}")
+        ratio = f"{statistics.median(ratios):>24.3f}" if ratios else f"{'-':>24}"
+        print(f"{k:<22} {statistics.median(a):>9.3f} {statistics.median(b):>9.3f} {ratio}")
     print()
     print("100 ms windows pooled over all rounds (Mpps): p50 / p90 / p99")
     for scen in windows["A"]:

@@ -107,8 +107,6 @@ def dataplane_section(d):
             t = TARGET_MPPS[n]
             target = f"≥ {t:g} Mpps"
             met = yes_no(r["mpps_per_core"] >= t)
-            if r["mpps_per_core"] < t and win.get("p90", 0) >= t:
-                met += " (yes in the fast mode)"
         elif n == "syn-1m-affinities":
             ratio = r.get("extra", {}).get("ratio_to_syn")
             target = "≥ 0.80 x syn"

@@ -81,7 +81,8 @@ fn finish(h: u64) -> u64 {
 /// Hash of a flow's 5-tuple, used by the flow table and the consistent hash.
 /// An IPv4 tuple (addresses in the low 32 bits) takes two mixing rounds, an
 /// IPv6 one five: the hash is on every packet's critical path to its
-/// flow-table prefetch.
+/// flow-table prefetch. Instances agree on it only when they compute the same
+/// function: see the README's "Limits and notes" on mixed versions.
 #[inline]
 pub fn flow_hash(key: &FlowKey) -> u64 {
     let ports = (key.sport as u64) << 32 | (key.dport as u64) << 16 | key.proto as u64;

@@ -49,7 +49,7 @@ use crate::packet::Family;
 
 /// Slots per bucket (one tag byte each in the header).
 pub const SLOTS: usize = 8;
-/// Most buckets [`AffinityReader::prefetch`] hints per lookup.
+/// Most probes an [`AffinityQuery`] prepares (and hints) per lookup.
 pub const PREFETCH_MAX: usize = 4;
 /// Largest capacity a table accepts; larger requests are clamped.
 pub const MAX_CAPACITY: usize = 1 << 30;
@@ -96,6 +96,9 @@ struct Presence {
     plens: [AtomicU64; 3],
     /// Per prefix length, bit `1 << kind` for each port kind present.
     kinds: [AtomicU8; 129],
+    /// Bumped after every change of the bits above, so that a prepared
+    /// query can tell whether its probes are still the lookup's.
+    changes: AtomicU32,
 }
 
 impl Default for Presence {
@@ -103,6 +106,7 @@ impl Default for Presence {
         Presence {
             plens: Default::default(),
             kinds: core::array::from_fn(|_| AtomicU8::new(0)),
+            changes: AtomicU32::new(0),
         }
     }
 }
@@ -185,6 +189,9 @@ pub struct AffinityQuery {
     /// False when the client has more candidate probes than fit; the lookup
     /// then runs in full.
     complete: bool,
+    /// The presence bitmaps' change count when prepared: if it moved, the
+    /// lookup runs in full.
+    changes: u32,
     service: ServiceId,
     family: Family,
     client: u128,
@@ -197,6 +204,7 @@ impl AffinityQuery {
         probes: [Probe::NONE; PREFETCH_MAX],
         len: 0,
         complete: true,
+        changes: 0,
         service: 0,
         family: Family::V4,
         client: 0,
@@ -218,6 +226,7 @@ impl fmt::Debug for AffinityQuery {
             .field("port", &self.port)
             .field("probes", &self.len)
             .field("complete", &self.complete)
+            .field("changes", &self.changes)
             .finish()
     }
 }
@@ -625,6 +634,9 @@ impl AffinityReader {
     ) {
         (q.service, q.family, q.client, q.port, q.len) = (service, family, client, port, 0);
         let t = &*self.inner;
+        q.changes = t.presence[presence_index(service, family)]
+            .changes
+            .load(Ordering::Acquire);
         q.complete = t
             .walk_probes(service, family, client, port, PREFETCH_MAX, |p| {
                 prefetch(&t.headers[t.primary(p)]);
@@ -648,15 +660,19 @@ impl AffinityReader {
         }
     }
 
-    /// The answer [`AffinityReader::lookup`] gives for the query's client,
-    /// from its prepared probes (the table is read now: a change since
-    /// `prepare` is seen, unless it added a prefix length or port kind).
+    /// The answer [`AffinityReader::lookup`] gives now for the query's
+    /// client, from its prepared probes: the table is read now, and if the
+    /// prefix lengths or port kinds present changed since `prepare` (so the
+    /// probes may no longer be the lookup's), the lookup runs in full.
     #[inline]
     pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<BackendId> {
-        if !q.complete {
+        let t = &*self.inner;
+        let changes = t.presence[presence_index(q.service, q.family)]
+            .changes
+            .load(Ordering::Acquire);
+        if !q.complete || changes != q.changes {
             return self.lookup(q.service, q.family, q.client, q.port);
         }
-        let t = &*self.inner;
         q.probes().iter().find_map(|p| t.find(p, q.port))
     }
 
@@ -796,6 +812,7 @@ impl AffinityWriter {
             if *c == 1 {
                 pres.kinds[plen as usize].fetch_or(kbit, Ordering::Release);
                 word.fetch_or(pbit, Ordering::Release);
+                pres.changes.fetch_add(1, Ordering::Release);
             }
         } else if let Some(c) = self.counts.get_mut(&slot) {
             *c -= 1;
@@ -805,6 +822,7 @@ impl AffinityWriter {
                 if left == 0 {
                     word.fetch_and(!pbit, Ordering::Release);
                 }
+                pres.changes.fetch_add(1, Ordering::Release);
             }
         }
     }
@@ -918,6 +936,19 @@ mod tests {
             Some(5),
             "read now, not when prepared"
         );
+        // A prefix length that appears after `prepare` is seen too: the
+        // presence change sends the lookup down the full path.
+        let s2 = s + 1;
+        w.insert(key(s2, f, v4(10, 0, 0, 0), 8, PortMatch::Any), 3)
+            .unwrap();
+        let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, s2, f, v4(10, 7, 7, 7), 443);
+        assert!(q.complete);
+        assert_eq!(q.probes().len(), 1);
+        assert_eq!(r.lookup_prepared(&q), Some(3));
+        w.insert(key(s2, f, v4(10, 7, 7, 0), 28, PortMatch::Any), 11)
+            .unwrap();
+        assert_eq!(r.lookup_prepared(&q), Some(11));
         let mut q = AffinityQuery::NONE;
         r.prepare(&mut q, s, f, v4(10, 9, 9, 9), 443);
         assert_eq!(r.lookup_prepared(&q), Some(3));
@@ -1129,7 +1160,7 @@ mod tests {
                     .map(|&(_, o)| o);
                 proptest::prop_assert_eq!(r.lookup(svc, Family::V4, client, port), want);
                 let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, svc, Family::V4, client, port);
+                r.prepare(&mut q, svc, Family::V4, client, port);
                 proptest::prop_assert_eq!(r.lookup_prepared(&q), want);
             }
         }

@@ -34,11 +34,13 @@ pub(crate) fn prefetch_ptr(p: *const u8) {
 /// wait for a second, ownership-acquiring transfer. The address is never
 /// dereferenced, so any value is allowed.
 #[inline(always)]
+#[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
 pub(crate) fn prefetch_write_ptr(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHW is a hint: it never faults, whatever the address, and
-    // touches no register but reads none either. CPUs without it (Intel
-    // before Broadwell) execute it as a no-op, not an invalid opcode.
+    // SAFETY: PREFETCHW is a hint: it never faults, whatever the address; it
+    // reads only the register holding `p` and writes no register, flag or
+    // memory. CPUs without it (Intel before Broadwell) execute it as a
+    // no-op, not an invalid opcode.
     unsafe {
         std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
     }
