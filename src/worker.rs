@@ -2,9 +2,11 @@
 //! queue per port, one loop.
 //!
 //! Each iteration receives a burst on every port and processes it in three
-//! passes, as l3fwd does: prefetch the frames; parse them, hash them and
-//! prefetch their flow-table buckets; then route and rewrite each packet and
-//! queue it for transmission. Everything the loop writes is its own (flow
+//! passes, as l3fwd does: prefetch the mbufs and frames (for writing: the
+//! rewrite changes both); parse them, hash them and prefetch their flow-table
+//! buckets and, for SYNs, prepare their affinity lookups (which prefetch the
+//! affinity buckets); then route and rewrite each packet and queue it for
+//! transmission, hinting the affinity slots of the SYN a few packets ahead. Everything the loop writes is its own (flow
 //! table, counters, round-robin state); everything shared (dataplane snapshot,
 //! affinity table) is read-mostly, and the shared auto-affinity table is
 //! written only on new and ending connections of services that enable it.

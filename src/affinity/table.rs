@@ -32,6 +32,14 @@
 //! length, are present; the reader probes only those, longest prefix first and
 //! one port, range, any within a length. An empty table costs a few loads; a
 //! table of /32s costs one probe.
+//!
+//! A worker looks a whole burst's SYNs up in stages, so that their misses
+//! overlap: [`AffinityReader::prepare`] hashes a SYN's probes once and
+//! prefetches their bucket headers, [`AffinityReader::prefetch_slots`] later
+//! hints the slot lines whose tags match, and
+//! [`AffinityReader::lookup_prepared`] answers from the prepared probes (in
+//! full, as [`AffinityReader::lookup`], if the presence bitmaps changed
+//! meanwhile).
 
 use core::fmt;
 use core::ops::ControlFlow;
