@@ -176,6 +176,8 @@ trait SlotKey: Copy + Eq + std::fmt::Debug {
     /// The key of an empty slot (any key will do: the state byte says
     /// whether a slot is in use).
     const ZERO: Self;
+    /// Index of the family's flow count in [`Books::len`].
+    const FAMILY: usize;
     fn pack(key: &FlowKey) -> Self;
     fn unpack(self) -> FlowKey;
 }
@@ -198,6 +200,7 @@ struct V4Key(u128);
 impl SlotKey for V4Key {
     type Align = Align256;
     const ZERO: V4Key = V4Key(0);
+    const FAMILY: usize = 0;
 
     #[inline]
     fn pack(k: &FlowKey) -> V4Key {
@@ -241,6 +244,7 @@ struct V6Key {
 
 impl SlotKey for V6Key {
     type Align = Align512;
+    const FAMILY: usize = 1;
     const ZERO: V6Key = V6Key {
         src: 0,
         dst: 0,
@@ -335,7 +339,8 @@ impl<K: SlotKey> Bucket<K> {
 /// What both sub-tables share: the flow count, the timeouts and the
 /// counters.
 struct Books {
-    len: usize,
+    /// Flows in use per family (IPv4, IPv6).
+    len: [usize; 2],
     /// Idle timeout in ns, indexed by `TcpState as usize`.
     timeout_ns: [u64; 4],
     stats: FlowStats,
@@ -354,7 +359,7 @@ impl Books {
     fn take<K: SlotKey>(&mut self, slot: &mut Slot<K>) -> FlowEntry {
         let e = slot.entry();
         slot.state = 0;
-        self.len -= 1;
+        self.len[K::FAMILY] -= 1;
         e
     }
 }
@@ -479,7 +484,7 @@ impl<K: SlotKey> Part<K> {
         } else {
             books.stats.inserted += 1;
             if let Some(s) = slots.iter().position(|x| !x.used()) {
-                books.len += 1;
+                books.len[K::FAMILY] += 1;
                 (s, None)
             } else if let Some(s) = slots.iter().position(|x| books.expired(x, now)) {
                 books.stats.expired += 1;
@@ -560,7 +565,7 @@ impl FlowTable {
             v4: Part::new(capacity),
             v6: Part::new(capacity_v6),
             books: Books {
-                len: 0,
+                len: [0, 0],
                 timeout_ns: [
                     ns(timeouts.syn),
                     ns(timeouts.established),
@@ -634,9 +639,13 @@ impl FlowTable {
         for _ in 0..buckets.min(n) {
             let b = self.cursor;
             self.cursor = if b + 1 == n { 0 } else { b + 1 };
+            // A family with no flows costs its share of the cycle but no
+            // memory traffic (an IPv4-only site never reads its IPv6 table).
             if b < n4 {
-                self.v4.sweep_bucket(&mut self.books, b, now, &mut ended);
-            } else {
+                if self.books.len[0] > 0 {
+                    self.v4.sweep_bucket(&mut self.books, b, now, &mut ended);
+                }
+            } else if self.books.len[1] > 0 {
                 self.v6
                     .sweep_bucket(&mut self.books, b - n4, now, &mut ended);
             }
@@ -645,11 +654,11 @@ impl FlowTable {
 
     /// Slots in use (timed-out entries not yet swept included).
     pub fn len(&self) -> usize {
-        self.books.len
+        self.books.len[0] + self.books.len[1]
     }
 
     pub fn is_empty(&self) -> bool {
-        self.books.len == 0
+        self.len() == 0
     }
 
     /// Maximum number of flows (both families).
@@ -674,7 +683,7 @@ impl FlowTable {
     /// The occupied slots match `len` (test helper).
     #[cfg(test)]
     fn consistent(&self) -> bool {
-        self.v4.used() + self.v6.used() == self.books.len
+        self.v4.used() == self.books.len[0] && self.v6.used() == self.books.len[1]
     }
 }
 
