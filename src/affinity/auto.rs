@@ -7,7 +7,7 @@
 //! two workers at once, so it must decide one pin for both without blocking.
 //!
 //! Layout: buckets of [`SLOTS`] entries, two candidate buckets per client,
-//! `2 × capacity` entries in all, allocated once. Each bucket's [`SeqLock`]
+//! `2 × capacity` entries in all, allocated once. Each bucket's `SeqLock`
 //! version is also its writer lock: a worker takes the (one or two) buckets of
 //! a client in index order, so workers contend only on the same buckets and
 //! only for a few stores, and read-only callers never wait. Entries never

@@ -13,7 +13,7 @@
 //! step). Each primary counts its keys living elsewhere, so a miss usually
 //! costs one bucket.
 //!
-//! Each bucket has a 16-byte header — a [`SeqLock`] version, the overflow
+//! Each bucket has a 16-byte header — a `SeqLock` version, the overflow
 //! count, and an 8-bit tag per slot — and its slots live in a separate array
 //! of cache lines (two 32-byte slots per line), so a probe touches the header
 //! line and, on a tag match, one slot line. All fields are atomics: readers
