@@ -345,6 +345,9 @@ impl<IO: PacketIo> Worker<IO> {
         self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
         self.queries = queries;
         self.rx = rx;
+        // The occupancy gauge, once per burst rather than per new flow (and
+        // so also after resets and removals).
+        self.counters.flows_active.set(self.flows.len() as u64);
         for out in 0..self.tx.len() {
             if !self.tx[out].is_empty() {
                 self.flush(out);
@@ -456,7 +459,6 @@ impl<IO: PacketIo> Worker<IO> {
             }
             Lookup::Miss => {}
         }
-        self.counters.flows_active.set(self.flows.len() as u64);
 
         let syn = p.is_syn();
         if is_tcp {
@@ -502,7 +504,6 @@ impl<IO: PacketIo> Worker<IO> {
             }
             self.release(dp, &old, now);
         }
-        self.counters.flows_active.set(self.flows.len() as u64);
         let bc = &self.counters.backends[backend as usize];
         bc.active.inc();
         if syn || !is_tcp {
@@ -888,6 +889,25 @@ mod tests {
         assert_eq!(c.drops[DropReason::NotIp as usize].get(), 1);
         assert_eq!(c.drops[DropReason::Malformed as usize].get(), 1);
         assert_eq!(c.rx_packets.get(), c.tx_packets.get() + c.total_drops());
+    }
+
+    /// The occupancy gauge follows new flows, and resets that end them.
+    #[test]
+    fn flows_active_follows_syns_and_resets() {
+        let bes = vec![backend(0, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1024);
+        let syns: Vec<Vec<u8>> = (0..20u8)
+            .map(|i| tcp([198, 18, 13, i], 1, tcp_flags::SYN))
+            .collect();
+        send(&mut b, &syns, SEC);
+        assert_eq!(b.worker.counters().flows_active.get(), 20);
+        let rsts: Vec<Vec<u8>> = (0..5u8)
+            .map(|i| tcp([198, 18, 13, i], 1, tcp_flags::RST | tcp_flags::ACK))
+            .collect();
+        send(&mut b, &rsts, SEC);
+        assert_eq!(b.worker.counters().flows_active.get(), 15);
+        assert_eq!(b.worker.flows().len(), 15);
     }
 
     #[test]
