@@ -5,26 +5,13 @@
 //! writer, which the types enforce: [`AffinityTable::new`] returns one
 //! [`AffinityWriter`] (not `Clone`) and an [`AffinityReader`] to clone per worker.
 //!
-//! Layout: two regions, each a bucketized hash with [`SLOTS`] slots per bucket
-//! and two candidate buckets per key, allocated once:
-//!
-//! * the **host region**, `2 × capacity` slots (rounded up to a power of
-//!   two), where any key may live and every full-length key (/32, /128) and
-//!   port range does;
-//! * the **prefix region**, a small one (`capacity / 8` slots, at most
-//!   [`PREFIX_REGION_MAX`]) for the shorter prefixes. Every lookup probes each
-//!   prefix length present on its way to the longest match, so the few
-//!   shorter prefixes are read far more often than any one host key: kept
-//!   apart, their buckets stay in cache and their pages in the TLB, instead
-//!   of costing each SYN a second random read of the large region. When the
-//!   prefix region has no room, a key goes to the host region.
-//!
-//! The table is bounded by `capacity` keys in all: a full table refuses
-//! inserts, it never grows. Within a region a key goes to its primary bucket
-//! when there is room, else to its alternate, else one key of a full
-//! candidate moves on to its own alternate to make room (one cuckoo step).
-//! Each primary counts its keys living elsewhere, so a miss usually costs one
-//! bucket. Keys never move between regions.
+//! Layout: a bucketized hash with [`SLOTS`] slots per bucket and two candidate
+//! buckets per key, `2 × capacity` slots in all (rounded up to a power of two),
+//! allocated once: a full table refuses inserts, it never grows. A key goes to
+//! its primary bucket when there is room, else to its alternate, else one key
+//! of a full candidate moves on to its own alternate to make room (one cuckoo
+//! step). Each primary counts its keys living elsewhere, so a miss usually
+//! costs one bucket.
 //!
 //! Each bucket has a 16-byte header — a `SeqLock` version, the overflow
 //! count, and an 8-bit tag per slot — and its slots live in a separate array
@@ -42,9 +29,9 @@
 //! share the hash position of "range", so one probe sees them all; at most the
 //! two buckets' worth of ranges per prefix fit. Per (service, family) the
 //! writer keeps bitmaps of which prefix lengths, and which port kinds per
-//! length and region, are present; the reader probes only those, longest
-//! prefix first and one port, range, any within a length. An empty table
-//! costs a few loads; a table of /32s costs one probe.
+//! length, are present; the reader probes only those, longest prefix first and
+//! one port, range, any within a length. An empty table costs a few loads; a
+//! table of /32s costs one probe.
 //!
 //! A worker looks a whole burst's SYNs up in stages, so that their misses
 //! overlap: [`AffinityReader::prepare`] hashes a SYN's probes once and
@@ -74,9 +61,6 @@ pub const SLOTS: usize = 8;
 pub const PREFETCH_MAX: usize = 4;
 /// Largest capacity a table accepts; larger requests are clamped.
 pub const MAX_CAPACITY: usize = 1 << 30;
-/// Most slots of the prefix region: 2 MB of slots and 128 KB of headers,
-/// which stay in a core's caches and TLB.
-pub const PREFIX_REGION_MAX: usize = 1 << 16;
 
 const KIND_ANY: u64 = 0;
 const KIND_ONE: u64 = 1;
@@ -84,14 +68,6 @@ const KIND_RANGE: u64 = 2;
 const OCCUPIED: u64 = 1 << 27;
 /// The part of a metadata word without the port bounds.
 const META_LOW: u64 = 0xffff_ffff;
-
-/// Index of the region where any key may live (see the module docs).
-const HOST: usize = 0;
-/// Index of the small region for prefixes shorter than a host's.
-const PREFIX: usize = 1;
-/// In [`Presence::kinds`], a port kind's bit for keys in the prefix region
-/// is its host-region bit shifted by this.
-const PREFIX_KIND_SHIFT: u64 = 4;
 
 /// The key does not fit: the table holds `capacity` entries, or both of the
 /// key's buckets are full.
@@ -126,9 +102,7 @@ struct Line([[AtomicU64; 4]; 2]);
 struct Presence {
     /// Bit `p` set when some key of prefix length `p` exists.
     plens: [AtomicU64; 3],
-    /// Per prefix length, bit `1 << kind` for each port kind present in the
-    /// host region, and `1 << (kind + PREFIX_KIND_SHIFT)` in the prefix
-    /// region.
+    /// Per prefix length, bit `1 << kind` for each port kind present.
     kinds: [AtomicU8; 129],
     /// Bumped after every change of the bits above, so that a prepared
     /// query can tell whether its probes are still the lookup's.
@@ -145,18 +119,13 @@ impl Default for Presence {
     }
 }
 
-/// One hash table of the two (see the module docs).
-struct Region {
+struct Inner {
     headers: Box<[Header]>,
     lines: Box<[Line]>,
-    mask: u64,
-}
-
-struct Inner {
-    regions: [Region; 2],
     /// Indexed by [`presence_index`]; services beyond [`MAX_SERVICES`] share
     /// entries, which costs them extra probes, never wrong answers.
     presence: Box<[Presence]>,
+    mask: u64,
     seed: u64,
     capacity: usize,
 }
@@ -170,45 +139,19 @@ impl AffinityTable {
     #[allow(clippy::new_ret_no_self)]
     pub fn new(capacity: usize) -> (AffinityWriter, AffinityReader) {
         let capacity = capacity.min(MAX_CAPACITY);
-        let prefix_slots = (capacity / 8).next_power_of_two().min(PREFIX_REGION_MAX);
-        Self::with_prefix_region(capacity, prefix_slots)
+        Self::with_slots(capacity, (capacity * 2).next_power_of_two())
     }
 
-    /// As [`AffinityTable::new`] with a prefix region of `prefix_slots`
-    /// slots (rounded up to a power of two, at least 2 × [`SLOTS`]), or none
-    /// at all when 0: every key then lives in the host region. The benchmark
-    /// compares the two layouts with it.
-    #[allow(clippy::new_ret_no_self)]
-    pub fn with_prefix_region(
-        capacity: usize,
-        prefix_slots: usize,
-    ) -> (AffinityWriter, AffinityReader) {
-        let capacity = capacity.min(MAX_CAPACITY);
-        let (w, r) = Self::with_slots(
-            capacity,
-            (capacity * 2).next_power_of_two(),
-            prefix_slots.next_power_of_two(),
-        );
-        (
-            AffinityWriter {
-                prefix_region: prefix_slots > 0,
-                ..w
-            },
-            r,
-        )
-    }
-
-    /// A table of `slots` host-region slots and `prefix_slots` prefix-region
-    /// slots (powers of two; at least 2 × [`SLOTS`] each) holding at most
-    /// `capacity`. Tests use it to run regions nearly full.
-    fn with_slots(
-        capacity: usize,
-        slots: usize,
-        prefix_slots: usize,
-    ) -> (AffinityWriter, AffinityReader) {
+    /// A table of `slots` slots (a power of two, at least 2 × [`SLOTS`])
+    /// holding at most `capacity`. Tests use it to run tables nearly full.
+    fn with_slots(capacity: usize, slots: usize) -> (AffinityWriter, AffinityReader) {
+        let slots = slots.max(2 * SLOTS);
+        let buckets = slots / SLOTS;
         let inner = Arc::new(Inner {
-            regions: [Region::new(slots), Region::new(prefix_slots)],
+            headers: (0..buckets).map(|_| Header::default()).collect(),
+            lines: (0..slots / 2).map(|_| Line::default()).collect(),
             presence: (0..MAX_SERVICES * 2).map(|_| Presence::default()).collect(),
+            mask: buckets as u64 - 1,
             seed: random_seed(),
             capacity,
         });
@@ -218,7 +161,6 @@ impl AffinityTable {
                 len: 0,
                 counts: HashMap::new(),
                 moved: 0,
-                prefix_region: true,
             },
             AffinityReader { inner },
         )
@@ -236,17 +178,6 @@ fn family_bit(family: Family) -> u64 {
 #[inline(always)]
 fn presence_index(service: ServiceId, family: Family) -> usize {
     (service as usize % MAX_SERVICES) * 2 + family_bit(family) as usize
-}
-
-/// The bit of [`Presence::kinds`] for keys of `kind` in `region`.
-#[inline(always)]
-fn kind_bit(kind: u64, region: usize) -> u8 {
-    let shift = if region == PREFIX {
-        PREFIX_KIND_SHIFT
-    } else {
-        0
-    };
-    1 << (kind + shift)
 }
 
 /// Bytes of `tags` equal to `tag` as 0x80 in a mask (exact, no false hits).
@@ -308,15 +239,13 @@ impl fmt::Debug for AffinityQuery {
     }
 }
 
-/// One hash position: the metadata and address a slot must hold to match,
-/// and the region it is looked for in.
+/// One hash position: the metadata and address a slot must hold to match.
 #[derive(Clone, Copy)]
 struct Probe {
     meta: u64,
     lo: u64,
     hi: u64,
     hash: u64,
-    region: usize,
 }
 
 impl Probe {
@@ -326,7 +255,6 @@ impl Probe {
         lo: 0,
         hi: 0,
         hash: 0,
-        region: HOST,
     };
 
     #[inline(always)]
@@ -351,7 +279,7 @@ impl Probe {
         Probe::from_words(seed, meta, addr as u64, (addr >> 64) as u64)
     }
 
-    /// The probe of a stored slot's words (in the host region).
+    /// The probe of a stored slot's words.
     #[inline(always)]
     fn from_words(seed: u64, meta: u64, lo: u64, hi: u64) -> Probe {
         let hashed = if (meta >> 25) & 3 == KIND_RANGE {
@@ -364,7 +292,6 @@ impl Probe {
             lo,
             hi,
             hash: hash3(seed, lo, hi, hashed),
-            region: HOST,
         }
     }
 
@@ -386,13 +313,6 @@ impl Probe {
         )
     }
 
-    /// The same probe in another region.
-    #[inline(always)]
-    fn within(mut self, region: usize) -> Probe {
-        self.region = region;
-        self
-    }
-
     #[inline(always)]
     fn tag(&self) -> u8 {
         ((self.hash >> 56) as u8).max(1)
@@ -404,17 +324,7 @@ impl Probe {
     }
 }
 
-impl Region {
-    fn new(slots: usize) -> Region {
-        let slots = slots.max(2 * SLOTS);
-        let buckets = slots / SLOTS;
-        Region {
-            headers: (0..buckets).map(|_| Header::default()).collect(),
-            lines: (0..slots / 2).map(|_| Line::default()).collect(),
-            mask: buckets as u64 - 1,
-        }
-    }
-
+impl Inner {
     #[inline(always)]
     fn primary(&self, p: &Probe) -> usize {
         (p.hash & self.mask) as usize
@@ -429,6 +339,53 @@ impl Region {
     fn slot(&self, bucket: usize, i: usize) -> &[AtomicU64; 4] {
         let idx = bucket * SLOTS + i;
         &self.lines[idx >> 1].0[idx & 1]
+    }
+
+    /// Walks the probes a lookup of `client:port` on `service` makes, in
+    /// its order (the prefix lengths present, longest first; within one, the
+    /// port kinds present: one port, range, any), calling `f` on each until
+    /// it breaks. Returns what `f` broke with, or `Err(())` when there were
+    /// more than `max` probes.
+    #[inline(always)]
+    fn walk_probes<B>(
+        &self,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+        max: usize,
+        mut f: impl FnMut(&Probe) -> ControlFlow<B>,
+    ) -> Result<Option<B>, ()> {
+        let pres = &self.presence[presence_index(service, family)];
+        let words = match family {
+            Family::V4 => 1,
+            Family::V6 => 3,
+        };
+        let mut walked = 0;
+        for w in (0..words).rev() {
+            let mut bits = pres.plens[w].load(Ordering::Acquire);
+            while bits != 0 {
+                let b = 63 - bits.leading_zeros();
+                bits &= !(1u64 << b);
+                let plen = (w as u32 * 64 + b) as u8;
+                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Acquire));
+                let addr = client & prefix_mask(family, plen);
+                for (kind, lo) in [(KIND_ONE, port), (KIND_RANGE, 0), (KIND_ANY, 0)] {
+                    if kinds & (1 << kind) == 0 {
+                        continue;
+                    }
+                    if walked == max {
+                        return Err(());
+                    }
+                    walked += 1;
+                    let p = Probe::new(self.seed, service, family, addr, plen, kind, lo, lo);
+                    if let ControlFlow::Break(found) = f(&p) {
+                        return Ok(Some(found));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// The owner one probe finds: the exact key, or for a range probe the
@@ -590,14 +547,6 @@ impl Region {
         hdr.seq.write_end(odd);
     }
 
-    /// Changes the owner of the key in a slot. Writer side only.
-    fn write_owner(&self, bucket: usize, i: usize, owner: u64) {
-        let hdr = &self.headers[bucket];
-        let odd = hdr.seq.write_begin();
-        self.slot(bucket, i)[3].store(owner, Ordering::Relaxed);
-        hdr.seq.write_end(odd);
-    }
-
     /// Empties a slot. Writer side only.
     fn clear_slot(&self, bucket: usize, i: usize) {
         let hdr = &self.headers[bucket];
@@ -621,11 +570,11 @@ impl Region {
     /// readers: the key is copied to the alternate, the overflow count raised,
     /// and only then the original cleared, so a reader that misses it in `c`
     /// is sent on to the copy. Returns the freed slot.
-    fn displace(&self, seed: u64, c: usize) -> Option<usize> {
+    fn displace(&self, c: usize) -> Option<usize> {
         for j in 0..SLOTS {
             let s = self.slot(c, j);
             let p = Probe::from_words(
-                seed,
+                self.seed,
                 s[0].load(Ordering::Relaxed),
                 s[1].load(Ordering::Relaxed),
                 s[2].load(Ordering::Relaxed),
@@ -642,119 +591,6 @@ impl Region {
             }
         }
         None
-    }
-
-    /// Stores a key that is not in this region: in its primary bucket if it
-    /// has room, else its alternate, else in either after moving one key on
-    /// to its own alternate. Returns how many keys moved (0 or 1), or
-    /// [`TableFull`] when both buckets stay full. Writer side only.
-    fn place(&self, seed: u64, p: &Probe, owner: u64) -> Result<u64, TableFull> {
-        let b1 = self.primary(p);
-        let b2 = self.alternate(p);
-        let (b, i, moved) = if let Some(i) = self.free_slot(b1) {
-            (b1, i, 0)
-        } else if let Some(i) = self.free_slot(b2) {
-            (b2, i, 0)
-        } else if let Some(i) = self.displace(seed, b1) {
-            (b1, i, 1)
-        } else if let Some(i) = (b2 != b1).then(|| self.displace(seed, b2)).flatten() {
-            (b2, i, 1)
-        } else {
-            return Err(TableFull);
-        };
-        self.write_slot(b, i, p, owner);
-        if b != b1 {
-            self.add_overflow(b1, true);
-        }
-        Ok(moved)
-    }
-
-    /// Removes a key from this region; false if it is not here. Writer side
-    /// only.
-    fn take(&self, p: &Probe) -> bool {
-        let Some((b, i)) = self.locate(p) else {
-            return false;
-        };
-        self.clear_slot(b, i);
-        let b1 = self.primary(p);
-        if b != b1 {
-            self.add_overflow(b1, false);
-        }
-        true
-    }
-}
-
-impl Inner {
-    /// Walks the probes a lookup of `client:port` on `service` makes, in
-    /// its order (the prefix lengths present, longest first; within one, the
-    /// port kinds present: one port, range, any; within a kind, the prefix
-    /// region, then the host region), calling `f` on each until it breaks.
-    /// Returns what `f` broke with, or `Err(())` when there were more than
-    /// `max` probes.
-    #[inline(always)]
-    fn walk_probes<B>(
-        &self,
-        service: ServiceId,
-        family: Family,
-        client: u128,
-        port: u16,
-        max: usize,
-        mut f: impl FnMut(&Probe) -> ControlFlow<B>,
-    ) -> Result<Option<B>, ()> {
-        let pres = &self.presence[presence_index(service, family)];
-        let words = match family {
-            Family::V4 => 1,
-            Family::V6 => 3,
-        };
-        let mut walked = 0;
-        for w in (0..words).rev() {
-            let mut bits = pres.plens[w].load(Ordering::Acquire);
-            while bits != 0 {
-                let b = 63 - bits.leading_zeros();
-                bits &= !(1u64 << b);
-                let plen = (w as u32 * 64 + b) as u8;
-                let kinds = pres.kinds[plen as usize].load(Ordering::Acquire);
-                let addr = client & prefix_mask(family, plen);
-                for (kind, lo) in [(KIND_ONE, port), (KIND_RANGE, 0), (KIND_ANY, 0)] {
-                    let here = [PREFIX, HOST].map(|r| kinds & kind_bit(kind, r) != 0);
-                    if here == [false, false] {
-                        continue;
-                    }
-                    let p = Probe::new(self.seed, service, family, addr, plen, kind, lo, lo);
-                    for (r, &present) in [PREFIX, HOST].iter().zip(&here) {
-                        if !present {
-                            continue;
-                        }
-                        if walked == max {
-                            return Err(());
-                        }
-                        walked += 1;
-                        if let ControlFlow::Break(found) = f(&p.within(*r)) {
-                            return Ok(Some(found));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    #[inline(always)]
-    fn region(&self, p: &Probe) -> &Region {
-        &self.regions[p.region]
-    }
-
-    /// The owner one probe finds in its region.
-    #[inline(always)]
-    fn find(&self, p: &Probe, port: u16) -> Option<BackendId> {
-        self.region(p).find(p, port)
-    }
-
-    /// Where an exact key sits: (region, bucket, slot). Writer side only.
-    fn locate(&self, p: &Probe) -> Option<(usize, usize, usize)> {
-        [HOST, PREFIX]
-            .into_iter()
-            .find_map(|r| self.regions[r].locate(p).map(|(b, i)| (r, b, i)))
     }
 }
 
@@ -788,8 +624,8 @@ impl AffinityReader {
     }
 
     /// Prepares the lookup of `client:port` on `service` and starts loading
-    /// the buckets it will probe (the primary bucket of each prefix length,
-    /// port kind and region present, longest prefix first, at most
+    /// the buckets it will probe (the primary bucket of each prefix length
+    /// and port kind present, longest prefix first, at most
     /// [`PREFETCH_MAX`] of them). A worker prepares the queries of a whole
     /// burst's SYNs before looking any up, so that their misses overlap, and
     /// hashes each probe once. `q` is filled in place (a worker keeps one
@@ -811,8 +647,7 @@ impl AffinityReader {
             .load(Ordering::Acquire);
         q.complete = t
             .walk_probes(service, family, client, port, PREFETCH_MAX, |p| {
-                let r = t.region(p);
-                prefetch(&r.headers[r.primary(p)]);
+                prefetch(&t.headers[t.primary(p)]);
                 q.probes[usize::from(q.len)] = *p;
                 q.len += 1;
                 ControlFlow::<()>::Continue(())
@@ -829,8 +664,7 @@ impl AffinityReader {
     pub fn prefetch_slots(&self, q: &AffinityQuery) {
         let t = &*self.inner;
         for p in q.probes() {
-            let r = t.region(p);
-            r.tag_matches(p, |b, i| prefetch(r.slot(b, i)));
+            t.tag_matches(p, |b, i| prefetch(t.slot(b, i)));
         }
     }
 
@@ -868,13 +702,11 @@ impl fmt::Debug for AffinityReader {
 pub struct AffinityWriter {
     inner: Arc<Inner>,
     len: usize,
-    /// Keys per (presence index, prefix length, port kind bit), behind the
+    /// Keys per (presence index, prefix length, port kind), behind the
     /// readers' bitmaps.
     counts: HashMap<(usize, u8, u8), u32>,
     /// Keys moved to make room, for statistics.
     moved: u64,
-    /// False when shorter prefixes go to the host region too.
-    prefix_region: bool,
 }
 
 impl AffinityWriter {
@@ -883,28 +715,38 @@ impl AffinityWriter {
     pub fn insert(&mut self, key: AffinityKey, owner: BackendId) -> Result<(), TableFull> {
         let t = &*self.inner;
         let p = Probe::of_key(t.seed, &key);
-        if let Some((r, b, i)) = t.locate(&p) {
-            t.regions[r].write_owner(b, i, u64::from(owner));
+        if let Some((b, i)) = t.locate(&p) {
+            let hdr = &t.headers[b];
+            let odd = hdr.seq.write_begin();
+            t.slot(b, i)[3].store(u64::from(owner), Ordering::Relaxed);
+            hdr.seq.write_end(odd);
             return Ok(());
         }
         if self.len >= t.capacity {
             return Err(TableFull);
         }
-        // A shorter prefix (one port or any; ranges merge within a region)
-        // goes to the prefix region when it has room.
-        let prefix_region = self.prefix_region
-            && key.prefix_len() < max_prefix(key.family())
-            && p.kind() != KIND_RANGE;
-        let owner = u64::from(owner);
-        let (region, moved) = match prefix_region
-            .then(|| t.regions[PREFIX].place(t.seed, &p, owner).ok())
-            .flatten()
-        {
-            Some(moved) => (PREFIX, moved),
-            None => (HOST, t.regions[HOST].place(t.seed, &p, owner)?),
+        let b1 = t.primary(&p);
+        let b2 = t.alternate(&p);
+        // Primary if it has room, else the alternate, else make room in
+        // either by moving one key on to its own alternate.
+        let place = t
+            .free_slot(b1)
+            .map(|i| (b1, i))
+            .or_else(|| (b2 != b1).then(|| t.free_slot(b2).map(|i| (b2, i)))?)
+            .or_else(|| {
+                self.moved += 1;
+                t.displace(b1).map(|i| (b1, i))
+            })
+            .or_else(|| (b2 != b1).then(|| t.displace(b2).map(|i| (b2, i)))?);
+        let Some((b, i)) = place else {
+            self.moved -= 1;
+            return Err(TableFull);
         };
-        self.moved += moved;
-        self.count(&key, kind_bit(p.kind(), region), true);
+        t.write_slot(b, i, &p, u64::from(owner));
+        if b != b1 {
+            t.add_overflow(b1, true);
+        }
+        self.count(&key, p.kind(), true);
         self.len += 1;
         Ok(())
     }
@@ -913,10 +755,15 @@ impl AffinityWriter {
     pub fn remove(&mut self, key: &AffinityKey) -> bool {
         let t = &*self.inner;
         let p = Probe::of_key(t.seed, key);
-        let Some(region) = [HOST, PREFIX].into_iter().find(|&r| t.regions[r].take(&p)) else {
+        let Some((b, i)) = t.locate(&p) else {
             return false;
         };
-        self.count(key, kind_bit(p.kind(), region), false);
+        t.clear_slot(b, i);
+        let b1 = t.primary(&p);
+        if b != b1 {
+            t.add_overflow(b1, false);
+        }
+        self.count(key, p.kind(), false);
         self.len -= 1;
         true
     }
@@ -926,7 +773,7 @@ impl AffinityWriter {
         let t = &*self.inner;
         let p = Probe::of_key(t.seed, key);
         t.locate(&p)
-            .map(|(r, b, i)| t.regions[r].slot(b, i)[3].load(Ordering::Relaxed) as BackendId)
+            .map(|(b, i)| t.slot(b, i)[3].load(Ordering::Relaxed) as BackendId)
     }
 
     /// Entries in the table.
@@ -955,18 +802,18 @@ impl AffinityWriter {
         }
     }
 
-    /// Keeps the readers' presence bitmaps in step with the keys (`kbit`:
-    /// the key's port kind in its region, see [`kind_bit`]). Set after the
-    /// entry is written, cleared after it is removed, so a reader that sees
-    /// a bit finds the entry unless it is being removed.
-    fn count(&mut self, key: &AffinityKey, kbit: u8, add: bool) {
+    /// Keeps the readers' presence bitmaps in step with the keys. Set after
+    /// the entry is written, cleared after it is removed, so a reader that
+    /// sees a bit finds the entry unless it is being removed.
+    fn count(&mut self, key: &AffinityKey, kind: u64, add: bool) {
         let idx = presence_index(key.service(), key.family());
         let plen = key.prefix_len();
         debug_assert!(plen <= max_prefix(key.family()));
         let pres = &self.inner.presence[idx];
+        let kbit = 1u8 << kind;
         let pbit = 1u64 << (plen % 64);
         let word = &pres.plens[plen as usize / 64];
-        let slot = (idx, plen, kbit);
+        let slot = (idx, plen, kind as u8);
         if add {
             let c = self.counts.entry(slot).or_insert(0);
             *c += 1;
@@ -1056,13 +903,12 @@ mod tests {
         assert!(q.complete);
         let mut hinted = Vec::new();
         for p in q.probes() {
-            t.region(p)
-                .tag_matches(p, |b, i| hinted.push((p.region, b, i)));
+            t.tag_matches(p, |b, i| hinted.push((b, i)));
         }
         for k in &keys {
             let p = Probe::of_key(t.seed, k);
             let at = t.locate(&p).unwrap();
-            if at.1 == t.regions[at.0].primary(&p) {
+            if at.0 == t.primary(&p) {
                 assert!(hinted.contains(&at), "{k:?} at {at:?} not in {hinted:?}");
             }
         }
@@ -1205,101 +1051,6 @@ mod tests {
         assert_eq!(r.lookup(0, Family::V4, v4(1, 2, 3, 4), 9), Some(2));
     }
 
-    /// Shorter prefixes live in the small prefix region while it has room
-    /// and in the host region after; host keys and port ranges always in
-    /// the host region. Lookups find them wherever they are, and the
-    /// presence bits follow the keys out of each region.
-    #[test]
-    fn prefix_region_holds_shorter_prefixes_and_spills() {
-        let (mut w, r) = AffinityTable::with_slots(1000, 2048, 16);
-        let t = &*r.inner;
-        let (s, f) = (2, Family::V4);
-        let region_of = |k: &AffinityKey| t.locate(&Probe::of_key(t.seed, k)).unwrap().0;
-        let host = key(s, f, v4(10, 0, 0, 1), 32, PortMatch::Any);
-        let range = key(s, f, v4(10, 0, 0, 0), 24, PortMatch::Range(1, 9));
-        w.insert(host, 1).unwrap();
-        w.insert(range, 2).unwrap();
-        assert_eq!(region_of(&host), HOST);
-        assert_eq!(region_of(&range), HOST);
-        // 64 /24s (any port and one port) for 16 prefix slots.
-        let nets: Vec<AffinityKey> = (0..64u128)
-            .map(|i| {
-                let ports = if i % 2 == 0 {
-                    PortMatch::Any
-                } else {
-                    PortMatch::One(80)
-                };
-                key(s, f, v4(10, 1, i as u8, 0), 24, ports)
-            })
-            .collect();
-        for (i, k) in nets.iter().enumerate() {
-            w.insert(*k, 100 + i as u32).unwrap();
-        }
-        let in_prefix = nets.iter().filter(|k| region_of(k) == PREFIX).count();
-        assert!(
-            (8..=16).contains(&in_prefix),
-            "{in_prefix} in the prefix region"
-        );
-        for (i, k) in nets.iter().enumerate() {
-            let client = k.addr() | 7;
-            assert_eq!(r.lookup(s, f, client, 80), Some(100 + i as u32), "{k:?}");
-            let mut q = AffinityQuery::NONE;
-            r.prepare(&mut q, s, f, client, 80);
-            assert_eq!(r.lookup_prepared(&q), Some(100 + i as u32), "{k:?}");
-        }
-        assert_eq!(r.lookup(s, f, v4(10, 0, 0, 1), 5), Some(1));
-        assert_eq!(r.lookup(s, f, v4(10, 0, 0, 2), 5), Some(2));
-        // Emptying the prefix region clears its bits; the host region's
-        // keys of the same length and kind are still probed.
-        let pres = &t.presence[presence_index(s, f)];
-        let (prefixed, hosted): (Vec<_>, Vec<_>) =
-            nets.iter().partition(|k| region_of(k) == PREFIX);
-        for k in &prefixed {
-            assert!(w.remove(k));
-        }
-        assert_eq!(
-            pres.kinds[24].load(Ordering::Relaxed) >> PREFIX_KIND_SHIFT,
-            0
-        );
-        for k in &hosted {
-            assert!(r.lookup(s, f, k.addr() | 7, 80).is_some(), "{k:?}");
-        }
-        // Room again: a new /24 goes to the prefix region.
-        let again = key(s, f, v4(10, 2, 0, 0), 24, PortMatch::Any);
-        w.insert(again, 7).unwrap();
-        assert_eq!(region_of(&again), PREFIX);
-        assert_eq!(w.get(&again), Some(7));
-        w.insert(again, 8).unwrap();
-        assert_eq!(r.lookup(s, f, v4(10, 2, 0, 9), 1), Some(8));
-        for k in hosted.iter().chain([&again, &range, &host]) {
-            assert!(w.remove(k));
-        }
-        assert!(w.is_empty());
-        assert_eq!(pres.kinds[24].load(Ordering::Relaxed), 0);
-        assert_eq!(pres.plens[0].load(Ordering::Relaxed), 0);
-    }
-
-    /// The prefix region is an eighth of the capacity, capped so that it
-    /// stays in cache.
-    #[test]
-    fn prefix_region_size() {
-        let (_w, r) = AffinityTable::new(1_000_000);
-        let slots = |reg: usize| r.inner.regions[reg].lines.len() * 2;
-        assert_eq!(slots(HOST), 1 << 21);
-        assert_eq!(slots(PREFIX), PREFIX_REGION_MAX);
-        let (_w, r) = AffinityTable::new(1000);
-        assert_eq!(r.inner.regions[PREFIX].lines.len() * 2, 128);
-        let (_w, r) = AffinityTable::new(0);
-        assert_eq!(r.inner.regions[PREFIX].lines.len() * 2, 2 * SLOTS);
-        // None at all: every key in the host region.
-        let (mut w, r) = AffinityTable::with_prefix_region(1000, 0);
-        let t = &*r.inner;
-        let k = key(0, Family::V4, v4(10, 0, 0, 0), 8, PortMatch::Any);
-        w.insert(k, 3).unwrap();
-        assert_eq!(t.locate(&Probe::of_key(t.seed, &k)).unwrap().0, HOST);
-        assert_eq!(r.lookup(0, Family::V4, v4(10, 1, 1, 1), 1), Some(3));
-    }
-
     #[test]
     fn bounded_capacity() {
         let (mut w, r) = AffinityTable::new(100);
@@ -1392,9 +1143,7 @@ mod tests {
                 (0u16..2, 0u32..4, 0u8..=32, 0u8..3, 0u16..8, 0u16..8), 1..40),
             probes in proptest::collection::vec((0u16..2, 0u32..4, 0u16..8), 1..40),
         ) {
-            // A two-bucket prefix region: shorter prefixes fill it and
-            // spill into the host region.
-            let (mut w, r) = AffinityTable::with_slots(256, 512, 16);
+            let (mut w, r) = AffinityTable::new(256);
             let mut all: Vec<(AffinityKey, u32)> = Vec::new();
             for (i, &(svc, a, plen, kind, p1, p2)) in keys.iter().enumerate() {
                 // Addresses differ in the top bits so prefixes nest and overlap.
@@ -1446,14 +1195,8 @@ mod tests {
     /// make room; never-inserted keys never match. The writer keeps going
     /// until the readers have done `min_lookups` each, so the threads overlap
     /// however they are scheduled.
-    fn stress(
-        capacity: usize,
-        slots: usize,
-        prefix_slots: usize,
-        nkeys: u32,
-        min_lookups: u64,
-    ) -> u64 {
-        let (mut w, r) = AffinityTable::with_slots(capacity, slots, prefix_slots);
+    fn stress(capacity: usize, slots: usize, nkeys: u32, min_lookups: u64) -> u64 {
+        let (mut w, r) = AffinityTable::with_slots(capacity, slots);
         // Key i: its own /24 region (10.x.y.0), alternating prefix and port
         // kinds; the probe address is inside the region and port 7 matches.
         let probe_addr = |i: u32| v4(10, (i / 8) as u8, (i % 8) as u8, 1);
@@ -1578,26 +1321,23 @@ mod tests {
         w.moved()
     }
 
-    /// Tiny table (two buckets per region): every write reuses a slot
-    /// another key held, and the /24s move between regions as the prefix
-    /// region fills and empties.
+    /// Tiny table (two buckets): every write reuses a slot another key held.
     #[test]
     fn concurrent_readers_tiny_table() {
-        stress(8, 16, 16, 24, 300_000);
+        stress(8, 16, 24, 300_000);
     }
 
-    /// Many buckets, mixed kinds, overflow into alternates; most /24s spill
-    /// from the two-bucket prefix region into the host region.
+    /// Many buckets, mixed kinds, overflow into alternates.
     #[test]
     fn concurrent_readers_see_no_torn_entries() {
-        stress(192, 512, 16, 192, 300_000);
+        stress(192, 512, 192, 300_000);
     }
 
     /// A table kept nearly full (60 keys in 64 slots): keys are constantly
     /// moved to make room while readers look them up.
     #[test]
     fn concurrent_readers_during_moves() {
-        let moved = stress(60, 64, 16, 100, 300_000);
+        let moved = stress(60, 64, 100, 300_000);
         eprintln!("moved {moved}");
         assert!(moved > 1000, "{moved}");
     }
