@@ -142,6 +142,18 @@ struct Outcome {
     error: Option<String>,
 }
 
+impl Outcome {
+    /// The outcome of a connection that could not be opened from `src`.
+    fn not_connected(src: impl std::fmt::Display, e: &std::io::Error) -> Outcome {
+        Outcome {
+            backend: None,
+            status: 0,
+            bytes: 0,
+            error: Some(format!("connect from {src}: {}", err_text(e))),
+        }
+    }
+}
+
 fn report(conn: usize, src: Option<SocketAddr>, phase: &str, o: &Outcome, failures: &AtomicUsize) {
     if o.error.is_some() {
         failures.fetch_add(1, Ordering::Relaxed);
@@ -273,15 +285,7 @@ fn one(args: &Args, src: Ipv4Addr, path: &str) -> (Option<SocketAddr>, Outcome) 
             let mut r = BufReader::new(s);
             (local, request(&mut r, path, true))
         }
-        Err(e) => (
-            None,
-            Outcome {
-                backend: None,
-                status: 0,
-                bytes: 0,
-                error: Some(format!("connect from {src}: {}", err_text(&e))),
-            },
-        ),
+        Err(e) => (None, Outcome::not_connected(src, &e)),
     }
 }
 
@@ -337,15 +341,7 @@ fn parallel(args: &Args, sources: &[Ipv4Addr], failures: &Arc<AtomicUsize>) {
                         }
                         Err(e) => {
                             answered.wait();
-                            (
-                                None,
-                                Outcome {
-                                    backend: None,
-                                    status: 0,
-                                    bytes: 0,
-                                    error: Some(format!("connect from {src}: {}", err_text(&e))),
-                                },
-                            )
+                            (None, Outcome::not_connected(src, &e))
                         }
                     };
                     report(i, local, "parallel", &o, failures);

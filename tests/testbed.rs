@@ -481,6 +481,23 @@ fn parse_conns(text: &str) -> Vec<Conn> {
 }
 
 /// Every request completed (no reset, no timeout, byte-exact).
+/// Each held connection's second half (`second`) ran on the backend its
+/// first half (`first`) did, and moved all its bytes.
+fn assert_held_stayed(first: &[Conn], second: &[Conn]) {
+    for c in second {
+        let before = first
+            .iter()
+            .find(|f| f.src == c.src)
+            .expect("same connection");
+        assert_eq!(
+            (before.phase.as_str(), c.phase.as_str()),
+            ("first", "second")
+        );
+        assert_eq!(c.backend, before.backend, "a held connection moved");
+        assert_eq!(c.bytes, 100_000);
+    }
+}
+
 fn assert_all_ok(what: &str, conns: &[Conn], expected: usize) {
     let bad: Vec<String> = conns
         .iter()
@@ -841,18 +858,7 @@ fn weight_zero_drains_without_breaking_open_connections(bed: &Bed) {
     );
     let second = held.finish();
     assert_all_ok("held (second)", &second, 8);
-    for c in &second {
-        let before = first
-            .iter()
-            .find(|f| f.src == c.src)
-            .expect("same connection");
-        assert_eq!(
-            (before.phase.as_str(), c.phase.as_str()),
-            ("first", "second")
-        );
-        assert_eq!(c.backend, before.backend, "a held connection moved");
-        assert_eq!(c.bytes, 100_000);
-    }
+    assert_held_stayed(&first, &second);
     bed.cli_ok(&["backend", "set-weight", "web", &drained, "300"]);
     println!(
         "drain: {drained} at weight 0, 300 new connections on {:?}, {} held on {drained} finished",
@@ -995,18 +1001,7 @@ fn restart_mid_traffic_keeps_connections(bed: &Bed) {
     let mut second = held1.finish();
     second.extend(held2.finish());
     assert_all_ok("held across the restart", &second, 12);
-    for c in &second {
-        let before = first
-            .iter()
-            .find(|f| f.src == c.src)
-            .expect("same connection");
-        assert_eq!(
-            (before.phase.as_str(), c.phase.as_str()),
-            ("first", "second")
-        );
-        assert_eq!(c.backend, before.backend, "a held connection moved");
-        assert_eq!(c.bytes, 100_000);
-    }
+    assert_held_stayed(&first, &second);
     let stats = bed.stats();
     assert!(
         stats["unknown_flows"].as_u64().unwrap_or(0) > 0,

@@ -219,17 +219,14 @@ pub fn render(s: &Summary) -> String {
         }
     }
 
-    let mut f = Family::new(
-        &mut o,
-        "pktdist_worker_received_packets_total",
-        "counter",
-        "Packets received, by worker.",
-    );
-    for (i, w) in s.workers_detail.iter().enumerate() {
-        f.value(&[("worker", &i.to_string())], w.rx_packets as f64);
-    }
     type WorkerGet = fn(&crate::summary::WorkerSummary) -> f64;
-    let per_worker: [(&'static str, &str, &str, WorkerGet); 4] = [
+    let per_worker: [(&'static str, &str, &str, WorkerGet); 5] = [
+        (
+            "pktdist_worker_received_packets_total",
+            "counter",
+            "Packets received, by worker.",
+            |w| w.rx_packets as f64,
+        ),
         (
             "pktdist_worker_transmitted_packets_total",
             "counter",
