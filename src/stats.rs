@@ -156,6 +156,8 @@ pub struct WorkerCounters {
     pub flows_evicted: Counter,
     pub flows_expired: Counter,
     pub flows_closed: Counter,
+    /// New flows routed but not remembered (see `flow::Untracked`).
+    pub flows_untracked: Counter,
     /// Nanoseconds spent processing non-empty bursts.
     pub busy_ns: Counter,
     /// Per-packet processing time (ns), measured per burst from the TSC.
@@ -182,6 +184,7 @@ impl Default for WorkerCounters {
             flows_evicted: Counter::default(),
             flows_expired: Counter::default(),
             flows_closed: Counter::default(),
+            flows_untracked: Counter::default(),
             busy_ns: Counter::default(),
             latency: SharedHistogram::default(),
             services: (0..MAX_SERVICES)

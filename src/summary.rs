@@ -25,6 +25,7 @@ pub struct Totals {
     pub affinity_misses: u64,
     pub auto_affinity_hits: u64,
     pub unknown_flows: u64,
+    pub untracked_flows: u64,
     pub flows_active: u64,
     pub busy_ns: u64,
 }
@@ -43,6 +44,7 @@ impl Totals {
             }
             t.syns += w.syns.get();
             t.unknown_flows += w.unknown_flows.get();
+            t.untracked_flows += w.flows_untracked.get();
             t.flows_active += w.flows_active.get();
             t.busy_ns += w.busy_ns.get();
             for s in w.services.iter() {
@@ -148,6 +150,9 @@ pub struct Summary {
     pub syns: u64,
     pub new_connections: u64,
     pub unknown_flows: u64,
+    /// New flows routed but not remembered by a connection table (see
+    /// `flow::Untracked`; expected to stay 0).
+    pub untracked_flows: u64,
     pub affinity_hits: u64,
     pub affinity_misses: u64,
     pub auto_affinity_hits: u64,
@@ -265,6 +270,7 @@ impl Summary {
             syns: t.syns,
             new_connections: t.new_connections,
             unknown_flows: t.unknown_flows,
+            untracked_flows: t.untracked_flows,
             affinity_hits: t.affinity_hits,
             affinity_misses: t.affinity_misses,
             auto_affinity_hits: t.auto_affinity_hits,
@@ -337,8 +343,16 @@ impl Summary {
         );
         let _ = writeln!(
             o,
-            "  TCP SYNs {}  new connections {}  unknown flows routed statelessly {}  active flows {}",
-            self.syns, self.new_connections, self.unknown_flows, self.active_flows
+            "  TCP SYNs {}  new connections {}  unknown flows routed statelessly {}  active flows {}{}",
+            self.syns,
+            self.new_connections,
+            self.unknown_flows,
+            self.active_flows,
+            if self.untracked_flows > 0 {
+                format!("  untracked flows {}", self.untracked_flows)
+            } else {
+                String::new()
+            }
         );
         let _ = writeln!(
             o,

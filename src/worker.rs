@@ -19,16 +19,13 @@ use crate::affinity::{AffinityQuery, AffinityReader, AutoAffinityTable, AutoSlot
 use crate::dataplane::{
     BackendId, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service, ServiceId,
 };
-use crate::flow::{FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState};
+use crate::flow::{FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState, Untracked, NO_AUTO_SLOT};
 use crate::forward;
 use crate::io::{PacketBuf, PacketIo, MAX_BURST};
 use crate::latency::{new_histogram, TscScale};
 use crate::packet::{self, tcp_flags, ParsedPacket, PROTO_TCP};
 use crate::sched::SmoothWrr;
 use crate::stats::{DropReason, WorkerCounters};
-
-/// No auto-affinity slot in a flow entry.
-const NO_AUTO_SLOT: u32 = u32::MAX;
 
 /// The expiry sweep visits every flow-table bucket once per this period,
 /// spread over the loop iterations in proportion to time: its cost is a
@@ -490,22 +487,30 @@ impl<IO: PacketIo> Worker<IO> {
         let entry = FlowEntry {
             key: p.key,
             backend,
-            service: svc.id,
             state,
             last_seen: now,
             auto_slot: auto_slot.map_or(NO_AUTO_SLOT, |s| s.0),
         };
-        if let Some(old) = self.flows.insert(entry, hash, now) {
-            if now.saturating_sub(old.last_seen) >= self.flows.timeout(old.state).as_nanos() as u64
-            {
-                self.counters.flows_expired.inc();
-            } else {
-                self.counters.flows_evicted.inc();
-            }
-            self.release(dp, &old, now);
-        }
         let bc = &self.counters.backends[backend as usize];
         bc.active.inc();
+        match self.flows.insert(entry, hash, now) {
+            Ok(None) => {}
+            Ok(Some(old)) => {
+                let idle = now.saturating_sub(old.last_seen);
+                if idle >= self.flows.timeout(old.state).as_nanos() as u64 {
+                    self.counters.flows_expired.inc();
+                } else {
+                    self.counters.flows_evicted.inc();
+                }
+                self.release(dp, &old, now);
+            }
+            Err(Untracked) => {
+                // Routed, but not remembered: its later packets are routed
+                // as an unknown flow's (affinity, then the consistent hash).
+                self.counters.flows_untracked.inc();
+                self.release(dp, &entry, now);
+            }
+        }
         if syn || !is_tcp {
             // A new connection, not one re-learned mid-stream.
             self.counters.services[svc.id as usize]
@@ -654,9 +659,10 @@ fn release_flow(
 ) {
     counters.backends[e.backend as usize].active.sub(1);
     if e.auto_slot != NO_AUTO_SLOT {
+        // The service by the flow's destination, not by an id: ids are
+        // renumbered when the configuration is reloaded.
         let linger_ms = dp
-            .services
-            .get(e.service as usize)
+            .service_for(&e.key)
             .and_then(|s| s.auto_affinity)
             .map_or(0, |a| a.linger.as_millis() as u64);
         auto.release(AutoSlot(e.auto_slot), now / 1_000_000, linger_ms);

@@ -78,7 +78,7 @@ fn escape(v: &str) -> String {
 /// Renders the metrics for a summary.
 pub fn render(s: &Summary) -> String {
     let mut o = String::with_capacity(8192);
-    let totals: [(&'static str, &str, u64); 7] = [
+    let totals: [(&'static str, &str, u64); 8] = [
         (
             "pktdist_received_packets_total",
             "Packets received by the workers.",
@@ -108,6 +108,11 @@ pub fn render(s: &Summary) -> String {
             "pktdist_unknown_flow_packets_total",
             "Packets of flows the connection table did not know, routed statelessly.",
             s.unknown_flows,
+        ),
+        (
+            "pktdist_untracked_flows_total",
+            "New flows routed without a connection-table entry (all service-address indices held).",
+            s.untracked_flows,
         ),
         (
             "pktdist_new_connections_total",

@@ -8,35 +8,40 @@
 //! more) is far beyond the TLB's reach, so on 4 KiB pages a packet of an
 //! established flow pays a page walk for its bucket, and under a hypervisor
 //! that nested walk costs more than the rest of the packet; how much it
-//! costs grows with the table's size (a smaller table keeps more of its
-//! page-table entries in cache: a 4x smaller table measured +16% packets/s).
-//! So slots are self-contained and as small as the key allows, with one
-//! sub-table per address family:
+//! costs grows with the table's size (halving the slot measured +29%
+//! packets/s on established flows, see perf/README.md). So slots are
+//! self-contained and as small as the key allows, with one sub-table per
+//! address family. A slot does not keep its flow's destination (address,
+//! port, protocol): it keeps a 16-bit index into the table's own list of
+//! the service addresses it has seen ([`vips`]), so the key is the client's
+//! address and port plus that index:
 //!
-//! * IPv4 (the common case): the 5-tuple packed in a `u128`, plus last-seen
-//!   stamp, backend, auto-affinity handle, service and state: a 32-byte
-//!   slot, eight to a 256-byte bucket aligned to 256 (four cache lines,
-//!   never across a page). 32 bytes per flow: 2^21 flows take 64 MiB.
-//! * IPv6: the full key and the same fields in a 64-byte slot, eight to a
-//!   512-byte bucket aligned to 512. 64 bytes per flow: 2^19 take 32 MiB.
+//! * IPv4 (the common case): key packed in a `u64`, last-seen stamp,
+//!   backend and state: a 16-byte slot, eight to a 128-byte bucket aligned
+//!   to 128 (two cache lines, never across a page). 2^21 flows take 32 MiB.
+//! * IPv6: the same with the 128-bit client address: a 32-byte slot, eight
+//!   to a 256-byte bucket aligned to 256. 2^19 flows take 16 MiB.
 //!
-//! (The previous layout, a tag header line and seven 64-byte slot lines per
-//! 512-byte bucket, took 73 bytes per flow whatever the family.) A lookup
-//! compares the packed key with the bucket's eight keys directly: no tags,
-//! and no second dependent read. [`FlowTable::prefetch`] hints all of the
-//! bucket's lines, so one prefetch stage a burst ahead covers both a hit
-//! and the slot an insert will write. The whole table is written once at
-//! construction, so its pages are faulted in before the first packet.
+//! (Earlier layouts: 32-byte IPv4 slots holding the whole 5-tuple, and
+//! before that a tag header line and seven 64-byte slot lines per bucket, 73
+//! bytes per flow.) A lookup compares the packed key with the bucket's eight
+//! keys directly: no tags, and no second dependent read. The flow's
+//! auto-affinity handle, which only services with automatic affinity have,
+//! lives in a side array read only for slots marked as having one.
+//! [`FlowTable::prefetch`] hints all of the bucket's lines, so one prefetch
+//! stage a burst ahead covers both a hit and the slot an insert will write.
+//! The whole table is written once at construction, so its pages are
+//! faulted in before the first packet.
 //!
 //! Capacity is fixed at construction, per family (each rounded up to a
-//! multiple of [`WAYS`]), and nothing is allocated afterwards. When a new
-//! flow's bucket is full, an entry whose idle timeout has passed is replaced
-//! first; otherwise the bucket's least recently seen entry is evicted.
-//! Eviction is therefore oldest-first *per bucket*, as in production
-//! load-balancer flow tables (Maglev, Katran): a global LRU would cost a list
-//! update per packet. An evicted flow is not lost: its next packet is routed
-//! again by affinity and the consistent hash, which normally picks the same
-//! backend.
+//! multiple of [`WAYS`]); after that only the address list can grow, when a
+//! new service address is first seen. When a new flow's bucket is full, an
+//! entry whose idle timeout has passed is replaced first; otherwise the
+//! bucket's least recently seen entry is evicted. Eviction is therefore
+//! oldest-first *per bucket*, as in production load-balancer flow tables
+//! (Maglev, Katran): a global LRU would cost a list update per packet. An
+//! evicted flow is not lost: its next packet is routed again by affinity
+//! and the consistent hash, which normally picks the same backend.
 //!
 //! Last-seen times are kept in units of 2^20 ns (about 1.05 ms), so idle
 //! timeouts are honoured to within about two milliseconds (an entry is
@@ -47,9 +52,14 @@
 
 use std::time::Duration;
 
-use crate::dataplane::{BackendId, ServiceId};
+mod vips;
+
+use crate::dataplane::{BackendId, MAX_BACKENDS};
 use crate::dpdk::prefetch;
 use crate::packet::{tcp_flags, Family, FlowKey};
+use vips::{Vip, Vips};
+
+pub use vips::MAX_VIPS;
 
 /// Slots per bucket, in both families: 256-byte IPv4 buckets and 512-byte
 /// IPv6 buckets, sixteen or eight to a 4 KiB page.
@@ -63,6 +73,11 @@ const STAMP_SHIFT: u32 = 20;
 /// Bit of a slot's state byte marking it in use (the low two bits are the
 /// [`TcpState`]), so that any key, all-zero included, can be stored.
 const OCCUPIED: u8 = 0x80;
+/// Bit of a slot's state byte marking that the side array holds its
+/// auto-affinity handle.
+const HAS_AUTO: u8 = 0x40;
+/// [`FlowEntry::auto_slot`] of a flow without an auto-affinity handle.
+pub const NO_AUTO_SLOT: u32 = u32::MAX;
 const CACHE_LINE: usize = 64;
 
 /// Connection state, as far as a one-directional (DSR) observer sees it.
@@ -112,20 +127,29 @@ impl Default for FlowTimeouts {
 }
 
 /// One tracked connection, as handed to and from the table. The table
-/// stores it in a compact slot (the key packed, the time coarsely).
+/// stores it in a compact slot (the key packed, the time coarsely). It
+/// keeps no service id: those are renumbered when the configuration is
+/// reloaded, while the key's destination names the service for good.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEntry {
     pub key: FlowKey,
+    /// Below [`MAX_BACKENDS`] (a slot keeps 16 bits of it).
     pub backend: BackendId,
-    pub service: ServiceId,
     /// Owned by the table: changed by the TCP flags passed to `lookup`.
     pub state: TcpState,
     /// Time of the last packet, in ns; owned by the table, which keeps it
     /// to about a millisecond (entries it hands back carry that time).
     pub last_seen: u64,
-    /// Opaque handle for automatic affinity; `u32::MAX` = none.
+    /// Opaque handle for automatic affinity; [`NO_AUTO_SLOT`] = none.
     pub auto_slot: u32,
 }
+
+/// [`FlowTable::insert`] refused a flow: all [`MAX_VIPS`] service-address
+/// indices are held by live flows, and this flow's address has none. The
+/// caller routes the flow's packets without an entry, as it does an
+/// unknown flow's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Untracked;
 
 /// Counters of one table, totals since construction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -146,6 +170,8 @@ pub struct FlowStats {
     pub hits: u64,
     /// Lookups that found none (stale flows included).
     pub misses: u64,
+    /// Inserts refused with [`Untracked`].
+    pub untracked: u64,
 }
 
 /// The outcome of [`FlowTable::lookup`].
@@ -167,8 +193,10 @@ pub enum Lookup {
     Miss,
 }
 
-/// The key as one family's slots store it. One implementation of the table
-/// ([`Part`]) serves both families through this trait.
+/// The key as one family's slots store it: the client's address and port
+/// and the index of the flow's service address in the table's [`Vips`].
+/// One implementation of the table ([`Part`]) serves both families through
+/// this trait.
 trait SlotKey: Copy + Eq + std::fmt::Debug {
     /// A zero-sized type aligned to the bucket's size, so that a bucket
     /// never straddles a page.
@@ -178,117 +206,118 @@ trait SlotKey: Copy + Eq + std::fmt::Debug {
     const ZERO: Self;
     /// Index of the family's flow count in [`Books::len`].
     const FAMILY: usize;
-    fn pack(key: &FlowKey) -> Self;
-    fn unpack(self) -> FlowKey;
+    fn pack(key: &FlowKey, vip: u16) -> Self;
+    /// The service-address index the key holds.
+    fn vip(self) -> u16;
+    /// The whole 5-tuple, given the address of [`SlotKey::vip`].
+    fn unpack(self, vip: Vip) -> FlowKey;
 }
+
+#[derive(Clone, Copy, Debug)]
+#[repr(align(128))]
+struct Align128;
 
 #[derive(Clone, Copy, Debug)]
 #[repr(align(256))]
 struct Align256;
 
-#[derive(Clone, Copy, Debug)]
-#[repr(align(512))]
-struct Align512;
-
-/// An IPv4 5-tuple in one `u128`: src 32 | dst 32 | sport 16 | dport 16 |
-/// (8 unused) | proto 8, so a slot compare is two word compares. IPv4
-/// addresses are the low 32 bits of [`FlowKey`]'s (as `packet::parse`
-/// produces them).
+/// An IPv4 key in one `u64`: src 32 | sport 16 | service-address index 16,
+/// so a slot compare is one word compare. IPv4 addresses are the low 32
+/// bits of [`FlowKey`]'s (as `packet::parse` produces them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct V4Key(u128);
+struct V4Key(u64);
 
 impl SlotKey for V4Key {
-    type Align = Align256;
+    type Align = Align128;
     const ZERO: V4Key = V4Key(0);
     const FAMILY: usize = 0;
 
     #[inline]
-    fn pack(k: &FlowKey) -> V4Key {
-        debug_assert!(
-            (k.src | k.dst) >> 32 == 0,
-            "IPv4 key with bits above 32: {k:?}"
-        );
-        V4Key(
-            u128::from(k.src as u32) << 96
-                | u128::from(k.dst as u32) << 64
-                | u128::from(k.sport) << 48
-                | u128::from(k.dport) << 32
-                | u128::from(k.proto),
-        )
+    fn pack(k: &FlowKey, vip: u16) -> V4Key {
+        debug_assert!(k.src >> 32 == 0, "IPv4 key with bits above 32: {k:?}");
+        V4Key(u64::from(k.src as u32) << 32 | u64::from(k.sport) << 16 | u64::from(vip))
     }
 
     #[inline]
-    fn unpack(self) -> FlowKey {
-        let v = self.0;
+    fn vip(self) -> u16 {
+        self.0 as u16
+    }
+
+    #[inline]
+    fn unpack(self, vip: Vip) -> FlowKey {
         FlowKey {
-            src: u128::from((v >> 96) as u32),
-            dst: u128::from((v >> 64) as u32),
-            sport: (v >> 48) as u16,
-            dport: (v >> 32) as u16,
-            proto: v as u8,
+            src: u128::from((self.0 >> 32) as u32),
+            dst: vip.dst,
+            sport: (self.0 >> 16) as u16,
+            dport: vip.dport,
+            proto: vip.proto,
             family: Family::V4,
         }
     }
 }
 
-/// An IPv6 5-tuple (48 bytes with padding).
+/// An IPv6 key: the client address in two words (so the key is aligned to
+/// 8, not 16, and the slot stays 32 bytes), its port, the index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 struct V6Key {
-    src: u128,
-    dst: u128,
+    src_hi: u64,
+    src_lo: u64,
     sport: u16,
-    dport: u16,
-    proto: u8,
+    vip: u16,
 }
 
 impl SlotKey for V6Key {
-    type Align = Align512;
+    type Align = Align256;
     const FAMILY: usize = 1;
     const ZERO: V6Key = V6Key {
-        src: 0,
-        dst: 0,
+        src_hi: 0,
+        src_lo: 0,
         sport: 0,
-        dport: 0,
-        proto: 0,
+        vip: 0,
     };
 
     #[inline]
-    fn pack(k: &FlowKey) -> V6Key {
+    fn pack(k: &FlowKey, vip: u16) -> V6Key {
         V6Key {
-            src: k.src,
-            dst: k.dst,
+            src_hi: (k.src >> 64) as u64,
+            src_lo: k.src as u64,
             sport: k.sport,
-            dport: k.dport,
-            proto: k.proto,
+            vip,
         }
     }
 
     #[inline]
-    fn unpack(self) -> FlowKey {
+    fn vip(self) -> u16 {
+        self.vip
+    }
+
+    #[inline]
+    fn unpack(self, vip: Vip) -> FlowKey {
         FlowKey {
-            src: self.src,
-            dst: self.dst,
+            src: u128::from(self.src_hi) << 64 | u128::from(self.src_lo),
+            dst: vip.dst,
             sport: self.sport,
-            dport: self.dport,
-            proto: self.proto,
+            dport: vip.dport,
+            proto: vip.proto,
             family: Family::V6,
         }
     }
 }
 
-/// One flow, self-contained: 32 bytes with a [`V4Key`], 64 with a
-/// [`V6Key`].
+// A slot keeps a backend id in 16 bits.
+const _: () = assert!(MAX_BACKENDS <= 1 << 16);
+
+/// One flow, self-contained but for its auto-affinity handle: 16 bytes
+/// with a [`V4Key`], 32 with a [`V6Key`].
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 struct Slot<K> {
     key: K,
     /// Last-seen time in 2^20 ns units.
     stamp: u32,
-    backend: BackendId,
-    auto_slot: u32,
-    service: ServiceId,
-    /// [`OCCUPIED`] | [`TcpState`]; 0 = empty.
+    backend: u16,
+    /// [`OCCUPIED`] | [`HAS_AUTO`] | [`TcpState`]; 0 = empty.
     state: u8,
 }
 
@@ -297,27 +326,12 @@ impl<K: SlotKey> Slot<K> {
         key: K::ZERO,
         stamp: 0,
         backend: 0,
-        auto_slot: u32::MAX,
-        service: 0,
         state: 0,
     };
 
     #[inline]
     fn used(&self) -> bool {
         self.state & OCCUPIED != 0
-    }
-
-    /// The entry as the caller sees it.
-    #[inline]
-    fn entry(&self) -> FlowEntry {
-        FlowEntry {
-            key: self.key.unpack(),
-            backend: self.backend,
-            service: self.service,
-            state: TcpState::from_u8(self.state),
-            last_seen: u64::from(self.stamp) << STAMP_SHIFT,
-            auto_slot: self.auto_slot,
-        }
     }
 }
 
@@ -336,11 +350,12 @@ impl<K: SlotKey> Bucket<K> {
     };
 }
 
-/// What both sub-tables share: the flow count, the timeouts and the
-/// counters.
+/// What both sub-tables share: the flow count, the service addresses, the
+/// timeouts and the counters.
 struct Books {
     /// Flows in use per family (IPv4, IPv6).
     len: [usize; 2],
+    vips: Vips,
     /// Idle timeout in ns, indexed by `TcpState as usize`.
     timeout_ns: [u64; 4],
     stats: FlowStats,
@@ -354,14 +369,6 @@ impl Books {
         let age = u64::from(stamp_of(now).wrapping_sub(slot.stamp));
         age.saturating_sub(1) << STAMP_SHIFT > self.timeout_ns[usize::from(slot.state & 3)]
     }
-
-    #[inline]
-    fn take<K: SlotKey>(&mut self, slot: &mut Slot<K>) -> FlowEntry {
-        let e = slot.entry();
-        slot.state = 0;
-        self.len[K::FAMILY] -= 1;
-        e
-    }
 }
 
 #[inline]
@@ -372,6 +379,9 @@ fn stamp_of(ns: u64) -> u32 {
 /// One family's sub-table.
 struct Part<K: SlotKey> {
     buckets: Box<[Bucket<K>]>,
+    /// The auto-affinity handle of each slot (bucket * [`WAYS`] + way),
+    /// valid where the slot's state has [`HAS_AUTO`].
+    autos: Box<[u32]>,
 }
 
 impl<K: SlotKey> Part<K> {
@@ -379,6 +389,7 @@ impl<K: SlotKey> Part<K> {
         let n = capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS);
         Part {
             buckets: vec![Bucket::EMPTY; n].into_boxed_slice(),
+            autos: vec![NO_AUTO_SLOT; n * WAYS].into_boxed_slice(),
         }
     }
 
@@ -404,6 +415,38 @@ impl<K: SlotKey> Part<K> {
         (0..WAYS).find(|&s| slots[s].key == key && slots[s].used())
     }
 
+    /// The auto-affinity handle of slot `s` of bucket `b`.
+    #[inline]
+    fn auto_slot(&self, b: usize, s: usize) -> u32 {
+        if self.buckets[b].slots[s].state & HAS_AUTO != 0 {
+            self.autos[b * WAYS + s]
+        } else {
+            NO_AUTO_SLOT
+        }
+    }
+
+    /// The entry in slot `s` of bucket `b`, as the caller sees it.
+    fn entry(&self, books: &Books, b: usize, s: usize) -> FlowEntry {
+        let slot = &self.buckets[b].slots[s];
+        FlowEntry {
+            key: slot.key.unpack(books.vips.addr(slot.key.vip())),
+            backend: BackendId::from(slot.backend),
+            state: TcpState::from_u8(slot.state),
+            last_seen: u64::from(slot.stamp) << STAMP_SHIFT,
+            auto_slot: self.auto_slot(b, s),
+        }
+    }
+
+    /// Empties slot `s` of bucket `b`, handing its entry back.
+    fn take(&mut self, books: &mut Books, b: usize, s: usize) -> FlowEntry {
+        let e = self.entry(books, b, s);
+        let slot = &mut self.buckets[b].slots[s];
+        slot.state = 0;
+        books.vips.release(slot.key.vip());
+        books.len[K::FAMILY] -= 1;
+        e
+    }
+
     #[inline]
     fn lookup(
         &mut self,
@@ -414,15 +457,19 @@ impl<K: SlotKey> Part<K> {
         tcp_flags: u8,
     ) -> Lookup {
         let b = self.bucket(hash);
-        let Some(s) = self.find(b, K::pack(flow)) else {
+        let found = books
+            .vips
+            .find(flow)
+            .and_then(|vip| self.find(b, K::pack(flow, vip)));
+        let Some(s) = found else {
             books.stats.misses += 1;
             return Lookup::Miss;
         };
-        let slot = &mut self.buckets[b].slots[s];
+        let slot = &self.buckets[b].slots[s];
         if books.expired(slot, now) {
             books.stats.expired += 1;
             books.stats.misses += 1;
-            return Lookup::Stale(books.take(slot));
+            return Lookup::Stale(self.take(books, b, s));
         }
         let old_state = TcpState::from_u8(slot.state);
         let mut state = old_state;
@@ -430,13 +477,13 @@ impl<K: SlotKey> Part<K> {
             if tcp_flags & tcp_flags::RST != 0 {
                 books.stats.closed += 1;
                 books.stats.hits += 1;
-                return Lookup::Reset(books.take(slot));
+                return Lookup::Reset(self.take(books, b, s));
             }
             let syn_only = tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
             if old_state == TcpState::Closing && syn_only {
                 books.stats.closed += 1;
                 books.stats.misses += 1;
-                return Lookup::Stale(books.take(slot));
+                return Lookup::Stale(self.take(books, b, s));
             }
             if tcp_flags & tcp_flags::FIN != 0 {
                 state = TcpState::Closing;
@@ -444,24 +491,35 @@ impl<K: SlotKey> Part<K> {
                 state = TcpState::Established;
             }
         }
-        slot.state = OCCUPIED | state as u8;
+        let auto_slot = self.auto_slot(b, s);
+        let slot = &mut self.buckets[b].slots[s];
+        slot.state = slot.state & !3 | state as u8;
         slot.stamp = stamp_of(now);
         books.stats.hits += 1;
         Lookup::Hit(FlowEntry {
             key: *flow,
-            backend: slot.backend,
-            service: slot.service,
+            backend: BackendId::from(slot.backend),
             state,
             last_seen: now,
-            auto_slot: slot.auto_slot,
+            auto_slot,
         })
     }
 
-    fn set_backend(&mut self, key: &FlowKey, hash: u64, backend: BackendId) -> bool {
+    fn set_backend(
+        &mut self,
+        books: &mut Books,
+        key: &FlowKey,
+        hash: u64,
+        backend: BackendId,
+    ) -> bool {
         let b = self.bucket(hash);
-        match self.find(b, K::pack(key)) {
+        let found = books
+            .vips
+            .find(key)
+            .and_then(|vip| self.find(b, K::pack(key, vip)));
+        match found {
             Some(s) => {
-                self.buckets[b].slots[s].backend = backend;
+                self.buckets[b].slots[s].backend = backend as u16;
                 true
             }
             None => false,
@@ -474,46 +532,57 @@ impl<K: SlotKey> Part<K> {
         entry: FlowEntry,
         hash: u64,
         now: u64,
-    ) -> Option<FlowEntry> {
-        let key = K::pack(&entry.key);
+    ) -> Result<Option<FlowEntry>, Untracked> {
+        let Some(vip) = books.vips.intern(&entry.key) else {
+            books.stats.untracked += 1;
+            return Err(Untracked);
+        };
+        let key = K::pack(&entry.key, vip);
         let b = self.bucket(hash);
         let slots = &self.buckets[b].slots;
-        let (s, displaced) = if let Some(s) = self.find(b, key) {
+        // The slot to write, and whether it holds a flow to hand back.
+        let (s, displace) = if let Some(s) = self.find(b, key) {
             books.stats.updated += 1;
-            (s, Some(slots[s].entry()))
+            (s, true)
         } else {
             books.stats.inserted += 1;
             if let Some(s) = slots.iter().position(|x| !x.used()) {
-                books.len[K::FAMILY] += 1;
-                (s, None)
+                (s, false)
             } else if let Some(s) = slots.iter().position(|x| books.expired(x, now)) {
                 books.stats.expired += 1;
-                (s, Some(slots[s].entry()))
+                (s, true)
             } else {
                 let now_stamp = stamp_of(now);
                 let s = (0..WAYS)
                     .max_by_key(|&s| now_stamp.wrapping_sub(slots[s].stamp))
                     .unwrap_or(0);
                 books.stats.evicted += 1;
-                (s, Some(slots[s].entry()))
+                (s, true)
             }
         };
+        let displaced = displace.then(|| self.take(books, b, s));
+        let auto = entry.auto_slot != NO_AUTO_SLOT;
+        if auto {
+            self.autos[b * WAYS + s] = entry.auto_slot;
+        }
+        debug_assert!((entry.backend as usize) < MAX_BACKENDS);
         self.buckets[b].slots[s] = Slot {
             key,
             stamp: stamp_of(now),
-            backend: entry.backend,
-            auto_slot: entry.auto_slot,
-            service: entry.service,
-            state: OCCUPIED | entry.state as u8,
+            backend: entry.backend as u16,
+            state: OCCUPIED | if auto { HAS_AUTO } else { 0 } | entry.state as u8,
         };
-        displaced
+        books.vips.hold(vip);
+        books.len[K::FAMILY] += 1;
+        Ok(displaced)
     }
 
     fn remove(&mut self, books: &mut Books, key: &FlowKey, hash: u64) -> Option<FlowEntry> {
         let b = self.bucket(hash);
-        let s = self.find(b, K::pack(key))?;
+        let vip = books.vips.find(key)?;
+        let s = self.find(b, K::pack(key, vip))?;
         books.stats.removed += 1;
-        Some(books.take(&mut self.buckets[b].slots[s]))
+        Some(self.take(books, b, s))
     }
 
     /// Removes the timed-out entries of bucket `b`, handing each to `ended`.
@@ -524,10 +593,11 @@ impl<K: SlotKey> Part<K> {
         now: u64,
         ended: &mut impl FnMut(FlowEntry),
     ) {
-        for slot in self.buckets[b].slots.iter_mut() {
+        for s in 0..WAYS {
+            let slot = &self.buckets[b].slots[s];
             if slot.used() && books.expired(slot, now) {
                 books.stats.expired += 1;
-                ended(books.take(slot));
+                ended(self.take(books, b, s));
             }
         }
     }
@@ -560,12 +630,24 @@ impl FlowTable {
     /// rounded up to a multiple of [`WAYS`] (at least [`WAYS`], at most
     /// about [`MAX_CAPACITY`]). All memory is allocated (and written) here.
     pub fn new(capacity: usize, capacity_v6: usize, timeouts: FlowTimeouts) -> FlowTable {
+        FlowTable::with_vip_limit(capacity, capacity_v6, timeouts, MAX_VIPS)
+    }
+
+    /// A table that hands out at most `vips` service-address indices (tests
+    /// reach the limit with it).
+    fn with_vip_limit(
+        capacity: usize,
+        capacity_v6: usize,
+        timeouts: FlowTimeouts,
+        vips: usize,
+    ) -> FlowTable {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         FlowTable {
             v4: Part::new(capacity),
             v6: Part::new(capacity_v6),
             books: Books {
                 len: [0, 0],
+                vips: Vips::new(vips),
                 timeout_ns: [
                     ns(timeouts.syn),
                     ns(timeouts.established),
@@ -604,8 +686,8 @@ impl FlowTable {
     /// Changes the backend of a live flow; false if the flow is not there.
     pub fn set_backend(&mut self, key: &FlowKey, hash: u64, backend: BackendId) -> bool {
         match key.family {
-            Family::V4 => self.v4.set_backend(key, hash, backend),
-            Family::V6 => self.v6.set_backend(key, hash, backend),
+            Family::V4 => self.v4.set_backend(&mut self.books, key, hash, backend),
+            Family::V6 => self.v6.set_backend(&mut self.books, key, hash, backend),
         }
     }
 
@@ -613,8 +695,14 @@ impl FlowTable {
     /// same key is replaced. Returns the entry displaced, if any: the old
     /// entry of the same key, an entry whose timeout had passed, or the
     /// bucket's least recently seen entry evicted to make room. The caller
-    /// releases what the displaced entry holds.
-    pub fn insert(&mut self, entry: FlowEntry, hash: u64, now: u64) -> Option<FlowEntry> {
+    /// releases what the displaced entry holds. Refused (nothing stored or
+    /// displaced) only in the case [`Untracked`] describes.
+    pub fn insert(
+        &mut self,
+        entry: FlowEntry,
+        hash: u64,
+        now: u64,
+    ) -> Result<Option<FlowEntry>, Untracked> {
         match entry.key.family {
             Family::V4 => self.v4.insert(&mut self.books, entry, hash, now),
             Family::V6 => self.v6.insert(&mut self.books, entry, hash, now),
@@ -691,7 +779,7 @@ impl FlowTable {
 mod tests {
     use super::*;
     use crate::packet::{flow_hash, PROTO_TCP, PROTO_UDP};
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use tcp_flags::{ACK, FIN, RST, SYN};
 
     const SEC: u64 = 1_000_000_000;
@@ -699,6 +787,17 @@ mod tests {
 
     fn key(i: u32, proto: u8) -> FlowKey {
         key_of(Family::V4, i, proto)
+    }
+
+    /// Flow `i` of a family towards destination `dest` (0: the one of
+    /// [`key_of`]; others differ in address or port).
+    fn key_to(family: Family, i: u32, proto: u8, dest: u8) -> FlowKey {
+        let k = key_of(family, i, proto);
+        FlowKey {
+            dst: k.dst + u128::from(dest / 2),
+            dport: k.dport + u16::from(dest % 2),
+            ..k
+        }
     }
 
     /// Flow `i` of a family: distinct clients towards one service.
@@ -724,7 +823,6 @@ mod tests {
         FlowEntry {
             key: k,
             backend: 7,
-            service: 1,
             state,
             last_seen: 0,
             auto_slot: u32::MAX,
@@ -743,6 +841,13 @@ mod tests {
         FlowTable::new(cap, cap, TIMEOUTS)
     }
 
+    impl FlowTable {
+        /// `insert` of a flow the table must track.
+        fn put(&mut self, e: FlowEntry, hash: u64, now: u64) -> Option<FlowEntry> {
+            self.insert(e, hash, now).expect("tracked")
+        }
+    }
+
     fn is_hit(l: &Lookup) -> bool {
         matches!(l, Lookup::Hit(_))
     }
@@ -759,7 +864,7 @@ mod tests {
             let mut displaced = 0u64;
             for i in 0..10_240 {
                 let k = key_of(fam, i, PROTO_TCP);
-                if t.insert(
+                if t.put(
                     entry(k, TcpState::Established),
                     flow_hash(&k),
                     SEC + i as u64,
@@ -789,7 +894,19 @@ mod tests {
             proto: PROTO_UDP,
             family: Family::V4,
         };
-        assert_eq!(V4Key::pack(&k4).unpack(), k4);
+        let mut vips = Vips::new(MAX_VIPS);
+        let mut round_trip = |k: &FlowKey| match k.family {
+            Family::V4 => {
+                let i = vips.intern(k).unwrap();
+                let p = V4Key::pack(k, i);
+                (p.vip() == i).then(|| p.unpack(vips.addr(i)))
+            }
+            Family::V6 => {
+                let i = vips.intern(k).unwrap();
+                let p = V6Key::pack(k, i);
+                (p.vip() == i).then(|| p.unpack(vips.addr(i)))
+            }
+        };
         let zero = FlowKey {
             src: 0,
             dst: 0,
@@ -798,27 +915,50 @@ mod tests {
             proto: 0,
             family: Family::V4,
         };
-        assert_eq!(V4Key::pack(&zero).unpack(), zero);
         let k6 = FlowKey {
             src: u128::MAX - 5,
             dst: 1 << 127,
             family: Family::V6,
             ..k4
         };
-        assert_eq!(V6Key::pack(&k6).unpack(), k6);
-        // Each field lands in its own bits.
-        let fields = [
-            FlowKey { src: 1, ..zero },
-            FlowKey { dst: 1, ..zero },
-            FlowKey { sport: 1, ..zero },
-            FlowKey { dport: 1, ..zero },
-            FlowKey { proto: 1, ..zero },
-        ];
-        for (i, a) in fields.iter().enumerate() {
-            for b in &fields[i + 1..] {
-                assert_ne!(V4Key::pack(a), V4Key::pack(b));
+        for k in [
+            k4,
+            zero,
+            k6,
+            FlowKey {
+                src: 1 << 64 | 1,
+                ..k6
+            },
+        ] {
+            assert_eq!(round_trip(&k), Some(k));
+        }
+        // Each field of the client's side and the index land in their own
+        // bits.
+        let (a, b) = (
+            V4Key::pack(&zero, 0),
+            V4Key::pack(&FlowKey { src: 1, ..zero }, 0),
+        );
+        let (c, d) = (
+            V4Key::pack(&FlowKey { sport: 1, ..zero }, 0),
+            V4Key::pack(&zero, 1),
+        );
+        for (i, x) in [a, b, c, d].iter().enumerate() {
+            for y in &[a, b, c, d][i + 1..] {
+                assert_ne!(x, y);
             }
         }
+        assert_eq!(V4Key::pack(&k4, 0xabcd).vip(), 0xabcd);
+        let hi = FlowKey {
+            src: 1 << 64,
+            family: Family::V6,
+            ..zero
+        };
+        let lo = FlowKey {
+            src: 1,
+            family: Family::V6,
+            ..zero
+        };
+        assert_ne!(V6Key::pack(&hi, 0), V6Key::pack(&lo, 0));
     }
 
     /// The all-zero key is a key like any other, not an empty slot.
@@ -836,7 +976,7 @@ mod tests {
             };
             let h = flow_hash(&k);
             assert_eq!(t.lookup(&k, h, SEC, 0), Lookup::Miss);
-            assert_eq!(t.insert(entry(k, TcpState::Udp), h, SEC), None);
+            assert_eq!(t.put(entry(k, TcpState::Udp), h, SEC), None);
             assert!(is_hit(&t.lookup(&k, h, SEC, 0)), "{fam:?}");
         }
         assert_eq!(t.len(), 2);
@@ -857,7 +997,7 @@ mod tests {
                 let k = key_of(fam, n as u32, proto);
                 let h = flow_hash(&k);
                 let t0 = 100 * SEC;
-                t.insert(entry(k, state), h, t0);
+                t.put(entry(k, state), h, t0);
                 // Just inside the timeout: still there (flags 0 keep the state).
                 assert!(
                     is_hit(&t.lookup(&k, h, t0 + secs * SEC, 0)),
@@ -883,7 +1023,7 @@ mod tests {
             let mut t = table(64);
             let k = key_of(fam, 1, PROTO_TCP);
             let h = flow_hash(&k);
-            t.insert(entry(k, TcpState::SynSeen), h, 0);
+            t.put(entry(k, TcpState::SynSeen), h, 0);
             match t.lookup(&k, h, SEC, ACK) {
                 Lookup::Hit(e) => assert_eq!(e.state, TcpState::Established),
                 other => panic!("{other:?}"),
@@ -914,7 +1054,7 @@ mod tests {
             let h = flow_hash(&k);
             let mut e = entry(k, TcpState::Established);
             e.auto_slot = 42;
-            t.insert(e, h, SEC);
+            t.put(e, h, SEC);
             match t.lookup(&k, h, 2 * SEC, RST | ACK) {
                 Lookup::Reset(e) => {
                     assert_eq!(e.key, k);
@@ -935,10 +1075,10 @@ mod tests {
             let mut t = table(64);
             let k = key_of(fam, 4, PROTO_TCP);
             let h = flow_hash(&k);
-            t.insert(entry(k, TcpState::Closing), h, SEC);
+            t.put(entry(k, TcpState::Closing), h, SEC);
             assert!(matches!(t.lookup(&k, h, 2 * SEC, SYN), Lookup::Stale(_)));
             // A SYN on an established flow is just a retransmission.
-            t.insert(entry(k, TcpState::Established), h, SEC);
+            t.put(entry(k, TcpState::Established), h, SEC);
             assert!(is_hit(&t.lookup(&k, h, 2 * SEC, SYN)));
         }
     }
@@ -949,7 +1089,7 @@ mod tests {
             let mut t = table(64);
             let k = key_of(fam, 5, PROTO_UDP);
             let h = flow_hash(&k);
-            t.insert(entry(k, TcpState::Udp), h, 0);
+            t.put(entry(k, TcpState::Udp), h, 0);
             match t.lookup(&k, h, SEC, RST | FIN) {
                 Lookup::Hit(e) => assert_eq!(e.state, TcpState::Udp),
                 other => panic!("{other:?}"),
@@ -967,7 +1107,7 @@ mod tests {
                 .map(|i| key_of(fam, i, PROTO_TCP))
                 .collect();
             for (i, k) in keys[..WAYS].iter().enumerate() {
-                t.insert(
+                t.put(
                     entry(*k, TcpState::Established),
                     flow_hash(k),
                     (i as u64 + 1) * SEC,
@@ -980,7 +1120,7 @@ mod tests {
                 }
             }
             let k = keys[WAYS];
-            let ev = t.insert(entry(k, TcpState::Established), flow_hash(&k), 21 * SEC);
+            let ev = t.put(entry(k, TcpState::Established), flow_hash(&k), 21 * SEC);
             assert_eq!(ev.map(|e| e.key), Some(keys[3]), "{fam:?}");
             assert_eq!(t.stats().evicted, 1);
             assert_eq!(t.len(), WAYS);
@@ -1007,14 +1147,14 @@ mod tests {
                 } else {
                     TcpState::Established
                 };
-                t.insert(
+                t.put(
                     entry(*k, st),
                     flow_hash(k),
                     if i == 5 { 50 } else { 1 } * SEC,
                 );
             }
             let k = keys[WAYS];
-            let out = t.insert(entry(k, TcpState::SynSeen), flow_hash(&k), 100 * SEC);
+            let out = t.put(entry(k, TcpState::SynSeen), flow_hash(&k), 100 * SEC);
             assert_eq!(out.map(|e| e.key), Some(keys[5]), "{fam:?}");
             assert_eq!(t.stats().expired, 1);
             assert_eq!(t.stats().evicted, 0);
@@ -1029,13 +1169,13 @@ mod tests {
         let n = WAYS as u32 * 3;
         for i in 0..n {
             let k = key(i, PROTO_TCP);
-            t.insert(entry(k, TcpState::Established), flow_hash(&k), SEC);
+            t.put(entry(k, TcpState::Established), flow_hash(&k), SEC);
         }
         assert_eq!(t.len(), WAYS);
         for i in 0..WAYS as u32 {
             let k = key_of(Family::V6, i, PROTO_TCP);
             assert_eq!(
-                t.insert(entry(k, TcpState::Established), flow_hash(&k), SEC),
+                t.put(entry(k, TcpState::Established), flow_hash(&k), SEC),
                 None
             );
         }
@@ -1055,7 +1195,7 @@ mod tests {
                 let mut e = entry(k, TcpState::SynSeen);
                 e.backend = i * 2 + (fam == Family::V6) as u32;
                 e.auto_slot = i;
-                assert_eq!(t.insert(e, flow_hash(&k), SEC), None);
+                assert_eq!(t.put(e, flow_hash(&k), SEC), None);
             }
         }
         assert_eq!(t.len(), 2 * n as usize);
@@ -1066,7 +1206,7 @@ mod tests {
             family: Family::V6,
             ..k4
         };
-        t.insert(entry(k4, TcpState::Udp), 99, SEC);
+        t.put(entry(k4, TcpState::Udp), 99, SEC);
         assert_eq!(t.lookup(&k6, 99, SEC, 0), Lookup::Miss);
         assert_eq!(t.remove(&k4, 99).map(|e| e.key), Some(k4));
         for i in 0..n {
@@ -1115,7 +1255,7 @@ mod tests {
             } else {
                 TcpState::Udp
             };
-            t.insert(entry(k, st), flow_hash(&k), SEC);
+            t.put(entry(k, st), flow_hash(&k), SEC);
         }
         let live = t.len();
         // At 30 s the SYNs (10 s) are expired, the UDP flows (60 s) are not.
@@ -1158,10 +1298,10 @@ mod tests {
             let mut t = table(64);
             let k = key_of(fam, 9, PROTO_TCP);
             let h = flow_hash(&k);
-            assert_eq!(t.insert(entry(k, TcpState::SynSeen), h, SEC), None);
+            assert_eq!(t.put(entry(k, TcpState::SynSeen), h, SEC), None);
             let mut e2 = entry(k, TcpState::Established);
             e2.backend = 99;
-            let old = t.insert(e2, h, 2 * SEC).expect("old entry handed back");
+            let old = t.put(e2, h, 2 * SEC).expect("old entry handed back");
             assert_eq!(old.backend, 7);
             assert_eq!(t.len(), 1);
             match t.lookup(&k, h, 3 * SEC, ACK) {
@@ -1181,7 +1321,7 @@ mod tests {
             let mut t = table(64);
             let k = key_of(fam, 11, PROTO_TCP);
             let h = flow_hash(&k);
-            t.insert(entry(k, TcpState::Established), h, SEC);
+            t.put(entry(k, TcpState::Established), h, SEC);
             assert!(is_hit(&t.lookup(&k, h, SEC, ACK)));
             assert!(t.set_backend(&k, h, 3));
             let other = key_of(fam, 12, PROTO_TCP);
@@ -1197,9 +1337,15 @@ mod tests {
     #[derive(Clone, Copy, Debug)]
     struct Known {
         backend: BackendId,
+        auto: u32,
         state: TcpState,
         last_seen: u64,
     }
+
+    /// Service-address indices of the model's table: fewer than the
+    /// destinations the operations use, so that indices are reused and
+    /// inserts refused.
+    const VIP_LIMIT: usize = 5;
 
     /// Stamp units of slack: the table may judge an entry expired up to
     /// this much after its timeout passed, never before.
@@ -1250,34 +1396,48 @@ mod tests {
         #[test]
         fn random_operations_match_a_model(
             ops in proptest::collection::vec(
-                (0u8..6, 0u32..48, proptest::bool::ANY, 0u8..4, 0u8..0x20, 0u32..5),
+                (0u8..6, 0u32..48, proptest::bool::ANY, 0u8..4, 0u8..0x20, 0u32..5, 0u8..4),
                 1..400,
             )
         ) {
             use proptest::{prop_assert, prop_assert_eq};
-            let mut t = FlowTable::new(16, 16, TIMEOUTS);
+            let mut t = FlowTable::with_vip_limit(16, 16, TIMEOUTS, VIP_LIMIT);
             let mut model: HashMap<FlowKey, Known> = HashMap::new();
             let mut now = SEC;
-            for (op, i, v6, st, flags, be) in ops {
+            for (op, i, v6, st, flags, be, dest) in ops {
                 let fam = if v6 { Family::V6 } else { Family::V4 };
                 let state = TcpState::from_u8(st);
                 let proto = if state == TcpState::Udp { PROTO_UDP } else { PROTO_TCP };
-                let k = key_of(fam, i, proto);
+                let k = key_to(fam, i, proto, dest);
                 let h = flow_hash(&k);
                 match op {
                     0 | 1 => {
                         let mut e = entry(k, state);
                         e.backend = be;
+                        e.auto_slot = if be % 2 == 0 { NO_AUTO_SLOT } else { be * 10 };
                         let before = t.stats();
-                        let out = t.insert(e, h, now);
+                        // Refused exactly when every index is held by a
+                        // live flow and none by a flow to this destination.
+                        let held: HashSet<Vip> = model.keys().map(Vip::of).collect();
+                        let refuse = !held.contains(&Vip::of(&k)) && held.len() >= VIP_LIMIT;
+                        let out = match t.insert(e, h, now) {
+                            Err(Untracked) => {
+                                prop_assert!(refuse, "refused with {} addresses held", held.len());
+                                prop_assert_eq!(t.stats().untracked, before.untracked + 1);
+                                prop_assert_eq!(t.len(), model.len());
+                                continue;
+                            }
+                            Ok(out) => out,
+                        };
+                        prop_assert!(!refuse, "stored with all {} indices held elsewhere", VIP_LIMIT);
                         if let Some(old) = model.get(&k) {
                             let d = out.expect("same key handed back");
-                            prop_assert_eq!((d.key, d.backend), (k, old.backend));
+                            prop_assert_eq!((d.key, d.backend, d.auto_slot), (k, old.backend, old.auto));
                         } else if let Some(d) = out {
                             let known = model.get(&d.key).copied();
                             prop_assert!(known.is_some(), "displaced unknown {:?}", d.key);
                             let known = known.unwrap();
-                            prop_assert_eq!(d.backend, known.backend);
+                            prop_assert_eq!((d.backend, d.auto_slot), (known.backend, known.auto));
                             prop_assert_eq!(bucket_of(&t, &d.key), bucket_of(&t, &k));
                             let same_bucket: Vec<&Known> = model
                                 .iter()
@@ -1302,7 +1462,7 @@ mod tests {
                             }
                             model.remove(&d.key);
                         }
-                        model.insert(k, Known { backend: be, state, last_seen: now });
+                        model.insert(k, Known { backend: be, auto: e.auto_slot, state, last_seen: now });
                     }
                     2 | 3 => {
                         let got = t.lookup(&k, h, now, flags);
@@ -1331,6 +1491,7 @@ mod tests {
                                         Lookup::Hit(e) => {
                                             prop_assert!(known.state == TcpState::Udp || flags & RST == 0);
                                             prop_assert_eq!((e.key, e.backend, e.state), (k, known.backend, next));
+                                            prop_assert_eq!(e.auto_slot, known.auto);
                                             prop_assert_eq!(e.last_seen, now);
                                             model.insert(k, Known { state: next, last_seen: now, ..known });
                                         }
@@ -1357,7 +1518,7 @@ mod tests {
                             let known = model.remove(&e.key);
                             prop_assert!(known.is_some(), "swept unknown {:?}", e.key);
                             let known = known.unwrap();
-                            prop_assert_eq!(e.backend, known.backend);
+                            prop_assert_eq!((e.backend, e.auto_slot), (known.backend, known.auto));
                             prop_assert!(now - known.last_seen > timeout_ns(known.state));
                         }
                     }
@@ -1373,15 +1534,15 @@ mod tests {
     #[test]
     fn slots_and_buckets_have_the_intended_sizes() {
         use std::mem::{align_of, size_of};
-        assert_eq!(size_of::<Slot<V4Key>>(), 32);
-        assert_eq!(size_of::<Bucket<V4Key>>(), 256);
-        assert_eq!(align_of::<Bucket<V4Key>>(), 256);
-        assert_eq!(size_of::<Slot<V6Key>>(), 64);
-        assert_eq!(size_of::<Bucket<V6Key>>(), 512);
-        assert_eq!(align_of::<Bucket<V6Key>>(), 512);
+        assert_eq!(size_of::<Slot<V4Key>>(), 16);
+        assert_eq!(size_of::<Bucket<V4Key>>(), 128);
+        assert_eq!(align_of::<Bucket<V4Key>>(), 128);
+        assert_eq!(size_of::<Slot<V6Key>>(), 32);
+        assert_eq!(size_of::<Bucket<V6Key>>(), 256);
+        assert_eq!(align_of::<Bucket<V6Key>>(), 256);
         let t = table(1 << 12);
-        assert_eq!(t.v4.buckets.as_ptr() as usize % 256, 0);
-        assert_eq!(t.v6.buckets.as_ptr() as usize % 512, 0);
+        assert_eq!(t.v4.buckets.as_ptr() as usize % 128, 0);
+        assert_eq!(t.v6.buckets.as_ptr() as usize % 256, 0);
     }
 
     #[test]
@@ -1392,12 +1553,11 @@ mod tests {
             let h = flow_hash(&k);
             let mut e = entry(k, TcpState::SynSeen);
             e.backend = 5;
-            e.service = 9;
             e.auto_slot = 77;
-            t.insert(e, h, 3 * SEC);
+            t.put(e, h, 3 * SEC);
             match t.lookup(&k, h, 4 * SEC, 0) {
                 Lookup::Hit(got) => {
-                    assert_eq!((got.key, got.backend, got.service), (k, 5, 9));
+                    assert_eq!((got.key, got.backend), (k, 5));
                     assert_eq!(
                         (got.auto_slot, got.state, got.last_seen),
                         (77, TcpState::SynSeen, 4 * SEC)
@@ -1406,7 +1566,7 @@ mod tests {
                 other => panic!("{other:?}"),
             }
             let out = t.remove(&k, h).expect("present");
-            assert_eq!((out.key, out.backend, out.service), (k, 5, 9));
+            assert_eq!((out.key, out.backend), (k, 5));
             assert_eq!(out.auto_slot, 77);
             // The stored time is coarse: within one stamp unit of the last packet.
             assert!(4 * SEC - out.last_seen < 1 << STAMP_SHIFT);
