@@ -1144,4 +1144,47 @@ mod tests {
         )[0];
         assert_ne!(backend_index(next), pinned);
     }
+
+    /// A reload renumbers services; a flow that ends afterwards releases
+    /// its auto-affinity pin with the linger of its own service (found by
+    /// the flow's destination), not of the service that now has its old id.
+    #[test]
+    fn a_flow_ending_after_renumbering_lingers_as_its_service_says() {
+        let pinned_svc = |id: ServiceId, bes: &[Backend]| {
+            let mut s = service(id, 80, PROTO_TCP, bes, SchedulerKind::Maglev, IPIP);
+            s.auto_affinity = Some(AutoAffinity {
+                linger: Duration::from_secs(60),
+            });
+            s
+        };
+        let plain_svc = |id: ServiceId, bes: &[Backend]| {
+            service(id, 81, PROTO_TCP, bes, SchedulerKind::Maglev, IPIP)
+        };
+        let before = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 1, 100)];
+        let mut b = bed(
+            vec![pinned_svc(0, &before[..2]), plain_svc(1, &before[2..])],
+            before,
+            1 << 12,
+        );
+        send(&mut b, &[tcp([198, 18, 13, 1], 100, tcp_flags::SYN)], SEC);
+        let now_ms = |s: u64| s * 1000;
+        assert_eq!(b.worker.shared.auto_affinity.len_active(now_ms(1)), 1);
+        // The same services, listed the other way round.
+        let after = vec![backend(0, 1, 100), backend(1, 1, 100), backend(2, 0, 100)];
+        b.cell.publish(Dataplane::new(
+            2,
+            vec![plain_svc(0, &after[2..]), pinned_svc(1, &after[..2])],
+            after,
+        ));
+        send(
+            &mut b,
+            &[tcp([198, 18, 13, 1], 100, tcp_flags::RST)],
+            2 * SEC,
+        );
+        assert_eq!(b.worker.counters().flows_closed.get(), 1);
+        // Its last connection is gone; the pin lingers for its 60 s.
+        let auto = &b.worker.shared.auto_affinity;
+        assert_eq!(auto.len_active(now_ms(3)), 1);
+        assert_eq!(auto.len_active(now_ms(63)), 0);
+    }
 }

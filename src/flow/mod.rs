@@ -8,7 +8,7 @@
 //! more) is far beyond the TLB's reach, so on 4 KiB pages a packet of an
 //! established flow pays a page walk for its bucket, and under a hypervisor
 //! that nested walk costs more than the rest of the packet; how much it
-//! costs grows with the table's size (halving the slot measured +29%
+//! costs grows with the table's size (halving the slot measured +18%
 //! packets/s on established flows, see perf/README.md). So slots are
 //! self-contained and as small as the key allows, with one sub-table per
 //! address family. A slot does not keep its flow's destination (address,
