@@ -31,7 +31,7 @@ use pktdist::services::ServiceRegistry;
 use pktdist::stats::{DropReason, WorkerCounters};
 use pktdist::worker::{PortPlan, Shared, Worker, WorkerSetup};
 
-use affinity_load::{ChurnStats, Installed, LookupStats, CLIENT_BASE, CLIENT_MASK};
+use affinity_load::{Installed, LookupStats, CLIENT_BASE, CLIENT_MASK};
 use feeder::{
     FeederStats, Progress, Rng, Source, DRAIN, FRAME, MEASURE, STOP, STOP_FEEDER, WARMUP,
 };
@@ -43,8 +43,9 @@ const VIP: [u8; 4] = [192, 0, 2, 10];
 #[command(about = "pktdist data-plane and control-plane benchmark")]
 struct Args {
     /// Scenarios, comma-separated: all, baseline, established, syn,
-    /// syn-affinity, lookup, control. Data-plane scenarios always run the
-    /// baseline too (their ratio is to it); syn-affinity also runs syn.
+    /// syn-affinity, syn-alternating, lookup, control. Data-plane scenarios
+    /// always run the baseline too (their ratio is to it); syn-affinity
+    /// also runs syn.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenario: Vec<String>,
     /// Measured seconds per scenario.
@@ -133,6 +134,8 @@ trait Step {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Gives the queues to `next`, whose turn it is (alternating sides).
+    fn hand_over(&mut self, _next: &mut Self) {}
 }
 
 /// Bare forwarding: receive a burst on the input, transmit it on the
@@ -195,6 +198,12 @@ impl Step for Pipeline {
             ("affinity_misses", svc.affinity_misses.get()),
         ]
     }
+
+    /// A poll leaves nothing queued, so the queues can change hands
+    /// between polls.
+    fn hand_over(&mut self, next: &mut Self) {
+        std::mem::swap(self.worker.io_mut(), next.worker.io_mut());
+    }
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -202,35 +211,49 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
 }
 
-fn measure_loop(phase: &AtomicU8, s: &mut impl Step, hz: u64) -> LoopStats {
+/// Runs the worker loop until the phase says stop, measuring while it says
+/// so. With one side, the windows are the rate every [`WINDOW_SECONDS`].
+/// With two, the sides take turns of one window each (warm-up included),
+/// the side whose turn it is holding the queues, and each side's stats
+/// cover its own turns: a turn of one and the neighbouring turns of the
+/// other see the machine in the same mode.
+fn measure_loop<S: Step>(phase: &AtomicU8, sides: &mut [S], hz: u64) -> Vec<LoopStats> {
+    assert!(matches!(sides.len(), 1 | 2), "one or two sides");
     let ps_per_cycle = 1e12 / hz as f64;
-    let mut st = LoopStats {
-        packets: 0,
-        polls: 0,
-        busy_polls: 0,
-        busy_cycles: 0,
-        cycles: 0,
-        hist: new_hist(),
-        counters: Vec::new(),
-        on_cpu: f64::NAN,
-        windows: Vec::new(),
-    };
+    let mut stats: Vec<LoopStats> = sides
+        .iter()
+        .map(|_| LoopStats {
+            packets: 0,
+            polls: 0,
+            busy_polls: 0,
+            busy_cycles: 0,
+            cycles: 0,
+            hist: new_hist(),
+            counters: Vec::new(),
+            on_cpu: f64::NAN,
+            windows: Vec::new(),
+        })
+        .collect();
     let window_cycles = (hz as f64 * WINDOW_SECONDS) as u64;
-    let (mut window_start, mut window_packets) = (0u64, 0u64);
+    let (mut window_start, mut window_packets) = (tsc(), 0u64);
     let mut on_cpu = feeder::OnCpu::default();
-    let mut start = 0u64;
     let mut measuring = false;
     let mut before = Vec::new();
+    let mut turn = 0;
     loop {
         let ph = phase.load(Ordering::Relaxed);
         if ph == MEASURE {
             if !measuring {
                 measuring = true;
-                before = s.counters();
+                before = sides.iter().map(Step::counters).collect();
+                // The measured turns start with the first side.
+                if turn != 0 {
+                    turn = pass_turn(sides, turn);
+                }
                 on_cpu.start();
-                start = tsc();
-                window_start = start;
+                (window_start, window_packets) = (tsc(), 0);
             }
+            let (s, st) = (&mut sides[turn], &mut stats[turn]);
             s.prepare();
             let t0 = tsc();
             let n = s.step();
@@ -245,31 +268,58 @@ fn measure_loop(phase: &AtomicU8, s: &mut impl Step, hz: u64) -> LoopStats {
                     .saturating_record((c as f64 * ps_per_cycle / n as f64) as u64);
                 window_packets += n as u64;
             }
-            if t1.wrapping_sub(window_start) >= window_cycles {
-                let secs = t1.wrapping_sub(window_start) as f64 / hz as f64;
-                st.windows.push(window_packets as f64 / secs);
+            let elapsed = t1.wrapping_sub(window_start);
+            if elapsed >= window_cycles {
+                st.windows
+                    .push(window_packets as f64 * hz as f64 / elapsed as f64);
+                st.cycles += elapsed;
                 (window_start, window_packets) = (t1, 0);
+                turn = pass_turn(sides, turn);
             }
         } else {
             if measuring {
                 measuring = false;
-                st.cycles = tsc().wrapping_sub(start);
-                st.on_cpu = on_cpu.stop();
-                st.counters = s
-                    .counters()
-                    .into_iter()
-                    .zip(&before)
-                    .map(|((k, v), (_, b))| (k, v.wrapping_sub(*b)))
-                    .collect();
+                stats[turn].cycles += tsc().wrapping_sub(window_start);
+                let on_cpu = on_cpu.stop();
+                for ((st, s), b) in stats.iter_mut().zip(sides.iter()).zip(&before) {
+                    st.on_cpu = on_cpu;
+                    st.counters = s
+                        .counters()
+                        .into_iter()
+                        .zip(b)
+                        .map(|((k, v), (_, b))| (k, v.wrapping_sub(*b)))
+                        .collect();
+                }
             }
             if ph >= STOP {
                 break;
             }
+            let s = &mut sides[turn];
             s.prepare();
             s.step();
+            let t = tsc();
+            if t.wrapping_sub(window_start) >= window_cycles {
+                window_start = t;
+                turn = pass_turn(sides, turn);
+            }
         }
     }
-    st
+    stats
+}
+
+/// Hands the queues from side `turn` to the next; returns the next.
+fn pass_turn<S: Step>(sides: &mut [S], turn: usize) -> usize {
+    if sides.len() < 2 {
+        return turn;
+    }
+    let (first, second) = sides.split_at_mut(1);
+    if turn == 0 {
+        first[0].hand_over(&mut second[0]);
+        1
+    } else {
+        second[0].hand_over(&mut first[0]);
+        0
+    }
 }
 
 /// How a scenario warms up before measuring.
@@ -284,6 +334,8 @@ enum Warm {
 enum Mode {
     Baseline,
     Pipeline(Shared),
+    /// Two pipelines (one per `Shared`) taking turns on the worker core.
+    Alternating(Box<[Shared; 2]>),
 }
 
 /// One measured row of the table.
@@ -402,11 +454,7 @@ fn summarize(st: &LoopStats, hz: u64) -> LoopSummary {
     let trimmed_ns = sum / count.max(1) as f64 / 1000.0;
     let mut w: Vec<f64> = st.windows.iter().map(|r| r / 1e6).collect();
     w.sort_by(f64::total_cmp);
-    let wq = |p: f64| {
-        w.get(((w.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let wq = |p: f64| quantile(&w, p);
     LoopSummary {
         packets: st.packets,
         seconds,
@@ -495,8 +543,7 @@ impl Bench {
         }
     }
 
-    /// Runs one data-plane scenario. `during` is called once the
-    /// measurement starts (to start nothing, pass a no-op) with the phase.
+    /// Runs one data-plane scenario: one row.
     fn run(
         &self,
         name: &str,
@@ -505,6 +552,21 @@ impl Bench {
         warm: Warm,
         phase: Arc<AtomicU8>,
     ) -> Result<Row, String> {
+        let mut rows = self.run_sides(&[name], mode, source, warm, phase)?;
+        rows.pop().ok_or_else(|| "no row measured".to_string())
+    }
+
+    /// Runs one data-plane scenario, a row per side (`names`: one, or two
+    /// for [`Mode::Alternating`]). `phase` is shared with whatever else
+    /// runs during the scenario (the control thread's churn).
+    fn run_sides(
+        &self,
+        names: &[&str],
+        mode: Mode,
+        source: Source,
+        warm: Warm,
+        phase: Arc<AtomicU8>,
+    ) -> Result<Vec<Row>, String> {
         phase.store(WARMUP, Ordering::SeqCst);
         let worker_io = PortQueues::new(vec![
             self.input
@@ -542,7 +604,7 @@ impl Bench {
                     tx_full: 0,
                 };
                 r2.store(true, Ordering::SeqCst);
-                measure_loop(&p2, &mut s, hz)
+                measure_loop(&p2, std::slice::from_mut(&mut s), hz)
             }
             Mode::Pipeline(shared) => {
                 let counters = Arc::new(WorkerCounters::default());
@@ -551,7 +613,29 @@ impl Bench {
                     now: 0,
                 };
                 r2.store(true, Ordering::SeqCst);
-                measure_loop(&p2, &mut s, hz)
+                measure_loop(&p2, std::slice::from_mut(&mut s), hz)
+            }
+            Mode::Alternating(shared) => {
+                let [first, second] = *shared;
+                let side = |io, shared| Pipeline {
+                    worker: Worker::new(
+                        io,
+                        setup.clone(),
+                        shared,
+                        Arc::new(WorkerCounters::default()),
+                    ),
+                    now: 0,
+                };
+                // A worker sizes its transmit queues by the ports it is
+                // built with, so each side is built holding the queues;
+                // the first side starts with them.
+                let mut a = side(worker_io, first);
+                let io = std::mem::replace(a.worker.io_mut(), PortQueues::new(Vec::new()));
+                let mut b = side(io, second);
+                b.hand_over(&mut a);
+                let mut sides = [a, b];
+                r2.store(true, Ordering::SeqCst);
+                measure_loop(&p2, &mut sides, hz)
             }
         })
         .map_err(|e| format!("worker: {e}"))?;
@@ -607,21 +691,26 @@ impl Bench {
         phase.store(DRAIN, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
         phase.store(STOP, Ordering::SeqCst);
-        let st = worker.join().map_err(|_| "worker panicked".to_string())?;
+        let stats = worker.join().map_err(|_| "worker panicked".to_string())?;
         phase.store(STOP_FEEDER, Ordering::SeqCst);
         let fst = feeder.join().map_err(|_| "feeder panicked".to_string())?;
-        let summary = summarize(&st, self.hz);
-        let mpps = summary.packets as f64 / summary.seconds.max(1e-9) / 1e6;
-        Ok(Row {
-            name: name.to_string(),
-            mpps,
-            ratio_to_baseline: None,
-            loop_stats: summary,
-            feeder: fst,
-            hz: self.hz,
-            counters: st.counters,
-            extra: json!({ "warmup_seconds": warm_secs }),
-        })
+        Ok(names
+            .iter()
+            .zip(stats)
+            .map(|(name, st)| {
+                let summary = summarize(&st, self.hz);
+                Row {
+                    name: name.to_string(),
+                    mpps: summary.packets as f64 / summary.seconds.max(1e-9) / 1e6,
+                    ratio_to_baseline: None,
+                    loop_stats: summary,
+                    feeder: fst,
+                    hz: self.hz,
+                    counters: st.counters,
+                    extra: json!({ "warmup_seconds": warm_secs }),
+                }
+            })
+            .collect())
     }
 
     fn baseline(&self) -> Result<Row, String> {
@@ -668,25 +757,35 @@ impl Bench {
         Ok(row)
     }
 
+    /// Every frame a SYN from a new random client.
+    fn syn_source(&self) -> Source {
+        Source::random_syn(VIP, self.input.mac(), CLIENT_BASE, CLIENT_MASK, 0x5171)
+    }
+
     fn syn(
         &self,
         name: &str,
         affinity: AffinityReader,
         phase: Arc<AtomicU8>,
     ) -> Result<Row, String> {
-        let src = Source::random_syn(VIP, self.input.mac(), CLIENT_BASE, CLIENT_MASK, 0x5171);
         self.run(
             name,
             Mode::Pipeline(self.shared(affinity)),
-            src,
+            self.syn_source(),
             Warm::Time(self.args.warmup),
             phase,
         )
     }
 
-    /// SYN flood with the affinity table loaded and the control thread
-    /// changing it; hands the table back for the lookup benchmark.
-    fn syn_affinity(&self, inst: Installed) -> Result<(Row, Installed, ChurnStats), String> {
+    /// Runs `measure` while a control thread on the feeder's core applies
+    /// the configured changes per second to the installed table, and
+    /// describes the table in the last row (the one measured with it).
+    /// Hands the table back for the next scenario.
+    fn under_churn(
+        &self,
+        inst: Installed,
+        measure: impl FnOnce(AffinityReader, Arc<AtomicU8>) -> Result<Vec<Row>, String>,
+    ) -> Result<(Vec<Row>, Installed), String> {
         let phase = Arc::new(AtomicU8::new(WARMUP));
         let reader = inst.reader.clone();
         let (coverage, n24, build) = (inst.coverage, inst.n24, inst.build_secs);
@@ -698,12 +797,13 @@ impl Bench {
             Arc::clone(&phase),
             self.feeder_core,
         )?;
-        let row = self.syn("syn-1m-affinities", reader, Arc::clone(&phase));
+        let rows = measure(reader, Arc::clone(&phase));
         phase.store(STOP_FEEDER, Ordering::SeqCst);
         let (inst, churn) = control
             .join()
             .map_err(|_| "control thread panicked".to_string())?;
-        let mut row = row?;
+        let mut rows = rows?;
+        let row = rows.last_mut().ok_or("no row measured")?;
         let hits = counter(&row.counters, "affinity_hits");
         let misses = counter(&row.counters, "affinity_misses");
         row.extra["affinities"] = json!(inst.manager.len());
@@ -713,8 +813,73 @@ impl Bench {
         row.extra["install_seconds"] = json!(build);
         row.extra["control_changes_per_sec"] = json!(churn.rate());
         row.extra["control_changes_refused"] = json!(churn.refused);
-        Ok((row, inst, churn))
+        Ok((rows, inst))
     }
+
+    /// SYN flood with the affinity table loaded and the control thread
+    /// changing it (after `syn`, its reference).
+    fn syn_affinity(&self, inst: Installed) -> Result<(Row, Installed), String> {
+        let (mut rows, inst) = self.under_churn(inst, |reader, phase| {
+            Ok(vec![self.syn("syn-1m-affinities", reader, phase)?])
+        })?;
+        let row = rows.pop().ok_or("no row measured")?;
+        Ok((row, inst))
+    }
+
+    /// The same SYN flood by an empty-table worker and a loaded-table
+    /// worker taking turns of 100 ms on the worker core, the control
+    /// thread changing the loaded table throughout: the ratio of
+    /// neighbouring turns does not depend on the machine's mode switches,
+    /// which a ratio of two runs seconds apart does.
+    fn syn_alternating(&self, inst: Installed) -> Result<(Vec<Row>, Installed), String> {
+        let empty = AffinityTable::new(self.args.affinity_capacity).1;
+        let (mut rows, inst) = self.under_churn(inst, |loaded, phase| {
+            self.run_sides(
+                &["syn-alt-empty", "syn-alt-1m-affinities"],
+                Mode::Alternating(Box::new([self.shared(empty), self.shared(loaded)])),
+                self.syn_source(),
+                Warm::Time(self.args.warmup),
+                phase,
+            )
+        })?;
+        let ratios = neighbour_ratios(&rows[0].loop_stats.windows, &rows[1].loop_stats.windows);
+        let q = |p: f64| quantile(&ratios, p);
+        let overall = rows[1].mpps / rows[0].mpps.max(1e-9);
+        rows[1].extra["ratio_to_empty"] = json!(overall);
+        rows[1].extra["turn_ratios"] = json!({
+            "count": ratios.len(),
+            "p10": q(0.1),
+            "median": q(0.5),
+            "p90": q(0.9),
+        });
+        Ok((rows, inst))
+    }
+}
+
+/// Each loaded turn's rate over the mean of its neighbouring empty turns
+/// (turns go empty, loaded, empty, loaded, ...), sorted.
+fn neighbour_ratios(empty: &[f64], loaded: &[f64]) -> Vec<f64> {
+    let mut r: Vec<f64> = loaded
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let before = *empty.get(i)?;
+            let reference = empty
+                .get(i + 1)
+                .map_or(before, |after| (before + after) / 2.0);
+            (reference > 0.0).then(|| l / reference)
+        })
+        .collect();
+    r.sort_by(f64::total_cmp);
+    r
+}
+
+/// The `p` quantile of sorted values (NaN if none).
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 fn counter(c: &[(&'static str, u64)], name: &str) -> u64 {
@@ -848,7 +1013,7 @@ fn print_rows(rows: &[Row]) {
         .map(Row::capacity_mpps);
     println!();
     println!(
-        "{:<19} {:>9} {:>7} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8}  {}",
+        "{:<21} {:>9} {:>7} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8}  {}",
         "scenario",
         "Mpps/core",
         "x base",
@@ -866,7 +1031,7 @@ fn print_rows(rows: &[Row]) {
     for r in rows {
         let l = &r.loop_stats;
         println!(
-            "{:<19} {:>9.2} {:>7} {:>7.1} {:>8.2} {:>7} {:>7.1} {:>7.1} {:>7.1} {:>8.0} {:>6.1} {:>8}  {}",
+            "{:<21} {:>9.2} {:>7} {:>7.1} {:>8.2} {:>7} {:>7.1} {:>7.1} {:>7.1} {:>8.0} {:>6.1} {:>8}  {}",
             r.name,
             r.mpps,
             r.ratio_to_baseline
@@ -894,11 +1059,12 @@ fn main() {
 }
 
 fn real_main(args: Args) -> Result<(), String> {
-    const ALL: [&str; 6] = [
+    const ALL: [&str; 7] = [
         "baseline",
         "established",
         "syn",
         "syn-affinity",
+        "syn-alternating",
         "lookup",
         "control",
     ];
@@ -916,7 +1082,11 @@ fn real_main(args: Args) -> Result<(), String> {
         }
     }
     let has = |s: &str| want.contains(&s);
-    let dataplane = has("baseline") || has("established") || has("syn") || has("syn-affinity");
+    let dataplane = has("baseline")
+        || has("established")
+        || has("syn")
+        || has("syn-affinity")
+        || has("syn-alternating");
     let command: Vec<String> = std::env::args().collect();
     let date = utc_now();
     eprintln!("bench: {date}, {}", command.join(" "));
@@ -977,12 +1147,26 @@ fn real_main(args: Args) -> Result<(), String> {
                 "bench: syn-1m-affinities (control thread: {} changes/s) ...",
                 args.changes_per_sec
             );
-            let (mut row, inst, _) = bench.syn_affinity(inst)?;
+            let (mut row, inst) = bench.syn_affinity(inst)?;
             if let Some((s, cap)) = syn_mpps {
                 row.extra["ratio_to_syn"] = json!(row.mpps / s.max(1e-9));
                 row.extra["capacity_ratio_to_syn"] = json!(row.capacity_mpps() / cap.max(1e-9));
             }
             rows.push(row);
+            installed = Some(inst);
+        }
+        if has("syn-alternating") {
+            let inst = match installed.take() {
+                Some(i) => i,
+                None => install(&args, &bench.owners)?,
+            };
+            eprintln!(
+                "bench: syn-alternating (empty and loaded tables in turns of {} ms; control thread: {} changes/s) ...",
+                WINDOW_SECONDS * 1e3,
+                args.changes_per_sec
+            );
+            let (alt, inst) = bench.syn_alternating(inst)?;
+            rows.extend(alt);
             installed = Some(inst);
         }
         for r in rows.iter_mut() {
@@ -1001,6 +1185,20 @@ fn real_main(args: Args) -> Result<(), String> {
                 a.capacity_mpps() / s.capacity_mpps().max(1e-9),
                 a.extra["control_changes_per_sec"].as_f64().unwrap_or(0.0),
                 a.extra["affinity_hit_share"].as_f64().unwrap_or(0.0) * 100.0
+            );
+        }
+        if let Some(a) = rows.iter().find(|r| r.name == "syn-alt-1m-affinities") {
+            let t = &a.extra["turn_ratios"];
+            let g = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+            println!(
+                "\nsyn with {} affinities / syn with an empty table, in alternating 100 ms turns: {:.2} median of {} neighbouring-turn ratios (p10 {:.2}, p90 {:.2}), {:.2} over all turns (target >= 0.80); {:.1}% of SYNs matched an affinity",
+                a.extra["affinities"],
+                g(&t["median"]),
+                t["count"],
+                g(&t["p10"]),
+                g(&t["p90"]),
+                g(&a.extra["ratio_to_empty"]),
+                g(&a.extra["affinity_hit_share"]) * 100.0
             );
         }
         for r in &rows {

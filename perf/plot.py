@@ -6,7 +6,7 @@
 Writes, for the sections the JSON has:
   throughput.png        Mpps per worker core per scenario, baseline bar and
                         the targets (established 10, syn 5, syn with 1M
-                        affinities >= 80% of syn)
+                        affinities >= 80% of syn, also in alternating turns)
   latency.png           per-packet latency p50/p90/p99/p99.9, log scale
   affinity_control.png  affinity lookup ns (empty / 1M / 1M with churn) and
                         the control-plane rate against its 100k/s target
@@ -73,6 +73,9 @@ def throughput(plt, data, path):
     if "syn-1m-affinities" in by_name and "syn" in by_name:
         t = TARGET_SYN_AFFINITY_RATIO * by_name["syn"]["mpps_per_core"]
         targets["syn-1m-affinities"] = (t, f"target \u2265 80% of syn = {t:.2f}")
+    if "syn-alt-1m-affinities" in by_name and "syn-alt-empty" in by_name:
+        t = TARGET_SYN_AFFINITY_RATIO * by_name["syn-alt-empty"]["mpps_per_core"]
+        targets["syn-alt-1m-affinities"] = (t, f"target \u2265 80% of syn-alt-empty = {t:.2f}")
     # The baseline is feeder-limited and far above the rest: clip it so the
     # scenarios and their targets stay readable.
     others = [r["mpps_per_core"] for r in rows if r["scenario"] != "baseline"]
@@ -98,6 +101,9 @@ def throughput(plt, data, path):
         syn_ratio = r.get("extra", {}).get("ratio_to_syn")
         if syn_ratio is not None:
             label += f"\n{syn_ratio:.2f}x syn"
+        turn_ratio = (r.get("extra", {}).get("turn_ratios") or {}).get("median")
+        if turn_ratio is not None:
+            label += f"\n{turn_ratio:.2f}x empty\n(turn median)"
         if clipped:
             label += "\n(bar clipped)"
         bottleneck = r.get("bottleneck")

@@ -111,6 +111,10 @@ def dataplane_section(d):
             ratio = r.get("extra", {}).get("ratio_to_syn")
             target = "≥ 0.80 x syn"
             met = "-" if ratio is None else f"{yes_no(ratio >= TARGET_SYN_AFFINITY_RATIO)} ({ratio:.2f})"
+        elif n == "syn-alt-1m-affinities":
+            ratio = (r.get("extra", {}).get("turn_ratios") or {}).get("median")
+            target = "≥ 0.80 x syn-alt-empty"
+            met = "-" if ratio is None else f"{yes_no(ratio >= TARGET_SYN_AFFINITY_RATIO)} ({ratio:.2f}, turn median)"
         elif n == "baseline":
             target = "reference"
         out.append(
@@ -187,6 +191,34 @@ def dataplane_section(d):
                 f(e.get("ratio_to_syn")),
                 f(e.get("capacity_ratio_to_syn")),
                 f(window_ratio(a, by.get("syn"))),
+            ),
+        ]
+    alt = by.get("syn-alt-1m-affinities")
+    if alt:
+        e = alt.get("extra", {})
+        t = e.get("turn_ratios") or {}
+        out += [
+            "",
+            "The same SYN flood measured in alternating turns (`syn-alternating`): an "
+            "empty-table worker and a loaded-table worker take turns of 100 ms on the worker "
+            "core, the control thread changing the loaded table throughout, and each loaded "
+            "turn is compared with the mean of its two neighbouring empty turns. A mode switch "
+            "of the machine moves both sides of such a pair together, so this ratio, unlike "
+            "the one of two runs seconds apart, does not depend on when the machine switched:",
+            "",
+            "| affinities (/24s) | SYNs matching an affinity | changes/s applied (refused) | turn pairs | ratio, median of turns (p10 / p90) | ratio over all turns | target |",
+            "|--:|--:|--:|--:|--:|--:|---|",
+            "| {:,} ({:,}) | {:.1f}% | {:,.0f} ({}) | {} | {} ({} / {}) | {} | ≥ 0.80 |".format(
+                e.get("affinities", 0),
+                e.get("affinity_24s", 0),
+                e.get("affinity_hit_share", 0) * 100,
+                e.get("control_changes_per_sec", 0),
+                e.get("control_changes_refused", 0),
+                t.get("count", 0),
+                f(t.get("median")),
+                f(t.get("p10")),
+                f(t.get("p90")),
+                f(e.get("ratio_to_empty")),
             ),
         ]
     return out
