@@ -181,13 +181,10 @@ def dataplane_section(d):
             "",
             "| affinities (/24s) | client space covered | SYNs matching an affinity | changes/s applied (refused) | ratio to syn, Mpps | ratio to syn, cap Mpps | ratio to syn, 100 ms windows p90 | target |",
             "|--:|--:|--:|--:|--:|--:|--:|---|",
-            "| {:,} ({:,}) | {:.1f}% | {:.1f}% | {:,.0f} ({}) | {} | {} | {} | ≥ 0.80 |".format(
-                e.get("affinities", 0),
-                e.get("affinity_24s", 0),
+            "| {} | {:.1f}% | {} | {} | {} | {} | {} | ≥ 0.80 |".format(
+                affinity_cells(e)[0],
                 e.get("client_space_covered", 0) * 100,
-                e.get("affinity_hit_share", 0) * 100,
-                e.get("control_changes_per_sec", 0),
-                e.get("control_changes_refused", 0),
+                *affinity_cells(e)[1:],
                 f(e.get("ratio_to_syn")),
                 f(e.get("capacity_ratio_to_syn")),
                 f(window_ratio(a, by.get("syn"))),
@@ -208,12 +205,8 @@ def dataplane_section(d):
             "",
             "| affinities (/24s) | SYNs matching an affinity | changes/s applied (refused) | turn pairs | ratio, median of turns (p10 / p90) | ratio over all turns | target |",
             "|--:|--:|--:|--:|--:|--:|---|",
-            "| {:,} ({:,}) | {:.1f}% | {:,.0f} ({}) | {} | {} ({} / {}) | {} | ≥ 0.80 |".format(
-                e.get("affinities", 0),
-                e.get("affinity_24s", 0),
-                e.get("affinity_hit_share", 0) * 100,
-                e.get("control_changes_per_sec", 0),
-                e.get("control_changes_refused", 0),
+            "| {} | {} | {} | {} | {} ({} / {}) | {} | ≥ 0.80 |".format(
+                *affinity_cells(e),
                 t.get("count", 0),
                 f(t.get("median")),
                 f(t.get("p10")),
@@ -222,6 +215,16 @@ def dataplane_section(d):
             ),
         ]
     return out
+
+
+def affinity_cells(e):
+    """A loaded-table row's affinities (/24s), SYNs matching one, and
+    changes/s applied (refused), as table cells."""
+    return [
+        f"{e.get('affinities', 0):,} ({e.get('affinity_24s', 0):,})",
+        f"{e.get('affinity_hit_share', 0) * 100:.1f}%",
+        f"{e.get('control_changes_per_sec', 0):,.0f} ({e.get('control_changes_refused', 0)})",
+    ]
 
 
 def window_ratio(a, b):
