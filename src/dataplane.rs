@@ -16,7 +16,10 @@ use hashbrown::HashMap;
 use crate::packet::{Family, FlowKey};
 use crate::sched::MaglevTable;
 
-/// Index of a service in [`Dataplane::services`].
+/// Identity of a service, below [`MAX_SERVICES`]; stable across snapshots
+/// for as long as the service stays configured (same name, VIP, port and
+/// protocol), so per-service counters, affinities and automatic-affinity
+/// pins keyed by it survive a reload that adds, removes or reorders others.
 pub type ServiceId = u16;
 /// Identity of a backend within one service; stable across snapshots for as
 /// long as the backend stays configured.
@@ -90,23 +93,37 @@ pub struct Service {
 #[derive(Debug, Default)]
 pub struct Dataplane {
     pub generation: u64,
+    /// In configuration order; find one by id with [`Dataplane::service`].
     pub services: Vec<Service>,
     /// Indexed by [`BackendId`]; `None` for ids not in use.
     pub backends: Vec<Option<Backend>>,
-    vip_index: HashMap<(u128, u16, u8), ServiceId>,
+    /// Position in `services` of each [`ServiceId`] in use.
+    positions: Vec<Option<u16>>,
+    /// Position in `services` of each (VIP, port, protocol).
+    vip_index: HashMap<(u128, u16, u8), u16>,
 }
 
 impl Dataplane {
-    /// Builds a snapshot. Service ids must equal their index; backend ids must
-    /// be below [`MAX_BACKENDS`].
+    /// Builds a snapshot. Service ids must be distinct and below
+    /// [`MAX_SERVICES`]; backend ids below [`MAX_BACKENDS`].
     pub fn new(generation: u64, services: Vec<Service>, backends: Vec<Backend>) -> Dataplane {
         let mut vip_index = HashMap::with_capacity(services.len());
-        for s in &services {
-            debug_assert_eq!(
-                s.id as usize,
-                services.iter().position(|x| x.id == s.id).unwrap()
+        let mut positions = vec![
+            None;
+            services
+                .iter()
+                .map(|s| s.id as usize + 1)
+                .max()
+                .unwrap_or(0)
+        ];
+        for (i, s) in services.iter().enumerate() {
+            debug_assert!(
+                positions[s.id as usize].is_none(),
+                "service id {} twice",
+                s.id
             );
-            vip_index.insert((s.vip_bits, s.port, s.proto), s.id);
+            positions[s.id as usize] = Some(i as u16);
+            vip_index.insert((s.vip_bits, s.port, s.proto), i as u16);
         }
         let max_id = backends
             .iter()
@@ -122,8 +139,16 @@ impl Dataplane {
             generation,
             services,
             backends: by_id,
+            positions,
             vip_index,
         }
+    }
+
+    /// A service by id, if it is configured.
+    #[inline]
+    pub fn service(&self, id: ServiceId) -> Option<&Service> {
+        let i = (*self.positions.get(id as usize)?)?;
+        self.services.get(usize::from(i))
     }
 
     /// The service a packet is addressed to.
@@ -135,8 +160,8 @@ impl Dataplane {
     /// The service with this VIP (as bits), port and protocol.
     #[inline]
     pub fn find_service(&self, vip: u128, port: u16, proto: u8) -> Option<&Service> {
-        let id = *self.vip_index.get(&(vip, port, proto))?;
-        self.services.get(id as usize)
+        let i = *self.vip_index.get(&(vip, port, proto))?;
+        self.services.get(usize::from(i))
     }
 
     /// A service by name.
@@ -152,7 +177,7 @@ impl Dataplane {
 
     /// The backend of a service with this name.
     pub fn find_backend(&self, service: ServiceId, name: &str) -> Option<&Backend> {
-        let s = self.services.get(service as usize)?;
+        let s = self.service(service)?;
         s.backends
             .iter()
             .filter_map(|&id| self.backend(id))

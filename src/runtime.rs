@@ -457,17 +457,22 @@ impl TrafficReport {
     fn to_json(&self, dp: &crate::dataplane::Dataplane) -> serde_json::Value {
         let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
         for (dst, n) in &self.delivered {
-            let owner =
-                dp.backends
-                    .iter()
-                    .flatten()
-                    .find(|b| match dp.services[b.service as usize].mode {
-                        ForwardMode::IpIp { .. } => b.addr_bits == *dst,
-                        ForwardMode::L2 => b.mac.is_some_and(|m| mac_key(&m) == *dst),
-                    });
+            let owner = dp.backends.iter().flatten().find(|b| {
+                match dp.service(b.service).map(|s| s.mode) {
+                    Some(ForwardMode::IpIp { .. }) => b.addr_bits == *dst,
+                    Some(ForwardMode::L2) => b.mac.is_some_and(|m| mac_key(&m) == *dst),
+                    None => false,
+                }
+            });
             let name = owner.map_or_else(
                 || "other".to_string(),
-                |b| format!("{}/{}", dp.services[b.service as usize].name, b.name),
+                |b| {
+                    format!(
+                        "{}/{}",
+                        dp.service(b.service).map_or("?", |s| s.name.as_str()),
+                        b.name
+                    )
+                },
             );
             *by_backend.entry(name).or_insert(0) += n;
         }

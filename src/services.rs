@@ -68,6 +68,7 @@ pub struct BackendSpec {
 
 #[derive(Clone, Debug)]
 struct ServiceEntry {
+    id: ServiceId,
     name: String,
     vip: IpAddr,
     port: u16,
@@ -94,6 +95,8 @@ impl ServiceEntry {
             },
         };
         Ok(ServiceEntry {
+            // Given by the registry.
+            id: 0,
             name: s.name.clone(),
             vip: s.vip,
             port: s.port,
@@ -192,6 +195,9 @@ pub struct ServiceRegistry {
     /// unlikely to meet a new backend under its old id.
     next_id: BackendId,
     in_use: Vec<bool>,
+    /// The same for service ids.
+    next_service: ServiceId,
+    service_in_use: Vec<bool>,
 }
 
 impl ServiceRegistry {
@@ -208,9 +214,12 @@ impl ServiceRegistry {
             services: Vec::with_capacity(cfg.services.len()),
             next_id: 0,
             in_use: vec![false; MAX_BACKENDS],
+            next_service: 0,
+            service_in_use: vec![false; MAX_SERVICES],
         };
         for s in &cfg.services {
             let mut entry = ServiceEntry::from_config(s)?;
+            entry.id = reg.allocate_service_id()?;
             for b in &s.backends {
                 let spec = BackendSpec {
                     name: b.name.clone(),
@@ -238,12 +247,27 @@ impl ServiceRegistry {
         Err(RegistryError::Full)
     }
 
+    /// A service id, handed out like backend ids: in increasing order, an
+    /// id given up reused only once every id was used.
+    fn allocate_service_id(&mut self) -> Result<ServiceId, RegistryError> {
+        for step in 0..MAX_SERVICES {
+            let id = (self.next_service as usize + step) % MAX_SERVICES;
+            if !self.service_in_use[id] {
+                self.service_in_use[id] = true;
+                self.next_service = ((id + 1) % MAX_SERVICES) as ServiceId;
+                return Ok(id as ServiceId);
+            }
+        }
+        Err(RegistryError::Invalid(format!(
+            "more than {MAX_SERVICES} services"
+        )))
+    }
+
     fn service_mut(&mut self, name: &str) -> Result<(ServiceId, &mut ServiceEntry), RegistryError> {
         self.services
             .iter_mut()
-            .enumerate()
-            .find(|(_, s)| s.name == name)
-            .map(|(i, s)| (i as ServiceId, s))
+            .find(|s| s.name == name)
+            .map(|s| (s.id, s))
             .ok_or_else(|| RegistryError::NoSuchService(name.to_string()))
     }
 
@@ -261,10 +285,10 @@ impl ServiceRegistry {
         self.generation += 1;
         let mut services = Vec::with_capacity(self.services.len());
         let mut backends = Vec::new();
-        for (i, s) in self.services.iter_mut().enumerate() {
+        for s in self.services.iter_mut() {
             let maglev = s.maglev_table()?;
             services.push(Service {
-                id: i as ServiceId,
+                id: s.id,
                 name: s.name.clone(),
                 vip: s.vip,
                 vip_bits: ip_bits(s.vip),
@@ -281,7 +305,7 @@ impl ServiceRegistry {
             for (id, b) in &s.backends {
                 backends.push(Backend {
                     id: *id,
-                    service: i as ServiceId,
+                    service: s.id,
                     name: b.name.clone(),
                     addr: b.addr,
                     addr_bits: ip_bits(b.addr),
@@ -367,18 +391,31 @@ impl ServiceRegistry {
     }
 
     /// Applies a new configuration's services and backends (hot reload).
-    /// Services are matched by name, backends by (service, name): those kept
-    /// keep their ids, so established connections stay where they are.
-    /// Returns the ids of backends that are gone. On error nothing changes.
+    /// Services are matched by (name, VIP, port, protocol), backends by
+    /// (service, name, address): those kept keep their ids, so established
+    /// connections stay where they are and per-service counters and
+    /// affinities stay with their service. New ones get ids not used
+    /// before (until every id was). Returns the ids of backends that are
+    /// gone. On error nothing changes.
     pub fn reload(&mut self, cfg: &Config) -> Result<Vec<BackendId>, RegistryError> {
         let mut next = self.clone();
         let mut services = Vec::with_capacity(cfg.services.len());
         let mut kept = vec![false; MAX_BACKENDS];
+        let mut kept_services = vec![false; MAX_SERVICES];
+        // Positions in `services` of services that need an id.
+        let mut new_services = Vec::new();
         for s in &cfg.services {
             let mut entry = ServiceEntry::from_config(s)?;
             let old = self.services.iter().find(|o| {
                 o.name == s.name && o.vip == s.vip && o.port == s.port && o.proto == entry.proto
             });
+            match old {
+                Some(o) => {
+                    entry.id = o.id;
+                    kept_services[o.id as usize] = true;
+                }
+                None => new_services.push(services.len()),
+            }
             for b in &s.backends {
                 let spec = BackendSpec {
                     name: b.name.clone(),
@@ -421,6 +458,17 @@ impl ServiceRegistry {
             .collect();
         for id in &removed {
             next.in_use[*id as usize] = false;
+        }
+        for o in &self.services {
+            if !kept_services[o.id as usize] {
+                next.service_in_use[o.id as usize] = false;
+            }
+        }
+        // After the removed ones were given up, so that a full set of new
+        // services fits; ids are handed out from where the last one left
+        // off, so one just given up is normally not taken again.
+        for i in new_services {
+            services[i].id = next.allocate_service_id()?;
         }
         next.services = services;
         // Build the tables now so that a bad table size is refused here.
@@ -543,5 +591,70 @@ weight = 300
         let dp = r.snapshot().unwrap();
         assert_eq!(r.backend_id("web", "b"), Some(1));
         assert_eq!(dp.find_backend(0, "c").unwrap().id, 2);
+    }
+
+    /// A configuration of TCP services on one VIP, each named and on its
+    /// own port, with one backend.
+    fn services_on_ports(services: &[(&str, u16)]) -> Config {
+        let text: String = services
+            .iter()
+            .map(|(name, port)| {
+                format!(
+                    "[[services]]\nname = \"{name}\"\nvip = \"192.0.2.10\"\nport = {port}\n\
+                     protocol = \"tcp\"\nforwarding = \"ipip\"\nipip_source = \"198.51.100.1\"\n\
+                     [[services.backends]]\nname = \"x\"\naddress = \"10.0.0.9\"\nweight = 1\n"
+                )
+            })
+            .collect();
+        Config::parse(&crate::config::testing::with_services(&text), "t.toml").unwrap()
+    }
+
+    /// (name, id) of each service of the next snapshot, and a check that
+    /// every backend names its service's id.
+    fn ids(r: &mut ServiceRegistry) -> Vec<(String, ServiceId)> {
+        let dp = r.snapshot().unwrap();
+        for s in &dp.services {
+            assert_eq!(dp.service(s.id).unwrap().name, s.name);
+            for &b in &s.backends {
+                assert_eq!(dp.backend(b).unwrap().service, s.id);
+            }
+        }
+        dp.services.iter().map(|s| (s.name.clone(), s.id)).collect()
+    }
+
+    #[test]
+    fn reload_keeps_service_ids_and_gives_new_services_fresh_ones() {
+        let named = |v: &[(&str, ServiceId)]| -> Vec<(String, ServiceId)> {
+            v.iter().map(|(n, i)| (n.to_string(), *i)).collect()
+        };
+        let mut r =
+            ServiceRegistry::from_config(&services_on_ports(&[("a", 1), ("b", 2), ("c", 3)]))
+                .unwrap();
+        assert_eq!(ids(&mut r), named(&[("a", 0), ("b", 1), ("c", 2)]));
+        // `a` removed, `b` and `c` swapped, `d` added: the kept ones keep
+        // their ids, and `d` gets one never used, not `a`'s.
+        r.reload(&services_on_ports(&[("c", 3), ("b", 2), ("d", 4)]))
+            .unwrap();
+        assert_eq!(ids(&mut r), named(&[("c", 2), ("b", 1), ("d", 3)]));
+        // A service on another port is another service.
+        r.reload(&services_on_ports(&[("c", 5), ("b", 2)])).unwrap();
+        assert_eq!(ids(&mut r), named(&[("c", 4), ("b", 1)]));
+    }
+
+    #[test]
+    fn a_full_set_of_new_services_fits_once_the_old_are_gone() {
+        let names: Vec<String> = (0..MAX_SERVICES).map(|i| format!("s{i}")).collect();
+        let on = |base: u16| -> Vec<(&str, u16)> {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.as_str(), base + i as u16))
+                .collect()
+        };
+        let mut r = ServiceRegistry::from_config(&services_on_ports(&on(1000))).unwrap();
+        r.reload(&services_on_ports(&on(2000))).unwrap();
+        let mut got: Vec<ServiceId> = ids(&mut r).into_iter().map(|(_, id)| id).collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..MAX_SERVICES as ServiceId).collect::<Vec<_>>());
     }
 }

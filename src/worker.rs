@@ -18,6 +18,7 @@ use std::time::Instant;
 use crate::affinity::{AffinityQuery, AffinityReader, AutoAffinityTable, AutoSlot};
 use crate::dataplane::{
     BackendId, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service, ServiceId,
+    MAX_SERVICES,
 };
 use crate::flow::{FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState, Untracked, NO_AUTO_SLOT};
 use crate::forward;
@@ -191,23 +192,21 @@ impl<IO: PacketIo> Worker<IO> {
         received
     }
 
+    /// The round-robin state of each service that uses it, by service id.
     fn rebuild_wrr(&mut self) {
         let dp = &self.dp;
-        self.wrr = dp
-            .services
-            .iter()
-            .map(|s| match s.scheduler {
-                SchedulerKind::RoundRobin => {
-                    let weights: Vec<u32> = s
-                        .backends
-                        .iter()
-                        .map(|&id| dp.backend(id).map_or(0, |b| b.weight))
-                        .collect();
-                    Some(SmoothWrr::new(&weights))
-                }
-                SchedulerKind::Maglev => None,
-            })
-            .collect();
+        let mut wrr: Vec<Option<SmoothWrr>> = (0..MAX_SERVICES).map(|_| None).collect();
+        for s in dp.services.iter() {
+            if s.scheduler == SchedulerKind::RoundRobin {
+                let weights: Vec<u32> = s
+                    .backends
+                    .iter()
+                    .map(|&id| dp.backend(id).map_or(0, |b| b.weight))
+                    .collect();
+                wrr[s.id as usize] = Some(SmoothWrr::new(&weights));
+            }
+        }
+        self.wrr = wrr;
     }
 
     #[inline(always)]
@@ -384,7 +383,7 @@ impl<IO: PacketIo> Worker<IO> {
         src_mac: [u8; 6],
     ) -> Result<(), DropReason> {
         let svc = service
-            .and_then(|id| dp.services.get(id as usize))
+            .and_then(|id| dp.service(id))
             .ok_or(DropReason::NoService)?;
         let backend = self.route(dp, svc, query, p, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
@@ -659,8 +658,8 @@ fn release_flow(
 ) {
     counters.backends[e.backend as usize].active.sub(1);
     if e.auto_slot != NO_AUTO_SLOT {
-        // The service by the flow's destination, not by an id: ids are
-        // renumbered when the configuration is reloaded.
+        // The service by the flow's destination: the flow table keeps no
+        // service ids (a removed service's id may be given to another).
         let linger_ms = dp
             .service_for(&e.key)
             .and_then(|s| s.auto_affinity)
@@ -1145,11 +1144,13 @@ mod tests {
         assert_ne!(backend_index(next), pinned);
     }
 
-    /// A reload renumbers services; a flow that ends afterwards releases
-    /// its auto-affinity pin with the linger of its own service (found by
-    /// the flow's destination), not of the service that now has its old id.
+    /// A snapshot that gives services other ids (the registry keeps ids,
+    /// but one given up is eventually reused): a flow that ends afterwards
+    /// releases its auto-affinity pin with the linger of its own service
+    /// (found by the flow's destination), not of the service that now has
+    /// its old id.
     #[test]
-    fn a_flow_ending_after_renumbering_lingers_as_its_service_says() {
+    fn a_flow_ending_after_its_service_changed_id_lingers_as_its_service_says() {
         let pinned_svc = |id: ServiceId, bes: &[Backend]| {
             let mut s = service(id, 80, PROTO_TCP, bes, SchedulerKind::Maglev, IPIP);
             s.auto_affinity = Some(AutoAffinity {

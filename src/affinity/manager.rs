@@ -266,9 +266,10 @@ impl AffinityManager {
         }
     }
 
-    /// Moves affinities to new service ids after a reload renumbered the
-    /// services: `map(old)` is the service's new id, or None when it is gone
-    /// (its affinities end, reason BackendRemoved, as its backends did).
+    /// Moves affinities to their services' ids after a reload: `map(old)`
+    /// is the service's id in the new configuration (the same, as the
+    /// registry keeps ids), or None when it is gone (its affinities end,
+    /// reason BackendRemoved, as its backends did).
     /// Owner, expiry, notify address and creation time are kept.
     pub fn remap_services(
         &mut self,

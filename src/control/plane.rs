@@ -19,7 +19,7 @@ use crate::control::proto::{
     self, AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
 };
 use crate::control::server::{ControlHandler, Response, ServerCounters};
-use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service, ServiceId};
+use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service, ServiceId, MAX_SERVICES};
 use crate::latency::{new_histogram, Percentiles};
 use crate::services::{BackendSpec, RegistryError, ServiceRegistry};
 use crate::stats::WorkerCounters;
@@ -377,7 +377,7 @@ impl ControlPlane {
     }
 
     fn notice(&self, e: &Ended) -> Option<EndedNotice> {
-        let svc = self.dp.services.get(e.key.service() as usize)?;
+        let svc = self.dp.service(e.key.service())?;
         let owner = self.backend_name(e.owner).unwrap_or("?").to_string();
         Some(EndedNotice {
             key: wire_key(svc, &e.key),
@@ -422,21 +422,23 @@ impl ControlPlane {
         let mut next = self.registry.clone();
         let removed = next.reload(cfg)?;
         let dp = next.snapshot()?;
-        // Service ids are positions in the file: a service removed or moved
-        // renumbers the others. Affinities follow their service to its new
-        // id (those of a removed service end with its backends).
-        let new_id = |s: &Service| {
-            cfg.services
-                .iter()
-                .position(|c| {
-                    c.name == s.name
-                        && ip_bits(c.vip) == s.vip_bits
-                        && c.port == s.port
-                        && c.protocol.number() == s.proto
-                })
-                .map(|i| i as ServiceId)
-        };
-        let map: Vec<Option<ServiceId>> = self.dp.services.iter().map(new_id).collect();
+        // A kept service keeps its id (the registry matches services by
+        // name, VIP, port and protocol), so its affinities stay; those of a
+        // removed service end with its backends.
+        let map: Vec<Option<ServiceId>> = (0..MAX_SERVICES)
+            .map(|old| {
+                let s = self.dp.service(old as ServiceId)?;
+                dp.services
+                    .iter()
+                    .find(|n| {
+                        n.name == s.name
+                            && n.vip_bits == s.vip_bits
+                            && n.port == s.port
+                            && n.proto == s.proto
+                    })
+                    .map(|n| n.id)
+            })
+            .collect();
         for id in &removed {
             self.end_backend(*id);
         }
@@ -638,7 +640,7 @@ impl ControlPlane {
             .skip(offset)
             .take(limit)
             .filter_map(|(k, r)| {
-                let svc = self.dp.services.get(k.service() as usize)?;
+                let svc = self.dp.service(k.service())?;
                 Some(AffinityEntry {
                     key: wire_key(svc, k),
                     owner: self.backend_name(r.owner).unwrap_or("?").to_string(),
@@ -1052,7 +1054,7 @@ address = "10.0.0.2"
     }
 
     #[test]
-    fn reload_that_renumbers_services_moves_their_affinities() {
+    fn reload_that_removes_a_service_keeps_the_others_ids_and_affinities() {
         let (mut p, r) = plane(&config_text());
         let text = config_text();
         let path = std::env::temp_dir().join(format!("pktdist-plane-{}.toml", std::process::id()));
@@ -1067,7 +1069,8 @@ address = "10.0.0.2"
             .code,
             ReturnCode::Ok
         );
-        // Remove the first service: web becomes service 0.
+        assert_eq!(p.dataplane().service_named("web").unwrap().id, 1);
+        // Remove the first service: web moves to the front but keeps its id.
         let start = text.find("[[services]]").unwrap();
         let second = start + 1 + text[start + 1..].find("[[services]]").unwrap();
         let next = format!("{}{}", &text[..start], &text[second..]);
@@ -1075,12 +1078,14 @@ address = "10.0.0.2"
         let msg = p.reload_from_file().unwrap();
         assert!(msg.contains("1 backend(s) removed"), "{msg}");
         assert_eq!(p.dataplane().services[0].name, "web");
+        assert_eq!(p.dataplane().service(1).unwrap().name, "web");
+        assert!(p.dataplane().service(0).is_none());
         assert_eq!(
-            r.lookup(0, Family::V4, 0xc612_0001, 1),
+            r.lookup(1, Family::V4, 0xc612_0001, 1),
             Some(2),
-            "followed web to id 0"
+            "stayed with web"
         );
-        assert_eq!(r.lookup(1, Family::V4, 0xc612_0001, 1), None);
+        assert_eq!(r.lookup(0, Family::V4, 0xc612_0001, 1), None);
         let list = call(
             &mut p,
             "admin",

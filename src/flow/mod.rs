@@ -128,8 +128,8 @@ impl Default for FlowTimeouts {
 
 /// One tracked connection, as handed to and from the table. The table
 /// stores it in a compact slot (the key packed, the time coarsely). It
-/// keeps no service id: those are renumbered when the configuration is
-/// reloaded, while the key's destination names the service for good.
+/// keeps no service id: the key's destination names the service, for as
+/// long as the flow lives, whatever ids later snapshots give out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEntry {
     pub key: FlowKey,

@@ -6,8 +6,8 @@
 //! 64): half the pages for the same flows, and the page walks they cost are
 //! most of an established packet's time.
 //!
-//! The list belongs to one table, so the service ids of a reloaded
-//! configuration (which are renumbered) never reach a slot: an index means
+//! The list belongs to one table and changes only with it (service ids,
+//! which belong to the configuration, never reach a slot): an index means
 //! one address for as long as a slot holds it. Each index counts the slots
 //! that hold it. A new address takes the next fresh index; once all
 //! [`MAX_VIPS`] have been handed out, one that no slot holds any more is
