@@ -185,19 +185,47 @@ impl ServiceEntry {
     }
 }
 
+/// Ids handed out in increasing order from where the last one left off, so
+/// that an id given up is reused only once the others were: something
+/// still holding an old id (a flow entry, a worker on the previous
+/// snapshot) is unlikely to meet a newcomer under it.
+#[derive(Clone, Debug)]
+struct IdPool {
+    next: usize,
+    in_use: Vec<bool>,
+}
+
+impl IdPool {
+    fn new(ids: usize) -> IdPool {
+        IdPool {
+            next: 0,
+            in_use: vec![false; ids],
+        }
+    }
+
+    /// The next free id; `None` when all are in use.
+    fn take(&mut self) -> Option<usize> {
+        let n = self.in_use.len();
+        let id = (0..n)
+            .map(|step| (self.next + step) % n)
+            .find(|&id| !self.in_use[id])?;
+        self.in_use[id] = true;
+        self.next = (id + 1) % n;
+        Some(id)
+    }
+
+    fn give_back(&mut self, id: usize) {
+        self.in_use[id] = false;
+    }
+}
+
 /// Services and backends as the control thread knows them.
 #[derive(Clone, Debug)]
 pub struct ServiceRegistry {
     generation: u64,
     services: Vec<ServiceEntry>,
-    /// Next backend id to try; ids are handed out in increasing order and
-    /// reused only once every id was used, so that a stale flow entry is
-    /// unlikely to meet a new backend under its old id.
-    next_id: BackendId,
-    in_use: Vec<bool>,
-    /// The same for service ids.
-    next_service: ServiceId,
-    service_in_use: Vec<bool>,
+    backend_ids: IdPool,
+    service_ids: IdPool,
 }
 
 impl ServiceRegistry {
@@ -212,10 +240,8 @@ impl ServiceRegistry {
         let mut reg = ServiceRegistry {
             generation: 0,
             services: Vec::with_capacity(cfg.services.len()),
-            next_id: 0,
-            in_use: vec![false; MAX_BACKENDS],
-            next_service: 0,
-            service_in_use: vec![false; MAX_SERVICES],
+            backend_ids: IdPool::new(MAX_BACKENDS),
+            service_ids: IdPool::new(MAX_SERVICES),
         };
         for s in &cfg.services {
             let mut entry = ServiceEntry::from_config(s)?;
@@ -236,31 +262,16 @@ impl ServiceRegistry {
     }
 
     fn allocate_id(&mut self) -> Result<BackendId, RegistryError> {
-        for step in 0..MAX_BACKENDS {
-            let id = (self.next_id as usize + step) % MAX_BACKENDS;
-            if !self.in_use[id] {
-                self.in_use[id] = true;
-                self.next_id = ((id + 1) % MAX_BACKENDS) as BackendId;
-                return Ok(id as BackendId);
-            }
-        }
-        Err(RegistryError::Full)
+        let id = self.backend_ids.take().ok_or(RegistryError::Full)?;
+        Ok(id as BackendId)
     }
 
-    /// A service id, handed out like backend ids: in increasing order, an
-    /// id given up reused only once every id was used.
     fn allocate_service_id(&mut self) -> Result<ServiceId, RegistryError> {
-        for step in 0..MAX_SERVICES {
-            let id = (self.next_service as usize + step) % MAX_SERVICES;
-            if !self.service_in_use[id] {
-                self.service_in_use[id] = true;
-                self.next_service = ((id + 1) % MAX_SERVICES) as ServiceId;
-                return Ok(id as ServiceId);
-            }
-        }
-        Err(RegistryError::Invalid(format!(
-            "more than {MAX_SERVICES} services"
-        )))
+        let id = self
+            .service_ids
+            .take()
+            .ok_or_else(|| RegistryError::Invalid(format!("more than {MAX_SERVICES} services")))?;
+        Ok(id as ServiceId)
     }
 
     fn service_mut(&mut self, name: &str) -> Result<(ServiceId, &mut ServiceEntry), RegistryError> {
@@ -386,7 +397,7 @@ impl ServiceRegistry {
             })?;
         let (id, _) = s.backends.remove(pos);
         s.maglev = None;
-        self.in_use[id as usize] = false;
+        self.backend_ids.give_back(id as usize);
         Ok(id)
     }
 
@@ -457,11 +468,11 @@ impl ServiceRegistry {
             .filter(|id| !kept[*id as usize])
             .collect();
         for id in &removed {
-            next.in_use[*id as usize] = false;
+            next.backend_ids.give_back(*id as usize);
         }
         for o in &self.services {
             if !kept_services[o.id as usize] {
-                next.service_in_use[o.id as usize] = false;
+                next.service_ids.give_back(o.id as usize);
             }
         }
         // After the removed ones were given up, so that a full set of new
