@@ -61,8 +61,8 @@ use vips::{Vip, Vips};
 
 pub use vips::MAX_VIPS;
 
-/// Slots per bucket, in both families: 256-byte IPv4 buckets and 512-byte
-/// IPv6 buckets, sixteen or eight to a 4 KiB page.
+/// Slots per bucket, in both families: 128-byte IPv4 buckets and 256-byte
+/// IPv6 buckets, thirty-two or sixteen to a 4 KiB page.
 pub const WAYS: usize = 8;
 /// Largest capacity of each family's sub-table (2^28 flows).
 pub const MAX_CAPACITY: usize = 1 << 28;
