@@ -156,7 +156,8 @@ pub struct WorkerCounters {
     pub flows_evicted: Counter,
     pub flows_expired: Counter,
     pub flows_closed: Counter,
-    /// New flows routed but not remembered (see `flow::Untracked`).
+    /// Flow-table inserts refused (see `flow::Untracked`): packets routed
+    /// without an entry.
     pub flows_untracked: Counter,
     /// Nanoseconds spent processing non-empty bursts.
     pub busy_ns: Counter,

@@ -150,8 +150,9 @@ pub struct Summary {
     pub syns: u64,
     pub new_connections: u64,
     pub unknown_flows: u64,
-    /// New flows routed but not remembered by a connection table (see
-    /// `flow::Untracked`; expected to stay 0).
+    /// Flow-table inserts refused (see `flow::Untracked`; expected to stay
+    /// 0): packets routed without an entry. Absent in older servers' JSON.
+    #[serde(default)]
     pub untracked_flows: u64,
     pub affinity_hits: u64,
     pub affinity_misses: u64,
@@ -349,7 +350,7 @@ impl Summary {
             self.unknown_flows,
             self.active_flows,
             if self.untracked_flows > 0 {
-                format!("  untracked flows {}", self.untracked_flows)
+                format!("  packets routed without a flow entry {}", self.untracked_flows)
             } else {
                 String::new()
             }

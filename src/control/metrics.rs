@@ -111,7 +111,7 @@ pub fn render(s: &Summary) -> String {
         ),
         (
             "pktdist_untracked_flows_total",
-            "New flows routed without a connection-table entry (all service-address indices held).",
+            "Flow-table inserts refused because all service-address indices were held: those packets were routed without an entry.",
             s.untracked_flows,
         ),
         (

@@ -22,6 +22,10 @@
 //! * IPv6: the same with the 128-bit client address: a 32-byte slot, eight
 //!   to a 256-byte bucket aligned to 256. 2^19 flows take 16 MiB.
 //!
+//! Each slot also has 4 bytes in a side array for its auto-affinity handle
+//! (8 MiB for 2^21 IPv4 flows), read only for slots marked as having one,
+//! so packets of other flows never touch its pages.
+//!
 //! (Earlier layouts: 32-byte IPv4 slots holding the whole 5-tuple, and
 //! before that a tag header line and seven 64-byte slot lines per bucket, 73
 //! bytes per flow.) A lookup compares the packed key with the bucket's eight
