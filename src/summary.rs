@@ -4,10 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
+use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{BackendId, Dataplane, Service, ServiceId};
 use crate::latency::{new_histogram, Percentiles};
 use crate::stats::{DropReason, WorkerCounters};
 
@@ -182,6 +184,100 @@ pub struct Summary {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+/// Where the per-service and per-backend figures of each id start. The
+/// workers' counters per id are cumulative, and an id is given to a new
+/// service or backend once every id was used; the newcomer's figures count
+/// from the values its id had when it got it, so it does not report its
+/// predecessor's totals. (A worker still on the previous snapshot for a
+/// moment may count a few more packets of the predecessor into the id.)
+#[derive(Clone, Debug, Default)]
+pub struct CounterBase {
+    services: HashMap<ServiceId, [u64; 5]>,
+    backends: HashMap<BackendId, [u64; 3]>,
+}
+
+impl CounterBase {
+    /// Notes the ids that `next` gives to a service or backend that `prev`
+    /// did not have under that id: they start at their values now.
+    pub fn update(&mut self, prev: &Dataplane, next: &Dataplane, workers: &[Arc<WorkerCounters>]) {
+        let same_service = |a: &Service, b: &Service| {
+            (a.name.as_str(), a.vip_bits, a.port, a.proto)
+                == (b.name.as_str(), b.vip_bits, b.port, b.proto)
+        };
+        for s in &next.services {
+            if !prev.service(s.id).is_some_and(|p| same_service(p, s)) {
+                self.services.insert(s.id, service_counts(workers, s.id));
+            }
+        }
+        for b in next.backends.iter().flatten() {
+            let kept = prev.backend(b.id).is_some_and(|p| {
+                (p.name.as_str(), p.addr) == (b.name.as_str(), b.addr)
+                    && match (prev.service(p.service), next.service(b.service)) {
+                        (Some(x), Some(y)) => same_service(x, y),
+                        _ => false,
+                    }
+            });
+            if !kept {
+                self.backends.insert(b.id, backend_counts(workers, b.id));
+            }
+        }
+    }
+
+    /// A service id's packets, new connections, affinity hits and misses
+    /// and auto-affinity hits since its service got it.
+    fn service(&self, workers: &[Arc<WorkerCounters>], id: ServiceId) -> [u64; 5] {
+        since(service_counts(workers, id), self.services.get(&id))
+    }
+
+    /// A backend id's connections, packets and bytes since its backend got
+    /// it.
+    fn backend(&self, workers: &[Arc<WorkerCounters>], id: BackendId) -> [u64; 3] {
+        since(backend_counts(workers, id), self.backends.get(&id))
+    }
+}
+
+fn since<const N: usize>(now: [u64; N], start: Option<&[u64; N]>) -> [u64; N] {
+    match start {
+        Some(s) => std::array::from_fn(|i| now[i].wrapping_sub(s[i])),
+        None => now,
+    }
+}
+
+/// A service id's cumulative counters, summed over the workers.
+fn service_counts(workers: &[Arc<WorkerCounters>], id: ServiceId) -> [u64; 5] {
+    let mut v = [0u64; 5];
+    for w in workers {
+        let c = &w.services[id as usize];
+        let each = [
+            c.packets.get(),
+            c.new_connections.get(),
+            c.affinity_hits.get(),
+            c.affinity_misses.get(),
+            c.auto_affinity_hits.get(),
+        ];
+        for (a, b) in v.iter_mut().zip(each) {
+            *a += b;
+        }
+    }
+    v
+}
+
+/// A backend id's cumulative counters (connections, packets, bytes),
+/// summed over the workers.
+fn backend_counts(workers: &[Arc<WorkerCounters>], id: BackendId) -> [u64; 3] {
+    let mut v = [0u64; 3];
+    for w in workers {
+        let c = &w.backends[id as usize];
+        for (a, b) in v
+            .iter_mut()
+            .zip([c.connections.get(), c.packets.get(), c.bytes.get()])
+        {
+            *a += b;
+        }
+    }
+    v
+}
+
 impl Summary {
     /// Builds the summary from the workers' counters.
     pub fn collect(
@@ -190,31 +286,40 @@ impl Summary {
         seconds: f64,
         affinities: usize,
     ) -> Summary {
+        Summary::collect_since(workers, dp, seconds, affinities, &CounterBase::default())
+    }
+
+    /// [`Summary::collect`], with each service's and backend's figures
+    /// counted from where `base` says its id started.
+    pub fn collect_since(
+        workers: &[std::sync::Arc<WorkerCounters>],
+        dp: &Dataplane,
+        seconds: f64,
+        affinities: usize,
+        base: &CounterBase,
+    ) -> Summary {
         let t = Totals::collect(workers);
         let services = dp
             .services
             .iter()
             .map(|s| {
-                let sum =
-                    |f: &dyn Fn(&WorkerCounters) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
-                let id = s.id as usize;
                 let total_weight: u64 = s
                     .backends
                     .iter()
                     .filter_map(|&b| dp.backend(b))
                     .map(|b| b.weight as u64)
                     .sum();
-                let conns: Vec<u64> = s
+                let counts: Vec<[u64; 3]> = s
                     .backends
                     .iter()
-                    .map(|&b| sum(&|w| w.backends[b as usize].connections.get()))
+                    .map(|&b| base.backend(workers, b))
                     .collect();
-                let total_conns: u64 = conns.iter().sum();
+                let total_conns: u64 = counts.iter().map(|c| c[0]).sum();
                 let backends = s
                     .backends
                     .iter()
-                    .zip(&conns)
-                    .filter_map(|(&b, &c)| {
+                    .zip(&counts)
+                    .filter_map(|(&b, &[c, packets, bytes])| {
                         let be = dp.backend(b)?;
                         let active: i64 = workers
                             .iter()
@@ -227,12 +332,14 @@ impl Summary {
                             weight_share: share(be.weight as u64, total_weight),
                             connections: c,
                             connection_share: share(c, total_conns),
-                            packets: sum(&|w| w.backends[b as usize].packets.get()),
-                            bytes: sum(&|w| w.backends[b as usize].bytes.get()),
+                            packets,
+                            bytes,
                             active_connections: active,
                         })
                     })
                     .collect();
+                let [packets, new_connections, affinity_hits, affinity_misses, auto_affinity_hits] =
+                    base.service(workers, s.id);
                 ServiceSummary {
                     name: s.name.clone(),
                     vip: s.vip.to_string(),
@@ -243,11 +350,11 @@ impl Summary {
                         "udp"
                     }
                     .to_string(),
-                    packets: sum(&|w| w.services[id].packets.get()),
-                    new_connections: sum(&|w| w.services[id].new_connections.get()),
-                    affinity_hits: sum(&|w| w.services[id].affinity_hits.get()),
-                    affinity_misses: sum(&|w| w.services[id].affinity_misses.get()),
-                    auto_affinity_hits: sum(&|w| w.services[id].auto_affinity_hits.get()),
+                    packets,
+                    new_connections,
+                    affinity_hits,
+                    affinity_misses,
+                    auto_affinity_hits,
                     backends,
                 }
             })
@@ -523,6 +630,57 @@ mod tests {
             max_affinity: Duration::from_secs(60),
         };
         Dataplane::new(1, vec![svc], backends)
+    }
+
+    /// A reused service id and a reused backend id report their new owner's
+    /// figures only; kept ones carry on, and the totals stay cumulative.
+    #[test]
+    fn reused_ids_count_from_when_their_owner_got_them() {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        let count = |svc: u64, conns: u64| {
+            w[0].services[0].new_connections.add(svc);
+            w[0].backends[1].connections.add(conns);
+            w[0].backends[1].packets.add(10 * conns);
+        };
+        let first = dp();
+        let mut base = CounterBase::default();
+        count(30, 7);
+        // The same services and backends again: nothing starts over.
+        let again = dp();
+        base.update(&first, &again, &w);
+        count(3, 1);
+        let s = Summary::collect_since(&w, &again, 1.0, 0, &base);
+        assert_eq!(s.services[0].new_connections, 33);
+        assert_eq!(
+            (
+                s.services[0].backends[1].connections,
+                s.services[0].backends[1].packets
+            ),
+            (8, 80)
+        );
+        // Service id 0 and backend id 1 go to newcomers.
+        let mut next = dp();
+        next.services[0].name = "mail".into();
+        let mut reused = next.backends[1].clone().unwrap();
+        reused.name = "be9".into();
+        let services = next.services.clone();
+        let backends = vec![next.backends[0].clone().unwrap(), reused];
+        let next = Dataplane::new(2, services, backends);
+        w[0].backends[0].connections.add(5);
+        base.update(&again, &next, &w);
+        count(2, 4);
+        let s = Summary::collect_since(&w, &next, 1.0, 0, &base);
+        assert_eq!(s.services[0].name, "mail");
+        assert_eq!(s.services[0].new_connections, 2);
+        let be9 = &s.services[0].backends[1];
+        assert_eq!(
+            (be9.name.as_str(), be9.connections, be9.packets),
+            ("be9", 4, 40)
+        );
+        // Backend 0 belongs to a new service now: it starts over too.
+        assert_eq!(s.services[0].backends[0].connections, 0);
+        // The totals are the workers' own, cumulative.
+        assert_eq!(s.new_connections, 35);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service, ServiceId, 
 use crate::latency::{new_histogram, Percentiles};
 use crate::services::{BackendSpec, RegistryError, ServiceRegistry};
 use crate::stats::WorkerCounters;
-use crate::summary::{PortSummary, Summary};
+use crate::summary::{CounterBase, PortSummary, Summary};
 
 /// Counts of what the control plane did, by outcome.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,6 +43,8 @@ pub struct ControlPlane {
     dp: Arc<Dataplane>,
     affinities: AffinityManager,
     workers: Vec<Arc<WorkerCounters>>,
+    /// Where the figures of reused service and backend ids start.
+    counter_base: CounterBase,
     epoch: Instant,
     /// Ended affinities, resolved to notices while their owner's name is
     /// still known: (where to send, notice).
@@ -83,6 +85,7 @@ impl ControlPlane {
             dp,
             affinities,
             workers,
+            counter_base: CounterBase::default(),
             epoch,
             notices: Vec::new(),
             counters: PlaneCounters::default(),
@@ -318,7 +321,13 @@ impl ControlPlane {
     /// latency and affinity lifetimes.
     pub fn summary(&self) -> Summary {
         let secs = self.epoch.elapsed().as_secs_f64();
-        let mut s = Summary::collect(&self.workers, &self.dp, secs, self.affinities.len());
+        let mut s = Summary::collect_since(
+            &self.workers,
+            &self.dp,
+            secs,
+            self.affinities.len(),
+            &self.counter_base,
+        );
         if let Some(ports) = &self.port_stats {
             s.ports = ports();
         }
@@ -401,6 +410,7 @@ impl ControlPlane {
     /// Makes `next` the registry and publishes its snapshot `dp` (built
     /// first, so that a change that cannot be built changes nothing).
     fn commit(&mut self, next: ServiceRegistry, dp: Dataplane) {
+        self.counter_base.update(&self.dp, &dp, &self.workers);
         self.registry = next;
         self.cell.publish(dp);
         self.dp = self.cell.load();
