@@ -89,6 +89,15 @@ pub struct Service {
     pub max_affinity: Duration,
 }
 
+impl Service {
+    /// The same service: same name, VIP, port and protocol, whatever else
+    /// (backends, weights, scheduler) changed.
+    pub fn same_as(&self, other: &Service) -> bool {
+        (self.name.as_str(), self.vip_bits, self.port, self.proto)
+            == (other.name.as_str(), other.vip_bits, other.port, other.proto)
+    }
+}
+
 /// One immutable snapshot of the whole service configuration.
 #[derive(Debug, Default)]
 pub struct Dataplane {
@@ -162,6 +171,14 @@ impl Dataplane {
     pub fn find_service(&self, vip: u128, port: u16, proto: u8) -> Option<&Service> {
         let i = *self.vip_index.get(&(vip, port, proto))?;
         self.services.get(usize::from(i))
+    }
+
+    /// True when `id` names the same service here as in `prev`.
+    pub fn keeps_service(&self, prev: &Dataplane, id: ServiceId) -> bool {
+        match (prev.service(id), self.service(id)) {
+            (Some(a), Some(b)) => a.same_as(b),
+            _ => false,
+        }
     }
 
     /// A service by name.

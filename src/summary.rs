@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::{BackendId, Dataplane, Service, ServiceId};
+use crate::dataplane::{BackendId, Dataplane, ServiceId};
 use crate::latency::{new_histogram, Percentiles};
 use crate::stats::{DropReason, WorkerCounters};
 
@@ -200,22 +200,15 @@ impl CounterBase {
     /// Notes the ids that `next` gives to a service or backend that `prev`
     /// did not have under that id: they start at their values now.
     pub fn update(&mut self, prev: &Dataplane, next: &Dataplane, workers: &[Arc<WorkerCounters>]) {
-        let same_service = |a: &Service, b: &Service| {
-            (a.name.as_str(), a.vip_bits, a.port, a.proto)
-                == (b.name.as_str(), b.vip_bits, b.port, b.proto)
-        };
         for s in &next.services {
-            if !prev.service(s.id).is_some_and(|p| same_service(p, s)) {
+            if !next.keeps_service(prev, s.id) {
                 self.services.insert(s.id, service_counts(workers, s.id));
             }
         }
         for b in next.backends.iter().flatten() {
             let kept = prev.backend(b.id).is_some_and(|p| {
-                (p.name.as_str(), p.addr) == (b.name.as_str(), b.addr)
-                    && match (prev.service(p.service), next.service(b.service)) {
-                        (Some(x), Some(y)) => same_service(x, y),
-                        _ => false,
-                    }
+                (p.name.as_str(), p.addr, p.service) == (b.name.as_str(), b.addr, b.service)
+                    && next.keeps_service(prev, b.service)
             });
             if !kept {
                 self.backends.insert(b.id, backend_counts(workers, b.id));

@@ -6,10 +6,11 @@
 //! rewrite changes both); parse them, hash them and prefetch their flow-table
 //! buckets and, for SYNs, prepare their affinity lookups (which prefetch the
 //! affinity buckets); then route and rewrite each packet and queue it for
-//! transmission, hinting the affinity slots of the SYN a few packets ahead. Everything the loop writes is its own (flow
-//! table, counters, round-robin state); everything shared (dataplane snapshot,
-//! affinity table) is read-mostly, and the shared auto-affinity table is
-//! written only on new and ending connections of services that enable it.
+//! transmission, hinting the affinity slots of the SYN a few packets ahead.
+//! Everything the loop writes is its own (flow table, counters, round-robin
+//! state); everything shared (dataplane snapshot, affinity table) is
+//! read-mostly, and the shared auto-affinity table is written only on new
+//! and ending connections of services that enable it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

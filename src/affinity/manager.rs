@@ -14,7 +14,7 @@ use super::key::AffinityKey;
 use super::table::{AffinityReader, AffinityWriter};
 use super::wheel::Wheel;
 use super::AffinityError;
-use crate::dataplane::{BackendId, ServiceId};
+use crate::dataplane::BackendId;
 
 /// The control thread's record of one affinity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,58 +266,6 @@ impl AffinityManager {
         }
     }
 
-    /// Moves affinities to their services' ids after a reload: `map(old)`
-    /// is the service's id in the new configuration (the same, as the
-    /// registry keeps ids), or None when it is gone (its affinities end,
-    /// reason BackendRemoved, as its backends did).
-    /// Owner, expiry, notify address and creation time are kept.
-    pub fn remap_services(
-        &mut self,
-        map: impl Fn(ServiceId) -> Option<ServiceId>,
-        now_ms: u64,
-        out: &mut Vec<Ended>,
-    ) {
-        let moved: Vec<AffinityKey> = self
-            .index
-            .keys()
-            .filter(|k| map(k.service()) != Some(k.service()))
-            .copied()
-            .collect();
-        // Remove all first: two services may trade ids.
-        let records: Vec<(AffinityKey, Record)> = moved
-            .into_iter()
-            .filter_map(|k| self.remove_entry(&k).map(|r| (k, r)))
-            .collect();
-        for (key, rec) in records {
-            let ended = |reason| Ended {
-                key,
-                owner: rec.owner,
-                notify: rec.notify,
-                reason,
-                created_ms: rec.created_ms,
-            };
-            let Some(new) = map(key.service()) else {
-                out.push(ended(EndReason::BackendRemoved));
-                continue;
-            };
-            let Ok(new_key) =
-                AffinityKey::new(new, key.family(), key.addr(), key.prefix_len(), key.ports())
-            else {
-                out.push(ended(EndReason::BackendRemoved));
-                continue;
-            };
-            let remaining = rec.expires.map(|e| e.saturating_sub(now_ms).max(1));
-            match self.create(new_key, rec.owner, remaining, rec.notify, now_ms) {
-                Ok(_) => {
-                    if let Some(e) = self.index.get_mut(&new_key) {
-                        e.rec.created_ms = rec.created_ms;
-                    }
-                }
-                Err(_) => out.push(ended(EndReason::BackendRemoved)),
-            }
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.index.len()
     }
@@ -517,32 +465,6 @@ mod tests {
         out.clear();
         m.expire(1_000, &mut out);
         assert_eq!(out.len(), 10);
-    }
-
-    #[test]
-    fn remap_moves_affinities_between_service_ids() {
-        let (mut m, r) = mgr(64);
-        // Service 1 holds two affinities, service 2 one (key() uses service 1).
-        m.create(key(1, 32), 7, Some(5_000), None, 0).unwrap();
-        m.create(key(2, 32), 7, None, None, 0).unwrap();
-        let other = AffinityKey::new(2, Family::V4, 9, 32, PortMatch::Any).unwrap();
-        m.create(other, 8, Some(5_000), None, 0).unwrap();
-        let mut out = Vec::new();
-        // Services 1 and 2 trade ids.
-        m.remap_services(|s| Some(if s == 1 { 2 } else { 1 }), 1_000, &mut out);
-        assert!(out.is_empty());
-        assert_eq!(r.lookup(2, Family::V4, 1, 1), Some(7));
-        assert_eq!(r.lookup(1, Family::V4, 1, 1), None);
-        assert_eq!(r.lookup(1, Family::V4, 9, 1), Some(8));
-        let moved = AffinityKey::new(2, Family::V4, 1, 32, PortMatch::Any).unwrap();
-        assert_eq!(m.get(&moved).unwrap().expires, Some(5_000), "expiry kept");
-        let stat = AffinityKey::new(2, Family::V4, 2, 32, PortMatch::Any).unwrap();
-        assert_eq!(m.get(&stat).unwrap().expires, None, "static stays static");
-        // A service that is gone ends its affinities.
-        m.remap_services(|s| if s == 1 { None } else { Some(s) }, 2_000, &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].reason, EndReason::BackendRemoved);
-        assert_eq!(m.len(), 2);
     }
 
     #[test]

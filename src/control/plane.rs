@@ -19,7 +19,7 @@ use crate::control::proto::{
     self, AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
 };
 use crate::control::server::{ControlHandler, Response, ServerCounters};
-use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service, ServiceId, MAX_SERVICES};
+use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service};
 use crate::latency::{new_histogram, Percentiles};
 use crate::services::{BackendSpec, RegistryError, ServiceRegistry};
 use crate::stats::WorkerCounters;
@@ -433,34 +433,12 @@ impl ControlPlane {
         let removed = next.reload(cfg)?;
         let dp = next.snapshot()?;
         // A kept service keeps its id (the registry matches services by
-        // name, VIP, port and protocol), so its affinities stay; those of a
-        // removed service end with its backends.
-        let map: Vec<Option<ServiceId>> = (0..MAX_SERVICES)
-            .map(|old| {
-                let s = self.dp.service(old as ServiceId)?;
-                dp.services
-                    .iter()
-                    .find(|n| {
-                        n.name == s.name
-                            && n.vip_bits == s.vip_bits
-                            && n.port == s.port
-                            && n.proto == s.proto
-                    })
-                    .map(|n| n.id)
-            })
-            .collect();
+        // name, VIP, port and protocol), so its affinities stay where they
+        // are. Every affinity is owned by a backend of its service, so a
+        // removed service's affinities end with its backends.
         for id in &removed {
             self.end_backend(*id);
         }
-        let mut ended = Vec::new();
-        let now = self.now_ms();
-        self.affinities.remap_services(
-            |old| map.get(old as usize).copied().flatten(),
-            now,
-            &mut ended,
-        );
-        self.counters.ended_backend_removed += ended.len() as u64;
-        self.queue_notices(ended);
         self.commit(next, dp);
         Ok(removed)
     }
@@ -842,6 +820,7 @@ mod tests {
     use crate::affinity::{AffinityReader, AffinityTable};
     use crate::control::proto::{AffinityKey as WireKey, BackendSpec as WireBackend, PortMatch};
     use crate::control::server::Payload;
+    use crate::dataplane::ServiceId;
     use crate::packet::Family;
 
     /// The first service of the test configuration, before web.
@@ -1079,6 +1058,21 @@ address = "10.0.0.2"
             .code,
             ReturnCode::Ok
         );
+        // An affinity on the service the reload removes.
+        let mut on_mail = op("198.18.1.0", 24, Some("m1"), 60);
+        on_mail.key = WireKey::new(
+            ServiceAddr::tcp("192.0.2.25:25".parse().unwrap()),
+            "198.18.1.0".parse().unwrap(),
+            24,
+        )
+        .unwrap()
+        .with_ports(PortMatch::Any);
+        assert_eq!(
+            call(&mut p, "m1", Request::AffinityCreate(on_mail)).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(r.lookup(0, Family::V4, 0xc612_0101, 1), Some(0));
+        p.take_notices();
         assert_eq!(p.dataplane().service_named("web").unwrap().id, 1);
         // Remove the first service: web moves to the front but keeps its id.
         let start = text.find("[[services]]").unwrap();
@@ -1090,6 +1084,11 @@ address = "10.0.0.2"
         assert_eq!(p.dataplane().services[0].name, "web");
         assert_eq!(p.dataplane().service(1).unwrap().name, "web");
         assert!(p.dataplane().service(0).is_none());
+        // The removed service's affinity ended with its backend.
+        assert_eq!(r.lookup(0, Family::V4, 0xc612_0101, 1), None);
+        let notices = p.take_notices();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(notices[0].1.reason, proto::EndReason::BackendRemoved);
         assert_eq!(
             r.lookup(1, Family::V4, 0xc612_0001, 1),
             Some(2),
