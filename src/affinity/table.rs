@@ -30,8 +30,11 @@
 //! two buckets' worth of ranges per prefix fit. Per (service, family) the
 //! writer keeps bitmaps of which prefix lengths, and which port kinds per
 //! length, are present; the reader probes only those, longest prefix first and
-//! one port, range, any within a length. An empty table costs a few loads; a
-//! table of /32s costs one probe.
+//! one port, range, any within a length. While at most [`PREFETCH_MAX`] such
+//! pairs exist (the common case: say /32s and /24s), the writer also lists
+//! them in one word, the plan, which a lookup reads instead of walking the
+//! bitmaps: that walk cost a SYN more instructions than its probes. An empty
+//! table costs a few loads; a table of /32s costs one probe.
 //!
 //! A worker looks a whole burst's SYNs up in stages, so that their misses
 //! overlap: [`AffinityReader::prepare`] hashes a SYN's probes once and
@@ -68,6 +71,13 @@ const KIND_RANGE: u64 = 2;
 const OCCUPIED: u64 = 1 << 27;
 /// The part of a metadata word without the port bounds.
 const META_LOW: u64 = 0xffff_ffff;
+/// A plan word holds up to [`PREFETCH_MAX`] entries of 16 bits, the first
+/// probe in the low bits, each `PLAN_VALID | kind << 8 | prefix length`, and
+/// zeros after the last.
+const PLAN_VALID: u64 = 0x8000;
+/// The plan word when more pairs are present than fit: lookups walk the
+/// bitmaps instead.
+const PLAN_LONG: u64 = u64::MAX;
 
 /// The key does not fit: the table holds `capacity` entries, or both of the
 /// key's buckets are full.
@@ -104,7 +114,11 @@ struct Presence {
     plens: [AtomicU64; 3],
     /// Per prefix length, bit `1 << kind` for each port kind present.
     kinds: [AtomicU8; 129],
-    /// Bumped after every change of the bits above, so that a prepared
+    /// The (prefix length, port kind) pairs present, in lookup order, in one
+    /// word (see [`PLAN_VALID`]): a lookup reads it instead of walking the
+    /// bitmaps, which costs a SYN more instructions than its probes do.
+    plan: AtomicU64,
+    /// Bumped after every change of the fields above, so that a prepared
     /// query can tell whether its probes are still the lookup's.
     changes: AtomicU32,
 }
@@ -114,6 +128,7 @@ impl Default for Presence {
         Presence {
             plens: Default::default(),
             kinds: core::array::from_fn(|_| AtomicU8::new(0)),
+            plan: AtomicU64::new(0),
             changes: AtomicU32::new(0),
         }
     }
@@ -324,6 +339,43 @@ impl Probe {
     }
 }
 
+/// The (prefix length, port kind) pairs present in `pres`, in lookup
+/// order: longest prefix first; within one, one port, range, any.
+#[inline(always)]
+fn present_pairs(pres: &Presence, family: Family) -> impl Iterator<Item = (u8, u64)> + '_ {
+    let words = match family {
+        Family::V4 => 1,
+        Family::V6 => 3,
+    };
+    (0..words).rev().flat_map(move |w| {
+        let mut bits = pres.plens[w].load(Ordering::Acquire);
+        core::iter::from_fn(move || {
+            let b = bits.checked_ilog2()?;
+            bits &= !(1u64 << b);
+            Some((w as u32 * 64 + b) as u8)
+        })
+        .flat_map(move |plen| {
+            let kinds = u64::from(pres.kinds[usize::from(plen)].load(Ordering::Acquire));
+            [KIND_ONE, KIND_RANGE, KIND_ANY]
+                .into_iter()
+                .filter(move |k| kinds & (1 << k) != 0)
+                .map(move |k| (plen, k))
+        })
+    })
+}
+
+/// The plan word of `pres` (writer side, after changing its bitmaps).
+fn plan_of(pres: &Presence, family: Family) -> u64 {
+    let mut plan = 0;
+    for (n, (plen, kind)) in present_pairs(pres, family).enumerate() {
+        if n == PREFETCH_MAX {
+            return PLAN_LONG;
+        }
+        plan |= (PLAN_VALID | kind << 8 | u64::from(plen)) << (16 * n);
+    }
+    plan
+}
+
 impl Inner {
     #[inline(always)]
     fn primary(&self, p: &Probe) -> usize {
@@ -341,11 +393,33 @@ impl Inner {
         &self.lines[idx >> 1].0[idx & 1]
     }
 
-    /// Walks the probes a lookup of `client:port` on `service` makes, in
-    /// its order (the prefix lengths present, longest first; within one, the
-    /// port kinds present: one port, range, any), calling `f` on each until
-    /// it breaks. Returns what `f` broke with, or `Err(())` when there were
-    /// more than `max` probes.
+    /// The probe of one (prefix length, port kind) pair for `client:port`.
+    #[inline(always)]
+    fn probe(
+        &self,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+        plen: u8,
+        kind: u64,
+    ) -> Probe {
+        let addr = match family {
+            // IPv4 in 32-bit arithmetic: a 128-bit mask costs a SYN a dozen
+            // instructions per probe.
+            Family::V4 => u128::from(client as u32 & (u64::MAX << (32 - plen.min(32))) as u32),
+            Family::V6 => client & prefix_mask(family, plen),
+        };
+        // A range probe carries no bounds: all ranges of a prefix share it.
+        let p = if kind == KIND_ONE { port } else { 0 };
+        Probe::new(self.seed, service, family, addr, plen, kind, p, p)
+    }
+
+    /// Calls `f` on the probes a lookup of `client:port` on `service` makes,
+    /// in its order, until it breaks; returns what it broke with. The order
+    /// comes from the plan word when it holds it (the common case: one
+    /// load), else from walking the bitmaps ([`present_pairs`]); `max`
+    /// bounds the probes of a walk, which returns `Err(())` beyond it.
     #[inline(always)]
     fn walk_probes<B>(
         &self,
@@ -357,32 +431,25 @@ impl Inner {
         mut f: impl FnMut(&Probe) -> ControlFlow<B>,
     ) -> Result<Option<B>, ()> {
         let pres = &self.presence[presence_index(service, family)];
-        let words = match family {
-            Family::V4 => 1,
-            Family::V6 => 3,
-        };
-        let mut walked = 0;
-        for w in (0..words).rev() {
-            let mut bits = pres.plens[w].load(Ordering::Acquire);
-            while bits != 0 {
-                let b = 63 - bits.leading_zeros();
-                bits &= !(1u64 << b);
-                let plen = (w as u32 * 64 + b) as u8;
-                let kinds = u64::from(pres.kinds[plen as usize].load(Ordering::Acquire));
-                let addr = client & prefix_mask(family, plen);
-                for (kind, lo) in [(KIND_ONE, port), (KIND_RANGE, 0), (KIND_ANY, 0)] {
-                    if kinds & (1 << kind) == 0 {
-                        continue;
-                    }
-                    if walked == max {
-                        return Err(());
-                    }
-                    walked += 1;
-                    let p = Probe::new(self.seed, service, family, addr, plen, kind, lo, lo);
-                    if let ControlFlow::Break(found) = f(&p) {
-                        return Ok(Some(found));
-                    }
+        let mut plan = pres.plan.load(Ordering::Acquire);
+        if plan != PLAN_LONG {
+            while plan != 0 {
+                let (plen, kind) = (plan as u8, (plan >> 8) & 3);
+                plan >>= 16;
+                let p = self.probe(service, family, client, port, plen, kind);
+                if let ControlFlow::Break(found) = f(&p) {
+                    return Ok(Some(found));
                 }
+            }
+            return Ok(None);
+        }
+        for (walked, (plen, kind)) in present_pairs(pres, family).enumerate() {
+            if walked == max {
+                return Err(());
+            }
+            let p = self.probe(service, family, client, port, plen, kind);
+            if let ControlFlow::Break(found) = f(&p) {
+                return Ok(Some(found));
             }
         }
         Ok(None)
@@ -820,6 +887,8 @@ impl AffinityWriter {
             if *c == 1 {
                 pres.kinds[plen as usize].fetch_or(kbit, Ordering::Release);
                 word.fetch_or(pbit, Ordering::Release);
+                pres.plan
+                    .store(plan_of(pres, key.family()), Ordering::Release);
                 pres.changes.fetch_add(1, Ordering::Release);
             }
         } else if let Some(c) = self.counts.get_mut(&slot) {
@@ -830,6 +899,8 @@ impl AffinityWriter {
                 if left == 0 {
                     word.fetch_and(!pbit, Ordering::Release);
                 }
+                pres.plan
+                    .store(plan_of(pres, key.family()), Ordering::Release);
                 pres.changes.fetch_add(1, Ordering::Release);
             }
         }
@@ -1040,6 +1111,58 @@ mod tests {
         assert_eq!(r.lookup(1, Family::V4, host & 0xffff_ffff, 443), None);
     }
 
+    /// The plan word lists the pairs present in lookup order while they
+    /// fit, says PLAN_LONG beyond, and follows removals back.
+    #[test]
+    fn plan_word_follows_the_pairs_present() {
+        let (mut w, r) = AffinityTable::new(64);
+        let (s, f) = (2, Family::V4);
+        let plan = || {
+            r.inner.presence[presence_index(s, f)]
+                .plan
+                .load(Ordering::Relaxed)
+        };
+        let entry = |plen: u64, kind: u64| PLAN_VALID | kind << 8 | plen;
+        assert_eq!(plan(), 0);
+        let k8 = key(s, f, v4(10, 0, 0, 0), 8, PortMatch::Any);
+        let k24one = key(s, f, v4(10, 1, 2, 0), 24, PortMatch::One(443));
+        let k24range = key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Range(1, 9));
+        let k32 = key(s, f, v4(10, 1, 2, 3), 32, PortMatch::Any);
+        let k16 = key(s, f, v4(10, 1, 0, 0), 16, PortMatch::Any);
+        for (n, k) in [k8, k24range, k24one, k32].iter().enumerate() {
+            w.insert(*k, n as BackendId).unwrap();
+        }
+        // Longest prefix first; within /24 one port before the range.
+        assert_eq!(
+            plan(),
+            entry(32, KIND_ANY)
+                | entry(24, KIND_ONE) << 16
+                | entry(24, KIND_RANGE) << 32
+                | entry(8, KIND_ANY) << 48
+        );
+        w.insert(k16, 9).unwrap();
+        assert_eq!(plan(), PLAN_LONG);
+        assert_eq!(r.lookup(s, f, v4(10, 1, 7, 7), 80), Some(9));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 9), 443), Some(2));
+        assert!(w.remove(&k24one));
+        assert_eq!(
+            plan(),
+            entry(32, KIND_ANY)
+                | entry(24, KIND_RANGE) << 16
+                | entry(16, KIND_ANY) << 32
+                | entry(8, KIND_ANY) << 48
+        );
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 9), 443), Some(9));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 9), 5), Some(1));
+        // Another service's plan is its own.
+        assert_eq!(
+            r.inner.presence[presence_index(s + 1, f)]
+                .plan
+                .load(Ordering::Relaxed),
+            0
+        );
+    }
+
     #[test]
     fn replace_changes_owner_only() {
         let (mut w, r) = AffinityTable::new(4);
@@ -1134,43 +1257,78 @@ mod tests {
         assert_eq!(w.len(), n as usize / 2);
     }
 
+    /// Every lookup of `probes` (by `lookup` and by a prepared query)
+    /// against the brute-force answer over `all`.
+    fn check_oracle(
+        r: &AffinityReader,
+        all: &[(AffinityKey, u32)],
+        family: Family,
+        probes: &[(u16, u32, u16)],
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        for &(svc, a, port) in probes {
+            let client = oracle_addr(family, a) | 0x55;
+            let want = all
+                .iter()
+                .filter(|(k, _)| k.matches(svc, family, client, port))
+                .max_by_key(|(k, _)| k.specificity())
+                .map(|&(_, o)| o);
+            proptest::prop_assert_eq!(r.lookup(svc, family, client, port), want);
+            let mut q = AffinityQuery::NONE;
+            r.prepare(&mut q, svc, family, client, port);
+            proptest::prop_assert_eq!(r.lookup_prepared(&q), want);
+        }
+        Ok(())
+    }
+
+    /// Addresses that differ in their top bits, so that prefixes nest and
+    /// overlap.
+    fn oracle_addr(family: Family, a: u32) -> u128 {
+        match family {
+            Family::V4 => u128::from(a.rotate_right(2)),
+            Family::V6 => u128::from(a.rotate_right(2)) << 96,
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
-        /// Against a brute-force oracle over random mixed keys.
+        /// Against a brute-force oracle over random mixed keys, after the
+        /// inserts and again after some are removed: few (prefix length,
+        /// port kind) pairs take the plan word, many the bitmap walk, and
+        /// removals move a service from one to the other.
         #[test]
         fn matches_oracle(
+            v6 in proptest::bool::ANY,
             keys in proptest::collection::vec(
-                (0u16..2, 0u32..4, 0u8..=32, 0u8..3, 0u16..8, 0u16..8), 1..40),
+                (0u16..2, 0u32..4, 0u8..=128, 0u8..3, 0u16..8, 0u16..8), 1..40),
+            removed in proptest::collection::vec(proptest::bool::ANY, 40),
             probes in proptest::collection::vec((0u16..2, 0u32..4, 0u16..8), 1..40),
         ) {
+            let family = if v6 { Family::V6 } else { Family::V4 };
             let (mut w, r) = AffinityTable::new(256);
             let mut all: Vec<(AffinityKey, u32)> = Vec::new();
             for (i, &(svc, a, plen, kind, p1, p2)) in keys.iter().enumerate() {
-                // Addresses differ in the top bits so prefixes nest and overlap.
-                let addr = u128::from(a.rotate_right(2));
                 let ports = match kind {
                     0 => PortMatch::Any,
                     1 => PortMatch::One(p1),
                     _ => PortMatch::Range(p1.min(p2), p1.max(p2)),
                 };
-                let k = key(svc, Family::V4, addr, plen, ports);
+                let plen = plen % (max_prefix(family) + 1);
+                let k = key(svc, family, oracle_addr(family, a), plen, ports);
                 if w.insert(k, i as u32).is_ok() {
                     all.retain(|(x, _)| *x != k);
                     all.push((k, i as u32));
                 }
             }
-            for &(svc, a, port) in &probes {
-                let client = u128::from(a.rotate_right(2)) | 0x55;
-                let want = all
-                    .iter()
-                    .filter(|(k, _)| k.matches(svc, Family::V4, client, port))
-                    .max_by_key(|(k, _)| k.specificity())
-                    .map(|&(_, o)| o);
-                proptest::prop_assert_eq!(r.lookup(svc, Family::V4, client, port), want);
-                let mut q = AffinityQuery::NONE;
-                r.prepare(&mut q, svc, Family::V4, client, port);
-                proptest::prop_assert_eq!(r.lookup_prepared(&q), want);
+            check_oracle(&r, &all, family, &probes)?;
+            let mut kept = Vec::new();
+            for (n, (k, o)) in all.into_iter().enumerate() {
+                if removed[n] {
+                    proptest::prop_assert!(w.remove(&k));
+                } else {
+                    kept.push((k, o));
+                }
             }
+            check_oracle(&r, &kept, family, &probes)?;
         }
     }
 
@@ -1217,6 +1375,10 @@ mod tests {
         // Per key: 4n = absent, 4n + 2 = present, odd = changing.
         let state: Arc<Vec<AtomicU64>> = Arc::new((0..nkeys).map(|_| AtomicU64::new(0)).collect());
         let lookups: Arc<Vec<AtomicU64>> = Arc::new((0..2).map(|_| AtomicU64::new(0)).collect());
+        // Per reader, lookups that found their key: the writer goes on until
+        // each has some, so that a reader the scheduler kept off the cores
+        // while the table was being written still reads it during writes.
+        let found: Arc<Vec<AtomicU64>> = Arc::new((0..2).map(|_| AtomicU64::new(0)).collect());
         let done = Arc::new(AtomicBool::new(false));
         let start = Arc::new(std::sync::Barrier::new(3));
         assert!(nkeys <= 256, "key index is 8 bits");
@@ -1227,6 +1389,7 @@ mod tests {
                 let max_ver = max_ver.clone();
                 let state = state.clone();
                 let lookups = lookups.clone();
+                let found = found.clone();
                 let done = done.clone();
                 let start = start.clone();
                 std::thread::spawn(move || {
@@ -1247,6 +1410,7 @@ mod tests {
                             assert_eq!(k, i, "owner of another key");
                             assert!(ver <= max_ver[i as usize].load(Ordering::Acquire));
                             hits += 1;
+                            found[t].fetch_add(1, Ordering::Relaxed);
                         }
                         // Never inserted: another service, region and family.
                         assert_eq!(r.lookup(2, Family::V4, probe_addr(i), 7), None);
@@ -1268,9 +1432,10 @@ mod tests {
         start.wait();
         // (Stops early if a reader failed, so its panic is reported.)
         while ops < 20_000
-            || lookups
+            || (lookups
                 .iter()
                 .any(|l| l.load(Ordering::Relaxed) < min_lookups)
+                || found.iter().any(|f| f.load(Ordering::Relaxed) == 0))
                 && !readers.iter().any(|h| h.is_finished())
         {
             ops += 1;
