@@ -1,0 +1,152 @@
+//! Instructions the worker executes per SYN, with an empty affinity table
+//! or with the benchmark's million affinities: run under callgrind by
+//! `perf/instructions.sh`, which counts only [`measured`]. Instruction
+//! counts do not move with this VM's modes or neighbours, so a change to the
+//! lookup's CPU cost shows here when the throughput runs are too noisy to
+//! tell; they say nothing of memory stalls, which the throughput runs
+//! measure.
+//!
+//! No EAL: the worker runs over in-memory queues ([`MemIo`]), whose buffer
+//! handling adds the same instructions to both tables.
+
+// Shared with dataplane-bench; this program uses a part of each.
+#[allow(dead_code)]
+mod affinity_load;
+#[allow(dead_code)]
+mod control_rate;
+#[allow(dead_code)]
+mod feeder;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+
+use pktdist::affinity::{AffinityReader, AffinityTable, AutoAffinityTable};
+use pktdist::dataplane::DataplaneCell;
+use pktdist::flow::FlowTimeouts;
+use pktdist::io::{MemBuf, MemIo, MAX_BURST};
+use pktdist::packet::tcp_flags;
+use pktdist::services::ServiceRegistry;
+use pktdist::stats::WorkerCounters;
+use pktdist::worker::{PortPlan, Shared, Worker, WorkerSetup};
+
+use affinity_load::{CLIENT_BASE, CLIENT_MASK};
+use feeder::{tcp_frame, Rng};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Table {
+    /// No affinities.
+    Empty,
+    /// The dataplane benchmark's table: `--affinities` entries, 10,000 of
+    /// them /24s, the rest /32s.
+    Loaded,
+}
+
+/// Runs SYNs from random clients through one worker.
+#[derive(Parser)]
+struct Args {
+    #[arg(long, value_enum)]
+    table: Table,
+    /// SYNs counted (after as many again to fill the flow table).
+    #[arg(long, default_value_t = 100_000)]
+    packets: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    affinities: usize,
+}
+
+/// Flow-table capacity: small, so that the warm-up fills it and every
+/// measured SYN replaces a flow, as in the throughput benchmark.
+const FLOW_CAPACITY: usize = 1 << 16;
+
+/// The measured part: callgrind counts this function alone.
+#[inline(never)]
+fn measured(worker: &mut Worker<MemIo>, frames: Vec<MemBuf>) -> usize {
+    feed(worker, frames)
+}
+
+/// Polls `frames` through the worker a burst at a time; returns how many
+/// it transmitted.
+fn feed(worker: &mut Worker<MemIo>, frames: Vec<MemBuf>) -> usize {
+    let mut sent = 0;
+    let mut frames = frames.into_iter();
+    loop {
+        let io = worker.io_mut();
+        let before = io.rx[0].len();
+        io.rx[0].extend(frames.by_ref().take(MAX_BURST));
+        if io.rx[0].len() == before {
+            return sent;
+        }
+        worker.poll(1_000_000);
+        sent += worker.io_mut().tx[1].len();
+        worker.io_mut().tx[1].clear();
+    }
+}
+
+fn syns(rng: &mut Rng, n: usize) -> Vec<MemBuf> {
+    (0..n)
+        .map(|_| {
+            let r = rng.next_u64();
+            let src = CLIENT_BASE | (r as u32 & CLIENT_MASK);
+            let f = tcp_frame(
+                src,
+                (r >> 32) as u16 | 1024,
+                [192, 0, 2, 10],
+                tcp_flags::SYN,
+                [2, 0, 0, 0, 0, 0],
+            );
+            MemBuf::from_frame(&f)
+        })
+        .collect()
+}
+
+fn main() -> Result<(), String> {
+    let args = Args::parse();
+    let cfg = control_rate::config()?;
+    let mut registry = ServiceRegistry::from_config(&cfg).map_err(|e| e.to_string())?;
+    let dp = registry.snapshot().map_err(|e| e.to_string())?;
+    let owners = dp.services[0].backends.clone();
+    let capacity = args.affinities.next_power_of_two();
+    // The manager (the writer) stays alive for the run, as in a server.
+    let (_manager, reader): (Option<_>, AffinityReader) = match args.table {
+        Table::Empty => (None, AffinityTable::new(capacity).1),
+        Table::Loaded => {
+            let inst = affinity_load::install(capacity, args.affinities, 10_000, 0, &owners, 7)?;
+            (Some(inst.manager), inst.reader)
+        }
+    };
+    let shared = Shared {
+        dataplane: Arc::new(DataplaneCell::new(dp)),
+        affinity: reader,
+        auto_affinity: Arc::new(AutoAffinityTable::new(1 << 16)),
+        epoch: Instant::now(),
+    };
+    let plan = PortPlan {
+        forward_to: 1,
+        gateway_mac: Some([0x02, 0, 0, 0, 0, 0xfe]),
+        unmatched_to: None,
+    };
+    let setup = WorkerSetup {
+        id: 0,
+        ports: vec![plan, plan],
+        flow_capacity: FLOW_CAPACITY,
+        flow_capacity_v6: FLOW_CAPACITY / 4,
+        timeouts: FlowTimeouts::default(),
+    };
+    let mut worker = Worker::new(
+        MemIo::new(2),
+        setup,
+        shared,
+        Arc::new(WorkerCounters::default()),
+    );
+    let mut rng = Rng::new(0x5171);
+    let warm = syns(&mut rng, 2 * FLOW_CAPACITY);
+    feed(&mut worker, warm);
+    let frames = syns(&mut rng, args.packets);
+    let sent = measured(&mut worker, frames);
+    if sent != args.packets {
+        return Err(format!("{sent} of {} SYNs forwarded", args.packets));
+    }
+    println!("syns {}", args.packets);
+    Ok(())
+}
