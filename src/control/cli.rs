@@ -25,8 +25,8 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";
 /// How to reach and authenticate to the running instance.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct ConnArgs {
-    /// Control address of the running pktdist [default: the --config file's
-    /// [control] listen, else 127.0.0.1:7400].
+    /// Control address of the running pktdist [default: the `listen` address
+    /// of the --config file's control section, else 127.0.0.1:7400].
     #[arg(long)]
     pub server: Option<SocketAddr>,
     /// Name to send as: `admin`, or a backend name.
@@ -107,7 +107,7 @@ impl ConnArgs {
 pub struct AffinityTarget {
     #[command(flatten)]
     pub conn: ConnArgs,
-    /// Service VIP and port, e.g. 192.0.2.10:80 or [2001:db8::10]:443.
+    /// Service VIP and port, e.g. 192.0.2.10:80 or `[2001:db8::10]:443`.
     #[arg(long)]
     pub service: SocketAddr,
     /// Service protocol: tcp or udp.

@@ -13,7 +13,7 @@
 //! self-contained and as small as the key allows, with one sub-table per
 //! address family. A slot does not keep its flow's destination (address,
 //! port, protocol): it keeps a 16-bit index into the table's own list of
-//! the service addresses it has seen ([`vips`]), so the key is the client's
+//! the service addresses it has seen (module `vips`), so the key is the client's
 //! address and port plus that index:
 //!
 //! * IPv4 (the common case): key packed in a `u64`, last-seen stamp,
