@@ -1122,7 +1122,12 @@ mod tests {
                 .plan
                 .load(Ordering::Relaxed)
         };
-        let entry = |plen: u64, kind: u64| PLAN_VALID | kind << 8 | plen;
+        // The plan word listing `pairs` in order.
+        let listing = |pairs: &[(u64, u64)]| {
+            (pairs.iter().enumerate())
+                .map(|(n, &(plen, kind))| (PLAN_VALID | kind << 8 | plen) << (16 * n))
+                .fold(0, |word, entry| word | entry)
+        };
         assert_eq!(plan(), 0);
         let k8 = key(s, f, v4(10, 0, 0, 0), 8, PortMatch::Any);
         let k24one = key(s, f, v4(10, 1, 2, 0), 24, PortMatch::One(443));
@@ -1135,10 +1140,12 @@ mod tests {
         // Longest prefix first; within /24 one port before the range.
         assert_eq!(
             plan(),
-            entry(32, KIND_ANY)
-                | entry(24, KIND_ONE) << 16
-                | entry(24, KIND_RANGE) << 32
-                | entry(8, KIND_ANY) << 48
+            listing(&[
+                (32, KIND_ANY),
+                (24, KIND_ONE),
+                (24, KIND_RANGE),
+                (8, KIND_ANY)
+            ])
         );
         w.insert(k16, 9).unwrap();
         assert_eq!(plan(), PLAN_LONG);
@@ -1147,10 +1154,12 @@ mod tests {
         assert!(w.remove(&k24one));
         assert_eq!(
             plan(),
-            entry(32, KIND_ANY)
-                | entry(24, KIND_RANGE) << 16
-                | entry(16, KIND_ANY) << 32
-                | entry(8, KIND_ANY) << 48
+            listing(&[
+                (32, KIND_ANY),
+                (24, KIND_RANGE),
+                (16, KIND_ANY),
+                (8, KIND_ANY)
+            ])
         );
         assert_eq!(r.lookup(s, f, v4(10, 1, 2, 9), 443), Some(9));
         assert_eq!(r.lookup(s, f, v4(10, 1, 2, 9), 5), Some(1));
@@ -1347,7 +1356,8 @@ mod tests {
     }
 
     /// A writer inserts, replaces and removes from a deterministic history
-    /// while two readers look up continuously. Every answer must be a value
+    /// while two readers look up continuously (one with `lookup`, one with
+    /// prepared queries, as workers do). Every answer must be a value
     /// that key really had; a key present (or absent) during the whole
     /// lookup must be found (or not) — even while other keys are moved to
     /// make room; never-inserted keys never match. The writer keeps going
@@ -1399,7 +1409,16 @@ mod tests {
                     while !done.load(Ordering::Relaxed) {
                         i = (i + 1) % nkeys;
                         let s1 = state[i as usize].load(Ordering::Acquire);
-                        let got = r.lookup(1, Family::V4, probe_addr(i), 7);
+                        // One reader looks up in full, the other as a worker
+                        // does: prepared, slots hinted, then looked up.
+                        let got = if t == 0 {
+                            r.lookup(1, Family::V4, probe_addr(i), 7)
+                        } else {
+                            let mut q = AffinityQuery::NONE;
+                            r.prepare(&mut q, 1, Family::V4, probe_addr(i), 7);
+                            r.prefetch_slots(&q);
+                            r.lookup_prepared(&q)
+                        };
                         let s2 = state[i as usize].load(Ordering::Acquire);
                         if s1 == s2 && s1 % 2 == 0 {
                             assert_eq!(got.is_some(), s1 % 4 == 2, "key {i} in state {s1}");
