@@ -13,6 +13,8 @@ command -v valgrind >/dev/null || { echo "valgrind not found" >&2; exit 1; }
 cargo build --release --example syn-instructions
 mkdir -p perf/out
 n=${PACKETS:-100000}
+result=perf/out/syn-instructions.txt
+: >"$result"
 for table in empty loaded; do
     out="perf/out/syn-instructions-$table"
     valgrind --tool=callgrind --callgrind-out-file="$out.cg" \
@@ -20,7 +22,8 @@ for table in empty loaded; do
         ./target/release/examples/syn-instructions --table "$table" --packets "$n" \
         >"$out.txt" 2>&1 || { cat "$out.txt" >&2; exit 1; }
     total=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$out.txt")
-    echo "$table $total" | awk -v n="$n" '{printf "%-7s %8.1f instructions per SYN\n", $1, $2 / n}'
-done | tee perf/out/syn-instructions.txt
-awk '{v[NR] = $2} END {printf "loaded - empty: %.1f instructions per SYN\n", v[2] - v[1]}' \
-    perf/out/syn-instructions.txt
+    echo "$table $total" |
+        awk -v n="$n" '{printf "%-7s %8.1f instructions per SYN\n", $1, $2 / n}' >>"$result"
+done
+cat "$result"
+awk '{v[NR] = $2} END {printf "loaded - empty: %.1f instructions per SYN\n", v[2] - v[1]}' "$result"

@@ -48,9 +48,10 @@ enum Table {
 struct Args {
     #[arg(long, value_enum)]
     table: Table,
-    /// SYNs counted (after as many again to fill the flow table).
+    /// SYNs counted (after 2 x 65,536 that fill the flow table).
     #[arg(long, default_value_t = 100_000)]
     packets: usize,
+    /// Affinities in the loaded table (10,000 of them /24s).
     #[arg(long, default_value_t = 1_000_000)]
     affinities: usize,
 }
