@@ -13,8 +13,8 @@
 //! self-contained and as small as the key allows, with one sub-table per
 //! address family. A slot does not keep its flow's destination (address,
 //! port, protocol): it keeps a 16-bit index into the table's own list of
-//! the service addresses it has seen (module `vips`), so the key is the client's
-//! address and port plus that index:
+//! the service addresses it has seen (module `vips`), so the key is the
+//! client's address and port plus that index:
 //!
 //! * IPv4 (the common case): key packed in a `u64`, last-seen stamp,
 //!   backend and state: a 16-byte slot, eight to a 128-byte bucket aligned
@@ -29,9 +29,7 @@
 //! (Earlier layouts: 32-byte IPv4 slots holding the whole 5-tuple, and
 //! before that a tag header line and seven 64-byte slot lines per bucket, 73
 //! bytes per flow.) A lookup compares the packed key with the bucket's eight
-//! keys directly: no tags, and no second dependent read. The flow's
-//! auto-affinity handle, which only services with automatic affinity have,
-//! lives in a side array read only for slots marked as having one.
+//! keys directly: no tags, and no second dependent read.
 //! [`FlowTable::prefetch`] hints all of the bucket's lines, so one prefetch
 //! stage a burst ahead covers both a hit and the slot an insert will write.
 //! The whole table is written once at construction, so its pages are
@@ -419,6 +417,14 @@ impl<K: SlotKey> Part<K> {
         (0..WAYS).find(|&s| slots[s].key == key && slots[s].used())
     }
 
+    /// The slot of bucket `b` holding `flow`, if it is stored (it cannot be
+    /// when its destination has no index).
+    #[inline]
+    fn locate(&self, books: &mut Books, b: usize, flow: &FlowKey) -> Option<usize> {
+        let vip = books.vips.find(flow)?;
+        self.find(b, K::pack(flow, vip))
+    }
+
     /// The auto-affinity handle of slot `s` of bucket `b`.
     #[inline]
     fn auto_slot(&self, b: usize, s: usize) -> u32 {
@@ -461,11 +467,7 @@ impl<K: SlotKey> Part<K> {
         tcp_flags: u8,
     ) -> Lookup {
         let b = self.bucket(hash);
-        let found = books
-            .vips
-            .find(flow)
-            .and_then(|vip| self.find(b, K::pack(flow, vip)));
-        let Some(s) = found else {
+        let Some(s) = self.locate(books, b, flow) else {
             books.stats.misses += 1;
             return Lookup::Miss;
         };
@@ -517,11 +519,7 @@ impl<K: SlotKey> Part<K> {
         backend: BackendId,
     ) -> bool {
         let b = self.bucket(hash);
-        let found = books
-            .vips
-            .find(key)
-            .and_then(|vip| self.find(b, K::pack(key, vip)));
-        match found {
+        match self.locate(books, b, key) {
             Some(s) => {
                 self.buckets[b].slots[s].backend = backend as u16;
                 true
@@ -583,8 +581,7 @@ impl<K: SlotKey> Part<K> {
 
     fn remove(&mut self, books: &mut Books, key: &FlowKey, hash: u64) -> Option<FlowEntry> {
         let b = self.bucket(hash);
-        let vip = books.vips.find(key)?;
-        let s = self.find(b, K::pack(key, vip))?;
+        let s = self.locate(books, b, key)?;
         books.stats.removed += 1;
         Some(self.take(books, b, s))
     }
