@@ -236,39 +236,40 @@ fn since<const N: usize>(now: [u64; N], start: Option<&[u64; N]>) -> [u64; N] {
     }
 }
 
+/// `each` of every worker, summed.
+fn summed<const N: usize>(
+    workers: &[Arc<WorkerCounters>],
+    each: impl Fn(&WorkerCounters) -> [u64; N],
+) -> [u64; N] {
+    workers.iter().fold([0; N], |mut v, w| {
+        for (a, b) in v.iter_mut().zip(each(w)) {
+            *a += b;
+        }
+        v
+    })
+}
+
 /// A service id's cumulative counters, summed over the workers.
 fn service_counts(workers: &[Arc<WorkerCounters>], id: ServiceId) -> [u64; 5] {
-    let mut v = [0u64; 5];
-    for w in workers {
+    summed(workers, |w| {
         let c = &w.services[id as usize];
-        let each = [
+        [
             c.packets.get(),
             c.new_connections.get(),
             c.affinity_hits.get(),
             c.affinity_misses.get(),
             c.auto_affinity_hits.get(),
-        ];
-        for (a, b) in v.iter_mut().zip(each) {
-            *a += b;
-        }
-    }
-    v
+        ]
+    })
 }
 
 /// A backend id's cumulative counters (connections, packets, bytes),
 /// summed over the workers.
 fn backend_counts(workers: &[Arc<WorkerCounters>], id: BackendId) -> [u64; 3] {
-    let mut v = [0u64; 3];
-    for w in workers {
+    summed(workers, |w| {
         let c = &w.backends[id as usize];
-        for (a, b) in v
-            .iter_mut()
-            .zip([c.connections.get(), c.packets.get(), c.bytes.get()])
-        {
-            *a += b;
-        }
-    }
-    v
+        [c.connections.get(), c.packets.get(), c.bytes.get()]
+    })
 }
 
 impl Summary {
