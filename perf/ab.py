@@ -74,8 +74,12 @@ def main():
     ap.add_argument("--scenario", default="established,syn-affinity")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=1.5)
-    ap.add_argument("extra", nargs="*", help="more benchmark arguments (after --)")
-    args = ap.parse_args()
+    # Everything after "--" goes to the benchmark as it is (argparse would
+    # refuse options there once the positionals are taken).
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = ap.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.extra = extra
 
     rows = {"A": [], "B": []}
     windows = {"A": {}, "B": {}}

@@ -36,6 +36,13 @@
 //! bitmaps: that walk cost a SYN more instructions than its probes. An empty
 //! table costs a few loads; a table of /32s costs one probe.
 //!
+//! IPv4 keys of prefix length 16 to 31 also mark the /24 networks they
+//! cover, one bit per /24 (2 MB, all services together): a lookup skips
+//! such probes for a client whose /24 is unmarked. A table of pinned /32s
+//! and a few pinned /24s (the common mix) then costs most SYNs one probe,
+//! not two: the bit is one load from a small part of the array when clients
+//! come from a few networks, and a header line less anyway.
+//!
 //! A worker looks a whole burst's SYNs up in stages, so that their misses
 //! overlap: [`AffinityReader::prepare`] hashes a SYN's probes once and
 //! prefetches their bucket headers, [`AffinityReader::prefetch_slots`] later
@@ -78,6 +85,11 @@ const PLAN_VALID: u64 = 0x8000;
 /// The plan word when more pairs are present than fit: lookups walk the
 /// bitmaps instead.
 const PLAN_LONG: u64 = u64::MAX;
+/// IPv4 prefix lengths whose keys mark the /24 networks they cover (at most
+/// 256 each): shorter keys would mark too many, /32s too densely to help.
+const MARKED_PLENS: core::ops::RangeInclusive<u8> = 16..=31;
+/// Words of the /24 marks: one bit per IPv4 /24 network.
+const NET_WORDS: usize = (1 << 24) / 64;
 
 /// The key does not fit: the table holds `capacity` entries, or both of the
 /// key's buckets are full.
@@ -140,6 +152,9 @@ struct Inner {
     /// Indexed by [`presence_index`]; services beyond [`MAX_SERVICES`] share
     /// entries, which costs them extra probes, never wrong answers.
     presence: Box<[Presence]>,
+    /// Bit `n` set while some key of [`MARKED_PLENS`] covers the IPv4
+    /// network `n << 8` (of any service: another's only costs a probe).
+    nets: Box<[AtomicU64]>,
     mask: u64,
     seed: u64,
     capacity: usize,
@@ -166,6 +181,7 @@ impl AffinityTable {
             headers: (0..buckets).map(|_| Header::default()).collect(),
             lines: (0..slots / 2).map(|_| Line::default()).collect(),
             presence: (0..MAX_SERVICES * 2).map(|_| Presence::default()).collect(),
+            nets: (0..NET_WORDS).map(|_| AtomicU64::new(0)).collect(),
             mask: buckets as u64 - 1,
             seed: random_seed(),
             capacity,
@@ -175,6 +191,7 @@ impl AffinityTable {
                 inner: inner.clone(),
                 len: 0,
                 counts: HashMap::new(),
+                nets: HashMap::new(),
                 moved: 0,
             },
             AffinityReader { inner },
@@ -393,6 +410,17 @@ impl Inner {
         &self.lines[idx >> 1].0[idx & 1]
     }
 
+    /// Whether a probe of prefix length `plen` can be skipped for `client`:
+    /// no key of a marked length covers its /24.
+    #[inline(always)]
+    fn unmarked(&self, family: Family, client: u128, plen: u8) -> bool {
+        if family != Family::V4 || !MARKED_PLENS.contains(&plen) {
+            return false;
+        }
+        let net = (client as u32 >> 8) as usize;
+        self.nets[net / 64].load(Ordering::Acquire) & 1 << (net % 64) == 0
+    }
+
     /// The probe of one (prefix length, port kind) pair for `client:port`.
     #[inline(always)]
     fn probe(
@@ -420,6 +448,7 @@ impl Inner {
     /// comes from the plan word when it holds it (the common case: one
     /// load), else from walking the bitmaps ([`present_pairs`]); `max`
     /// bounds the probes of a walk, which returns `Err(())` beyond it.
+    /// Probes the /24 marks rule out are not made.
     #[inline(always)]
     fn walk_probes<B>(
         &self,
@@ -436,6 +465,9 @@ impl Inner {
             while plan != 0 {
                 let (plen, kind) = (plan as u8, (plan >> 8) & 3);
                 plan >>= 16;
+                if self.unmarked(family, client, plen) {
+                    continue;
+                }
                 let p = self.probe(service, family, client, port, plen, kind);
                 if let ControlFlow::Break(found) = f(&p) {
                     return Ok(Some(found));
@@ -443,7 +475,9 @@ impl Inner {
             }
             return Ok(None);
         }
-        for (walked, (plen, kind)) in present_pairs(pres, family).enumerate() {
+        let pairs =
+            present_pairs(pres, family).filter(|&(plen, _)| !self.unmarked(family, client, plen));
+        for (walked, (plen, kind)) in pairs.enumerate() {
             if walked == max {
                 return Err(());
             }
@@ -772,6 +806,8 @@ pub struct AffinityWriter {
     /// Keys per (presence index, prefix length, port kind), behind the
     /// readers' bitmaps.
     counts: HashMap<(usize, u8, u8), u32>,
+    /// Keys covering each marked /24 network, behind the readers' marks.
+    nets: HashMap<u32, u32>,
     /// Keys moved to make room, for statistics.
     moved: u64,
 }
@@ -814,6 +850,7 @@ impl AffinityWriter {
             t.add_overflow(b1, true);
         }
         self.count(&key, p.kind(), true);
+        self.mark_nets(&key, true);
         self.len += 1;
         Ok(())
     }
@@ -831,6 +868,7 @@ impl AffinityWriter {
             t.add_overflow(b1, false);
         }
         self.count(key, p.kind(), false);
+        self.mark_nets(key, false);
         self.len -= 1;
         true
     }
@@ -903,6 +941,44 @@ impl AffinityWriter {
                     .store(plan_of(pres, key.family()), Ordering::Release);
                 pres.changes.fetch_add(1, Ordering::Release);
             }
+        }
+    }
+
+    /// Keeps the readers' /24 marks in step with the keys of marked prefix
+    /// lengths: marked after the entry is written, unmarked after the last
+    /// covering key is removed. An insert also bumps the service's change
+    /// count, so that a query prepared while the client's /24 was unmarked
+    /// (which left this probe out) looks up in full.
+    fn mark_nets(&mut self, key: &AffinityKey, add: bool) {
+        let plen = key.prefix_len();
+        if key.family() != Family::V4 || !MARKED_PLENS.contains(&plen) {
+            return;
+        }
+        let first = (key.addr() as u32 >> 8) & !0u32 << 24u8.saturating_sub(plen);
+        let count = 1u32 << 24u8.saturating_sub(plen);
+        let nets = &self.inner.nets;
+        for net in first..first + count {
+            let bit = 1u64 << (net % 64);
+            let word = &nets[net as usize / 64];
+            if add {
+                let c = self.nets.entry(net).or_insert(0);
+                *c += 1;
+                if *c == 1 {
+                    word.fetch_or(bit, Ordering::Release);
+                }
+            } else if let Some(c) = self.nets.get_mut(&net) {
+                *c -= 1;
+                if *c == 0 {
+                    self.nets.remove(&net);
+                    word.fetch_and(!bit, Ordering::Release);
+                }
+            }
+        }
+        if add {
+            let idx = presence_index(key.service(), key.family());
+            self.inner.presence[idx]
+                .changes
+                .fetch_add(1, Ordering::Release);
         }
     }
 }
@@ -1109,6 +1185,67 @@ mod tests {
         assert_eq!(r.lookup(1, f, net | 1 << 70, 443), Some(10));
         assert_eq!(r.lookup(1, f, 1 << 100, 443), None);
         assert_eq!(r.lookup(1, Family::V4, host & 0xffff_ffff, 443), None);
+    }
+
+    /// IPv4 keys of /16 to /31 mark the /24s they cover, of all services
+    /// together, until the last covering key goes; lookups skip those
+    /// probes elsewhere. A query prepared while its client's /24 was
+    /// unmarked looks up in full once a key of its service covers it, even
+    /// when another service's key marked that /24 in between.
+    #[test]
+    fn net_marks_follow_the_keys_covering_them() {
+        let (mut w, r) = AffinityTable::new(1024);
+        let f = Family::V4;
+        let marked = |a: u128| !r.inner.unmarked(f, a, 24);
+        let k16 = key(1, f, v4(10, 1, 0, 0), 16, PortMatch::Any);
+        let k28 = key(2, f, v4(10, 2, 3, 16), 28, PortMatch::Any);
+        let k24 = key(1, f, v4(10, 2, 3, 0), 24, PortMatch::Any);
+        w.insert(k16, 1).unwrap();
+        assert!(marked(v4(10, 1, 0, 9)) && marked(v4(10, 1, 255, 9)));
+        assert!(!marked(v4(10, 0, 255, 9)) && !marked(v4(10, 2, 0, 9)));
+        assert_eq!(r.lookup(1, f, v4(10, 1, 77, 9), 80), Some(1));
+        // /32s and prefixes shorter than /16 mark nothing and are found.
+        w.insert(key(1, f, v4(10, 3, 0, 1), 32, PortMatch::Any), 4)
+            .unwrap();
+        w.insert(key(1, f, v4(11, 0, 0, 0), 8, PortMatch::Any), 5)
+            .unwrap();
+        w.insert(key(1, f, v4(10, 9, 0, 0), 24, PortMatch::Any), 6)
+            .unwrap();
+        assert!(!marked(v4(10, 3, 0, 1)) && !marked(v4(11, 0, 0, 1)));
+        assert_eq!(r.lookup(1, f, v4(10, 3, 0, 1), 80), Some(4));
+        assert_eq!(r.lookup(1, f, v4(11, 7, 0, 1), 80), Some(5));
+        assert!(w.remove(&k16));
+        assert!(!marked(v4(10, 1, 0, 9)) && !marked(v4(10, 1, 255, 9)));
+        assert_eq!(r.lookup(1, f, v4(10, 1, 77, 9), 80), None);
+
+        // Service 1 has /32, /24 and /8 keys; the client's /24 is
+        // unmarked, so its query probes the /32 and the /8 only.
+        let client = v4(10, 2, 3, 20);
+        let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, 1, f, client, 80);
+        assert_eq!(q.probes().len(), 2);
+        assert_eq!(r.lookup_prepared(&q), None);
+        w.insert(k28, 2).unwrap();
+        assert!(marked(client));
+        w.insert(k24, 3).unwrap();
+        assert_eq!(r.lookup_prepared(&q), Some(3));
+        r.prepare(&mut q, 1, f, client, 80);
+        assert_eq!(q.probes().len(), 3);
+        assert_eq!(r.lookup_prepared(&q), Some(3));
+        // Marked while either key covers the /24.
+        assert!(w.remove(&k28));
+        assert!(marked(client));
+        assert_eq!(r.lookup(2, f, client, 80), None);
+        assert_eq!(r.lookup(1, f, client, 80), Some(3));
+        assert!(w.remove(&k24));
+        assert!(!marked(client));
+        assert_eq!(r.lookup(1, f, client, 80), None);
+        // Only the remaining /24's network is marked.
+        let words: Vec<u64> = (r.inner.nets.iter())
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 1);
+        assert!(marked(v4(10, 9, 0, 200)));
     }
 
     /// The plan word lists the pairs present in lookup order while they
