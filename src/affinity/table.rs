@@ -758,14 +758,24 @@ impl AffinityReader {
 
     /// Second prefetch stage, once the headers [`AffinityReader::prepare`]
     /// hinted are in cache: starts loading the slot lines whose tags match
-    /// the query's keys. Without it a hit (or a tag collision) costs the
+    /// the query's keys, or, when none does and some keys of the bucket
+    /// live in their alternates, the alternate bucket's header (a lookup
+    /// reads it next). Without it a hit (or a tag collision) costs the
     /// lookup one more dependent miss, on a line of the large slot array, at
-    /// a page walk of its own.
+    /// a page walk of its own, and so does a miss in one of the 1-2% of
+    /// buckets that overflow in a half-full table.
     #[inline]
     pub fn prefetch_slots(&self, q: &AffinityQuery) {
         let t = &*self.inner;
         for p in q.probes() {
-            t.tag_matches(p, |b, i| prefetch(t.slot(b, i)));
+            let mut matched = false;
+            t.tag_matches(p, |b, i| {
+                matched = true;
+                prefetch(t.slot(b, i));
+            });
+            if !matched && t.headers[t.primary(p)].overflow.load(Ordering::Relaxed) != 0 {
+                prefetch(&t.headers[t.alternate(p)]);
+            }
         }
     }
 
