@@ -79,9 +79,13 @@ const OCCUPIED: u64 = 1 << 27;
 /// The part of a metadata word without the port bounds.
 const META_LOW: u64 = 0xffff_ffff;
 /// A plan word holds up to [`PREFETCH_MAX`] entries of 16 bits, the first
-/// probe in the low bits, each `PLAN_VALID | kind << 8 | prefix length`, and
-/// zeros after the last.
+/// probe in the low bits, each `PLAN_VALID | kind << 8 | prefix length`
+/// (with [`PLAN_MARKED`] for a length the /24 marks cover), and zeros after
+/// the last.
 const PLAN_VALID: u64 = 0x8000;
+/// In a plan entry: probes of this length are skipped for clients whose /24
+/// is unmarked.
+const PLAN_MARKED: u64 = 0x4000;
 /// The plan word when more pairs are present than fit: lookups walk the
 /// bitmaps instead.
 const PLAN_LONG: u64 = u64::MAX;
@@ -90,6 +94,24 @@ const PLAN_LONG: u64 = u64::MAX;
 const MARKED_PLENS: core::ops::RangeInclusive<u8> = 16..=31;
 /// Words of the /24 marks: one bit per IPv4 /24 network.
 const NET_WORDS: usize = (1 << 24) / 64;
+/// The IPv4 netmask of each prefix length (all ones beyond 32, which no key
+/// has): a table load is cheaper on every probe than the shifts.
+const V4_MASKS: [u32; 64] = {
+    let mut m = [u32::MAX; 64];
+    let mut plen = 0;
+    while plen < 32 {
+        m[plen] = !(u32::MAX >> plen);
+        plen += 1;
+    }
+    m
+};
+
+/// Whether probes of prefix length `plen` are skipped for clients in
+/// unmarked /24s (and keys of that length mark them).
+#[inline(always)]
+fn is_marked_plen(family: Family, plen: u8) -> bool {
+    family == Family::V4 && MARKED_PLENS.contains(&plen)
+}
 
 /// The key does not fit: the table holds `capacity` entries, or both of the
 /// key's buckets are full.
@@ -388,7 +410,12 @@ fn plan_of(pres: &Presence, family: Family) -> u64 {
         if n == PREFETCH_MAX {
             return PLAN_LONG;
         }
-        plan |= (PLAN_VALID | kind << 8 | u64::from(plen)) << (16 * n);
+        let marked = if is_marked_plen(family, plen) {
+            PLAN_MARKED
+        } else {
+            0
+        };
+        plan |= (PLAN_VALID | marked | kind << 8 | u64::from(plen)) << (16 * n);
     }
     plan
 }
@@ -410,15 +437,18 @@ impl Inner {
         &self.lines[idx >> 1].0[idx & 1]
     }
 
+    /// Whether no key of a marked length covers the IPv4 client's /24.
+    #[inline(always)]
+    fn net_unmarked(&self, client: u128) -> bool {
+        let net = (client as u32 >> 8) as usize;
+        self.nets[net / 64].load(Ordering::Acquire) & 1 << (net % 64) == 0
+    }
+
     /// Whether a probe of prefix length `plen` can be skipped for `client`:
     /// no key of a marked length covers its /24.
     #[inline(always)]
     fn unmarked(&self, family: Family, client: u128, plen: u8) -> bool {
-        if family != Family::V4 || !MARKED_PLENS.contains(&plen) {
-            return false;
-        }
-        let net = (client as u32 >> 8) as usize;
-        self.nets[net / 64].load(Ordering::Acquire) & 1 << (net % 64) == 0
+        is_marked_plen(family, plen) && self.net_unmarked(client)
     }
 
     /// The probe of one (prefix length, port kind) pair for `client:port`.
@@ -434,8 +464,8 @@ impl Inner {
     ) -> Probe {
         let addr = match family {
             // IPv4 in 32-bit arithmetic: a 128-bit mask costs a SYN a dozen
-            // instructions per probe.
-            Family::V4 => u128::from(client as u32 & (u64::MAX << (32 - plen.min(32))) as u32),
+            // instructions per probe, the shifts half that.
+            Family::V4 => u128::from(client as u32 & V4_MASKS[usize::from(plen) % 64]),
             Family::V6 => client & prefix_mask(family, plen),
         };
         // A range probe carries no bounds: all ranges of a prefix share it.
@@ -463,9 +493,9 @@ impl Inner {
         let mut plan = pres.plan.load(Ordering::Acquire);
         if plan != PLAN_LONG {
             while plan != 0 {
-                let (plen, kind) = (plan as u8, (plan >> 8) & 3);
+                let (entry, plen, kind) = (plan, plan as u8, (plan >> 8) & 3);
                 plan >>= 16;
-                if self.unmarked(family, client, plen) {
+                if entry & PLAN_MARKED != 0 && self.net_unmarked(client) {
                     continue;
                 }
                 let p = self.probe(service, family, client, port, plen, kind);
@@ -961,7 +991,7 @@ impl AffinityWriter {
     /// (which left this probe out) looks up in full.
     fn mark_nets(&mut self, key: &AffinityKey, add: bool) {
         let plen = key.prefix_len();
-        if key.family() != Family::V4 || !MARKED_PLENS.contains(&plen) {
+        if !is_marked_plen(key.family(), plen) {
             return;
         }
         let first = (key.addr() as u32 >> 8) & !0u32 << 24u8.saturating_sub(plen);
@@ -1272,7 +1302,14 @@ mod tests {
         // The plan word listing `pairs` in order.
         let listing = |pairs: &[(u64, u64)]| {
             (pairs.iter().enumerate())
-                .map(|(n, &(plen, kind))| (PLAN_VALID | kind << 8 | plen) << (16 * n))
+                .map(|(n, &(plen, kind))| {
+                    let marked = if (16..32).contains(&plen) {
+                        PLAN_MARKED
+                    } else {
+                        0
+                    };
+                    (PLAN_VALID | marked | kind << 8 | plen) << (16 * n)
+                })
                 .fold(0, |word, entry| word | entry)
         };
         assert_eq!(plan(), 0);
