@@ -282,7 +282,7 @@ impl<IO: PacketIo> Worker<IO> {
         // slots are self-contained: its one prefetch above covers them.)
         for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
             if queried[i] {
-                self.shared.affinity.prefetch_slots(&queries[i]);
+                self.shared.affinity.prefetch_slots(&mut queries[i]);
             }
         }
 
@@ -301,7 +301,7 @@ impl<IO: PacketIo> Worker<IO> {
         for (i, mut buf) in rx.drain(..).enumerate() {
             let ahead = i + AFFINITY_SLOT_DISTANCE;
             if ahead < n && queried[ahead] {
-                self.shared.affinity.prefetch_slots(&queries[ahead]);
+                self.shared.affinity.prefetch_slots(&mut queries[ahead]);
             }
             let query = queried[i].then_some(&queries[i]);
             let verdict = match parsed[i] {

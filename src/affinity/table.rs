@@ -254,6 +254,9 @@ pub struct AffinityQuery {
     /// The presence bitmaps' change count when prepared: if it moved, the
     /// lookup runs in full.
     changes: u32,
+    /// Bit `n` set when [`AffinityReader::prefetch_slots`] found probe `n`'s
+    /// key absent, so the lookup need not read its bucket again.
+    absent: u8,
     service: ServiceId,
     family: Family,
     client: u128,
@@ -267,6 +270,7 @@ impl AffinityQuery {
         len: 0,
         complete: true,
         changes: 0,
+        absent: 0,
         service: 0,
         family: Family::V4,
         client: 0,
@@ -289,6 +293,7 @@ impl fmt::Debug for AffinityQuery {
             .field("probes", &self.len)
             .field("complete", &self.complete)
             .field("changes", &self.changes)
+            .field("absent", &self.absent)
             .finish()
     }
 }
@@ -529,17 +534,27 @@ impl Inner {
         }
     }
 
-    /// Calls `f(bucket, slot)` for each slot of the probe's primary bucket
-    /// whose tag matches: the slots a lookup will compare. A hint only: no
-    /// version check.
+    /// A glance at the probe's primary bucket without the version check:
+    /// calls `f(bucket, slot)` for each slot whose tag matches (the slots a
+    /// lookup will compare) and, when none does, returns the bucket's
+    /// overflow count. No matching tag and no overflow means the key was
+    /// absent at that moment: a key moved to its alternate is copied there
+    /// and counted in the overflow before its tag is cleared here (the
+    /// clear follows the writer's release fence, which the acquire load of
+    /// the tags pairs with), and the count falls only once the key is gone.
     #[inline(always)]
-    fn tag_matches(&self, p: &Probe, mut f: impl FnMut(usize, usize)) {
+    fn glance(&self, p: &Probe, mut f: impl FnMut(usize, usize)) -> Option<u32> {
         let b = self.primary(p);
-        let mut m = match_tag(self.headers[b].tags.load(Ordering::Relaxed), p.tag());
+        let hdr = &self.headers[b];
+        let mut m = match_tag(hdr.tags.load(Ordering::Acquire), p.tag());
+        if m == 0 {
+            return Some(hdr.overflow.load(Ordering::Relaxed));
+        }
         while m != 0 {
             f(b, (m.trailing_zeros() / 8) as usize);
             m &= m - 1;
         }
+        None
     }
 
     /// One bucket, consistently: the owner of the exact key if present, and
@@ -771,7 +786,8 @@ impl AffinityReader {
         client: u128,
         port: u16,
     ) {
-        (q.service, q.family, q.client, q.port, q.len) = (service, family, client, port, 0);
+        (q.service, q.family, q.client, q.port) = (service, family, client, port);
+        (q.len, q.absent) = (0, 0);
         let t = &*self.inner;
         q.changes = t.presence[presence_index(service, family)]
             .changes
@@ -786,33 +802,39 @@ impl AffinityReader {
             .is_ok();
     }
 
-    /// Second prefetch stage, once the headers [`AffinityReader::prepare`]
-    /// hinted are in cache: starts loading the slot lines whose tags match
-    /// the query's keys, or, when none does and some keys of the bucket
-    /// live in their alternates, the alternate bucket's header (a lookup
-    /// reads it next). Without it a hit (or a tag collision) costs the
-    /// lookup one more dependent miss, on a line of the large slot array, at
-    /// a page walk of its own, and so does a miss in one of the 1-2% of
-    /// buckets that overflow in a half-full table.
+    /// Second stage, once the headers [`AffinityReader::prepare`] hinted
+    /// are in cache: starts loading the slot lines whose tags match the
+    /// query's keys, or, when none does and some keys of the bucket live in
+    /// their alternates, the alternate bucket's header (a lookup reads it
+    /// next). Without it a hit (or a tag collision) costs the lookup one
+    /// more dependent miss, on a line of the large slot array, at a page
+    /// walk of its own, and so does a miss in one of the 1-2% of buckets
+    /// that overflow in a half-full table. A probe whose bucket has neither
+    /// (most of them) is settled as a miss here, so the lookup skips it.
     #[inline]
-    pub fn prefetch_slots(&self, q: &AffinityQuery) {
+    pub fn prefetch_slots(&self, q: &mut AffinityQuery) {
+        if q.len == 0 {
+            return;
+        }
         let t = &*self.inner;
-        for p in q.probes() {
-            let mut matched = false;
-            t.tag_matches(p, |b, i| {
-                matched = true;
-                prefetch(t.slot(b, i));
-            });
-            if !matched && t.headers[t.primary(p)].overflow.load(Ordering::Relaxed) != 0 {
-                prefetch(&t.headers[t.alternate(p)]);
+        let mut absent = 0;
+        for (n, p) in q.probes().iter().enumerate() {
+            match t.glance(p, |b, i| prefetch(t.slot(b, i))) {
+                Some(0) => absent |= 1 << n,
+                Some(_) => prefetch(&t.headers[t.alternate(p)]),
+                None => {}
             }
         }
+        q.absent = absent;
     }
 
-    /// The answer [`AffinityReader::lookup`] gives now for the query's
-    /// client, from its prepared probes: the table is read now, and if the
-    /// prefix lengths or port kinds present changed since `prepare` (so the
-    /// probes may no longer be the lookup's), the lookup runs in full.
+    /// The answer [`AffinityReader::lookup`] gives for the query's client,
+    /// from its prepared probes: each read now, except those
+    /// [`AffinityReader::prefetch_slots`] already found absent (a miss as of
+    /// then: the lookup answers for a moment between `prepare` and now, as a
+    /// packet seen a little earlier would be). If the prefix lengths or port
+    /// kinds present changed since `prepare` (so the probes may no longer be
+    /// the lookup's), the lookup runs in full.
     #[inline]
     pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<BackendId> {
         let t = &*self.inner;
@@ -822,7 +844,16 @@ impl AffinityReader {
         if !q.complete || changes != q.changes {
             return self.lookup(q.service, q.family, q.client, q.port);
         }
-        q.probes().iter().find_map(|p| t.find(p, q.port))
+        let mut absent = q.absent;
+        for p in q.probes() {
+            if absent & 1 == 0 {
+                if let Some(owner) = t.find(p, q.port) {
+                    return Some(owner);
+                }
+            }
+            absent >>= 1;
+        }
+        None
     }
 
     /// The capacity the table was built with.
@@ -1045,6 +1076,21 @@ mod tests {
         u128::from(u32::from_be_bytes([a, b, c, d]))
     }
 
+    /// A lookup in the worker's stages: prepared, slots hinted (which
+    /// settles the probes whose buckets lack the key), then looked up.
+    fn staged(
+        r: &AffinityReader,
+        s: ServiceId,
+        f: Family,
+        client: u128,
+        port: u16,
+    ) -> Option<BackendId> {
+        let mut q = AffinityQuery::NONE;
+        r.prepare(&mut q, s, f, client, port);
+        r.prefetch_slots(&mut q);
+        r.lookup_prepared(&q)
+    }
+
     #[test]
     fn types_enforce_single_writer() {
         fn send_sync_clone<T: Send + Sync + Clone>() {}
@@ -1090,7 +1136,7 @@ mod tests {
         assert!(q.complete);
         let mut hinted = Vec::new();
         for p in q.probes() {
-            t.tag_matches(p, |b, i| hinted.push((b, i)));
+            t.glance(p, |b, i| hinted.push((b, i)));
         }
         for k in &keys {
             let p = Probe::of_key(t.seed, k);
@@ -1101,7 +1147,7 @@ mod tests {
         }
         // /32 any, /24 one port and range, /8 any: four probes, all kept.
         assert_eq!(q.probes().len(), 4);
-        r.prefetch_slots(&q);
+        r.prefetch_slots(&mut q);
         assert_eq!(r.lookup_prepared(&q), Some(0));
         assert_eq!(r.lookup(s, f, client, 443), Some(0));
 
@@ -1150,7 +1196,7 @@ mod tests {
         // A client with no affinity in a table of other keys.
         let mut q = AffinityQuery::NONE;
         r.prepare(&mut q, s, f, v4(172, 16, 0, 1), 443);
-        r.prefetch_slots(&q);
+        r.prefetch_slots(&mut q);
         assert_eq!(r.lookup_prepared(&q), None);
         assert_eq!(r.lookup_prepared(&AffinityQuery::NONE), None);
     }
@@ -1418,9 +1464,20 @@ mod tests {
         assert!((SLOTS..=2 * SLOTS).contains(&ok), "{ok}");
         assert_eq!(ok + full, 40);
         assert_eq!(w.len(), ok);
-        // Narrowest covering range (all width 100): lowest start wins.
+        // Narrowest covering range (all width 100): lowest start wins,
+        // also among the ranges living in the alternate bucket.
         assert_eq!(r.lookup(0, Family::V4, 1, 100), Some(0));
         assert_eq!(r.lookup(0, Family::V4, 1, 101), Some(1));
+        assert_eq!(staged(&r, 0, Family::V4, 1, 100), Some(0));
+        let last = ok as u16 - 1;
+        assert_eq!(
+            staged(&r, 0, Family::V4, 1, 100 + last),
+            Some(u32::from(last))
+        );
+        assert_eq!(
+            r.lookup(0, Family::V4, 1, 100 + last),
+            Some(u32::from(last))
+        );
     }
 
     /// Many entries: every one is found after inserts and after half are
@@ -1439,6 +1496,7 @@ mod tests {
         }
         for i in 0..n {
             assert_eq!(r.lookup(3, Family::V6, i << 64 | i, 0), Some(i as u32));
+            assert_eq!(staged(&r, 3, Family::V6, i << 64 | i, 0), Some(i as u32));
         }
         for i in (0..n).step_by(2) {
             assert!(w.remove(&key(3, Family::V6, i << 64 | i, 128, PortMatch::Any)));
@@ -1446,6 +1504,7 @@ mod tests {
         for i in 0..n {
             let want = (i % 2 == 1).then_some(i as u32);
             assert_eq!(r.lookup(3, Family::V6, i << 64 | i, 0), want);
+            assert_eq!(staged(&r, 3, Family::V6, i << 64 | i, 0), want);
         }
         assert_eq!(w.len(), n as usize / 2);
     }
@@ -1469,6 +1528,7 @@ mod tests {
             let mut q = AffinityQuery::NONE;
             r.prepare(&mut q, svc, family, client, port);
             proptest::prop_assert_eq!(r.lookup_prepared(&q), want);
+            proptest::prop_assert_eq!(staged(r, svc, family, client, port), want);
         }
         Ok(())
     }
@@ -1600,7 +1660,7 @@ mod tests {
                         } else {
                             let mut q = AffinityQuery::NONE;
                             r.prepare(&mut q, 1, Family::V4, probe_addr(i), 7);
-                            r.prefetch_slots(&q);
+                            r.prefetch_slots(&mut q);
                             r.lookup_prepared(&q)
                         };
                         let s2 = state[i as usize].load(Ordering::Acquire);
