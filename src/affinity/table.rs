@@ -46,10 +46,10 @@
 //! A worker looks a whole burst's SYNs up in stages, so that their misses
 //! overlap: [`AffinityReader::prepare`] hashes a SYN's probes once and
 //! prefetches their bucket headers, [`AffinityReader::prefetch_slots`] later
-//! hints the slot lines whose tags match, and
-//! [`AffinityReader::lookup_prepared`] answers from the prepared probes (in
-//! full, as [`AffinityReader::lookup`], if the presence bitmaps changed
-//! meanwhile).
+//! hints the slot lines whose tags match (or the alternate bucket, for a
+//! bucket that overflowed) and settles as misses the probes with neither,
+//! and [`AffinityReader::lookup_prepared`] reads the rest (in full, as
+//! [`AffinityReader::lookup`], if the presence bitmaps changed meanwhile).
 
 use core::fmt;
 use core::ops::ControlFlow;
