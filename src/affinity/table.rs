@@ -40,8 +40,9 @@
 //! cover, one bit per /24 (2 MB, all services together): a lookup skips
 //! such probes for a client whose /24 is unmarked. A table of pinned /32s
 //! and a few pinned /24s (the common mix) then costs most SYNs one probe,
-//! not two: the bit is one load from a small part of the array when clients
-//! come from a few networks, and a header line less anyway.
+//! not two: the bit is one load (from a small part of the array when
+//! clients come from a few networks) where the probe was a hash, a header
+//! line and a scan.
 //!
 //! A worker looks a whole burst's SYNs up in stages, so that their misses
 //! overlap: [`AffinityReader::prepare`] hashes a SYN's probes once and
