@@ -40,9 +40,9 @@
 //! cover, one bit per /24 (2 MB, all services together): a lookup skips
 //! such probes for a client whose /24 is unmarked. A table of pinned /32s
 //! and a few pinned /24s (the common mix) then costs most SYNs one probe,
-//! not two: the bit is one load (from a small part of the array when
-//! clients come from a few networks) where the probe was a hash, a header
-//! line and a scan.
+//! not two: the bit is one load where the probe was a hash, a header line
+//! and a scan (a load that stays in cache when clients come from a few
+//! networks; from the whole IPv4 space, a line of a 2 MB array).
 //!
 //! A worker looks a whole burst's SYNs up in stages, so that their misses
 //! overlap: [`AffinityReader::prepare`] hashes a SYN's probes once and
@@ -70,6 +70,8 @@ use crate::packet::Family;
 pub const SLOTS: usize = 8;
 /// Most probes an [`AffinityQuery`] prepares (and hints) per lookup.
 pub const PREFETCH_MAX: usize = 4;
+// One bit per probe in `AffinityQuery::absent`.
+const _: () = assert!(PREFETCH_MAX <= 8);
 /// Largest capacity a table accepts; larger requests are clamped.
 pub const MAX_CAPACITY: usize = 1 << 30;
 
@@ -830,12 +832,14 @@ impl AffinityReader {
     }
 
     /// The answer [`AffinityReader::lookup`] gives for the query's client,
-    /// from its prepared probes: each read now, except those
-    /// [`AffinityReader::prefetch_slots`] already found absent (a miss as of
-    /// then: the lookup answers for a moment between `prepare` and now, as a
-    /// packet seen a little earlier would be). If the prefix lengths or port
-    /// kinds present changed since `prepare` (so the probes may no longer be
-    /// the lookup's), the lookup runs in full.
+    /// from its prepared probes, each answered as the table stood at some
+    /// moment between `prepare` and now (as a packet seen a few packets
+    /// earlier would be; no lookup of several probes reads them all at one
+    /// instant anyway): the probes [`AffinityReader::prefetch_slots`] found
+    /// absent are misses as of then, those `prepare` left out for an
+    /// unmarked /24 as of then, and the rest are read now. If the prefix
+    /// lengths or port kinds present changed since `prepare` (so the probes
+    /// may no longer be the lookup's), the lookup runs in full.
     #[inline]
     pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<BackendId> {
         let t = &*self.inner;
@@ -1018,9 +1022,9 @@ impl AffinityWriter {
 
     /// Keeps the readers' /24 marks in step with the keys of marked prefix
     /// lengths: marked after the entry is written, unmarked after the last
-    /// covering key is removed. An insert also bumps the service's change
-    /// count, so that a query prepared while the client's /24 was unmarked
-    /// (which left this probe out) looks up in full.
+    /// covering key is removed, so that a clear bit means no such key
+    /// covers the /24. Only the bitmap's words are written: the lines every
+    /// lookup reads (the presence and its change count) stay untouched.
     fn mark_nets(&mut self, key: &AffinityKey, add: bool) {
         let plen = key.prefix_len();
         if !is_marked_plen(key.family(), plen) {
@@ -1045,12 +1049,6 @@ impl AffinityWriter {
                     word.fetch_and(!bit, Ordering::Release);
                 }
             }
-        }
-        if add {
-            let idx = presence_index(key.service(), key.family());
-            self.inner.presence[idx]
-                .changes
-                .fetch_add(1, Ordering::Release);
         }
     }
 }
@@ -1276,9 +1274,8 @@ mod tests {
 
     /// IPv4 keys of /16 to /31 mark the /24s they cover, of all services
     /// together, until the last covering key goes; lookups skip those
-    /// probes elsewhere. A query prepared while its client's /24 was
-    /// unmarked looks up in full once a key of its service covers it, even
-    /// when another service's key marked that /24 in between.
+    /// probes elsewhere, and make them again once the /24 is marked, by a
+    /// key of their service or of another.
     #[test]
     fn net_marks_follow_the_keys_covering_them() {
         let (mut w, r) = AffinityTable::new(1024);
@@ -1312,13 +1309,16 @@ mod tests {
         r.prepare(&mut q, 1, f, client, 80);
         assert_eq!(q.probes().len(), 2);
         assert_eq!(r.lookup_prepared(&q), None);
+        // Another service's key marks it: service 1's /24 probe is made
+        // again (and misses), until service 1 pins the /24 too.
         w.insert(k28, 2).unwrap();
         assert!(marked(client));
-        w.insert(k24, 3).unwrap();
-        assert_eq!(r.lookup_prepared(&q), Some(3));
         r.prepare(&mut q, 1, f, client, 80);
         assert_eq!(q.probes().len(), 3);
+        assert_eq!(r.lookup_prepared(&q), None);
+        w.insert(k24, 3).unwrap();
         assert_eq!(r.lookup_prepared(&q), Some(3));
+        assert_eq!(staged(&r, 1, f, client, 80), Some(3));
         // Marked while either key covers the /24.
         assert!(w.remove(&k28));
         assert!(marked(client));
