@@ -994,30 +994,21 @@ impl AffinityWriter {
         let kbit = 1u8 << kind;
         let pbit = 1u64 << (plen % 64);
         let word = &pres.plens[plen as usize / 64];
-        let slot = (idx, plen, kind as u8);
+        if !tally(&mut self.counts, (idx, plen, kind as u8), add) {
+            return;
+        }
         if add {
-            let c = self.counts.entry(slot).or_insert(0);
-            *c += 1;
-            if *c == 1 {
-                pres.kinds[plen as usize].fetch_or(kbit, Ordering::Release);
-                word.fetch_or(pbit, Ordering::Release);
-                pres.plan
-                    .store(plan_of(pres, key.family()), Ordering::Release);
-                pres.changes.fetch_add(1, Ordering::Release);
-            }
-        } else if let Some(c) = self.counts.get_mut(&slot) {
-            *c -= 1;
-            if *c == 0 {
-                self.counts.remove(&slot);
-                let left = pres.kinds[plen as usize].fetch_and(!kbit, Ordering::Release) & !kbit;
-                if left == 0 {
-                    word.fetch_and(!pbit, Ordering::Release);
-                }
-                pres.plan
-                    .store(plan_of(pres, key.family()), Ordering::Release);
-                pres.changes.fetch_add(1, Ordering::Release);
+            pres.kinds[plen as usize].fetch_or(kbit, Ordering::Release);
+            word.fetch_or(pbit, Ordering::Release);
+        } else {
+            let left = pres.kinds[plen as usize].fetch_and(!kbit, Ordering::Release) & !kbit;
+            if left == 0 {
+                word.fetch_and(!pbit, Ordering::Release);
             }
         }
+        pres.plan
+            .store(plan_of(pres, key.family()), Ordering::Release);
+        pres.changes.fetch_add(1, Ordering::Release);
     }
 
     /// Keeps the readers' /24 marks in step with the keys of marked prefix
@@ -1034,23 +1025,37 @@ impl AffinityWriter {
         let count = 1u32 << 24u8.saturating_sub(plen);
         let nets = &self.inner.nets;
         for net in first..first + count {
+            if !tally(&mut self.nets, net, add) {
+                continue;
+            }
             let bit = 1u64 << (net % 64);
             let word = &nets[net as usize / 64];
             if add {
-                let c = self.nets.entry(net).or_insert(0);
-                *c += 1;
-                if *c == 1 {
-                    word.fetch_or(bit, Ordering::Release);
-                }
-            } else if let Some(c) = self.nets.get_mut(&net) {
-                *c -= 1;
-                if *c == 0 {
-                    self.nets.remove(&net);
-                    word.fetch_and(!bit, Ordering::Release);
-                }
+                word.fetch_or(bit, Ordering::Release);
+            } else {
+                word.fetch_and(!bit, Ordering::Release);
             }
         }
     }
+}
+
+/// Counts one key more (or less) under `k` in the writer's books; true when
+/// the count just left zero (or reached it), so the readers' bit must change.
+fn tally<K: core::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, k: K, add: bool) -> bool {
+    if add {
+        let c = counts.entry(k).or_insert(0);
+        *c += 1;
+        return *c == 1;
+    }
+    let Some(c) = counts.get_mut(&k) else {
+        return false;
+    };
+    *c -= 1;
+    if *c > 0 {
+        return false;
+    }
+    counts.remove(&k);
+    true
 }
 
 impl fmt::Debug for AffinityWriter {
