@@ -77,9 +77,9 @@ def main():
     # Everything after "--" goes to the benchmark as it is (argparse would
     # refuse options there once the positionals are taken).
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = ap.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
-    args.extra = extra
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    args.extra = argv[cut + 1 :]
 
     rows = {"A": [], "B": []}
     windows = {"A": {}, "B": {}}
