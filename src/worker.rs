@@ -18,8 +18,7 @@ use std::time::Instant;
 
 use crate::affinity::{AffinityQuery, AffinityReader, AutoAffinityTable, AutoSlot};
 use crate::dataplane::{
-    BackendId, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service, ServiceId,
-    MAX_SERVICES,
+    BackendId, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service, MAX_SERVICES,
 };
 use crate::flow::{FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState, Untracked, NO_AUTO_SLOT};
 use crate::forward;
@@ -231,14 +230,23 @@ impl<IO: PacketIo> Worker<IO> {
         for b in rx.iter() {
             b.prefetch();
         }
+        // Borrow the snapshot for the burst without touching its reference
+        // count (a line every worker would write, with a locked instruction
+        // that would wait for the burst's pending stores): move a
+        // worker-private placeholder into its place and back after.
+        let placeholder = self
+            .idle_dp
+            .take()
+            .unwrap_or_else(|| Arc::new(Dataplane::default()));
+        let dp = std::mem::replace(&mut self.dp, placeholder);
         // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, the
         // affinity buckets their lookup will probe.
         let mut parsed: [Option<Result<ParsedPacket, DropReason>>; MAX_BURST] = [None; MAX_BURST];
         let mut hashes = [0u64; MAX_BURST];
         // The service of each packet, looked up once here for pass 3; a
         // burst mostly goes to one service, so the last answer is kept.
-        let mut services: [Option<ServiceId>; MAX_BURST] = [None; MAX_BURST];
-        let mut last: Option<(u128, u16, u8, Option<ServiceId>)> = None;
+        let mut services: [Option<&Service>; MAX_BURST] = [None; MAX_BURST];
+        let mut last: Option<(u128, u16, u8, Option<&Service>)> = None;
         // Which packets are SYNs with a prepared affinity query (in
         // `queries`, moved out of the worker for the burst).
         let mut queried = [false; MAX_BURST];
@@ -259,17 +267,17 @@ impl<IO: PacketIo> Worker<IO> {
                         svc
                     }
                     _ => {
-                        let svc = self.dp.service_for(k).map(|s| s.id);
+                        let svc = dp.service_for(k);
                         last = Some((k.dst, k.dport, k.proto, svc));
                         svc
                     }
                 };
                 services[i] = svc;
-                if let Some(id) = svc.filter(|_| p.is_syn()) {
+                if let Some(svc) = svc.filter(|_| p.is_syn()) {
                     let q = &mut queries[i];
                     self.shared
                         .affinity
-                        .prepare(q, id, k.family, k.src, k.sport);
+                        .prepare(q, svc.id, k.family, k.src, k.sport);
                     queried[i] = true;
                 }
             }
@@ -289,15 +297,6 @@ impl<IO: PacketIo> Worker<IO> {
         // Pass 3: route, rewrite, queue.
         let plan = self.setup.ports[port];
         let src_mac = self.io.port_mac(plan.forward_to);
-        // Borrow the snapshot for the burst without touching its reference
-        // count (a line every worker would write, with a locked instruction
-        // that would wait for the burst's pending stores): move a
-        // worker-private placeholder into its place and back after.
-        let placeholder = self
-            .idle_dp
-            .take()
-            .unwrap_or_else(|| Arc::new(Dataplane::default()));
-        let dp = std::mem::replace(&mut self.dp, placeholder);
         for (i, mut buf) in rx.drain(..).enumerate() {
             let ahead = i + AFFINITY_SLOT_DISTANCE;
             if ahead < n && queried[ahead] {
@@ -374,7 +373,7 @@ impl<IO: PacketIo> Worker<IO> {
     fn route_and_rewrite(
         &mut self,
         dp: &Dataplane,
-        service: Option<ServiceId>,
+        service: Option<&Service>,
         query: Option<&AffinityQuery>,
         buf: &mut IO::Buf,
         p: &ParsedPacket,
@@ -383,9 +382,7 @@ impl<IO: PacketIo> Worker<IO> {
         plan: PortPlan,
         src_mac: [u8; 6],
     ) -> Result<(), DropReason> {
-        let svc = service
-            .and_then(|id| dp.service(id))
-            .ok_or(DropReason::NoService)?;
+        let svc = service.ok_or(DropReason::NoService)?;
         let backend = self.route(dp, svc, query, p, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.data().len() as u64;
