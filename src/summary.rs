@@ -273,19 +273,9 @@ fn backend_counts(workers: &[Arc<WorkerCounters>], id: BackendId) -> [u64; 3] {
 }
 
 impl Summary {
-    /// Builds the summary from the workers' counters.
+    /// Builds the summary from the workers' counters, each service's and
+    /// backend's figures counted from where `base` says its id started.
     pub fn collect(
-        workers: &[std::sync::Arc<WorkerCounters>],
-        dp: &Dataplane,
-        seconds: f64,
-        affinities: usize,
-    ) -> Summary {
-        Summary::collect_since(workers, dp, seconds, affinities, &CounterBase::default())
-    }
-
-    /// [`Summary::collect`], with each service's and backend's figures
-    /// counted from where `base` says its id started.
-    pub fn collect_since(
         workers: &[std::sync::Arc<WorkerCounters>],
         dp: &Dataplane,
         seconds: f64,
@@ -643,7 +633,7 @@ mod tests {
         let again = dp();
         base.update(&first, &again, &w);
         count(3, 1);
-        let s = Summary::collect_since(&w, &again, 1.0, 0, &base);
+        let s = Summary::collect(&w, &again, 1.0, 0, &base);
         assert_eq!(s.services[0].new_connections, 33);
         assert_eq!(
             (
@@ -663,7 +653,7 @@ mod tests {
         w[0].backends[0].connections.add(5);
         base.update(&again, &next, &w);
         count(2, 4);
-        let s = Summary::collect_since(&w, &next, 1.0, 0, &base);
+        let s = Summary::collect(&w, &next, 1.0, 0, &base);
         assert_eq!(s.services[0].name, "mail");
         assert_eq!(s.services[0].new_connections, 2);
         let be9 = &s.services[0].backends[1];
@@ -692,7 +682,7 @@ mod tests {
             c.services[0].new_connections.add(30 + i as u64);
             c.busy_ns.add(1_000_000);
         }
-        let s = Summary::collect(&w, &dp(), 2.0, 3);
+        let s = Summary::collect(&w, &dp(), 2.0, 3, &CounterBase::default());
         assert_eq!(s.rx_packets, 200);
         assert_eq!(s.tx_packets + s.drops.values().sum::<u64>(), s.rx_packets);
         assert_eq!(s.drops["no_service"], 2);

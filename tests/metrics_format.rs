@@ -66,7 +66,7 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         w.services[0].affinity_hits.add(3);
         w.latency.record(250);
     }
-    let mut s = Summary::collect(&workers, &dp, 2.0, 5);
+    let mut s = Summary::collect(&workers, &dp, 2.0, 5, &Default::default());
     s.ports.push(PortSummary {
         name: "p0".into(),
         ipackets: 2000,

@@ -507,7 +507,13 @@ mod tests {
         let w = vec![Arc::new(WorkerCounters::default())];
         w[0].rx_packets.add(10);
         w[0].count_drop(DropReason::NoService);
-        let mut s = Summary::collect(&w, &crate::dataplane::Dataplane::default(), 1.0, 0);
+        let mut s = Summary::collect(
+            &w,
+            &crate::dataplane::Dataplane::default(),
+            1.0,
+            0,
+            &Default::default(),
+        );
         s.packet_latency_ns = Percentiles {
             count: 4,
             p50: 100,

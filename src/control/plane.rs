@@ -321,7 +321,7 @@ impl ControlPlane {
     /// latency and affinity lifetimes.
     pub fn summary(&self) -> Summary {
         let secs = self.epoch.elapsed().as_secs_f64();
-        let mut s = Summary::collect_since(
+        let mut s = Summary::collect(
             &self.workers,
             &self.dp,
             secs,

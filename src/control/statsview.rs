@@ -181,7 +181,7 @@ mod tests {
         w.backends[0].connections.add(packets / 10);
         w.backends[0].packets.add(packets);
         w.services[0].packets.add(packets);
-        Summary::collect(&[w], &dp, 10.0, 3)
+        Summary::collect(&[w], &dp, 10.0, 3, &Default::default())
     }
 
     #[test]
