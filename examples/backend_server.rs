@@ -43,10 +43,12 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use pktdist::control::auth::{mask_addr, parse_hex_key};
-use pktdist::control::cli::parse_duration;
-use pktdist::control::client::AffinitySpec;
-use pktdist::control::{AffinityKey, ControlClient, ReturnCode, ServiceAddr};
+use pktdist::client::cli::parse_duration;
+use pktdist::client::library::AffinitySpec;
+use pktdist::client::library::ControlClient;
+use pktdist::net::mask_addr;
+use pktdist::protocol::auth::parse_hex_key;
+use pktdist::protocol::message::{AffinityKey, ReturnCode, ServiceAddr};
 
 /// Largest `GET /bytes/N` answered.
 const MAX_BYTES: u64 = 64 << 20;

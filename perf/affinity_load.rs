@@ -5,10 +5,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pktdist::affinity::{AffinityKey, AffinityManager, AffinityReader, AffinityTable, PortMatch};
-use pktdist::dataplane::{BackendId, ServiceId};
+use pktdist::affinity::key::{PortMatch, TableKey};
+
+use pktdist::affinity::manager::AffinityManager;
+
+use pktdist::affinity::table::{AffinityReader, AffinityTable};
 use pktdist::dpdk::{spawn_worker, tsc, tsc_hz};
-use pktdist::packet::Family;
+use pktdist::types::Family;
+use pktdist::types::{BackendId, ServiceId};
 
 use crate::feeder::{Rng, MEASURE, STOP};
 
@@ -22,7 +26,7 @@ pub struct Installed {
     pub manager: AffinityManager,
     pub reader: AffinityReader,
     /// The /32 keys, for the churn to remove from.
-    pub slash32: Vec<AffinityKey>,
+    pub slash32: Vec<TableKey>,
     pub n24: usize,
     /// Share of the client space the affinities cover.
     pub coverage: f64,
@@ -46,7 +50,7 @@ pub fn install(
     while slash24.len() < n24.min(65536) {
         let net = (CLIENT_BASE | (rng.next_u64() as u32 & CLIENT_MASK)) & 0xffff_ff00;
         if slash24.insert(net) {
-            let key = AffinityKey::new(service, Family::V4, net as u128, 24, PortMatch::Any)
+            let key = TableKey::new(service, Family::V4, net as u128, 24, PortMatch::Any)
                 .map_err(|e| e.to_string())?;
             manager
                 .create(key, owners[i % owners.len()], None, None, 0)
@@ -58,7 +62,7 @@ pub fn install(
     let mut covered32 = 0usize;
     while manager.len() < n {
         let addr = CLIENT_BASE | (rng.next_u64() as u32 & CLIENT_MASK);
-        let key = AffinityKey::new(service, Family::V4, addr as u128, 32, PortMatch::Any)
+        let key = TableKey::new(service, Family::V4, addr as u128, 32, PortMatch::Any)
             .map_err(|e| e.to_string())?;
         if manager.get(&key).is_some() {
             continue;
@@ -152,7 +156,7 @@ pub fn churn(
                     for _ in 0..8 {
                         let addr = CLIENT_BASE | (rng.next_u64() as u32 & CLIENT_MASK);
                         if let Ok(k) =
-                            AffinityKey::new(service, Family::V4, addr as u128, 32, PortMatch::Any)
+                            TableKey::new(service, Family::V4, addr as u128, 32, PortMatch::Any)
                         {
                             if inst.manager.get(&k).is_none() {
                                 key = Some(k);

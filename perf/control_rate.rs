@@ -8,18 +8,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use pktdist::affinity::{AffinityManager, AffinityTable};
+use pktdist::affinity::manager::AffinityManager;
+
+use pktdist::affinity::table::AffinityTable;
 use pktdist::config::Config;
-use pktdist::control::auth::{Allowlist, Key, Keyring};
 use pktdist::control::plane::ControlPlane;
-use pktdist::control::proto::{
+use pktdist::control::registry::ServiceRegistry;
+use pktdist::control::server::{unix_ms, ControlServer, ServerConfig};
+use pktdist::datapath::snapshot::DataplaneCell;
+use pktdist::dpdk::spawn_worker;
+use pktdist::protocol::auth::{Allowlist, Key, Keyring};
+use pktdist::protocol::message::{
     encode_request, AffinityKey, AffinityOp, Envelope, Header, Reply, Request, ReturnCode,
     ServiceAddr, MAX_DATAGRAM,
 };
-use pktdist::control::server::{unix_ms, ControlServer, ServerConfig};
-use pktdist::dataplane::DataplaneCell;
-use pktdist::dpdk::spawn_worker;
-use pktdist::services::ServiceRegistry;
 
 use crate::feeder::Rng;
 

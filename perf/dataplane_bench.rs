@@ -18,18 +18,22 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use pktdist::affinity::{AffinityReader, AffinityTable, AutoAffinityTable};
-use pktdist::dataplane::{BackendId, DataplaneCell};
+use pktdist::affinity::table::{AffinityReader, AffinityTable};
+
+use pktdist::affinity::auto::AutoAffinityTable;
+use pktdist::control::registry::ServiceRegistry;
+use pktdist::datapath::counters::WorkerCounters;
+use pktdist::datapath::flow::FlowTimeouts;
+use pktdist::datapath::pktio::{PacketIo, MAX_BURST};
+use pktdist::datapath::snapshot::DataplaneCell;
+use pktdist::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use pktdist::dpdk::{
     spawn_worker, tsc, tsc_hz, Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, QueueDir,
     DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
-use pktdist::flow::FlowTimeouts;
-use pktdist::io::{PacketIo, MAX_BURST};
-use pktdist::packet::tcp_flags;
-use pktdist::services::ServiceRegistry;
-use pktdist::stats::{DropReason, WorkerCounters};
-use pktdist::worker::{PortPlan, Shared, Worker, WorkerSetup};
+use pktdist::types::tcp_flags;
+use pktdist::types::BackendId;
+use pktdist::types::DropReason;
 
 use affinity_load::{Installed, LookupStats, CLIENT_BASE, CLIENT_MASK};
 use feeder::{

@@ -10,9 +10,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use pktdist::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use pktdist::dpdk::{tsc, Mbuf, Mempool, PortQueues};
-use pktdist::io::{PacketBuf, PacketIo, MAX_BURST};
-use pktdist::packet::tcp_flags;
+use pktdist::types::tcp_flags;
 use pktdist::wire::build::FrameSpec;
 use pktdist::wire::checksum;
 

@@ -22,14 +22,16 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 
-use pktdist::affinity::{AffinityReader, AffinityTable, AutoAffinityTable};
-use pktdist::dataplane::DataplaneCell;
-use pktdist::flow::FlowTimeouts;
-use pktdist::io::{MemBuf, MemIo, MAX_BURST};
-use pktdist::packet::tcp_flags;
-use pktdist::services::ServiceRegistry;
-use pktdist::stats::WorkerCounters;
-use pktdist::worker::{PortPlan, Shared, Worker, WorkerSetup};
+use pktdist::affinity::table::{AffinityReader, AffinityTable};
+
+use pktdist::affinity::auto::AutoAffinityTable;
+use pktdist::control::registry::ServiceRegistry;
+use pktdist::datapath::counters::WorkerCounters;
+use pktdist::datapath::flow::FlowTimeouts;
+use pktdist::datapath::pktio::{MemBuf, MemIo, MAX_BURST};
+use pktdist::datapath::snapshot::DataplaneCell;
+use pktdist::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
+use pktdist::types::tcp_flags;
 
 use affinity_load::{CLIENT_BASE, CLIENT_MASK};
 use feeder::{tcp_frame, Rng};

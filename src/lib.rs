@@ -1,45 +1,43 @@
 //! pktdist: a DPDK-based L4 connection distributor with
 //! server-application-initiated affinity.
 //!
-//! The modules map to the architecture in SPEC.md:
+//! The folders are the architecture (the README's "How it works" walks
+//! through them):
 //!
-//! * [`wire`] — zero-copy views of the wire formats (Ethernet, 802.1Q, IPv4,
-//!   IPv6, TCP, UDP) and the Internet checksum.
-//! * [`packet`] — classification of a received frame into a [`packet::ParsedPacket`].
-//! * [`forward`] — the two direct-server-return output paths: IP-in-IP
-//!   encapsulation and L2 MAC rewrite.
+//! * [`datapath`] — what a worker core runs: the poll loop, classification,
+//!   the flow table, routing, forwarding, the dataplane snapshot, per-worker
+//!   counters and the packet-I/O trait.
+//! * [`affinity`] — the lock-free affinity table the workers read on every
+//!   SYN and the control thread writes, its expiry, and automatic affinity.
 //! * [`sched`] — weighted Maglev and smooth weighted round robin.
-//! * [`flow`] — the per-worker connection table.
-//! * [`affinity`] — the lock-free affinity table, its expiry wheel and
-//!   automatic affinity for parallel connections.
-//! * [`dataplane`] — the immutable snapshot of services and backends the
-//!   workers read, swapped in whole by the control thread.
-//! * [`worker`] — the poll loop, generic over [`io::PacketIo`].
-//! * [`control`] — the control thread: affinity protocol, authentication,
-//!   backend changes, statistics and the client library.
+//! * [`control`] — the control thread: the protocol server, request
+//!   dispatch, the service registry, reload and expiry.
+//! * [`protocol`] — the control protocol's messages and authentication,
+//!   shared by the control thread and its clients.
+//! * [`report`] — the summary, Prometheus metrics and the stats view.
+//! * [`client`] — the client library applications use, and the CLI.
 //! * [`config`] — the TOML configuration and its validation.
-//! * [`stats`] — per-worker counters and their aggregation.
-//! * [`trafficgen`] — the built-in traffic source used by the demo and benchmarks.
-//! * `dpdk` — the only place with `unsafe`: bindings, EAL, mempools, ports.
+//! * [`run`] — `pktdist run`: the process that starts and stops the threads,
+//!   and the built-in traffic source.
+//! * [`dpdk`] — the only place with `unsafe`: bindings, EAL, mempools, ports.
+//! * [`wire`] — zero-copy views of the wire formats and the Internet checksum.
+//! * [`types`] and [`net`] — the shared vocabulary (families, flow keys, ids,
+//!   limits, drop reasons) and address/network helpers.
+
+#![deny(unsafe_code)]
 
 pub mod affinity;
+pub mod client;
 pub mod config;
 pub mod control;
-pub mod dataplane;
-pub mod flow;
-pub mod forward;
-pub mod io;
-pub mod latency;
+pub mod datapath;
 pub mod net;
-pub mod packet;
+pub mod protocol;
+pub mod report;
+pub mod run;
 pub mod sched;
-pub mod services;
-pub mod stats;
-pub mod summary;
-pub mod trafficgen;
+pub mod types;
 pub mod wire;
-pub mod worker;
 
+#[allow(unsafe_code)]
 pub mod dpdk;
-#[cfg(feature = "dpdk")]
-pub mod runtime;

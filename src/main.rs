@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use pktdist::client::cli::{self, parse_duration, AffinityCmd, BackendCmd, ConnArgs, StatsArgs};
 use pktdist::config::Config;
-use pktdist::control::cli::{self, parse_duration, AffinityCmd, BackendCmd, ConnArgs, StatsArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -89,7 +89,7 @@ fn run(
     summary_json: Option<PathBuf>,
     quiet: bool,
 ) -> Result<(), String> {
-    use pktdist::runtime::{run, RunOptions};
+    use pktdist::run::{run, RunOptions};
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
     let opts = RunOptions {
         duration,

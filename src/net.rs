@@ -5,7 +5,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::packet::Family;
+use crate::types::Family;
 
 /// An IP address as the `u128` bits the data path uses (IPv4 in the low 32).
 pub fn ip_bits(addr: IpAddr) -> u128 {

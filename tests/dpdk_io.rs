@@ -11,11 +11,11 @@ use std::sync::{Arc, OnceLock};
 
 use common::{read_pcap, unique, write_pcap, TempDir};
 
+use pktdist::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use pktdist::dpdk::{
     lcore_id, spawn_worker, DpdkError, Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, QueueDir,
     DEFAULT_DATA_ROOM, HEADROOM, SOCKET_ANY,
 };
-use pktdist::io::{PacketBuf, PacketIo, MAX_BURST};
 
 fn eal_args() -> Vec<String> {
     [

@@ -20,16 +20,17 @@ use common::{
     backend_key_hex, base_config, ipip_service, path_str, poll_until, port_toml, serial, unhex,
     unique, web_service, Pktdist, TempDir, ADMIN_KEY,
 };
+use pktdist::client::library::{AffinitySpec, ClientError, ControlClient};
 use pktdist::config::Config;
-use pktdist::control::client::{AffinitySpec, ClientError, ControlClient};
-use pktdist::control::proto::{AffinityKey, EndReason, ReturnCode, ServiceAddr};
-use pktdist::dataplane::Dataplane;
+use pktdist::control::registry::ServiceRegistry;
+use pktdist::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
+use pktdist::datapath::snapshot::Dataplane;
 use pktdist::dpdk::{
     Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
-use pktdist::io::{PacketBuf, PacketIo, MAX_BURST};
-use pktdist::packet::{flow_hash, tcp_flags, Family, FlowKey, PROTO_TCP};
-use pktdist::services::ServiceRegistry;
+use pktdist::protocol::message::{AffinityKey, ReturnCode, ServiceAddr};
+use pktdist::types::EndReason;
+use pktdist::types::{flow_hash, tcp_flags, Family, FlowKey, PROTO_TCP};
 use pktdist::wire::build::FrameSpec;
 use pktdist::wire::{ethernet, ipv4, tcp};
 

@@ -15,7 +15,8 @@ use common::{
     base_config, ipip_service, path_str, port_toml, read_pcap, serial, web_service, write_pcap,
     Pktdist, TempDir, GATEWAY,
 };
-use pktdist::packet::{self, tcp_flags, Family};
+use pktdist::datapath::classify;
+use pktdist::types::{tcp_flags, Family, FlowKey, PROTO_TCP, PROTO_UDP};
 use pktdist::wire::build::{FrameSpec, L4};
 use pktdist::wire::{ethernet, ipv4, ipv6};
 
@@ -428,7 +429,7 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
     let out = read_pcap(&output);
     assert_eq!(out.len(), forwarded.len(), "frames in the output pcap");
     let mut web_conns: BTreeMap<[u8; 4], u64> = BTreeMap::new();
-    let mut backend_of_flow: HashMap<packet::FlowKey, IpAddr> = HashMap::new();
+    let mut backend_of_flow: HashMap<FlowKey, IpAddr> = HashMap::new();
     for (k, (o, i)) in out.iter().zip(&forwarded).enumerate() {
         let eth = ethernet::Frame::new_checked(&o[..]).expect("ethernet");
         assert_eq!(
@@ -437,7 +438,7 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
             "frame {k}: next hop"
         );
         let inner = l3_packet(&i.frame);
-        let p = packet::parse(&i.frame).expect("forwarded input parses");
+        let p = classify::parse(&i.frame).expect("forwarded input parses");
         let outer_dst: IpAddr = match p.key.family {
             Family::V4 => {
                 assert_eq!(eth.ethertype(), ethernet::ETHERTYPE_IPV4, "frame {k}");
@@ -459,7 +460,7 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
         };
         let allowed: Vec<IpAddr> = if p.key.family == Family::V6 {
             WEB6.iter().map(|&a| IpAddr::V6(a)).collect()
-        } else if p.key.proto == packet::PROTO_UDP {
+        } else if p.key.proto == PROTO_UDP {
             DNS.iter().map(|&a| IpAddr::from(a)).collect()
         } else {
             WEB.iter().map(|&(a, _)| IpAddr::from(a)).collect()
@@ -471,7 +472,7 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
         // Every packet of a connection reaches the same backend.
         let first = *backend_of_flow.entry(p.key).or_insert(outer_dst);
         assert_eq!(first, outer_dst, "frame {k}: flow changed backend");
-        if p.key.family == Family::V4 && p.key.proto == packet::PROTO_TCP && p.is_syn() {
+        if p.key.family == Family::V4 && p.key.proto == PROTO_TCP && p.is_syn() {
             if let IpAddr::V4(a) = outer_dst {
                 *web_conns.entry(a.octets()).or_insert(0) += 1;
             }
@@ -508,7 +509,7 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
     assert_eq!(dissected.len(), forwarded.len(), "frames tshark read");
     let mut tshark_conns: BTreeMap<String, u64> = BTreeMap::new();
     for (k, (d, i)) in dissected.iter().zip(&forwarded).enumerate() {
-        let p = packet::parse(&i.frame).expect("parses");
+        let p = classify::parse(&i.frame).expect("parses");
         assert!(field(d, "_ws.malformed").is_empty(), "frame {k}: malformed");
         assert_eq!(field(d, "eth.dst"), [GATEWAY], "frame {k}");
         let (outer_dst, inner_dst) = match p.key.family {
@@ -542,7 +543,7 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
             Family::V6 => IpAddr::V6(Ipv6Addr::from(p.key.dst)),
         };
         assert_eq!(inner_dst, vip.to_string(), "frame {k}: inner destination");
-        if p.key.proto == packet::PROTO_TCP {
+        if p.key.proto == PROTO_TCP {
             assert_eq!(
                 field(d, "tcp.checksum.status"),
                 ["1"],

@@ -7,10 +7,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use pktdist::config::Config;
-use pktdist::control::metrics::render;
-use pktdist::services::ServiceRegistry;
-use pktdist::stats::{DropReason, WorkerCounters};
-use pktdist::summary::{PortSummary, Summary};
+use pktdist::control::registry::ServiceRegistry;
+use pktdist::datapath::counters::WorkerCounters;
+use pktdist::report::metrics::render;
+use pktdist::report::summary::{PortSummary, Summary};
+use pktdist::types::DropReason;
 
 const PARSE: &str = r#"
 import sys

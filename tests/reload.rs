@@ -11,17 +11,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{ipip_service, port_toml, web_service};
-use pktdist::affinity::{AffinityManager, AffinityTable, AutoAffinityTable};
+use pktdist::affinity::auto::AutoAffinityTable;
+use pktdist::affinity::manager::AffinityManager;
+use pktdist::affinity::table::AffinityTable;
 use pktdist::config::Config;
 use pktdist::control::plane::ControlPlane;
-use pktdist::dataplane::DataplaneCell;
-use pktdist::io::{MemIo, PacketBuf};
-use pktdist::packet::tcp_flags;
-use pktdist::services::ServiceRegistry;
-use pktdist::stats::WorkerCounters;
+use pktdist::control::registry::ServiceRegistry;
+use pktdist::datapath::counters::WorkerCounters;
+use pktdist::datapath::pktio::{MemIo, PacketBuf};
+use pktdist::datapath::snapshot::DataplaneCell;
+use pktdist::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
+use pktdist::types::tcp_flags;
 use pktdist::wire::build::FrameSpec;
 use pktdist::wire::{ethernet, ipv4};
-use pktdist::worker::{PortPlan, Shared, Worker, WorkerSetup};
 
 /// Everything but the ports and services.
 const HEADER: &str = r#"

@@ -19,8 +19,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use super::key::{max_prefix, prefix_mask};
 use super::seqlock::SeqLock;
 use super::{hash3, random_seed};
-use crate::dataplane::{BackendId, ServiceId};
-use crate::packet::Family;
+use crate::types::Family;
+use crate::types::{BackendId, ServiceId};
 
 /// Entries per bucket.
 pub const SLOTS: usize = 8;

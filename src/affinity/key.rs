@@ -2,8 +2,8 @@
 
 use core::fmt;
 
-use crate::dataplane::ServiceId;
-use crate::packet::Family;
+use crate::types::Family;
+use crate::types::ServiceId;
 
 use super::AffinityError;
 
@@ -68,11 +68,11 @@ pub use crate::net::{max_prefix, prefix_mask};
 
 /// Service, client prefix and client ports of one affinity.
 ///
-/// Built only through [`AffinityKey::new`], so a key is always valid and its
+/// Built only through [`TableKey::new`], so a key is always valid and its
 /// address always masked to its prefix: two requests naming the same clients
 /// produce equal keys.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AffinityKey {
+pub struct TableKey {
     addr: u128,
     service: ServiceId,
     family: Family,
@@ -80,7 +80,7 @@ pub struct AffinityKey {
     ports: PortMatch,
 }
 
-impl AffinityKey {
+impl TableKey {
     /// Validates and normalizes a key. `addr` holds IPv4 in its low 32 bits;
     /// host bits beyond the prefix are cleared. `Range(p, p)` becomes `One(p)`
     /// and `Range(0, 65535)` becomes `Any`, so equal coverage is an equal key.
@@ -90,7 +90,7 @@ impl AffinityKey {
         addr: u128,
         prefix_len: u8,
         ports: PortMatch,
-    ) -> Result<AffinityKey, AffinityError> {
+    ) -> Result<TableKey, AffinityError> {
         if prefix_len > max_prefix(family) {
             return Err(AffinityError::Invalid("prefix length too long for family"));
         }
@@ -105,7 +105,7 @@ impl AffinityKey {
             PortMatch::Range(0, u16::MAX) => PortMatch::Any,
             p => p,
         };
-        Ok(AffinityKey {
+        Ok(TableKey {
             addr: addr & prefix_mask(family, prefix_len),
             service,
             family,
@@ -161,9 +161,9 @@ impl AffinityKey {
     }
 }
 
-impl fmt::Debug for AffinityKey {
+impl fmt::Debug for TableKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AffinityKey(svc {} ", self.service)?;
+        write!(f, "TableKey(svc {} ", self.service)?;
         match self.family {
             Family::V4 => write!(f, "{}", std::net::Ipv4Addr::from(self.addr as u32))?,
             Family::V6 => write!(f, "{}", std::net::Ipv6Addr::from(self.addr))?,
@@ -183,58 +183,58 @@ mod tests {
 
     #[test]
     fn new_masks_and_normalizes() {
-        let k = AffinityKey::new(3, Family::V4, 0x0a01_02ff, 24, PortMatch::Any).unwrap();
+        let k = TableKey::new(3, Family::V4, 0x0a01_02ff, 24, PortMatch::Any).unwrap();
         assert_eq!(k.addr(), 0x0a01_0200);
         assert_eq!(k.service(), 3);
-        let k6 = AffinityKey::new(1, Family::V6, u128::MAX, 64, PortMatch::Any).unwrap();
+        let k6 = TableKey::new(1, Family::V6, u128::MAX, 64, PortMatch::Any).unwrap();
         assert_eq!(k6.addr(), u128::MAX << 64);
-        let zero = AffinityKey::new(1, Family::V6, u128::MAX, 0, PortMatch::Any).unwrap();
+        let zero = TableKey::new(1, Family::V6, u128::MAX, 0, PortMatch::Any).unwrap();
         assert_eq!(zero.addr(), 0);
-        let one = AffinityKey::new(1, Family::V4, 1, 32, PortMatch::Range(80, 80)).unwrap();
+        let one = TableKey::new(1, Family::V4, 1, 32, PortMatch::Range(80, 80)).unwrap();
         assert_eq!(one.ports(), PortMatch::One(80));
-        let all = AffinityKey::new(1, Family::V4, 1, 32, PortMatch::Range(0, 65535)).unwrap();
+        let all = TableKey::new(1, Family::V4, 1, 32, PortMatch::Range(0, 65535)).unwrap();
         assert_eq!(all.ports(), PortMatch::Any);
         assert_eq!(
-            AffinityKey::new(1, Family::V4, 0x0a000001, 8, PortMatch::Any),
-            AffinityKey::new(1, Family::V4, 0x0affffff, 8, PortMatch::Any)
+            TableKey::new(1, Family::V4, 0x0a000001, 8, PortMatch::Any),
+            TableKey::new(1, Family::V4, 0x0affffff, 8, PortMatch::Any)
         );
     }
 
     #[test]
     fn new_rejects_invalid() {
         assert!(matches!(
-            AffinityKey::new(0, Family::V4, 0, 33, PortMatch::Any),
+            TableKey::new(0, Family::V4, 0, 33, PortMatch::Any),
             Err(AffinityError::Invalid(_))
         ));
         assert!(matches!(
-            AffinityKey::new(0, Family::V6, 0, 129, PortMatch::Any),
+            TableKey::new(0, Family::V6, 0, 129, PortMatch::Any),
             Err(AffinityError::Invalid(_))
         ));
         assert!(matches!(
-            AffinityKey::new(0, Family::V4, 1 << 32, 32, PortMatch::Any),
+            TableKey::new(0, Family::V4, 1 << 32, 32, PortMatch::Any),
             Err(AffinityError::Invalid(_))
         ));
         assert!(matches!(
-            AffinityKey::new(0, Family::V4, 0, 32, PortMatch::Range(10, 9)),
+            TableKey::new(0, Family::V4, 0, 32, PortMatch::Range(10, 9)),
             Err(AffinityError::Invalid(_))
         ));
-        assert!(AffinityKey::new(0, Family::V6, 0, 128, PortMatch::Range(9, 10)).is_ok());
+        assert!(TableKey::new(0, Family::V6, 0, 128, PortMatch::Range(9, 10)).is_ok());
     }
 
     #[test]
     fn matches_and_specificity() {
         let k =
-            AffinityKey::new(2, Family::V4, 0xc0a8_0100, 24, PortMatch::Range(1000, 2000)).unwrap();
+            TableKey::new(2, Family::V4, 0xc0a8_0100, 24, PortMatch::Range(1000, 2000)).unwrap();
         assert!(k.matches(2, Family::V4, 0xc0a8_0163, 1500));
         assert!(!k.matches(2, Family::V4, 0xc0a8_0263, 1500));
         assert!(!k.matches(2, Family::V4, 0xc0a8_0163, 2001));
         assert!(!k.matches(3, Family::V4, 0xc0a8_0163, 1500));
         assert!(!k.matches(2, Family::V6, 0xc0a8_0163, 1500));
-        let one = AffinityKey::new(2, Family::V4, 0xc0a8_0100, 24, PortMatch::One(1500)).unwrap();
-        let any = AffinityKey::new(2, Family::V4, 0xc0a8_0100, 24, PortMatch::Any).unwrap();
+        let one = TableKey::new(2, Family::V4, 0xc0a8_0100, 24, PortMatch::One(1500)).unwrap();
+        let any = TableKey::new(2, Family::V4, 0xc0a8_0100, 24, PortMatch::Any).unwrap();
         let narrow =
-            AffinityKey::new(2, Family::V4, 0xc0a8_0100, 24, PortMatch::Range(1400, 1600)).unwrap();
-        let longer = AffinityKey::new(2, Family::V4, 0xc0a8_0163, 32, PortMatch::Any).unwrap();
+            TableKey::new(2, Family::V4, 0xc0a8_0100, 24, PortMatch::Range(1400, 1600)).unwrap();
+        let longer = TableKey::new(2, Family::V4, 0xc0a8_0163, 32, PortMatch::Any).unwrap();
         assert!(one.specificity() > narrow.specificity());
         assert!(narrow.specificity() > k.specificity());
         assert!(k.specificity() > any.specificity());

@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 
 use hashbrown::HashMap;
 
-use super::key::AffinityKey;
+use super::key::TableKey;
 use super::table::{AffinityReader, AffinityWriter};
 use super::wheel::Wheel;
 use super::AffinityError;
-use crate::dataplane::BackendId;
+use crate::types::{BackendId, EndReason};
 
 /// The control thread's record of one affinity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,18 +34,10 @@ impl Record {
     }
 }
 
-/// Why an affinity ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EndReason {
-    Expired,
-    Cancelled,
-    BackendRemoved,
-}
-
 /// An affinity that ended, for the log and the owner's notification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ended {
-    pub key: AffinityKey,
+    pub key: TableKey,
     pub owner: BackendId,
     pub notify: Option<SocketAddr>,
     pub reason: EndReason,
@@ -69,9 +61,9 @@ struct Entry {
 /// Owner of the affinity table's writer: records, rules and expiry.
 pub struct AffinityManager {
     writer: AffinityWriter,
-    index: HashMap<AffinityKey, Entry>,
+    index: HashMap<TableKey, Entry>,
     /// Key of each timer id, so a fired timer finds its record.
-    keys: Vec<AffinityKey>,
+    keys: Vec<TableKey>,
     free_ids: Vec<u32>,
     wheel: Wheel,
     /// Scratch for timers fired by one `expire` call.
@@ -96,7 +88,7 @@ impl AffinityManager {
     /// another backend is refused with its owner.
     pub fn create(
         &mut self,
-        key: AffinityKey,
+        key: TableKey,
         owner: BackendId,
         duration_ms: Option<u64>,
         notify: Option<SocketAddr>,
@@ -162,7 +154,7 @@ impl AffinityManager {
     /// static one becomes timed).
     pub fn extend(
         &mut self,
-        key: &AffinityKey,
+        key: &TableKey,
         owner: BackendId,
         duration_ms: u64,
         now_ms: u64,
@@ -191,7 +183,7 @@ impl AffinityManager {
     /// cancel any; a backend may cancel only its own.
     pub fn cancel(
         &mut self,
-        key: &AffinityKey,
+        key: &TableKey,
         owner: Option<BackendId>,
         _now_ms: u64,
     ) -> Result<Ended, AffinityError> {
@@ -211,12 +203,12 @@ impl AffinityManager {
         })
     }
 
-    pub fn get(&self, key: &AffinityKey) -> Option<&Record> {
+    pub fn get(&self, key: &TableKey) -> Option<&Record> {
         self.index.get(key).map(|e| &e.rec)
     }
 
     /// Every affinity, in no particular order.
-    pub fn list(&self) -> impl Iterator<Item = (&AffinityKey, &Record)> {
+    pub fn list(&self) -> impl Iterator<Item = (&TableKey, &Record)> {
         self.index.iter().map(|(k, e)| (k, &e.rec))
     }
 
@@ -247,7 +239,7 @@ impl AffinityManager {
     /// Ends every affinity owned by `backend` (it left the configuration).
     /// Scans the records: backend removal is rare and off the data path.
     pub fn remove_backend(&mut self, backend: BackendId, out: &mut Vec<Ended>) {
-        let keys: Vec<AffinityKey> = self
+        let keys: Vec<TableKey> = self
             .index
             .iter()
             .filter(|(_, e)| e.rec.owner == backend)
@@ -297,7 +289,7 @@ impl AffinityManager {
         }
     }
 
-    fn remove_entry(&mut self, key: &AffinityKey) -> Option<Record> {
+    fn remove_entry(&mut self, key: &TableKey) -> Option<Record> {
         let e = self.index.remove(key)?;
         self.wheel.remove(e.id);
         self.writer.remove(key);
@@ -309,11 +301,12 @@ impl AffinityManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affinity::{AffinityTable, PortMatch};
-    use crate::packet::Family;
+    use crate::affinity::key::PortMatch;
+    use crate::affinity::table::AffinityTable;
+    use crate::types::Family;
 
-    fn key(addr: u128, plen: u8) -> AffinityKey {
-        AffinityKey::new(1, Family::V4, addr, plen, PortMatch::Any).unwrap()
+    fn key(addr: u128, plen: u8) -> TableKey {
+        TableKey::new(1, Family::V4, addr, plen, PortMatch::Any).unwrap()
     }
 
     fn mgr(cap: usize) -> (AffinityManager, AffinityReader) {

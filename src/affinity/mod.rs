@@ -19,12 +19,8 @@ mod wheel;
 
 use core::fmt;
 
-use crate::dataplane::BackendId;
-
-pub use auto::{AutoAffinityTable, AutoSlot, AutoStats};
-pub use key::{max_prefix, prefix_mask, AffinityKey, PortMatch};
-pub use manager::{AffinityManager, EndReason, Ended, Granted, Record};
-pub use table::{AffinityQuery, AffinityReader, AffinityTable, AffinityWriter, TableFull};
+use crate::types::BackendId;
+use table::TableFull;
 
 /// Why an affinity request was refused.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

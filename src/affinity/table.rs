@@ -59,12 +59,12 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 
-use super::key::{max_prefix, prefix_mask, AffinityKey, PortMatch};
+use super::key::{max_prefix, prefix_mask, PortMatch, TableKey};
 use super::seqlock::SeqLock;
 use super::{hash3, random_seed};
-use crate::dataplane::{BackendId, ServiceId, MAX_SERVICES};
 use crate::dpdk::prefetch;
-use crate::packet::Family;
+use crate::types::Family;
+use crate::types::{BackendId, ServiceId, MAX_SERVICES};
 
 /// Slots per bucket (one tag byte each in the header).
 pub const SLOTS: usize = 8;
@@ -357,7 +357,7 @@ impl Probe {
         }
     }
 
-    fn of_key(seed: u64, key: &AffinityKey) -> Probe {
+    fn of_key(seed: u64, key: &TableKey) -> Probe {
         let (kind, plo, phi) = match key.ports() {
             PortMatch::Any => (KIND_ANY, 0, 0),
             PortMatch::One(p) => (KIND_ONE, p, p),
@@ -891,7 +891,7 @@ pub struct AffinityWriter {
 impl AffinityWriter {
     /// Inserts `key` owned by `owner`, or changes the owner of an existing
     /// equal key. Readers see the old or the new state, never a mix.
-    pub fn insert(&mut self, key: AffinityKey, owner: BackendId) -> Result<(), TableFull> {
+    pub fn insert(&mut self, key: TableKey, owner: BackendId) -> Result<(), TableFull> {
         let t = &*self.inner;
         let p = Probe::of_key(t.seed, &key);
         if let Some((b, i)) = t.locate(&p) {
@@ -932,7 +932,7 @@ impl AffinityWriter {
     }
 
     /// Removes `key`; false if it was not there.
-    pub fn remove(&mut self, key: &AffinityKey) -> bool {
+    pub fn remove(&mut self, key: &TableKey) -> bool {
         let t = &*self.inner;
         let p = Probe::of_key(t.seed, key);
         let Some((b, i)) = t.locate(&p) else {
@@ -950,7 +950,7 @@ impl AffinityWriter {
     }
 
     /// The owner of exactly `key` (no prefix or port matching).
-    pub fn get(&self, key: &AffinityKey) -> Option<BackendId> {
+    pub fn get(&self, key: &TableKey) -> Option<BackendId> {
         let t = &*self.inner;
         let p = Probe::of_key(t.seed, key);
         t.locate(&p)
@@ -986,7 +986,7 @@ impl AffinityWriter {
     /// Keeps the readers' presence bitmaps in step with the keys. Set after
     /// the entry is written, cleared after it is removed, so a reader that
     /// sees a bit finds the entry unless it is being removed.
-    fn count(&mut self, key: &AffinityKey, kind: u64, add: bool) {
+    fn count(&mut self, key: &TableKey, kind: u64, add: bool) {
         let idx = presence_index(key.service(), key.family());
         let plen = key.prefix_len();
         debug_assert!(plen <= max_prefix(key.family()));
@@ -1016,7 +1016,7 @@ impl AffinityWriter {
     /// covering key is removed, so that a clear bit means no such key
     /// covers the /24. Only the bitmap's words are written: the lines every
     /// lookup reads (the presence and its change count) stay untouched.
-    fn mark_nets(&mut self, key: &AffinityKey, add: bool) {
+    fn mark_nets(&mut self, key: &TableKey, add: bool) {
         let plen = key.prefix_len();
         if !is_marked_plen(key.family(), plen) {
             return;
@@ -1072,8 +1072,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
-    fn key(svc: u16, fam: Family, addr: u128, plen: u8, ports: PortMatch) -> AffinityKey {
-        AffinityKey::new(svc, fam, addr, plen, ports).unwrap()
+    fn key(svc: u16, fam: Family, addr: u128, plen: u8, ports: PortMatch) -> TableKey {
+        TableKey::new(svc, fam, addr, plen, ports).unwrap()
     }
 
     fn v4(a: u8, b: u8, c: u8, d: u8) -> u128 {
@@ -1519,7 +1519,7 @@ mod tests {
     /// against the brute-force answer over `all`.
     fn check_oracle(
         r: &AffinityReader,
-        all: &[(AffinityKey, u32)],
+        all: &[(TableKey, u32)],
         family: Family,
         probes: &[(u16, u32, u16)],
     ) -> Result<(), proptest::test_runner::TestCaseError> {
@@ -1564,7 +1564,7 @@ mod tests {
         ) {
             let family = if v6 { Family::V6 } else { Family::V4 };
             let (mut w, r) = AffinityTable::new(256);
-            let mut all: Vec<(AffinityKey, u32)> = Vec::new();
+            let mut all: Vec<(TableKey, u32)> = Vec::new();
             for (i, &(svc, a, plen, kind, p1, p2)) in keys.iter().enumerate() {
                 let ports = match kind {
                     0 => PortMatch::Any,
@@ -1618,7 +1618,7 @@ mod tests {
         // Key i: its own /24 region (10.x.y.0), alternating prefix and port
         // kinds; the probe address is inside the region and port 7 matches.
         let probe_addr = |i: u32| v4(10, (i / 8) as u8, (i % 8) as u8, 1);
-        let keys: Vec<AffinityKey> = (0..nkeys)
+        let keys: Vec<TableKey> = (0..nkeys)
             .map(|i| {
                 let (plen, ports) = match i % 4 {
                     0 => (32, PortMatch::Any),

@@ -18,9 +18,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::flow::FlowTimeouts;
-use crate::packet::{PROTO_TCP, PROTO_UDP};
+use crate::datapath::flow::FlowTimeouts;
 use crate::sched::maglev::{is_prime, MaglevTable};
+use crate::types::{PROTO_TCP, PROTO_UDP};
 
 pub use error::{ConfigError, KeyPath, Seg};
 pub use types::{ip_bits, DurationStr, HexKey, IpNet, MacAddr, PortMatch, MIN_KEY_BYTES};
@@ -28,7 +28,7 @@ pub use types::{ip_bits, DurationStr, HexKey, IpNet, MacAddr, PortMatch, MIN_KEY
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 65535;
 /// Largest flow-table capacity per worker and address family.
-pub const MAX_FLOW_CAPACITY: usize = crate::flow::MAX_CAPACITY;
+pub const MAX_FLOW_CAPACITY: usize = crate::datapath::flow::MAX_CAPACITY;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -587,12 +587,12 @@ impl Config {
             return fail(cp.key("metrics_listen"), "is the same address as listen");
         }
         for name in c.keys.keys() {
-            if name.is_empty() || name.len() > crate::control::proto::MAX_NAME_LEN {
+            if name.is_empty() || name.len() > crate::types::MAX_NAME_LEN {
                 return fail(
                     cp.key("keys"),
                     format!(
                         "key name {name:?}: names are 1 to {} bytes",
-                        crate::control::proto::MAX_NAME_LEN
+                        crate::types::MAX_NAME_LEN
                     ),
                 );
             }
@@ -634,10 +634,10 @@ impl Config {
                 "no [[services]]: at least one service is required",
             );
         }
-        if self.services.len() > crate::dataplane::MAX_SERVICES {
+        if self.services.len() > crate::types::MAX_SERVICES {
             return fail(
                 p.clone(),
-                format!("at most {} services", crate::dataplane::MAX_SERVICES),
+                format!("at most {} services", crate::types::MAX_SERVICES),
             );
         }
         let mut names: HashMap<&str, usize> = HashMap::new();
@@ -752,12 +752,12 @@ impl Config {
                 return fail(sp.key("backends"), e);
             }
         }
-        if backends_total > crate::dataplane::MAX_BACKENDS {
+        if backends_total > crate::types::MAX_BACKENDS {
             return fail(
                 p.clone(),
                 format!(
                     "{backends_total} backends in all: at most {}",
-                    crate::dataplane::MAX_BACKENDS
+                    crate::types::MAX_BACKENDS
                 ),
             );
         }
@@ -846,8 +846,8 @@ impl Config {
         let f = &self.flow;
         // As the table rounds them.
         let ways = |n: usize| {
-            n.clamp(crate::flow::WAYS, MAX_FLOW_CAPACITY)
-                .next_multiple_of(crate::flow::WAYS)
+            n.clamp(crate::datapath::flow::WAYS, MAX_FLOW_CAPACITY)
+                .next_multiple_of(crate::datapath::flow::WAYS)
         };
         let _ = writeln!(
             o,

@@ -160,7 +160,7 @@ impl<'de> Deserialize<'de> for IpNet {
     }
 }
 
-pub use crate::affinity::PortMatch;
+pub use crate::affinity::key::PortMatch;
 
 /// Client ports: "any", one port (1234 or "1234"), or a range "1000-2000".
 impl<'de> Deserialize<'de> for PortMatch {
@@ -193,12 +193,12 @@ impl<'de> Deserialize<'de> for PortMatch {
 pub struct HexKey(pub Vec<u8>);
 
 /// Shortest HMAC key accepted, in bytes.
-pub const MIN_KEY_BYTES: usize = crate::control::auth::MIN_KEY_LEN;
+pub const MIN_KEY_BYTES: usize = crate::protocol::auth::MIN_KEY_LEN;
 
 impl FromStr for HexKey {
     type Err = String;
     fn from_str(s: &str) -> Result<HexKey, String> {
-        crate::control::auth::parse_hex_key(s)
+        crate::protocol::auth::parse_hex_key(s)
             .map(HexKey)
             .map_err(|e| format!("bad key: {e}"))
     }

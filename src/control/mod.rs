@@ -1,27 +1,13 @@
-//! The control plane: the affinity protocol over UDP, its authentication,
-//! the server the control thread runs, the client library applications and
-//! the CLI use, and the CLI commands themselves.
+//! The control thread: everything that changes what the workers see, and the
+//! only writer of the affinity table and the dataplane snapshot.
 //!
-//! * [`proto`] — the versioned binary wire format (docs/PROTOCOL.md).
-//! * [`auth`] — source networks, HMAC keys, replay protection.
-//! * [`server`] — [`server::ControlServer`] and the [`server::ControlHandler`]
-//!   trait the control thread implements.
-//! * [`client`] — [`client::ControlClient`] and one-call helpers.
-//! * [`cli`] — `pktdist affinity|backend|stats` subcommands.
+//! * [`server`] — the protocol's receiving end: authentication, replay
+//!   protection and signed replies, in front of a [`server::ControlHandler`].
+//! * [`plane`] — the handler: affinity and backend requests, statistics and
+//!   the AFFINITY_ENDED notices of affinities that end.
+//! * [`registry`] — services and backends with their stable ids, from which
+//!   each dataplane snapshot is built.
 
-pub mod auth;
-pub mod cli;
-pub mod client;
-pub mod metrics;
 pub mod plane;
-pub mod proto;
+pub mod registry;
 pub mod server;
-pub mod statsview;
-
-pub use auth::{Allowlist, IpNet, Key, Keyring};
-pub use client::{ClientError, ControlClient};
-pub use proto::{
-    AffinityEntry, AffinityKey, AffinityOp, BackendEntry, EndReason, EndedNotice, PortMatch, Reply,
-    ReturnCode, ServiceAddr,
-};
-pub use server::{ControlHandler, ControlServer, Payload, Response, ServerConfig};

@@ -10,20 +10,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::affinity::{self, AffinityError, AffinityManager, AutoAffinityTable, EndReason, Ended};
+use crate::affinity::{self, AffinityError};
+
+use crate::affinity::manager::{AffinityManager, Ended};
+
+use crate::affinity::auto::AutoAffinityTable;
 use std::path::PathBuf;
 
 use crate::config::{ip_bits, Config};
-use crate::control::auth::{Allowlist, Key, Keyring};
-use crate::control::proto::{
-    self, AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
-};
+use crate::control::registry::{BackendSpec, RegistryError, ServiceRegistry};
 use crate::control::server::{ControlHandler, Response, ServerCounters};
-use crate::dataplane::{BackendId, Dataplane, DataplaneCell, Service};
-use crate::latency::{new_histogram, Percentiles};
-use crate::services::{BackendSpec, RegistryError, ServiceRegistry};
-use crate::stats::WorkerCounters;
-use crate::summary::{CounterBase, PortSummary, Summary};
+use crate::datapath::counters::WorkerCounters;
+use crate::datapath::latency::{new_histogram, Percentiles};
+use crate::datapath::snapshot::{Dataplane, DataplaneCell, Service};
+use crate::protocol::auth::{Allowlist, Key, Keyring};
+use crate::protocol::message::{
+    AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
+};
+use crate::report::summary::{CounterBase, PortSummary, Summary};
+use crate::types::BackendId;
 
 /// Counts of what the control plane did, by outcome.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -242,7 +247,7 @@ impl ControlPlane {
     fn static_keys(
         &self,
         cfg: &Config,
-    ) -> Vec<Result<(affinity::AffinityKey, BackendId), &'static str>> {
+    ) -> Vec<Result<(affinity::key::TableKey, BackendId), &'static str>> {
         cfg.affinities
             .iter()
             .map(|a| {
@@ -252,7 +257,7 @@ impl ControlPlane {
                     .find_backend(svc.id, &a.backend)
                     .ok_or("no such backend")?
                     .id;
-                let key = affinity::AffinityKey::new(
+                let key = affinity::key::TableKey::new(
                     svc.id,
                     crate::net::family(a.client.addr),
                     ip_bits(a.client.addr),
@@ -267,13 +272,13 @@ impl ControlPlane {
 
     /// Removes the static affinities `old` declared that `new` does not.
     fn drop_static_affinities(&mut self, old: &Config, new: &Config) -> usize {
-        let keep: Vec<affinity::AffinityKey> = self
+        let keep: Vec<affinity::key::TableKey> = self
             .static_keys(new)
             .into_iter()
             .flatten()
             .map(|(k, _)| k)
             .collect();
-        let gone: Vec<(affinity::AffinityKey, BackendId)> = self
+        let gone: Vec<(affinity::key::TableKey, BackendId)> = self
             .static_keys(old)
             .into_iter()
             .flatten()
@@ -391,11 +396,7 @@ impl ControlPlane {
         Some(EndedNotice {
             key: wire_key(svc, &e.key),
             owner,
-            reason: match e.reason {
-                EndReason::Expired => proto::EndReason::Expired,
-                EndReason::Cancelled => proto::EndReason::Cancelled,
-                EndReason::BackendRemoved => proto::EndReason::BackendRemoved,
-            },
+            reason: e.reason,
         })
     }
 
@@ -446,8 +447,8 @@ impl ControlPlane {
     /// The service a wire key names, and the key in table form.
     fn table_key(
         &self,
-        key: &proto::AffinityKey,
-    ) -> Result<(&Service, affinity::AffinityKey), Response> {
+        key: &crate::protocol::message::AffinityKey,
+    ) -> Result<(&Service, affinity::key::TableKey), Response> {
         let svc = self
             .dp
             .find_service(
@@ -464,7 +465,7 @@ impl ControlPlane {
             return Err(Response::new(ReturnCode::Invalid)
                 .with_message("client address family differs from the service's"));
         }
-        let k = affinity::AffinityKey::new(
+        let k = affinity::key::TableKey::new(
             svc.id,
             family,
             ip_bits(key.client),
@@ -491,7 +492,12 @@ impl ControlPlane {
             })
     }
 
-    fn affinity_error(&self, e: AffinityError, now: u64, key: &affinity::AffinityKey) -> Response {
+    fn affinity_error(
+        &self,
+        e: AffinityError,
+        now: u64,
+        key: &affinity::key::TableKey,
+    ) -> Response {
         match e {
             AffinityError::Conflict { owner } => {
                 let remaining = self
@@ -602,17 +608,17 @@ impl ControlPlane {
         // A backend sees only its own affinities.
         let owner = if is_admin { *owner } else { Some(sender) };
         let now = self.now_ms();
-        let mut entries: Vec<(&affinity::AffinityKey, &affinity::Record)> = self
+        let mut entries: Vec<(&affinity::key::TableKey, &affinity::manager::Record)> = self
             .affinities
             .list()
             .filter(|(k, _)| svc_id.is_none_or(|s| k.service() == s))
             .filter(|(_, r)| owner.is_none_or(|o| self.backend_name(r.owner) == Some(o)))
             .collect();
         // A stable order so that pages do not overlap.
-        let port_order = |p: crate::affinity::PortMatch| match p {
-            crate::affinity::PortMatch::Any => (0, 0, 0),
-            crate::affinity::PortMatch::One(x) => (1, x, x),
-            crate::affinity::PortMatch::Range(a, b) => (2, a, b),
+        let port_order = |p: crate::affinity::key::PortMatch| match p {
+            crate::affinity::key::PortMatch::Any => (0, 0, 0),
+            crate::affinity::key::PortMatch::One(x) => (1, x, x),
+            crate::affinity::key::PortMatch::Range(a, b) => (2, a, b),
         };
         entries.sort_unstable_by_key(|(k, _)| {
             (k.service(), k.prefix_len(), k.addr(), port_order(k.ports()))
@@ -800,9 +806,9 @@ fn registry_error(e: RegistryError) -> Response {
 }
 
 /// A table key in wire form.
-fn wire_key(svc: &Service, k: &affinity::AffinityKey) -> proto::AffinityKey {
+fn wire_key(svc: &Service, k: &affinity::key::TableKey) -> crate::protocol::message::AffinityKey {
     let client = crate::net::bits_ip(k.family(), k.addr());
-    proto::AffinityKey {
+    crate::protocol::message::AffinityKey {
         service: ServiceAddr {
             addr: svc.vip,
             port: svc.port,
@@ -817,11 +823,12 @@ fn wire_key(svc: &Service, k: &affinity::AffinityKey) -> proto::AffinityKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affinity::{AffinityReader, AffinityTable};
-    use crate::control::proto::{AffinityKey as WireKey, BackendSpec as WireBackend, PortMatch};
+    use crate::affinity::table::{AffinityReader, AffinityTable};
     use crate::control::server::Payload;
-    use crate::dataplane::ServiceId;
-    use crate::packet::Family;
+    use crate::protocol::message::{AffinityKey, BackendSpec as WireBackend, PortMatch};
+    use crate::types::EndReason;
+    use crate::types::Family;
+    use crate::types::ServiceId;
 
     /// The first service of the test configuration, before web.
     const MAIL: &str = r#"
@@ -874,7 +881,7 @@ address = "10.0.0.2"
 
     fn op<'a>(client: &str, plen: u8, owner: Option<&'a str>, secs: u32) -> AffinityOp<'a> {
         AffinityOp {
-            key: WireKey::new(
+            key: AffinityKey::new(
                 ServiceAddr::tcp("192.0.2.10:80".parse().unwrap()),
                 client.parse().unwrap(),
                 plen,
@@ -974,7 +981,7 @@ address = "10.0.0.2"
         let notices = p.take_notices();
         assert_eq!(notices.len(), 1);
         assert_eq!(notices[0].1.owner, "b");
-        assert_eq!(notices[0].1.reason, proto::EndReason::Cancelled);
+        assert_eq!(notices[0].1.reason, EndReason::Cancelled);
         assert_eq!(notices[0].0, Some(src()));
     }
 
@@ -1035,10 +1042,7 @@ address = "10.0.0.2"
         assert_eq!(call(&mut p, "admin", rm).code, ReturnCode::Ok);
         assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), None);
         let n = p.take_notices();
-        assert_eq!(
-            (n.len(), n[0].1.reason),
-            (1, proto::EndReason::BackendRemoved)
-        );
+        assert_eq!((n.len(), n[0].1.reason), (1, EndReason::BackendRemoved));
         assert_eq!(n[0].1.owner, "a");
     }
 
@@ -1060,7 +1064,7 @@ address = "10.0.0.2"
         );
         // An affinity on the service the reload removes.
         let mut on_mail = op("198.18.1.0", 24, Some("m1"), 60);
-        on_mail.key = WireKey::new(
+        on_mail.key = AffinityKey::new(
             ServiceAddr::tcp("192.0.2.25:25".parse().unwrap()),
             "198.18.1.0".parse().unwrap(),
             24,
@@ -1088,7 +1092,7 @@ address = "10.0.0.2"
         assert_eq!(r.lookup(0, Family::V4, 0xc612_0101, 1), None);
         let notices = p.take_notices();
         assert_eq!(notices.len(), 1, "{notices:?}");
-        assert_eq!(notices[0].1.reason, proto::EndReason::BackendRemoved);
+        assert_eq!(notices[0].1.reason, EndReason::BackendRemoved);
         assert_eq!(
             r.lookup(1, Family::V4, 0xc612_0001, 1),
             Some(2),

@@ -13,13 +13,14 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::auth::TAG_LEN;
-use super::auth::{Allowlist, Keyring, ReplayError, ReplayGuard};
-use super::proto::{
+use crate::protocol::auth::TAG_LEN;
+use crate::protocol::auth::{Allowlist, Keyring, ReplayError, ReplayGuard};
+use crate::protocol::message::{
     encode_ended, encode_reply, AffinityEntry, BackendEntry, DecodeError, EndedNotice, Envelope,
     Header, MsgType, Reply, ReplyPayload, Request, ReturnCode, Writer, ADMIN_NAME,
-    FIXED_HEADER_LEN, MAX_DATAGRAM, MAX_NAME_LEN,
+    FIXED_HEADER_LEN, MAX_DATAGRAM,
 };
+use crate::types::MAX_NAME_LEN;
 
 /// Clock skew accepted by default.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
@@ -340,7 +341,7 @@ impl ControlServer {
             read_timeout: config.read_timeout.filter(|t| !t.is_zero()),
             max_per_poll: config.max_per_poll.max(1),
             counters: ServerCounters::default(),
-            latency: crate::latency::new_histogram(),
+            latency: crate::datapath::latency::new_histogram(),
             rx: vec![0; MAX_DATAGRAM + 1],
             tx: vec![0; MAX_DATAGRAM],
             stats: VecDeque::with_capacity(STATS_SNAPSHOTS),
@@ -759,7 +760,12 @@ fn fit_page(reply: &mut Reply, name_len: usize) {
         (MAX_DATAGRAM - TAG_LEN - FIXED_HEADER_LEN - REPLY_FIXED_LEN - LIST_PAYLOAD_FIXED_LEN)
             .saturating_sub(name_len)
             .saturating_sub(reply.owner.as_ref().map_or(0, |o| o.len()))
-            .saturating_sub(reply.message.len().min(super::proto::MAX_TEXT_LEN));
+            .saturating_sub(
+                reply
+                    .message
+                    .len()
+                    .min(crate::protocol::message::MAX_TEXT_LEN),
+            );
     match &mut reply.payload {
         ReplyPayload::Affinities {
             next_offset,
@@ -784,7 +790,7 @@ fn cut_page<T>(
     next_offset: &mut u32,
     more: &mut bool,
     room: usize,
-    enc: impl Fn(&T, &mut Writer<'_>) -> Result<(), super::proto::EncodeError>,
+    enc: impl Fn(&T, &mut Writer<'_>) -> Result<(), crate::protocol::message::EncodeError>,
 ) {
     let fit = count_fitting(entries, room, enc);
     if fit < entries.len() {
@@ -798,7 +804,7 @@ fn cut_page<T>(
 fn count_fitting<T>(
     entries: &[T],
     room: usize,
-    enc: impl Fn(&T, &mut Writer<'_>) -> Result<(), super::proto::EncodeError>,
+    enc: impl Fn(&T, &mut Writer<'_>) -> Result<(), crate::protocol::message::EncodeError>,
 ) -> usize {
     let mut scratch = [0u8; MAX_DATAGRAM];
     let mut w = Writer::new(&mut scratch[..room.min(MAX_DATAGRAM)]);
@@ -815,8 +821,8 @@ fn count_fitting<T>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::control::auth::Key;
-    use crate::control::proto::{
+    use crate::protocol::auth::Key;
+    use crate::protocol::message::{
         encode_request, AffinityKey, AffinityOp, PortMatch, ServiceAddr, MIN_DATAGRAM,
     };
     use proptest::prelude::*;
@@ -1054,7 +1060,7 @@ pub(crate) mod tests {
             nonce: 12,
             name: "web1",
         };
-        let n = crate::control::proto::encode_reply(
+        let n = crate::protocol::message::encode_reply(
             &mut buf,
             &h,
             &key_of("web1"),

@@ -5,7 +5,7 @@ use std::ptr::NonNull;
 use super::cpu::prefetch_write_ptr;
 use super::sys;
 use super::{DpdkError, Mempool};
-use crate::io::PacketBuf;
+use crate::datapath::pktio::PacketBuf;
 
 /// One packet buffer, freed back to its pool on drop.
 ///

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::sys;
 use super::{DpdkError, Mbuf, Port, PortQueue, QueueDir};
-use crate::io::{PacketIo, MAX_BURST};
+use crate::datapath::pktio::{PacketIo, MAX_BURST};
 
 /// One worker's queue pair on each of its ports. Index `i` of the
 /// [`PacketIo`] methods is the `i`-th queue given to [`PortQueues::new`].

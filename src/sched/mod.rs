@@ -2,6 +2,3 @@
 
 pub mod maglev;
 pub mod wrr;
-
-pub use maglev::MaglevTable;
-pub use wrr::SmoothWrr;

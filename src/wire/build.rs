@@ -7,7 +7,7 @@
 //! `Vec<u8>` for tests.
 
 use super::{checksum, ethernet, ipv4, ipv6, tcp, udp, Error, Result};
-use crate::packet::{Family, PROTO_TCP, PROTO_UDP};
+use crate::types::{Family, PROTO_TCP, PROTO_UDP};
 
 /// The transport header to write.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -23,7 +23,7 @@ pub enum L4 {
 
 /// Everything that varies between generated frames.
 ///
-/// Addresses follow [`crate::packet::FlowKey`]: IPv4 in the low 32 bits of a
+/// Addresses follow [`crate::types::FlowKey`]: IPv4 in the low 32 bits of a
 /// `u128`, both as big-endian numbers.
 #[derive(Clone, Copy, Debug)]
 pub struct FrameSpec<'a> {
@@ -307,7 +307,7 @@ pub fn write_frame(buf: &mut [u8], spec: &FrameSpec) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::tcp_flags;
+    use crate::types::tcp_flags;
 
     #[test]
     fn tcp_v4_frame_decodes() {

@@ -68,7 +68,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// The flag byte (CWR ECE URG ACK PSH RST SYN FIN); see
-    /// [`crate::packet::tcp_flags`].
+    /// [`crate::types::tcp_flags`].
     #[inline]
     pub fn flags(&self) -> u8 {
         self.buf.as_ref()[13]

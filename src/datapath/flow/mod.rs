@@ -56,9 +56,9 @@ use std::time::Duration;
 
 mod vips;
 
-use crate::dataplane::{BackendId, MAX_BACKENDS};
 use crate::dpdk::prefetch;
-use crate::packet::{tcp_flags, Family, FlowKey};
+use crate::types::{tcp_flags, Family, FlowKey};
+use crate::types::{BackendId, MAX_BACKENDS};
 use vips::{Vip, Vips};
 
 pub use vips::MAX_VIPS;
@@ -779,7 +779,7 @@ impl FlowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{flow_hash, PROTO_TCP, PROTO_UDP};
+    use crate::types::{flow_hash, PROTO_TCP, PROTO_UDP};
     use std::collections::{HashMap, HashSet};
     use tcp_flags::{ACK, FIN, RST, SYN};
 

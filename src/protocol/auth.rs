@@ -6,6 +6,8 @@
 //! a pre-keyed state, and the replay memory has a fixed capacity and refuses
 //! (rather than grows) when full.
 
+use crate::net::{IpNet, NetParseError};
+use crate::types::MAX_NAME_LEN;
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::fmt;
@@ -28,13 +30,6 @@ type HmacSha256 = Hmac<Sha256>;
 
 // ---------------------------------------------------------------------------
 // Networks
-
-pub use crate::net::{mask_addr, IpNet, NetParseError};
-
-/// 32 for IPv4, 128 for IPv6.
-pub fn max_prefix(addr: IpAddr) -> u8 {
-    crate::net::max_prefix(crate::net::family(addr))
-}
 
 /// The source networks allowed to send requests. Empty = nobody.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -209,10 +204,10 @@ impl Keyring {
 
     /// Adds or replaces the key of `name`.
     pub fn insert(&mut self, name: &str, key: Key) -> Result<(), KeyError> {
-        if name.is_empty() || name.len() > super::proto::MAX_NAME_LEN {
+        if name.is_empty() || name.len() > MAX_NAME_LEN {
             return Err(KeyError(format!(
                 "key name `{name}` must be 1 to {} bytes long",
-                super::proto::MAX_NAME_LEN
+                MAX_NAME_LEN
             )));
         }
         self.keys.insert(name.to_string(), key);

@@ -4,7 +4,7 @@
 //! writes it into a buffer; who transmits it (a DPDK port, an in-memory
 //! queue) is the caller's business.
 
-use crate::packet::{tcp_flags, Family, PROTO_TCP};
+use crate::types::{tcp_flags, Family, PROTO_TCP};
 use crate::wire::build::{write_frame, FrameSpec, L4};
 
 /// Zero bytes the payloads are cut from.
@@ -230,7 +230,8 @@ impl TrafficGen {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{parse, PROTO_UDP};
+    use crate::datapath::classify::parse;
+    use crate::types::PROTO_UDP;
 
     fn spec(targets: Vec<Target>) -> TrafficSpec {
         TrafficSpec {

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::summary::Summary;
+use crate::report::summary::Summary;
 
 /// Width the view is laid out for.
 pub const WIDTH: usize = 80;
@@ -165,8 +165,8 @@ fn clip_to(s: &str, n: usize) -> String {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::services::ServiceRegistry;
-    use crate::stats::WorkerCounters;
+    use crate::control::registry::ServiceRegistry;
+    use crate::datapath::counters::WorkerCounters;
     use std::sync::Arc;
 
     fn snapshot(packets: u64) -> Summary {

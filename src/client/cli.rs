@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use super::auth::{parse_hex_key, IpNet};
-use super::client::{AffinitySpec, ClientError, ControlClient};
-use super::proto::{
+use crate::client::library::{AffinitySpec, ClientError, ControlClient};
+use crate::config::{Config, DurationStr};
+use crate::net::IpNet;
+use crate::protocol::auth::parse_hex_key;
+use crate::protocol::message::{
     AffinityEntry, AffinityKey, BackendEntry, PortMatch, Reply, Request, ReturnCode, ServiceAddr,
 };
-use super::statsview;
-use crate::config::{Config, DurationStr};
-use crate::packet::{PROTO_TCP, PROTO_UDP};
-use crate::summary::Summary;
+use crate::report::statsview;
+use crate::report::summary::Summary;
+use crate::types::{PROTO_TCP, PROTO_UDP};
 
 /// Default control address.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7400";

@@ -5,9 +5,10 @@
 //! Both work in place on the received buffer: encapsulation grows the frame
 //! into the buffer's headroom, so no packet is copied in the common case.
 
-use crate::io::PacketBuf;
-use crate::packet::{flow_hash, Family, ParsedPacket};
-use crate::stats::DropReason;
+use crate::datapath::classify::ParsedPacket;
+use crate::datapath::pktio::PacketBuf;
+use crate::types::DropReason;
+use crate::types::{flow_hash, Family};
 use crate::wire::{ipv4, ipv6};
 
 /// TTL / hop limit of the outer header.
@@ -153,8 +154,9 @@ pub fn rewrite_l2<B: PacketBuf>(buf: &mut B, src_mac: [u8; 6], dst_mac: [u8; 6])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::{MemBuf, PacketBuf};
-    use crate::packet::{parse, tcp_flags};
+    use crate::datapath::classify::parse;
+    use crate::datapath::pktio::{MemBuf, PacketBuf};
+    use crate::types::tcp_flags;
     use crate::wire::build::FrameSpec;
     use crate::wire::{checksum, ethernet, ipv4, ipv6};
     use proptest::prelude::*;

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ip_bits, Config, Forwarding, Protocol, Scheduler, ServiceConfig};
-use crate::dataplane::{
-    AutoAffinity, Backend, BackendId, Dataplane, ForwardMode, SchedulerKind, Service, ServiceId,
-    MAX_BACKENDS, MAX_SERVICES,
+use crate::datapath::snapshot::{
+    AutoAffinity, Backend, Dataplane, ForwardMode, SchedulerKind, Service,
 };
-use crate::packet::Family;
 use crate::sched::maglev::{is_prime, MaglevTable};
+use crate::types::Family;
+use crate::types::{BackendId, ServiceId, MAX_BACKENDS, MAX_SERVICES};
 
 /// Largest weight a backend may have.
 pub const MAX_WEIGHT: u32 = 65535;
@@ -101,8 +101,8 @@ impl ServiceEntry {
             vip: s.vip,
             port: s.port,
             proto: match s.protocol {
-                Protocol::Tcp => crate::packet::PROTO_TCP,
-                Protocol::Udp => crate::packet::PROTO_UDP,
+                Protocol::Tcp => crate::types::PROTO_TCP,
+                Protocol::Udp => crate::types::PROTO_UDP,
             },
             mode,
             scheduler: match s.scheduler {

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::latency::Percentiles;
-use crate::summary::Summary;
+use crate::datapath::latency::Percentiles;
+use crate::report::summary::Summary;
 
 /// How often the control thread re-renders the metrics.
 const RENDER_PERIOD: Duration = Duration::from_secs(1);
@@ -147,7 +147,7 @@ pub fn render(s: &Summary) -> String {
     )
     .value(&[], s.affinities as f64);
 
-    type ServiceGet = fn(&crate::summary::ServiceSummary) -> u64;
+    type ServiceGet = fn(&crate::report::summary::ServiceSummary) -> u64;
     let per_service: [(&'static str, &str, ServiceGet); 5] = [
         (
             "pktdist_service_packets_total",
@@ -182,7 +182,7 @@ pub fn render(s: &Summary) -> String {
         }
     }
 
-    type Get = fn(&crate::summary::BackendSummary) -> f64;
+    type Get = fn(&crate::report::summary::BackendSummary) -> f64;
     let per_backend: [(&'static str, &str, &str, Get); 5] = [
         (
             "pktdist_backend_packets_total",
@@ -224,7 +224,7 @@ pub fn render(s: &Summary) -> String {
         }
     }
 
-    type WorkerGet = fn(&crate::summary::WorkerSummary) -> f64;
+    type WorkerGet = fn(&crate::report::summary::WorkerSummary) -> f64;
     let per_worker: [(&'static str, &str, &str, WorkerGet); 5] = [
         (
             "pktdist_worker_received_packets_total",
@@ -264,7 +264,7 @@ pub fn render(s: &Summary) -> String {
         }
     }
 
-    type PortGet = fn(&crate::summary::PortSummary) -> u64;
+    type PortGet = fn(&crate::report::summary::PortSummary) -> u64;
     let per_port: [(&'static str, &str, PortGet); 6] = [
         (
             "pktdist_port_received_packets_total",
@@ -501,7 +501,8 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{DropReason, WorkerCounters};
+    use crate::datapath::counters::WorkerCounters;
+    use crate::types::DropReason;
 
     fn summary() -> Summary {
         let w = vec![Arc::new(WorkerCounters::default())];
@@ -509,7 +510,7 @@ mod tests {
         w[0].count_drop(DropReason::NoService);
         let mut s = Summary::collect(
             &w,
-            &crate::dataplane::Dataplane::default(),
+            &crate::datapath::snapshot::Dataplane::default(),
             1.0,
             0,
             &Default::default(),

@@ -7,74 +7,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dataplane::{MAX_BACKENDS, MAX_SERVICES};
-use crate::latency::SharedHistogram;
-
-/// Why a packet was dropped. Every drop on the data path is one of these.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-#[repr(u8)]
-pub enum DropReason {
-    /// Truncated or inconsistent headers.
-    Malformed = 0,
-    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
-    NotIp,
-    /// An IP fragment: L4 ports are not available.
-    Fragment,
-    /// IP but neither TCP nor UDP.
-    UnsupportedL4,
-    /// Not addressed to a configured service.
-    NoService,
-    /// The service has no backend that can take the packet.
-    NoBackend,
-    /// No next-hop MAC for the chosen backend.
-    NoRoute,
-    /// No headroom (or room) to build the output packet.
-    NoRoom,
-    /// The transmit queue was full.
-    TxFull,
-}
-
-impl DropReason {
-    pub const COUNT: usize = 9;
-    pub const ALL: [DropReason; Self::COUNT] = [
-        DropReason::Malformed,
-        DropReason::NotIp,
-        DropReason::Fragment,
-        DropReason::UnsupportedL4,
-        DropReason::NoService,
-        DropReason::NoBackend,
-        DropReason::NoRoute,
-        DropReason::NoRoom,
-        DropReason::TxFull,
-    ];
-
-    /// Traffic that is simply not ours (as opposed to broken or refused):
-    /// what a port's `unmatched_to` passes on instead of dropping.
-    pub fn is_unmatched(self) -> bool {
-        matches!(
-            self,
-            DropReason::NotIp
-                | DropReason::Fragment
-                | DropReason::UnsupportedL4
-                | DropReason::NoService
-        )
-    }
-
-    /// The label used in summaries and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            DropReason::Malformed => "malformed",
-            DropReason::NotIp => "not_ip",
-            DropReason::Fragment => "fragment",
-            DropReason::UnsupportedL4 => "unsupported_l4",
-            DropReason::NoService => "no_service",
-            DropReason::NoBackend => "no_backend",
-            DropReason::NoRoute => "no_route",
-            DropReason::NoRoom => "no_room",
-            DropReason::TxFull => "tx_full",
-        }
-    }
-}
+use crate::datapath::latency::SharedHistogram;
+use crate::types::{DropReason, MAX_BACKENDS, MAX_SERVICES};
 
 /// A counter with a single writer.
 #[derive(Default, Debug)]

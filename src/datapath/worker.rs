@@ -16,17 +16,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::affinity::{AffinityQuery, AffinityReader, AutoAffinityTable, AutoSlot};
-use crate::dataplane::{
-    BackendId, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service, MAX_SERVICES,
+use crate::affinity::table::{AffinityQuery, AffinityReader};
+
+use crate::affinity::auto::{AutoAffinityTable, AutoSlot};
+use crate::datapath::classify::{self, ParsedPacket};
+use crate::datapath::counters::WorkerCounters;
+use crate::datapath::flow::{
+    FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState, Untracked, NO_AUTO_SLOT,
 };
-use crate::flow::{FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState, Untracked, NO_AUTO_SLOT};
-use crate::forward;
-use crate::io::{PacketBuf, PacketIo, MAX_BURST};
-use crate::latency::{new_histogram, TscScale};
-use crate::packet::{self, tcp_flags, ParsedPacket, PROTO_TCP};
-use crate::sched::SmoothWrr;
-use crate::stats::{DropReason, WorkerCounters};
+use crate::datapath::forward;
+use crate::datapath::latency::{new_histogram, TscScale};
+use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
+use crate::datapath::snapshot::{Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service};
+use crate::sched::wrr::SmoothWrr;
+use crate::types::DropReason;
+use crate::types::{tcp_flags, PROTO_TCP};
+use crate::types::{BackendId, MAX_SERVICES};
 
 /// The expiry sweep visits every flow-table bucket once per this period,
 /// spread over the loop iterations in proportion to time: its cost is a
@@ -254,9 +259,9 @@ impl<IO: PacketIo> Worker<IO> {
         let mut bytes = 0u64;
         for (i, b) in rx.iter().enumerate() {
             bytes += b.data().len() as u64;
-            let p = packet::parse(b.data());
+            let p = classify::parse(b.data());
             if let Ok(p) = &p {
-                let h = packet::flow_hash(&p.key);
+                let h = crate::types::flow_hash(&p.key);
                 self.flows.prefetch(&p.key, h);
                 hashes[i] = h;
                 let k = &p.key;
@@ -695,11 +700,13 @@ fn maglev_pick(dp: &Dataplane, svc: &Service, hash: u64) -> Option<BackendId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affinity::{AffinityKey, AffinityTable, AffinityWriter, PortMatch};
-    use crate::dataplane::{AutoAffinity, Backend, ServiceId};
-    use crate::io::MemIo;
-    use crate::packet::{Family, PROTO_UDP};
-    use crate::sched::MaglevTable;
+    use crate::affinity::key::{PortMatch, TableKey};
+    use crate::affinity::table::{AffinityTable, AffinityWriter};
+    use crate::datapath::pktio::MemIo;
+    use crate::datapath::snapshot::{AutoAffinity, Backend};
+    use crate::sched::maglev::MaglevTable;
+    use crate::types::ServiceId;
+    use crate::types::{Family, PROTO_UDP};
     use crate::wire::build::FrameSpec;
     use crate::wire::{ethernet, ipv4};
     use std::time::Duration;
@@ -972,7 +979,7 @@ mod tests {
         let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
         let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
         let mut b = bed(vec![svc], bes, 1 << 14);
-        let key = AffinityKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
+        let key = TableKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
         b.affinity.insert(key, 2).unwrap();
         let pinned: Vec<Vec<u8>> = (0..256u32)
             .map(|i| tcp([198, 18, 5, i as u8], 5000, tcp_flags::SYN))

@@ -13,22 +13,8 @@ use std::time::Duration;
 
 use hashbrown::HashMap;
 
-use crate::packet::{Family, FlowKey};
-use crate::sched::MaglevTable;
-
-/// Identity of a service, below [`MAX_SERVICES`]; stable across snapshots
-/// for as long as the service stays configured (same name, VIP, port and
-/// protocol), so per-service counters, affinities and automatic-affinity
-/// pins keyed by it survive a reload that adds, removes or reorders others.
-pub type ServiceId = u16;
-/// Identity of a backend within one service; stable across snapshots for as
-/// long as the backend stays configured.
-pub type BackendId = u32;
-
-/// Most services one instance serves.
-pub const MAX_SERVICES: usize = 256;
-/// Most backend ids one instance hands out (across all services).
-pub const MAX_BACKENDS: usize = 4096;
+use crate::sched::maglev::MaglevTable;
+use crate::types::{BackendId, Family, FlowKey, ServiceId};
 
 /// How packets reach a backend. Both are direct server return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

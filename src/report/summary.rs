@@ -9,9 +9,12 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::{BackendId, Dataplane, ServiceId};
-use crate::latency::{new_histogram, Percentiles};
-use crate::stats::{DropReason, WorkerCounters};
+use crate::types::{BackendId, ServiceId};
+
+use crate::datapath::counters::WorkerCounters;
+use crate::datapath::latency::{new_histogram, Percentiles};
+use crate::datapath::snapshot::Dataplane;
+use crate::types::DropReason;
 
 /// Counters summed over workers at one instant.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -328,7 +331,7 @@ impl Summary {
                     name: s.name.clone(),
                     vip: s.vip.to_string(),
                     port: s.port,
-                    protocol: if s.proto == crate::packet::PROTO_TCP {
+                    protocol: if s.proto == crate::types::PROTO_TCP {
                         "tcp"
                     } else {
                         "udp"
@@ -580,9 +583,9 @@ fn share(part: u64, total: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::{Backend, ForwardMode, SchedulerKind, Service};
-    use crate::packet::{Family, PROTO_TCP};
-    use crate::sched::MaglevTable;
+    use crate::datapath::snapshot::{Backend, ForwardMode, SchedulerKind, Service};
+    use crate::sched::maglev::MaglevTable;
+    use crate::types::{Family, PROTO_TCP};
     use std::sync::Arc;
     use std::time::Duration;
 

@@ -20,7 +20,7 @@
 
 use hashbrown::HashMap;
 
-use crate::packet::{Family, FlowKey};
+use crate::types::{Family, FlowKey};
 
 /// Indices a table can hand out (a slot keeps 16 bits).
 pub const MAX_VIPS: usize = 1 << 16;
@@ -151,7 +151,7 @@ impl Vips {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{PROTO_TCP, PROTO_UDP};
+    use crate::types::{PROTO_TCP, PROTO_UDP};
 
     fn key(dst: u128, dport: u16, proto: u8, family: Family) -> FlowKey {
         FlowKey {

@@ -4,38 +4,7 @@
 //! Addresses are kept as `u128` (IPv4 in the low 32 bits) so that one key type
 //! and one hash serve both families without branching on the hot path.
 
-use crate::stats::DropReason;
-
-/// IP protocol numbers the distributor routes.
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-
-/// TCP flag bits as they appear in byte 13 of the TCP header.
-pub mod tcp_flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-}
-
-/// Address family of a flow.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-/// The 5-tuple of a flow in the client-to-service direction.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct FlowKey {
-    pub src: u128,
-    pub dst: u128,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub family: Family,
-}
+use crate::types::{tcp_flags, DropReason, Family, FlowKey, PROTO_TCP, PROTO_UDP};
 
 /// A parsed frame: the flow key plus the offsets the forwarding step needs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -60,50 +29,6 @@ impl ParsedPacket {
         self.key.proto == PROTO_TCP
             && self.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
     }
-}
-
-/// Mixes one 64-bit word into a running hash (a multiply-xorshift round, as in
-/// wyhash/murmur finalisers): cheap, and stable across processes and machines,
-/// which Maglev needs so that several instances pick the same backend.
-#[inline]
-fn mix(h: u64, v: u64) -> u64 {
-    let m = (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    m ^ (m >> 29)
-}
-
-#[inline]
-fn finish(h: u64) -> u64 {
-    let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
-    let h = (h ^ (h >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
-
-/// Hash of a flow's 5-tuple, used by the flow table and the consistent hash.
-/// An IPv4 tuple (addresses in the low 32 bits) takes two mixing rounds, an
-/// IPv6 one five: the hash is on every packet's critical path to its
-/// flow-table prefetch. Instances agree on it only when they compute the same
-/// function: see the README's "Limits and notes" on mixed versions.
-#[inline]
-pub fn flow_hash(key: &FlowKey) -> u64 {
-    let ports = (key.sport as u64) << 32 | (key.dport as u64) << 16 | key.proto as u64;
-    let mut h = 0x243f_6a88_85a3_08d3u64;
-    if key.family == Family::V4 {
-        h = mix(h, (key.src as u64) << 32 | (key.dst as u64 & 0xffff_ffff));
-    } else {
-        h = mix(h, key.src as u64);
-        h = mix(h, (key.src >> 64) as u64);
-        h = mix(h, key.dst as u64);
-        h = mix(h, (key.dst >> 64) as u64);
-    }
-    finish(mix(h, ports))
-}
-
-/// Hash of a client address alone, used where all of a client's connections
-/// must agree (automatic affinity) and by the affinity table.
-#[inline]
-pub fn addr_hash(addr: u128, salt: u64) -> u64 {
-    let h = mix(0x1319_8a2e_0370_7344 ^ salt, addr as u64);
-    finish(mix(h, (addr >> 64) as u64))
 }
 
 /// Parses an Ethernet frame down to its L4 header.
@@ -208,89 +133,6 @@ mod tests {
         FrameSpec::tcp_v4([10, 1, 2, 3], 40000, [192, 0, 2, 10], 80, tcp_flags::SYN)
             .build()
             .unwrap()
-    }
-
-    #[test]
-    fn flow_hash_is_stable_and_spreads() {
-        let k = FlowKey {
-            src: 0x0a00_0001,
-            dst: 0x0a00_0002,
-            sport: 1234,
-            dport: 80,
-            proto: PROTO_TCP,
-            family: Family::V4,
-        };
-        assert_eq!(flow_hash(&k), flow_hash(&k.clone()));
-        for other in [
-            FlowKey { sport: 1235, ..k },
-            FlowKey { dport: 81, ..k },
-            FlowKey {
-                src: 0x0a00_0003,
-                ..k
-            },
-            FlowKey {
-                dst: 0x0a00_0003,
-                ..k
-            },
-            FlowKey {
-                proto: PROTO_UDP,
-                ..k
-            },
-            // The same 32 bits in the other field.
-            FlowKey {
-                src: k.dst,
-                dst: k.src,
-                ..k
-            },
-        ] {
-            assert_ne!(flow_hash(&k), flow_hash(&other), "{other:?}");
-        }
-        let v6 = FlowKey {
-            src: 1 << 100,
-            family: Family::V6,
-            ..k
-        };
-        assert_ne!(
-            flow_hash(&v6),
-            flow_hash(&FlowKey {
-                src: 2 << 100,
-                ..v6
-            })
-        );
-        assert_ne!(flow_hash(&v6), flow_hash(&FlowKey { dst: 1 << 90, ..v6 }));
-    }
-
-    /// Sequential clients of one service spread evenly over both users of
-    /// the hash: flow-table buckets (low 32 bits) and Maglev slots (high
-    /// bits, by multiplication).
-    #[test]
-    fn flow_hash_spreads_sequential_clients() {
-        const BINS: usize = 512;
-        const KEYS: usize = 200_000;
-        for family in [Family::V4, Family::V6] {
-            let (mut low, mut high) = (vec![0u32; BINS], vec![0u32; BINS]);
-            for i in 0..KEYS as u128 {
-                let k = FlowKey {
-                    src: 0x0a00_0000 + (i >> 4) + if family == Family::V6 { 1 << 120 } else { 0 },
-                    dst: 0xc000_020a,
-                    sport: 1024 + (i & 15) as u16,
-                    dport: 80,
-                    proto: PROTO_TCP,
-                    family,
-                };
-                let h = flow_hash(&k);
-                low[(((h & 0xffff_ffff) * BINS as u64) >> 32) as usize] += 1;
-                high[((h as u128 * BINS as u128) >> 64) as usize] += 1;
-            }
-            let mean = (KEYS / BINS) as u32;
-            for bins in [&low, &high] {
-                let (min, max) = (bins.iter().min().unwrap(), bins.iter().max().unwrap());
-                assert!(
-                    *min > mean * 3 / 4 && *max < mean * 5 / 4,
-                    "{family:?}: bins from {min} to {max}, mean {mean}"
-                );
-            }
-        }
     }
 
     #[test]

@@ -20,13 +20,13 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::auth::Key;
-use super::proto::{
+use crate::control::server::{unix_ms, NonceSource};
+use crate::protocol::auth::Key;
+use crate::protocol::message::{
     encode_request, AffinityEntry, AffinityKey, AffinityOp, BackendEntry, BackendSpec, DecodeError,
     EncodeError, EndedNotice, Envelope, Header, MsgType, Reply, ReplyPayload, Request, ReturnCode,
     ServiceAddr, MAX_DATAGRAM,
 };
-use super::server::{unix_ms, NonceSource};
 
 /// Default time to wait for a reply per attempt.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -203,7 +203,7 @@ impl ControlClient {
         key: &[u8],
     ) -> io::Result<ControlClient> {
         let key = Key::new(key).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        if name.is_empty() || name.len() > super::proto::MAX_NAME_LEN {
+        if name.is_empty() || name.len() > crate::types::MAX_NAME_LEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "the sender name must be 1 to 64 bytes long",
@@ -628,12 +628,13 @@ pub fn cancel_affinity(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::auth::Allowlist;
-    use crate::control::proto::{encode_reply, EndReason, MsgType, PortMatch, Request};
     use crate::control::server::tests::{akey, keyring, ADMIN_KEY, WEB1_KEY, WEB2_KEY};
     use crate::control::server::{
         ControlHandler, ControlServer, Payload, Response, ServerConfig, ServerCounters,
     };
+    use crate::protocol::auth::Allowlist;
+    use crate::protocol::message::{encode_reply, MsgType, PortMatch, Request};
+    use crate::types::EndReason;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::thread::JoinHandle;

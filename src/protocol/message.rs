@@ -12,15 +12,14 @@ use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::auth::{mask_addr, max_prefix, Key, TAG_LEN};
-use crate::packet::{Family, PROTO_TCP, PROTO_UDP};
+use crate::net::{family, mask_addr, max_prefix};
+use crate::protocol::auth::{Key, TAG_LEN};
+use crate::types::{EndReason, Family, MAX_NAME_LEN, PROTO_TCP, PROTO_UDP};
 
 /// First two bytes of every message.
 pub const MAGIC: [u8; 2] = *b"PD";
 /// The protocol version this module speaks.
 pub const VERSION: u8 = 1;
-/// Longest sender, owner, service or backend name.
-pub const MAX_NAME_LEN: usize = 64;
 /// Longest reply message text.
 pub const MAX_TEXT_LEN: usize = 512;
 /// Largest datagram sent or accepted (requests, replies and notifications):
@@ -150,34 +149,6 @@ impl ReturnCode {
 impl fmt::Display for ReturnCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// Why an affinity ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum EndReason {
-    Expired = 1,
-    Cancelled = 2,
-    BackendRemoved = 3,
-}
-
-impl EndReason {
-    pub fn from_u8(v: u8) -> Option<EndReason> {
-        match v {
-            1 => Some(EndReason::Expired),
-            2 => Some(EndReason::Cancelled),
-            3 => Some(EndReason::BackendRemoved),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            EndReason::Expired => "EXPIRED",
-            EndReason::Cancelled => "CANCELLED",
-            EndReason::BackendRemoved => "BACKEND_REMOVED",
-        }
     }
 }
 
@@ -511,7 +482,7 @@ impl fmt::Display for ServiceAddr {
     }
 }
 
-pub use crate::affinity::PortMatch;
+pub use crate::affinity::key::PortMatch;
 
 impl PortMatch {
     fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -596,7 +567,7 @@ impl AffinityKey {
         if self.service.addr.is_ipv4() != self.client.is_ipv4() {
             return Err("client and service address families differ");
         }
-        if self.prefix_len > max_prefix(self.client) {
+        if self.prefix_len > max_prefix(family(self.client)) {
             return Err("client prefix length too long for the address family");
         }
         if self.service.proto != PROTO_TCP && self.service.proto != PROTO_UDP {

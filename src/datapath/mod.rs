@@ -1,0 +1,18 @@
+//! The datapath: everything a worker core runs. A worker polls its receive
+//! queues ([`worker`]), classifies each frame ([`classify`]), looks its
+//! connection up in its own flow table ([`flow`]), routes a new connection
+//! through the affinity tables and the service's scheduler, and sends the
+//! packet to its backend ([`forward`]). Services and backends come from the
+//! immutable [`snapshot`] the control thread publishes; what the worker did
+//! goes into its own [`counters`] and [`latency`] histogram. Packets come and
+//! go through the [`pktio`] trait, which DPDK's ports implement and tests
+//! implement in memory.
+
+pub mod classify;
+pub mod counters;
+pub mod flow;
+pub mod forward;
+pub mod latency;
+pub mod pktio;
+pub mod snapshot;
+pub mod worker;

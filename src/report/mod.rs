@@ -1,0 +1,11 @@
+//! Reporting: what an instance says about itself.
+//!
+//! * [`summary`] — the run's [`summary::Summary`] (text and JSON), assembled by
+//!   the control thread from the workers' counters, and the status line.
+//! * [`metrics`] — the Prometheus exposition and its HTTP listener.
+//! * [`statsview`] — the `pktdist stats --watch` screen, drawn from summaries
+//!   fetched over the control protocol.
+
+pub mod metrics;
+pub mod statsview;
+pub mod summary;

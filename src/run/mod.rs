@@ -1,0 +1,18 @@
+//! `pktdist run`: the process around the threads. Its main thread starts EAL,
+//! the ports and the workers, runs the control thread's loop, and stops
+//! everything in order (`process`); the optional built-in traffic source runs
+//! on a thread of its own (`traffic_source`), writing frames that
+//! [`trafficgen`] generates.
+//!
+//! This is where the distribution logic meets DPDK; it holds no `unsafe`
+//! itself: everything DPDK goes through [`crate::dpdk`].
+
+pub mod trafficgen;
+
+#[cfg(feature = "dpdk")]
+mod process;
+#[cfg(feature = "dpdk")]
+mod traffic_source;
+
+#[cfg(feature = "dpdk")]
+pub use process::{eal_args, run, RunOptions};

@@ -1,0 +1,172 @@
+//! The traffic source's thread: the built-in load for the demo and the
+//! benchmarks. It writes connections from [`super::trafficgen`] into mbufs,
+//! transmits them on the traffic port's queues (one per worker) and drains
+//! what the workers forwarded, counting it per backend.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
+use crate::datapath::snapshot::ForwardMode;
+use crate::dpdk::{Mbuf, Mempool, PortQueues, DEFAULT_DATA_ROOM, HEADROOM};
+use crate::wire::{ethernet, ipv4, ipv6};
+
+use super::trafficgen::TrafficGen;
+
+/// The built-in traffic source's thread: writes connections into mbufs,
+/// transmits them to the workers, and drains (and counts, per backend) what
+/// the workers forwarded.
+pub(super) struct TrafficSource {
+    pub(super) gen: TrafficGen,
+    pub(super) pool: Arc<Mempool>,
+    /// Port index w = worker w's receive queue.
+    pub(super) tx: PortQueues,
+    /// Port index w = worker w's transmit queue on the forwarding port.
+    pub(super) rx: PortQueues,
+    pub(super) rate_pps: u64,
+}
+
+/// What the traffic source did.
+#[derive(Debug, Default)]
+pub(super) struct TrafficReport {
+    sent: u64,
+    /// Bursts a full queue did not take whole (the workers were saturated).
+    queue_full: u64,
+    no_mbuf: u64,
+    /// Forwarded packets seen at the sink, by outer destination (ipip) or
+    /// destination MAC (l2, as 0xffff_0000_0000_0000 | mac).
+    delivered: BTreeMap<u128, u64>,
+    seconds: f64,
+}
+
+impl TrafficReport {
+    pub(super) fn to_json(&self, dp: &crate::datapath::snapshot::Dataplane) -> serde_json::Value {
+        let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
+        for (dst, n) in &self.delivered {
+            let owner = dp.backends.iter().flatten().find(|b| {
+                match dp.service(b.service).map(|s| s.mode) {
+                    Some(ForwardMode::IpIp { .. }) => b.addr_bits == *dst,
+                    Some(ForwardMode::L2) => b.mac.is_some_and(|m| mac_key(&m) == *dst),
+                    None => false,
+                }
+            });
+            let name = owner.map_or_else(
+                || "other".to_string(),
+                |b| {
+                    format!(
+                        "{}/{}",
+                        dp.service(b.service).map_or("?", |s| s.name.as_str()),
+                        b.name
+                    )
+                },
+            );
+            *by_backend.entry(name).or_insert(0) += n;
+        }
+        serde_json::json!({
+            "sent": self.sent,
+            "offered_mpps": self.sent as f64 / self.seconds.max(1e-9) / 1e6,
+            "bursts_refused_by_full_queue": self.queue_full,
+            "no_mbuf": self.no_mbuf,
+            "delivered_to_backends": by_backend,
+        })
+    }
+}
+
+fn mac_key(m: &[u8; 6]) -> u128 {
+    let mut v = 0xffffu128 << 48;
+    for b in m {
+        v = v << 8 | u128::from(*b);
+    }
+    v
+}
+
+impl TrafficSource {
+    pub(super) fn run(mut self, stop: &AtomicBool) -> TrafficReport {
+        let started = Instant::now();
+        let mut report = TrafficReport::default();
+        let mut bufs: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
+        let room = usize::from(DEFAULT_DATA_ROOM) - usize::from(HEADROOM);
+        let queues = self.tx.num_ports();
+        let mut pending: Vec<Vec<Mbuf>> =
+            (0..queues).map(|_| Vec::with_capacity(MAX_BURST)).collect();
+        while !stop.load(Ordering::Relaxed) {
+            for q in 0..queues {
+                let mut burst = MAX_BURST;
+                if self.rate_pps > 0 {
+                    let allowed = (started.elapsed().as_secs_f64() * self.rate_pps as f64) as u64;
+                    burst = burst.min(allowed.saturating_sub(report.sent) as usize);
+                }
+                // Frames a full queue refused wait for the next turn: a
+                // connection's packets are never lost at the source.
+                let pending = &mut pending[q];
+                if pending.is_empty() && burst > 0 {
+                    if Mbuf::alloc_bulk(&self.pool, pending, burst) {
+                        for m in pending.iter_mut() {
+                            if m.resize(room) {
+                                let n = self.gen.next_frame(m.data_mut());
+                                m.resize(n.max(60));
+                            }
+                        }
+                    } else {
+                        report.no_mbuf += 1;
+                    }
+                }
+                if !pending.is_empty() {
+                    let offered = pending.len() as u64;
+                    self.tx.tx_burst(q, pending);
+                    let sent = offered - pending.len() as u64;
+                    report.sent += sent;
+                    if sent < offered {
+                        report.queue_full += 1;
+                    }
+                }
+                // The sink: what the workers forwarded, counted by backend;
+                // drained a few bursts at a time so that it keeps up.
+                for _ in 0..4 {
+                    self.rx.rx_burst(q, &mut bufs);
+                    if bufs.is_empty() {
+                        break;
+                    }
+                    for m in bufs.drain(..) {
+                        if let Some(dst) = outer_destination(m.data()) {
+                            *report.delivered.entry(dst).or_insert(0) += 1;
+                        }
+                    }
+                }
+            }
+            if self.rate_pps > 0 {
+                std::thread::yield_now();
+            }
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        report
+    }
+}
+
+/// The outer IP destination of an encapsulated frame, or the destination
+/// MAC (as [`mac_key`]) of any other.
+fn outer_destination(frame: &[u8]) -> Option<u128> {
+    let eth = ethernet::Frame::new_checked(frame).ok()?;
+    let info = eth.l2_info().ok()?;
+    let l3 = frame.get(info.header_len..)?;
+    match info.ethertype {
+        ethernet::ETHERTYPE_IPV4 => {
+            let ip = ipv4::Packet::new_checked(l3).ok()?;
+            if ip.protocol() == ipv4::PROTO_IPIP {
+                return Some(u32::from_be_bytes(ip.dst_addr()) as u128);
+            }
+        }
+        ethernet::ETHERTYPE_IPV6 => {
+            let ip = ipv6::Packet::new_checked(l3).ok()?;
+            if ip.next_header() == ipv6::PROTO_IPV6 {
+                return Some(u128::from_be_bytes(ip.dst_addr()));
+            }
+        }
+        _ => {}
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&frame[..6]);
+    Some(mac_key(&mac))
+}

@@ -1,0 +1,273 @@
+//! The crate's shared vocabulary: what every part of pktdist names the same
+//! way — address families, the flow key and its hash, service and backend
+//! ids with their limits, IP protocol numbers, TCP flags, and the reasons a
+//! packet is dropped.
+//!
+//! Addresses are `u128` (IPv4 in the low 32 bits) so that one key type and
+//! one hash serve both families without branching on the hot path.
+
+/// IP protocol numbers the distributor routes.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// TCP flag bits as they appear in byte 13 of the TCP header.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
+
+/// Address family of a flow.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// The 5-tuple of a flow in the client-to-service direction.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct FlowKey {
+    pub src: u128,
+    pub dst: u128,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: Family,
+}
+
+/// Identity of a service, below [`MAX_SERVICES`]; stable across snapshots
+/// for as long as the service stays configured (same name, VIP, port and
+/// protocol), so per-service counters, affinities and automatic-affinity
+/// pins keyed by it survive a reload that adds, removes or reorders others.
+pub type ServiceId = u16;
+/// Identity of a backend within one service; stable across snapshots for as
+/// long as the backend stays configured.
+pub type BackendId = u32;
+
+/// Most services one instance serves.
+pub const MAX_SERVICES: usize = 256;
+/// Most backend ids one instance hands out (across all services).
+pub const MAX_BACKENDS: usize = 4096;
+/// Longest sender, owner, service or backend name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Mixes one 64-bit word into a running hash (a multiply-xorshift round, as in
+/// wyhash/murmur finalisers): cheap, and stable across processes and machines,
+/// which Maglev needs so that several instances pick the same backend.
+#[inline]
+fn mix(h: u64, v: u64) -> u64 {
+    let m = (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    m ^ (m >> 29)
+}
+
+#[inline]
+fn finish(h: u64) -> u64 {
+    let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let h = (h ^ (h >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Hash of a flow's 5-tuple, used by the flow table and the consistent hash.
+/// An IPv4 tuple (addresses in the low 32 bits) takes two mixing rounds, an
+/// IPv6 one five: the hash is on every packet's critical path to its
+/// flow-table prefetch. Instances agree on it only when they compute the same
+/// function: see the README's "Limits and notes" on mixed versions.
+#[inline]
+pub fn flow_hash(key: &FlowKey) -> u64 {
+    let ports = (key.sport as u64) << 32 | (key.dport as u64) << 16 | key.proto as u64;
+    let mut h = 0x243f_6a88_85a3_08d3u64;
+    if key.family == Family::V4 {
+        h = mix(h, (key.src as u64) << 32 | (key.dst as u64 & 0xffff_ffff));
+    } else {
+        h = mix(h, key.src as u64);
+        h = mix(h, (key.src >> 64) as u64);
+        h = mix(h, key.dst as u64);
+        h = mix(h, (key.dst >> 64) as u64);
+    }
+    finish(mix(h, ports))
+}
+
+/// Why a packet was dropped. Every drop on the data path is one of these.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Truncated or inconsistent headers.
+    Malformed = 0,
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    NotIp,
+    /// An IP fragment: L4 ports are not available.
+    Fragment,
+    /// IP but neither TCP nor UDP.
+    UnsupportedL4,
+    /// Not addressed to a configured service.
+    NoService,
+    /// The service has no backend that can take the packet.
+    NoBackend,
+    /// No next-hop MAC for the chosen backend.
+    NoRoute,
+    /// No headroom (or room) to build the output packet.
+    NoRoom,
+    /// The transmit queue was full.
+    TxFull,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 9;
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::Malformed,
+        DropReason::NotIp,
+        DropReason::Fragment,
+        DropReason::UnsupportedL4,
+        DropReason::NoService,
+        DropReason::NoBackend,
+        DropReason::NoRoute,
+        DropReason::NoRoom,
+        DropReason::TxFull,
+    ];
+
+    /// Traffic that is simply not ours (as opposed to broken or refused):
+    /// what a port's `unmatched_to` passes on instead of dropping.
+    pub fn is_unmatched(self) -> bool {
+        matches!(
+            self,
+            DropReason::NotIp
+                | DropReason::Fragment
+                | DropReason::UnsupportedL4
+                | DropReason::NoService
+        )
+    }
+
+    /// The label used in summaries and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::NotIp => "not_ip",
+            DropReason::Fragment => "fragment",
+            DropReason::UnsupportedL4 => "unsupported_l4",
+            DropReason::NoService => "no_service",
+            DropReason::NoBackend => "no_backend",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoRoom => "no_room",
+            DropReason::TxFull => "tx_full",
+        }
+    }
+}
+
+/// Why an affinity ended: in the control thread's records, in the log and
+/// in the AFFINITY_ENDED notification (the discriminants are the wire codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EndReason {
+    Expired = 1,
+    Cancelled = 2,
+    BackendRemoved = 3,
+}
+
+impl EndReason {
+    pub fn from_u8(v: u8) -> Option<EndReason> {
+        match v {
+            1 => Some(EndReason::Expired),
+            2 => Some(EndReason::Cancelled),
+            3 => Some(EndReason::BackendRemoved),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EndReason::Expired => "EXPIRED",
+            EndReason::Cancelled => "CANCELLED",
+            EndReason::BackendRemoved => "BACKEND_REMOVED",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_hash_is_stable_and_spreads() {
+        let k = FlowKey {
+            src: 0x0a00_0001,
+            dst: 0x0a00_0002,
+            sport: 1234,
+            dport: 80,
+            proto: PROTO_TCP,
+            family: Family::V4,
+        };
+        assert_eq!(flow_hash(&k), flow_hash(&k.clone()));
+        for other in [
+            FlowKey { sport: 1235, ..k },
+            FlowKey { dport: 81, ..k },
+            FlowKey {
+                src: 0x0a00_0003,
+                ..k
+            },
+            FlowKey {
+                dst: 0x0a00_0003,
+                ..k
+            },
+            FlowKey {
+                proto: PROTO_UDP,
+                ..k
+            },
+            // The same 32 bits in the other field.
+            FlowKey {
+                src: k.dst,
+                dst: k.src,
+                ..k
+            },
+        ] {
+            assert_ne!(flow_hash(&k), flow_hash(&other), "{other:?}");
+        }
+        let v6 = FlowKey {
+            src: 1 << 100,
+            family: Family::V6,
+            ..k
+        };
+        assert_ne!(
+            flow_hash(&v6),
+            flow_hash(&FlowKey {
+                src: 2 << 100,
+                ..v6
+            })
+        );
+        assert_ne!(flow_hash(&v6), flow_hash(&FlowKey { dst: 1 << 90, ..v6 }));
+    }
+
+    /// Sequential clients of one service spread evenly over both users of
+    /// the hash: flow-table buckets (low 32 bits) and Maglev slots (high
+    /// bits, by multiplication).
+    #[test]
+    fn flow_hash_spreads_sequential_clients() {
+        const BINS: usize = 512;
+        const KEYS: usize = 200_000;
+        for family in [Family::V4, Family::V6] {
+            let (mut low, mut high) = (vec![0u32; BINS], vec![0u32; BINS]);
+            for i in 0..KEYS as u128 {
+                let k = FlowKey {
+                    src: 0x0a00_0000 + (i >> 4) + if family == Family::V6 { 1 << 120 } else { 0 },
+                    dst: 0xc000_020a,
+                    sport: 1024 + (i & 15) as u16,
+                    dport: 80,
+                    proto: PROTO_TCP,
+                    family,
+                };
+                let h = flow_hash(&k);
+                low[(((h & 0xffff_ffff) * BINS as u64) >> 32) as usize] += 1;
+                high[((h as u128 * BINS as u128) >> 64) as usize] += 1;
+            }
+            let mean = (KEYS / BINS) as u32;
+            for bins in [&low, &high] {
+                let (min, max) = (bins.iter().min().unwrap(), bins.iter().max().unwrap());
+                assert!(
+                    *min > mean * 3 / 4 && *max < mean * 5 / 4,
+                    "{family:?}: bins from {min} to {max}, mean {mean}"
+                );
+            }
+        }
+    }
+}
