@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pktdist::affinity::key::{PortMatch, TableKey};
+use pktdist::affinity::key::TableKey;
+
+use pktdist::types::PortMatch;
 
 use pktdist::affinity::manager::AffinityManager;
 

@@ -28,7 +28,7 @@ use pktdist::datapath::pktio::{PacketIo, MAX_BURST};
 use pktdist::datapath::snapshot::DataplaneCell;
 use pktdist::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use pktdist::dpdk::{
-    spawn_worker, tsc, tsc_hz, Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, QueueDir,
+    spawn_worker, tsc, tsc_hz, Eal, Mbuf, Mempool, Port, PortQueues, PortSetup, QueueDir,
     DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
 use pktdist::types::tcp_flags;
@@ -516,7 +516,7 @@ impl Bench {
         Eal::init(&eal_args).map_err(|e| format!("EAL {eal_args:?}: {e}"))?;
         let pool = Mempool::new("bench", args.mbufs, 256, DEFAULT_DATA_ROOM, SOCKET_ANY)
             .map_err(|e| format!("mempool: {e}"))?;
-        let conf = PortConfig::default();
+        let conf = PortSetup::default();
         let input = Arc::new(
             Port::open("net_ring0", &conf, Arc::clone(&pool))
                 .map_err(|e| format!("net_ring0: {e}"))?,

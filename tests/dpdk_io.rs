@@ -13,7 +13,7 @@ use common::{read_pcap, unique, write_pcap, TempDir};
 
 use pktdist::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use pktdist::dpdk::{
-    lcore_id, spawn_worker, DpdkError, Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, QueueDir,
+    lcore_id, spawn_worker, DpdkError, Eal, Mbuf, Mempool, Port, PortQueues, PortSetup, QueueDir,
     DEFAULT_DATA_ROOM, HEADROOM, SOCKET_ANY,
 };
 
@@ -45,9 +45,9 @@ fn pool(n: u32) -> Arc<Mempool> {
 }
 
 fn ring_port(queues: u16, pool: &Arc<Mempool>) -> Arc<Port> {
-    let conf = PortConfig {
+    let conf = PortSetup {
         queues,
-        ..PortConfig::default()
+        ..PortSetup::default()
     };
     Arc::new(Port::open(&unique("net_ring_t"), &conf, pool.clone()).expect("open net_ring"))
 }
@@ -346,7 +346,7 @@ fn pcap_port_reads_and_writes_frames() {
         output.display()
     );
     let port =
-        Arc::new(Port::open(&device, &PortConfig::default(), pool.clone()).expect("open net_pcap"));
+        Arc::new(Port::open(&device, &PortSetup::default(), pool.clone()).expect("open net_pcap"));
     assert_eq!(port.driver(), "net_pcap");
     let mut io = PortQueues::claim(std::slice::from_ref(&port), 0).expect("claim");
 
@@ -394,7 +394,7 @@ fn eal_init_is_once_and_cleanup_waits_for_users() {
 #[test]
 fn bad_devices_and_pools_are_clear_errors() {
     let pool = pool(255);
-    let e = Port::open("net_nosuchdriver0", &PortConfig::default(), pool.clone()).unwrap_err();
+    let e = Port::open("net_nosuchdriver0", &PortSetup::default(), pool.clone()).unwrap_err();
     assert!(
         matches!(
             e,
@@ -407,17 +407,17 @@ fn bad_devices_and_pools_are_clear_errors() {
     );
     assert!(e.to_string().contains("rte_dev_probe"), "{e}");
 
-    let conf = PortConfig {
+    let conf = PortSetup {
         queues: 0,
-        ..PortConfig::default()
+        ..PortSetup::default()
     };
     assert!(matches!(
         Port::open("net_ring_x", &conf, pool.clone()),
         Err(DpdkError::InvalidArgument(_))
     ));
-    let conf = PortConfig {
+    let conf = PortSetup {
         queues: 1000,
-        ..PortConfig::default()
+        ..PortSetup::default()
     };
     assert!(matches!(
         Port::open(&unique("net_ring_t"), &conf, pool.clone()),
@@ -426,7 +426,7 @@ fn bad_devices_and_pools_are_clear_errors() {
 
     let small = Mempool::new(&unique("tp"), 63, 0, 1024, SOCKET_ANY).expect("small pool");
     assert!(matches!(
-        Port::open(&unique("net_ring_t"), &PortConfig::default(), small),
+        Port::open(&unique("net_ring_t"), &PortSetup::default(), small),
         Err(DpdkError::InvalidArgument(_))
     ));
     let name = unique("tp");
@@ -471,7 +471,7 @@ fn workers_are_registered_lcores_with_mempool_caches() {
 fn ports_stop_start_and_reopen_after_drop() {
     let pool = pool(255);
     let name = unique("net_ring_t");
-    let mut port = Arc::new(Port::open(&name, &PortConfig::default(), pool.clone()).expect("open"));
+    let mut port = Arc::new(Port::open(&name, &PortSetup::default(), pool.clone()).expect("open"));
     {
         let q = port.queue(0).expect("claim");
         // A claimed queue shares the port: no exclusive access to stop it.
@@ -492,7 +492,7 @@ fn ports_stop_start_and_reopen_after_drop() {
     drop(port);
 
     // Dropping closed and detached the hot-plugged device: the name is free.
-    let again = Port::open(&name, &PortConfig::default(), pool.clone()).expect("reopen");
+    let again = Port::open(&name, &PortSetup::default(), pool.clone()).expect("reopen");
     assert_eq!(again.name(), name);
     drop(again);
     assert_eq!(pool.available(), pool.size());

@@ -26,7 +26,7 @@ use pktdist::control::registry::ServiceRegistry;
 use pktdist::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use pktdist::datapath::snapshot::Dataplane;
 use pktdist::dpdk::{
-    Eal, Mbuf, Mempool, Port, PortConfig, PortQueues, DEFAULT_DATA_ROOM, SOCKET_ANY,
+    Eal, Mbuf, Mempool, Port, PortQueues, PortSetup, DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
 use pktdist::protocol::message::{AffinityKey, ReturnCode, ServiceAddr};
 use pktdist::types::EndReason;
@@ -154,7 +154,7 @@ impl Bed {
             path_str(&sock)
         );
         let port = Arc::new(
-            Port::open(&device, &PortConfig::default(), Arc::clone(&pool))
+            Port::open(&device, &PortSetup::default(), Arc::clone(&pool))
                 .unwrap_or_else(|e| panic!("memif client {device}: {e}")),
         );
         if poll_until(PATIENCE, || port.link().ok().filter(|l| l.up)).is_none() {

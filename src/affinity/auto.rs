@@ -16,9 +16,9 @@
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::key::{max_prefix, prefix_mask};
 use super::seqlock::SeqLock;
 use super::{hash3, random_seed};
+use crate::net::{max_prefix, prefix_mask};
 use crate::types::Family;
 use crate::types::{BackendId, ServiceId};
 

@@ -2,69 +2,11 @@
 
 use core::fmt;
 
-use crate::types::Family;
-use crate::types::ServiceId;
+use crate::types::{Family, PortMatch, ServiceId};
 
 use super::AffinityError;
 
-/// Which client ports an affinity covers: written "any", one port
-/// ("1234") or an inclusive range ("1000-2000").
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub enum PortMatch {
-    #[default]
-    Any,
-    One(u16),
-    /// Inclusive range `lo..=hi`.
-    Range(u16, u16),
-}
-
-impl PortMatch {
-    /// Whether `port` is covered.
-    #[inline]
-    pub fn contains(self, port: u16) -> bool {
-        match self {
-            PortMatch::Any => true,
-            PortMatch::One(p) => p == port,
-            PortMatch::Range(lo, hi) => lo <= port && port <= hi,
-        }
-    }
-}
-
-impl core::str::FromStr for PortMatch {
-    type Err = String;
-    fn from_str(s: &str) -> Result<PortMatch, String> {
-        let bad = || {
-            format!("bad client port {s:?}: expected \"any\", a port like 1234, or a range like \"1000-2000\"")
-        };
-        let port = |p: &str| p.trim().parse::<u16>().map_err(|_| bad());
-        let t = s.trim();
-        if t.eq_ignore_ascii_case("any") {
-            return Ok(PortMatch::Any);
-        }
-        match t.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (port(a)?, port(b)?);
-                if a > b {
-                    return Err(format!("bad client port range {s:?}: {a} > {b}"));
-                }
-                Ok(PortMatch::Range(a, b))
-            }
-            None => Ok(PortMatch::One(port(t)?)),
-        }
-    }
-}
-
-impl fmt::Display for PortMatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PortMatch::Any => f.write_str("any"),
-            PortMatch::One(p) => write!(f, "{p}"),
-            PortMatch::Range(a, b) => write!(f, "{a}-{b}"),
-        }
-    }
-}
-
-pub use crate::net::{max_prefix, prefix_mask};
+use crate::net::{max_prefix, prefix_mask};
 
 /// Service, client prefix and client ports of one affinity.
 ///

@@ -301,9 +301,9 @@ impl AffinityManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affinity::key::PortMatch;
     use crate::affinity::table::AffinityTable;
     use crate::types::Family;
+    use crate::types::PortMatch;
 
     fn key(addr: u128, plen: u8) -> TableKey {
         TableKey::new(1, Family::V4, addr, plen, PortMatch::Any).unwrap()

@@ -59,11 +59,13 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 
-use super::key::{max_prefix, prefix_mask, PortMatch, TableKey};
+use super::key::TableKey;
 use super::seqlock::SeqLock;
 use super::{hash3, random_seed};
 use crate::dpdk::prefetch;
+use crate::net::{max_prefix, prefix_mask};
 use crate::types::Family;
+use crate::types::PortMatch;
 use crate::types::{BackendId, ServiceId, MAX_SERVICES};
 
 /// Slots per bucket (one tag byte each in the header).

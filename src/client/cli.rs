@@ -14,10 +14,11 @@ use crate::config::{Config, DurationStr};
 use crate::net::IpNet;
 use crate::protocol::auth::parse_hex_key;
 use crate::protocol::message::{
-    AffinityEntry, AffinityKey, BackendEntry, PortMatch, Reply, Request, ReturnCode, ServiceAddr,
+    AffinityEntry, AffinityKey, BackendEntry, Reply, Request, ReturnCode, ServiceAddr,
 };
 use crate::report::statsview;
 use crate::report::summary::Summary;
+use crate::types::PortMatch;
 use crate::types::{PROTO_TCP, PROTO_UDP};
 
 /// Default control address.
@@ -181,7 +182,7 @@ pub enum AffinityCmd {
     },
 }
 
-pub use crate::config::MacAddr as Mac;
+use crate::config::MacAddr;
 
 /// `pktdist backend ...`
 #[derive(Subcommand, Clone, Debug, PartialEq, Eq)]
@@ -213,7 +214,7 @@ pub enum BackendCmd {
         addr: IpAddr,
         /// Next-hop MAC (needed for l2 forwarding).
         #[arg(long)]
-        mac: Option<Mac>,
+        mac: Option<MacAddr>,
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
@@ -316,7 +317,7 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn fmt_mac(m: [u8; 6]) -> String {
-    Mac(m).to_string()
+    MacAddr(m).to_string()
 }
 
 /// The affinity list as a table.
@@ -636,7 +637,7 @@ mod tests {
         .unwrap() else {
             panic!("wrong command")
         };
-        assert_eq!(mac, Some(Mac([2, 0, 0, 0, 0, 9])));
+        assert_eq!(mac, Some(MacAddr([2, 0, 0, 0, 0, 9])));
         assert_eq!(weight, 5);
         let Top::Stats(s) = parse(&["stats", "--watch", "--server", "10.0.0.1:7000"]).unwrap()
         else {

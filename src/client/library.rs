@@ -633,8 +633,9 @@ mod tests {
         ControlHandler, ControlServer, Payload, Response, ServerConfig, ServerCounters,
     };
     use crate::protocol::auth::Allowlist;
-    use crate::protocol::message::{encode_reply, MsgType, PortMatch, Request};
+    use crate::protocol::message::{encode_reply, MsgType, Request};
     use crate::types::EndReason;
+    use crate::types::PortMatch;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::thread::JoinHandle;

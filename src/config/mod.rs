@@ -19,11 +19,12 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::datapath::flow::FlowTimeouts;
+use crate::net::IpNet;
 use crate::sched::maglev::{is_prime, MaglevTable};
-use crate::types::{PROTO_TCP, PROTO_UDP};
+use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
 
 pub use error::{ConfigError, KeyPath, Seg};
-pub use types::{ip_bits, DurationStr, HexKey, IpNet, MacAddr, PortMatch, MIN_KEY_BYTES};
+pub use types::{DurationStr, HexKey, MacAddr, MIN_KEY_BYTES};
 
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 65535;
@@ -669,7 +670,7 @@ impl Config {
             if s.port == 0 {
                 return fail(sp.key("port"), "port 0 is not a service port");
             }
-            let fam = types::family_of(&s.vip);
+            let fam = crate::net::family_name(&s.vip);
             match (s.forwarding, s.ipip_source) {
                 (Forwarding::Ipip, None) => {
                     return fail(
@@ -682,7 +683,7 @@ impl Config {
                         sp.key("ipip_source"),
                         format!(
                             "{src} is {} but the service vip is {fam}",
-                            types::family_of(&src)
+                            crate::net::family_name(&src)
                         ),
                     )
                 }
@@ -727,7 +728,7 @@ impl Config {
                         format!(
                             "{} is {} but the service vip is {fam}",
                             b.address,
-                            types::family_of(&b.address)
+                            crate::net::family_name(&b.address)
                         ),
                     );
                 }
@@ -795,8 +796,8 @@ impl Config {
                     format!(
                         "{} is {} but the service vip is {}",
                         a.client,
-                        types::family_of(&a.client.addr),
-                        types::family_of(&s.vip)
+                        crate::net::family_name(&a.client.addr),
+                        crate::net::family_name(&s.vip)
                     ),
                 );
             }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-pub use crate::net::{family_name as family_of, ip_bits, IpNet};
+use crate::net::IpNet;
 
 /// A duration written with units: "250ms", "30s", "5m", "1h", "2d", or a
 /// sum such as "1h30m". Units: ns, us, ms, s, m, h, d.
@@ -160,7 +160,7 @@ impl<'de> Deserialize<'de> for IpNet {
     }
 }
 
-pub use crate::affinity::key::PortMatch;
+use crate::types::PortMatch;
 
 /// Client ports: "any", one port (1234 or "1234"), or a range "1000-2000".
 impl<'de> Deserialize<'de> for PortMatch {

@@ -17,18 +17,19 @@ use crate::affinity::manager::{AffinityManager, Ended};
 use crate::affinity::auto::AutoAffinityTable;
 use std::path::PathBuf;
 
-use crate::config::{ip_bits, Config};
-use crate::control::registry::{BackendSpec, RegistryError, ServiceRegistry};
+use crate::config::Config;
+use crate::control::registry::{NewBackend, RegistryError, ServiceRegistry};
 use crate::control::server::{ControlHandler, Response, ServerCounters};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::{new_histogram, Percentiles};
 use crate::datapath::snapshot::{Dataplane, DataplaneCell, Service};
+use crate::net::ip_bits;
 use crate::protocol::auth::{Allowlist, Key, Keyring};
 use crate::protocol::message::{
     AffinityEntry, AffinityOp, BackendEntry, EndedNotice, Request, ReturnCode, ServiceAddr,
 };
 use crate::report::summary::{CounterBase, PortSummary, Summary};
-use crate::types::BackendId;
+use crate::types::{BackendId, PortMatch};
 
 /// Counts of what the control plane did, by outcome.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,7 +62,7 @@ pub struct ControlPlane {
     /// How long ended affinities lived (ms).
     lifetimes: hdrhistogram::Histogram<u64>,
     /// Reads the ports' device counters (set by the runtime).
-    port_stats: Option<PortStats>,
+    port_stats: Option<PortStatsSource>,
     /// The shared automatic-affinity table, for its statistics.
     auto: Option<Arc<AutoAffinityTable>>,
     /// The configuration file and what was last applied from it, for reload.
@@ -72,7 +73,7 @@ pub struct ControlPlane {
 }
 
 /// A source of the ports' device counters.
-pub type PortStats = Box<dyn Fn() -> Vec<PortSummary> + Send>;
+pub type PortStatsSource = Box<dyn Fn() -> Vec<PortSummary> + Send>;
 
 impl ControlPlane {
     /// `epoch` is the clock origin shared with the workers.
@@ -309,7 +310,7 @@ impl ControlPlane {
     }
 
     /// Where the ports' device counters come from.
-    pub fn set_port_stats(&mut self, source: PortStats) {
+    pub fn set_port_stats(&mut self, source: PortStatsSource) {
         self.port_stats = Some(source);
     }
 
@@ -615,10 +616,10 @@ impl ControlPlane {
             .filter(|(_, r)| owner.is_none_or(|o| self.backend_name(r.owner) == Some(o)))
             .collect();
         // A stable order so that pages do not overlap.
-        let port_order = |p: crate::affinity::key::PortMatch| match p {
-            crate::affinity::key::PortMatch::Any => (0, 0, 0),
-            crate::affinity::key::PortMatch::One(x) => (1, x, x),
-            crate::affinity::key::PortMatch::Range(a, b) => (2, a, b),
+        let port_order = |p: PortMatch| match p {
+            PortMatch::Any => (0, 0, 0),
+            PortMatch::One(x) => (1, x, x),
+            PortMatch::Range(a, b) => (2, a, b),
         };
         entries.sort_unstable_by_key(|(k, _)| {
             (k.service(), k.prefix_len(), k.addr(), port_order(k.ports()))
@@ -694,7 +695,7 @@ impl ControlPlane {
             Request::BackendAdd(spec) => next
                 .add_backend(
                     spec.service,
-                    BackendSpec {
+                    NewBackend {
                         name: spec.backend.to_string(),
                         addr: spec.addr,
                         mac: spec.mac,
@@ -825,7 +826,7 @@ mod tests {
     use super::*;
     use crate::affinity::table::{AffinityReader, AffinityTable};
     use crate::control::server::Payload;
-    use crate::protocol::message::{AffinityKey, BackendSpec as WireBackend, PortMatch};
+    use crate::protocol::message::{AffinityKey, BackendSpec};
     use crate::types::EndReason;
     use crate::types::Family;
     use crate::types::ServiceId;
@@ -1022,7 +1023,7 @@ address = "10.0.0.2"
             ReturnCode::Ok
         );
         let gen = p.dataplane().generation;
-        let bad = Request::BackendAdd(WireBackend {
+        let bad = Request::BackendAdd(BackendSpec {
             service: "web",
             backend: "c",
             addr: "2001:db8::1".parse().unwrap(),

@@ -10,10 +10,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{ip_bits, Config, Forwarding, Protocol, Scheduler, ServiceConfig};
+use crate::config::{Config, Forwarding, Protocol, Scheduler, ServiceConfig};
 use crate::datapath::snapshot::{
     AutoAffinity, Backend, Dataplane, ForwardMode, SchedulerKind, Service,
 };
+use crate::net::ip_bits;
 use crate::sched::maglev::{is_prime, MaglevTable};
 use crate::types::Family;
 use crate::types::{BackendId, ServiceId, MAX_BACKENDS, MAX_SERVICES};
@@ -59,7 +60,7 @@ impl std::error::Error for RegistryError {}
 
 /// A backend as an operator describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendSpec {
+pub struct NewBackend {
     pub name: String,
     pub addr: IpAddr,
     pub mac: Option<[u8; 6]>,
@@ -79,7 +80,7 @@ struct ServiceEntry {
     maglev_size: Option<usize>,
     auto_affinity: Option<AutoAffinity>,
     max_affinity: Duration,
-    backends: Vec<(BackendId, BackendSpec)>,
+    backends: Vec<(BackendId, NewBackend)>,
     /// The table for the current backends and weights, if built.
     maglev: Option<Arc<MaglevTable>>,
 }
@@ -147,7 +148,7 @@ impl ServiceEntry {
         Ok(table)
     }
 
-    fn check_backend(&self, b: &BackendSpec) -> Result<(), RegistryError> {
+    fn check_backend(&self, b: &NewBackend) -> Result<(), RegistryError> {
         if b.name.is_empty() || b.name.len() > 64 {
             return Err(RegistryError::Invalid(
                 "backend name must be 1 to 64 bytes".into(),
@@ -247,7 +248,7 @@ impl ServiceRegistry {
             let mut entry = ServiceEntry::from_config(s)?;
             entry.id = reg.allocate_service_id()?;
             for b in &s.backends {
-                let spec = BackendSpec {
+                let spec = NewBackend {
                     name: b.name.clone(),
                     addr: b.address,
                     mac: b.mac.map(|m| m.0),
@@ -361,7 +362,7 @@ impl ServiceRegistry {
     pub fn add_backend(
         &mut self,
         service: &str,
-        spec: BackendSpec,
+        spec: NewBackend,
     ) -> Result<BackendId, RegistryError> {
         {
             let (_, s) = self.service_mut(service)?;
@@ -428,7 +429,7 @@ impl ServiceRegistry {
                 None => new_services.push(services.len()),
             }
             for b in &s.backends {
-                let spec = BackendSpec {
+                let spec = NewBackend {
                     name: b.name.clone(),
                     addr: b.address,
                     mac: b.mac.map(|m| m.0),
@@ -559,7 +560,7 @@ weight = 300
     #[test]
     fn add_and_remove_backends() {
         let mut r = registry();
-        let spec = BackendSpec {
+        let spec = NewBackend {
             name: "c".into(),
             addr: "10.0.0.3".parse().unwrap(),
             mac: None,
@@ -571,7 +572,7 @@ weight = 300
             r.add_backend("web", spec.clone()),
             Err(RegistryError::DuplicateBackend { .. })
         ));
-        let v6 = BackendSpec {
+        let v6 = NewBackend {
             name: "d".into(),
             addr: "2001:db8::1".parse().unwrap(),
             ..spec

@@ -823,8 +823,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::protocol::auth::Key;
     use crate::protocol::message::{
-        encode_request, AffinityKey, AffinityOp, PortMatch, ServiceAddr, MIN_DATAGRAM,
+        encode_request, AffinityKey, AffinityOp, ServiceAddr, MIN_DATAGRAM,
     };
+    use crate::types::PortMatch;
     use proptest::prelude::*;
     use std::net::IpAddr;
 

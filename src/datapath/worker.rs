@@ -700,11 +700,12 @@ fn maglev_pick(dp: &Dataplane, svc: &Service, hash: u64) -> Option<BackendId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affinity::key::{PortMatch, TableKey};
+    use crate::affinity::key::TableKey;
     use crate::affinity::table::{AffinityTable, AffinityWriter};
     use crate::datapath::pktio::MemIo;
     use crate::datapath::snapshot::{AutoAffinity, Backend};
     use crate::sched::maglev::MaglevTable;
+    use crate::types::PortMatch;
     use crate::types::ServiceId;
     use crate::types::{Family, PROTO_UDP};
     use crate::wire::build::FrameSpec;

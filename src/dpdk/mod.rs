@@ -14,7 +14,7 @@
 //! let cores = /* cores for workers */;
 //! let eal = Eal::init(&args)?;                 // once; pins this thread
 //! let pool = Mempool::new("rx0", 8191, 256, DEFAULT_DATA_ROOM, SOCKET_ANY)?;
-//! let port = Arc::new(Port::open("0000:01:00.0", &PortConfig { queues: n, ..Default::default() }, pool)?);
+//! let port = Arc::new(Port::open("0000:01:00.0", &PortSetup { queues: n, ..Default::default() }, pool)?);
 //! for w in 0..n {
 //!     let io = PortQueues::claim(&[port.clone()], w as u16)?;
 //!     handles.push(spawn_worker(eal.cores()[w + 1], &format!("worker{w}"), move || run(io))?);
@@ -71,7 +71,7 @@ pub use mbuf::Mbuf;
 #[cfg(feature = "dpdk")]
 pub use mempool::{Mempool, DEFAULT_DATA_ROOM, HEADROOM};
 #[cfg(feature = "dpdk")]
-pub use port::{LinkStatus, Port, PortConfig, PortQueue, PortStats, QueueDir};
+pub use port::{DeviceStats, LinkStatus, Port, PortQueue, PortSetup, QueueDir};
 #[cfg(feature = "dpdk")]
 pub use queues::PortQueues;
 #[cfg(feature = "dpdk")]

@@ -17,7 +17,7 @@ const MAX_FRAME: u16 = 1518;
 
 /// How to set up a port.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortConfig {
+pub struct PortSetup {
     /// Receive and transmit queues, one pair per worker.
     pub queues: u16,
     /// Receive descriptors per queue (DPDK may round it to the device's limits).
@@ -32,9 +32,9 @@ pub struct PortConfig {
     pub rss: bool,
 }
 
-impl Default for PortConfig {
-    fn default() -> PortConfig {
-        PortConfig {
+impl Default for PortSetup {
+    fn default() -> PortSetup {
+        PortSetup {
             queues: 1,
             rx_desc: 1024,
             tx_desc: 1024,
@@ -46,7 +46,7 @@ impl Default for PortConfig {
 
 /// Counters of `rte_eth_stats`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortStats {
+pub struct DeviceStats {
     pub ipackets: u64,
     pub opackets: u64,
     pub ibytes: u64,
@@ -117,7 +117,7 @@ impl Port {
     ///
     /// Each of the `conf.queues` receive queues fills from `pool`, whose data
     /// room must hold a full 1518-byte frame after the headroom (no scatter).
-    pub fn open(device: &str, conf: &PortConfig, pool: Arc<Mempool>) -> Result<Port, DpdkError> {
+    pub fn open(device: &str, conf: &PortSetup, pool: Arc<Mempool>) -> Result<Port, DpdkError> {
         if conf.queues == 0 || conf.rx_desc == 0 || conf.tx_desc == 0 {
             return Err(DpdkError::InvalidArgument(format!(
                 "port {device}: queues and descriptor counts must be positive"
@@ -193,7 +193,7 @@ impl Port {
     fn configure(
         &mut self,
         info: &sys::rte_eth_dev_info,
-        conf: &PortConfig,
+        conf: &PortSetup,
     ) -> Result<(), DpdkError> {
         let id = self.id;
         let q = conf.queues;
@@ -378,7 +378,7 @@ impl Port {
     }
 
     /// The device's counters.
-    pub fn stats(&self) -> Result<PortStats, DpdkError> {
+    pub fn stats(&self) -> Result<DeviceStats, DpdkError> {
         let mut s = MaybeUninit::<sys::rte_eth_stats>::zeroed();
         // SAFETY: the port is open (we are alive); s is writable.
         let ret = unsafe { sys::rte_eth_stats_get(self.id, s.as_mut_ptr()) };
@@ -387,7 +387,7 @@ impl Port {
         }
         // SAFETY: zero-initialised plain integers, filled in on success.
         let s = unsafe { s.assume_init() };
-        Ok(PortStats {
+        Ok(DeviceStats {
             ipackets: s.ipackets,
             opackets: s.opackets,
             ibytes: s.ibytes,

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::net::{family, mask_addr, max_prefix};
 use crate::protocol::auth::{Key, TAG_LEN};
-use crate::types::{EndReason, Family, MAX_NAME_LEN, PROTO_TCP, PROTO_UDP};
+use crate::types::{EndReason, Family, PortMatch, MAX_NAME_LEN, PROTO_TCP, PROTO_UDP};
 
 /// First two bytes of every message.
 pub const MAGIC: [u8; 2] = *b"PD";
@@ -481,8 +481,6 @@ impl fmt::Display for ServiceAddr {
         write!(f, "{}/{proto}", SocketAddr::new(self.addr, self.port))
     }
 }
-
-pub use crate::affinity::key::PortMatch;
 
 impl PortMatch {
     fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {

@@ -26,7 +26,7 @@ use crate::datapath::counters::WorkerCounters;
 use crate::datapath::snapshot::DataplaneCell;
 use crate::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use crate::dpdk::{
-    spawn_worker, Eal, Mempool, Port, PortConfig, PortQueues, QueueDir, WorkerHandle,
+    spawn_worker, Eal, Mempool, Port, PortQueues, PortSetup, QueueDir, WorkerHandle,
     DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
 use crate::report::metrics::{self, MetricsServer};
@@ -114,7 +114,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     let workers_n = cfg.cores.workers.len();
     let mut ports = Vec::with_capacity(cfg.ports.len());
     for p in &cfg.ports {
-        let conf = PortConfig {
+        let conf = PortSetup {
             queues: workers_n as u16,
             rx_desc: p.rx_descriptors,
             tx_desc: p.tx_descriptors,
@@ -415,7 +415,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
 }
 
 /// A port's device counters as the summary shows them.
-fn port_summary(name: &str, s: &crate::dpdk::PortStats) -> PortSummary {
+fn port_summary(name: &str, s: &crate::dpdk::DeviceStats) -> PortSummary {
     PortSummary {
         name: name.to_string(),
         ipackets: s.ipackets,
