@@ -10,6 +10,8 @@ mod affinity_load;
 mod control_rate;
 mod feeder;
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -143,8 +145,6 @@ trait Step {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
-    /// Gives the queues to `next`, whose turn it is (alternating sides).
-    fn hand_over(&mut self, _next: &mut Self) {}
 }
 
 /// Bare forwarding: receive a burst on the input, transmit it on the
@@ -174,12 +174,12 @@ impl Step for Baseline {
 }
 
 /// pktdist's worker.
-struct Pipeline {
-    worker: Worker<PortQueues>,
+struct Pipeline<IO: PacketIo> {
+    worker: Worker<IO>,
     now: u64,
 }
 
-impl Step for Pipeline {
+impl<IO: PacketIo> Step for Pipeline<IO> {
     #[inline]
     fn prepare(&mut self) {
         self.now = self.worker.now_ns();
@@ -206,12 +206,6 @@ impl Step for Pipeline {
             ("affinity_hits", svc.affinity_hits.get()),
             ("affinity_misses", svc.affinity_misses.get()),
         ]
-    }
-
-    /// A poll leaves nothing queued, so the queues can change hands
-    /// between polls.
-    fn hand_over(&mut self, next: &mut Self) {
-        std::mem::swap(self.worker.io_mut(), next.worker.io_mut());
     }
 }
 
@@ -316,19 +310,10 @@ fn measure_loop<S: Step>(phase: &AtomicU8, sides: &mut [S], hz: u64) -> Vec<Loop
     stats
 }
 
-/// Hands the queues from side `turn` to the next; returns the next.
-fn pass_turn<S: Step>(sides: &mut [S], turn: usize) -> usize {
-    if sides.len() < 2 {
-        return turn;
-    }
-    let (first, second) = sides.split_at_mut(1);
-    if turn == 0 {
-        first[0].hand_over(&mut second[0]);
-        1
-    } else {
-        second[0].hand_over(&mut first[0]);
-        0
-    }
+/// The side whose turn is next. The sides share their queues, and a poll
+/// leaves nothing queued, so a turn can end between any two polls.
+fn pass_turn<S: Step>(sides: &[S], turn: usize) -> usize {
+    (turn + 1) % sides.len()
 }
 
 /// How a scenario warms up before measuring.
@@ -635,14 +620,9 @@ impl Bench {
                     ),
                     now: 0,
                 };
-                // A worker sizes its transmit queues by the ports it is
-                // built with, so each side is built holding the queues;
-                // the first side starts with them.
-                let mut a = side(worker_io, first);
-                let io = std::mem::replace(a.worker.io_mut(), PortQueues::new(Vec::new()));
-                let mut b = side(io, second);
-                b.hand_over(&mut a);
-                let mut sides = [a, b];
+                // Both sides poll the same queues, one turn at a time.
+                let io = Rc::new(RefCell::new(worker_io));
+                let mut sides = [side(Rc::clone(&io), first), side(io, second)];
                 r2.store(true, Ordering::SeqCst);
                 measure_loop(&p2, &mut sides, hz)
             }

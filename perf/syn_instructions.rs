@@ -6,8 +6,9 @@
 //! tell; they say nothing of memory stalls, which the throughput runs
 //! measure.
 //!
-//! No EAL: the worker runs over in-memory queues ([`MemIo`]), whose buffer
-//! handling adds the same instructions to both tables.
+//! No EAL: the worker runs over in-memory queues ([`MemIo`], shared with
+//! the feeding loop), whose buffer handling adds the same instructions to
+//! both tables.
 
 // Shared with dataplane-bench; this program uses a part of each.
 #[allow(dead_code)]
@@ -17,6 +18,8 @@ mod control_rate;
 #[allow(dead_code)]
 mod feeder;
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,6 +35,9 @@ use pktdist::datapath::pktio::{MemBuf, MemIo, MAX_BURST};
 use pktdist::datapath::snapshot::DataplaneCell;
 use pktdist::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use pktdist::types::tcp_flags;
+
+/// The worker's queues, shared with the loop that feeds them.
+type SharedIo = Rc<RefCell<MemIo>>;
 
 use affinity_load::{CLIENT_BASE, CLIENT_MASK};
 use feeder::{tcp_frame, Rng};
@@ -64,25 +70,28 @@ const FLOW_CAPACITY: usize = 1 << 16;
 
 /// The measured part: callgrind counts this function alone.
 #[inline(never)]
-fn measured(worker: &mut Worker<MemIo>, frames: Vec<MemBuf>) -> usize {
-    feed(worker, frames)
+fn measured(worker: &mut Worker<SharedIo>, io: &SharedIo, frames: Vec<MemBuf>) -> usize {
+    feed(worker, io, frames)
 }
 
 /// Polls `frames` through the worker a burst at a time; returns how many
 /// it transmitted.
-fn feed(worker: &mut Worker<MemIo>, frames: Vec<MemBuf>) -> usize {
+fn feed(worker: &mut Worker<SharedIo>, io: &SharedIo, frames: Vec<MemBuf>) -> usize {
     let mut sent = 0;
     let mut frames = frames.into_iter();
     loop {
-        let io = worker.io_mut();
-        let before = io.rx[0].len();
-        io.rx[0].extend(frames.by_ref().take(MAX_BURST));
-        if io.rx[0].len() == before {
-            return sent;
+        {
+            let mut io = io.borrow_mut();
+            let before = io.rx[0].len();
+            io.rx[0].extend(frames.by_ref().take(MAX_BURST));
+            if io.rx[0].len() == before {
+                return sent;
+            }
         }
         worker.poll(1_000_000);
-        sent += worker.io_mut().tx[1].len();
-        worker.io_mut().tx[1].clear();
+        let mut io = io.borrow_mut();
+        sent += io.tx[1].len();
+        io.tx[1].clear();
     }
 }
 
@@ -136,17 +145,18 @@ fn main() -> Result<(), String> {
         flow_capacity_v6: FLOW_CAPACITY / 4,
         timeouts: FlowTimeouts::default(),
     };
+    let io: SharedIo = Rc::new(RefCell::new(MemIo::new(2)));
     let mut worker = Worker::new(
-        MemIo::new(2),
+        Rc::clone(&io),
         setup,
         shared,
         Arc::new(WorkerCounters::default()),
     );
     let mut rng = Rng::new(0x5171);
     let warm = syns(&mut rng, 2 * FLOW_CAPACITY);
-    feed(&mut worker, warm);
+    feed(&mut worker, &io, warm);
     let frames = syns(&mut rng, args.packets);
-    let sent = measured(&mut worker, frames);
+    let sent = measured(&mut worker, &io, frames);
     if sent != args.packets {
         return Err(format!("{sent} of {} SYNs forwarded", args.packets));
     }

@@ -6,7 +6,9 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -82,7 +84,8 @@ fn next() -> String {
 
 struct Bed {
     plane: ControlPlane,
-    worker: Worker<MemIo>,
+    worker: Worker<Rc<RefCell<MemIo>>>,
+    io: Rc<RefCell<MemIo>>,
     path: PathBuf,
 }
 
@@ -113,7 +116,8 @@ fn bed(name: &str) -> Bed {
         flow_capacity_v6: 1 << 12,
         timeouts: cfg.flow_timeouts(),
     };
-    let worker = Worker::new(MemIo::new(1), setup, shared, Arc::clone(&counters));
+    let io = Rc::new(RefCell::new(MemIo::new(1)));
+    let worker = Worker::new(Rc::clone(&io), setup, shared, Arc::clone(&counters));
     let mut plane = ControlPlane::new(
         registry,
         cell,
@@ -125,6 +129,7 @@ fn bed(name: &str) -> Bed {
     Bed {
         plane,
         worker,
+        io,
         path,
     }
 }
@@ -153,11 +158,11 @@ fn send(b: &mut Bed, frames: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::new();
     for chunk in frames.chunks(32) {
         for f in chunk {
-            b.worker.io_mut().push_rx(0, f);
+            b.io.borrow_mut().push_rx(0, f);
         }
         let now = b.worker.now_ns();
         b.worker.poll(now);
-        for m in b.worker.io_mut().tx[0].drain(..) {
+        for m in b.io.borrow_mut().tx[0].drain(..) {
             let eth = ethernet::Frame::new_checked(m.data()).unwrap();
             let ip =
                 ipv4::Packet::new_checked(&m.data()[eth.l2_info().unwrap().header_len..]).unwrap();

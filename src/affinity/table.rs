@@ -33,7 +33,7 @@
 //! one port, range, any within a length. While at most [`PREFETCH_MAX`] such
 //! pairs exist (the common case: say /32s and /24s), the writer also lists
 //! them in one word, the plan, which a lookup reads instead of walking the
-//! bitmaps: that walk cost a SYN more instructions than its probes. An empty
+//! bitmaps (a walk that would cost more than the probes themselves). An empty
 //! table costs a few loads; a table of /32s costs one probe.
 //!
 //! IPv4 keys of prefix length 16 to 31 also mark the /24 networks they

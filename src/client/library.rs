@@ -628,12 +628,12 @@ pub fn cancel_affinity(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::server::tests::{akey, keyring, ADMIN_KEY, WEB1_KEY, WEB2_KEY};
     use crate::control::server::{
         ControlHandler, ControlServer, Payload, Response, ServerConfig, ServerCounters,
     };
     use crate::protocol::auth::Allowlist;
     use crate::protocol::message::{encode_reply, MsgType, Request};
+    use crate::protocol::testing::{akey, keyring, ADMIN_KEY, WEB1_KEY, WEB2_KEY};
     use crate::types::EndReason;
     use crate::types::PortMatch;
     use std::sync::atomic::{AtomicBool, Ordering};

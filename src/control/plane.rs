@@ -117,10 +117,6 @@ impl ControlPlane {
         &self.affinities
     }
 
-    pub fn affinities_mut(&mut self) -> &mut AffinityManager {
-        &mut self.affinities
-    }
-
     pub fn registry(&self) -> &ServiceRegistry {
         &self.registry
     }

@@ -424,9 +424,9 @@ impl ControlServer {
     }
 
     /// Runs one datagram through the pipeline without a socket; returns the
-    /// reply to send, if any. (What [`poll`](Self::poll) does per datagram;
-    /// public for tests and benchmarks.)
-    pub fn process(
+    /// reply to send, if any: what [`poll`](Self::poll) does per datagram.
+    #[cfg(test)]
+    pub(crate) fn process(
         &mut self,
         datagram: &[u8],
         source: SocketAddr,
@@ -819,28 +819,13 @@ fn count_fitting<T>(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::protocol::auth::Key;
-    use crate::protocol::message::{
-        encode_request, AffinityKey, AffinityOp, ServiceAddr, MIN_DATAGRAM,
-    };
+    use crate::protocol::message::{encode_request, AffinityOp, MIN_DATAGRAM};
+    use crate::protocol::testing::{akey, keyring, ADMIN_KEY, NOW, WEB1_KEY, WEB2_KEY};
     use crate::types::PortMatch;
     use proptest::prelude::*;
-    use std::net::IpAddr;
-
-    pub(crate) const NOW: u64 = 1_700_000_000_000;
-    pub(crate) const WEB1_KEY: &[u8] = b"web1-key-0123456789abcdef";
-    pub(crate) const WEB2_KEY: &[u8] = b"web2-key-0123456789abcdef";
-    pub(crate) const ADMIN_KEY: &[u8] = b"admin-key-0123456789abcdef";
-
-    pub(crate) fn keyring() -> Keyring {
-        let mut k = Keyring::new();
-        k.insert("web1", Key::new(WEB1_KEY).unwrap()).unwrap();
-        k.insert("web2", Key::new(WEB2_KEY).unwrap()).unwrap();
-        k.insert("admin", Key::new(ADMIN_KEY).unwrap()).unwrap();
-        k
-    }
 
     fn key_of(name: &str) -> Key {
         match name {
@@ -885,15 +870,6 @@ pub(crate) mod tests {
 
     fn src() -> SocketAddr {
         "10.1.2.3:5555".parse().unwrap()
-    }
-
-    pub(crate) fn akey() -> AffinityKey {
-        AffinityKey::new(
-            ServiceAddr::tcp("192.0.2.10:80".parse().unwrap()),
-            "198.51.100.0".parse::<IpAddr>().unwrap(),
-            24,
-        )
-        .unwrap()
     }
 
     fn create(owner: Option<&str>) -> Request<'_> {

@@ -16,8 +16,6 @@ pub struct ParsedPacket {
     pub l4_offset: u16,
     /// Length of the IP packet (header included) as the IP header states it.
     pub l3_len: u16,
-    /// VLAN id of the 802.1Q tag, if any.
-    pub vlan: Option<u16>,
     /// TCP flags (byte 13 of the TCP header); 0 for UDP.
     pub tcp_flags: u8,
 }
@@ -112,7 +110,6 @@ pub fn parse(frame: &[u8]) -> Result<ParsedPacket, DropReason> {
         l3_offset: l2.header_len as u16,
         l4_offset,
         l3_len,
-        vlan: l2.vlan,
         tcp_flags,
     })
 }
@@ -153,7 +150,6 @@ mod tests {
                 l3_offset: 14,
                 l4_offset: 34,
                 l3_len: 40,
-                vlan: None,
                 tcp_flags: tcp_flags::SYN,
             }
         );
@@ -227,7 +223,6 @@ mod tests {
         .build()
         .unwrap();
         let p = parse(&f).unwrap();
-        assert_eq!(p.vlan, Some(7));
         assert_eq!((p.l3_offset, p.l4_offset), (18, 18 + 40 + 64));
         assert_eq!(p.l3_len, 40 + 64 + 8);
         assert_eq!(
@@ -245,14 +240,14 @@ mod tests {
         .build()
         .unwrap();
         let p = parse(&f).unwrap();
-        assert_eq!((p.vlan, p.l3_offset, p.l4_offset), (Some(0x123), 18, 38));
+        assert_eq!((p.l3_offset, p.l4_offset), (18, 38));
 
         // Insert an 802.1ad outer tag in front of the 802.1Q one.
         let mut q = f[..12].to_vec();
         q.extend_from_slice(&[0x88, 0xa8, 0x00, 0x64]);
         q.extend_from_slice(&f[12..]);
         let p = parse(&q).unwrap();
-        assert_eq!((p.vlan, p.l3_offset, p.l4_offset), (Some(100), 22, 42));
+        assert_eq!((p.l3_offset, p.l4_offset), (22, 42));
         assert_eq!(p.key.sport, 5);
     }
 

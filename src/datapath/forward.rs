@@ -225,7 +225,11 @@ mod tests {
         assert_eq!(eth.dst_addr(), DST_MAC);
         assert_eq!(eth.src_addr(), SRC_MAC);
         let l2 = eth.l2_info().unwrap();
-        assert_eq!(l2.vlan, pkt.vlan);
+        let l2_in = ethernet::Frame::new_checked(frame)
+            .unwrap()
+            .l2_info()
+            .unwrap();
+        assert_eq!(l2.vlan, l2_in.vlan);
         assert_eq!(l2.header_len, l3);
         assert_eq!(&out[12..l3 - 2], &frame[12..l3 - 2], "tags preserved");
         let o = &out[l3..];

@@ -178,6 +178,26 @@ impl PacketIo for MemIo {
     }
 }
 
+/// Queues shared by their owner on one thread: a benchmark fills in-memory
+/// queues between two polls of the worker holding the other handle, or two
+/// workers take turns on the same ports. One borrow per call.
+impl<T: PacketIo> PacketIo for std::rc::Rc<std::cell::RefCell<T>> {
+    type Buf = T::Buf;
+
+    fn num_ports(&self) -> usize {
+        self.borrow().num_ports()
+    }
+    fn port_mac(&self, port: usize) -> [u8; 6] {
+        self.borrow().port_mac(port)
+    }
+    fn rx_burst(&mut self, port: usize, bufs: &mut Vec<T::Buf>) {
+        self.borrow_mut().rx_burst(port, bufs)
+    }
+    fn tx_burst(&mut self, port: usize, bufs: &mut Vec<T::Buf>) {
+        self.borrow_mut().tx_burst(port, bufs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

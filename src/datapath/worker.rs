@@ -145,7 +145,8 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// The worker's packet I/O (tests read what was transmitted).
-    pub fn io_mut(&mut self) -> &mut IO {
+    #[cfg(test)]
+    pub(crate) fn io_mut(&mut self) -> &mut IO {
         &mut self.io
     }
 

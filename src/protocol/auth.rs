@@ -214,23 +214,6 @@ impl Keyring {
         Ok(())
     }
 
-    /// Adds the hex key of `name`; the error names the sender.
-    pub fn insert_hex(&mut self, name: &str, hex: &str) -> Result<(), KeyError> {
-        let key = Key::from_hex(hex).map_err(|e| KeyError(format!("key of `{name}`: {e}")))?;
-        self.insert(name, key)
-    }
-
-    /// Builds a keyring from (name, hex key) pairs.
-    pub fn from_hex_pairs<N: AsRef<str>, K: AsRef<str>>(
-        pairs: &[(N, K)],
-    ) -> Result<Keyring, KeyError> {
-        let mut ring = Keyring::new();
-        for (n, k) in pairs {
-            ring.insert_hex(n.as_ref(), k.as_ref())?;
-        }
-        Ok(ring)
-    }
-
     pub fn get(&self, name: &str) -> Option<&Key> {
         self.keys.get(name)
     }
@@ -441,11 +424,6 @@ mod tests {
         assert!(e.contains("`Z`") && e.contains("position 31"), "{e}");
         assert!(parse_hex_key("").is_err());
         assert!(parse_hex_key(&"ab".repeat(MAX_KEY_LEN + 1)).is_err());
-        let mut ring = Keyring::new();
-        let e = ring.insert_hex("web1", "xyz").unwrap_err().to_string();
-        assert!(e.contains("web1"), "{e}");
-        assert!(ring.insert_hex("", &"ab".repeat(16)).is_err());
-        assert!(ring.is_empty());
     }
 
     #[test]

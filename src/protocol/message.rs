@@ -361,15 +361,6 @@ impl<'b> Writer<'b> {
         self.bytes(&v.to_be_bytes())
     }
 
-    /// Overwrites a u16 written earlier at `at`.
-    pub fn patch_u16(&mut self, at: usize, v: u16) -> Result<(), EncodeError> {
-        if at + 2 > self.pos {
-            return Err(EncodeError::NoRoom);
-        }
-        self.buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
-        Ok(())
-    }
-
     pub fn opt_name(&mut self, name: Option<&str>) -> Result<(), EncodeError> {
         let name = name.unwrap_or("");
         if name.len() > MAX_NAME_LEN {

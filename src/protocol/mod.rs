@@ -8,3 +8,5 @@
 
 pub mod auth;
 pub mod message;
+#[cfg(test)]
+pub(crate) mod testing;

@@ -7,9 +7,8 @@
 //! Bytes per flow are what matter. A worker's table (a million flows or
 //! more) is far beyond the TLB's reach, so on 4 KiB pages a packet of an
 //! established flow pays a page walk for its bucket, and under a hypervisor
-//! that nested walk costs more than the rest of the packet; how much it
-//! costs grows with the table's size (halving the slot measured +18%
-//! packets/s on established flows, see perf/README.md). So slots are
+//! that nested walk costs more than the rest of the packet, the more so the
+//! larger the table. So slots are
 //! self-contained and as small as the key allows, with one sub-table per
 //! address family. A slot does not keep its flow's destination (address,
 //! port, protocol): it keeps a 16-bit index into the table's own list of
@@ -26,10 +25,8 @@
 //! (8 MiB for 2^21 IPv4 flows), read only for slots marked as having one,
 //! so packets of other flows never touch its pages.
 //!
-//! (Earlier layouts: 32-byte IPv4 slots holding the whole 5-tuple, and
-//! before that a tag header line and seven 64-byte slot lines per bucket, 73
-//! bytes per flow.) A lookup compares the packed key with the bucket's eight
-//! keys directly: no tags, and no second dependent read.
+//! A lookup compares the packed key with the bucket's eight keys directly:
+//! no tags, and no second dependent read.
 //! [`FlowTable::prefetch`] hints all of the bucket's lines, so one prefetch
 //! stage a burst ahead covers both a hit and the slot an insert will write.
 //! The whole table is written once at construction, so its pages are
