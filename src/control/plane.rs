@@ -181,6 +181,7 @@ impl ControlPlane {
                 "control.listen",
                 running.control.listen != next.control.listen,
             ),
+            ("icmp", running.icmp != next.icmp),
         ]
         .iter()
         .filter(|(_, changed)| *changed)

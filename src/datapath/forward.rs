@@ -4,6 +4,9 @@
 //!
 //! Both work in place on the received buffer: encapsulation grows the frame
 //! into the buffer's headroom, so no packet is copied in the common case.
+//! An IPv4 packet without DF that is too long for the link once forwarded
+//! is split into fragments ([`fragment_ipv4`]): the outer packet of `ipip`
+//! (RFC 2003 5.1), the packet itself in `l2` mode.
 
 use crate::datapath::classify::ParsedPacket;
 use crate::datapath::pktio::PacketBuf;
@@ -13,6 +16,11 @@ use crate::wire::{ipv4, ipv6};
 
 /// TTL / hop limit of the outer header.
 const OUTER_TTL: u8 = 64;
+/// Most fragments [`fragment_ipv4`] cuts a packet into. Received frames are
+/// single-segment (2 KiB of data room) and MTUs at least 1280, so two are
+/// the most a packet ever needs; the bound caps the work a bad setting
+/// could cause.
+pub const MAX_FRAGMENTS: usize = 8;
 
 /// Encapsulates the IP packet of a parsed frame in an outer IP header of the
 /// same family, from `outer_src` to `backend` (RFC 2003 IPv4-in-IPv4, or RFC
@@ -151,6 +159,110 @@ pub fn rewrite_l2<B: PacketBuf>(buf: &mut B, src_mac: [u8; 6], dst_mac: [u8; 6])
     }
 }
 
+/// Splits the IPv4 packet at `l3` in `buf` into fragments of at most `mtu`
+/// bytes (RFC 791): `buf` keeps the first, cut to length; each further one
+/// is written into a buffer from `alloc` (asked for a frame of the length
+/// given) with a copy of the link-layer header, and pushed onto `out`.
+/// Every fragment carries `ident`; the first keeps the header's options,
+/// the others only the options marked to be copied. Fragments shorter
+/// than the Ethernet minimum are zero-padded. The packet must not have DF
+/// set (the caller decides what a DF packet gets instead); an existing
+/// offset and MF flag (a fragment fragmented again) are kept.
+///
+/// Fails with `NoRoom` when `alloc` runs dry, when the MTU leaves no room
+/// for data, or when more than [`MAX_FRAGMENTS`] would be needed; with
+/// `Malformed` when `l3` does not start an IPv4 packet inside `buf`. On
+/// failure `buf` and `out` are unchanged.
+pub fn fragment_ipv4<B: PacketBuf>(
+    buf: &mut B,
+    l3: usize,
+    mtu: usize,
+    ident: u16,
+    mut alloc: impl FnMut(usize) -> Option<B>,
+    out: &mut Vec<B>,
+) -> Result<(), DropReason> {
+    let data = buf.data();
+    let ip = ipv4::Packet::new_checked(data.get(l3..).ok_or(DropReason::Malformed)?)
+        .map_err(|_| DropReason::Malformed)?;
+    let hlen = ip.header_len();
+    let total = usize::from(ip.total_len());
+    if total <= mtu {
+        return Ok(());
+    }
+    // The options of every fragment but the first: those with the copy
+    // flag, in order, padded with end-of-options to a multiple of 4.
+    let mut copied = [0u8; 40];
+    let mut clen = 0;
+    let opts = ip.options();
+    let mut i = 0;
+    while i < opts.len() {
+        let kind = opts[i];
+        match kind {
+            0 => break,
+            1 => i += 1,
+            _ => {
+                let Some(&n) = opts.get(i + 1) else { break };
+                let n = usize::from(n);
+                if n < 2 || i + n > opts.len() {
+                    break;
+                }
+                if kind & 0x80 != 0 {
+                    copied[clen..clen + n].copy_from_slice(&opts[i..i + n]);
+                    clen += n;
+                }
+                i += n;
+            }
+        }
+    }
+    let tail_hlen = ipv4::HEADER_LEN + clen.next_multiple_of(4);
+    let first = mtu.saturating_sub(hlen) & !7;
+    let step = mtu.saturating_sub(tail_hlen) & !7;
+    if first == 0 || step == 0 {
+        return Err(DropReason::NoRoom);
+    }
+    let payload = total - hlen;
+    let tails = (payload - first).div_ceil(step);
+    if tails + 1 > MAX_FRAGMENTS {
+        return Err(DropReason::NoRoom);
+    }
+    let base = ip.frag_offset();
+    let last_mf = ip.more_frags();
+    let mut made: [Option<B>; MAX_FRAGMENTS] = std::array::from_fn(|_| None);
+    for (k, slot) in made.iter_mut().enumerate().take(tails) {
+        let at = first + k * step;
+        let n = step.min(payload - at);
+        let len = l3 + tail_hlen + n;
+        let mut f =
+            alloc(len.max(crate::wire::ethernet::MIN_FRAME_LEN)).ok_or(DropReason::NoRoom)?;
+        let d = f.data_mut();
+        d[..l3].copy_from_slice(&data[..l3]);
+        let h = &mut d[l3..l3 + tail_hlen];
+        h[..ipv4::HEADER_LEN].copy_from_slice(&data[l3..l3 + ipv4::HEADER_LEN]);
+        h[ipv4::HEADER_LEN..].fill(0);
+        h[ipv4::HEADER_LEN..ipv4::HEADER_LEN + clen].copy_from_slice(&copied[..clen]);
+        let mut fh = ipv4::Packet::new_unchecked(h);
+        fh.set_version_and_header_len(tail_hlen);
+        fh.set_total_len((tail_hlen + n) as u16);
+        fh.set_ident(ident);
+        fh.set_frag(false, k + 1 < tails || last_mf, base + at as u16);
+        fh.fill_checksum();
+        let from = l3 + hlen + at;
+        d[l3 + tail_hlen..len].copy_from_slice(&data[from..from + n]);
+        d[len..].fill(0);
+        *slot = Some(f);
+    }
+    if !buf.truncate(l3 + hlen + first) {
+        return Err(DropReason::NoRoom);
+    }
+    let mut h = ipv4::Packet::new_unchecked(&mut buf.data_mut()[l3..l3 + hlen]);
+    h.set_total_len((hlen + first) as u16);
+    h.set_ident(ident);
+    h.set_frag(false, true, base);
+    h.fill_checksum();
+    out.extend(made.into_iter().flatten());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,7 +380,7 @@ mod tests {
         }
         // The outer packet is IP-in-IP, which the distributor itself does
         // not route.
-        assert_eq!(parse(&out), Err(DropReason::UnsupportedL4));
+        assert_eq!(parse(&out), Err(DropReason::UnsupportedL4.into()));
         out
     }
 

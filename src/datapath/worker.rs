@@ -11,6 +11,13 @@
 //! state); everything shared (dataplane snapshot, affinity table) is
 //! read-mostly, and the shared auto-affinity table is written only on new
 //! and ending connections of services that enable it.
+//!
+//! ICMP messages, and packets too long for their port's MTU once
+//! forwarded, leave the main line in pass 3 for out-of-line paths (see
+//! [`crate::datapath::icmp`]): an ICMP error goes where its connection's
+//! packets go, without touching the connection's state; an echo request and
+//! a too-big packet with DF are answered on the port they came in on; a
+//! too-big packet without DF is forwarded in fragments.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,19 +26,22 @@ use std::time::Instant;
 use crate::affinity::table::{AffinityQuery, AffinityReader};
 
 use crate::affinity::auto::{AutoAffinityTable, AutoSlot};
-use crate::datapath::classify::{self, ParsedPacket};
+use crate::datapath::classify::{self, IcmpAt, NotFlow, ParsedPacket};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::flow::{
     FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState, Untracked, NO_AUTO_SLOT,
 };
 use crate::datapath::forward;
+use crate::datapath::icmp::{self, IcmpSettings, Message, RateLimiter, SourceLimiter};
 use crate::datapath::latency::{new_histogram, TscScale};
 use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
-use crate::datapath::snapshot::{Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service};
+use crate::datapath::snapshot::{
+    Backend, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service,
+};
 use crate::sched::wrr::SmoothWrr;
-use crate::types::DropReason;
 use crate::types::{tcp_flags, PROTO_TCP};
 use crate::types::{BackendId, MAX_SERVICES};
+use crate::types::{DropReason, Family, FlowKey, IcmpDrop};
 
 /// The expiry sweep visits every flow-table bucket once per this period,
 /// spread over the loop iterations in proportion to time: its cost is a
@@ -58,6 +68,9 @@ pub struct PortPlan {
     /// Port that receives, unchanged, what is not for a service (non-IP,
     /// fragments, other protocols, other destinations); None = drop.
     pub unmatched_to: Option<usize>,
+    /// Longest IP packet `forward_to`'s link carries (its `mtu`): longer
+    /// ones, encapsulation included, are answered with ICMP or fragmented.
+    pub mtu: usize,
 }
 
 /// What a worker is told at start.
@@ -70,6 +83,7 @@ pub struct WorkerSetup {
     /// IPv6 flows per worker.
     pub flow_capacity_v6: usize,
     pub timeouts: FlowTimeouts,
+    pub icmp: IcmpSettings,
 }
 
 /// Shared state every worker reads.
@@ -109,6 +123,12 @@ pub struct Worker<IO: PacketIo> {
     rx: Vec<IO::Buf>,
     tx: Vec<Vec<IO::Buf>>,
     epoch: Instant,
+    /// Echo replies of this worker.
+    echo_limit: RateLimiter,
+    /// "Fragmentation needed" / "packet too big" answers, per client.
+    too_big_limit: SourceLimiter,
+    /// Identification of the next packet this worker fragments.
+    frag_ident: u16,
 }
 
 impl<IO: PacketIo> Worker<IO> {
@@ -117,6 +137,11 @@ impl<IO: PacketIo> Worker<IO> {
         let nports = io.num_ports();
         let flows = FlowTable::new(setup.flow_capacity, setup.flow_capacity_v6, setup.timeouts);
         let epoch = shared.epoch;
+        let echo_limit = RateLimiter::new(setup.icmp.echo_rate);
+        let too_big_limit = SourceLimiter::new(setup.icmp.too_big_rate);
+        // Workers start their identifications far apart, so fragments of
+        // two workers to one backend rarely share one at the same time.
+        let frag_ident = (setup.id as u16).wrapping_mul(0x9e37);
         let mut w = Worker {
             io,
             setup,
@@ -134,6 +159,9 @@ impl<IO: PacketIo> Worker<IO> {
             rx: Vec::with_capacity(MAX_BURST),
             tx: (0..nports).map(|_| Vec::with_capacity(MAX_BURST)).collect(),
             epoch,
+            echo_limit,
+            too_big_limit,
+            frag_ident,
         };
         w.rebuild_wrr();
         w
@@ -247,7 +275,7 @@ impl<IO: PacketIo> Worker<IO> {
         let dp = std::mem::replace(&mut self.dp, placeholder);
         // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, the
         // affinity buckets their lookup will probe.
-        let mut parsed: [Option<Result<ParsedPacket, DropReason>>; MAX_BURST] = [None; MAX_BURST];
+        let mut parsed: [Option<Result<ParsedPacket, NotFlow>>; MAX_BURST] = [None; MAX_BURST];
         let mut hashes = [0u64; MAX_BURST];
         // The service of each packet, looked up once here for pass 3; a
         // burst mostly goes to one service, so the last answer is kept.
@@ -310,20 +338,20 @@ impl<IO: PacketIo> Worker<IO> {
             }
             let query = queried[i].then_some(&queries[i]);
             let verdict = match parsed[i] {
-                Some(Ok(p)) => self
-                    .route_and_rewrite(
-                        &dp,
-                        services[i],
-                        query,
-                        &mut buf,
-                        &p,
-                        hashes[i],
-                        now,
-                        plan,
-                        src_mac,
-                    )
-                    .map(|()| plan.forward_to),
-                Some(Err(reason)) => Err(reason),
+                Some(Ok(p)) => self.route_and_rewrite(
+                    &dp,
+                    services[i],
+                    query,
+                    &mut buf,
+                    &p,
+                    hashes[i],
+                    now,
+                    port,
+                    plan,
+                    src_mac,
+                ),
+                Some(Err(NotFlow::Drop(reason))) => Err(reason),
+                Some(Err(NotFlow::Icmp(at))) => self.icmp(&dp, &mut buf, &at, now, port, plan),
                 None => Err(DropReason::Malformed),
             };
             let out = match verdict {
@@ -340,7 +368,8 @@ impl<IO: PacketIo> Worker<IO> {
                 },
             };
             self.tx[out].push(buf);
-            if self.tx[out].len() == MAX_BURST {
+            // At least: fragments of a packet join the queue with it.
+            if self.tx[out].len() >= MAX_BURST {
                 self.flush(out);
             }
         }
@@ -373,7 +402,10 @@ impl<IO: PacketIo> Worker<IO> {
         }
     }
 
-    /// Picks the backend for a packet and rewrites the frame for it.
+    /// Picks the backend for a packet and rewrites the frame for it;
+    /// returns the port it leaves on. A packet too long for the port's MTU
+    /// once forwarded is answered on `rx_port` (DF set, or IPv6) or
+    /// forwarded in fragments.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn route_and_rewrite(
@@ -385,32 +417,254 @@ impl<IO: PacketIo> Worker<IO> {
         p: &ParsedPacket,
         hash: u64,
         now: u64,
+        rx_port: usize,
         plan: PortPlan,
         src_mac: [u8; 6],
-    ) -> Result<(), DropReason> {
+    ) -> Result<usize, DropReason> {
         let svc = service.ok_or(DropReason::NoService)?;
+        let fits = usize::from(p.l3_len) + svc.mode.overhead(p.key.family) <= plan.mtu;
+        if !fits && must_not_fragment(buf, p) {
+            return self.answer_too_big(buf, p, svc, now, rx_port, plan);
+        }
         let backend = self.route(dp, svc, query, p, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.data().len() as u64;
-        match svc.mode {
-            ForwardMode::IpIp { source } => {
-                let dst_mac = backend
-                    .mac
-                    .or(plan.gateway_mac)
-                    .ok_or(DropReason::NoRoute)?;
-                forward::encap_ipip(buf, p, source, backend.addr_bits, src_mac, dst_mac)?;
-            }
-            ForwardMode::L2 => {
-                let dst_mac = backend.mac.ok_or(DropReason::NoRoute)?;
-                forward::rewrite_l2(buf, src_mac, dst_mac);
-            }
+        self.rewrite(svc, backend, buf, p, plan, src_mac)?;
+        if !fits {
+            self.fragment(buf, p, plan)?;
         }
         let sc = &self.counters.services[svc.id as usize];
         sc.packets.inc();
         let bc = &self.counters.backends[backend.id as usize];
         bc.packets.inc();
         bc.bytes.add(len);
+        Ok(plan.forward_to)
+    }
+
+    /// Rewrites the frame for `backend` in the service's forwarding mode.
+    #[inline]
+    fn rewrite(
+        &self,
+        svc: &Service,
+        backend: &Backend,
+        buf: &mut IO::Buf,
+        p: &ParsedPacket,
+        plan: PortPlan,
+        src_mac: [u8; 6],
+    ) -> Result<(), DropReason> {
+        match svc.mode {
+            ForwardMode::IpIp { source } => {
+                let dst_mac = backend
+                    .mac
+                    .or(plan.gateway_mac)
+                    .ok_or(DropReason::NoRoute)?;
+                forward::encap_ipip(buf, p, source, backend.addr_bits, src_mac, dst_mac)
+            }
+            ForwardMode::L2 => {
+                let dst_mac = backend.mac.ok_or(DropReason::NoRoute)?;
+                forward::rewrite_l2(buf, src_mac, dst_mac);
+                Ok(())
+            }
+        }
+    }
+
+    /// Answers a packet too long for the port's MTU once forwarded, that
+    /// may not be fragmented, with ICMP "fragmentation needed" / "packet
+    /// too big" carrying the MTU less the encapsulation; the packet itself
+    /// goes no further. Within the per-source limit; beyond it, dropped.
+    #[cold]
+    #[inline(never)]
+    fn answer_too_big(
+        &mut self,
+        buf: &mut IO::Buf,
+        p: &ParsedPacket,
+        svc: &Service,
+        now: u64,
+        rx_port: usize,
+        plan: PortPlan,
+    ) -> Result<usize, DropReason> {
+        if !self.too_big_limit.allow(p.key.family, p.key.src, now) {
+            return Err(DropReason::TooBig);
+        }
+        let mtu = plan.mtu.saturating_sub(svc.mode.overhead(p.key.family));
+        let rx_mac = self.io.port_mac(rx_port);
+        icmp::too_big_reply(buf, p, mtu as u32, rx_mac)?;
+        self.counters.icmp_too_big_sent.inc();
+        Ok(rx_port)
+    }
+
+    /// Cuts the forwarded IPv4 packet in `buf` (the outer one of `ipip`,
+    /// the packet itself in `l2` mode) into fragments for the port's MTU;
+    /// all but the first join the transmit queue of `plan.forward_to` at
+    /// once, the first (left in `buf`) after them.
+    #[cold]
+    #[inline(never)]
+    fn fragment(
+        &mut self,
+        buf: &mut IO::Buf,
+        p: &ParsedPacket,
+        plan: PortPlan,
+    ) -> Result<(), DropReason> {
+        let ident = self.frag_ident;
+        let before = self.tx[plan.forward_to].len();
+        let io = &mut self.io;
+        forward::fragment_ipv4(
+            buf,
+            usize::from(p.l3_offset),
+            plan.mtu,
+            ident,
+            |len| io.alloc(len),
+            &mut self.tx[plan.forward_to],
+        )?;
+        self.frag_ident = ident.wrapping_add(1);
+        let extra = (self.tx[plan.forward_to].len() - before) as u64;
+        self.counters.fragmented.inc();
+        self.counters.fragments.add(extra + 1);
         Ok(())
+    }
+
+    /// An ICMP message: addressed to a VIP, an error goes to its
+    /// connection's backend and an echo request may be answered; to any
+    /// other address it is not pktdist's (`unsupported_l4`, as any
+    /// protocol it does not route). Returns the port it leaves on.
+    #[cold]
+    #[inline(never)]
+    fn icmp(
+        &mut self,
+        dp: &Dataplane,
+        buf: &mut IO::Buf,
+        at: &IcmpAt,
+        now: u64,
+        rx_port: usize,
+        plan: PortPlan,
+    ) -> Result<usize, DropReason> {
+        if !dp.is_vip(at.family, at.dst) {
+            return Err(DropReason::UnsupportedL4);
+        }
+        let done = match icmp::inspect(buf.data(), at) {
+            Ok(Message::Error { key }) => self.forward_icmp_error(dp, buf, at, key, now, plan),
+            Ok(Message::EchoRequest) => self.answer_echo(buf, at, now, rx_port),
+            Err(r) => Err(IcmpVerdict::Icmp(r)),
+        };
+        done.map_err(|v| match v {
+            IcmpVerdict::Icmp(r) => {
+                self.counters.icmp_drops[r as usize].inc();
+                DropReason::Icmp
+            }
+            IcmpVerdict::Drop(r) => r,
+        })
+    }
+
+    /// Answers an echo request to a VIP that answers them, within the
+    /// worker's echo rate.
+    fn answer_echo(
+        &mut self,
+        buf: &mut IO::Buf,
+        at: &IcmpAt,
+        now: u64,
+        rx_port: usize,
+    ) -> Result<usize, IcmpVerdict> {
+        if !self.setup.icmp.echo.answers(at.family, at.dst) {
+            return Err(IcmpVerdict::Icmp(IcmpDrop::EchoOff));
+        }
+        if !self.echo_limit.allow(now) {
+            return Err(IcmpVerdict::Icmp(IcmpDrop::EchoRateLimited));
+        }
+        let rx_mac = self.io.port_mac(rx_port);
+        icmp::echo_reply(buf, at, rx_mac).map_err(IcmpVerdict::Icmp)?;
+        self.counters.icmp_echo_answered.inc();
+        Ok(rx_port)
+    }
+
+    /// Forwards an ICMP error about the connection `key` (client to
+    /// service) to the backend a packet of that connection reaches, in the
+    /// service's forwarding mode, the ICMP packet whole inside.
+    fn forward_icmp_error(
+        &mut self,
+        dp: &Dataplane,
+        buf: &mut IO::Buf,
+        at: &IcmpAt,
+        key: FlowKey,
+        now: u64,
+        plan: PortPlan,
+    ) -> Result<usize, IcmpVerdict> {
+        if !dp.is_vip(key.family, key.dst) {
+            return Err(IcmpVerdict::Icmp(IcmpDrop::QuoteNotVip));
+        }
+        let svc = dp
+            .service_for(&key)
+            .ok_or(IcmpVerdict::Icmp(IcmpDrop::QuoteNoService))?;
+        let hash = crate::types::flow_hash(&key);
+        let backend = self.connection_backend(dp, svc, &key, hash, now)?;
+        let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
+        // The ICMP packet, described as its connection's: encapsulation
+        // takes the family and the IPv6 flow label from the key, so the
+        // error travels as the connection's packets do.
+        let p = ParsedPacket {
+            key,
+            l3_offset: at.l3_offset,
+            l4_offset: at.l4_offset,
+            l3_len: at.l3_len,
+            tcp_flags: 0,
+        };
+        let fits = usize::from(p.l3_len) + svc.mode.overhead(key.family) <= plan.mtu;
+        if !fits && must_not_fragment(buf, &p) {
+            // Never an ICMP answer to an ICMP message.
+            return Err(IcmpVerdict::Drop(DropReason::TooBig));
+        }
+        let len = buf.data().len() as u64;
+        let src_mac = self.io.port_mac(plan.forward_to);
+        self.rewrite(svc, backend, buf, &p, plan, src_mac)?;
+        if !fits {
+            self.fragment(buf, &p, plan)?;
+        }
+        self.counters.icmp_forwarded.inc();
+        self.counters.services[svc.id as usize].packets.inc();
+        let bc = &self.counters.backends[backend.id as usize];
+        bc.packets.inc();
+        bc.bytes.add(len);
+        Ok(plan.forward_to)
+    }
+
+    /// The backend a packet of the connection `key` would reach, found as
+    /// its packet would find it, reading and changing nothing: a live flow
+    /// entry (whose backend still serves the service), then an affinity,
+    /// then the client's automatic-affinity pin (to a backend that takes
+    /// connections), then the consistent hash.
+    fn connection_backend(
+        &mut self,
+        dp: &Dataplane,
+        svc: &Service,
+        key: &FlowKey,
+        hash: u64,
+        now: u64,
+    ) -> Result<BackendId, DropReason> {
+        let serves = |id: BackendId| dp.backend(id).is_some_and(|b| b.service == svc.id);
+        if let Some(b) = self.flows.peek(key, hash, now).filter(|&b| serves(b)) {
+            return Ok(b);
+        }
+        let affinity = &self.shared.affinity;
+        if let Some(owner) = affinity
+            .lookup(svc.id, key.family, key.src, key.sport)
+            .filter(|&b| serves(b))
+        {
+            return Ok(owner);
+        }
+        if svc.auto_affinity.is_some() {
+            let pin = self
+                .shared
+                .auto_affinity
+                .peek(svc.id, key.family, key.src, now / 1_000_000);
+            if let Some((b, _)) = pin {
+                if dp
+                    .backend(b)
+                    .is_some_and(|x| x.service == svc.id && x.weight > 0)
+                {
+                    return Ok(b);
+                }
+            }
+        }
+        maglev_pick(dp, svc, hash).ok_or(DropReason::NoBackend)
     }
 
     /// Finds the connection's backend, creating its flow entry if needed.
@@ -650,6 +904,30 @@ impl<IO: PacketIo> Worker<IO> {
     }
 }
 
+/// Why the ICMP path did not forward or answer a message: an ICMP reason
+/// (counted as such, and as one [`DropReason::Icmp`]) or a general one.
+enum IcmpVerdict {
+    Icmp(IcmpDrop),
+    Drop(DropReason),
+}
+
+impl From<DropReason> for IcmpVerdict {
+    fn from(r: DropReason) -> IcmpVerdict {
+        IcmpVerdict::Drop(r)
+    }
+}
+
+/// True when a too-long packet must not be fragmented on the way: IPv6
+/// (only its source fragments) or IPv4 with DF set.
+#[inline]
+fn must_not_fragment<B: PacketBuf>(buf: &B, p: &ParsedPacket) -> bool {
+    p.key.family == Family::V6
+        || buf
+            .data()
+            .get(usize::from(p.l3_offset) + 6)
+            .is_none_or(|&flags| flags & 0x40 != 0)
+}
+
 /// Accounts for a flow that left a worker's table: its backend has one
 /// active connection less, and its auto-affinity pin one user less (the pin
 /// lingers as the service says once its last connection is gone).
@@ -783,6 +1061,7 @@ mod tests {
                 forward_to: 0,
                 gateway_mac: None,
                 unmatched_to: None,
+                mtu: 1500,
             }],
             flow_capacity,
             flow_capacity_v6: flow_capacity,
@@ -792,6 +1071,7 @@ mod tests {
                 fin: Duration::from_secs(5),
                 udp: Duration::from_secs(30),
             },
+            icmp: IcmpSettings::default(),
         };
         let worker = Worker::new(
             MemIo::new(1),

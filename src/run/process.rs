@@ -148,6 +148,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
                 .unwrap_or(i),
             gateway_mac: p.gateway_mac.map(|m| m.0),
             unmatched_to: p.unmatched_to.as_deref().and_then(|n| cfg.port_index(n)),
+            // The link packets forwarded from port i leave on.
+            mtu: cfg.ports[p
+                .forward_to
+                .as_deref()
+                .and_then(|n| cfg.port_index(n))
+                .unwrap_or(i)]
+            .mtu
+            .into(),
         })
         .collect();
 
@@ -208,6 +216,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             flow_capacity: cfg.flow.capacity,
             flow_capacity_v6: cfg.flow.v6_capacity(),
             timeouts: cfg.flow_timeouts(),
+            icmp: cfg.icmp_settings(),
         };
         let shared = shared.clone();
         let stop = Arc::clone(&stop_workers);
