@@ -570,6 +570,158 @@ mod tests {
         assert_eq!(tiny.data(), &[1, 2, 3]);
     }
 
+    /// Reassembles IPv4 fragments (the first's header, then every
+    /// fragment's data at its offset) into the original packet.
+    fn reassemble(l3: usize, frags: &[Vec<u8>]) -> Vec<u8> {
+        let first = frags
+            .iter()
+            .find(|f| ipv4::Packet::new_checked(&f[l3..]).unwrap().frag_offset() == 0)
+            .unwrap();
+        let h = ipv4::Packet::new_checked(&first[l3..]).unwrap();
+        let mut out = first[l3..l3 + h.header_len()].to_vec();
+        let mut data = Vec::new();
+        for f in frags {
+            let ip = ipv4::Packet::new_checked(&f[l3..]).unwrap();
+            let at = ip.frag_offset() as usize;
+            if data.len() < at + ip.payload().len() {
+                data.resize(at + ip.payload().len(), 0);
+            }
+            data[at..at + ip.payload().len()].copy_from_slice(ip.payload());
+        }
+        let total = (out.len() + data.len()) as u16;
+        out[2..4].copy_from_slice(&total.to_be_bytes());
+        out[6] = 0;
+        out[7] = 0;
+        out.extend(data);
+        out
+    }
+
+    /// A 1500-byte UDP datagram without DF, encapsulated (1520 bytes) for a
+    /// 1500-byte link: two fragments of the outer packet, each within the
+    /// MTU, same identification, valid checksums, MF on the first only,
+    /// the second at offset 1480; reassembled, the outer packet whole.
+    #[test]
+    fn outer_packet_fragments_for_the_mtu() {
+        let payload = vec![0x42u8; 1472];
+        for vlan in [None, Some(9)] {
+            let f = FrameSpec {
+                vlan,
+                payload: &payload,
+                dont_frag: false,
+                ..FrameSpec::udp_v4([10, 1, 1, 1], 5000, [192, 0, 2, 1], 53)
+            }
+            .build()
+            .unwrap();
+            let pkt = parse(&f).unwrap();
+            let l3 = pkt.l3_offset as usize;
+            let mut b = MemBuf::from_frame(&f);
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).unwrap();
+            let whole = b.data()[l3..].to_vec();
+            assert_eq!(whole.len(), 1520);
+            let mut out = Vec::new();
+            fragment_ipv4(&mut b, l3, 1500, 0x1234, MemBuf::zeroed, &mut out).unwrap();
+            assert_eq!(out.len(), 1);
+            let frags = [b.data().to_vec(), out[0].data().to_vec()];
+            for (k, fr) in frags.iter().enumerate() {
+                assert_eq!(&fr[..l3], &b.data()[..l3], "link header copied");
+                let ip = ipv4::Packet::new_checked(&fr[l3..]).unwrap();
+                assert!(ip.total_len() <= 1500);
+                assert!(ip.verify_checksum(), "fragment {k}");
+                assert_eq!(ip.ident(), 0x1234);
+                assert_eq!(ip.protocol(), ipv4::PROTO_IPIP);
+                assert!(!ip.dont_frag());
+                assert_eq!(ip.more_frags(), k == 0);
+                assert_eq!(ip.frag_offset(), if k == 0 { 0 } else { 1480 });
+            }
+            assert_eq!(frags[0].len(), l3 + 1500);
+            // 20 + 20 bytes: padded to the Ethernet minimum.
+            assert_eq!(frags[1].len(), 60.max(l3 + 40));
+            let mut back = reassemble(l3, &frags);
+            back[4..6].copy_from_slice(&[0, 0]);
+            back[10..12].copy_from_slice(&[0, 0]);
+            let mut want = whole.clone();
+            want[10..12].copy_from_slice(&[0, 0]);
+            assert_eq!(back, want);
+            // The inner packet is untouched inside.
+            assert_eq!(&back[20..], &f[l3..l3 + 1500]);
+        }
+    }
+
+    /// Options: the first fragment keeps them all, the others only those
+    /// marked to be copied (here the 4-byte option 0x94, router alert, is
+    /// copied and record route, 0x07, is not), padded to 4 bytes.
+    #[test]
+    fn later_fragments_carry_only_copied_options() {
+        let opts = [0x07, 0x07, 0x04, 0, 0, 0, 0, 0x94, 0x04, 0, 0, 0x01];
+        let payload = vec![7u8; 1800];
+        let f = FrameSpec {
+            ipv4_options: &opts,
+            payload: &payload,
+            dont_frag: false,
+            ..FrameSpec::udp_v4([10, 1, 1, 1], 5000, [192, 0, 2, 1], 53)
+        }
+        .build()
+        .unwrap();
+        let mut b = MemBuf::zeroed(f.len()).unwrap();
+        b.data_mut().copy_from_slice(&f);
+        let mut out = Vec::new();
+        fragment_ipv4(&mut b, 14, 800, 77, MemBuf::zeroed, &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        let first = ipv4::Packet::new_checked(&b.data()[14..]).unwrap();
+        assert_eq!(first.options(), &opts);
+        assert_eq!(first.payload().len() % 8, 0);
+        for o in &out {
+            let ip = ipv4::Packet::new_checked(&o.data()[14..]).unwrap();
+            assert_eq!(ip.options(), &[0x94, 0x04, 0, 0]);
+            assert!(ip.verify_checksum());
+            assert!(ip.total_len() <= 800);
+        }
+        let mut frags = vec![b.data().to_vec()];
+        frags.extend(out.iter().map(|o| o.data().to_vec()));
+        let back = reassemble(14, &frags);
+        assert_eq!(&back[32..], &f[14 + 32..14 + 32 + 1808]);
+    }
+
+    #[test]
+    fn fragmenting_fails_cleanly() {
+        let f = FrameSpec {
+            payload: &[1; 1600],
+            dont_frag: false,
+            ..FrameSpec::udp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2)
+        }
+        .build()
+        .unwrap();
+        // The pool is dry.
+        let mut b = MemBuf::from_frame(&f);
+        let mut out = Vec::new();
+        assert_eq!(
+            fragment_ipv4(&mut b, 14, 1500, 1, |_| None, &mut out),
+            Err(DropReason::NoRoom)
+        );
+        assert_eq!(b.data(), &f[..]);
+        assert!(out.is_empty());
+        // More than MAX_FRAGMENTS would be needed.
+        assert_eq!(
+            fragment_ipv4(&mut b, 14, 200, 1, MemBuf::zeroed, &mut out),
+            Err(DropReason::NoRoom)
+        );
+        assert_eq!(b.data(), &f[..]);
+        // An MTU that leaves no data.
+        assert_eq!(
+            fragment_ipv4(&mut b, 14, 27, 1, MemBuf::zeroed, &mut out),
+            Err(DropReason::NoRoom)
+        );
+        // Not an IPv4 packet there.
+        assert_eq!(
+            fragment_ipv4(&mut b, 13, 1500, 1, MemBuf::zeroed, &mut out),
+            Err(DropReason::Malformed)
+        );
+        // A packet that fits is left alone.
+        fragment_ipv4(&mut b, 14, 1628, 1, MemBuf::zeroed, &mut out).unwrap();
+        assert_eq!(b.data(), &f[..]);
+        assert!(out.is_empty());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 

@@ -394,6 +394,37 @@ mod tests {
     }
 
     #[test]
+    fn icmp_frames_decode() {
+        let f = FrameSpec {
+            payload: b"quote",
+            ..FrameSpec::icmp_v4([10, 0, 0, 1], [192, 0, 2, 1], 3, 4, 1480)
+        }
+        .build()
+        .unwrap();
+        let ip = ipv4::Packet::new_checked(&f[14..]).unwrap();
+        assert_eq!(ip.protocol(), PROTO_ICMP);
+        assert!(!ip.dont_frag(), "ICMP errors go without DF");
+        assert!(ip.verify_checksum());
+        let m = icmp::Packet::new_checked(ip.payload()).unwrap();
+        assert!(m.verify_checksum_v4());
+        assert_eq!((m.msg_type(), m.code(), m.next_hop_mtu()), (3, 4, 1480));
+        assert_eq!(m.body(), b"quote");
+
+        let (src, dst) = ([0x20; 16], [0x30; 16]);
+        let f = FrameSpec {
+            payload: b"ping",
+            ..FrameSpec::icmp_v6(src, dst, 128, 0, 7)
+        }
+        .build()
+        .unwrap();
+        let ip = ipv6::Packet::new_checked(&f[14..]).unwrap();
+        assert_eq!(ip.next_header(), PROTO_ICMPV6);
+        let m = icmp::Packet::new_checked(ip.payload()).unwrap();
+        assert!(m.verify_checksum_v6(checksum::pseudo_v6(&src, &dst, 58, 12)));
+        assert_eq!((m.msg_type(), m.rest(), m.body()), (128, 7, &b"ping"[..]));
+    }
+
+    #[test]
     fn short_frames_are_padded() {
         let mut buf = [0xeeu8; 128];
         let n = write_frame(

@@ -286,6 +286,39 @@ mod tests {
         assert_eq!(p.upper_layer(), Ok(Upper::Unsupported));
     }
 
+    /// The walk over a buffer that ends before the packet does (an ICMPv6
+    /// error's quote): headers inside it are followed, one cut is
+    /// `Truncated`.
+    #[test]
+    fn walk_over_a_cut_packet() {
+        let b = packet(
+            EXT_DEST_OPTS,
+            &[6, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
+        assert_eq!(
+            walk_extensions(&b[..56], EXT_DEST_OPTS),
+            Ok(Upper::Proto {
+                proto: 6,
+                offset: 56
+            })
+        );
+        assert_eq!(
+            walk_extensions(&b[..55], EXT_DEST_OPTS),
+            Err(Error::Truncated)
+        );
+        assert_eq!(
+            walk_extensions(&b[..41], EXT_DEST_OPTS),
+            Err(Error::Truncated)
+        );
+        assert_eq!(
+            walk_extensions(&b[..40], 17),
+            Ok(Upper::Proto {
+                proto: 17,
+                offset: 40
+            })
+        );
+    }
+
     #[test]
     fn truncated() {
         let b = packet(6, &[]);
