@@ -37,19 +37,43 @@ impl ParsedPacket {
 
 /// Where an ICMP (in IPv4) or ICMPv6 (in IPv6) message lies in a frame
 /// whose Ethernet and IP headers are well-formed and which is not a
-/// fragment.
+/// fragment. Small on purpose: it shares the burst's classification
+/// results with [`ParsedPacket`] and must not make them larger.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct IcmpAt {
     pub family: Family,
-    /// The IP source and destination (IPv4 in the low 32 bits).
-    pub src: u128,
-    pub dst: u128,
     /// Offset of the IP header.
     pub l3_offset: u16,
     /// Offset of the ICMP header.
     pub l4_offset: u16,
     /// Length of the IP packet (header included) as the IP header states it.
     pub l3_len: u16,
+}
+
+impl IcmpAt {
+    /// The IP source and destination in `frame` (IPv4 in the low 32
+    /// bits), or None when `frame` is too short for the IP header.
+    #[inline]
+    pub fn addresses(&self, frame: &[u8]) -> Option<(u128, u128)> {
+        let l3 = usize::from(self.l3_offset);
+        match self.family {
+            Family::V4 => {
+                let h = frame.get(l3 + 12..l3 + 20)?;
+                Some((
+                    u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as u128,
+                    u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as u128,
+                ))
+            }
+            Family::V6 => {
+                let h = frame.get(l3 + 8..l3 + 40)?;
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&h[..16]);
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&h[16..]);
+                Some((u128::from_be_bytes(a), u128::from_be_bytes(b)))
+            }
+        }
+    }
 }
 
 /// A frame that is not a TCP or UDP packet of a flow.
@@ -131,17 +155,7 @@ pub fn parse(frame: &[u8]) -> Result<ParsedPacket, NotFlow> {
             let u = udp::Packet::new_checked(l4).map_err(malformed)?;
             (u.src_port(), u.dst_port(), 0)
         }
-        _ => {
-            return Err(other_protocol(
-                family,
-                proto,
-                src,
-                dst,
-                l2.header_len,
-                l4_rel,
-                l4,
-            ))
-        }
+        _ => return Err(other_protocol(family, proto, l2.header_len, l4_rel, l4)),
     };
 
     // An IPv6 packet of 64 KiB plus its header does not fit the u16 fields;
@@ -169,15 +183,7 @@ pub fn parse(frame: &[u8]) -> Result<ParsedPacket, NotFlow> {
 /// not route. Kept out of line: TCP and UDP never come here.
 #[cold]
 #[inline(never)]
-fn other_protocol(
-    family: Family,
-    proto: u8,
-    src: u128,
-    dst: u128,
-    l2_len: usize,
-    l4_rel: usize,
-    l4: &[u8],
-) -> NotFlow {
+fn other_protocol(family: Family, proto: u8, l2_len: usize, l4_rel: usize, l4: &[u8]) -> NotFlow {
     let icmp = match family {
         Family::V4 => PROTO_ICMP,
         Family::V6 => PROTO_ICMPV6,
@@ -198,8 +204,6 @@ fn other_protocol(
     };
     NotFlow::Icmp(IcmpAt {
         family,
-        src,
-        dst,
         l3_offset: l2_len as u16,
         l4_offset,
         l3_len,
@@ -222,6 +226,18 @@ mod tests {
         FrameSpec::tcp_v4([10, 1, 2, 3], 40000, [192, 0, 2, 10], 80, tcp_flags::SYN)
             .build()
             .unwrap()
+    }
+
+    /// A burst's classification results take no more room than the
+    /// parsed packets themselves: the ICMP variant fits beside them.
+    #[test]
+    fn results_are_no_larger_than_a_parsed_packet() {
+        let packet = std::mem::size_of::<ParsedPacket>();
+        assert_eq!(std::mem::size_of::<Result<ParsedPacket, NotFlow>>(), packet);
+        assert_eq!(
+            std::mem::size_of::<Option<Result<ParsedPacket, NotFlow>>>(),
+            packet
+        );
     }
 
     #[test]
@@ -506,13 +522,16 @@ mod tests {
             parse(&f),
             Err(NotFlow::Icmp(IcmpAt {
                 family: Family::V4,
-                src: 0xc633_6407,
-                dst: 0xc000_020a,
                 l3_offset: 14,
                 l4_offset: 34,
                 l3_len: 20 + 8 + 12,
             }))
         );
+        let Err(NotFlow::Icmp(at)) = parse(&f) else {
+            unreachable!()
+        };
+        assert_eq!(at.addresses(&f), Some((0xc633_6407, 0xc000_020a)));
+        assert_eq!(at.addresses(&f[..33]), None);
 
         let hbh = [0u8; 8];
         let f6 = FrameSpec {
@@ -527,12 +546,17 @@ mod tests {
             parse(&f6),
             Err(NotFlow::Icmp(IcmpAt {
                 family: Family::V6,
-                src: u128::from_be_bytes(C6),
-                dst: u128::from_be_bytes(V6),
                 l3_offset: 18,
                 l4_offset: 18 + 40 + 8,
                 l3_len: 40 + 8 + 8 + 40,
             }))
+        );
+        let Err(NotFlow::Icmp(at)) = parse(&f6) else {
+            unreachable!()
+        };
+        assert_eq!(
+            at.addresses(&f6),
+            Some((u128::from_be_bytes(C6), u128::from_be_bytes(V6)))
         );
 
         let frag = edited(&f, |v| {

@@ -37,7 +37,10 @@ pub const MAX_FRAGMENTS: usize = 8;
 /// outer packet would exceed its 64 KiB length field, and with `Malformed`
 /// when `pkt` does not describe `buf` (its IP packet runs past the frame).
 /// On failure the buffer is unchanged.
-#[inline]
+///
+/// Always inlined: the worker's main line calls it for every packet of an
+/// `ipip` service.
+#[inline(always)]
 pub fn encap_ipip<B: PacketBuf>(
     buf: &mut B,
     pkt: &ParsedPacket,

@@ -208,11 +208,12 @@ pub fn inspect(frame: &[u8], at: &IcmpAt) -> Result<Message, IcmpDrop> {
     let end = usize::from(at.l3_offset) + usize::from(at.l3_len);
     let msg = frame.get(l4..end).ok_or(IcmpDrop::Malformed)?;
     let m = icmp::Packet::new_checked(msg).map_err(|_| IcmpDrop::Malformed)?;
+    let (src, dst) = at.addresses(frame).ok_or(IcmpDrop::Malformed)?;
     let sound = match at.family {
         Family::V4 => m.verify_checksum_v4(),
         Family::V6 => m.verify_checksum_v6(checksum::pseudo_v6(
-            &at.src.to_be_bytes(),
-            &at.dst.to_be_bytes(),
+            &src.to_be_bytes(),
+            &dst.to_be_bytes(),
             PROTO_ICMPV6,
             msg.len() as u32,
         )),

@@ -422,7 +422,7 @@ impl<IO: PacketIo> Worker<IO> {
         src_mac: [u8; 6],
     ) -> Result<usize, DropReason> {
         let svc = service.ok_or(DropReason::NoService)?;
-        let fits = usize::from(p.l3_len) + svc.mode.overhead(p.key.family) <= plan.mtu;
+        let fits = fits(p, svc, plan);
         if !fits && must_not_fragment(buf, p) {
             return self.answer_too_big(buf, p, svc, now, rx_port, plan);
         }
@@ -442,7 +442,7 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Rewrites the frame for `backend` in the service's forwarding mode.
-    #[inline]
+    #[inline(always)]
     fn rewrite(
         &self,
         svc: &Service,
@@ -538,12 +538,15 @@ impl<IO: PacketIo> Worker<IO> {
         rx_port: usize,
         plan: PortPlan,
     ) -> Result<usize, DropReason> {
-        if !dp.is_vip(at.family, at.dst) {
+        let Some((_, dst)) = at.addresses(buf.data()) else {
+            return Err(DropReason::Malformed);
+        };
+        if !dp.is_vip(at.family, dst) {
             return Err(DropReason::UnsupportedL4);
         }
         let done = match icmp::inspect(buf.data(), at) {
             Ok(Message::Error { key }) => self.forward_icmp_error(dp, buf, at, key, now, plan),
-            Ok(Message::EchoRequest) => self.answer_echo(buf, at, now, rx_port),
+            Ok(Message::EchoRequest) => self.answer_echo(buf, at, dst, now, rx_port),
             Err(r) => Err(IcmpVerdict::Icmp(r)),
         };
         done.map_err(|v| match v {
@@ -561,10 +564,11 @@ impl<IO: PacketIo> Worker<IO> {
         &mut self,
         buf: &mut IO::Buf,
         at: &IcmpAt,
+        vip: u128,
         now: u64,
         rx_port: usize,
     ) -> Result<usize, IcmpVerdict> {
-        if !self.setup.icmp.echo.answers(at.family, at.dst) {
+        if !self.setup.icmp.echo.answers(at.family, vip) {
             return Err(IcmpVerdict::Icmp(IcmpDrop::EchoOff));
         }
         if !self.echo_limit.allow(now) {
@@ -607,7 +611,7 @@ impl<IO: PacketIo> Worker<IO> {
             l3_len: at.l3_len,
             tcp_flags: 0,
         };
-        let fits = usize::from(p.l3_len) + svc.mode.overhead(key.family) <= plan.mtu;
+        let fits = fits(&p, svc, plan);
         if !fits && must_not_fragment(buf, &p) {
             // Never an ICMP answer to an ICMP message.
             return Err(IcmpVerdict::Drop(DropReason::TooBig));
@@ -915,6 +919,16 @@ impl From<DropReason> for IcmpVerdict {
     fn from(r: DropReason) -> IcmpVerdict {
         IcmpVerdict::Drop(r)
     }
+}
+
+/// True when the packet fits the port's MTU once forwarded. Every packet
+/// shorter than the MTU by the largest encapsulation fits whatever the
+/// service's mode: one comparison, and the exact one only for the rest.
+#[inline(always)]
+fn fits(p: &ParsedPacket, svc: &Service, plan: PortPlan) -> bool {
+    let len = usize::from(p.l3_len);
+    len + crate::wire::ipv6::HEADER_LEN <= plan.mtu
+        || len + svc.mode.overhead(p.key.family) <= plan.mtu
 }
 
 /// True when a too-long packet must not be fragmented on the way: IPv6

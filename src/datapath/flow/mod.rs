@@ -509,9 +509,9 @@ impl<K: SlotKey> Part<K> {
     }
 
     /// The backend of a live flow, changing nothing in the table.
-    fn peek(&self, books: &mut Books, flow: &FlowKey, hash: u64, now: u64) -> Option<BackendId> {
+    fn peek(&self, books: &Books, flow: &FlowKey, hash: u64, now: u64) -> Option<BackendId> {
         let b = self.bucket(hash);
-        let s = self.locate(books, b, flow)?;
+        let s = self.find(b, K::pack(flow, books.vips.get(flow)?))?;
         let slot = &self.buckets[b].slots[s];
         (!books.expired(slot, now)).then_some(BackendId::from(slot.backend))
     }
@@ -693,10 +693,11 @@ impl FlowTable {
     /// without refreshing it, changing its state or counting a lookup: for
     /// packets that belong to a connection but are not its own, such as
     /// ICMP errors about it.
-    pub fn peek(&mut self, key: &FlowKey, hash: u64, now: u64) -> Option<BackendId> {
+    #[inline(never)]
+    pub fn peek(&self, key: &FlowKey, hash: u64, now: u64) -> Option<BackendId> {
         match key.family {
-            Family::V4 => self.v4.peek(&mut self.books, key, hash, now),
-            Family::V6 => self.v6.peek(&mut self.books, key, hash, now),
+            Family::V4 => self.v4.peek(&self.books, key, hash, now),
+            Family::V6 => self.v6.peek(&self.books, key, hash, now),
         }
     }
 
