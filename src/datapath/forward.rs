@@ -33,13 +33,15 @@ pub const MAX_FRAGMENTS: usize = 8;
 /// the outer IPv6 header copies the traffic class and takes its flow label
 /// from the flow hash, so routers spread tunnelled flows (RFC 6438).
 ///
-/// Fails with `NoRoom` when the headroom cannot take the outer header or the
-/// outer packet would exceed its 64 KiB length field, and with `Malformed`
-/// when `pkt` does not describe `buf` (its IP packet runs past the frame).
-/// On failure the buffer is unchanged.
+/// Fails with `TooBig` when the outer packet would be longer than
+/// `max_len` (the MTU of the link it leaves on; at most 65,535, the limit
+/// of IPv4's length field), with `NoRoom` when the headroom cannot take the
+/// outer header, and with `Malformed` when `pkt` does not describe `buf`
+/// (its IP packet runs past the frame). On failure the buffer is unchanged.
 ///
 /// Always inlined: the worker's main line calls it for every packet of an
-/// `ipip` service.
+/// `ipip` service, and the length check against the link's MTU is the one
+/// comparison the main line spends on path MTU.
 #[inline(always)]
 pub fn encap_ipip<B: PacketBuf>(
     buf: &mut B,
@@ -48,6 +50,7 @@ pub fn encap_ipip<B: PacketBuf>(
     backend: u128,
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
+    max_len: usize,
 ) -> Result<(), DropReason> {
     let l2 = pkt.l3_offset as usize;
     let inner = pkt.l3_len as usize;
@@ -57,14 +60,12 @@ pub fn encap_ipip<B: PacketBuf>(
         return Err(DropReason::Malformed);
     }
     let outer = match pkt.key.family {
-        Family::V4 => {
-            if inner + ipv4::HEADER_LEN > u16::MAX as usize {
-                return Err(DropReason::NoRoom);
-            }
-            ipv4::HEADER_LEN
-        }
+        Family::V4 => ipv4::HEADER_LEN,
         Family::V6 => ipv6::HEADER_LEN,
     };
+    if inner + outer > max_len {
+        return Err(DropReason::TooBig);
+    }
     // Every inner packet has at least the header the outer one copies from.
     if inner < outer {
         return Err(DropReason::Malformed);
@@ -282,6 +283,8 @@ mod tests {
     const BE4: u128 = 0x0a00_0063; // 10.0.0.99
     const LB6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0001;
     const BE6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0063;
+    /// No link limit but IPv4's length field.
+    const ANY: usize = u16::MAX as usize;
 
     /// Encapsulates `frame` and checks the output against the input.
     fn encap_and_check(frame: &[u8]) -> Vec<u8> {
@@ -333,7 +336,7 @@ mod tests {
             Family::V4 => (LB4, BE4),
             Family::V6 => (LB6, BE6),
         };
-        encap_ipip(&mut buf, &pkt, outer_src, backend, SRC_MAC, DST_MAC).unwrap();
+        encap_ipip(&mut buf, &pkt, outer_src, backend, SRC_MAC, DST_MAC, ANY).unwrap();
         let out = buf.data().to_vec();
 
         let eth = ethernet::Frame::new_checked(&out[..]).unwrap();
@@ -479,12 +482,12 @@ mod tests {
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::with_headroom(19, &f);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
             Err(DropReason::NoRoom)
         );
         assert_eq!(b.data(), &f[..], "unchanged on failure");
         let mut b = MemBuf::with_headroom(20, &f);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
         assert_eq!(b.data().len(), f.len() + 20);
 
         let f6 = FrameSpec::tcp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2, 0)
@@ -493,7 +496,7 @@ mod tests {
         let pkt = parse(&f6).unwrap();
         let mut b = MemBuf::with_headroom(39, &f6);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB6, BE6, SRC_MAC, DST_MAC),
+            encap_ipip(&mut b, &pkt, LB6, BE6, SRC_MAC, DST_MAC, ANY),
             Err(DropReason::NoRoom)
         );
         // A padded frame needs only what the padding does not provide.
@@ -503,11 +506,11 @@ mod tests {
         let pkt = parse(&small).unwrap();
         let mut b = MemBuf::with_headroom(1, &small);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
             Err(DropReason::NoRoom)
         );
         let mut b = MemBuf::with_headroom(2, &small);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
         assert_eq!(b.data().len(), 14 + 20 + 28);
     }
 
@@ -524,8 +527,8 @@ mod tests {
         assert_eq!(pkt.l3_len, 65535);
         let mut b = MemBuf::with_headroom(64, &f);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
-            Err(DropReason::NoRoom)
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
+            Err(DropReason::TooBig)
         );
         // 20 bytes less fits exactly.
         let f = FrameSpec {
@@ -536,8 +539,55 @@ mod tests {
         .unwrap();
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::with_headroom(64, &f);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
         assert_eq!(u16::from_be_bytes([b.data()[16], b.data()[17]]), 65535);
+    }
+
+    /// The link's MTU bounds the outer packet: a 1500-byte packet does not
+    /// fit a 1500-byte link through IPv4-in-IPv4 (1520) and the buffer is
+    /// left as it was; a 1480-byte one does. IPv6 needs 40 bytes.
+    #[test]
+    fn the_links_mtu_bounds_the_outer_packet() {
+        for (spec, over) in [
+            (
+                FrameSpec::tcp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2, tcp_flags::ACK),
+                20,
+            ),
+            (
+                FrameSpec::tcp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2, tcp_flags::ACK),
+                40,
+            ),
+        ] {
+            let hdr = if over == 20 { 40 } else { 60 };
+            let (src, dst) = if over == 20 { (LB4, BE4) } else { (LB6, BE6) };
+            let big = vec![1u8; 1500 - hdr];
+            let f = FrameSpec {
+                payload: &big,
+                ..spec
+            }
+            .build()
+            .unwrap();
+            let pkt = parse(&f).unwrap();
+            assert_eq!(pkt.l3_len, 1500);
+            let mut b = MemBuf::from_frame(&f);
+            assert_eq!(
+                encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500),
+                Err(DropReason::TooBig)
+            );
+            assert_eq!(b.data(), &f[..], "unchanged");
+            assert!(encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500 + over).is_ok());
+            let fits = vec![1u8; 1500 - hdr - over];
+            let f = FrameSpec {
+                payload: &fits,
+                ..spec
+            }
+            .build()
+            .unwrap();
+            let pkt = parse(&f).unwrap();
+            let mut b = MemBuf::from_frame(&f);
+            assert!(encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500).is_ok());
+            assert_eq!(b.data().len(), 14 + 1500);
+        }
     }
 
     #[test]
@@ -548,7 +598,7 @@ mod tests {
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::from_frame(&f[..50]);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
             Err(DropReason::Malformed)
         );
         assert_eq!(b.data(), &f[..50]);
@@ -618,7 +668,7 @@ mod tests {
             let pkt = parse(&f).unwrap();
             let l3 = pkt.l3_offset as usize;
             let mut b = MemBuf::from_frame(&f);
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).unwrap();
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).unwrap();
             let whole = b.data()[l3..].to_vec();
             assert_eq!(whole.len(), 1520);
             let mut out = Vec::new();
@@ -753,7 +803,7 @@ mod tests {
             if let Ok(pkt) = parse(&f) {
                 let mut b = MemBuf::from_frame(&f);
                 let (s, d) = if pkt.key.family == Family::V4 { (LB4, BE4) } else { (LB6, BE6) };
-                encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC).unwrap();
+                encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC, ANY).unwrap();
                 let out = b.data();
                 let l3 = pkt.l3_offset as usize;
                 let n = pkt.l3_len as usize;

@@ -13,11 +13,14 @@
 //! and ending connections of services that enable it.
 //!
 //! ICMP messages, and packets too long for their port's MTU once
-//! forwarded, leave the main line in pass 3 for out-of-line paths (see
-//! [`crate::datapath::icmp`]): an ICMP error goes where its connection's
+//! forwarded, leave the main line in pass 3 as errors (an ICMP message as
+//! `Icmp`, a too-long packet as the encapsulation's `TooBig`, after its
+//! connection was routed) for one out-of-line path (`Worker::not_forwarded`,
+//! and [`crate::datapath::icmp`]): an ICMP error goes where its connection's
 //! packets go, without touching the connection's state; an echo request and
 //! a too-big packet with DF are answered on the port they came in on; a
-//! too-big packet without DF is forwarded in fragments.
+//! too-big packet without DF is forwarded in fragments. The main line
+//! itself holds no call for any of it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -338,34 +341,38 @@ impl<IO: PacketIo> Worker<IO> {
             }
             let query = queried[i].then_some(&queries[i]);
             let verdict = match parsed[i] {
-                Some(Ok(p)) => self.route_and_rewrite(
-                    &dp,
-                    services[i],
-                    query,
-                    &mut buf,
-                    &p,
-                    hashes[i],
-                    now,
-                    port,
-                    plan,
-                    src_mac,
-                ),
+                Some(Ok(p)) => self
+                    .route_and_rewrite(
+                        &dp,
+                        services[i],
+                        query,
+                        &mut buf,
+                        &p,
+                        hashes[i],
+                        now,
+                        plan,
+                        src_mac,
+                    )
+                    .map(|()| plan.forward_to),
                 Some(Err(NotFlow::Drop(reason))) => Err(reason),
-                Some(Err(NotFlow::Icmp(at))) => self.icmp(&dp, &mut buf, &at, now, port, plan),
+                // Left to the path off the main line below.
+                Some(Err(NotFlow::Icmp(_))) => Err(DropReason::Icmp),
                 None => Err(DropReason::Malformed),
             };
             let out = match verdict {
                 Ok(out) => out,
-                Err(reason) => match plan.unmatched_to {
-                    Some(out) if reason.is_unmatched() => {
-                        self.counters.passed.inc();
-                        out
+                Err(reason) => {
+                    let off = OffLine {
+                        parsed: &parsed[i],
+                        service: services[i],
+                        hash: hashes[i],
+                        reason,
+                    };
+                    match self.not_forwarded(&dp, &mut buf, off, now, port, plan) {
+                        Some(out) => out,
+                        None => continue,
                     }
-                    _ => {
-                        self.counters.count_drop(reason);
-                        continue;
-                    }
-                },
+                }
             };
             self.tx[out].push(buf);
             // At least: fragments of a packet join the queue with it.
@@ -402,10 +409,10 @@ impl<IO: PacketIo> Worker<IO> {
         }
     }
 
-    /// Picks the backend for a packet and rewrites the frame for it;
-    /// returns the port it leaves on. A packet too long for the port's MTU
-    /// once forwarded is answered on `rx_port` (DF set, or IPv6) or
-    /// forwarded in fragments.
+    /// Picks the backend for a packet and rewrites the frame for it. A
+    /// packet too long for the port's MTU once forwarded is refused with
+    /// `TooBig` (the encapsulation's length check, against the MTU, is the
+    /// main line's only cost of path MTU), for [`Worker::not_forwarded`].
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn route_and_rewrite(
@@ -417,32 +424,48 @@ impl<IO: PacketIo> Worker<IO> {
         p: &ParsedPacket,
         hash: u64,
         now: u64,
-        rx_port: usize,
         plan: PortPlan,
         src_mac: [u8; 6],
-    ) -> Result<usize, DropReason> {
+    ) -> Result<(), DropReason> {
         let svc = service.ok_or(DropReason::NoService)?;
-        let fits = fits(p, svc, plan);
-        if !fits && must_not_fragment(buf, p) {
-            return self.answer_too_big(buf, p, svc, now, rx_port, plan);
-        }
         let backend = self.route(dp, svc, query, p, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.data().len() as u64;
-        self.rewrite(svc, backend, buf, p, plan, src_mac)?;
-        if !fits {
-            self.fragment(buf, p, plan)?;
+        match svc.mode {
+            ForwardMode::IpIp { source } => {
+                let dst_mac = backend
+                    .mac
+                    .or(plan.gateway_mac)
+                    .ok_or(DropReason::NoRoute)?;
+                forward::encap_ipip(
+                    buf,
+                    p,
+                    source,
+                    backend.addr_bits,
+                    src_mac,
+                    dst_mac,
+                    plan.mtu,
+                )?;
+            }
+            ForwardMode::L2 => {
+                if usize::from(p.l3_len) > plan.mtu {
+                    return Err(DropReason::TooBig);
+                }
+                let dst_mac = backend.mac.ok_or(DropReason::NoRoute)?;
+                forward::rewrite_l2(buf, src_mac, dst_mac);
+            }
         }
         let sc = &self.counters.services[svc.id as usize];
         sc.packets.inc();
         let bc = &self.counters.backends[backend.id as usize];
         bc.packets.inc();
         bc.bytes.add(len);
-        Ok(plan.forward_to)
+        Ok(())
     }
 
-    /// Rewrites the frame for `backend` in the service's forwarding mode.
-    #[inline(always)]
+    /// Rewrites the frame for `backend` in the service's forwarding mode,
+    /// whatever its length (up to IPv4's limit): for the paths off the main
+    /// line, which check the MTU themselves.
     fn rewrite(
         &self,
         svc: &Service,
@@ -458,7 +481,20 @@ impl<IO: PacketIo> Worker<IO> {
                     .mac
                     .or(plan.gateway_mac)
                     .ok_or(DropReason::NoRoute)?;
-                forward::encap_ipip(buf, p, source, backend.addr_bits, src_mac, dst_mac)
+                forward::encap_ipip(
+                    buf,
+                    p,
+                    source,
+                    backend.addr_bits,
+                    src_mac,
+                    dst_mac,
+                    u16::MAX.into(),
+                )
+                // Longer than IPv4's length field allows.
+                .map_err(|e| match e {
+                    DropReason::TooBig => DropReason::NoRoom,
+                    e => e,
+                })
             }
             ForwardMode::L2 => {
                 let dst_mac = backend.mac.ok_or(DropReason::NoRoute)?;
@@ -466,6 +502,39 @@ impl<IO: PacketIo> Worker<IO> {
                 Ok(())
             }
         }
+    }
+
+    /// A TCP or UDP packet of a service too long for the port's MTU once
+    /// forwarded (its flow already routed by the main line): answered on
+    /// `rx_port` when it must not be fragmented (DF set, or IPv6), else
+    /// forwarded in fragments to its connection's backend.
+    #[allow(clippy::too_many_arguments)]
+    fn too_big(
+        &mut self,
+        dp: &Dataplane,
+        buf: &mut IO::Buf,
+        p: &ParsedPacket,
+        svc: &Service,
+        hash: u64,
+        now: u64,
+        rx_port: usize,
+        plan: PortPlan,
+    ) -> Result<usize, DropReason> {
+        if must_not_fragment(buf, p) {
+            return self.answer_too_big(buf, p, svc, now, rx_port, plan);
+        }
+        let backend = self.connection_backend(dp, svc, &p.key, hash, now)?;
+        let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
+        let len = buf.data().len() as u64;
+        let src_mac = self.io.port_mac(plan.forward_to);
+        self.rewrite(svc, backend, buf, p, plan, src_mac)?;
+        self.fragment(buf, p, plan)?;
+        let sc = &self.counters.services[svc.id as usize];
+        sc.packets.inc();
+        let bc = &self.counters.backends[backend.id as usize];
+        bc.packets.inc();
+        bc.bytes.add(len);
+        Ok(plan.forward_to)
     }
 
     /// Answers a packet too long for the port's MTU once forwarded, that
@@ -521,6 +590,45 @@ impl<IO: PacketIo> Worker<IO> {
         self.counters.fragmented.inc();
         self.counters.fragments.add(extra + 1);
         Ok(())
+    }
+
+    /// A packet the main line did not forward: an ICMP message goes to
+    /// [`Worker::icmp`], a packet too long for the port to
+    /// [`Worker::too_big`]; what is not for a service goes to the port's
+    /// `unmatched_to`, if any; the rest is dropped, counted by its reason.
+    /// Returns the port the packet leaves on, if it leaves. Out of line:
+    /// the main line keeps no call of its own for all this.
+    #[cold]
+    #[inline(never)]
+    fn not_forwarded(
+        &mut self,
+        dp: &Dataplane,
+        buf: &mut IO::Buf,
+        off: OffLine<'_>,
+        now: u64,
+        rx_port: usize,
+        plan: PortPlan,
+    ) -> Option<usize> {
+        let verdict = match (off.parsed, off.reason, off.service) {
+            (Some(Err(NotFlow::Icmp(at))), _, _) => self.icmp(dp, buf, at, now, rx_port, plan),
+            (Some(Ok(p)), DropReason::TooBig, Some(svc)) => {
+                self.too_big(dp, buf, p, svc, off.hash, now, rx_port, plan)
+            }
+            _ => Err(off.reason),
+        };
+        match verdict {
+            Ok(out) => Some(out),
+            Err(reason) => match plan.unmatched_to {
+                Some(out) if reason.is_unmatched() => {
+                    self.counters.passed.inc();
+                    Some(out)
+                }
+                _ => {
+                    self.counters.count_drop(reason);
+                    None
+                }
+            },
+        }
     }
 
     /// An ICMP message: addressed to a VIP, an error goes to its
@@ -906,6 +1014,15 @@ impl<IO: PacketIo> Worker<IO> {
             self.counters.flows_active.set(self.flows.len() as u64);
         }
     }
+}
+
+/// What the main line knew of a packet it did not forward.
+struct OffLine<'a> {
+    parsed: &'a Option<Result<ParsedPacket, NotFlow>>,
+    service: Option<&'a Service>,
+    hash: u64,
+    /// Why the main line did not forward it.
+    reason: DropReason,
 }
 
 /// Why the ICMP path did not forward or answer a message: an ICMP reason
@@ -1916,8 +2033,9 @@ mod icmp_tests {
 
     /// A 1500-byte DF packet for a 1500-byte link through IP-in-IP:
     /// "fragmentation needed" with MTU 1480 back to the client on the port
-    /// it came in on, within the per-client rate; the packet itself goes
-    /// nowhere.
+    /// it came in on, within the per-client rate; the packet itself reaches
+    /// no backend (its connection is routed as usual: its next, smaller
+    /// packets go where it would have gone).
     #[test]
     fn too_big_df_packets_are_answered_per_client_within_the_rate() {
         let settings = IcmpSettings {
@@ -1962,11 +2080,11 @@ mod icmp_tests {
         let c = b.worker.counters();
         assert_eq!(c.icmp_too_big_sent.get(), 5);
         assert_eq!(c.drops[DropReason::TooBig as usize].get(), 6);
-        assert_eq!(
-            c.syns.get() + c.unknown_flows.get(),
-            1,
-            "only the fitting one routed"
-        );
+        // Every one belongs to its connection (routed: three connections
+        // learned), but only the fitting one reached a backend.
+        assert_eq!(c.unknown_flows.get(), 3);
+        assert_eq!(c.services[0].packets.get(), 1);
+        assert_eq!(b.worker.flows().len(), 3);
     }
 
     /// IPv6: always "packet too big" (MTU 1460 through IP-in-IP), never

@@ -185,7 +185,7 @@ mod tests {
     fn v6_checksum_covers_the_pseudo_header() {
         let src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         let dst = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-        let mut b = vec![0u8; 16];
+        let mut b = [0u8; 16];
         let pseudo = checksum::pseudo_v6(&src, &dst, 58, 16);
         let mut m = Packet::new_unchecked(&mut b[..]);
         m.set_msg_type(v6::PACKET_TOO_BIG);
