@@ -241,7 +241,6 @@ impl ControlPlane {
         self.dp.backend(id).map(|b| b.name.as_str())
     }
 
-    /// Builds and publishes a new snapshot after a registry change.
     /// Makes `next` the registry and publishes its snapshot `dp` (built
     /// first, so that a change that cannot be built changes nothing).
     fn commit(&mut self, next: ServiceRegistry, dp: Dataplane) {

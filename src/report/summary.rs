@@ -756,6 +756,57 @@ mod tests {
         assert_eq!(json["services"][0]["backends"][1]["connections"], 40);
     }
 
+    /// The control thread's and the traffic source's parts: under `extra`,
+    /// as `control` and `traffic source`, read back the same, and in words
+    /// in the text.
+    #[test]
+    fn run_extras_keep_their_json_keys_and_words() {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        let mut s = Summary::collect(&w, &dp(), 1.0, 0, &CounterBase::default());
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["extra"], serde_json::json!({}), "absent parts absent");
+        assert!(!s.render().contains("control:"));
+        s.extra.control = Some(ControlSummary {
+            received: 7,
+            answered: 5,
+            refused: [("bad_hmac".to_string(), 2)].into(),
+            by_code: [("OK".to_string(), 4), ("CONFLICT".to_string(), 1)].into(),
+            notifications: 1,
+            ended: EndedSummary {
+                expired: 3,
+                cancelled: 1,
+                backend_removed: 0,
+            },
+            ..ControlSummary::default()
+        });
+        s.extra.traffic_source = Some(TrafficSummary {
+            sent: 2_000_000,
+            offered_mpps: 1.0,
+            delivered_to_backends: [("web/be0".to_string(), 9)].into(),
+            ..TrafficSummary::default()
+        });
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["extra"]["control"]["refused"]["bad_hmac"], 2);
+        assert_eq!(json["extra"]["control"]["by_code"]["CONFLICT"], 1);
+        assert_eq!(json["extra"]["control"]["ended"]["expired"], 3);
+        assert_eq!(json["extra"]["control"]["handled"], 0);
+        assert_eq!(
+            json["extra"]["traffic source"]["delivered_to_backends"]["web/be0"],
+            9
+        );
+        let back: Summary = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+        let text = s.render();
+        assert!(
+            text.contains("  control: 7 requests, 5 answered, 2 refused, 1 ended notifications; affinities ended: 3 expired, 1 cancelled, 0 backend removed\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  traffic source: sent 2000000 (1.000 Mpps); received back from the workers per backend: web/be0 9\n"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn status_line_reports_rates() {
         let a = Totals::default();
