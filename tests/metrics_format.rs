@@ -10,7 +10,7 @@ use pktdist::config::Config;
 use pktdist::control::registry::ServiceRegistry;
 use pktdist::datapath::counters::WorkerCounters;
 use pktdist::report::metrics::render;
-use pktdist::report::summary::{PortSummary, Summary};
+use pktdist::report::summary::{ControlSummary, EndedSummary, PortSummary, Summary};
 use pktdist::types::DropReason;
 
 const PARSE: &str = r#"
@@ -73,10 +73,15 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         ipackets: 2000,
         ..PortSummary::default()
     });
-    s.extra.insert(
-        "control".into(),
-        serde_json::json!({"refused": {"bad_hmac": 2}, "by_code": {"OK": 4}, "ended": {"expired": 1}}),
-    );
+    s.extra.control = Some(ControlSummary {
+        refused: [("bad_hmac".to_string(), 2)].into(),
+        by_code: [("OK".to_string(), 4)].into(),
+        ended: EndedSummary {
+            expired: 1,
+            ..EndedSummary::default()
+        },
+        ..ControlSummary::default()
+    });
     let samples = parsed(&render(&s));
     let has = |line: &str| samples.iter().any(|l| l == line);
     assert!(

@@ -59,7 +59,7 @@ pub struct Config {
 
 /// DPDK EAL arguments (without the program name; the `--vdev` arguments for
 /// virtual devices are derived from `[[ports]]`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EalConfig {
     #[serde(default)]
@@ -67,7 +67,7 @@ pub struct EalConfig {
 }
 
 /// The core plan.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoresConfig {
     /// Core of the main/control thread (EAL main lcore).
@@ -77,7 +77,7 @@ pub struct CoresConfig {
 }
 
 /// The packet-buffer pool.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MempoolConfig {
     /// Number of mbufs (2^n - 1 is most memory-efficient).
@@ -100,7 +100,7 @@ fn default_descriptors() -> u16 {
 }
 
 /// A DPDK port.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
     /// Name other keys refer to.
@@ -135,7 +135,7 @@ impl PortConfig {
 }
 
 /// The per-worker connection table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlowConfig {
     /// IPv4 flows per worker (rounded up to a multiple of 8).
@@ -172,7 +172,7 @@ impl FlowConfig {
 }
 
 /// Affinity table sizes.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AffinityConfig {
     /// Most affinities (created and static) at once.

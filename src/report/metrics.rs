@@ -304,17 +304,15 @@ pub fn render(s: &Summary) -> String {
         }
     }
 
-    if let Some(control) = s.extra.get("control") {
+    if let Some(control) = &s.extra.control {
         let mut f = Family::new(
             &mut o,
             "pktdist_control_refused_total",
             "counter",
             "Control datagrams refused, by reason.",
         );
-        if let Some(refused) = control.get("refused").and_then(|r| r.as_object()) {
-            for (reason, v) in refused {
-                f.value(&[("reason", reason)], v.as_f64().unwrap_or(0.0));
-            }
+        for (reason, v) in &control.refused {
+            f.value(&[("reason", reason)], *v as f64);
         }
         let mut f = Family::new(
             &mut o,
@@ -322,10 +320,8 @@ pub fn render(s: &Summary) -> String {
             "counter",
             "Control replies, by return code.",
         );
-        if let Some(codes) = control.get("by_code").and_then(|r| r.as_object()) {
-            for (code, v) in codes {
-                f.value(&[("code", code)], v.as_f64().unwrap_or(0.0));
-            }
+        for (code, v) in &control.by_code {
+            f.value(&[("code", code)], *v as f64);
         }
         let mut f = Family::new(
             &mut o,
@@ -333,10 +329,8 @@ pub fn render(s: &Summary) -> String {
             "counter",
             "Affinities ended, by reason.",
         );
-        if let Some(ended) = control.get("ended").and_then(|r| r.as_object()) {
-            for (reason, v) in ended {
-                f.value(&[("reason", reason)], v.as_f64().unwrap_or(0.0));
-            }
+        for (reason, v) in control.ended.as_array() {
+            f.value(&[("reason", reason)], v as f64);
         }
     }
 

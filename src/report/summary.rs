@@ -142,7 +142,8 @@ pub struct WorkerSummary {
     pub busy: f64,
 }
 
-/// The end-of-run summary (SPEC section 5).
+/// The summary of a run: printed and written as JSON at its end, and the
+/// statistics document `pktdist stats` fetches while it runs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub seconds: f64,
@@ -165,7 +166,7 @@ pub struct Summary {
     pub active_flows: u64,
     pub affinities: usize,
     /// Clients pinned by automatic affinity, and new clients left unpinned
-    /// because the table had no room (filled by the control plane).
+    /// because the table had no room (filled by the control thread).
     pub auto_affinity_pins: usize,
     pub auto_affinity_table_full: u64,
     /// Received packets per second over the run, all workers.
@@ -175,7 +176,8 @@ pub struct Summary {
     pub mpps_per_busy_core: f64,
     pub services: Vec<ServiceSummary>,
     pub workers_detail: Vec<WorkerSummary>,
-    /// Filled by the runtime (device counters); empty without ports.
+    /// The ports' device counters (filled by the control thread); empty
+    /// without ports.
     pub ports: Vec<PortSummary>,
     /// Per-packet processing time in the workers (ns), over all workers.
     pub packet_latency_ns: Percentiles,
@@ -183,8 +185,85 @@ pub struct Summary {
     pub control_latency_ns: Percentiles,
     /// How long ended affinities lived (ms).
     pub affinity_lifetime_ms: Percentiles,
-    /// Anything the run adds (port counters, traffic source, sink).
-    pub extra: BTreeMap<String, serde_json::Value>,
+    /// What a running instance adds: the control thread's figures and the
+    /// built-in traffic source's report.
+    pub extra: RunExtra,
+}
+
+/// The parts of a [`Summary`] only a running instance has.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunExtra {
+    /// Filled by the control thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlSummary>,
+    /// Filled when the built-in traffic source ran.
+    #[serde(
+        rename = "traffic source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traffic_source: Option<TrafficSummary>,
+}
+
+/// The control thread's figures. The fields are in the JSON's key order
+/// (alphabetical).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ControlSummary {
+    /// Replies sent.
+    pub answered: u64,
+    /// Requests the handler answered, by return code.
+    pub by_code: BTreeMap<String, u64>,
+    /// Affinities ended, by reason.
+    pub ended: EndedSummary,
+    /// Requests passed to the handler.
+    pub handled: u64,
+    /// AFFINITY_ENDED notifications sent.
+    pub notifications: u64,
+    /// Datagrams received, accepted or not.
+    pub received: u64,
+    /// Datagrams refused, by reason.
+    pub refused: BTreeMap<String, u64>,
+    /// Replies or notifications the socket refused.
+    pub send_errors: u64,
+    /// Dataplane snapshots published after the first.
+    pub snapshots: u64,
+}
+
+/// Affinities ended, by reason (the fields in the JSON's key order).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct EndedSummary {
+    pub backend_removed: u64,
+    pub cancelled: u64,
+    pub expired: u64,
+}
+
+impl EndedSummary {
+    /// (reason, count) for every reason, in the JSON's key order.
+    pub fn as_array(&self) -> [(&'static str, u64); 3] {
+        [
+            ("backend_removed", self.backend_removed),
+            ("cancelled", self.cancelled),
+            ("expired", self.expired),
+        ]
+    }
+}
+
+/// What the built-in traffic source did (the fields in the JSON's key
+/// order).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrafficSummary {
+    /// Bursts a full queue did not take whole (the workers were saturated).
+    pub bursts_refused_by_full_queue: u64,
+    /// Forwarded packets seen at the sink, by "service/backend" ("other"
+    /// for destinations no backend has).
+    pub delivered_to_backends: BTreeMap<String, u64>,
+    pub no_mbuf: u64,
+    /// Packets sent per second over the source's run, in millions.
+    pub offered_mpps: f64,
+    pub sent: u64,
 }
 
 /// Where the per-service and per-backend figures of each id start. The
@@ -403,7 +482,7 @@ impl Summary {
             packet_latency_ns: Percentiles::of(&packets),
             control_latency_ns: Percentiles::default(),
             affinity_lifetime_ms: Percentiles::default(),
-            extra: BTreeMap::new(),
+            extra: RunExtra::default(),
         }
     }
 
@@ -517,58 +596,34 @@ impl Summary {
                 p.name, p.ipackets, p.opackets, p.imissed, p.ierrors, p.oerrors, p.rx_nombuf
             );
         }
-        for (k, v) in &self.extra {
-            let _ = writeln!(o, "  {k}: {}", render_extra(k, v));
+        if let Some(c) = &self.extra.control {
+            let _ = writeln!(
+                o,
+                "  control: {} requests, {} answered, {} refused, {} ended notifications; affinities ended: {} expired, {} cancelled, {} backend removed",
+                c.received,
+                c.answered,
+                c.refused.values().sum::<u64>(),
+                c.notifications,
+                c.ended.expired,
+                c.ended.cancelled,
+                c.ended.backend_removed,
+            );
+        }
+        if let Some(t) = &self.extra.traffic_source {
+            let delivered: Vec<String> = t
+                .delivered_to_backends
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "  traffic source: sent {} ({:.3} Mpps); received back from the workers per backend: {}",
+                t.sent,
+                t.offered_mpps,
+                delivered.join(", "),
+            );
         }
         o
-    }
-}
-
-/// Known extras in words; anything else as JSON.
-fn render_extra(key: &str, v: &serde_json::Value) -> String {
-    let n = |path: &[&str]| {
-        path.iter()
-            .try_fold(v, |v, k| v.get(k))
-            .and_then(|x| x.as_u64())
-            .unwrap_or(0)
-    };
-    match key {
-        "control" => {
-            let refused: u64 = v
-                .get("refused")
-                .and_then(|r| r.as_object())
-                .map_or(0, |r| r.values().filter_map(|x| x.as_u64()).sum());
-            format!(
-                "{} requests, {} answered, {} refused, {} ended notifications; affinities ended: {} expired, {} cancelled, {} backend removed",
-                n(&["received"]),
-                n(&["answered"]),
-                refused,
-                n(&["notifications"]),
-                n(&["ended", "expired"]),
-                n(&["ended", "cancelled"]),
-                n(&["ended", "backend_removed"]),
-            )
-        }
-        "traffic source" => {
-            let delivered = v
-                .get("delivered_to_backends")
-                .and_then(|d| d.as_object())
-                .map(|d| {
-                    d.iter()
-                        .map(|(k, x)| format!("{k} {}", x.as_u64().unwrap_or(0)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default();
-            format!(
-                "sent {} ({:.3} Mpps); received back from the workers per backend: {delivered}",
-                n(&["sent"]),
-                v.get("offered_mpps")
-                    .and_then(|x| x.as_f64())
-                    .unwrap_or(0.0),
-            )
-        }
-        _ => v.to_string(),
     }
 }
 
@@ -699,6 +754,57 @@ mod tests {
         assert!(text.contains("be1"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["services"][0]["backends"][1]["connections"], 40);
+    }
+
+    /// The control thread's and the traffic source's parts: under `extra`,
+    /// as `control` and `traffic source`, read back the same, and in words
+    /// in the text.
+    #[test]
+    fn run_extras_keep_their_json_keys_and_words() {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        let mut s = Summary::collect(&w, &dp(), 1.0, 0, &CounterBase::default());
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["extra"], serde_json::json!({}), "absent parts absent");
+        assert!(!s.render().contains("control:"));
+        s.extra.control = Some(ControlSummary {
+            received: 7,
+            answered: 5,
+            refused: [("bad_hmac".to_string(), 2)].into(),
+            by_code: [("OK".to_string(), 4), ("CONFLICT".to_string(), 1)].into(),
+            notifications: 1,
+            ended: EndedSummary {
+                expired: 3,
+                cancelled: 1,
+                backend_removed: 0,
+            },
+            ..ControlSummary::default()
+        });
+        s.extra.traffic_source = Some(TrafficSummary {
+            sent: 2_000_000,
+            offered_mpps: 1.0,
+            delivered_to_backends: [("web/be0".to_string(), 9)].into(),
+            ..TrafficSummary::default()
+        });
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["extra"]["control"]["refused"]["bad_hmac"], 2);
+        assert_eq!(json["extra"]["control"]["by_code"]["CONFLICT"], 1);
+        assert_eq!(json["extra"]["control"]["ended"]["expired"], 3);
+        assert_eq!(json["extra"]["control"]["handled"], 0);
+        assert_eq!(
+            json["extra"]["traffic source"]["delivered_to_backends"]["web/be0"],
+            9
+        );
+        let back: Summary = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+        let text = s.render();
+        assert!(
+            text.contains("  control: 7 requests, 5 answered, 2 refused, 1 ended notifications; affinities ended: 3 expired, 1 cancelled, 0 backend removed\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  traffic source: sent 2000000 (1.000 Mpps); received back from the workers per backend: web/be0 9\n"),
+            "{text}"
+        );
     }
 
     #[test]
