@@ -344,7 +344,7 @@ pub fn render(s: &Summary) -> String {
             &mut o,
             "pktdist_control_replies_total",
             "counter",
-            "Control replies, by return code.",
+            "Requests the control plane handled, by the return code of the answer.",
         );
         if let Some(codes) = control.get("by_code").and_then(|r| r.as_object()) {
             for (code, v) in codes {
