@@ -524,6 +524,11 @@ impl Summary {
     }
 }
 
+/// The refusals the control server answers (INVALID, UNSUPPORTED and
+/// NOT_AUTHORIZED: the request was authentic); it sends nothing back for
+/// the others (docs/PROTOCOL.md §3.5, §8).
+const ANSWERED_REFUSALS: [&str; 3] = ["invalid_body", "unsupported_type", "owner_mismatch"];
+
 /// Known extras in words; anything else as JSON.
 fn render_extra(key: &str, v: &serde_json::Value) -> String {
     let n = |path: &[&str]| {
@@ -534,15 +539,22 @@ fn render_extra(key: &str, v: &serde_json::Value) -> String {
     };
     match key {
         "control" => {
-            let refused: u64 = v
-                .get("refused")
-                .and_then(|r| r.as_object())
-                .map_or(0, |r| r.values().filter_map(|x| x.as_u64()).sum());
+            let refused = |answered: bool| -> u64 {
+                v.get("refused").and_then(|r| r.as_object()).map_or(0, |r| {
+                    r.iter()
+                        .filter(|(k, _)| ANSWERED_REFUSALS.contains(&k.as_str()) == answered)
+                        .filter_map(|(_, x)| x.as_u64())
+                        .sum()
+                })
+            };
+            let (silent, answered) = (refused(false), refused(true));
             format!(
-                "{} requests, {} answered, {} refused, {} ended notifications; affinities ended: {} expired, {} cancelled, {} backend removed",
+                "{} datagrams received, {} replies sent, {} refused ({} without a reply, {} answered with an error), {} ended notifications sent; affinities ended: {} expired, {} cancelled, {} backend removed",
                 n(&["received"]),
                 n(&["answered"]),
-                refused,
+                silent + answered,
+                silent,
+                answered,
                 n(&["notifications"]),
                 n(&["ended", "expired"]),
                 n(&["ended", "cancelled"]),
@@ -699,6 +711,38 @@ mod tests {
         assert!(text.contains("be1"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["services"][0]["backends"][1]["connections"], 40);
+    }
+
+    /// The control line says what its figures count: datagrams received,
+    /// replies sent, and refusals split into unanswered and answered ones.
+    #[test]
+    fn control_line_names_what_it_counts() {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        let mut s = Summary::collect(&w, &dp(), 1.0, 0, &CounterBase::default());
+        s.extra.insert(
+            "control".into(),
+            serde_json::json!({
+                "received": 20, "answered": 12, "notifications": 3,
+                "refused": {"bad_hmac": 4, "replay": 2, "invalid_body": 1, "owner_mismatch": 1, "oversize": 0},
+                "ended": {"expired": 2, "cancelled": 1, "backend_removed": 0},
+            }),
+        );
+        let text = s.render();
+        assert!(
+            text.contains(
+                "  control: 20 datagrams received, 12 replies sent, 8 refused (6 without a reply, 2 answered with an error), 3 ended notifications sent; affinities ended: 2 expired, 1 cancelled, 0 backend removed\n"
+            ),
+            "{text}"
+        );
+    }
+
+    /// The answered refusals are reasons the server counts.
+    #[test]
+    fn answered_refusals_are_server_reasons() {
+        let reasons = crate::control::server::RefusalCounters::default().as_array();
+        for r in ANSWERED_REFUSALS {
+            assert!(reasons.iter().any(|(name, _)| *name == r), "{r}");
+        }
     }
 
     #[test]
