@@ -451,7 +451,11 @@ fn missing_file() {
 
 #[test]
 fn shipped_configs_are_valid() {
-    for f in ["config/demo.toml", "config/real-nic.toml"] {
+    for f in [
+        "config/demo.toml",
+        "config/real-nic.toml",
+        "config/testbed.toml",
+    ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(!c.services.is_empty());
