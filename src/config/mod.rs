@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -30,6 +31,14 @@ pub use types::{DurationStr, HexKey, MacAddr, MIN_KEY_BYTES};
 pub const MAX_WEIGHT: u32 = 65535;
 /// Largest flow-table capacity per worker and address family.
 pub const MAX_FLOW_CAPACITY: usize = crate::datapath::flow::MAX_CAPACITY;
+/// Longest flow idle timeout: a day. The flow table keeps times in units of
+/// about a millisecond that wrap after about 52 days, so a timeout must stay
+/// well below that.
+pub const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Largest `[control] max_clock_skew`: ten minutes. The skew is the replay
+/// window: a request stamped further from the distributor's clock is
+/// refused, and nonces are remembered for that long.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -559,6 +568,15 @@ impl Config {
             if d.0.is_zero() {
                 return fail(fp.key(k), "a timeout must be longer than 0");
             }
+            if d.0 > MAX_FLOW_TIMEOUT {
+                return fail(
+                    fp.key(k),
+                    format!(
+                        "{d}: a timeout must be at most {}",
+                        DurationStr(MAX_FLOW_TIMEOUT)
+                    ),
+                );
+            }
         }
         let a = &self.affinity;
         for (k, v, max) in [
@@ -584,7 +602,18 @@ impl Config {
         if c.max_clock_skew.0.is_zero() {
             return fail(cp.key("max_clock_skew"), "must be longer than 0");
         }
-        if c.metrics_listen == Some(c.listen) {
+        if c.max_clock_skew.0 > MAX_CLOCK_SKEW {
+            return fail(
+                cp.key("max_clock_skew"),
+                format!(
+                    "{}: must be at most {}",
+                    c.max_clock_skew,
+                    DurationStr(MAX_CLOCK_SKEW)
+                ),
+            );
+        }
+        // Port 0 asks for any free port: two of them do not collide.
+        if c.listen.port() != 0 && c.metrics_listen == Some(c.listen) {
             return fail(cp.key("metrics_listen"), "is the same address as listen");
         }
         for name in c.keys.keys() {

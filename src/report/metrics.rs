@@ -146,6 +146,20 @@ pub fn render(s: &Summary) -> String {
         "Affinities installed (requested and static).",
     )
     .value(&[], s.affinities as f64);
+    Family::new(
+        &mut o,
+        "pktdist_auto_affinity_pins",
+        "gauge",
+        "Automatic-affinity pins held: a client on a service, with connections open or lingering.",
+    )
+    .value(&[], s.auto_affinity_pins as f64);
+    Family::new(
+        &mut o,
+        "pktdist_auto_affinity_table_full_total",
+        "counter",
+        "New clients of automatic-affinity services left unpinned because the table had no room.",
+    )
+    .value(&[], s.auto_affinity_table_full as f64);
 
     type ServiceGet = fn(&crate::report::summary::ServiceSummary) -> u64;
     let per_service: [(&'static str, &str, ServiceGet); 5] = [
@@ -265,7 +279,7 @@ pub fn render(s: &Summary) -> String {
     }
 
     type PortGet = fn(&crate::report::summary::PortSummary) -> u64;
-    let per_port: [(&'static str, &str, PortGet); 6] = [
+    let per_port: [(&'static str, &str, PortGet); 8] = [
         (
             "pktdist_port_received_packets_total",
             "Packets the device received.",
@@ -275,6 +289,16 @@ pub fn render(s: &Summary) -> String {
             "pktdist_port_transmitted_packets_total",
             "Packets the device transmitted.",
             |p| p.opackets,
+        ),
+        (
+            "pktdist_port_received_bytes_total",
+            "Bytes the device received.",
+            |p| p.ibytes,
+        ),
+        (
+            "pktdist_port_transmitted_bytes_total",
+            "Bytes the device transmitted.",
+            |p| p.obytes,
         ),
         (
             "pktdist_port_missed_packets_total",
@@ -318,7 +342,7 @@ pub fn render(s: &Summary) -> String {
             &mut o,
             "pktdist_control_replies_total",
             "counter",
-            "Control replies, by return code.",
+            "Requests the control plane handled, by the return code of the answer.",
         );
         for (code, v) in &control.by_code {
             f.value(&[("code", code)], *v as f64);

@@ -599,10 +599,12 @@ impl Summary {
         if let Some(c) = &self.extra.control {
             let _ = writeln!(
                 o,
-                "  control: {} requests, {} answered, {} refused, {} ended notifications; affinities ended: {} expired, {} cancelled, {} backend removed",
+                "  control: {} datagrams received, {} replies sent, {} refused ({} without a reply, {} answered with an error), {} ended notifications sent; affinities ended: {} expired, {} cancelled, {} backend removed",
                 c.received,
                 c.answered,
                 c.refused.values().sum::<u64>(),
+                c.refused.iter().filter(|(k, _)| !ANSWERED_REFUSALS.contains(&k.as_str())).map(|(_, n)| n).sum::<u64>(),
+                c.refused.iter().filter(|(k, _)| ANSWERED_REFUSALS.contains(&k.as_str())).map(|(_, n)| n).sum::<u64>(),
                 c.notifications,
                 c.ended.expired,
                 c.ended.cancelled,
@@ -626,6 +628,11 @@ impl Summary {
         o
     }
 }
+
+/// The refusals the control server answers (INVALID, UNSUPPORTED and
+/// NOT_AUTHORIZED: the request was authentic); it sends nothing back for
+/// the others (docs/PROTOCOL.md §3.5, §8).
+const ANSWERED_REFUSALS: [&str; 3] = ["invalid_body", "unsupported_type", "owner_mismatch"];
 
 fn share(part: u64, total: u64) -> f64 {
     if total == 0 {
@@ -798,13 +805,56 @@ mod tests {
         assert_eq!(back, s);
         let text = s.render();
         assert!(
-            text.contains("  control: 7 requests, 5 answered, 2 refused, 1 ended notifications; affinities ended: 3 expired, 1 cancelled, 0 backend removed\n"),
+            text.contains("  control: 7 datagrams received, 5 replies sent, 2 refused (2 without a reply, 0 answered with an error), 1 ended notifications sent; affinities ended: 3 expired, 1 cancelled, 0 backend removed\n"),
             "{text}"
         );
         assert!(
             text.contains("  traffic source: sent 2000000 (1.000 Mpps); received back from the workers per backend: web/be0 9\n"),
             "{text}"
         );
+    }
+
+    /// The control line says what its figures count: datagrams received,
+    /// replies sent, and refusals split into unanswered and answered ones.
+    #[test]
+    fn control_line_names_what_it_counts() {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        let mut s = Summary::collect(&w, &dp(), 1.0, 0, &CounterBase::default());
+        s.extra.control = Some(ControlSummary {
+            received: 20,
+            answered: 12,
+            notifications: 3,
+            refused: [
+                ("bad_hmac".to_string(), 4),
+                ("replay".to_string(), 2),
+                ("invalid_body".to_string(), 1),
+                ("owner_mismatch".to_string(), 1),
+                ("oversize".to_string(), 0),
+            ]
+            .into(),
+            ended: EndedSummary {
+                expired: 2,
+                cancelled: 1,
+                backend_removed: 0,
+            },
+            ..ControlSummary::default()
+        });
+        let text = s.render();
+        assert!(
+            text.contains(
+                "  control: 20 datagrams received, 12 replies sent, 8 refused (6 without a reply, 2 answered with an error), 3 ended notifications sent; affinities ended: 2 expired, 1 cancelled, 0 backend removed\n"
+            ),
+            "{text}"
+        );
+    }
+
+    /// The answered refusals are reasons the server counts.
+    #[test]
+    fn answered_refusals_are_server_reasons() {
+        let reasons = crate::control::counters::RefusalCounters::default().as_array();
+        for r in ANSWERED_REFUSALS {
+            assert!(reasons.iter().any(|(name, _)| *name == r), "{r}");
+        }
     }
 
     #[test]
