@@ -4,10 +4,12 @@ needed), and ends with the line CI reads: ``python: N passed, N failed,
 N skipped``. Exits 1 if a test failed or errored, or if none ran.
 
     python3 clients/python/tests/run.py            # every test
-    python3 clients/python/tests/run.py --unit     # without test_e2e, test_install
+    python3 clients/python/tests/run.py --unit     # test_wire and test_client only
     PKTDIST_PY_REQUIRE_E2E=1 python3 ...           # a skipped end-to-end test fails
 
-The end-to-end tests need root and target/release/pktdist.
+test_e2e (a real pktdist on virtual devices) and test_testbed (the example
+backend on the namespace test bed) need root and target/release/pktdist;
+test_install needs pip.
 """
 
 from __future__ import annotations
