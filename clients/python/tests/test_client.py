@@ -4,6 +4,7 @@ replies and notifications it accepts, retries, pagination, threads."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import threading
@@ -391,6 +392,7 @@ class Notifications(Base):
         self.assertEqual(
             first, pktdist.Ended("192.0.2.10:80", "198.51.100.0/24", None, "web1", pktdist.EndReason.CANCELLED)
         )
+        assert second is not None
         self.assertEqual((second.client, second.ports, second.reason_name), ("198.51.100.9/32", 80, "EXPIRED"))
         self.assertIsNone(c.recv_ended(timeout=SHORT))
         self.assertEqual(c.ignored, 3)
@@ -406,8 +408,22 @@ class Notifications(Base):
         c.cancel("192.0.2.10:80", "198.51.100.0/24")
         self.srv.join()
         n = c.recv_ended(timeout=0)
-        self.assertIsNotNone(n)
+        assert n is not None
         self.assertEqual(n.reason, pktdist.EndReason.EXPIRED)
+
+    def test_a_zero_timeout_polls_what_has_arrived(self) -> None:
+        c = self.client()
+        self.assertIsNone(c.recv_ended(timeout=0))
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        self.srv.ended(to, nonce=1, reason=1, key=WEB2_KEY)  # forged
+        select.select([c._sock], [], [], PATIENCE)  # until it has arrived
+        self.assertIsNone(c.recv_ended(timeout=0))
+        self.assertEqual(c.ignored, 1)
+        self.srv.ended(to, nonce=2, reason=3)
+        select.select([c._sock], [], [], PATIENCE)
+        n = c.recv_ended(timeout=0)
+        assert n is not None
+        self.assertEqual(n.reason, pktdist.EndReason.BACKEND_REMOVED)
 
     def test_iter_ended_stops_after_a_quiet_timeout(self) -> None:
         c = self.client()

@@ -190,6 +190,7 @@ class Arguments(unittest.TestCase):
         self.assertEqual(w.parse_ports("443"), (1, 443, 443))
         self.assertEqual(w.parse_ports((1000, 1999)), (2, 1000, 1999))
         self.assertEqual(w.parse_ports("1000-1999"), (2, 1000, 1999))
+        bad: object
         for bad in [(2000, 1000), "2000-1000"]:
             with self.assertRaisesRegex(ValueError, "low end is above"):
                 w.parse_ports(bad)

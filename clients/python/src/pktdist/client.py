@@ -54,6 +54,8 @@ MAX_QUEUED_NOTICES = 4096
 #: Largest statistics document accepted.
 MAX_STATS_LEN = 16 << 20
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+#: Datagrams read at most by a wait whose deadline has passed.
+MAX_POLL_READS = 64
 
 
 class _Pending:
@@ -111,7 +113,8 @@ class Client:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except socket.gaierror as e:
             raise ValueError(f"server {server!r}: cannot resolve {host!r}: {e}") from None
-        family, _, _, _, self._server = infos[0]
+        family = infos[0][0]
+        self._server: Tuple[Any, ...] = infos[0][4]
         if bind is None:
             local: Tuple[Any, ...] = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
         else:
@@ -516,7 +519,10 @@ class Client:
         """Waits until `ready()` (called with the lock held) or `deadline`
         (a time.monotonic() value; None = no limit). Meanwhile, if no other
         thread reads the socket, this one does, one datagram at a time,
-        dispatching each to whoever waits for it."""
+        dispatching each to whoever waits for it. Once the deadline has
+        passed, what is already in the socket is still read (so a timeout
+        of 0 polls)."""
+        final = False
         while True:
             with self._cv:
                 while True:
@@ -524,38 +530,52 @@ class Client:
                         return True
                     if self._closed:
                         raise Error("the client is closed")
-                    now = time.monotonic()
-                    if deadline is not None and now >= deadline:
+                    expired = deadline is not None and time.monotonic() >= deadline
+                    if expired and final:
                         return False
                     if not self._reading:
                         self._reading = True
+                        final = expired
                         break
-                    self._cv.wait(None if deadline is None else deadline - now)
+                    if expired:
+                        return False
+                    self._cv.wait(None if deadline is None else deadline - time.monotonic())
             try:
-                self._read_one(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if final:
+                    # What has arrived already, without waiting.
+                    for _ in range(MAX_POLL_READS):
+                        if not self._read_one(0.0):
+                            break
+                        with self._cv:
+                            if ready():
+                                break
+                else:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    self._read_one(left)
             finally:
                 with self._cv:
                     self._reading = False
                     self._cv.notify_all()
 
-    def _read_one(self, timeout: Optional[float]) -> None:
+    def _read_one(self, timeout: Optional[float]) -> bool:
         """Reads and dispatches at most one datagram, waiting up to
-        `timeout` seconds for it. Only the thread holding the reader role
-        calls this."""
+        `timeout` seconds for it; whether one was read. Only the thread
+        holding the reader role calls this."""
         events = self._selector.select(timeout)
         if not events or any(key.fileobj is self._wake_r for key, _ in events):
-            return
+            return False
         try:
             # Readable, and no other thread reads: this does not block
             # (MSG_DONTWAIT makes sure where the platform has it).
             data = self._sock.recv(65536, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             if self.closed:
-                return
+                return False
             raise Error(f"control socket: {e}") from e
         self._accept(data)
+        return True
 
     def _accept(self, data: bytes) -> None:
         """Authenticates one datagram: a reply goes to the request waiting
