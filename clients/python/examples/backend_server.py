@@ -224,7 +224,7 @@ def affinity_thread(
             owner = f" (owner {e.owner})" if e.owner else ""
             detail = f": {e.message}" if e.message else ""
             log(name, f"{what}: {e.code_name}{owner}{detail}")
-        except pktdist.Error as e:
+        except (pktdist.Error, ValueError) as e:
             if client.closed:
                 return
             log(name, f"{what}: failed: {e}")
