@@ -411,6 +411,9 @@ struct Books {
     vips: Vips,
     /// Idle timeout in ns, indexed by `TcpState as usize`.
     timeout_ns: [u64; 4],
+    /// The shortest of them, in whole stamp units: no entry idle for this
+    /// many units plus one or fewer has expired, whatever its state.
+    shortest: u32,
     stats: FlowStats,
 }
 
@@ -422,6 +425,21 @@ impl Books {
         let age = u64::from(stamp_of(now).wrapping_sub(slot.stamp));
         age.saturating_sub(1) << STAMP_SHIFT > self.timeout_ns[usize::from(slot.state & 3)]
     }
+
+    /// Whether some entry idle for `age` stamp units may have expired.
+    #[inline]
+    fn may_have_expired(&self, age: u32) -> bool {
+        age.saturating_sub(1) > self.shortest
+    }
+}
+
+/// Where [`Part::room`] puts a new flow.
+enum Room {
+    /// A free slot: of the home bucket, or of the alternate (`guest`).
+    Free { b: usize, s: usize, guest: bool },
+    /// Over the flow in slot `s` of the home bucket (expired or evicted),
+    /// which is handed back.
+    Over { s: usize },
 }
 
 #[inline]
@@ -521,27 +539,33 @@ impl<K: SlotKey> Part<K> {
         }
     }
 
-    /// The slot of bucket `b` holding `key`, among its own flows (`guest`
-    /// false) or its guests (true).
-    #[inline]
-    fn find(&self, b: usize, key: K, guest: bool) -> Option<usize> {
-        let want = OCCUPIED | if guest { GUEST } else { 0 };
+    /// The slot of bucket `b` holding `key`.
+    #[inline(always)]
+    fn find(&self, b: usize, key: K) -> Option<usize> {
         let slots = &self.buckets[b].slots;
-        (0..WAYS).find(|&s| slots[s].key == key && slots[s].state & (OCCUPIED | GUEST) == want)
+        (0..WAYS).find(|&s| slots[s].key == key && slots[s].used())
     }
 
     /// Where `key`, whose home is `b`, is stored: in `b`, or in its
     /// alternate, which is read only when some key of `b` lives in its own.
-    #[inline]
+    /// (A key is in one bucket at most: its home, or as a guest in its
+    /// alternate.)
+    #[inline(always)]
     fn find_from(&self, b: usize, key: K) -> Option<(usize, usize)> {
-        if let Some(s) = self.find(b, key, false) {
+        if let Some(s) = self.find(b, key) {
             return Some((b, s));
         }
         if self.spill(b) == 0 {
             return None;
         }
+        self.find_guest(b, key)
+    }
+
+    /// [`Part::find_from`] in the alternate: the rare case, kept out of line.
+    #[inline(never)]
+    fn find_guest(&self, b: usize, key: K) -> Option<(usize, usize)> {
         let a = self.alternate(b, key)?;
-        self.find(a, key, true).map(|s| (a, s))
+        self.find(a, key).map(|s| (a, s))
     }
 
     /// Where `flow`, whose home is `b`, is stored (it cannot be when its
@@ -713,65 +737,112 @@ impl<K: SlotKey> Part<K> {
         }
     }
 
-    /// Where a new flow of home bucket `b` goes, and whether that slot's
-    /// flow is handed back (counted in the stats here): a free slot of `b`;
-    /// a slot of `b` whose flow has expired; a free slot of the alternate
-    /// (the flow lives there as a guest); the slot of one of `b`'s own flows
-    /// moved to its alternate to make room; last, `b`'s least recently seen
-    /// flow, evicted. Returns the bucket, the slot, whether it is a guest
-    /// slot, and whether the slot's flow is to be handed back.
-    fn room(
-        &mut self,
-        books: &mut Books,
-        b: usize,
-        key: K,
-        now: u64,
-    ) -> (usize, usize, bool, bool) {
-        if let Some(s) = self.free(b) {
-            return (b, s, false, false);
-        }
-        let slots = &self.buckets[b].slots;
-        if let Some(s) = slots.iter().position(|x| books.expired(x, now)) {
-            books.stats.expired += 1;
-            return (b, s, false, true);
-        }
-        // A spill count saturates no further: a bucket with that many
-        // guests out evicts instead.
-        if self.spill(b) < u8::MAX {
-            if let Some(a) = self.alternate(b, key).filter(|&a| !self.is_full(a)) {
-                if let Some(t) = self.free(a) {
-                    books.stats.spilled += 1;
-                    return (a, t, true, false);
-                }
-            }
-            // Moving one of the bucket's own flows to its alternate costs
-            // a read of each candidate's bit only; in a nearly full
-            // sub-table the alternates are full too, so it is not tried.
-            let cap = self.capacity();
-            if books.len[K::FAMILY] < cap - cap / MOVE_LIMIT {
-                for s in 0..WAYS {
-                    let slot = &self.buckets[b].slots[s];
-                    if slot.state & GUEST != 0 {
-                        continue;
-                    }
-                    let Some(a) = self.alternate(b, slot.key).filter(|&a| !self.is_full(a)) else {
-                        continue;
-                    };
-                    if let Some(t) = self.free(a) {
-                        self.relocate(b, s, a, t, true);
-                        books.stats.moved += 1;
-                        return (b, s, false, false);
-                    }
-                }
-            }
-        }
+    /// Where a new flow of home bucket `b` goes (counted in the stats
+    /// here): a free slot of `b`; over a flow of `b` whose idle timeout has
+    /// passed; a free slot of the alternate (as a guest there); the slot of
+    /// one of `b`'s own flows moved to its alternate to make room; last,
+    /// over `b`'s least recently seen flow, evicted (of flows seen in the
+    /// same stamp unit, a guest first: its home then reads one bucket
+    /// again).
+    #[inline]
+    fn room(&mut self, books: &mut Books, b: usize, key: K, now: u64) -> Room {
         let now_stamp = stamp_of(now);
         let slots = &self.buckets[b].slots;
-        let s = (0..WAYS)
-            .max_by_key(|&s| now_stamp.wrapping_sub(slots[s].stamp))
-            .unwrap_or(0);
+        let (mut oldest, mut oldest_rank) = (0, 0);
+        for (s, x) in slots.iter().enumerate() {
+            if !x.used() {
+                return Room::Free { b, s, guest: false };
+            }
+            let age = now_stamp.wrapping_sub(x.stamp);
+            let rank = u64::from(age) << 1 | u64::from(x.state & GUEST != 0);
+            if rank > oldest_rank {
+                (oldest, oldest_rank) = (s, rank);
+            }
+        }
+        // The timeouts are read only if the oldest flow may have expired.
+        if books.may_have_expired((oldest_rank >> 1) as u32) {
+            if let Some(s) = slots.iter().position(|x| books.expired(x, now)) {
+                books.stats.expired += 1;
+                return Room::Over { s };
+            }
+        }
+        // A full sub-table has no room elsewhere either; a spill count
+        // saturates no further (a bucket with that many guests out evicts).
+        let (len, cap) = (books.len[K::FAMILY], self.capacity());
+        if len < cap && self.spill(b) < u8::MAX {
+            if let Some(room) = self.room_elsewhere(books, b, key, len < cap - cap / MOVE_LIMIT) {
+                return room;
+            }
+        }
         books.stats.evicted += 1;
-        (b, s, false, true)
+        Room::Over { s: oldest }
+    }
+
+    /// The alternate's free slot for a new flow of the full home `b`, or,
+    /// when `moves`, a slot of `b` freed by moving one of its own flows to
+    /// that flow's alternate. Reads no bucket whose full bit is set.
+    #[inline(never)]
+    fn room_elsewhere(&mut self, books: &mut Books, b: usize, key: K, moves: bool) -> Option<Room> {
+        if let Some(a) = self.alternate(b, key).filter(|&a| !self.is_full(a)) {
+            if let Some(t) = self.free(a) {
+                books.stats.spilled += 1;
+                return Some(Room::Free {
+                    b: a,
+                    s: t,
+                    guest: true,
+                });
+            }
+        }
+        if !moves {
+            return None;
+        }
+        for s in 0..WAYS {
+            let slot = &self.buckets[b].slots[s];
+            if slot.state & GUEST != 0 {
+                continue;
+            }
+            let Some(a) = self.alternate(b, slot.key).filter(|&a| !self.is_full(a)) else {
+                continue;
+            };
+            if let Some(t) = self.free(a) {
+                self.relocate(b, s, a, t, true);
+                books.stats.moved += 1;
+                return Some(Room::Free { b, s, guest: false });
+            }
+        }
+        None
+    }
+
+    /// Hands back the flow in slot `s` of bucket `b` and writes another in
+    /// its place: the same flow (`same`, which keeps the slot's guest bit)
+    /// or a new flow of home `b`. The bucket's occupancy, and so its full
+    /// bit, do not change.
+    #[allow(clippy::too_many_arguments)]
+    fn replace(
+        &mut self,
+        books: &mut Books,
+        (b, s): (usize, usize),
+        same: bool,
+        key: K,
+        stamp: u32,
+        backend: u16,
+        state: u8,
+    ) -> FlowEntry {
+        let e = self.entry(books, b, s);
+        let slot = &mut self.buckets[b].slots[s];
+        let old = slot.key;
+        let guest = slot.state & GUEST;
+        slot.key = key;
+        slot.stamp = stamp;
+        slot.backend = backend;
+        slot.state = state | if same { guest } else { 0 };
+        books.vips.release(old.vip());
+        if guest != 0 && !same {
+            // A guest from another home leaves: its home's count drops.
+            let h = self.home_of_guest(b, old);
+            self.buckets[h].slots[0].spill -= 1;
+        }
+        e
     }
 
     fn insert(
@@ -787,28 +858,33 @@ impl<K: SlotKey> Part<K> {
         };
         let key = K::pack(&entry.key, vip);
         let home = self.bucket(hash);
-        // The slot to write, whether it is a guest slot, and whether it
-        // holds a flow to hand back.
-        let (b, s, guest, displace) = if let Some((b, s)) = self.find_from(home, key) {
+        let auto = entry.auto_slot != NO_AUTO_SLOT;
+        debug_assert!((entry.backend as usize) < MAX_BACKENDS);
+        let (stamp, backend) = (stamp_of(now), entry.backend as u16);
+        let state = OCCUPIED | if auto { HAS_AUTO } else { 0 } | entry.state as u8;
+        let (b, s, displaced) = if let Some((b, s)) = self.find_from(home, key) {
             books.stats.updated += 1;
-            (b, s, b != home, true)
+            let old = self.replace(books, (b, s), true, key, stamp, backend, state);
+            (b, s, Some(old))
         } else {
             books.stats.inserted += 1;
-            self.room(books, home, key, now)
+            match self.room(books, home, key, now) {
+                Room::Free { b, s, guest } => {
+                    let state = state | if guest { GUEST } else { 0 };
+                    self.fill(b, s, key, stamp, backend, state);
+                    books.len[K::FAMILY] += 1;
+                    (b, s, None)
+                }
+                Room::Over { s } => {
+                    let old = self.replace(books, (home, s), false, key, stamp, backend, state);
+                    (home, s, Some(old))
+                }
+            }
         };
-        let displaced = displace.then(|| self.take(books, b, s));
-        let auto = entry.auto_slot != NO_AUTO_SLOT;
         if auto {
             self.autos[b * WAYS + s] = entry.auto_slot;
         }
-        debug_assert!((entry.backend as usize) < MAX_BACKENDS);
-        let state = OCCUPIED
-            | if auto { HAS_AUTO } else { 0 }
-            | if guest { GUEST } else { 0 }
-            | entry.state as u8;
-        self.fill(b, s, key, stamp_of(now), entry.backend as u16, state);
         books.vips.hold(vip);
-        books.len[K::FAMILY] += 1;
         Ok(displaced)
     }
 
@@ -898,18 +974,21 @@ impl FlowTable {
         vips: usize,
     ) -> FlowTable {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let timeout_ns = [
+            ns(timeouts.syn),
+            ns(timeouts.established),
+            ns(timeouts.fin),
+            ns(timeouts.udp),
+        ];
+        let shortest = timeout_ns.iter().min().map_or(0, |&t| t >> STAMP_SHIFT);
         FlowTable {
             v4: Part::new(capacity),
             v6: Part::new(capacity_v6),
             books: Books {
                 len: [0, 0],
                 vips: Vips::new(vips),
-                timeout_ns: [
-                    ns(timeouts.syn),
-                    ns(timeouts.established),
-                    ns(timeouts.fin),
-                    ns(timeouts.udp),
-                ],
+                timeout_ns,
+                shortest: u32::try_from(shortest).unwrap_or(u32::MAX),
                 stats: FlowStats::default(),
             },
             cursor: 0,
