@@ -1,15 +1,16 @@
 //! The per-worker connection table.
 //!
 //! Each worker owns one `FlowTable` and is its only user, so it needs no
-//! locks. The table is set-associative with two choices: a flow's hash
-//! picks its *home* bucket of [`WAYS`] slots, and its key (as the slot
-//! stores it) the *alternate*, another bucket that takes the flow when home
-//! is full. A lookup reads the home bucket, and the alternate only when
-//! some flow of that home lives in its alternate (a count kept in the home
-//! bucket's first line, which the lookup reads anyway): at half of capacity
-//! about 2% of buckets have such flows and under 1% of flows are among
-//! them, so an established packet reads one bucket in all but about one
-//! case in a hundred.
+//! locks. The table is set-associative with two choices: the low half of a
+//! flow's hash picks its *home* bucket of [`WAYS`] slots, the high half its
+//! *alternate*, another bucket that takes the flow when home is full. A
+//! lookup reads the home bucket, and the alternate only when some flow of
+//! that home lives in its alternate (a bit per bucket, set while its spill
+//! count is not zero): at half of capacity about 2% of buckets have such
+//! flows and under 1% of flows are among them. [`FlowTable::prefetch`]
+//! reads that bit when it hints the home bucket and hints the alternate
+//! too where the lookup will read it, or where a SYN's insert will write
+//! it, so the second bucket is in cache when it is needed.
 //!
 //! Bytes per flow are what matter. A worker's table (a million flows or
 //! more) is far beyond the TLB's reach, so on 4 KiB pages a packet of an
@@ -33,20 +34,17 @@
 //! so packets of other flows never touch its pages.
 //!
 //! A lookup compares the packed key with the bucket's eight keys directly:
-//! no tags, and no second dependent read.
-//! [`FlowTable::prefetch`] hints all of the bucket's lines, so one prefetch
-//! stage a burst ahead covers both a hit and the slot an insert will write.
-//! The whole table is written once at construction, so its pages are
-//! faulted in before the first packet.
+//! no tags, and no second dependent read. The whole table is written once
+//! at construction, so its pages are faulted in before the first packet.
 //!
 //! Capacity is fixed at construction, per family (each rounded up to a
 //! multiple of [`WAYS`]); after that only the address list can grow, when a
 //! new service address is first seen. A new flow goes, in this order, to a
 //! free slot of its home; over an entry of its home whose idle timeout has
 //! passed; to a free slot of its alternate (whether the alternate has one
-//! is a bit in a small bitmap, so a full table does not read a second,
-//! cold bucket per new flow); to the slot of one of the home's own flows
-//! moved to that flow's alternate (a one-step cuckoo move, tried while the
+//! is a bit in a small bitmap, so a full table does not read a second, cold
+//! bucket per new flow); to the slot of one of the home's own flows moved
+//! to that flow's alternate (a one-step cuckoo move, tried while the
 //! family is under 15/16 full); and last over the home bucket's least
 //! recently seen entry, evicted. So below about three quarters of capacity
 //! practically no flow is evicted (a million random flows in a 2^21-flow
@@ -55,7 +53,9 @@
 //! Katran): a global LRU would cost a list update per packet. An evicted
 //! flow is not lost: its next packet is routed again by affinity and the
 //! consistent hash, which normally picks the same backend. A flow in its
-//! alternate goes back home at its next packet once home has room.
+//! alternate goes back home at its next packet once home has room. The
+//! hash passed with a key must be its [`flow_hash`]: the rare paths that
+//! need a stored flow's buckets (a guest leaving, a move) compute it again.
 //!
 //! Last-seen times are kept in units of 2^20 ns (about 1.05 ms), so idle
 //! timeouts are honoured to within about two milliseconds (an entry is
@@ -69,7 +69,7 @@ use std::time::Duration;
 mod vips;
 
 use crate::dpdk::prefetch;
-use crate::types::{tcp_flags, Family, FlowKey};
+use crate::types::{flow_hash, tcp_flags, Family, FlowKey};
 use crate::types::{BackendId, MAX_BACKENDS};
 use vips::{Vip, Vips};
 
@@ -236,18 +236,6 @@ trait SlotKey: Copy + Eq + std::fmt::Debug {
     fn vip(self) -> u16;
     /// The whole 5-tuple, given the address of [`SlotKey::vip`].
     fn unpack(self, vip: Vip) -> FlowKey;
-    /// A hash of the stored key, independent of the flow hash that picks
-    /// the home bucket: it places the alternate.
-    fn spread(self) -> u64;
-}
-
-/// A 64-bit finaliser (Pelle Evensen's moremur): every input bit reaches
-/// every output bit.
-#[inline]
-fn spread64(x: u64) -> u64 {
-    let x = (x ^ (x >> 27)).wrapping_mul(0x3c79_ac49_2ba7_b653);
-    let x = (x ^ (x >> 33)).wrapping_mul(0x1c69_b3f7_4ac4_ae35);
-    x ^ (x >> 27)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -278,11 +266,6 @@ impl SlotKey for V4Key {
     #[inline]
     fn vip(self) -> u16 {
         self.0 as u16
-    }
-
-    #[inline]
-    fn spread(self) -> u64 {
-        spread64(self.0)
     }
 
     #[inline]
@@ -335,12 +318,6 @@ impl SlotKey for V6Key {
     }
 
     #[inline]
-    fn spread(self) -> u64 {
-        let rest = u64::from(self.sport) << 16 | u64::from(self.vip);
-        spread64(self.src_hi ^ spread64(self.src_lo ^ spread64(rest)))
-    }
-
-    #[inline]
     fn unpack(self, vip: Vip) -> FlowKey {
         FlowKey {
             src: u128::from(self.src_hi) << 64 | u128::from(self.src_lo),
@@ -367,10 +344,6 @@ struct Slot<K> {
     backend: u16,
     /// [`OCCUPIED`] | [`HAS_AUTO`] | [`GUEST`] | [`TcpState`]; 0 = empty.
     state: u8,
-    /// In slot 0 only, the bucket's spill count: how many flows whose home
-    /// is this bucket live in their alternate (it fits in the slot's
-    /// padding, and a lookup reads slot 0's line anyway).
-    spill: u8,
 }
 
 impl<K: SlotKey> Slot<K> {
@@ -379,7 +352,6 @@ impl<K: SlotKey> Slot<K> {
         stamp: 0,
         backend: 0,
         state: 0,
-        spill: 0,
     };
 
     #[inline]
@@ -453,11 +425,28 @@ struct Part<K: SlotKey> {
     /// The auto-affinity handle of each slot (bucket * [`WAYS`] + way),
     /// valid where the slot's state has [`HAS_AUTO`].
     autos: Box<[u32]>,
-    /// One bit per bucket, set while all its slots are in use: an insert
-    /// that finds its home bucket full asks here whether the alternate has
-    /// room without reading it (a 2^21-flow table has 32 KiB of bits, which
-    /// stay in cache; the buckets do not).
+    /// One bit per bucket, set while all its slots are in use.
     full: Box<[u64]>,
+    /// One bit per bucket, set while some flow whose home it is lives in
+    /// its alternate (its count in `spills` is not zero).
+    spilled: Box<[u64]>,
+    /// Per bucket, how many flows whose home it is live in their alternate.
+    spills: Box<[u8]>,
+}
+
+#[inline]
+fn bit(bits: &[u64], b: usize) -> bool {
+    bits[b / 64] >> (b % 64) & 1 != 0
+}
+
+#[inline]
+fn set_bit(bits: &mut [u64], b: usize, on: bool) {
+    let m = 1u64 << (b % 64);
+    if on {
+        bits[b / 64] |= m;
+    } else {
+        bits[b / 64] &= !m;
+    }
 }
 
 impl<K: SlotKey> Part<K> {
@@ -467,6 +456,8 @@ impl<K: SlotKey> Part<K> {
             buckets: vec![Bucket::EMPTY; n].into_boxed_slice(),
             autos: vec![NO_AUTO_SLOT; n * WAYS].into_boxed_slice(),
             full: vec![0; n.div_ceil(64)].into_boxed_slice(),
+            spilled: vec![0; n.div_ceil(64)].into_boxed_slice(),
+            spills: vec![0; n].into_boxed_slice(),
         }
     }
 
@@ -477,65 +468,66 @@ impl<K: SlotKey> Part<K> {
         (((hash & 0xffff_ffff) * self.buckets.len() as u64) >> 32) as usize
     }
 
-    /// How far (in buckets, 1 to n - 1) a key's alternate lies past its
-    /// home, from the key as its slot stores it: a slot alone tells the
-    /// other bucket of its flow, without the flow's hash.
+    /// The alternate bucket of `hash`, whose home is `home`: its high 32
+    /// bits scaled the same way, the next bucket where that is the home
+    /// (none in a table of one bucket).
     #[inline]
-    fn offset(&self, key: K) -> usize {
-        let n = self.buckets.len() as u64;
-        1 + (((key.spread() >> 32) * (n - 1)) >> 32) as usize
-    }
-
-    /// The alternate bucket of a key whose home is `b` (none in a table of
-    /// one bucket).
-    #[inline]
-    fn alternate(&self, b: usize, key: K) -> Option<usize> {
+    fn alternate(&self, home: usize, hash: u64) -> Option<usize> {
         let n = self.buckets.len();
         if n < 2 {
             return None;
         }
-        let a = b + self.offset(key);
-        Some(if a >= n { a - n } else { a })
-    }
-
-    /// The home bucket of a key that lives in its alternate `a`.
-    #[inline]
-    fn home_of_guest(&self, a: usize, key: K) -> usize {
-        let off = self.offset(key);
-        if a >= off {
-            a - off
+        let a = ((hash >> 32) * n as u64 >> 32) as usize;
+        Some(if a != home {
+            a
+        } else if a + 1 < n {
+            a + 1
         } else {
-            a + self.buckets.len() - off
-        }
+            0
+        })
     }
 
-    /// Keys whose home is `b` living in their alternate bucket.
-    #[inline]
-    fn spill(&self, b: usize) -> u8 {
-        self.buckets[b].slots[0].spill
+    /// The home of a stored flow, from its hash computed again (the rare
+    /// paths that need it: a guest leaving, a move).
+    fn home_and_alternate(&self, books: &Books, key: K) -> (usize, Option<usize>) {
+        let h = flow_hash(&key.unpack(books.vips.addr(key.vip())));
+        let home = self.bucket(h);
+        (home, self.alternate(home, h))
     }
 
+    /// Counts a flow of home `b` into (`up`) or out of its alternate.
     #[inline]
-    fn is_full(&self, b: usize) -> bool {
-        self.full[b / 64] >> (b % 64) & 1 != 0
-    }
-
-    #[inline]
-    fn set_full(&mut self, b: usize, full: bool) {
-        let bit = 1u64 << (b % 64);
-        if full {
-            self.full[b / 64] |= bit;
-        } else {
-            self.full[b / 64] &= !bit;
-        }
+    fn count_spill(&mut self, b: usize, up: bool) {
+        let c = &mut self.spills[b];
+        *c = if up { *c + 1 } else { *c - 1 };
+        let on = *c != 0;
+        set_bit(&mut self.spilled, b, on);
     }
 
     #[inline]
-    fn prefetch(&self, hash: u64) {
-        let bk = &self.buckets[self.bucket(hash)];
+    fn prefetch_bucket(&self, b: usize) {
+        let bk = &self.buckets[b];
         let per_line = (CACHE_LINE / std::mem::size_of::<Slot<K>>()).max(1);
         for s in (0..WAYS).step_by(per_line) {
             prefetch(&bk.slots[s]);
+        }
+    }
+
+    /// Hints the home bucket of `hash`, and its alternate where the lookup
+    /// will read it (some flow of the home lives in its alternate) or, for
+    /// a flow about to be inserted (`insert`), where the insert will write
+    /// it (home full, alternate not).
+    #[inline]
+    fn prefetch(&self, hash: u64, insert: bool) {
+        let b = self.bucket(hash);
+        self.prefetch_bucket(b);
+        let spilled = bit(&self.spilled, b);
+        if spilled || insert && bit(&self.full, b) {
+            if let Some(a) = self.alternate(b, hash) {
+                if spilled || !bit(&self.full, a) {
+                    self.prefetch_bucket(a);
+                }
+            }
         }
     }
 
@@ -546,34 +538,40 @@ impl<K: SlotKey> Part<K> {
         (0..WAYS).find(|&s| slots[s].key == key && slots[s].used())
     }
 
-    /// Where `key`, whose home is `b`, is stored: in `b`, or in its
-    /// alternate, which is read only when some key of `b` lives in its own.
-    /// (A key is in one bucket at most: its home, or as a guest in its
-    /// alternate.)
+    /// Where `key`, whose hash is `hash` and home `b`, is stored: in `b`,
+    /// or in its alternate, which is read only when some flow of `b` lives
+    /// in its own. (A flow is in one bucket at most: its home, or as a
+    /// guest in its alternate.)
     #[inline(always)]
-    fn find_from(&self, b: usize, key: K) -> Option<(usize, usize)> {
+    fn find_from(&self, b: usize, hash: u64, key: K) -> Option<(usize, usize)> {
         if let Some(s) = self.find(b, key) {
             return Some((b, s));
         }
-        if self.spill(b) == 0 {
+        if !bit(&self.spilled, b) {
             return None;
         }
-        self.find_guest(b, key)
+        self.find_guest(b, hash, key)
     }
 
     /// [`Part::find_from`] in the alternate: the rare case, kept out of line.
     #[inline(never)]
-    fn find_guest(&self, b: usize, key: K) -> Option<(usize, usize)> {
-        let a = self.alternate(b, key)?;
+    fn find_guest(&self, b: usize, hash: u64, key: K) -> Option<(usize, usize)> {
+        let a = self.alternate(b, hash)?;
         self.find(a, key).map(|s| (a, s))
     }
 
-    /// Where `flow`, whose home is `b`, is stored (it cannot be when its
-    /// destination has no index).
+    /// Where `flow` (hash `hash`, home `b`) is stored (it cannot be when
+    /// its destination has no index).
     #[inline]
-    fn locate(&self, books: &mut Books, b: usize, flow: &FlowKey) -> Option<(usize, usize)> {
+    fn locate(
+        &self,
+        books: &mut Books,
+        b: usize,
+        hash: u64,
+        flow: &FlowKey,
+    ) -> Option<(usize, usize)> {
         let vip = books.vips.find(flow)?;
-        self.find_from(b, K::pack(flow, vip))
+        self.find_from(b, hash, K::pack(flow, vip))
     }
 
     /// A slot of bucket `b` not in use.
@@ -604,58 +602,76 @@ impl<K: SlotKey> Part<K> {
         }
     }
 
-    /// Empties slot `s` of bucket `b` (no books kept); a guest leaves its
-    /// home's spill count.
-    fn clear(&mut self, b: usize, s: usize) {
-        let slot = &mut self.buckets[b].slots[s];
-        let guest = slot.state & GUEST != 0;
-        let key = slot.key;
-        slot.state = 0;
-        self.set_full(b, false);
-        if guest {
-            let h = self.home_of_guest(b, key);
-            self.buckets[h].slots[0].spill -= 1;
-        }
-    }
-
-    /// Writes a flow into the free slot `s` of bucket `b` (keeping the
-    /// slot's spill byte, which is the bucket's); a guest (`state` has
-    /// [`GUEST`]) joins its home's spill count.
-    fn fill(&mut self, b: usize, s: usize, key: K, stamp: u32, backend: u16, state: u8) {
+    /// Writes a flow into the free slot `s` of bucket `b`; a guest (`state`
+    /// has [`GUEST`]) is counted in its home's spill count.
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &mut self,
+        (b, s): (usize, usize),
+        home: usize,
+        key: K,
+        stamp: u32,
+        backend: u16,
+        state: u8,
+    ) {
         let slot = &mut self.buckets[b].slots[s];
         debug_assert!(!slot.used());
-        slot.key = key;
-        slot.stamp = stamp;
-        slot.backend = backend;
-        slot.state = state;
+        *slot = Slot {
+            key,
+            stamp,
+            backend,
+            state,
+        };
         if self.buckets[b].slots.iter().all(Slot::used) {
-            self.set_full(b, true);
+            set_bit(&mut self.full, b, true);
         }
         if state & GUEST != 0 {
-            let h = self.home_of_guest(b, key);
-            self.buckets[h].slots[0].spill += 1;
+            self.count_spill(home, true);
         }
     }
 
-    /// Moves the flow in slot `s` of bucket `b` to the free slot `t` of
-    /// bucket `to`, as a guest there or not.
-    fn relocate(&mut self, b: usize, s: usize, to: usize, t: usize, guest: bool) {
+    /// Moves the flow in slot `s` of bucket `b`, whose home is `home`, to
+    /// the free slot `t` of bucket `to`, a guest there or not.
+    fn relocate(
+        &mut self,
+        (b, s): (usize, usize),
+        home: usize,
+        (to, t): (usize, usize),
+        guest: bool,
+    ) {
         let slot = self.buckets[b].slots[s];
         if slot.state & HAS_AUTO != 0 {
             self.autos[to * WAYS + t] = self.autos[b * WAYS + s];
         }
-        self.clear(b, s);
+        self.buckets[b].slots[s].state = 0;
+        set_bit(&mut self.full, b, false);
+        if slot.state & GUEST != 0 {
+            self.count_spill(home, false);
+        }
         let state = slot.state & !GUEST | if guest { GUEST } else { 0 };
-        self.fill(to, t, slot.key, slot.stamp, slot.backend, state);
+        self.fill((to, t), home, slot.key, slot.stamp, slot.backend, state);
     }
 
     /// Empties slot `s` of bucket `b`, handing its entry back.
     fn take(&mut self, books: &mut Books, b: usize, s: usize) -> FlowEntry {
         let e = self.entry(books, b, s);
-        books.vips.release(self.buckets[b].slots[s].key.vip());
-        books.len[K::FAMILY] -= 1;
-        self.clear(b, s);
+        self.forget(books, b, s, &e);
+        self.buckets[b].slots[s].state = 0;
+        set_bit(&mut self.full, b, false);
         e
+    }
+
+    /// The books of a flow leaving slot `s` of bucket `b` (its entry `e`):
+    /// the family's count, its service-address index, its home's spill
+    /// count if it is a guest.
+    fn forget(&mut self, books: &mut Books, b: usize, s: usize, e: &FlowEntry) {
+        let slot = &self.buckets[b].slots[s];
+        books.vips.release(slot.key.vip());
+        books.len[K::FAMILY] -= 1;
+        if slot.state & GUEST != 0 {
+            let home = self.bucket(flow_hash(&e.key));
+            self.count_spill(home, false);
+        }
     }
 
     #[inline]
@@ -668,7 +684,7 @@ impl<K: SlotKey> Part<K> {
         tcp_flags: u8,
     ) -> Lookup {
         let home = self.bucket(hash);
-        let Some((mut b, mut s)) = self.locate(books, home, flow) else {
+        let Some((mut b, mut s)) = self.locate(books, home, hash, flow) else {
             books.stats.misses += 1;
             return Lookup::Miss;
         };
@@ -702,7 +718,7 @@ impl<K: SlotKey> Part<K> {
             // A guest goes back home as soon as its home has room (the home
             // bucket is in cache): its later packets read one bucket again.
             if let Some(t) = self.free(home) {
-                self.relocate(b, s, home, t, false);
+                self.relocate((b, s), home, (home, t), false);
                 (b, s) = (home, t);
             }
         }
@@ -728,7 +744,7 @@ impl<K: SlotKey> Part<K> {
         backend: BackendId,
     ) -> bool {
         let home = self.bucket(hash);
-        match self.locate(books, home, key) {
+        match self.locate(books, home, hash, key) {
             Some((b, s)) => {
                 self.buckets[b].slots[s].backend = backend as u16;
                 true
@@ -737,15 +753,15 @@ impl<K: SlotKey> Part<K> {
         }
     }
 
-    /// Where a new flow of home bucket `b` goes (counted in the stats
-    /// here): a free slot of `b`; over a flow of `b` whose idle timeout has
-    /// passed; a free slot of the alternate (as a guest there); the slot of
-    /// one of `b`'s own flows moved to its alternate to make room; last,
-    /// over `b`'s least recently seen flow, evicted (of flows seen in the
-    /// same stamp unit, a guest first: its home then reads one bucket
-    /// again).
+    /// Where a new flow of home bucket `b` (hash `hash`) goes, counted in
+    /// the stats here: a free slot of `b`; over a flow of `b` whose idle
+    /// timeout has passed; a free slot of the alternate (as a guest there);
+    /// the slot of one of `b`'s own flows moved to its alternate to make
+    /// room; last, over `b`'s least recently seen flow, evicted (of flows
+    /// seen in the same stamp unit, a guest first: its home then reads one
+    /// bucket again).
     #[inline]
-    fn room(&mut self, books: &mut Books, b: usize, key: K, now: u64) -> Room {
+    fn room(&mut self, books: &mut Books, b: usize, hash: u64, now: u64) -> Room {
         let now_stamp = stamp_of(now);
         let slots = &self.buckets[b].slots;
         let (mut oldest, mut oldest_rank) = (0, 0);
@@ -769,8 +785,9 @@ impl<K: SlotKey> Part<K> {
         // A full sub-table has no room elsewhere either; a spill count
         // saturates no further (a bucket with that many guests out evicts).
         let (len, cap) = (books.len[K::FAMILY], self.capacity());
-        if len < cap && self.spill(b) < u8::MAX {
-            if let Some(room) = self.room_elsewhere(books, b, key, len < cap - cap / MOVE_LIMIT) {
+        if len < cap && self.spills[b] < u8::MAX {
+            let moves = len < cap - cap / MOVE_LIMIT;
+            if let Some(room) = self.room_elsewhere(books, b, hash, moves) {
                 return room;
             }
         }
@@ -782,8 +799,14 @@ impl<K: SlotKey> Part<K> {
     /// when `moves`, a slot of `b` freed by moving one of its own flows to
     /// that flow's alternate. Reads no bucket whose full bit is set.
     #[inline(never)]
-    fn room_elsewhere(&mut self, books: &mut Books, b: usize, key: K, moves: bool) -> Option<Room> {
-        if let Some(a) = self.alternate(b, key).filter(|&a| !self.is_full(a)) {
+    fn room_elsewhere(
+        &mut self,
+        books: &mut Books,
+        b: usize,
+        hash: u64,
+        moves: bool,
+    ) -> Option<Room> {
+        if let Some(a) = self.alternate(b, hash).filter(|&a| !bit(&self.full, a)) {
             if let Some(t) = self.free(a) {
                 books.stats.spilled += 1;
                 return Some(Room::Free {
@@ -797,15 +820,17 @@ impl<K: SlotKey> Part<K> {
             return None;
         }
         for s in 0..WAYS {
-            let slot = &self.buckets[b].slots[s];
+            let slot = self.buckets[b].slots[s];
             if slot.state & GUEST != 0 {
                 continue;
             }
-            let Some(a) = self.alternate(b, slot.key).filter(|&a| !self.is_full(a)) else {
+            let (home, alt) = self.home_and_alternate(books, slot.key);
+            debug_assert_eq!(home, b, "a flow at home is in its home bucket");
+            let Some(a) = alt.filter(|&a| !bit(&self.full, a)) else {
                 continue;
             };
             if let Some(t) = self.free(a) {
-                self.relocate(b, s, a, t, true);
+                self.relocate((b, s), b, (a, t), true);
                 books.stats.moved += 1;
                 return Some(Room::Free { b, s, guest: false });
             }
@@ -829,19 +854,18 @@ impl<K: SlotKey> Part<K> {
         state: u8,
     ) -> FlowEntry {
         let e = self.entry(books, b, s);
+        let guest = self.buckets[b].slots[s].state & GUEST;
+        if same {
+            books.vips.release(key.vip());
+            books.len[K::FAMILY] -= 1;
+        } else {
+            self.forget(books, b, s, &e);
+        }
         let slot = &mut self.buckets[b].slots[s];
-        let old = slot.key;
-        let guest = slot.state & GUEST;
         slot.key = key;
         slot.stamp = stamp;
         slot.backend = backend;
         slot.state = state | if same { guest } else { 0 };
-        books.vips.release(old.vip());
-        if guest != 0 && !same {
-            // A guest from another home leaves: its home's count drops.
-            let h = self.home_of_guest(b, old);
-            self.buckets[h].slots[0].spill -= 1;
-        }
         e
     }
 
@@ -862,17 +886,16 @@ impl<K: SlotKey> Part<K> {
         debug_assert!((entry.backend as usize) < MAX_BACKENDS);
         let (stamp, backend) = (stamp_of(now), entry.backend as u16);
         let state = OCCUPIED | if auto { HAS_AUTO } else { 0 } | entry.state as u8;
-        let (b, s, displaced) = if let Some((b, s)) = self.find_from(home, key) {
+        let (b, s, displaced) = if let Some((b, s)) = self.find_from(home, hash, key) {
             books.stats.updated += 1;
             let old = self.replace(books, (b, s), true, key, stamp, backend, state);
             (b, s, Some(old))
         } else {
             books.stats.inserted += 1;
-            match self.room(books, home, key, now) {
+            match self.room(books, home, hash, now) {
                 Room::Free { b, s, guest } => {
                     let state = state | if guest { GUEST } else { 0 };
-                    self.fill(b, s, key, stamp, backend, state);
-                    books.len[K::FAMILY] += 1;
+                    self.fill((b, s), home, key, stamp, backend, state);
                     (b, s, None)
                 }
                 Room::Over { s } => {
@@ -885,12 +908,13 @@ impl<K: SlotKey> Part<K> {
             self.autos[b * WAYS + s] = entry.auto_slot;
         }
         books.vips.hold(vip);
+        books.len[K::FAMILY] += 1;
         Ok(displaced)
     }
 
     fn remove(&mut self, books: &mut Books, key: &FlowKey, hash: u64) -> Option<FlowEntry> {
         let home = self.bucket(hash);
-        let (b, s) = self.locate(books, home, key)?;
+        let (b, s) = self.locate(books, home, hash, key)?;
         books.stats.removed += 1;
         Some(self.take(books, b, s))
     }
@@ -925,25 +949,35 @@ impl<K: SlotKey> Part<K> {
     }
 
     /// The bits and counts agree with the slots: each full bit with its
-    /// bucket, each spill count with the guests of its bucket (test helper).
+    /// bucket; each flow at home in its home bucket and each guest in its
+    /// alternate; each spill count and bit with the guests of its home
+    /// (test helper; the table's keys were inserted with their flow hash).
     #[cfg(test)]
-    fn consistent(&self) -> bool {
+    fn consistent(&self, books: &Books) -> bool {
         let n = self.buckets.len();
-        let mut spill = vec![0usize; n];
+        let mut spills = vec![0usize; n];
         for b in 0..n {
             let slots = &self.buckets[b].slots;
-            if self.is_full(b) != slots.iter().all(Slot::used) {
+            if bit(&self.full, b) != slots.iter().all(Slot::used) {
                 return false;
             }
-            for x in slots.iter().filter(|x| x.used() && x.state & GUEST != 0) {
-                let h = self.home_of_guest(b, x.key);
-                if self.alternate(h, x.key) != Some(b) {
-                    return false;
+            for x in slots.iter().filter(|x| x.used()) {
+                let (home, alt) = self.home_and_alternate(books, x.key);
+                if x.state & GUEST == 0 {
+                    if home != b {
+                        return false;
+                    }
+                } else {
+                    if alt != Some(b) {
+                        return false;
+                    }
+                    spills[home] += 1;
                 }
-                spill[h] += 1;
             }
         }
-        (0..n).all(|b| usize::from(self.spill(b)) == spill[b])
+        (0..n).all(|b| {
+            usize::from(self.spills[b]) == spills[b] && bit(&self.spilled, b) == (spills[b] > 0)
+        })
     }
 }
 
@@ -995,14 +1029,16 @@ impl FlowTable {
         }
     }
 
-    /// Hints that the bucket of `key` (whose hash is `hash`) will be read
-    /// soon: all its cache lines, so that both a hit and an insert find
-    /// them in cache. Called for a whole burst before its lookups.
+    /// Hints that the home bucket of `key` (whose hash is `hash`) will be
+    /// read soon: all its cache lines, so that both a hit and an insert
+    /// find them in cache; and its alternate, when the lookup will read it
+    /// or, for a packet likely to start a flow (`new_flow`: a SYN), the
+    /// insert will write it. Called for a whole burst before its lookups.
     #[inline]
-    pub fn prefetch(&self, key: &FlowKey, hash: u64) {
+    pub fn prefetch(&self, key: &FlowKey, hash: u64, new_flow: bool) {
         match key.family {
-            Family::V4 => self.v4.prefetch(hash),
-            Family::V6 => self.v6.prefetch(hash),
+            Family::V4 => self.v4.prefetch(hash, new_flow),
+            Family::V6 => self.v6.prefetch(hash, new_flow),
         }
     }
 
@@ -1110,8 +1146,8 @@ impl FlowTable {
     fn consistent(&self) -> bool {
         self.v4.used() == self.books.len[0]
             && self.v6.used() == self.books.len[1]
-            && self.v4.consistent()
-            && self.v6.consistent()
+            && self.v4.consistent(&self.books)
+            && self.v6.consistent(&self.books)
     }
 }
 
@@ -1546,14 +1582,15 @@ mod tests {
             family: Family::V6,
             ..k4
         };
-        t.put(entry(k4, TcpState::Udp), 99, SEC);
-        assert_eq!(t.lookup(&k6, 99, SEC, 0), Lookup::Miss);
-        assert_eq!(t.remove(&k4, 99).map(|e| e.key), Some(k4));
+        let h4 = flow_hash(&k4);
+        t.put(entry(k4, TcpState::Udp), h4, SEC);
+        assert_eq!(t.lookup(&k6, h4, SEC, 0), Lookup::Miss);
+        assert_eq!(t.remove(&k4, h4).map(|e| e.key), Some(k4));
         for i in 0..n {
             for fam in FAMILIES {
                 let k = key_of(fam, i, PROTO_TCP);
                 let h = flow_hash(&k);
-                t.prefetch(&k, h);
+                t.prefetch(&k, h, false);
                 match t.lookup(&k, h, 2 * SEC, ACK) {
                     Lookup::Hit(e) => {
                         assert_eq!(e.backend, i * 2 + (fam == Family::V6) as u32);
@@ -1710,19 +1747,26 @@ mod tests {
                 .collect()
         }
 
-        /// True when a new flow of home `b` stored as `key` could not have
-        /// gone anywhere but over a flow of `b`: its alternate is full (or
+        /// True when a new flow `key` (hash `hash`) could not have gone
+        /// anywhere but over a flow of its home: its alternate is full (or
         /// the home's spill count is at its limit) and, when moves were
-        /// allowed, so is the alternate of each of `b`'s own flows.
-        fn nowhere_else(&self, b: usize, key: K, moves_allowed: bool) -> bool {
-            let full = |a: Option<usize>| a.is_none_or(|a| self.is_full(a));
-            let own = self.buckets[b]
+        /// allowed, so is the alternate of each of the home's own flows.
+        fn nowhere_else(&self, books: &Books, hash: u64, key: K, moves_allowed: bool) -> bool {
+            let b = self.bucket(hash);
+            let full = |a: Option<usize>| a.is_none_or(|a| bit(&self.full, a));
+            let mut own = self.buckets[b]
                 .slots
                 .iter()
                 .filter(|x| x.used() && x.state & GUEST == 0 && x.key != key);
-            self.spill(b) == u8::MAX
-                || full(self.alternate(b, key))
-                    && (!moves_allowed || own.clone().all(|x| full(self.alternate(b, x.key))))
+            self.spills[b] == u8::MAX
+                || full(self.alternate(b, hash))
+                    && (!moves_allowed
+                        || own.all(|x| full(self.home_and_alternate(books, x.key).1)))
+        }
+
+        /// How many flows of home `b` live in their alternate.
+        fn spill(&self, b: usize) -> u8 {
+            self.spills[b]
         }
     }
 
@@ -1750,13 +1794,42 @@ mod tests {
             match k.family {
                 Family::V4 => {
                     self.v4
-                        .nowhere_else(self.v4.bucket(h), V4Key::pack(k, vip), moves_allowed)
+                        .nowhere_else(&self.books, h, V4Key::pack(k, vip), moves_allowed)
                 }
                 Family::V6 => {
                     self.v6
-                        .nowhere_else(self.v6.bucket(h), V6Key::pack(k, vip), moves_allowed)
+                        .nowhere_else(&self.books, h, V6Key::pack(k, vip), moves_allowed)
                 }
             }
+        }
+
+        /// The home and alternate buckets of a key.
+        fn buckets_of(&self, k: &FlowKey) -> (usize, Option<usize>) {
+            let h = flow_hash(k);
+            match k.family {
+                Family::V4 => (self.v4.bucket(h), self.v4.alternate(self.v4.bucket(h), h)),
+                Family::V6 => (self.v6.bucket(h), self.v6.alternate(self.v6.bucket(h), h)),
+            }
+        }
+
+        /// Flows of `family` numbered from `from` on whose home is `home`
+        /// (and, if given, whose alternate is `alt`): `n` of them.
+        fn homed(
+            &self,
+            family: Family,
+            from: u32,
+            n: usize,
+            home: usize,
+            alt: Option<usize>,
+        ) -> Vec<FlowKey> {
+            (from..)
+                .map(|i| key_of(family, i, PROTO_TCP))
+                .filter(|k| {
+                    let (h, a) = self.buckets_of(k);
+                    h == home && alt.is_none_or(|x| a == Some(x))
+                })
+                .take(n)
+                .collect()
         }
     }
 
@@ -1997,7 +2070,9 @@ mod tests {
         let mut x = seed;
         let mut next = || {
             x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            spread64(x)
+            let z = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
         };
         (0..n)
             .map(|_| {
@@ -2073,53 +2148,59 @@ mod tests {
     fn guests_are_found_and_go_home() {
         for fam in FAMILIES {
             let mut t = table(1 << 10);
-            // Nineteen flows with one home (the hash picks the home).
-            let home_hash = 12_345u64;
-            let keys: Vec<FlowKey> = (0..19).map(|i| key_of(fam, i, PROTO_TCP)).collect();
+            // Nineteen flows with one home.
+            let keys = t.homed(fam, 0, 19, 5, None);
             for (i, k) in keys.iter().enumerate() {
-                let out = t.put(entry(*k, TcpState::Established), home_hash, SEC + i as u64);
+                let out = t.put(
+                    entry(*k, TcpState::Established),
+                    flow_hash(k),
+                    SEC + i as u64,
+                );
                 assert_eq!(out, None, "{fam:?} {i}");
             }
             assert_eq!(t.len(), 19);
             assert_eq!(t.stats().evicted, 0);
-            assert!(t.stats().spilled >= 11, "{:?}", t.stats());
+            assert_eq!(
+                t.stats().spilled + t.stats().moved,
+                19 - WAYS as u64,
+                "{:?}",
+                t.stats()
+            );
             assert!(t.consistent());
-            let home = match fam {
-                Family::V4 => t.v4.bucket(home_hash),
-                Family::V6 => t.v6.bucket(home_hash),
-            };
-            let at_home = t.home_residents(&keys[0], home_hash);
+            let h0 = flow_hash(&keys[0]);
+            let at_home = t.home_residents(&keys[0], h0);
             assert_eq!(at_home.len(), WAYS);
             let spill = match fam {
-                Family::V4 => t.v4.spill(home),
-                Family::V6 => t.v6.spill(home),
+                Family::V4 => t.v4.spill(5),
+                Family::V6 => t.v6.spill(5),
             };
             assert_eq!(usize::from(spill), 19 - WAYS);
             for k in &keys {
+                t.prefetch(k, flow_hash(k), false);
                 assert!(
-                    is_hit(&t.lookup(k, home_hash, 2 * SEC, ACK)),
+                    is_hit(&t.lookup(k, flow_hash(k), 2 * SEC, ACK)),
                     "{fam:?} {k:?}"
                 );
             }
             // A flow at home ends: the next lookup of a guest brings it home.
             let gone = at_home[0];
-            assert!(t.remove(&gone, home_hash).is_some());
+            assert!(t.remove(&gone, flow_hash(&gone)).is_some());
             let guest = *keys.iter().find(|k| !at_home.contains(k)).unwrap();
-            assert!(is_hit(&t.lookup(&guest, home_hash, 3 * SEC, ACK)));
-            assert!(t.home_residents(&guest, home_hash).contains(&guest));
+            assert!(is_hit(&t.lookup(&guest, flow_hash(&guest), 3 * SEC, ACK)));
+            assert!(t.home_residents(&guest, flow_hash(&guest)).contains(&guest));
             assert!(t.consistent());
             // Guests ending by reset, removal and expiry keep the books.
             let guests: Vec<FlowKey> = keys
                 .iter()
-                .filter(|k| **k != gone && !t.home_residents(k, home_hash).contains(k))
+                .filter(|k| **k != gone && !t.home_residents(k, h0).contains(k))
                 .copied()
                 .collect();
             assert_eq!(guests.len(), 19 - WAYS - 1);
             assert!(matches!(
-                t.lookup(&guests[0], home_hash, 3 * SEC, RST),
+                t.lookup(&guests[0], flow_hash(&guests[0]), 3 * SEC, RST),
                 Lookup::Reset(_)
             ));
-            assert!(t.remove(&guests[1], home_hash).is_some());
+            assert!(t.remove(&guests[1], flow_hash(&guests[1])).is_some());
             assert!(t.consistent());
             let mut ended = 0;
             t.sweep(1000 * SEC, t.buckets(), |_| ended += 1);
@@ -2135,50 +2216,28 @@ mod tests {
     fn a_full_home_makes_room_by_moving() {
         for fam in FAMILIES {
             let mut t = table(1 << 10);
-            let nb = t.buckets() / 2;
-            let home_hash = 0u64;
-            // Eight flows at home.
-            let keys: Vec<FlowKey> = (0..WAYS as u32)
-                .map(|i| key_of(fam, i, PROTO_TCP))
-                .collect();
-            for k in &keys {
-                t.put(entry(*k, TcpState::Established), home_hash, SEC);
+            // Eight flows at home; the new flow's alternate, which is none
+            // of theirs, filled by its own flows.
+            let home = 7;
+            let own = t.homed(fam, 0, WAYS, home, None);
+            let alts: Vec<Option<usize>> = own.iter().map(|k| t.buckets_of(k).1).collect();
+            let alt = (0..)
+                .find(|b| *b != home && !alts.contains(&Some(*b)))
+                .unwrap();
+            for k in &own {
+                t.put(entry(*k, TcpState::Established), flow_hash(k), SEC);
             }
-            // A new flow whose alternate is some bucket the others do not
-            // use; fill that bucket with flows of its own.
-            let (new, alt) = (100..10_000)
-                .map(|i| key_of(fam, i, PROTO_TCP))
-                .find_map(|k| {
-                    t.put(entry(k, TcpState::Established), home_hash, SEC);
-                    let a = (0..nb).find(|&b| {
-                        b != 0
-                            && match fam {
-                                Family::V4 => t.v4.residents(&t.books, b).contains(&k),
-                                Family::V6 => t.v6.residents(&t.books, b).contains(&k),
-                            }
-                    });
-                    t.remove(&k, home_hash);
-                    a.filter(|&a| {
-                        keys.iter().all(|o| {
-                            let vip = t.books.vips.find(o).unwrap();
-                            match fam {
-                                Family::V4 => t.v4.alternate(0, V4Key::pack(o, vip)) != Some(a),
-                                Family::V6 => t.v6.alternate(0, V6Key::pack(o, vip)) != Some(a),
-                            }
-                        })
-                    })
-                    .map(|a| (k, a))
-                })
-                .expect("a flow spilled to an alternate none of the eight use");
-            let alt_hash = (((alt as u64) << 32) + nb as u64 - 1) / nb as u64;
-            for i in 0..WAYS as u32 {
-                let k = key_of(fam, 10_000 + i, PROTO_TCP);
-                t.put(entry(k, TcpState::Established), alt_hash, SEC);
+            for k in t.homed(fam, 0, WAYS, alt, None) {
+                t.put(entry(k, TcpState::Established), flow_hash(&k), SEC);
             }
-            assert_eq!(t.home_residents(&new, alt_hash).len(), WAYS);
+            let new = t.homed(fam, 0, 1, home, Some(alt));
             let before = t.stats();
             assert_eq!(
-                t.put(entry(new, TcpState::Established), home_hash, 2 * SEC),
+                t.put(
+                    entry(new[0], TcpState::Established),
+                    flow_hash(&new[0]),
+                    2 * SEC
+                ),
                 None
             );
             let st = t.stats();
@@ -2187,10 +2246,12 @@ mod tests {
                 (before.moved + 1, before.evicted),
                 "{fam:?}"
             );
-            assert!(t.home_residents(&new, home_hash).contains(&new));
-            for k in keys.iter().chain([&new]) {
+            assert!(t
+                .home_residents(&new[0], flow_hash(&new[0]))
+                .contains(&new[0]));
+            for k in own.iter().chain(&new[..1]) {
                 assert!(
-                    is_hit(&t.lookup(k, home_hash, 3 * SEC, ACK)),
+                    is_hit(&t.lookup(k, flow_hash(k), 3 * SEC, ACK)),
                     "{fam:?} {k:?}"
                 );
             }
