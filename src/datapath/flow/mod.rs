@@ -515,8 +515,8 @@ impl<K: SlotKey> Part<K> {
 
     /// Hints the home bucket of `hash`, and its alternate where the lookup
     /// will read it (some flow of the home lives in its alternate) or, for
-    /// a flow about to be inserted (`insert`), where the insert will write
-    /// it (home full, alternate not).
+    /// a flow about to be inserted into a sub-table not full (`insert`),
+    /// where the insert will write it (home full, alternate not).
     #[inline]
     fn prefetch(&self, hash: u64, insert: bool) {
         let b = self.bucket(hash);
@@ -757,26 +757,23 @@ impl<K: SlotKey> Part<K> {
     /// the stats here: a free slot of `b`; over a flow of `b` whose idle
     /// timeout has passed; a free slot of the alternate (as a guest there);
     /// the slot of one of `b`'s own flows moved to its alternate to make
-    /// room; last, over `b`'s least recently seen flow, evicted (of flows
-    /// seen in the same stamp unit, a guest first: its home then reads one
-    /// bucket again).
+    /// room; last, over `b`'s least recently seen flow, evicted.
     #[inline]
     fn room(&mut self, books: &mut Books, b: usize, hash: u64, now: u64) -> Room {
         let now_stamp = stamp_of(now);
         let slots = &self.buckets[b].slots;
-        let (mut oldest, mut oldest_rank) = (0, 0);
+        let (mut oldest, mut oldest_age) = (0, 0);
         for (s, x) in slots.iter().enumerate() {
             if !x.used() {
                 return Room::Free { b, s, guest: false };
             }
             let age = now_stamp.wrapping_sub(x.stamp);
-            let rank = u64::from(age) << 1 | u64::from(x.state & GUEST != 0);
-            if rank > oldest_rank {
-                (oldest, oldest_rank) = (s, rank);
+            if age > oldest_age {
+                (oldest, oldest_age) = (s, age);
             }
         }
         // The timeouts are read only if the oldest flow may have expired.
-        if books.may_have_expired((oldest_rank >> 1) as u32) {
+        if books.may_have_expired(oldest_age) {
             if let Some(s) = slots.iter().position(|x| books.expired(x, now)) {
                 books.stats.expired += 1;
                 return Room::Over { s };
@@ -1036,9 +1033,14 @@ impl FlowTable {
     /// insert will write it. Called for a whole burst before its lookups.
     #[inline]
     pub fn prefetch(&self, key: &FlowKey, hash: u64, new_flow: bool) {
+        // In a full sub-table no alternate has room.
         match key.family {
-            Family::V4 => self.v4.prefetch(hash, new_flow),
-            Family::V6 => self.v6.prefetch(hash, new_flow),
+            Family::V4 => self
+                .v4
+                .prefetch(hash, new_flow && self.books.len[0] < self.v4.capacity()),
+            Family::V6 => self
+                .v6
+                .prefetch(hash, new_flow && self.books.len[1] < self.v6.capacity()),
         }
     }
 
