@@ -17,7 +17,10 @@ apart, so a slow phase of the machine affects both sides).
 Besides each scenario's Mpps over the whole run it reports `<scenario> p90w`,
 the 90th percentile of the run's 100 ms windows: the rate in the machine's
 fast mode (the host's other tenants switch it between a fast and a slow mode
-within seconds; see perf/README.md).
+within seconds; see perf/README.md), and `<scenario> cap`, the benchmark's
+cap Mpps (1000 / the mean per-packet time of the bursts up to the 99th
+percentile): the worker's rate while it has its core, the figure to compare
+when other processes take the cores and Mpps only says how often they did.
 
 For `syn-affinity` it also reports the ratio of `syn-1m-affinities` to `syn`
 within each run, and for `syn-alternating` the median turn ratio (the
@@ -58,6 +61,8 @@ def run(binary, scenario, seconds, extra):
             w = s.get("window_mpps", {})
             if w.get("p90") is not None:
                 out[s["scenario"] + " p90w"] = w["p90"]
+            if s.get("capacity_mpps") is not None:
+                out[s["scenario"] + " cap"] = s["capacity_mpps"]
             if w.get("values"):
                 out.setdefault("_windows", {})[s["scenario"]] = w["values"]
     if "syn" in out and "syn-1m-affinities" in out:

@@ -1,23 +1,17 @@
-//! Control-plane rate: the real [`ControlServer`] in front of the real
-//! [`ControlPlane`] (with its [`AffinityManager`]) on 127.0.0.1, answering a
-//! client thread that keeps a window of signed affinity creates and extends
-//! in flight, each with a fresh nonce and timestamp.
+//! Control-plane rate: the real [`ControlThread`] (its server, plane and
+//! affinity manager) on 127.0.0.1, answering a client thread that keeps a
+//! window of signed affinity creates and extends in flight, each with a
+//! fresh nonce and timestamp.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use pktdist::affinity::manager::AffinityManager;
-
-use pktdist::affinity::table::AffinityTable;
 use pktdist::config::Config;
-use pktdist::control::plane::ControlPlane;
-use pktdist::control::registry::ServiceRegistry;
-use pktdist::control::server::{unix_ms, ControlServer, ServerConfig};
-use pktdist::datapath::snapshot::DataplaneCell;
+use pktdist::control::thread::{ControlSetup, ControlThread};
 use pktdist::dpdk::spawn_worker;
-use pktdist::protocol::auth::{Allowlist, Key, Keyring};
+use pktdist::protocol::auth::{unix_ms, Key};
 use pktdist::protocol::message::{
     encode_request, AffinityKey, AffinityOp, Envelope, Header, Reply, Request, ReturnCode,
     ServiceAddr, MAX_DATAGRAM,
@@ -59,6 +53,11 @@ ipip_source = "198.51.100.1"
             100 * (1 + i % 3)
         ));
     }
+    s.push_str("[control.keys]\n");
+    for i in 0..BACKENDS {
+        let hex: String = key_bytes(i).iter().map(|b| format!("{b:02x}")).collect();
+        s.push_str(&format!("be{} = \"{hex}\"\n", i + 1));
+    }
     s
 }
 
@@ -66,8 +65,13 @@ pub fn config() -> Result<Config, String> {
     Config::parse(&config_toml(), "bench.toml").map_err(|e| e.to_string())
 }
 
+/// Backend `be{i+1}`'s key.
+fn key_bytes(i: usize) -> [u8; 32] {
+    [i as u8 + 1; 32]
+}
+
 fn key_of(i: usize) -> Key {
-    Key::new(&[i as u8 + 1; 32]).expect("32-byte key")
+    Key::new(&key_bytes(i)).expect("32-byte key")
 }
 
 /// What one control-rate run measured.
@@ -99,41 +103,23 @@ pub fn run(
     client_core: usize,
 ) -> Result<ControlStats, String> {
     let cfg = config()?;
-    let mut registry = ServiceRegistry::from_config(&cfg).map_err(|e| e.to_string())?;
-    let dp = registry.snapshot().map_err(|e| e.to_string())?;
-    let cell = Arc::new(DataplaneCell::new(dp));
-    let (writer, _reader) = AffinityTable::new(cfg.affinity.capacity);
-    let manager = AffinityManager::new(writer);
-    let mut keyring = Keyring::new();
-    for i in 0..BACKENDS {
-        keyring
-            .insert(&format!("be{}", i + 1), key_of(i))
-            .map_err(|e| e.to_string())?;
-    }
-    let server_cfg = ServerConfig {
-        read_timeout: Some(Duration::from_millis(5)),
-        ..ServerConfig::new(Allowlist::loopback(), keyring)
-    };
-    let server = ControlServer::bind("127.0.0.1:0".parse().expect("address"), server_cfg)
-        .map_err(|e| format!("control server: {e}"))?;
-    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    let control = ControlThread::new(
+        &cfg,
+        ControlSetup {
+            config_path: None,
+            workers: Vec::new(),
+            port_stats: None,
+            status: None,
+        },
+    )?;
+    let addr = control.local_addr().map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
 
     let flag = Arc::clone(&stop);
-    let epoch = Instant::now();
     let server_thread = spawn_worker(server_core, "bench-ctl-server", move || {
-        let mut server = server;
-        let mut plane = ControlPlane::new(registry, cell, manager, Vec::new(), epoch);
-        let mut last_tick = Instant::now();
-        while !flag.load(Ordering::Relaxed) {
-            server.poll(&mut plane, SystemTime::now());
-            if last_tick.elapsed() >= Duration::from_millis(100) {
-                last_tick = Instant::now();
-                plane.tick();
-                plane.take_notices();
-            }
-        }
-        plane.affinities().len()
+        let mut control = control;
+        control.serve_until(&flag, &AtomicBool::new(false), None);
+        control.plane().affinities().len()
     })
     .map_err(|e| format!("server thread: {e}"))?;
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pktdist needs on a Debian machine and is not there yet:
-# DPDK 22.11 (libraries, drivers, dpdk-testpmd), pkg-config, libclang (bindgen),
-# tshark (independent dissector for tests), iproute2 and ethtool (test bed), and a Rust
+# DPDK 22.11 (libraries, drivers, dpdk-devbind.py), pkg-config, libclang (bindgen),
+# tshark (independent dissector for tests), iproute2 and ethtool (test bed),
+# curl and python3, Prometheus' Python client (metrics test), and a Rust
 # toolchain check. Safe to run again: it installs only what is missing.
 set -euo pipefail
 

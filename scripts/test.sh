@@ -16,3 +16,22 @@ echo "== tests"
 # Unit tests run without EAL; tests/dpdk_*.rs start EAL with virtual devices
 # (--no-huge --no-pci), which needs root.
 cargo test --all-targets -- --test-threads=2
+
+echo "== Python client (clients/python)"
+# Unit tests, pip install, and end to end against the release binary built
+# above (root, DPDK virtual devices); a skipped end-to-end test fails here.
+PKTDIST_PY_REQUIRE_E2E=1 python3 clients/python/tests/run.py
+# The unit tests again on the oldest Python the package supports, 3.9, where
+# the machine has it (the CI image's pyenv does).
+py39=""
+for p in python3.9 "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.9*/bin/python3; do
+    if "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 9))' >/dev/null 2>&1; then
+        py39=$p
+        break
+    fi
+done
+if [ -n "$py39" ]; then
+    "$py39" clients/python/tests/run.py --unit --quiet
+else
+    echo "python3.9 not found: the unit tests ran on $(python3 --version) only"
+fi

@@ -10,15 +10,18 @@
 //! * [`affinity`] — the lock-free affinity table the workers read on every
 //!   SYN and the control thread writes, its expiry, and automatic affinity.
 //! * [`sched`] — weighted Maglev and smooth weighted round robin.
-//! * [`control`] — the control thread: the protocol server, request
-//!   dispatch, the service registry, reload and expiry.
+//! * [`control`] — the control thread as one type
+//!   ([`control::thread::ControlThread`]), owning the protocol server, the
+//!   affinity and backend requests, the service registry, reload, static
+//!   affinities and expiry.
 //! * [`protocol`] — the control protocol's messages and authentication,
 //!   shared by the control thread and its clients.
 //! * [`report`] — the summary, Prometheus metrics and the stats view.
 //! * [`client`] — the client library applications use, and the CLI.
 //! * [`config`] — the TOML configuration and its validation.
-//! * [`run`] — `pktdist run`: the process that starts and stops the threads,
-//!   and the built-in traffic source.
+//! * [`run`] — `pktdist run`: the process that starts EAL and the ports,
+//!   spawns the workers, serves the control thread's loop and stops it all
+//!   in order; and the built-in traffic source.
 //! * [`dpdk`] — the only place with `unsafe`: bindings, EAL, mempools, ports.
 //! * [`wire`] — zero-copy views of the wire formats and the Internet checksum.
 //! * [`types`] and [`net`] — the shared vocabulary (families, flow keys, ids,

@@ -271,3 +271,88 @@ fn affinity_and_backend_commands_against_a_running_instance() {
     assert!(done.status.success(), "{}", done.stderr);
     assert!(done.stdout.contains("pktdist summary"), "{}", done.stdout);
 }
+
+/// docs/PROTOCOL.md §5: an affinity's key is normalized, so a range of one
+/// port is that one port (listed back as ONE) and the full range is ANY;
+/// either way the equal key is the same affinity. §6.5: a service the
+/// distributor does not have is NOT_FOUND.
+#[test]
+fn port_ranges_are_listed_back_normalized_and_unknown_services_are_not_found() {
+    let _serial = serial();
+    let dir = TempDir::new("e2e-cli-ports");
+    let config = dir.path("pktdist.toml");
+    std::fs::write(&config, config_text()).expect("write");
+    let (run, server) = Pktdist::run(Path::new(&config));
+
+    let affinity = |verb: &str, client: &str, ports: &str, extra: &[&str]| {
+        let mut a = vec![
+            "affinity",
+            verb,
+            "--service",
+            "192.0.2.10:80",
+            "--client",
+            client,
+            "--ports",
+            ports,
+            "--owner",
+            "be1",
+        ];
+        a.extend_from_slice(extra);
+        admin(server, &a)
+    };
+    ok(
+        affinity("add", "198.51.100.1", "1000-1000", &["--duration", "5m"]),
+        "add 1000-1000",
+    );
+    ok(
+        affinity("add", "198.51.100.2", "0-65535", &["--duration", "5m"]),
+        "add 0-65535",
+    );
+    let list = ok(admin(server, &["affinity", "list"]), "affinity list");
+    assert!(
+        row(&list, &["198.51.100.1/32", "1000", "be1"]).is_some(),
+        "{list}"
+    );
+    assert!(!list.contains("1000-1000"), "{list}");
+    assert!(
+        row(&list, &["198.51.100.2/32", "any", "be1"]).is_some(),
+        "{list}"
+    );
+    assert!(!list.contains("0-65535"), "{list}");
+    // The same keys written the other way: the same affinities.
+    ok(
+        affinity("cancel", "198.51.100.1", "1000", &[]),
+        "cancel port 1000",
+    );
+    ok(affinity("cancel", "198.51.100.2", "any", &[]), "cancel any");
+    let list = ok(admin(server, &["affinity", "list"]), "affinity list");
+    assert!(row(&list, &["be1"]).is_none(), "{list}");
+
+    let err = refused(
+        admin(
+            server,
+            &[
+                "affinity",
+                "add",
+                "--service",
+                "192.0.2.99:80",
+                "--client",
+                "198.51.100.1",
+                "--owner",
+                "be1",
+                "--duration",
+                "5m",
+            ],
+        ),
+        "add on an unknown service",
+    );
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    let err = refused(
+        admin(server, &["affinity", "list", "--service", "192.0.2.99:80"]),
+        "list of an unknown service",
+    );
+    assert!(err.contains("NOT_FOUND"), "{err}");
+
+    let done = run.stop(std::time::Duration::from_secs(10));
+    assert!(done.status.success(), "{}", done.stderr);
+}

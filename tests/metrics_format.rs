@@ -10,7 +10,7 @@ use pktdist::config::Config;
 use pktdist::control::registry::ServiceRegistry;
 use pktdist::datapath::counters::WorkerCounters;
 use pktdist::report::metrics::render;
-use pktdist::report::summary::{PortSummary, Summary};
+use pktdist::report::summary::{ControlSummary, EndedSummary, PortSummary, Summary};
 use pktdist::types::{DropReason, IcmpDrop};
 
 const PARSE: &str = r#"
@@ -73,12 +73,21 @@ fn metrics_parse_with_the_prometheus_client_parser() {
     s.ports.push(PortSummary {
         name: "p0".into(),
         ipackets: 2000,
+        ibytes: 128_000,
+        obytes: 126_720,
         ..PortSummary::default()
     });
-    s.extra.insert(
-        "control".into(),
-        serde_json::json!({"refused": {"bad_hmac": 2}, "by_code": {"OK": 4}, "ended": {"expired": 1}}),
-    );
+    s.auto_affinity_pins = 12;
+    s.auto_affinity_table_full = 3;
+    s.extra.control = Some(ControlSummary {
+        refused: [("bad_hmac".to_string(), 2)].into(),
+        by_code: [("OK".to_string(), 4)].into(),
+        ended: EndedSummary {
+            expired: 1,
+            ..EndedSummary::default()
+        },
+        ..ControlSummary::default()
+    });
     let samples = parsed(&render(&s));
     let has = |line: &str| samples.iter().any(|l| l == line);
     assert!(
@@ -95,6 +104,14 @@ fn metrics_parse_with_the_prometheus_client_parser() {
     assert!(has(
         "counter pktdist_port_received_packets_total port=p0 2000"
     ));
+    assert!(has(
+        "counter pktdist_port_received_bytes_total port=p0 128000"
+    ));
+    assert!(has(
+        "counter pktdist_port_transmitted_bytes_total port=p0 126720"
+    ));
+    assert!(has("gauge pktdist_auto_affinity_pins  12"));
+    assert!(has("counter pktdist_auto_affinity_table_full_total  3"));
     assert!(has(
         "counter pktdist_control_refused_total reason=bad_hmac 2"
     ));

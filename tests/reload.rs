@@ -1,8 +1,9 @@
-//! Hot reload (SIGHUP and `pktdist reload` both call
-//! `ControlPlane::reload_from_file`): added, removed and re-weighted backends
-//! and services take effect while a worker keeps running, established
-//! connections stay where they are, nothing is dropped, and a bad file is
-//! refused with the same error `pktdist check` prints, changing nothing.
+//! Hot reload (SIGHUP through `ControlThread::reload`, `pktdist reload`
+//! through the control protocol; both apply `ConfigFile::reload`): added,
+//! removed and re-weighted backends and services take effect while a worker
+//! keeps running, established connections stay where they are, nothing is
+//! dropped, and a bad file is refused with the same error `pktdist check`
+//! prints, changing nothing.
 
 mod common;
 
@@ -10,19 +11,13 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
 use common::{ipip_service, port_toml, web_service};
-use pktdist::affinity::auto::AutoAffinityTable;
-use pktdist::affinity::manager::AffinityManager;
-use pktdist::affinity::table::AffinityTable;
 use pktdist::config::Config;
-use pktdist::control::plane::ControlPlane;
-use pktdist::control::registry::ServiceRegistry;
+use pktdist::control::thread::{ControlSetup, ControlThread};
 use pktdist::datapath::counters::WorkerCounters;
 use pktdist::datapath::pktio::{MemIo, PacketBuf};
-use pktdist::datapath::snapshot::DataplaneCell;
-use pktdist::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
+use pktdist::datapath::worker::{PortPlan, Worker, WorkerSetup};
 use pktdist::types::tcp_flags;
 use pktdist::wire::build::FrameSpec;
 use pktdist::wire::{ethernet, ipv4};
@@ -34,8 +29,11 @@ args = ["--no-huge"]
 [cores]
 control = 0
 workers = [1]
+[affinity]
+capacity = 1024
+auto_capacity = 1024
 [control]
-listen = "127.0.0.1:7400"
+listen = "127.0.0.1:0"
 allowed_networks = ["127.0.0.0/8"]
 [control.keys]
 admin = "00112233445566778899aabbccddeeff"
@@ -83,7 +81,7 @@ fn next() -> String {
 }
 
 struct Bed {
-    plane: ControlPlane,
+    control: ControlThread,
     worker: Worker<Rc<RefCell<MemIo>>>,
     io: Rc<RefCell<MemIo>>,
     path: PathBuf,
@@ -94,17 +92,17 @@ fn bed(name: &str) -> Bed {
         std::env::temp_dir().join(format!("pktdist-reload-{name}-{}.toml", std::process::id()));
     std::fs::write(&path, base()).unwrap();
     let cfg = Config::load(&path).unwrap();
-    let mut registry = ServiceRegistry::from_config(&cfg).unwrap();
-    let cell = Arc::new(DataplaneCell::new(registry.snapshot().unwrap()));
-    let (writer, reader) = AffinityTable::new(1024);
     let counters = Arc::new(WorkerCounters::default());
-    let epoch = Instant::now();
-    let shared = Shared {
-        dataplane: Arc::clone(&cell),
-        affinity: reader,
-        auto_affinity: Arc::new(AutoAffinityTable::new(1024)),
-        epoch,
-    };
+    let control = ControlThread::new(
+        &cfg,
+        ControlSetup {
+            config_path: Some(path.clone()),
+            workers: vec![Arc::clone(&counters)],
+            port_stats: None,
+            status: None,
+        },
+    )
+    .unwrap();
     let setup = WorkerSetup {
         id: 0,
         ports: vec![PortPlan {
@@ -119,17 +117,9 @@ fn bed(name: &str) -> Bed {
         icmp: cfg.icmp_settings(),
     };
     let io = Rc::new(RefCell::new(MemIo::new(1)));
-    let worker = Worker::new(Rc::clone(&io), setup, shared, Arc::clone(&counters));
-    let mut plane = ControlPlane::new(
-        registry,
-        cell,
-        AffinityManager::new(writer),
-        vec![counters],
-        epoch,
-    );
-    plane.set_config(path.clone(), cfg);
+    let worker = Worker::new(Rc::clone(&io), setup, control.shared(), counters);
     Bed {
-        plane,
+        control,
         worker,
         io,
         path,
@@ -182,7 +172,7 @@ fn reload_applies_backend_and_service_changes_without_moving_connections() {
     assert_eq!(before.len(), 3000);
 
     std::fs::write(&b.path, next()).unwrap();
-    let msg = b.plane.reload_from_file().expect("reload");
+    let msg = b.control.reload().expect("reload");
     assert!(msg.contains("1 backend(s) removed"), "{msg}");
 
     // Established connections: on a and b they stay (a drains, it is not
@@ -217,7 +207,7 @@ fn a_bad_file_is_refused_with_the_check_error_and_nothing_changes() {
     let mut b = bed("bad");
     let syns: Vec<Vec<u8>> = (0..500).map(|i| tcp(i, tcp_flags::SYN)).collect();
     let before = send(&mut b, &syns);
-    let generation = b.plane.dataplane().generation;
+    let generation = b.control.plane().dataplane().generation;
 
     let bad = base().replace(
         "address = \"10.0.0.2\"\nweight = 100",
@@ -225,19 +215,19 @@ fn a_bad_file_is_refused_with_the_check_error_and_nothing_changes() {
     );
     assert_ne!(bad, base(), "b's weight replaced");
     std::fs::write(&b.path, &bad).unwrap();
-    let err = b.plane.reload_from_file().unwrap_err();
+    let err = b.control.reload().unwrap_err();
     let check = Config::load(&b.path).unwrap_err().to_string();
     assert_eq!(err, check, "the same error as `pktdist check`");
     assert!(err.contains("weight"), "{err}");
     assert_eq!(
-        b.plane.dataplane().generation,
+        b.control.plane().dataplane().generation,
         generation,
         "no new snapshot"
     );
 
     // Unknown keys are refused the same way.
     std::fs::write(&b.path, format!("{}\nbogus = 1\n", base())).unwrap();
-    assert!(b.plane.reload_from_file().unwrap_err().contains("bogus"));
+    assert!(b.control.reload().unwrap_err().contains("bogus"));
 
     // Traffic keeps flowing on the running configuration.
     let acks: Vec<Vec<u8>> = (0..500).map(|i| tcp(i, tcp_flags::ACK)).collect();
@@ -254,6 +244,6 @@ fn a_bad_file_is_refused_with_the_check_error_and_nothing_changes() {
 fn reload_names_settings_that_need_a_restart() {
     let mut b = bed("restart");
     std::fs::write(&b.path, base().replace("workers = [1]", "workers = [1, 2]")).unwrap();
-    let msg = b.plane.reload_from_file().unwrap();
+    let msg = b.control.reload().unwrap();
     assert!(msg.contains("[cores]"), "{msg}");
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use hashbrown::HashMap;
 
 use super::key::TableKey;
+use super::overlap::OverlapIndex;
 use super::table::{AffinityReader, AffinityWriter};
 use super::wheel::Wheel;
 use super::AffinityError;
@@ -68,6 +69,10 @@ pub struct AffinityManager {
     wheel: Wheel,
     /// Scratch for timers fired by one `expire` call.
     due: Vec<u32>,
+    /// Every record's network, for the overlap rule.
+    overlap: OverlapIndex,
+    /// Requested (timed) affinities per owner, for the per-backend quota.
+    requested: HashMap<BackendId, usize>,
 }
 
 impl AffinityManager {
@@ -79,6 +84,34 @@ impl AffinityManager {
             free_ids: Vec::new(),
             wheel: Wheel::new(),
             due: Vec::new(),
+            overlap: OverlapIndex::default(),
+            requested: HashMap::new(),
+        }
+    }
+
+    /// Requested (timed) affinities `owner` holds; static ones do not count.
+    pub fn requested_by(&self, owner: BackendId) -> usize {
+        self.requested.get(&owner).copied().unwrap_or(0)
+    }
+
+    /// The owner, other than `owner`, of an affinity sharing a client with
+    /// `key` (its network inside `key`'s or around it, ports overlapping).
+    pub fn overlapping_owner(&self, key: &TableKey, owner: BackendId) -> Option<BackendId> {
+        self.overlap.other_owner(key, owner)
+    }
+
+    fn count(&mut self, owner: BackendId, timed: bool, up: bool) {
+        if !timed {
+            return;
+        }
+        let n = self.requested.entry(owner).or_insert(0);
+        if up {
+            *n += 1;
+        } else {
+            *n -= 1;
+            if *n == 0 {
+                self.requested.remove(&owner);
+            }
         }
     }
 
@@ -145,13 +178,15 @@ impl AffinityManager {
         if let Some(at) = expires {
             self.wheel.insert(id, at, now_ms);
         }
+        self.overlap.insert(&key, owner);
+        self.count(owner, expires.is_some(), true);
         Ok(Granted {
             remaining_ms: duration_ms,
         })
     }
 
     /// Gives an affinity of `owner` a new expiry `now_ms + duration_ms` (a
-    /// static one becomes timed).
+    /// static one stays static).
     pub fn extend(
         &mut self,
         key: &TableKey,
@@ -224,6 +259,8 @@ impl AffinityManager {
             if let Some(e) = self.index.remove(&key) {
                 self.writer.remove(&key);
                 self.free_ids.push(id);
+                self.overlap.remove(&key);
+                self.count(e.rec.owner, e.rec.expires.is_some(), false);
                 out.push(Ended {
                     key,
                     owner: e.rec.owner,
@@ -294,6 +331,8 @@ impl AffinityManager {
         self.wheel.remove(e.id);
         self.writer.remove(key);
         self.free_ids.push(e.id);
+        self.overlap.remove(key);
+        self.count(e.rec.owner, e.rec.expires.is_some(), false);
         Some(e.rec)
     }
 }
@@ -540,5 +579,32 @@ mod tests {
         m.expire(t0 + 700_000, &mut out);
         assert_eq!(out.len(), n as usize);
         assert_eq!(m.len(), 0);
+    }
+
+    #[test]
+    fn requested_counts_and_overlaps_follow_the_records() {
+        let (mut m, _r) = mgr(64);
+        let wide = key(0x0a01_0000, 16);
+        let inner = key(0x0a01_0203, 32);
+        m.create(wide, 1, Some(5_000), None, 0).unwrap();
+        m.create(key(0x0b00_0000, 8), 1, None, None, 0).unwrap();
+        assert_eq!(m.requested_by(1), 1, "the static one does not count");
+        assert_eq!(m.overlapping_owner(&inner, 2), Some(1));
+        assert_eq!(m.overlapping_owner(&inner, 1), None);
+        // A refresh is not a new affinity.
+        m.create(wide, 1, Some(9_000), None, 10).unwrap();
+        assert_eq!(m.requested_by(1), 1);
+        m.create(inner, 1, Some(1_000), None, 10).unwrap();
+        assert_eq!(m.requested_by(1), 2);
+        // Expiry and cancel both give the quota back and clear the index.
+        let mut out = Vec::new();
+        m.expire(2_000, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(m.requested_by(1), 1);
+        m.cancel(&wide, Some(1), 3_000).unwrap();
+        assert_eq!(m.requested_by(1), 0);
+        assert_eq!(m.overlapping_owner(&inner, 2), None);
+        m.remove_backend(1, &mut out);
+        assert_eq!(m.overlapping_owner(&key(0x0b01_0101, 32), 2), None);
     }
 }

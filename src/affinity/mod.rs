@@ -13,6 +13,7 @@
 pub mod auto;
 pub mod key;
 pub mod manager;
+pub mod overlap;
 mod seqlock;
 pub mod table;
 mod wheel;

@@ -20,8 +20,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::control::server::{unix_ms, NonceSource};
-use crate::protocol::auth::Key;
+use crate::protocol::auth::{unix_ms, Key, NonceSource};
 use crate::protocol::message::{
     encode_request, AffinityEntry, AffinityKey, AffinityOp, BackendEntry, BackendSpec, DecodeError,
     EncodeError, EndedNotice, Envelope, Header, MsgType, Reply, ReplyPayload, Request, ReturnCode,
@@ -628,9 +627,9 @@ pub fn cancel_affinity(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::server::{
-        ControlHandler, ControlServer, Payload, Response, ServerConfig, ServerCounters,
-    };
+    use crate::control::counters::ServerCounters;
+    use crate::control::handler::{Call, ControlHandler, Payload, Response};
+    use crate::control::server::{ControlServer, ServerConfig};
     use crate::protocol::auth::Allowlist;
     use crate::protocol::message::{encode_reply, MsgType, Request};
     use crate::protocol::testing::{akey, keyring, ADMIN_KEY, WEB1_KEY, WEB2_KEY};
@@ -648,14 +647,8 @@ mod tests {
     }
 
     impl ControlHandler for Fake {
-        fn handle(
-            &mut self,
-            sender: &str,
-            is_admin: bool,
-            _source: SocketAddr,
-            request: &Request<'_>,
-            _now_ms: u64,
-        ) -> Response {
+        fn handle(&mut self, call: &Call<'_>, request: &Request<'_>) -> Response {
+            let (sender, is_admin) = (call.sender, call.is_admin);
             match request {
                 Request::AffinityCreate(op) => {
                     let owner = op.owner.unwrap_or(sender);
@@ -668,7 +661,7 @@ mod tests {
                     self.table.push((
                         op.key,
                         owner.to_string(),
-                        op.notify.unwrap_or(_source),
+                        op.notify.unwrap_or(call.source),
                         op.duration_secs,
                     ));
                     Response::ok().with_remaining(op.duration_secs)

@@ -155,10 +155,11 @@ fn walk_value(v: &Spanned<DeValue<'_>>, at: usize, path: &mut KeyPath) {
 
 /// The span of the deepest part of `path` present in the document: the
 /// value of the full path, or the table/array of the longest prefix found
-/// (a missing key is reported where its table is).
+/// (a missing key is reported where its table is; a missing top-level key
+/// at the start of the document, where the root table begins).
 pub fn span_of(text: &str, path: &KeyPath) -> Option<Range<usize>> {
     let doc = DeTable::parse(text).ok()?;
-    let mut best: Option<Range<usize>> = None;
+    let mut best: Option<Range<usize>> = Some(0..0);
     let mut cur: Option<&Spanned<DeValue<'_>>> = None;
     for seg in &path.0 {
         let next = match (seg, cur.map(|v| v.get_ref())) {
@@ -200,6 +201,9 @@ pub fn at_path(file: &str, text: &str, path: &KeyPath, message: String) -> Confi
 /// Converts a TOML/serde error, naming the key at its span.
 pub fn from_toml(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     let (line, column, key) = match e.span() {
+        // An empty span at the start: the root table (a missing top-level
+        // key), not the first key that happens to begin there.
+        Some(r) if r == (0..0) => (1, 1, String::new()),
         Some(r) => {
             let (l, c) = line_col(text, r.start);
             (l, c, path_at(text, r.start).to_string())

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -38,6 +39,14 @@ pub const DEFAULT_MTU: u16 = 1500;
 pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 1280..=9216;
 /// Largest ICMP rate (per second) a configuration may set.
 pub const MAX_ICMP_RATE: u32 = 1_000_000;
+/// Longest flow idle timeout: a day. The flow table keeps times in units of
+/// about a millisecond that wrap after about 52 days, so a timeout must stay
+/// well below that.
+pub const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Largest `[control] max_clock_skew`: ten minutes. The skew is the replay
+/// window: a request stamped further from the distributor's clock is
+/// refused, and nonces are remembered for that long.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -69,7 +78,7 @@ pub struct Config {
 
 /// DPDK EAL arguments (without the program name; the `--vdev` arguments for
 /// virtual devices are derived from `[[ports]]`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EalConfig {
     #[serde(default)]
@@ -77,7 +86,7 @@ pub struct EalConfig {
 }
 
 /// The core plan.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoresConfig {
     /// Core of the main/control thread (EAL main lcore).
@@ -87,7 +96,7 @@ pub struct CoresConfig {
 }
 
 /// The packet-buffer pool.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MempoolConfig {
     /// Number of mbufs (2^n - 1 is most memory-efficient).
@@ -114,7 +123,7 @@ fn default_mtu() -> u16 {
 }
 
 /// A DPDK port.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
     /// Name other keys refer to.
@@ -154,7 +163,7 @@ impl PortConfig {
 }
 
 /// The per-worker connection table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlowConfig {
     /// IPv4 flows per worker (rounded up to a multiple of 8).
@@ -191,7 +200,7 @@ impl FlowConfig {
 }
 
 /// Affinity table sizes.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AffinityConfig {
     /// Most affinities (created and static) at once.
@@ -641,6 +650,15 @@ impl Config {
             if d.0.is_zero() {
                 return fail(fp.key(k), "a timeout must be longer than 0");
             }
+            if d.0 > MAX_FLOW_TIMEOUT {
+                return fail(
+                    fp.key(k),
+                    format!(
+                        "{d}: a timeout must be at most {}",
+                        DurationStr(MAX_FLOW_TIMEOUT)
+                    ),
+                );
+            }
         }
         let a = &self.affinity;
         for (k, v, max) in [
@@ -666,7 +684,18 @@ impl Config {
         if c.max_clock_skew.0.is_zero() {
             return fail(cp.key("max_clock_skew"), "must be longer than 0");
         }
-        if c.metrics_listen == Some(c.listen) {
+        if c.max_clock_skew.0 > MAX_CLOCK_SKEW {
+            return fail(
+                cp.key("max_clock_skew"),
+                format!(
+                    "{}: must be at most {}",
+                    c.max_clock_skew,
+                    DurationStr(MAX_CLOCK_SKEW)
+                ),
+            );
+        }
+        // Port 0 asks for any free port: two of them do not collide.
+        if c.listen.port() != 0 && c.metrics_listen == Some(c.listen) {
             return fail(cp.key("metrics_listen"), "is the same address as listen");
         }
         for name in c.keys.keys() {

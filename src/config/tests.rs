@@ -451,7 +451,11 @@ fn missing_file() {
 
 #[test]
 fn shipped_configs_are_valid() {
-    for f in ["config/demo.toml", "config/real-nic.toml"] {
+    for f in [
+        "config/demo.toml",
+        "config/real-nic.toml",
+        "config/testbed.toml",
+    ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(!c.services.is_empty());
@@ -588,4 +592,147 @@ fn icmp_section_errors_name_key_and_line() {
     let e = err(&t);
     assert!(e.message.contains("unknown field"), "{e}");
     assert_eq!(e.line, line_of(&t, "ping = true"), "{e}");
+}
+
+#[test]
+fn missing_top_level_parts_are_located_at_the_start() {
+    // No [[services]]: the root table's line, like a missing top-level key.
+    let t = BASE.split("\n[[services]]").next().unwrap().to_string();
+    let e = err(&t);
+    assert_eq!((e.line, e.column), (1, 1), "{e}");
+    assert_eq!(e.key, "services", "{e}");
+    assert!(e.message.contains("at least one service"), "{e}");
+    assert!(e.to_string().starts_with("t.toml:1:1: services: "), "{e}");
+    // A missing top-level section: the same place, and no key of another
+    // section is blamed.
+    let t = BASE.replace("[cores]\ncontrol = 0\nworkers = [1, 2]\n", "");
+    let e = err(&t);
+    assert_eq!((e.line, e.column, e.key.as_str()), (1, 1, ""), "{e}");
+    assert_eq!(e.to_string(), "t.toml:1:1: missing field `cores`");
+    // A missing key of a section at the very start: that section.
+    let t = format!(
+        "[cores]\nworkers = [1]\n{}",
+        BASE.replace("[cores]\ncontrol = 0\nworkers = [1, 2]\n", "")
+    );
+    let e = err(&t);
+    assert_eq!((e.line, e.key.as_str()), (1, "cores"), "{e}");
+    assert!(e.message.contains("missing field `control`"), "{e}");
+}
+
+#[test]
+fn max_clock_skew_is_bounded() {
+    let skew = |v: &str| {
+        edit(
+            "[control]\n",
+            &format!("[control]\nmax_clock_skew = \"{v}\"\n"),
+        )
+    };
+    // The bound itself is accepted.
+    let c = Config::parse(&skew("10m"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.control.max_clock_skew.0, MAX_CLOCK_SKEW);
+    check(
+        &skew("601s"),
+        "control.max_clock_skew",
+        "max_clock_skew",
+        "601s: must be at most 10m",
+    );
+    // The most seconds a Duration holds: accepted before, it switched the
+    // replay window's stale-timestamp check off.
+    check(
+        &skew("18446744073709551615s"),
+        "control.max_clock_skew",
+        "max_clock_skew",
+        "must be at most 10m",
+    );
+    check(
+        &skew("0s"),
+        "control.max_clock_skew",
+        "max_clock_skew",
+        "must be longer than 0",
+    );
+}
+
+#[test]
+fn flow_timeouts_are_bounded() {
+    for key in [
+        "syn_timeout",
+        "established_timeout",
+        "fin_timeout",
+        "udp_timeout",
+    ] {
+        // BASE sets syn_timeout; the others are added beside it.
+        let set = |v: &str| {
+            let line = format!("{key} = \"{v}\"\n");
+            if key == "syn_timeout" {
+                edit("syn_timeout = \"5s\"\n", &line)
+            } else {
+                edit(
+                    "syn_timeout = \"5s\"\n",
+                    &format!("syn_timeout = \"5s\"\n{line}"),
+                )
+            }
+        };
+        let c = Config::parse(&set("1d"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+        let t = c.flow_timeouts();
+        let got = match key {
+            "syn_timeout" => t.syn,
+            "established_timeout" => t.established,
+            "fin_timeout" => t.fin,
+            _ => t.udp,
+        };
+        assert_eq!(got, MAX_FLOW_TIMEOUT, "{key}");
+        let path = format!("flow.{key}");
+        check(
+            &set("24h1s"),
+            &path,
+            key,
+            "86401s: a timeout must be at most 1d",
+        );
+        check(&set("365d"), &path, key, "must be at most 1d");
+        check(&set("0s"), &path, key, "must be longer than 0");
+    }
+}
+
+#[test]
+fn duration_overflow_has_its_own_message() {
+    for v in [
+        // One second more than a Duration holds.
+        "18446744073709551616s",
+        // More days than a Duration holds.
+        "213503982334602d",
+        // More nanoseconds than the parser's sum holds.
+        "99999999999999999999999999999999999999d",
+        // A number too long to hold at all.
+        "99999999999999999999999999999999999999999s",
+    ] {
+        let t = edit("syn_timeout = \"5s\"", &format!("syn_timeout = \"{v}\""));
+        let e = err(&t);
+        assert_eq!(e.key, "flow.syn_timeout", "{e}");
+        assert_eq!(e.line, line_of(&t, "syn_timeout"), "{e}");
+        assert!(e.message.contains("too large"), "{v}: {e}");
+        assert!(!e.message.contains("expected a number"), "{v}: {e}");
+    }
+    // A malformed duration keeps its own message.
+    let t = edit("syn_timeout = \"5s\"", "syn_timeout = \"5 s\"");
+    let e = err(&t);
+    assert!(e.message.contains("expected a number with a unit"), "{e}");
+}
+
+#[test]
+fn metrics_listen_may_share_port_zero_with_listen() {
+    let t = edit(
+        "listen = \"127.0.0.1:7400\"",
+        "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"",
+    );
+    assert!(Config::parse(&t, "t.toml").is_ok());
+    let t = edit(
+        "listen = \"127.0.0.1:7400\"",
+        "listen = \"127.0.0.1:7400\"\nmetrics_listen = \"127.0.0.1:7400\"",
+    );
+    check(
+        &t,
+        "control.metrics_listen",
+        "metrics_listen",
+        "same address as listen",
+    );
 }

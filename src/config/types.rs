@@ -31,6 +31,7 @@ impl FromStr for DurationStr {
                 "bad duration {s:?}: expected a number with a unit (ms, s, m, h, d), like \"30s\" or \"1h30m\""
             )
         };
+        let too_large = || format!("bad duration {s:?}: too large to represent");
         let t = s.trim();
         if t.is_empty() {
             return Err(bad());
@@ -42,7 +43,8 @@ impl FromStr for DurationStr {
             if digits == 0 {
                 return Err(bad());
             }
-            let n: u128 = rest[..digits].parse().map_err(|_| bad())?;
+            // All digits: parsing fails only when the number overflows.
+            let n: u128 = rest[..digits].parse().map_err(|_| too_large())?;
             rest = &rest[digits..];
             let ulen = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
             let unit_ns: u128 = match &rest[..ulen] {
@@ -59,9 +61,9 @@ impl FromStr for DurationStr {
             total = n
                 .checked_mul(unit_ns)
                 .and_then(|v| total.checked_add(v))
-                .ok_or_else(bad)?;
+                .ok_or_else(too_large)?;
         }
-        let secs = u64::try_from(total / 1_000_000_000).map_err(|_| bad())?;
+        let secs = u64::try_from(total / 1_000_000_000).map_err(|_| too_large())?;
         Ok(DurationStr(Duration::new(
             secs,
             (total % 1_000_000_000) as u32,

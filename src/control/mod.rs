@@ -1,13 +1,30 @@
 //! The control thread: everything that changes what the workers see, and the
 //! only writer of the affinity table and the dataplane snapshot.
 //!
+//! * [`thread`] — [`thread::ControlThread`], the thread as one type: it owns
+//!   everything below, runs the loop (requests, expiry, notices, status
+//!   line, metrics) and assembles the summary.
 //! * [`server`] — the protocol's receiving end: authentication, replay
-//!   protection and signed replies, in front of a [`server::ControlHandler`].
-//! * [`plane`] — the handler: affinity and backend requests, statistics and
-//!   the AFFINITY_ENDED notices of affinities that end.
+//!   protection and signed replies, in front of a [`handler::ControlHandler`].
+//! * [`handler`] — the interface between the server and what answers its
+//!   requests: the handler trait, its [`handler::Response`].
+//! * [`plane`] — affinity and backend requests, expiry, and the notices of
+//!   affinities that end.
+//! * [`reload`] — re-reading the configuration file and applying it.
+//! * [`statics`] — the configuration's static affinities.
 //! * [`registry`] — services and backends with their stable ids, from which
 //!   each dataplane snapshot is built.
+//! * [`counters`] — what the server and the plane count, and how the summary
+//!   shows it.
 
+pub mod counters;
+pub mod handler;
 pub mod plane;
 pub mod registry;
+pub mod reload;
 pub mod server;
+pub mod statics;
+pub mod thread;
+
+#[cfg(test)]
+pub(crate) mod testing;

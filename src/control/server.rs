@@ -11,14 +11,17 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::protocol::auth::TAG_LEN;
-use crate::protocol::auth::{Allowlist, Keyring, ReplayError, ReplayGuard};
+use crate::config::Config;
+use crate::control::counters::ServerCounters;
+use crate::control::handler::{Call, ControlHandler, Payload, Response};
+use crate::protocol::auth::{
+    unix_ms, Allowlist, Key, Keyring, NonceSource, ReplayError, ReplayGuard, TAG_LEN,
+};
 use crate::protocol::message::{
-    encode_ended, encode_reply, AffinityEntry, BackendEntry, DecodeError, EndedNotice, Envelope,
-    Header, MsgType, Reply, ReplyPayload, Request, ReturnCode, Writer, ADMIN_NAME,
-    FIXED_HEADER_LEN, MAX_DATAGRAM,
+    encode_ended, encode_reply, DecodeError, EndedNotice, Envelope, Header, MsgType, Reply,
+    ReplyPayload, Request, ReturnCode, Writer, ADMIN_NAME, FIXED_HEADER_LEN, MAX_DATAGRAM,
 };
 use crate::types::MAX_NAME_LEN;
 
@@ -32,197 +35,35 @@ pub const DEFAULT_MAX_PER_POLL: usize = 256;
 /// Statistics snapshots kept for clients fetching them in chunks.
 const STATS_SNAPSHOTS: usize = 4;
 
-/// What the lead's control thread implements: the affinity table, the
-/// backends and the statistics behind the protocol.
-pub trait ControlHandler {
-    /// An authenticated, fresh, decoded request from `sender` (a backend
-    /// name, or [`ADMIN_NAME`] with `is_admin`), received from `source`.
-    ///
-    /// For affinity operations the server has already filled in
-    /// `owner` (the sender unless an admin named another) and `notify` (the
-    /// source unless the request named one), and refused a non-admin naming
-    /// an owner other than itself. The handler must still check that the
-    /// owner belongs to the service (else [`ReturnCode::NotAuthorized`]) and
-    /// decide which backend operations a non-admin may do.
-    ///
-    /// For list requests, `limit` is already lowered to what fits one reply;
-    /// returning more is harmless (the excess is left for the next page).
-    /// `Request::Stats` reaches the handler only for a first chunk.
-    fn handle(
-        &mut self,
-        sender: &str,
-        is_admin: bool,
-        source: SocketAddr,
-        request: &Request<'_>,
-        now_ms: u64,
-    ) -> Response;
+/// Who may talk to the server: the allowed source networks and the
+/// senders' keys.
+#[derive(Clone, Debug)]
+pub struct ServerAuth {
+    pub allowed: Allowlist,
+    pub keyring: Keyring,
 }
 
-/// The handler's answer: a return code and additional information.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Response {
-    pub code: ReturnCode,
-    /// Seconds left on the affinity concerned.
-    pub remaining_secs: u32,
-    /// The current owner (for CONFLICT).
-    pub owner: Option<String>,
-    pub message: Cow<'static, str>,
-    pub payload: Payload,
-}
-
-/// What a response carries besides its code.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub enum Payload {
-    #[default]
-    None,
-    /// Entries starting at the request's offset; `more` = entries remain
-    /// after the ones returned.
-    Affinities {
-        entries: Vec<AffinityEntry>,
-        more: bool,
-    },
-    Backends {
-        entries: Vec<BackendEntry>,
-        more: bool,
-    },
-    /// The whole statistics document (JSON); the server sends it in chunks.
-    Stats(String),
-}
-
-impl Response {
-    pub fn new(code: ReturnCode) -> Response {
-        Response {
-            code,
-            remaining_secs: 0,
-            owner: None,
-            message: Cow::Borrowed(""),
-            payload: Payload::None,
+impl ServerAuth {
+    /// The `[control]` section's allowed networks and keys.
+    pub fn from_config(cfg: &Config) -> Result<ServerAuth, String> {
+        let mut keyring = Keyring::new();
+        for (name, key) in &cfg.control.keys {
+            let key = Key::new(&key.0).map_err(|e| format!("[control.keys] {name}: {e}"))?;
+            keyring
+                .insert(name, key)
+                .map_err(|e| format!("[control.keys] {name}: {e}"))?;
         }
+        Ok(ServerAuth {
+            allowed: Allowlist::new(cfg.control.allowed_networks.clone()),
+            keyring,
+        })
     }
-
-    pub fn ok() -> Response {
-        Response::new(ReturnCode::Ok)
-    }
-
-    /// CONFLICT naming the current owner and its remaining time.
-    pub fn conflict(owner: &str, remaining_secs: u32) -> Response {
-        Response {
-            owner: Some(owner.to_string()),
-            remaining_secs,
-            ..Response::new(ReturnCode::Conflict)
-        }
-    }
-
-    pub fn with_message(mut self, message: impl Into<Cow<'static, str>>) -> Response {
-        self.message = message.into();
-        self
-    }
-
-    pub fn with_remaining(mut self, secs: u32) -> Response {
-        self.remaining_secs = secs;
-        self
-    }
-
-    pub fn affinities(entries: Vec<AffinityEntry>, more: bool) -> Response {
-        Response {
-            payload: Payload::Affinities { entries, more },
-            ..Response::ok()
-        }
-    }
-
-    pub fn backends(entries: Vec<BackendEntry>, more: bool) -> Response {
-        Response {
-            payload: Payload::Backends { entries, more },
-            ..Response::ok()
-        }
-    }
-
-    pub fn stats(json: String) -> Response {
-        Response {
-            payload: Payload::Stats(json),
-            ..Response::ok()
-        }
-    }
-}
-
-/// Why datagrams were refused, one counter per reason.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RefusalCounters {
-    /// Larger than [`MAX_DATAGRAM`]. No reply.
-    pub oversize: u64,
-    /// Source outside the allowed networks. No reply.
-    pub foreign_source: u64,
-    /// Not a well-formed header (magic, flags, name, length). No reply.
-    pub malformed: u64,
-    /// Another protocol version. No reply.
-    pub bad_version: u64,
-    /// A REPLY or AFFINITY_ENDED sent to the server. No reply.
-    pub unexpected_type: u64,
-    /// Sender name without a key. No reply (it could not be signed).
-    pub unknown_sender: u64,
-    /// HMAC does not verify. No reply.
-    pub bad_hmac: u64,
-    /// Timestamp outside the allowed clock skew. No reply.
-    pub stale_timestamp: u64,
-    /// (sender, nonce) already seen. No reply.
-    pub replay: u64,
-    /// The nonce memory is full. No reply.
-    pub replay_forgotten: u64,
-    /// Authentic, but the body does not decode. Reply INVALID.
-    pub invalid_body: u64,
-    /// Authentic, but a type this server does not know. Reply UNSUPPORTED.
-    pub unsupported_type: u64,
-    /// A backend naming another backend as owner. Reply NOT_AUTHORIZED.
-    pub owner_mismatch: u64,
-}
-
-impl RefusalCounters {
-    /// (name, count) for every reason, in a fixed order.
-    pub fn as_array(&self) -> [(&'static str, u64); 13] {
-        [
-            ("oversize", self.oversize),
-            ("foreign_source", self.foreign_source),
-            ("malformed", self.malformed),
-            ("bad_version", self.bad_version),
-            ("unexpected_type", self.unexpected_type),
-            ("unknown_sender", self.unknown_sender),
-            ("bad_hmac", self.bad_hmac),
-            ("stale_timestamp", self.stale_timestamp),
-            ("replay", self.replay),
-            ("replay_forgotten", self.replay_forgotten),
-            ("invalid_body", self.invalid_body),
-            ("unsupported_type", self.unsupported_type),
-            ("owner_mismatch", self.owner_mismatch),
-        ]
-    }
-
-    pub fn total(&self) -> u64 {
-        self.as_array().iter().map(|(_, n)| n).sum()
-    }
-}
-
-/// Everything the server counts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServerCounters {
-    /// Datagrams received (accepted or not).
-    pub received: u64,
-    /// Requests passed to the handler.
-    pub dispatched: u64,
-    /// Stats chunks served from a snapshot without the handler.
-    pub stats_chunks: u64,
-    pub replies_sent: u64,
-    pub notices_sent: u64,
-    /// Replies or notices the socket refused (buffer full, unreachable...).
-    pub send_errors: u64,
-    pub recv_errors: u64,
-    pub refused: RefusalCounters,
 }
 
 /// How the server authenticates and paces itself.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    pub allowed: Allowlist,
-    pub keyring: Keyring,
+    pub auth: ServerAuth,
     pub max_clock_skew: Duration,
     pub replay_capacity: usize,
     /// How long [`ControlServer::poll`] waits for a first datagram; `None` =
@@ -234,13 +75,21 @@ pub struct ServerConfig {
 impl ServerConfig {
     pub fn new(allowed: Allowlist, keyring: Keyring) -> ServerConfig {
         ServerConfig {
-            allowed,
-            keyring,
+            auth: ServerAuth { allowed, keyring },
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             replay_capacity: DEFAULT_REPLAY_CAPACITY,
             read_timeout: Some(Duration::from_millis(50)),
             max_per_poll: DEFAULT_MAX_PER_POLL,
         }
+    }
+
+    /// The `[control]` section's keys, allowed networks and clock skew.
+    pub fn from_config(cfg: &Config) -> Result<ServerConfig, String> {
+        let ServerAuth { allowed, keyring } = ServerAuth::from_config(cfg)?;
+        Ok(ServerConfig {
+            max_clock_skew: cfg.control.max_clock_skew.0,
+            ..ServerConfig::new(allowed, keyring)
+        })
     }
 }
 
@@ -268,43 +117,6 @@ pub struct ControlServer {
     nonces: NonceSource,
     /// Clock of the datagram being processed (stamped on its reply).
     now_ms: u64,
-}
-
-/// Milliseconds since the UNIX epoch (0 before it).
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// Unique, unpredictable-looking 64-bit nonces: a SplitMix64 sequence from a
-/// random start (std's per-process random hash keys), so two processes
-/// practically never collide and one process never repeats.
-pub(crate) struct NonceSource {
-    state: u64,
-}
-
-impl NonceSource {
-    pub(crate) fn new() -> NonceSource {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        h.write_u32(std::process::id());
-        NonceSource { state: h.finish() }
-    }
-
-    pub(crate) fn next(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 /// Where a datagram stopped in the pipeline.
@@ -335,8 +147,8 @@ impl ControlServer {
         }
         Ok(ControlServer {
             socket,
-            allowed: config.allowed,
-            keyring: config.keyring,
+            allowed: config.auth.allowed,
+            keyring: config.auth.keyring,
             replay: ReplayGuard::new(config.max_clock_skew, config.replay_capacity),
             read_timeout: config.read_timeout.filter(|t| !t.is_zero()),
             max_per_poll: config.max_per_poll.max(1),
@@ -366,14 +178,10 @@ impl ControlServer {
         &self.latency
     }
 
-    /// Replaces the keys (configuration reload).
-    pub fn set_keyring(&mut self, keyring: Keyring) {
-        self.keyring = keyring;
-    }
-
-    /// Replaces the allowed source networks (configuration reload).
-    pub fn set_allowed(&mut self, allowed: Allowlist) {
-        self.allowed = allowed;
+    /// Replaces the allowed networks and keys (configuration reload).
+    pub fn set_auth(&mut self, auth: ServerAuth) {
+        self.allowed = auth.allowed;
+        self.keyring = auth.keyring;
     }
 
     /// Handles the datagrams waiting on the socket, at most `max_per_poll` of
@@ -604,7 +412,16 @@ impl ControlServer {
             _ => {}
         }
         self.counters.dispatched += 1;
-        let response = handler.handle(sender, is_admin, source, &request, now_ms);
+        let call = Call {
+            sender,
+            is_admin,
+            source,
+            now_ms,
+            server: &self.counters,
+            server_latency: &self.latency,
+        };
+        let response = handler.handle(&call, &request);
+        self.counters.handler_codes[response.code as usize] += 1;
         let reply = self.reply_from(&header, &request, response);
         self.reply(&header, reply)
     }
@@ -822,7 +639,7 @@ fn count_fitting<T>(
 mod tests {
     use super::*;
     use crate::protocol::auth::Key;
-    use crate::protocol::message::{encode_request, AffinityOp, MIN_DATAGRAM};
+    use crate::protocol::message::{encode_request, AffinityEntry, AffinityOp, MIN_DATAGRAM};
     use crate::protocol::testing::{akey, keyring, ADMIN_KEY, NOW, WEB1_KEY, WEB2_KEY};
     use crate::types::PortMatch;
     use proptest::prelude::*;
@@ -848,22 +665,19 @@ mod tests {
 
     /// Records every call; answers with `next` (or OK).
     #[derive(Default)]
-    pub(crate) struct Recorder {
+    struct Recorder {
         pub calls: Vec<(String, bool, SocketAddr, String)>,
         pub next: Option<Response>,
     }
 
     impl ControlHandler for Recorder {
-        fn handle(
-            &mut self,
-            sender: &str,
-            is_admin: bool,
-            source: SocketAddr,
-            request: &Request<'_>,
-            _now_ms: u64,
-        ) -> Response {
-            self.calls
-                .push((sender.into(), is_admin, source, format!("{request:?}")));
+        fn handle(&mut self, call: &Call<'_>, request: &Request<'_>) -> Response {
+            self.calls.push((
+                call.sender.into(),
+                call.is_admin,
+                call.source,
+                format!("{request:?}"),
+            ));
             self.next.take().unwrap_or_else(Response::ok)
         }
     }
@@ -952,6 +766,11 @@ mod tests {
             assert_eq!(reply.owner, resp.owner);
         }
         assert_eq!(h.calls.len(), ReturnCode::ALL.len());
+        assert_eq!(
+            s.counters().handler_codes,
+            [1; ReturnCode::ALL.len()],
+            "each answer counted under its code"
+        );
     }
 
     /// Runs `d` through a fresh-state check: not dispatched, no reply, and
@@ -1364,7 +1183,7 @@ mod tests {
 
     struct NullHandler;
     impl ControlHandler for NullHandler {
-        fn handle(&mut self, _: &str, _: bool, _: SocketAddr, _: &Request<'_>, _: u64) -> Response {
+        fn handle(&mut self, _: &Call<'_>, _: &Request<'_>) -> Response {
             Response::ok().with_remaining(60)
         }
     }

@@ -294,7 +294,7 @@ impl<IO: PacketIo> Worker<IO> {
             let p = classify::parse(b.data());
             if let Ok(p) = &p {
                 let h = crate::types::flow_hash(&p.key);
-                self.flows.prefetch(&p.key, h);
+                self.flows.prefetch(&p.key, h, p.is_syn());
                 hashes[i] = h;
                 let k = &p.key;
                 let svc = match last {

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::{HashMap, HashSet};
 use hmac::{Hmac, Mac};
@@ -246,6 +246,44 @@ pub enum ReplayError {
     /// before the newest forgotten timestamp is refused (fresh requests never
     /// are).
     Forgotten,
+}
+
+/// Milliseconds since the UNIX epoch (0 before it): the clock of request
+/// timestamps.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Unique, unpredictable-looking 64-bit nonces for the messages one end
+/// sends: a SplitMix64 sequence from a random start (std's per-process random
+/// hash keys), so two processes practically never collide and one process
+/// never repeats.
+pub(crate) struct NonceSource {
+    state: u64,
+}
+
+impl NonceSource {
+    pub(crate) fn new() -> NonceSource {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        NonceSource { state: h.finish() }
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 /// Passes the 64-bit value written by [`ReplayGuard`] through: the value is

@@ -185,6 +185,20 @@ pub fn render(s: &Summary) -> String {
         "Affinities installed (requested and static).",
     )
     .value(&[], s.affinities as f64);
+    Family::new(
+        &mut o,
+        "pktdist_auto_affinity_pins",
+        "gauge",
+        "Automatic-affinity pins held: a client on a service, with connections open or lingering.",
+    )
+    .value(&[], s.auto_affinity_pins as f64);
+    Family::new(
+        &mut o,
+        "pktdist_auto_affinity_table_full_total",
+        "counter",
+        "New clients of automatic-affinity services left unpinned because the table had no room.",
+    )
+    .value(&[], s.auto_affinity_table_full as f64);
 
     type ServiceGet = fn(&crate::report::summary::ServiceSummary) -> u64;
     let per_service: [(&'static str, &str, ServiceGet); 5] = [
@@ -304,7 +318,7 @@ pub fn render(s: &Summary) -> String {
     }
 
     type PortGet = fn(&crate::report::summary::PortSummary) -> u64;
-    let per_port: [(&'static str, &str, PortGet); 6] = [
+    let per_port: [(&'static str, &str, PortGet); 8] = [
         (
             "pktdist_port_received_packets_total",
             "Packets the device received.",
@@ -314,6 +328,16 @@ pub fn render(s: &Summary) -> String {
             "pktdist_port_transmitted_packets_total",
             "Packets the device transmitted.",
             |p| p.opackets,
+        ),
+        (
+            "pktdist_port_received_bytes_total",
+            "Bytes the device received.",
+            |p| p.ibytes,
+        ),
+        (
+            "pktdist_port_transmitted_bytes_total",
+            "Bytes the device transmitted.",
+            |p| p.obytes,
         ),
         (
             "pktdist_port_missed_packets_total",
@@ -343,28 +367,24 @@ pub fn render(s: &Summary) -> String {
         }
     }
 
-    if let Some(control) = s.extra.get("control") {
+    if let Some(control) = &s.extra.control {
         let mut f = Family::new(
             &mut o,
             "pktdist_control_refused_total",
             "counter",
             "Control datagrams refused, by reason.",
         );
-        if let Some(refused) = control.get("refused").and_then(|r| r.as_object()) {
-            for (reason, v) in refused {
-                f.value(&[("reason", reason)], v.as_f64().unwrap_or(0.0));
-            }
+        for (reason, v) in &control.refused {
+            f.value(&[("reason", reason)], *v as f64);
         }
         let mut f = Family::new(
             &mut o,
             "pktdist_control_replies_total",
             "counter",
-            "Control replies, by return code.",
+            "Requests the control plane handled, by the return code of the answer.",
         );
-        if let Some(codes) = control.get("by_code").and_then(|r| r.as_object()) {
-            for (code, v) in codes {
-                f.value(&[("code", code)], v.as_f64().unwrap_or(0.0));
-            }
+        for (code, v) in &control.by_code {
+            f.value(&[("code", code)], *v as f64);
         }
         let mut f = Family::new(
             &mut o,
@@ -372,10 +392,8 @@ pub fn render(s: &Summary) -> String {
             "counter",
             "Affinities ended, by reason.",
         );
-        if let Some(ended) = control.get("ended").and_then(|r| r.as_object()) {
-            for (reason, v) in ended {
-                f.value(&[("reason", reason)], v.as_f64().unwrap_or(0.0));
-            }
+        for (reason, v) in control.ended.as_array() {
+            f.value(&[("reason", reason)], v as f64);
         }
     }
 

@@ -184,7 +184,8 @@ impl IcmpSummary {
     }
 }
 
-/// The end-of-run summary (SPEC section 5).
+/// The summary of a run: printed and written as JSON at its end, and the
+/// statistics document `pktdist stats` fetches while it runs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub seconds: f64,
@@ -207,7 +208,7 @@ pub struct Summary {
     pub active_flows: u64,
     pub affinities: usize,
     /// Clients pinned by automatic affinity, and new clients left unpinned
-    /// because the table had no room (filled by the control plane).
+    /// because the table had no room (filled by the control thread).
     pub auto_affinity_pins: usize,
     pub auto_affinity_table_full: u64,
     /// Received packets per second over the run, all workers.
@@ -217,7 +218,8 @@ pub struct Summary {
     pub mpps_per_busy_core: f64,
     pub services: Vec<ServiceSummary>,
     pub workers_detail: Vec<WorkerSummary>,
-    /// Filled by the runtime (device counters); empty without ports.
+    /// The ports' device counters (filled by the control thread); empty
+    /// without ports.
     pub ports: Vec<PortSummary>,
     /// Per-packet processing time in the workers (ns), over all workers.
     pub packet_latency_ns: Percentiles,
@@ -225,12 +227,89 @@ pub struct Summary {
     pub control_latency_ns: Percentiles,
     /// How long ended affinities lived (ms).
     pub affinity_lifetime_ms: Percentiles,
-    /// Anything the run adds (port counters, traffic source, sink).
-    pub extra: BTreeMap<String, serde_json::Value>,
+    /// What a running instance adds: the control thread's figures and the
+    /// built-in traffic source's report.
+    pub extra: RunExtra,
     /// ICMP forwarded, answered, sent and dropped; fragmentation. Absent
     /// in older servers' JSON.
     #[serde(default)]
     pub icmp: IcmpSummary,
+}
+
+/// The parts of a [`Summary`] only a running instance has.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunExtra {
+    /// Filled by the control thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlSummary>,
+    /// Filled when the built-in traffic source ran.
+    #[serde(
+        rename = "traffic source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traffic_source: Option<TrafficSummary>,
+}
+
+/// The control thread's figures. The fields are in the JSON's key order
+/// (alphabetical).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ControlSummary {
+    /// Replies sent.
+    pub answered: u64,
+    /// Requests the handler answered, by return code.
+    pub by_code: BTreeMap<String, u64>,
+    /// Affinities ended, by reason.
+    pub ended: EndedSummary,
+    /// Requests passed to the handler.
+    pub handled: u64,
+    /// AFFINITY_ENDED notifications sent.
+    pub notifications: u64,
+    /// Datagrams received, accepted or not.
+    pub received: u64,
+    /// Datagrams refused, by reason.
+    pub refused: BTreeMap<String, u64>,
+    /// Replies or notifications the socket refused.
+    pub send_errors: u64,
+    /// Dataplane snapshots published after the first.
+    pub snapshots: u64,
+}
+
+/// Affinities ended, by reason (the fields in the JSON's key order).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct EndedSummary {
+    pub backend_removed: u64,
+    pub cancelled: u64,
+    pub expired: u64,
+}
+
+impl EndedSummary {
+    /// (reason, count) for every reason, in the JSON's key order.
+    pub fn as_array(&self) -> [(&'static str, u64); 3] {
+        [
+            ("backend_removed", self.backend_removed),
+            ("cancelled", self.cancelled),
+            ("expired", self.expired),
+        ]
+    }
+}
+
+/// What the built-in traffic source did (the fields in the JSON's key
+/// order).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrafficSummary {
+    /// Bursts a full queue did not take whole (the workers were saturated).
+    pub bursts_refused_by_full_queue: u64,
+    /// Forwarded packets seen at the sink, by "service/backend" ("other"
+    /// for destinations no backend has).
+    pub delivered_to_backends: BTreeMap<String, u64>,
+    pub no_mbuf: u64,
+    /// Packets sent per second over the source's run, in millions.
+    pub offered_mpps: f64,
+    pub sent: u64,
 }
 
 /// Where the per-service and per-backend figures of each id start. The
@@ -449,7 +528,7 @@ impl Summary {
             packet_latency_ns: Percentiles::of(&packets),
             control_latency_ns: Percentiles::default(),
             affinity_lifetime_ms: Percentiles::default(),
-            extra: BTreeMap::new(),
+            extra: RunExtra::default(),
             icmp: IcmpSummary::collect(workers),
         }
     }
@@ -591,60 +670,43 @@ impl Summary {
                 p.name, p.ipackets, p.opackets, p.imissed, p.ierrors, p.oerrors, p.rx_nombuf
             );
         }
-        for (k, v) in &self.extra {
-            let _ = writeln!(o, "  {k}: {}", render_extra(k, v));
+        if let Some(c) = &self.extra.control {
+            let _ = writeln!(
+                o,
+                "  control: {} datagrams received, {} replies sent, {} refused ({} without a reply, {} answered with an error), {} ended notifications sent; affinities ended: {} expired, {} cancelled, {} backend removed",
+                c.received,
+                c.answered,
+                c.refused.values().sum::<u64>(),
+                c.refused.iter().filter(|(k, _)| !ANSWERED_REFUSALS.contains(&k.as_str())).map(|(_, n)| n).sum::<u64>(),
+                c.refused.iter().filter(|(k, _)| ANSWERED_REFUSALS.contains(&k.as_str())).map(|(_, n)| n).sum::<u64>(),
+                c.notifications,
+                c.ended.expired,
+                c.ended.cancelled,
+                c.ended.backend_removed,
+            );
+        }
+        if let Some(t) = &self.extra.traffic_source {
+            let delivered: Vec<String> = t
+                .delivered_to_backends
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "  traffic source: sent {} ({:.3} Mpps); received back from the workers per backend: {}",
+                t.sent,
+                t.offered_mpps,
+                delivered.join(", "),
+            );
         }
         o
     }
 }
 
-/// Known extras in words; anything else as JSON.
-fn render_extra(key: &str, v: &serde_json::Value) -> String {
-    let n = |path: &[&str]| {
-        path.iter()
-            .try_fold(v, |v, k| v.get(k))
-            .and_then(|x| x.as_u64())
-            .unwrap_or(0)
-    };
-    match key {
-        "control" => {
-            let refused: u64 = v
-                .get("refused")
-                .and_then(|r| r.as_object())
-                .map_or(0, |r| r.values().filter_map(|x| x.as_u64()).sum());
-            format!(
-                "{} requests, {} answered, {} refused, {} ended notifications; affinities ended: {} expired, {} cancelled, {} backend removed",
-                n(&["received"]),
-                n(&["answered"]),
-                refused,
-                n(&["notifications"]),
-                n(&["ended", "expired"]),
-                n(&["ended", "cancelled"]),
-                n(&["ended", "backend_removed"]),
-            )
-        }
-        "traffic source" => {
-            let delivered = v
-                .get("delivered_to_backends")
-                .and_then(|d| d.as_object())
-                .map(|d| {
-                    d.iter()
-                        .map(|(k, x)| format!("{k} {}", x.as_u64().unwrap_or(0)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default();
-            format!(
-                "sent {} ({:.3} Mpps); received back from the workers per backend: {delivered}",
-                n(&["sent"]),
-                v.get("offered_mpps")
-                    .and_then(|x| x.as_f64())
-                    .unwrap_or(0.0),
-            )
-        }
-        _ => v.to_string(),
-    }
-}
+/// The refusals the control server answers (INVALID, UNSUPPORTED and
+/// NOT_AUTHORIZED: the request was authentic); it sends nothing back for
+/// the others (docs/PROTOCOL.md §3.5, §8).
+const ANSWERED_REFUSALS: [&str; 3] = ["invalid_body", "unsupported_type", "owner_mismatch"];
 
 fn share(part: u64, total: u64) -> f64 {
     if total == 0 {
@@ -774,6 +836,100 @@ mod tests {
         assert!(text.contains("icmp     errors forwarded 0"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["services"][0]["backends"][1]["connections"], 40);
+    }
+
+    /// The control thread's and the traffic source's parts: under `extra`,
+    /// as `control` and `traffic source`, read back the same, and in words
+    /// in the text.
+    #[test]
+    fn run_extras_keep_their_json_keys_and_words() {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        let mut s = Summary::collect(&w, &dp(), 1.0, 0, &CounterBase::default());
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["extra"], serde_json::json!({}), "absent parts absent");
+        assert!(!s.render().contains("control:"));
+        s.extra.control = Some(ControlSummary {
+            received: 7,
+            answered: 5,
+            refused: [("bad_hmac".to_string(), 2)].into(),
+            by_code: [("OK".to_string(), 4), ("CONFLICT".to_string(), 1)].into(),
+            notifications: 1,
+            ended: EndedSummary {
+                expired: 3,
+                cancelled: 1,
+                backend_removed: 0,
+            },
+            ..ControlSummary::default()
+        });
+        s.extra.traffic_source = Some(TrafficSummary {
+            sent: 2_000_000,
+            offered_mpps: 1.0,
+            delivered_to_backends: [("web/be0".to_string(), 9)].into(),
+            ..TrafficSummary::default()
+        });
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["extra"]["control"]["refused"]["bad_hmac"], 2);
+        assert_eq!(json["extra"]["control"]["by_code"]["CONFLICT"], 1);
+        assert_eq!(json["extra"]["control"]["ended"]["expired"], 3);
+        assert_eq!(json["extra"]["control"]["handled"], 0);
+        assert_eq!(
+            json["extra"]["traffic source"]["delivered_to_backends"]["web/be0"],
+            9
+        );
+        let back: Summary = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+        let text = s.render();
+        assert!(
+            text.contains("  control: 7 datagrams received, 5 replies sent, 2 refused (2 without a reply, 0 answered with an error), 1 ended notifications sent; affinities ended: 3 expired, 1 cancelled, 0 backend removed\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  traffic source: sent 2000000 (1.000 Mpps); received back from the workers per backend: web/be0 9\n"),
+            "{text}"
+        );
+    }
+
+    /// The control line says what its figures count: datagrams received,
+    /// replies sent, and refusals split into unanswered and answered ones.
+    #[test]
+    fn control_line_names_what_it_counts() {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        let mut s = Summary::collect(&w, &dp(), 1.0, 0, &CounterBase::default());
+        s.extra.control = Some(ControlSummary {
+            received: 20,
+            answered: 12,
+            notifications: 3,
+            refused: [
+                ("bad_hmac".to_string(), 4),
+                ("replay".to_string(), 2),
+                ("invalid_body".to_string(), 1),
+                ("owner_mismatch".to_string(), 1),
+                ("oversize".to_string(), 0),
+            ]
+            .into(),
+            ended: EndedSummary {
+                expired: 2,
+                cancelled: 1,
+                backend_removed: 0,
+            },
+            ..ControlSummary::default()
+        });
+        let text = s.render();
+        assert!(
+            text.contains(
+                "  control: 20 datagrams received, 12 replies sent, 8 refused (6 without a reply, 2 answered with an error), 3 ended notifications sent; affinities ended: 2 expired, 1 cancelled, 0 backend removed\n"
+            ),
+            "{text}"
+        );
+    }
+
+    /// The answered refusals are reasons the server counts.
+    #[test]
+    fn answered_refusals_are_server_reasons() {
+        let reasons = crate::control::counters::RefusalCounters::default().as_array();
+        for r in ANSWERED_REFUSALS {
+            assert!(reasons.iter().any(|(name, _)| *name == r), "{r}");
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! `pktdist run`: the process around the threads. Its main thread starts EAL,
-//! the ports and the workers, runs the control thread's loop, and stops
-//! everything in order (`process`); the optional built-in traffic source runs
-//! on a thread of its own (`traffic_source`), writing frames that
-//! [`trafficgen`] generates.
+//! `pktdist run`: the process around the threads. Its main thread starts EAL
+//! and the ports, builds the control thread
+//! ([`crate::control::thread::ControlThread`]), spawns the workers, serves the
+//! control thread's loop, and stops everything in order (`process`); the
+//! optional built-in traffic source runs on a thread of its own
+//! (`traffic_source`), writing frames that [`trafficgen`] generates.
 //!
 //! This is where the distribution logic meets DPDK; it holds no `unsafe`
 //! itself: everything DPDK goes through [`crate::dpdk`].

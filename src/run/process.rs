@@ -2,35 +2,31 @@
 //! the optional built-in traffic source and the control thread, and stops
 //! them cleanly on SIGINT/SIGTERM or when the run's duration ends.
 //!
+//! [`run`] is four steps: [`start`] (EAL, mempool, ports), [`spawn`]
+//! (workers and traffic source, after the [`ControlThread`] that creates the
+//! tables they read), serve (the control thread's loop on this thread) and
+//! [`stop`] (in order, then the summary).
+//!
 //! This is where the distribution logic meets DPDK; it holds no `unsafe`
 //! itself: everything DPDK goes through [`crate::dpdk`].
 
-use std::io::Write as _;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use crate::affinity::manager::AffinityManager;
-
-use crate::affinity::table::AffinityTable;
-
-use super::traffic_source::TrafficSource;
+use super::traffic_source::{TrafficReport, TrafficSource};
 use super::trafficgen::{Target, TrafficGen, TrafficSpec};
-use crate::affinity::auto::AutoAffinityTable;
 use crate::config::Config;
-use crate::control::plane::{auth_from_config, ControlPlane};
-use crate::control::registry::ServiceRegistry;
-use crate::control::server::{ControlServer, ServerConfig};
+use crate::control::thread::{ControlSetup, ControlThread, PortStatsSource};
 use crate::datapath::counters::WorkerCounters;
-use crate::datapath::snapshot::DataplaneCell;
 use crate::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use crate::dpdk::{
     spawn_worker, Eal, Mempool, Port, PortQueues, PortSetup, QueueDir, WorkerHandle,
     DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
-use crate::report::metrics::{self, MetricsServer};
-use crate::report::summary::{status_line, PortSummary, Summary, Totals};
+use crate::report::summary::{PortSummary, Summary};
 
 /// How `pktdist run` was asked to run.
 #[derive(Clone, Debug, Default)]
@@ -43,7 +39,7 @@ pub struct RunOptions {
     pub config_path: Option<PathBuf>,
 }
 
-/// Everything that stops the run.
+/// The signals' flags.
 struct StopFlags {
     /// Set by SIGINT/SIGTERM.
     signal: Arc<AtomicBool>,
@@ -85,8 +81,60 @@ pub fn eal_args(cfg: &Config) -> Vec<String> {
 /// Runs the distributor until stopped; returns the summary.
 pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     let flags = StopFlags::install()?;
-    let started = Instant::now();
+    let began = Instant::now();
+    let started = start(cfg)?;
+    let workers: Vec<Arc<WorkerCounters>> = cfg
+        .cores
+        .workers
+        .iter()
+        .map(|_| Arc::new(WorkerCounters::default()))
+        .collect();
+    let mut control = ControlThread::new(
+        cfg,
+        ControlSetup {
+            config_path: opts.config_path.clone(),
+            workers: workers.clone(),
+            port_stats: Some(port_stats(cfg, &started.ports)),
+            status: opts
+                .status
+                .then(|| Box::new(std::io::stdout()) as Box<dyn Write + Send>),
+        },
+    )?;
+    let threads = spawn(cfg, &started, &control.shared(), workers)?;
 
+    // Serve: the control thread's loop runs on this thread.
+    let addr = control.local_addr().unwrap_or(cfg.control.listen);
+    eprintln!("pktdist: control protocol on udp {addr}");
+    if let Some(addr) = control.metrics_addr() {
+        eprintln!("pktdist: metrics on http://{addr}/metrics");
+    }
+    control.serve_until(
+        &flags.signal,
+        &flags.reload,
+        opts.duration.map(|d| began + d),
+    );
+
+    let mut summary = stop(threads, &control)?;
+    summary.seconds = began.elapsed().as_secs_f64();
+    // The control thread goes first (its port-stats source holds the ports),
+    // then the ports, which stop and close as they drop (before the pool
+    // they fill from, which they hold); EAL itself stays up until the
+    // process exits.
+    drop(control);
+    drop(started);
+    Ok(summary)
+}
+
+/// What [`start`] brings up; its fields drop in order.
+struct Started {
+    ports: Vec<Arc<Port>>,
+    pool: Arc<Mempool>,
+    _eal: Eal,
+}
+
+/// Checks the core plan against the machine, then starts EAL, the mempool
+/// and the ports (one queue pair per worker on each).
+fn start(cfg: &Config) -> Result<Started, String> {
     // Cores: check the plan against the machine before EAL narrows our view.
     let available: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
@@ -111,11 +159,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     )
     .map_err(|e| format!("mempool of {} mbufs: {e}", cfg.mempool.mbufs))?;
 
-    let workers_n = cfg.cores.workers.len();
     let mut ports = Vec::with_capacity(cfg.ports.len());
     for p in &cfg.ports {
         let conf = PortSetup {
-            queues: workers_n as u16,
+            queues: cfg.cores.workers.len() as u16,
             rx_desc: p.rx_descriptors,
             tx_desc: p.tx_descriptors,
             promiscuous: true,
@@ -135,7 +182,29 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         );
         ports.push(Arc::new(port));
     }
+    Ok(Started {
+        ports,
+        pool,
+        _eal: eal,
+    })
+}
 
+/// The threads [`spawn`] started and the flags that stop them.
+struct Threads {
+    workers: Vec<WorkerHandle<()>>,
+    stop_workers: Arc<AtomicBool>,
+    source: Option<WorkerHandle<TrafficReport>>,
+    stop_source: Arc<AtomicBool>,
+}
+
+/// Starts one pinned worker per worker core (each with its `counters`),
+/// reading the tables of `shared`, and the traffic source if configured.
+fn spawn(
+    cfg: &Config,
+    started: &Started,
+    shared: &Shared,
+    counters: Vec<Arc<WorkerCounters>>,
+) -> Result<Threads, String> {
     let plans: Vec<PortPlan> = cfg
         .ports
         .iter()
@@ -158,46 +227,12 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             .into(),
         })
         .collect();
+    let traffic = traffic_ports(cfg, &plans)?;
+    let ports = &started.ports;
 
-    // The traffic source transmits on the traffic port's queues (the
-    // workers receive there) and drains the port the workers forward to.
-    let traffic = match &cfg.traffic {
-        None => None,
-        Some(t) => {
-            let port = cfg
-                .port_index(&t.port)
-                .ok_or_else(|| format!("[traffic] port {} is not configured", t.port))?;
-            let sink = plans[port].forward_to;
-            if sink == port {
-                return Err(format!(
-                    "[traffic] needs port {}'s forward_to set to another port: the source transmits on {} and the workers must forward elsewhere",
-                    t.port, t.port
-                ));
-            }
-            Some((port, sink))
-        }
-    };
-
-    // Shared state.
-    let mut registry = ServiceRegistry::from_config(cfg).map_err(|e| e.to_string())?;
-    let dp = registry.snapshot().map_err(|e| e.to_string())?;
-    let cell = Arc::new(DataplaneCell::new(dp));
-    let (writer, reader) = AffinityTable::new(cfg.affinity.capacity);
-    let manager = AffinityManager::new(writer);
-    let auto = Arc::new(AutoAffinityTable::new(cfg.affinity.auto_capacity));
-    let epoch = Instant::now();
-    let shared = Shared {
-        dataplane: Arc::clone(&cell),
-        affinity: reader,
-        auto_affinity: Arc::clone(&auto),
-        epoch,
-    };
-
-    // Workers.
     let stop_workers = Arc::new(AtomicBool::new(false));
-    let mut counters = Vec::with_capacity(workers_n);
-    let mut handles: Vec<WorkerHandle<()>> = Vec::with_capacity(workers_n);
-    for (w, &core) in cfg.cores.workers.iter().enumerate() {
+    let mut workers = Vec::with_capacity(counters.len());
+    for (w, (&core, c)) in cfg.cores.workers.iter().zip(counters).enumerate() {
         let mut queues = Vec::with_capacity(ports.len());
         for (i, port) in ports.iter().enumerate() {
             let dir = match traffic {
@@ -208,8 +243,6 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             queues.push(port.queue_dir(w as u16, dir).map_err(|e| e.to_string())?);
         }
         let io = PortQueues::new(queues);
-        let c = Arc::new(WorkerCounters::default());
-        counters.push(Arc::clone(&c));
         let setup = WorkerSetup {
             id: w,
             ports: plans.clone(),
@@ -225,20 +258,21 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             worker.run(&stop);
         })
         .map_err(|e| format!("worker {w} on core {core}: {e}"))?;
-        handles.push(h);
+        workers.push(h);
     }
     eprintln!(
         "pktdist: {} worker(s) on core(s) {:?}, control on core {}",
-        workers_n, cfg.cores.workers, cfg.cores.control
+        workers.len(),
+        cfg.cores.workers,
+        cfg.cores.control
     );
 
-    // Traffic source.
-    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let stop_source = Arc::new(AtomicBool::new(false));
     let source = match (traffic, &cfg.traffic) {
         (Some((tp, sink)), Some(t)) => {
             let mut tx = Vec::new();
             let mut rx = Vec::new();
-            for w in 0..workers_n as u16 {
+            for w in 0..workers.len() as u16 {
                 tx.push(
                     ports[tp]
                         .queue_dir(w, QueueDir::Tx)
@@ -250,8 +284,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
                         .map_err(|e| e.to_string())?,
                 );
             }
-            let dp = cell.load();
-            let targets: Vec<Target> = dp
+            let targets: Vec<Target> = shared
+                .dataplane
+                .load()
                 .services
                 .iter()
                 .map(|s| Target {
@@ -274,12 +309,12 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             })?;
             let src = TrafficSource {
                 gen,
-                pool: Arc::clone(&pool),
+                pool: Arc::clone(&started.pool),
                 tx: PortQueues::new(tx),
                 rx: PortQueues::new(rx),
                 rate_pps: t.rate_pps,
             };
-            let stop = Arc::clone(&stop_traffic);
+            let stop = Arc::clone(&stop_source);
             Some(
                 spawn_worker(cfg.cores.control, "pktdist-traffic", move || src.run(&stop))
                     .map_err(|e| format!("traffic source: {e}"))?,
@@ -287,140 +322,67 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         }
         _ => None,
     };
+    Ok(Threads {
+        workers,
+        stop_workers,
+        source,
+        stop_source,
+    })
+}
 
-    // The control thread: this one.
-    let (allowed, keyring) = auth_from_config(cfg)?;
-    let mut server_cfg = ServerConfig::new(allowed, keyring);
-    server_cfg.max_clock_skew = cfg.control.max_clock_skew.0;
-    server_cfg.read_timeout = Some(Duration::from_millis(20));
-    let mut server = ControlServer::bind(cfg.control.listen, server_cfg)
-        .map_err(|e| format!("control listen {}: {e}", cfg.control.listen))?;
-    // The bound address: `listen` may name port 0 (any free port).
-    let control_addr = server.local_addr().unwrap_or(cfg.control.listen);
-    eprintln!("pktdist: control protocol on udp {control_addr}");
-    let mut plane = ControlPlane::new(
-        registry,
-        Arc::clone(&cell),
-        manager,
-        counters.clone(),
-        epoch,
-    );
-    plane.set_auto_affinity(auto);
-    let statics = plane.add_static_affinities(cfg);
-    if !statics.is_empty() {
-        return Err(statics.trim_start_matches("; ").to_string());
+/// The traffic source's ports, (where it transmits, where it drains): it
+/// transmits on the traffic port's queues (the workers receive there) and
+/// drains the port the workers forward to.
+fn traffic_ports(cfg: &Config, plans: &[PortPlan]) -> Result<Option<(usize, usize)>, String> {
+    let Some(t) = &cfg.traffic else {
+        return Ok(None);
+    };
+    let port = cfg
+        .port_index(&t.port)
+        .ok_or_else(|| format!("[traffic] port {} is not configured", t.port))?;
+    let sink = plans[port].forward_to;
+    if sink == port {
+        return Err(format!(
+            "[traffic] needs port {}'s forward_to set to another port: the source transmits on {} and the workers must forward elsewhere",
+            t.port, t.port
+        ));
     }
-    if let Some(path) = &opts.config_path {
-        plane.set_config(path.clone(), cfg.clone());
+    Ok(Some((port, sink)))
+}
+
+/// Stops the traffic source first, so that the workers drain what it sent,
+/// then the workers; returns the summary, with the source's report.
+fn stop(threads: Threads, control: &ControlThread) -> Result<Summary, String> {
+    threads.stop_source.store(true, Ordering::Relaxed);
+    let report = threads
+        .source
+        .map(|h| h.join().map_err(|_| "traffic source panicked".to_string()));
+    std::thread::sleep(Duration::from_millis(50));
+    threads.stop_workers.store(true, Ordering::Relaxed);
+    for (w, h) in threads.workers.into_iter().enumerate() {
+        h.join().map_err(|_| format!("worker {w} panicked"))?;
     }
-    let port_names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
-    let stat_ports = ports.clone();
-    plane.set_port_stats(Box::new(move || {
-        port_names
+    let mut summary = control.summary();
+    if let Some(report) = report {
+        summary.extra.traffic_source = Some(report?.summary(control.plane().dataplane()));
+    }
+    Ok(summary)
+}
+
+/// The ports' device counters, read by the control thread.
+fn port_stats(cfg: &Config, ports: &[Arc<Port>]) -> PortStatsSource {
+    let names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
+    let ports = ports.to_vec();
+    Box::new(move || {
+        names
             .iter()
-            .zip(&stat_ports)
+            .zip(&ports)
             .filter_map(|(name, port)| {
                 let s = port.stats().ok()?;
                 Some(port_summary(name, &s))
             })
             .collect()
-    }));
-    let metrics = match cfg.control.metrics_listen {
-        Some(addr) => {
-            Some(MetricsServer::start(addr).map_err(|e| format!("metrics listen {addr}: {e}"))?)
-        }
-        None => None,
-    };
-    if let Some(m) = &metrics {
-        eprintln!("pktdist: metrics on http://{}/metrics", m.local_addr());
-    }
-
-    let interval = cfg
-        .control
-        .status_interval
-        .0
-        .max(Duration::from_millis(100));
-    let mut last_status = Instant::now();
-    let mut prev = Totals::default();
-    let mut last_tick = Instant::now();
-    let deadline = opts.duration.map(|d| started + d);
-    loop {
-        server.poll(&mut plane, SystemTime::now());
-        if last_tick.elapsed() >= Duration::from_millis(100) {
-            last_tick = Instant::now();
-            plane.observe_server(server.counters(), server.latency());
-            plane.tick();
-            if let Some(m) = &metrics {
-                if m.wants_update() {
-                    m.publish(metrics::render(&plane.summary()));
-                }
-            }
-            for (notify, notice) in plane.take_notices() {
-                eprintln!(
-                    "pktdist: affinity {} -> {} ended ({})",
-                    notice.key.client,
-                    notice.owner,
-                    notice.reason.name()
-                );
-                if let Some(to) = notify {
-                    if let Err(e) = server.send_ended(to, &notice.owner, &notice) {
-                        eprintln!("pktdist: ended notification to {to}: {e}");
-                    }
-                }
-            }
-        }
-        if flags.reload.swap(false, Ordering::Relaxed) {
-            match plane.reload_from_file() {
-                Ok(msg) => eprintln!("pktdist: SIGHUP: {msg}"),
-                Err(e) => {
-                    eprintln!("pktdist: SIGHUP: reload refused, running configuration kept: {e}")
-                }
-            }
-        }
-        if let Some((allowed, keyring)) = plane.take_pending_auth() {
-            server.set_allowed(allowed);
-            server.set_keyring(keyring);
-        }
-        if opts.status && last_status.elapsed() >= interval {
-            let cur = Totals::collect(&counters);
-            let secs = last_status.elapsed().as_secs_f64();
-            println!(
-                "{}",
-                status_line(&prev, &cur, secs, plane.affinities().len())
-            );
-            let _ = std::io::stdout().flush();
-            prev = cur;
-            last_status = Instant::now();
-        }
-        if flags.signal.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
-        }
-    }
-
-    // Stop: the source first, so the workers drain what it sent.
-    stop_traffic.store(true, Ordering::Relaxed);
-    let report = source.map(|h| h.join().map_err(|_| "traffic source panicked".to_string()));
-    std::thread::sleep(Duration::from_millis(50));
-    stop_workers.store(true, Ordering::Relaxed);
-    for (w, h) in handles.into_iter().enumerate() {
-        h.join().map_err(|_| format!("worker {w} panicked"))?;
-    }
-    plane.observe_server(server.counters(), server.latency());
-    let mut summary = plane.summary();
-    summary.seconds = started.elapsed().as_secs_f64();
-    let dp = cell.load();
-    if let Some(report) = report {
-        let report = report?;
-        summary
-            .extra
-            .insert("traffic source".into(), report.to_json(&dp));
-    }
-    // Ports stop and close as they drop (before the pool they fill from,
-    // which they hold); EAL itself stays up until the process exits.
-    drop(metrics);
-    drop(ports);
-    drop(eal);
-    Ok(summary)
+    })
 }
 
 /// A port's device counters as the summary shows them.

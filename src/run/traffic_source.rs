@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
-use crate::datapath::snapshot::ForwardMode;
+use crate::datapath::snapshot::{Dataplane, ForwardMode};
 use crate::dpdk::{Mbuf, Mempool, PortQueues, DEFAULT_DATA_ROOM, HEADROOM};
+use crate::report::summary::TrafficSummary;
 use crate::wire::{ethernet, ipv4, ipv6};
 
 use super::trafficgen::TrafficGen;
@@ -42,7 +43,9 @@ pub(super) struct TrafficReport {
 }
 
 impl TrafficReport {
-    pub(super) fn to_json(&self, dp: &crate::datapath::snapshot::Dataplane) -> serde_json::Value {
+    /// The report as the summary shows it, the sink's destinations named
+    /// by the backends of `dp` that have them.
+    pub(super) fn summary(&self, dp: &Dataplane) -> TrafficSummary {
         let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
         for (dst, n) in &self.delivered {
             let owner = dp.backends.iter().flatten().find(|b| {
@@ -64,13 +67,13 @@ impl TrafficReport {
             );
             *by_backend.entry(name).or_insert(0) += n;
         }
-        serde_json::json!({
-            "sent": self.sent,
-            "offered_mpps": self.sent as f64 / self.seconds.max(1e-9) / 1e6,
-            "bursts_refused_by_full_queue": self.queue_full,
-            "no_mbuf": self.no_mbuf,
-            "delivered_to_backends": by_backend,
-        })
+        TrafficSummary {
+            bursts_refused_by_full_queue: self.queue_full,
+            delivered_to_backends: by_backend,
+            no_mbuf: self.no_mbuf,
+            offered_mpps: self.sent as f64 / self.seconds.max(1e-9) / 1e6,
+            sent: self.sent,
+        }
     }
 }
 

@@ -1,0 +1,616 @@
+"""The client: signed requests over UDP, with retries, and the AFFINITY_ENDED
+notifications that arrive on the same socket.
+
+Each request is signed with the client's key and sent; if no authentic reply
+comes within the timeout it is sent again, ``retries`` more times. A retry
+keeps the request id but gets a new nonce, timestamp and HMAC (pktdist
+refuses a repeated nonce as a replay). A reply is accepted only if its HMAC
+verifies under the client's key, it carries the client's name, its request
+id is the request's, it answers the request's type, and the nonce it echoes
+is one of the nonces sent for that request (PROTOCOL.md §3.3, §3.4).
+Anything else that arrives is dropped and counted in :attr:`Client.ignored`.
+
+Notifications go to the address the create request came from (unless it
+named another), so an application keeps one :class:`Client` for its life
+and receives them with :meth:`Client.recv_ended` or
+:meth:`Client.iter_ended`. Those that arrive while a request waits for its
+reply are queued, not lost. Only notifications signed with this client's own
+name and key are accepted: a backend's client receives its own affinities'
+notifications (an ``admin`` client cannot verify those of a backend's
+affinities and drops them).
+
+A client may be shared by threads: requests from several threads proceed
+concurrently (each has its own request id), and one thread may wait for
+notifications meanwhile. Whichever thread is waiting reads the socket and
+hands each datagram to the thread it belongs to. Create the client after a
+``fork()``, not before: two processes must not share its socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+
+from . import _wire as w
+from ._wire import Affinity, Backend, Ended, MsgType, Reply, ReplyBody, ReturnCode
+from .errors import Error, ProtocolError, Timeout, refused
+
+__all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_RETRIES"]
+
+#: Seconds to wait for a reply to each attempt.
+DEFAULT_TIMEOUT = 1.0
+#: Attempts after the first.
+DEFAULT_RETRIES = 2
+#: Notification nonces remembered to drop duplicates.
+SEEN_NOTICES = 1024
+#: Notifications queued while nobody receives them; beyond, the oldest go.
+MAX_QUEUED_NOTICES = 4096
+#: Largest statistics document accepted.
+MAX_STATS_LEN = 16 << 20
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+#: Datagrams read at most by a wait whose deadline has passed.
+MAX_POLL_READS = 64
+
+
+class _Pending:
+    """A request waiting for its reply: its type and the nonce of each
+    attempt sent so far."""
+
+    __slots__ = ("msg_type", "nonces")
+
+    def __init__(self, msg_type: int) -> None:
+        self.msg_type = msg_type
+        self.nonces: Set[int] = set()
+
+
+def _random_u64() -> int:
+    return int.from_bytes(os.urandom(8), "big")
+
+
+class Client:
+    """A client of pktdist's control protocol, speaking as `name`.
+
+    Args:
+        server: pktdist's control address, ``"host:port"`` (``"[v6]:port"``
+            for an IPv6 address); the host may be a name, resolved once here.
+        name: the backend's name in pktdist's configuration (its key's
+            name), or ``"admin"``.
+        key: that name's key, 16 to 128 raw bytes
+            (:func:`pktdist.key_from_hex` reads the hex form).
+        timeout: seconds to wait for a reply to each attempt.
+        retries: attempts after the first when no reply comes.
+        bind: local ``"host:port"`` for the socket, where notifications
+            arrive; by default any address, a free port.
+
+    Raises ValueError or TypeError for a bad argument, :class:`pktdist.Error`
+    if the socket cannot be set up.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        name: str,
+        key: bytes,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        bind: Optional[str] = None,
+    ) -> None:
+        self._name = w.check_name(name, "name")
+        self._key = w.check_key(key)
+        self._timeout = DEFAULT_TIMEOUT
+        self._retries = DEFAULT_RETRIES
+        self.timeout = timeout
+        self.retries = retries
+        host, port = w.split_host_port(server, "server")
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except socket.gaierror as e:
+            raise ValueError(f"server {server!r}: cannot resolve {host!r}: {e}") from None
+        family = infos[0][0]
+        self._server: Tuple[Any, ...] = infos[0][4]
+        if bind is None:
+            local: Tuple[Any, ...] = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        else:
+            bind_host, bind_port = w.split_host_port(bind, "bind")
+            if w.parse_ip(bind_host, "bind").version != (6 if family == socket.AF_INET6 else 4):
+                raise ValueError(f"bind {bind!r} and server {server!r} are of different families")
+            local = (bind_host, bind_port)
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self._sock.bind(local)
+            # Closing the client writes to this pair to wake a thread that
+            # waits on the socket.
+            self._wake_r, self._wake_w = socket.socketpair()
+        except OSError as e:
+            self._sock.close()
+            raise Error(f"control socket on {local[0]}:{local[1]}: {e}") from e
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._sock, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+
+        self._cv = threading.Condition()
+        # Guarded by _cv:
+        self._closed = False
+        self._reading = False
+        self._next_id = int.from_bytes(os.urandom(4), "big")
+        self._last_ts = 0
+        self._pending: Dict[int, _Pending] = {}
+        self._replies: Dict[int, ReplyBody] = {}
+        self._ended: Deque[Ended] = deque()
+        self._seen: Deque[int] = deque()
+        self._seen_set: Set[int] = set()
+        self._ignored = 0
+
+    # -- properties --------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name.decode("utf-8")
+
+    @property
+    def server(self) -> str:
+        """The control address requests go to, ``"ip:port"``."""
+        return w.format_sockaddr(w.parse_ip(self._server[0], "server"), self._server[1])
+
+    @property
+    def local_address(self) -> str:
+        """This client's socket address, ``"ip:port"``: where notifications
+        arrive (pktdist sees the request's source address, e.g. 127.0.0.1
+        where this shows 0.0.0.0)."""
+        host, port = self._sock.getsockname()[:2]
+        return w.format_sockaddr(w.parse_ip(host.split("%")[0], "local"), port)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for a reply to each attempt."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"timeout must be seconds (int or float), not {type(value).__name__}")
+        if not 0 < value < float("inf"):
+            raise ValueError(f"timeout must be a finite number of seconds above 0, got {value}")
+        self._timeout = float(value)
+
+    @property
+    def retries(self) -> int:
+        """Attempts after the first."""
+        return self._retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"retries must be an int, not {type(value).__name__}")
+        if not 0 <= value <= 100:
+            raise ValueError(f"retries must be 0 to 100, got {value}")
+        self._retries = value
+
+    @property
+    def ignored(self) -> int:
+        """Datagrams received and dropped: not authentic, not for this
+        client, malformed, late or duplicate."""
+        with self._cv:
+            return self._ignored
+
+    @property
+    def closed(self) -> bool:
+        with self._cv:
+            return self._closed
+
+    def __repr__(self) -> str:
+        return f"pktdist.Client(server={self.server!r}, name={self.name!r})"
+
+    # -- affinities --------------------------------------------------------
+
+    def create(
+        self,
+        service: str,
+        client: str,
+        duration: float,
+        owner: Optional[str] = None,
+        ports: w.Ports = None,
+        notify: Optional[str] = None,
+    ) -> Reply:
+        """Pins `client` (an address or CIDR network) on `service`
+        (``"vip:port"``, TCP) to the owner for `duration` seconds (rounded up
+        to whole seconds).
+
+        `owner` defaults to this client's name; only ``admin`` may name
+        another backend (and must name one). `ports` restricts it to client
+        ports: an int, a (low, high) tuple or ``"low-high"``; None = any.
+        `notify` (``"ip:port"``) is where AFFINITY_ENDED goes; by default
+        this client's socket.
+
+        Creating an affinity this owner already has renews it. Returns the
+        OK reply (``reply.remaining`` = seconds granted); raises
+        :class:`pktdist.Conflict` (with ``owner`` and ``remaining``) if
+        another backend owns it, and :class:`pktdist.Refused` subclasses for
+        the other codes.
+        """
+        return self._affinity_op(
+            MsgType.AFFINITY_CREATE,
+            service,
+            client,
+            w.duration_secs(duration),
+            owner,
+            ports,
+            notify,
+        )
+
+    def extend(
+        self,
+        service: str,
+        client: str,
+        duration: float,
+        owner: Optional[str] = None,
+        ports: w.Ports = None,
+    ) -> Reply:
+        """Gives an existing affinity of the owner a new duration from now.
+        Raises :class:`pktdist.NotFound` if there is none, and
+        :class:`pktdist.Conflict` if another backend owns it."""
+        return self._affinity_op(
+            MsgType.AFFINITY_EXTEND,
+            service,
+            client,
+            w.duration_secs(duration),
+            owner,
+            ports,
+            None,
+        )
+
+    def cancel(
+        self,
+        service: str,
+        client: str,
+        owner: Optional[str] = None,
+        ports: w.Ports = None,
+    ) -> Reply:
+        """Removes an affinity at once (its notify address gets an
+        AFFINITY_ENDED with reason CANCELLED). Raises
+        :class:`pktdist.NotFound` if there is none, also when a first
+        attempt did it and only its reply was lost."""
+        return self._affinity_op(MsgType.AFFINITY_CANCEL, service, client, 0, owner, ports, None)
+
+    def _affinity_op(
+        self,
+        msg_type: int,
+        service: str,
+        client: str,
+        duration: int,
+        owner: Optional[str],
+        ports: w.Ports,
+        notify: Optional[str],
+    ) -> Reply:
+        svc = w.parse_service(service)
+        body = w.affinity_body(
+            svc,
+            w.parse_client(client, svc),
+            w.parse_ports(ports),
+            duration,
+            None if owner is None else w.check_name(owner, "owner"),
+            None if notify is None else w.parse_sockaddr(notify, "notify"),
+        )
+        return self._ok(self._request(msg_type, body)).reply
+
+    def list(self, service: Optional[str] = None, owner: Optional[str] = None) -> List[Affinity]:
+        """Every affinity, or those of one service (``"vip:port"``) and/or
+        one owner, fetched page by page. Static affinities from the
+        configuration have ``remaining`` None."""
+        svc = None if service is None else w.parse_service(service)
+        own = None if owner is None else w.check_name(owner, "owner")
+        out: List[Affinity] = []
+        for page in self._pages(
+            MsgType.AFFINITY_LIST,
+            lambda offset: w.affinity_list_body(svc, own, offset),
+            w.PAYLOAD_AFFINITIES,
+        ):
+            out.extend(page.affinities)
+        return out
+
+    # -- backends and statistics (admin) ---------------------------------
+
+    def backends(self, service: Optional[str] = None) -> List[Backend]:
+        """Every backend, or those of one service (by its name in the
+        configuration)."""
+        svc = None if service is None else w.check_name(service, "service name")
+        out: List[Backend] = []
+        for page in self._pages(
+            MsgType.BACKEND_LIST,
+            lambda offset: w.backend_list_body(svc, offset),
+            w.PAYLOAD_BACKENDS,
+        ):
+            out.extend(page.backends)
+        return out
+
+    def set_weight(self, service: str, backend: str, weight: int) -> Reply:
+        """Sets a backend's weight (0 = drain: no new connections, open ones
+        and affinities kept). ``admin`` only."""
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            raise TypeError(f"weight must be an int, not {type(weight).__name__}")
+        if not 0 <= weight <= w.U32_MAX:
+            raise ValueError(f"weight {weight} is out of range (0 to {w.U32_MAX})")
+        body = w.set_weight_body(
+            w.check_name(service, "service name"), w.check_name(backend, "backend name"), weight
+        )
+        return self._ok(self._request(MsgType.BACKEND_SET_WEIGHT, body)).reply
+
+    def stats(self) -> Dict[str, Any]:
+        """pktdist's statistics document (what ``pktdist stats`` prints),
+        parsed from JSON; fetched in chunks from one snapshot."""
+        # Other clients' requests can push the snapshot out between chunks:
+        # start again a few times before giving up.
+        for _ in range(3):
+            doc = self._stats_once()
+            if doc is not None:
+                try:
+                    value = json.loads(doc.decode("utf-8"))
+                except ValueError as e:
+                    raise ProtocolError(f"the statistics document is not JSON: {e}") from None
+                if not isinstance(value, dict):
+                    raise ProtocolError("the statistics document is not a JSON object")
+                return value
+        raise ProtocolError("the statistics snapshot kept expiring while being fetched")
+
+    def _stats_once(self) -> Optional[bytes]:
+        doc = bytearray()
+        token = 0
+        while True:
+            rb = self._request(MsgType.STATS, w.stats_body(token, len(doc)))
+            if rb.reply.code == ReturnCode.NOT_FOUND and token != 0:
+                return None
+            self._ok(rb)
+            chunk = rb.stats
+            if chunk is None:
+                raise ProtocolError("a statistics reply without a chunk")
+            if (
+                chunk.total_len > MAX_STATS_LEN
+                or chunk.offset != len(doc)
+                or (token != 0 and chunk.token != token)
+                or (rb.more and not chunk.chunk)
+            ):
+                raise ProtocolError("an inconsistent statistics chunk")
+            token = chunk.token
+            doc += chunk.chunk
+            if not rb.more:
+                if len(doc) != chunk.total_len:
+                    raise ProtocolError("the statistics document is incomplete")
+                return bytes(doc)
+
+    # -- notifications -----------------------------------------------------
+
+    def recv_ended(self, timeout: Optional[float] = None) -> Optional[Ended]:
+        """The next AFFINITY_ENDED notification, waiting up to `timeout`
+        seconds for one (None = as long as it takes); None if none came.
+        Raises :class:`pktdist.Error` if the client is or gets closed."""
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be seconds or None, not {type(timeout).__name__}")
+            if not timeout >= 0:
+                raise ValueError(f"timeout must be at least 0 seconds, got {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._wait_for(lambda: bool(self._ended), deadline):
+            with self._cv:
+                if self._ended:
+                    return self._ended.popleft()
+        return None
+
+    def iter_ended(self, timeout: Optional[float] = None) -> Iterator[Ended]:
+        """Yields notifications as they arrive. Ends when `timeout` seconds
+        pass without one (None = never) or when the client is closed."""
+        while True:
+            try:
+                notice = self.recv_ended(timeout)
+            except Error:
+                if self.closed:
+                    return
+                raise
+            if notice is None:
+                return
+            yield notice
+
+    # -- life --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the socket; a thread waiting in :meth:`recv_ended` or for
+        a reply gets :class:`pktdist.Error` (and :meth:`iter_ended` ends)."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+            # Let a reading thread see the wake-up before the sockets go.
+            self._cv.wait_for(lambda: not self._reading, timeout=5.0)
+            self._cv.notify_all()
+        self._selector.close()
+        for s in (self._sock, self._wake_r, self._wake_w):
+            s.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests ----------------------------------------------------------
+
+    @staticmethod
+    def _ok(rb: ReplyBody) -> ReplyBody:
+        r = rb.reply
+        if r.code != ReturnCode.OK:
+            raise refused(r.code, r.code_name, r.message, r.owner, r.remaining)
+        return rb
+
+    def _pages(
+        self, msg_type: int, page: Callable[[int], bytes], kind: int
+    ) -> Iterator[ReplyBody]:
+        """Every page of a list; stops with an error rather than loop when a
+        page promises more but does not advance."""
+        offset = 0
+        while True:
+            rb = self._ok(self._request(msg_type, page(offset)))
+            if rb.payload_kind != kind:
+                raise ProtocolError("a list reply without entries")
+            yield rb
+            if not rb.more:
+                return
+            count = len(rb.affinities) + len(rb.backends)
+            if count == 0 or rb.next_offset <= offset:
+                raise ProtocolError("list pagination made no progress")
+            offset = rb.next_offset
+
+    def request(self, msg_type: int, body: bytes) -> ReplyBody:
+        """Sends one request of type `msg_type` with `body` (retrying as
+        configured) and returns pktdist's authentic reply, whatever its code.
+        The methods above are built on it; it is here for message types they
+        do not cover."""
+        return self._request(int(msg_type), bytes(body))
+
+    def _request(self, msg_type: int, body: bytes) -> ReplyBody:
+        with self._cv:
+            if self._closed:
+                raise Error("the client is closed")
+            request_id = self._next_id
+            self._next_id = (self._next_id + 1) & w.U32_MAX
+            pending = _Pending(msg_type)
+            self._pending[request_id] = pending
+        attempts = self._retries + 1
+        try:
+            for _ in range(attempts):
+                nonce = _random_u64()
+                with self._cv:
+                    # Non-decreasing per sender name (PROTOCOL.md §3.2).
+                    ts = max(time.time_ns() // 1_000_000, self._last_ts)
+                    self._last_ts = ts
+                    # Registered before sending, so that a fast reply finds it.
+                    pending.nonces.add(nonce)
+                datagram = w.encode_message(
+                    msg_type, request_id, ts, nonce, self._name, body, self._key
+                )
+                try:
+                    self._sock.sendto(datagram, self._server)
+                except OSError as e:
+                    if self.closed:
+                        raise Error("the client is closed") from None
+                    raise Error(f"control socket: sending to {self.server}: {e}") from e
+                deadline = time.monotonic() + self._timeout
+                if self._wait_for(lambda: request_id in self._replies, deadline):
+                    with self._cv:
+                        return self._replies.pop(request_id)
+            raise Timeout(attempts)
+        finally:
+            with self._cv:
+                self._pending.pop(request_id, None)
+                self._replies.pop(request_id, None)
+
+    # -- receiving ---------------------------------------------------------
+
+    def _wait_for(self, ready: Callable[[], bool], deadline: Optional[float]) -> bool:
+        """Waits until `ready()` (called with the lock held) or `deadline`
+        (a time.monotonic() value; None = no limit). Meanwhile, if no other
+        thread reads the socket, this one does, one datagram at a time,
+        dispatching each to whoever waits for it. Once the deadline has
+        passed, what is already in the socket is still read (so a timeout
+        of 0 polls)."""
+        final = False
+        while True:
+            with self._cv:
+                while True:
+                    if ready():
+                        return True
+                    if self._closed:
+                        raise Error("the client is closed")
+                    expired = deadline is not None and time.monotonic() >= deadline
+                    if expired and final:
+                        return False
+                    if not self._reading:
+                        self._reading = True
+                        final = expired
+                        break
+                    if expired:
+                        return False
+                    self._cv.wait(None if deadline is None else deadline - time.monotonic())
+            try:
+                if final:
+                    # What has arrived already, without waiting.
+                    for _ in range(MAX_POLL_READS):
+                        if not self._read_one(0.0):
+                            break
+                        with self._cv:
+                            if ready():
+                                break
+                else:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    self._read_one(left)
+            finally:
+                with self._cv:
+                    self._reading = False
+                    self._cv.notify_all()
+
+    def _read_one(self, timeout: Optional[float]) -> bool:
+        """Reads and dispatches at most one datagram, waiting up to
+        `timeout` seconds for it; whether one was read. Only the thread
+        holding the reader role calls this."""
+        events = self._selector.select(timeout)
+        if not events or any(key.fileobj is self._wake_r for key, _ in events):
+            return False
+        try:
+            # Readable, and no other thread reads: this does not block
+            # (MSG_DONTWAIT makes sure where the platform has it).
+            data = self._sock.recv(65536, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            if self.closed:
+                return False
+            raise Error(f"control socket: {e}") from e
+        self._accept(data)
+        return True
+
+    def _accept(self, data: bytes) -> None:
+        """Authenticates one datagram: a reply goes to the request waiting
+        for it, a notification to the queue; anything else is counted in
+        `ignored`."""
+        try:
+            env = w.open_envelope(data)
+            if env.name != self._name or not w.verify(self._key, env):
+                raise w.Malformed("not signed for this client")
+            if env.msg_type == MsgType.REPLY:
+                rb = w.decode_reply(env.body)
+                with self._cv:
+                    pending = self._pending.get(env.request_id)
+                    if (
+                        pending is None
+                        or rb.request_type != pending.msg_type
+                        or rb.request_nonce not in pending.nonces
+                        or env.request_id in self._replies
+                    ):
+                        raise w.Malformed("not a reply to a request in flight")
+                    self._replies[env.request_id] = rb
+            elif env.msg_type == MsgType.AFFINITY_ENDED:
+                notice = w.decode_ended(env.body)
+                with self._cv:
+                    if env.nonce in self._seen_set:
+                        raise w.Malformed("duplicate notification")
+                    self._seen.append(env.nonce)
+                    self._seen_set.add(env.nonce)
+                    if len(self._seen) > SEEN_NOTICES:
+                        self._seen_set.discard(self._seen.popleft())
+                    self._ended.append(notice)
+                    if len(self._ended) > MAX_QUEUED_NOTICES:
+                        self._ended.popleft()
+            else:
+                raise w.Malformed("unexpected message type")
+        except w.Malformed:
+            with self._cv:
+                self._ignored += 1

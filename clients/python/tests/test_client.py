@@ -1,0 +1,547 @@
+"""The client against a scripted server on 127.0.0.1: what it sends, which
+replies and notifications it accepts, retries, pagination, threads."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import struct
+import threading
+import time
+import unittest
+from typing import List
+
+import pktdist
+
+from fakeserver import (
+    ADMIN_KEY,
+    WEB1_KEY,
+    WEB2_KEY,
+    FakeServer,
+    Request,
+    affinities_payload,
+    affinity_entry,
+    key_fields,
+    message,
+    name_field,
+    reply_body,
+)
+
+# Short waits for replies that are meant never to come; generous ones for
+# anything that is meant to come (a slow machine only makes them wait).
+SHORT = 0.2
+PATIENCE = 10.0
+
+
+class Base(unittest.TestCase):
+    def setUp(self) -> None:
+        self.srv = FakeServer()
+        self.addCleanup(self.srv.close)
+
+    def client(self, name: str = "web1", key: bytes = WEB1_KEY, **kw: object) -> pktdist.Client:
+        c = pktdist.Client(self.srv.address, name, key, **kw)  # type: ignore[arg-type]
+        self.addCleanup(c.close)
+        return c
+
+
+class Requests(Base):
+    def test_create_sends_the_documented_fields(self) -> None:
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            seen.append(req)
+            s.reply(req, remaining=600, text="pinned")
+
+        self.srv.run(script)
+        c = self.client()
+        before = time.time_ns() // 1_000_000
+        r = c.create("192.0.2.10:80", "198.51.100.7", 600, owner="web1", ports=(1000, 1999), notify="127.0.0.1:7501")
+        after = time.time_ns() // 1_000_000
+        self.srv.join()
+        self.assertEqual((r.code, r.remaining, r.message, r.owner), (pktdist.ReturnCode.OK, 600, "pinned", None))
+        req = seen[0]
+        self.assertEqual((req.msg_type, req.name), (1, "web1"))
+        self.assertTrue(before <= req.timestamp <= after)
+        self.assertEqual(
+            req.body,
+            key_fields(client="198.51.100.7", prefix=32, kind=2, lo=1000, hi=1999)
+            + struct.pack(">I", 600)
+            + name_field("web1")
+            + bytes([4, 127, 0, 0, 1])
+            + struct.pack(">H", 7501),
+        )
+
+    def test_extend_and_cancel(self) -> None:
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            for remaining in (90, 0):
+                req = s.recv()
+                seen.append(req)
+                s.reply(req, remaining=remaining)
+
+        self.srv.run(script)
+        c = self.client()
+        self.assertEqual(c.extend("192.0.2.10:80", "198.51.100.0/24", 90).remaining, 90)
+        self.assertEqual(c.cancel("192.0.2.10:80", "198.51.100.0/24", ports=443).code, 0)
+        self.srv.join()
+        self.assertEqual([r.msg_type for r in seen], [2, 3])
+        self.assertEqual(seen[0].body, key_fields() + struct.pack(">I", 90) + b"\x00\x00")
+        self.assertEqual(seen[1].body, key_fields(kind=1, lo=443, hi=443) + bytes(4) + b"\x00\x00")
+        self.assertNotEqual(seen[0].request_id, seen[1].request_id)
+
+    def test_refusals_raise_with_code_and_message(self) -> None:
+        codes = [
+            (1, pktdist.Conflict),
+            (2, pktdist.NotFound),
+            (3, pktdist.Invalid),
+            (4, pktdist.NotAuthorized),
+            (5, pktdist.TableFull),
+            (6, pktdist.Internal),
+            (7, pktdist.Unsupported),
+            (42, pktdist.Refused),
+        ]
+
+        def script(s: FakeServer) -> None:
+            for code, _ in codes:
+                req = s.recv()
+                if code == 1:
+                    s.reply(req, code, remaining=33, owner="web2", text="owned by another backend")
+                else:
+                    s.reply(req, code, text=f"reason {code}")
+
+        self.srv.run(script)
+        c = self.client()
+        for code, cls in codes:
+            with self.subTest(code=code):
+                with self.assertRaises(cls) as cm:
+                    c.create("192.0.2.10:80", "198.51.100.7", 60)
+                e = cm.exception
+                self.assertIsInstance(e, pktdist.Refused)
+                self.assertIsInstance(e, pktdist.Error)
+                self.assertEqual(e.code, code)
+                if code == 1:
+                    self.assertEqual((e.owner, e.remaining, e.code_name), ("web2", 33, "CONFLICT"))
+                    self.assertEqual(str(e), "CONFLICT (owner web2, 33 s remaining): owned by another backend")
+                else:
+                    self.assertEqual(e.message, f"reason {code}")
+                    self.assertIn(f"reason {code}", str(e))
+        self.assertEqual(e.code_name, "CODE_42")
+        self.srv.join()
+
+    def test_bad_arguments_fail_before_sending(self) -> None:
+        c = self.client()
+        with self.assertRaises(ValueError):
+            c.create("192.0.2.10", "198.51.100.7", 60)
+        with self.assertRaises(ValueError):
+            c.create("192.0.2.10:80", "2001:db8::1", 60)
+        with self.assertRaises(ValueError):
+            c.create("192.0.2.10:80", "198.51.100.7", 0)
+        with self.assertRaises(ValueError):
+            c.extend("192.0.2.10:80", "198.51.100.7", -1)
+        with self.assertRaises(ValueError):
+            c.cancel("192.0.2.10:80", "198.51.100.7", owner="")
+        with self.assertRaises(ValueError):
+            c.create("192.0.2.10:80", "198.51.100.7", 5, notify="pktdist:9")
+        with self.assertRaises(TypeError):
+            c.set_weight("web", "be1", "10")  # type: ignore[arg-type]
+        self.srv.recv_nothing(SHORT)
+        for bad in [
+            lambda: pktdist.Client("127.0.0.1", "web1", WEB1_KEY),
+            lambda: pktdist.Client("127.0.0.1:7400", "", WEB1_KEY),
+            lambda: pktdist.Client("127.0.0.1:7400", "web1", b"short"),
+            lambda: pktdist.Client("127.0.0.1:7400", "web1", WEB1_KEY, timeout=0),
+            lambda: pktdist.Client("127.0.0.1:7400", "web1", WEB1_KEY, retries=-1),
+            lambda: pktdist.Client("127.0.0.1:7400", "web1", WEB1_KEY, bind="[::1]:0"),
+            lambda: pktdist.Client("no-such-host.invalid:7400", "web1", WEB1_KEY),
+        ]:
+            with self.assertRaises(ValueError):
+                bad()
+        with self.assertRaises(TypeError):
+            pktdist.Client("127.0.0.1:7400", "web1", "00" * 32)  # type: ignore[arg-type]
+
+
+class Verification(Base):
+    def test_forged_and_unrelated_replies_are_ignored(self) -> None:
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            s.reply(req, key=WEB2_KEY)  # signed with another key
+            s.reply(req, name="web2", key=WEB1_KEY)  # someone else's name
+            s.reply(req, request_id=req.request_id ^ 1)  # another request
+            s.reply(req, request_nonce=req.nonce ^ 1)  # not a nonce we sent
+            s.reply(req, request_type=2)  # answers another type
+            s.sock.sendto(b"PD\x01garbage", req.source)
+            s.sock.sendto(bytes(1500), req.source)  # oversize
+            forged = bytearray(s.reply(req, code=1, owner="mallory", send=False))
+            forged[-1] ^= 1
+            s.sock.sendto(bytes(forged), req.source)  # tampered tag
+            s.reply(req, remaining=5)  # the genuine one, last
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        r = c.create("192.0.2.10:80", "198.51.100.7", 5)
+        self.srv.join()
+        self.assertEqual((r.code, r.remaining), (0, 5))
+        self.assertEqual(c.ignored, 8)
+
+    def test_only_forgeries_mean_timeout(self) -> None:
+        def script(s: FakeServer) -> None:
+            for _ in range(2):
+                req = s.recv()
+                s.reply(req, key=WEB2_KEY, code=1, owner="mallory")
+                s.reply(req, request_nonce=req.nonce + 1)
+
+        self.srv.run(script)
+        c = self.client(timeout=SHORT, retries=1)
+        with self.assertRaises(pktdist.Timeout) as cm:
+            c.create("192.0.2.10:80", "198.51.100.7", 5)
+        self.srv.join()
+        self.assertEqual(cm.exception.attempts, 2)
+        self.assertIn("no reply after 2 attempts", str(cm.exception))
+        self.assertEqual(c.ignored, 4)
+
+    def test_a_replayed_reply_is_refused(self) -> None:
+        old: List[bytes] = []
+
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            old.append(s.reply(req, remaining=60))
+            # The second request: an eavesdropper replays the first reply
+            # (authentic, but to another request id and nonce) before the
+            # real answer; and again to the third, with no real answer.
+            req = s.recv()
+            s.sock.sendto(old[0], req.source)
+            s.reply(req, code=2, text="no such affinity")
+            req = s.recv()
+            s.sock.sendto(old[0], req.source)
+
+        self.srv.run(script)
+        c = self.client(timeout=SHORT, retries=0)
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 60).remaining, 60)
+        with self.assertRaises(pktdist.NotFound):
+            c.cancel("192.0.2.10:80", "198.51.100.7")
+        with self.assertRaises(pktdist.Timeout):
+            c.create("192.0.2.10:80", "198.51.100.7", 60)
+        self.srv.join()
+        self.assertEqual(c.ignored, 2)
+
+    def test_a_duplicated_reply_is_used_once(self) -> None:
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            d = s.reply(req, remaining=1)
+            s.sock.sendto(d, req.source)
+            req2 = s.recv()
+            s.reply(req2, remaining=2)
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 1).remaining, 1)
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 2).remaining, 2)
+        self.srv.join()
+        self.assertEqual(c.ignored, 1)
+
+    def test_authentic_but_malformed_replies_are_ignored(self) -> None:
+        bodies = [
+            reply_body(1, 0)[:-1],  # truncated
+            reply_body(1, 0) + b"\x00",  # trailing byte
+            reply_body(1, 0, flags=0x80),  # unknown flag
+            reply_body(1, 0, payload=b"\x09"),  # unknown payload kind
+            reply_body(1, 0)[:15] + b"\x41" + b"a" * 65 + b"\x00\x00\x00",  # name too long
+        ]
+
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            for b in bodies:
+                # Put the request's nonce in, so only the malformation is wrong.
+                b = b[:1] + struct.pack(">Q", req.nonce) + b[9:]
+                s.reply(req, body=b)
+
+        self.srv.run(script)
+        c = self.client(timeout=SHORT * 2, retries=0)
+        with self.assertRaises(pktdist.Timeout):
+            c.create("192.0.2.10:80", "198.51.100.7", 5)
+        self.srv.join()
+        self.assertEqual(c.ignored, len(bodies))
+
+
+class Retries(Base):
+    def test_a_retry_has_the_same_id_and_a_new_nonce(self) -> None:
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            seen.append(s.recv())  # dropped: no answer
+            seen.append(s.recv())
+            s.reply(seen[1], remaining=7)
+
+        self.srv.run(script)
+        c = self.client(timeout=SHORT, retries=3)
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 7).remaining, 7)
+        self.srv.join()
+        first, second = seen
+        self.assertEqual(first.request_id, second.request_id)
+        self.assertNotEqual(first.nonce, second.nonce)
+        self.assertLessEqual(first.timestamp, second.timestamp)
+        self.assertEqual(first.body, second.body)
+        self.assertNotEqual(first.raw[-32:], second.raw[-32:])
+
+    def test_a_late_reply_to_the_first_attempt_is_accepted(self) -> None:
+        def script(s: FakeServer) -> None:
+            first = s.recv()
+            s.recv()  # the retry
+            s.reply(first, remaining=3)
+
+        self.srv.run(script)
+        c = self.client(timeout=SHORT, retries=1)
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 3).remaining, 3)
+        self.srv.join()
+
+    def test_nobody_listening_times_out(self) -> None:
+        self.srv.close()
+        c = self.client(timeout=SHORT / 2, retries=2)
+        with self.assertRaises(pktdist.Timeout) as cm:
+            c.list()
+        self.assertEqual(cm.exception.attempts, 3)
+
+
+class Lists(Base):
+    def test_every_page_is_fetched(self) -> None:
+        offsets: List[bytes] = []
+
+        def script(s: FakeServer) -> None:
+            for page in range(3):
+                req = s.recv()
+                offsets.append(req.body)
+                entries = [affinity_entry(f"be{page}", 10 * page + i, client=f"10.0.{page}.{i}", prefix=32) for i in range(2)]
+                s.reply(req, flags=1 if page < 2 else 0, payload=affinities_payload(2 * page + 2, entries))
+
+        self.srv.run(script)
+        c = self.client("admin", ADMIN_KEY)
+        got = c.list(service="192.0.2.10:80", owner="be1")
+        self.srv.join()
+        self.assertEqual([a.client for a in got], [f"10.0.{p}.{i}/32" for p in range(3) for i in range(2)])
+        svc = b"\x01" + key_fields()[:8]
+        self.assertEqual(
+            offsets,
+            [svc + name_field("be1") + struct.pack(">IH", o, 0) for o in (0, 2, 4)],
+        )
+
+    def test_pagination_that_does_not_advance_is_an_error(self) -> None:
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            s.reply(req, flags=1, payload=affinities_payload(0, [affinity_entry("be1", 1)]))
+
+        self.srv.run(script)
+        with self.assertRaisesRegex(pktdist.ProtocolError, "no progress"):
+            self.client().list()
+        self.srv.join()
+
+    def test_a_list_reply_without_entries_is_an_error(self) -> None:
+        def script(s: FakeServer) -> None:
+            s.reply(s.recv())
+
+        self.srv.run(script)
+        with self.assertRaisesRegex(pktdist.ProtocolError, "without entries"):
+            self.client().list()
+        self.srv.join()
+
+    def test_backends_set_weight_and_stats(self) -> None:
+        doc = json.dumps({"affinities": 3, "pad": "é" * 700}).encode()
+
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            assert req.msg_type == 5 and req.body == name_field("web") + bytes(6), req
+            e = name_field("web") + name_field("be1") + bytes([4, 10, 0, 0, 1, 0]) + struct.pack(">I", 3)
+            s.reply(req, payload=b"\x02" + struct.pack(">IH", 1, 1) + e)
+            req = s.recv()
+            assert req.msg_type == 6 and req.body == name_field("web") + name_field("be1") + bytes(4), req
+            s.reply(req, text="weight 0")
+            # Stats in chunks of 500 bytes, cut inside characters.
+            token, offset = 0, 0
+            while True:
+                req = s.recv()
+                t, o = struct.unpack(">II", req.body)
+                assert (t, o) == (token, offset), (t, o, token, offset)
+                token, chunk = 5, doc[o : o + 500]
+                more = o + len(chunk) < len(doc)
+                s.reply(req, flags=int(more), payload=b"\x03" + struct.pack(">IIIH", token, len(doc), o, len(chunk)) + chunk)
+                offset += len(chunk)
+                if not more:
+                    break
+
+        self.srv.run(script)
+        c = self.client("admin", ADMIN_KEY)
+        self.assertEqual(c.backends("web"), [pktdist.Backend("web", "be1", "10.0.0.1", None, 3)])
+        self.assertEqual(c.set_weight("web", "be1", 0).message, "weight 0")
+        self.assertEqual(c.stats(), json.loads(doc))
+        self.srv.join()
+
+
+class Notifications(Base):
+    def test_recv_ended_verifies_and_drops_duplicates(self) -> None:
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        self.srv.ended(to, reason=1, nonce=5, key=WEB2_KEY)  # forged
+        self.srv.ended(to, owner="web2", reason=1, nonce=6)  # another backend's
+        self.srv.ended(to, reason=2, nonce=7, client="198.51.100.0", prefix=24)
+        self.srv.ended(to, reason=2, nonce=7, client="198.51.100.0", prefix=24)  # duplicate
+        self.srv.ended(to, reason=1, nonce=8, client="198.51.100.9", prefix=32, kind=1, lo=80, hi=80)
+        first = c.recv_ended(timeout=PATIENCE)
+        second = c.recv_ended(timeout=PATIENCE)
+        self.assertEqual(
+            first, pktdist.Ended("192.0.2.10:80", "198.51.100.0/24", None, "web1", pktdist.EndReason.CANCELLED)
+        )
+        assert second is not None
+        self.assertEqual((second.client, second.ports, second.reason_name), ("198.51.100.9/32", 80, "EXPIRED"))
+        self.assertIsNone(c.recv_ended(timeout=SHORT))
+        self.assertEqual(c.ignored, 3)
+
+    def test_a_notice_arriving_during_a_request_is_kept(self) -> None:
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            s.ended(req.source, reason=1, nonce=9)
+            s.reply(req)
+
+        self.srv.run(script)
+        c = self.client()
+        c.cancel("192.0.2.10:80", "198.51.100.0/24")
+        self.srv.join()
+        n = c.recv_ended(timeout=0)
+        assert n is not None
+        self.assertEqual(n.reason, pktdist.EndReason.EXPIRED)
+
+    def test_a_zero_timeout_polls_what_has_arrived(self) -> None:
+        c = self.client()
+        self.assertIsNone(c.recv_ended(timeout=0))
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        self.srv.ended(to, nonce=1, reason=1, key=WEB2_KEY)  # forged
+        select.select([c._sock], [], [], PATIENCE)  # until it has arrived
+        self.assertIsNone(c.recv_ended(timeout=0))
+        self.assertEqual(c.ignored, 1)
+        self.srv.ended(to, nonce=2, reason=3)
+        select.select([c._sock], [], [], PATIENCE)
+        n = c.recv_ended(timeout=0)
+        assert n is not None
+        self.assertEqual(n.reason, pktdist.EndReason.BACKEND_REMOVED)
+
+    def test_iter_ended_stops_after_a_quiet_timeout(self) -> None:
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        for n in range(3):
+            self.srv.ended(to, nonce=100 + n, reason=1 + n)
+        self.assertEqual([e.reason for e in c.iter_ended(timeout=SHORT * 2)], [1, 2, 3])
+
+    def test_close_wakes_a_waiting_thread(self) -> None:
+        c = self.client()
+        out: List[object] = []
+        t = threading.Thread(target=lambda: out.extend(c.iter_ended()))
+        t.start()
+        t2_err: List[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                c.recv_ended()
+            except pktdist.Error as e:
+                t2_err.append(e)
+
+        t2 = threading.Thread(target=waiter)
+        t2.start()
+        time.sleep(SHORT)  # let both threads block (not a timing assertion)
+        c.close()
+        t.join(PATIENCE)
+        t2.join(PATIENCE)
+        self.assertFalse(t.is_alive() or t2.is_alive(), "close() did not wake the waiting threads")
+        self.assertEqual(out, [])
+        self.assertEqual(len(t2_err), 1)
+        self.assertIn("closed", str(t2_err[0]))
+        with self.assertRaisesRegex(pktdist.Error, "closed"):
+            c.create("192.0.2.10:80", "198.51.100.7", 5)
+        c.close()  # twice is fine
+
+    def test_bad_timeouts(self) -> None:
+        c = self.client()
+        with self.assertRaises(ValueError):
+            c.recv_ended(timeout=-1)
+        with self.assertRaises(TypeError):
+            c.recv_ended(timeout="1")  # type: ignore[arg-type]
+
+
+class Threads(Base):
+    def test_concurrent_requests_and_a_notification_listener(self) -> None:
+        threads, per_thread = 6, 15
+        total = threads * per_thread
+
+        def script(s: FakeServer) -> None:
+            # Answers in batches, in reverse order, with a notification in
+            # between: each thread must still get its own reply.
+            done = 0
+            while done < total:
+                batch = [s.recv() for _ in range(min(threads, total - done))]
+                for req in reversed(batch):
+                    duration = struct.unpack(">I", req.body[19:23])[0]
+                    s.reply(req, remaining=duration)
+                    s.ended(req.source, nonce=1000 + done, reason=1)
+                    done += 1
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        results: List[tuple] = []
+        errors: List[BaseException] = []
+        notices: List[pktdist.Ended] = []
+
+        def worker(k: int) -> None:
+            try:
+                for i in range(per_thread):
+                    d = 1000 * (k + 1) + i
+                    results.append((d, c.create("192.0.2.10:80", f"198.51.100.{k}", d).remaining))
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        def listener() -> None:
+            for n in c.iter_ended(timeout=PATIENCE):
+                notices.append(n)
+                if len(notices) == total:
+                    return
+
+        lt = threading.Thread(target=listener)
+        lt.start()
+        ws = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+        for t in ws:
+            t.start()
+        for t in ws:
+            t.join(60)
+        lt.join(60)
+        self.srv.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(results), total)
+        for asked, got in results:
+            self.assertEqual(asked, got)
+        self.assertEqual(len(notices), total)
+        self.assertEqual(c.ignored, 0)
+
+
+class Sockets(Base):
+    def test_bind_and_addresses(self) -> None:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        c = self.client(bind=f"127.0.0.1:{port}")
+        self.assertEqual(c.local_address, f"127.0.0.1:{port}")
+        self.assertEqual(c.server, self.srv.address)
+        self.assertEqual(c.name, "web1")
+        self.assertIn("web1", repr(c))
+
+    def test_a_message_for_the_server_is_not_a_reply(self) -> None:
+        # A request-typed message signed with our key arriving at the client
+        # (e.g. reflected back) is neither a reply nor a notification.
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        self.srv.sock.sendto(message(1, 1, 1, 1, "web1", key_fields() + bytes(6), WEB1_KEY), to)
+        self.assertIsNone(c.recv_ended(timeout=SHORT))
+        self.assertEqual(c.ignored, 1)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,190 @@
+//! Reload: re-reading the configuration file (SIGHUP, `pktdist reload`) and
+//! applying what can change while running: services and backends (one new
+//! snapshot; workers pick it up without stopping, kept backends keep their
+//! ids, so established connections stay), static affinities, keys and
+//! allowed networks. A bad file changes nothing. Sections that need a
+//! restart are named in the answer.
+
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::control::plane::ControlPlane;
+use crate::control::server::ServerAuth;
+use crate::control::statics;
+
+/// The configuration file and what was last applied from it.
+pub struct ConfigFile {
+    /// None: the configuration did not come from a file; reload refuses.
+    path: Option<PathBuf>,
+    running: Config,
+}
+
+/// What a reload applied.
+pub struct Reloaded {
+    /// What was done, for the operator.
+    pub message: String,
+    /// The new configuration's keys and allowed networks, for the server.
+    pub auth: ServerAuth,
+}
+
+impl ConfigFile {
+    pub fn new(path: Option<PathBuf>, running: Config) -> ConfigFile {
+        ConfigFile { path, running }
+    }
+
+    /// The configuration running now.
+    pub fn running(&self) -> &Config {
+        &self.running
+    }
+
+    /// Re-reads the file and applies it to `plane`; the caller hands the
+    /// returned keys and networks to the server.
+    pub fn reload(&mut self, plane: &mut ControlPlane) -> Result<Reloaded, String> {
+        let path = self
+            .path
+            .as_ref()
+            .ok_or("no configuration file is known to reload")?;
+        let next = Config::load(path).map_err(|e| e.to_string())?;
+        let auth = ServerAuth::from_config(&next)?;
+        let restart = restart_sections(&self.running, &next);
+        let removed = plane.replace_services(&next).map_err(|e| e.to_string())?;
+        let dropped = statics::remove_dropped(plane, &self.running, &next);
+        let mut message = format!(
+            "reloaded {}: {} service(s), {} backend(s) removed",
+            path.display(),
+            next.services.len(),
+            removed.len(),
+        );
+        if let Err(e) = statics::install(plane, &next) {
+            message.push_str(&format!("; {e}"));
+        }
+        if dropped > 0 {
+            message.push_str(&format!("; {dropped} static affinit(ies) removed"));
+        }
+        if !restart.is_empty() {
+            message.push_str(&format!(
+                "; changes to [{}] take effect at the next restart",
+                restart.join("], [")
+            ));
+        }
+        self.running = next;
+        Ok(Reloaded { message, auth })
+    }
+}
+
+/// The settings `next` changes that take effect only at the next restart.
+fn restart_sections(running: &Config, next: &Config) -> Vec<&'static str> {
+    [
+        ("eal", running.eal != next.eal),
+        ("cores", running.cores != next.cores),
+        ("ports", running.ports != next.ports),
+        ("mempool", running.mempool != next.mempool),
+        ("flow", running.flow != next.flow),
+        ("affinity", running.affinity != next.affinity),
+        ("icmp", running.icmp != next.icmp),
+        (
+            "control.listen",
+            running.control.listen != next.control.listen,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(name, _)| name)
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::handler::Payload;
+    use crate::control::testing::{call, config_text, op, plane};
+    use crate::protocol::message::{AffinityKey, Request, ReturnCode, ServiceAddr};
+    use crate::types::{EndReason, Family, PortMatch};
+
+    #[test]
+    fn reload_that_removes_a_service_keeps_the_others_ids_and_affinities() {
+        let (mut p, r) = plane(&config_text());
+        let text = config_text();
+        let path = std::env::temp_dir().join(format!("pktdist-plane-{}.toml", std::process::id()));
+        std::fs::write(&path, &text).unwrap();
+        let mut file = ConfigFile::new(Some(path.clone()), Config::parse(&text, "t.toml").unwrap());
+        assert_eq!(
+            call(
+                &mut p,
+                "b",
+                Request::AffinityCreate(op("198.18.0.0", 24, Some("b"), 60))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        // An affinity on the service the reload removes.
+        let mut on_mail = op("198.18.1.0", 24, Some("m1"), 60);
+        on_mail.key = AffinityKey::new(
+            ServiceAddr::tcp("192.0.2.25:25".parse().unwrap()),
+            "198.18.1.0".parse().unwrap(),
+            24,
+        )
+        .unwrap()
+        .with_ports(PortMatch::Any);
+        assert_eq!(
+            call(&mut p, "m1", Request::AffinityCreate(on_mail)).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(r.lookup(0, Family::V4, 0xc612_0101, 1), Some(0));
+        p.take_notices();
+        assert_eq!(p.dataplane().service_named("web").unwrap().id, 1);
+        // Remove the first service: web moves to the front but keeps its id.
+        let start = text.find("[[services]]").unwrap();
+        let second = start + 1 + text[start + 1..].find("[[services]]").unwrap();
+        let next = format!("{}{}", &text[..start], &text[second..]);
+        std::fs::write(&path, &next).unwrap();
+        let msg = file.reload(&mut p).unwrap().message;
+        assert!(msg.contains("1 backend(s) removed"), "{msg}");
+        assert_eq!(p.dataplane().services[0].name, "web");
+        assert_eq!(p.dataplane().service(1).unwrap().name, "web");
+        assert!(p.dataplane().service(0).is_none());
+        // The removed service's affinity ended with its backend.
+        assert_eq!(r.lookup(0, Family::V4, 0xc612_0101, 1), None);
+        let notices = p.take_notices();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(notices[0].1.reason, EndReason::BackendRemoved);
+        assert_eq!(
+            r.lookup(1, Family::V4, 0xc612_0001, 1),
+            Some(2),
+            "stayed with web"
+        );
+        assert_eq!(r.lookup(0, Family::V4, 0xc612_0001, 1), None);
+        let list = call(
+            &mut p,
+            "admin",
+            Request::AffinityList {
+                service: None,
+                owner: None,
+                offset: 0,
+                limit: 0,
+            },
+        );
+        let Payload::Affinities { entries, .. } = list.payload else {
+            panic!("no list")
+        };
+        assert_eq!(entries[0].key.service.port, 80);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn restart_sections_are_those_that_differ() {
+        let running = Config::parse(&config_text(), "t.toml").unwrap();
+        assert!(restart_sections(&running, &running.clone()).is_empty());
+        let mut next = running.clone();
+        next.cores.workers.push(2);
+        next.flow.syn_timeout.0 += std::time::Duration::from_secs(1);
+        next.control.keys.clear();
+        assert_eq!(restart_sections(&running, &next), ["cores", "flow"]);
+        next.icmp.echo = true;
+        next.ports[0].mtu = 9000;
+        assert_eq!(
+            restart_sections(&running, &next),
+            ["cores", "ports", "flow", "icmp"]
+        );
+    }
+}

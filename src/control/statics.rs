@@ -1,0 +1,155 @@
+//! Static affinities: the configuration's `[[affinities]]`, installed at
+//! start and on every reload, never expiring. A reload removes those the
+//! previous configuration declared and the new one does not.
+
+use std::fmt;
+
+use crate::affinity::key::TableKey;
+use crate::config::Config;
+use crate::control::plane::ControlPlane;
+use crate::datapath::snapshot::Dataplane;
+use crate::net::{family, ip_bits};
+use crate::types::BackendId;
+
+/// The static affinities that could not be installed, each as
+/// `affinities[i]: why`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotInstalled(pub Vec<String>);
+
+impl fmt::Display for NotInstalled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "static affinities not installed: {}", self.0.join(", "))
+    }
+}
+
+/// Installs the configuration's static affinities that are not there yet.
+pub fn install(plane: &mut ControlPlane, cfg: &Config) -> Result<(), NotInstalled> {
+    let mut failed = Vec::new();
+    for (i, resolved) in keys(plane.dataplane(), cfg).into_iter().enumerate() {
+        let result = resolved.and_then(|(key, owner)| {
+            if plane
+                .affinities()
+                .get(&key)
+                .is_some_and(|r| r.owner == owner)
+            {
+                return Ok(());
+            }
+            plane
+                .create_static(key, owner)
+                .map_err(|_| "refused (conflict or table full)")
+        });
+        if let Err(e) = result {
+            failed.push(format!("affinities[{i}]: {e}"));
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(NotInstalled(failed))
+    }
+}
+
+/// Cancels the static affinities `old` declared that `new` does not (those
+/// still as `old` installed them: same owner, no expiry); returns how many.
+pub fn remove_dropped(plane: &mut ControlPlane, old: &Config, new: &Config) -> usize {
+    let dp = plane.dataplane();
+    let keep: Vec<TableKey> = keys(dp, new)
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .collect();
+    let gone: Vec<TableKey> = keys(dp, old)
+        .into_iter()
+        .flatten()
+        .filter(|(k, owner)| {
+            !keep.contains(k)
+                && plane
+                    .affinities()
+                    .get(k)
+                    .is_some_and(|r| r.owner == *owner && r.expires.is_none())
+        })
+        .map(|(k, _)| k)
+        .collect();
+    gone.iter()
+        .filter(|k| plane.cancel(k, None).is_ok())
+        .count()
+}
+
+/// A configuration's static affinities as table keys and owners, against
+/// the snapshot `dp`.
+fn keys(dp: &Dataplane, cfg: &Config) -> Vec<Result<(TableKey, BackendId), &'static str>> {
+    cfg.affinities
+        .iter()
+        .map(|a| {
+            let svc = dp.service_named(&a.service).ok_or("no such service")?;
+            let owner = dp
+                .find_backend(svc.id, &a.backend)
+                .ok_or("no such backend")?
+                .id;
+            let key = TableKey::new(
+                svc.id,
+                family(a.client.addr),
+                ip_bits(a.client.addr),
+                a.client.prefix,
+                a.client_port,
+            )
+            .map_err(|_| "bad key")?;
+            Ok((key, owner))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::reload::ConfigFile;
+    use crate::control::testing::{config_text, plane, WEB};
+    use crate::types::Family;
+
+    #[test]
+    fn reload_adds_and_removes_static_affinities() {
+        let with = format!(
+            "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
+            config_text()
+        );
+        let (mut p, r) = plane(&with);
+        let path =
+            std::env::temp_dir().join(format!("pktdist-statics-{}.toml", std::process::id()));
+        let cfg = Config::parse(&with, "t.toml").unwrap();
+        assert_eq!(install(&mut p, &cfg), Ok(()));
+        let mut file = ConfigFile::new(Some(path.clone()), cfg);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(2));
+        std::fs::write(&path, config_text()).unwrap();
+        let msg = file.reload(&mut p).unwrap().message;
+        assert!(msg.contains("1 static affinit(ies) removed"), "{msg}");
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), None);
+        std::fs::write(&path, &with).unwrap();
+        file.reload(&mut p).unwrap();
+        assert_eq!(
+            r.lookup(WEB, Family::V4, 0xcb00_7105, 9),
+            Some(2),
+            "added back"
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn unresolvable_static_affinities_are_named() {
+        let (mut p, _) = plane(&config_text());
+        let mut cfg = Config::parse(
+            &format!(
+                "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
+                config_text()
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        cfg.affinities[0].backend = "zz".into();
+        let e = install(&mut p, &cfg).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "static affinities not installed: affinities[0]: no such backend"
+        );
+        assert!(p.affinities().is_empty());
+    }
+}

@@ -1,0 +1,634 @@
+//! The control thread as one type: [`ControlThread`] owns the protocol
+//! server, the control plane (with the service registry and the affinity
+//! manager), the configuration file for reload, the Prometheus endpoint and
+//! the status line, and creates the tables the workers read ([`Shared`]).
+//!
+//! The process around it builds it from the configuration and a few handles
+//! ([`ControlSetup`]), hands [`ControlThread::shared`] to the workers, runs
+//! [`ControlThread::serve_until`] and asks for the [`ControlThread::summary`]
+//! at the end. Each [`step`](ControlThread::step) expires affinities and
+//! sends their AFFINITY_ENDED notices (every [`TICK`]), prints the status
+//! line when due, and serves the requests waiting on the socket.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::affinity::auto::AutoAffinityTable;
+use crate::affinity::manager::AffinityManager;
+use crate::affinity::table::AffinityTable;
+use crate::config::Config;
+use crate::control::counters::{control_summary, ServerCounters};
+use crate::control::handler::{Call, ControlHandler, Response};
+use crate::control::plane::ControlPlane;
+use crate::control::registry::ServiceRegistry;
+use crate::control::reload::ConfigFile;
+use crate::control::server::{ControlServer, ServerAuth, ServerConfig};
+use crate::control::statics;
+use crate::datapath::counters::WorkerCounters;
+use crate::datapath::latency::Percentiles;
+use crate::datapath::snapshot::DataplaneCell;
+use crate::datapath::worker::Shared;
+use crate::protocol::message::{Request, ReturnCode};
+use crate::report::metrics::{self, MetricsServer};
+use crate::report::summary::{status_line, PortSummary, Summary, Totals};
+
+/// How often affinities are expired, their notices sent and the metrics
+/// refreshed (when due).
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long one step waits for a first datagram.
+const POLL_WAIT: Duration = Duration::from_millis(20);
+/// The shortest status-line period.
+const MIN_STATUS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A source of the ports' device counters.
+pub type PortStatsSource = Box<dyn Fn() -> Vec<PortSummary> + Send>;
+
+/// What the process hands the control thread besides the configuration.
+pub struct ControlSetup {
+    /// The file reload re-reads (None: reload refuses).
+    pub config_path: Option<PathBuf>,
+    /// The workers' counters, one per worker.
+    pub workers: Vec<Arc<WorkerCounters>>,
+    /// The ports' device counters (None: no ports).
+    pub port_stats: Option<PortStatsSource>,
+    /// Where the status line goes every `[control] status_interval` (None:
+    /// no status line).
+    pub status: Option<Box<dyn Write + Send>>,
+}
+
+/// The control thread: everything that changes what the workers see, and
+/// everything an instance says about itself.
+pub struct ControlThread {
+    server: ControlServer,
+    plane: ControlPlane,
+    file: ConfigFile,
+    shared: Shared,
+    port_stats: Option<PortStatsSource>,
+    metrics: Option<MetricsServer>,
+    status: Option<StatusLine>,
+    next_tick: Instant,
+}
+
+/// The status line's output and schedule.
+struct StatusLine {
+    out: Box<dyn Write + Send>,
+    interval: Duration,
+    last: Instant,
+    prev: Totals,
+}
+
+impl ControlThread {
+    /// Builds the registry, the first snapshot and the affinity tables from
+    /// `cfg`, installs its static affinities, binds the control protocol's
+    /// socket and starts the Prometheus endpoint if configured.
+    pub fn new(cfg: &Config, setup: ControlSetup) -> Result<ControlThread, String> {
+        let mut registry = ServiceRegistry::from_config(cfg).map_err(|e| e.to_string())?;
+        let cell = Arc::new(DataplaneCell::new(
+            registry.snapshot().map_err(|e| e.to_string())?,
+        ));
+        let (writer, reader) = AffinityTable::new(cfg.affinity.capacity);
+        let shared = Shared {
+            dataplane: Arc::clone(&cell),
+            affinity: reader,
+            auto_affinity: Arc::new(AutoAffinityTable::new(cfg.affinity.auto_capacity)),
+            epoch: Instant::now(),
+        };
+        let server = ControlServer::bind(
+            cfg.control.listen,
+            ServerConfig {
+                read_timeout: Some(POLL_WAIT),
+                ..ServerConfig::from_config(cfg)?
+            },
+        )
+        .map_err(|e| format!("control listen {}: {e}", cfg.control.listen))?;
+        let mut plane = ControlPlane::new(
+            registry,
+            cell,
+            AffinityManager::new(writer),
+            setup.workers,
+            shared.epoch,
+        );
+        statics::install(&mut plane, cfg).map_err(|e| e.to_string())?;
+        let metrics = match cfg.control.metrics_listen {
+            Some(addr) => Some(
+                MetricsServer::start(addr).map_err(|e| format!("metrics listen {addr}: {e}"))?,
+            ),
+            None => None,
+        };
+        let now = Instant::now();
+        Ok(ControlThread {
+            server,
+            plane,
+            file: ConfigFile::new(setup.config_path, cfg.clone()),
+            shared,
+            port_stats: setup.port_stats,
+            metrics,
+            status: setup.status.map(|out| StatusLine {
+                out,
+                interval: cfg.control.status_interval.0.max(MIN_STATUS_INTERVAL),
+                last: now,
+                prev: Totals::default(),
+            }),
+            next_tick: now + TICK,
+        })
+    }
+
+    /// The tables the workers read, and the clock origin they share.
+    pub fn shared(&self) -> Shared {
+        self.shared.clone()
+    }
+
+    /// The control protocol's address (the configured one may name port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// The Prometheus endpoint's address, if it runs.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+
+    pub fn plane(&self) -> &ControlPlane {
+        &self.plane
+    }
+
+    /// The configuration running now.
+    pub fn config(&self) -> &Config {
+        self.file.running()
+    }
+
+    /// The statistics of the run so far: the workers' counters, ports,
+    /// affinities, automatic affinity and the control thread's own figures.
+    pub fn summary(&self) -> Summary {
+        summary(
+            &self.plane,
+            self.server.counters(),
+            self.server.latency(),
+            self.port_stats.as_ref(),
+            &self.shared.auto_affinity,
+        )
+    }
+
+    /// Re-reads the configuration file and applies it, keys and allowed
+    /// networks included; returns what was done. A bad file changes nothing.
+    pub fn reload(&mut self) -> Result<String, String> {
+        let reloaded = self.file.reload(&mut self.plane)?;
+        self.server.set_auth(reloaded.auth);
+        Ok(reloaded.message)
+    }
+
+    /// Expires affinities, refreshes the metrics when they are due and sends
+    /// the AFFINITY_ENDED notices of every affinity that ended since the
+    /// last tick.
+    pub fn tick(&mut self) {
+        self.plane.expire();
+        if let Some(m) = &self.metrics {
+            if m.wants_update() {
+                m.publish(metrics::render(&self.summary()));
+            }
+        }
+        for (notify, notice) in self.plane.take_notices() {
+            eprintln!(
+                "pktdist: affinity {} -> {} ended ({})",
+                notice.key.client,
+                notice.owner,
+                notice.reason.name()
+            );
+            if let Some(to) = notify {
+                if let Err(e) = self.server.send_ended(to, &notice.owner, &notice) {
+                    eprintln!("pktdist: ended notification to {to}: {e}");
+                }
+            }
+        }
+    }
+
+    /// One turn of the loop at `now`: a tick when one is due, the status
+    /// line when it is due, then the requests waiting on the socket
+    /// (waiting a little for a first one).
+    pub fn step(&mut self, now: Instant) {
+        if now >= self.next_tick {
+            self.next_tick = now + TICK;
+            self.tick();
+        }
+        self.print_status(now);
+        self.poll();
+    }
+
+    /// Runs steps until `stop` is set or `deadline` passes; reloads whenever
+    /// `reload` (SIGHUP's flag) is set.
+    pub fn serve_until(
+        &mut self,
+        stop: &AtomicBool,
+        reload: &AtomicBool,
+        deadline: Option<Instant>,
+    ) {
+        loop {
+            let now = Instant::now();
+            if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d) {
+                return;
+            }
+            if reload.swap(false, Ordering::Relaxed) {
+                match self.reload() {
+                    Ok(msg) => eprintln!("pktdist: SIGHUP: {msg}"),
+                    Err(e) => eprintln!(
+                        "pktdist: SIGHUP: reload refused, running configuration kept: {e}"
+                    ),
+                }
+            }
+            self.step(now);
+        }
+    }
+
+    /// Serves the datagrams waiting on the socket; a reload among them
+    /// changes the server's keys and networks once they are answered.
+    fn poll(&mut self) {
+        let mut dispatch = Dispatch {
+            plane: &mut self.plane,
+            file: &mut self.file,
+            port_stats: self.port_stats.as_ref(),
+            auto: &self.shared.auto_affinity,
+            auth: None,
+        };
+        self.server.poll(&mut dispatch, SystemTime::now());
+        if let Some(auth) = dispatch.auth {
+            self.server.set_auth(auth);
+        }
+    }
+
+    fn print_status(&mut self, now: Instant) {
+        let Some(st) = &mut self.status else {
+            return;
+        };
+        let elapsed = now.saturating_duration_since(st.last);
+        if elapsed < st.interval {
+            return;
+        }
+        let cur = Totals::collect(self.plane.workers());
+        let line = status_line(
+            &st.prev,
+            &cur,
+            elapsed.as_secs_f64(),
+            self.plane.affinities().len(),
+        );
+        let _ = writeln!(st.out, "{line}");
+        let _ = st.out.flush();
+        st.prev = cur;
+        st.last = now;
+    }
+}
+
+/// The control thread's handler while the server polls: each request to
+/// what answers it.
+struct Dispatch<'a> {
+    plane: &'a mut ControlPlane,
+    file: &'a mut ConfigFile,
+    port_stats: Option<&'a PortStatsSource>,
+    auto: &'a AutoAffinityTable,
+    /// The keys and networks of a reload, for the server once its poll
+    /// returns (the reply to the reload is signed with the keys it came
+    /// with).
+    auth: Option<ServerAuth>,
+}
+
+impl ControlHandler for Dispatch<'_> {
+    fn handle(&mut self, call: &Call<'_>, request: &Request<'_>) -> Response {
+        match request {
+            Request::Reload if !call.is_admin => {
+                Response::new(ReturnCode::NotAuthorized).with_message("reload needs the admin key")
+            }
+            Request::Reload => match self.file.reload(self.plane) {
+                Ok(reloaded) => {
+                    self.auth = Some(reloaded.auth);
+                    Response::ok().with_message(reloaded.message)
+                }
+                Err(e) => Response::new(ReturnCode::Invalid)
+                    .with_message(format!("reload refused, running configuration kept: {e}")),
+            },
+            Request::Stats { .. } => {
+                let s = summary(
+                    self.plane,
+                    call.server,
+                    call.server_latency,
+                    self.port_stats,
+                    self.auto,
+                );
+                Response::stats(
+                    serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+                )
+            }
+            _ => self.plane.handle(call.sender, call.is_admin, request),
+        }
+    }
+}
+
+/// The summary from the plane's state and the server's figures.
+fn summary(
+    plane: &ControlPlane,
+    server: &ServerCounters,
+    server_latency: &hdrhistogram::Histogram<u64>,
+    port_stats: Option<&PortStatsSource>,
+    auto: &AutoAffinityTable,
+) -> Summary {
+    let mut s = plane.summary();
+    if let Some(ports) = port_stats {
+        s.ports = ports();
+    }
+    s.control_latency_ns = Percentiles::of(server_latency);
+    s.auto_affinity_pins = auto.len_active(plane.now_ms());
+    s.auto_affinity_table_full = auto.stats().table_full;
+    s.extra.control = Some(control_summary(server, &plane.counters()));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::testing::{config_text, op, Peer, Received};
+    use crate::protocol::message::{AffinityOp, Reply, ReplyPayload};
+    use crate::types::EndReason;
+    use std::io::Read as _;
+    use std::net::TcpStream;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    const ADMIN_1: &[u8] = b"admin-key-one-0123456789";
+    const ADMIN_2: &[u8] = b"admin-key-two-0123456789";
+    const A_1: &[u8] = b"backend-a-key-one-012345";
+    const A_2: &[u8] = b"backend-a-key-two-012345";
+    const B_BACKEND: &str = "[[services.backends]]\nname = \"b\"\naddress = \"10.0.0.2\"\n";
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// The test configuration on free ports, with keys for the admin and
+    /// backend a.
+    fn config(admin: &[u8], a: &[u8]) -> String {
+        format!(
+            "{}\n[control.keys]\nadmin = \"{}\"\na = \"{}\"\n",
+            config_text().replace(
+                "listen = \"127.0.0.1:7400\"",
+                "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.2:0\"\nstatus_interval = \"1s\""
+            ),
+            hex(admin),
+            hex(a)
+        )
+    }
+
+    /// A configuration file that goes away with the test.
+    struct File(PathBuf);
+
+    impl File {
+        fn new(name: &str, text: &str) -> File {
+            let path = std::env::temp_dir()
+                .join(format!("pktdist-thread-{name}-{}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            File(path)
+        }
+
+        fn write(&self, text: &str) {
+            std::fs::write(&self.0, text).unwrap();
+        }
+    }
+
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn control(path: &Path, status: Option<Box<dyn Write + Send>>) -> ControlThread {
+        let cfg = Config::load(path).unwrap();
+        ControlThread::new(
+            &cfg,
+            ControlSetup {
+                config_path: Some(path.to_path_buf()),
+                workers: vec![Arc::new(WorkerCounters::default())],
+                port_stats: None,
+                status,
+            },
+        )
+        .unwrap()
+    }
+
+    /// Sends `req` from `peer`, lets the control thread serve it and
+    /// returns the reply, checked to be signed with `key`.
+    fn ask(
+        ctl: &mut ControlThread,
+        peer: &mut Peer,
+        key: &[u8],
+        req: &Request<'_>,
+    ) -> Option<Reply> {
+        peer.send(ctl.local_addr().unwrap(), req);
+        ctl.step(Instant::now());
+        match peer.recv_signed(key)? {
+            Received::Reply(r) => Some(r),
+            other => panic!("not a reply: {other:?}"),
+        }
+    }
+
+    fn create<'a>(client: &str) -> Request<'a> {
+        let mut o = op(client, 24, None, 60);
+        o.notify = None;
+        Request::AffinityCreate(o)
+    }
+
+    #[test]
+    fn reload_from_the_file_applies_services_and_swaps_the_keys() {
+        let file = File::new("reload", &config(ADMIN_1, A_1));
+        let mut ctl = control(&file.0, None);
+        let mut a = Peer::new("a", A_1);
+        let r = ask(&mut ctl, &mut a, A_1, &create("198.18.0.0")).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+
+        // a's key changes and b goes.
+        file.write(&config(ADMIN_1, A_2).replace(B_BACKEND, ""));
+        let msg = ctl.reload().unwrap();
+        assert!(msg.contains("1 backend(s) removed"), "{msg}");
+        let web = ctl.plane().dataplane().service_named("web").unwrap();
+        assert_eq!(web.backends.len(), 1);
+
+        // The old key is refused without an answer, the new one served.
+        assert!(ask(&mut ctl, &mut a, A_1, &create("198.18.1.0")).is_none());
+        let control = ctl.summary().extra.control.unwrap();
+        assert_eq!(control.refused["bad_hmac"], 1);
+        let mut a = a.with_key(A_2);
+        let r = ask(&mut ctl, &mut a, A_2, &create("198.18.1.0")).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        assert_eq!(ctl.plane().affinities().len(), 2);
+
+        // A file that does not load changes nothing.
+        file.write("[cores]\n");
+        assert!(ctl.reload().is_err());
+        assert_eq!(ctl.config().control.keys["a"].0, A_2);
+    }
+
+    #[test]
+    fn a_reload_request_is_answered_with_the_old_keys_then_swaps_them() {
+        let file = File::new("request", &config(ADMIN_1, A_1));
+        let mut ctl = control(&file.0, None);
+        let mut a = Peer::new("a", A_1);
+        let r = ask(&mut ctl, &mut a, A_1, &Request::Reload).expect("answered");
+        assert_eq!(r.code, ReturnCode::NotAuthorized);
+
+        file.write(&config(ADMIN_2, A_1));
+        let mut admin = Peer::new("admin", ADMIN_1);
+        let r = ask(&mut ctl, &mut admin, ADMIN_1, &Request::Reload).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        assert!(r.message.contains("reloaded"), "{}", r.message);
+
+        let list = Request::BackendList {
+            service: None,
+            offset: 0,
+            limit: 0,
+        };
+        assert!(ask(&mut ctl, &mut admin, ADMIN_1, &list).is_none());
+        let mut admin = admin.with_key(ADMIN_2);
+        let r = ask(&mut ctl, &mut admin, ADMIN_2, &list).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+
+        // A refused reload is answered INVALID and keeps the keys.
+        file.write("not toml");
+        let r = ask(&mut ctl, &mut admin, ADMIN_2, &Request::Reload).expect("answered");
+        assert_eq!(r.code, ReturnCode::Invalid);
+        assert!(
+            r.message.contains("running configuration kept"),
+            "{}",
+            r.message
+        );
+        assert!(ask(&mut ctl, &mut admin, ADMIN_2, &list).is_some());
+    }
+
+    #[test]
+    fn ended_affinities_reach_their_owner_over_udp() {
+        let file = File::new("notice", &config(ADMIN_1, A_1));
+        let mut ctl = control(&file.0, None);
+        let mut a = Peer::new("a", A_1);
+        let created = create("198.18.0.0");
+        let r = ask(&mut ctl, &mut a, A_1, &created).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+
+        // The operator cancels it; the owner hears at the next tick, at the
+        // address it asked from.
+        let mut admin = Peer::new("admin", ADMIN_1);
+        let Request::AffinityCreate(o) = created else {
+            unreachable!()
+        };
+        let cancel = Request::AffinityCancel(AffinityOp {
+            duration_secs: 0,
+            owner: None,
+            ..o
+        });
+        let r = ask(&mut ctl, &mut admin, ADMIN_1, &cancel).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        ctl.tick();
+        match a.recv_signed(A_1) {
+            Some(Received::Ended(n)) => {
+                assert_eq!(n.owner, "a");
+                assert_eq!(n.reason, EndReason::Cancelled);
+                assert_eq!(n.key, o.key);
+            }
+            other => panic!("no notice: {other:?}"),
+        }
+        let control = ctl.summary().extra.control.unwrap();
+        assert_eq!((control.notifications, control.ended.cancelled), (1, 1));
+        assert!(ctl.plane().affinities().is_empty());
+    }
+
+    #[test]
+    fn statistics_carry_the_servers_counters_and_metrics_are_published() {
+        let file = File::new("stats", &config(ADMIN_1, A_1));
+        let mut ctl = control(&file.0, None);
+        // One datagram refused, then the statistics in chunks.
+        let mut forger = Peer::new("a", A_2);
+        assert!(ask(&mut ctl, &mut forger, A_2, &create("198.18.0.0")).is_none());
+        let mut admin = Peer::new("admin", ADMIN_1);
+        let (mut doc, mut token) = (Vec::new(), 0);
+        loop {
+            let req = Request::Stats {
+                token,
+                offset: doc.len() as u32,
+            };
+            let r = ask(&mut ctl, &mut admin, ADMIN_1, &req).expect("answered");
+            let ReplyPayload::Stats {
+                token: t, chunk, ..
+            } = r.payload
+            else {
+                panic!("no statistics: {:?}", r.code)
+            };
+            token = t;
+            doc.extend(chunk);
+            if !r.more {
+                break;
+            }
+        }
+        let s: Summary = serde_json::from_slice(&doc).unwrap();
+        let control = s.extra.control.unwrap();
+        assert_eq!(control.received, 2, "the refused datagram and this request");
+        assert_eq!(control.refused["bad_hmac"], 1);
+        assert_eq!(control.handled, 1);
+        assert_eq!(s.workers, 1);
+
+        // The Prometheus endpoint serves what the tick published.
+        ctl.tick();
+        let mut http = TcpStream::connect(ctl.metrics_addr().unwrap()).unwrap();
+        http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        http.read_to_string(&mut text).unwrap();
+        assert!(
+            text.contains("pktdist_control_refused_total{reason=\"bad_hmac\"} 1"),
+            "{text}"
+        );
+    }
+
+    /// A status-line sink the test can read.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn serve_until_reloads_on_its_flag_and_prints_the_status_line() {
+        let file = File::new("serve", &config(ADMIN_1, A_1));
+        let out = Sink::default();
+        let mut ctl = control(&file.0, Some(Box::new(out.clone())));
+        let (stop, reload) = (AtomicBool::new(false), AtomicBool::new(true));
+        // A deadline already past: nothing runs.
+        ctl.serve_until(&stop, &reload, Some(Instant::now()));
+        assert!(reload.load(Ordering::Relaxed));
+
+        file.write(&config(ADMIN_1, A_1).replace(B_BACKEND, ""));
+        std::thread::scope(|s| {
+            s.spawn(|| ctl.serve_until(&stop, &reload, None));
+            for _ in 0..1000 {
+                if !reload.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert!(!reload.load(Ordering::Relaxed), "the flag was taken");
+        let web = ctl.plane().dataplane().service_named("web").unwrap();
+        assert_eq!(web.backends.len(), 1, "b is gone");
+
+        // The status line, once its interval has passed.
+        let now = Instant::now();
+        ctl.step(now + Duration::from_secs(2));
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(text.starts_with("rx 0.000 Mpps"), "{text:?}");
+        assert!(text.contains("affinities 0"), "{text:?}");
+    }
+}
