@@ -736,10 +736,11 @@ impl<K: SlotKey> Part<K> {
         })
     }
 
-    /// The backend of a live flow, changing nothing in the table.
+    /// The backend of a live flow (in its home bucket or, a guest, in its
+    /// alternate), changing nothing in the table.
     fn peek(&self, books: &Books, flow: &FlowKey, hash: u64, now: u64) -> Option<BackendId> {
-        let b = self.bucket(hash);
-        let s = self.find(b, K::pack(flow, books.vips.get(flow)?))?;
+        let home = self.bucket(hash);
+        let (b, s) = self.find_from(home, hash, K::pack(flow, books.vips.get(flow)?))?;
         let slot = &self.buckets[b].slots[s];
         (!books.expired(slot, now)).then_some(BackendId::from(slot.backend))
     }
@@ -2226,6 +2227,10 @@ mod tests {
                 Family::V6 => t.v6.spill(5),
             };
             assert_eq!(usize::from(spill), 19 - WAYS);
+            // peek finds guests as well as flows at home.
+            for k in &keys {
+                assert_eq!(t.peek(k, flow_hash(k), 2 * SEC), Some(7), "{fam:?} {k:?}");
+            }
             for k in &keys {
                 t.prefetch(k, flow_hash(k), false);
                 assert!(
