@@ -579,16 +579,19 @@ impl Bench {
                     forward_to: 1,
                     gateway_mac: Some([0x02, 0, 0, 0, 0, 0xfe]),
                     unmatched_to: None,
+                    mtu: 1500,
                 },
                 PortPlan {
                     forward_to: 1,
                     gateway_mac: Some([0x02, 0, 0, 0, 0, 0xfe]),
                     unmatched_to: None,
+                    mtu: 1500,
                 },
             ],
             flow_capacity: self.args.flow_capacity,
             flow_capacity_v6: self.args.flow_capacity / 4,
             timeouts: FlowTimeouts::default(),
+            icmp: Default::default(),
         };
         let worker = spawn_worker(self.worker_core, "bench-worker", move || match mode {
             Mode::Baseline => {

@@ -149,6 +149,7 @@ fn main() -> Result<(), String> {
         forward_to: 1,
         gateway_mac: Some([0x02, 0, 0, 0, 0, 0xfe]),
         unmatched_to: None,
+        mtu: 1500,
     };
     let setup = WorkerSetup {
         id: 0,
@@ -156,6 +157,7 @@ fn main() -> Result<(), String> {
         flow_capacity: FLOW_CAPACITY,
         flow_capacity_v6: FLOW_CAPACITY / 4,
         timeouts: FlowTimeouts::default(),
+        icmp: Default::default(),
     };
     let io: SharedIo = Rc::new(RefCell::new(MemIo::new(2)));
     let mut worker = Worker::new(

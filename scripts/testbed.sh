@@ -4,6 +4,10 @@
 # veth through DPDK's net_af_packet.
 #
 #   pd-c1, pd-c2      clients   10.99.1.1-10.99.1.8, 10.99.2.1-10.99.2.8
+#   pd-r1             a router  10.99.20.1 on the bridge, 10.98.3.254 toward pd-c3
+#                               on a link of MTU 1400 (a tunnel or PPPoE link)
+#   pd-c3             a client  10.98.3.1 behind pd-r1 (its own side of the
+#                               link says 1500, so it offers an MSS of 1460)
 #   pd-lb             pktdist   lb0 (no address: DPDK owns it), MAC 02:50:44:00:00:02
 #                               ctl0 10.99.0.1: the control plane (UDP 7400), a
 #                               kernel interface the backends' applications reach
@@ -18,6 +22,12 @@
 # clients directly (direct server return). Everything stays inside these
 # namespaces: nothing is routed off the machine.
 #
+# pd-c3's downloads cross pd-r1's narrow link: a backend's full-size reply
+# (1500 bytes, DF) does not fit, pd-r1 sends "fragmentation needed" (MTU
+# 1400) to the reply's source, the VIP, that is to pktdist, which forwards it
+# to the backend that owns the connection: path-MTU discovery through the
+# load balancer.
+#
 # Usage: scripts/testbed.sh up|down|status
 set -euo pipefail
 
@@ -27,6 +37,11 @@ LB_IP=10.99.0.2
 LB_MAC=02:50:44:00:00:02
 CTL_IP=10.99.0.1   # pktdist's control address, on ctl0 beside the DPDK port
 MTU_WIRE=1600   # room for the 20-byte outer header of IP-in-IP
+MTU_NARROW=1400 # the router's link to the client behind it
+ROUTER_IP=10.99.20.1
+BEHIND_NET=10.98.3.0/24
+BEHIND_GW=10.98.3.254
+BEHIND_CLIENT=10.98.3.1
 NS_SW=$PREFIX-sw
 NS_LB=$PREFIX-lb
 CLIENTS=(c1 c2)
@@ -101,6 +116,38 @@ up() {
         ip -n "$ns" neigh replace $LB_IP lladdr $LB_MAC dev eth0 nud permanent
     done
 
+    # The router and the client behind its narrow link. The veth pair's two
+    # ends have different MTUs: the router's side is the narrow link, the
+    # client's side the client's own 1500-byte LAN.
+    local rns=$PREFIX-r1 cns=$PREFIX-c3
+    ip netns add "$rns"
+    ip netns add "$cns"
+    attach r1 "$rns" eth0
+    ip -n "$rns" link set lo up
+    ip -n "$rns" link set eth0 mtu $MTU_WIRE up
+    ip -n "$rns" addr add $ROUTER_IP/16 dev eth0
+    ip link add "$PREFIX-r1c3" type veth peer name "$PREFIX-c3r1"
+    ip link set "$PREFIX-r1c3" netns "$rns"
+    ip -n "$rns" link set "$PREFIX-r1c3" name eth1
+    ip link set "$PREFIX-c3r1" netns "$cns"
+    ip -n "$cns" link set "$PREFIX-c3r1" name eth0
+    ip -n "$rns" link set eth1 mtu $MTU_NARROW up
+    ip -n "$rns" addr add $BEHIND_GW/24 dev eth1
+    ip netns exec "$rns" sysctl -qw net.ipv4.ip_forward=1
+    for k in all default eth0 eth1; do
+        ip netns exec "$rns" sysctl -qw "net.ipv4.conf.$k.rp_filter=0"
+    done
+    ip netns exec "$rns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+    ip -n "$rns" route add $VIP/32 via $LB_IP dev eth0
+    ip -n "$rns" neigh replace $LB_IP lladdr $LB_MAC dev eth0 nud permanent
+    ip -n "$cns" link set lo up
+    ip -n "$cns" link set eth0 mtu 1500 up
+    ip -n "$cns" addr add $BEHIND_CLIENT/24 dev eth0
+    ip -n "$cns" route add default via $BEHIND_GW
+    # As for the other clients: checksums finished in software (the router
+    # forwards the client's packets to lb0 as they are).
+    ip netns exec "$cns" ethtool -K eth0 tx off >/dev/null
+
     i=0
     for b in "${BACKENDS[@]}"; do
         i=$((i + 1))
@@ -123,8 +170,10 @@ up() {
         for k in all default eth0 lo; do
             ip netns exec "$ns" sysctl -qw "net.ipv4.conf.$k.rp_filter=0"
         done
+        # Replies to the client behind the router go through the router.
+        ip -n "$ns" route add $BEHIND_NET via $ROUTER_IP
     done
-    echo "testbed up: clients ${CLIENTS[*]}, backends ${BACKENDS[*]}, pktdist port lb0 in $NS_LB"
+    echo "testbed up: clients ${CLIENTS[*]} and c3 behind router r1 (link MTU $MTU_NARROW), backends ${BACKENDS[*]}, pktdist port lb0 in $NS_LB"
 }
 
 status() {

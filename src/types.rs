@@ -9,6 +9,10 @@
 /// IP protocol numbers the distributor routes.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// ICMP for IPv4 (RFC 792).
+pub const PROTO_ICMP: u8 = 1;
+/// ICMPv6 (RFC 4443).
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// TCP flag bits as they appear in byte 13 of the TCP header.
 pub mod tcp_flags {
@@ -111,10 +115,18 @@ pub enum DropReason {
     NoRoom,
     /// The transmit queue was full.
     TxFull,
+    /// An ICMP message to a VIP that pktdist neither forwards nor answers;
+    /// [`IcmpDrop`] says why.
+    Icmp,
+    /// Longer than the port's `mtu` once encapsulated, and not answered:
+    /// the per-source limit of "fragmentation needed" / "packet too big"
+    /// answers was reached, or the packet is itself an ICMP message (which
+    /// never gets an ICMP answer).
+    TooBig,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 11;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::NotIp,
@@ -125,6 +137,8 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::NoRoom,
         DropReason::TxFull,
+        DropReason::Icmp,
+        DropReason::TooBig,
     ];
 
     /// Traffic that is simply not ours (as opposed to broken or refused):
@@ -151,6 +165,75 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::NoRoom => "no_room",
             DropReason::TxFull => "tx_full",
+            DropReason::Icmp => "icmp",
+            DropReason::TooBig => "too_big",
+        }
+    }
+}
+
+/// Why an ICMP message addressed to a VIP was dropped (each is also one
+/// [`DropReason::Icmp`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[repr(u8)]
+pub enum IcmpDrop {
+    /// Shorter than the 8-byte ICMP header.
+    Malformed = 0,
+    /// The ICMP checksum is wrong.
+    BadChecksum,
+    /// A type pktdist neither forwards nor answers (echo reply, redirect,
+    /// parameter problem, router advertisement, ...).
+    UnsupportedType,
+    /// An error whose quote ends before the quoted packet's ports.
+    ShortQuote,
+    /// An error whose quote is not an IP header of the message's own
+    /// family, or quotes a fragment (which carries no ports to route by).
+    BadQuote,
+    /// An error about an ICMP message.
+    AboutIcmp,
+    /// An error about a packet whose source is not a VIP.
+    QuoteNotVip,
+    /// An error about a packet from a VIP, but from a port and protocol no
+    /// service has.
+    QuoteNoService,
+    /// An echo request to a VIP that does not answer them.
+    EchoOff,
+    /// An echo request over the echo rate limit.
+    EchoRateLimited,
+    /// An echo request with IPv4 options or IPv6 extension headers (not
+    /// answered: a reply would have to process them).
+    EchoOptions,
+}
+
+impl IcmpDrop {
+    pub const COUNT: usize = 11;
+    pub const ALL: [IcmpDrop; Self::COUNT] = [
+        IcmpDrop::Malformed,
+        IcmpDrop::BadChecksum,
+        IcmpDrop::UnsupportedType,
+        IcmpDrop::ShortQuote,
+        IcmpDrop::BadQuote,
+        IcmpDrop::AboutIcmp,
+        IcmpDrop::QuoteNotVip,
+        IcmpDrop::QuoteNoService,
+        IcmpDrop::EchoOff,
+        IcmpDrop::EchoRateLimited,
+        IcmpDrop::EchoOptions,
+    ];
+
+    /// The label used in summaries and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            IcmpDrop::Malformed => "malformed",
+            IcmpDrop::BadChecksum => "bad_checksum",
+            IcmpDrop::UnsupportedType => "unsupported_type",
+            IcmpDrop::ShortQuote => "short_quote",
+            IcmpDrop::BadQuote => "bad_quote",
+            IcmpDrop::AboutIcmp => "about_icmp",
+            IcmpDrop::QuoteNotVip => "quote_not_vip",
+            IcmpDrop::QuoteNoService => "quote_no_service",
+            IcmpDrop::EchoOff => "echo_off",
+            IcmpDrop::EchoRateLimited => "echo_rate_limited",
+            IcmpDrop::EchoOptions => "echo_options",
         }
     }
 }

@@ -202,7 +202,8 @@ fn inputs() -> Vec<Input> {
         arp.resize(60, 0);
         v.insert(50 + 400 * i as usize, dropped(arp, "not_ip"));
     }
-    // ICMP (protocol 1) to the VIP.
+    // ICMP (protocol 1) to the VIP that is no ICMP message pktdist
+    // handles (tests/e2e_icmp.rs has the ones it does), and GRE.
     for i in 0..3u8 {
         let mut f = FrameSpec::udp_v4([10, 8, 0, i], 7, VIP, 80)
             .build()
@@ -210,7 +211,14 @@ fn inputs() -> Vec<Input> {
         let mut ip = ipv4::Packet::new_unchecked(&mut f[14..]);
         ip.set_protocol(1);
         ip.fill_checksum();
-        v.insert(70 + 500 * i as usize, dropped(f, "unsupported_l4"));
+        v.insert(70 + 500 * i as usize, dropped(f, "icmp"));
+        let mut g = FrameSpec::udp_v4([10, 8, 1, i], 7, VIP, 80)
+            .build()
+            .expect("frame");
+        let mut ip = ipv4::Packet::new_unchecked(&mut g[14..]);
+        ip.set_protocol(47);
+        ip.fill_checksum();
+        v.insert(75 + 500 * i as usize, dropped(g, "unsupported_l4"));
     }
     // Fragments of a packet to the service.
     for i in 0..2u16 {

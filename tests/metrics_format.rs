@@ -11,7 +11,7 @@ use pktdist::control::registry::ServiceRegistry;
 use pktdist::datapath::counters::WorkerCounters;
 use pktdist::report::metrics::render;
 use pktdist::report::summary::{ControlSummary, EndedSummary, PortSummary, Summary};
-use pktdist::types::DropReason;
+use pktdist::types::{DropReason, IcmpDrop};
 
 const PARSE: &str = r#"
 import sys
@@ -66,6 +66,8 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         w.backends[0].connections.add(7 + i as u64);
         w.services[0].affinity_hits.add(3);
         w.latency.record(250);
+        w.icmp_forwarded.add(4);
+        w.icmp_drops[IcmpDrop::BadChecksum as usize].add(1);
     }
     let mut s = Summary::collect(&workers, &dp, 2.0, 5, &Default::default());
     s.ports.push(PortSummary {
@@ -114,6 +116,14 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         "counter pktdist_control_refused_total reason=bad_hmac 2"
     ));
     assert!(has("gauge pktdist_affinities  5"));
+    assert!(
+        has("counter pktdist_icmp_forwarded_total  8"),
+        "{samples:#?}"
+    );
+    assert!(has(
+        "counter pktdist_icmp_dropped_total reason=bad_checksum 2"
+    ));
+    assert!(has("counter pktdist_fragments_sent_total  0"));
     assert!(has(
         "gauge pktdist_backend_weight backend=be3,service=web 300"
     ));

@@ -109,10 +109,12 @@ fn bed(name: &str) -> Bed {
             forward_to: 0,
             gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]),
             unmatched_to: None,
+            mtu: 1500,
         }],
         flow_capacity: 1 << 14,
         flow_capacity_v6: 1 << 12,
         timeouts: cfg.flow_timeouts(),
+        icmp: cfg.icmp_settings(),
     };
     let io = Rc::new(RefCell::new(MemIo::new(1)));
     let worker = Worker::new(Rc::clone(&io), setup, control.shared(), counters);

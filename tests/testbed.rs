@@ -38,6 +38,10 @@ const BACKENDS: [(&str, &str, &str, u32); 3] = [
 const C1: &str = "10.99.1.1-10.99.1.8";
 const C2: &str = "10.99.2.1-10.99.2.7";
 const PINNED: &str = "10.99.2.8";
+/// The client behind the router r1, whose link to it has MTU 1400.
+const BEHIND: &str = "10.98.3.1";
+/// That link's MTU (scripts/testbed.sh MTU_NARROW).
+const NARROW_MTU: u32 = 1400;
 
 fn key_of(backend: &str) -> String {
     let digit = backend.trim_start_matches("be");
@@ -567,6 +571,13 @@ fn testbed_config_matches_the_bed() {
         |k: &pktdist::config::HexKey| k.0.iter().map(|b| format!("{b:02x}")).collect::<String>();
     assert_eq!(hex(&cfg.control.keys["admin"]), ADMIN_KEY);
     assert!(cfg.ports[0].device.contains("iface=lb0"));
+    let script = fs::read_to_string(repo().join("scripts/testbed.sh")).expect("testbed.sh");
+    assert!(
+        script.contains(&format!("MTU_WIRE={}", cfg.ports[0].mtu)),
+        "lb0's mtu is the bed's wire MTU"
+    );
+    assert!(script.contains(&format!("MTU_NARROW={NARROW_MTU}")));
+    assert!(script.contains(&format!("BEHIND_CLIENT={BEHIND}")));
     let web = &cfg.services[0];
     assert_eq!((web.name.as_str(), web.port), ("web", 80));
     assert_eq!(web.vip.to_string(), VIP);
@@ -624,6 +635,7 @@ fn testbed_end_to_end() {
     weight_zero_drains_without_breaking_open_connections(&bed);
     removing_a_backend_ends_its_affinities(&bed);
     restart_mid_traffic_keeps_connections(&bed);
+    path_mtu_discovery_through_pktdist(&bed);
 }
 
 /// 1200 connections from 15 client addresses spread over be1..be3 in
@@ -1014,4 +1026,94 @@ fn restart_mid_traffic_keeps_connections(bed: &Bed) {
         "restart: 400 connections across a restart and 12 held ones all completed; {} unknown flows routed without state",
         stats["unknown_flows"]
     );
+}
+
+/// Path-MTU discovery through pktdist, with real kernel TCP. The client c3
+/// sits behind the router r1, whose link to it has MTU 1400 while c3's own
+/// side says 1500 (so c3 offers an MSS of 1460): a backend's full-size
+/// replies (1500 bytes, DF) do not fit that link. r1 sends "fragmentation
+/// needed" (MTU 1400) to their source, the VIP, that is to pktdist, which
+/// forwards it to the backend of the connection (by IP-in-IP on :80, by MAC
+/// on :8080); the backend's kernel lowers its path MTU to c3 and the 10 MB
+/// download completes. Were the error dropped, the backend would keep
+/// sending 1500-byte segments into the narrow link and the download would
+/// stall (the client's read timeout, 10 s, would end it). Before each
+/// download the backends forget what they learned, so each one needs the
+/// router's error again.
+fn path_mtu_discovery_through_pktdist(bed: &Bed) {
+    let _lb = bed.pktdist("lb-pmtu");
+    let _be = bed.backends();
+    let forwarded = || bed.stats()["icmp"]["forwarded"].as_u64().unwrap_or(0);
+    let router_errors = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns("r1"), "cat", "/proc/net/snmp"])
+            .output()
+            .expect("router's /proc/net/snmp");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .filter(|l| l.starts_with("Icmp:"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let col = rows[0]
+            .iter()
+            .position(|h| *h == "OutDestUnreachs")
+            .expect("OutDestUnreachs column");
+        rows[1][col].parse::<u64>().expect("a count")
+    };
+    for port in [80, 8080] {
+        for (b, _, _, _) in BACKENDS {
+            let st = Command::new("ip")
+                .args(["-n", &ns(b), "route", "flush", "cache"])
+                .status()
+                .expect("ip route flush cache");
+            assert!(st.success());
+        }
+        let (icmp_before, router_before) = (forwarded(), router_errors());
+        let target = format!("{VIP}:{port}");
+        let conns = bed.run_client(
+            "c3",
+            &[
+                "--target",
+                &target,
+                "--sources",
+                BEHIND,
+                "--connections",
+                "1",
+                "--path",
+                "/bytes/10000000",
+                "--timeout",
+                "10",
+            ],
+        );
+        assert_all_ok(
+            &format!("10 MB from :{port} behind the narrow link"),
+            &conns,
+            1,
+        );
+        assert_eq!(conns[0].bytes, 10_000_000);
+        assert!(
+            router_errors() > router_before,
+            ":{port}: the router sent no \"fragmentation needed\""
+        );
+        assert!(
+            forwarded() > icmp_before,
+            ":{port}: pktdist forwarded no ICMP error"
+        );
+        // The backend that served the download learned the path MTU.
+        let backend = conns[0].backend.clone().expect("backend named");
+        let route = Command::new("ip")
+            .args(["-n", &ns(&backend), "route", "get", BEHIND])
+            .output()
+            .expect("ip route get");
+        let route = String::from_utf8_lossy(&route.stdout).to_string();
+        assert!(
+            route.contains(&format!("mtu {NARROW_MTU}")),
+            ":{port}: {backend} did not learn the path MTU: {route}"
+        );
+        println!(
+            "path MTU: 10 MB from :{port} via {backend} behind a {NARROW_MTU}-byte link; pktdist forwarded {} ICMP error(s)",
+            forwarded() - icmp_before
+        );
+    }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::datapath::flow::FlowTimeouts;
+use crate::datapath::icmp::{EchoPolicy, IcmpSettings, DEFAULT_ECHO_RATE, DEFAULT_TOO_BIG_RATE};
 use crate::net::IpNet;
 use crate::sched::maglev::{is_prime, MaglevTable};
 use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
@@ -39,6 +40,13 @@ pub const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// window: a request stamped further from the distributor's clock is
 /// refused, and nonces are remembered for that long.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
+/// A port's `mtu` when the file gives none (Ethernet's).
+pub const DEFAULT_MTU: u16 = 1500;
+/// Smallest and largest port `mtu`: IPv6 needs 1280 on every link, and 9216
+/// is the largest jumbo frame switches commonly carry.
+pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 1280..=9216;
+/// Largest ICMP rate (per second) a configuration may set.
+pub const MAX_ICMP_RATE: u32 = 1_000_000;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -57,6 +65,8 @@ pub struct Config {
     pub affinity: AffinityConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    #[serde(default)]
+    pub icmp: IcmpConfig,
     #[serde(default)]
     pub traffic: Option<TrafficConfig>,
     #[serde(default)]
@@ -108,6 +118,10 @@ fn default_descriptors() -> u16 {
     1024
 }
 
+fn default_mtu() -> u16 {
+    DEFAULT_MTU
+}
+
 /// A DPDK port.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +144,11 @@ pub struct PortConfig {
     /// Port that receives non-service traffic arriving here (default: drop).
     #[serde(default)]
     pub unmatched_to: Option<String>,
+    /// Longest IP packet the port's link carries: a packet forwarded out of
+    /// this port that would be longer once encapsulated is answered with
+    /// ICMP (DF set, or IPv6) or sent in fragments (IPv4 without DF).
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
 }
 
 impl PortConfig {
@@ -195,6 +214,32 @@ impl Default for AffinityConfig {
         AffinityConfig {
             capacity: 1 << 20,
             auto_capacity: 1 << 16,
+        }
+    }
+}
+
+/// What pktdist does with ICMP beyond forwarding errors (`[icmp]`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IcmpConfig {
+    /// Answer echo requests to every VIP.
+    pub echo: bool,
+    /// Answer echo requests to these VIPs only (with `echo` false).
+    pub echo_vips: Vec<IpAddr>,
+    /// Echo replies per second per worker (bursts of as many).
+    pub echo_rate: u32,
+    /// "Fragmentation needed" / "packet too big" answers per second to one
+    /// client address, per worker (bursts of as many); 0: never answer.
+    pub too_big_rate: u32,
+}
+
+impl Default for IcmpConfig {
+    fn default() -> IcmpConfig {
+        IcmpConfig {
+            echo: false,
+            echo_vips: Vec::new(),
+            echo_rate: DEFAULT_ECHO_RATE,
+            too_big_rate: DEFAULT_TOO_BIG_RATE,
         }
     }
 }
@@ -441,6 +486,31 @@ impl Config {
         }
     }
 
+    /// The workers' ICMP settings.
+    pub fn icmp_settings(&self) -> IcmpSettings {
+        let i = &self.icmp;
+        let echo = if i.echo {
+            EchoPolicy::All
+        } else if i.echo_vips.is_empty() {
+            EchoPolicy::Off
+        } else {
+            EchoPolicy::Only(
+                i.echo_vips
+                    .iter()
+                    .map(|a| match a {
+                        IpAddr::V4(v) => (crate::types::Family::V4, u32::from(*v) as u128),
+                        IpAddr::V6(v) => (crate::types::Family::V6, u128::from(*v)),
+                    })
+                    .collect(),
+            )
+        };
+        IcmpSettings {
+            echo,
+            echo_rate: i.echo_rate,
+            too_big_rate: i.too_big_rate,
+        }
+    }
+
     /// Index of the port with this name.
     pub fn port_index(&self, name: &str) -> Option<usize> {
         self.ports.iter().position(|p| p.name == name)
@@ -452,6 +522,7 @@ impl Config {
         self.validate_ports(&root.key("ports"))?;
         self.validate_sections(&root)?;
         self.validate_services(&root.key("services"))?;
+        self.validate_icmp(&root.key("icmp"))?;
         self.validate_affinities(&root.key("affinities"))
     }
 
@@ -503,6 +574,17 @@ impl Config {
                 return fail(
                     pp.key("device"),
                     format!("device {dev:?} is used by two ports"),
+                );
+            }
+            if !MTU_RANGE.contains(&port.mtu) {
+                return fail(
+                    pp.key("mtu"),
+                    format!(
+                        "{} is out of range {}..={}",
+                        port.mtu,
+                        MTU_RANGE.start(),
+                        MTU_RANGE.end()
+                    ),
                 );
             }
             for (k, n) in [
@@ -794,6 +876,48 @@ impl Config {
         Ok(())
     }
 
+    fn validate_icmp(&self, p: &KeyPath) -> Check {
+        let i = &self.icmp;
+        if i.echo && !i.echo_vips.is_empty() {
+            return fail(
+                p.key("echo_vips"),
+                "echo = true already answers every VIP: list VIPs here with echo = false",
+            );
+        }
+        let mut seen = HashSet::new();
+        for (n, vip) in i.echo_vips.iter().enumerate() {
+            if !self.services.iter().any(|s| s.vip == *vip) {
+                return fail(
+                    p.key("echo_vips").index(n),
+                    format!("{vip} is not the vip of any service"),
+                );
+            }
+            if !seen.insert(vip) {
+                return fail(
+                    p.key("echo_vips").index(n),
+                    format!("{vip} is listed twice"),
+                );
+            }
+        }
+        let echo_on = i.echo || !i.echo_vips.is_empty();
+        if (echo_on && i.echo_rate == 0) || i.echo_rate > MAX_ICMP_RATE {
+            return fail(
+                p.key("echo_rate"),
+                format!(
+                    "{}: must be in 1..={MAX_ICMP_RATE} (turn echo off to answer none)",
+                    i.echo_rate
+                ),
+            );
+        }
+        if i.too_big_rate > MAX_ICMP_RATE {
+            return fail(
+                p.key("too_big_rate"),
+                format!("{}: must be in 0..={MAX_ICMP_RATE}", i.too_big_rate),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_affinities(&self, p: &KeyPath) -> Check {
         if self.affinities.len() > self.affinity.capacity {
             return fail(
@@ -861,13 +985,14 @@ impl Config {
         for (i, p) in self.ports.iter().enumerate() {
             let _ = writeln!(
                 o,
-                "  [{i}] {} device {} ({}): {nw} rx + {nw} tx queue{} (one per worker), {} rx / {} tx descriptors, forwards on {}{}{}",
+                "  [{i}] {} device {} ({}): {nw} rx + {nw} tx queue{} (one per worker), {} rx / {} tx descriptors, mtu {}, forwards on {}{}{}",
                 p.name,
                 p.device,
                 if p.is_pci() { "PCI" } else { "virtual" },
                 if nw == 1 { "" } else { "s" },
                 p.rx_descriptors,
                 p.tx_descriptors,
+                p.mtu,
                 p.forward_to.as_deref().unwrap_or(&p.name),
                 p.gateway_mac.map(|m| format!(", gateway {m}")).unwrap_or_default(),
                 p.unmatched_to.as_deref().map(|t| format!(", non-service traffic to {t}")).unwrap_or_default(),
@@ -904,6 +1029,32 @@ impl Config {
             c.metrics_listen.map(|a| format!("http://{a}/metrics")).unwrap_or_else(|| "off".into()),
             c.status_interval,
             if c.keys.is_empty() { "nobody".to_string() } else { c.keys.keys().cloned().collect::<Vec<_>>().join(", ") }
+        );
+        let i = &self.icmp;
+        let _ =
+            writeln!(
+            o,
+            "icmp: errors forwarded to their connection's backend; echo {}{}; too-big answers {}",
+            if i.echo {
+                "answered for every VIP".to_string()
+            } else if i.echo_vips.is_empty() {
+                "not answered".to_string()
+            } else {
+                format!(
+                    "answered for {}",
+                    i.echo_vips.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ")
+                )
+            },
+            if i.echo || !i.echo_vips.is_empty() {
+                format!(" (at most {}/s per worker)", i.echo_rate)
+            } else {
+                String::new()
+            },
+            if i.too_big_rate == 0 {
+                "off (too-big packets with DF dropped)".to_string()
+            } else {
+                format!("at most {}/s per client per worker", i.too_big_rate)
+            }
         );
         if let Some(t) = &self.traffic {
             let _ = writeln!(

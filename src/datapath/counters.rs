@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::datapath::latency::SharedHistogram;
-use crate::types::{DropReason, MAX_BACKENDS, MAX_SERVICES};
+use crate::types::{DropReason, IcmpDrop, MAX_BACKENDS, MAX_SERVICES};
 
 /// A counter with a single writer.
 #[derive(Default, Debug)]
@@ -93,6 +93,19 @@ pub struct WorkerCounters {
     /// Flow-table inserts refused (see `flow::Untracked`): packets routed
     /// without an entry.
     pub flows_untracked: Counter,
+    /// ICMP errors forwarded to the backend of the connection they quote.
+    pub icmp_forwarded: Counter,
+    /// Echo requests to a VIP answered.
+    pub icmp_echo_answered: Counter,
+    /// "Fragmentation needed" / "packet too big" sent for packets too long
+    /// for their port once forwarded.
+    pub icmp_too_big_sent: Counter,
+    /// ICMP messages to a VIP dropped, by reason (each also one
+    /// `drops[DropReason::Icmp]`).
+    pub icmp_drops: [Counter; IcmpDrop::COUNT],
+    /// IPv4 packets forwarded in fragments, and the fragments they made.
+    pub fragmented: Counter,
+    pub fragments: Counter,
     /// Nanoseconds spent processing non-empty bursts.
     pub busy_ns: Counter,
     /// Per-packet processing time (ns), measured per burst from the TSC.
@@ -120,6 +133,12 @@ impl Default for WorkerCounters {
             flows_expired: Counter::default(),
             flows_closed: Counter::default(),
             flows_untracked: Counter::default(),
+            icmp_forwarded: Counter::default(),
+            icmp_echo_answered: Counter::default(),
+            icmp_too_big_sent: Counter::default(),
+            icmp_drops: Default::default(),
+            fragmented: Counter::default(),
+            fragments: Counter::default(),
             busy_ns: Counter::default(),
             latency: SharedHistogram::default(),
             services: (0..MAX_SERVICES)
@@ -168,5 +187,9 @@ mod tests {
         w.count_drop(DropReason::NoService);
         assert_eq!(w.total_drops(), 2);
         assert_eq!(w.drops[DropReason::TxFull as usize].get(), 1);
+        for (i, r) in IcmpDrop::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        assert_eq!(w.icmp_drops.len(), IcmpDrop::ALL.len());
     }
 }

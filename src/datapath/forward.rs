@@ -4,6 +4,9 @@
 //!
 //! Both work in place on the received buffer: encapsulation grows the frame
 //! into the buffer's headroom, so no packet is copied in the common case.
+//! An IPv4 packet without DF that is too long for the link once forwarded
+//! is split into fragments ([`fragment_ipv4`]): the outer packet of `ipip`
+//! (RFC 2003 5.1), the packet itself in `l2` mode.
 
 use crate::datapath::classify::ParsedPacket;
 use crate::datapath::pktio::PacketBuf;
@@ -13,6 +16,11 @@ use crate::wire::{ipv4, ipv6};
 
 /// TTL / hop limit of the outer header.
 const OUTER_TTL: u8 = 64;
+/// Most fragments [`fragment_ipv4`] cuts a packet into. Received frames are
+/// single-segment (2 KiB of data room) and MTUs at least 1280, so two are
+/// the most a packet ever needs; the bound caps the work a bad setting
+/// could cause.
+pub const MAX_FRAGMENTS: usize = 8;
 
 /// Encapsulates the IP packet of a parsed frame in an outer IP header of the
 /// same family, from `outer_src` to `backend` (RFC 2003 IPv4-in-IPv4, or RFC
@@ -25,11 +33,16 @@ const OUTER_TTL: u8 = 64;
 /// the outer IPv6 header copies the traffic class and takes its flow label
 /// from the flow hash, so routers spread tunnelled flows (RFC 6438).
 ///
-/// Fails with `NoRoom` when the headroom cannot take the outer header or the
-/// outer packet would exceed its 64 KiB length field, and with `Malformed`
-/// when `pkt` does not describe `buf` (its IP packet runs past the frame).
-/// On failure the buffer is unchanged.
-#[inline]
+/// Fails with `TooBig` when the outer packet would be longer than
+/// `max_len` (the MTU of the link it leaves on; at most 65,535, the limit
+/// of IPv4's length field), with `NoRoom` when the headroom cannot take the
+/// outer header, and with `Malformed` when `pkt` does not describe `buf`
+/// (its IP packet runs past the frame). On failure the buffer is unchanged.
+///
+/// Always inlined: the worker's main line calls it for every packet of an
+/// `ipip` service, and the length check against the link's MTU is the one
+/// comparison the main line spends on path MTU.
+#[inline(always)]
 pub fn encap_ipip<B: PacketBuf>(
     buf: &mut B,
     pkt: &ParsedPacket,
@@ -37,6 +50,7 @@ pub fn encap_ipip<B: PacketBuf>(
     backend: u128,
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
+    max_len: usize,
 ) -> Result<(), DropReason> {
     let l2 = pkt.l3_offset as usize;
     let inner = pkt.l3_len as usize;
@@ -46,14 +60,12 @@ pub fn encap_ipip<B: PacketBuf>(
         return Err(DropReason::Malformed);
     }
     let outer = match pkt.key.family {
-        Family::V4 => {
-            if inner + ipv4::HEADER_LEN > u16::MAX as usize {
-                return Err(DropReason::NoRoom);
-            }
-            ipv4::HEADER_LEN
-        }
+        Family::V4 => ipv4::HEADER_LEN,
         Family::V6 => ipv6::HEADER_LEN,
     };
+    if inner + outer > max_len {
+        return Err(DropReason::TooBig);
+    }
     // Every inner packet has at least the header the outer one copies from.
     if inner < outer {
         return Err(DropReason::Malformed);
@@ -151,6 +163,110 @@ pub fn rewrite_l2<B: PacketBuf>(buf: &mut B, src_mac: [u8; 6], dst_mac: [u8; 6])
     }
 }
 
+/// Splits the IPv4 packet at `l3` in `buf` into fragments of at most `mtu`
+/// bytes (RFC 791): `buf` keeps the first, cut to length; each further one
+/// is written into a buffer from `alloc` (asked for a frame of the length
+/// given) with a copy of the link-layer header, and pushed onto `out`.
+/// Every fragment carries `ident`; the first keeps the header's options,
+/// the others only the options marked to be copied. Fragments shorter
+/// than the Ethernet minimum are zero-padded. The packet must not have DF
+/// set (the caller decides what a DF packet gets instead); an existing
+/// offset and MF flag (a fragment fragmented again) are kept.
+///
+/// Fails with `NoRoom` when `alloc` runs dry, when the MTU leaves no room
+/// for data, or when more than [`MAX_FRAGMENTS`] would be needed; with
+/// `Malformed` when `l3` does not start an IPv4 packet inside `buf`. On
+/// failure `buf` and `out` are unchanged.
+pub fn fragment_ipv4<B: PacketBuf>(
+    buf: &mut B,
+    l3: usize,
+    mtu: usize,
+    ident: u16,
+    mut alloc: impl FnMut(usize) -> Option<B>,
+    out: &mut Vec<B>,
+) -> Result<(), DropReason> {
+    let data = buf.data();
+    let ip = ipv4::Packet::new_checked(data.get(l3..).ok_or(DropReason::Malformed)?)
+        .map_err(|_| DropReason::Malformed)?;
+    let hlen = ip.header_len();
+    let total = usize::from(ip.total_len());
+    if total <= mtu {
+        return Ok(());
+    }
+    // The options of every fragment but the first: those with the copy
+    // flag, in order, padded with end-of-options to a multiple of 4.
+    let mut copied = [0u8; 40];
+    let mut clen = 0;
+    let opts = ip.options();
+    let mut i = 0;
+    while i < opts.len() {
+        let kind = opts[i];
+        match kind {
+            0 => break,
+            1 => i += 1,
+            _ => {
+                let Some(&n) = opts.get(i + 1) else { break };
+                let n = usize::from(n);
+                if n < 2 || i + n > opts.len() {
+                    break;
+                }
+                if kind & 0x80 != 0 {
+                    copied[clen..clen + n].copy_from_slice(&opts[i..i + n]);
+                    clen += n;
+                }
+                i += n;
+            }
+        }
+    }
+    let tail_hlen = ipv4::HEADER_LEN + clen.next_multiple_of(4);
+    let first = mtu.saturating_sub(hlen) & !7;
+    let step = mtu.saturating_sub(tail_hlen) & !7;
+    if first == 0 || step == 0 {
+        return Err(DropReason::NoRoom);
+    }
+    let payload = total - hlen;
+    let tails = (payload - first).div_ceil(step);
+    if tails + 1 > MAX_FRAGMENTS {
+        return Err(DropReason::NoRoom);
+    }
+    let base = ip.frag_offset();
+    let last_mf = ip.more_frags();
+    let mut made: [Option<B>; MAX_FRAGMENTS] = std::array::from_fn(|_| None);
+    for (k, slot) in made.iter_mut().enumerate().take(tails) {
+        let at = first + k * step;
+        let n = step.min(payload - at);
+        let len = l3 + tail_hlen + n;
+        let mut f =
+            alloc(len.max(crate::wire::ethernet::MIN_FRAME_LEN)).ok_or(DropReason::NoRoom)?;
+        let d = f.data_mut();
+        d[..l3].copy_from_slice(&data[..l3]);
+        let h = &mut d[l3..l3 + tail_hlen];
+        h[..ipv4::HEADER_LEN].copy_from_slice(&data[l3..l3 + ipv4::HEADER_LEN]);
+        h[ipv4::HEADER_LEN..].fill(0);
+        h[ipv4::HEADER_LEN..ipv4::HEADER_LEN + clen].copy_from_slice(&copied[..clen]);
+        let mut fh = ipv4::Packet::new_unchecked(h);
+        fh.set_version_and_header_len(tail_hlen);
+        fh.set_total_len((tail_hlen + n) as u16);
+        fh.set_ident(ident);
+        fh.set_frag(false, k + 1 < tails || last_mf, base + at as u16);
+        fh.fill_checksum();
+        let from = l3 + hlen + at;
+        d[l3 + tail_hlen..len].copy_from_slice(&data[from..from + n]);
+        d[len..].fill(0);
+        *slot = Some(f);
+    }
+    if !buf.truncate(l3 + hlen + first) {
+        return Err(DropReason::NoRoom);
+    }
+    let mut h = ipv4::Packet::new_unchecked(&mut buf.data_mut()[l3..l3 + hlen]);
+    h.set_total_len((hlen + first) as u16);
+    h.set_ident(ident);
+    h.set_frag(false, true, base);
+    h.fill_checksum();
+    out.extend(made.into_iter().flatten());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +283,8 @@ mod tests {
     const BE4: u128 = 0x0a00_0063; // 10.0.0.99
     const LB6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0001;
     const BE6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0063;
+    /// No link limit but IPv4's length field.
+    const ANY: usize = u16::MAX as usize;
 
     /// Encapsulates `frame` and checks the output against the input.
     fn encap_and_check(frame: &[u8]) -> Vec<u8> {
@@ -218,7 +336,7 @@ mod tests {
             Family::V4 => (LB4, BE4),
             Family::V6 => (LB6, BE6),
         };
-        encap_ipip(&mut buf, &pkt, outer_src, backend, SRC_MAC, DST_MAC).unwrap();
+        encap_ipip(&mut buf, &pkt, outer_src, backend, SRC_MAC, DST_MAC, ANY).unwrap();
         let out = buf.data().to_vec();
 
         let eth = ethernet::Frame::new_checked(&out[..]).unwrap();
@@ -268,7 +386,7 @@ mod tests {
         }
         // The outer packet is IP-in-IP, which the distributor itself does
         // not route.
-        assert_eq!(parse(&out), Err(DropReason::UnsupportedL4));
+        assert_eq!(parse(&out), Err(DropReason::UnsupportedL4.into()));
         out
     }
 
@@ -364,12 +482,12 @@ mod tests {
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::with_headroom(19, &f);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
             Err(DropReason::NoRoom)
         );
         assert_eq!(b.data(), &f[..], "unchanged on failure");
         let mut b = MemBuf::with_headroom(20, &f);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
         assert_eq!(b.data().len(), f.len() + 20);
 
         let f6 = FrameSpec::tcp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2, 0)
@@ -378,7 +496,7 @@ mod tests {
         let pkt = parse(&f6).unwrap();
         let mut b = MemBuf::with_headroom(39, &f6);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB6, BE6, SRC_MAC, DST_MAC),
+            encap_ipip(&mut b, &pkt, LB6, BE6, SRC_MAC, DST_MAC, ANY),
             Err(DropReason::NoRoom)
         );
         // A padded frame needs only what the padding does not provide.
@@ -388,11 +506,11 @@ mod tests {
         let pkt = parse(&small).unwrap();
         let mut b = MemBuf::with_headroom(1, &small);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
             Err(DropReason::NoRoom)
         );
         let mut b = MemBuf::with_headroom(2, &small);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
         assert_eq!(b.data().len(), 14 + 20 + 28);
     }
 
@@ -409,8 +527,8 @@ mod tests {
         assert_eq!(pkt.l3_len, 65535);
         let mut b = MemBuf::with_headroom(64, &f);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
-            Err(DropReason::NoRoom)
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
+            Err(DropReason::TooBig)
         );
         // 20 bytes less fits exactly.
         let f = FrameSpec {
@@ -421,8 +539,55 @@ mod tests {
         .unwrap();
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::with_headroom(64, &f);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
         assert_eq!(u16::from_be_bytes([b.data()[16], b.data()[17]]), 65535);
+    }
+
+    /// The link's MTU bounds the outer packet: a 1500-byte packet does not
+    /// fit a 1500-byte link through IPv4-in-IPv4 (1520) and the buffer is
+    /// left as it was; a 1480-byte one does. IPv6 needs 40 bytes.
+    #[test]
+    fn the_links_mtu_bounds_the_outer_packet() {
+        for (spec, over) in [
+            (
+                FrameSpec::tcp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2, tcp_flags::ACK),
+                20,
+            ),
+            (
+                FrameSpec::tcp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2, tcp_flags::ACK),
+                40,
+            ),
+        ] {
+            let hdr = if over == 20 { 40 } else { 60 };
+            let (src, dst) = if over == 20 { (LB4, BE4) } else { (LB6, BE6) };
+            let big = vec![1u8; 1500 - hdr];
+            let f = FrameSpec {
+                payload: &big,
+                ..spec
+            }
+            .build()
+            .unwrap();
+            let pkt = parse(&f).unwrap();
+            assert_eq!(pkt.l3_len, 1500);
+            let mut b = MemBuf::from_frame(&f);
+            assert_eq!(
+                encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500),
+                Err(DropReason::TooBig)
+            );
+            assert_eq!(b.data(), &f[..], "unchanged");
+            assert!(encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500 + over).is_ok());
+            let fits = vec![1u8; 1500 - hdr - over];
+            let f = FrameSpec {
+                payload: &fits,
+                ..spec
+            }
+            .build()
+            .unwrap();
+            let pkt = parse(&f).unwrap();
+            let mut b = MemBuf::from_frame(&f);
+            assert!(encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500).is_ok());
+            assert_eq!(b.data().len(), 14 + 1500);
+        }
     }
 
     #[test]
@@ -433,7 +598,7 @@ mod tests {
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::from_frame(&f[..50]);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
             Err(DropReason::Malformed)
         );
         assert_eq!(b.data(), &f[..50]);
@@ -456,6 +621,158 @@ mod tests {
         let mut tiny = MemBuf::from_frame(&[1, 2, 3]);
         rewrite_l2(&mut tiny, SRC_MAC, DST_MAC);
         assert_eq!(tiny.data(), &[1, 2, 3]);
+    }
+
+    /// Reassembles IPv4 fragments (the first's header, then every
+    /// fragment's data at its offset) into the original packet.
+    fn reassemble(l3: usize, frags: &[Vec<u8>]) -> Vec<u8> {
+        let first = frags
+            .iter()
+            .find(|f| ipv4::Packet::new_checked(&f[l3..]).unwrap().frag_offset() == 0)
+            .unwrap();
+        let h = ipv4::Packet::new_checked(&first[l3..]).unwrap();
+        let mut out = first[l3..l3 + h.header_len()].to_vec();
+        let mut data = Vec::new();
+        for f in frags {
+            let ip = ipv4::Packet::new_checked(&f[l3..]).unwrap();
+            let at = ip.frag_offset() as usize;
+            if data.len() < at + ip.payload().len() {
+                data.resize(at + ip.payload().len(), 0);
+            }
+            data[at..at + ip.payload().len()].copy_from_slice(ip.payload());
+        }
+        let total = (out.len() + data.len()) as u16;
+        out[2..4].copy_from_slice(&total.to_be_bytes());
+        out[6] = 0;
+        out[7] = 0;
+        out.extend(data);
+        out
+    }
+
+    /// A 1500-byte UDP datagram without DF, encapsulated (1520 bytes) for a
+    /// 1500-byte link: two fragments of the outer packet, each within the
+    /// MTU, same identification, valid checksums, MF on the first only,
+    /// the second at offset 1480; reassembled, the outer packet whole.
+    #[test]
+    fn outer_packet_fragments_for_the_mtu() {
+        let payload = vec![0x42u8; 1472];
+        for vlan in [None, Some(9)] {
+            let f = FrameSpec {
+                vlan,
+                payload: &payload,
+                dont_frag: false,
+                ..FrameSpec::udp_v4([10, 1, 1, 1], 5000, [192, 0, 2, 1], 53)
+            }
+            .build()
+            .unwrap();
+            let pkt = parse(&f).unwrap();
+            let l3 = pkt.l3_offset as usize;
+            let mut b = MemBuf::from_frame(&f);
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).unwrap();
+            let whole = b.data()[l3..].to_vec();
+            assert_eq!(whole.len(), 1520);
+            let mut out = Vec::new();
+            fragment_ipv4(&mut b, l3, 1500, 0x1234, MemBuf::zeroed, &mut out).unwrap();
+            assert_eq!(out.len(), 1);
+            let frags = [b.data().to_vec(), out[0].data().to_vec()];
+            for (k, fr) in frags.iter().enumerate() {
+                assert_eq!(&fr[..l3], &b.data()[..l3], "link header copied");
+                let ip = ipv4::Packet::new_checked(&fr[l3..]).unwrap();
+                assert!(ip.total_len() <= 1500);
+                assert!(ip.verify_checksum(), "fragment {k}");
+                assert_eq!(ip.ident(), 0x1234);
+                assert_eq!(ip.protocol(), ipv4::PROTO_IPIP);
+                assert!(!ip.dont_frag());
+                assert_eq!(ip.more_frags(), k == 0);
+                assert_eq!(ip.frag_offset(), if k == 0 { 0 } else { 1480 });
+            }
+            assert_eq!(frags[0].len(), l3 + 1500);
+            // 20 + 20 bytes: padded to the Ethernet minimum.
+            assert_eq!(frags[1].len(), 60.max(l3 + 40));
+            let mut back = reassemble(l3, &frags);
+            back[4..6].copy_from_slice(&[0, 0]);
+            back[10..12].copy_from_slice(&[0, 0]);
+            let mut want = whole.clone();
+            want[10..12].copy_from_slice(&[0, 0]);
+            assert_eq!(back, want);
+            // The inner packet is untouched inside.
+            assert_eq!(&back[20..], &f[l3..l3 + 1500]);
+        }
+    }
+
+    /// Options: the first fragment keeps them all, the others only those
+    /// marked to be copied (here the 4-byte option 0x94, router alert, is
+    /// copied and record route, 0x07, is not), padded to 4 bytes.
+    #[test]
+    fn later_fragments_carry_only_copied_options() {
+        let opts = [0x07, 0x07, 0x04, 0, 0, 0, 0, 0x94, 0x04, 0, 0, 0x01];
+        let payload = vec![7u8; 1800];
+        let f = FrameSpec {
+            ipv4_options: &opts,
+            payload: &payload,
+            dont_frag: false,
+            ..FrameSpec::udp_v4([10, 1, 1, 1], 5000, [192, 0, 2, 1], 53)
+        }
+        .build()
+        .unwrap();
+        let mut b = MemBuf::zeroed(f.len()).unwrap();
+        b.data_mut().copy_from_slice(&f);
+        let mut out = Vec::new();
+        fragment_ipv4(&mut b, 14, 800, 77, MemBuf::zeroed, &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        let first = ipv4::Packet::new_checked(&b.data()[14..]).unwrap();
+        assert_eq!(first.options(), &opts);
+        assert_eq!(first.payload().len() % 8, 0);
+        for o in &out {
+            let ip = ipv4::Packet::new_checked(&o.data()[14..]).unwrap();
+            assert_eq!(ip.options(), &[0x94, 0x04, 0, 0]);
+            assert!(ip.verify_checksum());
+            assert!(ip.total_len() <= 800);
+        }
+        let mut frags = vec![b.data().to_vec()];
+        frags.extend(out.iter().map(|o| o.data().to_vec()));
+        let back = reassemble(14, &frags);
+        assert_eq!(&back[32..], &f[14 + 32..14 + 32 + 1808]);
+    }
+
+    #[test]
+    fn fragmenting_fails_cleanly() {
+        let f = FrameSpec {
+            payload: &[1; 1600],
+            dont_frag: false,
+            ..FrameSpec::udp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2)
+        }
+        .build()
+        .unwrap();
+        // The pool is dry.
+        let mut b = MemBuf::from_frame(&f);
+        let mut out = Vec::new();
+        assert_eq!(
+            fragment_ipv4(&mut b, 14, 1500, 1, |_| None, &mut out),
+            Err(DropReason::NoRoom)
+        );
+        assert_eq!(b.data(), &f[..]);
+        assert!(out.is_empty());
+        // More than MAX_FRAGMENTS would be needed.
+        assert_eq!(
+            fragment_ipv4(&mut b, 14, 200, 1, MemBuf::zeroed, &mut out),
+            Err(DropReason::NoRoom)
+        );
+        assert_eq!(b.data(), &f[..]);
+        // An MTU that leaves no data.
+        assert_eq!(
+            fragment_ipv4(&mut b, 14, 27, 1, MemBuf::zeroed, &mut out),
+            Err(DropReason::NoRoom)
+        );
+        // Not an IPv4 packet there.
+        assert_eq!(
+            fragment_ipv4(&mut b, 13, 1500, 1, MemBuf::zeroed, &mut out),
+            Err(DropReason::Malformed)
+        );
+        // A packet that fits is left alone.
+        fragment_ipv4(&mut b, 14, 1628, 1, MemBuf::zeroed, &mut out).unwrap();
+        assert_eq!(b.data(), &f[..]);
+        assert!(out.is_empty());
     }
 
     proptest! {
@@ -486,7 +803,7 @@ mod tests {
             if let Ok(pkt) = parse(&f) {
                 let mut b = MemBuf::from_frame(&f);
                 let (s, d) = if pkt.key.family == Family::V4 { (LB4, BE4) } else { (LB6, BE6) };
-                encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC).unwrap();
+                encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC, ANY).unwrap();
                 let out = b.data();
                 let l3 = pkt.l3_offset as usize;
                 let n = pkt.l3_len as usize;

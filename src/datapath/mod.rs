@@ -6,12 +6,14 @@
 //! immutable [`snapshot`] the control thread publishes; what the worker did
 //! goes into its own [`counters`] and [`latency`] histogram. Packets come and
 //! go through the [`pktio`] trait, which DPDK's ports implement and tests
-//! implement in memory.
+//! implement in memory. ICMP messages to a VIP, and packets too long for
+//! the link once forwarded, take the [`icmp`] path.
 
 pub mod classify;
 pub mod counters;
 pub mod flow;
 pub mod forward;
+pub mod icmp;
 pub mod latency;
 pub mod pktio;
 pub mod snapshot;

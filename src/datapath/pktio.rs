@@ -48,6 +48,11 @@ pub trait PacketIo {
     /// Packets the queue did not take stay in `bufs`; the caller counts and
     /// drops them.
     fn tx_burst(&mut self, port: usize, bufs: &mut Vec<Self::Buf>);
+    /// A new buffer holding a frame of `len` bytes (their contents
+    /// unspecified) after the standard headroom, or None when no buffer is
+    /// free or `len` does not fit one. For the rare packet that leaves as
+    /// several (IPv4 fragments).
+    fn alloc(&mut self, len: usize) -> Option<Self::Buf>;
 }
 
 /// Headroom of a [`MemBuf`], as DPDK's default `RTE_PKTMBUF_HEADROOM`.
@@ -76,6 +81,16 @@ impl MemBuf {
             start: MEM_HEADROOM,
             len,
         }
+    }
+
+    /// A buffer of `len` zero bytes after the standard headroom, or None
+    /// when `len` does not fit.
+    pub fn zeroed(len: usize) -> Option<MemBuf> {
+        (len <= MEM_BUF_SIZE - MEM_HEADROOM).then(|| MemBuf {
+            buf: vec![0u8; MEM_BUF_SIZE].into_boxed_slice(),
+            start: MEM_HEADROOM,
+            len,
+        })
     }
 
     /// A buffer holding `frame` after exactly `headroom` bytes (tests of
@@ -130,12 +145,14 @@ impl PacketBuf for MemBuf {
 
 /// In-memory ports: tests push frames into `rx[port]` and read what the worker
 /// transmitted from `tx[port]`. `tx_capacity` bounds each transmit queue so
-/// that a full queue can be tested.
+/// that a full queue can be tested, `spare_bufs` the buffers `alloc` hands
+/// out so that a dry pool can be.
 pub struct MemIo {
     pub rx: Vec<VecDeque<MemBuf>>,
     pub tx: Vec<Vec<MemBuf>>,
     pub macs: Vec<[u8; 6]>,
     pub tx_capacity: usize,
+    pub spare_bufs: usize,
 }
 
 impl MemIo {
@@ -145,6 +162,7 @@ impl MemIo {
             tx: (0..ports).map(|_| Vec::new()).collect(),
             macs: (0..ports).map(|p| [0x02, 0, 0, 0, 0, p as u8]).collect(),
             tx_capacity: usize::MAX,
+            spare_bufs: usize::MAX,
         }
     }
 
@@ -176,6 +194,10 @@ impl PacketIo for MemIo {
         let n = room.min(bufs.len());
         self.tx[port].extend(bufs.drain(..n));
     }
+    fn alloc(&mut self, len: usize) -> Option<MemBuf> {
+        self.spare_bufs = self.spare_bufs.checked_sub(1)?;
+        MemBuf::zeroed(len)
+    }
 }
 
 /// Queues shared by their owner on one thread: a benchmark fills in-memory
@@ -195,6 +217,9 @@ impl<T: PacketIo> PacketIo for std::rc::Rc<std::cell::RefCell<T>> {
     }
     fn tx_burst(&mut self, port: usize, bufs: &mut Vec<T::Buf>) {
         self.borrow_mut().tx_burst(port, bufs)
+    }
+    fn alloc(&mut self, len: usize) -> Option<T::Buf> {
+        self.borrow_mut().alloc(len)
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 
 use crate::sched::maglev::MaglevTable;
 use crate::types::{BackendId, Family, FlowKey, ServiceId};
@@ -24,6 +24,19 @@ pub enum ForwardMode {
     IpIp { source: u128 },
     /// Destination MAC rewritten to the backend's; the backend holds the VIP.
     L2,
+}
+
+impl ForwardMode {
+    /// Bytes the mode adds to a packet of `family`: the outer header of
+    /// `ipip`, nothing for `l2`.
+    #[inline]
+    pub fn overhead(self, family: Family) -> usize {
+        match (self, family) {
+            (ForwardMode::IpIp { .. }, Family::V4) => crate::wire::ipv4::HEADER_LEN,
+            (ForwardMode::IpIp { .. }, Family::V6) => crate::wire::ipv6::HEADER_LEN,
+            (ForwardMode::L2, _) => 0,
+        }
+    }
 }
 
 /// Which scheduler picks backends for new connections.
@@ -96,6 +109,8 @@ pub struct Dataplane {
     positions: Vec<Option<u16>>,
     /// Position in `services` of each (VIP, port, protocol).
     vip_index: HashMap<(u128, u16, u8), u16>,
+    /// Every VIP, whatever its ports.
+    vips: HashSet<(Family, u128)>,
 }
 
 impl Dataplane {
@@ -103,6 +118,7 @@ impl Dataplane {
     /// [`MAX_SERVICES`]; backend ids below [`MAX_BACKENDS`].
     pub fn new(generation: u64, services: Vec<Service>, backends: Vec<Backend>) -> Dataplane {
         let mut vip_index = HashMap::with_capacity(services.len());
+        let vips = services.iter().map(|s| (s.family, s.vip_bits)).collect();
         let mut positions = vec![
             None;
             services
@@ -136,7 +152,14 @@ impl Dataplane {
             backends: by_id,
             positions,
             vip_index,
+            vips,
         }
+    }
+
+    /// True when `addr` (IPv4 in the low 32 bits) is the VIP of a service.
+    #[inline]
+    pub fn is_vip(&self, family: Family, addr: u128) -> bool {
+        self.vips.contains(&(family, addr))
     }
 
     /// A service by id, if it is configured.

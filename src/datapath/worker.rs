@@ -11,6 +11,16 @@
 //! state); everything shared (dataplane snapshot, affinity table) is
 //! read-mostly, and the shared auto-affinity table is written only on new
 //! and ending connections of services that enable it.
+//!
+//! ICMP messages, and packets too long for their port's MTU once
+//! forwarded, leave the main line in pass 3 as errors (an ICMP message as
+//! `Icmp`, a too-long packet as the encapsulation's `TooBig`, after its
+//! connection was routed) for one out-of-line path (`Worker::not_forwarded`,
+//! and [`crate::datapath::icmp`]): an ICMP error goes where its connection's
+//! packets go, without touching the connection's state; an echo request and
+//! a too-big packet with DF are answered on the port they came in on; a
+//! too-big packet without DF is forwarded in fragments. The main line
+//! itself holds no call for any of it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,19 +29,22 @@ use std::time::Instant;
 use crate::affinity::table::{AffinityQuery, AffinityReader};
 
 use crate::affinity::auto::{AutoAffinityTable, AutoSlot};
-use crate::datapath::classify::{self, ParsedPacket};
+use crate::datapath::classify::{self, IcmpAt, NotFlow, ParsedPacket};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::flow::{
     FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState, Untracked, NO_AUTO_SLOT,
 };
 use crate::datapath::forward;
+use crate::datapath::icmp::{self, IcmpSettings, Message, RateLimiter, SourceLimiter};
 use crate::datapath::latency::{new_histogram, TscScale};
 use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
-use crate::datapath::snapshot::{Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service};
+use crate::datapath::snapshot::{
+    Backend, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service,
+};
 use crate::sched::wrr::SmoothWrr;
-use crate::types::DropReason;
 use crate::types::{tcp_flags, PROTO_TCP};
 use crate::types::{BackendId, MAX_SERVICES};
+use crate::types::{DropReason, Family, FlowKey, IcmpDrop};
 
 /// The expiry sweep visits every flow-table bucket once per this period,
 /// spread over the loop iterations in proportion to time: its cost is a
@@ -58,6 +71,9 @@ pub struct PortPlan {
     /// Port that receives, unchanged, what is not for a service (non-IP,
     /// fragments, other protocols, other destinations); None = drop.
     pub unmatched_to: Option<usize>,
+    /// Longest IP packet `forward_to`'s link carries (its `mtu`): longer
+    /// ones, encapsulation included, are answered with ICMP or fragmented.
+    pub mtu: usize,
 }
 
 /// What a worker is told at start.
@@ -70,6 +86,7 @@ pub struct WorkerSetup {
     /// IPv6 flows per worker.
     pub flow_capacity_v6: usize,
     pub timeouts: FlowTimeouts,
+    pub icmp: IcmpSettings,
 }
 
 /// Shared state every worker reads.
@@ -109,6 +126,12 @@ pub struct Worker<IO: PacketIo> {
     rx: Vec<IO::Buf>,
     tx: Vec<Vec<IO::Buf>>,
     epoch: Instant,
+    /// Echo replies of this worker.
+    echo_limit: RateLimiter,
+    /// "Fragmentation needed" / "packet too big" answers, per client.
+    too_big_limit: SourceLimiter,
+    /// Identification of the next packet this worker fragments.
+    frag_ident: u16,
 }
 
 impl<IO: PacketIo> Worker<IO> {
@@ -117,6 +140,11 @@ impl<IO: PacketIo> Worker<IO> {
         let nports = io.num_ports();
         let flows = FlowTable::new(setup.flow_capacity, setup.flow_capacity_v6, setup.timeouts);
         let epoch = shared.epoch;
+        let echo_limit = RateLimiter::new(setup.icmp.echo_rate);
+        let too_big_limit = SourceLimiter::new(setup.icmp.too_big_rate);
+        // Workers start their identifications far apart, so fragments of
+        // two workers to one backend rarely share one at the same time.
+        let frag_ident = (setup.id as u16).wrapping_mul(0x9e37);
         let mut w = Worker {
             io,
             setup,
@@ -134,6 +162,9 @@ impl<IO: PacketIo> Worker<IO> {
             rx: Vec::with_capacity(MAX_BURST),
             tx: (0..nports).map(|_| Vec::with_capacity(MAX_BURST)).collect(),
             epoch,
+            echo_limit,
+            too_big_limit,
+            frag_ident,
         };
         w.rebuild_wrr();
         w
@@ -247,7 +278,7 @@ impl<IO: PacketIo> Worker<IO> {
         let dp = std::mem::replace(&mut self.dp, placeholder);
         // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, the
         // affinity buckets their lookup will probe.
-        let mut parsed: [Option<Result<ParsedPacket, DropReason>>; MAX_BURST] = [None; MAX_BURST];
+        let mut parsed: [Option<Result<ParsedPacket, NotFlow>>; MAX_BURST] = [None; MAX_BURST];
         let mut hashes = [0u64; MAX_BURST];
         // The service of each packet, looked up once here for pass 3; a
         // burst mostly goes to one service, so the last answer is kept.
@@ -323,24 +354,29 @@ impl<IO: PacketIo> Worker<IO> {
                         src_mac,
                     )
                     .map(|()| plan.forward_to),
-                Some(Err(reason)) => Err(reason),
+                Some(Err(NotFlow::Drop(reason))) => Err(reason),
+                // Left to the path off the main line below.
+                Some(Err(NotFlow::Icmp(_))) => Err(DropReason::Icmp),
                 None => Err(DropReason::Malformed),
             };
             let out = match verdict {
                 Ok(out) => out,
-                Err(reason) => match plan.unmatched_to {
-                    Some(out) if reason.is_unmatched() => {
-                        self.counters.passed.inc();
-                        out
+                Err(reason) => {
+                    let off = OffLine {
+                        parsed: &parsed[i],
+                        service: services[i],
+                        hash: hashes[i],
+                        reason,
+                    };
+                    match self.not_forwarded(&dp, &mut buf, off, now, port, plan) {
+                        Some(out) => out,
+                        None => continue,
                     }
-                    _ => {
-                        self.counters.count_drop(reason);
-                        continue;
-                    }
-                },
+                }
             };
             self.tx[out].push(buf);
-            if self.tx[out].len() == MAX_BURST {
+            // At least: fragments of a packet join the queue with it.
+            if self.tx[out].len() >= MAX_BURST {
                 self.flush(out);
             }
         }
@@ -373,7 +409,10 @@ impl<IO: PacketIo> Worker<IO> {
         }
     }
 
-    /// Picks the backend for a packet and rewrites the frame for it.
+    /// Picks the backend for a packet and rewrites the frame for it. A
+    /// packet too long for the port's MTU once forwarded is refused with
+    /// `TooBig` (the encapsulation's length check, against the MTU, is the
+    /// main line's only cost of path MTU), for [`Worker::not_forwarded`].
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn route_and_rewrite(
@@ -398,9 +437,20 @@ impl<IO: PacketIo> Worker<IO> {
                     .mac
                     .or(plan.gateway_mac)
                     .ok_or(DropReason::NoRoute)?;
-                forward::encap_ipip(buf, p, source, backend.addr_bits, src_mac, dst_mac)?;
+                forward::encap_ipip(
+                    buf,
+                    p,
+                    source,
+                    backend.addr_bits,
+                    src_mac,
+                    dst_mac,
+                    plan.mtu,
+                )?;
             }
             ForwardMode::L2 => {
+                if usize::from(p.l3_len) > plan.mtu {
+                    return Err(DropReason::TooBig);
+                }
                 let dst_mac = backend.mac.ok_or(DropReason::NoRoute)?;
                 forward::rewrite_l2(buf, src_mac, dst_mac);
             }
@@ -411,6 +461,322 @@ impl<IO: PacketIo> Worker<IO> {
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(())
+    }
+
+    /// Rewrites the frame for `backend` in the service's forwarding mode,
+    /// whatever its length (up to IPv4's limit): for the paths off the main
+    /// line, which check the MTU themselves.
+    fn rewrite(
+        &self,
+        svc: &Service,
+        backend: &Backend,
+        buf: &mut IO::Buf,
+        p: &ParsedPacket,
+        plan: PortPlan,
+        src_mac: [u8; 6],
+    ) -> Result<(), DropReason> {
+        match svc.mode {
+            ForwardMode::IpIp { source } => {
+                let dst_mac = backend
+                    .mac
+                    .or(plan.gateway_mac)
+                    .ok_or(DropReason::NoRoute)?;
+                forward::encap_ipip(
+                    buf,
+                    p,
+                    source,
+                    backend.addr_bits,
+                    src_mac,
+                    dst_mac,
+                    u16::MAX.into(),
+                )
+                // Longer than IPv4's length field allows.
+                .map_err(|e| match e {
+                    DropReason::TooBig => DropReason::NoRoom,
+                    e => e,
+                })
+            }
+            ForwardMode::L2 => {
+                let dst_mac = backend.mac.ok_or(DropReason::NoRoute)?;
+                forward::rewrite_l2(buf, src_mac, dst_mac);
+                Ok(())
+            }
+        }
+    }
+
+    /// A TCP or UDP packet of a service too long for the port's MTU once
+    /// forwarded (its flow already routed by the main line): answered on
+    /// `rx_port` when it must not be fragmented (DF set, or IPv6), else
+    /// forwarded in fragments to its connection's backend.
+    #[allow(clippy::too_many_arguments)]
+    fn too_big(
+        &mut self,
+        dp: &Dataplane,
+        buf: &mut IO::Buf,
+        p: &ParsedPacket,
+        svc: &Service,
+        hash: u64,
+        now: u64,
+        rx_port: usize,
+        plan: PortPlan,
+    ) -> Result<usize, DropReason> {
+        if must_not_fragment(buf, p) {
+            return self.answer_too_big(buf, p, svc, now, rx_port, plan);
+        }
+        let backend = self.connection_backend(dp, svc, &p.key, hash, now)?;
+        let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
+        let len = buf.data().len() as u64;
+        let src_mac = self.io.port_mac(plan.forward_to);
+        self.rewrite(svc, backend, buf, p, plan, src_mac)?;
+        self.fragment(buf, p, plan)?;
+        let sc = &self.counters.services[svc.id as usize];
+        sc.packets.inc();
+        let bc = &self.counters.backends[backend.id as usize];
+        bc.packets.inc();
+        bc.bytes.add(len);
+        Ok(plan.forward_to)
+    }
+
+    /// Answers a packet too long for the port's MTU once forwarded, that
+    /// may not be fragmented, with ICMP "fragmentation needed" / "packet
+    /// too big" carrying the MTU less the encapsulation; the packet itself
+    /// goes no further. Within the per-source limit; beyond it, dropped.
+    #[cold]
+    #[inline(never)]
+    fn answer_too_big(
+        &mut self,
+        buf: &mut IO::Buf,
+        p: &ParsedPacket,
+        svc: &Service,
+        now: u64,
+        rx_port: usize,
+        plan: PortPlan,
+    ) -> Result<usize, DropReason> {
+        if !self.too_big_limit.allow(p.key.family, p.key.src, now) {
+            return Err(DropReason::TooBig);
+        }
+        let mtu = plan.mtu.saturating_sub(svc.mode.overhead(p.key.family));
+        let rx_mac = self.io.port_mac(rx_port);
+        icmp::too_big_reply(buf, p, mtu as u32, rx_mac)?;
+        self.counters.icmp_too_big_sent.inc();
+        Ok(rx_port)
+    }
+
+    /// Cuts the forwarded IPv4 packet in `buf` (the outer one of `ipip`,
+    /// the packet itself in `l2` mode) into fragments for the port's MTU;
+    /// all but the first join the transmit queue of `plan.forward_to` at
+    /// once, the first (left in `buf`) after them.
+    #[cold]
+    #[inline(never)]
+    fn fragment(
+        &mut self,
+        buf: &mut IO::Buf,
+        p: &ParsedPacket,
+        plan: PortPlan,
+    ) -> Result<(), DropReason> {
+        let ident = self.frag_ident;
+        let before = self.tx[plan.forward_to].len();
+        let io = &mut self.io;
+        forward::fragment_ipv4(
+            buf,
+            usize::from(p.l3_offset),
+            plan.mtu,
+            ident,
+            |len| io.alloc(len),
+            &mut self.tx[plan.forward_to],
+        )?;
+        self.frag_ident = ident.wrapping_add(1);
+        let extra = (self.tx[plan.forward_to].len() - before) as u64;
+        self.counters.fragmented.inc();
+        self.counters.fragments.add(extra + 1);
+        Ok(())
+    }
+
+    /// A packet the main line did not forward: an ICMP message goes to
+    /// [`Worker::icmp`], a packet too long for the port to
+    /// [`Worker::too_big`]; what is not for a service goes to the port's
+    /// `unmatched_to`, if any; the rest is dropped, counted by its reason.
+    /// Returns the port the packet leaves on, if it leaves. Out of line:
+    /// the main line keeps no call of its own for all this.
+    #[cold]
+    #[inline(never)]
+    fn not_forwarded(
+        &mut self,
+        dp: &Dataplane,
+        buf: &mut IO::Buf,
+        off: OffLine<'_>,
+        now: u64,
+        rx_port: usize,
+        plan: PortPlan,
+    ) -> Option<usize> {
+        let verdict = match (off.parsed, off.reason, off.service) {
+            (Some(Err(NotFlow::Icmp(at))), _, _) => self.icmp(dp, buf, at, now, rx_port, plan),
+            (Some(Ok(p)), DropReason::TooBig, Some(svc)) => {
+                self.too_big(dp, buf, p, svc, off.hash, now, rx_port, plan)
+            }
+            _ => Err(off.reason),
+        };
+        match verdict {
+            Ok(out) => Some(out),
+            Err(reason) => match plan.unmatched_to {
+                Some(out) if reason.is_unmatched() => {
+                    self.counters.passed.inc();
+                    Some(out)
+                }
+                _ => {
+                    self.counters.count_drop(reason);
+                    None
+                }
+            },
+        }
+    }
+
+    /// An ICMP message: addressed to a VIP, an error goes to its
+    /// connection's backend and an echo request may be answered; to any
+    /// other address it is not pktdist's (`unsupported_l4`, as any
+    /// protocol it does not route). Returns the port it leaves on.
+    #[cold]
+    #[inline(never)]
+    fn icmp(
+        &mut self,
+        dp: &Dataplane,
+        buf: &mut IO::Buf,
+        at: &IcmpAt,
+        now: u64,
+        rx_port: usize,
+        plan: PortPlan,
+    ) -> Result<usize, DropReason> {
+        let Some((_, dst)) = at.addresses(buf.data()) else {
+            return Err(DropReason::Malformed);
+        };
+        if !dp.is_vip(at.family, dst) {
+            return Err(DropReason::UnsupportedL4);
+        }
+        let done = match icmp::inspect(buf.data(), at) {
+            Ok(Message::Error { key }) => self.forward_icmp_error(dp, buf, at, key, now, plan),
+            Ok(Message::EchoRequest) => self.answer_echo(buf, at, dst, now, rx_port),
+            Err(r) => Err(IcmpVerdict::Icmp(r)),
+        };
+        done.map_err(|v| match v {
+            IcmpVerdict::Icmp(r) => {
+                self.counters.icmp_drops[r as usize].inc();
+                DropReason::Icmp
+            }
+            IcmpVerdict::Drop(r) => r,
+        })
+    }
+
+    /// Answers an echo request to a VIP that answers them, within the
+    /// worker's echo rate.
+    fn answer_echo(
+        &mut self,
+        buf: &mut IO::Buf,
+        at: &IcmpAt,
+        vip: u128,
+        now: u64,
+        rx_port: usize,
+    ) -> Result<usize, IcmpVerdict> {
+        if !self.setup.icmp.echo.answers(at.family, vip) {
+            return Err(IcmpVerdict::Icmp(IcmpDrop::EchoOff));
+        }
+        if !self.echo_limit.allow(now) {
+            return Err(IcmpVerdict::Icmp(IcmpDrop::EchoRateLimited));
+        }
+        let rx_mac = self.io.port_mac(rx_port);
+        icmp::echo_reply(buf, at, rx_mac).map_err(IcmpVerdict::Icmp)?;
+        self.counters.icmp_echo_answered.inc();
+        Ok(rx_port)
+    }
+
+    /// Forwards an ICMP error about the connection `key` (client to
+    /// service) to the backend a packet of that connection reaches, in the
+    /// service's forwarding mode, the ICMP packet whole inside.
+    fn forward_icmp_error(
+        &mut self,
+        dp: &Dataplane,
+        buf: &mut IO::Buf,
+        at: &IcmpAt,
+        key: FlowKey,
+        now: u64,
+        plan: PortPlan,
+    ) -> Result<usize, IcmpVerdict> {
+        if !dp.is_vip(key.family, key.dst) {
+            return Err(IcmpVerdict::Icmp(IcmpDrop::QuoteNotVip));
+        }
+        let svc = dp
+            .service_for(&key)
+            .ok_or(IcmpVerdict::Icmp(IcmpDrop::QuoteNoService))?;
+        let hash = crate::types::flow_hash(&key);
+        let backend = self.connection_backend(dp, svc, &key, hash, now)?;
+        let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
+        // The ICMP packet, described as its connection's: encapsulation
+        // takes the family and the IPv6 flow label from the key, so the
+        // error travels as the connection's packets do.
+        let p = ParsedPacket {
+            key,
+            l3_offset: at.l3_offset,
+            l4_offset: at.l4_offset,
+            l3_len: at.l3_len,
+            tcp_flags: 0,
+        };
+        let fits = fits(&p, svc, plan);
+        if !fits && must_not_fragment(buf, &p) {
+            // Never an ICMP answer to an ICMP message.
+            return Err(IcmpVerdict::Drop(DropReason::TooBig));
+        }
+        let len = buf.data().len() as u64;
+        let src_mac = self.io.port_mac(plan.forward_to);
+        self.rewrite(svc, backend, buf, &p, plan, src_mac)?;
+        if !fits {
+            self.fragment(buf, &p, plan)?;
+        }
+        self.counters.icmp_forwarded.inc();
+        self.counters.services[svc.id as usize].packets.inc();
+        let bc = &self.counters.backends[backend.id as usize];
+        bc.packets.inc();
+        bc.bytes.add(len);
+        Ok(plan.forward_to)
+    }
+
+    /// The backend a packet of the connection `key` would reach, found as
+    /// its packet would find it, reading and changing nothing: a live flow
+    /// entry (whose backend still serves the service), then an affinity,
+    /// then the client's automatic-affinity pin (to a backend that takes
+    /// connections), then the consistent hash.
+    fn connection_backend(
+        &mut self,
+        dp: &Dataplane,
+        svc: &Service,
+        key: &FlowKey,
+        hash: u64,
+        now: u64,
+    ) -> Result<BackendId, DropReason> {
+        let serves = |id: BackendId| dp.backend(id).is_some_and(|b| b.service == svc.id);
+        if let Some(b) = self.flows.peek(key, hash, now).filter(|&b| serves(b)) {
+            return Ok(b);
+        }
+        let affinity = &self.shared.affinity;
+        if let Some(owner) = affinity
+            .lookup(svc.id, key.family, key.src, key.sport)
+            .filter(|&b| serves(b))
+        {
+            return Ok(owner);
+        }
+        if svc.auto_affinity.is_some() {
+            let pin = self
+                .shared
+                .auto_affinity
+                .peek(svc.id, key.family, key.src, now / 1_000_000);
+            if let Some((b, _)) = pin {
+                if dp
+                    .backend(b)
+                    .is_some_and(|x| x.service == svc.id && x.weight > 0)
+                {
+                    return Ok(b);
+                }
+            }
+        }
+        maglev_pick(dp, svc, hash).ok_or(DropReason::NoBackend)
     }
 
     /// Finds the connection's backend, creating its flow entry if needed.
@@ -650,6 +1016,49 @@ impl<IO: PacketIo> Worker<IO> {
     }
 }
 
+/// What the main line knew of a packet it did not forward.
+struct OffLine<'a> {
+    parsed: &'a Option<Result<ParsedPacket, NotFlow>>,
+    service: Option<&'a Service>,
+    hash: u64,
+    /// Why the main line did not forward it.
+    reason: DropReason,
+}
+
+/// Why the ICMP path did not forward or answer a message: an ICMP reason
+/// (counted as such, and as one [`DropReason::Icmp`]) or a general one.
+enum IcmpVerdict {
+    Icmp(IcmpDrop),
+    Drop(DropReason),
+}
+
+impl From<DropReason> for IcmpVerdict {
+    fn from(r: DropReason) -> IcmpVerdict {
+        IcmpVerdict::Drop(r)
+    }
+}
+
+/// True when the packet fits the port's MTU once forwarded. Every packet
+/// shorter than the MTU by the largest encapsulation fits whatever the
+/// service's mode: one comparison, and the exact one only for the rest.
+#[inline(always)]
+fn fits(p: &ParsedPacket, svc: &Service, plan: PortPlan) -> bool {
+    let len = usize::from(p.l3_len);
+    len + crate::wire::ipv6::HEADER_LEN <= plan.mtu
+        || len + svc.mode.overhead(p.key.family) <= plan.mtu
+}
+
+/// True when a too-long packet must not be fragmented on the way: IPv6
+/// (only its source fragments) or IPv4 with DF set.
+#[inline]
+fn must_not_fragment<B: PacketBuf>(buf: &B, p: &ParsedPacket) -> bool {
+    p.key.family == Family::V6
+        || buf
+            .data()
+            .get(usize::from(p.l3_offset) + 6)
+            .is_none_or(|&flags| flags & 0x40 != 0)
+}
+
 /// Accounts for a flow that left a worker's table: its backend has one
 /// active connection less, and its auto-affinity pin one user less (the pin
 /// lingers as the service says once its last connection is gone).
@@ -783,6 +1192,7 @@ mod tests {
                 forward_to: 0,
                 gateway_mac: None,
                 unmatched_to: None,
+                mtu: 1500,
             }],
             flow_capacity,
             flow_capacity_v6: flow_capacity,
@@ -792,6 +1202,7 @@ mod tests {
                 fin: Duration::from_secs(5),
                 udp: Duration::from_secs(30),
             },
+            icmp: IcmpSettings::default(),
         };
         let worker = Worker::new(
             MemIo::new(1),
@@ -1194,5 +1605,602 @@ mod tests {
         let auto = &b.worker.shared.auto_affinity;
         assert_eq!(auto.len_active(now_ms(3)), 1);
         assert_eq!(auto.len_active(now_ms(63)), 0);
+    }
+}
+
+/// The ICMP paths of the worker: errors routed as their connection's
+/// packets, echo answers, too-big answers and fragments.
+#[cfg(test)]
+mod icmp_tests {
+    use super::*;
+    use crate::affinity::key::TableKey;
+    use crate::affinity::table::{AffinityTable, AffinityWriter};
+    use crate::datapath::classify::parse;
+    use crate::datapath::icmp::EchoPolicy;
+    use crate::datapath::pktio::{MemBuf, MemIo};
+    use crate::sched::maglev::MaglevTable;
+    use crate::types::{PortMatch, ServiceId, PROTO_UDP};
+    use crate::wire::build::FrameSpec;
+    use crate::wire::icmp::{v4, v6};
+    use crate::wire::{icmp, ipv4, ipv6};
+    use std::time::Duration;
+
+    const VIP: [u8; 4] = [10, 0, 0, 1];
+    const VIP6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const ROUTER: [u8; 4] = [198, 51, 100, 254];
+    const ROUTER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0xf, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const SEC: u64 = 1_000_000_000;
+    const IPIP: ForwardMode = ForwardMode::IpIp {
+        source: 0x0a00_00fe,
+    };
+    const IPIP6: ForwardMode = ForwardMode::IpIp {
+        source: 0x2001_0db8_0000_0000_0000_0000_0000_00fe,
+    };
+    /// The rx port's MAC in the bed (MemIo port 0).
+    const PORT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0];
+    /// The MAC frames come from (FrameSpec's default source).
+    const SENDER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+    fn backend(id: u32, service: ServiceId, v6: bool) -> Backend {
+        let addr: std::net::IpAddr = if v6 {
+            std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, id as u16 + 1).into()
+        } else {
+            std::net::Ipv4Addr::new(10, 1, 0, id as u8 + 1).into()
+        };
+        Backend {
+            id,
+            service,
+            name: format!("be{id}"),
+            addr,
+            addr_bits: match addr {
+                std::net::IpAddr::V4(a) => u32::from(a) as u128,
+                std::net::IpAddr::V6(a) => u128::from(a),
+            },
+            mac: Some([2, 0, 0, 0, 1, id as u8]),
+            weight: 100,
+        }
+    }
+
+    fn service(
+        id: ServiceId,
+        port: u16,
+        proto: u8,
+        backends: &[Backend],
+        scheduler: SchedulerKind,
+        mode: ForwardMode,
+    ) -> Service {
+        let names: Vec<(&str, u32)> = backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.weight))
+            .collect();
+        let v6 = backends.first().is_some_and(|b| b.addr.is_ipv6());
+        let (vip, vip_bits, family): (std::net::IpAddr, u128, Family) = if v6 {
+            (
+                std::net::Ipv6Addr::from(VIP6).into(),
+                u128::from_be_bytes(VIP6),
+                Family::V6,
+            )
+        } else {
+            (
+                std::net::Ipv4Addr::from(VIP).into(),
+                u32::from_be_bytes(VIP) as u128,
+                Family::V4,
+            )
+        };
+        Service {
+            id,
+            name: format!("svc{id}"),
+            vip,
+            vip_bits,
+            family,
+            port,
+            proto,
+            mode,
+            scheduler,
+            backends: backends.iter().map(|b| b.id).collect(),
+            maglev: Arc::new(MaglevTable::new(&names, 65537).unwrap()),
+            auto_affinity: None,
+            max_affinity: Duration::from_secs(3600),
+        }
+    }
+
+    struct Bed {
+        worker: Worker<MemIo>,
+        affinity: AffinityWriter,
+    }
+
+    fn bed(services: Vec<Service>, backends: Vec<Backend>, icmp: IcmpSettings) -> Bed {
+        let cell = Arc::new(DataplaneCell::new(Dataplane::new(1, services, backends)));
+        let (affinity, reader) = AffinityTable::new(1024);
+        let shared = Shared {
+            dataplane: cell,
+            affinity: reader,
+            auto_affinity: Arc::new(AutoAffinityTable::new(1024)),
+            epoch: Instant::now(),
+        };
+        let setup = WorkerSetup {
+            id: 0,
+            ports: vec![PortPlan {
+                forward_to: 0,
+                gateway_mac: None,
+                unmatched_to: None,
+                mtu: 1500,
+            }],
+            flow_capacity: 1 << 12,
+            flow_capacity_v6: 1 << 12,
+            timeouts: FlowTimeouts::default(),
+            icmp,
+        };
+        let worker = Worker::new(
+            MemIo::new(1),
+            setup,
+            shared,
+            Arc::new(WorkerCounters::default()),
+        );
+        Bed { worker, affinity }
+    }
+
+    /// Three IPv4 backends of one TCP service on port 80.
+    fn web(scheduler: SchedulerKind, mode: ForwardMode, icmp: IcmpSettings) -> Bed {
+        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, false)).collect();
+        let svc = service(0, 80, PROTO_TCP, &bes, scheduler, mode);
+        bed(vec![svc], bes, icmp)
+    }
+
+    /// Runs frames through the worker; returns every frame it transmitted.
+    fn run(b: &mut Bed, frames: &[Vec<u8>], now: u64) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for chunk in frames.chunks(MAX_BURST) {
+            for f in chunk {
+                b.worker.io_mut().push_rx(0, f);
+            }
+            b.worker.poll(now);
+            out.extend(
+                b.worker.io_mut().tx[0]
+                    .drain(..)
+                    .map(|m: MemBuf| m.data().to_vec()),
+            );
+        }
+        out
+    }
+
+    /// The IP packet of a frame, without padding.
+    fn ip_of(frame: &[u8]) -> &[u8] {
+        let l3 = &frame[14..];
+        let len = if l3[0] >> 4 == 4 {
+            usize::from(u16::from_be_bytes([l3[2], l3[3]]))
+        } else {
+            40 + usize::from(u16::from_be_bytes([l3[4], l3[5]]))
+        };
+        &l3[..len]
+    }
+
+    /// Where an encapsulated frame goes: (backend address, inner packet).
+    fn tunnelled(frame: &[u8]) -> (u128, &[u8]) {
+        let l3 = &frame[14..];
+        if l3[0] >> 4 == 4 {
+            let ip = ipv4::Packet::new_checked(l3).unwrap();
+            assert_eq!(ip.protocol(), ipv4::PROTO_IPIP);
+            assert!(ip.verify_checksum());
+            let at = ip.total_len() as usize;
+            (u32::from_be_bytes(ip.dst_addr()) as u128, &l3[20..at])
+        } else {
+            let ip = ipv6::Packet::new_checked(l3).unwrap();
+            assert_eq!(ip.next_header(), ipv6::PROTO_IPV6);
+            let at = ip.total_len();
+            (u128::from_be_bytes(ip.dst_addr()), &l3[40..at])
+        }
+    }
+
+    fn tcp4(src: [u8; 4], sport: u16, flags: u8) -> Vec<u8> {
+        FrameSpec::tcp_v4(src, sport, VIP, 80, flags)
+            .build()
+            .unwrap()
+    }
+
+    /// "Fragmentation needed" (MTU 1400) from the router to the VIP about
+    /// the backend's reply from VIP:`vport` to `client`:`cport` (`proto`),
+    /// quoting 28 bytes of it (the header and the ports' 8 bytes).
+    fn frag_needed(client: [u8; 4], cport: u16, vip: [u8; 4], vport: u16, proto: u8) -> Vec<u8> {
+        let reply = match proto {
+            PROTO_UDP => FrameSpec::udp_v4(vip, vport, client, cport),
+            _ => FrameSpec::tcp_v4(vip, vport, client, cport, tcp_flags::ACK),
+        }
+        .build()
+        .unwrap();
+        FrameSpec {
+            payload: &ip_of(&reply)[..28],
+            ..FrameSpec::icmp_v4(
+                ROUTER,
+                VIP,
+                v4::DEST_UNREACHABLE,
+                v4::CODE_FRAG_NEEDED,
+                1400,
+            )
+        }
+        .build()
+        .unwrap()
+    }
+
+    /// An error quoting a SYN-ACK of connection `i` (round robin spreads
+    /// 300 connections over three backends).
+    #[test]
+    fn errors_reach_the_backend_that_has_the_connection() {
+        for mode in [IPIP, ForwardMode::L2] {
+            let mut b = web(SchedulerKind::RoundRobin, mode, IcmpSettings::default());
+            let client = |i: u16| [203, 0, 113, (i % 250) as u8];
+            let syns: Vec<Vec<u8>> = (0..300u16)
+                .map(|i| tcp4(client(i), 10_000 + i, tcp_flags::SYN))
+                .collect();
+            let first = run(&mut b, &syns, SEC);
+            let errors: Vec<Vec<u8>> = (0..300u16)
+                .map(|i| frag_needed(client(i), 10_000 + i, VIP, 80, PROTO_TCP))
+                .collect();
+            let out = run(&mut b, &errors, SEC);
+            assert_eq!(out.len(), 300);
+            for (i, (o, e)) in out.iter().zip(&errors).enumerate() {
+                match mode {
+                    ForwardMode::IpIp { .. } => {
+                        let (to, inner) = tunnelled(o);
+                        assert_eq!(to, tunnelled(&first[i]).0, "connection {i}");
+                        assert_eq!(inner, ip_of(e), "the ICMP packet intact inside");
+                    }
+                    ForwardMode::L2 => {
+                        assert_eq!(&o[..6], &first[i][..6], "connection {i}: same backend MAC");
+                        assert_eq!(&o[12..], &e[12..], "the frame unchanged but its MACs");
+                    }
+                }
+            }
+            // Round robin did spread them, so the flow table decided.
+            let spread: std::collections::HashSet<&[u8]> = first.iter().map(|f| &f[..6]).collect();
+            assert_eq!(spread.len(), 3);
+            let c = b.worker.counters();
+            assert_eq!(c.icmp_forwarded.get(), 300);
+            assert_eq!(c.syns.get(), 300, "errors are not connections");
+            assert_eq!(c.unknown_flows.get(), 0);
+            assert_eq!(c.total_drops(), 0);
+            assert_eq!(b.worker.flows().len(), 300);
+        }
+    }
+
+    /// An error about a connection the worker never saw goes where the
+    /// connection's next packet goes (the consistent hash), and leaves no
+    /// state: that packet is still an unknown flow's.
+    #[test]
+    fn errors_about_unknown_connections_follow_the_hash() {
+        let mut b = web(SchedulerKind::Maglev, IPIP, IcmpSettings::default());
+        let client = |i: u16| [198, 18, (i >> 8) as u8, i as u8];
+        let errors: Vec<Vec<u8>> = (0..500u16)
+            .map(|i| frag_needed(client(i), 2000 + i, VIP, 80, PROTO_TCP))
+            .collect();
+        let via_error: Vec<u128> = run(&mut b, &errors, SEC)
+            .iter()
+            .map(|o| tunnelled(o).0)
+            .collect();
+        assert_eq!(b.worker.flows().len(), 0, "no state from errors");
+        let acks: Vec<Vec<u8>> = (0..500u16)
+            .map(|i| tcp4(client(i), 2000 + i, tcp_flags::ACK))
+            .collect();
+        let via_ack: Vec<u128> = run(&mut b, &acks, SEC)
+            .iter()
+            .map(|o| tunnelled(o).0)
+            .collect();
+        assert_eq!(via_error, via_ack);
+        assert_eq!(b.worker.counters().unknown_flows.get(), 500);
+        let distinct: std::collections::HashSet<u128> = via_ack.iter().copied().collect();
+        assert_eq!(distinct.len(), 3);
+    }
+
+    /// An affinity owns the client's unknown connections: their errors go
+    /// to the owner too.
+    #[test]
+    fn errors_follow_affinities() {
+        let mut b = web(SchedulerKind::Maglev, IPIP, IcmpSettings::default());
+        let key = TableKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
+        b.affinity.insert(key, 2).unwrap();
+        let errors: Vec<Vec<u8>> = (0..50u8)
+            .map(|i| frag_needed([198, 18, 5, i], 3000, VIP, 80, PROTO_TCP))
+            .collect();
+        let out = run(&mut b, &errors, SEC);
+        assert_eq!(out.len(), 50);
+        assert!(out.iter().all(|o| tunnelled(o).0 == 0x0a01_0003));
+    }
+
+    #[test]
+    fn foreign_and_malformed_icmp_is_dropped_by_reason() {
+        let mut b = web(SchedulerKind::Maglev, IPIP, IcmpSettings::default());
+        let c = [203, 0, 113, 9];
+        let mut bad_sum = frag_needed(c, 1, VIP, 80, PROTO_TCP);
+        let n = bad_sum.len();
+        bad_sum[n - 1] ^= 1;
+        let about_icmp = {
+            let echo = FrameSpec::icmp_v4(VIP, c, v4::ECHO_REPLY, 0, 1)
+                .build()
+                .unwrap();
+            FrameSpec {
+                payload: ip_of(&echo),
+                ..FrameSpec::icmp_v4(ROUTER, VIP, v4::DEST_UNREACHABLE, 1, 0)
+            }
+            .build()
+            .unwrap()
+        };
+        let short = {
+            let f = frag_needed(c, 1, VIP, 80, PROTO_TCP);
+            let q = &ip_of(&f)[28..28 + 21];
+            FrameSpec {
+                payload: q,
+                ..FrameSpec::icmp_v4(ROUTER, VIP, v4::DEST_UNREACHABLE, 4, 1400)
+            }
+            .build()
+            .unwrap()
+        };
+        let cases: Vec<(Vec<u8>, IcmpDrop)> = vec![
+            (bad_sum, IcmpDrop::BadChecksum),
+            (short, IcmpDrop::ShortQuote),
+            (about_icmp, IcmpDrop::AboutIcmp),
+            // Quoted from another address than a VIP's.
+            (
+                frag_needed(c, 1, [10, 0, 0, 9], 80, PROTO_TCP),
+                IcmpDrop::QuoteNotVip,
+            ),
+            // From the VIP, but a port no service has.
+            (
+                frag_needed(c, 1, VIP, 81, PROTO_TCP),
+                IcmpDrop::QuoteNoService,
+            ),
+            // The service's port, another protocol.
+            (
+                frag_needed(c, 1, VIP, 80, PROTO_UDP),
+                IcmpDrop::QuoteNoService,
+            ),
+            (
+                FrameSpec::icmp_v4(ROUTER, VIP, 5, 1, 0).build().unwrap(),
+                IcmpDrop::UnsupportedType,
+            ),
+            (
+                FrameSpec::icmp_v4(c, VIP, v4::ECHO_REQUEST, 0, 1)
+                    .build()
+                    .unwrap(),
+                IcmpDrop::EchoOff,
+            ),
+        ];
+        let frames: Vec<Vec<u8>> = cases.iter().map(|(f, _)| f.clone()).collect();
+        assert!(run(&mut b, &frames, SEC).is_empty());
+        let ct = b.worker.counters();
+        for (_, r) in &cases {
+            let want = cases.iter().filter(|(_, x)| x == r).count() as u64;
+            assert_eq!(ct.icmp_drops[*r as usize].get(), want, "{r:?}");
+        }
+        assert_eq!(
+            ct.drops[DropReason::Icmp as usize].get(),
+            cases.len() as u64
+        );
+        assert_eq!(ct.total_drops(), cases.len() as u64);
+        assert_eq!(ct.icmp_forwarded.get(), 0);
+    }
+
+    /// ICMP to an address that is not a VIP is not pktdist's: dropped as
+    /// any protocol it does not route, or passed to `unmatched_to`.
+    #[test]
+    fn icmp_to_other_addresses_is_unmatched() {
+        let mut b = web(SchedulerKind::Maglev, IPIP, IcmpSettings::default());
+        let f = FrameSpec::icmp_v4([203, 0, 113, 1], [10, 9, 9, 9], v4::ECHO_REQUEST, 0, 1)
+            .build()
+            .unwrap();
+        assert!(run(&mut b, std::slice::from_ref(&f), SEC).is_empty());
+        let c = b.worker.counters();
+        assert_eq!(c.drops[DropReason::UnsupportedL4 as usize].get(), 1);
+        assert_eq!(c.drops[DropReason::Icmp as usize].get(), 0);
+        b.worker.setup.ports[0].unmatched_to = Some(0);
+        assert_eq!(run(&mut b, std::slice::from_ref(&f), SEC), vec![f]);
+    }
+
+    #[test]
+    fn echo_requests_are_answered_when_configured_within_the_rate() {
+        let settings = IcmpSettings {
+            echo: EchoPolicy::Only(vec![(Family::V4, u32::from_be_bytes(VIP) as u128)]),
+            echo_rate: 5,
+            ..IcmpSettings::default()
+        };
+        let mut b = web(SchedulerKind::Maglev, IPIP, settings);
+        let ping = |i: u16| {
+            FrameSpec {
+                payload: b"abcdefgh",
+                ..FrameSpec::icmp_v4([203, 0, 113, 1], VIP, v4::ECHO_REQUEST, 0, u32::from(i))
+            }
+            .build()
+            .unwrap()
+        };
+        let pings: Vec<Vec<u8>> = (0..8).map(ping).collect();
+        let out = run(&mut b, &pings, SEC);
+        assert_eq!(out.len(), 5, "a burst of the rate");
+        for (i, o) in out.iter().enumerate() {
+            assert_eq!(&o[..6], &SENDER_MAC);
+            assert_eq!(&o[6..12], &PORT_MAC);
+            let ip = ipv4::Packet::new_checked(&o[14..]).unwrap();
+            assert!(ip.verify_checksum());
+            assert_eq!((ip.src_addr(), ip.dst_addr()), (VIP, [203, 0, 113, 1]));
+            let m = icmp::Packet::new_checked(ip.payload()).unwrap();
+            assert!(m.verify_checksum_v4());
+            assert_eq!((m.msg_type(), m.rest()), (v4::ECHO_REPLY, i as u32));
+        }
+        let c = b.worker.counters();
+        assert_eq!(c.icmp_echo_answered.get(), 5);
+        assert_eq!(c.icmp_drops[IcmpDrop::EchoRateLimited as usize].get(), 3);
+        // A second later, more.
+        assert_eq!(run(&mut b, &pings[..1], 2 * SEC).len(), 1);
+    }
+
+    /// A 1500-byte DF packet for a 1500-byte link through IP-in-IP:
+    /// "fragmentation needed" with MTU 1480 back to the client on the port
+    /// it came in on, within the per-client rate; the packet itself reaches
+    /// no backend (its connection is routed as usual: its next, smaller
+    /// packets go where it would have gone).
+    #[test]
+    fn too_big_df_packets_are_answered_per_client_within_the_rate() {
+        let settings = IcmpSettings {
+            too_big_rate: 4,
+            ..IcmpSettings::default()
+        };
+        let mut b = web(SchedulerKind::Maglev, IPIP, settings);
+        let big = |src: [u8; 4]| {
+            FrameSpec {
+                payload: &[0x33; 1460],
+                ..FrameSpec::tcp_v4(src, 5555, VIP, 80, tcp_flags::ACK)
+            }
+            .build()
+            .unwrap()
+        };
+        let mut frames: Vec<Vec<u8>> = (0..10).map(|_| big([203, 0, 113, 7])).collect();
+        frames.push(big([203, 0, 113, 8]));
+        // A 1480-byte packet fits exactly.
+        let fits = FrameSpec {
+            payload: &[0x33; 1440],
+            ..FrameSpec::tcp_v4([203, 0, 113, 9], 5555, VIP, 80, tcp_flags::ACK)
+        }
+        .build()
+        .unwrap();
+        frames.push(fits);
+        let out = run(&mut b, &frames, SEC);
+        assert_eq!(out.len(), 4 + 1 + 1);
+        for o in &out[..5] {
+            assert_eq!(&o[..6], &SENDER_MAC, "back to the sender");
+            let ip = ipv4::Packet::new_checked(&o[14..]).unwrap();
+            assert!(ip.verify_checksum());
+            assert_eq!(ip.src_addr(), VIP);
+            let m = icmp::Packet::new_checked(ip.payload()).unwrap();
+            assert!(m.verify_checksum_v4());
+            assert_eq!((m.msg_type(), m.code(), m.next_hop_mtu()), (3, 4, 1480));
+        }
+        assert_eq!(
+            tunnelled(&out[5]).1.len(),
+            1480,
+            "the fitting one forwarded"
+        );
+        let c = b.worker.counters();
+        assert_eq!(c.icmp_too_big_sent.get(), 5);
+        assert_eq!(c.drops[DropReason::TooBig as usize].get(), 6);
+        // Every one belongs to its connection (routed: three connections
+        // learned), but only the fitting one reached a backend.
+        assert_eq!(c.unknown_flows.get(), 3);
+        assert_eq!(c.services[0].packets.get(), 1);
+        assert_eq!(b.worker.flows().len(), 3);
+    }
+
+    /// IPv6: always "packet too big" (MTU 1460 through IP-in-IP), never
+    /// fragments; an ICMPv6 error is routed like IPv4's.
+    #[test]
+    fn ipv6_too_big_and_errors() {
+        let bes: Vec<Backend> = (0..2).map(|i| backend(i, 0, true)).collect();
+        let svc = service(0, 443, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP6);
+        let mut b = bed(vec![svc], bes, IcmpSettings::default());
+        let client = [0x20, 0x01, 0x0d, 0xb8, 0xc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let big = FrameSpec {
+            payload: &[1; 1440],
+            ..FrameSpec::tcp_v6(client, 40000, VIP6, 443, tcp_flags::ACK)
+        }
+        .build()
+        .unwrap();
+        let out = run(&mut b, &[big], SEC);
+        let ip = ipv6::Packet::new_checked(&out[0][14..]).unwrap();
+        assert_eq!(ip.dst_addr(), client);
+        let m = icmp::Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!((m.msg_type(), m.rest()), (v6::PACKET_TOO_BIG, 1460));
+
+        let syn = FrameSpec::tcp_v6(client, 40001, VIP6, 443, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let first = run(&mut b, &[syn], SEC);
+        let reply = FrameSpec::tcp_v6(VIP6, 443, client, 40001, tcp_flags::ACK)
+            .build()
+            .unwrap();
+        let err = FrameSpec {
+            payload: ip_of(&reply),
+            ..FrameSpec::icmp_v6(ROUTER6, VIP6, v6::PACKET_TOO_BIG, 0, 1280)
+        }
+        .build()
+        .unwrap();
+        let out = run(&mut b, std::slice::from_ref(&err), SEC);
+        let (to, inner) = tunnelled(&out[0]);
+        assert_eq!(to, tunnelled(&first[0]).0);
+        assert_eq!(inner, ip_of(&err));
+        // The outer flow label is the connection's.
+        let outer = ipv6::Packet::new_checked(&out[0][14..]).unwrap();
+        let first_outer = ipv6::Packet::new_checked(&first[0][14..]).unwrap();
+        assert_eq!(outer.flow_label(), first_outer.flow_label());
+    }
+
+    /// Without DF, a too-long packet is forwarded in fragments of the outer
+    /// packet; counted as such.
+    #[test]
+    fn too_big_packets_without_df_are_fragmented() {
+        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, false)).collect();
+        let svc = service(0, 53, PROTO_UDP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, IcmpSettings::default());
+        let f = FrameSpec {
+            payload: &[9; 1472],
+            dont_frag: false,
+            ..FrameSpec::udp_v4([203, 0, 113, 3], 999, VIP, 53)
+        }
+        .build()
+        .unwrap();
+        let out = run(&mut b, std::slice::from_ref(&f), SEC);
+        assert_eq!(out.len(), 2);
+        let ips: Vec<ipv4::Packet<&[u8]>> = out
+            .iter()
+            .map(|o| ipv4::Packet::new_checked(&o[14..]).unwrap())
+            .collect();
+        assert!(ips
+            .iter()
+            .all(|ip| ip.total_len() <= 1500 && ip.verify_checksum()));
+        // The first fragment (in `buf`) leaves after the rest.
+        assert_eq!((ips[0].frag_offset(), ips[0].more_frags()), (1480, false));
+        assert_eq!((ips[1].frag_offset(), ips[1].more_frags()), (0, true));
+        assert_eq!(ips[0].ident(), ips[1].ident());
+        assert_eq!(ips[0].dst_addr(), ips[1].dst_addr());
+        let mut inner = ips[1].payload().to_vec();
+        inner.extend_from_slice(ips[0].payload());
+        assert_eq!(&inner[..], ip_of(&f));
+        let c = b.worker.counters();
+        assert_eq!((c.fragmented.get(), c.fragments.get()), (1, 2));
+        assert_eq!(c.tx_packets.get(), 2);
+        assert_eq!(c.services[0].packets.get(), 1);
+        // With no buffer to spare, it is dropped whole.
+        b.worker.io_mut().spare_bufs = 0;
+        assert!(run(&mut b, &[f], SEC).is_empty());
+        assert_eq!(
+            b.worker.counters().drops[DropReason::NoRoom as usize].get(),
+            1
+        );
+    }
+
+    /// An ICMP error too long for the link once encapsulated is never
+    /// answered with ICMP: with DF, dropped as too big.
+    #[test]
+    fn too_long_icmp_errors_are_not_answered() {
+        let mut b = web(SchedulerKind::Maglev, IPIP, IcmpSettings::default());
+        let reply = FrameSpec {
+            payload: &[0; 1460],
+            ..FrameSpec::tcp_v4(VIP, 80, [203, 0, 113, 1], 1000, tcp_flags::ACK)
+        }
+        .build()
+        .unwrap();
+        let mut err = FrameSpec {
+            payload: &ip_of(&reply)[..1472],
+            ..FrameSpec::icmp_v4(ROUTER, VIP, v4::TIME_EXCEEDED, 0, 0)
+        }
+        .build()
+        .unwrap();
+        let mut ip = ipv4::Packet::new_checked(&mut err[14..]).unwrap();
+        ip.set_frag(true, false, 0);
+        ip.fill_checksum();
+        assert!(matches!(
+            parse(&err),
+            Err(crate::datapath::classify::NotFlow::Icmp(at)) if at.l3_len == 1500
+        ));
+        assert!(run(&mut b, &[err], SEC).is_empty());
+        let c = b.worker.counters();
+        assert_eq!(c.drops[DropReason::TooBig as usize].get(), 1);
+        assert_eq!(c.icmp_too_big_sent.get(), 0);
     }
 }

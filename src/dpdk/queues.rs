@@ -111,4 +111,12 @@ impl PacketIo for PortQueues {
             bufs.set_len(len - sent);
         }
     }
+
+    /// An mbuf from the pool of the first queue's port (the pool every
+    /// port of `pktdist run` shares), sized to `len`.
+    fn alloc(&mut self, len: usize) -> Option<Mbuf> {
+        let pool = self.queues.first()?.port().pool();
+        let mut m = Mbuf::alloc(pool)?;
+        m.resize(len).then_some(m)
+    }
 }

@@ -132,6 +132,45 @@ pub fn render(s: &Summary) -> String {
     for (reason, v) in &s.drops {
         f.value(&[("reason", reason)], *v as f64);
     }
+    let icmp: [(&'static str, &str, u64); 5] = [
+        (
+            "pktdist_icmp_forwarded_total",
+            "ICMP errors forwarded to the backend of the connection they quote.",
+            s.icmp.forwarded,
+        ),
+        (
+            "pktdist_icmp_echo_replies_total",
+            "Echo requests to a VIP answered.",
+            s.icmp.echo_answered,
+        ),
+        (
+            "pktdist_icmp_too_big_sent_total",
+            "ICMP fragmentation needed / packet too big sent for packets too long for their port once forwarded.",
+            s.icmp.too_big_sent,
+        ),
+        (
+            "pktdist_fragmented_packets_total",
+            "IPv4 packets without DF forwarded in fragments.",
+            s.icmp.fragmented,
+        ),
+        (
+            "pktdist_fragments_sent_total",
+            "Fragments those packets were sent as.",
+            s.icmp.fragments,
+        ),
+    ];
+    for (name, help, v) in icmp {
+        Family::new(&mut o, name, "counter", help).value(&[], v as f64);
+    }
+    let mut f = Family::new(
+        &mut o,
+        "pktdist_icmp_dropped_total",
+        "counter",
+        "ICMP messages to a VIP dropped, by reason.",
+    );
+    for (reason, v) in &s.icmp.dropped {
+        f.value(&[("reason", reason)], *v as f64);
+    }
     Family::new(
         &mut o,
         "pktdist_active_flows",
@@ -526,6 +565,8 @@ mod tests {
         let w = vec![Arc::new(WorkerCounters::default())];
         w[0].rx_packets.add(10);
         w[0].count_drop(DropReason::NoService);
+        w[0].icmp_forwarded.add(2);
+        w[0].icmp_drops[crate::types::IcmpDrop::ShortQuote as usize].inc();
         let mut s = Summary::collect(
             &w,
             &crate::datapath::snapshot::Dataplane::default(),
@@ -552,6 +593,9 @@ mod tests {
             "# TYPE pktdist_received_packets_total counter\npktdist_received_packets_total 10\n"
         ));
         assert!(text.contains("pktdist_dropped_packets_total{reason=\"no_service\"} 1\n"));
+        assert!(text.contains("pktdist_icmp_forwarded_total 2\n"));
+        assert!(text.contains("pktdist_icmp_dropped_total{reason=\"short_quote\"} 1\n"));
+        assert!(text.contains("pktdist_icmp_dropped_total{reason=\"about_icmp\"} 0\n"));
         assert!(text.contains("pktdist_packet_processing_seconds{quantile=\"0.99\"} 0.0000003"));
         assert!(text.contains("pktdist_packet_processing_seconds_count 4\n"));
         // Every sample line belongs to a family declared before it.

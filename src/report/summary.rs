@@ -15,6 +15,7 @@ use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::{new_histogram, Percentiles};
 use crate::datapath::snapshot::Dataplane;
 use crate::types::DropReason;
+use crate::types::IcmpDrop;
 
 /// Counters summed over workers at one instant.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -142,6 +143,47 @@ pub struct WorkerSummary {
     pub busy: f64,
 }
 
+/// What the workers did with ICMP, and with packets too long for their
+/// port once forwarded.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IcmpSummary {
+    /// Errors forwarded to the backend of the connection they quote.
+    pub forwarded: u64,
+    /// Echo requests answered.
+    pub echo_answered: u64,
+    /// "Fragmentation needed" / "packet too big" sent to clients.
+    pub too_big_sent: u64,
+    /// ICMP messages to a VIP dropped, by reason (all of the `icmp` drops).
+    pub dropped: BTreeMap<String, u64>,
+    /// IPv4 packets forwarded in fragments, and the fragments sent.
+    pub fragmented: u64,
+    pub fragments: u64,
+}
+
+impl IcmpSummary {
+    /// Sums the workers' counters.
+    pub fn collect(workers: &[Arc<WorkerCounters>]) -> IcmpSummary {
+        let sum = |f: fn(&WorkerCounters) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
+        IcmpSummary {
+            forwarded: sum(|w| w.icmp_forwarded.get()),
+            echo_answered: sum(|w| w.icmp_echo_answered.get()),
+            too_big_sent: sum(|w| w.icmp_too_big_sent.get()),
+            dropped: IcmpDrop::ALL
+                .iter()
+                .map(|r| {
+                    let n = workers
+                        .iter()
+                        .map(|w| w.icmp_drops[*r as usize].get())
+                        .sum();
+                    (r.name().to_string(), n)
+                })
+                .collect(),
+            fragmented: sum(|w| w.fragmented.get()),
+            fragments: sum(|w| w.fragments.get()),
+        }
+    }
+}
+
 /// The summary of a run: printed and written as JSON at its end, and the
 /// statistics document `pktdist stats` fetches while it runs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -188,6 +230,10 @@ pub struct Summary {
     /// What a running instance adds: the control thread's figures and the
     /// built-in traffic source's report.
     pub extra: RunExtra,
+    /// ICMP forwarded, answered, sent and dropped; fragmentation. Absent
+    /// in older servers' JSON.
+    #[serde(default)]
+    pub icmp: IcmpSummary,
 }
 
 /// The parts of a [`Summary`] only a running instance has.
@@ -483,6 +529,7 @@ impl Summary {
             control_latency_ns: Percentiles::default(),
             affinity_lifetime_ms: Percentiles::default(),
             extra: RunExtra::default(),
+            icmp: IcmpSummary::collect(workers),
         }
     }
 
@@ -538,6 +585,33 @@ impl Summary {
             self.auto_affinity_pins,
             if self.auto_affinity_table_full > 0 {
                 format!(" (table full {} times)", self.auto_affinity_table_full)
+            } else {
+                String::new()
+            }
+        );
+        let i = &self.icmp;
+        let icmp_dropped: Vec<String> = i
+            .dropped
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  icmp     errors forwarded {}  echo answered {}  too-big sent {}  dropped {}{}",
+            i.forwarded,
+            i.echo_answered,
+            i.too_big_sent,
+            if icmp_dropped.is_empty() {
+                "none".to_string()
+            } else {
+                icmp_dropped.join(", ")
+            },
+            if i.fragmented > 0 {
+                format!(
+                    "  fragmented {} packets into {} fragments",
+                    i.fragmented, i.fragments
+                )
             } else {
                 String::new()
             }
@@ -759,6 +833,7 @@ mod tests {
         assert!((s.mpps_per_busy_core - 200.0 / 0.002 / 1e6).abs() < 1e-9);
         let text = s.render();
         assert!(text.contains("be1"), "{text}");
+        assert!(text.contains("icmp     errors forwarded 0"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["services"][0]["backends"][1]["connections"], 40);
     }
@@ -855,6 +930,44 @@ mod tests {
         for r in ANSWERED_REFUSALS {
             assert!(reasons.iter().any(|(name, _)| *name == r), "{r}");
         }
+    }
+
+    #[test]
+    fn icmp_figures_add_up_over_workers() {
+        let w: Vec<Arc<WorkerCounters>> = (0..2)
+            .map(|_| Arc::new(WorkerCounters::default()))
+            .collect();
+        for (i, c) in w.iter().enumerate() {
+            c.icmp_forwarded.add(3 + i as u64);
+            c.icmp_echo_answered.add(1);
+            c.icmp_too_big_sent.add(2);
+            c.icmp_drops[IcmpDrop::QuoteNotVip as usize].add(4);
+            c.count_drop(DropReason::Icmp);
+            c.fragmented.add(1);
+            c.fragments.add(2);
+        }
+        let s = Summary::collect(&w, &dp(), 1.0, 0, &CounterBase::default());
+        assert_eq!(
+            (s.icmp.forwarded, s.icmp.echo_answered, s.icmp.too_big_sent),
+            (7, 2, 4)
+        );
+        assert_eq!(s.icmp.dropped["quote_not_vip"], 8);
+        assert_eq!(s.icmp.dropped["bad_checksum"], 0);
+        assert_eq!(s.icmp.dropped.len(), IcmpDrop::COUNT);
+        assert_eq!((s.icmp.fragmented, s.icmp.fragments), (2, 4));
+        let text = s.render();
+        assert!(
+            text.contains("errors forwarded 7  echo answered 2  too-big sent 4  dropped quote_not_vip 8  fragmented 2 packets into 4 fragments"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["icmp"]["dropped"]["quote_not_vip"], 8);
+        assert_eq!(json["drops"]["icmp"], 2);
+        // A summary without the section (an older server's) still reads.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("icmp");
+        let back: Summary = serde_json::from_value(old).unwrap();
+        assert_eq!(back.icmp, IcmpSummary::default());
     }
 
     #[test]

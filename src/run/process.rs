@@ -217,6 +217,14 @@ fn spawn(
                 .unwrap_or(i),
             gateway_mac: p.gateway_mac.map(|m| m.0),
             unmatched_to: p.unmatched_to.as_deref().and_then(|n| cfg.port_index(n)),
+            // The link packets forwarded from port i leave on.
+            mtu: cfg.ports[p
+                .forward_to
+                .as_deref()
+                .and_then(|n| cfg.port_index(n))
+                .unwrap_or(i)]
+            .mtu
+            .into(),
         })
         .collect();
     let traffic = traffic_ports(cfg, &plans)?;
@@ -241,6 +249,7 @@ fn spawn(
             flow_capacity: cfg.flow.capacity,
             flow_capacity_v6: cfg.flow.v6_capacity(),
             timeouts: cfg.flow_timeouts(),
+            icmp: cfg.icmp_settings(),
         };
         let shared = shared.clone();
         let stop = Arc::clone(&stop_workers);

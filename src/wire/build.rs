@@ -1,13 +1,13 @@
 //! Writes whole frames: Ethernet (optionally 802.1Q-tagged), IPv4 (with
-//! options) or IPv6 (with extension headers), TCP or UDP, all checksums
-//! correct, padded to the Ethernet minimum.
+//! options) or IPv6 (with extension headers), TCP, UDP or ICMP (ICMPv6 over
+//! IPv6), all checksums correct, padded to the Ethernet minimum.
 //!
 //! [`write_frame`] writes into a caller's buffer without allocating (the
 //! traffic generator's per-packet path); [`FrameSpec::build`] returns a
 //! `Vec<u8>` for tests.
 
-use super::{checksum, ethernet, ipv4, ipv6, tcp, udp, Error, Result};
-use crate::types::{Family, PROTO_TCP, PROTO_UDP};
+use super::{checksum, ethernet, icmp, ipv4, ipv6, tcp, udp, Error, Result};
+use crate::types::{Family, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// The transport header to write.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -19,6 +19,13 @@ pub enum L4 {
         window: u16,
     },
     Udp,
+    /// An ICMP message (ICMPv6 over IPv6): type, code and header bytes 4-7;
+    /// the frame's payload is its body. `sport` and `dport` are unused.
+    Icmp {
+        msg_type: u8,
+        code: u8,
+        rest: u32,
+    },
 }
 
 /// Everything that varies between generated frames.
@@ -39,6 +46,8 @@ pub struct FrameSpec<'a> {
     pub l4: L4,
     /// IPv4 TTL or IPv6 hop limit.
     pub ttl: u8,
+    /// The IPv4 DF bit (set by default, as TCP stacks do).
+    pub dont_frag: bool,
     /// IPv4 options, written as given: a multiple of 4 bytes, at most 40.
     pub ipv4_options: &'a [u8],
     /// IPv6 extension headers in order, as (type, whole header bytes). The
@@ -63,6 +72,7 @@ impl Default for FrameSpec<'_> {
             dport: 0,
             l4: L4::Udp,
             ttl: 64,
+            dont_frag: true,
             ipv4_options: &[],
             ipv6_ext: &[],
             payload: &[],
@@ -106,6 +116,33 @@ impl FrameSpec<'static> {
         }
     }
 
+    /// An ICMP message over IPv4 (ICMPv6 over IPv6 with `family` V6, from
+    /// [`FrameSpec::icmp_v6`]) with the given type, code and header bytes
+    /// 4-7; set `payload` for its body.
+    pub fn icmp_v4(src: [u8; 4], dst: [u8; 4], msg_type: u8, code: u8, rest: u32) -> Self {
+        FrameSpec {
+            l4: L4::Icmp {
+                msg_type,
+                code,
+                rest,
+            },
+            dont_frag: false,
+            ..FrameSpec::tcp_v4(src, 0, dst, 0, 0)
+        }
+    }
+
+    /// An ICMPv6 message over IPv6.
+    pub fn icmp_v6(src: [u8; 16], dst: [u8; 16], msg_type: u8, code: u8, rest: u32) -> Self {
+        FrameSpec {
+            l4: L4::Icmp {
+                msg_type,
+                code,
+                rest,
+            },
+            ..FrameSpec::tcp_v6(src, 0, dst, 0, 0)
+        }
+    }
+
     /// An empty UDP datagram over IPv6.
     pub fn udp_v6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Self {
         FrameSpec {
@@ -141,6 +178,7 @@ fn layout(spec: &FrameSpec) -> Result<Layout> {
     let l4_hdr = match spec.l4 {
         L4::Tcp { .. } => tcp::HEADER_LEN,
         L4::Udp => udp::HEADER_LEN,
+        L4::Icmp { .. } => icmp::HEADER_LEN,
     };
     let l4_len = l4_hdr + spec.payload.len();
     let l3_hdr = match spec.family {
@@ -216,9 +254,11 @@ pub fn write_frame(buf: &mut [u8], spec: &FrameSpec) -> Result<usize> {
     }
     buf[lay.l2 - 2..lay.l2].copy_from_slice(&ethertype.to_be_bytes());
 
-    let proto = match spec.l4 {
-        L4::Tcp { .. } => PROTO_TCP,
-        L4::Udp => PROTO_UDP,
+    let proto = match (spec.l4, spec.family) {
+        (L4::Tcp { .. }, _) => PROTO_TCP,
+        (L4::Udp, _) => PROTO_UDP,
+        (L4::Icmp { .. }, Family::V4) => PROTO_ICMP,
+        (L4::Icmp { .. }, Family::V6) => PROTO_ICMPV6,
     };
     let (l3, rest) = buf[lay.l2..].split_at_mut(lay.l3_hdr);
     let l4 = &mut rest[..lay.l4_len];
@@ -233,7 +273,7 @@ pub fn write_frame(buf: &mut [u8], spec: &FrameSpec) -> Result<usize> {
             ip.set_tos(0);
             ip.set_total_len(lay.l3_len as u16);
             ip.set_ident(0);
-            ip.set_frag(true, false, 0);
+            ip.set_frag(spec.dont_frag, false, 0);
             ip.set_ttl(spec.ttl);
             ip.set_protocol(proto);
             ip.set_src_addr(src);
@@ -298,6 +338,21 @@ pub fn write_frame(buf: &mut [u8], spec: &FrameSpec) -> Result<usize> {
             u.payload_mut().copy_from_slice(spec.payload);
             u.fill_checksum(pseudo);
         }
+        L4::Icmp {
+            msg_type,
+            code,
+            rest,
+        } => {
+            let mut m = icmp::Packet::new_unchecked(l4);
+            m.set_msg_type(msg_type);
+            m.set_code(code);
+            m.set_rest(rest);
+            m.body_mut().copy_from_slice(spec.payload);
+            match spec.family {
+                Family::V4 => m.fill_checksum_v4(),
+                Family::V6 => m.fill_checksum_v6(pseudo),
+            }
+        }
     }
 
     buf[lay.l2 + lay.l3_len..].fill(0);
@@ -336,6 +391,37 @@ mod tests {
         assert_eq!(t.payload(), b"hello");
         let pseudo = checksum::pseudo_v4(ip.src_addr(), ip.dst_addr(), 6, 25);
         assert!(t.verify_checksum(pseudo));
+    }
+
+    #[test]
+    fn icmp_frames_decode() {
+        let f = FrameSpec {
+            payload: b"quote",
+            ..FrameSpec::icmp_v4([10, 0, 0, 1], [192, 0, 2, 1], 3, 4, 1480)
+        }
+        .build()
+        .unwrap();
+        let ip = ipv4::Packet::new_checked(&f[14..]).unwrap();
+        assert_eq!(ip.protocol(), PROTO_ICMP);
+        assert!(!ip.dont_frag(), "ICMP errors go without DF");
+        assert!(ip.verify_checksum());
+        let m = icmp::Packet::new_checked(ip.payload()).unwrap();
+        assert!(m.verify_checksum_v4());
+        assert_eq!((m.msg_type(), m.code(), m.next_hop_mtu()), (3, 4, 1480));
+        assert_eq!(m.body(), b"quote");
+
+        let (src, dst) = ([0x20; 16], [0x30; 16]);
+        let f = FrameSpec {
+            payload: b"ping",
+            ..FrameSpec::icmp_v6(src, dst, 128, 0, 7)
+        }
+        .build()
+        .unwrap();
+        let ip = ipv6::Packet::new_checked(&f[14..]).unwrap();
+        assert_eq!(ip.next_header(), PROTO_ICMPV6);
+        let m = icmp::Packet::new_checked(ip.payload()).unwrap();
+        assert!(m.verify_checksum_v6(checksum::pseudo_v6(&src, &dst, 58, 12)));
+        assert_eq!((m.msg_type(), m.rest(), m.body()), (128, 7, &b"ping"[..]));
     }
 
     #[test]

@@ -126,45 +126,52 @@ impl<T: AsRef<[u8]>> Packet<T> {
     /// extension header that runs past the payload is `Truncated`.
     #[inline]
     pub fn upper_layer(&self) -> Result<Upper> {
-        let b = &self.buf.as_ref()[..self.total_len()];
-        let mut next = self.next_header();
-        let mut off = HEADER_LEN;
-        for _ in 0..=MAX_EXT_HEADERS {
-            let len = match next {
-                EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS => {
-                    if off + 2 > b.len() {
-                        return Err(Error::Truncated);
-                    }
-                    (b[off + 1] as usize + 1) * 8
-                }
-                EXT_FRAGMENT => {
-                    if off + 8 > b.len() {
-                        return Err(Error::Truncated);
-                    }
-                    // Offset and M flag both zero: an atomic fragment, which
-                    // is the whole packet (RFC 6946).
-                    if be16(b, off + 2) & 0xfff9 != 0 {
-                        return Ok(Upper::Fragment);
-                    }
-                    8
-                }
-                EXT_AH => {
-                    if off + 2 > b.len() {
-                        return Err(Error::Truncated);
-                    }
-                    (b[off + 1] as usize + 2) * 4
-                }
-                EXT_NO_NEXT => return Ok(Upper::Unsupported),
-                proto => return Ok(Upper::Proto { proto, offset: off }),
-            };
-            if off + len > b.len() {
-                return Err(Error::Truncated);
-            }
-            next = b[off];
-            off += len;
-        }
-        Ok(Upper::Unsupported)
+        walk_extensions(&self.buf.as_ref()[..self.total_len()], self.next_header())
     }
+}
+
+/// The extension-header walk of [`Packet::upper_layer`] over `b`, an IPv6
+/// packet whose fixed header says `next`, as far as `b` goes: `b` may end
+/// before the packet does (the quote in an ICMPv6 error), and a header
+/// that runs past `b` is `Truncated`.
+#[inline]
+pub fn walk_extensions(b: &[u8], mut next: u8) -> Result<Upper> {
+    let mut off = HEADER_LEN;
+    for _ in 0..=MAX_EXT_HEADERS {
+        let len = match next {
+            EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS => {
+                if off + 2 > b.len() {
+                    return Err(Error::Truncated);
+                }
+                (b[off + 1] as usize + 1) * 8
+            }
+            EXT_FRAGMENT => {
+                if off + 8 > b.len() {
+                    return Err(Error::Truncated);
+                }
+                // Offset and M flag both zero: an atomic fragment, which
+                // is the whole packet (RFC 6946).
+                if be16(b, off + 2) & 0xfff9 != 0 {
+                    return Ok(Upper::Fragment);
+                }
+                8
+            }
+            EXT_AH => {
+                if off + 2 > b.len() {
+                    return Err(Error::Truncated);
+                }
+                (b[off + 1] as usize + 2) * 4
+            }
+            EXT_NO_NEXT => return Ok(Upper::Unsupported),
+            proto => return Ok(Upper::Proto { proto, offset: off }),
+        };
+        if off + len > b.len() {
+            return Err(Error::Truncated);
+        }
+        next = b[off];
+        off += len;
+    }
+    Ok(Upper::Unsupported)
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
@@ -277,6 +284,39 @@ mod tests {
         let b = packet(EXT_DEST_OPTS, &ext);
         let p = Packet::new_checked(&b[..]).unwrap();
         assert_eq!(p.upper_layer(), Ok(Upper::Unsupported));
+    }
+
+    /// The walk over a buffer that ends before the packet does (an ICMPv6
+    /// error's quote): headers inside it are followed, one cut is
+    /// `Truncated`.
+    #[test]
+    fn walk_over_a_cut_packet() {
+        let b = packet(
+            EXT_DEST_OPTS,
+            &[6, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
+        assert_eq!(
+            walk_extensions(&b[..56], EXT_DEST_OPTS),
+            Ok(Upper::Proto {
+                proto: 6,
+                offset: 56
+            })
+        );
+        assert_eq!(
+            walk_extensions(&b[..55], EXT_DEST_OPTS),
+            Err(Error::Truncated)
+        );
+        assert_eq!(
+            walk_extensions(&b[..41], EXT_DEST_OPTS),
+            Err(Error::Truncated)
+        );
+        assert_eq!(
+            walk_extensions(&b[..40], 17),
+            Ok(Upper::Proto {
+                proto: 17,
+                offset: 40
+            })
+        );
     }
 
     #[test]

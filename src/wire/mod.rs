@@ -9,6 +9,7 @@
 pub mod build;
 pub mod checksum;
 pub mod ethernet;
+pub mod icmp;
 pub mod ipv4;
 pub mod ipv6;
 pub mod tcp;

@@ -736,6 +736,14 @@ impl<K: SlotKey> Part<K> {
         })
     }
 
+    /// The backend of a live flow, changing nothing in the table.
+    fn peek(&self, books: &Books, flow: &FlowKey, hash: u64, now: u64) -> Option<BackendId> {
+        let b = self.bucket(hash);
+        let s = self.find(b, K::pack(flow, books.vips.get(flow)?))?;
+        let slot = &self.buckets[b].slots[s];
+        (!books.expired(slot, now)).then_some(BackendId::from(slot.backend))
+    }
+
     fn set_backend(
         &mut self,
         books: &mut Books,
@@ -1056,6 +1064,18 @@ impl FlowTable {
         }
     }
 
+    /// The backend of a live flow (one whose idle timeout has not passed),
+    /// without refreshing it, changing its state or counting a lookup: for
+    /// packets that belong to a connection but are not its own, such as
+    /// ICMP errors about it.
+    #[inline(never)]
+    pub fn peek(&self, key: &FlowKey, hash: u64, now: u64) -> Option<BackendId> {
+        match key.family {
+            Family::V4 => self.v4.peek(&self.books, key, hash, now),
+            Family::V6 => self.v6.peek(&self.books, key, hash, now),
+        }
+    }
+
     /// Changes the backend of a live flow; false if the flow is not there.
     pub fn set_backend(&mut self, key: &FlowKey, hash: u64, backend: BackendId) -> bool {
         match key.family {
@@ -1259,6 +1279,35 @@ mod tests {
             assert_eq!(t.len() as u64, st.inserted - st.evicted);
             assert!(t.len() > 900, "{fam:?} should be nearly full: {}", t.len());
             assert!(t.consistent());
+        }
+    }
+
+    /// `peek` finds a live flow's backend and changes nothing: not its
+    /// last-seen time (the flow still times out as if never peeked), not
+    /// its state, not the lookup counters.
+    #[test]
+    fn peek_reads_without_refreshing() {
+        for fam in FAMILIES {
+            let mut t = table(64);
+            let k = key_of(fam, 1, PROTO_TCP);
+            let h = flow_hash(&k);
+            assert_eq!(t.peek(&k, h, SEC), None);
+            t.put(entry(k, TcpState::SynSeen), h, SEC);
+            let before = t.stats();
+            // Peeked just before the SYN timeout, many times.
+            for i in 0..5 {
+                assert_eq!(t.peek(&k, h, SEC + 9 * SEC + i), Some(7), "{fam:?}");
+            }
+            assert_eq!(t.stats(), before, "{fam:?}: peek counts nothing");
+            // Unrefreshed, the flow is gone once its timeout passed.
+            assert_eq!(t.peek(&k, h, SEC + 12 * SEC), None);
+            assert!(matches!(
+                t.lookup(&k, h, SEC + 12 * SEC, ACK),
+                Lookup::Stale(_)
+            ));
+            // A flow of another destination is not found.
+            let other = key_to(fam, 1, PROTO_TCP, 1);
+            assert_eq!(t.peek(&other, flow_hash(&other), SEC), None);
         }
     }
 

@@ -88,6 +88,13 @@ impl Vips {
         Some(i)
     }
 
+    /// The index of `k`'s destination, like [`Vips::find`] but reading
+    /// only (no lookup cache): for the rare reader that must not disturb
+    /// the hot one's inlining or cache.
+    pub fn get(&self, k: &FlowKey) -> Option<u16> {
+        self.index.get(&Vip::of(k)).copied()
+    }
+
     /// The index of `k`'s destination, giving it one if it has none; `None`
     /// when every index is held by a live flow.
     pub fn intern(&mut self, k: &FlowKey) -> Option<u16> {
