@@ -32,13 +32,6 @@ pub use types::{DurationStr, HexKey, MacAddr, MIN_KEY_BYTES};
 pub const MAX_WEIGHT: u32 = 65535;
 /// Largest flow-table capacity per worker and address family.
 pub const MAX_FLOW_CAPACITY: usize = crate::datapath::flow::MAX_CAPACITY;
-/// A port's `mtu` when the file gives none (Ethernet's).
-pub const DEFAULT_MTU: u16 = 1500;
-/// Smallest and largest port `mtu`: IPv6 needs 1280 on every link, and 9216
-/// is the largest jumbo frame switches commonly carry.
-pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 1280..=9216;
-/// Largest ICMP rate (per second) a configuration may set.
-pub const MAX_ICMP_RATE: u32 = 1_000_000;
 /// Longest flow idle timeout: a day. The flow table keeps times in units of
 /// about a millisecond that wrap after about 52 days, so a timeout must stay
 /// well below that.
@@ -47,6 +40,13 @@ pub const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// window: a request stamped further from the distributor's clock is
 /// refused, and nonces are remembered for that long.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
+/// A port's `mtu` when the file gives none (Ethernet's).
+pub const DEFAULT_MTU: u16 = 1500;
+/// Smallest and largest port `mtu`: IPv6 needs 1280 on every link, and 9216
+/// is the largest jumbo frame switches commonly carry.
+pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 1280..=9216;
+/// Largest ICMP rate (per second) a configuration may set.
+pub const MAX_ICMP_RATE: u32 = 1_000_000;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]

@@ -476,125 +476,6 @@ fn shipped_configs_are_valid() {
 }
 
 #[test]
-fn port_mtu_defaults_and_range() {
-    let c = Config::parse(&BASE, "t.toml").unwrap();
-    assert_eq!(c.ports[0].mtu, DEFAULT_MTU);
-    assert!(c.plan().contains("mtu 1500"), "{}", c.plan());
-    let t = edit(
-        "device = \"net_ring1\"",
-        "device = \"net_ring1\"\nmtu = 9000",
-    );
-    assert_eq!(Config::parse(&t, "t.toml").unwrap().ports[1].mtu, 9000);
-    for bad in ["1279", "9217"] {
-        let t = edit(
-            "device = \"net_ring1\"",
-            &format!("device = \"net_ring1\"\nmtu = {bad}"),
-        );
-        check(
-            &t,
-            "ports[1].mtu",
-            &format!("mtu = {bad}"),
-            "out of range 1280..=9216",
-        );
-    }
-    // Not a number: a type error on the same line.
-    let t = edit(
-        "device = \"net_ring0\"",
-        "device = \"net_ring0\"\nmtu = \"big\"",
-    );
-    let e = err(&t);
-    assert_eq!(
-        (e.key.as_str(), e.line),
-        ("ports[0].mtu", line_of(&t, "mtu = \"big\""))
-    );
-}
-
-#[test]
-fn icmp_section_defaults_and_settings() {
-    use crate::datapath::icmp::EchoPolicy;
-    use crate::types::Family;
-    let c = Config::parse(&BASE, "t.toml").unwrap();
-    assert_eq!(c.icmp, IcmpConfig::default());
-    let s = c.icmp_settings();
-    assert_eq!(s.echo, EchoPolicy::Off);
-    assert_eq!(
-        (s.echo_rate, s.too_big_rate),
-        (DEFAULT_ECHO_RATE, DEFAULT_TOO_BIG_RATE)
-    );
-    assert!(c.plan().contains("echo not answered"), "{}", c.plan());
-
-    let t = format!(
-        "{}\n[icmp]\necho = true\necho_rate = 50\ntoo_big_rate = 0\n",
-        *BASE
-    );
-    let c = Config::parse(&t, "t.toml").unwrap();
-    let s = c.icmp_settings();
-    assert_eq!(s.echo, EchoPolicy::All);
-    assert_eq!((s.echo_rate, s.too_big_rate), (50, 0));
-    assert!(c.plan().contains("too-big answers off"), "{}", c.plan());
-
-    let t = format!(
-        "{}\n[icmp]\necho_vips = [\"2001:db8::53\", \"192.0.2.10\"]\n",
-        *BASE
-    );
-    let s = Config::parse(&t, "t.toml").unwrap().icmp_settings();
-    assert_eq!(
-        s.echo,
-        EchoPolicy::Only(vec![
-            (Family::V6, 0x2001_0db8_0000_0000_0000_0000_0000_0053),
-            (Family::V4, 0xc000_020a),
-        ])
-    );
-    assert!(s.echo.answers(Family::V4, 0xc000_020a));
-    assert!(!s.echo.answers(Family::V4, 0xc000_020b));
-}
-
-#[test]
-fn icmp_section_errors_name_key_and_line() {
-    let with = |icmp: &str| format!("{}\n[icmp]\n{icmp}\n", *BASE);
-    let t = with("echo_vips = [\"192.0.2.10\", \"192.0.2.99\"]");
-    check(
-        &t,
-        "icmp.echo_vips[1]",
-        "echo_vips",
-        "192.0.2.99 is not the vip of any service",
-    );
-    let t = with("echo_vips = [\"192.0.2.10\", \"192.0.2.10\"]");
-    check(&t, "icmp.echo_vips[1]", "echo_vips", "listed twice");
-    let t = with("echo = true\necho_vips = [\"192.0.2.10\"]");
-    check(
-        &t,
-        "icmp.echo_vips",
-        "echo_vips",
-        "already answers every VIP",
-    );
-    let t = with("echo = true\necho_rate = 0");
-    check(
-        &t,
-        "icmp.echo_rate",
-        "echo_rate = 0",
-        "must be in 1..=1000000",
-    );
-    let t = with("too_big_rate = 2000000");
-    check(
-        &t,
-        "icmp.too_big_rate",
-        "too_big_rate",
-        "must be in 0..=1000000",
-    );
-    let t = with("echo = \"yes\"");
-    let e = err(&t);
-    assert_eq!(
-        (e.key.as_str(), e.line),
-        ("icmp.echo", line_of(&t, "echo = \"yes\""))
-    );
-    let t = with("ping = true");
-    let e = err(&t);
-    assert!(e.message.contains("unknown field"), "{e}");
-    assert_eq!(e.line, line_of(&t, "ping = true"), "{e}");
-}
-
-#[test]
 fn missing_top_level_parts_are_located_at_the_start() {
     // No [[services]]: the root table's line, like a missing top-level key.
     let t = BASE.split("\n[[services]]").next().unwrap().to_string();
@@ -735,4 +616,123 @@ fn metrics_listen_may_share_port_zero_with_listen() {
         "metrics_listen",
         "same address as listen",
     );
+}
+
+#[test]
+fn port_mtu_defaults_and_range() {
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert_eq!(c.ports[0].mtu, DEFAULT_MTU);
+    assert!(c.plan().contains("mtu 1500"), "{}", c.plan());
+    let t = edit(
+        "device = \"net_ring1\"",
+        "device = \"net_ring1\"\nmtu = 9000",
+    );
+    assert_eq!(Config::parse(&t, "t.toml").unwrap().ports[1].mtu, 9000);
+    for bad in ["1279", "9217"] {
+        let t = edit(
+            "device = \"net_ring1\"",
+            &format!("device = \"net_ring1\"\nmtu = {bad}"),
+        );
+        check(
+            &t,
+            "ports[1].mtu",
+            &format!("mtu = {bad}"),
+            "out of range 1280..=9216",
+        );
+    }
+    // Not a number: a type error on the same line.
+    let t = edit(
+        "device = \"net_ring0\"",
+        "device = \"net_ring0\"\nmtu = \"big\"",
+    );
+    let e = err(&t);
+    assert_eq!(
+        (e.key.as_str(), e.line),
+        ("ports[0].mtu", line_of(&t, "mtu = \"big\""))
+    );
+}
+
+#[test]
+fn icmp_section_defaults_and_settings() {
+    use crate::datapath::icmp::EchoPolicy;
+    use crate::types::Family;
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert_eq!(c.icmp, IcmpConfig::default());
+    let s = c.icmp_settings();
+    assert_eq!(s.echo, EchoPolicy::Off);
+    assert_eq!(
+        (s.echo_rate, s.too_big_rate),
+        (DEFAULT_ECHO_RATE, DEFAULT_TOO_BIG_RATE)
+    );
+    assert!(c.plan().contains("echo not answered"), "{}", c.plan());
+
+    let t = format!(
+        "{}\n[icmp]\necho = true\necho_rate = 50\ntoo_big_rate = 0\n",
+        *BASE
+    );
+    let c = Config::parse(&t, "t.toml").unwrap();
+    let s = c.icmp_settings();
+    assert_eq!(s.echo, EchoPolicy::All);
+    assert_eq!((s.echo_rate, s.too_big_rate), (50, 0));
+    assert!(c.plan().contains("too-big answers off"), "{}", c.plan());
+
+    let t = format!(
+        "{}\n[icmp]\necho_vips = [\"2001:db8::53\", \"192.0.2.10\"]\n",
+        *BASE
+    );
+    let s = Config::parse(&t, "t.toml").unwrap().icmp_settings();
+    assert_eq!(
+        s.echo,
+        EchoPolicy::Only(vec![
+            (Family::V6, 0x2001_0db8_0000_0000_0000_0000_0000_0053),
+            (Family::V4, 0xc000_020a),
+        ])
+    );
+    assert!(s.echo.answers(Family::V4, 0xc000_020a));
+    assert!(!s.echo.answers(Family::V4, 0xc000_020b));
+}
+
+#[test]
+fn icmp_section_errors_name_key_and_line() {
+    let with = |icmp: &str| format!("{}\n[icmp]\n{icmp}\n", *BASE);
+    let t = with("echo_vips = [\"192.0.2.10\", \"192.0.2.99\"]");
+    check(
+        &t,
+        "icmp.echo_vips[1]",
+        "echo_vips",
+        "192.0.2.99 is not the vip of any service",
+    );
+    let t = with("echo_vips = [\"192.0.2.10\", \"192.0.2.10\"]");
+    check(&t, "icmp.echo_vips[1]", "echo_vips", "listed twice");
+    let t = with("echo = true\necho_vips = [\"192.0.2.10\"]");
+    check(
+        &t,
+        "icmp.echo_vips",
+        "echo_vips",
+        "already answers every VIP",
+    );
+    let t = with("echo = true\necho_rate = 0");
+    check(
+        &t,
+        "icmp.echo_rate",
+        "echo_rate = 0",
+        "must be in 1..=1000000",
+    );
+    let t = with("too_big_rate = 2000000");
+    check(
+        &t,
+        "icmp.too_big_rate",
+        "too_big_rate",
+        "must be in 0..=1000000",
+    );
+    let t = with("echo = \"yes\"");
+    let e = err(&t);
+    assert_eq!(
+        (e.key.as_str(), e.line),
+        ("icmp.echo", line_of(&t, "echo = \"yes\""))
+    );
+    let t = with("ping = true");
+    let e = err(&t);
+    assert!(e.message.contains("unknown field"), "{e}");
+    assert_eq!(e.line, line_of(&t, "ping = true"), "{e}");
 }
