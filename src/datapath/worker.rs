@@ -413,7 +413,8 @@ impl<IO: PacketIo> Worker<IO> {
     /// packet too long for the port's MTU once forwarded is refused with
     /// `TooBig` (the encapsulation's length check, against the MTU, is the
     /// main line's only cost of path MTU), for [`Worker::not_forwarded`].
-    #[inline]
+    /// Always inlined: it is the main line.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn route_and_rewrite(
         &mut self,
