@@ -86,7 +86,6 @@ fn restart_sections(running: &Config, next: &Config) -> Vec<&'static str> {
             "control.listen",
             running.control.listen != next.control.listen,
         ),
-        ("icmp", running.icmp != next.icmp),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)
