@@ -9,6 +9,7 @@
 mod affinity_load;
 mod control_rate;
 mod feeder;
+mod pcap_run;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -100,6 +101,16 @@ struct Args {
     /// Requests in flight in the control-rate run.
     #[arg(long, default_value_t = 64)]
     control_window: usize,
+    /// Capture file replayed by the pcap scenarios (pcap-established,
+    /// pcap-syn, pcap-syn-affinity: one per run, not part of `all`), or
+    /// written by --write-pcap.
+    #[arg(long)]
+    pcap: Option<std::path::PathBuf>,
+    /// Write the capture file of this kind (established: one ACK per flow,
+    /// shuffled; syn: one SYN per random client) with --flows frames to
+    /// --pcap, and exit.
+    #[arg(long)]
+    write_pcap: Option<String>,
 }
 
 /// Everything the data-plane scenarios share.
@@ -1081,6 +1092,40 @@ fn main() {
 }
 
 fn real_main(args: Args) -> Result<(), String> {
+    if let Some(kind) = &args.write_pcap {
+        let path = args.pcap.as_ref().ok_or("--write-pcap needs --pcap FILE")?;
+        pcap_run::write(kind, path, args.flows)?;
+        eprintln!(
+            "bench: wrote {} ({kind}, {} frames)",
+            path.display(),
+            args.flows
+        );
+        return Ok(());
+    }
+    const PCAP: [&str; 3] = ["pcap-established", "pcap-syn", "pcap-syn-affinity"];
+    if let Some(name) = args.scenario.iter().find(|s| PCAP.contains(&s.as_str())) {
+        if args.scenario.len() != 1 {
+            return Err(format!("{name} runs alone (one pcap scenario per run)"));
+        }
+        let command: Vec<String> = std::env::args().collect();
+        let date = utc_now();
+        eprintln!("bench: {date}, {}", command.join(" "));
+        let (row, setup) = pcap_run::run(&args, name)?;
+        print_rows(std::slice::from_ref(&row));
+        let out = json!({
+            "date": date,
+            "command": command.join(" "),
+            "machine": machine(),
+            "seconds_per_scenario": args.seconds,
+            "pcap_setup": setup,
+            "scenarios": [row.to_json()],
+        });
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?;
+            std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        return Ok(());
+    }
     const ALL: [&str; 7] = [
         "baseline",
         "established",
