@@ -137,8 +137,10 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
         _ => return Err(format!("needs two cores, this process may use {cores:?}")),
     };
     let mbufs = u32::try_from(frames).map_err(|_| "too many frames")? + WORKING_MBUFS;
-    // About 2.4 KB per mbuf of the default size, and room for the rest.
-    let mem = args.mem.max((u64::from(mbufs) * 2_400 >> 20) as u32 + 512);
+    // 4 KB per mbuf of the default size (what testpmd's pool needs on
+    // --no-huge memory; perf/vs_testpmd.py gives both the same), and room
+    // for the rest.
+    let mem = args.mem.max((u64::from(mbufs) * 4_000 >> 20) as u32 + 512);
     let eal_args: Vec<String> = [
         "--no-huge",
         "-m",

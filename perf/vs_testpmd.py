@@ -13,6 +13,12 @@ ratios.
 
     sudo perf/vs_testpmd.py                       # 5 rounds, 3 s per run
     sudo perf/vs_testpmd.py --rounds 9 --seconds 4 --scenario syn
+    sudo perf/vs_testpmd.py --reference /tmp/bench-before   # and an older build
+
+With `--reference`, a second dataplane-bench binary (an older build of
+pktdist, with the pcap scenarios) runs in every round too, so a change is
+measured against testpmd and against the build before it in the same
+rounds.
 
 Scenarios (frames written by `dataplane-bench --write-pcap`, once, into
 perf/out/pcap/):
@@ -48,8 +54,10 @@ BENCH = os.path.join(ROOT, "target", "release", "examples", "dataplane-bench")
 
 # Mbufs beyond the file's frames (the queues' working set) and the memory
 # sizing: the same as dataplane-bench's pcap scenarios (perf/pcap_run.rs).
+# testpmd's pool of a million 2176-byte mbufs does not fit in -m 3584 on
+# --no-huge memory; 4 KB per mbuf does.
 WORKING_MBUFS = 32_768
-BYTES_PER_MBUF = 2_400
+BYTES_PER_MBUF = 4_000
 
 FILES = {"established": "established", "syn": "syn", "syn-affinity": "syn"}
 TARGETS = {"established": 0.45, "syn": 0.40}
@@ -144,7 +152,9 @@ def run_testpmd(pcap, cores, warm_periods, periods):
 def run_pktdist(bench, scenario, pcap, seconds, extra):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
-    cmd = [bench, "--scenario", f"pcap-{scenario}", "--pcap", pcap, "--seconds", str(seconds), "--json", path] + extra
+    mem = eal_memory_mib(frames_in(pcap))
+    cmd = [bench, "--scenario", f"pcap-{scenario}", "--pcap", pcap, "--seconds", str(seconds), "--mem", str(mem)]
+    cmd += ["--json", path] + extra
     try:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with open(path) as fh:
@@ -173,6 +183,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=3, help="measured seconds per run")
     ap.add_argument("--flows", type=int, default=1_000_000, help="frames (flows) per capture file")
     ap.add_argument("--bench", default=BENCH)
+    ap.add_argument("--reference", help="another dataplane-bench binary to run in every round")
     ap.add_argument("--json", help="output file (default perf/out/testpmd-<time>.json)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -193,22 +204,28 @@ def main():
     results = {s: [] for s in scenarios}
     for r in range(args.rounds):
         for s in scenarios:
-            order = ("testpmd", "pktdist") if (r + scenarios.index(s)) % 2 == 0 else ("pktdist", "testpmd")
+            order = ["testpmd", "pktdist"] + (["reference"] if args.reference else [])
+            if (r + scenarios.index(s)) % 2:
+                order.reverse()
             got = {}
             for who in order:
                 if who == "testpmd":
                     got[who] = run_testpmd(pcaps[s], cores, 2, args.seconds)
                 else:
-                    got[who] = run_pktdist(args.bench, s, pcaps[s], args.seconds, extra)
+                    bench = args.bench if who == "pktdist" else args.reference
+                    got[who] = run_pktdist(bench, s, pcaps[s], args.seconds, extra)
             got["ratio"] = got["pktdist"]["mpps"] / got["testpmd"]["mpps"]
             got["capacity_ratio"] = got["pktdist"]["capacity_mpps"] / got["testpmd"]["mpps"]
-            results[s].append(got)
-            print(
+            line = (
                 f"round {r + 1} {s:<13} testpmd {got['testpmd']['mpps']:6.2f}  pktdist {got['pktdist']['mpps']:6.2f} "
                 f"(cap {got['pktdist']['capacity_mpps']:5.2f}, p99 {got['pktdist']['latency_ns']['p99']:.0f} ns, "
-                f"on-CPU {got['pktdist']['on_cpu_share'] * 100:.0f}%)  ratio {got['ratio']:.3f}",
-                flush=True,
+                f"on-CPU {got['pktdist']['on_cpu_share'] * 100:.0f}%)  ratio {got['ratio']:.3f}"
             )
+            if args.reference:
+                got["reference_ratio"] = got["reference"]["mpps"] / got["testpmd"]["mpps"]
+                line += f"  reference {got['reference']['mpps']:6.2f} ratio {got['reference_ratio']:.3f}"
+            results[s].append(got)
+            print(line, flush=True)
     summary = {}
     for s in scenarios:
         rs = results[s]
@@ -224,6 +241,16 @@ def main():
             "unknown_flow_share": med([x["pktdist"]["extra"].get("unknown_flow_share", 0) for x in rs]),
             "new_connection_share": med([x["pktdist"]["extra"].get("new_connection_share", 0) for x in rs]),
         }
+        if args.reference:
+            ref = [x["reference"] for x in rs]
+            summary[s]["reference"] = {
+                "mpps": med([x["mpps"] for x in ref]),
+                "ratio": med([x["reference_ratio"] for x in rs]),
+                "ratios": [x["reference_ratio"] for x in rs],
+                "p99_ns": med([x["latency_ns"]["p99"] for x in ref]),
+                "unknown_flow_share": med([x["extra"].get("unknown_flow_share", 0) for x in ref]),
+                "pktdist_over_reference": med([x["pktdist"]["mpps"] / x["reference"]["mpps"] for x in rs]),
+            }
         if s == "syn-affinity" and "syn" in results:
             # Against the SYN flood of the same round, which ran seconds apart.
             pairs = zip(results["syn"], rs)
@@ -249,10 +276,20 @@ def main():
             )
     if "syn-affinity" in summary and "ratio_to_syn" in summary["syn-affinity"]:
         print(f"\nsyn-affinity / syn (pktdist, same rounds): {summary['syn-affinity']['ratio_to_syn']:.3f}")
+    if args.reference:
+        print(f"\nreference {args.reference}:")
+        for s in scenarios:
+            m = summary[s]["reference"]
+            print(
+                f"{s:<14} {m['mpps']:>6.2f} Mpps, ratio to testpmd {m['ratio']:.3f}, p99 {m['p99_ns']:.0f} ns, "
+                f"unknown flows {m['unknown_flow_share'] * 100:.3f}%; pktdist / reference {m['pktdist_over_reference']:.3f}"
+            )
     out = {
         "date": started,
         "load_before": load,
         "command": " ".join(sys.argv),
+        "bench": args.bench,
+        "reference": args.reference,
         "rounds": args.rounds,
         "seconds": args.seconds,
         "flows": args.flows,
