@@ -1052,16 +1052,22 @@ impl FlowTable {
     /// capacity) or, for a packet likely to start a flow (`new_flow`: a
     /// SYN), where its insert will write it (home full, alternate not, in
     /// a sub-table not full). Otherwise it costs one read of a line the
-    /// lookup reads anyway.
+    /// lookup reads anyway. In a full sub-table a SYN skips it: no
+    /// alternate has room, and the flows placed in alternates while the
+    /// table filled are soon evicted, so a SYN's lookup rarely reads one.
     #[inline]
     pub fn prefetch_alternate(&self, key: &FlowKey, hash: u64, new_flow: bool) {
+        let (f, cap) = match key.family {
+            Family::V4 => (0, self.v4.capacity()),
+            Family::V6 => (1, self.v6.capacity()),
+        };
+        let full = self.books.len[f] >= cap;
+        if new_flow && full {
+            return;
+        }
         match key.family {
-            Family::V4 => self
-                .v4
-                .prefetch_alternate(hash, new_flow && self.books.len[0] < self.v4.capacity()),
-            Family::V6 => self
-                .v6
-                .prefetch_alternate(hash, new_flow && self.books.len[1] < self.v6.capacity()),
+            Family::V4 => self.v4.prefetch_alternate(hash, new_flow),
+            Family::V6 => self.v6.prefetch_alternate(hash, new_flow),
         }
     }
 
