@@ -9,6 +9,7 @@
 mod affinity_load;
 mod control_rate;
 mod feeder;
+mod pcap_run;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -57,8 +58,10 @@ struct Args {
     /// Measured seconds per scenario.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// Warm-up seconds before measuring (SYN scenarios and baseline; the
-    /// established scenario warms until its flows are in the table).
+    /// Warm-up seconds before measuring (baseline; SYN floods warm at least
+    /// this long and until 4 SYNs per flow-table slot have been sent, so
+    /// that the table is full and in its steady state; the established
+    /// scenario warms until its flows are in the table).
     #[arg(long, default_value_t = 0.5)]
     warmup: f64,
     /// Write the results as JSON here.
@@ -98,6 +101,16 @@ struct Args {
     /// Requests in flight in the control-rate run.
     #[arg(long, default_value_t = 64)]
     control_window: usize,
+    /// Capture file replayed by the pcap scenarios (pcap-established,
+    /// pcap-syn, pcap-syn-affinity: one per run, not part of `all`), or
+    /// written by --write-pcap.
+    #[arg(long)]
+    pcap: Option<std::path::PathBuf>,
+    /// Write the capture file of this kind (established: one ACK per flow,
+    /// shuffled; syn: one SYN per random client) with --flows frames to
+    /// --pcap, and exit.
+    #[arg(long)]
+    write_pcap: Option<String>,
 }
 
 /// Everything the data-plane scenarios share.
@@ -193,6 +206,7 @@ impl<IO: PacketIo> Step for Pipeline<IO> {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = self.worker.counters();
         let svc = &c.services[0];
+        let t = self.worker.flows().stats();
         vec![
             ("rx_packets", c.rx_packets.get()),
             ("tx_packets", c.tx_packets.get()),
@@ -205,6 +219,9 @@ impl<IO: PacketIo> Step for Pipeline<IO> {
             ("new_connections", svc.new_connections.get()),
             ("affinity_hits", svc.affinity_hits.get()),
             ("affinity_misses", svc.affinity_misses.get()),
+            ("table_evicted", t.evicted),
+            ("table_spilled", t.spilled),
+            ("table_moved", t.moved),
         ]
     }
 }
@@ -316,10 +333,22 @@ fn pass_turn<S: Step>(sides: &[S], turn: usize) -> usize {
     (turn + 1) % sides.len()
 }
 
+/// Longest warm-up of a SYN flood waiting for its frames (on a busy machine).
+const WARM_LIMIT_SECS: u64 = 120;
+
+/// SYNs a SYN flood sends before measuring, per flow-table slot of each
+/// worker: a two-choice table fills to its capacity and then loses the
+/// flows it placed in alternates while filling, as the least recently
+/// seen of their buckets, within about four times its capacity.
+const SYN_WARM_PER_SLOT: u64 = 4;
+
 /// How a scenario warms up before measuring.
 enum Warm {
     /// This long.
     Time(f64),
+    /// At least this long and until this many frames are sent (SYN
+    /// floods: until the flow table is full and in its steady state).
+    TimeAndFrames(f64, u64),
     /// Until the warm-up frames (one SYN per flow) are sent and then
     /// `cycle` more frames (one ACK per flow), plus a little.
     Flows { cycle: u64 },
@@ -660,6 +689,14 @@ impl Bench {
         let warm_started = Instant::now();
         match warm {
             Warm::Time(s) => std::thread::sleep(Duration::from_secs_f64(s)),
+            Warm::TimeAndFrames(s, frames) => {
+                std::thread::sleep(Duration::from_secs_f64(s));
+                while progress.sent.load(Ordering::Relaxed) < frames
+                    && warm_started.elapsed() < Duration::from_secs(WARM_LIMIT_SECS)
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             Warm::Flows { cycle } => {
                 while !progress.warm_sent.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(10));
@@ -749,6 +786,13 @@ impl Bench {
         Ok(row)
     }
 
+    /// The warm-up of a SYN flood through `tables` flow tables (taking
+    /// turns): `--warmup` seconds and [`SYN_WARM_PER_SLOT`] SYNs per slot.
+    fn syn_warm(&self, tables: u64) -> Warm {
+        let slots = self.args.flow_capacity as u64;
+        Warm::TimeAndFrames(self.args.warmup, tables * SYN_WARM_PER_SLOT * slots)
+    }
+
     /// Every frame a SYN from a new random client.
     fn syn_source(&self) -> Source {
         Source::random_syn(VIP, self.input.mac(), CLIENT_BASE, CLIENT_MASK, 0x5171)
@@ -764,7 +808,7 @@ impl Bench {
             name,
             Mode::Pipeline(self.shared(affinity)),
             self.syn_source(),
-            Warm::Time(self.args.warmup),
+            self.syn_warm(1),
             phase,
         )
     }
@@ -830,7 +874,7 @@ impl Bench {
                 &["syn-alt-empty", "syn-alt-1m-affinities"],
                 Mode::Alternating(Box::new([self.shared(empty), self.shared(loaded)])),
                 self.syn_source(),
-                Warm::Time(self.args.warmup),
+                self.syn_warm(2),
                 phase,
             )
         })?;
@@ -1051,6 +1095,40 @@ fn main() {
 }
 
 fn real_main(args: Args) -> Result<(), String> {
+    if let Some(kind) = &args.write_pcap {
+        let path = args.pcap.as_ref().ok_or("--write-pcap needs --pcap FILE")?;
+        pcap_run::write(kind, path, args.flows)?;
+        eprintln!(
+            "bench: wrote {} ({kind}, {} frames)",
+            path.display(),
+            args.flows
+        );
+        return Ok(());
+    }
+    const PCAP: [&str; 3] = ["pcap-established", "pcap-syn", "pcap-syn-affinity"];
+    if let Some(name) = args.scenario.iter().find(|s| PCAP.contains(&s.as_str())) {
+        if args.scenario.len() != 1 {
+            return Err(format!("{name} runs alone (one pcap scenario per run)"));
+        }
+        let command: Vec<String> = std::env::args().collect();
+        let date = utc_now();
+        eprintln!("bench: {date}, {}", command.join(" "));
+        let (row, setup) = pcap_run::run(&args, name)?;
+        print_rows(std::slice::from_ref(&row));
+        let out = json!({
+            "date": date,
+            "command": command.join(" "),
+            "machine": machine(),
+            "seconds_per_scenario": args.seconds,
+            "pcap_setup": setup,
+            "scenarios": [row.to_json()],
+        });
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?;
+            std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        return Ok(());
+    }
     const ALL: [&str; 7] = [
         "baseline",
         "established",

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Regenerates the figures in perf/RESULTS.md from one dataplane-bench JSON.
+"""Regenerates the figures in perf/RESULTS.md from one dataplane-bench JSON
+and, when there is one, one perf/vs_testpmd.py JSON.
 
-    python3 perf/results.py [FILE.json] [--results perf/RESULTS.md]
+    python3 perf/results.py [FILE.json] [--testpmd TESTPMD.json] [--results perf/RESULTS.md]
 
 Replaces what lies between `<!-- results:begin -->` and
 `<!-- results:end -->` (the run, the machine and the tables) and leaves the
@@ -19,8 +20,12 @@ BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 
 TARGET_MPPS = {"established": 10.0, "syn": 5.0}
-TARGET_SYN_AFFINITY_RATIO = 0.80
+TARGET_SYN_AFFINITY_RATIO = 0.85
 TARGET_CONTROL_RPS = 100_000.0
+# Issue 19: ratios to dpdk-testpmd on the same frames, devices and core, and
+# the per-packet time's 99th percentile.
+TARGET_TESTPMD_RATIO = {"established": 0.45, "syn": 0.40}
+TARGET_P99_NS = 300.0
 
 
 def die(msg):
@@ -109,14 +114,14 @@ def dataplane_section(d):
             met = yes_no(r["mpps_per_core"] >= t)
         elif n == "syn-1m-affinities":
             ratio = r.get("extra", {}).get("ratio_to_syn")
-            target = "≥ 0.80 x syn"
+            target = "≥ 0.85 x syn"
             met = "-" if ratio is None else f"{yes_no(ratio >= TARGET_SYN_AFFINITY_RATIO)} ({ratio:.2f})"
         elif n == "syn-alt-1m-affinities":
             t = r.get("extra", {}).get("turn_ratios") or {}
             ratio, what = t.get("median_of_runs"), "median of runs"
             if ratio is None:
                 ratio, what = t.get("median"), "turn median"
-            target = "≥ 0.80 x syn-alt-empty"
+            target = "≥ 0.85 x syn-alt-empty"
             met = "-" if ratio is None else f"{yes_no(ratio >= TARGET_SYN_AFFINITY_RATIO)} ({ratio:.2f}, {what})"
         elif n == "baseline":
             target = "reference"
@@ -184,7 +189,7 @@ def dataplane_section(d):
             "",
             "| affinities (/24s) | client space covered | SYNs matching an affinity | changes/s applied (refused) | ratio to syn, Mpps | ratio to syn, cap Mpps | ratio to syn, 100 ms windows p90 | target |",
             "|--:|--:|--:|--:|--:|--:|--:|---|",
-            "| {} | {:.1f}% | {} | {} | {} | {} | {} | ≥ 0.80 |".format(
+            "| {} | {:.1f}% | {} | {} | {} | {} | {} | ≥ 0.85 |".format(
                 affinity_cells(e)[0],
                 e.get("client_space_covered", 0) * 100,
                 *affinity_cells(e)[1:],
@@ -211,7 +216,7 @@ def dataplane_section(d):
             "",
             "| affinities (/24s) | SYNs matching an affinity | changes/s applied (refused) | turn pairs | ratio, median of turns (p10 / p90) | ratio over all turns | runs' medians | median of runs | target |",
             "|--:|--:|--:|--:|--:|--:|--:|--:|---|",
-            "| {} | {} | {} | {} | {} ({} / {}) | {} | {} | {} | ≥ 0.80 |".format(
+            "| {} | {} | {} | {} | {} ({} / {}) | {} | {} | {} | ≥ 0.85 |".format(
                 *affinity_cells(e),
                 t.get("count", 0),
                 f(t.get("median")),
@@ -241,6 +246,67 @@ def window_ratio(a, b):
     if wa.get("p90") and wb.get("p90"):
         return wa["p90"] / wb["p90"]
     return None
+
+
+def testpmd_section(t, json_name):
+    if not t:
+        return ["*No side-by-side with dpdk-testpmd in this report (run `perf/vs_testpmd.py`).*"]
+    sm = t.get("summary", {})
+    out = [
+        f"`{t.get('command', 'perf/vs_testpmd.py')}` on {t.get('date', '?')} (load before the run "
+        f"{' '.join(t.get('load_before', []))}; JSON: `{json_name}`, not committed): "
+        f"{t.get('rounds', '?')} rounds of {t.get('seconds', '?')} s per run, testpmd and pktdist "
+        "in alternating order within each round, on the same `net_pcap` input replaying "
+        f"{t.get('flows', 0):,} frames forever into core {t.get('cores', ['?', '?'])[1]} and the same "
+        "`net_null` output. The ratio is the median of the rounds' ratios (each pairs two runs "
+        "seconds apart); Mpps are the medians of the runs.",
+        "",
+        "| scenario | dpdk-testpmd io, Mpps | pktdist, Mpps | ratio to testpmd | per-round ratios | target | met | pktdist p50 / p99 ns | p99 target | unknown-flow share |",
+        "|---|--:|--:|--:|--:|---|---|--:|---|--:|",
+    ]
+    for name, label in (
+        ("established", "established, 1M flows in a 2^21-flow table"),
+        ("syn", "SYN flood, every SYN a new connection"),
+        ("syn-affinity", "SYN flood, 1M affinities, 100,000 changes/s"),
+    ):
+        m = sm.get(name)
+        if not m:
+            continue
+        tgt = TARGET_TESTPMD_RATIO.get(name)
+        target, met = (f"≥ {tgt:.2f}", yes_no(m["ratio"] >= tgt)) if tgt else ("-", "-")
+        if name == "syn-affinity" and m.get("ratio_to_syn") is not None:
+            target = f"≥ 0.85 x syn"
+            met = f"{yes_no(m['ratio_to_syn'] >= TARGET_SYN_AFFINITY_RATIO)} ({m['ratio_to_syn']:.2f} x syn)"
+        out.append(
+            "| {} | {} | {} | **{}** | {} | {} | {} | {} / {} | {} | {} |".format(
+                label,
+                f(m["testpmd_mpps"]),
+                f(m["pktdist_mpps"]),
+                f(m["ratio"], 3),
+                ", ".join(f(x) for x in m.get("ratios", [])),
+                target,
+                met,
+                ns(m.get("p50_ns")),
+                ns(m.get("p99_ns")),
+                f"≤ {TARGET_P99_NS:.0f} ns: {yes_no(m['p99_ns'] <= TARGET_P99_NS)}",
+                f"{m.get('unknown_flow_share', 0) * 100:.4f}%" if name == "established" else "-",
+            )
+        )
+    refs = [(n, sm[n]["reference"]) for n in ("established", "syn", "syn-affinity") if sm.get(n, {}).get("reference")]
+    if refs:
+        out += [
+            "",
+            f"The same rounds also ran an older build (`{t.get('reference')}`):",
+            "",
+            "| scenario | older build, Mpps | its ratio to testpmd | its unknown-flow share | this build / older build (median of rounds) |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for n, r in refs:
+            out.append(
+                f"| {n} | {f(r['mpps'])} | {f(r['ratio'], 3)} | "
+                f"{r.get('unknown_flow_share', 0) * 100:.3f}% | {f(r['pktdist_over_reference'], 3)} |"
+            )
+    return out
 
 
 def lookup_section(d):
@@ -297,9 +363,10 @@ def control_section(d):
     ]
 
 
-def render(d, json_name):
+def render(d, json_name, t=None, t_name=None):
     parts = [BEGIN, "<!-- generated by perf/results.py from the benchmark JSON: edit that script, not this block -->", ""]
     parts += ["### Run", ""] + run_section(d, json_name) + [""]
+    parts += ["### Against dpdk-testpmd (same devices, core and frames)", ""] + testpmd_section(t, t_name) + [""]
     parts += ["### Data plane (one worker core)", ""] + dataplane_section(d) + [""]
     parts += ["### Affinity lookup", ""] + lookup_section(d) + [""]
     parts += ["### Control plane", ""] + control_section(d) + [""]
@@ -311,7 +378,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="?", default=os.path.join(HERE, "out", "latest.json"))
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"), help="Markdown file to update")
+    ap.add_argument(
+        "--testpmd",
+        default=os.path.join(HERE, "out", "testpmd-latest.json"),
+        help="perf/vs_testpmd.py output (left out if the file does not exist)",
+    )
     args = ap.parse_args()
+    t, t_name = None, None
+    if os.path.exists(args.testpmd):
+        with open(args.testpmd) as fh:
+            t = json.load(fh)
+        t_name = os.path.basename(os.path.realpath(args.testpmd))
     try:
         with open(args.json) as fh:
             d = json.load(fh)
@@ -329,7 +406,7 @@ def main():
         die(f"{args.results} lacks the markers {BEGIN} ... {END}")
     name = os.path.basename(os.path.realpath(args.json))
     try:
-        block = render(d, name)
+        block = render(d, name, t, t_name)
     except (KeyError, TypeError) as err:
         die(f"{args.json} does not look like dataplane-bench output (missing {err})")
     new = text[:b] + block + text[e + len(END):]

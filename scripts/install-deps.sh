@@ -8,7 +8,7 @@ set -euo pipefail
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in libdpdk-dev dpdk pkg-config libclang-dev tshark iproute2 ethtool curl python3; do
+for p in libdpdk-dev dpdk dpdk-dev pkg-config libclang-dev tshark iproute2 ethtool curl python3; do
     have_pkg "$p" || need+=("$p")
 done
 

@@ -6,7 +6,9 @@
 //! rewrite changes both); parse them, hash them and prefetch their flow-table
 //! buckets and, for SYNs, prepare their affinity lookups (which prefetch the
 //! affinity buckets); then route and rewrite each packet and queue it for
-//! transmission, hinting the affinity slots of the SYN a few packets ahead.
+//! transmission, issuing the second prefetch stages a few packets ahead (a
+//! flow's alternate bucket where it will be needed, a SYN's affinity
+//! slots).
 //! Everything the loop writes is its own (flow table, counters, round-robin
 //! state); everything shared (dataplane snapshot, affinity table) is
 //! read-mostly, and the shared auto-affinity table is written only on new
@@ -294,7 +296,7 @@ impl<IO: PacketIo> Worker<IO> {
             let p = classify::parse(b.data());
             if let Ok(p) = &p {
                 let h = crate::types::flow_hash(&p.key);
-                self.flows.prefetch(&p.key, h, p.is_syn());
+                self.flows.prefetch(&p.key, h);
                 hashes[i] = h;
                 let k = &p.key;
                 let svc = match last {
@@ -321,11 +323,15 @@ impl<IO: PacketIo> Worker<IO> {
             parsed[i] = Some(p);
         }
         c.rx_bytes.add(bytes);
-        // Second affinity stage for the first SYNs (pass 3 issues it for the
-        // others, AFFINITY_SLOT_DISTANCE packets ahead): their bucket headers
-        // have arrived; hint the slots whose tags match. (A flow bucket's
-        // slots are self-contained: its one prefetch above covers them.)
+        // Second stages for the first packets (pass 3 issues them for the
+        // others, AFFINITY_SLOT_DISTANCE packets ahead): their flow buckets'
+        // first lines and, for SYNs, affinity bucket headers have arrived;
+        // hint the flow's alternate bucket where it will be read or
+        // written, and the affinity slots whose tags match.
         for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
+            if let Some(Ok(p)) = &parsed[i] {
+                self.flows.prefetch_alternate(&p.key, hashes[i], p.is_syn());
+            }
             if queried[i] {
                 self.shared.affinity.prefetch_slots(&mut queries[i]);
             }
@@ -336,8 +342,14 @@ impl<IO: PacketIo> Worker<IO> {
         let src_mac = self.io.port_mac(plan.forward_to);
         for (i, mut buf) in rx.drain(..).enumerate() {
             let ahead = i + AFFINITY_SLOT_DISTANCE;
-            if ahead < n && queried[ahead] {
-                self.shared.affinity.prefetch_slots(&mut queries[ahead]);
+            if ahead < n {
+                if let Some(Ok(p)) = &parsed[ahead] {
+                    self.flows
+                        .prefetch_alternate(&p.key, hashes[ahead], p.is_syn());
+                }
+                if queried[ahead] {
+                    self.shared.affinity.prefetch_slots(&mut queries[ahead]);
+                }
             }
             let query = queried[i].then_some(&queries[i]);
             let verdict = match parsed[i] {

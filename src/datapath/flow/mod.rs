@@ -5,12 +5,14 @@
 //! flow's hash picks its *home* bucket of [`WAYS`] slots, the high half its
 //! *alternate*, another bucket that takes the flow when home is full. A
 //! lookup reads the home bucket, and the alternate only when some flow of
-//! that home lives in its alternate (a bit per bucket, set while its spill
-//! count is not zero): at half of capacity about 2% of buckets have such
-//! flows and under 1% of flows are among them. [`FlowTable::prefetch`]
-//! reads that bit when it hints the home bucket and hints the alternate
-//! too where the lookup will read it, or where a SYN's insert will write
-//! it, so the second bucket is in cache when it is needed.
+//! that home lives in its alternate (a count in the home bucket's first
+//! line): at half of capacity about 2% of buckets have such flows and under
+//! 1% of flows are among them. [`FlowTable::prefetch`] hints the home
+//! bucket; [`FlowTable::prefetch_alternate`], called a few packets later
+//! when the home's first line has arrived, reads that count and hints the
+//! alternate where the lookup will read it, or where a SYN's insert will
+//! write it, so the second bucket is in cache when it is needed, and the
+//! first stage reads nothing but the packet's hash.
 //!
 //! Bytes per flow are what matter. A worker's table (a million flows or
 //! more) is far beyond the TLB's reach, so on 4 KiB pages a packet of an
@@ -344,6 +346,10 @@ struct Slot<K> {
     backend: u16,
     /// [`OCCUPIED`] | [`HAS_AUTO`] | [`GUEST`] | [`TcpState`]; 0 = empty.
     state: u8,
+    /// In slot 0, the bucket's spill count: how many flows whose home it
+    /// is live in their alternate (in the slot's padding, on the line a
+    /// lookup reads first). Unused in the other slots.
+    spill: u8,
 }
 
 impl<K: SlotKey> Slot<K> {
@@ -352,6 +358,7 @@ impl<K: SlotKey> Slot<K> {
         stamp: 0,
         backend: 0,
         state: 0,
+        spill: 0,
     };
 
     #[inline]
@@ -425,13 +432,10 @@ struct Part<K: SlotKey> {
     /// The auto-affinity handle of each slot (bucket * [`WAYS`] + way),
     /// valid where the slot's state has [`HAS_AUTO`].
     autos: Box<[u32]>,
-    /// One bit per bucket, set while all its slots are in use.
+    /// One bit per bucket, set while all its slots are in use: an insert
+    /// into a full home asks here whether its alternate has room without
+    /// reading it (32 KiB for 2^21 flows).
     full: Box<[u64]>,
-    /// One bit per bucket, set while some flow whose home it is lives in
-    /// its alternate (its count in `spills` is not zero).
-    spilled: Box<[u64]>,
-    /// Per bucket, how many flows whose home it is live in their alternate.
-    spills: Box<[u8]>,
 }
 
 #[inline]
@@ -456,8 +460,6 @@ impl<K: SlotKey> Part<K> {
             buckets: vec![Bucket::EMPTY; n].into_boxed_slice(),
             autos: vec![NO_AUTO_SLOT; n * WAYS].into_boxed_slice(),
             full: vec![0; n.div_ceil(64)].into_boxed_slice(),
-            spilled: vec![0; n.div_ceil(64)].into_boxed_slice(),
-            spills: vec![0; n].into_boxed_slice(),
         }
     }
 
@@ -495,13 +497,17 @@ impl<K: SlotKey> Part<K> {
         (home, self.alternate(home, h))
     }
 
+    /// Flows of home `b` living in their alternate.
+    #[inline]
+    fn spill(&self, b: usize) -> u8 {
+        self.buckets[b].slots[0].spill
+    }
+
     /// Counts a flow of home `b` into (`up`) or out of its alternate.
     #[inline]
     fn count_spill(&mut self, b: usize, up: bool) {
-        let c = &mut self.spills[b];
+        let c = &mut self.buckets[b].slots[0].spill;
         *c = if up { *c + 1 } else { *c - 1 };
-        let on = *c != 0;
-        set_bit(&mut self.spilled, b, on);
     }
 
     #[inline]
@@ -513,15 +519,21 @@ impl<K: SlotKey> Part<K> {
         }
     }
 
-    /// Hints the home bucket of `hash`, and its alternate where the lookup
-    /// will read it (some flow of the home lives in its alternate) or, for
-    /// a flow about to be inserted into a sub-table not full (`insert`),
-    /// where the insert will write it (home full, alternate not).
+    /// Hints the home bucket of `hash`.
     #[inline]
-    fn prefetch(&self, hash: u64, insert: bool) {
+    fn prefetch(&self, hash: u64) {
+        self.prefetch_bucket(self.bucket(hash));
+    }
+
+    /// Hints the alternate of `hash` where the lookup will read it (some
+    /// flow of the home lives in its alternate) or, for a flow about to be
+    /// inserted into a sub-table not full (`insert`), where the insert will
+    /// write it (home full, alternate not). Reads the home bucket's first
+    /// line: call it once that has arrived.
+    #[inline]
+    fn prefetch_alternate(&self, hash: u64, insert: bool) {
         let b = self.bucket(hash);
-        self.prefetch_bucket(b);
-        let spilled = bit(&self.spilled, b);
+        let spilled = self.spill(b) != 0;
         if spilled || insert && bit(&self.full, b) {
             if let Some(a) = self.alternate(b, hash) {
                 if spilled || !bit(&self.full, a) {
@@ -547,7 +559,7 @@ impl<K: SlotKey> Part<K> {
         if let Some(s) = self.find(b, key) {
             return Some((b, s));
         }
-        if !bit(&self.spilled, b) {
+        if self.spill(b) == 0 {
             return None;
         }
         self.find_guest(b, hash, key)
@@ -616,12 +628,10 @@ impl<K: SlotKey> Part<K> {
     ) {
         let slot = &mut self.buckets[b].slots[s];
         debug_assert!(!slot.used());
-        *slot = Slot {
-            key,
-            stamp,
-            backend,
-            state,
-        };
+        slot.key = key;
+        slot.stamp = stamp;
+        slot.backend = backend;
+        slot.state = state;
         if self.buckets[b].slots.iter().all(Slot::used) {
             set_bit(&mut self.full, b, true);
         }
@@ -791,7 +801,7 @@ impl<K: SlotKey> Part<K> {
         // A full sub-table has no room elsewhere either; a spill count
         // saturates no further (a bucket with that many guests out evicts).
         let (len, cap) = (books.len[K::FAMILY], self.capacity());
-        if len < cap && self.spills[b] < u8::MAX {
+        if len < cap && self.spill(b) < u8::MAX {
             let moves = len < cap - cap / MOVE_LIMIT;
             if let Some(room) = self.room_elsewhere(books, b, hash, moves) {
                 return room;
@@ -981,9 +991,7 @@ impl<K: SlotKey> Part<K> {
                 }
             }
         }
-        (0..n).all(|b| {
-            usize::from(self.spills[b]) == spills[b] && bit(&self.spilled, b) == (spills[b] > 0)
-        })
+        (0..n).all(|b| usize::from(self.spill(b)) == spills[b])
     }
 }
 
@@ -1037,19 +1045,38 @@ impl FlowTable {
 
     /// Hints that the home bucket of `key` (whose hash is `hash`) will be
     /// read soon: all its cache lines, so that both a hit and an insert
-    /// find them in cache; and its alternate, when the lookup will read it
-    /// or, for a packet likely to start a flow (`new_flow`: a SYN), the
-    /// insert will write it. Called for a whole burst before its lookups.
+    /// find them in cache. Called for a whole burst before its lookups.
     #[inline]
-    pub fn prefetch(&self, key: &FlowKey, hash: u64, new_flow: bool) {
-        // In a full sub-table no alternate has room.
+    pub fn prefetch(&self, key: &FlowKey, hash: u64) {
         match key.family {
-            Family::V4 => self
-                .v4
-                .prefetch(hash, new_flow && self.books.len[0] < self.v4.capacity()),
-            Family::V6 => self
-                .v6
-                .prefetch(hash, new_flow && self.books.len[1] < self.v6.capacity()),
+            Family::V4 => self.v4.prefetch(hash),
+            Family::V6 => self.v6.prefetch(hash),
+        }
+    }
+
+    /// The second stage of [`FlowTable::prefetch`], once the home bucket's
+    /// first line has arrived (a few packets ahead of the lookup): hints
+    /// the flow's alternate bucket where the lookup will read it (some flow
+    /// of that home lives in its alternate, about 2% of buckets at half of
+    /// capacity) or, for a packet likely to start a flow (`new_flow`: a
+    /// SYN), where its insert will write it (home full, alternate not, in
+    /// a sub-table not full). Otherwise it costs one read of a line the
+    /// lookup reads anyway. In a full sub-table a SYN skips it: no
+    /// alternate has room, and the flows placed in alternates while the
+    /// table filled are soon evicted, so a SYN's lookup rarely reads one.
+    #[inline]
+    pub fn prefetch_alternate(&self, key: &FlowKey, hash: u64, new_flow: bool) {
+        let (f, cap) = match key.family {
+            Family::V4 => (0, self.v4.capacity()),
+            Family::V6 => (1, self.v6.capacity()),
+        };
+        let full = self.books.len[f] >= cap;
+        if new_flow && full {
+            return;
+        }
+        match key.family {
+            Family::V4 => self.v4.prefetch_alternate(hash, new_flow),
+            Family::V6 => self.v6.prefetch_alternate(hash, new_flow),
         }
     }
 
@@ -1642,7 +1669,8 @@ mod tests {
             for fam in FAMILIES {
                 let k = key_of(fam, i, PROTO_TCP);
                 let h = flow_hash(&k);
-                t.prefetch(&k, h, false);
+                t.prefetch(&k, h);
+                t.prefetch_alternate(&k, h, false);
                 match t.lookup(&k, h, 2 * SEC, ACK) {
                     Lookup::Hit(e) => {
                         assert_eq!(e.backend, i * 2 + (fam == Family::V6) as u32);
@@ -1810,15 +1838,10 @@ mod tests {
                 .slots
                 .iter()
                 .filter(|x| x.used() && x.state & GUEST == 0 && x.key != key);
-            self.spills[b] == u8::MAX
+            self.spill(b) == u8::MAX
                 || full(self.alternate(b, hash))
                     && (!moves_allowed
                         || own.all(|x| full(self.home_and_alternate(books, x.key).1)))
-        }
-
-        /// How many flows of home `b` live in their alternate.
-        fn spill(&self, b: usize) -> u8 {
-            self.spills[b]
         }
     }
 
@@ -2232,7 +2255,8 @@ mod tests {
                 assert_eq!(t.peek(k, flow_hash(k), 2 * SEC), Some(7), "{fam:?} {k:?}");
             }
             for k in &keys {
-                t.prefetch(k, flow_hash(k), false);
+                t.prefetch(k, flow_hash(k));
+                t.prefetch_alternate(k, flow_hash(k), true);
                 assert!(
                     is_hit(&t.lookup(k, flow_hash(k), 2 * SEC, ACK)),
                     "{fam:?} {k:?}"
