@@ -223,6 +223,7 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
         forward_to: 1,
         gateway_mac: Some([0x02, 0, 0, 0, 0, 0xfe]),
         unmatched_to: None,
+        mtu: 1500,
     };
     let setup = WorkerSetup {
         id: 0,
@@ -230,6 +231,7 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
         flow_capacity: args.flow_capacity,
         flow_capacity_v6: args.flow_capacity / 4,
         timeouts,
+        icmp: Default::default(),
     };
     let io = PortQueues::new(vec![
         input
