@@ -303,6 +303,15 @@ pub fn render(s: &Summary) -> String {
             f.value(&[("port", &p.name)], get(p) as f64);
         }
     }
+    let mut f = Family::new(
+        &mut o,
+        "pktdist_port_link_up",
+        "gauge",
+        "1 while the port's link is up (a memif port: while its peer is connected).",
+    );
+    for p in &s.ports {
+        f.value(&[("port", &p.name)], if p.link_down { 0.0 } else { 1.0 });
+    }
 
     if let Some(control) = s.extra.get("control") {
         let mut f = Family::new(

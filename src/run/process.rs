@@ -8,7 +8,7 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::affinity::manager::AffinityManager;
@@ -26,10 +26,11 @@ use crate::datapath::counters::WorkerCounters;
 use crate::datapath::snapshot::DataplaneCell;
 use crate::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use crate::dpdk::{
-    spawn_worker, Eal, Mempool, Port, PortQueues, PortSetup, QueueDir, WorkerHandle,
+    spawn_worker, Eal, EventGuard, Mempool, Port, PortQueues, PortSetup, QueueDir, WorkerHandle,
     DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
 use crate::report::metrics::{self, MetricsServer};
+use crate::report::portstats::PortCounters;
 use crate::report::summary::{status_line, PortSummary, Summary, Totals};
 
 /// How `pktdist run` was asked to run.
@@ -101,6 +102,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         }
     }
 
+    // EAL starts its own threads (the interrupt thread, which runs the
+    // drivers' event handlers, and others) on the CPUs this thread may use
+    // outside EAL's core list: the worker cores, as the workers are
+    // registered threads, not EAL lcores. Confined to the control core
+    // first, this thread leaves EAL only the control core for them, so they
+    // never preempt a worker.
+    crate::dpdk::pin_current_thread(cfg.cores.control)
+        .map_err(|e| format!("control core {}: {e}", cfg.cores.control))?;
     let eal = Eal::init(&eal_args(cfg)).map_err(|e| format!("EAL: {e}"))?;
     let pool = Mempool::new(
         "pktdist",
@@ -120,18 +129,26 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             tx_desc: p.tx_descriptors,
             promiscuous: true,
             rss: true,
+            // A memif port passes packets only while its peer is connected
+            // and the event guard below has it open.
+            guard_events: true,
         };
         let port = Port::open(&p.device, &conf, Arc::clone(&pool))
             .map_err(|e| format!("port {} ({}): {e}", p.name, p.device))?;
         let mac = port.mac();
         eprintln!(
-            "pktdist: port {} = {} ({}), mac {}, {} queue(s){}",
+            "pktdist: port {} = {} ({}), mac {}, {} queue(s){}{}",
             p.name,
             p.device,
             port.driver(),
             crate::config::MacAddr(mac),
             port.queues(),
-            if port.rss() { ", RSS" } else { "" }
+            if port.rss() { ", RSS" } else { "" },
+            if port.is_guarded() {
+                ", polled while its link is up"
+            } else {
+                ""
+            }
         );
         ports.push(Arc::new(port));
     }
@@ -304,17 +321,20 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     if let Some(path) = &opts.config_path {
         plane.set_config(path.clone(), cfg.clone());
     }
-    let port_names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
-    let stat_ports = ports.clone();
-    plane.set_port_stats(Box::new(move || {
-        port_names
+    // Guarded (memif) ports open once their peer is connected.
+    let mut guard = EventGuard::new(&ports);
+    guard.tick();
+    let port_view = Arc::new(Mutex::new(PortView::new(
+        cfg.ports
             .iter()
-            .zip(&stat_ports)
-            .filter_map(|(name, port)| {
-                let s = port.stats().ok()?;
-                Some(port_summary(name, &s))
-            })
-            .collect()
+            .map(|p| p.name.clone())
+            .zip(ports.iter().cloned()),
+    )));
+    let view = Arc::clone(&port_view);
+    plane.set_port_stats(Box::new(move || {
+        let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+        v.refresh();
+        v.summaries()
     }));
     let metrics = match cfg.control.metrics_listen {
         Some(addr) => {
@@ -339,6 +359,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         server.poll(&mut plane, SystemTime::now());
         if last_tick.elapsed() >= Duration::from_millis(100) {
             last_tick = Instant::now();
+            guard.tick();
+            if let Some(e) = guard.take_error() {
+                eprintln!("pktdist: memif ports stay closed: {e}");
+            }
+            port_view
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refresh();
             plane.observe_server(server.counters(), server.latency());
             plane.tick();
             if let Some(m) = &metrics {
@@ -396,6 +424,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     for (w, h) in handles.into_iter().enumerate() {
         h.join().map_err(|_| format!("worker {w} panicked"))?;
     }
+    // The last reading of the ports, then the interrupt thread runs freely
+    // again (closing a port may need it).
+    port_view
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .refresh();
+    guard.stop();
     plane.observe_server(server.counters(), server.latency());
     let mut summary = plane.summary();
     summary.seconds = started.elapsed().as_secs_f64();
@@ -414,10 +449,56 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     Ok(summary)
 }
 
-/// A port's device counters as the summary shows them.
-fn port_summary(name: &str, s: &crate::dpdk::DeviceStats) -> PortSummary {
+/// The ports' counters as the summary and the metrics show them, read by
+/// the control thread every tick (see `report::portstats`), with the link
+/// changes logged.
+struct PortView {
+    ports: Vec<(String, Arc<Port>, PortCounters)>,
+}
+
+impl PortView {
+    fn new(ports: impl Iterator<Item = (String, Arc<Port>)>) -> PortView {
+        PortView {
+            ports: ports
+                .map(|(name, port)| {
+                    let mut c = PortCounters::new();
+                    // Up until a reading says otherwise: a port that starts
+                    // down (memif without a peer yet) is logged as such.
+                    c.update(&PortSummary::default(), true);
+                    (name, port, c)
+                })
+                .collect(),
+        }
+    }
+
+    fn refresh(&mut self) {
+        for (name, port, counters) in &mut self.ports {
+            let Ok(s) = port.stats() else { continue };
+            // The link after the counters: a driver that zeroes them when
+            // its peer leaves (memif) reports the link down first.
+            let up = port.link().is_ok_and(|l| l.up);
+            if up != counters.link_up() {
+                eprintln!(
+                    "pktdist: port {name}: link {}",
+                    if up { "up" } else { "down" }
+                );
+            }
+            counters.update(&device_counters(&s), up);
+        }
+    }
+
+    fn summaries(&self) -> Vec<PortSummary> {
+        self.ports
+            .iter()
+            .map(|(name, _, c)| c.summary(name))
+            .collect()
+    }
+}
+
+/// A port's device counters, as read.
+fn device_counters(s: &crate::dpdk::DeviceStats) -> PortSummary {
     PortSummary {
-        name: name.to_string(),
+        name: String::new(),
         ipackets: s.ipackets,
         opackets: s.opackets,
         ibytes: s.ibytes,
@@ -426,5 +507,6 @@ fn port_summary(name: &str, s: &crate::dpdk::DeviceStats) -> PortSummary {
         ierrors: s.ierrors,
         oerrors: s.oerrors,
         rx_nombuf: s.rx_nombuf,
+        link_down: false,
     }
 }
