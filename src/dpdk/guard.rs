@@ -127,13 +127,17 @@ impl EventGuard {
         !self.ports.is_empty()
     }
 
-    /// Closes every gate, lets the interrupt thread handle the events
-    /// pending (a peer that connected or left), then opens the gates of the
-    /// ports whose link is up, with the interrupt thread parked while any
-    /// is open. With no link up the interrupt thread runs freely (a peer
-    /// connects at its own pace) and every gate stays closed.
-    pub fn tick(&mut self) {
+    /// Closes every gate, calls `before_events` (no worker is inside a
+    /// guarded port's burst functions then, and no event has been handled
+    /// since they last were: the moment to read the ports' counters, which
+    /// memif zeroes when its peer leaves), lets the interrupt thread handle
+    /// the events pending (a peer that connected or left), then opens the
+    /// gates of the ports whose link is up, with the interrupt thread parked
+    /// while any is open. With no link up the interrupt thread runs freely
+    /// (a peer connects at its own pace) and every gate stays closed.
+    pub fn tick(&mut self, before_events: impl FnOnce()) {
         if self.ports.is_empty() {
+            before_events();
             return;
         }
         for p in &self.ports {
@@ -141,6 +145,7 @@ impl EventGuard {
                 g.close();
             }
         }
+        before_events();
         if self.parked && !intr::window(INTR_TIMEOUT) {
             // Still busy in a handler, or could not be held again: the
             // gates stay closed until a later tick parks it.

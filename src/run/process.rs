@@ -323,7 +323,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     }
     // Guarded (memif) ports open once their peer is connected.
     let mut guard = EventGuard::new(&ports);
-    guard.tick();
+    guard.tick(|| {});
     let port_view = Arc::new(Mutex::new(PortView::new(
         cfg.ports
             .iter()
@@ -359,14 +359,20 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         server.poll(&mut plane, SystemTime::now());
         if last_tick.elapsed() >= Duration::from_millis(100) {
             last_tick = Instant::now();
-            guard.tick();
+            // The ports' counters are read before the drivers' events run
+            // (a memif peer's leaving zeroes them), and again after, for the
+            // links' new state.
+            let view = || {
+                port_view
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .refresh()
+            };
+            guard.tick(view);
             if let Some(e) = guard.take_error() {
                 eprintln!("pktdist: memif ports stay closed: {e}");
             }
-            port_view
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .refresh();
+            view();
             plane.observe_server(server.counters(), server.latency());
             plane.tick();
             if let Some(m) = &metrics {
