@@ -16,3 +16,6 @@ echo "== tests"
 # Unit tests run without EAL; tests/dpdk_*.rs start EAL with virtual devices
 # (--no-huge --no-pci), which needs root.
 cargo test --all-targets -- --test-threads=2
+
+echo "== pktgen scripts (against a stand-in for pktgen; docs/pktgen.md)"
+perf/pktgen/check.sh

@@ -29,7 +29,7 @@ use pktdist::types::tcp_flags;
 use pktdist::wire::build::FrameSpec;
 
 /// Connections the peer makes and leaves.
-const CYCLES: usize = 100;
+const CYCLES: usize = 200;
 /// Distinct client flows (source address and port) the SYNs come from.
 const FLOWS: u32 = 64;
 /// SYNs the peer offers per connection before it leaves.

@@ -91,10 +91,6 @@ impl Gate {
     fn open(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
-
-    pub(crate) fn is_open(&self) -> bool {
-        self.open.load(Ordering::SeqCst)
-    }
 }
 
 /// The control thread's side of the gates: see the module documentation.
@@ -120,11 +116,6 @@ impl EventGuard {
             parked: false,
             error: None,
         }
-    }
-
-    /// Whether any port is guarded.
-    pub fn is_active(&self) -> bool {
-        !self.ports.is_empty()
     }
 
     /// Closes every gate, calls `before_events` (no worker is inside a
@@ -212,7 +203,6 @@ mod tests {
     #[test]
     fn a_gate_starts_closed_and_admits_bursts_only_while_open() {
         let g = Gate::new(2);
-        assert!(!g.is_open());
         assert!(!g.enter(0, false));
         g.open();
         assert!(g.enter(0, false));

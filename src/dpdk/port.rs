@@ -395,12 +395,6 @@ impl Port {
         self.gate.is_some()
     }
 
-    /// Whether the port's gate is open (always true for a port without
-    /// one): its queues pass packets.
-    pub fn is_passing(&self) -> bool {
-        self.gate.as_ref().is_none_or(|g| g.is_open())
-    }
-
     pub(crate) fn gate(&self) -> Option<&Arc<Gate>> {
         self.gate.as_ref()
     }

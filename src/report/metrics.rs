@@ -101,7 +101,7 @@ pub fn render(s: &Summary) -> String {
         ),
         (
             "pktdist_tcp_syn_total",
-            "TCP SYNs (without ACK) to a service.",
+            "TCP SYNs (without ACK) to a service, every one: also those repeated on a flow already open.",
             s.syns,
         ),
         (

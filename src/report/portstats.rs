@@ -46,13 +46,16 @@ impl PortCounters {
     /// Takes a reading of the device's counters (`raw`; its name and link
     /// field are ignored) and whether the link was up right after it.
     pub fn update(&mut self, raw: &PortSummary, link_up: bool) {
-        let now = fields(raw);
-        for i in 0..N {
-            if now[i] >= self.last[i] {
-                self.last[i] = now[i];
+        for ((now, last), base) in fields(raw)
+            .into_iter()
+            .zip(&mut self.last)
+            .zip(&mut self.base)
+        {
+            if now >= *last {
+                *last = now;
             } else if link_up {
-                self.base[i] = self.base[i].wrapping_add(self.last[i]);
-                self.last[i] = now[i];
+                *base = base.wrapping_add(*last);
+                *last = now;
             }
         }
         self.link_up = link_up;
