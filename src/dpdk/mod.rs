@@ -6,7 +6,9 @@
 //! system's DPDK headers, plus the C shim `shim.c` for DPDK's inline
 //! functions), and safe owners for them — [`Eal`], [`Mempool`], [`Mbuf`]
 //! (a [`crate::datapath::pktio::PacketBuf`]), [`Port`] and [`PortQueues`] (a
-//! [`crate::datapath::pktio::PacketIo`]).
+//! [`crate::datapath::pktio::PacketIo`]) — and the [`EventGuard`] that keeps
+//! drivers' event handlers (memif's disconnect) away from the workers'
+//! bursts.
 //!
 //! # Typical use
 //!
