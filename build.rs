@@ -14,6 +14,7 @@ const MIN_DPDK: &str = "22.11";
 const FUNCTIONS: &[&str] = &[
     "rte_eal_init",
     "rte_eal_cleanup",
+    "rte_eal_alarm_set",
     "rte_strerror",
     "rte_socket_id",
     "rte_get_tsc_hz",

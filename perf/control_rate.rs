@@ -109,6 +109,7 @@ pub fn run(
             config_path: None,
             workers: Vec::new(),
             port_stats: None,
+            port_upkeep: None,
             status: None,
         },
     )?;

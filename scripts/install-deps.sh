@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what pktdist needs on a Debian machine and is not there yet:
-# DPDK 22.11 (libraries, drivers, dpdk-devbind.py), pkg-config, libclang (bindgen),
-# tshark (independent dissector for tests), iproute2 and ethtool (test bed),
-# curl and python3, Prometheus' Python client (metrics test), and a Rust
-# toolchain check. Safe to run again: it installs only what is missing.
+# DPDK 22.11 (libraries, drivers, dpdk-devbind.py, dpdk-testpmd), pkg-config,
+# libclang (bindgen), tshark (independent dissector for tests), iproute2 and
+# ethtool (test bed), curl and python3, Prometheus' Python client (metrics
+# test), lua5.3 (perf/pktgen/check.sh), and a Rust toolchain check. Safe to
+# run again: it installs only what is missing.
 set -euo pipefail
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in libdpdk-dev dpdk dpdk-dev pkg-config libclang-dev tshark iproute2 ethtool curl python3; do
+for p in libdpdk-dev dpdk dpdk-dev pkg-config libclang-dev tshark iproute2 ethtool curl python3 lua5.3; do
     have_pkg "$p" || need+=("$p")
 done
 

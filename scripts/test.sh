@@ -35,3 +35,6 @@ if [ -n "$py39" ]; then
 else
     echo "python3.9 not found: the unit tests ran on $(python3 --version) only"
 fi
+
+echo "== pktgen scripts (against a stand-in for pktgen; docs/pktgen.md)"
+perf/pktgen/check.sh

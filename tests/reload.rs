@@ -99,6 +99,7 @@ fn bed(name: &str) -> Bed {
             config_path: Some(path.clone()),
             workers: vec![Arc::clone(&counters)],
             port_stats: None,
+            port_upkeep: None,
             status: None,
         },
     )

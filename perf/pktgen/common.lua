@@ -1,7 +1,9 @@
--- Code the pktgen scripts here share: settings from the environment, pktgen's
--- command line through a command file, port statistics, the timed send, and
--- the range-mode TCP load of syn-flood.lua and established-mix.lua. Each
--- script loads it from its own directory:
+-- Code the pktgen scripts here share: settings from the environment,
+-- pktgen's version and command grammar, pktgen's command line through a
+-- command file, checking what pktgen was actually told (from the
+-- configuration it saves), the timed send, port statistics, and the
+-- range-mode TCP load of syn-flood.lua and established-mix.lua. Each script
+-- loads it from its own directory:
 --   dofile((debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "") .. "common.lua")
 -- and it returns a table of functions.
 
@@ -18,6 +20,7 @@ M.DEFAULTS = {
     RATE     = 100,                 -- percent of line rate
     DURATION = 30,                  -- seconds of traffic
     QUIT     = false,               -- PKTGEN_QUIT=1: quit pktgen when done
+    RESULT   = "",                  -- file to write "ok" or "error: ..." to at the end
 }
 
 function M.printf(fmt, ...)
@@ -34,7 +37,7 @@ function M.envnum(name, default)
     local v = M.env(name, nil)
     if v == nil then return default end
     local n = tonumber(v)
-    if n == nil then error(name .. " must be a number, not '" .. v .. "'") end
+    if n == nil then error(name .. " must be a number, not '" .. v .. "'", 0) end
     return n
 end
 
@@ -63,8 +66,8 @@ function M.settings(own)
 end
 
 function M.ip_to_int(ip)
-    local a, b, c, d = ip:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
-    if a == nil then error("not an IPv4 address: '" .. ip .. "'") end
+    local a, b, c, d = tostring(ip):match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+    if a == nil then error("not an IPv4 address: '" .. tostring(ip) .. "'", 0) end
     return ((tonumber(a) * 256 + tonumber(b)) * 256 + tonumber(c)) * 256 + tonumber(d)
 end
 
@@ -83,8 +86,49 @@ function M.steps(min, max, inc)
     return math.floor((max - min) / inc) + 1
 end
 
+-- pktgen's version as {major, minor, patch} and as text, from
+-- pktgen.info.Pktgen_Version ("Pktgen 24.07.1").
+function M.version()
+    local info = type(pktgen.info) == "table" and pktgen.info.Pktgen_Version or nil
+    local a, b, c = tostring(info):match("(%d+)%.(%d+)%.(%d+)")
+    if a == nil then
+        error("cannot tell pktgen's version (pktgen.info.Pktgen_Version is " .. tostring(info) .. ")", 0)
+    end
+    return { tonumber(a), tonumber(b), tonumber(c) }, a .. "." .. b .. "." .. c
+end
+
+-- Whether version v (as from M.version) is older than {major, minor, patch}.
+function M.older(v, than)
+    for i = 1, 3 do
+        if v[i] ~= than[i] then return v[i] < than[i] end
+    end
+    return false
+end
+
+-- The pktgen command lines that set the range packet's TCP flags to
+-- exactly `flags` (a list such as {"syn"} or {"ack", "psh"}) on port %s,
+-- in the grammar of pktgen version v:
+--   up to 24.07: range <port> tcp flag clr all / range <port> tcp flag set <flag>
+--   24.10.3 on:  range <port> tcp flags <flag>,<flag>
+-- 24.10.0 to 24.10.2 have no working command for it: their `range ... tcp
+-- flag set` matches no handler and `tcp flag clr <x>` clears every flag
+-- (fixed upstream in 24.10.3, commit 3822012).
+function M.tcp_flag_commands(v, text, flags)
+    if M.older(v, { 24, 10, 0 }) then
+        local c = { "range %s tcp flag clr all" }
+        for _, f in ipairs(flags) do c[#c + 1] = "range %s tcp flag set " .. f end
+        return c
+    end
+    if M.older(v, { 24, 10, 3 }) then
+        error("pktgen " .. text .. " cannot set TCP flags in range mode (fixed in 24.10.3);"
+            .. " use 24.07.1 (builds against DPDK 22.11) or 24.10.3 and later", 0)
+    end
+    return { "range %s tcp flags " .. table.concat(flags, ",") }
+end
+
 -- Runs pktgen command-line commands through a temporary command file; each
--- command's %s is the port.
+-- command's %s is the port. pktgen reports a command it refuses on its
+-- screen only: check the effect with M.saved.
 function M.cli(port, commands)
     local path = os.tmpname()
     os.remove(path)
@@ -94,7 +138,57 @@ function M.cli(port, commands)
     f:close()
     local ok, err = pcall(pktgen.load, path)
     os.remove(path)
-    return ok, err
+    if not ok then error("pktgen.load of commands failed: " .. tostring(err), 0) end
+end
+
+-- The configuration pktgen holds now, as the command lines pktgen.save
+-- writes (in its own version's grammar): a set of lines, and the lines in
+-- order.
+function M.saved()
+    local path = os.tmpname()
+    os.remove(path)
+    path = path .. ".pkt"
+    local ok, err = pcall(pktgen.save, path)
+    if not ok then error("pktgen.save failed: " .. tostring(err), 0) end
+    local f = io.open(path)
+    if f == nil then error("pktgen.save wrote no " .. path, 0) end
+    local lines, ordered = {}, {}
+    for l in f:lines() do
+        lines[l] = true
+        ordered[#ordered + 1] = l
+    end
+    f:close()
+    os.remove(path)
+    return lines, ordered
+end
+
+-- The range packet's TCP flags in a saved configuration, sorted and joined
+-- with "," ("" for none), from either grammar.
+function M.saved_range_flags(lines, port)
+    local set = {}
+    for l in pairs(lines) do
+        local f = l:match("^range " .. port .. " tcp flag set (%a+)$")
+        if f then set[#set + 1] = f end
+        local list = l:match("^range " .. port .. " tcp flags ([%a,]+)$")
+        if list and list ~= "clr" then
+            for x in list:gmatch("%a+") do set[#set + 1] = x end
+        end
+    end
+    table.sort(set)
+    return table.concat(set, ",")
+end
+
+-- Fails, naming them, unless every line of `want` is in the saved
+-- configuration `lines`.
+function M.expect_lines(lines, want, what)
+    local missing = {}
+    for _, l in ipairs(want) do
+        if not lines[l] then missing[#missing + 1] = l end
+    end
+    if #missing > 0 then
+        error("pktgen did not take " .. what .. "; its configuration lacks:\n  "
+            .. table.concat(missing, "\n  "), 0)
+    end
 end
 
 -- pktgen.portStats: (portlist, "port") up to 23.x, (portlist) later.
@@ -164,26 +258,53 @@ function M.send(name, s)
     M.print_port_stats(s.PORT)
 end
 
+-- Runs main(settings) as script `name`: an error is printed as
+-- "<name>: ERROR: ..." rather than left on pktgen's screen, written to
+-- s.RESULT (with "ok" on success) for a caller such as run-memif.sh, and
+-- pktgen quits when s.QUIT whether or not main succeeded.
+function M.main(name, s, main)
+    local ok, err = pcall(main, s)
+    if not ok then
+        print(name .. ": ERROR: " .. tostring(err))
+        pcall(pktgen.stop, s.PORT)
+    end
+    if s.RESULT ~= "" then
+        local f = io.open(s.RESULT, "w")
+        if f then
+            f:write(ok and "ok\n" or ("error: " .. tostring(err) .. "\n"))
+            f:close()
+        end
+    end
+    if s.QUIT then pktgen.quit() end
+    if not ok then error(name .. ": " .. tostring(err), 0) end
+end
+
 -- The range-mode TCP load: fixed destination s.VIP:s.VIP_PORT and MAC,
 -- sources s.SRC_IP_MIN..MAX by INC and s.SRC_PORT_MIN..MAX by INC advancing
--- together, s.PKT_SIZE-byte frames, the TCP flags set by flags.commands
--- (pktgen command lines, see M.cli). If pktgen refuses them it warns, naming
--- flags.name and what the load is without them (flags.fallback), and sends
--- anyway.
+-- together, s.PKT_SIZE-byte frames, exactly the TCP flags in `flags` (a
+-- list such as {"syn"}). Fails unless pktgen's saved configuration shows
+-- all of it.
 function M.tcp_range(name, s, flags)
     if type(pktgen) ~= "table" or type(pktgen.range) ~= "table" then
-        error("needs pktgen-dpdk's Lua API with pktgen.range.* (pktgen 20.x or newer)")
+        error("needs pktgen-dpdk's Lua API with pktgen.range.* (pktgen 20.x or newer)", 0)
     end
+    local v, vtext = M.version()
+    local flag_commands = M.tcp_flag_commands(v, vtext, flags)
     local PORT = s.PORT
 
     local ips = M.steps(M.ip_to_int(s.SRC_IP_MIN), M.ip_to_int(s.SRC_IP_MAX), M.ip_to_int(s.SRC_IP_INC))
     local sports = M.steps(s.SRC_PORT_MIN, s.SRC_PORT_MAX, s.SRC_PORT_INC)
     -- Address and port advance together, so the pair repeats after lcm(ips, sports).
-    local flows = ips // M.gcd(ips, sports) * sports
+    local pairs_walked = ips // M.gcd(ips, sports) * sports
 
-    M.printf("%s: port %s -> %s:%d (dst mac %s), sources %s-%s x ports %d-%d (%d distinct), %d bytes, rate %d%%, %d s",
-        name, PORT, s.VIP, s.VIP_PORT, s.DST_MAC, s.SRC_IP_MIN, s.SRC_IP_MAX, s.SRC_PORT_MIN,
-        s.SRC_PORT_MAX, flows, s.PKT_SIZE, s.RATE, s.DURATION)
+    M.printf("%s: pktgen %s, port %s -> %s:%d (dst mac %s), TCP %s, %d-byte frames, rate %d%%, %d s",
+        name, vtext, PORT, s.VIP, s.VIP_PORT, s.DST_MAC, string.upper(table.concat(flags, "+")),
+        s.PKT_SIZE, s.RATE, s.DURATION)
+    M.printf("%s: sources %s-%s x ports %d-%d: the range walks %d (address, port) pairs, but pktgen"
+        .. " builds each TX mbuf once, so the flows sent are the mbufs in circulation: about one TX"
+        .. " burst (32) on virtual devices that copy (memif, pcap), more on a NIC, at most its TX pool"
+        .. " (16384 mbufs); replay a pcap (syn-flood-pcap.lua) for more",
+        name, s.SRC_IP_MIN, s.SRC_IP_MAX, s.SRC_PORT_MIN, s.SRC_PORT_MAX, pairs_walked)
 
     if s.QUIT then pktgen.screen("off") end
     pktgen.stop(PORT)
@@ -210,19 +331,39 @@ function M.tcp_range(name, s, flags)
     range("dst_port", s.VIP_PORT, s.VIP_PORT, 0)
     range("src_port", s.SRC_PORT_MIN, s.SRC_PORT_MAX, s.SRC_PORT_INC)
     range("pkt_size", s.PKT_SIZE, s.PKT_SIZE, 0)
+    M.cli(PORT, flag_commands)
+    pktgen.set_range(PORT, "on")
 
-    local ok, err = M.cli(PORT, flags.commands)
-    if not ok then
-        print(name .. ": WARNING: could not set the TCP flags to " .. flags.name .. " (" .. tostring(err) .. ");")
-        print(name .. ": packets carry pktgen's default flags (ACK), " .. flags.fallback)
-        print(name .. ": adapt TCP_FLAG_COMMANDS to this pktgen's `help range`.")
+    -- What pktgen took, from the configuration it saves.
+    local lines = M.saved()
+    local want = {}
+    local function want_range(what, start, max, inc)
+        want[#want + 1] = string.format("range %s %s start %s", PORT, what, start)
+        want[#want + 1] = string.format("range %s %s min %s", PORT, what, start)
+        want[#want + 1] = string.format("range %s %s max %s", PORT, what, max)
+        want[#want + 1] = string.format("range %s %s inc %s", PORT, what, inc)
+    end
+    want_range("dst ip", s.VIP, s.VIP, "0.0.0.0")
+    want_range("src ip", s.SRC_IP_MIN, s.SRC_IP_MAX, s.SRC_IP_INC)
+    want_range("dst port", s.VIP_PORT, s.VIP_PORT, 0)
+    want_range("src port", s.SRC_PORT_MIN, s.SRC_PORT_MAX, s.SRC_PORT_INC)
+    want[#want + 1] = string.format("range %s dst mac start %s", PORT, s.DST_MAC)
+    want[#want + 1] = string.format("range %s size start %d", PORT, s.PKT_SIZE)
+    want[#want + 1] = string.format("range %s proto tcp", PORT)
+    want[#want + 1] = string.format("enable %s range", PORT)
+    M.expect_lines(lines, want, "the range settings")
+    local got = M.saved_range_flags(lines, PORT)
+    local sorted = {}
+    for _, f in ipairs(flags) do sorted[#sorted + 1] = f end
+    table.sort(sorted)
+    if got ~= table.concat(sorted, ",") then
+        error("pktgen " .. vtext .. " did not take the TCP flags: range packets carry ["
+            .. got .. "], not [" .. table.concat(sorted, ",") .. "] (commands: "
+            .. table.concat(flag_commands, "; ") .. ")", 0)
     end
 
-    pktgen.set_range(PORT, "on")
     M.send(name, s)
     pktgen.set_range(PORT, "off")
-
-    if s.QUIT then pktgen.quit() end
 end
 
 return M

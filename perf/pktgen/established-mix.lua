@@ -1,11 +1,16 @@
--- Established-flow mix against a pktdist service: TCP ACK+PSH segments over a
--- fixed set of client flows (addresses x ports) to one VIP and port, as the
--- data phase of open connections looks on the wire, for a fixed time; then
--- pktgen's port statistics. pktdist routes a flow it has not seen open by
--- its affinities and then the consistent hash (SPEC section 2), so this load
--- needs no handshake first.
+-- Established-flow load against a pktdist service in pktgen's range mode:
+-- TCP ACK+PSH segments (256-byte frames) from a range of client addresses
+-- and ports to one VIP and port, as the data phase of open connections
+-- looks on the wire, for a fixed time; then pktgen's port statistics.
+-- pktdist routes a flow it has not seen open by its affinities and then the
+-- consistent hash (SPEC section 2), so this load needs no handshake first.
 --
--- For pktgen-dpdk built with Lua (meson -Denable_lua=true), 22.x/23.x API:
+-- Range mode sends few distinct flows (about 32 on memif or pcap ports; see
+-- docs/pktgen.md), each of them many times.
+--
+-- For pktgen-dpdk built with Lua (meson -Denable_lua=true); the TCP flag
+-- commands follow pktgen's version (24.07.1 and older, or 24.10.3 and newer;
+-- 24.10.0-24.10.2 cannot set range-mode flags and are refused):
 --   pktgen <EAL args> -- -P -m "[1:2].0" -f perf/pktgen/established-mix.lua
 -- or at the Pktgen prompt:  load perf/pktgen/established-mix.lua
 --
@@ -25,18 +30,8 @@ local settings = common.settings({
     SRC_PORT_INC = 1,             -- step per packet
     PKT_SIZE     = 256,           -- frame size with FCS
 })
--- pktgen CLI commands for the TCP flags: pktgen's Lua range API has no TCP
--- flag setter, its command line does (22.x/23.x syntax; check `help range`
--- in yours). %s is the port.
-local TCP_FLAG_COMMANDS = {
-    "range %s tcp flag clr all",
-    "range %s tcp flag set ack",
-    "range %s tcp flag set psh",
-}
 -- -------------------------------------------------------------------------
 
-common.tcp_range("established-mix", settings, {
-    commands = TCP_FLAG_COMMANDS,
-    name = "ACK+PSH",
-    fallback = "still an established-flow load.",
-})
+common.main("established-mix", settings, function(s)
+    common.tcp_range("established-mix", s, { "ack", "psh" })
+end)

@@ -55,6 +55,9 @@ pub struct ControlSetup {
     pub workers: Vec<Arc<WorkerCounters>>,
     /// The ports' device counters (None: no ports).
     pub port_stats: Option<PortStatsSource>,
+    /// Upkeep of the ports, run first in every tick (a tenth of a second):
+    /// the DPDK layer's link events and counter readings (None: nothing).
+    pub port_upkeep: Option<Box<dyn FnMut() + Send>>,
     /// Where the status line goes every `[control] status_interval` (None:
     /// no status line).
     pub status: Option<Box<dyn Write + Send>>,
@@ -68,6 +71,7 @@ pub struct ControlThread {
     file: ConfigFile,
     shared: Shared,
     port_stats: Option<PortStatsSource>,
+    port_upkeep: Option<Box<dyn FnMut() + Send>>,
     metrics: Option<MetricsServer>,
     status: Option<StatusLine>,
     next_tick: Instant,
@@ -126,6 +130,7 @@ impl ControlThread {
             file: ConfigFile::new(setup.config_path, cfg.clone()),
             shared,
             port_stats: setup.port_stats,
+            port_upkeep: setup.port_upkeep,
             metrics,
             status: setup.status.map(|out| StatusLine {
                 out,
@@ -181,10 +186,14 @@ impl ControlThread {
         Ok(reloaded.message)
     }
 
-    /// Expires affinities, refreshes the metrics when they are due and sends
+    /// Runs the ports' upkeep, expires affinities, refreshes the metrics
+    /// when they are due and sends
     /// the AFFINITY_ENDED notices of every affinity that ended since the
     /// last tick.
     pub fn tick(&mut self) {
+        if let Some(upkeep) = &mut self.port_upkeep {
+            upkeep();
+        }
         self.plane.expire();
         if let Some(m) = &self.metrics {
             if m.wants_update() {
@@ -409,6 +418,7 @@ mod tests {
                 config_path: Some(path.to_path_buf()),
                 workers: vec![Arc::new(WorkerCounters::default())],
                 port_stats: None,
+                port_upkeep: None,
                 status,
             },
         )

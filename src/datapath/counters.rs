@@ -79,7 +79,9 @@ pub struct WorkerCounters {
     pub polls: Counter,
     pub busy_polls: Counter,
     pub drops: [Counter; DropReason::COUNT],
-    /// TCP SYNs without ACK seen for a service.
+    /// TCP SYN packets (without ACK) for a service, every one: those that
+    /// open a connection and those repeated on a flow already open. The
+    /// connections opened are `ServiceCounters::new_connections`.
     pub syns: Counter,
     /// Packets of a flow the table did not know that was not a SYN
     /// (after a restart, an eviction, or an RSS change): routed statelessly.

@@ -805,6 +805,12 @@ impl<IO: PacketIo> Worker<IO> {
     ) -> Result<BackendId, DropReason> {
         let is_tcp = p.key.proto == PROTO_TCP;
         let flags = if is_tcp { p.tcp_flags } else { 0 };
+        let syn = p.is_syn();
+        if syn {
+            // Every SYN, also one repeated on a flow already open (a
+            // retransmission, or a load generator's repeating flows).
+            self.counters.syns.inc();
+        }
         // A known flow keeps its backend while that backend is configured
         // (a draining backend keeps its connections).
         match self.flows.lookup(&p.key, hash, now, flags) {
@@ -839,18 +845,13 @@ impl<IO: PacketIo> Worker<IO> {
             Lookup::Miss => {}
         }
 
-        let syn = p.is_syn();
-        if is_tcp {
-            if syn {
-                self.counters.syns.inc();
-            } else {
-                self.counters.unknown_flows.inc();
-                if flags & tcp_flags::RST != 0 {
-                    // A reset for a flow we do not know: route it statelessly
-                    // and remember nothing.
-                    let backend = self.pick_stateless(dp, svc, p, hash)?;
-                    return Ok(backend);
-                }
+        if is_tcp && !syn {
+            self.counters.unknown_flows.inc();
+            if flags & tcp_flags::RST != 0 {
+                // A reset for a flow we do not know: route it statelessly
+                // and remember nothing.
+                let backend = self.pick_stateless(dp, svc, p, hash)?;
+                return Ok(backend);
             }
         }
 
@@ -1344,6 +1345,30 @@ mod tests {
         send(&mut b, &rsts, SEC);
         assert_eq!(b.worker.counters().flows_active.get(), 15);
         assert_eq!(b.worker.flows().len(), 15);
+    }
+
+    /// Every SYN counts as one, also a SYN repeated on a flow already open;
+    /// only the first of each flow opens a connection. SYN+ACK and packets
+    /// not for a service are no SYNs.
+    #[test]
+    fn every_syn_counts_and_repeats_open_no_connection() {
+        let bes = vec![backend(0, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1024);
+        let syns: Vec<Vec<u8>> = (0..300u32)
+            .map(|i| tcp([198, 18, 14, (i % 10) as u8], 1, tcp_flags::SYN))
+            .collect();
+        assert_eq!(send(&mut b, &syns, SEC).len(), 300);
+        send(
+            &mut b,
+            &[tcp([198, 18, 14, 0], 1, tcp_flags::SYN | tcp_flags::ACK)],
+            SEC,
+        );
+        let c = b.worker.counters();
+        assert_eq!(c.syns.get(), 300);
+        assert_eq!(c.services[0].new_connections.get(), 10);
+        assert_eq!(c.backends[0].connections.get(), 10);
+        assert_eq!(b.worker.flows().len(), 10);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! system's DPDK headers, plus the C shim `shim.c` for DPDK's inline
 //! functions), and safe owners for them — [`Eal`], [`Mempool`], [`Mbuf`]
 //! (a [`crate::datapath::pktio::PacketBuf`]), [`Port`] and [`PortQueues`] (a
-//! [`crate::datapath::pktio::PacketIo`]).
+//! [`crate::datapath::pktio::PacketIo`]) — and the [`EventGuard`] that keeps
+//! drivers' event handlers (memif's disconnect) away from the workers'
+//! bursts.
 //!
 //! # Typical use
 //!
@@ -49,10 +51,14 @@ mod thread;
 
 pub use cpu::{prefetch, tsc, tsc_hz};
 pub use error::DpdkError;
-pub use thread::{lcore_id, spawn_worker, WorkerHandle};
+pub use thread::{lcore_id, pin_current_thread, spawn_worker, WorkerHandle};
 
 #[cfg(feature = "dpdk")]
 mod eal;
+#[cfg(feature = "dpdk")]
+mod guard;
+#[cfg(feature = "dpdk")]
+mod intr;
 #[cfg(feature = "dpdk")]
 mod mbuf;
 #[cfg(feature = "dpdk")]
@@ -66,6 +72,8 @@ mod sys;
 
 #[cfg(feature = "dpdk")]
 pub use eal::Eal;
+#[cfg(feature = "dpdk")]
+pub use guard::{EventGuard, GUARDED_DRIVERS};
 #[cfg(feature = "dpdk")]
 pub use mbuf::Mbuf;
 #[cfg(feature = "dpdk")]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::eal;
+use super::guard::{Gate, GUARDED_DRIVERS};
 use super::mempool::HEADROOM;
 use super::sys;
 use super::{DpdkError, Mempool};
@@ -30,6 +31,11 @@ pub struct PortSetup {
     /// Spread flows over the queues with RSS on IP addresses and TCP/UDP
     /// ports, when there are several queues and the device can.
     pub rss: bool,
+    /// For a driver in [`super::GUARDED_DRIVERS`] (memif): give the port a
+    /// gate, closed at first, so that an [`super::EventGuard`] keeps the
+    /// driver's event handlers and its burst functions apart. The port then
+    /// passes packets only while that guard has it open.
+    pub guard_events: bool,
 }
 
 impl Default for PortSetup {
@@ -40,6 +46,7 @@ impl Default for PortSetup {
             tx_desc: 1024,
             promiscuous: true,
             rss: true,
+            guard_events: false,
         }
     }
 }
@@ -91,6 +98,8 @@ pub struct Port {
     closed: bool,
     /// The receive queues allocate from this pool: it must outlive them.
     pool: Arc<Mempool>,
+    /// See [`PortSetup::guard_events`].
+    gate: Option<Arc<Gate>>,
 }
 
 // SAFETY: the control-path calls a Port makes (configure, start, stop,
@@ -158,10 +167,13 @@ impl Port {
             }
         };
         let info = dev_info(id)?;
+        let driver = c_string(info.driver_name);
+        let gate = (conf.guard_events && GUARDED_DRIVERS.contains(&driver.as_str()))
+            .then(|| Arc::new(Gate::new(conf.queues)));
         let mut port = Port {
             id,
             name,
-            driver: c_string(info.driver_name),
+            driver,
             mac: [0; 6],
             socket: sys::SOCKET_ANY,
             rss: false,
@@ -174,6 +186,7 @@ impl Port {
             },
             closed: false,
             pool,
+            gate,
         };
         eal::retain();
         match port.configure(&info, conf) {
@@ -377,6 +390,15 @@ impl Port {
         &self.pool
     }
 
+    /// Whether the port has a gate ([`PortSetup::guard_events`]).
+    pub fn is_guarded(&self) -> bool {
+        self.gate.is_some()
+    }
+
+    pub(crate) fn gate(&self) -> Option<&Arc<Gate>> {
+        self.gate.as_ref()
+    }
+
     /// The device's counters.
     pub fn stats(&self) -> Result<DeviceStats, DpdkError> {
         let mut s = MaybeUninit::<sys::rte_eth_stats>::zeroed();
@@ -462,6 +484,7 @@ impl Port {
             queue,
             dir: bits,
             mac: self.mac,
+            gate: self.gate.clone(),
             port: Arc::clone(self),
         })
     }
@@ -503,6 +526,8 @@ pub struct PortQueue {
     /// [`QueueDir`] bits held.
     pub(crate) dir: u8,
     pub(crate) mac: [u8; 6],
+    /// The port's gate, if it has one.
+    pub(crate) gate: Option<Arc<Gate>>,
     port: Arc<Port>,
 }
 

@@ -64,6 +64,11 @@ impl PacketIo for PortQueues {
             return;
         }
         bufs.reserve(room);
+        if let Some(g) = &q.gate {
+            if !g.enter(q.queue, false) {
+                return;
+            }
+        }
         let len = bufs.len();
         // Mbuf is a transparent non-null `*mut rte_mbuf`: the spare
         // capacity is the pointer array DPDK fills.
@@ -75,6 +80,9 @@ impl PacketIo for PortQueues {
         // and keeps the port open; dst has room for `room` pointers
         // (reserved above, room <= MAX_BURST fits u16).
         let n = unsafe { sys::pktdist_rx_burst(q.id, q.queue, dst, room as u16) };
+        if let Some(g) = &q.gate {
+            g.leave(q.queue, false);
+        }
         let n = usize::from(n).min(room);
         // SAFETY: DPDK wrote n valid, non-null mbuf pointers, now owned by
         // us alone, into the first n spare slots.
@@ -93,12 +101,20 @@ impl PacketIo for PortQueues {
         if len == 0 {
             return;
         }
+        if let Some(g) = &q.gate {
+            if !g.enter(q.queue, true) {
+                return;
+            }
+        }
         let want = len.min(usize::from(u16::MAX)) as u16;
         let p = bufs.as_mut_ptr();
         // SAFETY: exclusive queue as in rx_burst; p points to `len` owned
         // mbufs laid out as `*mut rte_mbuf` (transparent), of which the
         // first `want` are offered.
         let sent = usize::from(unsafe { sys::pktdist_tx_burst(q.id, q.queue, p.cast(), want) });
+        if let Some(g) = &q.gate {
+            g.leave(q.queue, true);
+        }
         let sent = sent.min(len);
         if sent == 0 {
             return;

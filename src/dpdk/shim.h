@@ -10,6 +10,7 @@
 
 #include <stdint.h>
 #include <rte_eal.h>
+#include <rte_alarm.h>
 #include <rte_errno.h>
 #include <rte_lcore.h>
 #include <rte_cycles.h>

@@ -87,9 +87,8 @@ where
 /// Cores a `cpu_set_t` can name (glibc's `CPU_SETSIZE`).
 const CPU_SETSIZE: usize = 1024;
 
-/// Pins the calling thread and registers it; the returned guard
-/// unregisters it when dropped (also when the worker panics).
-fn setup(core: usize) -> Result<Registration, DpdkError> {
+/// Pins the calling thread to `core` (and only there).
+pub fn pin_current_thread(core: usize) -> Result<(), DpdkError> {
     // core_affinity panics beyond the fixed-size CPU set; the kernel
     // judges the rest.
     if core >= CPU_SETSIZE || !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
@@ -97,6 +96,13 @@ fn setup(core: usize) -> Result<Registration, DpdkError> {
             "cannot pin a thread to core {core}"
         )));
     }
+    Ok(())
+}
+
+/// Pins the calling thread and registers it; the returned guard
+/// unregisters it when dropped (also when the worker panics).
+fn setup(core: usize) -> Result<Registration, DpdkError> {
+    pin_current_thread(core)?;
     Registration::register()
 }
 

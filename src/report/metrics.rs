@@ -101,7 +101,7 @@ pub fn render(s: &Summary) -> String {
         ),
         (
             "pktdist_tcp_syn_total",
-            "TCP SYNs (without ACK) to a service.",
+            "TCP SYNs (without ACK) to a service, every one: also those repeated on a flow already open.",
             s.syns,
         ),
         (
@@ -365,6 +365,15 @@ pub fn render(s: &Summary) -> String {
         for p in &s.ports {
             f.value(&[("port", &p.name)], get(p) as f64);
         }
+    }
+    let mut f = Family::new(
+        &mut o,
+        "pktdist_port_link_up",
+        "gauge",
+        "1 while the port's link is up (a memif port: while its peer is connected).",
+    );
+    for p in &s.ports {
+        f.value(&[("port", &p.name)], if p.link_down { 0.0 } else { 1.0 });
     }
 
     if let Some(control) = &s.extra.control {

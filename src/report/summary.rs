@@ -129,6 +129,11 @@ pub struct PortSummary {
     pub oerrors: u64,
     /// Receive failures for want of an mbuf.
     pub rx_nombuf: u64,
+    /// The link was down at the last reading (the counters are the last
+    /// ones read while it was up; see `report::portstats`). Absent in older
+    /// servers' JSON.
+    #[serde(default)]
+    pub link_down: bool,
 }
 
 /// One worker's own counters.
@@ -666,8 +671,15 @@ impl Summary {
         for p in &self.ports {
             let _ = writeln!(
                 o,
-                "  port {}: rx {} tx {} missed {} errors {}/{} no-mbuf {}",
-                p.name, p.ipackets, p.opackets, p.imissed, p.ierrors, p.oerrors, p.rx_nombuf
+                "  port {}: rx {} tx {} missed {} errors {}/{} no-mbuf {}{}",
+                p.name,
+                p.ipackets,
+                p.opackets,
+                p.imissed,
+                p.ierrors,
+                p.oerrors,
+                p.rx_nombuf,
+                if p.link_down { "  (link down)" } else { "" }
             );
         }
         if let Some(c) = &self.extra.control {

@@ -13,7 +13,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::traffic_source::{TrafficReport, TrafficSource};
@@ -23,9 +23,10 @@ use crate::control::thread::{ControlSetup, ControlThread, PortStatsSource};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use crate::dpdk::{
-    spawn_worker, Eal, Mempool, Port, PortQueues, PortSetup, QueueDir, WorkerHandle,
+    spawn_worker, Eal, EventGuard, Mempool, Port, PortQueues, PortSetup, QueueDir, WorkerHandle,
     DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
+use crate::report::portstats::PortCounters;
 use crate::report::summary::{PortSummary, Summary};
 
 /// How `pktdist run` was asked to run.
@@ -83,6 +84,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     let flags = StopFlags::install()?;
     let began = Instant::now();
     let started = start(cfg)?;
+    let keeper = PortKeeper::new(cfg, &started.ports);
     let workers: Vec<Arc<WorkerCounters>> = cfg
         .cores
         .workers
@@ -94,7 +96,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         ControlSetup {
             config_path: opts.config_path.clone(),
             workers: workers.clone(),
-            port_stats: Some(port_stats(cfg, &started.ports)),
+            port_stats: Some(keeper.stats()),
+            port_upkeep: Some(keeper.upkeep()),
             status: opts
                 .status
                 .then(|| Box::new(std::io::stdout()) as Box<dyn Write + Send>),
@@ -114,13 +117,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         opts.duration.map(|d| began + d),
     );
 
-    let mut summary = stop(threads, &control)?;
+    let summary = stop(threads, &control);
+    keeper.stop();
+    let mut summary = summary?;
     summary.seconds = began.elapsed().as_secs_f64();
     // The control thread goes first (its port-stats source holds the ports),
     // then the ports, which stop and close as they drop (before the pool
     // they fill from, which they hold); EAL itself stays up until the
     // process exits.
     drop(control);
+    drop(keeper);
     drop(started);
     Ok(summary)
 }
@@ -149,6 +155,14 @@ fn start(cfg: &Config) -> Result<Started, String> {
         }
     }
 
+    // EAL starts its own threads (the interrupt thread, which runs the
+    // drivers' event handlers, and others) on the CPUs this thread may use
+    // outside EAL's core list: the worker cores, as the workers are
+    // registered threads, not EAL lcores. Confined to the control core
+    // first, this thread leaves EAL only the control core for them, so they
+    // never preempt a worker.
+    crate::dpdk::pin_current_thread(cfg.cores.control)
+        .map_err(|e| format!("control core {}: {e}", cfg.cores.control))?;
     let eal = Eal::init(&eal_args(cfg)).map_err(|e| format!("EAL: {e}"))?;
     let pool = Mempool::new(
         "pktdist",
@@ -167,18 +181,26 @@ fn start(cfg: &Config) -> Result<Started, String> {
             tx_desc: p.tx_descriptors,
             promiscuous: true,
             rss: true,
+            // A memif port passes packets only while its peer is connected
+            // and the event guard below has it open.
+            guard_events: true,
         };
         let port = Port::open(&p.device, &conf, Arc::clone(&pool))
             .map_err(|e| format!("port {} ({}): {e}", p.name, p.device))?;
         let mac = port.mac();
         eprintln!(
-            "pktdist: port {} = {} ({}), mac {}, {} queue(s){}",
+            "pktdist: port {} = {} ({}), mac {}, {} queue(s){}{}",
             p.name,
             p.device,
             port.driver(),
             crate::config::MacAddr(mac),
             port.queues(),
-            if port.rss() { ", RSS" } else { "" }
+            if port.rss() { ", RSS" } else { "" },
+            if port.is_guarded() {
+                ", polled while its link is up"
+            } else {
+                ""
+            }
         );
         ports.push(Arc::new(port));
     }
@@ -369,26 +391,119 @@ fn stop(threads: Threads, control: &ControlThread) -> Result<Summary, String> {
     Ok(summary)
 }
 
-/// The ports' device counters, read by the control thread.
-fn port_stats(cfg: &Config, ports: &[Arc<Port>]) -> PortStatsSource {
-    let names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
-    let ports = ports.to_vec();
-    Box::new(move || {
-        names
-            .iter()
-            .zip(&ports)
-            .filter_map(|(name, port)| {
-                let s = port.stats().ok()?;
-                Some(port_summary(name, &s))
-            })
-            .collect()
-    })
+/// The ports as the control thread keeps them: their counters, read for
+/// the summary and the metrics, and their upkeep every tick. A memif port's
+/// link events (its peer leaving or coming) are handled by EAL's interrupt
+/// thread only while every worker is kept off the port (`dpdk::EventGuard`),
+/// and the counters are read just before, since a peer's leaving zeroes
+/// them.
+struct PortKeeper {
+    view: Arc<Mutex<PortView>>,
+    guard: Arc<Mutex<EventGuard>>,
 }
 
-/// A port's device counters as the summary shows them.
-fn port_summary(name: &str, s: &crate::dpdk::DeviceStats) -> PortSummary {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PortKeeper {
+    /// Guarded (memif) ports open once their peer is connected.
+    fn new(cfg: &Config, ports: &[Arc<Port>]) -> PortKeeper {
+        let view = PortView::new(
+            cfg.ports
+                .iter()
+                .map(|p| p.name.clone())
+                .zip(ports.iter().cloned()),
+        );
+        let mut guard = EventGuard::new(ports);
+        guard.tick(|| {});
+        PortKeeper {
+            view: Arc::new(Mutex::new(view)),
+            guard: Arc::new(Mutex::new(guard)),
+        }
+    }
+
+    fn stats(&self) -> PortStatsSource {
+        let view = Arc::clone(&self.view);
+        Box::new(move || {
+            let mut v = lock(&view);
+            v.refresh();
+            v.summaries()
+        })
+    }
+
+    fn upkeep(&self) -> Box<dyn FnMut() + Send> {
+        let (view, guard) = (Arc::clone(&self.view), Arc::clone(&self.guard));
+        Box::new(move || {
+            let refresh = || lock(&view).refresh();
+            let mut g = lock(&guard);
+            g.tick(refresh);
+            if let Some(e) = g.take_error() {
+                eprintln!("pktdist: memif ports stay closed: {e}");
+            }
+            drop(g);
+            refresh();
+        })
+    }
+
+    /// The last reading, then EAL's interrupt thread runs freely again
+    /// (closing a port may need it).
+    fn stop(&self) {
+        lock(&self.view).refresh();
+        lock(&self.guard).stop();
+    }
+}
+
+/// The ports' counters as the summary and the metrics show them, read by
+/// the control thread every tick (see `report::portstats`), with the link
+/// changes logged.
+struct PortView {
+    ports: Vec<(String, Arc<Port>, PortCounters)>,
+}
+
+impl PortView {
+    fn new(ports: impl Iterator<Item = (String, Arc<Port>)>) -> PortView {
+        PortView {
+            ports: ports
+                .map(|(name, port)| {
+                    let mut c = PortCounters::new();
+                    // Up until a reading says otherwise: a port that starts
+                    // down (memif without a peer yet) is logged as such.
+                    c.update(&PortSummary::default(), true);
+                    (name, port, c)
+                })
+                .collect(),
+        }
+    }
+
+    fn refresh(&mut self) {
+        for (name, port, counters) in &mut self.ports {
+            let Ok(s) = port.stats() else { continue };
+            // The link after the counters: a driver that zeroes them when
+            // its peer leaves (memif) reports the link down first.
+            let up = port.link().is_ok_and(|l| l.up);
+            if up != counters.link_up() {
+                eprintln!(
+                    "pktdist: port {name}: link {}",
+                    if up { "up" } else { "down" }
+                );
+            }
+            counters.update(&device_counters(&s), up);
+        }
+    }
+
+    fn summaries(&self) -> Vec<PortSummary> {
+        self.ports
+            .iter()
+            .map(|(name, _, c)| c.summary(name))
+            .collect()
+    }
+}
+
+/// A port's device counters, as read.
+fn device_counters(s: &crate::dpdk::DeviceStats) -> PortSummary {
     PortSummary {
-        name: name.to_string(),
+        name: String::new(),
         ipackets: s.ipackets,
         opackets: s.opackets,
         ibytes: s.ibytes,
@@ -397,5 +512,6 @@ fn port_summary(name: &str, s: &crate::dpdk::DeviceStats) -> PortSummary {
         ierrors: s.ierrors,
         oerrors: s.oerrors,
         rx_nombuf: s.rx_nombuf,
+        link_down: false,
     }
 }

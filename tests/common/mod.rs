@@ -303,6 +303,13 @@ impl Pktdist {
         self.stderr.wait_for(pat, timeout)
     }
 
+    /// The exit status if the child has ended, without waiting.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
