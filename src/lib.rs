@@ -18,6 +18,8 @@
 //!   shared by the control thread and its clients.
 //! * [`report`] — the summary, Prometheus metrics and the stats view.
 //! * [`client`] — the client library applications use, and the CLI.
+//! * [`command`] — the `pktdist` command line (its clap definition, man
+//!   pages and shell completions).
 //! * [`config`] — the TOML configuration and its validation.
 //! * [`run`] — `pktdist run`: the process that starts EAL and the ports,
 //!   spawns the workers, serves the control thread's loop and stops it all
@@ -31,6 +33,7 @@
 
 pub mod affinity;
 pub mod client;
+pub mod command;
 pub mod config;
 pub mod control;
 pub mod datapath;

@@ -1,77 +1,28 @@
 //! The `pktdist` command: run the distributor, check a configuration, and
-//! talk to a running instance over the control protocol.
+//! talk to a running instance over the control protocol. The command line
+//! itself is defined in [`pktdist::command`].
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
-use pktdist::client::cli::{self, parse_duration, AffinityCmd, BackendCmd, ConnArgs, StatsArgs};
+use pktdist::client::cli;
+use pktdist::command::{self, Cli, Cmd, RunArgs};
 use pktdist::config::Config;
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "pktdist",
-    version,
-    about = "DPDK L4 connection distributor with server-application-initiated affinity"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Start EAL, ports, workers and the control thread; stop on
-    /// SIGINT/SIGTERM or after --duration and print a summary.
-    Run {
-        /// The configuration file (TOML).
-        #[arg(long)]
-        config: PathBuf,
-        /// Stop after this long (30, 30s, 5m, ...).
-        #[arg(long, value_parser = parse_duration)]
-        duration: Option<Duration>,
-        /// Also write the summary as JSON to this file.
-        #[arg(long)]
-        summary_json: Option<PathBuf>,
-        /// No status line, only the summary.
-        #[arg(long)]
-        quiet: bool,
-    },
-    /// Validate a configuration and print the resolved plan.
-    Check {
-        #[arg(long)]
-        config: PathBuf,
-    },
-    /// Create, extend, cancel and list affinities of a running instance.
-    #[command(subcommand)]
-    Affinity(AffinityCmd),
-    /// List backends of a running instance and change them.
-    #[command(subcommand)]
-    Backend(BackendCmd),
-    /// Statistics of a running instance (--watch for a live view).
-    Stats(StatsArgs),
-    /// Make a running instance re-read its configuration file (as SIGHUP).
-    Reload(ConnArgs),
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    pktdist::run::logging::init(cli.log_level.as_deref());
     let result = match cli.cmd {
         Cmd::Check { config } => Config::load(&config)
             .map(|cfg| print!("{}", cfg.plan()))
             .map_err(|e| e.to_string()),
-        Cmd::Run {
-            config,
-            duration,
-            summary_json,
-            quiet,
-        } => run(config, duration, summary_json, quiet),
+        Cmd::Run(args) => run(args),
         Cmd::Affinity(cmd) => cli::run_affinity(&cmd),
         Cmd::Backend(cmd) => cli::run_backend(&cmd),
         Cmd::Stats(args) => cli::run_stats(&args),
         Cmd::Reload(conn) => cli::run_reload(&conn),
+        Cmd::Generate { what } => command::generate(&what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,22 +34,17 @@ fn main() -> ExitCode {
 }
 
 #[cfg(feature = "dpdk")]
-fn run(
-    config: PathBuf,
-    duration: Option<Duration>,
-    summary_json: Option<PathBuf>,
-    quiet: bool,
-) -> Result<(), String> {
+fn run(args: RunArgs) -> Result<(), String> {
     use pktdist::run::{run, RunOptions};
-    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    let cfg = Config::load(&args.config).map_err(|e| e.to_string())?;
     let opts = RunOptions {
-        duration,
-        status: !quiet,
-        config_path: Some(config),
+        duration: args.duration,
+        status: !args.quiet,
+        config_path: Some(args.config),
     };
     let summary = run(&cfg, &opts)?;
     print!("{}", summary.render());
-    if let Some(path) = summary_json {
+    if let Some(path) = args.summary_json {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
         std::fs::write(&path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
     }
@@ -106,6 +52,6 @@ fn run(
 }
 
 #[cfg(not(feature = "dpdk"))]
-fn run(_: PathBuf, _: Option<Duration>, _: Option<PathBuf>, _: bool) -> Result<(), String> {
+fn run(_: RunArgs) -> Result<(), String> {
     Err("this pktdist was built without the `dpdk` feature: it can check configurations and talk to a running instance, not run".into())
 }

@@ -106,8 +106,8 @@ impl ControlPlane {
     }
 
     /// The plane's part of the statistics: the workers' counters against the
-    /// current snapshot, the affinities installed and how long ended ones
-    /// lived.
+    /// current snapshot, the affinities installed, the table's capacity and
+    /// how long ended affinities lived.
     pub fn summary(&self) -> Summary {
         let secs = self.epoch.elapsed().as_secs_f64();
         let mut s = Summary::collect(
@@ -118,6 +118,7 @@ impl ControlPlane {
             &self.counter_base,
         );
         s.affinity_lifetime_ms = Percentiles::of(&self.lifetimes);
+        s.affinity_capacity = self.affinities.capacity();
         s
     }
 

@@ -201,15 +201,15 @@ impl ControlThread {
             }
         }
         for (notify, notice) in self.plane.take_notices() {
-            eprintln!(
-                "pktdist: affinity {} -> {} ended ({})",
+            log::info!(
+                "affinity {} -> {} ended ({})",
                 notice.key.client,
                 notice.owner,
                 notice.reason.name()
             );
             if let Some(to) = notify {
                 if let Err(e) = self.server.send_ended(to, &notice.owner, &notice) {
-                    eprintln!("pktdist: ended notification to {to}: {e}");
+                    log::warn!("ended notification to {to}: {e}");
                 }
             }
         }
@@ -242,9 +242,9 @@ impl ControlThread {
             }
             if reload.swap(false, Ordering::Relaxed) {
                 match self.reload() {
-                    Ok(msg) => eprintln!("pktdist: SIGHUP: {msg}"),
-                    Err(e) => eprintln!(
-                        "pktdist: SIGHUP: reload refused, running configuration kept: {e}"
+                    Ok(msg) => log::info!("SIGHUP: {msg}"),
+                    Err(e) => log::error!(
+                        "SIGHUP: reload refused, running configuration kept: {e}"
                     ),
                 }
             }

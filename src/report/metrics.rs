@@ -187,6 +187,13 @@ pub fn render(s: &Summary) -> String {
     .value(&[], s.affinities as f64);
     Family::new(
         &mut o,
+        "pktdist_affinity_capacity",
+        "gauge",
+        "Affinities the table holds at most ([affinity] capacity).",
+    )
+    .value(&[], s.affinity_capacity as f64);
+    Family::new(
+        &mut o,
         "pktdist_auto_affinity_pins",
         "gauge",
         "Automatic-affinity pins held: a client on a service, with connections open or lingering.",

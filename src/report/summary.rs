@@ -212,6 +212,10 @@ pub struct Summary {
     pub auto_affinity_hits: u64,
     pub active_flows: u64,
     pub affinities: usize,
+    /// How many affinities the table holds at most (`[affinity] capacity`).
+    /// Absent in older servers' JSON.
+    #[serde(default)]
+    pub affinity_capacity: usize,
     /// Clients pinned by automatic affinity, and new clients left unpinned
     /// because the table had no room (filled by the control thread).
     pub auto_affinity_pins: usize,
@@ -501,6 +505,7 @@ impl Summary {
             auto_affinity_hits: t.auto_affinity_hits,
             active_flows: t.flows_active,
             affinities,
+            affinity_capacity: 0,
             auto_affinity_pins: 0,
             auto_affinity_table_full: 0,
             mpps: if seconds > 0.0 {

@@ -1,13 +1,17 @@
 //! `pktdist run`: the process around the threads. Its main thread starts EAL
 //! and the ports, builds the control thread
 //! ([`crate::control::thread::ControlThread`]), spawns the workers, serves the
-//! control thread's loop, and stops everything in order (`process`); the
+//! control thread's loop, and stops everything in order (`process`),
+//! telling systemd where it stands (`notify`) and logging one line per event
+//! (`logging`); the
 //! optional built-in traffic source runs on a thread of its own
 //! (`traffic_source`), writing frames that [`trafficgen`] generates.
 //!
 //! This is where the distribution logic meets DPDK; it holds no `unsafe`
 //! itself: everything DPDK goes through [`crate::dpdk`].
 
+pub mod logging;
+pub mod notify;
 pub mod trafficgen;
 
 #[cfg(feature = "dpdk")]

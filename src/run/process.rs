@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::notify::Notifier;
 use super::traffic_source::{TrafficReport, TrafficSource};
 use super::trafficgen::{Target, TrafficGen, TrafficSpec};
 use crate::config::Config;
@@ -107,15 +108,23 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
 
     // Serve: the control thread's loop runs on this thread.
     let addr = control.local_addr().unwrap_or(cfg.control.listen);
-    eprintln!("pktdist: control protocol on udp {addr}");
+    log::info!("control protocol on udp {addr}");
     if let Some(addr) = control.metrics_addr() {
-        eprintln!("pktdist: metrics on http://{addr}/metrics");
+        log::info!("metrics on http://{addr}/metrics");
     }
+    let mut notifier = Notifier::from_env();
+    notifier.ready(&format!(
+        "forwarding on {} port(s) with {} worker(s); control on udp {addr}",
+        cfg.ports.len(),
+        cfg.cores.workers.len()
+    ));
     control.serve_until(
         &flags.signal,
         &flags.reload,
         opts.duration.map(|d| began + d),
     );
+    notifier.stopping();
+    log::info!("stopping");
 
     let summary = stop(threads, &control);
     keeper.stop();
@@ -188,8 +197,8 @@ fn start(cfg: &Config) -> Result<Started, String> {
         let port = Port::open(&p.device, &conf, Arc::clone(&pool))
             .map_err(|e| format!("port {} ({}): {e}", p.name, p.device))?;
         let mac = port.mac();
-        eprintln!(
-            "pktdist: port {} = {} ({}), mac {}, {} queue(s){}{}",
+        log::info!(
+            "port {} = {} ({}), mac {}, {} queue(s){}{}",
             p.name,
             p.device,
             port.driver(),
@@ -282,8 +291,8 @@ fn spawn(
         .map_err(|e| format!("worker {w} on core {core}: {e}"))?;
         workers.push(h);
     }
-    eprintln!(
-        "pktdist: {} worker(s) on core(s) {:?}, control on core {}",
+    log::info!(
+        "{} worker(s) on core(s) {:?}, control on core {}",
         workers.len(),
         cfg.cores.workers,
         cfg.cores.control
@@ -439,7 +448,7 @@ impl PortKeeper {
             let mut g = lock(&guard);
             g.tick(refresh);
             if let Some(e) = g.take_error() {
-                eprintln!("pktdist: memif ports stay closed: {e}");
+                log::error!("memif ports stay closed: {e}");
             }
             drop(g);
             refresh();
@@ -483,10 +492,11 @@ impl PortView {
             // its peer leaves (memif) reports the link down first.
             let up = port.link().is_ok_and(|l| l.up);
             if up != counters.link_up() {
-                eprintln!(
-                    "pktdist: port {name}: link {}",
-                    if up { "up" } else { "down" }
-                );
+                if up {
+                    log::info!("port {name}: link up");
+                } else {
+                    log::warn!("port {name}: link down");
+                }
             }
             counters.update(&device_counters(&s), up);
         }
