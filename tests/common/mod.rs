@@ -244,8 +244,14 @@ pub struct Pktdist {
 impl Pktdist {
     /// Starts `pktdist <args>`.
     pub fn spawn(args: &[&str]) -> Pktdist {
+        Pktdist::spawn_with_env(args, &[])
+    }
+
+    /// Starts `pktdist <args>` with `env` added to its environment.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Pktdist {
         let mut child = Command::new(PKTDIST)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,308 @@
+//! pktdist as a system service: systemd's readiness protocol against a
+//! socket this test listens on, a real Prometheus (Debian's `prometheus`)
+//! scraping a running instance, `promtool` on the `/metrics` text, and the
+//! shipped alerting rules checked and unit-tested by `promtool`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// config/demo.toml made fit for a test: this harness's EAL arguments, the
+/// control protocol and the metrics on free ports, a gentle traffic rate.
+fn demo_config(dir: &TempDir) -> std::path::PathBuf {
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+        .expect("config/demo.toml");
+    let mut out = String::new();
+    let mut in_eal_args = false;
+    for line in demo.lines() {
+        if in_eal_args {
+            in_eal_args = !line.starts_with(']');
+            continue;
+        }
+        if line.starts_with("args = [") {
+            out.push_str(&format!("args = {}\n", child_eal_args()));
+            in_eal_args = true;
+        } else if line.starts_with("listen = ") {
+            out.push_str("listen = \"127.0.0.1:0\"\n");
+        } else if line.starts_with("metrics_listen = ") {
+            out.push_str("metrics_listen = \"127.0.0.1:0\"\n");
+        } else if line.starts_with("rate_pps = ") {
+            out.push_str("rate_pps = 20000\n");
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    let path = dir.path("pktdist.toml");
+    std::fs::write(&path, out).expect("write config");
+    path
+}
+
+fn metrics_addr(pd: &Pktdist) -> SocketAddr {
+    const MARK: &str = "metrics on http://";
+    let line = pd
+        .wait_stderr(MARK, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no metrics address\n{}", pd.stderr_text()));
+    let at = line.find(MARK).expect("mark") + MARK.len();
+    line[at..]
+        .trim()
+        .trim_end_matches("/metrics")
+        .parse()
+        .expect("metrics address")
+}
+
+/// GET `path` from `addr`; the body of a 200 answer.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = Vec::new();
+    s.read_to_end(&mut r).ok()?;
+    let r = String::from_utf8_lossy(&r).into_owned();
+    let (head, body) = r.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    // Prometheus answers its API in chunks.
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Some(dechunk(body));
+    }
+    Some(body.to_string())
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A Prometheus server of its own, killed when dropped.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        let dir = TempDir::new("prometheus");
+        let cfg = dir.path("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: pktdist\n    static_configs:\n      \
+                 - targets: [\"{target}\"]\n"
+            ),
+        )
+        .expect("prometheus.yml");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path("prometheus.log")).expect("log"))
+            .spawn()
+            .expect("start prometheus (Debian package prometheus; scripts/install-deps.sh)");
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// The result vector of an instant query.
+    fn query(&self, expr: &str) -> Option<Vec<serde_json::Value>> {
+        let body = http_get(self.addr, &format!("/api/v1/query?query={}", urlencode(expr)))?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (v["status"] == "success").then(|| v["data"]["result"].as_array().cloned())?
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn systemd_hears_ready_then_stopping() {
+    let _serial = serial();
+    let dir = TempDir::new("notify");
+    let config = demo_config(&dir);
+    let sock_path = dir.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+
+    let pd = Pktdist::spawn_with_env(
+        &["run", "--config", path_str(&config), "--quiet"],
+        &[("NOTIFY_SOCKET", path_str(&sock_path))],
+    );
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).unwrap_or_else(|e| {
+        panic!("no READY=1 from pktdist: {e}\n{}", pd.stderr_text())
+    });
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.contains("STATUS=forwarding on 2 port(s)"), "{ready:?}");
+    // READY comes once the control protocol answers.
+    assert!(
+        pd.stderr_text().contains("control protocol on udp"),
+        "{}",
+        pd.stderr_text()
+    );
+
+    let done = pd.stop(Duration::from_secs(30));
+    assert!(done.status.success(), "{}", done.stderr);
+    let n = sock.recv(&mut buf).expect("STOPPING=1");
+    let stopping = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    // Log lines carry a level; outside the journal, no `<N>` prefix.
+    assert!(
+        done.stderr.lines().any(|l| l.contains(" INFO  stopping")),
+        "{}",
+        done.stderr
+    );
+    assert!(!done.stderr.contains("<6>"), "{}", done.stderr);
+}
+
+#[test]
+fn a_real_prometheus_scrapes_pktdist() {
+    let _serial = serial();
+    let dir = TempDir::new("prom-e2e");
+    let config = demo_config(&dir);
+    let (pd, _control) = Pktdist::run(&config);
+    let metrics = metrics_addr(&pd);
+
+    // promtool's own linter on the exposition text.
+    let text = http_get(metrics, "/metrics").expect("/metrics");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let prom = Prometheus::start(metrics);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let rate = loop {
+        if let Some(r) = prom.query("rate(pktdist_received_packets_total[5s])") {
+            if let Some(v) = r.first().and_then(|s| s["value"][1].as_str()) {
+                let v: f64 = v.parse().unwrap_or(0.0);
+                if v > 0.0 {
+                    break v;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never saw traffic\n{}\n{}",
+            prom.log(),
+            pd.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(rate > 0.0);
+
+    // Every backend of config/demo.toml, as Prometheus stored it.
+    let backends = prom
+        .query("pktdist_backend_weight")
+        .expect("pktdist_backend_weight");
+    let mut names: Vec<String> = backends
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s["metric"]["service"].as_str().unwrap_or("?"),
+                s["metric"]["backend"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["app/app1", "app/app2", "web/be1", "web/be2", "web/be3"],
+        "{backends:?}"
+    );
+    let up = prom.query("up{job=\"pktdist\"}").expect("up");
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!(up[0]["value"][1], "1", "{up:?}");
+}
+
+#[test]
+fn the_alerting_rules_pass_promtool() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/prometheus");
+    for args in [
+        ["check", "rules", "pktdist-rules.yml"],
+        ["test", "rules", "pktdist-rules.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("promtool (Debian package prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
