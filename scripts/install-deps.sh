@@ -3,13 +3,16 @@
 # DPDK 22.11 (libraries, drivers, dpdk-devbind.py, dpdk-testpmd), pkg-config,
 # libclang (bindgen), tshark (independent dissector for tests), iproute2 and
 # ethtool (test bed), curl and python3, Prometheus' Python client (metrics
-# test), lua5.3 (perf/pktgen/check.sh), and a Rust toolchain check. Safe to
-# run again: it installs only what is missing.
+# test), lua5.3 (perf/pktgen/check.sh), a real Prometheus and promtool
+# (prometheus), dpkg-dev, man-db and systemd (systemd-analyze) for the
+# Debian package and its test, cargo-deb, and a Rust toolchain check. Safe
+# to run again: it installs only what is missing.
 set -euo pipefail
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in libdpdk-dev dpdk dpdk-dev pkg-config libclang-dev tshark iproute2 ethtool curl python3 lua5.3; do
+for p in libdpdk-dev dpdk dpdk-dev pkg-config libclang-dev tshark iproute2 ethtool curl python3 lua5.3 \
+    prometheus dpkg-dev man-db systemd; do
     have_pkg "$p" || need+=("$p")
 done
 
@@ -34,6 +37,12 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: cargo not found; install Rust (https://rustup.rs) first" >&2
     exit 1
+fi
+
+# The Debian package is built with cargo-deb (scripts/build-deb.sh).
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "install-deps: installing cargo-deb"
+    cargo install --locked --quiet cargo-deb
 fi
 
 ver=$(pkg-config --modversion libdpdk)

@@ -36,5 +36,8 @@ else
     echo "python3.9 not found: the unit tests ran on $(python3 --version) only"
 fi
 
+echo "== Debian package (scripts/test-package.sh)"
+scripts/test-package.sh
+
 echo "== pktgen scripts (against a stand-in for pktgen; docs/pktgen.md)"
 perf/pktgen/check.sh

@@ -167,10 +167,15 @@ mod tests {
             "pktdist-stats.1",
             "pktdist-reload.1",
         ] {
-            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
         }
         assert!(
-            !names.iter().any(|n| n.contains("generate") || n.contains("help")),
+            !names
+                .iter()
+                .any(|n| n.contains("generate") || n.contains("help")),
             "{names:?}"
         );
         let top = std::fs::read_to_string(dir.join("pktdist.1")).unwrap();

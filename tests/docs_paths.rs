@@ -124,8 +124,8 @@ fn relative_links_and_their_anchors_exist() {
     assert!(broken.is_empty(), "broken links: {broken:#?}");
 }
 
-/// `pktdist::a::b::item`: the module file `src/a/b.rs` (or `src/a/b/mod.rs`)
-/// exists and declares a public `item`.
+/// `pktdist::a::b::item`: the module file `src/a/b.rs` (or `src/a/b/mod.rs`,
+/// or `src/lib.rs` for `pktdist::item`) exists and declares a public `item`.
 #[test]
 fn rust_paths_name_public_items() {
     let mut wrong = Vec::new();
@@ -138,7 +138,13 @@ fn rust_paths_name_public_items() {
             let segs: Vec<&str> = rest[..len].trim_end_matches(':').split("::").collect();
             let (item, modules) = segs.split_last().expect("a path");
             let module = modules.join("/");
-            let file = [format!("src/{module}.rs"), format!("src/{module}/mod.rs")]
+            // A top-level item (`pktdist::control`) is declared in lib.rs.
+            let candidates = if modules.is_empty() {
+                vec!["src/lib.rs".to_string()]
+            } else {
+                vec![format!("src/{module}.rs"), format!("src/{module}/mod.rs")]
+            };
+            let file = candidates
                 .into_iter()
                 .map(|f| Path::new(ROOT).join(f))
                 .find(|f| f.exists());

@@ -74,7 +74,10 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
         return None;
     }
     // Prometheus answers its API in chunks.
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return Some(dechunk(body));
     }
     Some(body.to_string())
@@ -134,7 +137,10 @@ impl Prometheus {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -150,7 +156,10 @@ impl Prometheus {
 
     /// The result vector of an instant query.
     fn query(&self, expr: &str) -> Option<Vec<serde_json::Value>> {
-        let body = http_get(self.addr, &format!("/api/v1/query?query={}", urlencode(expr)))?;
+        let body = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", urlencode(expr)),
+        )?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
         (v["status"] == "success").then(|| v["data"]["result"].as_array().cloned())?
     }
@@ -182,12 +191,15 @@ fn systemd_hears_ready_then_stopping() {
         &[("NOTIFY_SOCKET", path_str(&sock_path))],
     );
     let mut buf = [0u8; 512];
-    let n = sock.recv(&mut buf).unwrap_or_else(|e| {
-        panic!("no READY=1 from pktdist: {e}\n{}", pd.stderr_text())
-    });
+    let n = sock
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no READY=1 from pktdist: {e}\n{}", pd.stderr_text()));
     let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
-    assert!(ready.contains("STATUS=forwarding on 2 port(s)"), "{ready:?}");
+    assert!(
+        ready.contains("STATUS=forwarding on 2 port(s)"),
+        "{ready:?}"
+    );
     // READY comes once the control protocol answers.
     assert!(
         pd.stderr_text().contains("control protocol on udp"),

@@ -243,9 +243,9 @@ impl ControlThread {
             if reload.swap(false, Ordering::Relaxed) {
                 match self.reload() {
                     Ok(msg) => log::info!("SIGHUP: {msg}"),
-                    Err(e) => log::error!(
-                        "SIGHUP: reload refused, running configuration kept: {e}"
-                    ),
+                    Err(e) => {
+                        log::error!("SIGHUP: reload refused, running configuration kept: {e}")
+                    }
                 }
             }
             self.step(now);

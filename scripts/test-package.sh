@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Tests the Debian package: builds it from the release binary already built
+# (scripts/build-deb.sh --no-build), unpacks it into a scratch root with
+# dpkg-deb -x, and checks what an operator gets: the files in their places,
+# the conffile, the dependencies, the installed binary checking the
+# installed configuration, the man pages, the completions, and the systemd
+# unit passing `systemd-analyze verify`. Run by scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fail() { echo "test-package: $*" >&2; exit 1; }
+
+deb=$(scripts/build-deb.sh --no-build)
+[ -f "$deb" ] || fail "no package built ($deb)"
+root=$(mktemp -d /tmp/pktdist-deb-XXXXXX)
+trap 'rm -rf "$root"' EXIT
+dpkg-deb -x "$deb" "$root/fs"
+dpkg-deb -e "$deb" "$root/control"
+
+for f in usr/bin/pktdist etc/pktdist/pktdist.toml lib/systemd/system/pktdist.service \
+    usr/share/man/man1/pktdist.1.gz usr/share/man/man1/pktdist-run.1.gz \
+    usr/share/man/man1/pktdist-affinity-add.1.gz usr/share/man/man1/pktdist-backend-list.1.gz \
+    usr/share/bash-completion/completions/pktdist usr/share/zsh/vendor-completions/_pktdist \
+    usr/share/doc/pktdist/README.md usr/share/doc/pktdist/PROTOCOL.md \
+    usr/share/doc/pktdist/examples/demo.toml \
+    usr/share/doc/pktdist/examples/prometheus/pktdist-rules.yml; do
+    # cargo-deb may put the unit under /usr/lib/systemd (merged /usr).
+    if [ ! -e "$root/fs/$f" ] && [ ! -e "$root/fs/usr/$f" ]; then
+        fail "$f missing from $deb"
+    fi
+done
+unit=$root/fs/lib/systemd/system/pktdist.service
+[ -e "$unit" ] || unit=$root/fs/usr/lib/systemd/system/pktdist.service
+
+grep -qx /etc/pktdist/pktdist.toml "$root/control/conffiles" \
+    || fail "/etc/pktdist/pktdist.toml is not a conffile"
+depends=$(dpkg-deb -f "$deb" Depends)
+case "$depends" in
+    *librte-eal*) ;;
+    *) fail "Depends lacks DPDK's libraries: $depends" ;;
+esac
+# The service is installed, not enabled or started: the configuration needs
+# editing first.
+if grep -q "deb-systemd-invoke start\|systemctl.*enable" "$root/control/postinst"; then
+    fail "postinst starts or enables the service"
+fi
+
+bin=$root/fs/usr/bin/pktdist
+"$bin" --version | grep -q "^pktdist " || fail "pktdist --version"
+"$bin" check --config "$root/fs/etc/pktdist/pktdist.toml" >"$root/plan" \
+    || fail "the installed binary refuses the installed configuration"
+grep -q "services:" "$root/plan" || fail "check printed no plan"
+
+# Every page renders; `man pktdist` finds the installed one.
+for page in "$root"/fs/usr/share/man/man1/*.1.gz; do
+    man -l "$page" >/dev/null 2>"$root/man.err" || fail "man -l $page: $(cat "$root/man.err")"
+    [ -s "$root/man.err" ] && fail "man -l $page warns: $(cat "$root/man.err")"
+done
+MANPATH=$root/fs/usr/share/man man -w pktdist | grep -q "$root" || fail "man pktdist"
+
+# The bash completion registers itself and completes subcommands.
+words=$(bash -c "source '$root/fs/usr/share/bash-completion/completions/pktdist'
+    COMP_WORDS=(pktdist aff); COMP_CWORD=1; COMP_LINE='pktdist aff'; COMP_POINT=11
+    _pktdist pktdist aff pktdist; echo \"\${COMPREPLY[@]}\"")
+[ "$words" = "affinity" ] || fail "bash completion of 'pktdist aff' gave '$words'"
+grep -q "^#compdef pktdist" "$root/fs/usr/share/zsh/vendor-completions/_pktdist" \
+    || fail "zsh completion"
+
+# systemd-analyze verify, with the unit's binary pointed into the scratch
+# root and the man pages there (it checks Documentation= too). Any message
+# is a failure: it warns about unknown keys without failing.
+sed "s#/usr/bin/pktdist#$bin#g" "$unit" >"$root/pktdist.service"
+out=$(MANPATH=$root/fs/usr/share/man systemd-analyze verify "$root/pktdist.service" 2>&1) \
+    || fail "systemd-analyze verify: $out"
+[ -z "$out" ] || fail "systemd-analyze verify: $out"
+
+echo "test-package: $(basename "$deb"): $(dpkg-deb -c "$deb" | wc -l) entries, unit verified, check passes on the installed configuration"
