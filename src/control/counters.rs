@@ -89,6 +89,30 @@ pub struct PlaneCounters {
     pub ended_backend_removed: u64,
     /// Dataplane snapshots published after the first.
     pub snapshots: u64,
+    /// Backends' creates refused by their service's limits.
+    pub limited: LimitCounters,
+}
+
+/// Backends' creates a service's limits refused, one counter per limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitCounters {
+    /// A prefix shorter than `min_prefix`. Reply INVALID.
+    pub min_prefix: u64,
+    /// The owner at its `max_affinities_per_backend`. Reply QUOTA_EXCEEDED.
+    pub quota: u64,
+    /// Clients another backend's affinity covers. Reply CONFLICT.
+    pub overlap: u64,
+}
+
+impl LimitCounters {
+    /// (name, count) for every limit, in a fixed order.
+    pub fn as_array(&self) -> [(&'static str, u64); 3] {
+        [
+            ("min_prefix", self.min_prefix),
+            ("quota", self.quota),
+            ("overlap", self.overlap),
+        ]
+    }
 }
 
 /// The control thread's part of the summary.

@@ -114,10 +114,15 @@ pub enum ReturnCode {
     Internal = 6,
     /// A message type this distributor does not implement.
     Unsupported = 7,
+    /// The owner holds as many affinities as its service allows one
+    /// backend (the quota is named in the message).
+    QuotaExceeded = 8,
+    /// The sender made more requests per second than it may; retry later.
+    RateLimited = 9,
 }
 
 impl ReturnCode {
-    pub const ALL: [ReturnCode; 8] = [
+    pub const ALL: [ReturnCode; 10] = [
         ReturnCode::Ok,
         ReturnCode::Conflict,
         ReturnCode::NotFound,
@@ -126,6 +131,8 @@ impl ReturnCode {
         ReturnCode::TableFull,
         ReturnCode::Internal,
         ReturnCode::Unsupported,
+        ReturnCode::QuotaExceeded,
+        ReturnCode::RateLimited,
     ];
 
     pub fn from_u8(v: u8) -> Option<ReturnCode> {
@@ -142,6 +149,8 @@ impl ReturnCode {
             ReturnCode::TableFull => "TABLE_FULL",
             ReturnCode::Internal => "INTERNAL",
             ReturnCode::Unsupported => "UNSUPPORTED",
+            ReturnCode::QuotaExceeded => "QUOTA_EXCEEDED",
+            ReturnCode::RateLimited => "RATE_LIMITED",
         }
     }
 }

@@ -763,6 +763,7 @@ mod tests {
             maglev: Arc::new(MaglevTable::new(&[("be0", 100), ("be1", 200)], 65537).unwrap()),
             auto_affinity: None,
             max_affinity: Duration::from_secs(60),
+            limits: Default::default(),
         };
         Dataplane::new(1, vec![svc], backends)
     }
