@@ -137,6 +137,17 @@ impl ControlPlane {
             &self.counter_base,
         );
         s.affinity_lifetime_ms = Percentiles::of(&self.lifetimes);
+        for (summary, svc) in s.services.iter_mut().zip(&self.dp.services) {
+            let quota = svc
+                .limits
+                .quota(self.affinities.capacity(), svc.backends.len());
+            for b in summary.backends.iter_mut() {
+                if let Some(backend) = self.dp.find_backend(svc.id, &b.name) {
+                    b.affinities = self.affinities.requested_by(backend.id) as u64;
+                    b.affinity_quota = quota as u64;
+                }
+            }
+        }
         s
     }
 

@@ -98,6 +98,14 @@ pub struct BackendSummary {
     pub packets: u64,
     pub bytes: u64,
     pub active_connections: i64,
+    /// Requested affinities it holds (those its quota counts). Absent in
+    /// older servers' JSON.
+    #[serde(default)]
+    pub affinities: u64,
+    /// Requested affinities it may hold: its service's
+    /// `max_affinities_per_backend` or the default share.
+    #[serde(default)]
+    pub affinity_quota: u64,
 }
 
 /// One service in the summary.
@@ -279,6 +287,15 @@ pub struct ControlSummary {
     pub send_errors: u64,
     /// Dataplane snapshots published after the first.
     pub snapshots: u64,
+    /// Backends' affinity creates refused by their service's limits, by
+    /// limit (`min_prefix`, `quota`, `overlap`). Absent in older servers'
+    /// JSON.
+    #[serde(default)]
+    pub limited: BTreeMap<String, u64>,
+    /// Requests answered RATE_LIMITED, per sender name (senders refused at
+    /// least once). Absent in older servers' JSON.
+    #[serde(default)]
+    pub rate_limited: BTreeMap<String, u64>,
 }
 
 /// Affinities ended, by reason (the fields in the JSON's key order).
@@ -452,6 +469,9 @@ impl Summary {
                             packets,
                             bytes,
                             active_connections: active,
+                            // The control plane's to fill in.
+                            affinities: 0,
+                            affinity_quota: 0,
                         })
                     })
                     .collect();
@@ -718,7 +738,12 @@ impl Summary {
 /// The refusals the control server answers (INVALID, UNSUPPORTED and
 /// NOT_AUTHORIZED: the request was authentic); it sends nothing back for
 /// the others (docs/PROTOCOL.md §3.5, §8).
-const ANSWERED_REFUSALS: [&str; 3] = ["invalid_body", "unsupported_type", "owner_mismatch"];
+const ANSWERED_REFUSALS: [&str; 4] = [
+    "invalid_body",
+    "unsupported_type",
+    "owner_mismatch",
+    "rate_limited",
+];
 
 fn share(part: u64, total: u64) -> f64 {
     if total == 0 {
