@@ -156,12 +156,14 @@ impl ControlServer {
             }
             _ => socket.set_nonblocking(true)?,
         }
+        let mut rates = RateLimiter::new(config.auth.rates, ADMIN_NAME);
+        rates.set_senders(config.auth.keyring.names(), 0);
         Ok(ControlServer {
             socket,
             allowed: config.auth.allowed,
             keyring: config.auth.keyring,
             replay: ReplayGuard::new(config.max_clock_skew, config.replay_capacity),
-            rates: RateLimiter::new(config.auth.rates, ADMIN_NAME),
+            rates,
             read_timeout: config.read_timeout.filter(|t| !t.is_zero()),
             max_per_poll: config.max_per_poll.max(1),
             counters: ServerCounters::default(),
@@ -202,8 +204,7 @@ impl ControlServer {
         self.allowed = auth.allowed;
         self.keyring = auth.keyring;
         self.rates.set_limits(auth.rates, self.now_ms);
-        let keyring = &self.keyring;
-        self.rates.retain(|name| keyring.get(name).is_some());
+        self.rates.set_senders(self.keyring.names(), self.now_ms);
     }
 
     /// Handles the datagrams waiting on the socket, at most `max_per_poll` of

@@ -152,19 +152,24 @@ impl RateLimiter {
         }
     }
 
-    /// Forgets the buckets of senders no longer known (their keys were
-    /// removed), keeping the memory bounded by the keyring.
-    pub fn retain(&mut self, known: impl Fn(&str) -> bool) {
-        self.buckets.retain(|name, _| known(name));
+    /// Makes `names` (the senders with a key) the senders with a bucket:
+    /// a new name gets a full one, a name gone loses its bucket and its
+    /// count, the others keep theirs. Memory stays bounded by the keyring.
+    pub fn set_senders<'n>(&mut self, names: impl IntoIterator<Item = &'n str>, now_ms: u64) {
+        let names: std::collections::HashSet<&str> = names.into_iter().collect();
+        self.buckets.retain(|name, _| names.contains(name.as_str()));
+        for name in names {
+            if !self.buckets.contains_key(name) {
+                let bucket = TokenBucket::new(self.rate_of(name), now_ms);
+                self.buckets.insert(name.to_string(), (bucket, 0));
+            }
+        }
     }
 
     /// Whether `sender` (authenticated) may make one more request at
     /// `now_ms`; a refusal is counted against it.
     pub fn allow(&mut self, sender: &str, now_ms: u64) -> bool {
         let rate = self.rate_of(sender);
-        if rate == 0 {
-            return true;
-        }
         let (bucket, refused) = match self.buckets.get_mut(sender) {
             Some(b) => b,
             None => self
@@ -180,11 +185,12 @@ impl RateLimiter {
         }
     }
 
-    /// The requests refused so far, per sender (those refused at least once).
+    /// The requests refused so far, per sender with a bucket (every name
+    /// given to [`set_senders`](Self::set_senders), and any other that
+    /// made a request), in no particular order.
     pub fn refused(&self) -> impl Iterator<Item = (&str, u64)> {
         self.buckets
             .iter()
-            .filter(|(_, (_, n))| *n > 0)
             .map(|(name, (_, n))| (name.as_str(), *n))
     }
 }
@@ -269,7 +275,11 @@ mod tests {
         );
         assert_eq!(taken(&mut l, "be2", 2_000), 1);
         assert_eq!(taken(&mut l, "admin", 2_000), 10, "0 = no limit");
-        l.retain(|n| n != "be2");
-        assert!(l.refused().all(|(n, _)| n != "be2"));
+        // The keyring changes: be2 goes, be3 comes with a full bucket.
+        l.set_senders(["admin", "be1", "be3"], 2_000);
+        let mut refused: Vec<_> = l.refused().collect();
+        refused.sort_unstable();
+        assert_eq!(refused, [("admin", 5), ("be1", 14), ("be3", 0)]);
+        assert!(l.allow("be3", 2_000));
     }
 }

@@ -292,8 +292,8 @@ pub struct ControlSummary {
     /// JSON.
     #[serde(default)]
     pub limited: BTreeMap<String, u64>,
-    /// Requests answered RATE_LIMITED, per sender name (senders refused at
-    /// least once). Absent in older servers' JSON.
+    /// Requests answered RATE_LIMITED, per sender name (every name with a
+    /// key). Absent in older servers' JSON.
     #[serde(default)]
     pub rate_limited: BTreeMap<String, u64>,
 }
