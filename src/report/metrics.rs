@@ -626,6 +626,21 @@ mod tests {
     }
 
     #[test]
+    fn limit_families_carry_their_labels() {
+        let mut s = summary();
+        s.extra.control = Some(crate::report::summary::ControlSummary {
+            limited: [("quota".to_string(), 3)].into(),
+            rate_limited: [("be1".to_string(), 7)].into(),
+            ..Default::default()
+        });
+        let text = render(&s);
+        assert!(text.contains("# TYPE pktdist_affinity_limited_total counter\n"));
+        assert!(text.contains("pktdist_affinity_limited_total{limit=\"quota\"} 3\n"));
+        assert!(text.contains("pktdist_control_rate_limited_total{sender=\"be1\"} 7\n"));
+        assert!(text.contains("# TYPE pktdist_backend_affinity_quota gauge\n"));
+    }
+
+    #[test]
     fn renders_families_with_help_type_and_labels() {
         let text = render(&summary());
         assert!(text.contains(

@@ -716,6 +716,34 @@ impl Summary {
                 c.ended.cancelled,
                 c.ended.backend_removed,
             );
+            let limited: u64 = c.limited.values().sum();
+            let rate_limited: u64 = c.rate_limited.values().sum();
+            if limited > 0 || rate_limited > 0 {
+                let _ = writeln!(
+                    o,
+                    "  limits: {} affinity creates refused ({}), {} requests rate limited{}",
+                    limited,
+                    c.limited
+                        .iter()
+                        .map(|(k, n)| format!("{k} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    rate_limited,
+                    if rate_limited > 0 {
+                        format!(
+                            " ({})",
+                            c.rate_limited
+                                .iter()
+                                .filter(|(_, n)| **n > 0)
+                                .map(|(k, n)| format!("{k} {n}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
         }
         if let Some(t) = &self.extra.traffic_source {
             let delivered: Vec<String> = t
@@ -925,6 +953,18 @@ mod tests {
             text.contains("  traffic source: sent 2000000 (1.000 Mpps); received back from the workers per backend: web/be0 9\n"),
             "{text}"
         );
+        assert!(!text.contains("limits:"), "none refused: {text}");
+        if let Some(c) = s.extra.control.as_mut() {
+            c.limited = [("min_prefix".to_string(), 1), ("quota".to_string(), 2)].into();
+            c.rate_limited = [("be1".to_string(), 5), ("be2".to_string(), 0)].into();
+        }
+        let text = s.render();
+        assert!(
+            text.contains("  limits: 3 affinity creates refused (min_prefix 1, quota 2), 5 requests rate limited (be1 5)\n"),
+            "{text}"
+        );
+        let back: Summary = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     /// The control line says what its figures count: datagrams received,
