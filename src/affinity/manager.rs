@@ -100,6 +100,12 @@ impl AffinityManager {
         self.overlap.other_owner(key, owner)
     }
 
+    /// Like [`overlapping_owner`](Self::overlapping_owner), with the other
+    /// backend's key.
+    pub fn overlapping(&self, key: &TableKey, owner: BackendId) -> Option<(TableKey, BackendId)> {
+        self.overlap.other(key, owner)
+    }
+
     fn count(&mut self, owner: BackendId, timed: bool, up: bool) {
         if !timed {
             return;

@@ -5,6 +5,9 @@
 //! * [`manager`] — the control thread's side: the authoritative records,
 //!   create/extend/cancel with their return codes, and expiry through a timer
 //!   wheel.
+//! * [`limits`] — what one backend may pin on a service: the shortest
+//!   prefix, its quota of affinities, overlaps with other backends'.
+//! * [`overlap`] — which affinities overlap a key, for the overlap rule.
 //! * [`auto`] — automatic affinity for parallel connections, read and written
 //!   by all workers.
 //! * `seqlock` — the version word both tables use so readers never see a
@@ -12,6 +15,7 @@
 
 pub mod auto;
 pub mod key;
+pub mod limits;
 pub mod manager;
 pub mod overlap;
 mod seqlock;

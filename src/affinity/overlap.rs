@@ -77,13 +77,21 @@ impl OverlapIndex {
     /// (address and port) with `key`: one whose network contains `key`'s,
     /// or lies inside it, with overlapping ports.
     pub fn other_owner(&self, key: &TableKey, owner: BackendId) -> Option<BackendId> {
+        self.other(key, owner).map(|(_, o)| o)
+    }
+
+    /// Like [`other_owner`](Self::other_owner), with the other backend's key.
+    pub fn other(&self, key: &TableKey, owner: BackendId) -> Option<(TableKey, BackendId)> {
         let (service, v6, addr, plen) = net(key);
         let family = key.family();
-        let clash = |entries: &Vec<(PortMatch, BackendId)>| {
+        let found = |n: &Net, entries: &Vec<(PortMatch, BackendId)>| {
             entries
                 .iter()
                 .find(|(p, o)| *o != owner && ports_overlap(*p, key.ports()))
-                .map(|(_, o)| *o)
+                .and_then(|&(p, o)| {
+                    let k = TableKey::new(n.0, family, n.2, n.3, p).ok()?;
+                    Some((k, o))
+                })
         };
         // Around it (and equal): one exact look-up per shorter length in use.
         if let Some(lengths) = self.lengths.get(&(service, v6)) {
@@ -92,7 +100,7 @@ impl OverlapIndex {
                     continue;
                 }
                 let outer = (service, v6, addr & prefix_mask(family, len), len);
-                if let Some(o) = self.nets.get(&outer).and_then(clash) {
+                if let Some(o) = self.nets.get(&outer).and_then(|e| found(&outer, e)) {
                     return Some(o);
                 }
             }
@@ -102,7 +110,7 @@ impl OverlapIndex {
         self.nets
             .range((service, v6, addr, plen)..=(service, v6, last, u8::MAX))
             .filter(|((_, _, _, len), _)| *len > plen)
-            .find_map(|(_, entries)| clash(entries))
+            .find_map(|(n, entries)| found(n, entries))
     }
 }
 
@@ -140,6 +148,7 @@ mod tests {
         assert_eq!(ix.other_owner(&other_svc, 2), None);
         let v6 = TableKey::new(1, Family::V6, 0x0a01_0203, 128, PortMatch::Any).unwrap();
         assert_eq!(ix.other_owner(&v6, 2), None);
+        assert_eq!(ix.other(&inner, 2), Some((wide, 1)), "the key comes back");
         ix.remove(&wide);
         assert_eq!(ix.other_owner(&inner, 2), None);
         assert_eq!(ix.other_owner(&outer, 2), None);

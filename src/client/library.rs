@@ -13,6 +13,16 @@
 //! [`ControlClient::recv_ended`]: the notification goes to the address the
 //! create request came from unless another was named. Notifications that
 //! arrive while the client waits for a reply are queued, not lost.
+//!
+//! A refusal is an authentic reply with another code than OK; the one-call
+//! helpers and [`ok`] turn it into [`ClientError::Refused`]. Two of them
+//! come from the limits on half-trusted applications (PROTOCOL.md §5.1,
+//! §6.7): [`ReturnCode::QuotaExceeded`] (the backend holds as many
+//! affinities as its service allows: cancel one first) and
+//! [`ReturnCode::RateLimited`] (too many requests a second from this name:
+//! nothing was done; [`ClientError::is_rate_limited`] tells it apart, and
+//! the application retries after a moment). The client never retries them
+//! by itself.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -107,6 +117,20 @@ impl From<EncodeError> for ClientError {
 }
 
 impl ClientError {
+    /// The return code of a refusal, if the server answered.
+    pub fn code(&self) -> Option<ReturnCode> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The server refused the request for its sender's request rate:
+    /// nothing was done, and the same request may succeed a moment later.
+    pub fn is_rate_limited(&self) -> bool {
+        self.code() == Some(ReturnCode::RateLimited)
+    }
+
     fn refused(reply: Reply) -> ClientError {
         ClientError::Refused {
             code: reply.code,
@@ -1035,5 +1059,18 @@ mod tests {
         let got = web1.recv_ended(timeout).unwrap();
         assert!(started.elapsed() < timeout, "waited out the whole timeout");
         assert_eq!(got, Some(notice));
+    }
+
+    #[test]
+    fn limit_refusals_are_refused_errors_with_their_code() {
+        for code in [ReturnCode::QuotaExceeded, ReturnCode::RateLimited] {
+            let mut r = Reply::new(MsgType::AffinityCreate as u8, 1, code);
+            r.message = std::borrow::Cow::Borrowed("why");
+            let e = ok(r).unwrap_err();
+            assert_eq!(e.code(), Some(code));
+            assert_eq!(e.is_rate_limited(), code == ReturnCode::RateLimited);
+            assert_eq!(e.to_string(), format!("{}: why", code.name()));
+        }
+        assert_eq!(ClientError::Timeout { attempts: 3 }.code(), None);
     }
 }

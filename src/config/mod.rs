@@ -19,9 +19,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::affinity::limits::{AffinityLimits, MinPrefix, OverlapPolicy};
 use crate::datapath::flow::FlowTimeouts;
 use crate::datapath::icmp::{EchoPolicy, IcmpSettings, DEFAULT_ECHO_RATE, DEFAULT_TOO_BIG_RATE};
 use crate::net::IpNet;
+use crate::protocol::rate_limit::{
+    RateLimits, DEFAULT_ADMIN_MAX_REQUESTS_PER_SECOND, DEFAULT_MAX_REQUESTS_PER_SECOND,
+};
 use crate::sched::maglev::{is_prime, MaglevTable};
 use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
 
@@ -47,6 +51,9 @@ pub const DEFAULT_MTU: u16 = 1500;
 pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 1280..=9216;
 /// Largest ICMP rate (per second) a configuration may set.
 pub const MAX_ICMP_RATE: u32 = 1_000_000;
+/// Largest `[control] max_requests_per_second` and
+/// `admin_max_requests_per_second` (0 is no limit).
+pub const MAX_REQUEST_RATE: u32 = 10_000_000;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -258,9 +265,23 @@ pub struct ControlConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Period of the status line of `pktdist run`.
     pub status_interval: DurationStr,
+    /// Requests per second one backend name may make (0: no limit).
+    pub max_requests_per_second: u32,
+    /// Requests per second the operator (`admin`) may make (0: no limit).
+    pub admin_max_requests_per_second: u32,
     /// HMAC keys: backend (application) name -> key; "admin" is the
     /// operator's key.
     pub keys: BTreeMap<String, HexKey>,
+}
+
+impl ControlConfig {
+    /// The request rate limits of the protocol server.
+    pub fn rate_limits(&self) -> RateLimits {
+        RateLimits {
+            per_sender: self.max_requests_per_second,
+            admin: self.admin_max_requests_per_second,
+        }
+    }
 }
 
 impl Default for ControlConfig {
@@ -280,6 +301,8 @@ impl Default for ControlConfig {
             max_clock_skew: DurationStr::secs(30),
             metrics_listen: None,
             status_interval: DurationStr::secs(2),
+            max_requests_per_second: DEFAULT_MAX_REQUESTS_PER_SECOND,
+            admin_max_requests_per_second: DEFAULT_ADMIN_MAX_REQUESTS_PER_SECOND,
             keys: BTreeMap::new(),
         }
     }
@@ -399,11 +422,30 @@ pub struct ServiceConfig {
     /// Present: automatic affinity is on.
     #[serde(default)]
     pub auto_affinity: Option<AutoAffinityConfig>,
+    /// Shortest prefix a backend may pin, per family.
+    #[serde(default)]
+    pub min_prefix: MinPrefix,
+    /// Requested affinities one backend may hold; default twice an even
+    /// share of `[affinity] capacity` among the service's backends.
+    #[serde(default)]
+    pub max_affinities_per_backend: Option<u32>,
+    /// Whether a backend may pin clients another backend's affinity covers.
+    #[serde(default)]
+    pub affinity_overlap: OverlapPolicy,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
 }
 
 impl ServiceConfig {
+    /// What one backend may pin on this service.
+    pub fn affinity_limits(&self) -> AffinityLimits {
+        AffinityLimits {
+            min_prefix: self.min_prefix,
+            max_per_backend: self.max_affinities_per_backend,
+            overlap: self.affinity_overlap,
+        }
+    }
+
     /// The Maglev table size: configured, or the default for the backends.
     pub fn maglev_size(&self) -> usize {
         self.maglev_table_size
@@ -694,6 +736,20 @@ impl Config {
                 ),
             );
         }
+        for (k, v) in [
+            ("max_requests_per_second", c.max_requests_per_second),
+            (
+                "admin_max_requests_per_second",
+                c.admin_max_requests_per_second,
+            ),
+        ] {
+            if v > MAX_REQUEST_RATE {
+                return fail(
+                    cp.key(k),
+                    format!("{v} is out of range 0..={MAX_REQUEST_RATE} (0: no limit)"),
+                );
+            }
+        }
         // Port 0 asks for any free port: two of them do not collide.
         if c.listen.port() != 0 && c.metrics_listen == Some(c.listen) {
             return fail(cp.key("metrics_listen"), "is the same address as listen");
@@ -820,6 +876,23 @@ impl Config {
             }
             if s.max_affinity_duration.0.is_zero() {
                 return fail(sp.key("max_affinity_duration"), "must be longer than 0");
+            }
+            for (k, v, max) in [
+                ("ipv4", s.min_prefix.ipv4, 32),
+                ("ipv6", s.min_prefix.ipv6, 128),
+            ] {
+                if v > max {
+                    return fail(
+                        sp.key("min_prefix").key(k),
+                        format!("/{v} is longer than an address (0..={max})"),
+                    );
+                }
+            }
+            if s.max_affinities_per_backend == Some(0) {
+                return fail(
+                    sp.key("max_affinities_per_backend"),
+                    "must be at least 1 (leave it out for the default share)",
+                );
             }
             let mut bnames = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
@@ -1022,10 +1095,12 @@ impl Config {
         let c = &self.control;
         let _ = writeln!(
             o,
-            "control: listen udp {}, allowed {}, max clock skew {}, metrics {}, status every {}, keys for {}",
+            "control: listen udp {}, allowed {}, max clock skew {}, requests per second per sender {} (admin {}), metrics {}, status every {}, keys for {}",
             c.listen,
             c.allowed_networks.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" "),
             c.max_clock_skew,
+            fmt_rate(c.max_requests_per_second),
+            fmt_rate(c.admin_max_requests_per_second),
             c.metrics_listen.map(|a| format!("http://{a}/metrics")).unwrap_or_else(|| "off".into()),
             c.status_interval,
             if c.keys.is_empty() { "nobody".to_string() } else { c.keys.keys().cloned().collect::<Vec<_>>().join(", ") }
@@ -1092,6 +1167,26 @@ impl Config {
                     .map(|a| format!(", auto affinity (linger {})", a.linger))
                     .unwrap_or_default()
             );
+            let limits = s.affinity_limits();
+            let quota = limits.quota(self.affinity.capacity, s.backends.len());
+            let _ = writeln!(
+                o,
+                "    backends may pin /{} or longer, at most {quota} affinities each{}, overlaps {}",
+                limits.min_prefix.of(if s.vip.is_ipv4() {
+                    crate::types::Family::V4
+                } else {
+                    crate::types::Family::V6
+                }),
+                if limits.max_per_backend.is_none() {
+                    " (twice an even share of the table)"
+                } else {
+                    ""
+                },
+                match limits.overlap {
+                    OverlapPolicy::Refuse => "refused",
+                    OverlapPolicy::Allow => "allowed",
+                }
+            );
             let total: u64 = s.backends.iter().map(|b| b.weight as u64).sum();
             for b in &s.backends {
                 let share = if total == 0 {
@@ -1124,6 +1219,15 @@ impl Config {
             }
         }
         o
+    }
+}
+
+/// A request rate for `check`'s plan.
+fn fmt_rate(rate: u32) -> String {
+    if rate == 0 {
+        "unlimited".to_string()
+    } else {
+        rate.to_string()
     }
 }
 

@@ -736,3 +736,114 @@ fn icmp_section_errors_name_key_and_line() {
     assert!(e.message.contains("unknown field"), "{e}");
     assert_eq!(e.line, line_of(&t, "ping = true"), "{e}");
 }
+
+#[test]
+fn affinity_limits_default_and_settings() {
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    let web = c.services[0].affinity_limits();
+    assert_eq!((web.min_prefix.ipv4, web.min_prefix.ipv6), (16, 48));
+    assert_eq!(web.max_per_backend, None);
+    assert_eq!(web.overlap, OverlapPolicy::Refuse);
+    assert_eq!(
+        (
+            c.control.max_requests_per_second,
+            c.control.admin_max_requests_per_second
+        ),
+        (20_000, 50_000)
+    );
+    let t = edit(
+        "ipip_source = \"198.51.100.1\"\n",
+        "ipip_source = \"198.51.100.1\"\nmin_prefix = { ipv4 = 24 }\n\
+         max_affinities_per_backend = 100\naffinity_overlap = \"allow\"\n",
+    )
+    .replace(
+        "[control]\n",
+        "[control]\nmax_requests_per_second = 0\nadmin_max_requests_per_second = 10000000\n",
+    );
+    let c = Config::parse(&t, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    let web = c.services[0].affinity_limits();
+    assert_eq!((web.min_prefix.ipv4, web.min_prefix.ipv6), (24, 48));
+    assert_eq!(web.max_per_backend, Some(100));
+    assert_eq!(web.overlap, OverlapPolicy::Allow);
+    assert_eq!(c.control.rate_limits().per_sender, 0);
+    assert_eq!(c.control.rate_limits().admin, MAX_REQUEST_RATE);
+    let plan = c.plan();
+    assert!(
+        plan.contains(
+            "backends may pin /24 or longer, at most 100 affinities each, overlaps allowed"
+        ),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("requests per second per sender unlimited (admin 10000000)"),
+        "{plan}"
+    );
+    // The default quota in the plan: 2 x 1048576 / 2 backends.
+    let plan = Config::parse(&BASE, "t.toml").unwrap().plan();
+    assert!(
+        plan.contains("at most 1048576 affinities each (twice an even share of the table)"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn affinity_limit_errors_name_key_and_line() {
+    let svc = |keys: &str| {
+        edit(
+            "ipip_source = \"198.51.100.1\"\n",
+            &format!("ipip_source = \"198.51.100.1\"\n{keys}\n"),
+        )
+    };
+    check(
+        &svc("min_prefix = { ipv4 = 33 }"),
+        "services[0].min_prefix.ipv4",
+        "min_prefix",
+        "/33 is longer than an address (0..=32)",
+    );
+    check(
+        &svc("min_prefix = { ipv6 = 129 }"),
+        "services[0].min_prefix.ipv6",
+        "min_prefix",
+        "0..=128",
+    );
+    let e = err(&svc("min_prefix = { ipv5 = 8 }"));
+    assert!(e.message.contains("unknown field"), "{e}");
+    check(
+        &svc("max_affinities_per_backend = 0"),
+        "services[0].max_affinities_per_backend",
+        "max_affinities_per_backend",
+        "must be at least 1",
+    );
+    let t = svc("affinity_overlap = \"sometimes\"");
+    let e = err(&t);
+    assert_eq!(
+        (e.key.as_str(), e.line),
+        (
+            "services[0].affinity_overlap",
+            line_of(&t, "affinity_overlap")
+        ),
+        "{e}"
+    );
+    assert!(
+        e.message.contains("refuse") && e.message.contains("allow"),
+        "{e}"
+    );
+    check(
+        &edit(
+            "[control]\n",
+            "[control]\nmax_requests_per_second = 10000001\n",
+        ),
+        "control.max_requests_per_second",
+        "max_requests_per_second",
+        "out of range 0..=10000000 (0: no limit)",
+    );
+    check(
+        &edit(
+            "[control]\n",
+            "[control]\nadmin_max_requests_per_second = 20000000\n",
+        ),
+        "control.admin_max_requests_per_second",
+        "admin_max_requests_per_second",
+        "out of range",
+    );
+}

@@ -4,6 +4,7 @@
 //! ([`control_summary`]).
 
 use crate::protocol::message::ReturnCode;
+use crate::protocol::rate_limit::RateLimiter;
 use crate::report::summary::{ControlSummary, EndedSummary};
 
 /// Why datagrams were refused, one counter per reason.
@@ -35,11 +36,14 @@ pub struct RefusalCounters {
     pub unsupported_type: u64,
     /// A backend naming another backend as owner. Reply NOT_AUTHORIZED.
     pub owner_mismatch: u64,
+    /// Authentic, but beyond its sender's requests per second. Reply
+    /// RATE_LIMITED.
+    pub rate_limited: u64,
 }
 
 impl RefusalCounters {
     /// (name, count) for every reason, in a fixed order.
-    pub fn as_array(&self) -> [(&'static str, u64); 13] {
+    pub fn as_array(&self) -> [(&'static str, u64); 14] {
         [
             ("oversize", self.oversize),
             ("foreign_source", self.foreign_source),
@@ -54,6 +58,7 @@ impl RefusalCounters {
             ("invalid_body", self.invalid_body),
             ("unsupported_type", self.unsupported_type),
             ("owner_mismatch", self.owner_mismatch),
+            ("rate_limited", self.rate_limited),
         ]
     }
 
@@ -89,10 +94,38 @@ pub struct PlaneCounters {
     pub ended_backend_removed: u64,
     /// Dataplane snapshots published after the first.
     pub snapshots: u64,
+    /// Backends' creates refused by their service's limits.
+    pub limited: LimitCounters,
+}
+
+/// Backends' creates a service's limits refused, one counter per limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitCounters {
+    /// A prefix shorter than `min_prefix`. Reply INVALID.
+    pub min_prefix: u64,
+    /// The owner at its `max_affinities_per_backend`. Reply QUOTA_EXCEEDED.
+    pub quota: u64,
+    /// Clients another backend's affinity covers. Reply CONFLICT.
+    pub overlap: u64,
+}
+
+impl LimitCounters {
+    /// (name, count) for every limit, in a fixed order.
+    pub fn as_array(&self) -> [(&'static str, u64); 3] {
+        [
+            ("min_prefix", self.min_prefix),
+            ("quota", self.quota),
+            ("overlap", self.overlap),
+        ]
+    }
 }
 
 /// The control thread's part of the summary.
-pub fn control_summary(server: &ServerCounters, plane: &PlaneCounters) -> ControlSummary {
+pub fn control_summary(
+    server: &ServerCounters,
+    rates: &RateLimiter,
+    plane: &PlaneCounters,
+) -> ControlSummary {
     ControlSummary {
         answered: server.replies_sent,
         by_code: ReturnCode::ALL
@@ -115,5 +148,15 @@ pub fn control_summary(server: &ServerCounters, plane: &PlaneCounters) -> Contro
             .collect(),
         send_errors: server.send_errors,
         snapshots: plane.snapshots,
+        limited: plane
+            .limited
+            .as_array()
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+        rate_limited: rates
+            .refused()
+            .map(|(name, n)| (name.to_string(), n))
+            .collect(),
     }
 }

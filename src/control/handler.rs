@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use crate::control::counters::ServerCounters;
 use crate::protocol::message::{AffinityEntry, BackendEntry, Request, ReturnCode};
+use crate::protocol::rate_limit::RateLimiter;
 
 /// What answers the protocol's requests: the affinity table, the backends,
 /// reload and the statistics behind the protocol.
@@ -42,6 +43,8 @@ pub struct Call<'a> {
     pub server: &'a ServerCounters,
     /// The server's handling time per datagram so far (ns), for statistics.
     pub server_latency: &'a hdrhistogram::Histogram<u64>,
+    /// The senders' request rates and refusals so far, for statistics.
+    pub server_rates: &'a RateLimiter,
 }
 
 /// The handler's answer: a return code and additional information.

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::affinity::key::TableKey;
+use crate::affinity::limits::OverlapPolicy;
 use crate::affinity::manager::{AffinityManager, Ended, Record};
 use crate::affinity::AffinityError;
 use crate::config::Config;
-use crate::control::counters::PlaneCounters;
+use crate::control::counters::{LimitCounters, PlaneCounters};
 use crate::control::handler::Response;
 use crate::control::registry::{NewBackend, RegistryError, ServiceRegistry};
 use crate::datapath::counters::WorkerCounters;
@@ -27,7 +28,7 @@ use crate::protocol::message::{
     ServiceAddr,
 };
 use crate::report::summary::{CounterBase, Summary};
-use crate::types::{BackendId, PortMatch};
+use crate::types::{BackendId, Family, PortMatch};
 
 /// What an affinity request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +36,24 @@ enum AffinityAction {
     Create,
     Extend,
     Cancel,
+}
+
+/// Which of a service's limits refused a backend's create.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limit {
+    MinPrefix,
+    Quota,
+    Overlap,
+}
+
+impl Limit {
+    fn counter(self, c: &mut LimitCounters) -> &mut u64 {
+        match self {
+            Limit::MinPrefix => &mut c.min_prefix,
+            Limit::Quota => &mut c.quota,
+            Limit::Overlap => &mut c.overlap,
+        }
+    }
 }
 
 /// The state of the control thread behind the affinity and backend
@@ -119,6 +138,17 @@ impl ControlPlane {
         );
         s.affinity_lifetime_ms = Percentiles::of(&self.lifetimes);
         s.affinity_capacity = self.affinities.capacity();
+        for (summary, svc) in s.services.iter_mut().zip(&self.dp.services) {
+            let quota = svc
+                .limits
+                .quota(self.affinities.capacity(), svc.backends.len());
+            for b in summary.backends.iter_mut() {
+                if let Some(backend) = self.dp.find_backend(svc.id, &b.name) {
+                    b.affinities = self.affinities.requested_by(backend.id) as u64;
+                    b.affinity_quota = quota as u64;
+                }
+            }
+        }
         s
     }
 
@@ -327,6 +357,75 @@ impl ControlPlane {
         }
     }
 
+    /// Whether a backend may create the new affinity `key` for itself
+    /// (`owner`) on `svc`: the service's shortest prefix, its quota per
+    /// backend and its overlap rule. A refusal names the limit.
+    fn within_limits(
+        &self,
+        svc: &Service,
+        key: &TableKey,
+        owner: BackendId,
+        now: u64,
+    ) -> Result<(), (Limit, Response)> {
+        let limits = svc.limits;
+        let family = key.family();
+        let min = limits.min_prefix.of(family);
+        if key.prefix_len() < min {
+            let fam = match family {
+                Family::V4 => "ipv4",
+                Family::V6 => "ipv6",
+            };
+            return Err((
+                Limit::MinPrefix,
+                Response::new(ReturnCode::Invalid).with_message(format!(
+                "prefix /{} is shorter than /{min}, the shortest a backend may pin on service {} \
+                 (min_prefix.{fam} = {min})",
+                key.prefix_len(),
+                svc.name
+            )),
+            ));
+        }
+        let quota = limits.quota(self.affinities.capacity(), svc.backends.len());
+        let held = self.affinities.requested_by(owner);
+        if held >= quota {
+            let name = self.backend_name(owner).unwrap_or("?");
+            let source = match limits.max_per_backend {
+                Some(_) => "max_affinities_per_backend",
+                None => "the default max_affinities_per_backend: twice an even share of the table",
+            };
+            return Err((
+                Limit::Quota,
+                Response::new(ReturnCode::QuotaExceeded).with_message(format!(
+                    "backend {name} holds {held} affinities on service {}, its quota is {quota} \
+                     ({source}); cancel one or let one end first",
+                    svc.name
+                )),
+            ));
+        }
+        if limits.overlap == OverlapPolicy::Refuse {
+            if let Some((other, other_owner)) = self.affinities.overlapping(key, owner) {
+                let remaining = self
+                    .affinities
+                    .get(&other)
+                    .and_then(|r| r.remaining_ms(now))
+                    .map_or(u32::MAX, secs);
+                let owner_name = self.backend_name(other_owner).unwrap_or("?");
+                let client = crate::net::bits_ip(other.family(), other.addr());
+                return Err((
+                    Limit::Overlap,
+                    Response::conflict(owner_name, remaining).with_message(format!(
+                        "overlaps {client}/{} ports {} of backend {owner_name}; service {} \
+                         refuses overlapping affinities (affinity_overlap = \"refuse\")",
+                        other.prefix_len(),
+                        other.ports(),
+                        svc.name
+                    )),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn affinity_op(
         &mut self,
         action: AffinityAction,
@@ -362,6 +461,14 @@ impl ControlPlane {
         {
             return Response::new(ReturnCode::Invalid)
                 .with_message("backend is draining (weight 0): no new affinities");
+        }
+        // A backend's new affinity is held to its service's limits; the
+        // operator's is not, and renewing one it holds adds nothing.
+        if action == AffinityAction::Create && !is_admin && self.affinities.get(&key).is_none() {
+            if let Err((limit, r)) = self.within_limits(svc, &key, owner, now) {
+                *limit.counter(&mut self.counters.limited) += 1;
+                return r;
+            }
         }
         let result = match action {
             AffinityAction::Create => {
@@ -552,7 +659,7 @@ mod tests {
     use super::*;
     use crate::control::testing::{call, config_text, op, plane, src, WEB};
     use crate::protocol::message::BackendSpec;
-    use crate::types::{EndReason, Family};
+    use crate::types::EndReason;
 
     #[test]
     fn backends_pin_only_themselves_on_their_services() {
@@ -698,5 +805,245 @@ mod tests {
         let n = p.take_notices();
         assert_eq!((n.len(), n[0].1.reason), (1, EndReason::BackendRemoved));
         assert_eq!(n[0].1.owner, "a");
+    }
+
+    /// The test configuration with `keys` added to the web service, and an
+    /// IPv6 service web6 (backends c and d) with `keys6`.
+    fn limited(keys: &str, keys6: &str) -> String {
+        let web6 = format!(
+            r#"
+[[services]]
+name = "web6"
+vip = "2001:db8::10"
+port = 443
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "2001:db8::1"
+{keys6}
+[[services.backends]]
+name = "c"
+address = "2001:db8:1::1"
+[[services.backends]]
+name = "d"
+address = "2001:db8:1::2"
+"#
+        );
+        config_text().replace(
+            "max_affinity_duration = \"10m\"",
+            &format!("max_affinity_duration = \"10m\"\n{keys}"),
+        ) + &web6
+    }
+
+    fn create(p: &mut ControlPlane, sender: &str, client: &str, plen: u8, owner: &str) -> Response {
+        call(
+            p,
+            sender,
+            Request::AffinityCreate(op(client, plen, Some(owner), 60)),
+        )
+    }
+
+    fn create6(p: &mut ControlPlane, sender: &str, client: &str, plen: u8) -> Response {
+        let mut o = op("198.18.0.0", 24, Some(sender), 60);
+        o.key = AffinityKey::new(
+            ServiceAddr::tcp("[2001:db8::10]:443".parse().unwrap()),
+            client.parse().unwrap(),
+            plen,
+        )
+        .unwrap();
+        call(p, sender, Request::AffinityCreate(o))
+    }
+
+    #[test]
+    fn min_prefix_at_its_edge_for_both_families() {
+        let (mut p, _) = plane(&limited("", "min_prefix = { ipv6 = 56 }"));
+        // Defaults on web: /16 is the shortest.
+        assert_eq!(
+            create(&mut p, "a", "198.18.0.0", 16, "a").code,
+            ReturnCode::Ok
+        );
+        let short = create(&mut p, "a", "198.0.0.0", 15, "a");
+        assert_eq!(short.code, ReturnCode::Invalid);
+        assert!(
+            short.message.contains("/16") && short.message.contains("min_prefix.ipv4"),
+            "{}",
+            short.message
+        );
+        // web6 sets its own IPv6 limit: /56 passes, /55 does not.
+        assert_eq!(
+            create6(&mut p, "c", "2001:db8:7:100::", 56).code,
+            ReturnCode::Ok
+        );
+        let short6 = create6(&mut p, "c", "2001:db8:7::", 55);
+        assert_eq!(short6.code, ReturnCode::Invalid);
+        assert!(
+            short6.message.contains("min_prefix.ipv6 = 56"),
+            "{}",
+            short6.message
+        );
+        // The operator is not held to it.
+        assert_eq!(
+            create(&mut p, "admin", "10.0.0.0", 8, "b").code,
+            ReturnCode::Ok
+        );
+        assert_eq!(p.counters().limited.min_prefix, 2);
+        // The default IPv6 limit is /48.
+        let (mut p, _) = plane(&limited("", ""));
+        assert_eq!(
+            create6(&mut p, "c", "2001:db8:7::", 48).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            create6(&mut p, "c", "2001:db8::", 47).code,
+            ReturnCode::Invalid
+        );
+    }
+
+    #[test]
+    fn quota_at_its_edge_and_after_a_cancel() {
+        let (mut p, r) = plane(&limited("max_affinities_per_backend = 3", ""));
+        for i in 0..3 {
+            let c = create(&mut p, "a", &format!("198.18.{i}.0"), 24, "a");
+            assert_eq!(c.code, ReturnCode::Ok, "affinity {i}: {}", c.message);
+        }
+        let over = create(&mut p, "a", "198.18.3.0", 24, "a");
+        assert_eq!(over.code, ReturnCode::QuotaExceeded);
+        assert!(
+            over.message.contains("quota is 3")
+                && over.message.contains("max_affinities_per_backend"),
+            "{}",
+            over.message
+        );
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0301, 1), None);
+        // Renewing one it holds is not a new one.
+        assert_eq!(
+            create(&mut p, "a", "198.18.0.0", 24, "a").code,
+            ReturnCode::Ok
+        );
+        // A neighbour at its quota leaves b alone.
+        for i in 0..3 {
+            let c = create(&mut p, "b", &format!("198.19.{i}.0"), 24, "b");
+            assert_eq!(c.code, ReturnCode::Ok, "b's affinity {i}");
+        }
+        // The operator may go beyond it for a.
+        assert_eq!(
+            create(&mut p, "admin", "198.18.9.0", 24, "a").code,
+            ReturnCode::Ok
+        );
+        assert_eq!(p.affinities().requested_by(1), 4);
+        // After cancelling two, a (at 2 of 3) has room for one.
+        for net in ["198.18.1.0", "198.18.9.0"] {
+            let c = call(
+                &mut p,
+                "a",
+                Request::AffinityCancel(op(net, 24, Some("a"), 0)),
+            );
+            assert_eq!(c.code, ReturnCode::Ok);
+        }
+        assert_eq!(
+            create(&mut p, "a", "198.18.3.0", 24, "a").code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            create(&mut p, "a", "198.18.4.0", 24, "a").code,
+            ReturnCode::QuotaExceeded
+        );
+        assert_eq!(p.counters().limited.quota, 2);
+    }
+
+    #[test]
+    fn default_quota_follows_the_backend_count() {
+        // A 1024-entry table, 2 backends: 2 x 512 each; 3 backends: 2 x 342.
+        let (mut p, _) = plane(&limited("", ""));
+        for i in 0..1024u32 {
+            let net = format!("10.{}.{}.0", i / 256, i % 256);
+            let c = create(&mut p, "admin", &net, 24, "a");
+            assert_eq!(c.code, ReturnCode::Ok, "{}", c.message);
+        }
+        let over = create(&mut p, "a", "11.0.0.0", 24, "a");
+        assert_eq!(over.code, ReturnCode::QuotaExceeded);
+        assert!(over.message.contains("quota is 1024"), "{}", over.message);
+        assert!(over.message.contains("even share"), "{}", over.message);
+        let add = Request::BackendAdd(crate::protocol::message::BackendSpec {
+            service: "web",
+            backend: "e",
+            addr: "10.0.0.5".parse().unwrap(),
+            mac: None,
+            weight: 100,
+        });
+        assert_eq!(call(&mut p, "admin", add).code, ReturnCode::Ok);
+        let over = create(&mut p, "a", "11.0.0.0", 24, "a");
+        assert!(over.message.contains("quota is 684"), "{}", over.message);
+        // What a holds beyond the smaller quota stays.
+        assert_eq!(p.affinities().requested_by(1), 1024);
+    }
+
+    #[test]
+    fn overlaps_are_refused_both_ways_unless_allowed() {
+        let (mut p, _) = plane(&limited("", ""));
+        assert_eq!(
+            create(&mut p, "a", "198.18.0.0", 16, "a").code,
+            ReturnCode::Ok
+        );
+        // More specific, inside a's /16.
+        let inner = create(&mut p, "b", "198.18.7.0", 24, "b");
+        assert_eq!(
+            (inner.code, inner.owner.as_deref()),
+            (ReturnCode::Conflict, Some("a"))
+        );
+        assert_eq!(inner.remaining_secs, 60);
+        assert!(
+            inner.message.contains("198.18.0.0/16") && inner.message.contains("affinity_overlap"),
+            "{}",
+            inner.message
+        );
+        // Less specific, around b's /32 (b holds it by the operator's hand).
+        assert_eq!(
+            create(&mut p, "admin", "198.20.1.1", 32, "b").code,
+            ReturnCode::Ok
+        );
+        let outer = create(&mut p, "a", "198.20.0.0", 16, "a");
+        assert_eq!(
+            (outer.code, outer.owner.as_deref()),
+            (ReturnCode::Conflict, Some("b"))
+        );
+        // a's own overlaps are its business, and beside the others is fine.
+        assert_eq!(
+            create(&mut p, "a", "198.18.1.0", 24, "a").code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            create(&mut p, "b", "198.19.0.0", 16, "b").code,
+            ReturnCode::Ok
+        );
+        assert_eq!(p.counters().limited.overlap, 2);
+
+        // With affinity_overlap = "allow" both are created.
+        let (mut p, r) = plane(&limited("affinity_overlap = \"allow\"", ""));
+        assert_eq!(
+            create(&mut p, "a", "198.18.0.0", 16, "a").code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            create(&mut p, "b", "198.18.7.0", 24, "b").code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            create(&mut p, "b", "198.20.1.1", 32, "b").code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            create(&mut p, "a", "198.20.0.0", 16, "a").code,
+            ReturnCode::Ok
+        );
+        // The most specific wins on a SYN.
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0707, 1), Some(2));
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0807, 1), Some(1));
+        // An equal key stays a conflict whatever the policy.
+        let eq = create(&mut p, "b", "198.18.0.0", 16, "b");
+        assert_eq!(
+            (eq.code, eq.owner.as_deref()),
+            (ReturnCode::Conflict, Some("a"))
+        );
+        assert_eq!(p.counters().limited.overlap, 0);
     }
 }

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::affinity::limits::AffinityLimits;
 use crate::config::{Config, Forwarding, Protocol, Scheduler, ServiceConfig};
 use crate::datapath::snapshot::{
     AutoAffinity, Backend, Dataplane, ForwardMode, SchedulerKind, Service,
@@ -80,6 +81,7 @@ struct ServiceEntry {
     maglev_size: Option<usize>,
     auto_affinity: Option<AutoAffinity>,
     max_affinity: Duration,
+    limits: AffinityLimits,
     backends: Vec<(BackendId, NewBackend)>,
     /// The table for the current backends and weights, if built.
     maglev: Option<Arc<MaglevTable>>,
@@ -116,6 +118,7 @@ impl ServiceEntry {
                 .as_ref()
                 .map(|a| AutoAffinity { linger: a.linger.0 }),
             max_affinity: s.max_affinity_duration.0,
+            limits: s.affinity_limits(),
             backends: Vec::new(),
             maglev: None,
         })
@@ -313,6 +316,7 @@ impl ServiceRegistry {
                 maglev,
                 auto_affinity: s.auto_affinity,
                 max_affinity: s.max_affinity,
+                limits: s.limits,
             });
             for (id, b) in &s.backends {
                 backends.push(Backend {

@@ -4,8 +4,9 @@
 //!
 //! The server knows nothing of services or affinities; the handler does. The
 //! pipeline per datagram is: size, source network, header, version, sender
-//! key, HMAC, timestamp and nonce, body, then the handler. A refused datagram
-//! never reaches the handler, so it cannot change any state.
+//! key, HMAC, timestamp and nonce, the sender's request rate, body, then
+//! the handler. A refused datagram never reaches the handler, so it cannot
+//! change any state.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -23,6 +24,7 @@ use crate::protocol::message::{
     encode_ended, encode_reply, DecodeError, EndedNotice, Envelope, Header, MsgType, Reply,
     ReplyPayload, Request, ReturnCode, Writer, ADMIN_NAME, FIXED_HEADER_LEN, MAX_DATAGRAM,
 };
+use crate::protocol::rate_limit::{RateLimiter, RateLimits};
 use crate::types::MAX_NAME_LEN;
 
 /// Clock skew accepted by default.
@@ -35,12 +37,13 @@ pub const DEFAULT_MAX_PER_POLL: usize = 256;
 /// Statistics snapshots kept for clients fetching them in chunks.
 const STATS_SNAPSHOTS: usize = 4;
 
-/// Who may talk to the server: the allowed source networks and the
-/// senders' keys.
+/// Who may talk to the server: the allowed source networks, the senders'
+/// keys, and how many requests a second each may make.
 #[derive(Clone, Debug)]
 pub struct ServerAuth {
     pub allowed: Allowlist,
     pub keyring: Keyring,
+    pub rates: RateLimits,
 }
 
 impl ServerAuth {
@@ -56,6 +59,7 @@ impl ServerAuth {
         Ok(ServerAuth {
             allowed: Allowlist::new(cfg.control.allowed_networks.clone()),
             keyring,
+            rates: cfg.control.rate_limits(),
         })
     }
 }
@@ -75,7 +79,11 @@ pub struct ServerConfig {
 impl ServerConfig {
     pub fn new(allowed: Allowlist, keyring: Keyring) -> ServerConfig {
         ServerConfig {
-            auth: ServerAuth { allowed, keyring },
+            auth: ServerAuth {
+                allowed,
+                keyring,
+                rates: RateLimits::default(),
+            },
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             replay_capacity: DEFAULT_REPLAY_CAPACITY,
             read_timeout: Some(Duration::from_millis(50)),
@@ -85,11 +93,12 @@ impl ServerConfig {
 
     /// The `[control]` section's keys, allowed networks and clock skew.
     pub fn from_config(cfg: &Config) -> Result<ServerConfig, String> {
-        let ServerAuth { allowed, keyring } = ServerAuth::from_config(cfg)?;
-        Ok(ServerConfig {
-            max_clock_skew: cfg.control.max_clock_skew.0,
-            ..ServerConfig::new(allowed, keyring)
-        })
+        let auth = ServerAuth::from_config(cfg)?;
+        let rates = auth.rates;
+        let mut config = ServerConfig::new(auth.allowed, auth.keyring);
+        config.auth.rates = rates;
+        config.max_clock_skew = cfg.control.max_clock_skew.0;
+        Ok(config)
     }
 }
 
@@ -104,6 +113,8 @@ pub struct ControlServer {
     allowed: Allowlist,
     keyring: Keyring,
     replay: ReplayGuard,
+    /// Requests per second per authenticated sender.
+    rates: RateLimiter,
     read_timeout: Option<Duration>,
     max_per_poll: usize,
     counters: ServerCounters,
@@ -145,11 +156,14 @@ impl ControlServer {
             }
             _ => socket.set_nonblocking(true)?,
         }
+        let mut rates = RateLimiter::new(config.auth.rates, ADMIN_NAME);
+        rates.set_senders(config.auth.keyring.names(), 0);
         Ok(ControlServer {
             socket,
             allowed: config.auth.allowed,
             keyring: config.auth.keyring,
             replay: ReplayGuard::new(config.max_clock_skew, config.replay_capacity),
+            rates,
             read_timeout: config.read_timeout.filter(|t| !t.is_zero()),
             max_per_poll: config.max_per_poll.max(1),
             counters: ServerCounters::default(),
@@ -178,10 +192,19 @@ impl ControlServer {
         &self.latency
     }
 
-    /// Replaces the allowed networks and keys (configuration reload).
+    /// The senders' request rates and how many of each were refused.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.rates
+    }
+
+    /// Replaces the allowed networks, keys and request rates
+    /// (configuration reload). Senders keep the tokens they hold, up to
+    /// their new rate; the buckets of names without a key are dropped.
     pub fn set_auth(&mut self, auth: ServerAuth) {
         self.allowed = auth.allowed;
         self.keyring = auth.keyring;
+        self.rates.set_limits(auth.rates, self.now_ms);
+        self.rates.set_senders(self.keyring.names(), self.now_ms);
     }
 
     /// Handles the datagrams waiting on the socket, at most `max_per_poll` of
@@ -357,6 +380,25 @@ impl ControlServer {
         // From here the sender is authenticated: every outcome is answered.
         let sender = header.name;
         let is_admin = sender == ADMIN_NAME;
+        // Only an authentic, fresh request spends its sender's tokens: a
+        // forged or replayed one cannot drain a real sender's bucket.
+        if !self.rates.allow(sender, now_ms) {
+            refused.rate_limited += 1;
+            let limits = self.rates.limits();
+            let rate = if is_admin {
+                limits.admin
+            } else {
+                limits.per_sender
+            };
+            let reply = Reply {
+                message: Cow::Owned(format!(
+                    "more than {rate} requests per second from {sender}; nothing was done, \
+                     retry later"
+                )),
+                ..Reply::new(header.msg_type, header.nonce, ReturnCode::RateLimited)
+            };
+            return self.reply(&header, reply);
+        }
         let Some(ty) = ty else {
             refused.unsupported_type += 1;
             let reply = Reply {
@@ -419,6 +461,7 @@ impl ControlServer {
             now_ms,
             server: &self.counters,
             server_latency: &self.latency,
+            server_rates: &self.rates,
         };
         let response = handler.handle(&call, &request);
         self.counters.handler_codes[response.code as usize] += 1;
@@ -773,6 +816,141 @@ mod tests {
         );
     }
 
+    fn rate_limited_server(per_sender: u32, admin: u32) -> ControlServer {
+        let mut config = ServerConfig {
+            read_timeout: None,
+            ..ServerConfig::new(Allowlist::parse(&["10.0.0.0/8"]).unwrap(), keyring())
+        };
+        config.auth.rates = RateLimits { per_sender, admin };
+        server_with(config)
+    }
+
+    /// The code of the reply to one fresh request from `name` at `now`.
+    fn code_of(
+        s: &mut ControlServer,
+        h: &mut Recorder,
+        name: &str,
+        nonce: u64,
+        now: u64,
+    ) -> ReturnCode {
+        let d = datagram(name, now, nonce, &create(None));
+        let out = s.process(&d, src(), h, now).expect("answered").to_vec();
+        open_reply(&out, name).1.code
+    }
+
+    #[test]
+    fn a_sender_beyond_its_rate_is_answered_rate_limited_then_recovers() {
+        let mut s = rate_limited_server(5, 8);
+        let mut h = Recorder::default();
+        let codes: Vec<ReturnCode> = (0..6)
+            .map(|i| code_of(&mut s, &mut h, "web1", 1000 + i, NOW))
+            .collect();
+        assert_eq!(&codes[..5], &[ReturnCode::Ok; 5], "exactly the rate");
+        assert_eq!(codes[5], ReturnCode::RateLimited, "one over");
+        assert_eq!(h.calls.len(), 5, "a limited request reaches no handler");
+        let d = datagram("web1", NOW, 1999, &create(None));
+        let out = s.process(&d, src(), &mut h, NOW).unwrap().to_vec();
+        let (_, reply) = open_reply(&out, "web1");
+        assert!(
+            reply.message.contains("more than 5 requests per second"),
+            "{}",
+            reply.message
+        );
+        assert_eq!(s.counters().refused.rate_limited, 2);
+        // Another backend and the admin have buckets of their own.
+        assert_eq!(code_of(&mut s, &mut h, "web2", 2000, NOW), ReturnCode::Ok);
+        let admin: Vec<ReturnCode> = (0..9)
+            .map(|i| code_of(&mut s, &mut h, "admin", 3000 + i, NOW))
+            .collect();
+        assert_eq!(&admin[..8], &[ReturnCode::Ok; 8], "the admin's own rate");
+        assert_eq!(admin[8], ReturnCode::RateLimited);
+        // A fifth of a second gives web1 one request back; a second, all.
+        assert_eq!(
+            code_of(&mut s, &mut h, "web1", 4000, NOW + 200),
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            code_of(&mut s, &mut h, "web1", 4001, NOW + 200),
+            ReturnCode::RateLimited
+        );
+        let later: Vec<ReturnCode> = (0..5)
+            .map(|i| code_of(&mut s, &mut h, "web1", 5000 + i, NOW + 1200))
+            .collect();
+        assert_eq!(later, [ReturnCode::Ok; 5], "recovered");
+    }
+
+    #[test]
+    fn forged_and_replayed_requests_spend_no_tokens() {
+        let mut s = rate_limited_server(2, 2);
+        let mut h = Recorder::default();
+        let good = datagram("web1", NOW, 1, &create(None));
+        assert!(s.process(&good, src(), &mut h, NOW).is_some());
+        // Replays of it, and forgeries under web1's name, many times over.
+        let mut forged = datagram("web1", NOW, 2, &create(None));
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        for _ in 0..50 {
+            assert!(s.process(&good, src(), &mut h, NOW).is_none());
+            assert!(s.process(&forged, src(), &mut h, NOW).is_none());
+        }
+        assert_eq!(s.counters().refused.rate_limited, 0);
+        // web1 still has its second token.
+        assert_eq!(code_of(&mut s, &mut h, "web1", 3, NOW), ReturnCode::Ok);
+        assert_eq!(
+            code_of(&mut s, &mut h, "web1", 4, NOW),
+            ReturnCode::RateLimited
+        );
+    }
+
+    /// One backend floods (100,000 requests within one second, far beyond
+    /// its rate) while another sends its few: every one of the other's is
+    /// answered by the handler, and the flood gets through only at its rate.
+    #[test]
+    fn a_flood_from_one_sender_leaves_the_others_answered() {
+        let mut s = rate_limited_server(1000, 1000);
+        let mut h = Recorder::default();
+        let mut flood_ok = 0;
+        let mut other_ok = 0;
+        for i in 0..100_000u64 {
+            let now = NOW + i / 100;
+            if code_of(&mut s, &mut h, "web1", i, now) == ReturnCode::Ok {
+                flood_ok += 1;
+            }
+            if i % 1000 == 0 {
+                assert_eq!(code_of(&mut s, &mut h, "web2", i, now), ReturnCode::Ok);
+                other_ok += 1;
+            }
+        }
+        assert_eq!(other_ok, 100);
+        // The first second's 1000 tokens, plus the refill over 1 s.
+        assert!((1000..=2001).contains(&flood_ok), "{flood_ok}");
+        assert_eq!(s.counters().refused.rate_limited, 100_000 - flood_ok);
+        assert_eq!(h.calls.len() as u64, flood_ok + other_ok);
+    }
+
+    /// A reload's new rates apply at once; buckets of removed names go.
+    #[test]
+    fn new_rates_apply_on_set_auth() {
+        let mut s = rate_limited_server(1, 1);
+        let mut h = Recorder::default();
+        assert_eq!(code_of(&mut s, &mut h, "web1", 1, NOW), ReturnCode::Ok);
+        assert_eq!(
+            code_of(&mut s, &mut h, "web1", 2, NOW),
+            ReturnCode::RateLimited
+        );
+        s.set_auth(ServerAuth {
+            allowed: Allowlist::parse(&["10.0.0.0/8"]).unwrap(),
+            keyring: keyring(),
+            rates: RateLimits {
+                per_sender: 0,
+                admin: 1,
+            },
+        });
+        for i in 0..100 {
+            assert_eq!(code_of(&mut s, &mut h, "web1", 10 + i, NOW), ReturnCode::Ok);
+        }
+    }
+
     /// Runs `d` through a fresh-state check: not dispatched, no reply, and
     /// exactly one refusal counted under `reason`.
     fn assert_refused_silently(s: &mut ControlServer, d: &[u8], from: SocketAddr, reason: &str) {
@@ -1110,7 +1288,14 @@ mod tests {
     #[test]
     #[ignore = "benchmark: cargo test --release --no-default-features --lib control::server::tests::pipeline_rate -- --ignored --nocapture"]
     fn pipeline_rate() {
-        let mut s = server();
+        // A rate limit far above the rate: its cost is measured, not its
+        // refusals.
+        let mut config = ServerConfig {
+            read_timeout: None,
+            ..ServerConfig::new(Allowlist::parse(&["10.0.0.0/8"]).unwrap(), keyring())
+        };
+        config.auth.rates.per_sender = crate::config::MAX_REQUEST_RATE;
+        let mut s = server_with(config);
         let mut h = NullHandler;
         let n = 200_000u64;
         let datagrams: Vec<Vec<u8>> = (0..n)
@@ -1134,10 +1319,11 @@ mod tests {
     #[test]
     #[ignore = "benchmark: cargo test --release --no-default-features --lib control::server::tests::udp_rate -- --ignored --nocapture"]
     fn udp_rate() {
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             read_timeout: Some(Duration::from_millis(5)),
             ..ServerConfig::new(Allowlist::loopback(), keyring())
         };
+        config.auth.rates.per_sender = crate::config::MAX_REQUEST_RATE;
         let mut s = server_with(config);
         let addr = s.local_addr().unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -33,6 +33,7 @@ use crate::datapath::latency::Percentiles;
 use crate::datapath::snapshot::DataplaneCell;
 use crate::datapath::worker::Shared;
 use crate::protocol::message::{Request, ReturnCode};
+use crate::protocol::rate_limit::RateLimiter;
 use crate::report::metrics::{self, MetricsServer};
 use crate::report::summary::{status_line, PortSummary, Summary, Totals};
 
@@ -173,6 +174,7 @@ impl ControlThread {
             &self.plane,
             self.server.counters(),
             self.server.latency(),
+            self.server.rate_limiter(),
             self.port_stats.as_ref(),
             &self.shared.auto_affinity,
         )
@@ -322,6 +324,7 @@ impl ControlHandler for Dispatch<'_> {
                     self.plane,
                     call.server,
                     call.server_latency,
+                    call.server_rates,
                     self.port_stats,
                     self.auto,
                 );
@@ -339,6 +342,7 @@ fn summary(
     plane: &ControlPlane,
     server: &ServerCounters,
     server_latency: &hdrhistogram::Histogram<u64>,
+    rates: &RateLimiter,
     port_stats: Option<&PortStatsSource>,
     auto: &AutoAffinityTable,
 ) -> Summary {
@@ -349,7 +353,7 @@ fn summary(
     s.control_latency_ns = Percentiles::of(server_latency);
     s.auto_affinity_pins = auto.len_active(plane.now_ms());
     s.auto_affinity_table_full = auto.stats().table_full;
-    s.extra.control = Some(control_summary(server, &plane.counters()));
+    s.extra.control = Some(control_summary(server, rates, &plane.counters()));
     s
 }
 

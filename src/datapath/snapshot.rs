@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use hashbrown::{HashMap, HashSet};
 
+use crate::affinity::limits::AffinityLimits;
 use crate::sched::maglev::MaglevTable;
 use crate::types::{BackendId, Family, FlowKey, ServiceId};
 
@@ -86,6 +87,8 @@ pub struct Service {
     pub auto_affinity: Option<AutoAffinity>,
     /// Longest affinity a backend may request on this service.
     pub max_affinity: Duration,
+    /// What one backend may pin on this service (control thread only).
+    pub limits: AffinityLimits,
 }
 
 impl Service {

@@ -1178,6 +1178,7 @@ mod tests {
             maglev: Arc::new(MaglevTable::new(&names, 65537).unwrap()),
             auto_affinity: None,
             max_affinity: Duration::from_secs(3600),
+            limits: Default::default(),
         }
     }
 
@@ -1739,6 +1740,7 @@ mod icmp_tests {
             maglev: Arc::new(MaglevTable::new(&names, 65537).unwrap()),
             auto_affinity: None,
             max_affinity: Duration::from_secs(3600),
+            limits: Default::default(),
         }
     }
 

@@ -226,6 +226,11 @@ impl Keyring {
         self.keys.len()
     }
 
+    /// Every sender name with a key, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

@@ -114,10 +114,15 @@ pub enum ReturnCode {
     Internal = 6,
     /// A message type this distributor does not implement.
     Unsupported = 7,
+    /// The owner holds as many affinities as its service allows one
+    /// backend (the quota is named in the message).
+    QuotaExceeded = 8,
+    /// The sender made more requests per second than it may; retry later.
+    RateLimited = 9,
 }
 
 impl ReturnCode {
-    pub const ALL: [ReturnCode; 8] = [
+    pub const ALL: [ReturnCode; 10] = [
         ReturnCode::Ok,
         ReturnCode::Conflict,
         ReturnCode::NotFound,
@@ -126,6 +131,8 @@ impl ReturnCode {
         ReturnCode::TableFull,
         ReturnCode::Internal,
         ReturnCode::Unsupported,
+        ReturnCode::QuotaExceeded,
+        ReturnCode::RateLimited,
     ];
 
     pub fn from_u8(v: u8) -> Option<ReturnCode> {
@@ -142,6 +149,8 @@ impl ReturnCode {
             ReturnCode::TableFull => "TABLE_FULL",
             ReturnCode::Internal => "INTERNAL",
             ReturnCode::Unsupported => "UNSUPPORTED",
+            ReturnCode::QuotaExceeded => "QUOTA_EXCEEDED",
+            ReturnCode::RateLimited => "RATE_LIMITED",
         }
     }
 }
@@ -1421,6 +1430,49 @@ mod tests {
         assert_eq!(
             Request::decode_body(MsgType::AffinityCreate, env.body).unwrap(),
             req
+        );
+    }
+
+    /// The replies of docs/PROTOCOL.md §6.5 to the worked example's request
+    /// when a limit refuses it, byte for byte.
+    #[test]
+    fn documented_limit_replies() {
+        let body = |code: ReturnCode, remaining: u32, owner: Option<&str>, msg: &str| {
+            let mut r = Reply::new(MsgType::AffinityCreate as u8, 0x1122_3344_5566_7788, code);
+            r.remaining_secs = remaining;
+            r.owner = owner.map(str::to_string);
+            r.message = Cow::Owned(msg.to_string());
+            let mut buf = [0u8; MAX_DATAGRAM];
+            let mut w = Writer::new(&mut buf);
+            r.encode_body(&mut w).unwrap();
+            let n = w.len();
+            buf[..n].to_vec()
+        };
+        let expect = |fixed: &str, msg: &str| {
+            let mut v: Vec<u8> = (0..fixed.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&fixed[i..i + 2], 16).unwrap())
+                .collect();
+            v.extend_from_slice(msg.as_bytes());
+            v.push(0);
+            v
+        };
+        let quota = "backend web1 holds 100 affinities on service web, its quota is 100 \
+                     (max_affinities_per_backend); cancel one or let one end first";
+        assert_eq!(
+            body(ReturnCode::QuotaExceeded, 0, None, quota),
+            expect("011122334455667788080000000000000080", quota)
+        );
+        let rate = "more than 20000 requests per second from web1; nothing was done, retry later";
+        assert_eq!(
+            body(ReturnCode::RateLimited, 0, None, rate),
+            expect("01112233445566778809000000000000004c", rate)
+        );
+        let overlap = "overlaps 198.51.0.0/16 ports any of backend web2; service web refuses \
+                       overlapping affinities (affinity_overlap = \"refuse\")";
+        assert_eq!(
+            body(ReturnCode::Conflict, 240, Some("web2"), overlap),
+            expect("0111223344556677880100000000f00477656232007a", overlap)
         );
     }
 

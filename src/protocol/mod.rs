@@ -5,8 +5,11 @@
 //!   notifications, their encoding and decoding.
 //! * [`auth`] — sender names, HMAC keys, source networks and replay
 //!   protection.
+//! * [`rate_limit`] — request rate limits per authenticated sender: a token
+//!   bucket per name.
 
 pub mod auth;
 pub mod message;
+pub mod rate_limit;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -243,7 +243,7 @@ pub fn render(s: &Summary) -> String {
     }
 
     type Get = fn(&crate::report::summary::BackendSummary) -> f64;
-    let per_backend: [(&'static str, &str, &str, Get); 5] = [
+    let per_backend: [(&'static str, &str, &str, Get); 7] = [
         (
             "pktdist_backend_packets_total",
             "counter",
@@ -273,6 +273,18 @@ pub fn render(s: &Summary) -> String {
             "gauge",
             "A backend's weight (0 = draining).",
             |b| b.weight as f64,
+        ),
+        (
+            "pktdist_backend_affinities",
+            "gauge",
+            "Requested affinities a backend holds (those its quota counts).",
+            |b| b.affinities as f64,
+        ),
+        (
+            "pktdist_backend_affinity_quota",
+            "gauge",
+            "Requested affinities a backend may hold on its service.",
+            |b| b.affinity_quota as f64,
         ),
     ];
     for (name, kind, help, get) in per_backend {
@@ -401,6 +413,24 @@ pub fn render(s: &Summary) -> String {
         );
         for (code, v) in &control.by_code {
             f.value(&[("code", code)], *v as f64);
+        }
+        let mut f = Family::new(
+            &mut o,
+            "pktdist_affinity_limited_total",
+            "counter",
+            "Backends' affinity creates refused by their service's limits, by limit.",
+        );
+        for (limit, v) in &control.limited {
+            f.value(&[("limit", limit)], *v as f64);
+        }
+        let mut f = Family::new(
+            &mut o,
+            "pktdist_control_rate_limited_total",
+            "counter",
+            "Requests answered RATE_LIMITED, by sender name.",
+        );
+        for (sender, v) in &control.rate_limited {
+            f.value(&[("sender", sender)], *v as f64);
         }
         let mut f = Family::new(
             &mut o,
@@ -600,6 +630,21 @@ mod tests {
             mean: 150.0,
         };
         s
+    }
+
+    #[test]
+    fn limit_families_carry_their_labels() {
+        let mut s = summary();
+        s.extra.control = Some(crate::report::summary::ControlSummary {
+            limited: [("quota".to_string(), 3)].into(),
+            rate_limited: [("be1".to_string(), 7)].into(),
+            ..Default::default()
+        });
+        let text = render(&s);
+        assert!(text.contains("# TYPE pktdist_affinity_limited_total counter\n"));
+        assert!(text.contains("pktdist_affinity_limited_total{limit=\"quota\"} 3\n"));
+        assert!(text.contains("pktdist_control_rate_limited_total{sender=\"be1\"} 7\n"));
+        assert!(text.contains("# TYPE pktdist_backend_affinity_quota gauge\n"));
     }
 
     #[test]

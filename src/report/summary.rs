@@ -98,6 +98,14 @@ pub struct BackendSummary {
     pub packets: u64,
     pub bytes: u64,
     pub active_connections: i64,
+    /// Requested affinities it holds (those its quota counts). Absent in
+    /// older servers' JSON.
+    #[serde(default)]
+    pub affinities: u64,
+    /// Requested affinities it may hold: its service's
+    /// `max_affinities_per_backend` or the default share.
+    #[serde(default)]
+    pub affinity_quota: u64,
 }
 
 /// One service in the summary.
@@ -283,6 +291,15 @@ pub struct ControlSummary {
     pub send_errors: u64,
     /// Dataplane snapshots published after the first.
     pub snapshots: u64,
+    /// Backends' affinity creates refused by their service's limits, by
+    /// limit (`min_prefix`, `quota`, `overlap`). Absent in older servers'
+    /// JSON.
+    #[serde(default)]
+    pub limited: BTreeMap<String, u64>,
+    /// Requests answered RATE_LIMITED, per sender name (every name with a
+    /// key). Absent in older servers' JSON.
+    #[serde(default)]
+    pub rate_limited: BTreeMap<String, u64>,
 }
 
 /// Affinities ended, by reason (the fields in the JSON's key order).
@@ -456,6 +473,9 @@ impl Summary {
                             packets,
                             bytes,
                             active_connections: active,
+                            // The control plane's to fill in.
+                            affinities: 0,
+                            affinity_quota: 0,
                         })
                     })
                     .collect();
@@ -701,6 +721,34 @@ impl Summary {
                 c.ended.cancelled,
                 c.ended.backend_removed,
             );
+            let limited: u64 = c.limited.values().sum();
+            let rate_limited: u64 = c.rate_limited.values().sum();
+            if limited > 0 || rate_limited > 0 {
+                let _ = writeln!(
+                    o,
+                    "  limits: {} affinity creates refused ({}), {} requests rate limited{}",
+                    limited,
+                    c.limited
+                        .iter()
+                        .map(|(k, n)| format!("{k} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    rate_limited,
+                    if rate_limited > 0 {
+                        format!(
+                            " ({})",
+                            c.rate_limited
+                                .iter()
+                                .filter(|(_, n)| **n > 0)
+                                .map(|(k, n)| format!("{k} {n}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
         }
         if let Some(t) = &self.extra.traffic_source {
             let delivered: Vec<String> = t
@@ -723,7 +771,12 @@ impl Summary {
 /// The refusals the control server answers (INVALID, UNSUPPORTED and
 /// NOT_AUTHORIZED: the request was authentic); it sends nothing back for
 /// the others (docs/PROTOCOL.md §3.5, §8).
-const ANSWERED_REFUSALS: [&str; 3] = ["invalid_body", "unsupported_type", "owner_mismatch"];
+const ANSWERED_REFUSALS: [&str; 4] = [
+    "invalid_body",
+    "unsupported_type",
+    "owner_mismatch",
+    "rate_limited",
+];
 
 fn share(part: u64, total: u64) -> f64 {
     if total == 0 {
@@ -768,6 +821,7 @@ mod tests {
             maglev: Arc::new(MaglevTable::new(&[("be0", 100), ("be1", 200)], 65537).unwrap()),
             auto_affinity: None,
             max_affinity: Duration::from_secs(60),
+            limits: Default::default(),
         };
         Dataplane::new(1, vec![svc], backends)
     }
@@ -904,6 +958,18 @@ mod tests {
             text.contains("  traffic source: sent 2000000 (1.000 Mpps); received back from the workers per backend: web/be0 9\n"),
             "{text}"
         );
+        assert!(!text.contains("limits:"), "none refused: {text}");
+        if let Some(c) = s.extra.control.as_mut() {
+            c.limited = [("min_prefix".to_string(), 1), ("quota".to_string(), 2)].into();
+            c.rate_limited = [("be1".to_string(), 5), ("be2".to_string(), 0)].into();
+        }
+        let text = s.render();
+        assert!(
+            text.contains("  limits: 3 affinity creates refused (min_prefix 1, quota 2), 5 requests rate limited (be1 5)\n"),
+            "{text}"
+        );
+        let back: Summary = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     /// The control line says what its figures count: datagrams received,

@@ -101,6 +101,8 @@ class Requests(Base):
             (5, pktdist.TableFull),
             (6, pktdist.Internal),
             (7, pktdist.Unsupported),
+            (8, pktdist.QuotaExceeded),
+            (9, pktdist.RateLimited),
             (42, pktdist.Refused),
         ]
 

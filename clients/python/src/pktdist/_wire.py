@@ -90,6 +90,8 @@ class ReturnCode(enum.IntEnum):
     TABLE_FULL = 5
     INTERNAL = 6
     UNSUPPORTED = 7
+    QUOTA_EXCEEDED = 8
+    RATE_LIMITED = 9
 
 
 class EndReason(enum.IntEnum):

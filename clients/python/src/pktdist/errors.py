@@ -30,6 +30,8 @@ __all__ = [
     "TableFull",
     "Internal",
     "Unsupported",
+    "QuotaExceeded",
+    "RateLimited",
     "Timeout",
     "ProtocolError",
     "refused",
@@ -105,6 +107,17 @@ class Unsupported(Refused):
     """UNSUPPORTED: a message type this pktdist does not know."""
 
 
+class QuotaExceeded(Refused):
+    """QUOTA_EXCEEDED: the backend holds as many affinities as its service
+    allows one backend (the message names the quota); cancel one, or let
+    one end, before creating another."""
+
+
+class RateLimited(Refused):
+    """RATE_LIMITED: this sender made more requests per second than pktdist
+    allows it; nothing was done, retry after a moment."""
+
+
 _BY_CODE: Dict[int, Type[Refused]] = {
     1: Conflict,
     2: NotFound,
@@ -113,6 +126,8 @@ _BY_CODE: Dict[int, Type[Refused]] = {
     5: TableFull,
     6: Internal,
     7: Unsupported,
+    8: QuotaExceeded,
+    9: RateLimited,
 }
 
 
@@ -120,7 +135,7 @@ def refused(
     code: int, code_name: str, message: str, owner: Optional[str], remaining: int
 ) -> Refused:
     """The exception for a reply with `code`: its own subclass for the codes
-    of protocol version 1, plain :class:`Refused` for codes added later."""
+    this client knows, plain :class:`Refused` for codes added later."""
     cls = _BY_CODE.get(int(code), Refused)
     return cls(code, code_name, message, owner, remaining)
 
