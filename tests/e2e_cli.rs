@@ -79,6 +79,10 @@ fn check_accepts_a_good_configuration_and_locates_errors() {
     let plan = text(&out.stdout);
     assert!(plan.contains("be1 10.0.0.1"), "{plan}");
     assert!(plan.contains("192.0.2.10"), "{plan}");
+    assert!(
+        plan.contains("backends may pin /16 or longer, at most 4096 affinities each"),
+        "{plan}"
+    );
 
     check_refuses(
         &dir,
@@ -103,6 +107,28 @@ fn check_accepts_a_good_configuration_and_locates_errors() {
         "2001:db8::2",
         "services[0].backends[1].address",
         "IPv6",
+    );
+    check_refuses(
+        &dir,
+        "min_prefix.toml",
+        &good.replace(
+            "ipip_source = \"198.51.100.1\"",
+            "ipip_source = \"198.51.100.1\"\nmin_prefix = { ipv4 = 40 }",
+        ),
+        "min_prefix",
+        "services[0].min_prefix.ipv4",
+        "longer than an address",
+    );
+    check_refuses(
+        &dir,
+        "rate.toml",
+        &good.replace(
+            "status_interval = \"1s\"",
+            "status_interval = \"1s\"\nmax_requests_per_second = 20000000",
+        ),
+        "max_requests_per_second",
+        "control.max_requests_per_second",
+        "out of range",
     );
     check_refuses(
         &dir,

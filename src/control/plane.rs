@@ -375,14 +375,15 @@ impl ControlPlane {
                 Family::V4 => "ipv4",
                 Family::V6 => "ipv6",
             };
-            return Err((
-                Limit::MinPrefix,
-                Response::new(ReturnCode::Invalid).with_message(format!(
+            let why = format!(
                 "prefix /{} is shorter than /{min}, the shortest a backend may pin on service {} \
                  (min_prefix.{fam} = {min})",
                 key.prefix_len(),
                 svc.name
-            )),
+            );
+            return Err((
+                Limit::MinPrefix,
+                Response::new(ReturnCode::Invalid).with_message(why),
             ));
         }
         let quota = limits.quota(self.affinities.capacity(), svc.backends.len());

@@ -325,6 +325,24 @@ class Affinities(unittest.TestCase):
         assert ended is not None
         self.assertEqual((ended.client, ended.ports, ended.reason), ("198.51.100.0/25", (1000, 1999), pktdist.EndReason.CANCELLED))
 
+    def test_limits_of_a_backend(self) -> None:
+        # The service's shortest prefix (default /16) holds a backend...
+        with self.assertRaises(pktdist.Invalid) as cm:
+            self.be1.create(WEB, "10.0.0.0/8", 10)
+        self.assertIn("min_prefix.ipv4 = 16", cm.exception.message)
+        # ...not the operator, acting for it.
+        self.admin.create(WEB, "10.0.0.0/8", 10, owner="be1")
+        self.admin.cancel(WEB, "10.0.0.0/8")
+        # Another backend's clients are not a backend's to pin.
+        self.be1.create(WEB, "172.20.0.0/16", 30)
+        try:
+            with self.assertRaises(pktdist.Conflict) as conflict:
+                self.be2.create(WEB, "172.20.5.5", 30)
+            self.assertEqual(conflict.exception.owner, "be1")
+            self.assertIn("affinity_overlap", conflict.exception.message)
+        finally:
+            self.be1.cancel(WEB, "172.20.0.0/16")
+
     def test_refusals(self) -> None:
         with self.assertRaises(pktdist.Invalid) as cm:
             self.be1.create(WEB, "198.51.100.5", 3600)  # above the service's 10m
