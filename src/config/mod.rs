@@ -36,6 +36,8 @@ pub const MAX_FLOW_CAPACITY: usize = crate::datapath::flow::MAX_CAPACITY;
 /// about a millisecond that wrap after about 52 days, so a timeout must stay
 /// well below that.
 pub const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest `affinity_grace` a service may have: a day.
+pub const MAX_AFFINITY_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Largest `[control] max_clock_skew`: ten minutes. The skew is the replay
 /// window: a request stamped further from the distributor's clock is
 /// refused, and nonces are remembered for that long.
@@ -376,6 +378,10 @@ fn default_max_affinity() -> DurationStr {
     DurationStr::secs(3600)
 }
 
+fn default_affinity_grace() -> DurationStr {
+    DurationStr::secs(30)
+}
+
 /// A service.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -396,6 +402,10 @@ pub struct ServiceConfig {
     pub maglev_table_size: Option<usize>,
     #[serde(default = "default_max_affinity")]
     pub max_affinity_duration: DurationStr,
+    /// How long a backend may stay down before its requested affinities
+    /// end with BACKEND_DOWN.
+    #[serde(default = "default_affinity_grace")]
+    pub affinity_grace: DurationStr,
     /// Present: automatic affinity is on.
     #[serde(default)]
     pub auto_affinity: Option<AutoAffinityConfig>,
@@ -821,6 +831,12 @@ impl Config {
             if s.max_affinity_duration.0.is_zero() {
                 return fail(sp.key("max_affinity_duration"), "must be longer than 0");
             }
+            if s.affinity_grace.0 > MAX_AFFINITY_GRACE {
+                return fail(
+                    sp.key("affinity_grace"),
+                    format!("{} is longer than the most, 1d", s.affinity_grace),
+                );
+            }
             let mut bnames = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
                 let bp = sp.key("backends").index(j);
@@ -1082,12 +1098,13 @@ impl Config {
             };
             let _ = writeln!(
                 o,
-                "  {} {} {}:{}  {sched}, {mode}, max affinity {}{}",
+                "  {} {} {}:{}  {sched}, {mode}, max affinity {}, affinity grace {}{}",
                 s.name,
                 s.protocol.name(),
                 fmt_vip(s.vip),
                 s.port,
                 s.max_affinity_duration,
+                s.affinity_grace,
                 s.auto_affinity
                     .map(|a| format!(", auto affinity (linger {})", a.linger))
                     .unwrap_or_default()

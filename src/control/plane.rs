@@ -3,9 +3,12 @@
 //! [`ControlPlane`] holds the service registry, the affinity manager (the
 //! only writer of the lock-free affinity table) and the dataplane cell the
 //! workers read. It answers affinity and backend requests, enforcing who may
-//! do what, publishes a new snapshot after each registry change, expires
-//! affinities, and turns every affinity that ends into a notice for its
-//! owner.
+//! do what, keeps each backend's state (health, what the application and
+//! the operator declared: [`BackendStates`]) and puts it in the snapshot,
+//! publishes a new snapshot after each change, expires affinities, ends
+//! the requested affinities of backends down past their service's
+//! `affinity_grace`, and turns every affinity that ends into a notice for
+//! its owner.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use crate::affinity::key::TableKey;
 use crate::affinity::manager::{AffinityManager, Ended, Record};
 use crate::affinity::AffinityError;
 use crate::config::Config;
+use crate::control::backend_state::{BackendStates, BackendStatus, StateChange};
 use crate::control::counters::PlaneCounters;
 use crate::control::handler::Response;
 use crate::control::registry::{NewBackend, RegistryError, ServiceRegistry};
@@ -27,7 +31,7 @@ use crate::protocol::message::{
     ServiceAddr,
 };
 use crate::report::summary::{CounterBase, Summary};
-use crate::types::{BackendId, PortMatch};
+use crate::types::{BackendId, BackendState, Declared, EndReason, PortMatch};
 
 /// What an affinity request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +58,8 @@ pub struct ControlPlane {
     counters: PlaneCounters,
     /// How long ended affinities lived (ms).
     lifetimes: hdrhistogram::Histogram<u64>,
+    /// Each backend's state and what it is combined from.
+    states: BackendStates,
 }
 
 impl ControlPlane {
@@ -66,7 +72,7 @@ impl ControlPlane {
         epoch: Instant,
     ) -> ControlPlane {
         let dp = cell.load();
-        ControlPlane {
+        let mut plane = ControlPlane {
             registry,
             cell,
             dp,
@@ -77,7 +83,17 @@ impl ControlPlane {
             notices: Vec::new(),
             counters: PlaneCounters::default(),
             lifetimes: new_histogram(),
+            states: BackendStates::new(),
+        };
+        // Backends configured with weight 0 start draining.
+        let mut next = plane.registry.clone();
+        if plane.settle_into(&mut next) {
+            if let Ok(dp) = next.snapshot() {
+                plane.commit(next, dp);
+            }
         }
+        plane.record_states();
+        plane
     }
 
     /// Monotonic milliseconds since the shared epoch.
@@ -118,7 +134,153 @@ impl ControlPlane {
             &self.counter_base,
         );
         s.affinity_lifetime_ms = Percentiles::of(&self.lifetimes);
+        let now = self.now_ms();
+        for (svc, ss) in self.dp.services.iter().zip(&mut s.services) {
+            for (&id, bs) in svc.backends.iter().zip(&mut ss.backends) {
+                if let Some(st) = self.states.get(id) {
+                    bs.state_for_secs = now.saturating_sub(st.since_ms) / 1000;
+                    bs.check_error = st.check_error.clone();
+                }
+            }
+        }
         s
+    }
+
+    /// The state of backend `id` and what it was combined from.
+    pub fn backend_status(&self, id: BackendId) -> Option<&BackendStatus> {
+        self.states.get(id)
+    }
+
+    /// Applies a health verdict for `backend` of `service` (from the
+    /// health checker): a backend whose checks fail is down; `error` says
+    /// why. Publishes a new snapshot when its state changes.
+    pub fn set_backend_health(
+        &mut self,
+        service: &str,
+        backend: &str,
+        up: bool,
+        error: Option<String>,
+    ) -> Result<(), RegistryError> {
+        let id = self.registry.backend_id(service, backend).ok_or_else(|| {
+            RegistryError::NoSuchBackend {
+                service: service.to_string(),
+                backend: backend.to_string(),
+            }
+        })?;
+        let now = self.now_ms();
+        self.states.set_health(id, up, error, now);
+        self.apply_states()
+    }
+
+    /// Records what the application (`by_admin` false) or the operator
+    /// declares for backend `backend` of `service`, or of every service
+    /// that has a backend of that name (`service` None). Returns the
+    /// (service, backend, state) of each backend concerned.
+    pub fn declare_state(
+        &mut self,
+        service: Option<&str>,
+        backend: &str,
+        by_admin: bool,
+        state: Declared,
+    ) -> Result<Vec<(String, String, BackendState)>, RegistryError> {
+        if let Some(name) = service {
+            if self.dp.service_named(name).is_none() {
+                return Err(RegistryError::NoSuchService(name.to_string()));
+            }
+        }
+        let ids: Vec<BackendId> = self
+            .registry
+            .backends()
+            .filter(|(_, s, b)| b.name == backend && service.is_none_or(|n| n == *s))
+            .map(|(id, _, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Err(RegistryError::NoSuchBackend {
+                service: service.unwrap_or("any service").to_string(),
+                backend: backend.to_string(),
+            });
+        }
+        let now = self.now_ms();
+        for &id in &ids {
+            self.states.declare(id, by_admin, state, now);
+        }
+        self.apply_states()?;
+        Ok(ids
+            .iter()
+            .filter_map(|&id| {
+                let b = self.dp.backend(id)?;
+                let s = self.dp.service(b.service)?;
+                Some((s.name.clone(), b.name.clone(), b.state))
+            })
+            .collect())
+    }
+
+    /// Gives every backend of `next` the state its inputs and weight make;
+    /// true when one changed.
+    fn settle_into(&self, next: &mut ServiceRegistry) -> bool {
+        let targets: Vec<(BackendId, BackendState)> = next
+            .backends()
+            .map(|(id, _, b)| (id, self.states.combined(id, b.weight)))
+            .collect();
+        let mut changed = false;
+        for (id, state) in targets {
+            changed |= next.state(id) != state;
+            next.set_state(id, state);
+        }
+        changed
+    }
+
+    /// Publishes a snapshot with the states the backends' inputs make now,
+    /// if that changes any.
+    fn apply_states(&mut self) -> Result<(), RegistryError> {
+        let mut next = self.registry.clone();
+        if self.settle_into(&mut next) {
+            let dp = next.snapshot()?;
+            self.commit(next, dp);
+        }
+        self.record_states();
+        Ok(())
+    }
+
+    /// Takes the published states as the backends' own, logging each
+    /// change (call after every commit).
+    fn record_states(&mut self) {
+        let now = self.now_ms();
+        let current: Vec<(BackendId, BackendState)> = self
+            .registry
+            .backends()
+            .map(|(id, _, _)| (id, self.registry.state(id)))
+            .collect();
+        for (id, state) in current {
+            if let Some(change) = self.states.settle(id, state, now) {
+                self.log_change(&change);
+            }
+        }
+    }
+
+    /// One log line per state change: which backend, from what to what,
+    /// and why.
+    fn log_change(&self, c: &StateChange) {
+        let Some(b) = self.dp.backend(c.backend) else {
+            return;
+        };
+        let service = self.dp.service(b.service).map_or("?", |s| s.name.as_str());
+        let why = self
+            .states
+            .get(c.backend)
+            .map(|st| state_reasons(st, b.weight))
+            .unwrap_or_default();
+        eprintln!(
+            "pktdist: backend {service}/{}: {} -> {}{}",
+            b.name,
+            c.from.name(),
+            c.to.name(),
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({why})")
+            }
+        );
     }
 
     /// Answers an affinity or backend request from `sender`. Reload and
@@ -153,6 +315,18 @@ impl ControlPlane {
                         .with_message("backend changes need the admin key")
                 }
             }
+            Request::BackendState {
+                service,
+                backend,
+                state,
+            } => {
+                if !is_admin && backend.is_some_and(|b| b != sender) {
+                    return Response::new(ReturnCode::NotAuthorized)
+                        .with_message("a backend may declare only its own state");
+                }
+                let backend = if is_admin { *backend } else { Some(sender) };
+                self.backend_state(is_admin, *service, backend, *state)
+            }
             Request::Reload | Request::Stats { .. } => Response::new(ReturnCode::Unsupported),
         }
     }
@@ -160,11 +334,31 @@ impl ControlPlane {
     /// Removes expired affinities; their notices wait in
     /// [`take_notices`](Self::take_notices).
     pub fn expire(&mut self) {
-        let now = self.now_ms();
+        self.expire_at(self.now_ms());
+    }
+
+    /// [`expire`](Self::expire) at `now` (ms on the plane's clock): also
+    /// ends the requested affinities of backends down for longer than
+    /// their service's `affinity_grace` (static ones stay, skipped while
+    /// their owner is down).
+    pub fn expire_at(&mut self, now: u64) {
         let mut ended = Vec::new();
         self.affinities.expire(now, &mut ended);
         self.counters.ended_expired += ended.len() as u64;
         self.queue_notices(ended);
+        let dp = &self.dp;
+        let due = self.states.grace_over(now, |id| {
+            let b = dp.backend(id)?;
+            let s = dp.service(b.service)?;
+            Some(s.affinity_grace.as_millis() as u64)
+        });
+        for id in due {
+            let mut ended = Vec::new();
+            self.affinities
+                .end_requested(id, EndReason::BackendDown, &mut ended);
+            self.counters.ended_backend_down += ended.len() as u64;
+            self.queue_notices(ended);
+        }
     }
 
     /// The affinities that ended since the last call: (where to send the
@@ -200,6 +394,7 @@ impl ControlPlane {
     pub fn replace_services(&mut self, cfg: &Config) -> Result<Vec<BackendId>, RegistryError> {
         let mut next = self.registry.clone();
         let removed = next.reload(cfg)?;
+        self.settle_into(&mut next);
         let dp = next.snapshot()?;
         // A kept service keeps its id (the registry matches services by
         // name, VIP, port and protocol), so its affinities stay where they
@@ -209,6 +404,7 @@ impl ControlPlane {
             self.end_backend(*id);
         }
         self.commit(next, dp);
+        self.record_states();
         Ok(removed)
     }
 
@@ -258,6 +454,7 @@ impl ControlPlane {
         self.affinities.remove_backend(id, &mut ended);
         self.counters.ended_backend_removed += ended.len() as u64;
         self.queue_notices(ended);
+        self.states.remove(id);
     }
 
     /// The service a wire key names, and the key in table form.
@@ -357,10 +554,16 @@ impl ControlPlane {
                 svc.name
             ));
         }
-        if action == AffinityAction::Create && self.dp.backend(owner).is_some_and(|b| b.weight == 0)
-        {
-            return Response::new(ReturnCode::Invalid)
-                .with_message("backend is draining (weight 0): no new affinities");
+        if action != AffinityAction::Cancel {
+            // A draining or down backend's affinities only end: a drain
+            // finishes within max_affinity_duration.
+            let state = self.dp.backend(owner).map_or(BackendState::Up, |b| b.state);
+            if state != BackendState::Up {
+                return Response::new(ReturnCode::Draining).with_message(format!(
+                    "backend is {}: no new or extended affinities",
+                    state.name()
+                ));
+            }
         }
         let result = match action {
             AffinityAction::Create => {
@@ -439,6 +642,7 @@ impl ControlPlane {
     }
 
     fn backend_list(&self, service: Option<&str>, offset: u32, limit: u16) -> Response {
+        let now = self.now_ms();
         if let Some(name) = service {
             if self.dp.service_named(name).is_none() {
                 return Response::new(ReturnCode::NotFound)
@@ -454,12 +658,22 @@ impl ControlPlane {
                 s.backends
                     .iter()
                     .filter_map(|&id| self.dp.backend(id))
-                    .map(|b| BackendEntry {
-                        service: s.name.clone(),
-                        backend: b.name.clone(),
-                        addr: b.addr,
-                        mac: b.mac,
-                        weight: b.weight,
+                    .map(|b| {
+                        let st = self.states.get(b.id);
+                        BackendEntry {
+                            service: s.name.clone(),
+                            backend: b.name.clone(),
+                            addr: b.addr,
+                            mac: b.mac,
+                            weight: b.weight,
+                            state: b.state,
+                            state_secs: st
+                                .map_or(0, |st| secs_down(now.saturating_sub(st.since_ms))),
+                            app: st.map_or(Declared::Up, |st| st.app),
+                            admin: st.map_or(Declared::Up, |st| st.admin),
+                            healthy: st.and_then(|st| st.healthy),
+                            check_error: st.and_then(|st| st.check_error.clone()),
+                        }
                     })
             })
             .collect();
@@ -502,6 +716,7 @@ impl ControlPlane {
             Ok(r) => r,
             Err(e) => return registry_error(e),
         };
+        self.settle_into(&mut next);
         let dp = match next.snapshot() {
             Ok(dp) => dp,
             Err(e) => return registry_error(e),
@@ -510,8 +725,59 @@ impl ControlPlane {
             self.end_backend(id);
         }
         self.commit(next, dp);
+        self.record_states();
         Response::ok()
     }
+
+    /// BACKEND_STATE: a backend declares its own state, the operator any
+    /// backend's.
+    fn backend_state(
+        &mut self,
+        is_admin: bool,
+        service: Option<&str>,
+        backend: Option<&str>,
+        state: Declared,
+    ) -> Response {
+        let Some(backend) = backend else {
+            return Response::new(ReturnCode::Invalid)
+                .with_message("name the backend whose state this is");
+        };
+        match self.declare_state(service, backend, is_admin, state) {
+            Ok(done) => {
+                let text: Vec<String> = done
+                    .iter()
+                    .map(|(s, b, st)| format!("{s}/{b} {}", st.name()))
+                    .collect();
+                Response::ok().with_message(text.join(", "))
+            }
+            Err(e) => registry_error(e),
+        }
+    }
+}
+
+/// Why a backend is in its state: the inputs that make it so, for the log.
+fn state_reasons(st: &BackendStatus, weight: u32) -> String {
+    let mut why = Vec::new();
+    if st.healthy == Some(false) {
+        why.push(match &st.check_error {
+            Some(e) => format!("health checks fail: {e}"),
+            None => "health checks fail".to_string(),
+        });
+    }
+    for (who, d) in [("application", st.app), ("operator", st.admin)] {
+        if d != Declared::Up {
+            why.push(format!("{who} declared {}", d.name()));
+        }
+    }
+    if weight == 0 {
+        why.push("weight 0".to_string());
+    }
+    why.join(", ")
+}
+
+/// Milliseconds to whole seconds, rounded down, saturating.
+fn secs_down(ms: u64) -> u32 {
+    u32::try_from(ms / 1000).unwrap_or(u32::MAX)
 }
 
 /// Milliseconds to whole seconds, rounded up, saturating.
@@ -663,8 +929,9 @@ mod tests {
             "a",
             Request::AffinityCreate(op("198.18.5.0", 24, Some("a"), 60)),
         );
-        assert_eq!(d.code, ReturnCode::Invalid);
-        // The draining backend keeps its affinity and may extend it.
+        assert_eq!(d.code, ReturnCode::Draining);
+        // The draining backend keeps its affinity, still honoured, but may
+        // not extend it: the drain ends within max_affinity_duration.
         assert_eq!(
             call(
                 &mut p,
@@ -672,7 +939,12 @@ mod tests {
                 Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 120))
             )
             .code,
-            ReturnCode::Ok
+            ReturnCode::Draining
+        );
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(1));
+        assert_eq!(
+            p.dataplane().find_backend(WEB, "a").unwrap().state,
+            BackendState::Draining
         );
         let gen = p.dataplane().generation;
         let bad = Request::BackendAdd(BackendSpec {

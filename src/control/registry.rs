@@ -4,7 +4,10 @@
 //! runtime changes (weights, added and removed backends, reloaded
 //! configurations) and turns them into immutable [`Dataplane`] snapshots for
 //! the workers, rebuilding a service's Maglev table only when its backends
-//! or weights changed.
+//! or their scheduling weights (weight, or 0 while not up) changed. Each
+//! backend's state is the control plane's to decide
+//! ([`set_state`](ServiceRegistry::set_state)); the registry carries it
+//! into the snapshot.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,8 +19,7 @@ use crate::datapath::snapshot::{
 };
 use crate::net::ip_bits;
 use crate::sched::maglev::{is_prime, MaglevTable};
-use crate::types::Family;
-use crate::types::{BackendId, ServiceId, MAX_BACKENDS, MAX_SERVICES};
+use crate::types::{BackendId, BackendState, Family, ServiceId, MAX_BACKENDS, MAX_SERVICES};
 
 /// Largest weight a backend may have.
 pub const MAX_WEIGHT: u32 = 65535;
@@ -80,6 +82,7 @@ struct ServiceEntry {
     maglev_size: Option<usize>,
     auto_affinity: Option<AutoAffinity>,
     max_affinity: Duration,
+    affinity_grace: Duration,
     backends: Vec<(BackendId, NewBackend)>,
     /// The table for the current backends and weights, if built.
     maglev: Option<Arc<MaglevTable>>,
@@ -116,6 +119,7 @@ impl ServiceEntry {
                 .as_ref()
                 .map(|a| AutoAffinity { linger: a.linger.0 }),
             max_affinity: s.max_affinity_duration.0,
+            affinity_grace: s.affinity_grace.0,
             backends: Vec::new(),
             maglev: None,
         })
@@ -128,7 +132,9 @@ impl ServiceEntry {
         }
     }
 
-    fn maglev_table(&mut self) -> Result<Arc<MaglevTable>, RegistryError> {
+    /// The Maglev table for the backends' scheduling weights (`states` by
+    /// backend id: only backends that are up get theirs).
+    fn maglev_table(&mut self, states: &[BackendState]) -> Result<Arc<MaglevTable>, RegistryError> {
         if let Some(t) = &self.maglev {
             return Ok(Arc::clone(t));
         }
@@ -138,7 +144,12 @@ impl ServiceEntry {
         let names: Vec<(&str, u32)> = self
             .backends
             .iter()
-            .map(|(_, b)| (b.name.as_str(), b.weight))
+            .map(|(id, b)| {
+                (
+                    b.name.as_str(),
+                    sched_weight(b.weight, states[*id as usize]),
+                )
+            })
             .collect();
         let table = Arc::new(
             MaglevTable::new(&names, size)
@@ -220,6 +231,15 @@ impl IdPool {
     }
 }
 
+/// The weight a backend in `state` is scheduled with.
+fn sched_weight(weight: u32, state: BackendState) -> u32 {
+    if state == BackendState::Up {
+        weight
+    } else {
+        0
+    }
+}
+
 /// Services and backends as the control thread knows them.
 #[derive(Clone, Debug)]
 pub struct ServiceRegistry {
@@ -227,6 +247,9 @@ pub struct ServiceRegistry {
     services: Vec<ServiceEntry>,
     backend_ids: IdPool,
     service_ids: IdPool,
+    /// Each backend's state, by id (up until the control plane says
+    /// otherwise).
+    states: Vec<BackendState>,
 }
 
 impl ServiceRegistry {
@@ -243,6 +266,7 @@ impl ServiceRegistry {
             services: Vec::with_capacity(cfg.services.len()),
             backend_ids: IdPool::new(MAX_BACKENDS),
             service_ids: IdPool::new(MAX_SERVICES),
+            states: vec![BackendState::Up; MAX_BACKENDS],
         };
         for s in &cfg.services {
             let mut entry = ServiceEntry::from_config(s)?;
@@ -264,6 +288,7 @@ impl ServiceRegistry {
 
     fn allocate_id(&mut self) -> Result<BackendId, RegistryError> {
         let id = self.backend_ids.take().ok_or(RegistryError::Full)?;
+        self.states[id] = BackendState::Up;
         Ok(id as BackendId)
     }
 
@@ -292,13 +317,59 @@ impl ServiceRegistry {
             .map(|(id, _)| *id)
     }
 
+    /// Every backend: its id, its service's name and its description.
+    pub fn backends(&self) -> impl Iterator<Item = (BackendId, &str, &NewBackend)> + '_ {
+        self.services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|(id, b)| (*id, s.name.as_str(), b)))
+    }
+
+    /// The state backend `id` has in the snapshots.
+    pub fn state(&self, id: BackendId) -> BackendState {
+        self.states
+            .get(id as usize)
+            .copied()
+            .unwrap_or(BackendState::Up)
+    }
+
+    /// Gives backend `id` a state (its service's Maglev table is rebuilt
+    /// when that changes its scheduling weight).
+    pub fn set_state(&mut self, id: BackendId, state: BackendState) {
+        let Some(old) = self.states.get(id as usize).copied() else {
+            return;
+        };
+        if old == state {
+            return;
+        }
+        self.states[id as usize] = state;
+        if let Some(s) = self
+            .services
+            .iter_mut()
+            .find(|s| s.backends.iter().any(|(b, _)| *b == id))
+        {
+            let weight = s
+                .backends
+                .iter()
+                .find(|(b, _)| *b == id)
+                .map_or(0, |(_, b)| b.weight);
+            if sched_weight(weight, old) != sched_weight(weight, state) {
+                s.maglev = None;
+            }
+        }
+    }
+
     /// Builds the next snapshot (Maglev tables rebuilt only where needed).
     pub fn snapshot(&mut self) -> Result<Dataplane, RegistryError> {
         self.generation += 1;
         let mut services = Vec::with_capacity(self.services.len());
         let mut backends = Vec::new();
+        let states = &self.states;
         for s in self.services.iter_mut() {
-            let maglev = s.maglev_table()?;
+            let maglev = s.maglev_table(states)?;
+            let all_down = !s.backends.is_empty()
+                && s.backends
+                    .iter()
+                    .all(|(id, _)| states[*id as usize] == BackendState::Down);
             services.push(Service {
                 id: s.id,
                 name: s.name.clone(),
@@ -313,6 +384,8 @@ impl ServiceRegistry {
                 maglev,
                 auto_affinity: s.auto_affinity,
                 max_affinity: s.max_affinity,
+                affinity_grace: s.affinity_grace,
+                all_down,
             });
             for (id, b) in &s.backends {
                 backends.push(Backend {
@@ -323,6 +396,7 @@ impl ServiceRegistry {
                     addr_bits: ip_bits(b.addr),
                     mac: b.mac,
                     weight: b.weight,
+                    state: states[*id as usize],
                 });
             }
         }
@@ -485,7 +559,7 @@ impl ServiceRegistry {
         next.services = services;
         // Build the tables now so that a bad table size is refused here.
         for s in next.services.iter_mut() {
-            s.maglev_table()?;
+            s.maglev_table(&next.states)?;
         }
         *self = next;
         Ok(removed)

@@ -98,6 +98,16 @@ pub struct BackendSummary {
     pub packets: u64,
     pub bytes: u64,
     pub active_connections: i64,
+    /// "up", "draining" or "down".
+    #[serde(default)]
+    pub state: String,
+    /// Seconds since the backend entered `state` (0 where the figures
+    /// come from the snapshot alone).
+    #[serde(default)]
+    pub state_for_secs: u64,
+    /// Why its last health check failed, while it is failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_error: Option<String>,
 }
 
 /// One service in the summary.
@@ -285,6 +295,7 @@ pub struct ControlSummary {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct EndedSummary {
+    pub backend_down: u64,
     pub backend_removed: u64,
     pub cancelled: u64,
     pub expired: u64,
@@ -292,8 +303,9 @@ pub struct EndedSummary {
 
 impl EndedSummary {
     /// (reason, count) for every reason, in the JSON's key order.
-    pub fn as_array(&self) -> [(&'static str, u64); 3] {
+    pub fn as_array(&self) -> [(&'static str, u64); 4] {
         [
+            ("backend_down", self.backend_down),
             ("backend_removed", self.backend_removed),
             ("cancelled", self.cancelled),
             ("expired", self.expired),
@@ -452,6 +464,9 @@ impl Summary {
                             packets,
                             bytes,
                             active_connections: active,
+                            state: be.state.name().to_string(),
+                            state_for_secs: 0,
+                            check_error: None,
                         })
                     })
                     .collect();
@@ -629,20 +644,21 @@ impl Summary {
             );
             let _ = writeln!(
                 o,
-                "    {:<12} {:<16} {:>6} {:>7} {:>11} {:>7} {:>12}",
+                "    {:<12} {:<16} {:>6} {:>7} {:>11} {:>7} {:>12}  state",
                 "backend", "address", "weight", "w-share", "connections", "c-share", "packets"
             );
             for b in &s.backends {
                 let _ = writeln!(
                     o,
-                    "    {:<12} {:<16} {:>6} {:>6.1}% {:>11} {:>6.1}% {:>12}",
+                    "    {:<12} {:<16} {:>6} {:>6.1}% {:>11} {:>6.1}% {:>12}  {}",
                     b.name,
                     b.address,
                     b.weight,
                     b.weight_share * 100.0,
                     b.connections,
                     b.connection_share * 100.0,
-                    b.packets
+                    b.packets,
+                    b.state
                 );
             }
         }
@@ -685,7 +701,7 @@ impl Summary {
         if let Some(c) = &self.extra.control {
             let _ = writeln!(
                 o,
-                "  control: {} datagrams received, {} replies sent, {} refused ({} without a reply, {} answered with an error), {} ended notifications sent; affinities ended: {} expired, {} cancelled, {} backend removed",
+                "  control: {} datagrams received, {} replies sent, {} refused ({} without a reply, {} answered with an error), {} ended notifications sent; affinities ended: {} expired, {} cancelled, {} backend removed, {} backend down",
                 c.received,
                 c.answered,
                 c.refused.values().sum::<u64>(),
@@ -695,6 +711,7 @@ impl Summary {
                 c.ended.expired,
                 c.ended.cancelled,
                 c.ended.backend_removed,
+                c.ended.backend_down,
             );
         }
         if let Some(t) = &self.extra.traffic_source {
@@ -747,6 +764,7 @@ mod tests {
                 addr_bits: 0x0a00_0001 + i as u128,
                 mac: None,
                 weight: 100 * (i + 1),
+                state: crate::types::BackendState::Up,
             })
             .collect();
         let svc = Service {
@@ -763,6 +781,8 @@ mod tests {
             maglev: Arc::new(MaglevTable::new(&[("be0", 100), ("be1", 200)], 65537).unwrap()),
             auto_affinity: None,
             max_affinity: Duration::from_secs(60),
+            affinity_grace: Duration::from_secs(30),
+            all_down: false,
         };
         Dataplane::new(1, vec![svc], backends)
     }
@@ -869,6 +889,7 @@ mod tests {
             ended: EndedSummary {
                 expired: 3,
                 cancelled: 1,
+                backend_down: 0,
                 backend_removed: 0,
             },
             ..ControlSummary::default()
@@ -892,7 +913,7 @@ mod tests {
         assert_eq!(back, s);
         let text = s.render();
         assert!(
-            text.contains("  control: 7 datagrams received, 5 replies sent, 2 refused (2 without a reply, 0 answered with an error), 1 ended notifications sent; affinities ended: 3 expired, 1 cancelled, 0 backend removed\n"),
+            text.contains("  control: 7 datagrams received, 5 replies sent, 2 refused (2 without a reply, 0 answered with an error), 1 ended notifications sent; affinities ended: 3 expired, 1 cancelled, 0 backend removed, 0 backend down\n"),
             "{text}"
         );
         assert!(
@@ -922,6 +943,7 @@ mod tests {
             ended: EndedSummary {
                 expired: 2,
                 cancelled: 1,
+                backend_down: 0,
                 backend_removed: 0,
             },
             ..ControlSummary::default()
@@ -929,7 +951,7 @@ mod tests {
         let text = s.render();
         assert!(
             text.contains(
-                "  control: 20 datagrams received, 12 replies sent, 8 refused (6 without a reply, 2 answered with an error), 3 ended notifications sent; affinities ended: 2 expired, 1 cancelled, 0 backend removed\n"
+                "  control: 20 datagrams received, 12 replies sent, 8 refused (6 without a reply, 2 answered with an error), 3 ended notifications sent; affinities ended: 2 expired, 1 cancelled, 0 backend removed, 0 backend down\n"
             ),
             "{text}"
         );
