@@ -834,7 +834,7 @@ impl Config {
             if s.affinity_grace.0 > MAX_AFFINITY_GRACE {
                 return fail(
                     sp.key("affinity_grace"),
-                    format!("{} is longer than the most, 1d", s.affinity_grace),
+                    format!("{}: the grace must be at most 1d", s.affinity_grace),
                 );
             }
             let mut bnames = HashSet::new();

@@ -736,3 +736,28 @@ fn icmp_section_errors_name_key_and_line() {
     assert!(e.message.contains("unknown field"), "{e}");
     assert_eq!(e.line, line_of(&t, "ping = true"), "{e}");
 }
+
+#[test]
+fn affinity_grace_defaults_to_30s_and_is_at_most_a_day() {
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert!(c
+        .services
+        .iter()
+        .all(|s| s.affinity_grace.0 == Duration::from_secs(30)));
+    let set = |v: &str| {
+        edit(
+            "[[services.backends]]\nname = \"be1\"",
+            &format!("affinity_grace = \"{v}\"\n[[services.backends]]\nname = \"be1\""),
+        )
+    };
+    let c = Config::parse(&set("0s"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.services[0].affinity_grace.0, Duration::ZERO, "0: at once");
+    let c = Config::parse(&set("1d"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.services[0].affinity_grace.0, MAX_AFFINITY_GRACE);
+    check(
+        &set("1d1s"),
+        "services[0].affinity_grace",
+        "affinity_grace",
+        "the grace must be at most 1d",
+    );
+}

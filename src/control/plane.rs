@@ -815,9 +815,10 @@ fn wire_key(svc: &Service, k: &TableKey) -> AffinityKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::handler::Payload;
     use crate::control::testing::{call, config_text, op, plane, src, WEB};
     use crate::protocol::message::BackendSpec;
-    use crate::types::{EndReason, Family};
+    use crate::types::Family;
 
     #[test]
     fn backends_pin_only_themselves_on_their_services() {
@@ -969,5 +970,201 @@ mod tests {
         let n = p.take_notices();
         assert_eq!((n.len(), n[0].1.reason), (1, EndReason::BackendRemoved));
         assert_eq!(n[0].1.owner, "a");
+    }
+
+    fn state_of(p: &ControlPlane, name: &str) -> BackendState {
+        p.dataplane().find_backend(WEB, name).unwrap().state
+    }
+
+    /// Backend a's id in the test configuration.
+    const A: BackendId = 1;
+
+    #[test]
+    fn down_backends_leave_the_scheduler_and_their_requested_affinities_end_after_the_grace() {
+        let (mut p, r) = plane(&config_text());
+        let create = |p: &mut ControlPlane, client: &str| {
+            call(
+                p,
+                "a",
+                Request::AffinityCreate(op(client, 24, Some("a"), 60)),
+            )
+            .code
+        };
+        assert_eq!(create(&mut p, "198.18.0.0"), ReturnCode::Ok);
+        let fixed = TableKey::new(WEB, Family::V4, 0xc612_0100, 24, PortMatch::Any).unwrap();
+        p.create_static(fixed, A).unwrap();
+        p.set_backend_health("web", "a", false, Some("connect: refused".into()))
+            .unwrap();
+        assert_eq!(state_of(&p, "a"), BackendState::Down);
+        let svc = p.dataplane().service(WEB).unwrap();
+        assert_eq!(svc.maglev.shares()[0], 0, "a left the Maglev table");
+        assert!(!svc.all_down);
+        let st = p.backend_status(A).unwrap().clone();
+        assert_eq!(st.check_error.as_deref(), Some("connect: refused"));
+        // Its affinities stay in the table during the grace (the workers
+        // skip them), but it gets no new ones.
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(A));
+        assert_eq!(create(&mut p, "198.18.2.0"), ReturnCode::Draining);
+        p.expire_at(st.since_ms + 29_999);
+        assert!(p.take_notices().is_empty(), "the grace (30 s) is not over");
+        p.expire_at(st.since_ms + 30_000);
+        let n = p.take_notices();
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(
+            (n[0].1.reason, n[0].1.owner.as_str()),
+            (EndReason::BackendDown, "a")
+        );
+        assert_eq!(n[0].0, Some(src()));
+        assert_eq!(p.counters().ended_backend_down, 1);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), None);
+        // The static one stays (skipped while a is down).
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0101, 1), Some(A));
+        p.expire_at(st.since_ms + 60_000);
+        assert!(p.take_notices().is_empty(), "once per spell down");
+        // Checks pass again: up, in the table, and it may pin clients.
+        p.set_backend_health("web", "a", true, None).unwrap();
+        assert_eq!(state_of(&p, "a"), BackendState::Up);
+        assert!(p.dataplane().service(WEB).unwrap().maglev.shares()[0] > 0);
+        assert_eq!(p.backend_status(A).unwrap().check_error, None);
+        assert_eq!(create(&mut p, "198.18.0.0"), ReturnCode::Ok);
+        assert!(p.set_backend_health("web", "zz", false, None).is_err());
+    }
+
+    #[test]
+    fn every_backend_down_marks_the_service() {
+        let (mut p, _r) = plane(&config_text());
+        p.set_backend_health("web", "a", false, None).unwrap();
+        assert!(!p.dataplane().service(WEB).unwrap().all_down);
+        p.set_backend_health("web", "b", false, None).unwrap();
+        assert!(p.dataplane().service(WEB).unwrap().all_down);
+        assert!(p.dataplane().service(WEB).unwrap().maglev.is_empty());
+        p.set_backend_health("web", "b", true, None).unwrap();
+        assert!(!p.dataplane().service(WEB).unwrap().all_down);
+    }
+
+    #[test]
+    fn backends_drain_themselves_and_the_operator_drains_any() {
+        let (mut p, r) = plane(&config_text());
+        let st = |service, backend, state| Request::BackendState {
+            service,
+            backend,
+            state,
+        };
+        assert_eq!(
+            call(
+                &mut p,
+                "a",
+                Request::AffinityCreate(op("198.18.0.0", 24, Some("a"), 60))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        // a drains itself (the server fills in its name; the plane takes
+        // the sender's when none is named).
+        let d = call(&mut p, "a", st(None, None, Declared::Drain));
+        assert_eq!(
+            (d.code, d.message.as_ref()),
+            (ReturnCode::Ok, "web/a draining")
+        );
+        assert_eq!(state_of(&p, "a"), BackendState::Draining);
+        assert_eq!(p.dataplane().service(WEB).unwrap().maglev.shares()[0], 0);
+        // Its affinity is honoured, but neither created nor extended; it
+        // may cancel.
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(A));
+        for req in [
+            Request::AffinityCreate(op("198.18.9.0", 24, Some("a"), 60)),
+            Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 60)),
+        ] {
+            let refused = call(&mut p, "a", req);
+            assert_eq!(refused.code, ReturnCode::Draining, "{}", refused.message);
+        }
+        assert_eq!(
+            call(
+                &mut p,
+                "a",
+                Request::AffinityCancel(op("198.18.0.0", 24, Some("a"), 0))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        // A backend declares only its own state.
+        let other = call(&mut p, "a", st(Some("web"), Some("b"), Declared::Down));
+        assert_eq!(other.code, ReturnCode::NotAuthorized);
+        // The operator drains b; b's own UP does not undo it.
+        assert_eq!(
+            call(&mut p, "admin", st(Some("web"), Some("b"), Declared::Drain)).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            call(&mut p, "b", st(None, None, Declared::Up)).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(state_of(&p, "b"), BackendState::Draining);
+        assert_eq!(
+            call(&mut p, "admin", st(Some("web"), Some("b"), Declared::Up)).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(state_of(&p, "b"), BackendState::Up);
+        // a undrains itself; DOWN takes it out at once.
+        call(&mut p, "a", st(None, None, Declared::Up));
+        assert_eq!(state_of(&p, "a"), BackendState::Up);
+        call(&mut p, "a", st(Some("web"), None, Declared::Down));
+        assert_eq!(state_of(&p, "a"), BackendState::Down);
+        // The listing shows who said what.
+        let Payload::Backends { entries, .. } = call(
+            &mut p,
+            "admin",
+            Request::BackendList {
+                service: Some("web"),
+                offset: 0,
+                limit: 0,
+            },
+        )
+        .payload
+        else {
+            panic!("no backends");
+        };
+        let a = entries.iter().find(|e| e.backend == "a").unwrap();
+        assert_eq!(
+            (a.state, a.app, a.admin, a.healthy),
+            (BackendState::Down, Declared::Down, Declared::Up, None)
+        );
+        // Weight 0 drains as well, and a weight brings it back.
+        call(&mut p, "a", st(None, None, Declared::Up));
+        let w = |weight| Request::BackendSetWeight {
+            service: "web",
+            backend: "b",
+            weight,
+        };
+        call(&mut p, "admin", w(0));
+        assert_eq!(state_of(&p, "b"), BackendState::Draining);
+        call(&mut p, "admin", w(5));
+        assert_eq!(state_of(&p, "b"), BackendState::Up);
+        // Names that do not exist.
+        let nf = call(
+            &mut p,
+            "admin",
+            st(Some("web"), Some("zz"), Declared::Drain),
+        );
+        assert_eq!(nf.code, ReturnCode::NotFound);
+        let nf = call(
+            &mut p,
+            "admin",
+            st(Some("nope"), Some("a"), Declared::Drain),
+        );
+        assert_eq!(nf.code, ReturnCode::NotFound);
+        let no_name = call(&mut p, "admin", st(None, None, Declared::Drain));
+        assert_eq!(no_name.code, ReturnCode::Invalid);
+    }
+
+    #[test]
+    fn weight_zero_in_the_configuration_starts_draining() {
+        let text = config_text().replace(
+            "name = \"b\"\naddress = \"10.0.0.2\"",
+            "name = \"b\"\naddress = \"10.0.0.2\"\nweight = 0",
+        );
+        let (p, _r) = plane(&text);
+        assert_eq!(state_of(&p, "b"), BackendState::Draining);
+        assert_eq!(state_of(&p, "a"), BackendState::Up);
     }
 }

@@ -1463,6 +1463,83 @@ mod tests {
         assert_eq!(sc.affinity_misses.get(), 256);
     }
 
+    /// A down backend: its flows keep it, its affinities (requested or
+    /// static, the table cannot tell) and automatic pins are skipped, the
+    /// scheduler leaves it out; with every backend down, new connections
+    /// are dropped and counted as such.
+    #[test]
+    fn down_backends_keep_their_flows_and_lose_new_connections() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let mut svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        svc.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(60),
+        });
+        let mut b = bed(vec![svc], bes.clone(), 1 << 14);
+        let key = TableKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
+        b.affinity.insert(key, 2).unwrap();
+        // Open connections: the pinned /24 on be2, other clients spread.
+        let first: Vec<Vec<u8>> = (0..64u32)
+            .flat_map(|i| {
+                [
+                    tcp([198, 18, 5, i as u8], 5000, tcp_flags::SYN),
+                    tcp([198, 18, 6, i as u8], 5000, tcp_flags::SYN),
+                ]
+            })
+            .collect();
+        let before = send(&mut b, &first, SEC);
+        // be2 goes down.
+        let mut down = bes.clone();
+        down[2].state = BackendState::Down;
+        let svc2 = service(0, 80, PROTO_TCP, &down, SchedulerKind::Maglev, IPIP);
+        let mut svc2 = svc2;
+        svc2.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(60),
+        });
+        b.cell.publish(Dataplane::new(2, vec![svc2], down.clone()));
+        // Its flows keep it.
+        let acks: Vec<Vec<u8>> = (0..64u32)
+            .flat_map(|i| {
+                [
+                    tcp([198, 18, 5, i as u8], 5000, tcp_flags::ACK),
+                    tcp([198, 18, 6, i as u8], 5000, tcp_flags::ACK),
+                ]
+            })
+            .collect();
+        assert_eq!(send(&mut b, &acks, 2 * SEC), before);
+        // New connections: the pinned clients and those auto-pinned to be2
+        // go to the others, and none reaches be2.
+        let again: Vec<Vec<u8>> = (0..64u32)
+            .flat_map(|i| {
+                [
+                    tcp([198, 18, 5, i as u8], 5001, tcp_flags::SYN),
+                    tcp([198, 18, 6, i as u8], 5001, tcp_flags::SYN),
+                ]
+            })
+            .collect();
+        let out = send(&mut b, &again, 2 * SEC);
+        assert_eq!(out.len(), again.len(), "every new connection is routed");
+        assert!(out.iter().all(|a| backend_index(*a) != 2), "{out:?}");
+        let sc = &b.worker.counters().services[0];
+        assert_eq!(sc.affinity_hits.get(), 64, "only before it went down");
+        // Every backend down: new connections are dropped, counted.
+        let mut all = bes.clone();
+        for be in &mut all {
+            be.state = BackendState::Down;
+        }
+        let svc3 = service(0, 80, PROTO_TCP, &all, SchedulerKind::Maglev, IPIP);
+        assert!(svc3.all_down);
+        b.cell.publish(Dataplane::new(3, vec![svc3], all));
+        let fresh: Vec<Vec<u8>> = (0..8u32)
+            .map(|i| tcp([198, 18, 7, i as u8], 5000, tcp_flags::SYN))
+            .collect();
+        assert!(send(&mut b, &fresh, 3 * SEC).is_empty());
+        let c = b.worker.counters();
+        assert_eq!(c.drops[DropReason::AllBackendsDown as usize].get(), 8);
+        assert_eq!(c.drops[DropReason::NoBackend as usize].get(), 0);
+        // Open flows still reach their backends.
+        assert_eq!(send(&mut b, &acks, 3 * SEC), before);
+    }
+
     #[test]
     fn auto_affinity_pins_parallel_connections() {
         let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];

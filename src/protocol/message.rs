@@ -1463,6 +1463,16 @@ mod tests {
                 token: 7,
                 offset: 1200,
             },
+            Request::BackendState {
+                service: None,
+                backend: None,
+                state: Declared::Drain,
+            },
+            Request::BackendState {
+                service: Some("web"),
+                backend: Some("web2"),
+                state: Declared::Down,
+            },
         ]
     }
 
@@ -1485,7 +1495,7 @@ mod tests {
             assert_eq!(Request::decode_body(ty, env.body).unwrap(), req);
             seen.insert(ty);
         }
-        assert_eq!(seen.len(), 9, "every request type covered");
+        assert_eq!(seen.len(), 10, "every request type covered");
     }
 
     /// The worked example of docs/PROTOCOL.md, computed independently (with
@@ -1521,6 +1531,43 @@ mod tests {
             Request::decode_body(MsgType::AffinityCreate, env.body).unwrap(),
             req
         );
+    }
+
+    /// PROTOCOL.md's second worked example: web1 drains itself
+    /// (BACKEND_STATE DRAIN, every service, the backend being the sender),
+    /// its tag computed with Python's hmac module.
+    #[test]
+    fn documented_backend_state_example_matches_byte_for_byte() {
+        const EXAMPLE: &str = "5044010b00000000020000018bcfe5680011223344556677880477656231000002\
+                               cf785593adb63cf3697c728d7938a476f297665c771954fae4a555589a5b83e9";
+        let key: Vec<u8> = (0u8..32).collect();
+        let key = Key::new(&key).unwrap();
+        let req = Request::BackendState {
+            service: None,
+            backend: None,
+            state: Declared::Drain,
+        };
+        let h = Header {
+            msg_type: 0,
+            request_id: 2,
+            timestamp_ms: 1_700_000_000_000,
+            nonce: 0x1122_3344_5566_7788,
+            name: "web1",
+        };
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = encode_request(&mut buf, &h, &key, &req).unwrap();
+        let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, EXAMPLE.replace(' ', ""));
+        let env = Envelope::open(&buf[..n]).unwrap();
+        assert!(env.verify(&key));
+        assert_eq!(
+            Request::decode_body(MsgType::BackendState, env.body).unwrap(),
+            req
+        );
+        // A state other than 1, 2 or 3 is refused.
+        for bad in [0u8, 4, 0xff] {
+            assert!(Request::decode_body(MsgType::BackendState, &[0, 0, bad]).is_err());
+        }
     }
 
     #[test]
