@@ -16,7 +16,7 @@ use crate::protocol::auth::parse_hex_key;
 use crate::protocol::message::{
     AffinityEntry, AffinityKey, BackendEntry, Reply, Request, ReturnCode, ServiceAddr,
 };
-use crate::report::statsview;
+use crate::report::statsview::{self, fmt_secs};
 use crate::report::summary::Summary;
 use crate::types::{Declared, PortMatch};
 use crate::types::{PROTO_TCP, PROTO_UDP};
@@ -395,7 +395,7 @@ pub fn render_backends(entries: &[BackendEntry]) -> String {
                 b.mac.map_or_else(|| "-".into(), fmt_mac),
                 b.weight.to_string(),
                 b.state.name().into(),
-                fmt_secs(b.state_secs),
+                fmt_secs(u64::from(b.state_secs)),
                 match b.healthy {
                     None => "-",
                     Some(true) => "passing",
@@ -424,17 +424,6 @@ pub fn render_backends(entries: &[BackendEntry]) -> String {
         ],
         &rows,
     )
-}
-
-/// Seconds as the largest two units: `42s`, `5m3s`, `2h10m`, `3d4h`.
-fn fmt_secs(secs: u32) -> String {
-    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) => format!("{m}m{s}s"),
-        (0, _, _) => format!("{h}h{m}m"),
-        _ => format!("{d}d{h}h"),
-    }
 }
 
 /// Runs `pktdist affinity ...`, printing the result.

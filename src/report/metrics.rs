@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::datapath::latency::Percentiles;
 use crate::report::summary::Summary;
+use crate::types::BackendState;
 
 /// How often the control thread re-renders the metrics.
 const RENDER_PERIOD: Duration = Duration::from_secs(1);
@@ -273,6 +274,29 @@ pub fn render(s: &Summary) -> String {
         for svc in &s.services {
             for b in &svc.backends {
                 f.value(&[("service", &svc.name), ("backend", &b.name)], get(b));
+            }
+        }
+    }
+    {
+        let mut f = Family::new(
+            &mut o,
+            "pktdist_backend_state",
+            "gauge",
+            "1 for the state a backend is in (up, draining, down), 0 for the others.",
+        );
+        for svc in &s.services {
+            for b in &svc.backends {
+                for state in [BackendState::Up, BackendState::Draining, BackendState::Down] {
+                    let on = b.state == state.name();
+                    f.value(
+                        &[
+                            ("service", &svc.name),
+                            ("backend", &b.name),
+                            ("state", state.name()),
+                        ],
+                        if on { 1.0 } else { 0.0 },
+                    );
+                }
             }
         }
     }

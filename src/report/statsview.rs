@@ -38,6 +38,17 @@ fn fmt_count(v: u64) -> String {
     }
 }
 
+/// Seconds as the largest two units: `42s`, `5m3s`, `2h10m`, `3d4h`.
+pub fn fmt_secs(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
 /// Renders one frame of the view: `cur` with rates against `prev` taken
 /// `secs` earlier. With `terminal` the frame starts by clearing the screen;
 /// without, it is a block of plain lines ending with a blank line.
@@ -104,14 +115,14 @@ pub fn render(
         let _ = writeln!(o, "{}", clip(&head));
         let _ = writeln!(
             o,
-            "  {:<14} {:>6} {:>7} {:>9} {:>7} {:>8} {:>9}",
-            "backend", "weight", "w-share", "conn/s", "c-share", "active", "pps"
+            "  {:<14} {:>6} {:>7} {:>9} {:>7} {:>8} {:>9} {}",
+            "backend", "weight", "w-share", "conn/s", "c-share", "active", "pps", "state"
         );
         for b in &svc.backends {
             let pb = prev_svc.and_then(|s| s.backends.iter().find(|x| x.name == b.name));
             let _ = writeln!(
                 o,
-                "  {:<14} {:>6} {:>6.1}% {:>9} {:>6.1}% {:>8} {:>9}",
+                "  {:<14} {:>6} {:>6.1}% {:>9} {:>6.1}% {:>8} {:>9} {}",
                 clip_to(&b.name, 14),
                 b.weight,
                 b.weight_share * 100.0,
@@ -119,7 +130,21 @@ pub fn render(
                 b.connection_share * 100.0,
                 fmt_count(b.active_connections.max(0) as u64),
                 fmt_rate(rate(pb.map(|x| x.packets), b.packets, secs)),
+                b.state,
             );
+            // A backend that is not up: since when, and why its checks fail.
+            if !b.state.is_empty() && b.state != "up" {
+                let mut line = format!(
+                    "    {} {} for {}",
+                    b.name,
+                    b.state,
+                    fmt_secs(b.state_for_secs)
+                );
+                if let Some(e) = &b.check_error {
+                    let _ = write!(line, ": {e}");
+                }
+                let _ = writeln!(o, "{}", clip(&line));
+            }
         }
     }
     let nonzero: Vec<String> = cur
@@ -208,6 +233,40 @@ mod tests {
         for line in text.lines() {
             assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
         }
+    }
+
+    #[test]
+    fn backends_show_their_state_since_when_and_why() {
+        let mut b = snapshot(10);
+        let be2 = &mut b.services[0].backends[1];
+        be2.state = "down".into();
+        be2.state_for_secs = 125;
+        be2.check_error = Some("connect: connection refused ".repeat(5));
+        let text = render("x", None, &b, 1.0, false);
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap()
+                .to_string()
+        };
+        assert!(row("be1").ends_with(" up"), "{text}");
+        assert!(row("be2").ends_with(" down"), "{text}");
+        assert!(
+            text.contains("    be2 down for 2m5s: connect: connection refused"),
+            "{text}"
+        );
+        for line in text.lines() {
+            assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
+        }
+        assert_eq!(
+            [
+                fmt_secs(42),
+                fmt_secs(303),
+                fmt_secs(7800),
+                fmt_secs(273_600)
+            ],
+            ["42s", "5m3s", "2h10m", "3d4h"]
+        );
     }
 
     #[test]
