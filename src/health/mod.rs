@@ -31,11 +31,13 @@
 //! State. [`rise_fall::RiseFall`] holds each backend's state: up until
 //! `fall` checks in a row fail, then down until `rise` in a row pass. A
 //! backend starts up (see there why), so only changes are reported:
-//! [`HealthChange`]. The control thread keeps what it was told in
-//! [`view::HealthView`] for the statistics and metrics.
+//! [`HealthChange`]. The control thread's [`monitor::HealthMonitor`] starts
+//! and feeds the checker and keeps what it was told in [`view::HealthView`]
+//! for the statistics and metrics.
 
 pub mod checker;
 pub mod http;
+pub mod monitor;
 pub mod probe;
 pub mod rise_fall;
 pub mod target;
@@ -47,6 +49,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::HealthKind;
 
 pub use checker::HealthChecker;
+pub use monitor::HealthMonitor;
 pub use target::Target;
 pub use view::HealthView;
 
@@ -59,7 +62,8 @@ pub struct HealthChange {
     pub backend: String,
     /// The new state: true up, false down.
     pub up: bool,
-    /// Down: the error of the check that made it so. Up: None.
+    /// Down: the error of the check that made it so. Up: None, or why the
+    /// backend counts as up without passing checks (its checks stopped).
     pub error: Option<String>,
     /// Where the checks went.
     pub checked: SocketAddr,
@@ -71,7 +75,8 @@ impl HealthChange {
     /// The log line of the change (without the "pktdist: " prefix).
     pub fn describe(&self) -> String {
         match (&self.error, self.up) {
-            (_, true) => format!(
+            (Some(why), true) => format!("backend {}/{} is up ({why})", self.service, self.backend),
+            (None, true) => format!(
                 "backend {}/{} is up (health checks to {} pass)",
                 self.service, self.backend, self.checked
             ),
@@ -107,3 +112,5 @@ pub enum Report {
     /// A probe finished.
     Probe(ProbeResult),
 }
+#[cfg(test)]
+mod tests;
