@@ -661,6 +661,75 @@ mod tests {
         );
     }
 
+    #[test]
+    fn health_changes_reach_the_statistics_and_the_metrics() {
+        // b's checks reach a listener on 127.0.0.2; a's the same port on
+        // 127.0.0.1, where nothing listens.
+        let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let text = config(ADMIN_1, A_1)
+            .replace(
+                "max_affinity_duration = \"10m\"",
+                &format!(
+                    "max_affinity_duration = \"10m\"\nhealth = {{ kind = \"tcp\", port = {port}, interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2 }}"
+                ),
+            )
+            .replace(
+                "address = \"10.0.0.1\"",
+                "address = \"10.0.0.1\"\nhealth_address = \"127.0.0.1\"",
+            )
+            .replace(
+                "address = \"10.0.0.2\"",
+                "address = \"10.0.0.2\"\nhealth_address = \"127.0.0.2\"",
+            );
+        let file = File::new("health", &text);
+        let mut ctl = control(&file.0, None);
+        assert!(ctl.health().is_up("web", "a"), "up until proven down");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ctl.health().is_up("web", "a") && Instant::now() < deadline {
+            ctl.tick();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!ctl.health().is_up("web", "a"));
+        assert!(ctl.health().is_up("web", "b"));
+        let s = ctl.summary();
+        let h = s.extra.health.as_ref().expect("health in the statistics");
+        let a = h.backend("web", "a").unwrap();
+        assert_eq!((a.state.as_str(), a.changes), ("down", 1));
+        assert!(
+            a.last_error
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("connect: "),
+            "{a:?}"
+        );
+        assert!(a.failed >= 2);
+        assert_eq!(h.backend("web", "b").unwrap().state, "up");
+        assert!(h.backend("mail", "m1").is_none(), "mail has no checks");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["extra"]["health"]["backends"][0]["state"], "down");
+
+        let text = metrics::render(&s);
+        for line in [
+            "pktdist_backend_up{service=\"web\",backend=\"a\"} 0",
+            "pktdist_backend_up{service=\"web\",backend=\"b\"} 1",
+            "pktdist_backend_up{service=\"mail\",backend=\"m1\"} 1",
+            "pktdist_backend_state_changes_total{service=\"web\",backend=\"a\"} 1",
+            "pktdist_backend_state_changes_total{service=\"web\",backend=\"b\"} 0",
+            "pktdist_health_probe_seconds_count{service=\"web\",kind=\"tcp\"} ",
+            "pktdist_health_probe_seconds{service=\"web\",kind=\"tcp\",quantile=\"0.5\"} ",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+
+        // The health key goes: a counts as up again, the checker stops.
+        file.write(&config(ADMIN_1, A_1));
+        ctl.reload().unwrap();
+        assert!(ctl.health().is_up("web", "a"));
+        assert!(ctl.summary().extra.health.is_none());
+        drop(listener);
+    }
+
     /// A status-line sink the test can read.
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
