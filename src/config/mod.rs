@@ -9,6 +9,7 @@
 //! `config/demo.toml` documents every key.
 
 mod error;
+mod health;
 mod types;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -26,6 +27,9 @@ use crate::sched::maglev::{is_prime, MaglevTable};
 use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
 
 pub use error::{ConfigError, KeyPath, Seg};
+pub use health::{
+    HealthConfig, HealthKind, StatusRanges, MAX_HEALTH_INTERVAL, MAX_RISE_FALL, MIN_HEALTH_INTERVAL,
+};
 pub use types::{DurationStr, HexKey, MacAddr, MIN_KEY_BYTES};
 
 /// Largest backend weight.
@@ -409,6 +413,9 @@ pub struct ServiceConfig {
     /// Present: automatic affinity is on.
     #[serde(default)]
     pub auto_affinity: Option<AutoAffinityConfig>,
+    /// Present: the backends are checked actively.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
 }
@@ -438,6 +445,17 @@ pub struct BackendConfig {
     /// 0..=65535; 0 = draining.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Where the service's health checks reach this backend through the
+    /// host's own network stack (default: `address`).
+    #[serde(default)]
+    pub health_address: Option<IpAddr>,
+}
+
+impl BackendConfig {
+    /// The address health checks go to.
+    pub fn health_address(&self) -> IpAddr {
+        self.health_address.unwrap_or(self.address)
+    }
 }
 
 /// A static affinity from the configuration (never expires).
@@ -837,6 +855,9 @@ impl Config {
                     format!("{}: the grace must be at most 1d", s.affinity_grace),
                 );
             }
+            if let Some(h) = &s.health {
+                h.validate(&sp.key("health"), s.protocol)?;
+            }
             let mut bnames = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
                 let bp = sp.key("backends").index(j);
@@ -1109,6 +1130,9 @@ impl Config {
                     .map(|a| format!(", auto affinity (linger {})", a.linger))
                     .unwrap_or_default()
             );
+            if let Some(h) = &s.health {
+                let _ = writeln!(o, "    health: {}", health_plan(h, s.port));
+            }
             let total: u64 = s.backends.iter().map(|b| b.weight as u64).sum();
             for b in &s.backends {
                 let share = if total == 0 {
@@ -1118,12 +1142,16 @@ impl Config {
                 };
                 let _ = writeln!(
                     o,
-                    "    {} {}{}  weight {} ({share:.1}%){}",
+                    "    {} {}{}  weight {} ({share:.1}%){}{}",
                     b.name,
                     b.address,
                     b.mac.map(|m| format!(" mac {m}")).unwrap_or_default(),
                     b.weight,
-                    if b.weight == 0 { " draining" } else { "" }
+                    if b.weight == 0 { " draining" } else { "" },
+                    match (&s.health, b.health_address) {
+                        (Some(_), Some(a)) => format!(", checked at {a}"),
+                        _ => String::new(),
+                    }
                 );
             }
             if s.backends.is_empty() {
@@ -1142,6 +1170,32 @@ impl Config {
         }
         o
     }
+}
+
+/// One line on a service's health check, for the plan.
+fn health_plan(h: &HealthConfig, service_port: u16) -> String {
+    let mut line = format!(
+        "{} port {} every {} (timeout {}), down after {} failed, up after {} passed",
+        h.kind.name(),
+        h.port_for(service_port),
+        h.interval,
+        h.timeout,
+        h.fall,
+        h.rise
+    );
+    if h.kind == HealthKind::Http {
+        let _ = write!(
+            line,
+            ", GET {} expecting {}{}",
+            h.http_path(),
+            h.http_expect(),
+            h.host
+                .as_deref()
+                .map(|host| format!(", Host {host}"))
+                .unwrap_or_default()
+        );
+    }
+    line
 }
 
 fn fmt_vip(a: IpAddr) -> String {

@@ -147,6 +147,32 @@ pub fn render(
             }
         }
     }
+    if let Some(h) = &cur.extra.health {
+        let down: Vec<_> = h.backends.iter().filter(|b| b.state != "up").collect();
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "{}",
+            clip(&format!(
+                "health: {} checked, {} up, {} down",
+                h.backends.len(),
+                h.backends.len() - down.len(),
+                down.len()
+            ))
+        );
+        for b in down {
+            let line = format!(
+                "  {}/{} down {:.0}s  {} {}  {}",
+                b.service,
+                b.backend,
+                b.seconds_in_state,
+                b.kind,
+                b.checked,
+                b.last_error.as_deref().unwrap_or("last check passed")
+            );
+            let _ = writeln!(o, "{}", clip(&line));
+        }
+    }
     let nonzero: Vec<String> = cur
         .drops
         .iter()

@@ -14,6 +14,7 @@ use crate::types::{BackendId, ServiceId};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::{new_histogram, Percentiles};
 use crate::datapath::snapshot::Dataplane;
+use crate::health::view::HealthSummary;
 use crate::types::DropReason;
 use crate::types::IcmpDrop;
 
@@ -264,6 +265,9 @@ pub struct RunExtra {
         skip_serializing_if = "Option::is_none"
     )]
     pub traffic_source: Option<TrafficSummary>,
+    /// Filled while some backend is checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSummary>,
 }
 
 /// The control thread's figures. The fields are in the JSON's key order
@@ -712,6 +716,24 @@ impl Summary {
                 c.ended.cancelled,
                 c.ended.backend_removed,
                 c.ended.backend_down,
+            );
+        }
+        if let Some(h) = &self.extra.health {
+            let down: Vec<String> = h
+                .backends
+                .iter()
+                .filter(|b| b.state != "up")
+                .map(|b| format!("{}/{}", b.service, b.backend))
+                .collect();
+            let checks: u64 = h.backends.iter().map(|b| b.checks).sum();
+            let failed: u64 = h.backends.iter().map(|b| b.failed).sum();
+            let changes: u64 = h.backends.iter().map(|b| b.changes).sum();
+            let _ = writeln!(
+                o,
+                "  health checks: {} backend(s) checked, {} down{}; {checks} checks, {failed} failed, {changes} state change(s)",
+                h.backends.len(),
+                down.len(),
+                if down.is_empty() { String::new() } else { format!(" ({})", down.join(", ")) },
             );
         }
         if let Some(t) = &self.extra.traffic_source {

@@ -117,6 +117,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         opts.duration.map(|d| began + d),
     );
 
+    control.stop_health_checks();
     let summary = stop(threads, &control);
     keeper.stop();
     let mut summary = summary?;
