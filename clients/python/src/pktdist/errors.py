@@ -105,6 +105,11 @@ class Unsupported(Refused):
     """UNSUPPORTED: a message type this pktdist does not know."""
 
 
+class Draining(Refused):
+    """DRAINING: the backend is draining or down, so it may not create or
+    extend affinities (its existing ones are honoured until they end)."""
+
+
 _BY_CODE: Dict[int, Type[Refused]] = {
     1: Conflict,
     2: NotFound,
@@ -113,6 +118,7 @@ _BY_CODE: Dict[int, Type[Refused]] = {
     5: TableFull,
     6: Internal,
     7: Unsupported,
+    8: Draining,
 }
 
 
