@@ -36,8 +36,9 @@
 //!   (BACKEND_STATE), and on SIGTERM (or SIGINT) it declares DRAIN —
 //!   pktdist sends it no new connections and refuses it new or extended
 //!   affinities (DRAINING), while clients its affinities pin still reach
-//!   it — keeps serving, closes idle kept-alive connections and answers
-//!   each request with `Connection: close`, waits until none of its
+//!   it — keeps serving, answers each request with `Connection: close`
+//!   (kept-alive connections end after their next request, or idle after
+//!   a minute), waits until none of its
 //!   connections is open (for `--drain-quiet`, at most `--drain-timeout`),
 //!   then declares DOWN (its remaining affinities are skipped at once and
 //!   end after the service's `affinity_grace`) and exits.
@@ -261,73 +262,55 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// The open connections, so that a drain can close the idle ones and
-/// wait for the rest.
+/// The open connections, counted so that a drain can wait for them.
 #[derive(Default)]
 struct Connections {
     draining: AtomicBool,
-    inner: Mutex<ConnTable>,
+    inner: Mutex<ConnCounts>,
 }
 
 #[derive(Default)]
-struct ConnTable {
-    next: u64,
-    /// id -> (a handle on the socket, busy with a request).
-    open: HashMap<u64, (TcpStream, bool)>,
+struct ConnCounts {
+    open: usize,
     served_draining: u64,
 }
 
 impl Connections {
-    fn table(&self) -> std::sync::MutexGuard<'_, ConnTable> {
+    fn counts(&self) -> std::sync::MutexGuard<'_, ConnCounts> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a connection; its id.
-    fn open_one(&self, stream: &TcpStream) -> io::Result<u64> {
-        let handle = stream.try_clone()?;
-        let mut t = self.table();
-        let id = t.next;
-        t.next += 1;
-        t.open.insert(id, (handle, false));
-        if self.is_draining() {
-            t.served_draining += 1;
+    fn open_one(&self) {
+        let draining = self.is_draining();
+        let mut c = self.counts();
+        c.open += 1;
+        if draining {
+            c.served_draining += 1;
         }
-        Ok(id)
     }
 
-    fn close(&self, id: u64) {
-        self.table().open.remove(&id);
-    }
-
-    /// Marks a connection busy (a request read, its response not yet
-    /// written) or idle.
-    fn set_busy(&self, id: u64, busy: bool) {
-        if let Some(c) = self.table().open.get_mut(&id) {
-            c.1 = busy;
-        }
+    fn close_one(&self) {
+        let mut c = self.counts();
+        c.open = c.open.saturating_sub(1);
     }
 
     fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// From now on every response closes its connection; the idle ones
-    /// close now.
+    /// From now on every response closes its connection (a kept-alive
+    /// connection ends after its next request, or idle after
+    /// [`IDLE_TIMEOUT`]).
     fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
-        for (stream, busy) in self.table().open.values() {
-            if !*busy {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-            }
-        }
     }
 
     fn open(&self) -> usize {
-        self.table().open.len()
+        self.counts().open
     }
 
     fn served_draining(&self) -> u64 {
-        self.table().served_draining
+        self.counts().served_draining
     }
 }
 
@@ -344,15 +327,9 @@ fn accept_loop(
                 let r = Arc::clone(&rule);
                 let c = Arc::clone(&conns);
                 let spawned = thread::Builder::new().spawn(move || {
-                    let id = match c.open_one(&stream) {
-                        Ok(id) => id,
-                        Err(e) => {
-                            log(&n, &format!("connection from {peer}: {e}"));
-                            return;
-                        }
-                    };
-                    let result = serve(stream, &n, r.as_ref().as_ref(), &c, id);
-                    c.close(id);
+                    c.open_one();
+                    let result = serve(stream, &n, r.as_ref().as_ref(), &c);
+                    c.close_one();
                     if let Err(e) = result {
                         if !matches!(
                             e.kind(),
@@ -428,7 +405,6 @@ fn serve(
     name: &str,
     rule: Option<&Rule>,
     conns: &Connections,
-    id: u64,
 ) -> io::Result<()> {
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let peer = stream.peer_addr()?;
@@ -436,7 +412,6 @@ fn serve(
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     while let Some(mut head) = read_head(&mut reader)? {
-        conns.set_busy(id, true);
         // While draining, every response is the connection's last.
         head.close |= conns.is_draining();
         if let Some(rule) = rule {
@@ -483,7 +458,6 @@ fn serve(
             }
         }
         out.flush()?;
-        conns.set_busy(id, false);
         if head.close {
             break;
         }
