@@ -1077,13 +1077,23 @@ fn a_dead_backend_is_checked_out_and_back_in(bed: &Bed) {
             .unwrap_or("?")
             .to_string()
     };
-    wait_until("be3's checks to pass", Duration::from_secs(10), || {
-        bed.cli_ok(&["backend", "list", "--service", "web"])
-            .lines()
-            .filter(|l| l.contains("passing"))
-            .count()
-            == 3
-    });
+    // The first checks may fail (pktdist starts before the servers): wait
+    // until every backend's checks have passed for a second.
+    wait_until(
+        "the web backends' checks to pass",
+        Duration::from_secs(20),
+        || {
+            let stats = bed.stats();
+            let checked = stats["extra"]["health"]["backends"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            checked.len() == 3
+                && checked.iter().all(|b| {
+                    b["state"] == "up" && b["seconds_in_state"].as_f64().unwrap_or(0.0) >= 1.0
+                })
+        },
+    );
 
     // The owner: be3's application, a process of its own in be3's namespace.
     let owner_script = bed.logs.join("owner.py");
