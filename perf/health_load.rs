@@ -20,7 +20,7 @@
 //!   checker) run. Bursts per second and the longest burst: a worker that
 //!   waited on a lock the checker held would show it there. (The checker
 //!   shares no memory with the workers at all: it holds no handle to their
-//!   tables and takes no lock; see `src/health/mod.rs`.)
+//!   tables and shares no lock with them; see `src/health/mod.rs`.)
 //!
 //! No DPDK: plain threads pinned with `core_affinity`. Needs two cores.
 

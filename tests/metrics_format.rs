@@ -101,7 +101,7 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         probes: vec![ProbeTimes {
             service: "web".into(),
             kind: "http".into(),
-            seconds_ns: Percentiles {
+            time_ns: Percentiles {
                 count: 40,
                 p50: 2_000_000,
                 p90: 3_000_000,
