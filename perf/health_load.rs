@@ -20,7 +20,7 @@
 //!   checker) run. Bursts per second and the longest burst: a worker that
 //!   waited on a lock the checker held would show it there. (The checker
 //!   shares no memory with the workers at all: it holds no handle to their
-//!   tables and takes no lock; see `src/health/mod.rs`.)
+//!   tables and shares no lock with them; see `src/health/mod.rs`.)
 //!
 //! No DPDK: plain threads pinned with `core_affinity`. Needs two cores.
 
@@ -276,6 +276,8 @@ struct RunStats {
     failed: u64,
     timeouts: u64,
     backends_down: usize,
+    /// CPU time the checker thread used over the run, in seconds.
+    checker_cpu_s: f64,
 }
 
 impl RunStats {
@@ -292,7 +294,7 @@ fn serve(
     core: usize,
     stop: Arc<AtomicBool>,
     ready: std::sync::mpsc::SyncSender<Result<(SocketAddr, Shared), String>>,
-) -> JoinHandle<(u64, u64, u64, usize)> {
+) -> JoinHandle<(u64, u64, u64, usize, f64)> {
     std::thread::spawn(move || {
         let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
         let setup = ControlSetup {
@@ -306,12 +308,13 @@ fn serve(
             Ok(c) => c,
             Err(e) => {
                 let _ = ready.send(Err(e));
-                return (0, 0, 0, 0);
+                return (0, 0, 0, 0, 0.0);
             }
         };
         let addr = control.local_addr().expect("bound");
         let _ = ready.send(Ok((addr, control.shared())));
         control.serve_until(&stop, &AtomicBool::new(false), None);
+        let checker_cpu_s = thread_cpu_seconds("pktdist-health");
         control.stop_health_checks();
         let h = control.health().summary(SystemTime::now());
         let checks = h.backends.iter().map(|b| b.checks).sum();
@@ -326,8 +329,29 @@ fn serve(
             })
             .count() as u64;
         let down = h.backends.iter().filter(|b| b.state == "down").count();
-        (checks, failed, timeouts, down)
+        (checks, failed, timeouts, down, checker_cpu_s)
     })
+}
+
+/// CPU time (on CPU, from /proc's schedstat) of this process's thread
+/// named `name`, in seconds; 0 when there is none.
+fn thread_cpu_seconds(name: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    for task in dir.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            let ns: u64 = stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            return ns as f64 / 1e9;
+        }
+    }
+    0.0
 }
 
 /// One control-rate run.
@@ -343,12 +367,13 @@ fn control_run(a: &Args, cfg: Config) -> Result<RunStats, String> {
     });
     let st = client.join().map_err(|_| "client panicked")?;
     stop.store(true, Ordering::Relaxed);
-    let (checks, failed, timeouts, down) = server.join().map_err(|_| "server panicked")?;
+    let (checks, failed, timeouts, down, cpu) = server.join().map_err(|_| "server panicked")?;
     let mut st = st?;
     st.checks = checks;
     st.failed = failed;
     st.timeouts = timeouts;
     st.backends_down = down;
+    st.checker_cpu_s = cpu;
     Ok(st)
 }
 
@@ -541,10 +566,11 @@ fn real_main() -> Result<(), String> {
         };
         let ratio = on.rate() / off.rate().max(1e-9);
         println!(
-            "control round {r}: without {:>9.0} req/s   with {:>9.0} req/s   ratio {ratio:.3}   checks {:.0}/s, {} failed, {} backends timing out, {} down at the end",
+            "control round {r}: without {:>9.0} req/s   with {:>9.0} req/s   ratio {ratio:.3}   checks {:.0}/s (checker thread {:.1}% of a core), {} failed, {} backends timing out, {} down at the end",
             off.rate(),
             on.rate(),
             on.checks as f64 / on.seconds.max(1e-9),
+            100.0 * on.checker_cpu_s / on.seconds.max(1e-9),
             on.failed,
             on.timeouts,
             on.backends_down
@@ -553,6 +579,7 @@ fn real_main() -> Result<(), String> {
             "without_rps": off.rate(), "with_rps": on.rate(), "ratio": ratio,
             "checks": on.checks, "failed": on.failed, "timing_out": on.timeouts,
             "down": on.backends_down, "seconds": on.seconds,
+            "checker_cpu_share": on.checker_cpu_s / on.seconds.max(1e-9),
             "ok_without": off.ok, "ok_with": on.ok,
         }));
         rate_off.push(off.rate());

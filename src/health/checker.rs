@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mio::{Events, Poll, Token, Waker};
 
-use crate::health::probe::{Outcome, Probe};
+use crate::health::probe::{Outcome, Probe, StartError};
 use crate::health::rise_fall::RiseFall;
 use crate::health::target::Target;
 use crate::health::{HealthChange, ProbeResult, Report};
@@ -28,6 +28,26 @@ use crate::health::{HealthChange, ProbeResult, Report};
 const WAKE: Token = Token(usize::MAX);
 /// Events taken from the poll at once.
 const EVENTS: usize = 1024;
+/// How long a probe that could not start for want of a resource here (a
+/// file descriptor, or a slot under [`in_flight_limit`]) waits to try again.
+const RETRY: Duration = Duration::from_millis(5);
+
+/// Most probes in flight at once: half the process's open-file limit left
+/// after 64 for everything else (from /proc/self/limits), between 32 and
+/// 16,384. Beyond it a probe waits for a slot rather than failing: a host
+/// out of descriptors is not a backend that failed its check.
+fn in_flight_limit() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    (soft.saturating_sub(64) / 2).clamp(32, 16_384)
+}
 
 /// What the control thread tells the checker.
 enum Command {
@@ -132,6 +152,11 @@ struct Checker {
     probes: Vec<Option<InFlight>>,
     free: Vec<usize>,
     serial: u64,
+    /// Probes in flight now, and the most allowed.
+    in_flight: usize,
+    max_in_flight: usize,
+    /// A local failure to start a probe was logged (once per run of them).
+    local_error_logged: bool,
 }
 
 impl Checker {
@@ -146,6 +171,9 @@ impl Checker {
             probes: Vec::new(),
             free: Vec::new(),
             serial: 0,
+            in_flight: 0,
+            max_in_flight: in_flight_limit(),
+            local_error_logged: false,
         }
     }
 
@@ -249,7 +277,7 @@ impl Checker {
             self.timers.pop();
             match kind {
                 TimerKind::Start { target, epoch } if epoch == self.epoch => {
-                    self.start_probe(target, at, now)
+                    self.start_probe(target, now)
                 }
                 TimerKind::Start { .. } => {}
                 TimerKind::Deadline { slot, serial } => {
@@ -265,27 +293,28 @@ impl Checker {
         }
     }
 
-    /// Starts target `t`'s probe that was due at `due`, and schedules the
-    /// next one an interval later.
-    fn start_probe(&mut self, t: usize, due: Instant, now: Instant) {
-        let interval = self.targets[t].target.check.interval;
-        let mut next = due + interval;
-        if next <= now {
-            // Late by more than an interval: keep the phase, skip the
-            // missed starts.
-            let behind = now.duration_since(due).as_nanos() / interval.as_nanos().max(1);
-            next = due + interval * (behind as u32 + 1);
-        }
-        self.targets[t].next = next;
+    /// Tries target `t`'s probe again shortly (it could not start).
+    fn retry_start(&mut self, t: usize, now: Instant) {
         self.timers.push(Reverse((
-            next,
+            now + RETRY,
             TimerKind::Start {
                 target: t,
                 epoch: self.epoch,
             },
         )));
+    }
+
+    /// Starts target `t`'s probe, due at its `next`, and schedules the
+    /// next one an interval later. Without a slot or a descriptor for it,
+    /// the probe tries again shortly and the schedule stays.
+    fn start_probe(&mut self, t: usize, now: Instant) {
         if self.targets[t].in_flight.is_some() {
-            return;
+            // The previous probe is still out (its settings changed to a
+            // shorter interval): this start is skipped.
+            return self.schedule_next(t, now);
+        }
+        if self.in_flight >= self.max_in_flight {
+            return self.retry_start(t, now);
         }
         let slot = self.free.pop().unwrap_or_else(|| {
             self.probes.push(None);
@@ -300,6 +329,7 @@ impl Checker {
         ) {
             Ok(probe) => {
                 self.serial += 1;
+                self.in_flight += 1;
                 let deadline = now + target.check.timeout;
                 self.probes[slot] = Some(InFlight {
                     probe,
@@ -315,12 +345,46 @@ impl Checker {
                         serial: self.serial,
                     },
                 )));
+                self.local_error_logged = false;
+                self.schedule_next(t, now);
             }
-            Err(why) => {
+            Err(StartError::Failed(why)) => {
                 self.free.push(slot);
                 self.conclude(t, Duration::ZERO, Some(why), now);
+                self.schedule_next(t, now);
+            }
+            Err(StartError::Local(why)) => {
+                self.free.push(slot);
+                if !self.local_error_logged {
+                    self.local_error_logged = true;
+                    eprintln!(
+                        "pktdist: health checks: cannot start a probe ({why}); probes wait and try again"
+                    );
+                }
+                self.retry_start(t, now);
             }
         }
+    }
+
+    /// Schedules target `t`'s next probe an interval after the one due at
+    /// its `next` (skipping whole intervals already past, so it keeps its
+    /// phase).
+    fn schedule_next(&mut self, t: usize, now: Instant) {
+        let interval = self.targets[t].target.check.interval;
+        let due = self.targets[t].next;
+        let mut next = due + interval;
+        if next <= now {
+            let behind = now.duration_since(due).as_nanos() / interval.as_nanos().max(1);
+            next = due + interval * (behind as u32 + 1);
+        }
+        self.targets[t].next = next;
+        self.timers.push(Reverse((
+            next,
+            TimerKind::Start {
+                target: t,
+                epoch: self.epoch,
+            },
+        )));
     }
 
     /// A socket event for the probe in `slot`.
@@ -350,6 +414,7 @@ impl Checker {
         if let Some(mut p) = self.probes[slot].take() {
             p.probe.deregister(self.poll.registry());
             self.free.push(slot);
+            self.in_flight -= 1;
         }
     }
 

@@ -7,9 +7,9 @@
 //! shares no memory with anyone: the control thread sends it the list of
 //! [`Target`]s over a channel (at start, after a reload, after a backend is
 //! added or removed) and receives [`Report`]s over another, draining them in
-//! its tick. So the workers never wait on it (they take no lock it takes:
-//! it takes none), and the control protocol only pays for reading a
-//! channel.
+//! its tick. So the workers never wait on it: nothing it touches is
+//! touched by a worker (no table, no counter, no lock), and the control
+//! protocol only pays for reading a channel.
 //!
 //! Probes are many at once and never block: each is a non-blocking TCP
 //! socket (set up with `socket2`: SO_LINGER 0, so a probe closes with a

@@ -30,6 +30,29 @@ enum Phase {
 /// A probe's outcome: None passed, Some(why) failed.
 pub type Outcome = Option<String>;
 
+/// Why a probe did not start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartError {
+    /// This host is short of something (file descriptors, buffers): not
+    /// the backend's failure; the probe is tried again shortly.
+    Local(String),
+    /// The check failed at once (no route to the backend, ...).
+    Failed(String),
+}
+
+/// Linux errno values of a host short of resources: EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM.
+const LOCAL_ERRNOS: [i32; 4] = [24, 23, 105, 12];
+
+fn start_error(what: &str, e: io::Error) -> StartError {
+    let why = format!("{what}: {e}");
+    if e.raw_os_error().is_some_and(|n| LOCAL_ERRNOS.contains(&n)) {
+        StartError::Local(why)
+    } else {
+        StartError::Failed(why)
+    }
+}
+
 /// One check of one backend, in flight.
 #[derive(Debug)]
 pub struct Probe {
@@ -41,22 +64,21 @@ pub struct Probe {
 
 impl Probe {
     /// Starts connecting to `addr` and registers the socket under `token`.
-    /// An error is the check's failure at once (no route, no socket).
     pub fn start(
         addr: SocketAddr,
         http: Option<&HttpCheck>,
         registry: &Registry,
         token: Token,
-    ) -> Result<Probe, String> {
-        let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    ) -> Result<Probe, StartError> {
+        let mut stream = TcpStream::connect(addr).map_err(|e| start_error("connect", e))?;
         let sock = SockRef::from(&stream);
         // A reset when the probe ends: no TIME_WAIT per check on this host.
         sock.set_linger(Some(Duration::ZERO))
             .and_then(|()| sock.set_tcp_nodelay(true))
-            .map_err(|e| format!("socket options: {e}"))?;
+            .map_err(|e| StartError::Local(format!("socket options: {e}")))?;
         registry
             .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-            .map_err(|e| format!("poll registration: {e}"))?;
+            .map_err(|e| StartError::Local(format!("poll registration: {e}")))?;
         Ok(Probe {
             stream,
             phase: Phase::Connecting,

@@ -163,7 +163,7 @@ impl HealthView {
                 .map(|((service, kind), h)| ProbeTimes {
                     service: service.clone(),
                     kind: kind.name().to_string(),
-                    seconds_ns: Percentiles::of(h),
+                    time_ns: Percentiles::of(h),
                 })
                 .collect(),
         }
@@ -221,7 +221,7 @@ pub struct ProbeTimes {
     pub service: String,
     pub kind: String,
     /// Probe times in ns (a timed-out probe counts its timeout).
-    pub seconds_ns: Percentiles,
+    pub time_ns: Percentiles,
 }
 
 #[cfg(test)]
@@ -302,7 +302,7 @@ mod tests {
             1,
             "web's tcp probes (b and c are checked so)"
         );
-        assert_eq!(s.probes[0].seconds_ns.count, 1);
+        assert_eq!(s.probes[0].time_ns.count, 1);
         // Its checks stop: a down backend counts as up again.
         let stopped = v.set_targets(&[target("b", HealthKind::Tcp)], t1);
         assert_eq!(stopped.len(), 1);

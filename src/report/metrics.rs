@@ -509,7 +509,7 @@ fn health(o: &mut String, s: &Summary) {
     for p in h.map(|h| h.probes.as_slice()).unwrap_or_default() {
         f.labelled_quantiles(
             &[("service", &p.service), ("kind", &p.kind)],
-            &p.seconds_ns,
+            &p.time_ns,
             1e-9,
         );
     }

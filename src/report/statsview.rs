@@ -302,4 +302,39 @@ mod tests {
         assert!(text.starts_with(CLEAR));
         assert!(text.contains("rx - pps"));
     }
+
+    #[test]
+    fn checked_backends_that_are_down_are_listed_with_their_error() {
+        use crate::health::view::{BackendHealth, HealthSummary};
+        let mut b = snapshot(10);
+        let health = |backend: &str, state: &str, error: Option<&str>| BackendHealth {
+            service: "web".into(),
+            backend: backend.into(),
+            state: state.into(),
+            seconds_in_state: 12.0,
+            checked: "192.168.0.1:8080".into(),
+            kind: "http".into(),
+            last_error: error.map(String::from),
+            ..BackendHealth::default()
+        };
+        b.extra.health = Some(HealthSummary {
+            backends: vec![
+                health("be1", "up", None),
+                health("be2", "down", Some("status 503, expected 200-399")),
+            ],
+            probes: Vec::new(),
+        });
+        let text = render("x", None, &b, 1.0, false);
+        assert!(text.contains("health: 2 checked, 1 up, 1 down"), "{text}");
+        assert!(
+            text.contains(
+                "  web/be2 down 12s  http 192.168.0.1:8080  status 503, expected 200-399"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("web/be1 "), "{text}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
+        }
+    }
 }
