@@ -617,6 +617,9 @@ fn testbed_config_matches_the_bed() {
     assert_eq!(cfg.affinities[0].backend, "be1");
 }
 
+/// A scenario of the test bed: its name and what it runs.
+type Scenario = (&'static str, fn(&Bed));
+
 #[test]
 fn testbed_end_to_end() {
     if let Some(why) = skip_reason() {
@@ -627,7 +630,7 @@ fn testbed_end_to_end() {
         println!("SKIP testbed_end_to_end: {why}");
         return;
     }
-    let scenarios: [(&str, fn(&Bed)); 9] = [
+    let scenarios: [Scenario; 9] = [
         ("distribution_follows_weights", distribution_follows_weights),
         (
             "application_affinity_until_cancel_and_expiry",

@@ -115,8 +115,8 @@ pub fn render(
         let _ = writeln!(o, "{}", clip(&head));
         let _ = writeln!(
             o,
-            "  {:<14} {:>6} {:>7} {:>9} {:>7} {:>8} {:>9} {}",
-            "backend", "weight", "w-share", "conn/s", "c-share", "active", "pps", "state"
+            "  {:<14} {:>6} {:>7} {:>9} {:>7} {:>8} {:>9} state",
+            "backend", "weight", "w-share", "conn/s", "c-share", "active", "pps"
         );
         for b in &svc.backends {
             let pb = prev_svc.and_then(|s| s.backends.iter().find(|x| x.name == b.name));
