@@ -31,10 +31,22 @@
 //!   socket (header included), which delivers it through loopback to the
 //!   listening socket. Replies go straight to the client (direct server
 //!   return).
+//! * **Graceful shutdown**, the sequence any backend can copy: with
+//!   `--control` and `--key` it declares itself UP when it starts
+//!   (BACKEND_STATE), and on SIGTERM (or SIGINT) it declares DRAIN —
+//!   pktdist sends it no new connections and refuses it new or extended
+//!   affinities (DRAINING), while clients its affinities pin still reach
+//!   it — keeps serving, answers each request with `Connection: close`
+//!   (kept-alive connections end after their next request, or idle after
+//!   a minute), waits until none of its
+//!   connections is open (for `--drain-quiet`, at most `--drain-timeout`),
+//!   then declares DOWN (its remaining affinities are skipped at once and
+//!   end after the service's `affinity_grace`) and exits.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -44,11 +56,11 @@ use clap::Parser;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use pktdist::client::cli::parse_duration;
-use pktdist::client::library::AffinitySpec;
-use pktdist::client::library::ControlClient;
+use pktdist::client::library::{set_backend_state, AffinitySpec, ControlClient};
 use pktdist::net::mask_addr;
 use pktdist::protocol::auth::parse_hex_key;
 use pktdist::protocol::message::{AffinityKey, ReturnCode, ServiceAddr};
+use pktdist::types::Declared;
 
 /// Largest `GET /bytes/N` answered.
 const MAX_BYTES: u64 = 64 << 20;
@@ -88,6 +100,13 @@ struct Args {
     /// Decapsulate IP-in-IP in user space (needs root).
     #[arg(long)]
     decap: bool,
+    /// On SIGTERM: exit once no connection was open for this long.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    drain_quiet: Duration,
+    /// On SIGTERM: exit after this long even if connections are still
+    /// open.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 /// Byte `i` of every `GET /bytes/N` body: depends on the position, so a
@@ -171,26 +190,147 @@ fn run(args: Args) -> Result<(), String> {
             args.affinity_duration
         ),
     );
-    let mut accepters = Vec::new();
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&term))
+            .map_err(|e| format!("signal handler: {e}"))?;
+    }
+    let control = match (args.control, args.key.as_deref()) {
+        (Some(addr), Some(hex)) => {
+            Some((addr, parse_hex_key(hex).map_err(|e| format!("--key: {e}"))?))
+        }
+        _ => None,
+    };
+    let declare = |state: Declared| {
+        if let Some((addr, key)) = &control {
+            match set_backend_state(*addr, &name, key, state) {
+                Ok(r) => log(
+                    &name,
+                    &format!("BACKEND_STATE {}: OK ({})", state.name(), r.message),
+                ),
+                Err(e) => log(&name, &format!("BACKEND_STATE {}: {e}", state.name())),
+            }
+        }
+    };
+    let conns = Arc::new(Connections::default());
     for l in listeners {
         let n = Arc::clone(&name);
         let rule = Arc::clone(&rule);
-        accepters.push(thread::spawn(move || accept_loop(l, n, rule)));
+        let c = Arc::clone(&conns);
+        thread::spawn(move || accept_loop(l, n, rule, c));
     }
-    for a in accepters {
-        let _ = a.join();
+    declare(Declared::Up);
+    while !term.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(50));
     }
+
+    // Graceful shutdown: drain, let the connections finish, leave.
+    log(&name, "SIGTERM: draining");
+    declare(Declared::Drain);
+    conns.drain();
+    let start = Instant::now();
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        let open = conns.open();
+        let now = Instant::now();
+        if open == 0 {
+            let q = *quiet_since.get_or_insert(now);
+            if now.duration_since(q) >= args.drain_quiet {
+                break;
+            }
+        } else {
+            quiet_since = None;
+        }
+        if now.duration_since(start) >= args.drain_timeout {
+            log(
+                &name,
+                &format!("drain timeout: {open} connection(s) still open"),
+            );
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    declare(Declared::Down);
+    log(
+        &name,
+        &format!(
+            "drained in {:.1}s, {} connection(s) served during the drain; exiting",
+            start.elapsed().as_secs_f64(),
+            conns.served_draining()
+        ),
+    );
     Ok(())
 }
 
-fn accept_loop(listener: TcpListener, name: Arc<str>, rule: Arc<Option<Rule>>) {
+/// The open connections, counted so that a drain can wait for them.
+#[derive(Default)]
+struct Connections {
+    draining: AtomicBool,
+    inner: Mutex<ConnCounts>,
+}
+
+#[derive(Default)]
+struct ConnCounts {
+    open: usize,
+    served_draining: u64,
+}
+
+impl Connections {
+    fn counts(&self) -> std::sync::MutexGuard<'_, ConnCounts> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_one(&self) {
+        let draining = self.is_draining();
+        let mut c = self.counts();
+        c.open += 1;
+        if draining {
+            c.served_draining += 1;
+        }
+    }
+
+    fn close_one(&self) {
+        let mut c = self.counts();
+        c.open = c.open.saturating_sub(1);
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// From now on every response closes its connection (a kept-alive
+    /// connection ends after its next request, or idle after
+    /// [`IDLE_TIMEOUT`]).
+    fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    fn open(&self) -> usize {
+        self.counts().open
+    }
+
+    fn served_draining(&self) -> u64 {
+        self.counts().served_draining
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    name: Arc<str>,
+    rule: Arc<Option<Rule>>,
+    conns: Arc<Connections>,
+) {
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
                 let n = Arc::clone(&name);
                 let r = Arc::clone(&rule);
+                let c = Arc::clone(&conns);
                 let spawned = thread::Builder::new().spawn(move || {
-                    if let Err(e) = serve(stream, &n, r.as_ref().as_ref()) {
+                    c.open_one();
+                    let result = serve(stream, &n, r.as_ref().as_ref(), &c);
+                    c.close_one();
+                    if let Err(e) = result {
                         if !matches!(
                             e.kind(),
                             io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe
@@ -260,13 +400,20 @@ fn read_head(r: &mut BufReader<TcpStream>) -> io::Result<Option<Head>> {
     Ok(Some(Head { path, close }))
 }
 
-fn serve(stream: TcpStream, name: &str, rule: Option<&Rule>) -> io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    name: &str,
+    rule: Option<&Rule>,
+    conns: &Connections,
+) -> io::Result<()> {
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let peer = stream.peer_addr()?;
     let local = stream.local_addr()?;
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
-    while let Some(head) = read_head(&mut reader)? {
+    while let Some(mut head) = read_head(&mut reader)? {
+        // While draining, every response is the connection's last.
+        head.close |= conns.is_draining();
         if let Some(rule) = rule {
             rule.count(local, peer.ip());
         }

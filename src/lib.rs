@@ -14,6 +14,9 @@
 //!   ([`control::thread::ControlThread`]), owning the protocol server, the
 //!   affinity and backend requests, the service registry, reload, static
 //!   affinities and expiry.
+//! * [`health`] — active health checks: the checker thread (TCP and HTTP
+//!   probes, the rise/fall state machine) and what the control thread keeps
+//!   of its reports.
 //! * [`protocol`] — the control protocol's messages and authentication,
 //!   shared by the control thread and its clients.
 //! * [`report`] — the summary, Prometheus metrics and the stats view.
@@ -37,6 +40,7 @@ pub mod command;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod health;
 pub mod net;
 pub mod protocol;
 pub mod report;

@@ -1,7 +1,7 @@
 //! The crate's shared vocabulary: what every part of pktdist names the same
 //! way — address families, the flow key and its hash, service and backend
-//! ids with their limits, IP protocol numbers, TCP flags, and the reasons a
-//! packet is dropped.
+//! ids with their limits, IP protocol numbers, TCP flags, the reasons a
+//! packet is dropped, and the states of a backend.
 //!
 //! Addresses are `u128` (IPv4 in the low 32 bits) so that one key type and
 //! one hash serve both families without branching on the hot path.
@@ -123,10 +123,12 @@ pub enum DropReason {
     /// answers was reached, or the packet is itself an ICMP message (which
     /// never gets an ICMP answer).
     TooBig,
+    /// A new connection to a service whose backends are all down.
+    AllBackendsDown,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::NotIp,
@@ -139,6 +141,7 @@ impl DropReason {
         DropReason::TxFull,
         DropReason::Icmp,
         DropReason::TooBig,
+        DropReason::AllBackendsDown,
     ];
 
     /// Traffic that is simply not ours (as opposed to broken or refused):
@@ -167,6 +170,7 @@ impl DropReason {
             DropReason::TxFull => "tx_full",
             DropReason::Icmp => "icmp",
             DropReason::TooBig => "too_big",
+            DropReason::AllBackendsDown => "all_backends_down",
         }
     }
 }
@@ -238,6 +242,97 @@ impl IcmpDrop {
     }
 }
 
+/// What a backend is doing, as the workers and the operator see it.
+///
+/// Combined by the control plane from the backend's health, what the
+/// application and the operator declared ([`Declared`]) and its weight:
+/// down wins over draining, draining over up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[repr(u8)]
+pub enum BackendState {
+    /// Takes new connections.
+    #[default]
+    Up = 1,
+    /// No new scheduled connections and no new or extended affinities; its
+    /// connections, affinities and automatic pins are kept until they end.
+    Draining = 2,
+    /// No new connections at all: its affinities and automatic pins are
+    /// skipped (their clients go to the scheduler); its flows keep it.
+    Down = 3,
+}
+
+impl BackendState {
+    pub fn from_u8(v: u8) -> Option<BackendState> {
+        match v {
+            1 => Some(BackendState::Up),
+            2 => Some(BackendState::Draining),
+            3 => Some(BackendState::Down),
+            _ => None,
+        }
+    }
+
+    /// The label used in listings, the summary and the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::Draining => "draining",
+            BackendState::Down => "down",
+        }
+    }
+
+    /// The state of a backend that `declared` and the operator's
+    /// `admin` say, with its health (`healthy`: checks pass or are off)
+    /// and its weight.
+    pub fn combine(
+        declared: Declared,
+        admin: Declared,
+        healthy: bool,
+        weight: u32,
+    ) -> BackendState {
+        if !healthy || declared == Declared::Down || admin == Declared::Down {
+            BackendState::Down
+        } else if declared == Declared::Drain || admin == Declared::Drain || weight == 0 {
+            BackendState::Draining
+        } else {
+            BackendState::Up
+        }
+    }
+}
+
+/// A state a backend's application (for itself) or the operator (for any
+/// backend) declares in a BACKEND_STATE request; the discriminants are the
+/// wire codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[repr(u8)]
+pub enum Declared {
+    /// Ready for new connections (as far as the declarer is concerned).
+    #[default]
+    Up = 1,
+    /// Take no new connections or affinities; finish what is there.
+    Drain = 2,
+    /// Out of service at once, as if its health checks failed.
+    Down = 3,
+}
+
+impl Declared {
+    pub fn from_u8(v: u8) -> Option<Declared> {
+        match v {
+            1 => Some(Declared::Up),
+            2 => Some(Declared::Drain),
+            3 => Some(Declared::Down),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Declared::Up => "UP",
+            Declared::Drain => "DRAIN",
+            Declared::Down => "DOWN",
+        }
+    }
+}
+
 /// Why an affinity ended: in the control thread's records, in the log and
 /// in the AFFINITY_ENDED notification (the discriminants are the wire codes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -246,6 +341,8 @@ pub enum EndReason {
     Expired = 1,
     Cancelled = 2,
     BackendRemoved = 3,
+    /// Its owner stayed down longer than the service's `affinity_grace`.
+    BackendDown = 4,
 }
 
 impl EndReason {
@@ -254,6 +351,7 @@ impl EndReason {
             1 => Some(EndReason::Expired),
             2 => Some(EndReason::Cancelled),
             3 => Some(EndReason::BackendRemoved),
+            4 => Some(EndReason::BackendDown),
             _ => None,
         }
     }
@@ -263,6 +361,7 @@ impl EndReason {
             EndReason::Expired => "EXPIRED",
             EndReason::Cancelled => "CANCELLED",
             EndReason::BackendRemoved => "BACKEND_REMOVED",
+            EndReason::BackendDown => "BACKEND_DOWN",
         }
     }
 }
@@ -327,6 +426,43 @@ impl std::fmt::Display for PortMatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_state_combines_down_over_draining_over_up() {
+        use BackendState::{Down, Draining, Up};
+        use Declared as D;
+        let all = [D::Up, D::Drain, D::Down];
+        for app in all {
+            for admin in all {
+                for healthy in [true, false] {
+                    for weight in [0, 1, 100] {
+                        let got = BackendState::combine(app, admin, healthy, weight);
+                        let want = if !healthy || app == D::Down || admin == D::Down {
+                            Down
+                        } else if app == D::Drain || admin == D::Drain || weight == 0 {
+                            Draining
+                        } else {
+                            Up
+                        };
+                        assert_eq!(got, want, "{app:?} {admin:?} {healthy} {weight}");
+                    }
+                }
+            }
+        }
+        // Only checks that pass (or none) and UP from both make a backend up.
+        assert_eq!(BackendState::combine(D::Up, D::Up, true, 1), Up);
+        assert_eq!(BackendState::combine(D::Up, D::Up, false, 1), Down);
+        assert_eq!(BackendState::combine(D::Drain, D::Up, false, 1), Down);
+        assert_eq!(BackendState::combine(D::Up, D::Up, true, 0), Draining);
+        for s in [Up, Draining, Down] {
+            assert_eq!(BackendState::from_u8(s as u8), Some(s));
+        }
+        for d in all {
+            assert_eq!(Declared::from_u8(d as u8), Some(d));
+        }
+        assert_eq!(Declared::from_u8(0), None);
+        assert_eq!(EndReason::from_u8(4), Some(EndReason::BackendDown));
+    }
 
     #[test]
     fn flow_hash_is_stable_and_spreads() {

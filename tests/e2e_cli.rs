@@ -241,11 +241,11 @@ fn affinity_and_backend_commands_against_a_running_instance() {
     // Backends: list, drain, refuse unknown names and non-admins.
     let list = ok(admin(server, &["backend", "list"]), "backend list");
     assert!(
-        row(&list, &["web", "be1", "10.0.0.1", "100", "active"]).is_some(),
+        row(&list, &["web", "be1", "10.0.0.1", "100", "up"]).is_some(),
         "{list}"
     );
     assert!(
-        row(&list, &["web", "be2", "10.0.0.2", "200", "active"]).is_some(),
+        row(&list, &["web", "be2", "10.0.0.2", "200", "up"]).is_some(),
         "{list}"
     );
     ok(
@@ -278,6 +278,56 @@ fn affinity_and_backend_commands_against_a_running_instance() {
     ]);
     let err = refused(out, "set-weight by a backend");
     assert!(err.contains("NOT_AUTHORIZED"), "{err}");
+
+    // Drain and undrain: the operator's, then the backend's own state.
+    ok(admin(server, &["backend", "drain", "web", "be1"]), "drain");
+    let list = ok(admin(server, &["backend", "list"]), "backend list");
+    assert!(
+        row(&list, &["be1", "draining", "UP", "DRAIN"]).is_some(),
+        "{list}"
+    );
+    ok(
+        admin(server, &["backend", "undrain", "web", "be1"]),
+        "undrain",
+    );
+    let as_be1 = |args: &[&str]| {
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--server".to_string(),
+            server.to_string(),
+            "--name".to_string(),
+            "be1".to_string(),
+            "--key".to_string(),
+            be1_key.clone(),
+        ]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        pktdist(&refs)
+    };
+    ok(
+        as_be1(&["backend", "state", "web", "be1", "down"]),
+        "state down by be1 itself",
+    );
+    let list = ok(admin(server, &["backend", "list"]), "backend list");
+    assert!(
+        row(&list, &["be1", "down", "DOWN", "UP"]).is_some(),
+        "{list}"
+    );
+    let err = refused(
+        as_be1(&["backend", "drain", "web", "be2"]),
+        "drain of another backend by be1",
+    );
+    assert!(err.contains("NOT_AUTHORIZED"), "{err}");
+    ok(
+        as_be1(&["backend", "state", "web", "be1", "up"]),
+        "state up by be1 itself",
+    );
+    let list = ok(admin(server, &["backend", "list"]), "backend list");
+    assert!(row(&list, &["web", "be1", "100", "up"]).is_some(), "{list}");
+    let err = refused(
+        admin(server, &["backend", "state", "web", "be1", "sideways"]),
+        "a state that is none",
+    );
+    assert!(err.contains("up, drain or down"), "{err}");
 
     // A wrong key gets no answer: a clear error and exit 1.
     let out = pktdist(&[

@@ -123,6 +123,7 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
     write_pcap(&input, &frames);
     let frame_bytes: usize = frames.iter().map(Vec::len).sum();
 
+    let health_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("health listener");
     let toml = [
         base_config(&["be1", "be2", "app1", "app2"])
             .replace("auto_capacity = 1024", "auto_capacity = 1")
@@ -139,7 +140,24 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
             path_str(&input),
             path_str(&output)
         )),
-        web_service("", &[("be1", "10.0.0.1", None), ("be2", "10.0.0.2", None)]),
+        // Health checks on web: be1's at a listener of the test, be2's at
+        // the same port on 127.0.0.2, where nothing listens (down after
+        // one refused check).
+        web_service(
+            &format!(
+                "health = {{ kind = \"tcp\", port = {}, interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 1 }}\n",
+                health_listener.local_addr().expect("listener").port()
+            ),
+            &[("be1", "10.0.0.1", None), ("be2", "10.0.0.2", None)],
+        )
+        .replace(
+            "address = \"10.0.0.1\"\n",
+            "address = \"10.0.0.1\"\nhealth_address = \"127.0.0.1\"\n",
+        )
+        .replace(
+            "address = \"10.0.0.2\"\n",
+            "address = \"10.0.0.2\"\nhealth_address = \"127.0.0.2\"\n",
+        ),
         ipip_service(
             "app",
             "192.0.2.20",
@@ -171,6 +189,8 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
     let m = poll_until(Duration::from_secs(30), || {
         let m = Exposition::parse(&scrape(addr)?);
         (m.get("pktdist_received_packets_total") == Some(frames_in)
+            && m.get("pktdist_backend_up{service=\"web\",backend=\"be2\"}") == Some(0.0)
+            && m.has_samples("pktdist_health_probe_seconds")
             && m.get("pktdist_port_received_packets_total{port=\"p0\"}") == Some(frames_in)
             && m.get("pktdist_port_transmitted_packets_total{port=\"p0\"}") == Some(frames_in))
         .then_some(m)
@@ -227,6 +247,30 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
     let sent_bytes = m
         .get("pktdist_port_transmitted_bytes_total{port=\"p0\"}")
         .expect("tx bytes");
+    // The health checks: be2 went down once, be1 stayed up, and the one
+    // change was logged.
+    let backend =
+        |family: &str, b: &str| m.get(&format!("{family}{{service=\"web\",backend=\"{b}\"}}"));
+    assert_eq!(backend("pktdist_backend_up", "be1"), Some(1.0));
+    assert_eq!(
+        backend("pktdist_backend_state_changes_total", "be1"),
+        Some(0.0)
+    );
+    assert_eq!(
+        backend("pktdist_backend_state_changes_total", "be2"),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get("pktdist_backend_up{service=\"app\",backend=\"app1\"}"),
+        Some(1.0),
+        "a backend without checks is up"
+    );
+    assert!(
+        pd.stderr_text()
+            .contains("pktdist: backend web/be2 is down (health check to 127.0.0.2:"),
+        "{}",
+        pd.stderr_text()
+    );
     let finished = pd.stop(Duration::from_secs(10));
     assert!(finished.status.success(), "{}", finished.stderr);
     let out = read_pcap(&output);

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use pktdist::config::Config;
 use pktdist::control::registry::ServiceRegistry;
 use pktdist::datapath::counters::WorkerCounters;
+use pktdist::datapath::latency::Percentiles;
+use pktdist::health::view::{BackendHealth, HealthSummary, ProbeTimes};
 use pktdist::report::metrics::render;
 use pktdist::report::summary::{ControlSummary, EndedSummary, PortSummary, Summary};
 use pktdist::types::{DropReason, IcmpDrop};
@@ -88,6 +90,28 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         },
         ..ControlSummary::default()
     });
+    s.extra.health = Some(HealthSummary {
+        backends: vec![BackendHealth {
+            service: "web".into(),
+            backend: "be2".into(),
+            state: "down".into(),
+            changes: 3,
+            ..BackendHealth::default()
+        }],
+        probes: vec![ProbeTimes {
+            service: "web".into(),
+            kind: "http".into(),
+            time_ns: Percentiles {
+                count: 40,
+                p50: 2_000_000,
+                p90: 3_000_000,
+                p99: 9_000_000,
+                p999: 9_000_000,
+                max: 9_500_000,
+                mean: 2_500_000.0,
+            },
+        }],
+    });
     let samples = parsed(&render(&s));
     let has = |line: &str| samples.iter().any(|l| l == line);
     assert!(
@@ -131,4 +155,19 @@ fn metrics_parse_with_the_prometheus_client_parser() {
         .iter()
         .any(|l| l.starts_with("summary pktdist_packet_processing_seconds quantile=0.99 ")));
     assert!(has("summary pktdist_packet_processing_seconds_count  2"));
+    assert!(has("gauge pktdist_backend_up backend=be1,service=web 1"));
+    assert!(has("gauge pktdist_backend_up backend=be2,service=web 0"));
+    assert!(has(
+        "counter pktdist_backend_state_changes_total backend=be2,service=web 3"
+    ));
+    assert!(
+        has("summary pktdist_health_probe_seconds kind=http,quantile=0.5,service=web 0.002"),
+        "{samples:#?}"
+    );
+    assert!(has(
+        "summary pktdist_health_probe_seconds_count kind=http,service=web 40"
+    ));
+    assert!(has(
+        "summary pktdist_health_probe_seconds_sum kind=http,service=web 0.1"
+    ));
 }

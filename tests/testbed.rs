@@ -12,6 +12,8 @@
 //!
 //! Needs root (namespaces, raw sockets, DPDK). Elsewhere the test prints a
 //! SKIP line and passes, except under CI (`CI` set), where it must run.
+//! `TESTBED_SCENARIOS=name,name` runs only those scenarios (the names of
+//! the functions below, e.g. `backend_server_drains_itself_on_sigterm`).
 #![cfg(feature = "dpdk")]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -212,10 +214,15 @@ impl Bed {
 
     /// pktdist with config/testbed.toml, ready when its control plane answers.
     fn pktdist(&self, log: &str) -> Proc {
+        self.pktdist_with(log, &repo().join("config/testbed.toml"))
+    }
+
+    /// pktdist with the configuration `config`.
+    fn pktdist_with(&self, log: &str, config: &Path) -> Proc {
         let args = vec![
             "run".to_string(),
             "--config".into(),
-            repo().join("config/testbed.toml").display().to_string(),
+            config.display().to_string(),
         ];
         let mut p = self.spawn("lb", log, Path::new(env!("CARGO_BIN_EXE_pktdist")), &args);
         wait_until("pktdist's control plane", Duration::from_secs(30), || {
@@ -610,6 +617,9 @@ fn testbed_config_matches_the_bed() {
     assert_eq!(cfg.affinities[0].backend, "be1");
 }
 
+/// A scenario of the test bed: its name and what it runs.
+type Scenario = (&'static str, fn(&Bed));
+
 #[test]
 fn testbed_end_to_end() {
     if let Some(why) = skip_reason() {
@@ -620,6 +630,49 @@ fn testbed_end_to_end() {
         println!("SKIP testbed_end_to_end: {why}");
         return;
     }
+    let scenarios: [Scenario; 9] = [
+        ("distribution_follows_weights", distribution_follows_weights),
+        (
+            "application_affinity_until_cancel_and_expiry",
+            application_affinity_until_cancel_and_expiry,
+        ),
+        (
+            "auto_affinity_keeps_parallel_connections_together",
+            auto_affinity_keeps_parallel_connections_together,
+        ),
+        (
+            "weight_zero_drains_without_breaking_open_connections",
+            weight_zero_drains_without_breaking_open_connections,
+        ),
+        (
+            "backend_server_drains_itself_on_sigterm",
+            backend_server_drains_itself_on_sigterm,
+        ),
+        (
+            "a_dead_backend_is_checked_out_and_back_in",
+            a_dead_backend_is_checked_out_and_back_in,
+        ),
+        (
+            "removing_a_backend_ends_its_affinities",
+            removing_a_backend_ends_its_affinities,
+        ),
+        (
+            "restart_mid_traffic_keeps_connections",
+            restart_mid_traffic_keeps_connections,
+        ),
+        (
+            "path_mtu_discovery_through_pktdist",
+            path_mtu_discovery_through_pktdist,
+        ),
+    ];
+    let only = std::env::var("TESTBED_SCENARIOS").unwrap_or_default();
+    let only: Vec<&str> = only.split(',').filter(|n| !n.is_empty()).collect();
+    for name in &only {
+        assert!(
+            scenarios.iter().any(|(n, _)| n == name),
+            "TESTBED_SCENARIOS names no scenario {name:?}"
+        );
+    }
     let bed = Bed::up();
     println!(
         "test bed up (IP-in-IP decapsulated {})",
@@ -629,13 +682,11 @@ fn testbed_end_to_end() {
             "by the kernel's tunl0"
         }
     );
-    distribution_follows_weights(&bed);
-    application_affinity_until_cancel_and_expiry(&bed);
-    auto_affinity_keeps_parallel_connections_together(&bed);
-    weight_zero_drains_without_breaking_open_connections(&bed);
-    removing_a_backend_ends_its_affinities(&bed);
-    restart_mid_traffic_keeps_connections(&bed);
-    path_mtu_discovery_through_pktdist(&bed);
+    for (name, scenario) in scenarios {
+        if only.is_empty() || only.contains(&name) {
+            scenario(&bed);
+        }
+    }
 }
 
 /// 1200 connections from 15 client addresses spread over be1..be3 in
@@ -876,6 +927,261 @@ fn weight_zero_drains_without_breaking_open_connections(bed: &Bed) {
         "drain: {drained} at weight 0, 300 new connections on {:?}, {} held on {drained} finished",
         by_backend(&fresh),
         counts[&drained]
+    );
+}
+
+/// The application drains itself: be3 pins the c1 network, holds
+/// connections from it, and gets SIGTERM. It declares DRAIN: new
+/// connections from c2 go to be1 and be2 only, while its pinned clients
+/// still reach it (the affinity is honoured) and every connection
+/// completes; it may neither create nor extend an affinity (DRAINING). Its
+/// held connections finish their second request, byte-exact; then it
+/// declares DOWN and exits by itself.
+fn backend_server_drains_itself_on_sigterm(bed: &Bed) {
+    let _lb = bed.pktdist("lb-sigterm");
+    let _be1 = bed.backend("be1", &[]);
+    let _be2 = bed.backend("be2", &[]);
+    let mut be3 = bed.backend(
+        "be3",
+        &[
+            "--affinity-after",
+            "1",
+            "--affinity-prefix",
+            "24",
+            "--affinity-duration",
+            "60s",
+        ],
+    );
+    reach(bed, "be3");
+    wait_until("be3's affinity", Duration::from_secs(10), || {
+        bed.has_affinity("10.99.1.0/24", "be3")
+    });
+    let mut held = bed.start_client(
+        "c1",
+        &["--hold", "--sources", C1, "--path", "/bytes/100000"],
+    );
+    let first = held.held();
+    assert_all_ok("held on be3 (first)", &first, 8);
+    assert_eq!(by_backend(&first).keys().collect::<Vec<_>>(), ["be3"]);
+
+    let st = Command::new("kill")
+        .args(["-TERM", &be3.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success());
+    wait_until("be3 to declare DRAIN", Duration::from_secs(10), || {
+        be3.text().contains("BACKEND_STATE DRAIN: OK")
+    });
+    let list = bed.cli_ok(&["backend", "list", "--service", "web"]);
+    assert!(
+        list.lines()
+            .any(|l| l.contains("be3") && l.contains("draining") && l.contains("DRAIN")),
+        "{list}"
+    );
+    let fresh = bed.run_client("c2", &["--sources", C2, "--connections", "200"]);
+    assert_all_ok("while be3 drains", &fresh, 200);
+    assert!(
+        !by_backend(&fresh).contains_key("be3"),
+        "draining be3 got new scheduled connections: {:?}",
+        by_backend(&fresh)
+    );
+    let pinned = bed.run_client("c1", &["--sources", C1, "--connections", "16"]);
+    assert_all_ok("pinned to the draining be3", &pinned, 16);
+    assert_eq!(by_backend(&pinned).keys().collect::<Vec<_>>(), ["be3"]);
+    let service = format!("{VIP}:80");
+    for (what, client) in [("add", "10.99.2.0/24"), ("extend", "10.99.1.0/24")] {
+        let (ok, text) = bed.cli(&[
+            "affinity",
+            what,
+            "--service",
+            &service,
+            "--client",
+            client,
+            "--owner",
+            "be3",
+            "--duration",
+            "1m",
+        ]);
+        assert!(!ok && text.contains("DRAINING"), "affinity {what}: {text}");
+    }
+    assert!(
+        be3.child.try_wait().ok().flatten().is_none(),
+        "be3 left with connections open"
+    );
+    let second = held.finish();
+    assert_all_ok("held on be3 (second)", &second, 8);
+    assert_held_stayed(&first, &second);
+    wait_until("be3 to exit", Duration::from_secs(30), || {
+        be3.child.try_wait().ok().flatten().is_some()
+    });
+    let status = be3.child.wait().expect("be3's exit status");
+    assert!(
+        status.success(),
+        "be3 exited with {status}:\n{}",
+        be3.tail()
+    );
+    assert!(
+        be3.text().contains("BACKEND_STATE DOWN: OK"),
+        "{}",
+        be3.tail()
+    );
+    let list = bed.cli_ok(&["backend", "list", "--service", "web"]);
+    assert!(
+        list.lines()
+            .any(|l| l.contains("be3") && l.contains(" down ")),
+        "{list}"
+    );
+    println!(
+        "sigterm: be3 drained (200 new connections on {:?}, 16 pinned ones still on be3, create and extend DRAINING), 8 held connections finished, be3 exited",
+        by_backend(&fresh)
+    );
+}
+
+/// Port the backends answer health checks on, on their own addresses.
+const HEALTH_PORT: u16 = 9000;
+
+/// A failed backend, found by pktdist's own health checks. The web service
+/// is checked over HTTP every 500 ms (down after 2 failures, up after 2
+/// passes) with an `affinity_grace` of 4 s; an owner application (the
+/// Python client in be3's namespace) pins the c1 network to be3. be3's
+/// server is killed: after fall x interval + 1 s, every new connection
+/// succeeds and none reaches be3, the pinned clients included; after the
+/// grace the owner receives AFFINITY_ENDED BACKEND_DOWN. be3 started again
+/// takes connections after rise x interval.
+fn a_dead_backend_is_checked_out_and_back_in(bed: &Bed) {
+    let config = bed.logs.join("testbed-health.toml");
+    let text = fs::read_to_string(repo().join("config/testbed.toml")).expect("testbed.toml");
+    let checked = text.replacen(
+        "max_affinity_duration = \"10m\"",
+        &format!(
+            "max_affinity_duration = \"10m\"\naffinity_grace = \"4s\"\n\
+             health = {{ kind = \"http\", port = {HEALTH_PORT}, path = \"/healthz\", \
+             interval = \"500ms\", timeout = \"300ms\", rise = 2, fall = 2 }}"
+        ),
+        1,
+    );
+    assert_ne!(checked, text, "the web service got its health checks");
+    fs::write(&config, checked).expect("write the configuration");
+    let (interval, rise, fall) = (Duration::from_millis(500), 2, 2);
+    let _lb = bed.pktdist_with("lb-health", &config);
+    let checked_backend = |name: &str| {
+        let addr = BACKENDS.iter().find(|b| b.0 == name).expect("backend").1;
+        let listen = format!("{addr}:{HEALTH_PORT}");
+        bed.backend(name, &["--listen", &listen])
+    };
+    let _be1 = checked_backend("be1");
+    let _be2 = checked_backend("be2");
+    let be3 = checked_backend("be3");
+    let state_of = |name: &str| -> String {
+        let list = bed.cli_ok(&["backend", "list", "--service", "web"]);
+        list.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .and_then(|l| l.split_whitespace().nth(5))
+            .unwrap_or("?")
+            .to_string()
+    };
+    // The first checks may fail (pktdist starts before the servers): wait
+    // until every backend's checks have passed for a second.
+    wait_until(
+        "the web backends' checks to pass",
+        Duration::from_secs(20),
+        || {
+            let stats = bed.stats();
+            let checked = stats["extra"]["health"]["backends"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            checked.len() == 3
+                && checked.iter().all(|b| {
+                    b["state"] == "up" && b["seconds_in_state"].as_f64().unwrap_or(0.0) >= 1.0
+                })
+        },
+    );
+
+    // The owner: be3's application, a process of its own in be3's namespace.
+    let owner_script = bed.logs.join("owner.py");
+    fs::write(
+        &owner_script,
+        format!(
+            "import pktdist\n\
+             c = pktdist.Client('{CONTROL}', 'be3', pktdist.key_from_hex('{}'))\n\
+             r = c.create('{VIP}:80', '10.99.1.0/24', duration=600)\n\
+             print('created', r.remaining, flush=True)\n\
+             for e in c.iter_ended(timeout=120):\n\
+             \x20   print('ENDED', e.client, e.owner, e.reason_name, flush=True)\n",
+            key_of("be3")
+        ),
+    )
+    .expect("write the owner");
+    let owner = {
+        let path = bed.log("owner");
+        let out = File::create(&path).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns("be3"), "python3"])
+            .arg(&owner_script)
+            .env("PYTHONPATH", repo().join("clients/python/src"))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn the owner");
+        Proc {
+            name: "owner".into(),
+            child,
+            log: path,
+        }
+    };
+    wait_until("the owner's affinity", Duration::from_secs(10), || {
+        owner.text().contains("created 600")
+    });
+    let pinned = bed.run_client("c1", &["--sources", C1, "--connections", "16"]);
+    assert_all_ok("pinned to be3", &pinned, 16);
+    assert_eq!(by_backend(&pinned).keys().collect::<Vec<_>>(), ["be3"]);
+
+    // be3's server dies.
+    be3.stop();
+    thread::sleep(interval * fall + Duration::from_secs(1));
+    let fresh = bed.run_client("c2", &["--sources", C2, "--connections", "200"]);
+    assert_all_ok("after be3 died", &fresh, 200);
+    assert!(
+        !by_backend(&fresh).contains_key("be3"),
+        "the dead be3 got new connections: {:?}",
+        by_backend(&fresh)
+    );
+    let moved = bed.run_client("c1", &["--sources", C1, "--connections", "40"]);
+    assert_all_ok("be3's pinned clients", &moved, 40);
+    assert!(
+        !by_backend(&moved).contains_key("be3"),
+        "{:?}",
+        by_backend(&moved)
+    );
+    assert_eq!(state_of("be3"), "down");
+    let list = bed.cli_ok(&["backend", "list", "--service", "web"]);
+    assert!(
+        list.lines()
+            .any(|l| l.contains("be3") && l.contains("failing") && l.contains("connect")),
+        "{list}"
+    );
+    wait_until(
+        "AFFINITY_ENDED BACKEND_DOWN",
+        Duration::from_secs(30),
+        || owner.text().contains("ENDED 10.99.1.0/24 be3 BACKEND_DOWN"),
+    );
+    assert!(!bed.has_affinity("10.99.1.0/24", "be3"));
+    let stats = bed.stats();
+    assert_eq!(stats["services"][0]["backends"][2]["state"], "down");
+
+    // be3 comes back.
+    let _be3 = checked_backend("be3");
+    thread::sleep(interval * rise + Duration::from_secs(1));
+    assert_eq!(state_of("be3"), "up");
+    reach(bed, "be3");
+    let spread = assert_weights_apply(bed, "be3 back");
+    println!(
+        "health: be3 killed, 200 new and 40 pinned connections on {:?} and {:?}, BACKEND_DOWN after the grace, back: {spread:?}",
+        by_backend(&fresh),
+        by_backend(&moved)
     );
 }
 

@@ -282,10 +282,26 @@ impl AffinityManager {
     /// Ends every affinity owned by `backend` (it left the configuration).
     /// Scans the records: backend removal is rare and off the data path.
     pub fn remove_backend(&mut self, backend: BackendId, out: &mut Vec<Ended>) {
+        self.end_owned(backend, true, EndReason::BackendRemoved, out);
+    }
+
+    /// Removes the requested (timed) affinities `backend` owns, appending
+    /// them to `out` with `reason`; its static ones stay.
+    pub fn end_requested(&mut self, backend: BackendId, reason: EndReason, out: &mut Vec<Ended>) {
+        self.end_owned(backend, false, reason, out);
+    }
+
+    fn end_owned(
+        &mut self,
+        backend: BackendId,
+        with_static: bool,
+        reason: EndReason,
+        out: &mut Vec<Ended>,
+    ) {
         let keys: Vec<TableKey> = self
             .index
             .iter()
-            .filter(|(_, e)| e.rec.owner == backend)
+            .filter(|(_, e)| e.rec.owner == backend && (with_static || e.rec.expires.is_some()))
             .map(|(k, _)| *k)
             .collect();
         for key in keys {
@@ -294,7 +310,7 @@ impl AffinityManager {
                     key,
                     owner: rec.owner,
                     notify: rec.notify,
-                    reason: EndReason::BackendRemoved,
+                    reason,
                     created_ms: rec.created_ms,
                 });
             }

@@ -16,9 +16,9 @@ use crate::protocol::auth::parse_hex_key;
 use crate::protocol::message::{
     AffinityEntry, AffinityKey, BackendEntry, Reply, Request, ReturnCode, ServiceAddr,
 };
-use crate::report::statsview;
+use crate::report::statsview::{self, fmt_secs};
 use crate::report::summary::Summary;
-use crate::types::PortMatch;
+use crate::types::{Declared, PortMatch};
 use crate::types::{PROTO_TCP, PROTO_UDP};
 
 /// Default control address.
@@ -225,6 +225,42 @@ pub enum BackendCmd {
         service: String,
         backend: String,
     },
+    /// Drain a backend: no new connections or affinities, what it has
+    /// finishes (BACKEND_STATE DRAIN; with the admin key, the operator's
+    /// drain, which the application's UP does not undo).
+    Drain {
+        #[command(flatten)]
+        conn: ConnArgs,
+        service: String,
+        backend: String,
+    },
+    /// Undo `drain` (BACKEND_STATE UP).
+    Undrain {
+        #[command(flatten)]
+        conn: ConnArgs,
+        service: String,
+        backend: String,
+    },
+    /// Declare a backend's state: up, drain or down (down: no new
+    /// connections at once, its affinities skipped).
+    State {
+        #[command(flatten)]
+        conn: ConnArgs,
+        service: String,
+        backend: String,
+        #[arg(value_parser = parse_declared)]
+        state: Declared,
+    },
+}
+
+/// `up`, `drain` or `down` (any case).
+pub fn parse_declared(s: &str) -> Result<Declared, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "up" => Ok(Declared::Up),
+        "drain" => Ok(Declared::Drain),
+        "down" => Ok(Declared::Down),
+        _ => Err(format!("{s:?}: the state is up, drain or down")),
+    }
 }
 
 /// `pktdist stats`
@@ -358,12 +394,34 @@ pub fn render_backends(entries: &[BackendEntry]) -> String {
                 b.addr.to_string(),
                 b.mac.map_or_else(|| "-".into(), fmt_mac),
                 b.weight.to_string(),
-                if b.weight == 0 { "draining" } else { "active" }.into(),
+                b.state.name().into(),
+                fmt_secs(u64::from(b.state_secs)),
+                match b.healthy {
+                    None => "-",
+                    Some(true) => "passing",
+                    Some(false) => "failing",
+                }
+                .into(),
+                b.app.name().into(),
+                b.admin.name().into(),
+                b.check_error.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     render_table(
-        &["SERVICE", "BACKEND", "ADDRESS", "MAC", "WEIGHT", "STATE"],
+        &[
+            "SERVICE",
+            "BACKEND",
+            "ADDRESS",
+            "MAC",
+            "WEIGHT",
+            "STATE",
+            "FOR",
+            "CHECKS",
+            "APP",
+            "ADMIN",
+            "LAST CHECK ERROR",
+        ],
         &rows,
     )
 }
@@ -445,17 +503,42 @@ pub fn run_backend(cmd: &BackendCmd) -> Result<(), String> {
             mac,
             weight,
         } => {
-            let entry = BackendEntry {
-                service: service.clone(),
-                backend: backend.clone(),
-                addr: *addr,
-                mac: mac.map(|m| m.0),
-                weight: *weight,
-            };
+            let entry = BackendEntry::new(service, backend, *addr, mac.map(|m| m.0), *weight);
             let reply = conn.client()?.add_backend(&entry).map_err(err)?;
             println!(
                 "{}",
                 render_reply(&format!("add {service}/{backend} at {addr}"), &reply)?
+            );
+            Ok(())
+        }
+        BackendCmd::Drain {
+            conn,
+            service,
+            backend,
+        }
+        | BackendCmd::Undrain {
+            conn,
+            service,
+            backend,
+        }
+        | BackendCmd::State {
+            conn,
+            service,
+            backend,
+            ..
+        } => {
+            let state = match cmd {
+                BackendCmd::Drain { .. } => Declared::Drain,
+                BackendCmd::State { state, .. } => *state,
+                _ => Declared::Up,
+            };
+            let reply = conn
+                .client()?
+                .set_backend_state(Some(service), Some(backend), state)
+                .map_err(err)?;
+            println!(
+                "{}",
+                render_reply(&format!("{service}/{backend} {}", state.name()), &reply)?
             );
             Ok(())
         }
@@ -667,16 +750,27 @@ mod tests {
     fn tables_render() {
         let t = render_table(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
         assert_eq!(t, "A     LONGER\nxxxx  y\n");
-        let b = render_backends(&[BackendEntry {
-            service: "web".into(),
-            backend: "b1".into(),
-            addr: "10.0.0.1".parse().unwrap(),
-            mac: Some([2, 0, 0, 0, 0, 1]),
-            weight: 0,
-        }]);
+        let mut drained = BackendEntry::new(
+            "web",
+            "b1",
+            "10.0.0.1".parse().unwrap(),
+            Some([2, 0, 0, 0, 0, 1]),
+            0,
+        );
+        drained.state = crate::types::BackendState::Draining;
+        let b = render_backends(&[drained]);
         assert!(
             b.contains("02:00:00:00:00:01") && b.contains("draining"),
             "{b}"
+        );
+        assert_eq!(
+            [
+                fmt_secs(42),
+                fmt_secs(303),
+                fmt_secs(7800),
+                fmt_secs(273_600)
+            ],
+            ["42s", "5m3s", "2h10m", "3d4h"]
         );
         let mut r = Reply::new(1, 0, ReturnCode::Conflict);
         r.owner = Some("web2".into());

@@ -17,7 +17,7 @@
 //! A refusal is an authentic reply with another code than OK; the one-call
 //! helpers and [`ok`] turn it into [`ClientError::Refused`]. Two of them
 //! come from the limits on half-trusted applications (PROTOCOL.md §5.1,
-//! §6.7): [`ReturnCode::QuotaExceeded`] (the backend holds as many
+//! §6.8): [`ReturnCode::QuotaExceeded`] (the backend holds as many
 //! affinities as its service allows: cancel one first) and
 //! [`ReturnCode::RateLimited`] (too many requests a second from this name:
 //! nothing was done; [`ClientError::is_rate_limited`] tells it apart, and
@@ -36,6 +36,7 @@ use crate::protocol::message::{
     EncodeError, EndedNotice, Envelope, Header, MsgType, Reply, ReplyPayload, Request, ReturnCode,
     ServiceAddr, MAX_DATAGRAM,
 };
+use crate::types::Declared;
 
 /// Default time to wait for a reply per attempt.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -402,6 +403,24 @@ impl ControlClient {
         }))
     }
 
+    /// Declares a backend's state (BACKEND_STATE): UP, DRAIN or DOWN. With
+    /// a backend's own name and key it declares its own (`backend` None or
+    /// its own name); the admin names any backend. `service` None: every
+    /// service the backend belongs to. The reply's message lists each
+    /// backend concerned with its resulting state.
+    pub fn set_backend_state(
+        &mut self,
+        service: Option<&str>,
+        backend: Option<&str>,
+        state: Declared,
+    ) -> Result<Reply, ClientError> {
+        self.request(&Request::BackendState {
+            service,
+            backend,
+            state,
+        })
+    }
+
     /// Removes a backend from a service (its affinities end).
     pub fn remove_backend(&mut self, service: &str, backend: &str) -> Result<Reply, ClientError> {
         self.request(&Request::BackendRemove { service, backend })
@@ -648,6 +667,21 @@ pub fn cancel_affinity(
     })
 }
 
+/// One call for a server application: declare the calling backend
+/// `name`'s own state on every service it belongs to — DRAIN before a
+/// graceful shutdown (no new connections or affinities; what it has
+/// finishes), UP when ready again, DOWN to leave at once. Ok only for an
+/// OK reply.
+pub fn set_backend_state(
+    server: SocketAddr,
+    name: &str,
+    key: &[u8],
+    state: Declared,
+) -> Result<Reply, ClientError> {
+    let mut c = ControlClient::new(server, name, key)?;
+    ok(c.set_backend_state(None, None, state)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -738,13 +772,13 @@ mod tests {
                     Response::affinities(all[start..end].to_vec(), end < all.len())
                 }
                 Request::BackendList { .. } => Response::backends(
-                    vec![BackendEntry {
-                        service: "web".into(),
-                        backend: "web1".into(),
-                        addr: "10.0.0.1".parse().unwrap(),
-                        mac: None,
-                        weight: 3,
-                    }],
+                    vec![BackendEntry::new(
+                        "web",
+                        "web1",
+                        "10.0.0.1".parse().unwrap(),
+                        None,
+                        3,
+                    )],
                     false,
                 ),
                 Request::BackendSetWeight { backend, .. }
@@ -758,6 +792,16 @@ mod tests {
                     }
                 }
                 Request::BackendAdd(_) => Response::new(ReturnCode::TableFull),
+                Request::BackendState {
+                    service,
+                    backend,
+                    state,
+                } => Response::ok().with_message(format!(
+                    "{}/{} {}",
+                    service.unwrap_or("*"),
+                    backend.unwrap_or("?"),
+                    state.name()
+                )),
                 Request::Stats { .. } => Response {
                     payload: Payload::Stats(format!(
                         "{{\"affinities\":{},\"pad\":\"{}\"}}",
@@ -982,6 +1026,28 @@ mod tests {
         let mut out = [0u8; MAX_DATAGRAM];
         let len = encode_reply(&mut out, &h, &Key::new(signer).unwrap(), &r).unwrap();
         sock.send_to(&out[..len], from).unwrap();
+    }
+
+    #[test]
+    fn backends_declare_their_own_state_the_admin_any() {
+        let srv = spawn_server();
+        // The one call: the server fills in the sender as the backend.
+        let r = set_backend_state(srv.addr, "web1", WEB1_KEY, Declared::Drain).unwrap();
+        assert_eq!(r.message, "*/web1 DRAIN");
+        let mut web1 = ControlClient::new(srv.addr, "web1", WEB1_KEY).unwrap();
+        let e = web1
+            .set_backend_state(Some("web"), Some("web2"), Declared::Down)
+            .unwrap();
+        assert_eq!(e.code, ReturnCode::NotAuthorized, "{}", e.message);
+        let mut admin = ControlClient::new(srv.addr, "admin", ADMIN_KEY).unwrap();
+        let r = admin
+            .set_backend_state(Some("web"), Some("web2"), Declared::Up)
+            .unwrap();
+        assert_eq!(
+            (r.code, r.message.as_ref()),
+            (ReturnCode::Ok, "web/web2 UP")
+        );
+        srv.stop();
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! `config/demo.toml` documents every key.
 
 mod error;
+mod health;
 mod types;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,6 +31,9 @@ use crate::sched::maglev::{is_prime, MaglevTable};
 use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
 
 pub use error::{ConfigError, KeyPath, Seg};
+pub use health::{
+    HealthConfig, HealthKind, StatusRanges, MAX_HEALTH_INTERVAL, MAX_RISE_FALL, MIN_HEALTH_INTERVAL,
+};
 pub use types::{DurationStr, HexKey, MacAddr, MIN_KEY_BYTES};
 
 /// Largest backend weight.
@@ -40,6 +44,8 @@ pub const MAX_FLOW_CAPACITY: usize = crate::datapath::flow::MAX_CAPACITY;
 /// about a millisecond that wrap after about 52 days, so a timeout must stay
 /// well below that.
 pub const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest `affinity_grace` a service may have: a day.
+pub const MAX_AFFINITY_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Largest `[control] max_clock_skew`: ten minutes. The skew is the replay
 /// window: a request stamped further from the distributor's clock is
 /// refused, and nonces are remembered for that long.
@@ -399,6 +405,10 @@ fn default_max_affinity() -> DurationStr {
     DurationStr::secs(3600)
 }
 
+fn default_affinity_grace() -> DurationStr {
+    DurationStr::secs(30)
+}
+
 /// A service.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -419,6 +429,10 @@ pub struct ServiceConfig {
     pub maglev_table_size: Option<usize>,
     #[serde(default = "default_max_affinity")]
     pub max_affinity_duration: DurationStr,
+    /// How long a backend may stay down before its requested affinities
+    /// end with BACKEND_DOWN.
+    #[serde(default = "default_affinity_grace")]
+    pub affinity_grace: DurationStr,
     /// Present: automatic affinity is on.
     #[serde(default)]
     pub auto_affinity: Option<AutoAffinityConfig>,
@@ -432,6 +446,9 @@ pub struct ServiceConfig {
     /// Whether a backend may pin clients another backend's affinity covers.
     #[serde(default)]
     pub affinity_overlap: OverlapPolicy,
+    /// Present: the backends are checked actively.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
 }
@@ -470,6 +487,17 @@ pub struct BackendConfig {
     /// 0..=65535; 0 = draining.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Where the service's health checks reach this backend through the
+    /// host's own network stack (default: `address`).
+    #[serde(default)]
+    pub health_address: Option<IpAddr>,
+}
+
+impl BackendConfig {
+    /// The address health checks go to.
+    pub fn health_address(&self) -> IpAddr {
+        self.health_address.unwrap_or(self.address)
+    }
 }
 
 /// A static affinity from the configuration (never expires).
@@ -894,6 +922,15 @@ impl Config {
                     "must be at least 1 (leave it out for the default share)",
                 );
             }
+            if s.affinity_grace.0 > MAX_AFFINITY_GRACE {
+                return fail(
+                    sp.key("affinity_grace"),
+                    format!("{}: the grace must be at most 1d", s.affinity_grace),
+                );
+            }
+            if let Some(h) = &s.health {
+                h.validate(&sp.key("health"), s.protocol)?;
+            }
             let mut bnames = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
                 let bp = sp.key("backends").index(j);
@@ -1157,12 +1194,13 @@ impl Config {
             };
             let _ = writeln!(
                 o,
-                "  {} {} {}:{}  {sched}, {mode}, max affinity {}{}",
+                "  {} {} {}:{}  {sched}, {mode}, max affinity {}, affinity grace {}{}",
                 s.name,
                 s.protocol.name(),
                 fmt_vip(s.vip),
                 s.port,
                 s.max_affinity_duration,
+                s.affinity_grace,
                 s.auto_affinity
                     .map(|a| format!(", auto affinity (linger {})", a.linger))
                     .unwrap_or_default()
@@ -1187,6 +1225,9 @@ impl Config {
                     OverlapPolicy::Allow => "allowed",
                 }
             );
+            if let Some(h) = &s.health {
+                let _ = writeln!(o, "    health: {}", health_plan(h, s.port));
+            }
             let total: u64 = s.backends.iter().map(|b| b.weight as u64).sum();
             for b in &s.backends {
                 let share = if total == 0 {
@@ -1196,12 +1237,16 @@ impl Config {
                 };
                 let _ = writeln!(
                     o,
-                    "    {} {}{}  weight {} ({share:.1}%){}",
+                    "    {} {}{}  weight {} ({share:.1}%){}{}",
                     b.name,
                     b.address,
                     b.mac.map(|m| format!(" mac {m}")).unwrap_or_default(),
                     b.weight,
-                    if b.weight == 0 { " draining" } else { "" }
+                    if b.weight == 0 { " draining" } else { "" },
+                    match (&s.health, b.health_address) {
+                        (Some(_), Some(a)) => format!(", checked at {a}"),
+                        _ => String::new(),
+                    }
                 );
             }
             if s.backends.is_empty() {
@@ -1229,6 +1274,32 @@ fn fmt_rate(rate: u32) -> String {
     } else {
         rate.to_string()
     }
+}
+
+/// One line on a service's health check, for the plan.
+fn health_plan(h: &HealthConfig, service_port: u16) -> String {
+    let mut line = format!(
+        "{} port {} every {} (timeout {}), down after {} failed, up after {} passed",
+        h.kind.name(),
+        h.port_for(service_port),
+        h.interval,
+        h.timeout,
+        h.fall,
+        h.rise
+    );
+    if h.kind == HealthKind::Http {
+        let _ = write!(
+            line,
+            ", GET {} expecting {}{}",
+            h.http_path(),
+            h.http_expect(),
+            h.host
+                .as_deref()
+                .map(|host| format!(", Host {host}"))
+                .unwrap_or_default()
+        );
+    }
+    line
 }
 
 fn fmt_vip(a: IpAddr) -> String {

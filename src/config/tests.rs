@@ -847,3 +847,166 @@ fn affinity_limit_errors_name_key_and_line() {
         "out of range",
     );
 }
+
+#[test]
+fn affinity_grace_defaults_to_30s_and_is_at_most_a_day() {
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert!(c
+        .services
+        .iter()
+        .all(|s| s.affinity_grace.0 == Duration::from_secs(30)));
+    let set = |v: &str| {
+        edit(
+            "[[services.backends]]\nname = \"be1\"",
+            &format!("affinity_grace = \"{v}\"\n[[services.backends]]\nname = \"be1\""),
+        )
+    };
+    let c = Config::parse(&set("0s"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.services[0].affinity_grace.0, Duration::ZERO, "0: at once");
+    let c = Config::parse(&set("1d"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.services[0].affinity_grace.0, MAX_AFFINITY_GRACE);
+    check(
+        &set("1d1s"),
+        "services[0].affinity_grace",
+        "affinity_grace",
+        "the grace must be at most 1d",
+    );
+}
+
+/// BASE with `health` on web, written as `line`.
+fn with_health(line: &str) -> String {
+    edit(
+        "[[services.backends]]\nname = \"be1\"",
+        &format!("{line}\n\n[[services.backends]]\nname = \"be1\""),
+    )
+}
+
+#[test]
+fn health_checks_are_parsed_with_their_defaults() {
+    let t = with_health("health = { kind = \"http\", path = \"/healthz\", expect = \"200,204\" }");
+    let t = t.replacen(
+        "address = \"10.0.0.2\"",
+        "address = \"10.0.0.2\"\nhealth_address = \"192.168.0.2\"",
+        1,
+    );
+    let c = Config::parse(&t, "t.toml").unwrap();
+    let h = c.services[0].health.as_ref().unwrap();
+    assert_eq!(h.kind, HealthKind::Http);
+    assert_eq!((h.port_for(80), h.rise, h.fall), (80, 2, 3));
+    assert_eq!(
+        (h.interval.0, h.timeout.0),
+        (
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(1)
+        )
+    );
+    assert!(h.http_expect().contains(204) && !h.http_expect().contains(201));
+    let b = &c.services[0].backends;
+    assert_eq!(b[0].health_address(), b[0].address);
+    assert_eq!(
+        b[1].health_address(),
+        "192.168.0.2".parse::<IpAddr>().unwrap()
+    );
+    let plan = c.plan();
+    assert!(
+        plan.contains("health: http port 80 every 2s (timeout 1s), down after 3 failed, up after 2 passed, GET /healthz expecting 200,204"),
+        "{plan}"
+    );
+    assert!(plan.contains("checked at 192.168.0.2"), "{plan}");
+    assert!(Config::parse(&BASE, "t.toml").unwrap().services[0]
+        .health
+        .is_none());
+}
+
+#[test]
+fn bad_health_settings_name_key_and_line() {
+    let h = "health = { kind = \"tcp\", ";
+    for (line, key, msg) in [
+        (format!("{h}rise = 0 }}"), "rise", "must be in 1..=100"),
+        (format!("{h}fall = 0 }}"), "fall", "must be in 1..=100"),
+        (
+            format!("{h}interval = \"1s\", timeout = \"1s\" }}"),
+            "timeout",
+            "the timeout must be below the interval",
+        ),
+        (
+            format!("{h}interval = \"2s\", timeout = \"5s\" }}"),
+            "timeout",
+            "the timeout must be below the interval",
+        ),
+        (
+            format!("{h}timeout = \"0s\" }}"),
+            "timeout",
+            "longer than 0",
+        ),
+        (
+            format!("{h}interval = \"10ms\" }}"),
+            "interval",
+            "must be in 100ms..=1h",
+        ),
+        (
+            format!("{h}port = 0 }}"),
+            "port",
+            "port 0 cannot be checked",
+        ),
+        (
+            format!("{h}path = \"/x\" }}"),
+            "path",
+            "a setting of http checks, and this check is tcp",
+        ),
+        (
+            format!("{h}expect = \"200\" }}"),
+            "expect",
+            "a setting of http checks",
+        ),
+        (
+            format!("{h}host = \"x\" }}"),
+            "host",
+            "a setting of http checks",
+        ),
+        (
+            "health = { kind = \"http\", path = \"healthz\" }".to_string(),
+            "path",
+            "a path starts with '/'",
+        ),
+        (
+            "health = { kind = \"http\", host = \"a b\" }".to_string(),
+            "host",
+            "no spaces",
+        ),
+    ] {
+        let t = with_health(&line);
+        check(&t, &format!("services[0].health.{key}"), "health = {", msg);
+    }
+    // Errors of the value itself come from the parser, still located.
+    for (line, msg) in [
+        (
+            "health = { kind = \"http\", expect = \"399-200\" }",
+            "bad status range \"399-200\"",
+        ),
+        (
+            "health = { kind = \"http\", expect = \"2xx\" }",
+            "bad status range",
+        ),
+        ("health = { kind = \"udp\" }", "unknown variant"),
+        ("health = { kind = \"tcp\", port = 70000 }", "70000"),
+        ("health = { kind = \"tcp\", rise = 2, oops = 1 }", "oops"),
+    ] {
+        let t = with_health(line);
+        let e = err(&t);
+        assert_eq!(e.line, line_of(&t, "health = {"), "{e}");
+        assert!(e.column > 1, "{e}");
+        assert!(e.to_string().contains(msg), "{line}: {e}");
+    }
+    // A UDP service's check needs its TCP port.
+    let t = BASE.replace(
+        "auto_affinity = { linger = \"30s\" }",
+        "auto_affinity = { linger = \"30s\" }\nhealth = { kind = \"tcp\" }",
+    );
+    check(&t, "services[1].health.port", "health = {", "needs a port");
+    let ok = t.replace(
+        "health = { kind = \"tcp\" }",
+        "health = { kind = \"tcp\", port = 53 }",
+    );
+    assert!(Config::parse(&ok, "t.toml").is_ok());
+}

@@ -13,7 +13,7 @@ use crate::net::IpNet;
 
 /// A duration written with units: "250ms", "30s", "5m", "1h", "2d", or a
 /// sum such as "1h30m". Units: ns, us, ms, s, m, h, d.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct DurationStr(pub Duration);
 
 impl DurationStr {

@@ -92,6 +92,9 @@ pub struct PlaneCounters {
     pub ended_expired: u64,
     pub ended_cancelled: u64,
     pub ended_backend_removed: u64,
+    /// Requested affinities ended because their owner stayed down past
+    /// its service's `affinity_grace`.
+    pub ended_backend_down: u64,
     /// Dataplane snapshots published after the first.
     pub snapshots: u64,
     /// Backends' creates refused by their service's limits.
@@ -133,6 +136,7 @@ pub fn control_summary(
             .map(|rc| (rc.name().to_string(), server.handler_codes[*rc as usize]))
             .collect(),
         ended: EndedSummary {
+            backend_down: plane.ended_backend_down,
             backend_removed: plane.ended_backend_removed,
             cancelled: plane.ended_cancelled,
             expired: plane.ended_expired,

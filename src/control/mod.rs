@@ -12,11 +12,14 @@
 //!   affinities that end.
 //! * [`reload`] — re-reading the configuration file and applying it.
 //! * [`statics`] — the configuration's static affinities.
+//! * [`backend_state`] — each backend's state (up, draining, down), what it
+//!   is combined from, and the grace timer of backends that are down.
 //! * [`registry`] — services and backends with their stable ids, from which
 //!   each dataplane snapshot is built.
 //! * [`counters`] — what the server and the plane count, and how the summary
 //!   shows it.
 
+pub mod backend_state;
 pub mod counters;
 pub mod handler;
 pub mod plane;

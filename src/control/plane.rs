@@ -3,9 +3,12 @@
 //! [`ControlPlane`] holds the service registry, the affinity manager (the
 //! only writer of the lock-free affinity table) and the dataplane cell the
 //! workers read. It answers affinity and backend requests, enforcing who may
-//! do what, publishes a new snapshot after each registry change, expires
-//! affinities, and turns every affinity that ends into a notice for its
-//! owner.
+//! do what, keeps each backend's state (health, what the application and
+//! the operator declared: [`BackendStates`]) and puts it in the snapshot,
+//! publishes a new snapshot after each change, expires affinities, ends
+//! the requested affinities of backends down past their service's
+//! `affinity_grace`, and turns every affinity that ends into a notice for
+//! its owner.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use crate::affinity::limits::OverlapPolicy;
 use crate::affinity::manager::{AffinityManager, Ended, Record};
 use crate::affinity::AffinityError;
 use crate::config::Config;
+use crate::control::backend_state::{BackendStates, BackendStatus, StateChange};
 use crate::control::counters::{LimitCounters, PlaneCounters};
 use crate::control::handler::Response;
 use crate::control::registry::{NewBackend, RegistryError, ServiceRegistry};
@@ -28,7 +32,7 @@ use crate::protocol::message::{
     ServiceAddr,
 };
 use crate::report::summary::{CounterBase, Summary};
-use crate::types::{BackendId, Family, PortMatch};
+use crate::types::{BackendId, BackendState, Declared, EndReason, Family, PortMatch};
 
 /// What an affinity request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +77,8 @@ pub struct ControlPlane {
     counters: PlaneCounters,
     /// How long ended affinities lived (ms).
     lifetimes: hdrhistogram::Histogram<u64>,
+    /// Each backend's state and what it is combined from.
+    states: BackendStates,
 }
 
 impl ControlPlane {
@@ -85,7 +91,7 @@ impl ControlPlane {
         epoch: Instant,
     ) -> ControlPlane {
         let dp = cell.load();
-        ControlPlane {
+        let mut plane = ControlPlane {
             registry,
             cell,
             dp,
@@ -96,7 +102,17 @@ impl ControlPlane {
             notices: Vec::new(),
             counters: PlaneCounters::default(),
             lifetimes: new_histogram(),
+            states: BackendStates::new(),
+        };
+        // Backends configured with weight 0 start draining.
+        let mut next = plane.registry.clone();
+        if plane.settle_into(&mut next) {
+            if let Ok(dp) = next.snapshot() {
+                plane.commit(next, dp);
+            }
         }
+        plane.record_states();
+        plane
     }
 
     /// Monotonic milliseconds since the shared epoch.
@@ -149,7 +165,153 @@ impl ControlPlane {
                 }
             }
         }
+        let now = self.now_ms();
+        for (svc, ss) in self.dp.services.iter().zip(&mut s.services) {
+            for (&id, bs) in svc.backends.iter().zip(&mut ss.backends) {
+                if let Some(st) = self.states.get(id) {
+                    bs.state_for_secs = now.saturating_sub(st.since_ms) / 1000;
+                    bs.check_error = st.check_error.clone();
+                }
+            }
+        }
         s
+    }
+
+    /// The state of backend `id` and what it was combined from.
+    pub fn backend_status(&self, id: BackendId) -> Option<&BackendStatus> {
+        self.states.get(id)
+    }
+
+    /// Applies a health verdict for `backend` of `service` (from the
+    /// health checker): a backend whose checks fail is down; `error` says
+    /// why. Publishes a new snapshot when its state changes.
+    pub fn set_backend_health(
+        &mut self,
+        service: &str,
+        backend: &str,
+        up: bool,
+        error: Option<String>,
+    ) -> Result<(), RegistryError> {
+        let id = self.registry.backend_id(service, backend).ok_or_else(|| {
+            RegistryError::NoSuchBackend {
+                service: service.to_string(),
+                backend: backend.to_string(),
+            }
+        })?;
+        let now = self.now_ms();
+        self.states.set_health(id, up, error, now);
+        self.apply_states()
+    }
+
+    /// Records what the application (`by_admin` false) or the operator
+    /// declares for backend `backend` of `service`, or of every service
+    /// that has a backend of that name (`service` None). Returns the
+    /// (service, backend, state) of each backend concerned.
+    pub fn declare_state(
+        &mut self,
+        service: Option<&str>,
+        backend: &str,
+        by_admin: bool,
+        state: Declared,
+    ) -> Result<Vec<(String, String, BackendState)>, RegistryError> {
+        if let Some(name) = service {
+            if self.dp.service_named(name).is_none() {
+                return Err(RegistryError::NoSuchService(name.to_string()));
+            }
+        }
+        let ids: Vec<BackendId> = self
+            .registry
+            .backends()
+            .filter(|(_, s, b)| b.name == backend && service.is_none_or(|n| n == *s))
+            .map(|(id, _, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Err(RegistryError::NoSuchBackend {
+                service: service.unwrap_or("any service").to_string(),
+                backend: backend.to_string(),
+            });
+        }
+        let now = self.now_ms();
+        for &id in &ids {
+            self.states.declare(id, by_admin, state, now);
+        }
+        self.apply_states()?;
+        Ok(ids
+            .iter()
+            .filter_map(|&id| {
+                let b = self.dp.backend(id)?;
+                let s = self.dp.service(b.service)?;
+                Some((s.name.clone(), b.name.clone(), b.state))
+            })
+            .collect())
+    }
+
+    /// Gives every backend of `next` the state its inputs and weight make;
+    /// true when one changed.
+    fn settle_into(&self, next: &mut ServiceRegistry) -> bool {
+        let targets: Vec<(BackendId, BackendState)> = next
+            .backends()
+            .map(|(id, _, b)| (id, self.states.combined(id, b.weight)))
+            .collect();
+        let mut changed = false;
+        for (id, state) in targets {
+            changed |= next.state(id) != state;
+            next.set_state(id, state);
+        }
+        changed
+    }
+
+    /// Publishes a snapshot with the states the backends' inputs make now,
+    /// if that changes any.
+    fn apply_states(&mut self) -> Result<(), RegistryError> {
+        let mut next = self.registry.clone();
+        if self.settle_into(&mut next) {
+            let dp = next.snapshot()?;
+            self.commit(next, dp);
+        }
+        self.record_states();
+        Ok(())
+    }
+
+    /// Takes the published states as the backends' own, logging each
+    /// change (call after every commit).
+    fn record_states(&mut self) {
+        let now = self.now_ms();
+        let current: Vec<(BackendId, BackendState)> = self
+            .registry
+            .backends()
+            .map(|(id, _, _)| (id, self.registry.state(id)))
+            .collect();
+        for (id, state) in current {
+            if let Some(change) = self.states.settle(id, state, now) {
+                self.log_change(&change);
+            }
+        }
+    }
+
+    /// One log line per state change: which backend, from what to what,
+    /// and why.
+    fn log_change(&self, c: &StateChange) {
+        let Some(b) = self.dp.backend(c.backend) else {
+            return;
+        };
+        let service = self.dp.service(b.service).map_or("?", |s| s.name.as_str());
+        let why = self
+            .states
+            .get(c.backend)
+            .map(|st| state_reasons(st, b.weight))
+            .unwrap_or_default();
+        eprintln!(
+            "pktdist: backend {service}/{}: {} -> {}{}",
+            b.name,
+            c.from.name(),
+            c.to.name(),
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({why})")
+            }
+        );
     }
 
     /// Answers an affinity or backend request from `sender`. Reload and
@@ -184,6 +346,18 @@ impl ControlPlane {
                         .with_message("backend changes need the admin key")
                 }
             }
+            Request::BackendState {
+                service,
+                backend,
+                state,
+            } => {
+                if !is_admin && backend.is_some_and(|b| b != sender) {
+                    return Response::new(ReturnCode::NotAuthorized)
+                        .with_message("a backend may declare only its own state");
+                }
+                let backend = if is_admin { *backend } else { Some(sender) };
+                self.backend_state(is_admin, *service, backend, *state)
+            }
             Request::Reload | Request::Stats { .. } => Response::new(ReturnCode::Unsupported),
         }
     }
@@ -191,11 +365,31 @@ impl ControlPlane {
     /// Removes expired affinities; their notices wait in
     /// [`take_notices`](Self::take_notices).
     pub fn expire(&mut self) {
-        let now = self.now_ms();
+        self.expire_at(self.now_ms());
+    }
+
+    /// [`expire`](Self::expire) at `now` (ms on the plane's clock): also
+    /// ends the requested affinities of backends down for longer than
+    /// their service's `affinity_grace` (static ones stay, skipped while
+    /// their owner is down).
+    pub fn expire_at(&mut self, now: u64) {
         let mut ended = Vec::new();
         self.affinities.expire(now, &mut ended);
         self.counters.ended_expired += ended.len() as u64;
         self.queue_notices(ended);
+        let dp = &self.dp;
+        let due = self.states.grace_over(now, |id| {
+            let b = dp.backend(id)?;
+            let s = dp.service(b.service)?;
+            Some(s.affinity_grace.as_millis() as u64)
+        });
+        for id in due {
+            let mut ended = Vec::new();
+            self.affinities
+                .end_requested(id, EndReason::BackendDown, &mut ended);
+            self.counters.ended_backend_down += ended.len() as u64;
+            self.queue_notices(ended);
+        }
     }
 
     /// The affinities that ended since the last call: (where to send the
@@ -231,6 +425,7 @@ impl ControlPlane {
     pub fn replace_services(&mut self, cfg: &Config) -> Result<Vec<BackendId>, RegistryError> {
         let mut next = self.registry.clone();
         let removed = next.reload(cfg)?;
+        self.settle_into(&mut next);
         let dp = next.snapshot()?;
         // A kept service keeps its id (the registry matches services by
         // name, VIP, port and protocol), so its affinities stay where they
@@ -240,6 +435,7 @@ impl ControlPlane {
             self.end_backend(*id);
         }
         self.commit(next, dp);
+        self.record_states();
         Ok(removed)
     }
 
@@ -289,6 +485,7 @@ impl ControlPlane {
         self.affinities.remove_backend(id, &mut ended);
         self.counters.ended_backend_removed += ended.len() as u64;
         self.queue_notices(ended);
+        self.states.remove(id);
     }
 
     /// The service a wire key names, and the key in table form.
@@ -458,10 +655,16 @@ impl ControlPlane {
                 svc.name
             ));
         }
-        if action == AffinityAction::Create && self.dp.backend(owner).is_some_and(|b| b.weight == 0)
-        {
-            return Response::new(ReturnCode::Invalid)
-                .with_message("backend is draining (weight 0): no new affinities");
+        if action != AffinityAction::Cancel {
+            // A draining or down backend's affinities only end: a drain
+            // finishes within max_affinity_duration.
+            let state = self.dp.backend(owner).map_or(BackendState::Up, |b| b.state);
+            if state != BackendState::Up {
+                return Response::new(ReturnCode::Draining).with_message(format!(
+                    "backend is {}: no new or extended affinities",
+                    state.name()
+                ));
+            }
         }
         // A backend's new affinity is held to its service's limits; the
         // operator's is not, and renewing one it holds adds nothing.
@@ -548,6 +751,7 @@ impl ControlPlane {
     }
 
     fn backend_list(&self, service: Option<&str>, offset: u32, limit: u16) -> Response {
+        let now = self.now_ms();
         if let Some(name) = service {
             if self.dp.service_named(name).is_none() {
                 return Response::new(ReturnCode::NotFound)
@@ -563,12 +767,22 @@ impl ControlPlane {
                 s.backends
                     .iter()
                     .filter_map(|&id| self.dp.backend(id))
-                    .map(|b| BackendEntry {
-                        service: s.name.clone(),
-                        backend: b.name.clone(),
-                        addr: b.addr,
-                        mac: b.mac,
-                        weight: b.weight,
+                    .map(|b| {
+                        let st = self.states.get(b.id);
+                        BackendEntry {
+                            service: s.name.clone(),
+                            backend: b.name.clone(),
+                            addr: b.addr,
+                            mac: b.mac,
+                            weight: b.weight,
+                            state: b.state,
+                            state_secs: st
+                                .map_or(0, |st| secs_down(now.saturating_sub(st.since_ms))),
+                            app: st.map_or(Declared::Up, |st| st.app),
+                            admin: st.map_or(Declared::Up, |st| st.admin),
+                            healthy: st.and_then(|st| st.healthy),
+                            check_error: st.and_then(|st| st.check_error.clone()),
+                        }
                     })
             })
             .collect();
@@ -611,6 +825,7 @@ impl ControlPlane {
             Ok(r) => r,
             Err(e) => return registry_error(e),
         };
+        self.settle_into(&mut next);
         let dp = match next.snapshot() {
             Ok(dp) => dp,
             Err(e) => return registry_error(e),
@@ -619,8 +834,59 @@ impl ControlPlane {
             self.end_backend(id);
         }
         self.commit(next, dp);
+        self.record_states();
         Response::ok()
     }
+
+    /// BACKEND_STATE: a backend declares its own state, the operator any
+    /// backend's.
+    fn backend_state(
+        &mut self,
+        is_admin: bool,
+        service: Option<&str>,
+        backend: Option<&str>,
+        state: Declared,
+    ) -> Response {
+        let Some(backend) = backend else {
+            return Response::new(ReturnCode::Invalid)
+                .with_message("name the backend whose state this is");
+        };
+        match self.declare_state(service, backend, is_admin, state) {
+            Ok(done) => {
+                let text: Vec<String> = done
+                    .iter()
+                    .map(|(s, b, st)| format!("{s}/{b} {}", st.name()))
+                    .collect();
+                Response::ok().with_message(text.join(", "))
+            }
+            Err(e) => registry_error(e),
+        }
+    }
+}
+
+/// Why a backend is in its state: the inputs that make it so, for the log.
+fn state_reasons(st: &BackendStatus, weight: u32) -> String {
+    let mut why = Vec::new();
+    if st.healthy == Some(false) {
+        why.push(match &st.check_error {
+            Some(e) => format!("health checks fail: {e}"),
+            None => "health checks fail".to_string(),
+        });
+    }
+    for (who, d) in [("application", st.app), ("operator", st.admin)] {
+        if d != Declared::Up {
+            why.push(format!("{who} declared {}", d.name()));
+        }
+    }
+    if weight == 0 {
+        why.push("weight 0".to_string());
+    }
+    why.join(", ")
+}
+
+/// Milliseconds to whole seconds, rounded down, saturating.
+fn secs_down(ms: u64) -> u32 {
+    u32::try_from(ms / 1000).unwrap_or(u32::MAX)
 }
 
 /// Milliseconds to whole seconds, rounded up, saturating.
@@ -658,9 +924,10 @@ fn wire_key(svc: &Service, k: &TableKey) -> AffinityKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::handler::Payload;
     use crate::control::testing::{call, config_text, op, plane, src, WEB};
     use crate::protocol::message::BackendSpec;
-    use crate::types::EndReason;
+    use crate::types::{EndReason, Family};
 
     #[test]
     fn backends_pin_only_themselves_on_their_services() {
@@ -772,8 +1039,9 @@ mod tests {
             "a",
             Request::AffinityCreate(op("198.18.5.0", 24, Some("a"), 60)),
         );
-        assert_eq!(d.code, ReturnCode::Invalid);
-        // The draining backend keeps its affinity and may extend it.
+        assert_eq!(d.code, ReturnCode::Draining);
+        // The draining backend keeps its affinity, still honoured, but may
+        // not extend it: the drain ends within max_affinity_duration.
         assert_eq!(
             call(
                 &mut p,
@@ -781,7 +1049,12 @@ mod tests {
                 Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 120))
             )
             .code,
-            ReturnCode::Ok
+            ReturnCode::Draining
+        );
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(1));
+        assert_eq!(
+            p.dataplane().find_backend(WEB, "a").unwrap().state,
+            BackendState::Draining
         );
         let gen = p.dataplane().generation;
         let bad = Request::BackendAdd(BackendSpec {
@@ -1046,5 +1319,201 @@ address = "2001:db8:1::2"
             (ReturnCode::Conflict, Some("a"))
         );
         assert_eq!(p.counters().limited.overlap, 0);
+    }
+
+    fn state_of(p: &ControlPlane, name: &str) -> BackendState {
+        p.dataplane().find_backend(WEB, name).unwrap().state
+    }
+
+    /// Backend a's id in the test configuration.
+    const A: BackendId = 1;
+
+    #[test]
+    fn down_backends_leave_the_scheduler_and_their_requested_affinities_end_after_the_grace() {
+        let (mut p, r) = plane(&config_text());
+        let create = |p: &mut ControlPlane, client: &str| {
+            call(
+                p,
+                "a",
+                Request::AffinityCreate(op(client, 24, Some("a"), 60)),
+            )
+            .code
+        };
+        assert_eq!(create(&mut p, "198.18.0.0"), ReturnCode::Ok);
+        let fixed = TableKey::new(WEB, Family::V4, 0xc612_0100, 24, PortMatch::Any).unwrap();
+        p.create_static(fixed, A).unwrap();
+        p.set_backend_health("web", "a", false, Some("connect: refused".into()))
+            .unwrap();
+        assert_eq!(state_of(&p, "a"), BackendState::Down);
+        let svc = p.dataplane().service(WEB).unwrap();
+        assert_eq!(svc.maglev.shares()[0], 0, "a left the Maglev table");
+        assert!(!svc.all_down);
+        let st = p.backend_status(A).unwrap().clone();
+        assert_eq!(st.check_error.as_deref(), Some("connect: refused"));
+        // Its affinities stay in the table during the grace (the workers
+        // skip them), but it gets no new ones.
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(A));
+        assert_eq!(create(&mut p, "198.18.2.0"), ReturnCode::Draining);
+        p.expire_at(st.since_ms + 29_999);
+        assert!(p.take_notices().is_empty(), "the grace (30 s) is not over");
+        p.expire_at(st.since_ms + 30_000);
+        let n = p.take_notices();
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(
+            (n[0].1.reason, n[0].1.owner.as_str()),
+            (EndReason::BackendDown, "a")
+        );
+        assert_eq!(n[0].0, Some(src()));
+        assert_eq!(p.counters().ended_backend_down, 1);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), None);
+        // The static one stays (skipped while a is down).
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0101, 1), Some(A));
+        p.expire_at(st.since_ms + 60_000);
+        assert!(p.take_notices().is_empty(), "once per spell down");
+        // Checks pass again: up, in the table, and it may pin clients.
+        p.set_backend_health("web", "a", true, None).unwrap();
+        assert_eq!(state_of(&p, "a"), BackendState::Up);
+        assert!(p.dataplane().service(WEB).unwrap().maglev.shares()[0] > 0);
+        assert_eq!(p.backend_status(A).unwrap().check_error, None);
+        assert_eq!(create(&mut p, "198.18.0.0"), ReturnCode::Ok);
+        assert!(p.set_backend_health("web", "zz", false, None).is_err());
+    }
+
+    #[test]
+    fn every_backend_down_marks_the_service() {
+        let (mut p, _r) = plane(&config_text());
+        p.set_backend_health("web", "a", false, None).unwrap();
+        assert!(!p.dataplane().service(WEB).unwrap().all_down);
+        p.set_backend_health("web", "b", false, None).unwrap();
+        assert!(p.dataplane().service(WEB).unwrap().all_down);
+        assert!(p.dataplane().service(WEB).unwrap().maglev.is_empty());
+        p.set_backend_health("web", "b", true, None).unwrap();
+        assert!(!p.dataplane().service(WEB).unwrap().all_down);
+    }
+
+    #[test]
+    fn backends_drain_themselves_and_the_operator_drains_any() {
+        let (mut p, r) = plane(&config_text());
+        let st = |service, backend, state| Request::BackendState {
+            service,
+            backend,
+            state,
+        };
+        assert_eq!(
+            call(
+                &mut p,
+                "a",
+                Request::AffinityCreate(op("198.18.0.0", 24, Some("a"), 60))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        // a drains itself (the server fills in its name; the plane takes
+        // the sender's when none is named).
+        let d = call(&mut p, "a", st(None, None, Declared::Drain));
+        assert_eq!(
+            (d.code, d.message.as_ref()),
+            (ReturnCode::Ok, "web/a draining")
+        );
+        assert_eq!(state_of(&p, "a"), BackendState::Draining);
+        assert_eq!(p.dataplane().service(WEB).unwrap().maglev.shares()[0], 0);
+        // Its affinity is honoured, but neither created nor extended; it
+        // may cancel.
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(A));
+        for req in [
+            Request::AffinityCreate(op("198.18.9.0", 24, Some("a"), 60)),
+            Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 60)),
+        ] {
+            let refused = call(&mut p, "a", req);
+            assert_eq!(refused.code, ReturnCode::Draining, "{}", refused.message);
+        }
+        assert_eq!(
+            call(
+                &mut p,
+                "a",
+                Request::AffinityCancel(op("198.18.0.0", 24, Some("a"), 0))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        // A backend declares only its own state.
+        let other = call(&mut p, "a", st(Some("web"), Some("b"), Declared::Down));
+        assert_eq!(other.code, ReturnCode::NotAuthorized);
+        // The operator drains b; b's own UP does not undo it.
+        assert_eq!(
+            call(&mut p, "admin", st(Some("web"), Some("b"), Declared::Drain)).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            call(&mut p, "b", st(None, None, Declared::Up)).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(state_of(&p, "b"), BackendState::Draining);
+        assert_eq!(
+            call(&mut p, "admin", st(Some("web"), Some("b"), Declared::Up)).code,
+            ReturnCode::Ok
+        );
+        assert_eq!(state_of(&p, "b"), BackendState::Up);
+        // a undrains itself; DOWN takes it out at once.
+        call(&mut p, "a", st(None, None, Declared::Up));
+        assert_eq!(state_of(&p, "a"), BackendState::Up);
+        call(&mut p, "a", st(Some("web"), None, Declared::Down));
+        assert_eq!(state_of(&p, "a"), BackendState::Down);
+        // The listing shows who said what.
+        let Payload::Backends { entries, .. } = call(
+            &mut p,
+            "admin",
+            Request::BackendList {
+                service: Some("web"),
+                offset: 0,
+                limit: 0,
+            },
+        )
+        .payload
+        else {
+            panic!("no backends");
+        };
+        let a = entries.iter().find(|e| e.backend == "a").unwrap();
+        assert_eq!(
+            (a.state, a.app, a.admin, a.healthy),
+            (BackendState::Down, Declared::Down, Declared::Up, None)
+        );
+        // Weight 0 drains as well, and a weight brings it back.
+        call(&mut p, "a", st(None, None, Declared::Up));
+        let w = |weight| Request::BackendSetWeight {
+            service: "web",
+            backend: "b",
+            weight,
+        };
+        call(&mut p, "admin", w(0));
+        assert_eq!(state_of(&p, "b"), BackendState::Draining);
+        call(&mut p, "admin", w(5));
+        assert_eq!(state_of(&p, "b"), BackendState::Up);
+        // Names that do not exist.
+        let nf = call(
+            &mut p,
+            "admin",
+            st(Some("web"), Some("zz"), Declared::Drain),
+        );
+        assert_eq!(nf.code, ReturnCode::NotFound);
+        let nf = call(
+            &mut p,
+            "admin",
+            st(Some("nope"), Some("a"), Declared::Drain),
+        );
+        assert_eq!(nf.code, ReturnCode::NotFound);
+        let no_name = call(&mut p, "admin", st(None, None, Declared::Drain));
+        assert_eq!(no_name.code, ReturnCode::Invalid);
+    }
+
+    #[test]
+    fn weight_zero_in_the_configuration_starts_draining() {
+        let text = config_text().replace(
+            "name = \"b\"\naddress = \"10.0.0.2\"",
+            "name = \"b\"\naddress = \"10.0.0.2\"\nweight = 0",
+        );
+        let (p, _r) = plane(&text);
+        assert_eq!(state_of(&p, "b"), BackendState::Draining);
+        assert_eq!(state_of(&p, "a"), BackendState::Up);
     }
 }

@@ -4,7 +4,10 @@
 //! runtime changes (weights, added and removed backends, reloaded
 //! configurations) and turns them into immutable [`Dataplane`] snapshots for
 //! the workers, rebuilding a service's Maglev table only when its backends
-//! or weights changed.
+//! or their scheduling weights (weight, or 0 while not up) changed. Each
+//! backend's state is the control plane's to decide
+//! ([`set_state`](ServiceRegistry::set_state)); the registry carries it
+//! into the snapshot.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -17,8 +20,7 @@ use crate::datapath::snapshot::{
 };
 use crate::net::ip_bits;
 use crate::sched::maglev::{is_prime, MaglevTable};
-use crate::types::Family;
-use crate::types::{BackendId, ServiceId, MAX_BACKENDS, MAX_SERVICES};
+use crate::types::{BackendId, BackendState, Family, ServiceId, MAX_BACKENDS, MAX_SERVICES};
 
 /// Largest weight a backend may have.
 pub const MAX_WEIGHT: u32 = 65535;
@@ -82,6 +84,7 @@ struct ServiceEntry {
     auto_affinity: Option<AutoAffinity>,
     max_affinity: Duration,
     limits: AffinityLimits,
+    affinity_grace: Duration,
     backends: Vec<(BackendId, NewBackend)>,
     /// The table for the current backends and weights, if built.
     maglev: Option<Arc<MaglevTable>>,
@@ -119,6 +122,7 @@ impl ServiceEntry {
                 .map(|a| AutoAffinity { linger: a.linger.0 }),
             max_affinity: s.max_affinity_duration.0,
             limits: s.affinity_limits(),
+            affinity_grace: s.affinity_grace.0,
             backends: Vec::new(),
             maglev: None,
         })
@@ -131,7 +135,9 @@ impl ServiceEntry {
         }
     }
 
-    fn maglev_table(&mut self) -> Result<Arc<MaglevTable>, RegistryError> {
+    /// The Maglev table for the backends' scheduling weights (`states` by
+    /// backend id: only backends that are up get theirs).
+    fn maglev_table(&mut self, states: &[BackendState]) -> Result<Arc<MaglevTable>, RegistryError> {
         if let Some(t) = &self.maglev {
             return Ok(Arc::clone(t));
         }
@@ -141,7 +147,12 @@ impl ServiceEntry {
         let names: Vec<(&str, u32)> = self
             .backends
             .iter()
-            .map(|(_, b)| (b.name.as_str(), b.weight))
+            .map(|(id, b)| {
+                (
+                    b.name.as_str(),
+                    sched_weight(b.weight, states[*id as usize]),
+                )
+            })
             .collect();
         let table = Arc::new(
             MaglevTable::new(&names, size)
@@ -223,6 +234,15 @@ impl IdPool {
     }
 }
 
+/// The weight a backend in `state` is scheduled with.
+fn sched_weight(weight: u32, state: BackendState) -> u32 {
+    if state == BackendState::Up {
+        weight
+    } else {
+        0
+    }
+}
+
 /// Services and backends as the control thread knows them.
 #[derive(Clone, Debug)]
 pub struct ServiceRegistry {
@@ -230,6 +250,9 @@ pub struct ServiceRegistry {
     services: Vec<ServiceEntry>,
     backend_ids: IdPool,
     service_ids: IdPool,
+    /// Each backend's state, by id (up until the control plane says
+    /// otherwise).
+    states: Vec<BackendState>,
 }
 
 impl ServiceRegistry {
@@ -246,6 +269,7 @@ impl ServiceRegistry {
             services: Vec::with_capacity(cfg.services.len()),
             backend_ids: IdPool::new(MAX_BACKENDS),
             service_ids: IdPool::new(MAX_SERVICES),
+            states: vec![BackendState::Up; MAX_BACKENDS],
         };
         for s in &cfg.services {
             let mut entry = ServiceEntry::from_config(s)?;
@@ -267,6 +291,7 @@ impl ServiceRegistry {
 
     fn allocate_id(&mut self) -> Result<BackendId, RegistryError> {
         let id = self.backend_ids.take().ok_or(RegistryError::Full)?;
+        self.states[id] = BackendState::Up;
         Ok(id as BackendId)
     }
 
@@ -295,13 +320,59 @@ impl ServiceRegistry {
             .map(|(id, _)| *id)
     }
 
+    /// Every backend: its id, its service's name and its description.
+    pub fn backends(&self) -> impl Iterator<Item = (BackendId, &str, &NewBackend)> + '_ {
+        self.services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|(id, b)| (*id, s.name.as_str(), b)))
+    }
+
+    /// The state backend `id` has in the snapshots.
+    pub fn state(&self, id: BackendId) -> BackendState {
+        self.states
+            .get(id as usize)
+            .copied()
+            .unwrap_or(BackendState::Up)
+    }
+
+    /// Gives backend `id` a state (its service's Maglev table is rebuilt
+    /// when that changes its scheduling weight).
+    pub fn set_state(&mut self, id: BackendId, state: BackendState) {
+        let Some(old) = self.states.get(id as usize).copied() else {
+            return;
+        };
+        if old == state {
+            return;
+        }
+        self.states[id as usize] = state;
+        if let Some(s) = self
+            .services
+            .iter_mut()
+            .find(|s| s.backends.iter().any(|(b, _)| *b == id))
+        {
+            let weight = s
+                .backends
+                .iter()
+                .find(|(b, _)| *b == id)
+                .map_or(0, |(_, b)| b.weight);
+            if sched_weight(weight, old) != sched_weight(weight, state) {
+                s.maglev = None;
+            }
+        }
+    }
+
     /// Builds the next snapshot (Maglev tables rebuilt only where needed).
     pub fn snapshot(&mut self) -> Result<Dataplane, RegistryError> {
         self.generation += 1;
         let mut services = Vec::with_capacity(self.services.len());
         let mut backends = Vec::new();
+        let states = &self.states;
         for s in self.services.iter_mut() {
-            let maglev = s.maglev_table()?;
+            let maglev = s.maglev_table(states)?;
+            let all_down = !s.backends.is_empty()
+                && s.backends
+                    .iter()
+                    .all(|(id, _)| states[*id as usize] == BackendState::Down);
             services.push(Service {
                 id: s.id,
                 name: s.name.clone(),
@@ -317,6 +388,8 @@ impl ServiceRegistry {
                 auto_affinity: s.auto_affinity,
                 max_affinity: s.max_affinity,
                 limits: s.limits,
+                affinity_grace: s.affinity_grace,
+                all_down,
             });
             for (id, b) in &s.backends {
                 backends.push(Backend {
@@ -327,6 +400,7 @@ impl ServiceRegistry {
                     addr_bits: ip_bits(b.addr),
                     mac: b.mac,
                     weight: b.weight,
+                    state: states[*id as usize],
                 });
             }
         }
@@ -489,7 +563,7 @@ impl ServiceRegistry {
         next.services = services;
         // Build the tables now so that a bad table size is refused here.
         for s in next.services.iter_mut() {
-            s.maglev_table()?;
+            s.maglev_table(&next.states)?;
         }
         *self = next;
         Ok(removed)

@@ -441,6 +441,20 @@ impl ControlServer {
                 }
                 op.notify = Some(op.notify.unwrap_or(source));
             }
+            Request::BackendState { backend, .. } => {
+                if backend.is_some_and(|b| !is_admin && b != sender) {
+                    refused.owner_mismatch += 1;
+                    let reply = Reply {
+                        message: Cow::Borrowed("a backend may declare only its own state"),
+                        ..Reply::new(header.msg_type, header.nonce, ReturnCode::NotAuthorized)
+                    };
+                    return self.reply(&header, reply);
+                }
+                // A backend always speaks for itself.
+                if !is_admin {
+                    *backend = Some(sender);
+                }
+            }
             Request::AffinityList { limit, .. } => {
                 *limit = fit_limit(*limit, header.name.len(), AFFINITY_ENTRY_TYPICAL);
             }
@@ -596,7 +610,7 @@ const LIST_PAYLOAD_FIXED_LEN: usize = 6;
 const STATS_PAYLOAD_FIXED_LEN: usize = 14;
 /// Typical encoded sizes, used to ask the handler for about one page.
 const AFFINITY_ENTRY_TYPICAL: usize = 50;
-const BACKEND_ENTRY_TYPICAL: usize = 40;
+const BACKEND_ENTRY_TYPICAL: usize = 52;
 
 fn fit_limit(requested: u16, name_len: usize, typical: usize) -> u16 {
     let room = MAX_DATAGRAM

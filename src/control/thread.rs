@@ -7,8 +7,10 @@
 //! ([`ControlSetup`]), hands [`ControlThread::shared`] to the workers, runs
 //! [`ControlThread::serve_until`] and asks for the [`ControlThread::summary`]
 //! at the end. Each [`step`](ControlThread::step) expires affinities and
-//! sends their AFFINITY_ENDED notices (every [`TICK`]), prints the status
-//! line when due, and serves the requests waiting on the socket.
+//! sends their AFFINITY_ENDED notices (every [`TICK`]), takes the health
+//! checker's reports (applying each change in
+//! [`apply_health_change`](ControlThread::apply_health_change)), prints the
+//! status line when due, and serves the requests waiting on the socket.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -32,6 +34,7 @@ use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::Percentiles;
 use crate::datapath::snapshot::DataplaneCell;
 use crate::datapath::worker::Shared;
+use crate::health::{HealthChange, HealthMonitor, HealthView};
 use crate::protocol::message::{Request, ReturnCode};
 use crate::protocol::rate_limit::RateLimiter;
 use crate::report::metrics::{self, MetricsServer};
@@ -76,6 +79,9 @@ pub struct ControlThread {
     metrics: Option<MetricsServer>,
     status: Option<StatusLine>,
     next_tick: Instant,
+    /// The health checks (a thread of their own while some backend is
+    /// checked).
+    health: HealthMonitor,
 }
 
 /// The status line's output and schedule.
@@ -124,6 +130,9 @@ impl ControlThread {
             ),
             None => None,
         };
+        let mut health = HealthMonitor::new();
+        // Every backend starts up: a first target list changes nothing.
+        health.update(cfg, plane.dataplane())?;
         let now = Instant::now();
         Ok(ControlThread {
             server,
@@ -140,6 +149,7 @@ impl ControlThread {
                 prev: Totals::default(),
             }),
             next_tick: now + TICK,
+            health,
         })
     }
 
@@ -167,6 +177,16 @@ impl ControlThread {
         self.file.running()
     }
 
+    /// What the health checks say of the backends.
+    pub fn health(&self) -> &HealthView {
+        self.health.view()
+    }
+
+    /// Stops the health checks (the last state stays in the statistics).
+    pub fn stop_health_checks(&mut self) {
+        self.health.stop();
+    }
+
     /// The statistics of the run so far: the workers' counters, ports,
     /// affinities, automatic affinity and the control thread's own figures.
     pub fn summary(&self) -> Summary {
@@ -177,6 +197,7 @@ impl ControlThread {
             self.server.rate_limiter(),
             self.port_stats.as_ref(),
             &self.shared.auto_affinity,
+            &self.health,
         )
     }
 
@@ -185,7 +206,50 @@ impl ControlThread {
     pub fn reload(&mut self) -> Result<String, String> {
         let reloaded = self.file.reload(&mut self.plane)?;
         self.server.set_auth(reloaded.auth);
+        self.update_health_targets();
         Ok(reloaded.message)
+    }
+
+    /// Gives the health checks the backends to check under the running
+    /// configuration and the current services, and applies the changes of
+    /// the backends checked no longer.
+    fn update_health_targets(&mut self) {
+        match self
+            .health
+            .update(self.file.running(), self.plane.dataplane())
+        {
+            Ok(changes) => {
+                for c in changes {
+                    self.apply_health_change(c);
+                }
+            }
+            Err(e) => eprintln!("pktdist: health checks: {e}"),
+        }
+    }
+
+    /// Takes the health checker's reports and applies its changes.
+    fn take_health_reports(&mut self) {
+        if self.health.is_stale(self.plane.dataplane()) {
+            self.update_health_targets();
+        }
+        for c in self.health.drain() {
+            self.apply_health_change(c);
+        }
+    }
+
+    /// Applies one backend's health change: every change the control thread
+    /// acts on, from the checks or from checks that stopped, passes here.
+    /// It is logged here (one line per change), and here the control plane
+    /// is told.
+    pub fn apply_health_change(&mut self, change: HealthChange) {
+        eprintln!("pktdist: {}", change.describe());
+        // A backend removed since the check is no longer the plane's.
+        if let Err(e) =
+            self.plane
+                .set_backend_health(&change.service, &change.backend, change.up, change.error)
+        {
+            eprintln!("pktdist: health change not applied: {e}");
+        }
     }
 
     /// Runs the ports' upkeep, expires affinities, refreshes the metrics
@@ -197,6 +261,7 @@ impl ControlThread {
             upkeep();
         }
         self.plane.expire();
+        self.take_health_reports();
         if let Some(m) = &self.metrics {
             if m.wants_update() {
                 m.publish(metrics::render(&self.summary()));
@@ -262,11 +327,13 @@ impl ControlThread {
             file: &mut self.file,
             port_stats: self.port_stats.as_ref(),
             auto: &self.shared.auto_affinity,
+            health: &self.health,
             auth: None,
         };
         self.server.poll(&mut dispatch, SystemTime::now());
         if let Some(auth) = dispatch.auth {
             self.server.set_auth(auth);
+            self.update_health_targets();
         }
     }
 
@@ -299,6 +366,7 @@ struct Dispatch<'a> {
     file: &'a mut ConfigFile,
     port_stats: Option<&'a PortStatsSource>,
     auto: &'a AutoAffinityTable,
+    health: &'a HealthMonitor,
     /// The keys and networks of a reload, for the server once its poll
     /// returns (the reply to the reload is signed with the keys it came
     /// with).
@@ -327,6 +395,7 @@ impl ControlHandler for Dispatch<'_> {
                     call.server_rates,
                     self.port_stats,
                     self.auto,
+                    self.health,
                 );
                 Response::stats(
                     serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
@@ -345,6 +414,7 @@ fn summary(
     rates: &RateLimiter,
     port_stats: Option<&PortStatsSource>,
     auto: &AutoAffinityTable,
+    health: &HealthMonitor,
 ) -> Summary {
     let mut s = plane.summary();
     if let Some(ports) = port_stats {
@@ -354,6 +424,9 @@ fn summary(
     s.auto_affinity_pins = auto.len_active(plane.now_ms());
     s.auto_affinity_table_full = auto.stats().table_full;
     s.extra.control = Some(control_summary(server, rates, &plane.counters()));
+    if !health.targets().is_empty() {
+        s.extra.health = Some(health.view().summary(SystemTime::now()));
+    }
     s
 }
 
@@ -362,7 +435,7 @@ mod tests {
     use super::*;
     use crate::control::testing::{config_text, op, Peer, Received};
     use crate::protocol::message::{AffinityOp, Reply, ReplyPayload};
-    use crate::types::EndReason;
+    use crate::types::{BackendState, EndReason};
     use std::io::Read as _;
     use std::net::TcpStream;
     use std::path::Path;
@@ -597,6 +670,97 @@ mod tests {
             text.contains("pktdist_control_refused_total{reason=\"bad_hmac\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn health_changes_reach_the_statistics_and_the_metrics() {
+        // b's checks reach a listener on 127.0.0.2; a's the same port on
+        // 127.0.0.1, where nothing listens.
+        let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let text = config(ADMIN_1, A_1)
+            .replace(
+                "max_affinity_duration = \"10m\"",
+                &format!(
+                    "max_affinity_duration = \"10m\"\nhealth = {{ kind = \"tcp\", port = {port}, interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2 }}"
+                ),
+            )
+            .replace(
+                "address = \"10.0.0.1\"",
+                "address = \"10.0.0.1\"\nhealth_address = \"127.0.0.1\"",
+            )
+            .replace(
+                "address = \"10.0.0.2\"",
+                "address = \"10.0.0.2\"\nhealth_address = \"127.0.0.2\"",
+            );
+        let file = File::new("health", &text);
+        let mut ctl = control(&file.0, None);
+        assert!(ctl.health().is_up("web", "a"), "up until proven down");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ctl.health().is_up("web", "a") && Instant::now() < deadline {
+            ctl.tick();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!ctl.health().is_up("web", "a"));
+        assert!(ctl.health().is_up("web", "b"));
+        let s = ctl.summary();
+        let h = s.extra.health.as_ref().expect("health in the statistics");
+        let a = h.backend("web", "a").unwrap();
+        assert_eq!((a.state.as_str(), a.changes), ("down", 1));
+        assert!(
+            a.last_error
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("connect: "),
+            "{a:?}"
+        );
+        assert!(a.failed >= 2);
+        assert_eq!(h.backend("web", "b").unwrap().state, "up");
+        assert!(h.backend("mail", "m1").is_none(), "mail has no checks");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["extra"]["health"]["backends"][0]["state"], "down");
+        // The control plane took it out: down in the snapshot, with the
+        // check's error, and in the summary's backends.
+        let dp = ctl.plane().dataplane();
+        let web = dp.service_named("web").unwrap();
+        let a_id = dp.find_backend(web.id, "a").unwrap().id;
+        assert_eq!(dp.backend(a_id).unwrap().state, BackendState::Down);
+        assert!(web.maglev.shares()[0] == 0 && !web.all_down);
+        assert!(ctl
+            .plane()
+            .backend_status(a_id)
+            .unwrap()
+            .check_error
+            .is_some());
+        let web_sum = s.services.iter().find(|x| x.name == "web").unwrap();
+        assert_eq!(web_sum.backends[0].state, "down");
+        assert_eq!(web_sum.backends[1].state, "up");
+
+        let text = metrics::render(&s);
+        for line in [
+            "pktdist_backend_up{service=\"web\",backend=\"a\"} 0",
+            "pktdist_backend_up{service=\"web\",backend=\"b\"} 1",
+            "pktdist_backend_up{service=\"mail\",backend=\"m1\"} 1",
+            "pktdist_backend_state_changes_total{service=\"web\",backend=\"a\"} 1",
+            "pktdist_backend_state_changes_total{service=\"web\",backend=\"b\"} 0",
+            "pktdist_health_probe_seconds_count{service=\"web\",kind=\"tcp\"} ",
+            "pktdist_health_probe_seconds{service=\"web\",kind=\"tcp\",quantile=\"0.5\"} ",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+
+        // The health key goes: a counts as up again, the checker stops.
+        file.write(&config(ADMIN_1, A_1));
+        ctl.reload().unwrap();
+        assert!(ctl.health().is_up("web", "a"));
+        assert!(ctl.summary().extra.health.is_none());
+        let dp = ctl.plane().dataplane();
+        let web = dp.service_named("web").unwrap();
+        assert_eq!(
+            dp.find_backend(web.id, "a").unwrap().state,
+            BackendState::Up
+        );
+        drop(listener);
     }
 
     /// A status-line sink the test can read.

@@ -15,7 +15,7 @@ use hashbrown::{HashMap, HashSet};
 
 use crate::affinity::limits::AffinityLimits;
 use crate::sched::maglev::MaglevTable;
-use crate::types::{BackendId, Family, FlowKey, ServiceId};
+use crate::types::{BackendId, BackendState, Family, FlowKey, ServiceId};
 
 /// How packets reach a backend. Both are direct server return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,8 +58,38 @@ pub struct Backend {
     pub addr_bits: u128,
     /// Next-hop MAC: required for `l2`, optional for `ipip`.
     pub mac: Option<[u8; 6]>,
-    /// 0 = draining: no new connections, existing ones and affinities kept.
+    /// Configured weight (0 = draining). Schedulers use
+    /// [`sched_weight`](Backend::sched_weight).
     pub weight: u32,
+    /// Up, draining or down, as the control plane combined it.
+    pub state: BackendState,
+}
+
+impl Backend {
+    /// A backend of `service` its affinities and flows may still reach:
+    /// not down (a draining backend keeps its affinities).
+    #[inline]
+    pub fn reachable_for(&self, service: ServiceId) -> bool {
+        self.service == service && self.state != BackendState::Down
+    }
+
+    /// A backend of `service` that takes new connections: an automatic
+    /// pin to it holds.
+    #[inline]
+    pub fn takes_new_for(&self, service: ServiceId) -> bool {
+        self.service == service && self.state == BackendState::Up
+    }
+
+    /// The weight the schedulers give it: its own while it is up, 0 while
+    /// it drains or is down.
+    #[inline]
+    pub fn sched_weight(&self) -> u32 {
+        if self.state == BackendState::Up {
+            self.weight
+        } else {
+            0
+        }
+    }
 }
 
 /// Automatic affinity for parallel connections.
@@ -89,6 +119,12 @@ pub struct Service {
     pub max_affinity: Duration,
     /// What one backend may pin on this service (control thread only).
     pub limits: AffinityLimits,
+    /// How long a backend may stay down before its requested affinities
+    /// end (BACKEND_DOWN).
+    pub affinity_grace: Duration,
+    /// It has backends and every one of them is down: its new connections
+    /// are dropped as [`DropReason::AllBackendsDown`](crate::types::DropReason).
+    pub all_down: bool,
 }
 
 impl Service {

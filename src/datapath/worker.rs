@@ -240,7 +240,7 @@ impl<IO: PacketIo> Worker<IO> {
                 let weights: Vec<u32> = s
                     .backends
                     .iter()
-                    .map(|&id| dp.backend(id).map_or(0, |b| b.weight))
+                    .map(|&id| dp.backend(id).map_or(0, |b| b.sched_weight()))
                     .collect();
                 wrr[s.id as usize] = Some(SmoothWrr::new(&weights));
             }
@@ -771,7 +771,7 @@ impl<IO: PacketIo> Worker<IO> {
         let affinity = &self.shared.affinity;
         if let Some(owner) = affinity
             .lookup(svc.id, key.family, key.src, key.sport)
-            .filter(|&b| serves(b))
+            .filter(|&b| dp.backend(b).is_some_and(|x| x.reachable_for(svc.id)))
         {
             return Ok(owner);
         }
@@ -781,15 +781,12 @@ impl<IO: PacketIo> Worker<IO> {
                 .auto_affinity
                 .peek(svc.id, key.family, key.src, now / 1_000_000);
             if let Some((b, _)) = pin {
-                if dp
-                    .backend(b)
-                    .is_some_and(|x| x.service == svc.id && x.weight > 0)
-                {
+                if dp.backend(b).is_some_and(|x| x.takes_new_for(svc.id)) {
                     return Ok(b);
                 }
             }
         }
-        maglev_pick(dp, svc, hash).ok_or(DropReason::NoBackend)
+        maglev_pick(dp, svc, hash).ok_or_else(|| no_backend(svc))
     }
 
     /// Finds the connection's backend, creating its flow entry if needed.
@@ -925,7 +922,9 @@ impl<IO: PacketIo> Worker<IO> {
             None => affinity.lookup(svc.id, p.key.family, p.key.src, p.key.sport),
         };
         if let Some(owner) = owner {
-            if dp.backend(owner).is_some_and(|b| b.service == svc.id) {
+            // A down owner's affinities are skipped: its clients go to the
+            // scheduler.
+            if dp.backend(owner).is_some_and(|b| b.reachable_for(svc.id)) {
                 if new_connection {
                     sc.affinity_hits.inc();
                 }
@@ -945,11 +944,8 @@ impl<IO: PacketIo> Worker<IO> {
                 p.key.src,
                 now_ms,
                 // A pin holds while its backend takes new connections: a
-                // draining (weight 0) or removed one loses its pins.
-                |id| {
-                    dp.backend(id)
-                        .is_some_and(|b| b.service == svc.id && b.weight > 0)
-                },
+                // draining, down or removed one loses its pins.
+                |id| dp.backend(id).is_some_and(|b| b.takes_new_for(svc.id)),
                 || {
                     scheduled = true;
                     if new_connection {
@@ -975,7 +971,7 @@ impl<IO: PacketIo> Worker<IO> {
         } else {
             maglev_pick(dp, svc, hash)
         };
-        backend.map(|b| (b, None)).ok_or(DropReason::NoBackend)
+        backend.map(|b| (b, None)).ok_or_else(|| no_backend(svc))
     }
 
     /// Backend for a packet that creates no state (a stray reset).
@@ -991,11 +987,11 @@ impl<IO: PacketIo> Worker<IO> {
                 .affinity
                 .lookup(svc.id, p.key.family, p.key.src, p.key.sport)
         {
-            if dp.backend(owner).is_some_and(|b| b.service == svc.id) {
+            if dp.backend(owner).is_some_and(|b| b.reachable_for(svc.id)) {
                 return Ok(owner);
             }
         }
-        maglev_pick(dp, svc, hash).ok_or(DropReason::NoBackend)
+        maglev_pick(dp, svc, hash).ok_or_else(|| no_backend(svc))
     }
 
     /// A flow left the table (closed, reset, expired or evicted): its
@@ -1113,6 +1109,17 @@ fn schedule(
     }
 }
 
+/// Why a service found no backend: all of them down, or none that takes
+/// the packet (no backends, all draining).
+#[cold]
+fn no_backend(svc: &Service) -> DropReason {
+    if svc.all_down {
+        DropReason::AllBackendsDown
+    } else {
+        DropReason::NoBackend
+    }
+}
+
 /// The consistent-hash choice, which every instance agrees on.
 #[inline]
 fn maglev_pick(dp: &Dataplane, svc: &Service, hash: u64) -> Option<BackendId> {
@@ -1131,7 +1138,7 @@ mod tests {
     use crate::sched::maglev::MaglevTable;
     use crate::types::PortMatch;
     use crate::types::ServiceId;
-    use crate::types::{Family, PROTO_UDP};
+    use crate::types::{BackendState, Family, PROTO_UDP};
     use crate::wire::build::FrameSpec;
     use crate::wire::{ethernet, ipv4};
     use std::time::Duration;
@@ -1149,6 +1156,11 @@ mod tests {
             addr_bits: u32::from(addr) as u128,
             mac: Some([2, 0, 0, 0, 1, id as u8]),
             weight,
+            state: if weight == 0 {
+                BackendState::Draining
+            } else {
+                BackendState::Up
+            },
         }
     }
 
@@ -1162,7 +1174,7 @@ mod tests {
     ) -> Service {
         let names: Vec<(&str, u32)> = backends
             .iter()
-            .map(|b| (b.name.as_str(), b.weight))
+            .map(|b| (b.name.as_str(), b.sched_weight()))
             .collect();
         Service {
             id,
@@ -1179,6 +1191,9 @@ mod tests {
             auto_affinity: None,
             max_affinity: Duration::from_secs(3600),
             limits: Default::default(),
+            affinity_grace: Duration::from_secs(30),
+            all_down: !backends.is_empty()
+                && backends.iter().all(|b| b.state == BackendState::Down),
         }
     }
 
@@ -1449,6 +1464,83 @@ mod tests {
         assert_eq!(sc.affinity_misses.get(), 256);
     }
 
+    /// A down backend: its flows keep it, its affinities (requested or
+    /// static, the table cannot tell) and automatic pins are skipped, the
+    /// scheduler leaves it out; with every backend down, new connections
+    /// are dropped and counted as such.
+    #[test]
+    fn down_backends_keep_their_flows_and_lose_new_connections() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let mut svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        svc.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(60),
+        });
+        let mut b = bed(vec![svc], bes.clone(), 1 << 14);
+        let key = TableKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
+        b.affinity.insert(key, 2).unwrap();
+        // Open connections: the pinned /24 on be2, other clients spread.
+        let first: Vec<Vec<u8>> = (0..64u32)
+            .flat_map(|i| {
+                [
+                    tcp([198, 18, 5, i as u8], 5000, tcp_flags::SYN),
+                    tcp([198, 18, 6, i as u8], 5000, tcp_flags::SYN),
+                ]
+            })
+            .collect();
+        let before = send(&mut b, &first, SEC);
+        // be2 goes down.
+        let mut down = bes.clone();
+        down[2].state = BackendState::Down;
+        let svc2 = service(0, 80, PROTO_TCP, &down, SchedulerKind::Maglev, IPIP);
+        let mut svc2 = svc2;
+        svc2.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(60),
+        });
+        b.cell.publish(Dataplane::new(2, vec![svc2], down.clone()));
+        // Its flows keep it.
+        let acks: Vec<Vec<u8>> = (0..64u32)
+            .flat_map(|i| {
+                [
+                    tcp([198, 18, 5, i as u8], 5000, tcp_flags::ACK),
+                    tcp([198, 18, 6, i as u8], 5000, tcp_flags::ACK),
+                ]
+            })
+            .collect();
+        assert_eq!(send(&mut b, &acks, 2 * SEC), before);
+        // New connections: the pinned clients and those auto-pinned to be2
+        // go to the others, and none reaches be2.
+        let again: Vec<Vec<u8>> = (0..64u32)
+            .flat_map(|i| {
+                [
+                    tcp([198, 18, 5, i as u8], 5001, tcp_flags::SYN),
+                    tcp([198, 18, 6, i as u8], 5001, tcp_flags::SYN),
+                ]
+            })
+            .collect();
+        let out = send(&mut b, &again, 2 * SEC);
+        assert_eq!(out.len(), again.len(), "every new connection is routed");
+        assert!(out.iter().all(|a| backend_index(*a) != 2), "{out:?}");
+        let sc = &b.worker.counters().services[0];
+        assert_eq!(sc.affinity_hits.get(), 64, "only before it went down");
+        // Every backend down: new connections are dropped, counted.
+        let mut all = bes.clone();
+        for be in &mut all {
+            be.state = BackendState::Down;
+        }
+        let svc3 = service(0, 80, PROTO_TCP, &all, SchedulerKind::Maglev, IPIP);
+        assert!(svc3.all_down);
+        b.cell.publish(Dataplane::new(3, vec![svc3], all));
+        let fresh: Vec<Vec<u8>> = (0..8u32)
+            .map(|i| tcp([198, 18, 7, i as u8], 5000, tcp_flags::SYN))
+            .collect();
+        assert!(send(&mut b, &fresh, 3 * SEC).is_empty());
+        let c = b.worker.counters();
+        assert_eq!(c.drops[DropReason::AllBackendsDown as usize].get(), 8);
+        assert_eq!(c.drops[DropReason::NoBackend as usize].get(), 0);
+        // Open flows still reach their backends.
+        assert_eq!(send(&mut b, &acks, 3 * SEC), before);
+    }
+
     #[test]
     fn auto_affinity_pins_parallel_connections() {
         let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
@@ -1575,6 +1667,7 @@ mod tests {
         // Drain the pinned backend while the client's connection is open.
         let mut drained = vec![backend(0, 0, 100), backend(1, 0, 100)];
         drained[pinned].weight = 0;
+        drained[pinned].state = BackendState::Draining;
         let mut svc2 = svc;
         svc2.maglev = Arc::new(
             MaglevTable::new(
@@ -1658,7 +1751,7 @@ mod icmp_tests {
     use crate::datapath::icmp::EchoPolicy;
     use crate::datapath::pktio::{MemBuf, MemIo};
     use crate::sched::maglev::MaglevTable;
-    use crate::types::{PortMatch, ServiceId, PROTO_UDP};
+    use crate::types::{BackendState, PortMatch, ServiceId, PROTO_UDP};
     use crate::wire::build::FrameSpec;
     use crate::wire::icmp::{v4, v6};
     use crate::wire::{icmp, ipv4, ipv6};
@@ -1697,6 +1790,7 @@ mod icmp_tests {
             },
             mac: Some([2, 0, 0, 0, 1, id as u8]),
             weight: 100,
+            state: BackendState::Up,
         }
     }
 
@@ -1710,7 +1804,7 @@ mod icmp_tests {
     ) -> Service {
         let names: Vec<(&str, u32)> = backends
             .iter()
-            .map(|b| (b.name.as_str(), b.weight))
+            .map(|b| (b.name.as_str(), b.sched_weight()))
             .collect();
         let v6 = backends.first().is_some_and(|b| b.addr.is_ipv6());
         let (vip, vip_bits, family): (std::net::IpAddr, u128, Family) = if v6 {
@@ -1741,6 +1835,9 @@ mod icmp_tests {
             auto_affinity: None,
             max_affinity: Duration::from_secs(3600),
             limits: Default::default(),
+            affinity_grace: Duration::from_secs(30),
+            all_down: !backends.is_empty()
+                && backends.iter().all(|b| b.state == BackendState::Down),
         }
     }
 

@@ -14,7 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::net::{family, mask_addr, max_prefix};
 use crate::protocol::auth::{Key, TAG_LEN};
-use crate::types::{EndReason, Family, PortMatch, MAX_NAME_LEN, PROTO_TCP, PROTO_UDP};
+use crate::types::{
+    BackendState, Declared, EndReason, Family, PortMatch, MAX_NAME_LEN, PROTO_TCP, PROTO_UDP,
+};
 
 /// First two bytes of every message.
 pub const MAGIC: [u8; 2] = *b"PD";
@@ -51,12 +53,15 @@ pub enum MsgType {
     Stats = 9,
     /// Re-read the configuration file (admin only).
     Reload = 10,
+    /// A backend declares its own state (UP, DRAIN, DOWN); the admin any
+    /// backend's.
+    BackendState = 11,
     Reply = 0x80,
     AffinityEnded = 0x81,
 }
 
 impl MsgType {
-    pub const ALL: [MsgType; 12] = [
+    pub const ALL: [MsgType; 13] = [
         MsgType::AffinityCreate,
         MsgType::AffinityExtend,
         MsgType::AffinityCancel,
@@ -67,6 +72,7 @@ impl MsgType {
         MsgType::BackendRemove,
         MsgType::Stats,
         MsgType::Reload,
+        MsgType::BackendState,
         MsgType::Reply,
         MsgType::AffinityEnded,
     ];
@@ -92,6 +98,7 @@ impl MsgType {
             MsgType::BackendRemove => "BACKEND_REMOVE",
             MsgType::Stats => "STATS",
             MsgType::Reload => "RELOAD",
+            MsgType::BackendState => "BACKEND_STATE",
             MsgType::Reply => "REPLY",
             MsgType::AffinityEnded => "AFFINITY_ENDED",
         }
@@ -119,10 +126,13 @@ pub enum ReturnCode {
     QuotaExceeded = 8,
     /// The sender made more requests per second than it may; retry later.
     RateLimited = 9,
+    /// The backend is draining or down: it may not create or extend
+    /// affinities.
+    Draining = 10,
 }
 
 impl ReturnCode {
-    pub const ALL: [ReturnCode; 10] = [
+    pub const ALL: [ReturnCode; 11] = [
         ReturnCode::Ok,
         ReturnCode::Conflict,
         ReturnCode::NotFound,
@@ -133,6 +143,7 @@ impl ReturnCode {
         ReturnCode::Unsupported,
         ReturnCode::QuotaExceeded,
         ReturnCode::RateLimited,
+        ReturnCode::Draining,
     ];
 
     pub fn from_u8(v: u8) -> Option<ReturnCode> {
@@ -151,6 +162,7 @@ impl ReturnCode {
             ReturnCode::Unsupported => "UNSUPPORTED",
             ReturnCode::QuotaExceeded => "QUOTA_EXCEEDED",
             ReturnCode::RateLimited => "RATE_LIMITED",
+            ReturnCode::Draining => "DRAINING",
         }
     }
 }
@@ -723,6 +735,15 @@ pub enum Request<'a> {
     /// Re-read the configuration file the instance was started with and
     /// apply its services, backends, keys and allowed networks.
     Reload,
+    /// A backend's declared state. `service` absent: every service with a
+    /// backend of that name. `backend` absent on the wire means the
+    /// sender; the server fills it in (and refuses a backend naming
+    /// another).
+    BackendState {
+        service: Option<&'a str>,
+        backend: Option<&'a str>,
+        state: Declared,
+    },
 }
 
 impl<'a> Request<'a> {
@@ -738,6 +759,7 @@ impl<'a> Request<'a> {
             Request::BackendRemove { .. } => MsgType::BackendRemove,
             Request::Stats { .. } => MsgType::Stats,
             Request::Reload => MsgType::Reload,
+            Request::BackendState { .. } => MsgType::BackendState,
         }
     }
 
@@ -797,6 +819,15 @@ impl<'a> Request<'a> {
                 w.name(backend, "backend name missing")
             }
             Request::Reload => Ok(()),
+            Request::BackendState {
+                service,
+                backend,
+                state,
+            } => {
+                w.opt_name(*service)?;
+                w.opt_name(*backend)?;
+                w.u8(*state as u8)
+            }
             Request::Stats { token, offset } => {
                 w.u32(*token)?;
                 w.u32(*offset)
@@ -850,6 +881,12 @@ impl<'a> Request<'a> {
                 offset: r.u32()?,
             },
             MsgType::Reload => Request::Reload,
+            MsgType::BackendState => Request::BackendState {
+                service: r.opt_name()?,
+                backend: r.opt_name()?,
+                state: Declared::from_u8(r.u8()?)
+                    .ok_or(DecodeError::Invalid("backend state must be 1, 2 or 3"))?,
+            },
             MsgType::Reply | MsgType::AffinityEnded => {
                 return Err(DecodeError::Invalid("not a request type"))
             }
@@ -899,24 +936,86 @@ pub struct BackendEntry {
     pub mac: Option<[u8; 6]>,
     /// 0 = draining.
     pub weight: u32,
+    /// Up, draining or down.
+    pub state: BackendState,
+    /// Seconds since it entered `state`.
+    pub state_secs: u32,
+    /// What its application declared for itself.
+    pub app: Declared,
+    /// What the operator declared for it.
+    pub admin: Declared,
+    /// Its health checks' verdict; `None`: none reported (checks off).
+    pub healthy: Option<bool>,
+    /// Why its last check failed, while failing.
+    pub check_error: Option<String>,
 }
 
 impl BackendEntry {
+    /// A backend as described for BACKEND_ADD: up, nothing declared, no
+    /// health reported.
+    pub fn new(
+        service: &str,
+        backend: &str,
+        addr: IpAddr,
+        mac: Option<[u8; 6]>,
+        weight: u32,
+    ) -> BackendEntry {
+        BackendEntry {
+            service: service.to_string(),
+            backend: backend.to_string(),
+            addr,
+            mac,
+            weight,
+            state: BackendState::Up,
+            state_secs: 0,
+            app: Declared::Up,
+            admin: Declared::Up,
+            healthy: None,
+            check_error: None,
+        }
+    }
+
     pub fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
         w.name(&self.service, "service name missing")?;
         w.name(&self.backend, "backend name missing")?;
         w.ip(self.addr)?;
         encode_mac(w, self.mac)?;
-        w.u32(self.weight)
+        w.u32(self.weight)?;
+        w.u8(self.state as u8)?;
+        w.u32(self.state_secs)?;
+        w.u8(self.app as u8)?;
+        w.u8(self.admin as u8)?;
+        w.u8(match self.healthy {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        })?;
+        w.text(self.check_error.as_deref().unwrap_or(""))
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<BackendEntry, DecodeError> {
+        let declared =
+            |v: u8| Declared::from_u8(v).ok_or(DecodeError::Invalid("unknown declared state"));
         Ok(BackendEntry {
             service: r.name("service name missing")?.to_string(),
             backend: r.name("backend name missing")?.to_string(),
             addr: r.ip("backend address missing")?,
             mac: decode_mac(r)?,
             weight: r.u32()?,
+            state: BackendState::from_u8(r.u8()?)
+                .ok_or(DecodeError::Invalid("unknown backend state"))?,
+            state_secs: r.u32()?,
+            app: declared(r.u8()?)?,
+            admin: declared(r.u8()?)?,
+            healthy: match r.u8()? {
+                0 => None,
+                1 => Some(true),
+                2 => Some(false),
+                _ => return Err(DecodeError::Invalid("health must be 0, 1 or 2")),
+            },
+            check_error: Some(r.text()?)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string),
         })
     }
 }
@@ -1373,6 +1472,16 @@ mod tests {
                 token: 7,
                 offset: 1200,
             },
+            Request::BackendState {
+                service: None,
+                backend: None,
+                state: Declared::Drain,
+            },
+            Request::BackendState {
+                service: Some("web"),
+                backend: Some("web2"),
+                state: Declared::Down,
+            },
         ]
     }
 
@@ -1395,7 +1504,7 @@ mod tests {
             assert_eq!(Request::decode_body(ty, env.body).unwrap(), req);
             seen.insert(ty);
         }
-        assert_eq!(seen.len(), 9, "every request type covered");
+        assert_eq!(seen.len(), 10, "every request type covered");
     }
 
     /// The worked example of docs/PROTOCOL.md, computed independently (with
@@ -1476,6 +1585,43 @@ mod tests {
         );
     }
 
+    /// PROTOCOL.md's second worked example: web1 drains itself
+    /// (BACKEND_STATE DRAIN, every service, the backend being the sender),
+    /// its tag computed with Python's hmac module.
+    #[test]
+    fn documented_backend_state_example_matches_byte_for_byte() {
+        const EXAMPLE: &str = "5044010b00000000020000018bcfe5680011223344556677880477656231000002\
+                               cf785593adb63cf3697c728d7938a476f297665c771954fae4a555589a5b83e9";
+        let key: Vec<u8> = (0u8..32).collect();
+        let key = Key::new(&key).unwrap();
+        let req = Request::BackendState {
+            service: None,
+            backend: None,
+            state: Declared::Drain,
+        };
+        let h = Header {
+            msg_type: 0,
+            request_id: 2,
+            timestamp_ms: 1_700_000_000_000,
+            nonce: 0x1122_3344_5566_7788,
+            name: "web1",
+        };
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = encode_request(&mut buf, &h, &key, &req).unwrap();
+        let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, EXAMPLE.replace(' ', ""));
+        let env = Envelope::open(&buf[..n]).unwrap();
+        assert!(env.verify(&key));
+        assert_eq!(
+            Request::decode_body(MsgType::BackendState, env.body).unwrap(),
+            req
+        );
+        // A state other than 1, 2 or 3 is refused.
+        for bad in [0u8, 4, 0xff] {
+            assert!(Request::decode_body(MsgType::BackendState, &[0, 0, bad]).is_err());
+        }
+    }
+
     #[test]
     fn header_layout_is_as_documented() {
         let mut buf = [0u8; MAX_DATAGRAM];
@@ -1532,13 +1678,18 @@ mod tests {
         let mut r = Reply::new(MsgType::BackendList as u8, 2, ReturnCode::Ok);
         r.payload = ReplyPayload::Backends {
             next_offset: 1,
-            entries: vec![BackendEntry {
-                service: "web".into(),
-                backend: "web1".into(),
-                addr: v4("10.0.0.1"),
-                mac: Some([2, 0, 0, 0, 0, 1]),
-                weight: 0,
-            }],
+            entries: vec![
+                BackendEntry::new("web", "web1", v4("10.0.0.1"), Some([2, 0, 0, 0, 0, 1]), 0),
+                BackendEntry {
+                    state: BackendState::Down,
+                    state_secs: 42,
+                    app: Declared::Drain,
+                    admin: Declared::Down,
+                    healthy: Some(false),
+                    check_error: Some("connect: connection refused".into()),
+                    ..BackendEntry::new("web", "web2", v4("10.0.0.2"), None, 7)
+                },
+            ],
         };
         out.push(r);
         let mut r = Reply::new(MsgType::Stats as u8, 3, ReturnCode::Ok);

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::datapath::latency::Percentiles;
 use crate::report::summary::Summary;
+use crate::types::BackendState;
 
 /// How often the control thread re-renders the metrics.
 const RENDER_PERIOD: Duration = Duration::from_secs(1);
@@ -60,12 +61,23 @@ impl Family<'_> {
     /// A summary's quantiles, count and sum (from the mean), scaled to
     /// base units by `scale` (ns -> s: 1e-9).
     fn quantiles(&mut self, p: &Percentiles, scale: f64) {
+        self.labelled_quantiles(&[], p, scale);
+    }
+
+    /// [`Family::quantiles`] of one series, with `labels` before the
+    /// quantile.
+    fn labelled_quantiles(&mut self, labels: &[(&str, &str)], p: &Percentiles, scale: f64) {
+        let with = |q: &'static str| {
+            let mut l = labels.to_vec();
+            l.push(("quantile", q));
+            l
+        };
         for (q, v) in p.quantiles() {
-            self.sample("", &[("quantile", q)], v as f64 * scale);
+            self.sample("", &with(q), v as f64 * scale);
         }
-        self.sample("", &[("quantile", "1")], p.max as f64 * scale);
-        self.sample("_sum", &[], p.mean * p.count as f64 * scale);
-        self.sample("_count", &[], p.count as f64);
+        self.sample("", &with("1"), p.max as f64 * scale);
+        self.sample("_sum", labels, p.mean * p.count as f64 * scale);
+        self.sample("_count", labels, p.count as f64);
     }
 }
 
@@ -295,6 +307,29 @@ pub fn render(s: &Summary) -> String {
             }
         }
     }
+    {
+        let mut f = Family::new(
+            &mut o,
+            "pktdist_backend_state",
+            "gauge",
+            "1 for the state a backend is in (up, draining, down), 0 for the others.",
+        );
+        for svc in &s.services {
+            for b in &svc.backends {
+                for state in [BackendState::Up, BackendState::Draining, BackendState::Down] {
+                    let on = b.state == state.name();
+                    f.value(
+                        &[
+                            ("service", &svc.name),
+                            ("backend", &b.name),
+                            ("state", state.name()),
+                        ],
+                        if on { 1.0 } else { 0.0 },
+                    );
+                }
+            }
+        }
+    }
 
     type WorkerGet = fn(&crate::report::summary::WorkerSummary) -> f64;
     let per_worker: [(&'static str, &str, &str, WorkerGet); 5] = [
@@ -443,6 +478,8 @@ pub fn render(s: &Summary) -> String {
         }
     }
 
+    health(&mut o, s);
+
     Family::new(
         &mut o,
         "pktdist_packet_processing_seconds",
@@ -465,6 +502,54 @@ pub fn render(s: &Summary) -> String {
     )
     .quantiles(&s.affinity_lifetime_ms, 1e-3);
     o
+}
+
+/// The health-check families: every backend's state (1 unless its checks
+/// took it down), the checked backends' state changes, and probe times.
+fn health(o: &mut String, s: &Summary) {
+    let h = s.extra.health.as_ref();
+    let mut f = Family::new(
+        o,
+        "pktdist_backend_up",
+        "gauge",
+        "1 while the backend may take new connections, 0 while its health checks hold it down.",
+    );
+    for svc in &s.services {
+        for b in &svc.backends {
+            let down = h
+                .and_then(|h| h.backend(&svc.name, &b.name))
+                .is_some_and(|b| b.state != "up");
+            f.value(
+                &[("service", &svc.name), ("backend", &b.name)],
+                if down { 0.0 } else { 1.0 },
+            );
+        }
+    }
+    let mut f = Family::new(
+        o,
+        "pktdist_backend_state_changes_total",
+        "counter",
+        "Times a checked backend went down or came back up.",
+    );
+    for b in h.map(|h| h.backends.as_slice()).unwrap_or_default() {
+        f.value(
+            &[("service", &b.service), ("backend", &b.backend)],
+            b.changes as f64,
+        );
+    }
+    let mut f = Family::new(
+        o,
+        "pktdist_health_probe_seconds",
+        "summary",
+        "Time one health check took (a timed-out check: its timeout), by service and kind.",
+    );
+    for p in h.map(|h| h.probes.as_slice()).unwrap_or_default() {
+        f.labelled_quantiles(
+            &[("service", &p.service), ("kind", &p.kind)],
+            &p.time_ns,
+            1e-9,
+        );
+    }
 }
 
 struct Shared {

@@ -38,6 +38,17 @@ fn fmt_count(v: u64) -> String {
     }
 }
 
+/// Seconds as the largest two units: `42s`, `5m3s`, `2h10m`, `3d4h`.
+pub fn fmt_secs(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
 /// Renders one frame of the view: `cur` with rates against `prev` taken
 /// `secs` earlier. With `terminal` the frame starts by clearing the screen;
 /// without, it is a block of plain lines ending with a blank line.
@@ -104,14 +115,14 @@ pub fn render(
         let _ = writeln!(o, "{}", clip(&head));
         let _ = writeln!(
             o,
-            "  {:<14} {:>6} {:>7} {:>9} {:>7} {:>8} {:>9}",
+            "  {:<14} {:>6} {:>7} {:>9} {:>7} {:>8} {:>9} state",
             "backend", "weight", "w-share", "conn/s", "c-share", "active", "pps"
         );
         for b in &svc.backends {
             let pb = prev_svc.and_then(|s| s.backends.iter().find(|x| x.name == b.name));
             let _ = writeln!(
                 o,
-                "  {:<14} {:>6} {:>6.1}% {:>9} {:>6.1}% {:>8} {:>9}",
+                "  {:<14} {:>6} {:>6.1}% {:>9} {:>6.1}% {:>8} {:>9} {}",
                 clip_to(&b.name, 14),
                 b.weight,
                 b.weight_share * 100.0,
@@ -119,7 +130,47 @@ pub fn render(
                 b.connection_share * 100.0,
                 fmt_count(b.active_connections.max(0) as u64),
                 fmt_rate(rate(pb.map(|x| x.packets), b.packets, secs)),
+                b.state,
             );
+            // A backend that is not up: since when, and why its checks fail.
+            if !b.state.is_empty() && b.state != "up" {
+                let mut line = format!(
+                    "    {} {} for {}",
+                    b.name,
+                    b.state,
+                    fmt_secs(b.state_for_secs)
+                );
+                if let Some(e) = &b.check_error {
+                    let _ = write!(line, ": {e}");
+                }
+                let _ = writeln!(o, "{}", clip(&line));
+            }
+        }
+    }
+    if let Some(h) = &cur.extra.health {
+        let down: Vec<_> = h.backends.iter().filter(|b| b.state != "up").collect();
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "{}",
+            clip(&format!(
+                "health: {} checked, {} up, {} down",
+                h.backends.len(),
+                h.backends.len() - down.len(),
+                down.len()
+            ))
+        );
+        for b in down {
+            let line = format!(
+                "  {}/{} down {:.0}s  {} {}  {}",
+                b.service,
+                b.backend,
+                b.seconds_in_state,
+                b.kind,
+                b.checked,
+                b.last_error.as_deref().unwrap_or("last check passed")
+            );
+            let _ = writeln!(o, "{}", clip(&line));
         }
     }
     let nonzero: Vec<String> = cur
@@ -211,10 +262,79 @@ mod tests {
     }
 
     #[test]
+    fn backends_show_their_state_since_when_and_why() {
+        let mut b = snapshot(10);
+        let be2 = &mut b.services[0].backends[1];
+        be2.state = "down".into();
+        be2.state_for_secs = 125;
+        be2.check_error = Some("connect: connection refused ".repeat(5));
+        let text = render("x", None, &b, 1.0, false);
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap()
+                .to_string()
+        };
+        assert!(row("be1").ends_with(" up"), "{text}");
+        assert!(row("be2").ends_with(" down"), "{text}");
+        assert!(
+            text.contains("    be2 down for 2m5s: connect: connection refused"),
+            "{text}"
+        );
+        for line in text.lines() {
+            assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
+        }
+        assert_eq!(
+            [
+                fmt_secs(42),
+                fmt_secs(303),
+                fmt_secs(7800),
+                fmt_secs(273_600)
+            ],
+            ["42s", "5m3s", "2h10m", "3d4h"]
+        );
+    }
+
+    #[test]
     fn first_frame_has_no_rates_and_terminal_mode_clears() {
         let b = snapshot(10);
         let text = render("x", None, &b, 1.0, true);
         assert!(text.starts_with(CLEAR));
         assert!(text.contains("rx - pps"));
+    }
+
+    #[test]
+    fn checked_backends_that_are_down_are_listed_with_their_error() {
+        use crate::health::view::{BackendHealth, HealthSummary};
+        let mut b = snapshot(10);
+        let health = |backend: &str, state: &str, error: Option<&str>| BackendHealth {
+            service: "web".into(),
+            backend: backend.into(),
+            state: state.into(),
+            seconds_in_state: 12.0,
+            checked: "192.168.0.1:8080".into(),
+            kind: "http".into(),
+            last_error: error.map(String::from),
+            ..BackendHealth::default()
+        };
+        b.extra.health = Some(HealthSummary {
+            backends: vec![
+                health("be1", "up", None),
+                health("be2", "down", Some("status 503, expected 200-399")),
+            ],
+            probes: Vec::new(),
+        });
+        let text = render("x", None, &b, 1.0, false);
+        assert!(text.contains("health: 2 checked, 1 up, 1 down"), "{text}");
+        assert!(
+            text.contains(
+                "  web/be2 down 12s  http 192.168.0.1:8080  status 503, expected 200-399"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("web/be1 "), "{text}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
+        }
     }
 }

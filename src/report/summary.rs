@@ -14,6 +14,7 @@ use crate::types::{BackendId, ServiceId};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::{new_histogram, Percentiles};
 use crate::datapath::snapshot::Dataplane;
+use crate::health::view::HealthSummary;
 use crate::types::DropReason;
 use crate::types::IcmpDrop;
 
@@ -106,6 +107,16 @@ pub struct BackendSummary {
     /// `max_affinities_per_backend` or the default share.
     #[serde(default)]
     pub affinity_quota: u64,
+    /// "up", "draining" or "down".
+    #[serde(default)]
+    pub state: String,
+    /// Seconds since the backend entered `state` (0 where the figures
+    /// come from the snapshot alone).
+    #[serde(default)]
+    pub state_for_secs: u64,
+    /// Why its last health check failed, while it is failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_error: Option<String>,
 }
 
 /// One service in the summary.
@@ -266,6 +277,9 @@ pub struct RunExtra {
         skip_serializing_if = "Option::is_none"
     )]
     pub traffic_source: Option<TrafficSummary>,
+    /// Filled while some backend is checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSummary>,
 }
 
 /// The control thread's figures. The fields are in the JSON's key order
@@ -306,6 +320,7 @@ pub struct ControlSummary {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct EndedSummary {
+    pub backend_down: u64,
     pub backend_removed: u64,
     pub cancelled: u64,
     pub expired: u64,
@@ -313,8 +328,9 @@ pub struct EndedSummary {
 
 impl EndedSummary {
     /// (reason, count) for every reason, in the JSON's key order.
-    pub fn as_array(&self) -> [(&'static str, u64); 3] {
+    pub fn as_array(&self) -> [(&'static str, u64); 4] {
         [
+            ("backend_down", self.backend_down),
             ("backend_removed", self.backend_removed),
             ("cancelled", self.cancelled),
             ("expired", self.expired),
@@ -476,6 +492,9 @@ impl Summary {
                             // The control plane's to fill in.
                             affinities: 0,
                             affinity_quota: 0,
+                            state: be.state.name().to_string(),
+                            state_for_secs: 0,
+                            check_error: None,
                         })
                     })
                     .collect();
@@ -654,20 +673,21 @@ impl Summary {
             );
             let _ = writeln!(
                 o,
-                "    {:<12} {:<16} {:>6} {:>7} {:>11} {:>7} {:>12}",
+                "    {:<12} {:<16} {:>6} {:>7} {:>11} {:>7} {:>12}  state",
                 "backend", "address", "weight", "w-share", "connections", "c-share", "packets"
             );
             for b in &s.backends {
                 let _ = writeln!(
                     o,
-                    "    {:<12} {:<16} {:>6} {:>6.1}% {:>11} {:>6.1}% {:>12}",
+                    "    {:<12} {:<16} {:>6} {:>6.1}% {:>11} {:>6.1}% {:>12}  {}",
                     b.name,
                     b.address,
                     b.weight,
                     b.weight_share * 100.0,
                     b.connections,
                     b.connection_share * 100.0,
-                    b.packets
+                    b.packets,
+                    b.state
                 );
             }
         }
@@ -710,7 +730,7 @@ impl Summary {
         if let Some(c) = &self.extra.control {
             let _ = writeln!(
                 o,
-                "  control: {} datagrams received, {} replies sent, {} refused ({} without a reply, {} answered with an error), {} ended notifications sent; affinities ended: {} expired, {} cancelled, {} backend removed",
+                "  control: {} datagrams received, {} replies sent, {} refused ({} without a reply, {} answered with an error), {} ended notifications sent; affinities ended: {} expired, {} cancelled, {} backend removed, {} backend down",
                 c.received,
                 c.answered,
                 c.refused.values().sum::<u64>(),
@@ -720,6 +740,7 @@ impl Summary {
                 c.ended.expired,
                 c.ended.cancelled,
                 c.ended.backend_removed,
+                c.ended.backend_down,
             );
             let limited: u64 = c.limited.values().sum();
             let rate_limited: u64 = c.rate_limited.values().sum();
@@ -749,6 +770,24 @@ impl Summary {
                     }
                 );
             }
+        }
+        if let Some(h) = &self.extra.health {
+            let down: Vec<String> = h
+                .backends
+                .iter()
+                .filter(|b| b.state != "up")
+                .map(|b| format!("{}/{}", b.service, b.backend))
+                .collect();
+            let checks: u64 = h.backends.iter().map(|b| b.checks).sum();
+            let failed: u64 = h.backends.iter().map(|b| b.failed).sum();
+            let changes: u64 = h.backends.iter().map(|b| b.changes).sum();
+            let _ = writeln!(
+                o,
+                "  health checks: {} backend(s) checked, {} down{}; {checks} checks, {failed} failed, {changes} state change(s)",
+                h.backends.len(),
+                down.len(),
+                if down.is_empty() { String::new() } else { format!(" ({})", down.join(", ")) },
+            );
         }
         if let Some(t) = &self.extra.traffic_source {
             let delivered: Vec<String> = t
@@ -805,6 +844,7 @@ mod tests {
                 addr_bits: 0x0a00_0001 + i as u128,
                 mac: None,
                 weight: 100 * (i + 1),
+                state: crate::types::BackendState::Up,
             })
             .collect();
         let svc = Service {
@@ -822,6 +862,8 @@ mod tests {
             auto_affinity: None,
             max_affinity: Duration::from_secs(60),
             limits: Default::default(),
+            affinity_grace: Duration::from_secs(30),
+            all_down: false,
         };
         Dataplane::new(1, vec![svc], backends)
     }
@@ -928,6 +970,7 @@ mod tests {
             ended: EndedSummary {
                 expired: 3,
                 cancelled: 1,
+                backend_down: 0,
                 backend_removed: 0,
             },
             ..ControlSummary::default()
@@ -951,7 +994,7 @@ mod tests {
         assert_eq!(back, s);
         let text = s.render();
         assert!(
-            text.contains("  control: 7 datagrams received, 5 replies sent, 2 refused (2 without a reply, 0 answered with an error), 1 ended notifications sent; affinities ended: 3 expired, 1 cancelled, 0 backend removed\n"),
+            text.contains("  control: 7 datagrams received, 5 replies sent, 2 refused (2 without a reply, 0 answered with an error), 1 ended notifications sent; affinities ended: 3 expired, 1 cancelled, 0 backend removed, 0 backend down\n"),
             "{text}"
         );
         assert!(
@@ -993,6 +1036,7 @@ mod tests {
             ended: EndedSummary {
                 expired: 2,
                 cancelled: 1,
+                backend_down: 0,
                 backend_removed: 0,
             },
             ..ControlSummary::default()
@@ -1000,7 +1044,7 @@ mod tests {
         let text = s.render();
         assert!(
             text.contains(
-                "  control: 20 datagrams received, 12 replies sent, 8 refused (6 without a reply, 2 answered with an error), 3 ended notifications sent; affinities ended: 2 expired, 1 cancelled, 0 backend removed\n"
+                "  control: 20 datagrams received, 12 replies sent, 8 refused (6 without a reply, 2 answered with an error), 3 ended notifications sent; affinities ended: 2 expired, 1 cancelled, 0 backend removed, 0 backend down\n"
             ),
             "{text}"
         );

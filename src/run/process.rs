@@ -126,6 +126,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     notifier.stopping();
     log::info!("stopping");
 
+    control.stop_health_checks();
     let summary = stop(threads, &control);
     keeper.stop();
     let mut summary = summary?;

@@ -103,6 +103,7 @@ class Requests(Base):
             (7, pktdist.Unsupported),
             (8, pktdist.QuotaExceeded),
             (9, pktdist.RateLimited),
+            (10, pktdist.Draining),
             (42, pktdist.Refused),
         ]
 
@@ -354,7 +355,11 @@ class Lists(Base):
         def script(s: FakeServer) -> None:
             req = s.recv()
             assert req.msg_type == 5 and req.body == name_field("web") + bytes(6), req
-            e = name_field("web") + name_field("be1") + bytes([4, 10, 0, 0, 1, 0]) + struct.pack(">I", 3)
+            e = (
+                name_field("web") + name_field("be1") + bytes([4, 10, 0, 0, 1, 0]) + struct.pack(">I", 3)
+                + bytes([3]) + struct.pack(">I", 42) + bytes([2, 1, 2])
+                + struct.pack(">H", 7) + b"refused"
+            )
             s.reply(req, payload=b"\x02" + struct.pack(">IH", 1, 1) + e)
             req = s.recv()
             assert req.msg_type == 6 and req.body == name_field("web") + name_field("be1") + bytes(4), req
@@ -374,9 +379,43 @@ class Lists(Base):
 
         self.srv.run(script)
         c = self.client("admin", ADMIN_KEY)
-        self.assertEqual(c.backends("web"), [pktdist.Backend("web", "be1", "10.0.0.1", None, 3)])
+        self.assertEqual(
+            c.backends("web"),
+            [
+                pktdist.Backend(
+                    "web", "be1", "10.0.0.1", None, 3,
+                    state="down", state_secs=42, app=pktdist.Declared.DRAIN,
+                    admin=pktdist.Declared.UP, healthy=False, check_error="refused",
+                )
+            ],
+        )
         self.assertEqual(c.set_weight("web", "be1", 0).message, "weight 0")
         self.assertEqual(c.stats(), json.loads(doc))
+        self.srv.join()
+
+
+class BackendState(Base):
+    def test_a_backend_declares_its_state(self) -> None:
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            assert req.msg_type == 0x0B and req.body == b"\x00\x00\x02", req
+            s.reply(req, text="web/web1 draining")
+            req = s.recv()
+            assert req.body == name_field("web") + name_field("web2") + b"\x03", req
+            s.reply(req, 4, text="a backend may declare only its own state")
+            req = s.recv()
+            assert req.body == b"\x00\x00\x01", req
+            s.reply(req)
+
+        self.srv.run(script)
+        c = self.client()
+        self.assertEqual(c.set_state("drain").message, "web/web1 draining")
+        with self.assertRaises(pktdist.NotAuthorized):
+            c.set_state("DOWN", service="web", backend="web2")
+        c.set_state(pktdist.Declared.UP)
+        for bad in ("sideways", 0, 4, True, None):
+            with self.subTest(state=bad), self.assertRaises(ValueError):
+                c.set_state(bad)  # type: ignore[arg-type]
         self.srv.join()
 
 

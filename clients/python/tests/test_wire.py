@@ -30,13 +30,19 @@ WORKED_EXAMPLE = bytes.fromhex(
     " 04 c000020a 0050 06 04 c6336400 18 00 0000 0000 0000012c 00 00"
     " 7dc75ded5878a5a0fe8f6b8daea421df8238d54b2104c871ea5c26792061884f".replace(" ", "")
 )
+# PROTOCOL.md §9.1: web1 drains itself.
+STATE_EXAMPLE = bytes.fromhex(
+    "5044 01 0b 00 00000002 0000018bcfe56800 1122334455667788 04 77656231 00 00 02"
+    " cf785593adb63cf3697c728d7938a476f297665c771954fae4a555589a5b83e9".replace(" ", "")
+)
 PROTOCOL_MD = Path(__file__).resolve().parents[3] / "docs" / "PROTOCOL.md"
 
 
-def documented_example() -> bytes:
-    """The hex dump of §9's worked example, as the document writes it."""
+def documented_example(heading: str = "## 9. Worked example") -> bytes:
+    """The hex dump of a worked example (the first block under `heading`),
+    as the document writes it."""
     text = PROTOCOL_MD.read_text(encoding="utf-8")
-    section = text[text.index("## 9. Worked example") :]
+    section = text[text.index(heading) :]
     block = section[section.index("```\n") + 4 :]
     block = block[: block.index("```")]
     out = bytearray()
@@ -69,6 +75,17 @@ class WorkedExample(unittest.TestCase):
     @unittest.skipUnless(PROTOCOL_MD.exists(), "docs/PROTOCOL.md is not beside this checkout")
     def test_document_still_says_the_same(self) -> None:
         self.assertEqual(documented_example().hex(" "), WORKED_EXAMPLE.hex(" "))
+
+    def test_backend_state_example_byte_for_byte(self) -> None:
+        body = w.backend_state_body(None, None, pktdist.Declared.DRAIN)
+        got = w.encode_message(
+            pktdist.MsgType.BACKEND_STATE, 2, 1700000000000, 0x1122334455667788, b"web1", body, bytes(range(32))
+        )
+        self.assertEqual(got.hex(" "), STATE_EXAMPLE.hex(" "))
+
+    @unittest.skipUnless(PROTOCOL_MD.exists(), "docs/PROTOCOL.md is not beside this checkout")
+    def test_document_still_says_the_same_for_backend_state(self) -> None:
+        self.assertEqual(documented_example("### 9.1 BACKEND_STATE").hex(" "), STATE_EXAMPLE.hex(" "))
 
     def test_the_client_sends_exactly_that(self) -> None:
         # Through the public API: same request with host bits in the client
@@ -286,14 +303,19 @@ class Decoding(unittest.TestCase):
         self.assertEqual((rb.reply.code, rb.reply.code_name), (42, "CODE_42"))
 
     def test_backends_and_stats_payloads(self) -> None:
-        entry = name_field("web") + name_field("be1") + bytes([4, 10, 0, 0, 1]) + b"\x01" + bytes([2, 0, 0, 0, 0, 9]) + struct.pack(">I", 100)
-        entry2 = name_field("web") + name_field("be2") + bytes([4, 10, 0, 0, 2]) + b"\x00" + struct.pack(">I", 0)
+        up = bytes([1]) + struct.pack(">I", 5) + bytes([1, 1, 0]) + struct.pack(">H", 0)
+        draining = bytes([2]) + struct.pack(">I", 60) + bytes([1, 2, 1]) + struct.pack(">H", 0)
+        entry = name_field("web") + name_field("be1") + bytes([4, 10, 0, 0, 1]) + b"\x01" + bytes([2, 0, 0, 0, 0, 9]) + struct.pack(">I", 100) + up
+        entry2 = name_field("web") + name_field("be2") + bytes([4, 10, 0, 0, 2]) + b"\x00" + struct.pack(">I", 0) + draining
         rb = w.decode_reply(reply_body(5, 1, payload=b"\x02" + struct.pack(">IH", 0, 2) + entry + entry2))
         self.assertEqual(
             list(rb.backends),
             [
-                pktdist.Backend("web", "be1", "10.0.0.1", "02:00:00:00:00:09", 100),
-                pktdist.Backend("web", "be2", "10.0.0.2", None, 0),
+                pktdist.Backend("web", "be1", "10.0.0.1", "02:00:00:00:00:09", 100, state_secs=5),
+                pktdist.Backend(
+                    "web", "be2", "10.0.0.2", None, 0,
+                    state="draining", state_secs=60, admin=pktdist.Declared.DRAIN, healthy=True,
+                ),
             ],
         )
         rb = w.decode_reply(reply_body(9, 1, payload=b"\x03" + struct.pack(">IIIH", 3, 10, 4, 2) + b"{}"))
@@ -305,8 +327,11 @@ class Decoding(unittest.TestCase):
         self.assertEqual(e, pktdist.Ended("192.0.2.10:80", "198.51.100.0/24", None, "be1", 2, "tcp"))
         self.assertIs(e.reason, pktdist.EndReason.CANCELLED)
         self.assertEqual(e.reason_name, "CANCELLED")
-        later = w.decode_ended(key_fields() + name_field("be1") + b"\x04")
-        self.assertEqual((later.reason, later.reason_name), (4, "REASON_4"))
+        down = w.decode_ended(key_fields() + name_field("be1") + b"\x04")
+        self.assertIs(down.reason, pktdist.EndReason.BACKEND_DOWN)
+        self.assertEqual(down.reason_name, "BACKEND_DOWN")
+        later = w.decode_ended(key_fields() + name_field("be1") + b"\x05")
+        self.assertEqual((later.reason, later.reason_name), (5, "REASON_5"))
 
     def test_every_truncation_of_a_reply_is_refused(self) -> None:
         body = reply_body(

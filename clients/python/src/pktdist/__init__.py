@@ -11,9 +11,11 @@ affinities, and is told when one ends::
     for ended in client.iter_ended():
         print(ended.client, ended.reason_name)
 
+A backend also reports its own state (``client.set_state("drain")`` before
+a graceful shutdown, ``"up"`` when ready, ``"down"`` to leave at once).
+
 The protocol is specified in pktdist's docs/PROTOCOL.md. Standard library
-only. The backend state request (a backend reporting UP, DRAIN or DOWN) is
-not in pktdist yet, so it is not here either.
+only.
 """
 
 from ._wire import (
@@ -21,6 +23,7 @@ from ._wire import (
     VERSION as PROTOCOL_VERSION,
     Affinity,
     Backend,
+    Declared,
     EndReason,
     Ended,
     MsgType,
@@ -32,6 +35,7 @@ from ._wire import (
 from .client import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Client
 from .errors import (
     Conflict,
+    Draining,
     Error,
     Internal,
     Invalid,
@@ -57,6 +61,7 @@ __all__ = [
     "ReplyBody",
     "ReturnCode",
     "EndReason",
+    "Declared",
     "MsgType",
     "key_from_hex",
     "Error",
@@ -70,6 +75,7 @@ __all__ = [
     "Unsupported",
     "QuotaExceeded",
     "RateLimited",
+    "Draining",
     "Timeout",
     "ProtocolError",
     "PROTOCOL_VERSION",

@@ -75,6 +75,7 @@ class MsgType(enum.IntEnum):
     BACKEND_REMOVE = 0x08
     STATS = 0x09
     RELOAD = 0x0A
+    BACKEND_STATE = 0x0B
     REPLY = 0x80
     AFFINITY_ENDED = 0x81
 
@@ -92,6 +93,7 @@ class ReturnCode(enum.IntEnum):
     UNSUPPORTED = 7
     QUOTA_EXCEEDED = 8
     RATE_LIMITED = 9
+    DRAINING = 10
 
 
 class EndReason(enum.IntEnum):
@@ -100,6 +102,20 @@ class EndReason(enum.IntEnum):
     EXPIRED = 1
     CANCELLED = 2
     BACKEND_REMOVED = 3
+    BACKEND_DOWN = 4
+
+
+class Declared(enum.IntEnum):
+    """A state a backend declares for itself, or the operator for any
+    backend, in BACKEND_STATE (PROTOCOL.md §6.7)."""
+
+    UP = 1
+    DRAIN = 2
+    DOWN = 3
+
+
+#: A backend's state in a BACKEND_LIST entry, by wire value.
+BACKEND_STATES = {1: "up", 2: "draining", 3: "down"}
 
 
 def code_of(value: int) -> int:
@@ -413,6 +429,13 @@ def set_weight_body(service: bytes, backend: bytes, weight: int) -> bytes:
     return enc_name(service) + enc_name(backend) + struct.pack(">I", weight)
 
 
+def backend_state_body(service: Optional[bytes], backend: Optional[bytes], state: int) -> bytes:
+    """The body of BACKEND_STATE (PROTOCOL.md §6.7): service (absent = every
+    service with a backend of that name), backend (absent = the sender),
+    state."""
+    return enc_name(service) + enc_name(backend) + struct.pack(">B", state)
+
+
 def stats_body(token: int, offset: int) -> bytes:
     return struct.pack(">II", token, offset)
 
@@ -662,7 +685,8 @@ class Ended:
         service, client, ports, protocol: the affinity's key, written as in
             :class:`Affinity`.
         owner: the backend that owned it.
-        reason: an :class:`EndReason` (EXPIRED, CANCELLED, BACKEND_REMOVED),
+        reason: an :class:`EndReason` (EXPIRED, CANCELLED, BACKEND_REMOVED,
+            BACKEND_DOWN),
             or the plain number of a reason added by a later pktdist.
     """
 
@@ -681,13 +705,29 @@ class Ended:
 @dataclass(frozen=True)
 class Backend:
     """One backend of a service, as :meth:`pktdist.Client.backends` returns
-    it; weight 0 = draining."""
+    it.
+
+    Attributes:
+        state: "up", "draining" (weight 0, or DRAIN declared) or "down"
+            (failing checks, or DOWN declared).
+        state_secs: seconds since it entered `state`.
+        app, admin: what the backend itself and the operator declared
+            (:class:`Declared`).
+        healthy: its health checks' verdict; None when none were reported.
+        check_error: why its last check failed, while failing.
+    """
 
     service: str
     name: str
     address: str
     mac: Optional[str]
     weight: int
+    state: str = "up"
+    state_secs: int = 0
+    app: int = Declared.UP
+    admin: int = Declared.UP
+    healthy: Optional[bool] = None
+    check_error: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -780,7 +820,32 @@ def decode_reply(body: bytes) -> ReplyBody:
             address = str(r.addr("backend address missing"))
             mac = r.mac()
             weight = r.u32()
-            backends.append(Backend(service, backend, address, mac, weight))
+            state = BACKEND_STATES.get(r.u8())
+            if state is None:
+                raise Malformed("unknown backend state")
+            state_secs = r.u32()
+            app, admin = r.u8(), r.u8()
+            if app not in (1, 2, 3) or admin not in (1, 2, 3):
+                raise Malformed("unknown declared state")
+            health = r.u8()
+            if health > 2:
+                raise Malformed("health must be 0, 1 or 2")
+            error = r.text()
+            backends.append(
+                Backend(
+                    service,
+                    backend,
+                    address,
+                    mac,
+                    weight,
+                    state=state,
+                    state_secs=state_secs,
+                    app=Declared(app),
+                    admin=Declared(admin),
+                    healthy=None if health == 0 else health == 1,
+                    check_error=error or None,
+                )
+            )
     elif kind == PAYLOAD_STATS:
         token, total_len, offset = r.u32(), r.u32(), r.u32()
         chunk = r.take(r.u16())

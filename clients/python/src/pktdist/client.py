@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import _wire as w
 from ._wire import Affinity, Backend, Ended, MsgType, Reply, ReplyBody, ReturnCode
@@ -341,6 +341,34 @@ class Client:
             w.check_name(service, "service name"), w.check_name(backend, "backend name"), weight
         )
         return self._ok(self._request(MsgType.BACKEND_SET_WEIGHT, body)).reply
+
+    def set_state(
+        self,
+        state: Union[str, int],
+        service: Optional[str] = None,
+        backend: Optional[str] = None,
+    ) -> Reply:
+        """Declares a backend's state (BACKEND_STATE): ``"up"``, ``"drain"``
+        or ``"down"`` (or a :class:`Declared`). A backend declares its own
+        (`backend` None or its own name), ``admin`` any backend's; `service`
+        None means every service the backend belongs to. DRAIN: no new
+        connections or affinities (:class:`pktdist.Draining`), what it has
+        finishes; DOWN: out at once, its affinities skipped and ended after
+        the service's ``affinity_grace``; UP: ready again. The reply's
+        message lists each backend concerned with its resulting state."""
+        if isinstance(state, str):
+            try:
+                value = w.Declared[state.upper()]
+            except KeyError:
+                raise ValueError(f"state {state!r} is not up, drain or down") from None
+        elif isinstance(state, int) and not isinstance(state, bool) and state in (1, 2, 3):
+            value = w.Declared(state)
+        else:
+            raise ValueError(f"state {state!r} is not up, drain or down")
+        svc = None if service is None else w.check_name(service, "service name")
+        be = None if backend is None else w.check_name(backend, "backend name")
+        body = w.backend_state_body(svc, be, int(value))
+        return self._ok(self._request(MsgType.BACKEND_STATE, body)).reply
 
     def stats(self) -> Dict[str, Any]:
         """pktdist's statistics document (what ``pktdist stats`` prints),

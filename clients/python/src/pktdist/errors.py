@@ -118,6 +118,11 @@ class RateLimited(Refused):
     allows it; nothing was done, retry after a moment."""
 
 
+class Draining(Refused):
+    """DRAINING: the backend is draining or down, so it may not create or
+    extend affinities (its existing ones are honoured until they end)."""
+
+
 _BY_CODE: Dict[int, Type[Refused]] = {
     1: Conflict,
     2: NotFound,
@@ -128,6 +133,7 @@ _BY_CODE: Dict[int, Type[Refused]] = {
     7: Unsupported,
     8: QuotaExceeded,
     9: RateLimited,
+    10: Draining,
 }
 
 
