@@ -3,11 +3,13 @@
 //! ([`crate::control::thread::ControlThread`]), spawns the workers, serves the
 //! control thread's loop, and stops everything in order (`process`); the
 //! optional built-in traffic source runs on a thread of its own
-//! (`traffic_source`), writing frames that [`trafficgen`] generates.
+//! (`traffic_source`), writing frames that [`trafficgen`] generates onto
+//! the worker queues [`rss`] picks for their flows.
 //!
 //! This is where the distribution logic meets DPDK; it holds no `unsafe`
 //! itself: everything DPDK goes through [`crate::dpdk`].
 
+pub mod rss;
 pub mod trafficgen;
 
 #[cfg(feature = "dpdk")]

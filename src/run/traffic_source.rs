@@ -1,7 +1,8 @@
 //! The traffic source's thread: the built-in load for the demo and the
 //! benchmarks. It writes connections from [`super::trafficgen`] into mbufs,
-//! transmits them on the traffic port's queues (one per worker) and drains
-//! what the workers forwarded, counting it per backend.
+//! transmits each on the traffic port's queue (one per worker) that a NIC's
+//! RSS would give its flow ([`super::rss`]), and drains what the workers
+//! forwarded, counting it per backend.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,32 +91,41 @@ impl TrafficSource {
         let started = Instant::now();
         let mut report = TrafficReport::default();
         let mut bufs: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
+        let mut fresh: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
         let room = usize::from(DEFAULT_DATA_ROOM) - usize::from(HEADROOM);
         let queues = self.tx.num_ports();
-        let mut pending: Vec<Vec<Mbuf>> =
-            (0..queues).map(|_| Vec::with_capacity(MAX_BURST)).collect();
+        // Frames written but not yet taken by their queue, per queue.
+        let mut pending: Vec<Vec<Mbuf>> = (0..queues)
+            .map(|_| Vec::with_capacity(2 * MAX_BURST))
+            .collect();
+        let mut generated: u64 = 0;
         while !stop.load(Ordering::Relaxed) {
-            for q in 0..queues {
-                let mut burst = MAX_BURST;
-                if self.rate_pps > 0 {
-                    let allowed = (started.elapsed().as_secs_f64() * self.rate_pps as f64) as u64;
-                    burst = burst.min(allowed.saturating_sub(report.sent) as usize);
-                }
-                // Frames a full queue refused wait for the next turn: a
-                // connection's packets are never lost at the source.
-                let pending = &mut pending[q];
-                if pending.is_empty() && burst > 0 {
-                    if Mbuf::alloc_bulk(&self.pool, pending, burst) {
-                        for m in pending.iter_mut() {
-                            if m.resize(room) {
-                                let n = self.gen.next_frame(m.data_mut());
-                                m.resize(n.max(60));
-                            }
+            // A burst of new frames, each on the queue RSS gives its flow,
+            // while no queue has a burst's worth waiting: a flow's frames
+            // stay in order on one queue, and a saturated worker holds the
+            // source back rather than losing frames.
+            let mut burst = MAX_BURST;
+            if self.rate_pps > 0 {
+                let allowed = (started.elapsed().as_secs_f64() * self.rate_pps as f64) as u64;
+                burst = burst.min(allowed.saturating_sub(generated) as usize);
+            }
+            if burst > 0 && pending.iter().all(|p| p.len() < MAX_BURST) {
+                if Mbuf::alloc_bulk(&self.pool, &mut fresh, burst) {
+                    for mut m in fresh.drain(..) {
+                        let mut queue = 0;
+                        if m.resize(room) {
+                            let (n, key) = self.gen.next_frame_keyed(m.data_mut());
+                            m.resize(n.max(60));
+                            queue = super::rss::queue_of(&key, queues);
                         }
-                    } else {
-                        report.no_mbuf += 1;
+                        pending[queue].push(m);
+                        generated += 1;
                     }
+                } else {
+                    report.no_mbuf += 1;
                 }
+            }
+            for (q, pending) in pending.iter_mut().enumerate() {
                 if !pending.is_empty() {
                     let offered = pending.len() as u64;
                     self.tx.tx_burst(q, pending);
