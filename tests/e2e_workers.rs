@@ -7,15 +7,27 @@
 //! flow), every packet in goes out, the connection shares follow the
 //! weights, and the per-worker counters add up to the totals, in the
 //! summary and in `/metrics`.
+//!
+//! And a `net_memif` port with two queues, one per worker, whose peer (this
+//! test process, with its own EAL) spreads its flows over them by the RSS
+//! hash: both workers take their share and no flow reaches both.
 #![cfg(feature = "dpdk")]
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{path_str, poll_until, serial, Pktdist, TempDir};
+use common::{base_config, path_str, poll_until, serial, web_service, Pktdist, TempDir};
+use pktdist::datapath::pktio::{PacketIo, MAX_BURST};
+use pktdist::dpdk::{
+    Eal, Mbuf, Mempool, Port, PortQueues, PortSetup, DEFAULT_DATA_ROOM, SOCKET_ANY,
+};
+use pktdist::run::rss;
+use pktdist::types::{tcp_flags, FlowKey};
+use pktdist::wire::build::FrameSpec;
 use serde_json::Value;
 
 /// The demo configuration with `workers` (sharing CPUs), the control
@@ -206,4 +218,158 @@ fn demo_with_two_workers_on_one_cpu() {
 #[test]
 fn demo_with_three_workers_on_two_cpus() {
     run_demo("[1, 1, 0]", 3);
+}
+
+/// Flows the memif peer opens: a SYN, then data, then a FIN each.
+const MEMIF_FLOWS: u32 = 512;
+
+/// Frame `k` (0: SYN, 1: data, 2: FIN) of memif flow `i`, and its flow.
+fn memif_frame(i: u32, k: u32) -> (Vec<u8>, FlowKey) {
+    let src = [198, 18, 1 + (i / 200) as u8, (i % 200) as u8 + 1];
+    let sport = 20_000 + i as u16;
+    let flags = match k {
+        0 => tcp_flags::SYN,
+        1 => tcp_flags::ACK | tcp_flags::PSH,
+        _ => tcp_flags::FIN | tcp_flags::ACK,
+    };
+    let mut spec = FrameSpec::tcp_v4(src, sport, [192, 0, 2, 10], 80, flags);
+    spec.dst_mac = [0x02, 0, 0, 0, 0, 0x01];
+    spec.src_mac = [0x02, 0, 0, 0, 0, 0x02];
+    let frame = spec.build().expect("a frame");
+    let parsed = pktdist::datapath::classify::parse(&frame).expect("parses");
+    (frame, parsed.key)
+}
+
+#[test]
+fn memif_with_two_queues_spread_by_the_peer() {
+    let _g = serial();
+    let dir = TempDir::new("memif-queues");
+    let socket = dir.path("memif.sock");
+    let mut c = base_config(&["be1", "be2"]).replace(
+        "workers = [1]\n",
+        "workers = [1, 1]\nshare_cpus = true\nidle_sleep = \"50us\"\n",
+    );
+    c.push_str(&format!(
+        "\n[[ports]]\nname = \"memif\"\n\
+         device = \"net_memif0,role=server,socket={},socket-abstract=no,mac=02:00:00:00:00:01\"\n\
+         gateway_mac = \"02:00:00:00:00:02\"\n",
+        socket.display()
+    ));
+    c.push_str(&web_service(
+        "",
+        &[("be1", "10.0.0.1", None), ("be2", "10.0.0.2", None)],
+    ));
+    let cfg = dir.path("pktdist.toml");
+    std::fs::write(&cfg, c).expect("write config");
+    let json = dir.path("summary.json");
+    let pd = Pktdist::spawn(&[
+        "run",
+        "--config",
+        path_str(&cfg),
+        "--quiet",
+        "--summary-json",
+        path_str(&json),
+    ]);
+    pd.control_addr(Duration::from_secs(30));
+    assert!(
+        pd.stderr_text()
+            .contains("2 queue(s), flows spread by the memif peer"),
+        "{}",
+        pd.stderr_text()
+    );
+
+    // The peer: a memif client with two queue pairs.
+    let args: Vec<String> = [
+        "--no-huge",
+        "-m",
+        "256",
+        "--no-pci",
+        "--no-shconf",
+        "--no-telemetry",
+        "--file-prefix",
+        "pktdist-memif-queues",
+        "-l",
+        "0",
+        "--log-level=*:error",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _eal = Eal::init(&args).expect("the peer's EAL");
+    let pool = Mempool::new("memif_q_peer", 8191, 0, DEFAULT_DATA_ROOM, SOCKET_ANY).expect("pool");
+    let device = format!(
+        "net_memif1,role=client,socket={},socket-abstract=no,mac=02:00:00:00:00:02",
+        socket.display()
+    );
+    let setup = PortSetup {
+        queues: 2,
+        ..PortSetup::default()
+    };
+    let port = Arc::new(Port::open(&device, &setup, pool.clone()).expect("open the peer"));
+    let up = poll_until(Duration::from_secs(20), || {
+        port.link().ok().filter(|l| l.up)
+    });
+    assert!(up.is_some(), "memif did not come up");
+    let mut io = PortQueues::new(vec![
+        port.queue(0).expect("queue 0"),
+        port.queue(1).expect("queue 1"),
+    ]);
+
+    // Each flow's frames on the queue its RSS hash gives, SYNs first, then
+    // data, then FINs: each queue keeps its flows' frames in order.
+    let mut per_queue = [0u64; 2];
+    let mut sent = 0u64;
+    let mut back = 0u64;
+    let mut bufs = Vec::with_capacity(MAX_BURST);
+    let drain = |io: &mut PortQueues, bufs: &mut Vec<Mbuf>, back: &mut u64| {
+        for q in 0..2 {
+            io.rx_burst(q, bufs);
+            *back += bufs.len() as u64;
+            bufs.clear();
+        }
+    };
+    for k in 0..3 {
+        for i in 0..MEMIF_FLOWS {
+            let (frame, key) = memif_frame(i, k);
+            let q = rss::queue_of(&key, 2);
+            let mut one = vec![Mbuf::from_frame(&pool, &frame).expect("mbuf")];
+            let give_up = std::time::Instant::now() + Duration::from_secs(20);
+            while !one.is_empty() {
+                assert!(std::time::Instant::now() < give_up, "queue {q} stays full");
+                io.tx_burst(q, &mut one);
+                drain(&mut io, &mut bufs, &mut back);
+            }
+            per_queue[q] += 1;
+            sent += 1;
+        }
+    }
+    let all = poll_until(Duration::from_secs(20), || {
+        drain(&mut io, &mut bufs, &mut back);
+        (back == sent).then_some(())
+    });
+    assert!(all.is_some(), "{back} of {sent} frames came back");
+    drop(io);
+    drop(port);
+
+    let fin = pd.stop(Duration::from_secs(20));
+    assert!(fin.status.success(), "{}", fin.stderr);
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("summary"))
+        .expect("summary JSON");
+    assert_eq!(u(&s["rx_packets"]), sent);
+    assert_eq!(u(&s["tx_packets"]), sent);
+    assert_eq!(u(&s["new_connections"]), u64::from(MEMIF_FLOWS));
+    assert_eq!(u(&s["unknown_flows"]), 0, "a flow reached both workers");
+    let detail = s["workers_detail"].as_array().expect("workers_detail");
+    let got: Vec<u64> = detail.iter().map(|d| u(&d["rx_packets"])).collect();
+    assert_eq!(
+        got, per_queue,
+        "worker w received what the peer sent on queue w"
+    );
+    for n in &per_queue {
+        assert!(
+            n * 4 >= sent,
+            "a queue took less than a quarter: {per_queue:?}"
+        );
+    }
+    println!("memif, two queues: {sent} frames of {MEMIF_FLOWS} flows, per worker {got:?}");
 }
