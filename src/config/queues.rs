@@ -37,7 +37,7 @@ impl Spread {
     pub fn describe(self) -> &'static str {
         match self {
             Spread::OneQueue => "one queue, no RSS needed",
-            Spread::Rss => "RSS on (IP addresses and TCP/UDP ports) if the NIC has it: `pktdist run` logs it",
+            Spread::Rss => "RSS requested on IP addresses and TCP/UDP ports; pktdist run logs whether the NIC has it",
             Spread::KernelFanout => "no RSS: the kernel's packet fan-out (PACKET_FANOUT_HASH) spreads flows over the qpairs sockets",
             Spread::Peer => "no RSS: the memif peer picks the queue of each frame",
             Spread::TrafficSource => "no RSS: the traffic source puts each flow on the queue RSS would",

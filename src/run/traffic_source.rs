@@ -276,3 +276,33 @@ fn outer_destination(frame: &[u8]) -> Option<u128> {
     mac.copy_from_slice(&frame[..6]);
     Some(mac_key(&mac))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_closes_when_full_and_writes_off_lost_frames() {
+        let mut w = Window::new(2);
+        let t0 = w.last_return[0];
+        assert!(w.open(t0));
+        w.sent(1, WINDOW - MAX_BURST as u64);
+        assert!(w.open(t0), "room for one burst more");
+        w.sent(1, 1);
+        assert!(!w.open(t0), "queue 1 full: no new burst for any queue");
+        w.returned(1, 40);
+        assert!(w.open(Instant::now()));
+        // Full, and nothing back for longer than WRITE_OFF: the workers
+        // dropped those frames; the window opens again.
+        w.sent(0, WINDOW);
+        let later = w.last_return[0] + WRITE_OFF + Duration::from_millis(1);
+        assert!(!w.open(w.last_return[0]));
+        assert!(w.open(later));
+        assert_eq!(w.in_flight[0], 0);
+        w.returned(0, 5);
+        assert_eq!(
+            w.in_flight[0], 0,
+            "returns beyond what is in flight are ignored"
+        );
+    }
+}
