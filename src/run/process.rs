@@ -298,6 +298,7 @@ fn spawn(
 
     let stop_workers = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::with_capacity(counters.len());
+    let worker_counters = counters.clone();
     for (w, (&core, c)) in cfg.cores.workers.iter().zip(counters).enumerate() {
         let mut queues = Vec::with_capacity(ports.len());
         for (i, port) in ports.iter().enumerate() {
@@ -379,6 +380,7 @@ fn spawn(
                 pool: Arc::clone(&started.pool),
                 tx: PortQueues::new(tx),
                 rx: PortQueues::new(rx),
+                workers: worker_counters,
                 rate_pps: t.rate_pps,
             };
             let stop = Arc::clone(&stop_source);

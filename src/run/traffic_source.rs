@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::datapath::counters::WorkerCounters;
 use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use crate::datapath::snapshot::{Dataplane, ForwardMode};
 use crate::dpdk::{Mbuf, Mempool, PortQueues, DEFAULT_DATA_ROOM, HEADROOM};
@@ -39,6 +40,8 @@ pub(super) struct TrafficSource {
     pub(super) tx: PortQueues,
     /// Port index w = worker w's transmit queue on the forwarding port.
     pub(super) rx: PortQueues,
+    /// Worker w's counters: frames it dropped never come back.
+    pub(super) workers: Vec<Arc<WorkerCounters>>,
     pub(super) rate_pps: u64,
 }
 
@@ -124,7 +127,7 @@ impl TrafficSource {
             }
             if burst > 0
                 && pending.iter().all(|p| p.len() < MAX_BURST)
-                && window.open(Instant::now())
+                && window.open(Instant::now(), &self.workers)
             {
                 if Mbuf::alloc_bulk(&self.pool, &mut fresh, burst) {
                     for mut m in fresh.drain(..) {
@@ -213,6 +216,8 @@ struct Window {
     in_flight: Vec<u64>,
     /// When a frame last came back on each queue.
     last_return: Vec<Instant>,
+    /// Each worker's drops when last counted.
+    drops_seen: Vec<u64>,
 }
 
 impl Window {
@@ -220,22 +225,35 @@ impl Window {
         Window {
             in_flight: vec![0; queues],
             last_return: vec![Instant::now(); queues],
+            drops_seen: vec![0; queues],
         }
     }
 
-    /// Whether every queue has room for a burst more. Frames of a full
-    /// window that brought nothing back for [`WRITE_OFF`] were dropped by
-    /// the workers (a backend drained to weight 0, say): written off.
-    fn open(&mut self, now: Instant) -> bool {
+    /// Whether every queue has room for a burst more. A full queue's
+    /// window first gives back the frames its worker dropped since the
+    /// last count (`workers[q]`, when given); frames of a window still full
+    /// that brought nothing back for [`WRITE_OFF`] went elsewhere (an ICMP
+    /// answer, a port's `unmatched_to`) and are written off.
+    fn open(&mut self, now: Instant, workers: &[Arc<WorkerCounters>]) -> bool {
         let mut open = true;
-        for (f, t) in self.in_flight.iter_mut().zip(&mut self.last_return) {
-            if *f + MAX_BURST as u64 > WINDOW {
-                if now.duration_since(*t) > WRITE_OFF {
-                    *f = 0;
-                    *t = now;
-                } else {
-                    open = false;
+        for q in 0..self.in_flight.len() {
+            if self.in_flight[q] + MAX_BURST as u64 <= WINDOW {
+                continue;
+            }
+            if let Some(w) = workers.get(q) {
+                let drops = w.total_drops();
+                let lost = drops.saturating_sub(self.drops_seen[q]);
+                self.drops_seen[q] = drops;
+                self.in_flight[q] = self.in_flight[q].saturating_sub(lost);
+                if self.in_flight[q] + MAX_BURST as u64 <= WINDOW {
+                    continue;
                 }
+            }
+            if now.duration_since(self.last_return[q]) > WRITE_OFF {
+                self.in_flight[q] = 0;
+                self.last_return[q] = now;
+            } else {
+                open = false;
             }
         }
         open
@@ -285,19 +303,19 @@ mod tests {
     fn window_closes_when_full_and_writes_off_lost_frames() {
         let mut w = Window::new(2);
         let t0 = w.last_return[0];
-        assert!(w.open(t0));
+        assert!(w.open(t0, &[]));
         w.sent(1, WINDOW - MAX_BURST as u64);
-        assert!(w.open(t0), "room for one burst more");
+        assert!(w.open(t0, &[]), "room for one burst more");
         w.sent(1, 1);
-        assert!(!w.open(t0), "queue 1 full: no new burst for any queue");
+        assert!(!w.open(t0, &[]), "queue 1 full: no new burst for any queue");
         w.returned(1, 40);
-        assert!(w.open(Instant::now()));
+        assert!(w.open(Instant::now(), &[]));
         // Full, and nothing back for longer than WRITE_OFF: the workers
         // dropped those frames; the window opens again.
         w.sent(0, WINDOW);
         let later = w.last_return[0] + WRITE_OFF + Duration::from_millis(1);
-        assert!(!w.open(w.last_return[0]));
-        assert!(w.open(later));
+        assert!(!w.open(w.last_return[0], &[]));
+        assert!(w.open(later, &[]));
         assert_eq!(w.in_flight[0], 0);
         w.returned(0, 5);
         assert_eq!(
