@@ -1570,7 +1570,7 @@ fn two_workers_clean_stop(bed: &Bed, lb: Proc, summary: &Path) {
         .iter()
         .all(|w| w["rx_packets"].as_u64().unwrap_or(0) > 0));
     println!(
-        "two workers, clean stop: exit {status}, packets per worker {:?}",
+        "two workers, clean stop: {status}, packets per worker {:?}",
         detail
             .iter()
             .map(|w| w["rx_packets"].as_u64().unwrap_or(0))
