@@ -267,7 +267,7 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
     );
     assert!(
         pd.stderr_text()
-            .contains("pktdist: backend web/be2 is down (health check to 127.0.0.2:"),
+            .contains("backend web/be2 is down (health check to 127.0.0.2:"),
         "{}",
         pd.stderr_text()
     );

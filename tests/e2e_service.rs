@@ -273,10 +273,11 @@ fn a_real_prometheus_scrapes_pktdist() {
     };
     assert!(rate > 0.0);
 
-    // Every backend of config/demo.toml, as Prometheus stored it.
+    // Every backend of config/demo.toml is up (no health checks there), as
+    // Prometheus stored it.
     let backends = prom
-        .query("pktdist_backend_weight")
-        .expect("pktdist_backend_weight");
+        .query("pktdist_backend_up")
+        .expect("pktdist_backend_up");
     let mut names: Vec<String> = backends
         .iter()
         .map(|s| {
@@ -291,6 +292,10 @@ fn a_real_prometheus_scrapes_pktdist() {
     assert_eq!(
         names,
         ["app/app1", "app/app2", "web/be1", "web/be2", "web/be3"],
+        "{backends:?}"
+    );
+    assert!(
+        backends.iter().all(|s| s["value"][1] == "1"),
         "{backends:?}"
     );
     let up = prom.query("up{job=\"pktdist\"}").expect("up");

@@ -214,16 +214,18 @@ impl Bed {
 
     /// pktdist with config/testbed.toml, ready when its control plane answers.
     fn pktdist(&self, log: &str) -> Proc {
-        self.pktdist_with(log, &repo().join("config/testbed.toml"))
+        self.pktdist_with(log, &repo().join("config/testbed.toml"), &[])
     }
 
-    /// pktdist with the configuration `config`.
-    fn pktdist_with(&self, log: &str, config: &Path) -> Proc {
-        let args = vec![
+    /// pktdist with `config` and `extra` arguments to `run`, ready when its
+    /// control plane answers.
+    fn pktdist_with(&self, log: &str, config: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec![
             "run".to_string(),
             "--config".into(),
             config.display().to_string(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut p = self.spawn("lb", log, Path::new(env!("CARGO_BIN_EXE_pktdist")), &args);
         wait_until("pktdist's control plane", Duration::from_secs(30), || {
             if let Ok(Some(st)) = p.child.try_wait() {
@@ -392,6 +394,26 @@ impl Proc {
     fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the end (SIGKILL after `limit`, which fails
+    /// the test): a clean stop.
+    fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{} did not stop within {limit:?} of SIGTERM:\n{}",
+                self.name,
+                self.tail()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -619,6 +641,12 @@ fn testbed_config_matches_the_bed() {
 
 /// A scenario of the test bed: its name and what it runs.
 type Scenario = (&'static str, fn(&Bed));
+/// The tests that bring the bed up take this lock: one bed at a time in
+/// this process (other processes: `flock /tmp/testbed.lock`).
+fn bed_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 #[test]
 fn testbed_end_to_end() {
@@ -630,6 +658,7 @@ fn testbed_end_to_end() {
         println!("SKIP testbed_end_to_end: {why}");
         return;
     }
+    let _one_bed = bed_lock();
     let scenarios: [Scenario; 9] = [
         ("distribution_follows_weights", distribution_follows_weights),
         (
@@ -1063,7 +1092,7 @@ fn a_dead_backend_is_checked_out_and_back_in(bed: &Bed) {
     assert_ne!(checked, text, "the web service got its health checks");
     fs::write(&config, checked).expect("write the configuration");
     let (interval, rise, fall) = (Duration::from_millis(500), 2, 2);
-    let _lb = bed.pktdist_with("lb-health", &config);
+    let _lb = bed.pktdist_with("lb-health", &config, &[]);
     let checked_backend = |name: &str| {
         let addr = BACKENDS.iter().find(|b| b.0 == name).expect("backend").1;
         let listen = format!("{addr}:{HEALTH_PORT}");
@@ -1422,4 +1451,429 @@ fn path_mtu_discovery_through_pktdist(bed: &Bed) {
             forwarded() - icmp_before
         );
     }
+}
+
+/// config/testbed.toml with two workers: lb0 opened with `qpairs=2` (two
+/// sockets in one PACKET_FANOUT group: the kernel hashes each flow to one),
+/// the workers on both CPUs (worker 0 beside the control thread, so
+/// `share_cpus`, and idle workers sleep), and the metrics on ctl0.
+fn two_workers_config() -> String {
+    let text = fs::read_to_string(repo().join("config/testbed.toml")).expect("testbed.toml");
+    let mut out = text.clone();
+    for (from, to) in [
+        (
+            "device = \"net_af_packet0,iface=lb0\"",
+            "device = \"net_af_packet0,iface=lb0,qpairs=2\"",
+        ),
+        (
+            "workers = [1]\n",
+            "workers = [0, 1]\nshare_cpus = true\nidle_sleep = \"50us\"\n",
+        ),
+        (
+            "status_interval = \"2s\"\n",
+            "status_interval = \"2s\"\nmetrics_listen = \"10.99.0.1:9400\"\n",
+        ),
+    ] {
+        assert_eq!(out.matches(from).count(), 1, "{from:?} in testbed.toml");
+        out = out.replace(from, to);
+    }
+    out
+}
+
+/// Packets each worker received so far (`pktdist stats`).
+fn worker_rx(bed: &Bed) -> Vec<u64> {
+    bed.stats()["workers_detail"]
+        .as_array()
+        .expect("workers_detail")
+        .iter()
+        .map(|w| w["rx_packets"].as_u64().expect("rx_packets"))
+        .collect()
+}
+
+/// What each worker received between two readings of [`worker_rx`].
+fn grew(before: &[u64], after: &[u64]) -> Vec<u64> {
+    after.iter().zip(before).map(|(a, b)| a - b).collect()
+}
+
+/// `GET /metrics` inside the distributor's namespace.
+fn metrics() -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns("lb"), "curl", "-sf", "--max-time", "5"])
+        .arg("http://10.99.0.1:9400/metrics")
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "GET /metrics failed");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn sample(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no sample {name}")) as u64
+}
+
+/// Per-worker counters add up to the totals, in `pktdist stats` and in
+/// `/metrics` (each read at one instant; a stray frame on lb0 between the
+/// reads of one document can make them differ, so they are read again
+/// until they agree).
+fn counters_add_up(bed: &Bed) {
+    wait_until(
+        "stats: per-worker counters sum to the totals",
+        Duration::from_secs(20),
+        || {
+            let s = bed.stats();
+            let detail = s["workers_detail"].as_array().expect("workers_detail");
+            let sum = |k: &str| {
+                detail
+                    .iter()
+                    .map(|w| w[k].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            };
+            detail.len() == 2
+                && sum("rx_packets") == s["rx_packets"].as_u64().unwrap_or(0)
+                && sum("tx_packets") == s["tx_packets"].as_u64().unwrap_or(0)
+        },
+    );
+    wait_until(
+        "/metrics: per-worker counters sum to the totals",
+        Duration::from_secs(20),
+        || {
+            let m = metrics();
+            let w = |family: &str, i: u32| sample(&m, &format!("{family}{{worker=\"{i}\"}}"));
+            w("pktdist_worker_received_packets_total", 0)
+                + w("pktdist_worker_received_packets_total", 1)
+                == sample(&m, "pktdist_received_packets_total")
+                && w("pktdist_worker_transmitted_packets_total", 0)
+                    + w("pktdist_worker_transmitted_packets_total", 1)
+                    == sample(&m, "pktdist_transmitted_packets_total")
+                && w("pktdist_worker_received_packets_total", 0) > 0
+                && w("pktdist_worker_received_packets_total", 1) > 0
+        },
+    );
+}
+
+/// Two workers on the test bed, each owning one of lb0's two queue pairs,
+/// the kernel's packet fan-out spreading the clients' flows over them by
+/// hash: real kernel TCP end to end through both workers, with every
+/// per-worker path in play.
+#[test]
+fn testbed_two_workers() {
+    if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the test bed must run in CI, but: {why}"
+        );
+        println!("SKIP testbed_two_workers: {why}");
+        return;
+    }
+    let _one_bed = bed_lock();
+    let bed = Bed::up();
+    let config = bed.logs.join("testbed-two-workers.toml");
+    fs::write(&config, two_workers_config()).expect("write config");
+    let summary = bed.logs.join("two-workers-summary.json");
+    let summary_arg = summary.display().to_string();
+    let lb = bed.pktdist_with("lb-two-workers", &config, &["--summary-json", &summary_arg]);
+    let log = lb.text();
+    assert!(
+        log.contains("2 queue(s), flows spread by the kernel's packet fan-out"),
+        "{log}"
+    );
+    assert!(log.contains("warning: [cores] share_cpus"), "{log}");
+
+    two_workers_spread_flows_byte_exact(&bed);
+    two_workers_meet_on_one_backend_under_auto_affinity(&bed);
+    two_workers_honour_requested_affinities(&bed);
+    two_workers_hot_reload(&bed, &config);
+    two_workers_clean_stop(&bed, lb, &summary);
+}
+
+/// 1200 connections (one in ten with a 100 KB response) from 15 client
+/// addresses: each worker receives at least a quarter of the packets, every
+/// connection completes byte-exact, the weights hold, and no packet reached
+/// a worker that did not know its flow (a flow never changes worker).
+fn two_workers_spread_flows_byte_exact(bed: &Bed) {
+    let _be = bed.backends();
+    let before = worker_rx(bed);
+    let args = |src: &'static str| {
+        [
+            "--sources",
+            src,
+            "--connections",
+            "600",
+            "--concurrency",
+            "8",
+            "--path",
+            "/bytes/1000",
+            "--large-every",
+            "10",
+            "--large",
+            "100000",
+        ]
+    };
+    let c1 = bed.start_client("c1", &args(C1));
+    let c2 = bed.start_client("c2", &args(C2));
+    let mut conns = c1.finish();
+    conns.extend(c2.finish());
+    assert_all_ok("two workers", &conns, 1200);
+    assert_eq!(conns.iter().filter(|c| c.bytes == 100_000).count(), 120);
+    let per_worker = grew(&before, &worker_rx(bed));
+    let total: u64 = per_worker.iter().sum();
+    for (w, n) in per_worker.iter().enumerate() {
+        assert!(
+            n * 4 >= total,
+            "worker {w} received {n} of {total} packets: less than a quarter ({per_worker:?})"
+        );
+    }
+    let counts = by_backend(&conns);
+    let weights: u32 = BACKENDS.iter().map(|b| b.3).sum();
+    for (name, _, _, weight) in BACKENDS {
+        let share = *counts.get(name).unwrap_or(&0) as f64 / conns.len() as f64;
+        let want = f64::from(weight) / f64::from(weights);
+        assert!(
+            (share - want).abs() <= 0.05,
+            "{name}: share {share:.3}, weight share {want:.3} ({counts:?})"
+        );
+    }
+    let stats = bed.stats();
+    assert_eq!(
+        stats["unknown_flows"].as_u64(),
+        Some(0),
+        "a packet reached a worker that did not know its flow: {stats}"
+    );
+    counters_add_up(bed);
+    println!(
+        "two workers: 1200 connections byte-exact, packets per worker {per_worker:?}, {counts:?}"
+    );
+}
+
+/// The app service (:8080, automatic affinity): each of 15 clients opens 8
+/// connections at once from 8 source ports. The kernel hashes each
+/// connection to a worker on its own (all 8 of a client on one worker has
+/// a chance of 1 in 128), so most clients' connections are split over both
+/// workers, and the shared pin table brings each client's connections to
+/// one backend.
+fn two_workers_meet_on_one_backend_under_auto_affinity(bed: &Bed) {
+    let _be = bed.backends();
+    let before = worker_rx(bed);
+    let hits_before = bed.stats()["services"][1]["auto_affinity_hits"]
+        .as_u64()
+        .unwrap_or(0);
+    let target = format!("{VIP}:8080");
+    let args = |src: &'static str| {
+        vec![
+            "--target".to_string(),
+            target.clone(),
+            "--sources".into(),
+            src.into(),
+            "--connections".into(),
+            "8".into(),
+            "--parallel".into(),
+        ]
+    };
+    let (a1, a2) = (args(C1), args(C2));
+    let c1 = bed.start_client("c1", &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    let c2 = bed.start_client("c2", &a2.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut conns = c1.finish();
+    conns.extend(c2.finish());
+    assert_all_ok("parallel, two workers", &conns, 15 * 8);
+    let mut per_client: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for c in &conns {
+        per_client
+            .entry(c.src_ip().to_string())
+            .or_default()
+            .insert(c.backend.clone().unwrap_or_default());
+    }
+    for (client, backends) in &per_client {
+        assert_eq!(
+            backends.len(),
+            1,
+            "{client}'s parallel connections went to {backends:?}"
+        );
+    }
+    let per_worker = grew(&before, &worker_rx(bed));
+    assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
+    let hits = bed.stats()["services"][1]["auto_affinity_hits"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        hits >= hits_before + 15 * 7,
+        "auto-affinity hits {hits_before} -> {hits}"
+    );
+    let used: BTreeSet<&String> = per_client.values().flatten().collect();
+    println!("two workers, auto-affinity: 15 clients x 8, each on one backend ({used:?}), packets per worker {per_worker:?}");
+}
+
+/// be2's application pins 10.99.1.0/24 to itself: 100 connections from 8
+/// addresses, spread over both workers, all reach be2; after the cancel
+/// the weights apply again on both.
+fn two_workers_honour_requested_affinities(bed: &Bed) {
+    let _be1 = bed.backend("be1", &[]);
+    let _be3 = bed.backend("be3", &[]);
+    let be2 = bed.backend(
+        "be2",
+        &[
+            "--affinity-after",
+            "1",
+            "--affinity-prefix",
+            "24",
+            "--affinity-duration",
+            "60s",
+        ],
+    );
+    reach(bed, "be2");
+    wait_until(
+        "be2's affinity for 10.99.1.0/24",
+        Duration::from_secs(10),
+        || bed.has_affinity("10.99.1.0/24", "be2"),
+    );
+    let before = worker_rx(bed);
+    let pinned = bed.run_client(
+        "c1",
+        &[
+            "--sources",
+            C1,
+            "--connections",
+            "100",
+            "--path",
+            "/bytes/3000",
+        ],
+    );
+    assert_all_ok("pinned, two workers", &pinned, 100);
+    assert_eq!(by_backend(&pinned).keys().collect::<Vec<_>>(), ["be2"]);
+    let per_worker = grew(&before, &worker_rx(bed));
+    assert!(
+        per_worker.iter().all(|&n| n > 0),
+        "the pinned connections did not use both workers: {per_worker:?}"
+    );
+    bed.cli_ok(&[
+        "affinity",
+        "cancel",
+        "--service",
+        &format!("{VIP}:80"),
+        "--client",
+        "10.99.1.0/24",
+        "--owner",
+        "be2",
+    ]);
+    wait_until("be2's CANCELLED notice", Duration::from_secs(10), || {
+        be2.text().contains("CANCELLED")
+    });
+    let free = assert_weights_apply(bed, "after cancel, two workers");
+    println!("two workers, requested affinity: 100 connections to be2 ({per_worker:?} packets per worker); then {free:?}");
+}
+
+/// A reload while both workers forward a trickle of connections and hold
+/// others open: be1's weight changes at once on both workers, every
+/// connection of the trickle completes and the held ones stay on their
+/// backends.
+fn two_workers_hot_reload(bed: &Bed, config: &Path) {
+    let _be = bed.backends();
+    let mut held = bed.start_client(
+        "c1",
+        &["--hold", "--sources", C1, "--path", "/bytes/100000"],
+    );
+    let first = held.held();
+    assert_all_ok("held before reload", &first, 8);
+    let mut trickle = bed.start_client(
+        "c2",
+        &[
+            "--sources",
+            C2,
+            "--connections",
+            "300",
+            "--concurrency",
+            "4",
+            "--pause-ms",
+            "20",
+            "--path",
+            "/bytes/20000",
+        ],
+    );
+    let before = bed.stats()["new_connections"].as_u64().unwrap_or(0);
+    wait_until("the trickle under way", Duration::from_secs(20), || {
+        bed.stats()["new_connections"].as_u64().unwrap_or(0) >= before + 30
+    });
+    let text = fs::read_to_string(config).expect("config");
+    let from =
+        "name = \"be1\"\naddress = \"10.99.10.1\"\nmac = \"02:50:44:00:10:01\"\nweight = 100\n";
+    assert_eq!(text.matches(from).count(), 1, "be1 of web in the config");
+    fs::write(
+        config,
+        text.replace(from, &from.replace("weight = 100", "weight = 400")),
+    )
+    .expect("rewrite config");
+    let rx_at_reload = worker_rx(bed);
+    bed.cli_ok(&["reload"]);
+    let list = bed.cli_ok(&["backend", "list", "--service", "web"]);
+    assert!(
+        list.lines().any(|l| l.contains("be1") && l.contains("400")),
+        "be1's new weight: {list}"
+    );
+    assert!(
+        trickle.still_running(),
+        "the trickle ended before the reload"
+    );
+    let conns = trickle.finish();
+    assert_all_ok("trickle across the reload", &conns, 300);
+    let second = held.finish();
+    assert_all_ok("held across the reload", &second, 8);
+    assert_held_stayed(&first, &second);
+    let per_worker = grew(&rx_at_reload, &worker_rx(bed));
+    assert!(
+        per_worker.iter().all(|&n| n > 0),
+        "after the reload: {per_worker:?}"
+    );
+    counters_add_up(bed);
+    println!("two workers, reload: be1 at weight 400, 300 connections and 8 held ones across it; packets per worker after it {per_worker:?}");
+}
+
+/// SIGTERM while both workers forward: pktdist stops cleanly within the
+/// limit, and its summary counts both workers, their counters adding up.
+fn two_workers_clean_stop(bed: &Bed, lb: Proc, summary: &Path) {
+    let _be = bed.backends();
+    let trickle = bed.start_client(
+        "c2",
+        &[
+            "--sources",
+            C2,
+            "--connections",
+            "2000",
+            "--concurrency",
+            "8",
+            "--pause-ms",
+            "5",
+            "--path",
+            "/bytes/20000",
+        ],
+    );
+    let before = worker_rx(bed);
+    wait_until("both workers busy", Duration::from_secs(20), || {
+        grew(&before, &worker_rx(bed)).iter().all(|&n| n > 100)
+    });
+    let status = lb.terminate(Duration::from_secs(30));
+    drop(trickle);
+    assert!(status.success(), "pktdist's exit after SIGTERM: {status}");
+    let s: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(summary).expect("summary JSON"))
+            .expect("summary parses");
+    assert_eq!(s["workers"].as_u64(), Some(2));
+    let detail = s["workers_detail"].as_array().expect("workers_detail");
+    let sum = |k: &str| {
+        detail
+            .iter()
+            .map(|w| w[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(sum("rx_packets"), s["rx_packets"].as_u64().unwrap_or(0));
+    assert_eq!(sum("tx_packets"), s["tx_packets"].as_u64().unwrap_or(0));
+    assert!(detail
+        .iter()
+        .all(|w| w["rx_packets"].as_u64().unwrap_or(0) > 0));
+    println!(
+        "two workers, clean stop: {status}, packets per worker {:?}",
+        detail
+            .iter()
+            .map(|w| w["rx_packets"].as_u64().unwrap_or(0))
+            .collect::<Vec<_>>()
+    );
 }

@@ -10,6 +10,7 @@
 
 mod error;
 mod health;
+mod queues;
 mod types;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -34,6 +35,7 @@ pub use error::{ConfigError, KeyPath, Seg};
 pub use health::{
     HealthConfig, HealthKind, StatusRanges, MAX_HEALTH_INTERVAL, MAX_RISE_FALL, MIN_HEALTH_INTERVAL,
 };
+pub use queues::Spread;
 pub use types::{DurationStr, HexKey, MacAddr, MIN_KEY_BYTES};
 
 /// Largest backend weight.
@@ -60,6 +62,9 @@ pub const MAX_ICMP_RATE: u32 = 1_000_000;
 /// Largest `[control] max_requests_per_second` and
 /// `admin_max_requests_per_second` (0 is no limit).
 pub const MAX_REQUEST_RATE: u32 = 10_000_000;
+/// Most workers: each takes one queue pair on every port, and DPDK devices
+/// seldom offer more than 128.
+pub const MAX_WORKERS: usize = 128;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -98,14 +103,43 @@ pub struct EalConfig {
     pub args: Vec<String>,
 }
 
+/// Longest `[cores] idle_sleep`.
+pub const MAX_IDLE_SLEEP: Duration = Duration::from_millis(10);
+
 /// The core plan.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoresConfig {
     /// Core of the main/control thread (EAL main lcore).
     pub control: usize,
-    /// One worker per core; each gets one RX and one TX queue on every port.
+    /// One worker per entry, pinned to that core; each gets one RX and one
+    /// TX queue on every port.
     pub workers: Vec<usize>,
+    /// Let workers share a CPU with each other and with the control core
+    /// (tests, small machines). Off: every worker has a core of its own.
+    #[serde(default)]
+    pub share_cpus: bool,
+    /// A worker whose poll found every receive queue empty sleeps this long
+    /// before polling again, leaving the CPU to whatever shares it. Off (the
+    /// default): a worker polls without pause, as on a core of its own.
+    #[serde(default)]
+    pub idle_sleep: Option<DurationStr>,
+}
+
+impl CoresConfig {
+    /// The CPUs more than one thread of the plan is pinned to (the control
+    /// thread counts as one), in order.
+    pub fn shared_cpus(&self) -> Vec<usize> {
+        let mut count: BTreeMap<usize, usize> = BTreeMap::new();
+        for &c in std::iter::once(&self.control).chain(&self.workers) {
+            *count.entry(c).or_insert(0) += 1;
+        }
+        count
+            .into_iter()
+            .filter(|&(_, n)| n > 1)
+            .map(|(c, _)| c)
+            .collect()
+    }
 }
 
 /// The packet-buffer pool.
@@ -601,18 +635,45 @@ impl Config {
         if c.workers.is_empty() {
             return fail(p.key("workers"), "at least one worker core is required");
         }
+        if c.workers.len() > MAX_WORKERS {
+            return fail(
+                p.key("workers"),
+                format!(
+                    "{} workers: at most {MAX_WORKERS} (one queue pair per worker on every port)",
+                    c.workers.len()
+                ),
+            );
+        }
+        if let Some(d) = c.idle_sleep {
+            if d.0.is_zero() || d.0 > MAX_IDLE_SLEEP {
+                return fail(
+                    p.key("idle_sleep"),
+                    format!(
+                        "{d}: must be longer than 0 and at most {} (leave it out to poll without pause)",
+                        DurationStr(MAX_IDLE_SLEEP)
+                    ),
+                );
+            }
+        }
+        if c.share_cpus {
+            return Ok(());
+        }
         let mut seen = HashSet::new();
         for (i, &w) in c.workers.iter().enumerate() {
             if w == c.control {
                 return fail(
                     p.key("workers").index(i),
-                    format!("core {w} is also the control core"),
+                    format!(
+                        "core {w} is also the control core (share_cpus = true allows it, for tests and small machines)"
+                    ),
                 );
             }
             if !seen.insert(w) {
                 return fail(
                     p.key("workers").index(i),
-                    format!("core {w} is listed twice"),
+                    format!(
+                        "core {w} is listed twice (share_cpus = true allows it, for tests and small machines)"
+                    ),
                 );
             }
         }
@@ -645,6 +706,9 @@ impl Config {
                     pp.key("device"),
                     format!("device {dev:?} is used by two ports"),
                 );
+            }
+            if let Err(e) = port.check_queues(self.cores.workers.len()) {
+                return fail(pp.key("device"), e);
             }
             if !MTU_RANGE.contains(&port.mtu) {
                 return fail(
@@ -1079,27 +1143,47 @@ impl Config {
         let mut o = String::new();
         let nw = self.cores.workers.len();
         let _ = writeln!(o, "EAL arguments: {}", self.eal.args.join(" "));
+        let shared = self.cores.shared_cpus();
         let _ = writeln!(
             o,
-            "cores: control {}, workers {:?} ({nw} worker{})",
+            "cores: control {}, workers {:?} ({nw} worker{}){}{}",
             self.cores.control,
             self.cores.workers,
-            if nw == 1 { "" } else { "s" }
+            if nw == 1 { "" } else { "s" },
+            if shared.is_empty() {
+                String::new()
+            } else {
+                format!(", CPUs {shared:?} shared (share_cpus)")
+            },
+            match self.cores.idle_sleep {
+                Some(d) => format!(", idle workers sleep {d}"),
+                None => String::new(),
+            }
         );
+        let names: Vec<&str> = self.ports.iter().map(|p| p.name.as_str()).collect();
+        for (w, core) in self.cores.workers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  worker {w} on core {core}: rx + tx queue {w} of {}",
+                names.join(", ")
+            );
+        }
         let _ = writeln!(
             o,
             "mempool: {} mbufs, cache {}",
             self.mempool.mbufs, self.mempool.cache
         );
         let _ = writeln!(o, "ports:");
+        let fed = self.traffic.as_ref().map(|t| t.port.as_str());
         for (i, p) in self.ports.iter().enumerate() {
             let _ = writeln!(
                 o,
-                "  [{i}] {} device {} ({}): {nw} rx + {nw} tx queue{} (one per worker), {} rx / {} tx descriptors, mtu {}, forwards on {}{}{}",
+                "  [{i}] {} device {} ({}): {nw} rx + {nw} tx queue{} (one per worker; {}), {} rx / {} tx descriptors, mtu {}, forwards on {}{}{}",
                 p.name,
                 p.device,
                 if p.is_pci() { "PCI" } else { "virtual" },
                 if nw == 1 { "" } else { "s" },
+                p.spread(nw, fed == Some(p.name.as_str())).describe(),
                 p.rx_descriptors,
                 p.tx_descriptors,
                 p.mtu,

@@ -157,6 +157,94 @@ fn worker_equals_control() {
 }
 
 #[test]
+fn shared_cpus_only_when_asked() {
+    let text = edit(
+        "workers = [1, 2]",
+        "workers = [1, 1, 0]\nshare_cpus = true\nidle_sleep = \"50us\"",
+    );
+    let c = Config::parse(&text, "t.toml").expect("share_cpus allows shared cores");
+    assert_eq!(c.cores.shared_cpus(), vec![0, 1]);
+    assert_eq!(
+        c.cores.idle_sleep.map(|d| d.0),
+        Some(Duration::from_micros(50))
+    );
+    let plan = c.plan();
+    assert!(
+        plan.contains("workers [1, 1, 0] (3 workers), CPUs [0, 1] shared (share_cpus), idle workers sleep 50us"),
+        "{plan}"
+    );
+    for w in [
+        "worker 0 on core 1",
+        "worker 1 on core 1",
+        "worker 2 on core 0",
+    ] {
+        assert!(plan.contains(w), "{w}: {plan}");
+    }
+    assert!(plan.contains("rx + tx queue 2 of p0, p1"), "{plan}");
+    // Without it, the plan stays strict (core_listed_twice, worker_equals_control).
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert!(c.cores.shared_cpus().is_empty() && !c.cores.share_cpus);
+    assert!(c.cores.idle_sleep.is_none());
+}
+
+#[test]
+fn idle_sleep_bounds() {
+    for bad in ["0s", "11ms"] {
+        check(
+            &edit(
+                "workers = [1, 2]",
+                &format!("workers = [1, 2]\nidle_sleep = \"{bad}\""),
+            ),
+            "cores.idle_sleep",
+            "idle_sleep",
+            "at most 10ms",
+        );
+    }
+}
+
+#[test]
+fn plan_names_each_ports_spread() {
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    let plan = c.plan();
+    // p0 is the traffic source's port; p1 a net_ring the workers receive on.
+    assert!(
+        plan.contains(
+            "(one per worker; no RSS: the traffic source puts each flow on the queue RSS would)"
+        ),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("(one per worker; RSS only if the driver has it"),
+        "{plan}"
+    );
+    let one = edit("workers = [1, 2]", "workers = [1]");
+    let plan = Config::parse(&one, "t.toml").unwrap().plan();
+    assert!(
+        plan.contains("(one per worker; one queue, no RSS needed)"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn af_packet_queue_pairs_match_the_workers() {
+    check(
+        &edit(
+            "device = \"net_ring1\"",
+            "device = \"net_af_packet0,iface=lb0\"",
+        ),
+        "ports[1].device",
+        "net_af_packet0",
+        "qpairs=1 for 2 workers: set qpairs=2",
+    );
+    let ok = edit(
+        "device = \"net_ring1\"",
+        "device = \"net_af_packet0,iface=lb0,qpairs=2\"",
+    );
+    let plan = Config::parse(&ok, "t.toml").unwrap().plan();
+    assert!(plan.contains("kernel's packet fan-out"), "{plan}");
+}
+
+#[test]
 fn backend_address_of_wrong_family() {
     let t = edit("address = \"2001:db8:1::1\"", "address = \"10.9.9.9\"");
     check(

@@ -301,8 +301,14 @@ impl ControlPlane {
             .get(c.backend)
             .map(|st| state_reasons(st, b.weight))
             .unwrap_or_default();
-        eprintln!(
-            "pktdist: backend {service}/{}: {} -> {}{}",
+        let level = if c.to == BackendState::Up {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
+            "backend {service}/{}: {} -> {}{}",
             b.name,
             c.from.name(),
             c.to.name(),

@@ -223,7 +223,7 @@ impl ControlThread {
                     self.apply_health_change(c);
                 }
             }
-            Err(e) => eprintln!("pktdist: health checks: {e}"),
+            Err(e) => log::error!("health checks: {e}"),
         }
     }
 
@@ -242,13 +242,17 @@ impl ControlThread {
     /// It is logged here (one line per change), and here the control plane
     /// is told.
     pub fn apply_health_change(&mut self, change: HealthChange) {
-        eprintln!("pktdist: {}", change.describe());
+        if change.up {
+            log::info!("{}", change.describe());
+        } else {
+            log::warn!("{}", change.describe());
+        }
         // A backend removed since the check is no longer the plane's.
         if let Err(e) =
             self.plane
                 .set_backend_health(&change.service, &change.backend, change.up, change.error)
         {
-            eprintln!("pktdist: health change not applied: {e}");
+            log::warn!("health change not applied: {e}");
         }
     }
 

@@ -26,7 +26,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::affinity::table::{AffinityQuery, AffinityReader};
 
@@ -189,10 +189,18 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Runs until `stop` is set.
-    pub fn run(&mut self, stop: &AtomicBool) {
+    /// Polls until `stop` is set. With `idle_sleep`, a poll that found
+    /// every receive queue empty is followed by a sleep that long, which
+    /// leaves the CPU to whatever shares it (`[cores] share_cpus`); without
+    /// it the loop never pauses, as on a core of its own.
+    pub fn run(&mut self, stop: &AtomicBool, idle_sleep: Option<Duration>) {
         while !stop.load(Ordering::Relaxed) {
             let now = self.now_ns();
-            self.poll(now);
+            if self.poll(now) == 0 {
+                if let Some(d) = idle_sleep {
+                    std::thread::sleep(d);
+                }
+            }
         }
     }
 

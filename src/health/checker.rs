@@ -195,7 +195,7 @@ impl Checker {
                 .map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, wait) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    eprintln!("pktdist: health checks: poll: {e}");
+                    log::error!("health checks: poll: {e}");
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 continue;
@@ -357,8 +357,8 @@ impl Checker {
                 self.free.push(slot);
                 if !self.local_error_logged {
                     self.local_error_logged = true;
-                    eprintln!(
-                        "pktdist: health checks: cannot start a probe ({why}); probes wait and try again"
+                    log::warn!(
+                        "health checks: cannot start a probe ({why}); probes wait and try again"
                     );
                 }
                 self.retry_start(t, now);

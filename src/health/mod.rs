@@ -72,7 +72,7 @@ pub struct HealthChange {
 }
 
 impl HealthChange {
-    /// The log line of the change (without the "pktdist: " prefix).
+    /// The log line of the change.
     pub fn describe(&self) -> String {
         match (&self.error, self.up) {
             (Some(why), true) => format!("backend {}/{} is up ({why})", self.service, self.backend),

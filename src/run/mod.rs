@@ -5,13 +5,15 @@
 //! telling systemd where it stands (`notify`) and logging one line per event
 //! (`logging`); the
 //! optional built-in traffic source runs on a thread of its own
-//! (`traffic_source`), writing frames that [`trafficgen`] generates.
+//! (`traffic_source`), writing frames that [`trafficgen`] generates onto
+//! the worker queues [`rss`] picks for their flows.
 //!
 //! This is where the distribution logic meets DPDK; it holds no `unsafe`
 //! itself: everything DPDK goes through [`crate::dpdk`].
 
 pub mod logging;
 pub mod notify;
+pub mod rss;
 pub mod trafficgen;
 
 #[cfg(feature = "dpdk")]

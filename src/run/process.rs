@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::notify::Notifier;
 use super::traffic_source::{TrafficReport, TrafficSource};
 use super::trafficgen::{Target, TrafficGen, TrafficSpec};
-use crate::config::Config;
+use crate::config::{Config, Spread};
 use crate::control::thread::{ControlSetup, ControlThread, PortStatsSource};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
@@ -164,6 +164,20 @@ fn start(cfg: &Config) -> Result<Started, String> {
             ));
         }
     }
+    let shared = cfg.cores.shared_cpus();
+    if !shared.is_empty() {
+        log::warn!(
+            "[cores] share_cpus: CPU(s) {shared:?} each run more than one of pktdist's threads; \
+             they take turns, so workers there forward far less than on cores of their own and a worker \
+             preempted inside a shared structure's critical section holds up the others for a time slice \
+             (for tests and small machines, never for production){}",
+            if cfg.cores.idle_sleep.is_none() {
+                "; set [cores] idle_sleep so that idle workers leave the CPU to the others"
+            } else {
+                ""
+            }
+        );
+    }
 
     // EAL starts its own threads (the interrupt thread, which runs the
     // drivers' event handlers, and others) on the CPUs this thread may use
@@ -184,6 +198,11 @@ fn start(cfg: &Config) -> Result<Started, String> {
     .map_err(|e| format!("mempool of {} mbufs: {e}", cfg.mempool.mbufs))?;
 
     let mut ports = Vec::with_capacity(cfg.ports.len());
+    let workers = cfg.cores.workers.len();
+    let fed = cfg.traffic.as_ref().map(|t| t.port.as_str());
+    let sink = fed
+        .and_then(|t| cfg.port_index(t))
+        .and_then(|i| cfg.ports[i].forward_to.as_deref());
     for p in &cfg.ports {
         let conf = PortSetup {
             queues: cfg.cores.workers.len() as u16,
@@ -198,6 +217,31 @@ fn start(cfg: &Config) -> Result<Started, String> {
         let port = Port::open(&p.device, &conf, Arc::clone(&pool))
             .map_err(|e| format!("port {} ({}): {e}", p.name, p.device))?;
         let mac = port.mac();
+        let spread = match (port.rss(), p.spread(workers, fed == Some(p.name.as_str()))) {
+            (_, Spread::OneQueue) => "",
+            (true, _) => ", RSS on IP addresses and TCP/UDP ports",
+            (false, Spread::KernelFanout) => ", flows spread by the kernel's packet fan-out",
+            (false, Spread::Peer) => ", flows spread by the memif peer",
+            (false, Spread::TrafficSource) => ", flows spread by the traffic source",
+            // The traffic source's sink: the workers only transmit there.
+            (false, _) if sink == Some(p.name.as_str()) => "",
+            (false, Spread::Rss) => {
+                log::warn!(
+                    "port {}: {} has no RSS for IP, TCP and UDP: every frame it receives arrives on queue 0, and worker 0 alone handles that port's traffic",
+                    p.name,
+                    port.driver()
+                );
+                ", no RSS"
+            }
+            (false, Spread::Driver) => {
+                log::warn!(
+                    "port {}: {} has no RSS: the driver or the sender, not the flow, decides which worker's queue a frame arrives on (net_ring: the queue it was transmitted on), so a flow may change workers",
+                    p.name,
+                    port.driver()
+                );
+                ", no RSS"
+            }
+        };
         log::info!(
             "port {} = {} ({}), mac {}, {} queue(s){}{}",
             p.name,
@@ -205,7 +249,7 @@ fn start(cfg: &Config) -> Result<Started, String> {
             port.driver(),
             crate::config::MacAddr(mac),
             port.queues(),
-            if port.rss() { ", RSS" } else { "" },
+            spread,
             if port.is_guarded() {
                 ", polled while its link is up"
             } else {
@@ -264,6 +308,7 @@ fn spawn(
 
     let stop_workers = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::with_capacity(counters.len());
+    let worker_counters = counters.clone();
     for (w, (&core, c)) in cfg.cores.workers.iter().zip(counters).enumerate() {
         let mut queues = Vec::with_capacity(ports.len());
         for (i, port) in ports.iter().enumerate() {
@@ -285,9 +330,10 @@ fn spawn(
         };
         let shared = shared.clone();
         let stop = Arc::clone(&stop_workers);
+        let idle_sleep = cfg.cores.idle_sleep.map(|d| d.0);
         let h = spawn_worker(core, &format!("pktdist-w{w}"), move || {
             let mut worker = Worker::new(io, setup, shared, c);
-            worker.run(&stop);
+            worker.run(&stop, idle_sleep);
         })
         .map_err(|e| format!("worker {w} on core {core}: {e}"))?;
         workers.push(h);
@@ -344,6 +390,7 @@ fn spawn(
                 pool: Arc::clone(&started.pool),
                 tx: PortQueues::new(tx),
                 rx: PortQueues::new(rx),
+                workers: worker_counters,
                 rate_pps: t.rate_pps,
             };
             let stop = Arc::clone(&stop_source);

@@ -1,13 +1,15 @@
 //! The traffic source's thread: the built-in load for the demo and the
 //! benchmarks. It writes connections from [`super::trafficgen`] into mbufs,
-//! transmits them on the traffic port's queues (one per worker) and drains
-//! what the workers forwarded, counting it per backend.
+//! transmits each on the traffic port's queue (one per worker) that a NIC's
+//! RSS would give its flow ([`super::rss`]), and drains what the workers
+//! forwarded, counting it per backend.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::datapath::counters::WorkerCounters;
 use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use crate::datapath::snapshot::{Dataplane, ForwardMode};
 use crate::dpdk::{Mbuf, Mempool, PortQueues, DEFAULT_DATA_ROOM, HEADROOM};
@@ -15,6 +17,18 @@ use crate::report::summary::TrafficSummary;
 use crate::wire::{ethernet, ipv4, ipv6};
 
 use super::trafficgen::TrafficGen;
+
+/// Bursts the sink drains from one queue per turn at most.
+const SINK_BURSTS: usize = 32;
+/// Frames in flight per queue at most: less than the 1024 slots of a
+/// `net_ring` queue, the sink's.
+const WINDOW: u64 = 960;
+/// A full window with nothing back for this long has lost its frames.
+const WRITE_OFF: Duration = Duration::from_millis(100);
+/// When stopping, the sink drains until nothing arrived for this long...
+const STOP_QUIET: Duration = Duration::from_millis(50);
+/// ...or this long has passed (a worker that stopped forwarding).
+const STOP_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// The built-in traffic source's thread: writes connections into mbufs,
 /// transmits them to the workers, and drains (and counts, per backend) what
@@ -26,6 +40,8 @@ pub(super) struct TrafficSource {
     pub(super) tx: PortQueues,
     /// Port index w = worker w's transmit queue on the forwarding port.
     pub(super) rx: PortQueues,
+    /// Worker w's counters: frames it dropped never come back.
+    pub(super) workers: Vec<Arc<WorkerCounters>>,
     pub(super) rate_pps: u64,
 }
 
@@ -89,62 +105,167 @@ impl TrafficSource {
     pub(super) fn run(mut self, stop: &AtomicBool) -> TrafficReport {
         let started = Instant::now();
         let mut report = TrafficReport::default();
-        let mut bufs: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
+        let mut fresh: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
         let room = usize::from(DEFAULT_DATA_ROOM) - usize::from(HEADROOM);
         let queues = self.tx.num_ports();
-        let mut pending: Vec<Vec<Mbuf>> =
-            (0..queues).map(|_| Vec::with_capacity(MAX_BURST)).collect();
+        // Frames written but not yet taken by their queue, per queue.
+        let mut pending: Vec<Vec<Mbuf>> = (0..queues)
+            .map(|_| Vec::with_capacity(2 * MAX_BURST))
+            .collect();
+        let mut generated: u64 = 0;
+        let mut window = Window::new(queues);
         while !stop.load(Ordering::Relaxed) {
-            for q in 0..queues {
-                let mut burst = MAX_BURST;
-                if self.rate_pps > 0 {
-                    let allowed = (started.elapsed().as_secs_f64() * self.rate_pps as f64) as u64;
-                    burst = burst.min(allowed.saturating_sub(report.sent) as usize);
-                }
-                // Frames a full queue refused wait for the next turn: a
-                // connection's packets are never lost at the source.
-                let pending = &mut pending[q];
-                if pending.is_empty() && burst > 0 {
-                    if Mbuf::alloc_bulk(&self.pool, pending, burst) {
-                        for m in pending.iter_mut() {
-                            if m.resize(room) {
-                                let n = self.gen.next_frame(m.data_mut());
-                                m.resize(n.max(60));
-                            }
+            // A burst of new frames, each on the queue RSS gives its flow,
+            // while no queue has a burst's worth waiting and every queue's
+            // window has room for a burst: a flow's frames stay in order on
+            // one queue, and neither a saturated worker nor a sink thread
+            // that was descheduled makes a queue lose frames.
+            let mut burst = MAX_BURST;
+            if self.rate_pps > 0 {
+                let allowed = (started.elapsed().as_secs_f64() * self.rate_pps as f64) as u64;
+                burst = burst.min(allowed.saturating_sub(generated) as usize);
+            }
+            if burst > 0
+                && pending.iter().all(|p| p.len() < MAX_BURST)
+                && window.open(Instant::now(), &self.workers)
+            {
+                if Mbuf::alloc_bulk(&self.pool, &mut fresh, burst) {
+                    for mut m in fresh.drain(..) {
+                        let mut queue = 0;
+                        if m.resize(room) {
+                            let (n, key) = self.gen.next_frame_keyed(m.data_mut());
+                            m.resize(n.max(60));
+                            queue = super::rss::queue_of(&key, queues);
                         }
-                    } else {
-                        report.no_mbuf += 1;
+                        pending[queue].push(m);
+                        generated += 1;
                     }
-                }
-                if !pending.is_empty() {
-                    let offered = pending.len() as u64;
-                    self.tx.tx_burst(q, pending);
-                    let sent = offered - pending.len() as u64;
-                    report.sent += sent;
-                    if sent < offered {
-                        report.queue_full += 1;
-                    }
-                }
-                // The sink: what the workers forwarded, counted by backend;
-                // drained a few bursts at a time so that it keeps up.
-                for _ in 0..4 {
-                    self.rx.rx_burst(q, &mut bufs);
-                    if bufs.is_empty() {
-                        break;
-                    }
-                    for m in bufs.drain(..) {
-                        if let Some(dst) = outer_destination(m.data()) {
-                            *report.delivered.entry(dst).or_insert(0) += 1;
-                        }
-                    }
+                } else {
+                    report.no_mbuf += 1;
                 }
             }
+            self.send_and_drain(&mut pending, &mut window, &mut report);
             if self.rate_pps > 0 {
                 std::thread::yield_now();
             }
         }
+        // Stopping: the frames still waiting go out, and the sink drains
+        // until the workers have forwarded everything (nothing arrived for
+        // STOP_QUIET), so that what was sent is counted back.
+        let stopping = Instant::now();
+        let mut heard = stopping;
+        while stopping.elapsed() < STOP_DRAIN_MAX
+            && (pending.iter().any(|p| !p.is_empty()) || heard.elapsed() < STOP_QUIET)
+        {
+            if self.send_and_drain(&mut pending, &mut window, &mut report) > 0 {
+                heard = Instant::now();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
         report.seconds = started.elapsed().as_secs_f64();
         report
+    }
+
+    /// One turn over the queues: transmits what waits in `pending`, and
+    /// drains the sink, up to a queue's worth (net_ring: 1024) per queue so
+    /// that it keeps up after the thread was descheduled. Returns the
+    /// frames the sink received.
+    fn send_and_drain(
+        &mut self,
+        pending: &mut [Vec<Mbuf>],
+        window: &mut Window,
+        report: &mut TrafficReport,
+    ) -> usize {
+        let mut received = 0;
+        let mut bufs: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
+        for (q, pending) in pending.iter_mut().enumerate() {
+            if !pending.is_empty() {
+                let offered = pending.len() as u64;
+                self.tx.tx_burst(q, pending);
+                let sent = offered - pending.len() as u64;
+                report.sent += sent;
+                window.sent(q, sent);
+                if sent < offered {
+                    report.queue_full += 1;
+                }
+            }
+            for _ in 0..SINK_BURSTS {
+                self.rx.rx_burst(q, &mut bufs);
+                if bufs.is_empty() {
+                    break;
+                }
+                received += bufs.len();
+                window.returned(q, bufs.len() as u64);
+                for m in bufs.drain(..) {
+                    if let Some(dst) = outer_destination(m.data()) {
+                        *report.delivered.entry(dst).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        received
+    }
+}
+
+/// Frames in flight per queue: sent to a worker and not yet back at the
+/// sink. Each worker forwards what it receives on queue q of the traffic
+/// port out of queue q of the sink port, so the sink's queue q never holds
+/// more than the window, whatever the scheduler does to the sink's thread.
+struct Window {
+    in_flight: Vec<u64>,
+    /// When a frame last came back on each queue.
+    last_return: Vec<Instant>,
+    /// Each worker's drops when last counted.
+    drops_seen: Vec<u64>,
+}
+
+impl Window {
+    fn new(queues: usize) -> Window {
+        Window {
+            in_flight: vec![0; queues],
+            last_return: vec![Instant::now(); queues],
+            drops_seen: vec![0; queues],
+        }
+    }
+
+    /// Whether every queue has room for a burst more. A full queue's
+    /// window first gives back the frames its worker dropped since the
+    /// last count (`workers[q]`, when given); frames of a window still full
+    /// that brought nothing back for [`WRITE_OFF`] went elsewhere (an ICMP
+    /// answer, a port's `unmatched_to`) and are written off.
+    fn open(&mut self, now: Instant, workers: &[Arc<WorkerCounters>]) -> bool {
+        let mut open = true;
+        for q in 0..self.in_flight.len() {
+            if self.in_flight[q] + MAX_BURST as u64 <= WINDOW {
+                continue;
+            }
+            if let Some(w) = workers.get(q) {
+                let drops = w.total_drops();
+                let lost = drops.saturating_sub(self.drops_seen[q]);
+                self.drops_seen[q] = drops;
+                self.in_flight[q] = self.in_flight[q].saturating_sub(lost);
+                if self.in_flight[q] + MAX_BURST as u64 <= WINDOW {
+                    continue;
+                }
+            }
+            if now.duration_since(self.last_return[q]) > WRITE_OFF {
+                self.in_flight[q] = 0;
+                self.last_return[q] = now;
+            } else {
+                open = false;
+            }
+        }
+        open
+    }
+
+    fn sent(&mut self, queue: usize, n: u64) {
+        self.in_flight[queue] += n;
+    }
+
+    fn returned(&mut self, queue: usize, n: u64) {
+        self.in_flight[queue] = self.in_flight[queue].saturating_sub(n);
+        self.last_return[queue] = Instant::now();
     }
 }
 
@@ -172,4 +293,34 @@ fn outer_destination(frame: &[u8]) -> Option<u128> {
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&frame[..6]);
     Some(mac_key(&mac))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_closes_when_full_and_writes_off_lost_frames() {
+        let mut w = Window::new(2);
+        let t0 = w.last_return[0];
+        assert!(w.open(t0, &[]));
+        w.sent(1, WINDOW - MAX_BURST as u64);
+        assert!(w.open(t0, &[]), "room for one burst more");
+        w.sent(1, 1);
+        assert!(!w.open(t0, &[]), "queue 1 full: no new burst for any queue");
+        w.returned(1, 40);
+        assert!(w.open(Instant::now(), &[]));
+        // Full, and nothing back for longer than WRITE_OFF: the workers
+        // dropped those frames; the window opens again.
+        w.sent(0, WINDOW);
+        let later = w.last_return[0] + WRITE_OFF + Duration::from_millis(1);
+        assert!(!w.open(w.last_return[0], &[]));
+        assert!(w.open(later, &[]));
+        assert_eq!(w.in_flight[0], 0);
+        w.returned(0, 5);
+        assert_eq!(
+            w.in_flight[0], 0,
+            "returns beyond what is in flight are ignored"
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! writes it into a buffer; who transmits it (a DPDK port, an in-memory
 //! queue) is the caller's business.
 
-use crate::types::{tcp_flags, Family, PROTO_TCP};
+use crate::types::{tcp_flags, Family, FlowKey, PROTO_TCP};
 use crate::wire::build::{write_frame, FrameSpec, L4};
 
 /// Zero bytes the payloads are cut from.
@@ -167,6 +167,11 @@ impl TrafficGen {
     /// Writes the next packet into `buf` and returns its length (0 if `buf`
     /// is too small for it).
     pub fn next_frame(&mut self, buf: &mut [u8]) -> usize {
+        self.next_frame_keyed(buf).0
+    }
+
+    /// [`TrafficGen::next_frame`], with the flow the packet belongs to.
+    pub fn next_frame_keyed(&mut self, buf: &mut [u8]) -> (usize, FlowKey) {
         let slot = self.next;
         self.next = if self.next + 1 == self.conns.len() {
             0
@@ -214,8 +219,16 @@ impl TrafficGen {
             payload: &PAYLOAD[..payload_len],
             ..FrameSpec::default()
         };
+        let key = FlowKey {
+            src: c.client,
+            dst: t.vip,
+            sport: c.sport,
+            dport: t.port,
+            proto: t.proto,
+            family: c.family,
+        };
         let Ok(n) = write_frame(buf, &spec) else {
-            return 0;
+            return (0, key);
         };
         self.counts.packets += 1;
         if last {
@@ -223,7 +236,7 @@ impl TrafficGen {
         } else {
             self.conns[slot].sent += 1;
         }
-        n
+        (n, key)
     }
 }
 
@@ -260,9 +273,10 @@ mod tests {
         let mut buf = [0u8; 2048];
         let mut per_flow: std::collections::HashMap<(u128, u16), Vec<u8>> = Default::default();
         for _ in 0..400 {
-            let n = g.next_frame(&mut buf);
+            let (n, key) = g.next_frame_keyed(&mut buf);
             assert_eq!(n, 60, "64-byte frames without FCS");
             let p = parse(&buf[..n]).expect("generated frames parse");
+            assert_eq!(p.key, key, "the key given is the frame's flow");
             assert_eq!((p.key.dst, p.key.dport), (WEB.vip, WEB.port));
             assert!(p.key.src >= CLIENT_BASE_V4 && p.key.src < CLIENT_BASE_V4 + 100);
             per_flow
