@@ -152,8 +152,9 @@ impl ControlPlane {
     }
 
     /// Applies a health verdict for `backend` of `service` (from the
-    /// health checker): a backend whose checks fail is down; `error` says
-    /// why. Publishes a new snapshot when its state changes.
+    /// health checker): a backend whose checks fail is down, `error` says
+    /// why; up with an `error` is up without checks (they stopped).
+    /// Publishes a new snapshot when its state changes.
     pub fn set_backend_health(
         &mut self,
         service: &str,
