@@ -107,11 +107,17 @@ impl BackendStates {
         }
     }
 
-    /// Records a health verdict for `id` (and why it failed). Takes effect
-    /// at the next [`settle`](Self::settle).
+    /// Records a health verdict for `id`: down with why its check failed,
+    /// up with no error (its checks pass), or up with a reason it counts
+    /// as up without passing checks (its checks stopped: no verdict any
+    /// more). Takes effect at the next [`settle`](Self::settle).
     pub fn set_health(&mut self, id: BackendId, up: bool, error: Option<String>, now_ms: u64) {
         if let Some(s) = self.entry(id, now_ms) {
-            s.healthy = Some(up);
+            s.healthy = match (up, &error) {
+                (false, _) => Some(false),
+                (true, None) => Some(true),
+                (true, Some(_)) => None,
+            };
             s.check_error = if up { None } else { error };
         }
     }
@@ -199,8 +205,18 @@ mod tests {
             st.get(3).unwrap().check_error.as_deref(),
             Some("connect: refused")
         );
-        st.set_health(3, true, Some("ignored".into()), 30);
+        st.set_health(3, true, None, 30);
         assert_eq!(st.get(3).unwrap().check_error, None);
+        assert_eq!(st.get(3).unwrap().healthy, Some(true));
+        // Up because its checks stopped: no verdict any more.
+        st.set_health(3, true, Some("checks stopped".into()), 30);
+        assert_eq!(
+            (
+                st.get(3).unwrap().healthy,
+                st.get(3).unwrap().check_error.clone()
+            ),
+            (None, None)
+        );
         st.declare(3, false, Declared::Up, 31);
         assert_eq!(st.combined(3, 100), BackendState::Up);
         assert_eq!(st.combined(3, 0), BackendState::Draining, "weight 0 drains");

@@ -166,9 +166,16 @@ impl ControlPlane {
             }
         }
         let now = self.now_ms();
-        for (svc, ss) in self.dp.services.iter().zip(&mut s.services) {
-            for (&id, bs) in svc.backends.iter().zip(&mut ss.backends) {
-                if let Some(st) = self.states.get(id) {
+        for ss in &mut s.services {
+            let Some(svc) = self.dp.service_named(&ss.name) else {
+                continue;
+            };
+            for bs in &mut ss.backends {
+                let status = self
+                    .dp
+                    .find_backend(svc.id, &bs.name)
+                    .and_then(|b| self.states.get(b.id));
+                if let Some(st) = status {
                     bs.state_for_secs = now.saturating_sub(st.since_ms) / 1000;
                     bs.check_error = st.check_error.clone();
                 }
@@ -183,8 +190,9 @@ impl ControlPlane {
     }
 
     /// Applies a health verdict for `backend` of `service` (from the
-    /// health checker): a backend whose checks fail is down; `error` says
-    /// why. Publishes a new snapshot when its state changes.
+    /// health checker): a backend whose checks fail is down, `error` says
+    /// why; up with an `error` is up without checks (they stopped).
+    /// Publishes a new snapshot when its state changes.
     pub fn set_backend_health(
         &mut self,
         service: &str,
@@ -1356,6 +1364,14 @@ address = "2001:db8:1::2"
         assert!(!svc.all_down);
         let st = p.backend_status(A).unwrap().clone();
         assert_eq!(st.check_error.as_deref(), Some("connect: refused"));
+        let summary = p.summary();
+        let web = summary.services.iter().find(|s| s.name == "web").unwrap();
+        let a = web.backends.iter().find(|b| b.name == "a").unwrap();
+        assert_eq!(
+            (a.state.as_str(), a.check_error.as_deref()),
+            ("down", Some("connect: refused"))
+        );
+        assert_eq!(web.backends[1].state, "up");
         // Its affinities stay in the table during the grace (the workers
         // skip them), but it gets no new ones.
         assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(A));

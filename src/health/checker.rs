@@ -452,3 +452,46 @@ fn phase(t: &Target) -> Duration {
     let frac = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
     t.check.interval.mul_f64(frac)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HealthKind;
+    use crate::health::target::CheckSpec;
+
+    #[test]
+    fn phases_spread_a_thousand_targets_over_the_interval() {
+        let interval = Duration::from_secs(1);
+        let mut per_tenth = [0u32; 10];
+        for i in 0..1000 {
+            let t = Target {
+                service: "fleet".into(),
+                backend: format!("be{i}"),
+                addr: "127.0.0.1:80".parse().unwrap(),
+                check: CheckSpec {
+                    kind: HealthKind::Tcp,
+                    interval,
+                    timeout: Duration::from_millis(500),
+                    rise: 2,
+                    fall: 3,
+                    http: None,
+                },
+            };
+            let p = phase(&t);
+            assert!(p < interval);
+            assert_eq!(p, phase(&t), "a target keeps its phase");
+            per_tenth[(p.as_millis() / 100) as usize] += 1;
+        }
+        // About 100 in each tenth of the interval, never a burst.
+        assert!(
+            per_tenth.iter().all(|&n| (60..=140).contains(&n)),
+            "{per_tenth:?}"
+        );
+    }
+
+    #[test]
+    fn probes_in_flight_are_bounded_by_the_open_file_limit() {
+        let n = in_flight_limit();
+        assert!((32..=16_384).contains(&n), "{n}");
+    }
+}

@@ -3,7 +3,8 @@
 //! dataplane snapshot (so backends added or removed over the control
 //! protocol are checked or dropped too).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::config::{Config, HealthConfig, HealthKind, StatusRanges};
@@ -77,16 +78,16 @@ pub fn targets(cfg: &Config, dp: &Dataplane) -> Vec<Target> {
             continue;
         };
         let port = h.port_for(s.port);
+        let configured: HashMap<&str, IpAddr> = sc
+            .backends
+            .iter()
+            .map(|c| (c.name.as_str(), c.health_address()))
+            .collect();
         for &id in &s.backends {
             let Some(b) = dp.backend(id) else {
                 continue;
             };
-            let ip = sc
-                .backends
-                .iter()
-                .find(|c| c.name == b.name)
-                .map(|c| c.health_address())
-                .unwrap_or(b.addr);
+            let ip = configured.get(b.name.as_str()).copied().unwrap_or(b.addr);
             let addr = SocketAddr::new(ip, port);
             out.push(Target {
                 service: s.name.clone(),

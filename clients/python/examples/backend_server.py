@@ -31,6 +31,12 @@ network-namespace test bed (scripts/testbed.sh, docs/testbed.md)::
   to a local address, goes back to the kernel through an ``IPPROTO_RAW``
   socket, which delivers it to the listening socket. Replies go straight to
   the client (direct server return).
+* Graceful shutdown, as the Rust server's: with ``--control`` and a key it
+  declares itself UP at start (BACKEND_STATE); on SIGTERM or SIGINT it
+  declares DRAIN (no new connections or affinities from pktdist, its pinned
+  clients still served), answers every request with ``Connection: close``,
+  waits until none of its connections is open (``--drain-quiet``, at most
+  ``--drain-timeout``), declares DOWN and exits.
 
 Runs from a checkout without installing the package: if ``pktdist`` is not
 importable, the package's source folder beside this file is used.
@@ -140,6 +146,27 @@ class Rule:
             self.requests.put((service, net))
 
 
+class Connections:
+    """The open connections, counted so that a drain can wait for them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+        self.draining = threading.Event()
+
+    def opened(self) -> None:
+        with self.lock:
+            self.open += 1
+
+    def closed(self) -> None:
+        with self.lock:
+            self.open = max(0, self.open - 1)
+
+    def count(self) -> int:
+        with self.lock:
+            return self.open
+
+
 class Handler(BaseHTTPRequestHandler):
     """Answers with the server's name, or N bytes of content."""
 
@@ -147,6 +174,24 @@ class Handler(BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT
     backend_name = "backend"
     rule: Optional[Rule] = None
+    connections = Connections()
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.opened()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.connections.closed()
+
+    def end_headers(self) -> None:
+        # While draining, every response is its connection's last.
+        if self.connections.draining.is_set() and not self.close_connection:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        super().end_headers()
 
     def do_HEAD(self) -> None:
         self.answer(head=True)
@@ -167,8 +212,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("X-Backend", self.backend_name)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Connection", "close")
-                self.end_headers()
                 self.close_connection = True
+                self.end_headers()
                 if not head:
                     self.wfile.write(body)
                 return
@@ -369,6 +414,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--affinity-duration", type=parse_duration, default=30.0, metavar="DURATION",
                    help="how long the affinity lasts (30s, 5m, 1h; default 30s)")
     p.add_argument("--decap", action="store_true", help="decapsulate IP-in-IP in user space (root)")
+    p.add_argument("--drain-quiet", type=parse_duration, default=1.0, metavar="DURATION",
+                   help="on SIGTERM: exit once no connection was open for this long (default 1s)")
+    p.add_argument("--drain-timeout", type=parse_duration, default=60.0, metavar="DURATION",
+                   help="on SIGTERM: exit after this long even with connections open (default 60s)")
     args = p.parse_args(argv)
     name: str = args.name
     listen: List[Tuple[str, int]] = args.listen or [("127.0.0.1", 8080)]
@@ -380,17 +429,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     client: Optional[pktdist.Client] = None
     rule: Optional[Rule] = None
     threads: List[threading.Thread] = []
+    if args.key is not None and args.key_file is not None:
+        p.error("give --key or --key-file, not both")
     if args.affinity_after > 0:
         if not args.control:
             p.error("--affinity-after needs --control ADDR")
-        if (args.key is None) == (args.key_file is None):
+        if args.key is None and args.key_file is None:
             p.error("--affinity-after needs --key or --key-file (one of them)")
+    # The control client declares the state and requests the affinities.
+    if args.control and (args.key is not None or args.key_file is not None):
         try:
             hex_key = args.key if args.key is not None else args.key_file.read_text()
             key = pktdist.key_from_hex(hex_key)
             client = pktdist.Client(args.control, name, key)
         except (OSError, ValueError, pktdist.Error) as e:
             p.error(f"control client: {e}")
+    if args.affinity_after > 0:
+        assert client is not None
         requests: "queue.Queue[Tuple[str, str]]" = queue.Queue()
         rule = Rule(args.affinity_after, args.affinity_prefix, requests)
         threads.append(threading.Thread(
@@ -427,10 +482,43 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"request(s) for /{args.affinity_prefix} for {pktdist_seconds(args.affinity_duration)}s",
     )
 
+    def declare(state: str) -> None:
+        if client is None:
+            return
+        try:
+            r = client.set_state(state)
+            log(name, f"BACKEND_STATE {state.upper()}: OK ({r.message})")
+        except pktdist.Error as e:
+            log(name, f"BACKEND_STATE {state.upper()}: {e}")
+
+    declare("up")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+
+    # Graceful shutdown: drain, let the connections finish, leave.
+    log(name, "SIGTERM: draining")
+    declare("drain")
+    conns = Handler.connections
+    conns.draining.set()
+    start = time.monotonic()
+    quiet_since: Optional[float] = None
+    while True:
+        now = time.monotonic()
+        open_now = conns.count()
+        if open_now == 0:
+            quiet_since = now if quiet_since is None else quiet_since
+            if now - quiet_since >= args.drain_quiet:
+                break
+        else:
+            quiet_since = None
+        if now - start >= args.drain_timeout:
+            log(name, f"drain timeout: {open_now} connection(s) still open")
+            break
+        time.sleep(0.05)
+    declare("down")
+    log(name, f"drained in {time.monotonic() - start:.1f}s; exiting")
     for s in servers:
         s.shutdown()
         s.server_close()
