@@ -200,9 +200,12 @@ fn systemd_hears_ready_then_stopping() {
         ready.contains("STATUS=forwarding on 2 port(s)"),
         "{ready:?}"
     );
-    // READY comes once the control protocol answers.
+    // READY comes once the control protocol answers: its line was written
+    // before (this side reads the child's output on a thread of its own, so
+    // it may see the line a moment after the datagram).
     assert!(
-        pd.stderr_text().contains("control protocol on udp"),
+        pd.wait_stderr("control protocol on udp", Duration::from_secs(10))
+            .is_some(),
         "{}",
         pd.stderr_text()
     );
