@@ -1578,7 +1578,7 @@ fn testbed_two_workers() {
         log.contains("2 queue(s), flows spread by the kernel's packet fan-out"),
         "{log}"
     );
-    assert!(log.contains("warning: [cores] share_cpus"), "{log}");
+    assert!(log.contains("WARN  [cores] share_cpus"), "{log}");
 
     two_workers_spread_flows_byte_exact(&bed);
     two_workers_meet_on_one_backend_under_auto_affinity(&bed);
