@@ -38,6 +38,11 @@ enum Cmd {
         /// No status line, only the summary.
         #[arg(long)]
         quiet: bool,
+        /// Start without the saved affinities when `[affinity] state_file`
+        /// is corrupt, truncated or not a state file (it is moved to
+        /// FILE.bad), instead of refusing to start.
+        #[arg(long)]
+        discard_bad_state: bool,
     },
     /// Validate a configuration and print the resolved plan.
     Check {
@@ -67,7 +72,8 @@ fn main() -> ExitCode {
             duration,
             summary_json,
             quiet,
-        } => run(config, duration, summary_json, quiet),
+            discard_bad_state,
+        } => run(config, duration, summary_json, quiet, discard_bad_state),
         Cmd::Affinity(cmd) => cli::run_affinity(&cmd),
         Cmd::Backend(cmd) => cli::run_backend(&cmd),
         Cmd::Stats(args) => cli::run_stats(&args),
@@ -88,6 +94,7 @@ fn run(
     duration: Option<Duration>,
     summary_json: Option<PathBuf>,
     quiet: bool,
+    discard_bad_state: bool,
 ) -> Result<(), String> {
     use pktdist::run::{run, RunOptions};
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
@@ -95,6 +102,7 @@ fn run(
         duration,
         status: !quiet,
         config_path: Some(config),
+        discard_bad_state,
     };
     let summary = run(&cfg, &opts)?;
     print!("{}", summary.render());
@@ -106,6 +114,12 @@ fn run(
 }
 
 #[cfg(not(feature = "dpdk"))]
-fn run(_: PathBuf, _: Option<Duration>, _: Option<PathBuf>, _: bool) -> Result<(), String> {
+fn run(
+    _: PathBuf,
+    _: Option<Duration>,
+    _: Option<PathBuf>,
+    _: bool,
+    _: bool,
+) -> Result<(), String> {
     Err("this pktdist was built without the `dpdk` feature: it can check configurations and talk to a running instance, not run".into())
 }

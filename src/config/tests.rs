@@ -736,3 +736,34 @@ fn icmp_section_errors_name_key_and_line() {
     assert!(e.message.contains("unknown field"), "{e}");
     assert_eq!(e.line, line_of(&t, "ping = true"), "{e}");
 }
+
+#[test]
+fn affinity_state_file_needs_an_existing_directory() {
+    let with = |path: &str| {
+        edit(
+            "[control]\n",
+            &format!("[affinity]\nstate_file = \"{path}\"\n\n[control]\n"),
+        )
+    };
+    let dir = std::env::temp_dir();
+    let good = dir.join("pktdist-config-test.state");
+    let cfg = Config::parse(&with(good.to_str().unwrap()), "t.toml").unwrap();
+    assert_eq!(cfg.affinity.state_file.as_deref(), Some(good.as_path()));
+    assert!(cfg.plan().contains("state file"), "{}", cfg.plan());
+    assert_eq!(
+        Config::parse(&BASE, "t.toml").unwrap().affinity.state_file,
+        None
+    );
+    check(
+        &with("/no/such/dir/affinities.state"),
+        "affinity.state_file",
+        "state_file",
+        "does not exist",
+    );
+    check(
+        &with(dir.to_str().unwrap()),
+        "affinity.state_file",
+        "state_file",
+        "is a directory",
+    );
+}

@@ -12,6 +12,9 @@
 //!   affinities that end.
 //! * [`reload`] — re-reading the configuration file and applying it.
 //! * [`statics`] — the configuration's static affinities.
+//! * [`state_file`] — the format of `[affinity] state_file`, which keeps
+//!   requested affinities across a restart; [`state_saver`] loads it at
+//!   start and keeps it current.
 //! * [`registry`] — services and backends with their stable ids, from which
 //!   each dataplane snapshot is built.
 //! * [`counters`] — what the server and the plane count, and how the summary
@@ -23,6 +26,8 @@ pub mod plane;
 pub mod registry;
 pub mod reload;
 pub mod server;
+pub mod state_file;
+pub mod state_saver;
 pub mod statics;
 pub mod thread;
 

@@ -7,8 +7,10 @@
 //! ([`ControlSetup`]), hands [`ControlThread::shared`] to the workers, runs
 //! [`ControlThread::serve_until`] and asks for the [`ControlThread::summary`]
 //! at the end. Each [`step`](ControlThread::step) expires affinities and
-//! sends their AFFINITY_ENDED notices (every [`TICK`]), prints the status
-//! line when due, and serves the requests waiting on the socket.
+//! sends their AFFINITY_ENDED notices (every [`TICK`]), keeps the state
+//! file current when `[affinity] state_file` is set, prints the status
+//! line when due, and serves the requests waiting on the socket;
+//! [`ControlThread::save_state`] writes the state file at shutdown.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -27,6 +29,7 @@ use crate::control::plane::ControlPlane;
 use crate::control::registry::ServiceRegistry;
 use crate::control::reload::ConfigFile;
 use crate::control::server::{ControlServer, ServerAuth, ServerConfig};
+use crate::control::state_saver::StateSaver;
 use crate::control::statics;
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::Percentiles;
@@ -61,6 +64,10 @@ pub struct ControlSetup {
     /// Where the status line goes every `[control] status_interval` (None:
     /// no status line).
     pub status: Option<Box<dyn Write + Send>>,
+    /// A state file (`[affinity] state_file`) that cannot be used is moved
+    /// aside and the instance starts without it, instead of refusing to
+    /// start (`pktdist run --discard-bad-state`).
+    pub discard_bad_state: bool,
 }
 
 /// The control thread: everything that changes what the workers see, and
@@ -74,6 +81,8 @@ pub struct ControlThread {
     port_upkeep: Option<Box<dyn FnMut() + Send>>,
     metrics: Option<MetricsServer>,
     status: Option<StatusLine>,
+    /// The state file, when `[affinity] state_file` is set.
+    state: Option<StateSaver>,
     next_tick: Instant,
 }
 
@@ -117,6 +126,10 @@ impl ControlThread {
             shared.epoch,
         );
         statics::install(&mut plane, cfg).map_err(|e| e.to_string())?;
+        let state = match &cfg.affinity.state_file {
+            Some(path) => Some(StateSaver::open(path, &mut plane, setup.discard_bad_state)?),
+            None => None,
+        };
         let metrics = match cfg.control.metrics_listen {
             Some(addr) => Some(
                 MetricsServer::start(addr).map_err(|e| format!("metrics listen {addr}: {e}"))?,
@@ -138,6 +151,7 @@ impl ControlThread {
                 last: now,
                 prev: Totals::default(),
             }),
+            state,
             next_tick: now + TICK,
         })
     }
@@ -186,15 +200,27 @@ impl ControlThread {
         Ok(reloaded.message)
     }
 
-    /// Runs the ports' upkeep, expires affinities, refreshes the metrics
-    /// when they are due and sends
-    /// the AFFINITY_ENDED notices of every affinity that ended since the
-    /// last tick.
+    /// Writes the state file (if configured) with the affinities as they
+    /// are now: at shutdown, after the last request.
+    pub fn save_state(&mut self) -> Result<(), String> {
+        match &mut self.state {
+            Some(s) => s.finish(&self.plane),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the ports' upkeep, expires affinities, hands the state file's
+    /// writer what changed, refreshes the metrics when they are due and
+    /// sends the AFFINITY_ENDED notices of every affinity that ended since
+    /// the last tick.
     pub fn tick(&mut self) {
         if let Some(upkeep) = &mut self.port_upkeep {
             upkeep();
         }
         self.plane.expire();
+        if let Some(s) = &mut self.state {
+            s.tick(&self.plane, Instant::now());
+        }
         if let Some(m) = &self.metrics {
             if m.wants_update() {
                 m.publish(metrics::render(&self.summary()));
@@ -420,6 +446,7 @@ mod tests {
                 port_stats: None,
                 port_upkeep: None,
                 status,
+                discard_bad_state: false,
             },
         )
         .unwrap()

@@ -38,6 +38,9 @@ pub struct RunOptions {
     pub status: bool,
     /// The configuration file (re-read on SIGHUP).
     pub config_path: Option<PathBuf>,
+    /// Start without the affinities of a state file that cannot be used
+    /// (`--discard-bad-state`) instead of refusing to start.
+    pub discard_bad_state: bool,
 }
 
 /// The signals' flags.
@@ -101,6 +104,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             status: opts
                 .status
                 .then(|| Box::new(std::io::stdout()) as Box<dyn Write + Send>),
+            discard_bad_state: opts.discard_bad_state,
         },
     )?;
     let threads = spawn(cfg, &started, &control.shared(), workers)?;
@@ -117,6 +121,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         opts.duration.map(|d| began + d),
     );
 
+    // The requested affinities as the last request left them, before
+    // anything that could fail.
+    if let Err(e) = control.save_state() {
+        eprintln!("pktdist: {e}: the affinities of this run are not saved");
+    }
     let summary = stop(threads, &control);
     keeper.stop();
     let mut summary = summary?;
