@@ -140,6 +140,14 @@ fn requested_affinities_survive_a_restart_and_bad_files_are_refused() {
     // Saved again within a second of the change; a restart does not
     // notify it a second time.
     std::thread::sleep(Duration::from_millis(1500));
+    let stats: serde_json::Value =
+        serde_json::from_str(&admin(control).stats().expect("stats")).expect("JSON");
+    let control_stats = &stats["extra"]["control"];
+    assert!(
+        control_stats["state_file_writes"].as_u64() >= Some(1),
+        "{control_stats}"
+    );
+    assert_eq!(control_stats["state_file_write_failures"], 0);
     stop(p);
     let (p, control) = Pktdist::run(&config);
     assert!(p.wait_stderr("restored", PATIENCE).is_some());

@@ -115,5 +115,8 @@ pub fn control_summary(server: &ServerCounters, plane: &PlaneCounters) -> Contro
             .collect(),
         send_errors: server.send_errors,
         snapshots: plane.snapshots,
+        // The state file's writer fills these in when there is one.
+        state_file_writes: 0,
+        state_file_write_failures: 0,
     }
 }

@@ -189,6 +189,7 @@ impl ControlThread {
             self.server.latency(),
             self.port_stats.as_ref(),
             &self.shared.auto_affinity,
+            self.state.as_ref(),
         )
     }
 
@@ -286,6 +287,7 @@ impl ControlThread {
             file: &mut self.file,
             port_stats: self.port_stats.as_ref(),
             auto: &self.shared.auto_affinity,
+            state: self.state.as_ref(),
             auth: None,
         };
         self.server.poll(&mut dispatch, SystemTime::now());
@@ -323,6 +325,7 @@ struct Dispatch<'a> {
     file: &'a mut ConfigFile,
     port_stats: Option<&'a PortStatsSource>,
     auto: &'a AutoAffinityTable,
+    state: Option<&'a StateSaver>,
     /// The keys and networks of a reload, for the server once its poll
     /// returns (the reply to the reload is signed with the keys it came
     /// with).
@@ -350,6 +353,7 @@ impl ControlHandler for Dispatch<'_> {
                     call.server_latency,
                     self.port_stats,
                     self.auto,
+                    self.state,
                 );
                 Response::stats(
                     serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
@@ -367,6 +371,7 @@ fn summary(
     server_latency: &hdrhistogram::Histogram<u64>,
     port_stats: Option<&PortStatsSource>,
     auto: &AutoAffinityTable,
+    state: Option<&StateSaver>,
 ) -> Summary {
     let mut s = plane.summary();
     if let Some(ports) = port_stats {
@@ -375,7 +380,13 @@ fn summary(
     s.control_latency_ns = Percentiles::of(server_latency);
     s.auto_affinity_pins = auto.len_active(plane.now_ms());
     s.auto_affinity_table_full = auto.stats().table_full;
-    s.extra.control = Some(control_summary(server, &plane.counters()));
+    let mut control = control_summary(server, &plane.counters());
+    if let Some(saver) = state {
+        let c = saver.counters();
+        control.state_file_writes = c.saves;
+        control.state_file_write_failures = c.failures;
+    }
+    s.extra.control = Some(control);
     s
 }
 

@@ -279,6 +279,10 @@ pub struct ControlSummary {
     pub send_errors: u64,
     /// Dataplane snapshots published after the first.
     pub snapshots: u64,
+    /// Writes of `[affinity] state_file` that completed.
+    pub state_file_writes: u64,
+    /// Writes of `[affinity] state_file` that failed (each logged).
+    pub state_file_write_failures: u64,
 }
 
 /// Affinities ended, by reason (the fields in the JSON's key order).
