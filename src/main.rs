@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use pktdist::client::cli::{self, parse_duration, AffinityCmd, BackendCmd, ConnArgs, StatsArgs};
 use pktdist::config::Config;
+use pktdist::control::state_file;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,9 +65,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Check { config } => Config::load(&config)
-            .map(|cfg| print!("{}", cfg.plan()))
-            .map_err(|e| e.to_string()),
+        Cmd::Check { config } => check(&config),
         Cmd::Run {
             config,
             duration,
@@ -86,6 +85,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `pktdist check`: the configuration's plan, and the state file's
+/// content when there is one (a file `run` would refuse is an error here
+/// too).
+fn check(config: &std::path::Path) -> Result<(), String> {
+    let cfg = Config::load(config).map_err(|e| e.to_string())?;
+    print!("{}", cfg.plan());
+    if let Some(path) = &cfg.affinity.state_file {
+        match state_file::load(path).map_err(|e| e.to_string())? {
+            None => println!("state file {}: none yet", path.display()),
+            Some(s) => println!(
+                "state file {}: {} requested affinit(ies), saved at Unix time {}.{:03}",
+                path.display(),
+                s.affinities.len(),
+                s.saved_unix_ms / 1000,
+                s.saved_unix_ms % 1000
+            ),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(feature = "dpdk")]

@@ -66,6 +66,14 @@ fn list(control: SocketAddr) -> Vec<AffinityEntry> {
     l
 }
 
+/// `pktdist check --config <config>`.
+fn check(config: &Path) -> std::process::Output {
+    std::process::Command::new(common::PKTDIST)
+        .args(["check", "--config", path_str(config)])
+        .output()
+        .expect("run pktdist check")
+}
+
 /// Stops `p` with SIGTERM; it must end cleanly.
 fn stop(p: Pktdist) -> String {
     let f = p.stop(PATIENCE);
@@ -111,6 +119,10 @@ fn requested_affinities_survive_a_restart_and_bad_files_are_refused() {
         .expect("be2's");
     stop(p);
     assert!(state.exists(), "no state file written at shutdown");
+    let checked = check(&config);
+    assert!(checked.status.success(), "{checked:?}");
+    let out = String::from_utf8_lossy(&checked.stdout).into_owned();
+    assert!(out.contains("3 requested affinit(ies)"), "{out}");
 
     // Restarted once the short one is past its time: the long ones come
     // back with what they had left, the short one ends with one notice.
@@ -163,6 +175,12 @@ fn requested_affinities_survive_a_restart_and_bad_files_are_refused() {
     // A truncated file: refused, naming the file and what is wrong.
     let bytes = std::fs::read(&state).expect("read state");
     std::fs::write(&state, &bytes[..bytes.len() - 10]).expect("truncate");
+    let checked = check(&config);
+    let err = String::from_utf8_lossy(&checked.stderr).into_owned();
+    assert!(
+        !checked.status.success() && err.contains("truncated"),
+        "{err}"
+    );
     let f = Pktdist::spawn(&["run", "--config", path_str(&config), "--quiet"]).wait(PATIENCE);
     assert!(!f.status.success(), "started on a truncated state file");
     assert!(
