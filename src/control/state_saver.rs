@@ -2,10 +2,10 @@
 //! writes the requested affinities back after they change (at most once per
 //! [`SAVE_INTERVAL`]) and at shutdown.
 //!
-//! The control thread encodes the records (cheap: memory only) and a writer
-//! thread of its own writes them (the slow part: write, fsync, rename,
-//! fsync the directory), so the control thread never waits for the disk
-//! while it serves. At shutdown the last state is written before the
+//! The control thread copies the records out (memory only) and a writer
+//! thread of its own encodes and writes them (the slow part: the checksum,
+//! write, fsync, rename, fsync the directory), so the control thread never
+//! waits for the disk while it serves. At shutdown the last state is written before the
 //! process ends.
 
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::control::plane::{ControlPlane, Restored};
-use crate::control::state_file::{self, LoadErrorKind};
+use crate::control::state_file::{self, LoadErrorKind, SavedState};
 
 /// The shortest time between two writes of the file.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -36,10 +36,10 @@ pub struct SaverCounters {
 }
 
 /// A write handed to the writer thread: the plane's change count it holds,
-/// and the bytes.
+/// and the state.
 struct Job {
     changes: u64,
-    bytes: Vec<u8>,
+    state: SavedState,
 }
 
 /// The state file of a running instance and its writer thread.
@@ -108,8 +108,8 @@ impl StateSaver {
             .name("pktdist-state".into())
             .spawn(move || {
                 for job in job_rx {
-                    let r =
-                        state_file::write_atomic(&target, &job.bytes).map_err(|e| e.to_string());
+                    let bytes = state_file::encode(&job.state);
+                    let r = state_file::write_atomic(&target, &bytes).map_err(|e| e.to_string());
                     if result_tx.send((job.changes, r)).is_err() {
                         return;
                     }
@@ -154,8 +154,8 @@ impl StateSaver {
             return;
         }
         let Some(jobs) = &self.jobs else { return };
-        let bytes = state_file::encode(&plane.saved_state(wall_ms()));
-        if jobs.send(Job { changes, bytes }).is_ok() {
+        let state = plane.saved_state(wall_ms());
+        if jobs.send(Job { changes, state }).is_ok() {
             self.busy = true;
             self.last = Some(now);
         }
