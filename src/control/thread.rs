@@ -202,8 +202,12 @@ impl ControlThread {
     }
 
     /// Writes the state file (if configured) with the affinities as they
-    /// are now: at shutdown, after the last request.
+    /// are now: at shutdown, after the last request. Affinities due by now
+    /// end first, and every notice still waiting is sent, so that what
+    /// the file leaves out has been notified.
     pub fn save_state(&mut self) -> Result<(), String> {
+        self.plane.expire();
+        self.send_notices();
         match &mut self.state {
             Some(s) => s.finish(&self.plane),
             None => Ok(()),
@@ -227,6 +231,12 @@ impl ControlThread {
                 m.publish(metrics::render(&self.summary()));
             }
         }
+        self.send_notices();
+    }
+
+    /// Logs every affinity that ended since the last call and sends its
+    /// AFFINITY_ENDED notice.
+    fn send_notices(&mut self) {
         for (notify, notice) in self.plane.take_notices() {
             eprintln!(
                 "pktdist: affinity {} -> {} ended ({})",
@@ -678,5 +688,48 @@ mod tests {
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert!(text.starts_with("rx 0.000 Mpps"), "{text:?}");
         assert!(text.contains("affinities 0"), "{text:?}");
+    }
+
+    #[test]
+    fn the_state_file_is_written_at_shutdown_after_the_last_notices() {
+        let dir = std::env::temp_dir().join(format!("pktdist-thread-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("affinities.state");
+        let text = format!(
+            "{}\n[affinity]\nstate_file = \"{}\"\n",
+            config(ADMIN_1, A_1),
+            state.display()
+        );
+        let file = File::new("state", &text);
+        let mut ctl = control(&file.0, None);
+        let mut a = Peer::new("a", A_1);
+        let r = ask(&mut ctl, &mut a, A_1, &create("198.18.0.0")).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        let mut short = op("198.18.1.0", 24, None, 1);
+        short.notify = None;
+        let r = ask(&mut ctl, &mut a, A_1, &Request::AffinityCreate(short)).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        std::thread::sleep(Duration::from_millis(1100));
+
+        // Stopping without another tick: the short one ends, is notified,
+        // and the file keeps only the other.
+        ctl.save_state().unwrap();
+        match a.recv_signed(A_1) {
+            Some(Received::Ended(n)) => {
+                assert_eq!((n.key, n.reason), (short.key, EndReason::Expired))
+            }
+            other => panic!("no notice: {other:?}"),
+        }
+        let saved = crate::control::state_file::load(&state).unwrap().unwrap();
+        assert_eq!(saved.affinities.len(), 1);
+        assert_eq!(saved.affinities[0].owner, "a");
+        drop(ctl);
+
+        // The next control thread has it back.
+        let ctl = control(&file.0, None);
+        assert_eq!(ctl.plane().affinities().len(), 1);
+        drop(ctl);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
