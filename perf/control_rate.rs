@@ -114,6 +114,7 @@ pub fn run(
             port_stats: None,
             port_upkeep: None,
             status: None,
+            discard_bad_state: false,
         },
     )?;
     let addr = control.local_addr().map_err(|e| e.to_string())?;

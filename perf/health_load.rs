@@ -303,6 +303,7 @@ fn serve(
             port_stats: None,
             port_upkeep: None,
             status: None,
+            discard_bad_state: false,
         };
         let mut control = match ControlThread::new(&cfg, setup) {
             Ok(c) => c,

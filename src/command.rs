@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// No status line, only the summary.
     #[arg(long)]
     pub quiet: bool,
+    /// Start without the saved affinities when `[affinity] state_file`
+    /// is corrupt, truncated or not a state file (it is moved to
+    /// FILE.bad), instead of refusing to start.
+    #[arg(long)]
+    pub discard_bad_state: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -9,14 +9,13 @@ use clap::Parser;
 use pktdist::client::cli;
 use pktdist::command::{self, Cli, Cmd, RunArgs};
 use pktdist::config::Config;
+use pktdist::control::state_file;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     pktdist::run::logging::init(cli.log_level.as_deref());
     let result = match cli.cmd {
-        Cmd::Check { config } => Config::load(&config)
-            .map(|cfg| print!("{}", cfg.plan()))
-            .map_err(|e| e.to_string()),
+        Cmd::Check { config } => check(&config),
         Cmd::Run(args) => run(args),
         Cmd::Affinity(cmd) => cli::run_affinity(&cmd),
         Cmd::Backend(cmd) => cli::run_backend(&cmd),
@@ -33,6 +32,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// `pktdist check`: the plan, and what the state file holds (or why `run`
+/// would refuse it).
+fn check(config: &std::path::Path) -> Result<(), String> {
+    let cfg = Config::load(config).map_err(|e| e.to_string())?;
+    print!("{}", cfg.plan());
+    if let Some(path) = &cfg.affinity.state_file {
+        match state_file::load(path).map_err(|e| e.to_string())? {
+            None => println!("state file {}: none yet", path.display()),
+            Some(s) => println!(
+                "state file {}: {} requested affinit(ies), saved at Unix time {}.{:03}",
+                path.display(),
+                s.affinities.len(),
+                s.saved_unix_ms / 1000,
+                s.saved_unix_ms % 1000
+            ),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(feature = "dpdk")]
 fn run(args: RunArgs) -> Result<(), String> {
     use pktdist::run::{run, RunOptions};
@@ -41,6 +60,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         duration: args.duration,
         status: !args.quiet,
         config_path: Some(args.config),
+        discard_bad_state: args.discard_bad_state,
     };
     let summary = run(&cfg, &opts)?;
     print!("{}", summary.render());

@@ -101,6 +101,7 @@ fn bed(name: &str) -> Bed {
             port_stats: None,
             port_upkeep: None,
             status: None,
+            discard_bad_state: false,
         },
     )
     .unwrap();

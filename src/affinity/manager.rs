@@ -73,6 +73,8 @@ pub struct AffinityManager {
     overlap: OverlapIndex,
     /// Requested (timed) affinities per owner, for the per-backend quota.
     requested: HashMap<BackendId, usize>,
+    /// Changes to the records so far (see [`AffinityManager::changes`]).
+    changes: u64,
 }
 
 impl AffinityManager {
@@ -86,7 +88,37 @@ impl AffinityManager {
             due: Vec::new(),
             overlap: OverlapIndex::default(),
             requested: HashMap::new(),
+            changes: 0,
         }
+    }
+
+    /// How many times the records have changed (created, refreshed,
+    /// extended, ended): a writer of the records elsewhere compares it with
+    /// the count it last wrote.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Installs an affinity read back from saved state: as
+    /// [`create`](Self::create) with `duration_ms` left, then dated
+    /// `created_ms` (monotonic, earlier than `now_ms`) for its lifetime.
+    pub fn restore(
+        &mut self,
+        key: TableKey,
+        owner: BackendId,
+        duration_ms: u64,
+        notify: Option<SocketAddr>,
+        created_ms: u64,
+        now_ms: u64,
+    ) -> Result<Granted, AffinityError> {
+        let fresh = !self.index.contains_key(&key);
+        let granted = self.create(key, owner, Some(duration_ms), notify, now_ms)?;
+        if fresh {
+            if let Some(e) = self.index.get_mut(&key) {
+                e.rec.created_ms = created_ms.min(now_ms);
+            }
+        }
+        Ok(granted)
     }
 
     /// Requested (timed) affinities `owner` holds; static ones do not count.
@@ -138,6 +170,9 @@ impl AffinityManager {
         }
         let expires = duration_ms.map(|d| now_ms.saturating_add(d));
         if let Some(e) = self.index.get_mut(&key) {
+            if e.rec.owner == owner {
+                self.changes += 1;
+            }
             if e.rec.owner != owner {
                 return Err(AffinityError::Conflict { owner: e.rec.owner });
             }
@@ -186,6 +221,7 @@ impl AffinityManager {
         }
         self.overlap.insert(&key, owner);
         self.count(owner, expires.is_some(), true);
+        self.changes += 1;
         Ok(Granted {
             remaining_ms: duration_ms,
         })
@@ -215,6 +251,7 @@ impl AffinityManager {
         e.rec.expires = expires;
         let id = e.id;
         self.reschedule(id, expires, now_ms);
+        self.changes += 1;
         Ok(Granted {
             remaining_ms: Some(duration_ms),
         })
@@ -263,6 +300,7 @@ impl AffinityManager {
         for &id in &due {
             let key = self.keys[id as usize];
             if let Some(e) = self.index.remove(&key) {
+                self.changes += 1;
                 self.writer.remove(&key);
                 self.free_ids.push(id);
                 self.overlap.remove(&key);
@@ -350,6 +388,7 @@ impl AffinityManager {
 
     fn remove_entry(&mut self, key: &TableKey) -> Option<Record> {
         let e = self.index.remove(key)?;
+        self.changes += 1;
         self.wheel.remove(e.id);
         self.writer.remove(key);
         self.free_ids.push(e.id);
@@ -628,5 +667,25 @@ mod tests {
         assert_eq!(m.overlapping_owner(&inner, 2), None);
         m.remove_backend(1, &mut out);
         assert_eq!(m.overlapping_owner(&key(0x0b01_0101, 32), 2), None);
+    }
+
+    #[test]
+    fn changes_count_every_change_and_restore_keeps_the_age() {
+        let (mut m, _r) = mgr(16);
+        let k = key(0x0a00_0001, 32);
+        assert_eq!(m.changes(), 0);
+        m.create(k, 1, Some(1_000), None, 0).unwrap();
+        assert_eq!(m.changes(), 1);
+        assert!(m.create(k, 2, Some(1_000), None, 0).is_err());
+        assert_eq!(m.changes(), 1, "a refusal changes nothing");
+        m.extend(&k, 1, 2_000, 10).unwrap();
+        m.cancel(&k, None, 20).unwrap();
+        assert_eq!(m.changes(), 3);
+        m.restore(k, 1, 5_000, notify(), 100, 1_000).unwrap();
+        let rec = *m.get(&k).unwrap();
+        assert_eq!((rec.created_ms, rec.expires), (100, Some(6_000)));
+        let mut out = Vec::new();
+        m.expire(6_000, &mut out);
+        assert_eq!((out.len(), m.changes()), (1, 5));
     }
 }

@@ -16,7 +16,7 @@ mod types;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -254,6 +254,9 @@ pub struct AffinityConfig {
     pub capacity: usize,
     /// Most client pins held by automatic affinity at once.
     pub auto_capacity: usize,
+    /// Where requested affinities are kept across restarts (None: they
+    /// are not).
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for AffinityConfig {
@@ -261,6 +264,7 @@ impl Default for AffinityConfig {
         AffinityConfig {
             capacity: 1 << 20,
             auto_capacity: 1 << 16,
+            state_file: None,
         }
     }
 }
@@ -557,6 +561,29 @@ fn fail(path: KeyPath, msg: impl Into<String>) -> Check {
     Err(Invalid(path, msg.into()))
 }
 
+/// A state file path pktdist can write: a file name in a directory that
+/// exists, and not itself a directory.
+fn state_file_ok(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    if path.file_name().is_none() {
+        return Err(format!("{shown:?} names no file"));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!(
+            "{shown:?}: its directory {} does not exist",
+            dir.display()
+        ));
+    }
+    if path.is_dir() {
+        return Err(format!("{shown:?} is a directory"));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
@@ -808,6 +835,11 @@ impl Config {
                     root.key("affinity").key(k),
                     format!("{v}: must be in 1..={max}"),
                 );
+            }
+        }
+        if let Some(path) = &a.state_file {
+            if let Err(why) = state_file_ok(path) {
+                return fail(root.key("affinity").key("state_file"), why);
             }
         }
         let c = &self.control;
@@ -1210,8 +1242,13 @@ impl Config {
         );
         let _ = writeln!(
             o,
-            "affinity: capacity {}, automatic-affinity capacity {}",
-            self.affinity.capacity, self.affinity.auto_capacity
+            "affinity: capacity {}, automatic-affinity capacity {}, state file {}",
+            self.affinity.capacity,
+            self.affinity.auto_capacity,
+            self.affinity
+                .state_file
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |p| p.display().to_string())
         );
         let c = &self.control;
         let _ = writeln!(

@@ -1098,3 +1098,34 @@ fn bad_health_settings_name_key_and_line() {
     );
     assert!(Config::parse(&ok, "t.toml").is_ok());
 }
+
+#[test]
+fn affinity_state_file_needs_an_existing_directory() {
+    let with = |path: &str| {
+        edit(
+            "[control]\n",
+            &format!("[affinity]\nstate_file = \"{path}\"\n\n[control]\n"),
+        )
+    };
+    let dir = std::env::temp_dir();
+    let good = dir.join("pktdist-config-test.state");
+    let cfg = Config::parse(&with(good.to_str().unwrap()), "t.toml").unwrap();
+    assert_eq!(cfg.affinity.state_file.as_deref(), Some(good.as_path()));
+    assert!(cfg.plan().contains("state file"), "{}", cfg.plan());
+    assert_eq!(
+        Config::parse(&BASE, "t.toml").unwrap().affinity.state_file,
+        None
+    );
+    check(
+        &with("/no/such/dir/affinities.state"),
+        "affinity.state_file",
+        "state_file",
+        "does not exist",
+    );
+    check(
+        &with(dir.to_str().unwrap()),
+        "affinity.state_file",
+        "state_file",
+        "is a directory",
+    );
+}

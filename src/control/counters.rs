@@ -162,5 +162,8 @@ pub fn control_summary(
             .refused()
             .map(|(name, n)| (name.to_string(), n))
             .collect(),
+        // The state file's writer fills these in when there is one.
+        state_file_writes: 0,
+        state_file_write_failures: 0,
     }
 }

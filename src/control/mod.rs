@@ -14,6 +14,9 @@
 //! * [`statics`] — the configuration's static affinities.
 //! * [`backend_state`] — each backend's state (up, draining, down), what it
 //!   is combined from, and the grace timer of backends that are down.
+//! * [`state_file`] — the format of `[affinity] state_file`, which keeps
+//!   requested affinities across a restart; [`state_saver`] loads it at
+//!   start and keeps it current.
 //! * [`registry`] — services and backends with their stable ids, from which
 //!   each dataplane snapshot is built.
 //! * [`counters`] — what the server and the plane count, and how the summary
@@ -26,6 +29,8 @@ pub mod plane;
 pub mod registry;
 pub mod reload;
 pub mod server;
+pub mod state_file;
+pub mod state_saver;
 pub mod statics;
 pub mod thread;
 

@@ -23,6 +23,7 @@ use crate::control::backend_state::{BackendStates, BackendStatus, StateChange};
 use crate::control::counters::{LimitCounters, PlaneCounters};
 use crate::control::handler::Response;
 use crate::control::registry::{NewBackend, RegistryError, ServiceRegistry};
+use crate::control::state_file::{SavedAffinity, SavedState};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::{new_histogram, Percentiles};
 use crate::datapath::snapshot::{Dataplane, DataplaneCell, Service};
@@ -33,6 +34,20 @@ use crate::protocol::message::{
 };
 use crate::report::summary::{CounterBase, Summary};
 use crate::types::{BackendId, BackendState, Declared, EndReason, Family, PortMatch};
+
+/// What [`ControlPlane::restore`] did with a state file's affinities.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Installed with the time they had left.
+    pub installed: usize,
+    /// Expired while the instance was stopped.
+    pub expired: usize,
+    /// Their service or backend is no longer configured.
+    pub gone: usize,
+    /// Not installable: a static affinity of another backend holds the key,
+    /// or the table is full.
+    pub refused: usize,
+}
 
 /// What an affinity request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -431,6 +446,118 @@ impl ControlPlane {
         self.counters.ended_cancelled += 1;
         self.queue_notices(vec![ended]);
         Ok(())
+    }
+
+    /// The requested (timed) affinities as the state file keeps them, with
+    /// `wall_ms` (Unix ms) the wall clock now. Static ones come from the
+    /// configuration and are not saved.
+    pub fn saved_state(&self, wall_ms: u64) -> SavedState {
+        let now = self.now_ms();
+        let affinities = self
+            .affinities
+            .list()
+            .filter_map(|(k, r)| {
+                let expires = r.expires?;
+                let svc = self.dp.service(k.service())?;
+                let owner = self.backend_name(r.owner)?;
+                Some(SavedAffinity {
+                    service: svc.name.clone(),
+                    service_addr: wire_key(svc, k).service,
+                    owner: owner.to_string(),
+                    client: crate::net::bits_ip(k.family(), k.addr()),
+                    prefix_len: k.prefix_len(),
+                    ports: k.ports(),
+                    expires_unix_ms: wall_ms.saturating_add(expires.saturating_sub(now)),
+                    created_unix_ms: wall_ms.saturating_sub(now.saturating_sub(r.created_ms)),
+                    notify: r.notify,
+                })
+            })
+            .collect();
+        SavedState {
+            saved_unix_ms: wall_ms,
+            affinities,
+        }
+    }
+
+    /// Installs the affinities of a state file, `wall_ms` (Unix ms) being
+    /// the wall clock now. One that expired meanwhile ends EXPIRED, one
+    /// whose service or backend is gone ends BACKEND_REMOVED, and one that
+    /// cannot be installed (a static affinity of another backend holds its
+    /// key, or the table is full) ends CANCELLED: each with its notice.
+    pub fn restore(&mut self, saved: &[SavedAffinity], wall_ms: u64) -> Restored {
+        let now = self.now_ms();
+        let mut done = Restored::default();
+        for a in saved {
+            let left = a.expires_unix_ms.saturating_sub(wall_ms);
+            let reason = if left == 0 {
+                done.expired += 1;
+                self.counters.ended_expired += 1;
+                EndReason::Expired
+            } else {
+                match self.restore_one(a, left, wall_ms, now) {
+                    Ok(()) => {
+                        done.installed += 1;
+                        continue;
+                    }
+                    Err(EndReason::BackendRemoved) => {
+                        done.gone += 1;
+                        self.counters.ended_backend_removed += 1;
+                        EndReason::BackendRemoved
+                    }
+                    Err(r) => {
+                        done.refused += 1;
+                        self.counters.ended_cancelled += 1;
+                        r
+                    }
+                }
+            };
+            let lived = wall_ms.saturating_sub(a.created_unix_ms).max(1);
+            let _ = self.lifetimes.record(lived);
+            self.notices.push((
+                a.notify,
+                EndedNotice {
+                    key: AffinityKey {
+                        service: a.service_addr,
+                        client: a.client,
+                        prefix_len: a.prefix_len,
+                        ports: a.ports,
+                    },
+                    owner: a.owner.clone(),
+                    reason,
+                },
+            ));
+        }
+        done
+    }
+
+    /// Installs one saved affinity with `left_ms` to go, or says how it ends.
+    fn restore_one(
+        &mut self,
+        a: &SavedAffinity,
+        left_ms: u64,
+        wall_ms: u64,
+        now: u64,
+    ) -> Result<(), EndReason> {
+        let svc = self
+            .dp
+            .service_named(&a.service)
+            .ok_or(EndReason::BackendRemoved)?;
+        let owner = self
+            .dp
+            .find_backend(svc.id, &a.owner)
+            .ok_or(EndReason::BackendRemoved)?
+            .id;
+        let family = crate::net::family(a.client);
+        if family != svc.family {
+            return Err(EndReason::BackendRemoved);
+        }
+        let key = TableKey::new(svc.id, family, ip_bits(a.client), a.prefix_len, a.ports)
+            .map_err(|_| EndReason::BackendRemoved)?;
+        let age = wall_ms.saturating_sub(a.created_unix_ms);
+        self.affinities
+            .restore(key, owner, left_ms, a.notify, now.saturating_sub(age), now)
+            .map(|_| ())
+            .map_err(|_| EndReason::Cancelled)
     }
 
     /// Makes the configuration's services and backends the registry's, in
@@ -941,7 +1068,7 @@ mod tests {
     use crate::control::handler::Payload;
     use crate::control::testing::{call, config_text, op, plane, src, WEB};
     use crate::protocol::message::BackendSpec;
-    use crate::types::{EndReason, Family};
+    use crate::types::Family;
 
     #[test]
     fn backends_pin_only_themselves_on_their_services() {
@@ -1537,5 +1664,74 @@ address = "2001:db8:1::2"
         let (p, _r) = plane(&text);
         assert_eq!(state_of(&p, "b"), BackendState::Draining);
         assert_eq!(state_of(&p, "a"), BackendState::Up);
+    }
+
+    #[test]
+    fn saved_state_comes_back_in_a_new_plane_with_its_time_left() {
+        let (mut p, _) = plane(&config_text());
+        for (client, owner, secs) in [("198.18.0.0", "a", 60), ("198.18.1.0", "b", 300)] {
+            let r = call(
+                &mut p,
+                owner,
+                Request::AffinityCreate(op(client, 24, Some(owner), secs)),
+            );
+            assert_eq!(r.code, ReturnCode::Ok);
+        }
+        // A static one is the configuration's: not saved.
+        let k = TableKey::new(WEB, Family::V4, 0x0a0a_0a00, 24, PortMatch::Any).unwrap();
+        p.create_static(k, 1).unwrap();
+        let wall = 1_800_000_000_000;
+        let saved = p.saved_state(wall);
+        assert_eq!(saved.saved_unix_ms, wall);
+        assert_eq!(saved.affinities.len(), 2);
+        let a = saved.affinities.iter().find(|a| a.owner == "a").unwrap();
+        assert_eq!((a.service.as_str(), a.prefix_len), ("web", 24));
+        assert!((wall + 59_000..=wall + 60_000).contains(&a.expires_unix_ms));
+        assert_eq!(a.notify, Some(src()));
+
+        // Restored 100 s later: a's expired, b's has about 200 s left.
+        let (mut q, r) = plane(&config_text());
+        let done = q.restore(&saved.affinities, wall + 100_000);
+        assert_eq!((done.installed, done.expired, done.gone), (1, 1, 0));
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0101, 1), Some(2));
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), None);
+        let left = q
+            .affinities()
+            .list()
+            .next()
+            .unwrap()
+            .1
+            .remaining_ms(q.now_ms());
+        assert!(
+            left.is_some_and(|l| (190_000..=200_000).contains(&l)),
+            "{left:?}"
+        );
+        let n = q.take_notices();
+        assert_eq!(n.len(), 1);
+        assert_eq!(
+            (n[0].1.owner.as_str(), n[0].1.reason),
+            ("a", EndReason::Expired)
+        );
+        assert_eq!(n[0].0, Some(src()));
+        assert_eq!(q.counters().ended_expired, 1);
+
+        // Without backend b, its affinity ends BACKEND_REMOVED; a static
+        // affinity of another backend on the same key refuses it.
+        let no_b = config_text().replace(
+            "name = \"b\"\naddress = \"10.0.0.2\"",
+            "name = \"c\"\naddress = \"10.0.0.2\"",
+        );
+        let (mut q, _) = plane(&no_b);
+        assert_eq!(q.restore(&saved.affinities, wall).gone, 1);
+        let n = q.take_notices();
+        assert!(n
+            .iter()
+            .any(|(_, x)| x.owner == "b" && x.reason == EndReason::BackendRemoved));
+        let (mut q, _) = plane(&config_text());
+        let kb = TableKey::new(WEB, Family::V4, 0xc612_0100, 24, PortMatch::Any).unwrap();
+        q.create_static(kb, 1).unwrap();
+        let done = q.restore(&saved.affinities, wall);
+        assert_eq!((done.installed, done.refused), (1, 1));
+        assert_eq!(q.take_notices()[0].1.reason, EndReason::Cancelled);
     }
 }

@@ -9,8 +9,10 @@
 //! at the end. Each [`step`](ControlThread::step) expires affinities and
 //! sends their AFFINITY_ENDED notices (every [`TICK`]), takes the health
 //! checker's reports (applying each change in
-//! [`apply_health_change`](ControlThread::apply_health_change)), prints the
-//! status line when due, and serves the requests waiting on the socket.
+//! [`apply_health_change`](ControlThread::apply_health_change)), keeps the
+//! state file current when `[affinity] state_file` is set, prints the
+//! status line when due, and serves the requests waiting on the socket;
+//! [`ControlThread::save_state`] writes the state file at shutdown.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -29,6 +31,7 @@ use crate::control::plane::ControlPlane;
 use crate::control::registry::ServiceRegistry;
 use crate::control::reload::ConfigFile;
 use crate::control::server::{ControlServer, ServerAuth, ServerConfig};
+use crate::control::state_saver::StateSaver;
 use crate::control::statics;
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::Percentiles;
@@ -65,6 +68,10 @@ pub struct ControlSetup {
     /// Where the status line goes every `[control] status_interval` (None:
     /// no status line).
     pub status: Option<Box<dyn Write + Send>>,
+    /// A state file (`[affinity] state_file`) that cannot be used is moved
+    /// aside and the instance starts without it, instead of refusing to
+    /// start (`pktdist run --discard-bad-state`).
+    pub discard_bad_state: bool,
 }
 
 /// The control thread: everything that changes what the workers see, and
@@ -78,6 +85,8 @@ pub struct ControlThread {
     port_upkeep: Option<Box<dyn FnMut() + Send>>,
     metrics: Option<MetricsServer>,
     status: Option<StatusLine>,
+    /// The state file, when `[affinity] state_file` is set.
+    state: Option<StateSaver>,
     next_tick: Instant,
     /// The health checks (a thread of their own while some backend is
     /// checked).
@@ -124,6 +133,10 @@ impl ControlThread {
             shared.epoch,
         );
         statics::install(&mut plane, cfg).map_err(|e| e.to_string())?;
+        let state = match &cfg.affinity.state_file {
+            Some(path) => Some(StateSaver::open(path, &mut plane, setup.discard_bad_state)?),
+            None => None,
+        };
         let metrics = match cfg.control.metrics_listen {
             Some(addr) => Some(
                 MetricsServer::start(addr).map_err(|e| format!("metrics listen {addr}: {e}"))?,
@@ -148,6 +161,7 @@ impl ControlThread {
                 last: now,
                 prev: Totals::default(),
             }),
+            state,
             next_tick: now + TICK,
             health,
         })
@@ -198,6 +212,7 @@ impl ControlThread {
             self.port_stats.as_ref(),
             &self.shared.auto_affinity,
             &self.health,
+            self.state.as_ref(),
         )
     }
 
@@ -256,21 +271,43 @@ impl ControlThread {
         }
     }
 
-    /// Runs the ports' upkeep, expires affinities, refreshes the metrics
-    /// when they are due and sends
-    /// the AFFINITY_ENDED notices of every affinity that ended since the
-    /// last tick.
+    /// Writes the state file (if configured) with the affinities as they
+    /// are now: at shutdown, after the last request. Affinities due by now
+    /// end first, and every notice still waiting is sent, so that what
+    /// the file leaves out has been notified.
+    pub fn save_state(&mut self) -> Result<(), String> {
+        self.plane.expire();
+        self.send_notices();
+        match &mut self.state {
+            Some(s) => s.finish(&self.plane),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the ports' upkeep, expires affinities, hands the state file's
+    /// writer what changed, refreshes the metrics when they are due and
+    /// sends the AFFINITY_ENDED notices of every affinity that ended since
+    /// the last tick.
     pub fn tick(&mut self) {
         if let Some(upkeep) = &mut self.port_upkeep {
             upkeep();
         }
         self.plane.expire();
         self.take_health_reports();
+        if let Some(s) = &mut self.state {
+            s.tick(&self.plane, Instant::now());
+        }
         if let Some(m) = &self.metrics {
             if m.wants_update() {
                 m.publish(metrics::render(&self.summary()));
             }
         }
+        self.send_notices();
+    }
+
+    /// Logs every affinity that ended since the last call and sends its
+    /// AFFINITY_ENDED notice.
+    fn send_notices(&mut self) {
         for (notify, notice) in self.plane.take_notices() {
             log::info!(
                 "affinity {} -> {} ended ({})",
@@ -332,6 +369,7 @@ impl ControlThread {
             port_stats: self.port_stats.as_ref(),
             auto: &self.shared.auto_affinity,
             health: &self.health,
+            state: self.state.as_ref(),
             auth: None,
         };
         self.server.poll(&mut dispatch, SystemTime::now());
@@ -371,6 +409,7 @@ struct Dispatch<'a> {
     port_stats: Option<&'a PortStatsSource>,
     auto: &'a AutoAffinityTable,
     health: &'a HealthMonitor,
+    state: Option<&'a StateSaver>,
     /// The keys and networks of a reload, for the server once its poll
     /// returns (the reply to the reload is signed with the keys it came
     /// with).
@@ -400,6 +439,7 @@ impl ControlHandler for Dispatch<'_> {
                     self.port_stats,
                     self.auto,
                     self.health,
+                    self.state,
                 );
                 Response::stats(
                     serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
@@ -419,6 +459,7 @@ fn summary(
     port_stats: Option<&PortStatsSource>,
     auto: &AutoAffinityTable,
     health: &HealthMonitor,
+    state: Option<&StateSaver>,
 ) -> Summary {
     let mut s = plane.summary();
     if let Some(ports) = port_stats {
@@ -427,7 +468,13 @@ fn summary(
     s.control_latency_ns = Percentiles::of(server_latency);
     s.auto_affinity_pins = auto.len_active(plane.now_ms());
     s.auto_affinity_table_full = auto.stats().table_full;
-    s.extra.control = Some(control_summary(server, rates, &plane.counters()));
+    let mut control = control_summary(server, rates, &plane.counters());
+    if let Some(saver) = state {
+        let c = saver.counters();
+        control.state_file_writes = c.saves;
+        control.state_file_write_failures = c.failures;
+    }
+    s.extra.control = Some(control);
     if !health.targets().is_empty() {
         s.extra.health = Some(health.view().summary(SystemTime::now()));
     }
@@ -501,6 +548,7 @@ mod tests {
                 port_stats: None,
                 port_upkeep: None,
                 status,
+                discard_bad_state: false,
             },
         )
         .unwrap()
@@ -812,5 +860,48 @@ mod tests {
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert!(text.starts_with("rx 0.000 Mpps"), "{text:?}");
         assert!(text.contains("affinities 0"), "{text:?}");
+    }
+
+    #[test]
+    fn the_state_file_is_written_at_shutdown_after_the_last_notices() {
+        let dir = std::env::temp_dir().join(format!("pktdist-thread-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("affinities.state");
+        let text = format!(
+            "{}\n[affinity]\nstate_file = \"{}\"\n",
+            config(ADMIN_1, A_1),
+            state.display()
+        );
+        let file = File::new("state", &text);
+        let mut ctl = control(&file.0, None);
+        let mut a = Peer::new("a", A_1);
+        let r = ask(&mut ctl, &mut a, A_1, &create("198.18.0.0")).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        let mut short = op("198.18.1.0", 24, None, 1);
+        short.notify = None;
+        let r = ask(&mut ctl, &mut a, A_1, &Request::AffinityCreate(short)).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        std::thread::sleep(Duration::from_millis(1100));
+
+        // Stopping without another tick: the short one ends, is notified,
+        // and the file keeps only the other.
+        ctl.save_state().unwrap();
+        match a.recv_signed(A_1) {
+            Some(Received::Ended(n)) => {
+                assert_eq!((n.key, n.reason), (short.key, EndReason::Expired))
+            }
+            other => panic!("no notice: {other:?}"),
+        }
+        let saved = crate::control::state_file::load(&state).unwrap().unwrap();
+        assert_eq!(saved.affinities.len(), 1);
+        assert_eq!(saved.affinities[0].owner, "a");
+        drop(ctl);
+
+        // The next control thread has it back.
+        let ctl = control(&file.0, None);
+        assert_eq!(ctl.plane().affinities().len(), 1);
+        drop(ctl);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

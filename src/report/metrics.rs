@@ -476,6 +476,17 @@ pub fn render(s: &Summary) -> String {
         for (reason, v) in control.ended.as_array() {
             f.value(&[("reason", reason)], v as f64);
         }
+        let mut f = Family::new(
+            &mut o,
+            "pktdist_state_file_writes_total",
+            "counter",
+            "Writes of the affinity state file, by result (ok, failed).",
+        );
+        f.value(&[("result", "ok")], control.state_file_writes as f64);
+        f.value(
+            &[("result", "failed")],
+            control.state_file_write_failures as f64,
+        );
     }
 
     health(&mut o, s);

@@ -314,6 +314,10 @@ pub struct ControlSummary {
     /// key). Absent in older servers' JSON.
     #[serde(default)]
     pub rate_limited: BTreeMap<String, u64>,
+    /// Writes of `[affinity] state_file` that completed.
+    pub state_file_writes: u64,
+    /// Writes of `[affinity] state_file` that failed (each logged).
+    pub state_file_write_failures: u64,
 }
 
 /// Affinities ended, by reason (the fields in the JSON's key order).

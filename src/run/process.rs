@@ -39,6 +39,9 @@ pub struct RunOptions {
     pub status: bool,
     /// The configuration file (re-read on SIGHUP).
     pub config_path: Option<PathBuf>,
+    /// Start without the affinities of a state file that cannot be used
+    /// (`--discard-bad-state`) instead of refusing to start.
+    pub discard_bad_state: bool,
 }
 
 /// The signals' flags.
@@ -102,6 +105,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
             status: opts
                 .status
                 .then(|| Box::new(std::io::stdout()) as Box<dyn Write + Send>),
+            discard_bad_state: opts.discard_bad_state,
         },
     )?;
     let threads = spawn(cfg, &started, &control.shared(), workers)?;
@@ -127,6 +131,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     log::info!("stopping");
 
     control.stop_health_checks();
+    // The requested affinities as the last request left them, before
+    // anything that could fail.
+    if let Err(e) = control.save_state() {
+        log::error!("{e}: the affinities of this run are not saved");
+    }
     let summary = stop(threads, &control);
     keeper.stop();
     let mut summary = summary?;
