@@ -478,6 +478,9 @@ class ExampleBackend(unittest.TestCase):
             "--affinity-duration", "2s",
         ])
         self.addCleanup(ex.stop)
+        # The example declares be1 UP at start and DOWN when it stops; the
+        # other tests share this pktdist and need be1 up again.
+        self.addCleanup(lambda: client("be1").set_state("up"))
         self.assertIsNotNone(ex.out.wait_for("be1: ready:"), ex.output())
         service = f"127.0.0.1:{LOCAL_PORT}"
         with urllib.request.urlopen(f"http://{service}/", timeout=PATIENCE) as resp:
@@ -497,6 +500,9 @@ class ExampleBackend(unittest.TestCase):
         self.assertEqual(ex.out.text().count("affinity 127.0.0.1/32"), 1, ex.output())
         self.assertEqual(ex.stop(), 0, ex.output())
         self.assertIn("be1: stopped", ex.out.text())
+        # It left as an operator would want: declared DOWN on the way out.
+        listed = {(b.service, b.name): b for b in client("admin").backends()}
+        self.assertEqual(listed[("local", "be1")].state, "down", listed)
 
     def test_bad_arguments_are_clear_errors(self) -> None:
         for args, why in [
