@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::client::cli::{parse_duration, AffinityCmd, BackendCmd, ConnArgs, StatsArgs};
+use crate::client::cli::{
+    parse_duration, AffinityCmd, BackendCmd, ConnArgs, StatsArgs, StatusArgs,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +54,10 @@ pub enum Cmd {
     Stats(StatsArgs),
     /// Make a running instance re-read its configuration file (as SIGHUP).
     Reload(ConnArgs),
+    /// Whether a running instance is ready (GET /ready on its metrics
+    /// listener): exit 0 ready, 3 not ready (starting or stopping), 1 when
+    /// it cannot be asked.
+    Status(StatusArgs),
     /// Write the man pages or a shell completion script (for packagers).
     #[command(hide = true)]
     Generate {

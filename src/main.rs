@@ -11,6 +11,9 @@ use pktdist::command::{self, Cli, Cmd, RunArgs};
 use pktdist::config::Config;
 use pktdist::control::state_file;
 
+/// `pktdist status`'s exit code for an instance that answers, not ready.
+const EXIT_NOT_READY: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     pktdist::run::logging::init(cli.log_level.as_deref());
@@ -21,6 +24,11 @@ fn main() -> ExitCode {
         Cmd::Backend(cmd) => cli::run_backend(&cmd),
         Cmd::Stats(args) => cli::run_stats(&args),
         Cmd::Reload(conn) => cli::run_reload(&conn),
+        Cmd::Status(args) => match cli::run_status(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(EXIT_NOT_READY),
+            Err(e) => Err(e),
+        },
         Cmd::Generate { what } => command::generate(&what),
     };
     match result {

@@ -432,3 +432,41 @@ fn port_ranges_are_listed_back_normalized_and_unknown_services_are_not_found() {
     let done = run.stop(std::time::Duration::from_secs(10));
     assert!(done.status.success(), "{}", done.stderr);
 }
+
+/// `pktdist status` asks a running instance's `GET /ready`: ready (exit 0)
+/// once it serves; exit 1 when nothing answers.
+#[test]
+fn status_says_ready_once_serving() {
+    let _one = serial();
+    let dir = TempDir::new("e2e-status");
+    let metrics = {
+        // A port free now, for the instance to take.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let path = dir.path("status.toml");
+    std::fs::write(
+        &path,
+        config_text().replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:0\"\nmetrics_listen = \"{metrics}\""),
+        ),
+    )
+    .expect("write");
+    let (p, _control) = Pktdist::run(&path);
+    let ready = common::poll_until(std::time::Duration::from_secs(10), || {
+        let out = pktdist(&["status", "--config", path_str(&path)]);
+        out.status.success().then_some(out)
+    })
+    .unwrap_or_else(|| panic!("never ready\n{}", p.stderr_text()));
+    assert_eq!(text(&ready.stdout), "ready\n");
+    let f = p.stop(std::time::Duration::from_secs(10));
+    assert!(f.status.success(), "{}", f.stderr);
+    let out = pktdist(&["status", "--metrics", &metrics.to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("cannot ask"),
+        "{}",
+        text_of(&out)
+    );
+}

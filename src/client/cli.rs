@@ -276,6 +276,92 @@ pub struct StatsArgs {
     pub interval: Duration,
 }
 
+/// `pktdist status`
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct StatusArgs {
+    /// The instance's metrics address [default: `metrics_listen` of the
+    /// --config file's control section].
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// The running instance's configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Time to wait for the answer.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Asks a running instance whether it is ready (`GET /ready` on its
+/// metrics listener) and prints the answer: `Ok(true)` ready, `Ok(false)`
+/// answering but not ready (starting or stopping).
+pub fn run_status(args: &StatusArgs) -> Result<bool, String> {
+    let addr = match (args.metrics, &args.config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => {
+            let cfg = Config::load(path).map_err(|e| e.to_string())?;
+            let a = cfg.control.metrics_listen.ok_or_else(|| {
+                format!(
+                    "{}: no [control] metrics_listen: readiness is served there",
+                    path.display()
+                )
+            })?;
+            if a.port() == 0 {
+                return Err(format!(
+                    "{}: metrics_listen has port 0 (any free port): give --metrics",
+                    path.display()
+                ));
+            }
+            a
+        }
+        (None, None) => return Err("give --config or --metrics".into()),
+    };
+    // A listener on every address is reached on loopback.
+    let addr = match addr.ip() {
+        IpAddr::V4(v) if v.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        IpAddr::V6(v) if v.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    let status = http_status(addr, "/ready", args.timeout)
+        .map_err(|e| format!("cannot ask {addr} for its readiness: {e}"))?;
+    match status {
+        200 => {
+            println!("ready");
+            Ok(true)
+        }
+        503 => {
+            println!("not ready");
+            Ok(false)
+        }
+        other => Err(format!("{addr} answered /ready with HTTP {other}")),
+    }
+}
+
+/// The status code of `GET path` at `addr`.
+fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: pktdist\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    s.take(4096).read_to_end(&mut head)?;
+    let text = String::from_utf8_lossy(&head);
+    text.lines()
+        .next()
+        .and_then(|l| {
+            l.strip_prefix("HTTP/1.1 ")
+                .or_else(|| l.strip_prefix("HTTP/1.0 "))
+        })
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
+}
+
 /// `30s`, `5m`, `2h`, `1d`, `250ms`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -778,5 +864,49 @@ mod tests {
         let e = render_reply("create", &r).unwrap_err();
         assert_eq!(e, "CONFLICT: create, owned by web2, 30 s remaining");
         assert!(render_reply("x", &Reply::new(1, 0, ReturnCode::Ok)).is_ok());
+    }
+
+    /// An HTTP server answering one request with `status`.
+    fn answer_once(status: &str) -> SocketAddr {
+        use std::io::Read as _;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let status = status.to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+        });
+        addr
+    }
+
+    #[test]
+    fn status_reads_the_readiness_answer() {
+        let args = |metrics| StatusArgs {
+            metrics: Some(metrics),
+            config: None,
+            timeout: Duration::from_secs(2),
+        };
+        assert_eq!(run_status(&args(answer_once("200 OK"))), Ok(true));
+        assert_eq!(
+            run_status(&args(answer_once("503 Service Unavailable"))),
+            Ok(false)
+        );
+        let e = run_status(&args(answer_once("404 Not Found"))).unwrap_err();
+        assert!(e.contains("HTTP 404"), "{e}");
+        // Nobody listening.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = run_status(&args(closed)).unwrap_err();
+        assert!(e.contains("cannot ask"), "{e}");
+        let none = StatusArgs {
+            metrics: None,
+            config: None,
+            timeout: Duration::from_secs(1),
+        };
+        assert!(run_status(&none).is_err());
     }
 }

@@ -302,6 +302,10 @@ impl ControlThread {
                 m.publish(metrics::render(&self.summary()));
             }
         }
+        // Serving, with every affinity it has (static, restored) installed.
+        if let Some(m) = &self.metrics {
+            m.set_ready(true);
+        }
         self.send_notices();
     }
 
@@ -346,6 +350,10 @@ impl ControlThread {
         loop {
             let now = Instant::now();
             if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d) {
+                // Stopping: no longer ready, before anything stops.
+                if let Some(m) = &self.metrics {
+                    m.set_ready(false);
+                }
                 return;
             }
             if reload.swap(false, Ordering::Relaxed) {

@@ -1,6 +1,8 @@
 //! The Prometheus endpoint: `GET /metrics` in the text exposition format
 //! (version 0.0.4), rendered from the same [`Summary`] that `pktdist stats`
-//! and the end-of-run summary show.
+//! and the end-of-run summary show; and `GET /ready`, the readiness signal
+//! (200 while the instance serves with its whole affinity table, 503
+//! while it starts or stops), for route announcement and `pktdist status`.
 //!
 //! The control thread renders the text about once a second; a small HTTP
 //! thread serves the latest rendering, so a slow scraper never holds up the
@@ -565,6 +567,8 @@ fn health(o: &mut String, s: &Summary) {
 
 struct Shared {
     text: Mutex<String>,
+    /// What `GET /ready` says: the instance serves with its whole table.
+    ready: AtomicBool,
     stop: AtomicBool,
     rendered: Mutex<Option<Instant>>,
 }
@@ -584,6 +588,7 @@ impl MetricsServer {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             text: Mutex::new(String::new()),
+            ready: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             rendered: Mutex::new(None),
         });
@@ -610,6 +615,12 @@ impl MetricsServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         last.is_none_or(|t| t.elapsed() >= RENDER_PERIOD)
+    }
+
+    /// Sets what `GET /ready` answers: 200 while ready, 503 otherwise
+    /// (starting, stopping).
+    pub fn set_ready(&self, ready: bool) {
+        self.shared.ready.store(ready, Ordering::Relaxed);
     }
 
     /// Replaces the text served.
@@ -673,10 +684,18 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
         ),
+        ("GET", "/ready") if shared.ready.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain; charset=utf-8", "ready\n".to_string())
+        }
+        ("GET", "/ready") => (
+            "503 Service Unavailable",
+            "text/plain; charset=utf-8",
+            "not ready\n".to_string(),
+        ),
         ("GET", "/") => (
             "200 OK",
             "text/plain; charset=utf-8",
-            "pktdist: metrics at /metrics\n".to_string(),
+            "pktdist: metrics at /metrics, readiness at /ready\n".to_string(),
         ),
         ("GET", _) => (
             "404 Not Found",
@@ -789,5 +808,14 @@ mod tests {
         assert!(ok.contains("text/plain; version=0.0.4"));
         assert!(ok.ends_with("\r\n\r\npktdist_x 1\n"));
         assert!(get("/nope").starts_with("HTTP/1.1 404"));
+        assert!(get("/ready").starts_with("HTTP/1.1 503"));
+        m.set_ready(true);
+        let ready = get("/ready");
+        assert!(
+            ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"),
+            "{ready}"
+        );
+        m.set_ready(false);
+        assert!(get("/ready").starts_with("HTTP/1.1 503"));
     }
 }
