@@ -232,6 +232,17 @@ fn a_real_prometheus_scrapes_pktdist() {
     let (pd, _control) = Pktdist::run(&config);
     let metrics = metrics_addr(&pd);
 
+    // The readiness endpoint a service manager or route announcer polls.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(metrics, "/ready").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "never ready\n{}",
+            pd.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // promtool's own linter on the exposition text.
     let text = http_get(metrics, "/metrics").expect("/metrics");
     let mut promtool = Command::new("promtool")
