@@ -145,18 +145,7 @@ fn memif_peer_leaving_mid_traffic_neither_crashes_pktdist_nor_loses_its_counts()
         path_str(&json),
     ]);
     pd.control_addr(Duration::from_secs(30));
-    let metrics: SocketAddr = {
-        const MARK: &str = "metrics on http://";
-        let line = pd
-            .wait_stderr(MARK, Duration::from_secs(5))
-            .expect("pktdist reports its metrics address");
-        let at = line.find(MARK).expect("mark") + MARK.len();
-        line[at..]
-            .trim()
-            .trim_end_matches("/metrics")
-            .parse()
-            .expect("metrics address")
-    };
+    let metrics = pd.metrics_addr(Duration::from_secs(5));
     assert!(socket.exists(), "pktdist created {}", socket.display());
 
     let _eal = peer_eal();

@@ -172,16 +172,7 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
     std::fs::write(&config, toml).expect("write config");
 
     let (pd, _control) = Pktdist::run(&config);
-    const MARK: &str = "metrics on http://";
-    let line = pd
-        .wait_stderr(MARK, Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("no metrics address\n{}", pd.stderr_text()));
-    let at = line.find(MARK).expect("mark") + MARK.len();
-    let addr: SocketAddr = line[at..]
-        .trim()
-        .trim_end_matches("/metrics")
-        .parse()
-        .unwrap_or_else(|e| panic!("bad metrics address in {line:?}: {e}"));
+    let addr = pd.metrics_addr(Duration::from_secs(30));
 
     // The text is rendered about once a second: wait for one that has
     // counted the whole pcap.

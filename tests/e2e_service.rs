@@ -44,19 +44,6 @@ fn demo_config(dir: &TempDir) -> std::path::PathBuf {
     path
 }
 
-fn metrics_addr(pd: &Pktdist) -> SocketAddr {
-    const MARK: &str = "metrics on http://";
-    let line = pd
-        .wait_stderr(MARK, Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("no metrics address\n{}", pd.stderr_text()));
-    let at = line.find(MARK).expect("mark") + MARK.len();
-    line[at..]
-        .trim()
-        .trim_end_matches("/metrics")
-        .parse()
-        .expect("metrics address")
-}
-
 /// GET `path` from `addr`; the body of a 200 answer.
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
@@ -230,7 +217,7 @@ fn a_real_prometheus_scrapes_pktdist() {
     let dir = TempDir::new("prom-e2e");
     let config = demo_config(&dir);
     let (pd, _control) = Pktdist::run(&config);
-    let metrics = metrics_addr(&pd);
+    let metrics = pd.metrics_addr(Duration::from_secs(30));
 
     // The readiness endpoint a service manager or route announcer polls.
     let deadline = Instant::now() + Duration::from_secs(30);

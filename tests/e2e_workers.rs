@@ -101,15 +101,7 @@ fn run_demo(workers: &str, n: usize) {
         .wait_stderr("WARN  [cores] share_cpus", Duration::from_secs(1))
         .expect("a warning about shared CPUs");
     assert!(warning.contains("never for production"), "{warning}");
-    let line = p
-        .wait_stderr("metrics on http://", Duration::from_secs(5))
-        .expect("metrics address");
-    let metrics: SocketAddr = line
-        .rsplit("http://")
-        .next()
-        .and_then(|s| s.strip_suffix("/metrics"))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("metrics address in {line:?}"));
+    let metrics = p.metrics_addr(Duration::from_secs(5));
 
     // While it runs, /metrics shows every worker receiving and sending.
     let text = poll_until(Duration::from_secs(20), || {

@@ -300,6 +300,25 @@ impl Pktdist {
         }
     }
 
+    /// The metrics listener's address the child reports (`[control]
+    /// metrics_listen`, port 0 resolved). Panics, with the child's output,
+    /// if it does not report one within `timeout`.
+    pub fn metrics_addr(&self, timeout: Duration) -> SocketAddr {
+        const MARK: &str = "metrics on http://";
+        let line = self.stderr.wait_for(MARK, timeout).unwrap_or_else(|| {
+            panic!(
+                "pktdist reported no metrics address\n{}",
+                self.stderr.text()
+            )
+        });
+        let at = line.find(MARK).expect("mark") + MARK.len();
+        line[at..]
+            .trim()
+            .trim_end_matches("/metrics")
+            .parse()
+            .unwrap_or_else(|e| panic!("bad metrics address in {line:?}: {e}"))
+    }
+
     pub fn stderr_text(&self) -> String {
         self.stderr.text()
     }
