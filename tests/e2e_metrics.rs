@@ -7,13 +7,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{
-    base_config, ipip_service, path_str, poll_until, port_toml, read_pcap, serial, web_service,
-    write_pcap, Pktdist, TempDir,
+    base_config, http_get, ipip_service, path_str, poll_until, port_toml, read_pcap, serial,
+    web_service, write_pcap, Pktdist, TempDir,
 };
 use pktdist::types::tcp_flags;
 use pktdist::wire::build::FrameSpec;
@@ -46,14 +45,9 @@ fn readme_families() -> BTreeSet<String> {
 }
 
 /// The body of `GET /metrics`.
+/// The text of `/metrics`.
 fn scrape(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: pktdist\r\n\r\n").ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    let (head, body) = r.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    http_get(addr, "/metrics")
 }
 
 /// An exposition: family -> type, and sample (name with labels) -> value.

@@ -15,12 +15,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{base_config, path_str, poll_until, serial, web_service, Pktdist, TempDir};
+use common::{base_config, http_get, path_str, poll_until, serial, web_service, Pktdist, TempDir};
 use pktdist::datapath::pktio::{PacketIo, MAX_BURST};
 use pktdist::dpdk::{
     Eal, Mbuf, Mempool, Port, PortQueues, PortSetup, DEFAULT_DATA_ROOM, SOCKET_ANY,
@@ -59,14 +58,9 @@ fn demo_with(workers: &str) -> String {
     text
 }
 
+/// The text of `/metrics`.
 fn scrape(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: pktdist\r\n\r\n").ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    let (head, body) = r.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    http_get(addr, "/metrics")
 }
 
 /// The value of the sample `name` (with its labels) in an exposition.

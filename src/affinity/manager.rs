@@ -101,7 +101,8 @@ impl AffinityManager {
 
     /// Installs an affinity read back from saved state: as
     /// [`create`](Self::create) with `duration_ms` left, then dated
-    /// `created_ms` (monotonic, earlier than `now_ms`) for its lifetime.
+    /// `created_ms` (monotonic, earlier than `now_ms`), so its lifetime
+    /// counts from its first creation.
     pub fn restore(
         &mut self,
         key: TableKey,
