@@ -14,6 +14,8 @@
 //!   ([`control::thread::ControlThread`]), owning the protocol server, the
 //!   affinity and backend requests, the service registry, reload, static
 //!   affinities and expiry.
+//! * [`cluster`] — the cluster mode's store thread: the requested
+//!   affinities shared with other instances through etcd.
 //! * [`health`] — active health checks: the checker thread (TCP and HTTP
 //!   probes, the rise/fall state machine) and what the control thread keeps
 //!   of its reports.
@@ -36,6 +38,7 @@
 
 pub mod affinity;
 pub mod client;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod control;

@@ -8,6 +8,7 @@
 //!
 //! `config/demo.toml` documents every key.
 
+mod cluster;
 mod error;
 mod health;
 mod queues;
@@ -31,6 +32,7 @@ use crate::protocol::rate_limit::{
 use crate::sched::maglev::{is_prime, MaglevTable};
 use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
 
+pub use cluster::{ClusterConfig, StoreKind};
 pub use error::{ConfigError, KeyPath, Seg};
 pub use health::{
     HealthConfig, HealthKind, StatusRanges, MAX_HEALTH_INTERVAL, MAX_RISE_FALL, MIN_HEALTH_INTERVAL,
@@ -92,6 +94,9 @@ pub struct Config {
     /// Static affinities.
     #[serde(default)]
     pub affinities: Vec<StaticAffinityConfig>,
+    /// Several instances sharing the requested affinities (None: alone).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// DPDK EAL arguments (without the program name; the `--vdev` arguments for

@@ -1,0 +1,173 @@
+//! The cluster mode's store thread: several instances share one table of
+//! requested affinities through etcd (`[cluster]`; docs/cluster.md).
+//!
+//! The thread runs on the control core and is the only part of pktdist
+//! that talks to etcd. The control thread hands it [`StoreOp`]s and reads
+//! back [`StoreEvent`]s through a [`StoreHandle`], never waiting on it:
+//! workers read only their instance's local lock-free table, and the control
+//! thread stays its only writer.
+//!
+//! Every change is a compare-and-set on the key's etcd mod revision, so
+//! two instances can never both win a key, and exactly one instance
+//! commits the deletion that ends an affinity (and sends its notice).
+
+use std::net::IpAddr;
+use std::sync::mpsc;
+
+use crate::control::state_file::SavedAffinity;
+use crate::types::PortMatch;
+
+/// An etcd mod revision. 0: the key does not exist.
+pub type Revision = i64;
+
+/// The control thread's number for one change, echoed in its outcome.
+pub type Ticket = u64;
+
+/// Which affinity a store key holds: service by name, client network and
+/// ports (the owner is in the value).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StoreKey {
+    pub service: String,
+    pub client: IpAddr,
+    pub prefix_len: u8,
+    pub ports: PortMatch,
+}
+
+impl StoreKey {
+    pub fn of(a: &SavedAffinity) -> StoreKey {
+        StoreKey {
+            service: a.service.clone(),
+            client: a.client,
+            prefix_len: a.prefix_len,
+            ports: a.ports,
+        }
+    }
+}
+
+/// One affinity as the store keeps it: what the state file keeps, and who
+/// wrote it when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAffinity {
+    pub affinity: SavedAffinity,
+    /// The instance (`[cluster] instance`) that wrote this version.
+    pub writer: String,
+    /// The writer's wall clock just before it committed, Unix ms (the
+    /// receivers' propagation delay is measured from it).
+    pub written_unix_ms: u64,
+}
+
+impl StoredAffinity {
+    pub fn key(&self) -> StoreKey {
+        StoreKey::of(&self.affinity)
+    }
+}
+
+/// A change the control thread asks the store for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Write `value` if its key's mod revision is still `expect` (0: the
+    /// key must not exist).
+    Put {
+        ticket: Ticket,
+        value: StoredAffinity,
+        expect: Revision,
+    },
+    /// Delete `key` if its mod revision is still `expect`.
+    Delete {
+        ticket: Ticket,
+        key: StoreKey,
+        expect: Revision,
+    },
+}
+
+impl StoreOp {
+    pub fn ticket(&self) -> Ticket {
+        match self {
+            StoreOp::Put { ticket, .. } | StoreOp::Delete { ticket, .. } => *ticket,
+        }
+    }
+}
+
+/// How a [`StoreOp`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed at `revision` (the key's new mod revision for a put).
+    Committed { revision: Revision },
+    /// The key's revision was not the one expected: what it holds now
+    /// (None: it does not exist). Nothing was written.
+    Moved {
+        current: Option<(StoredAffinity, Revision)>,
+    },
+    /// etcd did not answer in time: the change may or may not have been
+    /// committed (the watch will tell).
+    Unavailable { error: String },
+}
+
+/// A committed change to the table, from the watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Put(StoredAffinity),
+    Deleted(StoreKey),
+}
+
+/// What the store thread tells the control thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// The outcome of the op with this ticket. Every op gets exactly one.
+    Done { ticket: Ticket, outcome: Outcome },
+    /// The whole table as of `revision` (at start and after every
+    /// reconnection): it replaces what the instance had. The watch goes on
+    /// from `revision + 1`.
+    Loaded {
+        revision: Revision,
+        affinities: Vec<(StoredAffinity, Revision)>,
+    },
+    /// A change committed at `revision` (by any instance, this one
+    /// included), in commit order, after the `Loaded` it follows.
+    Changed { revision: Revision, change: Change },
+    /// etcd stopped answering; a `Loaded` follows when it is back.
+    Unreachable { error: String },
+    /// A value under the prefix that is not an affinity this build can read
+    /// (counted and skipped).
+    Unreadable { key: String, error: String },
+}
+
+/// The control thread's end of the store thread.
+pub struct StoreHandle {
+    ops: tokio::sync::mpsc::UnboundedSender<StoreOp>,
+    events: mpsc::Receiver<StoreEvent>,
+}
+
+/// The store thread's end (and the tests' stand-in for it).
+pub struct StorePeer {
+    pub ops: tokio::sync::mpsc::UnboundedReceiver<StoreOp>,
+    pub events: mpsc::Sender<StoreEvent>,
+}
+
+impl StoreHandle {
+    /// A connected handle and peer.
+    pub fn pair() -> (StoreHandle, StorePeer) {
+        let (ops_tx, ops_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::channel();
+        (
+            StoreHandle {
+                ops: ops_tx,
+                events: ev_rx,
+            },
+            StorePeer {
+                ops: ops_rx,
+                events: ev_tx,
+            },
+        )
+    }
+
+    /// Queues an op; false if the store thread is gone.
+    pub fn submit(&self, op: StoreOp) -> bool {
+        self.ops.send(op).is_ok()
+    }
+
+    /// The next event, without waiting.
+    pub fn try_event(&self) -> Option<StoreEvent> {
+        self.events.try_recv().ok()
+    }
+}
