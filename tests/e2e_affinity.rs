@@ -13,26 +13,20 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::memif::{hosts, MemifPeer, Tuples};
 use common::{
-    backend_key_hex, base_config, ipip_service, path_str, poll_until, port_toml, serial, unhex,
-    unique, web_service, Pktdist, TempDir, ADMIN_KEY,
+    backend_key_hex, base_config, ipip_service, port_toml, serial, unhex, web_service, TempDir,
+    ADMIN_KEY,
 };
 use pktdist::client::library::{AffinitySpec, ClientError, ControlClient};
 use pktdist::config::Config;
 use pktdist::control::registry::ServiceRegistry;
-use pktdist::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use pktdist::datapath::snapshot::Dataplane;
-use pktdist::dpdk::{
-    Eal, Mbuf, Mempool, Port, PortQueues, PortSetup, DEFAULT_DATA_ROOM, SOCKET_ANY,
-};
 use pktdist::protocol::message::{AffinityKey, ReturnCode, ServiceAddr};
 use pktdist::types::EndReason;
-use pktdist::types::{flow_hash, tcp_flags, Family, FlowKey, PROTO_TCP};
-use pktdist::wire::build::FrameSpec;
-use pktdist::wire::{ethernet, ipv4, tcp};
+use pktdist::types::{flow_hash, Family, FlowKey, PROTO_TCP};
 
 const WEB: &str = "192.0.2.10:80";
 const APP: &str = "192.0.2.20:8080";
@@ -70,116 +64,36 @@ fn services() -> String {
     .concat()
 }
 
-/// The test process's own EAL: once per process, its own file prefix.
-/// EAL pins the thread that starts it (and what that thread spawns later,
-/// a `pktdist` child included) to its first core, so it starts on a thread
-/// of its own that ends right after.
-fn eal() -> &'static Eal {
-    static EAL: OnceLock<Eal> = OnceLock::new();
-    EAL.get_or_init(|| {
-        std::thread::spawn(init_eal)
-            .join()
-            .expect("EAL init thread")
-    })
-}
-
-fn init_eal() -> Eal {
-    {
-        let args: Vec<String> = [
-            "--no-huge",
-            "-m",
-            "256",
-            "--no-pci",
-            "--no-shconf",
-            "--no-telemetry",
-            "--file-prefix",
-            common::TEST_EAL_PREFIX,
-            "-l",
-            "0",
-            "--log-level=*:warning",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        Eal::init(&args).expect("test EAL init")
-    }
-}
-
-/// A running pktdist on a memif port, and this process on the other end.
+/// A running pktdist on a memif port, this process on the other end, and
+/// the registry the test computes Maglev's choices from.
 struct Bed {
-    // Field order is drop order: pktdist first, then our port, then files.
-    // Not the other way round: a memif peer that disconnects while the
-    // other side's worker polls crashes that side (DPDK 22.11's memif
-    // driver unmaps the shared rings in its interrupt thread, under the
-    // polling worker's feet), so the side that polls stops first.
-    pktdist: Pktdist,
-    io: PortQueues,
-    port: Arc<Port>,
-    pool: Arc<Mempool>,
-    control: SocketAddr,
+    peer: MemifPeer,
     registry: ServiceRegistry,
     dp: Dataplane,
-    next_sport: u16,
+    tuples: Tuples,
     _dir: TempDir,
 }
 
 impl Bed {
     fn start() -> Bed {
-        eal();
         let dir = TempDir::new("e2e-aff");
-        let sock = dir.path("memif.sock");
-        let config = dir.path("pktdist.toml");
-        let toml = [
-            base_config(&["be1", "be2", "be3"]),
-            port_toml(&format!(
-                "net_memif0,role=server,socket={},socket-abstract=no",
-                sock.display()
-            )),
-            services(),
-        ]
-        .concat();
-        std::fs::write(&config, toml).expect("write config");
-        let cfg = Config::load(&config).expect("test configuration is valid");
+        let config = [base_config(&["be1", "be2", "be3"]), services()].concat();
+        let cfg = Config::parse(&format!("{config}{}", port_toml("net_null0")), "test")
+            .expect("test configuration is valid");
         let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
         let dp = registry.snapshot().expect("snapshot");
-
-        let t0 = Instant::now();
-        let (pktdist, control) = Pktdist::run(&config);
-        eprintln!("TIMING started {:?}", t0.elapsed());
-        let pool =
-            Mempool::new(&unique("e2e"), 4095, 0, DEFAULT_DATA_ROOM, SOCKET_ANY).expect("mempool");
-        let device = format!(
-            "{},role=client,socket={},socket-abstract=no",
-            unique("net_memif_e2e"),
-            path_str(&sock)
-        );
-        let port = Arc::new(
-            Port::open(&device, &PortSetup::default(), Arc::clone(&pool))
-                .unwrap_or_else(|e| panic!("memif client {device}: {e}")),
-        );
-        if poll_until(PATIENCE, || port.link().ok().filter(|l| l.up)).is_none() {
-            panic!(
-                "memif link to pktdist did not come up\n--- pktdist stderr\n{}",
-                pktdist.stderr_text()
-            );
-        }
-        eprintln!("TIMING link {:?}", t0.elapsed());
-        let io = PortQueues::claim(std::slice::from_ref(&port), 0).expect("claim queue");
+        let peer = MemifPeer::start(&dir.0, "pktdist", &config);
         Bed {
-            pktdist,
-            io,
-            port,
-            pool,
-            control,
+            peer,
             registry,
             dp,
-            next_sport: 10000,
+            tuples: Tuples::default(),
             _dir: dir,
         }
     }
 
     fn admin(&self) -> ControlClient {
-        ControlClient::new(self.control, "admin", &unhex(ADMIN_KEY)).expect("admin client")
+        ControlClient::new(self.peer.control, "admin", &unhex(ADMIN_KEY)).expect("admin client")
     }
 
     /// A backend application's client, on a socket of its own where its
@@ -187,76 +101,19 @@ impl Bed {
     fn backend_app(&self, name: &str) -> ControlClient {
         ControlClient::bind(
             "127.0.0.1:0".parse().expect("addr"),
-            self.control,
+            self.peer.control,
             name,
             &unhex(&backend_key_hex(name)),
         )
         .expect("backend client")
     }
 
-    /// Fresh SYN tuples: `per_client` connections from each of `clients`,
-    /// interleaved (the connections of one client are in flight together).
     fn tuples(&mut self, clients: &[Ipv4Addr], per_client: usize) -> Vec<(Ipv4Addr, u16)> {
-        let mut v = Vec::new();
-        for _ in 0..per_client {
-            for &c in clients {
-                v.push((c, self.next_sport));
-                self.next_sport = self.next_sport.checked_add(1).expect("ports left");
-            }
-        }
-        v
+        self.tuples.next(clients, per_client)
     }
 
-    /// Sends a SYN for each tuple to `service` and returns, for each, the
-    /// backend pktdist encapsulated it to (outer IPv4 destination).
     fn connect(&mut self, service: &str, tuples: &[(Ipv4Addr, u16)]) -> Vec<Ipv4Addr> {
-        let svc: SocketAddr = service.parse().expect("service");
-        let IpAddr::V4(vip) = svc.ip() else {
-            panic!("IPv4 services only")
-        };
-        let mut to_send: Vec<Vec<u8>> = tuples
-            .iter()
-            .map(|&(c, sport)| {
-                FrameSpec {
-                    dst_mac: self.port.mac(),
-                    ..FrameSpec::tcp_v4(c.octets(), sport, vip.octets(), svc.port(), tcp_flags::SYN)
-                }
-                .build()
-                .expect("SYN frame")
-            })
-            .collect();
-        to_send.reverse();
-        let mut got: HashMap<(Ipv4Addr, u16), Ipv4Addr> = HashMap::new();
-        let deadline = Instant::now() + PATIENCE;
-        let mut pending: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
-        let mut rx: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
-        while got.len() < tuples.len() && Instant::now() < deadline {
-            while pending.len() < MAX_BURST {
-                let Some(f) = to_send.pop() else { break };
-                pending.push(Mbuf::from_frame(&self.pool, &f).expect("mbuf"));
-            }
-            if !pending.is_empty() {
-                self.io.tx_burst(0, &mut pending);
-            }
-            self.io.rx_burst(0, &mut rx);
-            if rx.is_empty() {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            for m in rx.drain(..) {
-                if let Some((client, sport, backend)) = decap(m.data(), vip, svc.port()) {
-                    got.insert((client, sport), backend);
-                }
-            }
-        }
-        let missing = tuples.iter().filter(|t| !got.contains_key(t)).count();
-        if missing > 0 {
-            panic!(
-                "{missing} of {} SYNs to {service} did not come back from pktdist\n--- pktdist stderr\n{}",
-                tuples.len(),
-                self.pktdist.stderr_text()
-            );
-        }
-        tuples.iter().map(|t| got[t]).collect()
+        self.peer.connect(service, tuples)
     }
 
     /// The backend Maglev picks for a new connection in snapshot `dp`.
@@ -290,55 +147,8 @@ impl Bed {
 
     /// Stops pktdist and checks it ended cleanly.
     fn finish(self) {
-        let Bed {
-            pktdist, io, port, ..
-        } = self;
-        let t0 = Instant::now();
-        let done = pktdist.stop(PATIENCE);
-        eprintln!("TIMING stop {:?}", t0.elapsed());
-        drop(io);
-        drop(port);
-        eprintln!("TIMING drop {:?}", t0.elapsed());
-        assert!(
-            done.status.success(),
-            "pktdist did not stop cleanly: {}\n{}",
-            done.status,
-            done.stderr
-        );
-        assert!(done.stdout.contains("pktdist summary"), "{}", done.stdout);
+        self.peer.finish();
     }
-}
-
-/// (inner client address, client port, outer destination) of an
-/// IPv4-in-IPv4 frame pktdist forwarded for `vip:port`.
-fn decap(frame: &[u8], vip: Ipv4Addr, port: u16) -> Option<(Ipv4Addr, u16, Ipv4Addr)> {
-    let eth = ethernet::Frame::new_checked(frame).ok()?;
-    if eth.ethertype() != ethernet::ETHERTYPE_IPV4 {
-        return None;
-    }
-    let outer = ipv4::Packet::new_checked(&frame[ethernet::HEADER_LEN..]).ok()?;
-    if outer.protocol() != ipv4::PROTO_IPIP || !outer.verify_checksum() {
-        return None;
-    }
-    let inner = ipv4::Packet::new_checked(outer.payload()).ok()?;
-    if inner.dst_addr() != vip.octets() || inner.protocol() != PROTO_TCP {
-        return None;
-    }
-    let t = tcp::Packet::new_checked(inner.payload()).ok()?;
-    if t.dst_port() != port {
-        return None;
-    }
-    Some((
-        Ipv4Addr::from(inner.src_addr()),
-        t.src_port(),
-        Ipv4Addr::from(outer.dst_addr()),
-    ))
-}
-
-fn hosts(net: [u8; 3], n: u8) -> Vec<Ipv4Addr> {
-    (1..=n)
-        .map(|h| Ipv4Addr::new(net[0], net[1], net[2], h))
-        .collect()
 }
 
 fn spec(service: &str, client: &str, prefix: u8) -> AffinitySpec {
@@ -479,7 +289,7 @@ fn short_affinity_expires_and_its_owner_is_notified() {
         .unwrap_or_else(|| {
             panic!(
                 "no AFFINITY_ENDED within 1 s (+2 s slack) of expiry\n--- pktdist stderr\n{}",
-                bed.pktdist.stderr_text()
+                bed.peer.pktdist.stderr_text()
             )
         });
     assert_eq!(notice.reason, EndReason::Expired);

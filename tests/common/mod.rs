@@ -4,6 +4,9 @@
 //! a test fails.
 #![allow(dead_code)]
 
+#[cfg(feature = "dpdk")]
+pub mod memif;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
