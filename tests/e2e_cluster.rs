@@ -1,0 +1,319 @@
+//! The cluster mode end to end: a real etcd server this test starts (a
+//! temporary data directory, free ports on 127.0.0.1) and two or three
+//! real `pktdist` instances sharing it, each on a `net_memif` port with
+//! this process on the other end. An affinity made at one instance is
+//! listed and honoured by SYNs at the others; the conflict check, the
+//! cancel and the expiry hold across instances with exactly one notice; a
+//! restarted instance gets the table back; with etcd stopped forwarding
+//! goes on and changes are answered UNAVAILABLE, until etcd is back.
+#![cfg(feature = "dpdk")]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::memif::{hosts, MemifPeer, Tuples};
+use common::{
+    backend_key_hex, base_config, http_get, poll_until, serial, unhex, web_service, TempDir,
+    ADMIN_KEY,
+};
+use pktdist::client::library::{AffinitySpec, ControlClient};
+use pktdist::protocol::message::{AffinityEntry, AffinityKey, ReturnCode, ServiceAddr};
+use pktdist::types::EndReason;
+
+const WEB: &str = "192.0.2.10:80";
+const BE1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const BE2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const BE3: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+/// How long to wait for anything pktdist or etcd does.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+/// The configuration of instance `name` on the etcd at `endpoint`:
+/// the same services everywhere, gentle idle workers (several instances
+/// share two CPUs), metrics for `/ready`.
+fn config(name: &str, endpoint: &str) -> String {
+    [
+        base_config(&["be1", "be2", "be3"])
+            .replace("workers = [1]\n", "workers = [1]\nidle_sleep = \"200us\"\n")
+            .replace(
+                "status_interval = \"1s\"\n",
+                "status_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+            ),
+        web_service(
+            "max_affinity_duration = \"10m\"\n",
+            &[
+                ("be1", "10.0.0.1", None),
+                ("be2", "10.0.0.2", None),
+                ("be3", "10.0.0.3", None),
+            ],
+        ),
+        format!(
+            "\n[cluster]\nstore = \"etcd\"\nendpoints = [\"{endpoint}\"]\n\
+             prefix = \"/pktdist-test\"\ninstance = \"{name}\"\ntimeout = \"1s\"\n"
+        ),
+    ]
+    .concat()
+}
+
+/// Starts instance `name` and waits until it reports itself ready (its
+/// table loaded from etcd).
+fn start(dir: &TempDir, name: &str, etcd: &Etcd) -> MemifPeer {
+    let peer = MemifPeer::start(&dir.0, name, &config(name, &etcd.endpoint()));
+    let metrics = peer.pktdist.metrics_addr(PATIENCE);
+    if poll_until(PATIENCE, || http_get(metrics, "/ready")).is_none() {
+        panic!(
+            "instance {name} never became ready\n--- stderr\n{}",
+            peer.pktdist.stderr_text()
+        );
+    }
+    peer
+}
+
+fn spec(client: &str, prefix: u8) -> AffinitySpec {
+    AffinitySpec::new(
+        AffinityKey::new(
+            ServiceAddr::tcp(WEB.parse().expect("service")),
+            client.parse().expect("client"),
+            prefix,
+        )
+        .expect("affinity key"),
+    )
+}
+
+fn admin(control: SocketAddr) -> ControlClient {
+    let mut c = ControlClient::new(control, "admin", &unhex(ADMIN_KEY)).expect("admin client");
+    c.set_timeout(Duration::from_secs(3));
+    c
+}
+
+/// Backend application `name` talking to the instance at `control`, on a
+/// socket of its own where its notices arrive.
+fn app(control: SocketAddr, name: &str) -> ControlClient {
+    let mut c = ControlClient::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        control,
+        name,
+        &unhex(&backend_key_hex(name)),
+    )
+    .expect("backend client");
+    c.set_timeout(Duration::from_secs(3));
+    c
+}
+
+fn list(control: SocketAddr) -> Vec<AffinityEntry> {
+    admin(control).list_affinities(None, None).expect("list")
+}
+
+/// Waits until the instance at `control` lists exactly `want` (keys and
+/// owners); panics with what it lists if it does not within PATIENCE.
+fn wait_listed(control: SocketAddr, want: &[(&AffinitySpec, &str)], who: &str) {
+    let want: BTreeSet<String> = want
+        .iter()
+        .map(|(s, o)| format!("{:?} {o}", s.key))
+        .collect();
+    let mut last = Vec::new();
+    let found = poll_until(PATIENCE, || {
+        last = list(control);
+        let got: BTreeSet<String> = last
+            .iter()
+            .map(|e| format!("{:?} {}", e.key, e.owner))
+            .collect();
+        (got == want).then_some(())
+    });
+    assert!(found.is_some(), "{who} lists {last:?}, expected {want:?}");
+}
+
+fn distinct(v: &[Ipv4Addr]) -> BTreeSet<Ipv4Addr> {
+    v.iter().copied().collect()
+}
+
+#[test]
+fn an_affinity_made_at_one_instance_holds_at_all_with_one_notice_per_end() {
+    let _serial = serial();
+    let dir = TempDir::new("e2e-cluster");
+    let etcd = Etcd::start(&dir.0.join("etcd"));
+    let mut tuples = Tuples::default();
+    let mut a = start(&dir, "a", &etcd);
+    let mut b = start(&dir, "b", &etcd);
+    let mut c = start(&dir, "c", &etcd);
+
+    // Before any request the prefix's clients follow Maglev, which spreads
+    // them (the same table at every instance).
+    let clients = hosts([198, 51, 100], 24);
+    let t = tuples.next(&clients, 1);
+    let before = b.connect(WEB, &t);
+    assert!(distinct(&before).len() > 1, "{before:?}");
+    assert_eq!(before, c.connect(WEB, &t), "instances disagree on Maglev");
+
+    // be2's application pins 198.51.100.0/24 at instance a.
+    let pin = spec("198.51.100.0", 24);
+    let mut be2 = app(a.control, "be2");
+    let reply = be2
+        .create_affinity(&pin, Duration::from_secs(120))
+        .expect("create at a");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    for (peer, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        wait_listed(peer.control, &[(&pin, "be2")], who);
+    }
+    let at_b = list(b.control);
+    assert!((100..=120).contains(&at_b[0].remaining_secs), "{at_b:?}");
+    for peer in [&mut a, &mut b, &mut c] {
+        let t = tuples.next(&clients, 2);
+        let got = peer.connect(WEB, &t);
+        assert!(got.iter().all(|&x| x == BE2), "pinned: {got:?}");
+    }
+
+    // be1 cannot take the key at b: CONFLICT naming the owner.
+    let reply = app(b.control, "be1")
+        .create_affinity(&pin, Duration::from_secs(60))
+        .expect("conflicting create is answered");
+    assert_eq!(reply.code, ReturnCode::Conflict, "{reply:?}");
+    assert_eq!(reply.owner.as_deref(), Some("be2"), "{reply:?}");
+    // Renewing its own key elsewhere is fine (b answers for the cluster).
+    let reply = app(b.control, "be2")
+        .extend_affinity(&pin, Duration::from_secs(300))
+        .expect("extend at b");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    assert!(reply.remaining_secs > 120, "{reply:?}");
+
+    // Cancelled at c: gone everywhere, and one notice reaches be2's
+    // socket (the one it created the affinity from), not three.
+    let reply = app(c.control, "be2")
+        .cancel_affinity(&pin)
+        .expect("cancel at c");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    let n = be2
+        .recv_ended(PATIENCE)
+        .expect("receive")
+        .expect("AFFINITY_ENDED after the cancel");
+    assert_eq!(
+        (n.key, n.owner.as_str(), n.reason),
+        (pin.key, "be2", EndReason::Cancelled)
+    );
+    for (peer, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        wait_listed(peer.control, &[], who);
+    }
+    let t = tuples.next(&clients, 1);
+    let got = a.connect(WEB, &t);
+    assert!(got.iter().any(|&x| x != BE2), "after the cancel: {got:?}");
+    assert!(
+        be2.recv_ended(Duration::from_secs(2))
+            .expect("receive")
+            .is_none(),
+        "a second notice for one cancel"
+    );
+
+    // A short affinity made at b expires once for the whole cluster.
+    let short = spec("198.51.101.0", 24);
+    let mut be1 = app(b.control, "be1");
+    let made = Instant::now();
+    let reply = be1
+        .create_affinity(&short, Duration::from_secs(2))
+        .expect("create at b");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    let t = tuples.next(&hosts([198, 51, 101], 8), 1);
+    let got = c.connect(WEB, &t);
+    if made.elapsed() < Duration::from_secs(2) {
+        assert!(got.iter().all(|&x| x == BE1), "pinned at c: {got:?}");
+    }
+    let n = be1
+        .recv_ended(PATIENCE)
+        .expect("receive")
+        .expect("AFFINITY_ENDED at expiry");
+    assert_eq!(
+        (n.key, n.owner.as_str(), n.reason),
+        (short.key, "be1", EndReason::Expired)
+    );
+    for (peer, who) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        wait_listed(peer.control, &[], who);
+    }
+    assert!(
+        be1.recv_ended(Duration::from_secs(2))
+            .expect("receive")
+            .is_none(),
+        "a second notice for one expiry"
+    );
+
+    c.finish();
+    b.finish();
+    a.finish();
+}
+
+#[test]
+fn a_restarted_instance_gets_the_table_back_and_etcd_outages_refuse_changes_only() {
+    let _serial = serial();
+    let dir = TempDir::new("e2e-cluster-outage");
+    let mut etcd = Etcd::start(&dir.0.join("etcd"));
+    let mut tuples = Tuples::default();
+    let mut a = start(&dir, "a", &etcd);
+    let mut b = start(&dir, "b", &etcd);
+
+    let clients = hosts([203, 0, 113], 24);
+    let pin = spec("203.0.113.0", 24);
+    let mut be3 = app(a.control, "be3");
+    let reply = be3
+        .create_affinity(&pin, Duration::from_secs(600))
+        .expect("create at a");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    wait_listed(b.control, &[(&pin, "be3")], "b");
+
+    // b restarts: it loads the table before it is ready, and honours it.
+    b.finish();
+    let mut b = start(&dir, "b", &etcd);
+    let l = list(b.control);
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!((l[0].key, l[0].owner.as_str()), (pin.key, "be3"));
+    assert!((590..=600).contains(&l[0].remaining_secs), "{l:?}");
+    let t = tuples.next(&clients, 1);
+    let got = b.connect(WEB, &t);
+    assert!(got.iter().all(|&x| x == BE3), "after b's restart: {got:?}");
+
+    // etcd stops: both keep forwarding with what they have; changes are
+    // refused with UNAVAILABLE (once the instances notice).
+    etcd.stop();
+    let other = spec("198.51.102.0", 24);
+    for (peer, who) in [(&a, "a"), (&b, "b")] {
+        let mut be1 = app(peer.control, "be1");
+        let refused = poll_until(PATIENCE, || {
+            let r = be1
+                .create_affinity(&other, Duration::from_secs(60))
+                .expect("answered while etcd is down");
+            assert_ne!(r.code, ReturnCode::Ok, "{who} accepted a change it cannot share");
+            (r.code == ReturnCode::Unavailable).then_some(r)
+        });
+        assert!(refused.is_some(), "{who} never answered UNAVAILABLE");
+    }
+    for peer in [&mut a, &mut b] {
+        let t = tuples.next(&clients, 1);
+        let got = peer.connect(WEB, &t);
+        assert!(got.iter().all(|&x| x == BE3), "while etcd is down: {got:?}");
+        let t = tuples.next(&hosts([198, 51, 102], 16), 1);
+        let got = peer.connect(WEB, &t);
+        assert!(distinct(&got).len() > 1, "nothing pinned: {got:?}");
+    }
+    assert!(
+        list(a.control).len() == 1 && list(b.control).len() == 1,
+        "the table is kept"
+    );
+
+    // etcd is back: changes flow again and reach the other instance.
+    etcd.start();
+    let mut be1 = app(b.control, "be1");
+    let ok = poll_until(PATIENCE, || {
+        let r = be1
+            .create_affinity(&other, Duration::from_secs(60))
+            .expect("answered");
+        (r.code == ReturnCode::Ok).then_some(r)
+    });
+    assert!(ok.is_some(), "changes refused after etcd came back");
+    wait_listed(a.control, &[(&pin, "be3"), (&other, "be1")], "a");
+    let t = tuples.next(&hosts([198, 51, 102], 8), 1);
+    let got = a.connect(WEB, &t);
+    assert!(got.iter().all(|&x| x == BE1), "made after the outage: {got:?}");
+
+    b.finish();
+    a.finish();
+}
