@@ -1,0 +1,167 @@
+//! A real etcd server for the cluster tests and benchmark: Debian's
+//! `/usr/bin/etcd` on free 127.0.0.1 ports with a temporary data directory,
+//! killed (and waited for) when its guard goes. `stop()` and `start()` again
+//! on the same data directory and ports stage an outage. Self-contained
+//! (no other harness module) so that perf/cluster_store.rs includes it too.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct Etcd {
+    /// Holds `data/` and `etcd.log`; removed on drop.
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Etcd {
+    /// A new, empty etcd, answering when this returns.
+    pub fn start_new() -> Etcd {
+        let client_port = free_port();
+        let mut peer_port = free_port();
+        while peer_port == client_port {
+            peer_port = free_port();
+        }
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pktdist-etcd-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("etcd temp dir");
+        let mut e = Etcd {
+            dir,
+            client_port,
+            peer_port,
+            child: None,
+        };
+        e.start();
+        e
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Starts etcd again on the same data directory and ports and waits
+    /// until it answers.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "etcd already running");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .expect("etcd log");
+        let mut cmd = Command::new("etcd");
+        // Debian's /etc/default/etcd is for its service; none of it here.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ETCD") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.args([
+            "--name",
+            "test",
+            "--data-dir",
+            self.dir.join("data").to_str().expect("utf-8 path"),
+            "--listen-client-urls",
+            &self.endpoint(),
+            "--advertise-client-urls",
+            &self.endpoint(),
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("test={peer}"),
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+        self.child = Some(
+            cmd.spawn()
+                .expect("start /usr/bin/etcd (scripts/install-deps.sh)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self
+                .etcdctl_output(&["endpoint", "health", "--command-timeout=1s"])
+                .status
+                .success();
+            if ok {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("etcd exited with {status}: {}", self.log());
+            }
+            if Instant::now() > deadline {
+                panic!("etcd did not answer within 30 s: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills etcd and waits for it (an outage: the data directory stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The end of etcd's log, for a failure's message.
+    pub fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+        let mut start = text.len().saturating_sub(4000);
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        text[start..].to_string()
+    }
+
+    fn etcdctl_output(&self, args: &[&str]) -> Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(args)
+            .output()
+            .expect("run etcdctl (scripts/install-deps.sh)")
+    }
+
+    /// Runs `etcdctl` on this server; its output. Panics if it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = self.etcdctl_output(args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
