@@ -538,9 +538,10 @@ fn configuration_errors_are_clear() {
 }
 
 #[test]
-fn a_user_and_password_file_authenticate() {
+fn a_user_and_password_file_authenticate_and_an_expired_token_is_renewed() {
     let _s = serial();
-    let etcd = Etcd::start_new();
+    // Tokens that expire after a second, so the store must renew its own.
+    let etcd = Etcd::start_with(&["--auth-token-ttl", "1"]);
     etcd.etcdctl(&["user", "add", "root:s3cret"]);
     etcd.etcdctl(&["auth", "enable"]);
     let dir = std::env::temp_dir().join(format!("pktdist-etcd-auth-{}", std::process::id()));
@@ -563,6 +564,16 @@ fn a_user_and_password_file_authenticate() {
     a.loaded();
     a.put(1, &affinity("web", 1, "b1", "a"), 0);
     a.committed(1);
+    std::thread::sleep(Duration::from_secs(3));
+    a.put(2, &affinity("web", 2, "b1", "a"), 0);
+    a.committed(2);
+    assert!(
+        !a.pending
+            .iter()
+            .any(|e| matches!(e, StoreEvent::Unreachable { .. })),
+        "{:?}",
+        a.pending
+    );
     let mut b = with(&bad);
     let error = b.unreachable();
     assert!(error.contains("authentication failed"), "{error}");

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchStream,
-    Watcher,
+    AuthClient, Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions,
+    Identity, KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+    WatchStream, Watcher,
 };
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -98,6 +98,8 @@ pub fn spawn_tuned(cfg: &ClusterConfig, tuning: Tuning) -> Result<StoreHandle, S
 struct Settings {
     endpoints: Vec<String>,
     options: ConnectOptions,
+    /// User and password, to authenticate again when etcd's token expires.
+    user: Option<(String, String)>,
     keys: Arc<KeySpace>,
     tuning: Tuning,
 }
@@ -131,6 +133,7 @@ impl Settings {
             .with_timeout(timeout)
             .with_keep_alive(timeout, timeout)
             .with_keep_alive_while_idle(true);
+        let mut login = None;
         match (&cfg.user, &cfg.password_file) {
             (Some(user), Some(file)) => {
                 let text = std::fs::read_to_string(file)
@@ -143,6 +146,7 @@ impl Settings {
                     ));
                 }
                 options = options.with_user(user.clone(), password.to_string());
+                login = Some((user.clone(), password.to_string()));
             }
             (Some(_), None) => {
                 return Err("[cluster] user needs password_file (the password's file)".into())
@@ -180,6 +184,7 @@ impl Settings {
         Ok(Settings {
             endpoints: cfg.endpoints.clone(),
             options,
+            user: login,
             keys: Arc::new(KeySpace::new(&cfg.prefix)),
             tuning,
         })
@@ -277,6 +282,8 @@ fn refuse(events: &mpsc::Sender<StoreEvent>, op: StoreOp, why: &str) -> bool {
 /// A connection with its table loaded and its watch started.
 struct Session {
     kv: KvClient,
+    /// Shares the connection's token with `kv`.
+    auth: AuthClient,
     /// Kept: dropping it would end the watch.
     _watcher: Watcher,
     stream: WatchStream,
@@ -328,6 +335,7 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
         .map_err(|e| format!("watching {table}: {e}"))?;
     Ok(Session {
         kv,
+        auth: client.auth_client(),
         _watcher: watcher,
         stream,
         revision,
@@ -362,7 +370,7 @@ impl Session {
                 if let Some(first) = carried.take() {
                     let batch =
                         take_batch(first, ops, s.tuning.max_batch, &mut carried, &mut closed);
-                    in_flight.spawn(run_batch(self.kv.clone(), s.keys.clone(), batch));
+                    in_flight.spawn(self.run_batch(s, batch));
                     continue;
                 }
             }
@@ -402,7 +410,7 @@ impl Session {
                     None => closed = true,
                     Some(first) => {
                         let batch = take_batch(first, ops, s.tuning.max_batch, &mut carried, &mut closed);
-                        in_flight.spawn(run_batch(self.kv.clone(), s.keys.clone(), batch));
+                        in_flight.spawn(self.run_batch(s, batch));
                     }
                 },
             }
@@ -544,9 +552,30 @@ fn op_key(op: &StoreOp) -> super::StoreKey {
     }
 }
 
+impl Session {
+    /// The task that runs `batch` as one transaction.
+    fn run_batch(
+        &self,
+        s: &Settings,
+        batch: Vec<StoreOp>,
+    ) -> impl std::future::Future<Output = TxnResult> + Send + 'static {
+        let login = s.user.clone().map(|u| (self.auth.clone(), u));
+        run_batch(self.kv.clone(), login, s.keys.clone(), batch)
+    }
+}
+
 /// One transaction for `batch`: a nested transaction per op, `if
-/// mod_revision(key) == expect then put/delete else get`.
-async fn run_batch(mut kv: KvClient, keys: Arc<KeySpace>, batch: Vec<StoreOp>) -> TxnResult {
+/// mod_revision(key) == expect then put/delete else get`. etcd's
+/// authentication tokens expire (`--auth-token-ttl`, 5 minutes by default)
+/// and the client does not renew them: a transaction refused for its token
+/// authenticates again (the token is shared by the connection's clients)
+/// and is sent once more, as etcd applied nothing of it.
+async fn run_batch(
+    mut kv: KvClient,
+    login: Option<(AuthClient, (String, String))>,
+    keys: Arc<KeySpace>,
+    batch: Vec<StoreOp>,
+) -> TxnResult {
     let nested: Vec<TxnOp> = batch
         .iter()
         .map(|op| {
@@ -571,7 +600,18 @@ async fn run_batch(mut kv: KvClient, keys: Arc<KeySpace>, batch: Vec<StoreOp>) -
         })
         .collect();
     let tickets = || batch.iter().map(StoreOp::ticket).collect::<Vec<_>>();
-    match kv.txn(Txn::new().and_then(nested)).await {
+    let txn = Txn::new().and_then(nested);
+    let mut result = kv.txn(txn.clone()).await;
+    if let (Err(e), Some((mut auth, (user, password)))) = (&result, login) {
+        if is_unauthenticated(e) {
+            auth.remove_client_auth();
+            if let Err(e) = auth.set_client_auth(user, password).await {
+                return Err((tickets(), e));
+            }
+            result = kv.txn(txn).await;
+        }
+    }
+    match result {
         Ok(resp) => Ok(outcomes(&keys, &batch, &resp)),
         Err(e) => Err((tickets(), e)),
     }
@@ -636,6 +676,13 @@ fn unavailable(events: &mpsc::Sender<StoreEvent>, tickets: &[Ticket], error: &st
             })
             .is_ok()
     })
+}
+
+/// Whether etcd refused a request for its authentication token (gRPC
+/// UNAUTHENTICATED: "invalid auth token", an expired one).
+fn is_unauthenticated(e: &etcd_client::Error) -> bool {
+    const UNAUTHENTICATED: i32 = 16;
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() as i32 == UNAUTHENTICATED)
 }
 
 /// Whether `e` means etcd is not reachable (rather than that it refused

@@ -15,6 +15,8 @@ pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// More etcd flags, given at every start.
+    flags: Vec<String>,
     child: Option<Child>,
 }
 
@@ -29,6 +31,11 @@ fn free_port() -> u16 {
 impl Etcd {
     /// A new, empty etcd, answering when this returns.
     pub fn start_new() -> Etcd {
+        Etcd::start_with(&[])
+    }
+
+    /// [`Etcd::start_new`] with more etcd flags (e.g. `--auth-token-ttl`).
+    pub fn start_with(flags: &[&str]) -> Etcd {
         let client_port = free_port();
         let mut peer_port = free_port();
         while peer_port == client_port {
@@ -46,6 +53,7 @@ impl Etcd {
             dir,
             client_port,
             peer_port,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
             child: None,
         };
         e.start();
@@ -94,6 +102,7 @@ impl Etcd {
             "--log-level",
             "warn",
         ])
+        .args(&self.flags)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
