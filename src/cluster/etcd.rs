@@ -11,7 +11,7 @@
 //! (100 ms doubling to 1 s) until a fresh `Loaded`. It ends when the
 //! `StoreHandle` is dropped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -345,7 +345,7 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
 
 /// What one transaction task gives back: the events for its ops, or the
 /// error that left their outcome unknown.
-type TxnResult = Result<Vec<StoreEvent>, (Vec<Ticket>, etcd_client::Error)>;
+type TxnResult = Result<Vec<StoreEvent>, etcd_client::Error>;
 
 impl Session {
     /// Sends the `Loaded` (and the `Unreadable`s found by the load).
@@ -359,23 +359,23 @@ impl Session {
         ops: &mut UnboundedReceiver<StoreOp>,
         events: &mpsc::Sender<StoreEvent>,
     ) -> End {
-        let mut in_flight: JoinSet<TxnResult> = JoinSet::new();
+        let mut out = InFlight::default();
         // An op taken from the channel that could not join the last batch
         // (its key was already in it); it starts the next one.
         let mut carried: Option<StoreOp> = None;
-        let mut closed = false;
+        // Once the handle is gone nobody reads an answer: the thread ends
+        // at once (the transactions out are dropped with it).
         let end = loop {
-            let room = in_flight.len() < s.tuning.max_in_flight;
-            if room && !closed {
+            let room = out.tasks.len() < s.tuning.max_in_flight;
+            if room {
                 if let Some(first) = carried.take() {
-                    let batch =
-                        take_batch(first, ops, s.tuning.max_batch, &mut carried, &mut closed);
-                    in_flight.spawn(self.run_batch(s, batch));
+                    let Some(batch) = take_batch(first, ops, s.tuning.max_batch, &mut carried)
+                    else {
+                        return End::Closed;
+                    };
+                    out.spawn(self.run_batch(s, &batch), &batch);
                     continue;
                 }
-            }
-            if closed && in_flight.is_empty() {
-                break End::Closed;
             }
             tokio::select! {
                 biased;
@@ -384,72 +384,45 @@ impl Session {
                         break e;
                     }
                 }
-                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    match done {
-                        Ok(Ok(done)) => {
-                            if done.into_iter().any(|e| events.send(e).is_err()) {
-                                return End::Closed;
-                            }
-                        }
-                        Ok(Err((tickets, error))) => {
-                            let lost = connection_lost(&error);
-                            if !unavailable(events, &tickets, &error.to_string()) {
-                                return End::Closed;
-                            }
-                            if lost {
-                                break End::Lost(format!("transaction: {error}"));
-                            }
-                        }
-                        // The tasks do not panic (their decoding returns
-                        // errors); a cancelled one cannot happen while the
-                        // set is alive.
-                        Err(e) => break End::Lost(format!("transaction task: {e}")),
+                Some(done) = out.tasks.join_next_with_id(), if !out.tasks.is_empty() => {
+                    match out.finish(done, events) {
+                        Ok(None) => {}
+                        Ok(Some(lost)) => break End::Lost(lost),
+                        Err(()) => return End::Closed,
                     }
                 }
-                op = ops.recv(), if room && carried.is_none() && !closed => match op {
-                    None => closed = true,
-                    Some(first) => {
-                        let batch = take_batch(first, ops, s.tuning.max_batch, &mut carried, &mut closed);
-                        in_flight.spawn(self.run_batch(s, batch));
-                    }
-                },
+                op = ops.recv(), if room && carried.is_none() => {
+                    let Some(first) = op else { return End::Closed };
+                    let Some(batch) = take_batch(first, ops, s.tuning.max_batch, &mut carried)
+                    else {
+                        return End::Closed;
+                    };
+                    out.spawn(self.run_batch(s, &batch), &batch);
+                }
             }
         };
-        if closed {
-            return End::Closed;
-        }
+        let End::Lost(why) = &end else { return end };
         // Connection lost: the transactions still out finish (or time out)
         // on their own; each op still gets its one answer, and new ops are
         // refused meanwhile.
-        let why = match &end {
-            End::Lost(e) => e.clone(),
-            End::Closed => return End::Closed,
-        };
         if let Some(op) = carried.take() {
-            if !refuse(events, op, &why) {
+            if !refuse(events, op, why) {
                 return End::Closed;
             }
         }
-        while !in_flight.is_empty() {
+        while !out.tasks.is_empty() {
             tokio::select! {
-                Some(done) = in_flight.join_next() => {
-                    let sent = match done {
-                        Ok(Ok(done)) => done.into_iter().all(|e| events.send(e).is_ok()),
-                        Ok(Err((tickets, error))) => unavailable(events, &tickets, &error.to_string()),
-                        Err(_) => true,
-                    };
-                    if !sent {
+                Some(done) = out.tasks.join_next_with_id() => {
+                    if out.finish(done, events).is_err() {
                         return End::Closed;
                     }
                 }
-                op = ops.recv() => match op {
-                    None => return End::Closed,
-                    Some(op) => {
-                        if !refuse(events, op, &why) {
-                            return End::Closed;
-                        }
+                op = ops.recv() => {
+                    let Some(op) = op else { return End::Closed };
+                    if !refuse(events, op, why) {
+                        return End::Closed;
                     }
-                },
+                }
             }
         }
         end
@@ -513,36 +486,90 @@ impl Session {
     }
 }
 
+/// The transactions out, with the tickets of each, so that even a task
+/// that failed to finish answers its ops.
+#[derive(Default)]
+struct InFlight {
+    tasks: JoinSet<TxnResult>,
+    tickets: HashMap<tokio::task::Id, Vec<Ticket>>,
+}
+
+impl InFlight {
+    fn spawn(
+        &mut self,
+        task: impl std::future::Future<Output = TxnResult> + Send + 'static,
+        batch: &[StoreOp],
+    ) {
+        let id = self.tasks.spawn(task).id();
+        self.tickets
+            .insert(id, batch.iter().map(StoreOp::ticket).collect());
+    }
+
+    /// Sends what a finished transaction answers. Ok(Some(error)): etcd is
+    /// out of reach; Err: the control thread is gone.
+    fn finish(
+        &mut self,
+        done: Result<(tokio::task::Id, TxnResult), tokio::task::JoinError>,
+        events: &mpsc::Sender<StoreEvent>,
+    ) -> Result<Option<String>, ()> {
+        let (id, result) = match done {
+            Ok((id, result)) => (id, result),
+            Err(e) => {
+                let tickets = self.tickets.remove(&e.id()).unwrap_or_default();
+                let error = format!("the transaction's task failed: {e}");
+                return if unavailable(events, &tickets, &error) {
+                    Ok(Some(error))
+                } else {
+                    Err(())
+                };
+            }
+        };
+        let tickets = self.tickets.remove(&id).unwrap_or_default();
+        match result {
+            Ok(answers) => {
+                if answers.into_iter().all(|e| events.send(e).is_ok()) {
+                    Ok(None)
+                } else {
+                    Err(())
+                }
+            }
+            Err(error) => {
+                if !unavailable(events, &tickets, &error.to_string()) {
+                    return Err(());
+                }
+                Ok(connection_lost(&error).then(|| format!("transaction: {error}")))
+            }
+        }
+    }
+}
+
 /// `first` and every op already waiting, up to `max` and with distinct keys
 /// (etcd refuses a transaction that writes one key twice): the op whose key
-/// is already in the batch is `carried` to the next one.
+/// is already in the batch is `carried` to the next one. None: the channel
+/// is closed (the handle is gone).
 fn take_batch(
     first: StoreOp,
     ops: &mut UnboundedReceiver<StoreOp>,
     max: usize,
     carried: &mut Option<StoreOp>,
-    closed: &mut bool,
-) -> Vec<StoreOp> {
+) -> Option<Vec<StoreOp>> {
     let mut keys = HashSet::new();
-    keys.insert(op_key(&first).clone());
+    keys.insert(op_key(&first));
     let mut batch = vec![first];
     while batch.len() < max {
         match ops.try_recv() {
             Ok(op) => {
-                if !keys.insert(op_key(&op).clone()) {
+                if !keys.insert(op_key(&op)) {
                     *carried = Some(op);
                     break;
                 }
                 batch.push(op);
             }
             Err(TryRecvError::Empty) => break,
-            Err(TryRecvError::Disconnected) => {
-                *closed = true;
-                break;
-            }
+            Err(TryRecvError::Disconnected) => return None,
         }
     }
-    batch
+    Some(batch)
 }
 
 fn op_key(op: &StoreOp) -> super::StoreKey {
@@ -557,10 +584,10 @@ impl Session {
     fn run_batch(
         &self,
         s: &Settings,
-        batch: Vec<StoreOp>,
+        batch: &[StoreOp],
     ) -> impl std::future::Future<Output = TxnResult> + Send + 'static {
         let login = s.user.clone().map(|u| (self.auth.clone(), u));
-        run_batch(self.kv.clone(), login, s.keys.clone(), batch)
+        run_batch(self.kv.clone(), login, s.keys.clone(), batch.to_vec())
     }
 }
 
@@ -599,22 +626,16 @@ async fn run_batch(
             )
         })
         .collect();
-    let tickets = || batch.iter().map(StoreOp::ticket).collect::<Vec<_>>();
     let txn = Txn::new().and_then(nested);
     let mut result = kv.txn(txn.clone()).await;
     if let (Err(e), Some((mut auth, (user, password)))) = (&result, login) {
         if is_unauthenticated(e) {
             auth.remove_client_auth();
-            if let Err(e) = auth.set_client_auth(user, password).await {
-                return Err((tickets(), e));
-            }
+            auth.set_client_auth(user, password).await?;
             result = kv.txn(txn).await;
         }
     }
-    match result {
-        Ok(resp) => Ok(outcomes(&keys, &batch, &resp)),
-        Err(e) => Err((tickets(), e)),
-    }
+    Ok(outcomes(&keys, &batch, &result?))
 }
 
 /// Each op's `Done` from the batch's answer.
