@@ -19,6 +19,8 @@
 //! comma-separated, run one after the other on the same etcd). etcd writes
 //! to a temporary directory on the machine's disk (fsync included).
 
+// The tests' launcher; the benchmark uses only part of it.
+#[allow(dead_code)]
 #[path = "../tests/common/etcd.rs"]
 mod etcd;
 

@@ -579,3 +579,31 @@ fn a_user_and_password_file_authenticate_and_an_expired_token_is_renewed() {
     assert!(error.contains("authentication failed"), "{error}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tls_with_a_client_certificate_connects() {
+    let _s = serial();
+    let etcd = Etcd::start_tls();
+    let files = etcd.tls_files().expect("tls").clone();
+    let mut cfg = config(&etcd.endpoint(), "a");
+    cfg.ca_file = Some(files.ca.clone());
+    cfg.cert_file = Some(files.cert.clone());
+    cfg.key_file = Some(files.key.clone());
+    let mut a = Store {
+        h: spawn(&cfg).expect("spawn"),
+        pending: VecDeque::new(),
+        name: "tls",
+    };
+    a.loaded();
+    a.put(1, &affinity("web", 1, "b1", "a"), 0);
+    a.committed(1);
+    // Without the client certificate etcd refuses the connection.
+    cfg.cert_file = None;
+    cfg.key_file = None;
+    let mut b = Store {
+        h: spawn(&cfg).expect("spawn"),
+        pending: VecDeque::new(),
+        name: "no client certificate",
+    };
+    b.unreachable();
+}

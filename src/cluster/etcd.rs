@@ -36,7 +36,7 @@ use crate::config::ClusterConfig;
 pub const MAX_BATCH: usize = 127;
 
 /// Transactions in flight at once (perf/README.md, "Cluster store").
-pub const MAX_IN_FLIGHT: usize = 16;
+pub const MAX_IN_FLIGHT: usize = 8;
 
 /// The first wait before reconnecting, doubled on each failure up to
 /// [`MAX_BACKOFF`].

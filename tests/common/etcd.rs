@@ -10,6 +10,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// A CA, and a client certificate and key it signed (PEM files).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 pub struct Etcd {
     /// Holds `data/` and `etcd.log`; removed on drop.
     dir: PathBuf,
@@ -17,6 +25,8 @@ pub struct Etcd {
     peer_port: u16,
     /// More etcd flags, given at every start.
     flags: Vec<String>,
+    /// Clients must use TLS with these files (`Etcd::start_tls`).
+    tls: Option<TlsFiles>,
     child: Option<Child>,
 }
 
@@ -34,8 +44,19 @@ impl Etcd {
         Etcd::start_with(&[])
     }
 
+    /// [`Etcd::start_new`] serving https only, to clients with a certificate
+    /// of its CA: a CA, a server certificate for 127.0.0.1 and a client
+    /// certificate are made with `openssl` in its directory.
+    pub fn start_tls() -> Etcd {
+        Etcd::start_inner(&[], true)
+    }
+
     /// [`Etcd::start_new`] with more etcd flags (e.g. `--auth-token-ttl`).
     pub fn start_with(flags: &[&str]) -> Etcd {
+        Etcd::start_inner(flags, false)
+    }
+
+    fn start_inner(flags: &[&str], tls: bool) -> Etcd {
         let client_port = free_port();
         let mut peer_port = free_port();
         while peer_port == client_port {
@@ -54,15 +75,126 @@ impl Etcd {
             client_port,
             peer_port,
             flags: flags.iter().map(|f| f.to_string()).collect(),
+            tls: None,
             child: None,
         };
+        if tls {
+            let files = e.make_certificates();
+            let server = |n: &str| e.dir.join(n).to_str().expect("utf-8 path").to_string();
+            e.flags.extend([
+                "--cert-file".to_string(),
+                server("server.pem"),
+                "--key-file".to_string(),
+                server("server.key"),
+                "--client-cert-auth".to_string(),
+                "--trusted-ca-file".to_string(),
+                server("ca.pem"),
+            ]);
+            e.tls = Some(files);
+        }
         e.start();
         e
     }
 
-    /// The client URL.
+    /// The client URL (https with `start_tls`).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The CA and client certificate of a `start_tls` server.
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    fn make_certificates(&self) -> TlsFiles {
+        let d = |n: &str| self.dir.join(n);
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&self.dir)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=pktdist test CA",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
+        );
+        for (name, usage) in [
+            ("server", "serverAuth,clientAuth"),
+            ("client", "clientAuth"),
+        ] {
+            let ext = format!(
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage={usage}\n"
+            );
+            std::fs::write(d(&format!("{name}.ext")), ext).expect("ext");
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &[
+                        "-keyout",
+                        &format!("{name}.key"),
+                        "-out",
+                        &format!("{name}.csr"),
+                        "-subj",
+                        &format!("/CN=pktdist test {name}"),
+                    ],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        TlsFiles {
+            ca: d("ca.pem"),
+            cert: d("client.pem"),
+            key: d("client.key"),
+        }
     }
 
     /// Starts etcd again on the same data directory and ports and waits
@@ -148,10 +280,15 @@ impl Etcd {
     }
 
     fn etcdctl_output(&self, args: &[&str]) -> Output {
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .args(args)
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()));
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.cert.display()))
+                .arg(format!("--key={}", t.key.display()));
+        }
+        cmd.args(args)
             .output()
             .expect("run etcdctl (scripts/install-deps.sh)")
     }
