@@ -11,6 +11,9 @@
 //! two instances can never both win a key, and exactly one instance
 //! commits the deletion that ends an affinity (and sends its notice).
 
+pub mod etcd;
+pub mod record;
+
 use std::net::IpAddr;
 use std::sync::mpsc;
 

@@ -1,9 +1,10 @@
 //! Shared pieces of the end-to-end tests: temporary directories, pcap files,
 //! configuration text, and the real `pktdist` binary as a child process that
 //! is always stopped (SIGTERM, then SIGKILL) when its guard goes, also when
-//! a test fails.
+//! a test fails; a real etcd server for the cluster tests (`etcd`).
 #![allow(dead_code)]
 
+pub mod etcd;
 #[cfg(feature = "dpdk")]
 pub mod memif;
 

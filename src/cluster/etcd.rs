@@ -1,0 +1,734 @@
+//! The store thread on etcd v3: `pktdist-store`, a current-thread tokio
+//! runtime of its own that connects, loads the table, watches it and runs
+//! the control thread's compare-and-set changes (docs/cluster.md, "The
+//! store: keys, values, transactions").
+//!
+//! One connection at a time: load (one range read of `<prefix>/a/`), then a
+//! watch from the next revision, while ops are batched into transactions
+//! (one nested transaction per op, several transactions in flight). When
+//! the watch or a transaction loses etcd, the thread says `Unreachable`,
+//! answers every op `Unavailable` at once, and reconnects with backoff
+//! (100 ms doubling to 1 s) until a fresh `Loaded`. It ends when the
+//! `StoreHandle` is dropped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    AuthClient, Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions,
+    Identity, KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+    WatchStream, Watcher,
+};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinSet;
+
+use super::record::{encode_value, KeySpace};
+use super::{Change, Outcome, Revision, StoreEvent, StoreHandle, StoreOp, Ticket};
+use crate::config::ClusterConfig;
+
+/// Most ops in one transaction. etcd refuses a transaction with more than
+/// `--max-txn-ops` (default 128) operations in a branch, and counts a
+/// nested transaction's branch against what its parent leaves: a success
+/// branch of N nested transactions of one op each needs N + 1 <= 128.
+pub const MAX_BATCH: usize = 127;
+
+/// Transactions in flight at once (perf/README.md, "Cluster store").
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// The first wait before reconnecting, doubled on each failure up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Largest table the load accepts in its one range read (gRPC's default of
+/// 4 MiB would hold only about 15,000 affinities).
+const MAX_LOAD_BYTES: usize = 1 << 30;
+
+/// How the thread batches; [`Tuning::default`] is what pktdist runs with,
+/// the benchmark tries others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Most ops per transaction (1..=[`MAX_BATCH`]).
+    pub max_batch: usize,
+    /// Most transactions waiting for etcd at once (at least 1).
+    pub max_in_flight: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            max_batch: MAX_BATCH,
+            max_in_flight: MAX_IN_FLIGHT,
+        }
+    }
+}
+
+/// Starts the store thread for `cfg`. Errors: the configuration cannot work
+/// (no endpoints, a URL that is neither http nor https, unreadable
+/// password or certificate files). etcd being down is not an error: the
+/// thread says `Unreachable` and keeps trying.
+pub fn spawn(cfg: &ClusterConfig) -> Result<StoreHandle, String> {
+    spawn_tuned(cfg, Tuning::default())
+}
+
+/// [`spawn`] with other batching.
+pub fn spawn_tuned(cfg: &ClusterConfig, tuning: Tuning) -> Result<StoreHandle, String> {
+    if tuning.max_batch == 0 || tuning.max_batch > MAX_BATCH || tuning.max_in_flight == 0 {
+        return Err(format!(
+            "store batching {tuning:?}: max_batch must be 1..={MAX_BATCH}, max_in_flight at least 1"
+        ));
+    }
+    let settings = Settings::of(cfg, tuning)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the store thread's runtime: {e}"))?;
+    let (handle, peer) = StoreHandle::pair();
+    std::thread::Builder::new()
+        .name("pktdist-store".to_string())
+        .spawn(move || runtime.block_on(run(settings, peer.ops, peer.events)))
+        .map_err(|e| format!("cannot start the store thread: {e}"))?;
+    Ok(handle)
+}
+
+/// What the thread needs from the configuration, checked and read.
+struct Settings {
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    /// User and password, to authenticate again when etcd's token expires.
+    user: Option<(String, String)>,
+    keys: Arc<KeySpace>,
+    tuning: Tuning,
+}
+
+impl Settings {
+    fn of(cfg: &ClusterConfig, tuning: Tuning) -> Result<Settings, String> {
+        if cfg.endpoints.is_empty() {
+            return Err("[cluster] endpoints is empty: name at least one etcd URL".into());
+        }
+        let mut https = 0;
+        for e in &cfg.endpoints {
+            if e.starts_with("https://") {
+                https += 1;
+            } else if !e.starts_with("http://") {
+                return Err(format!(
+                    "[cluster] endpoint {e:?}: expected an http:// or https:// URL"
+                ));
+            }
+        }
+        if https != 0 && https != cfg.endpoints.len() {
+            return Err("[cluster] endpoints mix http:// and https://: use one".into());
+        }
+        let timeout = cfg.timeout.0;
+        if timeout.is_zero() {
+            return Err("[cluster] timeout must be more than 0".into());
+        }
+        // Keep-alive pings find a silent peer (a partition, not a refused
+        // connection) within about two timeouts.
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(timeout, timeout)
+            .with_keep_alive_while_idle(true);
+        let mut login = None;
+        match (&cfg.user, &cfg.password_file) {
+            (Some(user), Some(file)) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("[cluster] password_file {}: {e}", file.display()))?;
+                let password = text.lines().next().unwrap_or("");
+                if password.is_empty() {
+                    return Err(format!(
+                        "[cluster] password_file {}: its first line is empty",
+                        file.display()
+                    ));
+                }
+                options = options.with_user(user.clone(), password.to_string());
+                login = Some((user.clone(), password.to_string()));
+            }
+            (Some(_), None) => {
+                return Err("[cluster] user needs password_file (the password's file)".into())
+            }
+            (None, Some(_)) => return Err("[cluster] password_file needs user".into()),
+            (None, None) => {}
+        }
+        let read = |what: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("[cluster] {what} {}: {e}", p.display()))
+        };
+        let tls_files = cfg.ca_file.is_some() || cfg.cert_file.is_some() || cfg.key_file.is_some();
+        if https == 0 && tls_files {
+            return Err(
+                "[cluster] ca_file, cert_file and key_file are for https:// endpoints".into(),
+            );
+        }
+        if https > 0 {
+            let ca = cfg.ca_file.as_ref().ok_or(
+                "[cluster] https:// endpoints need ca_file (the CA that signed etcd's certificate)",
+            )?;
+            let mut tls =
+                TlsOptions::new().ca_certificate(Certificate::from_pem(read("ca_file", ca)?));
+            match (&cfg.cert_file, &cfg.key_file) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(Identity::from_pem(
+                        read("cert_file", cert)?,
+                        read("key_file", key)?,
+                    ));
+                }
+                (None, None) => {}
+                _ => return Err("[cluster] cert_file and key_file go together".into()),
+            }
+            options = options.with_tls(tls);
+        }
+        Ok(Settings {
+            endpoints: cfg.endpoints.clone(),
+            options,
+            user: login,
+            keys: Arc::new(KeySpace::new(&cfg.prefix)),
+            tuning,
+        })
+    }
+}
+
+/// Why a connection ended.
+enum End {
+    /// The `StoreHandle` is gone: the thread ends.
+    Closed,
+    /// etcd stopped answering, or the watch ended.
+    Lost(String),
+}
+
+/// The thread: connect and load, serve, and after a loss reconnect.
+async fn run(s: Settings, mut ops: UnboundedReceiver<StoreOp>, events: mpsc::Sender<StoreEvent>) {
+    let mut backoff = FIRST_BACKOFF;
+    // The error of the current outage, once reported (None: connected, or
+    // not reported yet).
+    let mut outage: Option<String> = None;
+    loop {
+        let attempt = connect_and_load(&s);
+        tokio::pin!(attempt);
+        let connected = loop {
+            tokio::select! {
+                r = &mut attempt => break r,
+                op = ops.recv() => match op {
+                    None => return,
+                    Some(op) => {
+                        let why = outage.as_deref().unwrap_or("not connected yet");
+                        if !refuse(&events, op, why) {
+                            return;
+                        }
+                    }
+                },
+            }
+        };
+        let end = match connected {
+            Ok(session) => {
+                backoff = FIRST_BACKOFF;
+                outage = None;
+                if !session.send_load(&events) {
+                    return;
+                }
+                session.serve(&s, &mut ops, &events).await
+            }
+            Err(e) => End::Lost(e),
+        };
+        let error = match end {
+            End::Closed => return,
+            End::Lost(e) => e,
+        };
+        if outage.is_none() {
+            let report = StoreEvent::Unreachable {
+                error: error.clone(),
+            };
+            if events.send(report).is_err() {
+                return;
+            }
+        }
+        outage = Some(error);
+        // Wait before the next attempt, refusing ops meanwhile.
+        let wait = tokio::time::sleep(backoff);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                op = ops.recv() => match op {
+                    None => return,
+                    Some(op) => {
+                        if !refuse(&events, op, outage.as_deref().unwrap_or("")) {
+                            return;
+                        }
+                    }
+                },
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Answers `op` Unavailable because etcd is not reachable; false if the
+/// control thread is gone.
+fn refuse(events: &mpsc::Sender<StoreEvent>, op: StoreOp, why: &str) -> bool {
+    events
+        .send(StoreEvent::Done {
+            ticket: op.ticket(),
+            outcome: Outcome::Unavailable {
+                error: format!("etcd unreachable: {why}"),
+            },
+        })
+        .is_ok()
+}
+
+/// A connection with its table loaded and its watch started.
+struct Session {
+    kv: KvClient,
+    /// Shares the connection's token with `kv`.
+    auth: AuthClient,
+    /// Kept: dropping it would end the watch.
+    _watcher: Watcher,
+    stream: WatchStream,
+    revision: Revision,
+    loaded: Vec<StoreEvent>,
+}
+
+async fn connect_and_load(s: &Settings) -> Result<Session, String> {
+    let client = Client::connect(&s.endpoints, Some(s.options.clone()))
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", s.endpoints.join(",")))?;
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_LOAD_BYTES);
+    let table = s.keys.table_prefix();
+    let resp = kv
+        .get(table, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading {table}: {e}"))?;
+    let revision = resp
+        .header()
+        .map(|h| h.revision())
+        .ok_or("etcd answered the load without a header")?;
+    let mut affinities = Vec::with_capacity(resp.kvs().len());
+    let mut unreadable = Vec::new();
+    for kv in resp.kvs() {
+        match s.keys.decode(kv.key(), kv.value()) {
+            Ok(a) => affinities.push((a, kv.mod_revision())),
+            Err(error) => unreadable.push(StoreEvent::Unreadable {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                error,
+            }),
+        }
+    }
+    let mut loaded = vec![StoreEvent::Loaded {
+        revision,
+        affinities,
+    }];
+    loaded.extend(unreadable);
+    let (watcher, stream) = client
+        .watch_client()
+        .watch(
+            table,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        )
+        .await
+        .map_err(|e| format!("watching {table}: {e}"))?;
+    Ok(Session {
+        kv,
+        auth: client.auth_client(),
+        _watcher: watcher,
+        stream,
+        revision,
+        loaded,
+    })
+}
+
+/// What one transaction task gives back: the events for its ops, or the
+/// error that left their outcome unknown.
+type TxnResult = Result<Vec<StoreEvent>, etcd_client::Error>;
+
+impl Session {
+    /// Sends the `Loaded` (and the `Unreadable`s found by the load).
+    fn send_load(&self, events: &mpsc::Sender<StoreEvent>) -> bool {
+        self.loaded.iter().all(|e| events.send(e.clone()).is_ok())
+    }
+
+    async fn serve(
+        mut self,
+        s: &Settings,
+        ops: &mut UnboundedReceiver<StoreOp>,
+        events: &mpsc::Sender<StoreEvent>,
+    ) -> End {
+        let mut out = InFlight::default();
+        // An op taken from the channel that could not join the last batch
+        // (its key was already in it); it starts the next one.
+        let mut carried: Option<StoreOp> = None;
+        // Once the handle is gone nobody reads an answer: the thread ends
+        // at once (the transactions out are dropped with it).
+        let end = loop {
+            let room = out.tasks.len() < s.tuning.max_in_flight;
+            if room {
+                if let Some(first) = carried.take() {
+                    let Some(batch) = take_batch(first, ops, s.tuning.max_batch, &mut carried)
+                    else {
+                        return End::Closed;
+                    };
+                    out.spawn(self.run_batch(s, &batch), &batch);
+                    continue;
+                }
+            }
+            tokio::select! {
+                biased;
+                msg = self.stream.message() => {
+                    if let Err(e) = self.watched(&s.keys, msg, events) {
+                        break e;
+                    }
+                }
+                Some(done) = out.tasks.join_next_with_id(), if !out.tasks.is_empty() => {
+                    match out.finish(done, events) {
+                        Ok(None) => {}
+                        Ok(Some(lost)) => break End::Lost(lost),
+                        Err(()) => return End::Closed,
+                    }
+                }
+                op = ops.recv(), if room && carried.is_none() => {
+                    let Some(first) = op else { return End::Closed };
+                    let Some(batch) = take_batch(first, ops, s.tuning.max_batch, &mut carried)
+                    else {
+                        return End::Closed;
+                    };
+                    out.spawn(self.run_batch(s, &batch), &batch);
+                }
+            }
+        };
+        let End::Lost(why) = &end else { return end };
+        // Connection lost: the transactions still out finish (or time out)
+        // on their own; each op still gets its one answer, and new ops are
+        // refused meanwhile.
+        if let Some(op) = carried.take() {
+            if !refuse(events, op, why) {
+                return End::Closed;
+            }
+        }
+        while !out.tasks.is_empty() {
+            tokio::select! {
+                Some(done) = out.tasks.join_next_with_id() => {
+                    if out.finish(done, events).is_err() {
+                        return End::Closed;
+                    }
+                }
+                op = ops.recv() => {
+                    let Some(op) = op else { return End::Closed };
+                    if !refuse(events, op, why) {
+                        return End::Closed;
+                    }
+                }
+            }
+        }
+        end
+    }
+
+    /// Turns one watch message into `Changed` (or `Unreadable`) events.
+    fn watched(
+        &mut self,
+        keys: &KeySpace,
+        msg: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+        events: &mpsc::Sender<StoreEvent>,
+    ) -> Result<(), End> {
+        let resp = match msg {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return Err(End::Lost("the watch stream ended".into())),
+            Err(e) => return Err(End::Lost(format!("watch: {e}"))),
+        };
+        if resp.compact_revision() > 0 {
+            return Err(End::Lost(format!(
+                "watch: etcd compacted its history past revision {} (now from {})",
+                self.revision + 1,
+                resp.compact_revision()
+            )));
+        }
+        if resp.canceled() {
+            return Err(End::Lost(format!(
+                "watch cancelled by etcd: {}",
+                resp.cancel_reason()
+            )));
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let revision = kv.mod_revision();
+            self.revision = self.revision.max(revision);
+            let event = match ev.event_type() {
+                EventType::Put => match keys.decode(kv.key(), kv.value()) {
+                    Ok(a) => StoreEvent::Changed {
+                        revision,
+                        change: Change::Put(a),
+                    },
+                    Err(error) => StoreEvent::Unreadable {
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        error,
+                    },
+                },
+                EventType::Delete => match keys.parse_key(kv.key()) {
+                    Ok(k) => StoreEvent::Changed {
+                        revision,
+                        change: Change::Deleted(k),
+                    },
+                    // A stray key's deletion changes nothing in the table;
+                    // its put was reported as Unreadable.
+                    Err(_) => continue,
+                },
+            };
+            if events.send(event).is_err() {
+                return Err(End::Closed);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The transactions out, with the tickets of each, so that even a task
+/// that failed to finish answers its ops.
+#[derive(Default)]
+struct InFlight {
+    tasks: JoinSet<TxnResult>,
+    tickets: HashMap<tokio::task::Id, Vec<Ticket>>,
+}
+
+impl InFlight {
+    fn spawn(
+        &mut self,
+        task: impl std::future::Future<Output = TxnResult> + Send + 'static,
+        batch: &[StoreOp],
+    ) {
+        let id = self.tasks.spawn(task).id();
+        self.tickets
+            .insert(id, batch.iter().map(StoreOp::ticket).collect());
+    }
+
+    /// Sends what a finished transaction answers. Ok(Some(error)): etcd is
+    /// out of reach; Err: the control thread is gone.
+    fn finish(
+        &mut self,
+        done: Result<(tokio::task::Id, TxnResult), tokio::task::JoinError>,
+        events: &mpsc::Sender<StoreEvent>,
+    ) -> Result<Option<String>, ()> {
+        let (id, result) = match done {
+            Ok((id, result)) => (id, result),
+            Err(e) => {
+                let tickets = self.tickets.remove(&e.id()).unwrap_or_default();
+                let error = format!("the transaction's task failed: {e}");
+                return if unavailable(events, &tickets, &error) {
+                    Ok(Some(error))
+                } else {
+                    Err(())
+                };
+            }
+        };
+        let tickets = self.tickets.remove(&id).unwrap_or_default();
+        match result {
+            Ok(answers) => {
+                if answers.into_iter().all(|e| events.send(e).is_ok()) {
+                    Ok(None)
+                } else {
+                    Err(())
+                }
+            }
+            Err(error) => {
+                if !unavailable(events, &tickets, &error.to_string()) {
+                    return Err(());
+                }
+                Ok(connection_lost(&error).then(|| format!("transaction: {error}")))
+            }
+        }
+    }
+}
+
+/// `first` and every op already waiting, up to `max` and with distinct keys
+/// (etcd refuses a transaction that writes one key twice): the op whose key
+/// is already in the batch is `carried` to the next one. None: the channel
+/// is closed (the handle is gone).
+fn take_batch(
+    first: StoreOp,
+    ops: &mut UnboundedReceiver<StoreOp>,
+    max: usize,
+    carried: &mut Option<StoreOp>,
+) -> Option<Vec<StoreOp>> {
+    let mut keys = HashSet::new();
+    keys.insert(op_key(&first));
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match ops.try_recv() {
+            Ok(op) => {
+                if !keys.insert(op_key(&op)) {
+                    *carried = Some(op);
+                    break;
+                }
+                batch.push(op);
+            }
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => return None,
+        }
+    }
+    Some(batch)
+}
+
+fn op_key(op: &StoreOp) -> super::StoreKey {
+    match op {
+        StoreOp::Put { value, .. } => value.key(),
+        StoreOp::Delete { key, .. } => key.clone(),
+    }
+}
+
+impl Session {
+    /// The task that runs `batch` as one transaction.
+    fn run_batch(
+        &self,
+        s: &Settings,
+        batch: &[StoreOp],
+    ) -> impl std::future::Future<Output = TxnResult> + Send + 'static {
+        let login = s.user.clone().map(|u| (self.auth.clone(), u));
+        run_batch(self.kv.clone(), login, s.keys.clone(), batch.to_vec())
+    }
+}
+
+/// One transaction for `batch`: a nested transaction per op, `if
+/// mod_revision(key) == expect then put/delete else get`. etcd's
+/// authentication tokens expire (`--auth-token-ttl`, 5 minutes by default)
+/// and the client does not renew them: a transaction refused for its token
+/// authenticates again (the token is shared by the connection's clients)
+/// and is sent once more, as etcd applied nothing of it.
+async fn run_batch(
+    mut kv: KvClient,
+    login: Option<(AuthClient, (String, String))>,
+    keys: Arc<KeySpace>,
+    batch: Vec<StoreOp>,
+) -> TxnResult {
+    let nested: Vec<TxnOp> = batch
+        .iter()
+        .map(|op| {
+            let (key, expect, write) = match op {
+                StoreOp::Put { value, expect, .. } => {
+                    let key = keys.key(&value.key());
+                    let put = TxnOp::put(key.clone(), encode_value(value), None);
+                    (key, *expect, put)
+                }
+                StoreOp::Delete { key, expect, .. } => {
+                    let key = keys.key(key);
+                    let del = TxnOp::delete(key.clone(), None);
+                    (key, *expect, del)
+                }
+            };
+            TxnOp::txn(
+                Txn::new()
+                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, expect)])
+                    .and_then([write])
+                    .or_else([TxnOp::get(key, None)]),
+            )
+        })
+        .collect();
+    let txn = Txn::new().and_then(nested);
+    let mut result = kv.txn(txn.clone()).await;
+    if let (Err(e), Some((mut auth, (user, password)))) = (&result, login) {
+        if is_unauthenticated(e) {
+            auth.remove_client_auth();
+            auth.set_client_auth(user, password).await?;
+            result = kv.txn(txn).await;
+        }
+    }
+    Ok(outcomes(&keys, &batch, &result?))
+}
+
+/// Each op's `Done` from the batch's answer.
+fn outcomes(keys: &KeySpace, batch: &[StoreOp], resp: &TxnResponse) -> Vec<StoreEvent> {
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let answers = resp.op_responses();
+    let mut out = Vec::with_capacity(batch.len());
+    for (i, op) in batch.iter().enumerate() {
+        let outcome = match answers.get(i) {
+            Some(TxnOpResponse::Txn(t)) if t.succeeded() => Outcome::Committed { revision },
+            Some(TxnOpResponse::Txn(t)) => match t.op_responses().first() {
+                Some(TxnOpResponse::Get(g)) => match g.kvs().first() {
+                    None => Outcome::Moved { current: None },
+                    Some(kv) => match keys.decode(kv.key(), kv.value()) {
+                        Ok(a) => Outcome::Moved {
+                            current: Some((a, kv.mod_revision())),
+                        },
+                        Err(error) => {
+                            // Nothing was written, but what holds the key
+                            // cannot be named: the op cannot succeed as asked.
+                            out.push(StoreEvent::Unreadable {
+                                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                error: error.clone(),
+                            });
+                            Outcome::Unavailable {
+                                error: format!(
+                                    "the key holds a value this build cannot read: {error}"
+                                ),
+                            }
+                        }
+                    },
+                },
+                _ => Outcome::Unavailable {
+                    error: "etcd's answer lacks the key's read".into(),
+                },
+            },
+            _ => Outcome::Unavailable {
+                error: "etcd's answer lacks this op's transaction".into(),
+            },
+        };
+        out.push(StoreEvent::Done {
+            ticket: op.ticket(),
+            outcome,
+        });
+    }
+    out
+}
+
+/// Answers `tickets` Unavailable with `error`; false if the control thread
+/// is gone.
+fn unavailable(events: &mpsc::Sender<StoreEvent>, tickets: &[Ticket], error: &str) -> bool {
+    tickets.iter().all(|&ticket| {
+        events
+            .send(StoreEvent::Done {
+                ticket,
+                outcome: Outcome::Unavailable {
+                    error: error.to_string(),
+                },
+            })
+            .is_ok()
+    })
+}
+
+/// Whether etcd refused a request for its authentication token (gRPC
+/// UNAUTHENTICATED: "invalid auth token", an expired one).
+fn is_unauthenticated(e: &etcd_client::Error) -> bool {
+    const UNAUTHENTICATED: i32 = 16;
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() as i32 == UNAUTHENTICATED)
+}
+
+/// Whether `e` means etcd is not reachable (rather than that it refused
+/// this one request: too large, malformed, not permitted).
+fn connection_lost(e: &etcd_client::Error) -> bool {
+    // gRPC status codes (grpc/doc/statuscodes.md): the ones etcd answers
+    // for a request it refuses while reachable.
+    const NOT_FOUND: i32 = 5;
+    const ALREADY_EXISTS: i32 = 6;
+    const PERMISSION_DENIED: i32 = 7;
+    const RESOURCE_EXHAUSTED: i32 = 8;
+    const FAILED_PRECONDITION: i32 = 9;
+    const OUT_OF_RANGE: i32 = 11;
+    const INVALID_ARGUMENT: i32 = 3;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => !matches!(
+            s.code() as i32,
+            INVALID_ARGUMENT
+                | NOT_FOUND
+                | ALREADY_EXISTS
+                | PERMISSION_DENIED
+                | RESOURCE_EXHAUSTED
+                | FAILED_PRECONDITION
+                | OUT_OF_RANGE
+        ),
+        _ => true,
+    }
+}

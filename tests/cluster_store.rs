@@ -1,0 +1,609 @@
+//! The etcd store thread (src/cluster/etcd.rs) against a real etcd the
+//! tests start themselves: commits and their propagation to a second store
+//! thread, compare-and-set conflicts, racing deletes, the load at start,
+//! an etcd outage and its end, unreadable values, and thousands of ops in
+//! flight. The tests run one at a time (one etcd each, two cores).
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use pktdist::cluster::etcd::spawn;
+use pktdist::cluster::{
+    Change, Outcome, Revision, StoreEvent, StoreHandle, StoreKey, StoreOp, StoredAffinity,
+};
+use pktdist::config::{ClusterConfig, DurationStr, StoreKind};
+use pktdist::control::state_file::SavedAffinity;
+use pktdist::protocol::message::ServiceAddr;
+use pktdist::types::PortMatch;
+
+/// How long any expected event may take before the test fails (generous:
+/// the machine is shared; nothing here measures time).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn config(endpoint: &str, instance: &str) -> ClusterConfig {
+    ClusterConfig {
+        store: StoreKind::Etcd,
+        endpoints: vec![endpoint.to_string()],
+        prefix: "/test".to_string(),
+        instance: instance.to_string(),
+        user: None,
+        password_file: None,
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        timeout: DurationStr(Duration::from_secs(2)),
+    }
+}
+
+/// One store thread and the events it sent that no check took yet.
+struct Store {
+    h: StoreHandle,
+    pending: VecDeque<StoreEvent>,
+    name: &'static str,
+}
+
+impl Store {
+    fn new(etcd: &Etcd, name: &'static str) -> Store {
+        Store {
+            h: spawn(&config(&etcd.endpoint(), name)).expect("spawn"),
+            pending: VecDeque::new(),
+            name,
+        }
+    }
+
+    /// The first event (oldest first) `pick` accepts, waiting for it;
+    /// the others stay for later checks.
+    fn take<T>(&mut self, what: &str, mut pick: impl FnMut(&StoreEvent) -> Option<T>) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        let mut looked = 0;
+        loop {
+            while looked < self.pending.len() {
+                if let Some(t) = pick(&self.pending[looked]) {
+                    self.pending.remove(looked);
+                    return t;
+                }
+                looked += 1;
+            }
+            match self.h.try_event() {
+                Some(e) => self.pending.push_back(e),
+                None => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{}: no {what} (had {:?})",
+                        self.name,
+                        self.pending
+                    );
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+
+    fn loaded(&mut self) -> (Revision, Vec<(StoredAffinity, Revision)>) {
+        self.take("Loaded", |e| match e {
+            StoreEvent::Loaded {
+                revision,
+                affinities,
+            } => Some((*revision, affinities.clone())),
+            _ => None,
+        })
+    }
+
+    fn done(&mut self, ticket: u64) -> Outcome {
+        self.take(&format!("Done {ticket}"), |e| match e {
+            StoreEvent::Done { ticket: t, outcome } if *t == ticket => Some(outcome.clone()),
+            _ => None,
+        })
+    }
+
+    fn changed(&mut self) -> (Revision, Change) {
+        self.take("Changed", |e| match e {
+            StoreEvent::Changed { revision, change } => Some((*revision, change.clone())),
+            _ => None,
+        })
+    }
+
+    fn unreachable(&mut self) -> String {
+        self.take("Unreachable", |e| match e {
+            StoreEvent::Unreachable { error } => Some(error.clone()),
+            _ => None,
+        })
+    }
+
+    fn put(&self, ticket: u64, value: &StoredAffinity, expect: Revision) {
+        assert!(self.h.submit(StoreOp::Put {
+            ticket,
+            value: value.clone(),
+            expect,
+        }));
+    }
+
+    fn delete(&self, ticket: u64, key: &StoreKey, expect: Revision) {
+        assert!(self.h.submit(StoreOp::Delete {
+            ticket,
+            key: key.clone(),
+            expect,
+        }));
+    }
+
+    fn committed(&mut self, ticket: u64) -> Revision {
+        match self.done(ticket) {
+            Outcome::Committed { revision } => revision,
+            o => panic!("{}: ticket {ticket}: {o:?}", self.name),
+        }
+    }
+}
+
+fn affinity(service: &str, client: u32, owner: &str, writer: &str) -> StoredAffinity {
+    StoredAffinity {
+        affinity: SavedAffinity {
+            service: service.to_string(),
+            service_addr: ServiceAddr {
+                addr: Ipv4Addr::new(10, 0, 0, 1).into(),
+                port: 80,
+                proto: 6,
+            },
+            owner: owner.to_string(),
+            client: IpAddr::V4(Ipv4Addr::from(client)),
+            prefix_len: 32,
+            ports: PortMatch::Any,
+            expires_unix_ms: 2_000_000_000_000,
+            created_unix_ms: 1_700_000_000_000,
+            notify: None,
+        },
+        writer: writer.to_string(),
+        written_unix_ms: 1_700_000_000_001,
+    }
+}
+
+#[test]
+fn a_put_commits_and_both_stores_see_it_and_compare_and_set_holds() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    let mut b = Store::new(&etcd, "b");
+    assert_eq!(a.loaded().1, vec![]);
+    assert_eq!(b.loaded().1, vec![]);
+
+    // expect 0 on an absent key matches (etcd compares a missing key's mod
+    // revision as 0).
+    let web = affinity("web", 0xc000_0201, "b1", "a");
+    a.put(1, &web, 0);
+    let rev = a.committed(1);
+    assert_eq!(b.changed(), (rev, Change::Put(web.clone())));
+    assert_eq!(a.changed(), (rev, Change::Put(web.clone())));
+
+    // What etcdctl shows: the documented key and a JSON value.
+    let shown = etcd.etcdctl(&["get", "--prefix", "/test/a/"]);
+    assert!(shown.contains("/test/a/web/192.0.2.1/32/any\n"), "{shown}");
+    assert!(shown.contains("\"format\":1"), "{shown}");
+    assert!(shown.contains("\"owner\":\"b1\""), "{shown}");
+
+    // A create on an existing key: Moved with what is there.
+    let theirs = affinity("web", 0xc000_0201, "b2", "b");
+    b.put(2, &theirs, 0);
+    assert_eq!(
+        b.done(2),
+        Outcome::Moved {
+            current: Some((web.clone(), rev))
+        }
+    );
+    // A delete with a stale revision: Moved, nothing deleted.
+    b.delete(3, &web.key(), rev - 1);
+    assert_eq!(
+        b.done(3),
+        Outcome::Moved {
+            current: Some((web.clone(), rev))
+        }
+    );
+    // An update at the right revision, then a delete at the new one.
+    let mut longer = web.clone();
+    longer.affinity.expires_unix_ms += 60_000;
+    longer.writer = "b".into();
+    b.put(4, &longer, rev);
+    let rev2 = b.committed(4);
+    assert!(rev2 > rev);
+    assert_eq!(a.changed(), (rev2, Change::Put(longer.clone())));
+    a.delete(5, &web.key(), rev2);
+    let rev3 = a.committed(5);
+    assert_eq!(b.changed().1, Change::Put(longer));
+    assert_eq!(b.changed(), (rev3, Change::Deleted(web.key())));
+    // Deleting what is gone: Moved to nothing.
+    b.delete(6, &web.key(), rev2);
+    assert_eq!(b.done(6), Outcome::Moved { current: None });
+}
+
+#[test]
+fn racing_deletes_of_one_key_commit_exactly_once() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    let mut b = Store::new(&etcd, "b");
+    a.loaded();
+    b.loaded();
+    let keys: Vec<StoredAffinity> = (0..50)
+        .map(|i| affinity("race", 0x0a00_0000 + i, "b1", "a"))
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        a.put(i as u64, k, 0);
+    }
+    let revs: Vec<Revision> = (0..keys.len()).map(|i| a.committed(i as u64)).collect();
+    for (i, k) in keys.iter().enumerate() {
+        a.delete(1000 + i as u64, &k.key(), revs[i]);
+        b.delete(1000 + i as u64, &k.key(), revs[i]);
+    }
+    for i in 0..keys.len() as u64 {
+        let outcomes = [a.done(1000 + i), b.done(1000 + i)];
+        let won = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Committed { .. }))
+            .count();
+        assert_eq!(won, 1, "key {i}: {outcomes:?}");
+        assert!(
+            outcomes.contains(&Outcome::Moved { current: None }),
+            "key {i}: {outcomes:?}"
+        );
+    }
+}
+
+#[test]
+fn the_load_at_start_holds_what_exists_and_the_watch_follows_it() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    a.loaded();
+    let mut want = HashMap::new();
+    for i in 0..3 {
+        let v = affinity("web", 0xc633_6400 + i, "b1", "a");
+        a.put(i as u64, &v, 0);
+        want.insert(v.key(), (v, a.committed(i as u64)));
+    }
+    let mut c = Store::new(&etcd, "c");
+    let (revision, table) = c.loaded();
+    assert_eq!(table.len(), 3);
+    for (v, rev) in &table {
+        assert_eq!(want[&v.key()], (v.clone(), *rev));
+        assert!(*rev <= revision);
+    }
+    let late = affinity("web", 0xc633_64ff, "b2", "a");
+    a.put(9, &late, 0);
+    let rev = a.committed(9);
+    let (changed_rev, change) = c.changed();
+    assert_eq!((changed_rev, change), (rev, Change::Put(late)));
+    assert!(changed_rev > revision);
+}
+
+/// A table kept the way the control thread keeps it: Loaded replaces it,
+/// Changed edits it.
+#[derive(Default)]
+struct Mirror {
+    table: HashMap<StoreKey, (StoredAffinity, Revision)>,
+    loads: usize,
+}
+
+impl Mirror {
+    fn apply(&mut self, e: &StoreEvent) {
+        match e {
+            StoreEvent::Loaded { affinities, .. } => {
+                self.loads += 1;
+                self.table = affinities
+                    .iter()
+                    .map(|(a, r)| (a.key(), (a.clone(), *r)))
+                    .collect();
+            }
+            StoreEvent::Changed { revision, change } => match change {
+                Change::Put(a) => {
+                    self.table.insert(a.key(), (a.clone(), *revision));
+                }
+                Change::Deleted(k) => {
+                    self.table.remove(k);
+                }
+            },
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn etcd_down_means_unreachable_and_unavailable_and_back_means_a_fresh_load() {
+    let _s = serial();
+    let mut etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    a.loaded();
+    let before = affinity("web", 0xc000_0201, "b1", "a");
+    a.put(1, &before, 0);
+    a.committed(1);
+
+    etcd.stop();
+    let error = a.unreachable();
+    assert!(!error.is_empty());
+    // Ops are refused at once, not queued.
+    for t in 10..20 {
+        a.put(t, &affinity("web", 0xc000_0300 + t as u32, "b1", "a"), 0);
+    }
+    for t in 10..20 {
+        match a.done(t) {
+            Outcome::Unavailable { error } => assert!(error.contains("unreachable"), "{error}"),
+            o => panic!("ticket {t} while etcd is down: {o:?}"),
+        }
+    }
+
+    etcd.start();
+    // A change made by someone else as soon as etcd is back: in the fresh
+    // load or in the watch after it, either way in the table.
+    etcd.etcdctl(&[
+        "put",
+        "/test/a/web/192.0.2.2/32/any",
+        &pktdist::cluster::record::encode_value(&affinity("web", 0xc000_0202, "b3", "x")),
+    ]);
+    let mut mirror = Mirror::default();
+    let (revision, affinities) = a.loaded();
+    mirror.apply(&StoreEvent::Loaded {
+        revision,
+        affinities,
+    });
+    let after = affinity("web", 0xc000_0203, "b1", "a");
+    a.put(30, &after, 0);
+    let rev = a.committed(30);
+    while mirror.table.get(&after.key()).map(|x| x.1) != Some(rev) {
+        let (revision, change) = a.changed();
+        mirror.apply(&StoreEvent::Changed { revision, change });
+    }
+    let mut owners: Vec<(u32, String)> = mirror
+        .table
+        .values()
+        .map(|(v, _)| {
+            let IpAddr::V4(c) = v.affinity.client else {
+                unreachable!()
+            };
+            (u32::from(c), v.affinity.owner.clone())
+        })
+        .collect();
+    owners.sort();
+    assert_eq!(
+        owners,
+        vec![
+            (0xc000_0201, "b1".to_string()),
+            (0xc000_0202, "b3".to_string()),
+            (0xc000_0203, "b1".to_string())
+        ]
+    );
+}
+
+#[test]
+fn a_store_started_while_etcd_is_down_says_so_and_loads_when_it_comes() {
+    let _s = serial();
+    let mut etcd = Etcd::start_new();
+    etcd.stop();
+    let mut a = Store::new(&etcd, "a");
+    a.unreachable();
+    a.put(1, &affinity("web", 1, "b1", "a"), 0);
+    assert!(matches!(a.done(1), Outcome::Unavailable { .. }));
+    etcd.start();
+    assert_eq!(a.loaded().1, vec![]);
+    a.put(2, &affinity("web", 1, "b1", "a"), 0);
+    a.committed(2);
+}
+
+#[test]
+fn garbage_under_the_prefix_is_unreadable_not_a_crash() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    a.loaded();
+    etcd.etcdctl(&["put", "/test/a/web/192.0.2.9/32/any", "garbage"]);
+    etcd.etcdctl(&["put", "/test/a/not/an/affinity", "{\"format\":1}"]);
+    etcd.etcdctl(&["put", "/test/a/web/192.0.2.8/32/any", "{\"format\":7}"]);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(a.take("Unreadable", |e| match e {
+            StoreEvent::Unreadable { key, error } => Some((key.clone(), error.clone())),
+            _ => None,
+        }));
+    }
+    seen.sort();
+    assert_eq!(seen[0].0, "/test/a/not/an/affinity");
+    assert_eq!(seen[1].0, "/test/a/web/192.0.2.8/32/any");
+    assert!(seen[1].1.contains("format 7"), "{seen:?}");
+    assert_eq!(seen[2].0, "/test/a/web/192.0.2.9/32/any");
+
+    // The thread goes on: a good put commits, a put on the garbage key is
+    // refused with why.
+    a.put(1, &affinity("web", 0xc000_0207, "b1", "a"), 0);
+    a.committed(1);
+    a.put(2, &affinity("web", 0xc000_0209, "b1", "a"), 0);
+    match a.done(2) {
+        Outcome::Unavailable { error } => assert!(error.contains("cannot read"), "{error}"),
+        o => panic!("{o:?}"),
+    }
+    // A new store's load skips the garbage and names it.
+    let mut c = Store::new(&etcd, "c");
+    let (_, table) = c.loaded();
+    assert_eq!(table.len(), 1);
+    let unreadable = c.take("Unreadable", |e| match e {
+        StoreEvent::Unreadable { key, .. } => Some(key.clone()),
+        _ => None,
+    });
+    assert!(unreadable.starts_with("/test/a/"));
+}
+
+#[test]
+fn five_thousand_ops_in_flight_are_all_answered() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    let mut b = Store::new(&etcd, "b");
+    a.loaded();
+    b.loaded();
+    const N: u64 = 5000;
+    for t in 0..N {
+        a.put(t, &affinity("bulk", 0x0b00_0000 + t as u32, "b1", "a"), 0);
+    }
+    // And 100 creates of one key among them: exactly one wins.
+    let one = affinity("bulk", 0x0c00_0000, "b1", "a");
+    for t in N..N + 100 {
+        a.put(t, &one, 0);
+    }
+    let mut done: HashMap<u64, Outcome> = HashMap::new();
+    a.take("every Done", |e| {
+        if let StoreEvent::Done { ticket, outcome } = e {
+            assert!(
+                done.insert(*ticket, outcome.clone()).is_none(),
+                "two Done for {ticket}"
+            );
+        }
+        (done.len() as u64 == N + 100).then_some(())
+    });
+    for t in 0..N {
+        assert!(
+            matches!(done[&t], Outcome::Committed { .. }),
+            "{t}: {:?}",
+            done[&t]
+        );
+    }
+    let won = (N..N + 100)
+        .filter(|t| matches!(done[t], Outcome::Committed { .. }))
+        .count();
+    assert_eq!(won, 1);
+    let mut changes = 0;
+    let mut last = 0;
+    b.take("every Changed", |e| {
+        if let StoreEvent::Changed { revision, .. } = e {
+            assert!(*revision >= last, "out of order");
+            last = *revision;
+            changes += 1;
+        }
+        (changes == N + 1).then_some(())
+    });
+}
+
+#[test]
+fn the_thread_ends_when_its_handle_is_dropped() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let count = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter(|t| {
+                let comm = t.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).unwrap_or_default().trim() == "pktdist-store"
+            })
+            .count()
+    };
+    let before = count();
+    let mut a = Store::new(&etcd, "a");
+    a.loaded();
+    assert_eq!(count(), before + 1);
+    drop(a);
+    let deadline = Instant::now() + PATIENCE;
+    while count() > before {
+        assert!(
+            Instant::now() < deadline,
+            "the store thread is still running"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn configuration_errors_are_clear() {
+    let mut cfg = config("http://127.0.0.1:1", "a");
+    cfg.endpoints.clear();
+    assert!(spawn(&cfg).err().unwrap().contains("endpoints is empty"));
+    let mut cfg = config("ftp://127.0.0.1:1", "a");
+    assert!(spawn(&cfg).err().unwrap().contains("ftp://"));
+    cfg.endpoints = vec!["http://127.0.0.1:1".into()];
+    cfg.user = Some("root".into());
+    assert!(spawn(&cfg).err().unwrap().contains("password_file"));
+    cfg.password_file = Some("/nonexistent/pktdist-etcd.pass".into());
+    assert!(spawn(&cfg)
+        .err()
+        .unwrap()
+        .contains("/nonexistent/pktdist-etcd.pass"));
+    let mut cfg = config("http://127.0.0.1:1", "a");
+    cfg.ca_file = Some("/etc/ssl/certs/ca-certificates.crt".into());
+    assert!(spawn(&cfg).err().unwrap().contains("https://"));
+    let cfg = config("https://127.0.0.1:1", "a");
+    assert!(spawn(&cfg).err().unwrap().contains("ca_file"));
+}
+
+#[test]
+fn a_user_and_password_file_authenticate_and_an_expired_token_is_renewed() {
+    let _s = serial();
+    // Tokens that expire after a second, so the store must renew its own.
+    let etcd = Etcd::start_with(&["--auth-token-ttl", "1"]);
+    etcd.etcdctl(&["user", "add", "root:s3cret"]);
+    etcd.etcdctl(&["auth", "enable"]);
+    let dir = std::env::temp_dir().join(format!("pktdist-etcd-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good");
+    let bad = dir.join("bad");
+    std::fs::write(&good, "s3cret\nignored second line\n").unwrap();
+    std::fs::write(&bad, "wrong\n").unwrap();
+    let with = |file: &std::path::Path| {
+        let mut cfg = config(&etcd.endpoint(), "a");
+        cfg.user = Some("root".into());
+        cfg.password_file = Some(file.to_path_buf());
+        Store {
+            h: spawn(&cfg).expect("spawn"),
+            pending: VecDeque::new(),
+            name: "auth",
+        }
+    };
+    let mut a = with(&good);
+    a.loaded();
+    a.put(1, &affinity("web", 1, "b1", "a"), 0);
+    a.committed(1);
+    std::thread::sleep(Duration::from_secs(3));
+    a.put(2, &affinity("web", 2, "b1", "a"), 0);
+    a.committed(2);
+    assert!(
+        !a.pending
+            .iter()
+            .any(|e| matches!(e, StoreEvent::Unreachable { .. })),
+        "{:?}",
+        a.pending
+    );
+    let mut b = with(&bad);
+    let error = b.unreachable();
+    assert!(error.contains("authentication failed"), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tls_with_a_client_certificate_connects() {
+    let _s = serial();
+    let etcd = Etcd::start_tls();
+    let files = etcd.tls_files().expect("tls").clone();
+    let mut cfg = config(&etcd.endpoint(), "a");
+    cfg.ca_file = Some(files.ca.clone());
+    cfg.cert_file = Some(files.cert.clone());
+    cfg.key_file = Some(files.key.clone());
+    let mut a = Store {
+        h: spawn(&cfg).expect("spawn"),
+        pending: VecDeque::new(),
+        name: "tls",
+    };
+    a.loaded();
+    a.put(1, &affinity("web", 1, "b1", "a"), 0);
+    a.committed(1);
+    // Without the client certificate etcd refuses the connection.
+    cfg.cert_file = None;
+    cfg.key_file = None;
+    let mut b = Store {
+        h: spawn(&cfg).expect("spawn"),
+        pending: VecDeque::new(),
+        name: "no client certificate",
+    };
+    b.unreachable();
+}
