@@ -38,7 +38,10 @@ use crate::datapath::latency::Percentiles;
 use crate::datapath::snapshot::DataplaneCell;
 use crate::datapath::worker::Shared;
 use crate::health::{HealthChange, HealthMonitor, HealthView};
-use crate::protocol::message::{Request, ReturnCode};
+use crate::cluster::StoreHandle;
+use crate::control::store_sync::StoreSync;
+use crate::protocol::auth::unix_ms;
+use crate::protocol::message::{EndedNotice, Request, ReturnCode};
 use crate::protocol::rate_limit::RateLimiter;
 use crate::report::metrics::{self, MetricsServer};
 use crate::report::summary::{status_line, PortSummary, Summary, Totals};
@@ -72,6 +75,9 @@ pub struct ControlSetup {
     /// aside and the instance starts without it, instead of refusing to
     /// start (`pktdist run --discard-bad-state`).
     pub discard_bad_state: bool,
+    /// Cluster mode: the store thread's handle, exactly when the
+    /// configuration has `[cluster]`.
+    pub store: Option<StoreHandle>,
 }
 
 /// The control thread: everything that changes what the workers see, and
@@ -91,6 +97,8 @@ pub struct ControlThread {
     /// The health checks (a thread of their own while some backend is
     /// checked).
     health: HealthMonitor,
+    /// Cluster mode: the shared affinity table.
+    cluster: Option<StoreSync>,
 }
 
 /// The status line's output and schedule.
@@ -133,6 +141,12 @@ impl ControlThread {
             shared.epoch,
         );
         statics::install(&mut plane, cfg).map_err(|e| e.to_string())?;
+        let cluster = match (&cfg.cluster, setup.store) {
+            (Some(c), Some(store)) => Some(StoreSync::new(store, &c.instance, &mut plane)),
+            (None, None) => None,
+            (Some(_), None) => return Err("[cluster] is set but no store thread runs".into()),
+            (None, Some(_)) => return Err("a store thread runs without [cluster]".into()),
+        };
         let state = match &cfg.affinity.state_file {
             Some(path) => Some(StateSaver::open(path, &mut plane, setup.discard_bad_state)?),
             None => None,
@@ -164,6 +178,7 @@ impl ControlThread {
             state,
             next_tick: now + TICK,
             health,
+            cluster,
         })
     }
 
@@ -213,6 +228,7 @@ impl ControlThread {
             &self.shared.auto_affinity,
             &self.health,
             self.state.as_ref(),
+            self.cluster.as_ref(),
         )
     }
 
@@ -278,6 +294,7 @@ impl ControlThread {
     pub fn save_state(&mut self) -> Result<(), String> {
         self.plane.expire();
         self.send_notices();
+        self.stop_cluster();
         match &mut self.state {
             Some(s) => s.finish(&self.plane),
             None => Ok(()),
@@ -302,28 +319,62 @@ impl ControlThread {
                 m.publish(metrics::render(&self.summary()));
             }
         }
-        // Serving, with every affinity it has (static, restored) installed.
+        // Serving, with every affinity it has (static, restored, and in
+        // cluster mode the store's) installed.
         if let Some(m) = &self.metrics {
-            m.set_ready(true);
+            m.set_ready(self.ready());
         }
         self.send_notices();
+    }
+
+    /// Whether the instance serves with its whole table: always alone; in
+    /// cluster mode once a full load of the shared table is installed (and
+    /// still while the store is unreachable: every instance withdrawing at
+    /// once would take the service down).
+    pub fn ready(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.ready())
+    }
+
+    /// Cluster mode: the control thread's side of the shared table, if set.
+    pub fn store_sync(&self) -> Option<&StoreSync> {
+        self.cluster.as_ref()
+    }
+
+    /// Cluster mode: applies what the store thread reported, sends the
+    /// deferred replies it settled and the notices this instance won.
+    fn cluster_turn(&mut self) {
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        let wall = unix_ms(SystemTime::now());
+        let out = c.turn(&mut self.plane, wall);
+        for (ticket, resp) in out.replies {
+            self.server.reply_later(ticket, resp, wall);
+        }
+        for (notify, notice) in out.notices {
+            send_notice(&mut self.server, notify, &notice);
+        }
+    }
+
+    /// At shutdown in cluster mode: the store's last outcomes are applied,
+    /// and every reply still waiting is answered UNAVAILABLE (the
+    /// affinities stay in the store).
+    fn stop_cluster(&mut self) {
+        self.cluster_turn();
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        let wall = unix_ms(SystemTime::now());
+        for (ticket, resp) in c.shutdown() {
+            self.server.reply_later(ticket, resp, wall);
+        }
     }
 
     /// Logs every affinity that ended since the last call and sends its
     /// AFFINITY_ENDED notice.
     fn send_notices(&mut self) {
         for (notify, notice) in self.plane.take_notices() {
-            log::info!(
-                "affinity {} -> {} ended ({})",
-                notice.key.client,
-                notice.owner,
-                notice.reason.name()
-            );
-            if let Some(to) = notify {
-                if let Err(e) = self.server.send_ended(to, &notice.owner, &notice) {
-                    log::warn!("ended notification to {to}: {e}");
-                }
-            }
+            send_notice(&mut self.server, notify, &notice);
         }
     }
 
@@ -336,6 +387,7 @@ impl ControlThread {
             self.tick();
         }
         self.print_status(now);
+        self.cluster_turn();
         self.poll();
     }
 
@@ -378,6 +430,7 @@ impl ControlThread {
             auto: &self.shared.auto_affinity,
             health: &self.health,
             state: self.state.as_ref(),
+            cluster: self.cluster.as_mut(),
             auth: None,
         };
         self.server.poll(&mut dispatch, SystemTime::now());
@@ -418,6 +471,7 @@ struct Dispatch<'a> {
     auto: &'a AutoAffinityTable,
     health: &'a HealthMonitor,
     state: Option<&'a StateSaver>,
+    cluster: Option<&'a mut StoreSync>,
     /// The keys and networks of a reload, for the server once its poll
     /// returns (the reply to the reload is signed with the keys it came
     /// with).
@@ -448,12 +502,32 @@ impl ControlHandler for Dispatch<'_> {
                     self.auto,
                     self.health,
                     self.state,
+                    self.cluster.as_deref(),
                 );
                 Response::stats(
                     serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
                 )
             }
-            _ => self.plane.handle(call.sender, call.is_admin, request),
+            _ => match &mut self.cluster {
+                Some(c) => c.request(self.plane, call, request, call.now_ms),
+                None => self.plane.handle(call.sender, call.is_admin, request),
+            },
+        }
+    }
+}
+
+/// Logs an ended affinity and sends its AFFINITY_ENDED notice, if its
+/// owner gave an address.
+fn send_notice(server: &mut ControlServer, notify: Option<SocketAddr>, notice: &EndedNotice) {
+    log::info!(
+        "affinity {} -> {} ended ({})",
+        notice.key.client,
+        notice.owner,
+        notice.reason.name()
+    );
+    if let Some(to) = notify {
+        if let Err(e) = server.send_ended(to, &notice.owner, notice) {
+            log::warn!("ended notification to {to}: {e}");
         }
     }
 }
@@ -468,6 +542,7 @@ fn summary(
     auto: &AutoAffinityTable,
     health: &HealthMonitor,
     state: Option<&StateSaver>,
+    cluster: Option<&StoreSync>,
 ) -> Summary {
     let mut s = plane.summary();
     if let Some(ports) = port_stats {
@@ -483,6 +558,7 @@ fn summary(
         control.state_file_write_failures = c.failures;
     }
     s.extra.control = Some(control);
+    s.extra.cluster = cluster.map(StoreSync::summary);
     if !health.targets().is_empty() {
         s.extra.health = Some(health.view().summary(SystemTime::now()));
     }
@@ -557,6 +633,7 @@ mod tests {
                 port_upkeep: None,
                 status,
                 discard_bad_state: false,
+                store: None,
             },
         )
         .unwrap()
