@@ -136,10 +136,7 @@ impl ClusterConfig {
                 );
             }
             if let Err(e) = std::fs::File::open(path) {
-                return fail(
-                    p.key(k),
-                    format!("{}: cannot be read: {e}", path.display()),
-                );
+                return fail(p.key(k), format!("{}: cannot be read: {e}", path.display()));
             }
         }
         let t = self.timeout.0;

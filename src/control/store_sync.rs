@@ -813,3 +813,556 @@ fn notice_of(a: &SavedAffinity, reason: EndReason) -> EndedNotice {
         reason,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::affinity::table::AffinityReader;
+    use crate::cluster::StorePeer;
+    use crate::control::counters::ServerCounters;
+    use crate::control::handler::Payload;
+    use crate::control::testing::{config_text, op, plane, src, WEB};
+    use crate::protocol::message::{ServiceAddr, ADMIN_NAME};
+    use crate::protocol::rate_limit::{RateLimiter, RateLimits};
+    use crate::types::{Family, PortMatch};
+
+    /// The tests' wall clock (Unix ms).
+    const WALL: u64 = 1_800_000_000_000;
+    /// 198.18.0.7, inside the tests' 198.18.0.0/24.
+    const CLIENT: u128 = 0xc612_0007;
+
+    /// A plane in cluster mode as instance `me`, with the store thread
+    /// played by the test through `peer`.
+    struct Bed {
+        plane: ControlPlane,
+        reader: AffinityReader,
+        sync: StoreSync,
+        peer: StorePeer,
+        server: ServerCounters,
+        latency: hdrhistogram::Histogram<u64>,
+        rates: RateLimiter,
+    }
+
+    fn bed(me: &str) -> Bed {
+        let (mut plane, reader) = plane(&config_text());
+        let (handle, peer) = StoreHandle::pair();
+        let sync = StoreSync::new(handle, me, &mut plane);
+        Bed {
+            plane,
+            reader,
+            sync,
+            peer,
+            server: ServerCounters::default(),
+            latency: crate::datapath::latency::new_histogram(),
+            rates: RateLimiter::new(RateLimits::default(), ADMIN_NAME),
+        }
+    }
+
+    /// A bed whose store has loaded `affinities` at revision 10.
+    fn loaded(me: &str, affinities: Vec<(StoredAffinity, Revision)>) -> Bed {
+        let mut b = bed(me);
+        b.event(StoreEvent::Loaded {
+            revision: 10,
+            affinities,
+        });
+        b.turn(WALL);
+        assert!(b.sync.ready() && b.sync.up());
+        b
+    }
+
+    impl Bed {
+        fn ask(&mut self, sender: &str, req: Request<'_>, may_defer: bool) -> Response {
+            let call = Call {
+                sender,
+                is_admin: sender == ADMIN_NAME,
+                source: src(),
+                now_ms: WALL,
+                server: &self.server,
+                server_latency: &self.latency,
+                server_rates: &self.rates,
+                may_defer,
+            };
+            self.sync.request(&mut self.plane, &call, &req, WALL)
+        }
+
+        fn event(&self, ev: StoreEvent) {
+            self.peer.events.send(ev).unwrap();
+        }
+
+        fn turn(&mut self, wall: u64) -> Outbox {
+            self.sync.turn(&mut self.plane, wall)
+        }
+
+        /// The next op the store thread got.
+        fn op(&mut self) -> Option<StoreOp> {
+            self.peer.ops.try_recv().ok()
+        }
+
+        fn done(&mut self, ticket: Ticket, outcome: Outcome, wall: u64) -> Outbox {
+            self.event(StoreEvent::Done { ticket, outcome });
+            self.turn(wall)
+        }
+
+        /// Backend id in the local table for the tests' client, if any.
+        fn lookup(&self) -> Option<u32> {
+            self.reader.lookup(WEB, Family::V4, CLIENT, 1)
+        }
+    }
+
+    /// The tests' affinity on web, 198.18.0.0/24, owned by `owner`,
+    /// written by `writer`, with `left_ms` to go at [`WALL`].
+    fn stored(owner: &str, writer: &str, left_ms: u64) -> StoredAffinity {
+        StoredAffinity {
+            affinity: SavedAffinity {
+                service: "web".into(),
+                service_addr: ServiceAddr::tcp("192.0.2.10:80".parse().unwrap()),
+                owner: owner.into(),
+                client: "198.18.0.0".parse().unwrap(),
+                prefix_len: 24,
+                ports: PortMatch::Any,
+                expires_unix_ms: WALL + left_ms,
+                created_unix_ms: WALL - 1000,
+                notify: Some(src()),
+            },
+            writer: writer.into(),
+            written_unix_ms: WALL - 20,
+        }
+    }
+
+    fn create(owner: &str, secs: u32) -> Request<'_> {
+        Request::AffinityCreate(op("198.18.0.0", 24, Some(owner), secs))
+    }
+
+    fn deferred(r: &Response) -> Ticket {
+        match r.payload {
+            Payload::Deferred(t) => t,
+            _ => panic!("not deferred: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn changes_are_refused_until_the_table_is_loaded() {
+        let mut b = bed("i1");
+        assert!(!b.sync.ready());
+        let r = b.ask("a", create("a", 60), true);
+        assert_eq!(r.code, ReturnCode::Unavailable);
+        assert!(b.op().is_none(), "nothing sent to the store");
+        b.event(StoreEvent::Loaded {
+            revision: 1,
+            affinities: vec![],
+        });
+        b.turn(WALL);
+        assert!(b.sync.ready());
+        assert_eq!(b.sync.summary().loads, 1);
+    }
+
+    #[test]
+    fn a_create_waits_for_its_commit_then_is_answered_and_installed() {
+        let mut b = loaded("i1", vec![]);
+        let r = b.ask("a", create("a", 60), true);
+        let t = deferred(&r);
+        let Some(StoreOp::Put {
+            ticket,
+            value,
+            expect,
+        }) = b.op()
+        else {
+            panic!("no put")
+        };
+        assert_eq!((ticket, expect), (t, 0));
+        assert_eq!((value.writer.as_str(), value.written_unix_ms), ("i1", WALL));
+        assert_eq!(value.affinity.owner, "a");
+        assert_eq!(value.affinity.expires_unix_ms, WALL + 60_000);
+        assert_eq!(b.lookup(), None, "not installed before the commit");
+
+        let out = b.done(t, Outcome::Committed { revision: 11 }, WALL);
+        assert_eq!(out.replies.len(), 1);
+        let (rt, resp) = &out.replies[0];
+        assert_eq!(
+            (*rt, resp.code, resp.remaining_secs),
+            (t, ReturnCode::Ok, 60)
+        );
+        assert_eq!(b.lookup(), Some(1), "a is backend 1");
+        assert_eq!(b.sync.counters().committed, 1);
+
+        // The watch's echo of the own commit changes nothing; an extend
+        // then expects the revision committed.
+        b.event(StoreEvent::Changed {
+            revision: 11,
+            change: Change::Put(value.clone()),
+        });
+        b.turn(WALL);
+        let r = b.ask(
+            "a",
+            Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 120)),
+            true,
+        );
+        deferred(&r);
+        match b.op() {
+            Some(StoreOp::Put { expect, value, .. }) => {
+                assert_eq!(expect, 11);
+                assert_eq!(value.affinity.expires_unix_ms, WALL + 120_000);
+            }
+            other => panic!("no put: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_key_another_owner_won_is_answered_conflict_naming_it() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        b.op();
+        let out = b.done(
+            t,
+            Outcome::Moved {
+                current: Some((stored("b", "i2", 30_000), 12)),
+            },
+            WALL,
+        );
+        let (_, r) = &out.replies[0];
+        assert_eq!(
+            (r.code, r.owner.as_deref(), r.remaining_secs),
+            (ReturnCode::Conflict, Some("b"), 30)
+        );
+        assert_eq!(b.lookup(), Some(2), "the local copy now has b's");
+        // The local copy answers the next conflict at once.
+        let r = b.ask("a", create("a", 60), true);
+        assert_eq!(
+            (r.code, r.owner.as_deref()),
+            (ReturnCode::Conflict, Some("b"))
+        );
+        assert!(b.op().is_none());
+    }
+
+    #[test]
+    fn a_stale_local_copy_is_retried_once_at_the_current_revision() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        b.op();
+        // a already holds it (created through another instance).
+        b.done(
+            t,
+            Outcome::Moved {
+                current: Some((stored("a", "i2", 30_000), 12)),
+            },
+            WALL,
+        );
+        match b.op() {
+            Some(StoreOp::Put { ticket, expect, .. }) => assert_eq!((ticket, expect), (t, 12)),
+            other => panic!("no retry: {other:?}"),
+        }
+        let out = b.done(t, Outcome::Committed { revision: 13 }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+        assert_eq!(b.sync.counters().retried, 1);
+
+        // An extend of a key that is gone: NOT_FOUND, and gone here too.
+        let t = deferred(&b.ask(
+            "a",
+            Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 60)),
+            true,
+        ));
+        b.op();
+        let out = b.done(t, Outcome::Moved { current: None }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::NotFound);
+        assert_eq!(b.lookup(), None);
+    }
+
+    #[test]
+    fn the_store_not_answering_is_unavailable() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        b.op();
+        let out = b.done(
+            t,
+            Outcome::Unavailable {
+                error: "timeout".into(),
+            },
+            WALL,
+        );
+        assert_eq!(out.replies[0].1.code, ReturnCode::Unavailable);
+        assert_eq!(b.lookup(), None);
+
+        // Unreachable: refused at once, nothing sent; still ready.
+        b.event(StoreEvent::Unreachable {
+            error: "connection refused".into(),
+        });
+        b.turn(WALL);
+        assert!(!b.sync.up() && b.sync.ready());
+        let r = b.ask("a", create("a", 60), true);
+        assert_eq!(r.code, ReturnCode::Unavailable);
+        assert!(b.op().is_none());
+        let s = b.sync.summary();
+        assert!(!s.store_up);
+        assert_eq!(s.changes["unavailable"], 2);
+    }
+
+    #[test]
+    fn no_room_to_park_a_reply_is_unavailable_at_once() {
+        let mut b = loaded("i1", vec![]);
+        let r = b.ask("a", create("a", 60), false);
+        assert_eq!(r.code, ReturnCode::Unavailable);
+        assert!(r.message.contains("too many"), "{}", r.message);
+        assert!(b.op().is_none());
+    }
+
+    #[test]
+    fn the_watch_installs_and_removes_without_notices() {
+        let mut b = loaded("i1", vec![]);
+        b.event(StoreEvent::Changed {
+            revision: 11,
+            change: Change::Put(stored("b", "i2", 60_000)),
+        });
+        let out = b.turn(WALL);
+        assert_eq!(b.lookup(), Some(2));
+        assert!(out.notices.is_empty());
+        assert_eq!(b.sync.summary().propagation_ms.count, 1);
+        assert_eq!(b.sync.summary().propagation_ms.max, 20);
+        // An older revision changes nothing.
+        b.event(StoreEvent::Changed {
+            revision: 9,
+            change: Change::Put(stored("a", "i2", 60_000)),
+        });
+        b.turn(WALL);
+        assert_eq!(b.lookup(), Some(2));
+        b.event(StoreEvent::Changed {
+            revision: 12,
+            change: Change::Deleted(stored("b", "i2", 0).key()),
+        });
+        let out = b.turn(WALL);
+        assert_eq!(b.lookup(), None);
+        assert!(out.notices.is_empty());
+        assert!(b.plane.take_notices().is_empty());
+        assert!(b.op().is_none(), "nothing for the store");
+    }
+
+    #[test]
+    fn a_load_replaces_the_table_silently_and_ends_what_is_due() {
+        let mut b = loaded("i1", vec![(stored("a", "i1", 60_000), 5)]);
+        assert_eq!(b.lookup(), Some(1));
+        // Reconnected: the store holds b's instead, and another already due.
+        let mut due = stored("b", "i1", 0);
+        due.affinity.client = "198.18.9.0".parse().unwrap();
+        b.event(StoreEvent::Unreachable {
+            error: "gone".into(),
+        });
+        b.event(StoreEvent::Loaded {
+            revision: 20,
+            affinities: vec![(stored("b", "i2", 60_000), 15), (due.clone(), 16)],
+        });
+        let out = b.turn(WALL);
+        assert_eq!(b.lookup(), Some(2));
+        assert!(out.notices.is_empty(), "a's was not ended, only resynced");
+        assert_eq!(b.plane.affinities().len(), 1, "the due one not installed");
+        // The due one, written here, is deleted at once.
+        match b.op() {
+            Some(StoreOp::Delete { key, expect, .. }) => {
+                assert_eq!((key, expect), (due.key(), 16))
+            }
+            other => panic!("no delete: {other:?}"),
+        }
+        let s = b.sync.summary();
+        assert_eq!((s.loads, s.store_up, s.revision), (2, true, 20));
+    }
+
+    /// A bed holding a's affinity written by `writer`, expired by the
+    /// plane's clock 2 s on.
+    fn expired(writer: &str) -> Bed {
+        let mut b = loaded("i1", vec![(stored("a", writer, 1000), 5)]);
+        let later = b.plane.now_ms() + 2000;
+        b.plane.expire_at(later);
+        assert_eq!(b.lookup(), None, "gone from the local table at once");
+        b
+    }
+
+    #[test]
+    fn the_writer_ends_an_affinity_at_once_and_notifies_once() {
+        let mut b = expired("i1");
+        let out = b.turn(WALL + 2000);
+        assert!(out.notices.is_empty(), "not before the delete commits");
+        let Some(StoreOp::Delete { ticket, expect, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        assert_eq!(expect, 5);
+        assert_eq!(b.sync.pending_ends(), 1);
+        let out = b.done(ticket, Outcome::Committed { revision: 21 }, WALL + 2010);
+        assert_eq!(out.notices.len(), 1);
+        let (to, n) = &out.notices[0];
+        assert_eq!(
+            (*to, n.owner.as_str(), n.reason),
+            (Some(src()), "a", EndReason::Expired)
+        );
+        assert_eq!(b.sync.pending_ends(), 0);
+        // The watch's echo: nothing more.
+        b.event(StoreEvent::Changed {
+            revision: 21,
+            change: Change::Deleted(stored("a", "i1", 0).key()),
+        });
+        assert!(b.turn(WALL + 2020).notices.is_empty());
+        assert_eq!(b.sync.counters().ends_won, 1);
+    }
+
+    #[test]
+    fn a_delete_that_lost_sends_no_notice() {
+        let mut b = expired("i1");
+        b.turn(WALL + 2000);
+        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        // Extended through another instance meanwhile: it lives on.
+        let out = b.done(
+            ticket,
+            Outcome::Moved {
+                current: Some((stored("a", "i2", 60_000), 7)),
+            },
+            WALL + 2000,
+        );
+        assert!(out.notices.is_empty());
+        assert_eq!(b.lookup(), Some(1), "reinstalled");
+        assert_eq!(b.sync.counters().ends_lost, 1);
+        assert_eq!(b.sync.pending_ends(), 0);
+    }
+
+    #[test]
+    fn another_instance_takes_over_only_after_the_delay_and_if_unchanged() {
+        // Written by i2: i1 waits.
+        let mut b = expired("i2");
+        b.turn(WALL + 2000);
+        assert!(b.op().is_none(), "the writer goes first");
+        b.turn(WALL + 2000 + TAKEOVER_DELAY_MS - 1);
+        assert!(b.op().is_none());
+        b.turn(WALL + 2000 + TAKEOVER_DELAY_MS);
+        match b.op() {
+            Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
+            other => panic!("no takeover: {other:?}"),
+        }
+
+        // The writer ends it in time: no delete from here, no notice.
+        let mut b = expired("i2");
+        b.turn(WALL + 2000);
+        b.event(StoreEvent::Changed {
+            revision: 6,
+            change: Change::Deleted(stored("a", "i2", 0).key()),
+        });
+        let out = b.turn(WALL + 2100);
+        b.turn(WALL + 3000);
+        assert!(b.op().is_none() && out.notices.is_empty());
+        assert_eq!(b.sync.pending_ends(), 0);
+
+        // Extended by its writer before the delay: it lives on.
+        let mut b = expired("i2");
+        b.turn(WALL + 2000);
+        b.event(StoreEvent::Changed {
+            revision: 6,
+            change: Change::Put(stored("a", "i2", 60_000)),
+        });
+        b.turn(WALL + 2100);
+        b.turn(WALL + 3000);
+        assert!(b.op().is_none());
+        assert_eq!(b.lookup(), Some(1));
+    }
+
+    #[test]
+    fn ends_wait_while_the_store_is_unreachable() {
+        let mut b = loaded("i1", vec![(stored("a", "i1", 1000), 5)]);
+        b.event(StoreEvent::Unreachable {
+            error: "down".into(),
+        });
+        b.turn(WALL);
+        let later = b.plane.now_ms() + 2000;
+        b.plane.expire_at(later);
+        assert_eq!(b.lookup(), None, "expiry goes on");
+        b.turn(WALL + 2000);
+        assert!(b.op().is_none(), "no delete while unreachable");
+        assert_eq!(b.sync.pending_ends(), 1);
+        // Back: the load still has it at revision 5, so it is deleted now.
+        b.event(StoreEvent::Loaded {
+            revision: 8,
+            affinities: vec![(stored("a", "i1", 1000), 5)],
+        });
+        b.turn(WALL + 3000);
+        assert_eq!(b.lookup(), None, "not installed again");
+        match b.op() {
+            Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
+            other => panic!("no delete: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cancel_commits_with_the_request_and_the_canceller_notifies() {
+        let mut b = loaded("i1", vec![(stored("a", "i2", 60_000), 5)]);
+        let cancel = Request::AffinityCancel(op("198.18.0.0", 24, Some("a"), 0));
+        let t = deferred(&b.ask("a", cancel, true));
+        match b.op() {
+            Some(StoreOp::Delete { ticket, expect, .. }) => assert_eq!((ticket, expect), (t, 5)),
+            other => panic!("no delete: {other:?}"),
+        }
+        assert_eq!(b.lookup(), Some(1), "until committed");
+        let out = b.done(t, Outcome::Committed { revision: 6 }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+        assert_eq!(out.notices.len(), 1);
+        assert_eq!(out.notices[0].1.reason, EndReason::Cancelled);
+        assert_eq!(b.lookup(), None);
+
+        // b may not cancel a's; a cancel of a key gone is NOT_FOUND.
+        let mut b = loaded("i1", vec![(stored("a", "i2", 60_000), 5)]);
+        let r = b.ask(
+            "b",
+            Request::AffinityCancel(op("198.18.0.0", 24, Some("b"), 0)),
+            true,
+        );
+        assert_eq!(
+            (r.code, r.owner.as_deref()),
+            (ReturnCode::Conflict, Some("a"))
+        );
+        let t = deferred(&b.ask(
+            "a",
+            Request::AffinityCancel(op("198.18.0.0", 24, Some("a"), 0)),
+            true,
+        ));
+        b.op();
+        let out = b.done(t, Outcome::Moved { current: None }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::NotFound);
+        assert!(out.notices.is_empty(), "whoever ended it notified");
+    }
+
+    #[test]
+    fn replies_in_flight_at_shutdown_are_unavailable() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        let replies = b.sync.shutdown();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(
+            (replies[0].0, replies[0].1.code),
+            (t, ReturnCode::Unavailable)
+        );
+    }
+
+    #[test]
+    fn a_static_affinity_of_another_backend_keeps_a_store_one_out() {
+        let text = format!(
+            "{}\n[[affinities]]\nservice = \"web\"\nclient = \"198.18.0.0/24\"\nbackend = \"b\"\n",
+            config_text()
+        );
+        let (mut plane, reader) = plane(&text);
+        crate::control::statics::install(&mut plane, &Config::parse(&text, "t").unwrap()).unwrap();
+        let (handle, peer) = StoreHandle::pair();
+        let mut sync = StoreSync::new(handle, "i1", &mut plane);
+        for rev in [5, 6] {
+            peer.events
+                .send(StoreEvent::Changed {
+                    revision: rev,
+                    change: Change::Put(stored("a", "i2", 60_000)),
+                })
+                .unwrap();
+        }
+        sync.turn(&mut plane, WALL);
+        assert_eq!(
+            reader.lookup(WEB, Family::V4, CLIENT, 1),
+            Some(2),
+            "b's static"
+        );
+        assert_eq!(sync.summary().static_refused, 2);
+    }
+
+    use crate::config::Config;
+}

@@ -36,7 +36,10 @@ pub enum Planned {
     Put { value: SavedAffinity, extend: bool },
     /// Delete the affinity of `key` (a cancel). `owner`: the backend that
     /// must own it (None: the operator cancels whoever does).
-    Delete { key: StoreKey, owner: Option<String> },
+    Delete {
+        key: StoreKey,
+        owner: Option<String>,
+    },
 }
 
 /// What [`ControlPlane::install_stored`] did with a store affinity.
