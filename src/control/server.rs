@@ -851,6 +851,65 @@ mod tests {
         (env.header.request_id, Reply::decode_body(env.body).unwrap())
     }
 
+    /// Defers every request it may (tickets 1, 2, ...), else answers
+    /// UNAVAILABLE as a cluster instance does.
+    #[derive(Default)]
+    struct Deferring {
+        next: Ticket,
+    }
+
+    impl ControlHandler for Deferring {
+        fn handle(&mut self, call: &Call<'_>, _: &Request<'_>) -> Response {
+            if !call.may_defer {
+                return Response::unavailable("no room");
+            }
+            self.next += 1;
+            Response::deferred(self.next)
+        }
+    }
+
+    #[test]
+    fn deferred_replies_are_parked_bounded_and_sent_later() {
+        let mut s = server_with(ServerConfig {
+            read_timeout: None,
+            max_parked: 2,
+            ..ServerConfig::new(Allowlist::parse(&["127.0.0.0/8"]).unwrap(), keyring())
+        });
+        let to = s.local_addr().unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let now = unix_ms(SystemTime::now());
+        for nonce in 1..=3 {
+            client
+                .send_to(&datagram("web1", now, nonce, &create(None)), to)
+                .unwrap();
+        }
+        let mut h = Deferring::default();
+        let mut got = 0;
+        while got < 3 {
+            got += s.poll(&mut h, SystemTime::now());
+        }
+        assert_eq!(s.parked(), 2);
+        // The third found no room: UNAVAILABLE at once.
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = client.recv(&mut buf).unwrap();
+        let (_, r) = open_reply(&buf[..n], "web1");
+        assert_eq!((r.code, r.request_nonce), (ReturnCode::Unavailable, 3));
+
+        // Ticket 2's answer, signed for its sender, echoing its nonce.
+        let answer = Response::conflict("web2", 30);
+        assert!(s.reply_later(2, answer, unix_ms(SystemTime::now())));
+        let n = client.recv(&mut buf).unwrap();
+        let (id, r) = open_reply(&buf[..n], "web1");
+        assert_eq!((id, r.code, r.request_nonce), (77, ReturnCode::Conflict, 2));
+        assert_eq!((r.owner.as_deref(), r.remaining_secs), (Some("web2"), 30));
+        assert!(!s.reply_later(2, Response::ok(), 0), "sent once");
+        assert_eq!((s.parked(), s.parked_tickets()), (1, vec![1]));
+        assert_eq!(s.counters().handler_codes[ReturnCode::Conflict as usize], 1);
+    }
+
     #[test]
     fn authentic_request_reaches_handler_with_defaults_filled() {
         let mut s = server();

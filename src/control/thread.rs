@@ -661,6 +661,139 @@ mod tests {
         Request::AffinityCreate(o)
     }
 
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut http = TcpStream::connect(addr).unwrap();
+        http.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut text = String::new();
+        http.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    const CLUSTER: &str =
+        "\n[cluster]\nstore = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\ninstance = \"i1\"\n";
+
+    #[test]
+    fn a_cluster_instance_is_ready_once_loaded_and_answers_changes_when_committed() {
+        use crate::cluster::{Outcome, StoreEvent, StoreHandle, StoreOp};
+        let file = File::new("cluster", &format!("{}{CLUSTER}", config(ADMIN_1, A_1)));
+        let cfg = Config::load(&file.0).unwrap();
+        let (handle, mut store) = StoreHandle::pair();
+        let mut ctl = ControlThread::new(
+            &cfg,
+            ControlSetup {
+                config_path: Some(file.0.clone()),
+                workers: vec![Arc::new(WorkerCounters::default())],
+                port_stats: None,
+                port_upkeep: None,
+                status: None,
+                discard_bad_state: false,
+                store: Some(handle),
+            },
+        )
+        .unwrap();
+        let metrics = ctl.metrics_addr().unwrap();
+        ctl.tick();
+        assert!(!ctl.ready());
+        assert!(get(metrics, "/ready").contains(" 503 "), "not loaded yet");
+        let mut a = Peer::new("a", A_1);
+        let r = ask(&mut ctl, &mut a, A_1, &create("198.18.0.0")).expect("answered");
+        assert_eq!(r.code, ReturnCode::Unavailable);
+
+        store
+            .events
+            .send(StoreEvent::Loaded {
+                revision: 3,
+                affinities: vec![],
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        ctl.tick();
+        assert!(ctl.ready());
+        assert!(get(metrics, "/ready").contains(" 200 "));
+
+        // A create: no reply until the store commits it.
+        a.send(ctl.local_addr().unwrap(), &create("198.18.0.0"));
+        ctl.step(Instant::now());
+        let Ok(StoreOp::Put { ticket, expect, .. }) = store.ops.try_recv() else {
+            panic!("no put")
+        };
+        assert_eq!(expect, 0);
+        store
+            .events
+            .send(StoreEvent::Done {
+                ticket,
+                outcome: Outcome::Committed { revision: 4 },
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        match a.recv_signed(A_1) {
+            Some(Received::Reply(r)) => {
+                assert_eq!((r.code, r.remaining_secs), (ReturnCode::Ok, 60))
+            }
+            other => panic!("no reply: {other:?}"),
+        }
+        assert_eq!(ctl.plane().affinities().len(), 1);
+
+        // The store goes away: still ready, changes UNAVAILABLE at once.
+        store
+            .events
+            .send(StoreEvent::Unreachable {
+                error: "connection refused".into(),
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        ctl.tick();
+        assert!(ctl.ready());
+        let r = ask(&mut ctl, &mut a, A_1, &create("198.18.1.0")).expect("answered");
+        assert_eq!(r.code, ReturnCode::Unavailable);
+
+        let s = ctl.summary();
+        let c = s.extra.cluster.as_ref().expect("cluster in the summary");
+        assert_eq!((c.instance.as_str(), c.store_up, c.loads), ("i1", false, 1));
+        assert_eq!(c.changes["committed"], 1);
+        let text = metrics::render(&s);
+        for line in [
+            "pktdist_cluster_store_up 0",
+            "pktdist_cluster_changes_total{result=\"committed\"} 1",
+            "pktdist_cluster_ends_total{result=\"won\"} 0",
+            "pktdist_cluster_pending_ends 0",
+            "pktdist_cluster_loads_total 1",
+            "pktdist_cluster_propagation_seconds_count 0",
+            "pktdist_control_replies_total{code=\"UNAVAILABLE\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert!(s.render().contains("cluster: instance i1, store down"));
+
+        // A change in flight at shutdown is answered UNAVAILABLE.
+        store
+            .events
+            .send(StoreEvent::Loaded {
+                revision: 5,
+                affinities: vec![],
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        a.send(ctl.local_addr().unwrap(), &create("198.18.2.0"));
+        ctl.step(Instant::now());
+        assert!(store.ops.try_recv().is_ok());
+        ctl.save_state().unwrap();
+        match a.recv_signed(A_1) {
+            Some(Received::Reply(r)) => assert_eq!(r.code, ReturnCode::Unavailable),
+            other => panic!("no reply: {other:?}"),
+        }
+
+        // A reload may not change [cluster].
+        file.write(&format!(
+            "{}{}",
+            config(ADMIN_1, A_1),
+            CLUSTER.replace("i1", "i9")
+        ));
+        let e = ctl.reload().unwrap_err();
+        assert!(e.contains("restart to change [cluster]"), "{e}");
+    }
+
     #[test]
     fn reload_from_the_file_applies_services_and_swaps_the_keys() {
         let file = File::new("reload", &config(ADMIN_1, A_1));
