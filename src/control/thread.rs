@@ -219,7 +219,7 @@ impl ControlThread {
     /// The statistics of the run so far: the workers' counters, ports,
     /// affinities, automatic affinity and the control thread's own figures.
     pub fn summary(&self) -> Summary {
-        summary(
+        let mut s = summary(
             &self.plane,
             self.server.counters(),
             self.server.latency(),
@@ -228,8 +228,9 @@ impl ControlThread {
             &self.shared.auto_affinity,
             &self.health,
             self.state.as_ref(),
-            self.cluster.as_ref(),
-        )
+        );
+        s.extra.cluster = self.cluster.as_ref().map(|c| c.summary());
+        s
     }
 
     /// Re-reads the configuration file and applies it, keys and allowed
@@ -493,7 +494,7 @@ impl ControlHandler for Dispatch<'_> {
                     .with_message(format!("reload refused, running configuration kept: {e}")),
             },
             Request::Stats { .. } => {
-                let s = summary(
+                let mut s = summary(
                     self.plane,
                     call.server,
                     call.server_latency,
@@ -502,8 +503,8 @@ impl ControlHandler for Dispatch<'_> {
                     self.auto,
                     self.health,
                     self.state,
-                    self.cluster.as_deref(),
                 );
+                s.extra.cluster = self.cluster.as_deref().map(StoreSync::summary);
                 Response::stats(
                     serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
                 )
@@ -542,7 +543,6 @@ fn summary(
     auto: &AutoAffinityTable,
     health: &HealthMonitor,
     state: Option<&StateSaver>,
-    cluster: Option<&StoreSync>,
 ) -> Summary {
     let mut s = plane.summary();
     if let Some(ports) = port_stats {
@@ -558,7 +558,6 @@ fn summary(
         control.state_file_write_failures = c.failures;
     }
     s.extra.control = Some(control);
-    s.extra.cluster = cluster.map(StoreSync::summary);
     if !health.targets().is_empty() {
         s.extra.health = Some(health.view().summary(SystemTime::now()));
     }

@@ -273,9 +273,8 @@ impl ControlPlane {
     /// there.
     pub fn end_stored(&mut self, key: &StoreKey, reason: EndReason) -> Option<SharedEnd> {
         let k = self.table_key_of(key)?;
-        if self.affinities.get(&k)?.expires.is_none() {
-            return None;
-        }
+        // Static affinities are each instance's own, never the store's.
+        self.affinities.get(&k)?.expires?;
         let now = self.now_ms();
         let mut e = self.affinities.cancel(&k, None, now).ok()?;
         e.reason = reason;
