@@ -251,7 +251,12 @@ impl StoreSync {
         let (op, flight) = match planned {
             Planned::Answer(r) => return r,
             Planned::Put { value, extend } => (
-                self.put_op(ticket, value.clone(), wall_ms),
+                self.put_op(
+                    ticket,
+                    value.clone(),
+                    self.revision_of(&StoreKey::of(&value)),
+                    wall_ms,
+                ),
                 InFlight::Put {
                     value,
                     extend,
@@ -282,8 +287,13 @@ impl StoreSync {
         self.seen.get(key).map_or(0, |s| s.revision)
     }
 
-    fn put_op(&self, ticket: Ticket, value: SavedAffinity, wall_ms: u64) -> StoreOp {
-        let expect = self.revision_of(&StoreKey::of(&value));
+    fn put_op(
+        &self,
+        ticket: Ticket,
+        value: SavedAffinity,
+        expect: Revision,
+        wall_ms: u64,
+    ) -> StoreOp {
         StoreOp::Put {
             ticket,
             value: StoredAffinity {
@@ -520,21 +530,28 @@ impl StoreSync {
     ) {
         let loaded: HashMap<StoreKey, Revision> =
             affinities.iter().map(|(v, r)| (v.key(), *r)).collect();
-        // An end waiting for the store is sent again if its key is still
-        // at the revision that ended; otherwise another instance settled it.
-        let mut waiting = Vec::new();
+        // An end is settled by its delete: not installed again while the
+        // store holds the key at the revision that ended. One waiting for
+        // the store is sent again; one whose key moved was settled by
+        // another instance. One in flight waits for its outcome.
+        let mut ended_here = HashSet::new();
+        let mut lost = 0;
         self.ends.retain(|key, e| {
+            let same = loaded.get(key) == Some(&e.revision);
+            if same {
+                ended_here.insert(key.clone());
+            }
             if e.sent {
                 return true;
             }
-            if loaded.get(key) == Some(&e.revision) {
+            if same {
                 e.after_load = false;
-                waiting.push(key.clone());
-                true
             } else {
-                false
+                lost += 1;
             }
+            same
         });
+        self.counters.ends_lost += lost;
         for key in plane.stored_keys() {
             if !loaded.contains_key(&key) {
                 plane.remove_stored(&key);
@@ -548,7 +565,7 @@ impl StoreSync {
         self.up = true;
         for (v, rev) in affinities {
             let key = v.key();
-            if waiting.contains(&key) {
+            if ended_here.contains(&key) {
                 // Ended here already: not installed again.
                 self.seen.insert(
                     key,
@@ -630,6 +647,8 @@ impl StoreSync {
                     Some((v, _)) => v.affinity.owner == value.owner,
                     None => !extend,
                 };
+                // The revision to expect when sending it again.
+                let expect = current.as_ref().map_or(0, |(_, rev)| *rev);
                 match current {
                     Some((v, rev)) => {
                         if rev > self.revision_of(&key) {
@@ -664,7 +683,7 @@ impl StoreSync {
                     // The local copy was stale: once more at the current
                     // revision.
                     self.counters.retried += 1;
-                    let op = self.put_op(ticket, value.clone(), wall_ms);
+                    let op = self.put_op(ticket, value.clone(), expect, wall_ms);
                     if self.store.submit(op) {
                         self.in_flight.insert(
                             ticket,
@@ -1285,6 +1304,28 @@ mod tests {
             Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
             other => panic!("no delete: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_delete_in_flight_over_a_reconnection_is_not_undone_by_the_load() {
+        let mut b = expired("i1");
+        b.turn(WALL + 2000);
+        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        b.event(StoreEvent::Unreachable {
+            error: "blip".into(),
+        });
+        b.event(StoreEvent::Loaded {
+            revision: 9,
+            affinities: vec![(stored("a", "i1", 1000), 5)],
+        });
+        b.turn(WALL + 2100);
+        assert_eq!(b.lookup(), None, "ended here: not installed again");
+        let out = b.done(ticket, Outcome::Committed { revision: 10 }, WALL + 2200);
+        assert_eq!(out.notices.len(), 1);
+        assert_eq!(b.lookup(), None);
+        assert_eq!(b.sync.pending_ends(), 0);
     }
 
     #[test]
