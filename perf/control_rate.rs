@@ -115,6 +115,7 @@ pub fn run(
             port_upkeep: None,
             status: None,
             discard_bad_state: false,
+            store: None,
         },
     )?;
     let addr = control.local_addr().map_err(|e| e.to_string())?;

@@ -304,6 +304,7 @@ fn serve(
             port_upkeep: None,
             status: None,
             discard_bad_state: false,
+            store: None,
         };
         let mut control = match ControlThread::new(&cfg, setup) {
             Ok(c) => c,

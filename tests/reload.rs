@@ -102,6 +102,7 @@ fn bed(name: &str) -> Bed {
             port_upkeep: None,
             status: None,
             discard_bad_state: false,
+            store: None,
         },
     )
     .unwrap();

@@ -864,6 +864,12 @@ mod tests {
         let e = render_reply("create", &r).unwrap_err();
         assert_eq!(e, "CONFLICT: create, owned by web2, 30 s remaining");
         assert!(render_reply("x", &Reply::new(1, 0, ReturnCode::Ok)).is_ok());
+        let mut r = Reply::new(1, 0, ReturnCode::Unavailable);
+        r.message = "the shared affinity table (etcd) cannot be reached".into();
+        assert_eq!(
+            render_reply("create", &r).unwrap_err(),
+            "UNAVAILABLE: create (the shared affinity table (etcd) cannot be reached)"
+        );
     }
 
     /// An HTTP server answering one request with `status`.

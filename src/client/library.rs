@@ -21,8 +21,11 @@
 //! affinities as its service allows: cancel one first) and
 //! [`ReturnCode::RateLimited`] (too many requests a second from this name:
 //! nothing was done; [`ClientError::is_rate_limited`] tells it apart, and
-//! the application retries after a moment). The client never retries them
-//! by itself.
+//! the application retries after a moment). In cluster mode
+//! [`ReturnCode::Unavailable`] says the shared table (etcd) could not be
+//! reached: nothing was accepted, or the outcome is unknown (list the
+//! affinity); [`ClientError::is_unavailable`] tells it apart. The client
+//! never retries them by itself.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -130,6 +133,13 @@ impl ClientError {
     /// nothing was done, and the same request may succeed a moment later.
     pub fn is_rate_limited(&self) -> bool {
         self.code() == Some(ReturnCode::RateLimited)
+    }
+
+    /// Cluster mode: the instance could not reach the shared table. Nothing
+    /// was accepted, or (etcd did not answer in time) the outcome is
+    /// unknown: list the affinity to find out.
+    pub fn is_unavailable(&self) -> bool {
+        self.code() == Some(ReturnCode::Unavailable)
     }
 
     fn refused(reply: Reply) -> ClientError {
@@ -1129,12 +1139,17 @@ mod tests {
 
     #[test]
     fn limit_refusals_are_refused_errors_with_their_code() {
-        for code in [ReturnCode::QuotaExceeded, ReturnCode::RateLimited] {
+        for code in [
+            ReturnCode::QuotaExceeded,
+            ReturnCode::RateLimited,
+            ReturnCode::Unavailable,
+        ] {
             let mut r = Reply::new(MsgType::AffinityCreate as u8, 1, code);
             r.message = std::borrow::Cow::Borrowed("why");
             let e = ok(r).unwrap_err();
             assert_eq!(e.code(), Some(code));
             assert_eq!(e.is_rate_limited(), code == ReturnCode::RateLimited);
+            assert_eq!(e.is_unavailable(), code == ReturnCode::Unavailable);
             assert_eq!(e.to_string(), format!("{}: why", code.name()));
         }
         assert_eq!(ClientError::Timeout { attempts: 3 }.code(), None);

@@ -659,6 +659,16 @@ impl Config {
         self.validate_sections(&root)?;
         self.validate_services(&root.key("services"))?;
         self.validate_icmp(&root.key("icmp"))?;
+        if let Some(c) = &self.cluster {
+            if self.affinity.state_file.is_some() {
+                return fail(
+                    root.key("affinity").key("state_file"),
+                    "state_file and [cluster] exclude each other: in cluster mode the store \
+                     keeps the affinities",
+                );
+            }
+            c.validate(&root.key("cluster"))?;
+        }
         self.validate_affinities(&root.key("affinities"))
     }
 

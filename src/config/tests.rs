@@ -1129,3 +1129,133 @@ fn affinity_state_file_needs_an_existing_directory() {
         "is a directory",
     );
 }
+
+#[test]
+fn cluster_section_is_checked_key_by_key() {
+    let good = "[cluster]\nstore = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\", \"http://10.0.0.2:2379\"]\ninstance = \"lb-1.dc_a\"\n";
+    let cfg = Config::parse(&format!("{}{good}", *BASE), "t.toml").unwrap();
+    let c = cfg.cluster.as_ref().unwrap();
+    assert_eq!((c.prefix.as_str(), c.timeout.0.as_secs()), ("/pktdist", 2));
+    assert!(Config::parse(&BASE, "t.toml").unwrap().cluster.is_none());
+    let with = |from: &str, to: &str| {
+        assert_eq!(good.matches(from).count(), 1, "{from:?}");
+        format!("{}{}", *BASE, good.replace(from, to))
+    };
+    let readable = std::env::temp_dir().join("pktdist-config-cluster-password");
+    std::fs::write(&readable, "secret\n").unwrap();
+    let readable = readable.display().to_string();
+    for (text, key, needle, msg) in [
+        (
+            with("store = \"etcd\"", "store = \"consul\""),
+            "",
+            "consul",
+            "unknown variant",
+        ),
+        (
+            with(
+                "[\"http://127.0.0.1:2379\", \"http://10.0.0.2:2379\"]",
+                "[]",
+            ),
+            "cluster.endpoints",
+            "endpoints",
+            "at least one",
+        ),
+        (
+            with("\"http://10.0.0.2:2379\"", "\"10.0.0.2:2379\""),
+            "cluster.endpoints[1]",
+            "endpoints",
+            "http:// or https://",
+        ),
+        (
+            with("lb-1.dc_a", "lb 1"),
+            "cluster.instance",
+            "instance",
+            "A-Z",
+        ),
+        (with("lb-1.dc_a", ""), "cluster.instance", "instance", "A-Z"),
+        (
+            with("instance", "prefix = \"pktdist\"\ninstance"),
+            "cluster.prefix",
+            "prefix",
+            "starts with /",
+        ),
+        (
+            with(
+                "instance",
+                &format!("password_file = \"{readable}\"\ninstance"),
+            ),
+            "cluster.password_file",
+            "password_file",
+            "needs user",
+        ),
+        (
+            with(
+                "instance",
+                "user = \"pktdist\"\npassword_file = \"/no/such/file\"\ninstance",
+            ),
+            "cluster.password_file",
+            "password_file",
+            "cannot be read",
+        ),
+        (
+            with("instance", &format!("cert_file = \"{readable}\"\ninstance")),
+            "cluster.cert_file",
+            "cert_file",
+            "go together",
+        ),
+        (
+            with("instance", &format!("ca_file = \"{readable}\"\ninstance")),
+            "cluster.ca_file",
+            "ca_file",
+            "https://",
+        ),
+        (
+            with("instance", "timeout = \"50ms\"\ninstance"),
+            "cluster.timeout",
+            "timeout = \"50ms\"",
+            "between 100ms and 1m",
+        ),
+        (
+            with("instance", "timeout = \"2m\"\ninstance"),
+            "cluster.timeout",
+            "timeout = \"2m\"",
+            "between",
+        ),
+    ] {
+        if key.is_empty() {
+            let e = err(&text);
+            assert!(e.message.contains(msg), "{e}");
+            assert_eq!(e.line, line_of(&text, needle), "{e}");
+            continue;
+        }
+        check(&text, key, needle, msg);
+    }
+    // TLS files with https endpoints and a user with a readable password
+    // file are accepted.
+    let tls = with(
+        "\"http://10.0.0.2:2379\"",
+        "\"https://10.0.0.2:2379\"",
+    )
+    .replace(
+        "instance",
+        &format!(
+            "user = \"u\"\npassword_file = \"{readable}\"\nca_file = \"{readable}\"\ncert_file = \"{readable}\"\nkey_file = \"{readable}\"\ninstance"
+        ),
+    );
+    Config::parse(&tls, "t.toml").unwrap();
+
+    // The store keeps the affinities: no state file beside it.
+    let both = format!(
+        "{}{good}",
+        edit(
+            "[control]\n",
+            "[affinity]\nstate_file = \"/tmp/pktdist.state\"\n\n[control]\n"
+        )
+    );
+    check(
+        &both,
+        "affinity.state_file",
+        "state_file",
+        "exclude each other",
+    );
+}

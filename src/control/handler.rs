@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
+use crate::cluster::Ticket;
 use crate::control::counters::ServerCounters;
 use crate::protocol::message::{AffinityEntry, BackendEntry, Request, ReturnCode};
 use crate::protocol::rate_limit::RateLimiter;
@@ -45,6 +46,10 @@ pub struct Call<'a> {
     pub server_latency: &'a hdrhistogram::Histogram<u64>,
     /// The senders' request rates and refusals so far, for statistics.
     pub server_rates: &'a RateLimiter,
+    /// Whether the server can park one more reply for later
+    /// ([`Payload::Deferred`]); when false, a handler that would defer
+    /// answers UNAVAILABLE instead.
+    pub may_defer: bool,
 }
 
 /// The handler's answer: a return code and additional information.
@@ -76,6 +81,11 @@ pub enum Payload {
     },
     /// The whole statistics document (JSON); the server sends it in chunks.
     Stats(String),
+    /// No answer yet (cluster mode: the change waits for the shared
+    /// store). The server parks what it needs to sign the reply, and
+    /// [`ControlServer::reply_later`](crate::control::server::ControlServer::reply_later)
+    /// with this ticket sends it.
+    Deferred(Ticket),
 }
 
 impl Response {
@@ -124,6 +134,19 @@ impl Response {
             payload: Payload::Backends { entries, more },
             ..Response::ok()
         }
+    }
+
+    /// The answer comes later, under `ticket`.
+    pub fn deferred(ticket: Ticket) -> Response {
+        Response {
+            payload: Payload::Deferred(ticket),
+            ..Response::ok()
+        }
+    }
+
+    /// UNAVAILABLE with why.
+    pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Response {
+        Response::new(ReturnCode::Unavailable).with_message(message)
     }
 
     pub fn stats(json: String) -> Response {

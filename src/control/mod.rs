@@ -12,6 +12,9 @@
 //!   affinities that end.
 //! * [`reload`] — re-reading the configuration file and applying it.
 //! * [`statics`] — the configuration's static affinities.
+//! * [`store_sync`] — cluster mode (`[cluster]`): changes sent to the
+//!   shared table with deferred replies, the table's watch applied to the
+//!   local one, and which instance ends an affinity and notifies.
 //! * [`backend_state`] — each backend's state (up, draining, down), what it
 //!   is combined from, and the grace timer of backends that are down.
 //! * [`state_file`] — the format of `[affinity] state_file`, which keeps
@@ -32,6 +35,7 @@ pub mod server;
 pub mod state_file;
 pub mod state_saver;
 pub mod statics;
+pub mod store_sync;
 pub mod thread;
 
 #[cfg(test)]

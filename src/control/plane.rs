@@ -35,6 +35,9 @@ use crate::protocol::message::{
 use crate::report::summary::{CounterBase, Summary};
 use crate::types::{BackendId, BackendState, Declared, EndReason, Family, PortMatch};
 
+mod shared;
+pub use shared::{Installed, Planned, SharedEnd};
+
 /// What [`ControlPlane::restore`] did with a state file's affinities.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Restored {
@@ -55,6 +58,19 @@ enum AffinityAction {
     Create,
     Extend,
     Cancel,
+}
+
+/// An affinity request that passed every check that does not change the
+/// table.
+#[derive(Clone, Copy, Debug)]
+struct Checked {
+    key: TableKey,
+    /// None: the operator cancels whoever owns it.
+    owner: Option<BackendId>,
+    /// The duration asked for (create and extend).
+    duration_ms: u64,
+    /// The plane's clock when checked.
+    now: u64,
 }
 
 /// Which of a service's limits refused a backend's create.
@@ -94,6 +110,10 @@ pub struct ControlPlane {
     lifetimes: hdrhistogram::Histogram<u64>,
     /// Each backend's state and what it is combined from.
     states: BackendStates,
+    /// Cluster mode: ended affinities wait here with their store key
+    /// instead of in `notices` (only the instance whose delete commits
+    /// notifies). None when the instance runs alone.
+    shared_ends: Option<Vec<SharedEnd>>,
 }
 
 impl ControlPlane {
@@ -118,6 +138,7 @@ impl ControlPlane {
             counters: PlaneCounters::default(),
             lifetimes: new_histogram(),
             states: BackendStates::new(),
+            shared_ends: None,
         };
         // Backends configured with weight 0 start draining.
         let mut next = plane.registry.clone();
@@ -587,7 +608,11 @@ impl ControlPlane {
                 .lifetimes
                 .record(now.saturating_sub(e.created_ms).max(1));
             if let Some(n) = self.notice(&e) {
-                self.notices.push((e.notify, n));
+                if self.shared_ends.is_some() {
+                    self.queue_shared_end(&e, n);
+                } else {
+                    self.notices.push((e.notify, n));
+                }
             }
         }
     }
@@ -771,40 +796,72 @@ impl ControlPlane {
         is_admin: bool,
         op: &AffinityOp<'_>,
     ) -> Response {
-        let (svc, key) = match self.table_key(&op.key) {
-            Ok(v) => v,
+        let c = match self.check_affinity_op(action, is_admin, op) {
+            Ok(c) => c,
             Err(r) => return r,
         };
+        let (key, now) = (c.key, c.now);
+        let result = match (action, c.owner) {
+            (AffinityAction::Cancel, owner) => {
+                return match self.cancel(&key, owner) {
+                    Ok(()) => Response::ok(),
+                    Err(e) => self.affinity_error(e, now, &key),
+                }
+            }
+            (AffinityAction::Create, Some(owner)) => {
+                self.affinities
+                    .create(key, owner, Some(c.duration_ms), op.notify, now)
+            }
+            (AffinityAction::Extend, Some(owner)) => {
+                self.affinities.extend(&key, owner, c.duration_ms, now)
+            }
+            (_, None) => return Response::new(ReturnCode::Invalid).with_message("no owner"),
+        };
+        match result {
+            Ok(g) => Response::ok().with_remaining(g.remaining_ms.map_or(u32::MAX, secs)),
+            Err(e) => self.affinity_error(e, now, &key),
+        }
+    }
+
+    /// Every check of an affinity request that does not change the table:
+    /// service, owner, duration, the owner's state and, for a backend's new
+    /// affinity, its service's limits.
+    fn check_affinity_op(
+        &mut self,
+        action: AffinityAction,
+        is_admin: bool,
+        op: &AffinityOp<'_>,
+    ) -> Result<Checked, Response> {
+        let (svc, key) = self.table_key(&op.key)?;
         let now = self.now_ms();
         if action == AffinityAction::Cancel && is_admin && op.owner.is_none() {
             // The operator cancels whoever owns it.
-            return match self.cancel(&key, None) {
-                Ok(()) => Response::ok(),
-                Err(e) => self.affinity_error(e, now, &key),
-            };
+            return Ok(Checked {
+                key,
+                owner: None,
+                duration_ms: 0,
+                now,
+            });
         }
-        let owner = match self.owner_of(svc, op) {
-            Ok(o) => o,
-            Err(r) => return r,
-        };
+        let owner = self.owner_of(svc, op)?;
         let max = svc.max_affinity.as_millis() as u64;
         let duration = u64::from(op.duration_secs) * 1000;
         if action != AffinityAction::Cancel && (duration == 0 || duration > max) {
-            return Response::new(ReturnCode::Invalid).with_message(format!(
+            return Err(Response::new(ReturnCode::Invalid).with_message(format!(
                 "duration must be 1 to {} seconds on service {}",
                 max / 1000,
                 svc.name
-            ));
+            )));
         }
         if action != AffinityAction::Cancel {
             // A draining or down backend's affinities only end: a drain
             // finishes within max_affinity_duration.
             let state = self.dp.backend(owner).map_or(BackendState::Up, |b| b.state);
             if state != BackendState::Up {
-                return Response::new(ReturnCode::Draining).with_message(format!(
+                return Err(Response::new(ReturnCode::Draining).with_message(format!(
                     "backend is {}: no new or extended affinities",
                     state.name()
-                ));
+                )));
             }
         }
         // A backend's new affinity is held to its service's limits; the
@@ -812,26 +869,15 @@ impl ControlPlane {
         if action == AffinityAction::Create && !is_admin && self.affinities.get(&key).is_none() {
             if let Err((limit, r)) = self.within_limits(svc, &key, owner, now) {
                 *limit.counter(&mut self.counters.limited) += 1;
-                return r;
+                return Err(r);
             }
         }
-        let result = match action {
-            AffinityAction::Create => {
-                self.affinities
-                    .create(key, owner, Some(duration), op.notify, now)
-            }
-            AffinityAction::Extend => self.affinities.extend(&key, owner, duration, now),
-            AffinityAction::Cancel => {
-                return match self.cancel(&key, Some(owner)) {
-                    Ok(()) => Response::ok(),
-                    Err(e) => self.affinity_error(e, now, &key),
-                }
-            }
-        };
-        match result {
-            Ok(g) => Response::ok().with_remaining(g.remaining_ms.map_or(u32::MAX, secs)),
-            Err(e) => self.affinity_error(e, now, &key),
-        }
+        Ok(Checked {
+            key,
+            owner: Some(owner),
+            duration_ms: duration,
+            now,
+        })
     }
 
     fn affinity_list(
@@ -1031,7 +1077,7 @@ fn secs_down(ms: u64) -> u32 {
 }
 
 /// Milliseconds to whole seconds, rounded up, saturating.
-fn secs(ms: u64) -> u32 {
+pub(crate) fn secs(ms: u64) -> u32 {
     u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
 }
 

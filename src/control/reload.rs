@@ -3,7 +3,7 @@
 //! snapshot; workers pick it up without stopping, kept backends keep their
 //! ids, so established connections stay), static affinities, keys and
 //! allowed networks. A bad file changes nothing. Sections that need a
-//! restart are named in the answer.
+//! restart are named in the answer; a change to `[cluster]` is refused.
 
 use std::path::PathBuf;
 
@@ -45,6 +45,11 @@ impl ConfigFile {
             .as_ref()
             .ok_or("no configuration file is known to reload")?;
         let next = Config::load(path).map_err(|e| e.to_string())?;
+        if next.cluster != self.running.cluster {
+            // The store thread, the instance's name and its view of the
+            // shared table are set up once, at start.
+            return Err("restart to change [cluster]".into());
+        }
         let auth = ServerAuth::from_config(&next)?;
         let restart = restart_sections(&self.running, &next);
         let removed = plane.replace_services(&next).map_err(|e| e.to_string())?;

@@ -9,11 +9,12 @@
 //! change any state.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::cluster::Ticket;
 use crate::config::Config;
 use crate::control::counters::ServerCounters;
 use crate::control::handler::{Call, ControlHandler, Payload, Response};
@@ -36,6 +37,9 @@ pub const DEFAULT_REPLAY_CAPACITY: usize = 2_000_000;
 pub const DEFAULT_MAX_PER_POLL: usize = 256;
 /// Statistics snapshots kept for clients fetching them in chunks.
 const STATS_SNAPSHOTS: usize = 4;
+/// Replies parked for the shared store by default (cluster mode): beyond
+/// it, changes are answered UNAVAILABLE at once.
+pub const DEFAULT_MAX_PARKED: usize = 16_384;
 
 /// Who may talk to the server: the allowed source networks, the senders'
 /// keys, and how many requests a second each may make.
@@ -74,6 +78,8 @@ pub struct ServerConfig {
     /// never wait (a non-blocking socket).
     pub read_timeout: Option<Duration>,
     pub max_per_poll: usize,
+    /// Most replies parked at once ([`Payload::Deferred`]).
+    pub max_parked: usize,
 }
 
 impl ServerConfig {
@@ -88,6 +94,7 @@ impl ServerConfig {
             replay_capacity: DEFAULT_REPLAY_CAPACITY,
             read_timeout: Some(Duration::from_millis(50)),
             max_per_poll: DEFAULT_MAX_PER_POLL,
+            max_parked: DEFAULT_MAX_PARKED,
         }
     }
 
@@ -100,6 +107,15 @@ impl ServerConfig {
         config.max_clock_skew = cfg.control.max_clock_skew.0;
         Ok(config)
     }
+}
+
+/// What a deferred reply needs to be signed and sent later.
+struct Parked {
+    source: SocketAddr,
+    sender: String,
+    msg_type: u8,
+    request_id: u32,
+    nonce: u64,
 }
 
 struct StatsSnapshot {
@@ -128,6 +144,9 @@ pub struct ControlServer {
     nonces: NonceSource,
     /// Clock of the datagram being processed (stamped on its reply).
     now_ms: u64,
+    /// Replies the handler deferred, by ticket.
+    parked: HashMap<Ticket, Parked>,
+    max_parked: usize,
 }
 
 /// Where a datagram stopped in the pipeline.
@@ -175,6 +194,8 @@ impl ControlServer {
             next_notice_id: 1,
             nonces: NonceSource::new(),
             now_ms: 0,
+            parked: HashMap::new(),
+            max_parked: config.max_parked,
         })
     }
 
@@ -295,6 +316,44 @@ impl ControlServer {
             Ok(())
         } else {
             Err(io::Error::other("sending the ended notification failed"))
+        }
+    }
+
+    /// Replies parked, waiting for [`reply_later`](Self::reply_later).
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// The tickets of the replies parked, in no particular order.
+    pub fn parked_tickets(&self) -> Vec<Ticket> {
+        self.parked.keys().copied().collect()
+    }
+
+    /// Signs and sends the reply the handler deferred under `ticket`
+    /// (stamped `now_ms`, Unix ms); false if no reply waits under it or its
+    /// sender's key is gone (a reload removed it).
+    pub fn reply_later(&mut self, ticket: Ticket, resp: Response, now_ms: u64) -> bool {
+        let Some(p) = self.parked.remove(&ticket) else {
+            return false;
+        };
+        self.now_ms = now_ms;
+        self.counters.handler_codes[resp.code as usize] += 1;
+        let header = Header {
+            msg_type: p.msg_type,
+            request_id: p.request_id,
+            timestamp_ms: now_ms,
+            nonce: p.nonce,
+            name: &p.sender,
+        };
+        let reply = Reply {
+            remaining_secs: resp.remaining_secs,
+            owner: resp.owner,
+            message: resp.message,
+            ..Reply::new(p.msg_type, p.nonce, resp.code)
+        };
+        match self.reply(&header, reply) {
+            Verdict::Reply(n) => self.send_tx(n, p.source, false),
+            Verdict::Drop => false,
         }
     }
 
@@ -476,8 +535,22 @@ impl ControlServer {
             server: &self.counters,
             server_latency: &self.latency,
             server_rates: &self.rates,
+            may_defer: self.parked.len() < self.max_parked,
         };
         let response = handler.handle(&call, &request);
+        if let Payload::Deferred(ticket) = response.payload {
+            self.parked.insert(
+                ticket,
+                Parked {
+                    source,
+                    sender: sender.to_string(),
+                    msg_type: header.msg_type,
+                    request_id: header.request_id,
+                    nonce: header.nonce,
+                },
+            );
+            return Verdict::Drop;
+        }
         self.counters.handler_codes[response.code as usize] += 1;
         let reply = self.reply_from(&header, &request, response);
         self.reply(&header, reply)
@@ -512,6 +585,8 @@ impl ControlServer {
                     entries,
                 };
             }
+            // A deferred answer is parked before it gets here.
+            Payload::Deferred(_) => {}
             Payload::Stats(json) => {
                 let token = self.next_token;
                 self.next_token = self.next_token.wrapping_add(1).max(1);
@@ -774,6 +849,65 @@ mod tests {
             "reply signed with the requester's key"
         );
         (env.header.request_id, Reply::decode_body(env.body).unwrap())
+    }
+
+    /// Defers every request it may (tickets 1, 2, ...), else answers
+    /// UNAVAILABLE as a cluster instance does.
+    #[derive(Default)]
+    struct Deferring {
+        next: Ticket,
+    }
+
+    impl ControlHandler for Deferring {
+        fn handle(&mut self, call: &Call<'_>, _: &Request<'_>) -> Response {
+            if !call.may_defer {
+                return Response::unavailable("no room");
+            }
+            self.next += 1;
+            Response::deferred(self.next)
+        }
+    }
+
+    #[test]
+    fn deferred_replies_are_parked_bounded_and_sent_later() {
+        let mut s = server_with(ServerConfig {
+            read_timeout: None,
+            max_parked: 2,
+            ..ServerConfig::new(Allowlist::parse(&["127.0.0.0/8"]).unwrap(), keyring())
+        });
+        let to = s.local_addr().unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let now = unix_ms(SystemTime::now());
+        for nonce in 1..=3 {
+            client
+                .send_to(&datagram("web1", now, nonce, &create(None)), to)
+                .unwrap();
+        }
+        let mut h = Deferring::default();
+        let mut got = 0;
+        while got < 3 {
+            got += s.poll(&mut h, SystemTime::now());
+        }
+        assert_eq!(s.parked(), 2);
+        // The third found no room: UNAVAILABLE at once.
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = client.recv(&mut buf).unwrap();
+        let (_, r) = open_reply(&buf[..n], "web1");
+        assert_eq!((r.code, r.request_nonce), (ReturnCode::Unavailable, 3));
+
+        // Ticket 2's answer, signed for its sender, echoing its nonce.
+        let answer = Response::conflict("web2", 30);
+        assert!(s.reply_later(2, answer, unix_ms(SystemTime::now())));
+        let n = client.recv(&mut buf).unwrap();
+        let (id, r) = open_reply(&buf[..n], "web1");
+        assert_eq!((id, r.code, r.request_nonce), (77, ReturnCode::Conflict, 2));
+        assert_eq!((r.owner.as_deref(), r.remaining_secs), (Some("web2"), 30));
+        assert!(!s.reply_later(2, Response::ok(), 0), "sent once");
+        assert_eq!((s.parked(), s.parked_tickets()), (1, vec![1]));
+        assert_eq!(s.counters().handler_codes[ReturnCode::Conflict as usize], 1);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::affinity::auto::AutoAffinityTable;
 use crate::affinity::manager::AffinityManager;
 use crate::affinity::table::AffinityTable;
+use crate::cluster::StoreHandle;
 use crate::config::Config;
 use crate::control::counters::{control_summary, ServerCounters};
 use crate::control::handler::{Call, ControlHandler, Response};
@@ -33,12 +34,14 @@ use crate::control::reload::ConfigFile;
 use crate::control::server::{ControlServer, ServerAuth, ServerConfig};
 use crate::control::state_saver::StateSaver;
 use crate::control::statics;
+use crate::control::store_sync::StoreSync;
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::latency::Percentiles;
 use crate::datapath::snapshot::DataplaneCell;
 use crate::datapath::worker::Shared;
 use crate::health::{HealthChange, HealthMonitor, HealthView};
-use crate::protocol::message::{Request, ReturnCode};
+use crate::protocol::auth::unix_ms;
+use crate::protocol::message::{EndedNotice, Request, ReturnCode};
 use crate::protocol::rate_limit::RateLimiter;
 use crate::report::metrics::{self, MetricsServer};
 use crate::report::summary::{status_line, PortSummary, Summary, Totals};
@@ -72,6 +75,9 @@ pub struct ControlSetup {
     /// aside and the instance starts without it, instead of refusing to
     /// start (`pktdist run --discard-bad-state`).
     pub discard_bad_state: bool,
+    /// Cluster mode: the store thread's handle, exactly when the
+    /// configuration has `[cluster]`.
+    pub store: Option<StoreHandle>,
 }
 
 /// The control thread: everything that changes what the workers see, and
@@ -91,6 +97,8 @@ pub struct ControlThread {
     /// The health checks (a thread of their own while some backend is
     /// checked).
     health: HealthMonitor,
+    /// Cluster mode: the shared affinity table.
+    cluster: Option<StoreSync>,
 }
 
 /// The status line's output and schedule.
@@ -133,6 +141,12 @@ impl ControlThread {
             shared.epoch,
         );
         statics::install(&mut plane, cfg).map_err(|e| e.to_string())?;
+        let cluster = match (&cfg.cluster, setup.store) {
+            (Some(c), Some(store)) => Some(StoreSync::new(store, &c.instance, &mut plane)),
+            (None, None) => None,
+            (Some(_), None) => return Err("[cluster] is set but no store thread runs".into()),
+            (None, Some(_)) => return Err("a store thread runs without [cluster]".into()),
+        };
         let state = match &cfg.affinity.state_file {
             Some(path) => Some(StateSaver::open(path, &mut plane, setup.discard_bad_state)?),
             None => None,
@@ -164,6 +178,7 @@ impl ControlThread {
             state,
             next_tick: now + TICK,
             health,
+            cluster,
         })
     }
 
@@ -204,7 +219,7 @@ impl ControlThread {
     /// The statistics of the run so far: the workers' counters, ports,
     /// affinities, automatic affinity and the control thread's own figures.
     pub fn summary(&self) -> Summary {
-        summary(
+        let mut s = summary(
             &self.plane,
             self.server.counters(),
             self.server.latency(),
@@ -213,7 +228,9 @@ impl ControlThread {
             &self.shared.auto_affinity,
             &self.health,
             self.state.as_ref(),
-        )
+        );
+        s.extra.cluster = self.cluster.as_ref().map(|c| c.summary());
+        s
     }
 
     /// Re-reads the configuration file and applies it, keys and allowed
@@ -278,6 +295,7 @@ impl ControlThread {
     pub fn save_state(&mut self) -> Result<(), String> {
         self.plane.expire();
         self.send_notices();
+        self.stop_cluster();
         match &mut self.state {
             Some(s) => s.finish(&self.plane),
             None => Ok(()),
@@ -302,28 +320,62 @@ impl ControlThread {
                 m.publish(metrics::render(&self.summary()));
             }
         }
-        // Serving, with every affinity it has (static, restored) installed.
+        // Serving, with every affinity it has (static, restored, and in
+        // cluster mode the store's) installed.
         if let Some(m) = &self.metrics {
-            m.set_ready(true);
+            m.set_ready(self.ready());
         }
         self.send_notices();
+    }
+
+    /// Whether the instance serves with its whole table: always alone; in
+    /// cluster mode once a full load of the shared table is installed (and
+    /// still while the store is unreachable: every instance withdrawing at
+    /// once would take the service down).
+    pub fn ready(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.ready())
+    }
+
+    /// Cluster mode: the control thread's side of the shared table, if set.
+    pub fn store_sync(&self) -> Option<&StoreSync> {
+        self.cluster.as_ref()
+    }
+
+    /// Cluster mode: applies what the store thread reported, sends the
+    /// deferred replies it settled and the notices this instance won.
+    fn cluster_turn(&mut self) {
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        let wall = unix_ms(SystemTime::now());
+        let out = c.turn(&mut self.plane, wall);
+        for (ticket, resp) in out.replies {
+            self.server.reply_later(ticket, resp, wall);
+        }
+        for (notify, notice) in out.notices {
+            send_notice(&mut self.server, notify, &notice);
+        }
+    }
+
+    /// At shutdown in cluster mode: the store's last outcomes are applied,
+    /// and every reply still waiting is answered UNAVAILABLE (the
+    /// affinities stay in the store).
+    fn stop_cluster(&mut self) {
+        self.cluster_turn();
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        let wall = unix_ms(SystemTime::now());
+        for (ticket, resp) in c.shutdown() {
+            self.server.reply_later(ticket, resp, wall);
+        }
     }
 
     /// Logs every affinity that ended since the last call and sends its
     /// AFFINITY_ENDED notice.
     fn send_notices(&mut self) {
         for (notify, notice) in self.plane.take_notices() {
-            log::info!(
-                "affinity {} -> {} ended ({})",
-                notice.key.client,
-                notice.owner,
-                notice.reason.name()
-            );
-            if let Some(to) = notify {
-                if let Err(e) = self.server.send_ended(to, &notice.owner, &notice) {
-                    log::warn!("ended notification to {to}: {e}");
-                }
-            }
+            send_notice(&mut self.server, notify, &notice);
         }
     }
 
@@ -336,6 +388,7 @@ impl ControlThread {
             self.tick();
         }
         self.print_status(now);
+        self.cluster_turn();
         self.poll();
     }
 
@@ -378,6 +431,7 @@ impl ControlThread {
             auto: &self.shared.auto_affinity,
             health: &self.health,
             state: self.state.as_ref(),
+            cluster: self.cluster.as_mut(),
             auth: None,
         };
         self.server.poll(&mut dispatch, SystemTime::now());
@@ -418,6 +472,7 @@ struct Dispatch<'a> {
     auto: &'a AutoAffinityTable,
     health: &'a HealthMonitor,
     state: Option<&'a StateSaver>,
+    cluster: Option<&'a mut StoreSync>,
     /// The keys and networks of a reload, for the server once its poll
     /// returns (the reply to the reload is signed with the keys it came
     /// with).
@@ -439,7 +494,7 @@ impl ControlHandler for Dispatch<'_> {
                     .with_message(format!("reload refused, running configuration kept: {e}")),
             },
             Request::Stats { .. } => {
-                let s = summary(
+                let mut s = summary(
                     self.plane,
                     call.server,
                     call.server_latency,
@@ -449,11 +504,31 @@ impl ControlHandler for Dispatch<'_> {
                     self.health,
                     self.state,
                 );
+                s.extra.cluster = self.cluster.as_deref().map(StoreSync::summary);
                 Response::stats(
                     serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
                 )
             }
-            _ => self.plane.handle(call.sender, call.is_admin, request),
+            _ => match &mut self.cluster {
+                Some(c) => c.request(self.plane, call, request, call.now_ms),
+                None => self.plane.handle(call.sender, call.is_admin, request),
+            },
+        }
+    }
+}
+
+/// Logs an ended affinity and sends its AFFINITY_ENDED notice, if its
+/// owner gave an address.
+fn send_notice(server: &mut ControlServer, notify: Option<SocketAddr>, notice: &EndedNotice) {
+    log::info!(
+        "affinity {} -> {} ended ({})",
+        notice.key.client,
+        notice.owner,
+        notice.reason.name()
+    );
+    if let Some(to) = notify {
+        if let Err(e) = server.send_ended(to, &notice.owner, notice) {
+            log::warn!("ended notification to {to}: {e}");
         }
     }
 }
@@ -557,6 +632,7 @@ mod tests {
                 port_upkeep: None,
                 status,
                 discard_bad_state: false,
+                store: None,
             },
         )
         .unwrap()
@@ -582,6 +658,139 @@ mod tests {
         let mut o = op(client, 24, None, 60);
         o.notify = None;
         Request::AffinityCreate(o)
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut http = TcpStream::connect(addr).unwrap();
+        http.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut text = String::new();
+        http.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    const CLUSTER: &str =
+        "\n[cluster]\nstore = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\ninstance = \"i1\"\n";
+
+    #[test]
+    fn a_cluster_instance_is_ready_once_loaded_and_answers_changes_when_committed() {
+        use crate::cluster::{Outcome, StoreEvent, StoreHandle, StoreOp};
+        let file = File::new("cluster", &format!("{}{CLUSTER}", config(ADMIN_1, A_1)));
+        let cfg = Config::load(&file.0).unwrap();
+        let (handle, mut store) = StoreHandle::pair();
+        let mut ctl = ControlThread::new(
+            &cfg,
+            ControlSetup {
+                config_path: Some(file.0.clone()),
+                workers: vec![Arc::new(WorkerCounters::default())],
+                port_stats: None,
+                port_upkeep: None,
+                status: None,
+                discard_bad_state: false,
+                store: Some(handle),
+            },
+        )
+        .unwrap();
+        let metrics = ctl.metrics_addr().unwrap();
+        ctl.tick();
+        assert!(!ctl.ready());
+        assert!(get(metrics, "/ready").contains(" 503 "), "not loaded yet");
+        let mut a = Peer::new("a", A_1);
+        let r = ask(&mut ctl, &mut a, A_1, &create("198.18.0.0")).expect("answered");
+        assert_eq!(r.code, ReturnCode::Unavailable);
+
+        store
+            .events
+            .send(StoreEvent::Loaded {
+                revision: 3,
+                affinities: vec![],
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        ctl.tick();
+        assert!(ctl.ready());
+        assert!(get(metrics, "/ready").contains(" 200 "));
+
+        // A create: no reply until the store commits it.
+        a.send(ctl.local_addr().unwrap(), &create("198.18.0.0"));
+        ctl.step(Instant::now());
+        let Ok(StoreOp::Put { ticket, expect, .. }) = store.ops.try_recv() else {
+            panic!("no put")
+        };
+        assert_eq!(expect, 0);
+        store
+            .events
+            .send(StoreEvent::Done {
+                ticket,
+                outcome: Outcome::Committed { revision: 4 },
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        match a.recv_signed(A_1) {
+            Some(Received::Reply(r)) => {
+                assert_eq!((r.code, r.remaining_secs), (ReturnCode::Ok, 60))
+            }
+            other => panic!("no reply: {other:?}"),
+        }
+        assert_eq!(ctl.plane().affinities().len(), 1);
+
+        // The store goes away: still ready, changes UNAVAILABLE at once.
+        store
+            .events
+            .send(StoreEvent::Unreachable {
+                error: "connection refused".into(),
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        ctl.tick();
+        assert!(ctl.ready());
+        let r = ask(&mut ctl, &mut a, A_1, &create("198.18.1.0")).expect("answered");
+        assert_eq!(r.code, ReturnCode::Unavailable);
+
+        let s = ctl.summary();
+        let c = s.extra.cluster.as_ref().expect("cluster in the summary");
+        assert_eq!((c.instance.as_str(), c.store_up, c.loads), ("i1", false, 1));
+        assert_eq!(c.changes["committed"], 1);
+        let text = metrics::render(&s);
+        for line in [
+            "pktdist_cluster_store_up 0",
+            "pktdist_cluster_changes_total{result=\"committed\"} 1",
+            "pktdist_cluster_ends_total{result=\"won\"} 0",
+            "pktdist_cluster_pending_ends 0",
+            "pktdist_cluster_loads_total 1",
+            "pktdist_cluster_propagation_seconds_count 0",
+            "pktdist_control_replies_total{code=\"UNAVAILABLE\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert!(s.render().contains("cluster: instance i1, store down"));
+
+        // A change in flight at shutdown is answered UNAVAILABLE.
+        store
+            .events
+            .send(StoreEvent::Loaded {
+                revision: 5,
+                affinities: vec![],
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        a.send(ctl.local_addr().unwrap(), &create("198.18.2.0"));
+        ctl.step(Instant::now());
+        assert!(store.ops.try_recv().is_ok());
+        ctl.save_state().unwrap();
+        match a.recv_signed(A_1) {
+            Some(Received::Reply(r)) => assert_eq!(r.code, ReturnCode::Unavailable),
+            other => panic!("no reply: {other:?}"),
+        }
+
+        // A reload may not change [cluster].
+        file.write(&format!(
+            "{}{}",
+            config(ADMIN_1, A_1),
+            CLUSTER.replace("i1", "i9")
+        ));
+        let e = ctl.reload().unwrap_err();
+        assert!(e.contains("restart to change [cluster]"), "{e}");
     }
 
     #[test]

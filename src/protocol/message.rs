@@ -129,10 +129,14 @@ pub enum ReturnCode {
     /// The backend is draining or down: it may not create or extend
     /// affinities.
     Draining = 10,
+    /// Cluster mode: the shared table (etcd) cannot be reached, so nothing
+    /// was accepted; or a change was sent and its outcome is unknown (the
+    /// table, listed again, tells).
+    Unavailable = 11,
 }
 
 impl ReturnCode {
-    pub const ALL: [ReturnCode; 11] = [
+    pub const ALL: [ReturnCode; 12] = [
         ReturnCode::Ok,
         ReturnCode::Conflict,
         ReturnCode::NotFound,
@@ -144,6 +148,7 @@ impl ReturnCode {
         ReturnCode::QuotaExceeded,
         ReturnCode::RateLimited,
         ReturnCode::Draining,
+        ReturnCode::Unavailable,
     ];
 
     pub fn from_u8(v: u8) -> Option<ReturnCode> {
@@ -163,6 +168,7 @@ impl ReturnCode {
             ReturnCode::QuotaExceeded => "QUOTA_EXCEEDED",
             ReturnCode::RateLimited => "RATE_LIMITED",
             ReturnCode::Draining => "DRAINING",
+            ReturnCode::Unavailable => "UNAVAILABLE",
         }
     }
 }

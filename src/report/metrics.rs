@@ -492,6 +492,9 @@ pub fn render(s: &Summary) -> String {
     }
 
     health(&mut o, s);
+    if let Some(c) = &s.extra.cluster {
+        cluster(&mut o, c);
+    }
 
     Family::new(
         &mut o,
@@ -563,6 +566,55 @@ fn health(o: &mut String, s: &Summary) {
             1e-9,
         );
     }
+}
+
+/// Cluster mode's families (`[cluster]`).
+fn cluster(o: &mut String, c: &crate::report::summary::ClusterSummary) {
+    Family::new(
+        o,
+        "pktdist_cluster_store_up",
+        "gauge",
+        "1 while the shared affinity table (etcd) answers, 0 while it is unreachable.",
+    )
+    .value(&[], if c.store_up { 1.0 } else { 0.0 });
+    let mut f = Family::new(
+        o,
+        "pktdist_cluster_changes_total",
+        "counter",
+        "Affinity changes sent to the shared table, by result (committed, conflict, retried, not_found, unavailable).",
+    );
+    for (result, v) in &c.changes {
+        f.value(&[("result", result)], *v as f64);
+    }
+    Family::new(
+        o,
+        "pktdist_cluster_propagation_seconds",
+        "summary",
+        "From another instance's commit to this instance's install of the change.",
+    )
+    .quantiles(&c.propagation_ms, 1e-3);
+    let mut f = Family::new(
+        o,
+        "pktdist_cluster_ends_total",
+        "counter",
+        "Ended affinities by who settled them: won (this instance's delete committed and it notified), lost (another instance did).",
+    );
+    f.value(&[("result", "won")], c.ends_won as f64);
+    f.value(&[("result", "lost")], c.ends_lost as f64);
+    Family::new(
+        o,
+        "pktdist_cluster_pending_ends",
+        "gauge",
+        "Ended affinities whose delete has not committed yet (their notice waits).",
+    )
+    .value(&[], c.pending_ends as f64);
+    Family::new(
+        o,
+        "pktdist_cluster_loads_total",
+        "counter",
+        "Full loads of the shared table installed (at start and after each reconnection).",
+    )
+    .value(&[], c.loads as f64);
 }
 
 struct Shared {

@@ -280,6 +280,44 @@ pub struct RunExtra {
     /// Filled while some backend is checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSummary>,
+    /// Filled in cluster mode (`[cluster]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSummary>,
+}
+
+/// Cluster mode: this instance's view of the shared affinity table.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ClusterSummary {
+    /// `[cluster] instance`.
+    pub instance: String,
+    /// The store answers (a full load installed, not unreachable since).
+    pub store_up: bool,
+    /// When `store_up` last changed, Unix ms (0: never).
+    pub since_unix_ms: u64,
+    /// The newest store revision seen.
+    pub revision: i64,
+    /// A full load has been installed (the instance reports ready).
+    pub loaded: bool,
+    /// Full loads installed (the first, then one per reconnection).
+    pub loads: u64,
+    /// Changes sent to the store, by result: committed, conflict,
+    /// retried, not_found, unavailable.
+    pub changes: BTreeMap<String, u64>,
+    /// Ended affinities whose delete committed here (this instance sent
+    /// the notice).
+    pub ends_won: u64,
+    /// Ended affinities another instance settled first (no notice from
+    /// here).
+    pub ends_lost: u64,
+    /// Ended affinities whose delete has not committed yet.
+    pub pending_ends: u64,
+    /// Store affinities a static affinity of another backend keeps out.
+    pub static_refused: u64,
+    /// Values under the prefix this build could not read.
+    pub unreadable: u64,
+    /// From another instance's commit to its install here (ms).
+    pub propagation_ms: Percentiles,
 }
 
 /// The control thread's figures. The fields are in the JSON's key order
@@ -774,6 +812,27 @@ impl Summary {
                     }
                 );
             }
+        }
+        if let Some(c) = &self.extra.cluster {
+            let _ = writeln!(
+                o,
+                "  cluster: instance {}, store {}{}, revision {}, {} load(s); changes {}; ends {} won, {} lost, {} pending; propagation p50 {} ms, p99 {} ms",
+                c.instance,
+                if c.store_up { "up" } else { "down" },
+                if c.loaded { "" } else { " (not loaded yet: not ready)" },
+                c.revision,
+                c.loads,
+                c.changes
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                c.ends_won,
+                c.ends_lost,
+                c.pending_ends,
+                c.propagation_ms.p50,
+                c.propagation_ms.p99,
+            );
         }
         if let Some(h) = &self.extra.health {
             let down: Vec<String> = h

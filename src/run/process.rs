@@ -106,6 +106,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
                 .status
                 .then(|| Box::new(std::io::stdout()) as Box<dyn Write + Send>),
             discard_bad_state: opts.discard_bad_state,
+            // `[cluster]` needs the store thread (`crate::cluster::etcd`),
+            // not started by this build: ControlThread::new refuses it.
+            store: None,
         },
     )?;
     let threads = spawn(cfg, &started, &control.shared(), workers)?;

@@ -103,6 +103,7 @@ class Requests(Base):
             (7, pktdist.Unsupported),
             (8, pktdist.QuotaExceeded),
             (9, pktdist.RateLimited),
+            (11, pktdist.Unavailable),
             (10, pktdist.Draining),
             (42, pktdist.Refused),
         ]

@@ -94,6 +94,7 @@ class ReturnCode(enum.IntEnum):
     QUOTA_EXCEEDED = 8
     RATE_LIMITED = 9
     DRAINING = 10
+    UNAVAILABLE = 11
 
 
 class EndReason(enum.IntEnum):

@@ -32,6 +32,7 @@ __all__ = [
     "Unsupported",
     "QuotaExceeded",
     "RateLimited",
+    "Unavailable",
     "Timeout",
     "ProtocolError",
     "refused",
@@ -123,6 +124,12 @@ class Draining(Refused):
     extend affinities (its existing ones are honoured until they end)."""
 
 
+class Unavailable(Refused):
+    """UNAVAILABLE: cluster mode, and the shared table (etcd) cannot be
+    reached: nothing was accepted, or the outcome of a change is unknown
+    (list the affinity to find out); retry once the store is back."""
+
+
 _BY_CODE: Dict[int, Type[Refused]] = {
     1: Conflict,
     2: NotFound,
@@ -134,6 +141,7 @@ _BY_CODE: Dict[int, Type[Refused]] = {
     8: QuotaExceeded,
     9: RateLimited,
     10: Draining,
+    11: Unavailable,
 }
 
 

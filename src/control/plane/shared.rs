@@ -1,0 +1,300 @@
+//! The control plane's side of cluster mode (`[cluster]`): an affinity
+//! request checked as the lone instance checks it but not applied (the
+//! change waits for the shared store), the store's affinities installed or
+//! removed without notices, and ended affinities handed on with their store
+//! key rather than notified at once (only the instance whose delete commits
+//! sends the notice). The store itself is [`crate::control::store_sync`]'s.
+
+use std::net::SocketAddr;
+
+use crate::affinity::key::TableKey;
+use crate::affinity::manager::Ended;
+use crate::cluster::StoreKey;
+use crate::control::handler::Response;
+use crate::control::state_file::SavedAffinity;
+use crate::net::ip_bits;
+use crate::protocol::message::{AffinityOp, EndedNotice, Request, ReturnCode};
+use crate::types::EndReason;
+
+use super::{secs, wire_key, AffinityAction, ControlPlane};
+
+/// An affinity that ended on this instance, waiting for its store delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedEnd {
+    pub key: StoreKey,
+    pub notify: Option<SocketAddr>,
+    pub notice: EndedNotice,
+}
+
+/// What a change request comes to once checked against the local table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Planned {
+    /// Answered here: a refusal, or a change to a static affinity (those
+    /// are each instance's own, from its configuration).
+    Answer(Response),
+    /// Write this affinity (a create, or an extend when `extend`).
+    Put { value: SavedAffinity, extend: bool },
+    /// Delete the affinity of `key` (a cancel). `owner`: the backend that
+    /// must own it (None: the operator cancels whoever does).
+    Delete {
+        key: StoreKey,
+        owner: Option<String>,
+    },
+}
+
+/// What [`ControlPlane::install_stored`] did with a store affinity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Installed {
+    /// In the local table, with the time it has left.
+    Installed,
+    /// Its expiry has passed: not installed.
+    Expired,
+    /// Its service or backend is not configured here.
+    Gone,
+    /// A static affinity of another backend holds the key here.
+    Static,
+    /// The local table is full.
+    Full,
+}
+
+impl ControlPlane {
+    /// Cluster mode from now on: ended affinities go to
+    /// [`take_shared_ends`](Self::take_shared_ends), not to the notices.
+    pub fn set_shared(&mut self) {
+        if self.shared_ends.is_none() {
+            self.shared_ends = Some(Vec::new());
+        }
+    }
+
+    /// The affinities that ended since the last call (cluster mode).
+    pub fn take_shared_ends(&mut self) -> Vec<SharedEnd> {
+        self.shared_ends
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    pub(super) fn queue_shared_end(&mut self, e: &Ended, notice: EndedNotice) {
+        let Some(key) = self.store_key(&e.key) else {
+            return;
+        };
+        if let Some(v) = &mut self.shared_ends {
+            v.push(SharedEnd {
+                key,
+                notify: e.notify,
+                notice,
+            });
+        }
+    }
+
+    /// The store key of a table key (None if its service is gone).
+    pub fn store_key(&self, k: &TableKey) -> Option<StoreKey> {
+        let svc = self.dp.service(k.service())?;
+        Some(StoreKey {
+            service: svc.name.clone(),
+            client: crate::net::bits_ip(k.family(), k.addr()),
+            prefix_len: k.prefix_len(),
+            ports: k.ports(),
+        })
+    }
+
+    /// The table key of a store key (None if its service is not configured
+    /// here or the key does not fit it).
+    pub fn table_key_of(&self, k: &StoreKey) -> Option<TableKey> {
+        let svc = self.dp.service_named(&k.service)?;
+        let family = crate::net::family(k.client);
+        if family != svc.family {
+            return None;
+        }
+        TableKey::new(svc.id, family, ip_bits(k.client), k.prefix_len, k.ports).ok()
+    }
+
+    /// The keys of every requested (timed) affinity in the local table.
+    pub fn stored_keys(&self) -> Vec<StoreKey> {
+        self.affinities
+            .list()
+            .filter(|(_, r)| r.expires.is_some())
+            .filter_map(|(k, _)| self.store_key(k))
+            .collect()
+    }
+
+    /// Checks an affinity request as [`handle`](Self::handle) would, without
+    /// changing the table, and says what to ask the store for; `wall_ms`
+    /// (Unix ms) dates the value. None: not an affinity change.
+    pub fn plan_change(
+        &mut self,
+        sender: &str,
+        is_admin: bool,
+        request: &Request<'_>,
+        wall_ms: u64,
+    ) -> Option<Planned> {
+        let (action, op) = match request {
+            Request::AffinityCreate(op) => (AffinityAction::Create, op),
+            Request::AffinityExtend(op) => (AffinityAction::Extend, op),
+            Request::AffinityCancel(op) => (AffinityAction::Cancel, op),
+            _ => return None,
+        };
+        Some(self.plan(action, sender, is_admin, op, wall_ms))
+    }
+
+    fn plan(
+        &mut self,
+        action: AffinityAction,
+        sender: &str,
+        is_admin: bool,
+        op: &AffinityOp<'_>,
+        wall_ms: u64,
+    ) -> Planned {
+        let c = match self.check_affinity_op(action, is_admin, op) {
+            Ok(c) => c,
+            Err(r) => return Planned::Answer(r),
+        };
+        let now = c.now;
+        let record = self.affinities.get(&c.key).copied();
+        if let (Some(r), Some(owner)) = (record, c.owner) {
+            if r.owner != owner {
+                // The local copy mirrors the store: its owner holds it.
+                let err = crate::affinity::AffinityError::Conflict { owner: r.owner };
+                return Planned::Answer(self.affinity_error(err, now, &c.key));
+            }
+        }
+        match record {
+            // A static affinity never goes to the store.
+            Some(r) if r.expires.is_none() => {
+                let request = match action {
+                    AffinityAction::Create => Request::AffinityCreate(*op),
+                    AffinityAction::Extend => Request::AffinityExtend(*op),
+                    AffinityAction::Cancel => Request::AffinityCancel(*op),
+                };
+                return Planned::Answer(self.handle(sender, is_admin, &request));
+            }
+            None if action != AffinityAction::Create => {
+                return Planned::Answer(
+                    Response::new(ReturnCode::NotFound).with_message("no such affinity"),
+                )
+            }
+            _ => {}
+        }
+        let Some(key) = self.store_key(&c.key) else {
+            return Planned::Answer(Response::new(ReturnCode::NotFound));
+        };
+        if action == AffinityAction::Cancel {
+            return Planned::Delete {
+                key,
+                owner: op.owner.map(str::to_string),
+            };
+        }
+        let Some(svc) = self.dp.service(c.key.service()) else {
+            return Planned::Answer(Response::new(ReturnCode::NotFound));
+        };
+        let owner = c.owner.and_then(|o| self.backend_name(o)).unwrap_or("?");
+        let created_unix_ms = match record {
+            Some(r) => wall_ms.saturating_sub(now.saturating_sub(r.created_ms)),
+            None => wall_ms,
+        };
+        // An extend keeps the address notified; a create names one.
+        let notify = match action {
+            AffinityAction::Extend => record.and_then(|r| r.notify),
+            _ => op.notify.or(record.and_then(|r| r.notify)),
+        };
+        Planned::Put {
+            value: SavedAffinity {
+                service: key.service,
+                service_addr: wire_key(svc, &c.key).service,
+                owner: owner.to_string(),
+                client: key.client,
+                prefix_len: key.prefix_len,
+                ports: key.ports,
+                expires_unix_ms: wall_ms.saturating_add(c.duration_ms),
+                created_unix_ms,
+                notify,
+            },
+            extend: action == AffinityAction::Extend,
+        }
+    }
+
+    /// Installs (or replaces) a store affinity in the local table, with the
+    /// time it has left at `wall_ms` (Unix ms). No notice: an affinity of
+    /// another owner it replaces was not ended, the store moved on.
+    pub fn install_stored(&mut self, a: &SavedAffinity, wall_ms: u64) -> Installed {
+        let left = a.expires_unix_ms.saturating_sub(wall_ms);
+        if left == 0 {
+            return Installed::Expired;
+        }
+        let Some(key) = self.table_key_of(&StoreKey::of(a)) else {
+            return Installed::Gone;
+        };
+        let Some(svc) = self.dp.service(key.service()) else {
+            return Installed::Gone;
+        };
+        let Some(owner) = self.dp.find_backend(svc.id, &a.owner).map(|b| b.id) else {
+            return Installed::Gone;
+        };
+        let now = self.now_ms();
+        if let Some(r) = self.affinities.get(&key).copied() {
+            if r.expires.is_none() {
+                return if r.owner == owner {
+                    Installed::Installed
+                } else {
+                    Installed::Static
+                };
+            }
+            if r.owner != owner {
+                let _ = self.affinities.cancel(&key, None, now);
+            }
+        }
+        let age = wall_ms.saturating_sub(a.created_unix_ms);
+        match self
+            .affinities
+            .restore(key, owner, left, a.notify, now.saturating_sub(age), now)
+        {
+            Ok(_) => Installed::Installed,
+            Err(_) => Installed::Full,
+        }
+    }
+
+    /// Removes a requested affinity from the local table without a notice
+    /// (the store no longer holds it); false if it was not there.
+    pub fn remove_stored(&mut self, key: &StoreKey) -> bool {
+        let Some(k) = self.table_key_of(key) else {
+            return false;
+        };
+        match self.affinities.get(&k) {
+            Some(r) if r.expires.is_some() => {
+                let now = self.now_ms();
+                self.affinities.cancel(&k, None, now).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends a requested affinity of the local table for `reason` (its
+    /// delete committed here) and returns its notice; None if it is not
+    /// there.
+    pub fn end_stored(&mut self, key: &StoreKey, reason: EndReason) -> Option<SharedEnd> {
+        let k = self.table_key_of(key)?;
+        // Static affinities are each instance's own, never the store's.
+        self.affinities.get(&k)?.expires?;
+        let now = self.now_ms();
+        let mut e = self.affinities.cancel(&k, None, now).ok()?;
+        e.reason = reason;
+        if reason == EndReason::Cancelled {
+            self.counters.ended_cancelled += 1;
+        }
+        let _ = self
+            .lifetimes
+            .record(now.saturating_sub(e.created_ms).max(1));
+        let notice = self.notice(&e)?;
+        Some(SharedEnd {
+            key: key.clone(),
+            notify: e.notify,
+            notice,
+        })
+    }
+
+    /// CONFLICT naming the owner of a store affinity and its time left at
+    /// `wall_ms`.
+    pub fn conflict_with(a: &SavedAffinity, wall_ms: u64) -> Response {
+        Response::conflict(&a.owner, secs(a.expires_unix_ms.saturating_sub(wall_ms)))
+    }
+}

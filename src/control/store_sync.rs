@@ -1,0 +1,1409 @@
+//! The control thread's side of cluster mode: [`StoreSync`] sends the
+//! affinity changes this instance accepts to the store thread
+//! ([`StoreHandle`]), answers their deferred replies from the outcomes,
+//! applies the store's watch to the local table, and settles which
+//! instance ends an affinity (and notifies its owner).
+//!
+//! * A change is checked against the local table first (it mirrors the
+//!   store), then written with a compare-and-set on the key's revision as
+//!   this instance last saw it; the reply waits for the outcome.
+//! * Every end is a delete at the revision the instance saw. The instance
+//!   that wrote that revision deletes at once, the others after
+//!   [`TAKEOVER_DELAY_MS`] if the key is still at it (the writer may be
+//!   gone). The one whose delete commits sends the notice; the others
+//!   stay silent.
+//! * While the store is unreachable, changes are refused (UNAVAILABLE) and
+//!   ends wait for the next full load.
+//!
+//! Time is the wall clock in Unix ms, passed in by the caller.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+use crate::cluster::{
+    Change, Outcome, Revision, StoreEvent, StoreHandle, StoreKey, StoreOp, StoredAffinity, Ticket,
+};
+use crate::control::handler::{Call, Response};
+use crate::control::plane::{secs, ControlPlane, Installed, Planned, SharedEnd};
+use crate::control::state_file::SavedAffinity;
+use crate::datapath::latency::Percentiles;
+use crate::protocol::message::{AffinityKey, EndedNotice, Request, ReturnCode};
+use crate::types::EndReason;
+
+/// How long an instance other than an affinity's writer waits before it
+/// ends the affinity itself (ms).
+pub const TAKEOVER_DELAY_MS: u64 = 500;
+
+/// The store revision and writer of a key, as this instance last saw them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    revision: Revision,
+    writer: String,
+}
+
+/// A change sent to the store whose outcome is awaited.
+#[derive(Clone, Debug)]
+enum InFlight {
+    /// A request's write; its reply is parked under the same ticket.
+    Put {
+        value: SavedAffinity,
+        extend: bool,
+        retried: bool,
+    },
+    /// A request's cancel.
+    Cancel {
+        key: StoreKey,
+        owner: Option<String>,
+        retried: bool,
+    },
+    /// The delete that ends an affinity.
+    End(StoreKey),
+}
+
+/// An affinity that ended here and whose delete is not committed yet.
+#[derive(Clone, Debug)]
+struct PendingEnd {
+    revision: Revision,
+    notify: Option<SocketAddr>,
+    notice: EndedNotice,
+    /// When to send the delete (Unix ms).
+    due_unix_ms: u64,
+    /// The delete is in flight.
+    sent: bool,
+    /// The store was unreachable: wait for the next full load.
+    after_load: bool,
+}
+
+/// What the store counted, for the summary and the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncCounters {
+    /// Changes (creates, extends, cancels) by outcome.
+    pub committed: u64,
+    /// Another owner held the key: answered CONFLICT.
+    pub conflict: u64,
+    /// The local copy was stale: sent again at the current revision.
+    pub retried: u64,
+    /// The key was gone (extend or cancel): answered NOT_FOUND.
+    pub not_found: u64,
+    /// The store did not answer, was unreachable, or too many replies were
+    /// parked: answered UNAVAILABLE.
+    pub unavailable: u64,
+    /// Ends whose delete committed here (this instance notified).
+    pub ends_won: u64,
+    /// Ends another instance settled (ended or extended it first).
+    pub ends_lost: u64,
+    /// Full loads of the table installed.
+    pub loads: u64,
+    /// Store affinities not installed because a static affinity of another
+    /// backend holds the key here.
+    pub static_refused: u64,
+    /// Store affinities whose service or backend is not configured here.
+    pub gone: u64,
+    /// Values under the prefix this build cannot read.
+    pub unreadable: u64,
+}
+
+/// What a turn produced for the protocol server.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Deferred replies to send, by ticket.
+    pub replies: Vec<(Ticket, Response)>,
+    /// AFFINITY_ENDED notices this instance sends.
+    pub notices: Vec<(Option<SocketAddr>, EndedNotice)>,
+}
+
+/// The control thread's end of the shared table.
+pub struct StoreSync {
+    store: StoreHandle,
+    instance: String,
+    next_ticket: Ticket,
+    in_flight: HashMap<Ticket, InFlight>,
+    seen: HashMap<StoreKey, Seen>,
+    ends: HashMap<StoreKey, PendingEnd>,
+    /// A load is installed and the store has not been unreachable since.
+    up: bool,
+    /// A load has been installed (the instance may report itself ready).
+    loaded: bool,
+    /// When `up` last changed (Unix ms; 0: never).
+    since_unix_ms: u64,
+    /// The newest store revision seen.
+    revision: Revision,
+    counters: SyncCounters,
+    /// Commit-to-install delay of other instances' changes (ms).
+    propagation: hdrhistogram::Histogram<u64>,
+    /// Keys refused for a static affinity, logged once each.
+    static_logged: HashSet<StoreKey>,
+}
+
+impl StoreSync {
+    /// The control thread's side of the store thread behind `store`;
+    /// `instance` is `[cluster] instance`. Puts `plane` in cluster mode.
+    pub fn new(store: StoreHandle, instance: &str, plane: &mut ControlPlane) -> StoreSync {
+        plane.set_shared();
+        StoreSync {
+            store,
+            instance: instance.to_string(),
+            next_ticket: 1,
+            in_flight: HashMap::new(),
+            seen: HashMap::new(),
+            ends: HashMap::new(),
+            up: false,
+            loaded: false,
+            since_unix_ms: 0,
+            revision: 0,
+            counters: SyncCounters::default(),
+            propagation: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3)
+                .expect("static histogram bounds are valid"),
+            static_logged: HashSet::new(),
+        }
+    }
+
+    /// A full load of the table has been installed: the instance may say
+    /// it is ready (and stays so while the store is unreachable).
+    pub fn ready(&self) -> bool {
+        self.loaded
+    }
+
+    /// The store answers (a load installed, not unreachable since).
+    pub fn up(&self) -> bool {
+        self.up
+    }
+
+    pub fn counters(&self) -> SyncCounters {
+        self.counters
+    }
+
+    /// Ends waiting for their delete to commit.
+    pub fn pending_ends(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// The summary's `cluster` object.
+    pub fn summary(&self) -> crate::report::summary::ClusterSummary {
+        let c = self.counters;
+        crate::report::summary::ClusterSummary {
+            instance: self.instance.clone(),
+            store_up: self.up,
+            since_unix_ms: self.since_unix_ms,
+            revision: self.revision,
+            loaded: self.loaded,
+            loads: c.loads,
+            changes: [
+                ("committed", c.committed),
+                ("conflict", c.conflict),
+                ("retried", c.retried),
+                ("not_found", c.not_found),
+                ("unavailable", c.unavailable),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            ends_won: c.ends_won,
+            ends_lost: c.ends_lost,
+            pending_ends: self.ends.len() as u64,
+            static_refused: c.static_refused,
+            unreadable: c.unreadable,
+            propagation_ms: Percentiles::of(&self.propagation),
+        }
+    }
+
+    fn ticket(&mut self) -> Ticket {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        t
+    }
+
+    fn unavailable(&mut self, why: String) -> Response {
+        self.counters.unavailable += 1;
+        Response::unavailable(why)
+    }
+
+    /// Answers an affinity change (CREATE, EXTEND, CANCEL): refused at
+    /// once after the local checks, or sent to the store with a deferred
+    /// reply. Any other request goes to the plane as in a lone instance.
+    pub fn request(
+        &mut self,
+        plane: &mut ControlPlane,
+        call: &Call<'_>,
+        request: &Request<'_>,
+        wall_ms: u64,
+    ) -> Response {
+        if !matches!(
+            request,
+            Request::AffinityCreate(_) | Request::AffinityExtend(_) | Request::AffinityCancel(_)
+        ) {
+            return plane.handle(call.sender, call.is_admin, request);
+        }
+        if !self.up {
+            return self.unavailable(
+                "the shared affinity table (etcd) cannot be reached: nothing was done".into(),
+            );
+        }
+        if !call.may_defer {
+            return self.unavailable(
+                "too many changes wait for the shared affinity table: nothing was done".into(),
+            );
+        }
+        let Some(planned) = plane.plan_change(call.sender, call.is_admin, request, wall_ms) else {
+            return plane.handle(call.sender, call.is_admin, request);
+        };
+        let ticket = self.ticket();
+        let (op, flight) = match planned {
+            Planned::Answer(r) => return r,
+            Planned::Put { value, extend } => (
+                self.put_op(
+                    ticket,
+                    value.clone(),
+                    self.revision_of(&StoreKey::of(&value)),
+                    wall_ms,
+                ),
+                InFlight::Put {
+                    value,
+                    extend,
+                    retried: false,
+                },
+            ),
+            Planned::Delete { key, owner } => (
+                StoreOp::Delete {
+                    ticket,
+                    key: key.clone(),
+                    expect: self.revision_of(&key),
+                },
+                InFlight::Cancel {
+                    key,
+                    owner,
+                    retried: false,
+                },
+            ),
+        };
+        if !self.store.submit(op) {
+            return self.unavailable("the store thread has stopped: nothing was done".into());
+        }
+        self.in_flight.insert(ticket, flight);
+        Response::deferred(ticket)
+    }
+
+    fn revision_of(&self, key: &StoreKey) -> Revision {
+        self.seen.get(key).map_or(0, |s| s.revision)
+    }
+
+    fn put_op(
+        &self,
+        ticket: Ticket,
+        value: SavedAffinity,
+        expect: Revision,
+        wall_ms: u64,
+    ) -> StoreOp {
+        StoreOp::Put {
+            ticket,
+            value: StoredAffinity {
+                affinity: value,
+                writer: self.instance.clone(),
+                written_unix_ms: wall_ms,
+            },
+            expect,
+        }
+    }
+
+    /// One turn at `wall_ms`: hands the plane's new ends to the store,
+    /// applies every event waiting, and sends the deletes that are due.
+    pub fn turn(&mut self, plane: &mut ControlPlane, wall_ms: u64) -> Outbox {
+        let mut out = Outbox::default();
+        self.take_ends(plane, wall_ms, &mut out);
+        while let Some(ev) = self.store.try_event() {
+            self.apply(plane, ev, wall_ms, &mut out);
+        }
+        // Events may have ended more (a load of an affinity already due).
+        self.take_ends(plane, wall_ms, &mut out);
+        self.send_due_ends(wall_ms);
+        out
+    }
+
+    /// At shutdown: every reply still waiting is answered UNAVAILABLE. The
+    /// affinities stay in the store (a stopping instance ends none).
+    pub fn shutdown(&mut self) -> Vec<(Ticket, Response)> {
+        let mut replies = Vec::new();
+        for (ticket, f) in self.in_flight.drain() {
+            if !matches!(f, InFlight::End(_)) {
+                self.counters.unavailable += 1;
+                replies.push((
+                    ticket,
+                    Response::unavailable(
+                        "pktdist is stopping: the outcome of this change is unknown (list it)",
+                    ),
+                ));
+            }
+        }
+        replies
+    }
+
+    /// Turns the plane's ended affinities into pending deletes (or, for an
+    /// affinity the store never held, a notice at once).
+    fn take_ends(&mut self, plane: &mut ControlPlane, wall_ms: u64, out: &mut Outbox) {
+        for end in plane.take_shared_ends() {
+            self.queue_end(end, wall_ms, out);
+        }
+    }
+
+    fn queue_end(&mut self, end: SharedEnd, wall_ms: u64, out: &mut Outbox) {
+        let Some(seen) = self.seen.get(&end.key) else {
+            // A static affinity (each instance's own) or one never stored.
+            out.notices.push((end.notify, end.notice));
+            return;
+        };
+        if self.ends.contains_key(&end.key) {
+            return;
+        }
+        let due = if seen.writer == self.instance {
+            wall_ms
+        } else {
+            wall_ms.saturating_add(TAKEOVER_DELAY_MS)
+        };
+        self.ends.insert(
+            end.key,
+            PendingEnd {
+                revision: seen.revision,
+                notify: end.notify,
+                notice: end.notice,
+                due_unix_ms: due,
+                sent: false,
+                after_load: !self.up,
+            },
+        );
+    }
+
+    /// Sends the deletes of the ends that are due, if their key is still
+    /// at the revision that ended.
+    fn send_due_ends(&mut self, wall_ms: u64) {
+        if !self.up {
+            return;
+        }
+        let due: Vec<StoreKey> = self
+            .ends
+            .iter()
+            .filter(|(_, e)| !e.sent && !e.after_load && e.due_unix_ms <= wall_ms)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let revision = self.ends[&key].revision;
+            if self.revision_of(&key) != revision {
+                // Deleted or rewritten meanwhile: someone else settled it.
+                self.ends.remove(&key);
+                self.counters.ends_lost += 1;
+                continue;
+            }
+            let ticket = self.ticket();
+            let op = StoreOp::Delete {
+                ticket,
+                key: key.clone(),
+                expect: revision,
+            };
+            if self.store.submit(op) {
+                self.in_flight.insert(ticket, InFlight::End(key.clone()));
+                if let Some(e) = self.ends.get_mut(&key) {
+                    e.sent = true;
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, plane: &mut ControlPlane, ev: StoreEvent, wall_ms: u64, out: &mut Outbox) {
+        match ev {
+            StoreEvent::Done { ticket, outcome } => self.done(plane, ticket, outcome, wall_ms, out),
+            StoreEvent::Loaded {
+                revision,
+                affinities,
+            } => self.load(plane, revision, affinities, wall_ms),
+            StoreEvent::Changed { revision, change } => {
+                self.revision = self.revision.max(revision);
+                match change {
+                    Change::Put(v) => {
+                        if v.writer != self.instance {
+                            let delay = wall_ms.saturating_sub(v.written_unix_ms).max(1);
+                            let _ = self.propagation.record(delay);
+                        }
+                        if revision > self.revision_of(&v.key()) {
+                            self.install(plane, v, revision, wall_ms);
+                        }
+                    }
+                    Change::Deleted(key) => self.deleted(plane, &key),
+                }
+            }
+            StoreEvent::Unreachable { error } => {
+                if self.up {
+                    log::warn!(
+                        "cluster: the store is unreachable ({error}); forwarding goes on with \
+                         the local table, changes are answered UNAVAILABLE"
+                    );
+                    self.since_unix_ms = wall_ms;
+                }
+                self.up = false;
+                for e in self.ends.values_mut() {
+                    if !e.sent {
+                        e.after_load = true;
+                    }
+                }
+            }
+            StoreEvent::Unreadable { key, error } => {
+                self.counters.unreadable += 1;
+                log::warn!("cluster: store key {key} skipped: {error}");
+            }
+        }
+    }
+
+    /// The key is gone from the store: gone here too, without a notice.
+    fn deleted(&mut self, plane: &mut ControlPlane, key: &StoreKey) {
+        self.seen.remove(key);
+        plane.remove_stored(key);
+        if self.ends.get(key).is_some_and(|e| !e.sent) {
+            // Another instance ended it first.
+            self.ends.remove(key);
+            self.counters.ends_lost += 1;
+        }
+    }
+
+    /// Installs a store affinity at `revision`; one already expired ends
+    /// (its delete settles who notifies).
+    fn install(
+        &mut self,
+        plane: &mut ControlPlane,
+        v: StoredAffinity,
+        revision: Revision,
+        wall_ms: u64,
+    ) {
+        let key = v.key();
+        if self.ends.get(&key).is_some_and(|e| e.revision < revision) && !self.ends[&key].sent {
+            // Written again since it ended here (extended): it lives on.
+            self.ends.remove(&key);
+            self.counters.ends_lost += 1;
+        }
+        self.seen.insert(
+            key.clone(),
+            Seen {
+                revision,
+                writer: v.writer.clone(),
+            },
+        );
+        match plane.install_stored(&v.affinity, wall_ms) {
+            Installed::Installed => {}
+            Installed::Expired => {
+                plane.remove_stored(&key);
+                if !self.ends.contains_key(&key) {
+                    let end = SharedEnd {
+                        key,
+                        notify: v.affinity.notify,
+                        notice: notice_of(&v.affinity, EndReason::Expired),
+                    };
+                    let mut out = Outbox::default();
+                    self.queue_end(end, wall_ms, &mut out);
+                }
+            }
+            Installed::Gone => self.counters.gone += 1,
+            Installed::Static => {
+                self.counters.static_refused += 1;
+                if self.static_logged.insert(key) {
+                    log::warn!(
+                        "cluster: {}/{} of {} not installed: a static affinity of another \
+                         backend holds the key here",
+                        v.affinity.client,
+                        v.affinity.prefix_len,
+                        v.affinity.owner
+                    );
+                }
+            }
+            Installed::Full => log::warn!(
+                "cluster: the local affinity table is full: {}/{} of {} not installed",
+                v.affinity.client,
+                v.affinity.prefix_len,
+                v.affinity.owner
+            ),
+        }
+    }
+
+    /// A full load: it replaces every requested affinity here, silently.
+    fn load(
+        &mut self,
+        plane: &mut ControlPlane,
+        revision: Revision,
+        affinities: Vec<(StoredAffinity, Revision)>,
+        wall_ms: u64,
+    ) {
+        let loaded: HashMap<StoreKey, Revision> =
+            affinities.iter().map(|(v, r)| (v.key(), *r)).collect();
+        // An end is settled by its delete: not installed again while the
+        // store holds the key at the revision that ended. One waiting for
+        // the store is sent again; one whose key moved was settled by
+        // another instance. One in flight waits for its outcome.
+        let mut ended_here = HashSet::new();
+        let mut lost = 0;
+        self.ends.retain(|key, e| {
+            let same = loaded.get(key) == Some(&e.revision);
+            if same {
+                ended_here.insert(key.clone());
+            }
+            if e.sent {
+                return true;
+            }
+            if same {
+                e.after_load = false;
+            } else {
+                lost += 1;
+            }
+            same
+        });
+        self.counters.ends_lost += lost;
+        for key in plane.stored_keys() {
+            if !loaded.contains_key(&key) {
+                plane.remove_stored(&key);
+            }
+        }
+        self.seen.clear();
+        if !self.up {
+            self.since_unix_ms = wall_ms;
+        }
+        // Up before installing: an affinity loaded already due ends now.
+        self.up = true;
+        for (v, rev) in affinities {
+            let key = v.key();
+            if ended_here.contains(&key) {
+                // Ended here already: not installed again.
+                self.seen.insert(
+                    key,
+                    Seen {
+                        revision: rev,
+                        writer: v.writer,
+                    },
+                );
+                continue;
+            }
+            self.install(plane, v, rev, wall_ms);
+        }
+        self.revision = self.revision.max(revision);
+        self.counters.loads += 1;
+        if !self.loaded {
+            log::info!(
+                "cluster: {} affinities loaded from the store (revision {revision}); ready",
+                loaded.len()
+            );
+        }
+        self.loaded = true;
+    }
+
+    fn done(
+        &mut self,
+        plane: &mut ControlPlane,
+        ticket: Ticket,
+        outcome: Outcome,
+        wall_ms: u64,
+        out: &mut Outbox,
+    ) {
+        let Some(flight) = self.in_flight.remove(&ticket) else {
+            return;
+        };
+        match flight {
+            InFlight::Put {
+                value,
+                extend,
+                retried,
+            } => self.put_done(plane, ticket, value, extend, retried, outcome, wall_ms, out),
+            InFlight::Cancel {
+                key,
+                owner,
+                retried,
+            } => self.cancel_done(plane, ticket, key, owner, retried, outcome, wall_ms, out),
+            InFlight::End(key) => self.end_done(plane, key, outcome, wall_ms, out),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn put_done(
+        &mut self,
+        plane: &mut ControlPlane,
+        ticket: Ticket,
+        value: SavedAffinity,
+        extend: bool,
+        retried: bool,
+        outcome: Outcome,
+        wall_ms: u64,
+        out: &mut Outbox,
+    ) {
+        let key = StoreKey::of(&value);
+        let reply = match outcome {
+            Outcome::Committed { revision } => {
+                self.counters.committed += 1;
+                let duration = value.expires_unix_ms.saturating_sub(wall_ms);
+                if revision > self.revision_of(&key) {
+                    let v = StoredAffinity {
+                        affinity: value,
+                        writer: self.instance.clone(),
+                        written_unix_ms: wall_ms,
+                    };
+                    self.install(plane, v, revision, wall_ms);
+                }
+                Response::ok().with_remaining(secs(duration))
+            }
+            Outcome::Moved { current } => {
+                let stale_same_owner = match &current {
+                    Some((v, _)) => v.affinity.owner == value.owner,
+                    None => !extend,
+                };
+                // The revision to expect when sending it again.
+                let expect = current.as_ref().map_or(0, |(_, rev)| *rev);
+                match current {
+                    Some((v, rev)) => {
+                        if rev > self.revision_of(&key) {
+                            self.install(plane, v.clone(), rev, wall_ms);
+                        }
+                        if !stale_same_owner {
+                            self.counters.conflict += 1;
+                            out.replies
+                                .push((ticket, ControlPlane::conflict_with(&v.affinity, wall_ms)));
+                            return;
+                        }
+                    }
+                    None => {
+                        self.seen.remove(&key);
+                        plane.remove_stored(&key);
+                        if !stale_same_owner {
+                            self.counters.not_found += 1;
+                            out.replies.push((
+                                ticket,
+                                Response::new(ReturnCode::NotFound)
+                                    .with_message("no such affinity"),
+                            ));
+                            return;
+                        }
+                    }
+                }
+                if retried {
+                    self.unavailable(
+                        "the affinity kept changing in the shared table; list it and retry".into(),
+                    )
+                } else {
+                    // The local copy was stale: once more at the current
+                    // revision.
+                    self.counters.retried += 1;
+                    let op = self.put_op(ticket, value.clone(), expect, wall_ms);
+                    if self.store.submit(op) {
+                        self.in_flight.insert(
+                            ticket,
+                            InFlight::Put {
+                                value,
+                                extend,
+                                retried: true,
+                            },
+                        );
+                        return;
+                    }
+                    self.unavailable("the store thread has stopped: nothing was done".into())
+                }
+            }
+            Outcome::Unavailable { error } => self.unavailable(format!(
+                "the shared affinity table did not answer ({error}): the change may or may not \
+                 have been made; list the affinity to find out"
+            )),
+        };
+        out.replies.push((ticket, reply));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cancel_done(
+        &mut self,
+        plane: &mut ControlPlane,
+        ticket: Ticket,
+        key: StoreKey,
+        owner: Option<String>,
+        retried: bool,
+        outcome: Outcome,
+        wall_ms: u64,
+        out: &mut Outbox,
+    ) {
+        let reply = match outcome {
+            Outcome::Committed { .. } => {
+                self.counters.committed += 1;
+                self.seen.remove(&key);
+                self.ends.remove(&key);
+                // The canceller notifies.
+                if let Some(end) = plane.end_stored(&key, EndReason::Cancelled) {
+                    out.notices.push((end.notify, end.notice));
+                }
+                Response::ok()
+            }
+            Outcome::Moved {
+                current: Some((v, rev)),
+            } => {
+                if rev > self.revision_of(&key) {
+                    self.install(plane, v.clone(), rev, wall_ms);
+                }
+                if owner.as_ref().is_some_and(|o| *o != v.affinity.owner) {
+                    self.counters.conflict += 1;
+                    ControlPlane::conflict_with(&v.affinity, wall_ms)
+                } else if retried {
+                    self.unavailable(
+                        "the affinity kept changing in the shared table; list it and retry".into(),
+                    )
+                } else {
+                    self.counters.retried += 1;
+                    let op = StoreOp::Delete {
+                        ticket,
+                        key: key.clone(),
+                        expect: rev,
+                    };
+                    if self.store.submit(op) {
+                        self.in_flight.insert(
+                            ticket,
+                            InFlight::Cancel {
+                                key,
+                                owner,
+                                retried: true,
+                            },
+                        );
+                        return;
+                    }
+                    self.unavailable("the store thread has stopped: nothing was done".into())
+                }
+            }
+            Outcome::Moved { current: None } => {
+                // Another instance ended it first (and notified).
+                self.seen.remove(&key);
+                plane.remove_stored(&key);
+                self.counters.not_found += 1;
+                Response::new(ReturnCode::NotFound).with_message("no such affinity")
+            }
+            Outcome::Unavailable { error } => self.unavailable(format!(
+                "the shared affinity table did not answer ({error}): the cancel may or may not \
+                 have been made; list the affinity to find out"
+            )),
+        };
+        out.replies.push((ticket, reply));
+    }
+
+    fn end_done(
+        &mut self,
+        plane: &mut ControlPlane,
+        key: StoreKey,
+        outcome: Outcome,
+        wall_ms: u64,
+        out: &mut Outbox,
+    ) {
+        match outcome {
+            Outcome::Committed { .. } => {
+                self.seen.remove(&key);
+                if let Some(e) = self.ends.remove(&key) {
+                    self.counters.ends_won += 1;
+                    out.notices.push((e.notify, e.notice));
+                }
+            }
+            Outcome::Moved { current } => {
+                // Someone else ended or extended it: no notice from here.
+                self.ends.remove(&key);
+                self.counters.ends_lost += 1;
+                match current {
+                    Some((v, rev)) if rev > self.revision_of(&key) => {
+                        self.install(plane, v, rev, wall_ms)
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.seen.remove(&key);
+                    }
+                }
+            }
+            Outcome::Unavailable { .. } => {
+                // Unknown: sent again after the next load if still there.
+                if let Some(e) = self.ends.get_mut(&key) {
+                    e.sent = false;
+                    e.after_load = true;
+                }
+            }
+        }
+    }
+}
+
+/// The AFFINITY_ENDED notice of a store affinity.
+fn notice_of(a: &SavedAffinity, reason: EndReason) -> EndedNotice {
+    EndedNotice {
+        key: AffinityKey {
+            service: a.service_addr,
+            client: a.client,
+            prefix_len: a.prefix_len,
+            ports: a.ports,
+        },
+        owner: a.owner.clone(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::affinity::table::AffinityReader;
+    use crate::cluster::StorePeer;
+    use crate::control::counters::ServerCounters;
+    use crate::control::handler::Payload;
+    use crate::control::testing::{config_text, op, plane, src, WEB};
+    use crate::protocol::message::{ServiceAddr, ADMIN_NAME};
+    use crate::protocol::rate_limit::{RateLimiter, RateLimits};
+    use crate::types::{Family, PortMatch};
+
+    /// The tests' wall clock (Unix ms).
+    const WALL: u64 = 1_800_000_000_000;
+    /// 198.18.0.7, inside the tests' 198.18.0.0/24.
+    const CLIENT: u128 = 0xc612_0007;
+
+    /// A plane in cluster mode as instance `me`, with the store thread
+    /// played by the test through `peer`.
+    struct Bed {
+        plane: ControlPlane,
+        reader: AffinityReader,
+        sync: StoreSync,
+        peer: StorePeer,
+        server: ServerCounters,
+        latency: hdrhistogram::Histogram<u64>,
+        rates: RateLimiter,
+    }
+
+    fn bed(me: &str) -> Bed {
+        let (mut plane, reader) = plane(&config_text());
+        let (handle, peer) = StoreHandle::pair();
+        let sync = StoreSync::new(handle, me, &mut plane);
+        Bed {
+            plane,
+            reader,
+            sync,
+            peer,
+            server: ServerCounters::default(),
+            latency: crate::datapath::latency::new_histogram(),
+            rates: RateLimiter::new(RateLimits::default(), ADMIN_NAME),
+        }
+    }
+
+    /// A bed whose store has loaded `affinities` at revision 10.
+    fn loaded(me: &str, affinities: Vec<(StoredAffinity, Revision)>) -> Bed {
+        let mut b = bed(me);
+        b.event(StoreEvent::Loaded {
+            revision: 10,
+            affinities,
+        });
+        b.turn(WALL);
+        assert!(b.sync.ready() && b.sync.up());
+        b
+    }
+
+    impl Bed {
+        fn ask(&mut self, sender: &str, req: Request<'_>, may_defer: bool) -> Response {
+            let call = Call {
+                sender,
+                is_admin: sender == ADMIN_NAME,
+                source: src(),
+                now_ms: WALL,
+                server: &self.server,
+                server_latency: &self.latency,
+                server_rates: &self.rates,
+                may_defer,
+            };
+            self.sync.request(&mut self.plane, &call, &req, WALL)
+        }
+
+        fn event(&self, ev: StoreEvent) {
+            self.peer.events.send(ev).unwrap();
+        }
+
+        fn turn(&mut self, wall: u64) -> Outbox {
+            self.sync.turn(&mut self.plane, wall)
+        }
+
+        /// The next op the store thread got.
+        fn op(&mut self) -> Option<StoreOp> {
+            self.peer.ops.try_recv().ok()
+        }
+
+        fn done(&mut self, ticket: Ticket, outcome: Outcome, wall: u64) -> Outbox {
+            self.event(StoreEvent::Done { ticket, outcome });
+            self.turn(wall)
+        }
+
+        /// Backend id in the local table for the tests' client, if any.
+        fn lookup(&self) -> Option<u32> {
+            self.reader.lookup(WEB, Family::V4, CLIENT, 1)
+        }
+    }
+
+    /// The tests' affinity on web, 198.18.0.0/24, owned by `owner`,
+    /// written by `writer`, with `left_ms` to go at [`WALL`].
+    fn stored(owner: &str, writer: &str, left_ms: u64) -> StoredAffinity {
+        StoredAffinity {
+            affinity: SavedAffinity {
+                service: "web".into(),
+                service_addr: ServiceAddr::tcp("192.0.2.10:80".parse().unwrap()),
+                owner: owner.into(),
+                client: "198.18.0.0".parse().unwrap(),
+                prefix_len: 24,
+                ports: PortMatch::Any,
+                expires_unix_ms: WALL + left_ms,
+                created_unix_ms: WALL - 1000,
+                notify: Some(src()),
+            },
+            writer: writer.into(),
+            written_unix_ms: WALL - 20,
+        }
+    }
+
+    fn create(owner: &str, secs: u32) -> Request<'_> {
+        Request::AffinityCreate(op("198.18.0.0", 24, Some(owner), secs))
+    }
+
+    fn deferred(r: &Response) -> Ticket {
+        match r.payload {
+            Payload::Deferred(t) => t,
+            _ => panic!("not deferred: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn changes_are_refused_until_the_table_is_loaded() {
+        let mut b = bed("i1");
+        assert!(!b.sync.ready());
+        let r = b.ask("a", create("a", 60), true);
+        assert_eq!(r.code, ReturnCode::Unavailable);
+        assert!(b.op().is_none(), "nothing sent to the store");
+        b.event(StoreEvent::Loaded {
+            revision: 1,
+            affinities: vec![],
+        });
+        b.turn(WALL);
+        assert!(b.sync.ready());
+        assert_eq!(b.sync.summary().loads, 1);
+    }
+
+    #[test]
+    fn a_create_waits_for_its_commit_then_is_answered_and_installed() {
+        let mut b = loaded("i1", vec![]);
+        let r = b.ask("a", create("a", 60), true);
+        let t = deferred(&r);
+        let Some(StoreOp::Put {
+            ticket,
+            value,
+            expect,
+        }) = b.op()
+        else {
+            panic!("no put")
+        };
+        assert_eq!((ticket, expect), (t, 0));
+        assert_eq!((value.writer.as_str(), value.written_unix_ms), ("i1", WALL));
+        assert_eq!(value.affinity.owner, "a");
+        assert_eq!(value.affinity.expires_unix_ms, WALL + 60_000);
+        assert_eq!(b.lookup(), None, "not installed before the commit");
+
+        let out = b.done(t, Outcome::Committed { revision: 11 }, WALL);
+        assert_eq!(out.replies.len(), 1);
+        let (rt, resp) = &out.replies[0];
+        assert_eq!(
+            (*rt, resp.code, resp.remaining_secs),
+            (t, ReturnCode::Ok, 60)
+        );
+        assert_eq!(b.lookup(), Some(1), "a is backend 1");
+        assert_eq!(b.sync.counters().committed, 1);
+
+        // The watch's echo of the own commit changes nothing; an extend
+        // then expects the revision committed.
+        b.event(StoreEvent::Changed {
+            revision: 11,
+            change: Change::Put(value.clone()),
+        });
+        b.turn(WALL);
+        let r = b.ask(
+            "a",
+            Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 120)),
+            true,
+        );
+        deferred(&r);
+        match b.op() {
+            Some(StoreOp::Put { expect, value, .. }) => {
+                assert_eq!(expect, 11);
+                assert_eq!(value.affinity.expires_unix_ms, WALL + 120_000);
+            }
+            other => panic!("no put: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_key_another_owner_won_is_answered_conflict_naming_it() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        b.op();
+        let out = b.done(
+            t,
+            Outcome::Moved {
+                current: Some((stored("b", "i2", 30_000), 12)),
+            },
+            WALL,
+        );
+        let (_, r) = &out.replies[0];
+        assert_eq!(
+            (r.code, r.owner.as_deref(), r.remaining_secs),
+            (ReturnCode::Conflict, Some("b"), 30)
+        );
+        assert_eq!(b.lookup(), Some(2), "the local copy now has b's");
+        // The local copy answers the next conflict at once.
+        let r = b.ask("a", create("a", 60), true);
+        assert_eq!(
+            (r.code, r.owner.as_deref()),
+            (ReturnCode::Conflict, Some("b"))
+        );
+        assert!(b.op().is_none());
+    }
+
+    #[test]
+    fn a_stale_local_copy_is_retried_once_at_the_current_revision() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        b.op();
+        // a already holds it (created through another instance).
+        b.done(
+            t,
+            Outcome::Moved {
+                current: Some((stored("a", "i2", 30_000), 12)),
+            },
+            WALL,
+        );
+        match b.op() {
+            Some(StoreOp::Put { ticket, expect, .. }) => assert_eq!((ticket, expect), (t, 12)),
+            other => panic!("no retry: {other:?}"),
+        }
+        let out = b.done(t, Outcome::Committed { revision: 13 }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+        assert_eq!(b.sync.counters().retried, 1);
+
+        // An extend of a key that is gone: NOT_FOUND, and gone here too.
+        let t = deferred(&b.ask(
+            "a",
+            Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 60)),
+            true,
+        ));
+        b.op();
+        let out = b.done(t, Outcome::Moved { current: None }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::NotFound);
+        assert_eq!(b.lookup(), None);
+    }
+
+    #[test]
+    fn the_store_not_answering_is_unavailable() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        b.op();
+        let out = b.done(
+            t,
+            Outcome::Unavailable {
+                error: "timeout".into(),
+            },
+            WALL,
+        );
+        assert_eq!(out.replies[0].1.code, ReturnCode::Unavailable);
+        assert_eq!(b.lookup(), None);
+
+        // Unreachable: refused at once, nothing sent; still ready.
+        b.event(StoreEvent::Unreachable {
+            error: "connection refused".into(),
+        });
+        b.turn(WALL);
+        assert!(!b.sync.up() && b.sync.ready());
+        let r = b.ask("a", create("a", 60), true);
+        assert_eq!(r.code, ReturnCode::Unavailable);
+        assert!(b.op().is_none());
+        let s = b.sync.summary();
+        assert!(!s.store_up);
+        assert_eq!(s.changes["unavailable"], 2);
+    }
+
+    #[test]
+    fn no_room_to_park_a_reply_is_unavailable_at_once() {
+        let mut b = loaded("i1", vec![]);
+        let r = b.ask("a", create("a", 60), false);
+        assert_eq!(r.code, ReturnCode::Unavailable);
+        assert!(r.message.contains("too many"), "{}", r.message);
+        assert!(b.op().is_none());
+    }
+
+    #[test]
+    fn the_watch_installs_and_removes_without_notices() {
+        let mut b = loaded("i1", vec![]);
+        b.event(StoreEvent::Changed {
+            revision: 11,
+            change: Change::Put(stored("b", "i2", 60_000)),
+        });
+        let out = b.turn(WALL);
+        assert_eq!(b.lookup(), Some(2));
+        assert!(out.notices.is_empty());
+        assert_eq!(b.sync.summary().propagation_ms.count, 1);
+        assert_eq!(b.sync.summary().propagation_ms.max, 20);
+        // An older revision changes nothing.
+        b.event(StoreEvent::Changed {
+            revision: 9,
+            change: Change::Put(stored("a", "i2", 60_000)),
+        });
+        b.turn(WALL);
+        assert_eq!(b.lookup(), Some(2));
+        b.event(StoreEvent::Changed {
+            revision: 12,
+            change: Change::Deleted(stored("b", "i2", 0).key()),
+        });
+        let out = b.turn(WALL);
+        assert_eq!(b.lookup(), None);
+        assert!(out.notices.is_empty());
+        assert!(b.plane.take_notices().is_empty());
+        assert!(b.op().is_none(), "nothing for the store");
+    }
+
+    #[test]
+    fn a_load_replaces_the_table_silently_and_ends_what_is_due() {
+        let mut b = loaded("i1", vec![(stored("a", "i1", 60_000), 5)]);
+        assert_eq!(b.lookup(), Some(1));
+        // Reconnected: the store holds b's instead, and another already due.
+        let mut due = stored("b", "i1", 0);
+        due.affinity.client = "198.18.9.0".parse().unwrap();
+        b.event(StoreEvent::Unreachable {
+            error: "gone".into(),
+        });
+        b.event(StoreEvent::Loaded {
+            revision: 20,
+            affinities: vec![(stored("b", "i2", 60_000), 15), (due.clone(), 16)],
+        });
+        let out = b.turn(WALL);
+        assert_eq!(b.lookup(), Some(2));
+        assert!(out.notices.is_empty(), "a's was not ended, only resynced");
+        assert_eq!(b.plane.affinities().len(), 1, "the due one not installed");
+        // The due one, written here, is deleted at once.
+        match b.op() {
+            Some(StoreOp::Delete { key, expect, .. }) => {
+                assert_eq!((key, expect), (due.key(), 16))
+            }
+            other => panic!("no delete: {other:?}"),
+        }
+        let s = b.sync.summary();
+        assert_eq!((s.loads, s.store_up, s.revision), (2, true, 20));
+    }
+
+    /// A bed holding a's affinity written by `writer`, expired by the
+    /// plane's clock 2 s on.
+    fn expired(writer: &str) -> Bed {
+        let mut b = loaded("i1", vec![(stored("a", writer, 1000), 5)]);
+        let later = b.plane.now_ms() + 2000;
+        b.plane.expire_at(later);
+        assert_eq!(b.lookup(), None, "gone from the local table at once");
+        b
+    }
+
+    #[test]
+    fn the_writer_ends_an_affinity_at_once_and_notifies_once() {
+        let mut b = expired("i1");
+        let out = b.turn(WALL + 2000);
+        assert!(out.notices.is_empty(), "not before the delete commits");
+        let Some(StoreOp::Delete { ticket, expect, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        assert_eq!(expect, 5);
+        assert_eq!(b.sync.pending_ends(), 1);
+        let out = b.done(ticket, Outcome::Committed { revision: 21 }, WALL + 2010);
+        assert_eq!(out.notices.len(), 1);
+        let (to, n) = &out.notices[0];
+        assert_eq!(
+            (*to, n.owner.as_str(), n.reason),
+            (Some(src()), "a", EndReason::Expired)
+        );
+        assert_eq!(b.sync.pending_ends(), 0);
+        // The watch's echo: nothing more.
+        b.event(StoreEvent::Changed {
+            revision: 21,
+            change: Change::Deleted(stored("a", "i1", 0).key()),
+        });
+        assert!(b.turn(WALL + 2020).notices.is_empty());
+        assert_eq!(b.sync.counters().ends_won, 1);
+    }
+
+    #[test]
+    fn a_delete_that_lost_sends_no_notice() {
+        let mut b = expired("i1");
+        b.turn(WALL + 2000);
+        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        // Extended through another instance meanwhile: it lives on.
+        let out = b.done(
+            ticket,
+            Outcome::Moved {
+                current: Some((stored("a", "i2", 60_000), 7)),
+            },
+            WALL + 2000,
+        );
+        assert!(out.notices.is_empty());
+        assert_eq!(b.lookup(), Some(1), "reinstalled");
+        assert_eq!(b.sync.counters().ends_lost, 1);
+        assert_eq!(b.sync.pending_ends(), 0);
+    }
+
+    #[test]
+    fn another_instance_takes_over_only_after_the_delay_and_if_unchanged() {
+        // Written by i2: i1 waits.
+        let mut b = expired("i2");
+        b.turn(WALL + 2000);
+        assert!(b.op().is_none(), "the writer goes first");
+        b.turn(WALL + 2000 + TAKEOVER_DELAY_MS - 1);
+        assert!(b.op().is_none());
+        b.turn(WALL + 2000 + TAKEOVER_DELAY_MS);
+        match b.op() {
+            Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
+            other => panic!("no takeover: {other:?}"),
+        }
+
+        // The writer ends it in time: no delete from here, no notice.
+        let mut b = expired("i2");
+        b.turn(WALL + 2000);
+        b.event(StoreEvent::Changed {
+            revision: 6,
+            change: Change::Deleted(stored("a", "i2", 0).key()),
+        });
+        let out = b.turn(WALL + 2100);
+        b.turn(WALL + 3000);
+        assert!(b.op().is_none() && out.notices.is_empty());
+        assert_eq!(b.sync.pending_ends(), 0);
+
+        // Extended by its writer before the delay: it lives on.
+        let mut b = expired("i2");
+        b.turn(WALL + 2000);
+        b.event(StoreEvent::Changed {
+            revision: 6,
+            change: Change::Put(stored("a", "i2", 60_000)),
+        });
+        b.turn(WALL + 2100);
+        b.turn(WALL + 3000);
+        assert!(b.op().is_none());
+        assert_eq!(b.lookup(), Some(1));
+    }
+
+    #[test]
+    fn ends_wait_while_the_store_is_unreachable() {
+        let mut b = loaded("i1", vec![(stored("a", "i1", 1000), 5)]);
+        b.event(StoreEvent::Unreachable {
+            error: "down".into(),
+        });
+        b.turn(WALL);
+        let later = b.plane.now_ms() + 2000;
+        b.plane.expire_at(later);
+        assert_eq!(b.lookup(), None, "expiry goes on");
+        b.turn(WALL + 2000);
+        assert!(b.op().is_none(), "no delete while unreachable");
+        assert_eq!(b.sync.pending_ends(), 1);
+        // Back: the load still has it at revision 5, so it is deleted now.
+        b.event(StoreEvent::Loaded {
+            revision: 8,
+            affinities: vec![(stored("a", "i1", 1000), 5)],
+        });
+        b.turn(WALL + 3000);
+        assert_eq!(b.lookup(), None, "not installed again");
+        match b.op() {
+            Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
+            other => panic!("no delete: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_delete_in_flight_over_a_reconnection_is_not_undone_by_the_load() {
+        let mut b = expired("i1");
+        b.turn(WALL + 2000);
+        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        b.event(StoreEvent::Unreachable {
+            error: "blip".into(),
+        });
+        b.event(StoreEvent::Loaded {
+            revision: 9,
+            affinities: vec![(stored("a", "i1", 1000), 5)],
+        });
+        b.turn(WALL + 2100);
+        assert_eq!(b.lookup(), None, "ended here: not installed again");
+        let out = b.done(ticket, Outcome::Committed { revision: 10 }, WALL + 2200);
+        assert_eq!(out.notices.len(), 1);
+        assert_eq!(b.lookup(), None);
+        assert_eq!(b.sync.pending_ends(), 0);
+    }
+
+    #[test]
+    fn a_cancel_commits_with_the_request_and_the_canceller_notifies() {
+        let mut b = loaded("i1", vec![(stored("a", "i2", 60_000), 5)]);
+        let cancel = Request::AffinityCancel(op("198.18.0.0", 24, Some("a"), 0));
+        let t = deferred(&b.ask("a", cancel, true));
+        match b.op() {
+            Some(StoreOp::Delete { ticket, expect, .. }) => assert_eq!((ticket, expect), (t, 5)),
+            other => panic!("no delete: {other:?}"),
+        }
+        assert_eq!(b.lookup(), Some(1), "until committed");
+        let out = b.done(t, Outcome::Committed { revision: 6 }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+        assert_eq!(out.notices.len(), 1);
+        assert_eq!(out.notices[0].1.reason, EndReason::Cancelled);
+        assert_eq!(b.lookup(), None);
+
+        // b may not cancel a's; a cancel of a key gone is NOT_FOUND.
+        let mut b = loaded("i1", vec![(stored("a", "i2", 60_000), 5)]);
+        let r = b.ask(
+            "b",
+            Request::AffinityCancel(op("198.18.0.0", 24, Some("b"), 0)),
+            true,
+        );
+        assert_eq!(
+            (r.code, r.owner.as_deref()),
+            (ReturnCode::Conflict, Some("a"))
+        );
+        let t = deferred(&b.ask(
+            "a",
+            Request::AffinityCancel(op("198.18.0.0", 24, Some("a"), 0)),
+            true,
+        ));
+        b.op();
+        let out = b.done(t, Outcome::Moved { current: None }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::NotFound);
+        assert!(out.notices.is_empty(), "whoever ended it notified");
+    }
+
+    #[test]
+    fn replies_in_flight_at_shutdown_are_unavailable() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        let replies = b.sync.shutdown();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(
+            (replies[0].0, replies[0].1.code),
+            (t, ReturnCode::Unavailable)
+        );
+    }
+
+    #[test]
+    fn a_static_affinity_of_another_backend_keeps_a_store_one_out() {
+        let text = format!(
+            "{}\n[[affinities]]\nservice = \"web\"\nclient = \"198.18.0.0/24\"\nbackend = \"b\"\n",
+            config_text()
+        );
+        let (mut plane, reader) = plane(&text);
+        crate::control::statics::install(&mut plane, &Config::parse(&text, "t").unwrap()).unwrap();
+        let (handle, peer) = StoreHandle::pair();
+        let mut sync = StoreSync::new(handle, "i1", &mut plane);
+        for rev in [5, 6] {
+            peer.events
+                .send(StoreEvent::Changed {
+                    revision: rev,
+                    change: Change::Put(stored("a", "i2", 60_000)),
+                })
+                .unwrap();
+        }
+        sync.turn(&mut plane, WALL);
+        assert_eq!(
+            reader.lookup(WEB, Family::V4, CLIENT, 1),
+            Some(2),
+            "b's static"
+        );
+        assert_eq!(sync.summary().static_refused, 2);
+    }
+
+    use crate::config::Config;
+}
