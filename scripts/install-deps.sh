@@ -5,14 +5,15 @@
 # ethtool (test bed), curl and python3, Prometheus' Python client (metrics
 # test), lua5.3 (perf/pktgen/check.sh), a real Prometheus and promtool
 # (prometheus), dpkg-dev, man-db and systemd (systemd-analyze) for the
-# Debian package and its test, cargo-deb, and a Rust toolchain check. Safe
+# Debian package and its test, BIRD 2 (bird2: the ECMP test bed's BGP
+# speakers), cargo-deb, and a Rust toolchain check. Safe
 # to run again: it installs only what is missing.
 set -euo pipefail
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for p in libdpdk-dev dpdk dpdk-dev pkg-config libclang-dev tshark iproute2 ethtool curl python3 lua5.3 \
-    prometheus dpkg-dev man-db systemd; do
+    prometheus dpkg-dev man-db systemd bird2; do
     have_pkg "$p" || need+=("$p")
 done
 
