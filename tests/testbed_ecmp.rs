@@ -753,3 +753,46 @@ fn testbed_ecmp_two_instances() {
         started.elapsed()
     );
 }
+
+/// The shipped BIRD configurations parse (`bird -p`), the router's with a
+/// session from its template as scripts/testbed.sh adds them. Needs no
+/// root; skipped where BIRD is not installed (outside CI).
+#[test]
+fn bird_configurations_parse() {
+    let has_bird = Command::new("sh")
+        .args(["-c", "command -v bird"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_bird {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "BIRD must be installed in CI (scripts/install-deps.sh)"
+        );
+        println!("SKIP bird_configurations_parse: bird missing");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pktdist-bird-parse-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("temporary directory");
+    let router = fs::read_to_string(repo().join("config/bird/router.conf")).expect("router.conf");
+    let with_peer = dir.join("router.conf");
+    fs::write(
+        &with_peer,
+        format!("{router}\nprotocol bgp lb1 from distributor {{ neighbor 10.99.0.1 as 65001; }}\n"),
+    )
+    .expect("write");
+    for conf in [repo().join("config/bird/distributor.conf"), with_peer] {
+        let out = Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(&conf)
+            .output()
+            .expect("run bird -p");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            conf.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
