@@ -689,6 +689,25 @@ weight = 300
         assert_eq!(dp.find_backend(0, "c").unwrap().id, 2);
     }
 
+    /// The service's `hash` reaches the snapshot, at start and on a reload
+    /// (which keeps the Maglev table: the hash is not part of it).
+    #[test]
+    fn hash_input_reaches_the_snapshot_and_follows_a_reload() {
+        let mut r = registry();
+        let dp = r.snapshot().unwrap();
+        assert_eq!(dp.services[0].hash, HashKind::Connection);
+        let table = Arc::clone(&dp.services[0].maglev);
+        let text = config_text().replace(
+            "forwarding = \"ipip\"",
+            "forwarding = \"ipip\"\nhash = \"client\"",
+        );
+        assert_ne!(text, config_text());
+        r.reload(&Config::parse(&text, "t.toml").unwrap()).unwrap();
+        let dp = r.snapshot().unwrap();
+        assert_eq!(dp.services[0].hash, HashKind::Client);
+        assert!(Arc::ptr_eq(&table, &dp.services[0].maglev));
+    }
+
     /// A configuration of TCP services on one VIP, each named and on its
     /// own port, with one backend.
     fn services_on_ports(services: &[(&str, u16)]) -> Config {
