@@ -5,7 +5,8 @@
 # ethtool (test bed), curl and python3, Prometheus' Python client (metrics
 # test), lua5.3 (perf/pktgen/check.sh), a real Prometheus and promtool
 # (prometheus), dpkg-dev, man-db and systemd (systemd-analyze) for the
-# Debian package and its test, etcd (etcd-server, and etcd-client for
+# Debian package and its test, BIRD 2 (bird2: the ECMP test bed's BGP
+# speakers), etcd (etcd-server, and etcd-client for
 # etcdctl: the cluster mode's tests and benchmark start their own etcd),
 # protobuf-compiler (protoc: the etcd-client crate compiles etcd's protocol
 # files when pktdist builds, so it must be there before any cargo command),
@@ -16,7 +17,7 @@ set -euo pipefail
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for p in libdpdk-dev dpdk dpdk-dev pkg-config libclang-dev tshark iproute2 ethtool curl python3 lua5.3 \
-    prometheus dpkg-dev man-db systemd etcd-server etcd-client protobuf-compiler; do
+    prometheus dpkg-dev man-db systemd etcd-server etcd-client protobuf-compiler bird2; do
     have_pkg "$p" || need+=("$p")
 done
 

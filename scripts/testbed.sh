@@ -28,7 +28,31 @@
 # to the backend that owns the connection: path-MTU discovery through the
 # load balancer.
 #
-# Usage: scripts/testbed.sh up|down|status
+# With --instances N (N >= 2) the bed puts N pktdist hosts behind a router
+# doing equal-cost multipath, as a real scale-out deployment does:
+#
+#   pd-lb, pd-lb2..   pktdist instance k: lb0 (DPDK, 10.99.0.2k, MAC
+#                     02:50:44:00:00:2k, no kernel address), ctl0 10.99.0.(2k-1)
+#                     (control plane, metrics and BGP); BIRD announcing the VIP
+#                     with next hop 10.99.0.2k while pktdist is ready
+#                     (scripts/pktdist-bgp.sh, config/bird/distributor.conf)
+#   pd-r1             the router: BIRD learns the VIP over BGP from each
+#                     instance and installs one multipath route
+#                     (config/bird/router.conf), hashed by L4 ports
+#                     (fib_multipath_hash_policy=1)
+#   pd-c1, pd-c2      send the VIP to the router (their route's gateway)
+#   pd-etcd           10.99.30.1, for the cluster mode's etcd server (started
+#                     with --etcd only)
+#
+# Instance k's pktdist configuration is written to $STATE/lbk/pktdist.toml
+# (config/testbed.toml with its own addresses, a metrics listener, shared
+# CPUs and idle sleep), its BIRD's to $STATE/lbk/bird.conf; the glue and the
+# BIRDs start with the bed and log to $STATE. Start pktdist yourself:
+#   ip netns exec pd-lb2 ./target/release/pktdist run --config $STATE/lb2/pktdist.toml
+# $STATE is $PD_TESTBED_STATE, default /tmp/<prefix>-testbed; the glue runs
+# $PKTDIST status (default ./target/release/pktdist).
+#
+# Usage: scripts/testbed.sh up [--instances N] [--etcd] | down | status
 set -euo pipefail
 
 PREFIX=${PD_TESTBED_PREFIX:-pd}
@@ -46,6 +70,20 @@ NS_SW=$PREFIX-sw
 NS_LB=$PREFIX-lb
 CLIENTS=(c1 c2)
 BACKENDS=(be1 be2 be3)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+STATE=${PD_TESTBED_STATE:-/tmp/$PREFIX-testbed}
+PKTDIST=${PKTDIST:-$REPO/target/release/pktdist}
+INSTANCES=1
+ETCD=no
+ETCD_IP=10.99.30.1
+BGP_AS_ROUTER=65000
+BGP_AS_LB=65001
+
+# Instance k's namespace, control (and BGP) address, data address and MAC.
+lb_ns() { if [ "$1" -eq 1 ]; then echo "$NS_LB"; else echo "$NS_LB$1"; fi; }
+lb_ctl_ip() { echo "10.99.0.$((2 * $1 - 1))"; }
+lb_data_ip() { echo "10.99.0.$((2 * $1))"; }
+lb_mac() { printf '02:50:44:00:00:%02x' $((2 * $1)); }
 
 ns_exists() { ip netns list | awk '{print $1}' | grep -qx "$1"; }
 
@@ -57,6 +95,7 @@ down() {
         for pid in $(ip netns pids "$ns" 2>/dev/null || true); do kill -9 "$pid" 2>/dev/null || true; done
         ip netns del "$ns" 2>/dev/null || true
     done
+    rm -rf "$STATE"
     # veth ends left in the root namespace by an interrupted 'up'.
     for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$PREFIX-" || true); do
         ip link del "$l" 2>/dev/null || true
@@ -84,18 +123,24 @@ up() {
     ip -n "$NS_SW" link add br0 type bridge
     ip -n "$NS_SW" link set br0 mtu $MTU_WIRE up
 
-    # The distributor's port: DPDK's af_packet PMD takes it over.
-    ip netns add "$NS_LB"
-    attach lb "$NS_LB" lb0
-    ip -n "$NS_LB" link set lb0 address $LB_MAC mtu $MTU_WIRE up
-    ip -n "$NS_LB" link set lo up
-    # The kernel must not answer or reset what pktdist handles.
-    ip netns exec "$NS_LB" sysctl -qw net.ipv6.conf.lb0.disable_ipv6=1
-    # The control plane: DPDK owns lb0, so the control thread's UDP socket
-    # needs a kernel interface of its own that the backends can reach.
-    attach lbctl "$NS_LB" ctl0
-    ip -n "$NS_LB" link set ctl0 up
-    ip -n "$NS_LB" addr add $CTL_IP/16 dev ctl0
+    local k
+    for k in $(seq 1 "$INSTANCES"); do
+        local lns tag
+        lns=$(lb_ns "$k")
+        tag=lb; [ "$k" -eq 1 ] || tag=lb$k
+        # The distributor's port: DPDK's af_packet PMD takes it over.
+        ip netns add "$lns"
+        attach $tag "$lns" lb0
+        ip -n "$lns" link set lb0 address "$(lb_mac "$k")" mtu $MTU_WIRE up
+        ip -n "$lns" link set lo up
+        # The kernel must not answer or reset what pktdist handles.
+        ip netns exec "$lns" sysctl -qw net.ipv6.conf.lb0.disable_ipv6=1
+        # The control plane: DPDK owns lb0, so the control thread's UDP socket
+        # needs a kernel interface of its own that the backends can reach.
+        attach ${tag}ctl "$lns" ctl0
+        ip -n "$lns" link set ctl0 up
+        ip -n "$lns" addr add "$(lb_ctl_ip "$k")/16" dev ctl0
+    done
 
     local i=0
     for c in "${CLIENTS[@]}"; do
@@ -112,8 +157,15 @@ up() {
         # checksums in software.
         ip netns exec "$ns" ethtool -K eth0 tx off >/dev/null
         for h in $(seq 1 8); do ip -n "$ns" addr add "10.99.$i.$h/16" dev eth0; done
-        ip -n "$ns" route add $VIP/32 via $LB_IP dev eth0
-        ip -n "$ns" neigh replace $LB_IP lladdr $LB_MAC dev eth0 nud permanent
+        if [ "$INSTANCES" -eq 1 ]; then
+            ip -n "$ns" route add $VIP/32 via $LB_IP dev eth0
+            ip -n "$ns" neigh replace $LB_IP lladdr $LB_MAC dev eth0 nud permanent
+        else
+            # The router spreads the VIP's flows over the instances. It is
+            # on the same bridge: it must not redirect the clients past it.
+            ip -n "$ns" route add $VIP/32 via $ROUTER_IP dev eth0
+            ip netns exec "$ns" sysctl -qw net.ipv4.conf.all.accept_redirects=0 net.ipv4.conf.eth0.accept_redirects=0
+        fi
     done
 
     # The router and the client behind its narrow link. The veth pair's two
@@ -138,8 +190,22 @@ up() {
         ip netns exec "$rns" sysctl -qw "net.ipv4.conf.$k.rp_filter=0"
     done
     ip netns exec "$rns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
-    ip -n "$rns" route add $VIP/32 via $LB_IP dev eth0
-    ip -n "$rns" neigh replace $LB_IP lladdr $LB_MAC dev eth0 nud permanent
+    if [ "$INSTANCES" -eq 1 ]; then
+        ip -n "$rns" route add $VIP/32 via $LB_IP dev eth0
+        ip -n "$rns" neigh replace $LB_IP lladdr $LB_MAC dev eth0 nud permanent
+    else
+        # pktdist answers no ARP: the next hops' MACs are static, as a
+        # router's entries for a load balancer's data ports would be.
+        for k in $(seq 1 "$INSTANCES"); do
+            ip -n "$rns" neigh replace "$(lb_data_ip "$k")" lladdr "$(lb_mac "$k")" dev eth0 nud permanent
+        done
+        # ECMP hashed on the L4 ports too, so one client's connections
+        # spread over the instances; no redirects to the clients beside it.
+        ip netns exec "$rns" sysctl -qw net.ipv4.fib_multipath_hash_policy=1
+        for k in all default eth0; do
+            ip netns exec "$rns" sysctl -qw "net.ipv4.conf.$k.send_redirects=0"
+        done
+    fi
     ip -n "$cns" link set lo up
     ip -n "$cns" link set eth0 mtu 1500 up
     ip -n "$cns" addr add $BEHIND_CLIENT/24 dev eth0
@@ -173,7 +239,119 @@ up() {
         # Replies to the client behind the router go through the router.
         ip -n "$ns" route add $BEHIND_NET via $ROUTER_IP
     done
-    echo "testbed up: clients ${CLIENTS[*]} and c3 behind router r1 (link MTU $MTU_NARROW), backends ${BACKENDS[*]}, pktdist port lb0 in $NS_LB"
+    if [ "$INSTANCES" -eq 1 ]; then
+        echo "testbed up: clients ${CLIENTS[*]} and c3 behind router r1 (link MTU $MTU_NARROW), backends ${BACKENDS[*]}, pktdist port lb0 in $NS_LB"
+        return
+    fi
+    ecmp_up
+    echo "testbed up: $INSTANCES pktdist instances ($(for k in $(seq 1 "$INSTANCES"); do printf '%s ' "$(lb_ns "$k")"; done)) behind router r1 (BGP, ECMP), clients ${CLIENTS[*]} and c3, backends ${BACKENDS[*]}; configurations in $STATE"
+}
+
+# detached CMD...: runs CMD in the background in a session of its own, with
+# no file descriptor but stdin, stdout and stderr: a lock the caller holds
+# (flock /tmp/testbed.lock) is not held on by the bed's daemons.
+detached() {
+    (
+        for fd in /proc/$BASHPID/fd/*; do
+            fd=${fd##*/}
+            [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+        done
+        exec setsid "$@"
+    ) &
+}
+
+# instance_config K: config/testbed.toml for instance k: its control and
+# outer source addresses, a metrics listener (readiness for the BGP glue),
+# its own EAL file prefix, a worker that shares its CPU and sleeps when
+# idle (N instances on a small machine), and a service on :81 whose
+# Maglev hashes the client address only.
+instance_config() {
+    local k=$1 ctl data core
+    ctl=$(lb_ctl_ip "$k")
+    data=$(lb_data_ip "$k")
+    core=$((k % 2))
+    sed -e "s/^listen = \"$CTL_IP:7400\"/listen = \"$ctl:7400\"/" \
+        -e "s/^status_interval = \"2s\"/&\nmetrics_listen = \"$ctl:9400\"/" \
+        -e "s/^ipip_source = \"$LB_IP\"/ipip_source = \"$data\"/" \
+        -e "s/^  \"--no-shconf\",/&\n  \"--file-prefix=$PREFIX-lb$k\",/" \
+        -e "s/^workers = \[1\]/workers = [$core]\nshare_cpus = true\nidle_sleep = \"50us\"/" \
+        "$REPO/config/testbed.toml"
+    cat <<EOT
+
+# The ECMP test bed's: a service whose Maglev hashes the client address
+# only, so every connection of one client reaches one backend whichever
+# instance the router sends it to.
+[[services]]
+name = "sticky"
+vip = "$VIP"
+port = 81
+protocol = "tcp"
+hash = "client"
+forwarding = "l2"
+EOT
+    local i=0 b
+    for b in "${BACKENDS[@]}"; do
+        i=$((i + 1))
+        printf '\n[[services.backends]]\nname = "%s"\naddress = "10.99.10.%d"\nmac = "%s"\n' "$b" $i "$(backend_mac $i)"
+    done
+}
+
+# The router's BIRD, each instance's BIRD and glue, and the etcd namespace.
+ecmp_up() {
+    for tool in bird birdc; do
+        command -v $tool >/dev/null || { echo "testbed: $tool is missing (apt-get install bird2)" >&2; exit 1; }
+    done
+    mkdir -p "$STATE/r1"
+    local rns=$PREFIX-r1 k
+    {
+        sed -e "s/^define ROUTER_ID = .*/define ROUTER_ID = $ROUTER_IP;/" \
+            -e "s/^define LOCAL_AS = .*/define LOCAL_AS = $BGP_AS_ROUTER;/" \
+            "$REPO/config/bird/router.conf"
+        echo "log \"$STATE/r1/bird.log\" all;"
+        for k in $(seq 1 "$INSTANCES"); do
+            echo "protocol bgp lb$k from distributor { neighbor $(lb_ctl_ip "$k") as $BGP_AS_LB; }"
+        done
+    } >"$STATE/r1/bird.conf"
+    detached ip netns exec "$rns" bird -f -c "$STATE/r1/bird.conf" -s "$STATE/r1/bird.ctl" -P "$STATE/r1/bird.pid" \
+        </dev/null >"$STATE/r1/bird.out" 2>&1
+
+    for k in $(seq 1 "$INSTANCES"); do
+        local dir=$STATE/lb$k ctl
+        ctl=$(lb_ctl_ip "$k")
+        mkdir -p "$dir"
+        instance_config "$k" >"$dir/pktdist.toml"
+        sed -e "s/^define ROUTER_ID = .*/define ROUTER_ID = $ctl;/" \
+            -e "s/^define LOCAL_ADDR = .*/define LOCAL_ADDR = $ctl;/" \
+            -e "s/^define LOCAL_AS = .*/define LOCAL_AS = $BGP_AS_LB;/" \
+            -e "s/^define PEER_ADDR = .*/define PEER_ADDR = $ROUTER_IP;/" \
+            -e "s/^define PEER_AS = .*/define PEER_AS = $BGP_AS_ROUTER;/" \
+            -e "s/^define NEXT_HOP = .*/define NEXT_HOP = $(lb_data_ip "$k");/" \
+            "$REPO/config/bird/distributor.conf" >"$dir/bird.conf"
+        [ -x "$PKTDIST" ] || echo "testbed: $PKTDIST is not built yet: the VIPs stay withdrawn until it is" >&2
+        detached ip netns exec "$(lb_ns "$k")" "$REPO/scripts/pktdist-bgp.sh" \
+            --bird-config "$dir/bird.conf" --socket "$dir/bird.ctl" \
+            --metrics "$ctl:9400" --pktdist "$PKTDIST" \
+            </dev/null >"$dir/bgp.log" 2>&1
+    done
+
+    # The cluster mode's etcd server gets a namespace of its own; it runs
+    # only when asked (--etcd): a configuration with [cluster] endpoints =
+    # ["http://10.99.30.1:2379"] uses it.
+    local ens=$PREFIX-etcd
+    ip netns add "$ens"
+    attach etcd "$ens" eth0
+    ip -n "$ens" link set lo up
+    ip -n "$ens" link set eth0 up
+    ip -n "$ens" addr add $ETCD_IP/16 dev eth0
+    if [ "$ETCD" = yes ]; then
+        command -v etcd >/dev/null || { echo "testbed: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
+        mkdir -p "$STATE/etcd"
+        detached ip netns exec "$ens" etcd --name "$PREFIX" --data-dir "$STATE/etcd/data" \
+            --listen-client-urls "http://$ETCD_IP:2379" --advertise-client-urls "http://$ETCD_IP:2379" \
+            --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+            --initial-cluster "$PREFIX=http://127.0.0.1:2380" \
+            </dev/null >"$STATE/etcd/etcd.log" 2>&1
+    fi
 }
 
 status() {
@@ -186,11 +364,30 @@ status() {
         ip -n "$ns" -br addr show 2>/dev/null | grep -v '^lo ' | awk '{printf " %s %s %s", $1, $2, $3}'
         echo
     done
+    if [ -S "$STATE/r1/bird.ctl" ]; then
+        echo "BGP sessions of the router (pd-r1):"
+        birdc -s "$STATE/r1/bird.ctl" show protocols | sed 's/^/  /'
+        echo "the router's route to the VIP (its next hops: the instances announcing it):"
+        ip -n "$PREFIX-r1" route show $VIP | sed 's/^/  /'
+    fi
 }
 
-case "${1:-}" in
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --instances)
+            INSTANCES=${2:-}
+            [[ "$INSTANCES" =~ ^[1-9]$ ]] || { echo "testbed: --instances takes 1 to 9" >&2; exit 2; }
+            shift 2 ;;
+        --etcd) ETCD=yes; shift ;;
+        *) echo "testbed: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+case "$cmd" in
     up) up ;;
     down) down; echo "testbed down" ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 up [--instances N] [--etcd] | down | status" >&2; exit 2 ;;
 esac

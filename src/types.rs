@@ -93,6 +93,22 @@ pub fn flow_hash(key: &FlowKey) -> u64 {
     finish(mix(h, ports))
 }
 
+/// Hash of a connection's client address alone: the consistent hash's input
+/// for a service with `hash = "client"`, so that every connection of one
+/// client (any source port, any instance behind ECMP) meets on one backend.
+/// The service (VIP, port) is left out: each service has its own Maglev
+/// table. Stable across processes and machines, as [`flow_hash`] is.
+#[inline]
+pub fn client_hash(key: &FlowKey) -> u64 {
+    let h = 0x1319_8a2e_0370_7344u64;
+    let h = if key.family == Family::V4 {
+        mix(h, key.src as u64 & 0xffff_ffff)
+    } else {
+        mix(mix(h, key.src as u64), (key.src >> 64) as u64)
+    };
+    finish(mix(h, key.family as u64))
+}
+
 /// Why a packet was dropped. Every drop on the data path is one of these.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[repr(u8)]
@@ -545,5 +561,64 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn client_hash_reads_the_client_address_only() {
+        let k = FlowKey {
+            src: 0x0a00_0001,
+            dst: 0x0a00_0002,
+            sport: 1234,
+            dport: 80,
+            proto: PROTO_TCP,
+            family: Family::V4,
+        };
+        let h = client_hash(&k);
+        for same in [
+            FlowKey { sport: 1235, ..k },
+            FlowKey { dport: 443, ..k },
+            FlowKey { dst: 7, ..k },
+            FlowKey {
+                proto: PROTO_UDP,
+                ..k
+            },
+        ] {
+            assert_eq!(client_hash(&same), h);
+        }
+        assert_ne!(
+            client_hash(&FlowKey {
+                src: 0x0a00_0003,
+                ..k
+            }),
+            h
+        );
+        let v6 = FlowKey {
+            src: 0x2001_0db8 << 96 | 1,
+            family: Family::V6,
+            ..k
+        };
+        assert_ne!(
+            client_hash(&v6),
+            client_hash(&FlowKey {
+                src: v6.src ^ (1 << 100),
+                ..v6
+            })
+        );
+        // Sequential clients spread evenly over the high bits Maglev reads.
+        const BINS: usize = 256;
+        let mut bins = vec![0u32; BINS];
+        for i in 0..100_000u128 {
+            let h = client_hash(&FlowKey {
+                src: 0x0a00_0000 + i,
+                ..k
+            });
+            bins[((h as u128 * BINS as u128) >> 64) as usize] += 1;
+        }
+        let mean = 100_000 / BINS as u32;
+        let (min, max) = (bins.iter().min().unwrap(), bins.iter().max().unwrap());
+        assert!(
+            *min > mean * 3 / 4 && *max < mean * 5 / 4,
+            "{min}..{max}, mean {mean}"
+        );
     }
 }

@@ -427,6 +427,17 @@ pub enum Scheduler {
     RoundRobin,
 }
 
+/// What a service's consistent hash reads: `"connection"` (the 5-tuple, the
+/// default) or `"client"` (the client's address alone, so all of a client's
+/// connections meet on one backend on every instance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashInput {
+    #[default]
+    Connection,
+    Client,
+}
+
 /// Forwarding mode (both are direct server return).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -462,6 +473,9 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// What Maglev hashes: the connection or the client address.
+    #[serde(default)]
+    pub hash: HashInput,
     pub forwarding: Forwarding,
     /// Outer source address for `ipip` (same family as the VIP).
     #[serde(default)]
@@ -995,6 +1009,12 @@ impl Config {
                 }
                 _ => {}
             }
+            if s.hash == HashInput::Client && s.scheduler != Scheduler::Maglev {
+                return fail(
+                    sp.key("hash"),
+                    "hash = \"client\" needs scheduler = \"maglev\" (round robin reads no hash)",
+                );
+            }
             if let Some(size) = s.maglev_table_size {
                 let need = 100 * s.backends.len();
                 if !is_prime(size) {
@@ -1324,9 +1344,14 @@ impl Config {
                 (Forwarding::Ipip, None) => "ipip".to_string(),
                 (Forwarding::L2, _) => "l2".to_string(),
             };
-            let sched = match s.scheduler {
-                Scheduler::Maglev => format!("maglev (table {})", s.maglev_size()),
-                Scheduler::RoundRobin => "round robin".to_string(),
+            let sched = match (s.scheduler, s.hash) {
+                (Scheduler::Maglev, HashInput::Connection) => {
+                    format!("maglev (table {})", s.maglev_size())
+                }
+                (Scheduler::Maglev, HashInput::Client) => {
+                    format!("maglev (table {}) on the client address", s.maglev_size())
+                }
+                (Scheduler::RoundRobin, _) => "round robin".to_string(),
             };
             let _ = writeln!(
                 o,

@@ -1258,4 +1258,29 @@ fn cluster_section_is_checked_key_by_key() {
         "state_file",
         "exclude each other",
     );
+fn hash_input_per_service() {
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert!(c.services.iter().all(|s| s.hash == HashInput::Connection));
+    assert!(c.plan().contains("maglev (table"), "{}", c.plan());
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nhash = \"client\"",
+    );
+    let c = Config::parse(&t, "t.toml").unwrap();
+    assert_eq!(c.services[0].hash, HashInput::Client);
+    assert_eq!(c.services[1].hash, HashInput::Connection);
+    assert!(c.plan().contains("on the client address"), "{}", c.plan());
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nhash = \"source\"",
+    );
+    check(&t, "services[0].hash", "hash = ", "unknown variant");
+    // Round robin reads no hash: asking it to hash clients is refused.
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nscheduler = \"round_robin\"\nhash = \"client\"",
+    );
+    let e = err(&t);
+    assert_eq!(e.key, "services[0].hash", "{e}");
+    assert!(e.message.contains("needs scheduler = \"maglev\""), "{e}");
 }

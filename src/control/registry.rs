@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::affinity::limits::AffinityLimits;
-use crate::config::{Config, Forwarding, Protocol, Scheduler, ServiceConfig};
+use crate::config::{Config, Forwarding, HashInput, Protocol, Scheduler, ServiceConfig};
 use crate::datapath::snapshot::{
-    AutoAffinity, Backend, Dataplane, ForwardMode, SchedulerKind, Service,
+    AutoAffinity, Backend, Dataplane, ForwardMode, HashKind, SchedulerKind, Service,
 };
 use crate::net::ip_bits;
 use crate::sched::maglev::{is_prime, MaglevTable};
@@ -79,6 +79,7 @@ struct ServiceEntry {
     proto: u8,
     mode: ForwardMode,
     scheduler: SchedulerKind,
+    hash: HashKind,
     /// Configured Maglev size; None = the default for the backend count.
     maglev_size: Option<usize>,
     auto_affinity: Option<AutoAffinity>,
@@ -114,6 +115,10 @@ impl ServiceEntry {
             scheduler: match s.scheduler {
                 Scheduler::Maglev => SchedulerKind::Maglev,
                 Scheduler::RoundRobin => SchedulerKind::RoundRobin,
+            },
+            hash: match s.hash {
+                HashInput::Connection => HashKind::Connection,
+                HashInput::Client => HashKind::Client,
             },
             maglev_size: s.maglev_table_size,
             auto_affinity: s
@@ -383,6 +388,7 @@ impl ServiceRegistry {
                 proto: s.proto,
                 mode: s.mode,
                 scheduler: s.scheduler,
+                hash: s.hash,
                 backends: s.backends.iter().map(|(id, _)| *id).collect(),
                 maglev,
                 auto_affinity: s.auto_affinity,
@@ -681,6 +687,25 @@ weight = 300
         let dp = r.snapshot().unwrap();
         assert_eq!(r.backend_id("web", "b"), Some(1));
         assert_eq!(dp.find_backend(0, "c").unwrap().id, 2);
+    }
+
+    /// The service's `hash` reaches the snapshot, at start and on a reload
+    /// (which keeps the Maglev table: the hash is not part of it).
+    #[test]
+    fn hash_input_reaches_the_snapshot_and_follows_a_reload() {
+        let mut r = registry();
+        let dp = r.snapshot().unwrap();
+        assert_eq!(dp.services[0].hash, HashKind::Connection);
+        let table = Arc::clone(&dp.services[0].maglev);
+        let text = config_text().replace(
+            "forwarding = \"ipip\"",
+            "forwarding = \"ipip\"\nhash = \"client\"",
+        );
+        assert_ne!(text, config_text());
+        r.reload(&Config::parse(&text, "t.toml").unwrap()).unwrap();
+        let dp = r.snapshot().unwrap();
+        assert_eq!(dp.services[0].hash, HashKind::Client);
+        assert!(Arc::ptr_eq(&table, &dp.services[0].maglev));
     }
 
     /// A configuration of TCP services on one VIP, each named and on its

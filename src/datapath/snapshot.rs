@@ -47,6 +47,29 @@ pub enum SchedulerKind {
     RoundRobin,
 }
 
+/// What a service's consistent hash reads to pick a backend: the whole
+/// connection (the 5-tuple: one client's connections spread over the
+/// backends) or the client's address alone (all of them on one backend,
+/// whichever worker or instance receives them, with no shared state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum HashKind {
+    #[default]
+    Connection,
+    Client,
+}
+
+impl HashKind {
+    /// The scheduler's hash for the connection `key` whose 5-tuple hash
+    /// (the flow table's) is `flow_hash`: that one, or the client's.
+    #[inline(always)]
+    pub fn of(self, key: &FlowKey, flow_hash: u64) -> u64 {
+        match self {
+            HashKind::Connection => flow_hash,
+            HashKind::Client => crate::types::client_hash(key),
+        }
+    }
+}
+
 /// A backend of one service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -111,6 +134,8 @@ pub struct Service {
     pub proto: u8,
     pub mode: ForwardMode,
     pub scheduler: SchedulerKind,
+    /// What the consistent hash reads (Maglev; round robin reads nothing).
+    pub hash: HashKind,
     /// Backend ids in configuration order; Maglev indices refer to this list.
     pub backends: Vec<BackendId>,
     pub maglev: Arc<MaglevTable>,

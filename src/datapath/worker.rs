@@ -776,6 +776,7 @@ impl<IO: PacketIo> Worker<IO> {
         if let Some(b) = self.flows.peek(key, hash, now).filter(|&b| serves(b)) {
             return Ok(b);
         }
+        let hash = svc.hash.of(key, hash);
         let affinity = &self.shared.affinity;
         if let Some(owner) = affinity
             .lookup(svc.id, key.family, key.src, key.sport)
@@ -923,6 +924,9 @@ impl<IO: PacketIo> Worker<IO> {
         now_ms: u64,
         new_connection: bool,
     ) -> Result<(BackendId, Option<AutoSlot>), DropReason> {
+        // From here on `hash` is the scheduler's: the flow's, or the
+        // client's for a service that hashes clients.
+        let hash = svc.hash.of(&p.key, hash);
         let sc = &self.counters.services[svc.id as usize];
         let affinity = &self.shared.affinity;
         let owner = match query {
@@ -999,7 +1003,7 @@ impl<IO: PacketIo> Worker<IO> {
                 return Ok(owner);
             }
         }
-        maglev_pick(dp, svc, hash).ok_or_else(|| no_backend(svc))
+        maglev_pick(dp, svc, svc.hash.of(&p.key, hash)).ok_or_else(|| no_backend(svc))
     }
 
     /// A flow left the table (closed, reset, expired or evicted): its
@@ -1128,7 +1132,9 @@ fn no_backend(svc: &Service) -> DropReason {
     }
 }
 
-/// The consistent-hash choice, which every instance agrees on.
+/// The consistent-hash choice, which every instance agrees on. `hash` is
+/// the scheduler's ([`HashKind::of`](crate::datapath::snapshot::HashKind::of)),
+/// not necessarily the flow table's.
 #[inline]
 fn maglev_pick(dp: &Dataplane, svc: &Service, hash: u64) -> Option<BackendId> {
     let idx = svc.maglev.lookup(hash)?;
@@ -1149,6 +1155,7 @@ mod tests {
     use crate::types::{BackendState, Family, PROTO_UDP};
     use crate::wire::build::FrameSpec;
     use crate::wire::{ethernet, ipv4};
+    use std::collections::BTreeSet;
     use std::time::Duration;
 
     const VIP: [u8; 4] = [10, 0, 0, 1];
@@ -1194,6 +1201,7 @@ mod tests {
             proto,
             mode,
             scheduler,
+            hash: crate::datapath::snapshot::HashKind::Connection,
             backends: backends.iter().map(|b| b.id).collect(),
             maglev: Arc::new(MaglevTable::new(&names, 65537).unwrap()),
             auto_affinity: None,
@@ -1447,6 +1455,73 @@ mod tests {
         // A second instance that never saw the SYNs agrees on every flow.
         assert_eq!(send(&mut restarted, &acks, SEC), chosen);
         assert_eq!(restarted.worker.counters().unknown_flows.get(), 500);
+    }
+
+    /// `hash = "client"`: every connection of one client reaches one
+    /// backend, whichever of two instances (two workers that share nothing)
+    /// receives its SYN or, mid-flow, its later packets; over many clients
+    /// the weights still hold.
+    #[test]
+    fn client_hash_keeps_a_clients_connections_on_one_backend() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 200), backend(2, 0, 300)];
+        let mut svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        svc.hash = crate::datapath::snapshot::HashKind::Client;
+        let mut a = bed(vec![svc.clone()], bes.clone(), 1 << 16);
+        let mut b = bed(vec![svc], bes, 1 << 16);
+        const CLIENTS: u32 = 3000;
+        const PORTS: u16 = 8;
+        let client = |i: u32| [198, 18, (i >> 8) as u8, i as u8];
+        let frames = |flags: u8, ports: std::ops::Range<u16>| -> Vec<Vec<u8>> {
+            (0..CLIENTS)
+                .flat_map(|i| ports.clone().map(move |p| (i, p)))
+                .map(|(i, p)| tcp(client(i), 20_000 + p, flags))
+                .collect()
+        };
+        // Half of each client's connections open at A, half at B.
+        let at_a = send(&mut a, &frames(tcp_flags::SYN, 0..PORTS / 2), SEC);
+        let at_b = send(&mut b, &frames(tcp_flags::SYN, PORTS / 2..PORTS), SEC);
+        let half = usize::from(PORTS / 2);
+        let mut per = [0usize; 3];
+        for i in 0..CLIENTS as usize {
+            let mine: BTreeSet<[u8; 4]> = at_a[i * half..(i + 1) * half]
+                .iter()
+                .chain(&at_b[i * half..(i + 1) * half])
+                .copied()
+                .collect();
+            assert_eq!(mine.len(), 1, "client {i}: {mine:?}");
+            per[backend_index(*mine.first().unwrap())] += 1;
+        }
+        for (i, w) in [1.0, 2.0, 3.0].iter().enumerate() {
+            let share = per[i] as f64 / f64::from(CLIENTS);
+            assert!(
+                (share - w / 6.0).abs() < 0.03,
+                "backend {i}: {share} ({per:?})"
+            );
+        }
+        // A's connections continue through B (ECMP moved them): B never saw
+        // their SYNs and sends them where A did.
+        let acks = send(&mut b, &frames(tcp_flags::ACK, 0..PORTS / 2), 2 * SEC);
+        assert_eq!(acks, at_a);
+        assert_eq!(
+            b.worker.counters().unknown_flows.get(),
+            u64::from(CLIENTS) * 4
+        );
+        // The flow table still tells the connections apart.
+        assert_eq!(a.worker.flows().len(), CLIENTS as usize * half);
+    }
+
+    /// The default, `hash = "connection"`: one client's connections from
+    /// several source ports spread over the backends.
+    #[test]
+    fn connection_hash_spreads_one_clients_connections() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1 << 14);
+        let syns: Vec<Vec<u8>> = (0..300u16)
+            .map(|p| tcp([198, 18, 9, 9], 30_000 + p, tcp_flags::SYN))
+            .collect();
+        let used: BTreeSet<[u8; 4]> = send(&mut b, &syns, SEC).into_iter().collect();
+        assert_eq!(used.len(), 3, "{used:?}");
     }
 
     #[test]
@@ -1838,6 +1913,7 @@ mod icmp_tests {
             proto,
             mode,
             scheduler,
+            hash: crate::datapath::snapshot::HashKind::Connection,
             backends: backends.iter().map(|b| b.id).collect(),
             maglev: Arc::new(MaglevTable::new(&names, 65537).unwrap()),
             auto_affinity: None,

@@ -920,6 +920,7 @@ mod tests {
             proto: PROTO_TCP,
             mode: ForwardMode::L2,
             scheduler: SchedulerKind::Maglev,
+            hash: crate::datapath::snapshot::HashKind::Connection,
             backends: vec![0, 1],
             maglev: Arc::new(MaglevTable::new(&[("be0", 100), ("be1", 200)], 65537).unwrap()),
             auto_affinity: None,

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Announces a pktdist host's VIPs over BGP while pktdist is ready: runs BIRD
+# with config/bird/distributor.conf (or the host's copy of it) and polls
+# `pktdist status` (GET /ready on the metrics listener) every INTERVAL:
+#
+#   exit 0 (ready)                      -> birdc enable vips  (announced)
+#   exit 3 (not ready), 1 (unreachable),
+#   or no answer within the timeout     -> birdc disable vips (withdrawn)
+#
+# With the default 0.5 s interval and timeout a stopped, hung or not-ready
+# pktdist is withdrawn within about 1 s, and announced again within about
+# 0.5 s of being ready. A birdc that fails is retried at the next poll.
+#
+# BIRD is this script's child: when the script stops (SIGTERM, SIGINT or an
+# error) it shuts BIRD down, which closes the BGP session, so the router
+# drops the routes at once; if BIRD dies the script exits non-zero (a
+# supervisor restarts both). Nothing is announced before the first "ready".
+#
+# Usage: scripts/pktdist-bgp.sh --bird-config FILE --socket PATH
+#            (--metrics ADDR:PORT | --config PKTDIST.toml)
+#            [--pktdist BIN] [--interval SECONDS] [--timeout DURATION]
+set -euo pipefail
+
+BIRD_CONF=
+SOCKET=
+STATUS_ARGS=()
+PKTDIST=${PKTDIST:-pktdist}
+INTERVAL=0.5
+TIMEOUT=500ms
+
+usage() {
+    sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+    exit 2
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bird-config) BIRD_CONF=$2; shift 2 ;;
+        --socket) SOCKET=$2; shift 2 ;;
+        --metrics) STATUS_ARGS=(--metrics "$2"); shift 2 ;;
+        --config) STATUS_ARGS=(--config "$2"); shift 2 ;;
+        --pktdist) PKTDIST=$2; shift 2 ;;
+        --interval) INTERVAL=$2; shift 2 ;;
+        --timeout) TIMEOUT=$2; shift 2 ;;
+        -h|--help) usage ;;
+        *) echo "pktdist-bgp: unknown argument $1" >&2; usage ;;
+    esac
+done
+[ -n "$BIRD_CONF" ] && [ -n "$SOCKET" ] && [ ${#STATUS_ARGS[@]} -gt 0 ] || usage
+for tool in bird birdc; do
+    command -v $tool >/dev/null || { echo "pktdist-bgp: $tool is missing (apt-get install bird2)" >&2; exit 1; }
+done
+command -v "$PKTDIST" >/dev/null || { echo "pktdist-bgp: $PKTDIST not found (give --pktdist)" >&2; exit 1; }
+bird -p -c "$BIRD_CONF" || { echo "pktdist-bgp: $BIRD_CONF does not parse" >&2; exit 1; }
+
+log() { echo "$(date -u +%H:%M:%S.%3N) pktdist-bgp: $*"; }
+
+BIRD_PID=
+stop() {
+    local rc=$?
+    trap - EXIT TERM INT
+    if [ -n "$BIRD_PID" ] && kill -0 "$BIRD_PID" 2>/dev/null; then
+        # `down` closes the BGP session with a Cease: the router withdraws now.
+        birdc -s "$SOCKET" down >/dev/null 2>&1 || kill "$BIRD_PID" 2>/dev/null || true
+        wait "$BIRD_PID" 2>/dev/null || true
+    fi
+    log "stopped"
+    exit $rc
+}
+trap stop EXIT
+trap 'exit 0' TERM INT
+
+bird -f -c "$BIRD_CONF" -s "$SOCKET" &
+BIRD_PID=$!
+for _ in $(seq 50); do
+    birdc -s "$SOCKET" show status >/dev/null 2>&1 && break
+    kill -0 "$BIRD_PID" 2>/dev/null || { log "BIRD exited at start"; exit 1; }
+    sleep 0.1
+done
+log "BIRD $BIRD_PID up on $SOCKET; VIPs withdrawn until pktdist is ready"
+
+announced=no
+while true; do
+    if ! kill -0 "$BIRD_PID" 2>/dev/null; then
+        log "BIRD exited"
+        BIRD_PID=
+        exit 1
+    fi
+    rc=0
+    "$PKTDIST" status "${STATUS_ARGS[@]}" --timeout "$TIMEOUT" >/dev/null 2>&1 || rc=$?
+    if [ $rc -eq 0 ]; then want=yes; else want=no; fi
+    if [ "$want" != "$announced" ]; then
+        if [ "$want" = yes ]; then cmd=enable; else cmd=disable; fi
+        if birdc -s "$SOCKET" $cmd vips >/dev/null 2>&1; then
+            announced=$want
+            case $rc in
+                0) log "pktdist ready: VIPs announced" ;;
+                3) log "pktdist not ready: VIPs withdrawn" ;;
+                *) log "pktdist unreachable (status exit $rc): VIPs withdrawn" ;;
+            esac
+        else
+            log "birdc $cmd vips failed; retrying"
+        fi
+    fi
+    sleep "$INTERVAL"
+done
