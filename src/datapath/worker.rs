@@ -881,7 +881,8 @@ impl<IO: PacketIo> Worker<IO> {
         };
         let bc = &self.counters.backends[backend as usize];
         bc.active.inc();
-        match self.flows.insert(entry, hash, now) {
+        // The lookup above missed, or removed the flow it found.
+        match self.flows.insert_absent(entry, hash, now) {
             Ok(None) => {}
             Ok(Some(old)) => {
                 let idle = now.saturating_sub(old.last_seen);

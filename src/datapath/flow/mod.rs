@@ -885,12 +885,17 @@ impl<K: SlotKey> Part<K> {
         e
     }
 
+    /// Stores `entry`; `absent` says the caller knows no flow of its key
+    /// is stored (its lookup just missed, or removed it), so the table is
+    /// not searched for one.
+    #[inline(always)]
     fn insert(
         &mut self,
         books: &mut Books,
         entry: FlowEntry,
         hash: u64,
         now: u64,
+        absent: bool,
     ) -> Result<Option<FlowEntry>, Untracked> {
         let Some(vip) = books.vips.intern(&entry.key) else {
             books.stats.untracked += 1;
@@ -902,7 +907,16 @@ impl<K: SlotKey> Part<K> {
         debug_assert!((entry.backend as usize) < MAX_BACKENDS);
         let (stamp, backend) = (stamp_of(now), entry.backend as u16);
         let state = OCCUPIED | if auto { HAS_AUTO } else { 0 } | entry.state as u8;
-        let (b, s, displaced) = if let Some((b, s)) = self.find_from(home, hash, key) {
+        let found = if absent {
+            debug_assert!(
+                self.find_from(home, hash, key).is_none(),
+                "{entry:?} is stored"
+            );
+            None
+        } else {
+            self.find_from(home, hash, key)
+        };
+        let (b, s, displaced) = if let Some((b, s)) = found {
             books.stats.updated += 1;
             let old = self.replace(books, (b, s), true, key, stamp, backend, state);
             (b, s, Some(old))
@@ -1126,8 +1140,27 @@ impl FlowTable {
         now: u64,
     ) -> Result<Option<FlowEntry>, Untracked> {
         match entry.key.family {
-            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now),
-            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now),
+            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now, false),
+            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now, false),
+        }
+    }
+
+    /// [`FlowTable::insert`] for a flow the table does not hold: the
+    /// caller's [`FlowTable::lookup`] of its key just answered `Miss` or
+    /// `Stale` (or a [`FlowTable::remove`] took it), and nothing changed
+    /// the table since. Skips the search for an entry of the same key (a
+    /// bucket scan per new flow), so it never returns that entry. Out of
+    /// line, as the worker's main line must stay small enough to inline.
+    #[inline(never)]
+    pub fn insert_absent(
+        &mut self,
+        entry: FlowEntry,
+        hash: u64,
+        now: u64,
+    ) -> Result<Option<FlowEntry>, Untracked> {
+        match entry.key.family {
+            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now, true),
+            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now, true),
         }
     }
 
