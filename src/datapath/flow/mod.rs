@@ -781,11 +781,15 @@ impl<K: SlotKey> Part<K> {
     fn room(&mut self, books: &mut Books, b: usize, hash: u64, now: u64) -> Room {
         let now_stamp = stamp_of(now);
         let slots = &self.buckets[b].slots;
-        let (mut oldest, mut oldest_age) = (0, 0);
-        for (s, x) in slots.iter().enumerate() {
-            if !x.used() {
+        // A full bucket (its bit in cache, set in a full table) is not
+        // searched for a free slot.
+        if !bit(&self.full, b) {
+            if let Some(s) = slots.iter().position(|x| !x.used()) {
                 return Room::Free { b, s, guest: false };
             }
+        }
+        let (mut oldest, mut oldest_age) = (0, 0);
+        for (s, x) in slots.iter().enumerate() {
             let age = now_stamp.wrapping_sub(x.stamp);
             if age > oldest_age {
                 (oldest, oldest_age) = (s, age);
