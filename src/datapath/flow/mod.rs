@@ -603,6 +603,7 @@ impl<K: SlotKey> Part<K> {
     }
 
     /// The entry in slot `s` of bucket `b`, as the caller sees it.
+    #[inline]
     fn entry(&self, books: &Books, b: usize, s: usize) -> FlowEntry {
         let slot = &self.buckets[b].slots[s];
         FlowEntry {
@@ -674,6 +675,7 @@ impl<K: SlotKey> Part<K> {
     /// The books of a flow leaving slot `s` of bucket `b` (its entry `e`):
     /// the family's count, its service-address index, its home's spill
     /// count if it is a guest.
+    #[inline]
     fn forget(&mut self, books: &mut Books, b: usize, s: usize, e: &FlowEntry) {
         let slot = &self.buckets[b].slots[s];
         books.vips.release(slot.key.vip());
