@@ -1084,7 +1084,8 @@ impl FlowTable {
     /// lookup reads anyway. In a full sub-table a SYN skips it: no
     /// alternate has room, and the flows placed in alternates while the
     /// table filled are soon evicted, so a SYN's lookup rarely reads one.
-    #[inline]
+    /// Always inlined: called for every packet, mostly to return at once.
+    #[inline(always)]
     pub fn prefetch_alternate(&self, key: &FlowKey, hash: u64, new_flow: bool) {
         let (f, cap) = match key.family {
             Family::V4 => (0, self.v4.capacity()),
