@@ -1,5 +1,6 @@
 //! Instructions the worker executes per SYN, with an empty affinity table
-//! or with the benchmark's million affinities: run under callgrind by
+//! or with the benchmark's million affinities, and per packet of an
+//! established flow (`--kind established`): run under callgrind by
 //! `perf/instructions.sh`, which counts only [`measured`]. Instruction
 //! counts do not move with this VM's modes or neighbours, so a change to the
 //! lookup's CPU cost shows here when the throughput runs are too noisy to
@@ -8,7 +9,9 @@
 //!
 //! No EAL: the worker runs over in-memory queues ([`MemIo`], shared with
 //! the feeding loop), whose buffer handling adds the same instructions to
-//! both tables.
+//! both tables. The buffers the worker transmits are kept until
+//! [`measured`] returns, so their frees (heap buffers here, a mempool's
+//! in DPDK) are not counted as the worker's.
 
 // Shared with dataplane-bench; this program uses a part of each.
 #[allow(dead_code)]
@@ -51,13 +54,28 @@ enum Table {
     Loaded,
 }
 
-/// Runs SYNs from random clients through one worker.
+/// What the measured packets are.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    /// SYNs from random clients, each a new connection in a full flow
+    /// table (the SYN flood).
+    Syn,
+    /// ACKs of `--packets` flows opened by a SYN each before the count, in
+    /// another order, in a flow table twice their number (the established
+    /// scenario: half full).
+    Established,
+}
+
+/// Runs SYNs from random clients (or ACKs of open flows) through one
+/// worker.
 #[derive(Parser)]
 struct Args {
     #[arg(long, value_enum)]
     table: Table,
-    /// SYNs counted (after 8 x 65,536 that fill the flow table and bring it
-    /// to its steady state).
+    #[arg(long, value_enum, default_value = "syn")]
+    kind: Kind,
+    /// Packets counted (SYNs after 8 x 65,536 that fill the flow table and
+    /// bring it to its steady state; ACKs after each flow's SYN).
     #[arg(long, default_value_t = 100_000)]
     packets: usize,
     /// Affinities in the loaded table (10,000 of them /24s).
@@ -73,7 +91,9 @@ const FLOW_CAPACITY: usize = 1 << 16;
 /// there (the table's eviction order depends on it).
 const NS_PER_BURST: u64 = MAX_BURST as u64 * 1_000 / 7;
 
-/// The measured part: callgrind counts this function alone.
+/// The measured part: callgrind counts this function alone. The
+/// transmitted buffers stay in the output queue (room for all of them
+/// reserved beforehand), freed after the count.
 #[inline(never)]
 fn measured(
     worker: &mut Worker<SharedIo>,
@@ -81,14 +101,21 @@ fn measured(
     frames: Vec<MemBuf>,
     now: &mut u64,
 ) -> usize {
-    feed(worker, io, frames, now)
+    feed(worker, io, frames, now, false)
 }
 
 /// Polls `frames` through the worker a burst at a time, the clock at `now`
 /// advancing by [`NS_PER_BURST`] per burst; returns how many it
-/// transmitted.
-fn feed(worker: &mut Worker<SharedIo>, io: &SharedIo, frames: Vec<MemBuf>, now: &mut u64) -> usize {
-    let mut sent = 0;
+/// transmitted. With `free`, the transmitted buffers are dropped after
+/// each poll, else left in the output queue.
+fn feed(
+    worker: &mut Worker<SharedIo>,
+    io: &SharedIo,
+    frames: Vec<MemBuf>,
+    now: &mut u64,
+    free: bool,
+) -> usize {
+    let start = io.borrow().tx[1].len();
     let mut frames = frames.into_iter();
     loop {
         {
@@ -96,32 +123,51 @@ fn feed(worker: &mut Worker<SharedIo>, io: &SharedIo, frames: Vec<MemBuf>, now: 
             let before = io.rx[0].len();
             io.rx[0].extend(frames.by_ref().take(MAX_BURST));
             if io.rx[0].len() == before {
-                return sent;
+                return io.tx[1].len() - start;
             }
         }
         *now += NS_PER_BURST;
-        worker.poll(*now);
-        let mut io = io.borrow_mut();
-        sent += io.tx[1].len();
-        io.tx[1].clear();
+        poll(worker, *now);
+        if free {
+            io.borrow_mut().tx[1].clear();
+        }
     }
 }
 
-fn syns(rng: &mut Rng, n: usize) -> Vec<MemBuf> {
+/// Clients (address, port) drawn at random from the benchmark's client
+/// space.
+fn clients(rng: &mut Rng, n: usize) -> Vec<(u32, u16)> {
     (0..n)
         .map(|_| {
             let r = rng.next_u64();
-            let src = CLIENT_BASE | (r as u32 & CLIENT_MASK);
-            let f = tcp_frame(
-                src,
+            (
+                CLIENT_BASE | (r as u32 & CLIENT_MASK),
                 (r >> 32) as u16 | 1024,
-                [192, 0, 2, 10],
-                tcp_flags::SYN,
-                [2, 0, 0, 0, 0, 0],
-            );
+            )
+        })
+        .collect()
+}
+
+/// A frame to the service from each client, with TCP `flags`.
+fn frames(clients: &[(u32, u16)], flags: u8) -> Vec<MemBuf> {
+    clients
+        .iter()
+        .map(|&(src, port)| {
+            let f = tcp_frame(src, port, [192, 0, 2, 10], flags, [2, 0, 0, 0, 0, 0]);
             MemBuf::from_frame(&f)
         })
         .collect()
+}
+
+/// One poll, never inlined here, so that callgrind counts the worker's
+/// instructions apart from the loop that feeds it.
+#[inline(never)]
+fn poll(worker: &mut Worker<SharedIo>, now: u64) -> usize {
+    worker.poll(now)
+}
+
+fn syns(rng: &mut Rng, n: usize) -> Vec<MemBuf> {
+    frames(&clients(rng, n), tcp_flags::SYN)
 }
 
 fn main() -> Result<(), String> {
@@ -151,10 +197,14 @@ fn main() -> Result<(), String> {
         unmatched_to: None,
         mtu: 1500,
     };
+    let flow_capacity = match args.kind {
+        Kind::Syn => FLOW_CAPACITY,
+        Kind::Established => (2 * args.packets).next_power_of_two(),
+    };
     let setup = WorkerSetup {
         id: 0,
         ports: vec![plan, plan],
-        flow_capacity: FLOW_CAPACITY,
+        flow_capacity,
         flow_capacity_v6: FLOW_CAPACITY / 4,
         timeouts: FlowTimeouts::default(),
         icmp: Default::default(),
@@ -168,13 +218,35 @@ fn main() -> Result<(), String> {
     );
     let mut rng = Rng::new(0x5171);
     let mut now = 1_000_000_000;
-    let warm = syns(&mut rng, 8 * FLOW_CAPACITY);
-    feed(&mut worker, &io, warm, &mut now);
-    let frames = syns(&mut rng, args.packets);
-    let sent = measured(&mut worker, &io, frames, &mut now);
-    if sent != args.packets {
-        return Err(format!("{sent} of {} SYNs forwarded", args.packets));
+    let (name, measured_frames) = match args.kind {
+        Kind::Syn => {
+            let warm = syns(&mut rng, 8 * FLOW_CAPACITY);
+            feed(&mut worker, &io, warm, &mut now, true);
+            ("syns", syns(&mut rng, args.packets))
+        }
+        Kind::Established => {
+            let mut flows = clients(&mut rng, args.packets);
+            flows.sort_unstable();
+            flows.dedup();
+            let warm = frames(&flows, tcp_flags::SYN);
+            feed(&mut worker, &io, warm, &mut now, true);
+            // The ACKs in another order, as the benchmark sends them.
+            for i in (1..flows.len()).rev() {
+                flows.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            ("acks", frames(&flows, tcp_flags::ACK))
+        }
+    };
+    let n = measured_frames.len();
+    io.borrow_mut().tx[1].reserve(n);
+    let sent = measured(&mut worker, &io, measured_frames, &mut now);
+    if sent != n {
+        return Err(format!("{sent} of {n} packets forwarded"));
     }
-    println!("syns {}", args.packets);
+    let unknown = worker.counters().unknown_flows.get();
+    if args.kind == Kind::Established && unknown != 0 {
+        return Err(format!("{unknown} ACKs of unknown flows"));
+    }
+    println!("{name} {n}");
     Ok(())
 }

@@ -105,7 +105,14 @@ pub fn encap_ipip<B: PacketBuf>(
     if inner_from != inner_to {
         data.copy_within(inner_from..inner_from + inner, inner_to);
     }
-    data.copy_within(old_front + 12..old_front + l2, new_front + 12);
+    if l2 == 14 {
+        // Untagged: the EtherType alone, by value (a two-byte move by
+        // `copy_within` is a call to memmove).
+        let et = [data[old_front + 12], data[old_front + 13]];
+        data[new_front + 12..new_front + 14].copy_from_slice(&et);
+    } else {
+        data.copy_within(old_front + 12..old_front + l2, new_front + 12);
+    }
     let data = &mut data[new_front..];
     data[0..6].copy_from_slice(&dst_mac);
     data[6..12].copy_from_slice(&src_mac);

@@ -882,7 +882,8 @@ impl<IO: PacketIo> Worker<IO> {
         };
         let bc = &self.counters.backends[backend as usize];
         bc.active.inc();
-        match self.flows.insert(entry, hash, now) {
+        // The lookup above missed, or removed the flow it found.
+        match self.flows.insert_absent(entry, hash, now) {
             Ok(None) => {}
             Ok(Some(old)) => {
                 let idle = now.saturating_sub(old.last_seen);
@@ -1008,6 +1009,7 @@ impl<IO: PacketIo> Worker<IO> {
 
     /// A flow left the table (closed, reset, expired or evicted): its
     /// backend has one connection less and its auto-affinity pin one user less.
+    #[inline]
     fn release(&self, dp: &Dataplane, e: &FlowEntry, now: u64) {
         release_flow(&self.counters, &self.shared.auto_affinity, dp, e, now);
     }
@@ -1084,6 +1086,9 @@ fn must_not_fragment<B: PacketBuf>(buf: &B, p: &ParsedPacket) -> bool {
 /// Accounts for a flow that left a worker's table: its backend has one
 /// active connection less, and its auto-affinity pin one user less (the pin
 /// lingers as the service says once its last connection is gone).
+/// Inlined as far as the pin: a flow without one (every flow of a service
+/// without automatic affinity) costs a counter.
+#[inline]
 fn release_flow(
     counters: &WorkerCounters,
     auto: &AutoAffinityTable,
@@ -1093,14 +1098,20 @@ fn release_flow(
 ) {
     counters.backends[e.backend as usize].active.sub(1);
     if e.auto_slot != NO_AUTO_SLOT {
-        // The service by the flow's destination: the flow table keeps no
-        // service ids (a removed service's id may be given to another).
-        let linger_ms = dp
-            .service_for(&e.key)
-            .and_then(|s| s.auto_affinity)
-            .map_or(0, |a| a.linger.as_millis() as u64);
-        auto.release(AutoSlot(e.auto_slot), now / 1_000_000, linger_ms);
+        release_pin(auto, dp, e, now);
     }
+}
+
+/// The auto-affinity part of [`release_flow`].
+#[inline(never)]
+fn release_pin(auto: &AutoAffinityTable, dp: &Dataplane, e: &FlowEntry, now: u64) {
+    // The service by the flow's destination: the flow table keeps no
+    // service ids (a removed service's id may be given to another).
+    let linger_ms = dp
+        .service_for(&e.key)
+        .and_then(|s| s.auto_affinity)
+        .map_or(0, |a| a.linger.as_millis() as u64);
+    auto.release(AutoSlot(e.auto_slot), now / 1_000_000, linger_ms);
 }
 
 /// The service's scheduler: Maglev on the flow hash, or round robin.

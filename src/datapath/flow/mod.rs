@@ -603,6 +603,7 @@ impl<K: SlotKey> Part<K> {
     }
 
     /// The entry in slot `s` of bucket `b`, as the caller sees it.
+    #[inline]
     fn entry(&self, books: &Books, b: usize, s: usize) -> FlowEntry {
         let slot = &self.buckets[b].slots[s];
         FlowEntry {
@@ -674,6 +675,7 @@ impl<K: SlotKey> Part<K> {
     /// The books of a flow leaving slot `s` of bucket `b` (its entry `e`):
     /// the family's count, its service-address index, its home's spill
     /// count if it is a guest.
+    #[inline]
     fn forget(&mut self, books: &mut Books, b: usize, s: usize, e: &FlowEntry) {
         let slot = &self.buckets[b].slots[s];
         books.vips.release(slot.key.vip());
@@ -781,11 +783,15 @@ impl<K: SlotKey> Part<K> {
     fn room(&mut self, books: &mut Books, b: usize, hash: u64, now: u64) -> Room {
         let now_stamp = stamp_of(now);
         let slots = &self.buckets[b].slots;
-        let (mut oldest, mut oldest_age) = (0, 0);
-        for (s, x) in slots.iter().enumerate() {
-            if !x.used() {
+        // A full bucket (its bit in cache, set in a full table) is not
+        // searched for a free slot.
+        if !bit(&self.full, b) {
+            if let Some(s) = slots.iter().position(|x| !x.used()) {
                 return Room::Free { b, s, guest: false };
             }
+        }
+        let (mut oldest, mut oldest_age) = (0, 0);
+        for (s, x) in slots.iter().enumerate() {
             let age = now_stamp.wrapping_sub(x.stamp);
             if age > oldest_age {
                 (oldest, oldest_age) = (s, age);
@@ -885,12 +891,17 @@ impl<K: SlotKey> Part<K> {
         e
     }
 
+    /// Stores `entry`; `absent` says the caller knows no flow of its key
+    /// is stored (its lookup just missed, or removed it), so the table is
+    /// not searched for one.
+    #[inline(always)]
     fn insert(
         &mut self,
         books: &mut Books,
         entry: FlowEntry,
         hash: u64,
         now: u64,
+        absent: bool,
     ) -> Result<Option<FlowEntry>, Untracked> {
         let Some(vip) = books.vips.intern(&entry.key) else {
             books.stats.untracked += 1;
@@ -902,7 +913,16 @@ impl<K: SlotKey> Part<K> {
         debug_assert!((entry.backend as usize) < MAX_BACKENDS);
         let (stamp, backend) = (stamp_of(now), entry.backend as u16);
         let state = OCCUPIED | if auto { HAS_AUTO } else { 0 } | entry.state as u8;
-        let (b, s, displaced) = if let Some((b, s)) = self.find_from(home, hash, key) {
+        let found = if absent {
+            debug_assert!(
+                self.find_from(home, hash, key).is_none(),
+                "{entry:?} is stored"
+            );
+            None
+        } else {
+            self.find_from(home, hash, key)
+        };
+        let (b, s, displaced) = if let Some((b, s)) = found {
             books.stats.updated += 1;
             let old = self.replace(books, (b, s), true, key, stamp, backend, state);
             (b, s, Some(old))
@@ -1064,7 +1084,8 @@ impl FlowTable {
     /// lookup reads anyway. In a full sub-table a SYN skips it: no
     /// alternate has room, and the flows placed in alternates while the
     /// table filled are soon evicted, so a SYN's lookup rarely reads one.
-    #[inline]
+    /// Always inlined: called for every packet, mostly to return at once.
+    #[inline(always)]
     pub fn prefetch_alternate(&self, key: &FlowKey, hash: u64, new_flow: bool) {
         let (f, cap) = match key.family {
             Family::V4 => (0, self.v4.capacity()),
@@ -1126,8 +1147,27 @@ impl FlowTable {
         now: u64,
     ) -> Result<Option<FlowEntry>, Untracked> {
         match entry.key.family {
-            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now),
-            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now),
+            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now, false),
+            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now, false),
+        }
+    }
+
+    /// [`FlowTable::insert`] for a flow the table does not hold: the
+    /// caller's [`FlowTable::lookup`] of its key just answered `Miss` or
+    /// `Stale` (or a [`FlowTable::remove`] took it), and nothing changed
+    /// the table since. Skips the search for an entry of the same key (a
+    /// bucket scan per new flow), so it never returns that entry. Out of
+    /// line, as the worker's main line must stay small enough to inline.
+    #[inline(never)]
+    pub fn insert_absent(
+        &mut self,
+        entry: FlowEntry,
+        hash: u64,
+        now: u64,
+    ) -> Result<Option<FlowEntry>, Untracked> {
+        match entry.key.family {
+            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now, true),
+            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now, true),
         }
     }
 

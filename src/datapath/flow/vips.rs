@@ -96,8 +96,21 @@ impl Vips {
     }
 
     /// The index of `k`'s destination, giving it one if it has none; `None`
-    /// when every index is held by a live flow.
+    /// when every index is held by a live flow. Inlined as far as the last
+    /// answer (a new flow's lookup has just asked for the same address).
+    #[inline]
     pub fn intern(&mut self, k: &FlowKey) -> Option<u16> {
+        if let Some((last, i)) = self.last {
+            if last == Vip::of(k) {
+                return Some(i);
+            }
+        }
+        self.intern_slow(k)
+    }
+
+    /// [`Vips::intern`] past the last answer.
+    #[inline(never)]
+    fn intern_slow(&mut self, k: &FlowKey) -> Option<u16> {
         if let Some(i) = self.find(k) {
             return Some(i);
         }
