@@ -134,7 +134,7 @@ fn distinct(v: &[Ipv4Addr]) -> BTreeSet<Ipv4Addr> {
 fn an_affinity_made_at_one_instance_holds_at_all_with_one_notice_per_end() {
     let _serial = serial();
     let dir = TempDir::new("e2e-cluster");
-    let etcd = Etcd::start(&dir.0.join("etcd"));
+    let etcd = Etcd::start_new();
     let mut tuples = Tuples::default();
     let mut a = start(&dir, "a", &etcd);
     let mut b = start(&dir, "b", &etcd);
@@ -188,7 +188,12 @@ fn an_affinity_made_at_one_instance_holds_at_all_with_one_notice_per_end() {
     let n = be2
         .recv_ended(PATIENCE)
         .expect("receive")
-        .expect("AFFINITY_ENDED after the cancel");
+        .unwrap_or_else(|| {
+            panic!(
+                "no AFFINITY_ENDED after the cancel\n--- c's stderr\n{}",
+                c.pktdist.stderr_text()
+            )
+        });
     assert_eq!(
         (n.key, n.owner.as_str(), n.reason),
         (pin.key, "be2", EndReason::Cancelled)
@@ -246,10 +251,10 @@ fn an_affinity_made_at_one_instance_holds_at_all_with_one_notice_per_end() {
 fn a_restarted_instance_gets_the_table_back_and_etcd_outages_refuse_changes_only() {
     let _serial = serial();
     let dir = TempDir::new("e2e-cluster-outage");
-    let mut etcd = Etcd::start(&dir.0.join("etcd"));
+    let mut etcd = Etcd::start_new();
     let mut tuples = Tuples::default();
     let mut a = start(&dir, "a", &etcd);
-    let mut b = start(&dir, "b", &etcd);
+    let b = start(&dir, "b", &etcd);
 
     let clients = hosts([203, 0, 113], 24);
     let pin = spec("203.0.113.0", 24);
@@ -281,7 +286,11 @@ fn a_restarted_instance_gets_the_table_back_and_etcd_outages_refuse_changes_only
             let r = be1
                 .create_affinity(&other, Duration::from_secs(60))
                 .expect("answered while etcd is down");
-            assert_ne!(r.code, ReturnCode::Ok, "{who} accepted a change it cannot share");
+            assert_ne!(
+                r.code,
+                ReturnCode::Ok,
+                "{who} accepted a change it cannot share"
+            );
             (r.code == ReturnCode::Unavailable).then_some(r)
         });
         assert!(refused.is_some(), "{who} never answered UNAVAILABLE");
@@ -312,7 +321,10 @@ fn a_restarted_instance_gets_the_table_back_and_etcd_outages_refuse_changes_only
     wait_listed(a.control, &[(&pin, "be3"), (&other, "be1")], "a");
     let t = tuples.next(&hosts([198, 51, 102], 8), 1);
     let got = a.connect(WEB, &t);
-    assert!(got.iter().all(|&x| x == BE1), "made after the outage: {got:?}");
+    assert!(
+        got.iter().all(|&x| x == BE1),
+        "made after the outage: {got:?}"
+    );
 
     b.finish();
     a.finish();

@@ -66,6 +66,11 @@ impl Default for Tuning {
     }
 }
 
+/// How often an idle connection to etcd is pinged (etcd's default
+/// --grpc-keepalive-min-time is 5 s; a client pinging more often is
+/// disconnected with "too many pings").
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Starts the store thread for `cfg`. Errors: the configuration cannot work
 /// (no endpoints, a URL that is neither http nor https, unreadable
 /// password or certificate files). etcd being down is not an error: the
@@ -127,11 +132,13 @@ impl Settings {
             return Err("[cluster] timeout must be more than 0".into());
         }
         // Keep-alive pings find a silent peer (a partition, not a refused
-        // connection) within about two timeouts.
+        // connection) within KEEP_ALIVE_INTERVAL plus a timeout. Not more
+        // often: etcd closes the connection of a client that pings more
+        // often than its --grpc-keepalive-min-time (5 s by default).
         let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
-            .with_keep_alive(timeout, timeout)
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, timeout)
             .with_keep_alive_while_idle(true);
         let mut login = None;
         match (&cfg.user, &cfg.password_file) {

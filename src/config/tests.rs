@@ -1258,6 +1258,9 @@ fn cluster_section_is_checked_key_by_key() {
         "state_file",
         "exclude each other",
     );
+}
+
+#[test]
 fn hash_input_per_service() {
     let c = Config::parse(&BASE, "t.toml").unwrap();
     assert!(c.services.iter().all(|s| s.hash == HashInput::Connection));

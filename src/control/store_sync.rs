@@ -55,6 +55,9 @@ enum InFlight {
         key: StoreKey,
         owner: Option<String>,
         retried: bool,
+        /// The notice as of sending, for when the watch's delete arrives
+        /// before the outcome.
+        seen: Option<SharedEnd>,
     },
     /// The delete that ends an affinity.
     End(StoreKey),
@@ -270,6 +273,7 @@ impl StoreSync {
                     expect: self.revision_of(&key),
                 },
                 InFlight::Cancel {
+                    seen: plane.stored_end(&key, EndReason::Cancelled),
                     key,
                     owner,
                     retried: false,
@@ -610,7 +614,10 @@ impl StoreSync {
                 key,
                 owner,
                 retried,
-            } => self.cancel_done(plane, ticket, key, owner, retried, outcome, wall_ms, out),
+                seen,
+            } => self.cancel_done(
+                plane, ticket, key, owner, retried, seen, outcome, wall_ms, out,
+            ),
             InFlight::End(key) => self.end_done(plane, key, outcome, wall_ms, out),
         }
     }
@@ -714,6 +721,7 @@ impl StoreSync {
         key: StoreKey,
         owner: Option<String>,
         retried: bool,
+        seen: Option<SharedEnd>,
         outcome: Outcome,
         wall_ms: u64,
         out: &mut Outbox,
@@ -724,7 +732,7 @@ impl StoreSync {
                 self.seen.remove(&key);
                 self.ends.remove(&key);
                 // The canceller notifies.
-                if let Some(end) = plane.end_stored(&key, EndReason::Cancelled) {
+                if let Some(end) = plane.end_stored_or(&key, EndReason::Cancelled, seen) {
                     out.notices.push((end.notify, end.notice));
                 }
                 Response::ok()
@@ -753,6 +761,7 @@ impl StoreSync {
                         self.in_flight.insert(
                             ticket,
                             InFlight::Cancel {
+                                seen: plane.stored_end(&key, EndReason::Cancelled),
                                 key,
                                 owner,
                                 retried: true,

@@ -106,9 +106,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
                 .status
                 .then(|| Box::new(std::io::stdout()) as Box<dyn Write + Send>),
             discard_bad_state: opts.discard_bad_state,
-            // `[cluster]` needs the store thread (`crate::cluster::etcd`),
-            // not started by this build: ControlThread::new refuses it.
-            store: None,
+            // With `[cluster]`, the store thread (started after EAL, so it
+            // runs on the control core like this thread).
+            store: cfg
+                .cluster
+                .as_ref()
+                .map(crate::cluster::etcd::spawn)
+                .transpose()?,
         },
     )?;
     let threads = spawn(cfg, &started, &control.shared(), workers)?;

@@ -292,6 +292,47 @@ impl ControlPlane {
         })
     }
 
+    /// The notice [`end_stored`](Self::end_stored) would give for `key`
+    /// now, without ending anything: a cancel keeps it while its delete is
+    /// in flight, since the watch may remove the local copy before the
+    /// delete's outcome arrives.
+    pub fn stored_end(&self, key: &StoreKey, reason: EndReason) -> Option<SharedEnd> {
+        let k = self.table_key_of(key)?;
+        let r = self.affinities.get(&k)?;
+        r.expires?;
+        let notice = self.notice(&Ended {
+            key: k,
+            owner: r.owner,
+            notify: r.notify,
+            reason,
+            created_ms: r.created_ms,
+        })?;
+        Some(SharedEnd {
+            key: key.clone(),
+            notify: r.notify,
+            notice,
+        })
+    }
+
+    /// [`end_stored`](Self::end_stored) for a delete committed here, or,
+    /// when the watch already took the local copy away, the notice `seen`
+    /// when the delete was sent.
+    pub fn end_stored_or(
+        &mut self,
+        key: &StoreKey,
+        reason: EndReason,
+        seen: Option<SharedEnd>,
+    ) -> Option<SharedEnd> {
+        if let Some(e) = self.end_stored(key, reason) {
+            return Some(e);
+        }
+        let e = seen?;
+        if reason == EndReason::Cancelled {
+            self.counters.ended_cancelled += 1;
+        }
+        Some(e)
+    }
+
     /// CONFLICT naming the owner of a store affinity and its time left at
     /// `wall_ms`.
     pub fn conflict_with(a: &SavedAffinity, wall_ms: u64) -> Response {
