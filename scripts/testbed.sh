@@ -46,7 +46,8 @@
 #
 # Instance k's pktdist configuration is written to $STATE/lbk/pktdist.toml
 # (config/testbed.toml with its own addresses, a metrics listener, shared
-# CPUs and idle sleep), its BIRD's to $STATE/lbk/bird.conf; the glue and the
+# CPUs and idle sleep, and with --etcd a [cluster] section naming the bed's
+# etcd), its BIRD's to $STATE/lbk/bird.conf; the glue and the
 # BIRDs start with the bed and log to $STATE. Start pktdist yourself:
 #   ip netns exec pd-lb2 ./target/release/pktdist run --config $STATE/lb2/pktdist.toml
 # $STATE is $PD_TESTBED_STATE, default /tmp/<prefix>-testbed; the glue runs
@@ -294,6 +295,12 @@ EOT
         i=$((i + 1))
         printf '\n[[services.backends]]\nname = "%s"\naddress = "10.99.10.%d"\nmac = "%s"\n' "$b" $i "$(backend_mac $i)"
     done
+    if [ "$ETCD" = yes ]; then
+        # With --etcd the instances share their requested affinities
+        # through the bed's etcd (docs/cluster.md).
+        printf '\n[cluster]\nstore = "etcd"\nendpoints = ["http://%s:2379"]\nprefix = "/%s"\ninstance = "lb%d"\n' \
+            "$ETCD_IP" "$PREFIX" "$k"
+    fi
 }
 
 # The router's BIRD, each instance's BIRD and glue, and the etcd namespace.

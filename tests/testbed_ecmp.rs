@@ -38,6 +38,8 @@ const ADMIN_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aab
 /// Sources of the client namespaces (10.99.2.8 has a static affinity).
 const C1: &str = "10.99.1.1-10.99.1.8";
 const C2: &str = "10.99.2.1-10.99.2.7";
+/// c2's network, pinned through the shared table.
+const PINNED: &str = "10.99.2.0/24";
 /// The instances' control addresses (scripts/testbed.sh lb_ctl_ip) and
 /// next hops (lb_data_ip).
 const CONTROL: [&str; 2] = ["10.99.0.1", "10.99.0.3"];
@@ -163,10 +165,10 @@ impl Bed {
             client,
             decap: true,
         };
-        let out = bed.script(&["up", "--instances", "2"]);
+        let out = bed.script(&["up", "--instances", "2", "--etcd"]);
         assert!(
             out.status.success(),
-            "scripts/testbed.sh up --instances 2 failed:\n{}{}",
+            "scripts/testbed.sh up --instances 2 --etcd failed:\n{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -269,6 +271,29 @@ impl Bed {
                 p
             })
             .collect()
+    }
+
+    /// `pktdist affinity <args>` as the operator at instance i, on the
+    /// VIP's port 80; its standard output.
+    fn affinity(&self, i: usize, args: &[&str]) -> String {
+        let server = format!("{}:7400", CONTROL[i]);
+        let service = format!("{VIP}:80");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &lb_ns(i)])
+            .arg(env!("CARGO_BIN_EXE_pktdist"))
+            .arg("affinity")
+            .arg(args[0])
+            .args(["--server", &server, "--key", ADMIN_KEY]);
+        if args[0] != "list" {
+            cmd.args(["--service", &service]);
+        }
+        let out = cmd.args(&args[1..]).output().expect("run pktdist affinity");
+        assert!(
+            out.status.success(),
+            "pktdist affinity {args:?} at instance {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `pktdist stats` of instance i.
@@ -661,7 +686,42 @@ fn testbed_ecmp_two_instances() {
         "ecmp, hash = client: 15 clients, each on one backend ({used:?}), per instance {taken:?}"
     );
 
-    // 3. Stop A while 128 connections are held open (scheduled, not
+    // 3. The shared table (etcd): the operator pins c2's network to be3 at
+    // A; all of c2's new connections reach be3, whichever instance the
+    // router sends them to.
+    bed.affinity(
+        0,
+        &[
+            "add",
+            "--client",
+            PINNED,
+            "--owner",
+            "be3",
+            "--duration",
+            "10m",
+        ],
+    );
+    wait_until(
+        "B to list the affinity made at A",
+        Duration::from_secs(5),
+        || bed.affinity(1, &["list"]).contains("be3"),
+    );
+    let mut conns = Vec::new();
+    let taken = per_instance(&bed, None, || {
+        conns = bed.run_client("c2", &["--sources", C2, "--connections", "100"]);
+    });
+    assert_all_ok("pinned at A", &conns, 100);
+    assert_both_take_a_fifth("pinned at A", taken);
+    for c in &conns {
+        assert_eq!(
+            c.backend.as_deref(),
+            Some("be3"),
+            "a pinned client elsewhere: {c:?}"
+        );
+    }
+    println!("ecmp, shared table: pinned at A, 100 connections all on be3, per instance {taken:?}");
+
+    // 4. Stop A while 128 connections are held open (scheduled, not
     // pinned) and new ones trickle in.
     let sources = vec![C1; 16].join(",");
     let before_hold = [bed.new_connections(0, None), bed.new_connections(1, None)];
@@ -735,8 +795,13 @@ fn testbed_ecmp_two_instances() {
         glue.lines().rev().take(2).collect::<Vec<_>>().join(" / ")
     );
 
-    // 4. A again: announced once ready, and it takes traffic.
+    // 5. A again: it loads the shared table before it is ready, is
+    // announced, and takes traffic; the pin still holds everywhere.
     let _a = bed.instance(0, "lb-a-again");
+    assert!(
+        bed.affinity(0, &["list"]).contains("be3"),
+        "A restarted without the shared table"
+    );
     let announced = bed.await_next_hops(&NEXT_HOP, Duration::from_secs(10));
     assert!(
         announced <= ROUTE_FOLLOWS,
@@ -748,6 +813,19 @@ fn testbed_ecmp_two_instances() {
         assert_all_ok("after A's return", &conns, 200);
     });
     assert_both_take_a_fifth("after A's return", taken);
+    let mut conns = Vec::new();
+    let taken2 = per_instance(&bed, None, || {
+        conns = bed.run_client("c2", &["--sources", C2, "--connections", "100"]);
+    });
+    assert_all_ok("pinned, A back", &conns, 100);
+    assert!(taken2.iter().all(|&n| n > 0), "{taken2:?}");
+    for c in &conns {
+        assert_eq!(
+            c.backend.as_deref(),
+            Some("be3"),
+            "after A's restart: {c:?}"
+        );
+    }
     println!(
         "ecmp, A back: announced {announced:?} after ready, per instance {taken:?}; whole run {:?}",
         started.elapsed()
