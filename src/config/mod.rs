@@ -1285,6 +1285,21 @@ impl Config {
                 .as_ref()
                 .map_or_else(|| "none".to_string(), |p| p.display().to_string())
         );
+        if let Some(cl) = &self.cluster {
+            let _ = writeln!(
+                o,
+                "cluster: instance {}, affinities shared through etcd at {} under {}, {}, requests time out after {}",
+                cl.instance,
+                cl.endpoints.join(" "),
+                cl.prefix,
+                match (&cl.user, &cl.cert_file) {
+                    (Some(u), _) => format!("as user {u}"),
+                    (None, Some(_)) => "with a client certificate".to_string(),
+                    (None, None) => "without authentication".to_string(),
+                },
+                cl.timeout
+            );
+        }
         let c = &self.control;
         let _ = writeln!(
             o,

@@ -1137,6 +1137,19 @@ fn cluster_section_is_checked_key_by_key() {
     let c = cfg.cluster.as_ref().unwrap();
     assert_eq!((c.prefix.as_str(), c.timeout.0.as_secs()), ("/pktdist", 2));
     assert!(Config::parse(&BASE, "t.toml").unwrap().cluster.is_none());
+    assert!(
+        cfg.plan().contains(
+            "cluster: instance lb-1.dc_a, affinities shared through etcd at \
+             http://127.0.0.1:2379 http://10.0.0.2:2379 under /pktdist, without \
+             authentication, requests time out after 2s"
+        ),
+        "{}",
+        cfg.plan()
+    );
+    assert!(!Config::parse(&BASE, "t.toml")
+        .unwrap()
+        .plan()
+        .contains("cluster:"));
     let with = |from: &str, to: &str| {
         assert_eq!(good.matches(from).count(), 1, "{from:?}");
         format!("{}{}", *BASE, good.replace(from, to))
