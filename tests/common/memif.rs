@@ -132,8 +132,13 @@ impl MemifPeer {
             })
             .collect();
         to_send.reverse();
+        let frames = to_send.clone();
         let mut got: HashMap<(Ipv4Addr, u16), Ipv4Addr> = HashMap::new();
         let deadline = Instant::now() + PATIENCE;
+        // SYNs unanswered after a second are sent again, as TCP would: a
+        // port whose worker is not polling yet (just started, or on a
+        // loaded machine) drops the first ones.
+        let mut resend = Instant::now() + Duration::from_secs(1);
         let mut pending: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
         let mut rx: Vec<Mbuf> = Vec::with_capacity(MAX_BURST);
         while got.len() < tuples.len() && Instant::now() < deadline {
@@ -143,6 +148,15 @@ impl MemifPeer {
             }
             if !pending.is_empty() {
                 self.io.tx_burst(0, &mut pending);
+            }
+            if to_send.is_empty() && pending.is_empty() && Instant::now() >= resend {
+                resend = Instant::now() + Duration::from_secs(1);
+                to_send = frames
+                    .iter()
+                    .zip(tuples.iter().rev())
+                    .filter(|(_, t)| !got.contains_key(t))
+                    .map(|(f, _)| f.clone())
+                    .collect();
             }
             self.io.rx_burst(0, &mut rx);
             if rx.is_empty() {
