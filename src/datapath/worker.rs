@@ -873,32 +873,35 @@ impl<IO: PacketIo> Worker<IO> {
         } else {
             TcpState::Established
         };
-        let entry = FlowEntry {
-            key: p.key,
-            backend,
-            state,
-            last_seen: now,
-            auto_slot: auto_slot.map_or(NO_AUTO_SLOT, |s| s.0),
-        };
+        let auto_slot = auto_slot.map_or(NO_AUTO_SLOT, |s| s.0);
         let bc = &self.counters.backends[backend as usize];
         bc.active.inc();
         // The lookup above missed, or removed the flow it found.
-        match self.flows.insert_absent(entry, hash, now) {
+        match self
+            .flows
+            .insert_absent(&p.key, backend, state, auto_slot, hash, now)
+        {
             Ok(None) => {}
             Ok(Some(old)) => {
-                let idle = now.saturating_sub(old.last_seen);
-                if idle >= self.flows.timeout(old.state).as_nanos() as u64 {
+                if old.expired {
                     self.counters.flows_expired.inc();
                 } else {
                     self.counters.flows_evicted.inc();
                 }
-                self.release(dp, &old, now);
+                self.counters.backends[old.backend as usize].active.sub(1);
+                if old.auto_slot != NO_AUTO_SLOT {
+                    let key = self.flows.destination(&old);
+                    release_pin(&self.shared.auto_affinity, dp, &key, old.auto_slot, now);
+                }
             }
             Err(Untracked) => {
                 // Routed, but not remembered: its later packets are routed
                 // as an unknown flow's (affinity, then the consistent hash).
                 self.counters.flows_untracked.inc();
-                self.release(dp, &entry, now);
+                bc.active.sub(1);
+                if auto_slot != NO_AUTO_SLOT {
+                    release_pin(&self.shared.auto_affinity, dp, &p.key, auto_slot, now);
+                }
             }
         }
         if syn || !is_tcp {
@@ -1098,20 +1101,21 @@ fn release_flow(
 ) {
     counters.backends[e.backend as usize].active.sub(1);
     if e.auto_slot != NO_AUTO_SLOT {
-        release_pin(auto, dp, e, now);
+        release_pin(auto, dp, &e.key, e.auto_slot, now);
     }
 }
 
-/// The auto-affinity part of [`release_flow`].
+/// The auto-affinity part of [`release_flow`]: the pin `slot` of a flow
+/// to `key`'s destination has one user less.
 #[inline(never)]
-fn release_pin(auto: &AutoAffinityTable, dp: &Dataplane, e: &FlowEntry, now: u64) {
+fn release_pin(auto: &AutoAffinityTable, dp: &Dataplane, key: &FlowKey, slot: u32, now: u64) {
     // The service by the flow's destination: the flow table keeps no
     // service ids (a removed service's id may be given to another).
     let linger_ms = dp
-        .service_for(&e.key)
+        .service_for(key)
         .and_then(|s| s.auto_affinity)
         .map_or(0, |a| a.linger.as_millis() as u64);
-    auto.release(AutoSlot(e.auto_slot), now / 1_000_000, linger_ms);
+    auto.release(AutoSlot(slot), now / 1_000_000, linger_ms);
 }
 
 /// The service's scheduler: Maglev on the flow hash, or round robin.

@@ -166,6 +166,19 @@ pub struct FlowEntry {
     pub auto_slot: u32,
 }
 
+/// A flow [`FlowTable::insert_absent`] let go of to make room: what the
+/// caller releases of it. Small enough to come back in registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Displaced {
+    pub backend: BackendId,
+    /// Opaque handle for automatic affinity; [`NO_AUTO_SLOT`] = none.
+    pub auto_slot: u32,
+    /// Its service address's index ([`FlowTable::destination`]).
+    vip: u16,
+    /// Its idle timeout had passed; otherwise it was evicted alive.
+    pub expired: bool,
+}
+
 /// [`FlowTable::insert`] refused a flow: all [`MAX_VIPS`] service-address
 /// indices are held by live flows, and this flow's address has none. The
 /// caller routes the flow's packets without an entry, as it does an
@@ -416,9 +429,9 @@ impl Books {
 enum Room {
     /// A free slot: of the home bucket, or of the alternate (`guest`).
     Free { b: usize, s: usize, guest: bool },
-    /// Over the flow in slot `s` of the home bucket (expired or evicted),
-    /// which is handed back.
-    Over { s: usize },
+    /// Over the flow in slot `s` of the home bucket, which is handed
+    /// back: its idle timeout had passed (`expired`), or it is evicted.
+    Over { s: usize, expired: bool },
 }
 
 #[inline]
@@ -801,7 +814,7 @@ impl<K: SlotKey> Part<K> {
         if books.may_have_expired(oldest_age) {
             if let Some(s) = slots.iter().position(|x| books.expired(x, now)) {
                 books.stats.expired += 1;
-                return Room::Over { s };
+                return Room::Over { s, expired: true };
             }
         }
         // A full sub-table has no room elsewhere either; a spill count
@@ -814,7 +827,10 @@ impl<K: SlotKey> Part<K> {
             }
         }
         books.stats.evicted += 1;
-        Room::Over { s: oldest }
+        Room::Over {
+            s: oldest,
+            expired: false,
+        }
     }
 
     /// The alternate's free slot for a new flow of the full home `b`, or,
@@ -891,17 +907,13 @@ impl<K: SlotKey> Part<K> {
         e
     }
 
-    /// Stores `entry`; `absent` says the caller knows no flow of its key
-    /// is stored (its lookup just missed, or removed it), so the table is
-    /// not searched for one.
-    #[inline(always)]
+    /// Stores `entry`, over the flow of its key if one is stored.
     fn insert(
         &mut self,
         books: &mut Books,
         entry: FlowEntry,
         hash: u64,
         now: u64,
-        absent: bool,
     ) -> Result<Option<FlowEntry>, Untracked> {
         let Some(vip) = books.vips.intern(&entry.key) else {
             books.stats.untracked += 1;
@@ -913,16 +925,7 @@ impl<K: SlotKey> Part<K> {
         debug_assert!((entry.backend as usize) < MAX_BACKENDS);
         let (stamp, backend) = (stamp_of(now), entry.backend as u16);
         let state = OCCUPIED | if auto { HAS_AUTO } else { 0 } | entry.state as u8;
-        let found = if absent {
-            debug_assert!(
-                self.find_from(home, hash, key).is_none(),
-                "{entry:?} is stored"
-            );
-            None
-        } else {
-            self.find_from(home, hash, key)
-        };
-        let (b, s, displaced) = if let Some((b, s)) = found {
+        let (b, s, displaced) = if let Some((b, s)) = self.find_from(home, hash, key) {
             books.stats.updated += 1;
             let old = self.replace(books, (b, s), true, key, stamp, backend, state);
             (b, s, Some(old))
@@ -934,7 +937,7 @@ impl<K: SlotKey> Part<K> {
                     self.fill((b, s), home, key, stamp, backend, state);
                     (b, s, None)
                 }
-                Room::Over { s } => {
+                Room::Over { s, .. } => {
                     let old = self.replace(books, (home, s), false, key, stamp, backend, state);
                     (home, s, Some(old))
                 }
@@ -946,6 +949,89 @@ impl<K: SlotKey> Part<K> {
         books.vips.hold(vip);
         books.len[K::FAMILY] += 1;
         Ok(displaced)
+    }
+
+    /// [`Part::insert`] of a flow known to be absent, for the worker's new
+    /// connections: the flow's fields come apart (no [`FlowEntry`] built),
+    /// and a displaced flow comes back as the little its release needs.
+    /// Over a flow of the same service address (the common case) the
+    /// address's count and the family's length do not change.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn insert_new(
+        &mut self,
+        books: &mut Books,
+        flow: &FlowKey,
+        backend: BackendId,
+        state: TcpState,
+        auto_slot: u32,
+        hash: u64,
+        now: u64,
+    ) -> Result<Option<Displaced>, Untracked> {
+        let Some(vip) = books.vips.intern(flow) else {
+            books.stats.untracked += 1;
+            return Err(Untracked);
+        };
+        let key = K::pack(flow, vip);
+        let home = self.bucket(hash);
+        let auto = auto_slot != NO_AUTO_SLOT;
+        debug_assert!((backend as usize) < MAX_BACKENDS);
+        debug_assert!(
+            self.find_from(home, hash, key).is_none(),
+            "{flow:?} is stored"
+        );
+        let (stamp, backend) = (stamp_of(now), backend as u16);
+        let state = OCCUPIED | if auto { HAS_AUTO } else { 0 } | state as u8;
+        books.stats.inserted += 1;
+        let (b, s, displaced) = match self.room(books, home, hash, now) {
+            Room::Free { b, s, guest } => {
+                let state = state | if guest { GUEST } else { 0 };
+                self.fill((b, s), home, key, stamp, backend, state);
+                books.vips.hold(vip);
+                books.len[K::FAMILY] += 1;
+                (b, s, None)
+            }
+            Room::Over { s, expired } => {
+                let old = self.buckets[home].slots[s];
+                if old.state & GUEST != 0 {
+                    self.guest_leaves(books, old.key);
+                }
+                let old_vip = old.key.vip();
+                if old_vip != vip {
+                    books.vips.release(old_vip);
+                    books.vips.hold(vip);
+                }
+                let slot = &mut self.buckets[home].slots[s];
+                slot.key = key;
+                slot.stamp = stamp;
+                slot.backend = backend;
+                slot.state = state;
+                let displaced = Displaced {
+                    backend: BackendId::from(old.backend),
+                    vip: old_vip,
+                    expired,
+                    auto_slot: if old.state & HAS_AUTO != 0 {
+                        self.autos[home * WAYS + s]
+                    } else {
+                        NO_AUTO_SLOT
+                    },
+                };
+                (home, s, Some(displaced))
+            }
+        };
+        if auto {
+            self.autos[b * WAYS + s] = auto_slot;
+        }
+        Ok(displaced)
+    }
+
+    /// A guest (a flow living in its alternate) leaves: its home's spill
+    /// count goes down. Out of line: the home is found from the flow's
+    /// hash, computed again.
+    #[inline(never)]
+    fn guest_leaves(&mut self, books: &Books, key: K) {
+        let (home, _) = self.home_and_alternate(books, key);
+        self.count_spill(home, false);
     }
 
     fn remove(&mut self, books: &mut Books, key: &FlowKey, hash: u64) -> Option<FlowEntry> {
@@ -1147,8 +1233,8 @@ impl FlowTable {
         now: u64,
     ) -> Result<Option<FlowEntry>, Untracked> {
         match entry.key.family {
-            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now, false),
-            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now, false),
+            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now),
+            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now),
         }
     }
 
@@ -1158,16 +1244,47 @@ impl FlowTable {
     /// the table since. Skips the search for an entry of the same key (a
     /// bucket scan per new flow), so it never returns that entry. Out of
     /// line, as the worker's main line must stay small enough to inline.
+    ///
+    /// Takes the new flow's fields apart (with `now` as its last-seen
+    /// time) and hands back only what the caller releases of the flow it
+    /// displaced, if any: an entry of the home bucket whose timeout had
+    /// passed or, when neither its home, its alternate nor a move had room,
+    /// the home's least recently seen entry, evicted.
+    #[allow(clippy::too_many_arguments)]
     #[inline(never)]
     pub fn insert_absent(
         &mut self,
-        entry: FlowEntry,
+        key: &FlowKey,
+        backend: BackendId,
+        state: TcpState,
+        auto_slot: u32,
         hash: u64,
         now: u64,
-    ) -> Result<Option<FlowEntry>, Untracked> {
-        match entry.key.family {
-            Family::V4 => self.v4.insert(&mut self.books, entry, hash, now, true),
-            Family::V6 => self.v6.insert(&mut self.books, entry, hash, now, true),
+    ) -> Result<Option<Displaced>, Untracked> {
+        match key.family {
+            Family::V4 => {
+                self.v4
+                    .insert_new(&mut self.books, key, backend, state, auto_slot, hash, now)
+            }
+            Family::V6 => {
+                self.v6
+                    .insert_new(&mut self.books, key, backend, state, auto_slot, hash, now)
+            }
+        }
+    }
+
+    /// The destination (address, port, protocol; the client's address
+    /// and port zero) of a flow the last insert displaced: valid until the
+    /// table's next insert, which may give its address's index to another.
+    pub fn destination(&self, d: &Displaced) -> FlowKey {
+        let vip = self.books.vips.addr(d.vip);
+        FlowKey {
+            src: 0,
+            dst: vip.dst,
+            sport: 0,
+            dport: vip.dport,
+            proto: vip.proto,
+            family: vip.family,
         }
     }
 
@@ -1624,6 +1741,83 @@ mod tests {
                 Lookup::Miss
             );
             assert!(is_hit(&t.lookup(&k, flow_hash(&k), 21 * SEC, 0)));
+        }
+    }
+
+    /// `insert_absent` hands back what a displaced flow's release needs:
+    /// its backend, its auto-affinity handle, whether it had expired, and
+    /// its destination; the service-address counts stay right whether the
+    /// new flow's address is the displaced one's or another.
+    #[test]
+    fn insert_absent_hands_back_the_displaced_flows_books() {
+        for fam in FAMILIES {
+            let mut t = table(WAYS);
+            let keys: Vec<FlowKey> = (0..WAYS as u32 + 2)
+                .map(|i| key_of(fam, i, PROTO_TCP))
+                .collect();
+            for (i, k) in keys[..WAYS].iter().enumerate() {
+                let auto = if i == 3 { 77 } else { NO_AUTO_SLOT };
+                let state = if i == 5 {
+                    TcpState::SynSeen
+                } else {
+                    TcpState::Established
+                };
+                let got = t.insert_absent(k, i as u32, state, auto, flow_hash(k), SEC);
+                assert_eq!(got, Ok(None), "{fam:?} {i}");
+            }
+            // Key 3 (pinned, backend 3) is the oldest; key 5 a SYN whose
+            // 10 s timeout passes before the others' 300 s.
+            for (i, k) in keys[..WAYS].iter().enumerate() {
+                if i != 3 {
+                    let flags = if i == 5 { 0 } else { ACK };
+                    assert!(is_hit(&t.lookup(k, flow_hash(k), 2 * SEC, flags)));
+                }
+            }
+            let k = keys[WAYS];
+            let d = t
+                .insert_absent(
+                    &k,
+                    9,
+                    TcpState::SynSeen,
+                    NO_AUTO_SLOT,
+                    flow_hash(&k),
+                    3 * SEC,
+                )
+                .expect("tracked")
+                .expect("displaced");
+            assert_eq!(
+                (d.backend, d.auto_slot, d.expired),
+                (3, 77, false),
+                "{fam:?}"
+            );
+            let dest = t.destination(&d);
+            assert_eq!(
+                (dest.dst, dest.dport, dest.proto, dest.family),
+                (keys[3].dst, keys[3].dport, keys[3].proto, fam)
+            );
+            assert_eq!(t.stats().evicted, 1);
+            // By 20 s the SYN-only flows (key 5, seen last at 2 s, and the
+            // new one) are past their 10 s: a flow to another service
+            // address takes the place of one of them.
+            let other = key_to(fam, WAYS as u32 + 1, PROTO_TCP, 3);
+            let d = t
+                .insert_absent(
+                    &other,
+                    4,
+                    TcpState::SynSeen,
+                    NO_AUTO_SLOT,
+                    flow_hash(&other),
+                    20 * SEC,
+                )
+                .expect("tracked")
+                .expect("displaced");
+            assert!(d.expired, "{fam:?}");
+            assert_eq!(t.len(), WAYS);
+            assert!(t.consistent(), "{fam:?}");
+            let vips = &t.books.vips;
+            let held = |k: &FlowKey| vips.users(vips.get(k).expect("indexed"));
+            assert_eq!(held(&other), 1);
+            assert_eq!(held(&keys[0]), WAYS as u32 - 1);
         }
     }
 
