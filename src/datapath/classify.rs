@@ -27,6 +27,22 @@ pub struct ParsedPacket {
 }
 
 impl ParsedPacket {
+    /// A placeholder (all zeros, IPv4) for storage parsed into later.
+    pub const EMPTY: ParsedPacket = ParsedPacket {
+        key: FlowKey {
+            src: 0,
+            dst: 0,
+            sport: 0,
+            dport: 0,
+            proto: 0,
+            family: Family::V4,
+        },
+        l3_offset: 0,
+        l4_offset: 0,
+        l3_len: 0,
+        tcp_flags: 0,
+    };
+
     /// A TCP SYN without ACK: the first packet of a new connection.
     #[inline]
     pub fn is_syn(&self) -> bool {
@@ -103,10 +119,21 @@ impl From<DropReason> for NotFlow {
 /// padding and ignored) but no checksums: the backend verifies those.
 #[inline]
 pub fn parse(frame: &[u8]) -> Result<ParsedPacket, NotFlow> {
-    match parse_plain_tcp_v4(frame) {
-        Some(p) => Ok(p),
-        None => parse_any(frame),
+    let mut p = ParsedPacket::EMPTY;
+    parse_into(frame, &mut p).map(|()| p)
+}
+
+/// [`parse`] into `out`: the worker parses a burst into storage of its
+/// own, where the packets stay for the burst, so the common frame's fields
+/// are stored once, not built and then copied. `out` holds the packet only
+/// when `Ok`.
+#[inline(always)]
+pub fn parse_into(frame: &[u8], out: &mut ParsedPacket) -> Result<(), NotFlow> {
+    if parse_plain_tcp_v4(frame, out) {
+        return Ok(());
     }
+    *out = parse_any(frame)?;
+    Ok(())
 }
 
 /// Length of the headers [`parse_plain_tcp_v4`] reads: Ethernet without a
@@ -114,13 +141,16 @@ pub fn parse(frame: &[u8]) -> Result<ParsedPacket, NotFlow> {
 const PLAIN_TCP_V4_LEN: usize = 14 + 20 + 20;
 
 /// The common frame in one bounds check: untagged Ethernet, IPv4 without
-/// options and not a fragment, TCP (options allowed). Returns exactly what
-/// [`parse_any`] would for such a frame, and None for every other frame,
-/// which [`parse_any`] then classifies (a unit test and a property test
-/// hold the two to the same answers).
+/// options and not a fragment, TCP (options allowed). Writes into `out`
+/// exactly what [`parse_any`] would return for such a frame and returns
+/// true; returns false, writing nothing, for every other frame, which
+/// [`parse_any`] then classifies (a unit test and a property test hold the
+/// two to the same answers).
 #[inline(always)]
-fn parse_plain_tcp_v4(frame: &[u8]) -> Option<ParsedPacket> {
-    let h: &[u8; PLAIN_TCP_V4_LEN] = frame.first_chunk()?;
+fn parse_plain_tcp_v4(frame: &[u8], out: &mut ParsedPacket) -> bool {
+    let Some(h) = frame.first_chunk::<PLAIN_TCP_V4_LEN>() else {
+        return false;
+    };
     let be16 = |i: usize| u16::from_be_bytes([h[i], h[i + 1]]);
     let be32 = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     // EtherType IPv4, version 4 with IHL 5, TCP, neither MF nor an offset.
@@ -129,29 +159,30 @@ fn parse_plain_tcp_v4(frame: &[u8]) -> Option<ParsedPacket> {
         || h[23] != PROTO_TCP
         || be16(20) & 0x3fff != 0
     {
-        return None;
+        return false;
     }
     // The IP packet holds the TCP header and lies inside the frame.
     let l3_len = be16(16);
     let tcp_len = usize::from(h[46] >> 4) * 4;
-    let l4_room = usize::from(l3_len).checked_sub(20)?;
+    let Some(l4_room) = usize::from(l3_len).checked_sub(20) else {
+        return false;
+    };
     if usize::from(l3_len) > frame.len() - 14 || tcp_len < 20 || tcp_len > l4_room {
-        return None;
+        return false;
     }
-    Some(ParsedPacket {
-        key: FlowKey {
-            src: u128::from(be32(26)),
-            dst: u128::from(be32(30)),
-            sport: be16(34),
-            dport: be16(36),
-            proto: PROTO_TCP,
-            family: Family::V4,
-        },
-        l3_offset: 14,
-        l4_offset: 34,
-        l3_len,
-        tcp_flags: h[47],
-    })
+    out.key = FlowKey {
+        src: u128::from(be32(26)),
+        dst: u128::from(be32(30)),
+        sport: be16(34),
+        dport: be16(36),
+        proto: PROTO_TCP,
+        family: Family::V4,
+    };
+    out.l3_offset = 14;
+    out.l4_offset = 34;
+    out.l3_len = l3_len;
+    out.tcp_flags = h[47];
+    true
 }
 
 /// [`parse`] for any frame: VLAN tags, IPv4 options, IPv6 and its
@@ -812,7 +843,7 @@ mod tests {
                 f.truncate(cut.min(f.len()));
             }
             let general = parse_any(&f);
-            match parse_plain_tcp_v4(&f) {
+            match plain(&f) {
                 Some(p) => prop_assert_eq!(Ok(p), general),
                 None => prop_assert!(
                     !matches!(general, Ok(p) if p.l3_offset == 14 && p.l4_offset == 34
@@ -823,10 +854,16 @@ mod tests {
         }
     }
 
+    /// The plain path's answer for `f`, if it takes it.
+    fn plain(f: &[u8]) -> Option<ParsedPacket> {
+        let mut p = ParsedPacket::EMPTY;
+        parse_plain_tcp_v4(f, &mut p).then_some(p)
+    }
+
     #[test]
     fn plain_tcp_v4_path_takes_the_common_frame() {
         let f = syn_v4();
-        assert_eq!(parse_plain_tcp_v4(&f), Some(parse_any(&f).unwrap()));
+        assert_eq!(plain(&f), Some(parse_any(&f).unwrap()));
         // Tagged, IPv6 and UDP frames go to the general parser.
         let tagged = FrameSpec {
             vlan: Some(7),
@@ -834,11 +871,11 @@ mod tests {
         }
         .build()
         .unwrap();
-        assert_eq!(parse_plain_tcp_v4(&tagged), None);
+        assert_eq!(plain(&tagged), None);
         assert!(parse(&tagged).is_ok());
         let udp = FrameSpec::udp_v4([10, 0, 0, 1], 53, [10, 0, 0, 2], 5353)
             .build()
             .unwrap();
-        assert_eq!(parse_plain_tcp_v4(&udp), None);
+        assert_eq!(plain(&udp), None);
     }
 }

@@ -117,6 +117,8 @@ pub struct Worker<IO: PacketIo> {
     flows: FlowTable,
     /// The prepared affinity lookups of the current burst's SYNs.
     queries: Vec<AffinityQuery>,
+    /// The current burst's packets, parsed ([`MAX_BURST`] of them).
+    parsed: Vec<ParsedPacket>,
     /// Time up to which the sweep has done its share.
     swept_until: u64,
     counters: Arc<WorkerCounters>,
@@ -156,6 +158,7 @@ impl<IO: PacketIo> Worker<IO> {
             wrr: Vec::new(),
             flows,
             queries: vec![AffinityQuery::NONE; MAX_BURST],
+            parsed: vec![ParsedPacket::EMPTY; MAX_BURST],
             swept_until: 0,
             counters,
             latency: new_histogram(),
@@ -288,7 +291,11 @@ impl<IO: PacketIo> Worker<IO> {
         let dp = std::mem::replace(&mut self.dp, placeholder);
         // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, the
         // affinity buckets their lookup will probe.
-        let mut parsed: [Option<Result<ParsedPacket, NotFlow>>; MAX_BURST] = [None; MAX_BURST];
+        // Each packet parsed in place (storage of the worker's, moved out
+        // for the burst), and whether it is a flow's (the path off the
+        // main line classifies the others again).
+        let mut parsed = std::mem::take(&mut self.parsed);
+        let mut flow = [false; MAX_BURST];
         let mut hashes = [0u64; MAX_BURST];
         // The service of each packet, looked up once here for pass 3; a
         // burst mostly goes to one service, so the last answer is kept.
@@ -299,10 +306,10 @@ impl<IO: PacketIo> Worker<IO> {
         let mut queried = [false; MAX_BURST];
         let mut queries = std::mem::take(&mut self.queries);
         let mut bytes = 0u64;
-        for (i, b) in rx.iter().enumerate() {
+        for (i, (b, p)) in rx.iter().zip(parsed.iter_mut()).enumerate() {
             bytes += b.data().len() as u64;
-            let p = classify::parse(b.data());
-            if let Ok(p) = &p {
+            if classify::parse_into(b.data(), p).is_ok() {
+                flow[i] = true;
                 let h = crate::types::flow_hash(&p.key);
                 self.flows.prefetch(&p.key, h);
                 hashes[i] = h;
@@ -328,7 +335,6 @@ impl<IO: PacketIo> Worker<IO> {
                     queried[i] = true;
                 }
             }
-            parsed[i] = Some(p);
         }
         c.rx_bytes.add(bytes);
         // Second stages for the first packets (pass 3 issues them for the
@@ -337,7 +343,8 @@ impl<IO: PacketIo> Worker<IO> {
         // hint the flow's alternate bucket where it will be read or
         // written, and the affinity slots whose tags match.
         for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
-            if let Some(Ok(p)) = &parsed[i] {
+            if flow[i] {
+                let p = &parsed[i];
                 self.flows.prefetch_alternate(&p.key, hashes[i], p.is_syn());
             }
             if queried[i] {
@@ -351,7 +358,8 @@ impl<IO: PacketIo> Worker<IO> {
         for (i, mut buf) in rx.drain(..).enumerate() {
             let ahead = i + AFFINITY_SLOT_DISTANCE;
             if ahead < n {
-                if let Some(Ok(p)) = &parsed[ahead] {
+                if flow[ahead] {
+                    let p = &parsed[ahead];
                     self.flows
                         .prefetch_alternate(&p.key, hashes[ahead], p.is_syn());
                 }
@@ -360,30 +368,28 @@ impl<IO: PacketIo> Worker<IO> {
                 }
             }
             let query = queried[i].then_some(&queries[i]);
-            let verdict = match parsed[i] {
-                Some(Ok(p)) => self
-                    .route_and_rewrite(
-                        &dp,
-                        services[i],
-                        query,
-                        &mut buf,
-                        &p,
-                        hashes[i],
-                        now,
-                        plan,
-                        src_mac,
-                    )
-                    .map(|()| plan.forward_to),
-                Some(Err(NotFlow::Drop(reason))) => Err(reason),
-                // Left to the path off the main line below.
-                Some(Err(NotFlow::Icmp(_))) => Err(DropReason::Icmp),
-                None => Err(DropReason::Malformed),
+            let verdict = if flow[i] {
+                self.route_and_rewrite(
+                    &dp,
+                    services[i],
+                    query,
+                    &mut buf,
+                    &parsed[i],
+                    hashes[i],
+                    now,
+                    plan,
+                    src_mac,
+                )
+                .map(|()| plan.forward_to)
+            } else {
+                // Classified again by the path off the main line below.
+                Err(DropReason::Malformed)
             };
             let out = match verdict {
                 Ok(out) => out,
                 Err(reason) => {
                     let off = OffLine {
-                        parsed: &parsed[i],
+                        parsed: flow[i].then_some(&parsed[i]),
                         service: services[i],
                         hash: hashes[i],
                         reason,
@@ -402,6 +408,7 @@ impl<IO: PacketIo> Worker<IO> {
         }
         self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
         self.queries = queries;
+        self.parsed = parsed;
         self.rx = rx;
         // The occupancy gauge, once per burst rather than per new flow (and
         // so also after resets and removals).
@@ -631,8 +638,13 @@ impl<IO: PacketIo> Worker<IO> {
         plan: PortPlan,
     ) -> Option<usize> {
         let verdict = match (off.parsed, off.reason, off.service) {
-            (Some(Err(NotFlow::Icmp(at))), _, _) => self.icmp(dp, buf, at, now, rx_port, plan),
-            (Some(Ok(p)), DropReason::TooBig, Some(svc)) => {
+            (None, _, _) => match classify::parse(buf.data()) {
+                Err(NotFlow::Icmp(at)) => self.icmp(dp, buf, &at, now, rx_port, plan),
+                Err(NotFlow::Drop(reason)) => Err(reason),
+                // The main line said otherwise: cannot happen.
+                Ok(_) => Err(DropReason::Malformed),
+            },
+            (Some(p), DropReason::TooBig, Some(svc)) => {
                 self.too_big(dp, buf, p, svc, off.hash, now, rx_port, plan)
             }
             _ => Err(off.reason),
@@ -1045,7 +1057,8 @@ impl<IO: PacketIo> Worker<IO> {
 
 /// What the main line knew of a packet it did not forward.
 struct OffLine<'a> {
-    parsed: &'a Option<Result<ParsedPacket, NotFlow>>,
+    /// The packet, when it is a flow's (else it is classified again).
+    parsed: Option<&'a ParsedPacket>,
     service: Option<&'a Service>,
     hash: u64,
     /// Why the main line did not forward it.
@@ -1119,7 +1132,7 @@ fn release_pin(auto: &AutoAffinityTable, dp: &Dataplane, key: &FlowKey, slot: u3
 }
 
 /// The service's scheduler: Maglev on the flow hash, or round robin.
-#[inline]
+#[inline(always)]
 fn schedule(
     dp: &Dataplane,
     svc: &Service,
