@@ -54,8 +54,19 @@ struct Store {
 
 impl Store {
     fn new(etcd: &Etcd, name: &'static str) -> Store {
+        Store::of(config(&etcd.endpoint(), name), name)
+    }
+
+    /// [`Store::new`] with another `[cluster] timeout`.
+    fn with_timeout(etcd: &Etcd, name: &'static str, timeout: Duration) -> Store {
+        let mut cfg = config(&etcd.endpoint(), name);
+        cfg.timeout = DurationStr(timeout);
+        Store::of(cfg, name)
+    }
+
+    fn of(cfg: ClusterConfig, name: &'static str) -> Store {
         Store {
-            h: spawn(&config(&etcd.endpoint(), name)).expect("spawn"),
+            h: spawn(&cfg).expect("spawn"),
             pending: VecDeque::new(),
             name,
         }
@@ -281,6 +292,38 @@ fn the_load_at_start_holds_what_exists_and_the_watch_follows_it() {
     let (changed_rev, change) = c.changed();
     assert_eq!((changed_rev, change), (rev, Change::Put(late)));
     assert!(changed_rev > revision);
+}
+
+/// The `[cluster] timeout` bounds each request, not the watch: a watch
+/// idle for three times the timeout still delivers the next change, on the
+/// same connection (no `Unreachable`, no second `Loaded` before it).
+#[test]
+fn an_idle_watch_outlives_the_request_timeout() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let timeout = Duration::from_secs(1);
+    let mut a = Store::with_timeout(&etcd, "a", timeout);
+    let mut b = Store::with_timeout(&etcd, "b", timeout);
+    a.loaded();
+    b.loaded();
+    std::thread::sleep(3 * timeout + Duration::from_millis(500));
+    let v = affinity("web", 0xc000_0263, "b1", "b");
+    b.put(1, &v, 0);
+    let rev = b.committed(1);
+    let seen = a.take("Changed, or a sign of a reconnection", |e| match e {
+        StoreEvent::Changed { .. } | StoreEvent::Unreachable { .. } | StoreEvent::Loaded { .. } => {
+            Some(e.clone())
+        }
+        _ => None,
+    });
+    assert_eq!(
+        seen,
+        StoreEvent::Changed {
+            revision: rev,
+            change: Change::Put(v)
+        },
+        "the watch was cut while idle"
+    );
 }
 
 /// A table kept the way the control thread keeps it: Loaded replaces it,
@@ -554,11 +597,7 @@ fn a_user_and_password_file_authenticate_and_an_expired_token_is_renewed() {
         let mut cfg = config(&etcd.endpoint(), "a");
         cfg.user = Some("root".into());
         cfg.password_file = Some(file.to_path_buf());
-        Store {
-            h: spawn(&cfg).expect("spawn"),
-            pending: VecDeque::new(),
-            name: "auth",
-        }
+        Store::of(cfg, "auth")
     };
     let mut a = with(&good);
     a.loaded();
@@ -589,21 +628,13 @@ fn tls_with_a_client_certificate_connects() {
     cfg.ca_file = Some(files.ca.clone());
     cfg.cert_file = Some(files.cert.clone());
     cfg.key_file = Some(files.key.clone());
-    let mut a = Store {
-        h: spawn(&cfg).expect("spawn"),
-        pending: VecDeque::new(),
-        name: "tls",
-    };
+    let mut a = Store::of(cfg.clone(), "tls");
     a.loaded();
     a.put(1, &affinity("web", 1, "b1", "a"), 0);
     a.committed(1);
     // Without the client certificate etcd refuses the connection.
     cfg.cert_file = None;
     cfg.key_file = None;
-    let mut b = Store {
-        h: spawn(&cfg).expect("spawn"),
-        pending: VecDeque::new(),
-        name: "no client certificate",
-    };
+    let mut b = Store::of(cfg, "no client certificate");
     b.unreachable();
 }

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
-use common::{read_pcap, unique, write_pcap, TempDir};
+use common::{read_pcap, test_eal_args, unique, write_pcap, TempDir};
 
 use pktdist::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use pktdist::dpdk::{
@@ -18,20 +18,7 @@ use pktdist::dpdk::{
 };
 
 fn eal_args() -> Vec<String> {
-    [
-        "--no-huge",
-        "-m",
-        "256",
-        "--no-pci",
-        "--no-shconf",
-        "--no-telemetry",
-        "-l",
-        "0",
-        "--log-level=*:warning",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    test_eal_args("pktdist-dpdk-io", "warning")
 }
 
 fn eal() -> &'static Eal {

@@ -18,7 +18,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{base_config, path_str, poll_until, serial, web_service, Pktdist, TempDir};
+use common::{
+    base_config, path_str, poll_until, serial, test_eal_args, web_service, Pktdist, TempDir,
+};
 
 use pktdist::datapath::pktio::{PacketIo, MAX_BURST};
 use pktdist::dpdk::{
@@ -39,23 +41,7 @@ const PKTDIST_MAC: &str = "02:00:00:00:00:01";
 const PEER_MAC: &str = "02:00:00:00:00:02";
 
 fn peer_eal() -> Eal {
-    let args: Vec<String> = [
-        "--no-huge",
-        "-m",
-        "256",
-        "--no-pci",
-        "--no-shconf",
-        "--no-telemetry",
-        "--file-prefix",
-        "pktdist-memif-peer",
-        "-l",
-        "0",
-        "--log-level=*:error",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Eal::init(&args).expect("the peer's EAL")
+    Eal::init(&test_eal_args("pktdist-memif-peer", "error")).expect("the peer's EAL")
 }
 
 /// SYN `i` of the peer: flow `i % FLOWS` to the web service.

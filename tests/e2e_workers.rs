@@ -19,7 +19,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{base_config, http_get, path_str, poll_until, serial, web_service, Pktdist, TempDir};
+use common::{
+    base_config, http_get, path_str, poll_until, serial, test_eal_args, web_service, Pktdist,
+    TempDir,
+};
 use pktdist::datapath::pktio::{PacketIo, MAX_BURST};
 use pktdist::dpdk::{
     Eal, Mbuf, Mempool, Port, PortQueues, PortSetup, DEFAULT_DATA_ROOM, SOCKET_ANY,
@@ -265,23 +268,7 @@ fn memif_with_two_queues_spread_by_the_peer() {
     );
 
     // The peer: a memif client with two queue pairs.
-    let args: Vec<String> = [
-        "--no-huge",
-        "-m",
-        "256",
-        "--no-pci",
-        "--no-shconf",
-        "--no-telemetry",
-        "--file-prefix",
-        "pktdist-memif-queues",
-        "-l",
-        "0",
-        "--log-level=*:error",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let _eal = Eal::init(&args).expect("the peer's EAL");
+    let _eal = Eal::init(&test_eal_args("pktdist-memif-queues", "error")).expect("the peer's EAL");
     let pool = Mempool::new("memif_q_peer", 8191, 0, DEFAULT_DATA_ROOM, SOCKET_ANY).expect("pool");
     let device = format!(
         "net_memif1,role=client,socket={},socket-abstract=no,mac=02:00:00:00:00:02",

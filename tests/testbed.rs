@@ -16,29 +16,30 @@
 //! the functions below, e.g. `backend_server_drains_itself_on_sigterm`).
 #![cfg(feature = "dpdk")]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+mod common;
 
-use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use common::testbed::{
+    after_down, assert_all_ok, examples, finish_all, kernel_has_ipip, repo, run_client,
+    skip_reason, start_backend, wait_until, Conn, Proc, Running, C1, C2, VIP,
+};
+use common::ADMIN_KEY;
 
 const PREFIX: &str = "pdt";
 const CONTROL: &str = "10.99.0.1:7400";
-const VIP: &str = "10.99.100.1";
-const ADMIN_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const BACKENDS: [(&str, &str, &str, u32); 3] = [
     ("be1", "10.99.10.1", "02:50:44:00:10:01", 100),
     ("be2", "10.99.10.2", "02:50:44:00:10:02", 200),
     ("be3", "10.99.10.3", "02:50:44:00:10:03", 300),
 ];
-/// Client sources of namespace c1 and c2. 10.99.2.8 is left out: the
-/// configuration pins it statically to be1 (the restart scenario uses it).
-const C1: &str = "10.99.1.1-10.99.1.8";
-const C2: &str = "10.99.2.1-10.99.2.7";
+/// Pinned statically to be1 by config/testbed.toml (the restart scenario
+/// uses it).
 const PINNED: &str = "10.99.2.8";
 /// The client behind the router r1, whose link to it has MTU 1400.
 const BEHIND: &str = "10.98.3.1";
@@ -52,96 +53,6 @@ fn key_of(backend: &str) -> String {
 
 fn ns(name: &str) -> String {
     format!("{PREFIX}-{name}")
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Why the test cannot run here, if it cannot.
-fn skip_reason() -> Option<String> {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next().map(str::to_string));
-    if uid.as_deref() != Some("0") {
-        return Some("not root (network namespaces, raw sockets and DPDK need it)".into());
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => {
-            return Some(format!(
-                "`ip netns list` failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))
-        }
-        Err(e) => return Some(format!("`ip` not runnable: {e}")),
-    }
-    if Command::new("ethtool").arg("--version").output().is_err() {
-        return Some("ethtool missing (scripts/install-deps.sh installs it)".into());
-    }
-    None
-}
-
-/// The example binaries. `cargo test --all-targets` builds examples only as
-/// test harnesses, so look for plain builds: this profile's, then release
-/// (scripts/test.sh builds `--release --examples` first), then debug; one
-/// older than its source does not count. Built here if none is found.
-fn examples() -> (PathBuf, PathBuf) {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_path_buf();
-    let target = profile_dir
-        .parent()
-        .expect("target directory")
-        .to_path_buf();
-    let dirs = [
-        profile_dir.join("examples"),
-        target.join("release/examples"),
-        target.join("debug/examples"),
-    ];
-    let find = |name: &str| -> Option<PathBuf> {
-        let source = fs::metadata(repo().join(format!("examples/{name}.rs")))
-            .and_then(|m| m.modified())
-            .ok()?;
-        dirs.iter().map(|d| d.join(name)).find(|p| {
-            fs::metadata(p)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t >= source)
-        })
-    };
-    if let (Some(s), Some(c)) = (find("backend_server"), find("testbed_client")) {
-        return (s, c);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(repo())
-        .args([
-            "build",
-            "--example",
-            "backend_server",
-            "--example",
-            "testbed_client",
-        ])
-        .status()
-        .expect("run cargo build --example");
-    assert!(st.success(), "cargo build of the examples failed");
-    let debug = target.join("debug/examples");
-    (debug.join("backend_server"), debug.join("testbed_client"))
-}
-
-/// Polls `cond` every 50 ms until it holds; panics with `what` after
-/// `limit` (a guard against hangs, not a timing assertion).
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "gave up waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The test bed: up on creation, down on drop.
@@ -179,11 +90,7 @@ impl Bed {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let tunl = Command::new("ip")
-            .args(["-n", &ns("be1"), "link", "show", "tunl0"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        bed.decap = !tunl;
+        bed.decap = !kernel_has_ipip(&ns("be1"));
         bed
     }
 
@@ -193,23 +100,7 @@ impl Bed {
 
     /// Starts a process inside a namespace, output to `log`.
     fn spawn(&self, netns: &str, log: &str, program: &Path, args: &[String]) -> Proc {
-        let path = self.log(log);
-        let out = File::create(&path).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns(netns)])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn in namespace");
-        Proc {
-            name: log.to_string(),
-            child,
-            log: path,
-        }
+        Proc::spawn(&ns(netns), log, self.log(log), program, args)
     }
 
     /// pktdist with config/testbed.toml, ready when its control plane answers.
@@ -227,10 +118,7 @@ impl Bed {
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let mut p = self.spawn("lb", log, Path::new(env!("CARGO_BIN_EXE_pktdist")), &args);
-        wait_until("pktdist's control plane", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = p.child.try_wait() {
-                panic!("pktdist exited ({st}):\n{}", p.tail());
-            }
+        p.await_ready("pktdist's control plane", Duration::from_secs(30), |_| {
             self.cli(&["backend", "list"]).0
         });
         p
@@ -255,19 +143,7 @@ impl Bed {
             args.push("--decap".into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let server = self.server.clone();
-        let mut p = self.spawn(name, name, &server, &args);
-        wait_until(
-            &format!("{name} to listen"),
-            Duration::from_secs(10),
-            || {
-                if let Ok(Some(st)) = p.child.try_wait() {
-                    panic!("{name} exited ({st}):\n{}", p.tail());
-                }
-                p.text().contains("ready:")
-            },
-        );
-        p
+        start_backend(&self.server, &ns(name), name, self.log(name), &args)
     }
 
     /// The three backends, plain (no affinity rule).
@@ -320,200 +196,21 @@ impl Bed {
 
     /// Runs the client in a client namespace to the end.
     fn run_client(&self, netns: &str, args: &[&str]) -> Vec<Conn> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns(netns)])
-            .arg(&self.client)
-            .args(args)
-            .output()
-            .expect("run testbed_client");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.code() != Some(2),
-            "testbed_client {args:?}: {stderr}"
-        );
-        parse_conns(&String::from_utf8_lossy(&out.stdout))
+        run_client(&self.client, &ns(netns), args)
     }
 
     /// Starts the client in a client namespace, reading its output later.
     fn start_client(&self, netns: &str, args: &[&str]) -> Running {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns(netns)])
-            .arg(&self.client)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn testbed_client");
-        let stdout = BufReader::new(child.stdout.take().expect("client stdout"));
-        let stdin = child.stdin.take();
-        Running {
-            child,
-            stdin,
-            stdout,
-        }
+        Running::start(&self.client, &ns(netns), args)
     }
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        let out = Bed::script("down");
-        if !out.status.success() {
-            eprintln!(
-                "testbed down failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        if thread::panicking() {
-            eprintln!("test-bed logs kept in {}", self.logs.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.logs);
-        }
+        after_down(&Bed::script("down"), &self.logs);
     }
 }
 
-/// A process in a namespace (`ip netns exec` execs it: the child is the
-/// program itself), killed on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn tail(&self) -> String {
-        let t = self.text();
-        let lines: Vec<&str> = t.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then waits for the end (SIGKILL after `limit`, which fails
-    /// the test): a clean stop.
-    fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "{} did not stop within {limit:?} of SIGTERM:\n{}",
-                self.name,
-                self.tail()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!(
-                "--- {} ({}):\n{}",
-                self.name,
-                self.log.display(),
-                self.tail()
-            );
-        }
-    }
-}
-
-/// A client still running: its stdin (the go-ahead of `--hold`) and its
-/// JSON lines.
-struct Running {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Running {
-    /// Reads lines up to `{"held":N}`: the first requests of `--hold`.
-    fn held(&mut self) -> Vec<Conn> {
-        let mut text = String::new();
-        loop {
-            let mut line = String::new();
-            let n = self.stdout.read_line(&mut line).expect("client output");
-            assert!(n > 0, "client ended before holding: {text}");
-            if line.contains("\"held\"") {
-                return parse_conns(&text);
-            }
-            text.push_str(&line);
-        }
-    }
-
-    /// Lets a `--hold` client make its second requests.
-    fn release(&mut self) {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = s.write_all(b"go\n");
-        }
-    }
-
-    fn still_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Waits for the end and returns the remaining lines.
-    fn finish(mut self) -> Vec<Conn> {
-        self.release();
-        let mut text = String::new();
-        for line in (&mut self.stdout).lines() {
-            text.push_str(&line.expect("client output"));
-            text.push('\n');
-        }
-        let _ = self.child.wait();
-        parse_conns(&text)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One request as the client reported it.
-#[derive(Debug, Deserialize, Clone)]
-struct Conn {
-    src: Option<String>,
-    phase: String,
-    backend: Option<String>,
-    bytes: u64,
-    ok: bool,
-    error: Option<String>,
-}
-
-impl Conn {
-    fn src_ip(&self) -> &str {
-        self.src
-            .as_deref()
-            .and_then(|s| s.split(':').next())
-            .unwrap_or("?")
-    }
-}
-
-fn parse_conns(text: &str) -> Vec<Conn> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty() && !l.contains("\"held\""))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client line {l:?}: {e}")))
-        .collect()
-}
-
-/// Every request completed (no reset, no timeout, byte-exact).
 /// Each held connection's second half (`second`) ran on the backend its
 /// first half (`first`) did, and moved all its bytes.
 fn assert_held_stayed(first: &[Conn], second: &[Conn]) {
@@ -529,30 +226,6 @@ fn assert_held_stayed(first: &[Conn], second: &[Conn]) {
         assert_eq!(c.backend, before.backend, "a held connection moved");
         assert_eq!(c.bytes, 100_000);
     }
-}
-
-fn assert_all_ok(what: &str, conns: &[Conn], expected: usize) {
-    let bad: Vec<String> = conns
-        .iter()
-        .filter(|c| !c.ok)
-        .map(|c| {
-            format!(
-                "{} ({}) via {:?}: {}",
-                c.src.as_deref().unwrap_or("?"),
-                c.phase,
-                c.backend,
-                c.error.as_deref().unwrap_or("not ok")
-            )
-        })
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} requests failed, e.g. {:?}",
-        bad.len(),
-        conns.len(),
-        &bad[..bad.len().min(5)]
-    );
-    assert_eq!(conns.len(), expected, "{what}: requests reported");
 }
 
 /// 100 connections from c1's addresses, all completing, spread over at
@@ -650,7 +323,7 @@ fn bed_lock() -> std::sync::MutexGuard<'static, ()> {
 
 #[test]
 fn testbed_end_to_end() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = skip_reason(&["ethtool"]) {
         assert!(
             std::env::var_os("CI").is_none(),
             "the test bed must run in CI, but: {why}"
@@ -742,10 +415,10 @@ fn distribution_follows_weights(bed: &Bed) {
             "100000",
         ]
     };
-    let c1 = bed.start_client("c1", &args(C1));
-    let c2 = bed.start_client("c2", &args(C2));
-    let mut conns = c1.finish();
-    conns.extend(c2.finish());
+    let conns = finish_all([
+        bed.start_client("c1", &args(C1)),
+        bed.start_client("c2", &args(C2)),
+    ]);
     assert_all_ok("weights", &conns, 1200);
     let large = conns.iter().filter(|c| c.bytes == 100_000).count();
     assert_eq!(large, 120, "100 KB responses received whole");
@@ -882,10 +555,10 @@ fn auto_affinity_keeps_parallel_connections_together(bed: &Bed) {
     };
     let a1 = args(C1);
     let a2 = args(C2);
-    let c1 = bed.start_client("c1", &a1.iter().map(String::as_str).collect::<Vec<_>>());
-    let c2 = bed.start_client("c2", &a2.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut conns = c1.finish();
-    conns.extend(c2.finish());
+    let conns = finish_all([
+        bed.start_client("c1", &a1.iter().map(String::as_str).collect::<Vec<_>>()),
+        bed.start_client("c2", &a2.iter().map(String::as_str).collect::<Vec<_>>()),
+    ]);
     assert_all_ok("parallel", &conns, 15 * 8);
     let mut per_client: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for c in &conns {
@@ -1142,25 +815,17 @@ fn a_dead_backend_is_checked_out_and_back_in(bed: &Bed) {
         ),
     )
     .expect("write the owner");
-    let owner = {
-        let path = bed.log("owner");
-        let out = File::create(&path).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns("be3"), "python3"])
-            .arg(&owner_script)
-            .env("PYTHONPATH", repo().join("clients/python/src"))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn the owner");
-        Proc {
-            name: "owner".into(),
-            child,
-            log: path,
-        }
-    };
+    // `env` execs python3: the child is the owner itself.
+    let owner = bed.spawn(
+        "be3",
+        "owner",
+        Path::new("env"),
+        &[
+            format!("PYTHONPATH={}", repo().join("clients/python/src").display()),
+            "python3".into(),
+            owner_script.display().to_string(),
+        ],
+    );
     wait_until("the owner's affinity", Duration::from_secs(10), || {
         owner.text().contains("created 600")
     });
@@ -1345,8 +1010,7 @@ fn restart_mid_traffic_keeps_connections(bed: &Bed) {
 
     let conns = trickle.finish();
     assert_all_ok("trickle across the restart", &conns, 400);
-    let mut second = held1.finish();
-    second.extend(held2.finish());
+    let second = finish_all([held1, held2]);
     assert_all_ok("held across the restart", &second, 12);
     assert_held_stayed(&first, &second);
     let stats = bed.stats();
@@ -1558,7 +1222,7 @@ fn counters_add_up(bed: &Bed) {
 /// per-worker path in play.
 #[test]
 fn testbed_two_workers() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = skip_reason(&["ethtool"]) {
         assert!(
             std::env::var_os("CI").is_none(),
             "the test bed must run in CI, but: {why}"
@@ -1610,10 +1274,10 @@ fn two_workers_spread_flows_byte_exact(bed: &Bed) {
             "100000",
         ]
     };
-    let c1 = bed.start_client("c1", &args(C1));
-    let c2 = bed.start_client("c2", &args(C2));
-    let mut conns = c1.finish();
-    conns.extend(c2.finish());
+    let conns = finish_all([
+        bed.start_client("c1", &args(C1)),
+        bed.start_client("c2", &args(C2)),
+    ]);
     assert_all_ok("two workers", &conns, 1200);
     assert_eq!(conns.iter().filter(|c| c.bytes == 100_000).count(), 120);
     let per_worker = grew(&before, &worker_rx(bed));
@@ -1671,10 +1335,10 @@ fn two_workers_meet_on_one_backend_under_auto_affinity(bed: &Bed) {
         ]
     };
     let (a1, a2) = (args(C1), args(C2));
-    let c1 = bed.start_client("c1", &a1.iter().map(String::as_str).collect::<Vec<_>>());
-    let c2 = bed.start_client("c2", &a2.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut conns = c1.finish();
-    conns.extend(c2.finish());
+    let conns = finish_all([
+        bed.start_client("c1", &a1.iter().map(String::as_str).collect::<Vec<_>>()),
+        bed.start_client("c2", &a2.iter().map(String::as_str).collect::<Vec<_>>()),
+    ]);
     assert_all_ok("parallel, two workers", &conns, 15 * 8);
     let mut per_client: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for c in &conns {

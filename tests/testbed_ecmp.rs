@@ -22,22 +22,22 @@
 //! machine. Logs stay in `$TMPDIR/pktdist-testbed-ecmp-<pid>/` on failure.
 #![cfg(feature = "dpdk")]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use common::testbed::{
+    after_down, assert_all_ok, examples, finish_all, kernel_has_ipip, repo, run_client,
+    skip_reason, start_backend, wait_until, Conn, Proc, Running, C1, C2, VIP,
+};
+use common::ADMIN_KEY;
 
 const PREFIX: &str = "pdx";
-const VIP: &str = "10.99.100.1";
-const ADMIN_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-/// Sources of the client namespaces (10.99.2.8 has a static affinity).
-const C1: &str = "10.99.1.1-10.99.1.8";
-const C2: &str = "10.99.2.1-10.99.2.7";
 /// c2's network, pinned through the shared table.
 const PINNED: &str = "10.99.2.0/24";
 /// The instances' control addresses (scripts/testbed.sh lb_ctl_ip) and
@@ -46,10 +46,6 @@ const CONTROL: [&str; 2] = ["10.99.0.1", "10.99.0.3"];
 const NEXT_HOP: [&str; 2] = ["10.99.0.2", "10.99.0.4"];
 /// The contract: a route follows its instance's readiness within this.
 const ROUTE_FOLLOWS: Duration = Duration::from_secs(3);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn ns(name: &str) -> String {
     format!("{PREFIX}-{name}")
@@ -61,74 +57,6 @@ fn lb_ns(i: usize) -> String {
         ns("lb")
     } else {
         ns(&format!("lb{}", i + 1))
-    }
-}
-
-fn skip_reason() -> Option<String> {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        == Some("0");
-    if !root {
-        return Some("not root (network namespaces, raw sockets and DPDK need it)".into());
-    }
-    for tool in ["ip", "ethtool", "bird", "birdc"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!("{tool} missing (scripts/install-deps.sh)"));
-        }
-    }
-    None
-}
-
-/// The example binaries, newer than their sources (release, then debug),
-/// else built here.
-fn examples() -> (PathBuf, PathBuf) {
-    let target = repo().join("target");
-    let find = |name: &str| -> Option<PathBuf> {
-        let source = fs::metadata(repo().join(format!("examples/{name}.rs")))
-            .and_then(|m| m.modified())
-            .ok()?;
-        ["release", "debug"]
-            .iter()
-            .map(|p| target.join(p).join("examples").join(name))
-            .find(|p| {
-                fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t >= source)
-            })
-    };
-    if let (Some(s), Some(c)) = (find("backend_server"), find("testbed_client")) {
-        return (s, c);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(repo())
-        .args([
-            "build",
-            "--example",
-            "backend_server",
-            "--example",
-            "testbed_client",
-        ])
-        .status()
-        .expect("run cargo build --example");
-    assert!(st.success(), "cargo build of the examples failed");
-    let debug = target.join("debug/examples");
-    (debug.join("backend_server"), debug.join("testbed_client"))
-}
-
-/// Polls `cond` every 50 ms; panics with `what` after `limit`.
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "gave up waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -172,31 +100,14 @@ impl Bed {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        bed.decap = !Command::new("ip")
-            .args(["-n", &ns("be1"), "link", "show", "tunl0"])
-            .output()
-            .is_ok_and(|o| o.status.success());
+        bed.decap = !kernel_has_ipip(&ns("be1"));
         bed
     }
 
+    /// Starts a process in namespace `netns` (whole), output to `log`.
     fn spawn(&self, netns: &str, log: &str, program: &Path, args: &[String]) -> Proc {
         let path = self.logs.join(format!("{log}.log"));
-        let out = File::create(&path).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn in namespace");
-        Proc {
-            name: log.to_string(),
-            child,
-            log: path,
-        }
+        Proc::spawn(netns, log, path, program, args)
     }
 
     /// Instance i with the configuration the bed wrote for it, once ready
@@ -214,15 +125,10 @@ impl Bed {
             Path::new(env!("CARGO_BIN_EXE_pktdist")),
             &args,
         );
-        wait_until(
+        p.await_ready(
             &format!("instance {i} ready"),
             Duration::from_secs(30),
-            || {
-                if let Ok(Some(st)) = p.child.try_wait() {
-                    panic!("pktdist {i} exited ({st}):\n{}", p.tail());
-                }
-                self.ready(i)
-            },
+            |_| self.ready(i),
         );
         p
     }
@@ -256,19 +162,8 @@ impl Bed {
                 if self.decap {
                     args.push("--decap".into());
                 }
-                let server = self.server.clone();
-                let mut p = self.spawn(&ns(&name), &name, &server, &args);
-                wait_until(
-                    &format!("{name} to listen"),
-                    Duration::from_secs(10),
-                    || {
-                        if let Ok(Some(st)) = p.child.try_wait() {
-                            panic!("{name} exited ({st}):\n{}", p.tail());
-                        }
-                        p.text().contains("ready:")
-                    },
-                );
-                p
+                let log = self.logs.join(format!("{name}.log"));
+                start_backend(&self.server, &ns(&name), &name, log, &args)
             })
             .collect()
     }
@@ -350,37 +245,11 @@ impl Bed {
     }
 
     fn run_client(&self, netns: &str, args: &[&str]) -> Vec<Conn> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns(netns)])
-            .arg(&self.client)
-            .args(args)
-            .output()
-            .expect("run testbed_client");
-        assert!(
-            out.status.code() != Some(2),
-            "testbed_client {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        parse_conns(&String::from_utf8_lossy(&out.stdout))
+        run_client(&self.client, &ns(netns), args)
     }
 
     fn start_client(&self, netns: &str, args: &[&str]) -> Running {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns(netns)])
-            .arg(&self.client)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn testbed_client");
-        let stdout = BufReader::new(child.stdout.take().expect("client stdout"));
-        let stdin = child.stdin.take();
-        Running {
-            child,
-            stdin,
-            stdout,
-        }
+        Running::start(&self.client, &ns(netns), args)
     }
 
     /// The BGP glue's and the routers' logs, for a failure's report.
@@ -409,170 +278,8 @@ impl Drop for Bed {
                 .arg(self.logs.join("bed-kept"))
                 .status();
         }
-        let out = self.script(&["down"]);
-        if !out.status.success() {
-            eprintln!(
-                "testbed down failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        if thread::panicking() {
-            eprintln!("test-bed logs kept in {}", self.logs.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.logs);
-        }
+        after_down(&self.script(&["down"]), &self.logs);
     }
-}
-
-/// A process in a namespace, killed on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn tail(&self) -> String {
-        let t = self.text();
-        let lines: Vec<&str> = t.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// Asks for a clean stop (once: a second signal ends pktdist at once).
-    fn sigterm(&self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    }
-
-    /// Waits for the end (a guard of 30 s).
-    fn wait_exit(mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{} did not stop after SIGTERM:\n{}",
-                self.name,
-                self.tail()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!(
-                "--- {} ({}):\n{}",
-                self.name,
-                self.log.display(),
-                self.tail()
-            );
-        }
-    }
-}
-
-/// A client still running.
-struct Running {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Running {
-    /// Reads lines up to `{"held":N}`: the first requests of `--hold`.
-    fn held(&mut self) -> Vec<Conn> {
-        let mut text = String::new();
-        loop {
-            let mut line = String::new();
-            let n = self.stdout.read_line(&mut line).expect("client output");
-            assert!(n > 0, "client ended before holding: {text}");
-            if line.contains("\"held\"") {
-                return parse_conns(&text);
-            }
-            text.push_str(&line);
-        }
-    }
-
-    fn finish(mut self) -> Vec<Conn> {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = s.write_all(b"go\n");
-        }
-        let mut text = String::new();
-        for line in (&mut self.stdout).lines() {
-            text.push_str(&line.expect("client output"));
-            text.push('\n');
-        }
-        let _ = self.child.wait();
-        parse_conns(&text)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One request as the client reported it.
-#[derive(Debug, Deserialize, Clone)]
-struct Conn {
-    src: Option<String>,
-    phase: String,
-    backend: Option<String>,
-    bytes: u64,
-    ok: bool,
-    error: Option<String>,
-}
-
-impl Conn {
-    fn src_ip(&self) -> &str {
-        self.src
-            .as_deref()
-            .and_then(|s| s.split(':').next())
-            .unwrap_or("?")
-    }
-}
-
-fn parse_conns(text: &str) -> Vec<Conn> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty() && !l.contains("\"held\""))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client line {l:?}: {e}")))
-        .collect()
-}
-
-fn assert_all_ok(what: &str, conns: &[Conn], expected: usize) {
-    let bad: Vec<String> = conns
-        .iter()
-        .filter(|c| !c.ok)
-        .map(|c| {
-            format!(
-                "{} ({}) via {:?}: {}",
-                c.src.as_deref().unwrap_or("?"),
-                c.phase,
-                c.backend,
-                c.error.as_deref().unwrap_or("not ok")
-            )
-        })
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} requests failed, e.g. {:?}",
-        bad.len(),
-        conns.len(),
-        &bad[..bad.len().min(5)]
-    );
-    assert_eq!(conns.len(), expected, "{what}: requests reported");
 }
 
 /// New connections each instance took while `f` ran.
@@ -607,7 +314,7 @@ fn utc_now() -> String {
 
 #[test]
 fn testbed_ecmp_two_instances() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = skip_reason(&["ethtool", "bird", "birdc"]) {
         assert!(
             std::env::var_os("CI").is_none(),
             "the ECMP test bed must run in CI, but: {why}"
@@ -639,10 +346,10 @@ fn testbed_ecmp_two_instances() {
                 "10",
             ]
         };
-        let c1 = bed.start_client("c1", &args(C1));
-        let c2 = bed.start_client("c2", &args(C2));
-        let mut conns = c1.finish();
-        conns.extend(c2.finish());
+        let conns = finish_all([
+            bed.start_client("c1", &args(C1)),
+            bed.start_client("c2", &args(C2)),
+        ]);
         assert_all_ok("spread", &conns, 400);
     });
     assert_both_take_a_fifth("spread", taken);
@@ -763,7 +470,7 @@ fn testbed_ecmp_two_instances() {
         "A's route was withdrawn {withdrawn:?} after its SIGTERM\n{}",
         bed.bgp_logs()
     );
-    let st = a.wait_exit();
+    let st = a.wait_exit(Duration::from_secs(30));
     let exited = stop.elapsed();
     assert!(st.success(), "instance A's exit after SIGTERM: {st}");
     let conns = trickle.finish();

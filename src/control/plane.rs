@@ -534,19 +534,7 @@ impl ControlPlane {
             };
             let lived = wall_ms.saturating_sub(a.created_unix_ms).max(1);
             let _ = self.lifetimes.record(lived);
-            self.notices.push((
-                a.notify,
-                EndedNotice {
-                    key: AffinityKey {
-                        service: a.service_addr,
-                        client: a.client,
-                        prefix_len: a.prefix_len,
-                        ports: a.ports,
-                    },
-                    owner: a.owner.clone(),
-                    reason,
-                },
-            ));
+            self.notices.push((a.notify, a.notice(reason)));
         }
         done
     }

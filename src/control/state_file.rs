@@ -45,8 +45,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::protocol::message::ServiceAddr;
-use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
+use crate::protocol::message::{AffinityKey, EndedNotice, ServiceAddr};
+use crate::types::{EndReason, PortMatch, PROTO_TCP, PROTO_UDP};
 
 /// The first bytes of every state file.
 pub const MAGIC: &[u8; 16] = b"pktdist-affinity";
@@ -73,6 +73,23 @@ pub struct SavedAffinity {
     pub expires_unix_ms: u64,
     pub created_unix_ms: u64,
     pub notify: Option<SocketAddr>,
+}
+
+impl SavedAffinity {
+    /// The AFFINITY_ENDED notice of this affinity ending for `reason`, from
+    /// what was saved (its service or backend may be gone here).
+    pub fn notice(&self, reason: EndReason) -> EndedNotice {
+        EndedNotice {
+            key: AffinityKey {
+                service: self.service_addr,
+                client: self.client,
+                prefix_len: self.prefix_len,
+                ports: self.ports,
+            },
+            owner: self.owner.clone(),
+            reason,
+        }
+    }
 }
 
 /// The content of a state file.

@@ -27,7 +27,7 @@ use crate::control::handler::{Call, Response};
 use crate::control::plane::{secs, ControlPlane, Installed, Planned, SharedEnd};
 use crate::control::state_file::SavedAffinity;
 use crate::datapath::latency::Percentiles;
-use crate::protocol::message::{AffinityKey, EndedNotice, Request, ReturnCode};
+use crate::protocol::message::{EndedNotice, Request, ReturnCode};
 use crate::types::EndReason;
 
 /// How long an instance other than an affinity's writer waits before it
@@ -496,7 +496,7 @@ impl StoreSync {
                     let end = SharedEnd {
                         key,
                         notify: v.affinity.notify,
-                        notice: notice_of(&v.affinity, EndReason::Expired),
+                        notice: v.affinity.notice(EndReason::Expired),
                     };
                     let mut out = Outbox::default();
                     self.queue_end(end, wall_ms, &mut out);
@@ -825,20 +825,6 @@ impl StoreSync {
                 }
             }
         }
-    }
-}
-
-/// The AFFINITY_ENDED notice of a store affinity.
-fn notice_of(a: &SavedAffinity, reason: EndReason) -> EndedNotice {
-    EndedNotice {
-        key: AffinityKey {
-            service: a.service_addr,
-            client: a.client,
-            prefix_len: a.prefix_len,
-            ports: a.ports,
-        },
-        owner: a.owner.clone(),
-        reason,
     }
 }
 

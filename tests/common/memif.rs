@@ -16,7 +16,7 @@ use pktdist::types::{tcp_flags, PROTO_TCP};
 use pktdist::wire::build::FrameSpec;
 use pktdist::wire::{ethernet, ipv4, tcp};
 
-use super::{path_str, poll_until, port_toml, unique, Pktdist, TEST_EAL_PREFIX};
+use super::{path_str, poll_until, port_toml, test_eal_args, unique, Pktdist, TEST_EAL_PREFIX};
 
 /// How long to wait for a link or for forwarded frames.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -29,23 +29,7 @@ pub fn eal() -> &'static Eal {
     static EAL: OnceLock<Eal> = OnceLock::new();
     EAL.get_or_init(|| {
         std::thread::spawn(|| {
-            let args: Vec<String> = [
-                "--no-huge",
-                "-m",
-                "256",
-                "--no-pci",
-                "--no-shconf",
-                "--no-telemetry",
-                "--file-prefix",
-                TEST_EAL_PREFIX,
-                "-l",
-                "0",
-                "--log-level=*:warning",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            Eal::init(&args).expect("test EAL init")
+            Eal::init(&test_eal_args(TEST_EAL_PREFIX, "warning")).expect("test EAL init")
         })
         .join()
         .expect("EAL init thread")

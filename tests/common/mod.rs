@@ -1,12 +1,15 @@
 //! Shared pieces of the end-to-end tests: temporary directories, pcap files,
 //! configuration text, and the real `pktdist` binary as a child process that
 //! is always stopped (SIGTERM, then SIGKILL) when its guard goes, also when
-//! a test fails; a real etcd server for the cluster tests (`etcd`).
+//! a test fails; a real etcd server for the cluster tests (`etcd`), a
+//! memif peer (`memif`), and the network-namespace test bed's processes
+//! and clients (`testbed`).
 #![allow(dead_code)]
 
 pub mod etcd;
 #[cfg(feature = "dpdk")]
 pub mod memif;
+pub mod testbed;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -86,12 +89,46 @@ impl Drop for TempDir {
 /// EAL file prefix of the test processes' own EAL.
 pub const TEST_EAL_PREFIX: &str = "pktdist-e2e-test";
 
-/// EAL arguments for a `pktdist` child: no hugepages, no PCI, no shared
-/// configuration (so instances never meet, whatever their prefix), and a
-/// file prefix apart from the test process's. The prefix is fixed: EAL
-/// leaves a directory per prefix under /var/run/dpdk.
+/// The EAL arguments every test EAL starts with: no hugepages (256 MiB of
+/// ordinary memory), no PCI, no shared configuration (so EALs never meet,
+/// whatever their prefix) and no telemetry socket.
+const NO_HARDWARE_EAL_ARGS: [&str; 6] = [
+    "--no-huge",
+    "-m",
+    "256",
+    "--no-pci",
+    "--no-shconf",
+    "--no-telemetry",
+];
+
+/// EAL arguments for a `pktdist` child: [`NO_HARDWARE_EAL_ARGS`] and a file
+/// prefix apart from the test process's, as a TOML array for `[eal] args`.
+/// The prefix is fixed: EAL leaves a directory per prefix under
+/// /var/run/dpdk.
 pub fn child_eal_args() -> String {
-    r#"["--no-huge", "-m", "256", "--no-pci", "--no-shconf", "--no-telemetry", "--file-prefix", "pktdist-e2e", "--log-level=*:warning"]"#.to_string()
+    let args: Vec<&str> = NO_HARDWARE_EAL_ARGS
+        .into_iter()
+        .chain(["--file-prefix", "pktdist-e2e", "--log-level=*:warning"])
+        .collect();
+    format!("{args:?}")
+}
+
+/// EAL arguments for this test process's own EAL (a memif peer, the DPDK
+/// layer's tests): [`NO_HARDWARE_EAL_ARGS`] on core 0, under `file_prefix`,
+/// logging `log_level` and worse (`error` keeps a peer's link chatter out
+/// of the test output).
+pub fn test_eal_args(file_prefix: &str, log_level: &str) -> Vec<String> {
+    NO_HARDWARE_EAL_ARGS
+        .into_iter()
+        .map(str::to_string)
+        .chain([
+            "--file-prefix".to_string(),
+            file_prefix.to_string(),
+            "-l".to_string(),
+            "0".to_string(),
+            format!("--log-level=*:{log_level}"),
+        ])
+        .collect()
 }
 
 /// The parts of a configuration every test shares: EAL, cores (control 0,
