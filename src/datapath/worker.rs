@@ -62,6 +62,9 @@ const AFFINITY_SLOT_DISTANCE: usize = 8;
 const LATENCY_FOLD_NS: u64 = 200_000_000;
 /// Most buckets one iteration sweeps (after a stall).
 const SWEEP_MAX_BUCKETS: u64 = 256;
+/// A burst's storage before its packets are parsed into it.
+const NO_PACKETS: [ParsedPacket; MAX_BURST] = [ParsedPacket::EMPTY; MAX_BURST];
+const NO_QUERIES: [AffinityQuery; MAX_BURST] = [AffinityQuery::NONE; MAX_BURST];
 
 /// How a port's forwarded packets leave and where they go next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,9 +119,11 @@ pub struct Worker<IO: PacketIo> {
     wrr: Vec<Option<SmoothWrr>>,
     flows: FlowTable,
     /// The prepared affinity lookups of the current burst's SYNs.
-    queries: Vec<AffinityQuery>,
-    /// The current burst's packets, parsed ([`MAX_BURST`] of them).
-    parsed: Vec<ParsedPacket>,
+    /// Both burst arrays are moved out for the burst and back after (a
+    /// fixed length, so the loops index them without bounds checks).
+    queries: Option<Box<[AffinityQuery; MAX_BURST]>>,
+    /// The current burst's packets, parsed.
+    parsed: Option<Box<[ParsedPacket; MAX_BURST]>>,
     /// Time up to which the sweep has done its share.
     swept_until: u64,
     counters: Arc<WorkerCounters>,
@@ -157,8 +162,8 @@ impl<IO: PacketIo> Worker<IO> {
             idle_dp: Some(Arc::new(Dataplane::default())),
             wrr: Vec::new(),
             flows,
-            queries: vec![AffinityQuery::NONE; MAX_BURST],
-            parsed: vec![ParsedPacket::EMPTY; MAX_BURST],
+            queries: Some(Box::new(NO_QUERIES)),
+            parsed: Some(Box::new(NO_PACKETS)),
             swept_until: 0,
             counters,
             latency: new_histogram(),
@@ -264,7 +269,10 @@ impl<IO: PacketIo> Worker<IO> {
         let mut rx = std::mem::take(&mut self.rx);
         rx.clear();
         self.io.rx_burst(port, &mut rx);
-        let n = rx.len();
+        // At most MAX_BURST (the trait's promise), which also tells the
+        // compiler that every index below is inside the burst's arrays.
+        debug_assert!(rx.len() <= MAX_BURST);
+        let n = rx.len().min(MAX_BURST);
         if n == 0 {
             self.rx = rx;
             return 0;
@@ -294,7 +302,7 @@ impl<IO: PacketIo> Worker<IO> {
         // Each packet parsed in place (storage of the worker's, moved out
         // for the burst), and whether it is a flow's (the path off the
         // main line classifies the others again).
-        let mut parsed = std::mem::take(&mut self.parsed);
+        let mut parsed = self.parsed.take().unwrap_or_else(|| Box::new(NO_PACKETS));
         let mut flow = [false; MAX_BURST];
         let mut hashes = [0u64; MAX_BURST];
         // The service of each packet, looked up once here for pass 3; a
@@ -304,7 +312,7 @@ impl<IO: PacketIo> Worker<IO> {
         // Which packets are SYNs with a prepared affinity query (in
         // `queries`, moved out of the worker for the burst).
         let mut queried = [false; MAX_BURST];
-        let mut queries = std::mem::take(&mut self.queries);
+        let mut queries = self.queries.take().unwrap_or_else(|| Box::new(NO_QUERIES));
         let mut bytes = 0u64;
         for (i, (b, p)) in rx.iter().zip(parsed.iter_mut()).enumerate() {
             bytes += b.data().len() as u64;
@@ -355,7 +363,9 @@ impl<IO: PacketIo> Worker<IO> {
         // Pass 3: route, rewrite, queue.
         let plan = self.setup.ports[port];
         let src_mac = self.io.port_mac(plan.forward_to);
-        for (i, mut buf) in rx.drain(..).enumerate() {
+        let mut bufs = rx.drain(..);
+        for i in 0..n {
+            let Some(mut buf) = bufs.next() else { break };
             let ahead = i + AFFINITY_SLOT_DISTANCE;
             if ahead < n {
                 if flow[ahead] {
@@ -406,9 +416,10 @@ impl<IO: PacketIo> Worker<IO> {
                 self.flush(out);
             }
         }
+        drop(bufs);
         self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
-        self.queries = queries;
-        self.parsed = parsed;
+        self.queries = Some(queries);
+        self.parsed = Some(parsed);
         self.rx = rx;
         // The occupancy gauge, once per burst rather than per new flow (and
         // so also after resets and removals).
