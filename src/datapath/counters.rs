@@ -8,7 +8,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::datapath::latency::SharedHistogram;
-use crate::types::{DropReason, IcmpDrop, MAX_BACKENDS, MAX_SERVICES};
+use crate::types::{BackendId, DropReason, IcmpDrop, ServiceId, MAX_BACKENDS, MAX_SERVICES};
+
+const _: () = assert!(MAX_SERVICES.is_power_of_two() && MAX_BACKENDS.is_power_of_two());
 
 /// A counter with a single writer.
 #[derive(Default, Debug)]
@@ -112,8 +114,10 @@ pub struct WorkerCounters {
     pub busy_ns: Counter,
     /// Per-packet processing time (ns), measured per burst from the TSC.
     pub latency: SharedHistogram,
-    pub services: Box<[ServiceCounters]>,
-    pub backends: Box<[BackendCounters]>,
+    /// By service id, [`MAX_SERVICES`] of them.
+    pub services: Box<[ServiceCounters; MAX_SERVICES]>,
+    /// By backend id, [`MAX_BACKENDS`] of them.
+    pub backends: Box<[BackendCounters; MAX_BACKENDS]>,
 }
 
 impl Default for WorkerCounters {
@@ -143,13 +147,19 @@ impl Default for WorkerCounters {
             fragments: Counter::default(),
             busy_ns: Counter::default(),
             latency: SharedHistogram::default(),
-            services: (0..MAX_SERVICES)
-                .map(|_| ServiceCounters::default())
-                .collect(),
-            backends: (0..MAX_BACKENDS)
-                .map(|_| BackendCounters::default())
-                .collect(),
+            services: array_of(ServiceCounters::default),
+            backends: array_of(BackendCounters::default),
         }
+    }
+}
+
+/// A boxed array of `N` values made by `f`, built on the heap (the
+/// backends' counters are too many for a stack).
+fn array_of<T, const N: usize>(f: impl FnMut() -> T) -> Box<[T; N]> {
+    let all: Box<[T]> = std::iter::repeat_with(f).take(N).collect();
+    match all.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("took exactly {N}"),
     }
 }
 
@@ -157,6 +167,23 @@ impl WorkerCounters {
     #[inline(always)]
     pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason as usize].inc();
+    }
+
+    /// The counters of service `id`. Ids are below [`MAX_SERVICES`] (the
+    /// registry hands out no other), a power of two: the index is masked
+    /// rather than checked.
+    #[inline(always)]
+    pub fn service(&self, id: ServiceId) -> &ServiceCounters {
+        debug_assert!(usize::from(id) < MAX_SERVICES);
+        &self.services[usize::from(id) % MAX_SERVICES]
+    }
+
+    /// The counters of backend `id`, below [`MAX_BACKENDS`] (a power of
+    /// two, masked as [`WorkerCounters::service`]).
+    #[inline(always)]
+    pub fn backend(&self, id: BackendId) -> &BackendCounters {
+        debug_assert!((id as usize) < MAX_BACKENDS);
+        &self.backends[id as usize % MAX_BACKENDS]
     }
 
     pub fn total_drops(&self) -> u64 {

@@ -494,9 +494,9 @@ impl<IO: PacketIo> Worker<IO> {
                 forward::rewrite_l2(buf, src_mac, dst_mac);
             }
         }
-        let sc = &self.counters.services[svc.id as usize];
+        let sc = &self.counters.service(svc.id);
         sc.packets.inc();
-        let bc = &self.counters.backends[backend.id as usize];
+        let bc = &self.counters.backend(backend.id);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(())
@@ -568,9 +568,9 @@ impl<IO: PacketIo> Worker<IO> {
         let src_mac = self.io.port_mac(plan.forward_to);
         self.rewrite(svc, backend, buf, p, plan, src_mac)?;
         self.fragment(buf, p, plan)?;
-        let sc = &self.counters.services[svc.id as usize];
+        let sc = &self.counters.service(svc.id);
         sc.packets.inc();
-        let bc = &self.counters.backends[backend.id as usize];
+        let bc = &self.counters.backend(backend.id);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(plan.forward_to)
@@ -775,8 +775,8 @@ impl<IO: PacketIo> Worker<IO> {
             self.fragment(buf, &p, plan)?;
         }
         self.counters.icmp_forwarded.inc();
-        self.counters.services[svc.id as usize].packets.inc();
-        let bc = &self.counters.backends[backend.id as usize];
+        self.counters.service(svc.id).packets.inc();
+        let bc = &self.counters.backend(backend.id);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(plan.forward_to)
@@ -897,7 +897,7 @@ impl<IO: PacketIo> Worker<IO> {
             TcpState::Established
         };
         let auto_slot = auto_slot.map_or(NO_AUTO_SLOT, |s| s.0);
-        let bc = &self.counters.backends[backend as usize];
+        let bc = &self.counters.backend(backend);
         bc.active.inc();
         // The lookup above missed, or removed the flow it found.
         match self
@@ -911,7 +911,7 @@ impl<IO: PacketIo> Worker<IO> {
                 } else {
                     self.counters.flows_evicted.inc();
                 }
-                self.counters.backends[old.backend as usize].active.sub(1);
+                self.counters.backend(old.backend).active.sub(1);
                 if old.auto_slot != NO_AUTO_SLOT {
                     let key = self.flows.destination(&old);
                     release_pin(&self.shared.auto_affinity, dp, &key, old.auto_slot, now);
@@ -929,7 +929,7 @@ impl<IO: PacketIo> Worker<IO> {
         }
         if syn || !is_tcp {
             // A new connection, not one re-learned mid-stream.
-            self.counters.services[svc.id as usize]
+            self.counters.service(svc.id)
                 .new_connections
                 .inc();
             bc.connections.inc();
@@ -954,7 +954,7 @@ impl<IO: PacketIo> Worker<IO> {
         // From here on `hash` is the scheduler's: the flow's, or the
         // client's for a service that hashes clients.
         let hash = svc.hash.of(&p.key, hash);
-        let sc = &self.counters.services[svc.id as usize];
+        let sc = &self.counters.service(svc.id);
         let affinity = &self.shared.affinity;
         let owner = match query {
             Some(q) => affinity.lookup_prepared(q),
@@ -1123,7 +1123,7 @@ fn release_flow(
     e: &FlowEntry,
     now: u64,
 ) {
-    counters.backends[e.backend as usize].active.sub(1);
+    counters.backend(e.backend).active.sub(1);
     if e.auto_slot != NO_AUTO_SLOT {
         release_pin(auto, dp, &e.key, e.auto_slot, now);
     }
