@@ -56,6 +56,23 @@ pub fn encap_ipip<B: PacketBuf>(
     let inner = pkt.l3_len as usize;
     let frame_len = buf.data().len();
     let end = l2 + inner;
+    if l2 == 14
+        && end <= frame_len
+        && pkt.key.family == Family::V4
+        && inner >= ipv4::HEADER_LEN
+        && inner + ipv4::HEADER_LEN <= max_len
+        && encap_plain_ipv4(
+            buf,
+            inner,
+            frame_len - end,
+            outer_src as u32,
+            backend as u32,
+            src_mac,
+            dst_mac,
+        )
+    {
+        return Ok(());
+    }
     if l2 < 14 || end > frame_len {
         return Err(DropReason::Malformed);
     }
@@ -120,24 +137,16 @@ pub fn encap_ipip<B: PacketBuf>(
     let (hdr, inner_ip) = data[l2..].split_at_mut(outer);
     match pkt.key.family {
         Family::V4 => {
-            // The header's 16-bit words are summed as values (not read back
-            // from bytes just stored, which defeats store forwarding):
-            // version/IHL and TOS, total length, id 0, flags (the inner DF)
-            // and fragment offset 0, TTL and protocol, addresses.
-            let (src, dst) = (outer_src as u32, backend as u32);
-            let w0 = 0x4500 | u32::from(inner_ip[1]);
-            let total = (inner + outer) as u32;
-            let w3 = u32::from(inner_ip[6] & 0x40) << 8;
-            let w4 = u32::from(OUTER_TTL) << 8 | u32::from(ipv4::PROTO_IPIP);
-            let sum =
-                w0 + total + w3 + w4 + (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
-            let sum = (sum & 0xffff) + (sum >> 16);
-            let c = !((sum & 0xffff) + (sum >> 16)) as u16;
-            hdr[0..4].copy_from_slice(&(w0 << 16 | total).to_be_bytes());
-            hdr[4..8].copy_from_slice(&w3.to_be_bytes());
-            hdr[8..12].copy_from_slice(&(w4 << 16 | u32::from(c)).to_be_bytes());
-            hdr[12..16].copy_from_slice(&src.to_be_bytes());
-            hdr[16..20].copy_from_slice(&dst.to_be_bytes());
+            let (Some(hdr), Some(&tos), Some(&flags)) = (
+                hdr.first_chunk_mut::<{ ipv4::HEADER_LEN }>(),
+                inner_ip.get(1),
+                inner_ip.get(6),
+            ) else {
+                // Cannot happen: the outer header is `outer` long, and the
+                // inner packet at least as long (checked above).
+                return Err(DropReason::Malformed);
+            };
+            ipv4_outer(hdr, tos, flags, inner, outer_src as u32, backend as u32);
         }
         Family::V6 => {
             let tc = (u16::from_be_bytes([inner_ip[0], inner_ip[1]]) >> 4) as u8;
@@ -157,6 +166,81 @@ pub fn encap_ipip<B: PacketBuf>(
         buf.trim_front(new_front);
     }
     Ok(())
+}
+
+/// [`encap_ipip`] of the common frame, in one piece: untagged Ethernet,
+/// IPv4 (`inner` bytes long, at least its header, then `pad` bytes of
+/// Ethernet padding, cut), headroom for the outer header. Returns false,
+/// the buffer unchanged, when the headroom is too small or the buffer
+/// cannot be cut (for the general path).
+#[inline(always)]
+fn encap_plain_ipv4<B: PacketBuf>(
+    buf: &mut B,
+    inner: usize,
+    pad: usize,
+    src: u32,
+    dst: u32,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> bool {
+    const L2: usize = 14;
+    const OUTER: usize = ipv4::HEADER_LEN;
+    if !buf.prepend(OUTER) {
+        return false;
+    }
+    if pad > 0 && !buf.truncate(L2 + OUTER + inner) {
+        buf.trim_front(OUTER);
+        return false;
+    }
+    // The new link header, the outer header, the inner IP header.
+    let Some(f) = buf.data_mut().first_chunk_mut::<{ L2 + OUTER + OUTER }>() else {
+        // Cannot happen (the frame holds the inner header): undone.
+        buf.trim_front(OUTER);
+        return false;
+    };
+    let (eth, rest) = f.split_at_mut(L2);
+    let (hdr, inner_ip) = rest.split_at_mut(OUTER);
+    // The old link header's EtherType (its bytes 12 and 13, now OUTER
+    // further on), in what becomes the outer header.
+    let (et0, et1) = (hdr[12 + OUTER - L2], hdr[13 + OUTER - L2]);
+    eth[0..6].copy_from_slice(&dst_mac);
+    eth[6..12].copy_from_slice(&src_mac);
+    eth[12] = et0;
+    eth[13] = et1;
+    if let Some(hdr) = hdr.first_chunk_mut::<OUTER>() {
+        ipv4_outer(hdr, inner_ip[1], inner_ip[6], inner, src, dst);
+    }
+    true
+}
+
+/// Writes the outer IPv4 header of an `inner`-byte packet whose TOS and
+/// flags byte are `tos` and `flags`: its TOS, its DF bit, id 0, TTL 64,
+/// protocol IP-in-IP, the checksum.
+#[inline(always)]
+fn ipv4_outer(
+    hdr: &mut [u8; ipv4::HEADER_LEN],
+    tos: u8,
+    flags: u8,
+    inner: usize,
+    src: u32,
+    dst: u32,
+) {
+    // The header's 16-bit words are summed as values (not read back from
+    // bytes just stored, which defeats store forwarding): version/IHL and
+    // TOS, total length, id 0, flags (the inner DF) and fragment offset 0,
+    // TTL and protocol, addresses.
+    let w0 = 0x4500 | u32::from(tos);
+    let total = (inner + ipv4::HEADER_LEN) as u32;
+    let w3 = u32::from(flags & 0x40) << 8;
+    let w4 = u32::from(OUTER_TTL) << 8 | u32::from(ipv4::PROTO_IPIP);
+    let sum = w0 + total + w3 + w4 + (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let c = !((sum & 0xffff) + (sum >> 16)) as u16;
+    hdr[0..4].copy_from_slice(&(w0 << 16 | total).to_be_bytes());
+    hdr[4..8].copy_from_slice(&w3.to_be_bytes());
+    hdr[8..12].copy_from_slice(&(w4 << 16 | u32::from(c)).to_be_bytes());
+    hdr[12..16].copy_from_slice(&src.to_be_bytes());
+    hdr[16..20].copy_from_slice(&dst.to_be_bytes());
 }
 
 /// Rewrites the destination and source MAC addresses (the `l2` forwarding

@@ -929,9 +929,7 @@ impl<IO: PacketIo> Worker<IO> {
         }
         if syn || !is_tcp {
             // A new connection, not one re-learned mid-stream.
-            self.counters.service(svc.id)
-                .new_connections
-                .inc();
+            self.counters.service(svc.id).new_connections.inc();
             bc.connections.inc();
         }
         Ok(backend)
