@@ -973,7 +973,8 @@ impl<K: SlotKey> Part<K> {
         hash: u64,
         now: u64,
     ) -> Result<Option<Displaced>, Untracked> {
-        let Some(vip) = books.vips.intern(flow) else {
+        // The lookup that missed has just asked for this address.
+        let Some(vip) = books.vips.intern_found(flow) else {
             books.stats.untracked += 1;
             return Err(Untracked);
         };
