@@ -409,6 +409,11 @@ struct Books {
     /// many units plus one or fewer has expired, whatever its state.
     shortest: u32,
     stats: FlowStats,
+    /// The hash and service-address index of the flow a lookup last
+    /// missed (or found stale, or a remove took), for the new flow's
+    /// insert that follows ([`FlowTable::insert_absent`]): its index
+    /// without comparing the address again.
+    vacant: Option<(u64, u16)>,
 }
 
 impl Books {
@@ -711,7 +716,12 @@ impl<K: SlotKey> Part<K> {
         tcp_flags: u8,
     ) -> Lookup {
         let home = self.bucket(hash);
-        let Some((mut b, mut s)) = self.locate(books, home, hash, flow) else {
+        let Some(vip) = books.vips.find(flow) else {
+            books.stats.misses += 1;
+            return Lookup::Miss;
+        };
+        let Some((mut b, mut s)) = self.find_from(home, hash, K::pack(flow, vip)) else {
+            books.vacant = Some((hash, vip));
             books.stats.misses += 1;
             return Lookup::Miss;
         };
@@ -719,6 +729,7 @@ impl<K: SlotKey> Part<K> {
         if books.expired(slot, now) {
             books.stats.expired += 1;
             books.stats.misses += 1;
+            books.vacant = Some((hash, vip));
             return Lookup::Stale(self.take(books, b, s));
         }
         let old_state = TcpState::from_u8(slot.state);
@@ -733,6 +744,7 @@ impl<K: SlotKey> Part<K> {
             if old_state == TcpState::Closing && syn_only {
                 books.stats.closed += 1;
                 books.stats.misses += 1;
+                books.vacant = Some((hash, vip));
                 return Lookup::Stale(self.take(books, b, s));
             }
             if tcp_flags & tcp_flags::FIN != 0 {
@@ -973,8 +985,16 @@ impl<K: SlotKey> Part<K> {
         hash: u64,
         now: u64,
     ) -> Result<Option<Displaced>, Untracked> {
-        // The lookup that missed has just asked for this address.
-        let Some(vip) = books.vips.intern_found(flow) else {
+        // The lookup that missed (or the remove) has just found this
+        // address's index, unless the address has none yet.
+        let vip = match books.vacant.take() {
+            Some((h, vip)) if h == hash => {
+                debug_assert_eq!(books.vips.get(flow), Some(vip), "{flow:?}");
+                Some(vip)
+            }
+            _ => books.vips.intern(flow),
+        };
+        let Some(vip) = vip else {
             books.stats.untracked += 1;
             return Err(Untracked);
         };
@@ -1043,6 +1063,7 @@ impl<K: SlotKey> Part<K> {
     fn remove(&mut self, books: &mut Books, key: &FlowKey, hash: u64) -> Option<FlowEntry> {
         let home = self.bucket(hash);
         let (b, s) = self.locate(books, home, hash, key)?;
+        books.vacant = Some((hash, self.buckets[b].slots[s].key.vip()));
         books.stats.removed += 1;
         Some(self.take(books, b, s))
     }
@@ -1150,6 +1171,7 @@ impl FlowTable {
                 timeout_ns,
                 shortest: u32::try_from(shortest).unwrap_or(u32::MAX),
                 stats: FlowStats::default(),
+                vacant: None,
             },
             cursor: 0,
         }

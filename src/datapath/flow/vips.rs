@@ -51,8 +51,7 @@ pub(super) struct Vips {
     addrs: Vec<Vip>,
     /// Slots holding each index.
     users: Vec<u32>,
-    /// The last address looked up, and its index; None after a
-    /// [`Vips::find`] that found none.
+    /// The last address looked up, and its index.
     last: Option<(Vip, u16)>,
     /// Indices that may be handed out: [`MAX_VIPS`], fewer in tests.
     limit: usize,
@@ -84,26 +83,9 @@ impl Vips {
                 return Some(i);
             }
         }
-        let Some(&i) = self.index.get(&vip) else {
-            self.last = None;
-            return None;
-        };
+        let i = *self.index.get(&vip)?;
         self.last = Some((vip, i));
         Some(i)
-    }
-
-    /// [`Vips::intern`] of the address the last [`Vips::find`] asked for
-    /// (a new flow's insert after its lookup): its answer, without
-    /// comparing the address again, when it found one.
-    #[inline]
-    pub fn intern_found(&mut self, k: &FlowKey) -> Option<u16> {
-        match self.last {
-            Some((last, i)) => {
-                debug_assert_eq!(last, Vip::of(k), "not the address last found");
-                Some(i)
-            }
-            None => self.intern_slow(k),
-        }
     }
 
     /// The index of `k`'s destination, like [`Vips::find`] but reading
