@@ -54,7 +54,7 @@ pub fn encap_ipip<B: PacketBuf>(
 ) -> Result<(), DropReason> {
     let l2 = pkt.l3_offset as usize;
     let inner = pkt.l3_len as usize;
-    let frame_len = buf.data().len();
+    let frame_len = buf.len();
     let end = l2 + inner;
     if l2 == 14
         && end <= frame_len

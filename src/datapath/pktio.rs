@@ -14,6 +14,11 @@ pub trait PacketBuf {
     fn data(&self) -> &[u8];
     /// The frame, writable.
     fn data_mut(&mut self) -> &mut [u8];
+    /// The frame's length: `data().len()` without making the slice.
+    #[inline]
+    fn len(&self) -> usize {
+        self.data().len()
+    }
     /// Grows the frame at the front by `n` bytes taken from the headroom.
     /// Returns false, changing nothing, when the headroom is too small.
     fn prepend(&mut self, n: usize) -> bool;
@@ -111,6 +116,10 @@ impl MemBuf {
 }
 
 impl PacketBuf for MemBuf {
+    #[inline]
+    fn len(&self) -> usize {
+        self.len
+    }
     fn data(&self) -> &[u8] {
         &self.buf[self.start..self.start + self.len]
     }

@@ -315,7 +315,7 @@ impl<IO: PacketIo> Worker<IO> {
         let mut queries = self.queries.take().unwrap_or_else(|| Box::new(NO_QUERIES));
         let mut bytes = 0u64;
         for (i, (b, p)) in rx.iter().zip(parsed.iter_mut()).enumerate() {
-            bytes += b.data().len() as u64;
+            bytes += b.len() as u64;
             if classify::parse_into(b.data(), p).is_ok() {
                 flow[i] = true;
                 let h = crate::types::flow_hash(&p.key);
@@ -353,7 +353,7 @@ impl<IO: PacketIo> Worker<IO> {
         for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
             if flow[i] {
                 let p = &parsed[i];
-                self.flows.prefetch_alternate(&p.key, hashes[i], p.is_syn());
+                self.flows.prefetch_alternate(&p.key, hashes[i], queried[i]);
             }
             if queried[i] {
                 self.shared.affinity.prefetch_slots(&mut queries[i]);
@@ -371,7 +371,7 @@ impl<IO: PacketIo> Worker<IO> {
                 if flow[ahead] {
                     let p = &parsed[ahead];
                     self.flows
-                        .prefetch_alternate(&p.key, hashes[ahead], p.is_syn());
+                        .prefetch_alternate(&p.key, hashes[ahead], queried[ahead]);
                 }
                 if queried[ahead] {
                     self.shared.affinity.prefetch_slots(&mut queries[ahead]);
@@ -435,10 +435,10 @@ impl<IO: PacketIo> Worker<IO> {
     fn flush(&mut self, port: usize) {
         let q = &mut self.tx[port];
         let before = q.len();
-        let bytes: u64 = q.iter().map(|b| b.data().len() as u64).sum();
+        let bytes: u64 = q.iter().map(|b| b.len() as u64).sum();
         self.io.tx_burst(port, q);
         let unsent = q.len();
-        let unsent_bytes: u64 = q.iter().map(|b| b.data().len() as u64).sum();
+        let unsent_bytes: u64 = q.iter().map(|b| b.len() as u64).sum();
         self.counters.tx_packets.add((before - unsent) as u64);
         self.counters.tx_bytes.add(bytes - unsent_bytes);
         if unsent > 0 {
@@ -469,7 +469,7 @@ impl<IO: PacketIo> Worker<IO> {
         let svc = service.ok_or(DropReason::NoService)?;
         let backend = self.route(dp, svc, query, p, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
-        let len = buf.data().len() as u64;
+        let len = buf.len() as u64;
         match svc.mode {
             ForwardMode::IpIp { source } => {
                 let dst_mac = backend
@@ -564,7 +564,7 @@ impl<IO: PacketIo> Worker<IO> {
         }
         let backend = self.connection_backend(dp, svc, &p.key, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
-        let len = buf.data().len() as u64;
+        let len = buf.len() as u64;
         let src_mac = self.io.port_mac(plan.forward_to);
         self.rewrite(svc, backend, buf, p, plan, src_mac)?;
         self.fragment(buf, p, plan)?;
@@ -768,7 +768,7 @@ impl<IO: PacketIo> Worker<IO> {
             // Never an ICMP answer to an ICMP message.
             return Err(IcmpVerdict::Drop(DropReason::TooBig));
         }
-        let len = buf.data().len() as u64;
+        let len = buf.len() as u64;
         let src_mac = self.io.port_mac(plan.forward_to);
         self.rewrite(svc, backend, buf, &p, plan, src_mac)?;
         if !fits {
@@ -822,7 +822,9 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Finds the connection's backend, creating its flow entry if needed.
-    /// `query` is the packet's prepared affinity lookup (SYNs).
+    /// `query` is the packet's prepared affinity lookup: there is one for
+    /// every SYN to a service and for nothing else, so it also says
+    /// whether the packet is a SYN.
     fn route(
         &mut self,
         dp: &Dataplane,
@@ -834,7 +836,10 @@ impl<IO: PacketIo> Worker<IO> {
     ) -> Result<BackendId, DropReason> {
         let is_tcp = p.key.proto == PROTO_TCP;
         let flags = if is_tcp { p.tcp_flags } else { 0 };
-        let syn = p.is_syn();
+        // The burst prepared an affinity query for exactly its SYNs to a
+        // service.
+        let syn = query.is_some();
+        debug_assert_eq!(syn, p.is_syn());
         if syn {
             // Every SYN, also one repeated on a flow already open (a
             // retransmission, or a load generator's repeating flows).

@@ -161,6 +161,11 @@ impl Mbuf {
 
 impl PacketBuf for Mbuf {
     #[inline]
+    fn len(&self) -> usize {
+        usize::from(self.raw().data_len)
+    }
+
+    #[inline]
     fn data(&self) -> &[u8] {
         let len = usize::from(self.raw().data_len);
         // SAFETY: buf_addr + data_off .. + data_len lies inside the mbuf's
