@@ -140,7 +140,9 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
     // 4 KB per mbuf of the default size (what testpmd's pool needs on
     // --no-huge memory; perf/vs_testpmd.py gives both the same), and room
     // for the rest.
-    let mem = args.mem.max((u64::from(mbufs) * 4_000 >> 20) as u32 + 512);
+    let mem = args
+        .mem
+        .max(((u64::from(mbufs) * 4_000) >> 20) as u32 + 512);
     let eal_args: Vec<String> = [
         "--no-huge",
         "-m",

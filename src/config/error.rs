@@ -203,7 +203,7 @@ pub fn from_toml(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     let (line, column, key) = match e.span() {
         // An empty span at the start: the root table (a missing top-level
         // key), not the first key that happens to begin there.
-        Some(r) if r == (0..0) => (1, 1, String::new()),
+        Some(std::ops::Range { start: 0, end: 0 }) => (1, 1, String::new()),
         Some(r) => {
             let (l, c) = line_col(text, r.start);
             (l, c, path_at(text, r.start).to_string())

@@ -534,6 +534,7 @@ fn send_notice(server: &mut ControlServer, notify: Option<SocketAddr>, notice: &
 }
 
 /// The summary from the plane's state and the server's figures.
+#[allow(clippy::too_many_arguments)]
 fn summary(
     plane: &ControlPlane,
     server: &ServerCounters,

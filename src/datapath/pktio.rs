@@ -19,6 +19,11 @@ pub trait PacketBuf {
     fn len(&self) -> usize {
         self.data().len()
     }
+    /// True for a frame of no bytes.
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Grows the frame at the front by `n` bytes taken from the headroom.
     /// Returns false, changing nothing, when the headroom is too small.
     fn prepend(&mut self, n: usize) -> bool;

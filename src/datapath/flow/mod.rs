@@ -499,7 +499,7 @@ impl<K: SlotKey> Part<K> {
         if n < 2 {
             return None;
         }
-        let a = ((hash >> 32) * n as u64 >> 32) as usize;
+        let a = (((hash >> 32) * n as u64) >> 32) as usize;
         Some(if a != home {
             a
         } else if a + 1 < n {
