@@ -24,7 +24,7 @@ mod feeder;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
@@ -64,6 +64,12 @@ enum Kind {
     /// another order, in a flow table twice their number (the established
     /// scenario: half full).
     Established,
+    /// SYNs of `--packets` clients whose flows, opened by a SYN each
+    /// before the count, have passed their SYN timeout: each finds its
+    /// expired flow and opens a new connection in its place, in a flow
+    /// table twice their number (the path of `perf/vs_testpmd.py`'s SYN
+    /// flood, which replays a file of SYNs with a short SYN timeout).
+    SynAgain,
 }
 
 /// Runs SYNs from random clients (or ACKs of open flows) through one
@@ -199,14 +205,22 @@ fn main() -> Result<(), String> {
     };
     let flow_capacity = match args.kind {
         Kind::Syn => FLOW_CAPACITY,
-        Kind::Established => (2 * args.packets).next_power_of_two(),
+        Kind::Established | Kind::SynAgain => (2 * args.packets).next_power_of_two(),
+    };
+    let timeouts = match args.kind {
+        // As the pcap scenarios: far shorter than a pass over the clients.
+        Kind::SynAgain => FlowTimeouts {
+            syn: Duration::from_millis(20),
+            ..FlowTimeouts::default()
+        },
+        _ => FlowTimeouts::default(),
     };
     let setup = WorkerSetup {
         id: 0,
         ports: vec![plan, plan],
         flow_capacity,
         flow_capacity_v6: FLOW_CAPACITY / 4,
-        timeouts: FlowTimeouts::default(),
+        timeouts,
         icmp: Default::default(),
     };
     let io: SharedIo = Rc::new(RefCell::new(MemIo::new(2)));
@@ -236,12 +250,30 @@ fn main() -> Result<(), String> {
             }
             ("acks", frames(&flows, tcp_flags::ACK))
         }
+        Kind::SynAgain => {
+            let clients = clients(&mut rng, args.packets);
+            feed(
+                &mut worker,
+                &io,
+                frames(&clients, tcp_flags::SYN),
+                &mut now,
+                true,
+            );
+            // Past the SYN timeout of every flow opened.
+            now += 1_000_000_000;
+            ("syns", frames(&clients, tcp_flags::SYN))
+        }
     };
     let n = measured_frames.len();
     io.borrow_mut().tx[1].reserve(n);
+    let before = worker.counters().services[0].new_connections.get();
     let sent = measured(&mut worker, &io, measured_frames, &mut now);
     if sent != n {
         return Err(format!("{sent} of {n} packets forwarded"));
+    }
+    let new = worker.counters().services[0].new_connections.get() - before;
+    if args.kind != Kind::Established && new != n as u64 {
+        return Err(format!("{new} of {n} SYNs opened a connection"));
     }
     let unknown = worker.counters().unknown_flows.get();
     if args.kind == Kind::Established && unknown != 0 {

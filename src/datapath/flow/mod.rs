@@ -216,12 +216,23 @@ pub struct FlowStats {
     pub moved: u64,
 }
 
+/// A live flow as [`FlowTable::lookup`] found it: what its packet needs
+/// (its key is the lookup's, its last-seen time the lookup's `now`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    pub backend: BackendId,
+    /// After the packet's flags.
+    pub state: TcpState,
+    /// Opaque handle for automatic affinity; [`NO_AUTO_SLOT`] = none.
+    pub auto_slot: u32,
+}
+
 /// The outcome of [`FlowTable::lookup`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup {
     /// A live flow, refreshed and with the packet's flags applied (a copy:
     /// change its backend with [`FlowTable::set_backend`]).
-    Hit(FlowEntry),
+    Hit(Hit),
     /// The packet carried RST: the flow is removed and handed back. The
     /// packet itself still belongs to `backend`; the caller releases the
     /// entry's auto-affinity slot and counts the connection as ended.
@@ -626,8 +637,16 @@ impl<K: SlotKey> Part<K> {
     #[inline]
     fn entry(&self, books: &Books, b: usize, s: usize) -> FlowEntry {
         let slot = &self.buckets[b].slots[s];
+        self.entry_of(b, s, slot.key.unpack(books.vips.addr(slot.key.vip())))
+    }
+
+    /// [`Part::entry`] of a flow whose key the caller has (`key`), not
+    /// unpacked again.
+    #[inline]
+    fn entry_of(&self, b: usize, s: usize, key: FlowKey) -> FlowEntry {
+        let slot = &self.buckets[b].slots[s];
         FlowEntry {
-            key: slot.key.unpack(books.vips.addr(slot.key.vip())),
+            key,
             backend: BackendId::from(slot.backend),
             state: TcpState::from_u8(slot.state),
             last_seen: u64::from(slot.stamp) << STAMP_SHIFT,
@@ -683,9 +702,10 @@ impl<K: SlotKey> Part<K> {
         self.fill((to, t), home, slot.key, slot.stamp, slot.backend, state);
     }
 
-    /// Empties slot `s` of bucket `b`, handing its entry back.
-    fn take(&mut self, books: &mut Books, b: usize, s: usize) -> FlowEntry {
-        let e = self.entry(books, b, s);
+    /// Empties slot `s` of bucket `b`, which holds the flow `key`, handing
+    /// its entry back.
+    fn take(&mut self, books: &mut Books, b: usize, s: usize, key: FlowKey) -> FlowEntry {
+        let e = self.entry_of(b, s, key);
         self.forget(books, b, s, &e);
         self.buckets[b].slots[s].state = 0;
         set_bit(&mut self.full, b, false);
@@ -730,7 +750,7 @@ impl<K: SlotKey> Part<K> {
             books.stats.expired += 1;
             books.stats.misses += 1;
             books.vacant = Some((hash, vip));
-            return Lookup::Stale(self.take(books, b, s));
+            return Lookup::Stale(self.take(books, b, s, *flow));
         }
         let old_state = TcpState::from_u8(slot.state);
         let mut state = old_state;
@@ -738,14 +758,14 @@ impl<K: SlotKey> Part<K> {
             if tcp_flags & tcp_flags::RST != 0 {
                 books.stats.closed += 1;
                 books.stats.hits += 1;
-                return Lookup::Reset(self.take(books, b, s));
+                return Lookup::Reset(self.take(books, b, s, *flow));
             }
             let syn_only = tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
             if old_state == TcpState::Closing && syn_only {
                 books.stats.closed += 1;
                 books.stats.misses += 1;
                 books.vacant = Some((hash, vip));
-                return Lookup::Stale(self.take(books, b, s));
+                return Lookup::Stale(self.take(books, b, s, *flow));
             }
             if tcp_flags & tcp_flags::FIN != 0 {
                 state = TcpState::Closing;
@@ -766,11 +786,9 @@ impl<K: SlotKey> Part<K> {
         slot.state = slot.state & !3 | state as u8;
         slot.stamp = stamp_of(now);
         books.stats.hits += 1;
-        Lookup::Hit(FlowEntry {
-            key: *flow,
+        Lookup::Hit(Hit {
             backend: BackendId::from(slot.backend),
             state,
-            last_seen: now,
             auto_slot,
         })
     }
@@ -1065,7 +1083,7 @@ impl<K: SlotKey> Part<K> {
         let (b, s) = self.locate(books, home, hash, key)?;
         books.vacant = Some((hash, self.buckets[b].slots[s].key.vip()));
         books.stats.removed += 1;
-        Some(self.take(books, b, s))
+        Some(self.take(books, b, s, *key))
     }
 
     /// Removes the timed-out entries of bucket `b`, handing each to `ended`.
@@ -1080,7 +1098,8 @@ impl<K: SlotKey> Part<K> {
             let slot = &self.buckets[b].slots[s];
             if slot.used() && books.expired(slot, now) {
                 books.stats.expired += 1;
-                ended(self.take(books, b, s));
+                let key = slot.key.unpack(books.vips.addr(slot.key.vip()));
+                ended(self.take(books, b, s, key));
             }
         }
     }
@@ -2047,7 +2066,7 @@ mod tests {
             assert!(!t.set_backend(&other, flow_hash(&other), 3));
             assert!(matches!(
                 t.lookup(&k, h, SEC, ACK),
-                Lookup::Hit(FlowEntry { backend: 3, .. })
+                Lookup::Hit(Hit { backend: 3, .. })
             ));
         }
     }
@@ -2317,11 +2336,10 @@ mod tests {
                                             known.state == TcpState::Udp || flags & RST == 0
                                         );
                                         prop_assert_eq!(
-                                            (e.key, e.backend, e.state),
-                                            (k, known.backend, next)
+                                            (e.backend, e.state),
+                                            (known.backend, next)
                                         );
                                         prop_assert_eq!(e.auto_slot, known.auto);
-                                        prop_assert_eq!(e.last_seen, now);
                                         model.insert(
                                             k,
                                             Known {
@@ -2627,10 +2645,9 @@ mod tests {
             t.put(e, h, 3 * SEC);
             match t.lookup(&k, h, 4 * SEC, 0) {
                 Lookup::Hit(got) => {
-                    assert_eq!((got.key, got.backend), (k, 5));
                     assert_eq!(
-                        (got.auto_slot, got.state, got.last_seen),
-                        (77, TcpState::SynSeen, 4 * SEC)
+                        (got.backend, got.auto_slot, got.state),
+                        (5, 77, TcpState::SynSeen)
                     );
                 }
                 other => panic!("{other:?}"),
