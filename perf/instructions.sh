@@ -1,8 +1,9 @@
 #!/bin/sh
 # Instructions per SYN through the worker, with an empty affinity table and
-# with a million affinities (the dataplane benchmark's table), and per
-# packet of an established flow, counted by callgrind: repeatable to the
-# instruction whatever the machine is doing.
+# with a million affinities (the dataplane benchmark's table), per SYN that
+# finds its flow expired (the path of perf/vs_testpmd.py's SYN flood), and
+# per packet of an established flow, counted by callgrind: repeatable to
+# the instruction whatever the machine is doing.
 #
 #   perf/instructions.sh                  # 100,000 packets per run
 #   PACKETS=20000 perf/instructions.sh
@@ -20,7 +21,7 @@ mkdir -p perf/out
 n=${PACKETS:-100000}
 result=perf/out/syn-instructions.txt
 : >"$result"
-for run in syn:empty syn:loaded established:empty; do
+for run in syn:empty syn:loaded syn-again:empty established:empty; do
     kind=${run%%:*}
     table=${run#*:}
     name=$kind-$table

@@ -494,9 +494,9 @@ impl<IO: PacketIo> Worker<IO> {
                 forward::rewrite_l2(buf, src_mac, dst_mac);
             }
         }
-        let sc = &self.counters.service(svc.id);
+        let sc = self.counters.service(svc.id);
         sc.packets.inc();
-        let bc = &self.counters.backend(backend.id);
+        let bc = self.counters.backend(backend.id);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(())
@@ -568,9 +568,9 @@ impl<IO: PacketIo> Worker<IO> {
         let src_mac = self.io.port_mac(plan.forward_to);
         self.rewrite(svc, backend, buf, p, plan, src_mac)?;
         self.fragment(buf, p, plan)?;
-        let sc = &self.counters.service(svc.id);
+        let sc = self.counters.service(svc.id);
         sc.packets.inc();
-        let bc = &self.counters.backend(backend.id);
+        let bc = self.counters.backend(backend.id);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(plan.forward_to)
@@ -776,7 +776,7 @@ impl<IO: PacketIo> Worker<IO> {
         }
         self.counters.icmp_forwarded.inc();
         self.counters.service(svc.id).packets.inc();
-        let bc = &self.counters.backend(backend.id);
+        let bc = self.counters.backend(backend.id);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(plan.forward_to)
@@ -902,7 +902,7 @@ impl<IO: PacketIo> Worker<IO> {
             TcpState::Established
         };
         let auto_slot = auto_slot.map_or(NO_AUTO_SLOT, |s| s.0);
-        let bc = &self.counters.backend(backend);
+        let bc = self.counters.backend(backend);
         bc.active.inc();
         // The lookup above missed, or removed the flow it found.
         match self
@@ -957,7 +957,7 @@ impl<IO: PacketIo> Worker<IO> {
         // From here on `hash` is the scheduler's: the flow's, or the
         // client's for a service that hashes clients.
         let hash = svc.hash.of(&p.key, hash);
-        let sc = &self.counters.service(svc.id);
+        let sc = self.counters.service(svc.id);
         let affinity = &self.shared.affinity;
         let owner = match query {
             Some(q) => affinity.lookup_prepared(q),

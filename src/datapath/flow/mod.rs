@@ -169,7 +169,7 @@ pub struct FlowEntry {
 }
 
 /// A flow [`FlowTable::insert_absent`] let go of to make room: what the
-/// caller releases of it. Small enough to come back in registers.
+/// caller releases of it, in 12 bytes where a [`FlowEntry`] takes 64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Displaced {
     pub backend: BackendId,
