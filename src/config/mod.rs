@@ -358,7 +358,7 @@ impl Default for ControlConfig {
 }
 
 /// The built-in traffic source.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrafficConfig {
     /// Port whose RX queues the source feeds.

@@ -91,6 +91,21 @@ fn restart_sections(running: &Config, next: &Config) -> Vec<&'static str> {
             "control.listen",
             running.control.listen != next.control.listen,
         ),
+        // The protocol server's replay window is sized once: widening it
+        // while running would accept again requests it has forgotten.
+        (
+            "control.max_clock_skew",
+            running.control.max_clock_skew != next.control.max_clock_skew,
+        ),
+        (
+            "control.metrics_listen",
+            running.control.metrics_listen != next.control.metrics_listen,
+        ),
+        (
+            "control.status_interval",
+            running.control.status_interval != next.control.status_interval,
+        ),
+        ("traffic", running.traffic != next.traffic),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)
@@ -191,5 +206,27 @@ mod tests {
             restart_sections(&running, &next),
             ["cores", "ports", "flow", "icmp"]
         );
+        let mut next = running.clone();
+        next.control.max_clock_skew.0 += std::time::Duration::from_secs(1);
+        next.control.metrics_listen = Some("127.0.0.1:9999".parse().unwrap());
+        next.control.status_interval.0 += std::time::Duration::from_secs(1);
+        assert_eq!(
+            restart_sections(&running, &next),
+            [
+                "control.max_clock_skew",
+                "control.metrics_listen",
+                "control.status_interval"
+            ]
+        );
+        let mut next = running.clone();
+        next.traffic = Some(
+            Config::parse(
+                &format!("{}\n[traffic]\nport = \"p0\"\n", config_text()),
+                "t.toml",
+            )
+            .map(|c| c.traffic.unwrap())
+            .unwrap(),
+        );
+        assert_eq!(restart_sections(&running, &next), ["traffic"]);
     }
 }
