@@ -420,12 +420,32 @@ struct Books {
     /// many units plus one or fewer has expired, whatever its state.
     shortest: u32,
     stats: FlowStats,
-    /// The hash and service-address index of the flow a lookup last
-    /// missed (or found stale, or a remove took), for the new flow's
-    /// insert that follows ([`FlowTable::insert_absent`]): its index
-    /// without comparing the address again.
-    vacant: Option<(u64, u16)>,
+    /// What a lookup last learned of a flow it missed (or found stale, or
+    /// a remove took), for the new flow's insert that follows
+    /// ([`FlowTable::insert_absent`]).
+    vacant: Option<Vacancy>,
 }
+
+/// A flow's place as its lookup left it: the new flow's insert that
+/// follows takes its service-address index without comparing the address
+/// again and, where the lookup emptied a slot of the flow's home bucket,
+/// that slot without searching the bucket.
+#[derive(Clone, Copy)]
+struct Vacancy {
+    /// The flow's hash: an insert of another flow ignores the vacancy.
+    hash: u64,
+    vip: u16,
+    /// The home bucket's slot the lookup emptied (a stale flow's), with
+    /// [`WAS_FULL`] if the bucket was full before; [`NO_SLOT`] if none.
+    slot: u8,
+}
+
+/// [`Vacancy::slot`] when the lookup emptied no slot of the home bucket.
+const NO_SLOT: u8 = u8::MAX;
+/// Bit of [`Vacancy::slot`]: the bucket was full before the slot was
+/// emptied.
+const WAS_FULL: u8 = 0x10;
+const _: () = assert!(WAYS <= WAS_FULL as usize);
 
 impl Books {
     /// True when `slot` has certainly been idle longer than its state's
@@ -741,15 +761,28 @@ impl<K: SlotKey> Part<K> {
             return Lookup::Miss;
         };
         let Some((mut b, mut s)) = self.find_from(home, hash, K::pack(flow, vip)) else {
-            books.vacant = Some((hash, vip));
+            books.vacant = Some(Vacancy {
+                hash,
+                vip,
+                slot: NO_SLOT,
+            });
             books.stats.misses += 1;
             return Lookup::Miss;
+        };
+        // A stale flow's slot, emptied for the new flow of its key.
+        let vacancy = |part: &Self| Vacancy {
+            hash,
+            vip,
+            slot: match (b == home, bit(&part.full, b)) {
+                (false, _) => NO_SLOT,
+                (true, full) => s as u8 | if full { WAS_FULL } else { 0 },
+            },
         };
         let slot = &self.buckets[b].slots[s];
         if books.expired(slot, now) {
             books.stats.expired += 1;
             books.stats.misses += 1;
-            books.vacant = Some((hash, vip));
+            books.vacant = Some(vacancy(self));
             return Lookup::Stale(self.take(books, b, s, *flow));
         }
         let old_state = TcpState::from_u8(slot.state);
@@ -764,7 +797,7 @@ impl<K: SlotKey> Part<K> {
             if old_state == TcpState::Closing && syn_only {
                 books.stats.closed += 1;
                 books.stats.misses += 1;
-                books.vacant = Some((hash, vip));
+                books.vacant = Some(vacancy(self));
                 return Lookup::Stale(self.take(books, b, s, *flow));
             }
             if tcp_flags & tcp_flags::FIN != 0 {
@@ -1005,12 +1038,13 @@ impl<K: SlotKey> Part<K> {
     ) -> Result<Option<Displaced>, Untracked> {
         // The lookup that missed (or the remove) has just found this
         // address's index, unless the address has none yet.
-        let vip = match books.vacant.take() {
-            Some((h, vip)) if h == hash => {
-                debug_assert_eq!(books.vips.get(flow), Some(vip), "{flow:?}");
-                Some(vip)
+        let vacancy = books.vacant.take().filter(|v| v.hash == hash);
+        let vip = match vacancy {
+            Some(v) => {
+                debug_assert_eq!(books.vips.get(flow), Some(v.vip), "{flow:?}");
+                Some(v.vip)
             }
-            _ => books.vips.intern(flow),
+            None => books.vips.intern(flow),
         };
         let Some(vip) = vip else {
             books.stats.untracked += 1;
@@ -1027,6 +1061,27 @@ impl<K: SlotKey> Part<K> {
         let (stamp, backend) = (stamp_of(now), backend as u16);
         let state = OCCUPIED | if auto { HAS_AUTO } else { 0 } | state as u8;
         books.stats.inserted += 1;
+        // The slot the lookup emptied, if still empty: the bucket is as it
+        // was before, its full bit included.
+        if let Some(v) = vacancy.filter(|v| v.slot != NO_SLOT) {
+            let (s, was_full) = (usize::from(v.slot) % WAYS, v.slot & WAS_FULL != 0);
+            let slot = &mut self.buckets[home].slots[s];
+            if !slot.used() {
+                slot.key = key;
+                slot.stamp = stamp;
+                slot.backend = backend;
+                slot.state = state;
+                if was_full {
+                    set_bit(&mut self.full, home, true);
+                }
+                books.vips.hold(vip);
+                books.len[K::FAMILY] += 1;
+                if auto {
+                    self.autos[home * WAYS + s] = auto_slot;
+                }
+                return Ok(None);
+            }
+        }
         let (b, s, displaced) = match self.room(books, home, hash, now) {
             Room::Free { b, s, guest } => {
                 let state = state | if guest { GUEST } else { 0 };
@@ -1081,7 +1136,11 @@ impl<K: SlotKey> Part<K> {
     fn remove(&mut self, books: &mut Books, key: &FlowKey, hash: u64) -> Option<FlowEntry> {
         let home = self.bucket(hash);
         let (b, s) = self.locate(books, home, hash, key)?;
-        books.vacant = Some((hash, self.buckets[b].slots[s].key.vip()));
+        books.vacant = Some(Vacancy {
+            hash,
+            vip: self.buckets[b].slots[s].key.vip(),
+            slot: NO_SLOT,
+        });
         books.stats.removed += 1;
         Some(self.take(books, b, s, *key))
     }
@@ -1865,6 +1924,59 @@ mod tests {
             let held = |k: &FlowKey| vips.users(vips.get(k).expect("indexed"));
             assert_eq!(held(&other), 1);
             assert_eq!(held(&keys[0]), WAYS as u32 - 1);
+        }
+    }
+
+    /// A SYN on a flow past its timeout: the new flow of that key takes
+    /// the slot the lookup emptied, and the bucket's books (full bit,
+    /// length, address counts) are as before; an insert of another key
+    /// after such a lookup goes through the bucket search.
+    #[test]
+    fn a_stale_flows_slot_is_taken_by_its_keys_new_flow() {
+        for fam in FAMILIES {
+            let mut t = table(WAYS);
+            let keys: Vec<FlowKey> = (0..WAYS as u32 + 1)
+                .map(|i| key_of(fam, i, PROTO_TCP))
+                .collect();
+            for k in &keys[..WAYS] {
+                let got = t.insert_absent(k, 1, TcpState::SynSeen, NO_AUTO_SLOT, flow_hash(k), SEC);
+                assert_eq!(got, Ok(None));
+            }
+            assert!(t.consistent(), "{fam:?}");
+            // Key 2 again at 20 s, past its 10 s SYN timeout: stale, its
+            // slot emptied, then filled by its new flow.
+            let k = keys[2];
+            let h = flow_hash(&k);
+            assert!(matches!(t.lookup(&k, h, 20 * SEC, SYN), Lookup::Stale(_)));
+            assert_eq!(t.len(), WAYS - 1);
+            let got = t.insert_absent(&k, 7, TcpState::SynSeen, 5, h, 20 * SEC);
+            assert_eq!(got, Ok(None), "{fam:?}");
+            assert_eq!(t.len(), WAYS);
+            assert!(t.consistent(), "{fam:?}: the full bit set again");
+            match t.lookup(&k, h, 21 * SEC, ACK) {
+                Lookup::Hit(e) => assert_eq!((e.backend, e.auto_slot), (7, 5)),
+                other => panic!("{fam:?}: {other:?}"),
+            }
+            // Key 3 stale, then a flow of another key inserted: no
+            // vacancy of key 3's is used; the bucket gives its emptied slot.
+            let k3 = keys[3];
+            assert!(matches!(
+                t.lookup(&k3, flow_hash(&k3), 40 * SEC, SYN),
+                Lookup::Stale(_)
+            ));
+            let other = keys[WAYS];
+            let h = flow_hash(&other);
+            assert_eq!(t.lookup(&other, h, 40 * SEC, SYN), Lookup::Miss);
+            let got = t.insert_absent(&other, 4, TcpState::SynSeen, NO_AUTO_SLOT, h, 40 * SEC);
+            assert!(matches!(got, Ok(_)), "{fam:?}");
+            assert!(t.consistent(), "{fam:?}");
+            let vips = &t.books.vips;
+            let idx = vips.get(&other).expect("indexed");
+            assert_eq!(
+                vips.users(idx),
+                t.len() as u32,
+                "{fam:?}: one address, every flow"
+            );
         }
     }
 
