@@ -41,6 +41,18 @@ pub struct FlowKey {
     pub family: Family,
 }
 
+impl FlowKey {
+    /// All zeros, IPv4: a placeholder for storage filled later.
+    pub const ZERO: FlowKey = FlowKey {
+        src: 0,
+        dst: 0,
+        sport: 0,
+        dport: 0,
+        proto: 0,
+        family: Family::V4,
+    };
+}
+
 /// Identity of a service, below [`MAX_SERVICES`]; stable across snapshots
 /// for as long as the service stays configured (same name, VIP, port and
 /// protocol), so per-service counters, affinities and automatic-affinity

@@ -29,14 +29,7 @@ pub struct ParsedPacket {
 impl ParsedPacket {
     /// A placeholder (all zeros, IPv4) for storage parsed into later.
     pub const EMPTY: ParsedPacket = ParsedPacket {
-        key: FlowKey {
-            src: 0,
-            dst: 0,
-            sport: 0,
-            dport: 0,
-            proto: 0,
-            family: Family::V4,
-        },
+        key: FlowKey::ZERO,
         l3_offset: 0,
         l4_offset: 0,
         l3_len: 0,

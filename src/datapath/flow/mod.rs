@@ -1625,14 +1625,7 @@ mod tests {
                 (p.vip() == i).then(|| p.unpack(vips.addr(i)))
             }
         };
-        let zero = FlowKey {
-            src: 0,
-            dst: 0,
-            sport: 0,
-            dport: 0,
-            proto: 0,
-            family: Family::V4,
-        };
+        let zero = FlowKey::ZERO;
         let k6 = FlowKey {
             src: u128::MAX - 5,
             dst: 1 << 127,
