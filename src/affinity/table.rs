@@ -782,7 +782,7 @@ impl AffinityReader {
     /// hashes each probe once. `q` is filled in place (a worker keeps one
     /// per packet of a burst), writing only the probes there are: an empty
     /// table costs the presence loads and a few stores.
-    #[inline]
+    #[inline(always)]
     pub fn prepare(
         &self,
         q: &mut AffinityQuery,
@@ -842,7 +842,7 @@ impl AffinityReader {
     /// unmarked /24 as of then, and the rest are read now. If the prefix
     /// lengths or port kinds present changed since `prepare` (so the probes
     /// may no longer be the lookup's), the lookup runs in full.
-    #[inline]
+    #[inline(always)]
     pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<BackendId> {
         let t = &*self.inner;
         let changes = t.presence[presence_index(q.service, q.family)]

@@ -581,7 +581,7 @@ impl<K: SlotKey> Part<K> {
     /// inserted into a sub-table not full (`insert`), where the insert will
     /// write it (home full, alternate not). Reads the home bucket's first
     /// line: call it once that has arrived.
-    #[inline]
+    #[inline(always)]
     fn prefetch_alternate(&self, hash: u64, insert: bool) {
         let b = self.bucket(hash);
         let spilled = self.spill(b) != 0;
@@ -746,7 +746,7 @@ impl<K: SlotKey> Part<K> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn lookup(
         &mut self,
         books: &mut Books,

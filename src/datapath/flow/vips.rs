@@ -75,7 +75,7 @@ impl Vips {
 
     /// The index of `k`'s destination, if it has one (a flow can be stored
     /// only under an address that has).
-    #[inline]
+    #[inline(always)]
     pub fn find(&mut self, k: &FlowKey) -> Option<u16> {
         let vip = Vip::of(k);
         if let Some((last, i)) = self.last {
