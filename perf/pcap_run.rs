@@ -305,6 +305,9 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
             "pcap_frames": frames,
             "pcap_load_seconds": load_secs,
             "syn_timeout_ms": timeouts.syn.as_millis() as u64,
+            // Warm-up included: perf/pcap_instructions.sh divides the
+            // whole run's instructions by it.
+            "rx_packets_all": counters.rx_packets.get(),
         }),
     };
     let rx = crate::counter(&row.counters, "rx_packets").max(1);

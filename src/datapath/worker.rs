@@ -824,7 +824,9 @@ impl<IO: PacketIo> Worker<IO> {
     /// Finds the connection's backend, creating its flow entry if needed.
     /// `query` is the packet's prepared affinity lookup: there is one for
     /// every SYN to a service and for nothing else, so it also says
-    /// whether the packet is a SYN.
+    /// whether the packet is a SYN. Always inlined: it is the main line
+    /// (the compiler otherwise calls it out of line in some builds).
+    #[inline(always)]
     fn route(
         &mut self,
         dp: &Dataplane,
@@ -870,11 +872,14 @@ impl<IO: PacketIo> Worker<IO> {
                 };
                 return Ok(backend);
             }
-            Lookup::Stale(e) => {
+            Lookup::Stale(old) => {
                 // Idle past its timeout, or a new SYN on a closing flow's
                 // tuple: the old flow is over and this packet starts anew.
                 self.counters.flows_expired.inc();
-                self.release(dp, &e, now);
+                self.counters.backend(old.backend).active.sub(1);
+                if old.auto_slot != NO_AUTO_SLOT {
+                    release_pin(&self.shared.auto_affinity, dp, &p.key, old.auto_slot, now);
+                }
             }
             Lookup::Miss => {}
         }
@@ -1817,6 +1822,35 @@ mod tests {
             2 * SEC,
         )[0];
         assert_ne!(backend_index(next), pinned);
+    }
+
+    /// A pinned flow that a new SYN of its tuple finds past its timeout
+    /// gives its pin back before the new connection takes it again: once
+    /// that connection ends, the pin lingers and goes, and no backend
+    /// still counts a connection.
+    #[test]
+    fn a_stale_pinned_flow_gives_its_pin_back() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
+        let mut svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        svc.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(60),
+        });
+        let mut b = bed(vec![svc], bes, 1 << 12);
+        let client = [198, 18, 13, 2];
+        send(&mut b, &[tcp(client, 100, tcp_flags::SYN)], SEC);
+        // Past the bed's 5 s SYN timeout.
+        send(&mut b, &[tcp(client, 100, tcp_flags::SYN)], 7 * SEC);
+        assert_eq!(b.worker.counters().flows_expired.get(), 1);
+        send(&mut b, &[tcp(client, 100, tcp_flags::RST)], 8 * SEC);
+        let c = b.worker.counters();
+        assert_eq!(c.flows_closed.get(), 1);
+        let active = (0..2)
+            .map(|id| c.backend(id).active.get() as i64)
+            .sum::<i64>();
+        assert_eq!(active, 0);
+        let auto = &b.worker.shared.auto_affinity;
+        assert_eq!(auto.len_active(9_000), 1);
+        assert_eq!(auto.len_active(69_000), 0);
     }
 
     /// A snapshot that gives services other ids (the registry keeps ids,

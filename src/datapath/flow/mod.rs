@@ -168,8 +168,9 @@ pub struct FlowEntry {
     pub auto_slot: u32,
 }
 
-/// A flow [`FlowTable::insert_absent`] let go of to make room: what the
-/// caller releases of it, in 12 bytes where a [`FlowEntry`] takes 64.
+/// A flow the table let go of, to make room ([`FlowTable::insert_absent`])
+/// or because it had ended ([`Lookup::Stale`]): what the caller releases of
+/// it, in 12 bytes where a [`FlowEntry`] takes 64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Displaced {
     pub backend: BackendId,
@@ -177,7 +178,8 @@ pub struct Displaced {
     pub auto_slot: u32,
     /// Its service address's index ([`FlowTable::destination`]).
     vip: u16,
-    /// Its idle timeout had passed; otherwise it was evicted alive.
+    /// Its idle timeout had passed. Otherwise it was evicted alive, or
+    /// (`Stale`) ended by a new SYN on the tuple of a closing flow.
     pub expired: bool,
 }
 
@@ -239,9 +241,9 @@ pub enum Lookup {
     Reset(FlowEntry),
     /// The flow had already ended before this packet (its idle timeout
     /// passed, or this is a new SYN on the tuple of a closing flow). It is
-    /// removed and handed back for the caller to release; the packet is
-    /// handled as a new flow.
-    Stale(FlowEntry),
+    /// removed and what the caller releases of it handed back (its key is
+    /// the packet's); the packet is handled as a new flow.
+    Stale(Displaced),
     /// No flow with this key.
     Miss,
 }
@@ -732,6 +734,35 @@ impl<K: SlotKey> Part<K> {
         e
     }
 
+    /// Empties slot `s` of bucket `b`, which holds a flow whose home is
+    /// `home`, handing back what the caller releases of it: [`Part::take`]
+    /// for the lookup's stale flow, whose key the caller has.
+    #[inline(always)]
+    fn vacate(
+        &mut self,
+        books: &mut Books,
+        (b, s): (usize, usize),
+        home: usize,
+        expired: bool,
+    ) -> Displaced {
+        let auto_slot = self.auto_slot(b, s);
+        let slot = &mut self.buckets[b].slots[s];
+        let displaced = Displaced {
+            backend: BackendId::from(slot.backend),
+            auto_slot,
+            vip: slot.key.vip(),
+            expired,
+        };
+        slot.state = 0;
+        books.vips.release(displaced.vip);
+        books.len[K::FAMILY] -= 1;
+        set_bit(&mut self.full, b, false);
+        if b != home {
+            self.count_spill(home, false);
+        }
+        displaced
+    }
+
     /// The books of a flow leaving slot `s` of bucket `b` (its entry `e`):
     /// the family's count, its service-address index, its home's spill
     /// count if it is a guest.
@@ -783,7 +814,7 @@ impl<K: SlotKey> Part<K> {
             books.stats.expired += 1;
             books.stats.misses += 1;
             books.vacant = Some(vacancy(self));
-            return Lookup::Stale(self.take(books, b, s, *flow));
+            return Lookup::Stale(self.vacate(books, (b, s), home, true));
         }
         let old_state = TcpState::from_u8(slot.state);
         let mut state = old_state;
@@ -798,7 +829,7 @@ impl<K: SlotKey> Part<K> {
                 books.stats.closed += 1;
                 books.stats.misses += 1;
                 books.vacant = Some(vacancy(self));
-                return Lookup::Stale(self.take(books, b, s, *flow));
+                return Lookup::Stale(self.vacate(books, (b, s), home, false));
             }
             if tcp_flags & tcp_flags::FIN != 0 {
                 state = TcpState::Closing;
@@ -1718,7 +1749,7 @@ mod tests {
                 // stamps' two-unit slack): handed back as stale.
                 let t1 = t0 + 2 * secs * SEC + (3 << STAMP_SHIFT);
                 match t.lookup(&k, h, t1, 0) {
-                    Lookup::Stale(e) => assert_eq!((e.key, e.state), (k, state)),
+                    Lookup::Stale(d) => assert_eq!((d.backend, d.expired), (7, true)),
                     other => panic!("{fam:?} {state:?}: expected Stale, got {other:?}"),
                 }
                 assert_eq!(t.lookup(&k, h, t1, 0), Lookup::Miss);
@@ -1748,10 +1779,7 @@ mod tests {
             // Now the 5 s fin timeout applies.
             assert!(matches!(
                 t.lookup(&k, h, 208 * SEC, ACK),
-                Lookup::Stale(FlowEntry {
-                    state: TcpState::Closing,
-                    ..
-                })
+                Lookup::Stale(Displaced { expired: true, .. })
             ));
             assert!(t.consistent());
         }
@@ -2419,11 +2447,12 @@ mod tests {
                         Some(known) => {
                             let idle = now - known.last_seen;
                             let timeout = timeout_ns(known.state);
-                            if let Lookup::Stale(e) = got {
-                                prop_assert_eq!((e.key, e.backend), (k, known.backend));
+                            if let Lookup::Stale(d) = got {
+                                prop_assert_eq!(d.backend, known.backend);
                                 let syn_on_closing =
                                     known.state == TcpState::Closing && flags & (SYN | ACK) == SYN;
                                 prop_assert!(idle > timeout || syn_on_closing);
+                                prop_assert!(d.expired || syn_on_closing);
                                 model.remove(&k);
                             } else {
                                 prop_assert!(idle <= timeout + SLACK, "{got:?} after {idle} ns");
