@@ -192,6 +192,9 @@ pub fn render(
             }
         ))
     );
+    if let Some(limits) = cur.extra.control.as_ref().and_then(|c| c.limits()) {
+        let _ = writeln!(o, "{}", clip(&format!("limits: {limits}")));
+    }
     if !terminal {
         o.push('\n');
     }
@@ -301,6 +304,28 @@ mod tests {
         let text = render("x", None, &b, 1.0, true);
         assert!(text.starts_with(CLEAR));
         assert!(text.contains("rx - pps"));
+    }
+
+    /// What the affinity limits and request rates refused shows under the
+    /// drops, once they refused anything.
+    #[test]
+    fn refusals_by_limits_and_rates_are_shown() {
+        use crate::report::summary::ControlSummary;
+        let mut b = snapshot(10);
+        b.extra.control = Some(ControlSummary::default());
+        assert!(!render("x", None, &b, 1.0, false).contains("limits:"));
+        b.extra.control = Some(ControlSummary {
+            limited: [("quota".to_string(), 4), ("overlap".to_string(), 0)].into(),
+            rate_limited: [("be1".to_string(), 0), ("be2".to_string(), 7)].into(),
+            ..ControlSummary::default()
+        });
+        let text = render("x", None, &b, 1.0, false);
+        assert!(
+            text.contains(
+                "limits: 4 affinity creates refused (quota 4), 7 requests rate limited (be2 7)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

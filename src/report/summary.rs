@@ -358,6 +358,34 @@ pub struct ControlSummary {
     pub state_file_write_failures: u64,
 }
 
+impl ControlSummary {
+    /// What the affinity limits and request rates refused, as one line
+    /// (without its `limits:` label): `None` while they refused nothing.
+    pub fn limits(&self) -> Option<String> {
+        let limited: u64 = self.limited.values().sum();
+        let rate_limited: u64 = self.rate_limited.values().sum();
+        if limited == 0 && rate_limited == 0 {
+            return None;
+        }
+        let list = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut line = format!("{limited} affinity creates refused");
+        if limited > 0 {
+            line += &format!(" ({})", list(&self.limited));
+        }
+        line += &format!(", {rate_limited} requests rate limited");
+        if rate_limited > 0 {
+            line += &format!(" ({})", list(&self.rate_limited));
+        }
+        Some(line)
+    }
+}
+
 /// Affinities ended, by reason (the fields in the JSON's key order).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
@@ -784,33 +812,8 @@ impl Summary {
                 c.ended.backend_removed,
                 c.ended.backend_down,
             );
-            let limited: u64 = c.limited.values().sum();
-            let rate_limited: u64 = c.rate_limited.values().sum();
-            if limited > 0 || rate_limited > 0 {
-                let _ = writeln!(
-                    o,
-                    "  limits: {} affinity creates refused ({}), {} requests rate limited{}",
-                    limited,
-                    c.limited
-                        .iter()
-                        .map(|(k, n)| format!("{k} {n}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    rate_limited,
-                    if rate_limited > 0 {
-                        format!(
-                            " ({})",
-                            c.rate_limited
-                                .iter()
-                                .filter(|(_, n)| **n > 0)
-                                .map(|(k, n)| format!("{k} {n}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    } else {
-                        String::new()
-                    }
-                );
+            if let Some(limits) = c.limits() {
+                let _ = writeln!(o, "  limits: {limits}");
             }
         }
         if let Some(c) = &self.extra.cluster {
