@@ -344,10 +344,11 @@ fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Resu
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: pktdist\r\nConnection: close\r\n\r\n"
-    )?;
+    // In one write: `write!` on the stream would send the request in
+    // pieces, and a server that answers once it has read the first piece
+    // and closes would leave the rest to fail with a broken pipe.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: pktdist\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut head = Vec::new();
     s.take(4096).read_to_end(&mut head)?;
     let text = String::from_utf8_lossy(&head);
@@ -880,8 +881,15 @@ mod tests {
         let status = status.to_string();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
+            // The whole request head, then the answer.
+            let mut head = Vec::new();
             let mut buf = [0u8; 512];
-            let _ = s.read(&mut buf);
+            while !head.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
         });
         addr
