@@ -85,23 +85,34 @@ fn finish(h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// Multiplies two words into 128 bits and folds the halves together (the
+/// mixing step of wyhash): one multiply instruction that spreads every input
+/// bit over the whole result.
+#[inline]
+fn fold_mul(a: u64, b: u64) -> u64 {
+    let r = u128::from(a) * u128::from(b);
+    r as u64 ^ (r >> 64) as u64
+}
+
 /// Hash of a flow's 5-tuple, used by the flow table and the consistent hash.
-/// An IPv4 tuple (addresses in the low 32 bits) takes two mixing rounds, an
-/// IPv6 one five: the hash is on every packet's critical path to its
-/// flow-table prefetch. Instances agree on it only when they compute the same
-/// function: see the README's "Limits and notes" on mixed versions.
+/// An IPv4 tuple (addresses in the low 32 bits) is two words, folded by two
+/// wide multiplies; an IPv6 one takes five mixing rounds and a finaliser:
+/// the hash is on every packet's critical path to its flow-table prefetch.
+/// Instances agree on it only when they compute the same function: see the
+/// README's "Limits and notes" on mixed versions.
 #[inline]
 pub fn flow_hash(key: &FlowKey) -> u64 {
     let ports = (key.sport as u64) << 32 | (key.dport as u64) << 16 | key.proto as u64;
-    let mut h = 0x243f_6a88_85a3_08d3u64;
     if key.family == Family::V4 {
-        h = mix(h, (key.src as u64) << 32 | (key.dst as u64 & 0xffff_ffff));
-    } else {
-        h = mix(h, key.src as u64);
-        h = mix(h, (key.src >> 64) as u64);
-        h = mix(h, key.dst as u64);
-        h = mix(h, (key.dst >> 64) as u64);
+        let addrs = (key.src as u64) << 32 | (key.dst as u64 & 0xffff_ffff);
+        let h = fold_mul(addrs ^ 0x243f_6a88_85a3_08d3, ports ^ 0x1319_8a2e_0370_7344);
+        return fold_mul(h ^ 0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89);
     }
+    let mut h = 0x243f_6a88_85a3_08d3u64;
+    h = mix(h, key.src as u64);
+    h = mix(h, (key.src >> 64) as u64);
+    h = mix(h, key.dst as u64);
+    h = mix(h, (key.dst >> 64) as u64);
     finish(mix(h, ports))
 }
 
