@@ -133,6 +133,21 @@ fn prepend_and_trim_on_real_mbufs() {
     assert!(m.trim_front(m.data().len()));
     assert!(m.data().is_empty());
 
+    // Grow the front and cut the tail in one step, or refuse unchanged.
+    let mut r = Mbuf::from_frame(&pool, &f).expect("from_frame");
+    assert!(!r.reframe(r.headroom() + 1, 20));
+    assert!(!r.reframe(20, f.len() + 21));
+    assert_eq!((r.data(), r.headroom()), (&f[..], usize::from(HEADROOM)));
+    assert!(r.reframe(20, 80));
+    assert_eq!(
+        (r.data().len(), r.pkt_len(), r.headroom()),
+        (80, 80, usize::from(HEADROOM) - 20)
+    );
+    assert_eq!(&r.data()[20..], &f[..60]);
+    assert!(r.reframe(14, 94));
+    assert_eq!((r.data().len(), r.pkt_len()), (94, 94));
+    assert_eq!(&r.data()[34..], &f[..60]);
+
     // Resize within the buffer only.
     let mut e = Mbuf::alloc(&pool).expect("alloc");
     assert!(e.data().is_empty());
@@ -153,7 +168,7 @@ fn prepend_and_trim_on_real_mbufs() {
             room
         }
     );
-    drop((m, e));
+    drop((m, e, r));
     assert_eq!(pool.available(), pool.size());
 }
 

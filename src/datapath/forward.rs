@@ -64,7 +64,6 @@ pub fn encap_ipip<B: PacketBuf>(
         && encap_plain_ipv4(
             buf,
             inner,
-            frame_len - end,
             outer_src as u32,
             backend as u32,
             src_mac,
@@ -169,15 +168,14 @@ pub fn encap_ipip<B: PacketBuf>(
 }
 
 /// [`encap_ipip`] of the common frame, in one piece: untagged Ethernet,
-/// IPv4 (`inner` bytes long, at least its header, then `pad` bytes of
-/// Ethernet padding, cut), headroom for the outer header. Returns false,
+/// IPv4 (`inner` bytes long, at least its header, then any Ethernet
+/// padding, cut), headroom for the outer header. Returns false,
 /// the buffer unchanged, when the headroom is too small or the buffer
 /// cannot be cut (for the general path).
 #[inline(always)]
 fn encap_plain_ipv4<B: PacketBuf>(
     buf: &mut B,
     inner: usize,
-    pad: usize,
     src: u32,
     dst: u32,
     src_mac: [u8; 6],
@@ -185,11 +183,7 @@ fn encap_plain_ipv4<B: PacketBuf>(
 ) -> bool {
     const L2: usize = 14;
     const OUTER: usize = ipv4::HEADER_LEN;
-    if !buf.prepend(OUTER) {
-        return false;
-    }
-    if pad > 0 && !buf.truncate(L2 + OUTER + inner) {
-        buf.trim_front(OUTER);
+    if !buf.reframe(OUTER, L2 + OUTER + inner) {
         return false;
     }
     // The new link header, the outer header, the inner IP header.

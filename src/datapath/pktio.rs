@@ -34,6 +34,22 @@ pub trait PacketBuf {
     /// nothing, when the frame is shorter than `len` or the buffer cannot
     /// (a multi-segment mbuf).
     fn truncate(&mut self, len: usize) -> bool;
+    /// Grows the frame at the front by `front` bytes of headroom and makes
+    /// it `len` bytes long, at most the grown length: [`PacketBuf::prepend`]
+    /// then [`PacketBuf::truncate`] in one step (an encapsulation that also
+    /// cuts the Ethernet padding). Returns false, changing nothing, when
+    /// either would fail.
+    #[inline]
+    fn reframe(&mut self, front: usize, len: usize) -> bool {
+        if !self.prepend(front) {
+            return false;
+        }
+        if len != self.len() && !self.truncate(len) {
+            self.trim_front(front);
+            return false;
+        }
+        true
+    }
     /// Hints that the buffer's descriptor (the mbuf header: data offset and
     /// lengths) will be read and written soon. Needs no read of the buffer.
     #[inline]
@@ -240,6 +256,21 @@ impl<T: PacketIo> PacketIo for std::rc::Rc<std::cell::RefCell<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reframe_grows_the_front_and_cuts_the_tail_or_changes_nothing() {
+        let mut b = MemBuf::from_frame(&[1, 2, 3, 4]);
+        assert!(!b.reframe(MEM_HEADROOM + 1, 2));
+        assert!(!b.reframe(2, 7));
+        assert_eq!((b.data(), b.headroom()), (&[1, 2, 3, 4][..], MEM_HEADROOM));
+        assert!(b.reframe(2, 5));
+        assert_eq!(
+            (b.data(), b.headroom()),
+            (&[0, 0, 1, 2, 3][..], MEM_HEADROOM - 2)
+        );
+        assert!(b.reframe(1, 6));
+        assert_eq!(b.data(), &[0, 0, 0, 1, 2, 3]);
+    }
 
     #[test]
     fn membuf_prepend_and_trim() {

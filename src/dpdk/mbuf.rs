@@ -220,6 +220,27 @@ impl PacketBuf for Mbuf {
     }
 
     #[inline]
+    fn reframe(&mut self, front: usize, len: usize) -> bool {
+        let m = self.raw_mut();
+        let grown = usize::from(m.data_len) + front;
+        if front > usize::from(m.data_off) || len > grown {
+            return false;
+        }
+        if len == grown {
+            m.pkt_len += front as u32;
+        } else if m.nb_segs == 1 {
+            m.pkt_len = len as u32;
+        } else {
+            return false;
+        }
+        // front <= data_off; len <= data_len + front, and data_off +
+        // data_len <= buf_len fits in u16.
+        m.data_off -= front as u16;
+        m.data_len = len as u16;
+        true
+    }
+
+    #[inline]
     fn prefetch_meta(&self) {
         // The first cache line of struct rte_mbuf holds buf_addr, data_off
         // and the lengths.
