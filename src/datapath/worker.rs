@@ -119,11 +119,14 @@ pub struct Worker<IO: PacketIo> {
     wrr: Vec<Option<SmoothWrr>>,
     flows: FlowTable,
     /// The prepared affinity lookups of the current burst's SYNs.
-    /// Both burst arrays are moved out for the burst and back after (a
-    /// fixed length, so the loops index them without bounds checks).
+    /// The burst arrays are moved out for the burst and back after (a
+    /// fixed length, so the loops index them without bounds checks; kept
+    /// from burst to burst, so not written anew for each).
     queries: Option<Box<[AffinityQuery; MAX_BURST]>>,
     /// The current burst's packets, parsed.
     parsed: Option<Box<[ParsedPacket; MAX_BURST]>>,
+    /// The current burst's flow hashes.
+    hashes: Option<Box<[u64; MAX_BURST]>>,
     /// Time up to which the sweep has done its share.
     swept_until: u64,
     counters: Arc<WorkerCounters>,
@@ -164,6 +167,7 @@ impl<IO: PacketIo> Worker<IO> {
             flows,
             queries: Some(Box::new(NO_QUERIES)),
             parsed: Some(Box::new(NO_PACKETS)),
+            hashes: Some(Box::new([0; MAX_BURST])),
             swept_until: 0,
             counters,
             latency: new_histogram(),
@@ -304,7 +308,10 @@ impl<IO: PacketIo> Worker<IO> {
         // main line classifies the others again).
         let mut parsed = self.parsed.take().unwrap_or_else(|| Box::new(NO_PACKETS));
         let mut flow = [false; MAX_BURST];
-        let mut hashes = [0u64; MAX_BURST];
+        let mut hashes = self
+            .hashes
+            .take()
+            .unwrap_or_else(|| Box::new([0; MAX_BURST]));
         // The service of each packet, looked up once here for pass 3; a
         // burst mostly goes to one service, so the last answer is kept.
         let mut services: [Option<&Service>; MAX_BURST] = [None; MAX_BURST];
@@ -420,6 +427,7 @@ impl<IO: PacketIo> Worker<IO> {
         self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
         self.queries = Some(queries);
         self.parsed = Some(parsed);
+        self.hashes = Some(hashes);
         self.rx = rx;
         // The occupancy gauge, once per burst rather than per new flow (and
         // so also after resets and removals).
