@@ -62,7 +62,7 @@ use hashbrown::HashMap;
 use super::key::TableKey;
 use super::seqlock::SeqLock;
 use super::{hash3, random_seed};
-use crate::dpdk::prefetch;
+use crate::dpdk::{huge_page_slice_with, prefetch};
 use crate::net::{max_prefix, prefix_mask};
 use crate::types::Family;
 use crate::types::PortMatch;
@@ -205,8 +205,8 @@ impl AffinityTable {
         let slots = slots.max(2 * SLOTS);
         let buckets = slots / SLOTS;
         let inner = Arc::new(Inner {
-            headers: (0..buckets).map(|_| Header::default()).collect(),
-            lines: (0..slots / 2).map(|_| Line::default()).collect(),
+            headers: huge_page_slice_with(buckets, Header::default),
+            lines: huge_page_slice_with(slots / 2, Line::default),
             presence: (0..MAX_SERVICES * 2).map(|_| Presence::default()).collect(),
             nets: (0..NET_WORDS).map(|_| AtomicU64::new(0)).collect(),
             mask: buckets as u64 - 1,

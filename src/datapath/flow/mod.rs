@@ -37,7 +37,9 @@
 //!
 //! A lookup compares the packed key with the bucket's eight keys directly:
 //! no tags, and no second dependent read. The whole table is written once
-//! at construction, so its pages are faulted in before the first packet.
+//! at construction, so its pages are faulted in before the first packet,
+//! on transparent huge pages where the kernel gives them (advised before
+//! that first write: a TLB entry then covers 2 MiB of buckets, not 4 KiB).
 //!
 //! Capacity is fixed at construction, per family (each rounded up to a
 //! multiple of [`WAYS`]); after that only the address list can grow, when a
@@ -70,7 +72,7 @@ use std::time::Duration;
 
 mod vips;
 
-use crate::dpdk::prefetch;
+use crate::dpdk::{huge_page_slice, prefetch};
 use crate::types::{flow_hash, tcp_flags, Family, FlowKey};
 use crate::types::{BackendId, MAX_BACKENDS};
 use vips::{Vip, Vips};
@@ -508,8 +510,8 @@ impl<K: SlotKey> Part<K> {
     fn new(capacity: usize) -> Part<K> {
         let n = capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS);
         Part {
-            buckets: vec![Bucket::EMPTY; n].into_boxed_slice(),
-            autos: vec![NO_AUTO_SLOT; n * WAYS].into_boxed_slice(),
+            buckets: huge_page_slice(n, Bucket::EMPTY),
+            autos: huge_page_slice(n * WAYS, NO_AUTO_SLOT),
             full: vec![0; n.div_ceil(64)].into_boxed_slice(),
         }
     }
