@@ -256,7 +256,8 @@ def testpmd_section(t, json_name):
         f"`{t.get('command', 'perf/vs_testpmd.py')}` on {t.get('date', '?')} (load before the run "
         f"{' '.join(t.get('load_before', []))}; JSON: `{json_name}`, not committed): "
         f"{t.get('rounds', '?')} rounds of {t.get('seconds', '?')} s per run, testpmd and pktdist "
-        "in alternating order within each round, on the same `net_pcap` input replaying "
+        "(and the reference build, when there is one) taking turns at each place in a round's order, "
+        "on the same `net_pcap` input replaying "
         f"{t.get('flows', 0):,} frames forever into core {t.get('cores', ['?', '?'])[1]} and the same "
         "`net_null` output. The ratio is the median of the rounds' ratios (each pairs two runs "
         "seconds apart); Mpps are the medians of the runs.",

@@ -6,10 +6,10 @@ frames: a `net_pcap` port replaying a capture file forever
 (`infinite_rx=1`) into the forwarding core, which transmits to a `net_null`
 port that discards (`no-rx=1`). `dpdk-testpmd --forward-mode=io` moves the
 frames untouched; pktdist's worker (`dataplane-bench --scenario pcap-*`)
-does its whole job on them. Each round runs both for each scenario, in
-alternating order (this VM's speed drifts by +-30% within minutes, so only
-runs seconds apart compare), and the report is the median of the rounds'
-ratios.
+does its whole job on them. Each round runs both for each scenario, each
+taking each place in the order in turn (this VM's speed drifts by +-30%
+within minutes, so only runs seconds apart compare), and the report is the
+median of the rounds' ratios.
 
     sudo perf/vs_testpmd.py                       # 5 rounds, 3 s per run
     sudo perf/vs_testpmd.py --rounds 9 --seconds 4 --scenario syn
@@ -18,7 +18,9 @@ ratios.
 With `--reference`, a second dataplane-bench binary (an older build of
 pktdist, with the pcap scenarios) runs in every round too, so a change is
 measured against testpmd and against the build before it in the same
-rounds.
+rounds. The three then rotate through the places in a round's order, so
+give a multiple of three rounds: the later runs of a round tend to be
+faster on this VM.
 
 Scenarios (frames written by `dataplane-bench --write-pcap`, once, into
 perf/out/pcap/):
@@ -204,9 +206,12 @@ def main():
     results = {s: [] for s in scenarios}
     for r in range(args.rounds):
         for s in scenarios:
+            # Each binary takes each place in the order in turn (with
+            # --reference, over every three rounds): the run later in a
+            # round tends to be faster on this VM.
             order = ["testpmd", "pktdist"] + (["reference"] if args.reference else [])
-            if (r + scenarios.index(s)) % 2:
-                order.reverse()
+            k = (r + scenarios.index(s)) % len(order)
+            order = order[k:] + order[:k]
             got = {}
             for who in order:
                 if who == "testpmd":
