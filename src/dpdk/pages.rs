@@ -8,7 +8,7 @@
 //! hugepages. Asking the kernel for transparent huge pages on the tables
 //! (`MADV_HUGEPAGE`, before their first write) lets it back them with 2 MiB
 //! pages where `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or
-//! `madvise` (Debian's default). Where it is `never`, or the kernel has no
+//! `madvise`. Where it is `never`, or the kernel has no
 //! huge page to give, the tables stay on small pages: a hint, never an
 //! error.
 
@@ -24,10 +24,7 @@ const PAGE: usize = 4096;
 /// written: the first write faults it in, in huge pages if the kernel has
 /// them.
 pub fn huge_page_slice<T: Clone>(n: usize, value: T) -> Box<[T]> {
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    advise_huge_pages(v.spare_capacity_mut());
-    v.resize(n, value);
-    v.into_boxed_slice()
+    huge_page_slice_with(n, || value.clone())
 }
 
 /// [`huge_page_slice`] with each element made by `make`.
