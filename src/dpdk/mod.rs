@@ -52,7 +52,7 @@ mod error;
 mod pages;
 mod thread;
 
-pub use cpu::{prefetch, tsc, tsc_hz};
+pub use cpu::{equal_words, prefetch, tsc, tsc_hz};
 pub use error::DpdkError;
 pub use pages::{huge_page_slice, huge_page_slice_with};
 pub use thread::{lcore_id, pin_current_thread, spawn_worker, WorkerHandle};

@@ -5,11 +5,11 @@
 //! flow's hash picks its *home* bucket of [`WAYS`] slots, the high half its
 //! *alternate*, another bucket that takes the flow when home is full. A
 //! lookup reads the home bucket, and the alternate only when some flow of
-//! that home lives in its alternate (a count in the home bucket's first
-//! line): at half of capacity about 2% of buckets have such flows and under
-//! 1% of flows are among them. [`FlowTable::prefetch`] hints the home
-//! bucket; [`FlowTable::prefetch_alternate`], called a few packets later
-//! when the home's first line has arrived, reads that count and hints the
+//! that home lives in its alternate (a count in the home bucket): at half
+//! of capacity about 2% of buckets have such flows and under 1% of flows
+//! are among them. [`FlowTable::prefetch`] hints the home bucket;
+//! [`FlowTable::prefetch_alternate`], called a few packets later when the
+//! home's line holding that count has arrived, reads the count and hints the
 //! alternate where the lookup will read it, or where a SYN's insert will
 //! write it, so the second bucket is in cache when it is needed, and the
 //! first stage reads nothing but the packet's hash.
@@ -19,24 +19,26 @@
 //! established flow pays a page walk for its bucket, and under a hypervisor
 //! that nested walk costs more than the rest of the packet, the more so the
 //! larger the table. So slots are
-//! self-contained and as small as the key allows, with one sub-table per
-//! address family. A slot does not keep its flow's destination (address,
+//! as small as the key allows, a bucket's never across a page, with one
+//! sub-table per address family. A slot does not keep its flow's destination (address,
 //! port, protocol): it keeps a 16-bit index into the table's own list of
 //! the service addresses it has seen (module `vips`), so the key is the
 //! client's address and port plus that index:
 //!
-//! * IPv4 (the common case): key packed in a `u64`, last-seen stamp,
-//!   backend and state: a 16-byte slot, eight to a 128-byte bucket aligned
-//!   to 128 (two cache lines, never across a page). 2^21 flows take 32 MiB.
-//! * IPv6: the same with the 128-bit client address: a 32-byte slot, eight
+//! * IPv4 (the common case): key packed in a `u64`, then last-seen stamp,
+//!   backend and state in 8 bytes: 16 bytes a slot, eight to a 128-byte
+//!   bucket aligned to 128, its eight keys on the first cache line and the
+//!   rest on the second. 2^21 flows take 32 MiB.
+//! * IPv6: the same with the 128-bit client address: 24-byte keys, eight
 //!   to a 256-byte bucket aligned to 256. 2^19 flows take 16 MiB.
 //!
 //! Each slot also has 4 bytes in a side array for its auto-affinity handle
 //! (8 MiB for 2^21 IPv4 flows), read only for slots marked as having one,
 //! so packets of other flows never touch its pages.
 //!
-//! A lookup compares the packed key with the bucket's eight keys directly:
-//! no tags, and no second dependent read. The whole table is written once
+//! A lookup compares the packed key with the bucket's eight keys directly,
+//! all at once and without a branch (for IPv4, four SSE2 compares): no
+//! tags, and no second dependent read. The whole table is written once
 //! at construction, so its pages are faulted in before the first packet,
 //! on transparent huge pages where the kernel gives them (advised before
 //! that first write: a TLB entry then covers 2 MiB of buckets, not 4 KiB).
@@ -72,7 +74,7 @@ use std::time::Duration;
 
 mod vips;
 
-use crate::dpdk::{huge_page_slice, prefetch};
+use crate::dpdk::{equal_words, huge_page_slice, prefetch};
 use crate::types::{flow_hash, tcp_flags, Family, FlowKey};
 use crate::types::{BackendId, MAX_BACKENDS};
 use vips::{Vip, Vips};
@@ -266,6 +268,35 @@ trait SlotKey: Copy + Eq + std::fmt::Debug {
     fn vip(self) -> u16;
     /// The whole 5-tuple, given the address of [`SlotKey::vip`].
     fn unpack(self, vip: Vip) -> FlowKey;
+    /// The first slot holding `key` among a bucket's `keys` that is in use
+    /// (`used(slot)`). The keys are all compared, into a mask, without a
+    /// branch: a search that stopped at the first match would leave its
+    /// loop at a data-dependent slot, a branch that the predictor misses
+    /// about once per lookup in a half-full table. An emptied slot keeps
+    /// its old key, so a match counts only in a slot in use (almost always
+    /// the first match).
+    #[inline(always)]
+    fn find_in(keys: &[Self; WAYS], key: Self, used: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut m = 0u32;
+        for (s, &k) in keys.iter().enumerate() {
+            m |= u32::from(k == key) << s;
+        }
+        first_in_use(m, 0, used)
+    }
+}
+
+/// The first slot of `matches` (bit `slot << shift` set for each slot that
+/// matched) that is in use.
+#[inline(always)]
+fn first_in_use(mut matches: u32, shift: u32, used: impl Fn(usize) -> bool) -> Option<usize> {
+    while matches != 0 {
+        let s = (matches.trailing_zeros() >> shift) as usize % WAYS;
+        if used(s) {
+            return Some(s);
+        }
+        matches &= matches - 1;
+    }
+    None
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -308,6 +339,15 @@ impl SlotKey for V4Key {
             proto: vip.proto,
             family: Family::V4,
         }
+    }
+
+    /// The eight keys, one cache line, compared at once
+    /// ([`equal_words`]).
+    #[inline(always)]
+    fn find_in(keys: &[V4Key; WAYS], key: V4Key, used: impl Fn(usize) -> bool) -> Option<usize> {
+        let words = keys.map(|k| k.0);
+        // One bit per match kept (bit 2s of slot s).
+        first_in_use(equal_words(&words, key.0) & 0x5555, 1, used)
     }
 }
 
@@ -363,26 +403,23 @@ impl SlotKey for V6Key {
 // A slot keeps a backend id in 16 bits.
 const _: () = assert!(MAX_BACKENDS <= 1 << 16);
 
-/// One flow, self-contained but for its auto-affinity handle: 16 bytes
-/// with a [`V4Key`], 32 with a [`V6Key`].
+/// A slot's flow but for its key: last-seen time, backend and state, 8
+/// bytes.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
-struct Slot<K> {
-    key: K,
+struct Meta {
     /// Last-seen time in 2^20 ns units.
     stamp: u32,
     backend: u16,
     /// [`OCCUPIED`] | [`HAS_AUTO`] | [`GUEST`] | [`TcpState`]; 0 = empty.
     state: u8,
     /// In slot 0, the bucket's spill count: how many flows whose home it
-    /// is live in their alternate (in the slot's padding, on the line a
-    /// lookup reads first). Unused in the other slots.
+    /// is live in their alternate. Unused in the other slots.
     spill: u8,
 }
 
-impl<K: SlotKey> Slot<K> {
-    const EMPTY: Slot<K> = Slot {
-        key: K::ZERO,
+impl Meta {
+    const EMPTY: Meta = Meta {
         stamp: 0,
         backend: 0,
         state: 0,
@@ -395,19 +432,38 @@ impl<K: SlotKey> Slot<K> {
     }
 }
 
-/// [`WAYS`] slots, aligned to their total size.
+/// [`WAYS`] slots, aligned to their total size: the keys together, then
+/// the rest of each flow (so a lookup compares all eight keys at once,
+/// from one line for IPv4), slot `s` being `keys[s]` and `metas[s]`.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 struct Bucket<K: SlotKey> {
     _align: [K::Align; 0],
-    slots: [Slot<K>; WAYS],
+    keys: [K; WAYS],
+    metas: [Meta; WAYS],
 }
 
 impl<K: SlotKey> Bucket<K> {
     const EMPTY: Bucket<K> = Bucket {
         _align: [],
-        slots: [Slot::EMPTY; WAYS],
+        keys: [K::ZERO; WAYS],
+        metas: [Meta::EMPTY; WAYS],
     };
+
+    /// Whether every slot is in use.
+    #[inline]
+    fn is_full(&self) -> bool {
+        self.metas.iter().all(Meta::used)
+    }
+
+    /// Writes a flow into slot `s` (the bucket's spill count, in slot 0,
+    /// stays).
+    #[inline(always)]
+    fn set(&mut self, s: usize, key: K, stamp: u32, backend: u16, state: u8) {
+        self.keys[s] = key;
+        let m = &mut self.metas[s];
+        (m.stamp, m.backend, m.state) = (stamp, backend, state);
+    }
 }
 
 /// What both sub-tables share: the flow count, the service addresses, the
@@ -453,7 +509,7 @@ impl Books {
     /// True when `slot` has certainly been idle longer than its state's
     /// timeout (stamps are coarse: up to two stamp units late).
     #[inline]
-    fn expired<K>(&self, slot: &Slot<K>, now: u64) -> bool {
+    fn expired(&self, slot: &Meta, now: u64) -> bool {
         let age = u64::from(stamp_of(now).wrapping_sub(slot.stamp));
         age.saturating_sub(1) << STAMP_SHIFT > self.timeout_ns[usize::from(slot.state & 3)]
     }
@@ -553,23 +609,25 @@ impl<K: SlotKey> Part<K> {
     /// Flows of home `b` living in their alternate.
     #[inline]
     fn spill(&self, b: usize) -> u8 {
-        self.buckets[b].slots[0].spill
+        self.buckets[b].metas[0].spill
     }
 
     /// Counts a flow of home `b` into (`up`) or out of its alternate.
     #[inline]
     fn count_spill(&mut self, b: usize, up: bool) {
-        let c = &mut self.buckets[b].slots[0].spill;
+        let c = &mut self.buckets[b].metas[0].spill;
         *c = if up { *c + 1 } else { *c - 1 };
     }
 
     #[inline]
     fn prefetch_bucket(&self, b: usize) {
         let bk = &self.buckets[b];
-        let per_line = (CACHE_LINE / std::mem::size_of::<Slot<K>>()).max(1);
-        for s in (0..WAYS).step_by(per_line) {
-            prefetch(&bk.slots[s]);
+        // The first key on each line of the keys, then the metas' line.
+        let key_size = std::mem::size_of::<K>();
+        for line in 0..(WAYS * key_size).div_ceil(CACHE_LINE) {
+            prefetch(&bk.keys[(line * CACHE_LINE).div_ceil(key_size)]);
         }
+        prefetch(&bk.metas[0]);
     }
 
     /// Hints the home bucket of `hash`.
@@ -581,8 +639,8 @@ impl<K: SlotKey> Part<K> {
     /// Hints the alternate of `hash` where the lookup will read it (some
     /// flow of the home lives in its alternate) or, for a flow about to be
     /// inserted into a sub-table not full (`insert`), where the insert will
-    /// write it (home full, alternate not). Reads the home bucket's first
-    /// line: call it once that has arrived.
+    /// write it (home full, alternate not). Reads the home bucket's spill
+    /// count: call it once that line has arrived.
     #[inline(always)]
     fn prefetch_alternate(&self, hash: u64, insert: bool) {
         let b = self.bucket(hash);
@@ -599,8 +657,8 @@ impl<K: SlotKey> Part<K> {
     /// The slot of bucket `b` holding `key`.
     #[inline(always)]
     fn find(&self, b: usize, key: K) -> Option<usize> {
-        let slots = &self.buckets[b].slots;
-        (0..WAYS).find(|&s| slots[s].key == key && slots[s].used())
+        let bk = &self.buckets[b];
+        K::find_in(&bk.keys, key, |s| bk.metas[s].used())
     }
 
     /// Where `key`, whose hash is `hash` and home `b`, is stored: in `b`,
@@ -642,13 +700,13 @@ impl<K: SlotKey> Part<K> {
     /// A slot of bucket `b` not in use.
     #[inline]
     fn free(&self, b: usize) -> Option<usize> {
-        self.buckets[b].slots.iter().position(|x| !x.used())
+        self.buckets[b].metas.iter().position(|x| !x.used())
     }
 
     /// The auto-affinity handle of slot `s` of bucket `b`.
     #[inline]
     fn auto_slot(&self, b: usize, s: usize) -> u32 {
-        if self.buckets[b].slots[s].state & HAS_AUTO != 0 {
+        if self.buckets[b].metas[s].state & HAS_AUTO != 0 {
             self.autos[b * WAYS + s]
         } else {
             NO_AUTO_SLOT
@@ -658,15 +716,15 @@ impl<K: SlotKey> Part<K> {
     /// The entry in slot `s` of bucket `b`, as the caller sees it.
     #[inline]
     fn entry(&self, books: &Books, b: usize, s: usize) -> FlowEntry {
-        let slot = &self.buckets[b].slots[s];
-        self.entry_of(b, s, slot.key.unpack(books.vips.addr(slot.key.vip())))
+        let key = self.buckets[b].keys[s];
+        self.entry_of(b, s, key.unpack(books.vips.addr(key.vip())))
     }
 
     /// [`Part::entry`] of a flow whose key the caller has (`key`), not
     /// unpacked again.
     #[inline]
     fn entry_of(&self, b: usize, s: usize, key: FlowKey) -> FlowEntry {
-        let slot = &self.buckets[b].slots[s];
+        let slot = &self.buckets[b].metas[s];
         FlowEntry {
             key,
             backend: BackendId::from(slot.backend),
@@ -688,13 +746,10 @@ impl<K: SlotKey> Part<K> {
         backend: u16,
         state: u8,
     ) {
-        let slot = &mut self.buckets[b].slots[s];
-        debug_assert!(!slot.used());
-        slot.key = key;
-        slot.stamp = stamp;
-        slot.backend = backend;
-        slot.state = state;
-        if self.buckets[b].slots.iter().all(Slot::used) {
+        let bk = &mut self.buckets[b];
+        debug_assert!(!bk.metas[s].used());
+        bk.set(s, key, stamp, backend, state);
+        if bk.is_full() {
             set_bit(&mut self.full, b, true);
         }
         if state & GUEST != 0 {
@@ -711,17 +766,17 @@ impl<K: SlotKey> Part<K> {
         (to, t): (usize, usize),
         guest: bool,
     ) {
-        let slot = self.buckets[b].slots[s];
+        let (key, slot) = (self.buckets[b].keys[s], self.buckets[b].metas[s]);
         if slot.state & HAS_AUTO != 0 {
             self.autos[to * WAYS + t] = self.autos[b * WAYS + s];
         }
-        self.buckets[b].slots[s].state = 0;
+        self.buckets[b].metas[s].state = 0;
         set_bit(&mut self.full, b, false);
         if slot.state & GUEST != 0 {
             self.count_spill(home, false);
         }
         let state = slot.state & !GUEST | if guest { GUEST } else { 0 };
-        self.fill((to, t), home, slot.key, slot.stamp, slot.backend, state);
+        self.fill((to, t), home, key, slot.stamp, slot.backend, state);
     }
 
     /// Empties slot `s` of bucket `b`, which holds the flow `key`, handing
@@ -729,7 +784,7 @@ impl<K: SlotKey> Part<K> {
     fn take(&mut self, books: &mut Books, b: usize, s: usize, key: FlowKey) -> FlowEntry {
         let e = self.entry_of(b, s, key);
         self.forget(books, b, s, &e);
-        self.buckets[b].slots[s].state = 0;
+        self.buckets[b].metas[s].state = 0;
         set_bit(&mut self.full, b, false);
         e
     }
@@ -746,14 +801,14 @@ impl<K: SlotKey> Part<K> {
         expired: bool,
     ) -> Displaced {
         let auto_slot = self.auto_slot(b, s);
-        let slot = &mut self.buckets[b].slots[s];
+        let bk = &mut self.buckets[b];
         let displaced = Displaced {
-            backend: BackendId::from(slot.backend),
+            backend: BackendId::from(bk.metas[s].backend),
             auto_slot,
-            vip: slot.key.vip(),
+            vip: bk.keys[s].vip(),
             expired,
         };
-        slot.state = 0;
+        bk.metas[s].state = 0;
         books.vips.release(displaced.vip);
         books.len[K::FAMILY] -= 1;
         set_bit(&mut self.full, b, false);
@@ -768,10 +823,9 @@ impl<K: SlotKey> Part<K> {
     /// count if it is a guest.
     #[inline]
     fn forget(&mut self, books: &mut Books, b: usize, s: usize, e: &FlowEntry) {
-        let slot = &self.buckets[b].slots[s];
-        books.vips.release(slot.key.vip());
+        books.vips.release(self.buckets[b].keys[s].vip());
         books.len[K::FAMILY] -= 1;
-        if slot.state & GUEST != 0 {
+        if self.buckets[b].metas[s].state & GUEST != 0 {
             let home = self.bucket(flow_hash(&e.key));
             self.count_spill(home, false);
         }
@@ -809,7 +863,7 @@ impl<K: SlotKey> Part<K> {
                 (true, full) => s as u8 | if full { WAS_FULL } else { 0 },
             },
         };
-        let slot = &self.buckets[b].slots[s];
+        let slot = &self.buckets[b].metas[s];
         if books.expired(slot, now) {
             books.stats.expired += 1;
             books.stats.misses += 1;
@@ -845,7 +899,7 @@ impl<K: SlotKey> Part<K> {
                 (b, s) = (home, t);
             }
         }
-        let slot = &mut self.buckets[b].slots[s];
+        let slot = &mut self.buckets[b].metas[s];
         slot.state = slot.state & !3 | state as u8;
         slot.stamp = stamp_of(now);
         books.stats.hits += 1;
@@ -860,7 +914,7 @@ impl<K: SlotKey> Part<K> {
     fn peek(&self, books: &Books, flow: &FlowKey, hash: u64, now: u64) -> Option<BackendId> {
         let home = self.bucket(hash);
         let (b, s) = self.find_from(home, hash, K::pack(flow, books.vips.get(flow)?))?;
-        let slot = &self.buckets[b].slots[s];
+        let slot = &self.buckets[b].metas[s];
         (!books.expired(slot, now)).then_some(BackendId::from(slot.backend))
     }
 
@@ -883,7 +937,7 @@ impl<K: SlotKey> Part<K> {
         let home = self.bucket(hash);
         match self.locate(books, home, hash, key) {
             Some((b, s)) => {
-                self.buckets[b].slots[s].backend = backend as u16;
+                self.buckets[b].metas[s].backend = backend as u16;
                 true
             }
             None => false,
@@ -898,7 +952,7 @@ impl<K: SlotKey> Part<K> {
     #[inline]
     fn room(&mut self, books: &mut Books, b: usize, hash: u64, now: u64) -> Room {
         let now_stamp = stamp_of(now);
-        let slots = &self.buckets[b].slots;
+        let slots = &self.buckets[b].metas;
         // A full bucket (its bit in cache, set in a full table) is not
         // searched for a free slot.
         if !bit(&self.full, b) {
@@ -964,11 +1018,10 @@ impl<K: SlotKey> Part<K> {
             return None;
         }
         for s in 0..WAYS {
-            let slot = self.buckets[b].slots[s];
-            if slot.state & GUEST != 0 {
+            if self.buckets[b].metas[s].state & GUEST != 0 {
                 continue;
             }
-            let (home, alt) = self.home_and_alternate(books, slot.key);
+            let (home, alt) = self.home_and_alternate(books, self.buckets[b].keys[s]);
             debug_assert_eq!(home, b, "a flow at home is in its home bucket");
             let Some(a) = alt.filter(|&a| !bit(&self.full, a)) else {
                 continue;
@@ -998,18 +1051,15 @@ impl<K: SlotKey> Part<K> {
         state: u8,
     ) -> FlowEntry {
         let e = self.entry(books, b, s);
-        let guest = self.buckets[b].slots[s].state & GUEST;
+        let guest = self.buckets[b].metas[s].state & GUEST;
         if same {
             books.vips.release(key.vip());
             books.len[K::FAMILY] -= 1;
         } else {
             self.forget(books, b, s, &e);
         }
-        let slot = &mut self.buckets[b].slots[s];
-        slot.key = key;
-        slot.stamp = stamp;
-        slot.backend = backend;
-        slot.state = state | if same { guest } else { 0 };
+        let state = state | if same { guest } else { 0 };
+        self.buckets[b].set(s, key, stamp, backend, state);
         e
     }
 
@@ -1103,12 +1153,9 @@ impl<K: SlotKey> Part<K> {
         // was before, its full bit included.
         if let Some(v) = vacancy.filter(|v| v.slot != NO_SLOT) {
             let (s, was_full) = (usize::from(v.slot) % WAYS, v.slot & WAS_FULL != 0);
-            let slot = &mut self.buckets[home].slots[s];
-            if !slot.used() {
-                slot.key = key;
-                slot.stamp = stamp;
-                slot.backend = backend;
-                slot.state = state;
+            let bk = &mut self.buckets[home];
+            if !bk.metas[s].used() {
+                bk.set(s, key, stamp, backend, state);
                 if was_full {
                     set_bit(&mut self.full, home, true);
                 }
@@ -1129,20 +1176,16 @@ impl<K: SlotKey> Part<K> {
                 (b, s, None)
             }
             Room::Over { s, expired } => {
-                let old = self.buckets[home].slots[s];
+                let (old_key, old) = (self.buckets[home].keys[s], self.buckets[home].metas[s]);
                 if old.state & GUEST != 0 {
-                    self.guest_leaves(books, old.key);
+                    self.guest_leaves(books, old_key);
                 }
-                let old_vip = old.key.vip();
+                let old_vip = old_key.vip();
                 if old_vip != vip {
                     books.vips.release(old_vip);
                     books.vips.hold(vip);
                 }
-                let slot = &mut self.buckets[home].slots[s];
-                slot.key = key;
-                slot.stamp = stamp;
-                slot.backend = backend;
-                slot.state = state;
+                self.buckets[home].set(s, key, stamp, backend, state);
                 let displaced = Displaced {
                     backend: BackendId::from(old.backend),
                     vip: old_vip,
@@ -1176,7 +1219,7 @@ impl<K: SlotKey> Part<K> {
         let (b, s) = self.locate(books, home, hash, key)?;
         books.vacant = Some(Vacancy {
             hash,
-            vip: self.buckets[b].slots[s].key.vip(),
+            vip: self.buckets[b].keys[s].vip(),
             slot: NO_SLOT,
         });
         books.stats.removed += 1;
@@ -1192,10 +1235,11 @@ impl<K: SlotKey> Part<K> {
         ended: &mut impl FnMut(FlowEntry),
     ) {
         for s in 0..WAYS {
-            let slot = &self.buckets[b].slots[s];
+            let slot = &self.buckets[b].metas[s];
             if slot.used() && books.expired(slot, now) {
                 books.stats.expired += 1;
-                let key = slot.key.unpack(books.vips.addr(slot.key.vip()));
+                let key = self.buckets[b].keys[s];
+                let key = key.unpack(books.vips.addr(key.vip()));
                 ended(self.take(books, b, s, key));
             }
         }
@@ -1209,7 +1253,7 @@ impl<K: SlotKey> Part<K> {
     fn used(&self) -> usize {
         self.buckets
             .iter()
-            .map(|bk| bk.slots.iter().filter(|s| s.used()).count())
+            .map(|bk| bk.metas.iter().filter(|s| s.used()).count())
             .sum()
     }
 
@@ -1222,12 +1266,12 @@ impl<K: SlotKey> Part<K> {
         let n = self.buckets.len();
         let mut spills = vec![0usize; n];
         for b in 0..n {
-            let slots = &self.buckets[b].slots;
-            if bit(&self.full, b) != slots.iter().all(Slot::used) {
+            let bk = &self.buckets[b];
+            if bit(&self.full, b) != bk.is_full() {
                 return false;
             }
-            for x in slots.iter().filter(|x| x.used()) {
-                let (home, alt) = self.home_and_alternate(books, x.key);
+            for (&key, x) in bk.keys.iter().zip(&bk.metas).filter(|(_, x)| x.used()) {
+                let (home, alt) = self.home_and_alternate(books, key);
                 if x.state & GUEST == 0 {
                     if home != b {
                         return false;
@@ -1305,7 +1349,7 @@ impl FlowTable {
     }
 
     /// The second stage of [`FlowTable::prefetch`], once the home bucket's
-    /// first line has arrived (a few packets ahead of the lookup): hints
+    /// lines have arrived (a few packets ahead of the lookup): hints
     /// the flow's alternate bucket where the lookup will read it (some flow
     /// of that home lives in its alternate, about 2% of buckets at half of
     /// capacity) or, for a packet likely to start a flow (`new_flow`: a
@@ -2256,7 +2300,7 @@ mod tests {
         /// The flows stored in bucket `b`.
         fn residents(&self, books: &Books, b: usize) -> Vec<FlowKey> {
             (0..WAYS)
-                .filter(|&s| self.buckets[b].slots[s].used())
+                .filter(|&s| self.buckets[b].metas[s].used())
                 .map(|s| self.entry(books, b, s).key)
                 .collect()
         }
@@ -2268,14 +2312,16 @@ mod tests {
         fn nowhere_else(&self, books: &Books, hash: u64, key: K, moves_allowed: bool) -> bool {
             let b = self.bucket(hash);
             let full = |a: Option<usize>| a.is_none_or(|a| bit(&self.full, a));
-            let mut own = self.buckets[b]
-                .slots
+            let bk = &self.buckets[b];
+            let mut own = bk
+                .keys
                 .iter()
-                .filter(|x| x.used() && x.state & GUEST == 0 && x.key != key);
+                .zip(&bk.metas)
+                .filter(|&(&k, x)| x.used() && x.state & GUEST == 0 && k != key);
             self.spill(b) == u8::MAX
                 || full(self.alternate(b, hash))
                     && (!moves_allowed
-                        || own.all(|x| full(self.home_and_alternate(books, x.key).1)))
+                        || own.all(|(&k, _)| full(self.home_and_alternate(books, k).1)))
         }
     }
 
@@ -2774,12 +2820,39 @@ mod tests {
     }
 
     #[test]
+    fn a_key_is_found_only_in_a_slot_in_use() {
+        let mut t = table(1 << 12);
+        let k4 = V4Key(0x0a00_0001_1234_0007);
+        let bk = &mut t.v4.buckets[5];
+        // An emptied slot keeps its old key; a later one holds the flow.
+        bk.keys[0] = k4;
+        bk.keys[6] = k4;
+        bk.set(3, k4, 0, 1, OCCUPIED);
+        assert_eq!(t.v4.find(5, k4), Some(3));
+        assert_eq!(t.v4.find(5, V4Key(k4.0 ^ 1 << 40)), None);
+        t.v4.buckets[5].metas[3].state = 0;
+        assert_eq!(t.v4.find(5, k4), None);
+        let k6 = V6Key {
+            src_hi: 0x2001_0db8 << 32,
+            src_lo: 7,
+            sport: 443,
+            vip: 2,
+        };
+        let bk = &mut t.v6.buckets[9];
+        bk.keys[1] = k6;
+        bk.set(7, k6, 0, 1, OCCUPIED);
+        assert_eq!(t.v6.find(9, k6), Some(7));
+        assert_eq!(t.v6.find(9, V6Key { sport: 444, ..k6 }), None);
+    }
+
+    #[test]
     fn slots_and_buckets_have_the_intended_sizes() {
         use std::mem::{align_of, size_of};
-        assert_eq!(size_of::<Slot<V4Key>>(), 16);
+        assert_eq!(size_of::<Meta>(), 8);
+        assert_eq!(size_of::<V4Key>(), 8);
         assert_eq!(size_of::<Bucket<V4Key>>(), 128);
         assert_eq!(align_of::<Bucket<V4Key>>(), 128);
-        assert_eq!(size_of::<Slot<V6Key>>(), 32);
+        assert_eq!(size_of::<V6Key>(), 24);
         assert_eq!(size_of::<Bucket<V6Key>>(), 256);
         assert_eq!(align_of::<Bucket<V6Key>>(), 256);
         let t = table(1 << 12);
