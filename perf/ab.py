@@ -3,8 +3,9 @@
 
 This VM's speed drifts by +-30% over minutes (other tenants on the host), so
 one run of build A followed by one of build B says little. ab.py alternates
-A, B, A, B, ... for a number of rounds, each a short run of the same
-scenarios, and reports per scenario the median Mpps of each build and the
+A, B, B, A, A, B, ... (each round in the order opposite to the last: the
+later run of a round tends to be the faster) for a number of rounds, each a
+short run of the same scenarios, and reports per scenario the median Mpps of each build and the
 median of the per-round B/A ratios (each ratio pairs runs a few seconds
 apart, so a slow phase of the machine affects both sides).
 
@@ -13,6 +14,12 @@ apart, so a slow phase of the machine affects both sides).
     # ... change the code, build again ...
     cp target/release/examples/dataplane-bench /tmp/bench-b
     sudo perf/ab.py /tmp/bench-a /tmp/bench-b --scenario established,syn-affinity --rounds 6
+
+Arguments after `--` go to the benchmark, so the pcap scenarios of
+perf/vs_testpmd.py compare too:
+
+    sudo perf/ab.py /tmp/bench-a /tmp/bench-b --scenario pcap-established --seconds 3 --rounds 8 \
+        -- --pcap perf/out/pcap/established-1000000.pcap --mem 4451
 
 Besides each scenario's Mpps over the whole run it reports `<scenario> p90w`,
 the 90th percentile of the run's 100 ms windows: the rate in the machine's
@@ -89,7 +96,8 @@ def main():
     rows = {"A": [], "B": []}
     windows = {"A": {}, "B": {}}
     for r in range(args.rounds):
-        for name, binary in (("A", args.a), ("B", args.b)):
+        order = (("A", args.a), ("B", args.b))
+        for name, binary in order if r % 2 == 0 else order[::-1]:
             res = run(binary, args.scenario, args.seconds, args.extra)
             for scen, values in res.pop("_windows", {}).items():
                 windows[name].setdefault(scen, []).extend(values)

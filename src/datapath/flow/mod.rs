@@ -18,12 +18,12 @@
 //! more) is far beyond the TLB's reach, so on 4 KiB pages a packet of an
 //! established flow pays a page walk for its bucket, and under a hypervisor
 //! that nested walk costs more than the rest of the packet, the more so the
-//! larger the table. So slots are
-//! as small as the key allows, a bucket's never across a page, with one
-//! sub-table per address family. A slot does not keep its flow's destination (address,
-//! port, protocol): it keeps a 16-bit index into the table's own list of
-//! the service addresses it has seen (module `vips`), so the key is the
-//! client's address and port plus that index:
+//! larger the table. So slots are as small as the key allows, no bucket
+//! straddles a page, and each address family has its own sub-table. A slot
+//! does not keep its flow's destination (address, port, protocol): it
+//! keeps a 16-bit index into the table's own list of the service addresses
+//! it has seen (module `vips`), so the key is the client's address and
+//! port plus that index:
 //!
 //! * IPv4 (the common case): key packed in a `u64`, then last-seen stamp,
 //!   backend and state in 8 bytes: 16 bytes a slot, eight to a 128-byte
