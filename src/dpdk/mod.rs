@@ -1,6 +1,7 @@
 //! The DPDK layer: the only code in pktdist with `unsafe`.
 //!
 //! Always available, with or without the `dpdk` feature: [`prefetch`],
+//! [`equal_words`] (the flow table's branchless key compare),
 //! [`tsc`]/[`tsc_hz`], [`spawn_worker`]/[`lcore_id`], [`DpdkError`] and
 //! the huge-page-advised allocations of the large tables
 //! ([`huge_page_slice`]).

@@ -5,9 +5,9 @@
 //! flow's hash picks its *home* bucket of [`WAYS`] slots, the high half its
 //! *alternate*, another bucket that takes the flow when home is full. A
 //! lookup reads the home bucket, and the alternate only when some flow of
-//! that home lives in its alternate (a count in the home bucket): at half
-//! of capacity about 2% of buckets have such flows and under 1% of flows
-//! are among them. [`FlowTable::prefetch`] hints the home bucket;
+//! that home lives in its alternate (a count in the home bucket), which
+//! in a half-full table few buckets have (perf/README.md has the shares).
+//! [`FlowTable::prefetch`] hints the home bucket;
 //! [`FlowTable::prefetch_alternate`], called a few packets later when the
 //! home's line holding that count has arrived, reads the count and hints the
 //! alternate where the lookup will read it, or where a SYN's insert will
@@ -952,11 +952,11 @@ impl<K: SlotKey> Part<K> {
     #[inline]
     fn room(&mut self, books: &mut Books, b: usize, hash: u64, now: u64) -> Room {
         let now_stamp = stamp_of(now);
-        let slots = &self.buckets[b].metas;
+        let metas = &self.buckets[b].metas;
         // A full bucket (its bit in cache, set in a full table) is not
         // searched for a free slot.
         if !bit(&self.full, b) {
-            if let Some(s) = slots.iter().position(|x| !x.used()) {
+            if let Some(s) = metas.iter().position(|x| !x.used()) {
                 return Room::Free { b, s, guest: false };
             }
         }
@@ -964,7 +964,7 @@ impl<K: SlotKey> Part<K> {
         // first slot, found as the largest of (age, WAYS - 1 - slot) packed
         // in one word (a compare and a move per slot, no branch).
         let mut most = 0u64;
-        for (s, x) in slots.iter().enumerate() {
+        for (s, x) in metas.iter().enumerate() {
             let age = u64::from(now_stamp.wrapping_sub(x.stamp));
             most = most.max(age << 3 | (WAYS - 1 - s) as u64);
         }
@@ -972,7 +972,7 @@ impl<K: SlotKey> Part<K> {
         let oldest_age = (most >> 3) as u32;
         // The timeouts are read only if the oldest flow may have expired.
         if books.may_have_expired(oldest_age) {
-            if let Some(s) = slots.iter().position(|x| books.expired(x, now)) {
+            if let Some(s) = metas.iter().position(|x| books.expired(x, now)) {
                 books.stats.expired += 1;
                 return Room::Over { s, expired: true };
             }
