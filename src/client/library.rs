@@ -216,6 +216,10 @@ pub struct ControlClient {
     ended: VecDeque<EndedNotice>,
     seen_notices: VecDeque<u64>,
     ignored: u64,
+    /// The last request's timestamp: the next is never earlier (§3.2: the
+    /// server's replay memory may refuse a sender's requests stamped at or
+    /// before a floor it raised, so a clock stepped back must not show).
+    last_timestamp_ms: u64,
 }
 
 impl ControlClient {
@@ -260,6 +264,7 @@ impl ControlClient {
             ended: VecDeque::new(),
             seen_notices: VecDeque::with_capacity(SEEN_NOTICES),
             ignored: 0,
+            last_timestamp_ms: 0,
         })
     }
 
@@ -502,10 +507,12 @@ impl ControlClient {
         let mut sent: Vec<u64> = Vec::with_capacity(attempts as usize);
         for _ in 0..attempts {
             let nonce = self.nonces.next();
+            let timestamp_ms = unix_ms(SystemTime::now()).max(self.last_timestamp_ms);
+            self.last_timestamp_ms = timestamp_ms;
             let header = Header {
                 msg_type: request.msg_type() as u8,
                 request_id: id,
-                timestamp_ms: unix_ms(SystemTime::now()),
+                timestamp_ms,
                 nonce,
                 name: &self.name,
             };
@@ -514,7 +521,10 @@ impl ControlClient {
             sent.push(nonce);
             let deadline = Instant::now() + self.timeout;
             while let Some((rid, reply)) = self.receive_until(deadline, false)? {
-                if rid == id && sent.contains(&reply.request_nonce) {
+                if rid == id
+                    && reply.request_type == request.msg_type() as u8
+                    && sent.contains(&reply.request_nonce)
+                {
                     return Ok(reply);
                 }
                 self.ignored += 1;
@@ -703,6 +713,7 @@ mod tests {
     use crate::protocol::testing::{akey, keyring, ADMIN_KEY, WEB1_KEY, WEB2_KEY};
     use crate::types::EndReason;
     use crate::types::PortMatch;
+    use std::borrow::Cow;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::thread::JoinHandle;
@@ -1067,13 +1078,56 @@ mod tests {
             answer(s, WEB1_KEY, "web2", |_, _| {}); // someone else's
             answer(s, WEB1_KEY, "web1", |h, _| h.request_id ^= 1); // other request
             answer(s, WEB1_KEY, "web1", |_, r| r.request_nonce ^= 1); // other attempt
+            answer(s, WEB1_KEY, "web1", |_, r| r.request_type ^= 1); // other type
         });
         let mut c = ControlClient::new(addr, "web1", WEB1_KEY).unwrap();
         c.set_timeout(Duration::from_millis(200));
-        c.set_retries(3);
+        c.set_retries(4);
         let e = c.cancel_affinity(&AffinitySpec::new(akey())).unwrap_err();
-        assert!(matches!(e, ClientError::Timeout { attempts: 4 }), "{e}");
-        assert_eq!(c.ignored(), 4);
+        assert!(matches!(e, ClientError::Timeout { attempts: 5 }), "{e}");
+        assert_eq!(c.ignored(), 5);
+        t.join().unwrap();
+    }
+
+    /// A code a newer distributor added reaches the caller as a refusal
+    /// (`Unknown`, with the server's message), not as a lost reply.
+    #[test]
+    fn client_takes_an_unknown_code_as_a_refusal() {
+        let (addr, t) = scripted(|s| {
+            answer(s, WEB1_KEY, "web1", |_, r| {
+                r.code = ReturnCode::Unknown;
+                r.message = Cow::Borrowed("newer");
+            });
+        });
+        let mut c = ControlClient::new(addr, "web1", WEB1_KEY).unwrap();
+        c.set_timeout(Duration::from_secs(5));
+        let r = c.cancel_affinity(&AffinitySpec::new(akey())).unwrap();
+        assert_eq!((r.code, r.message.as_ref()), (ReturnCode::Unknown, "newer"));
+        assert_eq!(c.ignored(), 0);
+        t.join().unwrap();
+    }
+
+    /// Timestamps never go back, even when the clock does: the server may
+    /// refuse a sender's requests stamped at or before a floor (§3.2).
+    #[test]
+    fn request_timestamps_never_decrease() {
+        const LATER: u64 = 4_000_000_000_000; // 2096
+        let (addr, t) = scripted(|s| {
+            for _ in 0..2 {
+                answer(s, WEB1_KEY, "web1", |h, _| {
+                    assert_eq!(h.timestamp_ms, LATER)
+                });
+            }
+        });
+        let mut c = ControlClient::new(addr, "web1", WEB1_KEY).unwrap();
+        c.set_timeout(Duration::from_secs(5));
+        c.last_timestamp_ms = LATER;
+        for _ in 0..2 {
+            assert_eq!(
+                c.cancel_affinity(&AffinitySpec::new(akey())).unwrap().code,
+                ReturnCode::Ok
+            );
+        }
         t.join().unwrap();
     }
 

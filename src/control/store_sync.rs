@@ -100,6 +100,8 @@ pub struct SyncCounters {
     /// Store affinities not installed because a static affinity of another
     /// backend holds the key here.
     pub static_refused: u64,
+    /// Store affinities not installed because the local table is full.
+    pub table_full: u64,
     /// Store affinities whose service or backend is not configured here.
     pub gone: u64,
     /// Values under the prefix this build cannot read.
@@ -205,6 +207,7 @@ impl StoreSync {
             ends_lost: c.ends_lost,
             pending_ends: self.ends.len() as u64,
             static_refused: c.static_refused,
+            table_full: c.table_full,
             unreadable: c.unreadable,
             propagation_ms: Percentiles::of(&self.propagation),
         }
@@ -515,12 +518,21 @@ impl StoreSync {
                     );
                 }
             }
-            Installed::Full => log::warn!(
-                "cluster: the local affinity table is full: {}/{} of {} not installed",
-                v.affinity.client,
-                v.affinity.prefix_len,
-                v.affinity.owner
-            ),
+            Installed::Full => {
+                self.counters.table_full += 1;
+                // The first, then at each power of two: a full table
+                // refuses every new affinity, which must not flood the log.
+                if self.counters.table_full.is_power_of_two() {
+                    log::warn!(
+                        "cluster: the local affinity table is full: {}/{} of {} not \
+                         installed ({} so far)",
+                        v.affinity.client,
+                        v.affinity.prefix_len,
+                        v.affinity.owner,
+                        self.counters.table_full
+                    );
+                }
+            }
         }
     }
 
@@ -1398,6 +1410,35 @@ mod tests {
             "b's static"
         );
         assert_eq!(sync.summary().static_refused, 2);
+    }
+
+    /// A store affinity the local table has no room for is counted (and
+    /// logged), not lost silently: the other instances may hold it.
+    #[test]
+    fn a_full_local_table_counts_what_it_cannot_install() {
+        let (mut plane, _reader) = plane(&config_text());
+        let (handle, peer) = StoreHandle::pair();
+        let mut sync = StoreSync::new(handle, "i1", &mut plane);
+        let n = 1100u32;
+        for i in 0..n {
+            let mut s = stored("a", "i2", 60_000);
+            s.affinity.client = [198, 18, (i >> 8) as u8, i as u8].into();
+            s.affinity.prefix_len = 32;
+            peer.events
+                .send(StoreEvent::Changed {
+                    revision: 5 + i64::from(i),
+                    change: Change::Put(s),
+                })
+                .unwrap();
+        }
+        for _ in 0..n {
+            sync.turn(&mut plane, WALL);
+        }
+        let c = sync.summary();
+        let installed = plane.affinities().len() as u64;
+        assert!(installed <= 1024, "{installed}");
+        assert!(c.table_full >= 76, "{}", c.table_full);
+        assert_eq!(installed + c.table_full, u64::from(n));
     }
 
     use crate::config::Config;

@@ -759,6 +759,7 @@ mod tests {
             "pktdist_cluster_ends_total{result=\"won\"} 0",
             "pktdist_cluster_pending_ends 0",
             "pktdist_cluster_loads_total 1",
+            "pktdist_cluster_not_installed_total{reason=\"table_full\"} 0",
             "pktdist_cluster_propagation_seconds_count 0",
             "pktdist_control_replies_total{code=\"UNAVAILABLE\"} 2",
         ] {

@@ -133,6 +133,10 @@ pub enum ReturnCode {
     /// was accepted; or a change was sent and its outcome is unknown (the
     /// table, listed again, tells).
     Unavailable = 11,
+    /// A code this build does not know, decoded from a newer distributor's
+    /// reply (codes are added within version 1): a refusal, which the
+    /// reply's message explains. Never sent: not in [`ReturnCode::ALL`].
+    Unknown = 255,
 }
 
 impl ReturnCode {
@@ -169,6 +173,7 @@ impl ReturnCode {
             ReturnCode::RateLimited => "RATE_LIMITED",
             ReturnCode::Draining => "DRAINING",
             ReturnCode::Unavailable => "UNAVAILABLE",
+            ReturnCode::Unknown => "UNKNOWN",
         }
     }
 }
@@ -1137,8 +1142,8 @@ impl Reply {
         let mut r = Reader::new(body);
         let request_type = r.u8()?;
         let request_nonce = r.u64()?;
-        let code =
-            ReturnCode::from_u8(r.u8()?).ok_or(DecodeError::Invalid("unknown return code"))?;
+        // A code added after this build is a refusal all the same.
+        let code = ReturnCode::from_u8(r.u8()?).unwrap_or(ReturnCode::Unknown);
         let flags = r.u8()?;
         if flags & !REPLY_FLAG_MORE != 0 {
             return Err(DecodeError::Invalid("unknown reply flags"));
@@ -1720,6 +1725,27 @@ mod tests {
             assert_eq!(env.header.msg_type, MsgType::Reply as u8);
             assert_eq!(Reply::decode_body(env.body).unwrap(), reply);
         }
+    }
+
+    /// Codes are added within version 1: a reply with one this build does
+    /// not know decodes as `Unknown`, a refusal, with its message intact.
+    #[test]
+    fn a_newer_return_code_decodes_as_unknown() {
+        let mut r = Reply::new(MsgType::AffinityCreate as u8, 42, ReturnCode::Internal);
+        r.message = Cow::Borrowed("a newer refusal");
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = encode_reply(&mut buf, &hdr("web1"), &key(), &r).unwrap();
+        let env = Envelope::open(&buf[..n]).unwrap();
+        // Request type (1) and nonce (8), then the code.
+        assert_eq!(env.body[9], ReturnCode::Internal as u8);
+        for raw in [ReturnCode::ALL.len() as u8, 200, 254, 255] {
+            let mut body = env.body.to_vec();
+            body[9] = raw;
+            let got = Reply::decode_body(&body).unwrap();
+            assert_eq!(got.code, ReturnCode::Unknown, "{raw}");
+            assert_eq!(got.message, "a newer refusal");
+        }
+        assert_eq!(ReturnCode::from_u8(ReturnCode::ALL.len() as u8), None);
     }
 
     #[test]

@@ -615,6 +615,14 @@ fn cluster(o: &mut String, c: &crate::report::summary::ClusterSummary) {
         "Full loads of the shared table installed (at start and after each reconnection).",
     )
     .value(&[], c.loads as f64);
+    let mut f = Family::new(
+        o,
+        "pktdist_cluster_not_installed_total",
+        "counter",
+        "Shared affinities this instance did not install, by reason: static (a static affinity of another backend holds the key here), table_full (the local table had no room).",
+    );
+    f.value(&[("reason", "static")], c.static_refused as f64);
+    f.value(&[("reason", "table_full")], c.table_full as f64);
 }
 
 struct Shared {

@@ -314,6 +314,9 @@ pub struct ClusterSummary {
     pub pending_ends: u64,
     /// Store affinities a static affinity of another backend keeps out.
     pub static_refused: u64,
+    /// Store affinities the local table had no room for.
+    #[serde(default)]
+    pub table_full: u64,
     /// Values under the prefix this build could not read.
     pub unreadable: u64,
     /// From another instance's commit to its install here (ms).

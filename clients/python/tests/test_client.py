@@ -151,6 +151,9 @@ class Requests(Base):
             c.create("192.0.2.10:80", "198.51.100.7", 5, notify="pktdist:9")
         with self.assertRaises(TypeError):
             c.set_weight("web", "be1", "10")  # type: ignore[arg-type]
+        for weight in [-1, 65536]:
+            with self.assertRaises(ValueError):
+                c.set_weight("web", "be1", weight)
         self.srv.recv_nothing(SHORT)
         for bad in [
             lambda: pktdist.Client("127.0.0.1", "web1", WEB1_KEY),

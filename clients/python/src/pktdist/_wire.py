@@ -42,6 +42,8 @@ REPLY_FLAG_MORE = 0x01
 #: Remaining seconds of a static affinity (from the configuration).
 STATIC_REMAINING = 0xFFFFFFFF
 U32_MAX = 0xFFFFFFFF
+# Largest backend weight the distributor accepts (the wire field is a u32).
+MAX_WEIGHT = 65535
 
 PROTO_TCP = 6
 PROTO_UDP = 17

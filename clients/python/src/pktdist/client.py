@@ -315,7 +315,7 @@ class Client:
             out.extend(page.affinities)
         return out
 
-    # -- backends and statistics (admin) ---------------------------------
+    # -- backends and statistics (weights: admin) ------------------------
 
     def backends(self, service: Optional[str] = None) -> List[Backend]:
         """Every backend, or those of one service (by its name in the
@@ -335,8 +335,8 @@ class Client:
         and affinities kept). ``admin`` only."""
         if isinstance(weight, bool) or not isinstance(weight, int):
             raise TypeError(f"weight must be an int, not {type(weight).__name__}")
-        if not 0 <= weight <= w.U32_MAX:
-            raise ValueError(f"weight {weight} is out of range (0 to {w.U32_MAX})")
+        if not 0 <= weight <= w.MAX_WEIGHT:
+            raise ValueError(f"weight {weight} is out of range (0 to {w.MAX_WEIGHT})")
         body = w.set_weight_body(
             w.check_name(service, "service name"), w.check_name(backend, "backend name"), weight
         )

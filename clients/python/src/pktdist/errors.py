@@ -87,8 +87,9 @@ class NotFound(Refused):
 
 class Invalid(Refused):
     """INVALID: authenticated, but the content is not acceptable (the
-    message says why: duration above the service's maximum, no such service
-    VIP, ...)."""
+    message says why: duration above the service's maximum, a prefix
+    shorter than the service allows, ...). An unknown service is
+    NotFound."""
 
 
 class NotAuthorized(Refused):
