@@ -115,7 +115,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
                 .transpose()?,
         },
     )?;
-    let threads = spawn(cfg, &started, &control.shared(), workers)?;
+    let threads = spawn(cfg, &started, &control.shared(), workers, &flags.signal)?;
 
     // Serve: the control thread's loop runs on this thread.
     let addr = control.local_addr().unwrap_or(cfg.control.listen);
@@ -289,13 +289,49 @@ struct Threads {
     stop_source: Arc<AtomicBool>,
 }
 
+/// Watches one worker thread: dropped when the thread ends, it stops the
+/// whole process (as SIGTERM does) if the thread ended while it should
+/// still forward, which only a panic does. A dead worker would otherwise
+/// leave its receive queues unread, and the clients RSS sends there
+/// black-holed, while the instance still said it was ready; stopping
+/// withdraws it (`/ready`, and BGP behind it), and the panic, reported when
+/// the worker is joined, makes `pktdist run` exit with an error for its
+/// supervisor to restart it.
+struct WorkerWatch {
+    worker: usize,
+    /// Set when the workers are asked to stop.
+    stopping: Arc<AtomicBool>,
+    /// The process's stop flag (SIGINT/SIGTERM's).
+    stop_process: Arc<AtomicBool>,
+}
+
+impl Drop for WorkerWatch {
+    fn drop(&mut self) {
+        if self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        log::error!(
+            "worker {} ended while forwarding{}: stopping pktdist",
+            self.worker,
+            if std::thread::panicking() {
+                " (it panicked)"
+            } else {
+                ""
+            }
+        );
+        self.stop_process.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Starts one pinned worker per worker core (each with its `counters`),
-/// reading the tables of `shared`, and the traffic source if configured.
+/// reading the tables of `shared`, and the traffic source if configured. A
+/// worker that dies sets `stop_process` ([`WorkerWatch`]).
 fn spawn(
     cfg: &Config,
     started: &Started,
     shared: &Shared,
     counters: Vec<Arc<WorkerCounters>>,
+    stop_process: &Arc<AtomicBool>,
 ) -> Result<Threads, String> {
     let plans: Vec<PortPlan> = cfg
         .ports
@@ -347,7 +383,13 @@ fn spawn(
         let shared = shared.clone();
         let stop = Arc::clone(&stop_workers);
         let idle_sleep = cfg.cores.idle_sleep.map(|d| d.0);
+        let watch = WorkerWatch {
+            worker: w,
+            stopping: Arc::clone(&stop_workers),
+            stop_process: Arc::clone(stop_process),
+        };
         let h = spawn_worker(core, &format!("pktdist-w{w}"), move || {
+            let _watch = watch;
             let mut worker = Worker::new(io, setup, shared, c);
             worker.run(&stop, idle_sleep);
         })
@@ -587,5 +629,41 @@ fn device_counters(s: &crate::dpdk::DeviceStats) -> PortSummary {
         oerrors: s.oerrors,
         rx_nombuf: s.rx_nombuf,
         link_down: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(w: usize) -> (WorkerWatch, Arc<AtomicBool>, Arc<AtomicBool>) {
+        let (stopping, stop_process) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let watch = WorkerWatch {
+            worker: w,
+            stopping: Arc::clone(&stopping),
+            stop_process: Arc::clone(&stop_process),
+        };
+        (watch, stopping, stop_process)
+    }
+
+    /// A worker that panics while forwarding stops the process; one that
+    /// ends because it was asked to does not.
+    #[test]
+    fn a_dead_worker_stops_the_process() {
+        let (w, _stopping, stop_process) = watch(3);
+        let t = std::thread::spawn(move || {
+            let _watch = w;
+            panic!("a worker's bug");
+        });
+        assert!(t.join().is_err());
+        assert!(stop_process.load(Ordering::Relaxed));
+
+        let (w, stopping, stop_process) = watch(1);
+        stopping.store(true, Ordering::Relaxed);
+        std::thread::spawn(move || drop(w)).join().unwrap();
+        assert!(!stop_process.load(Ordering::Relaxed));
     }
 }
