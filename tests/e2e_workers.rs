@@ -190,6 +190,8 @@ fn run_demo(workers: &str, n: usize) {
         }
     }
     assert!(u(&s["services"][1]["auto_affinity_hits"]) > 0);
+    // The demo's two static affinities pin 128 of the source's 4096 clients.
+    assert!(u(&s["services"][1]["affinity_hits"]) > 0);
     println!(
         "{n} workers {workers}: {rx} packets in and out, per worker {:?}",
         detail
