@@ -99,6 +99,8 @@ pub struct ControlThread {
     health: HealthMonitor,
     /// Cluster mode: the shared affinity table.
     cluster: Option<StoreSync>,
+    /// Called once, at the first tick that finds the instance ready.
+    on_ready: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// The status line's output and schedule.
@@ -179,6 +181,7 @@ impl ControlThread {
             next_tick: now + TICK,
             health,
             cluster,
+            on_ready: None,
         })
     }
 
@@ -322,10 +325,23 @@ impl ControlThread {
         }
         // Serving, with every affinity it has (static, restored, and in
         // cluster mode the store's) installed.
+        let ready = self.ready();
         if let Some(m) = &self.metrics {
-            m.set_ready(self.ready());
+            m.set_ready(ready);
+        }
+        if ready {
+            if let Some(f) = self.on_ready.take() {
+                f();
+            }
         }
         self.send_notices();
+    }
+
+    /// Calls `f` once, at the first tick that finds the instance ready
+    /// ([`ControlThread::ready`]): for the service manager's READY=1, which
+    /// in cluster mode must wait for the shared table as `/ready` does.
+    pub fn on_ready(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_ready = Some(Box::new(f));
     }
 
     /// Whether the instance serves with its whole table: always alone; in
@@ -574,6 +590,7 @@ mod tests {
     use std::io::Read as _;
     use std::net::TcpStream;
     use std::path::Path;
+    use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
 
     const ADMIN_1: &[u8] = b"admin-key-one-0123456789";
@@ -693,9 +710,15 @@ mod tests {
         )
         .unwrap();
         let metrics = ctl.metrics_addr().unwrap();
+        let announced = Arc::new(AtomicUsize::new(0));
+        let a2 = Arc::clone(&announced);
+        ctl.on_ready(move || {
+            a2.fetch_add(1, Ordering::Relaxed);
+        });
         ctl.tick();
         assert!(!ctl.ready());
         assert!(get(metrics, "/ready").contains(" 503 "), "not loaded yet");
+        assert_eq!(announced.load(Ordering::Relaxed), 0, "READY=1 waits too");
         let mut a = Peer::new("a", A_1);
         let r = ask(&mut ctl, &mut a, A_1, &create("198.18.0.0")).expect("answered");
         assert_eq!(r.code, ReturnCode::Unavailable);
@@ -711,6 +734,8 @@ mod tests {
         ctl.tick();
         assert!(ctl.ready());
         assert!(get(metrics, "/ready").contains(" 200 "));
+        ctl.tick();
+        assert_eq!(announced.load(Ordering::Relaxed), 1, "once");
 
         // A create: no reply until the store commits it.
         a.send(ctl.local_addr().unwrap(), &create("198.18.0.0"));

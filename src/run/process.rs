@@ -123,12 +123,15 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     if let Some(addr) = control.metrics_addr() {
         log::info!("metrics on http://{addr}/metrics");
     }
-    let mut notifier = Notifier::from_env();
-    notifier.ready(&format!(
+    // READY=1 at the control thread's first tick that finds it ready: at
+    // once alone, once the shared table is loaded in cluster mode.
+    let status = format!(
         "forwarding on {} port(s) with {} worker(s); control on udp {addr}",
         cfg.ports.len(),
         cfg.cores.workers.len()
-    ));
+    );
+    control.on_ready(move || Notifier::from_env().ready(&status));
+    let mut notifier = Notifier::from_env();
     control.serve_until(
         &flags.signal,
         &flags.reload,
