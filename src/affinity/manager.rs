@@ -189,12 +189,21 @@ impl AffinityManager {
                 e.rec.notify = notify;
             }
             let id = e.id;
+            if expires.is_none() {
+                // A requested affinity the configuration now holds: static
+                // from here on, in the table too (its slot is rewritten).
+                self.writer.insert_static(key, owner)?;
+            }
             self.reschedule(id, expires, now_ms);
             return Ok(Granted {
                 remaining_ms: duration_ms,
             });
         }
-        self.writer.insert(key, owner)?;
+        if expires.is_none() {
+            self.writer.insert_static(key, owner)?;
+        } else {
+            self.writer.insert(key, owner)?;
+        }
         let id = match self.free_ids.pop() {
             Some(id) => {
                 self.keys[id as usize] = key;
@@ -563,13 +572,20 @@ mod tests {
 
     #[test]
     fn static_affinities_stay_static_when_requested_again() {
-        let (mut m, _) = mgr(8);
+        let (mut m, r) = mgr(8);
         m.create(key(1, 32), 3, None, None, 0).unwrap();
         let g = m.create(key(1, 32), 3, Some(1_000), None, 10).unwrap();
         assert_eq!(g.remaining_ms, None);
         let mut out = Vec::new();
         m.expire(10_000, &mut out);
         assert!(out.is_empty());
+        assert!(r.is_static(1, Family::V4, 1, 1), "static in the table");
+        // The other way: a requested affinity the configuration takes over
+        // becomes static, in the table too.
+        m.create(key(2, 32), 3, Some(1_000), None, 0).unwrap();
+        assert!(!r.is_static(1, Family::V4, 2, 1));
+        m.create(key(2, 32), 3, None, None, 0).unwrap();
+        assert!(r.is_static(1, Family::V4, 2, 1));
     }
 
     #[test]

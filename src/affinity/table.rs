@@ -81,6 +81,9 @@ const KIND_ANY: u64 = 0;
 const KIND_ONE: u64 = 1;
 const KIND_RANGE: u64 = 2;
 const OCCUPIED: u64 = 1 << 27;
+/// In a slot's owner word, above the owner's id: the affinity is static
+/// (from the configuration, never ending).
+const STATIC_OWNER: u64 = 1 << 32;
 /// The part of a metadata word without the port bounds.
 const META_LOW: u64 = 0xffff_ffff;
 /// A plan word holds up to [`PREFETCH_MAX`] entries of 16 bits, the first
@@ -529,10 +532,11 @@ impl Inner {
         Ok(None)
     }
 
-    /// The owner one probe finds: the exact key, or for a range probe the
-    /// narrowest range of its prefix holding `port`.
+    /// The owner word (the owner's id, and [`STATIC_OWNER`]) one probe
+    /// finds: the exact key, or for a range probe the narrowest range of its
+    /// prefix holding `port`.
     #[inline(always)]
-    fn find(&self, p: &Probe, port: u16) -> Option<BackendId> {
+    fn find(&self, p: &Probe, port: u16) -> Option<u64> {
         match p.kind() {
             KIND_RANGE => self.find_range(p, port),
             _ => self.find_exact(p),
@@ -562,10 +566,10 @@ impl Inner {
         None
     }
 
-    /// One bucket, consistently: the owner of the exact key if present, and
-    /// the bucket's overflow count.
+    /// One bucket, consistently: the owner word of the exact key if
+    /// present, and the bucket's overflow count.
     #[inline(always)]
-    fn scan_exact(&self, bucket: usize, p: &Probe) -> (Option<BackendId>, u32) {
+    fn scan_exact(&self, bucket: usize, p: &Probe) -> (Option<u64>, u32) {
         let hdr = &self.headers[bucket];
         let tag = p.tag();
         loop {
@@ -580,7 +584,7 @@ impl Inner {
                     && s[1].load(Ordering::Relaxed) == p.lo
                     && s[2].load(Ordering::Relaxed) == p.hi
                 {
-                    found = Some(s[3].load(Ordering::Relaxed) as BackendId);
+                    found = Some(s[3].load(Ordering::Relaxed));
                     break;
                 }
             }
@@ -592,16 +596,16 @@ impl Inner {
     }
 
     /// One bucket, consistently: the narrowest range of this prefix holding
-    /// `port` as (width, low port, owner), and the overflow count.
+    /// `port` as (width and low port, owner word), and the overflow count.
     #[inline(always)]
-    fn scan_range(&self, bucket: usize, p: &Probe, port: u16) -> (Option<(u32, u32)>, u32) {
+    fn scan_range(&self, bucket: usize, p: &Probe, port: u16) -> (Option<(u32, u64)>, u32) {
         let hdr = &self.headers[bucket];
         let tag = p.tag();
         loop {
             let v = hdr.seq.read_begin();
             let mut m = match_tag(hdr.tags.load(Ordering::Relaxed), tag);
             // (width << 16 | lo) orders narrower first, then lower start.
-            let mut best: Option<(u32, u32)> = None;
+            let mut best: Option<(u32, u64)> = None;
             while m != 0 {
                 let i = (m.trailing_zeros() / 8) as usize;
                 m &= m - 1;
@@ -616,7 +620,7 @@ impl Inner {
                     if lo <= port && port <= hi {
                         let rank = u32::from(hi - lo) << 16 | u32::from(lo);
                         if best.is_none_or(|(r, _)| rank < r) {
-                            best = Some((rank, s[3].load(Ordering::Relaxed) as BackendId));
+                            best = Some((rank, s[3].load(Ordering::Relaxed)));
                         }
                     }
                 }
@@ -629,7 +633,7 @@ impl Inner {
     }
 
     #[inline(always)]
-    fn find_exact(&self, p: &Probe) -> Option<BackendId> {
+    fn find_exact(&self, p: &Probe) -> Option<u64> {
         let b1 = self.primary(p);
         let (found, overflow) = self.scan_exact(b1, p);
         if found.is_some() || overflow == 0 {
@@ -643,7 +647,7 @@ impl Inner {
     }
 
     #[inline(always)]
-    fn find_range(&self, p: &Probe, port: u16) -> Option<BackendId> {
+    fn find_range(&self, p: &Probe, port: u16) -> Option<u64> {
         let b1 = self.primary(p);
         let (best, overflow) = self.scan_range(b1, p, port);
         let b2 = self.alternate(p);
@@ -763,10 +767,32 @@ impl AffinityReader {
         client: u128,
         port: u16,
     ) -> Option<BackendId> {
+        self.find_word(service, family, client, port)
+            .map(|w| w as BackendId)
+    }
+
+    /// Whether the most specific affinity covering `client:port` on
+    /// `service` is static (from the configuration). Off the main line: a
+    /// worker asks only when that affinity's owner drains, whose static
+    /// affinities, which never end, take no new connections.
+    pub fn is_static(&self, service: ServiceId, family: Family, client: u128, port: u16) -> bool {
+        self.find_word(service, family, client, port)
+            .is_some_and(|w| w & STATIC_OWNER != 0)
+    }
+
+    /// The owner word of the most specific affinity covering `client:port`.
+    #[inline(always)]
+    fn find_word(
+        &self,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+    ) -> Option<u64> {
         let t = &*self.inner;
         t.walk_probes(service, family, client, port, usize::MAX, |p| {
             match t.find(p, port) {
-                Some(owner) => ControlFlow::Break(owner),
+                Some(word) => ControlFlow::Break(word),
                 None => ControlFlow::Continue(()),
             }
         })
@@ -854,8 +880,8 @@ impl AffinityReader {
         let mut absent = q.absent;
         for p in q.probes() {
             if absent & 1 == 0 {
-                if let Some(owner) = t.find(p, q.port) {
-                    return Some(owner);
+                if let Some(word) = t.find(p, q.port) {
+                    return Some(word as BackendId);
                 }
             }
             absent >>= 1;
@@ -894,12 +920,23 @@ impl AffinityWriter {
     /// Inserts `key` owned by `owner`, or changes the owner of an existing
     /// equal key. Readers see the old or the new state, never a mix.
     pub fn insert(&mut self, key: TableKey, owner: BackendId) -> Result<(), TableFull> {
+        self.insert_word(key, u64::from(owner))
+    }
+
+    /// [`AffinityWriter::insert`] for a static affinity (from the
+    /// configuration): lookups find its owner as any other's, and
+    /// [`AffinityReader::is_static`] tells it apart.
+    pub fn insert_static(&mut self, key: TableKey, owner: BackendId) -> Result<(), TableFull> {
+        self.insert_word(key, u64::from(owner) | STATIC_OWNER)
+    }
+
+    fn insert_word(&mut self, key: TableKey, owner: u64) -> Result<(), TableFull> {
         let t = &*self.inner;
         let p = Probe::of_key(t.seed, &key);
         if let Some((b, i)) = t.locate(&p) {
             let hdr = &t.headers[b];
             let odd = hdr.seq.write_begin();
-            t.slot(b, i)[3].store(u64::from(owner), Ordering::Relaxed);
+            t.slot(b, i)[3].store(owner, Ordering::Relaxed);
             hdr.seq.write_end(odd);
             return Ok(());
         }
@@ -923,7 +960,7 @@ impl AffinityWriter {
             self.moved -= 1;
             return Err(TableFull);
         };
-        t.write_slot(b, i, &p, u64::from(owner));
+        t.write_slot(b, i, &p, owner);
         if b != b1 {
             t.add_overflow(b1, true);
         }
@@ -1408,6 +1445,39 @@ mod tests {
                 .load(Ordering::Relaxed),
             0
         );
+    }
+
+    /// A static affinity's owner is found as any other's; `is_static` tells
+    /// the most specific match's kind, and a cuckoo move or an owner change
+    /// keeps it.
+    #[test]
+    fn static_affinities_are_told_apart() {
+        let (mut w, r) = AffinityTable::new(64);
+        let (s, f) = (1, Family::V4);
+        let net = key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Any);
+        let host = key(s, f, v4(10, 1, 2, 3), 32, PortMatch::Any);
+        w.insert_static(net, 4).unwrap();
+        w.insert(host, 5).unwrap();
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 9), 80), Some(4));
+        assert!(r.is_static(s, f, v4(10, 1, 2, 9), 80));
+        assert_eq!(r.lookup(s, f, v4(10, 1, 2, 3), 80), Some(5));
+        assert!(
+            !r.is_static(s, f, v4(10, 1, 2, 3), 80),
+            "the /32 is the match"
+        );
+        assert!(!r.is_static(s, f, v4(10, 9, 9, 9), 80), "no match");
+        assert_eq!(w.get(&net), Some(4));
+        w.insert_static(host, 6).unwrap();
+        assert!(r.is_static(s, f, v4(10, 1, 2, 3), 80));
+        assert_eq!(staged(&r, s, f, v4(10, 1, 2, 3), 80), Some(6));
+        // Fill the table so that keys move between buckets: flags move too.
+        for i in 0..60u128 {
+            w.insert(key(s, f, v4(10, 2, 0, 0) + i, 32, PortMatch::Any), 9)
+                .unwrap();
+        }
+        assert!(r.is_static(s, f, v4(10, 1, 2, 9), 80));
+        assert!(r.is_static(s, f, v4(10, 1, 2, 3), 80));
+        assert!(!r.is_static(s, f, v4(10, 2, 0, 7), 80));
     }
 
     #[test]

@@ -978,8 +978,15 @@ impl<IO: PacketIo> Worker<IO> {
         };
         if let Some(owner) = owner {
             // A down owner's affinities are skipped: its clients go to the
-            // scheduler.
-            if dp.backend(owner).is_some_and(|b| b.reachable_for(svc.id)) {
+            // scheduler. A draining owner keeps its requested affinities,
+            // which end, but not its static ones, which never would: its
+            // drain must finish (asked only then, off the main line).
+            let honoured = dp.backend(owner).is_some_and(|b| {
+                b.takes_new_for(svc.id)
+                    || b.reachable_for(svc.id)
+                        && !affinity.is_static(svc.id, p.key.family, p.key.src, p.key.sport)
+            });
+            if honoured {
                 if new_connection {
                     sc.affinity_hits.inc();
                 }
@@ -1577,6 +1584,48 @@ mod tests {
             .collect();
         let used: BTreeSet<[u8; 4]> = send(&mut b, &syns, SEC).into_iter().collect();
         assert_eq!(used.len(), 3, "{used:?}");
+    }
+
+    /// A draining backend keeps its requested affinities (they end, and
+    /// cannot be extended) but not its static ones, which never end: new
+    /// connections of clients only a static affinity pins go to the
+    /// scheduler, so that its drain finishes.
+    #[test]
+    fn a_draining_backend_keeps_requested_affinities_not_static_ones() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes.clone(), 1 << 14);
+        let requested = TableKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
+        let fixed = TableKey::new(0, Family::V4, 0xc612_0700, 24, PortMatch::Any).unwrap();
+        b.affinity.insert(requested, 2).unwrap();
+        b.affinity.insert_static(fixed, 2).unwrap();
+        let syns = |net: u8, sport: u16| -> Vec<Vec<u8>> {
+            (0..64u32)
+                .map(|i| tcp([198, 18, net, i as u8], sport, tcp_flags::SYN))
+                .collect()
+        };
+        // Up: both pin to be2.
+        for net in [5, 7] {
+            let out = send(&mut b, &syns(net, 5000), SEC);
+            assert!(out.iter().all(|a| backend_index(*a) == 2), "{net}: {out:?}");
+        }
+        let mut draining = bes.clone();
+        draining[2].state = BackendState::Draining;
+        let svc2 = service(0, 80, PROTO_TCP, &draining, SchedulerKind::Maglev, IPIP);
+        b.cell.publish(Dataplane::new(2, vec![svc2], draining));
+        let out = send(&mut b, &syns(5, 5001), 2 * SEC);
+        assert!(
+            out.iter().all(|a| backend_index(*a) == 2),
+            "requested: {out:?}"
+        );
+        let out = send(&mut b, &syns(7, 5001), 2 * SEC);
+        assert_eq!(out.len(), 64, "every new connection is routed");
+        assert!(
+            out.iter().all(|a| backend_index(*a) != 2),
+            "static: {out:?}"
+        );
+        let sc = &b.worker.counters().services[0];
+        assert_eq!(sc.affinity_hits.get(), 64 * 3);
     }
 
     #[test]
