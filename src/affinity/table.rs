@@ -1452,7 +1452,8 @@ mod tests {
     /// keeps it.
     #[test]
     fn static_affinities_are_told_apart() {
-        let (mut w, r) = AffinityTable::new(64);
+        // As many keys as slots: the fill below makes keys move.
+        let (mut w, r) = AffinityTable::with_slots(64, 64);
         let (s, f) = (1, Family::V4);
         let net = key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Any);
         let host = key(s, f, v4(10, 1, 2, 3), 32, PortMatch::Any);
@@ -1470,11 +1471,11 @@ mod tests {
         w.insert_static(host, 6).unwrap();
         assert!(r.is_static(s, f, v4(10, 1, 2, 3), 80));
         assert_eq!(staged(&r, s, f, v4(10, 1, 2, 3), 80), Some(6));
-        // Fill the table so that keys move between buckets: flags move too.
-        for i in 0..60u128 {
-            w.insert(key(s, f, v4(10, 2, 0, 0) + i, 32, PortMatch::Any), 9)
-                .unwrap();
+        // Fill the table until keys move between buckets: flags move too.
+        for i in 0..62u128 {
+            let _ = w.insert(key(s, f, v4(10, 2, 0, 0) + i, 32, PortMatch::Any), 9);
         }
+        assert!(w.moved() > 0, "no key moved");
         assert!(r.is_static(s, f, v4(10, 1, 2, 9), 80));
         assert!(r.is_static(s, f, v4(10, 1, 2, 3), 80));
         assert!(!r.is_static(s, f, v4(10, 2, 0, 7), 80));
