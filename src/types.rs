@@ -382,6 +382,10 @@ pub enum EndReason {
     BackendRemoved = 3,
     /// Its owner stayed down longer than the service's `affinity_grace`.
     BackendDown = 4,
+    /// A reason this build does not know, decoded from a newer
+    /// distributor's notification (reasons are added within version 1).
+    /// Never sent.
+    Unknown = 255,
 }
 
 impl EndReason {
@@ -401,6 +405,7 @@ impl EndReason {
             EndReason::Cancelled => "CANCELLED",
             EndReason::BackendRemoved => "BACKEND_REMOVED",
             EndReason::BackendDown => "BACKEND_DOWN",
+            EndReason::Unknown => "UNKNOWN",
         }
     }
 }

@@ -1231,8 +1231,8 @@ impl EndedNotice {
         let mut r = Reader::new(body);
         let key = AffinityKey::decode(&mut r)?;
         let owner = r.name("affinity owner missing")?.to_string();
-        let reason =
-            EndReason::from_u8(r.u8()?).ok_or(DecodeError::Invalid("unknown end reason"))?;
+        // A reason added after this build: the affinity ended all the same.
+        let reason = EndReason::from_u8(r.u8()?).unwrap_or(EndReason::Unknown);
         r.finish()?;
         Ok(EndedNotice { key, owner, reason })
     }
@@ -1746,6 +1746,28 @@ mod tests {
             assert_eq!(got.message, "a newer refusal");
         }
         assert_eq!(ReturnCode::from_u8(ReturnCode::ALL.len() as u8), None);
+    }
+
+    /// A notification with an end reason this build does not know still
+    /// says which affinity ended (as `Unknown`), not nothing.
+    #[test]
+    fn a_newer_end_reason_decodes_as_unknown() {
+        let notice = EndedNotice {
+            key: AffinityKey::new(svc4(), v4("198.51.100.7"), 32).unwrap(),
+            owner: "web1".into(),
+            reason: EndReason::Expired,
+        };
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = encode_ended(&mut buf, &hdr("web1"), &key(), &notice).unwrap();
+        let env = Envelope::open(&buf[..n]).unwrap();
+        // The reason is the body's last byte.
+        let mut body = env.body.to_vec();
+        assert_eq!(body.last(), Some(&(EndReason::Expired as u8)));
+        *body.last_mut().unwrap() = 9;
+        let got = EndedNotice::decode_body(&body).unwrap();
+        assert_eq!((got.key, got.owner.as_str()), (notice.key, "web1"));
+        assert_eq!(got.reason, EndReason::Unknown);
+        assert_eq!(EndReason::from_u8(9), None);
     }
 
     #[test]
