@@ -216,9 +216,9 @@ pub struct ControlClient {
     ended: VecDeque<EndedNotice>,
     seen_notices: VecDeque<u64>,
     ignored: u64,
-    /// The last request's timestamp: the next is never earlier (§3.2: the
-    /// server's replay memory may refuse a sender's requests stamped at or
-    /// before a floor it raised, so a clock stepped back must not show).
+    /// The last request's timestamp: the next is never earlier, even when
+    /// the clock steps back, since the server may refuse a sender's
+    /// requests stamped at or before a floor its replay memory raised.
     last_timestamp_ms: u64,
 }
 

@@ -1431,9 +1431,7 @@ mod tests {
                 })
                 .unwrap();
         }
-        for _ in 0..n {
-            sync.turn(&mut plane, WALL);
-        }
+        sync.turn(&mut plane, WALL);
         let c = sync.summary();
         let installed = plane.affinities().len() as u64;
         assert!(installed <= 1024, "{installed}");
