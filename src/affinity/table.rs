@@ -44,9 +44,21 @@
 //! and a scan (a load that stays in cache when clients come from a few
 //! networks; from the whole IPv4 space, a line of a 2 MB array).
 //!
+//! Host keys (IPv4 /32s, IPv6 /128s) mark one bit each in a filter of
+//! 16 bits per entry of capacity (the client address hashed, all services
+//! together): a lookup skips the host probe for a client whose bit is
+//! clear. A full table sets at most one bit in 16, so most clients without
+//! a host affinity (in a SYN flood from random sources, nearly all) pay a
+//! multiply and one load for it instead of a probe. That load is a random
+//! line of a large array (2 MB for a million entries), which a lookup
+//! waiting on it pays for as much as the probe it saves: it is hinted a
+//! stage ahead.
+//!
 //! A worker looks a whole burst's SYNs up in stages, so that their misses
-//! overlap: [`AffinityReader::prepare`] hashes a SYN's probes once and
-//! prefetches their bucket headers, [`AffinityReader::prefetch_slots`] later
+//! overlap: [`AffinityReader::start`] records a SYN's query and hints its
+//! host-filter word, [`AffinityReader::prepare`] (once the burst's SYNs are
+//! all started) reads the filter and the /24 marks, hashes the probes left
+//! once and prefetches their bucket headers, [`AffinityReader::prefetch_slots`] later
 //! hints the slot lines whose tags match (or the alternate bucket, for a
 //! bucket that overflowed) and settles as misses the probes with neither,
 //! and [`AffinityReader::lookup_prepared`] reads the rest (in full, as
@@ -88,12 +100,23 @@ const STATIC_OWNER: u64 = 1 << 32;
 const META_LOW: u64 = 0xffff_ffff;
 /// A plan word holds up to [`PREFETCH_MAX`] entries of 16 bits, the first
 /// probe in the low bits, each `PLAN_VALID | kind << 8 | prefix length`
-/// (with [`PLAN_MARKED`] for a length the /24 marks cover), and zeros after
+/// (with [`PLAN_MARKED`] for a length the /24 marks cover, [`PLAN_HOST`]
+/// for host probes), and zeros after
 /// the last.
 const PLAN_VALID: u64 = 0x8000;
 /// In a plan entry: probes of this length are skipped for clients whose /24
 /// is unmarked.
 const PLAN_MARKED: u64 = 0x4000;
+/// In a plan entry: host probes, skipped for clients whose host-filter bit
+/// is clear.
+const PLAN_HOST: u64 = 0x2000;
+/// Some entry of a plan word is a host probe.
+const PLAN_HAS_HOST: u64 = PLAN_HOST * 0x0001_0001_0001_0001;
+/// Host-filter bits per entry of capacity (rounded up to a power of two):
+/// a full table sets at most one in 16.
+const HOST_BITS_PER_ENTRY: usize = 16;
+/// Bounds of the host filter's size in bits: 512 bytes, 128 MiB.
+const HOST_BITS: core::ops::RangeInclusive<usize> = 1 << 12..=1 << 30;
 /// The plan word when more pairs are present than fit: lookups walk the
 /// bitmaps instead.
 const PLAN_LONG: u64 = u64::MAX;
@@ -119,6 +142,13 @@ const V4_MASKS: [u32; 64] = {
 #[inline(always)]
 fn is_marked_plen(family: Family, plen: u8) -> bool {
     family == Family::V4 && MARKED_PLENS.contains(&plen)
+}
+
+/// Whether keys of prefix length `plen` are host keys, which mark the host
+/// filter (and whose probes it skips).
+#[inline(always)]
+fn is_host_plen(family: Family, plen: u8) -> bool {
+    plen == max_prefix(family)
 }
 
 /// The key does not fit: the table holds `capacity` entries, or both of the
@@ -185,6 +215,11 @@ struct Inner {
     /// Bit `n` set while some key of [`MARKED_PLENS`] covers the IPv4
     /// network `n << 8` (of any service: another's only costs a probe).
     nets: Box<[AtomicU64]>,
+    /// Bit [`Inner::host_bit`] set while some host key has that client
+    /// address (of any service).
+    hosts: Box<[AtomicU64]>,
+    /// 64 minus log2 of the host filter's bits.
+    host_shift: u32,
     mask: u64,
     seed: u64,
     capacity: usize,
@@ -207,11 +242,16 @@ impl AffinityTable {
     fn with_slots(capacity: usize, slots: usize) -> (AffinityWriter, AffinityReader) {
         let slots = slots.max(2 * SLOTS);
         let buckets = slots / SLOTS;
+        let host_bits = (capacity.saturating_mul(HOST_BITS_PER_ENTRY))
+            .next_power_of_two()
+            .clamp(*HOST_BITS.start(), *HOST_BITS.end());
         let inner = Arc::new(Inner {
             headers: huge_page_slice_with(buckets, Header::default),
             lines: huge_page_slice_with(slots / 2, Line::default),
             presence: (0..MAX_SERVICES * 2).map(|_| Presence::default()).collect(),
             nets: (0..NET_WORDS).map(|_| AtomicU64::new(0)).collect(),
+            hosts: (0..host_bits / 64).map(|_| AtomicU64::new(0)).collect(),
+            host_shift: 64 - host_bits.trailing_zeros(),
             mask: buckets as u64 - 1,
             seed: random_seed(),
             capacity,
@@ -222,6 +262,7 @@ impl AffinityTable {
                 len: 0,
                 counts: HashMap::new(),
                 nets: HashMap::new(),
+                hosts: HashMap::new(),
                 moved: 0,
             },
             AffinityReader { inner },
@@ -425,6 +466,8 @@ fn plan_of(pres: &Presence, family: Family) -> u64 {
         }
         let marked = if is_marked_plen(family, plen) {
             PLAN_MARKED
+        } else if is_host_plen(family, plen) {
+            PLAN_HOST
         } else {
             0
         };
@@ -457,11 +500,28 @@ impl Inner {
         self.nets[net / 64].load(Ordering::Acquire) & 1 << (net % 64) == 0
     }
 
+    /// The host-filter bit of a client address: the address folded to 64
+    /// bits, then multiplicative hashing (its top bits).
+    #[inline(always)]
+    fn host_bit(&self, client: u128) -> usize {
+        let x = (client as u64 ^ (client >> 64) as u64) ^ self.seed;
+        (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.host_shift) as usize
+    }
+
+    /// Whether no host key has the client's address.
+    #[inline(always)]
+    fn host_unmarked(&self, client: u128) -> bool {
+        let bit = self.host_bit(client);
+        self.hosts[bit / 64].load(Ordering::Acquire) & 1 << (bit % 64) == 0
+    }
+
     /// Whether a probe of prefix length `plen` can be skipped for `client`:
-    /// no key of a marked length covers its /24.
+    /// no key of a marked length covers its /24, or it is a host probe and
+    /// no host key has its address.
     #[inline(always)]
     fn unmarked(&self, family: Family, client: u128, plen: u8) -> bool {
-        is_marked_plen(family, plen) && self.net_unmarked(client)
+        (is_marked_plen(family, plen) && self.net_unmarked(client))
+            || (is_host_plen(family, plen) && self.host_unmarked(client))
     }
 
     /// The probe of one (prefix length, port kind) pair for `client:port`.
@@ -509,6 +569,9 @@ impl Inner {
                 let (entry, plen, kind) = (plan, plan as u8, (plan >> 8) & 3);
                 plan >>= 16;
                 if entry & PLAN_MARKED != 0 && self.net_unmarked(client) {
+                    continue;
+                }
+                if entry & PLAN_HOST != 0 && self.host_unmarked(client) {
                     continue;
                 }
                 let p = self.probe(service, family, client, port, plen, kind);
@@ -800,29 +863,48 @@ impl AffinityReader {
         .flatten()
     }
 
-    /// Prepares the lookup of `client:port` on `service` and starts loading
-    /// the buckets it will probe (the primary bucket of each prefix length
-    /// and port kind present, longest prefix first, at most
-    /// [`PREFETCH_MAX`] of them). A worker prepares the queries of a whole
-    /// burst's SYNs before looking any up, so that their misses overlap, and
-    /// hashes each probe once. `q` is filled in place (a worker keeps one
-    /// per packet of a burst), writing only the probes there are: an empty
-    /// table costs the presence loads and a few stores.
+    /// First stage of the lookup of `client:port` on `service`: records it
+    /// in `q` (a worker keeps one per packet of a burst) and, when the
+    /// service has host keys, starts loading the client's word of the host
+    /// filter, which [`AffinityReader::prepare`] reads. False when the
+    /// service has no key at all: the query is then complete as it stands
+    /// (no probe) and needs no preparing. An empty table costs the presence
+    /// loads and a few stores.
     #[inline(always)]
-    pub fn prepare(
+    pub fn start(
         &self,
         q: &mut AffinityQuery,
         service: ServiceId,
         family: Family,
         client: u128,
         port: u16,
-    ) {
+    ) -> bool {
         (q.service, q.family, q.client, q.port) = (service, family, client, port);
+        (q.len, q.absent, q.complete) = (0, 0, true);
+        let t = &*self.inner;
+        let pres = &t.presence[presence_index(service, family)];
+        q.changes = pres.changes.load(Ordering::Acquire);
+        let plan = pres.plan.load(Ordering::Acquire);
+        if plan == 0 {
+            return false;
+        }
+        if plan & PLAN_HAS_HOST != 0 {
+            prefetch(&t.hosts[t.host_bit(client) / 64]);
+        }
+        true
+    }
+
+    /// Second stage, for a query [`AffinityReader::start`] found probes
+    /// for, once the host-filter words it hinted are in cache (a worker
+    /// starts a whole burst's SYNs first): hashes the probes the host
+    /// filter and the /24 marks leave (the longest prefix first, one hash
+    /// each, at most [`PREFETCH_MAX`]) and starts loading their primary
+    /// buckets' headers, so that a burst's misses overlap.
+    #[inline(always)]
+    pub fn prepare(&self, q: &mut AffinityQuery) {
+        let (service, family, client, port) = (q.service, q.family, q.client, q.port);
         (q.len, q.absent) = (0, 0);
         let t = &*self.inner;
-        q.changes = t.presence[presence_index(service, family)]
-            .changes
-            .load(Ordering::Acquire);
         q.complete = t
             .walk_probes(service, family, client, port, PREFETCH_MAX, |p| {
                 prefetch(&t.headers[t.primary(p)]);
@@ -833,7 +915,7 @@ impl AffinityReader {
             .is_ok();
     }
 
-    /// Second stage, once the headers [`AffinityReader::prepare`] hinted
+    /// Third stage, once the headers [`AffinityReader::prepare`] hinted
     /// are in cache: starts loading the slot lines whose tags match the
     /// query's keys, or, when none does and some keys of the bucket live in
     /// their alternates, the alternate bucket's header (a lookup reads it
@@ -865,7 +947,8 @@ impl AffinityReader {
     /// earlier would be; no lookup of several probes reads them all at one
     /// instant anyway): the probes [`AffinityReader::prefetch_slots`] found
     /// absent are misses as of then, those `prepare` left out for an
-    /// unmarked /24 as of then, and the rest are read now. If the prefix
+    /// unmarked /24 or a clear host-filter bit as of then, and the rest are
+    /// read now. If the prefix
     /// lengths or port kinds present changed since `prepare` (so the probes
     /// may no longer be the lookup's), the lookup runs in full.
     #[inline(always)]
@@ -912,6 +995,8 @@ pub struct AffinityWriter {
     counts: HashMap<(usize, u8, u8), u32>,
     /// Keys covering each marked /24 network, behind the readers' marks.
     nets: HashMap<u32, u32>,
+    /// Host keys per host-filter bit, behind the readers' filter.
+    hosts: HashMap<usize, u32>,
     /// Keys moved to make room, for statistics.
     moved: u64,
 }
@@ -966,6 +1051,7 @@ impl AffinityWriter {
         }
         self.count(&key, p.kind(), true);
         self.mark_nets(&key, true);
+        self.mark_host(&key, true);
         self.len += 1;
         Ok(())
     }
@@ -984,6 +1070,7 @@ impl AffinityWriter {
         }
         self.count(key, p.kind(), false);
         self.mark_nets(key, false);
+        self.mark_host(key, false);
         self.len -= 1;
         true
     }
@@ -1076,6 +1163,25 @@ impl AffinityWriter {
             }
         }
     }
+
+    /// Keeps the readers' host filter in step with the host keys, as
+    /// [`AffinityWriter::mark_nets`] the /24 marks: set after the entry is
+    /// written, cleared after the last key of that bit is removed.
+    fn mark_host(&mut self, key: &TableKey, add: bool) {
+        if !is_host_plen(key.family(), key.prefix_len()) {
+            return;
+        }
+        let bit = self.inner.host_bit(key.addr());
+        if !tally(&mut self.hosts, bit, add) {
+            return;
+        }
+        let word = &self.inner.hosts[bit / 64];
+        if add {
+            word.fetch_or(1 << (bit % 64), Ordering::Release);
+        } else {
+            word.fetch_and(!(1 << (bit % 64)), Ordering::Release);
+        }
+    }
 }
 
 /// Counts one key more (or less) under `k` in the writer's books; true when
@@ -1119,8 +1225,23 @@ mod tests {
         u128::from(u32::from_be_bytes([a, b, c, d]))
     }
 
-    /// A lookup in the worker's stages: prepared, slots hinted (which
-    /// settles the probes whose buckets lack the key), then looked up.
+    /// The worker's first two stages: started, then prepared.
+    fn prepare(
+        r: &AffinityReader,
+        q: &mut AffinityQuery,
+        s: ServiceId,
+        f: Family,
+        client: u128,
+        port: u16,
+    ) {
+        if r.start(q, s, f, client, port) {
+            r.prepare(q);
+        }
+    }
+
+    /// A lookup in the worker's stages: started, prepared, slots hinted
+    /// (which settles the probes whose buckets lack the key), then looked
+    /// up.
     fn staged(
         r: &AffinityReader,
         s: ServiceId,
@@ -1129,7 +1250,7 @@ mod tests {
         port: u16,
     ) -> Option<BackendId> {
         let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, s, f, client, port);
+        prepare(r, &mut q, s, f, client, port);
         r.prefetch_slots(&mut q);
         r.lookup_prepared(&q)
     }
@@ -1142,13 +1263,78 @@ mod tests {
         send::<AffinityWriter>();
     }
 
+    /// Host keys mark their client's host-filter bit while some key of that
+    /// bit is in the table; a client whose bit is clear gets no host probe,
+    /// and a key sharing a bit with a removed one is still found.
+    #[test]
+    fn host_keys_mark_the_host_filter() {
+        let (mut w, r) = AffinityTable::new(64);
+        let (s, f) = (3, Family::V4);
+        let t = &*r.inner;
+        let a = v4(10, 0, 0, 1);
+        let addr = |n: u32| u128::from(0x0a00_0000 | n);
+        let twin = (2..)
+            .map(addr)
+            .find(|&c| t.host_bit(c) == t.host_bit(a))
+            .unwrap();
+        let other = (2..)
+            .map(addr)
+            .find(|&c| t.host_bit(c) != t.host_bit(a))
+            .unwrap();
+        let probes = |client| {
+            let mut q = AffinityQuery::NONE;
+            prepare(&r, &mut q, s, f, client, 443);
+            q.len
+        };
+        assert!(t.host_unmarked(a));
+        let ka = key(s, f, a, 32, PortMatch::Any);
+        w.insert(ka, 1).unwrap();
+        assert!(!t.host_unmarked(a));
+        assert_eq!(probes(a), 1);
+        assert_eq!(probes(other), 0, "a clear bit skips the host probe");
+        assert_eq!(staged(&r, s, f, a, 443), Some(1));
+        assert_eq!(staged(&r, s, f, other, 443), None);
+
+        // The twin shares a's bit: it stays set while either key is there.
+        let kt = key(s, f, twin, 32, PortMatch::One(443));
+        w.insert(kt, 2).unwrap();
+        assert!(w.remove(&ka));
+        assert!(!t.host_unmarked(twin), "the twin's key still marks the bit");
+        assert_eq!(staged(&r, s, f, twin, 443), Some(2));
+        assert_eq!(r.lookup(s, f, twin, 443), Some(2));
+        assert!(w.remove(&kt));
+        assert!(t.host_unmarked(twin));
+        assert!(w.hosts.is_empty());
+
+        // IPv6 /128s mark it too; shorter keys do not.
+        let v6 = 0x2001_0db8_u128 << 96 | 5;
+        w.insert(key(s, Family::V6, v6, 128, PortMatch::Any), 4)
+            .unwrap();
+        assert!(!t.host_unmarked(v6));
+        assert_eq!(staged(&r, s, Family::V6, v6, 80), Some(4));
+        w.insert(key(s, f, v4(10, 9, 0, 0), 16, PortMatch::Any), 5)
+            .unwrap();
+        w.insert(key(s, Family::V6, v6, 64, PortMatch::Any), 6)
+            .unwrap();
+        assert_eq!(w.hosts.len(), 1, "only the /128 marks the filter");
+        assert_eq!(staged(&r, s, Family::V6, v6 + 1, 80), Some(6));
+    }
+
+    #[test]
+    fn the_host_filter_has_16_bits_per_entry_within_bounds() {
+        let words = |capacity| AffinityTable::new(capacity).1.inner.hosts.len();
+        assert_eq!(words(1 << 20), (1 << 24) / 64);
+        assert_eq!(words(1000), (1 << 14) / 64);
+        assert_eq!(words(1), *HOST_BITS.start() / 64);
+    }
+
     #[test]
     fn empty_table_misses() {
         let (_w, r) = AffinityTable::new(100);
         assert_eq!(r.lookup(0, Family::V4, v4(10, 0, 0, 1), 80), None);
         assert_eq!(r.lookup(0, Family::V6, 1, 80), None);
         let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, 0, Family::V4, 1, 80);
+        prepare(&r, &mut q, 0, Family::V4, 1, 80);
         assert_eq!(q.probes().len(), 0);
         assert_eq!(r.lookup_prepared(&q), None);
     }
@@ -1175,7 +1361,7 @@ mod tests {
         let t = &*r.inner;
         let client = v4(10, 1, 2, 3);
         let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, s, f, client, 443);
+        prepare(&r, &mut q, s, f, client, 443);
         assert!(q.complete);
         let mut hinted = Vec::new();
         for p in q.probes() {
@@ -1211,7 +1397,7 @@ mod tests {
             .unwrap();
         // Probes for 10.1.2.3:443: /32 one, /24 one, range, any, /16 any, /8.
         let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, s, f, client, 443);
+        prepare(&r, &mut q, s, f, client, 443);
         assert!(!q.complete);
         assert_eq!(r.lookup_prepared(&q), Some(8));
         assert!(w.remove(&key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Any)));
@@ -1226,7 +1412,7 @@ mod tests {
         w.insert(key(s2, f, v4(10, 0, 0, 0), 8, PortMatch::Any), 3)
             .unwrap();
         let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, s2, f, v4(10, 7, 7, 7), 443);
+        prepare(&r, &mut q, s2, f, v4(10, 7, 7, 7), 443);
         assert!(q.complete);
         assert_eq!(q.probes().len(), 1);
         assert_eq!(r.lookup_prepared(&q), Some(3));
@@ -1234,11 +1420,11 @@ mod tests {
             .unwrap();
         assert_eq!(r.lookup_prepared(&q), Some(11));
         let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, s, f, v4(10, 9, 9, 9), 443);
+        prepare(&r, &mut q, s, f, v4(10, 9, 9, 9), 443);
         assert_eq!(r.lookup_prepared(&q), Some(3));
         // A client with no affinity in a table of other keys.
         let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, s, f, v4(172, 16, 0, 1), 443);
+        prepare(&r, &mut q, s, f, v4(172, 16, 0, 1), 443);
         r.prefetch_slots(&mut q);
         assert_eq!(r.lookup_prepared(&q), None);
         assert_eq!(r.lookup_prepared(&AffinityQuery::NONE), None);
@@ -1347,18 +1533,20 @@ mod tests {
         assert_eq!(r.lookup(1, f, v4(10, 1, 77, 9), 80), None);
 
         // Service 1 has /32, /24 and /8 keys; the client's /24 is
-        // unmarked, so its query probes the /32 and the /8 only.
+        // unmarked, so its query probes the /8 and, only if its host-filter
+        // bit is another's (the seed decides), the /32.
         let client = v4(10, 2, 3, 20);
+        let host = usize::from(!r.inner.host_unmarked(client));
         let mut q = AffinityQuery::NONE;
-        r.prepare(&mut q, 1, f, client, 80);
-        assert_eq!(q.probes().len(), 2);
+        prepare(&r, &mut q, 1, f, client, 80);
+        assert_eq!(q.probes().len(), 1 + host);
         assert_eq!(r.lookup_prepared(&q), None);
         // Another service's key marks it: service 1's /24 probe is made
         // again (and misses), until service 1 pins the /24 too.
         w.insert(k28, 2).unwrap();
         assert!(marked(client));
-        r.prepare(&mut q, 1, f, client, 80);
-        assert_eq!(q.probes().len(), 3);
+        prepare(&r, &mut q, 1, f, client, 80);
+        assert_eq!(q.probes().len(), 2 + host);
         assert_eq!(r.lookup_prepared(&q), None);
         w.insert(k24, 3).unwrap();
         assert_eq!(r.lookup_prepared(&q), Some(3));
@@ -1394,10 +1582,10 @@ mod tests {
         let listing = |pairs: &[(u64, u64)]| {
             (pairs.iter().enumerate())
                 .map(|(n, &(plen, kind))| {
-                    let marked = if (16..32).contains(&plen) {
-                        PLAN_MARKED
-                    } else {
-                        0
+                    let marked = match plen {
+                        16..=31 => PLAN_MARKED,
+                        32 => PLAN_HOST,
+                        _ => 0,
                     };
                     (PLAN_VALID | marked | kind << 8 | plen) << (16 * n)
                 })
@@ -1605,7 +1793,7 @@ mod tests {
                 .map(|&(_, o)| o);
             proptest::prop_assert_eq!(r.lookup(svc, family, client, port), want);
             let mut q = AffinityQuery::NONE;
-            r.prepare(&mut q, svc, family, client, port);
+            prepare(r, &mut q, svc, family, client, port);
             proptest::prop_assert_eq!(r.lookup_prepared(&q), want);
             proptest::prop_assert_eq!(staged(r, svc, family, client, port), want);
         }
@@ -1738,7 +1926,7 @@ mod tests {
                             r.lookup(1, Family::V4, probe_addr(i), 7)
                         } else {
                             let mut q = AffinityQuery::NONE;
-                            r.prepare(&mut q, 1, Family::V4, probe_addr(i), 7);
+                            prepare(&r, &mut q, 1, Family::V4, probe_addr(i), 7);
                             r.prefetch_slots(&mut q);
                             r.lookup_prepared(&q)
                         };

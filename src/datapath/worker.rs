@@ -3,12 +3,13 @@
 //!
 //! Each iteration receives a burst on every port and processes it in three
 //! passes, as l3fwd does: prefetch the mbufs and frames (for writing: the
-//! rewrite changes both); parse them, hash them and prefetch their flow-table
-//! buckets and, for SYNs, prepare their affinity lookups (which prefetch the
-//! affinity buckets); then route and rewrite each packet and queue it for
-//! transmission, issuing the second prefetch stages a few packets ahead (a
-//! flow's alternate bucket where it will be needed, a SYN's affinity
-//! slots).
+//! rewrite changes both); parse them, hash them and prefetch their
+//! flow-table buckets and, for SYNs, start their affinity lookups (which
+//! hint the host-filter words the next stage reads), then prepare the
+//! SYNs' lookups (which prefetch the affinity buckets); then route and
+//! rewrite each packet and queue it for transmission, issuing the second
+//! prefetch stages a few packets ahead (a flow's alternate bucket where it
+//! will be needed, a SYN's affinity slots).
 //! Everything the loop writes is its own (flow table, counters, round-robin
 //! state); everything shared (dataplane snapshot, affinity table) is
 //! read-mostly, and the shared auto-affinity table is written only on new
@@ -301,8 +302,8 @@ impl<IO: PacketIo> Worker<IO> {
             .take()
             .unwrap_or_else(|| Arc::new(Dataplane::default()));
         let dp = std::mem::replace(&mut self.dp, placeholder);
-        // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, the
-        // affinity buckets their lookup will probe.
+        // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, start
+        // the affinity lookups; then prepare the SYNs' probes.
         // Each packet parsed in place (storage of the worker's, moved out
         // for the burst), and whether it is a flow's (the path off the
         // main line classifies the others again).
@@ -316,9 +317,12 @@ impl<IO: PacketIo> Worker<IO> {
         // burst mostly goes to one service, so the last answer is kept.
         let mut services: [Option<&Service>; MAX_BURST] = [None; MAX_BURST];
         let mut last: Option<(u128, u16, u8, Option<&Service>)> = None;
-        // Which packets are SYNs with a prepared affinity query (in
-        // `queries`, moved out of the worker for the burst).
+        // Which packets are SYNs with an affinity query (in `queries`,
+        // moved out of the worker for the burst), and which of those still
+        // have probes to prepare (none while the service has no key).
         let mut queried = [false; MAX_BURST];
+        let mut to_prepare = [false; MAX_BURST];
+        let mut any_to_prepare = false;
         let mut queries = self.queries.take().unwrap_or_else(|| Box::new(NO_QUERIES));
         let mut bytes = 0u64;
         for (i, (b, p)) in rx.iter().zip(parsed.iter_mut()).enumerate() {
@@ -344,14 +348,25 @@ impl<IO: PacketIo> Worker<IO> {
                 services[i] = svc;
                 if let Some(svc) = svc.filter(|_| p.is_syn()) {
                     let q = &mut queries[i];
-                    self.shared
+                    to_prepare[i] = self
+                        .shared
                         .affinity
-                        .prepare(q, svc.id, k.family, k.src, k.sport);
+                        .start(q, svc.id, k.family, k.src, k.sport);
+                    any_to_prepare |= to_prepare[i];
                     queried[i] = true;
                 }
             }
         }
         c.rx_bytes.add(bytes);
+        // The SYNs' probes, once the host-filter words their starts hinted
+        // have arrived: hashed, their bucket headers prefetched.
+        if any_to_prepare {
+            for i in 0..n {
+                if to_prepare[i] {
+                    self.shared.affinity.prepare(&mut queries[i]);
+                }
+            }
+        }
         // Second stages for the first packets (pass 3 issues them for the
         // others, AFFINITY_SLOT_DISTANCE packets ahead): their flow buckets'
         // first lines and, for SYNs, affinity bucket headers have arrived;
