@@ -2,8 +2,8 @@
 # Tests the Debian package: builds it from the release binary already built
 # (scripts/build-deb.sh --no-build), unpacks it into a scratch root with
 # dpkg-deb -x, and checks what an operator gets: the files in their places,
-# the conffile, the dependencies, the installed binary checking the
-# installed configuration, the man pages, the completions, and the systemd
+# the conffile, the dependencies, the state directory, the installed binary
+# checking the installed configuration, the man pages, the completions, and the systemd
 # unit passing `systemd-analyze verify`. Run by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,11 +45,25 @@ if grep -q "deb-systemd-invoke start\|systemctl.*enable" "$root/control/postinst
     fail "postinst starts or enables the service"
 fi
 
+# The configuration keeps requested affinities in /var/lib/pktdist, which
+# postinst makes and the unit's StateDirectory= keeps.
+grep -qx 'state_file = "/var/lib/pktdist/affinities.state"' "$root/fs/etc/pktdist/pktdist.toml" \
+    || fail "the configuration sets no state file in /var/lib/pktdist"
+grep -q "install -d -m 0750 /var/lib/pktdist" "$root/control/postinst" \
+    || fail "postinst does not make /var/lib/pktdist"
+grep -qx "StateDirectory=pktdist" "$unit" || fail "the unit has no StateDirectory=pktdist"
+
 bin=$root/fs/usr/bin/pktdist
 "$bin" --version | grep -q "^pktdist " || fail "pktdist --version"
-"$bin" check --config "$root/fs/etc/pktdist/pktdist.toml" >"$root/plan" \
+# `check` on the installed configuration, its state directory made in the
+# scratch root as postinst makes it on a system.
+mkdir -p "$root/fs/var/lib/pktdist"
+sed "s#/var/lib/pktdist#$root/fs/var/lib/pktdist#" "$root/fs/etc/pktdist/pktdist.toml" \
+    >"$root/pktdist.toml"
+"$bin" check --config "$root/pktdist.toml" >"$root/plan" \
     || fail "the installed binary refuses the installed configuration"
 grep -q "services:" "$root/plan" || fail "check printed no plan"
+grep -q "state file" "$root/plan" || fail "check printed nothing about the state file"
 
 # Every page renders; `man pktdist` finds the installed one.
 for page in "$root"/fs/usr/share/man/man1/*.1.gz; do

@@ -263,6 +263,7 @@ detached() {
 
 # instance_config K: config/testbed.toml for instance k: its control and
 # outer source addresses, a metrics listener (readiness for the BGP glue),
+# a stop delay (it forwards on while the router withdraws it),
 # its own EAL file prefix, a worker that shares its CPU and sleeps when
 # idle (N instances on a small machine), and a service on :81 whose
 # Maglev hashes the client address only.
@@ -272,7 +273,7 @@ instance_config() {
     data=$(lb_data_ip "$k")
     core=$((k % 2))
     sed -e "s/^listen = \"$CTL_IP:7400\"/listen = \"$ctl:7400\"/" \
-        -e "s/^status_interval = \"2s\"/&\nmetrics_listen = \"$ctl:9400\"/" \
+        -e "s/^status_interval = \"2s\"/&\nmetrics_listen = \"$ctl:9400\"\nstop_delay = \"2s\"/" \
         -e "s/^ipip_source = \"$LB_IP\"/ipip_source = \"$data\"/" \
         -e "s/^  \"--no-shconf\",/&\n  \"--file-prefix=$PREFIX-lb$k\",/" \
         -e "s/^workers = \[1\]/workers = [$core]\nshare_cpus = true\nidle_sleep = \"50us\"/" \

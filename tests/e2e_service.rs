@@ -172,6 +172,68 @@ fn systemd_hears_ready_then_stopping() {
     assert!(!done.stderr.contains("<6>"), "{}", done.stderr);
 }
 
+/// The value of an unlabelled metric in a `/metrics` text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `[control] stop_delay`: asked to stop, an instance is not ready at once
+/// (BGP withdraws it) but forwards on until the delay ends, then stops as
+/// it always does.
+#[test]
+fn a_stopping_instance_forwards_through_its_stop_delay() {
+    let _serial = serial();
+    let dir = TempDir::new("stop-delay");
+    let config = demo_config(&dir);
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replacen("[control]\n", "[control]\nstop_delay = \"5s\"\n", 1),
+    )
+    .expect("write config");
+    let (pd, _control) = Pktdist::run(&config);
+    let metrics = pd.metrics_addr(Duration::from_secs(30));
+    let ready = |code: &str| http_get(metrics, "/ready").filter(|r| r.contains(code));
+    assert!(
+        poll_until(Duration::from_secs(30), || ready(" 200 ")).is_some(),
+        "never ready\n{}",
+        pd.stderr_text()
+    );
+
+    pd.terminate();
+    assert!(
+        poll_until(Duration::from_secs(10), || ready(" 503 ")).is_some(),
+        "still ready after SIGTERM\n{}",
+        pd.stderr_text()
+    );
+    // Not ready, and still forwarding: the transmitted count goes on
+    // growing (the demo's traffic source runs until the workers stop).
+    let sent = || {
+        http_get(metrics, "/metrics").and_then(|t| metric(&t, "pktdist_transmitted_packets_total"))
+    };
+    let first = sent().expect("metrics answer while stopping");
+    assert!(
+        poll_until(Duration::from_secs(10), || sent().filter(|&n| n > first)).is_some(),
+        "nothing forwarded after SIGTERM (transmitted stayed {first})\n{}",
+        pd.stderr_text()
+    );
+    assert!(ready(" 503 ").is_some(), "ready again while stopping");
+
+    let done = pd.wait(Duration::from_secs(60));
+    assert!(done.status.success(), "{}", done.stderr);
+    let lines: Vec<&str> = done.stderr.lines().collect();
+    let lingered = lines
+        .iter()
+        .position(|l| l.contains("stopping: not ready, forwarding for 5s more"))
+        .unwrap_or_else(|| panic!("no stop-delay line\n{}", done.stderr));
+    let stopped = lines
+        .iter()
+        .position(|l| l.contains(" INFO  stopping") && !l.contains("stopping:"))
+        .unwrap_or_else(|| panic!("no stopping line\n{}", done.stderr));
+    assert!(lingered < stopped, "{}", done.stderr);
+}
+
 #[test]
 fn a_real_prometheus_scrapes_pktdist() {
     let _serial = serial();

@@ -54,6 +54,9 @@ pub const MAX_AFFINITY_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// window: a request stamped further from the distributor's clock is
 /// refused, and nonces are remembered for that long.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
+/// Longest `[control] stop_delay`: five minutes (a service manager's stop
+/// timeout must be longer).
+pub const MAX_STOP_DELAY: Duration = Duration::from_secs(300);
 /// A port's `mtu` when the file gives none (Ethernet's).
 pub const DEFAULT_MTU: u16 = 1500;
 /// Smallest and largest port `mtu`: IPv6 needs 1280 on every link, and 9216
@@ -314,6 +317,9 @@ pub struct ControlConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Period of the status line of `pktdist run`.
     pub status_interval: DurationStr,
+    /// How long a stopping instance goes on forwarding, not ready, before
+    /// its workers stop: time for the routers to withdraw it.
+    pub stop_delay: DurationStr,
     /// Requests per second one backend name may make (0: no limit).
     pub max_requests_per_second: u32,
     /// Requests per second the operator (`admin`) may make (0: no limit).
@@ -350,6 +356,7 @@ impl Default for ControlConfig {
             max_clock_skew: DurationStr::secs(30),
             metrics_listen: None,
             status_interval: DurationStr::secs(2),
+            stop_delay: DurationStr::secs(0),
             max_requests_per_second: DEFAULT_MAX_REQUESTS_PER_SECOND,
             admin_max_requests_per_second: DEFAULT_ADMIN_MAX_REQUESTS_PER_SECOND,
             keys: BTreeMap::new(),
@@ -879,6 +886,16 @@ impl Config {
         if c.max_clock_skew.0.is_zero() {
             return fail(cp.key("max_clock_skew"), "must be longer than 0");
         }
+        if c.stop_delay.0 > MAX_STOP_DELAY {
+            return fail(
+                cp.key("stop_delay"),
+                format!(
+                    "{}: must be at most {}",
+                    c.stop_delay,
+                    DurationStr(MAX_STOP_DELAY)
+                ),
+            );
+        }
         if c.max_clock_skew.0 > MAX_CLOCK_SKEW {
             return fail(
                 cp.key("max_clock_skew"),
@@ -1303,7 +1320,7 @@ impl Config {
         let c = &self.control;
         let _ = writeln!(
             o,
-            "control: listen udp {}, allowed {}, max clock skew {}, requests per second per sender {} (admin {}), metrics {}, status every {}, keys for {}",
+            "control: listen udp {}, allowed {}, max clock skew {}, requests per second per sender {} (admin {}), metrics {}, status every {}, stop delay {}, keys for {}",
             c.listen,
             c.allowed_networks.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" "),
             c.max_clock_skew,
@@ -1311,6 +1328,11 @@ impl Config {
             fmt_rate(c.admin_max_requests_per_second),
             c.metrics_listen.map(|a| format!("http://{a}/metrics")).unwrap_or_else(|| "off".into()),
             c.status_interval,
+            if c.stop_delay.0.is_zero() {
+                "none".to_string()
+            } else {
+                c.stop_delay.to_string()
+            },
             if c.keys.is_empty() { "nobody".to_string() } else { c.keys.keys().cloned().collect::<Vec<_>>().join(", ") }
         );
         let i = &self.icmp;

@@ -589,6 +589,27 @@ fn missing_top_level_parts_are_located_at_the_start() {
 }
 
 #[test]
+fn stop_delay_defaults_to_none_and_is_bounded() {
+    let delay = |v: &str| edit("[control]\n", &format!("[control]\nstop_delay = \"{v}\"\n"));
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert!(c.control.stop_delay.0.is_zero());
+    assert!(c.plan().contains("stop delay none"), "{}", c.plan());
+    let c = Config::parse(&delay("2s"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.control.stop_delay.0, Duration::from_secs(2));
+    assert!(c.plan().contains("stop delay 2s"), "{}", c.plan());
+    // The bound itself is accepted.
+    let c = Config::parse(&delay("5m"), "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.control.stop_delay.0, MAX_STOP_DELAY);
+    check(
+        &delay("301s"),
+        "control.stop_delay",
+        "stop_delay",
+        "301s: must be at most 5m",
+    );
+    check(&delay("soon"), "control.stop_delay", "stop_delay", "");
+}
+
+#[test]
 fn max_clock_skew_is_bounded() {
     let skew = |v: &str| {
         edit(

@@ -101,6 +101,8 @@ pub struct ControlThread {
     cluster: Option<StoreSync>,
     /// Called once, at the first tick that finds the instance ready.
     on_ready: Option<Box<dyn FnOnce() + Send>>,
+    /// Asked to stop: never ready again (see [`ControlThread::linger`]).
+    stopping: bool,
 }
 
 /// The status line's output and schedule.
@@ -182,6 +184,7 @@ impl ControlThread {
             health,
             cluster,
             on_ready: None,
+            stopping: false,
         })
     }
 
@@ -347,9 +350,9 @@ impl ControlThread {
     /// Whether the instance serves with its whole table: always alone; in
     /// cluster mode once a full load of the shared table is installed (and
     /// still while the store is unreachable: every instance withdrawing at
-    /// once would take the service down).
+    /// once would take the service down). Never once asked to stop.
     pub fn ready(&self) -> bool {
-        self.cluster.as_ref().is_none_or(|c| c.ready())
+        !self.stopping && self.cluster.as_ref().is_none_or(|c| c.ready())
     }
 
     /// Cluster mode: the control thread's side of the shared table, if set.
@@ -420,6 +423,7 @@ impl ControlThread {
             let now = Instant::now();
             if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d) {
                 // Stopping: no longer ready, before anything stops.
+                self.stopping = true;
                 if let Some(m) = &self.metrics {
                     m.set_ready(false);
                 }
@@ -432,6 +436,22 @@ impl ControlThread {
                         log::error!("SIGHUP: reload refused, running configuration kept: {e}")
                     }
                 }
+            }
+            self.step(now);
+        }
+    }
+
+    /// After [`ControlThread::serve_until`] returned: goes on serving, not
+    /// ready, until `until` (`[control] stop_delay` after the signal), so
+    /// that the routers withdraw this instance (BGP behind `/ready`) while
+    /// it still forwards what they send it. Requests are answered,
+    /// affinities expire and notices go out as before; a reload waits for
+    /// the next start.
+    pub fn linger(&mut self, until: Instant) {
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return;
             }
             self.step(now);
         }
@@ -685,6 +705,35 @@ mod tests {
         let mut text = String::new();
         http.read_to_string(&mut text).unwrap();
         text
+    }
+
+    /// Asked to stop, the instance is not ready (and stays so), yet it
+    /// answers requests until [`ControlThread::linger`]'s end.
+    #[test]
+    fn a_stopping_instance_is_not_ready_and_still_answers_while_it_lingers() {
+        let file = File::new("linger", &config(ADMIN_1, A_1));
+        let mut ctl = control(&file.0, None);
+        let metrics = ctl.metrics_addr().unwrap();
+        ctl.tick();
+        assert!(ctl.ready());
+        assert!(get(metrics, "/ready").contains(" 200 "));
+
+        let (stop, reload) = (AtomicBool::new(true), AtomicBool::new(false));
+        ctl.serve_until(&stop, &reload, None);
+        assert!(!ctl.ready());
+        assert!(get(metrics, "/ready").contains(" 503 "));
+        // A tick (the lingering loop's) does not make it ready again.
+        ctl.tick();
+        assert!(get(metrics, "/ready").contains(" 503 "));
+        let mut peer = Peer::new("a", A_1);
+        let reply = ask(&mut ctl, &mut peer, A_1, &create("10.1.2.0")).expect("a reply");
+        assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+
+        // It returns once its time is up.
+        let began = Instant::now();
+        ctl.linger(began + Duration::from_millis(50));
+        assert!(began.elapsed() >= Duration::from_millis(50));
+        assert!(!ctl.ready());
     }
 
     const CLUSTER: &str =

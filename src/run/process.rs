@@ -138,6 +138,17 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         opts.duration.map(|d| began + d),
     );
     notifier.stopping();
+    // Asked to stop by a signal: not ready from now on (BGP withdraws the
+    // VIPs behind `/ready`), forwarding on for `[control] stop_delay` so
+    // that what the routers send meanwhile still reaches its backends.
+    let delay = control.config().control.stop_delay.0;
+    if flags.signal.load(Ordering::Relaxed) && !delay.is_zero() {
+        log::info!(
+            "stopping: not ready, forwarding for {} more while the routers withdraw this instance",
+            control.config().control.stop_delay
+        );
+        control.linger(Instant::now() + delay);
+    }
     log::info!("stopping");
 
     control.stop_health_checks();

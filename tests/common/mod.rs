@@ -382,12 +382,17 @@ impl Pktdist {
 
     /// Sends SIGTERM and waits for the end (SIGKILL after `timeout`).
     pub fn stop(self, timeout: Duration) -> Finished {
+        self.terminate();
+        self.wait(timeout)
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
         if let Some(pid) = self.pid() {
             let _ = Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
         }
-        self.wait(timeout)
     }
 
     /// Waits for the child to end by itself (SIGKILL after `timeout`).
