@@ -276,8 +276,8 @@ def testpmd_section(t, json_name):
         tgt = TARGET_TESTPMD_RATIO.get(name)
         target, met = (f"≥ {tgt:.2f}", yes_no(m["ratio"] >= tgt)) if tgt else ("-", "-")
         if name == "syn-affinity" and m.get("ratio_to_syn") is not None:
-            target = f"≥ 0.85 x syn"
-            met = f"{yes_no(m['ratio_to_syn'] >= TARGET_SYN_AFFINITY_RATIO)} ({m['ratio_to_syn']:.2f} x syn)"
+            target = "≥ 0.85 x syn"
+            met = f"{yes_no(m['ratio_to_syn'] >= TARGET_SYN_AFFINITY_RATIO)} ({m['ratio_to_syn']:.4f} x syn)"
         out.append(
             "| {} | {} | {} | **{}** | {} | {} | {} | {} / {} | {} | {} |".format(
                 label,

@@ -56,12 +56,13 @@
 //!
 //! A worker looks a whole burst's SYNs up in stages, so that their misses
 //! overlap: [`AffinityReader::start`] records a SYN's query and hints its
-//! host-filter word, [`AffinityReader::prepare`] (once the burst's SYNs are
-//! all started) reads the filter and the /24 marks, hashes the probes left
-//! once and prefetches their bucket headers, [`AffinityReader::prefetch_slots`] later
-//! hints the slot lines whose tags match (or the alternate bucket, for a
-//! bucket that overflowed) and settles as misses the probes with neither,
-//! and [`AffinityReader::lookup_prepared`] reads the rest (in full, as
+//! host-filter word; [`AffinityReader::prepare`] (once the burst's SYNs
+//! are all started) reads the filter and the /24 marks, hashes the probes
+//! left once and prefetches their bucket headers;
+//! [`AffinityReader::prefetch_slots`] later hints the slot lines whose tags
+//! match (or the alternate bucket, for a bucket that overflowed) and
+//! settles as misses the probes with neither; and
+//! [`AffinityReader::lookup_prepared`] reads the rest (in full, as
 //! [`AffinityReader::lookup`], if the presence bitmaps changed meanwhile).
 
 use core::fmt;
@@ -101,8 +102,7 @@ const META_LOW: u64 = 0xffff_ffff;
 /// A plan word holds up to [`PREFETCH_MAX`] entries of 16 bits, the first
 /// probe in the low bits, each `PLAN_VALID | kind << 8 | prefix length`
 /// (with [`PLAN_MARKED`] for a length the /24 marks cover, [`PLAN_HOST`]
-/// for host probes), and zeros after
-/// the last.
+/// for host probes), and zeros after the last.
 const PLAN_VALID: u64 = 0x8000;
 /// In a plan entry: probes of this length are skipped for clients whose /24
 /// is unmarked.
@@ -117,6 +117,8 @@ const PLAN_HAS_HOST: u64 = PLAN_HOST * 0x0001_0001_0001_0001;
 const HOST_BITS_PER_ENTRY: usize = 16;
 /// Bounds of the host filter's size in bits: 512 bytes, 128 MiB.
 const HOST_BITS: core::ops::RangeInclusive<usize> = 1 << 12..=1 << 30;
+// The writer counts keys per bit under a `u32`.
+const _: () = assert!(*HOST_BITS.end() <= 1 << 32);
 /// The plan word when more pairs are present than fit: lookups walk the
 /// bitmaps instead.
 const PLAN_LONG: u64 = u64::MAX;
@@ -291,8 +293,9 @@ fn match_tag(tags: u64, tag: u8) -> u64 {
     !(((x & LOW7) + LOW7) | x | LOW7)
 }
 
-/// A lookup prepared by [`AffinityReader::prepare`]: its probes, hashed
-/// once, for the prefetch stages and the lookup itself.
+/// A lookup started by [`AffinityReader::start`] and prepared by
+/// [`AffinityReader::prepare`]: its probes, hashed once, for the prefetch
+/// stages and the lookup itself.
 #[derive(Clone, Copy)]
 pub struct AffinityQuery {
     probes: [Probe; PREFETCH_MAX],
@@ -300,7 +303,7 @@ pub struct AffinityQuery {
     /// False when the client has more candidate probes than fit; the lookup
     /// then runs in full.
     complete: bool,
-    /// The presence bitmaps' change count when prepared: if it moved, the
+    /// The presence bitmaps' change count when started: if it moved, the
     /// lookup runs in full.
     changes: u32,
     /// Bit `n` set when [`AffinityReader::prefetch_slots`] found probe `n`'s
@@ -943,14 +946,14 @@ impl AffinityReader {
 
     /// The answer [`AffinityReader::lookup`] gives for the query's client,
     /// from its prepared probes, each answered as the table stood at some
-    /// moment between `prepare` and now (as a packet seen a few packets
+    /// moment between `start` and now (as a packet seen a few packets
     /// earlier would be; no lookup of several probes reads them all at one
     /// instant anyway): the probes [`AffinityReader::prefetch_slots`] found
     /// absent are misses as of then, those `prepare` left out for an
     /// unmarked /24 or a clear host-filter bit as of then, and the rest are
-    /// read now. If the prefix
-    /// lengths or port kinds present changed since `prepare` (so the probes
-    /// may no longer be the lookup's), the lookup runs in full.
+    /// read now. If the prefix lengths or port kinds present changed since
+    /// `start` (so the probes may no longer be the lookup's), the lookup
+    /// runs in full.
     #[inline(always)]
     pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<BackendId> {
         let t = &*self.inner;
@@ -995,8 +998,9 @@ pub struct AffinityWriter {
     counts: HashMap<(usize, u8, u8), u32>,
     /// Keys covering each marked /24 network, behind the readers' marks.
     nets: HashMap<u32, u32>,
-    /// Host keys per host-filter bit, behind the readers' filter.
-    hosts: HashMap<usize, u32>,
+    /// Host keys per host-filter bit (at most 2^30 bits: a `u32`), behind
+    /// the readers' filter.
+    hosts: HashMap<u32, u32>,
     /// Keys moved to make room, for statistics.
     moved: u64,
 }
@@ -1172,7 +1176,7 @@ impl AffinityWriter {
             return;
         }
         let bit = self.inner.host_bit(key.addr());
-        if !tally(&mut self.hosts, bit, add) {
+        if !tally(&mut self.hosts, bit as u32, add) {
             return;
         }
         let word = &self.inner.hosts[bit / 64];
