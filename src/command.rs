@@ -38,6 +38,10 @@ pub struct Cli {
 pub enum Cmd {
     /// Start EAL, ports, workers and the control thread; stop on
     /// SIGINT/SIGTERM or after --duration and print a summary.
+    ///
+    /// A signal makes it not ready at once (GET /ready answers 503) and,
+    /// with `[control] stop_delay`, it forwards on that long before the
+    /// workers stop; a second signal ends it at once.
     Run(RunArgs),
     /// Validate a configuration and print the resolved plan.
     Check {

@@ -886,25 +886,16 @@ impl Config {
         if c.max_clock_skew.0.is_zero() {
             return fail(cp.key("max_clock_skew"), "must be longer than 0");
         }
-        if c.stop_delay.0 > MAX_STOP_DELAY {
-            return fail(
-                cp.key("stop_delay"),
-                format!(
-                    "{}: must be at most {}",
-                    c.stop_delay,
-                    DurationStr(MAX_STOP_DELAY)
-                ),
-            );
-        }
-        if c.max_clock_skew.0 > MAX_CLOCK_SKEW {
-            return fail(
-                cp.key("max_clock_skew"),
-                format!(
-                    "{}: must be at most {}",
-                    c.max_clock_skew,
-                    DurationStr(MAX_CLOCK_SKEW)
-                ),
-            );
+        for (k, v, max) in [
+            ("max_clock_skew", c.max_clock_skew, MAX_CLOCK_SKEW),
+            ("stop_delay", c.stop_delay, MAX_STOP_DELAY),
+        ] {
+            if v.0 > max {
+                return fail(
+                    cp.key(k),
+                    format!("{v}: must be at most {}", DurationStr(max)),
+                );
+            }
         }
         for (k, v) in [
             ("max_requests_per_second", c.max_requests_per_second),
