@@ -63,7 +63,8 @@ sed "s#/var/lib/pktdist#$root/fs/var/lib/pktdist#" "$root/fs/etc/pktdist/pktdist
 "$bin" check --config "$root/pktdist.toml" >"$root/plan" \
     || fail "the installed binary refuses the installed configuration"
 grep -q "services:" "$root/plan" || fail "check printed no plan"
-grep -q "state file" "$root/plan" || fail "check printed nothing about the state file"
+grep -q "state file $root/fs/var/lib/pktdist/affinities.state" "$root/plan" \
+    || fail "check names no state file in the state directory"
 
 # Every page renders; `man pktdist` finds the installed one.
 for page in "$root"/fs/usr/share/man/man1/*.1.gz; do

@@ -189,7 +189,7 @@ fn a_stopping_instance_forwards_through_its_stop_delay() {
     let text = std::fs::read_to_string(&config).expect("config");
     std::fs::write(
         &config,
-        text.replacen("[control]\n", "[control]\nstop_delay = \"5s\"\n", 1),
+        text.replacen("[control]\n", "[control]\nstop_delay = \"20s\"\n", 1),
     )
     .expect("write config");
     let (pd, _control) = Pktdist::run(&config);
@@ -230,7 +230,7 @@ fn a_stopping_instance_forwards_through_its_stop_delay() {
     let lines: Vec<&str> = done.stderr.lines().collect();
     let lingered = lines
         .iter()
-        .position(|l| l.contains("stopping: not ready, forwarding for 5s more"))
+        .position(|l| l.contains("stopping: not ready, forwarding for 20s more"))
         .unwrap_or_else(|| panic!("no stop-delay line\n{}", done.stderr));
     let stopped = lines
         .iter()

@@ -46,7 +46,8 @@
 //!
 //! Host keys (IPv4 /32s, IPv6 /128s) mark one bit each in a filter of
 //! 16 bits per entry of capacity (the client address hashed, all services
-//! together): a lookup skips the host probe for a client whose bit is
+//! together; at most 2^30 bits, which tables beyond 2^26 entries share
+//! thinner): a lookup skips the host probe for a client whose bit is
 //! clear. A full table sets at most one bit in 16, so most clients without
 //! a host affinity (in a SYN flood from random sources, nearly all) pay a
 //! multiply and one load for it instead of a probe. That load is a random
@@ -112,8 +113,8 @@ const PLAN_MARKED: u64 = 0x4000;
 const PLAN_HOST: u64 = 0x2000;
 /// Some entry of a plan word is a host probe.
 const PLAN_HAS_HOST: u64 = PLAN_HOST * 0x0001_0001_0001_0001;
-/// Host-filter bits per entry of capacity (rounded up to a power of two):
-/// a full table sets at most one in 16.
+/// Host-filter bits per entry of capacity (rounded up to a power of two,
+/// within [`HOST_BITS`]): a full table sets at most one in 16.
 const HOST_BITS_PER_ENTRY: usize = 16;
 /// Bounds of the host filter's size in bits: 512 bytes, 128 MiB.
 const HOST_BITS: core::ops::RangeInclusive<usize> = 1 << 12..=1 << 30;
@@ -554,7 +555,7 @@ impl Inner {
     /// comes from the plan word when it holds it (the common case: one
     /// load), else from walking the bitmaps ([`present_pairs`]); `max`
     /// bounds the probes of a walk, which returns `Err(())` beyond it.
-    /// Probes the /24 marks rule out are not made.
+    /// Probes the /24 marks and the host filter rule out are not made.
     #[inline(always)]
     fn walk_probes<B>(
         &self,
@@ -868,10 +869,11 @@ impl AffinityReader {
 
     /// First stage of the lookup of `client:port` on `service`: records it
     /// in `q` (a worker keeps one per packet of a burst) and, when the
-    /// service has host keys, starts loading the client's word of the host
-    /// filter, which [`AffinityReader::prepare`] reads. False when the
-    /// service has no key at all: the query is then complete as it stands
-    /// (no probe) and needs no preparing. An empty table costs the presence
+    /// service's plan may probe host keys (it lists one, or is too long to
+    /// list), starts loading the client's word of the host filter, which
+    /// [`AffinityReader::prepare`] reads. False when the service has no key
+    /// of the client's family: the query is then complete as it stands (no
+    /// probe) and needs no preparing. An empty table costs the presence
     /// loads and a few stores.
     #[inline(always)]
     pub fn start(
@@ -1410,7 +1412,7 @@ mod tests {
             Some(5),
             "read now, not when prepared"
         );
-        // A prefix length that appears after `prepare` is seen too: the
+        // A prefix length that appears after `start` is seen too: the
         // presence change sends the lookup down the full path.
         let s2 = s + 1;
         w.insert(key(s2, f, v4(10, 0, 0, 0), 8, PortMatch::Any), 3)

@@ -606,7 +606,12 @@ fn stop_delay_defaults_to_none_and_is_bounded() {
         "stop_delay",
         "301s: must be at most 5m",
     );
-    check(&delay("soon"), "control.stop_delay", "stop_delay", "");
+    check(
+        &delay("soon"),
+        "control.stop_delay",
+        "stop_delay",
+        "bad duration \"soon\"",
+    );
 }
 
 #[test]

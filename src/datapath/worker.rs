@@ -7,7 +7,7 @@
 //! flow-table buckets and, for SYNs, start their affinity lookups (which
 //! hint the host-filter words the next stage reads), then prepare the
 //! SYNs' lookups (which prefetch the affinity buckets); then route and
-//! rewrite each packet and queue it for transmission, issuing the second
+//! rewrite each packet and queue it for transmission, issuing the later
 //! prefetch stages a few packets ahead (a flow's alternate bucket where it
 //! will be needed, a SYN's affinity slots).
 //! Everything the loop writes is its own (flow table, counters, round-robin
@@ -119,7 +119,8 @@ pub struct Worker<IO: PacketIo> {
     /// Per-service round-robin state, rebuilt with each snapshot.
     wrr: Vec<Option<SmoothWrr>>,
     flows: FlowTable,
-    /// The prepared affinity lookups of the current burst's SYNs.
+    /// The affinity lookups of the current burst's SYNs (started, and
+    /// prepared where the service has keys).
     /// The burst arrays are moved out for the burst and back after (a
     /// fixed length, so the loops index them without bounds checks; kept
     /// from burst to burst, so not written anew for each).
@@ -319,7 +320,8 @@ impl<IO: PacketIo> Worker<IO> {
         let mut last: Option<(u128, u16, u8, Option<&Service>)> = None;
         // Which packets are SYNs with an affinity query (in `queries`,
         // moved out of the worker for the burst), and which of those still
-        // have probes to prepare (none while the service has no key).
+        // have probes to prepare (none while the service has no key of the
+        // client's family).
         let mut queried = [false; MAX_BURST];
         let mut to_prepare = [false; MAX_BURST];
         let mut any_to_prepare = false;
@@ -367,11 +369,12 @@ impl<IO: PacketIo> Worker<IO> {
                 }
             }
         }
-        // Second stages for the first packets (pass 3 issues them for the
-        // others, AFFINITY_SLOT_DISTANCE packets ahead): their flow buckets'
-        // first lines and, for SYNs, affinity bucket headers have arrived;
-        // hint the flow's alternate bucket where it will be read or
-        // written, and the affinity slots whose tags match.
+        // The next stages for the first packets (pass 3 issues them for
+        // the others, AFFINITY_SLOT_DISTANCE packets ahead): their flow
+        // buckets' first lines have arrived, and for SYNs the affinity
+        // bucket headers `prepare` hinted are on their way; hint the
+        // flow's alternate bucket where it will be read or written, and
+        // the affinity slots whose tags match.
         for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
             if flow[i] {
                 let p = &parsed[i];
@@ -845,7 +848,7 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Finds the connection's backend, creating its flow entry if needed.
-    /// `query` is the packet's prepared affinity lookup: there is one for
+    /// `query` is the packet's affinity lookup: there is one for
     /// every SYN to a service and for nothing else, so it also says
     /// whether the packet is a SYN. Always inlined: it is the main line
     /// (the compiler otherwise calls it out of line in some builds).
@@ -861,7 +864,7 @@ impl<IO: PacketIo> Worker<IO> {
     ) -> Result<BackendId, DropReason> {
         let is_tcp = p.key.proto == PROTO_TCP;
         let flags = if is_tcp { p.tcp_flags } else { 0 };
-        // The burst prepared an affinity query for exactly its SYNs to a
+        // The burst started an affinity query for exactly its SYNs to a
         // service.
         let syn = query.is_some();
         debug_assert_eq!(syn, p.is_syn());

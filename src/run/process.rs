@@ -50,6 +50,8 @@ struct StopFlags {
     signal: Arc<AtomicBool>,
     /// Set by SIGHUP: re-read the configuration.
     reload: Arc<AtomicBool>,
+    /// Set, beside `signal`, when a worker died ([`WorkerWatch`]).
+    worker_died: Arc<AtomicBool>,
 }
 
 impl StopFlags {
@@ -64,7 +66,11 @@ impl StopFlags {
         }
         signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
             .map_err(|e| format!("cannot install SIGHUP handler: {e}"))?;
-        Ok(StopFlags { signal, reload })
+        Ok(StopFlags {
+            signal,
+            reload,
+            worker_died: Arc::new(AtomicBool::new(false)),
+        })
     }
 }
 
@@ -115,7 +121,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
                 .transpose()?,
         },
     )?;
-    let threads = spawn(cfg, &started, &control.shared(), workers, &flags.signal)?;
+    let threads = spawn(cfg, &started, &control.shared(), workers, &flags)?;
 
     // Serve: the control thread's loop runs on this thread.
     let addr = control.local_addr().unwrap_or(cfg.control.listen);
@@ -140,9 +146,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     notifier.stopping();
     // Asked to stop by a signal: not ready from now on (BGP withdraws the
     // VIPs behind `/ready`), forwarding on for `[control] stop_delay` so
-    // that what the routers send meanwhile still reaches its backends.
+    // that what the routers send meanwhile still reaches its backends. Not
+    // after a worker died: its queues would stay unread meanwhile.
     let delay = control.config().control.stop_delay.0;
-    if flags.signal.load(Ordering::Relaxed) && !delay.is_zero() {
+    let signalled = flags.signal.load(Ordering::Relaxed);
+    if signalled && !flags.worker_died.load(Ordering::Relaxed) && !delay.is_zero() {
         log::info!(
             "stopping: not ready, forwarding for {} more while the routers withdraw this instance",
             control.config().control.stop_delay
@@ -317,6 +325,8 @@ struct WorkerWatch {
     stopping: Arc<AtomicBool>,
     /// The process's stop flag (SIGINT/SIGTERM's).
     stop_process: Arc<AtomicBool>,
+    /// Tells the stop that a worker died (no stop delay then).
+    died: Arc<AtomicBool>,
 }
 
 impl Drop for WorkerWatch {
@@ -333,19 +343,20 @@ impl Drop for WorkerWatch {
                 ""
             }
         );
+        self.died.store(true, Ordering::Relaxed);
         self.stop_process.store(true, Ordering::Relaxed);
     }
 }
 
 /// Starts one pinned worker per worker core (each with its `counters`),
 /// reading the tables of `shared`, and the traffic source if configured. A
-/// worker that dies sets `stop_process` ([`WorkerWatch`]).
+/// worker that dies sets the stop flags ([`WorkerWatch`]).
 fn spawn(
     cfg: &Config,
     started: &Started,
     shared: &Shared,
     counters: Vec<Arc<WorkerCounters>>,
-    stop_process: &Arc<AtomicBool>,
+    flags: &StopFlags,
 ) -> Result<Threads, String> {
     let plans: Vec<PortPlan> = cfg
         .ports
@@ -400,7 +411,8 @@ fn spawn(
         let watch = WorkerWatch {
             worker: w,
             stopping: Arc::clone(&stop_workers),
-            stop_process: Arc::clone(stop_process),
+            stop_process: Arc::clone(&flags.signal),
+            died: Arc::clone(&flags.worker_died),
         };
         let h = spawn_worker(core, &format!("pktdist-w{w}"), move || {
             let _watch = watch;
@@ -650,34 +662,46 @@ fn device_counters(s: &crate::dpdk::DeviceStats) -> PortSummary {
 mod tests {
     use super::*;
 
-    fn watch(w: usize) -> (WorkerWatch, Arc<AtomicBool>, Arc<AtomicBool>) {
-        let (stopping, stop_process) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
+    /// A watch, its workers' stop flag, and the process's stop and
+    /// worker-died flags.
+    #[allow(clippy::type_complexity)]
+    fn watch(
+        w: usize,
+    ) -> (
+        WorkerWatch,
+        Arc<AtomicBool>,
+        Arc<AtomicBool>,
+        Arc<AtomicBool>,
+    ) {
+        let flag = || Arc::new(AtomicBool::new(false));
+        let (stopping, stop_process, died) = (flag(), flag(), flag());
         let watch = WorkerWatch {
             worker: w,
             stopping: Arc::clone(&stopping),
             stop_process: Arc::clone(&stop_process),
+            died: Arc::clone(&died),
         };
-        (watch, stopping, stop_process)
+        (watch, stopping, stop_process, died)
     }
 
     /// A worker that panics while forwarding stops the process; one that
     /// ends because it was asked to does not.
     #[test]
     fn a_dead_worker_stops_the_process() {
-        let (w, _stopping, stop_process) = watch(3);
+        let (w, _stopping, stop_process, died) = watch(3);
         let t = std::thread::spawn(move || {
             let _watch = w;
             panic!("a worker's bug");
         });
         assert!(t.join().is_err());
         assert!(stop_process.load(Ordering::Relaxed));
+        // Which the stop tells from a signal: no stop delay then.
+        assert!(died.load(Ordering::Relaxed));
 
-        let (w, stopping, stop_process) = watch(1);
+        let (w, stopping, stop_process, died) = watch(1);
         stopping.store(true, Ordering::Relaxed);
         std::thread::spawn(move || drop(w)).join().unwrap();
         assert!(!stop_process.load(Ordering::Relaxed));
+        assert!(!died.load(Ordering::Relaxed));
     }
 }
