@@ -907,8 +907,8 @@ impl AffinityReader {
     /// buckets' headers, so that a burst's misses overlap.
     #[inline(always)]
     pub fn prepare(&self, q: &mut AffinityQuery) {
+        // `start` left the query without probes.
         let (service, family, client, port) = (q.service, q.family, q.client, q.port);
-        (q.len, q.absent) = (0, 0);
         let t = &*self.inner;
         q.complete = t
             .walk_probes(service, family, client, port, PREFETCH_MAX, |p| {

@@ -148,14 +148,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     // VIPs behind `/ready`), forwarding on for `[control] stop_delay` so
     // that what the routers send meanwhile still reaches its backends. Not
     // after a worker died: its queues would stay unread meanwhile.
-    let delay = control.config().control.stop_delay.0;
+    let delay = control.config().control.stop_delay;
     let signalled = flags.signal.load(Ordering::Relaxed);
-    if signalled && !flags.worker_died.load(Ordering::Relaxed) && !delay.is_zero() {
+    if signalled && !flags.worker_died.load(Ordering::Relaxed) && !delay.0.is_zero() {
         log::info!(
-            "stopping: not ready, forwarding for {} more while the routers withdraw this instance",
-            control.config().control.stop_delay
+            "stopping: not ready, forwarding for {delay} more while the routers withdraw this instance"
         );
-        control.linger(Instant::now() + delay);
+        control.linger(Instant::now() + delay.0);
     }
     log::info!("stopping");
 
