@@ -76,7 +76,7 @@ use hashbrown::HashMap;
 use super::key::TableKey;
 use super::seqlock::SeqLock;
 use super::{hash3, random_seed};
-use crate::dpdk::{huge_page_slice_with, prefetch};
+use crate::dpdk::{huge_page_slice_with, prefetch, HugeSlice};
 use crate::net::{max_prefix, prefix_mask};
 use crate::types::Family;
 use crate::types::PortMatch;
@@ -210,17 +210,17 @@ impl Default for Presence {
 }
 
 struct Inner {
-    headers: Box<[Header]>,
-    lines: Box<[Line]>,
+    headers: HugeSlice<Header>,
+    lines: HugeSlice<Line>,
     /// Indexed by [`presence_index`]; services beyond [`MAX_SERVICES`] share
     /// entries, which costs them extra probes, never wrong answers.
     presence: Box<[Presence]>,
     /// Bit `n` set while some key of [`MARKED_PLENS`] covers the IPv4
     /// network `n << 8` (of any service: another's only costs a probe).
-    nets: Box<[AtomicU64]>,
+    nets: HugeSlice<AtomicU64>,
     /// Bit [`Inner::host_bit`] set while some host key has that client
     /// address (of any service).
-    hosts: Box<[AtomicU64]>,
+    hosts: HugeSlice<AtomicU64>,
     /// 64 minus log2 of the host filter's bits.
     host_shift: u32,
     mask: u64,
@@ -252,8 +252,8 @@ impl AffinityTable {
             headers: huge_page_slice_with(buckets, Header::default),
             lines: huge_page_slice_with(slots / 2, Line::default),
             presence: (0..MAX_SERVICES * 2).map(|_| Presence::default()).collect(),
-            nets: (0..NET_WORDS).map(|_| AtomicU64::new(0)).collect(),
-            hosts: (0..host_bits / 64).map(|_| AtomicU64::new(0)).collect(),
+            nets: huge_page_slice_with(NET_WORDS, AtomicU64::default),
+            hosts: huge_page_slice_with(host_bits / 64, AtomicU64::default),
             host_shift: 64 - host_bits.trailing_zeros(),
             mask: buckets as u64 - 1,
             seed: random_seed(),
@@ -310,6 +310,13 @@ pub struct AffinityQuery {
     /// Bit `n` set when [`AffinityReader::prefetch_slots`] found probe `n`'s
     /// key absent, so the lookup need not read its bucket again.
     absent: u8,
+    /// The service's plan word when started, which
+    /// [`AffinityReader::prepare`] walks.
+    plan: u64,
+    /// The client's host-filter bit, when the plan has a host probe.
+    host: u32,
+    /// Where the service's presence bitmaps are ([`presence_index`]).
+    presence: u16,
     service: ServiceId,
     family: Family,
     client: u128,
@@ -324,6 +331,9 @@ impl AffinityQuery {
         complete: true,
         changes: 0,
         absent: 0,
+        plan: 0,
+        host: 0,
+        presence: 0,
         service: 0,
         family: Family::V4,
         client: 0,
@@ -515,7 +525,12 @@ impl Inner {
     /// Whether no host key has the client's address.
     #[inline(always)]
     fn host_unmarked(&self, client: u128) -> bool {
-        let bit = self.host_bit(client);
+        self.host_bit_clear(self.host_bit(client))
+    }
+
+    /// Whether host-filter bit `bit` is clear.
+    #[inline(always)]
+    fn host_bit_clear(&self, bit: usize) -> bool {
         self.hosts[bit / 64].load(Ordering::Acquire) & 1 << (bit % 64) == 0
     }
 
@@ -567,23 +582,10 @@ impl Inner {
         mut f: impl FnMut(&Probe) -> ControlFlow<B>,
     ) -> Result<Option<B>, ()> {
         let pres = &self.presence[presence_index(service, family)];
-        let mut plan = pres.plan.load(Ordering::Acquire);
+        let plan = pres.plan.load(Ordering::Acquire);
         if plan != PLAN_LONG {
-            while plan != 0 {
-                let (entry, plen, kind) = (plan, plan as u8, (plan >> 8) & 3);
-                plan >>= 16;
-                if entry & PLAN_MARKED != 0 && self.net_unmarked(client) {
-                    continue;
-                }
-                if entry & PLAN_HOST != 0 && self.host_unmarked(client) {
-                    continue;
-                }
-                let p = self.probe(service, family, client, port, plen, kind);
-                if let ControlFlow::Break(found) = f(&p) {
-                    return Ok(Some(found));
-                }
-            }
-            return Ok(None);
+            let host = || self.host_bit(client);
+            return Ok(self.walk_plan(plan, service, family, client, port, host, f));
         }
         let pairs =
             present_pairs(pres, family).filter(|&(plen, _)| !self.unmarked(family, client, plen));
@@ -597,6 +599,38 @@ impl Inner {
             }
         }
         Ok(None)
+    }
+
+    /// [`Inner::walk_probes`] for a plan word that lists the probes (not
+    /// [`PLAN_LONG`]); `host` gives the client's host-filter bit, asked
+    /// only for a host probe.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn walk_plan<B>(
+        &self,
+        mut plan: u64,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+        host: impl Fn() -> usize,
+        mut f: impl FnMut(&Probe) -> ControlFlow<B>,
+    ) -> Option<B> {
+        while plan != 0 {
+            let (entry, plen, kind) = (plan, plan as u8, (plan >> 8) & 3);
+            plan >>= 16;
+            if entry & PLAN_MARKED != 0 && self.net_unmarked(client) {
+                continue;
+            }
+            if entry & PLAN_HOST != 0 && self.host_bit_clear(host()) {
+                continue;
+            }
+            let p = self.probe(service, family, client, port, plen, kind);
+            if let ControlFlow::Break(found) = f(&p) {
+                return Some(found);
+            }
+        }
+        None
     }
 
     /// The owner word (the owner's id, and [`STATIC_OWNER`]) one probe
@@ -868,10 +902,11 @@ impl AffinityReader {
     }
 
     /// First stage of the lookup of `client:port` on `service`: records it
-    /// in `q` (a worker keeps one per packet of a burst) and, when the
-    /// service's plan may probe host keys (it lists one, or is too long to
-    /// list), starts loading the client's word of the host filter, which
-    /// [`AffinityReader::prepare`] reads. False when the service has no key
+    /// in `q` (a worker keeps one per packet of a burst) with the service's
+    /// plan word and, when that plan may probe host keys (it lists one, or
+    /// is too long to list), the client's host-filter bit, whose word it
+    /// starts loading; [`AffinityReader::prepare`] then reads neither the
+    /// presence nor the address's hash again. False when the service has no key
     /// of the client's family: the query is then complete as it stands (no
     /// probe) and needs no preparing. An empty table costs the presence
     /// loads and a few stores.
@@ -887,14 +922,19 @@ impl AffinityReader {
         (q.service, q.family, q.client, q.port) = (service, family, client, port);
         (q.len, q.absent, q.complete) = (0, 0, true);
         let t = &*self.inner;
-        let pres = &t.presence[presence_index(service, family)];
+        let at = presence_index(service, family);
+        let pres = &t.presence[at];
+        q.presence = at as u16;
         q.changes = pres.changes.load(Ordering::Acquire);
         let plan = pres.plan.load(Ordering::Acquire);
+        q.plan = plan;
         if plan == 0 {
             return false;
         }
         if plan & PLAN_HAS_HOST != 0 {
-            prefetch(&t.hosts[t.host_bit(client) / 64]);
+            let bit = t.host_bit(client);
+            q.host = bit as u32;
+            prefetch(&t.hosts[bit / 64]);
         }
         true
     }
@@ -904,20 +944,28 @@ impl AffinityReader {
     /// starts a whole burst's SYNs first): hashes the probes the host
     /// filter and the /24 marks leave (the longest prefix first, one hash
     /// each, at most [`PREFETCH_MAX`]) and starts loading their primary
-    /// buckets' headers, so that a burst's misses overlap.
+    /// buckets' headers, so that a burst's misses overlap. It walks the
+    /// plan as `start` read it: a change since then also moved the change
+    /// count, and [`AffinityReader::lookup_prepared`] runs in full.
     #[inline(always)]
     pub fn prepare(&self, q: &mut AffinityQuery) {
         // `start` left the query without probes.
         let (service, family, client, port) = (q.service, q.family, q.client, q.port);
+        let (plan, host) = (q.plan, q.host as usize);
         let t = &*self.inner;
-        q.complete = t
-            .walk_probes(service, family, client, port, PREFETCH_MAX, |p| {
-                prefetch(&t.headers[t.primary(p)]);
-                q.probes[usize::from(q.len)] = *p;
-                q.len += 1;
-                ControlFlow::<()>::Continue(())
-            })
-            .is_ok();
+        let add = |p: &Probe| {
+            prefetch(&t.headers[t.primary(p)]);
+            q.probes[usize::from(q.len)] = *p;
+            q.len += 1;
+            ControlFlow::<()>::Continue(())
+        };
+        q.complete = if plan != PLAN_LONG {
+            t.walk_plan(plan, service, family, client, port, || host, add);
+            true
+        } else {
+            t.walk_probes(service, family, client, port, PREFETCH_MAX, add)
+                .is_ok()
+        };
     }
 
     /// Third stage, once the headers [`AffinityReader::prepare`] hinted
@@ -959,7 +1007,7 @@ impl AffinityReader {
     #[inline(always)]
     pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<BackendId> {
         let t = &*self.inner;
-        let changes = t.presence[presence_index(q.service, q.family)]
+        let changes = t.presence[usize::from(q.presence)]
             .changes
             .load(Ordering::Acquire);
         if !q.complete || changes != q.changes {
@@ -1425,6 +1473,17 @@ mod tests {
         w.insert(key(s2, f, v4(10, 7, 7, 0), 28, PortMatch::Any), 11)
             .unwrap();
         assert_eq!(r.lookup_prepared(&q), Some(11));
+        // One that appears between `start` and `prepare`: `prepare` walks
+        // the plan `start` read, and the change count sends the lookup
+        // down the full path.
+        let mut q = AffinityQuery::NONE;
+        assert!(r.start(&mut q, s2, f, v4(10, 7, 8, 9), 443));
+        w.insert(key(s2, f, v4(10, 7, 8, 9), 32, PortMatch::Any), 12)
+            .unwrap();
+        r.prepare(&mut q);
+        assert_eq!(q.probes().len(), 1, "the plan as started: the /8 alone");
+        r.prefetch_slots(&mut q);
+        assert_eq!(r.lookup_prepared(&q), Some(12));
         let mut q = AffinityQuery::NONE;
         prepare(&r, &mut q, s, f, v4(10, 9, 9, 9), 443);
         assert_eq!(r.lookup_prepared(&q), Some(3));

@@ -74,7 +74,7 @@ use std::time::Duration;
 
 mod vips;
 
-use crate::dpdk::{equal_words, huge_page_slice, prefetch};
+use crate::dpdk::{equal_words, huge_page_slice, prefetch, HugeSlice};
 use crate::types::{flow_hash, tcp_flags, Family, FlowKey};
 use crate::types::{BackendId, MAX_BACKENDS};
 use vips::{Vip, Vips};
@@ -537,10 +537,10 @@ fn stamp_of(ns: u64) -> u32 {
 
 /// One family's sub-table.
 struct Part<K: SlotKey> {
-    buckets: Box<[Bucket<K>]>,
+    buckets: HugeSlice<Bucket<K>>,
     /// The auto-affinity handle of each slot (bucket * [`WAYS`] + way),
     /// valid where the slot's state has [`HAS_AUTO`].
-    autos: Box<[u32]>,
+    autos: HugeSlice<u32>,
     /// One bit per bucket, set while all its slots are in use: an insert
     /// into a full home asks here whether its alternate has room without
     /// reading it (32 KiB for 2^21 flows).
