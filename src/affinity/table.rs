@@ -281,6 +281,9 @@ fn family_bit(family: Family) -> u64 {
     }
 }
 
+// A query keeps its presence index in a `u16`.
+const _: () = assert!(MAX_SERVICES * 2 <= 1 << 16);
+
 #[inline(always)]
 fn presence_index(service: ServiceId, family: Family) -> usize {
     (service as usize % MAX_SERVICES) * 2 + family_bit(family) as usize
@@ -324,7 +327,9 @@ pub struct AffinityQuery {
 }
 
 impl AffinityQuery {
-    /// A query that finds nothing (filler for a worker's per-burst array).
+    /// A query not started (filler for a worker's per-burst array, whose
+    /// worker looks up only the queries it started): as it stands, it
+    /// asks for IPv4 0.0.0.0, port 0, on service 0.
     pub const NONE: AffinityQuery = AffinityQuery {
         probes: [Probe::NONE; PREFETCH_MAX],
         len: 0,
@@ -357,6 +362,9 @@ impl fmt::Debug for AffinityQuery {
             .field("complete", &self.complete)
             .field("changes", &self.changes)
             .field("absent", &self.absent)
+            .field("plan", &format_args!("{:#x}", self.plan))
+            .field("host", &self.host)
+            .field("presence", &self.presence)
             .finish()
     }
 }
@@ -906,7 +914,8 @@ impl AffinityReader {
     /// plan word and, when that plan may probe host keys (it lists one, or
     /// is too long to list), the client's host-filter bit, whose word it
     /// starts loading; [`AffinityReader::prepare`] then reads neither the
-    /// presence nor the address's hash again. False when the service has no key
+    /// presence nor the address's hash again (unless the plan is too long
+    /// to list). False when the service has no key
     /// of the client's family: the query is then complete as it stands (no
     /// probe) and needs no preparing. An empty table costs the presence
     /// loads and a few stores.
@@ -925,6 +934,9 @@ impl AffinityReader {
         let at = presence_index(service, family);
         let pres = &t.presence[at];
         q.presence = at as u16;
+        // The change count before the plan: a plan newer than the count
+        // only sends the lookup down the full path; a plan older than the
+        // count would be walked as if current.
         q.changes = pres.changes.load(Ordering::Acquire);
         let plan = pres.plan.load(Ordering::Acquire);
         q.plan = plan;

@@ -5,15 +5,16 @@
 //! Each packet reads a bucket at a random place in a table of tens of
 //! MiB. On 4 KiB pages that is a TLB miss and a page walk per packet (under
 //! a hypervisor a nested one), whether or not DPDK's own memory is on
-//! hugepages. A [`HugeSlice`] of at least a huge page starts on a 2 MiB
-//! boundary and fills whole huge pages, and its memory is advised for
-//! transparent huge pages (`MADV_HUGEPAGE`) before its first write: every
-//! page of it can be a 2 MiB page where
+//! hugepages. A [`HugeSlice`] of at least a huge page gets a mapping of
+//! its own (on Linux), starting on a 2 MiB boundary and filling whole huge
+//! pages, advised for transparent huge pages (`MADV_HUGEPAGE`) before its
+//! first write: every page of it can be a 2 MiB page where
 //! `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`.
-//! (A plain allocation of a few MiB starts anywhere in a page, so its
-//! first and last 2 MiB pieces, all of a 2 MiB table, stay on small
-//! pages.) Where it is `never`, or the kernel has no huge page to give,
-//! the tables stay on small pages: a hint, never an error.
+//! (The allocator's memory starts anywhere in a page, so a table's first
+//! and last 2 MiB pieces, all of a 2 MiB table, would stay on small pages;
+//! and it may hand out memory already faulted in on small ones.) Where it
+//! is `never`, or the kernel has no huge page to give, the tables stay on
+//! small pages: a hint, never an error.
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::mem::{align_of, size_of};
@@ -25,14 +26,23 @@ use std::ptr::NonNull;
 const HUGE_PAGE: usize = 2 << 20;
 
 /// A fixed-size slice whose memory, when it spans a huge page or more, is
-/// aligned to and padded out to whole huge pages and advised for them. It
-/// dereferences to `[T]` like a `Box<[T]>`.
+/// its own mapping of whole huge pages, aligned to them and advised for
+/// them. It dereferences to `[T]` like a `Box<[T]>`.
 pub struct HugeSlice<T> {
     ptr: NonNull<T>,
     len: usize,
-    /// The allocation's layout; `None` when nothing was allocated (an
-    /// empty slice, or zero-sized elements).
-    layout: Option<Layout>,
+    memory: Memory,
+}
+
+/// Where a [`HugeSlice`]'s memory came from, to give it back there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Memory {
+    /// Nothing was allocated: an empty slice, or zero-sized elements.
+    None,
+    /// The global allocator, with this layout.
+    Heap(Layout),
+    /// An anonymous mapping of this many bytes (whole huge pages).
+    Mapped(usize),
 }
 
 // SAFETY: a HugeSlice owns its elements as a Box<[T]> does: sending or
@@ -45,55 +55,122 @@ impl<T> HugeSlice<T> {
     /// `n` elements, each made by `make`, in memory advised for huge pages
     /// before it is written (the first write faults it in, in huge pages
     /// if the kernel has them). Panics, as `Vec` does, when the size
-    /// overflows; aborts when the allocator fails.
+    /// overflows; aborts when the memory cannot be had.
     pub fn with(n: usize, mut make: impl FnMut() -> T) -> HugeSlice<T> {
+        const { assert!(align_of::<T>() <= HUGE_PAGE) };
         let size = n
             .checked_mul(size_of::<T>())
             .expect("HugeSlice size overflows");
-        let huge = size >= HUGE_PAGE;
-        let (bytes, align) = if huge {
-            let whole_pages = size.checked_next_multiple_of(HUGE_PAGE);
-            (whole_pages, HUGE_PAGE.max(align_of::<T>()))
+        let (ptr, memory) = if size == 0 {
+            // Written to a dangling, aligned pointer, as a Vec does.
+            (NonNull::dangling(), Memory::None)
+        } else if size >= HUGE_PAGE {
+            let bytes = size
+                .checked_next_multiple_of(HUGE_PAGE)
+                .filter(|&b| b <= isize::MAX as usize - HUGE_PAGE)
+                .expect("HugeSlice size overflows");
+            let (ptr, memory) = allocate_huge(bytes);
+            (ptr.cast::<T>(), memory)
         } else {
-            (Some(size), align_of::<T>())
-        };
-        let layout = (size > 0).then(|| {
-            bytes
-                .and_then(|b| Layout::from_size_align(b, align).ok())
-                .expect("HugeSlice size overflows")
-        });
-        let ptr = match layout {
-            // Nothing to allocate: an empty slice, or zero-sized elements
-            // (written to a dangling, aligned pointer, as a Vec does).
-            None => NonNull::dangling(),
-            Some(layout) => {
-                // SAFETY: the layout's size is not zero.
-                let raw = unsafe { alloc(layout) };
-                let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
-                    handle_alloc_error(layout)
-                };
-                if huge {
-                    advise(raw as usize, layout.size());
-                }
-                ptr
-            }
+            let layout =
+                Layout::from_size_align(size, align_of::<T>()).expect("HugeSlice size overflows");
+            // SAFETY: the layout's size is not zero.
+            let raw = unsafe { alloc(layout) };
+            let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
+                handle_alloc_error(layout)
+            };
+            (ptr, Memory::Heap(layout))
         };
         let mut s = HugeSlice {
             ptr,
             len: 0,
-            layout,
+            memory,
         };
         // `len` counts the elements written, so a panic in `make` drops
         // those and frees the memory.
         while s.len < n {
             let v = make();
-            // SAFETY: `s.len < n` and the allocation holds `n` elements of
-            // `T`, suitably aligned (for zero-sized `T`, the dangling
-            // pointer is); the place is not yet initialized.
+            // SAFETY: `s.len < n` and the memory holds `n` elements of `T`,
+            // suitably aligned (for zero-sized `T`, the dangling pointer
+            // is); the place is not yet initialized.
             unsafe { s.ptr.as_ptr().add(s.len).write(v) };
             s.len += 1;
         }
         s
+    }
+}
+
+/// `bytes` (whole huge pages) of fresh memory in a mapping of its own,
+/// aligned to a huge page and advised for huge pages.
+#[cfg(target_os = "linux")]
+fn allocate_huge(bytes: usize) -> (NonNull<u8>, Memory) {
+    // Mapped a huge page longer, then trimmed to the aligned part.
+    let span = bytes + HUGE_PAGE;
+    // SAFETY: a new private anonymous mapping at an address the kernel
+    // chooses: no memory of the process's is touched.
+    let raw = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        handle_alloc_error(Layout::from_size_align(bytes, HUGE_PAGE).expect("huge-page layout"));
+    }
+    let start = raw as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    let end = aligned + bytes;
+    // SAFETY: both ranges are page-aligned pieces of the mapping just
+    // made (its start, before the aligned part, and its end, after it),
+    // which nothing else refers to.
+    unsafe {
+        if aligned > start {
+            libc::munmap(raw, aligned - start);
+        }
+        if start + span > end {
+            libc::munmap(end as *mut libc::c_void, start + span - end);
+        }
+    }
+    advise(aligned, bytes);
+    let ptr = NonNull::new(aligned as *mut u8).expect("a mapping is not at address 0");
+    (ptr, Memory::Mapped(bytes))
+}
+
+/// `bytes` (whole huge pages) from the global allocator, aligned to a
+/// huge page.
+#[cfg(not(target_os = "linux"))]
+fn allocate_huge(bytes: usize) -> (NonNull<u8>, Memory) {
+    let layout = Layout::from_size_align(bytes, HUGE_PAGE).expect("huge-page layout");
+    // SAFETY: the layout's size is not zero.
+    let raw = unsafe { alloc(layout) };
+    let Some(ptr) = NonNull::new(raw) else {
+        handle_alloc_error(layout)
+    };
+    (ptr, Memory::Heap(layout))
+}
+
+/// Gives memory back where it came from.
+///
+/// # Safety
+///
+/// `ptr` and `memory` are a [`HugeSlice`]'s, whose elements are dropped
+/// or were never made, and neither is used again.
+unsafe fn release(ptr: NonNull<u8>, memory: Memory) {
+    match memory {
+        Memory::None => {}
+        // SAFETY: allocated by the global allocator with this layout.
+        Memory::Heap(layout) => unsafe { dealloc(ptr.as_ptr(), layout) },
+        #[cfg(target_os = "linux")]
+        // SAFETY: the mapping `allocate_huge` made, whole.
+        Memory::Mapped(bytes) => unsafe {
+            libc::munmap(ptr.as_ptr().cast(), bytes);
+        },
+        #[cfg(not(target_os = "linux"))]
+        Memory::Mapped(_) => unreachable!("no mappings off Linux"),
     }
 }
 
@@ -119,16 +196,24 @@ impl<T> DerefMut for HugeSlice<T> {
 
 impl<T> Drop for HugeSlice<T> {
     fn drop(&mut self) {
-        // SAFETY: the first `len` elements are initialized and dropped once
-        // here; the memory was allocated with `layout` and is freed once.
+        /// Gives the memory back when dropped: also while an element's
+        /// drop unwinds.
+        struct Release(NonNull<u8>, Memory);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                // SAFETY: the slice's memory, released once, after its
+                // elements were dropped (below) or their drop panicked.
+                unsafe { release(self.0, self.1) }
+            }
+        }
+        let _release = Release(self.ptr.cast(), self.memory);
+        // SAFETY: the first `len` elements are initialized and dropped
+        // once, here.
         unsafe {
             core::ptr::drop_in_place(core::ptr::slice_from_raw_parts_mut(
                 self.ptr.as_ptr(),
                 self.len,
             ));
-            if let Some(layout) = self.layout {
-                dealloc(self.ptr.as_ptr().cast(), layout);
-            }
         }
     }
 }
@@ -149,18 +234,15 @@ pub fn huge_page_slice_with<T>(n: usize, make: impl FnMut() -> T) -> HugeSlice<T
     HugeSlice::with(n, make)
 }
 
+/// Asks for transparent huge pages on a range: a hint, whose refusal
+/// (a kernel without them) leaves the range on small pages.
 #[cfg(target_os = "linux")]
-fn advise(addr: usize, len: usize) -> bool {
+fn advise(addr: usize, len: usize) {
     // SAFETY: madvise(MADV_HUGEPAGE) changes only which page size the
     // kernel may back the range with; it neither reads nor writes the
     // memory, nor changes its contents or its validity. The range is
-    // huge-page-aligned and is an allocation the caller holds exclusively.
-    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) == 0 }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn advise(_addr: usize, _len: usize) -> bool {
-    false
+    // huge-page-aligned and is a mapping the caller holds exclusively.
+    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
 }
 
 #[cfg(test)]
@@ -193,12 +275,16 @@ mod tests {
         let n = HUGE_PAGE / 8 + 1;
         let big = huge_page_slice(n, 0u64);
         assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
-        let layout = big.layout.expect("allocated");
-        assert_eq!(layout.size(), 2 * HUGE_PAGE);
+        #[cfg(target_os = "linux")]
+        assert_eq!(big.memory, Memory::Mapped(2 * HUGE_PAGE));
         // Smaller ones are ordinary allocations.
         let small = huge_page_slice(HUGE_PAGE / 16, 0u64);
-        assert_eq!(small.layout.expect("allocated").align(), align_of::<u64>());
-        assert!(huge_page_slice(0, 0u64).layout.is_none());
+        assert_eq!(
+            small.memory,
+            Memory::Heap(Layout::new::<[u64; HUGE_PAGE / 16]>())
+        );
+        assert_eq!(huge_page_slice(0, 0u64).memory, Memory::None);
+        assert_eq!(huge_page_slice(7, ()).memory, Memory::None);
     }
 
     #[test]
@@ -235,14 +321,38 @@ mod tests {
         }
     }
 
+    /// The kernel lists a huge slice's mapping as advised (`hg` in its
+    /// `VmFlags`) wherever it has transparent huge pages at all (`never`
+    /// in sysfs still takes the advice).
     #[cfg(target_os = "linux")]
     #[test]
-    fn the_kernel_takes_the_advice_on_a_huge_slice() {
-        // EINVAL only where the kernel has no transparent huge pages at
-        // all (built without them); `never` in sysfs still accepts it.
+    fn a_huge_slice_is_advised_for_huge_pages() {
         let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled");
         let s = huge_page_slice(2 * HUGE_PAGE, 0u8);
-        let layout = s.layout.expect("allocated");
-        assert_eq!(advise(s.as_ptr() as usize, layout.size()), thp.exists());
+        let at = s.as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        let mut flags = None;
+        for line in smaps.lines() {
+            let range = line.split_once(' ').map_or("", |(r, _)| r);
+            if let Some((lo, hi)) = range.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = lo <= at && at < hi;
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(f) = line.strip_prefix("VmFlags:") {
+                    flags = Some(f.split_whitespace().any(|f| f == "hg"));
+                }
+            }
+        }
+        assert_eq!(
+            flags,
+            Some(thp.exists()),
+            "the slice's mapping and its flags"
+        );
     }
 }
