@@ -579,13 +579,21 @@ mod tests {
         let mut out = Vec::new();
         m.expire(10_000, &mut out);
         assert!(out.is_empty());
-        assert!(r.is_static(1, Family::V4, 1, 1), "static in the table");
+        assert!(
+            r.lookup_match(1, Family::V4, 1, 1)
+                .is_some_and(|m| m.is_static),
+            "static in the table"
+        );
         // The other way: a requested affinity the configuration takes over
         // becomes static, in the table too.
         m.create(key(2, 32), 3, Some(1_000), None, 0).unwrap();
-        assert!(!r.is_static(1, Family::V4, 2, 1));
+        assert!(!r
+            .lookup_match(1, Family::V4, 2, 1)
+            .is_some_and(|m| m.is_static));
         m.create(key(2, 32), 3, None, None, 0).unwrap();
-        assert!(r.is_static(1, Family::V4, 2, 1));
+        assert!(r
+            .lookup_match(1, Family::V4, 2, 1)
+            .is_some_and(|m| m.is_static));
     }
 
     #[test]

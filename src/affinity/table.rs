@@ -297,6 +297,25 @@ fn match_tag(tags: u64, tag: u8) -> u64 {
     !(((x & LOW7) + LOW7) | x | LOW7)
 }
 
+/// The affinity a lookup found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityMatch {
+    pub owner: BackendId,
+    /// From the configuration: it never ends (a draining owner takes no
+    /// new connections through it).
+    pub is_static: bool,
+}
+
+impl AffinityMatch {
+    #[inline(always)]
+    fn of(word: u64) -> AffinityMatch {
+        AffinityMatch {
+            owner: word as BackendId,
+            is_static: word & STATIC_OWNER != 0,
+        }
+    }
+}
+
 /// A lookup started by [`AffinityReader::start`] and prepared by
 /// [`AffinityReader::prepare`]: its probes, hashed once, for the prefetch
 /// stages and the lookup itself.
@@ -880,13 +899,17 @@ impl AffinityReader {
             .map(|w| w as BackendId)
     }
 
-    /// Whether the most specific affinity covering `client:port` on
-    /// `service` is static (from the configuration). Off the main line: a
-    /// worker asks only when that affinity's owner drains, whose static
-    /// affinities, which never end, take no new connections.
-    pub fn is_static(&self, service: ServiceId, family: Family, client: u128, port: u16) -> bool {
+    /// [`AffinityReader::lookup`], telling a static affinity apart.
+    #[inline]
+    pub fn lookup_match(
+        &self,
+        service: ServiceId,
+        family: Family,
+        client: u128,
+        port: u16,
+    ) -> Option<AffinityMatch> {
         self.find_word(service, family, client, port)
-            .is_some_and(|w| w & STATIC_OWNER != 0)
+            .map(AffinityMatch::of)
     }
 
     /// The owner word of the most specific affinity covering `client:port`.
@@ -1017,19 +1040,19 @@ impl AffinityReader {
     /// `start` (so the probes may no longer be the lookup's), the lookup
     /// runs in full.
     #[inline(always)]
-    pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<BackendId> {
+    pub fn lookup_prepared(&self, q: &AffinityQuery) -> Option<AffinityMatch> {
         let t = &*self.inner;
         let changes = t.presence[usize::from(q.presence)]
             .changes
             .load(Ordering::Acquire);
         if !q.complete || changes != q.changes {
-            return self.lookup(q.service, q.family, q.client, q.port);
+            return self.lookup_match(q.service, q.family, q.client, q.port);
         }
         let mut absent = q.absent;
         for p in q.probes() {
             if absent & 1 == 0 {
                 if let Some(word) = t.find(p, q.port) {
-                    return Some(word as BackendId);
+                    return Some(AffinityMatch::of(word));
                 }
             }
             absent >>= 1;
@@ -1076,7 +1099,7 @@ impl AffinityWriter {
 
     /// [`AffinityWriter::insert`] for a static affinity (from the
     /// configuration): lookups find its owner as any other's, and
-    /// [`AffinityReader::is_static`] tells it apart.
+    /// [`AffinityMatch::is_static`] tells it apart.
     pub fn insert_static(&mut self, key: TableKey, owner: BackendId) -> Result<(), TableFull> {
         self.insert_word(key, u64::from(owner) | STATIC_OWNER)
     }
@@ -1291,6 +1314,17 @@ mod tests {
         u128::from(u32::from_be_bytes([a, b, c, d]))
     }
 
+    /// Whether the affinity a lookup finds is static, in full and in the
+    /// worker's stages alike.
+    fn is_static(r: &AffinityReader, s: ServiceId, f: Family, client: u128, port: u16) -> bool {
+        let full = r.lookup_match(s, f, client, port);
+        let mut q = AffinityQuery::NONE;
+        prepare(r, &mut q, s, f, client, port);
+        r.prefetch_slots(&mut q);
+        assert_eq!(r.lookup_prepared(&q), full, "staged and full lookups agree");
+        full.is_some_and(|m| m.is_static)
+    }
+
     /// The worker's first two stages: started, then prepared.
     fn prepare(
         r: &AffinityReader,
@@ -1318,7 +1352,7 @@ mod tests {
         let mut q = AffinityQuery::NONE;
         prepare(r, &mut q, s, f, client, port);
         r.prefetch_slots(&mut q);
-        r.lookup_prepared(&q)
+        r.lookup_prepared(&q).map(|m| m.owner)
     }
 
     #[test]
@@ -1402,7 +1436,7 @@ mod tests {
         let mut q = AffinityQuery::NONE;
         prepare(&r, &mut q, 0, Family::V4, 1, 80);
         assert_eq!(q.probes().len(), 0);
-        assert_eq!(r.lookup_prepared(&q), None);
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), None);
     }
 
     /// The second prefetch stage hints the slot of every key a lookup will
@@ -1443,7 +1477,7 @@ mod tests {
         // /32 any, /24 one port and range, /8 any: four probes, all kept.
         assert_eq!(q.probes().len(), 4);
         r.prefetch_slots(&mut q);
-        assert_eq!(r.lookup_prepared(&q), Some(0));
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), Some(0));
         assert_eq!(r.lookup(s, f, client, 443), Some(0));
 
         // A fifth (a /16) does not fit: the query says so, and its lookup
@@ -1465,10 +1499,10 @@ mod tests {
         let mut q = AffinityQuery::NONE;
         prepare(&r, &mut q, s, f, client, 443);
         assert!(!q.complete);
-        assert_eq!(r.lookup_prepared(&q), Some(8));
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), Some(8));
         assert!(w.remove(&key(s, f, v4(10, 1, 2, 0), 24, PortMatch::Any)));
         assert_eq!(
-            r.lookup_prepared(&q),
+            r.lookup_prepared(&q).map(|m| m.owner),
             Some(5),
             "read now, not when prepared"
         );
@@ -1481,10 +1515,10 @@ mod tests {
         prepare(&r, &mut q, s2, f, v4(10, 7, 7, 7), 443);
         assert!(q.complete);
         assert_eq!(q.probes().len(), 1);
-        assert_eq!(r.lookup_prepared(&q), Some(3));
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), Some(3));
         w.insert(key(s2, f, v4(10, 7, 7, 0), 28, PortMatch::Any), 11)
             .unwrap();
-        assert_eq!(r.lookup_prepared(&q), Some(11));
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), Some(11));
         // One that appears between `start` and `prepare`: `prepare` walks
         // the plan `start` read, and the change count sends the lookup
         // down the full path.
@@ -1495,16 +1529,19 @@ mod tests {
         r.prepare(&mut q);
         assert_eq!(q.probes().len(), 1, "the plan as started: the /8 alone");
         r.prefetch_slots(&mut q);
-        assert_eq!(r.lookup_prepared(&q), Some(12));
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), Some(12));
         let mut q = AffinityQuery::NONE;
         prepare(&r, &mut q, s, f, v4(10, 9, 9, 9), 443);
-        assert_eq!(r.lookup_prepared(&q), Some(3));
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), Some(3));
         // A client with no affinity in a table of other keys.
         let mut q = AffinityQuery::NONE;
         prepare(&r, &mut q, s, f, v4(172, 16, 0, 1), 443);
         r.prefetch_slots(&mut q);
-        assert_eq!(r.lookup_prepared(&q), None);
-        assert_eq!(r.lookup_prepared(&AffinityQuery::NONE), None);
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), None);
+        assert_eq!(
+            r.lookup_prepared(&AffinityQuery::NONE).map(|m| m.owner),
+            None
+        );
     }
 
     #[test]
@@ -1617,16 +1654,16 @@ mod tests {
         let mut q = AffinityQuery::NONE;
         prepare(&r, &mut q, 1, f, client, 80);
         assert_eq!(q.probes().len(), 1 + host);
-        assert_eq!(r.lookup_prepared(&q), None);
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), None);
         // Another service's key marks it: service 1's /24 probe is made
         // again (and misses), until service 1 pins the /24 too.
         w.insert(k28, 2).unwrap();
         assert!(marked(client));
         prepare(&r, &mut q, 1, f, client, 80);
         assert_eq!(q.probes().len(), 2 + host);
-        assert_eq!(r.lookup_prepared(&q), None);
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), None);
         w.insert(k24, 3).unwrap();
-        assert_eq!(r.lookup_prepared(&q), Some(3));
+        assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), Some(3));
         assert_eq!(staged(&r, 1, f, client, 80), Some(3));
         // Marked while either key covers the /24.
         assert!(w.remove(&k28));
@@ -1725,25 +1762,25 @@ mod tests {
         w.insert_static(net, 4).unwrap();
         w.insert(host, 5).unwrap();
         assert_eq!(r.lookup(s, f, v4(10, 1, 2, 9), 80), Some(4));
-        assert!(r.is_static(s, f, v4(10, 1, 2, 9), 80));
+        assert!(is_static(&r, s, f, v4(10, 1, 2, 9), 80));
         assert_eq!(r.lookup(s, f, v4(10, 1, 2, 3), 80), Some(5));
         assert!(
-            !r.is_static(s, f, v4(10, 1, 2, 3), 80),
+            !is_static(&r, s, f, v4(10, 1, 2, 3), 80),
             "the /32 is the match"
         );
-        assert!(!r.is_static(s, f, v4(10, 9, 9, 9), 80), "no match");
+        assert!(!is_static(&r, s, f, v4(10, 9, 9, 9), 80), "no match");
         assert_eq!(w.get(&net), Some(4));
         w.insert_static(host, 6).unwrap();
-        assert!(r.is_static(s, f, v4(10, 1, 2, 3), 80));
+        assert!(is_static(&r, s, f, v4(10, 1, 2, 3), 80));
         assert_eq!(staged(&r, s, f, v4(10, 1, 2, 3), 80), Some(6));
         // Fill the table until keys move between buckets: flags move too.
         for i in 0..62u128 {
             let _ = w.insert(key(s, f, v4(10, 2, 0, 0) + i, 32, PortMatch::Any), 9);
         }
         assert!(w.moved() > 0, "no key moved");
-        assert!(r.is_static(s, f, v4(10, 1, 2, 9), 80));
-        assert!(r.is_static(s, f, v4(10, 1, 2, 3), 80));
-        assert!(!r.is_static(s, f, v4(10, 2, 0, 7), 80));
+        assert!(is_static(&r, s, f, v4(10, 1, 2, 9), 80));
+        assert!(is_static(&r, s, f, v4(10, 1, 2, 3), 80));
+        assert!(!is_static(&r, s, f, v4(10, 2, 0, 7), 80));
     }
 
     #[test]
@@ -1871,7 +1908,7 @@ mod tests {
             proptest::prop_assert_eq!(r.lookup(svc, family, client, port), want);
             let mut q = AffinityQuery::NONE;
             prepare(r, &mut q, svc, family, client, port);
-            proptest::prop_assert_eq!(r.lookup_prepared(&q), want);
+            proptest::prop_assert_eq!(r.lookup_prepared(&q).map(|m| m.owner), want);
             proptest::prop_assert_eq!(staged(r, svc, family, client, port), want);
         }
         Ok(())
@@ -2005,7 +2042,7 @@ mod tests {
                             let mut q = AffinityQuery::NONE;
                             prepare(&r, &mut q, 1, Family::V4, probe_addr(i), 7);
                             r.prefetch_slots(&mut q);
-                            r.lookup_prepared(&q)
+                            r.lookup_prepared(&q).map(|m| m.owner)
                         };
                         let s2 = state[i as usize].load(Ordering::Acquire);
                         if s1 == s2 && s1 % 2 == 0 {

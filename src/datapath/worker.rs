@@ -990,25 +990,23 @@ impl<IO: PacketIo> Worker<IO> {
         let hash = svc.hash.of(&p.key, hash);
         let sc = self.counters.service(svc.id);
         let affinity = &self.shared.affinity;
-        let owner = match query {
+        let found = match query {
             Some(q) => affinity.lookup_prepared(q),
-            None => affinity.lookup(svc.id, p.key.family, p.key.src, p.key.sport),
+            None => affinity.lookup_match(svc.id, p.key.family, p.key.src, p.key.sport),
         };
-        if let Some(owner) = owner {
+        if let Some(found) = found {
             // A down owner's affinities are skipped: its clients go to the
             // scheduler. A draining owner keeps its requested affinities,
             // which end, but not its static ones, which never would: its
-            // drain must finish (asked only then, off the main line).
-            let honoured = dp.backend(owner).is_some_and(|b| {
-                b.takes_new_for(svc.id)
-                    || b.reachable_for(svc.id)
-                        && !affinity.is_static(svc.id, p.key.family, p.key.src, p.key.sport)
+            // drain must finish.
+            let honoured = dp.backend(found.owner).is_some_and(|b| {
+                b.takes_new_for(svc.id) || b.reachable_for(svc.id) && !found.is_static
             });
             if honoured {
                 if new_connection {
                     sc.affinity_hits.inc();
                 }
-                return Ok((owner, None));
+                return Ok((found.owner, None));
             }
         }
         if new_connection {
