@@ -277,7 +277,10 @@ def testpmd_section(t, json_name):
         target, met = (f"≥ {tgt:.2f}", yes_no(m["ratio"] >= tgt)) if tgt else ("-", "-")
         if name == "syn-affinity" and m.get("ratio_to_syn") is not None:
             target = "≥ 0.85 x syn"
-            met = f"{yes_no(m['ratio_to_syn'] >= TARGET_SYN_AFFINITY_RATIO)} ({m['ratio_to_syn']:.4f} x syn)"
+            met = f"{yes_no(m['ratio_to_syn'] >= TARGET_SYN_AFFINITY_RATIO)} ({m['ratio_to_syn']:.4f} x syn"
+            if m.get("added_ns_per_syn") is not None:
+                met += f"; +{m['added_ns_per_syn']:.1f} ns per SYN"
+            met += ")"
         out.append(
             "| {} | {} | {} | **{}** | {} | {} | {} | {} / {} | {} | {} |".format(
                 label,

@@ -257,9 +257,23 @@ def main():
                 "pktdist_over_reference": med([x["pktdist"]["mpps"] / x["reference"]["mpps"] for x in rs]),
             }
         if s == "syn-affinity" and "syn" in results:
-            # Against the SYN flood of the same round, which ran seconds apart.
-            pairs = zip(results["syn"], rs)
-            summary[s]["ratio_to_syn"] = med([b["pktdist"]["mpps"] / a["pktdist"]["mpps"] for a, b in pairs])
+            # Against the SYN flood of the same round, which ran seconds
+            # apart: the rate's ratio, and the time the affinities add per
+            # SYN (ns per packet is 1000 / Mpps), which does not move with
+            # the empty table's own speed as the ratio does.
+            def to_syn(who):
+                pairs = list(zip(results["syn"], rs))
+                return (
+                    med([b[who]["mpps"] / a[who]["mpps"] for a, b in pairs]),
+                    med([1000 / b[who]["mpps"] - 1000 / a[who]["mpps"] for a, b in pairs]),
+                    med([1000 / a[who]["mpps"] for a, _ in pairs]),
+                )
+
+            m = summary[s]
+            m["ratio_to_syn"], m["added_ns_per_syn"], m["syn_ns_per_packet"] = to_syn("pktdist")
+            if args.reference:
+                r = m["reference"]
+                r["ratio_to_syn"], r["added_ns_per_syn"], r["syn_ns_per_packet"] = to_syn("reference")
             summary[s]["affinity_hit_share"] = med([x["pktdist"]["extra"].get("affinity_hit_share", 0) for x in rs])
             summary[s]["control_changes_per_sec"] = med(
                 [x["pktdist"]["extra"].get("control_changes_per_sec", 0) for x in rs]
@@ -280,7 +294,11 @@ def main():
                 "connection (a pass over the file was shorter than the SYN timeout: use more --flows)"
             )
     if "syn-affinity" in summary and "ratio_to_syn" in summary["syn-affinity"]:
-        print(f"\nsyn-affinity / syn (pktdist, same rounds): {summary['syn-affinity']['ratio_to_syn']:.3f}")
+        m = summary["syn-affinity"]
+        print(
+            f"\nsyn-affinity / syn (pktdist, same rounds): {m['ratio_to_syn']:.3f}; the affinities add "
+            f"{m['added_ns_per_syn']:.1f} ns per SYN to the SYN flood's {m['syn_ns_per_packet']:.1f}"
+        )
     if args.reference:
         print(f"\nreference {args.reference}:")
         for s in scenarios:
@@ -288,6 +306,12 @@ def main():
             print(
                 f"{s:<14} {m['mpps']:>6.2f} Mpps, ratio to testpmd {m['ratio']:.3f}, p99 {m['p99_ns']:.0f} ns, "
                 f"unknown flows {m['unknown_flow_share'] * 100:.3f}%; pktdist / reference {m['pktdist_over_reference']:.3f}"
+            )
+        if "ratio_to_syn" in summary.get("syn-affinity", {}).get("reference", {}):
+            m = summary["syn-affinity"]["reference"]
+            print(
+                f"syn-affinity / syn (reference): {m['ratio_to_syn']:.3f}; the affinities add "
+                f"{m['added_ns_per_syn']:.1f} ns per SYN to the SYN flood's {m['syn_ns_per_packet']:.1f}"
             )
     out = {
         "date": started,
