@@ -1,6 +1,6 @@
 //! Huge-page-backed allocations for pktdist's own large tables: the
-//! workers' flow tables and the affinity table, which live on the Rust
-//! heap, not in DPDK's memory.
+//! workers' flow tables and the affinity table, which are the process's
+//! own memory, not DPDK's.
 //!
 //! Each packet reads a bucket at a random place in a table of tens of
 //! MiB. On 4 KiB pages that is a TLB miss and a page walk per packet (under
