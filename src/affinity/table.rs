@@ -76,7 +76,7 @@ use hashbrown::HashMap;
 use super::key::TableKey;
 use super::seqlock::SeqLock;
 use super::{hash3, random_seed};
-use crate::dpdk::{huge_page_slice_with, prefetch, HugeSlice};
+use crate::dpdk::{prefetch, HugeSlice};
 use crate::net::{max_prefix, prefix_mask};
 use crate::types::Family;
 use crate::types::PortMatch;
@@ -249,11 +249,11 @@ impl AffinityTable {
             .next_power_of_two()
             .clamp(*HOST_BITS.start(), *HOST_BITS.end());
         let inner = Arc::new(Inner {
-            headers: huge_page_slice_with(buckets, Header::default),
-            lines: huge_page_slice_with(slots / 2, Line::default),
+            headers: HugeSlice::with(buckets, Header::default),
+            lines: HugeSlice::with(slots / 2, Line::default),
             presence: (0..MAX_SERVICES * 2).map(|_| Presence::default()).collect(),
-            nets: huge_page_slice_with(NET_WORDS, AtomicU64::default),
-            hosts: huge_page_slice_with(host_bits / 64, AtomicU64::default),
+            nets: HugeSlice::with(NET_WORDS, AtomicU64::default),
+            hosts: HugeSlice::with(host_bits / 64, AtomicU64::default),
             host_shift: 64 - host_bits.trailing_zeros(),
             mask: buckets as u64 - 1,
             seed: random_seed(),
@@ -938,10 +938,10 @@ impl AffinityReader {
     /// is too long to list), the client's host-filter bit, whose word it
     /// starts loading; [`AffinityReader::prepare`] then reads neither the
     /// presence nor the address's hash again (unless the plan is too long
-    /// to list). False when the service has no key
-    /// of the client's family: the query is then complete as it stands (no
-    /// probe) and needs no preparing. An empty table costs the presence
-    /// loads and a few stores.
+    /// to list). False when the service has no key of the client's
+    /// family: the query is then complete as it stands (no probe) and
+    /// needs no preparing. An empty table costs the presence loads and a
+    /// few stores.
     #[inline(always)]
     pub fn start(
         &self,

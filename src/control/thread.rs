@@ -727,7 +727,9 @@ mod tests {
         // loop, whose ticks do not make it ready again.
         let mut peer = Peer::new("a", A_1);
         peer.send(ctl.local_addr().unwrap(), &create("10.1.2.0"));
-        ctl.linger(Instant::now() + Duration::from_millis(200));
+        let until = Instant::now() + Duration::from_millis(200);
+        ctl.linger(until);
+        assert!(Instant::now() >= until, "it lingers until the time given");
         match peer.recv_signed(A_1) {
             Some(Received::Reply(r)) => assert_eq!(r.code, ReturnCode::Ok, "{r:?}"),
             other => panic!("no reply while lingering: {other:?}"),

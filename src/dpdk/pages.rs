@@ -74,12 +74,7 @@ impl<T> HugeSlice<T> {
         } else {
             let layout =
                 Layout::from_size_align(size, align_of::<T>()).expect("HugeSlice size overflows");
-            // SAFETY: the layout's size is not zero.
-            let raw = unsafe { alloc(layout) };
-            let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
-                handle_alloc_error(layout)
-            };
-            (ptr, Memory::Heap(layout))
+            (heap(layout).cast::<T>(), Memory::Heap(layout))
         };
         let mut s = HugeSlice {
             ptr,
@@ -97,6 +92,14 @@ impl<T> HugeSlice<T> {
             s.len += 1;
         }
         s
+    }
+
+    /// `n` copies of `value`, as [`HugeSlice::with`].
+    pub fn filled(n: usize, value: T) -> HugeSlice<T>
+    where
+        T: Clone,
+    {
+        HugeSlice::with(n, || value.clone())
     }
 }
 
@@ -145,12 +148,15 @@ fn allocate_huge(bytes: usize) -> (NonNull<u8>, Memory) {
 #[cfg(not(target_os = "linux"))]
 fn allocate_huge(bytes: usize) -> (NonNull<u8>, Memory) {
     let layout = Layout::from_size_align(bytes, HUGE_PAGE).expect("huge-page layout");
+    (heap(layout), Memory::Heap(layout))
+}
+
+/// Memory of a layout (not of size zero) from the global allocator.
+fn heap(layout: Layout) -> NonNull<u8> {
+    debug_assert!(layout.size() > 0);
     // SAFETY: the layout's size is not zero.
     let raw = unsafe { alloc(layout) };
-    let Some(ptr) = NonNull::new(raw) else {
-        handle_alloc_error(layout)
-    };
-    (ptr, Memory::Heap(layout))
+    NonNull::new(raw).unwrap_or_else(|| handle_alloc_error(layout))
 }
 
 /// Gives memory back where it came from.
@@ -218,20 +224,14 @@ impl<T> Drop for HugeSlice<T> {
     }
 }
 
-impl<T: core::fmt::Debug> core::fmt::Debug for HugeSlice<T> {
+impl<T> core::fmt::Debug for HugeSlice<T> {
+    /// Its length and memory, not its (megabytes of) elements.
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
+        f.debug_struct("HugeSlice")
+            .field("len", &self.len)
+            .field("memory", &self.memory)
+            .finish()
     }
-}
-
-/// A [`HugeSlice`] of `n` copies of `value`.
-pub fn huge_page_slice<T: Clone>(n: usize, value: T) -> HugeSlice<T> {
-    HugeSlice::with(n, || value.clone())
-}
-
-/// A [`HugeSlice`] with each element made by `make`.
-pub fn huge_page_slice_with<T>(n: usize, make: impl FnMut() -> T) -> HugeSlice<T> {
-    HugeSlice::with(n, make)
 }
 
 /// Asks for transparent huge pages on a range: a hint, whose refusal
@@ -252,51 +252,51 @@ mod tests {
 
     #[test]
     fn slices_hold_their_values() {
-        let small = huge_page_slice(10, 7u32);
+        let small = HugeSlice::filled(10, 7u32);
         assert_eq!(&small[..], &[7; 10]);
         let n = 3 * HUGE_PAGE / 8 + 1;
-        let big = huge_page_slice(n, u64::MAX);
+        let big = HugeSlice::filled(n, u64::MAX);
         assert_eq!(big.len(), n);
         assert!(big.iter().all(|&x| x == u64::MAX));
         let mut i = 0u32;
-        let mut made = huge_page_slice_with(5, || {
+        let mut made = HugeSlice::with(5, || {
             i += 1;
             i
         });
         assert_eq!(&made[..], &[1, 2, 3, 4, 5]);
         made[4] = 9;
         assert_eq!(made[4], 9);
-        assert_eq!(huge_page_slice(0, 1u8).len(), 0);
-        assert_eq!(huge_page_slice(3, ()).len(), 3);
+        assert_eq!(HugeSlice::filled(0, 1u8).len(), 0);
+        assert_eq!(HugeSlice::filled(3, ()).len(), 3);
     }
 
     #[test]
     fn a_slice_of_a_huge_page_or_more_fills_whole_aligned_huge_pages() {
         let n = HUGE_PAGE / 8 + 1;
-        let big = huge_page_slice(n, 0u64);
+        let big = HugeSlice::filled(n, 0u64);
         assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
         #[cfg(target_os = "linux")]
         assert_eq!(big.memory, Memory::Mapped(2 * HUGE_PAGE));
         // Smaller ones are ordinary allocations.
-        let small = huge_page_slice(HUGE_PAGE / 16, 0u64);
+        let small = HugeSlice::filled(HUGE_PAGE / 16, 0u64);
         assert_eq!(
             small.memory,
             Memory::Heap(Layout::new::<[u64; HUGE_PAGE / 16]>())
         );
-        assert_eq!(huge_page_slice(0, 0u64).memory, Memory::None);
-        assert_eq!(huge_page_slice(7, ()).memory, Memory::None);
+        assert_eq!(HugeSlice::filled(0, 0u64).memory, Memory::None);
+        assert_eq!(HugeSlice::filled(7, ()).memory, Memory::None);
     }
 
     #[test]
     fn elements_are_dropped_once_also_when_making_them_panics() {
         let token = Rc::new(());
-        let s = huge_page_slice(HUGE_PAGE / 8, Rc::clone(&token));
+        let s = HugeSlice::filled(HUGE_PAGE / 8, Rc::clone(&token));
         assert_eq!(Rc::strong_count(&token), HUGE_PAGE / 8 + 1);
         drop(s);
         assert_eq!(Rc::strong_count(&token), 1);
         let mut made = 0;
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            huge_page_slice_with(10, || {
+            HugeSlice::with(10, || {
                 made += 1;
                 assert!(made <= 4, "the fifth element fails");
                 Rc::clone(&token)
@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn impossible_sizes_panic_rather_than_allocate_less() {
         for n in [usize::MAX / 4, isize::MAX as usize / 8] {
-            let made = std::panic::catch_unwind(|| huge_page_slice(n, 0u64).len());
+            let made = std::panic::catch_unwind(|| HugeSlice::filled(n, 0u64).len());
             let payload = made.expect_err("no such allocation");
             let message = payload
                 .downcast_ref::<String>()
@@ -328,7 +328,7 @@ mod tests {
     #[test]
     fn a_huge_slice_is_advised_for_huge_pages() {
         let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled");
-        let s = huge_page_slice(2 * HUGE_PAGE, 0u8);
+        let s = HugeSlice::filled(2 * HUGE_PAGE, 0u8);
         let at = s.as_ptr() as usize;
         let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
         let mut inside = false;

@@ -74,7 +74,7 @@ use std::time::Duration;
 
 mod vips;
 
-use crate::dpdk::{equal_words, huge_page_slice, prefetch, HugeSlice};
+use crate::dpdk::{equal_words, prefetch, HugeSlice};
 use crate::types::{flow_hash, tcp_flags, Family, FlowKey};
 use crate::types::{BackendId, MAX_BACKENDS};
 use vips::{Vip, Vips};
@@ -566,8 +566,8 @@ impl<K: SlotKey> Part<K> {
     fn new(capacity: usize) -> Part<K> {
         let n = capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS);
         Part {
-            buckets: huge_page_slice(n, Bucket::EMPTY),
-            autos: huge_page_slice(n * WAYS, NO_AUTO_SLOT),
+            buckets: HugeSlice::filled(n, Bucket::EMPTY),
+            autos: HugeSlice::filled(n * WAYS, NO_AUTO_SLOT),
             full: vec![0; n.div_ceil(64)].into_boxed_slice(),
         }
     }
