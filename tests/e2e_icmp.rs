@@ -17,12 +17,15 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{base_config, path_str, read_pcap, serial, write_pcap, Pktdist, TempDir, GATEWAY};
+use common::{
+    base_config, field, path_str, read_pcap, serial, write_pcap, Dissected, Pktdist, TempDir,
+    GATEWAY,
+};
 use pktdist::types::tcp_flags;
 use pktdist::wire::build::FrameSpec;
 use pktdist::wire::icmp::{v4, v6};
@@ -630,9 +633,6 @@ fn check_answer(what: &str, input: &[u8], out: &[u8]) -> (u8, u8, u32, Vec<u8>) 
     (m.msg_type(), m.code(), m.rest(), m.body().to_vec())
 }
 
-/// One dissected frame of tshark's output: field name -> values.
-type Dissected = HashMap<&'static str, Vec<String>>;
-
 const FIELDS: [&str; 13] = [
     "frame.number",
     "ip.proto",
@@ -649,50 +649,10 @@ const FIELDS: [&str; 13] = [
     "_ws.malformed",
 ];
 
+/// The output frames dissected; the datagram to port 53 carries filler,
+/// not DNS.
 fn tshark(pcap: &std::path::Path) -> Vec<Dissected> {
-    let mut cmd = Command::new("tshark");
-    cmd.args(["-n", "-r", path_str(pcap)])
-        .args(["-o", "ip.check_checksum:TRUE"])
-        .args(["-o", "udp.check_checksum:TRUE"])
-        // The datagram to port 53 carries filler, not DNS.
-        .args(["--disable-protocol", "dns"])
-        .args(["-T", "fields", "-E", "separator=|", "-E", "occurrence=a"])
-        .args(["-E", "aggregator=,"]);
-    for f in FIELDS {
-        cmd.args(["-e", f]);
-    }
-    let out = cmd
-        .output()
-        .expect("tshark must be installed (Debian package tshark)");
-    assert!(
-        out.status.success(),
-        "tshark failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("UTF-8")
-        .lines()
-        .map(|line| {
-            let cols: Vec<&str> = line.split('|').collect();
-            assert_eq!(cols.len(), FIELDS.len(), "tshark line {line:?}");
-            FIELDS
-                .iter()
-                .zip(cols)
-                .map(|(&k, v)| {
-                    let vals = if v.is_empty() {
-                        Vec::new()
-                    } else {
-                        v.split(',').map(str::to_string).collect()
-                    };
-                    (k, vals)
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn field<'a>(d: &'a Dissected, name: &str) -> &'a [String] {
-    d.get(name).map_or(&[], |v| v.as_slice())
+    common::tshark(pcap, &FIELDS, &["--disable-protocol", "dns"])
 }
 
 #[test]

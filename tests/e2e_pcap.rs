@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    base_config, ipip_service, path_str, port_toml, read_pcap, serial, web_service, write_pcap,
-    Pktdist, TempDir, GATEWAY,
+    base_config, field, ipip_service, path_str, port_toml, read_pcap, serial, web_service,
+    write_pcap, Dissected, Pktdist, TempDir, GATEWAY,
 };
 use pktdist::datapath::classify;
 use pktdist::types::{tcp_flags, Family, FlowKey, PROTO_TCP, PROTO_UDP};
@@ -247,9 +247,6 @@ fn l3_packet(frame: &[u8]) -> &[u8] {
     }
 }
 
-/// One dissected frame of tshark's output: field name -> values.
-type Dissected = HashMap<&'static str, Vec<String>>;
-
 const TSHARK_FIELDS: [&str; 16] = [
     "frame.number",
     "eth.dst",
@@ -271,48 +268,7 @@ const TSHARK_FIELDS: [&str; 16] = [
 
 /// Runs tshark over `pcap` with checksum validation on.
 fn tshark(pcap: &std::path::Path) -> Vec<Dissected> {
-    let mut cmd = Command::new("tshark");
-    cmd.args(["-n", "-r", path_str(pcap)])
-        .args(["-o", "ip.check_checksum:TRUE"])
-        .args(["-o", "tcp.check_checksum:TRUE"])
-        .args(["-o", "udp.check_checksum:TRUE"])
-        .args(["-T", "fields", "-E", "separator=|", "-E", "occurrence=a"])
-        .args(["-E", "aggregator=,"]);
-    for f in TSHARK_FIELDS {
-        cmd.args(["-e", f]);
-    }
-    let out = cmd
-        .output()
-        .expect("tshark must be installed (Debian package tshark)");
-    assert!(
-        out.status.success(),
-        "tshark failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("UTF-8")
-        .lines()
-        .map(|line| {
-            let cols: Vec<&str> = line.split('|').collect();
-            assert_eq!(cols.len(), TSHARK_FIELDS.len(), "tshark line {line:?}");
-            TSHARK_FIELDS
-                .iter()
-                .zip(cols)
-                .map(|(&k, v)| {
-                    let vals = if v.is_empty() {
-                        Vec::new()
-                    } else {
-                        v.split(',').map(str::to_string).collect()
-                    };
-                    (k, vals)
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn field<'a>(d: &'a Dissected, name: &str) -> &'a [String] {
-    d.get(name).map_or(&[], |v| v.as_slice())
+    common::tshark(pcap, &TSHARK_FIELDS, &["-o", "tcp.check_checksum:TRUE"])
 }
 
 #[test]

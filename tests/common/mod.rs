@@ -504,6 +504,59 @@ pub fn read_pcap(path: &Path) -> Vec<Vec<u8>> {
     records
 }
 
+/// One frame as tshark dissected it: field name -> values (a field
+/// occurring several times, as in an ICMP error's quoted header, has one
+/// value per occurrence).
+pub type Dissected = std::collections::HashMap<&'static str, Vec<String>>;
+
+/// Runs tshark over `pcap` with the IPv4 and UDP checksums validated and
+/// the preferences and disabled protocols in `args` (say `["-o",
+/// "tcp.check_checksum:TRUE"]`), one [`Dissected`] per frame holding
+/// `fields`.
+pub fn tshark(pcap: &Path, fields: &[&'static str], args: &[&str]) -> Vec<Dissected> {
+    let mut cmd = Command::new("tshark");
+    cmd.args(["-n", "-r", path_str(pcap)])
+        .args(["-o", "ip.check_checksum:TRUE"])
+        .args(["-o", "udp.check_checksum:TRUE"])
+        .args(args)
+        .args(["-T", "fields", "-E", "separator=|", "-E", "occurrence=a"])
+        .args(["-E", "aggregator=,"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = cmd
+        .output()
+        .expect("tshark must be installed (Debian package tshark)");
+    assert!(
+        out.status.success(),
+        "tshark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .lines()
+        .map(|line| {
+            let cols: Vec<&str> = line.split('|').collect();
+            assert_eq!(cols.len(), fields.len(), "tshark line {line:?}");
+            (fields.iter().zip(cols))
+                .map(|(&k, v)| {
+                    let vals = if v.is_empty() {
+                        Vec::new()
+                    } else {
+                        v.split(',').map(str::to_string).collect()
+                    };
+                    (k, vals)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The values of field `name` in a dissected frame (none when absent).
+pub fn field<'a>(d: &'a Dissected, name: &str) -> &'a [String] {
+    d.get(name).map_or(&[], |v| v.as_slice())
+}
+
 /// GET `path` from `addr` over HTTP/1.1; the body of a 200 answer (chunked
 /// or not), None for anything else.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
