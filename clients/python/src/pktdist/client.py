@@ -332,7 +332,8 @@ class Client:
 
     def set_weight(self, service: str, backend: str, weight: int) -> Reply:
         """Sets a backend's weight (0 = drain: no new connections, open ones
-        and affinities kept). ``admin`` only."""
+        and requested affinities kept, static ones and automatic pins
+        skipped). ``admin`` only."""
         if isinstance(weight, bool) or not isinstance(weight, int):
             raise TypeError(f"weight must be an int, not {type(weight).__name__}")
         if not 0 <= weight <= w.MAX_WEIGHT:
