@@ -84,8 +84,8 @@ struct Args {
     #[arg(long, default_value_t = 1 << 20)]
     affinity_capacity: usize,
     /// Runs of syn-alternating, each on a table built anew (a new hash seed,
-    /// new pages): one run's median turn ratio moves by up to 0.1 from one
-    /// run to the next, so the scenario reports the median of the runs.
+    /// new pages): one run's median turn ratio moves from one run to the
+    /// next with them, so the scenario reports the median of the runs.
     #[arg(long, default_value_t = 5)]
     alternating_runs: usize,
     /// Changes per second the control thread applies during syn-affinity

@@ -93,8 +93,8 @@ struct Args {
 /// measured SYN replaces a flow, as in the throughput benchmark.
 const FLOW_CAPACITY: usize = 1 << 16;
 /// Nanoseconds the clock advances per burst of [`MAX_BURST`] SYNs: 7 Mpps,
-/// the rate of the throughput benchmark, so that flows age as they do
-/// there (the table's eviction order depends on it).
+/// about the throughput benchmark's SYN rate, so that flows age roughly as
+/// they do there (the table's eviction order depends on it).
 const NS_PER_BURST: u64 = MAX_BURST as u64 * 1_000 / 7;
 
 /// The measured part: callgrind counts this function alone. The

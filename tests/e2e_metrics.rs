@@ -209,7 +209,7 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
         assert!(m.has_samples(family), "{family} has no samples");
     }
 
-    // The families that used to be missing carry the run's figures: every
+    // The automatic-affinity families carry the run's figures: every
     // automatic-affinity client was either pinned or found the table full.
     let pins = m.get("pktdist_auto_affinity_pins").expect("pins");
     let full = m

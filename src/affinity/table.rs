@@ -191,7 +191,7 @@ struct Presence {
     kinds: [AtomicU8; 129],
     /// The (prefix length, port kind) pairs present, in lookup order, in one
     /// word (see [`PLAN_VALID`]): a lookup reads it instead of walking the
-    /// bitmaps, which costs a SYN more instructions than its probes do.
+    /// bitmaps, a walk that would cost more than the probes themselves.
     plan: AtomicU64,
     /// Bumped after every change of the fields above, so that a prepared
     /// query can tell whether its probes are still the lookup's.
@@ -582,8 +582,7 @@ impl Inner {
         kind: u64,
     ) -> Probe {
         let addr = match family {
-            // IPv4 in 32-bit arithmetic: a 128-bit mask costs a SYN a dozen
-            // instructions per probe, the shifts half that.
+            // IPv4 in 32-bit arithmetic: cheaper than a 128-bit mask.
             Family::V4 => u128::from(client as u32 & V4_MASKS[usize::from(plen) % 64]),
             Family::V6 => client & prefix_mask(family, plen),
         };

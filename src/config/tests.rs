@@ -631,8 +631,8 @@ fn max_clock_skew_is_bounded() {
         "max_clock_skew",
         "601s: must be at most 10m",
     );
-    // The most seconds a Duration holds: accepted before, it switched the
-    // replay window's stale-timestamp check off.
+    // The most seconds a Duration holds: a skew that large would switch
+    // the replay window's stale-timestamp check off.
     check(
         &skew("18446744073709551615s"),
         "control.max_clock_skew",

@@ -28,10 +28,12 @@ use crate::protocol::message::{
 use crate::protocol::rate_limit::{RateLimiter, RateLimits};
 use crate::types::MAX_NAME_LEN;
 
-/// Clock skew accepted by default.
+/// Clock skew accepted by a server built without a configuration (tests);
+/// `[control] max_clock_skew` sets the running one.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
-/// (sender, nonce) pairs remembered by default: 100,000 requests per second
-/// for the 10 s window, twice over.
+/// (sender, nonce) pairs remembered at most: a bound on memory, not on
+/// safety (a full [`ReplayGuard`] forgets its oldest pairs early and
+/// refuses their senders' requests stamped at or before them).
 pub const DEFAULT_REPLAY_CAPACITY: usize = 2_000_000;
 /// Datagrams handled per [`ControlServer::poll`] call at most.
 pub const DEFAULT_MAX_PER_POLL: usize = 256;

@@ -92,8 +92,8 @@ pub struct RateLimits {
 }
 
 /// Requests per second a sender may make when the configuration says
-/// nothing: far above what an application needs, far below what the
-/// control thread can answer (over 100,000 a second).
+/// nothing: far above what an application needs, below what the control
+/// thread can answer (`dataplane-bench --scenario control` measures it).
 pub const DEFAULT_MAX_REQUESTS_PER_SECOND: u32 = 20_000;
 /// The operator's default: the CLI and automation run as `admin`.
 pub const DEFAULT_ADMIN_MAX_REQUESTS_PER_SECOND: u32 = 50_000;

@@ -53,8 +53,8 @@
 //! to that flow's alternate (a one-step cuckoo move, tried while the
 //! family is under 15/16 full); and last over the home bucket's least
 //! recently seen entry, evicted. So below about three quarters of capacity
-//! practically no flow is evicted (a million random flows in a 2^21-flow
-//! table: none), and when the table is full eviction is oldest-first *per
+//! practically no flow is evicted (the tests bound it), and when the table
+//! is full eviction is oldest-first *per
 //! home bucket*, as in production load-balancer flow tables (Maglev,
 //! Katran): a global LRU would cost a list update per packet. An evicted
 //! flow is not lost: its next packet is routed again by affinity and the
@@ -2666,10 +2666,9 @@ mod tests {
         (missing.max(t.stats().evicted), t)
     }
 
-    /// The bound: at half of its capacity a table keeps all but
-    /// fewer than 1 in 100,000 of its flows (a single 8-way bucket per flow
-    /// lost 0.66% there). A million random flows in a 2^21-flow table, and
-    /// the IPv6 sub-table at the same load.
+    /// At half of its capacity a table keeps all but fewer than 1 in
+    /// 100,000 of its flows: a million random flows in a 2^21-flow table,
+    /// and the IPv6 sub-table at the same load.
     #[test]
     fn a_half_full_table_keeps_its_flows() {
         for (family, capacity) in [(Family::V4, 1 << 21), (Family::V6, 1 << 19)] {
@@ -2685,8 +2684,8 @@ mod tests {
         }
     }
 
-    /// At three quarters of capacity, too, the loss stays far below a single
-    /// bucket's (which loses several per cent there).
+    /// At three quarters of capacity, too, fewer than 1 flow in 10,000 is
+    /// lost.
     #[test]
     fn a_three_quarters_full_table_keeps_nearly_all() {
         let capacity = 1 << 18;
