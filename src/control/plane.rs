@@ -1700,6 +1700,66 @@ address = "2001:db8:1::2"
         assert_eq!(state_of(&p, "a"), BackendState::Up);
     }
 
+    /// A reload takes the backends and their weights from the file: a
+    /// weight set at run time goes back to the file's and a backend added
+    /// at run time goes (its affinities end), while what the operator and
+    /// the applications declared for the backends kept stays.
+    #[test]
+    fn a_reload_takes_backends_and_weights_from_the_file_and_keeps_declarations() {
+        let text = config_text();
+        let (mut p, r) = plane(&text);
+        let weight_of =
+            |p: &ControlPlane, name| p.dataplane().find_backend(WEB, name).unwrap().weight;
+        let file_weight = weight_of(&p, "a");
+        let st = |backend, state| Request::BackendState {
+            service: Some("web"),
+            backend: Some(backend),
+            state,
+        };
+        assert_eq!(
+            call(&mut p, "admin", st("b", Declared::Drain)).code,
+            ReturnCode::Ok
+        );
+        let w = Request::BackendSetWeight {
+            service: "web",
+            backend: "a",
+            weight: file_weight + 7,
+        };
+        assert_eq!(call(&mut p, "admin", w).code, ReturnCode::Ok);
+        let add = Request::BackendAdd(BackendSpec {
+            service: "web",
+            backend: "c",
+            addr: "10.0.0.3".parse().unwrap(),
+            mac: None,
+            weight: 1,
+        });
+        assert_eq!(call(&mut p, "admin", add).code, ReturnCode::Ok);
+        assert_eq!(
+            call(
+                &mut p,
+                "c",
+                Request::AffinityCreate(op("198.18.0.0", 24, Some("c"), 60))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        assert_eq!(weight_of(&p, "a"), file_weight + 7);
+        assert!(r.lookup(WEB, Family::V4, 0xc612_0001, 1).is_some());
+
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let removed = p.replace_services(&cfg).unwrap();
+        assert_eq!(removed.len(), 1, "the backend added at run time goes");
+        assert!(p.dataplane().find_backend(WEB, "c").is_none());
+        assert_eq!(
+            r.lookup(WEB, Family::V4, 0xc612_0001, 1),
+            None,
+            "its affinity ended"
+        );
+        assert_eq!(weight_of(&p, "a"), file_weight, "the file's weight again");
+        assert_eq!(state_of(&p, "b"), BackendState::Draining, "the drain stays");
+        assert_eq!(state_of(&p, "a"), BackendState::Up);
+    }
+
     #[test]
     fn saved_state_comes_back_in_a_new_plane_with_its_time_left() {
         let (mut p, _) = plane(&config_text());
