@@ -23,7 +23,9 @@ for f in usr/bin/pktdist etc/pktdist/pktdist.toml lib/systemd/system/pktdist.ser
     usr/share/bash-completion/completions/pktdist usr/share/zsh/vendor-completions/_pktdist \
     usr/share/doc/pktdist/README.md usr/share/doc/pktdist/PROTOCOL.md \
     usr/share/doc/pktdist/examples/demo.toml \
-    usr/share/doc/pktdist/examples/prometheus/pktdist-rules.yml; do
+    usr/share/doc/pktdist/examples/prometheus/pktdist-rules.yml \
+    usr/share/doc/pktdist/cluster.md usr/share/doc/pktdist/examples/bgp/pktdist-bgp.sh \
+    usr/share/doc/pktdist/examples/bgp/distributor.conf; do
     # cargo-deb may put the unit under /usr/lib/systemd (merged /usr).
     if [ ! -e "$root/fs/$f" ] && [ ! -e "$root/fs/usr/$f" ]; then
         fail "$f missing from $deb"
@@ -32,6 +34,8 @@ done
 unit=$root/fs/lib/systemd/system/pktdist.service
 [ -e "$unit" ] || unit=$root/fs/usr/lib/systemd/system/pktdist.service
 
+[ -x "$root/fs/usr/share/doc/pktdist/examples/bgp/pktdist-bgp.sh" ] \
+    || fail "the BGP announcer example is not executable"
 grep -qx /etc/pktdist/pktdist.toml "$root/control/conffiles" \
     || fail "/etc/pktdist/pktdist.toml is not a conffile"
 depends=$(dpkg-deb -f "$deb" Depends)
