@@ -186,6 +186,13 @@ fn affinity_and_backend_commands_against_a_running_instance() {
     let config = dir.path("pktdist.toml");
     std::fs::write(&config, config_text()).expect("write");
     let (run, server) = Pktdist::run(Path::new(&config));
+    // Without a state file (and without [cluster]) it says so at start.
+    assert!(
+        run.stderr_text()
+            .contains("requested affinities are kept in memory only"),
+        "{}",
+        run.stderr_text()
+    );
 
     let target = ["--service", "192.0.2.10:80", "--client", "198.51.100.0/24"];
     let add = |owner: &str, duration: &str| {

@@ -97,6 +97,11 @@ fn requested_affinities_survive_a_restart_and_bad_files_are_refused() {
         "{}",
         p.stderr_text()
     );
+    assert!(
+        !p.stderr_text().contains("kept in memory only"),
+        "{}",
+        p.stderr_text()
+    );
     let mut be1 = ControlClient::bind(
         "127.0.0.1:0".parse().expect("addr"),
         control,
