@@ -64,6 +64,12 @@ fn check(config: &std::path::Path) -> Result<(), String> {
 fn run(args: RunArgs) -> Result<(), String> {
     use pktdist::run::{run, RunOptions};
     let cfg = Config::load(&args.config).map_err(|e| e.to_string())?;
+    if cfg.affinity.state_file.is_none() && cfg.cluster.is_none() {
+        log::info!(
+            "requested affinities are kept in memory only: \
+             [affinity] state_file keeps them across restarts"
+        );
+    }
     let opts = RunOptions {
         duration: args.duration,
         status: !args.quiet,

@@ -155,12 +155,6 @@ impl ControlThread {
             Some(path) => Some(StateSaver::open(path, &mut plane, setup.discard_bad_state)?),
             None => None,
         };
-        if state.is_none() && cluster.is_none() {
-            log::info!(
-                "requested affinities are kept in memory only: \
-                 [affinity] state_file keeps them across restarts"
-            );
-        }
         let metrics = match cfg.control.metrics_listen {
             Some(addr) => Some(
                 MetricsServer::start(addr).map_err(|e| format!("metrics listen {addr}: {e}"))?,
