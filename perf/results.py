@@ -280,6 +280,10 @@ def testpmd_section(t, json_name):
             met = f"{yes_no(m['ratio_to_syn'] >= TARGET_SYN_AFFINITY_RATIO)} ({m['ratio_to_syn']:.4f} x syn"
             if m.get("added_ns_per_syn") is not None:
                 met += f"; +{m['added_ns_per_syn']:.1f} ns per SYN"
+            if m.get("ratios_to_syn"):
+                rounds = m["ratios_to_syn"]
+                at = sum(x >= TARGET_SYN_AFFINITY_RATIO for x in rounds)
+                met += f"; {at} of {len(rounds)} rounds at or above"
             met += ")"
         out.append(
             "| {} | {} | {} | **{}** | {} | {} | {} | {} / {} | {} | {} |".format(
