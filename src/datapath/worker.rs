@@ -51,8 +51,9 @@ use crate::types::{DropReason, Family, FlowKey, IcmpDrop};
 
 /// The expiry sweep visits every flow-table bucket once per this period,
 /// spread over the loop iterations in proportion to time: its cost is a
-/// fixed number of buckets per second, whatever the packet rate. Entries found idle on lookup
-/// are reclaimed at once; the sweep releases the ones never seen again.
+/// fixed number of buckets per second, whatever the packet rate. Entries
+/// found idle on lookup are reclaimed at once; the sweep releases the ones
+/// never seen again.
 const SWEEP_PERIOD_NS: u64 = 1_000_000_000;
 /// How many packets ahead of the one being routed pass 3 hints the affinity
 /// slot lines of a SYN: far enough for the bucket headers prefetched in

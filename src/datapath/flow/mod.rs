@@ -54,14 +54,14 @@
 //! family is under 15/16 full); and last over the home bucket's least
 //! recently seen entry, evicted. So below about three quarters of capacity
 //! practically no flow is evicted (the tests bound it), and when the table
-//! is full eviction is oldest-first *per
-//! home bucket*, as in production load-balancer flow tables (Maglev,
-//! Katran): a global LRU would cost a list update per packet. An evicted
-//! flow is not lost: its next packet is routed again by affinity and the
-//! consistent hash, which normally picks the same backend. A flow in its
-//! alternate goes back home at its next packet once home has room. The
-//! hash passed with a key must be its [`flow_hash`]: the rare paths that
-//! need a stored flow's buckets (a guest leaving, a move) compute it again.
+//! is full eviction is oldest-first *per home bucket*, as in production
+//! load-balancer flow tables (Maglev, Katran): a global LRU would cost a
+//! list update per packet. An evicted flow is not lost: its next packet
+//! is routed again by affinity and the consistent hash, which normally
+//! picks the same backend. A flow in its alternate goes back home at its
+//! next packet once home has room. The hash passed with a key must be its
+//! [`flow_hash`]: the rare paths that need a stored flow's buckets (a
+//! guest leaving, a move) compute it again.
 //!
 //! Last-seen times are kept in units of 2^20 ns (about 1.05 ms), so idle
 //! timeouts are honoured to within about two milliseconds (an entry is
