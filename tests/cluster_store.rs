@@ -1,8 +1,9 @@
 //! The etcd store thread (src/cluster/etcd.rs) against a real etcd the
 //! tests start themselves: commits and their propagation to a second store
 //! thread, compare-and-set conflicts, racing deletes, the load at start,
-//! an etcd outage and its end, unreadable values, and thousands of ops in
-//! flight. The tests run one at a time (one etcd each, two cores).
+//! an etcd outage and its end, unreadable values, thousands of ops in
+//! flight, and the backends' declared states beside the affinities. The
+//! tests run one at a time (one etcd each, two cores).
 
 mod common;
 
@@ -14,12 +15,13 @@ use std::time::{Duration, Instant};
 use common::etcd::Etcd;
 use pktdist::cluster::etcd::spawn;
 use pktdist::cluster::{
-    Change, Outcome, Revision, StoreEvent, StoreHandle, StoreKey, StoreOp, StoredAffinity,
+    Change, DeclarationKey, Outcome, Revision, StoreEvent, StoreHandle, StoreKey, StoreOp,
+    StoredAffinity, StoredDeclaration,
 };
 use pktdist::config::{ClusterConfig, DurationStr, StoreKind};
 use pktdist::control::state_file::SavedAffinity;
 use pktdist::protocol::message::ServiceAddr;
-use pktdist::types::PortMatch;
+use pktdist::types::{Declared, PortMatch};
 
 /// How long any expected event may take before the test fails (generous:
 /// the machine is shared; nothing here measures time).
@@ -101,13 +103,34 @@ impl Store {
     }
 
     fn loaded(&mut self) -> (Revision, Vec<(StoredAffinity, Revision)>) {
+        let (revision, affinities, _) = self.loaded_all();
+        (revision, affinities)
+    }
+
+    /// The load with its declarations.
+    #[allow(clippy::type_complexity)]
+    fn loaded_all(
+        &mut self,
+    ) -> (
+        Revision,
+        Vec<(StoredAffinity, Revision)>,
+        Vec<(StoredDeclaration, Revision)>,
+    ) {
         self.take("Loaded", |e| match e {
             StoreEvent::Loaded {
                 revision,
                 affinities,
-            } => Some((*revision, affinities.clone())),
+                declarations,
+            } => Some((*revision, affinities.clone(), declarations.clone())),
             _ => None,
         })
+    }
+
+    fn declare(&self, ticket: u64, value: &StoredDeclaration) {
+        assert!(self.h.submit(StoreOp::Declare {
+            ticket,
+            value: value.clone(),
+        }));
     }
 
     fn done(&mut self, ticket: u64) -> Outcome {
@@ -351,6 +374,7 @@ impl Mirror {
                 Change::Deleted(k) => {
                     self.table.remove(k);
                 }
+                Change::Declared { .. } => {}
             },
             _ => {}
         }
@@ -394,6 +418,7 @@ fn etcd_down_means_unreachable_and_unavailable_and_back_means_a_fresh_load() {
     mirror.apply(&StoreEvent::Loaded {
         revision,
         affinities,
+        declarations: Vec::new(),
     });
     let after = affinity("web", 0xc000_0203, "b1", "a");
     a.put(30, &after, 0);
@@ -637,4 +662,94 @@ fn tls_with_a_client_certificate_connects() {
     cfg.key_file = None;
     let mut b = Store::of(cfg, "no client certificate");
     b.unreachable();
+}
+
+fn declaration(backend: &str, by_admin: bool, state: Declared, writer: &str) -> StoredDeclaration {
+    StoredDeclaration {
+        key: DeclarationKey {
+            service: "web".to_string(),
+            backend: backend.to_string(),
+            by_admin,
+        },
+        state,
+        writer: writer.to_string(),
+        written_unix_ms: 1_700_000_000_002,
+    }
+}
+
+#[test]
+fn declarations_are_last_writer_wins_watched_and_loaded_beside_the_affinities() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    let mut b = Store::new(&etcd, "b");
+    a.loaded_all();
+    b.loaded_all();
+
+    // A drain written at a reaches b's watch, under the documented key.
+    let drain = declaration("be2", false, Declared::Drain, "a");
+    a.declare(1, &drain);
+    let rev = a.committed(1);
+    let declared = |d: &StoredDeclaration| Change::Declared {
+        key: d.key.clone(),
+        state: d.state,
+    };
+    assert_eq!(b.changed(), (rev, declared(&drain)));
+    let shown = etcd.etcdctl(&["get", "--prefix", "/test/d/"]);
+    assert!(shown.contains("/test/d/web/be2/app\n"), "{shown}");
+    assert!(shown.contains("\"state\":\"drain\""), "{shown}");
+
+    // No compare: b's DOWN over a's DRAIN commits, and wins; the
+    // operator's declaration is a key of its own.
+    let down = declaration("be2", false, Declared::Down, "b");
+    b.declare(2, &down);
+    let rev2 = b.committed(2);
+    assert!(rev2 > rev);
+    let admin = declaration("be2", true, Declared::Drain, "b");
+    b.declare(3, &admin);
+    let rev3 = b.committed(3);
+    // An affinity beside them, in the same store.
+    let pin = affinity("web", 0xc000_0209, "be1", "a");
+    a.put(4, &pin, 0);
+    let rev4 = a.committed(4);
+    assert_eq!(a.changed(), (rev, declared(&drain)));
+    assert_eq!(a.changed(), (rev2, declared(&down)));
+    assert_eq!(a.changed(), (rev3, declared(&admin)));
+    assert_eq!(a.changed(), (rev4, Change::Put(pin.clone())));
+
+    // UP deletes the key, and the watch says UP.
+    let up = declaration("be2", false, Declared::Up, "a");
+    a.declare(5, &up);
+    let rev5 = a.committed(5);
+    for _ in 0..3 {
+        b.changed();
+    }
+    assert_eq!(b.changed(), (rev5, declared(&up)));
+    let shown = etcd.etcdctl(&["get", "--prefix", "/test/d/"]);
+    assert!(!shown.contains("/test/d/web/be2/app"), "{shown}");
+    // UP where nothing is declared commits too (nothing to delete).
+    a.declare(6, &up);
+    a.committed(6);
+
+    // A store thread started now loads both kinds, with their revisions;
+    // a key that is neither is not pktdist's and is left alone, a bad
+    // declaration is reported, not loaded.
+    etcd.etcdctl(&["put", "/test/x/other", "anything"]);
+    etcd.etcdctl(&["put", "/test/d/web/be3/root", "{}"]);
+    let mut c = Store::new(&etcd, "c");
+    let (_, affinities, declarations) = c.loaded_all();
+    assert_eq!(affinities, vec![(pin, rev4)]);
+    assert_eq!(declarations, vec![(admin, rev3)]);
+    let bad = c.take("Unreadable", |e| match e {
+        StoreEvent::Unreadable { key, .. } => Some(key.clone()),
+        _ => None,
+    });
+    assert_eq!(bad, "/test/d/web/be3/root");
+    assert!(
+        c.pending
+            .iter()
+            .all(|e| !matches!(e, StoreEvent::Unreadable { .. })),
+        "{:?}",
+        c.pending
+    );
 }

@@ -3,8 +3,9 @@
 //! the control thread's compare-and-set changes (docs/cluster.md, "The
 //! store: keys, values, transactions").
 //!
-//! One connection at a time: load (one range read of `<prefix>/a/`), then a
-//! watch from the next revision, while ops are batched into transactions
+//! One connection at a time: load (one range read of `<prefix>/`: the
+//! affinities and the declared backend states), then a watch from the next
+//! revision, while ops are batched into transactions
 //! (one nested transaction per op, several transactions in flight). When
 //! the watch or a transaction loses etcd, the thread says `Unreachable`,
 //! answers every op `Unavailable` at once, and reconnects with backoff
@@ -25,9 +26,10 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
-use super::record::{encode_value, KeySpace};
+use super::record::{encode_declaration, encode_value, KeyKind, KeySpace};
 use super::{Change, Outcome, Revision, StoreEvent, StoreHandle, StoreOp, Ticket};
 use crate::config::ClusterConfig;
+use crate::types::Declared;
 
 /// Most ops in one transaction. etcd refuses a transaction with more than
 /// `--max-txn-ops` (default 128) operations in a branch, and counts a
@@ -303,35 +305,47 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
         .await
         .map_err(|e| format!("connecting to {}: {e}", s.endpoints.join(",")))?;
     let mut kv = client.kv_client().max_decoding_message_size(MAX_LOAD_BYTES);
-    let table = s.keys.table_prefix();
+    let root = s.keys.root();
     let resp = kv
-        .get(table, Some(GetOptions::new().with_prefix()))
+        .get(root, Some(GetOptions::new().with_prefix()))
         .await
-        .map_err(|e| format!("reading {table}: {e}"))?;
+        .map_err(|e| format!("reading {root}: {e}"))?;
     let revision = resp
         .header()
         .map(|h| h.revision())
         .ok_or("etcd answered the load without a header")?;
     let mut affinities = Vec::with_capacity(resp.kvs().len());
+    let mut declarations = Vec::new();
     let mut unreadable = Vec::new();
     for kv in resp.kvs() {
-        match s.keys.decode(kv.key(), kv.value()) {
-            Ok(a) => affinities.push((a, kv.mod_revision())),
-            Err(error) => unreadable.push(StoreEvent::Unreadable {
+        let decoded = match s.keys.kind(kv.key()) {
+            KeyKind::Affinity => s
+                .keys
+                .decode(kv.key(), kv.value())
+                .map(|a| affinities.push((a, kv.mod_revision()))),
+            KeyKind::Declaration => s
+                .keys
+                .decode_declaration(kv.key(), kv.value())
+                .map(|d| declarations.push((d, kv.mod_revision()))),
+            KeyKind::Other => Ok(()),
+        };
+        if let Err(error) = decoded {
+            unreadable.push(StoreEvent::Unreadable {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 error,
-            }),
+            });
         }
     }
     let mut loaded = vec![StoreEvent::Loaded {
         revision,
         affinities,
+        declarations,
     }];
     loaded.extend(unreadable);
     let (watcher, stream) = client
         .watch_client()
         .watch(
-            table,
+            root,
             Some(
                 WatchOptions::new()
                     .with_prefix()
@@ -339,7 +353,7 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
             ),
         )
         .await
-        .map_err(|e| format!("watching {table}: {e}"))?;
+        .map_err(|e| format!("watching {root}: {e}"))?;
     Ok(Session {
         kv,
         auth: client.auth_client(),
@@ -376,7 +390,8 @@ impl Session {
             let room = out.tasks.len() < s.tuning.max_in_flight;
             if room {
                 if let Some(first) = carried.take() {
-                    let Some(batch) = take_batch(first, ops, s.tuning.max_batch, &mut carried)
+                    let Some(batch) =
+                        take_batch(&s.keys, first, ops, s.tuning.max_batch, &mut carried)
                     else {
                         return End::Closed;
                     };
@@ -400,7 +415,8 @@ impl Session {
                 }
                 op = ops.recv(), if room && carried.is_none() => {
                     let Some(first) = op else { return End::Closed };
-                    let Some(batch) = take_batch(first, ops, s.tuning.max_batch, &mut carried)
+                    let Some(batch) =
+                        take_batch(&s.keys, first, ops, s.tuning.max_batch, &mut carried)
                     else {
                         return End::Closed;
                     };
@@ -464,25 +480,36 @@ impl Session {
             let Some(kv) = ev.kv() else { continue };
             let revision = kv.mod_revision();
             self.revision = self.revision.max(revision);
-            let event = match ev.event_type() {
-                EventType::Put => match keys.decode(kv.key(), kv.value()) {
-                    Ok(a) => StoreEvent::Changed {
-                        revision,
-                        change: Change::Put(a),
-                    },
-                    Err(error) => StoreEvent::Unreadable {
-                        key: String::from_utf8_lossy(kv.key()).into_owned(),
-                        error,
-                    },
-                },
-                EventType::Delete => match keys.parse_key(kv.key()) {
-                    Ok(k) => StoreEvent::Changed {
-                        revision,
-                        change: Change::Deleted(k),
-                    },
+            let put = ev.event_type() == EventType::Put;
+            let change = match (keys.kind(kv.key()), put) {
+                (KeyKind::Other, _) => continue,
+                (KeyKind::Affinity, true) => keys.decode(kv.key(), kv.value()).map(Change::Put),
+                (KeyKind::Affinity, false) => match keys.parse_key(kv.key()) {
+                    Ok(k) => Ok(Change::Deleted(k)),
                     // A stray key's deletion changes nothing in the table;
                     // its put was reported as Unreadable.
                     Err(_) => continue,
+                },
+                (KeyKind::Declaration, true) => {
+                    keys.decode_declaration(kv.key(), kv.value())
+                        .map(|d| Change::Declared {
+                            key: d.key,
+                            state: d.state,
+                        })
+                }
+                (KeyKind::Declaration, false) => match keys.parse_declaration_key(kv.key()) {
+                    Ok(key) => Ok(Change::Declared {
+                        key,
+                        state: Declared::Up,
+                    }),
+                    Err(_) => continue,
+                },
+            };
+            let event = match change {
+                Ok(change) => StoreEvent::Changed { revision, change },
+                Err(error) => StoreEvent::Unreadable {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    error,
                 },
             };
             if events.send(event).is_err() {
@@ -555,18 +582,19 @@ impl InFlight {
 /// is already in the batch is `carried` to the next one. None: the channel
 /// is closed (the handle is gone).
 fn take_batch(
+    keys: &KeySpace,
     first: StoreOp,
     ops: &mut UnboundedReceiver<StoreOp>,
     max: usize,
     carried: &mut Option<StoreOp>,
 ) -> Option<Vec<StoreOp>> {
-    let mut keys = HashSet::new();
-    keys.insert(op_key(&first));
+    let mut written = HashSet::new();
+    written.insert(op_key(keys, &first));
     let mut batch = vec![first];
     while batch.len() < max {
         match ops.try_recv() {
             Ok(op) => {
-                if !keys.insert(op_key(&op)) {
+                if !written.insert(op_key(keys, &op)) {
                     *carried = Some(op);
                     break;
                 }
@@ -579,10 +607,12 @@ fn take_batch(
     Some(batch)
 }
 
-fn op_key(op: &StoreOp) -> super::StoreKey {
+/// The etcd key `op` writes.
+fn op_key(keys: &KeySpace, op: &StoreOp) -> String {
     match op {
-        StoreOp::Put { value, .. } => value.key(),
-        StoreOp::Delete { key, .. } => key.clone(),
+        StoreOp::Put { value, .. } => keys.key(&value.key()),
+        StoreOp::Delete { key, .. } => keys.key(key),
+        StoreOp::Declare { value, .. } => keys.declaration_key(&value.key),
     }
 }
 
@@ -599,7 +629,8 @@ impl Session {
 }
 
 /// One transaction for `batch`: a nested transaction per op, `if
-/// mod_revision(key) == expect then put/delete else get`. etcd's
+/// mod_revision(key) == expect then put/delete else get` (a declaration's
+/// without a condition). etcd's
 /// authentication tokens expire (`--auth-token-ttl`, 5 minutes by default)
 /// and the client does not renew them: a transaction refused for its token
 /// authenticates again (the token is shared by the connection's clients)
@@ -623,6 +654,15 @@ async fn run_batch(
                     let key = keys.key(key);
                     let del = TxnOp::delete(key.clone(), None);
                     (key, *expect, del)
+                }
+                StoreOp::Declare { value, .. } => {
+                    let key = keys.declaration_key(&value.key);
+                    let write = if value.state == Declared::Up {
+                        TxnOp::delete(key, None)
+                    } else {
+                        TxnOp::put(key, encode_declaration(value), None)
+                    };
+                    return TxnOp::txn(Txn::new().and_then([write]));
                 }
             };
             TxnOp::txn(

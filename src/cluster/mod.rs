@@ -7,9 +7,12 @@
 //! workers read only their instance's local lock-free table, and the control
 //! thread stays its only writer.
 //!
-//! Every change is a compare-and-set on the key's etcd mod revision, so
-//! two instances can never both win a key, and exactly one instance
-//! commits the deletion that ends an affinity (and sends its notice).
+//! Every affinity change is a compare-and-set on the key's etcd mod
+//! revision, so two instances can never both win a key, and exactly one
+//! instance commits the deletion that ends an affinity (and sends its
+//! notice). The backends' declared states (BACKEND_STATE, `pktdist backend
+//! drain`) are shared beside the affinities: each declaration is one key,
+//! written by whoever declared last.
 
 pub mod etcd;
 pub mod record;
@@ -18,7 +21,7 @@ use std::net::IpAddr;
 use std::sync::mpsc;
 
 use crate::control::state_file::SavedAffinity;
-use crate::types::PortMatch;
+use crate::types::{Declared, PortMatch};
 
 /// An etcd mod revision. 0: the key does not exist.
 pub type Revision = i64;
@@ -65,6 +68,27 @@ impl StoredAffinity {
     }
 }
 
+/// Which declaration a store key holds: what the application
+/// (`by_admin` false) or the operator declared for one backend, named by
+/// its service and its own name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DeclarationKey {
+    pub service: String,
+    pub backend: String,
+    pub by_admin: bool,
+}
+
+/// A declared state as the store keeps it. UP is kept as the key's
+/// absence: a backend nobody declared anything for is up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDeclaration {
+    pub key: DeclarationKey,
+    pub state: Declared,
+    /// The instance that wrote it, and its wall clock then (Unix ms).
+    pub writer: String,
+    pub written_unix_ms: u64,
+}
+
 /// A change the control thread asks the store for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOp {
@@ -81,12 +105,20 @@ pub enum StoreOp {
         key: StoreKey,
         expect: Revision,
     },
+    /// Write a declaration whatever the key holds (delete it for UP): the
+    /// last declaration wins.
+    Declare {
+        ticket: Ticket,
+        value: StoredDeclaration,
+    },
 }
 
 impl StoreOp {
     pub fn ticket(&self) -> Ticket {
         match self {
-            StoreOp::Put { ticket, .. } | StoreOp::Delete { ticket, .. } => *ticket,
+            StoreOp::Put { ticket, .. }
+            | StoreOp::Delete { ticket, .. }
+            | StoreOp::Declare { ticket, .. } => *ticket,
         }
     }
 }
@@ -97,7 +129,8 @@ pub enum Outcome {
     /// Committed at `revision` (the key's new mod revision for a put).
     Committed { revision: Revision },
     /// The key's revision was not the one expected: what it holds now
-    /// (None: it does not exist). Nothing was written.
+    /// (None: it does not exist). Nothing was written. (Never for a
+    /// declaration, which expects nothing.)
     Moved {
         current: Option<(StoredAffinity, Revision)>,
     },
@@ -111,6 +144,11 @@ pub enum Outcome {
 pub enum Change {
     Put(StoredAffinity),
     Deleted(StoreKey),
+    /// A declaration written, or deleted (`Declared::Up`).
+    Declared {
+        key: DeclarationKey,
+        state: Declared,
+    },
 }
 
 /// What the store thread tells the control thread.
@@ -118,20 +156,21 @@ pub enum Change {
 pub enum StoreEvent {
     /// The outcome of the op with this ticket. Every op gets exactly one.
     Done { ticket: Ticket, outcome: Outcome },
-    /// The whole table as of `revision` (at start and after every
-    /// reconnection): it replaces what the instance had. The watch goes on
-    /// from `revision + 1`.
+    /// The whole table and every declaration as of `revision` (at start
+    /// and after every reconnection): they replace what the instance had.
+    /// The watch goes on from `revision + 1`.
     Loaded {
         revision: Revision,
         affinities: Vec<(StoredAffinity, Revision)>,
+        declarations: Vec<(StoredDeclaration, Revision)>,
     },
     /// A change committed at `revision` (by any instance, this one
     /// included), in commit order, after the `Loaded` it follows.
     Changed { revision: Revision, change: Change },
     /// etcd stopped answering; a `Loaded` follows when it is back.
     Unreachable { error: String },
-    /// A value under the prefix that is not an affinity this build can read
-    /// (counted and skipped).
+    /// A value under the prefix's affinity or declaration keys that this
+    /// build cannot read (counted and skipped).
     Unreadable { key: String, error: String },
 }
 

@@ -1,21 +1,25 @@
-//! How an affinity is written in etcd: its key and its value.
+//! How affinities and declared backend states are written in etcd: their
+//! keys and their values.
 //!
-//! Key: `<prefix>/a/<service>/<client>/<plen>/<ports>`, e.g.
-//! `/pktdist/a/web/192.0.2.0/24/any`; the service name is percent-encoded
-//! (`%`, `/`, spaces and control bytes), the client in its canonical text
-//! form (IPv6 too), ports `any`, `1234` or `1000-2000`. Value: one line of
-//! JSON with a `format` version, so `etcdctl get --prefix /pktdist/a/` is
-//! readable as it is. Anything else under the prefix decodes to an error
-//! (the store thread reports it as `StoreEvent::Unreadable`), never a panic.
+//! Affinity key: `<prefix>/a/<service>/<client>/<plen>/<ports>`, e.g.
+//! `/pktdist/a/web/192.0.2.0/24/any`; names are percent-encoded (`%`, `/`,
+//! spaces and control bytes), the client in its canonical text form (IPv6
+//! too), ports `any`, `1234` or `1000-2000`. Declaration key:
+//! `<prefix>/d/<service>/<backend>/<app|admin>`, e.g.
+//! `/pktdist/d/web/be2/app`. Values: one line of JSON with a `format`
+//! version, so `etcdctl get --prefix /pktdist/` is readable as it is.
+//! Anything else under `a/` or `d/` decodes to an error (the store thread
+//! reports it as `StoreEvent::Unreadable`), never a panic; other keys
+//! under the prefix are not pktdist's and are left alone.
 
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{StoreKey, StoredAffinity};
+use super::{DeclarationKey, StoreKey, StoredAffinity, StoredDeclaration};
 use crate::control::state_file::SavedAffinity;
 use crate::protocol::message::ServiceAddr;
-use crate::types::{PortMatch, MAX_NAME_LEN, PROTO_TCP, PROTO_UDP};
+use crate::types::{Declared, PortMatch, MAX_NAME_LEN, PROTO_TCP, PROTO_UDP};
 
 /// The value format this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -23,22 +27,128 @@ pub const FORMAT: u32 = 1;
 /// The keys of one cluster (one `[cluster] prefix`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeySpace {
+    /// `<prefix>/`: the range loaded and watched.
+    root: String,
     /// `<prefix>/a/`: every affinity key starts with it.
     table: String,
+    /// `<prefix>/d/`: every declaration key starts with it.
+    declared: String,
+}
+
+/// What a key under the prefix holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    Affinity,
+    Declaration,
+    /// Not pktdist's: left alone.
+    Other,
 }
 
 impl KeySpace {
     /// The key space under `prefix` (a trailing `/` is ignored, so
     /// `/pktdist` and `/pktdist/` are the same cluster).
     pub fn new(prefix: &str) -> KeySpace {
+        let root = format!("{}/", prefix.trim_end_matches('/'));
         KeySpace {
-            table: format!("{}/a/", prefix.trim_end_matches('/')),
+            table: format!("{root}a/"),
+            declared: format!("{root}d/"),
+            root,
         }
+    }
+
+    /// `<prefix>/`, the range an instance loads and watches.
+    pub fn root(&self) -> &str {
+        &self.root
     }
 
     /// `<prefix>/a/`, the range that holds the table.
     pub fn table_prefix(&self) -> &str {
         &self.table
+    }
+
+    /// Which of the prefix's ranges `key` is in.
+    pub fn kind(&self, key: &[u8]) -> KeyKind {
+        if key.starts_with(self.table.as_bytes()) {
+            KeyKind::Affinity
+        } else if key.starts_with(self.declared.as_bytes()) {
+            KeyKind::Declaration
+        } else {
+            KeyKind::Other
+        }
+    }
+
+    /// The etcd key of the declaration `k`.
+    pub fn declaration_key(&self, k: &DeclarationKey) -> String {
+        format!(
+            "{}{}/{}/{}",
+            self.declared,
+            escape(&k.service),
+            escape(&k.backend),
+            if k.by_admin { "admin" } else { "app" }
+        )
+    }
+
+    /// The declaration key `key` names, in the exact text
+    /// [`KeySpace::declaration_key`] writes.
+    pub fn parse_declaration_key(&self, key: &[u8]) -> Result<DeclarationKey, String> {
+        let text = std::str::from_utf8(key).map_err(|_| "the key is not UTF-8".to_string())?;
+        let rest = text
+            .strip_prefix(self.declared.as_str())
+            .ok_or_else(|| format!("the key is not under {}", self.declared))?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [service, backend, who] = parts[..] else {
+            return Err(format!(
+                "the key has {} parts after {} where service/backend/declarer are 3",
+                parts.len(),
+                self.declared
+            ));
+        };
+        let service = unescape(service)?;
+        check_name("service", &service)?;
+        let backend = unescape(backend)?;
+        check_name("backend", &backend)?;
+        let by_admin = match who {
+            "app" => false,
+            "admin" => true,
+            _ => return Err(format!("bad declarer {who:?}: expected app or admin")),
+        };
+        let k = DeclarationKey {
+            service,
+            backend,
+            by_admin,
+        };
+        if self.declaration_key(&k).as_bytes() != key {
+            return Err("the key is not in its canonical form".to_string());
+        }
+        Ok(k)
+    }
+
+    /// The declaration stored as `value` at `key`.
+    pub fn decode_declaration(
+        &self,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<StoredDeclaration, String> {
+        let k = self.parse_declaration_key(key)?;
+        let v: DeclarationValue = serde_json::from_value(versioned(value)?)
+            .map_err(|e| format!("bad value (format {FORMAT}): {e}"))?;
+        let state = match v.state.as_str() {
+            "up" => Declared::Up,
+            "drain" => Declared::Drain,
+            "down" => Declared::Down,
+            s => {
+                return Err(format!(
+                    "bad state {s:?}: expected \"up\", \"drain\" or \"down\""
+                ))
+            }
+        };
+        check_name("writer", &v.writer)?;
+        Ok(StoredDeclaration {
+            key: k,
+            state,
+            writer: v.writer,
+            written_unix_ms: v.written_unix_ms,
+        })
     }
 
     /// The etcd key of `k`.
@@ -122,6 +232,28 @@ struct Value {
     written_unix_ms: u64,
 }
 
+/// A declaration's JSON: what the key does not say.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeclarationValue {
+    format: u32,
+    /// "drain" or "down" (an UP deletes the key; "up" is read too).
+    state: String,
+    writer: String,
+    written_unix_ms: u64,
+}
+
+/// The value written for the declaration `d`.
+pub fn encode_declaration(d: &StoredDeclaration) -> String {
+    let v = DeclarationValue {
+        format: FORMAT,
+        state: d.state.name().to_ascii_lowercase(),
+        writer: d.writer.clone(),
+        written_unix_ms: d.written_unix_ms,
+    };
+    serde_json::to_string(&v).unwrap_or_default()
+}
+
 /// The value written for `a`.
 pub fn encode_value(a: &StoredAffinity) -> String {
     let s = &a.affinity;
@@ -145,22 +277,24 @@ pub fn encode_value(a: &StoredAffinity) -> String {
     serde_json::to_string(&v).unwrap_or_default()
 }
 
-fn decode_value(k: StoreKey, value: &[u8]) -> Result<StoredAffinity, String> {
-    // The version first, so a newer writer's value is named as such rather
-    // than as a field this build does not know.
+/// The JSON of `value`, once its format is known to be this build's. The
+/// version is read first, so a newer writer's value is named as such rather
+/// than as a field this build does not know.
+fn versioned(value: &[u8]) -> Result<serde_json::Value, String> {
     let raw: serde_json::Value =
         serde_json::from_slice(value).map_err(|e| format!("the value is not JSON: {e}"))?;
     match raw.get("format").and_then(serde_json::Value::as_u64) {
-        Some(f) if f == u64::from(FORMAT) => {}
-        Some(f) => {
-            return Err(format!(
-                "value format {f}; this build reads format {FORMAT}"
-            ))
-        }
-        None => return Err("the value has no numeric \"format\" field".to_string()),
+        Some(f) if f == u64::from(FORMAT) => Ok(raw),
+        Some(f) => Err(format!(
+            "value format {f}; this build reads format {FORMAT}"
+        )),
+        None => Err("the value has no numeric \"format\" field".to_string()),
     }
-    let v: Value =
-        serde_json::from_value(raw).map_err(|e| format!("bad value (format {FORMAT}): {e}"))?;
+}
+
+fn decode_value(k: StoreKey, value: &[u8]) -> Result<StoredAffinity, String> {
+    let v: Value = serde_json::from_value(versioned(value)?)
+        .map_err(|e| format!("bad value (format {FORMAT}): {e}"))?;
     let proto = match v.proto.as_str() {
         "tcp" => PROTO_TCP,
         "udp" => PROTO_UDP,
@@ -474,5 +608,107 @@ mod tests {
         let newer = with("format", 2.into());
         let err = ks.decode(key.as_bytes(), newer.as_bytes()).unwrap_err();
         assert!(err.contains("format 2"), "{err}");
+    }
+
+    fn declaration(
+        service: &str,
+        backend: &str,
+        by_admin: bool,
+        state: Declared,
+    ) -> StoredDeclaration {
+        StoredDeclaration {
+            key: DeclarationKey {
+                service: service.to_string(),
+                backend: backend.to_string(),
+                by_admin,
+            },
+            state,
+            writer: "lb-a".to_string(),
+            written_unix_ms: 1_750_000_000_789,
+        }
+    }
+
+    #[test]
+    fn declarations_read_as_documented_and_round_trip() {
+        let ks = KeySpace::new("/pktdist");
+        let d = declaration("web", "be2", false, Declared::Drain);
+        let key = ks.declaration_key(&d.key);
+        assert_eq!(key, "/pktdist/d/web/be2/app");
+        assert_eq!(ks.kind(key.as_bytes()), KeyKind::Declaration);
+        let value = encode_declaration(&d);
+        let v: serde_json::Value = serde_json::from_str(&value).unwrap();
+        assert_eq!(
+            (v["format"].as_u64(), v["state"].as_str()),
+            (Some(1), Some("drain"))
+        );
+        assert_eq!(
+            ks.decode_declaration(key.as_bytes(), value.as_bytes()),
+            Ok(d)
+        );
+        for (service, backend, by_admin, state) in [
+            ("a/b%c d", "x/y", true, Declared::Down),
+            ("日本", "-", false, Declared::Up),
+        ] {
+            let d = declaration(service, backend, by_admin, state);
+            let key = ks.declaration_key(&d.key);
+            assert!(
+                key.ends_with(if by_admin { "/admin" } else { "/app" }),
+                "{key}"
+            );
+            let value = encode_declaration(&d);
+            assert_eq!(
+                ks.decode_declaration(key.as_bytes(), value.as_bytes()),
+                Ok(d)
+            );
+        }
+        assert_eq!(ks.root(), "/pktdist/");
+        assert_eq!(
+            ks.kind(b"/pktdist/a/web/192.0.2.0/24/any"),
+            KeyKind::Affinity
+        );
+        assert_eq!(ks.kind(b"/pktdist/x/other"), KeyKind::Other);
+        assert_eq!(ks.kind(b"/pktdist-b/d/web/be2/app"), KeyKind::Other);
+    }
+
+    #[test]
+    fn hostile_declarations_are_errors() {
+        let ks = KeySpace::new("/p");
+        let good = encode_declaration(&declaration("web", "be2", false, Declared::Down));
+        for key in [
+            &b"/p/d/"[..],
+            b"/p/d/web",
+            b"/p/d/web/be2",
+            b"/p/d/web/be2/root",
+            b"/p/d/web/be2/app/x",
+            b"/p/d//be2/app",
+            b"/p/d/web//admin",
+            b"/p/d/web/b%2/app",
+            b"/p/d/web/b%41/app",
+            b"/p/d/web/\xff/app",
+            b"/p/a/web/be2/app",
+        ] {
+            assert!(
+                ks.decode_declaration(key, good.as_bytes()).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(key)
+            );
+        }
+        let key = ks.declaration_key(&declaration("web", "be2", false, Declared::Down).key);
+        for value in [
+            "",
+            "{}",
+            "{\"format\":2,\"state\":\"down\",\"writer\":\"a\",\"written_unix_ms\":1}",
+            "{\"format\":1,\"state\":\"off\",\"writer\":\"a\",\"written_unix_ms\":1}",
+            "{\"format\":1,\"state\":\"DOWN\",\"writer\":\"a\",\"written_unix_ms\":1}",
+            "{\"format\":1,\"state\":\"down\",\"writer\":\"\",\"written_unix_ms\":1}",
+            "{\"format\":1,\"state\":\"down\",\"writer\":\"a\"}",
+            "{\"format\":1,\"state\":\"down\",\"writer\":\"a\",\"written_unix_ms\":1,\"x\":1}",
+        ] {
+            assert!(
+                ks.decode_declaration(key.as_bytes(), value.as_bytes())
+                    .is_err(),
+                "{value}"
+            );
+        }
     }
 }

@@ -247,20 +247,29 @@ impl ControlPlane {
         self.apply_states()
     }
 
-    /// Records what the application (`by_admin` false) or the operator
-    /// declares for backend `backend` of `service`, or of every service
-    /// that has a backend of that name (`service` None). Returns the
-    /// (service, backend, state) of each backend concerned.
-    pub fn declare_state(
-        &mut self,
+    /// The backends a BACKEND_STATE from `sender` concerns: backend
+    /// `backend` of `service`, or of every service that has a backend of
+    /// that name (`service` None); or the answer that refuses it.
+    pub fn declaration_targets(
+        &self,
+        sender: &str,
+        is_admin: bool,
         service: Option<&str>,
-        backend: &str,
-        by_admin: bool,
-        state: Declared,
-    ) -> Result<Vec<(String, String, BackendState)>, RegistryError> {
+        backend: Option<&str>,
+    ) -> Result<Vec<BackendId>, Response> {
+        if !is_admin && backend.is_some_and(|b| b != sender) {
+            return Err(Response::new(ReturnCode::NotAuthorized)
+                .with_message("a backend may declare only its own state"));
+        }
+        let Some(backend) = (if is_admin { backend } else { Some(sender) }) else {
+            return Err(Response::new(ReturnCode::Invalid)
+                .with_message("name the backend whose state this is"));
+        };
         if let Some(name) = service {
             if self.dp.service_named(name).is_none() {
-                return Err(RegistryError::NoSuchService(name.to_string()));
+                return Err(registry_error(RegistryError::NoSuchService(
+                    name.to_string(),
+                )));
             }
         }
         let ids: Vec<BackendId> = self
@@ -270,24 +279,43 @@ impl ControlPlane {
             .map(|(id, _, _)| id)
             .collect();
         if ids.is_empty() {
-            return Err(RegistryError::NoSuchBackend {
+            return Err(registry_error(RegistryError::NoSuchBackend {
                 service: service.unwrap_or("any service").to_string(),
                 backend: backend.to_string(),
-            });
+            }));
         }
+        Ok(ids)
+    }
+
+    /// Records what the application (`by_admin` false) or the operator
+    /// declares for each backend of `ids` (`state` None: already recorded)
+    /// and publishes the states that makes. Returns the (service, backend,
+    /// state) of each.
+    pub fn declare_states(
+        &mut self,
+        ids: &[BackendId],
+        by_admin: bool,
+        state: Option<Declared>,
+    ) -> Result<Vec<(String, String, BackendState)>, RegistryError> {
         let now = self.now_ms();
-        for &id in &ids {
-            self.states.declare(id, by_admin, state, now);
+        if let Some(state) = state {
+            for &id in ids {
+                self.states.declare(id, by_admin, state, now);
+            }
         }
         self.apply_states()?;
-        Ok(ids
-            .iter()
+        Ok(self.states_of(ids))
+    }
+
+    /// The (service, backend, state) of each backend of `ids`.
+    pub(crate) fn states_of(&self, ids: &[BackendId]) -> Vec<(String, String, BackendState)> {
+        ids.iter()
             .filter_map(|&id| {
                 let b = self.dp.backend(id)?;
                 let s = self.dp.service(b.service)?;
                 Some((s.name.clone(), b.name.clone(), b.state))
             })
-            .collect())
+            .collect()
     }
 
     /// Gives every backend of `next` the state its inputs and weight make;
@@ -400,14 +428,13 @@ impl ControlPlane {
                 service,
                 backend,
                 state,
-            } => {
-                if !is_admin && backend.is_some_and(|b| b != sender) {
-                    return Response::new(ReturnCode::NotAuthorized)
-                        .with_message("a backend may declare only its own state");
-                }
-                let backend = if is_admin { *backend } else { Some(sender) };
-                self.backend_state(is_admin, *service, backend, *state)
-            }
+            } => match self.declaration_targets(sender, is_admin, *service, *backend) {
+                Ok(ids) => match self.declare_states(&ids, is_admin, Some(*state)) {
+                    Ok(done) => state_reply(&done),
+                    Err(e) => registry_error(e),
+                },
+                Err(refused) => refused,
+            },
             Request::Reload | Request::Stats { .. } => Response::new(ReturnCode::Unsupported),
         }
     }
@@ -1012,31 +1039,16 @@ impl ControlPlane {
         self.record_states();
         Response::ok()
     }
+}
 
-    /// BACKEND_STATE: a backend declares its own state, the operator any
-    /// backend's.
-    fn backend_state(
-        &mut self,
-        is_admin: bool,
-        service: Option<&str>,
-        backend: Option<&str>,
-        state: Declared,
-    ) -> Response {
-        let Some(backend) = backend else {
-            return Response::new(ReturnCode::Invalid)
-                .with_message("name the backend whose state this is");
-        };
-        match self.declare_state(service, backend, is_admin, state) {
-            Ok(done) => {
-                let text: Vec<String> = done
-                    .iter()
-                    .map(|(s, b, st)| format!("{s}/{b} {}", st.name()))
-                    .collect();
-                Response::ok().with_message(text.join(", "))
-            }
-            Err(e) => registry_error(e),
-        }
-    }
+/// BACKEND_STATE's answer: each backend concerned with the state it is in
+/// now.
+pub(crate) fn state_reply(done: &[(String, String, BackendState)]) -> Response {
+    let text: Vec<String> = done
+        .iter()
+        .map(|(s, b, st)| format!("{s}/{b} {}", st.name()))
+        .collect();
+    Response::ok().with_message(text.join(", "))
 }
 
 /// Why a backend is in its state: the inputs that make it so, for the log.

@@ -14,6 +14,12 @@
 //!   stay silent.
 //! * While the store is unreachable, changes are refused (UNAVAILABLE) and
 //!   ends wait for the next full load.
+//! * A BACKEND_STATE (and `pktdist backend drain|undrain|state`) is
+//!   written to the store as one declaration per backend concerned, by
+//!   name, and answered once all are committed. Every instance applies
+//!   every declaration the watch brings (and a load replaces them all), in
+//!   store order: the last one written wins everywhere. Health checks stay
+//!   each instance's own.
 //!
 //! Time is the wall clock in Unix ms, passed in by the caller.
 
@@ -21,14 +27,15 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use crate::cluster::{
-    Change, Outcome, Revision, StoreEvent, StoreHandle, StoreKey, StoreOp, StoredAffinity, Ticket,
+    Change, DeclarationKey, Outcome, Revision, StoreEvent, StoreHandle, StoreKey, StoreOp,
+    StoredAffinity, StoredDeclaration, Ticket,
 };
 use crate::control::handler::{Call, Response};
-use crate::control::plane::{secs, ControlPlane, Installed, Planned, SharedEnd};
+use crate::control::plane::{secs, state_reply, ControlPlane, Installed, Planned, SharedEnd};
 use crate::control::state_file::SavedAffinity;
 use crate::datapath::latency::Percentiles;
 use crate::protocol::message::{EndedNotice, Request, ReturnCode};
-use crate::types::EndReason;
+use crate::types::{BackendState, Declared, EndReason};
 
 /// How long an instance other than an affinity's writer waits before it
 /// ends the affinity itself (ms).
@@ -61,6 +68,24 @@ enum InFlight {
     },
     /// The delete that ends an affinity.
     End(StoreKey),
+    /// One declaration of a BACKEND_STATE whose reply is parked under
+    /// `reply`.
+    Declare {
+        reply: Ticket,
+        key: DeclarationKey,
+        state: Declared,
+    },
+}
+
+/// A BACKEND_STATE waiting for its declarations to commit.
+#[derive(Debug, Default)]
+struct Declaring {
+    /// Declarations not answered yet.
+    left: usize,
+    /// Why one was not committed.
+    failed: Option<String>,
+    /// The backends concerned, with the state each is in once applied.
+    done: Vec<(String, String, BackendState)>,
 }
 
 /// An affinity that ended here and whose delete is not committed yet.
@@ -138,6 +163,13 @@ pub struct StoreSync {
     propagation: hdrhistogram::Histogram<u64>,
     /// Keys refused for a static affinity, logged once each.
     static_logged: HashSet<StoreKey>,
+    /// The declared states the store holds, with the revision of each
+    /// (UP where a deletion was seen).
+    declarations: HashMap<DeclarationKey, (Declared, Revision)>,
+    /// The revision of the last load: outcomes older than it are in it.
+    loaded_revision: Revision,
+    /// BACKEND_STATE replies waiting, by their ticket.
+    declaring: HashMap<Ticket, Declaring>,
 }
 
 impl StoreSync {
@@ -160,6 +192,9 @@ impl StoreSync {
             propagation: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3)
                 .expect("static histogram bounds are valid"),
             static_logged: HashSet::new(),
+            declarations: HashMap::new(),
+            loaded_revision: 0,
+            declaring: HashMap::new(),
         }
     }
 
@@ -234,11 +269,22 @@ impl StoreSync {
         request: &Request<'_>,
         wall_ms: u64,
     ) -> Response {
-        if !matches!(
-            request,
-            Request::AffinityCreate(_) | Request::AffinityExtend(_) | Request::AffinityCancel(_)
-        ) {
-            return plane.handle(call.sender, call.is_admin, request);
+        match request {
+            Request::AffinityCreate(_)
+            | Request::AffinityExtend(_)
+            | Request::AffinityCancel(_) => {}
+            Request::BackendState {
+                service,
+                backend,
+                state,
+            } => return self.declare(plane, call, *service, *backend, *state, wall_ms),
+            Request::BackendAdd(_) => {
+                let r = plane.handle(call.sender, call.is_admin, request);
+                // What the cluster declared for a backend of that name.
+                self.reapply_declarations(plane);
+                return r;
+            }
+            _ => return plane.handle(call.sender, call.is_admin, request),
         }
         if !self.up {
             return self.unavailable(
@@ -290,6 +336,142 @@ impl StoreSync {
         Response::deferred(ticket)
     }
 
+    /// A BACKEND_STATE: refused at once as a lone instance would, or one
+    /// declaration per backend concerned sent to the store with a deferred
+    /// reply.
+    fn declare(
+        &mut self,
+        plane: &mut ControlPlane,
+        call: &Call<'_>,
+        service: Option<&str>,
+        backend: Option<&str>,
+        state: Declared,
+        wall_ms: u64,
+    ) -> Response {
+        let ids = match plane.declaration_targets(call.sender, call.is_admin, service, backend) {
+            Ok(ids) => ids,
+            Err(refused) => return refused,
+        };
+        if !self.up {
+            return self.unavailable(
+                "the shared store (etcd) cannot be reached: nothing was declared".into(),
+            );
+        }
+        if !call.may_defer {
+            return self.unavailable(
+                "too many changes wait for the shared store: nothing was declared".into(),
+            );
+        }
+        let keys = plane.declaration_keys(&ids, call.is_admin);
+        let reply = self.ticket();
+        let mut waiting = Declaring::default();
+        for key in keys {
+            let ticket = self.ticket();
+            let op = StoreOp::Declare {
+                ticket,
+                value: StoredDeclaration {
+                    key: key.clone(),
+                    state,
+                    writer: self.instance.clone(),
+                    written_unix_ms: wall_ms,
+                },
+            };
+            if !self.store.submit(op) {
+                self.in_flight
+                    .retain(|_, f| !matches!(f, InFlight::Declare { reply: r, .. } if *r == reply));
+                return self.unavailable("the store thread has stopped: nothing was done".into());
+            }
+            self.in_flight
+                .insert(ticket, InFlight::Declare { reply, key, state });
+            waiting.left += 1;
+        }
+        self.declaring.insert(reply, waiting);
+        Response::deferred(reply)
+    }
+
+    /// Applies a declaration committed at `revision` unless a newer one
+    /// of its key was seen; returns what it did to the backends here.
+    fn declared(
+        &mut self,
+        plane: &mut ControlPlane,
+        key: DeclarationKey,
+        state: Declared,
+        revision: Revision,
+    ) -> Vec<(String, String, BackendState)> {
+        let newer = self
+            .declarations
+            .get(&key)
+            .is_some_and(|&(_, seen)| seen > revision);
+        if newer || revision <= self.loaded_revision {
+            return Vec::new();
+        }
+        self.declarations.insert(key.clone(), (state, revision));
+        plane.apply_declarations(&[(key, state)])
+    }
+
+    /// Applies every declaration the store holds again: after a reload or
+    /// a backend added, which may have brought backends of those names.
+    pub fn reapply_declarations(&mut self, plane: &mut ControlPlane) {
+        let all: Vec<(DeclarationKey, Declared)> = self
+            .declarations
+            .iter()
+            .map(|(k, &(state, _))| (k.clone(), state))
+            .collect();
+        plane.apply_declarations(&all);
+    }
+
+    /// A declaration's outcome; the BACKEND_STATE is answered with its
+    /// last.
+    #[allow(clippy::too_many_arguments)]
+    fn declare_done(
+        &mut self,
+        plane: &mut ControlPlane,
+        reply: Ticket,
+        key: DeclarationKey,
+        state: Declared,
+        outcome: Outcome,
+        out: &mut Outbox,
+    ) {
+        let applied = match outcome {
+            Outcome::Committed { revision } => {
+                self.counters.committed += 1;
+                let done = self.declared(plane, key.clone(), state, revision);
+                Ok(done)
+            }
+            Outcome::Unavailable { error } => Err(error),
+            Outcome::Moved { .. } => Err("the store answered a compare-and-set".into()),
+        };
+        let Some(w) = self.declaring.get_mut(&reply) else {
+            return;
+        };
+        match applied {
+            Ok(done) if done.is_empty() => {
+                // Applied already (the watch was first), or superseded.
+                w.done.extend(plane.declared_state(&key));
+            }
+            Ok(done) => w.done.extend(done),
+            Err(e) => w.failed = Some(e),
+        }
+        w.left -= 1;
+        if w.left > 0 {
+            return;
+        }
+        let Some(w) = self.declaring.remove(&reply) else {
+            return;
+        };
+        let response = match w.failed {
+            None => state_reply(&w.done),
+            Some(e) => {
+                self.counters.unavailable += 1;
+                Response::unavailable(format!(
+                    "the shared store did not confirm every declaration ({e}); some \
+                     instances may have it: send it again"
+                ))
+            }
+        };
+        out.replies.push((reply, response));
+    }
+
     fn revision_of(&self, key: &StoreKey) -> Revision {
         self.seen.get(key).map_or(0, |s| s.revision)
     }
@@ -330,8 +512,18 @@ impl StoreSync {
     /// affinities stay in the store (a stopping instance ends none).
     pub fn shutdown(&mut self) -> Vec<(Ticket, Response)> {
         let mut replies = Vec::new();
+        for reply in std::mem::take(&mut self.declaring).into_keys() {
+            self.counters.unavailable += 1;
+            replies.push((
+                reply,
+                Response::unavailable(
+                    "pktdist is stopping: the outcome of this declaration is unknown (list \
+                     the backends)",
+                ),
+            ));
+        }
         for (ticket, f) in self.in_flight.drain() {
-            if !matches!(f, InFlight::End(_)) {
+            if !matches!(f, InFlight::End(_) | InFlight::Declare { .. }) {
                 self.counters.unavailable += 1;
                 replies.push((
                     ticket,
@@ -420,7 +612,11 @@ impl StoreSync {
             StoreEvent::Loaded {
                 revision,
                 affinities,
-            } => self.load(plane, revision, affinities, wall_ms),
+                declarations,
+            } => {
+                self.load(plane, revision, affinities, wall_ms);
+                self.load_declarations(plane, revision, declarations);
+            }
             StoreEvent::Changed { revision, change } => {
                 self.revision = self.revision.max(revision);
                 match change {
@@ -434,6 +630,9 @@ impl StoreSync {
                         }
                     }
                     Change::Deleted(key) => self.deleted(plane, &key),
+                    Change::Declared { key, state } => {
+                        self.declared(plane, key, state, revision);
+                    }
                 }
             }
             StoreEvent::Unreachable { error } => {
@@ -605,6 +804,30 @@ impl StoreSync {
         self.loaded = true;
     }
 
+    /// A full load's declarations replace those the instance had: what is
+    /// no longer declared is up again.
+    fn load_declarations(
+        &mut self,
+        plane: &mut ControlPlane,
+        revision: Revision,
+        declarations: Vec<(StoredDeclaration, Revision)>,
+    ) {
+        let loaded: HashMap<DeclarationKey, (Declared, Revision)> = declarations
+            .into_iter()
+            .map(|(d, r)| (d.key, (d.state, r)))
+            .collect();
+        let mut apply: Vec<(DeclarationKey, Declared)> = self
+            .declarations
+            .iter()
+            .filter(|(k, (state, _))| *state != Declared::Up && !loaded.contains_key(*k))
+            .map(|(k, _)| (k.clone(), Declared::Up))
+            .collect();
+        apply.extend(loaded.iter().map(|(k, &(state, _))| (k.clone(), state)));
+        self.declarations = loaded;
+        self.loaded_revision = self.loaded_revision.max(revision);
+        plane.apply_declarations(&apply);
+    }
+
     fn done(
         &mut self,
         plane: &mut ControlPlane,
@@ -631,6 +854,9 @@ impl StoreSync {
                 plane, ticket, key, owner, retried, seen, outcome, wall_ms, out,
             ),
             InFlight::End(key) => self.end_done(plane, key, outcome, wall_ms, out),
+            InFlight::Declare { reply, key, state } => {
+                self.declare_done(plane, reply, key, state, outcome, out)
+            }
         }
     }
 
@@ -890,6 +1116,7 @@ mod tests {
         b.event(StoreEvent::Loaded {
             revision: 10,
             affinities,
+            declarations: Vec::new(),
         });
         b.turn(WALL);
         assert!(b.sync.ready() && b.sync.up());
@@ -976,6 +1203,7 @@ mod tests {
         b.event(StoreEvent::Loaded {
             revision: 1,
             affinities: vec![],
+            declarations: Vec::new(),
         });
         b.turn(WALL);
         assert!(b.sync.ready());
@@ -1174,6 +1402,7 @@ mod tests {
         b.event(StoreEvent::Loaded {
             revision: 20,
             affinities: vec![(stored("b", "i2", 60_000), 15), (due.clone(), 16)],
+            declarations: Vec::new(),
         });
         let out = b.turn(WALL);
         assert_eq!(b.lookup(), Some(2));
@@ -1304,6 +1533,7 @@ mod tests {
         b.event(StoreEvent::Loaded {
             revision: 8,
             affinities: vec![(stored("a", "i1", 1000), 5)],
+            declarations: Vec::new(),
         });
         b.turn(WALL + 3000);
         assert_eq!(b.lookup(), None, "not installed again");
@@ -1326,6 +1556,7 @@ mod tests {
         b.event(StoreEvent::Loaded {
             revision: 9,
             affinities: vec![(stored("a", "i1", 1000), 5)],
+            declarations: Vec::new(),
         });
         b.turn(WALL + 2100);
         assert_eq!(b.lookup(), None, "ended here: not installed again");
@@ -1440,4 +1671,185 @@ mod tests {
     }
 
     use crate::config::Config;
+
+    /// The state backend `name` of web is in.
+    fn state_of(b: &Bed, name: &str) -> BackendState {
+        let (id, _, _) = b
+            .plane
+            .registry()
+            .backends()
+            .find(|(_, s, x)| *s == "web" && x.name == name)
+            .expect("backend");
+        b.plane
+            .dataplane()
+            .backend(id)
+            .expect("in the snapshot")
+            .state
+    }
+
+    fn state_req(backend: Option<&str>, state: Declared) -> Request<'_> {
+        Request::BackendState {
+            service: backend.map(|_| "web"),
+            backend,
+            state,
+        }
+    }
+
+    fn decl(backend: &str, by_admin: bool) -> DeclarationKey {
+        DeclarationKey {
+            service: "web".into(),
+            backend: backend.into(),
+            by_admin,
+        }
+    }
+
+    /// The declaration op the store got: its ticket and what it writes.
+    fn declare_op(b: &mut Bed) -> (Ticket, StoredDeclaration) {
+        match b.op() {
+            Some(StoreOp::Declare { ticket, value }) => (ticket, value),
+            o => panic!("not a declaration: {o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_backend_state_is_declared_through_the_store_and_answered_once_committed() {
+        // Before the first load: nothing is declared, and nothing sent.
+        let mut b = bed("i1");
+        let r = b.ask("a", state_req(None, Declared::Drain), true);
+        assert_eq!(r.code, ReturnCode::Unavailable, "{r:?}");
+        assert!(b.op().is_none());
+
+        let mut b = loaded("i1", vec![]);
+        let r = b.ask("a", state_req(None, Declared::Drain), true);
+        let reply = deferred(&r);
+        let (ticket, value) = declare_op(&mut b);
+        assert_eq!(
+            (value.key, value.state, value.writer.as_str()),
+            (decl("a", false), Declared::Drain, "i1")
+        );
+        // Not applied before the store commits it.
+        assert_eq!(state_of(&b, "a"), BackendState::Up);
+        let out = b.done(ticket, Outcome::Committed { revision: 11 }, WALL);
+        assert_eq!(out.replies.len(), 1);
+        let (t, r) = &out.replies[0];
+        assert_eq!((*t, r.code), (reply, ReturnCode::Ok), "{r:?}");
+        assert_eq!(r.message, "web/a draining");
+        assert_eq!(state_of(&b, "a"), BackendState::Draining);
+
+        // The operator's declaration is a key of its own; an outcome the
+        // store could not confirm is UNAVAILABLE, and nothing changes.
+        let r = b.ask(ADMIN_NAME, state_req(Some("b"), Declared::Down), true);
+        let reply = deferred(&r);
+        let (ticket, value) = declare_op(&mut b);
+        assert_eq!(value.key, decl("b", true));
+        let out = b.done(
+            ticket,
+            Outcome::Unavailable {
+                error: "timed out".into(),
+            },
+            WALL,
+        );
+        assert_eq!(out.replies[0].0, reply);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Unavailable);
+        assert_eq!(state_of(&b, "b"), BackendState::Up);
+
+        // Refused here as a lone instance refuses them, without the store.
+        for (sender, req, code) in [
+            (
+                "a",
+                state_req(Some("b"), Declared::Down),
+                ReturnCode::NotAuthorized,
+            ),
+            (
+                ADMIN_NAME,
+                state_req(Some("zz"), Declared::Down),
+                ReturnCode::NotFound,
+            ),
+            (
+                ADMIN_NAME,
+                state_req(None, Declared::Down),
+                ReturnCode::Invalid,
+            ),
+        ] {
+            let r = b.ask(sender, req, true);
+            assert_eq!(r.code, code, "{r:?}");
+        }
+        assert!(b.op().is_none());
+        // No room to park the reply: UNAVAILABLE at once.
+        let r = b.ask("b", state_req(None, Declared::Drain), false);
+        assert_eq!(r.code, ReturnCode::Unavailable);
+        assert!(b.op().is_none());
+    }
+
+    #[test]
+    fn declarations_apply_in_store_order_and_a_load_replaces_them() {
+        let mut b = loaded("i1", vec![]);
+        // Another instance's declaration, from the watch.
+        b.event(StoreEvent::Changed {
+            revision: 12,
+            change: Change::Declared {
+                key: decl("b", true),
+                state: Declared::Drain,
+            },
+        });
+        b.turn(WALL);
+        assert_eq!(state_of(&b, "b"), BackendState::Draining);
+
+        // This instance's DRAIN commits at 13, but the watch brought a's
+        // UP of 14 first: the older outcome does not undo the newer one.
+        let reply = deferred(&b.ask("a", state_req(None, Declared::Drain), true));
+        let (ticket, _) = declare_op(&mut b);
+        b.event(StoreEvent::Changed {
+            revision: 14,
+            change: Change::Declared {
+                key: decl("a", false),
+                state: Declared::Up,
+            },
+        });
+        let out = b.done(ticket, Outcome::Committed { revision: 13 }, WALL);
+        assert_eq!(out.replies[0].0, reply);
+        assert_eq!(out.replies[0].1.message, "web/a up");
+        assert_eq!(state_of(&b, "a"), BackendState::Up);
+
+        // A load replaces them all: b's drain is gone (up again), a is
+        // down; a backend not configured here is kept for a reload.
+        let stored = |key: DeclarationKey, state| StoredDeclaration {
+            key,
+            state,
+            writer: "i2".into(),
+            written_unix_ms: WALL,
+        };
+        b.event(StoreEvent::Loaded {
+            revision: 20,
+            affinities: vec![],
+            declarations: vec![
+                (stored(decl("a", false), Declared::Down), 18),
+                (stored(decl("zz", true), Declared::Drain), 19),
+            ],
+        });
+        b.turn(WALL);
+        assert_eq!(state_of(&b, "a"), BackendState::Down);
+        assert_eq!(state_of(&b, "b"), BackendState::Up);
+        // Outcomes older than the load are in it already.
+        b.event(StoreEvent::Changed {
+            revision: 17,
+            change: Change::Declared {
+                key: decl("b", false),
+                state: Declared::Down,
+            },
+        });
+        b.turn(WALL);
+        assert_eq!(state_of(&b, "b"), BackendState::Up);
+        // A backend of that name added at run time takes the cluster's
+        // declaration.
+        let add = Request::BackendAdd(crate::protocol::message::BackendSpec {
+            service: "web",
+            backend: "zz",
+            addr: "10.0.0.9".parse().unwrap(),
+            mac: None,
+            weight: 100,
+        });
+        assert_eq!(b.ask(ADMIN_NAME, add, true).code, ReturnCode::Ok);
+        assert_eq!(state_of(&b, "zz"), BackendState::Draining);
+    }
 }

@@ -243,6 +243,9 @@ impl ControlThread {
     /// networks included; returns what was done. A bad file changes nothing.
     pub fn reload(&mut self) -> Result<String, String> {
         let reloaded = self.file.reload(&mut self.plane)?;
+        if let Some(c) = &mut self.cluster {
+            c.reapply_declarations(&mut self.plane);
+        }
         self.server.set_auth(reloaded.auth);
         self.update_health_targets();
         Ok(reloaded.message)
@@ -523,6 +526,9 @@ impl ControlHandler for Dispatch<'_> {
             }
             Request::Reload => match self.file.reload(self.plane) {
                 Ok(reloaded) => {
+                    if let Some(c) = self.cluster.as_deref_mut() {
+                        c.reapply_declarations(self.plane);
+                    }
                     self.auth = Some(reloaded.auth);
                     Response::ok().with_message(reloaded.message)
                 }
@@ -779,6 +785,7 @@ mod tests {
             .send(StoreEvent::Loaded {
                 revision: 3,
                 affinities: vec![],
+                declarations: Vec::new(),
             })
             .unwrap();
         ctl.step(Instant::now());
@@ -849,6 +856,7 @@ mod tests {
             .send(StoreEvent::Loaded {
                 revision: 5,
                 affinities: vec![],
+                declarations: Vec::new(),
             })
             .unwrap();
         ctl.step(Instant::now());

@@ -3,18 +3,20 @@
 //! change waits for the shared store), the store's affinities installed or
 //! removed without notices, and ended affinities handed on with their store
 //! key rather than notified at once (only the instance whose delete commits
-//! sends the notice). The store itself is [`crate::control::store_sync`]'s.
+//! sends the notice); and the backends' declared states, shared by name,
+//! applied to the backends configured here. The store itself is
+//! [`crate::control::store_sync`]'s.
 
 use std::net::SocketAddr;
 
 use crate::affinity::key::TableKey;
 use crate::affinity::manager::Ended;
-use crate::cluster::StoreKey;
+use crate::cluster::{DeclarationKey, StoreKey};
 use crate::control::handler::Response;
 use crate::control::state_file::SavedAffinity;
 use crate::net::ip_bits;
 use crate::protocol::message::{AffinityOp, EndedNotice, Request, ReturnCode};
-use crate::types::EndReason;
+use crate::types::{BackendId, BackendState, Declared, EndReason};
 
 use super::{secs, wire_key, AffinityAction, ControlPlane};
 
@@ -85,6 +87,66 @@ impl ControlPlane {
                 notice,
             });
         }
+    }
+
+    /// The store keys of the declarations a BACKEND_STATE would make for
+    /// `ids` (by the operator when `by_admin`).
+    pub fn declaration_keys(&self, ids: &[BackendId], by_admin: bool) -> Vec<DeclarationKey> {
+        ids.iter()
+            .filter_map(|&id| {
+                let b = self.dp.backend(id)?;
+                let s = self.dp.service(b.service)?;
+                Some(DeclarationKey {
+                    service: s.name.clone(),
+                    backend: b.name.clone(),
+                    by_admin,
+                })
+            })
+            .collect()
+    }
+
+    /// Applies declarations from the store to the backends configured here
+    /// under those names (others are skipped: a reload may bring them) and
+    /// publishes the states that makes, once. Returns the (service,
+    /// backend, state) of each backend concerned.
+    pub fn apply_declarations(
+        &mut self,
+        declarations: &[(DeclarationKey, Declared)],
+    ) -> Vec<(String, String, BackendState)> {
+        let now = self.now_ms();
+        let mut touched = Vec::new();
+        for (key, state) in declarations {
+            if let Some(id) = self.backend_named(key) {
+                self.states.declare(id, key.by_admin, *state, now);
+                touched.push(id);
+            }
+        }
+        if touched.is_empty() {
+            return Vec::new();
+        }
+        // The registry's snapshot only fails for a registry that never
+        // built one; the states are recorded either way.
+        match self.declare_states(&touched, false, None) {
+            Ok(done) => done,
+            Err(e) => {
+                log::error!("declared states not applied: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The backend configured here that `key` names.
+    fn backend_named(&self, key: &DeclarationKey) -> Option<BackendId> {
+        self.registry
+            .backends()
+            .find(|(_, s, b)| *s == key.service && b.name == key.backend)
+            .map(|(id, _, _)| id)
+    }
+
+    /// The (service, backend, state) of the backend `key` names, if it is
+    /// configured here.
+    pub fn declared_state(&self, key: &DeclarationKey) -> Option<(String, String, BackendState)> {
+        self.states_of(&[self.backend_named(key)?]).pop()
     }
 
     /// The store key of a table key (None if its service is gone).
