@@ -5,7 +5,9 @@
 //! listed and honoured by SYNs at the others; the conflict check, the
 //! cancel and the expiry hold across instances with exactly one notice; a
 //! restarted instance gets the table back; with etcd stopped forwarding
-//! goes on and changes are answered UNAVAILABLE, until etcd is back.
+//! goes on and changes are answered UNAVAILABLE, until etcd is back. A
+//! backend that declares itself draining at one instance gets no new
+//! connections at any, also after a restart, until it declares UP.
 #![cfg(feature = "dpdk")]
 
 mod common;
@@ -22,7 +24,7 @@ use common::{
 };
 use pktdist::client::library::{AffinitySpec, ControlClient};
 use pktdist::protocol::message::{AffinityEntry, AffinityKey, ReturnCode, ServiceAddr};
-use pktdist::types::EndReason;
+use pktdist::types::{BackendState, Declared, EndReason};
 
 const WEB: &str = "192.0.2.10:80";
 const BE1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -333,6 +335,75 @@ fn a_restarted_instance_gets_the_table_back_and_etcd_outages_refuse_changes_only
         got.iter().all(|&x| x == BE1),
         "made after the outage: {got:?}"
     );
+
+    b.finish();
+    a.finish();
+}
+
+/// Waits until the instance at `control` has be2 of web in `state`, with
+/// what its application declared `app`; panics with what it lists if not.
+fn wait_be2(control: SocketAddr, state: BackendState, app: Declared, who: &str) {
+    let mut last = Vec::new();
+    let found = poll_until(PATIENCE, || {
+        last = admin(control).backend_list(Some("web")).expect("backends");
+        last.iter()
+            .any(|b| b.backend == "be2" && b.state == state && b.app == app)
+            .then_some(())
+    });
+    assert!(found.is_some(), "{who}: be2 is not {state:?} by {app:?}: {last:?}");
+}
+
+#[test]
+fn a_backend_draining_itself_at_one_instance_drains_at_every_instance() {
+    let _serial = serial();
+    let dir = TempDir::new("e2e-cluster-drain");
+    let etcd = Etcd::start_new();
+    let mut tuples = Tuples::default();
+    let mut a = start(&dir, "a", &etcd);
+    let mut b = start(&dir, "b", &etcd);
+    let clients = hosts([198, 51, 103], 24);
+    let t = tuples.next(&clients, 1);
+    let before = b.connect(WEB, &t);
+    assert!(before.contains(&BE2), "be2 takes its share first: {before:?}");
+
+    // be2's application declares DRAIN at a: answered once etcd has it,
+    // and b sends it nothing new.
+    let mut be2 = app(a.control, "be2");
+    let reply = be2
+        .set_backend_state(None, None, Declared::Drain)
+        .expect("drain at a");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    assert_eq!(reply.message, "web/be2 draining");
+    wait_be2(b.control, BackendState::Draining, Declared::Drain, "b");
+    for peer in [&mut a, &mut b] {
+        let t = tuples.next(&clients, 1);
+        let got = peer.connect(WEB, &t);
+        assert!(!got.contains(&BE2), "new connections reach a draining be2: {got:?}");
+    }
+
+    // b restarted: its first load brings the drain with the table.
+    b.finish();
+    let mut b = start(&dir, "b", &etcd);
+    wait_be2(b.control, BackendState::Draining, Declared::Drain, "restarted b");
+    let t = tuples.next(&clients, 1);
+    assert!(!b.connect(WEB, &t).contains(&BE2));
+
+    // The operator's UP at b leaves the application's DRAIN (two
+    // declarations, as in a lone instance); the application's UP at b
+    // ends it at a too.
+    let reply = admin(b.control)
+        .set_backend_state(Some("web"), Some("be2"), Declared::Up)
+        .expect("admin up at b");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    wait_be2(a.control, BackendState::Draining, Declared::Drain, "a");
+    let reply = app(b.control, "be2")
+        .set_backend_state(None, None, Declared::Up)
+        .expect("up at b");
+    assert_eq!(reply.code, ReturnCode::Ok, "{reply:?}");
+    wait_be2(a.control, BackendState::Up, Declared::Up, "a");
+    let t = tuples.next(&clients, 1);
+    let got = a.connect(WEB, &t);
+    assert!(got.contains(&BE2), "be2 is back: {got:?}");
 
     b.finish();
     a.finish();
