@@ -350,7 +350,10 @@ fn wait_be2(control: SocketAddr, state: BackendState, app: Declared, who: &str) 
             .any(|b| b.backend == "be2" && b.state == state && b.app == app)
             .then_some(())
     });
-    assert!(found.is_some(), "{who}: be2 is not {state:?} by {app:?}: {last:?}");
+    assert!(
+        found.is_some(),
+        "{who}: be2 is not {state:?} by {app:?}: {last:?}"
+    );
 }
 
 #[test]
@@ -364,7 +367,10 @@ fn a_backend_draining_itself_at_one_instance_drains_at_every_instance() {
     let clients = hosts([198, 51, 103], 24);
     let t = tuples.next(&clients, 1);
     let before = b.connect(WEB, &t);
-    assert!(before.contains(&BE2), "be2 takes its share first: {before:?}");
+    assert!(
+        before.contains(&BE2),
+        "be2 takes its share first: {before:?}"
+    );
 
     // be2's application declares DRAIN at a: answered once etcd has it,
     // and b sends it nothing new.
@@ -378,13 +384,21 @@ fn a_backend_draining_itself_at_one_instance_drains_at_every_instance() {
     for peer in [&mut a, &mut b] {
         let t = tuples.next(&clients, 1);
         let got = peer.connect(WEB, &t);
-        assert!(!got.contains(&BE2), "new connections reach a draining be2: {got:?}");
+        assert!(
+            !got.contains(&BE2),
+            "new connections reach a draining be2: {got:?}"
+        );
     }
 
     // b restarted: its first load brings the drain with the table.
     b.finish();
     let mut b = start(&dir, "b", &etcd);
-    wait_be2(b.control, BackendState::Draining, Declared::Drain, "restarted b");
+    wait_be2(
+        b.control,
+        BackendState::Draining,
+        Declared::Drain,
+        "restarted b",
+    );
     let t = tuples.next(&clients, 1);
     assert!(!b.connect(WEB, &t).contains(&BE2));
 

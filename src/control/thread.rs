@@ -30,7 +30,7 @@ use crate::control::counters::{control_summary, ServerCounters};
 use crate::control::handler::{Call, ControlHandler, Response};
 use crate::control::plane::ControlPlane;
 use crate::control::registry::ServiceRegistry;
-use crate::control::reload::ConfigFile;
+use crate::control::reload::{ConfigFile, Reloaded};
 use crate::control::server::{ControlServer, ServerAuth, ServerConfig};
 use crate::control::state_saver::StateSaver;
 use crate::control::statics;
@@ -242,10 +242,7 @@ impl ControlThread {
     /// Re-reads the configuration file and applies it, keys and allowed
     /// networks included; returns what was done. A bad file changes nothing.
     pub fn reload(&mut self) -> Result<String, String> {
-        let reloaded = self.file.reload(&mut self.plane)?;
-        if let Some(c) = &mut self.cluster {
-            c.reapply_declarations(&mut self.plane);
-        }
+        let reloaded = reload(&mut self.file, &mut self.plane, self.cluster.as_mut())?;
         self.server.set_auth(reloaded.auth);
         self.update_health_targets();
         Ok(reloaded.message)
@@ -524,11 +521,8 @@ impl ControlHandler for Dispatch<'_> {
             Request::Reload if !call.is_admin => {
                 Response::new(ReturnCode::NotAuthorized).with_message("reload needs the admin key")
             }
-            Request::Reload => match self.file.reload(self.plane) {
+            Request::Reload => match reload(self.file, self.plane, self.cluster.as_deref_mut()) {
                 Ok(reloaded) => {
-                    if let Some(c) = self.cluster.as_deref_mut() {
-                        c.reapply_declarations(self.plane);
-                    }
                     self.auth = Some(reloaded.auth);
                     Response::ok().with_message(reloaded.message)
                 }
@@ -557,6 +551,20 @@ impl ControlHandler for Dispatch<'_> {
             },
         }
     }
+}
+
+/// Applies the configuration file again; in cluster mode the backends it
+/// brings take the declarations the cluster holds for their names.
+fn reload(
+    file: &mut ConfigFile,
+    plane: &mut ControlPlane,
+    cluster: Option<&mut StoreSync>,
+) -> Result<Reloaded, String> {
+    let reloaded = file.reload(plane)?;
+    if let Some(c) = cluster {
+        c.reapply_declarations(plane);
+    }
+    Ok(reloaded)
 }
 
 /// Logs an ended affinity and sends its AFFINITY_ENDED notice, if its
@@ -877,6 +885,67 @@ mod tests {
         ));
         let e = ctl.reload().unwrap_err();
         assert!(e.contains("restart to change [cluster]"), "{e}");
+    }
+
+    #[test]
+    fn a_reload_in_cluster_mode_gives_new_backends_the_declarations_of_the_cluster() {
+        use crate::cluster::{DeclarationKey, StoreEvent, StoreHandle, StoredDeclaration};
+        use crate::types::{BackendState, Declared};
+        let text = format!("{}{CLUSTER}", config(ADMIN_1, A_1));
+        let file = File::new("cluster-reload", &text);
+        let cfg = Config::load(&file.0).unwrap();
+        let (handle, store) = StoreHandle::pair();
+        let mut ctl = ControlThread::new(
+            &cfg,
+            ControlSetup {
+                config_path: Some(file.0.clone()),
+                workers: vec![Arc::new(WorkerCounters::default())],
+                port_stats: None,
+                port_upkeep: None,
+                status: None,
+                discard_bad_state: false,
+                store: Some(handle),
+            },
+        )
+        .unwrap();
+        // The cluster has web/c draining (its operator said so at another
+        // instance); this instance has no backend c yet.
+        let drained = StoredDeclaration {
+            key: DeclarationKey {
+                service: "web".into(),
+                backend: "c".into(),
+                by_admin: true,
+            },
+            state: Declared::Drain,
+            writer: "i2".into(),
+            written_unix_ms: 1,
+        };
+        store
+            .events
+            .send(StoreEvent::Loaded {
+                revision: 3,
+                affinities: vec![],
+                declarations: vec![(drained, 2)],
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        assert!(ctl.ready());
+        let state = |ctl: &ControlThread, name: &str| {
+            let dp = ctl.plane().dataplane();
+            let web = dp.service_named("web").unwrap().id;
+            (0..crate::types::MAX_BACKENDS as u32)
+                .filter_map(|id| dp.backend(id))
+                .find(|b| b.service == web && b.name == name)
+                .map(|b| b.state)
+        };
+        assert_eq!(state(&ctl, "c"), None);
+        file.write(&text.replace(
+            "address = \"10.0.0.2\"\n",
+            "address = \"10.0.0.2\"\n[[services.backends]]\nname = \"c\"\naddress = \"10.0.0.3\"\n",
+        ));
+        ctl.reload().unwrap();
+        assert_eq!(state(&ctl, "c"), Some(BackendState::Draining));
+        assert_eq!(state(&ctl, "a"), Some(BackendState::Up));
     }
 
     #[test]
