@@ -422,7 +422,9 @@ impl ControlClient {
     /// a backend's own name and key it declares its own (`backend` None or
     /// its own name); the admin names any backend. `service` None: every
     /// service the backend belongs to. The reply's message lists each
-    /// backend concerned with its resulting state.
+    /// backend concerned with its resulting state. In cluster mode it holds
+    /// at every instance, answered once etcd has it (UNAVAILABLE while etcd
+    /// cannot be reached).
     pub fn set_backend_state(
         &mut self,
         service: Option<&str>,

@@ -356,7 +356,9 @@ class Client:
         connections or affinities (:class:`pktdist.Draining`), what it has
         finishes; DOWN: out at once, its affinities skipped and ended after
         the service's ``affinity_grace``; UP: ready again. The reply's
-        message lists each backend concerned with its resulting state."""
+        message lists each backend concerned with its resulting state. In
+        cluster mode it holds at every instance, answered once etcd has it
+        (:class:`pktdist.Unavailable` while etcd cannot be reached)."""
         if isinstance(state, str):
             try:
                 value = w.Declared[state.upper()]
