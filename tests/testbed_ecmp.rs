@@ -9,12 +9,18 @@
 //!    fifth), all byte-exact;
 //! 2. a service with `hash = "client"` keeps every connection of a client
 //!    on one backend, whichever instance receives it;
-//! 3. instance A stopped (SIGTERM) while 128 connections are held open and
+//! 3. the shared table (etcd): an affinity made at A holds for the pinned
+//!    client's connections through both;
+//! 4. instance A stopped (SIGTERM) while 128 connections are held open and
 //!    new ones trickle in: its route is withdrawn within 3 s, every new
 //!    connection succeeds through B, and the held ones (scheduled, not
 //!    pinned) finish a 100 KB transfer on their backend through B;
-//! 4. A started again: announced within 3 s of being ready, it takes
-//!    traffic again.
+//! 5. A started again: it loads the shared table, is announced within 3 s
+//!    of being ready, and takes traffic again;
+//! 6. a backend stopped gracefully (SIGTERM: its application declares
+//!    DRAIN at A, the instance it talks to) gets no new connection through
+//!    either instance, every connection succeeds, and it exits once its
+//!    own are done.
 //!
 //! Needs root and BIRD 2 (`bird`, `birdc`); elsewhere it prints a SKIP
 //! line and passes, except under CI (`CI` set). The bed's namespace
@@ -191,6 +197,24 @@ impl Bed {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `pktdist backend list` of the web service at instance i.
+    fn backend_list(&self, i: usize) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lb_ns(i)])
+            .arg(env!("CARGO_BIN_EXE_pktdist"))
+            .args(["backend", "list", "--service", "web"])
+            .args(["--server", &format!("{}:7400", CONTROL[i])])
+            .args(["--key", ADMIN_KEY])
+            .output()
+            .expect("run pktdist backend list");
+        assert!(
+            out.status.success(),
+            "pktdist backend list at instance {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `pktdist stats` of instance i.
     fn stats(&self, i: usize) -> serde_json::Value {
         let out = Command::new("ip")
@@ -324,7 +348,7 @@ fn testbed_ecmp_two_instances() {
     }
     let started = Instant::now();
     let bed = Bed::up();
-    let _be = bed.backends();
+    let mut be = bed.backends();
     let a = bed.instance(0, "lb-a");
     let _b = bed.instance(1, "lb-b");
     let took = bed.await_next_hops(&NEXT_HOP, Duration::from_secs(20));
@@ -533,8 +557,48 @@ fn testbed_ecmp_two_instances() {
             "after A's restart: {c:?}"
         );
     }
+    println!("ecmp, A back: announced {announced:?} after ready, per instance {taken:?}");
+
+    // 6. be1 stops gracefully: on SIGTERM its application declares DRAIN
+    // at A, the one instance it talks to. Through etcd B drains it too, so
+    // no new connection through either instance reaches it, and it exits
+    // (declaring DOWN) once its own connections are done.
+    let be1 = be.remove(0);
+    let be1_log = be1.log.clone();
+    be1.sigterm();
+    wait_until("be1 to declare DRAIN", Duration::from_secs(10), || {
+        fs::read_to_string(&be1_log).is_ok_and(|t| t.contains("BACKEND_STATE DRAIN: OK"))
+    });
+    let out_at_b = |list: &str| {
+        list.lines()
+            .any(|l| l.contains("be1") && (l.contains("draining") || l.contains("down")))
+    };
+    wait_until("B to take be1 out", Duration::from_secs(5), || {
+        out_at_b(&bed.backend_list(1))
+    });
+    let mut conns = Vec::new();
+    let taken = per_instance(&bed, None, || {
+        conns = bed.run_client("c1", &["--sources", C1, "--connections", "200"]);
+    });
+    assert_all_ok("be1 stopping", &conns, 200);
+    assert!(taken.iter().all(|&n| n > 0), "{taken:?}");
+    let on_be1 = conns
+        .iter()
+        .filter(|c| c.backend.as_deref() == Some("be1"))
+        .count();
+    assert_eq!(on_be1, 0, "new connections reached the stopping be1");
+    let st = be1.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "be1's exit after SIGTERM: {st}");
+    let log = fs::read_to_string(&be1_log).unwrap_or_default();
+    assert!(log.contains("BACKEND_STATE DOWN: OK"), "{log}");
+    wait_until("B to list be1 down", Duration::from_secs(5), || {
+        bed.backend_list(1)
+            .lines()
+            .any(|l| l.contains("be1") && l.contains("down"))
+    });
     println!(
-        "ecmp, A back: announced {announced:?} after ready, per instance {taken:?}; whole run {:?}",
+        "ecmp, be1 stopped at A: drained at B too, 200 new connections none on be1, per \
+         instance {taken:?}; whole run {:?}",
         started.elapsed()
     );
 }
