@@ -288,20 +288,17 @@ impl ControlPlane {
     }
 
     /// Records what the application (`by_admin` false) or the operator
-    /// declares for each backend of `ids` (`state` None: already recorded)
-    /// and publishes the states that makes. Returns the (service, backend,
-    /// state) of each.
+    /// declares for each backend of `ids` and publishes the states that
+    /// makes. Returns the (service, backend, state) of each.
     pub fn declare_states(
         &mut self,
         ids: &[BackendId],
         by_admin: bool,
-        state: Option<Declared>,
+        state: Declared,
     ) -> Result<Vec<(String, String, BackendState)>, RegistryError> {
         let now = self.now_ms();
-        if let Some(state) = state {
-            for &id in ids {
-                self.states.declare(id, by_admin, state, now);
-            }
+        for &id in ids {
+            self.states.declare(id, by_admin, state, now);
         }
         self.apply_states()?;
         Ok(self.states_of(ids))
@@ -335,7 +332,7 @@ impl ControlPlane {
 
     /// Publishes a snapshot with the states the backends' inputs make now,
     /// if that changes any.
-    fn apply_states(&mut self) -> Result<(), RegistryError> {
+    pub(crate) fn apply_states(&mut self) -> Result<(), RegistryError> {
         let mut next = self.registry.clone();
         if self.settle_into(&mut next) {
             let dp = next.snapshot()?;
@@ -429,7 +426,7 @@ impl ControlPlane {
                 backend,
                 state,
             } => match self.declaration_targets(sender, is_admin, *service, *backend) {
-                Ok(ids) => match self.declare_states(&ids, is_admin, Some(*state)) {
+                Ok(ids) => match self.declare_states(&ids, is_admin, *state) {
                     Ok(done) => state_reply(&done),
                     Err(e) => registry_error(e),
                 },

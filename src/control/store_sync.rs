@@ -363,6 +363,9 @@ impl StoreSync {
             );
         }
         let keys = plane.declaration_keys(&ids, call.is_admin);
+        if keys.is_empty() {
+            return state_reply(&[]);
+        }
         let reply = self.ticket();
         let mut waiting = Declaring::default();
         for key in keys {
@@ -422,7 +425,6 @@ impl StoreSync {
 
     /// A declaration's outcome; the BACKEND_STATE is answered with its
     /// last.
-    #[allow(clippy::too_many_arguments)]
     fn declare_done(
         &mut self,
         plane: &mut ControlPlane,
@@ -439,7 +441,8 @@ impl StoreSync {
                 Ok(done)
             }
             Outcome::Unavailable { error } => Err(error),
-            Outcome::Moved { .. } => Err("the store answered a compare-and-set".into()),
+            // A declaration has no compare: the store never answers Moved.
+            Outcome::Moved { .. } => Err("the store answered it as a compare-and-set".into()),
         };
         let Some(w) = self.declaring.get_mut(&reply) else {
             return;

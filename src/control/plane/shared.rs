@@ -124,15 +124,12 @@ impl ControlPlane {
         if touched.is_empty() {
             return Vec::new();
         }
-        // The registry's snapshot only fails for a registry that never
-        // built one; the states are recorded either way.
-        match self.declare_states(&touched, false, None) {
-            Ok(done) => done,
-            Err(e) => {
-                log::error!("declared states not applied: {e}");
-                Vec::new()
-            }
+        // The declarations are recorded either way; a snapshot that cannot
+        // be built leaves the published states as they were.
+        if let Err(e) = self.apply_states() {
+            log::error!("declared states not published: {e}");
         }
+        self.states_of(&touched)
     }
 
     /// The backend configured here that `key` names.
