@@ -164,6 +164,9 @@ impl Bed {
                     format!("{}:7400", CONTROL[0]),
                     "--key".into(),
                     n.to_string().repeat(64),
+                    // Stopped, it stays draining a while before DOWN.
+                    "--drain-quiet".into(),
+                    "4s".into(),
                 ];
                 if self.decap {
                     args.push("--decap".into());
@@ -569,12 +572,10 @@ fn testbed_ecmp_two_instances() {
     wait_until("be1 to declare DRAIN", Duration::from_secs(10), || {
         fs::read_to_string(&be1_log).is_ok_and(|t| t.contains("BACKEND_STATE DRAIN: OK"))
     });
-    let out_at_b = |list: &str| {
-        list.lines()
-            .any(|l| l.contains("be1") && (l.contains("draining") || l.contains("down")))
-    };
-    wait_until("B to take be1 out", Duration::from_secs(5), || {
-        out_at_b(&bed.backend_list(1))
+    wait_until("B to list be1 draining", Duration::from_secs(3), || {
+        bed.backend_list(1)
+            .lines()
+            .any(|l| l.contains("be1") && l.contains("draining") && l.contains("DRAIN"))
     });
     let mut conns = Vec::new();
     let taken = per_instance(&bed, None, || {

@@ -10,6 +10,7 @@
 //! `affinity_grace`, and turns every affinity that ends into a notice for
 //! its owner.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +19,7 @@ use crate::affinity::key::TableKey;
 use crate::affinity::limits::OverlapPolicy;
 use crate::affinity::manager::{AffinityManager, Ended, Record};
 use crate::affinity::AffinityError;
+use crate::cluster::DeclarationKey;
 use crate::config::Config;
 use crate::control::backend_state::{BackendStates, BackendStatus, StateChange};
 use crate::control::counters::{LimitCounters, PlaneCounters};
@@ -114,6 +116,10 @@ pub struct ControlPlane {
     /// instead of in `notices` (only the instance whose delete commits
     /// notifies). None when the instance runs alone.
     shared_ends: Option<Vec<SharedEnd>>,
+    /// Cluster mode: the declarations other than UP the store holds, by
+    /// name, so that a backend configured later (a reload, BACKEND_ADD)
+    /// starts with them.
+    shared_declarations: HashMap<DeclarationKey, Declared>,
 }
 
 impl ControlPlane {
@@ -139,6 +145,7 @@ impl ControlPlane {
             lifetimes: new_histogram(),
             states: BackendStates::new(),
             shared_ends: None,
+            shared_declarations: HashMap::new(),
         };
         // Backends configured with weight 0 start draining.
         let mut next = plane.registry.clone();
@@ -315,9 +322,11 @@ impl ControlPlane {
             .collect()
     }
 
-    /// Gives every backend of `next` the state its inputs and weight make;
+    /// Gives every backend of `next` the state its inputs and weight make
+    /// (a backend new here with what the cluster declared for its name);
     /// true when one changed.
-    fn settle_into(&self, next: &mut ServiceRegistry) -> bool {
+    fn settle_into(&mut self, next: &mut ServiceRegistry) -> bool {
+        self.adopt_declarations(next);
         let targets: Vec<(BackendId, BackendState)> = next
             .backends()
             .map(|(id, _, b)| (id, self.states.combined(id, b.weight)))

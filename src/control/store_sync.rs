@@ -105,7 +105,8 @@ struct PendingEnd {
 /// What the store counted, for the summary and the metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncCounters {
-    /// Changes (creates, extends, cancels) by outcome.
+    /// Changes by outcome: creates, extends, cancels, and each backend's
+    /// declaration of a BACKEND_STATE (UNAVAILABLE counts the request).
     pub committed: u64,
     /// Another owner held the key: answered CONFLICT.
     pub conflict: u64,
@@ -278,12 +279,6 @@ impl StoreSync {
                 backend,
                 state,
             } => return self.declare(plane, call, *service, *backend, *state, wall_ms),
-            Request::BackendAdd(_) => {
-                let r = plane.handle(call.sender, call.is_admin, request);
-                // What the cluster declared for a backend of that name.
-                self.reapply_declarations(plane);
-                return r;
-            }
             _ => return plane.handle(call.sender, call.is_admin, request),
         }
         if !self.up {
@@ -410,17 +405,6 @@ impl StoreSync {
         }
         self.declarations.insert(key.clone(), (state, revision));
         plane.apply_declarations(&[(key, state)])
-    }
-
-    /// Applies every declaration the store holds again: after a reload or
-    /// a backend added, which may have brought backends of those names.
-    pub fn reapply_declarations(&mut self, plane: &mut ControlPlane) {
-        let all: Vec<(DeclarationKey, Declared)> = self
-            .declarations
-            .iter()
-            .map(|(k, &(state, _))| (k.clone(), state))
-            .collect();
-        plane.apply_declarations(&all);
     }
 
     /// A declaration's outcome; the BACKEND_STATE is answered with its

@@ -30,7 +30,7 @@ use crate::control::counters::{control_summary, ServerCounters};
 use crate::control::handler::{Call, ControlHandler, Response};
 use crate::control::plane::ControlPlane;
 use crate::control::registry::ServiceRegistry;
-use crate::control::reload::{ConfigFile, Reloaded};
+use crate::control::reload::ConfigFile;
 use crate::control::server::{ControlServer, ServerAuth, ServerConfig};
 use crate::control::state_saver::StateSaver;
 use crate::control::statics;
@@ -242,7 +242,7 @@ impl ControlThread {
     /// Re-reads the configuration file and applies it, keys and allowed
     /// networks included; returns what was done. A bad file changes nothing.
     pub fn reload(&mut self) -> Result<String, String> {
-        let reloaded = reload(&mut self.file, &mut self.plane, self.cluster.as_mut())?;
+        let reloaded = self.file.reload(&mut self.plane)?;
         self.server.set_auth(reloaded.auth);
         self.update_health_targets();
         Ok(reloaded.message)
@@ -521,7 +521,7 @@ impl ControlHandler for Dispatch<'_> {
             Request::Reload if !call.is_admin => {
                 Response::new(ReturnCode::NotAuthorized).with_message("reload needs the admin key")
             }
-            Request::Reload => match reload(self.file, self.plane, self.cluster.as_deref_mut()) {
+            Request::Reload => match self.file.reload(self.plane) {
                 Ok(reloaded) => {
                     self.auth = Some(reloaded.auth);
                     Response::ok().with_message(reloaded.message)
@@ -551,20 +551,6 @@ impl ControlHandler for Dispatch<'_> {
             },
         }
     }
-}
-
-/// Applies the configuration file again; in cluster mode the backends it
-/// brings take the declarations the cluster holds for their names.
-fn reload(
-    file: &mut ConfigFile,
-    plane: &mut ControlPlane,
-    cluster: Option<&mut StoreSync>,
-) -> Result<Reloaded, String> {
-    let reloaded = file.reload(plane)?;
-    if let Some(c) = cluster {
-        c.reapply_declarations(plane);
-    }
-    Ok(reloaded)
 }
 
 /// Logs an ended affinity and sends its AFFINITY_ENDED notice, if its

@@ -13,6 +13,7 @@ use crate::affinity::key::TableKey;
 use crate::affinity::manager::Ended;
 use crate::cluster::{DeclarationKey, StoreKey};
 use crate::control::handler::Response;
+use crate::control::registry::ServiceRegistry;
 use crate::control::state_file::SavedAffinity;
 use crate::net::ip_bits;
 use crate::protocol::message::{AffinityOp, EndedNotice, Request, ReturnCode};
@@ -106,9 +107,9 @@ impl ControlPlane {
     }
 
     /// Applies declarations from the store to the backends configured here
-    /// under those names (others are skipped: a reload may bring them) and
-    /// publishes the states that makes, once. Returns the (service,
-    /// backend, state) of each backend concerned.
+    /// under those names and publishes the states that makes, once; keeps
+    /// them for backends of those names configured later. Returns the
+    /// (service, backend, state) of each backend concerned.
     pub fn apply_declarations(
         &mut self,
         declarations: &[(DeclarationKey, Declared)],
@@ -116,6 +117,11 @@ impl ControlPlane {
         let now = self.now_ms();
         let mut touched = Vec::new();
         for (key, state) in declarations {
+            if *state == Declared::Up {
+                self.shared_declarations.remove(key);
+            } else {
+                self.shared_declarations.insert(key.clone(), *state);
+            }
             if let Some(id) = self.backend_named(key) {
                 self.states.declare(id, key.by_admin, *state, now);
                 touched.push(id);
@@ -130,6 +136,30 @@ impl ControlPlane {
             log::error!("declared states not published: {e}");
         }
         self.states_of(&touched)
+    }
+
+    /// Gives each backend of `next` that is new here (no state yet) what
+    /// the cluster declared for its name, before its first snapshot.
+    pub(super) fn adopt_declarations(&mut self, next: &ServiceRegistry) {
+        if self.shared_declarations.is_empty() {
+            return;
+        }
+        let now = self.now_ms();
+        for (id, service, b) in next.backends() {
+            if self.states.get(id).is_some() {
+                continue;
+            }
+            for by_admin in [false, true] {
+                let key = DeclarationKey {
+                    service: service.to_string(),
+                    backend: b.name.clone(),
+                    by_admin,
+                };
+                if let Some(&state) = self.shared_declarations.get(&key) {
+                    self.states.declare(id, by_admin, state, now);
+                }
+            }
+        }
     }
 
     /// The backend configured here that `key` names.
