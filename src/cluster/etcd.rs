@@ -26,7 +26,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
-use super::record::{encode_declaration, encode_value, KeyKind, KeySpace};
+use super::record::{encode_declaration, encode_value, Entry, KeyKind, KeySpace};
 use super::{Change, Outcome, Revision, StoreEvent, StoreHandle, StoreOp, Ticket};
 use crate::config::ClusterConfig;
 use crate::types::Declared;
@@ -318,22 +318,14 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
     let mut declarations = Vec::new();
     let mut unreadable = Vec::new();
     for kv in resp.kvs() {
-        let decoded = match s.keys.kind(kv.key()) {
-            KeyKind::Affinity => s
-                .keys
-                .decode(kv.key(), kv.value())
-                .map(|a| affinities.push((a, kv.mod_revision()))),
-            KeyKind::Declaration => s
-                .keys
-                .decode_declaration(kv.key(), kv.value())
-                .map(|d| declarations.push((d, kv.mod_revision()))),
-            KeyKind::Other => Ok(()),
-        };
-        if let Err(error) = decoded {
-            unreadable.push(StoreEvent::Unreadable {
+        match s.keys.decode_entry(kv.key(), kv.value()) {
+            None => {}
+            Some(Ok(Entry::Affinity(a))) => affinities.push((a, kv.mod_revision())),
+            Some(Ok(Entry::Declaration(d))) => declarations.push((d, kv.mod_revision())),
+            Some(Err(error)) => unreadable.push(StoreEvent::Unreadable {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 error,
-            });
+            }),
         }
     }
     let mut loaded = vec![StoreEvent::Loaded {
@@ -480,30 +472,33 @@ impl Session {
             let Some(kv) = ev.kv() else { continue };
             let revision = kv.mod_revision();
             self.revision = self.revision.max(revision);
-            let put = ev.event_type() == EventType::Put;
-            let change = match (keys.kind(kv.key()), put) {
-                (KeyKind::Other, _) => continue,
-                (KeyKind::Affinity, true) => keys.decode(kv.key(), kv.value()).map(Change::Put),
-                (KeyKind::Affinity, false) => match keys.parse_key(kv.key()) {
-                    Ok(k) => Ok(Change::Deleted(k)),
-                    // A stray key's deletion changes nothing in the table;
-                    // its put was reported as Unreadable.
-                    Err(_) => continue,
-                },
-                (KeyKind::Declaration, true) => {
-                    keys.decode_declaration(kv.key(), kv.value())
-                        .map(|d| Change::Declared {
-                            key: d.key,
-                            state: d.state,
-                        })
-                }
-                (KeyKind::Declaration, false) => match keys.parse_declaration_key(kv.key()) {
-                    Ok(key) => Ok(Change::Declared {
-                        key,
-                        state: Declared::Up,
+            let change = if ev.event_type() == EventType::Put {
+                match keys.decode_entry(kv.key(), kv.value()) {
+                    None => continue,
+                    Some(Ok(Entry::Affinity(a))) => Ok(Change::Put(a)),
+                    Some(Ok(Entry::Declaration(d))) => Ok(Change::Declared {
+                        key: d.key,
+                        state: d.state,
                     }),
-                    Err(_) => continue,
-                },
+                    Some(Err(error)) => Err(error),
+                }
+            } else {
+                // A stray key's deletion changes nothing: its put was
+                // reported as Unreadable.
+                match keys.kind(kv.key()) {
+                    KeyKind::Affinity => match keys.parse_key(kv.key()) {
+                        Ok(k) => Ok(Change::Deleted(k)),
+                        Err(_) => continue,
+                    },
+                    KeyKind::Declaration => match keys.parse_declaration_key(kv.key()) {
+                        Ok(key) => Ok(Change::Declared {
+                            key,
+                            state: Declared::Up,
+                        }),
+                        Err(_) => continue,
+                    },
+                    KeyKind::Other => continue,
+                }
             };
             let event = match change {
                 Ok(change) => StoreEvent::Changed { revision, change },

@@ -35,6 +35,13 @@ pub struct KeySpace {
     declared: String,
 }
 
+/// A value under the prefix, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Affinity(StoredAffinity),
+    Declaration(StoredDeclaration),
+}
+
 /// What a key under the prefix holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyKind {
@@ -74,6 +81,18 @@ impl KeySpace {
             KeyKind::Declaration
         } else {
             KeyKind::Other
+        }
+    }
+
+    /// The affinity or declaration stored as `value` at `key`; None for a
+    /// key that is not pktdist's.
+    pub fn decode_entry(&self, key: &[u8], value: &[u8]) -> Option<Result<Entry, String>> {
+        match self.kind(key) {
+            KeyKind::Affinity => Some(self.decode(key, value).map(Entry::Affinity)),
+            KeyKind::Declaration => {
+                Some(self.decode_declaration(key, value).map(Entry::Declaration))
+            }
+            KeyKind::Other => None,
         }
     }
 

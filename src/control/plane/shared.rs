@@ -93,15 +93,12 @@ impl ControlPlane {
     /// The store keys of the declarations a BACKEND_STATE would make for
     /// `ids` (by the operator when `by_admin`).
     pub fn declaration_keys(&self, ids: &[BackendId], by_admin: bool) -> Vec<DeclarationKey> {
-        ids.iter()
-            .filter_map(|&id| {
-                let b = self.dp.backend(id)?;
-                let s = self.dp.service(b.service)?;
-                Some(DeclarationKey {
-                    service: s.name.clone(),
-                    backend: b.name.clone(),
-                    by_admin,
-                })
+        self.states_of(ids)
+            .into_iter()
+            .map(|(service, backend, _)| DeclarationKey {
+                service,
+                backend,
+                by_admin,
             })
             .collect()
     }
