@@ -1839,4 +1839,61 @@ mod tests {
         assert_eq!(b.ask(ADMIN_NAME, add, true).code, ReturnCode::Ok);
         assert_eq!(state_of(&b, "zz"), BackendState::Draining);
     }
+
+    #[test]
+    fn one_request_for_several_services_is_answered_once_for_all() {
+        let mut b = loaded("i1", vec![]);
+        // Backend a in a second service too.
+        let add = Request::BackendAdd(crate::protocol::message::BackendSpec {
+            service: "mail",
+            backend: "a",
+            addr: "10.0.2.9".parse().unwrap(),
+            weight: 100,
+            mac: None,
+        });
+        assert_eq!(b.ask(ADMIN_NAME, add, true).code, ReturnCode::Ok);
+        // All of them committed: one OK listing both.
+        let reply = deferred(&b.ask("a", state_req(None, Declared::Drain), true));
+        let (t1, d1) = declare_op(&mut b);
+        let (t2, d2) = declare_op(&mut b);
+        let mut services = [d1.key.service.as_str(), d2.key.service.as_str()];
+        services.sort();
+        assert_eq!(services, ["mail", "web"]);
+        assert!(b
+            .done(t1, Outcome::Committed { revision: 11 }, WALL)
+            .replies
+            .is_empty());
+        let out = b.done(t2, Outcome::Committed { revision: 12 }, WALL);
+        assert_eq!(out.replies.len(), 1);
+        let (t, r) = &out.replies[0];
+        assert_eq!((*t, r.code), (reply, ReturnCode::Ok));
+        assert!(
+            r.message.contains("web/a draining") && r.message.contains("mail/a draining"),
+            "{}",
+            r.message
+        );
+        // One of them not confirmed: UNAVAILABLE, once, after both.
+        let reply = deferred(&b.ask("a", state_req(None, Declared::Up), true));
+        let (t1, _) = declare_op(&mut b);
+        let (t2, _) = declare_op(&mut b);
+        let lost = Outcome::Unavailable {
+            error: "timed out".into(),
+        };
+        assert!(b.done(t1, lost, WALL).replies.is_empty());
+        let out = b.done(t2, Outcome::Committed { revision: 13 }, WALL);
+        assert_eq!(out.replies.len(), 1);
+        assert_eq!(out.replies[0].0, reply);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Unavailable);
+        // A declaration in flight at shutdown: UNAVAILABLE, and only once.
+        let reply = deferred(&b.ask("b", state_req(None, Declared::Drain), true));
+        let (ticket, _) = declare_op(&mut b);
+        let replies = b.sync.shutdown();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(
+            (replies[0].0, replies[0].1.code),
+            (reply, ReturnCode::Unavailable)
+        );
+        let out = b.done(ticket, Outcome::Committed { revision: 14 }, WALL);
+        assert!(out.replies.is_empty(), "{:?}", out.replies);
+    }
 }
