@@ -741,13 +741,12 @@ mod tests {
     const CLUSTER: &str =
         "\n[cluster]\nstore = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\ninstance = \"i1\"\n";
 
-    #[test]
-    fn a_cluster_instance_is_ready_once_loaded_and_answers_changes_when_committed() {
-        use crate::cluster::{Outcome, StoreEvent, StoreHandle, StoreOp};
-        let file = File::new("cluster", &format!("{}{CLUSTER}", config(ADMIN_1, A_1)));
+    /// A control thread of the configuration in `file` (with `[cluster]`),
+    /// its store thread played by the test through the returned peer.
+    fn cluster_thread(file: &File) -> (ControlThread, crate::cluster::StorePeer) {
         let cfg = Config::load(&file.0).unwrap();
-        let (handle, mut store) = StoreHandle::pair();
-        let mut ctl = ControlThread::new(
+        let (handle, store) = crate::cluster::StoreHandle::pair();
+        let ctl = ControlThread::new(
             &cfg,
             ControlSetup {
                 config_path: Some(file.0.clone()),
@@ -760,6 +759,14 @@ mod tests {
             },
         )
         .unwrap();
+        (ctl, store)
+    }
+
+    #[test]
+    fn a_cluster_instance_is_ready_once_loaded_and_answers_changes_when_committed() {
+        use crate::cluster::{Outcome, StoreEvent, StoreOp};
+        let file = File::new("cluster", &format!("{}{CLUSTER}", config(ADMIN_1, A_1)));
+        let (mut ctl, mut store) = cluster_thread(&file);
         let metrics = ctl.metrics_addr().unwrap();
         let announced = Arc::new(AtomicUsize::new(0));
         let a2 = Arc::clone(&announced);
@@ -875,25 +882,11 @@ mod tests {
 
     #[test]
     fn a_reload_in_cluster_mode_gives_new_backends_the_declarations_of_the_cluster() {
-        use crate::cluster::{DeclarationKey, StoreEvent, StoreHandle, StoredDeclaration};
+        use crate::cluster::{DeclarationKey, StoreEvent, StoredDeclaration};
         use crate::types::{BackendState, Declared};
         let text = format!("{}{CLUSTER}", config(ADMIN_1, A_1));
         let file = File::new("cluster-reload", &text);
-        let cfg = Config::load(&file.0).unwrap();
-        let (handle, store) = StoreHandle::pair();
-        let mut ctl = ControlThread::new(
-            &cfg,
-            ControlSetup {
-                config_path: Some(file.0.clone()),
-                workers: vec![Arc::new(WorkerCounters::default())],
-                port_stats: None,
-                port_upkeep: None,
-                status: None,
-                discard_bad_state: false,
-                store: Some(handle),
-            },
-        )
-        .unwrap();
+        let (mut ctl, store) = cluster_thread(&file);
         // The cluster has web/c draining (its operator said so at another
         // instance); this instance has no backend c yet.
         let drained = StoredDeclaration {
