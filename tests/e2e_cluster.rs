@@ -5,9 +5,10 @@
 //! listed and honoured by SYNs at the others; the conflict check, the
 //! cancel and the expiry hold across instances with exactly one notice; a
 //! restarted instance gets the table back; with etcd stopped forwarding
-//! goes on and changes are answered UNAVAILABLE, until etcd is back. A
-//! backend that declares itself draining at one instance gets no new
-//! connections at any, also after a restart, until it declares UP.
+//! goes on and changes (a backend's drain too) are answered UNAVAILABLE,
+//! until etcd is back. A backend that declares itself draining at one
+//! instance gets no new connections at any, also after a restart, until
+//! it declares UP.
 #![cfg(feature = "dpdk")]
 
 mod common;
@@ -304,6 +305,12 @@ fn a_restarted_instance_gets_the_table_back_and_etcd_outages_refuse_changes_only
             (r.code == ReturnCode::Unavailable).then_some(r)
         });
         assert!(refused.is_some(), "{who} never answered UNAVAILABLE");
+        // A drain cannot be shared either: refused, nothing changes here.
+        let r = app(peer.control, "be2")
+            .set_backend_state(None, None, Declared::Drain)
+            .expect("answered while etcd is down");
+        assert_eq!(r.code, ReturnCode::Unavailable, "{who}: {r:?}");
+        wait_be2(peer.control, BackendState::Up, Declared::Up, who);
     }
     for peer in [&mut a, &mut b] {
         let t = tuples.next(&clients, 1);
@@ -328,6 +335,11 @@ fn a_restarted_instance_gets_the_table_back_and_etcd_outages_refuse_changes_only
         (r.code == ReturnCode::Ok).then_some(r)
     });
     assert!(ok.is_some(), "changes refused after etcd came back");
+    let r = app(b.control, "be2")
+        .set_backend_state(None, None, Declared::Drain)
+        .expect("drain after the outage");
+    assert_eq!(r.code, ReturnCode::Ok, "{r:?}");
+    wait_be2(a.control, BackendState::Draining, Declared::Drain, "a");
     wait_listed(a.control, &[(&pin, "be3"), (&other, "be1")], "a");
     let t = tuples.next(&hosts([198, 51, 102], 8), 1);
     let got = a.connect(WEB, &t);
