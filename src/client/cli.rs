@@ -195,7 +195,8 @@ pub enum BackendCmd {
         #[arg(long)]
         service: Option<String>,
     },
-    /// Set a backend's weight; 0 drains it.
+    /// Set a backend's weight; 0 drains it. At the instance asked only,
+    /// also in cluster mode.
     SetWeight {
         #[command(flatten)]
         conn: ConnArgs,
@@ -203,7 +204,8 @@ pub enum BackendCmd {
         backend: String,
         weight: u32,
     },
-    /// Add a backend to a service.
+    /// Add a backend to a service (at the instance asked only, also in
+    /// cluster mode).
     Add {
         #[command(flatten)]
         conn: ConnArgs,
@@ -218,7 +220,8 @@ pub enum BackendCmd {
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
-    /// Remove a backend; its affinities end.
+    /// Remove a backend; its affinities end. At the instance asked only,
+    /// also in cluster mode.
     Remove {
         #[command(flatten)]
         conn: ConnArgs,
@@ -227,7 +230,8 @@ pub enum BackendCmd {
     },
     /// Drain a backend: no new connections or affinities, what it has
     /// finishes (BACKEND_STATE DRAIN; with the admin key, the operator's
-    /// drain, which the application's UP does not undo).
+    /// drain, which the application's UP does not undo). In cluster mode
+    /// at every instance.
     Drain {
         #[command(flatten)]
         conn: ConnArgs,
@@ -242,7 +246,8 @@ pub enum BackendCmd {
         backend: String,
     },
     /// Declare a backend's state: up, drain or down (down: no new
-    /// connections at once, its affinities skipped).
+    /// connections at once, its affinities skipped). In cluster mode at
+    /// every instance.
     State {
         #[command(flatten)]
         conn: ConnArgs,
