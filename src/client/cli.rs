@@ -238,7 +238,7 @@ pub enum BackendCmd {
         service: String,
         backend: String,
     },
-    /// Undo `drain` (BACKEND_STATE UP).
+    /// Undo `drain` (BACKEND_STATE UP). In cluster mode at every instance.
     Undrain {
         #[command(flatten)]
         conn: ConnArgs,
