@@ -387,7 +387,8 @@ impl Session {
                     else {
                         return End::Closed;
                     };
-                    out.spawn(self.run_batch(s, &batch), &batch);
+                    let tickets = tickets_of(&batch);
+                    out.spawn(self.run_batch(s, batch), tickets);
                     continue;
                 }
             }
@@ -412,7 +413,8 @@ impl Session {
                     else {
                         return End::Closed;
                     };
-                    out.spawn(self.run_batch(s, &batch), &batch);
+                    let tickets = tickets_of(&batch);
+                    out.spawn(self.run_batch(s, batch), tickets);
                 }
             }
         };
@@ -527,11 +529,10 @@ impl InFlight {
     fn spawn(
         &mut self,
         task: impl std::future::Future<Output = TxnResult> + Send + 'static,
-        batch: &[StoreOp],
+        tickets: Vec<Ticket>,
     ) {
         let id = self.tasks.spawn(task).id();
-        self.tickets
-            .insert(id, batch.iter().map(StoreOp::ticket).collect());
+        self.tickets.insert(id, tickets);
     }
 
     /// Sends what a finished transaction answers. Ok(Some(error)): etcd is
@@ -572,6 +573,13 @@ impl InFlight {
     }
 }
 
+/// The ops of one transaction, each with the etcd key it writes.
+type Batch = Vec<(String, StoreOp)>;
+
+fn tickets_of(batch: &Batch) -> Vec<Ticket> {
+    batch.iter().map(|(_, op)| op.ticket()).collect()
+}
+
 /// `first` and every op already waiting, up to `max` and with distinct keys
 /// (etcd refuses a transaction that writes one key twice): the op whose key
 /// is already in the batch is `carried` to the next one. None: the channel
@@ -582,18 +590,19 @@ fn take_batch(
     ops: &mut UnboundedReceiver<StoreOp>,
     max: usize,
     carried: &mut Option<StoreOp>,
-) -> Option<Vec<StoreOp>> {
-    let mut written = HashSet::new();
-    written.insert(op_key(keys, &first));
-    let mut batch = vec![first];
+) -> Option<Batch> {
+    let key = op_key(keys, &first);
+    let mut written = HashSet::from([key.clone()]);
+    let mut batch = vec![(key, first)];
     while batch.len() < max {
         match ops.try_recv() {
             Ok(op) => {
-                if !written.insert(op_key(keys, &op)) {
+                let key = op_key(keys, &op);
+                if !written.insert(key.clone()) {
                     *carried = Some(op);
                     break;
                 }
-                batch.push(op);
+                batch.push((key, op));
             }
             Err(TryRecvError::Empty) => break,
             Err(TryRecvError::Disconnected) => return None,
@@ -616,10 +625,10 @@ impl Session {
     fn run_batch(
         &self,
         s: &Settings,
-        batch: &[StoreOp],
+        batch: Batch,
     ) -> impl std::future::Future<Output = TxnResult> + Send + 'static {
         let login = s.user.clone().map(|u| (self.auth.clone(), u));
-        run_batch(self.kv.clone(), login, s.keys.clone(), batch.to_vec())
+        run_batch(self.kv.clone(), login, s.keys.clone(), batch)
     }
 }
 
@@ -634,24 +643,18 @@ async fn run_batch(
     mut kv: KvClient,
     login: Option<(AuthClient, (String, String))>,
     keys: Arc<KeySpace>,
-    batch: Vec<StoreOp>,
+    batch: Batch,
 ) -> TxnResult {
     let nested: Vec<TxnOp> = batch
         .iter()
-        .map(|op| {
-            let (key, expect, write) = match op {
+        .map(|(key, op)| {
+            let key = key.clone();
+            let (expect, write) = match op {
                 StoreOp::Put { value, expect, .. } => {
-                    let key = keys.key(&value.key());
-                    let put = TxnOp::put(key.clone(), encode_value(value), None);
-                    (key, *expect, put)
+                    (*expect, TxnOp::put(key.clone(), encode_value(value), None))
                 }
-                StoreOp::Delete { key, expect, .. } => {
-                    let key = keys.key(key);
-                    let del = TxnOp::delete(key.clone(), None);
-                    (key, *expect, del)
-                }
+                StoreOp::Delete { expect, .. } => (*expect, TxnOp::delete(key.clone(), None)),
                 StoreOp::Declare { value, .. } => {
-                    let key = keys.declaration_key(&value.key);
                     let write = if value.state == Declared::Up {
                         TxnOp::delete(key, None)
                     } else {
@@ -681,11 +684,11 @@ async fn run_batch(
 }
 
 /// Each op's `Done` from the batch's answer.
-fn outcomes(keys: &KeySpace, batch: &[StoreOp], resp: &TxnResponse) -> Vec<StoreEvent> {
+fn outcomes(keys: &KeySpace, batch: &Batch, resp: &TxnResponse) -> Vec<StoreEvent> {
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let answers = resp.op_responses();
     let mut out = Vec::with_capacity(batch.len());
-    for (i, op) in batch.iter().enumerate() {
+    for (i, (_, op)) in batch.iter().enumerate() {
         let outcome = match answers.get(i) {
             Some(TxnOpResponse::Txn(t)) if t.succeeded() => Outcome::Committed { revision },
             Some(TxnOpResponse::Txn(t)) => match t.op_responses().first() {

@@ -284,10 +284,9 @@ mod tests {
         assert_eq!(sa, sr);
     }
 
-    /// Removing one of N equal-weight backends: the fraction of the *other*
-    /// backends' slots that move to a different backend, at the default
-    /// size 65537, is at most 1% of the survivors' slots (and so well under
-    /// 1.5 × 1/N for every N tested).
+    /// Removing one of N equal-weight backends moves at most 1% of the
+    /// *other* backends' slots, and at most 1.5 × 1/N of them, at the
+    /// default size 65537.
     #[test]
     fn removing_one_backend_moves_few_entries() {
         for nb in [10usize, 20, 50] {
