@@ -102,7 +102,8 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     control_window: usize,
     /// Capture file replayed by the pcap scenarios (pcap-established,
-    /// pcap-syn, pcap-syn-affinity: one per run, not part of `all`), or
+    /// pcap-syn, pcap-syn-affinity, pcap-syn-alternating: one per run, not
+    /// part of `all`), or
     /// written by --write-pcap.
     #[arg(long)]
     pcap: Option<std::path::PathBuf>,
@@ -1105,7 +1106,12 @@ fn real_main(args: Args) -> Result<(), String> {
         );
         return Ok(());
     }
-    const PCAP: [&str; 3] = ["pcap-established", "pcap-syn", "pcap-syn-affinity"];
+    const PCAP: [&str; 4] = [
+        "pcap-established",
+        "pcap-syn",
+        "pcap-syn-affinity",
+        "pcap-syn-alternating",
+    ];
     if let Some(name) = args.scenario.iter().find(|s| PCAP.contains(&s.as_str())) {
         if args.scenario.len() != 1 {
             return Err(format!("{name} runs alone (one pcap scenario per run)"));

@@ -19,8 +19,19 @@
 //!   a new connection in its place. The flow table holds the last pass's
 //!   flows, expired, rather than live ones to evict: the in-process `syn`
 //!   scenario measures that path.
+//!
+//! `pcap-syn-affinity` is the SYN flood with the benchmark's affinities
+//! installed and the control thread changing them. `pcap-syn-alternating`
+//! runs both SYN floods in one process: a worker with an empty affinity
+//! table and one with the loaded table (its control thread changing it
+//! throughout) take turns of 100 ms on the worker core, polling the same
+//! queues, each with a flow table of its own. The ratio of each loaded
+//! turn to its neighbouring empty turns does not move with this VM's pace,
+//! which changes within the seconds between two runs of their own.
 
+use std::cell::RefCell;
 use std::io::Write;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +39,7 @@ use std::time::{Duration, Instant};
 use pktdist::affinity::table::AffinityTable;
 use pktdist::datapath::counters::WorkerCounters;
 use pktdist::datapath::flow::FlowTimeouts;
-use pktdist::datapath::worker::{PortPlan, Worker, WorkerSetup};
+use pktdist::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use pktdist::dpdk::{
     spawn_worker, tsc_hz, Eal, Mempool, Port, PortQueues, PortSetup, QueueDir, DEFAULT_DATA_ROOM,
     SOCKET_ANY,
@@ -37,7 +48,7 @@ use pktdist::types::tcp_flags;
 
 use crate::affinity_load::{CLIENT_BASE, CLIENT_MASK};
 use crate::feeder::{tcp_frame, FeederStats, Rng, FRAME, MEASURE, STOP, STOP_FEEDER, WARMUP};
-use crate::{summarize, Args, Pipeline, Row, VIP};
+use crate::{neighbour_ratios, quantile, summarize, Args, Pipeline, Row, VIP};
 
 /// Idle timeout of SYN-state flows in the pcap SYN scenarios: far shorter
 /// than one pass over the file (a million frames take 40 ms even at 25
@@ -191,7 +202,8 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
         FlowTimeouts::default()
     };
     let phase = Arc::new(AtomicU8::new(WARMUP));
-    let (affinity, churn, inst_info) = if name == "pcap-syn-affinity" {
+    let alternating = name == "pcap-syn-alternating";
+    let (affinity, churn, inst_info) = if name == "pcap-syn-affinity" || alternating {
         let inst = crate::install(args, &owners)?;
         let info = serde_json::json!({
             "affinities": inst.manager.len(),
@@ -215,12 +227,22 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
             serde_json::json!({}),
         )
     };
-    let shared = pktdist::datapath::worker::Shared {
+    let epoch = Instant::now();
+    let shared = |affinity| Shared {
         dataplane: Arc::clone(&cell),
         affinity,
         auto_affinity: Arc::new(pktdist::affinity::auto::AutoAffinityTable::new(1 << 16)),
-        epoch: Instant::now(),
+        epoch,
     };
+    // The side with an empty table, taking turns with the loaded one.
+    let empty_side = alternating.then(|| {
+        (
+            shared(AffinityTable::new(args.affinity_capacity).1),
+            Arc::new(WorkerCounters::default()),
+        )
+    });
+    let empty_counters = empty_side.as_ref().map(|(_, c)| Arc::clone(c));
+    let shared = shared(affinity);
     let plan = PortPlan {
         forward_to: 1,
         gateway_mac: Some([0x02, 0, 0, 0, 0, 0xfe]),
@@ -247,13 +269,30 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
     let (p2, c2, hz) = (Arc::clone(&phase), Arc::clone(&counters), tsc_hz());
     let ready = Arc::new(AtomicBool::new(false));
     let r2 = Arc::clone(&ready);
-    let worker = spawn_worker(worker_core, "bench-worker", move || {
-        let mut s = Pipeline {
-            worker: Worker::new(io, setup, shared, c2),
-            now: 0,
-        };
-        r2.store(true, Ordering::SeqCst);
-        crate::measure_loop(&p2, std::slice::from_mut(&mut s), hz)
+    let worker = spawn_worker(worker_core, "bench-worker", move || match empty_side {
+        None => {
+            let mut s = Pipeline {
+                worker: Worker::new(io, setup, shared, c2),
+                now: 0,
+            };
+            r2.store(true, Ordering::SeqCst);
+            crate::measure_loop(&p2, std::slice::from_mut(&mut s), hz)
+        }
+        Some((empty, empty_counters)) => {
+            // Both sides poll the same queues, one turn at a time; the
+            // empty table's side first.
+            let io = Rc::new(RefCell::new(io));
+            let side = |io, shared, counters| Pipeline {
+                worker: Worker::new(io, setup.clone(), shared, counters),
+                now: 0,
+            };
+            let mut sides = [
+                side(Rc::clone(&io), empty, empty_counters),
+                side(io, shared, c2),
+            ];
+            r2.store(true, Ordering::SeqCst);
+            crate::measure_loop(&p2, &mut sides, hz)
+        }
     })
     .map_err(|e| format!("worker: {e}"))?;
     while !ready.load(Ordering::SeqCst) {
@@ -264,10 +303,15 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
     }
     // Warm: the whole file twice (established: every flow learned, then
     // seen once more; SYN floods: every flow of the first pass expired and
-    // replaced), and at least --warmup seconds.
+    // replaced), by each side when two take turns, and at least --warmup
+    // seconds.
     let warm_started = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(args.warmup));
-    while counters.rx_packets.get() < 2 * frames
+    let received = || {
+        let empty = empty_counters.as_ref().map(|c| c.rx_packets.get());
+        counters.rx_packets.get().min(empty.unwrap_or(u64::MAX))
+    };
+    while received() < 2 * frames
         && warm_started.elapsed() < Duration::from_secs(crate::WARM_LIMIT_SECS)
     {
         std::thread::sleep(Duration::from_millis(10));
@@ -286,7 +330,9 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
         ),
         None => None,
     };
+    // The loaded (or only) side's stats last.
     let st = stats.pop().ok_or("no stats")?;
+    let empty = stats.pop();
     let summary = summarize(&st, hz);
     let mut row = Row {
         name: name.to_string(),
@@ -325,6 +371,26 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
         for (k, v) in inst_info.as_object().into_iter().flatten() {
             row.extra[k] = v.clone();
         }
+    }
+    if let Some(empty) = empty {
+        let e = summarize(&empty, hz);
+        let empty_mpps = e.packets as f64 / e.seconds.max(1e-9) / 1e6;
+        let ratios = neighbour_ratios(&e.windows, &row.loop_stats.windows);
+        let q = |p: f64| quantile(&ratios, p);
+        let new_connections = crate::counter(&empty.counters, "new_connections");
+        let rx = crate::counter(&empty.counters, "rx_packets").max(1);
+        row.extra["empty_table"] = serde_json::json!({
+            "mpps": empty_mpps,
+            "p99_ns": e.lat[2],
+            "new_connection_share": new_connections as f64 / rx as f64,
+        });
+        row.extra["ratio_to_empty"] = serde_json::json!(row.mpps / empty_mpps.max(1e-9));
+        row.extra["turn_ratios"] = serde_json::json!({
+            "count": ratios.len(),
+            "p10": q(0.1),
+            "median": q(0.5),
+            "p90": q(0.9),
+        });
     }
     let setup = serde_json::json!({
         "eal": eal_args,

@@ -269,6 +269,7 @@ def testpmd_section(t, json_name):
         ("established", "established, 1M flows in a 2^21-flow table"),
         ("syn", "SYN flood, every SYN a new connection"),
         ("syn-affinity", "SYN flood, 1M affinities, 100,000 changes/s"),
+        ("syn-alternating", "the same, in 100 ms turns with an empty-table worker (one process)"),
     ):
         m = sm.get(name)
         if not m:
@@ -285,6 +286,15 @@ def testpmd_section(t, json_name):
                 at = sum(x >= TARGET_SYN_AFFINITY_RATIO for x in rounds)
                 met += f"; {at} of {len(rounds)} rounds at or above"
             met += ")"
+        if name == "syn-alternating" and m.get("turn_ratio") is not None:
+            rounds = m.get("turn_ratios", [])
+            at = sum(x >= TARGET_SYN_AFFINITY_RATIO for x in rounds)
+            target = "≥ 0.85 x empty turns"
+            met = (
+                f"{yes_no(m['turn_ratio'] >= TARGET_SYN_AFFINITY_RATIO)} ({m['turn_ratio']:.4f} x the "
+                f"neighbouring empty turns, per round {', '.join(f(x, 3) for x in rounds)}: "
+                f"{at} of {len(rounds)} at or above; empty turns {f(m.get('empty_mpps'))} Mpps)"
+            )
         out.append(
             "| {} | {} | {} | **{}** | {} | {} | {} | {} / {} | {} | {} |".format(
                 label,
@@ -300,7 +310,11 @@ def testpmd_section(t, json_name):
                 f"{m.get('unknown_flow_share', 0) * 100:.4f}%" if name == "established" else "-",
             )
         )
-    refs = [(n, sm[n]["reference"]) for n in ("established", "syn", "syn-affinity") if sm.get(n, {}).get("reference")]
+    refs = [
+        (n, sm[n]["reference"])
+        for n in ("established", "syn", "syn-affinity", "syn-alternating")
+        if sm.get(n, {}).get("reference")
+    ]
     if refs:
         out += [
             "",
