@@ -29,9 +29,7 @@
 //! turn to its neighbouring empty turns does not move with this VM's pace,
 //! which changes within the seconds between two runs of their own.
 
-use std::cell::RefCell;
 use std::io::Write;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +46,7 @@ use pktdist::types::tcp_flags;
 
 use crate::affinity_load::{CLIENT_BASE, CLIENT_MASK};
 use crate::feeder::{tcp_frame, FeederStats, Rng, FRAME, MEASURE, STOP, STOP_FEEDER, WARMUP};
-use crate::{neighbour_ratios, quantile, summarize, Args, Pipeline, Row, VIP};
+use crate::{summarize, Args, Pipeline, Row, VIP};
 
 /// Idle timeout of SYN-state flows in the pcap SYN scenarios: far shorter
 /// than one pass over the file (a million frames take 40 ms even at 25
@@ -130,8 +128,9 @@ fn frames_in(path: &std::path::Path) -> Result<u64, String> {
 }
 
 /// Runs one pcap scenario (`pcap-established`, `pcap-syn`,
-/// `pcap-syn-affinity`) on `--pcap`: one row, and the EAL arguments and
-/// device strings used (for the report, and for testpmd to use the same).
+/// `pcap-syn-affinity`, `pcap-syn-alternating`) on `--pcap`: one row (with
+/// two sides, the loaded one's), and the EAL arguments and device strings
+/// used (for the report, and for testpmd to use the same).
 pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> {
     let path = args
         .pcap
@@ -279,17 +278,9 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
             crate::measure_loop(&p2, std::slice::from_mut(&mut s), hz)
         }
         Some((empty, empty_counters)) => {
-            // Both sides poll the same queues, one turn at a time; the
-            // empty table's side first.
-            let io = Rc::new(RefCell::new(io));
-            let side = |io, shared, counters| Pipeline {
-                worker: Worker::new(io, setup.clone(), shared, counters),
-                now: 0,
-            };
-            let mut sides = [
-                side(Rc::clone(&io), empty, empty_counters),
-                side(io, shared, c2),
-            ];
+            // The empty table's side first.
+            let mut sides =
+                crate::alternating_sides(io, &setup, [empty, shared], [empty_counters, c2]);
             r2.store(true, Ordering::SeqCst);
             crate::measure_loop(&p2, &mut sides, hz)
         }
@@ -303,8 +294,9 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
     }
     // Warm: the whole file twice (established: every flow learned, then
     // seen once more; SYN floods: every flow of the first pass expired and
-    // replaced), by each side when two take turns, and at least --warmup
-    // seconds.
+    // replaced), and at least --warmup seconds. Two sides taking turns
+    // each receive as many frames as the file has twice (parts of several
+    // passes, as the turns split them).
     let warm_started = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(args.warmup));
     let received = || {
@@ -351,9 +343,11 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
             "pcap_frames": frames,
             "pcap_load_seconds": load_secs,
             "syn_timeout_ms": timeouts.syn.as_millis() as u64,
-            // Warm-up included: perf/pcap_instructions.sh divides the
-            // whole run's instructions by it.
-            "rx_packets_all": counters.rx_packets.get(),
+            // Warm-up included, both sides when two take turns:
+            // perf/pcap_instructions.sh divides the whole run's
+            // instructions by it.
+            "rx_packets_all": counters.rx_packets.get()
+                + empty_counters.as_ref().map_or(0, |c| c.rx_packets.get()),
         }),
     };
     let rx = crate::counter(&row.counters, "rx_packets").max(1);
@@ -375,8 +369,6 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
     if let Some(empty) = empty {
         let e = summarize(&empty, hz);
         let empty_mpps = e.packets as f64 / e.seconds.max(1e-9) / 1e6;
-        let ratios = neighbour_ratios(&e.windows, &row.loop_stats.windows);
-        let q = |p: f64| quantile(&ratios, p);
         let new_connections = crate::counter(&empty.counters, "new_connections");
         let rx = crate::counter(&empty.counters, "rx_packets").max(1);
         row.extra["empty_table"] = serde_json::json!({
@@ -385,12 +377,7 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
             "new_connection_share": new_connections as f64 / rx as f64,
         });
         row.extra["ratio_to_empty"] = serde_json::json!(row.mpps / empty_mpps.max(1e-9));
-        row.extra["turn_ratios"] = serde_json::json!({
-            "count": ratios.len(),
-            "p10": q(0.1),
-            "median": q(0.5),
-            "p90": q(0.9),
-        });
+        row.extra["turn_ratios"] = crate::turn_ratios_json(&e.windows, &row.loop_stats.windows);
     }
     let setup = serde_json::json!({
         "eal": eal_args,

@@ -112,17 +112,19 @@ def dataplane_section(d):
             t = TARGET_MPPS[n]
             target = f"≥ {t:g} Mpps"
             met = yes_no(r["mpps_per_core"] >= t)
+        # The 0.85 target is judged on the testpmd runs' devices (that
+        # section's syn-alternating); in-process, the ratios are shown.
         elif n == "syn-1m-affinities":
             ratio = r.get("extra", {}).get("ratio_to_syn")
-            target = "≥ 0.85 x syn"
-            met = "-" if ratio is None else f"{yes_no(ratio >= TARGET_SYN_AFFINITY_RATIO)} ({ratio:.2f})"
+            target = "0.85 x syn: judged against testpmd"
+            met = "-" if ratio is None else f"({ratio:.2f} x syn)"
         elif n == "syn-alt-1m-affinities":
             t = r.get("extra", {}).get("turn_ratios") or {}
             ratio, what = t.get("median_of_runs"), "median of runs"
             if ratio is None:
                 ratio, what = t.get("median"), "turn median"
-            target = "≥ 0.85 x syn-alt-empty"
-            met = "-" if ratio is None else f"{yes_no(ratio >= TARGET_SYN_AFFINITY_RATIO)} ({ratio:.2f}, {what})"
+            target = "0.85 x syn-alt-empty: judged against testpmd"
+            met = "-" if ratio is None else f"({ratio:.2f}, {what})"
         elif n == "baseline":
             target = "reference"
         out.append(
@@ -216,7 +218,7 @@ def dataplane_section(d):
             "",
             "| affinities (/24s) | SYNs matching an affinity | changes/s applied (refused) | turn pairs | ratio, median of turns (p10 / p90) | ratio over all turns | runs' medians | median of runs | target |",
             "|--:|--:|--:|--:|--:|--:|--:|--:|---|",
-            "| {} | {} | {} | {} | {} ({} / {}) | {} | {} | {} | ≥ 0.85 |".format(
+            "| {} | {} | {} | {} | {} ({} / {}) | {} | {} | {} | 0.85, judged on the testpmd runs' devices |".format(
                 *affinity_cells(e),
                 t.get("count", 0),
                 f(t.get("median")),
@@ -287,7 +289,7 @@ def testpmd_section(t, json_name):
                 met += f"; {at} of {len(rounds)} rounds at or above"
             met += ")"
         if name == "syn-alternating" and m.get("turn_ratio") is not None:
-            rounds = m.get("turn_ratios", [])
+            rounds = m.get("turn_ratios_per_round", [])
             at = sum(x >= TARGET_SYN_AFFINITY_RATIO for x in rounds)
             target = "≥ 0.85 x empty turns"
             met = (

@@ -171,7 +171,10 @@ def run_pktdist(bench, scenario, pcap, seconds, extra):
     cmd = [bench, "--scenario", f"pcap-{scenario}", "--pcap", pcap, "--seconds", str(seconds), "--mem", str(mem)]
     cmd += ["--json", path] + extra
     try:
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            sys.exit(f"vs_testpmd: {' '.join(cmd)} exited with {done.returncode}:\n{tail}")
         with open(path) as fh:
             d = json.load(fh)
     finally:
@@ -235,7 +238,7 @@ def main():
             got["ratio"] = got["pktdist"]["mpps"] / got["testpmd"]["mpps"]
             got["capacity_ratio"] = got["pktdist"]["capacity_mpps"] / got["testpmd"]["mpps"]
             line = (
-                f"round {r + 1} {s:<13} testpmd {got['testpmd']['mpps']:6.2f}  pktdist {got['pktdist']['mpps']:6.2f} "
+                f"round {r + 1} {s:<15} testpmd {got['testpmd']['mpps']:6.2f}  pktdist {got['pktdist']['mpps']:6.2f} "
                 f"(cap {got['pktdist']['capacity_mpps']:5.2f}, p99 {got['pktdist']['latency_ns']['p99']:.0f} ns, "
                 f"on-CPU {got['pktdist']['on_cpu_share'] * 100:.0f}%)  ratio {got['ratio']:.3f}"
             )
@@ -299,7 +302,7 @@ def main():
             def turns(who, into):
                 per_round = [x[who]["extra"]["turn_ratios"]["median"] for x in rs]
                 into["turn_ratio"] = med(per_round)
-                into["turn_ratios"] = per_round
+                into["turn_ratios_per_round"] = per_round
                 into["empty_mpps"] = med([x[who]["extra"]["empty_table"]["mpps"] for x in rs])
                 into["overall_ratio_to_empty"] = med([x[who]["extra"]["ratio_to_empty"] for x in rs])
 
@@ -307,12 +310,12 @@ def main():
             if args.reference:
                 turns("reference", summary[s]["reference"])
     print()
-    print(f"{'scenario':<14} {'testpmd Mpps':>12} {'pktdist Mpps':>12} {'ratio':>7} {'target':>7} {'p99 ns':>7}  per-round ratios")
+    print(f"{'scenario':<15} {'testpmd Mpps':>12} {'pktdist Mpps':>12} {'ratio':>7} {'target':>7} {'p99 ns':>7}  per-round ratios")
     for s in scenarios:
         m = summary[s]
         t = TARGETS.get(s)
         print(
-            f"{s:<14} {m['testpmd_mpps']:>12.2f} {m['pktdist_mpps']:>12.2f} {m['ratio']:>7.3f} "
+            f"{s:<15} {m['testpmd_mpps']:>12.2f} {m['pktdist_mpps']:>12.2f} {m['ratio']:>7.3f} "
             f"{('>= %.2f' % t) if t else '-':>7} {m['p99_ns']:>7.0f}  {' '.join('%.3f' % x for x in m['ratios'])}"
         )
     for s in scenarios:
@@ -332,7 +335,7 @@ def main():
         )
 
     def turns_line(who, m):
-        per_round = m["turn_ratios"]
+        per_round = m["turn_ratios_per_round"]
         met = sum(x >= TARGET_TO_SYN for x in per_round)
         return (
             f"syn-alternating ({who}): loaded turns / neighbouring empty turns {m['turn_ratio']:.3f} (per round "
@@ -349,7 +352,7 @@ def main():
         for s in scenarios:
             m = summary[s]["reference"]
             print(
-                f"{s:<14} {m['mpps']:>6.2f} Mpps, ratio to testpmd {m['ratio']:.3f}, p99 {m['p99_ns']:.0f} ns, "
+                f"{s:<15} {m['mpps']:>6.2f} Mpps, ratio to testpmd {m['ratio']:.3f}, p99 {m['p99_ns']:.0f} ns, "
                 f"unknown flows {m['unknown_flow_share'] * 100:.3f}%; pktdist / reference {m['pktdist_over_reference']:.3f}"
             )
         if "ratio_to_syn" in summary.get("syn-affinity", {}).get("reference", {}):
