@@ -38,9 +38,8 @@ perf/out/pcap/):
   its neighbouring empty turns, the median per round: the issue's "with
   1M affinities at least 0.85 of the SYN flood's rate", measured without
   the seconds between two runs in which this VM's pace moves. (Its rates
-  are lower than the separate runs': two workers share the queues
-  through a RefCell, and each turn starts with the other's tables in the
-  caches.)
+  are not the separate runs': two workers share the queues through a
+  RefCell, and each turn starts with the other's tables in the caches.)
 
 Writes perf/out/testpmd-<UTC time>.json (and a testpmd-latest.json link),
 which perf/results.py reads for RESULTS.md. Needs root, two cores,
