@@ -323,23 +323,25 @@ def main():
                 f"warning: {s}: only {summary[s]['new_connection_share'] * 100:.1f}% of SYNs opened a new "
                 "connection (a pass over the file was shorter than the SYN timeout: use more --flows)"
             )
-    def to_syn_line(who, m):
-        per_round = m["ratios_to_syn"]
+    def per_round_text(per_round):
         met = sum(x >= TARGET_TO_SYN for x in per_round)
         return (
-            f"syn-affinity / syn ({who}, same rounds): {m['ratio_to_syn']:.3f} (per round "
-            f"{' '.join('%.3f' % x for x in per_round)}: {met} of {len(per_round)} at or above "
-            f"{TARGET_TO_SYN}); the affinities add {m['added_ns_per_syn']:.1f} ns per SYN to the "
-            f"SYN flood's {m['syn_ns_per_packet']:.1f}"
+            f"per round {' '.join('%.3f' % x for x in per_round)}: "
+            f"{met} of {len(per_round)} at or above {TARGET_TO_SYN}"
+        )
+
+    def to_syn_line(who, m):
+        return (
+            f"syn-affinity / syn ({who}, same rounds): {m['ratio_to_syn']:.3f} "
+            f"({per_round_text(m['ratios_to_syn'])}); the affinities add {m['added_ns_per_syn']:.1f} ns "
+            f"per SYN to the SYN flood's {m['syn_ns_per_packet']:.1f}"
         )
 
     def turns_line(who, m):
-        per_round = m["turn_ratios_per_round"]
-        met = sum(x >= TARGET_TO_SYN for x in per_round)
         return (
-            f"syn-alternating ({who}): loaded turns / neighbouring empty turns {m['turn_ratio']:.3f} (per round "
-            f"{' '.join('%.3f' % x for x in per_round)}: {met} of {len(per_round)} at or above {TARGET_TO_SYN}); "
-            f"over all turns {m['overall_ratio_to_empty']:.3f}; empty turns {m['empty_mpps']:.2f} Mpps"
+            f"syn-alternating ({who}): loaded turns / neighbouring empty turns {m['turn_ratio']:.3f} "
+            f"({per_round_text(m['turn_ratios_per_round'])}); over all turns "
+            f"{m['overall_ratio_to_empty']:.3f}; empty turns {m['empty_mpps']:.2f} Mpps"
         )
 
     if "syn-affinity" in summary and "ratio_to_syn" in summary["syn-affinity"]:
