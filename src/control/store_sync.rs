@@ -164,9 +164,9 @@ pub struct StoreSync {
     propagation: hdrhistogram::Histogram<u64>,
     /// Keys refused for a static affinity, logged once each.
     static_logged: HashSet<StoreKey>,
-    /// The declared states the store holds, with the revision of each
-    /// (UP where a deletion was seen).
-    declarations: HashMap<DeclarationKey, (Declared, Revision)>,
+    /// The revision of the last declaration seen for each key (UP's
+    /// deletions too); the states themselves are the plane's.
+    declared_at: HashMap<DeclarationKey, Revision>,
     /// The revision of the last load: outcomes older than it are in it.
     loaded_revision: Revision,
     /// BACKEND_STATE replies waiting, by their ticket.
@@ -193,7 +193,7 @@ impl StoreSync {
             propagation: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3)
                 .expect("static histogram bounds are valid"),
             static_logged: HashSet::new(),
-            declarations: HashMap::new(),
+            declared_at: HashMap::new(),
             loaded_revision: 0,
             declaring: HashMap::new(),
         }
@@ -397,13 +397,13 @@ impl StoreSync {
         revision: Revision,
     ) -> Vec<(String, String, BackendState)> {
         let newer = self
-            .declarations
+            .declared_at
             .get(&key)
-            .is_some_and(|&(_, seen)| seen > revision);
+            .is_some_and(|&seen| seen > revision);
         if newer || revision <= self.loaded_revision {
             return Vec::new();
         }
-        self.declarations.insert(key.clone(), (state, revision));
+        self.declared_at.insert(key.clone(), revision);
         plane.apply_declarations(&[(key, state)])
     }
 
@@ -799,18 +799,16 @@ impl StoreSync {
         revision: Revision,
         declarations: Vec<(StoredDeclaration, Revision)>,
     ) {
-        let loaded: HashMap<DeclarationKey, (Declared, Revision)> = declarations
-            .into_iter()
-            .map(|(d, r)| (d.key, (d.state, r)))
-            .collect();
-        let mut apply: Vec<(DeclarationKey, Declared)> = self
-            .declarations
+        self.declared_at = declarations
             .iter()
-            .filter(|(k, (state, _))| *state != Declared::Up && !loaded.contains_key(*k))
-            .map(|(k, _)| (k.clone(), Declared::Up))
+            .map(|(d, r)| (d.key.clone(), *r))
             .collect();
-        apply.extend(loaded.iter().map(|(k, &(state, _))| (k.clone(), state)));
-        self.declarations = loaded;
+        let mut apply: Vec<(DeclarationKey, Declared)> = plane
+            .shared_declarations()
+            .filter(|k| !self.declared_at.contains_key(*k))
+            .map(|k| (k.clone(), Declared::Up))
+            .collect();
+        apply.extend(declarations.into_iter().map(|(d, _)| (d.key, d.state)));
         self.loaded_revision = self.loaded_revision.max(revision);
         plane.apply_declarations(&apply);
     }

@@ -135,6 +135,11 @@ impl ControlPlane {
         self.states_of(&touched)
     }
 
+    /// The keys of the declarations other than UP the cluster holds.
+    pub fn shared_declarations(&self) -> impl Iterator<Item = &DeclarationKey> {
+        self.shared_declarations.keys()
+    }
+
     /// Gives each backend of `next` that is new here (no state yet) what
     /// the cluster declared for its name, before its first snapshot.
     pub(super) fn adopt_declarations(&mut self, next: &ServiceRegistry) {
