@@ -97,9 +97,14 @@ struct Args {
     /// Mbufs in the pool.
     #[arg(long, default_value_t = 16383)]
     mbufs: u32,
-    /// MiB of DPDK memory (EAL -m; --no-huge memory).
+    /// MiB of DPDK memory (EAL -m; --no-huge memory unless --hugepages).
     #[arg(long, default_value_t = 512)]
     mem: u32,
+    /// DPDK memory on hugepages (reserve them first: scripts/hugepages.sh;
+    /// EAL --in-memory) instead of --no-huge memory, as on a real NIC
+    /// server.
+    #[arg(long)]
+    hugepages: bool,
     /// Requests in flight in the control-rate run.
     #[arg(long, default_value_t = 64)]
     control_window: usize,
@@ -502,6 +507,30 @@ fn summarize(st: &LoopStats, hz: u64) -> LoopSummary {
     }
 }
 
+/// The EAL's arguments: `mem` MiB on hugepages or `--no-huge` memory,
+/// no PCI, no files shared with other processes, the main lcore on `core`.
+fn eal_args(hugepages: bool, mem: u32, core: usize) -> Vec<String> {
+    let memory: &[&str] = if hugepages {
+        // No hugepage files left behind, nothing shared.
+        &["--in-memory"]
+    } else {
+        &["--no-huge", "--no-shconf"]
+    };
+    let mem = mem.to_string();
+    let core = core.to_string();
+    let rest = [
+        "-m",
+        &mem,
+        "--no-pci",
+        "--no-telemetry",
+        "-l",
+        &core,
+        "--log-level",
+        "lib.eal:error",
+    ];
+    memory.iter().chain(&rest).map(|s| s.to_string()).collect()
+}
+
 impl Bench {
     fn setup(args: Args) -> Result<Bench, String> {
         let cores: Vec<usize> = core_affinity::get_core_ids()
@@ -515,21 +544,7 @@ impl Bench {
             ));
         }
         let (feeder_core, worker_core) = (cores[0], cores[1]);
-        let eal_args: Vec<String> = [
-            "--no-huge",
-            "-m",
-            &args.mem.to_string(),
-            "--no-pci",
-            "--no-shconf",
-            "--no-telemetry",
-            "-l",
-            &feeder_core.to_string(),
-            "--log-level",
-            "lib.eal:error",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let eal_args = eal_args(args.hugepages, args.mem, feeder_core);
         Eal::init(&eal_args).map_err(|e| format!("EAL {eal_args:?}: {e}"))?;
         let pool = Mempool::new("bench", args.mbufs, 256, DEFAULT_DATA_ROOM, SOCKET_ANY)
             .map_err(|e| format!("mempool: {e}"))?;

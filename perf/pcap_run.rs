@@ -153,21 +153,7 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
     let mem = args
         .mem
         .max(((u64::from(mbufs) * 4_000) >> 20) as u32 + 512);
-    let eal_args: Vec<String> = [
-        "--no-huge",
-        "-m",
-        &mem.to_string(),
-        "--no-pci",
-        "--no-shconf",
-        "--no-telemetry",
-        "-l",
-        &main_core.to_string(),
-        "--log-level",
-        "lib.eal:error",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let eal_args = crate::eal_args(args.hugepages, mem, main_core);
     Eal::init(&eal_args).map_err(|e| format!("EAL {eal_args:?}: {e}"))?;
     let pool = Mempool::new("pcap", mbufs, 256, DEFAULT_DATA_ROOM, SOCKET_ANY)
         .map_err(|e| format!("mempool of {mbufs} mbufs: {e}"))?;

@@ -14,6 +14,14 @@ median of the rounds' ratios.
     sudo perf/vs_testpmd.py                       # 5 rounds, 3 s per run
     sudo perf/vs_testpmd.py --rounds 9 --seconds 4 --scenario syn
     sudo perf/vs_testpmd.py --reference /tmp/bench-before   # and an older build
+    sudo perf/vs_testpmd.py --hugepages           # DPDK memory on hugepages
+
+With `--hugepages`, testpmd and pktdist take their DPDK memory (the
+replayed file's mbufs among it) from hugepages reserved beforehand
+(`scripts/hugepages.sh --pages N` of 2 MiB; this script says how many when
+too few are free), as on a real NIC server; without it, from --no-huge
+memory on small pages. pktdist's own tables take transparent huge pages
+either way.
 
 With `--reference`, a second dataplane-bench binary (an older build of
 pktdist, with the pcap scenarios) runs in every round too, so a change is
@@ -98,17 +106,30 @@ def ensure_pcap(bench, kind, flows):
     return path
 
 
-def testpmd_command(pcap, cores):
+def eal_memory_args(hugepages):
+    """The EAL's memory options, as dataplane-bench gives them: hugepages
+    (nothing shared, no files left behind) or --no-huge memory."""
+    return ["--in-memory"] if hugepages else ["--no-huge", "--no-shconf"]
+
+
+def hugepages_free_mib():
+    """Free hugepage memory of the default size, from /proc/meminfo."""
+    info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    pages = int(info["HugePages_Free"].split()[0])
+    size_kb = int(info["Hugepagesize"].split()[0])
+    return pages * size_kb // 1024
+
+
+def testpmd_command(pcap, cores, hugepages):
     frames = frames_in(pcap)
     return [
         "dpdk-testpmd",
         "-l",
         f"{cores[0]},{cores[1]}",
-        "--no-huge",
+        *eal_memory_args(hugepages),
         "-m",
         str(eal_memory_mib(frames)),
         "--no-pci",
-        "--no-shconf",
         "--no-telemetry",
         f"--vdev=net_pcap0,rx_pcap={pcap},infinite_rx=1",
         "--vdev=net_null0,no-rx=1",
@@ -126,10 +147,10 @@ def testpmd_command(pcap, cores):
     ]
 
 
-def run_testpmd(pcap, cores, warm_periods, periods):
+def run_testpmd(pcap, cores, warm_periods, periods, hugepages):
     """Forwarding rate of testpmd: the mean of port 0's Rx-pps over
     `periods` one-second stats periods, after `warm_periods`."""
-    cmd = testpmd_command(pcap, cores)
+    cmd = testpmd_command(pcap, cores, hugepages)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     port, rates, deadline = None, [], time.time() + 300
     try:
@@ -202,10 +223,16 @@ def main():
     ap.add_argument("--bench", default=BENCH)
     ap.add_argument("--reference", help="another dataplane-bench binary to run in every round")
     ap.add_argument("--json", help="output file (default perf/out/testpmd-<time>.json)")
+    ap.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="every run's DPDK memory on hugepages, as on a real NIC server (reserve them first: "
+        "scripts/hugepages.sh --pages N)",
+    )
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
-    extra = argv[cut + 1:]
+    extra = argv[cut + 1:] + (["--hugepages"] if args.hugepages else [])
     scenarios = [s for s in args.scenario.split(",") if s]
     for s in scenarios:
         if s not in FILES:
@@ -216,6 +243,15 @@ def main():
     if len(cores) < 2:
         sys.exit("vs_testpmd: needs two cores")
     pcaps = {s: ensure_pcap(args.bench, FILES[s], args.flows) for s in scenarios}
+    if args.hugepages:
+        # One run at a time holds the file's mbufs and the queues' working set.
+        need = max(eal_memory_mib(frames_in(p)) for p in pcaps.values())
+        free = hugepages_free_mib()
+        if free < need:
+            sys.exit(
+                f"vs_testpmd: --hugepages needs {need} MiB of free hugepages, {free} MiB are free "
+                f"(scripts/hugepages.sh --pages {-(-need // 2) + 64})"
+            )
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load = open("/proc/loadavg").read().split()[:3]
     results = {s: [] for s in scenarios}
@@ -230,7 +266,7 @@ def main():
             got = {}
             for who in order:
                 if who == "testpmd":
-                    got[who] = run_testpmd(pcaps[s], cores, 2, args.seconds)
+                    got[who] = run_testpmd(pcaps[s], cores, 2, args.seconds, args.hugepages)
                 else:
                     bench = args.bench if who == "pktdist" else args.reference
                     got[who] = run_pktdist(bench, s, pcaps[s], args.seconds, extra)
@@ -369,6 +405,7 @@ def main():
         "rounds": args.rounds,
         "seconds": args.seconds,
         "flows": args.flows,
+        "hugepages": args.hugepages,
         "cores": cores,
         "summary": summary,
         "runs": results,
