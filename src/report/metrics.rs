@@ -6,12 +6,16 @@
 //!
 //! The control thread renders the text about once a second; a small HTTP
 //! thread serves the latest rendering, so a slow scraper never holds up the
-//! control thread.
+//! control thread. Each connection is answered on a thread of its own (at
+//! most [`MAX_CONNECTIONS`] at once, more wait in the listen backlog) within
+//! [`CONNECTION_DEADLINE`] for its request and again for the answer, so a
+//! client that trickles its request or never reads holds up neither the
+//! readiness checks nor the scrapes beyond that.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +28,11 @@ use crate::types::BackendState;
 const RENDER_PERIOD: Duration = Duration::from_secs(1);
 /// Largest request head read.
 const MAX_REQUEST: usize = 8192;
+/// Connections answered at once, each on its own thread.
+const MAX_CONNECTIONS: usize = 8;
+/// How long a connection may take to send its request head, and again to
+/// take the answer, before it is closed.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(2);
 
 struct Family<'a> {
     out: &'a mut String,
@@ -655,7 +664,7 @@ impl MetricsServer {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("pktdist-metrics".into())
-            .spawn(move || serve(listener, &s))?;
+            .spawn(move || serve(listener, s))?;
         Ok(MetricsServer {
             shared,
             addr,
@@ -703,12 +712,29 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(listener: TcpListener, shared: &Shared) {
+fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let active = Arc::new(AtomicUsize::new(0));
     while !shared.stop.load(Ordering::Relaxed) {
+        // At the limit, new connections wait in the backlog.
+        if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
-                // A misbehaving client costs at most its timeouts.
-                let _ = answer(stream, shared);
+                active.fetch_add(1, Ordering::AcqRel);
+                let (s, a) = (Arc::clone(&shared), Arc::clone(&active));
+                let spawned = std::thread::Builder::new()
+                    .name("pktdist-http".into())
+                    .spawn(move || {
+                        // A misbehaving client costs at most its deadlines.
+                        let _ = answer(stream, &s);
+                        a.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    // Not answered: the connection closes with the closure.
+                    active.fetch_sub(1, Ordering::AcqRel);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
@@ -718,13 +744,24 @@ fn serve(listener: TcpListener, shared: &Shared) {
     }
 }
 
+/// The time left until `deadline` (a timeout error once it has passed),
+/// for a socket timeout.
+fn time_left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(io::ErrorKind::TimedOut.into())
+    } else {
+        Ok(left)
+    }
+}
+
 fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + CONNECTION_DEADLINE;
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+        stream.set_read_timeout(Some(time_left(deadline)?))?;
         let n = stream.read(&mut buf[len..])?;
         if n == 0 {
             break;
@@ -768,12 +805,22 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
             "only GET\n".to_string(),
         ),
     };
-    write!(
-        stream,
+    let answer = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    stream.flush()
+    );
+    let deadline = Instant::now() + CONNECTION_DEADLINE;
+    let mut rest = answer.as_bytes();
+    while !rest.is_empty() {
+        stream.set_write_timeout(Some(time_left(deadline)?))?;
+        match stream.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -877,5 +924,76 @@ mod tests {
         );
         m.set_ready(false);
         assert!(get("/ready").starts_with("HTTP/1.1 503"));
+    }
+
+    /// Clients that trickle their request a byte at a time, each byte
+    /// within any per-read timeout, neither hold up a readiness check
+    /// while they trickle nor keep their connection: the server closes it
+    /// once the request's deadline has passed.
+    #[test]
+    fn trickling_clients_hold_up_nobody_and_are_cut_off() {
+        let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        m.set_ready(true);
+        let addr = m.local_addr();
+        let done = Arc::new(AtomicBool::new(false));
+        // More tricklers than the server answers at once.
+        let tricklers: Vec<_> = (0..MAX_CONNECTIONS + 2)
+            .map(|_| {
+                let done = Arc::clone(&done);
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+                    // Until the server closes the connection, or the test
+                    // is over (a server that never closes it fails below).
+                    for &b in b"GET /metrics HTTP/1.1\r\nHost: x".iter().cycle() {
+                        if done.load(Ordering::Relaxed) {
+                            return false;
+                        }
+                        // Closed by the server: a write fails once it has
+                        // reset the connection, a read sees the end.
+                        if s.write_all(&[b]).is_err() {
+                            return true;
+                        }
+                        let mut one = [0u8; 1];
+                        match s.read(&mut one) {
+                            Ok(0) => return true,
+                            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                            _ => {}
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    unreachable!("cycle never ends")
+                })
+            })
+            .collect();
+        // The tricklers are connected and trickling; a readiness check
+        // still gets its answer (with a pool held by the tricklers, after
+        // one of them is cut off).
+        std::thread::sleep(Duration::from_millis(300));
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("ready\n"),
+            "{r}"
+        );
+        // Every trickler is cut off by the server, well before the test
+        // gives up on them.
+        let watchdog = {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(60));
+                done.store(true, Ordering::Relaxed);
+            })
+        };
+        for t in tricklers {
+            assert!(
+                t.join().unwrap(),
+                "the server kept a trickling connection open"
+            );
+        }
+        drop(watchdog);
     }
 }
