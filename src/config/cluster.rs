@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::error::KeyPath;
-use super::{fail, Check, DurationStr};
+use super::{fail, too_long, Check, DurationStr};
 
 /// The store that keeps the shared affinity table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -101,6 +101,9 @@ impl ClusterConfig {
                     self.instance
                 ),
             );
+        }
+        if let Some(e) = too_long("an instance", &self.instance) {
+            return fail(p.key("instance"), e);
         }
         if !self.prefix.starts_with('/') {
             return fail(

@@ -29,7 +29,7 @@ use crate::net::IpNet;
 use crate::protocol::rate_limit::{
     RateLimits, DEFAULT_ADMIN_MAX_REQUESTS_PER_SECOND, DEFAULT_MAX_REQUESTS_PER_SECOND,
 };
-use crate::sched::maglev::{is_prime, MaglevTable};
+use crate::sched::maglev::{is_prime, MaglevTable, MAX_SIZE as MAX_MAGLEV_TABLE_SIZE};
 use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
 
 pub use cluster::{ClusterConfig, StoreKind};
@@ -50,6 +50,10 @@ pub const MAX_FLOW_CAPACITY: usize = crate::datapath::flow::MAX_CAPACITY;
 pub const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Longest `affinity_grace` a service may have: a day.
 pub const MAX_AFFINITY_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest `max_affinity_duration` a service may have: 365 days.
+pub const MAX_AFFINITY_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest automatic-affinity `linger`: a day.
+pub const MAX_LINGER: Duration = Duration::from_secs(24 * 3600);
 /// Largest `[control] max_clock_skew`: ten minutes. The skew is the replay
 /// window: a request stamped further from the distributor's clock is
 /// refused, and nonces are remembered for that long.
@@ -587,6 +591,18 @@ fn fail(path: KeyPath, msg: impl Into<String>) -> Check {
     Err(Invalid(path, msg.into()))
 }
 
+/// Why a `what` name is longer than the control protocol and the cluster
+/// store carry ([`crate::types::MAX_NAME_LEN`] bytes), if it is.
+fn too_long(what: &str, name: &str) -> Option<String> {
+    (name.len() > crate::types::MAX_NAME_LEN).then(|| {
+        format!(
+            "{what} name of {} bytes: names are at most {} bytes",
+            name.len(),
+            crate::types::MAX_NAME_LEN
+        )
+    })
+}
+
 /// A state file path pktdist can write: a file name in a directory that
 /// exists, and not itself a directory.
 fn state_file_ok(path: &Path) -> Result<(), String> {
@@ -977,6 +993,9 @@ impl Config {
             if s.name.is_empty() {
                 return fail(sp.key("name"), "a service needs a name");
             }
+            if let Some(e) = too_long("service", &s.name) {
+                return fail(sp.key("name"), e);
+            }
             if let Some(j) = names.insert(&s.name, i) {
                 return fail(
                     sp.key("name"),
@@ -1025,6 +1044,12 @@ impl Config {
             }
             if let Some(size) = s.maglev_table_size {
                 let need = 100 * s.backends.len();
+                if size > MAX_MAGLEV_TABLE_SIZE {
+                    return fail(
+                        sp.key("maglev_table_size"),
+                        format!("{size} is above the largest table, {MAX_MAGLEV_TABLE_SIZE}"),
+                    );
+                }
                 if !is_prime(size) {
                     return fail(
                         sp.key("maglev_table_size"),
@@ -1043,6 +1068,18 @@ impl Config {
             }
             if s.max_affinity_duration.0.is_zero() {
                 return fail(sp.key("max_affinity_duration"), "must be longer than 0");
+            }
+            if s.max_affinity_duration.0 > MAX_AFFINITY_DURATION {
+                return fail(
+                    sp.key("max_affinity_duration"),
+                    format!("{}: must be at most 365d", s.max_affinity_duration),
+                );
+            }
+            if let Some(a) = s.auto_affinity.filter(|a| a.linger.0 > MAX_LINGER) {
+                return fail(
+                    sp.key("auto_affinity").key("linger"),
+                    format!("{}: the linger must be at most 1d", a.linger),
+                );
             }
             for (k, v, max) in [
                 ("ipv4", s.min_prefix.ipv4, 32),
@@ -1075,6 +1112,9 @@ impl Config {
                 let bp = sp.key("backends").index(j);
                 if b.name.is_empty() {
                     return fail(bp.key("name"), "a backend needs a name");
+                }
+                if let Some(e) = too_long("backend", &b.name) {
+                    return fail(bp.key("name"), e);
                 }
                 if !bnames.insert(b.name.as_str()) {
                     return fail(

@@ -383,6 +383,46 @@ fn maglev_size_not_prime_or_too_small() {
         Config::parse(&t, "t.toml").unwrap().services[0].maglev_size(),
         211
     );
+    // A huge prime is refused before its primality is tried (which would
+    // take minutes) or its table allocated.
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nmaglev_table_size = 9223372036854775783",
+    );
+    check(
+        &t,
+        "services[0].maglev_table_size",
+        "maglev_table_size",
+        "above the largest table, 16777216",
+    );
+}
+
+/// Durations the data path keeps in milliseconds are bounded, so that none
+/// wraps into a short one.
+#[test]
+fn affinity_durations_are_bounded() {
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nmax_affinity_duration = \"366d\"",
+    );
+    check(
+        &t,
+        "services[0].max_affinity_duration",
+        "max_affinity_duration",
+        "must be at most 365d",
+    );
+    let t = edit(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nmax_affinity_duration = \"365d\"",
+    );
+    Config::parse(&t, "t.toml").unwrap();
+    let t = edit("linger = \"30s\"", "linger = \"2d\"");
+    check(
+        &t,
+        "services[1].auto_affinity.linger",
+        "linger",
+        "the linger must be at most 1d",
+    );
 }
 
 #[test]
@@ -1213,6 +1253,12 @@ fn cluster_section_is_checked_key_by_key() {
         ),
         (with("lb-1.dc_a", ""), "cluster.instance", "instance", "A-Z"),
         (
+            with("lb-1.dc_a", &"i".repeat(65)),
+            "cluster.instance",
+            "instance",
+            "instance name of 65 bytes: names are at most 64 bytes",
+        ),
+        (
             with("instance", "prefix = \"pktdist\"\ninstance"),
             "cluster.prefix",
             "prefix",
@@ -1325,4 +1371,32 @@ fn hash_input_per_service() {
     let e = err(&t);
     assert_eq!(e.key, "services[0].hash", "{e}");
     assert!(e.message.contains("needs scheduler = \"maglev\""), "{e}");
+}
+
+/// Service and backend names travel in control messages and cluster
+/// records, which carry at most 64 bytes: longer ones are refused where
+/// they are written, not skipped later by the other instances.
+#[test]
+fn names_longer_than_the_wire_carries_are_refused() {
+    let long = "n".repeat(65);
+    let service = BASE.replacen("name = \"web\"", &format!("name = \"{long}\""), 1);
+    assert_ne!(service, *BASE);
+    let service = service.replace("service = \"web\"", &format!("service = \"{long}\""));
+    check(
+        &service,
+        "services[0].name",
+        &long,
+        "service name of 65 bytes: names are at most 64 bytes",
+    );
+    let backend = BASE.replace("\"be1\"", &format!("\"{long}\""));
+    assert_ne!(backend, *BASE);
+    check(
+        &backend,
+        "services[0].backends[0].name",
+        &long,
+        "backend name of 65 bytes: names are at most 64 bytes",
+    );
+    // 64 bytes are fine.
+    let fits = "n".repeat(64);
+    Config::parse(&BASE.replace("\"be1\"", &format!("\"{fits}\"")), "t.toml").unwrap();
 }

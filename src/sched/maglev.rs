@@ -15,6 +15,10 @@
 
 /// Most backends one table can index (entries are `u16`).
 pub const MAX_BACKENDS: usize = u16::MAX as usize;
+/// Largest table size: 2^24 entries (32 MiB of 16-bit indices), above the
+/// 100 × [`MAX_BACKENDS`] that the most backends need.
+pub const MAX_SIZE: usize = 1 << 24;
+const _: () = assert!(MAX_SIZE >= 100 * MAX_BACKENDS);
 
 /// The smallest table size [`MaglevTable::default_size`] returns: the
 /// customary Maglev size for small services.
@@ -82,6 +86,11 @@ impl MaglevTable {
             return Err(format!(
                 "{} backends: a Maglev table indexes at most {MAX_BACKENDS}",
                 backends.len()
+            ));
+        }
+        if size > MAX_SIZE {
+            return Err(format!(
+                "Maglev table size {size} is above the largest, {MAX_SIZE}"
             ));
         }
         if !is_prime(size) {
@@ -348,6 +357,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
+        assert!(MaglevTable::new(&[("a", 1)], MAX_SIZE + 1)
+            .unwrap_err()
+            .contains("above the largest"));
         let b = [("a", 1), ("b", 1), ("c", 0)];
         let e = MaglevTable::new(&b, 65536).unwrap_err();
         assert!(e.contains("not a prime"), "{e}");
