@@ -521,7 +521,7 @@ impl ControlClient {
             let n = encode_request(&mut self.tx, &header, &self.key, request)?;
             self.socket.send_to(&self.tx[..n], self.server)?;
             sent.push(nonce);
-            let deadline = Instant::now() + self.timeout;
+            let deadline = deadline_after(self.timeout);
             while let Some((rid, reply)) = self.receive_until(deadline, false)? {
                 if rid == id
                     && reply.request_type == request.msg_type() as u8
@@ -542,7 +542,7 @@ impl ControlClient {
         if let Some(n) = self.ended.pop_front() {
             return Ok(Some(n));
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             match self.receive_until(deadline, true)? {
                 None => return Ok(self.ended.pop_front()),
@@ -702,6 +702,14 @@ pub fn set_backend_state(
 ) -> Result<Reply, ClientError> {
     let mut c = ControlClient::new(server, name, key)?;
     ok(c.set_backend_state(None, None, state)?)
+}
+
+/// The instant `wait` from now; a wait too long to add (a caller's
+/// `Duration::MAX`, say) waits about a century instead.
+fn deadline_after(wait: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = Instant::now();
+    now.checked_add(wait).unwrap_or_else(|| now + CENTURY)
 }
 
 #[cfg(test)]
@@ -1107,6 +1115,21 @@ mod tests {
         assert_eq!((r.code, r.message.as_ref()), (ReturnCode::Unknown, "newer"));
         assert_eq!(c.ignored(), 0);
         t.join().unwrap();
+    }
+
+    /// A timeout too long to add to the clock waits without end rather
+    /// than panicking: the reply is taken as any other.
+    #[test]
+    fn a_timeout_of_duration_max_waits_for_the_reply() {
+        let (addr, t) = scripted(|s| {
+            answer(s, WEB1_KEY, "web1", |_, _| {});
+        });
+        let mut c = ControlClient::new(addr, "web1", WEB1_KEY).unwrap();
+        c.set_timeout(Duration::MAX);
+        let r = c.cancel_affinity(&AffinitySpec::new(akey())).unwrap();
+        assert_eq!(r.code, ReturnCode::Ok);
+        t.join().unwrap();
+        assert!(deadline_after(Duration::MAX) > Instant::now());
     }
 
     /// Timestamps never go back, even when the clock does: the server may

@@ -141,7 +141,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     control.serve_until(
         &flags.signal,
         &flags.reload,
-        opts.duration.map(|d| began + d),
+        // A duration too long to add to the clock has no end to wait for.
+        opts.duration.and_then(|d| began.checked_add(d)),
     );
     notifier.stopping();
     // Asked to stop by a signal: not ready from now on (BGP withdraws the
