@@ -212,6 +212,22 @@ impl KeySpace {
             ));
         }
         let ports: PortMatch = ports.parse()?;
+        // The form an affinity's key is written in: its prefix masked, a
+        // one-port range as the port, the whole range as any. Other
+        // spellings of the same affinity would stand for it, and a delete
+        // of one would take the affinity away under the other.
+        if crate::net::mask_addr(client, prefix_len) != client {
+            return Err(format!(
+                "the client {client} has bits beyond its prefix length {prefix_len}"
+            ));
+        }
+        if let PortMatch::Range(lo, hi) = ports {
+            if lo >= hi || (lo, hi) == (0, u16::MAX) {
+                return Err(format!(
+                    "the port range {lo}-{hi} is not written as one port or any"
+                ));
+            }
+        }
         let k = StoreKey {
             service,
             client,
@@ -494,9 +510,12 @@ mod tests {
             PortMatch::Range(1, 65535),
         ] {
             round_trip(&ks, &affinity("web", v4, 24, ports));
-            round_trip(&ks, &affinity("web", v4, 0, ports));
+            round_trip(
+                &ks,
+                &affinity("web", Ipv4Addr::UNSPECIFIED.into(), 0, ports),
+            );
             round_trip(&ks, &affinity("web", v6, 128, ports));
-            round_trip(&ks, &affinity("web", mapped, 96, ports));
+            round_trip(&ks, &affinity("web", mapped, 128, ports));
         }
         for name in [
             "a/b",
@@ -512,7 +531,8 @@ mod tests {
         ] {
             round_trip(&ks, &affinity(name, v4, 32, PortMatch::Any));
         }
-        let mut udp = affinity("dns", v6, 64, PortMatch::Any);
+        let net: IpAddr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0).into();
+        let mut udp = affinity("dns", net, 64, PortMatch::Any);
         udp.affinity.service_addr.proto = PROTO_UDP;
         udp.affinity.notify = None;
         round_trip(&ks, &udp);
@@ -554,6 +574,11 @@ mod tests {
             b"/p/a/web/192.000.2.0/24/any",
             b"/p/a/web/2001:DB8::/32/any",
             b"/p/a/web/not-an-ip/24/any",
+            // Another spelling of /p/a/web/192.0.2.0/24/any, /5, /any.
+            b"/p/a/web/192.0.2.5/24/any",
+            b"/p/a/web/2001:db8::1/64/any",
+            b"/p/a/web/192.0.2.0/24/5-5",
+            b"/p/a/web/192.0.2.0/24/0-65535",
             b"/p/a/w%2/192.0.2.0/24/any",
             b"/p/a/w%zz/192.0.2.0/24/any",
             b"/p/a/w%2f/192.0.2.0/24/any",
@@ -572,6 +597,17 @@ mod tests {
         }
         let long = format!("/p/a/{}/192.0.2.0/24/any", "x".repeat(MAX_NAME_LEN + 1));
         assert!(ks.parse_key(long.as_bytes()).is_err());
+        // The canonical spellings are read.
+        for key in [
+            &b"/p/a/web/192.0.2.0/24/any"[..],
+            b"/p/a/web/2001:db8::/64/any",
+            b"/p/a/web/192.0.2.0/24/5",
+            b"/p/a/web/192.0.2.0/24/5-6",
+            b"/p/a/web/192.0.2.5/32/0-65534",
+        ] {
+            let k = ks.parse_key(key).unwrap();
+            assert_eq!(ks.key(&k).as_bytes(), key);
+        }
     }
 
     #[test]
