@@ -596,6 +596,9 @@ impl ControlPlane {
         let key = TableKey::new(svc.id, family, ip_bits(a.client), a.prefix_len, a.ports)
             .map_err(|_| EndReason::BackendRemoved)?;
         let age = wall_ms.saturating_sub(a.created_unix_ms);
+        // Never longer than this configuration grants, whatever the file
+        // says (it may come from another configuration, or be forged).
+        let left_ms = left_ms.min(max_affinity_ms(svc));
         self.affinities
             .restore(key, owner, left_ms, a.notify, now.saturating_sub(age), now)
             .map(|_| ())
@@ -865,7 +868,7 @@ impl ControlPlane {
             });
         }
         let owner = self.owner_of(svc, op)?;
-        let max = svc.max_affinity.as_millis() as u64;
+        let max = max_affinity_ms(svc);
         let duration = u64::from(op.duration_secs) * 1000;
         if action != AffinityAction::Cancel && (duration == 0 || duration > max) {
             return Err(Response::new(ReturnCode::Invalid).with_message(format!(
@@ -1112,6 +1115,12 @@ fn wire_key(svc: &Service, k: &TableKey) -> AffinityKey {
         prefix_len: k.prefix_len(),
         ports: k.ports(),
     }
+}
+
+/// The longest affinity `svc` grants, in ms (its configuration bounds it
+/// well within a `u64`).
+fn max_affinity_ms(svc: &Service) -> u64 {
+    u64::try_from(svc.max_affinity.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -1845,5 +1854,26 @@ address = "2001:db8:1::2"
         let done = q.restore(&saved.affinities, wall);
         assert_eq!((done.installed, done.refused), (1, 1));
         assert_eq!(q.take_notices()[0].1.reason, EndReason::Cancelled);
+
+        // An expiry beyond what the service grants (a file from another
+        // configuration, or forged) is cut to the service's longest.
+        let mut far = saved.affinities.clone();
+        far.retain(|a| a.owner == "b");
+        far[0].expires_unix_ms = u64::MAX;
+        let (mut q, r) = plane(&config_text());
+        assert_eq!(q.restore(&far, wall).installed, 1);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0101, 1), Some(2));
+        let max = q.dp.service(WEB).unwrap().max_affinity;
+        let left = q
+            .affinities()
+            .list()
+            .next()
+            .unwrap()
+            .1
+            .remaining_ms(q.now_ms());
+        assert!(
+            left.is_some_and(|l| l > 0 && u128::from(l) <= max.as_millis()),
+            "{left:?} left, the service grants {max:?}"
+        );
     }
 }

@@ -1374,6 +1374,36 @@ mod tests {
         assert!(b.op().is_none(), "nothing for the store");
     }
 
+    /// A stored expiry beyond what the service grants here (another
+    /// instance's configuration, or a value written by hand) is cut to the
+    /// service's longest.
+    #[test]
+    fn a_stored_expiry_is_cut_to_what_the_service_grants() {
+        let mut b = loaded("i1", vec![]);
+        let mut far = stored("b", "i2", 60_000);
+        far.affinity.expires_unix_ms = u64::MAX;
+        b.event(StoreEvent::Changed {
+            revision: 11,
+            change: Change::Put(far),
+        });
+        b.turn(WALL);
+        assert_eq!(b.lookup(), Some(2));
+        let max = b.plane.dataplane().service(WEB).unwrap().max_affinity;
+        let now = b.plane.now_ms();
+        let left = b
+            .plane
+            .affinities()
+            .list()
+            .next()
+            .unwrap()
+            .1
+            .remaining_ms(now);
+        assert!(
+            left.is_some_and(|l| l > 0 && u128::from(l) <= max.as_millis()),
+            "{left:?} left, the service grants {max:?}"
+        );
+    }
+
     #[test]
     fn a_load_replaces_the_table_silently_and_ends_what_is_due() {
         let mut b = loaded("i1", vec![(stored("a", "i1", 60_000), 5)]);

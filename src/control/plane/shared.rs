@@ -335,6 +335,10 @@ impl ControlPlane {
             }
         }
         let age = wall_ms.saturating_sub(a.created_unix_ms);
+        // Never longer than this instance's configuration grants, whatever
+        // the store says (another instance's configuration, or a value
+        // written by hand): it ends here then, and with it in the store.
+        let left = left.min(super::max_affinity_ms(svc));
         match self
             .affinities
             .restore(key, owner, left, a.notify, now.saturating_sub(age), now)
