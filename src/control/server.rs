@@ -37,8 +37,9 @@ pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
 pub const DEFAULT_REPLAY_CAPACITY: usize = 2_000_000;
 /// Datagrams handled per [`ControlServer::poll`] call at most.
 pub const DEFAULT_MAX_PER_POLL: usize = 256;
-/// Statistics snapshots kept for clients fetching them in chunks.
-const STATS_SNAPSHOTS: usize = 4;
+/// Statistics snapshots kept for clients fetching them in chunks: one per
+/// sender, the oldest sender's expiring first.
+const STATS_SNAPSHOTS: usize = 8;
 /// Replies parked for the shared store by default (cluster mode): beyond
 /// it, changes are answered UNAVAILABLE at once.
 pub const DEFAULT_MAX_PARKED: usize = 16_384;
@@ -122,6 +123,10 @@ struct Parked {
 
 struct StatsSnapshot {
     token: u32,
+    /// The sender that asked for it: a sender's new snapshot replaces its
+    /// own, so that one asking again and again does not expire the
+    /// snapshots others are still fetching.
+    requester: String,
     json: String,
 }
 
@@ -592,10 +597,15 @@ impl ControlServer {
             Payload::Stats(json) => {
                 let token = self.next_token;
                 self.next_token = self.next_token.wrapping_add(1).max(1);
+                self.stats.retain(|s| s.requester != header.name);
                 if self.stats.len() == STATS_SNAPSHOTS {
                     self.stats.pop_front();
                 }
-                self.stats.push_back(StatsSnapshot { token, json });
+                self.stats.push_back(StatsSnapshot {
+                    token,
+                    requester: header.name.to_string(),
+                    json,
+                });
                 return self.stats_chunk(header, token, 0);
             }
         }
@@ -1353,6 +1363,38 @@ mod tests {
         );
         let out = s.process(&d, src(), &mut h, NOW).unwrap().to_vec();
         assert_eq!(open_reply(&out, "admin").1.code, ReturnCode::NotFound);
+    }
+
+    /// A sender asking for new snapshots again and again replaces only its
+    /// own: the one another sender is fetching stays.
+    #[test]
+    fn a_sender_asking_again_expires_only_its_own_snapshot() {
+        let mut s = server();
+        let mut h = Recorder::default();
+        let json = format!("{{\"x\":\"{}\"}}", "y".repeat(5000));
+        let mut first = |s: &mut ControlServer, h: &mut Recorder, name, nonce| {
+            h.next = Some(Response::stats(json.clone()));
+            let req = Request::Stats {
+                token: 0,
+                offset: 0,
+            };
+            let out = s.process(&datagram(name, NOW, nonce, &req), src(), h, NOW);
+            let (_, r) = open_reply(&out.unwrap().to_vec(), name);
+            let ReplyPayload::Stats { token, chunk, .. } = r.payload else {
+                panic!("no stats payload")
+            };
+            assert!(r.more);
+            (token, chunk.len() as u32)
+        };
+        let (token, offset) = first(&mut s, &mut h, "admin", 1);
+        for i in 0..4 * STATS_SNAPSHOTS as u64 {
+            first(&mut s, &mut h, "web1", 100 + i);
+        }
+        assert_eq!(s.stats.len(), 2, "one snapshot per sender");
+        let req = Request::Stats { token, offset };
+        let out = s.process(&datagram("admin", NOW, 2, &req), src(), &mut h, NOW);
+        let (_, r) = open_reply(&out.unwrap().to_vec(), "admin");
+        assert_eq!(r.code, ReturnCode::Ok, "{}", r.message);
     }
 
     #[test]
