@@ -422,6 +422,18 @@ pub enum PortMatch {
 }
 
 impl PortMatch {
+    /// The one spelling of these ports: a one-port range as the port, the
+    /// whole range as any (a range whose low end is above its high end is
+    /// left as it is, for the caller to refuse).
+    #[inline]
+    pub fn normalized(self) -> PortMatch {
+        match self {
+            PortMatch::Range(lo, hi) if lo == hi => PortMatch::One(lo),
+            PortMatch::Range(0, u16::MAX) => PortMatch::Any,
+            p => p,
+        }
+    }
+
     /// Whether `port` is covered.
     #[inline]
     pub fn contains(self, port: u16) -> bool {

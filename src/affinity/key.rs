@@ -39,14 +39,12 @@ impl TableKey {
         if family == Family::V4 && addr > u128::from(u32::MAX) {
             return Err(AffinityError::Invalid("IPv4 address wider than 32 bits"));
         }
-        let ports = match ports {
-            PortMatch::Range(lo, hi) if lo > hi => {
-                return Err(AffinityError::Invalid("port range low above high"))
+        if let PortMatch::Range(lo, hi) = ports {
+            if lo > hi {
+                return Err(AffinityError::Invalid("port range low above high"));
             }
-            PortMatch::Range(lo, hi) if lo == hi => PortMatch::One(lo),
-            PortMatch::Range(0, u16::MAX) => PortMatch::Any,
-            p => p,
-        };
+        }
+        let ports = ports.normalized();
         Ok(TableKey {
             addr: addr & prefix_mask(family, prefix_len),
             service,

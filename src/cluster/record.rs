@@ -221,12 +221,11 @@ impl KeySpace {
                 "the client {client} has bits beyond its prefix length {prefix_len}"
             ));
         }
-        if let PortMatch::Range(lo, hi) = ports {
-            if lo >= hi || (lo, hi) == (0, u16::MAX) {
-                return Err(format!(
-                    "the port range {lo}-{hi} is not written as one port or any"
-                ));
-            }
+        if ports.normalized() != ports {
+            return Err(format!(
+                "the ports {ports} are not written as pktdist writes them ({})",
+                ports.normalized()
+            ));
         }
         let k = StoreKey {
             service,

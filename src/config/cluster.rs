@@ -102,7 +102,7 @@ impl ClusterConfig {
                 ),
             );
         }
-        if let Some(e) = too_long("an instance", &self.instance) {
+        if let Some(e) = too_long("instance", &self.instance) {
             return fail(p.key("instance"), e);
         }
         if !self.prefix.starts_with('/') {

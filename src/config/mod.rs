@@ -932,14 +932,11 @@ impl Config {
             return fail(cp.key("metrics_listen"), "is the same address as listen");
         }
         for name in c.keys.keys() {
-            if name.is_empty() || name.len() > crate::types::MAX_NAME_LEN {
-                return fail(
-                    cp.key("keys"),
-                    format!(
-                        "key name {name:?}: names are 1 to {} bytes",
-                        crate::types::MAX_NAME_LEN
-                    ),
-                );
+            if name.is_empty() {
+                return fail(cp.key("keys"), "a key needs a name");
+            }
+            if let Some(e) = too_long("key", name) {
+                return fail(cp.key("keys"), e);
             }
         }
         if let Some(t) = &self.traffic {

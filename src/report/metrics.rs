@@ -7,10 +7,11 @@
 //! The control thread renders the text about once a second; a small HTTP
 //! thread serves the latest rendering, so a slow scraper never holds up the
 //! control thread. Each connection is answered on a thread of its own (at
-//! most [`MAX_CONNECTIONS`] at once, more wait in the listen backlog) within
-//! [`CONNECTION_DEADLINE`] for its request and again for the answer, so a
-//! client that trickles its request or never reads holds up neither the
-//! readiness checks nor the scrapes beyond that.
+//! most [`MAX_CONNECTIONS`] at once, more wait in the listen backlog),
+//! within [`REQUEST_DEADLINE`] for its request head and [`ANSWER_DEADLINE`]
+//! for the answer, so clients that trickle their requests or never read
+//! delay a readiness check or a scrape only while they hold every
+//! connection, and at most by a request's deadline each time.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -30,9 +31,12 @@ const RENDER_PERIOD: Duration = Duration::from_secs(1);
 const MAX_REQUEST: usize = 8192;
 /// Connections answered at once, each on its own thread.
 const MAX_CONNECTIONS: usize = 8;
-/// How long a connection may take to send its request head, and again to
-/// take the answer, before it is closed.
-const CONNECTION_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a connection may take to send its request head before it is
+/// closed.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a connection may take to take its answer (`/metrics` of
+/// thousands of backends runs to megabytes) before it is closed.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
 struct Family<'a> {
     out: &'a mut String,
@@ -722,25 +726,40 @@ fn serve(listener: TcpListener, shared: Arc<Shared>) {
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                active.fetch_add(1, Ordering::AcqRel);
-                let (s, a) = (Arc::clone(&shared), Arc::clone(&active));
-                let spawned = std::thread::Builder::new()
+                let slot = Slot::take(&active);
+                let s = Arc::clone(&shared);
+                // If the thread cannot start, the closure is dropped with
+                // the connection (closed, unanswered) and the slot.
+                let _ = std::thread::Builder::new()
                     .name("pktdist-http".into())
                     .spawn(move || {
+                        let _slot = slot;
                         // A misbehaving client costs at most its deadlines.
                         let _ = answer(stream, &s);
-                        a.fetch_sub(1, Ordering::AcqRel);
                     });
-                if spawned.is_err() {
-                    // Not answered: the connection closes with the closure.
-                    active.fetch_sub(1, Ordering::AcqRel);
-                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
+    }
+}
+
+/// One of the [`MAX_CONNECTIONS`] answered at once, given back when
+/// dropped, however its thread ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Slot {
+        active.fetch_add(1, Ordering::AcqRel);
+        Slot(Arc::clone(active))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -757,7 +776,7 @@ fn time_left(deadline: Instant) -> io::Result<Duration> {
 
 fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    let deadline = Instant::now() + CONNECTION_DEADLINE;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
@@ -809,7 +828,7 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let deadline = Instant::now() + CONNECTION_DEADLINE;
+    let deadline = Instant::now() + ANSWER_DEADLINE;
     let mut rest = answer.as_bytes();
     while !rest.is_empty() {
         stream.set_write_timeout(Some(time_left(deadline)?))?;
@@ -927,9 +946,9 @@ mod tests {
     }
 
     /// Clients that trickle their request a byte at a time, each byte
-    /// within any per-read timeout, neither hold up a readiness check
-    /// while they trickle nor keep their connection: the server closes it
-    /// once the request's deadline has passed.
+    /// within any per-read timeout, hold up a readiness check only until
+    /// one of them is cut off, and do not keep their connections: the
+    /// server closes each once the request's deadline has passed.
     #[test]
     fn trickling_clients_hold_up_nobody_and_are_cut_off() {
         let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();

@@ -46,7 +46,8 @@ fn name_hash(name: &str, seed: u64) -> u64 {
     h ^ (h >> 31)
 }
 
-/// True when `n` is prime (trial division; sizes are at most a few million).
+/// True when `n` is prime (trial division; sizes are at most [`MAX_SIZE`],
+/// so at most a couple of thousand divisions).
 pub fn is_prime(n: usize) -> bool {
     if n < 2 {
         return false;
