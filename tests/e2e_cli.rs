@@ -477,3 +477,28 @@ fn status_says_ready_once_serving() {
         text_of(&out)
     );
 }
+
+/// Tables larger than the machine's free memory stop `pktdist run` at once
+/// with what each takes and the keys that size them, before EAL or any
+/// table is allocated.
+#[test]
+fn tables_beyond_the_machine_memory_are_refused_at_start() {
+    let dir = TempDir::new("e2e-memory");
+    let path = dir.path("huge.toml");
+    // 2^30 affinities: some 68 GiB of table.
+    let text = config_text().replacen(
+        "[affinity]\ncapacity = 4096\n",
+        "[affinity]\ncapacity = 1073741824\n",
+        1,
+    );
+    assert_ne!(text, config_text());
+    std::fs::write(&path, text).expect("write");
+    let out = pktdist(&["run", "--config", path_str(&path), "--quiet"]);
+    let err = text_of(&out);
+    assert!(!out.status.success(), "started:\n{err}");
+    assert!(
+        err.contains("the tables need") && err.contains("[affinity] capacity"),
+        "{err}"
+    );
+    assert!(!err.contains("EAL"), "EAL started first:\n{err}");
+}

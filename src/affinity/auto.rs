@@ -105,11 +105,24 @@ pub struct AutoAffinityTable {
 }
 
 impl AutoAffinityTable {
+    /// Buckets of a table for `capacity` pinned clients (clamped to
+    /// [`MAX_CAPACITY`]).
+    fn buckets_for(capacity: usize) -> usize {
+        (capacity.min(MAX_CAPACITY) * 2)
+            .next_power_of_two()
+            .max(2 * SLOTS)
+            / SLOTS
+    }
+
+    /// Bytes [`AutoAffinityTable::new`] allocates for `capacity`.
+    pub fn memory(capacity: usize) -> usize {
+        Self::buckets_for(capacity) * size_of::<Bucket>()
+    }
+
     /// A table for at least `capacity` pinned clients, allocated here.
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.min(MAX_CAPACITY);
-        let entries = (capacity * 2).next_power_of_two().max(2 * SLOTS);
-        let buckets = entries / SLOTS;
+        let buckets = Self::buckets_for(capacity);
         AutoAffinityTable {
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
             mask: buckets as u64 - 1,
@@ -306,6 +319,17 @@ mod tests {
     use std::sync::{Arc, Barrier};
 
     const S: ServiceId = 4;
+
+    #[test]
+    fn memory_is_what_new_allocates() {
+        for c in [0, 1, 100, 65_536, 100_003] {
+            let t = AutoAffinityTable::new(c);
+            assert_eq!(
+                AutoAffinityTable::memory(c),
+                t.buckets.len() * size_of::<Bucket>()
+            );
+        }
+    }
 
     #[test]
     fn pin_count_and_linger() {

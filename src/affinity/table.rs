@@ -240,14 +240,32 @@ impl AffinityTable {
         Self::with_slots(capacity, (capacity * 2).next_power_of_two())
     }
 
-    /// A table of `slots` slots (a power of two, at least 2 × [`SLOTS`])
-    /// holding at most `capacity`. Tests use it to run tables nearly full.
-    fn with_slots(capacity: usize, slots: usize) -> (AffinityWriter, AffinityReader) {
-        let slots = slots.max(2 * SLOTS);
-        let buckets = slots / SLOTS;
+    /// Bytes [`AffinityTable::new`] allocates for `capacity` (its arrays;
+    /// the writer's books grow with the keys, a few dozen bytes each).
+    pub fn memory(capacity: usize) -> usize {
+        let capacity = capacity.min(MAX_CAPACITY);
+        let (slots, host_bits) = Self::layout(capacity, (capacity * 2).next_power_of_two());
+        slots / SLOTS * size_of::<Header>()
+            + slots / 2 * size_of::<Line>()
+            + MAX_SERVICES * 2 * size_of::<Presence>()
+            + NET_WORDS * 8
+            + host_bits / 8
+    }
+
+    /// The slots (at least 2 × [`SLOTS`]) and host-filter bits of a table
+    /// of `slots` slots holding at most `capacity`.
+    fn layout(capacity: usize, slots: usize) -> (usize, usize) {
         let host_bits = (capacity.saturating_mul(HOST_BITS_PER_ENTRY))
             .next_power_of_two()
             .clamp(*HOST_BITS.start(), *HOST_BITS.end());
+        (slots.max(2 * SLOTS), host_bits)
+    }
+
+    /// A table of `slots` slots (a power of two, at least 2 × [`SLOTS`])
+    /// holding at most `capacity`. Tests use it to run tables nearly full.
+    fn with_slots(capacity: usize, slots: usize) -> (AffinityWriter, AffinityReader) {
+        let (slots, host_bits) = Self::layout(capacity, slots);
+        let buckets = slots / SLOTS;
         let inner = Arc::new(Inner {
             headers: HugeSlice::with(buckets, Header::default),
             lines: HugeSlice::with(slots / 2, Line::default),
@@ -1352,6 +1370,22 @@ mod tests {
         prepare(r, &mut q, s, f, client, port);
         r.prefetch_slots(&mut q);
         r.lookup_prepared(&q).map(|m| m.owner)
+    }
+
+    /// The estimate the start checks against free memory is what a table
+    /// allocates.
+    #[test]
+    fn memory_is_what_new_allocates() {
+        for c in [0, 1, 100, 1 << 16, 100_003] {
+            let r = AffinityTable::new(c).1;
+            let t = &*r.inner;
+            let allocated = t.headers.len() * size_of::<Header>()
+                + t.lines.len() * size_of::<Line>()
+                + t.presence.len() * size_of::<Presence>()
+                + t.nets.len() * 8
+                + t.hosts.len() * 8;
+            assert_eq!(AffinityTable::memory(c), allocated, "{c}");
+        }
     }
 
     #[test]

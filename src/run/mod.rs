@@ -3,7 +3,8 @@
 //! ([`crate::control::thread::ControlThread`]), spawns the workers, serves the
 //! control thread's loop, and stops everything in order (`process`),
 //! telling systemd where it stands (`notify`) and logging one line per event
-//! (`logging`); the
+//! (`logging`), having checked that its tables fit in the memory the
+//! machine has (`memory`); the
 //! optional built-in traffic source runs on a thread of its own
 //! (`traffic_source`), writing frames that [`trafficgen`] generates onto
 //! the worker queues [`rss`] picks for their flows.
@@ -12,6 +13,7 @@
 //! itself: everything DPDK goes through [`crate::dpdk`].
 
 pub mod logging;
+pub mod memory;
 pub mod notify;
 pub mod rss;
 pub mod trafficgen;

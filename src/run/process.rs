@@ -202,6 +202,13 @@ fn start(cfg: &Config) -> Result<Started, String> {
             ));
         }
     }
+    // Memory: the tables are allocated (and written) at start; refuse
+    // sizes the machine cannot hold before EAL or any of them.
+    let tables = crate::run::memory::TableMemory::of(cfg);
+    if let Some(available) = crate::run::memory::available() {
+        tables.check(available)?;
+    }
+    log::info!("tables: {tables}");
     let shared = cfg.cores.shared_cpus();
     if !shared.is_empty() {
         log::warn!(

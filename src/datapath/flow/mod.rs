@@ -563,8 +563,19 @@ fn set_bit(bits: &mut [u64], b: usize, on: bool) {
 }
 
 impl<K: SlotKey> Part<K> {
+    /// Buckets of a part for `capacity` flows.
+    fn buckets_for(capacity: usize) -> usize {
+        capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS)
+    }
+
+    /// Bytes [`Part::new`] allocates for `capacity` flows.
+    fn memory(capacity: usize) -> usize {
+        let n = Self::buckets_for(capacity);
+        n * size_of::<Bucket<K>>() + n * WAYS * size_of::<u32>() + n.div_ceil(64) * 8
+    }
+
     fn new(capacity: usize) -> Part<K> {
-        let n = capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS);
+        let n = Self::buckets_for(capacity);
         Part {
             buckets: HugeSlice::filled(n, Bucket::EMPTY),
             autos: HugeSlice::filled(n * WAYS, NO_AUTO_SLOT),
@@ -1337,6 +1348,12 @@ impl FlowTable {
         }
     }
 
+    /// Bytes [`FlowTable::new`] allocates for these capacities (its
+    /// buckets; the rest is a few KiB).
+    pub fn memory(capacity: usize, capacity_v6: usize) -> usize {
+        Part::<V4Key>::memory(capacity) + Part::<V6Key>::memory(capacity_v6)
+    }
+
     /// Hints that the home bucket of `key` (whose hash is `hash`) will be
     /// read soon: all its cache lines, so that both a hit and an insert
     /// find them in cache. Called for a whole burst before its lookups.
@@ -1631,6 +1648,28 @@ mod tests {
 
     fn is_hit(l: &Lookup) -> bool {
         matches!(l, Lookup::Hit(_))
+    }
+
+    /// The estimate the start checks against free memory is what a table
+    /// allocates.
+    #[test]
+    fn memory_is_what_new_allocates() {
+        for (c, c6) in [
+            (0, 0),
+            (1, 1),
+            (1001, 100),
+            (1 << 16, 1 << 14),
+            (100_003, 7),
+        ] {
+            let t = FlowTable::new(c, c6, TIMEOUTS);
+            assert_eq!(
+                FlowTable::memory(c, c6),
+                t.v4.allocated() + t.v6.allocated()
+            );
+        }
+        // 2^21 IPv4 and 2^19 IPv6 flows, the benchmark's table.
+        let mib = FlowTable::memory(1 << 21, 1 << 19) >> 20;
+        assert!((32..200).contains(&mib), "{mib} MiB");
     }
 
     #[test]
@@ -2297,6 +2336,13 @@ mod tests {
     }
 
     impl<K: SlotKey> Part<K> {
+        /// Bytes this part holds, from its arrays as allocated.
+        fn allocated(&self) -> usize {
+            self.buckets.len() * size_of::<Bucket<K>>()
+                + self.autos.len() * size_of::<u32>()
+                + self.full.len() * 8
+        }
+
         /// The flows stored in bucket `b`.
         fn residents(&self, books: &Books, b: usize) -> Vec<FlowKey> {
             (0..WAYS)
