@@ -824,12 +824,12 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
             "only GET\n".to_string(),
         ),
     };
-    let answer = format!(
+    let reply = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let deadline = Instant::now() + ANSWER_DEADLINE;
-    let mut rest = answer.as_bytes();
+    let mut rest = reply.as_bytes();
     while !rest.is_empty() {
         stream.set_write_timeout(Some(time_left(deadline)?))?;
         match stream.write(rest) {
@@ -950,7 +950,7 @@ mod tests {
     /// one of them is cut off, and do not keep their connections: the
     /// server closes each once the request's deadline has passed.
     #[test]
-    fn trickling_clients_hold_up_nobody_and_are_cut_off() {
+    fn trickling_clients_are_cut_off_and_a_readiness_check_gets_through() {
         let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
         m.set_ready(true);
         let addr = m.local_addr();
