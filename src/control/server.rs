@@ -1372,7 +1372,7 @@ mod tests {
         let mut s = server();
         let mut h = Recorder::default();
         let json = format!("{{\"x\":\"{}\"}}", "y".repeat(5000));
-        let mut first = |s: &mut ControlServer, h: &mut Recorder, name, nonce| {
+        let first = |s: &mut ControlServer, h: &mut Recorder, name, nonce| {
             h.next = Some(Response::stats(json.clone()));
             let req = Request::Stats {
                 token: 0,
