@@ -10,6 +10,7 @@ use pktdist::client::cli;
 use pktdist::command::{self, Cli, Cmd, RunArgs};
 use pktdist::config::Config;
 use pktdist::control::state_file;
+use pktdist::run::memory::{self, TableMemory};
 
 /// `pktdist status`'s exit code for an instance that answers, not ready.
 const EXIT_NOT_READY: u8 = 3;
@@ -45,6 +46,14 @@ fn main() -> ExitCode {
 fn check(config: &std::path::Path) -> Result<(), String> {
     let cfg = Config::load(config).map_err(|e| e.to_string())?;
     print!("{}", cfg.plan());
+    let tables = TableMemory::of(&cfg);
+    match memory::available() {
+        Some(free) if tables.total() > free => println!(
+            "tables: {tables}; more than the {} MiB available on this machine, where run would refuse to start",
+            free >> 20
+        ),
+        _ => println!("tables: {tables}"),
+    }
     if let Some(path) = &cfg.affinity.state_file {
         match state_file::load(path).map_err(|e| e.to_string())? {
             None => println!("state file {}: none yet", path.display()),
