@@ -1787,6 +1787,12 @@ address = "2001:db8:1::2"
         assert_eq!(state_of(&p, "a"), BackendState::Up);
     }
 
+    /// The time the plane's first listed affinity has left, in ms.
+    fn first_time_left(p: &ControlPlane) -> Option<u64> {
+        let (_, record) = p.affinities().list().next().expect("an affinity");
+        record.remaining_ms(p.now_ms())
+    }
+
     #[test]
     fn saved_state_comes_back_in_a_new_plane_with_its_time_left() {
         let (mut p, _) = plane(&config_text());
@@ -1816,13 +1822,7 @@ address = "2001:db8:1::2"
         assert_eq!((done.installed, done.expired, done.gone), (1, 1, 0));
         assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0101, 1), Some(2));
         assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), None);
-        let left = q
-            .affinities()
-            .list()
-            .next()
-            .unwrap()
-            .1
-            .remaining_ms(q.now_ms());
+        let left = first_time_left(&q);
         assert!(
             left.is_some_and(|l| (190_000..=200_000).contains(&l)),
             "{left:?}"
@@ -1864,13 +1864,7 @@ address = "2001:db8:1::2"
         assert_eq!(q.restore(&far, wall).installed, 1);
         assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0101, 1), Some(2));
         let max = q.dp.service(WEB).unwrap().max_affinity;
-        let left = q
-            .affinities()
-            .list()
-            .next()
-            .unwrap()
-            .1
-            .remaining_ms(q.now_ms());
+        let left = first_time_left(&q);
         assert!(
             left.is_some_and(|l| l > 0 && u128::from(l) <= max.as_millis()),
             "{left:?} left, the service grants {max:?}"
