@@ -47,12 +47,9 @@ fn check(config: &std::path::Path) -> Result<(), String> {
     let cfg = Config::load(config).map_err(|e| e.to_string())?;
     print!("{}", cfg.plan());
     let tables = TableMemory::of(&cfg);
-    match memory::available() {
-        Some(free) if tables.total() > free => println!(
-            "tables: {tables}; more than the {} MiB available on this machine, where run would refuse to start",
-            free >> 20
-        ),
-        _ => println!("tables: {tables}"),
+    println!("tables: {tables}");
+    if let Some(Err(e)) = memory::available().map(|free| tables.check(free)) {
+        println!("on this machine, run would refuse to start: {e}");
     }
     if let Some(path) = &cfg.affinity.state_file {
         match state_file::load(path).map_err(|e| e.to_string())? {

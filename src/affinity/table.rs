@@ -237,19 +237,26 @@ impl AffinityTable {
     #[allow(clippy::new_ret_no_self)]
     pub fn new(capacity: usize) -> (AffinityWriter, AffinityReader) {
         let capacity = capacity.min(MAX_CAPACITY);
-        Self::with_slots(capacity, (capacity * 2).next_power_of_two())
+        Self::with_slots(capacity, Self::slots_for(capacity))
     }
 
-    /// Bytes [`AffinityTable::new`] allocates for `capacity` (its arrays;
-    /// the writer's books grow with the keys, a few dozen bytes each).
+    /// The slots of a table for `capacity` (at most [`MAX_CAPACITY`]):
+    /// twice as many, rounded up to a power of two.
+    fn slots_for(capacity: usize) -> usize {
+        (capacity * 2).next_power_of_two()
+    }
+
+    /// Bytes [`AffinityTable::new`] maps and allocates for `capacity` (its
+    /// arrays, in whole huge pages once they span one; the writer's books
+    /// grow with the keys, a few dozen bytes each).
     pub fn memory(capacity: usize) -> usize {
         let capacity = capacity.min(MAX_CAPACITY);
-        let (slots, host_bits) = Self::layout(capacity, (capacity * 2).next_power_of_two());
-        slots / SLOTS * size_of::<Header>()
-            + slots / 2 * size_of::<Line>()
+        let (slots, host_bits) = Self::layout(capacity, Self::slots_for(capacity));
+        HugeSlice::<Header>::footprint(slots / SLOTS)
+            + HugeSlice::<Line>::footprint(slots / 2)
             + MAX_SERVICES * 2 * size_of::<Presence>()
-            + NET_WORDS * 8
-            + host_bits / 8
+            + HugeSlice::<AtomicU64>::footprint(NET_WORDS)
+            + HugeSlice::<AtomicU64>::footprint(host_bits / 64)
     }
 
     /// The slots (at least 2 × [`SLOTS`]) and host-filter bits of a table
@@ -1379,11 +1386,11 @@ mod tests {
         for c in [0, 1, 100, 1 << 16, 100_003] {
             let r = AffinityTable::new(c).1;
             let t = &*r.inner;
-            let allocated = t.headers.len() * size_of::<Header>()
-                + t.lines.len() * size_of::<Line>()
+            let allocated = HugeSlice::<Header>::footprint(t.headers.len())
+                + HugeSlice::<Line>::footprint(t.lines.len())
                 + t.presence.len() * size_of::<Presence>()
-                + t.nets.len() * 8
-                + t.hosts.len() * 8;
+                + HugeSlice::<AtomicU64>::footprint(t.nets.len())
+                + HugeSlice::<AtomicU64>::footprint(t.hosts.len());
             assert_eq!(AffinityTable::memory(c), allocated, "{c}");
         }
     }

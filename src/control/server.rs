@@ -37,9 +37,14 @@ pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
 pub const DEFAULT_REPLAY_CAPACITY: usize = 2_000_000;
 /// Datagrams handled per [`ControlServer::poll`] call at most.
 pub const DEFAULT_MAX_PER_POLL: usize = 256;
-/// Statistics snapshots kept for clients fetching them in chunks: one per
-/// sender, the oldest sender's expiring first.
+/// Statistics snapshots kept for clients fetching them in chunks, the
+/// oldest expiring first.
 const STATS_SNAPSHOTS: usize = 8;
+/// Of them, at most this many per sender name: a sender's newer snapshot
+/// replaces its oldest, so that one asking again and again expires only
+/// its own, while two clients of one name (two `pktdist stats` with the
+/// admin key) each keep theirs.
+const STATS_PER_SENDER: usize = 2;
 /// Replies parked for the shared store by default (cluster mode): beyond
 /// it, changes are answered UNAVAILABLE at once.
 pub const DEFAULT_MAX_PARKED: usize = 16_384;
@@ -123,9 +128,7 @@ struct Parked {
 
 struct StatsSnapshot {
     token: u32,
-    /// The sender that asked for it: a sender's new snapshot replaces its
-    /// own, so that one asking again and again does not expire the
-    /// snapshots others are still fetching.
+    /// The sender that asked for it ([`STATS_PER_SENDER`]).
     requester: String,
     json: String,
 }
@@ -597,7 +600,11 @@ impl ControlServer {
             Payload::Stats(json) => {
                 let token = self.next_token;
                 self.next_token = self.next_token.wrapping_add(1).max(1);
-                self.stats.retain(|s| s.requester != header.name);
+                let own = self.stats.iter().filter(|s| s.requester == header.name);
+                if own.count() >= STATS_PER_SENDER {
+                    let oldest = self.stats.iter().position(|s| s.requester == header.name);
+                    self.stats.remove(oldest.expect("counted above"));
+                }
                 if self.stats.len() == STATS_SNAPSHOTS {
                     self.stats.pop_front();
                 }
@@ -1366,7 +1373,8 @@ mod tests {
     }
 
     /// A sender asking for new snapshots again and again replaces only its
-    /// own: the one another sender is fetching stays.
+    /// own: the one another sender is fetching stays, and so does the
+    /// one a second client of the same name fetches.
     #[test]
     fn a_sender_asking_again_expires_only_its_own_snapshot() {
         let mut s = server();
@@ -1390,11 +1398,18 @@ mod tests {
         for i in 0..4 * STATS_SNAPSHOTS as u64 {
             first(&mut s, &mut h, "web1", 100 + i);
         }
-        assert_eq!(s.stats.len(), 2, "one snapshot per sender");
-        let req = Request::Stats { token, offset };
-        let out = s.process(&datagram("admin", NOW, 2, &req), src(), &mut h, NOW);
-        let (_, r) = open_reply(&out.unwrap().to_vec(), "admin");
-        assert_eq!(r.code, ReturnCode::Ok, "{}", r.message);
+        assert_eq!(s.stats.len(), 1 + STATS_PER_SENDER);
+        // A second admin client starts its own while the first fetches.
+        let (token2, offset2) = first(&mut s, &mut h, "admin", 2);
+        for (t, o, nonce) in [(token, offset, 3), (token2, offset2, 4)] {
+            let req = Request::Stats {
+                token: t,
+                offset: o,
+            };
+            let out = s.process(&datagram("admin", NOW, nonce, &req), src(), &mut h, NOW);
+            let (_, r) = open_reply(&out.unwrap().to_vec(), "admin");
+            assert_eq!(r.code, ReturnCode::Ok, "{}", r.message);
+        }
     }
 
     #[test]

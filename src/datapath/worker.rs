@@ -2635,7 +2635,9 @@ mod icmp_tests {
         b
     }
 
-    /// What the worker has counted of the frames it could not forward.
+    /// What the worker has counted of the frames it did not forward to a
+    /// backend: its drops, ICMP drops, and frames passed to another port
+    /// (none in this bed).
     fn counted(c: &WorkerCounters) -> u64 {
         c.drops
             .iter()

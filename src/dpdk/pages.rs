@@ -94,6 +94,17 @@ impl<T> HugeSlice<T> {
         s
     }
 
+    /// Bytes a slice of `n` elements takes: whole huge pages from one
+    /// spanning a huge page or more, else its elements' size.
+    pub fn footprint(n: usize) -> usize {
+        let size = n.saturating_mul(size_of::<T>());
+        if size >= HUGE_PAGE {
+            size.next_multiple_of(HUGE_PAGE)
+        } else {
+            size
+        }
+    }
+
     /// `n` copies of `value`, as [`HugeSlice::with`].
     pub fn filled(n: usize, value: T) -> HugeSlice<T>
     where

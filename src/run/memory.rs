@@ -1,9 +1,11 @@
 //! The memory pktdist's own tables take (the workers' flow tables, the
 //! affinity table, the automatic-affinity table), checked at start against
 //! what the machine has free, so that a capacity the machine cannot hold is
-//! a clear error before anything is allocated, not an allocation failure
-//! or the kernel's OOM killer halfway through the start. DPDK's memory (the
-//! mbuf pool, on hugepages or `-m`) is EAL's and not counted here.
+//! a clear error before any of them or EAL is set up, not an allocation
+//! failure or the kernel's OOM killer halfway through the start. Not
+//! counted: DPDK's memory (the mbuf pool, on hugepages or `-m`), which is
+//! EAL's, and the services' Maglev tables (at most 32 MiB each, built when
+//! the configuration is read).
 
 use crate::affinity::auto::AutoAffinityTable;
 use crate::affinity::table::AffinityTable;
@@ -48,7 +50,7 @@ impl TableMemory {
              × {} worker(s) ([flow] capacity, capacity_v6), affinity table {} MiB ([affinity] \
              capacity), automatic-affinity table {} MiB ([affinity] auto_capacity)",
             mib(self.total()),
-            mib(available),
+            available >> 20,
             mib(self.flow_table),
             self.workers,
             mib(self.affinity),
@@ -72,8 +74,9 @@ impl std::fmt::Display for TableMemory {
     }
 }
 
+/// MiB, to the nearest.
 fn mib(bytes: usize) -> usize {
-    bytes.div_ceil(1 << 20)
+    bytes.saturating_add(1 << 19) >> 20
 }
 
 /// The memory the kernel reckons available for new allocations

@@ -568,10 +568,12 @@ impl<K: SlotKey> Part<K> {
         capacity.clamp(WAYS, MAX_CAPACITY).div_ceil(WAYS)
     }
 
-    /// Bytes [`Part::new`] allocates for `capacity` flows.
+    /// Bytes [`Part::new`] maps and allocates for `capacity` flows.
     fn memory(capacity: usize) -> usize {
         let n = Self::buckets_for(capacity);
-        n * size_of::<Bucket<K>>() + n * WAYS * size_of::<u32>() + n.div_ceil(64) * 8
+        HugeSlice::<Bucket<K>>::footprint(n)
+            + HugeSlice::<u32>::footprint(n * WAYS)
+            + n.div_ceil(64) * 8
     }
 
     fn new(capacity: usize) -> Part<K> {
@@ -1348,8 +1350,9 @@ impl FlowTable {
         }
     }
 
-    /// Bytes [`FlowTable::new`] allocates for these capacities (its
-    /// buckets; the rest is a few KiB).
+    /// Bytes [`FlowTable::new`] maps and allocates for these capacities
+    /// (its buckets, in whole huge pages once they span one; the rest is a
+    /// few KiB).
     pub fn memory(capacity: usize, capacity_v6: usize) -> usize {
         Part::<V4Key>::memory(capacity) + Part::<V6Key>::memory(capacity_v6)
     }
@@ -2338,8 +2341,8 @@ mod tests {
     impl<K: SlotKey> Part<K> {
         /// Bytes this part holds, from its arrays as allocated.
         fn allocated(&self) -> usize {
-            self.buckets.len() * size_of::<Bucket<K>>()
-                + self.autos.len() * size_of::<u32>()
+            HugeSlice::<Bucket<K>>::footprint(self.buckets.len())
+                + HugeSlice::<u32>::footprint(self.autos.len())
                 + self.full.len() * 8
         }
 
