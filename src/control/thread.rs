@@ -250,7 +250,11 @@ impl ControlThread {
 
     /// Gives the health checks the backends to check under the running
     /// configuration and the current services, and applies the changes of
-    /// the backends checked no longer.
+    /// the backends checked no longer. Then tells the plane again which
+    /// backends the checks hold down: a backend whose address or whose
+    /// service's address changed has a new id, which the plane takes for up
+    /// until told, while the checks (which know backends by name) see no
+    /// change to report.
     fn update_health_targets(&mut self) {
         match self
             .health
@@ -262,6 +266,12 @@ impl ControlThread {
                 }
             }
             Err(e) => log::error!("health checks: {e}"),
+        }
+        for (service, backend, error) in self.health.view().down() {
+            // Down already: no change. Gone from the plane: nothing to do.
+            let _ = self
+                .plane
+                .set_backend_health(&service, &backend, false, error);
         }
     }
 
@@ -1097,6 +1107,7 @@ mod tests {
                 "address = \"10.0.0.2\"\nhealth_address = \"127.0.0.2\"",
             );
         let file = File::new("health", &text);
+        let checked = text;
         let mut ctl = control(&file.0, None);
         assert!(ctl.health().is_up("web", "a"), "up until proven down");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1151,6 +1162,17 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+
+        // a's address changes (its checks' does not): a new id to the
+        // plane, still down, as the checks say.
+        file.write(&checked.replace("address = \"10.0.0.1\"\n", "address = \"10.0.0.9\"\n"));
+        ctl.reload().unwrap();
+        let dp = ctl.plane().dataplane();
+        let web = dp.service_named("web").unwrap();
+        let a = dp.find_backend(web.id, "a").unwrap();
+        assert_ne!(a.id, a_id, "a new id for a new address");
+        assert_eq!(a.state, BackendState::Down);
+        assert!(!ctl.health().is_up("web", "a"));
 
         // The health key goes: a counts as up again, the checker stops.
         file.write(&config(ADMIN_1, A_1));

@@ -130,6 +130,16 @@ impl HealthView {
             .is_none_or(|e| e.up)
     }
 
+    /// The (service, backend) names of the backends the checks hold down,
+    /// each with its last check's error.
+    pub fn down(&self) -> Vec<(String, String, Option<String>)> {
+        self.backends
+            .iter()
+            .filter(|(_, e)| !e.up)
+            .map(|((s, b), e)| (s.clone(), b.clone(), e.last_error.clone()))
+            .collect()
+    }
+
     /// The view for the statistics, at `now`.
     pub fn summary(&self, now: SystemTime) -> HealthSummary {
         HealthSummary {
