@@ -1,6 +1,7 @@
 //! Static affinities: the configuration's `[[affinities]]`, installed at
 //! start and on every reload, never expiring. A reload removes those the
-//! previous configuration declared and the new one does not.
+//! previous configuration declared and the new one does not, or gives
+//! another owner.
 
 use std::fmt;
 
@@ -49,20 +50,18 @@ pub fn install(plane: &mut ControlPlane, cfg: &Config) -> Result<(), NotInstalle
     }
 }
 
-/// Cancels the static affinities `old` declared that `new` does not (those
-/// still as `old` installed them: same owner, no expiry); returns how many.
+/// Cancels the static affinities `old` declared that `new` does not, or
+/// gives another owner (those still as `old` installed them: same owner,
+/// no expiry), so that [`install`] can put the new owner's in; returns how
+/// many.
 pub fn remove_dropped(plane: &mut ControlPlane, old: &Config, new: &Config) -> usize {
     let dp = plane.dataplane();
-    let keep: Vec<TableKey> = keys(dp, new)
-        .into_iter()
-        .flatten()
-        .map(|(k, _)| k)
-        .collect();
+    let keep: Vec<(TableKey, BackendId)> = keys(dp, new).into_iter().flatten().collect();
     let gone: Vec<TableKey> = keys(dp, old)
         .into_iter()
         .flatten()
         .filter(|(k, owner)| {
-            !keep.contains(k)
+            !keep.contains(&(*k, *owner))
                 && plane
                     .affinities()
                     .get(k)
@@ -129,6 +128,15 @@ mod tests {
             r.lookup(WEB, Family::V4, 0xcb00_7105, 9),
             Some(2),
             "added back"
+        );
+        // The same key given to another backend moves to it.
+        std::fs::write(&path, with.replace("backend = \"b\"", "backend = \"a\"")).unwrap();
+        let msg = file.reload(&mut p).unwrap().message;
+        assert!(!msg.contains("refused"), "{msg}");
+        assert_eq!(
+            r.lookup(WEB, Family::V4, 0xcb00_7105, 9),
+            Some(1),
+            "a's now"
         );
         std::fs::remove_file(&path).unwrap();
     }
