@@ -7,14 +7,18 @@
 #   exit 3 (not ready), 1 (unreachable),
 #   or no answer within the timeout     -> birdc disable vips (withdrawn)
 #
-# With the default 0.5 s interval and timeout a stopped, hung or not-ready
-# pktdist is withdrawn within about 1 s, and announced again within about
-# 0.5 s of being ready. A birdc that fails is retried at the next poll.
+# With the default 0.5 s interval and timeout a stopped or not-ready
+# pktdist is withdrawn within about 1 s (one whose control thread hangs
+# stops reading as ready 5 s after its last tick), and announced again
+# within about 0.5 s of being ready. A birdc that fails is retried at the
+# next poll.
 #
 # BIRD is this script's child: when the script stops (SIGTERM, SIGINT or an
 # error) it shuts BIRD down, which closes the BGP session, so the router
 # drops the routes at once; if BIRD dies the script exits non-zero (a
-# supervisor restarts both). Nothing is announced before the first "ready".
+# supervisor restarts both). Nothing is announced before the first "ready":
+# the first poll sets the protocol either way, whatever the BIRD
+# configuration starts it as.
 #
 # Usage: scripts/pktdist-bgp.sh --bird-config FILE --socket PATH
 #            (--metrics ADDR:PORT | --config PKTDIST.toml)
@@ -79,7 +83,8 @@ for _ in $(seq 50); do
 done
 log "BIRD $BIRD_PID up on $SOCKET; VIPs withdrawn until pktdist is ready"
 
-announced=no
+# Neither, until the first poll has set it.
+announced=unknown
 while true; do
     if ! kill -0 "$BIRD_PID" 2>/dev/null; then
         log "BIRD exited"

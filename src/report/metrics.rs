@@ -29,6 +29,11 @@ use crate::types::BackendState;
 const RENDER_PERIOD: Duration = Duration::from_secs(1);
 /// Largest request head read.
 const MAX_REQUEST: usize = 8192;
+/// How long `GET /ready` answers ready after the control thread last said
+/// so: it says so every tick (100 ms), so a control thread stuck longer
+/// (hung, or in a reload that long) reads as not ready and its route is
+/// withdrawn, while one busy for a moment does not flap.
+const READY_FOR: Duration = Duration::from_secs(5);
 /// Connections answered at once, each on its own thread.
 const MAX_CONNECTIONS: usize = 8;
 /// How long a connection may take to send its request head before it is
@@ -640,10 +645,18 @@ fn cluster(o: &mut String, c: &crate::report::summary::ClusterSummary) {
 
 struct Shared {
     text: Mutex<String>,
-    /// What `GET /ready` says: the instance serves with its whole table.
-    ready: AtomicBool,
+    /// When the control thread last said it was ready (it says so every
+    /// tick while it is): `GET /ready` answers 200 for [`READY_FOR`] after.
+    ready_at: Mutex<Option<Instant>>,
     stop: AtomicBool,
     rendered: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn is_ready(&self) -> bool {
+        let at = *self.ready_at.lock().unwrap_or_else(|e| e.into_inner());
+        at.is_some_and(|t| t.elapsed() < READY_FOR)
+    }
 }
 
 /// The HTTP endpoint's thread.
@@ -661,7 +674,7 @@ impl MetricsServer {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             text: Mutex::new(String::new()),
-            ready: AtomicBool::new(false),
+            ready_at: Mutex::new(None),
             stop: AtomicBool::new(false),
             rendered: Mutex::new(None),
         });
@@ -691,9 +704,14 @@ impl MetricsServer {
     }
 
     /// Sets what `GET /ready` answers: 200 while ready, 503 otherwise
-    /// (starting, stopping).
+    /// (starting, stopping), and 503 too once [`READY_FOR`] has passed
+    /// without a call saying ready.
     pub fn set_ready(&self, ready: bool) {
-        self.shared.ready.store(ready, Ordering::Relaxed);
+        *self
+            .shared
+            .ready_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = ready.then(Instant::now);
     }
 
     /// Replaces the text served.
@@ -800,7 +818,7 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
         ),
-        ("GET", "/ready") if shared.ready.load(Ordering::Relaxed) => {
+        ("GET", "/ready") if shared.is_ready() => {
             ("200 OK", "text/plain; charset=utf-8", "ready\n".to_string())
         }
         ("GET", "/ready") => (
@@ -943,6 +961,29 @@ mod tests {
         );
         m.set_ready(false);
         assert!(get("/ready").starts_with("HTTP/1.1 503"));
+    }
+
+    /// Ready holds only while the control thread keeps saying so: one that
+    /// stops (hung) reads as not ready once [`READY_FOR`] has passed.
+    #[test]
+    fn readiness_lapses_without_the_control_threads_word() {
+        let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let get = || {
+            let mut s = TcpStream::connect(m.local_addr()).unwrap();
+            write!(s, "GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut r = String::new();
+            s.read_to_string(&mut r).unwrap();
+            r
+        };
+        m.set_ready(true);
+        assert!(get().starts_with("HTTP/1.1 200"));
+        std::thread::sleep(READY_FOR + Duration::from_millis(200));
+        assert!(
+            get().starts_with("HTTP/1.1 503"),
+            "no word for longer than READY_FOR"
+        );
+        m.set_ready(true);
+        assert!(get().starts_with("HTTP/1.1 200"));
     }
 
     /// Clients that trickle their request a byte at a time, each byte
