@@ -158,6 +158,10 @@ fi
 case "$pages" in
     '' | *[!0-9]*) die "--pages must be a non-negative integer, not '$pages'" ;;
 esac
+# At most nine digits after leading zeros: beyond, shell arithmetic could
+# wrap (18446744073709551616 would read as 0, releasing every page).
+digits=$(echo "$pages" | sed 's/^0*//')
+[ ${#digits} -le 9 ] || die "--pages $pages is more pages than any machine has"
 pages=$((10#$pages))
 
 [ -d "$MM" ] || die "$MM is missing: this kernel has no hugetlbfs support"
@@ -210,14 +214,12 @@ write_sysfs() {
     fi
     echo "+ echo $value > $file"
     # The kernel may refuse part of the request without an error; the caller
-    # reads the count back. A hard error (EINVAL, EBUSY) lands here.
-    if ! echo "$value" >"$file" 2>/tmp/hugepages.$$.err; then
-        local err
-        err=$(cat /tmp/hugepages.$$.err 2>/dev/null || true)
-        rm -f /tmp/hugepages.$$.err
+    # reads the count back. A hard error (EINVAL, EBUSY) lands here, its
+    # message caught in a variable (no file in /tmp to be raced for).
+    local err
+    if ! err=$( { echo "$value" >"$file"; } 2>&1); then
         die "the kernel refused '$value' for $file: ${err:-write failed}"
     fi
-    rm -f /tmp/hugepages.$$.err
 }
 
 echo "$prog: $([ "$dry_run" -eq 1 ] && echo "would set" || echo "setting") $size hugepages to $pages on ${labels[*]}"
