@@ -1127,7 +1127,7 @@ fn max_affinity_ms(svc: &Service) -> u64 {
 mod tests {
     use super::*;
     use crate::control::handler::Payload;
-    use crate::control::testing::{call, config_text, op, plane, src, WEB};
+    use crate::control::testing::{call, config_text, first_time_left, op, plane, src, WEB};
     use crate::protocol::message::BackendSpec;
     use crate::types::Family;
 
@@ -1785,12 +1785,6 @@ address = "2001:db8:1::2"
         assert_eq!(weight_of(&p, "a"), file_weight, "the file's weight again");
         assert_eq!(state_of(&p, "b"), BackendState::Draining, "the drain stays");
         assert_eq!(state_of(&p, "a"), BackendState::Up);
-    }
-
-    /// The time the plane's first listed affinity has left, in ms.
-    fn first_time_left(p: &ControlPlane) -> Option<u64> {
-        let (_, record) = p.affinities().list().next().expect("an affinity");
-        record.remaining_ms(p.now_ms())
     }
 
     #[test]

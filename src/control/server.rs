@@ -602,8 +602,10 @@ impl ControlServer {
                 self.next_token = self.next_token.wrapping_add(1).max(1);
                 let own = self.stats.iter().filter(|s| s.requester == header.name);
                 if own.count() >= STATS_PER_SENDER {
-                    let oldest = self.stats.iter().position(|s| s.requester == header.name);
-                    self.stats.remove(oldest.expect("counted above"));
+                    // Its oldest: the first of its name in the queue.
+                    if let Some(i) = self.stats.iter().position(|s| s.requester == header.name) {
+                        self.stats.remove(i);
+                    }
                 }
                 if self.stats.len() == STATS_SNAPSHOTS {
                     self.stats.pop_front();

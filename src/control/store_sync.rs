@@ -1058,7 +1058,7 @@ mod tests {
     use crate::cluster::StorePeer;
     use crate::control::counters::ServerCounters;
     use crate::control::handler::Payload;
-    use crate::control::testing::{config_text, op, plane, src, WEB};
+    use crate::control::testing::{config_text, first_time_left, op, plane, src, WEB};
     use crate::protocol::message::{ServiceAddr, ADMIN_NAME};
     use crate::protocol::rate_limit::{RateLimiter, RateLimits};
     use crate::types::{Family, PortMatch};
@@ -1389,15 +1389,7 @@ mod tests {
         b.turn(WALL);
         assert_eq!(b.lookup(), Some(2));
         let max = b.plane.dataplane().service(WEB).unwrap().max_affinity;
-        let now = b.plane.now_ms();
-        let left = b
-            .plane
-            .affinities()
-            .list()
-            .next()
-            .unwrap()
-            .1
-            .remaining_ms(now);
+        let left = first_time_left(&b.plane);
         assert!(
             left.is_some_and(|l| l > 0 && u128::from(l) <= max.as_millis()),
             "{left:?} left, the service grants {max:?}"

@@ -72,6 +72,12 @@ pub(crate) fn plane(text: &str) -> (ControlPlane, AffinityReader) {
     (p, reader)
 }
 
+/// The time the plane's first listed affinity has left, in ms.
+pub(crate) fn first_time_left(p: &ControlPlane) -> Option<u64> {
+    let (_, record) = p.affinities().list().next().expect("an affinity");
+    record.remaining_ms(p.now_ms())
+}
+
 /// Where the tests' requests come from.
 pub(crate) fn src() -> SocketAddr {
     "127.0.0.1:5000".parse().unwrap()

@@ -65,8 +65,7 @@ impl<T> HugeSlice<T> {
             // Written to a dangling, aligned pointer, as a Vec does.
             (NonNull::dangling(), Memory::None)
         } else if size >= HUGE_PAGE {
-            let bytes = size
-                .checked_next_multiple_of(HUGE_PAGE)
+            let bytes = Some(Self::footprint(n))
                 .filter(|&b| b <= isize::MAX as usize - HUGE_PAGE)
                 .expect("HugeSlice size overflows");
             let (ptr, memory) = allocate_huge(bytes);
@@ -95,11 +94,13 @@ impl<T> HugeSlice<T> {
     }
 
     /// Bytes a slice of `n` elements takes: whole huge pages from one
-    /// spanning a huge page or more, else its elements' size.
+    /// spanning a huge page or more, else its elements' size (`usize::MAX`
+    /// for a size that does not fit).
     pub fn footprint(n: usize) -> usize {
         let size = n.saturating_mul(size_of::<T>());
         if size >= HUGE_PAGE {
-            size.next_multiple_of(HUGE_PAGE)
+            size.checked_next_multiple_of(HUGE_PAGE)
+                .unwrap_or(usize::MAX)
         } else {
             size
         }
