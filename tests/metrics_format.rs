@@ -111,6 +111,8 @@ fn metrics_parse_with_the_prometheus_client_parser() {
                 mean: 2_500_000.0,
             },
         }],
+        checker_up: true,
+        checker_restarts: 2,
     });
     let samples = parsed(&render(&s));
     let has = |line: &str| samples.iter().any(|l| l == line);
@@ -170,4 +172,6 @@ fn metrics_parse_with_the_prometheus_client_parser() {
     assert!(has(
         "summary pktdist_health_probe_seconds_sum kind=http,service=web 0.1"
     ));
+    assert!(has("gauge pktdist_health_checker_up  1"));
+    assert!(has("counter pktdist_health_checker_restarts_total  2"));
 }

@@ -1389,7 +1389,7 @@ mod tests {
                 offset: 0,
             };
             let out = s.process(&datagram(name, NOW, nonce, &req), src(), h, NOW);
-            let (_, r) = open_reply(&out.unwrap().to_vec(), name);
+            let (_, r) = open_reply(out.unwrap(), name);
             let ReplyPayload::Stats { token, chunk, .. } = r.payload else {
                 panic!("no stats payload")
             };
@@ -1409,7 +1409,7 @@ mod tests {
                 offset: o,
             };
             let out = s.process(&datagram("admin", NOW, nonce, &req), src(), &mut h, NOW);
-            let (_, r) = open_reply(&out.unwrap().to_vec(), "admin");
+            let (_, r) = open_reply(out.unwrap(), "admin");
             assert_eq!(r.code, ReturnCode::Ok, "{}", r.message);
         }
     }

@@ -163,7 +163,7 @@ impl ControlThread {
         };
         let mut health = HealthMonitor::new();
         // Every backend starts up: a first target list changes nothing.
-        health.update(cfg, plane.dataplane())?;
+        health.update(cfg, plane.dataplane());
         let now = Instant::now();
         Ok(ControlThread {
             server,
@@ -256,16 +256,11 @@ impl ControlThread {
     /// until told, while the checks (which know backends by name) see no
     /// change to report.
     fn update_health_targets(&mut self) {
-        match self
+        let stopped = self
             .health
-            .update(self.file.running(), self.plane.dataplane())
-        {
-            Ok(changes) => {
-                for c in changes {
-                    self.apply_health_change(c);
-                }
-            }
-            Err(e) => log::error!("health checks: {e}"),
+            .update(self.file.running(), self.plane.dataplane());
+        for c in stopped {
+            self.apply_health_change(c);
         }
         for (service, backend, error) in self.health.view().down() {
             // Down already: no change. Gone from the plane: nothing to do.
@@ -606,7 +601,7 @@ fn summary(
     }
     s.extra.control = Some(control);
     if !health.targets().is_empty() {
-        s.extra.health = Some(health.view().summary(SystemTime::now()));
+        s.extra.health = Some(health.summary(SystemTime::now()));
     }
     s
 }
@@ -1159,6 +1154,8 @@ mod tests {
             "pktdist_backend_state_changes_total{service=\"web\",backend=\"b\"} 0",
             "pktdist_health_probe_seconds_count{service=\"web\",kind=\"tcp\"} ",
             "pktdist_health_probe_seconds{service=\"web\",kind=\"tcp\",quantile=\"0.5\"} ",
+            "pktdist_health_checker_up 1\n",
+            "pktdist_health_checker_restarts_total 0\n",
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }

@@ -51,8 +51,13 @@ fn in_flight_limit() -> usize {
 
 /// What the control thread tells the checker.
 enum Command {
-    /// Check these from now on.
-    Targets(Vec<Target>),
+    /// Check these from now on; those of `down` that are new to the
+    /// checker start down (a checker started again takes its state from
+    /// the control thread's view).
+    Targets {
+        targets: Vec<Target>,
+        down: Vec<(String, String)>,
+    },
     Stop,
 }
 
@@ -65,13 +70,15 @@ pub struct HealthChecker {
 }
 
 impl HealthChecker {
-    /// Spawns the checker thread, checking `targets`.
-    pub fn start(targets: Vec<Target>) -> io::Result<HealthChecker> {
+    /// Spawns the checker thread, checking `targets`: each starts up, but
+    /// those named (service, backend) in `down`, which start down (a
+    /// checker started again in place of one that stopped).
+    pub fn start(targets: Vec<Target>, down: Vec<(String, String)>) -> io::Result<HealthChecker> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let (commands, command_rx) = mpsc::channel();
         let (report_tx, reports) = mpsc::channel();
-        let _ = commands.send(Command::Targets(targets));
+        let _ = commands.send(Command::Targets { targets, down });
         let thread = std::thread::Builder::new()
             .name("pktdist-health".into())
             .spawn(move || Checker::new(poll, command_rx, report_tx).run())?;
@@ -87,7 +94,12 @@ impl HealthChecker {
     /// backend) keeps its state; if its settings changed, its checks count
     /// from here with the new ones.
     pub fn set_targets(&self, targets: Vec<Target>) {
-        if self.commands.send(Command::Targets(targets)).is_ok() {
+        let down = Vec::new();
+        if self
+            .commands
+            .send(Command::Targets { targets, down })
+            .is_ok()
+        {
             let _ = self.waker.wake();
         }
     }
@@ -95,6 +107,20 @@ impl HealthChecker {
     /// The next report, if one is waiting.
     pub fn try_recv(&self) -> Option<Report> {
         self.reports.try_recv().ok()
+    }
+
+    /// True when the thread ended without being told to (it panicked):
+    /// its checks have stopped.
+    pub fn has_ended(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| t.is_finished())
+    }
+
+    /// Ends the thread as if it had panicked: the handle stays, and
+    /// [`HealthChecker::has_ended`] soon says so.
+    #[cfg(test)]
+    pub(super) fn end_unasked(&self) {
+        let _ = self.commands.send(Command::Stop);
+        let _ = self.waker.wake();
     }
 
     /// Stops the thread and waits for it.
@@ -183,7 +209,7 @@ impl Checker {
             let now = Instant::now();
             loop {
                 match self.commands.try_recv() {
-                    Ok(Command::Targets(t)) => self.set_targets(t, now),
+                    Ok(Command::Targets { targets, down }) => self.set_targets(targets, &down, now),
                     Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return,
                     Err(TryRecvError::Empty) => break,
                 }
@@ -209,8 +235,9 @@ impl Checker {
     }
 
     /// Replaces the target list, keeping the state (and the schedule, when
-    /// the check is unchanged) of the targets kept.
-    fn set_targets(&mut self, targets: Vec<Target>, now: Instant) {
+    /// the check is unchanged) of the targets kept; new ones start up,
+    /// unless named in `down`.
+    fn set_targets(&mut self, targets: Vec<Target>, down: &[(String, String)], now: Instant) {
         self.epoch += 1;
         let mut old: HashMap<(String, String), (usize, Checked)> = self
             .targets
@@ -233,7 +260,7 @@ impl Checker {
                 }
                 None => Checked {
                     next: now + phase(&target),
-                    state: RiseFall::new(now),
+                    state: RiseFall::new(!down.contains(&key), now),
                     target,
                     in_flight: None,
                 },

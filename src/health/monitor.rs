@@ -4,32 +4,68 @@
 //! into the [`HealthView`] and the [`HealthChange`]s the control thread
 //! applies.
 
-use std::time::SystemTime;
+use std::io;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
 use crate::datapath::snapshot::Dataplane;
 use crate::health::target::{self, Target};
+use crate::health::view::HealthSummary;
 use crate::health::{HealthChange, HealthChecker, HealthView, Report};
 
 /// Most reports taken in one [`HealthMonitor::drain`]: the checker sends
 /// one per probe, so this is far above a tick's worth; the rest wait for
 /// the next tick.
 const MAX_REPORTS_PER_DRAIN: usize = 100_000;
+/// The wait before starting the checker again after it could not start or
+/// ended by itself; it doubles with each failed start, up to
+/// [`RESTART_MAX`].
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(60);
+
+/// Starts a checker on the targets, those named in the list starting down.
+type Start = Box<dyn FnMut(Vec<Target>, Vec<(String, String)>) -> io::Result<HealthChecker> + Send>;
 
 /// The health checks as the control thread runs them.
-#[derive(Default)]
 pub struct HealthMonitor {
-    /// Running while `targets` is not empty.
+    /// Running while `targets` is not empty, but while `restart` waits.
     checker: Option<HealthChecker>,
     targets: Vec<Target>,
     view: HealthView,
     /// The dataplane generation the targets were taken from.
     generation: Option<u64>,
+    /// While the checker is to run but does not (it could not start, or
+    /// its thread ended): when to start it again, and the wait after a
+    /// start that fails then.
+    restart: Option<(Instant, Duration)>,
+    /// Checkers started in place of one that could not start or ended.
+    restarts: u64,
+    start: Start,
+}
+
+impl Default for HealthMonitor {
+    fn default() -> HealthMonitor {
+        HealthMonitor::with_start(Box::new(HealthChecker::start))
+    }
 }
 
 impl HealthMonitor {
     pub fn new() -> HealthMonitor {
         HealthMonitor::default()
+    }
+
+    /// A monitor that starts its checkers with `start` (tests give one
+    /// that fails).
+    pub(super) fn with_start(start: Start) -> HealthMonitor {
+        HealthMonitor {
+            checker: None,
+            targets: Vec::new(),
+            view: HealthView::default(),
+            generation: None,
+            restart: None,
+            restarts: 0,
+            start,
+        }
     }
 
     /// True when `dp` is not the snapshot the targets were taken from
@@ -42,32 +78,101 @@ impl HealthMonitor {
     /// starts the checker when the first is checked, stops it when none is,
     /// and hands it the new list when that changed. Returns the backends
     /// that were down and are checked no longer (they count as up again).
-    pub fn update(&mut self, cfg: &Config, dp: &Dataplane) -> Result<Vec<HealthChange>, String> {
+    /// A checker that cannot start is logged and started again later
+    /// (by [`HealthMonitor::drain`]).
+    pub fn update(&mut self, cfg: &Config, dp: &Dataplane) -> Vec<HealthChange> {
         self.generation = Some(dp.generation);
         let targets = target::targets(cfg, dp);
         if targets == self.targets {
-            return Ok(Vec::new());
+            return Vec::new();
         }
         let stopped = self.view.set_targets(&targets, SystemTime::now());
-        if targets.is_empty() {
+        self.targets = targets;
+        if self.targets.is_empty() {
+            self.restart = None;
             if let Some(mut c) = self.checker.take() {
                 c.stop();
             }
         } else if let Some(c) = &self.checker {
-            c.set_targets(targets.clone());
-        } else {
-            self.checker = Some(
-                HealthChecker::start(targets.clone())
-                    .map_err(|e| format!("cannot start the health checker: {e}"))?,
-            );
+            c.set_targets(self.targets.clone());
+        } else if self.restart.is_none() {
+            self.start_checker(Instant::now(), RESTART_FIRST);
         }
-        self.targets = targets;
-        Ok(stopped)
+        stopped
+    }
+
+    /// Starts the checker on the targets, each in the view's state; if it
+    /// cannot start, schedules the next try `wait` from `now`.
+    fn start_checker(&mut self, now: Instant, wait: Duration) {
+        let down = self
+            .view
+            .down()
+            .into_iter()
+            .map(|(service, backend, _)| (service, backend))
+            .collect();
+        match (self.start)(self.targets.clone(), down) {
+            Ok(c) => {
+                self.checker = Some(c);
+                if self.restart.take().is_some() {
+                    self.restarts += 1;
+                    log::warn!("health checks: the checker runs again");
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "health checks: cannot start the checker: {e}; trying again in {}s",
+                    wait.as_secs()
+                );
+                self.restart = Some((now + wait, (wait * 2).min(RESTART_MAX)));
+            }
+        }
+    }
+
+    /// True while backends are to be checked and no checker runs.
+    pub fn checker_down(&self) -> bool {
+        !self.targets.is_empty() && self.checker.is_none()
+    }
+
+    /// The checks for the statistics, at `now`.
+    pub fn summary(&self, now: SystemTime) -> HealthSummary {
+        HealthSummary {
+            checker_up: !self.checker_down(),
+            checker_restarts: self.restarts,
+            ..self.view.summary(now)
+        }
     }
 
     /// Takes the checker's reports: probe results go into the view, state
     /// changes of backends still checked into the view and the result.
+    /// Then starts the checker again if it should run and does not: at
+    /// once after its thread ended unasked (its checks had stopped, and
+    /// backends would have kept their last state for good), then with a
+    /// growing wait while it cannot start. Backends keep their state
+    /// meanwhile; the new checker starts each in it.
     pub fn drain(&mut self) -> Vec<HealthChange> {
+        self.drain_at(Instant::now())
+    }
+
+    /// [`HealthMonitor::drain`] at `now`.
+    pub(super) fn drain_at(&mut self, now: Instant) -> Vec<HealthChange> {
+        // Asked before the reports are taken, so that none of an ended
+        // thread's last reports is lost.
+        let ended = self.checker.as_ref().is_some_and(HealthChecker::has_ended);
+        let changes = self.take_reports();
+        if ended {
+            log::error!("health checks: the checker thread ended; starting it again");
+            self.checker = None;
+            self.restart = Some((now, RESTART_FIRST));
+        }
+        if let Some((at, wait)) = self.restart {
+            if now >= at {
+                self.start_checker(now, wait);
+            }
+        }
+        changes
+    }
+
+    fn take_reports(&mut self) -> Vec<HealthChange> {
         let mut changes = Vec::new();
         let Some(checker) = &self.checker else {
             return changes;
@@ -86,6 +191,12 @@ impl HealthMonitor {
         changes
     }
 
+    /// The checker thread, while it runs.
+    #[cfg(test)]
+    pub(super) fn checker(&self) -> Option<&HealthChecker> {
+        self.checker.as_ref()
+    }
+
     /// The backends checked now.
     pub fn targets(&self) -> &[Target] {
         &self.targets
@@ -97,6 +208,7 @@ impl HealthMonitor {
 
     /// Stops the checker thread (checks end; the view stays).
     pub fn stop(&mut self) {
+        self.restart = None;
         if let Some(mut c) = self.checker.take() {
             c.stop();
         }

@@ -24,10 +24,10 @@ pub struct RiseFall {
 }
 
 impl RiseFall {
-    /// A backend up since `now`.
-    pub fn new(now: Instant) -> RiseFall {
+    /// A backend up (or down) since `now`.
+    pub fn new(up: bool, now: Instant) -> RiseFall {
         RiseFall {
-            up: true,
+            up,
             passed: 0,
             failed: 0,
             since: now,
@@ -105,7 +105,7 @@ mod tests {
     #[test]
     fn starts_up_goes_down_after_fall_and_up_after_rise() {
         let t0 = Instant::now();
-        let mut rf = RiseFall::new(t0);
+        let mut rf = RiseFall::new(true, t0);
         assert!(rf.is_up());
         assert_eq!(rf.since(), t0);
         // Two failures of three: still up; the third takes it down.
@@ -122,9 +122,18 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_started_down_needs_rise_passes() {
+        let t0 = Instant::now();
+        let mut rf = RiseFall::new(false, t0);
+        assert!(!rf.is_up());
+        assert_eq!(run(&mut rf, t0, 2, 3, "---+-+-"), []);
+        assert_eq!(run(&mut rf, t0, 2, 3, "++"), [(1, true)]);
+    }
+
+    #[test]
     fn flapping_never_reaches_either_threshold() {
         let t0 = Instant::now();
-        let mut rf = RiseFall::new(t0);
+        let mut rf = RiseFall::new(true, t0);
         // Up: failures never three in a row.
         assert_eq!(run(&mut rf, t0, 2, 3, "--+--+-+--+--+"), []);
         assert!(rf.is_up());
@@ -138,7 +147,7 @@ mod tests {
         assert_eq!(run(&mut rf, t0, 2, 3, "+-+-+-+--+-"), []);
         assert!(!rf.is_up());
         // A pattern that crosses both: every change reported once.
-        let mut rf = RiseFall::new(t0);
+        let mut rf = RiseFall::new(true, t0);
         assert_eq!(
             run(&mut rf, t0, 2, 2, "--++--++"),
             [(1, false), (3, true), (5, false), (7, true)]
@@ -148,7 +157,7 @@ mod tests {
     #[test]
     fn thresholds_of_one_follow_every_check() {
         let t0 = Instant::now();
-        let mut rf = RiseFall::new(t0);
+        let mut rf = RiseFall::new(true, t0);
         assert_eq!(
             run(&mut rf, t0, 1, 1, "-+-++-"),
             [(0, false), (1, true), (2, false), (3, true), (5, false)]
@@ -158,7 +167,7 @@ mod tests {
     #[test]
     fn restarting_the_counts_keeps_the_state() {
         let t0 = Instant::now();
-        let mut rf = RiseFall::new(t0);
+        let mut rf = RiseFall::new(true, t0);
         assert_eq!(run(&mut rf, t0, 2, 3, "--"), []);
         rf.restart_counts();
         assert_eq!(run(&mut rf, t0, 2, 3, "--"), [], "the count starts again");

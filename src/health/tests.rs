@@ -138,7 +138,7 @@ fn check(
     BTreeMap<String, Vec<HealthChange>>,
 ) {
     let names: Vec<String> = targets.iter().map(|t| t.backend.clone()).collect();
-    let mut checker = HealthChecker::start(targets).unwrap();
+    let mut checker = HealthChecker::start(targets, Vec::new()).unwrap();
     let mut results: BTreeMap<String, Vec<ProbeResult>> = BTreeMap::new();
     let mut changes: BTreeMap<String, Vec<HealthChange>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -273,7 +273,7 @@ fn a_backend_that_recovers_comes_back_after_rise_checks() {
     let addr = refused_port();
     let mut t = target("flaps", addr, HealthKind::Tcp);
     t.check.rise = 2;
-    let mut checker = HealthChecker::start(vec![t]).unwrap();
+    let mut checker = HealthChecker::start(vec![t], Vec::new()).unwrap();
     let mut seen = Vec::new();
     let mut passes_before_up = 0;
     let mut server = None;
@@ -341,7 +341,7 @@ fn reload_keeps_the_state_of_unchanged_checks_and_follows_added_and_removed_back
     let (mut plane, _) = crate::control::testing::plane(&text);
     let cfg = Config::parse(&text, "t.toml").unwrap();
     let mut m = HealthMonitor::new();
-    assert!(m.update(&cfg, plane.dataplane()).unwrap().is_empty());
+    assert!(m.update(&cfg, plane.dataplane()).is_empty());
     assert_eq!(m.targets().len(), 2);
     let c = changes_of(&mut m, 1);
     assert_eq!(c.len(), 1, "{c:?}");
@@ -355,7 +355,7 @@ fn reload_keeps_the_state_of_unchanged_checks_and_follows_added_and_removed_back
     let cfg2 = Config::parse(&text2, "t.toml").unwrap();
     plane.replace_services(&cfg2).unwrap();
     assert!(m.is_stale(plane.dataplane()));
-    assert!(m.update(&cfg2, plane.dataplane()).unwrap().is_empty());
+    assert!(m.update(&cfg2, plane.dataplane()).is_empty());
     let names: Vec<&str> = m.targets().iter().map(|t| t.backend.as_str()).collect();
     assert_eq!(names, ["a", "c"]);
     // Several rounds of probes: no change (a stays down, c up).
@@ -386,11 +386,11 @@ fn reload_keeps_the_state_of_unchanged_checks_and_follows_added_and_removed_back
         &format!("port = {},", refused_port().port()),
     );
     let cfg3 = Config::parse(&text3, "t.toml").unwrap();
-    assert!(m.update(&cfg3, plane.dataplane()).unwrap().is_empty());
+    assert!(m.update(&cfg3, plane.dataplane()).is_empty());
     assert!(!m.view().is_up("web", "a"));
     let text4 = text2.replace(&format!("health = {health}\n"), "");
     let cfg4 = Config::parse(&text4, "t.toml").unwrap();
-    let back = m.update(&cfg4, plane.dataplane()).unwrap();
+    let back = m.update(&cfg4, plane.dataplane());
     assert_eq!(back.len(), 1, "{back:?}");
     assert!(back[0].up && back[0].backend == "a");
     assert!(
@@ -400,4 +400,91 @@ fn reload_keeps_the_state_of_unchanged_checks_and_follows_added_and_removed_back
     );
     assert!(m.targets().is_empty());
     assert!(m.drain().is_empty(), "the checker is stopped");
+}
+
+/// The web service checked by TCP every 200 ms with rise and fall 1: `a`
+/// at 127.0.0.1 and `b` at 127.0.0.2 on the port of a server `b` answers
+/// on (nothing listens there on 127.0.0.1). Returns the server, the
+/// configuration and its plane.
+fn a_refused_b_up() -> (Server, Config, crate::control::plane::ControlPlane) {
+    let server = Server::start("127.0.0.2", Behaviour::Close);
+    let port = server.addr.port();
+    let health = format!(
+        "{{ kind = \"tcp\", port = {port}, interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 1 }}"
+    );
+    let text = health_config(&health, "127.0.0.1", "127.0.0.2", "");
+    let (plane, _) = crate::control::testing::plane(&text);
+    let cfg = Config::parse(&text, "t.toml").unwrap();
+    (server, cfg, plane)
+}
+
+#[test]
+fn a_checker_that_ended_is_started_again_in_the_states_it_left() {
+    let (server, cfg, plane) = a_refused_b_up();
+    let mut m = HealthMonitor::new();
+    assert!(m.update(&cfg, plane.dataplane()).is_empty());
+    let c = changes_of(&mut m, 1);
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!((c[0].backend.as_str(), c[0].up), ("a", false));
+
+    // The thread ends unasked, and meanwhile a comes back: the next drain
+    // starts another checker, which takes a for down and so reports it
+    // up (one that took it for up would never say so, and a would stay
+    // down for good).
+    m.checker().unwrap().end_unasked();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !m.checker().unwrap().has_ended() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(m.checker().unwrap().has_ended());
+    let listener = TcpListener::bind(("127.0.0.1", server.addr.port())).unwrap();
+    assert!(m.drain().is_empty());
+    assert!(m.checker().is_some_and(|c| !c.has_ended()));
+    let s = m.summary(std::time::SystemTime::now());
+    assert!(s.checker_up);
+    assert_eq!(s.checker_restarts, 1);
+    assert_eq!(s.backend("web", "a").unwrap().state, "down");
+    let c = changes_of(&mut m, 1);
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!((c[0].backend.as_str(), c[0].up), ("a", true));
+    drop(listener);
+}
+
+#[test]
+fn a_checker_that_cannot_start_is_tried_again_with_a_growing_wait() {
+    let (_server, cfg, plane) = a_refused_b_up();
+    let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = tries.clone();
+    let mut m = HealthMonitor::with_start(Box::new(move |targets, down| {
+        if counted.fetch_add(1, Ordering::SeqCst) < 2 {
+            Err(std::io::Error::other("no thread for you"))
+        } else {
+            HealthChecker::start(targets, down)
+        }
+    }));
+    let before = Instant::now();
+    assert!(m.update(&cfg, plane.dataplane()).is_empty());
+    let t0 = Instant::now();
+    assert_eq!(tries.load(Ordering::SeqCst), 1);
+    let s = m.summary(std::time::SystemTime::now());
+    assert!(!s.checker_up);
+    assert_eq!(s.backends.len(), 2, "the backends are in the view");
+    // The next try a second on, then two seconds after that one.
+    assert!(m.drain_at(before + Duration::from_millis(900)).is_empty());
+    assert_eq!(tries.load(Ordering::SeqCst), 1);
+    let t1 = t0 + Duration::from_secs(1);
+    assert!(m.drain_at(t1).is_empty());
+    assert_eq!(tries.load(Ordering::SeqCst), 2);
+    assert!(m.checker().is_none());
+    assert!(m.drain_at(t1 + Duration::from_millis(1900)).is_empty());
+    assert_eq!(tries.load(Ordering::SeqCst), 2);
+    assert!(m.drain_at(t1 + Duration::from_secs(2)).is_empty());
+    assert_eq!(tries.load(Ordering::SeqCst), 3);
+    let s = m.summary(std::time::SystemTime::now());
+    assert!(s.checker_up);
+    assert_eq!(s.checker_restarts, 1);
+    // It checks: a goes down.
+    let c = changes_of(&mut m, 1);
+    assert_eq!((c[0].backend.as_str(), c[0].up), ("a", false));
+    assert_eq!(tries.load(Ordering::SeqCst), 3);
 }

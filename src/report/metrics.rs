@@ -584,6 +584,23 @@ fn health(o: &mut String, s: &Summary) {
             1e-9,
         );
     }
+    let Some(h) = h else {
+        return;
+    };
+    Family::new(
+        o,
+        "pktdist_health_checker_up",
+        "gauge",
+        "1 while the health checker runs, 0 while it does not (it could not start or ended; backends keep their states until it is started again).",
+    )
+    .value(&[], if h.checker_up { 1.0 } else { 0.0 });
+    Family::new(
+        o,
+        "pktdist_health_checker_restarts_total",
+        "counter",
+        "Times the health checker was started again after it could not start or ended.",
+    )
+    .value(&[], h.checker_restarts as f64);
 }
 
 /// Cluster mode's families (`[cluster]`).

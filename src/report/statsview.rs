@@ -154,10 +154,15 @@ pub fn render(
             o,
             "{}",
             clip(&format!(
-                "health: {} checked, {} up, {} down",
+                "health: {} checked, {} up, {} down{}",
                 h.backends.len(),
                 h.backends.len() - down.len(),
-                down.len()
+                down.len(),
+                if h.checker_up {
+                    ""
+                } else {
+                    "; checker not running, states held"
+                }
             ))
         );
         for b in down {
@@ -348,9 +353,11 @@ mod tests {
                 health("be2", "down", Some("status 503, expected 200-399")),
             ],
             probes: Vec::new(),
+            checker_up: true,
+            checker_restarts: 0,
         });
         let text = render("x", None, &b, 1.0, false);
-        assert!(text.contains("health: 2 checked, 1 up, 1 down"), "{text}");
+        assert!(text.contains("health: 2 checked, 1 up, 1 down\n"), "{text}");
         assert!(
             text.contains(
                 "  web/be2 down 12s  http 192.168.0.1:8080  status 503, expected 200-399"
@@ -361,5 +368,11 @@ mod tests {
         for line in text.lines() {
             assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
         }
+        b.extra.health.as_mut().unwrap().checker_up = false;
+        let text = render("x", None, &b, 1.0, false);
+        assert!(
+            text.contains("health: 2 checked, 1 up, 1 down; checker not running, states held\n"),
+            "{text}"
+        );
     }
 }
