@@ -656,14 +656,14 @@ impl StoreSync {
     }
 
     /// Installs a store affinity at `revision`; one already expired ends
-    /// (its delete settles who notifies).
+    /// (its delete settles who notifies). Returns what the plane did.
     fn install(
         &mut self,
         plane: &mut ControlPlane,
         v: StoredAffinity,
         revision: Revision,
         wall_ms: u64,
-    ) {
+    ) -> Installed {
         let key = v.key();
         if self.ends.get(&key).is_some_and(|e| e.revision < revision) && !self.ends[&key].sent {
             // Written again since it ended here (extended): it lives on.
@@ -677,7 +677,8 @@ impl StoreSync {
                 writer: v.writer.clone(),
             },
         );
-        match plane.install_stored(&v.affinity, wall_ms) {
+        let installed = plane.install_stored(&v.affinity, wall_ms);
+        match installed {
             Installed::Installed => {}
             Installed::Expired => {
                 plane.remove_stored(&key);
@@ -720,6 +721,7 @@ impl StoreSync {
                 }
             }
         }
+        installed
     }
 
     /// A full load: it replaces every requested affinity here, silently.
@@ -864,11 +866,17 @@ impl StoreSync {
                 let duration = value.expires_unix_ms.saturating_sub(wall_ms);
                 if revision > self.revision_of(&key) {
                     let v = StoredAffinity {
-                        affinity: value,
+                        affinity: value.clone(),
                         writer: self.instance.clone(),
                         written_unix_ms: wall_ms,
                     };
-                    self.install(plane, v, revision, wall_ms);
+                    if self.install(plane, v, revision, wall_ms) == Installed::Gone {
+                        // Its backend went in a reload while the write
+                        // waited: it ends now, or it would stay in the
+                        // store with no instance to end it.
+                        let end = plane.end_gone_stored(&value, key, wall_ms);
+                        self.queue_end(end, wall_ms, out);
+                    }
                 }
                 Response::ok().with_remaining(secs(duration))
             }
@@ -1032,7 +1040,7 @@ impl StoreSync {
                 self.counters.ends_lost += 1;
                 match current {
                     Some((v, rev)) if rev > self.revision_of(&key) => {
-                        self.install(plane, v, rev, wall_ms)
+                        self.install(plane, v, rev, wall_ms);
                     }
                     Some(_) => {}
                     None => {
@@ -1244,6 +1252,52 @@ mod tests {
             }
             other => panic!("no put: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_create_whose_backend_a_reload_removed_meanwhile_is_ended_in_the_store() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        let Some(StoreOp::Put { value, .. }) = b.op() else {
+            panic!("no put")
+        };
+        // A reload takes a away while the write waits for the store.
+        let text = config_text().replace(
+            "[[services.backends]]\nname = \"a\"\naddress = \"10.0.0.1\"\n",
+            "",
+        );
+        assert_ne!(text, config_text());
+        let cfg = crate::config::Config::parse(&text, "t.toml").unwrap();
+        b.plane.replace_services(&cfg).unwrap();
+        assert!(b.plane.dataplane().find_backend(WEB, "a").is_none());
+
+        // It committed: answered OK, not installed, deleted from the store
+        // at the revision it committed at, and once that commits, its
+        // owner is told it ended BACKEND_REMOVED.
+        let out = b.done(t, Outcome::Committed { revision: 11 }, WALL);
+        assert_eq!(out.replies.len(), 1);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+        assert!(out.notices.is_empty(), "the notice waits for the delete");
+        assert_eq!(b.lookup(), None);
+        assert_eq!(b.plane.counters().ended_backend_removed, 1);
+        assert_eq!(b.sync.pending_ends(), 1);
+        let Some(StoreOp::Delete {
+            ticket,
+            key,
+            expect,
+        }) = b.op()
+        else {
+            panic!("no delete")
+        };
+        assert_eq!((key, expect), (value.key(), 11));
+        let out = b.done(ticket, Outcome::Committed { revision: 12 }, WALL);
+        assert_eq!(out.notices.len(), 1);
+        let (to, notice) = &out.notices[0];
+        assert_eq!(*to, value.affinity.notify);
+        assert_eq!(notice.reason, EndReason::BackendRemoved);
+        assert_eq!(notice.owner, "a");
+        assert_eq!(b.sync.pending_ends(), 0);
+        assert_eq!(b.sync.summary().ends_won, 1);
     }
 
     #[test]

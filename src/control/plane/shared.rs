@@ -304,6 +304,22 @@ impl ControlPlane {
         }
     }
 
+    /// Ends a store affinity this instance wrote whose service or backend
+    /// left the configuration while the write waited for the store (a
+    /// reload): BACKEND_REMOVED, as the reload would have ended it had the
+    /// write committed first; counted here, deleted from the store and
+    /// notified by the caller.
+    pub fn end_gone_stored(&mut self, a: &SavedAffinity, key: StoreKey, wall_ms: u64) -> SharedEnd {
+        self.counters.ended_backend_removed += 1;
+        let lived = wall_ms.saturating_sub(a.created_unix_ms).max(1);
+        let _ = self.lifetimes.record(lived);
+        SharedEnd {
+            key,
+            notify: a.notify,
+            notice: a.notice(EndReason::BackendRemoved),
+        }
+    }
+
     /// Installs (or replaces) a store affinity in the local table, with the
     /// time it has left at `wall_ms` (Unix ms). No notice: an affinity of
     /// another owner it replaces was not ended, the store moved on.
