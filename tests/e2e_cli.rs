@@ -520,3 +520,108 @@ fn tables_beyond_the_machine_memory_are_refused_at_start() {
     );
     assert!(!err.contains("EAL"), "EAL started first:\n{err}");
 }
+
+/// A memory cgroup made for a test, limited to `bytes`, removed on drop;
+/// None where the machine has no memory controller this process may
+/// write to (v1's, or v2's with `memory` in its root's subtree control).
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(name: &str, bytes: u64) -> Option<MemoryCgroup> {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let (dir, limit) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.join(name), "memory.limit_in_bytes")
+        } else {
+            let root = Path::new("/sys/fs/cgroup");
+            let control = std::fs::read_to_string(root.join("cgroup.subtree_control")).ok()?;
+            if !control.split_whitespace().any(|c| c == "memory") {
+                return None;
+            }
+            (root.join(name), "memory.max")
+        };
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).ok()?;
+        let cg = MemoryCgroup { dir };
+        std::fs::write(cg.dir.join(limit), bytes.to_string()).ok()?;
+        Some(cg)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// In a memory cgroup limited below what the tables need, on a machine
+/// whose free memory holds them, `pktdist run` is refused as on a machine
+/// too small: the cgroup's room is what counts, not the machine's (it
+/// would be killed by the cgroup's OOM killer halfway through its start).
+#[test]
+fn tables_beyond_a_cgroup_memory_limit_are_refused_at_start() {
+    let dir = TempDir::new("e2e-cgroup-memory");
+    let path = dir.path("big.toml");
+    let text = config_text().replacen(
+        "[affinity]\ncapacity = 4096\n",
+        "[affinity]\ncapacity = 8388608\n",
+        1,
+    );
+    assert_ne!(text, config_text());
+    let cfg = pktdist::config::Config::parse(&text, "big.toml").expect("valid");
+    let need = pktdist::run::memory::TableMemory::of(&cfg).total();
+    let limit: u64 = 256 << 20;
+    assert!(need as u64 > 2 * limit, "{need}");
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            let l = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            l.split_whitespace().nth(1)?.parse::<usize>().ok()
+        })
+        .map(|kib| kib * 1024);
+    if free.is_none_or(|f| f < 2 * need) {
+        eprintln!("skipped: {free:?} bytes available, not twice the {need} the tables need");
+        return;
+    }
+    let name = format!("pktdist-e2e-{}", std::process::id());
+    let Some(cg) = MemoryCgroup::new(&name, limit) else {
+        eprintln!("skipped: no memory cgroup can be made here");
+        return;
+    };
+    std::fs::write(&path, text).expect("write");
+    // Bounded, should the check let it start after all.
+    let procs = cg.dir.join("cgroup.procs");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec \"$0\" \"$@\"",
+            procs.display()
+        ))
+        .arg(PKTDIST)
+        .args([
+            "run",
+            "--config",
+            path_str(&path),
+            "--quiet",
+            "--duration",
+            "2",
+        ])
+        .output()
+        .expect("run pktdist in the cgroup");
+    let err = text_of(&out);
+    assert!(!out.status.success(), "started:\n{err}");
+    assert!(out.status.code().is_some(), "killed, not refused:\n{err}");
+    assert!(
+        err.contains("the tables need") && err.contains("[affinity] capacity"),
+        "{err}"
+    );
+    let available: u64 = err
+        .split(" MiB of memory are available")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no available figure in:\n{err}"));
+    assert!(available <= limit >> 20, "{available} MiB:\n{err}");
+    assert!(!err.contains("EAL"), "EAL started first:\n{err}");
+}

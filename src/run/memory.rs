@@ -2,10 +2,11 @@
 //! affinity table, the automatic-affinity table), checked at start against
 //! what the machine has free, so that a capacity the machine cannot hold is
 //! a clear error before any of them or EAL is set up, not an allocation
-//! failure or the kernel's OOM killer halfway through the start. Not
-//! counted: DPDK's memory (the mbuf pool, on hugepages or `-m`), which is
-//! EAL's, and the services' Maglev tables (at most 32 MiB each, built when
-//! the configuration is read).
+//! failure or the kernel's OOM killer halfway through the start (what is
+//! free: the machine's `MemAvailable`, or a memory cgroup's room where that
+//! is less). Not counted: DPDK's memory (the mbuf pool, on hugepages or
+//! `-m`), which is EAL's, and the services' Maglev tables (at most 32 MiB
+//! each, built when the configuration is read).
 
 use crate::affinity::auto::AutoAffinityTable;
 use crate::affinity::table::AffinityTable;
@@ -39,8 +40,9 @@ impl TableMemory {
             .saturating_add(self.auto_affinity)
     }
 
-    /// Refuses tables larger than `available` bytes (what the machine has
-    /// free), saying what each takes and which keys size them.
+    /// Refuses tables larger than `available` bytes (what the process may
+    /// still take: [`available`]), saying what each takes and which keys
+    /// size them.
     pub fn check(&self, available: usize) -> Result<(), String> {
         if self.total() <= available {
             return Ok(());
@@ -79,11 +81,105 @@ fn mib(bytes: usize) -> usize {
     bytes.saturating_add(1 << 19) >> 20
 }
 
-/// The memory the kernel reckons available for new allocations
-/// (`MemAvailable` of `/proc/meminfo`), if it says.
+/// The memory this process may still take: the kernel's `MemAvailable`
+/// (`/proc/meminfo`), or less where a memory cgroup the process is in (or
+/// one above it) is limited ([`cgroup_headroom`]); None if neither says.
 pub fn available() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    mem_available(&text)
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let machine = read("/proc/meminfo").and_then(|t| mem_available(&t));
+    let cgroup = read("/proc/self/cgroup").and_then(|t| cgroup_headroom(&t, read));
+    match (machine, cgroup) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
+}
+
+/// A memory cgroup version's files, under its hierarchy's mount point.
+struct CgroupFiles {
+    root: &'static str,
+    limit: &'static str,
+    usage: &'static str,
+    /// The `stat` file and its key for the inactive file pages (page
+    /// cache the kernel reclaims first, which `usage` counts).
+    stat: &'static str,
+    inactive: &'static str,
+}
+
+const CGROUP_V1: CgroupFiles = CgroupFiles {
+    root: "/sys/fs/cgroup/memory",
+    limit: "memory.limit_in_bytes",
+    usage: "memory.usage_in_bytes",
+    stat: "memory.stat",
+    inactive: "total_inactive_file",
+};
+
+const CGROUP_V2: CgroupFiles = CgroupFiles {
+    root: "/sys/fs/cgroup",
+    limit: "memory.max",
+    usage: "memory.current",
+    stat: "memory.stat",
+    inactive: "inactive_file",
+};
+
+/// v1 writes "no limit" as a page-rounded `i64::MAX`; anything this large
+/// is no limit.
+const V1_NO_LIMIT: u64 = 1 << 62;
+
+/// The least room left under the memory limits of the cgroup the process
+/// is in (`/proc/self/cgroup`, v1's memory controller or v2's unified
+/// hierarchy) and of each cgroup above it: a limit less its working set
+/// (its usage less its inactive file pages), as container runtimes reckon
+/// it. None when no cgroup on the way is limited, or none can be read.
+/// `read` gives a file's text.
+fn cgroup_headroom(proc_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    // Under v1 (or a hybrid set-up) the memory controller has a line of
+    // its own; else the unified line ("0::/path") is v2's.
+    let v1 = proc_cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
+    });
+    let (files, path) = match v1 {
+        Some(path) => (&CGROUP_V1, path),
+        None => (
+            &CGROUP_V2,
+            proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?,
+        ),
+    };
+    let mut dir = path.trim_end_matches('/');
+    let mut least: Option<u64> = None;
+    loop {
+        let at = |name: &str| read(&format!("{}{dir}/{name}", files.root));
+        let limit = at(files.limit)
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .filter(|&l| l < V1_NO_LIMIT);
+        if let Some(limit) = limit {
+            let usage = at(files.usage)
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let inactive = at(files.stat)
+                .and_then(|t| stat_value(&t, files.inactive))
+                .unwrap_or(0);
+            let room = limit.saturating_sub(usage.saturating_sub(inactive));
+            least = Some(least.map_or(room, |l| l.min(room)));
+        }
+        match dir.rfind('/') {
+            Some(i) => dir = &dir[..i],
+            None => break,
+        }
+    }
+    least.map(|l| usize::try_from(l).unwrap_or(usize::MAX))
+}
+
+/// The value of `key` in a cgroup `memory.stat` text.
+fn stat_value(stat: &str, key: &str) -> Option<u64> {
+    stat.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 fn mem_available(meminfo: &str) -> Option<usize> {
@@ -109,6 +205,87 @@ mod tests {
         assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
         assert_eq!(mem_available("MemAvailable: lots\n"), None);
         assert!(available().is_some(), "this machine's /proc/meminfo");
+    }
+
+    /// Reads files from a list of (path, text).
+    fn files(list: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = list
+            .iter()
+            .map(|(p, t)| (p.to_string(), t.to_string()))
+            .collect();
+        move |p: &str| map.get(p).cloned()
+    }
+
+    #[test]
+    fn a_v2_cgroup_limit_leaves_its_limit_less_its_working_set() {
+        let fs = files(&[
+            (
+                "/sys/fs/cgroup/system.slice/pktdist.service/memory.max",
+                "1073741824\n",
+            ),
+            (
+                "/sys/fs/cgroup/system.slice/pktdist.service/memory.current",
+                "314572800\n",
+            ),
+            (
+                "/sys/fs/cgroup/system.slice/pktdist.service/memory.stat",
+                "anon 100\nfile 300\ninactive_file 104857600\nactive_file 5\n",
+            ),
+            ("/sys/fs/cgroup/system.slice/memory.max", "max\n"),
+            (
+                "/sys/fs/cgroup/system.slice/memory.current",
+                "999999999999\n",
+            ),
+        ]);
+        // 1 GiB less (300 MiB used, 100 MiB of it inactive page cache).
+        assert_eq!(
+            cgroup_headroom("0::/system.slice/pktdist.service\n", &fs),
+            Some((1024 - 200) << 20)
+        );
+        // Not limited on the way up: no say.
+        assert_eq!(cgroup_headroom("0::/system.slice\n", &fs), None);
+        assert_eq!(cgroup_headroom("0::/elsewhere\n", &fs), None);
+        assert_eq!(cgroup_headroom("", &fs), None);
+    }
+
+    #[test]
+    fn the_tightest_v1_limit_on_the_way_up_counts() {
+        let fs = files(&[
+            (
+                "/sys/fs/cgroup/memory/box/memory.limit_in_bytes",
+                "2147483648\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/box/memory.usage_in_bytes",
+                "1610612736\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/box/memory.stat",
+                "cache 5\ntotal_inactive_file 0\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/box/job/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/box/job/memory.usage_in_bytes",
+                "1073741824\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            ),
+        ]);
+        // job is unlimited; box, above it, has 512 MiB left. The v1 memory
+        // line wins over the unified one of a hybrid set-up.
+        let proc_cgroup = "4:memory:/box/job\n1:cpu,cpuacct:/\n0::/\n";
+        assert_eq!(cgroup_headroom(proc_cgroup, &fs), Some(512 << 20));
+        // Over its limit (a racing allocation): no room, not a wrap.
+        let over = files(&[
+            ("/sys/fs/cgroup/memory/box/memory.limit_in_bytes", "100\n"),
+            ("/sys/fs/cgroup/memory/box/memory.usage_in_bytes", "200\n"),
+        ]);
+        assert_eq!(cgroup_headroom("4:memory:/box\n", &over), Some(0));
     }
 
     #[test]
