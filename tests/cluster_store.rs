@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -56,7 +57,12 @@ struct Store {
 
 impl Store {
     fn new(etcd: &Etcd, name: &'static str) -> Store {
-        Store::of(config(&etcd.endpoint(), name), name)
+        Store::new_at(&etcd.endpoint(), name)
+    }
+
+    /// A store on the etcd at `endpoint`.
+    fn new_at(endpoint: &str, name: &'static str) -> Store {
+        Store::of(config(endpoint, name), name)
     }
 
     /// [`Store::new`] with another `[cluster] timeout`.
@@ -751,5 +757,275 @@ fn declarations_are_last_writer_wins_watched_and_loaded_beside_the_affinities() 
             .all(|e| !matches!(e, StoreEvent::Unreadable { .. })),
         "{:?}",
         c.pending
+    );
+}
+
+/// A three-member etcd cluster whose third member lives in a network
+/// namespace of its own, reached by clients over one veth pair and by its
+/// peers over another: taking the peers' link down cuts it off from its
+/// cluster while its clients still reach it (a partition as a member on
+/// the wrong side of a switch failure sees it). Everything goes on drop.
+struct CutOffBed {
+    netns: String,
+    /// The root-side names of the client and peer veth pairs.
+    links: [String; 2],
+    dir: std::path::PathBuf,
+    children: Vec<std::process::Child>,
+    /// Client URLs of the members: two in this namespace, the third's.
+    endpoints: [String; 3],
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl CutOffBed {
+    /// None where network namespaces cannot be made (not root, no `ip`).
+    fn start() -> Option<CutOffBed> {
+        let n = std::process::id() % 100_000;
+        let netns = format!("pdcut{n}");
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        let made = Command::new("ip").args(["netns", "add", &netns]).output();
+        if !made.is_ok_and(|o| o.status.success()) {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("pktdist-etcd-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut bed = CutOffBed {
+            netns: netns.clone(),
+            links: [format!("pdc{n}"), format!("pdp{n}")],
+            dir,
+            children: Vec::new(),
+            endpoints: Default::default(),
+        };
+        // 172.31.251.0/24 for clients, 172.31.252.0/24 for peers.
+        for (link, net) in bed.links.clone().iter().zip(["172.31.251", "172.31.252"]) {
+            let inner = format!("{link}n");
+            ip(&["link", "add", link, "type", "veth", "peer", "name", &inner]);
+            ip(&["link", "set", &inner, "netns", &netns]);
+            ip(&["addr", "add", &format!("{net}.1/24"), "dev", link]);
+            ip(&["link", "set", link, "up"]);
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{net}.2/24"),
+                "dev",
+                &inner,
+            ]);
+            ip(&["-n", &netns, "link", "set", &inner, "up"]);
+        }
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let clients = [
+            format!("http://127.0.0.1:{}", port()),
+            format!("http://127.0.0.1:{}", port()),
+            format!("http://172.31.251.2:{}", port()),
+        ];
+        let peers = [
+            format!("http://172.31.252.1:{}", port()),
+            format!("http://172.31.252.1:{}", port()),
+            format!("http://172.31.252.2:{}", port()),
+        ];
+        let cluster = (0..3)
+            .map(|i| format!("m{i}={}", peers[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        for i in 0..3 {
+            let mut cmd = if i == 2 {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &netns, "etcd"]);
+                c
+            } else {
+                Command::new("etcd")
+            };
+            for (k, _) in std::env::vars() {
+                if k.starts_with("ETCD") {
+                    cmd.env_remove(k);
+                }
+            }
+            let log = std::fs::File::create(bed.dir.join(format!("m{i}.log"))).expect("log");
+            cmd.args([
+                "--name",
+                &format!("m{i}"),
+                "--data-dir",
+                bed.dir.join(format!("m{i}")).to_str().expect("utf-8"),
+                "--listen-client-urls",
+                &clients[i],
+                "--advertise-client-urls",
+                &clients[i],
+                "--listen-peer-urls",
+                &peers[i],
+                "--initial-advertise-peer-urls",
+                &peers[i],
+                "--initial-cluster",
+                &cluster,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                &netns,
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+            bed.children.push(cmd.spawn().expect("start etcd"));
+        }
+        bed.endpoints = clients;
+        let deadline = Instant::now() + PATIENCE;
+        while !bed.healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not form: {}",
+                bed.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(bed)
+    }
+
+    /// Every member answers a linearizable read.
+    fn healthy(&self) -> bool {
+        (0..3).all(|i| self.answers(i))
+    }
+
+    /// Member `i` answers a linearizable read (it is in contact with a
+    /// leader).
+    fn answers(&self, i: usize) -> bool {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                &format!("--endpoints={}", self.endpoints[i]),
+                "get",
+                "x",
+                "--command-timeout=1s",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Takes the third member's link to its peers down (or up again).
+    fn cut_off(&self, cut: bool) {
+        let inner = format!("{}n", self.links[1]);
+        let state = if cut { "down" } else { "up" };
+        ip(&["-n", &self.netns, "link", "set", &inner, state]);
+    }
+
+    fn logs(&self) -> String {
+        (0..3)
+            .map(|i| {
+                std::fs::read_to_string(self.dir.join(format!("m{i}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for CutOffBed {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for link in &self.links {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A member cut off from its cluster keeps its connections and its watch
+/// open and delivers nothing more. A store thread connected to it does not
+/// go on as if its table were current: the freshness check finds it behind
+/// (or unable to read with the quorum), says `Unreachable`, refuses
+/// changes, and once the member is back loads the table with what the
+/// majority wrote meanwhile.
+#[test]
+fn a_member_cut_off_from_its_cluster_is_given_up_not_trusted() {
+    let _s = serial();
+    let Some(bed) = CutOffBed::start() else {
+        eprintln!("skipped: no network namespace can be made here");
+        return;
+    };
+    let mut a_cfg = config(&bed.endpoints[2], "a");
+    a_cfg.timeout = DurationStr(Duration::from_secs(1));
+    let mut a = Store::of(a_cfg, "a");
+    let mut b = Store::new_at(&bed.endpoints[0], "b");
+    // c knows all three members: its reads and writes go to each in turn,
+    // its watch to one of them.
+    let mut c_cfg = config(&bed.endpoints[0], "c");
+    c_cfg.endpoints = bed.endpoints.to_vec();
+    c_cfg.timeout = DurationStr(Duration::from_secs(1));
+    let mut c = Store::of(c_cfg, "c");
+    a.loaded();
+    b.loaded();
+    c.loaded();
+    let before = affinity("web", 0xc000_0201, "b1", "b");
+    b.put(1, &before, 0);
+    b.committed(1);
+    assert_eq!(a.changed().1, Change::Put(before));
+
+    bed.cut_off(true);
+    // The majority elects a leader of its own if the cut-off member led.
+    let deadline = Instant::now() + PATIENCE;
+    while !bed.answers(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the majority lost its quorum: {}",
+            bed.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let during = affinity("web", 0xc000_0202, "b1", "b");
+    b.put(2, &during, 0);
+    let rev = b.committed(2);
+    // c gets the majority's write: by its watch, or (its watch on the
+    // cut-off member, found behind) by a new load.
+    let got = c.take("the majority's write", |e| match e {
+        StoreEvent::Changed { revision, change } if *change == Change::Put(during.clone()) => {
+            Some(*revision)
+        }
+        StoreEvent::Loaded { affinities, .. } => affinities
+            .iter()
+            .find(|(v, _)| *v == during)
+            .map(|(_, r)| *r),
+        _ => None,
+    });
+    assert_eq!(got, rev);
+    let why = a.unreachable();
+    assert!(
+        why.contains("behind etcd's quorum") || why.contains("linearizable"),
+        "{why}"
+    );
+    let stale = affinity("web", 0xc000_0203, "a1", "a");
+    a.put(3, &stale, 0);
+    assert!(
+        matches!(a.done(3), Outcome::Unavailable { .. }),
+        "a change through a cut-off member is refused"
+    );
+
+    bed.cut_off(false);
+    let (_, table) = a.loaded();
+    assert!(
+        table.iter().any(|(v, r)| *v == during && *r == rev),
+        "the majority's write is in the new load: {table:?}"
     );
 }

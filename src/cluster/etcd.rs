@@ -11,6 +11,14 @@
 //! answers every op `Unavailable` at once, and reconnects with backoff
 //! (100 ms doubling to 1 s) until a fresh `Loaded`. It ends when the
 //! `StoreHandle` is dropped.
+//!
+//! An etcd member cut off from the rest of its cluster keeps the
+//! connection and the watch open and delivers nothing more, so the thread
+//! also checks, every [`FRESHNESS_INTERVAL`], that its watch keeps up with
+//! the cluster's quorum: a linearizable read gives the revision the quorum
+//! has reached, and one interval later the watch, asked for its progress,
+//! must have reached it by the interval after that. A read that fails, or
+//! a watch that falls behind, is a lost connection like any other.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
@@ -44,6 +52,12 @@ pub const MAX_IN_FLIGHT: usize = 8;
 /// [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How often the thread checks that its watch keeps up with etcd's quorum
+/// (a member cut off from its cluster would deliver nothing more): such a
+/// member is given up within about three of these and the `[cluster]
+/// timeout`.
+const FRESHNESS_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Largest table the load accepts in its one range read (gRPC's default of
 /// 4 MiB would hold only about 15,000 affinities).
@@ -293,10 +307,14 @@ struct Session {
     kv: KvClient,
     /// Shares the connection's token with `kv`.
     auth: AuthClient,
-    /// Kept: dropping it would end the watch.
-    _watcher: Watcher,
+    /// Kept (dropping it would end the watch), and asked for the watch's
+    /// progress.
+    watcher: Watcher,
     stream: WatchStream,
     revision: Revision,
+    /// The highest revision the watch's member has reported (in any watch
+    /// response's header): how far the watch has got.
+    watched_to: Revision,
     loaded: Vec<StoreEvent>,
 }
 
@@ -349,9 +367,10 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
     Ok(Session {
         kv,
         auth: client.auth_client(),
-        _watcher: watcher,
+        watcher,
         stream,
         revision,
+        watched_to: revision,
         loaded,
     })
 }
@@ -359,6 +378,9 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
 /// What one transaction task gives back: the events for its ops, or the
 /// error that left their outcome unknown.
 type TxnResult = Result<Vec<StoreEvent>, etcd_client::Error>;
+
+/// What a quorum read gives back: the revision etcd's quorum has reached.
+type QuorumResult = Result<Revision, etcd_client::Error>;
 
 impl Session {
     /// Sends the `Loaded` (and the `Unreadable`s found by the load).
@@ -376,6 +398,17 @@ impl Session {
         // An op taken from the channel that could not join the last batch
         // (its key was already in it); it starts the next one.
         let mut carried: Option<StoreOp> = None;
+        // The freshness check (module doc): the quorum read in flight, the
+        // revision the last one gave, and the revision the watch was asked
+        // to report progress beyond at the last tick.
+        let mut freshness = tokio::time::interval_at(
+            tokio::time::Instant::now() + FRESHNESS_INTERVAL,
+            FRESHNESS_INTERVAL,
+        );
+        freshness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quorum_read: Option<tokio::task::JoinHandle<QuorumResult>> = None;
+        let mut quorum_at: Option<Revision> = None;
+        let mut owed: Option<Revision> = None;
         // Once the handle is gone nobody reads an answer: the thread ends
         // at once (the transactions out are dropped with it).
         let end = loop {
@@ -416,8 +449,47 @@ impl Session {
                     let tickets = tickets_of(&batch);
                     out.spawn(self.run_batch(s, batch), tickets);
                 }
+                _ = freshness.tick() => {
+                    if let Some(due) = owed.take() {
+                        if self.watched_to < due {
+                            break End::Lost(format!(
+                                "the watch fell behind etcd's quorum (at revision {}, the quorum \
+                                 at {due} over {} s earlier): its member may be cut off from \
+                                 its cluster",
+                                self.watched_to,
+                                FRESHNESS_INTERVAL.as_secs()
+                            ));
+                        }
+                    }
+                    if let Some(due) = quorum_at.take() {
+                        if let Err(e) = self.watcher.request_progress().await {
+                            break End::Lost(format!("watch: {e}"));
+                        }
+                        owed = Some(due);
+                    }
+                    if quorum_read.is_none() {
+                        quorum_read = Some(tokio::spawn(self.quorum_revision(s)));
+                    }
+                }
+                read = async { quorum_read.as_mut().expect("guarded").await },
+                    if quorum_read.is_some() =>
+                {
+                    quorum_read = None;
+                    match read {
+                        Ok(Ok(revision)) => quorum_at = Some(revision),
+                        Ok(Err(e)) => {
+                            break End::Lost(format!(
+                                "etcd did not answer a linearizable read (no quorum?): {e}"
+                            ))
+                        }
+                        Err(e) => break End::Lost(format!("the quorum read failed: {e}")),
+                    }
+                }
             }
         };
+        if let Some(read) = quorum_read {
+            read.abort();
+        }
         let End::Lost(why) = &end else { return end };
         // Connection lost: the transactions still out finish (or time out)
         // on their own; each op still gets its one answer, and new ops are
@@ -469,6 +541,9 @@ impl Session {
                 "watch cancelled by etcd: {}",
                 resp.cancel_reason()
             )));
+        }
+        if let Some(h) = resp.header() {
+            self.watched_to = self.watched_to.max(h.revision());
         }
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
@@ -621,6 +696,30 @@ fn op_key(keys: &KeySpace, op: &StoreOp) -> String {
 }
 
 impl Session {
+    /// The task that reads the revision etcd's quorum has reached: a
+    /// linearizable read (of the prefix's root key itself, which holds
+    /// nothing), which only a member in contact with its cluster's leader
+    /// answers. Authenticates again once if the token expired.
+    fn quorum_revision(
+        &self,
+        s: &Settings,
+    ) -> impl std::future::Future<Output = QuorumResult> + Send + 'static {
+        let mut kv = self.kv.clone();
+        let login = s.user.clone().map(|u| (self.auth.clone(), u));
+        let key = s.keys.root().to_string();
+        async move {
+            let mut read = kv.get(key.clone(), None).await;
+            if let (Err(e), Some((mut auth, (user, password)))) = (&read, login) {
+                if is_unauthenticated(e) {
+                    auth.remove_client_auth();
+                    auth.set_client_auth(user, password).await?;
+                    read = kv.get(key, None).await;
+                }
+            }
+            Ok(read?.header().map_or(0, |h| h.revision()))
+        }
+    }
+
     /// The task that runs `batch` as one transaction.
     fn run_batch(
         &self,
