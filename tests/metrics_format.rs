@@ -111,7 +111,7 @@ fn metrics_parse_with_the_prometheus_client_parser() {
                 mean: 2_500_000.0,
             },
         }],
-        checker_up: true,
+        checker_down: false,
         checker_restarts: 2,
     });
     let samples = parsed(&render(&s));

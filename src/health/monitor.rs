@@ -18,26 +18,31 @@ use crate::health::{HealthChange, HealthChecker, HealthView, Report};
 /// the next tick.
 const MAX_REPORTS_PER_DRAIN: usize = 100_000;
 /// The wait before starting the checker again after it could not start or
-/// ended by itself; it doubles with each failed start, up to
-/// [`RESTART_MAX`].
+/// ended by itself; it doubles with each such start, up to
+/// [`RESTART_MAX`], and is forgotten once a checker has run for
+/// [`RESTART_RESET`] (whose end is then followed by a start at once).
 const RESTART_FIRST: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
+const RESTART_RESET: Duration = Duration::from_secs(60);
 
 /// Starts a checker on the targets, those named in the list starting down.
 type Start = Box<dyn FnMut(Vec<Target>, Vec<(String, String)>) -> io::Result<HealthChecker> + Send>;
 
 /// The health checks as the control thread runs them.
 pub struct HealthMonitor {
-    /// Running while `targets` is not empty, but while `restart` waits.
+    /// Running while `targets` is not empty, but while `restart_at` waits.
     checker: Option<HealthChecker>,
+    /// When the running checker started.
+    started: Instant,
     targets: Vec<Target>,
     view: HealthView,
     /// The dataplane generation the targets were taken from.
     generation: Option<u64>,
     /// While the checker is to run but does not (it could not start, or
-    /// its thread ended): when to start it again, and the wait after a
-    /// start that fails then.
-    restart: Option<(Instant, Duration)>,
+    /// its thread ended): when to start it again.
+    restart_at: Option<Instant>,
+    /// The wait before the next start after a failed start or an end.
+    backoff: Duration,
     /// Checkers started in place of one that could not start or ended.
     restarts: u64,
     start: Start,
@@ -62,7 +67,9 @@ impl HealthMonitor {
             targets: Vec::new(),
             view: HealthView::default(),
             generation: None,
-            restart: None,
+            started: Instant::now(),
+            restart_at: None,
+            backoff: RESTART_FIRST,
             restarts: 0,
             start,
         }
@@ -89,21 +96,22 @@ impl HealthMonitor {
         let stopped = self.view.set_targets(&targets, SystemTime::now());
         self.targets = targets;
         if self.targets.is_empty() {
-            self.restart = None;
+            self.restart_at = None;
+            self.backoff = RESTART_FIRST;
             if let Some(mut c) = self.checker.take() {
                 c.stop();
             }
         } else if let Some(c) = &self.checker {
             c.set_targets(self.targets.clone());
-        } else if self.restart.is_none() {
-            self.start_checker(Instant::now(), RESTART_FIRST);
+        } else if self.restart_at.is_none() {
+            self.start_checker(Instant::now());
         }
         stopped
     }
 
     /// Starts the checker on the targets, each in the view's state; if it
-    /// cannot start, schedules the next try `wait` from `now`.
-    fn start_checker(&mut self, now: Instant, wait: Duration) {
+    /// cannot start, schedules the next try.
+    fn start_checker(&mut self, now: Instant) {
         let down = self
             .view
             .down()
@@ -113,7 +121,8 @@ impl HealthMonitor {
         match (self.start)(self.targets.clone(), down) {
             Ok(c) => {
                 self.checker = Some(c);
-                if self.restart.take().is_some() {
+                self.started = now;
+                if self.restart_at.take().is_some() {
                     self.restarts += 1;
                     log::warn!("health checks: the checker runs again");
                 }
@@ -121,9 +130,9 @@ impl HealthMonitor {
             Err(e) => {
                 log::error!(
                     "health checks: cannot start the checker: {e}; trying again in {}s",
-                    wait.as_secs()
+                    self.backoff.as_secs()
                 );
-                self.restart = Some((now + wait, (wait * 2).min(RESTART_MAX)));
+                self.schedule_restart(now);
             }
         }
     }
@@ -136,7 +145,7 @@ impl HealthMonitor {
     /// The checks for the statistics, at `now`.
     pub fn summary(&self, now: SystemTime) -> HealthSummary {
         HealthSummary {
-            checker_up: !self.checker_down(),
+            checker_down: self.checker_down(),
             checker_restarts: self.restarts,
             ..self.view.summary(now)
         }
@@ -160,16 +169,29 @@ impl HealthMonitor {
         let ended = self.checker.as_ref().is_some_and(HealthChecker::has_ended);
         let changes = self.take_reports();
         if ended {
-            log::error!("health checks: the checker thread ended; starting it again");
             self.checker = None;
-            self.restart = Some((now, RESTART_FIRST));
-        }
-        if let Some((at, wait)) = self.restart {
-            if now >= at {
-                self.start_checker(now, wait);
+            if now.saturating_duration_since(self.started) >= RESTART_RESET {
+                self.backoff = RESTART_FIRST;
+                self.restart_at = Some(now);
+                log::error!("health checks: the checker thread ended; starting it again");
+            } else {
+                log::error!(
+                    "health checks: the checker thread ended; starting it again in {}s",
+                    self.backoff.as_secs()
+                );
+                self.schedule_restart(now);
             }
         }
+        if self.restart_at.is_some_and(|at| now >= at) {
+            self.start_checker(now);
+        }
         changes
+    }
+
+    /// The next start after the current wait, which then doubles.
+    fn schedule_restart(&mut self, now: Instant) {
+        self.restart_at = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(RESTART_MAX);
     }
 
     fn take_reports(&mut self) -> Vec<HealthChange> {
@@ -208,7 +230,7 @@ impl HealthMonitor {
 
     /// Stops the checker thread (checks end; the view stays).
     pub fn stop(&mut self) {
-        self.restart = None;
+        self.restart_at = None;
         if let Some(mut c) = self.checker.take() {
             c.stop();
         }

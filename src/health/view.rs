@@ -189,10 +189,10 @@ pub struct HealthSummary {
     pub backends: Vec<BackendHealth>,
     /// Probe times by service and kind of check.
     pub probes: Vec<ProbeTimes>,
-    /// False while backends are to be checked and the checker thread does
+    /// True while backends are to be checked and the checker thread does
     /// not run (it could not start, or it ended): their states stand still
     /// until it is started again.
-    pub checker_up: bool,
+    pub checker_down: bool,
     /// Times the checker was started again after it could not start or
     /// ended.
     pub checker_restarts: u64,

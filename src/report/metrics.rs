@@ -593,7 +593,7 @@ fn health(o: &mut String, s: &Summary) {
         "gauge",
         "1 while the health checker runs, 0 while it does not (it could not start or ended; backends keep their states until it is started again).",
     )
-    .value(&[], if h.checker_up { 1.0 } else { 0.0 });
+    .value(&[], if h.checker_down { 0.0 } else { 1.0 });
     Family::new(
         o,
         "pktdist_health_checker_restarts_total",

@@ -158,10 +158,10 @@ pub fn render(
                 h.backends.len(),
                 h.backends.len() - down.len(),
                 down.len(),
-                if h.checker_up {
-                    ""
-                } else {
+                if h.checker_down {
                     "; checker not running, states held"
+                } else {
+                    ""
                 }
             ))
         );
@@ -353,7 +353,7 @@ mod tests {
                 health("be2", "down", Some("status 503, expected 200-399")),
             ],
             probes: Vec::new(),
-            checker_up: true,
+            checker_down: false,
             checker_restarts: 0,
         });
         let text = render("x", None, &b, 1.0, false);
@@ -368,7 +368,7 @@ mod tests {
         for line in text.lines() {
             assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
         }
-        b.extra.health.as_mut().unwrap().checker_up = false;
+        b.extra.health.as_mut().unwrap().checker_down = true;
         let text = render("x", None, &b, 1.0, false);
         assert!(
             text.contains("health: 2 checked, 1 up, 1 down; checker not running, states held\n"),
