@@ -656,20 +656,21 @@ impl StoreSync {
     }
 
     /// Installs a store affinity at `revision`; one already expired ends
-    /// (its delete settles who notifies). Returns what the plane did.
+    /// (its delete settles who notifies). One of this instance's own writes
+    /// whose backend is not configured here ends BACKEND_REMOVED: a create
+    /// or extend that committed as a reload removed its backend (whether
+    /// the commit or the watch's echo of it comes first), which would
+    /// otherwise stay in the store with no instance to end it. Another
+    /// instance's is that instance's to end.
     fn install(
         &mut self,
         plane: &mut ControlPlane,
         v: StoredAffinity,
         revision: Revision,
         wall_ms: u64,
-    ) -> Installed {
+    ) {
         let key = v.key();
-        if self.ends.get(&key).is_some_and(|e| e.revision < revision) && !self.ends[&key].sent {
-            // Written again since it ended here (extended): it lives on.
-            self.ends.remove(&key);
-            self.counters.ends_lost += 1;
-        }
+        let own = v.writer == self.instance;
         self.seen.insert(
             key.clone(),
             Seen {
@@ -678,6 +679,24 @@ impl StoreSync {
             },
         );
         let installed = plane.install_stored(&v.affinity, wall_ms);
+        let rewritten = self
+            .ends
+            .get(&key)
+            .is_some_and(|e| e.revision < revision && !e.sent);
+        if rewritten {
+            if installed == Installed::Gone && own {
+                // Written again here, for a backend gone since: the end
+                // deletes that write.
+                if let Some(e) = self.ends.get_mut(&key) {
+                    e.revision = revision;
+                }
+            } else {
+                // Written again since it ended here (extended): it lives
+                // on.
+                self.ends.remove(&key);
+                self.counters.ends_lost += 1;
+            }
+        }
         match installed {
             Installed::Installed => {}
             Installed::Expired => {
@@ -692,7 +711,14 @@ impl StoreSync {
                     self.queue_end(end, wall_ms, &mut out);
                 }
             }
-            Installed::Gone => self.counters.gone += 1,
+            Installed::Gone => {
+                self.counters.gone += 1;
+                if own && !self.ends.contains_key(&key) {
+                    let end = plane.end_gone_stored(&v.affinity, key, wall_ms);
+                    let mut out = Outbox::default();
+                    self.queue_end(end, wall_ms, &mut out);
+                }
+            }
             Installed::Static => {
                 self.counters.static_refused += 1;
                 if self.static_logged.insert(key) {
@@ -721,7 +747,6 @@ impl StoreSync {
                 }
             }
         }
-        installed
     }
 
     /// A full load: it replaces every requested affinity here, silently.
@@ -866,17 +891,11 @@ impl StoreSync {
                 let duration = value.expires_unix_ms.saturating_sub(wall_ms);
                 if revision > self.revision_of(&key) {
                     let v = StoredAffinity {
-                        affinity: value.clone(),
+                        affinity: value,
                         writer: self.instance.clone(),
                         written_unix_ms: wall_ms,
                     };
-                    if self.install(plane, v, revision, wall_ms) == Installed::Gone {
-                        // Its backend went in a reload while the write
-                        // waited: it ends now, or it would stay in the
-                        // store with no instance to end it.
-                        let end = plane.end_gone_stored(&value, key, wall_ms);
-                        self.queue_end(end, wall_ms, out);
-                    }
+                    self.install(plane, v, revision, wall_ms);
                 }
                 Response::ok().with_remaining(secs(duration))
             }
@@ -1034,20 +1053,38 @@ impl StoreSync {
                     out.notices.push((e.notify, e.notice));
                 }
             }
-            Outcome::Moved { current } => {
-                // Someone else ended or extended it: no notice from here.
-                self.ends.remove(&key);
-                self.counters.ends_lost += 1;
-                match current {
-                    Some((v, rev)) if rev > self.revision_of(&key) => {
-                        self.install(plane, v, rev, wall_ms);
+            Outcome::Moved { current } => match current {
+                Some((v, rev))
+                    if v.writer == self.instance
+                        && rev >= self.revision_of(&key)
+                        && self.ends.contains_key(&key) =>
+                {
+                    // This instance's own later write beat the delete (an
+                    // extend that committed as the affinity ended): the
+                    // end counts as not sent, and that write decides
+                    // (install): it lives on if its backend is configured
+                    // here, else the end deletes it.
+                    if let Some(e) = self.ends.get_mut(&key) {
+                        e.sent = false;
                     }
-                    Some(_) => {}
-                    None => {
-                        self.seen.remove(&key);
+                    self.install(plane, v, rev, wall_ms);
+                }
+                current => {
+                    // Someone else ended or extended it: no notice from
+                    // here.
+                    self.ends.remove(&key);
+                    self.counters.ends_lost += 1;
+                    match current {
+                        Some((v, rev)) if rev > self.revision_of(&key) => {
+                            self.install(plane, v, rev, wall_ms);
+                        }
+                        Some(_) => {}
+                        None => {
+                            self.seen.remove(&key);
+                        }
                     }
                 }
-            }
+            },
             Outcome::Unavailable { .. } => {
                 // Unknown: sent again after the next load if still there.
                 if let Some(e) = self.ends.get_mut(&key) {
@@ -1254,14 +1291,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_create_whose_backend_a_reload_removed_meanwhile_is_ended_in_the_store() {
-        let mut b = loaded("i1", vec![]);
-        let t = deferred(&b.ask("a", create("a", 60), true));
-        let Some(StoreOp::Put { value, .. }) = b.op() else {
-            panic!("no put")
-        };
-        // A reload takes a away while the write waits for the store.
+    /// A reload that takes backend a away.
+    fn remove_a(b: &mut Bed) {
         let text = config_text().replace(
             "[[services.backends]]\nname = \"a\"\naddress = \"10.0.0.1\"\n",
             "",
@@ -1270,34 +1301,106 @@ mod tests {
         let cfg = crate::config::Config::parse(&text, "t.toml").unwrap();
         b.plane.replace_services(&cfg).unwrap();
         assert!(b.plane.dataplane().find_backend(WEB, "a").is_none());
+    }
 
-        // It committed: answered OK, not installed, deleted from the store
-        // at the revision it committed at, and once that commits, its
-        // owner is told it ended BACKEND_REMOVED.
-        let out = b.done(t, Outcome::Committed { revision: 11 }, WALL);
-        assert_eq!(out.replies.len(), 1);
-        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
-        assert!(out.notices.is_empty(), "the notice waits for the delete");
-        assert_eq!(b.lookup(), None);
-        assert_eq!(b.plane.counters().ended_backend_removed, 1);
-        assert_eq!(b.sync.pending_ends(), 1);
+    /// The next op is a delete of `key` at `expect`; commits it and
+    /// checks that a's client is told BACKEND_REMOVED, once.
+    fn deleted_and_notified(b: &mut Bed, value: &StoredAffinity, expect: Revision) {
         let Some(StoreOp::Delete {
             ticket,
             key,
-            expect,
+            expect: at,
         }) = b.op()
         else {
             panic!("no delete")
         };
-        assert_eq!((key, expect), (value.key(), 11));
-        let out = b.done(ticket, Outcome::Committed { revision: 12 }, WALL);
+        assert_eq!((key, at), (value.key(), expect));
+        let out = b.done(
+            ticket,
+            Outcome::Committed {
+                revision: expect + 1,
+            },
+            WALL,
+        );
         assert_eq!(out.notices.len(), 1);
         let (to, notice) = &out.notices[0];
         assert_eq!(*to, value.affinity.notify);
         assert_eq!(notice.reason, EndReason::BackendRemoved);
         assert_eq!(notice.owner, "a");
         assert_eq!(b.sync.pending_ends(), 0);
-        assert_eq!(b.sync.summary().ends_won, 1);
+        assert!(b.op().is_none());
+        assert_eq!(b.plane.counters().ended_backend_removed, 1);
+    }
+
+    #[test]
+    fn a_create_whose_backend_a_reload_removed_meanwhile_is_ended_in_the_store() {
+        // The commit's outcome first, then the watch's echo; and the other
+        // way round.
+        for echo_first in [false, true] {
+            let mut b = loaded("i1", vec![]);
+            let t = deferred(&b.ask("a", create("a", 60), true));
+            let Some(StoreOp::Put { value, .. }) = b.op() else {
+                panic!("no put")
+            };
+            remove_a(&mut b);
+            if echo_first {
+                b.event(StoreEvent::Changed {
+                    revision: 11,
+                    change: Change::Put(value.clone()),
+                });
+            }
+            // It committed: answered OK, not installed, deleted from the
+            // store at the revision it committed at, and once that commits
+            // its owner is told it ended BACKEND_REMOVED.
+            let out = b.done(t, Outcome::Committed { revision: 11 }, WALL);
+            assert_eq!(out.replies.len(), 1);
+            assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+            assert!(out.notices.is_empty(), "the notice waits for the delete");
+            assert_eq!(b.lookup(), None);
+            assert_eq!(b.sync.pending_ends(), 1);
+            deleted_and_notified(&mut b, &value, 11);
+            assert_eq!(b.sync.summary().ends_won, 1);
+        }
+    }
+
+    #[test]
+    fn an_extend_that_commits_after_the_reload_s_delete_was_sent_is_deleted_too() {
+        let mut b = loaded("i1", vec![]);
+        let t = deferred(&b.ask("a", create("a", 60), true));
+        b.op();
+        b.done(t, Outcome::Committed { revision: 11 }, WALL);
+        assert_eq!(b.lookup(), Some(1));
+        let t = deferred(&b.ask(
+            "a",
+            Request::AffinityExtend(op("198.18.0.0", 24, Some("a"), 120)),
+            true,
+        ));
+        let Some(StoreOp::Put { value, expect, .. }) = b.op() else {
+            panic!("no put")
+        };
+        assert_eq!(expect, 11);
+        // The reload ends the affinity at 11: its delete goes out.
+        remove_a(&mut b);
+        b.turn(WALL);
+        let Some(StoreOp::Delete {
+            ticket: del,
+            expect: at,
+            ..
+        }) = b.op()
+        else {
+            panic!("no delete")
+        };
+        assert_eq!(at, 11);
+        // The extend commits at 12 first, so the delete finds it moved.
+        let out = b.done(t, Outcome::Committed { revision: 12 }, WALL);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+        let moved = Outcome::Moved {
+            current: Some((value.clone(), 12)),
+        };
+        let out = b.done(del, moved, WALL);
+        assert!(out.notices.is_empty());
+        assert_eq!(b.sync.pending_ends(), 1, "the end waits on, for 12");
+        deleted_and_notified(&mut b, &value, 12);
     }
 
     #[test]
