@@ -607,13 +607,17 @@ fn tables_beyond_a_cgroup_memory_limit_are_refused_at_start() {
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "echo $$ > {} && exec \"$0\" \"$@\"",
+            "echo $$ > {} || exit 97; exec \"$0\" \"$@\"",
             procs.display()
         ))
         .arg(PKTDIST)
         .args(bounded_run(&path))
         .output()
         .expect("run pktdist in the cgroup");
+    if out.status.code() == Some(97) {
+        eprintln!("skipped: this process may not move a process into the cgroup");
+        return;
+    }
     let err = refused_for_memory(&out);
     let available: u64 = err
         .split(" MiB of memory are available")

@@ -17,8 +17,9 @@
 //! also checks, every [`FRESHNESS_INTERVAL`], that its watch keeps up with
 //! the cluster's quorum: a linearizable read gives the revision the quorum
 //! has reached, and one interval later the watch, asked for its progress,
-//! must have reached it by the interval after that. A read that fails, or
-//! a watch that falls behind, is a lost connection like any other.
+//! must have reached it by the interval after that, or at least moved.
+//! Two reads in a row that fail (one may be a leader election), or a watch
+//! behind that does not move, are a lost connection like any other.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
@@ -55,8 +56,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How often the thread checks that its watch keeps up with etcd's quorum
 /// (a member cut off from its cluster would deliver nothing more): such a
-/// member is given up within about three of these and the `[cluster]
-/// timeout`.
+/// member is given up within about three of these and twice the
+/// `[cluster] timeout`.
 const FRESHNESS_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Largest table the load accepts in its one range read (gRPC's default of
@@ -408,7 +409,9 @@ impl Session {
         freshness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut quorum_read: Option<tokio::task::JoinHandle<QuorumResult>> = None;
         let mut quorum_at: Option<Revision> = None;
-        let mut owed: Option<Revision> = None;
+        // The revision the watch owes, and how far it had got when asked.
+        let mut owed: Option<(Revision, Revision)> = None;
+        let mut failed_reads = 0;
         // Once the handle is gone nobody reads an answer: the thread ends
         // at once (the transactions out are dropped with it).
         let end = loop {
@@ -450,8 +453,10 @@ impl Session {
                     out.spawn(self.run_batch(s, batch), tickets);
                 }
                 _ = freshness.tick() => {
-                    if let Some(due) = owed.take() {
-                        if self.watched_to < due {
+                    if let Some((due, asked_at)) = owed.take() {
+                        // Behind, and not moving: a slow watch catching up
+                        // under load moves.
+                        if self.watched_to < due && self.watched_to == asked_at {
                             break End::Lost(format!(
                                 "the watch fell behind etcd's quorum (at revision {}, the quorum \
                                  at {due} over {} s earlier): its member may be cut off from \
@@ -465,7 +470,7 @@ impl Session {
                         if let Err(e) = self.watcher.request_progress().await {
                             break End::Lost(format!("watch: {e}"));
                         }
-                        owed = Some(due);
+                        owed = Some((due, self.watched_to));
                     }
                     if quorum_read.is_none() {
                         quorum_read = Some(tokio::spawn(self.quorum_revision(s)));
@@ -475,13 +480,19 @@ impl Session {
                     if quorum_read.is_some() =>
                 {
                     quorum_read = None;
+                    // One failed read may be a leader election; two in a
+                    // row are not.
                     match read {
-                        Ok(Ok(revision)) => quorum_at = Some(revision),
-                        Ok(Err(e)) => {
+                        Ok(Ok(revision)) => {
+                            quorum_at = Some(revision);
+                            failed_reads = 0;
+                        }
+                        Ok(Err(e)) if failed_reads >= 1 => {
                             break End::Lost(format!(
-                                "etcd did not answer a linearizable read (no quorum?): {e}"
+                                "etcd did not answer two linearizable reads in a row (no quorum?): {e}"
                             ))
                         }
+                        Ok(Err(_)) => failed_reads += 1,
                         Err(e) => break End::Lost(format!("the quorum read failed: {e}")),
                     }
                 }
