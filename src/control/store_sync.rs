@@ -151,6 +151,11 @@ pub struct StoreSync {
     in_flight: HashMap<Ticket, InFlight>,
     seen: HashMap<StoreKey, Seen>,
     ends: HashMap<StoreKey, PendingEnd>,
+    /// Keys whose delete this instance committed, with the delete's
+    /// revision, until the watch's echo of the delete: the watch's echoes
+    /// of older puts of them, which may come after the delete's outcome,
+    /// are stale.
+    deleted: HashMap<StoreKey, Revision>,
     /// A load is installed and the store has not been unreachable since.
     up: bool,
     /// A load has been installed (the instance may report itself ready).
@@ -185,6 +190,7 @@ impl StoreSync {
             in_flight: HashMap::new(),
             seen: HashMap::new(),
             ends: HashMap::new(),
+            deleted: HashMap::new(),
             up: false,
             loaded: false,
             since_unix_ms: 0,
@@ -612,7 +618,9 @@ impl StoreSync {
                             let delay = wall_ms.saturating_sub(v.written_unix_ms).max(1);
                             let _ = self.propagation.record(delay);
                         }
-                        if revision > self.revision_of(&v.key()) {
+                        let key = v.key();
+                        let stale = self.deleted.get(&key).is_some_and(|&at| revision < at);
+                        if revision > self.revision_of(&key) && !stale {
                             self.install(plane, v, revision, wall_ms);
                         }
                     }
@@ -646,6 +654,7 @@ impl StoreSync {
 
     /// The key is gone from the store: gone here too, without a notice.
     fn deleted(&mut self, plane: &mut ControlPlane, key: &StoreKey) {
+        self.deleted.remove(key);
         self.seen.remove(key);
         plane.remove_stored(key);
         if self.ends.get(key).is_some_and(|e| !e.sent) {
@@ -787,6 +796,7 @@ impl StoreSync {
             }
         }
         self.seen.clear();
+        self.deleted.clear();
         if !self.up {
             self.since_unix_ms = wall_ms;
         }
@@ -1046,12 +1056,13 @@ impl StoreSync {
         out: &mut Outbox,
     ) {
         match outcome {
-            Outcome::Committed { .. } => {
+            Outcome::Committed { revision } => {
                 self.seen.remove(&key);
                 if let Some(e) = self.ends.remove(&key) {
                     self.counters.ends_won += 1;
                     out.notices.push((e.notify, e.notice));
                 }
+                self.deleted.insert(key, revision);
             }
             Outcome::Moved { current } => match current {
                 Some((v, rev))
@@ -1334,9 +1345,9 @@ mod tests {
 
     #[test]
     fn a_create_whose_backend_a_reload_removed_meanwhile_is_ended_in_the_store() {
-        // The commit's outcome first, then the watch's echo; and the other
-        // way round.
-        for echo_first in [false, true] {
+        // The commit's outcome before the watch's echo, or after it; or
+        // the echo only after the delete has committed.
+        for (echo_first, echo_late) in [(false, false), (true, false), (false, true)] {
             let mut b = loaded("i1", vec![]);
             let t = deferred(&b.ask("a", create("a", 60), true));
             let Some(StoreOp::Put { value, .. }) = b.op() else {
@@ -1360,6 +1371,24 @@ mod tests {
             assert_eq!(b.sync.pending_ends(), 1);
             deleted_and_notified(&mut b, &value, 11);
             assert_eq!(b.sync.summary().ends_won, 1);
+            if echo_late {
+                // The put's echo, stale now, then the delete's: nothing
+                // more is ended, deleted or counted.
+                b.event(StoreEvent::Changed {
+                    revision: 11,
+                    change: Change::Put(value.clone()),
+                });
+                b.event(StoreEvent::Changed {
+                    revision: 12,
+                    change: Change::Deleted(value.key()),
+                });
+                let out = b.turn(WALL);
+                assert!(out.notices.is_empty());
+                assert!(b.op().is_none());
+                assert_eq!(b.sync.pending_ends(), 0);
+                assert_eq!(b.plane.counters().ended_backend_removed, 1);
+                assert_eq!(b.lookup(), None);
+            }
         }
     }
 

@@ -153,11 +153,12 @@ impl HealthMonitor {
 
     /// Takes the checker's reports: probe results go into the view, state
     /// changes of backends still checked into the view and the result.
-    /// Then starts the checker again if it should run and does not: at
-    /// once after its thread ended unasked (its checks had stopped, and
-    /// backends would have kept their last state for good), then with a
-    /// growing wait while it cannot start. Backends keep their state
-    /// meanwhile; the new checker starts each in it.
+    /// Then starts the checker again if it should run and does not (its
+    /// thread ended unasked, and backends would have kept their last state
+    /// for good; or it could not start): at once after a checker that ran
+    /// [`RESTART_RESET`], else after a wait that doubles with each end or
+    /// failed start. Backends keep their state meanwhile; the new checker
+    /// starts each in it.
     pub fn drain(&mut self) -> Vec<HealthChange> {
         self.drain_at(Instant::now())
     }

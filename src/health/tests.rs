@@ -464,6 +464,18 @@ fn a_checker_that_ended_is_started_again_in_the_states_it_left() {
     let c = changes_of(&mut m, 1);
     assert_eq!(c.len(), 1, "{c:?}");
     assert_eq!((c[0].backend.as_str(), c[0].up), ("a", true));
+    // One that ends after a minute's run is started again at once, and
+    // the wait starts over: the next end waits a second.
+    end(&mut m);
+    let t2 = t1 + Duration::from_secs(2) + Duration::from_secs(60);
+    assert!(m.drain_at(t2).is_empty());
+    assert!(m.checker().is_some_and(|c| !c.has_ended()));
+    end(&mut m);
+    assert!(m.drain_at(t2).is_empty());
+    assert!(m.checker().is_none());
+    assert!(m.drain_at(t2 + Duration::from_secs(1)).is_empty());
+    assert!(m.checker().is_some());
+    assert_eq!(m.summary(std::time::SystemTime::now()).checker_restarts, 4);
     drop(listener);
 }
 
