@@ -607,7 +607,7 @@ impl StoreSync {
                 affinities,
                 declarations,
             } => {
-                self.load(plane, revision, affinities, wall_ms);
+                self.load(plane, revision, affinities, wall_ms, out);
                 self.load_declarations(plane, revision, declarations);
             }
             StoreEvent::Changed { revision, change } => {
@@ -621,7 +621,7 @@ impl StoreSync {
                         let key = v.key();
                         let stale = self.deleted.get(&key).is_some_and(|&at| revision < at);
                         if revision > self.revision_of(&key) && !stale {
-                            self.install(plane, v, revision, wall_ms);
+                            self.install(plane, v, revision, wall_ms, out);
                         }
                     }
                     Change::Deleted(key) => self.deleted(plane, &key),
@@ -677,6 +677,7 @@ impl StoreSync {
         v: StoredAffinity,
         revision: Revision,
         wall_ms: u64,
+        out: &mut Outbox,
     ) {
         let key = v.key();
         let own = v.writer == self.instance;
@@ -692,7 +693,21 @@ impl StoreSync {
             .ends
             .get(&key)
             .is_some_and(|e| e.revision < revision && !e.sent);
-        if rewritten {
+        let replaced = self
+            .ends
+            .get(&key)
+            .is_some_and(|e| e.notice.owner != v.affinity.owner);
+        if rewritten && own && replaced {
+            // Replaced by another owner's affinity this instance wrote
+            // (its key was free here once the first ended): no delete will
+            // settle the one that ended, so its notice goes now, from
+            // here (the others see another instance's write and drop
+            // their ends).
+            if let Some(e) = self.ends.remove(&key) {
+                self.counters.ends_won += 1;
+                out.notices.push((e.notify, e.notice));
+            }
+        } else if rewritten {
             if installed == Installed::Gone && own {
                 // Written again here, for a backend gone since: the end
                 // deletes that write.
@@ -716,16 +731,14 @@ impl StoreSync {
                         notify: v.affinity.notify,
                         notice: v.affinity.notice(EndReason::Expired),
                     };
-                    let mut out = Outbox::default();
-                    self.queue_end(end, wall_ms, &mut out);
+                    self.queue_end(end, wall_ms, out);
                 }
             }
             Installed::Gone => {
                 self.counters.gone += 1;
                 if own && !self.ends.contains_key(&key) {
                     let end = plane.end_gone_stored(&v.affinity, key, wall_ms);
-                    let mut out = Outbox::default();
-                    self.queue_end(end, wall_ms, &mut out);
+                    self.queue_end(end, wall_ms, out);
                 }
             }
             Installed::Static => {
@@ -765,6 +778,7 @@ impl StoreSync {
         revision: Revision,
         affinities: Vec<(StoredAffinity, Revision)>,
         wall_ms: u64,
+        out: &mut Outbox,
     ) {
         let loaded: HashMap<StoreKey, Revision> =
             affinities.iter().map(|(v, r)| (v.key(), *r)).collect();
@@ -815,7 +829,7 @@ impl StoreSync {
                 );
                 continue;
             }
-            self.install(plane, v, rev, wall_ms);
+            self.install(plane, v, rev, wall_ms, out);
         }
         self.revision = self.revision.max(revision);
         self.counters.loads += 1;
@@ -905,7 +919,7 @@ impl StoreSync {
                         writer: self.instance.clone(),
                         written_unix_ms: wall_ms,
                     };
-                    self.install(plane, v, revision, wall_ms);
+                    self.install(plane, v, revision, wall_ms, out);
                 }
                 Response::ok().with_remaining(secs(duration))
             }
@@ -919,7 +933,7 @@ impl StoreSync {
                 match current {
                     Some((v, rev)) => {
                         if rev > self.revision_of(&key) {
-                            self.install(plane, v.clone(), rev, wall_ms);
+                            self.install(plane, v.clone(), rev, wall_ms, out);
                         }
                         if !stale_same_owner {
                             self.counters.conflict += 1;
@@ -1001,7 +1015,7 @@ impl StoreSync {
                 current: Some((v, rev)),
             } => {
                 if rev > self.revision_of(&key) {
-                    self.install(plane, v.clone(), rev, wall_ms);
+                    self.install(plane, v.clone(), rev, wall_ms, out);
                 }
                 if owner.as_ref().is_some_and(|o| *o != v.affinity.owner) {
                     self.counters.conflict += 1;
@@ -1078,7 +1092,7 @@ impl StoreSync {
                     if let Some(e) = self.ends.get_mut(&key) {
                         e.sent = false;
                     }
-                    self.install(plane, v, rev, wall_ms);
+                    self.install(plane, v, rev, wall_ms, out);
                 }
                 current => {
                     // Someone else ended or extended it: no notice from
@@ -1087,7 +1101,7 @@ impl StoreSync {
                     self.counters.ends_lost += 1;
                     match current {
                         Some((v, rev)) if rev > self.revision_of(&key) => {
-                            self.install(plane, v, rev, wall_ms);
+                            self.install(plane, v, rev, wall_ms, out);
                         }
                         Some(_) => {}
                         None => {
@@ -1707,6 +1721,35 @@ mod tests {
         b.turn(WALL + 3000);
         assert!(b.op().is_none());
         assert_eq!(b.lookup(), Some(1));
+    }
+
+    #[test]
+    fn an_ended_affinity_this_instance_replaces_with_another_owner_s_is_notified_here() {
+        // Written by i2, ended here; its delete waits for the takeover
+        // delay when a create for b takes the key, here.
+        let mut b = expired("i2");
+        b.turn(WALL + 2000);
+        let t = deferred(&b.ask("b", create("b", 60), true));
+        let Some(StoreOp::Put { expect, .. }) = b.op() else {
+            panic!("no put")
+        };
+        assert_eq!(expect, 5, "the key as it was when it ended");
+        let out = b.done(t, Outcome::Committed { revision: 6 }, WALL + 2100);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+        // No delete will settle a's affinity (i2's would find the key
+        // moved): its notice goes now, once, from here.
+        assert_eq!(out.notices.len(), 1, "{:?}", out.notices);
+        let (to, notice) = &out.notices[0];
+        assert_eq!(*to, Some(src()));
+        assert_eq!(
+            (notice.owner.as_str(), notice.reason),
+            ("a", EndReason::Expired)
+        );
+        assert_eq!(b.sync.pending_ends(), 0);
+        assert_eq!(b.sync.summary().ends_won, 1);
+        assert_eq!(b.lookup(), Some(2), "b's affinity stands");
+        b.turn(WALL + 3000);
+        assert!(b.op().is_none(), "no delete of b's affinity");
     }
 
     #[test]
