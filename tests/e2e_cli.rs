@@ -488,7 +488,7 @@ fn tables_beyond_the_machine_memory_are_refused_at_start() {
     // 2^30 affinities: some 68 GiB of table.
     let (text, need) = with_affinity_capacity(1 << 30);
     match pktdist::run::memory::available() {
-        Some(free) if free < need => {}
+        Some(free) if free.bytes < need => {}
         free => {
             // A machine that holds them would start: nothing to see here.
             eprintln!("skipped: {free:?} bytes available, the tables need {need}");
@@ -626,4 +626,8 @@ fn tables_beyond_a_cgroup_memory_limit_are_refused_at_start() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no available figure in:\n{err}"));
     assert!(available <= limit >> 20, "{available} MiB:\n{err}");
+    assert!(
+        err.contains("(under the limit of the memory cgroup pktdist runs in)"),
+        "{err}"
+    );
 }

@@ -40,19 +40,24 @@ impl TableMemory {
             .saturating_add(self.auto_affinity)
     }
 
-    /// Refuses tables larger than `available` bytes (what the process may
-    /// still take: [`available`]), saying what each takes and which keys
-    /// size them.
-    pub fn check(&self, available: usize) -> Result<(), String> {
-        if self.total() <= available {
+    /// Refuses tables larger than what the process may still take
+    /// ([`available`]), saying what each takes, which keys size them, and
+    /// whether a memory cgroup's limit set the figure.
+    pub fn check(&self, available: Available) -> Result<(), String> {
+        if self.total() <= available.bytes {
             return Ok(());
         }
         Err(format!(
-            "the tables need {} MiB but {} MiB of memory are available: flow tables {} MiB \
+            "the tables need {} MiB but {} MiB of memory are available{}: flow tables {} MiB \
              × {} worker(s) ([flow] capacity, capacity_v6), affinity table {} MiB ([affinity] \
              capacity), automatic-affinity table {} MiB ([affinity] auto_capacity)",
             mib(self.total()),
-            available >> 20,
+            available.bytes >> 20,
+            if available.cgroup {
+                " (under the limit of the memory cgroup pktdist runs in)"
+            } else {
+                ""
+            },
             mib(self.flow_table),
             self.workers,
             mib(self.affinity),
@@ -81,17 +86,29 @@ fn mib(bytes: usize) -> usize {
     bytes.saturating_add(1 << 19) >> 20
 }
 
+/// Memory this process may still take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Available {
+    pub bytes: usize,
+    /// A memory cgroup's limit set the figure (not the machine's
+    /// `MemAvailable`).
+    pub cgroup: bool,
+}
+
 /// The memory this process may still take: the kernel's `MemAvailable`
 /// (`/proc/meminfo`), or less where a memory cgroup the process is in (or
 /// one above it) is limited ([`cgroup_headroom`]); None if neither says.
-pub fn available() -> Option<usize> {
+pub fn available() -> Option<Available> {
     let read = |path: &str| std::fs::read_to_string(path).ok();
     let machine = read("/proc/meminfo").and_then(|t| mem_available(&t));
     let cgroup = read("/proc/self/cgroup").and_then(|t| cgroup_headroom(&t, read));
-    match (machine, cgroup) {
-        (Some(m), Some(c)) => Some(m.min(c)),
-        (m, c) => m.or(c),
-    }
+    let (bytes, cgroup) = match (machine, cgroup) {
+        (Some(m), Some(c)) => (m.min(c), c < m),
+        (Some(m), None) => (m, false),
+        (None, Some(c)) => (c, true),
+        (None, None) => return None,
+    };
+    Some(Available { bytes, cgroup })
 }
 
 /// A memory cgroup version's files, under its hierarchy's mount point.
@@ -297,10 +314,25 @@ mod tests {
         let cfg = Config::parse(&base, "t.toml").unwrap();
         let m = TableMemory::of(&cfg);
         assert!(m.total() > 0);
-        assert_eq!(m.check(m.total()), Ok(()));
-        let e = m.check(m.total() - 1).unwrap_err();
+        let machine = |bytes| Available {
+            bytes,
+            cgroup: false,
+        };
+        assert_eq!(m.check(machine(m.total())), Ok(()));
+        let e = m.check(machine(m.total() - 1)).unwrap_err();
         assert!(
             e.contains("[affinity] capacity") && e.contains("worker(s)"),
+            "{e}"
+        );
+        assert!(!e.contains("cgroup"), "{e}");
+        let e = m
+            .check(Available {
+                bytes: m.total() - 1,
+                cgroup: true,
+            })
+            .unwrap_err();
+        assert!(
+            e.contains("are available (under the limit of the memory cgroup pktdist runs in): "),
             "{e}"
         );
         // The largest affinity table a configuration may ask for takes
