@@ -670,7 +670,11 @@ impl StoreSync {
     /// or extend that committed as a reload removed its backend (whether
     /// the commit or the watch's echo of it comes first), which would
     /// otherwise stay in the store with no instance to end it. Another
-    /// instance's is that instance's to end.
+    /// instance's is that instance's to end. An end still waiting for its
+    /// delete is settled by the write: dropped if the write extends the
+    /// affinity, moved to the write if that deletes it too (its backend
+    /// gone), or notified at once if this instance gave the key to
+    /// another owner.
     fn install(
         &mut self,
         plane: &mut ControlPlane,
