@@ -565,11 +565,17 @@ impl ControlPlane {
                     }
                 }
             };
-            let lived = wall_ms.saturating_sub(a.created_unix_ms).max(1);
-            let _ = self.lifetimes.record(lived);
+            self.record_lifetime(a, wall_ms);
             self.notices.push((a.notify, a.notice(reason)));
         }
         done
+    }
+
+    /// Counts the lifetime of a saved or stored affinity that ends at
+    /// `wall_ms` (Unix ms).
+    pub(super) fn record_lifetime(&mut self, a: &SavedAffinity, wall_ms: u64) {
+        let lived = wall_ms.saturating_sub(a.created_unix_ms).max(1);
+        let _ = self.lifetimes.record(lived);
     }
 
     /// Installs one saved affinity with `left_ms` to go, or says how it ends.

@@ -693,37 +693,39 @@ impl StoreSync {
             },
         );
         let installed = plane.install_stored(&v.affinity, wall_ms);
-        let rewritten = self
+        // An end still waiting for its delete, which this later write
+        // settles; true when the write is another owner's.
+        let settled = self
             .ends
             .get(&key)
-            .is_some_and(|e| e.revision < revision && !e.sent);
-        let replaced = self
-            .ends
-            .get(&key)
-            .is_some_and(|e| e.notice.owner != v.affinity.owner);
-        if rewritten && own && replaced {
-            // Replaced by another owner's affinity this instance wrote
-            // (its key was free here once the first ended): no delete will
-            // settle the one that ended, so its notice goes now, from
-            // here (the others see another instance's write and drop
-            // their ends).
-            if let Some(e) = self.ends.remove(&key) {
-                self.counters.ends_won += 1;
-                out.notices.push((e.notify, e.notice));
+            .filter(|e| e.revision < revision && !e.sent)
+            .map(|e| e.notice.owner != v.affinity.owner);
+        match settled {
+            Some(true) if own => {
+                // Replaced by another owner's affinity this instance wrote
+                // (its key was free here once the first ended): no delete
+                // will settle the one that ended, so its notice goes now,
+                // from here (the others see another instance's write and
+                // drop their ends).
+                if let Some(e) = self.ends.remove(&key) {
+                    self.counters.ends_won += 1;
+                    out.notices.push((e.notify, e.notice));
+                }
             }
-        } else if rewritten {
-            if installed == Installed::Gone && own {
+            Some(_) if own && installed == Installed::Gone => {
                 // Written again here, for a backend gone since: the end
                 // deletes that write.
                 if let Some(e) = self.ends.get_mut(&key) {
                     e.revision = revision;
                 }
-            } else {
+            }
+            Some(_) => {
                 // Written again since it ended here (extended): it lives
                 // on.
                 self.ends.remove(&key);
                 self.counters.ends_lost += 1;
             }
+            None => {}
         }
         match installed {
             Installed::Installed => {}

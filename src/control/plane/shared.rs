@@ -311,8 +311,7 @@ impl ControlPlane {
     /// notified by the caller.
     pub fn end_gone_stored(&mut self, a: &SavedAffinity, key: StoreKey, wall_ms: u64) -> SharedEnd {
         self.counters.ended_backend_removed += 1;
-        let lived = wall_ms.saturating_sub(a.created_unix_ms).max(1);
-        let _ = self.lifetimes.record(lived);
+        self.record_lifetime(a, wall_ms);
         SharedEnd {
             key,
             notify: a.notify,
