@@ -71,7 +71,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     flows: usize,
     /// IPv4 flow-table capacity of the worker (rounded up to a multiple of
-    /// 8); its IPv6 capacity is a quarter of it.
+    /// 4); its IPv6 capacity is a quarter of it.
     #[arg(long, default_value_t = 1 << 21)]
     flow_capacity: usize,
     /// Affinities installed for syn-affinity and lookup.

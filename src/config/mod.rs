@@ -225,9 +225,9 @@ impl PortConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlowConfig {
-    /// IPv4 flows per worker (rounded up to a multiple of 8).
+    /// IPv4 flows per worker (rounded up to a multiple of 4).
     pub capacity: usize,
-    /// IPv6 flows per worker (rounded up to a multiple of 8); absent: a
+    /// IPv6 flows per worker (rounded up to a multiple of 4); absent: a
     /// quarter of `capacity` (see [`FlowConfig::v6_capacity`]).
     pub capacity_v6: Option<usize>,
     pub syn_timeout: DurationStr,

@@ -542,9 +542,9 @@ fn flow_capacities() {
         plan.contains("4096 IPv4 + 1024 IPv6 flows per worker"),
         "{plan}"
     );
-    let t = edit("capacity = 4096\n", "capacity = 4096\ncapacity_v6 = 100\n");
+    let t = edit("capacity = 4096\n", "capacity = 4096\ncapacity_v6 = 102\n");
     let c = Config::parse(&t, "t.toml").unwrap();
-    assert_eq!(c.flow.v6_capacity(), 100);
+    assert_eq!(c.flow.v6_capacity(), 102);
     // The plan shows them as the table rounds them.
     assert!(
         c.plan().contains("4096 IPv4 + 104 IPv6 flows"),
