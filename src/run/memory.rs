@@ -113,6 +113,8 @@ pub fn available() -> Option<Available> {
 
 /// A memory cgroup version's files, under its hierarchy's mount point.
 struct CgroupFiles {
+    /// Where the hierarchy is usually mounted: the mount point used when
+    /// `/proc/self/mountinfo` cannot be read or lists none.
     root: &'static str,
     limit: &'static str,
     usage: &'static str,
@@ -144,10 +146,11 @@ const V1_NO_LIMIT: u64 = 1 << 62;
 
 /// The least room left under the memory limits of the cgroup the process
 /// is in (`/proc/self/cgroup`, v1's memory controller or v2's unified
-/// hierarchy) and of each cgroup above it: a limit less its working set
-/// (its usage less its inactive file pages), as container runtimes reckon
-/// it. None when no cgroup on the way is limited, or none can be read.
-/// `read` gives a file's text.
+/// hierarchy) and of each cgroup above it that the hierarchy's mount
+/// (`/proc/self/mountinfo`) shows: a limit less its working set (its
+/// usage less its inactive file pages), as container runtimes reckon it.
+/// None when no cgroup on the way is limited, or none can be read. `read`
+/// gives a file's text.
 fn cgroup_headroom(proc_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<usize> {
     // Under v1 (or a hybrid set-up) the memory controller has a line of
     // its own; else the unified line ("0::/path") is v2's.
@@ -166,10 +169,27 @@ fn cgroup_headroom(proc_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> 
             proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?,
         ),
     };
+    let v1 = v1.is_some();
+    // The hierarchy's mount point, and the process's cgroup below it: a
+    // container without a cgroup namespace sees its own cgroup (say
+    // /docker/<id>) mounted as the hierarchy's top, and nothing above.
+    let (base, path) = match read("/proc/self/mountinfo").and_then(|t| cgroup_mount(&t, v1)) {
+        Some(m) => {
+            let below = match path.strip_prefix(m.root.trim_end_matches('/')) {
+                Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+                // Not under what the mount shows: its top is as near as
+                // the process can look.
+                _ => "",
+            };
+            (m.point, below)
+        }
+        None => (files.root.to_string(), path),
+    };
+    let base = base.trim_end_matches('/');
     let mut dir = path.trim_end_matches('/');
     let mut least: Option<u64> = None;
     loop {
-        let at = |name: &str| read(&format!("{}{dir}/{name}", files.root));
+        let at = |name: &str| read(&format!("{base}{dir}/{name}"));
         let limit = at(files.limit)
             .and_then(|t| t.trim().parse::<u64>().ok())
             .filter(|&l| l < V1_NO_LIMIT);
@@ -189,6 +209,63 @@ fn cgroup_headroom(proc_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> 
         }
     }
     least.map(|l| usize::try_from(l).unwrap_or(usize::MAX))
+}
+
+/// Where a cgroup hierarchy is mounted.
+#[derive(Debug, PartialEq, Eq)]
+struct Mount {
+    point: String,
+    /// The cgroup the mount shows at its mount point: `/` on a host, a
+    /// container's own cgroup in a container without a cgroup namespace.
+    root: String,
+}
+
+/// The first mount, in a `/proc/self/mountinfo` text, of v1's memory
+/// controller (`v1`) or of the v2 hierarchy.
+fn cgroup_mount(mountinfo: &str, v1: bool) -> Option<Mount> {
+    mountinfo.lines().find_map(|l| {
+        // "id parent major:minor root point options [optional...] -
+        // fstype source super-options"
+        let (mount, fs) = l.split_once(" - ")?;
+        let mut m = mount.split(' ').skip(3);
+        let (root, point) = (m.next()?, m.next()?);
+        let mut f = fs.split(' ');
+        let (fstype, options) = (f.next()?, f.nth(1).unwrap_or(""));
+        let ours = if v1 {
+            fstype == "cgroup" && options.split(',').any(|o| o == "memory")
+        } else {
+            fstype == "cgroup2"
+        };
+        ours.then(|| Mount {
+            point: unescape(point),
+            root: unescape(root),
+        })
+    })
+}
+
+/// A mountinfo path with its octal escapes (`\040` for a space, and so
+/// on for tab, newline and backslash) decoded.
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match octal {
+            Some(c) => {
+                out.push(c);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The value of `key` in a cgroup `memory.stat` text.
@@ -303,6 +380,94 @@ mod tests {
             ("/sys/fs/cgroup/memory/box/memory.usage_in_bytes", "200\n"),
         ]);
         assert_eq!(cgroup_headroom("4:memory:/box\n", &over), Some(0));
+    }
+
+    /// A host's mountinfo: the v2 hierarchy, a hybrid set-up's v1 memory
+    /// controller, and other file systems.
+    const MOUNTINFO: &str = "\
+22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+25 22 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+26 25 0:24 / /sys/fs/cgroup rw,nosuid,nodev,noexec shared:8 - cgroup2 cgroup2 rw,nsdelegate
+31 25 0:28 / /sys/fs/cgroup/memory rw,nosuid shared:12 - cgroup cgroup rw,memory
+32 25 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:13 - cgroup cgroup rw,cpu,cpuacct
+";
+
+    #[test]
+    fn mountinfo_names_each_hierarchys_mount() {
+        let at = |point: &str, root: &str| {
+            Some(Mount {
+                point: point.into(),
+                root: root.into(),
+            })
+        };
+        assert_eq!(cgroup_mount(MOUNTINFO, false), at("/sys/fs/cgroup", "/"));
+        assert_eq!(
+            cgroup_mount(MOUNTINFO, true),
+            at("/sys/fs/cgroup/memory", "/")
+        );
+        // Optional fields (none, or several) before the separator; octal
+        // escapes in the paths.
+        let odd = "40 22 0:50 /my\\040box /mnt/cg\\134v2 rw - cgroup2 none rw\n\
+                   41 22 0:51 / /cg/mem rw shared:3 master:1 - cgroup cg rw,nosuid,memory\n";
+        assert_eq!(cgroup_mount(odd, false), at("/mnt/cg\\v2", "/my box"));
+        assert_eq!(cgroup_mount(odd, true), at("/cg/mem", "/"));
+        assert_eq!(
+            cgroup_mount("25 22 0:23 / /sys rw - sysfs sysfs rw\n", false),
+            None
+        );
+        assert_eq!(cgroup_mount("not a mountinfo line\n", true), None);
+        assert_eq!(unescape("a\\040b\\011c\\\\d\\9"), "a b\tc\\\\d\\9");
+    }
+
+    /// A container without a cgroup namespace: /proc/self/cgroup names its
+    /// cgroup from the host's top, but the hierarchy mounted in it starts at
+    /// that cgroup.
+    #[test]
+    fn a_container_reads_its_own_cgroup_at_the_mount_point() {
+        let mountinfo = "\
+700 650 0:24 /docker/c0ffee /sys/fs/cgroup/memory ro,nosuid - cgroup cgroup rw,memory
+701 650 0:25 /docker/c0ffee /sys/fs/cgroup/pids ro,nosuid - cgroup cgroup rw,pids
+";
+        let fs = files(&[
+            ("/proc/self/mountinfo", mountinfo),
+            (
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "1073741824\n",
+            ),
+            ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "536870912\n"),
+            // What the host path would name: not mounted here.
+            (
+                "/sys/fs/cgroup/memory/docker/c0ffee/memory.limit_in_bytes",
+                "1\n",
+            ),
+        ]);
+        assert_eq!(
+            cgroup_headroom("9:memory:/docker/c0ffee\n", &fs),
+            Some(512 << 20)
+        );
+        // A cgroup outside what the mount shows (moved after the mount):
+        // the mount's top is the nearest limit in sight.
+        assert_eq!(
+            cgroup_headroom("9:memory:/docker/c0ffee2\n", &fs),
+            Some(512 << 20)
+        );
+    }
+
+    #[test]
+    fn a_hierarchy_mounted_elsewhere_is_read_there() {
+        let fs = files(&[
+            (
+                "/proc/self/mountinfo",
+                "30 22 0:26 / /run/cg\\0402 rw - cgroup2 cgroup2 rw\n",
+            ),
+            ("/run/cg 2/job/memory.max", "1073741824\n"),
+            ("/run/cg 2/job/memory.current", "0\n"),
+            ("/sys/fs/cgroup/job/memory.max", "1\n"),
+        ]);
+        assert_eq!(cgroup_headroom("0::/job\n", &fs), Some(1 << 30));
+        // Without a mountinfo, the usual mount point.
+        let fs = files(&[("/sys/fs/cgroup/job/memory.max", "4096\n")]);
+        assert_eq!(cgroup_headroom("0::/job\n", &fs), Some(4096));
     }
 
     #[test]
