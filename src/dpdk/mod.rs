@@ -52,6 +52,7 @@ mod error;
 mod pages;
 mod thread;
 
+pub(crate) use cpu::prefetch_ptr;
 pub use cpu::{equal_words, prefetch, tsc, tsc_hz};
 pub use error::DpdkError;
 pub use pages::HugeSlice;

@@ -169,18 +169,18 @@ fn cgroup_headroom(proc_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> 
             proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?,
         ),
     };
-    let v1 = v1.is_some();
+    // A cgroup outside the process's cgroup namespace ("/../x") is out
+    // of sight.
+    if path.split('/').any(|c| c == "..") {
+        return None;
+    }
     // The hierarchy's mount point, and the process's cgroup below it: a
     // container without a cgroup namespace sees its own cgroup (say
     // /docker/<id>) mounted as the hierarchy's top, and nothing above.
-    let (base, path) = match read("/proc/self/mountinfo").and_then(|t| cgroup_mount(&t, v1)) {
-        Some(m) => {
-            let below = match path.strip_prefix(m.root.trim_end_matches('/')) {
-                Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
-                // Not under what the mount shows: its top is as near as
-                // the process can look.
-                _ => "",
-            };
+    // Without a mountinfo, the usual mount point.
+    let (base, path) = match read("/proc/self/mountinfo") {
+        Some(text) => {
+            let (m, below) = cgroup_mount(&text, v1.is_some(), path)?;
             (m.point, below)
         }
         None => (files.root.to_string(), path),
@@ -220,26 +220,39 @@ struct Mount {
     root: String,
 }
 
-/// The first mount, in a `/proc/self/mountinfo` text, of v1's memory
-/// controller (`v1`) or of the v2 hierarchy.
-fn cgroup_mount(mountinfo: &str, v1: bool) -> Option<Mount> {
-    mountinfo.lines().find_map(|l| {
-        // "id parent major:minor root point options [optional...] -
-        // fstype source super-options"
-        let (mount, fs) = l.split_once(" - ")?;
-        let mut m = mount.split(' ').skip(3);
-        let (root, point) = (m.next()?, m.next()?);
-        let mut f = fs.split(' ');
-        let (fstype, options) = (f.next()?, f.nth(1).unwrap_or(""));
-        let ours = if v1 {
-            fstype == "cgroup" && options.split(',').any(|o| o == "memory")
-        } else {
-            fstype == "cgroup2"
-        };
-        ours.then(|| Mount {
-            point: unescape(point),
-            root: unescape(root),
+/// The mount of v1's memory controller (`v1`) or of the v2 hierarchy, in
+/// a `/proc/self/mountinfo` text, that shows the cgroup `path` (of those
+/// that do, the one whose root is nearest it), and the path below that
+/// root. None when no mount shows it.
+fn cgroup_mount<'p>(mountinfo: &str, v1: bool, path: &'p str) -> Option<(Mount, &'p str)> {
+    mountinfo
+        .lines()
+        .filter_map(|l| hierarchy_mount(l, v1))
+        .filter_map(|m| {
+            let below = path.strip_prefix(m.root.trim_end_matches('/'))?;
+            (below.is_empty() || below.starts_with('/')).then_some((m, below))
         })
+        .min_by_key(|(_, below)| below.len())
+}
+
+/// The mount a mountinfo line describes, if it is of v1's memory
+/// controller (`v1`) or of the v2 hierarchy.
+fn hierarchy_mount(line: &str, v1: bool) -> Option<Mount> {
+    // "id parent major:minor root point options [optional...] - fstype
+    // source super-options"
+    let (mount, fs) = line.split_once(" - ")?;
+    let mut m = mount.split(' ').skip(3);
+    let (root, point) = (m.next()?, m.next()?);
+    let mut f = fs.split(' ');
+    let (fstype, options) = (f.next()?, f.nth(1).unwrap_or(""));
+    let ours = if v1 {
+        fstype == "cgroup" && options.split(',').any(|o| o == "memory")
+    } else {
+        fstype == "cgroup2"
+    };
+    ours.then(|| Mount {
+        point: unescape(point),
+        root: unescape(root),
     })
 }
 
@@ -395,28 +408,40 @@ mod tests {
     #[test]
     fn mountinfo_names_each_hierarchys_mount() {
         let at = |point: &str, root: &str| {
-            Some(Mount {
+            vec![Mount {
                 point: point.into(),
                 root: root.into(),
-            })
+            }]
         };
-        assert_eq!(cgroup_mount(MOUNTINFO, false), at("/sys/fs/cgroup", "/"));
-        assert_eq!(
-            cgroup_mount(MOUNTINFO, true),
-            at("/sys/fs/cgroup/memory", "/")
-        );
+        let mounts = |text: &str, v1| -> Vec<Mount> {
+            text.lines()
+                .filter_map(|l| hierarchy_mount(l, v1))
+                .collect()
+        };
+        assert_eq!(mounts(MOUNTINFO, false), at("/sys/fs/cgroup", "/"));
+        assert_eq!(mounts(MOUNTINFO, true), at("/sys/fs/cgroup/memory", "/"));
         // Optional fields (none, or several) before the separator; octal
         // escapes in the paths.
         let odd = "40 22 0:50 /my\\040box /mnt/cg\\134v2 rw - cgroup2 none rw\n\
                    41 22 0:51 / /cg/mem rw shared:3 master:1 - cgroup cg rw,nosuid,memory\n";
-        assert_eq!(cgroup_mount(odd, false), at("/mnt/cg\\v2", "/my box"));
-        assert_eq!(cgroup_mount(odd, true), at("/cg/mem", "/"));
+        assert_eq!(mounts(odd, false), at("/mnt/cg\\v2", "/my box"));
+        assert_eq!(mounts(odd, true), at("/cg/mem", "/"));
         assert_eq!(
-            cgroup_mount("25 22 0:23 / /sys rw - sysfs sysfs rw\n", false),
-            None
+            mounts("25 22 0:23 / /sys rw - sysfs sysfs rw\n", false),
+            vec![]
         );
-        assert_eq!(cgroup_mount("not a mountinfo line\n", true), None);
+        assert_eq!(mounts("not a mountinfo line\n", true), vec![]);
         assert_eq!(unescape("a\\040b\\011c\\\\d\\9"), "a b\tc\\\\d\\9");
+        // Of the mounts that show a cgroup, the nearest; none that shows it.
+        let three = "50 22 0:60 /a/b /mnt/ab rw - cgroup2 none rw\n\
+                     51 22 0:60 / /mnt/all rw - cgroup2 none rw\n\
+                     52 22 0:60 /a /mnt/a rw - cgroup2 none rw\n";
+        let (m, below) = cgroup_mount(three, false, "/a/b/c").unwrap();
+        assert_eq!((m.point.as_str(), below), ("/mnt/ab", "/c"));
+        let (m, below) = cgroup_mount(three, false, "/a/bc").unwrap();
+        assert_eq!((m.point.as_str(), below), ("/mnt/a", "/bc"));
+        let only_ab = "50 22 0:60 /a/b /mnt/ab rw - cgroup2 none rw\n";
+        assert_eq!(cgroup_mount(only_ab, false, "/a/bc"), None);
     }
 
     /// A container without a cgroup namespace: /proc/self/cgroup names its
@@ -445,12 +470,10 @@ mod tests {
             cgroup_headroom("9:memory:/docker/c0ffee\n", &fs),
             Some(512 << 20)
         );
-        // A cgroup outside what the mount shows (moved after the mount):
-        // the mount's top is the nearest limit in sight.
-        assert_eq!(
-            cgroup_headroom("9:memory:/docker/c0ffee2\n", &fs),
-            Some(512 << 20)
-        );
+        // A cgroup no mount shows (moved after the mount), or outside the
+        // cgroup namespace: out of sight, no say.
+        assert_eq!(cgroup_headroom("9:memory:/docker/c0ffee2\n", &fs), None);
+        assert_eq!(cgroup_headroom("9:memory:/../other\n", &fs), None);
     }
 
     #[test]

@@ -78,7 +78,7 @@ use std::time::Duration;
 
 mod vips;
 
-use crate::dpdk::{equal_words, prefetch, HugeSlice};
+use crate::dpdk::{equal_words, prefetch_ptr, HugeSlice};
 use crate::types::{flow_hash, tcp_flags, Family, FlowKey};
 use crate::types::{BackendId, MAX_BACKENDS};
 use vips::{Vip, Vips};
@@ -643,13 +643,12 @@ impl<K: SlotKey> Part<K> {
 
     #[inline]
     fn prefetch_bucket(&self, b: usize) {
-        let bk = &self.buckets[b];
-        // The first key on each line of the keys, then the metas' line.
-        let key_size = std::mem::size_of::<K>();
-        for line in 0..(WAYS * key_size).div_ceil(CACHE_LINE) {
-            prefetch(&bk.keys[(line * CACHE_LINE).div_ceil(key_size)]);
+        // Every line of the bucket (aligned to its size): one for IPv4, two
+        // for IPv6.
+        let bk = (&self.buckets[b] as *const Bucket<K>).cast::<u8>();
+        for line in 0..std::mem::size_of::<Bucket<K>>().div_ceil(CACHE_LINE) {
+            prefetch_ptr(bk.wrapping_add(line * CACHE_LINE));
         }
-        prefetch(&bk.metas[0]);
     }
 
     /// Hints the home bucket of `hash`.
@@ -1058,8 +1057,12 @@ impl<K: SlotKey> Part<K> {
     /// Frees a slot of the full bucket `b` by moving one of its own flows
     /// (not a guest) to that flow's alternate, where it has room or, up to
     /// `depth` steps further, can be given room the same way: the slot
-    /// freed, if any flow could move.
+    /// freed, if any flow could move. A bucket whose spill count is at its
+    /// limit moves none out (a move adds one to it).
     fn move_one_out(&mut self, books: &mut Books, b: usize, depth: u32) -> Option<usize> {
+        if self.spill(b) == u8::MAX {
+            return None;
+        }
         // The alternates, all full, of the flows that could not move.
         let mut full = [None; WAYS];
         for (s, alt_full) in full.iter_mut().enumerate() {
@@ -1415,8 +1418,8 @@ impl FlowTable {
     /// The second stage of [`FlowTable::prefetch`], once the home bucket's
     /// lines have arrived (a few packets ahead of the lookup): hints
     /// the flow's alternate bucket where the lookup will read it (some flow
-    /// of that home lives in its alternate, about 2% of buckets at half of
-    /// capacity) or, for a packet likely to start a flow (`new_flow`: a
+    /// of that home lives in its alternate: at most 8% of buckets at half
+    /// of capacity, where 4% of flows live in their alternate) or, for a packet likely to start a flow (`new_flow`: a
     /// SYN), where its insert will write it (home full, alternate not, in
     /// a sub-table not full). Otherwise it costs one read of a line the
     /// lookup reads anyway. In a full sub-table a SYN skips it: no
@@ -2419,6 +2422,9 @@ mod tests {
         /// within `depth` more moves: the policy of
         /// [`Part::move_one_out`], written plainly.
         fn could_free(&self, books: &Books, b: usize, depth: u32, key: K) -> bool {
+            if self.spill(b) == u8::MAX {
+                return false;
+            }
             let bk = &self.buckets[b];
             bk.keys.iter().zip(&bk.metas).any(|(&k, x)| {
                 if !x.used() || x.state & GUEST != 0 || k == key {
@@ -2925,6 +2931,156 @@ mod tests {
                 );
             }
             assert!(t.consistent());
+        }
+    }
+
+    /// Flows of `family` numbered from `from` on whose home is `home` and
+    /// whose alternate is none of `not`: `n` of them.
+    fn homed_away(
+        t: &FlowTable,
+        family: Family,
+        from: u32,
+        n: usize,
+        home: usize,
+        not: &[usize],
+    ) -> Vec<FlowKey> {
+        (from..)
+            .map(|i| key_of(family, i, PROTO_TCP))
+            .filter(|k| {
+                let (h, a) = t.buckets_of(k);
+                h == home && a.is_some_and(|a| !not.contains(&a))
+            })
+            .take(n)
+            .collect()
+    }
+
+    /// With the home full of guests (which never move) and the alternate
+    /// full, a new flow moves one of the alternate's own flows to that
+    /// flow's alternate and takes its slot, a guest there.
+    #[test]
+    fn a_full_alternate_makes_room_by_moving() {
+        for fam in FAMILIES {
+            let mut t = table(1 << 10);
+            let (home, other) = (7, 11);
+            // `other`'s own flows, then four more of `other` whose
+            // alternate is `home`: guests there.
+            let mut stored = homed_away(&t, fam, 0, WAYS, other, &[home]);
+            stored.extend(t.homed(fam, 0, WAYS, other, Some(home)));
+            // The new flow, and its alternate's own flows, whose alternates
+            // are none of the buckets above.
+            let new = homed_away(&t, fam, 0, 1, home, &[other])[0];
+            let alt = t.buckets_of(&new).1.unwrap();
+            stored.extend(homed_away(&t, fam, 0, WAYS, alt, &[home, other]));
+            for k in &stored {
+                assert_eq!(
+                    t.put(entry(*k, TcpState::Established), flow_hash(k), SEC),
+                    None
+                );
+            }
+            let before = t.stats();
+            assert_eq!(before.spilled, WAYS as u64, "{fam:?}: the guests");
+            assert_eq!(
+                t.put(entry(new, TcpState::Established), flow_hash(&new), 2 * SEC),
+                None
+            );
+            let st = t.stats();
+            assert_eq!(
+                (st.moved, st.spilled, st.evicted),
+                (before.moved + 1, before.spilled + 1, 0),
+                "{fam:?}"
+            );
+            assert!(!t.home_residents(&new, flow_hash(&new)).contains(&new));
+            for k in stored.iter().chain([&new]) {
+                assert!(
+                    is_hit(&t.lookup(k, flow_hash(k), 3 * SEC, ACK)),
+                    "{fam:?} {k:?}"
+                );
+            }
+            assert!(t.consistent());
+        }
+    }
+
+    /// With the home full, its flows' alternates full and the new flow's
+    /// alternate full, a flow of one of those alternates moves to its own
+    /// alternate, a flow of the home into the slot it left, and the new
+    /// flow into the home: two moves, no eviction.
+    #[test]
+    fn a_full_home_makes_room_two_moves_deep() {
+        for fam in FAMILIES {
+            let mut t = table(1 << 10);
+            let home = 7;
+            let own = t.homed(fam, 0, WAYS, home, None);
+            let mut full: Vec<usize> = own.iter().map(|k| t.buckets_of(k).1.unwrap()).collect();
+            let new = homed_away(&t, fam, 0, 1, home, &full)[0];
+            full.push(t.buckets_of(&new).1.unwrap());
+            full.sort_unstable();
+            full.dedup();
+            // Each of those alternates full of its own flows, whose
+            // alternates are none of them (nor the home).
+            let mut stored = own.clone();
+            let mut avoid = full.clone();
+            avoid.push(home);
+            for &a in &full {
+                stored.extend(homed_away(&t, fam, 0, WAYS, a, &avoid));
+            }
+            for k in &stored {
+                assert_eq!(
+                    t.put(entry(*k, TcpState::Established), flow_hash(k), SEC),
+                    None
+                );
+            }
+            let before = t.stats();
+            assert_eq!((before.spilled, before.moved), (0, 0), "{fam:?}");
+            assert_eq!(
+                t.put(entry(new, TcpState::Established), flow_hash(&new), 2 * SEC),
+                None
+            );
+            let st = t.stats();
+            assert_eq!((st.moved, st.evicted), (2, 0), "{fam:?}");
+            assert!(t.home_residents(&new, flow_hash(&new)).contains(&new));
+            for k in stored.iter().chain([&new]) {
+                assert!(
+                    is_hit(&t.lookup(k, flow_hash(k), 3 * SEC, ACK)),
+                    "{fam:?} {k:?}"
+                );
+            }
+            assert!(t.consistent());
+        }
+    }
+
+    /// A bucket whose spill count is at its limit moves none of its flows
+    /// out (each move would add one to the count): the new flow is
+    /// evicting instead of overflowing the count.
+    #[test]
+    fn a_bucket_with_its_spill_count_at_the_limit_moves_no_flow_out() {
+        for fam in FAMILIES {
+            let mut t = table(1 << 10);
+            let home = 7;
+            let own = t.homed(fam, 0, WAYS, home, None);
+            let mut full: Vec<usize> = own.iter().map(|k| t.buckets_of(k).1.unwrap()).collect();
+            let new = homed_away(&t, fam, 0, 1, home, &full)[0];
+            full.push(t.buckets_of(&new).1.unwrap());
+            full.sort_unstable();
+            full.dedup();
+            let mut stored = own.clone();
+            let mut avoid = full.clone();
+            avoid.push(home);
+            for &a in &full {
+                stored.extend(homed_away(&t, fam, 0, WAYS, a, &avoid));
+            }
+            for k in &stored {
+                t.put(entry(*k, TcpState::Established), flow_hash(k), SEC);
+            }
+            // As if each of those alternates had 255 flows out already.
+            for &a in &full {
+                match fam {
+                    Family::V4 => t.v4.buckets[a].metas[0].spill = u8::MAX,
+                    Family::V6 => t.v6.buckets[a].metas[0].spill = u8::MAX,
+                }
+            }
+            t.put(entry(new, TcpState::Established), flow_hash(&new), 2 * SEC);
+            let st = t.stats();
+            assert_eq!((st.moved, st.evicted), (0, 1), "{fam:?}");
         }
     }
 
