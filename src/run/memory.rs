@@ -114,7 +114,7 @@ pub fn available() -> Option<Available> {
 /// A memory cgroup version's files, under its hierarchy's mount point.
 struct CgroupFiles {
     /// Where the hierarchy is usually mounted: the mount point used when
-    /// `/proc/self/mountinfo` cannot be read or lists none.
+    /// `/proc/self/mountinfo` cannot be read.
     root: &'static str,
     limit: &'static str,
     usage: &'static str,

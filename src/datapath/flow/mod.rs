@@ -1084,8 +1084,11 @@ impl<K: SlotKey> Part<K> {
         if depth == 0 {
             return None;
         }
-        for (s, a) in full.into_iter().enumerate() {
-            let Some(a) = a else { continue };
+        for (s, &a) in full.iter().enumerate() {
+            // An alternate two of the flows share is searched once.
+            let Some(a) = a.filter(|a| !full[..s].contains(&Some(*a))) else {
+                continue;
+            };
             if let Some(t) = self.move_one_out(books, a, depth - 1) {
                 self.relocate((b, s), b, (a, t), true);
                 books.stats.moved += 1;
