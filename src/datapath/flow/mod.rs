@@ -3003,6 +3003,34 @@ mod tests {
         }
     }
 
+    /// A table whose bucket 7 is full of its own flows, with their
+    /// alternates and the alternate of a new flow of bucket 7 full of their
+    /// own flows, whose alternates are none of those buckets (so they have
+    /// room): the flows stored, the new flow, and the full alternates.
+    fn crowded_home(fam: Family) -> (FlowTable, Vec<FlowKey>, FlowKey, Vec<usize>) {
+        let mut t = table(1 << 10);
+        let home = 7;
+        let own = t.homed(fam, 0, WAYS, home, None);
+        let mut full: Vec<usize> = own.iter().map(|k| t.buckets_of(k).1.unwrap()).collect();
+        let new = homed_away(&t, fam, 0, 1, home, &full)[0];
+        full.push(t.buckets_of(&new).1.unwrap());
+        full.sort_unstable();
+        full.dedup();
+        let mut stored = own;
+        let mut avoid = full.clone();
+        avoid.push(home);
+        for &a in &full {
+            stored.extend(homed_away(&t, fam, 0, WAYS, a, &avoid));
+        }
+        for k in &stored {
+            assert_eq!(
+                t.put(entry(*k, TcpState::Established), flow_hash(k), SEC),
+                None
+            );
+        }
+        (t, stored, new, full)
+    }
+
     /// With the home full, its flows' alternates full and the new flow's
     /// alternate full, a flow of one of those alternates moves to its own
     /// alternate, a flow of the home into the slot it left, and the new
@@ -3010,28 +3038,7 @@ mod tests {
     #[test]
     fn a_full_home_makes_room_two_moves_deep() {
         for fam in FAMILIES {
-            let mut t = table(1 << 10);
-            let home = 7;
-            let own = t.homed(fam, 0, WAYS, home, None);
-            let mut full: Vec<usize> = own.iter().map(|k| t.buckets_of(k).1.unwrap()).collect();
-            let new = homed_away(&t, fam, 0, 1, home, &full)[0];
-            full.push(t.buckets_of(&new).1.unwrap());
-            full.sort_unstable();
-            full.dedup();
-            // Each of those alternates full of its own flows, whose
-            // alternates are none of them (nor the home).
-            let mut stored = own.clone();
-            let mut avoid = full.clone();
-            avoid.push(home);
-            for &a in &full {
-                stored.extend(homed_away(&t, fam, 0, WAYS, a, &avoid));
-            }
-            for k in &stored {
-                assert_eq!(
-                    t.put(entry(*k, TcpState::Established), flow_hash(k), SEC),
-                    None
-                );
-            }
+            let (mut t, stored, new, _) = crowded_home(fam);
             let before = t.stats();
             assert_eq!((before.spilled, before.moved), (0, 0), "{fam:?}");
             assert_eq!(
@@ -3057,23 +3064,7 @@ mod tests {
     #[test]
     fn a_bucket_with_its_spill_count_at_the_limit_moves_no_flow_out() {
         for fam in FAMILIES {
-            let mut t = table(1 << 10);
-            let home = 7;
-            let own = t.homed(fam, 0, WAYS, home, None);
-            let mut full: Vec<usize> = own.iter().map(|k| t.buckets_of(k).1.unwrap()).collect();
-            let new = homed_away(&t, fam, 0, 1, home, &full)[0];
-            full.push(t.buckets_of(&new).1.unwrap());
-            full.sort_unstable();
-            full.dedup();
-            let mut stored = own.clone();
-            let mut avoid = full.clone();
-            avoid.push(home);
-            for &a in &full {
-                stored.extend(homed_away(&t, fam, 0, WAYS, a, &avoid));
-            }
-            for k in &stored {
-                t.put(entry(*k, TcpState::Established), flow_hash(k), SEC);
-            }
+            let (mut t, _, new, full) = crowded_home(fam);
             // As if each of those alternates had 255 flows out already.
             for &a in &full {
                 match fam {
