@@ -1421,10 +1421,10 @@ impl FlowTable {
     /// The second stage of [`FlowTable::prefetch`], once the home bucket's
     /// lines have arrived (a few packets ahead of the lookup): hints
     /// the flow's alternate bucket where the lookup will read it (some flow
-    /// of that home lives in its alternate: at most 8% of buckets at half
-    /// of capacity, where 4% of flows live in their alternate) or, for a packet likely to start a flow (`new_flow`: a
-    /// SYN), where its insert will write it (home full, alternate not, in
-    /// a sub-table not full). Otherwise it costs one read of a line the
+    /// of that home lives in its alternate, which in a half-full table few
+    /// homes have: perf/README.md has the shares) or, for a packet likely
+    /// to start a flow (`new_flow`: a SYN), where its insert will write it
+    /// (home full, alternate not, in a sub-table not full). Otherwise it costs one read of a line the
     /// lookup reads anyway. In a full sub-table a SYN skips it: no
     /// alternate has room, and the flows placed in alternates while the
     /// table filled are soon evicted, so a SYN's lookup rarely reads one.
@@ -2802,9 +2802,8 @@ mod tests {
     }
 
     /// At three quarters of capacity, too, fewer than 1 flow in 100,000 is
-    /// lost: moves two deep find room where one would not (here a search
-    /// one move deep loses about 1 in 6,500 flows, one that moves only the
-    /// home's flows about 1 in 50,000).
+    /// lost: moves two deep, from the home or the alternate, find room
+    /// where a shallower search would not.
     #[test]
     fn a_three_quarters_full_table_keeps_nearly_all() {
         let capacity = 1 << 18;
