@@ -35,7 +35,8 @@ result=perf/out/pcap-instructions.txt
 # scenario:frames:flow-capacity. The SYN file is long enough that each of
 # its SYNs finds its flow past the 20 ms SYN timeout (under valgrind a
 # pass takes about 200 ms), as in perf/vs_testpmd.py: a new connection each.
-for run in established:1000:16384 syn:100000:262144; do
+# RUNS picks some: RUNS=established:1000:16384 perf/pcap_instructions.sh
+for run in ${RUNS:-established:1000:16384 syn:100000:262144}; do
     sc=${run%%:*}
     rest=${run#*:}
     frames=${rest%%:*}

@@ -494,7 +494,6 @@ impl<IO: PacketIo> Worker<IO> {
     ) -> Result<(), DropReason> {
         let svc = service.ok_or(DropReason::NoService)?;
         let backend = self.route(dp, svc, query, p, hash, now)?;
-        let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.len() as u64;
         match svc.mode {
             ForwardMode::IpIp { source } => {
@@ -853,15 +852,15 @@ impl<IO: PacketIo> Worker<IO> {
     /// whether the packet is a SYN. Always inlined: it is the main line
     /// (the compiler otherwise calls it out of line in some builds).
     #[inline(always)]
-    fn route(
+    fn route<'d>(
         &mut self,
-        dp: &Dataplane,
+        dp: &'d Dataplane,
         svc: &Service,
         query: Option<&AffinityQuery>,
         p: &ParsedPacket,
         hash: u64,
         now: u64,
-    ) -> Result<BackendId, DropReason> {
+    ) -> Result<&'d Backend, DropReason> {
         let is_tcp = p.key.proto == PROTO_TCP;
         let flags = if is_tcp { p.tcp_flags } else { 0 };
         // The burst started an affinity query for exactly its SYNs to a
@@ -877,9 +876,8 @@ impl<IO: PacketIo> Worker<IO> {
         // (a draining backend keeps its connections).
         match self.flows.lookup(&p.key, hash, now, flags) {
             Lookup::Hit(e) => {
-                let backend = e.backend;
-                if dp.backend(backend).is_some_and(|b| b.service == svc.id) {
-                    return Ok(backend);
+                if let Some(b) = dp.backend(e.backend).filter(|b| b.service == svc.id) {
+                    return Ok(b);
                 }
                 // Its backend was removed: forget the flow and route anew.
                 self.counters.rerouted.inc();
@@ -892,11 +890,10 @@ impl<IO: PacketIo> Worker<IO> {
                 self.counters.flows_closed.inc();
                 self.release(dp, &e, now);
                 // The reset that ended the flow still reaches its backend.
-                let backend = match dp.backend(e.backend) {
-                    Some(b) => b.id,
-                    None => self.pick_stateless(dp, svc, p, hash)?,
+                return match dp.backend(e.backend) {
+                    Some(b) => Ok(b),
+                    None => self.pick_stateless(dp, svc, p, hash),
                 };
-                return Ok(backend);
             }
             Lookup::Stale(old) => {
                 // Idle past its timeout, or a new SYN on a closing flow's
@@ -915,8 +912,7 @@ impl<IO: PacketIo> Worker<IO> {
             if flags & tcp_flags::RST != 0 {
                 // A reset for a flow we do not know: route it statelessly
                 // and remember nothing.
-                let backend = self.pick_stateless(dp, svc, p, hash)?;
-                return Ok(backend);
+                return self.pick_stateless(dp, svc, p, hash);
             }
         }
 
@@ -968,7 +964,8 @@ impl<IO: PacketIo> Worker<IO> {
             self.counters.service(svc.id).new_connections.inc();
             bc.connections.inc();
         }
-        Ok(backend)
+        // The schedulers pick only configured backends.
+        dp.backend(backend).ok_or(DropReason::NoBackend)
     }
 
     /// Backend for a connection the flow table does not know: affinity,
@@ -1053,23 +1050,25 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Backend for a packet that creates no state (a stray reset).
-    fn pick_stateless(
+    fn pick_stateless<'d>(
         &self,
-        dp: &Dataplane,
+        dp: &'d Dataplane,
         svc: &Service,
         p: &ParsedPacket,
         hash: u64,
-    ) -> Result<BackendId, DropReason> {
+    ) -> Result<&'d Backend, DropReason> {
         if let Some(owner) =
             self.shared
                 .affinity
                 .lookup(svc.id, p.key.family, p.key.src, p.key.sport)
         {
-            if dp.backend(owner).is_some_and(|b| b.reachable_for(svc.id)) {
-                return Ok(owner);
+            if let Some(b) = dp.backend(owner).filter(|b| b.reachable_for(svc.id)) {
+                return Ok(b);
             }
         }
-        maglev_pick(dp, svc, svc.hash.of(&p.key, hash)).ok_or_else(|| no_backend(svc))
+        maglev_pick(dp, svc, svc.hash.of(&p.key, hash))
+            .and_then(|id| dp.backend(id))
+            .ok_or_else(|| no_backend(svc))
     }
 
     /// A flow left the table (closed, reset, expired or evicted): its
