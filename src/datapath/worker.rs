@@ -862,7 +862,9 @@ impl<IO: PacketIo> Worker<IO> {
         now: u64,
     ) -> Result<&'d Backend, DropReason> {
         let is_tcp = p.key.proto == PROTO_TCP;
-        let flags = if is_tcp { p.tcp_flags } else { 0 };
+        // 0 for UDP (the parser's).
+        let flags = p.tcp_flags;
+        debug_assert!(is_tcp || flags == 0);
         // The burst started an affinity query for exactly its SYNs to a
         // service.
         let syn = query.is_some();

@@ -483,6 +483,10 @@ struct Books {
     vips: Vips,
     /// Idle timeout in ns, indexed by `TcpState as usize`.
     timeout_ns: [u64; 4],
+    /// The age in stamp units past which a slot in each state has
+    /// certainly expired: its timeout in whole units, plus one for the
+    /// coarseness of stamps (see [`Books::expired`]).
+    expiry_age: [u64; 4],
     /// The shortest of them, in whole stamp units: no entry idle for this
     /// many units plus one or fewer has expired, whatever its state.
     shortest: u32,
@@ -519,8 +523,11 @@ impl Books {
     /// timeout (stamps are coarse: up to two stamp units late).
     #[inline]
     fn expired(&self, slot: &Meta, now: u64) -> bool {
+        // (age - 1) units of 2^STAMP_SHIFT ns surely passed, and
+        // (age - 1) << STAMP_SHIFT > timeout exactly when
+        // age > (timeout >> STAMP_SHIFT) + 1.
         let age = u64::from(stamp_of(now).wrapping_sub(slot.stamp));
-        age.saturating_sub(1) << STAMP_SHIFT > self.timeout_ns[usize::from(slot.state & 3)]
+        age > self.expiry_age[usize::from(slot.state & 3)]
     }
 
     /// Whether some entry idle for `age` stamp units may have expired.
@@ -1385,6 +1392,7 @@ impl FlowTable {
             ns(timeouts.udp),
         ];
         let shortest = timeout_ns.iter().min().map_or(0, |&t| t >> STAMP_SHIFT);
+        let expiry_age = timeout_ns.map(|t| (t >> STAMP_SHIFT) + 1);
         FlowTable {
             v4: Part::new(capacity),
             v6: Part::new(capacity_v6),
@@ -1392,6 +1400,7 @@ impl FlowTable {
                 len: [0, 0],
                 vips: Vips::new(vips),
                 timeout_ns,
+                expiry_age,
                 shortest: u32::try_from(shortest).unwrap_or(u32::MAX),
                 stats: FlowStats::default(),
                 vacant: None,
