@@ -688,11 +688,7 @@ impl ControlPlane {
     fn table_key(&self, key: &AffinityKey) -> Result<(&Service, TableKey), Response> {
         let svc = self
             .dp
-            .find_service(
-                ip_bits(key.service.addr),
-                key.service.port,
-                key.service.proto,
-            )
+            .find_service(key.service.addr, key.service.port, key.service.proto)
             .ok_or_else(|| {
                 Response::new(ReturnCode::NotFound)
                     .with_message(format!("no service {}", key.service))
@@ -919,7 +915,7 @@ impl ControlPlane {
     ) -> Response {
         let svc_id = match service {
             None => None,
-            Some(s) => match self.dp.find_service(ip_bits(s.addr), s.port, s.proto) {
+            Some(s) => match self.dp.find_service(s.addr, s.port, s.proto) {
                 Some(svc) => Some(svc.id),
                 None => {
                     return Response::new(ReturnCode::NotFound)

@@ -14,6 +14,7 @@ use std::time::Duration;
 use hashbrown::{HashMap, HashSet};
 
 use crate::affinity::limits::AffinityLimits;
+use crate::net::ip_bits;
 use crate::sched::maglev::MaglevTable;
 use crate::types::{BackendId, BackendState, Family, FlowKey, ServiceId};
 
@@ -171,8 +172,10 @@ pub struct Dataplane {
     pub backends: Vec<Option<Backend>>,
     /// Position in `services` of each [`ServiceId`] in use.
     positions: Vec<Option<u16>>,
-    /// Position in `services` of each (VIP, port, protocol).
-    vip_index: HashMap<(u128, u16, u8), u16>,
+    /// Position in `services` of each (family, VIP, port, protocol). The
+    /// family belongs to the key: an IPv4 VIP's bits (in the low 32) are
+    /// also those of an IPv6 address (`::a.b.c.d`).
+    vip_index: HashMap<(Family, u128, u16, u8), u16>,
     /// Every VIP, whatever its ports.
     vips: HashSet<(Family, u128)>,
 }
@@ -198,7 +201,7 @@ impl Dataplane {
                 s.id
             );
             positions[s.id as usize] = Some(i as u16);
-            vip_index.insert((s.vip_bits, s.port, s.proto), i as u16);
+            vip_index.insert((s.family, s.vip_bits, s.port, s.proto), i as u16);
         }
         let max_id = backends
             .iter()
@@ -236,13 +239,17 @@ impl Dataplane {
     /// The service a packet is addressed to.
     #[inline]
     pub fn service_for(&self, key: &FlowKey) -> Option<&Service> {
-        self.find_service(key.dst, key.dport, key.proto)
+        self.service_at(key.family, key.dst, key.dport, key.proto)
     }
 
-    /// The service with this VIP (as bits), port and protocol.
+    /// The service with this VIP, port and protocol.
+    pub fn find_service(&self, vip: IpAddr, port: u16, proto: u8) -> Option<&Service> {
+        self.service_at(crate::net::family(vip), ip_bits(vip), port, proto)
+    }
+
     #[inline]
-    pub fn find_service(&self, vip: u128, port: u16, proto: u8) -> Option<&Service> {
-        let i = *self.vip_index.get(&(vip, port, proto))?;
+    fn service_at(&self, family: Family, vip: u128, port: u16, proto: u8) -> Option<&Service> {
+        let i = *self.vip_index.get(&(family, vip, port, proto))?;
         self.services.get(usize::from(i))
     }
 

@@ -317,7 +317,7 @@ impl<IO: PacketIo> Worker<IO> {
         // The service of each packet, looked up once here for pass 3; a
         // burst mostly goes to one service, so the last answer is kept.
         let mut services: [Option<&Service>; MAX_BURST] = [None; MAX_BURST];
-        let mut last: Option<(u128, u16, u8, Option<&Service>)> = None;
+        let mut last: Option<(u128, u16, u8, Family, Option<&Service>)> = None;
         // Which packets are SYNs with an affinity query (in `queries`,
         // moved out of the worker for the burst), and which of those still
         // have probes to prepare (none while the service has no key of the
@@ -336,14 +336,17 @@ impl<IO: PacketIo> Worker<IO> {
                 hashes[i] = h;
                 let k = &p.key;
                 let svc = match last {
-                    Some((dst, port, proto, svc))
-                        if dst == k.dst && port == k.dport && proto == k.proto =>
+                    Some((dst, port, proto, family, svc))
+                        if dst == k.dst
+                            && port == k.dport
+                            && proto == k.proto
+                            && family == k.family =>
                     {
                         svc
                     }
                     _ => {
                         let svc = dp.service_for(k);
-                        last = Some((k.dst, k.dport, k.proto, svc));
+                        last = Some((k.dst, k.dport, k.proto, k.family, svc));
                         svc
                     }
                 };
@@ -2460,6 +2463,77 @@ mod icmp_tests {
 
     /// IPv6: always "packet too big" (MTU 1460 through IP-in-IP), never
     /// fragments; an ICMPv6 error is routed like IPv4's.
+    /// `::10.0.0.1` (an IPv4-compatible IPv6 address) has the IPv4 VIP's
+    /// bits: its packets are not the IPv4 service's, not even right after
+    /// one of that service's packets in the same burst; with a service of
+    /// its own on that address, each family reaches its own.
+    #[test]
+    fn services_are_told_apart_by_family() {
+        let compat: [u8; 16] = std::array::from_fn(|i| if i < 12 { 0 } else { VIP[i - 12] });
+        let client6 = [0x20, 0x01, 0x0d, 0xb8, 0xc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let syn6 = FrameSpec::tcp_v6(client6, 40000, compat, 80, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let burst = [
+            tcp4([192, 0, 2, 1], 1000, tcp_flags::SYN),
+            syn6,
+            tcp4([192, 0, 2, 2], 1000, tcp_flags::SYN),
+        ];
+        let be4 = backend(0, 0, false);
+        let be6 = backend(1, 1, true);
+        let s4 = service(
+            0,
+            80,
+            PROTO_TCP,
+            std::slice::from_ref(&be4),
+            SchedulerKind::Maglev,
+            IPIP,
+        );
+        let mut s6 = service(
+            1,
+            80,
+            PROTO_TCP,
+            std::slice::from_ref(&be6),
+            SchedulerKind::Maglev,
+            IPIP6,
+        );
+        s6.vip = std::net::Ipv6Addr::from(compat).into();
+        s6.vip_bits = u128::from_be_bytes(compat);
+
+        // The IPv4 service alone: the IPv6 SYN is for no service.
+        let mut b = bed(vec![s4.clone()], vec![be4.clone()], IcmpSettings::default());
+        let out = run(&mut b, &burst, SEC);
+        let to: Vec<u128> = out.iter().map(|f| tunnelled(f).0).collect();
+        assert_eq!(to, [be4.addr_bits, be4.addr_bits]);
+        let c = b.worker.counters();
+        assert_eq!(c.drops[DropReason::NoService as usize].get(), 1);
+        let dp = Dataplane::new(1, vec![s4.clone()], vec![be4.clone()]);
+        assert_eq!(
+            dp.find_service(s4.vip, 80, PROTO_TCP).map(|s| s.id),
+            Some(0)
+        );
+        assert!(dp.find_service(s6.vip, 80, PROTO_TCP).is_none());
+
+        // Both: each packet to its family's service and backend.
+        let mut b = bed(
+            vec![s4.clone(), s6.clone()],
+            vec![be4.clone(), be6.clone()],
+            IcmpSettings::default(),
+        );
+        let out = run(&mut b, &burst, SEC);
+        let to: Vec<u128> = out.iter().map(|f| tunnelled(f).0).collect();
+        assert_eq!(to, [be4.addr_bits, be6.addr_bits, be4.addr_bits]);
+        let dp = Dataplane::new(1, vec![s4.clone(), s6.clone()], vec![be4, be6]);
+        assert_eq!(
+            dp.find_service(s4.vip, 80, PROTO_TCP).map(|s| s.id),
+            Some(0)
+        );
+        assert_eq!(
+            dp.find_service(s6.vip, 80, PROTO_TCP).map(|s| s.id),
+            Some(1)
+        );
+    }
+
     #[test]
     fn ipv6_too_big_and_errors() {
         let bes: Vec<Backend> = (0..2).map(|i| backend(i, 0, true)).collect();
