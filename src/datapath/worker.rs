@@ -2461,8 +2461,6 @@ mod icmp_tests {
         assert_eq!(b.worker.flows().len(), 3);
     }
 
-    /// IPv6: always "packet too big" (MTU 1460 through IP-in-IP), never
-    /// fragments; an ICMPv6 error is routed like IPv4's.
     /// `::10.0.0.1` (an IPv4-compatible IPv6 address) has the IPv4 VIP's
     /// bits: its packets are not the IPv4 service's, not even right after
     /// one of that service's packets in the same burst; with a service of
@@ -2534,6 +2532,8 @@ mod icmp_tests {
         );
     }
 
+    /// IPv6: always "packet too big" (MTU 1460 through IP-in-IP), never
+    /// fragments; an ICMPv6 error is routed like IPv4's.
     #[test]
     fn ipv6_too_big_and_errors() {
         let bes: Vec<Backend> = (0..2).map(|i| backend(i, 0, true)).collect();
