@@ -154,11 +154,11 @@ pub struct Service {
 }
 
 impl Service {
-    /// The same service: same name, VIP, port and protocol, whatever else
-    /// (backends, weights, scheduler) changed.
+    /// The same service: same name, VIP (of the same family), port and
+    /// protocol, whatever else (backends, weights, scheduler) changed.
     pub fn same_as(&self, other: &Service) -> bool {
-        (self.name.as_str(), self.vip_bits, self.port, self.proto)
-            == (other.name.as_str(), other.vip_bits, other.port, other.proto)
+        (self.name.as_str(), self.vip, self.port, self.proto)
+            == (other.name.as_str(), other.vip, other.port, other.proto)
     }
 }
 

@@ -894,8 +894,10 @@ impl<IO: PacketIo> Worker<IO> {
             Lookup::Reset(e) => {
                 self.counters.flows_closed.inc();
                 self.release(dp, &e, now);
-                // The reset that ended the flow still reaches its backend.
-                return match dp.backend(e.backend) {
+                // The reset that ended the flow still reaches its backend,
+                // while that backend serves the service (its id may have
+                // gone to another service's backend since).
+                return match dp.backend(e.backend).filter(|b| b.service == svc.id) {
                     Some(b) => Ok(b),
                     None => self.pick_stateless(dp, svc, p, hash),
                 };
@@ -1935,6 +1937,32 @@ mod tests {
     /// releases its auto-affinity pin with the linger of its own service
     /// (found by the flow's destination), not of the service that now has
     /// its old id.
+    /// A reset reaches its flow's backend only while that backend serves
+    /// the flow's service: once the backend's id names a backend of another
+    /// service, the reset goes where a stray reset would.
+    #[test]
+    fn a_reset_follows_its_flow_only_to_a_backend_of_its_service() {
+        let web = |bes: &[Backend]| service(0, 80, PROTO_TCP, bes, SchedulerKind::Maglev, IPIP);
+        let mail = |bes: &[Backend]| service(1, 81, PROTO_TCP, bes, SchedulerKind::Maglev, IPIP);
+        let before = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 1, 100)];
+        let mut b = bed(vec![web(&before[..2]), mail(&before[2..])], before, 1 << 12);
+        let client = [198, 18, 13, 1];
+        let first = send(&mut b, &[tcp(client, 100, tcp_flags::SYN)], SEC);
+        let owner = backend_index(first[0]) as u32;
+        let other = 1 - owner;
+        // The flow's backend id now belongs to mail; web keeps the other.
+        let after = vec![backend(other, 0, 100), backend(owner, 1, 100)];
+        b.cell.publish(Dataplane::new(
+            2,
+            vec![web(&after[..1]), mail(&after[1..])],
+            after,
+        ));
+        let out = send(&mut b, &[tcp(client, 100, tcp_flags::RST)], 2 * SEC);
+        assert_eq!(out.len(), 1);
+        assert_eq!(backend_index(out[0]) as u32, other);
+        assert_eq!(b.worker.counters().flows_closed.get(), 1);
+    }
+
     #[test]
     fn a_flow_ending_after_its_service_changed_id_lingers_as_its_service_says() {
         let pinned_svc = |id: ServiceId, bes: &[Backend]| {
@@ -2530,6 +2558,14 @@ mod icmp_tests {
             dp.find_service(s6.vip, 80, PROTO_TCP).map(|s| s.id),
             Some(1)
         );
+        // Nor is a service of the same name on the other family's address
+        // the same service (its counters do not carry over on reload).
+        let renamed = Service {
+            name: s4.name.clone(),
+            ..s6
+        };
+        assert!(!s4.same_as(&renamed));
+        assert!(s4.same_as(&s4.clone()));
     }
 
     /// IPv6: always "packet too big" (MTU 1460 through IP-in-IP), never
