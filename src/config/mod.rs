@@ -1240,7 +1240,9 @@ impl Config {
                     ),
                 );
             }
-            if let Some(j) = seen.insert((a.service.as_str(), a.client, a.client_port), i) {
+            // Ports as the table keys them: "80-80" is 80, "0-65535" any.
+            let ports = a.client_port.normalized();
+            if let Some(j) = seen.insert((a.service.as_str(), a.client, ports), i) {
                 return fail(
                     ap.key("client"),
                     format!("the same client and port are already pinned by affinities[{j}]"),

@@ -471,6 +471,31 @@ fn static_affinity_errors() {
     );
 }
 
+/// Two static affinities of one client and the same ports, however the
+/// ports are spelled, are refused where the second is declared.
+#[test]
+fn static_affinities_of_the_same_key_are_refused() {
+    for (first, second) in [
+        ("\"443\"", "\"443-443\""),
+        ("\"any\"", "\"0-65535\""),
+        ("\"1000-2000\"", "\"1000-2000\""),
+    ] {
+        let t = edit(
+            "client_port = \"1000-2000\"",
+            &format!("client_port = {first}"),
+        ) + &format!(
+            "\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nclient_port = {second}\nbackend = \"be1\"\n"
+        );
+        let e = err(&t);
+        assert_eq!(e.key, "affinities[1].client", "{first} {second}: {e}");
+        assert!(e.message.contains("already pinned by affinities[0]"), "{e}");
+    }
+    // Other ports of the same client are another key.
+    let t = BASE.to_string()
+        + "\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nclient_port = \"2001-3000\"\nbackend = \"be1\"\n";
+    assert_eq!(Config::parse(&t, "t.toml").unwrap().affinities.len(), 2);
+}
+
 #[test]
 fn unknown_key() {
     let t = edit(
