@@ -191,8 +191,10 @@ impl AffinityManager {
             let id = e.id;
             if expires.is_none() {
                 // A requested affinity the configuration now holds: static
-                // from here on, in the table too (its slot is rewritten).
+                // from here on, in the table too (its slot is rewritten),
+                // and no longer one of the owner's requested ones.
                 self.writer.insert_static(key, owner)?;
+                self.count(owner, true, false);
             }
             self.reschedule(id, expires, now_ms);
             return Ok(Granted {

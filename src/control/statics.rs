@@ -28,10 +28,12 @@ pub fn install(plane: &mut ControlPlane, cfg: &Config) -> Result<(), NotInstalle
     let mut failed = Vec::new();
     for (i, resolved) in keys(plane.dataplane(), cfg).into_iter().enumerate() {
         let result = resolved.and_then(|(key, owner)| {
+            // Installed already; a requested affinity of the same owner is
+            // made static (below), not left to expire.
             if plane
                 .affinities()
                 .get(&key)
-                .is_some_and(|r| r.owner == owner)
+                .is_some_and(|r| r.owner == owner && r.expires.is_none())
             {
                 return Ok(());
             }
@@ -102,7 +104,8 @@ fn keys(dp: &Dataplane, cfg: &Config) -> Vec<Result<(TableKey, BackendId), &'sta
 mod tests {
     use super::*;
     use crate::control::reload::ConfigFile;
-    use crate::control::testing::{config_text, plane, WEB};
+    use crate::control::testing::{call, config_text, op, plane, WEB};
+    use crate::protocol::message::{Request, ReturnCode};
     use crate::types::Family;
 
     #[test]
@@ -139,6 +142,39 @@ mod tests {
             "a's now"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A requested affinity of the key a reload declares static, held by
+    /// the same backend, becomes static: it no longer expires and no
+    /// longer counts among that backend's requested ones.
+    #[test]
+    fn a_requested_affinity_of_the_same_owner_becomes_static() {
+        let (mut p, r) = plane(&config_text());
+        let ok = call(
+            &mut p,
+            "b",
+            Request::AffinityCreate(op("203.0.113.0", 24, Some("b"), 60)),
+        );
+        assert_eq!(ok.code, ReturnCode::Ok);
+        let b = p.dataplane().find_backend(WEB, "b").unwrap().id;
+        assert_eq!(p.affinities().requested_by(b), 1);
+        let cfg = Config::parse(
+            &format!(
+                "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
+                config_text()
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(install(&mut p, &cfg), Ok(()));
+        let (_, rec) = p.affinities().list().next().unwrap();
+        assert_eq!(rec.expires, None);
+        assert_eq!(p.affinities().requested_by(b), 0);
+        // Past the requested minute it is still there.
+        let later = p.now_ms() + 61_000;
+        p.expire_at(later);
+        assert_eq!(p.affinities().len(), 1);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(b));
     }
 
     #[test]

@@ -66,8 +66,10 @@ impl Target {
     }
 }
 
-/// Every backend of `dp` whose service has a health check in `cfg`: at its
-/// configured `health_address`, else at its address.
+/// Every backend of `dp` whose service has a health check in `cfg`: a
+/// backend as the configuration declares it (same name and address) at its
+/// configured `health_address`, any other (added or moved at run time over
+/// the control protocol) at its address.
 pub fn targets(cfg: &Config, dp: &Dataplane) -> Vec<Target> {
     let mut out = Vec::new();
     for s in &dp.services {
@@ -78,16 +80,19 @@ pub fn targets(cfg: &Config, dp: &Dataplane) -> Vec<Target> {
             continue;
         };
         let port = h.port_for(s.port);
-        let configured: HashMap<&str, IpAddr> = sc
+        let configured: HashMap<&str, (IpAddr, IpAddr)> = sc
             .backends
             .iter()
-            .map(|c| (c.name.as_str(), c.health_address()))
+            .map(|c| (c.name.as_str(), (c.address, c.health_address())))
             .collect();
         for &id in &s.backends {
             let Some(b) = dp.backend(id) else {
                 continue;
             };
-            let ip = configured.get(b.name.as_str()).copied().unwrap_or(b.addr);
+            let ip = match configured.get(b.name.as_str()) {
+                Some(&(address, health)) if address == b.addr => health,
+                _ => b.addr,
+            };
             let addr = SocketAddr::new(ip, port);
             out.push(Target {
                 service: s.name.clone(),
@@ -136,5 +141,26 @@ mod tests {
         );
         assert_eq!((t[0].check.rise, t[0].check.fall), (1, 3));
         assert_eq!(t[1].addr.ip(), first.backends[1].address);
+
+        // Removed and added again at another address (over the control
+        // protocol): checked where it now is, not at the configured
+        // health address of the old one.
+        let mut reg = ServiceRegistry::from_config(&cfg).unwrap();
+        let name = first.backends[0].name.clone();
+        reg.remove_backend(&first.name, &name).unwrap();
+        let moved: IpAddr = "10.0.0.50".parse().unwrap();
+        reg.add_backend(
+            &first.name,
+            crate::control::registry::NewBackend {
+                name: name.clone(),
+                addr: moved,
+                mac: None,
+                weight: 100,
+            },
+        )
+        .unwrap();
+        let t = targets(&cfg, &reg.snapshot().unwrap());
+        let a = t.iter().find(|t| t.backend == name).unwrap();
+        assert_eq!(a.addr, SocketAddr::new(moved, 8080));
     }
 }
