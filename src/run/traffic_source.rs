@@ -5,6 +5,7 @@
 //! forwarded, counting it per backend.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,8 +54,8 @@ pub(super) struct TrafficReport {
     queue_full: u64,
     no_mbuf: u64,
     /// Forwarded packets seen at the sink, by outer destination (ipip) or
-    /// destination MAC (l2, as 0xffff_0000_0000_0000 | mac).
-    delivered: BTreeMap<u128, u64>,
+    /// destination MAC (l2).
+    delivered: BTreeMap<Destination, u64>,
     seconds: f64,
 }
 
@@ -66,8 +67,8 @@ impl TrafficReport {
         for (dst, n) in &self.delivered {
             let owner = dp.backends.iter().flatten().find(|b| {
                 match dp.service(b.service).map(|s| s.mode) {
-                    Some(ForwardMode::IpIp { .. }) => b.addr_bits == *dst,
-                    Some(ForwardMode::L2) => b.mac.is_some_and(|m| mac_key(&m) == *dst),
+                    Some(ForwardMode::IpIp { .. }) => *dst == Destination::Ip(b.addr),
+                    Some(ForwardMode::L2) => b.mac.is_some_and(|m| *dst == Destination::Mac(m)),
                     None => false,
                 }
             });
@@ -93,12 +94,13 @@ impl TrafficReport {
     }
 }
 
-fn mac_key(m: &[u8; 6]) -> u128 {
-    let mut v = 0xffffu128 << 48;
-    for b in m {
-        v = v << 8 | u128::from(*b);
-    }
-    v
+/// Where the sink saw a forwarded frame go: the outer IP destination of
+/// an encapsulated frame (the family apart: `::10.0.0.1` is not
+/// 10.0.0.1), the destination MAC of any other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Destination {
+    Ip(IpAddr),
+    Mac([u8; 6]),
 }
 
 impl TrafficSource {
@@ -269,9 +271,8 @@ impl Window {
     }
 }
 
-/// The outer IP destination of an encapsulated frame, or the destination
-/// MAC (as [`mac_key`]) of any other.
-fn outer_destination(frame: &[u8]) -> Option<u128> {
+/// Where a forwarded frame goes (see [`Destination`]).
+fn outer_destination(frame: &[u8]) -> Option<Destination> {
     let eth = ethernet::Frame::new_checked(frame).ok()?;
     let info = eth.l2_info().ok()?;
     let l3 = frame.get(info.header_len..)?;
@@ -279,25 +280,72 @@ fn outer_destination(frame: &[u8]) -> Option<u128> {
         ethernet::ETHERTYPE_IPV4 => {
             let ip = ipv4::Packet::new_checked(l3).ok()?;
             if ip.protocol() == ipv4::PROTO_IPIP {
-                return Some(u32::from_be_bytes(ip.dst_addr()) as u128);
+                return Some(Destination::Ip(Ipv4Addr::from(ip.dst_addr()).into()));
             }
         }
         ethernet::ETHERTYPE_IPV6 => {
             let ip = ipv6::Packet::new_checked(l3).ok()?;
             if ip.next_header() == ipv6::PROTO_IPV6 {
-                return Some(u128::from_be_bytes(ip.dst_addr()));
+                return Some(Destination::Ip(Ipv6Addr::from(ip.dst_addr()).into()));
             }
         }
         _ => {}
     }
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&frame[..6]);
-    Some(mac_key(&mac))
+    Some(Destination::Mac(mac))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An encapsulated frame to `dst` (the inner packet's bytes do not
+    /// matter here).
+    fn tunnelled(dst: IpAddr) -> Vec<u8> {
+        let mut f = vec![0u8; 14];
+        match dst {
+            IpAddr::V4(a) => {
+                f[12..14].copy_from_slice(&ethernet::ETHERTYPE_IPV4.to_be_bytes());
+                let mut h = [0u8; 40];
+                h[0] = 0x45;
+                h[2..4].copy_from_slice(&40u16.to_be_bytes());
+                h[8] = 64;
+                h[9] = ipv4::PROTO_IPIP;
+                h[16..20].copy_from_slice(&a.octets());
+                f.extend_from_slice(&h);
+            }
+            IpAddr::V6(a) => {
+                f[12..14].copy_from_slice(&ethernet::ETHERTYPE_IPV6.to_be_bytes());
+                let mut h = [0u8; 80];
+                h[0] = 0x60;
+                h[4..6].copy_from_slice(&40u16.to_be_bytes());
+                h[6] = ipv6::PROTO_IPV6;
+                h[7] = 64;
+                h[24..40].copy_from_slice(&a.octets());
+                f.extend_from_slice(&h);
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn destinations_keep_their_family() {
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let compat: IpAddr = "::10.0.0.1".parse().unwrap();
+        let d4 = outer_destination(&tunnelled(v4));
+        let d6 = outer_destination(&tunnelled(compat));
+        assert_eq!(d4, Some(Destination::Ip(v4)));
+        assert_eq!(d6, Some(Destination::Ip(compat)));
+        assert_ne!(d4, d6);
+        let mut plain = tunnelled(v4);
+        plain[23] = 6; // TCP, not IP-in-IP: an l2 frame, by its MAC
+        plain[..6].copy_from_slice(&[2, 0, 0, 0, 1, 7]);
+        assert_eq!(
+            outer_destination(&plain),
+            Some(Destination::Mac([2, 0, 0, 0, 1, 7]))
+        );
+    }
 
     #[test]
     fn window_closes_when_full_and_writes_off_lost_frames() {
