@@ -86,6 +86,17 @@ pub struct ServerCounters {
     pub refused: RefusalCounters,
 }
 
+impl ServerCounters {
+    /// Counts one of the handler's answers under its code; a code outside
+    /// [`ReturnCode::ALL`] (`Unknown`, which the server never sends) is not
+    /// counted.
+    pub fn count_answer(&mut self, code: ReturnCode) {
+        if let Some(n) = self.handler_codes.get_mut(code as usize) {
+            *n += 1;
+        }
+    }
+}
+
 /// What the control plane did to affinities and snapshots.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PlaneCounters {
@@ -165,5 +176,21 @@ pub fn control_summary(
         // The state file's writer fills these in when there is one.
         state_file_writes: 0,
         state_file_write_failures: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_counted_by_code_and_unknown_is_not() {
+        let mut c = ServerCounters::default();
+        c.count_answer(ReturnCode::Conflict);
+        c.count_answer(ReturnCode::Unavailable);
+        c.count_answer(ReturnCode::Unknown);
+        assert_eq!(c.handler_codes[ReturnCode::Conflict as usize], 1);
+        assert_eq!(c.handler_codes[ReturnCode::Unavailable as usize], 1);
+        assert_eq!(c.handler_codes.iter().sum::<u64>(), 2);
     }
 }

@@ -347,7 +347,7 @@ impl ControlServer {
             return false;
         };
         self.now_ms = now_ms;
-        self.counters.handler_codes[resp.code as usize] += 1;
+        self.counters.count_answer(resp.code);
         let header = Header {
             msg_type: p.msg_type,
             request_id: p.request_id,
@@ -561,7 +561,7 @@ impl ControlServer {
             );
             return Verdict::Drop;
         }
-        self.counters.handler_codes[response.code as usize] += 1;
+        self.counters.count_answer(response.code);
         let reply = self.reply_from(&header, &request, response);
         self.reply(&header, reply)
     }
