@@ -272,6 +272,13 @@ impl Dataplane {
         self.backends.get(id as usize)?.as_ref()
     }
 
+    /// Backend `id` while it is one of `service`'s (an id may since have
+    /// gone to another service's backend).
+    #[inline]
+    pub fn backend_of(&self, id: BackendId, service: ServiceId) -> Option<&Backend> {
+        self.backend(id).filter(|b| b.service == service)
+    }
+
     /// The backend of a service with this name.
     pub fn find_backend(&self, service: ServiceId, name: &str) -> Option<&Backend> {
         let s = self.service(service)?;

@@ -823,8 +823,11 @@ impl<IO: PacketIo> Worker<IO> {
         hash: u64,
         now: u64,
     ) -> Result<BackendId, DropReason> {
-        let serves = |id: BackendId| dp.backend(id).is_some_and(|b| b.service == svc.id);
-        if let Some(b) = self.flows.peek(key, hash, now).filter(|&b| serves(b)) {
+        if let Some(b) = self
+            .flows
+            .peek(key, hash, now)
+            .filter(|&b| dp.backend_of(b, svc.id).is_some())
+        {
             return Ok(b);
         }
         let hash = svc.hash.of(key, hash);
@@ -881,7 +884,7 @@ impl<IO: PacketIo> Worker<IO> {
         // (a draining backend keeps its connections).
         match self.flows.lookup(&p.key, hash, now, flags) {
             Lookup::Hit(e) => {
-                if let Some(b) = dp.backend(e.backend).filter(|b| b.service == svc.id) {
+                if let Some(b) = dp.backend_of(e.backend, svc.id) {
                     return Ok(b);
                 }
                 // Its backend was removed: forget the flow and route anew.
@@ -895,9 +898,8 @@ impl<IO: PacketIo> Worker<IO> {
                 self.counters.flows_closed.inc();
                 self.release(dp, &e, now);
                 // The reset that ended the flow still reaches its backend,
-                // while that backend serves the service (its id may have
-                // gone to another service's backend since).
-                return match dp.backend(e.backend).filter(|b| b.service == svc.id) {
+                // while that backend serves the service.
+                return match dp.backend_of(e.backend, svc.id) {
                     Some(b) => Ok(b),
                     None => self.pick_stateless(dp, svc, p, hash),
                 };
@@ -1073,9 +1075,7 @@ impl<IO: PacketIo> Worker<IO> {
                 return Ok(b);
             }
         }
-        maglev_pick(dp, svc, svc.hash.of(&p.key, hash))
-            .and_then(|id| dp.backend(id))
-            .ok_or_else(|| no_backend(svc))
+        maglev_backend(dp, svc, svc.hash.of(&p.key, hash)).ok_or_else(|| no_backend(svc))
     }
 
     /// A flow left the table (closed, reset, expired or evicted): its
@@ -1221,9 +1221,14 @@ fn no_backend(svc: &Service) -> DropReason {
 /// not necessarily the flow table's.
 #[inline]
 fn maglev_pick(dp: &Dataplane, svc: &Service, hash: u64) -> Option<BackendId> {
+    maglev_backend(dp, svc, hash).map(|b| b.id)
+}
+
+/// [`maglev_pick`]'s backend itself.
+#[inline]
+fn maglev_backend<'d>(dp: &'d Dataplane, svc: &Service, hash: u64) -> Option<&'d Backend> {
     let idx = svc.maglev.lookup(hash)?;
-    let id = *svc.backends.get(idx)?;
-    dp.backend(id).map(|b| b.id)
+    dp.backend(*svc.backends.get(idx)?)
 }
 
 #[cfg(test)]

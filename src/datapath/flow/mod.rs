@@ -487,9 +487,9 @@ struct Books {
     /// certainly expired: its timeout in whole units, plus one for the
     /// coarseness of stamps (see [`Books::expired`]).
     expiry_age: [u64; 4],
-    /// The shortest of them, in whole stamp units: no entry idle for this
-    /// many units plus one or fewer has expired, whatever its state.
-    shortest: u32,
+    /// The least of them: no entry idle for this many stamp units or
+    /// fewer has expired, whatever its state.
+    soonest_expiry: u64,
     stats: FlowStats,
     /// What a lookup last learned of a flow it missed (or found stale, or
     /// a remove took), for the new flow's insert that follows
@@ -533,7 +533,7 @@ impl Books {
     /// Whether some entry idle for `age` stamp units may have expired.
     #[inline]
     fn may_have_expired(&self, age: u32) -> bool {
-        age.saturating_sub(1) > self.shortest
+        u64::from(age) > self.soonest_expiry
     }
 }
 
@@ -1391,8 +1391,8 @@ impl FlowTable {
             ns(timeouts.fin),
             ns(timeouts.udp),
         ];
-        let shortest = timeout_ns.iter().min().map_or(0, |&t| t >> STAMP_SHIFT);
         let expiry_age = timeout_ns.map(|t| (t >> STAMP_SHIFT) + 1);
+        let soonest_expiry = expiry_age.into_iter().min().unwrap_or(1);
         FlowTable {
             v4: Part::new(capacity),
             v6: Part::new(capacity_v6),
@@ -1401,7 +1401,7 @@ impl FlowTable {
                 vips: Vips::new(vips),
                 timeout_ns,
                 expiry_age,
-                shortest: u32::try_from(shortest).unwrap_or(u32::MAX),
+                soonest_expiry,
                 stats: FlowStats::default(),
                 vacant: None,
             },
@@ -1433,8 +1433,8 @@ impl FlowTable {
     /// of that home lives in its alternate, which in a half-full table few
     /// homes have: perf/README.md has the shares) or, for a packet likely
     /// to start a flow (`new_flow`: a SYN), where its insert will write it
-    /// (home full, alternate not, in a sub-table not full). Otherwise it costs one read of a line the
-    /// lookup reads anyway. In a full sub-table a SYN skips it: no
+    /// (home full, alternate not, in a sub-table not full). Otherwise it
+    /// costs one read of a line the lookup reads anyway. In a full sub-table a SYN skips it: no
     /// alternate has room, and the flows placed in alternates while the
     /// table filled are soon evicted, so a SYN's lookup rarely reads one.
     /// Always inlined: called for every packet, mostly to return at once.
