@@ -12,7 +12,7 @@ use crate::datapath::classify::ParsedPacket;
 use crate::datapath::pktio::PacketBuf;
 use crate::types::DropReason;
 use crate::types::{flow_hash, Family};
-use crate::wire::{ipv4, ipv6};
+use crate::wire::{ethernet, ipv4, ipv6};
 
 /// TTL / hop limit of the outer header.
 const OUTER_TTL: u8 = 64;
@@ -39,10 +39,10 @@ pub const MAX_FRAGMENTS: usize = 8;
 /// outer header, and with `Malformed` when `pkt` does not describe `buf`
 /// (its IP packet runs past the frame). On failure the buffer is unchanged.
 ///
-/// Always inlined: the worker's main line calls it for every packet of an
-/// `ipip` service, and the length check against the link's MTU is the one
-/// comparison the main line spends on path MTU.
-#[inline(always)]
+/// The general path, out of line: the worker's main line takes
+/// [`Egress::forward`], which writes the common frame (untagged IPv4, room
+/// in front) itself and calls this for the others.
+#[inline(never)]
 pub fn encap_ipip<B: PacketBuf>(
     buf: &mut B,
     pkt: &ParsedPacket,
@@ -56,22 +56,6 @@ pub fn encap_ipip<B: PacketBuf>(
     let inner = pkt.l3_len as usize;
     let frame_len = buf.len();
     let end = l2 + inner;
-    if l2 == 14
-        && end <= frame_len
-        && pkt.key.family == Family::V4
-        && inner >= ipv4::HEADER_LEN
-        && inner + ipv4::HEADER_LEN <= max_len
-        && encap_plain_ipv4(
-            buf,
-            inner,
-            outer_src as u32,
-            backend as u32,
-            src_mac,
-            dst_mac,
-        )
-    {
-        return Ok(());
-    }
     if l2 < 14 || end > frame_len {
         return Err(DropReason::Malformed);
     }
@@ -167,44 +151,184 @@ pub fn encap_ipip<B: PacketBuf>(
     Ok(())
 }
 
-/// [`encap_ipip`] of the common frame, in one piece: untagged Ethernet,
-/// IPv4 (`inner` bytes long, at least its header, then any Ethernet
-/// padding, cut), headroom for the outer header. Returns false,
-/// the buffer unchanged, when the headroom is too small or the buffer
-/// cannot be cut (for the general path).
-#[inline(always)]
-fn encap_plain_ipv4<B: PacketBuf>(
-    buf: &mut B,
-    inner: usize,
-    src: u32,
-    dst: u32,
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-) -> bool {
-    const L2: usize = 14;
-    const OUTER: usize = ipv4::HEADER_LEN;
-    if !buf.reframe(OUTER, L2 + OUTER + inner) {
-        return false;
-    }
-    // The new link header, the outer header, the inner IP header.
-    let Some(f) = buf.data_mut().first_chunk_mut::<{ L2 + OUTER + OUTER }>() else {
-        // Cannot happen (the frame holds the inner header): undone.
-        buf.trim_front(OUTER);
-        return false;
+/// How packets to one backend leave by one port, worked out when the
+/// worker takes a new snapshot rather than for each packet: the next hop's
+/// MAC (the backend's own, else, for `ipip`, the port's gateway) and, for
+/// `ipip`, the outer addresses and the outer IPv4 header's fixed fields
+/// with their share of its checksum. The worker keeps one per backend and
+/// port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Egress {
+    /// The new link header (destination MAC, source MAC, EtherType IPv4)
+    /// and, for IP-in-IP to an IPv4 backend, the outer IPv4 header as
+    /// every packet has it: TOS, length, DF and checksum zero.
+    head: [u8; PLAIN_HEAD],
+    way: Way,
+    /// Ones'-complement sum of the outer IPv4 header's fixed 16-bit words
+    /// (TTL and protocol, the addresses).
+    sum: u32,
+    /// Outer source and destination addresses (`ipip`).
+    source: u128,
+    target: u128,
+}
+
+/// Link header and outer IPv4 header of the common frame.
+const PLAIN_HEAD: usize = 14 + ipv4::HEADER_LEN;
+
+/// What [`Egress::forward`] does to a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    /// Nothing: there is no next hop (an `l2` backend without a MAC, an
+    /// `ipip` one without a MAC and no gateway); the packet is dropped as
+    /// `NoRoute`.
+    NoRoute,
+    /// The MAC addresses rewritten ([`rewrite_l2`]).
+    L2,
+    /// Encapsulated ([`encap_ipip`]).
+    IpIp,
+}
+
+impl Egress {
+    /// Where no backend is: every packet dropped as `NoRoute`.
+    pub const NO_ROUTE: Egress = Egress {
+        head: [0; PLAIN_HEAD],
+        way: Way::NoRoute,
+        sum: 0,
+        source: 0,
+        target: 0,
     };
-    let (eth, rest) = f.split_at_mut(L2);
-    let (hdr, inner_ip) = rest.split_at_mut(OUTER);
-    // The old link header's EtherType (its bytes 12 and 13, now OUTER
-    // further on), in what becomes the outer header.
-    let (et0, et1) = (hdr[12 + OUTER - L2], hdr[13 + OUTER - L2]);
-    eth[0..6].copy_from_slice(&dst_mac);
-    eth[6..12].copy_from_slice(&src_mac);
-    eth[12] = et0;
-    eth[13] = et1;
-    if let Some(hdr) = hdr.first_chunk_mut::<OUTER>() {
-        ipv4_outer(hdr, inner_ip[1], inner_ip[6], inner, src, dst);
+
+    /// Packets to a backend at `target` (bits, IPv4 in the low 32) whose
+    /// next-hop MAC is `mac`, leaving by a port whose MAC is `port_mac`:
+    /// IP-in-IP from `source` (`ipip`, with the port's `gateway` as next
+    /// hop where the backend has no MAC of its own), or rewritten MAC
+    /// addresses (`ipip` = None, for `l2`).
+    pub fn new(
+        ipip: Option<u128>,
+        target: u128,
+        mac: Option<[u8; 6]>,
+        gateway: Option<[u8; 6]>,
+        port_mac: [u8; 6],
+    ) -> Egress {
+        let next_hop = match ipip {
+            Some(_) => mac.or(gateway),
+            None => mac,
+        };
+        let Some(dst_mac) = next_hop else {
+            return Egress::NO_ROUTE;
+        };
+        let mut head = [0; PLAIN_HEAD];
+        head[0..6].copy_from_slice(&dst_mac);
+        head[6..12].copy_from_slice(&port_mac);
+        head[12..14].copy_from_slice(&ethernet::ETHERTYPE_IPV4.to_be_bytes());
+        let Some(source) = ipip else {
+            return Egress {
+                head,
+                way: Way::L2,
+                ..Egress::NO_ROUTE
+            };
+        };
+        // The fixed part of the outer IPv4 header (used only for IPv4
+        // packets to an IPv4 backend: the low 32 bits).
+        let (src, dst) = (source as u32, target as u32);
+        let w4 = u32::from(OUTER_TTL) << 8 | u32::from(ipv4::PROTO_IPIP);
+        let hdr = &mut head[14..];
+        hdr[0] = 0x45;
+        hdr[8..10].copy_from_slice(&(w4 as u16).to_be_bytes());
+        hdr[12..16].copy_from_slice(&src.to_be_bytes());
+        hdr[16..20].copy_from_slice(&dst.to_be_bytes());
+        Egress {
+            head,
+            way: Way::IpIp,
+            sum: w4 + (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff),
+            source,
+            target,
+        }
     }
-    true
+
+    /// Rewrites the frame of `pkt` for this way out: encapsulated
+    /// ([`encap_ipip`]) or with new MAC addresses ([`rewrite_l2`]), failing
+    /// as those do, and with `NoRoute` where there is no next hop. Refuses
+    /// with `TooBig` a packet longer than `max_len` once forwarded (the
+    /// link's MTU; the encapsulation included).
+    ///
+    /// Always inlined: the worker's main line calls it for every packet,
+    /// and the length check against the link's MTU is the one comparison
+    /// the main line spends on path MTU.
+    #[inline(always)]
+    pub fn forward<B: PacketBuf>(
+        &self,
+        buf: &mut B,
+        pkt: &ParsedPacket,
+        max_len: usize,
+    ) -> Result<(), DropReason> {
+        let dst_mac = self.head[0..6].try_into().unwrap_or_default();
+        let src_mac = self.head[6..12].try_into().unwrap_or_default();
+        match self.way {
+            Way::IpIp => {
+                let inner = usize::from(pkt.l3_len);
+                if pkt.l3_offset == 14
+                    && pkt.key.family == Family::V4
+                    && inner >= ipv4::HEADER_LEN
+                    && inner + ipv4::HEADER_LEN <= max_len
+                    && self.encap_plain_ipv4(buf, inner)
+                {
+                    return Ok(());
+                }
+                encap_ipip(
+                    buf,
+                    pkt,
+                    self.source,
+                    self.target,
+                    src_mac,
+                    dst_mac,
+                    max_len,
+                )
+            }
+            Way::L2 => {
+                if usize::from(pkt.l3_len) > max_len {
+                    return Err(DropReason::TooBig);
+                }
+                rewrite_l2(buf, src_mac, dst_mac);
+                Ok(())
+            }
+            Way::NoRoute => Err(DropReason::NoRoute),
+        }
+    }
+
+    /// [`encap_ipip`] of the common frame, in one piece: untagged Ethernet,
+    /// IPv4 (`inner` bytes long, at least its header, then any Ethernet
+    /// padding, cut), headroom for the outer header. Returns false, the
+    /// buffer unchanged, when the headroom is too small, the frame shorter
+    /// than the packet, or the buffer cannot be cut (for the general path).
+    #[inline(always)]
+    fn encap_plain_ipv4<B: PacketBuf>(&self, buf: &mut B, inner: usize) -> bool {
+        const OUTER: usize = ipv4::HEADER_LEN;
+        if !buf.reframe(OUTER, PLAIN_HEAD + inner) {
+            return false;
+        }
+        // The new link and outer headers, the inner IP header.
+        let Some(f) = buf.data_mut().first_chunk_mut::<{ PLAIN_HEAD + OUTER }>() else {
+            // Cannot happen (the frame holds the inner header): undone.
+            buf.trim_front(OUTER);
+            return false;
+        };
+        let (tos, flags) = (f[PLAIN_HEAD + 1], f[PLAIN_HEAD + 6]);
+        f[..PLAIN_HEAD].copy_from_slice(&self.head);
+        // The words each packet sets, summed as values (not read back from
+        // bytes just stored, which defeats store forwarding): version/IHL
+        // and TOS, total length, flags (the inner DF) and fragment offset.
+        let w0 = 0x4500 | u32::from(tos);
+        let total = (inner + OUTER) as u32;
+        let w3 = u32::from(flags & 0x40) << 8;
+        let sum = self.sum + w0 + total + w3;
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let c = !((sum & 0xffff) + (sum >> 16)) as u16;
+        f[14..18].copy_from_slice(&(w0 << 16 | total).to_be_bytes());
+        f[20] = (w3 >> 8) as u8;
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        true
+    }
 }
 
 /// Writes the outer IPv4 header of an `inner`-byte packet whose TOS and
@@ -708,6 +832,61 @@ mod tests {
         assert_eq!(tiny.data(), &[1, 2, 3]);
     }
 
+    /// The next hop of a way out: an `ipip` backend's own MAC, else the
+    /// port's gateway, else none; an `l2` backend's own MAC or none.
+    #[test]
+    fn egress_chooses_the_next_hop() {
+        const GATEWAY: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 3];
+        let f = FrameSpec::tcp_v4([10, 1, 1, 1], 1, [10, 2, 2, 2], 2, tcp_flags::SYN)
+            .build()
+            .unwrap();
+        let pkt = parse(&f).unwrap();
+        let out = |e: Egress| {
+            let mut b = MemBuf::from_frame(&f);
+            e.forward(&mut b, &pkt, ANY).map(|()| b.data().to_vec())
+        };
+        let own = out(Egress::new(
+            Some(LB4),
+            BE4,
+            Some(DST_MAC),
+            Some(GATEWAY),
+            SRC_MAC,
+        ))
+        .unwrap();
+        assert_eq!((&own[0..6], &own[6..12]), (&DST_MAC[..], &SRC_MAC[..]));
+        assert_eq!(own.len(), 14 + 20 + usize::from(pkt.l3_len));
+        let gw = out(Egress::new(Some(LB4), BE4, None, Some(GATEWAY), SRC_MAC)).unwrap();
+        assert_eq!(&gw[0..6], &GATEWAY);
+        assert_eq!(&gw[6..], &own[6..]);
+        assert_eq!(
+            out(Egress::new(Some(LB4), BE4, None, None, SRC_MAC)),
+            Err(DropReason::NoRoute)
+        );
+        let l2 = out(Egress::new(
+            None,
+            BE4,
+            Some(DST_MAC),
+            Some(GATEWAY),
+            SRC_MAC,
+        ))
+        .unwrap();
+        assert_eq!((&l2[0..6], &l2[6..12]), (&DST_MAC[..], &SRC_MAC[..]));
+        assert_eq!(&l2[12..], &f[12..]);
+        assert_eq!(
+            out(Egress::new(None, BE4, None, Some(GATEWAY), SRC_MAC)),
+            Err(DropReason::NoRoute)
+        );
+        assert_eq!(out(Egress::NO_ROUTE), Err(DropReason::NoRoute));
+        // `l2` adds nothing: a packet as long as the link's MTU fits, one
+        // byte longer is refused, the frame unchanged.
+        let mtu = usize::from(pkt.l3_len);
+        let l2 = Egress::new(None, BE4, Some(DST_MAC), None, SRC_MAC);
+        let mut b = MemBuf::from_frame(&f);
+        assert_eq!(l2.forward(&mut b, &pkt, mtu - 1), Err(DropReason::TooBig));
+        assert_eq!(b.data(), &f[..]);
+        assert!(l2.forward(&mut b, &pkt, mtu).is_ok());
+    }
+
     /// Reassembles IPv4 fragments (the first's header, then every
     /// fragment's data at its offset) into the original packet.
     fn reassemble(l3: usize, frags: &[Vec<u8>]) -> Vec<u8> {
@@ -862,6 +1041,59 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// A way out to an `ipip` backend writes what the general path
+        /// writes, and fails where it fails, leaving the buffer as it does,
+        /// for any frame the parser accepts, any headroom, a buffer that
+        /// can or cannot be cut, and any link MTU: its own path for the
+        /// common frame is the general one's result.
+        #[test]
+        fn egress_writes_what_the_general_path_writes(
+            v6 in any::<bool>(),
+            vlan in proptest::option::of(0u16..4096),
+            plen in 0usize..64,
+            trailer in 0usize..64,
+            headroom in 0usize..48,
+            cuttable in any::<bool>(),
+            max_len in 0usize..160,
+            flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..3),
+        ) {
+            let payload = vec![0xa5; plen];
+            let spec = if v6 {
+                FrameSpec::udp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2)
+            } else {
+                FrameSpec::tcp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2, tcp_flags::SYN)
+            };
+            let mut f = FrameSpec { vlan, payload: &payload, ..spec }.build().unwrap();
+            f.extend(std::iter::repeat_n(0x33, trailer));
+            for (i, b) in flips {
+                let at = i.index(f.len());
+                f[at] = b;
+            }
+            if let Ok(pkt) = parse(&f) {
+                let (s, d) = if pkt.key.family == Family::V4 { (LB4, BE4) } else { (LB6, BE6) };
+                let egress = Egress::new(Some(s), d, Some(DST_MAC), None, SRC_MAC);
+                let run = |general: bool| {
+                    let mut b = MemBuf::with_headroom(headroom, &f);
+                    let done = match (cuttable, general) {
+                        (true, false) => egress.forward(&mut b, &pkt, max_len),
+                        (true, true) => encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC, max_len),
+                        (false, general) => {
+                            let mut u = Uncuttable(b);
+                            let done = if general {
+                                encap_ipip(&mut u, &pkt, s, d, SRC_MAC, DST_MAC, max_len)
+                            } else {
+                                egress.forward(&mut u, &pkt, max_len)
+                            };
+                            b = u.0;
+                            done
+                        }
+                    };
+                    (done, b.data().to_vec())
+                };
+                prop_assert_eq!(run(false), run(true));
+            }
+        }
 
         /// Any frame the parser accepts, however mutated, encapsulates
         /// without panicking and with its IP packet intact.

@@ -37,7 +37,7 @@ use crate::datapath::counters::WorkerCounters;
 use crate::datapath::flow::{
     FlowEntry, FlowTable, FlowTimeouts, Lookup, TcpState, Untracked, NO_AUTO_SLOT,
 };
-use crate::datapath::forward;
+use crate::datapath::forward::{self, Egress};
 use crate::datapath::icmp::{self, IcmpSettings, Message, RateLimiter, SourceLimiter};
 use crate::datapath::latency::{new_histogram, TscScale};
 use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
@@ -118,6 +118,9 @@ pub struct Worker<IO: PacketIo> {
     idle_dp: Option<Arc<Dataplane>>,
     /// Per-service round-robin state, rebuilt with each snapshot.
     wrr: Vec<Option<SmoothWrr>>,
+    /// How packets received on each port leave for each backend (by id),
+    /// rebuilt with each snapshot.
+    egress: Vec<Box<[Egress]>>,
     flows: FlowTable,
     /// The affinity lookups of the current burst's SYNs (started, and
     /// prepared where the service has keys).
@@ -166,6 +169,7 @@ impl<IO: PacketIo> Worker<IO> {
             dp,
             idle_dp: Some(Arc::new(Dataplane::default())),
             wrr: Vec::new(),
+            egress: Vec::new(),
             flows,
             queries: Some(Box::new(NO_QUERIES)),
             parsed: Some(Box::new(NO_PACKETS)),
@@ -182,7 +186,7 @@ impl<IO: PacketIo> Worker<IO> {
             too_big_limit,
             frag_ident,
         };
-        w.rebuild_wrr();
+        w.adopt_snapshot();
         w
     }
 
@@ -230,7 +234,7 @@ impl<IO: PacketIo> Worker<IO> {
         let start = crate::dpdk::tsc();
         if self.shared.dataplane.generation() != self.dp.generation {
             self.dp = self.shared.dataplane.load();
-            self.rebuild_wrr();
+            self.adopt_snapshot();
         }
         self.counters.polls.inc();
         let mut received = 0;
@@ -253,8 +257,10 @@ impl<IO: PacketIo> Worker<IO> {
         received
     }
 
-    /// The round-robin state of each service that uses it, by service id.
-    fn rebuild_wrr(&mut self) {
+    /// What the worker derives from a new snapshot: the round-robin state
+    /// of each service that uses it, by service id, and the ways out to
+    /// each backend.
+    fn adopt_snapshot(&mut self) {
         let dp = &self.dp;
         let mut wrr: Vec<Option<SmoothWrr>> = (0..MAX_SERVICES).map(|_| None).collect();
         for s in dp.services.iter() {
@@ -268,6 +274,28 @@ impl<IO: PacketIo> Worker<IO> {
             }
         }
         self.wrr = wrr;
+        self.egress = self
+            .setup
+            .ports
+            .iter()
+            .map(|plan| {
+                let port_mac = self.io.port_mac(plan.forward_to);
+                dp.backends
+                    .iter()
+                    .map(|b| {
+                        let Some(b) = b else {
+                            return Egress::NO_ROUTE;
+                        };
+                        let ipip = match dp.service(b.service).map(|s| s.mode) {
+                            Some(ForwardMode::IpIp { source }) => Some(source),
+                            Some(ForwardMode::L2) => None,
+                            None => return Egress::NO_ROUTE,
+                        };
+                        Egress::new(ipip, b.addr_bits, b.mac, plan.gateway_mac, port_mac)
+                    })
+                    .collect()
+            })
+            .collect();
     }
 
     #[inline(always)]
@@ -390,7 +418,7 @@ impl<IO: PacketIo> Worker<IO> {
 
         // Pass 3: route, rewrite, queue.
         let plan = self.setup.ports[port];
-        let src_mac = self.io.port_mac(plan.forward_to);
+        let egress = std::mem::take(&mut self.egress[port]);
         let mut bufs = rx.drain(..);
         for i in 0..n {
             let Some(mut buf) = bufs.next() else { break };
@@ -415,8 +443,8 @@ impl<IO: PacketIo> Worker<IO> {
                     &parsed[i],
                     hashes[i],
                     now,
-                    plan,
-                    src_mac,
+                    &egress,
+                    plan.mtu,
                 )
                 .map(|()| plan.forward_to)
             } else {
@@ -431,6 +459,7 @@ impl<IO: PacketIo> Worker<IO> {
                         service: services[i],
                         hash: hashes[i],
                         reason,
+                        egress: &egress,
                     };
                     match self.not_forwarded(&dp, &mut buf, off, now, port, plan) {
                         Some(out) => out,
@@ -445,6 +474,7 @@ impl<IO: PacketIo> Worker<IO> {
             }
         }
         drop(bufs);
+        self.egress[port] = egress;
         self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
         self.queries = Some(queries);
         self.parsed = Some(parsed);
@@ -476,11 +506,11 @@ impl<IO: PacketIo> Worker<IO> {
         }
     }
 
-    /// Picks the backend for a packet and rewrites the frame for it. A
-    /// packet too long for the port's MTU once forwarded is refused with
-    /// `TooBig` (the encapsulation's length check, against the MTU, is the
-    /// main line's only cost of path MTU), for [`Worker::not_forwarded`].
-    /// Always inlined: it is the main line.
+    /// Picks the backend for a packet and rewrites the frame for it (its
+    /// way out to that backend in `egress`). A packet too long for the
+    /// port's `mtu` once forwarded is refused with `TooBig` (the rewrite's
+    /// length check is the main line's only cost of path MTU), for
+    /// [`Worker::not_forwarded`]. Always inlined: it is the main line.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn route_and_rewrite(
@@ -492,83 +522,19 @@ impl<IO: PacketIo> Worker<IO> {
         p: &ParsedPacket,
         hash: u64,
         now: u64,
-        plan: PortPlan,
-        src_mac: [u8; 6],
+        egress: &[Egress],
+        mtu: usize,
     ) -> Result<(), DropReason> {
         let svc = service.ok_or(DropReason::NoService)?;
         let backend = self.route(dp, svc, query, p, hash, now)?;
         let len = buf.len() as u64;
-        match svc.mode {
-            ForwardMode::IpIp { source } => {
-                let dst_mac = backend
-                    .mac
-                    .or(plan.gateway_mac)
-                    .ok_or(DropReason::NoRoute)?;
-                forward::encap_ipip(
-                    buf,
-                    p,
-                    source,
-                    backend.addr_bits,
-                    src_mac,
-                    dst_mac,
-                    plan.mtu,
-                )?;
-            }
-            ForwardMode::L2 => {
-                if usize::from(p.l3_len) > plan.mtu {
-                    return Err(DropReason::TooBig);
-                }
-                let dst_mac = backend.mac.ok_or(DropReason::NoRoute)?;
-                forward::rewrite_l2(buf, src_mac, dst_mac);
-            }
-        }
+        egress_to(egress, backend).forward(buf, p, mtu)?;
         let sc = self.counters.service(svc.id);
         sc.packets.inc();
         let bc = self.counters.backend(backend.id);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(())
-    }
-
-    /// Rewrites the frame for `backend` in the service's forwarding mode,
-    /// whatever its length (up to IPv4's limit): for the paths off the main
-    /// line, which check the MTU themselves.
-    fn rewrite(
-        &self,
-        svc: &Service,
-        backend: &Backend,
-        buf: &mut IO::Buf,
-        p: &ParsedPacket,
-        plan: PortPlan,
-        src_mac: [u8; 6],
-    ) -> Result<(), DropReason> {
-        match svc.mode {
-            ForwardMode::IpIp { source } => {
-                let dst_mac = backend
-                    .mac
-                    .or(plan.gateway_mac)
-                    .ok_or(DropReason::NoRoute)?;
-                forward::encap_ipip(
-                    buf,
-                    p,
-                    source,
-                    backend.addr_bits,
-                    src_mac,
-                    dst_mac,
-                    u16::MAX.into(),
-                )
-                // Longer than IPv4's length field allows.
-                .map_err(|e| match e {
-                    DropReason::TooBig => DropReason::NoRoom,
-                    e => e,
-                })
-            }
-            ForwardMode::L2 => {
-                let dst_mac = backend.mac.ok_or(DropReason::NoRoute)?;
-                forward::rewrite_l2(buf, src_mac, dst_mac);
-                Ok(())
-            }
-        }
     }
 
     /// A TCP or UDP packet of a service too long for the port's MTU once
@@ -586,6 +552,7 @@ impl<IO: PacketIo> Worker<IO> {
         now: u64,
         rx_port: usize,
         plan: PortPlan,
+        egress: &[Egress],
     ) -> Result<usize, DropReason> {
         if must_not_fragment(buf, p) {
             return self.answer_too_big(buf, p, svc, now, rx_port, plan);
@@ -593,8 +560,7 @@ impl<IO: PacketIo> Worker<IO> {
         let backend = self.connection_backend(dp, svc, &p.key, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.len() as u64;
-        let src_mac = self.io.port_mac(plan.forward_to);
-        self.rewrite(svc, backend, buf, p, plan, src_mac)?;
+        rewrite(egress, backend, buf, p)?;
         self.fragment(buf, p, plan)?;
         let sc = self.counters.service(svc.id);
         sc.packets.inc();
@@ -678,13 +644,13 @@ impl<IO: PacketIo> Worker<IO> {
     ) -> Option<usize> {
         let verdict = match (off.parsed, off.reason, off.service) {
             (None, _, _) => match classify::parse(buf.data()) {
-                Err(NotFlow::Icmp(at)) => self.icmp(dp, buf, &at, now, rx_port, plan),
+                Err(NotFlow::Icmp(at)) => self.icmp(dp, buf, &at, now, rx_port, plan, off.egress),
                 Err(NotFlow::Drop(reason)) => Err(reason),
                 // The main line said otherwise: cannot happen.
                 Ok(_) => Err(DropReason::Malformed),
             },
             (Some(p), DropReason::TooBig, Some(svc)) => {
-                self.too_big(dp, buf, p, svc, off.hash, now, rx_port, plan)
+                self.too_big(dp, buf, p, svc, off.hash, now, rx_port, plan, off.egress)
             }
             _ => Err(off.reason),
         };
@@ -717,6 +683,7 @@ impl<IO: PacketIo> Worker<IO> {
         now: u64,
         rx_port: usize,
         plan: PortPlan,
+        egress: &[Egress],
     ) -> Result<usize, DropReason> {
         let Some((_, dst)) = at.addresses(buf.data()) else {
             return Err(DropReason::Malformed);
@@ -725,7 +692,9 @@ impl<IO: PacketIo> Worker<IO> {
             return Err(DropReason::UnsupportedL4);
         }
         let done = match icmp::inspect(buf.data(), at) {
-            Ok(Message::Error { key }) => self.forward_icmp_error(dp, buf, at, key, now, plan),
+            Ok(Message::Error { key }) => {
+                self.forward_icmp_error(dp, buf, at, key, now, plan, egress)
+            }
             Ok(Message::EchoRequest) => self.answer_echo(buf, at, dst, now, rx_port),
             Err(r) => Err(IcmpVerdict::Icmp(r)),
         };
@@ -771,6 +740,7 @@ impl<IO: PacketIo> Worker<IO> {
         key: FlowKey,
         now: u64,
         plan: PortPlan,
+        egress: &[Egress],
     ) -> Result<usize, IcmpVerdict> {
         if !dp.is_vip(key.family, key.dst) {
             return Err(IcmpVerdict::Icmp(IcmpDrop::QuoteNotVip));
@@ -797,8 +767,7 @@ impl<IO: PacketIo> Worker<IO> {
             return Err(IcmpVerdict::Drop(DropReason::TooBig));
         }
         let len = buf.len() as u64;
-        let src_mac = self.io.port_mac(plan.forward_to);
-        self.rewrite(svc, backend, buf, &p, plan, src_mac)?;
+        rewrite(egress, backend, buf, &p)?;
         if !fits {
             self.fragment(buf, &p, plan)?;
         }
@@ -1119,6 +1088,8 @@ struct OffLine<'a> {
     hash: u64,
     /// Why the main line did not forward it.
     reason: DropReason,
+    /// The ways out of packets received on its port, by backend.
+    egress: &'a [Egress],
 }
 
 /// Why the ICMP path did not forward or answer a message: an ICMP reason
@@ -1132,6 +1103,31 @@ impl From<DropReason> for IcmpVerdict {
     fn from(r: DropReason) -> IcmpVerdict {
         IcmpVerdict::Drop(r)
     }
+}
+
+/// The way out to `backend` among a port's (`NoRoute` if it has none: a
+/// snapshot always gives each of its backends one).
+#[inline(always)]
+fn egress_to<'e>(egress: &'e [Egress], backend: &Backend) -> &'e Egress {
+    egress.get(backend.id as usize).unwrap_or(&Egress::NO_ROUTE)
+}
+
+/// Rewrites the frame for `backend` in its service's forwarding mode,
+/// whatever its length (up to IPv4's limit): for the paths off the main
+/// line, which check the MTU themselves.
+fn rewrite<B: PacketBuf>(
+    egress: &[Egress],
+    backend: &Backend,
+    buf: &mut B,
+    p: &ParsedPacket,
+) -> Result<(), DropReason> {
+    egress_to(egress, backend)
+        .forward(buf, p, u16::MAX.into())
+        // Longer than IPv4's length field allows.
+        .map_err(|e| match e {
+            DropReason::TooBig => DropReason::NoRoom,
+            e => e,
+        })
 }
 
 /// True when the packet fits the port's MTU once forwarded. Every packet
