@@ -4,6 +4,10 @@
 //!
 //! Both work in place on the received buffer: encapsulation grows the frame
 //! into the buffer's headroom, so no packet is copied in the common case.
+//! What a packet to a given backend gets (the next hop, the outer header's
+//! fixed fields) is worked out once per snapshot, as an [`Egress`] the
+//! worker keeps per backend and port; the worker's main line hands each
+//! packet to its backend's.
 //! An IPv4 packet without DF that is too long for the link once forwarded
 //! is split into fragments ([`fragment_ipv4`]): the outer packet of `ipip`
 //! (RFC 2003 5.1), the packet itself in `l2` mode.
@@ -182,7 +186,8 @@ enum Way {
     /// `ipip` one without a MAC and no gateway); the packet is dropped as
     /// `NoRoute`.
     NoRoute,
-    /// The MAC addresses rewritten ([`rewrite_l2`]).
+    /// The MAC addresses rewritten, the rest of the frame kept (the
+    /// backend holds the VIP on its loopback).
     L2,
     /// Encapsulated ([`encap_ipip`]).
     IpIp,
@@ -247,7 +252,7 @@ impl Egress {
     }
 
     /// Rewrites the frame of `pkt` for this way out: encapsulated
-    /// ([`encap_ipip`]) or with new MAC addresses ([`rewrite_l2`]), failing
+    /// ([`encap_ipip`]) or with new MAC addresses (`l2`), failing
     /// as those do, and with `NoRoute` where there is no next hop. Refuses
     /// with `TooBig` a packet longer than `max_len` once forwarded (the
     /// link's MTU; the encapsulation included).
@@ -262,8 +267,6 @@ impl Egress {
         pkt: &ParsedPacket,
         max_len: usize,
     ) -> Result<(), DropReason> {
-        let dst_mac = self.head[0..6].try_into().unwrap_or_default();
-        let src_mac = self.head[6..12].try_into().unwrap_or_default();
         match self.way {
             Way::IpIp => {
                 let inner = usize::from(pkt.l3_len);
@@ -275,6 +278,7 @@ impl Egress {
                 {
                     return Ok(());
                 }
+                let (dst_mac, src_mac) = self.macs();
                 encap_ipip(
                     buf,
                     pkt,
@@ -289,11 +293,22 @@ impl Egress {
                 if usize::from(pkt.l3_len) > max_len {
                     return Err(DropReason::TooBig);
                 }
-                rewrite_l2(buf, src_mac, dst_mac);
+                if let Some(h) = buf.data_mut().first_chunk_mut::<12>() {
+                    h.copy_from_slice(&self.head[..12]);
+                }
                 Ok(())
             }
             Way::NoRoute => Err(DropReason::NoRoute),
         }
+    }
+
+    /// The next hop's MAC and the port's.
+    fn macs(&self) -> ([u8; 6], [u8; 6]) {
+        let mut dst = [0; 6];
+        let mut src = [0; 6];
+        dst.copy_from_slice(&self.head[0..6]);
+        src.copy_from_slice(&self.head[6..12]);
+        (dst, src)
     }
 
     /// [`encap_ipip`] of the common frame, in one piece: untagged Ethernet,
@@ -359,17 +374,6 @@ fn ipv4_outer(
     hdr[8..12].copy_from_slice(&(w4 << 16 | u32::from(c)).to_be_bytes());
     hdr[12..16].copy_from_slice(&src.to_be_bytes());
     hdr[16..20].copy_from_slice(&dst.to_be_bytes());
-}
-
-/// Rewrites the destination and source MAC addresses (the `l2` forwarding
-/// mode). A frame shorter than the two addresses is left unchanged; parsed
-/// frames never are.
-#[inline]
-pub fn rewrite_l2<B: PacketBuf>(buf: &mut B, src_mac: [u8; 6], dst_mac: [u8; 6]) {
-    if let Some(h) = buf.data_mut().get_mut(..12) {
-        h[0..6].copy_from_slice(&dst_mac);
-        h[6..12].copy_from_slice(&src_mac);
-    }
 }
 
 /// Splits the IPv4 packet at `l3` in `buf` into fragments of at most `mtu`
@@ -821,14 +825,18 @@ mod tests {
         }
         .build()
         .unwrap();
+        let pkt = parse(&f).unwrap();
+        let l2 = Egress::new(None, BE4, Some(DST_MAC), None, SRC_MAC);
         let mut b = MemBuf::from_frame(&f);
-        rewrite_l2(&mut b, SRC_MAC, DST_MAC);
+        l2.forward(&mut b, &pkt, ANY).unwrap();
         let out = b.data();
         assert_eq!(&out[0..6], &DST_MAC);
         assert_eq!(&out[6..12], &SRC_MAC);
-        assert_eq!(&out[12..], &f[12..]);
+        assert_eq!(&out[12..], &f[12..], "tags and packet kept");
+        // A frame shorter than the two addresses (which the parser never
+        // describes) is left as it is.
         let mut tiny = MemBuf::from_frame(&[1, 2, 3]);
-        rewrite_l2(&mut tiny, SRC_MAC, DST_MAC);
+        l2.forward(&mut tiny, &pkt, ANY).unwrap();
         assert_eq!(tiny.data(), &[1, 2, 3]);
     }
 

@@ -46,7 +46,7 @@ use crate::datapath::snapshot::{
 };
 use crate::sched::wrr::SmoothWrr;
 use crate::types::{tcp_flags, PROTO_TCP};
-use crate::types::{BackendId, MAX_SERVICES};
+use crate::types::{BackendId, ServiceId, MAX_SERVICES};
 use crate::types::{DropReason, Family, FlowKey, IcmpDrop};
 
 /// The expiry sweep visits every flow-table bucket once per this period,
@@ -118,9 +118,9 @@ pub struct Worker<IO: PacketIo> {
     idle_dp: Option<Arc<Dataplane>>,
     /// Per-service round-robin state, rebuilt with each snapshot.
     wrr: Vec<Option<SmoothWrr>>,
-    /// How packets received on each port leave for each backend (by id),
-    /// rebuilt with each snapshot.
-    egress: Vec<Box<[Egress]>>,
+    /// The backends as packets received on each port reach them (by
+    /// backend id), rebuilt with each snapshot.
+    exits: Vec<Box<[Exit]>>,
     flows: FlowTable,
     /// The affinity lookups of the current burst's SYNs (started, and
     /// prepared where the service has keys).
@@ -169,7 +169,7 @@ impl<IO: PacketIo> Worker<IO> {
             dp,
             idle_dp: Some(Arc::new(Dataplane::default())),
             wrr: Vec::new(),
-            egress: Vec::new(),
+            exits: Vec::new(),
             flows,
             queries: Some(Box::new(NO_QUERIES)),
             parsed: Some(Box::new(NO_PACKETS)),
@@ -274,7 +274,7 @@ impl<IO: PacketIo> Worker<IO> {
             }
         }
         self.wrr = wrr;
-        self.egress = self
+        self.exits = self
             .setup
             .ports
             .iter()
@@ -284,14 +284,24 @@ impl<IO: PacketIo> Worker<IO> {
                     .iter()
                     .map(|b| {
                         let Some(b) = b else {
-                            return Egress::NO_ROUTE;
+                            return Exit::NONE;
                         };
                         let ipip = match dp.service(b.service).map(|s| s.mode) {
                             Some(ForwardMode::IpIp { source }) => Some(source),
                             Some(ForwardMode::L2) => None,
-                            None => return Egress::NO_ROUTE,
+                            None => return Exit::NONE,
                         };
-                        Egress::new(ipip, b.addr_bits, b.mac, plan.gateway_mac, port_mac)
+                        Exit {
+                            backend: b.id,
+                            service: b.service,
+                            egress: Egress::new(
+                                ipip,
+                                b.addr_bits,
+                                b.mac,
+                                plan.gateway_mac,
+                                port_mac,
+                            ),
+                        }
                     })
                     .collect()
             })
@@ -418,7 +428,7 @@ impl<IO: PacketIo> Worker<IO> {
 
         // Pass 3: route, rewrite, queue.
         let plan = self.setup.ports[port];
-        let egress = std::mem::take(&mut self.egress[port]);
+        let exits = std::mem::take(&mut self.exits[port]);
         let mut bufs = rx.drain(..);
         for i in 0..n {
             let Some(mut buf) = bufs.next() else { break };
@@ -443,7 +453,7 @@ impl<IO: PacketIo> Worker<IO> {
                     &parsed[i],
                     hashes[i],
                     now,
-                    &egress,
+                    &exits,
                     plan.mtu,
                 )
                 .map(|()| plan.forward_to)
@@ -459,7 +469,7 @@ impl<IO: PacketIo> Worker<IO> {
                         service: services[i],
                         hash: hashes[i],
                         reason,
-                        egress: &egress,
+                        exits: &exits,
                     };
                     match self.not_forwarded(&dp, &mut buf, off, now, port, plan) {
                         Some(out) => out,
@@ -467,14 +477,15 @@ impl<IO: PacketIo> Worker<IO> {
                     }
                 }
             };
-            self.tx[out].push(buf);
+            let q = &mut self.tx[out];
+            q.push(buf);
             // At least: fragments of a packet join the queue with it.
-            if self.tx[out].len() >= MAX_BURST {
+            if q.len() >= MAX_BURST {
                 self.flush(out);
             }
         }
         drop(bufs);
-        self.egress[port] = egress;
+        self.exits[port] = exits;
         self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
         self.queries = Some(queries);
         self.parsed = Some(parsed);
@@ -507,7 +518,7 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Picks the backend for a packet and rewrites the frame for it (its
-    /// way out to that backend in `egress`). A packet too long for the
+    /// way out to that backend in `exits`). A packet too long for the
     /// port's `mtu` once forwarded is refused with `TooBig` (the rewrite's
     /// length check is the main line's only cost of path MTU), for
     /// [`Worker::not_forwarded`]. Always inlined: it is the main line.
@@ -522,16 +533,16 @@ impl<IO: PacketIo> Worker<IO> {
         p: &ParsedPacket,
         hash: u64,
         now: u64,
-        egress: &[Egress],
+        exits: &[Exit],
         mtu: usize,
     ) -> Result<(), DropReason> {
         let svc = service.ok_or(DropReason::NoService)?;
-        let backend = self.route(dp, svc, query, p, hash, now)?;
+        let exit = self.route(dp, svc, query, p, hash, now, exits)?;
         let len = buf.len() as u64;
-        egress_to(egress, backend).forward(buf, p, mtu)?;
+        exit.egress.forward(buf, p, mtu)?;
         let sc = self.counters.service(svc.id);
         sc.packets.inc();
-        let bc = self.counters.backend(backend.id);
+        let bc = self.counters.backend(exit.backend);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(())
@@ -552,7 +563,7 @@ impl<IO: PacketIo> Worker<IO> {
         now: u64,
         rx_port: usize,
         plan: PortPlan,
-        egress: &[Egress],
+        exits: &[Exit],
     ) -> Result<usize, DropReason> {
         if must_not_fragment(buf, p) {
             return self.answer_too_big(buf, p, svc, now, rx_port, plan);
@@ -560,7 +571,7 @@ impl<IO: PacketIo> Worker<IO> {
         let backend = self.connection_backend(dp, svc, &p.key, hash, now)?;
         let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
         let len = buf.len() as u64;
-        rewrite(egress, backend, buf, p)?;
+        rewrite(exits, backend, buf, p)?;
         self.fragment(buf, p, plan)?;
         let sc = self.counters.service(svc.id);
         sc.packets.inc();
@@ -644,13 +655,13 @@ impl<IO: PacketIo> Worker<IO> {
     ) -> Option<usize> {
         let verdict = match (off.parsed, off.reason, off.service) {
             (None, _, _) => match classify::parse(buf.data()) {
-                Err(NotFlow::Icmp(at)) => self.icmp(dp, buf, &at, now, rx_port, plan, off.egress),
+                Err(NotFlow::Icmp(at)) => self.icmp(dp, buf, &at, now, rx_port, plan, off.exits),
                 Err(NotFlow::Drop(reason)) => Err(reason),
                 // The main line said otherwise: cannot happen.
                 Ok(_) => Err(DropReason::Malformed),
             },
             (Some(p), DropReason::TooBig, Some(svc)) => {
-                self.too_big(dp, buf, p, svc, off.hash, now, rx_port, plan, off.egress)
+                self.too_big(dp, buf, p, svc, off.hash, now, rx_port, plan, off.exits)
             }
             _ => Err(off.reason),
         };
@@ -675,6 +686,7 @@ impl<IO: PacketIo> Worker<IO> {
     /// protocol it does not route). Returns the port it leaves on.
     #[cold]
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     fn icmp(
         &mut self,
         dp: &Dataplane,
@@ -683,7 +695,7 @@ impl<IO: PacketIo> Worker<IO> {
         now: u64,
         rx_port: usize,
         plan: PortPlan,
-        egress: &[Egress],
+        exits: &[Exit],
     ) -> Result<usize, DropReason> {
         let Some((_, dst)) = at.addresses(buf.data()) else {
             return Err(DropReason::Malformed);
@@ -693,7 +705,7 @@ impl<IO: PacketIo> Worker<IO> {
         }
         let done = match icmp::inspect(buf.data(), at) {
             Ok(Message::Error { key }) => {
-                self.forward_icmp_error(dp, buf, at, key, now, plan, egress)
+                self.forward_icmp_error(dp, buf, at, key, now, plan, exits)
             }
             Ok(Message::EchoRequest) => self.answer_echo(buf, at, dst, now, rx_port),
             Err(r) => Err(IcmpVerdict::Icmp(r)),
@@ -732,6 +744,7 @@ impl<IO: PacketIo> Worker<IO> {
     /// Forwards an ICMP error about the connection `key` (client to
     /// service) to the backend a packet of that connection reaches, in the
     /// service's forwarding mode, the ICMP packet whole inside.
+    #[allow(clippy::too_many_arguments)]
     fn forward_icmp_error(
         &mut self,
         dp: &Dataplane,
@@ -740,7 +753,7 @@ impl<IO: PacketIo> Worker<IO> {
         key: FlowKey,
         now: u64,
         plan: PortPlan,
-        egress: &[Egress],
+        exits: &[Exit],
     ) -> Result<usize, IcmpVerdict> {
         if !dp.is_vip(key.family, key.dst) {
             return Err(IcmpVerdict::Icmp(IcmpDrop::QuoteNotVip));
@@ -767,7 +780,7 @@ impl<IO: PacketIo> Worker<IO> {
             return Err(IcmpVerdict::Drop(DropReason::TooBig));
         }
         let len = buf.len() as u64;
-        rewrite(egress, backend, buf, &p)?;
+        rewrite(exits, backend, buf, &p)?;
         if !fits {
             self.fragment(buf, &p, plan)?;
         }
@@ -827,15 +840,17 @@ impl<IO: PacketIo> Worker<IO> {
     /// whether the packet is a SYN. Always inlined: it is the main line
     /// (the compiler otherwise calls it out of line in some builds).
     #[inline(always)]
-    fn route<'d>(
+    #[allow(clippy::too_many_arguments)]
+    fn route<'e>(
         &mut self,
-        dp: &'d Dataplane,
+        dp: &Dataplane,
         svc: &Service,
         query: Option<&AffinityQuery>,
         p: &ParsedPacket,
         hash: u64,
         now: u64,
-    ) -> Result<&'d Backend, DropReason> {
+        exits: &'e [Exit],
+    ) -> Result<&'e Exit, DropReason> {
         let is_tcp = p.key.proto == PROTO_TCP;
         // 0 for UDP (the parser's).
         let flags = p.tcp_flags;
@@ -853,8 +868,8 @@ impl<IO: PacketIo> Worker<IO> {
         // (a draining backend keeps its connections).
         match self.flows.lookup(&p.key, hash, now, flags) {
             Lookup::Hit(e) => {
-                if let Some(b) = dp.backend_of(e.backend, svc.id) {
-                    return Ok(b);
+                if let Some(x) = exit_of(exits, e.backend, svc.id) {
+                    return Ok(x);
                 }
                 // Its backend was removed: forget the flow and route anew.
                 self.counters.rerouted.inc();
@@ -868,10 +883,11 @@ impl<IO: PacketIo> Worker<IO> {
                 self.release(dp, &e, now);
                 // The reset that ended the flow still reaches its backend,
                 // while that backend serves the service.
-                return match dp.backend_of(e.backend, svc.id) {
-                    Some(b) => Ok(b),
-                    None => self.pick_stateless(dp, svc, p, hash),
+                let b = match exit_of(exits, e.backend, svc.id) {
+                    Some(x) => return Ok(x),
+                    None => self.pick_stateless(dp, svc, p, hash)?,
                 };
+                return exit_of(exits, b.id, svc.id).ok_or(DropReason::NoBackend);
             }
             Lookup::Stale(old) => {
                 // Idle past its timeout, or a new SYN on a closing flow's
@@ -890,7 +906,8 @@ impl<IO: PacketIo> Worker<IO> {
             if flags & tcp_flags::RST != 0 {
                 // A reset for a flow we do not know: route it statelessly
                 // and remember nothing.
-                return self.pick_stateless(dp, svc, p, hash);
+                let b = self.pick_stateless(dp, svc, p, hash)?;
+                return exit_of(exits, b.id, svc.id).ok_or(DropReason::NoBackend);
             }
         }
 
@@ -942,8 +959,8 @@ impl<IO: PacketIo> Worker<IO> {
             self.counters.service(svc.id).new_connections.inc();
             bc.connections.inc();
         }
-        // The schedulers pick only configured backends.
-        dp.backend(backend).ok_or(DropReason::NoBackend)
+        // The schedulers pick only the service's configured backends.
+        exit_of(exits, backend, svc.id).ok_or(DropReason::NoBackend)
     }
 
     /// Backend for a connection the flow table does not know: affinity,
@@ -1088,8 +1105,8 @@ struct OffLine<'a> {
     hash: u64,
     /// Why the main line did not forward it.
     reason: DropReason,
-    /// The ways out of packets received on its port, by backend.
-    egress: &'a [Egress],
+    /// The backends as packets received on its port reach them.
+    exits: &'a [Exit],
 }
 
 /// Why the ICMP path did not forward or answer a message: an ICMP reason
@@ -1105,23 +1122,45 @@ impl From<DropReason> for IcmpVerdict {
     }
 }
 
-/// The way out to `backend` among a port's (`NoRoute` if it has none: a
-/// snapshot always gives each of its backends one).
+/// A backend as the main line reaches it, for packets received on one
+/// port: its id, the service it serves, its way out. Rebuilt with each
+/// snapshot, at the backend's id; where no backend is, [`Exit::NONE`].
+#[derive(Clone, Copy, Debug)]
+struct Exit {
+    backend: BackendId,
+    service: ServiceId,
+    egress: Egress,
+}
+
+impl Exit {
+    /// No backend: of no service (no service has this id), no way out.
+    const NONE: Exit = Exit {
+        backend: BackendId::MAX,
+        service: ServiceId::MAX,
+        egress: Egress::NO_ROUTE,
+    };
+}
+
+const _: () = assert!(MAX_SERVICES <= ServiceId::MAX as usize);
+
+/// Backend `id`'s exit while it is one of `service`'s (an id may since have
+/// gone to another service's backend, or to none).
 #[inline(always)]
-fn egress_to<'e>(egress: &'e [Egress], backend: &Backend) -> &'e Egress {
-    egress.get(backend.id as usize).unwrap_or(&Egress::NO_ROUTE)
+fn exit_of(exits: &[Exit], id: BackendId, service: ServiceId) -> Option<&Exit> {
+    exits.get(id as usize).filter(|x| x.service == service)
 }
 
 /// Rewrites the frame for `backend` in its service's forwarding mode,
 /// whatever its length (up to IPv4's limit): for the paths off the main
 /// line, which check the MTU themselves.
 fn rewrite<B: PacketBuf>(
-    egress: &[Egress],
+    exits: &[Exit],
     backend: &Backend,
     buf: &mut B,
     p: &ParsedPacket,
 ) -> Result<(), DropReason> {
-    egress_to(egress, backend)
+    exit_of(exits, backend.id, backend.service)
+        .map_or(&Egress::NO_ROUTE, |x| &x.egress)
         .forward(buf, p, u16::MAX.into())
         // Longer than IPv4's length field allows.
         .map_err(|e| match e {
