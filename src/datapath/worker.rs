@@ -887,7 +887,7 @@ impl<IO: PacketIo> Worker<IO> {
                     Some(x) => return Ok(x),
                     None => self.pick_stateless(dp, svc, p, hash)?,
                 };
-                return exit_of(exits, b.id, svc.id).ok_or(DropReason::NoBackend);
+                return exit_of(exits, b, svc.id).ok_or(DropReason::NoBackend);
             }
             Lookup::Stale(old) => {
                 // Idle past its timeout, or a new SYN on a closing flow's
@@ -907,7 +907,7 @@ impl<IO: PacketIo> Worker<IO> {
                 // A reset for a flow we do not know: route it statelessly
                 // and remember nothing.
                 let b = self.pick_stateless(dp, svc, p, hash)?;
-                return exit_of(exits, b.id, svc.id).ok_or(DropReason::NoBackend);
+                return exit_of(exits, b, svc.id).ok_or(DropReason::NoBackend);
             }
         }
 
@@ -1045,23 +1045,23 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Backend for a packet that creates no state (a stray reset).
-    fn pick_stateless<'d>(
+    fn pick_stateless(
         &self,
-        dp: &'d Dataplane,
+        dp: &Dataplane,
         svc: &Service,
         p: &ParsedPacket,
         hash: u64,
-    ) -> Result<&'d Backend, DropReason> {
+    ) -> Result<BackendId, DropReason> {
         if let Some(owner) =
             self.shared
                 .affinity
                 .lookup(svc.id, p.key.family, p.key.src, p.key.sport)
         {
-            if let Some(b) = dp.backend(owner).filter(|b| b.reachable_for(svc.id)) {
-                return Ok(b);
+            if dp.backend(owner).is_some_and(|b| b.reachable_for(svc.id)) {
+                return Ok(owner);
             }
         }
-        maglev_backend(dp, svc, svc.hash.of(&p.key, hash)).ok_or_else(|| no_backend(svc))
+        maglev_pick(dp, svc, svc.hash.of(&p.key, hash)).ok_or_else(|| no_backend(svc))
     }
 
     /// A flow left the table (closed, reset, expired or evicted): its
@@ -1256,14 +1256,9 @@ fn no_backend(svc: &Service) -> DropReason {
 /// not necessarily the flow table's.
 #[inline]
 fn maglev_pick(dp: &Dataplane, svc: &Service, hash: u64) -> Option<BackendId> {
-    maglev_backend(dp, svc, hash).map(|b| b.id)
-}
-
-/// [`maglev_pick`]'s backend itself.
-#[inline]
-fn maglev_backend<'d>(dp: &'d Dataplane, svc: &Service, hash: u64) -> Option<&'d Backend> {
     let idx = svc.maglev.lookup(hash)?;
-    dp.backend(*svc.backends.get(idx)?)
+    let id = *svc.backends.get(idx)?;
+    dp.backend(id).map(|_| id)
 }
 
 #[cfg(test)]
@@ -1561,6 +1556,61 @@ mod tests {
         let moved = send(&mut b, &acks, 3 * SEC);
         assert!(moved.iter().all(|a| backend_index(*a) == 1));
         assert_eq!(b.worker.counters().rerouted.get(), on_be0.len() as u64);
+    }
+
+    /// A backend's way out (next-hop MAC, outer destination, forwarding
+    /// mode) is worked out with each snapshot: a packet leaves as the
+    /// snapshot in force says, and a backend without a next hop drops it.
+    #[test]
+    fn ways_out_follow_the_snapshot() {
+        let mut be = backend(0, 0, 100);
+        be.mac = None;
+        let snapshot = |generation, be: &Backend, mode| {
+            let svc = service(0, 80, PROTO_TCP, &[be.clone()], SchedulerKind::Maglev, mode);
+            Dataplane::new(generation, vec![svc], vec![be.clone()])
+        };
+        let mut b = bed(Vec::new(), Vec::new(), 1 << 10);
+        b.cell.publish(snapshot(2, &be, IPIP));
+        let frame = |flags| tcp([198, 18, 9, 1], 4444, flags);
+        // No MAC of its own and no gateway on the port: no next hop.
+        assert!(send(&mut b, &[frame(tcp_flags::SYN)], SEC).is_empty());
+        let c = b.worker.counters().clone();
+        assert_eq!(c.drops[DropReason::NoRoute as usize].get(), 1);
+
+        let out = |b: &mut Bed, now| {
+            b.worker.io_mut().push_rx(0, &frame(tcp_flags::ACK));
+            b.worker.poll(now);
+            b.worker.io_mut().tx[0].pop().map(|f| f.data().to_vec())
+        };
+        be.mac = Some([2, 0, 0, 0, 0xaa, 1]);
+        b.cell.publish(snapshot(3, &be, IPIP));
+        let f = out(&mut b, 2 * SEC).unwrap();
+        let port_mac = b.worker.io_mut().port_mac(0);
+        assert_eq!(
+            (&f[0..6], &f[6..12]),
+            (&[2, 0, 0, 0, 0xaa, 1][..], &port_mac[..])
+        );
+        let outer = ipv4::Packet::new_checked(&f[14..]).unwrap();
+        assert_eq!(outer.dst_addr(), [10, 1, 0, 1]);
+        assert!(outer.verify_checksum());
+
+        // The same backend at another address, then another MAC in `l2`.
+        be.addr_bits = 0x0a01_004d;
+        b.cell.publish(snapshot(4, &be, IPIP));
+        let f = out(&mut b, 3 * SEC).unwrap();
+        let outer = ipv4::Packet::new_checked(&f[14..]).unwrap();
+        assert_eq!(outer.dst_addr(), [10, 1, 0, 77]);
+        assert!(outer.verify_checksum());
+        be.mac = Some([2, 0, 0, 0, 0xbb, 2]);
+        b.cell.publish(snapshot(5, &be, ForwardMode::L2));
+        let f = out(&mut b, 4 * SEC).unwrap();
+        assert_eq!(&f[0..6], &[2, 0, 0, 0, 0xbb, 2]);
+        assert_eq!(
+            &f[12..],
+            &frame(tcp_flags::ACK)[12..],
+            "the packet as it came"
+        );
+        assert_eq!(c.drops[DropReason::NoRoute as usize].get(), 1);
     }
 
     #[test]
