@@ -1566,7 +1566,14 @@ mod tests {
         let mut be = backend(0, 0, 100);
         be.mac = None;
         let snapshot = |generation, be: &Backend, mode| {
-            let svc = service(0, 80, PROTO_TCP, &[be.clone()], SchedulerKind::Maglev, mode);
+            let svc = service(
+                0,
+                80,
+                PROTO_TCP,
+                std::slice::from_ref(be),
+                SchedulerKind::Maglev,
+                mode,
+            );
             Dataplane::new(generation, vec![svc], vec![be.clone()])
         };
         let mut b = bed(Vec::new(), Vec::new(), 1 << 10);
