@@ -1064,6 +1064,8 @@ mod tests {
             headroom in 0usize..48,
             cuttable in any::<bool>(),
             max_len in 0usize..160,
+            tos in any::<u8>(),
+            dont_frag in any::<bool>(),
             flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..3),
         ) {
             let payload = vec![0xa5; plen];
@@ -1072,7 +1074,10 @@ mod tests {
             } else {
                 FrameSpec::tcp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2, tcp_flags::SYN)
             };
-            let mut f = FrameSpec { vlan, payload: &payload, ..spec }.build().unwrap();
+            let mut f = FrameSpec { vlan, payload: &payload, dont_frag, ..spec }.build().unwrap();
+            // The TOS (IPv4) or traffic class's high bits (IPv6), which
+            // the outer header copies.
+            f[14 + 4 * usize::from(vlan.is_some()) + 1] = tos;
             f.extend(std::iter::repeat_n(0x33, trailer));
             for (i, b) in flips {
                 let at = i.index(f.len());
