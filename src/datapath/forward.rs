@@ -1047,6 +1047,43 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// A frame of the property tests: UDP over IPv6 or a TCP SYN over
+    /// IPv4, with a VLAN tag or not, `plen` bytes of payload, `tos` as the
+    /// TOS (IPv4) or the traffic class's high bits (IPv6), which the outer
+    /// header copies, DF as given (IPv4), `trailer` bytes after the packet,
+    /// then some bytes overwritten.
+    fn mutated_frame(
+        v6: bool,
+        vlan: Option<u16>,
+        plen: usize,
+        tos: u8,
+        dont_frag: bool,
+        trailer: usize,
+        flips: &[(proptest::sample::Index, u8)],
+    ) -> Vec<u8> {
+        let payload = vec![0xa5; plen];
+        let spec = if v6 {
+            FrameSpec::udp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2)
+        } else {
+            FrameSpec::tcp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2, tcp_flags::SYN)
+        };
+        let mut f = FrameSpec {
+            vlan,
+            payload: &payload,
+            dont_frag,
+            ..spec
+        }
+        .build()
+        .unwrap();
+        f[14 + 4 * usize::from(vlan.is_some()) + 1] = tos;
+        f.extend(std::iter::repeat_n(0x33, trailer));
+        for (i, b) in flips {
+            let at = i.index(f.len());
+            f[at] = *b;
+        }
+        f
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 
@@ -1068,21 +1105,7 @@ mod tests {
             dont_frag in any::<bool>(),
             flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..3),
         ) {
-            let payload = vec![0xa5; plen];
-            let spec = if v6 {
-                FrameSpec::udp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2)
-            } else {
-                FrameSpec::tcp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2, tcp_flags::SYN)
-            };
-            let mut f = FrameSpec { vlan, payload: &payload, dont_frag, ..spec }.build().unwrap();
-            // The TOS (IPv4) or traffic class's high bits (IPv6), which
-            // the outer header copies.
-            f[14 + 4 * usize::from(vlan.is_some()) + 1] = tos;
-            f.extend(std::iter::repeat_n(0x33, trailer));
-            for (i, b) in flips {
-                let at = i.index(f.len());
-                f[at] = b;
-            }
+            let f = mutated_frame(v6, vlan, plen, tos, dont_frag, trailer, &flips);
             if let Ok(pkt) = parse(&f) {
                 let (s, d) = if pkt.key.family == Family::V4 { (LB4, BE4) } else { (LB6, BE6) };
                 let egress = Egress::new(Some(s), d, Some(DST_MAC), None, SRC_MAC);
@@ -1118,18 +1141,7 @@ mod tests {
             trailer in 0usize..64,
             flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..3),
         ) {
-            let payload = vec![0xa5; plen];
-            let spec = if v6 {
-                FrameSpec::udp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2)
-            } else {
-                FrameSpec::tcp_v4([1, 2, 3, 4], 1, [5, 6, 7, 8], 2, tcp_flags::SYN)
-            };
-            let mut f = FrameSpec { vlan, payload: &payload, ..spec }.build().unwrap();
-            f.extend(std::iter::repeat_n(0x33, trailer));
-            for (i, b) in flips {
-                let at = i.index(f.len());
-                f[at] = b;
-            }
+            let f = mutated_frame(v6, vlan, plen, 0, true, trailer, &flips);
             if let Ok(pkt) = parse(&f) {
                 let mut b = MemBuf::from_frame(&f);
                 let (s, d) = if pkt.key.family == Family::V4 { (LB4, BE4) } else { (LB6, BE6) };
