@@ -41,9 +41,7 @@ use crate::datapath::forward::{self, Egress};
 use crate::datapath::icmp::{self, IcmpSettings, Message, RateLimiter, SourceLimiter};
 use crate::datapath::latency::{new_histogram, TscScale};
 use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
-use crate::datapath::snapshot::{
-    Backend, Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service,
-};
+use crate::datapath::snapshot::{Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service};
 use crate::sched::wrr::SmoothWrr;
 use crate::types::{tcp_flags, PROTO_TCP};
 use crate::types::{BackendId, ServiceId, MAX_SERVICES};
@@ -569,13 +567,13 @@ impl<IO: PacketIo> Worker<IO> {
             return self.answer_too_big(buf, p, svc, now, rx_port, plan);
         }
         let backend = self.connection_backend(dp, svc, &p.key, hash, now)?;
-        let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
+        let exit = exit_of(exits, backend, svc.id).ok_or(DropReason::NoBackend)?;
         let len = buf.len() as u64;
-        rewrite(exits, backend, buf, p)?;
+        rewrite(exit, buf, p)?;
         self.fragment(buf, p, plan)?;
         let sc = self.counters.service(svc.id);
         sc.packets.inc();
-        let bc = self.counters.backend(backend.id);
+        let bc = self.counters.backend(exit.backend);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(plan.forward_to)
@@ -763,7 +761,7 @@ impl<IO: PacketIo> Worker<IO> {
             .ok_or(IcmpVerdict::Icmp(IcmpDrop::QuoteNoService))?;
         let hash = crate::types::flow_hash(&key);
         let backend = self.connection_backend(dp, svc, &key, hash, now)?;
-        let backend = dp.backend(backend).ok_or(DropReason::NoBackend)?;
+        let exit = exit_of(exits, backend, svc.id).ok_or(DropReason::NoBackend)?;
         // The ICMP packet, described as its connection's: encapsulation
         // takes the family and the IPv6 flow label from the key, so the
         // error travels as the connection's packets do.
@@ -780,13 +778,13 @@ impl<IO: PacketIo> Worker<IO> {
             return Err(IcmpVerdict::Drop(DropReason::TooBig));
         }
         let len = buf.len() as u64;
-        rewrite(exits, backend, buf, &p)?;
+        rewrite(exit, buf, &p)?;
         if !fits {
             self.fragment(buf, &p, plan)?;
         }
         self.counters.icmp_forwarded.inc();
         self.counters.service(svc.id).packets.inc();
-        let bc = self.counters.backend(backend.id);
+        let bc = self.counters.backend(exit.backend);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(plan.forward_to)
@@ -1150,17 +1148,11 @@ fn exit_of(exits: &[Exit], id: BackendId, service: ServiceId) -> Option<&Exit> {
     exits.get(id as usize).filter(|x| x.service == service)
 }
 
-/// Rewrites the frame for `backend` in its service's forwarding mode,
-/// whatever its length (up to IPv4's limit): for the paths off the main
-/// line, which check the MTU themselves.
-fn rewrite<B: PacketBuf>(
-    exits: &[Exit],
-    backend: &Backend,
-    buf: &mut B,
-    p: &ParsedPacket,
-) -> Result<(), DropReason> {
-    exit_of(exits, backend.id, backend.service)
-        .map_or(&Egress::NO_ROUTE, |x| &x.egress)
+/// Rewrites the frame for its backend's `exit`, whatever its length (up to
+/// IPv4's limit): for the paths off the main line, which check the MTU
+/// themselves.
+fn rewrite<B: PacketBuf>(exit: &Exit, buf: &mut B, p: &ParsedPacket) -> Result<(), DropReason> {
+    exit.egress
         .forward(buf, p, u16::MAX.into())
         // Longer than IPv4's length field allows.
         .map_err(|e| match e {
@@ -2111,6 +2103,7 @@ mod icmp_tests {
     use crate::datapath::classify::parse;
     use crate::datapath::icmp::EchoPolicy;
     use crate::datapath::pktio::{MemBuf, MemIo};
+    use crate::datapath::snapshot::Backend;
     use crate::sched::maglev::MaglevTable;
     use crate::types::{BackendState, PortMatch, ServiceId, PROTO_UDP};
     use crate::wire::build::FrameSpec;

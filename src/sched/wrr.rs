@@ -26,7 +26,6 @@ pub const SCAN_MAX: usize = 96;
 /// Per-worker smooth weighted round-robin state.
 #[derive(Clone, Debug)]
 pub struct SmoothWrr {
-    weights: Vec<u32>,
     picker: Picker,
 }
 
@@ -109,10 +108,7 @@ impl SmoothWrr {
                 waiting: BinaryHeap::new(),
             })
         };
-        SmoothWrr {
-            weights: weights.to_vec(),
-            picker,
-        }
+        SmoothWrr { picker }
     }
 
     /// The next backend index, or None when every weight is 0.
@@ -126,11 +122,6 @@ impl SmoothWrr {
             } => scan(weights, current, *total),
             Picker::Heaps(h) => h.pick(),
         }
-    }
-
-    /// The weights this state was built with.
-    pub fn weights(&self) -> impl Iterator<Item = u32> + '_ {
-        self.weights.iter().copied()
     }
 }
 
