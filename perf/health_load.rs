@@ -132,6 +132,7 @@ workers = [1]
 [[ports]]
 name = "in"
 device = "net_ring0"
+gateway_mac = "02:00:00:00:00:fe"
 [control]
 listen = "127.0.0.1:0"
 allowed_networks = ["127.0.0.0/8"]

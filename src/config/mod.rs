@@ -66,6 +66,9 @@ pub const DEFAULT_MTU: u16 = 1500;
 /// Smallest and largest port `mtu`: IPv6 needs 1280 on every link, and 9216
 /// is the largest jumbo frame switches commonly carry.
 pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 1280..=9216;
+/// Smallest `mtu` of a port that forwards IPv6 in IPv6: IPv6's minimum
+/// link MTU and the outer header.
+pub const IPV6_IPIP_MIN_MTU: u16 = 1320;
 /// Largest ICMP rate (per second) a configuration may set.
 pub const MAX_ICMP_RATE: u32 = 1_000_000;
 /// Largest `[control] max_requests_per_second` and
@@ -194,7 +197,8 @@ pub struct PortConfig {
     pub rx_descriptors: u16,
     #[serde(default = "default_descriptors")]
     pub tx_descriptors: u16,
-    /// Next-hop MAC for `ipip` backends that have no MAC of their own.
+    /// Next-hop MAC, on this port's link, for packets forwarded out of
+    /// this port to `ipip` backends that have no MAC of their own.
     #[serde(default)]
     pub gateway_mac: Option<MacAddr>,
     /// Port that transmits packets forwarded from this one (default: this).
@@ -587,6 +591,31 @@ struct Invalid(KeyPath, String);
 
 type Check = Result<(), Invalid>;
 
+/// A MAC a frame can be sent to: not all zeros, not group (multicast or
+/// broadcast).
+fn unicast_mac(m: MacAddr) -> Result<(), String> {
+    if m.0 == [0; 6] {
+        Err(format!("{m} is not a station's address"))
+    } else if m.0[0] & 1 != 0 {
+        Err(format!("{m} is a group (multicast or broadcast) address"))
+    } else {
+        Ok(())
+    }
+}
+
+/// An address of one host: not unspecified, multicast or broadcast.
+fn host_address(a: &IpAddr) -> Result<(), String> {
+    let bad = match a {
+        IpAddr::V4(v) => v.is_unspecified() || v.is_multicast() || v.is_broadcast(),
+        IpAddr::V6(v) => v.is_unspecified() || v.is_multicast(),
+    };
+    if bad {
+        Err(format!("{a} is not the address of one host"))
+    } else {
+        Ok(())
+    }
+}
+
 fn fail(path: KeyPath, msg: impl Into<String>) -> Check {
     Err(Invalid(path, msg.into()))
 }
@@ -689,12 +718,24 @@ impl Config {
         self.ports.iter().position(|p| p.name == name)
     }
 
+    /// Index of the port that transmits what port `i` forwards: its
+    /// `forward_to`, else itself. The next hop (`gateway_mac`) and the
+    /// link MTU of forwarded packets are that port's.
+    pub fn forwarding_port(&self, i: usize) -> usize {
+        self.ports[i]
+            .forward_to
+            .as_deref()
+            .and_then(|n| self.port_index(n))
+            .unwrap_or(i)
+    }
+
     fn validate(&self) -> Check {
         let root = KeyPath::root();
         self.validate_cores(&root.key("cores"))?;
         self.validate_ports(&root.key("ports"))?;
         self.validate_sections(&root)?;
         self.validate_services(&root.key("services"))?;
+        self.validate_next_hops(&root.key("ports"))?;
         self.validate_icmp(&root.key("icmp"))?;
         if let Some(c) = &self.cluster {
             if self.affinity.state_file.is_some() {
@@ -788,6 +829,11 @@ impl Config {
             }
             if let Err(e) = port.check_queues(self.cores.workers.len()) {
                 return fail(pp.key("device"), e);
+            }
+            if let Some(m) = port.gateway_mac {
+                if let Err(e) = unicast_mac(m) {
+                    return fail(pp.key("gateway_mac"), e);
+                }
             }
             if !MTU_RANGE.contains(&port.mtu) {
                 return fail(
@@ -1014,6 +1060,12 @@ impl Config {
             if s.port == 0 {
                 return fail(sp.key("port"), "port 0 is not a service port");
             }
+            if let Err(e) = host_address(&s.vip) {
+                return fail(sp.key("vip"), e);
+            }
+            if let Some(Err(e)) = s.ipip_source.as_ref().map(host_address) {
+                return fail(sp.key("ipip_source"), e);
+            }
             let fam = crate::net::family_name(&s.vip);
             match (s.forwarding, s.ipip_source) {
                 (Forwarding::Ipip, None) => {
@@ -1135,8 +1187,14 @@ impl Config {
                         format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
                     );
                 }
+                if let Err(e) = host_address(&b.address) {
+                    return fail(bp.key("address"), e);
+                }
                 if s.forwarding == Forwarding::L2 && b.mac.is_none() {
                     return fail(bp.key("mac"), "forwarding = \"l2\" needs the backend's mac");
+                }
+                if let Some(Err(e)) = b.mac.map(unicast_mac) {
+                    return fail(bp.key("mac"), e);
                 }
             }
             backends_total += s.backends.len();
@@ -1158,6 +1216,57 @@ impl Config {
                     crate::types::MAX_BACKENDS
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// Every port's forwarded packets can reach every backend: an `ipip`
+    /// backend without a MAC of its own needs a `gateway_mac` on each
+    /// forwarding port (or its packets would all be dropped as
+    /// `no_route`), and IPv6 in IPv6 needs room for a 1,280-byte packet
+    /// plus its 40-byte outer header (a "packet too big" may not announce
+    /// less than 1,280: RFC 8200, 8201).
+    fn validate_next_hops(&self, p: &KeyPath) -> Check {
+        let ipip = || {
+            self.services
+                .iter()
+                .filter(|s| s.forwarding == Forwarding::Ipip)
+        };
+        let no_mac = ipip().find_map(|s| {
+            let b = s.backends.iter().find(|b| b.mac.is_none())?;
+            Some((s, b))
+        });
+        let v6 = ipip().find(|s| s.vip.is_ipv6());
+        for i in 0..self.ports.len() {
+            let out = &self.ports[self.forwarding_port(i)];
+            let via = if out.name == self.ports[i].name {
+                String::new()
+            } else {
+                format!(" (port {:?} forwards out of it)", self.ports[i].name)
+            };
+            let at = p.index(self.forwarding_port(i));
+            if let (Some((s, b)), None) = (no_mac, out.gateway_mac) {
+                return fail(
+                    at.key("gateway_mac"),
+                    format!(
+                        "port {:?}{via} has no gateway_mac, and backend {:?} of ipip service \
+                         {:?} has no mac: give the port the next hop's MAC, or the backend its own",
+                        out.name, b.name, s.name
+                    ),
+                );
+            }
+            if let Some(s) = v6 {
+                if out.mtu < IPV6_IPIP_MIN_MTU {
+                    return fail(
+                        at.key("mtu"),
+                        format!(
+                            "{}: port {:?}{via} carries IPv6 in IPv6 (service {:?}), which \
+                             needs at least {IPV6_IPIP_MIN_MTU} (1280 and the outer header)",
+                            out.mtu, out.name, s.name
+                        ),
+                    );
+                }
+            }
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! Configuration text for unit tests: the smallest valid header, to which a
 //! test adds the services it is about.
 
-/// EAL, one worker core, one ring port and the control protocol: all a
+/// EAL, one worker core, one ring port (with a next hop for `ipip`
+/// backends without a MAC) and the control protocol: all a
 /// valid configuration needs besides its `[[services]]`.
 pub(crate) const HEADER: &str = r#"
 [eal]
@@ -12,6 +13,7 @@ workers = [1]
 [[ports]]
 name = "p0"
 device = "net_ring0"
+gateway_mac = "02:00:00:00:00:fe"
 [control]
 listen = "127.0.0.1:7400"
 allowed_networks = ["127.0.0.0/8"]

@@ -16,6 +16,7 @@ workers = [1, 2]
 [[ports]]
 name = "p0"
 device = "net_ring0"
+gateway_mac = "02:00:00:00:00:fe"
 
 [[ports]]
 name = "p1"
@@ -284,7 +285,10 @@ fn missing_port() {
     );
     // No [[ports]] at all.
     let t = BASE
-        .replace("[[ports]]\nname = \"p0\"\ndevice = \"net_ring0\"\n", "")
+        .replace(
+            "[[ports]]\nname = \"p0\"\ndevice = \"net_ring0\"\ngateway_mac = \"02:00:00:00:00:fe\"\n",
+            "",
+        )
         .replace(
             "[[ports]]\nname = \"p1\"\ndevice = \"net_ring1\"\nforward_to = \"p0\"\n",
             "",
@@ -332,6 +336,127 @@ fn l2_without_mac() {
     assert!(e.message.contains("needs the backend's mac"), "{e}");
     // A missing key is reported at its table's [[header]].
     assert_eq!(e.line, line_of(&t, "name = \"ns1\"") - 1, "{e}");
+}
+
+#[test]
+fn ipip_backends_without_mac_need_the_forwarding_ports_gateway() {
+    // p1 forwards out of p0: the gateway is p0's, not the receiving port's.
+    let t = edit(
+        "gateway_mac = \"02:00:00:00:00:fe\"\n\n[[ports]]\nname = \"p1\"\n",
+        "\n[[ports]]\nname = \"p1\"\ngateway_mac = \"02:00:00:00:00:fe\"\n",
+    );
+    let e = err(&t);
+    assert_eq!(e.key, "ports[0].gateway_mac", "{e}");
+    for part in [
+        "port \"p0\" has no gateway_mac",
+        "backend \"be1\"",
+        "\"web\"",
+    ] {
+        assert!(e.message.contains(part), "{part}: {e}");
+    }
+    // Backends with MACs of their own need no gateway.
+    let t = t
+        .replace(
+            "address = \"10.0.0.1\"\n",
+            "address = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\n",
+        )
+        .replace(
+            "address = \"10.0.0.2\"\n",
+            "address = \"10.0.0.2\"\nmac = \"02:00:00:00:00:02\"\n",
+        );
+    Config::parse(&t, "t.toml").unwrap();
+    // Nor do l2 services: their backends all have one.
+    let t = edit("forwarding = \"ipip\"", "forwarding = \"l2\"")
+        .replace("gateway_mac = \"02:00:00:00:00:fe\"\n", "")
+        .replace(
+            "address = \"10.0.0.1\"\n",
+            "address = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\n",
+        )
+        .replace(
+            "address = \"10.0.0.2\"\n",
+            "address = \"10.0.0.2\"\nmac = \"02:00:00:00:00:02\"\n",
+        );
+    Config::parse(&t, "t.toml").unwrap();
+}
+
+#[test]
+fn ipv6_in_ipv6_needs_a_link_of_1320() {
+    let v6 = edit(
+        "forwarding = \"l2\"",
+        "forwarding = \"ipip\"\nipip_source = \"2001:db8::1\"",
+    );
+    Config::parse(&v6, "t.toml").unwrap();
+    let t = v6.replace(
+        "device = \"net_ring0\"\n",
+        "device = \"net_ring0\"\nmtu = 1319\n",
+    );
+    let e = err(&t);
+    assert_eq!(e.key, "ports[0].mtu", "{e}");
+    assert!(e.message.contains("at least 1320"), "{e}");
+    assert!(e.message.contains("\"dns6\""), "{e}");
+    Config::parse(&t.replace("mtu = 1319", "mtu = 1320"), "t.toml").unwrap();
+    // IPv4 in IPv4 and l2 take the whole range.
+    Config::parse(
+        &BASE.replace(
+            "device = \"net_ring0\"\n",
+            "device = \"net_ring0\"\nmtu = 1280\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+}
+
+#[test]
+fn macs_and_addresses_name_one_station() {
+    for (from, to, key, part) in [
+        (
+            "gateway_mac = \"02:00:00:00:00:fe\"",
+            "gateway_mac = \"ff:ff:ff:ff:ff:ff\"",
+            "ports[0].gateway_mac",
+            "group",
+        ),
+        (
+            "gateway_mac = \"02:00:00:00:00:fe\"",
+            "gateway_mac = \"00:00:00:00:00:00\"",
+            "ports[0].gateway_mac",
+            "not a station",
+        ),
+        (
+            "mac = \"02:00:00:00:01:01\"",
+            "mac = \"01:00:5e:00:00:01\"",
+            "services[1].backends[0].mac",
+            "group",
+        ),
+        (
+            "vip = \"192.0.2.10\"",
+            "vip = \"0.0.0.0\"",
+            "services[0].vip",
+            "not the address of one host",
+        ),
+        (
+            "ipip_source = \"198.51.100.1\"",
+            "ipip_source = \"255.255.255.255\"",
+            "services[0].ipip_source",
+            "not the address of one host",
+        ),
+        (
+            "address = \"10.0.0.2\"",
+            "address = \"224.0.0.1\"",
+            "services[0].backends[1].address",
+            "not the address of one host",
+        ),
+        (
+            "address = \"2001:db8:1::1\"",
+            "address = \"ff02::1\"",
+            "services[1].backends[0].address",
+            "not the address of one host",
+        ),
+    ] {
+        let t = edit(from, to);
+        let e = err(&t);
+        assert_eq!(e.key, key, "{to}: {e}");
+        assert!(e.message.contains(part), "{to}: {e}");
+    }
 }
 
 #[test]
@@ -540,7 +665,7 @@ fn other_value_errors() {
     check(
         &t,
         "services[1].backends[0].mac",
-        "mac = ",
+        "mac = \"02:00:00:00:01\"",
         "bad MAC address",
     );
     let t = edit(

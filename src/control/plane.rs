@@ -828,6 +828,18 @@ impl ControlPlane {
         };
         let (key, now) = (c.key, c.now);
         let result = match (action, c.owner) {
+            (AffinityAction::Cancel, Some(_))
+                if self
+                    .affinities
+                    .get(&key)
+                    .is_some_and(|r| r.expires.is_none()) =>
+            {
+                // The configuration's, which never ends: its owner may not
+                // take it away (the operator may: admin without an owner).
+                return Response::new(ReturnCode::NotAuthorized).with_message(
+                    "a static affinity, from the configuration: only the configuration removes it",
+                );
+            }
             (AffinityAction::Cancel, owner) => {
                 return match self.cancel(&key, owner) {
                     Ok(()) => Response::ok(),

@@ -147,6 +147,39 @@ mod tests {
     /// A requested affinity of the key a reload declares static, held by
     /// the same backend, becomes static: it no longer expires and no
     /// longer counts among that backend's requested ones.
+    /// A static affinity's owner may not cancel it; the operator may.
+    #[test]
+    fn only_the_operator_cancels_a_static_affinity() {
+        let (mut p, r) = plane(&config_text());
+        let cfg = Config::parse(
+            &format!(
+                "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
+                config_text()
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(install(&mut p, &cfg), Ok(()));
+        let b = p.dataplane().find_backend(WEB, "b").unwrap().id;
+        for (sender, owner) in [("b", Some("b")), ("admin", Some("b"))] {
+            let no = call(
+                &mut p,
+                sender,
+                Request::AffinityCancel(op("203.0.113.0", 24, owner, 0)),
+            );
+            assert_eq!(no.code, ReturnCode::NotAuthorized, "{sender}");
+            assert!(no.message.contains("static"), "{}", no.message);
+            assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(b));
+        }
+        let ok = call(
+            &mut p,
+            "admin",
+            Request::AffinityCancel(op("203.0.113.0", 24, None, 0)),
+        );
+        assert_eq!(ok.code, ReturnCode::Ok);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), None);
+    }
+
     #[test]
     fn a_requested_affinity_of_the_same_owner_becomes_static() {
         let (mut p, r) = plane(&config_text());

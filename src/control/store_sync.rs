@@ -162,6 +162,8 @@ pub struct StoreSync {
     loaded: bool,
     /// When `up` last changed (Unix ms; 0: never).
     since_unix_ms: u64,
+    /// Why the store is unreachable, while it is.
+    last_error: Option<String>,
     /// The newest store revision seen.
     revision: Revision,
     counters: SyncCounters,
@@ -194,6 +196,7 @@ impl StoreSync {
             up: false,
             loaded: false,
             since_unix_ms: 0,
+            last_error: None,
             revision: 0,
             counters: SyncCounters::default(),
             propagation: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3)
@@ -232,6 +235,7 @@ impl StoreSync {
             instance: self.instance.clone(),
             store_up: self.up,
             since_unix_ms: self.since_unix_ms,
+            last_error: self.last_error.clone(),
             revision: self.revision,
             loaded: self.loaded,
             loads: c.loads,
@@ -631,13 +635,20 @@ impl StoreSync {
                 }
             }
             StoreEvent::Unreachable { error } => {
+                // The store thread reports each outage once.
                 if self.up {
                     log::warn!(
                         "cluster: the store is unreachable ({error}); forwarding goes on with \
                          the local table, changes are answered UNAVAILABLE"
                     );
                     self.since_unix_ms = wall_ms;
+                } else if !self.loaded {
+                    log::warn!(
+                        "cluster: cannot reach the store ({error}); not ready until it answers \
+                         and its table is loaded"
+                    );
                 }
+                self.last_error = Some(error);
                 self.up = false;
                 for e in self.ends.values_mut() {
                     if !e.sent {
@@ -822,6 +833,7 @@ impl StoreSync {
         }
         // Up before installing: an affinity loaded already due ends now.
         self.up = true;
+        self.last_error = None;
         for (v, rev) in affinities {
             let key = v.key();
             if ended_here.contains(&key) {
@@ -1538,7 +1550,35 @@ mod tests {
         assert!(b.op().is_none());
         let s = b.sync.summary();
         assert!(!s.store_up);
+        assert_eq!(s.last_error.as_deref(), Some("connection refused"));
         assert_eq!(s.changes["unavailable"], 2);
+    }
+
+    /// A store unreachable from the start: the summary says why, until a
+    /// load.
+    #[test]
+    fn why_the_store_is_unreachable_is_kept_from_the_start() {
+        let mut b = bed("i1");
+        assert_eq!(b.sync.summary().last_error, None);
+        b.event(StoreEvent::Unreachable {
+            error: "connecting to http://127.0.0.1:1: connection refused".into(),
+        });
+        b.turn(WALL);
+        let s = b.sync.summary();
+        assert!(!s.store_up && !s.loaded && !b.sync.ready());
+        assert_eq!(
+            s.last_error.as_deref(),
+            Some("connecting to http://127.0.0.1:1: connection refused")
+        );
+        b.event(StoreEvent::Loaded {
+            revision: 10,
+            affinities: vec![],
+            declarations: Vec::new(),
+        });
+        b.turn(WALL);
+        let s = b.sync.summary();
+        assert!(s.store_up && b.sync.ready());
+        assert_eq!(s.last_error, None);
     }
 
     #[test]

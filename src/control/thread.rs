@@ -243,8 +243,7 @@ impl ControlThread {
     /// networks included; returns what was done. A bad file changes nothing.
     pub fn reload(&mut self) -> Result<String, String> {
         let reloaded = self.file.reload(&mut self.plane)?;
-        self.server.set_auth(reloaded.auth);
-        self.update_health_targets();
+        self.install_auth(reloaded.auth);
         Ok(reloaded.message)
     }
 
@@ -477,9 +476,18 @@ impl ControlThread {
         };
         self.server.poll(&mut dispatch, SystemTime::now());
         if let Some(auth) = dispatch.auth {
-            self.server.set_auth(auth);
-            self.update_health_targets();
+            self.install_auth(auth);
         }
+    }
+
+    /// After a reload: sends the notices of the affinities it ended (a
+    /// removed backend's, signed with its key while the keyring still has
+    /// it), then installs the new keys and allowed networks and updates
+    /// the health checks.
+    fn install_auth(&mut self, auth: ServerAuth) {
+        self.send_notices();
+        self.server.set_auth(auth);
+        self.update_health_targets();
     }
 
     fn print_status(&mut self, now: Instant) {
@@ -1032,6 +1040,43 @@ mod tests {
         let control = ctl.summary().extra.control.unwrap();
         assert_eq!((control.notifications, control.ended.cancelled), (1, 1));
         assert!(ctl.plane().affinities().is_empty());
+    }
+
+    /// A reload that removes a backend and its key together: the backend
+    /// still hears that its affinities ended, signed with the key it had.
+    #[test]
+    fn a_removed_backend_hears_of_its_affinities_before_its_key_goes() {
+        let text = config(ADMIN_1, A_1);
+        let file = File::new("removed", &text);
+        let mut ctl = control(&file.0, None);
+        let mut a = Peer::new("a", A_1);
+        let created = create("198.18.0.0");
+        let r = ask(&mut ctl, &mut a, A_1, &created).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        let without_a = text
+            .replace(
+                "[[services.backends]]\nname = \"a\"\naddress = \"10.0.0.1\"\n",
+                "",
+            )
+            .replace(&format!("a = \"{}\"\n", hex(A_1)), "");
+        assert_ne!(without_a.len(), text.len());
+        assert!(!without_a.contains("name = \"a\""), "{without_a}");
+        file.write(&without_a);
+        ctl.reload().unwrap();
+        let Request::AffinityCreate(o) = created else {
+            unreachable!()
+        };
+        match a.recv_signed(A_1) {
+            Some(Received::Ended(n)) => {
+                assert_eq!(n.owner, "a");
+                assert_eq!((n.key, n.reason), (o.key, EndReason::BackendRemoved));
+            }
+            other => panic!("no notice: {other:?}"),
+        }
+        assert!(ctl.plane().affinities().is_empty());
+        // And a's key is gone.
+        let r = ask(&mut ctl, &mut a, A_1, &create("198.18.1.0"));
+        assert!(r.is_none(), "{r:?}");
     }
 
     #[test]

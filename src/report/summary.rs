@@ -295,6 +295,10 @@ pub struct ClusterSummary {
     pub store_up: bool,
     /// When `store_up` last changed, Unix ms (0: never).
     pub since_unix_ms: u64,
+    /// Why the store is unreachable (the last connection's error), while
+    /// it is: at start too, before the first load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// The newest store revision seen.
     pub revision: i64,
     /// A full load has been installed (the instance reports ready).

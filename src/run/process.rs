@@ -355,6 +355,25 @@ impl Drop for WorkerWatch {
     }
 }
 
+/// Each port's plan: forwarded packets leave by its `forward_to` port, to
+/// that port's next hop and within that port's link MTU.
+fn port_plans(cfg: &Config) -> Vec<PortPlan> {
+    (0..cfg.ports.len())
+        .map(|i| {
+            let out = cfg.forwarding_port(i);
+            PortPlan {
+                forward_to: out,
+                gateway_mac: cfg.ports[out].gateway_mac.map(|m| m.0),
+                unmatched_to: cfg.ports[i]
+                    .unmatched_to
+                    .as_deref()
+                    .and_then(|n| cfg.port_index(n)),
+                mtu: cfg.ports[out].mtu.into(),
+            }
+        })
+        .collect()
+}
+
 /// Starts one pinned worker per worker core (each with its `counters`),
 /// reading the tables of `shared`, and the traffic source if configured. A
 /// worker that dies sets the stop flags ([`WorkerWatch`]).
@@ -365,28 +384,7 @@ fn spawn(
     counters: Vec<Arc<WorkerCounters>>,
     flags: &StopFlags,
 ) -> Result<Threads, String> {
-    let plans: Vec<PortPlan> = cfg
-        .ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| PortPlan {
-            forward_to: p
-                .forward_to
-                .as_deref()
-                .and_then(|n| cfg.port_index(n))
-                .unwrap_or(i),
-            gateway_mac: p.gateway_mac.map(|m| m.0),
-            unmatched_to: p.unmatched_to.as_deref().and_then(|n| cfg.port_index(n)),
-            // The link packets forwarded from port i leave on.
-            mtu: cfg.ports[p
-                .forward_to
-                .as_deref()
-                .and_then(|n| cfg.port_index(n))
-                .unwrap_or(i)]
-            .mtu
-            .into(),
-        })
-        .collect();
+    let plans = port_plans(cfg);
     let traffic = traffic_ports(cfg, &plans)?;
     let ports = &started.ports;
 
@@ -689,6 +687,41 @@ mod tests {
             died: Arc::clone(&died),
         };
         (watch, stopping, stop_process, died)
+    }
+
+    /// Forwarded packets take the next hop and MTU of the port they leave
+    /// by, whichever port they came in on.
+    #[test]
+    fn plans_take_the_forwarding_ports_next_hop_and_mtu() {
+        let text = crate::config::testing::with_services(&format!(
+            "{}{}",
+            r#"
+[[ports]]
+name = "down"
+device = "net_ring1"
+gateway_mac = "02:00:00:00:00:aa"
+mtu = 1600
+[[ports]]
+name = "up"
+device = "net_ring2"
+forward_to = "down"
+unmatched_to = "p0"
+gateway_mac = "02:00:00:00:00:bb"
+"#,
+            crate::config::testing::WEB
+        ));
+        let text = text + "[[services.backends]]\nname = \"b\"\naddress = \"10.0.0.1\"\n";
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let plans = port_plans(&cfg);
+        let (p0, down, up) = (plans[0], plans[1], plans[2]);
+        assert_eq!((p0.forward_to, p0.mtu), (0, 1500));
+        assert_eq!(p0.gateway_mac, Some([2, 0, 0, 0, 0, 0xfe]));
+        assert_eq!((down.forward_to, down.mtu), (1, 1600));
+        assert_eq!(down.gateway_mac, Some([2, 0, 0, 0, 0, 0xaa]));
+        // "up" forwards out of "down": down's gateway and MTU, not its own.
+        assert_eq!((up.forward_to, up.mtu), (1, 1600));
+        assert_eq!(up.gateway_mac, Some([2, 0, 0, 0, 0, 0xaa]));
+        assert_eq!((up.unmatched_to, down.unmatched_to), (Some(0), None));
     }
 
     /// A worker that panics while forwarding stops the process; one that
