@@ -18,6 +18,7 @@ use std::time::Instant;
 use crate::affinity::key::TableKey;
 use crate::affinity::limits::OverlapPolicy;
 use crate::affinity::manager::{AffinityManager, Ended, Record};
+use crate::affinity::table::SLOTS;
 use crate::affinity::AffinityError;
 use crate::cluster::DeclarationKey;
 use crate::config::Config;
@@ -738,6 +739,18 @@ impl ControlPlane {
             AffinityError::NotFound => {
                 Response::new(ReturnCode::NotFound).with_message("no such affinity")
             }
+            AffinityError::TableFull if self.affinities.len() < self.affinities.capacity() => {
+                // Below capacity: the key's two buckets are full, which
+                // port ranges of one prefix reach first (they share them).
+                Response::new(ReturnCode::TableFull).with_message(format!(
+                    "no room for this key in its two buckets of {SLOTS} slots ({} of {} \
+                     entries in use): a client prefix holds at most {} port ranges per \
+                     service, fewer beside other keys there",
+                    self.affinities.len(),
+                    self.affinities.capacity(),
+                    2 * SLOTS,
+                ))
+            }
             AffinityError::TableFull => Response::new(ReturnCode::TableFull).with_message(format!(
                 "affinity table full ({} entries)",
                 self.affinities.capacity()
@@ -942,25 +955,34 @@ impl ControlPlane {
             .filter(|(k, _)| svc_id.is_none_or(|s| k.service() == s))
             .filter(|(_, r)| owner.is_none_or(|o| self.backend_name(r.owner) == Some(o)))
             .collect();
-        // A stable order so that pages do not overlap.
+        // A total order (a service's keys share its family), so that pages
+        // do not overlap. Only the page is sorted: the entries before it
+        // and after it are only partitioned off (linear, where sorting a
+        // large table for each page was not).
         let port_order = |p: PortMatch| match p {
             PortMatch::Any => (0, 0, 0),
             PortMatch::One(x) => (1, x, x),
             PortMatch::Range(a, b) => (2, a, b),
         };
-        entries.sort_unstable_by_key(|(k, _)| {
+        let order = |(k, _): &(&TableKey, &Record)| {
             (k.service(), k.prefix_len(), k.addr(), port_order(k.ports()))
-        });
-        let offset = offset as usize;
-        let limit = if limit == 0 {
-            usize::MAX
-        } else {
-            limit as usize
         };
-        let page: Vec<AffinityEntry> = entries
+        let total = entries.len();
+        let start = (offset as usize).min(total);
+        let end = match limit {
+            0 => total,
+            n => start.saturating_add(usize::from(n)).min(total),
+        };
+        if start > 0 && start < total {
+            entries.select_nth_unstable_by_key(start, order);
+        }
+        let rest = &mut entries[start..];
+        if end - start > 0 && end - start < rest.len() {
+            rest.select_nth_unstable_by_key(end - start, order);
+        }
+        rest[..end - start].sort_unstable_by_key(order);
+        let page: Vec<AffinityEntry> = entries[start..end]
             .iter()
-            .skip(offset)
-            .take(limit)
             .filter_map(|(k, r)| {
                 let svc = self.dp.service(k.service())?;
                 Some(AffinityEntry {
@@ -971,7 +993,7 @@ impl ControlPlane {
                 })
             })
             .collect();
-        let more = entries.len() > offset.saturating_add(page.len());
+        let more = total > start.saturating_add(page.len());
         Response::affinities(page, more)
     }
 
@@ -1193,6 +1215,103 @@ mod tests {
             ReturnCode::NotFound
         );
         assert_eq!(p.affinities().len(), 1);
+    }
+
+    /// Pages of any size, one after the other, give the whole list once,
+    /// in order; an owner's pages only its own.
+    #[test]
+    fn list_pages_partition_the_sorted_table() {
+        let (mut p, _r) = plane(&config_text());
+        // Addresses in a scrambled order, /32s and /24s, two owners.
+        for i in 0..300u32 {
+            let n = i.wrapping_mul(2_654_435_761) % 65_536;
+            let (addr, plen) = if i % 5 == 0 {
+                (format!("10.{}.{}.0", 100 + n % 100, n / 256 % 256), 24)
+            } else {
+                (format!("198.18.{}.{}", n / 256, n % 256), 32)
+            };
+            let owner = if i % 3 == 0 { "a" } else { "b" };
+            let r = call(
+                &mut p,
+                "admin",
+                Request::AffinityCreate(op(&addr, plen, Some(owner), 60)),
+            );
+            assert_eq!(r.code, ReturnCode::Ok, "{addr}/{plen}: {}", r.message);
+        }
+        let list = |p: &mut ControlPlane, owner, offset, limit| {
+            let r = call(
+                p,
+                "admin",
+                Request::AffinityList {
+                    service: None,
+                    owner,
+                    offset,
+                    limit,
+                },
+            );
+            // Keys and owners (the seconds left may tick on meanwhile).
+            match r.payload {
+                Payload::Affinities { entries, more } => (
+                    entries
+                        .into_iter()
+                        .map(|e| (e.key, e.owner))
+                        .collect::<Vec<_>>(),
+                    more,
+                ),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (all, more) = list(&mut p, None, 0, 0);
+        assert!(!more);
+        assert_eq!(all.len(), p.affinities().len());
+        let order: Vec<_> = all.iter().map(|(k, _)| (k.prefix_len, k.client)).collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "by prefix length, then address");
+        for limit in [1u16, 7, 64, 299, 300, 1000] {
+            let mut got = Vec::new();
+            loop {
+                let (page, more) = list(&mut p, None, got.len() as u32, limit);
+                assert!(page.len() <= usize::from(limit));
+                got.extend(page);
+                if !more {
+                    break;
+                }
+            }
+            assert_eq!(got, all, "pages of {limit}");
+        }
+        let (past, more) = list(&mut p, None, 5000, 10);
+        assert!(past.is_empty() && !more);
+        let (mine, _) = list(&mut p, Some("a"), 0, 0);
+        let (first, more) = list(&mut p, Some("a"), 0, 33);
+        let (second, _) = list(&mut p, Some("a"), 33, 0);
+        assert!(more && mine.len() == 100);
+        assert!(mine.iter().all(|(_, o)| o == "a"));
+        assert_eq!([first, second].concat(), mine);
+    }
+
+    /// Port ranges of one prefix share their buckets: the seventeenth is
+    /// refused, with a message that says why, in a table nearly empty.
+    #[test]
+    fn a_prefix_holds_sixteen_port_ranges() {
+        let (mut p, _r) = plane(&config_text());
+        let range = |owner, lo: u16| {
+            let mut o = op("198.18.5.7", 32, Some(owner), 60);
+            o.key = o.key.with_ports(PortMatch::Range(lo, lo + 1));
+            Request::AffinityCreate(o)
+        };
+        for i in 0..2 * SLOTS as u16 {
+            let r = call(&mut p, "a", range("a", 1000 + 10 * i));
+            assert_eq!(r.code, ReturnCode::Ok, "{i}: {}", r.message);
+        }
+        let r = call(&mut p, "b", range("b", 2000));
+        assert_eq!(r.code, ReturnCode::TableFull);
+        assert!(
+            r.message.contains("at most 16 port ranges"),
+            "{}",
+            r.message
+        );
+        assert_eq!(p.affinities().len(), 2 * SLOTS);
     }
 
     #[test]

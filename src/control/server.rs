@@ -37,6 +37,10 @@ pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
 pub const DEFAULT_REPLAY_CAPACITY: usize = 2_000_000;
 /// Datagrams handled per [`ControlServer::poll`] call at most.
 pub const DEFAULT_MAX_PER_POLL: usize = 256;
+/// Longest a poll keeps handling datagrams once the first arrived: the
+/// control loop's tick (expiry, notices) comes at least this often, however
+/// costly the requests (a list of a large table) or however many wait.
+pub const MAX_POLL_TIME: Duration = Duration::from_millis(50);
 /// Statistics snapshots kept for clients fetching them in chunks, the
 /// oldest expiring first.
 const STATS_SNAPSHOTS: usize = 8;
@@ -239,15 +243,17 @@ impl ControlServer {
     }
 
     /// Handles the datagrams waiting on the socket, at most `max_per_poll` of
-    /// them, waiting up to `read_timeout` for the first. Returns how many
-    /// were received. `now` is the wall clock at the call; the time spent
-    /// waiting is added to it.
+    /// them and for at most [`MAX_POLL_TIME`] after the first, waiting up
+    /// to `read_timeout` for the first. Returns how many were received.
+    /// `now` is the wall clock at the call; the time spent waiting is added
+    /// to it.
     pub fn poll(&mut self, handler: &mut impl ControlHandler, now: SystemTime) -> usize {
         let started = Instant::now();
         let base_ms = unix_ms(now);
         let mut count = 0;
         let mut switched = false;
-        while count < self.max_per_poll {
+        let mut first: Option<Instant> = None;
+        while count < self.max_per_poll && first.is_none_or(|t| t.elapsed() < MAX_POLL_TIME) {
             let (len, source) = match self.socket.recv_from(&mut self.rx) {
                 Ok(r) => r,
                 Err(e)
@@ -265,6 +271,7 @@ impl ControlServer {
                 }
             };
             count += 1;
+            first.get_or_insert_with(Instant::now);
             if self.read_timeout.is_some() && !switched {
                 // Drain the rest without waiting again.
                 switched = self.socket.set_nonblocking(true).is_ok();

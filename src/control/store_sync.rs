@@ -13,7 +13,8 @@
 //!   gone). The one whose delete commits sends the notice; the others
 //!   stay silent.
 //! * While the store is unreachable, changes are refused (UNAVAILABLE) and
-//!   ends wait for the next full load.
+//!   ends wait for the next full load. A delete a reachable store refuses
+//!   (out of space, permission) is sent again after [`END_RETRY_MS`].
 //! * A BACKEND_STATE (and `pktdist backend drain|undrain|state`) is
 //!   written to the store as one declaration per backend concerned, by
 //!   name, and answered once all are committed. Every instance applies
@@ -40,6 +41,9 @@ use crate::types::{BackendState, Declared, EndReason};
 /// How long an instance other than an affinity's writer waits before it
 /// ends the affinity itself (ms).
 pub const TAKEOVER_DELAY_MS: u64 = 500;
+/// How long an end whose delete a reachable store refused (out of space,
+/// permission denied) waits before the delete is sent again (ms).
+pub const END_RETRY_MS: u64 = 1000;
 
 /// The store revision and writer of a key, as this instance last saw them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -505,8 +509,17 @@ impl StoreSync {
         out
     }
 
+    /// Some delete of an ended affinity awaits its outcome.
+    pub fn ends_in_flight(&self) -> bool {
+        self.in_flight
+            .values()
+            .any(|f| matches!(f, InFlight::End(_)))
+    }
+
     /// At shutdown: every reply still waiting is answered UNAVAILABLE. The
-    /// affinities stay in the store (a stopping instance ends none).
+    /// affinities stay in the store; an end whose delete has not committed
+    /// (the caller waits for those in flight first) is left to the other
+    /// instances, which take it over as its writer's.
     pub fn shutdown(&mut self) -> Vec<(Ticket, Response)> {
         let mut replies = Vec::new();
         for reply in std::mem::take(&mut self.declaring).into_keys() {
@@ -1129,10 +1142,14 @@ impl StoreSync {
                 }
             },
             Outcome::Unavailable { .. } => {
-                // Unknown: sent again after the next load if still there.
+                // Not committed, or not known to be. Sent again in a while:
+                // a store that still answers (one out of space, or refusing
+                // this write) may take it then; a lost connection reports
+                // itself next (`Unreachable`), which parks the end until
+                // the next load, where the key's revision decides.
                 if let Some(e) = self.ends.get_mut(&key) {
                     e.sent = false;
-                    e.after_load = true;
+                    e.due_unix_ms = wall_ms.saturating_add(END_RETRY_MS);
                 }
             }
         }
@@ -1822,6 +1839,64 @@ mod tests {
         match b.op() {
             Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
             other => panic!("no delete: {other:?}"),
+        }
+    }
+
+    /// A store that answers but refuses the delete (etcd's NOSPACE alarm):
+    /// the end is tried again while the connection stays up, and notified
+    /// once the delete commits.
+    #[test]
+    fn a_delete_a_reachable_store_refuses_is_sent_again() {
+        let mut b = expired("i1");
+        b.turn(WALL + 2000);
+        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        let full = Outcome::Unavailable {
+            error: "etcdserver: mvcc: database space exceeded".into(),
+        };
+        assert!(b.done(ticket, full, WALL + 2010).notices.is_empty());
+        b.turn(WALL + 2500);
+        assert!(b.op().is_none(), "not at once");
+        assert_eq!(b.sync.pending_ends(), 1);
+        b.turn(WALL + 2010 + END_RETRY_MS);
+        let Some(StoreOp::Delete { ticket, expect, .. }) = b.op() else {
+            panic!("not sent again")
+        };
+        assert_eq!(expect, 5);
+        let out = b.done(ticket, Outcome::Committed { revision: 30 }, WALL + 3100);
+        assert_eq!(out.notices.len(), 1);
+        assert_eq!(b.sync.pending_ends(), 0);
+        assert_eq!(b.sync.counters().ends_won, 1);
+    }
+
+    /// The connection lost with the delete in flight: its outcome, then the
+    /// outage, park the end until the next load.
+    #[test]
+    fn a_delete_lost_with_the_connection_waits_for_the_load() {
+        let mut b = expired("i1");
+        b.turn(WALL + 2000);
+        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        let lost = Outcome::Unavailable {
+            error: "connection reset".into(),
+        };
+        b.done(ticket, lost, WALL + 2010);
+        b.event(StoreEvent::Unreachable {
+            error: "connection reset".into(),
+        });
+        b.turn(WALL + 2010 + 5 * END_RETRY_MS);
+        assert!(b.op().is_none(), "nothing while unreachable");
+        b.event(StoreEvent::Loaded {
+            revision: 9,
+            affinities: vec![(stored("a", "i1", 1000), 5)],
+            declarations: Vec::new(),
+        });
+        b.turn(WALL + 9000);
+        match b.op() {
+            Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
+            other => panic!("no delete after the load: {other:?}"),
         }
     }
 

@@ -381,10 +381,26 @@ impl ControlThread {
     }
 
     /// At shutdown in cluster mode: the store's last outcomes are applied,
-    /// and every reply still waiting is answered UNAVAILABLE (the
-    /// affinities stay in the store).
+    /// the deletes of ended affinities in flight are waited for (up to
+    /// `[cluster] timeout`: whose delete commits sends the notice, and the
+    /// other instances stay silent once they see it), and every reply
+    /// still waiting is answered UNAVAILABLE (the affinities stay in the
+    /// store).
     fn stop_cluster(&mut self) {
         self.cluster_turn();
+        let wait = self
+            .file
+            .running()
+            .cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.timeout.0);
+        let deadline = Instant::now() + wait;
+        while self.cluster.as_ref().is_some_and(StoreSync::ends_in_flight)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+            self.cluster_turn();
+        }
         let Some(c) = &mut self.cluster else {
             return;
         };
@@ -773,6 +789,77 @@ mod tests {
         )
         .unwrap();
         (ctl, store)
+    }
+
+    /// An affinity that ends as the instance stops: its delete goes to the
+    /// store and its outcome is awaited, so the owner hears of it from
+    /// here (the other instances, seeing the delete, stay silent).
+    #[test]
+    fn an_end_at_shutdown_is_deleted_and_notified_before_the_instance_stops() {
+        use crate::cluster::{Outcome, StoreEvent, StoreOp};
+        let file = File::new(
+            "cluster-stop",
+            &format!("{}{CLUSTER}", config(ADMIN_1, A_1)),
+        );
+        let (mut ctl, mut store) = cluster_thread(&file);
+        store
+            .events
+            .send(StoreEvent::Loaded {
+                revision: 3,
+                affinities: vec![],
+                declarations: Vec::new(),
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        let mut a = Peer::new("a", A_1);
+        let mut short = op("198.18.0.0", 24, None, 1);
+        short.notify = None;
+        a.send(ctl.local_addr().unwrap(), &Request::AffinityCreate(short));
+        ctl.step(Instant::now());
+        let Ok(StoreOp::Put { ticket, .. }) = store.ops.try_recv() else {
+            panic!("no put")
+        };
+        store
+            .events
+            .send(StoreEvent::Done {
+                ticket,
+                outcome: Outcome::Committed { revision: 4 },
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        assert!(matches!(a.recv_signed(A_1), Some(Received::Reply(_))));
+        std::thread::sleep(Duration::from_millis(1100));
+
+        // The store thread, still there while the instance stops, commits
+        // the delete.
+        let answering = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until {
+                if let Ok(StoreOp::Delete { ticket, expect, .. }) = store.ops.try_recv() {
+                    assert_eq!(expect, 4);
+                    store
+                        .events
+                        .send(StoreEvent::Done {
+                            ticket,
+                            outcome: Outcome::Committed { revision: 5 },
+                        })
+                        .unwrap();
+                    return store;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            panic!("no delete");
+        });
+        ctl.save_state().unwrap();
+        let _store = answering.join().unwrap();
+        match a.recv_signed(A_1) {
+            Some(Received::Ended(n)) => {
+                assert_eq!((n.key, n.reason), (short.key, EndReason::Expired))
+            }
+            other => panic!("no notice: {other:?}"),
+        }
+        let c = ctl.summary().extra.cluster.unwrap();
+        assert_eq!((c.ends_won, c.pending_ends), (1, 0));
     }
 
     #[test]

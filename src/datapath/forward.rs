@@ -33,7 +33,10 @@ pub const MAX_FRAGMENTS: usize = 8;
 /// The link-layer header keeps its VLAN tag(s); Ethernet padding after the
 /// inner packet is removed so the frame ends where the outer packet does.
 /// The outer IPv4 header copies the inner TOS and DF bit (RFC 2003 3.1, so
-/// path-MTU discovery keeps working through the tunnel), has id 0 and TTL 64;
+/// path-MTU discovery keeps working through the tunnel), has identification
+/// `ident` (the caller's counter: a router further on may fragment an
+/// outer packet without DF, and fragments of different packets between
+/// the same two addresses must not share one, RFC 6864) and TTL 64;
 /// the outer IPv6 header copies the traffic class and takes its flow label
 /// from the flow hash, so routers spread tunnelled flows (RFC 6438).
 ///
@@ -46,6 +49,7 @@ pub const MAX_FRAGMENTS: usize = 8;
 /// The general path, out of line: the worker's main line takes
 /// [`Egress::forward`], which writes the common frame (untagged IPv4, room
 /// in front) itself and calls this for the others.
+#[allow(clippy::too_many_arguments)]
 #[inline(never)]
 pub fn encap_ipip<B: PacketBuf>(
     buf: &mut B,
@@ -55,6 +59,7 @@ pub fn encap_ipip<B: PacketBuf>(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
     max_len: usize,
+    ident: u16,
 ) -> Result<(), DropReason> {
     let l2 = pkt.l3_offset as usize;
     let inner = pkt.l3_len as usize;
@@ -133,7 +138,8 @@ pub fn encap_ipip<B: PacketBuf>(
                 // inner packet at least as long (checked above).
                 return Err(DropReason::Malformed);
             };
-            ipv4_outer(hdr, tos, flags, inner, outer_src as u32, backend as u32);
+            let (src, dst) = (outer_src as u32, backend as u32);
+            ipv4_outer(hdr, tos, flags, ident, inner, src, dst);
         }
         Family::V6 => {
             let tc = (u16::from_be_bytes([inner_ip[0], inner_ip[1]]) >> 4) as u8;
@@ -252,10 +258,11 @@ impl Egress {
     }
 
     /// Rewrites the frame of `pkt` for this way out: encapsulated
-    /// ([`encap_ipip`]) or with new MAC addresses (`l2`), failing
-    /// as those do, and with `NoRoute` where there is no next hop. Refuses
-    /// with `TooBig` a packet longer than `max_len` once forwarded (the
-    /// link's MTU; the encapsulation included).
+    /// ([`encap_ipip`], an outer IPv4 header identified by `ident`) or with
+    /// new MAC addresses (`l2`), failing as those do, and with `NoRoute`
+    /// where there is no next hop. Refuses with `TooBig` a packet longer
+    /// than `max_len` once forwarded (the link's MTU; the encapsulation
+    /// included).
     ///
     /// Always inlined: the worker's main line calls it for every packet,
     /// and the length check against the link's MTU is the one comparison
@@ -266,6 +273,7 @@ impl Egress {
         buf: &mut B,
         pkt: &ParsedPacket,
         max_len: usize,
+        ident: u16,
     ) -> Result<(), DropReason> {
         match self.way {
             Way::IpIp => {
@@ -274,7 +282,7 @@ impl Egress {
                     && pkt.key.family == Family::V4
                     && inner >= ipv4::HEADER_LEN
                     && inner + ipv4::HEADER_LEN <= max_len
-                    && self.encap_plain_ipv4(buf, inner)
+                    && self.encap_plain_ipv4(buf, inner, ident)
                 {
                     return Ok(());
                 }
@@ -287,6 +295,7 @@ impl Egress {
                     src_mac,
                     dst_mac,
                     max_len,
+                    ident,
                 )
             }
             Way::L2 => {
@@ -317,7 +326,7 @@ impl Egress {
     /// buffer unchanged, when the headroom is too small, the frame shorter
     /// than the packet, or the buffer cannot be cut (for the general path).
     #[inline(always)]
-    fn encap_plain_ipv4<B: PacketBuf>(&self, buf: &mut B, inner: usize) -> bool {
+    fn encap_plain_ipv4<B: PacketBuf>(&self, buf: &mut B, inner: usize, ident: u16) -> bool {
         const OUTER: usize = ipv4::HEADER_LEN;
         if !buf.reframe(OUTER, PLAIN_HEAD + inner) {
             return false;
@@ -332,45 +341,49 @@ impl Egress {
         f[..PLAIN_HEAD].copy_from_slice(&self.head);
         // The words each packet sets, summed as values (not read back from
         // bytes just stored, which defeats store forwarding): version/IHL
-        // and TOS, total length, flags (the inner DF) and fragment offset.
+        // and TOS, total length, identification, flags (the inner DF) and
+        // fragment offset.
         let w0 = 0x4500 | u32::from(tos);
         let total = (inner + OUTER) as u32;
         let w3 = u32::from(flags & 0x40) << 8;
-        let sum = self.sum + w0 + total + w3;
+        let sum = self.sum + w0 + total + u32::from(ident) + w3;
         let sum = (sum & 0xffff) + (sum >> 16);
         let c = !((sum & 0xffff) + (sum >> 16)) as u16;
         f[14..18].copy_from_slice(&(w0 << 16 | total).to_be_bytes());
-        f[20] = (w3 >> 8) as u8;
+        f[18..22].copy_from_slice(&(u32::from(ident) << 16 | w3).to_be_bytes());
         f[24..26].copy_from_slice(&c.to_be_bytes());
         true
     }
 }
 
 /// Writes the outer IPv4 header of an `inner`-byte packet whose TOS and
-/// flags byte are `tos` and `flags`: its TOS, its DF bit, id 0, TTL 64,
-/// protocol IP-in-IP, the checksum.
+/// flags byte are `tos` and `flags`: its TOS, identification `ident`, its
+/// DF bit, TTL 64, protocol IP-in-IP, the checksum.
 #[inline(always)]
 fn ipv4_outer(
     hdr: &mut [u8; ipv4::HEADER_LEN],
     tos: u8,
     flags: u8,
+    ident: u16,
     inner: usize,
     src: u32,
     dst: u32,
 ) {
     // The header's 16-bit words are summed as values (not read back from
     // bytes just stored, which defeats store forwarding): version/IHL and
-    // TOS, total length, id 0, flags (the inner DF) and fragment offset 0,
-    // TTL and protocol, addresses.
+    // TOS, total length, identification, flags (the inner DF) and fragment
+    // offset 0, TTL and protocol, addresses.
     let w0 = 0x4500 | u32::from(tos);
     let total = (inner + ipv4::HEADER_LEN) as u32;
+    let id = u32::from(ident);
     let w3 = u32::from(flags & 0x40) << 8;
     let w4 = u32::from(OUTER_TTL) << 8 | u32::from(ipv4::PROTO_IPIP);
-    let sum = w0 + total + w3 + w4 + (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
+    let sum =
+        w0 + total + id + w3 + w4 + (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
     let sum = (sum & 0xffff) + (sum >> 16);
     let c = !((sum & 0xffff) + (sum >> 16)) as u16;
     hdr[0..4].copy_from_slice(&(w0 << 16 | total).to_be_bytes());
-    hdr[4..8].copy_from_slice(&w3.to_be_bytes());
+    hdr[4..8].copy_from_slice(&(id << 16 | w3).to_be_bytes());
     hdr[8..12].copy_from_slice(&(w4 << 16 | u32::from(c)).to_be_bytes());
     hdr[12..16].copy_from_slice(&src.to_be_bytes());
     hdr[16..20].copy_from_slice(&dst.to_be_bytes());
@@ -380,7 +393,8 @@ fn ipv4_outer(
 /// bytes (RFC 791): `buf` keeps the first, cut to length; each further one
 /// is written into a buffer from `alloc` (asked for a frame of the length
 /// given) with a copy of the link-layer header, and pushed onto `out`.
-/// Every fragment carries `ident`; the first keeps the header's options,
+/// Every fragment keeps the packet's identification (RFC 791: it is what
+/// the receiver joins them by); the first keeps the header's options,
 /// the others only the options marked to be copied. Fragments shorter
 /// than the Ethernet minimum are zero-padded. The packet must not have DF
 /// set (the caller decides what a DF packet gets instead); an existing
@@ -394,7 +408,6 @@ pub fn fragment_ipv4<B: PacketBuf>(
     buf: &mut B,
     l3: usize,
     mtu: usize,
-    ident: u16,
     mut alloc: impl FnMut(usize) -> Option<B>,
     out: &mut Vec<B>,
 ) -> Result<(), DropReason> {
@@ -460,7 +473,6 @@ pub fn fragment_ipv4<B: PacketBuf>(
         let mut fh = ipv4::Packet::new_unchecked(h);
         fh.set_version_and_header_len(tail_hlen);
         fh.set_total_len((tail_hlen + n) as u16);
-        fh.set_ident(ident);
         fh.set_frag(false, k + 1 < tails || last_mf, base + at as u16);
         fh.fill_checksum();
         let from = l3 + hlen + at;
@@ -473,7 +485,6 @@ pub fn fragment_ipv4<B: PacketBuf>(
     }
     let mut h = ipv4::Packet::new_unchecked(&mut buf.data_mut()[l3..l3 + hlen]);
     h.set_total_len((hlen + first) as u16);
-    h.set_ident(ident);
     h.set_frag(false, true, base);
     h.fill_checksum();
     out.extend(made.into_iter().flatten());
@@ -498,6 +509,8 @@ mod tests {
     const BE6: u128 = 0x2001_0db8_0000_0000_0000_0000_0000_0063;
     /// No link limit but IPv4's length field.
     const ANY: usize = u16::MAX as usize;
+    /// The outer IPv4 header's identification the tests ask for.
+    const ID: u16 = 0x5ac3;
 
     /// Encapsulates `frame` and checks the output against the input.
     fn encap_and_check(frame: &[u8]) -> Vec<u8> {
@@ -549,7 +562,10 @@ mod tests {
             Family::V4 => (LB4, BE4),
             Family::V6 => (LB6, BE6),
         };
-        encap_ipip(&mut buf, &pkt, outer_src, backend, SRC_MAC, DST_MAC, ANY).unwrap();
+        encap_ipip(
+            &mut buf, &pkt, outer_src, backend, SRC_MAC, DST_MAC, ANY, ID,
+        )
+        .unwrap();
         let out = buf.data().to_vec();
 
         let eth = ethernet::Frame::new_checked(&out[..]).unwrap();
@@ -577,7 +593,7 @@ mod tests {
                 assert!(!ip.is_fragment());
                 let inner_df = original_ip[6] & 0x40 != 0;
                 assert_eq!(ip.dont_frag(), inner_df, "DF copied from the inner header");
-                assert_eq!(ip.ident(), 0);
+                assert_eq!(ip.ident(), ID);
                 assert_eq!(u32::from_be_bytes(ip.src_addr()) as u128, LB4);
                 assert_eq!(u32::from_be_bytes(ip.dst_addr()) as u128, BE4);
                 assert!(ip.verify_checksum());
@@ -695,12 +711,12 @@ mod tests {
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::with_headroom(19, &f);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY, ID),
             Err(DropReason::NoRoom)
         );
         assert_eq!(b.data(), &f[..], "unchanged on failure");
         let mut b = MemBuf::with_headroom(20, &f);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY, ID).is_ok());
         assert_eq!(b.data().len(), f.len() + 20);
 
         let f6 = FrameSpec::tcp_v6(LB6.to_be_bytes(), 1, BE6.to_be_bytes(), 2, 0)
@@ -709,7 +725,7 @@ mod tests {
         let pkt = parse(&f6).unwrap();
         let mut b = MemBuf::with_headroom(39, &f6);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB6, BE6, SRC_MAC, DST_MAC, ANY),
+            encap_ipip(&mut b, &pkt, LB6, BE6, SRC_MAC, DST_MAC, ANY, ID),
             Err(DropReason::NoRoom)
         );
         // A padded frame needs only what the padding does not provide.
@@ -719,11 +735,11 @@ mod tests {
         let pkt = parse(&small).unwrap();
         let mut b = MemBuf::with_headroom(1, &small);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY, ID),
             Err(DropReason::NoRoom)
         );
         let mut b = MemBuf::with_headroom(2, &small);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY, ID).is_ok());
         assert_eq!(b.data().len(), 14 + 20 + 28);
     }
 
@@ -740,7 +756,7 @@ mod tests {
         assert_eq!(pkt.l3_len, 65535);
         let mut b = MemBuf::with_headroom(64, &f);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY, ID),
             Err(DropReason::TooBig)
         );
         // 20 bytes less fits exactly.
@@ -752,7 +768,7 @@ mod tests {
         .unwrap();
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::with_headroom(64, &f);
-        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).is_ok());
+        assert!(encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY, ID).is_ok());
         assert_eq!(u16::from_be_bytes([b.data()[16], b.data()[17]]), 65535);
     }
 
@@ -784,11 +800,11 @@ mod tests {
             assert_eq!(pkt.l3_len, 1500);
             let mut b = MemBuf::from_frame(&f);
             assert_eq!(
-                encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500),
+                encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500, ID),
                 Err(DropReason::TooBig)
             );
             assert_eq!(b.data(), &f[..], "unchanged");
-            assert!(encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500 + over).is_ok());
+            assert!(encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500 + over, ID).is_ok());
             let fits = vec![1u8; 1500 - hdr - over];
             let f = FrameSpec {
                 payload: &fits,
@@ -798,7 +814,7 @@ mod tests {
             .unwrap();
             let pkt = parse(&f).unwrap();
             let mut b = MemBuf::from_frame(&f);
-            assert!(encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500).is_ok());
+            assert!(encap_ipip(&mut b, &pkt, src, dst, SRC_MAC, DST_MAC, 1500, ID).is_ok());
             assert_eq!(b.data().len(), 14 + 1500);
         }
     }
@@ -811,7 +827,7 @@ mod tests {
         let pkt = parse(&f).unwrap();
         let mut b = MemBuf::from_frame(&f[..50]);
         assert_eq!(
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY),
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY, ID),
             Err(DropReason::Malformed)
         );
         assert_eq!(b.data(), &f[..50]);
@@ -828,7 +844,7 @@ mod tests {
         let pkt = parse(&f).unwrap();
         let l2 = Egress::new(None, BE4, Some(DST_MAC), None, SRC_MAC);
         let mut b = MemBuf::from_frame(&f);
-        l2.forward(&mut b, &pkt, ANY).unwrap();
+        l2.forward(&mut b, &pkt, ANY, ID).unwrap();
         let out = b.data();
         assert_eq!(&out[0..6], &DST_MAC);
         assert_eq!(&out[6..12], &SRC_MAC);
@@ -836,7 +852,7 @@ mod tests {
         // A frame shorter than the two addresses (which the parser never
         // describes) is left as it is.
         let mut tiny = MemBuf::from_frame(&[1, 2, 3]);
-        l2.forward(&mut tiny, &pkt, ANY).unwrap();
+        l2.forward(&mut tiny, &pkt, ANY, ID).unwrap();
         assert_eq!(tiny.data(), &[1, 2, 3]);
     }
 
@@ -851,7 +867,7 @@ mod tests {
         let pkt = parse(&f).unwrap();
         let out = |e: Egress| {
             let mut b = MemBuf::from_frame(&f);
-            e.forward(&mut b, &pkt, ANY).map(|()| b.data().to_vec())
+            e.forward(&mut b, &pkt, ANY, ID).map(|()| b.data().to_vec())
         };
         let own = out(Egress::new(
             Some(LB4),
@@ -890,9 +906,12 @@ mod tests {
         let mtu = usize::from(pkt.l3_len);
         let l2 = Egress::new(None, BE4, Some(DST_MAC), None, SRC_MAC);
         let mut b = MemBuf::from_frame(&f);
-        assert_eq!(l2.forward(&mut b, &pkt, mtu - 1), Err(DropReason::TooBig));
+        assert_eq!(
+            l2.forward(&mut b, &pkt, mtu - 1, ID),
+            Err(DropReason::TooBig)
+        );
         assert_eq!(b.data(), &f[..]);
-        assert!(l2.forward(&mut b, &pkt, mtu).is_ok());
+        assert!(l2.forward(&mut b, &pkt, mtu, ID).is_ok());
     }
 
     /// Reassembles IPv4 fragments (the first's header, then every
@@ -940,11 +959,11 @@ mod tests {
             let pkt = parse(&f).unwrap();
             let l3 = pkt.l3_offset as usize;
             let mut b = MemBuf::from_frame(&f);
-            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY).unwrap();
+            encap_ipip(&mut b, &pkt, LB4, BE4, SRC_MAC, DST_MAC, ANY, ID).unwrap();
             let whole = b.data()[l3..].to_vec();
             assert_eq!(whole.len(), 1520);
             let mut out = Vec::new();
-            fragment_ipv4(&mut b, l3, 1500, 0x1234, MemBuf::zeroed, &mut out).unwrap();
+            fragment_ipv4(&mut b, l3, 1500, MemBuf::zeroed, &mut out).unwrap();
             assert_eq!(out.len(), 1);
             let frags = [b.data().to_vec(), out[0].data().to_vec()];
             for (k, fr) in frags.iter().enumerate() {
@@ -952,7 +971,7 @@ mod tests {
                 let ip = ipv4::Packet::new_checked(&fr[l3..]).unwrap();
                 assert!(ip.total_len() <= 1500);
                 assert!(ip.verify_checksum(), "fragment {k}");
-                assert_eq!(ip.ident(), 0x1234);
+                assert_eq!(ip.ident(), ID, "the outer packet's");
                 assert_eq!(ip.protocol(), ipv4::PROTO_IPIP);
                 assert!(!ip.dont_frag());
                 assert_eq!(ip.more_frags(), k == 0);
@@ -962,7 +981,6 @@ mod tests {
             // 20 + 20 bytes: padded to the Ethernet minimum.
             assert_eq!(frags[1].len(), 60.max(l3 + 40));
             let mut back = reassemble(l3, &frags);
-            back[4..6].copy_from_slice(&[0, 0]);
             back[10..12].copy_from_slice(&[0, 0]);
             let mut want = whole.clone();
             want[10..12].copy_from_slice(&[0, 0]);
@@ -990,14 +1008,20 @@ mod tests {
         let mut b = MemBuf::zeroed(f.len()).unwrap();
         b.data_mut().copy_from_slice(&f);
         let mut out = Vec::new();
-        fragment_ipv4(&mut b, 14, 800, 77, MemBuf::zeroed, &mut out).unwrap();
+        let own = 0xbeef;
+        let mut ip = ipv4::Packet::new_checked(&mut b.data_mut()[14..]).unwrap();
+        ip.set_ident(own);
+        ip.fill_checksum();
+        fragment_ipv4(&mut b, 14, 800, MemBuf::zeroed, &mut out).unwrap();
         assert_eq!(out.len(), 2);
         let first = ipv4::Packet::new_checked(&b.data()[14..]).unwrap();
         assert_eq!(first.options(), &opts);
+        assert_eq!(first.ident(), own, "the packet's own identification");
         assert_eq!(first.payload().len() % 8, 0);
         for o in &out {
             let ip = ipv4::Packet::new_checked(&o.data()[14..]).unwrap();
             assert_eq!(ip.options(), &[0x94, 0x04, 0, 0]);
+            assert_eq!(ip.ident(), own);
             assert!(ip.verify_checksum());
             assert!(ip.total_len() <= 800);
         }
@@ -1020,29 +1044,29 @@ mod tests {
         let mut b = MemBuf::from_frame(&f);
         let mut out = Vec::new();
         assert_eq!(
-            fragment_ipv4(&mut b, 14, 1500, 1, |_| None, &mut out),
+            fragment_ipv4(&mut b, 14, 1500, |_| None, &mut out),
             Err(DropReason::NoRoom)
         );
         assert_eq!(b.data(), &f[..]);
         assert!(out.is_empty());
         // More than MAX_FRAGMENTS would be needed.
         assert_eq!(
-            fragment_ipv4(&mut b, 14, 200, 1, MemBuf::zeroed, &mut out),
+            fragment_ipv4(&mut b, 14, 200, MemBuf::zeroed, &mut out),
             Err(DropReason::NoRoom)
         );
         assert_eq!(b.data(), &f[..]);
         // An MTU that leaves no data.
         assert_eq!(
-            fragment_ipv4(&mut b, 14, 27, 1, MemBuf::zeroed, &mut out),
+            fragment_ipv4(&mut b, 14, 27, MemBuf::zeroed, &mut out),
             Err(DropReason::NoRoom)
         );
         // Not an IPv4 packet there.
         assert_eq!(
-            fragment_ipv4(&mut b, 13, 1500, 1, MemBuf::zeroed, &mut out),
+            fragment_ipv4(&mut b, 13, 1500, MemBuf::zeroed, &mut out),
             Err(DropReason::Malformed)
         );
         // A packet that fits is left alone.
-        fragment_ipv4(&mut b, 14, 1628, 1, MemBuf::zeroed, &mut out).unwrap();
+        fragment_ipv4(&mut b, 14, 1628, MemBuf::zeroed, &mut out).unwrap();
         assert_eq!(b.data(), &f[..]);
         assert!(out.is_empty());
     }
@@ -1112,14 +1136,14 @@ mod tests {
                 let run = |general: bool| {
                     let mut b = MemBuf::with_headroom(headroom, &f);
                     let done = match (cuttable, general) {
-                        (true, false) => egress.forward(&mut b, &pkt, max_len),
-                        (true, true) => encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC, max_len),
+                        (true, false) => egress.forward(&mut b, &pkt, max_len, ID),
+                        (true, true) => encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC, max_len, ID),
                         (false, general) => {
                             let mut u = Uncuttable(b);
                             let done = if general {
-                                encap_ipip(&mut u, &pkt, s, d, SRC_MAC, DST_MAC, max_len)
+                                encap_ipip(&mut u, &pkt, s, d, SRC_MAC, DST_MAC, max_len, ID)
                             } else {
-                                egress.forward(&mut u, &pkt, max_len)
+                                egress.forward(&mut u, &pkt, max_len, ID)
                             };
                             b = u.0;
                             done
@@ -1145,7 +1169,7 @@ mod tests {
             if let Ok(pkt) = parse(&f) {
                 let mut b = MemBuf::from_frame(&f);
                 let (s, d) = if pkt.key.family == Family::V4 { (LB4, BE4) } else { (LB6, BE6) };
-                encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC, ANY).unwrap();
+                encap_ipip(&mut b, &pkt, s, d, SRC_MAC, DST_MAC, ANY, ID).unwrap();
                 let out = b.data();
                 let l3 = pkt.l3_offset as usize;
                 let n = pkt.l3_len as usize;

@@ -145,8 +145,9 @@ pub struct Worker<IO: PacketIo> {
     echo_limit: RateLimiter,
     /// "Fragmentation needed" / "packet too big" answers, per client.
     too_big_limit: SourceLimiter,
-    /// Identification of the next packet this worker fragments.
-    frag_ident: u16,
+    /// Identification of the next outer IPv4 header this worker writes
+    /// (`ipip`); fragments keep their packet's.
+    ip_ident: u16,
 }
 
 impl<IO: PacketIo> Worker<IO> {
@@ -157,9 +158,9 @@ impl<IO: PacketIo> Worker<IO> {
         let epoch = shared.epoch;
         let echo_limit = RateLimiter::new(setup.icmp.echo_rate);
         let too_big_limit = SourceLimiter::new(setup.icmp.too_big_rate);
-        // Workers start their identifications far apart, so fragments of
-        // two workers to one backend rarely share one at the same time.
-        let frag_ident = (setup.id as u16).wrapping_mul(0x9e37);
+        // Workers start their identifications far apart, so two workers'
+        // packets to one backend rarely share one at the same time.
+        let ip_ident = (setup.id as u16).wrapping_mul(0x9e37);
         let mut w = Worker {
             io,
             setup,
@@ -182,7 +183,7 @@ impl<IO: PacketIo> Worker<IO> {
             epoch,
             echo_limit,
             too_big_limit,
-            frag_ident,
+            ip_ident,
         };
         w.adopt_snapshot();
         w
@@ -537,13 +538,22 @@ impl<IO: PacketIo> Worker<IO> {
         let svc = service.ok_or(DropReason::NoService)?;
         let exit = self.route(dp, svc, query, p, hash, now, exits)?;
         let len = buf.len() as u64;
-        exit.egress.forward(buf, p, mtu)?;
+        exit.egress.forward(buf, p, mtu, self.next_ident())?;
         let sc = self.counters.service(svc.id);
         sc.packets.inc();
         let bc = self.counters.backend(exit.backend);
         bc.packets.inc();
         bc.bytes.add(len);
         Ok(())
+    }
+
+    /// The identification of the next outer IPv4 header (one per packet
+    /// forwarded: an add, cheaper than asking whether it is needed).
+    #[inline(always)]
+    fn next_ident(&mut self) -> u16 {
+        let id = self.ip_ident;
+        self.ip_ident = id.wrapping_add(1);
+        id
     }
 
     /// A TCP or UDP packet of a service too long for the port's MTU once
@@ -569,7 +579,7 @@ impl<IO: PacketIo> Worker<IO> {
         let backend = self.connection_backend(dp, svc, &p.key, hash, now)?;
         let exit = exit_of(exits, backend, svc.id).ok_or(DropReason::NoBackend)?;
         let len = buf.len() as u64;
-        rewrite(exit, buf, p)?;
+        rewrite(exit, buf, p, self.next_ident())?;
         self.fragment(buf, p, plan)?;
         let sc = self.counters.service(svc.id);
         sc.packets.inc();
@@ -616,18 +626,15 @@ impl<IO: PacketIo> Worker<IO> {
         p: &ParsedPacket,
         plan: PortPlan,
     ) -> Result<(), DropReason> {
-        let ident = self.frag_ident;
         let before = self.tx[plan.forward_to].len();
         let io = &mut self.io;
         forward::fragment_ipv4(
             buf,
             usize::from(p.l3_offset),
             plan.mtu,
-            ident,
             |len| io.alloc(len),
             &mut self.tx[plan.forward_to],
         )?;
-        self.frag_ident = ident.wrapping_add(1);
         let extra = (self.tx[plan.forward_to].len() - before) as u64;
         self.counters.fragmented.inc();
         self.counters.fragments.add(extra + 1);
@@ -778,7 +785,7 @@ impl<IO: PacketIo> Worker<IO> {
             return Err(IcmpVerdict::Drop(DropReason::TooBig));
         }
         let len = buf.len() as u64;
-        rewrite(exit, buf, &p)?;
+        rewrite(exit, buf, &p, self.next_ident())?;
         if !fits {
             self.fragment(buf, &p, plan)?;
         }
@@ -1151,9 +1158,14 @@ fn exit_of(exits: &[Exit], id: BackendId, service: ServiceId) -> Option<&Exit> {
 /// Rewrites the frame for its backend's `exit`, whatever its length (up to
 /// IPv4's limit): for the paths off the main line, which check the MTU
 /// themselves.
-fn rewrite<B: PacketBuf>(exit: &Exit, buf: &mut B, p: &ParsedPacket) -> Result<(), DropReason> {
+fn rewrite<B: PacketBuf>(
+    exit: &Exit,
+    buf: &mut B,
+    p: &ParsedPacket,
+    ident: u16,
+) -> Result<(), DropReason> {
     exit.egress
-        .forward(buf, p, u16::MAX.into())
+        .forward(buf, p, u16::MAX.into(), ident)
         // Longer than IPv4's length field allows.
         .map_err(|e| match e {
             DropReason::TooBig => DropReason::NoRoom,
@@ -2699,6 +2711,43 @@ mod icmp_tests {
         let outer = ipv6::Packet::new_checked(&out[0][14..]).unwrap();
         let first_outer = ipv6::Packet::new_checked(&first[0][14..]).unwrap();
         assert_eq!(outer.flow_label(), first_outer.flow_label());
+    }
+
+    /// Each outer IPv4 header has an identification of its own (a router
+    /// further on may fragment those without DF), the fast and the general
+    /// path alike; fragments keep their packet's.
+    #[test]
+    fn outer_headers_are_identified_one_by_one() {
+        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, false)).collect();
+        let svc = service(0, 53, PROTO_UDP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, IcmpSettings::default());
+        let frame = |sport, vlan| {
+            FrameSpec {
+                payload: &[7; 100],
+                dont_frag: false,
+                vlan,
+                ..FrameSpec::udp_v4([203, 0, 113, 3], sport, VIP, 53)
+            }
+            .build()
+            .unwrap()
+        };
+        // Untagged frames take the fast path, tagged ones the general one.
+        let frames = [frame(1000, None), frame(1001, None), frame(1002, Some(5))];
+        let out = run(&mut b, &frames, SEC);
+        assert_eq!(out.len(), 3);
+        let ids: Vec<u16> = out
+            .iter()
+            .map(|o| {
+                let l3 = if o[12..14] == [0x81, 0x00] { 18 } else { 14 };
+                let ip = ipv4::Packet::new_checked(&o[l3..]).unwrap();
+                assert!(ip.verify_checksum());
+                ip.ident()
+            })
+            .collect();
+        assert!(
+            ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+            "{ids:?}"
+        );
     }
 
     /// Without DF, a too-long packet is forwarded in fragments of the outer
