@@ -23,6 +23,21 @@ pub fn bits_ip(family: Family, bits: u128) -> IpAddr {
     }
 }
 
+/// True for the address of one host: not unspecified, multicast or (IPv4)
+/// broadcast.
+pub fn is_host_address(addr: &IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v) => !(v.is_unspecified() || v.is_multicast() || v.is_broadcast()),
+        IpAddr::V6(v) => !(v.is_unspecified() || v.is_multicast()),
+    }
+}
+
+/// True for a MAC address of one station: not all zeros, not a group
+/// (multicast or broadcast) address.
+pub fn is_unicast_mac(mac: [u8; 6]) -> bool {
+    mac != [0; 6] && mac[0] & 1 == 0
+}
+
 /// The family of an address.
 pub fn family(addr: IpAddr) -> Family {
     match addr {

@@ -594,25 +594,21 @@ type Check = Result<(), Invalid>;
 /// A MAC a frame can be sent to: not all zeros, not group (multicast or
 /// broadcast).
 fn unicast_mac(m: MacAddr) -> Result<(), String> {
-    if m.0 == [0; 6] {
-        Err(format!("{m} is not a station's address"))
-    } else if m.0[0] & 1 != 0 {
-        Err(format!("{m} is a group (multicast or broadcast) address"))
-    } else {
+    if crate::net::is_unicast_mac(m.0) {
         Ok(())
+    } else if m.0 == [0; 6] {
+        Err(format!("{m} is not a station's address"))
+    } else {
+        Err(format!("{m} is a group (multicast or broadcast) address"))
     }
 }
 
 /// An address of one host: not unspecified, multicast or broadcast.
 fn host_address(a: &IpAddr) -> Result<(), String> {
-    let bad = match a {
-        IpAddr::V4(v) => v.is_unspecified() || v.is_multicast() || v.is_broadcast(),
-        IpAddr::V6(v) => v.is_unspecified() || v.is_multicast(),
-    };
-    if bad {
-        Err(format!("{a} is not the address of one host"))
-    } else {
+    if crate::net::is_host_address(a) {
         Ok(())
+    } else {
+        Err(format!("{a} is not the address of one host"))
     }
 }
 
@@ -727,6 +723,12 @@ impl Config {
             .as_deref()
             .and_then(|n| self.port_index(n))
             .unwrap_or(i)
+    }
+
+    /// True when every port packets are forwarded out of has a
+    /// `gateway_mac`: `ipip` backends need no MAC of their own.
+    pub fn gateways_everywhere(&self) -> bool {
+        (0..self.ports.len()).all(|i| self.ports[self.forwarding_port(i)].gateway_mac.is_some())
     }
 
     fn validate(&self) -> Check {
@@ -1072,6 +1074,13 @@ impl Config {
                     return fail(
                         sp.key("ipip_source"),
                         "forwarding = \"ipip\" needs ipip_source (the outer source address)",
+                    )
+                }
+                (Forwarding::L2, Some(_)) => {
+                    return fail(
+                        sp.key("ipip_source"),
+                        "ipip_source is for forwarding = \"ipip\" (l2 sends the client's packet \
+                         as it came)",
                     )
                 }
                 (_, Some(src)) if src.is_ipv4() != s.vip.is_ipv4() => {

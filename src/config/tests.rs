@@ -368,6 +368,7 @@ fn ipip_backends_without_mac_need_the_forwarding_ports_gateway() {
     // Nor do l2 services: their backends all have one.
     let t = edit("forwarding = \"ipip\"", "forwarding = \"l2\"")
         .replace("gateway_mac = \"02:00:00:00:00:fe\"\n", "")
+        .replace("ipip_source = \"198.51.100.1\"\n", "")
         .replace(
             "address = \"10.0.0.1\"\n",
             "address = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\n",
@@ -475,6 +476,13 @@ fn ipip_without_source() {
         "services[0].ipip_source",
         "ipip_source",
         "IPv6 but the service vip is IPv4",
+    );
+    let t = edit("forwarding = \"ipip\"", "forwarding = \"l2\"");
+    check(
+        &t,
+        "services[0].ipip_source",
+        "ipip_source",
+        "is for forwarding = \"ipip\"",
     );
 }
 

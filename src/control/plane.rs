@@ -841,14 +841,15 @@ impl ControlPlane {
         };
         let (key, now) = (c.key, c.now);
         let result = match (action, c.owner) {
-            (AffinityAction::Cancel, Some(_))
+            (AffinityAction::Cancel, Some(owner))
                 if self
                     .affinities
                     .get(&key)
-                    .is_some_and(|r| r.expires.is_none()) =>
+                    .is_some_and(|r| r.expires.is_none() && r.owner == owner) =>
             {
                 // The configuration's, which never ends: its owner may not
                 // take it away (the operator may: admin without an owner).
+                // Another backend's is CONFLICT, below, as in cluster mode.
                 return Response::new(ReturnCode::NotAuthorized).with_message(
                     "a static affinity, from the configuration: only the configuration removes it",
                 );

@@ -179,6 +179,18 @@ impl ServiceEntry {
                 b.name, b.addr, self.vip
             )));
         }
+        if !crate::net::is_host_address(&b.addr) {
+            return Err(RegistryError::Invalid(format!(
+                "backend {} address {} is not the address of one host",
+                b.name, b.addr
+            )));
+        }
+        if b.mac.is_some_and(|m| !crate::net::is_unicast_mac(m)) {
+            return Err(RegistryError::Invalid(format!(
+                "backend {}: its mac is not a unicast address",
+                b.name
+            )));
+        }
         if b.weight > MAX_WEIGHT {
             return Err(RegistryError::Invalid(format!(
                 "weight {} is out of range (0..={MAX_WEIGHT})",
@@ -258,6 +270,9 @@ pub struct ServiceRegistry {
     /// Each backend's state, by id (up until the control plane says
     /// otherwise).
     states: Vec<BackendState>,
+    /// Every port packets leave by has a `gateway_mac`, so an `ipip`
+    /// backend needs no MAC of its own.
+    gateways: bool,
 }
 
 impl ServiceRegistry {
@@ -275,6 +290,7 @@ impl ServiceRegistry {
             backend_ids: IdPool::new(MAX_BACKENDS),
             service_ids: IdPool::new(MAX_SERVICES),
             states: vec![BackendState::Up; MAX_BACKENDS],
+            gateways: cfg.gateways_everywhere(),
         };
         for s in &cfg.services {
             let mut entry = ServiceEntry::from_config(s)?;
@@ -457,6 +473,13 @@ impl ServiceRegistry {
                 });
             }
             s.check_backend(&spec)?;
+            if s.mode != ForwardMode::L2 && spec.mac.is_none() && !self.gateways {
+                return Err(RegistryError::Invalid(format!(
+                    "backend {}: some port packets leave by has no gateway_mac, so an ipip \
+                     backend needs its own mac",
+                    spec.name
+                )));
+            }
         }
         let id = self.allocate_id()?;
         let (_, s) = self.service_mut(service)?;
@@ -567,6 +590,7 @@ impl ServiceRegistry {
             services[i].id = next.allocate_service_id()?;
         }
         next.services = services;
+        next.gateways = cfg.gateways_everywhere();
         // Build the tables now so that a bad table size is refused here.
         for s in next.services.iter_mut() {
             s.maglev_table(&next.states)?;
@@ -672,6 +696,55 @@ weight = 300
         assert!(dp.backend(0).is_none());
         assert_eq!(dp.services[0].backends, vec![1, 2]);
         assert!(r.remove_backend("nope", "a").is_err());
+    }
+
+    /// A backend added at run time is held to the configuration's rules:
+    /// one host's address, a unicast MAC, and for `ipip` a next hop (its
+    /// own MAC where some port lacks a gateway).
+    #[test]
+    fn added_backends_are_checked_as_configured_ones() {
+        let spec = |name: &str, addr: &str, mac: Option<[u8; 6]>| NewBackend {
+            name: name.into(),
+            addr: addr.parse().unwrap(),
+            mac,
+            weight: 100,
+        };
+        let mut r = registry();
+        for bad in [
+            spec("c", "0.0.0.0", None),
+            spec("c", "224.0.0.1", None),
+            spec("c", "255.255.255.255", None),
+            spec("c", "10.0.0.3", Some([0xff; 6])),
+            spec("c", "10.0.0.3", Some([0; 6])),
+        ] {
+            let e = r.add_backend("web", bad.clone()).unwrap_err();
+            assert!(matches!(e, RegistryError::Invalid(_)), "{bad:?}: {e:?}");
+        }
+        r.add_backend("web", spec("c", "10.0.0.3", None)).unwrap();
+
+        // Without a gateway (every configured backend has a MAC), an ipip
+        // backend without one would have no next hop.
+        let text = config_text()
+            .replace("gateway_mac = \"02:00:00:00:00:fe\"\n", "")
+            .replace(
+                "address = \"10.0.0.1\"\n",
+                "address = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\n",
+            )
+            .replace(
+                "address = \"10.0.0.2\"\n",
+                "address = \"10.0.0.2\"\nmac = \"02:00:00:00:00:02\"\n",
+            );
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let mut r = ServiceRegistry::from_config(&cfg).unwrap();
+        let e = r
+            .add_backend("web", spec("c", "10.0.0.3", None))
+            .unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::Invalid(m) if m.contains("gateway_mac")),
+            "{e:?}"
+        );
+        r.add_backend("web", spec("c", "10.0.0.3", Some([2, 0, 0, 0, 0, 3])))
+            .unwrap();
     }
 
     #[test]

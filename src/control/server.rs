@@ -35,6 +35,10 @@ pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
 /// safety (a full [`ReplayGuard`] forgets its oldest pairs early and
 /// refuses their senders' requests stamped at or before them).
 pub const DEFAULT_REPLAY_CAPACITY: usize = 2_000_000;
+/// How long the key of a name a reload removed still signs the notices of
+/// its affinities that end afterwards (in cluster mode a removed backend's
+/// end once the store's delete commits).
+pub const RETIRED_KEY_TIME: Duration = Duration::from_secs(60);
 /// Datagrams handled per [`ControlServer::poll`] call at most.
 pub const DEFAULT_MAX_PER_POLL: usize = 256;
 /// Longest a poll keeps handling datagrams once the first arrived: the
@@ -142,6 +146,9 @@ pub struct ControlServer {
     socket: UdpSocket,
     allowed: Allowlist,
     keyring: Keyring,
+    /// Keys a reload removed, with when: they sign notices only, for
+    /// [`RETIRED_KEY_TIME`], and authenticate nothing.
+    retired: HashMap<String, (Key, Instant)>,
     replay: ReplayGuard,
     /// Requests per second per authenticated sender.
     rates: RateLimiter,
@@ -195,6 +202,7 @@ impl ControlServer {
             socket,
             allowed: config.auth.allowed,
             keyring: config.auth.keyring,
+            retired: HashMap::new(),
             replay: ReplayGuard::new(config.max_clock_skew, config.replay_capacity),
             rates,
             read_timeout: config.read_timeout.filter(|t| !t.is_zero()),
@@ -236,6 +244,17 @@ impl ControlServer {
     /// (configuration reload). Senders keep the tokens they hold, up to
     /// their new rate; the buckets of names without a key are dropped.
     pub fn set_auth(&mut self, auth: ServerAuth) {
+        let now = Instant::now();
+        self.retired.retain(|name, (_, at)| {
+            auth.keyring.get(name).is_none() && now - *at < RETIRED_KEY_TIME
+        });
+        for name in self.keyring.names() {
+            if auth.keyring.get(name).is_none() {
+                if let Some(key) = self.keyring.get(name) {
+                    self.retired.insert(name.to_string(), (key.clone(), now));
+                }
+            }
+        }
         self.allowed = auth.allowed;
         self.keyring = auth.keyring;
         self.rates.set_limits(auth.rates, self.now_ms);
@@ -309,14 +328,20 @@ impl ControlServer {
     }
 
     /// Sends a signed AFFINITY_ENDED to `notify`, signed with the key of
-    /// `key_name` (the affinity's owner) and carrying that name.
+    /// `key_name` (the affinity's owner; a key a reload removed serves for
+    /// [`RETIRED_KEY_TIME`]) and carrying that name.
     pub fn send_ended(
         &mut self,
         notify: SocketAddr,
         key_name: &str,
         ended: &EndedNotice,
     ) -> io::Result<()> {
-        let key = self.keyring.get(key_name).ok_or_else(|| {
+        let retired = self
+            .retired
+            .get(key_name)
+            .filter(|(_, at)| at.elapsed() < RETIRED_KEY_TIME)
+            .map(|(k, _)| k);
+        let key = self.keyring.get(key_name).or(retired).ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("no key for `{key_name}`"))
         })?;
         let header = Header {

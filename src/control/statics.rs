@@ -171,6 +171,13 @@ mod tests {
             assert!(no.message.contains("static"), "{}", no.message);
             assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(b));
         }
+        // Another backend's: CONFLICT, as for any affinity it does not own.
+        let other = call(
+            &mut p,
+            "a",
+            Request::AffinityCancel(op("203.0.113.0", 24, Some("a"), 0)),
+        );
+        assert_eq!(other.code, ReturnCode::Conflict);
         let ok = call(
             &mut p,
             "admin",

@@ -14,7 +14,8 @@
 //!   stay silent.
 //! * While the store is unreachable, changes are refused (UNAVAILABLE) and
 //!   ends wait for the next full load. A delete a reachable store refuses
-//!   (out of space, permission) is sent again after [`END_RETRY_MS`].
+//!   (out of space, permission) is sent again after [`END_RETRY_MS`],
+//!   then after twice as long each time, up to about a minute.
 //! * A BACKEND_STATE (and `pktdist backend drain|undrain|state`) is
 //!   written to the store as one declaration per backend concerned, by
 //!   name, and answered once all are committed. Every instance applies
@@ -42,7 +43,9 @@ use crate::types::{BackendState, Declared, EndReason};
 /// ends the affinity itself (ms).
 pub const TAKEOVER_DELAY_MS: u64 = 500;
 /// How long an end whose delete a reachable store refused (out of space,
-/// permission denied) waits before the delete is sent again (ms).
+/// permission denied, a value this build cannot read) first waits before
+/// the delete is sent again (ms); each refusal doubles the wait, up to 64
+/// times this.
 pub const END_RETRY_MS: u64 = 1000;
 
 /// The store revision and writer of a key, as this instance last saw them.
@@ -104,6 +107,8 @@ struct PendingEnd {
     sent: bool,
     /// The store was unreachable: wait for the next full load.
     after_load: bool,
+    /// Refusals of its delete so far (the wait before the next doubles).
+    refused: u32,
 }
 
 /// What the store counted, for the summary and the metrics.
@@ -577,6 +582,7 @@ impl StoreSync {
                 due_unix_ms: due,
                 sent: false,
                 after_load: !self.up,
+                refused: 0,
             },
         );
     }
@@ -1149,7 +1155,8 @@ impl StoreSync {
                 // the next load, where the key's revision decides.
                 if let Some(e) = self.ends.get_mut(&key) {
                     e.sent = false;
-                    e.due_unix_ms = wall_ms.saturating_add(END_RETRY_MS);
+                    e.due_unix_ms = wall_ms.saturating_add(END_RETRY_MS << e.refused.min(6));
+                    e.refused += 1;
                 }
             }
         }
@@ -1864,7 +1871,19 @@ mod tests {
             panic!("not sent again")
         };
         assert_eq!(expect, 5);
-        let out = b.done(ticket, Outcome::Committed { revision: 30 }, WALL + 3100);
+        // Refused again: twice the wait.
+        let full = Outcome::Unavailable {
+            error: "etcdserver: mvcc: database space exceeded".into(),
+        };
+        let at = WALL + 3020;
+        assert!(b.done(ticket, full, at).notices.is_empty());
+        b.turn(at + END_RETRY_MS);
+        assert!(b.op().is_none(), "not after one wait");
+        b.turn(at + 2 * END_RETRY_MS);
+        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+            panic!("not sent a third time")
+        };
+        let out = b.done(ticket, Outcome::Committed { revision: 30 }, WALL + 5100);
         assert_eq!(out.notices.len(), 1);
         assert_eq!(b.sync.pending_ends(), 0);
         assert_eq!(b.sync.counters().ends_won, 1);

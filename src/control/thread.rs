@@ -862,6 +862,66 @@ mod tests {
         assert_eq!((c.ends_won, c.pending_ends), (1, 0));
     }
 
+    /// Cluster mode: a removed backend's affinities end in the store once
+    /// the delete commits, after the reload took its key away; the key
+    /// still signs their notices.
+    #[test]
+    fn a_removed_backend_hears_of_its_affinities_in_cluster_mode_too() {
+        use crate::cluster::{Outcome, StoreEvent, StoreOp};
+        let text = format!("{}{CLUSTER}", config(ADMIN_1, A_1));
+        let file = File::new("cluster-removed", &text);
+        let (mut ctl, mut store) = cluster_thread(&file);
+        store
+            .events
+            .send(StoreEvent::Loaded {
+                revision: 3,
+                affinities: vec![],
+                declarations: Vec::new(),
+            })
+            .unwrap();
+        ctl.step(Instant::now());
+        let mut a = Peer::new("a", A_1);
+        let created = create("198.18.0.0");
+        a.send(ctl.local_addr().unwrap(), &created);
+        ctl.step(Instant::now());
+        let Ok(StoreOp::Put { ticket, .. }) = store.ops.try_recv() else {
+            panic!("no put")
+        };
+        let done = |ticket, revision| StoreEvent::Done {
+            ticket,
+            outcome: Outcome::Committed { revision },
+        };
+        store.events.send(done(ticket, 4)).unwrap();
+        ctl.step(Instant::now());
+        assert!(matches!(a.recv_signed(A_1), Some(Received::Reply(_))));
+
+        let without_a = text
+            .replace(
+                "[[services.backends]]\nname = \"a\"\naddress = \"10.0.0.1\"\n",
+                "",
+            )
+            .replace(&format!("a = \"{}\"\n", hex(A_1)), "");
+        assert!(!without_a.contains("name = \"a\""));
+        file.write(&without_a);
+        ctl.reload().unwrap();
+        ctl.step(Instant::now());
+        let Ok(StoreOp::Delete { ticket, expect, .. }) = store.ops.try_recv() else {
+            panic!("no delete")
+        };
+        assert_eq!(expect, 4);
+        store.events.send(done(ticket, 5)).unwrap();
+        ctl.step(Instant::now());
+        let Request::AffinityCreate(o) = created else {
+            unreachable!()
+        };
+        match a.recv_signed(A_1) {
+            Some(Received::Ended(n)) => {
+                assert_eq!((n.key, n.reason), (o.key, EndReason::BackendRemoved))
+            }
+            other => panic!("no notice: {other:?}"),
+        }
+    }
+
     #[test]
     fn a_cluster_instance_is_ready_once_loaded_and_answers_changes_when_committed() {
         use crate::cluster::{Outcome, StoreEvent, StoreOp};
