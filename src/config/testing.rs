@@ -36,3 +36,16 @@ protocol = "tcp"
 forwarding = "ipip"
 ipip_source = "198.51.100.1"
 "#;
+
+/// `text` with MACs of their own for the backends at 10.0.0.1 and
+/// 10.0.0.2 (so that `ipip` needs no gateway for them).
+pub(crate) fn with_backend_macs(text: &str) -> String {
+    text.replace(
+        "address = \"10.0.0.1\"\n",
+        "address = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\n",
+    )
+    .replace(
+        "address = \"10.0.0.2\"\n",
+        "address = \"10.0.0.2\"\nmac = \"02:00:00:00:00:02\"\n",
+    )
+}

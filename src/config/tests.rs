@@ -1,4 +1,4 @@
-use super::testing::WEB;
+use super::testing::{with_backend_macs, WEB};
 use super::*;
 use std::sync::LazyLock;
 
@@ -355,29 +355,12 @@ fn ipip_backends_without_mac_need_the_forwarding_ports_gateway() {
         assert!(e.message.contains(part), "{part}: {e}");
     }
     // Backends with MACs of their own need no gateway.
-    let t = t
-        .replace(
-            "address = \"10.0.0.1\"\n",
-            "address = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\n",
-        )
-        .replace(
-            "address = \"10.0.0.2\"\n",
-            "address = \"10.0.0.2\"\nmac = \"02:00:00:00:00:02\"\n",
-        );
-    Config::parse(&t, "t.toml").unwrap();
+    Config::parse(&with_backend_macs(&t), "t.toml").unwrap();
     // Nor do l2 services: their backends all have one.
     let t = edit("forwarding = \"ipip\"", "forwarding = \"l2\"")
         .replace("gateway_mac = \"02:00:00:00:00:fe\"\n", "")
-        .replace("ipip_source = \"198.51.100.1\"\n", "")
-        .replace(
-            "address = \"10.0.0.1\"\n",
-            "address = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\n",
-        )
-        .replace(
-            "address = \"10.0.0.2\"\n",
-            "address = \"10.0.0.2\"\nmac = \"02:00:00:00:00:02\"\n",
-        );
-    Config::parse(&t, "t.toml").unwrap();
+        .replace("ipip_source = \"198.51.100.1\"\n", "");
+    Config::parse(&with_backend_macs(&t), "t.toml").unwrap();
 }
 
 #[test]

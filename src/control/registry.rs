@@ -724,16 +724,9 @@ weight = 300
 
         // Without a gateway (every configured backend has a MAC), an ipip
         // backend without one would have no next hop.
-        let text = config_text()
-            .replace("gateway_mac = \"02:00:00:00:00:fe\"\n", "")
-            .replace(
-                "address = \"10.0.0.1\"\n",
-                "address = \"10.0.0.1\"\nmac = \"02:00:00:00:00:01\"\n",
-            )
-            .replace(
-                "address = \"10.0.0.2\"\n",
-                "address = \"10.0.0.2\"\nmac = \"02:00:00:00:00:02\"\n",
-            );
+        let text = crate::config::testing::with_backend_macs(
+            &config_text().replace("gateway_mac = \"02:00:00:00:00:fe\"\n", ""),
+        );
         let cfg = Config::parse(&text, "t.toml").unwrap();
         let mut r = ServiceRegistry::from_config(&cfg).unwrap();
         let e = r

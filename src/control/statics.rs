@@ -147,18 +147,20 @@ mod tests {
     /// A requested affinity of the key a reload declares static, held by
     /// the same backend, becomes static: it no longer expires and no
     /// longer counts among that backend's requested ones.
+    /// The test configuration with b's static affinity on 203.0.113.0/24.
+    fn with_static_b() -> Config {
+        let text = format!(
+            "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
+            config_text()
+        );
+        Config::parse(&text, "t.toml").unwrap()
+    }
+
     /// A static affinity's owner may not cancel it; the operator may.
     #[test]
     fn only_the_operator_cancels_a_static_affinity() {
         let (mut p, r) = plane(&config_text());
-        let cfg = Config::parse(
-            &format!(
-                "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
-                config_text()
-            ),
-            "t.toml",
-        )
-        .unwrap();
+        let cfg = with_static_b();
         assert_eq!(install(&mut p, &cfg), Ok(()));
         let b = p.dataplane().find_backend(WEB, "b").unwrap().id;
         for (sender, owner) in [("b", Some("b")), ("admin", Some("b"))] {
@@ -198,14 +200,7 @@ mod tests {
         assert_eq!(ok.code, ReturnCode::Ok);
         let b = p.dataplane().find_backend(WEB, "b").unwrap().id;
         assert_eq!(p.affinities().requested_by(b), 1);
-        let cfg = Config::parse(
-            &format!(
-                "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
-                config_text()
-            ),
-            "t.toml",
-        )
-        .unwrap();
+        let cfg = with_static_b();
         assert_eq!(install(&mut p, &cfg), Ok(()));
         let (_, rec) = p.affinities().list().next().unwrap();
         assert_eq!(rec.expires, None);

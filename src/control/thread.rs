@@ -796,38 +796,12 @@ mod tests {
     /// here (the other instances, seeing the delete, stay silent).
     #[test]
     fn an_end_at_shutdown_is_deleted_and_notified_before_the_instance_stops() {
-        use crate::cluster::{Outcome, StoreEvent, StoreOp};
+        use crate::cluster::StoreOp;
         let file = File::new(
             "cluster-stop",
             &format!("{}{CLUSTER}", config(ADMIN_1, A_1)),
         );
-        let (mut ctl, mut store) = cluster_thread(&file);
-        store
-            .events
-            .send(StoreEvent::Loaded {
-                revision: 3,
-                affinities: vec![],
-                declarations: Vec::new(),
-            })
-            .unwrap();
-        ctl.step(Instant::now());
-        let mut a = Peer::new("a", A_1);
-        let mut short = op("198.18.0.0", 24, None, 1);
-        short.notify = None;
-        a.send(ctl.local_addr().unwrap(), &Request::AffinityCreate(short));
-        ctl.step(Instant::now());
-        let Ok(StoreOp::Put { ticket, .. }) = store.ops.try_recv() else {
-            panic!("no put")
-        };
-        store
-            .events
-            .send(StoreEvent::Done {
-                ticket,
-                outcome: Outcome::Committed { revision: 4 },
-            })
-            .unwrap();
-        ctl.step(Instant::now());
-        assert!(matches!(a.recv_signed(A_1), Some(Received::Reply(_))));
+        let (mut ctl, mut store, a, key) = cluster_with_an_affinity_of_a(&file, 1);
         std::thread::sleep(Duration::from_millis(1100));
 
         // The store thread, still there while the instance stops, commits
@@ -837,13 +811,7 @@ mod tests {
             while Instant::now() < until {
                 if let Ok(StoreOp::Delete { ticket, expect, .. }) = store.ops.try_recv() {
                     assert_eq!(expect, 4);
-                    store
-                        .events
-                        .send(StoreEvent::Done {
-                            ticket,
-                            outcome: Outcome::Committed { revision: 5 },
-                        })
-                        .unwrap();
+                    store.events.send(committed(ticket, 5)).unwrap();
                     return store;
                 }
                 std::thread::sleep(Duration::from_millis(1));
@@ -854,7 +822,7 @@ mod tests {
         let _store = answering.join().unwrap();
         match a.recv_signed(A_1) {
             Some(Received::Ended(n)) => {
-                assert_eq!((n.key, n.reason), (short.key, EndReason::Expired))
+                assert_eq!((n.key, n.reason), (key, EndReason::Expired))
             }
             other => panic!("no notice: {other:?}"),
         }
@@ -867,59 +835,84 @@ mod tests {
     /// still signs their notices.
     #[test]
     fn a_removed_backend_hears_of_its_affinities_in_cluster_mode_too() {
-        use crate::cluster::{Outcome, StoreEvent, StoreOp};
+        use crate::cluster::StoreOp;
         let text = format!("{}{CLUSTER}", config(ADMIN_1, A_1));
         let file = File::new("cluster-removed", &text);
-        let (mut ctl, mut store) = cluster_thread(&file);
-        store
-            .events
-            .send(StoreEvent::Loaded {
-                revision: 3,
-                affinities: vec![],
-                declarations: Vec::new(),
-            })
-            .unwrap();
-        ctl.step(Instant::now());
-        let mut a = Peer::new("a", A_1);
-        let created = create("198.18.0.0");
-        a.send(ctl.local_addr().unwrap(), &created);
-        ctl.step(Instant::now());
-        let Ok(StoreOp::Put { ticket, .. }) = store.ops.try_recv() else {
-            panic!("no put")
-        };
-        let done = |ticket, revision| StoreEvent::Done {
-            ticket,
-            outcome: Outcome::Committed { revision },
-        };
-        store.events.send(done(ticket, 4)).unwrap();
-        ctl.step(Instant::now());
-        assert!(matches!(a.recv_signed(A_1), Some(Received::Reply(_))));
-
-        let without_a = text
-            .replace(
-                "[[services.backends]]\nname = \"a\"\naddress = \"10.0.0.1\"\n",
-                "",
-            )
-            .replace(&format!("a = \"{}\"\n", hex(A_1)), "");
-        assert!(!without_a.contains("name = \"a\""));
-        file.write(&without_a);
+        let (mut ctl, mut store, a, key) = cluster_with_an_affinity_of_a(&file, 60);
+        file.write(&without_backend_a(&text));
         ctl.reload().unwrap();
         ctl.step(Instant::now());
         let Ok(StoreOp::Delete { ticket, expect, .. }) = store.ops.try_recv() else {
             panic!("no delete")
         };
         assert_eq!(expect, 4);
-        store.events.send(done(ticket, 5)).unwrap();
+        store.events.send(committed(ticket, 5)).unwrap();
         ctl.step(Instant::now());
-        let Request::AffinityCreate(o) = created else {
-            unreachable!()
-        };
         match a.recv_signed(A_1) {
             Some(Received::Ended(n)) => {
-                assert_eq!((n.key, n.reason), (o.key, EndReason::BackendRemoved))
+                assert_eq!((n.key, n.reason), (key, EndReason::BackendRemoved))
             }
             other => panic!("no notice: {other:?}"),
         }
+    }
+
+    /// A store's commit of the op `ticket` at `revision`.
+    fn committed(
+        ticket: crate::cluster::Ticket,
+        revision: crate::cluster::Revision,
+    ) -> crate::cluster::StoreEvent {
+        crate::cluster::StoreEvent::Done {
+            ticket,
+            outcome: crate::cluster::Outcome::Committed { revision },
+        }
+    }
+
+    /// A cluster instance of the configuration in `file`, its store loaded
+    /// empty, where backend a holds an affinity on 198.18.0.0/24 for `secs`
+    /// (committed at revision 4): the instance, its store, a's peer and the
+    /// affinity's key.
+    fn cluster_with_an_affinity_of_a(
+        file: &File,
+        secs: u32,
+    ) -> (
+        ControlThread,
+        crate::cluster::StorePeer,
+        Peer,
+        crate::protocol::message::AffinityKey,
+    ) {
+        use crate::cluster::{StoreEvent, StoreOp};
+        let (mut ctl, mut store) = cluster_thread(file);
+        let loaded = StoreEvent::Loaded {
+            revision: 3,
+            affinities: vec![],
+            declarations: Vec::new(),
+        };
+        store.events.send(loaded).unwrap();
+        ctl.step(Instant::now());
+        let mut a = Peer::new("a", A_1);
+        let mut o = op("198.18.0.0", 24, None, secs);
+        o.notify = None;
+        a.send(ctl.local_addr().unwrap(), &Request::AffinityCreate(o));
+        ctl.step(Instant::now());
+        let Ok(StoreOp::Put { ticket, .. }) = store.ops.try_recv() else {
+            panic!("no put")
+        };
+        store.events.send(committed(ticket, 4)).unwrap();
+        ctl.step(Instant::now());
+        assert!(matches!(a.recv_signed(A_1), Some(Received::Reply(_))));
+        (ctl, store, a, o.key)
+    }
+
+    /// `text` (the test configuration) without backend a and its key.
+    fn without_backend_a(text: &str) -> String {
+        let out = text
+            .replace(
+                "[[services.backends]]\nname = \"a\"\naddress = \"10.0.0.1\"\n",
+                "",
+            )
+            .replace(&format!("a = \"{}\"\n", hex(A_1)), "");
+        assert!(!out.contains("name = \"a\""), "{out}");
+        out
     }
 
     #[test]
@@ -1200,15 +1193,7 @@ mod tests {
         let created = create("198.18.0.0");
         let r = ask(&mut ctl, &mut a, A_1, &created).expect("answered");
         assert_eq!(r.code, ReturnCode::Ok);
-        let without_a = text
-            .replace(
-                "[[services.backends]]\nname = \"a\"\naddress = \"10.0.0.1\"\n",
-                "",
-            )
-            .replace(&format!("a = \"{}\"\n", hex(A_1)), "");
-        assert_ne!(without_a.len(), text.len());
-        assert!(!without_a.contains("name = \"a\""), "{without_a}");
-        file.write(&without_a);
+        file.write(&without_backend_a(&text));
         ctl.reload().unwrap();
         let Request::AffinityCreate(o) = created else {
             unreachable!()
