@@ -149,8 +149,9 @@ impl AffinityTarget {
 pub struct AffinityTimed {
     #[command(flatten)]
     pub target: AffinityTarget,
-    /// How long: 90, 30s, 5m, 2h, 1d.
-    #[arg(long, value_parser = parse_duration)]
+    /// How long: 90, 30s, 5m, 2h, 1d (at least 1s; a fraction of a second
+    /// is rounded up).
+    #[arg(long, value_parser = parse_affinity_duration)]
     pub duration: Duration,
     /// Where the ended notification goes (default: this command's socket).
     #[arg(long)]
@@ -380,6 +381,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     s.parse::<DurationStr>().map(|d| d.0)
 }
 
+/// [`parse_duration`] of an affinity's duration: longer than 0 (the
+/// protocol's INVALID otherwise; the client rounds a fraction of a second
+/// up).
+pub fn parse_affinity_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("an affinity lasts longer than 0".into()),
+        d => Ok(d),
+    }
+}
+
 /// `tcp`, `udp`, `6` or `17`.
 pub fn parse_proto(s: &str) -> Result<u8, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -404,8 +415,13 @@ pub fn render_reply(what: &str, reply: &Reply) -> Result<String, String> {
     if let Some(owner) = &reply.owner {
         let _ = write!(line, ", owned by {owner}");
     }
-    if reply.remaining_secs > 0 {
-        let _ = write!(line, ", {} s remaining", reply.remaining_secs);
+    match reply.remaining_secs {
+        0 => {}
+        // A static affinity, from the configuration.
+        u32::MAX => line.push_str(", static"),
+        n => {
+            let _ = write!(line, ", {n} s remaining");
+        }
     }
     if !reply.message.is_empty() {
         let _ = write!(line, " ({})", reply.message);
@@ -829,6 +845,13 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("0").is_ok());
+        assert!(parse_affinity_duration("0").is_err());
+        assert!(parse_affinity_duration("0s").is_err());
+        assert_eq!(
+            parse_affinity_duration("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
         assert!(parse_duration("99999999999999999999d").is_err());
         assert_eq!(parse_ports("any").unwrap(), PortMatch::Any);
         assert_eq!(parse_ports("443").unwrap(), PortMatch::One(443));
@@ -869,6 +892,9 @@ mod tests {
         r.remaining_secs = 30;
         let e = render_reply("create", &r).unwrap_err();
         assert_eq!(e, "CONFLICT: create, owned by web2, 30 s remaining");
+        r.remaining_secs = u32::MAX;
+        let e = render_reply("create", &r).unwrap_err();
+        assert_eq!(e, "CONFLICT: create, owned by web2, static");
         assert!(render_reply("x", &Reply::new(1, 0, ReturnCode::Ok)).is_ok());
         let mut r = Reply::new(1, 0, ReturnCode::Unavailable);
         r.message = "the shared affinity table (etcd) cannot be reached".into();

@@ -27,7 +27,7 @@
 //! affinity); [`ClientError::is_unavailable`] tells it apart. The client
 //! never retries them by itself.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -47,8 +47,16 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
 pub const DEFAULT_RETRIES: u32 = 2;
 /// Largest statistics document the client accepts.
 const MAX_STATS_LEN: u32 = 16 << 20;
-/// Notification nonces remembered to drop duplicates.
-const SEEN_NOTICES: usize = 256;
+/// How far an AFFINITY_ENDED's timestamp may be from this host's clock:
+/// the distributor stamps it as it sends it, and holds requests to the
+/// same bound by default. One outside is refused, so a captured
+/// notification cannot be played back later.
+pub const NOTICE_SKEW: Duration = Duration::from_secs(10);
+/// Notification nonces remembered at most, to drop repeats within the
+/// window (more than 3,000 notifications a second would start forgetting).
+const SEEN_NOTICES: usize = 65_536;
+/// Attempts after the first at most.
+pub const MAX_RETRIES: u32 = 100;
 /// Notifications queued while waiting for replies.
 const MAX_QUEUED_NOTICES: usize = 4096;
 
@@ -214,7 +222,10 @@ pub struct ControlClient {
     tx: Vec<u8>,
     rx: Vec<u8>,
     ended: VecDeque<EndedNotice>,
-    seen_notices: VecDeque<u64>,
+    /// The accepted notifications' (timestamp, nonce), oldest first, and
+    /// their nonces, until their timestamps leave the window.
+    seen_notices: VecDeque<(u64, u64)>,
+    seen_nonces: HashSet<u64>,
     ignored: u64,
     /// The last request's timestamp: the next is never earlier, even when
     /// the clock steps back, since the server may refuse a sender's
@@ -262,7 +273,8 @@ impl ControlClient {
             tx: vec![0; MAX_DATAGRAM],
             rx: vec![0; MAX_DATAGRAM + 1],
             ended: VecDeque::new(),
-            seen_notices: VecDeque::with_capacity(SEEN_NOTICES),
+            seen_notices: VecDeque::new(),
+            seen_nonces: HashSet::new(),
             ignored: 0,
             last_timestamp_ms: 0,
         })
@@ -273,9 +285,9 @@ impl ControlClient {
         self.timeout = timeout.max(Duration::from_millis(1));
     }
 
-    /// Attempts after the first.
+    /// Attempts after the first (at most [`MAX_RETRIES`]).
     pub fn set_retries(&mut self, retries: u32) {
-        self.retries = retries;
+        self.retries = retries.min(MAX_RETRIES);
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -605,14 +617,26 @@ impl ControlClient {
             }
             Some(MsgType::AffinityEnded) => {
                 let notice = EndedNotice::decode_body(env.body)?;
-                let nonce = env.header.nonce;
-                if self.seen_notices.contains(&nonce) {
+                let (stamp, nonce) = (env.header.timestamp_ms, env.header.nonce);
+                let now = unix_ms(SystemTime::now());
+                let skew = NOTICE_SKEW.as_millis() as u64;
+                if stamp.abs_diff(now) > skew {
+                    return Err(DecodeError::Invalid(
+                        "notification outside the clock window",
+                    ));
+                }
+                // Those whose timestamps left the window are refused by it.
+                while let Some(&(t, n)) = self.seen_notices.front() {
+                    if t.saturating_add(skew) >= now && self.seen_notices.len() < SEEN_NOTICES {
+                        break;
+                    }
+                    self.seen_notices.pop_front();
+                    self.seen_nonces.remove(&n);
+                }
+                if !self.seen_nonces.insert(nonce) {
                     return Err(DecodeError::Invalid("duplicate notification"));
                 }
-                if self.seen_notices.len() == SEEN_NOTICES {
-                    self.seen_notices.pop_front();
-                }
-                self.seen_notices.push_back(nonce);
+                self.seen_notices.push_back((stamp, nonce));
                 if self.ended.len() == MAX_QUEUED_NOTICES {
                     self.ended.pop_front();
                 }
@@ -1185,6 +1209,63 @@ mod tests {
         assert_eq!(duration_secs(Duration::from_secs(u64::MAX)), u32::MAX);
         assert!(ControlClient::new("127.0.0.1:1".parse().unwrap(), "x", b"short").is_err());
         assert!(ControlClient::new("127.0.0.1:1".parse().unwrap(), "", WEB1_KEY).is_err());
+        // Retries are bounded, as the Python client's.
+        let mut c = ControlClient::new("127.0.0.1:1".parse().unwrap(), "x", WEB1_KEY).unwrap();
+        c.set_retries(u32::MAX);
+        assert_eq!(c.retries, MAX_RETRIES);
+    }
+
+    /// A notification is taken once, and only while its timestamp is near
+    /// this host's clock: a repeat is dropped however many came between,
+    /// and one stamped long ago (played back) or far ahead is refused.
+    #[test]
+    fn notifications_are_taken_once_and_only_when_fresh() {
+        use crate::protocol::message::encode_ended;
+        let mut web1 =
+            ControlClient::new("127.0.0.1:1".parse().unwrap(), "web1", WEB1_KEY).unwrap();
+        let to = SocketAddr::new(
+            "127.0.0.1".parse().unwrap(),
+            web1.local_addr().unwrap().port(),
+        );
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let key = Key::new(WEB1_KEY).unwrap();
+        let notice = EndedNotice {
+            key: akey(),
+            owner: "web1".into(),
+            reason: EndReason::Expired,
+        };
+        let send = |stamp: u64, nonce: u64| {
+            let header = Header {
+                msg_type: MsgType::AffinityEnded as u8,
+                request_id: 1,
+                timestamp_ms: stamp,
+                nonce,
+                name: "web1",
+            };
+            let mut buf = vec![0; MAX_DATAGRAM];
+            let n = encode_ended(&mut buf, &header, &key, &notice).unwrap();
+            sock.send_to(&buf[..n], to).unwrap();
+        };
+        let wait = Duration::from_millis(300);
+        let now = unix_ms(SystemTime::now());
+        send(now, 7);
+        assert_eq!(web1.recv_ended(wait).unwrap(), Some(notice.clone()));
+        // 300 others (more than a fixed memory of 256 would hold), in
+        // batches the socket's buffer takes.
+        for batch in 0..6 {
+            for i in 0..50 {
+                send(now, 1000 + batch * 50 + i);
+            }
+            for _ in 0..50 {
+                assert!(web1.recv_ended(wait).unwrap().is_some());
+            }
+        }
+        send(now, 7);
+        assert_eq!(web1.recv_ended(wait).unwrap(), None, "the repeat");
+        send(0, 8);
+        send(now + 3_600_000, 9);
+        assert_eq!(web1.recv_ended(wait).unwrap(), None, "stale and future");
+        assert_eq!(web1.ignored(), 3);
     }
 
     #[test]

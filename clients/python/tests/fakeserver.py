@@ -13,6 +13,7 @@ import ipaddress
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -194,10 +195,12 @@ class FakeServer:
         reason: int = 1,
         nonce: int = 77,
         key: Optional[bytes] = None,
+        timestamp: Optional[int] = None,
         **fields: object,
     ) -> bytes:
         body = key_fields(**fields) + name_field(owner) + bytes([reason])  # type: ignore[arg-type]
-        d = message(ENDED, 1, 0, nonce, owner, body, KEYS[owner] if key is None else key)
+        stamp = int(time.time() * 1000) if timestamp is None else timestamp
+        d = message(ENDED, 1, stamp, nonce, owner, body, KEYS[owner] if key is None else key)
         self.sock.sendto(d, to)
         return d
 

@@ -442,6 +442,18 @@ class Notifications(Base):
         self.assertIsNone(c.recv_ended(timeout=SHORT))
         self.assertEqual(c.ignored, 3)
 
+    def test_a_stale_or_future_notice_is_refused(self) -> None:
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        now = int(time.time() * 1000)
+        self.srv.ended(to, nonce=5, timestamp=0)  # played back
+        self.srv.ended(to, nonce=6, timestamp=now + 3_600_000)
+        self.srv.ended(to, nonce=7, timestamp=now)
+        got = c.recv_ended(timeout=PATIENCE)
+        assert got is not None
+        self.assertIsNone(c.recv_ended(timeout=SHORT))
+        self.assertEqual(c.ignored, 2)
+
     def test_a_notice_arriving_during_a_request_is_kept(self) -> None:
         def script(s: FakeServer) -> None:
             req = s.recv()

@@ -47,8 +47,12 @@ __all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_RETRIES"]
 DEFAULT_TIMEOUT = 1.0
 #: Attempts after the first.
 DEFAULT_RETRIES = 2
-#: Notification nonces remembered to drop duplicates.
-SEEN_NOTICES = 1024
+#: Seconds an AFFINITY_ENDED's timestamp may be from this host's clock
+#: (pktdist stamps it as it sends it): one outside is refused, so a captured
+#: notification cannot be played back later.
+NOTICE_SKEW = 10.0
+#: Notification nonces remembered at most, to drop repeats within the window.
+SEEN_NOTICES = 65536
 #: Notifications queued while nobody receives them; beyond, the oldest go.
 MAX_QUEUED_NOTICES = 4096
 #: Largest statistics document accepted.
@@ -144,7 +148,7 @@ class Client:
         self._pending: Dict[int, _Pending] = {}
         self._replies: Dict[int, ReplyBody] = {}
         self._ended: Deque[Ended] = deque()
-        self._seen: Deque[int] = deque()
+        self._seen: Deque[Tuple[int, int]] = deque()
         self._seen_set: Set[int] = set()
         self._ignored = 0
 
@@ -630,13 +634,18 @@ class Client:
                     self._replies[env.request_id] = rb
             elif env.msg_type == MsgType.AFFINITY_ENDED:
                 notice = w.decode_ended(env.body)
+                now = int(time.time() * 1000)
+                skew = int(NOTICE_SKEW * 1000)
+                if abs(env.timestamp_ms - now) > skew:
+                    raise w.Malformed("notification outside the clock window")
                 with self._cv:
+                    # Those whose timestamps left the window are refused by it.
+                    while self._seen and (self._seen[0][0] + skew < now or len(self._seen) >= SEEN_NOTICES):
+                        self._seen_set.discard(self._seen.popleft()[1])
                     if env.nonce in self._seen_set:
                         raise w.Malformed("duplicate notification")
-                    self._seen.append(env.nonce)
+                    self._seen.append((env.timestamp_ms, env.nonce))
                     self._seen_set.add(env.nonce)
-                    if len(self._seen) > SEEN_NOTICES:
-                        self._seen_set.discard(self._seen.popleft())
                     self._ended.append(notice)
                     if len(self._ended) > MAX_QUEUED_NOTICES:
                         self._ended.popleft()
