@@ -10,7 +10,7 @@ import struct
 import threading
 import time
 import unittest
-from typing import List
+from typing import Callable, List, Optional
 
 import pktdist
 
@@ -481,6 +481,30 @@ class Notifications(Base):
         n = c.recv_ended(timeout=0)
         assert n is not None
         self.assertEqual(n.reason, pktdist.EndReason.BACKEND_REMOVED)
+
+    def test_a_notice_another_thread_took_does_not_end_the_wait(self) -> None:
+        # Between the wake-up and the take, another thread takes the notice
+        # (played here by the wrapper): the wait goes on (None = for ever).
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        real = c._wait_for
+        stolen: List[pktdist.Ended] = []
+
+        def racing(ready: Callable[[], bool], deadline: Optional[float]) -> bool:
+            ok = real(ready, deadline)
+            if ok and not stolen:
+                with c._cv:
+                    stolen.append(c._ended.popleft())
+            return ok
+
+        c._wait_for = racing  # type: ignore[method-assign]
+        self.srv.ended(to, nonce=1, reason=1)
+        later = threading.Timer(SHORT, lambda: self.srv.ended(to, nonce=2, reason=2))
+        later.start()
+        got = c.recv_ended()
+        later.join()
+        assert got is not None
+        self.assertEqual((stolen[0].reason, got.reason), (1, 2))
 
     def test_iter_ended_stops_after_a_quiet_timeout(self) -> None:
         c = self.client()

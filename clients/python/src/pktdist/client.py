@@ -431,7 +431,8 @@ class Client:
             if not timeout >= 0:
                 raise ValueError(f"timeout must be at least 0 seconds, got {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._wait_for(lambda: bool(self._ended), deadline):
+        # Another thread may take the notice that woke this one: wait again.
+        while self._wait_for(lambda: bool(self._ended), deadline):
             with self._cv:
                 if self._ended:
                     return self._ended.popleft()
