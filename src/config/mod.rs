@@ -725,10 +725,16 @@ impl Config {
             .unwrap_or(i)
     }
 
+    /// A port whose forwarded packets leave by a port without a
+    /// `gateway_mac` (where `ipip` backends need MACs of their own).
+    fn port_without_gateway(&self) -> Option<usize> {
+        (0..self.ports.len()).find(|&i| self.ports[self.forwarding_port(i)].gateway_mac.is_none())
+    }
+
     /// True when every port packets are forwarded out of has a
     /// `gateway_mac`: `ipip` backends need no MAC of their own.
     pub fn gateways_everywhere(&self) -> bool {
-        (0..self.ports.len()).all(|i| self.ports[self.forwarding_port(i)].gateway_mac.is_some())
+        self.port_without_gateway().is_none()
     }
 
     fn validate(&self) -> Check {
@@ -1246,24 +1252,30 @@ impl Config {
             Some((s, b))
         });
         let v6 = ipip().find(|s| s.vip.is_ipv6());
-        for i in 0..self.ports.len() {
-            let out = &self.ports[self.forwarding_port(i)];
-            let via = if out.name == self.ports[i].name {
+        // Where port i's forwarded packets leave, for the messages.
+        let out_of = |i: usize| {
+            let o = self.forwarding_port(i);
+            let via = if o == i {
                 String::new()
             } else {
                 format!(" (port {:?} forwards out of it)", self.ports[i].name)
             };
-            let at = p.index(self.forwarding_port(i));
-            if let (Some((s, b)), None) = (no_mac, out.gateway_mac) {
-                return fail(
-                    at.key("gateway_mac"),
-                    format!(
-                        "port {:?}{via} has no gateway_mac, and backend {:?} of ipip service \
-                         {:?} has no mac: give the port the next hop's MAC, or the backend its own",
-                        out.name, b.name, s.name
-                    ),
-                );
-            }
+            (o, &self.ports[o], via)
+        };
+        if let (Some((s, b)), Some(i)) = (no_mac, self.port_without_gateway()) {
+            let (o, out, via) = out_of(i);
+            return fail(
+                p.index(o).key("gateway_mac"),
+                format!(
+                    "port {:?}{via} has no gateway_mac, and backend {:?} of ipip service \
+                     {:?} has no mac: give the port the next hop's MAC, or the backend its own",
+                    out.name, b.name, s.name
+                ),
+            );
+        }
+        for i in 0..self.ports.len() {
+            let (o, out, via) = out_of(i);
+            let at = p.index(o);
             if let Some(s) = v6 {
                 if out.mtu < IPV6_IPIP_MIN_MTU {
                     return fail(
