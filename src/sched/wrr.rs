@@ -184,19 +184,27 @@ mod tests {
         (0..n as u32).map(|i| (i % 7) * 13 + (i % 3) + 1).collect()
     }
 
-    /// Each backend gets exactly its weight over every cycle, and no
-    /// backend is ever more than one pick off its share after `k` picks.
+    /// Each backend gets exactly its weight over every cycle and is never
+    /// a whole pick ahead of its share after `k` picks; with the heaps it
+    /// is never a whole pick behind either. (nginx's scan keeps a backend's
+    /// score `k·w - picks·total` above `-total`, so it is never a pick
+    /// ahead, but can fall a little more than one behind: weights 11, 5,
+    /// 29, 29, 27, 23, 7, 1 leave the 23 at 11 picks after 69, short of
+    /// 12.02.)
     fn check(weights: &[u32], cycles: u32) {
         let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let heaped = weights.iter().filter(|&&w| w > 0).count() > SCAN_MAX;
         let mut s = SmoothWrr::new(weights);
         let mut counts = vec![0u64; weights.len()];
         for k in 1..=u64::from(cycles) * total {
             counts[s.pick().unwrap()] += 1;
             for (i, &w) in weights.iter().enumerate() {
                 let share = u64::from(w) * k;
-                // counts[i] within one of share / total, either way.
+                // counts[i] at most one over share / total and, heaped, at
+                // most one under.
                 assert!(
-                    counts[i] * total <= share + total && counts[i] * total + total >= share,
+                    counts[i] * total <= share + total
+                        && (!heaped || counts[i] * total + total >= share),
                     "{} backends: backend {i} (weight {w}) picked {} times in {k} picks",
                     weights.len(),
                     counts[i]
@@ -210,6 +218,13 @@ mod tests {
                     .all(|(&w, &c)| c == u64::from(w) * cycles));
             }
         }
+    }
+
+    /// The case that shows nginx's scan falling a little more than one
+    /// pick behind (see `check`): still exact over each cycle.
+    #[test]
+    fn a_scan_may_lag_but_is_exact() {
+        check(&[11, 5, 29, 29, 27, 23, 7, 1], 3);
     }
 
     #[test]
@@ -302,8 +317,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Any weights, scanned or heaped: exact over each cycle and
-        /// within one pick of the share after any number of picks.
+        /// Any weights, scanned or heaped: exact over each cycle, never a
+        /// pick ahead of the share and, heaped, never a pick behind.
         #[test]
         fn any_weights_are_exact_and_smooth(
             weights in proptest::collection::vec(0u32..40, 1..200),
