@@ -11,9 +11,10 @@
 //! (EEVDF, Stoica and Abdel-Wahab) in a few heap steps: after `k` picks a
 //! backend of weight `w` is owed `k·w/total` of them; it is eligible while
 //! it has had no more than that, and the pick goes to the eligible backend
-//! that will be owed its next one soonest (the lower index on a tie). No
-//! backend is ever more than one pick ahead of or behind its share (weights
-//! 1000, 1, 1, ... give a b a c a d ...).
+//! that will be owed its next one soonest (the lower index on a tie). There
+//! no backend is ever more than one pick ahead of or behind its share
+//! (weights 1000, 1, 1, ... give a b a c a d ...); nginx's is never a pick
+//! ahead but can fall a little more than one behind.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
