@@ -76,7 +76,8 @@ pub struct RunArgs {
     /// The configuration file (TOML).
     #[arg(long)]
     pub config: PathBuf,
-    /// Stop after this long (30, 30s, 5m, ...).
+    /// Stop after forwarding for this long (30, 30s, 5m, ...), counted
+    /// from when the workers start.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Also write the summary as JSON to this file.

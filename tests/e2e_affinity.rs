@@ -280,15 +280,14 @@ fn short_affinity_expires_and_its_owner_is_notified() {
         assert!(got.iter().all(|&b| b == BE1), "pinned: {got:?}");
     }
 
-    // Ended within a second of its expiry; a further 2 s allows for a
-    // loaded machine's scheduling.
-    let deadline = created + life + Duration::from_secs(1) + Duration::from_secs(2);
+    // Ended at its expiry (within the control thread's tick); the
+    // deadline only guards against a hang on a loaded machine.
     let notice = be1
-        .recv_ended(deadline.saturating_duration_since(Instant::now()))
+        .recv_ended(PATIENCE)
         .expect("receive")
         .unwrap_or_else(|| {
             panic!(
-                "no AFFINITY_ENDED within 1 s (+2 s slack) of expiry\n--- pktdist stderr\n{}",
+                "no AFFINITY_ENDED after the affinity's expiry\n--- pktdist stderr\n{}",
                 bed.peer.pktdist.stderr_text()
             )
         });

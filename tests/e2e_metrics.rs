@@ -118,6 +118,14 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
     let frame_bytes: usize = frames.iter().map(Vec::len).sum();
 
     let health_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("health listener");
+    let health_port = health_listener.local_addr().expect("listener").port();
+    // Accepted and closed, so that the backlog never fills however long
+    // the test runs (a TCP check passes once the connection is made).
+    std::thread::spawn(move || {
+        for conn in health_listener.incoming() {
+            drop(conn);
+        }
+    });
     let toml = [
         base_config(&["be1", "be2", "app1", "app2"])
             .replace("auto_capacity = 1024", "auto_capacity = 1")
@@ -136,11 +144,11 @@ fn every_family_the_readme_names_is_exported_and_the_other_way_round() {
         )),
         // Health checks on web: be1's at a listener of the test, be2's at
         // the same port on 127.0.0.2, where nothing listens (down after
-        // one refused check).
+        // one refused check). fall = 1: a timeout of 1.5 s, so that be1's
+        // checks pass on a loaded machine too.
         web_service(
             &format!(
-                "health = {{ kind = \"tcp\", port = {}, interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 1 }}\n",
-                health_listener.local_addr().expect("listener").port()
+                "health = {{ kind = \"tcp\", port = {health_port}, interval = \"2s\", timeout = \"1500ms\", rise = 1, fall = 1 }}\n"
             ),
             &[("be1", "10.0.0.1", None), ("be2", "10.0.0.2", None)],
         )

@@ -318,7 +318,7 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
         "--config",
         path_str(&config),
         // The file is read once, in milliseconds; the rest is margin for
-        // a loaded machine (the clock starts before EAL does).
+        // a loaded machine (the clock starts with the workers).
         "--duration",
         "3",
         "--quiet",

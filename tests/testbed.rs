@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread;
 use std::time::Duration;
 
 use common::testbed::{
@@ -158,14 +157,7 @@ impl Bed {
             .args(["netns", "exec", &ns("lb")])
             .arg(env!("CARGO_BIN_EXE_pktdist"))
             .args(args)
-            .args([
-                "--server",
-                CONTROL,
-                "--key",
-                ADMIN_KEY,
-                "--timeout",
-                "300ms",
-            ])
+            .args(["--server", CONTROL, "--key", ADMIN_KEY, "--timeout", "1s"])
             .output()
             .expect("run pktdist CLI");
         let text = format!(
@@ -518,24 +510,25 @@ fn application_affinity_until_cancel_and_expiry(bed: &Bed) {
     assert_weights_apply(bed, "after cancel");
     be2.stop();
 
-    // A short affinity that expires.
+    // A short affinity that expires: long enough for the 40 connections
+    // below to run while it holds, on a loaded machine too.
     let short = [
         "--affinity-after",
         "1",
         "--affinity-prefix",
         "24",
         "--affinity-duration",
-        "6s",
+        "15s",
     ];
     let be2 = bed.backend("be2", &short);
     reach(bed, "be2");
-    wait_until("be2's 6 s affinity", Duration::from_secs(10), || {
+    wait_until("be2's 15 s affinity", Duration::from_secs(10), || {
         bed.has_affinity("10.99.1.0/24", "be2")
     });
     let pinned = bed.run_client("c1", &["--sources", C1, "--connections", "40"]);
     assert_all_ok("pinned (short)", &pinned, 40);
     assert_eq!(by_backend(&pinned).keys().collect::<Vec<_>>(), ["be2"]);
-    wait_until("be2's EXPIRED notice", Duration::from_secs(20), || {
+    wait_until("be2's EXPIRED notice", Duration::from_secs(30), || {
         be2.text()
             .contains("AFFINITY_ENDED 10.99.1.0/24 on 10.99.100.1:80/tcp owner be2: EXPIRED")
     });
@@ -757,10 +750,10 @@ const HEALTH_PORT: u16 = 9000;
 /// is checked over HTTP every 500 ms (down after 2 failures, up after 2
 /// passes) with an `affinity_grace` of 4 s; an owner application (the
 /// Python client in be3's namespace) pins the c1 network to be3. be3's
-/// server is killed: after fall x interval + 1 s, every new connection
-/// succeeds and none reaches be3, the pinned clients included; after the
-/// grace the owner receives AFFINITY_ENDED BACKEND_DOWN. be3 started again
-/// takes connections after rise x interval.
+/// server is killed: once it is down (fall x interval), every new
+/// connection succeeds and none reaches be3, the pinned clients included;
+/// after the grace the owner receives AFFINITY_ENDED BACKEND_DOWN. be3
+/// started again takes connections once it is up (rise x interval).
 fn a_dead_backend_is_checked_out_and_back_in(bed: &Bed) {
     let config = bed.logs.join("testbed-health.toml");
     let text = fs::read_to_string(repo().join("config/testbed.toml")).expect("testbed.toml");
@@ -775,7 +768,6 @@ fn a_dead_backend_is_checked_out_and_back_in(bed: &Bed) {
     );
     assert_ne!(checked, text, "the web service got its health checks");
     fs::write(&config, checked).expect("write the configuration");
-    let (interval, rise, fall) = (Duration::from_millis(500), 2, 2);
     let _lb = bed.pktdist_with("lb-health", &config, &[]);
     let checked_backend = |name: &str| {
         let addr = BACKENDS.iter().find(|b| b.0 == name).expect("backend").1;
@@ -846,7 +838,11 @@ fn a_dead_backend_is_checked_out_and_back_in(bed: &Bed) {
 
     // be3's server dies.
     be3.stop();
-    thread::sleep(interval * fall + Duration::from_secs(1));
+    // Down after two failed probes (about a second); the deadline only
+    // guards against a hang on a loaded machine.
+    wait_until("be3 down", Duration::from_secs(20), || {
+        state_of("be3") == "down"
+    });
     let fresh = bed.run_client("c2", &["--sources", C2, "--connections", "200"]);
     assert_all_ok("after be3 died", &fresh, 200);
     assert!(
@@ -879,8 +875,9 @@ fn a_dead_backend_is_checked_out_and_back_in(bed: &Bed) {
 
     // be3 comes back.
     let _be3 = checked_backend("be3");
-    thread::sleep(interval * rise + Duration::from_secs(1));
-    assert_eq!(state_of("be3"), "up");
+    wait_until("be3 up", Duration::from_secs(20), || {
+        state_of("be3") == "up"
+    });
     reach(bed, "be3");
     let spread = assert_weights_apply(bed, "be3 back");
     println!(

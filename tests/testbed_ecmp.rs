@@ -437,7 +437,7 @@ fn testbed_ecmp_two_instances() {
     );
     wait_until(
         "B to list the affinity made at A",
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         || bed.affinity(1, &["list"]).contains("be3"),
     );
     let mut conns = Vec::new();
@@ -572,7 +572,7 @@ fn testbed_ecmp_two_instances() {
     wait_until("be1 to declare DRAIN", Duration::from_secs(10), || {
         fs::read_to_string(&be1_log).is_ok_and(|t| t.contains("BACKEND_STATE DRAIN: OK"))
     });
-    wait_until("B to list be1 draining", Duration::from_secs(3), || {
+    wait_until("B to list be1 draining", Duration::from_secs(20), || {
         bed.backend_list(1)
             .lines()
             .any(|l| l.contains("be1") && l.contains("draining") && l.contains("DRAIN"))
@@ -592,7 +592,7 @@ fn testbed_ecmp_two_instances() {
     assert!(st.success(), "be1's exit after SIGTERM: {st}");
     let log = fs::read_to_string(&be1_log).unwrap_or_default();
     assert!(log.contains("BACKEND_STATE DOWN: OK"), "{log}");
-    wait_until("B to list be1 down", Duration::from_secs(5), || {
+    wait_until("B to list be1 down", Duration::from_secs(20), || {
         bed.backend_list(1)
             .lines()
             .any(|l| l.contains("be1") && l.contains("down"))

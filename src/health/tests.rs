@@ -108,6 +108,8 @@ fn full_backlog() -> (Socket, TcpStream) {
     (s, filler)
 }
 
+/// A target checked every 1.5 s with a timeout of 1 s: ample for a local
+/// server's answer beside other tests on a loaded machine.
 fn target(name: &str, addr: SocketAddr, kind: HealthKind) -> Target {
     Target {
         service: "web".into(),
@@ -115,8 +117,8 @@ fn target(name: &str, addr: SocketAddr, kind: HealthKind) -> Target {
         addr,
         check: CheckSpec {
             kind,
-            interval: Duration::from_millis(300),
-            timeout: Duration::from_millis(150),
+            interval: Duration::from_millis(1500),
+            timeout: Duration::from_secs(1),
             rise: 1,
             fall: 1,
             http: (kind == HealthKind::Http).then(|| HttpCheck {
@@ -168,6 +170,15 @@ fn check(
     (results, changes)
 }
 
+/// A target that never answers, checked every 300 ms with a timeout of
+/// 150 ms: its timeout is what the test sees.
+fn silent_target(name: &str, addr: SocketAddr, kind: HealthKind) -> Target {
+    let mut t = target(name, addr, kind);
+    t.check.interval = Duration::from_millis(300);
+    t.check.timeout = Duration::from_millis(150);
+    t
+}
+
 fn error_of(results: &BTreeMap<String, Vec<ProbeResult>>, name: &str) -> Option<String> {
     results[name][0].error.clone()
 }
@@ -191,7 +202,7 @@ fn http_probes_against_real_servers() {
             target("good", good.addr, HealthKind::Http),
             target("wrong", wrong.addr, HealthKind::Http),
             target("garbage", garbage.addr, HealthKind::Http),
-            target("silent", silent.addr, HealthKind::Http),
+            silent_target("silent", silent.addr, HealthKind::Http),
             target("closes", closes.addr, HealthKind::Http),
             target("refused", refused, HealthKind::Http),
         ],
@@ -246,7 +257,7 @@ fn tcp_probes_up_refused_and_timeout() {
         vec![
             target("up", up.addr, HealthKind::Tcp),
             target("refused", refused, HealthKind::Tcp),
-            target("timeout", full_addr, HealthKind::Tcp),
+            silent_target("timeout", full_addr, HealthKind::Tcp),
         ],
         2,
     );

@@ -92,7 +92,6 @@ pub fn eal_args(cfg: &Config) -> Vec<String> {
 /// Runs the distributor until stopped; returns the summary.
 pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     let flags = StopFlags::install()?;
-    let began = Instant::now();
     let started = start(cfg)?;
     let keeper = PortKeeper::new(cfg, &started.ports);
     let workers: Vec<Arc<WorkerCounters>> = cfg
@@ -122,6 +121,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         },
     )?;
     let threads = spawn(cfg, &started, &control.shared(), workers, &flags)?;
+    // The run's time (its `--duration`, the summary's seconds and rates)
+    // counts from here: EAL's and the ports' start, which can take seconds,
+    // is not forwarding time.
+    let began = Instant::now();
 
     // Serve: the control thread's loop runs on this thread.
     let addr = control.local_addr().unwrap_or(cfg.control.listen);
