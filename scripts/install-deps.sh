@@ -30,13 +30,32 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
     $SUDO apt-get update -q
     $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+    # The tests and benchmarks start their own Prometheus, etcd and BIRD
+    # (temporary directories, their own ports): the services these packages
+    # start at installation are stopped and disabled, so that nothing
+    # listens on a build host (Prometheus on every interface's :9090).
+    if [ -d /run/systemd/system ]; then
+        for pair in prometheus:prometheus etcd-server:etcd bird2:bird; do
+            case " ${need[*]} " in
+                *" ${pair%%:*} "*) $SUDO systemctl disable --now "${pair#*:}" >/dev/null 2>&1 || true ;;
+            esac
+        done
+    fi
 fi
 
-# The tests check the metrics with Prometheus' own Python parser.
+# The tests check the metrics with Prometheus' own Python parser: Debian's
+# package for Debian's python3 (which has no pip), else pip.
 if ! python3 -c "import prometheus_client" >/dev/null 2>&1; then
     echo "install-deps: installing prometheus-client (Python) for the metrics test"
-    python3 -m pip install --quiet --disable-pip-version-check prometheus-client \
-        || python3 -m pip install --quiet --break-system-packages prometheus-client
+    if [ "$(command -v python3)" = /usr/bin/python3 ]; then
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+            python3-prometheus-client
+    else
+        python3 -m pip install --quiet --disable-pip-version-check prometheus-client \
+            || python3 -m pip install --quiet --break-system-packages prometheus-client
+    fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

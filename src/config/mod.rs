@@ -372,6 +372,14 @@ impl Default for ControlConfig {
     }
 }
 
+/// The largest `[traffic] packet_size`: a frame (without its 4-byte FCS)
+/// is written into one buffer, whose data room is 2,048 bytes.
+pub const MAX_TRAFFIC_PACKET: u16 = 2048 + 4;
+
+/// The most `[traffic] concurrent_flows`: the source keeps each flow's
+/// state (32 bytes) in memory.
+pub const MAX_TRAFFIC_FLOWS: u32 = 1 << 24;
+
 /// The built-in traffic source.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -384,6 +392,7 @@ pub struct TrafficConfig {
     pub concurrent_flows: u32,
     #[serde(default = "TrafficConfig::default_ppf")]
     pub packets_per_flow: u32,
+    /// Bytes per frame, its FCS included: 64 to [`MAX_TRAFFIC_PACKET`].
     #[serde(default = "TrafficConfig::default_size")]
     pub packet_size: u16,
     /// Packets per second in total; 0 = as fast as possible.
@@ -737,6 +746,26 @@ impl Config {
         self.port_without_gateway().is_none()
     }
 
+    /// Buffers the ports' rings hold at most: the receive rings alone (a
+    /// NIC fills every receive descriptor when it starts), and all rings
+    /// with the per-thread caches (transmitted frames wait in a transmit
+    /// ring until the driver frees them).
+    pub fn ring_mbufs(&self) -> (u64, u64) {
+        let queues = self.cores.workers.len() as u64;
+        let rx: u64 = self
+            .ports
+            .iter()
+            .map(|p| queues * u64::from(p.rx_descriptors))
+            .sum();
+        let tx: u64 = self
+            .ports
+            .iter()
+            .map(|p| queues * u64::from(p.tx_descriptors))
+            .sum();
+        let caches = (queues + 1) * u64::from(self.mempool.cache);
+        (rx, rx + tx + caches)
+    }
+
     fn validate(&self) -> Check {
         let root = KeyPath::root();
         self.validate_cores(&root.key("cores"))?;
@@ -828,8 +857,8 @@ impl Config {
             if port.device.trim().is_empty() {
                 return fail(pp.key("device"), "a port needs a DPDK device");
             }
-            let dev = port.device.split(',').next().unwrap_or_default();
-            if !devices.insert(dev) {
+            let dev = queues::device_name(&port.device);
+            if !devices.insert(dev.clone()) {
                 return fail(
                     pp.key("device"),
                     format!("device {dev:?} is used by two ports"),
@@ -893,6 +922,20 @@ impl Config {
             return fail(
                 root.key("mempool").key("cache"),
                 format!("cache {} must be at most 512 and below mbufs", m.cache),
+            );
+        }
+        let (rx, _) = self.ring_mbufs();
+        if u64::from(m.mbufs) <= rx {
+            return fail(
+                root.key("mempool").key("mbufs"),
+                format!(
+                    "{} mbufs cannot fill the receive rings: {} worker queue(s) per port and the \
+                     ports' rx_descriptors take {rx} (a NIC fills every receive descriptor \
+                     when it starts), and frames in flight need more: raise mbufs or lower \
+                     rx_descriptors",
+                    m.mbufs,
+                    self.cores.workers.len()
+                ),
             );
         }
         let f = &self.flow;
@@ -1007,10 +1050,22 @@ impl Config {
                     return fail(tp.key(k), "must be at least 1");
                 }
             }
-            if !(64..=9000).contains(&t.packet_size) {
+            if t.concurrent_flows > MAX_TRAFFIC_FLOWS {
+                return fail(
+                    tp.key("concurrent_flows"),
+                    format!(
+                        "{}: at most {MAX_TRAFFIC_FLOWS} (the source keeps each flow in memory)",
+                        t.concurrent_flows
+                    ),
+                );
+            }
+            if !(64..=MAX_TRAFFIC_PACKET).contains(&t.packet_size) {
                 return fail(
                     tp.key("packet_size"),
-                    format!("{} bytes: must be in 64..=9000", t.packet_size),
+                    format!(
+                        "{} bytes: must be in 64..={MAX_TRAFFIC_PACKET} (a frame fits one buffer)",
+                        t.packet_size
+                    ),
                 );
             }
             if !(0.0..=1.0).contains(&t.ipv6_share) {
@@ -1412,9 +1467,10 @@ impl Config {
                 names.join(", ")
             );
         }
+        let (rx, all) = self.ring_mbufs();
         let _ = writeln!(
             o,
-            "mempool: {} mbufs, cache {}",
+            "mempool: {} mbufs, cache {} (receive rings take {rx}; all rings and caches up to {all})",
             self.mempool.mbufs, self.mempool.cache
         );
         let _ = writeln!(o, "ports:");

@@ -46,6 +46,18 @@ impl Spread {
     }
 }
 
+/// The device a device string names, for telling two apart: the part
+/// before the first comma, in lower case, without PCI domain 0 (DPDK names
+/// `3B:00.0` and `0000:3b:00.0` alike).
+pub fn device_name(device: &str) -> String {
+    let name = device.split(',').next().unwrap_or_default().trim();
+    let name = name.to_ascii_lowercase();
+    match name.strip_prefix("0000:") {
+        Some(short) => short.to_string(),
+        None => name,
+    }
+}
+
 /// The driver part of a device string: `net_af_packet0,iface=x` gives
 /// `net_af_packet` (the instance number dropped); a PCI address gives "".
 pub fn vdev_driver(device: &str) -> &str {

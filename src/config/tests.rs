@@ -272,6 +272,53 @@ fn weight_out_of_range() {
     assert_eq!(e.line, line_of(&t, "weight = -1"));
 }
 
+/// A traffic frame fits one buffer (2,048 bytes and the FCS), and the
+/// source's flows fit in memory: larger values are refused where they are.
+#[test]
+fn traffic_frames_fit_a_buffer_and_flows_memory() {
+    let ok = edit(
+        "[traffic]\nport = \"p0\"",
+        "[traffic]\nport = \"p0\"\npacket_size = 2052",
+    );
+    let c = Config::parse(&ok, "t.toml").expect("2052 bytes fit");
+    assert_eq!(c.traffic.map(|t| t.packet_size), Some(2052));
+    let t = edit(
+        "[traffic]\nport = \"p0\"",
+        "[traffic]\nport = \"p0\"\npacket_size = 2053",
+    );
+    check(
+        &t,
+        "traffic.packet_size",
+        "packet_size = 2053",
+        "must be in 64..=2052",
+    );
+    let t = edit(
+        "[traffic]\nport = \"p0\"",
+        "[traffic]\nport = \"p0\"\nconcurrent_flows = 16777217",
+    );
+    check(
+        &t,
+        "traffic.concurrent_flows",
+        "concurrent_flows = 16777217",
+        "at most 16777216",
+    );
+}
+
+/// One device named two ways (a PCI address with and without its domain,
+/// in either case) is one device.
+#[test]
+fn a_device_is_one_port_however_it_is_written() {
+    let t = BASE
+        .replace("device = \"net_ring0\"", "device = \"0000:3B:00.0\"")
+        .replace("device = \"net_ring1\"", "device = \"3b:00.0,x=1\"");
+    check(
+        &t,
+        "ports[1].device",
+        "device = \"3b:00.0,x=1\"",
+        "is used by two ports",
+    );
+}
+
 #[test]
 fn missing_port() {
     let t = edit("[traffic]\nport = \"p0\"", "[traffic]\nport = \"p9\"");

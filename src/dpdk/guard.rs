@@ -163,7 +163,9 @@ impl EventGuard {
                     }
                 }
             }
-        } else if self.parked {
+        } else {
+            // Released even when not known to be parked: a park that timed
+            // out leaves the thread to park later, at its alarm.
             intr::release(INTR_TIMEOUT);
             self.parked = false;
         }
@@ -183,10 +185,11 @@ impl EventGuard {
                 g.close();
             }
         }
-        if self.parked {
+        // As in `tick`: the thread may have parked after a park timed out.
+        if !self.ports.is_empty() {
             intr::release(INTR_TIMEOUT);
-            self.parked = false;
         }
+        self.parked = false;
     }
 }
 

@@ -36,6 +36,10 @@ pub struct PortSetup {
     /// driver's event handlers and its burst functions apart. The port then
     /// passes packets only while that guard has it open.
     pub guard_events: bool,
+    /// The link's MTU (the port's `mtu`): the device is configured with
+    /// it, or with the most that the device and one receive buffer take
+    /// (frames arrive in one segment), whichever is less.
+    pub mtu: u16,
 }
 
 impl Default for PortSetup {
@@ -47,6 +51,7 @@ impl Default for PortSetup {
             promiscuous: true,
             rss: true,
             guard_events: false,
+            mtu: 1500,
         }
     }
 }
@@ -87,6 +92,8 @@ pub struct Port {
     mac: [u8; 6],
     socket: i32,
     rss: bool,
+    /// The MTU the device was configured with.
+    mtu: u16,
     started: bool,
     /// One flag per queue pair: taken by a live PortQueue.
     /// Per queue index, the directions claimed ([`QueueDir`] bits).
@@ -177,6 +184,7 @@ impl Port {
             mac: [0; 6],
             socket: sys::SOCKET_ANY,
             rss: false,
+            mtu: 0,
             started: false,
             claimed: (0..conf.queues).map(|_| AtomicU8::new(0)).collect(),
             hotplugged: if probed {
@@ -224,6 +232,8 @@ impl Port {
             eth_conf.rx_adv_conf.rss_conf.rss_hf = rss_hf;
             self.rss = true;
         }
+        self.mtu = device_mtu(info, conf.mtu, self.pool.data_room() - HEADROOM);
+        eth_conf.rxmode.mtu = u32::from(self.mtu);
         // SAFETY: the port exists; eth_conf is a valid, initialised struct
         // that DPDK copies.
         let ret = unsafe { sys::rte_eth_dev_configure(id, q, q, &eth_conf) };
@@ -367,6 +377,11 @@ impl Port {
     /// Number of receive/transmit queue pairs.
     pub fn queues(&self) -> u16 {
         self.claimed.len() as u16
+    }
+
+    /// The MTU the device was configured with ([`PortSetup::mtu`]).
+    pub fn mtu(&self) -> u16 {
+        self.mtu
     }
 
     /// Whether RSS spreads received flows over the queues. When false with
@@ -570,8 +585,12 @@ fn port_name(device: &str) -> Result<String, DpdkError> {
             "empty device name in {device:?}"
         )));
     }
+    // DPDK names a PCI device by its full address in lower case.
     if is_short_pci(name) {
-        return Ok(format!("0000:{name}"));
+        return Ok(format!("0000:{}", name.to_ascii_lowercase()));
+    }
+    if name.len() == 12 && name.as_bytes()[4] == b':' && is_short_pci(&name[5..]) {
+        return Ok(name.to_ascii_lowercase());
     }
     Ok(name.to_string())
 }
@@ -591,6 +610,27 @@ fn lookup(name: &CStr) -> Option<u16> {
     // name is a valid C string; id is writable.
     let ret = unsafe { sys::rte_eth_dev_get_port_by_name(name.as_ptr(), &mut id) };
     (ret == 0).then_some(id)
+}
+
+/// The MTU to configure a device with: `want`, or less where the device
+/// takes less (its `max_mtu`, its largest frame) or where a frame would not
+/// fit one receive buffer of `room` bytes. A frame's overhead is DPDK's
+/// for the device: what its largest frame adds to its largest MTU, else
+/// an Ethernet header and FCS.
+fn device_mtu(info: &sys::rte_eth_dev_info, want: u16, room: u16) -> u16 {
+    const ETHER_OVERHEAD: u32 = 18;
+    let max_mtu = u32::from(info.max_mtu);
+    let overhead = if info.max_mtu != u16::MAX && info.max_rx_pktlen > max_mtu {
+        info.max_rx_pktlen - max_mtu
+    } else {
+        ETHER_OVERHEAD
+    };
+    let mtu = u32::from(want)
+        .min(max_mtu)
+        .min(info.max_rx_pktlen.saturating_sub(overhead))
+        .min(u32::from(room).saturating_sub(overhead))
+        .max(u32::from(info.min_mtu));
+    u16::try_from(mtu).unwrap_or(u16::MAX)
 }
 
 fn dev_info(id: u16) -> Result<sys::rte_eth_dev_info, DpdkError> {
@@ -627,6 +667,8 @@ mod tests {
         );
         assert_eq!(port_name("01:00.0").unwrap(), "0000:01:00.0");
         assert_eq!(port_name("0000:3b:00.1").unwrap(), "0000:3b:00.1");
+        assert_eq!(port_name("3B:00.1").unwrap(), "0000:3b:00.1");
+        assert_eq!(port_name("0000:3B:00.1,x=1").unwrap(), "0000:3b:00.1");
         assert!(port_name("").is_err());
         assert!(port_name(",iface=x").is_err());
         assert!(!is_short_pci("net_ri0"));

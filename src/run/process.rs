@@ -79,9 +79,10 @@ impl StopFlags {
 /// registered with EAL when they start) unless the file sets a core list.
 pub fn eal_args(cfg: &Config) -> Vec<String> {
     let mut args = cfg.eal.args.clone();
+    // `-l 0-3`, `-l0-3`, `-c 0x3`, `-c0x3`, `--lcores ...`, `--lcores=...`.
     let has_cores = args
         .iter()
-        .any(|a| a == "-l" || a == "-c" || a.starts_with("--lcores") || a.starts_with("-l"));
+        .any(|a| a.starts_with("-l") || a.starts_with("-c") || a.starts_with("--lcores"));
     if !has_cores {
         args.push("-l".into());
         args.push(cfg.cores.control.to_string());
@@ -207,6 +208,14 @@ fn start(cfg: &Config) -> Result<Started, String> {
     }
     // Memory: the tables are allocated (and written) at start; refuse
     // sizes the machine cannot hold before EAL or any of them.
+    let (_, rings) = cfg.ring_mbufs();
+    if u64::from(cfg.mempool.mbufs) < rings {
+        log::warn!(
+            "[mempool] mbufs = {}: the ports' rings and the threads' caches can hold up to {rings}; \
+             under load receive may fail for want of a buffer (pktdist_port_no_mbuf_total)",
+            cfg.mempool.mbufs
+        );
+    }
     let tables = crate::run::memory::TableMemory::of(cfg);
     if let Some(available) = crate::run::memory::available() {
         tables.check(available)?;
@@ -261,6 +270,7 @@ fn start(cfg: &Config) -> Result<Started, String> {
             // A memif port passes packets only while its peer is connected
             // and the event guard below has it open.
             guard_events: true,
+            mtu: p.mtu,
         };
         let port = Port::open(&p.device, &conf, Arc::clone(&pool))
             .map_err(|e| format!("port {} ({}): {e}", p.name, p.device))?;
@@ -290,12 +300,22 @@ fn start(cfg: &Config) -> Result<Started, String> {
                 ", no RSS"
             }
         };
+        if port.mtu() < p.mtu && p.is_pci() {
+            log::warn!(
+                "port {}: the device takes an MTU of {} at most (one receive buffer holds 2,048 bytes): \
+                 received frames longer than that are dropped, below the port's mtu of {}",
+                p.name,
+                port.mtu(),
+                p.mtu
+            );
+        }
         log::info!(
-            "port {} = {} ({}), mac {}, {} queue(s){}{}",
+            "port {} = {} ({}), mac {}, device mtu {}, {} queue(s){}{}",
             p.name,
             p.device,
             port.driver(),
             crate::config::MacAddr(mac),
+            port.mtu(),
             port.queues(),
             spread,
             if port.is_guarded() {
@@ -690,6 +710,31 @@ mod tests {
             died: Arc::clone(&died),
         };
         (watch, stopping, stop_process, died)
+    }
+
+    /// The control core becomes EAL's core list unless `[eal] args` has
+    /// one, in any of EAL's spellings.
+    #[test]
+    fn eal_args_add_a_core_list_only_where_none_is_given() {
+        let mut cfg = Config::parse(
+            &crate::config::testing::with_services(crate::config::testing::WEB),
+            "t.toml",
+        )
+        .unwrap();
+        cfg.eal.args = vec!["--no-huge".into()];
+        let args = eal_args(&cfg);
+        assert_eq!(args[1..], ["-l".to_string(), cfg.cores.control.to_string()]);
+        for given in [
+            &["-l", "0-1"][..],
+            &["-l0-1"],
+            &["-c", "0x3"],
+            &["-c0x3"],
+            &["--lcores", "0@0"],
+            &["--lcores=0@0"],
+        ] {
+            cfg.eal.args = given.iter().map(|s| s.to_string()).collect();
+            assert_eq!(eal_args(&cfg), cfg.eal.args, "{given:?}");
+        }
     }
 
     /// Forwarded packets take the next hop and MTU of the port they leave

@@ -19,6 +19,13 @@ use crate::wire::{ethernet, ipv4, ipv6};
 
 use super::trafficgen::TrafficGen;
 
+// The largest frame the configuration lets the source write fits one
+// buffer of the pool it allocates from.
+const _: () = assert!(
+    crate::config::MAX_TRAFFIC_PACKET as usize - 4
+        <= DEFAULT_DATA_ROOM as usize - HEADROOM as usize
+);
+
 /// Bursts the sink drains from one queue per turn at most.
 const SINK_BURSTS: usize = 32;
 /// Frames in flight per queue at most: less than the 1024 slots of a
@@ -133,13 +140,18 @@ impl TrafficSource {
             {
                 if Mbuf::alloc_bulk(&self.pool, &mut fresh, burst) {
                     for mut m in fresh.drain(..) {
-                        let mut queue = 0;
-                        if m.resize(room) {
-                            let (n, key) = self.gen.next_frame_keyed(m.data_mut());
-                            m.resize(n.max(60));
-                            queue = super::rss::queue_of(&key, queues);
+                        // A frame that does not fit its buffer (never with
+                        // a valid `packet_size`) is not sent: the buffer
+                        // goes back to the pool as it drops.
+                        if !m.resize(room) {
+                            continue;
                         }
-                        pending[queue].push(m);
+                        let (n, key) = self.gen.next_frame_keyed(m.data_mut());
+                        if n == 0 {
+                            continue;
+                        }
+                        m.resize(n.max(60));
+                        pending[super::rss::queue_of(&key, queues)].push(m);
                         generated += 1;
                     }
                 } else {
