@@ -180,14 +180,19 @@ fn requested_affinities_survive_a_restart_and_bad_files_are_refused() {
     );
     stop(p);
 
-    // A truncated file: refused, naming the file and what is wrong.
+    // A truncated file: refused by run, naming the file and what is
+    // wrong; check says so and passes (the configuration is good, and it
+    // must not keep `run --discard-bad-state` from starting).
     let bytes = std::fs::read(&state).expect("read state");
     std::fs::write(&state, &bytes[..bytes.len() - 10]).expect("truncate");
     let checked = check(&config);
-    let err = String::from_utf8_lossy(&checked.stderr).into_owned();
+    let out = String::from_utf8_lossy(&checked.stdout).into_owned();
     assert!(
-        !checked.status.success() && err.contains("truncated"),
-        "{err}"
+        checked.status.success()
+            && out.contains("run would refuse to start")
+            && out.contains(path_str(&state))
+            && out.contains("truncated"),
+        "{checked:?}"
     );
     let f = Pktdist::spawn(&["run", "--config", path_str(&config), "--quiet"]).wait(PATIENCE);
     assert!(!f.status.success(), "started on a truncated state file");

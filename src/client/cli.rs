@@ -218,7 +218,8 @@ pub enum BackendCmd {
         /// Next-hop MAC (needed for l2 forwarding).
         #[arg(long)]
         mac: Option<MacAddr>,
-        #[arg(long, default_value_t = 1)]
+        /// Weight (default 100, as a configured backend's).
+        #[arg(long, default_value_t = 100)]
         weight: u32,
     },
     /// Remove a backend; its affinities end. At the instance asked only,
@@ -830,6 +831,13 @@ mod tests {
         };
         assert_eq!(mac, Some(MacAddr([2, 0, 0, 0, 0, 9])));
         assert_eq!(weight, 5);
+        // Without --weight, a configured backend's default.
+        let Top::Backend(BackendCmd::Add { weight, .. }) =
+            parse(&["backend", "add", "web", "b9", "--addr", "10.0.0.9"]).unwrap()
+        else {
+            panic!("wrong command")
+        };
+        assert_eq!(weight, 100);
         let Top::Stats(s) = parse(&["stats", "--watch", "--server", "10.0.0.1:7000"]).unwrap()
         else {
             panic!("wrong command")

@@ -19,7 +19,7 @@ pub struct BackendStatus {
     /// What the operator declared for it.
     pub admin: Declared,
     /// The health checks' verdict: `None` while nothing was reported
-    /// (checks off, or none finished yet).
+    /// (checks off, or never failed: the checker reports changes only).
     pub healthy: Option<bool>,
     /// Why the last check failed (kept while it is down).
     pub check_error: Option<String>,
