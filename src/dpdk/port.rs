@@ -673,4 +673,26 @@ mod tests {
         assert!(port_name(",iface=x").is_err());
         assert!(!is_short_pci("net_ri0"));
     }
+
+    /// The device's MTU: the port's, within what the device and one
+    /// 2,048-byte buffer take.
+    #[test]
+    fn device_mtus() {
+        let info = |max_mtu: u16, max_rx_pktlen: u32| sys::rte_eth_dev_info {
+            max_mtu,
+            max_rx_pktlen,
+            min_mtu: 68,
+            ..Default::default()
+        };
+        // A NIC whose largest frame is 9728 bytes with an MTU of 9710.
+        assert_eq!(device_mtu(&info(9710, 9728), 1500, 2048), 1500);
+        assert_eq!(device_mtu(&info(9710, 9728), 1600, 2048), 1600);
+        assert_eq!(device_mtu(&info(9710, 9728), 9000, 2048), 2030);
+        // A driver that gives only its largest frame (1518 bytes).
+        assert_eq!(device_mtu(&info(u16::MAX, 1518), 1600, 2048), 1500);
+        assert_eq!(device_mtu(&info(u16::MAX, 65535), 1600, 2048), 1600);
+        // One that counts a VLAN tag in its overhead (22 bytes).
+        assert_eq!(device_mtu(&info(1500, 1522), 1500, 2048), 1500);
+        assert_eq!(device_mtu(&info(9000, 9022), 9000, 2048), 2026);
+    }
 }

@@ -206,8 +206,8 @@ fn start(cfg: &Config) -> Result<Started, String> {
             ));
         }
     }
-    // Memory: the tables are allocated (and written) at start; refuse
-    // sizes the machine cannot hold before EAL or any of them.
+    // The buffers: `check` refuses fewer than the receive rings take; all
+    // rings and caches may take more than that.
     let (_, rings) = cfg.ring_mbufs();
     if u64::from(cfg.mempool.mbufs) < rings {
         log::warn!(
@@ -216,6 +216,8 @@ fn start(cfg: &Config) -> Result<Started, String> {
             cfg.mempool.mbufs
         );
     }
+    // Memory: the tables are allocated (and written) at start; refuse
+    // sizes the machine cannot hold before EAL or any of them.
     let tables = crate::run::memory::TableMemory::of(cfg);
     if let Some(available) = crate::run::memory::available() {
         tables.check(available)?;
