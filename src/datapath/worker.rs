@@ -897,7 +897,11 @@ impl<IO: PacketIo> Worker<IO> {
             Lookup::Stale(old) => {
                 // Idle past its timeout, or a new SYN on a closing flow's
                 // tuple: the old flow is over and this packet starts anew.
-                self.counters.flows_expired.inc();
+                if old.expired {
+                    self.counters.flows_expired.inc();
+                } else {
+                    self.counters.flows_closed.inc();
+                }
                 self.counters.backend(old.backend).active.sub(1);
                 if old.auto_slot != NO_AUTO_SLOT {
                     release_pin(&self.shared.auto_affinity, dp, &p.key, old.auto_slot, now);
@@ -2002,6 +2006,29 @@ mod tests {
             2 * SEC,
         )[0];
         assert_ne!(backend_index(next), pinned);
+    }
+
+    /// A new SYN on the tuple of a closing flow ends that flow: counted
+    /// closed, not expired, and its backend counts one connection, the new.
+    #[test]
+    fn a_syn_on_a_closing_flows_tuple_closes_it() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1 << 12);
+        let client = [198, 18, 13, 3];
+        send(&mut b, &[tcp(client, 100, tcp_flags::SYN)], SEC);
+        send(
+            &mut b,
+            &[tcp(client, 100, tcp_flags::FIN | tcp_flags::ACK)],
+            SEC,
+        );
+        send(&mut b, &[tcp(client, 100, tcp_flags::SYN)], SEC);
+        let c = b.worker.counters();
+        assert_eq!((c.flows_closed.get(), c.flows_expired.get()), (1, 0));
+        let active = (0..2)
+            .map(|id| c.backend(id).active.get() as i64)
+            .sum::<i64>();
+        assert_eq!(active, 1);
     }
 
     /// A pinned flow that a new SYN of its tuple finds past its timeout

@@ -210,6 +210,15 @@ pub fn render(s: &Summary) -> String {
         "Connections in the workers' flow tables.",
     )
     .value(&[], s.active_flows as f64);
+    let mut f = Family::new(
+        &mut o,
+        "pktdist_flows_ended_total",
+        "counter",
+        "Flows that left the workers' flow tables, by reason: closed (RST, a new SYN on a closing flow, its backend removed), evicted (a full bucket's least recently seen, for a new flow), expired (idle past its timeout).",
+    );
+    for (reason, v) in s.flows_ended.as_array() {
+        f.value(&[("reason", reason)], v as f64);
+    }
     Family::new(
         &mut o,
         "pktdist_affinities",

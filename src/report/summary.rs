@@ -34,6 +34,7 @@ pub struct Totals {
     pub unknown_flows: u64,
     pub untracked_flows: u64,
     pub flows_active: u64,
+    pub flows_ended: FlowsEnded,
     pub busy_ns: u64,
 }
 
@@ -53,6 +54,9 @@ impl Totals {
             t.unknown_flows += w.unknown_flows.get();
             t.untracked_flows += w.flows_untracked.get();
             t.flows_active += w.flows_active.get();
+            t.flows_ended.expired += w.flows_expired.get();
+            t.flows_ended.evicted += w.flows_evicted.get();
+            t.flows_ended.closed += w.flows_closed.get();
             t.busy_ns += w.busy_ns.get();
             for s in w.services.iter() {
                 t.new_connections += s.new_connections.get();
@@ -230,6 +234,10 @@ pub struct Summary {
     pub affinity_misses: u64,
     pub auto_affinity_hits: u64,
     pub active_flows: u64,
+    /// Flows that left the workers' tables, by why. Absent in older
+    /// servers' JSON.
+    #[serde(default)]
+    pub flows_ended: FlowsEnded,
     pub affinities: usize,
     /// How many affinities the table holds at most (`[affinity] capacity`).
     /// Absent in older servers' JSON.
@@ -390,6 +398,33 @@ impl ControlSummary {
             line += &format!(" ({})", list(&self.rate_limited));
         }
         Some(line)
+    }
+}
+
+/// Flows that left the workers' flow tables, by why (the fields in the
+/// JSON's key order).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct FlowsEnded {
+    /// Ended by RST, by a new SYN on a closing flow's tuple, or because
+    /// their backend was removed.
+    pub closed: u64,
+    /// Live flows a full bucket gave up for a new one (the least recently
+    /// seen of their bucket): a table too small for its flows.
+    pub evicted: u64,
+    /// Idle past their state's timeout (a closed connection's included,
+    /// after `fin_timeout`).
+    pub expired: u64,
+}
+
+impl FlowsEnded {
+    /// (reason, count) for every reason, in the JSON's key order.
+    pub fn as_array(&self) -> [(&'static str, u64); 3] {
+        [
+            ("closed", self.closed),
+            ("evicted", self.evicted),
+            ("expired", self.expired),
+        ]
     }
 }
 
@@ -620,6 +655,7 @@ impl Summary {
             affinity_misses: t.affinity_misses,
             auto_affinity_hits: t.auto_affinity_hits,
             active_flows: t.flows_active,
+            flows_ended: t.flows_ended,
             affinities,
             affinity_capacity: 0,
             auto_affinity_pins: 0,
@@ -690,11 +726,14 @@ impl Summary {
         );
         let _ = writeln!(
             o,
-            "  TCP SYNs {}  new connections {}  unknown flows routed statelessly {}  active flows {}{}",
+            "  TCP SYNs {}  new connections {}  unknown flows routed statelessly {}  active flows {} (ended: {} expired, {} closed, {} evicted){}",
             self.syns,
             self.new_connections,
             self.unknown_flows,
             self.active_flows,
+            self.flows_ended.expired,
+            self.flows_ended.closed,
+            self.flows_ended.evicted,
             if self.untracked_flows > 0 {
                 format!("  packets routed without a flow entry {}", self.untracked_flows)
             } else {
@@ -1007,6 +1046,9 @@ mod tests {
             c.backends[1].connections.add(20);
             c.services[0].new_connections.add(30 + i as u64);
             c.busy_ns.add(1_000_000);
+            c.flows_expired.add(3);
+            c.flows_closed.add(2);
+            c.flows_evicted.add(1 + i as u64);
         }
         let s = Summary::collect(&w, &dp(), 2.0, 3, &CounterBase::default());
         assert_eq!(s.rx_packets, 200);
@@ -1021,8 +1063,18 @@ mod tests {
         let text = s.render();
         assert!(text.contains("be1"), "{text}");
         assert!(text.contains("icmp     errors forwarded 0"), "{text}");
+        assert!(
+            text.contains("(ended: 6 expired, 4 closed, 3 evicted)"),
+            "{text}"
+        );
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["services"][0]["backends"][1]["connections"], 40);
+        assert_eq!(json["flows_ended"]["evicted"], 3);
+        let metrics = crate::report::metrics::render(&s);
+        assert!(
+            metrics.contains("pktdist_flows_ended_total{reason=\"evicted\"} 3\n"),
+            "{metrics}"
+        );
     }
 
     /// The control thread's and the traffic source's parts: under `extra`,

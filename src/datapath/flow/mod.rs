@@ -506,17 +506,13 @@ struct Vacancy {
     /// The flow's hash: an insert of another flow ignores the vacancy.
     hash: u64,
     vip: u16,
-    /// The home bucket's slot the lookup emptied (a stale flow's), with
-    /// [`WAS_FULL`] if the bucket was full before; [`NO_SLOT`] if none.
+    /// The home bucket's slot the lookup emptied (a stale flow's);
+    /// [`NO_SLOT`] if none.
     slot: u8,
 }
 
 /// [`Vacancy::slot`] when the lookup emptied no slot of the home bucket.
 const NO_SLOT: u8 = u8::MAX;
-/// Bit of [`Vacancy::slot`]: the bucket was full before the slot was
-/// emptied.
-const WAS_FULL: u8 = 0x10;
-const _: () = assert!(WAYS <= WAS_FULL as usize);
 
 impl Books {
     /// True when `slot` has certainly been idle longer than its state's
@@ -883,19 +879,16 @@ impl<K: SlotKey> Part<K> {
             return Lookup::Miss;
         };
         // A stale flow's slot, emptied for the new flow of its key.
-        let vacancy = |part: &Self| Vacancy {
+        let vacancy = Vacancy {
             hash,
             vip,
-            slot: match (b == home, bit(&part.full, b)) {
-                (false, _) => NO_SLOT,
-                (true, full) => s as u8 | if full { WAS_FULL } else { 0 },
-            },
+            slot: if b == home { s as u8 } else { NO_SLOT },
         };
         let slot = &self.buckets[b].metas[s];
         if books.expired(slot, now) {
             books.stats.expired += 1;
             books.stats.misses += 1;
-            books.vacant = Some(vacancy(self));
+            books.vacant = Some(vacancy);
             return Lookup::Stale(self.vacate(books, (b, s), home, true));
         }
         let old_state = TcpState::from_u8(slot.state);
@@ -910,7 +903,7 @@ impl<K: SlotKey> Part<K> {
             if old_state == TcpState::Closing && syn_only {
                 books.stats.closed += 1;
                 books.stats.misses += 1;
-                books.vacant = Some(vacancy(self));
+                books.vacant = Some(vacancy);
                 return Lookup::Stale(self.vacate(books, (b, s), home, false));
             }
             if tcp_flags & tcp_flags::FIN != 0 {
@@ -1219,16 +1212,15 @@ impl<K: SlotKey> Part<K> {
         let (stamp, backend) = (stamp_of(now), backend as u16);
         let state = OCCUPIED | if auto { HAS_AUTO } else { 0 } | state as u8;
         books.stats.inserted += 1;
-        // The slot the lookup emptied, if still empty: the bucket is as it
-        // was before, its full bit included.
+        // The slot the lookup emptied, if still empty; the bucket's full
+        // bit from what it holds now.
         if let Some(v) = vacancy.filter(|v| v.slot != NO_SLOT) {
-            let (s, was_full) = (usize::from(v.slot) % WAYS, v.slot & WAS_FULL != 0);
+            let s = usize::from(v.slot) % WAYS;
             let bk = &mut self.buckets[home];
             if !bk.metas[s].used() {
                 bk.set(s, key, stamp, backend, state);
-                if was_full {
-                    set_bit(&mut self.full, home, true);
-                }
+                let full = bk.is_full();
+                set_bit(&mut self.full, home, full);
                 books.vips.hold(vip);
                 books.len[K::FAMILY] += 1;
                 if auto {
@@ -1509,6 +1501,9 @@ impl FlowTable {
         hash: u64,
         now: u64,
     ) -> Result<Option<FlowEntry>, Untracked> {
+        // It may give the address index a vacancy holds to another
+        // address: no `insert_absent` takes that vacancy after it.
+        self.books.vacant = None;
         match entry.key.family {
             Family::V4 => self.v4.insert(&mut self.books, entry, hash, now),
             Family::V6 => self.v6.insert(&mut self.books, entry, hash, now),
@@ -2162,6 +2157,49 @@ mod tests {
                 t.len() as u32,
                 "{fam:?}: one address, every flow"
             );
+        }
+    }
+
+    /// A stale flow's vacancy, then a reset that empties another slot of
+    /// the same bucket before the stale key's new flow is inserted: the
+    /// bucket is no longer full, and its full bit says so (a stale bit
+    /// would let the next insert take the empty slot as an occupied one).
+    #[test]
+    fn a_vacancy_taken_after_another_slot_emptied_leaves_the_bucket_not_full() {
+        for fam in FAMILIES {
+            let mut t = table(WAYS);
+            let keys: Vec<FlowKey> = (0..WAYS as u32 + 1)
+                .map(|i| key_of(fam, i, PROTO_TCP))
+                .collect();
+            for k in &keys[..WAYS] {
+                let got = t.insert_absent(k, 1, TcpState::SynSeen, NO_AUTO_SLOT, flow_hash(k), SEC);
+                assert_eq!(got, Ok(None));
+            }
+            // Key 0 is established at 5 s; key 2 is stale at 20 s.
+            let k0 = keys[0];
+            assert!(matches!(
+                t.lookup(&k0, flow_hash(&k0), 5 * SEC, ACK),
+                Lookup::Hit(_)
+            ));
+            let k = keys[2];
+            let h = flow_hash(&k);
+            assert!(matches!(t.lookup(&k, h, 20 * SEC, SYN), Lookup::Stale(_)));
+            assert!(matches!(
+                t.lookup(&k0, flow_hash(&k0), 20 * SEC, RST),
+                Lookup::Reset(_)
+            ));
+            let got = t.insert_absent(&k, 7, TcpState::SynSeen, NO_AUTO_SLOT, h, 20 * SEC);
+            assert_eq!(got, Ok(None), "{fam:?}");
+            assert_eq!(t.len(), WAYS - 1, "{fam:?}");
+            assert!(t.consistent(), "{fam:?}: the bucket is not full");
+            // The next flow takes the empty slot: nothing is displaced.
+            let other = keys[WAYS];
+            let h = flow_hash(&other);
+            assert_eq!(t.lookup(&other, h, 21 * SEC, SYN), Lookup::Miss);
+            let got = t.insert_absent(&other, 4, TcpState::SynSeen, NO_AUTO_SLOT, h, 21 * SEC);
+            assert_eq!(got, Ok(None), "{fam:?}: nothing displaced");
+            assert_eq!(t.len(), WAYS, "{fam:?}");
+            assert!(t.consistent(), "{fam:?}");
         }
     }
 
