@@ -28,9 +28,11 @@ from fakeserver import (
     reply_body,
 )
 
-# Short waits for replies that are meant never to come; generous ones for
-# anything that is meant to come (a slow machine only makes them wait).
-SHORT = 0.2
+# Short waits for replies that are meant never to come, and the client's
+# per-attempt timeout where the fake server answers at once (long enough for
+# a loaded machine to run the server's thread); generous ones for anything
+# that is meant to come (a slow machine only makes them wait).
+SHORT = 0.5
 PATIENCE = 10.0
 
 
