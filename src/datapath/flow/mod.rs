@@ -2105,6 +2105,20 @@ mod tests {
         }
     }
 
+    /// A one-bucket table whose bucket holds the SYNs of the first `WAYS`
+    /// of `WAYS + 1` keys of `fam`, seen at 1 s; and the keys.
+    fn full_bucket(fam: Family) -> (FlowTable, Vec<FlowKey>) {
+        let mut t = table(WAYS);
+        let keys: Vec<FlowKey> = (0..WAYS as u32 + 1)
+            .map(|i| key_of(fam, i, PROTO_TCP))
+            .collect();
+        for k in &keys[..WAYS] {
+            let got = t.insert_absent(k, 1, TcpState::SynSeen, NO_AUTO_SLOT, flow_hash(k), SEC);
+            assert_eq!(got, Ok(None));
+        }
+        (t, keys)
+    }
+
     /// A SYN on a flow past its timeout: the new flow of that key takes
     /// the slot the lookup emptied, and the bucket's books (full bit,
     /// length, address counts) are as before; an insert of another key
@@ -2112,14 +2126,7 @@ mod tests {
     #[test]
     fn a_stale_flows_slot_is_taken_by_its_keys_new_flow() {
         for fam in FAMILIES {
-            let mut t = table(WAYS);
-            let keys: Vec<FlowKey> = (0..WAYS as u32 + 1)
-                .map(|i| key_of(fam, i, PROTO_TCP))
-                .collect();
-            for k in &keys[..WAYS] {
-                let got = t.insert_absent(k, 1, TcpState::SynSeen, NO_AUTO_SLOT, flow_hash(k), SEC);
-                assert_eq!(got, Ok(None));
-            }
+            let (mut t, keys) = full_bucket(fam);
             assert!(t.consistent(), "{fam:?}");
             // Key 2 again at 20 s, past its 10 s SYN timeout: stale, its
             // slot emptied, then filled by its new flow.
@@ -2167,14 +2174,7 @@ mod tests {
     #[test]
     fn a_vacancy_taken_after_another_slot_emptied_leaves_the_bucket_not_full() {
         for fam in FAMILIES {
-            let mut t = table(WAYS);
-            let keys: Vec<FlowKey> = (0..WAYS as u32 + 1)
-                .map(|i| key_of(fam, i, PROTO_TCP))
-                .collect();
-            for k in &keys[..WAYS] {
-                let got = t.insert_absent(k, 1, TcpState::SynSeen, NO_AUTO_SLOT, flow_hash(k), SEC);
-                assert_eq!(got, Ok(None));
-            }
+            let (mut t, keys) = full_bucket(fam);
             // Key 0 is established at 5 s; key 2 is stale at 20 s.
             let k0 = keys[0];
             assert!(matches!(
