@@ -292,8 +292,10 @@ fn measure_loop<S: Step>(phase: &AtomicU8, sides: &mut [S], hz: u64) -> Vec<Loop
                 st.packets += n as u64;
                 st.busy_polls += 1;
                 st.busy_cycles += c;
+                // Each of the burst's packets took the burst's time over
+                // its size (as the worker's own histogram counts them).
                 st.hist
-                    .saturating_record((c as f64 * ps_per_cycle / n as f64) as u64);
+                    .saturating_record_n((c as f64 * ps_per_cycle / n as f64) as u64, n as u64);
                 window_packets += n as u64;
             }
             let elapsed = t1.wrapping_sub(window_start);
@@ -406,9 +408,10 @@ impl Row {
     /// Who limited the rate: the worker (it never found its input empty:
     /// the figure is its capacity), the feeder (both threads had their
     /// cores, yet the worker waited for input), or CPU contention (other
-    /// processes took the cores in turns, so the input ring ran empty while
+    /// threads took the cores in turns, so the input ring ran empty while
     /// the feeder was descheduled: Mpps/core understates the worker; see
-    /// `cap Mpps`).
+    /// `cap Mpps`). In the affinity scenarios one of those is the
+    /// benchmark's own control thread, which shares the feeder's core.
     fn bottleneck(&self) -> &'static str {
         let l = &self.loop_stats;
         if l.busy_share >= 0.9 {

@@ -8,7 +8,8 @@ port that discards (`no-rx=1`). `dpdk-testpmd --forward-mode=io` moves the
 frames untouched; pktdist's worker (`dataplane-bench --scenario pcap-*`)
 does its whole job on them. Each round runs both for each scenario, each
 taking each place in the order in turn (this VM's speed drifts by +-30%
-within minutes, so only runs seconds apart compare), and the report is the
+within minutes, so only runs seconds apart compare), the scenarios in
+order in one round and in reverse in the next, and the report is the
 median of the rounds' ratios.
 
     sudo perf/vs_testpmd.py                       # 5 rounds, 3 s per run
@@ -256,7 +257,9 @@ def main():
     load = open("/proc/loadavg").read().split()[:3]
     results = {s: [] for s in scenarios}
     for r in range(args.rounds):
-        for s in scenarios:
+        # The scenarios in turn forwards and backwards: syn-affinity, judged
+        # against syn, runs after it in one round and before it in the next.
+        for s in scenarios if r % 2 == 0 else scenarios[::-1]:
             # Each binary takes each place in the order in turn (with
             # --reference, over every three rounds): the run later in a
             # round tends to be faster on this VM.
