@@ -127,7 +127,16 @@ impl Store {
                 revision,
                 affinities,
                 declarations,
+                ..
             } => Some((*revision, affinities.clone(), declarations.clone())),
+            _ => None,
+        })
+    }
+
+    /// The load's ends of this instance still marked in the store.
+    fn loaded_ends(&mut self) -> Vec<(StoreKey, Revision)> {
+        self.take("Loaded", |e| match e {
+            StoreEvent::Loaded { ended, .. } => Some(ended.clone()),
             _ => None,
         })
     }
@@ -170,6 +179,14 @@ impl Store {
 
     fn delete(&self, ticket: u64, key: &StoreKey, expect: Revision) {
         assert!(self.h.submit(StoreOp::Delete {
+            ticket,
+            key: key.clone(),
+            expect,
+        }));
+    }
+
+    fn end(&self, ticket: u64, key: &StoreKey, expect: Revision) {
+        assert!(self.h.submit(StoreOp::End {
             ticket,
             key: key.clone(),
             expect,
@@ -296,6 +313,168 @@ fn racing_deletes_of_one_key_commit_exactly_once() {
     }
 }
 
+/// The keys under `prefix` in `etcd`, as etcdctl lists them.
+fn keys_under(etcd: &Etcd, prefix: &str) -> Vec<String> {
+    let out = etcd.etcdctl(&["get", "--prefix", "--keys-only", prefix]);
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until the keys under `prefix` are `want`.
+fn wait_for_keys(etcd: &Etcd, prefix: &str, want: &[&str]) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let keys = keys_under(etcd, prefix);
+        if keys == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keys under {prefix}: {keys:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_end_leaves_its_mark_in_its_commit_and_takes_it_away_after() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    let mut b = Store::new(&etcd, "b");
+    a.loaded();
+    b.loaded();
+    let web = affinity("web", 0xc000_0209, "b1", "a");
+    a.put(1, &web, 0);
+    let rev = a.committed(1);
+    assert_eq!(a.changed(), (rev, Change::Put(web.clone())));
+    assert_eq!(b.changed(), (rev, Change::Put(web.clone())));
+
+    a.end(2, &web.key(), rev);
+    let at = a.committed(2);
+    // The ender's watch names its end before the deletion of the same
+    // commit; the others' watches only see the deletion.
+    assert_eq!(
+        a.changed(),
+        (
+            at,
+            Change::Ended {
+                key: web.key(),
+                expect: rev
+            }
+        )
+    );
+    assert_eq!(a.changed(), (at, Change::Deleted(web.key())));
+    assert_eq!(b.changed(), (at, Change::Deleted(web.key())));
+    // The mark, once seen, is taken away; nothing else is left.
+    wait_for_keys(&etcd, "/test/", &[]);
+
+    // An end that finds the key moved writes nothing.
+    a.put(3, &web, 0);
+    let rev = a.committed(3);
+    a.put(4, &web, rev);
+    let rev2 = a.committed(4);
+    a.end(5, &web.key(), rev);
+    assert_eq!(
+        a.done(5),
+        Outcome::Moved {
+            current: Some((web.clone(), rev2))
+        }
+    );
+    assert_eq!(keys_under(&etcd, "/test/e/"), Vec::<String>::new());
+}
+
+#[test]
+fn racing_ends_mark_only_the_winner_s() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let mut a = Store::new(&etcd, "a");
+    let mut b = Store::new(&etcd, "b");
+    a.loaded();
+    b.loaded();
+    let keys: Vec<StoredAffinity> = (0..20)
+        .map(|i| affinity("race", 0x0a00_0000 + i, "b1", "a"))
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        a.put(i as u64, k, 0);
+    }
+    let revs: Vec<Revision> = (0..keys.len()).map(|i| a.committed(i as u64)).collect();
+    for (i, k) in keys.iter().enumerate() {
+        a.end(1000 + i as u64, &k.key(), revs[i]);
+        b.end(1000 + i as u64, &k.key(), revs[i]);
+    }
+    let mut won: [Vec<StoreKey>; 2] = [Vec::new(), Vec::new()];
+    for (i, k) in keys.iter().enumerate() {
+        let t = 1000 + i as u64;
+        let outcomes = [a.done(t), b.done(t)];
+        for (w, o) in outcomes.iter().enumerate() {
+            if matches!(o, Outcome::Committed { .. }) {
+                won[w].push(k.key());
+            }
+        }
+        assert_eq!(won[0].len() + won[1].len(), i + 1, "key {i}: {outcomes:?}");
+    }
+    // Each store's watch names exactly the ends it won.
+    for (w, store) in [&mut a, &mut b].into_iter().enumerate() {
+        let mut deleted = 0;
+        let mut ended = Vec::new();
+        while deleted < keys.len() {
+            match store.changed() {
+                (_, Change::Deleted(_)) => deleted += 1,
+                (_, Change::Ended { key, .. }) => ended.push(key),
+                _ => {}
+            }
+        }
+        // Transactions in flight at once may commit in any order.
+        let by_client = |k: &StoreKey| k.client;
+        ended.sort_by_key(by_client);
+        won[w].sort_by_key(by_client);
+        assert_eq!(ended, won[w], "store {w}");
+    }
+    wait_for_keys(&etcd, "/test/e/", &[]);
+}
+
+#[test]
+fn a_load_names_this_instance_s_marks_and_takes_them_and_orphans_away() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    use pktdist::cluster::record::encode_mark;
+    // Left as an end's delete leaves them: "a"'s, whose answer was lost;
+    // "b"'s, recent (b is alive and takes its own away); "c"'s, two hours
+    // old (c is gone).
+    etcd.etcdctl(&[
+        "put",
+        "/test/e/web/192.0.2.9/32/any",
+        &encode_mark("a", 7, now),
+    ]);
+    etcd.etcdctl(&[
+        "put",
+        "/test/e/web/192.0.2.10/32/any",
+        &encode_mark("b", 8, now),
+    ]);
+    etcd.etcdctl(&[
+        "put",
+        "/test/e/web/192.0.2.11/32/any",
+        &encode_mark("c", 9, now - 7_200_000),
+    ]);
+    // Not pktdist's mark: left alone.
+    etcd.etcdctl(&["put", "/test/e/web/garbage", "x"]);
+    let mut a = Store::new(&etcd, "a");
+    let key = affinity("web", 0xc000_0209, "b1", "a").key();
+    assert_eq!(a.loaded_ends(), vec![(key, 7)]);
+    wait_for_keys(
+        &etcd,
+        "/test/e/",
+        &["/test/e/web/192.0.2.10/32/any", "/test/e/web/garbage"],
+    );
+}
+
 #[test]
 fn the_load_at_start_holds_what_exists_and_the_watch_follows_it() {
     let _s = serial();
@@ -391,7 +570,7 @@ impl Mirror {
                 Change::Deleted(k) => {
                     self.table.remove(k);
                 }
-                Change::Declared { .. } => {}
+                Change::Declared { .. } | Change::Ended { .. } => {}
             },
             _ => {}
         }
@@ -436,6 +615,7 @@ fn etcd_down_means_unreachable_and_unavailable_and_back_means_a_fresh_load() {
         revision,
         affinities,
         declarations: Vec::new(),
+        ended: Vec::new(),
     });
     let after = affinity("web", 0xc000_0203, "b1", "a");
     a.put(30, &after, 0);
@@ -570,6 +750,21 @@ fn five_thousand_ops_in_flight_are_all_answered() {
         }
         (changes == N + 1).then_some(())
     });
+    // Full batches of ends (a delete and a mark each: the most ops a
+    // transaction can hold): every one commits, and their 5,000 marks are
+    // taken away after.
+    for t in 0..N {
+        let Outcome::Committed { revision } = done[&t] else {
+            unreachable!()
+        };
+        let key = affinity("bulk", 0x0b00_0000 + t as u32, "b1", "a").key();
+        a.end(2 * N + t, &key, revision);
+    }
+    for t in 0..N {
+        a.committed(2 * N + t);
+    }
+    wait_for_keys(&etcd, "/test/e/", &[]);
+    assert_eq!(keys_under(&etcd, "/test/").len(), 1, "the one key left");
 }
 
 #[test]

@@ -4,9 +4,11 @@
 //! store: keys, values, transactions").
 //!
 //! One connection at a time: load (one range read of `<prefix>/`: the
-//! affinities and the declared backend states), then a watch from the next
-//! revision, while ops are batched into transactions
-//! (one nested transaction per op, several transactions in flight). When
+//! affinities, the declared backend states and this instance's end
+//! marks), then a watch from the next revision, while ops are batched into
+//! transactions (one nested transaction per op, several transactions in
+//! flight), with the removal of the end marks already reported beside
+//! them. When
 //! the watch or a transaction loses etcd, the thread says `Unreachable`,
 //! answers every op `Unavailable` at once, and reconnects with backoff
 //! (100 ms doubling to 1 s) until a fresh `Loaded`. It ends when the
@@ -35,16 +37,22 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
-use super::record::{encode_declaration, encode_value, Entry, KeyKind, KeySpace};
+use super::record::{encode_declaration, encode_mark, encode_value, Entry, KeyKind, KeySpace};
 use super::{Change, Outcome, Revision, StoreEvent, StoreHandle, StoreOp, Ticket};
 use crate::config::ClusterConfig;
 use crate::types::Declared;
 
-/// Most ops in one transaction. etcd refuses a transaction with more than
-/// `--max-txn-ops` (default 128) operations in a branch, and counts a
-/// nested transaction's branch against what its parent leaves: a success
-/// branch of N nested transactions of one op each needs N + 1 <= 128.
-pub const MAX_BATCH: usize = 127;
+/// Most ops in one transaction (end marks' removals included). etcd
+/// refuses a transaction with more than `--max-txn-ops` (default 128)
+/// operations in a branch, and counts a nested transaction's branch against
+/// what its parent leaves: a success branch of N nested transactions of
+/// at most two ops each (an end's delete and its mark) needs N + 2 <= 128.
+pub const MAX_BATCH: usize = 126;
+
+/// Another instance's end mark older than this (by the clock it wrote in
+/// it) is taken away by any instance that loads the table: the instance
+/// that left it has been gone that long.
+const ORPHAN_MARK_MS: u64 = 3_600_000;
 
 /// Transactions in flight at once (perf/README.md, "Cluster store").
 pub const MAX_IN_FLIGHT: usize = 8;
@@ -123,6 +131,8 @@ struct Settings {
     /// User and password, to authenticate again when etcd's token expires.
     user: Option<(String, String)>,
     keys: Arc<KeySpace>,
+    /// `[cluster] instance`: the name in this instance's end marks.
+    instance: Arc<str>,
     tuning: Tuning,
 }
 
@@ -210,6 +220,7 @@ impl Settings {
             options,
             user: login,
             keys: Arc::new(KeySpace::new(&cfg.prefix)),
+            instance: cfg.instance.as_str().into(),
             tuning,
         })
     }
@@ -317,6 +328,10 @@ struct Session {
     /// response's header): how far the watch has got.
     watched_to: Revision,
     loaded: Vec<StoreEvent>,
+    /// End marks to take away (key, the mark's mod revision): this
+    /// instance's once the store has told the control thread of them, and
+    /// orphans found by the load. Each goes with a later transaction.
+    sweep: HashMap<String, Revision>,
 }
 
 async fn connect_and_load(s: &Settings) -> Result<Session, String> {
@@ -336,7 +351,24 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
     let mut affinities = Vec::with_capacity(resp.kvs().len());
     let mut declarations = Vec::new();
     let mut unreadable = Vec::new();
+    let mut ended = Vec::new();
+    let mut sweep = HashMap::new();
+    let now_ms = unix_ms();
     for kv in resp.kvs() {
+        if s.keys.kind(kv.key()) == KeyKind::Mark {
+            // An unreadable mark is not this build's: left alone.
+            if let Ok(mark) = s.keys.decode_mark(kv.key(), kv.value()) {
+                let own = *mark.instance == *s.instance;
+                if own {
+                    ended.push((mark.key, mark.expect));
+                }
+                if own || now_ms.saturating_sub(mark.written_unix_ms) > ORPHAN_MARK_MS {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    sweep.insert(key, kv.mod_revision());
+                }
+            }
+            continue;
+        }
         match s.keys.decode_entry(kv.key(), kv.value()) {
             None => {}
             Some(Ok(Entry::Affinity(a))) => affinities.push((a, kv.mod_revision())),
@@ -351,6 +383,7 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
         revision,
         affinities,
         declarations,
+        ended,
     }];
     loaded.extend(unreadable);
     let (watcher, stream) = client
@@ -373,7 +406,15 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
         revision,
         watched_to: revision,
         loaded,
+        sweep,
     })
+}
+
+/// The wall clock, Unix ms.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What one transaction task gives back: the events for its ops, or the
@@ -431,7 +472,7 @@ impl Session {
             tokio::select! {
                 biased;
                 msg = self.stream.message() => {
-                    if let Err(e) = self.watched(&s.keys, msg, events) {
+                    if let Err(e) = self.watched(s, msg, events) {
                         break e;
                     }
                 }
@@ -496,6 +537,13 @@ impl Session {
                         Err(e) => break End::Lost(format!("the quorum read failed: {e}")),
                     }
                 }
+                // Marks to take away and nothing else to do: a transaction
+                // of their own.
+                _ = std::future::ready(()),
+                    if room && carried.is_none() && !self.sweep.is_empty() =>
+                {
+                    out.spawn(self.run_batch(s, Vec::new()), Vec::new());
+                }
             }
         };
         if let Some(read) = quorum_read {
@@ -528,13 +576,17 @@ impl Session {
         end
     }
 
-    /// Turns one watch message into `Changed` (or `Unreadable`) events.
+    /// Turns one watch message into `Changed` (or `Unreadable`) events:
+    /// first `Ended` for each of this instance's end marks in it (before
+    /// the deletion committed with each, which etcd reports in the same
+    /// message), then the rest in commit order.
     fn watched(
         &mut self,
-        keys: &KeySpace,
+        s: &Settings,
         msg: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
         events: &mpsc::Sender<StoreEvent>,
     ) -> Result<(), End> {
+        let keys = &s.keys;
         let resp = match msg {
             Ok(Some(resp)) => resp,
             Ok(None) => return Err(End::Lost("the watch stream ended".into())),
@@ -555,6 +607,31 @@ impl Session {
         }
         if let Some(h) = resp.header() {
             self.watched_to = self.watched_to.max(h.revision());
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            if ev.event_type() != EventType::Put || keys.kind(kv.key()) != KeyKind::Mark {
+                continue;
+            }
+            let Ok(mark) = keys.decode_mark(kv.key(), kv.value()) else {
+                continue;
+            };
+            if *mark.instance != *s.instance {
+                continue;
+            }
+            let revision = kv.mod_revision();
+            self.sweep
+                .insert(String::from_utf8_lossy(kv.key()).into_owned(), revision);
+            let change = Change::Ended {
+                key: mark.key,
+                expect: mark.expect,
+            };
+            if events
+                .send(StoreEvent::Changed { revision, change })
+                .is_err()
+            {
+                return Err(End::Closed);
+            }
         }
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
@@ -585,7 +662,7 @@ impl Session {
                         }),
                         Err(_) => continue,
                     },
-                    KeyKind::Other => continue,
+                    KeyKind::Mark | KeyKind::Other => continue,
                 }
             };
             let event = match change {
@@ -701,7 +778,7 @@ fn take_batch(
 fn op_key(keys: &KeySpace, op: &StoreOp) -> String {
     match op {
         StoreOp::Put { value, .. } => keys.key(&value.key()),
-        StoreOp::Delete { key, .. } => keys.key(key),
+        StoreOp::Delete { key, .. } | StoreOp::End { key, .. } => keys.key(key),
         StoreOp::Declare { value, .. } => keys.declaration_key(&value.key),
     }
 }
@@ -731,20 +808,46 @@ impl Session {
         }
     }
 
-    /// The task that runs `batch` as one transaction.
+    /// The task that runs `batch` as one transaction, with as many of the
+    /// marks to take away as there is room for beside it (a mark one of
+    /// the batch's ends writes again is not taken away: it is the new
+    /// end's).
     fn run_batch(
-        &self,
+        &mut self,
         s: &Settings,
         batch: Batch,
     ) -> impl std::future::Future<Output = TxnResult> + Send + 'static {
+        for (_, op) in &batch {
+            if let StoreOp::End { key, .. } = op {
+                self.sweep.remove(&s.keys.mark_key(key));
+            }
+        }
+        let room = s.tuning.max_batch.saturating_sub(batch.len());
+        let taken: Vec<String> = self.sweep.keys().take(room).cloned().collect();
+        let sweep: Vec<(String, Revision)> = taken
+            .into_iter()
+            .filter_map(|k| self.sweep.remove_entry(&k))
+            .collect();
         let login = s.user.clone().map(|u| (self.auth.clone(), u));
-        run_batch(self.kv.clone(), login, s.keys.clone(), batch)
+        let mark = Mark {
+            instance: s.instance.clone(),
+            unix_ms: unix_ms(),
+        };
+        run_batch(self.kv.clone(), login, s.keys.clone(), batch, mark, sweep)
     }
 }
 
+/// Who writes the marks of a batch's ends, and when.
+struct Mark {
+    instance: Arc<str>,
+    unix_ms: u64,
+}
+
 /// One transaction for `batch`: a nested transaction per op, `if
-/// mod_revision(key) == expect then put/delete else get` (a declaration's
-/// without a condition). etcd's
+/// mod_revision(key) == expect then put/delete else get` (an end's delete
+/// with its mark beside it, a declaration's without a condition), then one
+/// per mark in `sweep`, `if mod_revision(mark) == revision then delete`.
+/// etcd's
 /// authentication tokens expire (`--auth-token-ttl`, 5 minutes by default)
 /// and the client does not renew them: a transaction refused for its token
 /// authenticates again (the token is shared by the connection's clients)
@@ -754,12 +857,33 @@ async fn run_batch(
     login: Option<(AuthClient, (String, String))>,
     keys: Arc<KeySpace>,
     batch: Batch,
+    mark: Mark,
+    sweep: Vec<(String, Revision)>,
 ) -> TxnResult {
-    let nested: Vec<TxnOp> = batch
+    let mut nested: Vec<TxnOp> = batch
         .iter()
         .map(|(key, op)| {
             let key = key.clone();
             let (expect, write) = match op {
+                StoreOp::End {
+                    key: ended, expect, ..
+                } => {
+                    let value = encode_mark(&mark.instance, *expect, mark.unix_ms);
+                    let writes = [
+                        TxnOp::delete(key.clone(), None),
+                        TxnOp::put(keys.mark_key(ended), value, None),
+                    ];
+                    return TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::mod_revision(
+                                key.clone(),
+                                CompareOp::Equal,
+                                *expect,
+                            )])
+                            .and_then(writes)
+                            .or_else([TxnOp::get(key, None)]),
+                    );
+                }
                 StoreOp::Put { value, expect, .. } => {
                     (*expect, TxnOp::put(key.clone(), encode_value(value), None))
                 }
@@ -781,6 +905,17 @@ async fn run_batch(
             )
         })
         .collect();
+    nested.extend(sweep.into_iter().map(|(key, revision)| {
+        TxnOp::txn(
+            Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::delete(key, None)]),
+        )
+    }));
     let txn = Txn::new().and_then(nested);
     let mut result = kv.txn(txn.clone()).await;
     if let (Err(e), Some((mut auth, (user, password)))) = (&result, login) {

@@ -105,6 +105,15 @@ pub enum StoreOp {
         key: StoreKey,
         expect: Revision,
     },
+    /// End an affinity: delete `key` if its mod revision is still
+    /// `expect`, and in the same commit leave this instance's mark, so that
+    /// a commit whose answer is lost still reaches this instance (as
+    /// [`Change::Ended`] or a load's `ended`) and it sends the notice.
+    End {
+        ticket: Ticket,
+        key: StoreKey,
+        expect: Revision,
+    },
     /// Write a declaration whatever the key holds (delete it for UP): the
     /// last declaration wins.
     Declare {
@@ -118,6 +127,7 @@ impl StoreOp {
         match self {
             StoreOp::Put { ticket, .. }
             | StoreOp::Delete { ticket, .. }
+            | StoreOp::End { ticket, .. }
             | StoreOp::Declare { ticket, .. } => *ticket,
         }
     }
@@ -149,6 +159,13 @@ pub enum Change {
         key: DeclarationKey,
         state: Declared,
     },
+    /// This instance's [`StoreOp::End`] of `key`, which found it at
+    /// `expect`, committed (the key's deletion follows in the same
+    /// revision; this comes first).
+    Ended {
+        key: StoreKey,
+        expect: Revision,
+    },
 }
 
 /// What the store thread tells the control thread.
@@ -158,11 +175,14 @@ pub enum StoreEvent {
     Done { ticket: Ticket, outcome: Outcome },
     /// The whole table and every declaration as of `revision` (at start
     /// and after every reconnection): they replace what the instance had.
+    /// `ended`: the ends this instance committed whose marks are still in
+    /// the store (key and the revision each found), answered or not.
     /// The watch goes on from `revision + 1`.
     Loaded {
         revision: Revision,
         affinities: Vec<(StoredAffinity, Revision)>,
         declarations: Vec<(StoredDeclaration, Revision)>,
+        ended: Vec<(StoreKey, Revision)>,
     },
     /// A change committed at `revision` (by any instance, this one
     /// included), in commit order, after the `Loaded` it follows.

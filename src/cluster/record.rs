@@ -6,17 +6,19 @@
 //! spaces and control bytes), the client in its canonical text form (IPv6
 //! too), ports `any`, `1234` or `1000-2000`. Declaration key:
 //! `<prefix>/d/<service>/<backend>/<app|admin>`, e.g.
-//! `/pktdist/d/web/be2/app`. Values: one line of JSON with a `format`
-//! version, so `etcdctl get --prefix /pktdist/` is readable as it is.
-//! Anything else under `a/` or `d/` decodes to an error (the store thread
-//! reports it as `StoreEvent::Unreadable`), never a panic; other keys
-//! under the prefix are not pktdist's and are left alone.
+//! `/pktdist/d/web/be2/app`. End mark key: the affinity key's path under
+//! `<prefix>/e/`, e.g. `/pktdist/e/web/192.0.2.0/24/any`. Values: one line
+//! of JSON with a `format` version, so `etcdctl get --prefix /pktdist/` is
+//! readable as it is. Anything else under `a/` or `d/` decodes to an error
+//! (the store thread reports it as `StoreEvent::Unreadable`), never a
+//! panic; an unreadable mark is left alone, as are other keys under the
+//! prefix, which are not pktdist's.
 
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{DeclarationKey, StoreKey, StoredAffinity, StoredDeclaration};
+use super::{DeclarationKey, Revision, StoreKey, StoredAffinity, StoredDeclaration};
 use crate::control::state_file::SavedAffinity;
 use crate::protocol::message::ServiceAddr;
 use crate::types::{Declared, PortMatch, MAX_NAME_LEN, PROTO_TCP, PROTO_UDP};
@@ -33,6 +35,8 @@ pub struct KeySpace {
     table: String,
     /// `<prefix>/d/`: every declaration key starts with it.
     declared: String,
+    /// `<prefix>/e/`: every end mark's key starts with it.
+    ended: String,
 }
 
 /// A value under the prefix, decoded.
@@ -47,8 +51,25 @@ pub enum Entry {
 pub enum KeyKind {
     Affinity,
     Declaration,
+    /// An end's mark ([`EndMark`]).
+    Mark,
     /// Not pktdist's: left alone.
     Other,
+}
+
+/// Who ended an affinity: the mark an end's delete leaves in the same
+/// commit, at the affinity key's path under `<prefix>/e/`, until the
+/// instance that wrote it takes it away (docs/cluster.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndMark {
+    /// The affinity ended.
+    pub key: StoreKey,
+    /// The instance whose delete committed.
+    pub instance: String,
+    /// The affinity key's mod revision that the delete found.
+    pub expect: Revision,
+    /// The instance's clock when it sent the delete (Unix ms).
+    pub written_unix_ms: u64,
 }
 
 impl KeySpace {
@@ -59,6 +80,7 @@ impl KeySpace {
         KeySpace {
             table: format!("{root}a/"),
             declared: format!("{root}d/"),
+            ended: format!("{root}e/"),
             root,
         }
     }
@@ -79,21 +101,47 @@ impl KeySpace {
             KeyKind::Affinity
         } else if key.starts_with(self.declared.as_bytes()) {
             KeyKind::Declaration
+        } else if key.starts_with(self.ended.as_bytes()) {
+            KeyKind::Mark
         } else {
             KeyKind::Other
         }
     }
 
     /// The affinity or declaration stored as `value` at `key`; None for a
-    /// key that is not pktdist's.
+    /// key that holds neither (an end's mark, or not pktdist's).
     pub fn decode_entry(&self, key: &[u8], value: &[u8]) -> Option<Result<Entry, String>> {
         match self.kind(key) {
             KeyKind::Affinity => Some(self.decode(key, value).map(Entry::Affinity)),
             KeyKind::Declaration => {
                 Some(self.decode_declaration(key, value).map(Entry::Declaration))
             }
-            KeyKind::Other => None,
+            KeyKind::Mark | KeyKind::Other => None,
         }
+    }
+
+    /// The etcd key of the end mark of `k`: its affinity key's path under
+    /// `<prefix>/e/`.
+    pub fn mark_key(&self, k: &StoreKey) -> String {
+        let key = self.key(k);
+        format!("{}{}", self.ended, &key[self.table.len()..])
+    }
+
+    /// The end mark stored as `value` at `key`.
+    pub fn decode_mark(&self, key: &[u8], value: &[u8]) -> Result<EndMark, String> {
+        let rest = key
+            .strip_prefix(self.ended.as_bytes())
+            .ok_or_else(|| format!("the key is not under {}", self.ended))?;
+        let k = self.parse_key(&[self.table.as_bytes(), rest].concat())?;
+        let v: MarkValue = serde_json::from_value(versioned(value)?)
+            .map_err(|e| format!("bad value (format {FORMAT}): {e}"))?;
+        check_name("instance", &v.instance)?;
+        Ok(EndMark {
+            key: k,
+            instance: v.instance,
+            expect: v.expect,
+            written_unix_ms: v.written_unix_ms,
+        })
     }
 
     /// The etcd key of the declaration `k`.
@@ -275,6 +323,28 @@ struct DeclarationValue {
     state: String,
     writer: String,
     written_unix_ms: u64,
+}
+
+/// An end mark's JSON: what the key does not say.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkValue {
+    format: u32,
+    instance: String,
+    expect: Revision,
+    written_unix_ms: u64,
+}
+
+/// The value of the mark `instance` leaves with its delete of a key found
+/// at `expect`.
+pub fn encode_mark(instance: &str, expect: Revision, written_unix_ms: u64) -> String {
+    let v = MarkValue {
+        format: FORMAT,
+        instance: instance.to_string(),
+        expect,
+        written_unix_ms,
+    };
+    serde_json::to_string(&v).unwrap_or_default()
 }
 
 /// The value written for the declaration `d`.
@@ -477,6 +547,55 @@ mod tests {
         );
         assert_eq!(ks.table_prefix(), "/pktdist/a/");
         assert_eq!(KeySpace::new("/pktdist"), ks);
+    }
+
+    #[test]
+    fn an_end_mark_sits_at_its_affinity_key_s_path_and_names_its_instance() {
+        let ks = KeySpace::new("/pktdist");
+        let a = affinity(
+            "a/b%c d",
+            "2001:db8::".parse().unwrap(),
+            48,
+            PortMatch::Range(1000, 2000),
+        );
+        let key = ks.mark_key(&a.key());
+        assert_eq!(key, "/pktdist/e/a%2Fb%25c%20d/2001:db8::/48/1000-2000");
+        assert_eq!(ks.kind(key.as_bytes()), KeyKind::Mark);
+        // Neither an affinity nor a declaration: the watch and the load
+        // leave it to the marks' own reading (and older builds ignore it).
+        let value = encode_mark("lb-a", 42, 1_750_000_000_000);
+        assert_eq!(ks.decode_entry(key.as_bytes(), value.as_bytes()), None);
+        assert_eq!(
+            ks.decode_mark(key.as_bytes(), value.as_bytes()),
+            Ok(EndMark {
+                key: a.key(),
+                instance: "lb-a".to_string(),
+                expect: 42,
+                written_unix_ms: 1_750_000_000_000,
+            })
+        );
+        let v: serde_json::Value = serde_json::from_str(&value).unwrap();
+        assert_eq!(v["format"], 1);
+        // Bad marks are errors, not panics.
+        for (k, v) in [
+            (key.as_str(), "{}"),
+            (key.as_str(), "not json"),
+            (
+                key.as_str(),
+                r#"{"format":2,"instance":"x","expect":1,"written_unix_ms":0}"#,
+            ),
+            (
+                key.as_str(),
+                r#"{"format":1,"instance":"","expect":1,"written_unix_ms":0}"#,
+            ),
+            ("/pktdist/e/web/192.0.2.1/24/any", value.as_str()),
+            ("/pktdist/a/web/192.0.2.0/24/any", value.as_str()),
+        ] {
+            assert!(
+                ks.decode_mark(k.as_bytes(), v.as_bytes()).is_err(),
+                "{k} {v}"
+            );
+        }
     }
 
     #[test]

@@ -608,7 +608,7 @@ impl StoreSync {
                 continue;
             }
             let ticket = self.ticket();
-            let op = StoreOp::Delete {
+            let op = StoreOp::End {
                 ticket,
                 key: key.clone(),
                 expect: revision,
@@ -629,8 +629,9 @@ impl StoreSync {
                 revision,
                 affinities,
                 declarations,
+                ended,
             } => {
-                self.load(plane, revision, affinities, wall_ms, out);
+                self.load(plane, revision, affinities, ended, wall_ms, out);
                 self.load_declarations(plane, revision, declarations);
             }
             StoreEvent::Changed { revision, change } => {
@@ -648,6 +649,7 @@ impl StoreSync {
                         }
                     }
                     Change::Deleted(key) => self.deleted(plane, &key),
+                    Change::Ended { key, expect } => self.end_committed(key, expect, out),
                     Change::Declared { key, state } => {
                         self.declared(plane, key, state, revision);
                     }
@@ -678,6 +680,19 @@ impl StoreSync {
             StoreEvent::Unreadable { key, error } => {
                 self.counters.unreadable += 1;
                 log::warn!("cluster: store key {key} skipped: {error}");
+            }
+        }
+    }
+
+    /// This instance's end of `key`, which found it at `expect`, committed
+    /// (its mark, from the watch): the notice goes now, whether the
+    /// delete's answer came first, comes later or never comes. The key's
+    /// deletion follows.
+    fn end_committed(&mut self, key: StoreKey, expect: Revision, out: &mut Outbox) {
+        if self.ends.get(&key).is_some_and(|e| e.revision == expect) {
+            if let Some(e) = self.ends.remove(&key) {
+                self.counters.ends_won += 1;
+                out.notices.push((e.notify, e.notice));
             }
         }
     }
@@ -808,38 +823,52 @@ impl StoreSync {
     }
 
     /// A full load: it replaces every requested affinity here, silently.
+    /// `ended`: this instance's committed ends still marked in the store.
     fn load(
         &mut self,
         plane: &mut ControlPlane,
         revision: Revision,
         affinities: Vec<(StoredAffinity, Revision)>,
+        ended: Vec<(StoreKey, Revision)>,
         wall_ms: u64,
         out: &mut Outbox,
     ) {
         let loaded: HashMap<StoreKey, Revision> =
             affinities.iter().map(|(v, r)| (v.key(), *r)).collect();
+        let ended: HashSet<(StoreKey, Revision)> = ended.into_iter().collect();
         // An end is settled by its delete: not installed again while the
         // store holds the key at the revision that ended. One waiting for
-        // the store is sent again; one whose key moved was settled by
-        // another instance. One in flight waits for its outcome.
+        // the store is sent again; one whose key moved was settled by its
+        // delete from here if this instance's mark says so (its answer was
+        // lost: the notice goes now), else by another instance. One in
+        // flight waits for its outcome.
         let mut ended_here = HashSet::new();
-        let mut lost = 0;
-        self.ends.retain(|key, e| {
+        let mut settled = Vec::new();
+        for (key, e) in self.ends.iter_mut() {
             let same = loaded.get(key) == Some(&e.revision);
             if same {
                 ended_here.insert(key.clone());
             }
             if e.sent {
-                return true;
+                continue;
             }
             if same {
                 e.after_load = false;
             } else {
-                lost += 1;
+                settled.push(key.clone());
             }
-            same
-        });
-        self.counters.ends_lost += lost;
+        }
+        for key in settled {
+            let Some(e) = self.ends.remove(&key) else {
+                continue;
+            };
+            if ended.contains(&(key, e.revision)) {
+                self.counters.ends_won += 1;
+                out.notices.push((e.notify, e.notice));
+            } else {
+                self.counters.ends_lost += 1;
+            }
+        }
         for key in plane.stored_keys() {
             if !loaded.contains_key(&key) {
                 plane.remove_stored(&key);
@@ -1214,6 +1243,7 @@ mod tests {
             revision: 10,
             affinities,
             declarations: Vec::new(),
+            ended: Vec::new(),
         });
         b.turn(WALL);
         assert!(b.sync.ready() && b.sync.up());
@@ -1301,6 +1331,7 @@ mod tests {
             revision: 1,
             affinities: vec![],
             declarations: Vec::new(),
+            ended: Vec::new(),
         });
         b.turn(WALL);
         assert!(b.sync.ready());
@@ -1373,7 +1404,7 @@ mod tests {
     /// The next op is a delete of `key` at `expect`; commits it and
     /// checks that a's client is told BACKEND_REMOVED, once.
     fn deleted_and_notified(b: &mut Bed, value: &StoredAffinity, expect: Revision) {
-        let Some(StoreOp::Delete {
+        let Some(StoreOp::End {
             ticket,
             key,
             expect: at,
@@ -1467,7 +1498,7 @@ mod tests {
         // The reload ends the affinity at 11: its delete goes out.
         remove_a(&mut b);
         b.turn(WALL);
-        let Some(StoreOp::Delete {
+        let Some(StoreOp::End {
             ticket: del,
             expect: at,
             ..
@@ -1598,6 +1629,7 @@ mod tests {
             revision: 10,
             affinities: vec![],
             declarations: Vec::new(),
+            ended: Vec::new(),
         });
         b.turn(WALL);
         let s = b.sync.summary();
@@ -1680,6 +1712,7 @@ mod tests {
             revision: 20,
             affinities: vec![(stored("b", "i2", 60_000), 15), (due.clone(), 16)],
             declarations: Vec::new(),
+            ended: Vec::new(),
         });
         let out = b.turn(WALL);
         assert_eq!(b.lookup(), Some(2));
@@ -1687,7 +1720,7 @@ mod tests {
         assert_eq!(b.plane.affinities().len(), 1, "the due one not installed");
         // The due one, written here, is deleted at once.
         match b.op() {
-            Some(StoreOp::Delete { key, expect, .. }) => {
+            Some(StoreOp::End { key, expect, .. }) => {
                 assert_eq!((key, expect), (due.key(), 16))
             }
             other => panic!("no delete: {other:?}"),
@@ -1711,7 +1744,7 @@ mod tests {
         let mut b = expired("i1");
         let out = b.turn(WALL + 2000);
         assert!(out.notices.is_empty(), "not before the delete commits");
-        let Some(StoreOp::Delete { ticket, expect, .. }) = b.op() else {
+        let Some(StoreOp::End { ticket, expect, .. }) = b.op() else {
             panic!("no delete")
         };
         assert_eq!(expect, 5);
@@ -1737,7 +1770,7 @@ mod tests {
     fn a_delete_that_lost_sends_no_notice() {
         let mut b = expired("i1");
         b.turn(WALL + 2000);
-        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+        let Some(StoreOp::End { ticket, .. }) = b.op() else {
             panic!("no delete")
         };
         // Extended through another instance meanwhile: it lives on.
@@ -1764,7 +1797,7 @@ mod tests {
         assert!(b.op().is_none());
         b.turn(WALL + 2000 + TAKEOVER_DELAY_MS);
         match b.op() {
-            Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
+            Some(StoreOp::End { expect, .. }) => assert_eq!(expect, 5),
             other => panic!("no takeover: {other:?}"),
         }
 
@@ -1840,11 +1873,12 @@ mod tests {
             revision: 8,
             affinities: vec![(stored("a", "i1", 1000), 5)],
             declarations: Vec::new(),
+            ended: Vec::new(),
         });
         b.turn(WALL + 3000);
         assert_eq!(b.lookup(), None, "not installed again");
         match b.op() {
-            Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
+            Some(StoreOp::End { expect, .. }) => assert_eq!(expect, 5),
             other => panic!("no delete: {other:?}"),
         }
     }
@@ -1856,7 +1890,7 @@ mod tests {
     fn a_delete_a_reachable_store_refuses_is_sent_again() {
         let mut b = expired("i1");
         b.turn(WALL + 2000);
-        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+        let Some(StoreOp::End { ticket, .. }) = b.op() else {
             panic!("no delete")
         };
         let full = Outcome::Unavailable {
@@ -1867,7 +1901,7 @@ mod tests {
         assert!(b.op().is_none(), "not at once");
         assert_eq!(b.sync.pending_ends(), 1);
         b.turn(WALL + 2010 + END_RETRY_MS);
-        let Some(StoreOp::Delete { ticket, expect, .. }) = b.op() else {
+        let Some(StoreOp::End { ticket, expect, .. }) = b.op() else {
             panic!("not sent again")
         };
         assert_eq!(expect, 5);
@@ -1880,7 +1914,7 @@ mod tests {
         b.turn(at + END_RETRY_MS);
         assert!(b.op().is_none(), "not after one wait");
         b.turn(at + 2 * END_RETRY_MS);
-        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+        let Some(StoreOp::End { ticket, .. }) = b.op() else {
             panic!("not sent a third time")
         };
         let out = b.done(ticket, Outcome::Committed { revision: 30 }, WALL + 5100);
@@ -1895,7 +1929,7 @@ mod tests {
     fn a_delete_lost_with_the_connection_waits_for_the_load() {
         let mut b = expired("i1");
         b.turn(WALL + 2000);
-        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+        let Some(StoreOp::End { ticket, .. }) = b.op() else {
             panic!("no delete")
         };
         let lost = Outcome::Unavailable {
@@ -1911,11 +1945,125 @@ mod tests {
             revision: 9,
             affinities: vec![(stored("a", "i1", 1000), 5)],
             declarations: Vec::new(),
+            ended: Vec::new(),
         });
         b.turn(WALL + 9000);
         match b.op() {
-            Some(StoreOp::Delete { expect, .. }) => assert_eq!(expect, 5),
+            Some(StoreOp::End { expect, .. }) => assert_eq!(expect, 5),
             other => panic!("no delete after the load: {other:?}"),
+        }
+    }
+
+    /// The delete committed but its answer was lost with the connection:
+    /// the load finds this instance's mark and the notice goes then, once;
+    /// without the mark (or with one for another version of the key) the
+    /// end was another instance's.
+    #[test]
+    fn a_delete_committed_with_its_answer_lost_is_notified_from_its_mark() {
+        let key = stored("a", "i1", 0).key();
+        for (marks, won) in [
+            (vec![(key.clone(), 5)], true),
+            (vec![], false),
+            (vec![(key.clone(), 4)], false),
+        ] {
+            let mut b = expired("i1");
+            b.turn(WALL + 2000);
+            let Some(StoreOp::End { ticket, .. }) = b.op() else {
+                panic!("no delete")
+            };
+            let lost = Outcome::Unavailable {
+                error: "connection reset".into(),
+            };
+            assert!(b.done(ticket, lost, WALL + 2010).notices.is_empty());
+            b.event(StoreEvent::Unreachable {
+                error: "connection reset".into(),
+            });
+            b.turn(WALL + 2020);
+            b.event(StoreEvent::Loaded {
+                revision: 9,
+                affinities: vec![],
+                declarations: Vec::new(),
+                ended: marks.clone(),
+            });
+            let out = b.turn(WALL + 3000);
+            assert_eq!(out.notices.len(), usize::from(won), "{marks:?}");
+            if won {
+                let (to, n) = &out.notices[0];
+                assert_eq!((*to, n.reason), (Some(src()), EndReason::Expired));
+            }
+            let c = b.sync.counters();
+            assert_eq!((c.ends_won, c.ends_lost), (u64::from(won), u64::from(!won)));
+            assert_eq!(b.sync.pending_ends(), 0);
+            assert!(b.op().is_none());
+            // A later load with the mark still there sends nothing more.
+            b.event(StoreEvent::Loaded {
+                revision: 10,
+                affinities: vec![],
+                declarations: Vec::new(),
+                ended: marks,
+            });
+            assert!(b.turn(WALL + 4000).notices.is_empty());
+        }
+    }
+
+    /// The delete's answer timed out on a connection that stays: the watch
+    /// shows its mark, then the deletion, and the notice goes once, before
+    /// or after any answer.
+    #[test]
+    fn a_delete_shown_committed_by_the_watch_is_notified_once() {
+        let key = stored("a", "i1", 0).key();
+        for answer in [
+            Outcome::Unavailable {
+                error: "timed out".into(),
+            },
+            Outcome::Committed { revision: 21 },
+        ] {
+            let mut b = expired("i1");
+            b.turn(WALL + 2000);
+            let Some(StoreOp::End { ticket, .. }) = b.op() else {
+                panic!("no delete")
+            };
+            let timed_out = matches!(answer, Outcome::Unavailable { .. });
+            if timed_out {
+                assert!(b
+                    .done(ticket, answer.clone(), WALL + 2010)
+                    .notices
+                    .is_empty());
+            }
+            // Another version's end (a mark that is not this one's) is
+            // not this end.
+            b.event(StoreEvent::Changed {
+                revision: 20,
+                change: Change::Ended {
+                    key: key.clone(),
+                    expect: 4,
+                },
+            });
+            assert!(b.turn(WALL + 2015).notices.is_empty());
+            b.event(StoreEvent::Changed {
+                revision: 21,
+                change: Change::Ended {
+                    key: key.clone(),
+                    expect: 5,
+                },
+            });
+            b.event(StoreEvent::Changed {
+                revision: 21,
+                change: Change::Deleted(key.clone()),
+            });
+            let out = b.turn(WALL + 2020);
+            assert_eq!(out.notices.len(), 1, "{answer:?}");
+            if !timed_out {
+                assert!(b
+                    .done(ticket, answer.clone(), WALL + 2030)
+                    .notices
+                    .is_empty());
+            }
+            // Nothing is sent again.
+            assert!(b.turn(WALL + 60_000).notices.is_empty());
+            assert!(b.op().is_none());
+            let c = b.sync.counters();
+            assert_eq!((c.ends_won, c.ends_lost), (1, 0));
         }
     }
 
@@ -1923,7 +2071,7 @@ mod tests {
     fn a_delete_in_flight_over_a_reconnection_is_not_undone_by_the_load() {
         let mut b = expired("i1");
         b.turn(WALL + 2000);
-        let Some(StoreOp::Delete { ticket, .. }) = b.op() else {
+        let Some(StoreOp::End { ticket, .. }) = b.op() else {
             panic!("no delete")
         };
         b.event(StoreEvent::Unreachable {
@@ -1933,6 +2081,7 @@ mod tests {
             revision: 9,
             affinities: vec![(stored("a", "i1", 1000), 5)],
             declarations: Vec::new(),
+            ended: Vec::new(),
         });
         b.turn(WALL + 2100);
         assert_eq!(b.lookup(), None, "ended here: not installed again");
@@ -2202,6 +2351,7 @@ mod tests {
                 (stored(decl("a", false), Declared::Down), 18),
                 (stored(decl("zz", true), Declared::Drain), 19),
             ],
+            ended: Vec::new(),
         });
         b.turn(WALL);
         assert_eq!(state_of(&b, "a"), BackendState::Down);

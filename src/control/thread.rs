@@ -886,6 +886,7 @@ mod tests {
             revision: 3,
             affinities: vec![],
             declarations: Vec::new(),
+            ended: Vec::new(),
         };
         store.events.send(loaded).unwrap();
         ctl.step(Instant::now());
@@ -940,6 +941,7 @@ mod tests {
                 revision: 3,
                 affinities: vec![],
                 declarations: Vec::new(),
+                ended: Vec::new(),
             })
             .unwrap();
         ctl.step(Instant::now());
@@ -1011,6 +1013,7 @@ mod tests {
                 revision: 5,
                 affinities: vec![],
                 declarations: Vec::new(),
+                ended: Vec::new(),
             })
             .unwrap();
         ctl.step(Instant::now());
@@ -1058,6 +1061,7 @@ mod tests {
                 revision: 3,
                 affinities: vec![],
                 declarations: vec![(drained, 2)],
+                ended: Vec::new(),
             })
             .unwrap();
         ctl.step(Instant::now());
