@@ -49,6 +49,10 @@ use crate::types::Declared;
 /// at most two ops each (an end's delete and its mark) needs N + 2 <= 128.
 pub const MAX_BATCH: usize = 126;
 
+/// How often marks that no change took away along get a transaction of
+/// their own.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Another instance's end mark older than this (by the clock it wrote in
 /// it) is taken away by any instance that loads the table: the instance
 /// that left it has been gone that long.
@@ -453,6 +457,8 @@ impl Session {
         // The revision the watch owes, and how far it had got when asked.
         let mut owed: Option<(Revision, Revision)> = None;
         let mut failed_reads = 0;
+        let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
+        sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Once the handle is gone nobody reads an answer: the thread ends
         // at once (the transactions out are dropped with it).
         let end = loop {
@@ -464,8 +470,7 @@ impl Session {
                     else {
                         return End::Closed;
                     };
-                    let tickets = tickets_of(&batch);
-                    out.spawn(self.run_batch(s, batch), tickets);
+                    self.spawn_batch(s, &mut out, batch);
                     continue;
                 }
             }
@@ -477,7 +482,7 @@ impl Session {
                     }
                 }
                 Some(done) = out.tasks.join_next_with_id(), if !out.tasks.is_empty() => {
-                    match out.finish(done, events) {
+                    match out.finish(done, events, &mut self.sweep) {
                         Ok(None) => {}
                         Ok(Some(lost)) => break End::Lost(lost),
                         Err(()) => return End::Closed,
@@ -490,8 +495,7 @@ impl Session {
                     else {
                         return End::Closed;
                     };
-                    let tickets = tickets_of(&batch);
-                    out.spawn(self.run_batch(s, batch), tickets);
+                    self.spawn_batch(s, &mut out, batch);
                 }
                 _ = freshness.tick() => {
                     if let Some((due, asked_at)) = owed.take() {
@@ -537,12 +541,20 @@ impl Session {
                         Err(e) => break End::Lost(format!("the quorum read failed: {e}")),
                     }
                 }
-                // Marks to take away and nothing else to do: a transaction
-                // of their own.
+                // Marks that no change took away: a transaction of their
+                // own, one at a time, as soon as they fill one, else at
+                // most once a sweep interval.
                 _ = std::future::ready(()),
-                    if room && carried.is_none() && !self.sweep.is_empty() =>
+                    if room
+                        && out.sweeping.is_none()
+                        && self.sweep.len() >= s.tuning.max_batch =>
                 {
-                    out.spawn(self.run_batch(s, Vec::new()), Vec::new());
+                    self.spawn_batch(s, &mut out, Vec::new());
+                }
+                _ = sweep_tick.tick() => {
+                    if room && out.sweeping.is_none() && !self.sweep.is_empty() {
+                        self.spawn_batch(s, &mut out, Vec::new());
+                    }
                 }
             }
         };
@@ -561,7 +573,7 @@ impl Session {
         while !out.tasks.is_empty() {
             tokio::select! {
                 Some(done) = out.tasks.join_next_with_id() => {
-                    if out.finish(done, events).is_err() {
+                    if out.finish(done, events, &mut self.sweep).is_err() {
                         return End::Closed;
                     }
                 }
@@ -576,10 +588,28 @@ impl Session {
         end
     }
 
-    /// Turns one watch message into `Changed` (or `Unreadable`) events:
-    /// first `Ended` for each of this instance's end marks in it (before
-    /// the deletion committed with each, which etcd reports in the same
-    /// message), then the rest in commit order.
+    /// `Ended` for a watch event that writes one of this instance's end
+    /// marks (the mark then to be taken away); None for any other event.
+    fn own_mark(&mut self, s: &Settings, ev: &etcd_client::Event) -> Option<Change> {
+        let kv = ev.kv()?;
+        if ev.event_type() != EventType::Put || s.keys.kind(kv.key()) != KeyKind::Mark {
+            return None;
+        }
+        let mark = s.keys.decode_mark(kv.key(), kv.value()).ok()?;
+        if *mark.instance != *s.instance {
+            return None;
+        }
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        self.sweep.insert(key, kv.mod_revision());
+        Some(Change::Ended {
+            key: mark.key,
+            expect: mark.expect,
+        })
+    }
+
+    /// Turns one watch message into `Changed` (or `Unreadable`) events, in
+    /// commit order, each revision's `Ended` for this instance's end marks
+    /// ahead of its other changes (the deletion committed with each).
     fn watched(
         &mut self,
         s: &Settings,
@@ -608,34 +638,28 @@ impl Session {
         if let Some(h) = resp.header() {
             self.watched_to = self.watched_to.max(h.revision());
         }
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            if ev.event_type() != EventType::Put || keys.kind(kv.key()) != KeyKind::Mark {
-                continue;
-            }
-            let Ok(mark) = keys.decode_mark(kv.key(), kv.value()) else {
-                continue;
-            };
-            if *mark.instance != *s.instance {
-                continue;
-            }
-            let revision = kv.mod_revision();
-            self.sweep
-                .insert(String::from_utf8_lossy(kv.key()).into_owned(), revision);
-            let change = Change::Ended {
-                key: mark.key,
-                expect: mark.expect,
-            };
-            if events
-                .send(StoreEvent::Changed { revision, change })
-                .is_err()
-            {
-                return Err(End::Closed);
-            }
-        }
-        for ev in resp.events() {
+        let all = resp.events();
+        for (i, ev) in all.iter().enumerate() {
             let Some(kv) = ev.kv() else { continue };
             let revision = kv.mod_revision();
+            // A revision's first event: its own marks go first (etcd puts
+            // a revision's events in one message, in the order of its
+            // transaction, where the deletion comes before its mark).
+            if i == 0 || all[i - 1].kv().map(|k| k.mod_revision()) != Some(revision) {
+                let same = all[i..]
+                    .iter()
+                    .take_while(|e| e.kv().map(|k| k.mod_revision()) == Some(revision));
+                for e in same {
+                    if let Some(change) = self.own_mark(s, e) {
+                        if events
+                            .send(StoreEvent::Changed { revision, change })
+                            .is_err()
+                        {
+                            return Err(End::Closed);
+                        }
+                    }
+                }
+            }
             self.revision = self.revision.max(revision);
             let change = if ev.event_type() == EventType::Put {
                 match keys.decode_entry(kv.key(), kv.value()) {
@@ -681,11 +705,16 @@ impl Session {
 }
 
 /// The transactions out, with the tickets of each, so that even a task
-/// that failed to finish answers its ops.
+/// that failed to finish answers its ops, and the marks each takes away,
+/// kept to be taken away again if it fails.
 #[derive(Default)]
 struct InFlight {
     tasks: JoinSet<TxnResult>,
     tickets: HashMap<tokio::task::Id, Vec<Ticket>>,
+    sweeps: HashMap<tokio::task::Id, Vec<(String, Revision)>>,
+    /// The transaction that takes marks away and nothing else, if one is
+    /// out.
+    sweeping: Option<tokio::task::Id>,
 }
 
 impl InFlight {
@@ -693,18 +722,39 @@ impl InFlight {
         &mut self,
         task: impl std::future::Future<Output = TxnResult> + Send + 'static,
         tickets: Vec<Ticket>,
+        sweep: Vec<(String, Revision)>,
     ) {
+        let sweep_only = tickets.is_empty();
         let id = self.tasks.spawn(task).id();
         self.tickets.insert(id, tickets);
+        self.sweeps.insert(id, sweep);
+        if sweep_only {
+            self.sweeping = Some(id);
+        }
     }
 
-    /// Sends what a finished transaction answers. Ok(Some(error)): etcd is
-    /// out of reach; Err: the control thread is gone.
+    /// Sends what a finished transaction answers; the marks of one that
+    /// failed go back to `sweep`. Ok(Some(error)): etcd is out of reach;
+    /// Err: the control thread is gone.
     fn finish(
         &mut self,
         done: Result<(tokio::task::Id, TxnResult), tokio::task::JoinError>,
         events: &mpsc::Sender<StoreEvent>,
+        sweep: &mut HashMap<String, Revision>,
     ) -> Result<Option<String>, ()> {
+        let id = match &done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        if self.sweeping == Some(id) {
+            self.sweeping = None;
+        }
+        let marks = self.sweeps.remove(&id).unwrap_or_default();
+        if !matches!(done, Ok((_, Ok(_)))) {
+            for (key, revision) in marks {
+                sweep.entry(key).or_insert(revision);
+            }
+        }
         let (id, result) = match done {
             Ok((id, result)) => (id, result),
             Err(e) => {
@@ -808,22 +858,26 @@ impl Session {
         }
     }
 
-    /// The task that runs `batch` as one transaction, with as many of the
-    /// marks to take away as there is room for beside it (a mark one of
-    /// the batch's ends writes again is not taken away: it is the new
-    /// end's).
-    fn run_batch(
-        &mut self,
-        s: &Settings,
-        batch: Batch,
-    ) -> impl std::future::Future<Output = TxnResult> + Send + 'static {
-        for (_, op) in &batch {
-            if let StoreOp::End { key, .. } = op {
-                self.sweep.remove(&s.keys.mark_key(key));
-            }
-        }
+    /// Starts the transaction for `batch`, with as many of the marks to
+    /// take away as there is room for beside it (not one that an end of
+    /// the batch writes: etcd refuses a transaction that writes a key
+    /// twice).
+    fn spawn_batch(&mut self, s: &Settings, out: &mut InFlight, batch: Batch) {
+        let written: HashSet<String> = batch
+            .iter()
+            .filter_map(|(_, op)| match op {
+                StoreOp::End { key, expect, .. } => Some(s.keys.mark_key(key, *expect)),
+                _ => None,
+            })
+            .collect();
         let room = s.tuning.max_batch.saturating_sub(batch.len());
-        let taken: Vec<String> = self.sweep.keys().take(room).cloned().collect();
+        let taken: Vec<String> = self
+            .sweep
+            .keys()
+            .filter(|k| !written.contains(*k))
+            .take(room)
+            .cloned()
+            .collect();
         let sweep: Vec<(String, Revision)> = taken
             .into_iter()
             .filter_map(|k| self.sweep.remove_entry(&k))
@@ -833,7 +887,16 @@ impl Session {
             instance: s.instance.clone(),
             unix_ms: unix_ms(),
         };
-        run_batch(self.kv.clone(), login, s.keys.clone(), batch, mark, sweep)
+        let tickets = tickets_of(&batch);
+        let task = run_batch(
+            self.kv.clone(),
+            login,
+            s.keys.clone(),
+            batch,
+            mark,
+            sweep.clone(),
+        );
+        out.spawn(task, tickets, sweep);
     }
 }
 
@@ -868,10 +931,13 @@ async fn run_batch(
                 StoreOp::End {
                     key: ended, expect, ..
                 } => {
-                    let value = encode_mark(&mark.instance, *expect, mark.unix_ms);
+                    // Failing, it also reads the mark: an earlier send of
+                    // this end may have committed (its answer lost).
+                    let mark_key = keys.mark_key(ended, *expect);
+                    let value = encode_mark(&mark.instance, mark.unix_ms);
                     let writes = [
                         TxnOp::delete(key.clone(), None),
-                        TxnOp::put(keys.mark_key(ended), value, None),
+                        TxnOp::put(mark_key.clone(), value, None),
                     ];
                     return TxnOp::txn(
                         Txn::new()
@@ -881,7 +947,7 @@ async fn run_batch(
                                 *expect,
                             )])
                             .and_then(writes)
-                            .or_else([TxnOp::get(key, None)]),
+                            .or_else([TxnOp::get(key, None), TxnOp::get(mark_key, None)]),
                     );
                 }
                 StoreOp::Put { value, expect, .. } => {
@@ -925,18 +991,27 @@ async fn run_batch(
             result = kv.txn(txn).await;
         }
     }
-    Ok(outcomes(&keys, &batch, &result?))
+    Ok(outcomes(&keys, &mark.instance, &batch, &result?))
 }
 
-/// Each op's `Done` from the batch's answer.
-fn outcomes(keys: &KeySpace, batch: &Batch, resp: &TxnResponse) -> Vec<StoreEvent> {
+/// Each op's `Done` from the batch's answer. An end whose compare failed
+/// but whose mark names `instance` committed in an earlier send (whose
+/// answer was lost): Committed at the mark's revision.
+fn outcomes(keys: &KeySpace, instance: &str, batch: &Batch, resp: &TxnResponse) -> Vec<StoreEvent> {
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let answers = resp.op_responses();
     let mut out = Vec::with_capacity(batch.len());
     for (i, (_, op)) in batch.iter().enumerate() {
-        let outcome = match answers.get(i) {
-            Some(TxnOpResponse::Txn(t)) if t.succeeded() => Outcome::Committed { revision },
-            Some(TxnOpResponse::Txn(t)) => match t.op_responses().first() {
+        let marked = match (op, answers.get(i)) {
+            (StoreOp::End { .. }, Some(TxnOpResponse::Txn(t))) if !t.succeeded() => {
+                own_mark_read(keys, instance, t)
+            }
+            _ => None,
+        };
+        let outcome = match (answers.get(i), marked) {
+            (Some(TxnOpResponse::Txn(t)), _) if t.succeeded() => Outcome::Committed { revision },
+            (_, Some(at)) => Outcome::Committed { revision: at },
+            (Some(TxnOpResponse::Txn(t)), None) => match t.op_responses().first() {
                 Some(TxnOpResponse::Get(g)) => match g.kvs().first() {
                     None => Outcome::Moved { current: None },
                     Some(kv) => match keys.decode(kv.key(), kv.value()) {
@@ -972,6 +1047,22 @@ fn outcomes(keys: &KeySpace, batch: &Batch, resp: &TxnResponse) -> Vec<StoreEven
         });
     }
     out
+}
+
+/// The revision of the end mark a failed end read back (its second read),
+/// if the mark is `instance`'s.
+fn own_mark_read(
+    keys: &KeySpace,
+    instance: &str,
+    t: &etcd_client::TxnResponse,
+) -> Option<Revision> {
+    let reads = t.op_responses();
+    let Some(TxnOpResponse::Get(g)) = reads.get(1) else {
+        return None;
+    };
+    let kv = g.kvs().first()?;
+    let mark = keys.decode_mark(kv.key(), kv.value()).ok()?;
+    (mark.instance == instance).then(|| kv.mod_revision())
 }
 
 /// Answers `tickets` Unavailable with `error`; false if the control thread

@@ -7,7 +7,8 @@
 //! too), ports `any`, `1234` or `1000-2000`. Declaration key:
 //! `<prefix>/d/<service>/<backend>/<app|admin>`, e.g.
 //! `/pktdist/d/web/be2/app`. End mark key: the affinity key's path under
-//! `<prefix>/e/`, e.g. `/pktdist/e/web/192.0.2.0/24/any`. Values: one line
+//! `<prefix>/e/`, then the revision ended, e.g.
+//! `/pktdist/e/web/192.0.2.0/24/any/1042`. Values: one line
 //! of JSON with a `format` version, so `etcdctl get --prefix /pktdist/` is
 //! readable as it is. Anything else under `a/` or `d/` decodes to an error
 //! (the store thread reports it as `StoreEvent::Unreadable`), never a
@@ -58,15 +59,17 @@ pub enum KeyKind {
 }
 
 /// Who ended an affinity: the mark an end's delete leaves in the same
-/// commit, at the affinity key's path under `<prefix>/e/`, until the
-/// instance that wrote it takes it away (docs/cluster.md).
+/// commit, at the affinity key's path and the revision it ended under
+/// `<prefix>/e/` (one key per end), until the instance that wrote it takes
+/// it away (docs/cluster.md).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndMark {
     /// The affinity ended.
     pub key: StoreKey,
     /// The instance whose delete committed.
     pub instance: String,
-    /// The affinity key's mod revision that the delete found.
+    /// The affinity key's mod revision that the delete found (which
+    /// version of the key it ended).
     pub expect: Revision,
     /// The instance's clock when it sent the delete (Unix ms).
     pub written_unix_ms: u64,
@@ -120,26 +123,38 @@ impl KeySpace {
         }
     }
 
-    /// The etcd key of the end mark of `k`: its affinity key's path under
-    /// `<prefix>/e/`.
-    pub fn mark_key(&self, k: &StoreKey) -> String {
+    /// The etcd key of the mark of the end of `k` at revision `expect`:
+    /// the affinity key's path under `<prefix>/e/`, then the revision.
+    pub fn mark_key(&self, k: &StoreKey, expect: Revision) -> String {
         let key = self.key(k);
-        format!("{}{}", self.ended, &key[self.table.len()..])
+        format!("{}{}/{expect}", self.ended, &key[self.table.len()..])
     }
 
     /// The end mark stored as `value` at `key`.
     pub fn decode_mark(&self, key: &[u8], value: &[u8]) -> Result<EndMark, String> {
-        let rest = key
-            .strip_prefix(self.ended.as_bytes())
+        let text = std::str::from_utf8(key).map_err(|_| "the key is not UTF-8".to_string())?;
+        let rest = text
+            .strip_prefix(self.ended.as_str())
             .ok_or_else(|| format!("the key is not under {}", self.ended))?;
-        let k = self.parse_key(&[self.table.as_bytes(), rest].concat())?;
+        let (path, expect) = rest
+            .rsplit_once('/')
+            .ok_or_else(|| "the key has no revision".to_string())?;
+        let expect: Revision = expect
+            .parse()
+            .ok()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| format!("bad revision {expect:?} in the key"))?;
+        let k = self.parse_key(format!("{}{path}", self.table).as_bytes())?;
+        if self.mark_key(&k, expect) != text {
+            return Err("the key is not in its canonical form".to_string());
+        }
         let v: MarkValue = serde_json::from_value(versioned(value)?)
             .map_err(|e| format!("bad value (format {FORMAT}): {e}"))?;
         check_name("instance", &v.instance)?;
         Ok(EndMark {
             key: k,
             instance: v.instance,
-            expect: v.expect,
+            expect,
             written_unix_ms: v.written_unix_ms,
         })
     }
@@ -331,17 +346,14 @@ struct DeclarationValue {
 struct MarkValue {
     format: u32,
     instance: String,
-    expect: Revision,
     written_unix_ms: u64,
 }
 
-/// The value of the mark `instance` leaves with its delete of a key found
-/// at `expect`.
-pub fn encode_mark(instance: &str, expect: Revision, written_unix_ms: u64) -> String {
+/// The value of the mark `instance` leaves with an end's delete.
+pub fn encode_mark(instance: &str, written_unix_ms: u64) -> String {
     let v = MarkValue {
         format: FORMAT,
         instance: instance.to_string(),
-        expect,
         written_unix_ms,
     };
     serde_json::to_string(&v).unwrap_or_default()
@@ -558,12 +570,12 @@ mod tests {
             48,
             PortMatch::Range(1000, 2000),
         );
-        let key = ks.mark_key(&a.key());
-        assert_eq!(key, "/pktdist/e/a%2Fb%25c%20d/2001:db8::/48/1000-2000");
+        let key = ks.mark_key(&a.key(), 42);
+        assert_eq!(key, "/pktdist/e/a%2Fb%25c%20d/2001:db8::/48/1000-2000/42");
         assert_eq!(ks.kind(key.as_bytes()), KeyKind::Mark);
         // Neither an affinity nor a declaration: the watch and the load
         // leave it to the marks' own reading (and older builds ignore it).
-        let value = encode_mark("lb-a", 42, 1_750_000_000_000);
+        let value = encode_mark("lb-a", 1_750_000_000_000);
         assert_eq!(ks.decode_entry(key.as_bytes(), value.as_bytes()), None);
         assert_eq!(
             ks.decode_mark(key.as_bytes(), value.as_bytes()),
@@ -582,14 +594,22 @@ mod tests {
             (key.as_str(), "not json"),
             (
                 key.as_str(),
-                r#"{"format":2,"instance":"x","expect":1,"written_unix_ms":0}"#,
+                r#"{"format":2,"instance":"x","written_unix_ms":0}"#,
             ),
             (
                 key.as_str(),
-                r#"{"format":1,"instance":"","expect":1,"written_unix_ms":0}"#,
+                r#"{"format":1,"instance":"","written_unix_ms":0}"#,
             ),
-            ("/pktdist/e/web/192.0.2.1/24/any", value.as_str()),
-            ("/pktdist/a/web/192.0.2.0/24/any", value.as_str()),
+            (
+                key.as_str(),
+                r#"{"format":1,"instance":"x","written_unix_ms":0,"expect":1}"#,
+            ),
+            ("/pktdist/e/web/192.0.2.1/24/any/7", value.as_str()),
+            ("/pktdist/e/web/192.0.2.0/24/any", value.as_str()),
+            ("/pktdist/e/web/192.0.2.0/24/any/0", value.as_str()),
+            ("/pktdist/e/web/192.0.2.0/24/any/07", value.as_str()),
+            ("/pktdist/e/web/192.0.2.0/24/any/x", value.as_str()),
+            ("/pktdist/a/web/192.0.2.0/24/any/7", value.as_str()),
         ] {
             assert!(
                 ks.decode_mark(k.as_bytes(), v.as_bytes()).is_err(),

@@ -809,7 +809,7 @@ mod tests {
         let answering = std::thread::spawn(move || {
             let until = Instant::now() + Duration::from_secs(10);
             while Instant::now() < until {
-                if let Ok(StoreOp::Delete { ticket, expect, .. }) = store.ops.try_recv() {
+                if let Ok(StoreOp::End { ticket, expect, .. }) = store.ops.try_recv() {
                     assert_eq!(expect, 4);
                     store.events.send(committed(ticket, 5)).unwrap();
                     return store;
@@ -842,7 +842,7 @@ mod tests {
         file.write(&without_backend_a(&text));
         ctl.reload().unwrap();
         ctl.step(Instant::now());
-        let Ok(StoreOp::Delete { ticket, expect, .. }) = store.ops.try_recv() else {
+        let Ok(StoreOp::End { ticket, expect, .. }) = store.ops.try_recv() else {
             panic!("no delete")
         };
         assert_eq!(expect, 4);
