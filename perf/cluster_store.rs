@@ -297,6 +297,7 @@ fn real_main() -> Result<(), String> {
                 let tuning = Tuning {
                     max_batch,
                     max_in_flight,
+                    ..Tuning::default()
                 };
                 let r = one_run(&etcd.endpoint(), &a, rate, tuning, run)?;
                 run += 1;

@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use pktdist::cluster::etcd::spawn;
+use pktdist::cluster::etcd::{spawn, spawn_tuned, Tuning};
 use pktdist::cluster::{
     Change, DeclarationKey, Outcome, Revision, StoreEvent, StoreHandle, StoreKey, StoreOp,
     StoredAffinity, StoredDeclaration,
@@ -70,6 +70,15 @@ impl Store {
         let mut cfg = config(&etcd.endpoint(), name);
         cfg.timeout = DurationStr(timeout);
         Store::of(cfg, name)
+    }
+
+    /// [`Store::new`] with other batching.
+    fn tuned(etcd: &Etcd, name: &'static str, tuning: Tuning) -> Store {
+        Store {
+            h: spawn_tuned(&config(&etcd.endpoint(), name), tuning).expect("spawn"),
+            pending: VecDeque::new(),
+            name,
+        }
     }
 
     fn of(cfg: ClusterConfig, name: &'static str) -> Store {
@@ -481,7 +490,12 @@ fn a_load_names_this_instance_s_marks_and_takes_them_and_orphans_away() {
 fn an_end_sent_again_after_its_commit_is_answered_committed_by_its_mark() {
     let _s = serial();
     let etcd = Etcd::start_new();
-    let mut a = Store::new(&etcd, "a");
+    // Its mark must outlive the watch's report of it: no sweep meanwhile.
+    let slow_sweep = Tuning {
+        sweep_interval: Duration::from_secs(3600),
+        ..Tuning::default()
+    };
+    let mut a = Store::tuned(&etcd, "a", slow_sweep);
     a.loaded();
     let web = affinity("web", 0xc000_0209, "b1", "a");
     a.put(1, &web, 0);

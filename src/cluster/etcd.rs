@@ -50,7 +50,7 @@ use crate::types::Declared;
 pub const MAX_BATCH: usize = 126;
 
 /// How often marks that no change took away along get a transaction of
-/// their own.
+/// their own ([`Tuning::sweep_interval`]'s default).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Another instance's end mark older than this (by the clock it wrote in
@@ -84,6 +84,9 @@ pub struct Tuning {
     pub max_batch: usize,
     /// Most transactions waiting for etcd at once (at least 1).
     pub max_in_flight: usize,
+    /// How often end marks that no change took away along get a
+    /// transaction of their own (more than 0).
+    pub sweep_interval: Duration,
 }
 
 impl Default for Tuning {
@@ -91,6 +94,7 @@ impl Default for Tuning {
         Tuning {
             max_batch: MAX_BATCH,
             max_in_flight: MAX_IN_FLIGHT,
+            sweep_interval: SWEEP_INTERVAL,
         }
     }
 }
@@ -110,9 +114,14 @@ pub fn spawn(cfg: &ClusterConfig) -> Result<StoreHandle, String> {
 
 /// [`spawn`] with other batching.
 pub fn spawn_tuned(cfg: &ClusterConfig, tuning: Tuning) -> Result<StoreHandle, String> {
-    if tuning.max_batch == 0 || tuning.max_batch > MAX_BATCH || tuning.max_in_flight == 0 {
+    if tuning.max_batch == 0
+        || tuning.max_batch > MAX_BATCH
+        || tuning.max_in_flight == 0
+        || tuning.sweep_interval.is_zero()
+    {
         return Err(format!(
-            "store batching {tuning:?}: max_batch must be 1..={MAX_BATCH}, max_in_flight at least 1"
+            "store batching {tuning:?}: max_batch must be 1..={MAX_BATCH}, max_in_flight at \
+             least 1, sweep_interval more than 0"
         ));
     }
     let settings = Settings::of(cfg, tuning)?;
@@ -457,7 +466,7 @@ impl Session {
         // The revision the watch owes, and how far it had got when asked.
         let mut owed: Option<(Revision, Revision)> = None;
         let mut failed_reads = 0;
-        let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
+        let mut sweep_tick = tokio::time::interval(s.tuning.sweep_interval);
         sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Once the handle is gone nobody reads an answer: the thread ends
         // at once (the transactions out are dropped with it).

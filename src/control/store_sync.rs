@@ -73,8 +73,8 @@ enum InFlight {
         /// before the outcome.
         seen: Option<SharedEnd>,
     },
-    /// The delete that ends an affinity.
-    End(StoreKey),
+    /// The delete that ends the version `expect` of an affinity.
+    End { key: StoreKey, expect: Revision },
     /// One declaration of a BACKEND_STATE whose reply is parked under
     /// `reply`.
     Declare {
@@ -518,7 +518,7 @@ impl StoreSync {
     pub fn ends_in_flight(&self) -> bool {
         self.in_flight
             .values()
-            .any(|f| matches!(f, InFlight::End(_)))
+            .any(|f| matches!(f, InFlight::End { .. }))
     }
 
     /// At shutdown: every reply still waiting is answered UNAVAILABLE. The
@@ -538,7 +538,7 @@ impl StoreSync {
             ));
         }
         for (ticket, f) in self.in_flight.drain() {
-            if !matches!(f, InFlight::End(_) | InFlight::Declare { .. }) {
+            if !matches!(f, InFlight::End { .. } | InFlight::Declare { .. }) {
                 self.counters.unavailable += 1;
                 replies.push((
                     ticket,
@@ -614,7 +614,13 @@ impl StoreSync {
                 expect: revision,
             };
             if self.store.submit(op) {
-                self.in_flight.insert(ticket, InFlight::End(key.clone()));
+                self.in_flight.insert(
+                    ticket,
+                    InFlight::End {
+                        key: key.clone(),
+                        expect: revision,
+                    },
+                );
                 if let Some(e) = self.ends.get_mut(&key) {
                     e.sent = true;
                 }
@@ -955,7 +961,9 @@ impl StoreSync {
             } => self.cancel_done(
                 plane, ticket, key, owner, retried, seen, outcome, wall_ms, out,
             ),
-            InFlight::End(key) => self.end_done(plane, key, outcome, wall_ms, out),
+            InFlight::End { key, expect } => {
+                self.end_done(plane, key, expect, outcome, wall_ms, out)
+            }
             InFlight::Declare { reply, key, state } => {
                 self.declare_done(plane, reply, key, state, outcome, out)
             }
@@ -1127,28 +1135,36 @@ impl StoreSync {
         out.replies.push((ticket, reply));
     }
 
+    /// The outcome of the delete that ends the version `expect` of `key`.
+    /// It settles that end only: the watch may have settled it first (its
+    /// mark), and the key may hold a newer affinity by now, with an end of
+    /// its own.
     fn end_done(
         &mut self,
         plane: &mut ControlPlane,
         key: StoreKey,
+        expect: Revision,
         outcome: Outcome,
         wall_ms: u64,
         out: &mut Outbox,
     ) {
+        let this_end = self.ends.get(&key).is_some_and(|e| e.revision == expect);
         match outcome {
             Outcome::Committed { revision } => {
-                self.seen.remove(&key);
-                if let Some(e) = self.ends.remove(&key) {
-                    self.counters.ends_won += 1;
-                    out.notices.push((e.notify, e.notice));
+                if self.revision_of(&key) == expect {
+                    self.seen.remove(&key);
+                }
+                if this_end {
+                    if let Some(e) = self.ends.remove(&key) {
+                        self.counters.ends_won += 1;
+                        out.notices.push((e.notify, e.notice));
+                    }
                 }
                 self.deleted.insert(key, revision);
             }
             Outcome::Moved { current } => match current {
                 Some((v, rev))
-                    if v.writer == self.instance
-                        && rev >= self.revision_of(&key)
-                        && self.ends.contains_key(&key) =>
+                    if v.writer == self.instance && rev >= self.revision_of(&key) && this_end =>
                 {
                     // This instance's own later write beat the delete (an
                     // extend that committed as the affinity ended): the
@@ -1163,7 +1179,8 @@ impl StoreSync {
                 current => {
                     // Someone else ended or extended it: no notice from
                     // here (nor a count, if this end was settled already).
-                    if self.ends.remove(&key).is_some() {
+                    if this_end {
+                        self.ends.remove(&key);
                         self.counters.ends_lost += 1;
                     }
                     match current {
@@ -1183,7 +1200,7 @@ impl StoreSync {
                 // this write) may take it then; a lost connection reports
                 // itself next (`Unreachable`), which parks the end until
                 // the next load, where the key's revision decides.
-                if let Some(e) = self.ends.get_mut(&key) {
+                if let Some(e) = self.ends.get_mut(&key).filter(|_| this_end) {
                     e.sent = false;
                     e.due_unix_ms = wall_ms.saturating_add(END_RETRY_MS << e.refused.min(6));
                     e.refused += 1;
@@ -2065,6 +2082,62 @@ mod tests {
             assert!(b.op().is_none());
             let c = b.sync.counters();
             assert_eq!((c.ends_won, c.ends_lost), (1, 0));
+        }
+    }
+
+    /// The watch settles an end (its mark), the key is created again, and
+    /// only then does the old delete's answer come: it settles nothing of
+    /// the new affinity, which ends through the store in its turn.
+    #[test]
+    fn a_late_answer_leaves_the_key_s_next_affinity_alone() {
+        let key = stored("a", "i1", 0).key();
+        for late in [
+            Outcome::Committed { revision: 21 },
+            Outcome::Moved {
+                current: Some((stored("a", "i2", 60_000), 22)),
+            },
+            Outcome::Unavailable {
+                error: "timed out".into(),
+            },
+        ] {
+            let mut b = expired("i1");
+            b.turn(WALL + 2000);
+            let Some(StoreOp::End { ticket, .. }) = b.op() else {
+                panic!("no delete")
+            };
+            b.event(StoreEvent::Changed {
+                revision: 21,
+                change: Change::Ended {
+                    key: key.clone(),
+                    expect: 5,
+                },
+            });
+            b.event(StoreEvent::Changed {
+                revision: 21,
+                change: Change::Deleted(key.clone()),
+            });
+            b.event(StoreEvent::Changed {
+                revision: 22,
+                change: Change::Put(stored("a", "i2", 60_000)),
+            });
+            assert_eq!(b.turn(WALL + 2010).notices.len(), 1);
+            assert_eq!(b.lookup(), Some(1), "the new affinity");
+            let out = b.done(ticket, late.clone(), WALL + 2020);
+            assert!(out.notices.is_empty(), "{late:?}");
+            assert_eq!(b.lookup(), Some(1), "{late:?}");
+            let c = b.sync.counters();
+            assert_eq!((c.ends_won, c.ends_lost), (1, 0), "{late:?}");
+            // The new affinity's end: through the store (its writer's
+            // delay first), not "never stored" and notified at once.
+            let later = b.plane.now_ms() + 61_000;
+            b.plane.expire_at(later);
+            assert!(b.turn(WALL + 63_000).notices.is_empty(), "{late:?}");
+            assert!(b.op().is_none(), "{late:?}: the writer's turn first");
+            b.turn(WALL + 63_000 + TAKEOVER_DELAY_MS);
+            match b.op() {
+                Some(StoreOp::End { expect, .. }) => assert_eq!(expect, 22, "{late:?}"),
+                other => panic!("{late:?}: no delete of the new one: {other:?}"),
+            }
         }
     }
 
