@@ -289,21 +289,31 @@ fn a_put_commits_and_both_stores_see_it_and_compare_and_set_holds() {
     assert_eq!(b.done(6), Outcome::Moved { current: None });
 }
 
-#[test]
-fn racing_deletes_of_one_key_commit_exactly_once() {
-    let _s = serial();
-    let etcd = Etcd::start_new();
-    let mut a = Store::new(&etcd, "a");
-    let mut b = Store::new(&etcd, "b");
+/// Two stores, a and b, loaded, and `n` affinities a wrote: each with
+/// its revision.
+fn two_stores_and_affinities(
+    etcd: &Etcd,
+    n: u32,
+) -> (Store, Store, Vec<StoredAffinity>, Vec<Revision>) {
+    let mut a = Store::new(etcd, "a");
+    let mut b = Store::new(etcd, "b");
     a.loaded();
     b.loaded();
-    let keys: Vec<StoredAffinity> = (0..50)
+    let keys: Vec<StoredAffinity> = (0..n)
         .map(|i| affinity("race", 0x0a00_0000 + i, "b1", "a"))
         .collect();
     for (i, k) in keys.iter().enumerate() {
         a.put(i as u64, k, 0);
     }
     let revs: Vec<Revision> = (0..keys.len()).map(|i| a.committed(i as u64)).collect();
+    (a, b, keys, revs)
+}
+
+#[test]
+fn racing_deletes_of_one_key_commit_exactly_once() {
+    let _s = serial();
+    let etcd = Etcd::start_new();
+    let (mut a, mut b, keys, revs) = two_stores_and_affinities(&etcd, 50);
     for (i, k) in keys.iter().enumerate() {
         a.delete(1000 + i as u64, &k.key(), revs[i]);
         b.delete(1000 + i as u64, &k.key(), revs[i]);
@@ -401,17 +411,7 @@ fn an_end_leaves_its_mark_in_its_commit_and_takes_it_away_after() {
 fn racing_ends_mark_only_the_winner_s() {
     let _s = serial();
     let etcd = Etcd::start_new();
-    let mut a = Store::new(&etcd, "a");
-    let mut b = Store::new(&etcd, "b");
-    a.loaded();
-    b.loaded();
-    let keys: Vec<StoredAffinity> = (0..20)
-        .map(|i| affinity("race", 0x0a00_0000 + i, "b1", "a"))
-        .collect();
-    for (i, k) in keys.iter().enumerate() {
-        a.put(i as u64, k, 0);
-    }
-    let revs: Vec<Revision> = (0..keys.len()).map(|i| a.committed(i as u64)).collect();
+    let (mut a, mut b, keys, revs) = two_stores_and_affinities(&etcd, 20);
     for (i, k) in keys.iter().enumerate() {
         a.end(1000 + i as u64, &k.key(), revs[i]);
         b.end(1000 + i as u64, &k.key(), revs[i]);

@@ -1287,6 +1287,18 @@ mod tests {
             self.peer.events.send(ev).unwrap();
         }
 
+        /// The watch's report of this instance's end of `key` at `expect`,
+        /// committed at `revision`: its mark, then the deletion.
+        fn marked_and_deleted(&self, key: &StoreKey, expect: Revision, revision: Revision) {
+            let change = Change::Ended {
+                key: key.clone(),
+                expect,
+            };
+            self.event(StoreEvent::Changed { revision, change });
+            let change = Change::Deleted(key.clone());
+            self.event(StoreEvent::Changed { revision, change });
+        }
+
         fn turn(&mut self, wall: u64) -> Outbox {
             self.sync.turn(&mut self.plane, wall)
         }
@@ -1757,6 +1769,16 @@ mod tests {
         b
     }
 
+    /// [`expired`] by this instance's hand, 2 s on: its end's delete sent.
+    fn expired_and_sent(writer: &str) -> (Bed, Ticket) {
+        let mut b = expired(writer);
+        b.turn(WALL + 2000);
+        let Some(StoreOp::End { ticket, .. }) = b.op() else {
+            panic!("no delete")
+        };
+        (b, ticket)
+    }
+
     #[test]
     fn the_writer_ends_an_affinity_at_once_and_notifies_once() {
         let mut b = expired("i1");
@@ -1786,11 +1808,7 @@ mod tests {
 
     #[test]
     fn a_delete_that_lost_sends_no_notice() {
-        let mut b = expired("i1");
-        b.turn(WALL + 2000);
-        let Some(StoreOp::End { ticket, .. }) = b.op() else {
-            panic!("no delete")
-        };
+        let (mut b, ticket) = expired_and_sent("i1");
         // Extended through another instance meanwhile: it lives on.
         let out = b.done(
             ticket,
@@ -1906,11 +1924,7 @@ mod tests {
     /// once the delete commits.
     #[test]
     fn a_delete_a_reachable_store_refuses_is_sent_again() {
-        let mut b = expired("i1");
-        b.turn(WALL + 2000);
-        let Some(StoreOp::End { ticket, .. }) = b.op() else {
-            panic!("no delete")
-        };
+        let (mut b, ticket) = expired_and_sent("i1");
         let full = Outcome::Unavailable {
             error: "etcdserver: mvcc: database space exceeded".into(),
         };
@@ -1945,11 +1959,7 @@ mod tests {
     /// outage, park the end until the next load.
     #[test]
     fn a_delete_lost_with_the_connection_waits_for_the_load() {
-        let mut b = expired("i1");
-        b.turn(WALL + 2000);
-        let Some(StoreOp::End { ticket, .. }) = b.op() else {
-            panic!("no delete")
-        };
+        let (mut b, ticket) = expired_and_sent("i1");
         let lost = Outcome::Unavailable {
             error: "connection reset".into(),
         };
@@ -1984,11 +1994,7 @@ mod tests {
             (vec![], false),
             (vec![(key.clone(), 4)], false),
         ] {
-            let mut b = expired("i1");
-            b.turn(WALL + 2000);
-            let Some(StoreOp::End { ticket, .. }) = b.op() else {
-                panic!("no delete")
-            };
+            let (mut b, ticket) = expired_and_sent("i1");
             let lost = Outcome::Unavailable {
                 error: "connection reset".into(),
             };
@@ -2036,11 +2042,7 @@ mod tests {
             },
             Outcome::Committed { revision: 21 },
         ] {
-            let mut b = expired("i1");
-            b.turn(WALL + 2000);
-            let Some(StoreOp::End { ticket, .. }) = b.op() else {
-                panic!("no delete")
-            };
+            let (mut b, ticket) = expired_and_sent("i1");
             let timed_out = matches!(answer, Outcome::Unavailable { .. });
             if timed_out {
                 assert!(b
@@ -2058,17 +2060,7 @@ mod tests {
                 },
             });
             assert!(b.turn(WALL + 2015).notices.is_empty());
-            b.event(StoreEvent::Changed {
-                revision: 21,
-                change: Change::Ended {
-                    key: key.clone(),
-                    expect: 5,
-                },
-            });
-            b.event(StoreEvent::Changed {
-                revision: 21,
-                change: Change::Deleted(key.clone()),
-            });
+            b.marked_and_deleted(&key, 5, 21);
             let out = b.turn(WALL + 2020);
             assert_eq!(out.notices.len(), 1, "{answer:?}");
             if !timed_out {
@@ -2100,22 +2092,8 @@ mod tests {
                 error: "timed out".into(),
             },
         ] {
-            let mut b = expired("i1");
-            b.turn(WALL + 2000);
-            let Some(StoreOp::End { ticket, .. }) = b.op() else {
-                panic!("no delete")
-            };
-            b.event(StoreEvent::Changed {
-                revision: 21,
-                change: Change::Ended {
-                    key: key.clone(),
-                    expect: 5,
-                },
-            });
-            b.event(StoreEvent::Changed {
-                revision: 21,
-                change: Change::Deleted(key.clone()),
-            });
+            let (mut b, ticket) = expired_and_sent("i1");
+            b.marked_and_deleted(&key, 5, 21);
             b.event(StoreEvent::Changed {
                 revision: 22,
                 change: Change::Put(stored("a", "i2", 60_000)),
@@ -2143,11 +2121,7 @@ mod tests {
 
     #[test]
     fn a_delete_in_flight_over_a_reconnection_is_not_undone_by_the_load() {
-        let mut b = expired("i1");
-        b.turn(WALL + 2000);
-        let Some(StoreOp::End { ticket, .. }) = b.op() else {
-            panic!("no delete")
-        };
+        let (mut b, ticket) = expired_and_sent("i1");
         b.event(StoreEvent::Unreachable {
             error: "blip".into(),
         });
