@@ -696,10 +696,15 @@ impl StoreSync {
     /// deletion follows.
     fn end_committed(&mut self, key: StoreKey, expect: Revision, out: &mut Outbox) {
         if self.ends.get(&key).is_some_and(|e| e.revision == expect) {
-            if let Some(e) = self.ends.remove(&key) {
-                self.counters.ends_won += 1;
-                out.notices.push((e.notify, e.notice));
-            }
+            self.won(&key, out);
+        }
+    }
+
+    /// This instance's delete ended `key`'s pending end: it notifies.
+    fn won(&mut self, key: &StoreKey, out: &mut Outbox) {
+        if let Some(e) = self.ends.remove(key) {
+            self.counters.ends_won += 1;
+            out.notices.push((e.notify, e.notice));
         }
     }
 
@@ -861,17 +866,14 @@ impl StoreSync {
             if same {
                 e.after_load = false;
             } else {
-                settled.push(key.clone());
+                settled.push((key.clone(), e.revision));
             }
         }
-        for key in settled {
-            let Some(e) = self.ends.remove(&key) else {
-                continue;
-            };
-            if ended.contains(&(key, e.revision)) {
-                self.counters.ends_won += 1;
-                out.notices.push((e.notify, e.notice));
+        for (key, revision) in settled {
+            if ended.contains(&(key.clone(), revision)) {
+                self.won(&key, out);
             } else {
+                self.ends.remove(&key);
                 self.counters.ends_lost += 1;
             }
         }
@@ -1155,10 +1157,7 @@ impl StoreSync {
                     self.seen.remove(&key);
                 }
                 if this_end {
-                    if let Some(e) = self.ends.remove(&key) {
-                        self.counters.ends_won += 1;
-                        out.notices.push((e.notify, e.notice));
-                    }
+                    self.won(&key, out);
                 }
                 self.deleted.insert(key, revision);
             }
