@@ -90,9 +90,35 @@ impl Drop for Server {
 }
 
 /// A port on 127.0.0.1 nobody listens on.
-fn refused_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// An address nothing listens on, kept so while this lives: a socket
+/// bound to it, not listening. No other test's listener can take the port,
+/// and no connection from that address picks it as its own port (which,
+/// when a connect to a free local port chooses that very port, connects
+/// the socket to itself and succeeds). A connect to it is refused.
+struct Refused {
+    addr: SocketAddr,
+    held: Socket,
+}
+
+impl Refused {
+    /// `ip`'s `port` (0: any free one) held, if it is free.
+    fn hold(ip: &str, port: u16) -> Option<Refused> {
+        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let held = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        held.bind(&addr.into()).ok()?;
+        let addr = held.local_addr().unwrap().as_socket().unwrap();
+        Some(Refused { addr, held })
+    }
+
+    /// Listening on the address after all.
+    fn listen(self) -> TcpListener {
+        self.held.listen(128).unwrap();
+        self.held.into()
+    }
+}
+
+fn refused_port() -> Refused {
+    Refused::hold("127.0.0.1", 0).unwrap()
 }
 
 /// A listener with a backlog of 0 that never accepts, its queue filled: the
@@ -197,6 +223,7 @@ fn http_probes_against_real_servers() {
     let silent = Server::start("127.0.0.1", Behaviour::Silent);
     let closes = Server::start("127.0.0.1", Behaviour::Close);
     let refused = refused_port();
+    let refused = refused.addr;
     let (results, changes) = check(
         vec![
             target("good", good.addr, HealthKind::Http),
@@ -250,7 +277,8 @@ fn http_probes_against_real_servers() {
 #[test]
 fn tcp_probes_up_refused_and_timeout() {
     let up = Server::start("127.0.0.1", Behaviour::Close);
-    let refused = refused_port();
+    let held = refused_port();
+    let refused = held.addr;
     let (full, _filler) = full_backlog();
     let full_addr = full.local_addr().unwrap().as_socket().unwrap();
     let (results, changes) = check(
@@ -281,7 +309,8 @@ fn tcp_probes_up_refused_and_timeout() {
 fn a_backend_that_recovers_comes_back_after_rise_checks() {
     // Nothing listens at first: down after one failure (fall 1); then a
     // server on that port: up after two passes (rise 2).
-    let addr = refused_port();
+    let mut refused = Some(refused_port());
+    let addr = refused.as_ref().unwrap().addr;
     let mut t = target("flaps", addr, HealthKind::Tcp);
     t.check.rise = 2;
     let mut checker = HealthChecker::start(vec![t], Vec::new()).unwrap();
@@ -292,11 +321,8 @@ fn a_backend_that_recovers_comes_back_after_rise_checks() {
     while Instant::now() < deadline && seen.len() < 2 {
         match checker.try_recv() {
             Some(Report::Change(c)) => {
-                if !c.up {
-                    server = Some(Server::on(
-                        TcpListener::bind(addr).unwrap(),
-                        Behaviour::Close,
-                    ));
+                if let Some(r) = refused.take().filter(|_| !c.up) {
+                    server = Some(Server::on(r.listen(), Behaviour::Close));
                 }
                 seen.push(c.up);
             }
@@ -342,7 +368,7 @@ fn changes_of(m: &mut HealthMonitor, want: usize) -> Vec<HealthChange> {
 
 #[test]
 fn reload_keeps_the_state_of_unchanged_checks_and_follows_added_and_removed_backends() {
-    let server = Server::start("127.0.0.2", Behaviour::Close);
+    let (server, _refused) = up_at_127_0_0_2_refused_at_127_0_0_1();
     let port = server.addr.port();
     // a: nothing listens on 127.0.0.1 at that port (it is 127.0.0.2's).
     let health = format!(
@@ -392,9 +418,10 @@ fn reload_keeps_the_state_of_unchanged_checks_and_follows_added_and_removed_back
 
     // A changed check (another port, where 127.0.0.1 has nothing either)
     // keeps the state too; no health key: a counts as up again.
+    let other = refused_port();
     let text3 = text2.replace(
         &format!("port = {port},"),
-        &format!("port = {},", refused_port().port()),
+        &format!("port = {},", other.addr.port()),
     );
     let cfg3 = Config::parse(&text3, "t.toml").unwrap();
     assert!(m.update(&cfg3, plane.dataplane()).is_empty());
@@ -417,8 +444,8 @@ fn reload_keeps_the_state_of_unchanged_checks_and_follows_added_and_removed_back
 /// at 127.0.0.1 and `b` at 127.0.0.2 on the port of a server `b` answers
 /// on (nothing listens there on 127.0.0.1). Returns the server, the
 /// configuration and its plane.
-fn a_refused_b_up() -> (Server, Config, crate::control::plane::ControlPlane) {
-    let server = Server::start("127.0.0.2", Behaviour::Close);
+fn a_refused_b_up() -> (Server, Refused, Config, crate::control::plane::ControlPlane) {
+    let (server, refused) = up_at_127_0_0_2_refused_at_127_0_0_1();
     let port = server.addr.port();
     let health = format!(
         "{{ kind = \"tcp\", port = {port}, interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 1 }}"
@@ -426,12 +453,24 @@ fn a_refused_b_up() -> (Server, Config, crate::control::plane::ControlPlane) {
     let text = health_config(&health, "127.0.0.1", "127.0.0.2", "");
     let (plane, _) = crate::control::testing::plane(&text);
     let cfg = Config::parse(&text, "t.toml").unwrap();
-    (server, cfg, plane)
+    (server, refused, cfg, plane)
+}
+
+/// A server on 127.0.0.2 that accepts and closes, and its port held on
+/// 127.0.0.1 ([`Refused`]).
+fn up_at_127_0_0_2_refused_at_127_0_0_1() -> (Server, Refused) {
+    for _ in 0..100 {
+        let server = Server::start("127.0.0.2", Behaviour::Close);
+        if let Some(held) = Refused::hold("127.0.0.1", server.addr.port()) {
+            return (server, held);
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
 }
 
 #[test]
 fn a_checker_that_ended_is_started_again_in_the_states_it_left() {
-    let (server, cfg, plane) = a_refused_b_up();
+    let (_server, refused, cfg, plane) = a_refused_b_up();
     let mut m = HealthMonitor::new();
     assert!(m.update(&cfg, plane.dataplane()).is_empty());
     let c = changes_of(&mut m, 1);
@@ -465,7 +504,7 @@ fn a_checker_that_ended_is_started_again_in_the_states_it_left() {
     // Meanwhile a comes back: the checker started now takes a for down
     // and so reports it up (one that took it for up would never say so,
     // and a would stay down for good).
-    let listener = TcpListener::bind(("127.0.0.1", server.addr.port())).unwrap();
+    let listener = refused.listen();
     assert!(m.drain_at(t1 + Duration::from_secs(2)).is_empty());
     assert!(m.checker().is_some_and(|c| !c.has_ended()));
     let s = m.summary(std::time::SystemTime::now());
@@ -492,7 +531,7 @@ fn a_checker_that_ended_is_started_again_in_the_states_it_left() {
 
 #[test]
 fn a_checker_that_cannot_start_is_tried_again_with_a_growing_wait() {
-    let (_server, cfg, plane) = a_refused_b_up();
+    let (_server, _refused, cfg, plane) = a_refused_b_up();
     let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = tries.clone();
     let mut m = HealthMonitor::with_start(Box::new(move |targets, down| {
