@@ -500,7 +500,7 @@ fn an_end_sent_again_after_its_commit_is_answered_committed_by_its_mark() {
     let web = affinity("web", 0xc000_0209, "b1", "a");
     a.put(1, &web, 0);
     let rev = a.committed(1);
-    // The end committed earlier, its answer lost: the key gone and a's
+    // The end as committed with its answer lost: the key gone and a's
     // mark there (written here by hand, in two commits).
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

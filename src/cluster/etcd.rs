@@ -940,8 +940,9 @@ async fn run_batch(
                 StoreOp::End {
                     key: ended, expect, ..
                 } => {
-                    // Failing, it also reads the mark: an earlier send of
-                    // this end may have committed (its answer lost).
+                    // Its failing branch also reads the mark, which says
+                    // whether this end has committed already (sent before,
+                    // its answer lost).
                     let mark_key = keys.mark_key(ended, *expect);
                     let value = encode_mark(&mark.instance, mark.unix_ms);
                     let writes = [
@@ -1004,8 +1005,8 @@ async fn run_batch(
 }
 
 /// Each op's `Done` from the batch's answer. An end whose compare failed
-/// but whose mark names `instance` committed in an earlier send (whose
-/// answer was lost): Committed at the mark's revision.
+/// but whose mark names `instance` has committed already (sent before, its
+/// answer lost): Committed at the mark's revision.
 fn outcomes(keys: &KeySpace, instance: &str, batch: &Batch, resp: &TxnResponse) -> Vec<StoreEvent> {
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let answers = resp.op_responses();
