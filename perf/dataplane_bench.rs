@@ -74,6 +74,11 @@ struct Args {
     /// 4); its IPv6 capacity is a quarter of it.
     #[arg(long, default_value_t = 1 << 21)]
     flow_capacity: usize,
+    /// The worker's `[flow] syn_flood_rate` (new connections per second
+    /// past which SYNs go untracked; 0: every SYN tracked). The default is
+    /// pktdist's: a SYN flood engages the guard.
+    #[arg(long, default_value_t = pktdist::datapath::syn_guard::DEFAULT_RATE)]
+    syn_flood_rate: u32,
     /// Affinities installed for syn-affinity and lookup.
     #[arg(long, default_value_t = 1_000_000)]
     affinities: usize,
@@ -640,6 +645,7 @@ impl Bench {
             ],
             flow_capacity: self.args.flow_capacity,
             flow_capacity_v6: self.args.flow_capacity / 4,
+            syn_flood_rate: self.args.syn_flood_rate,
             timeouts: FlowTimeouts::default(),
             icmp: Default::default(),
         };

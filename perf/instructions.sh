@@ -1,6 +1,8 @@
 #!/bin/sh
 # Instructions per SYN through the worker, with an empty affinity table and
-# with a million affinities (the dataplane benchmark's table), per SYN that
+# with a million affinities (the dataplane benchmark's table), both with the
+# SYN flood guard engaged as a flood engages it (untracked SYNs), per SYN
+# tracked (the guard off) in a full flow table, per SYN that
 # finds its flow expired (the path of perf/vs_testpmd.py's SYN flood), and
 # per packet of an established flow, counted by callgrind: repeatable to
 # the instruction whatever the machine is doing.
@@ -21,15 +23,23 @@ mkdir -p perf/out
 n=${PACKETS:-100000}
 result=perf/out/syn-instructions.txt
 : >"$result"
-for run in syn:empty syn:loaded syn-again:empty established:empty; do
+# kind:table[:syn_flood_rate]; the SYN flood runs with the guard's default
+# (engaged: untracked SYNs) and, as syn-tracked, with it off.
+for run in syn:empty syn:loaded syn:empty:0 syn-again:empty established:empty; do
     kind=${run%%:*}
-    table=${run#*:}
+    rest=${run#*:}
+    table=${rest%%:*}
     name=$kind-$table
+    rate=
+    if [ "$rest" != "$table" ]; then
+        rate="--syn-flood-rate ${rest#*:}"
+        name=$kind-tracked-$table
+    fi
     out="perf/out/syn-instructions-$name"
     valgrind --tool=callgrind --callgrind-out-file="$out.cg" \
         --toggle-collect='*measured*' \
         ./target/release/examples/syn-instructions --kind "$kind" --table "$table" \
-        --packets "$n" >"$out.txt" 2>&1 || { cat "$out.txt" >&2; exit 1; }
+        --packets "$n" $rate >"$out.txt" 2>&1 || { cat "$out.txt" >&2; exit 1; }
     total=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$out.txt")
     # Packets counted (the established run's flows are distinct clients).
     packets=$(sed -n 's/^\(syns\|acks\) \([0-9]*\)$/\2/p' "$out.txt")

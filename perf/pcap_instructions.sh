@@ -32,27 +32,36 @@ fi
 mkdir -p perf/out/pcap
 result=perf/out/pcap-instructions.txt
 : >"$result"
-# scenario:frames:flow-capacity. The SYN file is long enough that each of
-# its SYNs finds its flow past the 20 ms SYN timeout (under valgrind a
-# pass takes about 200 ms), as in perf/vs_testpmd.py: a new connection each.
+# scenario:frames:flow-capacity[:syn_flood_rate]. The SYN file is long
+# enough that each of its SYNs finds its flow past the 20 ms SYN timeout
+# (under valgrind a pass takes about 200 ms), as in perf/vs_testpmd.py: a
+# new connection each. The SYN flood runs with the SYN flood guard's
+# default (engaged: untracked SYNs) and, as syn-tracked, with it off.
 # RUNS picks some: RUNS=established:1000:16384 perf/pcap_instructions.sh
-for run in ${RUNS:-established:1000:16384 syn:100000:262144}; do
+for run in ${RUNS:-established:1000:16384 syn:100000:262144 syn:100000:262144:0}; do
     sc=${run%%:*}
     rest=${run#*:}
     frames=${rest%%:*}
     capacity=${rest#*:}
+    name=$sc
+    rate=
+    case $capacity in *:*)
+        rate="--syn-flood-rate ${capacity#*:}"
+        capacity=${capacity%%:*}
+        name=$sc-tracked ;;
+    esac
     pcap=perf/out/pcap/$sc-$frames.pcap
     [ -f "$pcap" ] || "$BENCH" --write-pcap "$sc" --pcap "$pcap" --flows "$frames" >/dev/null
-    out=perf/out/pcap-instructions-$sc
+    out=perf/out/pcap-instructions-$name
     valgrind --tool=callgrind --callgrind-out-file="$out.cg" \
         --toggle-collect='*measure_loop*' \
         "$BENCH" --scenario "pcap-$sc" --pcap "$pcap" --seconds 2 --warmup 0.3 \
-        --mem 1000 --flow-capacity "$capacity" --json "$out.json" \
+        --mem 1000 --flow-capacity "$capacity" $rate --json "$out.json" \
         >"$out.txt" 2>&1 || { cat "$out.txt" >&2; exit 1; }
     total=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$out.txt")
     packets=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["scenarios"][0]["extra"]["rx_packets_all"])' "$out.json")
     callgrind_annotate --inclusive=yes "$out.cg" 2>/dev/null | awk -v total="$total" \
-        -v n="$packets" -v name="$sc" '
+        -v n="$packets" -v name="$name" '
         /-- Auto-annotated source/ { exit }
         function most(k, v) { gsub(",", "", v); if (v + 0 > m[k]) m[k] = v + 0 }
         /PortQueues as pktdist::datapath::pktio::PacketIo>::rx_burst/ { most("rx", $1) }

@@ -240,6 +240,7 @@ pub fn run(args: &Args, name: &str) -> Result<(Row, serde_json::Value), String> 
         flow_capacity: args.flow_capacity,
         flow_capacity_v6: args.flow_capacity / 4,
         timeouts,
+        syn_flood_rate: args.syn_flood_rate,
         icmp: Default::default(),
     };
     let io = PortQueues::new(vec![

@@ -87,6 +87,11 @@ struct Args {
     /// Affinities in the loaded table (10,000 of them /24s).
     #[arg(long, default_value_t = 1_000_000)]
     affinities: usize,
+    /// The worker's `[flow] syn_flood_rate`. Default: pktdist's for the
+    /// SYN flood (whose 7 Mpps engage the guard), 0 for the other kinds,
+    /// which measure tracked flows.
+    #[arg(long)]
+    syn_flood_rate: Option<u32>,
 }
 
 /// Flow-table capacity: small, so that the warm-up fills it and every
@@ -221,6 +226,10 @@ fn main() -> Result<(), String> {
         flow_capacity,
         flow_capacity_v6: FLOW_CAPACITY / 4,
         timeouts,
+        syn_flood_rate: args.syn_flood_rate.unwrap_or(match args.kind {
+            Kind::Syn => pktdist::datapath::syn_guard::DEFAULT_RATE,
+            Kind::Established | Kind::SynAgain => 0,
+        }),
         icmp: Default::default(),
     };
     let io: SharedIo = Rc::new(RefCell::new(MemIo::new(2)));

@@ -238,6 +238,10 @@ pub struct FlowConfig {
     pub established_timeout: DurationStr,
     pub fin_timeout: DurationStr,
     pub udp_timeout: DurationStr,
+    /// New connections per second one worker tracks before its SYN flood
+    /// guard engages and it forwards further SYNs without flow entries
+    /// (module `datapath::syn_guard`); 0: never.
+    pub syn_flood_rate: u32,
 }
 
 impl Default for FlowConfig {
@@ -249,6 +253,7 @@ impl Default for FlowConfig {
             established_timeout: DurationStr::secs(300),
             fin_timeout: DurationStr::secs(10),
             udp_timeout: DurationStr::secs(60),
+            syn_flood_rate: crate::datapath::syn_guard::DEFAULT_RATE,
         }
     }
 }
@@ -1500,13 +1505,17 @@ impl Config {
         };
         let _ = writeln!(
             o,
-            "flow table: {} IPv4 + {} IPv6 flows per worker (x{nw}), timeouts syn {} established {} fin {} udp {}",
+            "flow table: {} IPv4 + {} IPv6 flows per worker (x{nw}), timeouts syn {} established {} fin {} udp {}, SYN flood guard {}",
             ways(f.capacity),
             ways(f.v6_capacity()),
             f.syn_timeout,
             f.established_timeout,
             f.fin_timeout,
-            f.udp_timeout
+            f.udp_timeout,
+            match f.syn_flood_rate {
+                0 => "off".to_string(),
+                r => format!("above {r} new connections/s per worker"),
+            }
         );
         let _ = writeln!(
             o,

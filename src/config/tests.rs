@@ -876,6 +876,33 @@ fn max_clock_skew_is_bounded() {
 }
 
 #[test]
+fn syn_flood_rate_is_a_count_per_second_or_off() {
+    assert_eq!(
+        Config::parse(&BASE, "t.toml").unwrap().flow.syn_flood_rate,
+        crate::datapath::syn_guard::DEFAULT_RATE
+    );
+    for (v, want) in [("0", 0), ("250000", 250_000), ("4294967295", u32::MAX)] {
+        let t = edit(
+            "syn_timeout = \"5s\"\n",
+            &format!("syn_timeout = \"5s\"\nsyn_flood_rate = {v}\n"),
+        );
+        let c = Config::parse(&t, "t.toml").unwrap_or_else(|e| panic!("{v}: {e}"));
+        assert_eq!(c.flow.syn_flood_rate, want);
+    }
+    for (v, msg) in [
+        ("-1", "invalid value"),
+        ("1.5", "invalid type"),
+        ("4294967296", "invalid value"),
+    ] {
+        let t = edit(
+            "syn_timeout = \"5s\"\n",
+            &format!("syn_timeout = \"5s\"\nsyn_flood_rate = {v}\n"),
+        );
+        check(&t, "flow.syn_flood_rate", "syn_flood_rate", msg);
+    }
+}
+
+#[test]
 fn flow_timeouts_are_bounded() {
     for key in [
         "syn_timeout",

@@ -85,6 +85,11 @@ pub struct WorkerCounters {
     /// open a connection and those repeated on a flow already open. The
     /// connections opened are `ServiceCounters::new_connections`.
     pub syns: Counter,
+    /// SYNs forwarded without a flow entry while the SYN flood guard was
+    /// engaged (module `syn_guard`), among `syns`.
+    pub syns_untracked: Counter,
+    /// 1 while the worker's SYN flood guard is engaged, else 0 (a gauge).
+    pub syn_guard_engaged: Counter,
     /// Packets of a flow the table did not know that was not a SYN
     /// (after a restart, an eviction, or an RSS change): routed statelessly.
     pub unknown_flows: Counter,
@@ -132,6 +137,8 @@ impl Default for WorkerCounters {
             busy_polls: Counter::default(),
             drops: Default::default(),
             syns: Counter::default(),
+            syns_untracked: Counter::default(),
+            syn_guard_engaged: Counter::default(),
             unknown_flows: Counter::default(),
             rerouted: Counter::default(),
             flows_active: Counter::default(),

@@ -7,7 +7,9 @@
 //! goes into its own [`counters`] and [`latency`] histogram. Packets come and
 //! go through the [`pktio`] trait, which DPDK's ports implement and tests
 //! implement in memory. ICMP messages to a VIP, and packets too long for
-//! the link once forwarded, take the [`icmp`] path.
+//! the link once forwarded, take the [`icmp`] path. Past a rate of new
+//! connections, the [`syn_guard`] has a worker forward SYNs without flow
+//! entries.
 
 pub mod classify;
 pub mod counters;
@@ -17,4 +19,5 @@ pub mod icmp;
 pub mod latency;
 pub mod pktio;
 pub mod snapshot;
+pub mod syn_guard;
 pub mod worker;

@@ -160,6 +160,16 @@ impl Service {
         (self.name.as_str(), self.vip, self.port, self.proto)
             == (other.name.as_str(), other.vip, other.port, other.proto)
     }
+
+    /// A later packet of a new connection finds its SYN's backend again
+    /// without a flow entry: the consistent hash schedules the service
+    /// (round robin's turn is gone), and no automatic-affinity pin, which
+    /// only a tracked connection holds, can end between the two. The SYN
+    /// flood guard leaves only such SYNs untracked.
+    #[inline(always)]
+    pub fn stateless_syns(&self) -> bool {
+        self.scheduler == SchedulerKind::Maglev && self.auto_affinity.is_none()
+    }
 }
 
 /// One immutable snapshot of the whole service configuration.

@@ -42,6 +42,7 @@ use crate::datapath::icmp::{self, IcmpSettings, Message, RateLimiter, SourceLimi
 use crate::datapath::latency::{new_histogram, TscScale};
 use crate::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use crate::datapath::snapshot::{Dataplane, DataplaneCell, ForwardMode, SchedulerKind, Service};
+use crate::datapath::syn_guard::SynGuard;
 use crate::sched::wrr::SmoothWrr;
 use crate::types::{tcp_flags, PROTO_TCP};
 use crate::types::{BackendId, ServiceId, MAX_SERVICES};
@@ -90,6 +91,9 @@ pub struct WorkerSetup {
     /// IPv6 flows per worker.
     pub flow_capacity_v6: usize,
     pub timeouts: FlowTimeouts,
+    /// New connections per second the worker tracks before its SYN flood
+    /// guard engages (0: never; module `syn_guard`).
+    pub syn_flood_rate: u32,
     pub icmp: IcmpSettings,
 }
 
@@ -132,6 +136,8 @@ pub struct Worker<IO: PacketIo> {
     hashes: Option<Box<[u64; MAX_BURST]>>,
     /// Time up to which the sweep has done its share.
     swept_until: u64,
+    /// Whether this worker's SYNs are being tracked.
+    syn_guard: SynGuard,
     counters: Arc<WorkerCounters>,
     /// Per-packet processing time, folded into `counters.latency` a few
     /// times a second.
@@ -158,6 +164,7 @@ impl<IO: PacketIo> Worker<IO> {
         let epoch = shared.epoch;
         let echo_limit = RateLimiter::new(setup.icmp.echo_rate);
         let too_big_limit = SourceLimiter::new(setup.icmp.too_big_rate);
+        let syn_guard = SynGuard::new(setup.syn_flood_rate);
         // Workers start their identifications far apart, so two workers'
         // packets to one backend rarely share one at the same time.
         let ip_ident = (setup.id as u16).wrapping_mul(0x9e37);
@@ -174,6 +181,7 @@ impl<IO: PacketIo> Worker<IO> {
             parsed: Some(Box::new(NO_PACKETS)),
             hashes: Some(Box::new([0; MAX_BURST])),
             swept_until: 0,
+            syn_guard,
             counters,
             latency: new_histogram(),
             latency_folded: 0,
@@ -236,6 +244,10 @@ impl<IO: PacketIo> Worker<IO> {
             self.adopt_snapshot();
         }
         self.counters.polls.inc();
+        self.syn_guard.tick(now);
+        self.counters
+            .syn_guard_engaged
+            .set(u64::from(self.syn_guard.engaged()));
         let mut received = 0;
         for port in 0..self.io.num_ports() {
             received += self.poll_port(port, now);
@@ -356,10 +368,12 @@ impl<IO: PacketIo> Worker<IO> {
         let mut services: [Option<&Service>; MAX_BURST] = [None; MAX_BURST];
         let mut last: Option<(u128, u16, u8, Family, Option<&Service>)> = None;
         // Which packets are SYNs with an affinity query (in `queries`,
-        // moved out of the worker for the burst), and which of those still
-        // have probes to prepare (none while the service has no key of the
-        // client's family).
+        // moved out of the worker for the burst), which of those the SYN
+        // flood guard leaves untracked (they touch no flow bucket), and
+        // which still have probes to prepare (none while the service has
+        // no key of the client's family).
         let mut queried = [false; MAX_BURST];
+        let mut untracked = [false; MAX_BURST];
         let mut to_prepare = [false; MAX_BURST];
         let mut any_to_prepare = false;
         let mut queries = self.queries.take().unwrap_or_else(|| Box::new(NO_QUERIES));
@@ -369,7 +383,6 @@ impl<IO: PacketIo> Worker<IO> {
             if classify::parse_into(b.data(), p).is_ok() {
                 flow[i] = true;
                 let h = crate::types::flow_hash(&p.key);
-                self.flows.prefetch(&p.key, h);
                 hashes[i] = h;
                 let k = &p.key;
                 let svc = match last {
@@ -396,6 +409,10 @@ impl<IO: PacketIo> Worker<IO> {
                         .start(q, svc.id, k.family, k.src, k.sport);
                     any_to_prepare |= to_prepare[i];
                     queried[i] = true;
+                    untracked[i] = self.syn_guard.count_syn() && svc.stateless_syns();
+                }
+                if !untracked[i] {
+                    self.flows.prefetch(k, h);
                 }
             }
         }
@@ -416,7 +433,7 @@ impl<IO: PacketIo> Worker<IO> {
         // flow's alternate bucket where it will be read or written, and
         // the affinity slots whose tags match.
         for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
-            if flow[i] {
+            if flow[i] && !untracked[i] {
                 let p = &parsed[i];
                 self.flows.prefetch_alternate(&p.key, hashes[i], queried[i]);
             }
@@ -433,7 +450,7 @@ impl<IO: PacketIo> Worker<IO> {
             let Some(mut buf) = bufs.next() else { break };
             let ahead = i + AFFINITY_SLOT_DISTANCE;
             if ahead < n {
-                if flow[ahead] {
+                if flow[ahead] && !untracked[ahead] {
                     let p = &parsed[ahead];
                     self.flows
                         .prefetch_alternate(&p.key, hashes[ahead], queried[ahead]);
@@ -448,6 +465,7 @@ impl<IO: PacketIo> Worker<IO> {
                     &dp,
                     services[i],
                     query,
+                    untracked[i],
                     &mut buf,
                     &parsed[i],
                     hashes[i],
@@ -528,6 +546,7 @@ impl<IO: PacketIo> Worker<IO> {
         dp: &Dataplane,
         service: Option<&Service>,
         query: Option<&AffinityQuery>,
+        untracked: bool,
         buf: &mut IO::Buf,
         p: &ParsedPacket,
         hash: u64,
@@ -536,7 +555,7 @@ impl<IO: PacketIo> Worker<IO> {
         mtu: usize,
     ) -> Result<(), DropReason> {
         let svc = service.ok_or(DropReason::NoService)?;
-        let exit = self.route(dp, svc, query, p, hash, now, exits)?;
+        let exit = self.route(dp, svc, query, untracked, p, hash, now, exits)?;
         let len = buf.len() as u64;
         exit.egress.forward(buf, p, mtu, self.next_ident())?;
         let sc = self.counters.service(svc.id);
@@ -842,8 +861,10 @@ impl<IO: PacketIo> Worker<IO> {
     /// Finds the connection's backend, creating its flow entry if needed.
     /// `query` is the packet's affinity lookup: there is one for
     /// every SYN to a service and for nothing else, so it also says
-    /// whether the packet is a SYN. Always inlined: it is the main line
-    /// (the compiler otherwise calls it out of line in some builds).
+    /// whether the packet is a SYN. An `untracked` SYN (the SYN flood
+    /// guard's) neither reads nor writes the flow table. Always inlined:
+    /// it is the main line (the compiler otherwise calls it out of line in
+    /// some builds).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn route<'e>(
@@ -851,6 +872,7 @@ impl<IO: PacketIo> Worker<IO> {
         dp: &Dataplane,
         svc: &Service,
         query: Option<&AffinityQuery>,
+        untracked: bool,
         p: &ParsedPacket,
         hash: u64,
         now: u64,
@@ -868,6 +890,9 @@ impl<IO: PacketIo> Worker<IO> {
             // Every SYN, also one repeated on a flow already open (a
             // retransmission, or a load generator's repeating flows).
             self.counters.syns.inc();
+            if untracked {
+                return self.route_untracked(dp, svc, query, p, hash, now, exits);
+            }
         }
         // A known flow keeps its backend while that backend is configured
         // (a draining backend keeps its connections).
@@ -969,6 +994,30 @@ impl<IO: PacketIo> Worker<IO> {
             bc.connections.inc();
         }
         // The schedulers pick only the service's configured backends.
+        exit_of(exits, backend, svc.id).ok_or(DropReason::NoBackend)
+    }
+
+    /// A SYN the SYN flood guard leaves untracked: routed as its
+    /// connection's next packet will be, as an unknown flow's (module
+    /// `syn_guard`), and remembered nowhere. Out of line: the main line
+    /// stays the tracked SYN's and the established packet's.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn route_untracked<'e>(
+        &mut self,
+        dp: &Dataplane,
+        svc: &Service,
+        query: Option<&AffinityQuery>,
+        p: &ParsedPacket,
+        hash: u64,
+        now: u64,
+        exits: &'e [Exit],
+    ) -> Result<&'e Exit, DropReason> {
+        self.counters.syns_untracked.inc();
+        // No automatic affinity (`Service::stateless_syns`): no pin taken.
+        let (backend, _) = self.pick_new(dp, svc, query, p, hash, now / 1_000_000, true)?;
+        self.counters.service(svc.id).new_connections.inc();
+        self.counters.backend(backend).connections.inc();
         exit_of(exits, backend, svc.id).ok_or(DropReason::NoBackend)
     }
 
@@ -1351,6 +1400,18 @@ mod tests {
     }
 
     fn bed(services: Vec<Service>, backends: Vec<Backend>, flow_capacity: usize) -> Bed {
+        guarded_bed(services, backends, flow_capacity, 0)
+    }
+
+    /// A bed whose worker's SYN flood guard engages above `syn_flood_rate`
+    /// (0: never, as in [`bed`]: tests that send thousands of SYNs at one
+    /// instant are floods by any rate).
+    fn guarded_bed(
+        services: Vec<Service>,
+        backends: Vec<Backend>,
+        flow_capacity: usize,
+        syn_flood_rate: u32,
+    ) -> Bed {
         let cell = Arc::new(DataplaneCell::new(Dataplane::new(1, services, backends)));
         let (affinity, reader) = AffinityTable::new(1024);
         let shared = Shared {
@@ -1375,6 +1436,7 @@ mod tests {
                 fin: Duration::from_secs(5),
                 udp: Duration::from_secs(30),
             },
+            syn_flood_rate,
             icmp: IcmpSettings::default(),
         };
         let worker = Worker::new(
@@ -2008,6 +2070,119 @@ mod tests {
         assert_ne!(backend_index(next), pinned);
     }
 
+    /// 100 SYNs per second: 10 per window of the guard.
+    const FLOOD_RATE: u32 = 100;
+
+    /// SYNs from `n` clients of network 198.18.`net`.0/16, port `sport`.
+    fn flood(net: u8, n: u32, sport: u16, flags: u8) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| tcp([198, net, (i >> 8) as u8, i as u8], sport, flags))
+            .collect()
+    }
+
+    /// Past its rate the guard leaves SYNs out of the flow table; each
+    /// connection's ACK, an unknown flow's packet, goes where its SYN went
+    /// and is tracked from then on. Connections count once each.
+    #[test]
+    fn a_syn_flood_goes_untracked_and_the_acks_follow_their_syns() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 200), backend(2, 0, 300)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = guarded_bed(vec![svc], bes, 1 << 12, FLOOD_RATE);
+        let syns = send(&mut b, &flood(20, 500, 1000, tcp_flags::SYN), SEC);
+        let c = b.worker.counters().clone();
+        // The window's first 10 were tracked.
+        assert_eq!(c.syns.get(), 500);
+        assert_eq!(c.syns_untracked.get(), 490);
+        assert_eq!(b.worker.flows().len(), 10);
+        assert_eq!(c.syn_guard_engaged.get(), 1);
+        // Spread by weight all the same.
+        assert!((0..3).all(|k| syns.iter().any(|a| backend_index(*a) == k)));
+        let acks = send(&mut b, &flood(20, 500, 1000, tcp_flags::ACK), SEC + 1);
+        assert_eq!(acks, syns);
+        assert_eq!(c.unknown_flows.get(), 490);
+        assert_eq!(b.worker.flows().len(), 500);
+        assert_eq!(c.services[0].new_connections.get(), 500);
+        let active: u64 = (0..3).map(|k| c.backends[k].active.get()).sum();
+        assert_eq!(active, 500);
+        let opened: u64 = (0..3).map(|k| c.backends[k].connections.get()).sum();
+        assert_eq!(opened, 500);
+        // The flood over, a quiet window later SYNs are tracked again.
+        send(&mut b, &flood(21, 5, 1000, tcp_flags::SYN), 3 * SEC);
+        assert_eq!(c.syn_guard_engaged.get(), 0);
+        assert_eq!(c.syns_untracked.get(), 490);
+        assert_eq!(b.worker.flows().len(), 505);
+    }
+
+    /// A flood of SYNs into a full table evicts at most the window's
+    /// first few of its established flows while the guard is engaged
+    /// (without it, thousands).
+    #[test]
+    fn a_syn_flood_evicts_few_established_flows() {
+        for rate in [FLOOD_RATE, 0] {
+            let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
+            let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+            let mut b = guarded_bed(vec![svc], bes, 64, rate);
+            // 64 established flows (their ACKs tracked), the table full
+            // enough that new flows must evict.
+            send(&mut b, &flood(22, 64, 80, tcp_flags::ACK), SEC);
+            let held = b.worker.flows().len();
+            assert!(held > 48, "{held}");
+            send(&mut b, &flood(23, 5000, 2000, tcp_flags::SYN), 2 * SEC);
+            let evicted = b.worker.counters().flows_evicted.get();
+            if rate == 0 {
+                assert!(evicted > 4000, "{evicted}");
+            } else {
+                // The window's first 10 SYNs were tracked.
+                assert!(evicted <= 10, "{evicted}");
+            }
+        }
+    }
+
+    /// Under the guard an affinity still routes its clients' SYNs, and
+    /// their ACKs follow.
+    #[test]
+    fn untracked_syns_follow_affinities() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = guarded_bed(vec![svc], bes.clone(), 1 << 12, FLOOD_RATE);
+        let key = TableKey::new(0, Family::V4, 0xc618_0000, 16, PortMatch::Any).unwrap();
+        b.affinity.insert(key, 2).unwrap();
+        let out = send(&mut b, &flood(24, 300, 3000, tcp_flags::SYN), SEC);
+        assert!(out.iter().all(|a| backend_index(*a) == 2));
+        assert_eq!(b.worker.counters().syns_untracked.get(), 290);
+        let acks = send(&mut b, &flood(24, 300, 3000, tcp_flags::ACK), SEC + 1);
+        assert!(acks.iter().all(|a| backend_index(*a) == 2));
+        assert_eq!(b.worker.counters().services[0].affinity_hits.get(), 300);
+    }
+
+    /// Round robin's choice cannot be found again from a later packet, nor
+    /// can an automatic-affinity pin be relied on to outlive the handshake
+    /// unless the connection holds it: the SYNs of services with either are
+    /// tracked whatever the guard says.
+    #[test]
+    fn round_robin_and_auto_affinity_syns_are_always_tracked() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
+        let rr = service(0, 80, PROTO_TCP, &bes, SchedulerKind::RoundRobin, IPIP);
+        let mut auto = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        auto.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(0),
+        });
+        for svc in [rr, auto] {
+            let pinned = svc.auto_affinity.is_some();
+            let mut b = guarded_bed(vec![svc], bes.clone(), 1 << 12, FLOOD_RATE);
+            let syns = send(&mut b, &flood(26, 200, 1, tcp_flags::SYN), SEC);
+            let c = b.worker.counters();
+            assert_eq!(c.syn_guard_engaged.get(), 1);
+            assert_eq!(c.syns_untracked.get(), 0);
+            assert_eq!(b.worker.flows().len(), 200);
+            if pinned {
+                assert_eq!(b.worker.shared.auto_affinity.len_active(1000), 200);
+            }
+            assert_eq!(send(&mut b, &flood(26, 200, 1, tcp_flags::ACK), SEC), syns);
+            assert_eq!(b.worker.counters().unknown_flows.get(), 0);
+        }
+    }
+
     /// A new SYN on the tuple of a closing flow ends that flow: counted
     /// closed, not expired, and its backend counts one connection, the new.
     #[test]
@@ -2260,6 +2435,7 @@ mod icmp_tests {
             flow_capacity: 1 << 12,
             flow_capacity_v6: 1 << 12,
             timeouts: FlowTimeouts::default(),
+            syn_flood_rate: 0,
             icmp,
         };
         let worker = Worker::new(

@@ -110,7 +110,7 @@ fn escape(v: &str) -> String {
 /// Renders the metrics for a summary.
 pub fn render(s: &Summary) -> String {
     let mut o = String::with_capacity(8192);
-    let totals: [(&'static str, &str, u64); 8] = [
+    let totals: [(&'static str, &str, u64); 9] = [
         (
             "pktdist_received_packets_total",
             "Packets received by the workers.",
@@ -135,6 +135,11 @@ pub fn render(s: &Summary) -> String {
             "pktdist_tcp_syn_total",
             "TCP SYNs (without ACK) to a service, every one: also those repeated on a flow already open.",
             s.syns,
+        ),
+        (
+            "pktdist_untracked_syns_total",
+            "TCP SYNs forwarded without a flow entry while their worker's SYN flood guard was engaged.",
+            s.syns_untracked,
         ),
         (
             "pktdist_unknown_flow_packets_total",
@@ -210,6 +215,13 @@ pub fn render(s: &Summary) -> String {
         "Connections in the workers' flow tables.",
     )
     .value(&[], s.active_flows as f64);
+    Family::new(
+        &mut o,
+        "pktdist_syn_flood_guard_workers",
+        "gauge",
+        "Workers whose SYN flood guard is engaged: their SYNs take no flow entry.",
+    )
+    .value(&[], s.syn_guard_workers as f64);
     let mut f = Family::new(
         &mut o,
         "pktdist_flows_ended_total",

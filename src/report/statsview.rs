@@ -84,11 +84,20 @@ pub fn render(
     );
     let _ = writeln!(
         o,
-        "affinity hits {} misses {} auto {}   unknown flows {}",
+        "affinity hits {} misses {} auto {}   unknown flows {}{}",
         fmt_count(cur.affinity_hits),
         fmt_count(cur.affinity_misses),
         fmt_count(cur.auto_affinity_hits),
-        fmt_count(cur.unknown_flows)
+        fmt_count(cur.unknown_flows),
+        if cur.syn_guard_workers > 0 {
+            format!(
+                "   SYN flood guard on {} worker(s), {} SYNs untracked",
+                cur.syn_guard_workers,
+                fmt_count(cur.syns_untracked)
+            )
+        } else {
+            String::new()
+        }
     );
     let l = &cur.packet_latency_ns;
     let _ = writeln!(

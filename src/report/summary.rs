@@ -33,6 +33,8 @@ pub struct Totals {
     pub auto_affinity_hits: u64,
     pub unknown_flows: u64,
     pub untracked_flows: u64,
+    pub syns_untracked: u64,
+    pub syn_guard_workers: u64,
     pub flows_active: u64,
     pub flows_ended: FlowsEnded,
     pub busy_ns: u64,
@@ -53,6 +55,8 @@ impl Totals {
             t.syns += w.syns.get();
             t.unknown_flows += w.unknown_flows.get();
             t.untracked_flows += w.flows_untracked.get();
+            t.syns_untracked += w.syns_untracked.get();
+            t.syn_guard_workers += w.syn_guard_engaged.get();
             t.flows_active += w.flows_active.get();
             t.flows_ended.expired += w.flows_expired.get();
             t.flows_ended.evicted += w.flows_evicted.get();
@@ -230,6 +234,14 @@ pub struct Summary {
     /// 0): packets routed without an entry. Absent in older servers' JSON.
     #[serde(default)]
     pub untracked_flows: u64,
+    /// SYNs forwarded without a flow entry by the SYN flood guard
+    /// (`datapath::syn_guard`), among `syns`. Absent in older servers' JSON.
+    #[serde(default)]
+    pub syns_untracked: u64,
+    /// Workers whose SYN flood guard is engaged. Absent in older servers'
+    /// JSON.
+    #[serde(default)]
+    pub syn_guard_workers: u64,
     pub affinity_hits: u64,
     pub affinity_misses: u64,
     pub auto_affinity_hits: u64,
@@ -651,6 +663,8 @@ impl Summary {
             new_connections: t.new_connections,
             unknown_flows: t.unknown_flows,
             untracked_flows: t.untracked_flows,
+            syns_untracked: t.syns_untracked,
+            syn_guard_workers: t.syn_guard_workers,
             affinity_hits: t.affinity_hits,
             affinity_misses: t.affinity_misses,
             auto_affinity_hits: t.auto_affinity_hits,
@@ -726,8 +740,16 @@ impl Summary {
         );
         let _ = writeln!(
             o,
-            "  TCP SYNs {}  new connections {}  unknown flows routed statelessly {}  active flows {} (ended: {} expired, {} closed, {} evicted){}",
+            "  TCP SYNs {}{}  new connections {}  unknown flows routed statelessly {}  active flows {} (ended: {} expired, {} closed, {} evicted){}",
             self.syns,
+            if self.syns_untracked > 0 || self.syn_guard_workers > 0 {
+                format!(
+                    " ({} untracked by the SYN flood guard, engaged on {} worker(s))",
+                    self.syns_untracked, self.syn_guard_workers
+                )
+            } else {
+                String::new()
+            },
             self.new_connections,
             self.unknown_flows,
             self.active_flows,

@@ -433,6 +433,7 @@ fn spawn(
             flow_capacity: cfg.flow.capacity,
             flow_capacity_v6: cfg.flow.v6_capacity(),
             timeouts: cfg.flow_timeouts(),
+            syn_flood_rate: cfg.flow.syn_flood_rate,
             icmp: cfg.icmp_settings(),
         };
         let shared = shared.clone();
