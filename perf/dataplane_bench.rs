@@ -74,8 +74,8 @@ struct Args {
     /// 4); its IPv6 capacity is a quarter of it.
     #[arg(long, default_value_t = 1 << 21)]
     flow_capacity: usize,
-    /// The worker's `[flow] syn_flood_rate` (new connections per second
-    /// past which SYNs go untracked; 0: every SYN tracked). The default is
+    /// The worker's `[flow] syn_flood_rate` (SYNs per second past which
+    /// they go untracked; 0: every SYN tracked). The default is
     /// pktdist's: a SYN flood engages the guard.
     #[arg(long, default_value_t = pktdist::datapath::syn_guard::DEFAULT_RATE)]
     syn_flood_rate: u32,
@@ -625,6 +625,12 @@ impl Bench {
                 .queue_dir(0, QueueDir::Tx)
                 .map_err(|e| e.to_string())?,
         ]);
+        // The established scenario opens its flows with a flood of SYNs
+        // in the warm-up: tracked, as the flows it then measures.
+        let syn_flood_rate = match warm {
+            Warm::Flows { .. } => 0,
+            _ => self.args.syn_flood_rate,
+        };
         let ready = Arc::new(AtomicBool::new(false));
         let (r2, p2, hz) = (Arc::clone(&ready), Arc::clone(&phase), self.hz);
         let setup = WorkerSetup {
@@ -645,7 +651,7 @@ impl Bench {
             ],
             flow_capacity: self.args.flow_capacity,
             flow_capacity_v6: self.args.flow_capacity / 4,
-            syn_flood_rate: self.args.syn_flood_rate,
+            syn_flood_rate,
             timeouts: FlowTimeouts::default(),
             icmp: Default::default(),
         };

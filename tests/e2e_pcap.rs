@@ -273,6 +273,21 @@ fn tshark(pcap: &std::path::Path) -> Vec<Dissected> {
 
 #[test]
 fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
+    pcap_run(None);
+}
+
+/// The same file with the SYN flood guard engaged by its first few SYNs
+/// (100 per second: 10 per window): the SYNs after those go untracked,
+/// and every connection's later packets still reach its SYN's backend,
+/// IPv4 and IPv6 alike, with the same counts.
+#[test]
+fn pcap_through_an_engaged_syn_flood_guard_keeps_each_connection_on_its_backend() {
+    pcap_run(Some(100));
+}
+
+/// Replays the crafted file through pktdist (with `[flow] syn_flood_rate`
+/// when given) and checks its output and summary.
+fn pcap_run(syn_flood_rate: Option<u32>) {
     let _serial = serial();
     let dir = TempDir::new("e2e-pcap");
     let input = dir.path("in.pcap");
@@ -291,8 +306,12 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
         }
     }
 
+    let mut base = base_config(&["be1", "be2", "be3"]);
+    if let Some(rate) = syn_flood_rate {
+        base = base.replace("[flow]\n", &format!("[flow]\nsyn_flood_rate = {rate}\n"));
+    }
     let toml = [
-        base_config(&["be1", "be2", "be3"]),
+        base,
         port_toml(&format!(
             "net_pcap0,rx_pcap={},tx_pcap={}",
             input.display(),
@@ -364,11 +383,19 @@ fn pcap_in_tshark_out_weights_checksums_and_summary_agree() {
         .expect("port p0 in the summary");
     assert_eq!(n(&port["ipackets"]), rx);
     assert_eq!(n(&port["opackets"]), tx);
-    assert_eq!(
-        n(&summary["syns"]),
-        (WEB_CLIENTS + WEB6_CLIENTS) as u64,
-        "SYNs of service connections"
-    );
+    let syns = (WEB_CLIENTS + WEB6_CLIENTS) as u64;
+    assert_eq!(n(&summary["syns"]), syns, "SYNs of service connections");
+    let untracked = n(&summary["syns_untracked"]);
+    match syn_flood_rate {
+        // The default rate: a file read in milliseconds stays below it.
+        None => assert_eq!(untracked, 0, "SYNs untracked"),
+        // Past the window's first 10 (and a few more for each window that
+        // a slow read leaves below the rate), untracked.
+        Some(_) => assert!(
+            untracked >= syns / 2 && untracked <= syns - 10,
+            "{untracked} of {syns} SYNs untracked"
+        ),
+    }
     assert_eq!(
         n(&summary["new_connections"]),
         (WEB_CLIENTS + DNS_CLIENTS + WEB6_CLIENTS) as u64

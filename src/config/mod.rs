@@ -238,9 +238,9 @@ pub struct FlowConfig {
     pub established_timeout: DurationStr,
     pub fin_timeout: DurationStr,
     pub udp_timeout: DurationStr,
-    /// New connections per second one worker tracks before its SYN flood
-    /// guard engages and it forwards further SYNs without flow entries
-    /// (module `datapath::syn_guard`); 0: never.
+    /// SYNs per second on one worker past which its SYN flood guard
+    /// engages and it forwards SYNs without flow entries (module
+    /// `datapath::syn_guard`); 0: never.
     pub syn_flood_rate: u32,
 }
 
@@ -1514,7 +1514,7 @@ impl Config {
             f.udp_timeout,
             match f.syn_flood_rate {
                 0 => "off".to_string(),
-                r => format!("above {r} new connections/s per worker"),
+                r => format!("above {r} SYNs/s per worker"),
             }
         );
         let _ = writeln!(

@@ -1,25 +1,27 @@
-//! The SYN flood guard: past a rate of new connections, a worker stops
-//! giving them flow entries until the rate falls again.
+//! The SYN flood guard: past a rate of SYNs, a worker stops giving new
+//! connections flow entries until the rate falls again.
 //!
 //! A SYN flood (spoofed clients that never finish a handshake) would
 //! otherwise fill the worker's flow table with half-open connections,
 //! evicting the established flows the table is there to keep, and make
 //! every SYN pay a table lookup and insert. The guard counts the worker's
-//! SYNs in windows of [`WINDOW_NS`]. It is engaged for a whole window when
+//! SYNs to services (repeats included: it reads no table to tell them
+//! apart) in windows of [`WINDOW_NS`]. It is engaged for a whole window when
 //! the window before counted more than the limit, and for the rest of a
 //! window once that window's count passes it: so during a flood it stays
 //! engaged, and the window after the flood's last one releases it.
 //!
 //! While it is engaged, a SYN of a service the consistent hash schedules
-//! is forwarded without touching the flow table: its backend is chosen as
-//! an unknown flow's later packet chooses it (the affinity table, the
-//! client's automatic-affinity pin, the consistent hash), so the client's
+//! without automatic affinity is forwarded without touching the flow
+//! table: its backend is chosen as an unknown flow's later packet chooses
+//! it (the affinity table, then the consistent hash), so the client's
 //! ACK, routed as an unknown flow's packet, follows it and is tracked from
-//! then on. (Round robin's choice cannot be found again: its services'
-//! SYNs are always tracked.) The worker does this in [`super::worker`];
-//! this module only counts and decides.
+//! then on. (Round robin's choice cannot be found again, and only tracked
+//! connections hold automatic-affinity pins: those services' SYNs are
+//! always tracked, see `Service::stateless_syns`.) The worker does this in
+//! [`super::worker`]; this module only counts and decides.
 
-/// The default limit, in new connections per second per worker (`[flow]
+/// The default limit, in SYNs per second per worker (`[flow]
 /// syn_flood_rate`): above what one worker core's share of a busy
 /// service's legitimate connections reaches, far below a flood's.
 pub const DEFAULT_RATE: u32 = 100_000;
@@ -43,9 +45,8 @@ pub struct SynGuard {
 }
 
 impl SynGuard {
-    /// A guard for at most `rate` new connections per second tracked by
-    /// one worker (rounded up to a whole number per window); 0 turns it
-    /// off.
+    /// A guard that engages past `rate` SYNs per second on one worker
+    /// (rounded up to a whole number per window); 0 turns it off.
     pub fn new(rate: u32) -> SynGuard {
         let limit = if rate == 0 {
             u32::MAX

@@ -91,8 +91,8 @@ pub struct WorkerSetup {
     /// IPv6 flows per worker.
     pub flow_capacity_v6: usize,
     pub timeouts: FlowTimeouts,
-    /// New connections per second the worker tracks before its SYN flood
-    /// guard engages (0: never; module `syn_guard`).
+    /// SYNs per second past which the worker's SYN flood guard engages
+    /// (0: never; module `syn_guard`).
     pub syn_flood_rate: u32,
     pub icmp: IcmpSettings,
 }
@@ -245,13 +245,13 @@ impl<IO: PacketIo> Worker<IO> {
         }
         self.counters.polls.inc();
         self.syn_guard.tick(now);
-        self.counters
-            .syn_guard_engaged
-            .set(u64::from(self.syn_guard.engaged()));
         let mut received = 0;
         for port in 0..self.io.num_ports() {
             received += self.poll_port(port, now);
         }
+        self.counters
+            .syn_guard_engaged
+            .set(u64::from(self.syn_guard.engaged()));
         if received > 0 {
             let ns = self.tsc.ns(crate::dpdk::tsc().wrapping_sub(start));
             self.counters.busy_polls.inc();
@@ -385,6 +385,11 @@ impl<IO: PacketIo> Worker<IO> {
                 let h = crate::types::flow_hash(&p.key);
                 hashes[i] = h;
                 let k = &p.key;
+                // A SYN's bucket waits for the SYN flood guard's word.
+                let syn = p.is_syn();
+                if !syn {
+                    self.flows.prefetch(k, h);
+                }
                 let svc = match last {
                     Some((dst, port, proto, family, svc))
                         if dst == k.dst
@@ -401,7 +406,7 @@ impl<IO: PacketIo> Worker<IO> {
                     }
                 };
                 services[i] = svc;
-                if let Some(svc) = svc.filter(|_| p.is_syn()) {
+                if let Some(svc) = svc.filter(|_| syn) {
                     let q = &mut queries[i];
                     to_prepare[i] = self
                         .shared
@@ -410,9 +415,9 @@ impl<IO: PacketIo> Worker<IO> {
                     any_to_prepare |= to_prepare[i];
                     queried[i] = true;
                     untracked[i] = self.syn_guard.count_syn() && svc.stateless_syns();
-                }
-                if !untracked[i] {
-                    self.flows.prefetch(k, h);
+                    if !untracked[i] {
+                        self.flows.prefetch(k, h);
+                    }
                 }
             }
         }
@@ -1013,9 +1018,10 @@ impl<IO: PacketIo> Worker<IO> {
         now: u64,
         exits: &'e [Exit],
     ) -> Result<&'e Exit, DropReason> {
-        self.counters.syns_untracked.inc();
         // No automatic affinity (`Service::stateless_syns`): no pin taken.
         let (backend, _) = self.pick_new(dp, svc, query, p, hash, now / 1_000_000, true)?;
+        self.counters.syns_untracked.inc();
+        // Nothing tells a repeated SYN from a new connection's here.
         self.counters.service(svc.id).new_connections.inc();
         self.counters.backend(backend).connections.inc();
         exit_of(exits, backend, svc.id).ok_or(DropReason::NoBackend)

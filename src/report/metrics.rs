@@ -138,7 +138,7 @@ pub fn render(s: &Summary) -> String {
         ),
         (
             "pktdist_untracked_syns_total",
-            "TCP SYNs forwarded without a flow entry while their worker's SYN flood guard was engaged.",
+            "TCP SYNs routed without a flow entry while their worker's SYN flood guard was engaged (each also a new connection).",
             s.syns_untracked,
         ),
         (
