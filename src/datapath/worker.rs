@@ -65,6 +65,12 @@ const SWEEP_MAX_BUCKETS: u64 = 256;
 /// A burst's storage before its packets are parsed into it.
 const NO_PACKETS: [ParsedPacket; MAX_BURST] = [ParsedPacket::EMPTY; MAX_BURST];
 const NO_QUERIES: [AffinityQuery; MAX_BURST] = [AffinityQuery::NONE; MAX_BURST];
+/// What a burst's packet is to pass 3: no flow's (malformed, or not TCP or
+/// UDP), a flow's in the flow table, or a SYN the SYN flood guard leaves
+/// out of it.
+const NOT_FLOW: u8 = 0;
+const TRACKED: u8 = 1;
+const UNTRACKED: u8 = 2;
 
 /// How a port's forwarded packets leave and where they go next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -355,10 +361,12 @@ impl<IO: PacketIo> Worker<IO> {
         // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, start
         // the affinity lookups; then prepare the SYNs' probes.
         // Each packet parsed in place (storage of the worker's, moved out
-        // for the burst), and whether it is a flow's (the path off the
-        // main line classifies the others again).
+        // for the burst), and whether it is a flow's ([`NOT_FLOW`]: the
+        // path off the main line classifies it again), and if so whether
+        // the flow table is its ([`TRACKED`]) or it is a SYN the SYN flood
+        // guard leaves out ([`UNTRACKED`]: it touches no flow bucket).
         let mut parsed = self.parsed.take().unwrap_or_else(|| Box::new(NO_PACKETS));
-        let mut flow = [false; MAX_BURST];
+        let mut flow = [NOT_FLOW; MAX_BURST];
         let mut hashes = self
             .hashes
             .take()
@@ -368,12 +376,10 @@ impl<IO: PacketIo> Worker<IO> {
         let mut services: [Option<&Service>; MAX_BURST] = [None; MAX_BURST];
         let mut last: Option<(u128, u16, u8, Family, Option<&Service>)> = None;
         // Which packets are SYNs with an affinity query (in `queries`,
-        // moved out of the worker for the burst), which of those the SYN
-        // flood guard leaves untracked (they touch no flow bucket), and
-        // which still have probes to prepare (none while the service has
-        // no key of the client's family).
+        // moved out of the worker for the burst), and which of those still
+        // have probes to prepare (none while the service has no key of the
+        // client's family).
         let mut queried = [false; MAX_BURST];
-        let mut untracked = [false; MAX_BURST];
         let mut to_prepare = [false; MAX_BURST];
         let mut any_to_prepare = false;
         let mut queries = self.queries.take().unwrap_or_else(|| Box::new(NO_QUERIES));
@@ -381,15 +387,12 @@ impl<IO: PacketIo> Worker<IO> {
         for (i, (b, p)) in rx.iter().zip(parsed.iter_mut()).enumerate() {
             bytes += b.len() as u64;
             if classify::parse_into(b.data(), p).is_ok() {
-                flow[i] = true;
+                flow[i] = TRACKED;
                 let h = crate::types::flow_hash(&p.key);
+                self.flows.prefetch(&p.key, h);
                 hashes[i] = h;
                 let k = &p.key;
-                // A SYN's bucket waits for the SYN flood guard's word.
                 let syn = p.is_syn();
-                if !syn {
-                    self.flows.prefetch(k, h);
-                }
                 let svc = match last {
                     Some((dst, port, proto, family, svc))
                         if dst == k.dst
@@ -414,9 +417,8 @@ impl<IO: PacketIo> Worker<IO> {
                         .start(q, svc.id, k.family, k.src, k.sport);
                     any_to_prepare |= to_prepare[i];
                     queried[i] = true;
-                    untracked[i] = self.syn_guard.count_syn() && svc.stateless_syns();
-                    if !untracked[i] {
-                        self.flows.prefetch(k, h);
+                    if self.syn_guard.count_syn() && svc.stateless_syns() {
+                        flow[i] = UNTRACKED;
                     }
                 }
             }
@@ -438,7 +440,7 @@ impl<IO: PacketIo> Worker<IO> {
         // flow's alternate bucket where it will be read or written, and
         // the affinity slots whose tags match.
         for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
-            if flow[i] && !untracked[i] {
+            if flow[i] == TRACKED {
                 let p = &parsed[i];
                 self.flows.prefetch_alternate(&p.key, hashes[i], queried[i]);
             }
@@ -455,7 +457,7 @@ impl<IO: PacketIo> Worker<IO> {
             let Some(mut buf) = bufs.next() else { break };
             let ahead = i + AFFINITY_SLOT_DISTANCE;
             if ahead < n {
-                if flow[ahead] && !untracked[ahead] {
+                if flow[ahead] == TRACKED {
                     let p = &parsed[ahead];
                     self.flows
                         .prefetch_alternate(&p.key, hashes[ahead], queried[ahead]);
@@ -465,12 +467,12 @@ impl<IO: PacketIo> Worker<IO> {
                 }
             }
             let query = queried[i].then_some(&queries[i]);
-            let verdict = if flow[i] {
+            let verdict = if flow[i] != NOT_FLOW {
                 self.route_and_rewrite(
                     &dp,
                     services[i],
                     query,
-                    untracked[i],
+                    flow[i] == UNTRACKED,
                     &mut buf,
                     &parsed[i],
                     hashes[i],
@@ -487,7 +489,7 @@ impl<IO: PacketIo> Worker<IO> {
                 Ok(out) => out,
                 Err(reason) => {
                     let off = OffLine {
-                        parsed: flow[i].then_some(&parsed[i]),
+                        parsed: (flow[i] != NOT_FLOW).then_some(&parsed[i]),
                         service: services[i],
                         hash: hashes[i],
                         reason,
@@ -560,7 +562,11 @@ impl<IO: PacketIo> Worker<IO> {
         mtu: usize,
     ) -> Result<(), DropReason> {
         let svc = service.ok_or(DropReason::NoService)?;
-        let exit = self.route(dp, svc, query, untracked, p, hash, now, exits)?;
+        let exit = if untracked {
+            self.route_untracked(dp, svc, query, p, hash, now, exits)?
+        } else {
+            self.route(dp, svc, query, p, hash, now, exits)?
+        };
         let len = buf.len() as u64;
         exit.egress.forward(buf, p, mtu, self.next_ident())?;
         let sc = self.counters.service(svc.id);
@@ -866,10 +872,8 @@ impl<IO: PacketIo> Worker<IO> {
     /// Finds the connection's backend, creating its flow entry if needed.
     /// `query` is the packet's affinity lookup: there is one for
     /// every SYN to a service and for nothing else, so it also says
-    /// whether the packet is a SYN. An `untracked` SYN (the SYN flood
-    /// guard's) neither reads nor writes the flow table. Always inlined:
-    /// it is the main line (the compiler otherwise calls it out of line in
-    /// some builds).
+    /// whether the packet is a SYN. Always inlined: it is the main line
+    /// (the compiler otherwise calls it out of line in some builds).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn route<'e>(
@@ -877,7 +881,6 @@ impl<IO: PacketIo> Worker<IO> {
         dp: &Dataplane,
         svc: &Service,
         query: Option<&AffinityQuery>,
-        untracked: bool,
         p: &ParsedPacket,
         hash: u64,
         now: u64,
@@ -895,9 +898,6 @@ impl<IO: PacketIo> Worker<IO> {
             // Every SYN, also one repeated on a flow already open (a
             // retransmission, or a load generator's repeating flows).
             self.counters.syns.inc();
-            if untracked {
-                return self.route_untracked(dp, svc, query, p, hash, now, exits);
-            }
         }
         // A known flow keeps its backend while that backend is configured
         // (a draining backend keeps its connections).
@@ -1002,10 +1002,11 @@ impl<IO: PacketIo> Worker<IO> {
         exit_of(exits, backend, svc.id).ok_or(DropReason::NoBackend)
     }
 
-    /// A SYN the SYN flood guard leaves untracked: routed as its
-    /// connection's next packet will be, as an unknown flow's (module
-    /// `syn_guard`), and remembered nowhere. Out of line: the main line
-    /// stays the tracked SYN's and the established packet's.
+    /// [`Worker::route`] for a SYN the SYN flood guard leaves untracked:
+    /// routed as its connection's next packet will be, as an unknown
+    /// flow's (module `syn_guard`), reading and writing nothing in the
+    /// flow table. Out of line: the main line stays the tracked SYN's and
+    /// the established packet's.
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn route_untracked<'e>(
@@ -1018,6 +1019,7 @@ impl<IO: PacketIo> Worker<IO> {
         now: u64,
         exits: &'e [Exit],
     ) -> Result<&'e Exit, DropReason> {
+        self.counters.syns.inc();
         // No automatic affinity (`Service::stateless_syns`): no pin taken.
         let (backend, _) = self.pick_new(dp, svc, query, p, hash, now / 1_000_000, true)?;
         self.counters.syns_untracked.inc();
