@@ -12,8 +12,8 @@
 //! engaged, and the window after the flood's last one releases it.
 //!
 //! While it is engaged, a SYN of a service the consistent hash schedules
-//! without automatic affinity is forwarded without touching the flow
-//! table: its backend is chosen as an unknown flow's later packet chooses
+//! without automatic affinity is forwarded without reading or writing the
+//! flow table: its backend is chosen as an unknown flow's later packet chooses
 //! it (the affinity table, then the consistent hash), so the client's
 //! ACK, routed as an unknown flow's packet, follows it and is tracked from
 //! then on. (Round robin's choice cannot be found again, and only tracked

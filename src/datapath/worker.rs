@@ -142,7 +142,7 @@ pub struct Worker<IO: PacketIo> {
     hashes: Option<Box<[u64; MAX_BURST]>>,
     /// Time up to which the sweep has done its share.
     swept_until: u64,
-    /// Whether this worker's SYNs are being tracked.
+    /// Says whether this worker's SYNs get flow entries.
     syn_guard: SynGuard,
     counters: Arc<WorkerCounters>,
     /// Per-packet processing time, folded into `counters.latency` a few
@@ -364,7 +364,9 @@ impl<IO: PacketIo> Worker<IO> {
         // for the burst), and whether it is a flow's ([`NOT_FLOW`]: the
         // path off the main line classifies it again), and if so whether
         // the flow table is its ([`TRACKED`]) or it is a SYN the SYN flood
-        // guard leaves out ([`UNTRACKED`]: it touches no flow bucket).
+        // guard leaves out ([`UNTRACKED`]: it reads and writes no flow
+        // bucket; the hint of its home bucket, issued before the guard is
+        // asked, goes unused).
         let mut parsed = self.parsed.take().unwrap_or_else(|| Box::new(NO_PACKETS));
         let mut flow = [NOT_FLOW; MAX_BURST];
         let mut hashes = self
