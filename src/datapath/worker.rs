@@ -364,9 +364,8 @@ impl<IO: PacketIo> Worker<IO> {
         // for the burst), and whether it is a flow's ([`NOT_FLOW`]: the
         // path off the main line classifies it again), and if so whether
         // the flow table is its ([`TRACKED`]) or it is a SYN the SYN flood
-        // guard leaves out ([`UNTRACKED`]: it reads and writes no flow
-        // bucket; the hint of its home bucket, issued before the guard is
-        // asked, goes unused).
+        // guard leaves out ([`UNTRACKED`]: it touches no flow bucket, not
+        // even a hint's).
         let mut parsed = self.parsed.take().unwrap_or_else(|| Box::new(NO_PACKETS));
         let mut flow = [NOT_FLOW; MAX_BURST];
         let mut hashes = self
@@ -391,10 +390,13 @@ impl<IO: PacketIo> Worker<IO> {
             if classify::parse_into(b.data(), p).is_ok() {
                 flow[i] = TRACKED;
                 let h = crate::types::flow_hash(&p.key);
-                self.flows.prefetch(&p.key, h);
                 hashes[i] = h;
                 let k = &p.key;
                 let syn = p.is_syn();
+                // The bucket is hinted once the SYN flood guard has had its
+                // say: a hint per flood SYN costs the flood a tenth of its
+                // rate (perf/README.md).
+                let mut untracked = false;
                 let svc = match last {
                     Some((dst, port, proto, family, svc))
                         if dst == k.dst
@@ -421,7 +423,11 @@ impl<IO: PacketIo> Worker<IO> {
                     queried[i] = true;
                     if self.syn_guard.count_syn() && svc.stateless_syns() {
                         flow[i] = UNTRACKED;
+                        untracked = true;
                     }
+                }
+                if !untracked {
+                    self.flows.prefetch(k, h);
                 }
             }
         }
