@@ -393,9 +393,9 @@ impl<IO: PacketIo> Worker<IO> {
                 hashes[i] = h;
                 let k = &p.key;
                 let syn = p.is_syn();
-                // The bucket is hinted once the SYN flood guard has had its
-                // say: a hint per flood SYN costs the flood a tenth of its
-                // rate (perf/README.md).
+                // The bucket is hinted once the SYN flood guard has
+                // answered: an untracked SYN's line would be fetched and
+                // never read.
                 let mut untracked = false;
                 let svc = match last {
                     Some((dst, port, proto, family, svc))
