@@ -137,6 +137,30 @@ class Requests(Base):
         self.assertEqual(e.code_name, "CODE_42")
         self.srv.join()
 
+    def test_a_static_affinity_reads_as_static_not_as_seconds(self) -> None:
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            s.reply(req, remaining=pktdist.STATIC_REMAINING)
+            req = s.recv()
+            s.reply(req, 1, remaining=pktdist.STATIC_REMAINING, owner="web2", text="declared")
+            req = s.recv()
+            s.reply(req, 1, remaining=0xFFFFFFFE, owner="web2")
+
+        self.srv.run(script)
+        c = self.client()
+        r = c.extend("192.0.2.10:80", "198.51.100.0/24", 90)
+        self.assertEqual((r.remaining, r.static), (0xFFFFFFFF, True))
+        with self.assertRaises(pktdist.Conflict) as cm:
+            c.create("192.0.2.10:80", "198.51.100.7", 60)
+        self.assertTrue(cm.exception.static)
+        self.assertEqual(str(cm.exception), "CONFLICT (owner web2, static): declared")
+        with self.assertRaises(pktdist.Conflict) as cm:
+            c.create("192.0.2.10:80", "198.51.100.8", 60)
+        self.assertFalse(cm.exception.static)
+        self.assertEqual(str(cm.exception), "CONFLICT (owner web2, 4294967294 s remaining)")
+        self.srv.join()
+        self.assertFalse(pktdist.Reply(0, 600).static)
+
     def test_bad_arguments_fail_before_sending(self) -> None:
         c = self.client()
         with self.assertRaises(ValueError):

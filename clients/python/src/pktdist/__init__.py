@@ -20,6 +20,7 @@ only.
 
 from ._wire import (
     MAX_DATAGRAM,
+    STATIC_REMAINING,
     VERSION as PROTOCOL_VERSION,
     Affinity,
     Backend,
@@ -82,6 +83,7 @@ __all__ = [
     "ProtocolError",
     "PROTOCOL_VERSION",
     "MAX_DATAGRAM",
+    "STATIC_REMAINING",
     "DEFAULT_TIMEOUT",
     "DEFAULT_RETRIES",
     "__version__",

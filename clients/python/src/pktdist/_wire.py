@@ -741,7 +741,9 @@ class Reply:
         code: the return code (a :class:`ReturnCode`, or the plain number of
             a code added by a later pktdist).
         remaining: seconds left on the affinity concerned (OK to a create or
-            extend; CONFLICT).
+            extend; CONFLICT); for a static affinity from the configuration,
+            which never expires, ``STATIC_REMAINING`` (0xFFFFFFFF, the
+            wire's value), and :attr:`static` is true.
         owner: the current owner (CONFLICT), else None.
         message: human-readable detail, may be empty.
     """
@@ -754,6 +756,12 @@ class Reply:
     @property
     def code_name(self) -> str:
         return code_name(self.code)
+
+    @property
+    def static(self) -> bool:
+        """The affinity concerned is static (declared in the configuration:
+        it never expires)."""
+        return self.remaining == STATIC_REMAINING
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Type
 
+from ._wire import STATIC_REMAINING
+
 __all__ = [
     "Error",
     "Refused",
@@ -52,7 +54,9 @@ class Refused(Error):
         code_name: its name, e.g. ``"CONFLICT"``.
         message: the reply's human-readable detail (may be empty).
         owner: the affinity's current owner (CONFLICT), else None.
-        remaining: seconds left on the affinity concerned (CONFLICT), else 0.
+        remaining: seconds left on the affinity concerned (CONFLICT), else 0;
+            ``STATIC_REMAINING`` (0xFFFFFFFF) for a static affinity from the
+            configuration, which never expires (:attr:`static`).
     """
 
     def __init__(
@@ -70,10 +74,17 @@ class Refused(Error):
         self.remaining = remaining
         text = code_name
         if owner is not None:
-            text += f" (owner {owner}, {remaining} s remaining)"
+            left = "static" if self.static else f"{remaining} s remaining"
+            text += f" (owner {owner}, {left})"
         if message:
             text += f": {message}"
         super().__init__(text)
+
+    @property
+    def static(self) -> bool:
+        """The affinity concerned is static (declared in the configuration:
+        it never expires)."""
+        return self.remaining == STATIC_REMAINING
 
 
 class Conflict(Refused):
