@@ -88,8 +88,8 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     affinities: usize,
     /// The worker's `[flow] syn_flood_rate`. Default: pktdist's for the
-    /// SYN flood (whose rate, `NS_PER_BURST`, engages the guard), 0 for the other kinds,
-    /// which measure tracked flows.
+    /// SYN flood (whose rate, `NS_PER_BURST`, engages the guard), 0 for
+    /// the other kinds, which measure tracked flows.
     #[arg(long)]
     syn_flood_rate: Option<u32>,
 }

@@ -393,10 +393,6 @@ impl<IO: PacketIo> Worker<IO> {
                 hashes[i] = h;
                 let k = &p.key;
                 let syn = p.is_syn();
-                // The bucket is hinted once the SYN flood guard has
-                // answered: an untracked SYN's line would be fetched and
-                // never read.
-                let mut untracked = false;
                 let svc = match last {
                     Some((dst, port, proto, family, svc))
                         if dst == k.dst
@@ -423,10 +419,12 @@ impl<IO: PacketIo> Worker<IO> {
                     queried[i] = true;
                     if self.syn_guard.count_syn() && svc.stateless_syns() {
                         flow[i] = UNTRACKED;
-                        untracked = true;
                     }
                 }
-                if !untracked {
+                // The bucket is hinted once the SYN flood guard has
+                // answered: an untracked SYN's line would be fetched and
+                // never read.
+                if flow[i] == TRACKED {
                     self.flows.prefetch(k, h);
                 }
             }
