@@ -72,6 +72,9 @@ const NOT_FLOW: u8 = 0;
 const TRACKED: u8 = 1;
 const UNTRACKED: u8 = 2;
 
+/// Most bursts one poll takes from a port while they come full.
+const PIPELINED_BURSTS: usize = 4;
+
 /// How a port's forwarded packets leave and where they go next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortPlan {
@@ -130,16 +133,10 @@ pub struct Worker<IO: PacketIo> {
     /// backend id), rebuilt with each snapshot.
     exits: Vec<Box<[Exit]>>,
     flows: FlowTable,
-    /// The affinity lookups of the current burst's SYNs (started, and
-    /// prepared where the service has keys).
-    /// The burst arrays are moved out for the burst and back after (a
-    /// fixed length, so the loops index them without bounds checks; kept
-    /// from burst to burst, so not written anew for each).
-    queries: Option<Box<[AffinityQuery; MAX_BURST]>>,
-    /// The current burst's packets, parsed.
-    parsed: Option<Box<[ParsedPacket; MAX_BURST]>>,
-    /// The current burst's flow hashes.
-    hashes: Option<Box<[u64; MAX_BURST]>>,
+    /// The storage of the bursts a poll holds at once (moved out for the
+    /// poll and back after: fixed lengths, so the loops index them without
+    /// bounds checks; kept from poll to poll, so not written anew).
+    bursts: Option<Box<BurstStores<IO::Buf>>>,
     /// Time up to which the sweep has done its share.
     swept_until: u64,
     /// Says whether this worker's SYNs get flow entries.
@@ -150,7 +147,6 @@ pub struct Worker<IO: PacketIo> {
     latency: hdrhistogram::Histogram<u64>,
     latency_folded: u64,
     tsc: TscScale,
-    rx: Vec<IO::Buf>,
     tx: Vec<Vec<IO::Buf>>,
     epoch: Instant,
     /// Echo replies of this worker.
@@ -183,16 +179,13 @@ impl<IO: PacketIo> Worker<IO> {
             wrr: Vec::new(),
             exits: Vec::new(),
             flows,
-            queries: Some(Box::new(NO_QUERIES)),
-            parsed: Some(Box::new(NO_PACKETS)),
-            hashes: Some(Box::new([0; MAX_BURST])),
+            bursts: Some(Box::new(BurstStores::new())),
             swept_until: 0,
             syn_guard,
             counters,
             latency: new_histogram(),
             latency_folded: 0,
             tsc: TscScale::new(crate::dpdk::tsc_hz()),
-            rx: Vec::with_capacity(MAX_BURST),
             tx: (0..nports).map(|_| Vec::with_capacity(MAX_BURST)).collect(),
             epoch,
             echo_limit,
@@ -325,17 +318,74 @@ impl<IO: PacketIo> Worker<IO> {
             .collect();
     }
 
+    /// Receives and forwards what waits on `port`: a burst, or while
+    /// bursts come full, up to [`PIPELINED_BURSTS`] of them, each received
+    /// while the one before waits for its last lines (see [`Burst`]).
     #[inline(always)]
     fn poll_port(&mut self, port: usize, now: u64) -> usize {
-        let mut rx = std::mem::take(&mut self.rx);
+        // Borrow the snapshot for the bursts without touching its reference
+        // count (a line every worker would write, with a locked instruction
+        // that would wait for the burst's pending stores): move a
+        // worker-private placeholder into its place and back after.
+        let placeholder = self
+            .idle_dp
+            .take()
+            .unwrap_or_else(|| Arc::new(Dataplane::default()));
+        let dp = std::mem::replace(&mut self.dp, placeholder);
+        let mut stores = self.bursts.take().unwrap_or_else(|| Box::new(BurstStores::new()));
+        let [s0, s1] = &mut stores.0;
+        let (mut a, mut b) = (Burst::new(s0), Burst::new(s1));
+        let plan = self.setup.ports[port];
+        let exits = std::mem::take(&mut self.exits[port]);
+        let mut received = self.receive(port, &dp, &mut a);
+        let mut bursts = 1;
+        while a.n > 0 {
+            if a.n == MAX_BURST && bursts < PIPELINED_BURSTS {
+                // Another full burst is likely: hint every slot line now and
+                // receive it while they arrive.
+                let n = a.n;
+                self.hint_ahead(&mut a, 0..n);
+                let more = self.receive(port, &dp, &mut b);
+                received += more;
+                bursts += 1;
+                self.route_burst(&dp, &mut a, now, port, plan, &exits, false);
+                std::mem::swap(&mut a, &mut b);
+            } else {
+                let first = a.n.min(AFFINITY_SLOT_DISTANCE);
+                self.hint_ahead(&mut a, 0..first);
+                self.route_burst(&dp, &mut a, now, port, plan, &exits, true);
+            }
+        }
+        drop((a, b));
+        self.bursts = Some(stores);
+        self.exits[port] = exits;
+        self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
+        if received > 0 {
+            // The occupancy gauge, once per poll rather than per new flow
+            // (and so also after resets and removals).
+            self.counters.flows_active.set(self.flows.len() as u64);
+        }
+        for out in 0..self.tx.len() {
+            if !self.tx[out].is_empty() {
+                self.flush(out);
+            }
+        }
+        received
+    }
+
+    /// Receives a burst on `port` into `burst` and takes it through passes
+    /// 1 and 2 and the affinity lookups' `prepare`. Returns its size.
+    #[inline(always)]
+    fn receive<'d>(&mut self, port: usize, dp: &'d Dataplane, burst: &mut Burst<'_, 'd, IO::Buf>) -> usize {
+        let rx = &mut burst.store.bufs;
         rx.clear();
-        self.io.rx_burst(port, &mut rx);
+        self.io.rx_burst(port, rx);
         // At most MAX_BURST (the trait's promise), which also tells the
         // compiler that every index below is inside the burst's arrays.
         debug_assert!(rx.len() <= MAX_BURST);
         let n = rx.len().min(MAX_BURST);
+        burst.n = n;
         if n == 0 {
-            self.rx = rx;
             return 0;
         }
         let c = &self.counters;
@@ -349,44 +399,25 @@ impl<IO: PacketIo> Worker<IO> {
         for b in rx.iter() {
             b.prefetch();
         }
-        // Borrow the snapshot for the burst without touching its reference
-        // count (a line every worker would write, with a locked instruction
-        // that would wait for the burst's pending stores): move a
-        // worker-private placeholder into its place and back after.
-        let placeholder = self
-            .idle_dp
-            .take()
-            .unwrap_or_else(|| Arc::new(Dataplane::default()));
-        let dp = std::mem::replace(&mut self.dp, placeholder);
         // Pass 2: parse, hash, prefetch flow buckets and, for SYNs, start
         // the affinity lookups; then prepare the SYNs' probes.
-        // Each packet parsed in place (storage of the worker's, moved out
-        // for the burst), and whether it is a flow's ([`NOT_FLOW`]: the
-        // path off the main line classifies it again), and if so whether
-        // the flow table is its ([`TRACKED`]) or it is a SYN the SYN flood
-        // guard leaves out ([`UNTRACKED`]: it touches no flow bucket, not
-        // even a hint's).
-        let mut parsed = self.parsed.take().unwrap_or_else(|| Box::new(NO_PACKETS));
-        let mut flow = [NOT_FLOW; MAX_BURST];
-        let mut hashes = self
-            .hashes
-            .take()
-            .unwrap_or_else(|| Box::new([0; MAX_BURST]));
-        // The service of each packet, looked up once here for pass 3; a
-        // burst mostly goes to one service, so the last answer is kept.
-        let mut services: [Option<&Service>; MAX_BURST] = [None; MAX_BURST];
-        let mut last: Option<(u128, u16, u8, Family, Option<&Service>)> = None;
-        // Which packets are SYNs with an affinity query (in `queries`,
-        // moved out of the worker for the burst), and which of those still
-        // have probes to prepare (none while the service has no key of the
-        // client's family).
-        let mut queried = [false; MAX_BURST];
+        let BurstStore {
+            bufs: rx,
+            parsed,
+            hashes,
+            queries,
+        } = &mut *burst.store;
+        let flow = &mut burst.flow;
+        let services = &mut burst.services;
+        let queried = &mut burst.queried;
         let mut to_prepare = [false; MAX_BURST];
         let mut any_to_prepare = false;
-        let mut queries = self.queries.take().unwrap_or_else(|| Box::new(NO_QUERIES));
+        let mut last: Option<(u128, u16, u8, Family, Option<&Service>)> = None;
         let mut bytes = 0u64;
         for (i, (b, p)) in rx.iter().zip(parsed.iter_mut()).enumerate() {
             bytes += b.len() as u64;
+            flow[i] = NOT_FLOW;
+            queried[i] = false;
             if classify::parse_into(b.data(), p).is_ok() {
                 flow[i] = TRACKED;
                 let h = crate::types::flow_hash(&p.key);
@@ -439,51 +470,71 @@ impl<IO: PacketIo> Worker<IO> {
                 }
             }
         }
-        // The next stages for the first packets (pass 3 issues them for
-        // the others, AFFINITY_SLOT_DISTANCE packets ahead): their flow
-        // buckets' first lines have arrived, and for SYNs the affinity
-        // bucket headers `prepare` hinted are on their way; hint the
-        // flow's alternate bucket where it will be read or written, and
-        // the affinity slots whose tags match.
-        for i in 0..n.min(AFFINITY_SLOT_DISTANCE) {
-            if flow[i] == TRACKED {
-                let p = &parsed[i];
-                self.flows.prefetch_alternate(&p.key, hashes[i], queried[i]);
-            }
-            if queried[i] {
-                self.shared.affinity.prefetch_slots(&mut queries[i]);
-            }
-        }
+        n
+    }
 
-        // Pass 3: route, rewrite, queue.
-        let plan = self.setup.ports[port];
-        let exits = std::mem::take(&mut self.exits[port]);
-        let mut bufs = rx.drain(..);
+    /// The next stages for packets `range` of a burst: their flow buckets'
+    /// first lines have arrived, and for SYNs the affinity bucket headers
+    /// `prepare` hinted are on their way; hint the flow's alternate bucket
+    /// where it will be read or written, and the affinity slots whose tags
+    /// match.
+    #[inline(always)]
+    fn hint_ahead(&self, burst: &mut Burst<'_, '_, IO::Buf>, range: std::ops::Range<usize>) {
+        for i in range {
+            self.hint_one(burst, i);
+        }
+    }
+
+    #[inline(always)]
+    fn hint_one(&self, burst: &mut Burst<'_, '_, IO::Buf>, i: usize) {
+        let i = i.min(MAX_BURST - 1);
+        if burst.flow[i] == TRACKED {
+            let p = &burst.store.parsed[i];
+            self.flows
+                .prefetch_alternate(&p.key, burst.store.hashes[i], burst.queried[i]);
+        }
+        if burst.queried[i] {
+            self.shared.affinity.prefetch_slots(&mut burst.store.queries[i]);
+        }
+    }
+
+    /// Pass 3 of a burst: route, rewrite, queue. With `ahead`, it hints
+    /// each packet's next stages [`AFFINITY_SLOT_DISTANCE`] packets ahead
+    /// (the first ones were); without, they were all hinted before.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn route_burst(
+        &mut self,
+        dp: &Dataplane,
+        burst: &mut Burst<'_, '_, IO::Buf>,
+        now: u64,
+        port: usize,
+        plan: PortPlan,
+        exits: &[Exit],
+        ahead: bool,
+    ) {
+        let n = burst.n;
+        burst.n = 0;
+        let mut bufs = std::mem::take(&mut burst.store.bufs);
+        let mut drain = bufs.drain(..);
         for i in 0..n {
-            let Some(mut buf) = bufs.next() else { break };
-            let ahead = i + AFFINITY_SLOT_DISTANCE;
-            if ahead < n {
-                if flow[ahead] == TRACKED {
-                    let p = &parsed[ahead];
-                    self.flows
-                        .prefetch_alternate(&p.key, hashes[ahead], queried[ahead]);
-                }
-                if queried[ahead] {
-                    self.shared.affinity.prefetch_slots(&mut queries[ahead]);
-                }
+            let Some(mut buf) = drain.next() else { break };
+            if ahead && i + AFFINITY_SLOT_DISTANCE < n {
+                self.hint_one(burst, i + AFFINITY_SLOT_DISTANCE);
             }
-            let query = queried[i].then_some(&queries[i]);
-            let verdict = if flow[i] != NOT_FLOW {
+            let flow = burst.flow[i];
+            let query = burst.queried[i].then_some(&burst.store.queries[i]);
+            let verdict = if flow != NOT_FLOW {
                 self.route_and_rewrite(
-                    &dp,
-                    services[i],
+                    dp,
+                    burst.services[i],
                     query,
-                    flow[i] == UNTRACKED,
+                    flow == UNTRACKED,
                     &mut buf,
-                    &parsed[i],
-                    hashes[i],
+                    &burst.store.parsed[i],
+                    burst.store.hashes[i],
                     now,
-                    &exits,
+                    exits,
                     plan.mtu,
                 )
                 .map(|()| plan.forward_to)
@@ -495,13 +546,13 @@ impl<IO: PacketIo> Worker<IO> {
                 Ok(out) => out,
                 Err(reason) => {
                     let off = OffLine {
-                        parsed: (flow[i] != NOT_FLOW).then_some(&parsed[i]),
-                        service: services[i],
-                        hash: hashes[i],
+                        parsed: (flow != NOT_FLOW).then_some(&burst.store.parsed[i]),
+                        service: burst.services[i],
+                        hash: burst.store.hashes[i],
                         reason,
-                        exits: &exits,
+                        exits,
                     };
-                    match self.not_forwarded(&dp, &mut buf, off, now, port, plan) {
+                    match self.not_forwarded(dp, &mut buf, off, now, port, plan) {
                         Some(out) => out,
                         None => continue,
                     }
@@ -514,22 +565,8 @@ impl<IO: PacketIo> Worker<IO> {
                 self.flush(out);
             }
         }
-        drop(bufs);
-        self.exits[port] = exits;
-        self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
-        self.queries = Some(queries);
-        self.parsed = Some(parsed);
-        self.hashes = Some(hashes);
-        self.rx = rx;
-        // The occupancy gauge, once per burst rather than per new flow (and
-        // so also after resets and removals).
-        self.counters.flows_active.set(self.flows.len() as u64);
-        for out in 0..self.tx.len() {
-            if !self.tx[out].is_empty() {
-                self.flush(out);
-            }
-        }
-        n
+        drop(drain);
+        burst.store.bufs = bufs;
     }
 
     fn flush(&mut self, port: usize) {
@@ -1170,6 +1207,63 @@ impl<IO: PacketIo> Worker<IO> {
 }
 
 /// What the main line knew of a packet it did not forward.
+/// Where a burst's packets and what passes 1 and 2 learn of them are kept
+/// between polls (a worker has two: see [`Burst`]).
+struct BurstStore<B> {
+    bufs: Vec<B>,
+    /// The packets, parsed.
+    parsed: Box<[ParsedPacket; MAX_BURST]>,
+    /// Their flow hashes.
+    hashes: Box<[u64; MAX_BURST]>,
+    /// The affinity lookups of the SYNs among them (started, and prepared
+    /// where the service has keys).
+    queries: Box<[AffinityQuery; MAX_BURST]>,
+}
+
+struct BurstStores<B>([BurstStore<B>; 2]);
+
+impl<B> BurstStores<B> {
+    fn new() -> Self {
+        BurstStores(core::array::from_fn(|_| BurstStore {
+            bufs: Vec::with_capacity(MAX_BURST),
+            parsed: Box::new(NO_PACKETS),
+            hashes: Box::new([0; MAX_BURST]),
+            queries: Box::new(NO_QUERIES),
+        }))
+    }
+}
+
+/// A burst between its passes. While bursts come full, a poll holds two:
+/// one received and parsed, its lookups prepared and every line its
+/// routing reads hinted, while it receives the next; the receive (on a
+/// device that copies frames, its slowest part) hides the lines' latency.
+struct Burst<'s, 'd, B> {
+    store: &'s mut BurstStore<B>,
+    /// Packets received (0 once routed).
+    n: usize,
+    /// Whether each packet is a flow's ([`NOT_FLOW`]: the path off the
+    /// main line classifies it again), and if so whether the flow table is
+    /// its ([`TRACKED`]) or it is a SYN the SYN flood guard leaves out
+    /// ([`UNTRACKED`]: it touches no flow bucket, not even a hint's).
+    flow: [u8; MAX_BURST],
+    /// Each packet's service, looked up once in pass 2.
+    services: [Option<&'d Service>; MAX_BURST],
+    /// Which packets are SYNs with an affinity query.
+    queried: [bool; MAX_BURST],
+}
+
+impl<'s, 'd, B> Burst<'s, 'd, B> {
+    fn new(store: &'s mut BurstStore<B>) -> Self {
+        Burst {
+            store,
+            n: 0,
+            flow: [NOT_FLOW; MAX_BURST],
+            services: [None; MAX_BURST],
+            queried: [false; MAX_BURST],
+        }
+    }
+}
+
 struct OffLine<'a> {
     /// The packet, when it is a flow's (else it is classified again).
     parsed: Option<&'a ParsedPacket>,
