@@ -337,24 +337,30 @@ impl<IO: PacketIo> Worker<IO> {
         let (mut a, mut b) = (Burst::new(s0), Burst::new(s1));
         let plan = self.setup.ports[port];
         let exits = std::mem::take(&mut self.exits[port]);
-        let mut received = self.receive(port, &dp, &mut a);
-        let mut bursts = 1;
-        while a.n > 0 {
-            if a.n == MAX_BURST && bursts < PIPELINED_BURSTS {
-                // Another full burst is likely: hint every slot line now and
-                // receive it while they arrive.
-                let n = a.n;
-                self.hint_ahead(&mut a, 0..n);
-                let more = self.receive(port, &dp, &mut b);
-                received += more;
-                bursts += 1;
-                self.route_burst(&dp, &mut a, now, port, plan, &exits, false);
-                std::mem::swap(&mut a, &mut b);
+        let mut received = 0;
+        let mut bursts = 0;
+        loop {
+            // `a` holds the burst received last, parsed and prepared (none
+            // at first); receive the next first while bursts come full.
+            let n = a.n;
+            let receive_next = bursts == 0 || (n == MAX_BURST && bursts < PIPELINED_BURSTS);
+            let hinted = if receive_next {
+                n
             } else {
-                let first = a.n.min(AFFINITY_SLOT_DISTANCE);
-                self.hint_ahead(&mut a, 0..first);
-                self.route_burst(&dp, &mut a, now, port, plan, &exits, true);
+                n.min(AFFINITY_SLOT_DISTANCE)
+            };
+            self.hint_ahead(&mut a, hinted);
+            if receive_next {
+                received += self.receive(port, &dp, &mut b);
+                bursts += 1;
             }
+            if n > 0 {
+                self.route_burst(&dp, &mut a, now, port, plan, &exits, hinted);
+            }
+            if !receive_next || b.n == 0 {
+                break;
+            }
+            std::mem::swap(&mut a, &mut b);
         }
         drop((a, b));
         self.bursts = Some(stores);
@@ -473,21 +479,21 @@ impl<IO: PacketIo> Worker<IO> {
         n
     }
 
-    /// The next stages for packets `range` of a burst: their flow buckets'
-    /// first lines have arrived, and for SYNs the affinity bucket headers
-    /// `prepare` hinted are on their way; hint the flow's alternate bucket
-    /// where it will be read or written, and the affinity slots whose tags
-    /// match.
+    /// The next stages for the first `count` packets of a burst: their
+    /// flow buckets' first lines have arrived, and for SYNs the affinity
+    /// bucket headers `prepare` hinted are on their way; hint the flow's
+    /// alternate bucket where it will be read or written, and the affinity
+    /// slots whose tags match.
     #[inline(always)]
-    fn hint_ahead(&self, burst: &mut Burst<'_, '_, IO::Buf>, range: std::ops::Range<usize>) {
-        for i in range {
-            self.hint_one(burst, i);
+    fn hint_ahead(&self, burst: &mut Burst<'_, '_, IO::Buf>, count: usize) {
+        for i in 0..count.min(MAX_BURST) {
+            self.hint_next_stages(burst, i);
         }
     }
 
+    /// [`Worker::hint_ahead`] for packet `i` of a burst.
     #[inline(always)]
-    fn hint_one(&self, burst: &mut Burst<'_, '_, IO::Buf>, i: usize) {
-        let i = i.min(MAX_BURST - 1);
+    fn hint_next_stages(&self, burst: &mut Burst<'_, '_, IO::Buf>, i: usize) {
         if burst.flow[i] == TRACKED {
             let p = &burst.store.parsed[i];
             self.flows
@@ -498,9 +504,9 @@ impl<IO: PacketIo> Worker<IO> {
         }
     }
 
-    /// Pass 3 of a burst: route, rewrite, queue. With `ahead`, it hints
-    /// each packet's next stages [`AFFINITY_SLOT_DISTANCE`] packets ahead
-    /// (the first ones were); without, they were all hinted before.
+    /// Pass 3 of a burst: route, rewrite, queue. The first `hinted`
+    /// packets' next stages were hinted; pass 3 hints the others'
+    /// [`AFFINITY_SLOT_DISTANCE`] packets ahead.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn route_burst(
@@ -511,28 +517,31 @@ impl<IO: PacketIo> Worker<IO> {
         port: usize,
         plan: PortPlan,
         exits: &[Exit],
-        ahead: bool,
+        hinted: usize,
     ) {
-        let n = burst.n;
-        burst.n = 0;
+        let n = std::mem::take(&mut burst.n).min(MAX_BURST);
         let mut bufs = std::mem::take(&mut burst.store.bufs);
         let mut drain = bufs.drain(..);
         for i in 0..n {
             let Some(mut buf) = drain.next() else { break };
-            if ahead && i + AFFINITY_SLOT_DISTANCE < n {
-                self.hint_one(burst, i + AFFINITY_SLOT_DISTANCE);
+            let ahead = i + AFFINITY_SLOT_DISTANCE;
+            if ahead >= hinted && ahead < n {
+                self.hint_next_stages(burst, ahead);
             }
             let flow = burst.flow[i];
+            let parsed = &burst.store.parsed[i];
+            let hash = burst.store.hashes[i];
+            let service = burst.services[i];
             let query = burst.queried[i].then_some(&burst.store.queries[i]);
             let verdict = if flow != NOT_FLOW {
                 self.route_and_rewrite(
                     dp,
-                    burst.services[i],
+                    service,
                     query,
                     flow == UNTRACKED,
                     &mut buf,
-                    &burst.store.parsed[i],
-                    burst.store.hashes[i],
+                    parsed,
+                    hash,
                     now,
                     exits,
                     plan.mtu,
@@ -546,9 +555,9 @@ impl<IO: PacketIo> Worker<IO> {
                 Ok(out) => out,
                 Err(reason) => {
                     let off = OffLine {
-                        parsed: (flow != NOT_FLOW).then_some(&burst.store.parsed[i]),
-                        service: burst.services[i],
-                        hash: burst.store.hashes[i],
+                        parsed: (flow != NOT_FLOW).then_some(parsed),
+                        service,
+                        hash,
                         reason,
                         exits,
                     };
@@ -1632,6 +1641,63 @@ mod tests {
         assert_eq!(c.tx_packets.get(), 12000);
         assert_eq!(c.total_drops(), 0);
         assert_eq!(b.worker.flows().len(), 6000);
+    }
+
+    /// While full bursts wait, one poll takes up to [`PIPELINED_BURSTS`] of
+    /// them, each received before the one ahead of it is routed: packets
+    /// leave in the order they came, a SYN's flow is in the table for its
+    /// ACK in the next burst, and the lookups prepared a burst ahead find
+    /// the affinities.
+    #[test]
+    fn a_poll_takes_full_bursts_in_turn_and_in_order() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1 << 14);
+        // Clients 198.18.0.32-63 are pinned to backend 2.
+        let key = TableKey::new(0, Family::V4, 0xc612_0020, 27, PortMatch::Any).unwrap();
+        b.affinity.insert(key, 2).unwrap();
+        let clients = (PIPELINED_BURSTS * MAX_BURST / 2) as u8;
+        let frames: Vec<(u8, u8)> = [tcp_flags::SYN, tcp_flags::ACK]
+            .into_iter()
+            .flat_map(|flags| (0..clients).map(move |c| (c, flags)))
+            .collect();
+        // Half a burst more than one poll takes.
+        let extra = MAX_BURST as u8 / 2;
+        let rest = (0..extra).map(|c| (c, tcp_flags::ACK));
+        for (c, flags) in frames.iter().copied().chain(rest) {
+            b.worker.io_mut().push_rx(0, &tcp([198, 18, 0, c], 4000, flags));
+        }
+        assert_eq!(b.worker.poll(SEC), PIPELINED_BURSTS * MAX_BURST);
+        let sent: Vec<(u8, [u8; 4])> = b.worker.io_mut().tx[0]
+            .drain(..)
+            .map(|buf| {
+                let d = buf.data();
+                let info = ethernet::Frame::new_checked(d).unwrap().l2_info().unwrap();
+                let outer = ipv4::Packet::new_checked(&d[info.header_len..]).unwrap();
+                let inner = ipv4::Packet::new_checked(&d[info.header_len + 20..]).unwrap();
+                (inner.src_addr()[3], outer.dst_addr())
+            })
+            .collect();
+        let order: Vec<u8> = sent.iter().map(|&(c, _)| c).collect();
+        let expected: Vec<u8> = frames.iter().map(|&(c, _)| c).collect();
+        assert_eq!(order, expected, "in the order received");
+        let (syns, acks) = sent.split_at(usize::from(clients));
+        assert_eq!(syns, acks, "each ACK goes where its SYN went");
+        for &(c, to) in syns {
+            if (32..64).contains(&c) {
+                assert_eq!(backend_index(to), 2, "client {c} is pinned");
+            }
+        }
+        assert!((0..3).all(|k| syns.iter().any(|&(_, to)| backend_index(to) == k)));
+        let c = b.worker.counters();
+        assert_eq!(c.services[0].new_connections.get(), u64::from(clients));
+        assert_eq!(c.services[0].affinity_hits.get(), 32);
+        assert_eq!(c.unknown_flows.get(), 0);
+        assert_eq!(b.worker.flows().len(), usize::from(clients));
+        // The rest: the next poll.
+        assert_eq!(b.worker.poll(SEC), usize::from(extra));
+        assert_eq!(b.worker.io_mut().tx[0].len(), usize::from(extra));
+        assert_eq!(b.worker.counters().unknown_flows.get(), 0);
     }
 
     #[test]
