@@ -10,6 +10,15 @@
 //! rewrite each packet and queue it for transmission, issuing the later
 //! prefetch stages a few packets ahead (a flow's alternate bucket where it
 //! will be needed, a SYN's affinity slots).
+//!
+//! While a port's bursts come full, one iteration takes up to
+//! [`PIPELINED_BURSTS`] of them and receives each before routing the one
+//! ahead of it: that one's later stages are all hinted first, and their
+//! lines (an affinity slot at a random place in tens of MiB, a flow's
+//! alternate bucket) arrive while the device hands over the next burst,
+//! and that burst is parsed and its lookups prepared; a burst not full is
+//! routed at once, as above. Packets still leave in the order they came:
+//! a later burst's first passes only read and hint.
 //! Everything the loop writes is its own (flow table, counters, round-robin
 //! state); everything shared (dataplane snapshot, affinity table) is
 //! read-mostly, and the shared auto-affinity table is written only on new
@@ -72,7 +81,10 @@ const NOT_FLOW: u8 = 0;
 const TRACKED: u8 = 1;
 const UNTRACKED: u8 = 2;
 
-/// Most bursts one poll takes from a port while they come full.
+/// Most bursts one poll takes from a port while they come full: enough
+/// that the burst routed without a receive behind it (the last) is the
+/// exception, few enough that the other ports, the snapshot check and the
+/// expiry sweep wait at most 128 packets.
 const PIPELINED_BURSTS: usize = 4;
 
 /// How a port's forwarded packets leave and where they go next.
@@ -332,7 +344,10 @@ impl<IO: PacketIo> Worker<IO> {
             .take()
             .unwrap_or_else(|| Arc::new(Dataplane::default()));
         let dp = std::mem::replace(&mut self.dp, placeholder);
-        let mut stores = self.bursts.take().unwrap_or_else(|| Box::new(BurstStores::new()));
+        let mut stores = self
+            .bursts
+            .take()
+            .unwrap_or_else(|| Box::new(BurstStores::new()));
         let [s0, s1] = &mut stores.0;
         let (mut a, mut b) = (Burst::new(s0), Burst::new(s1));
         let plan = self.setup.ports[port];
@@ -362,7 +377,6 @@ impl<IO: PacketIo> Worker<IO> {
             }
             std::mem::swap(&mut a, &mut b);
         }
-        drop((a, b));
         self.bursts = Some(stores);
         self.exits[port] = exits;
         self.idle_dp = Some(std::mem::replace(&mut self.dp, dp));
@@ -382,7 +396,12 @@ impl<IO: PacketIo> Worker<IO> {
     /// Receives a burst on `port` into `burst` and takes it through passes
     /// 1 and 2 and the affinity lookups' `prepare`. Returns its size.
     #[inline(always)]
-    fn receive<'d>(&mut self, port: usize, dp: &'d Dataplane, burst: &mut Burst<'_, 'd, IO::Buf>) -> usize {
+    fn receive<'d>(
+        &mut self,
+        port: usize,
+        dp: &'d Dataplane,
+        burst: &mut Burst<'_, 'd, IO::Buf>,
+    ) -> usize {
         let rx = &mut burst.store.bufs;
         rx.clear();
         self.io.rx_burst(port, rx);
@@ -423,6 +442,7 @@ impl<IO: PacketIo> Worker<IO> {
         for (i, (b, p)) in rx.iter().zip(parsed.iter_mut()).enumerate() {
             bytes += b.len() as u64;
             flow[i] = NOT_FLOW;
+            services[i] = None;
             queried[i] = false;
             if classify::parse_into(b.data(), p).is_ok() {
                 flow[i] = TRACKED;
@@ -500,7 +520,9 @@ impl<IO: PacketIo> Worker<IO> {
                 .prefetch_alternate(&p.key, burst.store.hashes[i], burst.queried[i]);
         }
         if burst.queried[i] {
-            self.shared.affinity.prefetch_slots(&mut burst.store.queries[i]);
+            self.shared
+                .affinity
+                .prefetch_slots(&mut burst.store.queries[i]);
         }
     }
 
@@ -1665,7 +1687,9 @@ mod tests {
         let extra = MAX_BURST as u8 / 2;
         let rest = (0..extra).map(|c| (c, tcp_flags::ACK));
         for (c, flags) in frames.iter().copied().chain(rest) {
-            b.worker.io_mut().push_rx(0, &tcp([198, 18, 0, c], 4000, flags));
+            b.worker
+                .io_mut()
+                .push_rx(0, &tcp([198, 18, 0, c], 4000, flags));
         }
         assert_eq!(b.worker.poll(SEC), PIPELINED_BURSTS * MAX_BURST);
         let sent: Vec<(u8, [u8; 4])> = b.worker.io_mut().tx[0]
