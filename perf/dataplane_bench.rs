@@ -297,8 +297,8 @@ fn measure_loop<S: Step>(phase: &AtomicU8, sides: &mut [S], hz: u64) -> Vec<Loop
                 st.packets += n as u64;
                 st.busy_polls += 1;
                 st.busy_cycles += c;
-                // Each of the burst's packets took the burst's time over
-                // its size (as the worker's own histogram counts them).
+                // Each of the poll's packets took the poll's time over
+                // their number (as the worker's own histogram counts them).
                 st.hist
                     .saturating_record_n((c as f64 * ps_per_cycle / n as f64) as u64, n as u64);
                 window_packets += n as u64;

@@ -115,9 +115,9 @@ pub struct WorkerCounters {
     /// IPv4 packets forwarded in fragments, and the fragments they made.
     pub fragmented: Counter,
     pub fragments: Counter,
-    /// Nanoseconds spent processing non-empty bursts.
+    /// Nanoseconds spent in loop iterations that received packets.
     pub busy_ns: Counter,
-    /// Per-packet processing time (ns), measured per burst from the TSC.
+    /// Per-packet processing time (ns): each such iteration's, from the TSC, over its packets.
     pub latency: SharedHistogram,
     /// By service id, [`MAX_SERVICES`] of them.
     pub services: Box<[ServiceCounters; MAX_SERVICES]>,

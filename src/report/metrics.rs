@@ -401,7 +401,7 @@ pub fn render(s: &Summary) -> String {
         (
             "pktdist_worker_busy_ratio",
             "gauge",
-            "Share of time a worker spent on non-empty bursts.",
+            "Share of time a worker spent in loop iterations that received packets.",
             |w| w.busy,
         ),
     ];
@@ -539,7 +539,7 @@ pub fn render(s: &Summary) -> String {
         &mut o,
         "pktdist_packet_processing_seconds",
         "summary",
-        "Per-packet processing time in the workers, measured per burst.",
+        "Per-packet processing time in the workers, measured per loop iteration.",
     )
     .quantiles(&s.packet_latency_ns, 1e-9);
     Family::new(

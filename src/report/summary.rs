@@ -171,7 +171,7 @@ pub struct WorkerSummary {
     pub dropped: u64,
     pub passed: u64,
     pub active_flows: u64,
-    /// Share of wall time spent on non-empty bursts.
+    /// Share of wall time spent in loop iterations that received packets.
     pub busy: f64,
 }
 
