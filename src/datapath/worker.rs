@@ -19,6 +19,7 @@
 //! and that burst is parsed and its lookups prepared; a burst not full is
 //! routed at once, as above. Packets still leave in the order they came:
 //! a later burst's first passes only read and hint.
+//!
 //! Everything the loop writes is its own (flow table, counters, round-robin
 //! state); everything shared (dataplane snapshot, affinity table) is
 //! read-mostly, and the shared auto-affinity table is written only on new
@@ -437,6 +438,7 @@ impl<IO: PacketIo> Worker<IO> {
         let queried = &mut burst.queried;
         let mut to_prepare = [false; MAX_BURST];
         let mut any_to_prepare = false;
+        // A burst mostly goes to one service, so the last answer is kept.
         let mut last: Option<(u128, u16, u8, Family, Option<&Service>)> = None;
         let mut bytes = 0u64;
         for (i, (b, p)) in rx.iter().zip(parsed.iter_mut()).enumerate() {
@@ -1237,10 +1239,10 @@ impl<IO: PacketIo> Worker<IO> {
     }
 }
 
-/// What the main line knew of a packet it did not forward.
 /// Where a burst's packets and what passes 1 and 2 learn of them are kept
 /// between polls (a worker has two: see [`Burst`]).
 struct BurstStore<B> {
+    /// The packets' buffers, as received.
     bufs: Vec<B>,
     /// The packets, parsed.
     parsed: Box<[ParsedPacket; MAX_BURST]>,
@@ -1251,6 +1253,7 @@ struct BurstStore<B> {
     queries: Box<[AffinityQuery; MAX_BURST]>,
 }
 
+/// A worker's two [`BurstStore`]s.
 struct BurstStores<B>([BurstStore<B>; 2]);
 
 impl<B> BurstStores<B> {
@@ -1295,6 +1298,7 @@ impl<'s, 'd, B> Burst<'s, 'd, B> {
     }
 }
 
+/// What the main line knew of a packet it did not forward.
 struct OffLine<'a> {
     /// The packet, when it is a flow's (else it is classified again).
     parsed: Option<&'a ParsedPacket>,
