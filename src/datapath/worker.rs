@@ -1672,7 +1672,7 @@ mod tests {
     /// While full bursts wait, one poll takes up to [`PIPELINED_BURSTS`] of
     /// them, each received before the one ahead of it is routed: packets
     /// leave in the order they came, a SYN's flow is in the table for its
-    /// ACK in the next burst, and the lookups prepared a burst ahead find
+    /// ACK two bursts later, and the lookups prepared a burst ahead find
     /// the affinities.
     #[test]
     fn a_poll_takes_full_bursts_in_turn_and_in_order() {
