@@ -3,8 +3,8 @@
 //! A [`Dataplane`] is immutable. The control thread builds a new one for every
 //! change (weight, add, remove, reload) — Maglev tables included, off the hot
 //! path — and publishes it through a [`DataplaneCell`]. Workers check the
-//! cell's generation once per burst and pick up the new snapshot when it
-//! changed, so they never wait on the control thread.
+//! cell's generation once per loop iteration and pick up the new snapshot
+//! when it changed, so they never wait on the control thread.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -314,7 +314,8 @@ impl DataplaneCell {
     }
 
     /// The generation of the current snapshot: one load (acquire, so that
-    /// the snapshot it announces is visible), read by workers once per burst.
+    /// the snapshot it announces is visible), read by workers once per loop
+    /// iteration.
     #[inline]
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
