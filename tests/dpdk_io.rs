@@ -14,7 +14,7 @@ use common::{read_pcap, test_eal_args, unique, write_pcap, TempDir};
 use pktdist::datapath::pktio::{PacketBuf, PacketIo, MAX_BURST};
 use pktdist::dpdk::{
     lcore_id, spawn_worker, DpdkError, Eal, Mbuf, Mempool, Port, PortQueues, PortSetup, QueueDir,
-    DEFAULT_DATA_ROOM, HEADROOM, SOCKET_ANY,
+    SocketPools, DEFAULT_DATA_ROOM, HEADROOM, SOCKET_ANY,
 };
 
 fn eal_args() -> Vec<String> {
@@ -435,6 +435,62 @@ fn bad_devices_and_pools_are_clear_errors() {
     let _a = Mempool::new(&name, 63, 0, DEFAULT_DATA_ROOM, SOCKET_ANY).expect("pool");
     let dup = Mempool::new(&name, 63, 0, DEFAULT_DATA_ROOM, SOCKET_ANY).unwrap_err();
     assert!(matches!(dup, DpdkError::Call { .. }), "{dup}");
+}
+
+/// A port opened on per-socket pools takes the pool of its device's NUMA
+/// socket, made there when the first port on it opens (`net_ring`'s
+/// `nodeaction`, with the ring named as the device, puts a ring device on
+/// a socket); a socket without room for a pool, or unknown, gets the pool
+/// of any socket.
+#[test]
+fn ports_take_the_pool_of_their_numa_socket() {
+    eal();
+    let name = unique("sp");
+    let pools = SocketPools::new(&name, 511, 0, DEFAULT_DATA_ROOM);
+    let on_socket = || {
+        let ring = unique("net_ring_n");
+        let device = format!("{ring},nodeaction={ring}:0:CREATE");
+        Port::open_on(&device, &PortSetup::default(), &pools).expect("open on socket 0")
+    };
+    let a = on_socket();
+    assert_eq!(a.socket(), 0);
+    assert_eq!(a.pool().socket(), 0);
+    assert_eq!(a.pool().name(), format!("{name}-s0"));
+    let b = on_socket();
+    assert!(Arc::ptr_eq(a.pool(), b.pool()), "one pool per socket");
+
+    // A socket without memory (none has 7 here) gets the pool of any
+    // socket, as does a device whose socket is unknown.
+    let any = pools.for_socket(7).expect("fallback");
+    assert_eq!(any.socket(), SOCKET_ANY);
+    assert_eq!(any.name(), name);
+    assert!(Arc::ptr_eq(
+        &any,
+        &pools.for_socket(SOCKET_ANY).expect("any")
+    ));
+    assert!(Arc::ptr_eq(&any, &pools.for_socket(7).expect("again")));
+
+    // Other virtual devices are on the socket of the thread that probes
+    // them: 0 for EAL's main thread, unknown for a thread EAL does not
+    // know (the test harness's).
+    let c = Port::open_on(&unique("net_null_t"), &PortSetup::default(), &pools).expect("open");
+    assert!([0, SOCKET_ANY].contains(&c.socket()), "{}", c.socket());
+    assert!(Arc::ptr_eq(
+        c.pool(),
+        &pools.for_socket(c.socket()).expect("pool")
+    ));
+    assert_eq!(pools.pools().len(), 2);
+
+    // The pool works: a frame sent through the socket's port comes back.
+    let a = Arc::new(a);
+    let mut io = PortQueues::claim(std::slice::from_ref(&a), 0).expect("claim");
+    let f = frame(7, 64);
+    let mut out = vec![Mbuf::from_frame(a.pool(), &f).expect("from_frame")];
+    io.tx_burst(0, &mut out);
+    assert!(out.is_empty());
+    let got = receive(&mut io, 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data(), &f[..]);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::ffi::CString;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::eal;
 use super::sys;
@@ -26,6 +26,8 @@ pub struct Mempool {
     name: String,
     size: u32,
     data_room: u16,
+    /// The NUMA socket it was made on ([`sys::SOCKET_ANY`]: any).
+    socket: i32,
 }
 
 // SAFETY: rte_pktmbuf_pool_create uses the platform's mbuf pool ops
@@ -60,11 +62,23 @@ impl Mempool {
                 "mempool {name}: no mbufs"
             )));
         }
+        let control = eal::control();
+        Self::create(&control, name, n_mbufs, cache, data_room, socket)
+    }
+
+    /// [`Mempool::new`] under the control lock.
+    fn create(
+        control: &MutexGuard<'static, ()>,
+        name: &str,
+        n_mbufs: u32,
+        cache: u32,
+        data_room: u16,
+        socket: i32,
+    ) -> Result<Arc<Mempool>, DpdkError> {
         let cname = CString::new(name).map_err(|_| {
             DpdkError::InvalidArgument(format!("mempool name {name:?} contains a NUL byte"))
         })?;
-        let control = eal::control();
-        eal::ensure_ready(&control)?;
+        eal::ensure_ready(control)?;
         // SAFETY: EAL is initialised (checked under the control lock, which
         // also keeps cleanup out); the name is a valid C string that DPDK
         // copies.
@@ -78,6 +92,7 @@ impl Mempool {
             name: name.to_string(),
             size: n_mbufs,
             data_room,
+            socket,
         }))
     }
 
@@ -94,6 +109,11 @@ impl Mempool {
     /// Bytes of buffer per mbuf, headroom included.
     pub fn data_room(&self) -> u16 {
         self.data_room
+    }
+
+    /// The NUMA socket the pool's memory is on ([`sys::SOCKET_ANY`]: any).
+    pub fn socket(&self) -> i32 {
+        self.socket
     }
 
     /// Free mbufs, those in per-lcore caches included.
@@ -136,6 +156,95 @@ impl std::fmt::Debug for Mempool {
             .field("name", &self.name)
             .field("size", &self.size)
             .field("data_room", &self.data_room)
+            .field("socket", &self.socket)
             .finish()
+    }
+}
+
+/// Pools made as ports ask for them, one per NUMA socket, all alike, so
+/// that a NIC receives into memory on its own socket
+/// ([`super::Port::open_on`]). A socket without room for one (no huge
+/// pages reserved there) gets the pool of any socket instead, once: its
+/// port's packets then cross between sockets, which its pool's
+/// [`Mempool::socket`] tells.
+pub struct SocketPools {
+    name: String,
+    n_mbufs: u32,
+    cache: u32,
+    data_room: u16,
+    /// (socket asked for, the pool it got).
+    made: Mutex<Vec<(i32, Arc<Mempool>)>>,
+}
+
+impl SocketPools {
+    /// Pools named `name` (`name-s<socket>` on a socket; at most 15 bytes),
+    /// each as [`Mempool::new`] makes them.
+    pub fn new(name: &str, n_mbufs: u32, cache: u32, data_room: u16) -> SocketPools {
+        SocketPools {
+            name: name.to_string(),
+            n_mbufs,
+            cache,
+            data_room,
+            made: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The pool for a device on NUMA `socket` ([`sys::SOCKET_ANY`] when
+    /// unknown), made on first asking: the pool of any socket when that
+    /// socket has no room for one.
+    pub fn for_socket(&self, socket: i32) -> Result<Arc<Mempool>, DpdkError> {
+        let control = eal::control();
+        self.for_socket_locked(&control, socket)
+    }
+
+    /// [`SocketPools::for_socket`] under the control lock.
+    pub(crate) fn for_socket_locked(
+        &self,
+        control: &MutexGuard<'static, ()>,
+        socket: i32,
+    ) -> Result<Arc<Mempool>, DpdkError> {
+        let socket = socket.max(sys::SOCKET_ANY);
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        let find = |made: &[(i32, Arc<Mempool>)], s| {
+            made.iter()
+                .find(|(asked, _)| *asked == s)
+                .map(|(_, p)| Arc::clone(p))
+        };
+        if let Some(pool) = find(&made, socket) {
+            return Ok(pool);
+        }
+        let make = |s: i32| {
+            let name = match s {
+                sys::SOCKET_ANY => self.name.clone(),
+                s => format!("{}-s{s}", self.name),
+            };
+            Mempool::create(control, &name, self.n_mbufs, self.cache, self.data_room, s)
+        };
+        let pool = match make(socket) {
+            Ok(pool) => pool,
+            Err(_) if socket != sys::SOCKET_ANY => match find(&made, sys::SOCKET_ANY) {
+                Some(any) => any,
+                None => {
+                    let any = make(sys::SOCKET_ANY)?;
+                    made.push((sys::SOCKET_ANY, Arc::clone(&any)));
+                    any
+                }
+            },
+            Err(e) => return Err(e),
+        };
+        made.push((socket, Arc::clone(&pool)));
+        Ok(pool)
+    }
+
+    /// The pools made so far, each once.
+    pub fn pools(&self) -> Vec<Arc<Mempool>> {
+        let made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pools: Vec<Arc<Mempool>> = Vec::new();
+        for (_, p) in made.iter() {
+            if !pools.iter().any(|q| Arc::ptr_eq(p, q)) {
+                pools.push(Arc::clone(p));
+            }
+        }
+        pools
     }
 }

@@ -82,7 +82,7 @@ pub use guard::{EventGuard, GUARDED_DRIVERS};
 #[cfg(feature = "dpdk")]
 pub use mbuf::Mbuf;
 #[cfg(feature = "dpdk")]
-pub use mempool::{Mempool, DEFAULT_DATA_ROOM, HEADROOM};
+pub use mempool::{Mempool, SocketPools, DEFAULT_DATA_ROOM, HEADROOM};
 #[cfg(feature = "dpdk")]
 pub use port::{DeviceStats, LinkStatus, Port, PortQueue, PortSetup, QueueDir};
 #[cfg(feature = "dpdk")]

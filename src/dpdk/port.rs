@@ -5,11 +5,11 @@ use std::ffi::{CStr, CString};
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use super::eal;
 use super::guard::{Gate, GUARDED_DRIVERS};
-use super::mempool::HEADROOM;
+use super::mempool::{SocketPools, HEADROOM};
 use super::sys;
 use super::{DpdkError, Mempool};
 
@@ -134,18 +134,27 @@ impl Port {
     /// Each of the `conf.queues` receive queues fills from `pool`, whose data
     /// room must hold a full 1518-byte frame after the headroom (no scatter).
     pub fn open(device: &str, conf: &PortSetup, pool: Arc<Mempool>) -> Result<Port, DpdkError> {
+        Self::open_with(device, conf, |_, _| Ok(pool))
+    }
+
+    /// [`Port::open`] with its pool from `pools`: the pool of the device's
+    /// NUMA socket, made there when the first port on that socket opens.
+    pub fn open_on(device: &str, conf: &PortSetup, pools: &SocketPools) -> Result<Port, DpdkError> {
+        Self::open_with(device, conf, |control, socket| {
+            pools.for_socket_locked(control, socket)
+        })
+    }
+
+    /// [`Port::open`] with the pool chosen, under the control lock, once
+    /// the device is known: `pool_for` is given its NUMA socket.
+    fn open_with(
+        device: &str,
+        conf: &PortSetup,
+        pool_for: impl FnOnce(&MutexGuard<'static, ()>, i32) -> Result<Arc<Mempool>, DpdkError>,
+    ) -> Result<Port, DpdkError> {
         if conf.queues == 0 || conf.rx_desc == 0 || conf.tx_desc == 0 {
             return Err(DpdkError::InvalidArgument(format!(
                 "port {device}: queues and descriptor counts must be positive"
-            )));
-        }
-        if pool.data_room() < HEADROOM + MAX_FRAME {
-            return Err(DpdkError::InvalidArgument(format!(
-                "port {device}: mempool {} has {} bytes per mbuf, less than {} \
-                 (headroom plus a full frame; ports run without scatter)",
-                pool.name(),
-                pool.data_room(),
-                HEADROOM + MAX_FRAME
             )));
         }
         let name = port_name(device)?;
@@ -174,6 +183,29 @@ impl Port {
             }
         };
         let info = dev_info(id)?;
+        // SAFETY: the port exists.
+        let socket = unsafe { sys::rte_eth_dev_socket_id(id) };
+        let remove_probed = || {
+            if probed {
+                // SAFETY: the device was probed above and no port of ours
+                // uses it.
+                unsafe { sys::rte_dev_remove(info.device) };
+            }
+        };
+        let pool = match pool_for(&control, socket) {
+            Ok(pool) => pool,
+            Err(e) => {
+                remove_probed();
+                return Err(e);
+            }
+        };
+        if let Err(e) = check_data_room(device, &pool) {
+            remove_probed();
+            // The pool may go with the error, and frees itself under the
+            // control lock.
+            drop(control);
+            return Err(e);
+        }
         let driver = c_string(info.driver_name);
         let gate = (conf.guard_events && GUARDED_DRIVERS.contains(&driver.as_str()))
             .then(|| Arc::new(Gate::new(conf.queues)));
@@ -182,7 +214,7 @@ impl Port {
             name,
             driver,
             mac: [0; 6],
-            socket: sys::SOCKET_ANY,
+            socket,
             rss: false,
             mtu: 0,
             started: false,
@@ -246,8 +278,6 @@ impl Port {
         if ret < 0 {
             return Err(DpdkError::ret("rte_eth_dev_adjust_nb_rx_tx_desc", ret));
         }
-        // SAFETY: the port exists.
-        self.socket = unsafe { sys::rte_eth_dev_socket_id(id) };
         for qi in 0..q {
             // SAFETY: the port is configured with q queues; NULL rx_conf
             // means the driver's defaults; the pool outlives the port
@@ -631,6 +661,21 @@ fn device_mtu(info: &sys::rte_eth_dev_info, want: u16, room: u16) -> u16 {
         .min(u32::from(room).saturating_sub(overhead))
         .max(u32::from(info.min_mtu));
     u16::try_from(mtu).unwrap_or(u16::MAX)
+}
+
+/// Whether `pool`'s data room holds a full frame after the headroom (ports
+/// run without scatter).
+fn check_data_room(device: &str, pool: &Mempool) -> Result<(), DpdkError> {
+    if pool.data_room() < HEADROOM + MAX_FRAME {
+        return Err(DpdkError::InvalidArgument(format!(
+            "port {device}: mempool {} has {} bytes per mbuf, less than {} \
+             (headroom plus a full frame; ports run without scatter)",
+            pool.name(),
+            pool.data_room(),
+            HEADROOM + MAX_FRAME
+        )));
+    }
+    Ok(())
 }
 
 fn dev_info(id: u16) -> Result<sys::rte_eth_dev_info, DpdkError> {

@@ -128,8 +128,8 @@ impl PacketIo for PortQueues {
         }
     }
 
-    /// An mbuf from the pool of the first queue's port (the pool every
-    /// port of `pktdist run` shares), sized to `len`.
+    /// An mbuf from the pool of the first queue's port (of its NUMA
+    /// socket, in `pktdist run`), sized to `len`.
     fn alloc(&mut self, len: usize) -> Option<Mbuf> {
         let pool = self.queues.first()?.port().pool();
         let mut m = Mbuf::alloc(pool)?;

@@ -24,8 +24,8 @@ use crate::control::thread::{ControlSetup, ControlThread, PortStatsSource};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use crate::dpdk::{
-    spawn_worker, Eal, EventGuard, Mempool, Port, PortQueues, PortSetup, QueueDir, WorkerHandle,
-    DEFAULT_DATA_ROOM, SOCKET_ANY,
+    spawn_worker, Eal, EventGuard, Mempool, Port, PortQueues, PortSetup, QueueDir, SocketPools,
+    WorkerHandle, DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
 use crate::report::portstats::PortCounters;
 use crate::report::summary::{PortSummary, Summary};
@@ -186,7 +186,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
 /// What [`start`] brings up; its fields drop in order.
 struct Started {
     ports: Vec<Arc<Port>>,
-    pool: Arc<Mempool>,
+    /// The mbuf pools (the ports hold theirs too).
+    _pools: Vec<Arc<Mempool>>,
     _eal: Eal,
 }
 
@@ -247,14 +248,14 @@ fn start(cfg: &Config) -> Result<Started, String> {
     crate::dpdk::pin_current_thread(cfg.cores.control)
         .map_err(|e| format!("control core {}: {e}", cfg.cores.control))?;
     let eal = Eal::init(&eal_args(cfg)).map_err(|e| format!("EAL: {e}"))?;
-    let pool = Mempool::new(
+    // One mbuf pool per NUMA socket with ports, made as its first port
+    // opens: a NIC receives into memory on its own socket.
+    let pools = SocketPools::new(
         "pktdist",
         cfg.mempool.mbufs,
         cfg.mempool.cache,
         DEFAULT_DATA_ROOM,
-        SOCKET_ANY,
-    )
-    .map_err(|e| format!("mempool of {} mbufs: {e}", cfg.mempool.mbufs))?;
+    );
 
     let mut ports = Vec::with_capacity(cfg.ports.len());
     let workers = cfg.cores.workers.len();
@@ -274,8 +275,25 @@ fn start(cfg: &Config) -> Result<Started, String> {
             guard_events: true,
             mtu: p.mtu,
         };
-        let port = Port::open(&p.device, &conf, Arc::clone(&pool))
-            .map_err(|e| format!("port {} ({}): {e}", p.name, p.device))?;
+        let port = Port::open_on(&p.device, &conf, &pools).map_err(|e| {
+            format!(
+                "port {} ({}), with a pool of {} mbufs: {e}",
+                p.name, p.device, cfg.mempool.mbufs
+            )
+        })?;
+        let pool = port.pool();
+        if port.socket() != SOCKET_ANY && pool.socket() != port.socket() {
+            log::warn!(
+                "port {}: the device is on NUMA socket {}, which has no room for a pool of {} mbufs: \
+                 its mbufs come from pool {} (any socket), and its packets cross between sockets; \
+                 reserve huge pages on socket {} (or lower [mempool] mbufs)",
+                p.name,
+                port.socket(),
+                cfg.mempool.mbufs,
+                pool.name(),
+                port.socket()
+            );
+        }
         let mac = port.mac();
         let spread = match (port.rss(), p.spread(workers, fed == Some(p.name.as_str()))) {
             (_, Spread::OneQueue) => "",
@@ -312,7 +330,7 @@ fn start(cfg: &Config) -> Result<Started, String> {
             );
         }
         log::info!(
-            "port {} = {} ({}), mac {}, device mtu {}, {} queue(s){}{}",
+            "port {} = {} ({}), mac {}, device mtu {}, {} queue(s){}{}; {}, mbufs from pool {}",
             p.name,
             p.device,
             port.driver(),
@@ -324,13 +342,18 @@ fn start(cfg: &Config) -> Result<Started, String> {
                 ", polled while its link is up"
             } else {
                 ""
-            }
+            },
+            match port.socket() {
+                SOCKET_ANY => "NUMA socket unknown".to_string(),
+                s => format!("NUMA socket {s}"),
+            },
+            pool.name(),
         );
         ports.push(Arc::new(port));
     }
     Ok(Started {
         ports,
-        pool,
+        _pools: pools.pools(),
         _eal: eal,
     })
 }
@@ -502,7 +525,7 @@ fn spawn(
             })?;
             let src = TrafficSource {
                 gen,
-                pool: Arc::clone(&started.pool),
+                pool: Arc::clone(ports[tp].pool()),
                 tx: PortQueues::new(tx),
                 rx: PortQueues::new(rx),
                 workers: worker_counters,
