@@ -268,6 +268,23 @@ fn memif_with_two_queues_spread_by_the_peer() {
         "{}",
         pd.stderr_text()
     );
+    // The port's pool is made on a socket: its own, or, for a device whose
+    // socket is unknown (memif), the control core's.
+    let line = pd
+        .stderr_text()
+        .lines()
+        .find(|l| l.contains("flows spread by the memif peer"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    let (numa, pool) = line
+        .rsplit_once("; NUMA socket ")
+        .and_then(|(_, rest)| rest.split_once(", mbufs from pool "))
+        .unwrap_or_else(|| panic!("no NUMA socket and pool in {line:?}"));
+    let on = pool
+        .strip_prefix("pktdist-s")
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("pool {pool:?} is not a socket's"));
+    assert!(numa == "unknown" || numa == on.to_string(), "{line}");
 
     // The peer: a memif client with two queue pairs.
     let _eal = Eal::init(&test_eal_args("pktdist-memif-queues", "error")).expect("the peer's EAL");

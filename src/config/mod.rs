@@ -1475,7 +1475,7 @@ impl Config {
         let (rx, all) = self.ring_mbufs();
         let _ = writeln!(
             o,
-            "mempool: {} mbufs, cache {} (receive rings take {rx}; all rings and caches up to {all})",
+            "mempool: {} mbufs per NUMA socket with ports, cache {} (receive rings take {rx}; all rings and caches up to {all})",
             self.mempool.mbufs, self.mempool.cache
         );
         let _ = writeln!(o, "ports:");

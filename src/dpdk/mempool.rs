@@ -189,9 +189,11 @@ impl SocketPools {
         }
     }
 
-    /// The pool for a device on NUMA `socket` ([`sys::SOCKET_ANY`] when
-    /// unknown), made on first asking: the pool of any socket when that
-    /// socket has no room for one.
+    /// The pool for a device on NUMA `socket`, made on first asking: for
+    /// a device whose socket is unknown ([`sys::SOCKET_ANY`], as for most
+    /// virtual devices), the calling thread's socket's (in `pktdist run`,
+    /// the control core's: where a pool of any socket would have been
+    /// made); the pool of any socket when that socket has no room for one.
     pub fn for_socket(&self, socket: i32) -> Result<Arc<Mempool>, DpdkError> {
         let control = eal::control();
         self.for_socket_locked(&control, socket)
@@ -203,7 +205,13 @@ impl SocketPools {
         control: &MutexGuard<'static, ()>,
         socket: i32,
     ) -> Result<Arc<Mempool>, DpdkError> {
-        let socket = socket.max(sys::SOCKET_ANY);
+        let socket = match socket {
+            // SAFETY: reads this thread's own EAL variable; SOCKET_ID_ANY
+            // (as -1) on a thread EAL does not know.
+            s if s < 0 => (unsafe { sys::rte_socket_id() }) as i32,
+            s => s,
+        }
+        .max(sys::SOCKET_ANY);
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
         let find = |made: &[(i32, Arc<Mempool>)], s| {
             made.iter()

@@ -24,8 +24,8 @@ use crate::control::thread::{ControlSetup, ControlThread, PortStatsSource};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use crate::dpdk::{
-    spawn_worker, Eal, EventGuard, Mempool, Port, PortQueues, PortSetup, QueueDir, SocketPools,
-    WorkerHandle, DEFAULT_DATA_ROOM, SOCKET_ANY,
+    spawn_worker, DpdkError, Eal, EventGuard, Mempool, Port, PortQueues, PortSetup, QueueDir,
+    SocketPools, WorkerHandle, DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
 use crate::report::portstats::PortCounters;
 use crate::report::summary::{PortSummary, Summary};
@@ -275,11 +275,15 @@ fn start(cfg: &Config) -> Result<Started, String> {
             guard_events: true,
             mtu: p.mtu,
         };
-        let port = Port::open_on(&p.device, &conf, &pools).map_err(|e| {
-            format!(
-                "port {} ({}), with a pool of {} mbufs: {e}",
+        let port = Port::open_on(&p.device, &conf, &pools).map_err(|e| match e {
+            DpdkError::Call {
+                op: "rte_pktmbuf_pool_create",
+                ..
+            } => format!(
+                "port {} ({}): its pool of {} mbufs: {e}",
                 p.name, p.device, cfg.mempool.mbufs
-            )
+            ),
+            e => format!("port {} ({}): {e}", p.name, p.device),
         })?;
         let pool = port.pool();
         if port.socket() != SOCKET_ANY && pool.socket() != port.socket() {
