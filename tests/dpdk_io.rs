@@ -426,6 +426,13 @@ fn bad_devices_and_pools_are_clear_errors() {
         Err(DpdkError::InvalidArgument(_))
     ));
 
+    for (mbufs, room) in [(0, DEFAULT_DATA_ROOM), (63, HEADROOM)] {
+        let pools = SocketPools::new(&unique("sp"), mbufs, 0, room);
+        assert!(
+            matches!(pools.for_socket(0), Err(DpdkError::InvalidArgument(_))),
+            "{mbufs} mbufs of {room} bytes"
+        );
+    }
     let small = Mempool::new(&unique("tp"), 63, 0, 1024, SOCKET_ANY).expect("small pool");
     assert!(matches!(
         Port::open(&unique("net_ring_t"), &PortSetup::default(), small),

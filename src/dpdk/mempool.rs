@@ -52,18 +52,7 @@ impl Mempool {
         data_room: u16,
         socket: i32,
     ) -> Result<Arc<Mempool>, DpdkError> {
-        if data_room <= HEADROOM {
-            return Err(DpdkError::InvalidArgument(format!(
-                "mempool {name}: data room {data_room} leaves no room after the {HEADROOM}-byte headroom"
-            )));
-        }
-        if n_mbufs == 0 {
-            return Err(DpdkError::InvalidArgument(format!(
-                "mempool {name}: no mbufs"
-            )));
-        }
-        let control = eal::control();
-        Self::create(&control, name, n_mbufs, cache, data_room, socket)
+        Self::create(&eal::control(), name, n_mbufs, cache, data_room, socket)
     }
 
     /// [`Mempool::new`] under the control lock.
@@ -75,6 +64,16 @@ impl Mempool {
         data_room: u16,
         socket: i32,
     ) -> Result<Arc<Mempool>, DpdkError> {
+        if data_room <= HEADROOM {
+            return Err(DpdkError::InvalidArgument(format!(
+                "mempool {name}: data room {data_room} leaves no room after the {HEADROOM}-byte headroom"
+            )));
+        }
+        if n_mbufs == 0 {
+            return Err(DpdkError::InvalidArgument(format!(
+                "mempool {name}: no mbufs"
+            )));
+        }
         let cname = CString::new(name).map_err(|_| {
             DpdkError::InvalidArgument(format!("mempool name {name:?} contains a NUL byte"))
         })?;
