@@ -500,6 +500,26 @@ fn ports_take_the_pool_of_their_numa_socket() {
     assert_eq!(got[0].data(), &f[..]);
 }
 
+/// A worker's new buffers (IPv4 fragments) come from the pool of the port
+/// they leave on: on a NIC server, its NUMA socket's memory.
+#[test]
+fn a_new_buffer_comes_from_the_pool_of_its_port() {
+    let (pa, pb) = (pool(63), pool(63));
+    let ports = [ring_port(1, &pa), ring_port(1, &pb)];
+    let mut io = PortQueues::claim(&ports, 0).expect("claim");
+    let b = io.alloc(1, 300).expect("a buffer for port 1");
+    assert_eq!(b.len(), 300);
+    assert_eq!((pa.in_use(), pb.in_use()), (0, 1));
+    let a = io.alloc(0, 1500).expect("a buffer for port 0");
+    assert_eq!((pa.in_use(), pb.in_use()), (1, 1));
+    // No such port, or a frame longer than the data room: none.
+    assert!(io.alloc(2, 64).is_none());
+    assert!(io.alloc(0, 1 << 16).is_none());
+    assert_eq!((pa.in_use(), pb.in_use()), (1, 1));
+    drop((a, b));
+    assert_eq!((pa.in_use(), pb.in_use()), (0, 0));
+}
+
 #[test]
 fn dropping_a_pool_with_mbufs_out_is_safe() {
     let pool = pool(15);

@@ -75,10 +75,11 @@ pub trait PacketIo {
     /// drops them.
     fn tx_burst(&mut self, port: usize, bufs: &mut Vec<Self::Buf>);
     /// A new buffer holding a frame of `len` bytes (their contents
-    /// unspecified) after the standard headroom, or None when no buffer is
-    /// free or `len` does not fit one. For the rare packet that leaves as
+    /// unspecified) after the standard headroom, to leave on `port` (whose
+    /// NUMA socket's memory it comes from), or None when no buffer is free
+    /// or `len` does not fit one. For the rare packet that leaves as
     /// several (IPv4 fragments).
-    fn alloc(&mut self, len: usize) -> Option<Self::Buf>;
+    fn alloc(&mut self, port: usize, len: usize) -> Option<Self::Buf>;
 }
 
 /// Headroom of a [`MemBuf`], as DPDK's default `RTE_PKTMBUF_HEADROOM`.
@@ -224,7 +225,7 @@ impl PacketIo for MemIo {
         let n = room.min(bufs.len());
         self.tx[port].extend(bufs.drain(..n));
     }
-    fn alloc(&mut self, len: usize) -> Option<MemBuf> {
+    fn alloc(&mut self, _port: usize, len: usize) -> Option<MemBuf> {
         self.spare_bufs = self.spare_bufs.checked_sub(1)?;
         MemBuf::zeroed(len)
     }
@@ -248,8 +249,8 @@ impl<T: PacketIo> PacketIo for std::rc::Rc<std::cell::RefCell<T>> {
     fn tx_burst(&mut self, port: usize, bufs: &mut Vec<T::Buf>) {
         self.borrow_mut().tx_burst(port, bufs)
     }
-    fn alloc(&mut self, len: usize) -> Option<T::Buf> {
-        self.borrow_mut().alloc(len)
+    fn alloc(&mut self, port: usize, len: usize) -> Option<T::Buf> {
+        self.borrow_mut().alloc(port, len)
     }
 }
 

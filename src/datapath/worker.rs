@@ -738,7 +738,7 @@ impl<IO: PacketIo> Worker<IO> {
             buf,
             usize::from(p.l3_offset),
             plan.mtu,
-            |len| io.alloc(len),
+            |len| io.alloc(plan.forward_to, len),
             &mut self.tx[plan.forward_to],
         )?;
         let extra = (self.tx[plan.forward_to].len() - before) as u64;

@@ -128,10 +128,10 @@ impl PacketIo for PortQueues {
         }
     }
 
-    /// An mbuf from the pool of the first queue's port (of its NUMA
-    /// socket, in `pktdist run`), sized to `len`.
-    fn alloc(&mut self, len: usize) -> Option<Mbuf> {
-        let pool = self.queues.first()?.port().pool();
+    /// An mbuf from the pool of `port` (of its NUMA socket, in `pktdist
+    /// run`: the memory its NIC reads the frame from), sized to `len`.
+    fn alloc(&mut self, port: usize, len: usize) -> Option<Mbuf> {
+        let pool = self.queues.get(port)?.port().pool();
         let mut m = Mbuf::alloc(pool)?;
         m.resize(len).then_some(m)
     }
