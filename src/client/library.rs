@@ -205,7 +205,7 @@ impl From<AffinityKey> for AffinitySpec {
 
 /// Whole seconds, rounded up, at least 1, at most `u32::MAX`.
 fn duration_secs(d: Duration) -> u32 {
-    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let s = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     u32::try_from(s.max(1)).unwrap_or(u32::MAX)
 }
 
@@ -1207,6 +1207,8 @@ mod tests {
         assert_eq!(duration_secs(Duration::from_millis(1001)), 2);
         assert_eq!(duration_secs(Duration::ZERO), 1);
         assert_eq!(duration_secs(Duration::from_secs(u64::MAX)), u32::MAX);
+        // "As long as allowed": the longest, not a wrap to one second.
+        assert_eq!(duration_secs(Duration::MAX), u32::MAX);
         assert!(ControlClient::new("127.0.0.1:1".parse().unwrap(), "x", b"short").is_err());
         assert!(ControlClient::new("127.0.0.1:1".parse().unwrap(), "", WEB1_KEY).is_err());
         // Retries are bounded, as the Python client's.
