@@ -688,6 +688,14 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Validates a configuration put together in memory (a reload's: the
+    /// file's services over the settings running until a restart), as
+    /// [`Config::parse`] validates a file: the offending key and why.
+    pub fn check(&self) -> Result<(), String> {
+        self.validate()
+            .map_err(|Invalid(path, msg)| format!("{path}: {msg}"))
+    }
+
     /// The flow-table timeouts.
     pub fn flow_timeouts(&self) -> FlowTimeouts {
         FlowTimeouts {

@@ -50,8 +50,24 @@ impl ConfigFile {
             // shared table are set up once, at start.
             return Err("restart to change [cluster]".into());
         }
-        let auth = ServerAuth::from_config(&next)?;
         let restart = restart_sections(&self.running, &next);
+        // What runs from here on: the file, but for the settings that wait
+        // for a restart. The file's services may count on settings not
+        // running yet (a port's gateway_mac for ipip backends without a
+        // MAC, a port's MTU for IPv6 in IPv6): checked against what runs.
+        let file = next;
+        let mut next = file.clone();
+        for (_, _, keep) in RESTART_ONLY {
+            keep(&mut next, &self.running);
+        }
+        next.check().map_err(|e| {
+            format!(
+                "{}: not applied: with the settings running until a restart ([{}]), {e}",
+                path.display(),
+                restart.join("], [")
+            )
+        })?;
+        let auth = ServerAuth::from_config(&next)?;
         let removed = plane.replace_services(&next).map_err(|e| e.to_string())?;
         let dropped = statics::remove_dropped(plane, &self.running, &next);
         let mut message = format!(
@@ -77,40 +93,83 @@ impl ConfigFile {
     }
 }
 
+/// A setting that takes effect only at a restart: its name, whether two
+/// configurations differ in it, and how to put the running one's into
+/// another.
+type RestartOnly = (
+    &'static str,
+    fn(&Config, &Config) -> bool,
+    fn(&mut Config, &Config),
+);
+
+const RESTART_ONLY: [RestartOnly; 12] = [
+    ("eal", |a, b| a.eal != b.eal, |c, r| c.eal = r.eal.clone()),
+    (
+        "cores",
+        |a, b| a.cores != b.cores,
+        |c, r| c.cores = r.cores.clone(),
+    ),
+    (
+        "ports",
+        |a, b| a.ports != b.ports,
+        |c, r| c.ports = r.ports.clone(),
+    ),
+    (
+        "mempool",
+        |a, b| a.mempool != b.mempool,
+        |c, r| c.mempool = r.mempool.clone(),
+    ),
+    (
+        "flow",
+        |a, b| a.flow != b.flow,
+        |c, r| c.flow = r.flow.clone(),
+    ),
+    (
+        "affinity",
+        |a, b| a.affinity != b.affinity,
+        |c, r| c.affinity = r.affinity.clone(),
+    ),
+    (
+        "icmp",
+        |a, b| a.icmp != b.icmp,
+        |c, r| c.icmp = r.icmp.clone(),
+    ),
+    (
+        "control.listen",
+        |a, b| a.control.listen != b.control.listen,
+        |c, r| c.control.listen = r.control.listen,
+    ),
+    // The protocol server's replay window is sized once: widening it while
+    // running would accept again requests it has forgotten.
+    (
+        "control.max_clock_skew",
+        |a, b| a.control.max_clock_skew != b.control.max_clock_skew,
+        |c, r| c.control.max_clock_skew = r.control.max_clock_skew,
+    ),
+    (
+        "control.metrics_listen",
+        |a, b| a.control.metrics_listen != b.control.metrics_listen,
+        |c, r| c.control.metrics_listen = r.control.metrics_listen,
+    ),
+    (
+        "control.status_interval",
+        |a, b| a.control.status_interval != b.control.status_interval,
+        |c, r| c.control.status_interval = r.control.status_interval,
+    ),
+    (
+        "traffic",
+        |a, b| a.traffic != b.traffic,
+        |c, r| c.traffic = r.traffic.clone(),
+    ),
+];
+
 /// The settings `next` changes that take effect only at the next restart.
 fn restart_sections(running: &Config, next: &Config) -> Vec<&'static str> {
-    [
-        ("eal", running.eal != next.eal),
-        ("cores", running.cores != next.cores),
-        ("ports", running.ports != next.ports),
-        ("mempool", running.mempool != next.mempool),
-        ("flow", running.flow != next.flow),
-        ("affinity", running.affinity != next.affinity),
-        ("icmp", running.icmp != next.icmp),
-        (
-            "control.listen",
-            running.control.listen != next.control.listen,
-        ),
-        // The protocol server's replay window is sized once: widening it
-        // while running would accept again requests it has forgotten.
-        (
-            "control.max_clock_skew",
-            running.control.max_clock_skew != next.control.max_clock_skew,
-        ),
-        (
-            "control.metrics_listen",
-            running.control.metrics_listen != next.control.metrics_listen,
-        ),
-        (
-            "control.status_interval",
-            running.control.status_interval != next.control.status_interval,
-        ),
-        ("traffic", running.traffic != next.traffic),
-    ]
-    .into_iter()
-    .filter(|(_, changed)| *changed)
-    .map(|(name, _)| name)
-    .collect()
+    RESTART_ONLY
+        .iter()
+        .filter(|(_, differ, _)| differ(running, next))
+        .map(|(name, _, _)| *name)
+        .collect()
 }
 
 #[cfg(test)]
@@ -188,6 +247,65 @@ mod tests {
             panic!("no list")
         };
         assert_eq!(entries[0].key.service.port, 80);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A reload's services are checked against the settings that run
+    /// until a restart, not the file's: a file that gives the port a next
+    /// hop and drops the backends' own MACs is refused (their packets
+    /// would have no way out until a restart), and a port change pending a
+    /// restart stays named at every reload until then.
+    #[test]
+    fn a_reload_is_checked_against_the_ports_that_run() {
+        use crate::config::testing::with_backend_macs;
+        let gateway = "gateway_mac = \"02:00:00:00:00:fe\"\n";
+        let running = with_backend_macs(&config_text())
+            .replace(gateway, "")
+            .replace(
+                "address = \"10.0.2.1\"\n",
+                "address = \"10.0.2.1\"\nmac = \"02:00:00:00:00:03\"\n",
+            );
+        let (mut p, _) = plane(&running);
+        let path = std::env::temp_dir().join(format!("pktdist-ports-{}.toml", std::process::id()));
+        let mut file = ConfigFile::new(
+            Some(path.clone()),
+            Config::parse(&running, "t.toml").unwrap(),
+        );
+        // Valid as a file, with a gateway the running port does not have.
+        std::fs::write(&path, config_text()).unwrap();
+        Config::load(&path).unwrap();
+        let err = file.reload(&mut p).err().expect("refused");
+        assert!(err.contains("not applied"), "{err}");
+        assert!(err.contains("[ports]"), "{err}");
+        assert!(err.contains("gateway_mac"), "{err}");
+        let web = p.dataplane().service_named("web").unwrap().id;
+        assert!(p
+            .dataplane()
+            .backends
+            .iter()
+            .flatten()
+            .filter(|b| b.service == web)
+            .all(|b| b.mac.is_some()));
+        assert_eq!(file.running().ports[0].gateway_mac, None);
+
+        // A port change that the services do not need applies the rest, and
+        // stays pending, named, at the next reload.
+        let mtu = running.replace(
+            "device = \"net_ring0\"\n",
+            "device = \"net_ring0\"\nmtu = 1400\n",
+        );
+        std::fs::write(&path, &mtu).unwrap();
+        for _ in 0..2 {
+            let msg = file.reload(&mut p).unwrap().message;
+            assert!(
+                msg.contains("changes to [ports] take effect at the next restart"),
+                "{msg}"
+            );
+            assert_eq!(
+                file.running().ports,
+                Config::parse(&running, "t").unwrap().ports
+            );
+        }
         std::fs::remove_file(&path).unwrap();
     }
 
