@@ -989,17 +989,6 @@ impl<IO: PacketIo> Worker<IO> {
                     self.release(dp, &old, now);
                 }
             }
-            Lookup::Reset(e) => {
-                self.counters.flows_closed.inc();
-                self.release(dp, &e, now);
-                // The reset that ended the flow still reaches its backend,
-                // while that backend serves the service.
-                let b = match exit_of(exits, e.backend, svc.id) {
-                    Some(x) => return Ok(x),
-                    None => self.pick_stateless(dp, svc, p, hash)?,
-                };
-                return exit_of(exits, b, svc.id).ok_or(DropReason::NoBackend);
-            }
             Lookup::Stale(old) => {
                 // Idle past its timeout, or a new SYN on a closing flow's
                 // tuple: the old flow is over and this packet starts anew.
@@ -1206,7 +1195,7 @@ impl<IO: PacketIo> Worker<IO> {
         maglev_pick(dp, svc, svc.hash.of(&p.key, hash)).ok_or_else(|| no_backend(svc))
     }
 
-    /// A flow left the table (closed, reset, expired or evicted): its
+    /// A flow left the table (closed, expired or evicted): its
     /// backend has one connection less and its auto-affinity pin one user less.
     #[inline]
     fn release(&self, dp: &Dataplane, e: &FlowEntry, now: u64) {
@@ -1751,7 +1740,8 @@ mod tests {
         assert_eq!(c.rx_packets.get(), c.tx_packets.get() + c.total_drops());
     }
 
-    /// The occupancy gauge follows new flows, and resets that end them.
+    /// The occupancy gauge follows new flows, and resets, which end them
+    /// at the `fin` timeout.
     #[test]
     fn flows_active_follows_syns_and_resets() {
         let bes = vec![backend(0, 0, 100)];
@@ -1766,8 +1756,51 @@ mod tests {
             .map(|i| tcp([198, 18, 13, i], 1, tcp_flags::RST | tcp_flags::ACK))
             .collect();
         send(&mut b, &rsts, SEC);
+        assert_eq!(b.worker.counters().flows_active.get(), 20);
+        // The others go on; the reset ones end at the fin timeout (5 s).
+        let acks: Vec<Vec<u8>> = (5..20u8)
+            .map(|i| tcp([198, 18, 13, i], 1, tcp_flags::ACK))
+            .collect();
+        send(&mut b, &acks, 4 * SEC);
+        for t in 7..10 {
+            send(&mut b, &acks, t * SEC);
+        }
+        assert_eq!(b.worker.counters().flows_expired.get(), 5);
         assert_eq!(b.worker.counters().flows_active.get(), 15);
         assert_eq!(b.worker.flows().len(), 15);
+    }
+
+    /// A reset forged for a live connection (its backend's TCP ignores it)
+    /// does not send the connection's next packets elsewhere: its flow
+    /// stays, closing, and a round-robin service's connection (whose
+    /// backend no hash finds again) keeps its backend.
+    #[test]
+    fn a_forged_reset_leaves_the_connection_on_its_backend() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::RoundRobin, IPIP);
+        let mut b = bed(vec![svc], bes, 1024);
+        let clients: Vec<[u8; 4]> = (0..6u8).map(|i| [198, 18, 15, i]).collect();
+        let syns: Vec<Vec<u8>> = clients.iter().map(|&c| tcp(c, 7, tcp_flags::SYN)).collect();
+        let first: Vec<usize> = send(&mut b, &syns, SEC)
+            .iter()
+            .map(|&f| backend_index(f))
+            .collect();
+        let each =
+            |flags: u8| -> Vec<Vec<u8>> { clients.iter().map(|&c| tcp(c, 7, flags)).collect() };
+        let reset: Vec<usize> = send(&mut b, &each(tcp_flags::RST), 2 * SEC)
+            .iter()
+            .map(|&f| backend_index(f))
+            .collect();
+        assert_eq!(reset, first, "each reset reaches its connection's backend");
+        let after: Vec<usize> = send(&mut b, &each(tcp_flags::ACK), 3 * SEC)
+            .iter()
+            .map(|&f| backend_index(f))
+            .collect();
+        assert_eq!(after, first);
+        let c = b.worker.counters();
+        assert_eq!(c.unknown_flows.get(), 0);
+        assert_eq!(c.flows_closed.get(), 0);
+        assert_eq!(b.worker.flows().len(), clients.len());
     }
 
     /// Every SYN counts as one, also a SYN repeated on a flow already open;
@@ -2426,15 +2459,19 @@ mod tests {
         send(&mut b, &[tcp(client, 100, tcp_flags::SYN)], 7 * SEC);
         assert_eq!(b.worker.counters().flows_expired.get(), 1);
         send(&mut b, &[tcp(client, 100, tcp_flags::RST)], 8 * SEC);
+        // The reset flow ends at the bed's 5 s fin timeout, by the sweep.
+        for t in 14..=16 {
+            b.worker.poll(t * SEC);
+        }
         let c = b.worker.counters();
-        assert_eq!(c.flows_closed.get(), 1);
+        assert_eq!(c.flows_expired.get(), 2);
         let active = (0..2)
             .map(|id| c.backend(id).active.get() as i64)
             .sum::<i64>();
         assert_eq!(active, 0);
         let auto = &b.worker.shared.auto_affinity;
-        assert_eq!(auto.len_active(9_000), 1);
-        assert_eq!(auto.len_active(69_000), 0);
+        assert_eq!(auto.len_active(17_000), 1);
+        assert_eq!(auto.len_active(77_000), 0);
     }
 
     /// A snapshot that gives services other ids (the registry keeps ids,
@@ -2465,6 +2502,8 @@ mod tests {
         let out = send(&mut b, &[tcp(client, 100, tcp_flags::RST)], 2 * SEC);
         assert_eq!(out.len(), 1);
         assert_eq!(backend_index(out[0]) as u32, other);
+        // The flow's backend is gone from its service: the flow with it.
+        assert_eq!(b.worker.counters().rerouted.get(), 1);
         assert_eq!(b.worker.counters().flows_closed.get(), 1);
     }
 
@@ -2501,11 +2540,16 @@ mod tests {
             &[tcp([198, 18, 13, 1], 100, tcp_flags::RST)],
             2 * SEC,
         );
-        assert_eq!(b.worker.counters().flows_closed.get(), 1);
+        // The reset flow ends at the fin timeout (5 s), found by the sweep
+        // (which visits some of the table's buckets each poll).
+        for t in 8..=10 {
+            b.worker.poll(t * SEC);
+        }
+        assert_eq!(b.worker.counters().flows_expired.get(), 1);
         // Its last connection is gone; the pin lingers for its 60 s.
         let auto = &b.worker.shared.auto_affinity;
-        assert_eq!(auto.len_active(now_ms(3)), 1);
-        assert_eq!(auto.len_active(now_ms(63)), 0);
+        assert_eq!(auto.len_active(now_ms(11)), 1);
+        assert_eq!(auto.len_active(now_ms(71)), 0);
     }
 }
 

@@ -226,7 +226,7 @@ pub fn render(s: &Summary) -> String {
         &mut o,
         "pktdist_flows_ended_total",
         "counter",
-        "Flows that left the workers' flow tables, by reason: closed (RST, a new SYN on a closing flow, its backend removed), evicted (a full bucket's least recently seen, for a new flow), expired (idle past its timeout).",
+        "Flows that left the workers' flow tables, by reason: closed (a new SYN on the tuple of a flow closing after FIN or RST, its backend removed), evicted (a full bucket's least recently seen, for a new flow), expired (idle past its timeout).",
     );
     for (reason, v) in s.flows_ended.as_array() {
         f.value(&[("reason", reason)], v as f64);

@@ -418,8 +418,8 @@ impl ControlSummary {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct FlowsEnded {
-    /// Ended by RST, by a new SYN on a closing flow's tuple, or because
-    /// their backend was removed.
+    /// Ended by a new SYN on the tuple of a flow closing (after FIN or
+    /// RST), or because their backend was removed.
     pub closed: u64,
     /// Live flows a full bucket gave up for a new one (the least recently
     /// seen of their bucket): a table too small for its flows.

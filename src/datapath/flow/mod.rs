@@ -125,7 +125,7 @@ pub enum TcpState {
     SynSeen = 0,
     /// The client has acknowledged: the connection is open.
     Established = 1,
-    /// The client sent FIN: the connection is closing.
+    /// The client sent FIN or RST: the connection is closing.
     Closing = 2,
     /// A UDP flow.
     Udp = 3,
@@ -214,7 +214,7 @@ pub struct FlowStats {
     pub evicted: u64,
     /// Flows ended by their idle timeout (found by lookup, insert or sweep).
     pub expired: u64,
-    /// Flows ended by RST, or by a new SYN reusing a closing flow's tuple.
+    /// Flows ended by a new SYN reusing a closing flow's tuple.
     pub closed: u64,
     /// Flows removed by `remove`.
     pub removed: u64,
@@ -246,10 +246,6 @@ pub enum Lookup {
     /// A live flow, refreshed and with the packet's flags applied (a copy:
     /// change its backend with [`FlowTable::set_backend`]).
     Hit(Hit),
-    /// The packet carried RST: the flow is removed and handed back. The
-    /// packet itself still belongs to `backend`; the caller releases the
-    /// entry's auto-affinity slot and counts the connection as ended.
-    Reset(FlowEntry),
     /// The flow had already ended before this packet (its idle timeout
     /// passed, or this is a new SYN on the tuple of a closing flow). It is
     /// removed and what the caller releases of it handed back (its key is
@@ -894,19 +890,15 @@ impl<K: SlotKey> Part<K> {
         let old_state = TcpState::from_u8(slot.state);
         let mut state = old_state;
         if old_state != TcpState::Udp {
-            if tcp_flags & tcp_flags::RST != 0 {
-                books.stats.closed += 1;
-                books.stats.hits += 1;
-                return Lookup::Reset(self.take(books, b, s, *flow));
-            }
-            let syn_only = tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+            let syn_only =
+                tcp_flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
             if old_state == TcpState::Closing && syn_only {
                 books.stats.closed += 1;
                 books.stats.misses += 1;
                 books.vacant = Some(vacancy);
                 return Lookup::Stale(self.vacate(books, (b, s), home, false));
             }
-            if tcp_flags & tcp_flags::FIN != 0 {
+            if tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
                 state = TcpState::Closing;
             } else if old_state == TcpState::SynSeen && tcp_flags & tcp_flags::ACK != 0 {
                 state = TcpState::Established;
@@ -1447,9 +1439,14 @@ impl FlowTable {
     }
 
     /// Finds a live flow, refreshes its last-seen time to `now` and applies
-    /// the packet's TCP flags: ACK moves SynSeen to Established, FIN moves to
-    /// Closing (the shorter `fin` timeout), RST ends the flow. UDP flows
-    /// ignore flags. See [`Lookup`] for what comes back.
+    /// the packet's TCP flags: ACK moves SynSeen to Established, FIN or RST
+    /// moves to Closing (the shorter `fin` timeout), where a SYN on the
+    /// tuple starts a new connection. A reset does not end the flow at
+    /// once: a reset forged by someone who guessed the tuple, which the
+    /// backend's TCP ignores (it is outside the window), would otherwise
+    /// leave the live connection to be routed anew, and a lost reset's
+    /// retransmission still finds its backend. UDP flows ignore flags. See
+    /// [`Lookup`] for what comes back.
     #[inline]
     pub fn lookup(&mut self, key: &FlowKey, hash: u64, now: u64, tcp_flags: u8) -> Lookup {
         match key.family {
@@ -1942,8 +1939,11 @@ mod tests {
         }
     }
 
+    /// A reset closes the flow as a FIN does: its later packets (those of
+    /// a live connection, when the reset was forged) still find it until
+    /// the `fin` timeout, and a SYN on its tuple starts anew.
     #[test]
-    fn rst_ends_the_flow_and_hands_it_back() {
+    fn rst_closes_the_flow_until_the_fin_timeout() {
         for fam in FAMILIES {
             let mut t = table(64);
             let k = key_of(fam, 3, PROTO_TCP);
@@ -1951,17 +1951,29 @@ mod tests {
             let mut e = entry(k, TcpState::Established);
             e.auto_slot = 42;
             t.put(e, h, SEC);
-            match t.lookup(&k, h, 2 * SEC, RST | ACK) {
-                Lookup::Reset(e) => {
-                    assert_eq!(e.key, k);
-                    assert_eq!(e.auto_slot, 42);
-                    assert_eq!(e.backend, 7);
-                }
-                other => panic!("{other:?}"),
-            }
-            assert_eq!(t.lookup(&k, h, 2 * SEC, ACK), Lookup::Miss);
-            assert_eq!(t.stats().closed, 1);
+            let closing = |l: Lookup| match l {
+                Lookup::Hit(e) => e.backend == 7 && e.state == TcpState::Closing,
+                _ => false,
+            };
+            let fin = TIMEOUTS.fin.as_nanos() as u64;
+            assert!(closing(t.lookup(&k, h, 2 * SEC, RST | ACK)));
+            // The connection goes on: it stays closing, and lives on its
+            // packets.
+            assert!(closing(t.lookup(&k, h, 3 * SEC, ACK)));
+            assert!(closing(t.lookup(&k, h, 3 * SEC + fin, ACK)));
+            assert_eq!(t.auto_slot_of(&k, h), Some(42));
+            assert_eq!(t.stats().closed, 0);
+            // Idle past the fin timeout, it is gone, its slot handed back.
+            let mut ended = Vec::new();
+            t.sweep(4 * SEC + 2 * fin, t.buckets(), |e| ended.push(e));
+            assert_eq!(ended.len(), 1);
+            assert_eq!((ended[0].key, ended[0].auto_slot), (k, 42));
             assert_eq!(t.len(), 0);
+            // A SYN on a reset flow's tuple is a new connection.
+            t.put(entry(k, TcpState::Established), h, 10 * SEC);
+            assert!(closing(t.lookup(&k, h, 10 * SEC, RST)));
+            assert!(matches!(t.lookup(&k, h, 10 * SEC, SYN), Lookup::Stale(_)));
+            assert_eq!(t.stats().closed, 1);
         }
     }
 
@@ -2184,10 +2196,7 @@ mod tests {
             let k = keys[2];
             let h = flow_hash(&k);
             assert!(matches!(t.lookup(&k, h, 20 * SEC, SYN), Lookup::Stale(_)));
-            assert!(matches!(
-                t.lookup(&k0, flow_hash(&k0), 20 * SEC, RST),
-                Lookup::Reset(_)
-            ));
+            assert!(t.remove(&k0, flow_hash(&k0)).is_some());
             let got = t.insert_absent(&k, 7, TcpState::SynSeen, NO_AUTO_SLOT, h, 20 * SEC);
             assert_eq!(got, Ok(None), "{fam:?}");
             assert_eq!(t.len(), WAYS - 1, "{fam:?}");
@@ -2297,13 +2306,10 @@ mod tests {
                 }
             }
         }
-        // Closing the v4 flows leaves the v6 ones.
+        // Removing the v4 flows leaves the v6 ones.
         for i in 0..n {
             let k = key(i, PROTO_TCP);
-            assert!(matches!(
-                t.lookup(&k, flow_hash(&k), 3 * SEC, RST),
-                Lookup::Reset(_)
-            ));
+            assert!(t.remove(&k, flow_hash(&k)).is_some());
         }
         assert_eq!(t.len(), n as usize);
         assert_eq!(t.v6.used(), n as usize);
@@ -2679,8 +2685,8 @@ mod tests {
                             let timeout = timeout_ns(known.state);
                             if let Lookup::Stale(d) = got {
                                 prop_assert_eq!(d.backend, known.backend);
-                                let syn_on_closing =
-                                    known.state == TcpState::Closing && flags & (SYN | ACK) == SYN;
+                                let syn_on_closing = known.state == TcpState::Closing
+                                    && flags & (SYN | ACK | RST) == SYN;
                                 prop_assert!(idle > timeout || syn_on_closing);
                                 prop_assert!(d.expired || syn_on_closing);
                                 model.remove(&k);
@@ -2688,7 +2694,7 @@ mod tests {
                                 prop_assert!(idle <= timeout + SLACK, "{got:?} after {idle} ns");
                                 let mut next = known.state;
                                 if known.state != TcpState::Udp {
-                                    if flags & FIN != 0 {
+                                    if flags & (FIN | RST) != 0 {
                                         next = TcpState::Closing;
                                     } else if known.state == TcpState::SynSeen && flags & ACK != 0 {
                                         next = TcpState::Established;
@@ -2696,9 +2702,6 @@ mod tests {
                                 }
                                 match got {
                                     Lookup::Hit(e) => {
-                                        prop_assert!(
-                                            known.state == TcpState::Udp || flags & RST == 0
-                                        );
                                         prop_assert_eq!(
                                             (e.backend, e.state),
                                             (known.backend, next)
@@ -2712,13 +2715,6 @@ mod tests {
                                                 ..known
                                             },
                                         );
-                                    }
-                                    Lookup::Reset(e) => {
-                                        prop_assert!(
-                                            known.state != TcpState::Udp && flags & RST != 0
-                                        );
-                                        prop_assert_eq!((e.key, e.backend), (k, known.backend));
-                                        model.remove(&k);
                                     }
                                     other => prop_assert!(false, "present flow: {other:?}"),
                                 }
@@ -2913,16 +2909,19 @@ mod tests {
             assert!(is_hit(&t.lookup(&guest, flow_hash(&guest), 3 * SEC, ACK)));
             assert!(t.home_residents(&guest, flow_hash(&guest)).contains(&guest));
             assert!(t.consistent());
-            // Guests ending by reset, removal and expiry keep the books.
+            // Guests ending by a new SYN on a reset flow, removal and
+            // expiry keep the books.
             let guests: Vec<FlowKey> = keys
                 .iter()
                 .filter(|k| **k != gone && !t.home_residents(k, h0).contains(k))
                 .copied()
                 .collect();
             assert_eq!(guests.len(), 19 - WAYS - 1);
+            let g0 = flow_hash(&guests[0]);
+            assert!(is_hit(&t.lookup(&guests[0], g0, 3 * SEC, RST)));
             assert!(matches!(
-                t.lookup(&guests[0], flow_hash(&guests[0]), 3 * SEC, RST),
-                Lookup::Reset(_)
+                t.lookup(&guests[0], g0, 3 * SEC, SYN),
+                Lookup::Stale(_)
             ));
             assert!(t.remove(&guests[1], flow_hash(&guests[1])).is_some());
             assert!(t.consistent());
