@@ -13,12 +13,15 @@
 //!
 //! While a port's bursts come full, one iteration takes up to
 //! [`PIPELINED_BURSTS`] of them and receives each before routing the one
-//! ahead of it: that one's later stages are all hinted first, and their
-//! lines (an affinity slot at a random place in tens of MiB, a flow's
-//! alternate bucket) arrive while the device hands over the next burst,
-//! and that burst is parsed and its lookups prepared; a burst not full is
-//! routed at once, as above. Packets still leave in the order they came:
-//! a later burst's first passes only read and hint.
+//! ahead of it: once the device has handed over the next burst (its
+//! receive, a copy on some devices, is when the lines the burst ahead's
+//! parse and `prepare` hinted arrive: its flow buckets, its affinity
+//! bucket headers), the burst ahead's later stages are all hinted, and
+//! their lines (an affinity slot at a random place in tens of MiB, a
+//! flow's alternate bucket) arrive while the next burst is parsed and its
+//! lookups prepared; a burst not full is routed at once, as above.
+//! Packets still leave in the order they came: a later burst's first
+//! passes only read and hint.
 //!
 //! Everything the loop writes is its own (flow table, counters, round-robin
 //! state); everything shared (dataplane snapshot, affinity table) is
@@ -361,15 +364,14 @@ impl<IO: PacketIo> Worker<IO> {
             let n = a.n;
             let receive_next = bursts == 0 || (n == MAX_BURST && bursts < PIPELINED_BURSTS);
             let hinted = if receive_next {
+                received += self.receive(port, &dp, &mut b, &mut a);
+                bursts += 1;
                 n
             } else {
-                n.min(AFFINITY_SLOT_DISTANCE)
+                let hinted = n.min(AFFINITY_SLOT_DISTANCE);
+                self.hint_ahead(&mut a, hinted);
+                hinted
             };
-            self.hint_ahead(&mut a, hinted);
-            if receive_next {
-                received += self.receive(port, &dp, &mut b);
-                bursts += 1;
-            }
             if n > 0 {
                 self.route_burst(&dp, &mut a, now, port, plan, &exits, hinted);
             }
@@ -395,17 +397,24 @@ impl<IO: PacketIo> Worker<IO> {
     }
 
     /// Receives a burst on `port` into `burst` and takes it through passes
-    /// 1 and 2 and the affinity lookups' `prepare`. Returns its size.
+    /// 1 and 2 and the affinity lookups' `prepare`. Returns its size. The
+    /// burst `ahead` (received before, to be routed next) has all its later
+    /// stages hinted as soon as the device has handed over the new burst,
+    /// so that its affinity bucket headers, hinted by its `prepare`, had
+    /// the device's receive to arrive, and its slot lines have this burst's
+    /// passes.
     #[inline(always)]
     fn receive<'d>(
         &mut self,
         port: usize,
         dp: &'d Dataplane,
         burst: &mut Burst<'_, 'd, IO::Buf>,
+        ahead: &mut Burst<'_, 'd, IO::Buf>,
     ) -> usize {
         let rx = &mut burst.store.bufs;
         rx.clear();
         self.io.rx_burst(port, rx);
+        self.hint_ahead(ahead, ahead.n);
         // At most MAX_BURST (the trait's promise), which also tells the
         // compiler that every index below is inside the burst's arrays.
         debug_assert!(rx.len() <= MAX_BURST);
@@ -1257,9 +1266,11 @@ impl<B> BurstStores<B> {
 }
 
 /// A burst between its passes. While bursts come full, a poll holds two:
-/// one received and parsed, its lookups prepared and every line its
-/// routing reads hinted, while it receives the next; the receive (on a
-/// device that copies frames, its slowest part) hides the lines' latency.
+/// one received and parsed, its lookups prepared, while it receives the
+/// next; the receive (on a device that copies frames, its slowest part)
+/// hides the latency of the lines the first one's passes hinted, and the
+/// next one's passes that of the lines its routing reads, hinted between
+/// the two.
 struct Burst<'s, 'd, B> {
     store: &'s mut BurstStore<B>,
     /// Packets received (0 once routed).
