@@ -44,7 +44,7 @@ impl ConfigFile {
             .path
             .as_ref()
             .ok_or("no configuration file is known to reload")?;
-        let next = Config::load(path).map_err(|e| e.to_string())?;
+        let mut next = Config::load(path).map_err(|e| e.to_string())?;
         if next.cluster != self.running.cluster {
             // The store thread, the instance's name and its view of the
             // shared table are set up once, at start.
@@ -55,8 +55,6 @@ impl ConfigFile {
         // for a restart. The file's services may count on settings not
         // running yet (a port's gateway_mac for ipip backends without a
         // MAC, a port's MTU for IPv6 in IPv6): checked against what runs.
-        let file = next;
-        let mut next = file.clone();
         for (_, _, keep) in RESTART_ONLY {
             keep(&mut next, &self.running);
         }
