@@ -100,65 +100,32 @@ type RestartOnly = (
     fn(&mut Config, &Config),
 );
 
+/// The [`RestartOnly`] entry of the setting at a field path of [`Config`].
+macro_rules! restart_only {
+    ($name:literal, $($field:ident).+) => {
+        (
+            $name,
+            |a, b| a.$($field).+ != b.$($field).+,
+            |c, r| c.$($field).+ = r.$($field).+.clone(),
+        )
+    };
+}
+
 const RESTART_ONLY: [RestartOnly; 12] = [
-    ("eal", |a, b| a.eal != b.eal, |c, r| c.eal = r.eal.clone()),
-    (
-        "cores",
-        |a, b| a.cores != b.cores,
-        |c, r| c.cores = r.cores.clone(),
-    ),
-    (
-        "ports",
-        |a, b| a.ports != b.ports,
-        |c, r| c.ports = r.ports.clone(),
-    ),
-    (
-        "mempool",
-        |a, b| a.mempool != b.mempool,
-        |c, r| c.mempool = r.mempool.clone(),
-    ),
-    (
-        "flow",
-        |a, b| a.flow != b.flow,
-        |c, r| c.flow = r.flow.clone(),
-    ),
-    (
-        "affinity",
-        |a, b| a.affinity != b.affinity,
-        |c, r| c.affinity = r.affinity.clone(),
-    ),
-    (
-        "icmp",
-        |a, b| a.icmp != b.icmp,
-        |c, r| c.icmp = r.icmp.clone(),
-    ),
-    (
-        "control.listen",
-        |a, b| a.control.listen != b.control.listen,
-        |c, r| c.control.listen = r.control.listen,
-    ),
+    restart_only!("eal", eal),
+    restart_only!("cores", cores),
+    restart_only!("ports", ports),
+    restart_only!("mempool", mempool),
+    restart_only!("flow", flow),
+    restart_only!("affinity", affinity),
+    restart_only!("icmp", icmp),
+    restart_only!("control.listen", control.listen),
     // The protocol server's replay window is sized once: widening it while
     // running would accept again requests it has forgotten.
-    (
-        "control.max_clock_skew",
-        |a, b| a.control.max_clock_skew != b.control.max_clock_skew,
-        |c, r| c.control.max_clock_skew = r.control.max_clock_skew,
-    ),
-    (
-        "control.metrics_listen",
-        |a, b| a.control.metrics_listen != b.control.metrics_listen,
-        |c, r| c.control.metrics_listen = r.control.metrics_listen,
-    ),
-    (
-        "control.status_interval",
-        |a, b| a.control.status_interval != b.control.status_interval,
-        |c, r| c.control.status_interval = r.control.status_interval,
-    ),
-    (
-        "traffic",
-        |a, b| a.traffic != b.traffic,
-        |c, r| c.traffic = r.traffic.clone(),
-    ),
+    restart_only!("control.max_clock_skew", control.max_clock_skew),
+    restart_only!("control.metrics_listen", control.metrics_listen),
+    restart_only!("control.status_interval", control.status_interval),
+    restart_only!("traffic", traffic),
 ];
 
 /// The settings `next` changes that take effect only at the next restart.
