@@ -11,8 +11,6 @@ mod control_rate;
 mod feeder;
 mod pcap_run;
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -171,6 +169,9 @@ trait Step {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Gives the queues to `next`, whose turn it is (sides that share
+    /// them without handing over do nothing).
+    fn hand_over(&mut self, _next: &mut Self) {}
 }
 
 /// Bare forwarding: receive a burst on the input, transmit it on the
@@ -214,6 +215,10 @@ impl<IO: PacketIo> Step for Pipeline<IO> {
     #[inline]
     fn step(&mut self) -> usize {
         self.worker.poll(self.now)
+    }
+
+    fn hand_over(&mut self, next: &mut Self) {
+        std::mem::swap(self.worker.io_mut(), next.worker.io_mut());
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -342,10 +347,18 @@ fn measure_loop<S: Step>(phase: &AtomicU8, sides: &mut [S], hz: u64) -> Vec<Loop
     stats
 }
 
-/// The side whose turn is next. The sides share their queues, and a poll
-/// leaves nothing queued, so a turn can end between any two polls.
-fn pass_turn<S: Step>(sides: &[S], turn: usize) -> usize {
-    (turn + 1) % sides.len()
+/// The side whose turn is next, the queues handed to it. A poll leaves
+/// nothing queued, so a turn can end between any two polls.
+fn pass_turn<S: Step>(sides: &mut [S], turn: usize) -> usize {
+    let next = (turn + 1) % sides.len();
+    if let [a, b] = sides {
+        if turn == 0 {
+            a.hand_over(b);
+        } else {
+            b.hand_over(a);
+        }
+    }
+    next
 }
 
 /// Longest warm-up of a SYN flood waiting for its frames (on a busy machine).
@@ -910,22 +923,32 @@ impl Bench {
 
 /// Two workers on the same queues, taking turns ([`measure_loop`] with two
 /// sides): one per `shared`, in that order, each with a flow table of its
-/// own and the counters given.
+/// own and the counters given. Each is the loop `pktdist run` runs, a
+/// worker over [`PortQueues`]: the side whose turn it is holds the
+/// queues, and hands them to the other at the end of its turn (the other
+/// holds queues of no port meanwhile, and is not polled).
 fn alternating_sides(
     io: PortQueues,
     setup: &WorkerSetup,
     shared: [Shared; 2],
     counters: [Arc<WorkerCounters>; 2],
-) -> [Pipeline<Rc<RefCell<PortQueues>>>; 2] {
-    let io = Rc::new(RefCell::new(io));
+) -> [Pipeline<PortQueues>; 2] {
     let mut pairs = shared.into_iter().zip(counters);
-    [(); 2].map(|()| {
+    let mut io = Some(io);
+    let mut sides = [(); 2].map(|()| {
         let (shared, counters) = pairs.next().expect("two sides");
-        Pipeline {
-            worker: Worker::new(Rc::clone(&io), setup.clone(), shared, counters),
-            now: 0,
-        }
-    })
+        // Each worker is made over the queues themselves (it sizes its
+        // per-port state by them), then gives them back.
+        let mut worker = Worker::new(io.take().expect("queues"), setup.clone(), shared, counters);
+        io = Some(std::mem::replace(
+            worker.io_mut(),
+            PortQueues::new(Vec::new()),
+        ));
+        Pipeline { worker, now: 0 }
+    });
+    // The first side's turn comes first.
+    *sides[0].worker.io_mut() = io.take().expect("queues");
+    sides
 }
 
 /// The `turn_ratios` of alternating turns (rates per window, empty side

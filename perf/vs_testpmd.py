@@ -47,8 +47,9 @@ perf/out/pcap/):
   its neighbouring empty turns, the median per round: the issue's "with
   1M affinities at least 0.85 of the SYN flood's rate", measured without
   the seconds between two runs in which this VM's pace moves. (Its rates
-  are not the separate runs': two workers share the queues through a
-  RefCell, and each turn starts with the other's tables in the caches.)
+  are not the separate runs': each turn starts with the other's tables in
+  the caches. The worker whose turn it is holds the queues and hands them
+  over at the end of its turn.)
 
 Writes perf/out/testpmd-<UTC time>.json (and a testpmd-latest.json link),
 which perf/results.py reads for RESULTS.md. Needs root, two cores,

@@ -217,9 +217,11 @@ impl<IO: PacketIo> Worker<IO> {
         &self.counters
     }
 
-    /// The worker's packet I/O (tests read what was transmitted).
-    #[cfg(test)]
-    pub(crate) fn io_mut(&mut self) -> &mut IO {
+    /// The worker's packet I/O: tests read what was transmitted, and a
+    /// benchmark hands the queues between two workers taking turns on
+    /// them (swapped between polls, for I/O with as many ports as the
+    /// worker was made with: its per-port state is sized at `new`).
+    pub fn io_mut(&mut self) -> &mut IO {
         &mut self.io
     }
 
