@@ -433,6 +433,23 @@ fn bad_devices_and_pools_are_clear_errors() {
             "{mbufs} mbufs of {room} bytes"
         );
     }
+    // A socket's pool that cannot be made for another reason than room
+    // (here its name is taken) is an error, not a fall back to any socket.
+    let name = unique("sx");
+    let _taken = Mempool::new(&format!("{name}-s0"), 63, 0, DEFAULT_DATA_ROOM, 0).expect("pool");
+    let pools = SocketPools::new(&name, 63, 0, DEFAULT_DATA_ROOM);
+    let err = pools.for_socket(0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DpdkError::Call {
+                op: "rte_pktmbuf_pool_create",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(pools.pools().is_empty());
     let small = Mempool::new(&unique("tp"), 63, 0, 1024, SOCKET_ANY).expect("small pool");
     assert!(matches!(
         Port::open(&unique("net_ring_t"), &PortSetup::default(), small),

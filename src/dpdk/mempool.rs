@@ -8,6 +8,11 @@ use super::eal;
 use super::sys;
 use super::DpdkError;
 
+/// What pool creation reports (Linux errno) for a socket without room
+/// for the pool (ENOMEM), or without memory at all: one EAL found no
+/// memory on (EINVAL).
+const NO_ROOM: [i32; 2] = [12, 22];
+
 /// `RTE_PKTMBUF_HEADROOM`: room left in front of received frames, used by
 /// IP-in-IP encapsulation.
 pub const HEADROOM: u16 = 128;
@@ -192,7 +197,8 @@ impl SocketPools {
     /// a device whose socket is unknown ([`sys::SOCKET_ANY`], as for most
     /// virtual devices), the calling thread's socket's (in `pktdist run`,
     /// the control core's: where a pool of any socket would have been
-    /// made); the pool of any socket when that socket has no room for one.
+    /// made); the pool of any socket when that socket has no room for one
+    /// (or no memory at all). Other failures are errors.
     pub fn for_socket(&self, socket: i32) -> Result<Arc<Mempool>, DpdkError> {
         let control = eal::control();
         self.for_socket_locked(&control, socket)
@@ -229,14 +235,21 @@ impl SocketPools {
         };
         let pool = match make(socket) {
             Ok(pool) => pool,
-            Err(_) if socket != sys::SOCKET_ANY => match find(&made, sys::SOCKET_ANY) {
-                Some(any) => any,
-                None => {
-                    let any = make(sys::SOCKET_ANY)?;
-                    made.push((sys::SOCKET_ANY, Arc::clone(&any)));
-                    any
+            // No room on that socket (no huge pages reserved there): any
+            // socket's pool. Any other failure (a name taken, no memzone
+            // left) is the caller's to see, not to fall back from.
+            Err(DpdkError::Call { errno, .. })
+                if socket != sys::SOCKET_ANY && NO_ROOM.contains(&errno) =>
+            {
+                match find(&made, sys::SOCKET_ANY) {
+                    Some(any) => any,
+                    None => {
+                        let any = make(sys::SOCKET_ANY)?;
+                        made.push((sys::SOCKET_ANY, Arc::clone(&any)));
+                        any
+                    }
                 }
-            },
+            }
             Err(e) => return Err(e),
         };
         made.push((socket, Arc::clone(&pool)));

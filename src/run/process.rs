@@ -288,9 +288,9 @@ fn start(cfg: &Config) -> Result<Started, String> {
         let pool = port.pool();
         if port.socket() != SOCKET_ANY && pool.socket() != port.socket() {
             log::warn!(
-                "port {}: the device is on NUMA socket {}, where no pool of {} mbufs could be made \
-                 (no room there, most likely): its mbufs come from pool {} (any socket), and its packets \
-                 cross between sockets; reserve huge pages on socket {} (or lower [mempool] mbufs)",
+                "port {}: the device is on NUMA socket {}, which has no room for a pool of {} mbufs: \
+                 its mbufs come from pool {} (any socket), and its packets cross between sockets; \
+                 reserve huge pages on socket {} (or lower [mempool] mbufs)",
                 p.name,
                 port.socket(),
                 cfg.mempool.mbufs,
