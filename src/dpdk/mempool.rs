@@ -8,10 +8,16 @@ use super::eal;
 use super::sys;
 use super::DpdkError;
 
-/// What pool creation reports (Linux errno) for a socket without room
-/// for the pool (ENOMEM), or without memory at all: one EAL found no
-/// memory on (EINVAL).
-const NO_ROOM: [i32; 2] = [12, 22];
+/// Whether pool creation failed for want of memory on its socket: no room
+/// there for the pool (ENOMEM), or no memory at all, a socket EAL found
+/// none on (EINVAL).
+fn no_room(errno: i32) -> bool {
+    use std::io::{Error, ErrorKind};
+    matches!(
+        Error::from_raw_os_error(errno).kind(),
+        ErrorKind::OutOfMemory | ErrorKind::InvalidInput
+    )
+}
 
 /// `RTE_PKTMBUF_HEADROOM`: room left in front of received frames, used by
 /// IP-in-IP encapsulation.
@@ -238,9 +244,7 @@ impl SocketPools {
             // No room on that socket (no huge pages reserved there): any
             // socket's pool. Any other failure (a name taken, no memzone
             // left) is the caller's to see, not to fall back from.
-            Err(DpdkError::Call { errno, .. })
-                if socket != sys::SOCKET_ANY && NO_ROOM.contains(&errno) =>
-            {
+            Err(DpdkError::Call { errno, .. }) if socket != sys::SOCKET_ANY && no_room(errno) => {
                 match find(&made, sys::SOCKET_ANY) {
                     Some(any) => any,
                     None => {
