@@ -1464,11 +1464,13 @@ fn maglev_pick(dp: &Dataplane, svc: &Service, hash: u64) -> Option<BackendId> {
 }
 
 #[cfg(test)]
+mod fixture;
+
+#[cfg(test)]
 mod tests {
+    use super::fixture::{backend, service, Bed, Settings, IPIP, SEC, VIP};
     use super::*;
     use crate::affinity::key::TableKey;
-    use crate::affinity::table::{AffinityTable, AffinityWriter};
-    use crate::datapath::pktio::MemIo;
     use crate::datapath::snapshot::{AutoAffinity, Backend};
     use crate::sched::maglev::MaglevTable;
     use crate::types::PortMatch;
@@ -1478,71 +1480,6 @@ mod tests {
     use crate::wire::{ethernet, ipv4};
     use std::collections::BTreeSet;
     use std::time::Duration;
-
-    const VIP: [u8; 4] = [10, 0, 0, 1];
-    const SEC: u64 = 1_000_000_000;
-
-    fn backend(id: u32, service: ServiceId, weight: u32) -> Backend {
-        let addr = std::net::Ipv4Addr::new(10, 1, 0, id as u8 + 1);
-        Backend {
-            id,
-            service,
-            name: format!("be{id}"),
-            addr: addr.into(),
-            addr_bits: u32::from(addr) as u128,
-            mac: Some([2, 0, 0, 0, 1, id as u8]),
-            weight,
-            state: if weight == 0 {
-                BackendState::Draining
-            } else {
-                BackendState::Up
-            },
-        }
-    }
-
-    fn service(
-        id: ServiceId,
-        port: u16,
-        proto: u8,
-        backends: &[Backend],
-        scheduler: SchedulerKind,
-        mode: ForwardMode,
-    ) -> Service {
-        let names: Vec<(&str, u32)> = backends
-            .iter()
-            .map(|b| (b.name.as_str(), b.sched_weight()))
-            .collect();
-        Service {
-            id,
-            name: format!("svc{id}"),
-            vip: std::net::Ipv4Addr::from(VIP).into(),
-            vip_bits: u32::from_be_bytes(VIP) as u128,
-            family: Family::V4,
-            port,
-            proto,
-            mode,
-            scheduler,
-            hash: crate::datapath::snapshot::HashKind::Connection,
-            backends: backends.iter().map(|b| b.id).collect(),
-            maglev: Arc::new(MaglevTable::new(&names, 65537).unwrap()),
-            auto_affinity: None,
-            max_affinity: Duration::from_secs(3600),
-            limits: Default::default(),
-            affinity_grace: Duration::from_secs(30),
-            all_down: !backends.is_empty()
-                && backends.iter().all(|b| b.state == BackendState::Down),
-        }
-    }
-
-    const IPIP: ForwardMode = ForwardMode::IpIp {
-        source: 0x0a00_00fe,
-    };
-
-    struct Bed {
-        worker: Worker<MemIo>,
-        cell: Arc<DataplaneCell>,
-        affinity: AffinityWriter,
-    }
 
     fn bed(services: Vec<Service>, backends: Vec<Backend>, flow_capacity: usize) -> Bed {
         guarded_bed(services, backends, flow_capacity, 0)
@@ -1557,44 +1494,19 @@ mod tests {
         flow_capacity: usize,
         syn_flood_rate: u32,
     ) -> Bed {
-        let cell = Arc::new(DataplaneCell::new(Dataplane::new(1, services, backends)));
-        let (affinity, reader) = AffinityTable::new(1024);
-        let shared = Shared {
-            dataplane: cell.clone(),
-            affinity: reader,
-            auto_affinity: Arc::new(AutoAffinityTable::new(1024)),
-            epoch: Instant::now(),
+        let timeouts = FlowTimeouts {
+            syn: Duration::from_secs(5),
+            established: Duration::from_secs(60),
+            fin: Duration::from_secs(5),
+            udp: Duration::from_secs(30),
         };
-        let setup = WorkerSetup {
-            id: 0,
-            ports: vec![PortPlan {
-                forward_to: 0,
-                gateway_mac: None,
-                unmatched_to: None,
-                mtu: 1500,
-            }],
+        let settings = Settings {
             flow_capacity,
-            flow_capacity_v6: flow_capacity,
-            timeouts: FlowTimeouts {
-                syn: Duration::from_secs(5),
-                established: Duration::from_secs(60),
-                fin: Duration::from_secs(5),
-                udp: Duration::from_secs(30),
-            },
+            timeouts,
             syn_flood_rate,
-            icmp: IcmpSettings::default(),
+            ..Settings::default()
         };
-        let worker = Worker::new(
-            MemIo::new(1),
-            setup,
-            shared,
-            Arc::new(WorkerCounters::default()),
-        );
-        Bed {
-            worker,
-            cell,
-            affinity,
-        }
+        fixture::bed(services, backends, settings)
     }
 
     fn tcp(src: [u8; 4], sport: u16, flags: u8) -> Vec<u8> {
@@ -2570,147 +2482,38 @@ mod tests {
 /// packets, echo answers, too-big answers and fragments.
 #[cfg(test)]
 mod icmp_tests {
+    use super::fixture::{backend, backend6, service, Bed, Settings, IPIP, IPIP6, SEC, VIP, VIP6};
     use super::*;
     use crate::affinity::key::TableKey;
-    use crate::affinity::table::{AffinityTable, AffinityWriter};
     use crate::datapath::classify::parse;
     use crate::datapath::icmp::EchoPolicy;
-    use crate::datapath::pktio::{MemBuf, MemIo};
+    use crate::datapath::pktio::MemBuf;
     use crate::datapath::snapshot::Backend;
-    use crate::sched::maglev::MaglevTable;
-    use crate::types::{BackendState, PortMatch, ServiceId, PROTO_UDP};
+    use crate::types::{PortMatch, PROTO_UDP};
     use crate::wire::build::FrameSpec;
     use crate::wire::icmp::{v4, v6};
     use crate::wire::{icmp, ipv4, ipv6};
-    use std::time::Duration;
 
-    const VIP: [u8; 4] = [10, 0, 0, 1];
-    const VIP6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     const ROUTER: [u8; 4] = [198, 51, 100, 254];
     const ROUTER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0xf, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    const SEC: u64 = 1_000_000_000;
-    const IPIP: ForwardMode = ForwardMode::IpIp {
-        source: 0x0a00_00fe,
-    };
-    const IPIP6: ForwardMode = ForwardMode::IpIp {
-        source: 0x2001_0db8_0000_0000_0000_0000_0000_00fe,
-    };
     /// The rx port's MAC in the bed (MemIo port 0).
     const PORT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0];
     /// The MAC frames come from (FrameSpec's default source).
     const SENDER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
-    fn backend(id: u32, service: ServiceId, v6: bool) -> Backend {
-        let addr: std::net::IpAddr = if v6 {
-            std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, id as u16 + 1).into()
-        } else {
-            std::net::Ipv4Addr::new(10, 1, 0, id as u8 + 1).into()
-        };
-        Backend {
-            id,
-            service,
-            name: format!("be{id}"),
-            addr,
-            addr_bits: match addr {
-                std::net::IpAddr::V4(a) => u32::from(a) as u128,
-                std::net::IpAddr::V6(a) => u128::from(a),
-            },
-            mac: Some([2, 0, 0, 0, 1, id as u8]),
-            weight: 100,
-            state: BackendState::Up,
-        }
-    }
-
-    fn service(
-        id: ServiceId,
-        port: u16,
-        proto: u8,
-        backends: &[Backend],
-        scheduler: SchedulerKind,
-        mode: ForwardMode,
-    ) -> Service {
-        let names: Vec<(&str, u32)> = backends
-            .iter()
-            .map(|b| (b.name.as_str(), b.sched_weight()))
-            .collect();
-        let v6 = backends.first().is_some_and(|b| b.addr.is_ipv6());
-        let (vip, vip_bits, family): (std::net::IpAddr, u128, Family) = if v6 {
-            (
-                std::net::Ipv6Addr::from(VIP6).into(),
-                u128::from_be_bytes(VIP6),
-                Family::V6,
-            )
-        } else {
-            (
-                std::net::Ipv4Addr::from(VIP).into(),
-                u32::from_be_bytes(VIP) as u128,
-                Family::V4,
-            )
-        };
-        Service {
-            id,
-            name: format!("svc{id}"),
-            vip,
-            vip_bits,
-            family,
-            port,
-            proto,
-            mode,
-            scheduler,
-            hash: crate::datapath::snapshot::HashKind::Connection,
-            backends: backends.iter().map(|b| b.id).collect(),
-            maglev: Arc::new(MaglevTable::new(&names, 65537).unwrap()),
-            auto_affinity: None,
-            max_affinity: Duration::from_secs(3600),
-            limits: Default::default(),
-            affinity_grace: Duration::from_secs(30),
-            all_down: !backends.is_empty()
-                && backends.iter().all(|b| b.state == BackendState::Down),
-        }
-    }
-
-    struct Bed {
-        worker: Worker<MemIo>,
-        affinity: AffinityWriter,
-    }
-
-    fn bed(services: Vec<Service>, backends: Vec<Backend>, icmp: IcmpSettings) -> Bed {
-        let cell = Arc::new(DataplaneCell::new(Dataplane::new(1, services, backends)));
-        let (affinity, reader) = AffinityTable::new(1024);
-        let shared = Shared {
-            dataplane: cell,
-            affinity: reader,
-            auto_affinity: Arc::new(AutoAffinityTable::new(1024)),
-            epoch: Instant::now(),
-        };
-        let setup = WorkerSetup {
-            id: 0,
-            ports: vec![PortPlan {
-                forward_to: 0,
-                gateway_mac: None,
-                unmatched_to: None,
-                mtu: 1500,
-            }],
-            flow_capacity: 1 << 12,
-            flow_capacity_v6: 1 << 12,
-            timeouts: FlowTimeouts::default(),
-            syn_flood_rate: 0,
+    fn icmp_bed(services: Vec<Service>, backends: Vec<Backend>, icmp: IcmpSettings) -> Bed {
+        let settings = Settings {
             icmp,
+            ..Settings::default()
         };
-        let worker = Worker::new(
-            MemIo::new(1),
-            setup,
-            shared,
-            Arc::new(WorkerCounters::default()),
-        );
-        Bed { worker, affinity }
+        fixture::bed(services, backends, settings)
     }
 
     /// Three IPv4 backends of one TCP service on port 80.
     fn web(scheduler: SchedulerKind, mode: ForwardMode, icmp: IcmpSettings) -> Bed {
-        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, false)).collect();
+        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, 100)).collect();
         let svc = service(0, 80, PROTO_TCP, &bes, scheduler, mode);
-        bed(vec![svc], bes, icmp)
+        icmp_bed(vec![svc], bes, icmp)
     }
 
     /// Runs frames through the worker; returns every frame it transmitted.
@@ -3069,8 +2872,8 @@ mod icmp_tests {
             syn6,
             tcp4([192, 0, 2, 2], 1000, tcp_flags::SYN),
         ];
-        let be4 = backend(0, 0, false);
-        let be6 = backend(1, 1, true);
+        let be4 = backend(0, 0, 100);
+        let be6 = backend6(1, 1);
         let s4 = service(
             0,
             80,
@@ -3091,7 +2894,7 @@ mod icmp_tests {
         s6.vip_bits = u128::from_be_bytes(compat);
 
         // The IPv4 service alone: the IPv6 SYN is for no service.
-        let mut b = bed(vec![s4.clone()], vec![be4.clone()], IcmpSettings::default());
+        let mut b = icmp_bed(vec![s4.clone()], vec![be4.clone()], IcmpSettings::default());
         let out = run(&mut b, &burst, SEC);
         let to: Vec<u128> = out.iter().map(|f| tunnelled(f).0).collect();
         assert_eq!(to, [be4.addr_bits, be4.addr_bits]);
@@ -3105,7 +2908,7 @@ mod icmp_tests {
         assert!(dp.find_service(s6.vip, 80, PROTO_TCP).is_none());
 
         // Both: each packet to its family's service and backend.
-        let mut b = bed(
+        let mut b = icmp_bed(
             vec![s4.clone(), s6.clone()],
             vec![be4.clone(), be6.clone()],
             IcmpSettings::default(),
@@ -3136,9 +2939,9 @@ mod icmp_tests {
     /// fragments; an ICMPv6 error is routed like IPv4's.
     #[test]
     fn ipv6_too_big_and_errors() {
-        let bes: Vec<Backend> = (0..2).map(|i| backend(i, 0, true)).collect();
+        let bes: Vec<Backend> = (0..2).map(|i| backend6(i, 0)).collect();
         let svc = service(0, 443, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP6);
-        let mut b = bed(vec![svc], bes, IcmpSettings::default());
+        let mut b = icmp_bed(vec![svc], bes, IcmpSettings::default());
         let client = [0x20, 0x01, 0x0d, 0xb8, 0xc, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
         let big = FrameSpec {
             payload: &[1; 1440],
@@ -3180,9 +2983,9 @@ mod icmp_tests {
     /// path alike; fragments keep their packet's.
     #[test]
     fn outer_headers_are_identified_one_by_one() {
-        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, false)).collect();
+        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, 100)).collect();
         let svc = service(0, 53, PROTO_UDP, &bes, SchedulerKind::Maglev, IPIP);
-        let mut b = bed(vec![svc], bes, IcmpSettings::default());
+        let mut b = icmp_bed(vec![svc], bes, IcmpSettings::default());
         let frame = |sport, vlan| {
             FrameSpec {
                 payload: &[7; 100],
@@ -3216,9 +3019,9 @@ mod icmp_tests {
     /// packet; counted as such.
     #[test]
     fn too_big_packets_without_df_are_fragmented() {
-        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, false)).collect();
+        let bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, 100)).collect();
         let svc = service(0, 53, PROTO_UDP, &bes, SchedulerKind::Maglev, IPIP);
-        let mut b = bed(vec![svc], bes, IcmpSettings::default());
+        let mut b = icmp_bed(vec![svc], bes, IcmpSettings::default());
         let f = FrameSpec {
             payload: &[9; 1472],
             dont_frag: false,
@@ -3322,9 +3125,9 @@ mod icmp_tests {
     /// A bed with an IPv4 TCP service and its affinity, an IPv4 UDP
     /// service, an IPv6 TCP service, and echo answered.
     fn fuzz_bed() -> Bed {
-        let mut bes: Vec<Backend> = (0..2).map(|i| backend(i, 0, false)).collect();
-        bes.extend((2..4).map(|i| backend(i, 1, false)));
-        bes.extend((4..6).map(|i| backend(i, 2, true)));
+        let mut bes: Vec<Backend> = (0..2).map(|i| backend(i, 0, 100)).collect();
+        bes.extend((2..4).map(|i| backend(i, 1, 100)));
+        bes.extend((4..6).map(|i| backend6(i, 2)));
         let svcs = vec![
             service(0, 80, PROTO_TCP, &bes[0..2], SchedulerKind::Maglev, IPIP),
             service(1, 53, PROTO_UDP, &bes[2..4], SchedulerKind::Maglev, IPIP),
@@ -3341,7 +3144,7 @@ mod icmp_tests {
             echo: EchoPolicy::All,
             ..IcmpSettings::default()
         };
-        let mut b = bed(svcs, bes, icmp);
+        let mut b = icmp_bed(svcs, bes, icmp);
         let k = TableKey::new(0, Family::V4, 0xc612_0000, 16, PortMatch::Any).unwrap();
         b.affinity.insert(k, 1).unwrap();
         b
