@@ -574,10 +574,24 @@ impl ControlHandler for Dispatch<'_> {
                     serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
                 )
             }
-            _ => match &mut self.cluster {
-                Some(c) => c.request(self.plane, call, request, call.now_ms),
-                None => self.plane.handle(call.sender, call.is_admin, request),
-            },
+            _ => {
+                // What is due ends before the request is answered, not at
+                // the next tick: a request about an affinity past its end
+                // finds it ended.
+                self.plane.expire();
+                self.dispatch(call, request)
+            }
+        }
+    }
+}
+
+impl Dispatch<'_> {
+    /// Hands an affinity or backend request to the store (in cluster mode)
+    /// or the plane.
+    fn dispatch(&mut self, call: &Call<'_>, request: &Request<'_>) -> Response {
+        match &mut self.cluster {
+            Some(c) => c.request(self.plane, call, request, call.now_ms),
+            None => self.plane.handle(call.sender, call.is_admin, request),
         }
     }
 }
@@ -1184,6 +1198,41 @@ mod tests {
         let control = ctl.summary().extra.control.unwrap();
         assert_eq!((control.notifications, control.ended.cancelled), (1, 1));
         assert!(ctl.plane().affinities().is_empty());
+    }
+
+    /// A request that comes after an affinity's end, before the tick that
+    /// would expire it: it finds the affinity ended (its owner's EXTEND is
+    /// NOT_FOUND), and the owner hears of the end.
+    #[test]
+    fn a_request_after_an_affinity_ends_finds_it_ended() {
+        let file = File::new("past", &config(ADMIN_1, A_1));
+        let mut ctl = control(&file.0, None);
+        let mut a = Peer::new("a", A_1);
+        let Request::AffinityCreate(o) = create("198.18.0.0") else {
+            unreachable!()
+        };
+        let o = AffinityOp {
+            duration_secs: 1,
+            ..o
+        };
+        // Every step below is told it runs now, when no tick is due since
+        // the create's step.
+        let before = Instant::now();
+        let r = ask(&mut ctl, &mut a, A_1, &Request::AffinityCreate(o)).expect("answered");
+        assert_eq!(r.code, ReturnCode::Ok);
+        std::thread::sleep(Duration::from_millis(1100));
+        a.send(ctl.local_addr().unwrap(), &Request::AffinityExtend(o));
+        ctl.step(before);
+        match a.recv_signed(A_1) {
+            Some(Received::Reply(r)) => assert_eq!(r.code, ReturnCode::NotFound),
+            other => panic!("no reply: {other:?}"),
+        }
+        assert!(ctl.plane().affinities().is_empty());
+        ctl.tick();
+        match a.recv_signed(A_1) {
+            Some(Received::Ended(n)) => assert_eq!(n.reason, EndReason::Expired),
+            other => panic!("no notice: {other:?}"),
+        }
     }
 
     /// A reload that removes a backend and its key together: the backend
