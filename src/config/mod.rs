@@ -26,6 +26,7 @@ use crate::affinity::limits::{AffinityLimits, MinPrefix, OverlapPolicy};
 use crate::datapath::flow::FlowTimeouts;
 use crate::datapath::icmp::{EchoPolicy, IcmpSettings, DEFAULT_ECHO_RATE, DEFAULT_TOO_BIG_RATE};
 use crate::net::IpNet;
+use crate::protocol::message::ADMIN_NAME;
 use crate::protocol::rate_limit::{
     RateLimits, DEFAULT_ADMIN_MAX_REQUESTS_PER_SECOND, DEFAULT_MAX_REQUESTS_PER_SECOND,
 };
@@ -629,6 +630,10 @@ fn host_address(a: &IpAddr) -> Result<(), String> {
 fn fail(path: KeyPath, msg: impl Into<String>) -> Check {
     Err(Invalid(path, msg.into()))
 }
+
+/// Why no backend is named [`ADMIN_NAME`].
+pub const ADMIN_RESERVED: &str =
+    "\"admin\" is the operator's name in the control protocol: no backend may have it";
 
 /// Why a `what` name is longer than the control protocol and the cluster
 /// store carry ([`crate::types::MAX_NAME_LEN`] bytes), if it is.
@@ -1247,6 +1252,9 @@ impl Config {
                 }
                 if let Some(e) = too_long("backend", &b.name) {
                     return fail(bp.key("name"), e);
+                }
+                if b.name == ADMIN_NAME {
+                    return fail(bp.key("name"), ADMIN_RESERVED);
                 }
                 if !bnames.insert(b.name.as_str()) {
                     return fail(

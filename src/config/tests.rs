@@ -1615,3 +1615,17 @@ fn names_longer_than_the_wire_carries_are_refused() {
     let fits = "n".repeat(64);
     Config::parse(&BASE.replace("\"be1\"", &format!("\"{fits}\"")), "t.toml").unwrap();
 }
+
+/// A request signed as `admin` is the operator's: a backend of that name
+/// could not be told apart from it.
+#[test]
+fn no_backend_is_named_admin() {
+    let admin = BASE.replace("\"be1\"", "\"admin\"");
+    assert_ne!(admin, *BASE);
+    check(
+        &admin,
+        "services[0].backends[0].name",
+        "\"admin\"",
+        "the operator's name",
+    );
+}

@@ -1581,6 +1581,20 @@ address = "2001:db8:1::2"
             weight: 100,
         });
         assert_eq!(call(&mut p, "admin", add).code, ReturnCode::Ok);
+        let named_admin = Request::BackendAdd(crate::protocol::message::BackendSpec {
+            service: "web",
+            backend: "admin",
+            addr: "10.0.0.6".parse().unwrap(),
+            mac: None,
+            weight: 100,
+        });
+        let refused = call(&mut p, "admin", named_admin);
+        assert_eq!(refused.code, ReturnCode::Invalid);
+        assert!(
+            refused.message.contains("operator's name"),
+            "{}",
+            refused.message
+        );
         let over = create(&mut p, "a", "11.0.0.0", 24, "a");
         assert!(over.message.contains("quota is 684"), "{}", over.message);
         // What a holds beyond the smaller quota stays.

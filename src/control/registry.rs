@@ -14,11 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::affinity::limits::AffinityLimits;
-use crate::config::{Config, Forwarding, HashInput, Protocol, Scheduler, ServiceConfig};
+use crate::config::{
+    Config, Forwarding, HashInput, Protocol, Scheduler, ServiceConfig, ADMIN_RESERVED,
+};
 use crate::datapath::snapshot::{
     AutoAffinity, Backend, Dataplane, ForwardMode, HashKind, SchedulerKind, Service,
 };
 use crate::net::ip_bits;
+use crate::protocol::message::ADMIN_NAME;
 use crate::sched::maglev::{is_prime, MaglevTable};
 use crate::types::{BackendId, BackendState, Family, ServiceId, MAX_BACKENDS, MAX_SERVICES};
 
@@ -172,6 +175,9 @@ impl ServiceEntry {
             return Err(RegistryError::Invalid(
                 "backend name must be 1 to 64 bytes".into(),
             ));
+        }
+        if b.name == ADMIN_NAME {
+            return Err(RegistryError::Invalid(ADMIN_RESERVED.into()));
         }
         if b.addr.is_ipv4() != self.vip.is_ipv4() {
             return Err(RegistryError::Invalid(format!(
