@@ -46,7 +46,8 @@ impl ParsedPacket {
 
 /// Where an ICMP (in IPv4) or ICMPv6 (in IPv6) message lies in a frame
 /// whose Ethernet and IP headers are well-formed and which is not a
-/// fragment. Small on purpose: it shares the burst's classification
+/// fragment; the message may be shorter than the ICMP header
+/// ([`crate::datapath::icmp::inspect`] judges it). Small on purpose: it shares the burst's classification
 /// results with [`ParsedPacket`] and must not make them larger.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct IcmpAt {
@@ -104,8 +105,9 @@ impl From<DropReason> for NotFlow {
 ///
 /// Returns why it is not a flow's packet when it is not an unfragmented
 /// IPv4/IPv6 TCP or UDP packet with well-formed headers: an ICMP message
-/// (ICMP in IPv4, ICMPv6 in IPv6, at least its header inside the packet)
-/// as [`NotFlow::Icmp`], anything else as the reason to drop it.
+/// (ICMP in IPv4, ICMPv6 in IPv6, however short: the ICMP path counts a
+/// malformed one to a VIP as an ICMP drop) as [`NotFlow::Icmp`], anything
+/// else as the reason to drop it.
 ///
 /// Checks every length the forwarding step relies on (headers inside the IP
 /// packet, IP packet inside the frame; bytes after the IP packet are Ethernet
@@ -259,8 +261,7 @@ fn parse_any(frame: &[u8]) -> Result<ParsedPacket, NotFlow> {
 }
 
 /// The verdict on a packet that is neither TCP nor UDP: an ICMP message
-/// of its family with at least the ICMP header, or a protocol pktdist does
-/// not route. Kept out of line: TCP and UDP never come here.
+/// of its family (of any length), or a protocol pktdist does not route. Kept out of line: TCP and UDP never come here.
 #[cold]
 #[inline(never)]
 fn other_protocol(family: Family, proto: u8, l2_len: usize, l4_rel: usize, l4: &[u8]) -> NotFlow {
@@ -270,9 +271,6 @@ fn other_protocol(family: Family, proto: u8, l2_len: usize, l4_rel: usize, l4: &
     };
     if proto != icmp {
         return DropReason::UnsupportedL4.into();
-    }
-    if l4.len() < crate::wire::icmp::HEADER_LEN {
-        return DropReason::Malformed.into();
     }
     // The IP packet fits the frame, so its length and the offsets fit u16
     // but for an IPv6 jumbo payload, which no frame carries.
@@ -588,8 +586,9 @@ mod tests {
     }
 
     /// ICMP in IPv4 and ICMPv6 in IPv6 (after extension headers, behind a
-    /// VLAN tag) come out as `Icmp` with their offsets; a fragment is a
-    /// fragment, and a message shorter than its header malformed.
+    /// VLAN tag) come out as `Icmp` with their offsets, a message shorter
+    /// than its header too (the ICMP path judges it); a fragment is a
+    /// fragment.
     #[test]
     fn icmp_messages_are_located() {
         let f = FrameSpec {
@@ -652,11 +651,24 @@ mod tests {
             ip.set_total_len(27);
             ip.fill_checksum();
         });
-        assert_eq!(parse(&short), Err(NotFlow::Drop(DropReason::Malformed)));
+        let at = IcmpAt {
+            family: Family::V4,
+            l3_offset: 14,
+            l4_offset: 34,
+            l3_len: 27,
+        };
+        assert_eq!(parse(&short), Err(NotFlow::Icmp(at)));
+        // Seven bytes after the hop-by-hop header.
         let short6 = edited(&f6, |v| {
             v[18 + 4..18 + 6].copy_from_slice(&15u16.to_be_bytes())
         });
-        assert_eq!(parse(&short6), Err(NotFlow::Drop(DropReason::Malformed)));
+        let at6 = IcmpAt {
+            family: Family::V6,
+            l3_offset: 18,
+            l4_offset: 18 + 40 + 8,
+            l3_len: 40 + 15,
+        };
+        assert_eq!(parse(&short6), Err(NotFlow::Icmp(at6)));
     }
 
     /// Checks the invariants the worker and forwarding rely on.
@@ -677,8 +689,7 @@ mod tests {
     fn check_icmp_bounds(frame: &[u8], at: &IcmpAt) {
         let (l3, l4) = (at.l3_offset as usize, at.l4_offset as usize);
         let end = l3 + at.l3_len as usize;
-        assert!(l3 >= 14 && l3 < l4 && end <= frame.len());
-        assert!(l4 + crate::wire::icmp::HEADER_LEN <= end);
+        assert!(l3 >= 14 && l3 < l4 && l4 <= end && end <= frame.len());
         let ip_min = if at.family == Family::V4 { 20 } else { 40 };
         assert!(l4 - l3 >= ip_min);
     }

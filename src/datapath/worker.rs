@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::affinity::table::{AffinityQuery, AffinityReader};
+use crate::affinity::table::{AffinityMatch, AffinityQuery, AffinityReader};
 
 use crate::affinity::auto::{AutoAffinityTable, AutoSlot};
 use crate::datapath::classify::{self, IcmpAt, NotFlow, ParsedPacket};
@@ -916,9 +916,8 @@ impl<IO: PacketIo> Worker<IO> {
 
     /// The backend a packet of the connection `key` would reach, found as
     /// its packet would find it, reading and changing nothing: a live flow
-    /// entry (whose backend still serves the service), then an affinity,
-    /// then the client's automatic-affinity pin (to a backend that takes
-    /// connections), then the consistent hash.
+    /// entry (whose backend still serves the service), else as
+    /// [`Worker::pick_stateless`].
     fn connection_backend(
         &mut self,
         dp: &Dataplane,
@@ -934,26 +933,7 @@ impl<IO: PacketIo> Worker<IO> {
         {
             return Ok(b);
         }
-        let hash = svc.hash.of(key, hash);
-        let affinity = &self.shared.affinity;
-        if let Some(owner) = affinity
-            .lookup(svc.id, key.family, key.src, key.sport)
-            .filter(|&b| dp.backend(b).is_some_and(|x| x.reachable_for(svc.id)))
-        {
-            return Ok(owner);
-        }
-        if svc.auto_affinity.is_some() {
-            let pin = self
-                .shared
-                .auto_affinity
-                .peek(svc.id, key.family, key.src, now / 1_000_000);
-            if let Some((b, _)) = pin {
-                if dp.backend(b).is_some_and(|x| x.takes_new_for(svc.id)) {
-                    return Ok(b);
-                }
-            }
-        }
-        maglev_pick(dp, svc, hash).ok_or_else(|| no_backend(svc))
+        self.pick_stateless(dp, svc, key, hash, now)
     }
 
     /// Finds the connection's backend, creating its flow entry if needed.
@@ -1021,7 +1001,7 @@ impl<IO: PacketIo> Worker<IO> {
             if flags & tcp_flags::RST != 0 {
                 // A reset for a flow we do not know: route it statelessly
                 // and remember nothing.
-                let b = self.pick_stateless(dp, svc, p, hash)?;
+                let b = self.pick_stateless(dp, svc, &p.key, hash, now)?;
                 return exit_of(exits, b, svc.id).ok_or(DropReason::NoBackend);
             }
         }
@@ -1128,20 +1108,11 @@ impl<IO: PacketIo> Worker<IO> {
             Some(q) => affinity.lookup_prepared(q),
             None => affinity.lookup_match(svc.id, p.key.family, p.key.src, p.key.sport),
         };
-        if let Some(found) = found {
-            // A down owner's affinities are skipped: its clients go to the
-            // scheduler. A draining owner keeps its requested affinities,
-            // which end, but not its static ones, which never would: its
-            // drain must finish.
-            let honoured = dp.backend(found.owner).is_some_and(|b| {
-                b.takes_new_for(svc.id) || b.reachable_for(svc.id) && !found.is_static
-            });
-            if honoured {
-                if new_connection {
-                    sc.affinity_hits.inc();
-                }
-                return Ok((found.owner, None));
+        if let Some(found) = found.filter(|&m| honoured(dp, svc, m)) {
+            if new_connection {
+                sc.affinity_hits.inc();
             }
+            return Ok((found.owner, None));
         }
         if new_connection {
             sc.affinity_misses.inc();
@@ -1168,7 +1139,7 @@ impl<IO: PacketIo> Worker<IO> {
                 },
             );
             if let Some((backend, slot)) = pinned {
-                if !scheduled {
+                if !scheduled && new_connection {
                     sc.auto_affinity_hits.inc();
                 }
                 return Ok((backend, Some(slot)));
@@ -1186,24 +1157,39 @@ impl<IO: PacketIo> Worker<IO> {
         backend.map(|b| (b, None)).ok_or_else(|| no_backend(svc))
     }
 
-    /// Backend for a packet that creates no state (a stray reset).
+    /// The backend a packet of a connection the flow table does not know
+    /// reaches when it creates no state (a stray reset, an ICMP error
+    /// about the connection): an affinity [`honoured`] for it, then the
+    /// client's automatic-affinity pin (to a backend that takes
+    /// connections), then the consistent hash, as the connection's next
+    /// packet would find them ([`Worker::pick_new`]).
     fn pick_stateless(
         &self,
         dp: &Dataplane,
         svc: &Service,
-        p: &ParsedPacket,
+        key: &FlowKey,
         hash: u64,
+        now: u64,
     ) -> Result<BackendId, DropReason> {
-        if let Some(owner) =
-            self.shared
-                .affinity
-                .lookup(svc.id, p.key.family, p.key.src, p.key.sport)
-        {
-            if dp.backend(owner).is_some_and(|b| b.reachable_for(svc.id)) {
-                return Ok(owner);
+        let found = self
+            .shared
+            .affinity
+            .lookup_match(svc.id, key.family, key.src, key.sport);
+        if let Some(found) = found.filter(|&m| honoured(dp, svc, m)) {
+            return Ok(found.owner);
+        }
+        if svc.auto_affinity.is_some() {
+            let pin = self
+                .shared
+                .auto_affinity
+                .peek(svc.id, key.family, key.src, now / 1_000_000);
+            if let Some((b, _)) = pin {
+                if dp.backend(b).is_some_and(|x| x.takes_new_for(svc.id)) {
+                    return Ok(b);
+                }
             }
         }
-        maglev_pick(dp, svc, svc.hash.of(&p.key, hash)).ok_or_else(|| no_backend(svc))
+        maglev_pick(dp, svc, svc.hash.of(key, hash)).ok_or_else(|| no_backend(svc))
     }
 
     /// A flow left the table (closed, expired or evicted): its
@@ -1451,6 +1437,16 @@ fn no_backend(svc: &Service) -> DropReason {
     } else {
         DropReason::NoBackend
     }
+}
+
+/// Whether an affinity to `m.owner` routes the client's connections: a
+/// down owner's affinities are skipped (its clients go to the scheduler);
+/// a draining owner keeps its requested affinities, which end, but not its
+/// static ones, which never would: its drain must finish.
+#[inline]
+fn honoured(dp: &Dataplane, svc: &Service, m: AffinityMatch) -> bool {
+    dp.backend(m.owner)
+        .is_some_and(|b| b.takes_new_for(svc.id) || b.reachable_for(svc.id) && !m.is_static)
 }
 
 /// The consistent-hash choice, which every instance agrees on. `hash` is
@@ -1977,6 +1973,36 @@ mod tests {
         assert_eq!(sc.affinity_hits.get(), 64 * 3);
     }
 
+    /// Automatic-affinity hits count new connections: the mid-flow packets
+    /// of connections the table does not know (after a restart or an
+    /// eviction) follow the client's pin, and are no hits.
+    #[test]
+    fn auto_affinity_hits_are_new_connections_only() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
+        let mut svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        svc.auto_affinity = Some(AutoAffinity {
+            linger: Duration::from_secs(60),
+        });
+        let mut b = bed(vec![svc], bes, 1 << 14);
+        let client = [198, 18, 1, 1];
+        let pinned = send(&mut b, &[tcp(client, 1000, tcp_flags::SYN)], SEC);
+        let unknown: Vec<Vec<u8>> = (0..10u16)
+            .map(|i| tcp(client, 2000 + i, tcp_flags::ACK))
+            .collect();
+        assert_eq!(send(&mut b, &unknown, SEC), vec![pinned[0]; 10]);
+        let syns: Vec<Vec<u8>> = (0..3u16)
+            .map(|i| tcp(client, 3000 + i, tcp_flags::SYN))
+            .collect();
+        assert_eq!(send(&mut b, &syns, SEC), vec![pinned[0]; 3]);
+        let sc = &b.worker.counters().services[0];
+        assert_eq!(sc.new_connections.get(), 4);
+        assert_eq!(
+            sc.auto_affinity_hits.get(),
+            3,
+            "the three SYNs after the first"
+        );
+    }
+
     #[test]
     fn affinity_beats_the_scheduler_for_new_connections() {
         let bes = vec![backend(0, 0, 100), backend(1, 0, 100), backend(2, 0, 100)];
@@ -2489,7 +2515,7 @@ mod icmp_tests {
     use crate::datapath::icmp::EchoPolicy;
     use crate::datapath::pktio::MemBuf;
     use crate::datapath::snapshot::Backend;
-    use crate::types::{PortMatch, PROTO_UDP};
+    use crate::types::{BackendState, PortMatch, PROTO_UDP};
     use crate::wire::build::FrameSpec;
     use crate::wire::icmp::{v4, v6};
     use crate::wire::{icmp, ipv4, ipv6};
@@ -2658,6 +2684,62 @@ mod icmp_tests {
         assert_eq!(b.worker.counters().unknown_flows.get(), 500);
         let distinct: std::collections::HashSet<u128> = via_ack.iter().copied().collect();
         assert_eq!(distinct.len(), 3);
+    }
+
+    /// A draining backend's static affinity routes none of its clients'
+    /// connections (its drain must finish): the errors about them and their
+    /// stray resets go where the connections go, not to it.
+    #[test]
+    fn a_draining_owners_static_affinity_routes_no_error_or_reset() {
+        let mut bes: Vec<Backend> = (0..3).map(|i| backend(i, 0, 100)).collect();
+        bes[2].state = BackendState::Draining;
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = icmp_bed(vec![svc], bes, IcmpSettings::default());
+        let key = TableKey::new(0, Family::V4, 0xc612_0500, 24, PortMatch::Any).unwrap();
+        b.affinity.insert_static(key, 2).unwrap();
+        let to = |b: &mut Bed, frames: Vec<Vec<u8>>| -> Vec<u128> {
+            run(b, &frames, SEC)
+                .iter()
+                .map(|o| tunnelled(o).0)
+                .collect()
+        };
+        let clients = || (0..50u8).map(|i| [198, 18, 5, i]);
+        let errors = to(
+            &mut b,
+            clients()
+                .map(|c| frag_needed(c, 3000, VIP, 80, PROTO_TCP))
+                .collect(),
+        );
+        let resets = to(
+            &mut b,
+            clients().map(|c| tcp4(c, 3000, tcp_flags::RST)).collect(),
+        );
+        let syns = to(
+            &mut b,
+            clients().map(|c| tcp4(c, 3000, tcp_flags::SYN)).collect(),
+        );
+        assert_eq!(syns.len(), 50);
+        assert!(!syns.contains(&0x0a01_0003), "no new connection to be2");
+        assert_eq!(errors, syns, "errors go to the connections' backends");
+        assert_eq!(resets, syns, "resets go to the connections' backends");
+    }
+
+    /// An ICMP message to a VIP shorter than the ICMP header is an ICMP
+    /// drop, `malformed`.
+    #[test]
+    fn a_short_icmp_message_is_a_malformed_icmp_drop() {
+        let mut b = web(SchedulerKind::Maglev, IPIP, IcmpSettings::default());
+        let mut f = FrameSpec::icmp_v4([203, 0, 113, 9], VIP, v4::ECHO_REQUEST, 0, 1)
+            .build()
+            .unwrap();
+        let mut ip = ipv4::Packet::new_unchecked(&mut f[14..]);
+        ip.set_total_len(20 + 4);
+        ip.fill_checksum();
+        assert!(run(&mut b, &[f], SEC).is_empty());
+        let c = b.worker.counters();
+        assert_eq!(c.icmp_drops[IcmpDrop::Malformed as usize].get(), 1);
+        assert_eq!(c.drops[DropReason::Icmp as usize].get(), 1);
+        assert_eq!(c.drops[DropReason::Malformed as usize].get(), 0);
     }
 
     /// An affinity owns the client's unknown connections: their errors go
