@@ -73,8 +73,12 @@ const SWEEP_PERIOD_NS: u64 = 1_000_000_000;
 const AFFINITY_SLOT_DISTANCE: usize = 8;
 /// How often a worker publishes its latency histogram.
 const LATENCY_FOLD_NS: u64 = 200_000_000;
-/// Most buckets one iteration sweeps (after a stall).
+/// Most buckets one iteration that received packets sweeps (after a
+/// stall), and one that received none: an idle worker (which may sleep
+/// `idle_sleep` between polls, up to 100 polls a second) catches up on a
+/// large table's sweep while no packet waits for it.
 const SWEEP_MAX_BUCKETS: u64 = 256;
+const SWEEP_MAX_BUCKETS_IDLE: u64 = 4096;
 /// A burst's storage before its packets are parsed into it.
 const NO_PACKETS: [ParsedPacket; MAX_BURST] = [ParsedPacket::EMPTY; MAX_BURST];
 const NO_QUERIES: [AffinityQuery; MAX_BURST] = [AffinityQuery::NONE; MAX_BURST];
@@ -281,7 +285,7 @@ impl<IO: PacketIo> Worker<IO> {
         {
             self.latency_folded = now;
         }
-        self.sweep(now);
+        self.sweep(now, received == 0);
         received
     }
 
@@ -1199,14 +1203,22 @@ impl<IO: PacketIo> Worker<IO> {
         release_flow(&self.counters, &self.shared.auto_affinity, dp, e, now);
     }
 
-    fn sweep(&mut self, now: u64) {
+    /// Sweeps the buckets due by `now`, at most [`SWEEP_MAX_BUCKETS`] (or
+    /// [`SWEEP_MAX_BUCKETS_IDLE`] when the poll was `idle`); what a stall
+    /// left beyond that waits for the next period.
+    fn sweep(&mut self, now: u64, idle: bool) {
         let buckets = self.flows.buckets() as u64;
         let ns_per_bucket = (SWEEP_PERIOD_NS / buckets.max(1)).max(1);
         let due = now.saturating_sub(self.swept_until) / ns_per_bucket;
         if due == 0 {
             return;
         }
-        let n = due.min(SWEEP_MAX_BUCKETS);
+        let most = if idle {
+            SWEEP_MAX_BUCKETS_IDLE
+        } else {
+            SWEEP_MAX_BUCKETS
+        };
+        let n = due.min(most);
         self.swept_until = if due > n {
             now
         } else {
@@ -1659,6 +1671,39 @@ mod tests {
         assert_eq!(c.drops[DropReason::NotIp as usize].get(), 1);
         assert_eq!(c.drops[DropReason::Malformed as usize].get(), 1);
         assert_eq!(c.rx_packets.get(), c.tx_packets.get() + c.total_drops());
+    }
+
+    /// After a stall, a poll that received packets sweeps a few hundred
+    /// buckets and leaves the rest for the next period; one that received
+    /// none (an idle worker, which may sleep between polls) sweeps more:
+    /// here the whole table, whose idle flows end at once.
+    #[test]
+    fn an_idle_poll_catches_up_on_the_sweep() {
+        let bes = vec![backend(0, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc.clone()], bes.clone(), 1 << 13);
+        let buckets = b.worker.flows().buckets() as u64;
+        assert!(SWEEP_MAX_BUCKETS < buckets && buckets <= SWEEP_MAX_BUCKETS_IDLE);
+        let syns: Vec<Vec<u8>> = (0..200u8)
+            .map(|i| tcp([198, 18, 14, i], 1, tcp_flags::SYN))
+            .collect();
+        send(&mut b, &syns, SEC);
+        assert_eq!(b.worker.flows().len(), 200);
+        // Long past the SYN timeout (5 s): a busy poll sweeps part.
+        let mut busy = bed(vec![svc], bes, 1 << 13);
+        send(&mut busy, &syns, SEC);
+        send(
+            &mut busy,
+            &[tcp([198, 18, 15, 1], 1, tcp_flags::SYN)],
+            60 * SEC,
+        );
+        let left = busy.worker.flows().len();
+        assert!(left > 1, "a busy poll swept the whole table");
+        // An idle poll sweeps it all.
+        assert_eq!(b.worker.poll(60 * SEC), 0);
+        assert_eq!(b.worker.flows().len(), 0);
+        assert_eq!(b.worker.counters().flows_expired.get(), 200);
+        assert_eq!(b.worker.counters().flows_active.get(), 0);
     }
 
     /// The occupancy gauge follows new flows, and resets, which end them
