@@ -47,8 +47,9 @@ impl ParsedPacket {
 /// Where an ICMP (in IPv4) or ICMPv6 (in IPv6) message lies in a frame
 /// whose Ethernet and IP headers are well-formed and which is not a
 /// fragment; the message may be shorter than the ICMP header
-/// ([`crate::datapath::icmp::inspect`] judges it). Small on purpose: it shares the burst's classification
-/// results with [`ParsedPacket`] and must not make them larger.
+/// ([`crate::datapath::icmp::inspect`] judges it). Small on purpose: it
+/// shares the burst's classification results with [`ParsedPacket`] and
+/// must not make them larger.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct IcmpAt {
     pub family: Family,
@@ -261,7 +262,8 @@ fn parse_any(frame: &[u8]) -> Result<ParsedPacket, NotFlow> {
 }
 
 /// The verdict on a packet that is neither TCP nor UDP: an ICMP message
-/// of its family (of any length), or a protocol pktdist does not route. Kept out of line: TCP and UDP never come here.
+/// of its family (of any length), or a protocol pktdist does not route.
+/// Kept out of line: TCP and UDP never come here.
 #[cold]
 #[inline(never)]
 fn other_protocol(family: Family, proto: u8, l2_len: usize, l4_rel: usize, l4: &[u8]) -> NotFlow {
