@@ -250,12 +250,13 @@ impl Checker {
             let key = (target.service.clone(), target.backend.clone());
             let checked = match old.remove(&key) {
                 Some((i, mut c)) => {
-                    if c.target != target {
+                    let changed = c.target != target;
+                    if changed {
                         c.state.restart_counts();
                         c.next = now + phase(&target);
                         c.target = target;
                     }
-                    moved.insert(i, self.targets.len());
+                    moved.insert(i, (self.targets.len(), changed));
                     c
                 }
                 None => Checked {
@@ -267,14 +268,17 @@ impl Checker {
             };
             self.targets.push(checked);
         }
-        // Probes of targets gone end unreported; the others follow theirs.
+        // Probes of targets gone end unreported, and so do those of targets
+        // whose settings changed (a probe to the old address or port, or
+        // with the old timeout, is not a check of the new settings); the
+        // others follow theirs.
         for slot in 0..self.probes.len() {
             let Some(p) = &mut self.probes[slot] else {
                 continue;
             };
             match moved.get(&p.target) {
-                Some(&to) => p.target = to,
-                None => self.drop_probe(slot),
+                Some(&(to, false)) => p.target = to,
+                _ => self.drop_probe(slot),
             }
         }
         for c in &mut self.targets {
@@ -472,7 +476,7 @@ impl Checker {
 
 /// When a target's probes start within its interval: a fixed fraction
 /// from its names, so the probes of many backends spread evenly.
-fn phase(t: &Target) -> Duration {
+pub(super) fn phase(t: &Target) -> Duration {
     let mut h = DefaultHasher::new();
     t.service.hash(&mut h);
     t.backend.hash(&mut h);

@@ -337,6 +337,53 @@ fn a_backend_that_recovers_comes_back_after_rise_checks() {
     assert_eq!(passes_before_up, 2, "the change follows the second pass");
 }
 
+/// A kept target whose settings change: the probe in flight under the
+/// old ones (to the old address, with the old timeout) ends unreported,
+/// so it cannot take the backend down under the new ones.
+#[test]
+fn a_probe_under_old_settings_does_not_count_after_they_change() {
+    let silent = Server::start("127.0.0.1", Behaviour::Silent);
+    let up = Server::start(
+        "127.0.0.1",
+        Behaviour::Answer("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    );
+    // A name whose first check starts within 100 ms of the interval's start.
+    let at = |addr, n: usize| {
+        let mut t = target(&format!("x{n}"), addr, HealthKind::Http);
+        t.check.interval = Duration::from_secs(3);
+        t.check.timeout = Duration::from_secs(2);
+        t
+    };
+    let n = (0..)
+        .find(|&n| super::checker::phase(&at(silent.addr, n)) < Duration::from_millis(100))
+        .unwrap();
+    let mut checker = HealthChecker::start(vec![at(silent.addr, n)], Vec::new()).unwrap();
+    // The first check waits on the silent server (its timeout, 2 s, ends
+    // it after the new settings are in).
+    std::thread::sleep(Duration::from_millis(500));
+    checker.set_targets(vec![at(up.addr, n)]);
+    let mut reports = Vec::new();
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < deadline {
+        match checker.try_recv() {
+            Some(r) => reports.push(r),
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    checker.stop();
+    let passes = reports
+        .iter()
+        .filter(|r| matches!(r, Report::Probe(p) if p.error.is_none()))
+        .count();
+    assert!(passes >= 1, "{reports:?}");
+    assert!(
+        reports
+            .iter()
+            .all(|r| matches!(r, Report::Probe(p) if p.error.is_none())),
+        "only passes, no change: {reports:?}"
+    );
+}
+
 /// The test configuration with a health check on web, its backends
 /// checked at `a` and `b` on `port`.
 fn health_config(health: &str, a: &str, b: &str, extra_backend: &str) -> String {
