@@ -713,8 +713,13 @@ impl StoreSync {
         self.deleted.remove(key);
         self.seen.remove(key);
         plane.remove_stored(key);
+        self.ended_elsewhere(key);
+    }
+
+    /// The key was deleted by another instance's end or cancel, which
+    /// notified: an end still waiting here for its delete is lost.
+    fn ended_elsewhere(&mut self, key: &StoreKey) {
         if self.ends.get(key).is_some_and(|e| !e.sent) {
-            // Another instance ended it first.
             self.ends.remove(key);
             self.counters.ends_lost += 1;
         }
@@ -1019,8 +1024,12 @@ impl StoreSync {
                         }
                     }
                     None => {
+                        // Deleted since the revision this write expected
+                        // (before the watch says so): whoever deleted it
+                        // notified its end, if it had ended here too.
                         self.seen.remove(&key);
                         plane.remove_stored(&key);
+                        self.ended_elsewhere(&key);
                         if !stale_same_owner {
                             self.counters.not_found += 1;
                             out.replies.push((
@@ -1885,6 +1894,35 @@ mod tests {
         );
         assert_eq!(b.sync.pending_ends(), 0);
         assert_eq!(b.sync.summary().ends_won, 1);
+        assert_eq!(b.lookup(), Some(2), "b's affinity stands");
+        b.turn(WALL + 3000);
+        assert!(b.op().is_none(), "no delete of b's affinity");
+    }
+
+    /// The same, but the writer's delete came first, before this
+    /// instance's watch told of it: the create finds the key gone and is
+    /// sent again against no key. The writer notified its end: none from
+    /// here.
+    #[test]
+    fn an_ended_affinity_deleted_elsewhere_before_this_instance_s_create_is_not_notified_here() {
+        let mut b = expired("i2");
+        b.turn(WALL + 2000);
+        let t = deferred(&b.ask("b", create("b", 60), true));
+        let Some(StoreOp::Put { expect, .. }) = b.op() else {
+            panic!("no put")
+        };
+        assert_eq!(expect, 5);
+        let out = b.done(t, Outcome::Moved { current: None }, WALL + 2100);
+        assert!(out.notices.is_empty() && out.replies.is_empty());
+        let Some(StoreOp::Put { ticket, expect, .. }) = b.op() else {
+            panic!("not sent again")
+        };
+        assert_eq!(expect, 0, "against no key");
+        let out = b.done(ticket, Outcome::Committed { revision: 7 }, WALL + 2110);
+        assert_eq!(out.replies[0].1.code, ReturnCode::Ok);
+        assert!(out.notices.is_empty(), "i2 notified: {:?}", out.notices);
+        assert_eq!(b.sync.pending_ends(), 0);
+        assert_eq!(b.sync.counters().ends_lost, 1);
         assert_eq!(b.lookup(), Some(2), "b's affinity stands");
         b.turn(WALL + 3000);
         assert!(b.op().is_none(), "no delete of b's affinity");
