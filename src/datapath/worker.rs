@@ -1166,7 +1166,11 @@ impl<IO: PacketIo> Worker<IO> {
     /// about the connection): an affinity [`honoured`] for it, then the
     /// client's automatic-affinity pin (to a backend that takes
     /// connections), then the consistent hash, as the connection's next
-    /// packet would find them ([`Worker::pick_new`]).
+    /// packet would find them ([`Worker::pick_new`]). Kept out of line:
+    /// the packets that come here are rare, and the main line's code
+    /// stays as it was without them.
+    #[cold]
+    #[inline(never)]
     fn pick_stateless(
         &self,
         dp: &Dataplane,
