@@ -1899,10 +1899,10 @@ mod tests {
         assert!(b.op().is_none(), "no delete of b's affinity");
     }
 
-    /// The same, but the writer's delete came first, before this
-    /// instance's watch told of it: the create finds the key gone and is
-    /// sent again against no key. The writer notified its end: none from
-    /// here.
+    /// An ended affinity whose writer deleted it before this instance's
+    /// watch told of it, when a create for another owner takes the key
+    /// here: the create finds the key gone and is sent again against no
+    /// key. The writer notified the end: no notice from here.
     #[test]
     fn an_ended_affinity_deleted_elsewhere_before_this_instance_s_create_is_not_notified_here() {
         let mut b = expired("i2");

@@ -579,19 +579,11 @@ impl ControlHandler for Dispatch<'_> {
                 // the next tick: a request about an affinity past its end
                 // finds it ended.
                 self.plane.expire();
-                self.dispatch(call, request)
+                match &mut self.cluster {
+                    Some(c) => c.request(self.plane, call, request, call.now_ms),
+                    None => self.plane.handle(call.sender, call.is_admin, request),
+                }
             }
-        }
-    }
-}
-
-impl Dispatch<'_> {
-    /// Hands an affinity or backend request to the store (in cluster mode)
-    /// or the plane.
-    fn dispatch(&mut self, call: &Call<'_>, request: &Request<'_>) -> Response {
-        match &mut self.cluster {
-            Some(c) => c.request(self.plane, call, request, call.now_ms),
-            None => self.plane.handle(call.sender, call.is_admin, request),
         }
     }
 }
