@@ -454,22 +454,28 @@ impl Checker {
         let c = &mut self.targets[t];
         let check = &c.target.check;
         let changed = c.state.record(error.is_none(), check.rise, check.fall, now);
-        let _ = self.reports.send(Report::Probe(ProbeResult {
-            service: c.target.service.clone(),
-            backend: c.target.backend.clone(),
-            kind: check.kind,
-            elapsed,
-            error: error.clone(),
-        }));
-        if let Some(up) = changed {
-            let _ = self.reports.send(Report::Change(HealthChange {
+        let _ = self.reports.send(Report::Probe(
+            c.target.id,
+            ProbeResult {
                 service: c.target.service.clone(),
                 backend: c.target.backend.clone(),
-                up,
-                error: if up { None } else { error },
-                checked: c.target.addr,
-                at: SystemTime::now(),
-            }));
+                kind: check.kind,
+                elapsed,
+                error: error.clone(),
+            },
+        ));
+        if let Some(up) = changed {
+            let _ = self.reports.send(Report::Change(
+                c.target.id,
+                HealthChange {
+                    service: c.target.service.clone(),
+                    backend: c.target.backend.clone(),
+                    up,
+                    error: if up { None } else { error },
+                    checked: c.target.addr,
+                    at: SystemTime::now(),
+                },
+            ));
         }
     }
 }
@@ -496,6 +502,7 @@ mod tests {
         let mut per_tenth = [0u32; 10];
         for i in 0..1000 {
             let t = Target {
+                id: 0,
                 service: "fleet".into(),
                 backend: format!("be{i}"),
                 addr: "127.0.0.1:80".parse().unwrap(),

@@ -104,13 +104,14 @@ pub struct ProbeResult {
     pub error: Option<String>,
 }
 
-/// What the checker sends the control thread.
+/// What the checker sends the control thread, each about the target of
+/// the [`Target::id`] it carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Report {
     /// A backend's state changed.
-    Change(HealthChange),
+    Change(u64, HealthChange),
     /// A probe finished.
-    Probe(ProbeResult),
+    Probe(u64, ProbeResult),
 }
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,7 @@
 //! into the [`HealthView`] and the [`HealthChange`]s the control thread
 //! applies.
 
+use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -38,6 +39,8 @@ pub struct HealthMonitor {
     view: HealthView,
     /// The dataplane generation the targets were taken from.
     generation: Option<u64>,
+    /// The last [`Target::id`] given.
+    last_id: u64,
     /// While the checker is to run but does not (it could not start, or
     /// its thread ended): when to start it again.
     restart_at: Option<Instant>,
@@ -67,6 +70,7 @@ impl HealthMonitor {
             targets: Vec::new(),
             view: HealthView::default(),
             generation: None,
+            last_id: 0,
             started: Instant::now(),
             restart_at: None,
             backoff: RESTART_FIRST,
@@ -89,7 +93,18 @@ impl HealthMonitor {
     /// (by [`HealthMonitor::drain`]).
     pub fn update(&mut self, cfg: &Config, dp: &Dataplane) -> Vec<HealthChange> {
         self.generation = Some(dp.generation);
-        let targets = target::targets(cfg, dp);
+        let mut targets = target::targets(cfg, dp);
+        let ids: HashMap<(&str, &str), u64> =
+            self.targets.iter().map(|t| (t.key(), t.id)).collect();
+        for t in &mut targets {
+            t.id = match ids.get(&t.key()) {
+                Some(&id) => id,
+                None => {
+                    self.last_id += 1;
+                    self.last_id
+                }
+            };
+        }
         if targets == self.targets {
             return Vec::new();
         }
@@ -202,9 +217,9 @@ impl HealthMonitor {
         };
         for _ in 0..MAX_REPORTS_PER_DRAIN {
             match checker.try_recv() {
-                Some(Report::Probe(p)) => self.view.record_probe(&p),
-                Some(Report::Change(c)) => {
-                    if self.view.apply(&c) {
+                Some(Report::Probe(target, p)) => self.view.record_probe(target, &p),
+                Some(Report::Change(target, c)) => {
+                    if self.view.apply(target, &c) {
                         changes.push(c);
                     }
                 }

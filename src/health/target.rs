@@ -52,6 +52,10 @@ impl CheckSpec {
 /// One backend to check.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
+    /// Which span of checks of the backend this is: the monitor numbers a
+    /// backend anew each time its checks start (0 until it does), so that
+    /// the reports of a backend removed and added back are told apart.
+    pub id: u64,
     pub service: String,
     pub backend: String,
     /// Where the probes connect.
@@ -95,6 +99,7 @@ pub fn targets(cfg: &Config, dp: &Dataplane) -> Vec<Target> {
             };
             let addr = SocketAddr::new(ip, port);
             out.push(Target {
+                id: 0,
                 service: s.name.clone(),
                 backend: b.name.clone(),
                 addr,

@@ -138,6 +138,7 @@ fn full_backlog() -> (Socket, TcpStream) {
 /// server's answer beside other tests on a loaded machine.
 fn target(name: &str, addr: SocketAddr, kind: HealthKind) -> Target {
     Target {
+        id: 0,
         service: "web".into(),
         backend: name.into(),
         addr,
@@ -176,14 +177,14 @@ fn check(
             .all(|n| results.get(n).is_some_and(|r| r.len() >= probes))
     {
         match checker.try_recv() {
-            Some(Report::Probe(p)) => results.entry(p.backend.clone()).or_default().push(p),
-            Some(Report::Change(c)) => changes.entry(c.backend.clone()).or_default().push(c),
+            Some(Report::Probe(_, p)) => results.entry(p.backend.clone()).or_default().push(p),
+            Some(Report::Change(_, c)) => changes.entry(c.backend.clone()).or_default().push(c),
             None => std::thread::sleep(Duration::from_millis(5)),
         }
     }
     checker.stop();
     while let Some(r) = checker.try_recv() {
-        if let Report::Change(c) = r {
+        if let Report::Change(_, c) = r {
             changes.entry(c.backend.clone()).or_default().push(c);
         }
     }
@@ -320,14 +321,16 @@ fn a_backend_that_recovers_comes_back_after_rise_checks() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline && seen.len() < 2 {
         match checker.try_recv() {
-            Some(Report::Change(c)) => {
+            Some(Report::Change(_, c)) => {
                 if let Some(r) = refused.take().filter(|_| !c.up) {
                     server = Some(Server::on(r.listen(), Behaviour::Close));
                 }
                 seen.push(c.up);
             }
-            Some(Report::Probe(p)) if p.error.is_none() && seen.len() == 1 => passes_before_up += 1,
-            Some(Report::Probe(_)) => {}
+            Some(Report::Probe(_, p)) if p.error.is_none() && seen.len() == 1 => {
+                passes_before_up += 1
+            }
+            Some(Report::Probe(..)) => {}
             None => std::thread::sleep(Duration::from_millis(5)),
         }
     }
@@ -373,13 +376,13 @@ fn a_probe_under_old_settings_does_not_count_after_they_change() {
     checker.stop();
     let passes = reports
         .iter()
-        .filter(|r| matches!(r, Report::Probe(p) if p.error.is_none()))
+        .filter(|r| matches!(r, Report::Probe(_, p) if p.error.is_none()))
         .count();
     assert!(passes >= 1, "{reports:?}");
     assert!(
         reports
             .iter()
-            .all(|r| matches!(r, Report::Probe(p) if p.error.is_none())),
+            .all(|r| matches!(r, Report::Probe(_, p) if p.error.is_none())),
         "only passes, no change: {reports:?}"
     );
 }
@@ -485,6 +488,61 @@ fn reload_keeps_the_state_of_unchanged_checks_and_follows_added_and_removed_back
     );
     assert!(m.targets().is_empty());
     assert!(m.drain().is_empty(), "the checker is stopped");
+}
+
+/// A backend removed and added back between two drains is a new target:
+/// the down report of its earlier checks, still in the channel, does not
+/// apply to it (it would stay down while its checker, starting it up,
+/// reports nothing until it fails and recovers).
+#[test]
+fn a_report_of_a_removed_backend_does_not_apply_to_it_added_back() {
+    let (server, _refused) = up_at_127_0_0_2_refused_at_127_0_0_1();
+    let health = format!(
+        "{{ kind = \"tcp\", port = {}, interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 1 }}",
+        server.addr.port()
+    );
+    let text = health_config(&health, "127.0.0.1", "127.0.0.2", "");
+    let (mut plane, _) = crate::control::testing::plane(&text);
+    let cfg = Config::parse(&text, "t.toml").unwrap();
+    let mut m = HealthMonitor::new();
+    assert!(m.update(&cfg, plane.dataplane()).is_empty());
+    let first = m.targets()[0].id;
+    // Ample for a's first check (refused at once, within the first 200 ms)
+    // to be reported, and not drained.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let a_block = "[[services.backends]]\nname = \"a\"\naddress = \"10.0.0.1\"\nhealth_address = \"127.0.0.1\"\n";
+    assert!(text.contains(a_block));
+    let without_a = Config::parse(&text.replace(a_block, ""), "t.toml").unwrap();
+    plane.replace_services(&without_a).unwrap();
+    assert!(m.update(&without_a, plane.dataplane()).is_empty());
+    // Back, checked where b answers.
+    let back = text.replace(a_block, &a_block.replace("127.0.0.1", "127.0.0.2"));
+    let back = Config::parse(&back, "t.toml").unwrap();
+    plane.replace_services(&back).unwrap();
+    assert!(m.update(&back, plane.dataplane()).is_empty());
+    let again = m.targets().iter().find(|t| t.backend == "a").unwrap().id;
+    assert_ne!(again, first);
+
+    let mut changes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        changes.extend(m.drain());
+        let s = m.view().summary(std::time::SystemTime::now());
+        if s.backend("web", "a").is_some_and(|a| a.checks >= 2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(changes.is_empty(), "{changes:?}");
+    let s = m.view().summary(std::time::SystemTime::now());
+    assert_eq!(s.backend("web", "a").unwrap().state, "up");
+    assert!(s.backend("web", "a").unwrap().checks >= 2);
+    assert_eq!(
+        s.backend("web", "a").unwrap().failed,
+        0,
+        "no old probe counted"
+    );
 }
 
 /// The web service checked by TCP every 200 ms with rise and fall 1: `a`

@@ -18,6 +18,8 @@ use crate::health::{HealthChange, ProbeResult};
 /// One checked backend, as the control thread knows it.
 #[derive(Clone, Debug)]
 struct Entry {
+    /// The [`Target::id`] of its checks.
+    target: u64,
     up: bool,
     since: SystemTime,
     checked: SocketAddr,
@@ -47,11 +49,13 @@ impl HealthView {
             let key = (t.service.clone(), t.backend.clone());
             let entry = match self.backends.remove(&key) {
                 Some(mut e) => {
+                    e.target = t.id;
                     e.checked = t.addr;
                     e.kind = t.check.kind;
                     e
                 }
                 None => Entry {
+                    target: t.id,
                     up: true,
                     since: now,
                     checked: t.addr,
@@ -90,10 +94,10 @@ impl HealthView {
             .contains_key(&(service.to_string(), backend.to_string()))
     }
 
-    /// Counts a probe's result (of a backend still checked).
-    pub fn record_probe(&mut self, p: &ProbeResult) {
+    /// Counts a probe's result of target `target` (if still checked).
+    pub fn record_probe(&mut self, target: u64, p: &ProbeResult) {
         let key = (p.service.clone(), p.backend.clone());
-        let Some(e) = self.backends.get_mut(&key) else {
+        let Some(e) = self.backends.get_mut(&key).filter(|e| e.target == target) else {
             return;
         };
         e.checks += 1;
@@ -106,12 +110,13 @@ impl HealthView {
         h.saturating_record(p.elapsed.as_nanos().min(u64::MAX as u128) as u64);
     }
 
-    /// Applies a state change; false when the backend is no longer
-    /// checked (a report sent before its checks stopped) or already in
-    /// that state.
-    pub fn apply(&mut self, c: &HealthChange) -> bool {
+    /// Applies a state change of target `target`; false when that target
+    /// is no longer checked (a report sent before its checks stopped, of a
+    /// backend that may since be checked anew under another id) or already
+    /// in that state.
+    pub fn apply(&mut self, target: u64, c: &HealthChange) -> bool {
         let key = (c.service.clone(), c.backend.clone());
-        let Some(e) = self.backends.get_mut(&key) else {
+        let Some(e) = self.backends.get_mut(&key).filter(|e| e.target == target) else {
             return false;
         };
         if e.up == c.up {
@@ -251,6 +256,7 @@ mod tests {
     fn target(backend: &str, kind: HealthKind) -> Target {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         Target {
+            id: 1,
             service: "web".into(),
             backend: backend.into(),
             addr,
@@ -288,16 +294,19 @@ mod tests {
             .is_empty());
         assert!(v.is_up("web", "a"));
         let t1 = t0 + Duration::from_secs(5);
-        assert!(v.apply(&change("a", false, t1)));
-        assert!(!v.apply(&change("a", false, t1)), "no change twice");
+        assert!(v.apply(1, &change("a", false, t1)));
+        assert!(!v.apply(1, &change("a", false, t1)), "no change twice");
         assert!(!v.is_up("web", "a"));
-        v.record_probe(&ProbeResult {
-            service: "web".into(),
-            backend: "a".into(),
-            kind: HealthKind::Tcp,
-            elapsed: Duration::from_millis(3),
-            error: Some("connect: refused".into()),
-        });
+        v.record_probe(
+            1,
+            &ProbeResult {
+                service: "web".into(),
+                backend: "a".into(),
+                kind: HealthKind::Tcp,
+                elapsed: Duration::from_millis(3),
+                error: Some("connect: refused".into()),
+            },
+        );
         // The kind changes (a new check): a stays down, c is new and up.
         let next = [
             target("a", HealthKind::Http),
@@ -327,7 +336,7 @@ mod tests {
         assert!(stopped[0].up && stopped[0].backend == "a");
         assert!(v.is_up("web", "a") && !v.is_checked("web", "a"));
         assert!(
-            !v.apply(&change("a", false, t1)),
+            !v.apply(1, &change("a", false, t1)),
             "a stale report is ignored"
         );
     }
