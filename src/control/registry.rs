@@ -527,8 +527,10 @@ impl ServiceRegistry {
         let mut services = Vec::with_capacity(cfg.services.len());
         let mut kept = vec![false; MAX_BACKENDS];
         let mut kept_services = vec![false; MAX_SERVICES];
-        // Positions in `services` of services that need an id.
+        // Positions in `services` of services that need an id, and of
+        // backends (service, backend) that need one.
         let mut new_services = Vec::new();
+        let mut new_backends = Vec::new();
         for s in &cfg.services {
             let mut entry = ServiceEntry::from_config(s)?;
             let old = self.services.iter().find(|o| {
@@ -541,6 +543,7 @@ impl ServiceRegistry {
                 }
                 None => new_services.push(services.len()),
             }
+            let mut reused = Vec::with_capacity(s.backends.len());
             for b in &s.backends {
                 let spec = NewBackend {
                     name: b.name.clone(),
@@ -554,21 +557,24 @@ impl ServiceRegistry {
                         .find(|(_, ob)| ob.name == b.name && ob.addr == b.address)
                         .map(|(id, _)| *id)
                 });
-                let id = match reuse {
-                    Some(id) => id,
-                    None => next.allocate_id()?,
-                };
-                kept[id as usize] = true;
-                entry.backends.push((id, spec));
+                match reuse {
+                    Some(id) => kept[id as usize] = true,
+                    None => new_backends.push((services.len(), entry.backends.len())),
+                }
+                reused.push(reuse);
+                entry.backends.push((reuse.unwrap_or_default(), spec));
             }
-            // Keep the Maglev table if nothing it depends on changed.
+            // Keep the Maglev table if nothing it depends on changed: the
+            // same backends (so the same ids, whose states it was built
+            // with) in the same order with the same weights.
             if let Some(o) = old {
                 let same = o.maglev_size == entry.maglev_size
                     && o.backends.len() == entry.backends.len()
                     && o.backends
                         .iter()
                         .zip(&entry.backends)
-                        .all(|((_, a), (_, b))| a.name == b.name && a.weight == b.weight);
+                        .zip(&reused)
+                        .all(|(((id, a), (_, b)), r)| *r == Some(*id) && a.weight == b.weight);
                 if same {
                     entry.maglev = o.maglev.clone();
                 }
@@ -590,10 +596,14 @@ impl ServiceRegistry {
             }
         }
         // After the removed ones were given up, so that a full set of new
-        // services fits; ids are handed out from where the last one left
-        // off, so one just given up is normally not taken again.
+        // services and backends fits; ids are handed out from where the
+        // last one left off, so one just given up is normally not taken
+        // again.
         for i in new_services {
             services[i].id = next.allocate_service_id()?;
+        }
+        for (i, j) in new_backends {
+            services[i].backends[j].0 = next.allocate_id()?;
         }
         next.services = services;
         next.gateways = cfg.gateways_everywhere();
@@ -759,6 +769,57 @@ weight = 300
         let dp = r.snapshot().unwrap();
         assert_eq!(r.backend_id("web", "b"), Some(1));
         assert_eq!(dp.find_backend(0, "c").unwrap().id, 2);
+    }
+
+    /// A drained backend given a new address by a reload is a new backend
+    /// (a new id, up): the reloaded table gives it its share, where the old
+    /// one, built while the old id was draining, gave it none.
+    #[test]
+    fn a_reload_that_re_addresses_a_drained_backend_gives_it_its_share() {
+        let mut r = registry();
+        r.snapshot().unwrap();
+        r.set_state(1, BackendState::Draining);
+        assert_eq!(r.snapshot().unwrap().services[0].maglev.shares()[1], 0);
+        let text = config_text().replace("address = \"10.0.0.2\"", "address = \"10.0.0.9\"");
+        r.reload(&Config::parse(&text, "t.toml").unwrap()).unwrap();
+        let dp = r.snapshot().unwrap();
+        let b = dp.find_backend(0, "b").unwrap();
+        assert_ne!(b.id, 1);
+        assert_eq!(r.state(b.id), BackendState::Up);
+        let shares = dp.services[0].maglev.shares();
+        assert!(
+            shares[1] > 2 * shares[0],
+            "b weighs three times a: {shares:?}"
+        );
+    }
+
+    /// Backends that need new ids get them after those of removed backends
+    /// were given up: a service of more than half the ids moved to another
+    /// port (every backend anew) fits.
+    #[test]
+    fn a_reload_renewing_more_than_half_the_backend_ids_fits() {
+        let on_port = |port: u16| {
+            let backends: String = (0..MAX_BACKENDS / 2 + 1)
+                .map(|i| {
+                    format!(
+                        "[[services.backends]]\nname = \"b{i}\"\naddress = \"10.1.{}.{}\"\n",
+                        i / 256,
+                        i % 256
+                    )
+                })
+                .collect();
+            let text = format!(
+                "[[services]]\nname = \"big\"\nvip = \"192.0.2.10\"\nport = {port}\n\
+                 protocol = \"tcp\"\nforwarding = \"ipip\"\nipip_source = \"198.51.100.1\"\n{backends}"
+            );
+            Config::parse(&crate::config::testing::with_services(&text), "t.toml").unwrap()
+        };
+        let mut r = ServiceRegistry::from_config(&on_port(80)).unwrap();
+        r.snapshot().unwrap();
+        let removed = r.reload(&on_port(8080)).unwrap();
+        assert_eq!(removed.len(), MAX_BACKENDS / 2 + 1);
+        let dp = r.snapshot().unwrap();
+        assert_eq!(dp.services[0].backends.len(), MAX_BACKENDS / 2 + 1);
     }
 
     /// The service's `hash` reaches the snapshot, at start and on a reload
