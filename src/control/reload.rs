@@ -17,6 +17,11 @@ pub struct ConfigFile {
     /// None: the configuration did not come from a file; reload refuses.
     path: Option<PathBuf>,
     running: Config,
+    /// Some static affinity of the running configuration is not installed
+    /// (its key held by another backend's requested affinity, or the table
+    /// full when it was applied): [`ConfigFile::install_waiting_statics`]
+    /// tries again.
+    statics_waiting: bool,
 }
 
 /// What a reload applied.
@@ -29,7 +34,11 @@ pub struct Reloaded {
 
 impl ConfigFile {
     pub fn new(path: Option<PathBuf>, running: Config) -> ConfigFile {
-        ConfigFile { path, running }
+        ConfigFile {
+            path,
+            running,
+            statics_waiting: false,
+        }
     }
 
     /// The configuration running now.
@@ -74,9 +83,10 @@ impl ConfigFile {
             next.services.len(),
             removed.len(),
         );
-        if let Err(e) = statics::install(plane, &next) {
-            message.push_str(&format!("; {e}"));
-        }
+        self.statics_waiting = statics::install(plane, &next).is_err_and(|e| {
+            message.push_str(&format!("; {e} (each installed once it can be)"));
+            true
+        });
         if dropped > 0 {
             message.push_str(&format!("; {dropped} static affinit(ies) removed"));
         }
@@ -88,6 +98,16 @@ impl ConfigFile {
         }
         self.running = next;
         Ok(Reloaded { message, auth })
+    }
+
+    /// Installs the static affinities the last reload could not, those it
+    /// can now (their keys free, room in the table); the control thread
+    /// calls it every tick, after the affinities due have ended.
+    pub fn install_waiting_statics(&mut self, plane: &mut ControlPlane) {
+        if self.statics_waiting && statics::install(plane, &self.running).is_ok() {
+            self.statics_waiting = false;
+            log::info!("static affinities: every one of the configuration is installed");
+        }
     }
 }
 

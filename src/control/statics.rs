@@ -1,7 +1,9 @@
 //! Static affinities: the configuration's `[[affinities]]`, installed at
 //! start and on every reload, never expiring. A reload removes those the
 //! previous configuration declared and the new one does not, or gives
-//! another owner.
+//! another owner; one whose key another backend's requested affinity holds
+//! waits for it to end ([`crate::control::reload::ConfigFile`] tries again
+//! every tick).
 
 use std::fmt;
 
@@ -210,6 +212,50 @@ mod tests {
         p.expire_at(later);
         assert_eq!(p.affinities().len(), 1);
         assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(b));
+    }
+
+    /// A reload's static affinity whose key another backend's requested
+    /// affinity holds is installed once that one ends.
+    #[test]
+    fn a_static_affinity_held_off_by_a_reload_is_installed_when_its_key_is_free() {
+        let (mut p, r) = plane(&config_text());
+        let ok = call(
+            &mut p,
+            "a",
+            Request::AffinityCreate(op("203.0.113.0", 24, Some("a"), 60)),
+        );
+        assert_eq!(ok.code, ReturnCode::Ok);
+        let a = p.dataplane().find_backend(WEB, "a").unwrap().id;
+        let b = p.dataplane().find_backend(WEB, "b").unwrap().id;
+        let path =
+            std::env::temp_dir().join(format!("pktdist-statics-wait-{}.toml", std::process::id()));
+        let mut file = ConfigFile::new(
+            Some(path.clone()),
+            Config::parse(&config_text(), "t.toml").unwrap(),
+        );
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
+                config_text()
+            ),
+        )
+        .unwrap();
+        let msg = file.reload(&mut p).unwrap().message;
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            msg.contains("not installed: affinities[0]") && msg.contains("once it can be"),
+            "{msg}"
+        );
+        file.install_waiting_statics(&mut p);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(a));
+        let later = p.now_ms() + 61_000;
+        p.expire_at(later);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), None);
+        file.install_waiting_statics(&mut p);
+        assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(b));
+        let (_, rec) = p.affinities().list().next().unwrap();
+        assert_eq!(rec.expires, None, "static");
     }
 
     #[test]

@@ -312,8 +312,9 @@ impl ControlThread {
         }
     }
 
-    /// Runs the ports' upkeep, expires affinities, hands the state file's
-    /// writer what changed, refreshes the metrics when they are due and
+    /// Runs the ports' upkeep, expires affinities, installs the static
+    /// affinities a reload could not (see [`ConfigFile`]), hands the state
+    /// file's writer what changed, refreshes the metrics when they are due and
     /// sends the AFFINITY_ENDED notices of every affinity that ended since
     /// the last tick.
     pub fn tick(&mut self) {
@@ -321,6 +322,7 @@ impl ControlThread {
             upkeep();
         }
         self.plane.expire();
+        self.file.install_waiting_statics(&mut self.plane);
         self.take_health_reports();
         if let Some(s) = &mut self.state {
             s.tick(&self.plane, Instant::now());
