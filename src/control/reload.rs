@@ -67,7 +67,13 @@ impl ConfigFile {
         for (_, _, keep) in RESTART_ONLY {
             keep(&mut next, &self.running);
         }
-        next.check().map_err(|e| {
+        // The running [icmp] may name echo VIPs the file's services no
+        // longer have: they answer nothing until the restart takes the
+        // file's [icmp] (checked against its services when it was read).
+        let mut checked = next.clone();
+        let vips: Vec<_> = checked.services.iter().map(|s| s.vip).collect();
+        checked.icmp.echo_vips.retain(|v| vips.contains(v));
+        checked.check().map_err(|e| {
             format!(
                 "{}: not applied: with the settings running until a restart ([{}]), {e}",
                 path.display(),
@@ -292,6 +298,42 @@ mod tests {
             );
         }
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A service listed in the running `echo_vips` moves to another VIP:
+    /// the services apply, and the file's `[icmp]` (which follows it)
+    /// waits for the restart.
+    #[test]
+    fn a_reload_moves_a_service_the_running_echo_vips_name() {
+        let with_icmp =
+            |text: &str, vip: &str| format!("{text}\n[icmp]\necho_vips = [\"{vip}\"]\n");
+        let running = with_icmp(&config_text(), "192.0.2.10");
+        let (mut p, _) = plane(&running);
+        let path = std::env::temp_dir().join(format!("pktdist-echo-{}.toml", std::process::id()));
+        let mut file = ConfigFile::new(
+            Some(path.clone()),
+            Config::parse(&running, "t.toml").unwrap(),
+        );
+        let moved = with_icmp(
+            &config_text().replace("vip = \"192.0.2.10\"", "vip = \"192.0.2.20\""),
+            "192.0.2.20",
+        );
+        std::fs::write(&path, &moved).unwrap();
+        let reloaded = file.reload(&mut p);
+        std::fs::remove_file(&path).unwrap();
+        let msg = reloaded.unwrap().message;
+        assert!(
+            msg.contains("changes to [icmp] take effect at the next restart"),
+            "{msg}"
+        );
+        assert!(p
+            .dataplane()
+            .service_named("web")
+            .is_some_and(|s| s.vip_bits == 0xc000_0214));
+        assert_eq!(
+            file.running().icmp.echo_vips,
+            ["192.0.2.10".parse::<std::net::IpAddr>().unwrap()]
+        );
     }
 
     #[test]
