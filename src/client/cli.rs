@@ -153,6 +153,13 @@ pub struct AffinityTimed {
     /// is rounded up).
     #[arg(long, value_parser = parse_affinity_duration)]
     pub duration: Duration,
+}
+
+/// A new affinity (add): its duration, and where its end is told.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct AffinityAdd {
+    #[command(flatten)]
+    pub timed: AffinityTimed,
     /// Where the ended notification goes (default: this command's socket).
     #[arg(long)]
     pub notify: Option<SocketAddr>,
@@ -162,8 +169,9 @@ pub struct AffinityTimed {
 #[derive(Subcommand, Clone, Debug, PartialEq, Eq)]
 pub enum AffinityCmd {
     /// Pin a client (or network) on a service to a backend for a duration.
-    Add(AffinityTimed),
-    /// Give an existing affinity a new duration from now.
+    Add(AffinityAdd),
+    /// Give an existing affinity a new duration from now (its notify
+    /// address stays).
     Extend(AffinityTimed),
     /// Remove an affinity now.
     Cancel(AffinityTarget),
@@ -538,16 +546,23 @@ pub fn render_backends(entries: &[BackendEntry]) -> String {
 /// Runs `pktdist affinity ...`, printing the result.
 pub fn run_affinity(cmd: &AffinityCmd) -> Result<(), String> {
     match cmd {
-        AffinityCmd::Add(a) | AffinityCmd::Extend(a) => {
+        AffinityCmd::Add(AffinityAdd { timed: a, notify }) => {
             let mut spec = a.target.spec()?;
-            spec.notify = a.notify;
-            let mut c = a.target.conn.client()?;
-            let (what, reply) = if matches!(cmd, AffinityCmd::Add(_)) {
-                ("create", c.create_affinity(&spec, a.duration).map_err(err)?)
-            } else {
-                ("extend", c.extend_affinity(&spec, a.duration).map_err(err)?)
-            };
-            println!("{}", render_reply(&format!("{what} {}", spec.key), &reply)?);
+            spec.notify = *notify;
+            let reply = a.target.conn.client()?.create_affinity(&spec, a.duration);
+            println!(
+                "{}",
+                render_reply(&format!("create {}", spec.key), &reply.map_err(err)?)?
+            );
+            Ok(())
+        }
+        AffinityCmd::Extend(a) => {
+            let spec = a.target.spec()?;
+            let reply = a.target.conn.client()?.extend_affinity(&spec, a.duration);
+            println!(
+                "{}",
+                render_reply(&format!("extend {}", spec.key), &reply.map_err(err)?)?
+            );
             Ok(())
         }
         AffinityCmd::Cancel(t) => {
@@ -750,7 +765,7 @@ mod tests {
 
     #[test]
     fn affinity_add_parses() {
-        let Top::Affinity(AffinityCmd::Add(a)) = parse(&[
+        let Top::Affinity(AffinityCmd::Add(AffinityAdd { timed: a, .. })) = parse(&[
             "affinity",
             "add",
             "--service",
@@ -784,6 +799,25 @@ mod tests {
     #[test]
     fn bad_arguments_are_refused() {
         assert!(parse(&["affinity", "add", "--service", "192.0.2.10:80"]).is_err());
+        // EXTEND keeps the affinity's notify address: no --notify to ignore.
+        let extend = |extra: &[&str]| {
+            let mut args = vec![
+                "affinity",
+                "extend",
+                "--service",
+                "192.0.2.10:80",
+                "--client",
+                "203.0.113.0/24",
+                "--owner",
+                "be3",
+                "--duration",
+                "1h",
+            ];
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        assert!(extend(&[]).is_ok());
+        assert!(extend(&["--notify", "10.0.0.3:7500"]).is_err());
         assert!(parse(&[
             "affinity",
             "cancel",

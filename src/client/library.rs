@@ -521,7 +521,9 @@ impl ControlClient {
         let mut sent: Vec<u64> = Vec::with_capacity(attempts as usize);
         for _ in 0..attempts {
             let nonce = self.nonces.next();
-            let timestamp_ms = unix_ms(SystemTime::now()).max(self.last_timestamp_ms);
+            // Increasing (PROTOCOL §3.2): a request stamped at or before
+            // the server's floor for this name would be refused.
+            let timestamp_ms = unix_ms(SystemTime::now()).max(self.last_timestamp_ms + 1);
             self.last_timestamp_ms = timestamp_ms;
             let header = Header {
                 msg_type: request.msg_type() as u8,
@@ -575,12 +577,19 @@ impl ControlClient {
         until_notice: bool,
     ) -> Result<Option<(u32, Reply)>, ClientError> {
         loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            self.socket.set_read_timeout(Some(deadline - now))?;
-            let len = match self.socket.recv_from(&mut self.rx) {
+            // Past the deadline, what has arrived is still read (without
+            // waiting): a reply or notice already in the socket is taken.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let received = if left.is_zero() {
+                self.socket.set_nonblocking(true)?;
+                let r = self.socket.recv_from(&mut self.rx);
+                self.socket.set_nonblocking(false)?;
+                r
+            } else {
+                self.socket.set_read_timeout(Some(left))?;
+                self.socket.recv_from(&mut self.rx)
+            };
+            let len = match received {
                 Ok((len, _)) => len,
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
@@ -1151,15 +1160,15 @@ mod tests {
         assert!(d >= now + Duration::from_secs(5) && d < Instant::now() + Duration::from_secs(6));
     }
 
-    /// Timestamps never go back, even when the clock does: the server may
+    /// Timestamps increase, even when the clock goes back: the server may
     /// refuse a sender's requests stamped at or before a floor (§3.2).
     #[test]
-    fn request_timestamps_never_decrease() {
+    fn request_timestamps_increase() {
         const LATER: u64 = 4_000_000_000_000; // 2096
         let (addr, t) = scripted(|s| {
-            for _ in 0..2 {
+            for i in 1..=2 {
                 answer(s, WEB1_KEY, "web1", |h, _| {
-                    assert_eq!(h.timestamp_ms, LATER)
+                    assert_eq!(h.timestamp_ms, LATER + i)
                 });
             }
         });
@@ -1292,6 +1301,28 @@ mod tests {
         let got = web1.recv_ended(timeout).unwrap();
         assert!(started.elapsed() < timeout, "waited out the whole timeout");
         assert_eq!(got, Some(notice));
+    }
+
+    /// A zero timeout takes what has arrived, without waiting.
+    #[test]
+    fn recv_ended_without_a_wait_takes_a_notice_in_the_socket() {
+        let cfg = ServerConfig::new(Allowlist::new(Vec::new()), keyring());
+        let mut server = ControlServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+        let mut web1 = ControlClient::new(server.local_addr().unwrap(), "web1", WEB1_KEY).unwrap();
+        let to = SocketAddr::new(
+            "127.0.0.1".parse().unwrap(),
+            web1.local_addr().unwrap().port(),
+        );
+        let notice = EndedNotice {
+            key: akey(),
+            owner: "web1".into(),
+            reason: EndReason::Expired,
+        };
+        assert_eq!(web1.recv_ended(Duration::ZERO).unwrap(), None);
+        server.send_ended(to, "web1", &notice).unwrap();
+        // On the loopback the datagram is in the socket once sent.
+        assert_eq!(web1.recv_ended(Duration::ZERO).unwrap(), Some(notice));
+        assert_eq!(web1.recv_ended(Duration::ZERO).unwrap(), None);
     }
 
     #[test]
