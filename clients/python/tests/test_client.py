@@ -650,5 +650,17 @@ class Sockets(Base):
         self.assertEqual(c.ignored, 1)
 
 
+class Exports(unittest.TestCase):
+    def test_errors_star_import_has_every_exported_error(self) -> None:
+        names: dict = {}
+        exec("from pktdist.errors import *", names)
+        errors = [
+            n for n in pktdist.__all__
+            if isinstance(getattr(pktdist, n), type) and issubclass(getattr(pktdist, n), BaseException)
+        ]
+        self.assertIn("Draining", errors)
+        self.assertEqual([n for n in errors if names.get(n) is not getattr(pktdist, n)], [])
+
+
 if __name__ == "__main__":
     unittest.main()

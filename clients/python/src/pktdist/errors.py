@@ -34,6 +34,7 @@ __all__ = [
     "Unsupported",
     "QuotaExceeded",
     "RateLimited",
+    "Draining",
     "Unavailable",
     "Timeout",
     "ProtocolError",
