@@ -11,6 +11,7 @@ import threading
 import time
 import unittest
 from typing import Callable, List, Optional
+from unittest import mock
 
 import pktdist
 
@@ -315,9 +316,35 @@ class Retries(Base):
         first, second = seen
         self.assertEqual(first.request_id, second.request_id)
         self.assertNotEqual(first.nonce, second.nonce)
-        self.assertLessEqual(first.timestamp, second.timestamp)
+        self.assertLess(first.timestamp, second.timestamp)
         self.assertEqual(first.body, second.body)
         self.assertNotEqual(first.raw[-32:], second.raw[-32:])
+
+    def test_timestamps_strictly_increase(self) -> None:
+        # PROTOCOL.md §3.2: pktdist refuses a request stamped at or before
+        # its sender's floor, so two requests (or a request and its retry)
+        # must not share a millisecond, even when the clock has not moved.
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            seen.append(s.recv())  # dropped: the retry comes
+            for _ in range(3):
+                req = s.recv()
+                seen.append(req)
+                s.reply(req)
+
+        self.srv.run(script)
+        c = self.client(timeout=SHORT, retries=1)
+        stopped_ms = 1_700_000_000_000
+        with mock.patch("time.time_ns", return_value=stopped_ms * 1_000_000):
+            for _ in range(3):
+                c.cancel("192.0.2.10:80", "198.51.100.7")
+        self.srv.join()
+        stamps = [r.timestamp for r in seen]
+        self.assertEqual(len(stamps), 4)
+        self.assertEqual(stamps[0], stopped_ms)
+        for earlier, later in zip(stamps, stamps[1:]):
+            self.assertLess(earlier, later, stamps)
 
     def test_a_late_reply_to_the_first_attempt_is_accepted(self) -> None:
         def script(s: FakeServer) -> None:

@@ -525,8 +525,10 @@ class Client:
             for _ in range(attempts):
                 nonce = _random_u64()
                 with self._cv:
-                    # Non-decreasing per sender name (PROTOCOL.md §3.2).
-                    ts = max(time.time_ns() // 1_000_000, self._last_ts)
+                    # Increasing per sender name: pktdist refuses a request
+                    # stamped at or before the sender's floor, which may be
+                    # the previous request's timestamp (PROTOCOL.md §3.2).
+                    ts = max(time.time_ns() // 1_000_000, self._last_ts + 1)
                     self._last_ts = ts
                     # Registered before sending, so that a fast reply finds it.
                     pending.nonces.add(nonce)
