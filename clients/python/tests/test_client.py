@@ -10,7 +10,7 @@ import struct
 import threading
 import time
 import unittest
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 from unittest import mock
 
 import pktdist
@@ -675,6 +675,156 @@ class Sockets(Base):
         self.srv.sock.sendto(message(1, 1, 1, 1, "web1", key_fields() + bytes(6), WEB1_KEY), to)
         self.assertIsNone(c.recv_ended(timeout=SHORT))
         self.assertEqual(c.ignored, 1)
+
+
+def _datagram_info(family: int, sockaddr: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """One getaddrinfo() entry."""
+    return (family, socket.SOCK_DGRAM, socket.IPPROTO_UDP, "", sockaddr)
+
+
+class Resolution(Base):
+    """A server given by a name with several addresses: an attempt without a
+    reply moves the client on to the next address, and the address that
+    answered is kept."""
+
+    def silent(self, family: int, host: str) -> socket.socket:
+        """A socket that takes datagrams and never answers (the test skips
+        where the family cannot be used)."""
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            self.skipTest(f"no {host} here: {e}")
+        return s
+
+    def resolving(self, *infos: Tuple[Any, ...]) -> pktdist.Client:
+        """A client of "pktdist.test", which resolves to `infos`."""
+        port = int(self.srv.address.rsplit(":", 1)[1])
+        with mock.patch("socket.getaddrinfo", return_value=list(infos)):
+            c = pktdist.Client(f"pktdist.test:{port}", "web1", WEB1_KEY, timeout=SHORT, retries=1)
+        self.addCleanup(c.close)
+        return c
+
+    def check_moves_on(self, silent: socket.socket, family: int) -> None:
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            for remaining in (1, 2):
+                req = s.recv()
+                seen.append(req)
+                s.reply(req, remaining=remaining)
+
+        self.srv.run(script)
+        port = int(self.srv.address.rsplit(":", 1)[1])
+        c = self.resolving(
+            _datagram_info(family, silent.getsockname()),
+            _datagram_info(socket.AF_INET, ("127.0.0.1", port)),
+        )
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 1).remaining, 1)
+        # The first attempt went to the first address, the retry to the
+        # second, which answered: the next request goes there at once.
+        silent.settimeout(PATIENCE)
+        silent.recv(65536)
+        self.assertEqual(c.server, self.srv.address)
+        c.retries = 0
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 2).remaining, 2)
+        self.srv.join()
+        silent.settimeout(0)
+        with self.assertRaises(OSError):
+            silent.recv(65536)
+        # pktdist sees an IPv4 source, where notifications go.
+        self.assertEqual([r.source[0] for r in seen], ["127.0.0.1", "127.0.0.1"])
+        self.assertEqual(c.ignored, 0)
+
+    def test_localhost_as_ipv6_first_reaches_a_server_on_ipv4(self) -> None:
+        # /etc/hosts mapping localhost to ::1 first, pktdist on 127.0.0.1.
+        self.check_moves_on(self.silent(socket.AF_INET6, "::1"), socket.AF_INET6)
+
+    def test_a_silent_first_address_is_passed_over(self) -> None:
+        self.check_moves_on(self.silent(socket.AF_INET, "127.0.0.1"), socket.AF_INET)
+
+    def test_the_address_that_answered_late_is_kept(self) -> None:
+        # The first address answers the first attempt only after the retry
+        # went to the second: the reply fixes the first for later requests.
+        first = FakeServer()
+        self.addCleanup(first.close)
+        retried = threading.Event()
+
+        def late(s: FakeServer) -> None:
+            req = s.recv()
+            assert retried.wait(PATIENCE)
+            s.reply(req, remaining=1)
+            s.reply(s.recv(), remaining=2)
+
+        def second(s: FakeServer) -> None:
+            s.recv()
+            retried.set()
+
+        first.run(late)
+        self.srv.run(second)
+        c = self.resolving(
+            _datagram_info(socket.AF_INET, first.sock.getsockname()),
+            _datagram_info(socket.AF_INET, self.srv.sock.getsockname()),
+        )
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 1).remaining, 1)
+        self.assertEqual(c.server, first.address)
+        c.retries = 0
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 2).remaining, 2)
+        first.join()
+        self.srv.join()
+
+    def test_an_address_that_cannot_be_sent_to_is_passed_over(self) -> None:
+        # Sending to the broadcast address without SO_BROADCAST fails at
+        # once: not an attempt; the next address gets it.
+        def script(s: FakeServer) -> None:
+            s.reply(s.recv(), remaining=3)
+
+        self.srv.run(script)
+        c = self.resolving(
+            _datagram_info(socket.AF_INET, ("255.255.255.255", 7400)),
+            _datagram_info(socket.AF_INET, self.srv.sock.getsockname()),
+        )
+        c.retries = 0
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 3).remaining, 3)
+        self.srv.join()
+        # Where no address can be sent to, that is the error.
+        lone = self.resolving(_datagram_info(socket.AF_INET, ("255.255.255.255", 7400)))
+        with self.assertRaisesRegex(pktdist.Error, "sending to 255.255.255.255:7400"):
+            lone.list()
+
+    def test_bind_picks_the_addresses_of_its_family(self) -> None:
+        def script(s: FakeServer) -> None:
+            s.reply(s.recv(), remaining=4)
+
+        self.srv.run(script)
+        port = int(self.srv.address.rsplit(":", 1)[1])
+        infos = [
+            _datagram_info(socket.AF_INET6, ("::1", port, 0, 0)),
+            _datagram_info(socket.AF_INET, ("127.0.0.1", port)),
+        ]
+        with mock.patch("socket.getaddrinfo", return_value=infos):
+            c = pktdist.Client(f"pktdist.test:{port}", "web1", WEB1_KEY, bind="127.0.0.1:0")
+        self.addCleanup(c.close)
+        self.assertEqual(c.server, self.srv.address)
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 4).remaining, 4)
+        self.srv.join()
+
+    def test_without_a_dual_stack_socket_the_ipv4_addresses_are_used(self) -> None:
+        def script(s: FakeServer) -> None:
+            s.reply(s.recv(), remaining=5)
+
+        self.srv.run(script)
+        port = int(self.srv.address.rsplit(":", 1)[1])
+        with mock.patch("pktdist.client._dual_stack_socket", return_value=None):
+            c = self.resolving(
+                _datagram_info(socket.AF_INET6, ("::1", port, 0, 0)),
+                _datagram_info(socket.AF_INET, ("127.0.0.1", port)),
+            )
+        self.assertEqual(c.server, self.srv.address)
+        c.retries = 0
+        self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 5).remaining, 5)
+        self.srv.join()
 
 
 class Exports(unittest.TestCase):

@@ -10,6 +10,17 @@ id is the request's, it answers the request's type, and the nonce it echoes
 is one of the nonces sent for that request (PROTOCOL.md §3.3, §3.4).
 Anything else that arrives is dropped and counted in :attr:`Client.ignored`.
 
+A server given by a name is resolved once, when the client is made, to
+every address it has. Requests go to the first; when an attempt gets no
+reply in time, or cannot be sent there, the following attempts (of this
+request and of later ones) go to the next address, round the list. An
+authentic reply fixes the address its attempt went to for later requests,
+so a name works when any of its addresses is pktdist's (``localhost``
+resolving to ::1 first, pktdist on 127.0.0.1). Addresses of both families
+share one IPv6 socket that also speaks IPv4 (where the system allows it;
+else the IPv4 addresses alone are used), so notifications still come to
+one socket.
+
 Notifications go to the address the create request came from (unless it
 named another), so an application keeps one :class:`Client` for its life
 and receives them with :meth:`Client.recv_ended` or
@@ -63,18 +74,39 @@ MAX_POLL_READS = 64
 
 
 class _Pending:
-    """A request waiting for its reply: its type and the nonce of each
-    attempt sent so far."""
+    """A request waiting for its reply: its type, and the nonce of each
+    attempt sent so far with the index of the server address it went to."""
 
     __slots__ = ("msg_type", "nonces")
 
     def __init__(self, msg_type: int) -> None:
         self.msg_type = msg_type
-        self.nonces: Set[int] = set()
+        self.nonces: Dict[int, int] = {}
 
 
 def _random_u64() -> int:
     return int.from_bytes(os.urandom(8), "big")
+
+
+def _show(sockaddr: Tuple[Any, ...]) -> str:
+    """A resolved address as ``"ip:port"`` (``"[v6]:port"``)."""
+    return w.format_sockaddr(w.parse_ip(sockaddr[0].split("%")[0], "server"), sockaddr[1])
+
+
+def _dual_stack_socket() -> Optional[socket.socket]:
+    """An IPv6 socket on any address that also speaks IPv4 (through
+    IPv4-mapped addresses), or None where the system has no such thing."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+    except (OSError, AttributeError):
+        sock.close()
+        return None
+    return sock
 
 
 class Client:
@@ -82,7 +114,10 @@ class Client:
 
     Args:
         server: pktdist's control address, ``"host:port"`` (``"[v6]:port"``
-            for an IPv6 address); the host may be a name, resolved once here.
+            for an IPv6 address); the host may be a name, resolved once here
+            to all its addresses: an attempt without a reply moves on to
+            the next, and the one that answers is kept (see the module's
+            documentation).
         name: the backend's name in pktdist's configuration (its key's
             name), or ``"admin"``.
         key: that name's key, 16 to 128 raw bytes
@@ -90,7 +125,8 @@ class Client:
         timeout: seconds to wait for a reply to each attempt.
         retries: attempts after the first when no reply comes.
         bind: local ``"host:port"`` for the socket, where notifications
-            arrive; by default any address, a free port.
+            arrive; by default any address, a free port. It limits the
+            server's addresses to those of its family.
 
     Raises ValueError or TypeError for a bad argument, :class:`pktdist.Error`
     if the socket cannot be set up.
@@ -117,23 +153,58 @@ class Client:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except socket.gaierror as e:
             raise ValueError(f"server {server!r}: cannot resolve {host!r}: {e}") from None
-        family = infos[0][0]
-        self._server: Tuple[Any, ...] = infos[0][4]
-        if bind is None:
-            local: Tuple[Any, ...] = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
-        else:
+        # Each address once, in the resolver's order.
+        resolved: List[Tuple[int, Tuple[Any, ...]]] = []
+        for family, _, _, _, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in resolved:
+                resolved.append((family, sockaddr))
+        if not resolved:
+            raise ValueError(f"server {server!r}: {host!r} has no IPv4 or IPv6 address")
+        families = {family for family, _ in resolved}
+        sock: Optional[socket.socket] = None
+        if bind is not None:
             bind_host, bind_port = w.split_host_port(bind, "bind")
-            if w.parse_ip(bind_host, "bind").version != (6 if family == socket.AF_INET6 else 4):
+            family = socket.AF_INET6 if w.parse_ip(bind_host, "bind").version == 6 else socket.AF_INET
+            if family not in families:
                 raise ValueError(f"bind {bind!r} and server {server!r} are of different families")
-            local = (bind_host, bind_port)
-        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+            local: Tuple[Any, ...] = (bind_host, bind_port)
+        elif len(families) > 1:
+            family, local = socket.AF_INET6, ("::", 0)
+            sock = _dual_stack_socket()
+            if sock is None:
+                family, local = socket.AF_INET, ("0.0.0.0", 0)
+        else:
+            family = resolved[0][0]
+            local = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        # Where the requests go (an IPv4 address IPv4-mapped on a dual-stack
+        # socket), and each as the `server` property shows it.
+        self._targets: List[Tuple[Any, ...]] = []
+        self._shown: List[str] = []
+        for fam, sockaddr in resolved:
+            if fam == family:
+                self._targets.append(sockaddr)
+            elif sock is not None and fam == socket.AF_INET:
+                self._targets.append(("::ffff:" + sockaddr[0], sockaddr[1], 0, 0))
+            else:
+                continue
+            self._shown.append(_show(sockaddr))
         try:
-            self._sock.bind(local)
-            # Closing the client writes to this pair to wake a thread that
-            # waits on the socket.
-            self._wake_r, self._wake_w = socket.socketpair()
+            if sock is None:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                try:
+                    sock.bind(local)
+                except OSError:
+                    sock.close()
+                    raise
+            self._sock = sock
+            try:
+                # Closing the client writes to this pair to wake a thread
+                # that waits on the socket.
+                self._wake_r, self._wake_w = socket.socketpair()
+            except OSError:
+                self._sock.close()
+                raise
         except OSError as e:
-            self._sock.close()
             raise Error(f"control socket on {local[0]}:{local[1]}: {e}") from e
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._sock, selectors.EVENT_READ)
@@ -145,6 +216,8 @@ class Client:
         self._reading = False
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._last_ts = 0
+        # The index in _targets that requests go to now.
+        self._current = 0
         self._pending: Dict[int, _Pending] = {}
         self._replies: Dict[int, ReplyBody] = {}
         self._ended: Deque[Ended] = deque()
@@ -160,8 +233,11 @@ class Client:
 
     @property
     def server(self) -> str:
-        """The control address requests go to, ``"ip:port"``."""
-        return w.format_sockaddr(w.parse_ip(self._server[0], "server"), self._server[1])
+        """The control address requests go to now, ``"ip:port"``: of those
+        the server's name resolved to, the one that answered last or, after
+        an attempt without a reply, the next."""
+        with self._cv:
+            return self._shown[self._current]
 
     @property
     def local_address(self) -> str:
@@ -521,8 +597,11 @@ class Client:
             pending = _Pending(msg_type)
             self._pending[request_id] = pending
         attempts = self._retries + 1
+        sent = 0
+        # Addresses in a row that this request could not send to.
+        unsendable = 0
         try:
-            for _ in range(attempts):
+            while sent < attempts:
                 nonce = _random_u64()
                 with self._cv:
                     # Increasing per sender name: pktdist refuses a request
@@ -530,26 +609,43 @@ class Client:
                     # the previous request's timestamp (PROTOCOL.md §3.2).
                     ts = max(time.time_ns() // 1_000_000, self._last_ts + 1)
                     self._last_ts = ts
+                    target = self._current
                     # Registered before sending, so that a fast reply finds it.
-                    pending.nonces.add(nonce)
+                    pending.nonces[nonce] = target
                 datagram = w.encode_message(
                     msg_type, request_id, ts, nonce, self._name, body, self._key
                 )
                 try:
-                    self._sock.sendto(datagram, self._server)
+                    self._sock.sendto(datagram, self._targets[target])
                 except OSError as e:
                     if self.closed:
                         raise Error("the client is closed") from None
-                    raise Error(f"control socket: sending to {self.server}: {e}") from e
+                    unsendable += 1
+                    if unsendable >= len(self._targets):
+                        raise Error(f"control socket: sending to {self._shown[target]}: {e}") from e
+                    # Not an attempt: the next address gets it at once.
+                    self._move_on(target)
+                    continue
+                unsendable = 0
+                sent += 1
                 deadline = time.monotonic() + self._timeout
                 if self._wait_for(lambda: request_id in self._replies, deadline):
                     with self._cv:
                         return self._replies.pop(request_id)
+                self._move_on(target)
             raise Timeout(attempts)
         finally:
             with self._cv:
                 self._pending.pop(request_id, None)
                 self._replies.pop(request_id, None)
+
+    def _move_on(self, target: int) -> None:
+        """No reply (or no sending) from the server address `target`: the
+        following attempts go to the next, unless another request has moved
+        on from it already or a reply has fixed another meanwhile."""
+        with self._cv:
+            if self._current == target:
+                self._current = (target + 1) % len(self._targets)
 
     # -- receiving ---------------------------------------------------------
 
@@ -635,6 +731,8 @@ class Client:
                     ):
                         raise w.Malformed("not a reply to a request in flight")
                     self._replies[env.request_id] = rb
+                    # That address answers: later requests go there.
+                    self._current = pending.nonces[rb.request_nonce]
             elif env.msg_type == MsgType.AFFINITY_ENDED:
                 notice = w.decode_ended(env.body)
                 now = int(time.time() * 1000)
