@@ -2,9 +2,10 @@
 # Tests the Debian package: builds it from the release binary already built
 # (scripts/build-deb.sh --no-build), unpacks it into a scratch root with
 # dpkg-deb -x, and checks what an operator gets: the files in their places,
-# the conffile, the dependencies, the state directory, the installed binary
-# checking the installed configuration, the man pages, the completions, and the systemd
-# unit passing `systemd-analyze verify`. Run by scripts/test.sh.
+# the conffile, the dependencies (the EAL plugins and NIC drivers too), the
+# state directory, the installed binary checking the installed
+# configuration, the man pages, the completions, and the systemd unit
+# passing `systemd-analyze verify`. Run by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,11 +39,21 @@ unit=$root/fs/lib/systemd/system/pktdist.service
     || fail "the BGP announcer example is not executable"
 grep -qx /etc/pktdist/pktdist.toml "$root/control/conffiles" \
     || fail "/etc/pktdist/pktdist.toml is not a conffile"
+# Depends: the libraries the binary links (dpkg-shlibdeps), and the EAL
+# plugins it loads at run time that no ELF dependency names: the PCI and
+# vdev buses and the ring mempool driver (the mbuf pool's default ops).
+# Recommends: every NIC driver.
 depends=$(dpkg-deb -f "$deb" Depends)
-case "$depends" in
-    *librte-eal*) ;;
-    *) fail "Depends lacks DPDK's libraries: $depends" ;;
-esac
+recommends=$(dpkg-deb -f "$deb" Recommends)
+# The package names of a relationship field, one a line, without versions.
+names() { tr ',' '\n' <<<"$1" | sed 's/^ *//; s/[ (].*//'; }
+depend_names=$(names "$depends")
+for p in librte-eal23 librte-ethdev23 librte-mbuf23 librte-mempool23 \
+    librte-bus-pci23 librte-bus-vdev23 librte-mempool-ring23; do
+    grep -qx "$p" <<<"$depend_names" || fail "Depends lacks $p: $depends"
+done
+grep -qx librte-meta-net <<<"$(names "$recommends")" \
+    || fail "Recommends lacks librte-meta-net: $recommends"
 # The service is installed, not enabled or started: the configuration needs
 # editing first.
 if grep -q "deb-systemd-invoke start\|systemctl.*enable" "$root/control/postinst"; then
