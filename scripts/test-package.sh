@@ -59,6 +59,15 @@ grep -qx librte-meta-net <<<"$(names "$recommends")" \
 if grep -q "deb-systemd-invoke start\|systemctl.*enable" "$root/control/postinst"; then
     fail "postinst starts or enables the service"
 fi
+# An upgrade leaves a running pktdist alone (the operator restarts it);
+# removing the package stops it.
+if grep -q "deb-systemd-invoke.*restart" "$root/control/postinst"; then
+    fail "postinst restarts a running service on upgrade"
+fi
+[ -f "$root/control/prerm" ] && grep -q "deb-systemd-invoke stop" "$root/control/prerm" \
+    || fail "prerm does not stop the service when the package is removed"
+grep -q '"$1" = remove' <<<"$(grep -B1 "deb-systemd-invoke stop" "$root/control/prerm")" \
+    || fail "prerm stops the service on upgrade too"
 
 # The configuration keeps requested affinities in /var/lib/pktdist, which
 # postinst makes and the unit's StateDirectory= keeps.
