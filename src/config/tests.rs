@@ -226,6 +226,29 @@ fn plan_names_each_ports_spread() {
     );
 }
 
+/// scripts/pktdist-bgp.sh --config reads the metrics address from the
+/// plan's control line, in this form.
+#[test]
+fn plan_gives_the_metrics_address_as_the_bgp_script_reads_it() {
+    let on = edit(
+        "[control]\n",
+        "[control]\nmetrics_listen = \"127.0.0.1:9400\"\n",
+    );
+    assert_ne!(on, *BASE);
+    let plan = Config::parse(&on, "t.toml").unwrap().plan();
+    assert!(
+        plan.lines().any(|l| l.starts_with("control: ")
+            && l.contains(", metrics http://127.0.0.1:9400/metrics, ")),
+        "{plan}"
+    );
+    let plan = Config::parse(&BASE, "t.toml").unwrap().plan();
+    assert!(
+        plan.lines()
+            .any(|l| l.starts_with("control: ") && l.contains(", metrics off, ")),
+        "{plan}"
+    );
+}
+
 #[test]
 fn af_packet_queue_pairs_match_the_workers() {
     check(
