@@ -248,7 +248,9 @@ pub fn quoted_key(family: Family, quote: &[u8]) -> Result<FlowKey, IcmpDrop> {
             if ip.protocol() == PROTO_ICMP {
                 return Err(IcmpDrop::AboutIcmp);
             }
-            if ip.is_fragment() {
+            // A later fragment has no ports; a first one names its
+            // connection as a whole packet does.
+            if ip.frag_offset() != 0 {
                 return Err(IcmpDrop::BadQuote);
             }
             (
@@ -266,7 +268,7 @@ pub fn quoted_key(family: Family, quote: &[u8]) -> Result<FlowKey, IcmpDrop> {
                 return Err(IcmpDrop::BadQuote);
             }
             let ip = ipv6::Packet::new_unchecked(quote);
-            let (proto, offset) = match ipv6::walk_extensions(quote, ip.next_header()) {
+            let (proto, offset) = match ipv6::walk_quote(quote, ip.next_header()) {
                 Err(_) => return Err(IcmpDrop::ShortQuote),
                 Ok(ipv6::Upper::Proto { proto, offset }) => (proto, offset),
                 Ok(ipv6::Upper::Fragment | ipv6::Upper::Unsupported) => {
@@ -580,6 +582,24 @@ mod tests {
                 "type {t}"
             );
         }
+
+        // About a first fragment (a large reply cut by its backend, offset
+        // 0 and more to come): its ports name the connection.
+        let mut first = reply_v4(40001);
+        ipv4::Packet::new_unchecked(&mut first[..]).set_frag(false, true, 0);
+        let f = error_v4(v4::DEST_UNREACHABLE, v4::CODE_FRAG_NEEDED, &first);
+        assert_eq!(inspect_frame(&f), Ok(Message::Error { key: want }));
+        let first6 = ip_of(
+            &FrameSpec {
+                ipv6_ext: &[(ipv6::EXT_FRAGMENT, &[0, 0, 0, 1, 0, 0, 0, 7])],
+                payload: &[0; 1000],
+                ..FrameSpec::udp_v6(VIP6, 53, CLIENT6, 5353)
+            }
+            .build()
+            .unwrap(),
+        );
+        let f = error_v6(v6::PACKET_TOO_BIG, &first6[..200]);
+        assert_eq!(inspect_frame(&f), Ok(Message::Error { key: want6 }));
     }
 
     #[test]

@@ -132,10 +132,23 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 /// The extension-header walk of [`Packet::upper_layer`] over `b`, an IPv6
 /// packet whose fixed header says `next`, as far as `b` goes: `b` may end
-/// before the packet does (the quote in an ICMPv6 error), and a header
-/// that runs past `b` is `Truncated`.
+/// before the packet does, and a header that runs past `b` is `Truncated`.
 #[inline]
-pub fn walk_extensions(b: &[u8], mut next: u8) -> Result<Upper> {
+pub fn walk_extensions(b: &[u8], next: u8) -> Result<Upper> {
+    walk::<false>(b, next)
+}
+
+/// The walk of [`walk_extensions`] over the packet an ICMPv6 error quotes:
+/// a first fragment (offset 0) is followed to its upper-layer header, whose
+/// ports name the connection; a later fragment is [`Upper::Fragment`].
+#[inline]
+pub fn walk_quote(b: &[u8], next: u8) -> Result<Upper> {
+    walk::<true>(b, next)
+}
+
+/// The walk; `FIRST_FRAGMENT`: a first fragment is followed through.
+#[inline(always)]
+fn walk<const FIRST_FRAGMENT: bool>(b: &[u8], mut next: u8) -> Result<Upper> {
     let mut off = HEADER_LEN;
     for _ in 0..=MAX_EXT_HEADERS {
         let len = match next {
@@ -151,7 +164,8 @@ pub fn walk_extensions(b: &[u8], mut next: u8) -> Result<Upper> {
                 }
                 // Offset and M flag both zero: an atomic fragment, which
                 // is the whole packet (RFC 6946).
-                if be16(b, off + 2) & 0xfff9 != 0 {
+                let mask = if FIRST_FRAGMENT { 0xfff8 } else { 0xfff9 };
+                if be16(b, off + 2) & mask != 0 {
                     return Ok(Upper::Fragment);
                 }
                 8
@@ -317,6 +331,25 @@ mod tests {
                 offset: 40
             })
         );
+    }
+
+    /// A first fragment (offset 0, M set) is a fragment to the packet's
+    /// walk and, in a quote, followed to its upper layer; a later fragment
+    /// is a fragment to both.
+    #[test]
+    fn a_quote_walks_through_a_first_fragment() {
+        let first = packet(EXT_FRAGMENT, &[17, 0, 0, 1, 0, 0, 0, 7]);
+        assert_eq!(walk_extensions(&first, EXT_FRAGMENT), Ok(Upper::Fragment));
+        assert_eq!(
+            walk_quote(&first, EXT_FRAGMENT),
+            Ok(Upper::Proto {
+                proto: 17,
+                offset: 48
+            })
+        );
+        let later = packet(EXT_FRAGMENT, &[17, 0, 0x05, 0x01, 0, 0, 0, 7]);
+        assert_eq!(walk_extensions(&later, EXT_FRAGMENT), Ok(Upper::Fragment));
+        assert_eq!(walk_quote(&later, EXT_FRAGMENT), Ok(Upper::Fragment));
     }
 
     #[test]
