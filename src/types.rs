@@ -229,7 +229,8 @@ pub enum IcmpDrop {
     /// An error whose quote ends before the quoted packet's ports.
     ShortQuote,
     /// An error whose quote is not an IP header of the message's own
-    /// family, or quotes a fragment (which carries no ports to route by).
+    /// family, or quotes a fragment but the first (a later one carries no
+    /// ports to route by).
     BadQuote,
     /// An error about an ICMP message.
     AboutIcmp,
@@ -245,10 +246,13 @@ pub enum IcmpDrop {
     /// An echo request with IPv4 options or IPv6 extension headers (not
     /// answered: a reply would have to process them).
     EchoOptions,
+    /// An echo request from an address that is no one host's (unspecified,
+    /// loopback, multicast, broadcast): no answer goes there.
+    EchoBadSource,
 }
 
 impl IcmpDrop {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     pub const ALL: [IcmpDrop; Self::COUNT] = [
         IcmpDrop::Malformed,
         IcmpDrop::BadChecksum,
@@ -261,6 +265,7 @@ impl IcmpDrop {
         IcmpDrop::EchoOff,
         IcmpDrop::EchoRateLimited,
         IcmpDrop::EchoOptions,
+        IcmpDrop::EchoBadSource,
     ];
 
     /// The label used in summaries and metrics.
@@ -277,6 +282,7 @@ impl IcmpDrop {
             IcmpDrop::EchoOff => "echo_off",
             IcmpDrop::EchoRateLimited => "echo_rate_limited",
             IcmpDrop::EchoOptions => "echo_options",
+            IcmpDrop::EchoBadSource => "echo_bad_source",
         }
     }
 }

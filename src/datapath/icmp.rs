@@ -302,12 +302,24 @@ pub fn quoted_key(family: Family, quote: &[u8]) -> Result<FlowKey, IcmpDrop> {
     })
 }
 
+/// True for the address of one host, which an ICMP answer may go to: not
+/// unspecified, loopback, multicast, nor (IPv4) in 240.0.0.0/4, which holds
+/// the limited broadcast (RFC 1122 3.2.2, RFC 4443 2.4 e).
+pub fn one_host(family: Family, addr: u128) -> bool {
+    match family {
+        Family::V4 => !matches!(addr as u32 >> 24, 0 | 127 | 224..),
+        Family::V6 => addr > 1 && addr >> 120 != 0xff,
+    }
+}
+
 /// Turns the echo request at `at` into its echo reply, in place: back to
 /// the sender's MAC from `src_mac`, addresses swapped, TTL / hop limit 64,
 /// the type changed and the checksums updated; identifier, sequence number
 /// and data unchanged. A request with IPv4 options or IPv6 extension
 /// headers is refused (`echo_options`): answering it would mean processing
-/// them.
+/// them; so is one from no one host's address (`echo_bad_source`), and an
+/// IPv4 one whose header checksum fails (`bad_checksum`: its source may be
+/// another's).
 pub fn echo_reply<B: PacketBuf>(
     buf: &mut B,
     at: &IcmpAt,
@@ -326,6 +338,19 @@ pub fn echo_reply<B: PacketBuf>(
     let d = buf.data_mut();
     if end > d.len() || end < l4 + icmp::HEADER_LEN {
         return Err(IcmpDrop::Malformed);
+    }
+    let source = match at.family {
+        Family::V4 => {
+            let ip = ipv4::Packet::new_unchecked(&d[l3..l4]);
+            if !ip.verify_checksum() {
+                return Err(IcmpDrop::BadChecksum);
+            }
+            u32::from_be_bytes(ip.src_addr()) as u128
+        }
+        Family::V6 => u128::from_be_bytes(ipv6::Packet::new_unchecked(&d[l3..l4]).src_addr()),
+    };
+    if !one_host(at.family, source) {
+        return Err(IcmpDrop::EchoBadSource);
     }
     reply_macs(d, src_mac);
     let (request, reply) = match at.family {
@@ -827,6 +852,59 @@ mod tests {
             echo_reply(&mut b, &at_of(&f6), MAC),
             Err(IcmpDrop::EchoOptions)
         );
+    }
+
+    /// No echo reply goes to an address that is no one host's, nor to the
+    /// source of an IPv4 header whose checksum fails (a corrupted source
+    /// may be another host's).
+    #[test]
+    fn echo_requests_from_no_one_host_are_not_answered() {
+        for src in [
+            [224, 0, 0, 1],
+            [255, 255, 255, 255],
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [240, 1, 2, 3],
+        ] {
+            let f = FrameSpec::icmp_v4(src, VIP, v4::ECHO_REQUEST, 0, 1)
+                .build()
+                .unwrap();
+            let mut b = MemBuf::from_frame(&f);
+            assert_eq!(
+                echo_reply(&mut b, &at_of(&f), MAC),
+                Err(IcmpDrop::EchoBadSource),
+                "{src:?}"
+            );
+            assert_eq!(b.data(), &f[..], "unchanged");
+        }
+        let mut multicast6 = [0u8; 16];
+        multicast6[0] = 0xff;
+        multicast6[1] = 0x02;
+        multicast6[15] = 1;
+        let mut loopback6 = [0u8; 16];
+        loopback6[15] = 1;
+        for src in [multicast6, loopback6, [0; 16]] {
+            let f = FrameSpec::icmp_v6(src, VIP6, v6::ECHO_REQUEST, 0, 1)
+                .build()
+                .unwrap();
+            let mut b = MemBuf::from_frame(&f);
+            assert_eq!(
+                echo_reply(&mut b, &at_of(&f), MAC),
+                Err(IcmpDrop::EchoBadSource),
+                "{src:?}"
+            );
+        }
+        let mut f = FrameSpec::icmp_v4(CLIENT, VIP, v4::ECHO_REQUEST, 0, 1)
+            .build()
+            .unwrap();
+        f[14 + 12] ^= 1; // the source, under the header checksum
+        let mut b = MemBuf::from_frame(&f);
+        assert_eq!(
+            echo_reply(&mut b, &at_of(&f), MAC),
+            Err(IcmpDrop::BadChecksum)
+        );
+        assert!(one_host(Family::V4, u32::from_be_bytes(CLIENT) as u128));
+        assert!(one_host(Family::V6, u128::from_be_bytes(CLIENT6)));
     }
 
     /// A 1500-byte DF packet and a port MTU of 1500 less the 20 bytes of

@@ -713,7 +713,8 @@ impl<IO: PacketIo> Worker<IO> {
     /// Answers a packet too long for the port's MTU once forwarded, that
     /// may not be fragmented, with ICMP "fragmentation needed" / "packet
     /// too big" carrying the MTU less the encapsulation; the packet itself
-    /// goes no further. Within the per-source limit; beyond it, dropped.
+    /// goes no further. Within the per-source limit, to the address of one
+    /// host whose IPv4 header checksum holds; else dropped unanswered.
     #[cold]
     #[inline(never)]
     fn answer_too_big(
@@ -725,7 +726,10 @@ impl<IO: PacketIo> Worker<IO> {
         rx_port: usize,
         plan: PortPlan,
     ) -> Result<usize, DropReason> {
-        if !self.too_big_limit.allow(p.key.family, p.key.src, now) {
+        if !icmp::one_host(p.key.family, p.key.src)
+            || (p.key.family == Family::V4 && !ipv4_header_sound(buf, p))
+            || !self.too_big_limit.allow(p.key.family, p.key.src, now)
+        {
             return Err(DropReason::TooBig);
         }
         let mtu = plan.mtu.saturating_sub(svc.mode.overhead(p.key.family));
@@ -1392,6 +1396,14 @@ fn must_not_fragment<B: PacketBuf>(buf: &B, p: &ParsedPacket) -> bool {
             .data()
             .get(usize::from(p.l3_offset) + 6)
             .is_none_or(|&flags| flags & 0x40 != 0)
+}
+
+/// True when the IPv4 header of `p` checks (its checksum holds): an answer
+/// goes to its source, which a corrupted header may have changed.
+fn ipv4_header_sound<B: PacketBuf>(buf: &B, p: &ParsedPacket) -> bool {
+    buf.data()
+        .get(usize::from(p.l3_offset)..usize::from(p.l4_offset))
+        .is_some_and(|h| crate::wire::checksum::checksum(h) == 0)
 }
 
 /// Accounts for a flow that left a worker's table: its backend has one
@@ -2929,6 +2941,32 @@ mod icmp_tests {
         assert_eq!(c.icmp_drops[IcmpDrop::EchoRateLimited as usize].get(), 3);
         // A second later, more.
         assert_eq!(run(&mut b, &pings[..1], 2 * SEC).len(), 1);
+    }
+
+    /// A too-big DF packet from no one host's address (multicast,
+    /// broadcast), or whose IPv4 header checksum fails, gets no answer: it
+    /// is dropped as too big.
+    #[test]
+    fn too_big_packets_from_no_one_host_are_not_answered() {
+        let mut b = web(SchedulerKind::Maglev, IPIP, IcmpSettings::default());
+        let big = |src: [u8; 4]| {
+            FrameSpec {
+                payload: &[0x33; 1460],
+                ..FrameSpec::tcp_v4(src, 5555, VIP, 80, tcp_flags::ACK)
+            }
+            .build()
+            .unwrap()
+        };
+        let mut corrupted = big([203, 0, 113, 7]);
+        corrupted[14 + 12] ^= 1;
+        let frames = [big([224, 0, 0, 1]), big([255, 255, 255, 255]), corrupted];
+        assert!(run(&mut b, &frames, SEC).is_empty());
+        let c = b.worker.counters();
+        assert_eq!(c.icmp_too_big_sent.get(), 0);
+        assert_eq!(c.drops[DropReason::TooBig as usize].get(), 3);
+        // The same from one host is answered.
+        assert_eq!(run(&mut b, &[big([203, 0, 113, 7])], SEC).len(), 1);
+        assert_eq!(b.worker.counters().icmp_too_big_sent.get(), 1);
     }
 
     /// A 1500-byte DF packet for a 1500-byte link through IP-in-IP:
