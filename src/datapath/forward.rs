@@ -402,8 +402,9 @@ fn ipv4_outer(
 ///
 /// Fails with `NoRoom` when `alloc` runs dry, when the MTU leaves no room
 /// for data, or when more than [`MAX_FRAGMENTS`] would be needed; with
-/// `Malformed` when `l3` does not start an IPv4 packet inside `buf`. On
-/// failure `buf` and `out` are unchanged.
+/// `Malformed` when `l3` does not start an IPv4 packet inside `buf` or
+/// when a fragment's data would run past the largest offset. On failure
+/// `buf` and `out` are unchanged.
 pub fn fragment_ipv4<B: PacketBuf>(
     buf: &mut B,
     l3: usize,
@@ -456,6 +457,11 @@ pub fn fragment_ipv4<B: PacketBuf>(
         return Err(DropReason::NoRoom);
     }
     let base = ip.frag_offset();
+    // The fragment offset field holds at most 65,528: a fragment whose data
+    // would start beyond it has no header to say so.
+    if usize::from(base) + payload > usize::from(u16::MAX) {
+        return Err(DropReason::Malformed);
+    }
     let last_mf = ip.more_frags();
     let mut made: [Option<B>; MAX_FRAGMENTS] = std::array::from_fn(|_| None);
     for (k, slot) in made.iter_mut().enumerate().take(tails) {
@@ -1065,6 +1071,15 @@ mod tests {
             fragment_ipv4(&mut b, 13, 1500, MemBuf::zeroed, &mut out),
             Err(DropReason::Malformed)
         );
+        // A fragment whose data would run past the largest offset.
+        let mut late = f.clone();
+        ipv4::Packet::new_unchecked(&mut late[14..]).set_frag(false, true, 64000);
+        let mut l = MemBuf::from_frame(&late);
+        assert_eq!(
+            fragment_ipv4(&mut l, 14, 1500, MemBuf::zeroed, &mut out),
+            Err(DropReason::Malformed)
+        );
+        assert!(out.is_empty());
         // A packet that fits is left alone.
         fragment_ipv4(&mut b, 14, 1628, MemBuf::zeroed, &mut out).unwrap();
         assert_eq!(b.data(), &f[..]);
