@@ -654,7 +654,13 @@ impl StoreSync {
                             self.install(plane, v, revision, wall_ms, out);
                         }
                     }
-                    Change::Deleted(key) => self.deleted(plane, &key),
+                    // One older than the version held (installed from a
+                    // commit's answer ahead of the watch) is past.
+                    Change::Deleted(key) => {
+                        if revision > self.revision_of(&key) {
+                            self.deleted(plane, &key);
+                        }
+                    }
                     Change::Ended { key, expect } => self.end_committed(key, expect, out),
                     Change::Declared { key, state } => {
                         self.declared(plane, key, state, revision);
@@ -1700,6 +1706,13 @@ mod tests {
         b.event(StoreEvent::Changed {
             revision: 9,
             change: Change::Put(stored("a", "i2", 60_000)),
+        });
+        b.turn(WALL);
+        assert_eq!(b.lookup(), Some(2));
+        // So does an older deletion (of the version before 11).
+        b.event(StoreEvent::Changed {
+            revision: 10,
+            change: Change::Deleted(stored("b", "i2", 0).key()),
         });
         b.turn(WALL);
         assert_eq!(b.lookup(), Some(2));
