@@ -118,6 +118,9 @@ up() {
     for tool in ip ethtool; do
         command -v $tool >/dev/null || { echo "testbed: $tool is missing (apt-get install iproute2 ethtool)" >&2; exit 1; }
     done
+    if [ "$ETCD" = yes ]; then
+        command -v etcd >/dev/null || { echo "testbed: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
+    fi
     down
     command -v modprobe >/dev/null && modprobe ipip 2>/dev/null || true
     ip netns add "$NS_SW"
@@ -352,7 +355,6 @@ ecmp_up() {
     ip -n "$ens" link set eth0 up
     ip -n "$ens" addr add $ETCD_IP/16 dev eth0
     if [ "$ETCD" = yes ]; then
-        command -v etcd >/dev/null || { echo "testbed: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
         mkdir -p "$STATE/etcd"
         detached ip netns exec "$ens" etcd --name "$PREFIX" --data-dir "$STATE/etcd/data" \
             --listen-client-urls "http://$ETCD_IP:2379" --advertise-client-urls "http://$ETCD_IP:2379" \
@@ -392,6 +394,10 @@ while [ $# -gt 0 ]; do
         *) echo "testbed: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+if [ "$ETCD" = yes ] && [ "$INSTANCES" -lt 2 ]; then
+    echo "testbed: --etcd shares affinities between instances: give --instances 2 or more" >&2
+    exit 2
+fi
 
 case "$cmd" in
     up) up ;;

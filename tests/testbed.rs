@@ -11,7 +11,8 @@
 //! brought up by hand (`pd`) is left alone.
 //!
 //! Needs root (namespaces, raw sockets, DPDK). Elsewhere the test prints a
-//! SKIP line and passes, except under CI (`CI` set), where it must run.
+//! SKIP line and passes, except under scripts/test.sh or CI (`required`), where
+//! it must run.
 //! `TESTBED_SCENARIOS=name,name` runs only those scenarios (the names of
 //! the functions below, e.g. `backend_server_drains_itself_on_sigterm`).
 #![cfg(feature = "dpdk")]
@@ -25,7 +26,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::testbed::{
-    after_down, assert_all_ok, examples, finish_all, kernel_has_ipip, repo, run_client,
+    after_down, assert_all_ok, examples, finish_all, kernel_has_ipip, repo, required, run_client,
     skip_reason, start_backend, wait_until, Conn, Proc, Running, C1, C2, VIP,
 };
 use common::ADMIN_KEY;
@@ -72,9 +73,11 @@ impl Bed {
             .expect("run scripts/testbed.sh")
     }
 
-    fn up() -> Bed {
+    /// The bed, its logs in a directory of the test's `name`.
+    fn up(name: &str) -> Bed {
         let (server, client) = examples();
-        let logs = std::env::temp_dir().join(format!("pktdist-testbed-{}", std::process::id()));
+        let logs =
+            std::env::temp_dir().join(format!("pktdist-testbed-{name}-{}", std::process::id()));
         fs::create_dir_all(&logs).expect("log directory");
         let out = Bed::script("up");
         let mut bed = Bed {
@@ -336,10 +339,7 @@ fn bed_lock() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn testbed_end_to_end() {
     if let Some(why) = skip_reason(&["ethtool"]) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the test bed must run in CI, but: {why}"
-        );
+        assert!(!required(), "the test bed must run in CI, but: {why}");
         println!("SKIP testbed_end_to_end: {why}");
         return;
     }
@@ -387,7 +387,7 @@ fn testbed_end_to_end() {
             "TESTBED_SCENARIOS names no scenario {name:?}"
         );
     }
-    let bed = Bed::up();
+    let bed = Bed::up("end-to-end");
     println!(
         "test bed up (IP-in-IP decapsulated {})",
         if bed.decap {
@@ -510,24 +510,37 @@ fn application_affinity_until_cancel_and_expiry(bed: &Bed) {
     assert_weights_apply(bed, "after cancel");
     be2.stop();
 
-    // A short affinity that expires: long enough for the 40 connections
-    // below to run while it holds, on a loaded machine too.
-    let short = [
+    // An affinity that expires: it holds while the 40 connections below
+    // run (however slow the machine), then the operator's EXTEND gives it
+    // two seconds; the notice goes where be2 asked when it made it.
+    let timed = [
         "--affinity-after",
         "1",
         "--affinity-prefix",
         "24",
         "--affinity-duration",
-        "15s",
+        "10m",
     ];
-    let be2 = bed.backend("be2", &short);
+    let be2 = bed.backend("be2", &timed);
     reach(bed, "be2");
-    wait_until("be2's 15 s affinity", Duration::from_secs(10), || {
+    wait_until("be2's affinity", Duration::from_secs(10), || {
         bed.has_affinity("10.99.1.0/24", "be2")
     });
     let pinned = bed.run_client("c1", &["--sources", C1, "--connections", "40"]);
-    assert_all_ok("pinned (short)", &pinned, 40);
+    assert_all_ok("pinned (timed)", &pinned, 40);
     assert_eq!(by_backend(&pinned).keys().collect::<Vec<_>>(), ["be2"]);
+    bed.cli_ok(&[
+        "affinity",
+        "extend",
+        "--service",
+        &format!("{VIP}:80"),
+        "--client",
+        "10.99.1.0/24",
+        "--owner",
+        "be2",
+        "--duration",
+        "2s",
+    ]);
     wait_until("be2's EXPIRED notice", Duration::from_secs(30), || {
         be2.text()
             .contains("AFFINITY_ENDED 10.99.1.0/24 on 10.99.100.1:80/tcp owner be2: EXPIRED")
@@ -1231,15 +1244,12 @@ fn counters_add_up(bed: &Bed) {
 #[test]
 fn testbed_two_workers() {
     if let Some(why) = skip_reason(&["ethtool"]) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the test bed must run in CI, but: {why}"
-        );
+        assert!(!required(), "the test bed must run in CI, but: {why}");
         println!("SKIP testbed_two_workers: {why}");
         return;
     }
     let _one_bed = bed_lock();
-    let bed = Bed::up();
+    let bed = Bed::up("two-workers");
     let config = bed.logs.join("testbed-two-workers.toml");
     fs::write(&config, two_workers_config()).expect("write config");
     let summary = bed.logs.join("two-workers-summary.json");

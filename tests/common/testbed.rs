@@ -28,6 +28,13 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// True when a test bed must run rather than be skipped: under
+/// scripts/test.sh (`PKTDIST_REQUIRE_TESTBED`, which CI runs) or in CI
+/// (`CI` set).
+pub fn required() -> bool {
+    std::env::var_os("PKTDIST_REQUIRE_TESTBED").is_some() || std::env::var_os("CI").is_some()
+}
+
 /// Why a test bed cannot run here, if it cannot: it needs root, a working
 /// `ip netns`, and the commands `tools`.
 pub fn skip_reason(tools: &[&str]) -> Option<String> {
