@@ -2,6 +2,8 @@
 //! talk to a running instance over the control protocol. The command line
 //! itself is defined in [`pktdist::command`].
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

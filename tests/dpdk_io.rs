@@ -231,10 +231,24 @@ fn full_tx_ring_leaves_unsent_mbufs_which_free_on_drop() {
     assert_eq!(pool.available(), initial);
 }
 
+/// A port open already is not opened again: two owners would poll one
+/// queue from two threads.
+#[test]
+fn a_port_has_one_owner() {
+    let pool = pool(255);
+    let port = ring_port(1, &pool);
+    let again = Port::open(port.name(), &PortSetup::default(), pool.clone()).unwrap_err();
+    assert!(
+        matches!(&again, DpdkError::InvalidArgument(m) if m.contains("open already")),
+        "{again}"
+    );
+    assert!(port.link().expect("link").up, "the first is untouched");
+}
+
 #[test]
 fn port_stats_count_packets() {
     let pool = pool(255);
-    let port = ring_port(1, &pool);
+    let mut port = ring_port(1, &pool);
     let mut io = PortQueues::claim(std::slice::from_ref(&port), 0).expect("claim");
     let link = port.link().expect("link");
     assert!(link.up);
@@ -255,7 +269,11 @@ fn port_stats_count_packets() {
     assert_eq!(s.oerrors, 0);
     assert_eq!(s.rx_nombuf, 0);
 
-    port.reset_stats().expect("reset");
+    drop(io);
+    Arc::get_mut(&mut port)
+        .expect("the port's one owner")
+        .reset_stats()
+        .expect("reset");
     let s = port.stats().expect("stats");
     assert_eq!((s.ipackets, s.opackets), (0, 0));
 }

@@ -36,6 +36,8 @@ pub struct Mempool {
     raw: NonNull<sys::rte_mempool>,
     name: String,
     size: u32,
+    /// Mbufs per lcore cache (0: none).
+    cache: u32,
     data_room: u16,
     /// The NUMA socket it was made on ([`sys::SOCKET_ANY`]: any).
     socket: i32,
@@ -101,6 +103,7 @@ impl Mempool {
             raw,
             name: name.to_string(),
             size: n_mbufs,
+            cache,
             data_room,
             socket,
         }))
@@ -146,15 +149,18 @@ impl Mempool {
 impl Drop for Mempool {
     fn drop(&mut self) {
         let _control = eal::control();
-        if self.available() != self.size {
-            // Mbufs are still out (in a caller's hands or in a device's
-            // queues): freeing would leave them dangling. Leak the pool; it
-            // stays counted as live.
+        // Mbufs still out (in a caller's hands or in a device's queues)
+        // would dangle. And with per-lcore caches the count is no proof
+        // that none is: a put raises its cache's length before it writes
+        // the mbuf in, so a thread's last free may be under way. Such pools
+        // are leaked (they stay counted live), as they are at exit anyway.
+        if self.cache > 0 || self.available() != self.size {
             return;
         }
-        // SAFETY: every mbuf is back in the pool and this was the last
-        // handle (ports hold an Arc), so nothing can allocate from or free
-        // into it any more.
+        // SAFETY: no per-lcore cache, so every put goes to the ring, whose
+        // count moves only once the entry is written: all mbufs are back
+        // and no put is under way. This was the last handle (ports hold an
+        // Arc), so nothing allocates from or frees into it any more.
         unsafe { sys::rte_mempool_free(self.raw.as_ptr()) };
         eal::release();
     }

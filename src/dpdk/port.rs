@@ -5,7 +5,7 @@ use std::ffi::{CStr, CString};
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::eal;
 use super::guard::{Gate, GUARDED_DRIVERS};
@@ -169,6 +169,11 @@ impl Port {
         eal::ensure_ready(&control)?;
         let mut probed = false;
         let id = match lookup(&cname) {
+            Some(id) if owned().contains(&id) => {
+                return Err(DpdkError::InvalidArgument(format!(
+                    "port {device} is open already (one owner per port)"
+                )))
+            }
             Some(id) => id,
             None => {
                 // SAFETY: EAL is ready (checked under the control lock, which
@@ -229,6 +234,7 @@ impl Port {
             gate,
         };
         eal::retain();
+        owned().push(id);
         match port.configure(&info, conf) {
             Ok(()) => {
                 drop(control);
@@ -370,17 +376,26 @@ impl Port {
             return;
         }
         self.closed = true;
-        // Errors cannot be reported from drop; a port that failed to stop is
-        // still closed, which stops it.
-        let _ = self.stop_locked();
-        // SAFETY: the port exists and no queue is in use (we are its only
-        // owner); after close the id is not used again by this Port.
+        // DPDK does not close a started port: one that fails to stop is
+        // left as it is (still owned, still counted live), and said so.
+        if let Err(e) = self.stop_locked() {
+            log::error!(
+                "port {} ({}): not closed, it did not stop: {e}",
+                self.name,
+                self.driver
+            );
+            return;
+        }
+        // SAFETY: the port exists, is stopped and no queue is in use (we
+        // are its only owner); after close the id is not used again by
+        // this Port.
         unsafe { sys::rte_eth_dev_close(self.id) };
         if let Some(dev) = self.hotplugged.take() {
             // SAFETY: the device was probed by `open` and nothing else
             // references it now that its port is closed.
             unsafe { sys::rte_dev_remove(dev.as_ptr()) };
         }
+        owned().retain(|&id| id != self.id);
         eal::release();
     }
 
@@ -466,8 +481,9 @@ impl Port {
         })
     }
 
-    /// Zeroes the device's counters.
-    pub fn reset_stats(&self) -> Result<(), DpdkError> {
+    /// Zeroes the device's counters (`&mut`: some drivers keep them in
+    /// plain per-queue fields their data path writes).
+    pub fn reset_stats(&mut self) -> Result<(), DpdkError> {
         // SAFETY: the port is open.
         let ret = unsafe { sys::rte_eth_stats_reset(self.id) };
         if ret < 0 {
@@ -632,6 +648,14 @@ fn is_short_pci(s: &str) -> bool {
         && b[2] == b':'
         && b[5] == b'.'
         && [0, 1, 3, 4, 6].iter().all(|&i| b[i].is_ascii_hexdigit())
+}
+
+/// The port ids a [`Port`] owns: one owner each, so that no two poll one
+/// queue. Changed under the control lock.
+static OWNED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+fn owned() -> std::sync::MutexGuard<'static, Vec<u16>> {
+    OWNED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn lookup(name: &CStr) -> Option<u16> {
