@@ -1279,11 +1279,11 @@ mod tests {
         assert_eq!(web1.ignored(), 3);
     }
 
-    #[test]
-    fn recv_ended_returns_as_soon_as_a_notice_arrives() {
+    /// A server, web1's client of it, where web1's notices go, and one.
+    fn notice_bed() -> (ControlServer, ControlClient, SocketAddr, EndedNotice) {
         let cfg = ServerConfig::new(Allowlist::new(Vec::new()), keyring());
-        let mut server = ControlServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
-        let mut web1 = ControlClient::new(server.local_addr().unwrap(), "web1", WEB1_KEY).unwrap();
+        let server = ControlServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+        let web1 = ControlClient::new(server.local_addr().unwrap(), "web1", WEB1_KEY).unwrap();
         let to = SocketAddr::new(
             "127.0.0.1".parse().unwrap(),
             web1.local_addr().unwrap().port(),
@@ -1293,6 +1293,12 @@ mod tests {
             owner: "web1".into(),
             reason: EndReason::Expired,
         };
+        (server, web1, to, notice)
+    }
+
+    #[test]
+    fn recv_ended_returns_as_soon_as_a_notice_arrives() {
+        let (mut server, mut web1, to, notice) = notice_bed();
         server.send_ended(to, "web1", &notice).unwrap();
         // The notice is in the socket, not yet queued: recv_ended must
         // return it without waiting out its timeout.
@@ -1306,18 +1312,7 @@ mod tests {
     /// A zero timeout takes what has arrived, without waiting.
     #[test]
     fn recv_ended_without_a_wait_takes_a_notice_in_the_socket() {
-        let cfg = ServerConfig::new(Allowlist::new(Vec::new()), keyring());
-        let mut server = ControlServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
-        let mut web1 = ControlClient::new(server.local_addr().unwrap(), "web1", WEB1_KEY).unwrap();
-        let to = SocketAddr::new(
-            "127.0.0.1".parse().unwrap(),
-            web1.local_addr().unwrap().port(),
-        );
-        let notice = EndedNotice {
-            key: akey(),
-            owner: "web1".into(),
-            reason: EndReason::Expired,
-        };
+        let (mut server, mut web1, to, notice) = notice_bed();
         assert_eq!(web1.recv_ended(Duration::ZERO).unwrap(), None);
         server.send_ended(to, "web1", &notice).unwrap();
         // On the loopback the datagram is in the socket once sent.

@@ -89,10 +89,13 @@ impl ConfigFile {
             next.services.len(),
             removed.len(),
         );
-        self.statics_waiting = statics::install(plane, &next).is_err_and(|e| {
-            message.push_str(&format!("; {e} (each installed once it can be)"));
-            true
-        });
+        self.statics_waiting = match statics::install(plane, &next) {
+            Ok(()) => false,
+            Err(e) => {
+                message.push_str(&format!("; {e} (each installed once it can be)"));
+                true
+            }
+        };
         if dropped > 0 {
             message.push_str(&format!("; {dropped} static affinit(ies) removed"));
         }

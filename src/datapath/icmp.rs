@@ -859,24 +859,20 @@ mod tests {
     /// may be another host's).
     #[test]
     fn echo_requests_from_no_one_host_are_not_answered() {
-        for src in [
+        let mut frames: Vec<Vec<u8>> = [
             [224, 0, 0, 1],
             [255, 255, 255, 255],
             [0, 0, 0, 0],
             [127, 0, 0, 1],
             [240, 1, 2, 3],
-        ] {
-            let f = FrameSpec::icmp_v4(src, VIP, v4::ECHO_REQUEST, 0, 1)
+        ]
+        .into_iter()
+        .map(|src| {
+            FrameSpec::icmp_v4(src, VIP, v4::ECHO_REQUEST, 0, 1)
                 .build()
-                .unwrap();
-            let mut b = MemBuf::from_frame(&f);
-            assert_eq!(
-                echo_reply(&mut b, &at_of(&f), MAC),
-                Err(IcmpDrop::EchoBadSource),
-                "{src:?}"
-            );
-            assert_eq!(b.data(), &f[..], "unchanged");
-        }
+                .unwrap()
+        })
+        .collect();
         let mut multicast6 = [0u8; 16];
         multicast6[0] = 0xff;
         multicast6[1] = 0x02;
@@ -884,15 +880,20 @@ mod tests {
         let mut loopback6 = [0u8; 16];
         loopback6[15] = 1;
         for src in [multicast6, loopback6, [0; 16]] {
-            let f = FrameSpec::icmp_v6(src, VIP6, v6::ECHO_REQUEST, 0, 1)
-                .build()
-                .unwrap();
-            let mut b = MemBuf::from_frame(&f);
-            assert_eq!(
-                echo_reply(&mut b, &at_of(&f), MAC),
-                Err(IcmpDrop::EchoBadSource),
-                "{src:?}"
+            frames.push(
+                FrameSpec::icmp_v6(src, VIP6, v6::ECHO_REQUEST, 0, 1)
+                    .build()
+                    .unwrap(),
             );
+        }
+        for f in &frames {
+            let mut b = MemBuf::from_frame(f);
+            assert_eq!(
+                echo_reply(&mut b, &at_of(f), MAC),
+                Err(IcmpDrop::EchoBadSource),
+                "{f:02x?}"
+            );
+            assert_eq!(b.data(), &f[..], "unchanged");
         }
         let mut f = FrameSpec::icmp_v4(CLIENT, VIP, v4::ECHO_REQUEST, 0, 1)
             .build()

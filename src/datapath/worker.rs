@@ -2943,29 +2943,39 @@ mod icmp_tests {
         assert_eq!(run(&mut b, &pings[..1], 2 * SEC).len(), 1);
     }
 
+    /// A 1500-byte DF packet from `src` to the web service: 20 bytes too
+    /// long for a 1500-byte link once in IP-in-IP.
+    fn too_big_for_ipip(src: [u8; 4]) -> Vec<u8> {
+        FrameSpec {
+            payload: &[0x33; 1460],
+            ..FrameSpec::tcp_v4(src, 5555, VIP, 80, tcp_flags::ACK)
+        }
+        .build()
+        .unwrap()
+    }
+
     /// A too-big DF packet from no one host's address (multicast,
     /// broadcast), or whose IPv4 header checksum fails, gets no answer: it
     /// is dropped as too big.
     #[test]
     fn too_big_packets_from_no_one_host_are_not_answered() {
         let mut b = web(SchedulerKind::Maglev, IPIP, IcmpSettings::default());
-        let big = |src: [u8; 4]| {
-            FrameSpec {
-                payload: &[0x33; 1460],
-                ..FrameSpec::tcp_v4(src, 5555, VIP, 80, tcp_flags::ACK)
-            }
-            .build()
-            .unwrap()
-        };
-        let mut corrupted = big([203, 0, 113, 7]);
+        let mut corrupted = too_big_for_ipip([203, 0, 113, 7]);
         corrupted[14 + 12] ^= 1;
-        let frames = [big([224, 0, 0, 1]), big([255, 255, 255, 255]), corrupted];
+        let frames = [
+            too_big_for_ipip([224, 0, 0, 1]),
+            too_big_for_ipip([255, 255, 255, 255]),
+            corrupted,
+        ];
         assert!(run(&mut b, &frames, SEC).is_empty());
         let c = b.worker.counters();
         assert_eq!(c.icmp_too_big_sent.get(), 0);
         assert_eq!(c.drops[DropReason::TooBig as usize].get(), 3);
         // The same from one host is answered.
-        assert_eq!(run(&mut b, &[big([203, 0, 113, 7])], SEC).len(), 1);
+        assert_eq!(
+            run(&mut b, &[too_big_for_ipip([203, 0, 113, 7])], SEC).len(),
+            1
+        );
         assert_eq!(b.worker.counters().icmp_too_big_sent.get(), 1);
     }
 
@@ -2981,16 +2991,10 @@ mod icmp_tests {
             ..IcmpSettings::default()
         };
         let mut b = web(SchedulerKind::Maglev, IPIP, settings);
-        let big = |src: [u8; 4]| {
-            FrameSpec {
-                payload: &[0x33; 1460],
-                ..FrameSpec::tcp_v4(src, 5555, VIP, 80, tcp_flags::ACK)
-            }
-            .build()
-            .unwrap()
-        };
-        let mut frames: Vec<Vec<u8>> = (0..10).map(|_| big([203, 0, 113, 7])).collect();
-        frames.push(big([203, 0, 113, 8]));
+        let mut frames: Vec<Vec<u8>> = (0..10)
+            .map(|_| too_big_for_ipip([203, 0, 113, 7]))
+            .collect();
+        frames.push(too_big_for_ipip([203, 0, 113, 8]));
         // A 1480-byte packet fits exactly.
         let fits = FrameSpec {
             payload: &[0x33; 1440],
