@@ -90,6 +90,9 @@ fn main() {
         .rust_target(bindgen::RustTarget::stable(80, 0).expect("Rust 1.80 is a known target"))
         .clang_args(&cflags)
         .allowlist_function("pktdist_.*")
+        // Checked against the crate's own copies (src/dpdk/mempool.rs).
+        .allowlist_var("RTE_PKTMBUF_HEADROOM")
+        .allowlist_var("RTE_MBUF_DEFAULT_DATAROOM")
         .default_enum_style(bindgen::EnumVariation::ModuleConsts)
         .derive_default(true)
         .derive_debug(false)

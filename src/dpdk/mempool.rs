@@ -25,6 +25,11 @@ pub const HEADROOM: u16 = 128;
 /// `RTE_MBUF_DEFAULT_BUF_SIZE`: headroom plus 2048 bytes of frame, enough for
 /// a 1500-byte MTU plus encapsulation in one segment.
 pub const DEFAULT_DATA_ROOM: u16 = 2048 + HEADROOM;
+// The DPDK headers built against agree (a DPDK configured otherwise fails
+// the build, not the encapsulation).
+const _: () = assert!(sys::RTE_PKTMBUF_HEADROOM == HEADROOM as u32);
+const _: () =
+    assert!(sys::RTE_MBUF_DEFAULT_DATAROOM + sys::RTE_PKTMBUF_HEADROOM == DEFAULT_DATA_ROOM as u32);
 
 /// A packet-buffer pool. Share it with `Arc`: ports keep the pool their
 /// receive queues fill from alive.

@@ -48,13 +48,3 @@ uint64_t pktdist_rss_hf_ip_tcp_udp(void)
 {
 	return RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP;
 }
-
-uint16_t pktdist_mbuf_default_buf_size(void)
-{
-	return RTE_MBUF_DEFAULT_BUF_SIZE;
-}
-
-uint16_t pktdist_pktmbuf_headroom(void)
-{
-	return RTE_PKTMBUF_HEADROOM;
-}

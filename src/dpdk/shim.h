@@ -32,8 +32,5 @@ unsigned int pktdist_lcore_id(void);
 uint64_t pktdist_rdtsc(void);
 /* RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP (macros over RTE_BIT64). */
 uint64_t pktdist_rss_hf_ip_tcp_udp(void);
-/* RTE_MBUF_DEFAULT_BUF_SIZE and RTE_PKTMBUF_HEADROOM. */
-uint16_t pktdist_mbuf_default_buf_size(void);
-uint16_t pktdist_pktmbuf_headroom(void);
 
 #endif

@@ -709,6 +709,26 @@ impl Summary {
         }
     }
 
+    /// The figures over `seconds` instead of the interval they were
+    /// collected over (a run counts from its workers' start, the control
+    /// plane's clock from before its own set-up): the rate and each
+    /// worker's busy share follow.
+    pub fn set_seconds(&mut self, seconds: f64) {
+        let (rate, share) = if seconds > 0.0 {
+            (
+                self.rx_packets as f64 / seconds / 1e6,
+                self.seconds / seconds,
+            )
+        } else {
+            (0.0, 0.0)
+        };
+        self.mpps = rate;
+        for w in &mut self.workers_detail {
+            w.busy *= share;
+        }
+        self.seconds = seconds;
+    }
+
     /// The summary as text for a terminal.
     pub fn render(&self) -> String {
         let mut o = String::new();
@@ -1001,6 +1021,26 @@ mod tests {
             all_down: false,
         };
         Dataplane::new(1, vec![svc], backends)
+    }
+
+    /// A run's summary over its own seconds: the rate and the workers'
+    /// busy shares follow the interval, not the one collected over.
+    #[test]
+    fn a_summary_over_other_seconds_recomputes_its_rates() {
+        let w = vec![Arc::new(WorkerCounters::default())];
+        w[0].rx_packets.add(12_000_000);
+        w[0].busy_ns.add(6_000_000_000);
+        let mut s = Summary::collect(&w, &dp(), 12.0, 0, &CounterBase::default());
+        assert!((s.mpps - 1.0).abs() < 1e-9);
+        assert!((s.workers_detail[0].busy - 0.5).abs() < 1e-9);
+        s.set_seconds(10.0);
+        assert_eq!(s.seconds, 10.0);
+        assert!((s.mpps - 1.2).abs() < 1e-9, "{}", s.mpps);
+        assert!((s.workers_detail[0].busy - 0.6).abs() < 1e-9);
+        assert!(
+            (s.mpps_per_busy_core - 2.0).abs() < 1e-9,
+            "busy time is not an interval"
+        );
     }
 
     /// A reused service id and a reused backend id report their new owner's

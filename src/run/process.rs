@@ -172,7 +172,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     let summary = stop(threads, &control);
     keeper.stop();
     let mut summary = summary?;
-    summary.seconds = began.elapsed().as_secs_f64();
+    summary.set_seconds(began.elapsed().as_secs_f64());
     // The control thread goes first (its port-stats source holds the ports),
     // then the ports, which stop and close as they drop (before the pool
     // they fill from, which they hold); EAL itself stays up until the
@@ -580,8 +580,16 @@ fn stop(threads: Threads, control: &ControlThread) -> Result<Summary, String> {
         .map(|h| h.join().map_err(|_| "traffic source panicked".to_string()));
     std::thread::sleep(Duration::from_millis(50));
     threads.stop_workers.store(true, Ordering::Relaxed);
-    for (w, h) in threads.workers.into_iter().enumerate() {
-        h.join().map_err(|_| format!("worker {w} panicked"))?;
+    // Every worker is joined (the ports' keeper, stopped next, must find
+    // none polling), then the first that panicked is reported.
+    let panicked: Vec<usize> = threads
+        .workers
+        .into_iter()
+        .enumerate()
+        .filter_map(|(w, h)| h.join().is_err().then_some(w))
+        .collect();
+    if let Some(w) = panicked.first() {
+        return Err(format!("worker {w} panicked"));
     }
     let mut summary = control.summary();
     if let Some(report) = report {
