@@ -1403,7 +1403,7 @@ fn must_not_fragment<B: PacketBuf>(buf: &B, p: &ParsedPacket) -> bool {
 fn ipv4_header_sound<B: PacketBuf>(buf: &B, p: &ParsedPacket) -> bool {
     buf.data()
         .get(usize::from(p.l3_offset)..usize::from(p.l4_offset))
-        .is_some_and(|h| crate::wire::checksum::checksum(h) == 0)
+        .is_some_and(|h| crate::wire::ipv4::Packet::new_unchecked(h).verify_checksum())
 }
 
 /// Accounts for a flow that left a worker's table: its backend has one
