@@ -93,6 +93,8 @@ fn main() {
         // Checked against the crate's own copies (src/dpdk/mempool.rs).
         .allowlist_var("RTE_PKTMBUF_HEADROOM")
         .allowlist_var("RTE_MBUF_DEFAULT_DATAROOM")
+        // Named in the error of a worker that finds no lcore id left.
+        .allowlist_var("RTE_MAX_LCORE")
         .default_enum_style(bindgen::EnumVariation::ModuleConsts)
         .derive_default(true)
         .derive_debug(false)

@@ -365,3 +365,37 @@ fn memif_with_two_queues_spread_by_the_peer() {
     }
     println!("memif, two queues: {sent} frames of {MEMIF_FLOWS} flows, per worker {got:?}");
 }
+
+/// A worker that cannot start after another has (EAL has one lcore left
+/// for the two: `--lcores` gives the other 127 of its 128 to threads of
+/// its own): `pktdist run` fails with the reason, and the worker already
+/// polling is stopped and joined before its ports are closed (an exit
+/// code, not a crash on a closed queue).
+#[test]
+fn a_worker_that_cannot_start_stops_those_started() {
+    let _g = serial();
+    let dir = TempDir::new("workers");
+    let config = dir.path("demo.toml");
+    let text =
+        demo_with("[1, 1]").replace("args = [\n", "args = [\n  \"--lcores\", \"(0-126)@0\",\n");
+    std::fs::write(&config, text).expect("write config");
+    let p = Pktdist::spawn(&["run", "--config", path_str(&config), "--duration", "30"]);
+    let done = p.wait(Duration::from_secs(60));
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("worker 1 on core 1: invalid argument: no DPDK lcore id left"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        !done.stderr.contains("ended while forwarding"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.stderr.contains("stopping the 1 worker(s) started"),
+        "{}",
+        done.stderr
+    );
+}

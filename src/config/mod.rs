@@ -75,9 +75,10 @@ pub const MAX_ICMP_RATE: u32 = 1_000_000;
 /// Largest `[control] max_requests_per_second` and
 /// `admin_max_requests_per_second` (0 is no limit).
 pub const MAX_REQUEST_RATE: u32 = 10_000_000;
-/// Most workers: each takes one queue pair on every port, and DPDK devices
-/// seldom offer more than 128.
-pub const MAX_WORKERS: usize = 128;
+/// Most workers: each registers with EAL, whose 128 lcore ids
+/// (`RTE_MAX_LCORE` of Debian's build) include its main thread's, and
+/// takes one queue pair on every port.
+pub const MAX_WORKERS: usize = 127;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -814,7 +815,7 @@ impl Config {
             return fail(
                 p.key("workers"),
                 format!(
-                    "{} workers: at most {MAX_WORKERS} (one queue pair per worker on every port)",
+                    "{} workers: at most {MAX_WORKERS} (each takes a DPDK lcore id and a queue pair on every port)",
                     c.workers.len()
                 ),
             );

@@ -158,6 +158,20 @@ fn worker_equals_control() {
 }
 
 #[test]
+fn workers_at_most_one_per_free_lcore_id() {
+    let workers = |n: usize| format!("workers = [{}]\nshare_cpus = true", vec!["1"; n].join(", "));
+    // Their receive rings need more buffers than the default.
+    let text = edit("workers = [1, 2]", &workers(MAX_WORKERS)) + "\n[mempool]\nmbufs = 524287\n";
+    Config::parse(&text, "t.toml").expect("MAX_WORKERS workers");
+    check(
+        &edit("workers = [1, 2]", &workers(MAX_WORKERS + 1)),
+        "cores.workers",
+        "workers = [",
+        "128 workers: at most 127 (each takes a DPDK lcore id",
+    );
+}
+
+#[test]
 fn shared_cpus_only_when_asked() {
     let text = edit(
         "workers = [1, 2]",

@@ -138,7 +138,17 @@ impl Registration {
         // call only touches EAL's lcore table and this thread's locals.
         let ret = unsafe { sys::rte_thread_register() };
         if ret < 0 {
-            return Err(DpdkError::last("rte_thread_register"));
+            return Err(match DpdkError::last("rte_thread_register") {
+                // EAL's lcore ids are all taken: its own threads (one per
+                // core of `-l` or `--lcores`) and the registered workers.
+                DpdkError::Call { errno: libc::ENOMEM, .. } => {
+                    DpdkError::InvalidArgument(format!(
+                        "no DPDK lcore id left for this worker: EAL has {} in all, one for each core of [eal] args' -l or --lcores and one for each worker",
+                        sys::RTE_MAX_LCORE
+                    ))
+                }
+                e => e,
+            });
         }
         eal::retain();
         Ok(Registration { registered: true })

@@ -370,6 +370,26 @@ struct Threads {
     stop_source: Arc<AtomicBool>,
 }
 
+impl Drop for Threads {
+    /// Threads [`stop`] did not join, those of a start that failed part
+    /// way (a later worker or the traffic source could not start), are
+    /// stopped and joined here: dropped before the ports and pools they
+    /// poll are closed, they never outlive them.
+    fn drop(&mut self) {
+        self.stop_source.store(true, Ordering::Relaxed);
+        self.stop_workers.store(true, Ordering::Relaxed);
+        if let Some(h) = self.source.take() {
+            let _ = h.join();
+        }
+        if !self.workers.is_empty() {
+            log::info!("stopping the {} worker(s) started", self.workers.len());
+        }
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Watches one worker thread: dropped when the thread ends, it stops the
 /// whole process (as SIGTERM does) if the thread ended while it should
 /// still forward, which only a panic does. A dead worker would otherwise
@@ -440,8 +460,14 @@ fn spawn(
     let traffic = traffic_ports(cfg, &plans)?;
     let ports = &started.ports;
 
-    let stop_workers = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::with_capacity(counters.len());
+    // Each thread joins `threads` once started: an error further on drops
+    // it, which stops and joins them.
+    let mut threads = Threads {
+        workers: Vec::with_capacity(counters.len()),
+        stop_workers: Arc::new(AtomicBool::new(false)),
+        source: None,
+        stop_source: Arc::new(AtomicBool::new(false)),
+    };
     let worker_counters = counters.clone();
     for (w, (&core, c)) in cfg.cores.workers.iter().zip(counters).enumerate() {
         let mut queues = Vec::with_capacity(ports.len());
@@ -464,91 +490,88 @@ fn spawn(
             icmp: cfg.icmp_settings(),
         };
         let shared = shared.clone();
-        let stop = Arc::clone(&stop_workers);
+        let stop = Arc::clone(&threads.stop_workers);
         let idle_sleep = cfg.cores.idle_sleep.map(|d| d.0);
-        let watch = WorkerWatch {
-            worker: w,
-            stopping: Arc::clone(&stop_workers),
-            stop_process: Arc::clone(&flags.signal),
-            died: Arc::clone(&flags.worker_died),
-        };
+        let (stopping, stop_process, died) = (
+            Arc::clone(&threads.stop_workers),
+            Arc::clone(&flags.signal),
+            Arc::clone(&flags.worker_died),
+        );
         let h = spawn_worker(core, &format!("pktdist-w{w}"), move || {
-            let _watch = watch;
+            // Watched from its start: a worker whose set-up failed (its
+            // function never runs) is `spawn`'s error, not a death.
+            let _watch = WorkerWatch {
+                worker: w,
+                stopping,
+                stop_process,
+                died,
+            };
             let mut worker = Worker::new(io, setup, shared, c);
             worker.run(&stop, idle_sleep);
         })
         .map_err(|e| format!("worker {w} on core {core}: {e}"))?;
-        workers.push(h);
+        threads.workers.push(h);
     }
     log::info!(
         "{} worker(s) on core(s) {:?}, control on core {}",
-        workers.len(),
+        threads.workers.len(),
         cfg.cores.workers,
         cfg.cores.control
     );
 
-    let stop_source = Arc::new(AtomicBool::new(false));
-    let source = match (traffic, &cfg.traffic) {
-        (Some((tp, sink)), Some(t)) => {
-            let mut tx = Vec::new();
-            let mut rx = Vec::new();
-            for w in 0..workers.len() as u16 {
-                tx.push(
-                    ports[tp]
-                        .queue_dir(w, QueueDir::Tx)
-                        .map_err(|e| e.to_string())?,
-                );
-                rx.push(
-                    ports[sink]
-                        .queue_dir(w, QueueDir::Rx)
-                        .map_err(|e| e.to_string())?,
-                );
-            }
-            let targets: Vec<Target> = shared
-                .dataplane
-                .load()
-                .services
-                .iter()
-                .map(|s| Target {
-                    family: s.family,
-                    vip: s.vip_bits,
-                    port: s.port,
-                    proto: s.proto,
-                })
-                .collect();
-            let gen = TrafficGen::new(TrafficSpec {
-                targets,
-                clients: t.clients,
-                concurrent_flows: t.concurrent_flows,
-                packets_per_flow: t.packets_per_flow,
-                packet_size: t.packet_size,
-                ipv6_share: t.ipv6_share,
-                src_mac: [0x02, 0, 0, 0, 0xee, 0x01],
-                dst_mac: ports[tp].mac(),
-                seed: 0x5eed,
-            })?;
-            let src = TrafficSource {
-                gen,
-                pool: Arc::clone(ports[tp].pool()),
-                tx: PortQueues::new(tx),
-                rx: PortQueues::new(rx),
-                workers: worker_counters,
-                rate_pps: t.rate_pps,
-            };
-            let stop = Arc::clone(&stop_source);
-            Some(
-                spawn_worker(cfg.cores.control, "pktdist-traffic", move || src.run(&stop))
-                    .map_err(|e| format!("traffic source: {e}"))?,
-            )
+    if let (Some((tp, sink)), Some(t)) = (traffic, &cfg.traffic) {
+        let mut tx = Vec::new();
+        let mut rx = Vec::new();
+        for w in 0..threads.workers.len() as u16 {
+            tx.push(
+                ports[tp]
+                    .queue_dir(w, QueueDir::Tx)
+                    .map_err(|e| e.to_string())?,
+            );
+            rx.push(
+                ports[sink]
+                    .queue_dir(w, QueueDir::Rx)
+                    .map_err(|e| e.to_string())?,
+            );
         }
-        _ => None,
-    };
-    Ok(Threads {
-        workers,
-        stop_workers,
-        source,
-        stop_source,
-    })
+        let targets: Vec<Target> = shared
+            .dataplane
+            .load()
+            .services
+            .iter()
+            .map(|s| Target {
+                family: s.family,
+                vip: s.vip_bits,
+                port: s.port,
+                proto: s.proto,
+            })
+            .collect();
+        let gen = TrafficGen::new(TrafficSpec {
+            targets,
+            clients: t.clients,
+            concurrent_flows: t.concurrent_flows,
+            packets_per_flow: t.packets_per_flow,
+            packet_size: t.packet_size,
+            ipv6_share: t.ipv6_share,
+            src_mac: [0x02, 0, 0, 0, 0xee, 0x01],
+            dst_mac: ports[tp].mac(),
+            seed: 0x5eed,
+        })?;
+        let src = TrafficSource {
+            gen,
+            pool: Arc::clone(ports[tp].pool()),
+            tx: PortQueues::new(tx),
+            rx: PortQueues::new(rx),
+            workers: worker_counters,
+            rate_pps: t.rate_pps,
+        };
+        let stop = Arc::clone(&threads.stop_source);
+        threads.source = Some(
+            spawn_worker(cfg.cores.control, "pktdist-traffic", move || src.run(&stop))
+                .map_err(|e| format!("traffic source: {e}"))?,
+        );
+    }
+    Ok(threads)
 }
 
 /// The traffic source's ports, (where it transmits, where it drains): it
@@ -573,17 +596,17 @@ fn traffic_ports(cfg: &Config, plans: &[PortPlan]) -> Result<Option<(usize, usiz
 
 /// Stops the traffic source first, so that the workers drain what it sent,
 /// then the workers; returns the summary, with the source's report.
-fn stop(threads: Threads, control: &ControlThread) -> Result<Summary, String> {
+fn stop(mut threads: Threads, control: &ControlThread) -> Result<Summary, String> {
     threads.stop_source.store(true, Ordering::Relaxed);
     let report = threads
         .source
+        .take()
         .map(|h| h.join().map_err(|_| "traffic source panicked".to_string()));
     std::thread::sleep(Duration::from_millis(50));
     threads.stop_workers.store(true, Ordering::Relaxed);
     // Every worker is joined (the ports' keeper, stopped next, must find
     // none polling), then the first that panicked is reported.
-    let panicked: Vec<usize> = threads
-        .workers
+    let panicked: Vec<usize> = std::mem::take(&mut threads.workers)
         .into_iter()
         .enumerate()
         .filter_map(|(w, h)| h.join().is_err().then_some(w))
