@@ -386,6 +386,9 @@ pub const MAX_TRAFFIC_PACKET: u16 = 2048 + 4;
 /// The most `[traffic] concurrent_flows`: the source keeps each flow's
 /// state (32 bytes) in memory.
 pub const MAX_TRAFFIC_FLOWS: u32 = 1 << 24;
+/// Source ports each client of the traffic source cycles through (1024 to
+/// 65535): `concurrent_flows` needs a client for every this many.
+pub const TRAFFIC_SOURCE_PORTS: u32 = 64_512;
 
 /// The built-in traffic source.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -1074,6 +1077,16 @@ impl Config {
                     tp.key("concurrent_flows"),
                     format!(
                         "{}: at most {MAX_TRAFFIC_FLOWS} (the source keeps each flow in memory)",
+                        t.concurrent_flows
+                    ),
+                );
+            }
+            let clients = t.concurrent_flows.div_ceil(TRAFFIC_SOURCE_PORTS);
+            if clients > t.clients {
+                return fail(
+                    tp.key("concurrent_flows"),
+                    format!(
+                        "{} concurrent flows need at least {clients} clients (each has {TRAFFIC_SOURCE_PORTS} source ports, and no two open connections may be one flow)",
                         t.concurrent_flows
                     ),
                 );

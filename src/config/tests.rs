@@ -172,6 +172,23 @@ fn workers_at_most_one_per_free_lcore_id() {
 }
 
 #[test]
+fn traffic_needs_a_client_per_64512_open_flows() {
+    let traffic = |clients: u32, flows: u32| {
+        edit(
+            "[traffic]\nport = \"p0\"",
+            &format!("[traffic]\nport = \"p0\"\nclients = {clients}\nconcurrent_flows = {flows}"),
+        )
+    };
+    Config::parse(&traffic(2, 2 * TRAFFIC_SOURCE_PORTS), "t.toml").expect("two clients' ports");
+    check(
+        &traffic(2, 2 * TRAFFIC_SOURCE_PORTS + 1),
+        "traffic.concurrent_flows",
+        "concurrent_flows =",
+        "129025 concurrent flows need at least 3 clients",
+    );
+}
+
+#[test]
 fn shared_cpus_only_when_asked() {
     let text = edit(
         "workers = [1, 2]",

@@ -4,7 +4,11 @@
 //! writes it into a buffer; who transmits it (a DPDK port, an in-memory
 //! queue) is the caller's business.
 
+use crate::config::TRAFFIC_SOURCE_PORTS as SOURCE_PORTS;
 use crate::types::{tcp_flags, Family, FlowKey, PROTO_TCP};
+
+/// The first source port; ports cycle from it to 65535.
+const FIRST_PORT: u16 = (u16::MAX as u32 + 1 - SOURCE_PORTS) as u16;
 use crate::wire::build::{write_frame, FrameSpec, L4};
 
 /// Zero bytes the payloads are cut from.
@@ -82,13 +86,22 @@ pub struct TrafficGen {
 }
 
 impl TrafficGen {
-    /// A generator for `spec`. Fails when there is nothing to send to.
+    /// A generator for `spec`. Fails when there is nothing to send to, or
+    /// when the clients' source ports cannot give every open connection a
+    /// flow of its own.
     pub fn new(spec: TrafficSpec) -> Result<TrafficGen, String> {
         if spec.targets.is_empty() {
             return Err("traffic: no service to send to".into());
         }
         if spec.clients == 0 || spec.concurrent_flows == 0 {
             return Err("traffic: clients and concurrent_flows must be at least 1".into());
+        }
+        let groups = client_groups(spec.concurrent_flows);
+        if groups > spec.clients {
+            return Err(format!(
+                "traffic: {} concurrent flows need at least {groups} clients (each has {SOURCE_PORTS} source ports)",
+                spec.concurrent_flows
+            ));
         }
         let v4_targets: Vec<usize> = (0..spec.targets.len())
             .filter(|&i| spec.targets[i].family == Family::V4)
@@ -100,7 +113,7 @@ impl TrafficGen {
             rng: spec.seed | 1,
             conns: Vec::with_capacity(spec.concurrent_flows as usize),
             next: 0,
-            next_sport: 1024,
+            next_sport: FIRST_PORT,
             counts: TrafficCounts::default(),
             v4_targets,
             v6_targets,
@@ -143,13 +156,26 @@ impl TrafficGen {
             Family::V6 => &self.v6_targets,
         };
         let target = pool[(r % pool.len() as u64) as usize];
-        let n = (self.rand() % self.spec.clients as u64) as u128;
+        // The open connections are the last `concurrent_flows` made (each
+        // slot's runs as long as the others'), and source ports cycle per
+        // connection: two of them share a port when made k * SOURCE_PORTS
+        // apart, 0 < k < groups. Each group of SOURCE_PORTS connections
+        // draws its clients from its own residue class, so they differ.
+        let groups = client_groups(self.spec.concurrent_flows);
+        let n = if groups == 1 {
+            self.rand() % u64::from(self.spec.clients)
+        } else {
+            let g = u64::from(groups);
+            let class = self.counts.connections / u64::from(SOURCE_PORTS) % g;
+            let in_class = (u64::from(self.spec.clients) - class).div_ceil(g);
+            class + g * (self.rand() % in_class)
+        } as u128;
         let client = match family {
             Family::V4 => CLIENT_BASE_V4 + n,
             Family::V6 => CLIENT_BASE_V6 + n,
         };
         self.next_sport = if self.next_sport == u16::MAX {
-            1024
+            FIRST_PORT
         } else {
             self.next_sport + 1
         };
@@ -240,6 +266,12 @@ impl TrafficGen {
     }
 }
 
+/// How many connections open at once share each source port: the client
+/// classes [`TrafficGen`] draws from.
+fn client_groups(concurrent_flows: u32) -> u32 {
+    concurrent_flows.div_ceil(SOURCE_PORTS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +357,38 @@ mod tests {
             }
         }
         assert!(v4 > 40 && v6n > 40, "both families: {v4} v4, {v6n} v6");
+    }
+
+    /// More open connections than source ports, from few clients: no two
+    /// open at once are one flow.
+    #[test]
+    fn open_connections_are_distinct_flows() {
+        let mut s = spec(vec![WEB]);
+        s.clients = 3;
+        s.concurrent_flows = 2 * SOURCE_PORTS + 1000;
+        s.packets_per_flow = 3;
+        let mut g = TrafficGen::new(s.clone()).unwrap();
+        let mut buf = [0u8; 128];
+        let mut open = std::collections::HashSet::new();
+        let mut clients = std::collections::HashSet::new();
+        for _ in 0..4 * s.concurrent_flows {
+            let (n, key) = g.next_frame_keyed(&mut buf);
+            assert!(n > 0);
+            let flags = parse(&buf[..n]).unwrap().tcp_flags;
+            if flags == tcp_flags::SYN {
+                assert!(open.insert(key), "{key:?} opened while open");
+                clients.insert(key.src);
+            } else if flags & tcp_flags::FIN != 0 {
+                assert!(open.remove(&key), "{key:?} closed while not open");
+            } else {
+                assert!(open.contains(&key), "{key:?} sent while not open");
+            }
+        }
+        assert_eq!(open.len(), s.concurrent_flows as usize);
+        assert_eq!(clients.len(), 3, "every client used");
+        s.clients = 2;
+        let e = TrafficGen::new(s).err().expect("two clients are too few");
+        assert!(e.contains("need at least 3 clients"), "{e}");
     }
 
     #[test]
