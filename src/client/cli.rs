@@ -706,16 +706,12 @@ pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
     }
     let terminal = std::io::stdout().is_terminal();
     let server = args.conn.server_addr()?.to_string();
-    let mut prev: Option<(Summary, std::time::Instant)> = None;
+    let mut prev: Option<Summary> = None;
     loop {
         let doc = fetch_stats(&args.conn)?;
         let cur: Summary =
             serde_json::from_str(&doc).map_err(|e| format!("statistics are not a summary: {e}"))?;
-        let now = std::time::Instant::now();
-        let secs = prev
-            .as_ref()
-            .map_or(0.0, |(_, t)| now.duration_since(*t).as_secs_f64());
-        let frame = statsview::render(&server, prev.as_ref().map(|(s, _)| s), &cur, secs, terminal);
+        let frame = statsview::render(&server, prev.as_ref(), &cur, terminal);
         let mut out = std::io::stdout().lock();
         if out
             .write_all(frame.as_bytes())
@@ -725,7 +721,7 @@ pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
             // The reader went away (a closed pipe): stop quietly.
             return Ok(());
         }
-        prev = Some((cur, now));
+        prev = Some(cur);
         std::thread::sleep(args.interval);
     }
 }

@@ -49,16 +49,15 @@ pub fn fmt_secs(secs: u64) -> String {
     }
 }
 
-/// Renders one frame of the view: `cur` with rates against `prev` taken
-/// `secs` earlier. With `terminal` the frame starts by clearing the screen;
-/// without, it is a block of plain lines ending with a blank line.
-pub fn render(
-    server: &str,
-    prev: Option<&Summary>,
-    cur: &Summary,
-    secs: f64,
-    terminal: bool,
-) -> String {
+/// Renders one frame of the view: `cur` with rates against `prev`, over
+/// the time between them by the server's clock (their `seconds`: the
+/// client's would add the requests' round trips); none against a `prev`
+/// of a run that has since restarted. With `terminal` the frame starts by
+/// clearing the screen; without, it is a block of plain lines ending with
+/// a blank line.
+pub fn render(server: &str, prev: Option<&Summary>, cur: &Summary, terminal: bool) -> String {
+    let prev = prev.filter(|p| p.seconds < cur.seconds);
+    let secs = prev.map_or(0.0, |p| cur.seconds - p.seconds);
     let mut o = String::new();
     if terminal {
         o.push_str(CLEAR);
@@ -238,6 +237,10 @@ mod tests {
     use std::sync::Arc;
 
     fn snapshot(packets: u64) -> Summary {
+        snapshot_at(packets, 10.0)
+    }
+
+    fn snapshot_at(packets: u64, seconds: f64) -> Summary {
         let cfg = Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml")).unwrap();
         let dp = ServiceRegistry::from_config(&cfg)
             .unwrap()
@@ -249,14 +252,14 @@ mod tests {
         w.backends[0].connections.add(packets / 10);
         w.backends[0].packets.add(packets);
         w.services[0].packets.add(packets);
-        Summary::collect(&[w], &dp, 10.0, 3, &Default::default())
+        Summary::collect(&[w], &dp, seconds, 3, &Default::default())
     }
 
     #[test]
     fn plain_mode_has_rates_backends_and_fits_80_columns() {
-        let a = snapshot(1_000_000);
-        let b = snapshot(3_000_000);
-        let text = render("127.0.0.1:7400", Some(&a), &b, 2.0, false);
+        let a = snapshot_at(1_000_000, 10.0);
+        let b = snapshot_at(3_000_000, 12.0);
+        let text = render("127.0.0.1:7400", Some(&a), &b, false);
         assert!(
             !text.contains('\x1b'),
             "no escape codes when not a terminal"
@@ -285,7 +288,7 @@ mod tests {
         be2.state = "down".into();
         be2.state_for_secs = 125;
         be2.check_error = Some("connect: connection refused ".repeat(5));
-        let text = render("x", None, &b, 1.0, false);
+        let text = render("x", None, &b, false);
         let row = |name: &str| {
             text.lines()
                 .find(|l| l.trim_start().starts_with(name))
@@ -313,9 +316,17 @@ mod tests {
     }
 
     #[test]
+    fn no_rates_against_an_earlier_run() {
+        let a = snapshot_at(1_000_000, 100.0);
+        let b = snapshot_at(3_000_000, 2.0);
+        let text = render("x", Some(&a), &b, false);
+        assert!(text.contains("rx - pps"), "{text}");
+    }
+
+    #[test]
     fn first_frame_has_no_rates_and_terminal_mode_clears() {
         let b = snapshot(10);
-        let text = render("x", None, &b, 1.0, true);
+        let text = render("x", None, &b, true);
         assert!(text.starts_with(CLEAR));
         assert!(text.contains("rx - pps"));
     }
@@ -327,13 +338,13 @@ mod tests {
         use crate::report::summary::ControlSummary;
         let mut b = snapshot(10);
         b.extra.control = Some(ControlSummary::default());
-        assert!(!render("x", None, &b, 1.0, false).contains("limits:"));
+        assert!(!render("x", None, &b, false).contains("limits:"));
         b.extra.control = Some(ControlSummary {
             limited: [("quota".to_string(), 4), ("overlap".to_string(), 0)].into(),
             rate_limited: [("be1".to_string(), 0), ("be2".to_string(), 7)].into(),
             ..ControlSummary::default()
         });
-        let text = render("x", None, &b, 1.0, false);
+        let text = render("x", None, &b, false);
         assert!(
             text.contains(
                 "limits: 4 affinity creates refused (quota 4), 7 requests rate limited (be2 7)\n"
@@ -365,7 +376,7 @@ mod tests {
             checker_down: false,
             checker_restarts: 0,
         });
-        let text = render("x", None, &b, 1.0, false);
+        let text = render("x", None, &b, false);
         assert!(text.contains("health: 2 checked, 1 up, 1 down\n"), "{text}");
         assert!(
             text.contains(
@@ -378,7 +389,7 @@ mod tests {
             assert!(line.chars().count() <= WIDTH, "too wide: {line:?}");
         }
         b.extra.health.as_mut().unwrap().checker_down = true;
-        let text = render("x", None, &b, 1.0, false);
+        let text = render("x", None, &b, false);
         assert!(
             text.contains("health: 2 checked, 1 up, 1 down; checker not running, states held\n"),
             "{text}"

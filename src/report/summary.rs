@@ -473,7 +473,8 @@ pub struct TrafficSummary {
     /// for destinations no backend has).
     pub delivered_to_backends: BTreeMap<String, u64>,
     pub no_mbuf: u64,
-    /// Packets sent per second over the source's run, in millions.
+    /// Packets sent per second over the time the source generated them
+    /// (its stop's drain, up to 2 s, not counted), in millions.
     pub offered_mpps: f64,
     pub sent: u64,
 }

@@ -63,6 +63,7 @@ pub(super) struct TrafficReport {
     /// Forwarded packets seen at the sink, by outer destination (ipip) or
     /// destination MAC (l2).
     delivered: BTreeMap<Destination, u64>,
+    /// Seconds it generated frames (its stop's drain not counted).
     seconds: f64,
 }
 
@@ -167,6 +168,9 @@ impl TrafficSource {
         // until the workers have forwarded everything (nothing arrived for
         // STOP_QUIET), so that what was sent is counted back.
         let stopping = Instant::now();
+        // The offered rate is over the time it generated: what the drain
+        // sends below was generated before.
+        report.seconds = stopping.duration_since(started).as_secs_f64();
         let mut heard = stopping;
         while stopping.elapsed() < STOP_DRAIN_MAX
             && (pending.iter().any(|p| !p.is_empty()) || heard.elapsed() < STOP_QUIET)
@@ -177,7 +181,6 @@ impl TrafficSource {
                 std::thread::sleep(Duration::from_micros(100));
             }
         }
-        report.seconds = started.elapsed().as_secs_f64();
         report
     }
 
