@@ -103,6 +103,8 @@ pub struct ControlThread {
     on_ready: Option<Box<dyn FnOnce() + Send>>,
     /// Asked to stop: never ready again (see [`ControlThread::linger`]).
     stopping: bool,
+    /// Some tick found the instance ready (routers may have been told).
+    was_ready: bool,
 }
 
 /// The status line's output and schedule.
@@ -185,6 +187,7 @@ impl ControlThread {
             cluster,
             on_ready: None,
             stopping: false,
+            was_ready: false,
         })
     }
 
@@ -339,6 +342,7 @@ impl ControlThread {
             m.set_ready(ready);
         }
         if ready {
+            self.was_ready = true;
             if let Some(f) = self.on_ready.take() {
                 f();
             }
@@ -359,6 +363,13 @@ impl ControlThread {
     /// once would take the service down). Never once asked to stop.
     pub fn ready(&self) -> bool {
         !self.stopping && self.cluster.as_ref().is_none_or(|c| c.ready())
+    }
+
+    /// Whether some tick found the instance ready: until then `/ready`
+    /// said no, so no router was told to send here, and a stop need not
+    /// linger for them to withdraw.
+    pub fn was_ready(&self) -> bool {
+        self.was_ready
     }
 
     /// Cluster mode: the control thread's side of the shared table, if set.
@@ -751,8 +762,9 @@ mod tests {
         let file = File::new("linger", &config(ADMIN_1, A_1));
         let mut ctl = control(&file.0, None);
         let metrics = ctl.metrics_addr().unwrap();
+        assert!(!ctl.was_ready(), "no tick yet");
         ctl.tick();
-        assert!(ctl.ready());
+        assert!(ctl.ready() && ctl.was_ready());
         assert!(get(metrics, "/ready").contains(" 200 "));
 
         let (stop, reload) = (AtomicBool::new(true), AtomicBool::new(false));
@@ -936,7 +948,7 @@ mod tests {
             a2.fetch_add(1, Ordering::Relaxed);
         });
         ctl.tick();
-        assert!(!ctl.ready());
+        assert!(!ctl.ready() && !ctl.was_ready());
         assert!(get(metrics, "/ready").contains(" 503 "), "not loaded yet");
         assert_eq!(announced.load(Ordering::Relaxed), 0, "READY=1 waits too");
         let mut a = Peer::new("a", A_1);
@@ -954,7 +966,7 @@ mod tests {
             .unwrap();
         ctl.step(Instant::now());
         ctl.tick();
-        assert!(ctl.ready());
+        assert!(ctl.ready() && ctl.was_ready());
         assert!(get(metrics, "/ready").contains(" 200 "));
         ctl.tick();
         assert_eq!(announced.load(Ordering::Relaxed), 1, "once");

@@ -152,10 +152,15 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     // Asked to stop by a signal: not ready from now on (BGP withdraws the
     // VIPs behind `/ready`), forwarding on for `[control] stop_delay` so
     // that what the routers send meanwhile still reaches its backends. Not
-    // after a worker died: its queues would stay unread meanwhile.
+    // after a worker died: its queues would stay unread meanwhile; nor
+    // when it never was ready: no router was sending here.
     let delay = control.config().control.stop_delay;
     let signalled = flags.signal.load(Ordering::Relaxed);
-    if signalled && !flags.worker_died.load(Ordering::Relaxed) && !delay.0.is_zero() {
+    if signalled
+        && control.was_ready()
+        && !flags.worker_died.load(Ordering::Relaxed)
+        && !delay.0.is_zero()
+    {
         log::info!(
             "stopping: not ready, forwarding for {delay} more while the routers withdraw this instance"
         );
