@@ -168,6 +168,12 @@ impl Port {
         let control = eal::control();
         eal::ensure_ready(&control)?;
         let mut probed = false;
+        // A device probed here is removed again when the open fails.
+        let remove_probed = |probed: bool| {
+            if probed {
+                remove_probed_device(&cdevice);
+            }
+        };
         let id = match lookup(&cname) {
             Some(id) if owned().contains(&id) => {
                 return Err(DpdkError::InvalidArgument(format!(
@@ -184,28 +190,33 @@ impl Port {
                     return Err(DpdkError::ret("rte_dev_probe", ret));
                 }
                 probed = true;
-                lookup(&cname).ok_or_else(|| DpdkError::NoSuchDevice(device.to_string()))?
+                match lookup(&cname) {
+                    Some(id) => id,
+                    None => {
+                        remove_probed(probed);
+                        return Err(DpdkError::NoSuchDevice(device.to_string()));
+                    }
+                }
             }
         };
-        let info = dev_info(id)?;
+        let info = match dev_info(id) {
+            Ok(info) => info,
+            Err(e) => {
+                remove_probed(probed);
+                return Err(e);
+            }
+        };
         // SAFETY: the port exists.
         let socket = unsafe { sys::rte_eth_dev_socket_id(id) };
-        let remove_probed = || {
-            if probed {
-                // SAFETY: the device was probed above and no port of ours
-                // uses it.
-                unsafe { sys::rte_dev_remove(info.device) };
-            }
-        };
         let pool = match pool_for(&control, socket) {
             Ok(pool) => pool,
             Err(e) => {
-                remove_probed();
+                remove_probed(probed);
                 return Err(e);
             }
         };
         if let Err(e) = check_data_room(device, &pool) {
-            remove_probed();
+            remove_probed(probed);
             // The pool may go with the error, and frees itself under the
             // control lock.
             drop(control);
@@ -700,6 +711,21 @@ fn check_data_room(device: &str, pool: &Mempool) -> Result<(), DpdkError> {
         )));
     }
     Ok(())
+}
+
+/// Removes the device `rte_dev_probe(devargs)` probed, by the bus and name
+/// its devargs give. Called under the control lock (which serialises
+/// hot-plug) before any port of ours uses the device.
+fn remove_probed_device(devargs: &CStr) {
+    // SAFETY: EAL is ready (the caller holds the control lock); the string
+    // is valid and only read; the device is no port's of ours.
+    let ret = unsafe { sys::pktdist_dev_remove_probed(devargs.as_ptr()) };
+    if ret < 0 {
+        log::warn!(
+            "device {devargs:?} probed for a port that did not open stays probed: {}",
+            DpdkError::ret("rte_eal_hotplug_remove", ret)
+        );
+    }
 }
 
 fn dev_info(id: u16) -> Result<sys::rte_eth_dev_info, DpdkError> {

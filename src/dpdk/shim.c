@@ -1,4 +1,8 @@
 /* See shim.h. */
+#include <errno.h>
+#include <rte_bus.h>
+#include <rte_devargs.h>
+
 #include "shim.h"
 
 uint16_t pktdist_rx_burst(uint16_t port, uint16_t queue,
@@ -47,4 +51,16 @@ uint64_t pktdist_rdtsc(void)
 uint64_t pktdist_rss_hf_ip_tcp_udp(void)
 {
 	return RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP;
+}
+
+int pktdist_dev_remove_probed(const char *devargs)
+{
+	struct rte_devargs da;
+	int ret = rte_devargs_parse(&da, devargs);
+
+	if (ret < 0)
+		return ret;
+	ret = da.bus == NULL ? -ENODEV : rte_eal_hotplug_remove(rte_bus_name(da.bus), da.name);
+	rte_devargs_reset(&da);
+	return ret;
 }

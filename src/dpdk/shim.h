@@ -1,7 +1,8 @@
 /*
  * C shim for pktdist: DPDK's hot-path functions are `static inline` and
  * rte_errno is a macro over a thread-local, so Rust cannot call them
- * directly. Each function here is a thin real symbol around one of them.
+ * directly. Each function here is a thin real symbol around one of them,
+ * or around a short sequence of calls over structs Rust need not see.
  * bindgen reads this header (plus the DPDK headers it includes) to
  * generate the Rust bindings.
  */
@@ -32,5 +33,9 @@ unsigned int pktdist_lcore_id(void);
 uint64_t pktdist_rdtsc(void);
 /* RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP (macros over RTE_BIT64). */
 uint64_t pktdist_rss_hf_ip_tcp_udp(void);
+/* Removes the device that rte_dev_probe(devargs) probed, found by the bus
+ * and name its devargs give (for when its ethdev cannot be asked for it).
+ * 0 or a negative errno. */
+int pktdist_dev_remove_probed(const char *devargs);
 
 #endif
