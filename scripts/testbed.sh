@@ -121,6 +121,13 @@ up() {
     if [ "$ETCD" = yes ]; then
         command -v etcd >/dev/null || { echo "testbed: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
     fi
+    if [ "$INSTANCES" -gt 1 ]; then
+        for tool in bird birdc; do
+            command -v $tool >/dev/null || { echo "testbed: $tool is missing (apt-get install bird2)" >&2; exit 1; }
+        done
+        # pktdist-bgp.sh runs pktdist (to read the metrics address) as it starts.
+        [ -x "$PKTDIST" ] || { echo "testbed: $PKTDIST is not built: cargo build --release --features dpdk first" >&2; exit 1; }
+    fi
     down
     command -v modprobe >/dev/null && modprobe ipip 2>/dev/null || true
     ip netns add "$NS_SW"
@@ -309,9 +316,6 @@ EOT
 
 # The router's BIRD, each instance's BIRD and glue, and the etcd namespace.
 ecmp_up() {
-    for tool in bird birdc; do
-        command -v $tool >/dev/null || { echo "testbed: $tool is missing (apt-get install bird2)" >&2; exit 1; }
-    done
     mkdir -p "$STATE/r1"
     local rns=$PREFIX-r1 k
     {
@@ -338,7 +342,6 @@ ecmp_up() {
             -e "s/^define PEER_AS = .*/define PEER_AS = $BGP_AS_ROUTER;/" \
             -e "s/^define NEXT_HOP = .*/define NEXT_HOP = $(lb_data_ip "$k");/" \
             "$REPO/config/bird/distributor.conf" >"$dir/bird.conf"
-        [ -x "$PKTDIST" ] || echo "testbed: $PKTDIST is not built yet: the VIPs stay withdrawn until it is" >&2
         detached ip netns exec "$(lb_ns "$k")" "$REPO/scripts/pktdist-bgp.sh" \
             --bird-config "$dir/bird.conf" --socket "$dir/bird.ctl" \
             --metrics "$ctl:9400" --pktdist "$PKTDIST" \

@@ -399,3 +399,34 @@ fn a_worker_that_cannot_start_stops_those_started() {
         done.stderr
     );
 }
+
+/// Workers go on the cores the configuration names, also those outside
+/// the CPU mask pktdist started with (a server's `isolcpus` takes the
+/// worker cores out of every process's mask); a core no thread can be
+/// pinned to is refused before anything starts.
+#[test]
+fn workers_pin_to_cores_outside_the_mask_pktdist_started_with() {
+    let _g = serial();
+    let dir = TempDir::new("workers");
+    let config = dir.path("demo.toml");
+    std::fs::write(&config, demo_with("[1]")).expect("write config");
+    let args = ["run", "--config", path_str(&config), "--duration", "2"];
+    let done = Pktdist::spawn_on_cpus("0", &args).wait(Duration::from_secs(60));
+    assert!(done.status.success(), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("1 worker(s) on core(s) [1], control on core 0"),
+        "{}",
+        done.stderr
+    );
+
+    std::fs::write(&config, demo_with("[1, 4000]")).expect("write config");
+    let done = Pktdist::spawn(&args).wait(Duration::from_secs(60));
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("core 4000 cannot take a pinned thread"),
+        "{}",
+        done.stderr
+    );
+}

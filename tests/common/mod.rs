@@ -290,8 +290,22 @@ impl Pktdist {
 
     /// Starts `pktdist <args>` with `env` added to its environment.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Pktdist {
-        let mut child = Command::new(PKTDIST)
-            .args(args)
+        Pktdist::start(Command::new(PKTDIST).args(args), env)
+    }
+
+    /// Starts `pktdist <args>` on the CPUs `cpus` (`taskset -c`), as a
+    /// process started where `isolcpus` took the others out of its mask.
+    pub fn spawn_on_cpus(cpus: &str, args: &[&str]) -> Pktdist {
+        Pktdist::start(
+            Command::new("taskset")
+                .args(["-c", cpus, PKTDIST])
+                .args(args),
+            &[],
+        )
+    }
+
+    fn start(cmd: &mut Command, env: &[(&str, &str)]) -> Pktdist {
+        let mut child = cmd
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
