@@ -68,7 +68,12 @@ fn check(config: &std::path::Path) -> Result<(), String> {
                 s.saved_unix_ms % 1000
             ),
             Err(e) => println!(
-                "run would refuse to start: {e} (pktdist run --discard-bad-state starts without it)"
+                "run would refuse to start: {e}{}",
+                if matches!(e.kind, state_file::LoadErrorKind::Bad(_)) {
+                    " (pktdist run --discard-bad-state starts without it)"
+                } else {
+                    ""
+                }
             ),
         }
     }

@@ -191,9 +191,22 @@ fn requested_affinities_survive_a_restart_and_bad_files_are_refused() {
         checked.status.success()
             && out.contains("run would refuse to start")
             && out.contains(path_str(&state))
-            && out.contains("truncated"),
+            && out.contains("truncated")
+            && out.contains("--discard-bad-state starts without it"),
         "{checked:?}"
     );
+    // A path it cannot read (a symbolic link to itself): the flag would
+    // not help, and check does not offer it.
+    std::fs::remove_file(&state).expect("remove state");
+    std::os::unix::fs::symlink(&state, &state).expect("a link loop in its place");
+    let checked = check(&config);
+    let out = String::from_utf8_lossy(&checked.stdout).into_owned();
+    assert!(
+        out.contains("run would refuse to start") && !out.contains("--discard-bad-state"),
+        "{checked:?}"
+    );
+    std::fs::remove_file(&state).expect("remove the link");
+    std::fs::write(&state, &bytes[..bytes.len() - 10]).expect("truncate");
     let f = Pktdist::spawn(&["run", "--config", path_str(&config), "--quiet"]).wait(PATIENCE);
     assert!(!f.status.success(), "started on a truncated state file");
     assert!(
