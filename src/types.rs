@@ -58,8 +58,8 @@ impl FlowKey {
 /// protocol), so per-service counters, affinities and automatic-affinity
 /// pins keyed by it survive a reload that adds, removes or reorders others.
 pub type ServiceId = u16;
-/// Identity of a backend within one service; stable across snapshots for as
-/// long as the backend stays configured.
+/// Identity of a backend, unique across services; kept across snapshots
+/// and reloads while its service, name and address stay the same.
 pub type BackendId = u32;
 
 /// Most services one instance serves.

@@ -156,8 +156,11 @@ impl AffinityManager {
 
     /// Creates an affinity, or refreshes it when `owner` already holds an
     /// equal key (new expiry, and new notify address if one is given).
-    /// `duration_ms: None` makes a static affinity. An equal key held by
-    /// another backend is refused with its owner.
+    /// `duration_ms: None` makes a static affinity; a static one asked for
+    /// again with a duration stays static. An equal key held by another
+    /// backend is refused with its owner ([`AffinityError::Conflict`]), a
+    /// zero duration as invalid, a new key without room as
+    /// [`AffinityError::TableFull`].
     pub fn create(
         &mut self,
         key: TableKey,
@@ -171,12 +174,10 @@ impl AffinityManager {
         }
         let expires = duration_ms.map(|d| now_ms.saturating_add(d));
         if let Some(e) = self.index.get_mut(&key) {
-            if e.rec.owner == owner {
-                self.changes += 1;
-            }
             if e.rec.owner != owner {
                 return Err(AffinityError::Conflict { owner: e.rec.owner });
             }
+            self.changes += 1;
             if e.rec.expires.is_none() {
                 // A static affinity (from the configuration) stays static.
                 if notify.is_some() {

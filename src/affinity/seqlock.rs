@@ -1,5 +1,6 @@
-//! A sequence lock over one `AtomicU32`: readers never wait on a lock and
-//! never act on a torn read, writers bump the version around each change.
+//! A sequence lock over one `AtomicU32`: readers take no lock (they wait
+//! only while a writer is inside) and never act on a torn read, writers
+//! bump the version around each change.
 //!
 //! The protected data must itself be atomics (read and written `Relaxed`) so
 //! that a reader racing a writer is not a data race in Rust's memory model;

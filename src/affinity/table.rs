@@ -40,8 +40,8 @@
 //! cover, one bit per /24 (2 MB, all services together): a lookup skips
 //! such probes for a client whose /24 is unmarked. A table of pinned /32s
 //! and a few pinned /24s (the common mix) then costs most SYNs one probe,
-//! not two: the bit is one load where the probe was a hash, a header line
-//! and a scan (a load that stays in cache when clients come from a few
+//! not two: the bit is one load in place of a probe's hash, header line
+//! and scan (a load that stays in cache when clients come from a few
 //! networks; from the whole IPv4 space, a line of a 2 MB array).
 //!
 //! Host keys (IPv4 /32s, IPv6 /128s) mark one bit each in a filter of
@@ -1033,8 +1033,8 @@ impl AffinityReader {
     /// their alternates, the alternate bucket's header (a lookup reads it
     /// next). Without it a hit (or a tag collision) costs the lookup one
     /// more dependent miss, on a line of the large slot array, at a page
-    /// walk of its own, and so does a miss in one of the 1-2% of buckets
-    /// that overflow in a half-full table. A probe whose bucket has neither
+    /// walk of its own, and so does a miss in one of the few buckets that
+    /// overflow in a half-full table (perf/README.md has the share). A probe whose bucket has neither
     /// (most of them) is settled as a miss here, so the lookup skips it.
     #[inline]
     pub fn prefetch_slots(&self, q: &mut AffinityQuery) {

@@ -40,7 +40,7 @@ pub(crate) struct Wheel {
     /// The current tick: every slot before it has been processed.
     tick: u64,
     started: bool,
-    /// Timers looked at while advancing (a debug counter for tests and stats).
+    /// Timers looked at while advancing (for tests).
     visited: u64,
 }
 

@@ -1,5 +1,6 @@
-//! The `pktdist affinity|backend|stats` subcommands: talk to a running
-//! instance through the client library and print the answers as tables.
+//! The `pktdist affinity|backend|stats|reload|status` subcommands: talk to
+//! a running instance through the client library (`status` asks its
+//! metrics listener's `GET /ready`) and print the answers as tables.
 
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
@@ -689,9 +690,9 @@ pub fn fetch_stats(conn: &ConnArgs) -> Result<String, String> {
     conn.client()?.stats().map_err(err)
 }
 
-/// Runs `pktdist stats` once: prints the statistics, pretty-printed when
-/// they are JSON. (`--watch` rendering is the caller's loop around
-/// [`fetch_stats`].)
+/// Runs `pktdist stats`: prints the statistics once, pretty-printed when
+/// they are JSON, or with `--watch` the live view, fetched again every
+/// `interval`.
 pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
     if !args.watch {
         let doc = fetch_stats(&args.conn)?;

@@ -48,9 +48,8 @@ pub const DEFAULT_RETRIES: u32 = 2;
 /// Largest statistics document the client accepts.
 const MAX_STATS_LEN: u32 = 16 << 20;
 /// How far an AFFINITY_ENDED's timestamp may be from this host's clock:
-/// the distributor stamps it as it sends it, and holds requests to the
-/// same bound by default. One outside is refused, so a captured
-/// notification cannot be played back later.
+/// the distributor stamps it as it sends it. One outside is refused, so a
+/// captured notification cannot be played back later.
 pub const NOTICE_SKEW: Duration = Duration::from_secs(10);
 /// Notification nonces remembered at most, to drop repeats within the
 /// window (more than 3,000 notifications a second would start forgetting).

@@ -3,7 +3,7 @@
 //!
 //! * [`library`] — [`library::ControlClient`]: requests with retries,
 //!   nonces and reply verification, and the AFFINITY_ENDED notifications.
-//! * [`cli`] — the `pktdist affinity|backend|stats|reload` subcommands.
+//! * [`cli`] — the `pktdist affinity|backend|stats|reload|status` subcommands.
 
 pub mod cli;
 pub mod library;

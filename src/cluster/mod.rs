@@ -144,8 +144,9 @@ pub enum Outcome {
     Moved {
         current: Option<(StoredAffinity, Revision)>,
     },
-    /// etcd did not answer in time: the change may or may not have been
-    /// committed (the watch will tell).
+    /// Not known to be committed: etcd did not answer in time (it may or
+    /// may not have been: the watch will tell), was unreachable (not sent),
+    /// refused the transaction, or holds an unreadable value at the key.
     Unavailable { error: String },
 }
 

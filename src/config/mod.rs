@@ -1060,17 +1060,31 @@ impl Config {
         }
         if let Some(t) = &self.traffic {
             let tp = root.key("traffic");
-            if self.port_index(&t.port).is_none() {
+            let Some(port) = self.port_index(&t.port) else {
                 return fail(tp.key("port"), format!("no port named {:?}", t.port));
+            };
+            if self.forwarding_port(port) == port {
+                return fail(
+                    tp.key("port"),
+                    format!(
+                        "{}: its forward_to must name another port (the source transmits on {} and drains where the workers forward)",
+                        t.port, t.port
+                    ),
+                );
             }
             for (k, v) in [
                 ("clients", t.clients),
                 ("concurrent_flows", t.concurrent_flows),
-                ("packets_per_flow", t.packets_per_flow),
             ] {
                 if v == 0 {
                     return fail(tp.key(k), "must be at least 1");
                 }
+            }
+            if t.packets_per_flow < 2 {
+                return fail(
+                    tp.key("packets_per_flow"),
+                    "must be at least 2 (a connection's SYN and FIN)",
+                );
             }
             if t.concurrent_flows > MAX_TRAFFIC_FLOWS {
                 return fail(

@@ -1,3 +1,6 @@
+//! Validation tests: a small valid configuration broken one rule at a
+//! time, and the files in config/ parsed as they ship.
+
 use super::testing::{with_backend_macs, WEB};
 use super::*;
 use std::sync::LazyLock;
@@ -34,7 +37,7 @@ listen = "127.0.0.1:7400"
 admin = "000102030405060708090a0b0c0d0e0f"
 
 [traffic]
-port = "p0"
+port = "p1"
 "#;
 
 /// BASE after the web service's own keys: its backends and the rest.
@@ -172,11 +175,30 @@ fn workers_at_most_one_per_free_lcore_id() {
 }
 
 #[test]
+fn traffic_port_forwards_elsewhere_and_flows_have_two_packets() {
+    check(
+        &edit("[traffic]\nport = \"p1\"", "[traffic]\nport = \"p0\""),
+        "traffic.port",
+        "port = \"p0\"",
+        "p0: its forward_to must name another port",
+    );
+    check(
+        &edit(
+            "[traffic]\nport = \"p1\"",
+            "[traffic]\nport = \"p1\"\npackets_per_flow = 1",
+        ),
+        "traffic.packets_per_flow",
+        "packets_per_flow = 1",
+        "must be at least 2",
+    );
+}
+
+#[test]
 fn traffic_needs_a_client_per_64512_open_flows() {
     let traffic = |clients: u32, flows: u32| {
         edit(
-            "[traffic]\nport = \"p0\"",
-            &format!("[traffic]\nport = \"p0\"\nclients = {clients}\nconcurrent_flows = {flows}"),
+            "[traffic]\nport = \"p1\"",
+            &format!("[traffic]\nport = \"p1\"\nclients = {clients}\nconcurrent_flows = {flows}"),
         )
     };
     Config::parse(&traffic(2, 2 * TRAFFIC_SOURCE_PORTS), "t.toml").expect("two clients' ports");
@@ -238,7 +260,7 @@ fn idle_sleep_bounds() {
 fn plan_names_each_ports_spread() {
     let c = Config::parse(&BASE, "t.toml").unwrap();
     let plan = c.plan();
-    // p0 is the traffic source's port; p1 a net_ring the workers receive on.
+    // p1 is the traffic source's port; p0 a net_ring the workers receive on.
     assert!(
         plan.contains(
             "(one per worker; no RSS: the traffic source puts each flow on the queue RSS would)"
@@ -284,15 +306,15 @@ fn plan_gives_the_metrics_address_as_the_bgp_script_reads_it() {
 fn af_packet_queue_pairs_match_the_workers() {
     check(
         &edit(
-            "device = \"net_ring1\"",
+            "device = \"net_ring0\"",
             "device = \"net_af_packet0,iface=lb0\"",
         ),
-        "ports[1].device",
+        "ports[0].device",
         "net_af_packet0",
         "qpairs=1 for 2 workers: set qpairs=2",
     );
     let ok = edit(
-        "device = \"net_ring1\"",
+        "device = \"net_ring0\"",
         "device = \"net_af_packet0,iface=lb0,qpairs=2\"",
     );
     let plan = Config::parse(&ok, "t.toml").unwrap().plan();
@@ -331,14 +353,14 @@ fn weight_out_of_range() {
 #[test]
 fn traffic_frames_fit_a_buffer_and_flows_memory() {
     let ok = edit(
-        "[traffic]\nport = \"p0\"",
-        "[traffic]\nport = \"p0\"\npacket_size = 2052",
+        "[traffic]\nport = \"p1\"",
+        "[traffic]\nport = \"p1\"\npacket_size = 2052",
     );
     let c = Config::parse(&ok, "t.toml").expect("2052 bytes fit");
     assert_eq!(c.traffic.map(|t| t.packet_size), Some(2052));
     let t = edit(
-        "[traffic]\nport = \"p0\"",
-        "[traffic]\nport = \"p0\"\npacket_size = 2053",
+        "[traffic]\nport = \"p1\"",
+        "[traffic]\nport = \"p1\"\npacket_size = 2053",
     );
     check(
         &t,
@@ -347,8 +369,8 @@ fn traffic_frames_fit_a_buffer_and_flows_memory() {
         "must be in 64..=2052",
     );
     let t = edit(
-        "[traffic]\nport = \"p0\"",
-        "[traffic]\nport = \"p0\"\nconcurrent_flows = 16777217",
+        "[traffic]\nport = \"p1\"",
+        "[traffic]\nport = \"p1\"\nconcurrent_flows = 16777217",
     );
     check(
         &t,
@@ -375,7 +397,7 @@ fn a_device_is_one_port_however_it_is_written() {
 
 #[test]
 fn missing_port() {
-    let t = edit("[traffic]\nport = \"p0\"", "[traffic]\nport = \"p9\"");
+    let t = edit("[traffic]\nport = \"p1\"", "[traffic]\nport = \"p9\"");
     check(&t, "traffic.port", "port = \"p9\"", "no port named \"p9\"");
     let t = edit("forward_to = \"p0\"", "forward_to = \"nope\"");
     check(
@@ -394,7 +416,7 @@ fn missing_port() {
             "[[ports]]\nname = \"p1\"\ndevice = \"net_ring1\"\nforward_to = \"p0\"\n",
             "",
         )
-        .replace("[traffic]\nport = \"p0\"\n", "");
+        .replace("[traffic]\nport = \"p1\"\n", "");
     let e = err(&t);
     assert_eq!(e.key, "ports", "{e}");
     assert!(e.message.contains("at least one port"), "{e}");

@@ -28,7 +28,8 @@ pub struct RefusalCounters {
     pub stale_timestamp: u64,
     /// (sender, nonce) already seen. No reply.
     pub replay: u64,
-    /// The nonce memory is full. No reply.
+    /// Stamped at or before its sender's floor (raised as the full replay
+    /// memory forgot that sender's pairs). No reply.
     pub replay_forgotten: u64,
     /// Authentic, but the body does not decode. Reply INVALID.
     pub invalid_body: u64,

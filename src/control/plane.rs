@@ -959,7 +959,7 @@ impl ControlPlane {
         // A total order (a service's keys share its family), so that pages
         // do not overlap. Only the page is sorted: the entries before it
         // and after it are only partitioned off (linear, where sorting a
-        // large table for each page was not).
+        // large table for each page would not be).
         let port_order = |p: PortMatch| match p {
             PortMatch::Any => (0, 0, 0),
             PortMatch::One(x) => (1, x, x),

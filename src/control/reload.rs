@@ -369,7 +369,10 @@ mod tests {
         let mut next = running.clone();
         next.traffic = Some(
             Config::parse(
-                &format!("{}\n[traffic]\nport = \"p0\"\n", config_text()),
+                &format!(
+                    "{}\n[[ports]]\nname = \"p1\"\ndevice = \"net_ring1\"\nforward_to = \"p0\"\n[traffic]\nport = \"p1\"\n",
+                    config_text()
+                ),
                 "t.toml",
             )
             .map(|c| c.traffic.unwrap())

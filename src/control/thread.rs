@@ -316,10 +316,12 @@ impl ControlThread {
     }
 
     /// Runs the ports' upkeep, expires affinities, installs the static
-    /// affinities a reload could not (see [`ConfigFile`]), hands the state
-    /// file's writer what changed, refreshes the metrics when they are due and
-    /// sends the AFFINITY_ENDED notices of every affinity that ended since
-    /// the last tick.
+    /// affinities a reload could not (see [`ConfigFile`]), applies the
+    /// health checks' reports, hands the state file's writer what changed,
+    /// refreshes the metrics when they are due, sets readiness (`/ready`,
+    /// and [`ControlThread::on_ready`]'s call the first time) and sends the
+    /// AFFINITY_ENDED notices of every affinity that ended since the last
+    /// tick.
     pub fn tick(&mut self) {
         if let Some(upkeep) = &mut self.port_upkeep {
             upkeep();

@@ -16,7 +16,7 @@ use crate::types::{
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct ParsedPacket {
     pub key: FlowKey,
-    /// Offset of the IP header (after Ethernet and an optional 802.1Q tag).
+    /// Offset of the IP header (after Ethernet and up to two VLAN tags).
     pub l3_offset: u16,
     /// Offset of the TCP/UDP header.
     pub l4_offset: u16,

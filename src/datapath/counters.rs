@@ -90,8 +90,9 @@ pub struct WorkerCounters {
     pub syns_untracked: Counter,
     /// 1 while the worker's SYN flood guard is engaged, else 0 (a gauge).
     pub syn_guard_engaged: Counter,
-    /// Packets of a flow the table did not know that was not a SYN
-    /// (after a restart, an eviction, or an RSS change): routed statelessly.
+    /// TCP packets other than a SYN of a flow the table did not know (after
+    /// a restart, an eviction, or an RSS change): the flow is picked anew
+    /// and tracked from then on; a reset is routed without an entry.
     pub unknown_flows: Counter,
     /// Flows whose backend vanished and were rerouted.
     pub rerouted: Counter,

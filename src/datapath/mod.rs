@@ -7,9 +7,9 @@
 //! goes into its own [`counters`] and [`latency`] histogram. Packets come and
 //! go through the [`pktio`] trait, which DPDK's ports implement and tests
 //! implement in memory. ICMP messages to a VIP, and packets too long for
-//! the link once forwarded, take the [`icmp`] path. Past a rate of new
-//! connections, the [`syn_guard`] has a worker forward SYNs without flow
-//! entries.
+//! the link once forwarded, take the [`icmp`] path. Past a rate of SYNs,
+//! the [`syn_guard`] has a worker forward the SYNs of `stateless_syns`
+//! services without flow entries.
 
 pub mod classify;
 pub mod counters;

@@ -4,7 +4,8 @@
 //! change (weight, add, remove, reload) — Maglev tables included, off the hot
 //! path — and publishes it through a [`DataplaneCell`]. Workers check the
 //! cell's generation once per loop iteration and pick up the new snapshot
-//! when it changed, so they never wait on the control thread.
+//! when it changed, so they wait on the control thread at most for a
+//! publish's store of the new snapshot.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -321,8 +322,9 @@ impl DataplaneCell {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The current snapshot. Takes a lock held only for an `Arc` clone; workers
-    /// call it only when the generation changed.
+    /// The current snapshot. Takes the lock a publish holds only to store
+    /// its snapshot, here held for an `Arc` clone; workers call it only when
+    /// the generation changed.
     pub fn load(&self) -> Arc<Dataplane> {
         self.current
             .lock()

@@ -75,7 +75,7 @@ const AFFINITY_SLOT_DISTANCE: usize = 8;
 const LATENCY_FOLD_NS: u64 = 200_000_000;
 /// Most buckets one iteration that received packets sweeps (after a
 /// stall), and one that received none: an idle worker (which may sleep
-/// `idle_sleep` between polls, up to 100 polls a second) catches up on a
+/// `idle_sleep` between polls, at least 100 polls a second) catches up on a
 /// large table's sweep while no packet waits for it.
 const SWEEP_MAX_BUCKETS: u64 = 256;
 const SWEEP_MAX_BUCKETS_IDLE: u64 = 4096;
@@ -234,7 +234,6 @@ impl<IO: PacketIo> Worker<IO> {
         &self.flows
     }
 
-    /// Runs until `stop` is set.
     /// Polls until `stop` is set. With `idle_sleep`, a poll that found
     /// every receive queue empty is followed by a sleep that long, which
     /// leaves the CPU to whatever shares it (`[cores] share_cpus`); without
@@ -250,7 +249,8 @@ impl<IO: PacketIo> Worker<IO> {
         }
     }
 
-    /// Monotonic nanoseconds since the worker started.
+    /// Monotonic nanoseconds since the shared epoch (every worker's and the
+    /// control thread's).
     #[inline]
     pub fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
@@ -1171,8 +1171,8 @@ impl<IO: PacketIo> Worker<IO> {
     /// client's automatic-affinity pin (to a backend that takes
     /// connections), then the consistent hash, as the connection's next
     /// packet would find them ([`Worker::pick_new`]). Kept out of line:
-    /// the packets that come here are rare, and the main line's code
-    /// stays as it was without them.
+    /// the packets that come here are rare, and the main line holds no code
+    /// for them.
     #[cold]
     #[inline(never)]
     fn pick_stateless(
@@ -1438,7 +1438,8 @@ fn release_pin(auto: &AutoAffinityTable, dp: &Dataplane, key: &FlowKey, slot: u3
     auto.release(AutoSlot(slot), now / 1_000_000, linger_ms);
 }
 
-/// The service's scheduler: Maglev on the flow hash, or round robin.
+/// The service's scheduler: Maglev on the service's hash (of the flow or
+/// of the client, `[[services]] hash`), or round robin.
 #[inline(always)]
 fn schedule(
     dp: &Dataplane,

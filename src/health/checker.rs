@@ -340,8 +340,8 @@ impl Checker {
     /// the probe tries again shortly and the schedule stays.
     fn start_probe(&mut self, t: usize, now: Instant) {
         if self.targets[t].in_flight.is_some() {
-            // The previous probe is still out (its settings changed to a
-            // shorter interval): this start is skipped.
+            // The previous probe, which started late (it waited for a
+            // slot), is still out at this due start: this one is skipped.
             return self.schedule_next(t, now);
         }
         if self.in_flight >= self.max_in_flight {

@@ -32,7 +32,7 @@ pub struct HttpCheck {
 }
 
 impl CheckSpec {
-    /// The check `h` of a service on `service_port`, sent to `addr`.
+    /// The check `h` sent to `addr` (also the HTTP check's default Host).
     pub fn from_config(h: &HealthConfig, addr: SocketAddr) -> CheckSpec {
         CheckSpec {
             kind: h.kind,

@@ -89,7 +89,6 @@ impl Drop for Server {
     }
 }
 
-/// A port on 127.0.0.1 nobody listens on.
 /// An address nothing listens on, kept so while this lives: a socket
 /// bound to it, not listening. No other test's listener can take the port,
 /// and no connection from that address picks it as its own port (which,
@@ -117,6 +116,7 @@ impl Refused {
     }
 }
 
+/// A port on 127.0.0.1 nobody listens on.
 fn refused_port() -> Refused {
     Refused::hold("127.0.0.1", 0).unwrap()
 }

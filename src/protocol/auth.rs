@@ -3,8 +3,9 @@
 //!
 //! Every check here runs before a request can reach the handler, so all of
 //! it is bounded: the key lookup is one hash probe, the HMAC is computed from
-//! a pre-keyed state, and the replay memory has a fixed capacity and refuses
-//! (rather than grows) when full.
+//! a pre-keyed state, and the replay memory has a fixed capacity: when full
+//! it forgets its oldest pairs and raises their senders' floors (older
+//! timestamps refused from then on) rather than growing.
 
 use crate::net::{IpNet, NetParseError};
 use crate::types::MAX_NAME_LEN;

@@ -143,7 +143,7 @@ pub fn render(s: &Summary) -> String {
         ),
         (
             "pktdist_unknown_flow_packets_total",
-            "Packets of flows the connection table did not know, routed statelessly.",
+            "TCP packets, not SYNs, of flows the connection table did not know: routed as a new connection would be, and tracked from then on.",
             s.unknown_flows,
         ),
         (
@@ -567,7 +567,7 @@ fn health(o: &mut String, s: &Summary) {
         o,
         "pktdist_backend_up",
         "gauge",
-        "1 while the backend may take new connections, 0 while its health checks hold it down.",
+        "0 while the backend's health checks hold it down, else 1 (a drained or declared-down backend too).",
     );
     for svc in &s.services {
         for b in &svc.backends {

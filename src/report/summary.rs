@@ -259,10 +259,10 @@ pub struct Summary {
     /// because the table had no room (filled by the control thread).
     pub auto_affinity_pins: usize,
     pub auto_affinity_table_full: u64,
-    /// Received packets per second over the run, all workers.
+    /// Received packets per second over the run, all workers, in millions.
     pub mpps: f64,
     /// Received packets per second of time the workers spent on non-empty
-    /// bursts, per worker: what one core sustains when busy.
+    /// bursts, per worker, in millions: what one core sustains when busy.
     pub mpps_per_busy_core: f64,
     pub services: Vec<ServiceSummary>,
     pub workers_detail: Vec<WorkerSummary>,
@@ -962,8 +962,9 @@ impl Summary {
     }
 }
 
-/// The refusals the control server answers (INVALID, UNSUPPORTED and
-/// NOT_AUTHORIZED: the request was authentic); it sends nothing back for
+/// The refusals the control server answers (INVALID, UNSUPPORTED,
+/// NOT_AUTHORIZED and RATE_LIMITED: the request was authentic); it sends
+/// nothing back for
 /// the others (docs/PROTOCOL.md §3.5, §8).
 const ANSWERED_REFUSALS: [&str; 4] = [
     "invalid_body",

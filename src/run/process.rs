@@ -601,14 +601,8 @@ fn traffic_ports(cfg: &Config, plans: &[PortPlan]) -> Result<Option<(usize, usiz
     let port = cfg
         .port_index(&t.port)
         .ok_or_else(|| format!("[traffic] port {} is not configured", t.port))?;
-    let sink = plans[port].forward_to;
-    if sink == port {
-        return Err(format!(
-            "[traffic] needs port {}'s forward_to set to another port: the source transmits on {} and the workers must forward elsewhere",
-            t.port, t.port
-        ));
-    }
-    Ok(Some((port, sink)))
+    // The configuration's check: the sink is another port.
+    Ok(Some((port, plans[port].forward_to)))
 }
 
 /// Stops the traffic source first, so that the workers drain what it sent,

@@ -183,7 +183,7 @@ pub struct FlowEntry {
 
 /// A flow the table let go of, to make room ([`FlowTable::insert_absent`])
 /// or because it had ended ([`Lookup::Stale`]): what the caller releases of
-/// it, in 12 bytes where a [`FlowEntry`] takes 64.
+/// it, not the whole [`FlowEntry`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Displaced {
     pub backend: BackendId,
@@ -226,8 +226,8 @@ pub struct FlowStats {
     pub untracked: u64,
     /// New flows stored in their alternate bucket (their home was full).
     pub spilled: u64,
-    /// Flows moved from a full home bucket to their alternate to make room
-    /// for a new flow of that home.
+    /// Flows moved to their other bucket to make room for a new flow (out
+    /// of its full home, or out of its alternate, a move or two deep).
     pub moved: u64,
 }
 
@@ -314,7 +314,7 @@ struct Align128;
 
 /// An IPv4 key in one `u64`: src 32 | sport 16 | service-address index 16,
 /// so a slot compare is one word compare. IPv4 addresses are the low 32
-/// bits of [`FlowKey`]'s (as `packet::parse` produces them).
+/// bits of [`FlowKey`]'s (as `classify::parse` produces them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct V4Key(u64);
 
@@ -551,7 +551,7 @@ struct Part<K: SlotKey> {
     autos: HugeSlice<u32>,
     /// One bit per bucket, set while all its slots are in use: an insert
     /// into a full home asks here whether its alternate has room without
-    /// reading it (32 KiB for 2^21 flows).
+    /// reading it (64 KiB for 2^21 flows).
     full: Box<[u64]>,
 }
 
