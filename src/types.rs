@@ -494,18 +494,28 @@ mod tests {
         use BackendState::{Down, Draining, Up};
         use Declared as D;
         let all = [D::Up, D::Drain, D::Down];
+        // The rule as a ranking: each source says up (0), draining (1) or
+        // down (2), and the worst wins.
+        let rank = |d: Declared| match d {
+            D::Up => 0,
+            D::Drain => 1,
+            D::Down => 2,
+        };
         for app in all {
             for admin in all {
                 for healthy in [true, false] {
                     for weight in [0, 1, 100] {
                         let got = BackendState::combine(app, admin, healthy, weight);
-                        let want = if !healthy || app == D::Down || admin == D::Down {
-                            Down
-                        } else if app == D::Drain || admin == D::Drain || weight == 0 {
-                            Draining
-                        } else {
-                            Up
-                        };
+                        let worst = [
+                            rank(app),
+                            rank(admin),
+                            if healthy { 0 } else { 2 },
+                            if weight == 0 { 1 } else { 0 },
+                        ]
+                        .into_iter()
+                        .max()
+                        .unwrap_or(0);
+                        let want = [Up, Draining, Down][worst];
                         assert_eq!(got, want, "{app:?} {admin:?} {healthy} {weight}");
                     }
                 }

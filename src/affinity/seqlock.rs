@@ -97,7 +97,7 @@ impl Drop for SeqGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::sync::Arc;
 
     #[test]
@@ -132,29 +132,36 @@ mod tests {
             a: AtomicU64::new(0),
             b: AtomicU64::new(!0),
         });
+        // The writers write until the reader has read, while they wrote,
+        // many pairs of many values.
+        let stop = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = (0..2u64)
             .map(|t| {
-                let p = p.clone();
+                let (p, stop) = (p.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    for i in 0..20_000u64 {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
                         let x = i * 2 + t;
                         let _g = p.lock.lock();
                         p.a.store(x, Ordering::Relaxed);
                         p.b.store(!x, Ordering::Relaxed);
+                        i += 1;
                     }
                 })
             })
             .collect();
-        let mut checked = 0;
-        while writers.iter().any(|w| !w.is_finished()) || checked == 0 {
+        let (mut checked, mut values) = (0u64, std::collections::HashSet::new());
+        while checked < 100_000 || values.len() < 1_000 {
             let v = p.lock.read_begin();
             let a = p.a.load(Ordering::Relaxed);
             let b = p.b.load(Ordering::Relaxed);
             if p.lock.read_valid(v) {
                 assert_eq!(a, !b);
                 checked += 1;
+                values.insert(a);
             }
         }
+        stop.store(true, Ordering::Relaxed);
         for w in writers {
             w.join().unwrap();
         }

@@ -1401,6 +1401,16 @@ mod tests {
         fn send<T: Send>() {}
         send_sync_clone::<AffinityReader>();
         send::<AffinityWriter>();
+        // And the writer is not `Clone` (its writes take `&mut self`, so
+        // one owner writes): were it, the trait below would have two
+        // implementations for it, and naming `check` would be ambiguous, a
+        // compile error.
+        trait OneWriter<A> {
+            fn check() {}
+        }
+        impl<T> OneWriter<()> for T {}
+        impl<T: Clone> OneWriter<u8> for T {}
+        <AffinityWriter as OneWriter<_>>::check();
     }
 
     /// Host keys mark their client's host-filter bit while some key of that

@@ -192,6 +192,8 @@ mod tests {
         assert!(ratio > 0.2 && ratio < 5.0, "ratio {ratio}");
     }
 
+    /// A hint is no access: any address, null included, is taken without a
+    /// fault (the test is that it runs to its end).
     #[test]
     fn prefetch_accepts_any_reference() {
         let v = [1u64, 2, 3];
@@ -200,6 +202,5 @@ mod tests {
         prefetch_ptr(std::ptr::null());
         prefetch_write_ptr(std::ptr::null());
         prefetch_write_ptr(v.as_ptr().cast());
-        assert_eq!(v[2], 3);
     }
 }

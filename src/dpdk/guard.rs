@@ -228,7 +228,13 @@ mod tests {
             // close returned: the burst must have left before.
             left2.load(Ordering::SeqCst)
         });
-        std::thread::sleep(Duration::from_millis(50));
+        // The closer is inside close (the gate is shut) and must stay there
+        // while the burst is under way.
+        while g.open.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!closer.is_finished(), "close returned during the burst");
         left.store(true, Ordering::SeqCst);
         g.leave(0, true);
         assert!(

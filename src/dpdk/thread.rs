@@ -181,10 +181,19 @@ mod tests {
         let core = core_affinity::get_core_ids()
             .and_then(|c| c.first().map(|c| c.id))
             .unwrap_or(0);
-        let h = spawn_worker(core, "t-worker", || 6 * 7).expect("spawn");
+        // The worker reports the CPUs its thread may run on: its core alone.
+        let h = spawn_worker(core, "t-worker", || {
+            let set: Vec<usize> = core_affinity::get_core_ids()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
+            (6 * 7, set)
+        })
+        .expect("spawn");
         assert_eq!(h.core(), core);
         assert_eq!(h.thread().name(), Some("t-worker"));
-        assert_eq!(h.join().expect("join"), 42);
+        assert_eq!(h.join().expect("join"), (42, vec![core]));
     }
 
     #[test]

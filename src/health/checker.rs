@@ -37,13 +37,18 @@ const RETRY: Duration = Duration::from_millis(5);
 /// 16,384. Beyond it a probe waits for a slot rather than failing: a host
 /// out of descriptors is not a backend that failed its check.
 fn in_flight_limit() -> usize {
-    let soft = std::fs::read_to_string("/proc/self/limits")
-        .ok()
+    in_flight_limit_of(std::fs::read_to_string("/proc/self/limits").ok().as_deref())
+}
+
+/// [`in_flight_limit`] for the text of `/proc/self/limits` (`None`: not
+/// readable; a soft limit of 1024 assumed, "unlimited" as the most).
+fn in_flight_limit_of(limits: Option<&str>) -> usize {
+    let soft = limits
         .and_then(|t| {
             t.lines()
                 .find(|l| l.starts_with("Max open files"))
                 .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|v| v.parse::<usize>().ok())
+                .map(|v| v.parse::<usize>().unwrap_or(usize::MAX))
         })
         .unwrap_or(1024);
     (soft.saturating_sub(64) / 2).clamp(32, 16_384)
@@ -529,7 +534,22 @@ mod tests {
 
     #[test]
     fn probes_in_flight_are_bounded_by_the_open_file_limit() {
-        let n = in_flight_limit();
-        assert!((32..=16_384).contains(&n), "{n}");
+        let limits = |soft: &str| {
+            format!(
+                "Limit                     Soft Limit           Hard Limit           Units     \n\
+                 Max processes             95383                95383                processes \n\
+                 Max open files            {soft:<20} 524288               files     \n"
+            )
+        };
+        for (soft, want) in [
+            ("1024", 480),
+            ("100", 32),
+            ("1048576", 16_384),
+            ("unlimited", 16_384),
+        ] {
+            assert_eq!(in_flight_limit_of(Some(&limits(soft))), want, "{soft}");
+        }
+        assert_eq!(in_flight_limit_of(None), 480, "1024 assumed");
+        assert_eq!(in_flight_limit_of(Some("")), 480, "1024 assumed");
     }
 }

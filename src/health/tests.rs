@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,6 +31,8 @@ enum Behaviour {
 /// A server on 127.0.0.1 run by a thread until dropped.
 struct Server {
     addr: SocketAddr,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -45,7 +47,8 @@ impl Server {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (Arc::clone(&stop), Arc::clone(&accepted));
         let thread = std::thread::spawn(move || {
             let mut held = Vec::new();
             while !flag.load(Ordering::Relaxed) {
@@ -53,6 +56,7 @@ impl Server {
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 };
+                count.fetch_add(1, Ordering::SeqCst);
                 match how {
                     Behaviour::Answer(line) => {
                         s.set_nonblocking(false).unwrap();
@@ -74,6 +78,7 @@ impl Server {
         });
         Server {
             addr,
+            accepted,
             stop,
             thread: Some(thread),
         }
@@ -363,7 +368,11 @@ fn a_probe_under_old_settings_does_not_count_after_they_change() {
     let mut checker = HealthChecker::start(vec![at(silent.addr, n)], Vec::new()).unwrap();
     // The first check waits on the silent server (its timeout, 2 s, ends
     // it after the new settings are in).
-    std::thread::sleep(Duration::from_millis(500));
+    let hang = Instant::now() + Duration::from_secs(60);
+    while silent.accepted.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < hang, "the first check never connected");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     checker.set_targets(vec![at(up.addr, n)]);
     let mut reports = Vec::new();
     let deadline = Instant::now() + Duration::from_millis(2500);

@@ -1034,13 +1034,17 @@ mod tests {
         m.set_ready(true);
         let addr = m.local_addr();
         let done = Arc::new(AtomicBool::new(false));
-        // More tricklers than the server answers at once.
-        let tricklers: Vec<_> = (0..MAX_CONNECTIONS + 2)
+        // More tricklers than the server answers at once, each counted in
+        // `trickling` once its first byte is sent.
+        let n = MAX_CONNECTIONS + 2;
+        let trickling = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tricklers: Vec<_> = (0..n)
             .map(|_| {
-                let done = Arc::clone(&done);
+                let (done, trickling) = (Arc::clone(&done), Arc::clone(&trickling));
                 std::thread::spawn(move || {
                     let mut s = TcpStream::connect(addr).unwrap();
                     s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+                    let mut first = true;
                     // Until the server closes the connection, or the test
                     // is over (a server that never closes it fails below).
                     for &b in b"GET /metrics HTTP/1.1\r\nHost: x".iter().cycle() {
@@ -1051,6 +1055,9 @@ mod tests {
                         // reset the connection, a read sees the end.
                         if s.write_all(&[b]).is_err() {
                             return true;
+                        }
+                        if std::mem::take(&mut first) {
+                            trickling.fetch_add(1, Ordering::SeqCst);
                         }
                         let mut one = [0u8; 1];
                         match s.read(&mut one) {
@@ -1064,10 +1071,14 @@ mod tests {
                 })
             })
             .collect();
-        // The tricklers are connected and trickling; a readiness check
+        // Once the tricklers are connected and trickling, a readiness check
         // still gets its answer (with a pool held by the tricklers, after
         // one of them is cut off).
-        std::thread::sleep(Duration::from_millis(300));
+        let hang = Instant::now() + Duration::from_secs(60);
+        while trickling.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < hang, "the tricklers never all started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         write!(s, "GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

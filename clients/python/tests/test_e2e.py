@@ -373,9 +373,13 @@ class Affinities(unittest.TestCase):
         self.admin.set_weight("web", "be2", before)
         with self.assertRaises(pktdist.NotFound):
             self.admin.set_weight("web", "nosuch", 1)
+        # The statistics document shows the service and the weight set back.
         stats = self.admin.stats()
-        self.assertIsInstance(stats, dict)
-        self.assertTrue(stats, "an empty statistics document")
+        web_stats = [s for s in stats["services"] if s["name"] == "web"]
+        self.assertEqual(len(web_stats), 1, stats["services"])
+        weights = {b["name"]: b["weight"] for b in web_stats[0]["backends"]}
+        self.assertEqual(weights["be2"], before, weights)
+        self.assertEqual(sorted(weights), ["be1", "be2"])
 
 
 class Relay:
