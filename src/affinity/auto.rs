@@ -11,8 +11,8 @@
 //! version is also its writer lock: a worker takes the (one or two) buckets of
 //! a client in index order, so workers contend only on the same buckets and
 //! only for a few stores, and read-only callers wait only while a writer is
-//! inside the bucket they read. Entries never
-//! move, so a connection keeps an [`AutoSlot`] index to release later.
+//! inside the bucket they read. Entries never move, so a connection keeps
+//! an [`AutoSlot`] index to release later.
 
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};

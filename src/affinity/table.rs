@@ -1034,8 +1034,9 @@ impl AffinityReader {
     /// next). Without it a hit (or a tag collision) costs the lookup one
     /// more dependent miss, on a line of the large slot array, at a page
     /// walk of its own, and so does a miss in one of the few buckets that
-    /// overflow in a half-full table (perf/README.md has the share). A probe whose bucket has neither
-    /// (most of them) is settled as a miss here, so the lookup skips it.
+    /// overflow in a half-full table (perf/README.md has the share). A
+    /// probe whose bucket has neither (most of them) is settled as a miss
+    /// here, so the lookup skips it.
     #[inline]
     pub fn prefetch_slots(&self, q: &mut AffinityQuery) {
         if q.len == 0 {
