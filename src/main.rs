@@ -57,6 +57,9 @@ fn check(config: &std::path::Path) -> Result<(), String> {
     if let Some(Err(e)) = memory::available().map(|free| tables.check(free)) {
         println!("on this machine, run would refuse to start: {e}");
     }
+    if let Some(e) = pktdist::run::cores::refused(&cfg) {
+        println!("on this machine, run would refuse to start: {e}");
+    }
     if let Some(path) = &cfg.affinity.state_file {
         match state_file::load(path) {
             Ok(None) => println!("state file {}: none yet", path.display()),

@@ -429,4 +429,15 @@ fn workers_pin_to_cores_outside_the_mask_pktdist_started_with() {
         "{}",
         done.stderr
     );
+    // `check` says so too, and passes (the file itself is good).
+    let checked =
+        Pktdist::spawn(&["check", "--config", path_str(&config)]).wait(Duration::from_secs(60));
+    assert!(checked.status.success(), "{}", checked.stderr);
+    assert!(
+        checked.stdout.contains(
+            "on this machine, run would refuse to start: core 4000 cannot take a pinned thread"
+        ),
+        "{}",
+        checked.stdout
+    );
 }

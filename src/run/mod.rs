@@ -4,7 +4,8 @@
 //! control thread's loop, and stops everything in order (`process`),
 //! telling systemd where it stands (`notify`) and logging one line per event
 //! (`logging`), having checked that its tables fit in the memory the
-//! machine has (`memory`); the
+//! machine has (`memory`) and that its cores take pinned threads
+//! (`cores`); the
 //! optional built-in traffic source runs on a thread of its own
 //! (`traffic_source`), writing frames that [`trafficgen`] generates onto
 //! the worker queues [`rss`] picks for their flows.
@@ -12,6 +13,7 @@
 //! This is where the distribution logic meets DPDK; it holds no `unsafe`
 //! itself: everything DPDK goes through [`crate::dpdk`].
 
+pub mod cores;
 pub mod logging;
 pub mod memory;
 pub mod notify;

@@ -199,30 +199,9 @@ struct Started {
 /// Checks the core plan against the machine, then starts EAL, the mempool
 /// and the ports (one queue pair per worker on each).
 fn start(cfg: &Config) -> Result<Started, String> {
-    // Cores: each must take a pinned thread, checked before EAL starts. The
-    // kernel is asked (a scratch thread pins itself to each in turn), not
-    // the affinity this process started with: that leaves out the CPUs
-    // `isolcpus` isolates, where a real server's workers belong, while the
-    // online CPUs and the process's cpuset are what bound a pin.
-    let cores: Vec<usize> = std::iter::once(cfg.cores.control)
-        .chain(cfg.cores.workers.iter().copied())
-        .collect();
-    let refused = std::thread::spawn(move || {
-        cores
-            .into_iter()
-            .find(|&core| crate::dpdk::pin_current_thread(core).is_err())
-    })
-    .join()
-    .map_err(|_| "the core check panicked".to_string())?;
-    if let Some(core) = refused {
-        let started_on: Vec<usize> = core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
-        return Err(format!(
-            "core {core} cannot take a pinned thread: not online, or outside this process's cpuset (it started on CPUs {started_on:?})"
-        ));
+    // Cores: each must take a pinned thread, checked before EAL starts.
+    if let Some(e) = super::cores::refused(cfg) {
+        return Err(e);
     }
     // The buffers: `check` refuses fewer than the receive rings take; all
     // rings and caches may take more than that.
