@@ -55,11 +55,7 @@ impl Eal {
             State::Failed(e) => return Err(e.clone()),
             State::Uninit => {}
         }
-        let cores: Vec<usize> = core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let cores = super::thread::allowed_cpus();
         let mut argv: Vec<*mut c_char> = Vec::with_capacity(args.len() + 2);
         for a in std::iter::once("pktdist").chain(args.iter().map(String::as_str)) {
             let c = CString::new(a).map_err(|_| {

@@ -56,7 +56,7 @@ pub(crate) use cpu::prefetch_ptr;
 pub use cpu::{equal_words, prefetch, tsc, tsc_hz};
 pub use error::DpdkError;
 pub use pages::HugeSlice;
-pub use thread::{lcore_id, pin_current_thread, spawn_worker, WorkerHandle};
+pub use thread::{allowed_cpus, lcore_id, pin_current_thread, spawn_worker, WorkerHandle};
 
 #[cfg(feature = "dpdk")]
 mod eal;

@@ -99,6 +99,16 @@ pub fn pin_current_thread(core: usize) -> Result<(), DpdkError> {
     Ok(())
 }
 
+/// The CPUs the calling thread may run on (its affinity mask), in order;
+/// empty when it cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
+}
+
 /// Pins the calling thread and registers it; the returned guard
 /// unregisters it when dropped (also when the worker panics).
 fn setup(core: usize) -> Result<Registration, DpdkError> {
@@ -182,15 +192,7 @@ mod tests {
             .and_then(|c| c.first().map(|c| c.id))
             .unwrap_or(0);
         // The worker reports the CPUs its thread may run on: its core alone.
-        let h = spawn_worker(core, "t-worker", || {
-            let set: Vec<usize> = core_affinity::get_core_ids()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| c.id)
-                .collect();
-            (6 * 7, set)
-        })
-        .expect("spawn");
+        let h = spawn_worker(core, "t-worker", || (6 * 7, allowed_cpus())).expect("spawn");
         assert_eq!(h.core(), core);
         assert_eq!(h.thread().name(), Some("t-worker"));
         assert_eq!(h.join().expect("join"), (42, vec![core]));

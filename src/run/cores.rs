@@ -21,11 +21,7 @@ pub fn refused(cfg: &Config) -> Option<String> {
     .join()
     .unwrap_or(Some(cfg.cores.control));
     refused.map(|core| {
-        let started_on: Vec<usize> = core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let started_on = crate::dpdk::allowed_cpus();
         format!(
             "core {core} cannot take a pinned thread: not online, or outside this process's cpuset (it started on CPUs {started_on:?})"
         )
