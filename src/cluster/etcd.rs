@@ -350,13 +350,13 @@ struct Session {
 async fn connect_and_load(s: &Settings) -> Result<Session, String> {
     let client = Client::connect(&s.endpoints, Some(s.options.clone()))
         .await
-        .map_err(|e| format!("connecting to {}: {e}", s.endpoints.join(",")))?;
+        .map_err(|e| format!("connecting to {}: {}", s.endpoints.join(","), describe(&e)))?;
     let mut kv = client.kv_client().max_decoding_message_size(MAX_LOAD_BYTES);
     let root = s.keys.root();
     let resp = kv
         .get(root, Some(GetOptions::new().with_prefix()))
         .await
-        .map_err(|e| format!("reading {root}: {e}"))?;
+        .map_err(|e| format!("reading {root}: {}", describe(&e)))?;
     let revision = resp
         .header()
         .map(|h| h.revision())
@@ -410,7 +410,7 @@ async fn connect_and_load(s: &Settings) -> Result<Session, String> {
             ),
         )
         .await
-        .map_err(|e| format!("watching {root}: {e}"))?;
+        .map_err(|e| format!("watching {root}: {}", describe(&e)))?;
     Ok(Session {
         kv,
         auth: client.auth_client(),
@@ -522,7 +522,7 @@ impl Session {
                     }
                     if let Some(due) = quorum_at.take() {
                         if let Err(e) = self.watcher.request_progress().await {
-                            break End::Lost(format!("watch: {e}"));
+                            break End::Lost(format!("watch: {}", describe(&e)));
                         }
                         owed = Some((due, self.watched_to));
                     }
@@ -543,7 +543,8 @@ impl Session {
                         }
                         Ok(Err(e)) if failed_reads >= 1 => {
                             break End::Lost(format!(
-                                "etcd did not answer two linearizable reads in a row (no quorum?): {e}"
+                                "etcd did not answer two linearizable reads in a row (no quorum?): {}",
+                                describe(&e)
                             ))
                         }
                         Ok(Err(_)) => failed_reads += 1,
@@ -629,7 +630,7 @@ impl Session {
         let resp = match msg {
             Ok(Some(resp)) => resp,
             Ok(None) => return Err(End::Lost("the watch stream ended".into())),
-            Err(e) => return Err(End::Lost(format!("watch: {e}"))),
+            Err(e) => return Err(End::Lost(format!("watch: {}", describe(&e)))),
         };
         if resp.compact_revision() > 0 {
             return Err(End::Lost(format!(
@@ -786,10 +787,11 @@ impl InFlight {
                 }
             }
             Err(error) => {
-                if !unavailable(events, &tickets, &error.to_string()) {
+                let text = describe(&error);
+                if !unavailable(events, &tickets, &text) {
                     return Err(());
                 }
-                Ok(connection_lost(&error).then(|| format!("transaction: {error}")))
+                Ok(connection_lost(&error).then(|| format!("transaction: {text}")))
             }
         }
     }
@@ -1092,6 +1094,29 @@ fn unavailable(events: &mpsc::Sender<StoreEvent>, tickets: &[Ticket], error: &st
 
 /// Whether etcd refused a request for its authentication token (gRPC
 /// UNAUTHENTICATED: "invalid auth token", an expired one).
+/// `e` for the log: a gRPC status as its code and message, then the
+/// transport's own errors under it (a TLS alert, a refused or closed
+/// connection), which the client's `Display` leaves out.
+fn describe(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let (mut text, mut cause) = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            (format!("{:?}: {}", s.code(), s.message()), s.source())
+        }
+        etcd_client::Error::TransportError(t) => (t.to_string(), t.source()),
+        other => (other.to_string(), None),
+    };
+    while let Some(c) = cause {
+        let line = c.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 fn is_unauthenticated(e: &etcd_client::Error) -> bool {
     const UNAUTHENTICATED: i32 = 16;
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() as i32 == UNAUTHENTICATED)
