@@ -12,7 +12,9 @@
 //! Modes:
 //! * default: `--connections` connections, the sources taken in turn, each
 //!   making one request to `--path` (every `--large-every`-th to
-//!   `/bytes/--large` instead) and closing;
+//!   `/bytes/--large` instead) and closing; with `--until-released`, at
+//!   least that many: new ones go on until a line arrives on standard input
+//!   (or it closes);
 //! * `--parallel`: from each source, `--connections` connections opened at
 //!   the same time and all held open until every one has its answer;
 //! * `--hold`: one connection per source: a first request (`GET /`), then
@@ -27,7 +29,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -70,6 +72,11 @@ struct Args {
     /// rather than a burst), in milliseconds.
     #[arg(long, default_value_t = 0)]
     pause_ms: u64,
+    /// In the default mode, go on past --connections until a line on
+    /// stdin: a trickle that lasts as long as the test needs it to,
+    /// however slow the machine.
+    #[arg(long, conflicts_with_all = ["hold", "parallel"])]
+    until_released: bool,
     /// Seconds to wait for a connection, and for each read.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
@@ -291,11 +298,21 @@ fn one(args: &Args, src: Ipv4Addr, path: &str) -> (Option<SocketAddr>, Outcome) 
 
 fn many(args: &Args, sources: &[Ipv4Addr], failures: &Arc<AtomicUsize>) {
     let next = AtomicUsize::new(0);
+    let released = Arc::new(AtomicBool::new(!args.until_released));
+    if args.until_released {
+        // Not scoped: the process ends without waiting for a line.
+        let released = Arc::clone(&released);
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = io::stdin().lock().read_line(&mut line);
+            released.store(true, Ordering::Relaxed);
+        });
+    }
     thread::scope(|s| {
         for _ in 0..args.concurrency.max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= args.connections {
+                if i >= args.connections && released.load(Ordering::Relaxed) {
                     break;
                 }
                 let src = sources[i % sources.len()];

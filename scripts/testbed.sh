@@ -342,9 +342,12 @@ ecmp_up() {
             -e "s/^define PEER_AS = .*/define PEER_AS = $BGP_AS_ROUTER;/" \
             -e "s/^define NEXT_HOP = .*/define NEXT_HOP = $(lb_data_ip "$k");/" \
             "$REPO/config/bird/distributor.conf" >"$dir/bird.conf"
+        # A 2 s timeout: a loaded test machine may answer one poll slower
+        # than the default 500 ms, which would withdraw the VIPs mid-test.
+        # A stopped or not-ready instance answers at once either way.
         detached ip netns exec "$(lb_ns "$k")" "$REPO/scripts/pktdist-bgp.sh" \
             --bird-config "$dir/bird.conf" --socket "$dir/bird.ctl" \
-            --metrics "$ctl:9400" --pktdist "$PKTDIST" \
+            --metrics "$ctl:9400" --timeout 2s --pktdist "$PKTDIST" \
             </dev/null >"$dir/bgp.log" 2>&1
     done
 

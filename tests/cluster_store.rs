@@ -567,7 +567,9 @@ fn the_load_at_start_holds_what_exists_and_the_watch_follows_it() {
 fn an_idle_watch_outlives_the_request_timeout() {
     let _s = serial();
     let etcd = Etcd::start_new();
-    let timeout = Duration::from_secs(1);
+    // Not shorter: one slow fsync on a loaded machine must not cut the
+    // connection that the test watches stay up.
+    let timeout = Duration::from_secs(3);
     let mut a = Store::with_timeout(&etcd, "a", timeout);
     let mut b = Store::with_timeout(&etcd, "b", timeout);
     a.loaded();
@@ -1257,14 +1259,16 @@ fn a_member_cut_off_from_its_cluster_is_given_up_not_trusted() {
         return;
     };
     let mut a_cfg = config(&bed.endpoints[2], "a");
-    a_cfg.timeout = DurationStr(Duration::from_secs(1));
+    // Short, so that the member is given up soon, but not so short that a
+    // slow answer before the cut already reconnects.
+    a_cfg.timeout = DurationStr(Duration::from_secs(2));
     let mut a = Store::of(a_cfg, "a");
     let mut b = Store::new_at(&bed.endpoints[0], "b");
     // c knows all three members: its reads and writes go to each in turn,
     // its watch to one of them.
     let mut c_cfg = config(&bed.endpoints[0], "c");
     c_cfg.endpoints = bed.endpoints.to_vec();
-    c_cfg.timeout = DurationStr(Duration::from_secs(1));
+    c_cfg.timeout = DurationStr(Duration::from_secs(2));
     let mut c = Store::of(c_cfg, "c");
     a.loaded();
     b.loaded();

@@ -100,8 +100,12 @@ fn config(socket: &Path) -> String {
     // The peer repeats the SYNs of a few flows as fast as memif goes, which
     // would engage the SYN flood guard, and an untracked SYN is not looked
     // up: each would count as a new connection. This test counts the
-    // connections the repeats do not open.
-    c = c.replace("[flow]\n", "[flow]\nsyn_flood_rate = 0\n");
+    // connections the repeats do not open, so none of the flows may expire
+    // while the peer reconnects, however long that takes.
+    c = c.replace(
+        "[flow]\n",
+        "[flow]\nsyn_flood_rate = 0\nsyn_timeout = \"1h\"\n",
+    );
     c = c.replace(
         "[control]\n",
         "[control]\nmetrics_listen = \"127.0.0.2:0\"\n",

@@ -21,7 +21,7 @@ use pktdist::types::{EndReason, PortMatch};
 
 const WEB: &str = "192.0.2.10:80";
 /// How long to wait for anything pktdist does.
-const PATIENCE: Duration = Duration::from_secs(10);
+const PATIENCE: Duration = Duration::from_secs(30);
 
 fn config_text(state: &Path) -> String {
     [

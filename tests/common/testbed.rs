@@ -348,10 +348,6 @@ impl Running {
         }
     }
 
-    pub fn still_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Waits for the end and returns the remaining lines.
     pub fn finish(mut self) -> Vec<Conn> {
         self.release();
@@ -408,6 +404,22 @@ pub fn parse_conns(text: &str) -> Vec<Conn> {
 /// Every request completed (no reset, no timeout, byte-exact), and
 /// `expected` of them were reported.
 pub fn assert_all_ok(what: &str, conns: &[Conn], expected: usize) {
+    assert_none_failed(what, conns);
+    assert_eq!(conns.len(), expected, "{what}: requests reported");
+}
+
+/// Every request of an `--until-released` trickle succeeded, and there
+/// were at least `min`.
+pub fn assert_trickle_ok(what: &str, conns: &[Conn], min: usize) {
+    assert_none_failed(what, conns);
+    assert!(
+        conns.len() >= min,
+        "{what}: {} requests reported, fewer than {min}",
+        conns.len()
+    );
+}
+
+fn assert_none_failed(what: &str, conns: &[Conn]) {
     let bad: Vec<String> = conns
         .iter()
         .filter(|c| !c.ok)
@@ -428,5 +440,4 @@ pub fn assert_all_ok(what: &str, conns: &[Conn], expected: usize) {
         conns.len(),
         &bad[..bad.len().min(5)]
     );
-    assert_eq!(conns.len(), expected, "{what}: requests reported");
 }

@@ -252,10 +252,11 @@ class Verification(Base):
             s.sock.sendto(old[0], req.source)
 
         self.srv.run(script)
-        c = self.client(timeout=SHORT, retries=0)
+        c = self.client(timeout=PATIENCE, retries=0)
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 60).remaining, 60)
         with self.assertRaises(pktdist.NotFound):
             c.cancel("192.0.2.10:80", "198.51.100.7")
+        c.timeout = SHORT  # the last request is meant to go unanswered
         with self.assertRaises(pktdist.Timeout):
             c.create("192.0.2.10:80", "198.51.100.7", 60)
         self.srv.join()
