@@ -62,6 +62,10 @@ fn free_port() -> u16 {
         .port()
 }
 
+fn prometheus_log(dir: &TempDir) -> String {
+    std::fs::read_to_string(dir.path("prometheus.log")).unwrap_or_default()
+}
+
 /// A Prometheus server of its own, killed when dropped.
 struct Prometheus {
     child: Child,
@@ -82,24 +86,51 @@ impl Prometheus {
             ),
         )
         .expect("prometheus.yml");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path("prometheus.log")).expect("log"))
-            .spawn()
-            .expect("start prometheus (Debian package prometheus; scripts/install-deps.sh)");
-        Prometheus {
-            child,
-            addr,
-            _dir: dir,
+        // A port free when picked may be another socket's by the time
+        // Prometheus binds it: then another port.
+        for _ in 0..3 {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mut child = Command::new("prometheus")
+                .arg(format!("--config.file={}", cfg.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path("prometheus.log")).expect("log"))
+                .spawn()
+                .expect("start prometheus (Debian package prometheus; scripts/install-deps.sh)");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let ready = loop {
+                if http_get(addr, "/-/ready").is_some() {
+                    break true;
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log = prometheus_log(&dir);
+                    assert!(
+                        log.contains("address already in use"),
+                        "prometheus exited with {status}:\n{log}"
+                    );
+                    break false;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("prometheus not ready in 60 s:\n{}", prometheus_log(&dir));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            if ready {
+                return Prometheus {
+                    child,
+                    addr,
+                    _dir: dir,
+                };
+            }
         }
+        panic!("prometheus found no free port in three tries")
     }
 
     /// The result vector of an instant query.
@@ -113,7 +144,7 @@ impl Prometheus {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path("prometheus.log")).unwrap_or_default()
+        prometheus_log(&self._dir)
     }
 }
 

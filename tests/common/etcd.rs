@@ -92,8 +92,24 @@ impl Etcd {
             ]);
             e.tls = Some(files);
         }
-        e.start();
-        e
+        // A port free when picked may be another socket's by the time etcd
+        // binds it: then new ports, and a data directory etcd never used.
+        for _ in 0..3 {
+            match e.spawn_and_wait() {
+                Ok(()) => return e,
+                Err(log) if log.contains("address already in use") => {
+                    let _ = std::fs::remove_dir_all(e.dir.join("data"));
+                    let _ = std::fs::remove_file(e.dir.join("etcd.log"));
+                    e.client_port = free_port();
+                    e.peer_port = free_port();
+                    while e.peer_port == e.client_port {
+                        e.peer_port = free_port();
+                    }
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("etcd found no free ports in three tries: {}", e.log())
     }
 
     /// The client URL (https with `start_tls`).
@@ -200,6 +216,14 @@ impl Etcd {
     /// Starts etcd again on the same data directory and ports and waits
     /// until it answers.
     pub fn start(&mut self) {
+        if let Err(e) = self.spawn_and_wait() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts etcd and waits until it answers; the reason and its log if
+    /// it exits first.
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "etcd already running");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
@@ -249,10 +273,11 @@ impl Etcd {
                 .status
                 .success();
             if ok {
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("etcd exited with {status}: {}", self.log());
+                self.child = None;
+                return Err(format!("etcd exited with {status}: {}", self.log()));
             }
             if Instant::now() > deadline {
                 panic!("etcd did not answer within 30 s: {}", self.log());
