@@ -1092,8 +1092,6 @@ fn unavailable(events: &mpsc::Sender<StoreEvent>, tickets: &[Ticket], error: &st
     })
 }
 
-/// Whether etcd refused a request for its authentication token (gRPC
-/// UNAUTHENTICATED: "invalid auth token", an expired one).
 /// `e` for the log: a gRPC status as its code and message, then the
 /// transport's own errors under it (a TLS alert, a refused or closed
 /// connection), which the client's `Display` leaves out.
@@ -1117,6 +1115,8 @@ fn describe(e: &etcd_client::Error) -> String {
     text
 }
 
+/// Whether etcd refused a request for its authentication token (gRPC
+/// UNAUTHENTICATED: "invalid auth token", an expired one).
 fn is_unauthenticated(e: &etcd_client::Error) -> bool {
     const UNAUTHENTICATED: i32 = 16;
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() as i32 == UNAUTHENTICATED)
