@@ -28,8 +28,9 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     # tshark asks whether non-root users may capture; answer no.
     echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
-    $SUDO apt-get update -q
-    $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+    # A mirror's passing error is retried rather than failing the build.
+    $SUDO apt-get -o Acquire::Retries=3 update -q
+    $SUDO apt-get -o Acquire::Retries=3 install -y -q --no-install-recommends "${need[@]}"
     # The tests and benchmarks start their own Prometheus, etcd and BIRD
     # (temporary directories, their own ports): the services these packages
     # start at installation are stopped and disabled, so that nothing
@@ -50,8 +51,8 @@ if ! python3 -c "import prometheus_client" >/dev/null 2>&1; then
     if [ "$(command -v python3)" = /usr/bin/python3 ]; then
         SUDO=""
         [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-            python3-prometheus-client
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o Acquire::Retries=3 install -y -q \
+            --no-install-recommends python3-prometheus-client
     else
         python3 -m pip install --quiet --disable-pip-version-check prometheus-client \
             || python3 -m pip install --quiet --break-system-packages prometheus-client
