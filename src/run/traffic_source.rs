@@ -231,6 +231,8 @@ impl TrafficSource {
 /// more than the window, whatever the scheduler does to the sink's thread.
 struct Window {
     in_flight: Vec<u64>,
+    /// Frames sent on each queue since the start.
+    sent_total: Vec<u64>,
     /// When a frame last came back on each queue.
     last_return: Vec<Instant>,
     /// Each worker's drops when last counted.
@@ -241,6 +243,7 @@ impl Window {
     fn new(queues: usize) -> Window {
         Window {
             in_flight: vec![0; queues],
+            sent_total: vec![0; queues],
             last_return: vec![Instant::now(); queues],
             drops_seen: vec![0; queues],
         }
@@ -249,8 +252,11 @@ impl Window {
     /// Whether every queue has room for a burst more. A full queue's
     /// window first gives back the frames its worker dropped since the
     /// last count (`workers[q]`, when given); frames of a window still full
-    /// that brought nothing back for [`WRITE_OFF`] went elsewhere (an ICMP
-    /// answer, a port's `unmatched_to`) and are written off.
+    /// that brought nothing back for [`WRITE_OFF`], once its worker has
+    /// received every frame sent to it, went elsewhere (an ICMP answer, a
+    /// port's `unmatched_to`) and are written off. Until then they wait in
+    /// the worker's queue (a worker descheduled), and sending more would
+    /// overfill the sink when it catches up.
     fn open(&mut self, now: Instant, workers: &[Arc<WorkerCounters>]) -> bool {
         let mut open = true;
         for q in 0..self.in_flight.len() {
@@ -266,7 +272,10 @@ impl Window {
                     continue;
                 }
             }
-            if now.duration_since(self.last_return[q]) > WRITE_OFF {
+            let queued = workers
+                .get(q)
+                .is_some_and(|w| w.rx_packets.get() < self.sent_total[q]);
+            if now.duration_since(self.last_return[q]) > WRITE_OFF && !queued {
                 self.in_flight[q] = 0;
                 self.last_return[q] = now;
             } else {
@@ -278,6 +287,7 @@ impl Window {
 
     fn sent(&mut self, queue: usize, n: u64) {
         self.in_flight[queue] += n;
+        self.sent_total[queue] += n;
     }
 
     fn returned(&mut self, queue: usize, n: u64) {
@@ -385,5 +395,23 @@ mod tests {
             w.in_flight[0], 0,
             "returns beyond what is in flight are ignored"
         );
+    }
+
+    #[test]
+    fn frames_still_in_a_worker_s_queue_are_not_written_off() {
+        let workers = [Arc::new(WorkerCounters::default())];
+        let mut w = Window::new(1);
+        w.sent(0, WINDOW);
+        // The worker has taken all but 10: descheduled, it has not lost
+        // them, however long nothing comes back.
+        workers[0].rx_packets.add(WINDOW - 10);
+        let later = w.last_return[0] + 10 * WRITE_OFF;
+        assert!(!w.open(later, &workers));
+        assert_eq!(w.in_flight[0], WINDOW);
+        // It has taken them all and still nothing came back: gone
+        // elsewhere, written off.
+        workers[0].rx_packets.add(10);
+        assert!(w.open(later, &workers));
+        assert_eq!(w.in_flight[0], 0);
     }
 }
