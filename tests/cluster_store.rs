@@ -568,7 +568,7 @@ fn an_idle_watch_outlives_the_request_timeout() {
     let _s = serial();
     let etcd = Etcd::start_new();
     // Not shorter: one slow fsync on a loaded machine must not cut the
-    // connection that the test watches stay up.
+    // connection whose watch the test checks.
     let timeout = Duration::from_secs(3);
     let mut a = Store::with_timeout(&etcd, "a", timeout);
     let mut b = Store::with_timeout(&etcd, "b", timeout);
