@@ -964,8 +964,7 @@ impl Summary {
 
 /// The refusals the control server answers (INVALID, UNSUPPORTED,
 /// NOT_AUTHORIZED and RATE_LIMITED: the request was authentic); it sends
-/// nothing back for
-/// the others (docs/PROTOCOL.md §3.5, §8).
+/// nothing back for the others (docs/PROTOCOL.md §3.5, §8).
 const ANSWERED_REFUSALS: [&str; 4] = [
     "invalid_body",
     "unsupported_type",
