@@ -42,3 +42,6 @@ scripts/test-package.sh
 
 echo "== pktgen scripts (against a stand-in for pktgen; docs/pktgen.md)"
 perf/pktgen/check.sh
+
+echo "== fuzz targets (scripts/fuzz.sh --check; README, Fuzzing)"
+scripts/fuzz.sh --check

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The top-level folders whose paths the docs name.
-const FOLDERS: [&str; 7] = [
+const FOLDERS: [&str; 8] = [
     "src/",
     "tests/",
     "docs/",
@@ -14,6 +14,7 @@ const FOLDERS: [&str; 7] = [
     "perf/",
     "scripts/",
     "examples/",
+    "fuzz/",
 ];
 
 /// README.md and docs/*.md: (name, text).

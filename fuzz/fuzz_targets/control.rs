@@ -1,0 +1,276 @@
+//! Control requests, as an authenticated sender's: any sequence of them is
+//! answered without a panic, a request that encodes decodes to itself, and
+//! once the clock is past every duration no requested affinity is left, in
+//! the records or in the workers' table.
+//!
+//! The input is a list of steps, each `[kind, sender, ...]`. Kinds 0-2
+//! build an affinity create, extend or cancel from the bytes that follow
+//! (service, client address, prefix length, ports, seconds, owner, notify
+//! address), encode it as a client would and decode it as the server does;
+//! kind 3 expires what is due; any other kind takes `[type, len,
+//! body...]` as a raw request body of that message type. The sender is
+//! one of the configuration's backends, the admin, or a name no service
+//! has.
+
+#![no_main]
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use libfuzzer_sys::fuzz_target;
+
+use pktdist::affinity::manager::AffinityManager;
+use pktdist::affinity::table::{AffinityReader, AffinityTable};
+use pktdist::config::Config;
+use pktdist::control::plane::ControlPlane;
+use pktdist::control::registry::ServiceRegistry;
+use pktdist::control::statics;
+use pktdist::datapath::snapshot::DataplaneCell;
+use pktdist::protocol::message::{
+    AffinityKey, AffinityOp, MsgType, Request, ServiceAddr, Writer, MAX_DATAGRAM,
+};
+use pktdist::types::{Family, PortMatch};
+
+const CONFIG: &str = r#"
+[eal]
+args = ["--no-huge"]
+[cores]
+control = 0
+workers = [1]
+[[ports]]
+name = "in"
+device = "net_ring0"
+gateway_mac = "02:00:00:00:00:fe"
+[affinity]
+capacity = 16
+
+[[services]]
+name = "web"
+maglev_table_size = 307
+vip = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+max_affinity_duration = "10m"
+max_affinities_per_backend = 4
+min_prefix = { ipv4 = 8, ipv6 = 32 }
+[[services.backends]]
+name = "a"
+address = "10.0.0.1"
+[[services.backends]]
+name = "b"
+address = "10.0.0.2"
+weight = 0
+[[services.backends]]
+name = "c"
+address = "10.0.0.3"
+
+[[services]]
+name = "dns"
+maglev_table_size = 101
+vip = "192.0.2.10"
+port = 53
+protocol = "udp"
+forwarding = "ipip"
+ipip_source = "198.51.100.1"
+affinity_overlap = "allow"
+[[services.backends]]
+name = "a"
+address = "10.0.1.1"
+
+[[services]]
+name = "web6"
+maglev_table_size = 101
+vip = "2001:db8::10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+ipip_source = "2001:db8:ffff::1"
+[[services.backends]]
+name = "s1"
+address = "2001:db8:1::1"
+
+[[affinities]]
+service = "web"
+client = "198.18.0.0/16"
+client_port = "1000-2000"
+backend = "c"
+"#;
+
+const SENDERS: [&str; 6] = ["a", "b", "c", "s1", "admin", "nobody"];
+
+/// Reads the input front to back; past its end, zeros.
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn u8(&mut self) -> u8 {
+        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
+        self.0 = rest;
+        b
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
+    }
+    fn bytes(&mut self, n: usize) -> &[u8] {
+        let (b, rest) = self.0.split_at(n.min(self.0.len()));
+        self.0 = rest;
+        b
+    }
+}
+
+fn service(i: u8) -> ServiceAddr {
+    let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+    match i % 5 {
+        0 => ServiceAddr::tcp(sa("192.0.2.10:80")),
+        1 => ServiceAddr::udp(sa("192.0.2.10:53")),
+        2 => ServiceAddr::tcp(sa("[2001:db8::10]:80")),
+        // No such service, in each family.
+        3 => ServiceAddr::tcp(sa("192.0.2.99:80")),
+        _ => ServiceAddr::udp(sa("[2001:db8::10]:80")),
+    }
+}
+
+/// An affinity operation from the input, or None when its fields make no
+/// key (a client builds none such).
+fn affinity_op(input: &mut Input<'_>) -> Option<AffinityOp<'static>> {
+    let svc = service(input.u8());
+    // Clients from a few networks, so that keys meet and overlap.
+    let pick = input.u8();
+    let client: IpAddr = match svc.addr {
+        IpAddr::V4(_) => Ipv4Addr::new(198, 18, pick & 3, input.u8()).into(),
+        IpAddr::V6(_) => Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0xc,
+            u16::from(pick & 3),
+            0,
+            0,
+            0,
+            input.u16(),
+        )
+        .into(),
+    };
+    let plen = input.u8() % 140;
+    let ports = match input.u8() % 4 {
+        0 => PortMatch::Any,
+        1 => PortMatch::One(input.u16()),
+        _ => {
+            let (lo, hi) = (input.u16(), input.u16());
+            PortMatch::Range(lo.min(hi), lo.max(hi))
+        }
+    };
+    let secs = match input.u8() % 4 {
+        0 => input.u32(),
+        n => u32::from(n) * u32::from(input.u8()),
+    };
+    let owner = match input.u8() % 8 {
+        n @ 0..=5 => Some(SENDERS[usize::from(n)]),
+        _ => None,
+    };
+    let notify = (input.u8() & 1 == 1).then(|| "127.0.0.1:9".parse().unwrap());
+    let key = AffinityKey::new(svc, client, plen).ok()?.with_ports(ports);
+    Some(AffinityOp {
+        key,
+        duration_secs: secs,
+        owner,
+        notify,
+    })
+}
+
+fn plane() -> (ControlPlane, AffinityReader) {
+    let cfg = Config::parse(CONFIG, "fuzz.toml").expect("the bed's configuration");
+    let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
+    let cell = Arc::new(DataplaneCell::new(registry.snapshot().expect("snapshot")));
+    let (writer, reader) = AffinityTable::new(cfg.affinity.capacity);
+    let mut plane = ControlPlane::new(
+        registry,
+        cell,
+        AffinityManager::new(writer),
+        Vec::new(),
+        Instant::now(),
+    );
+    statics::install(&mut plane, &cfg).expect("the static affinity");
+    (plane, reader)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (mut plane, reader) = plane();
+    let static_count = plane.affinities().len();
+    let mut input = Input(data);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    while !input.0.is_empty() {
+        let kind = input.u8();
+        let sender = SENDERS[usize::from(input.u8()) % SENDERS.len()];
+        let admin = sender == "admin";
+        let mut built = None;
+        let (ty, body): (MsgType, &[u8]) = match kind % 8 {
+            k @ 0..=2 => {
+                let Some(op) = affinity_op(&mut input) else {
+                    continue;
+                };
+                let req = match k {
+                    0 => Request::AffinityCreate(op),
+                    1 => Request::AffinityExtend(op),
+                    _ => Request::AffinityCancel(AffinityOp {
+                        duration_secs: 0,
+                        ..op
+                    }),
+                };
+                built = Some(req);
+                let mut w = Writer::new(&mut buf);
+                if req.encode_body(&mut w).is_err() {
+                    // A client refuses to send it (a duration of 0).
+                    continue;
+                }
+                let n = w.len();
+                (req.msg_type(), &buf[..n])
+            }
+            3 => {
+                plane.expire();
+                continue;
+            }
+            _ => {
+                let Some(ty) = MsgType::from_u8(input.u8()) else {
+                    continue;
+                };
+                let n = usize::from(input.u8());
+                (ty, input.bytes(n))
+            }
+        };
+        let Ok(req) = Request::decode_body(ty, body) else {
+            assert!(built.is_none(), "a request that encodes must decode");
+            continue;
+        };
+        if let Some(built) = built {
+            assert_eq!(req, built, "a request decodes to what was encoded");
+        }
+        plane.handle(sender, admin, &req);
+        assert!(plane.affinities().len() <= plane.affinities().capacity());
+    }
+    // Past every duration (365 days at most), only the static affinity is
+    // left, unless the admin removed its backend; and so it is in the table.
+    plane.expire_at(plane.now_ms() + 400 * 86_400_000);
+    let left = plane.affinities().len();
+    assert!(
+        left <= static_count,
+        "requested affinities outlived their time"
+    );
+    assert!(plane.affinities().list().all(|(_, r)| r.expires.is_none()));
+    let web = plane.dataplane().services[0].id;
+    let client = u128::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)));
+    assert_eq!(
+        reader.lookup(web, Family::V4, client, 1000).is_some(),
+        left == static_count,
+        "the table disagrees with the records on the static affinity"
+    );
+    assert!(
+        reader.lookup(web, Family::V4, client, 3000).is_none(),
+        "an ended affinity is still in the table"
+    );
+    plane.take_notices();
+});
