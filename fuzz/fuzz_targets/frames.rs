@@ -1,6 +1,8 @@
 //! Frames on a worker's ports: every frame, however malformed, is
-//! forwarded, answered, passed on or counted as a drop, and none panics
-//! the worker.
+//! forwarded, answered, passed on or counted as a drop, none panics the
+//! worker, and every header the worker writes (an IP-in-IP outer header,
+//! an ICMP message of its own, a fragment) is well formed: its length
+//! within the frame, its checksums right.
 //!
 //! The input is a list of frames, each `[mode, advance, len lo, len hi,
 //! bytes...]`: mode's low bit set takes the bytes as the whole frame;
@@ -26,7 +28,7 @@ use pktdist::affinity::table::AffinityTable;
 use pktdist::config::Config;
 use pktdist::control::registry::ServiceRegistry;
 use pktdist::datapath::counters::WorkerCounters;
-use pktdist::datapath::pktio::{MemBuf, MemIo};
+use pktdist::datapath::pktio::{MemBuf, MemIo, PacketBuf};
 use pktdist::datapath::snapshot::DataplaneCell;
 use pktdist::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use pktdist::types::{tcp_flags, Family, PortMatch};
@@ -191,6 +193,91 @@ fn templates() -> Vec<Vec<u8>> {
     specs.iter().map(|s| s.build().expect("template")).collect()
 }
 
+/// Ones'-complement sum of `data` (RFC 1071), folded; independent of
+/// pktdist's own.
+fn ones_sum(data: &[u8], mut acc: u32) -> u16 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        acc += u32::from(*last) << 8;
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+const IPIP_SOURCE: [u8; 4] = [198, 51, 100, 1];
+const IPIP_SOURCE6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
+
+/// Checks the headers the worker wrote into a frame it sent: an outer
+/// IPv4 or IPv6 header of IP-in-IP (from the services' `ipip_source`), or
+/// an IPv4 packet of its own from a VIP (an echo reply, a "fragmentation
+/// needed", a fragment). Frames it forwarded as they came (L2 services,
+/// the port for what is not a service's) carry the sender's headers, which
+/// are not its to mend.
+fn check_written(frame: &[u8]) {
+    if frame.len() < 18 {
+        return;
+    }
+    let mut l3 = 14;
+    let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    if ethertype == 0x8100 {
+        ethertype = u16::from_be_bytes([frame[16], frame[17]]);
+        l3 = 18;
+    }
+    let ip = &frame[l3..];
+    match ethertype {
+        0x0800 => {
+            if ip.len() < 20 {
+                return;
+            }
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let src: [u8; 4] = ip[12..16].try_into().unwrap();
+            let ours = src == IPIP_SOURCE || (src == VIP && ip[9] == 1);
+            if !ours {
+                return;
+            }
+            assert_eq!(ip[0] >> 4, 4, "{frame:02x?}: version");
+            assert!(ihl >= 20 && ip.len() >= ihl, "{frame:02x?}: header length");
+            assert_eq!(
+                ones_sum(&ip[..ihl], 0),
+                0xffff,
+                "{frame:02x?}: header checksum"
+            );
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            assert!(
+                total >= ihl && total <= ip.len(),
+                "{frame:02x?}: total length {total}"
+            );
+            let frag = u16::from_be_bytes([ip[6], ip[7]]);
+            if ip[9] == 1 && frag & 0x3fff == 0 {
+                assert_eq!(
+                    ones_sum(&ip[ihl..total], 0),
+                    0xffff,
+                    "{frame:02x?}: ICMP checksum"
+                );
+            }
+        }
+        0x86dd => {
+            if ip.len() < 40 || ip[8..24] != IPIP_SOURCE6 {
+                return;
+            }
+            assert_eq!(ip[0] >> 4, 6, "{frame:02x?}: version");
+            let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            assert!(
+                40 + payload <= ip.len(),
+                "{frame:02x?}: payload length {payload}"
+            );
+        }
+        _ => {}
+    }
+}
+
 struct Bed {
     worker: Worker<MemIo>,
     counters: Arc<WorkerCounters>,
@@ -284,6 +371,11 @@ fuzz_target!(|data: &[u8]| {
         b.worker.poll(b.now);
         received += 1;
         let after = (counted(&b.counters), sent(b.worker.io_mut()));
+        for tx in &b.worker.io_mut().tx {
+            for f in tx {
+                check_written(f.data());
+            }
+        }
         assert!(
             after.0 > before.0 || after.1 > before.1,
             "frame {frame:02x?}: neither sent nor counted"
