@@ -1,7 +1,9 @@
 //! Control requests, as an authenticated sender's: any sequence of them is
-//! answered without a panic, a request that encodes decodes to itself, and
-//! once the clock is past every duration no requested affinity is left, in
-//! the records or in the workers' table.
+//! answered without a panic, a request that encodes decodes to itself, the
+//! workers' table answers as the control thread's records say (at each
+//! record's address and ports, the owner of the most specific record
+//! covering them), and once the clock is past every duration no requested
+//! affinity is left, in the records or in the table.
 //!
 //! The input is a list of steps, each `[kind, sender, ...]`. Kinds 0-2
 //! build an affinity create, extend or cancel from the bytes that follow
@@ -182,6 +184,33 @@ fn affinity_op(input: &mut Input<'_>) -> Option<AffinityOp<'static>> {
     })
 }
 
+/// The workers' table agrees with the records: a lookup at each record's
+/// network address, at each end of its ports, finds the owner of the most
+/// specific record covering that point.
+fn check_table(plane: &ControlPlane, reader: &AffinityReader) {
+    let records: Vec<_> = plane.affinities().list().collect();
+    for (k, _) in &records {
+        let ports = match k.ports() {
+            PortMatch::Any => (0, u16::MAX),
+            PortMatch::One(p) => (p, p),
+            PortMatch::Range(lo, hi) => (lo, hi),
+        };
+        for port in [ports.0, ports.1] {
+            let (service, family, client) = (k.service(), k.family(), k.addr());
+            let expected = records
+                .iter()
+                .filter(|(c, _)| c.matches(service, family, client, port))
+                .max_by_key(|(c, _)| c.specificity())
+                .map(|(_, r)| r.owner);
+            assert_eq!(
+                reader.lookup(service, family, client, port),
+                expected,
+                "the table's answer for {k:?} at port {port}"
+            );
+        }
+    }
+}
+
 fn plane() -> (ControlPlane, AffinityReader) {
     let cfg = Config::parse(CONFIG, "fuzz.toml").expect("the bed's configuration");
     let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
@@ -232,6 +261,7 @@ fuzz_target!(|data: &[u8]| {
             }
             3 => {
                 plane.expire();
+                check_table(&plane, &reader);
                 continue;
             }
             _ => {
@@ -251,6 +281,7 @@ fuzz_target!(|data: &[u8]| {
         }
         plane.handle(sender, admin, &req);
         assert!(plane.affinities().len() <= plane.affinities().capacity());
+        check_table(&plane, &reader);
     }
     // Past every duration (365 days at most), only the static affinity is
     // left, unless the admin removed its backend; and so it is in the table.
@@ -261,6 +292,7 @@ fuzz_target!(|data: &[u8]| {
         "requested affinities outlived their time"
     );
     assert!(plane.affinities().list().all(|(_, r)| r.expires.is_none()));
+    check_table(&plane, &reader);
     let web = plane.dataplane().services[0].id;
     let client = u128::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)));
     assert_eq!(
