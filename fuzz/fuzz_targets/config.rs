@@ -6,19 +6,10 @@
 
 #![no_main]
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use libfuzzer_sys::fuzz_target;
 
-use pktdist::affinity::manager::AffinityManager;
-use pktdist::affinity::table::AffinityTable;
 use pktdist::config::Config;
-use pktdist::control::plane::ControlPlane;
-use pktdist::control::registry::ServiceRegistry;
 use pktdist::control::server::ServerConfig;
-use pktdist::control::statics;
-use pktdist::datapath::snapshot::DataplaneCell;
 use pktdist::run::memory::TableMemory;
 
 fuzz_target!(|data: &[u8]| {
@@ -30,22 +21,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = cfg.plan();
     let _ = TableMemory::of(&cfg).to_string();
-    let mut registry =
-        ServiceRegistry::from_config(&cfg).expect("an accepted configuration's services");
-    let dp = registry
-        .snapshot()
-        .expect("an accepted configuration's snapshot");
     ServerConfig::from_config(&cfg).expect("an accepted configuration's control keys");
     // The table's memory is the configuration's to size; the fuzzer's
     // capacities reach 2^30, which the bed does not allocate.
     let capacity = cfg.affinity.capacity.min(1 << 12);
-    let (writer, _) = AffinityTable::new(capacity);
-    let mut plane = ControlPlane::new(
-        registry,
-        Arc::new(DataplaneCell::new(dp)),
-        AffinityManager::new(writer),
-        Vec::new(),
-        Instant::now(),
-    );
-    let _ = statics::install(&mut plane, &cfg);
+    let _ = pktdist_fuzz::plane(&cfg, capacity);
 });

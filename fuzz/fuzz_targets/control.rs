@@ -17,89 +17,15 @@
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
-use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 
-use pktdist::affinity::manager::AffinityManager;
-use pktdist::affinity::table::{AffinityReader, AffinityTable};
-use pktdist::config::Config;
+use pktdist::affinity::table::AffinityReader;
 use pktdist::control::plane::ControlPlane;
-use pktdist::control::registry::ServiceRegistry;
-use pktdist::control::statics;
-use pktdist::datapath::snapshot::DataplaneCell;
 use pktdist::protocol::message::{
     AffinityKey, AffinityOp, MsgType, Request, ServiceAddr, Writer, MAX_DATAGRAM,
 };
 use pktdist::types::{Family, PortMatch};
-
-const CONFIG: &str = r#"
-[eal]
-args = ["--no-huge"]
-[cores]
-control = 0
-workers = [1]
-[[ports]]
-name = "in"
-device = "net_ring0"
-gateway_mac = "02:00:00:00:00:fe"
-[affinity]
-capacity = 16
-
-[[services]]
-name = "web"
-maglev_table_size = 307
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-max_affinity_duration = "10m"
-max_affinities_per_backend = 4
-min_prefix = { ipv4 = 8, ipv6 = 32 }
-[[services.backends]]
-name = "a"
-address = "10.0.0.1"
-[[services.backends]]
-name = "b"
-address = "10.0.0.2"
-weight = 0
-[[services.backends]]
-name = "c"
-address = "10.0.0.3"
-
-[[services]]
-name = "dns"
-maglev_table_size = 101
-vip = "192.0.2.10"
-port = 53
-protocol = "udp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-affinity_overlap = "allow"
-[[services.backends]]
-name = "a"
-address = "10.0.1.1"
-
-[[services]]
-name = "web6"
-maglev_table_size = 101
-vip = "2001:db8::10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "2001:db8:ffff::1"
-[[services.backends]]
-name = "s1"
-address = "2001:db8:1::1"
-
-[[affinities]]
-service = "web"
-client = "198.18.0.0/16"
-client_port = "1000-2000"
-backend = "c"
-"#;
 
 const SENDERS: [&str; 6] = ["a", "b", "c", "s1", "admin", "nobody"];
 
@@ -211,24 +137,8 @@ fn check_table(plane: &ControlPlane, reader: &AffinityReader) {
     }
 }
 
-fn plane() -> (ControlPlane, AffinityReader) {
-    let cfg = Config::parse(CONFIG, "fuzz.toml").expect("the bed's configuration");
-    let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
-    let cell = Arc::new(DataplaneCell::new(registry.snapshot().expect("snapshot")));
-    let (writer, reader) = AffinityTable::new(cfg.affinity.capacity);
-    let mut plane = ControlPlane::new(
-        registry,
-        cell,
-        AffinityManager::new(writer),
-        Vec::new(),
-        Instant::now(),
-    );
-    statics::install(&mut plane, &cfg).expect("the static affinity");
-    (plane, reader)
-}
-
 fuzz_target!(|data: &[u8]| {
-    let (mut plane, reader) = plane();
+    let (mut plane, reader) = pktdist_fuzz::control_bed();
     let static_count = plane.affinities().len();
     let mut input = Input(data);
     let mut buf = vec![0u8; MAX_DATAGRAM];

@@ -25,7 +25,6 @@ use libfuzzer_sys::fuzz_target;
 use pktdist::affinity::auto::AutoAffinityTable;
 use pktdist::affinity::key::TableKey;
 use pktdist::affinity::table::AffinityTable;
-use pktdist::config::Config;
 use pktdist::control::registry::ServiceRegistry;
 use pktdist::datapath::counters::WorkerCounters;
 use pktdist::datapath::pktio::{MemBuf, MemIo, PacketBuf};
@@ -35,11 +34,6 @@ use pktdist::types::{tcp_flags, Family, PortMatch};
 use pktdist::wire::build::FrameSpec;
 
 const CONFIG: &str = r#"
-[eal]
-args = ["--no-huge"]
-[cores]
-control = 0
-workers = [1]
 [[ports]]
 name = "in"
 device = "net_ring0"
@@ -286,7 +280,7 @@ struct Bed {
 }
 
 fn bed() -> Bed {
-    let cfg = Config::parse(CONFIG, "fuzz.toml").expect("the bed's configuration");
+    let cfg = pktdist_fuzz::config(CONFIG);
     let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
     let dp = registry.snapshot().expect("snapshot");
     let (mut writer, reader) = AffinityTable::new(64);

@@ -18,86 +18,22 @@
 #![no_main]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 
-use pktdist::affinity::manager::AffinityManager;
-use pktdist::affinity::table::AffinityTable;
 use pktdist::cluster::record::{encode_declaration, encode_mark, encode_value, KeySpace};
 use pktdist::cluster::{DeclarationKey, StoreKey, StoredAffinity, StoredDeclaration};
-use pktdist::config::Config;
-use pktdist::control::plane::ControlPlane;
-use pktdist::control::registry::ServiceRegistry;
 use pktdist::control::state_file::{self, SavedAffinity, MAGIC, VERSION};
-use pktdist::datapath::snapshot::DataplaneCell;
 use pktdist::protocol::message::ServiceAddr;
 use pktdist::types::{Declared, PortMatch};
-
-const CONFIG: &str = r#"
-[eal]
-args = ["--no-huge"]
-[cores]
-control = 0
-workers = [1]
-[[ports]]
-name = "in"
-device = "net_ring0"
-gateway_mac = "02:00:00:00:00:fe"
-[affinity]
-capacity = 8
-
-[[services]]
-name = "web"
-maglev_table_size = 211
-vip = "192.0.2.10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "198.51.100.1"
-max_affinities_per_backend = 4
-[[services.backends]]
-name = "a"
-address = "10.0.0.1"
-[[services.backends]]
-name = "b"
-address = "10.0.0.2"
-
-[[services]]
-name = "web6"
-maglev_table_size = 101
-vip = "2001:db8::10"
-port = 80
-protocol = "tcp"
-forwarding = "ipip"
-ipip_source = "2001:db8:ffff::1"
-[[services.backends]]
-name = "a"
-address = "2001:db8:1::1"
-"#;
 
 /// Unix ms the tests run at: affinities expire around it.
 const WALL_MS: u64 = 1_800_000_000_000;
 
-fn plane() -> ControlPlane {
-    let cfg = Config::parse(CONFIG, "fuzz.toml").expect("the bed's configuration");
-    let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
-    let cell = Arc::new(DataplaneCell::new(registry.snapshot().expect("snapshot")));
-    let (writer, _) = AffinityTable::new(cfg.affinity.capacity);
-    ControlPlane::new(
-        registry,
-        cell,
-        AffinityManager::new(writer),
-        Vec::new(),
-        Instant::now(),
-    )
-}
-
 /// Restores `saved` into a fresh plane: no panic, no more than it holds.
 fn restore(saved: &[SavedAffinity]) {
-    let mut p = plane();
+    let (mut p, _) = pktdist_fuzz::control_bed();
     let done = p.restore(saved, WALL_MS);
     assert_eq!(
         done.installed + done.expired + done.gone + done.refused,
