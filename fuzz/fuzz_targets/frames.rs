@@ -12,8 +12,9 @@
 //! clock (2^advance ns, up to about 9 minutes), so that flows expire and
 //! rate limits refill. The bed has the kinds of service a configuration
 //! can hold: IPv4 TCP over IP-in-IP with automatic affinity and affinities
-//! of a /24 and a /32, UDP over L2, round robin, IPv6, ICMP echo, a small
-//! MTU, and a port that takes what is not for a service.
+//! of a /24 and a /32, UDP over L2, round robin, IPv6, ICMP echo, an MTU
+//! the largest templates exceed, and a port that takes what is not for a
+//! service.
 
 #![no_main]
 
@@ -284,6 +285,8 @@ fn bed() -> Bed {
     let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
     let dp = registry.snapshot().expect("snapshot");
     let (mut writer, reader) = AffinityTable::new(64);
+    // A /24 of backend a's, and a static /32 (some ports) of b's, which
+    // drains.
     let a24 = TableKey::new(0, Family::V4, 0xc612_0000, 24, PortMatch::Any).unwrap();
     let a32 = TableKey::new(0, Family::V4, 0xc612_0007, 32, PortMatch::Range(1000, 2000)).unwrap();
     writer.insert(a24, dp.services[0].backends[0]).unwrap();
@@ -324,8 +327,8 @@ fn bed() -> Bed {
     }
 }
 
-/// What the worker counted of the frames it did not send: drops, ICMP
-/// drops, and frames passed to the other port (which it also sends).
+/// What the worker counted of the frames it did not send: its drops and
+/// ICMP drops (a frame passed on to the other port is sent).
 fn counted(c: &WorkerCounters) -> u64 {
     c.drops
         .iter()

@@ -9,8 +9,8 @@
 //! - 0: a state file whose body (the entries) is the rest of the input,
 //!   framed with a good header and checksum (a file with a bad checksum is
 //!   refused before its entries are read), its entry count from the
-//!   input's second byte; and, every fourth run, the rest of the input as
-//!   the whole file.
+//!   input's second byte; and, when that byte is a multiple of four, the
+//!   input after the first byte as a whole file.
 //! - 1, 2, 3: an etcd affinity record, declaration or end mark: a valid
 //!   key and value laid over (XOR) with the rest of the input, the key
 //!   ending at the input's first 0 byte.
