@@ -12,9 +12,11 @@
 # to fuzz/artifacts/<target>/, prints `cargo fuzz run <target> <file>` to
 # replay it, and this script exits non-zero. What each target learns stays
 # in fuzz/corpus/<target>/ (not committed) for the next run. Runs on stable
-# Rust without a sanitizer (`-s none`): the code fuzzed has no `unsafe`, so
-# what there is to find are panics, overflows (debug assertions are on) and
-# the targets' own assertions.
+# Rust without a sanitizer (`-s none`): what there is to find are panics,
+# overflows (debug assertions are on) and the targets' own assertions. The
+# targets build without the DPDK feature; the only `unsafe` they reach is
+# the DPDK layer's mapping of the tables' memory (src/dpdk/pages.rs) and its
+# prefetch hints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
