@@ -20,11 +20,10 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use sha2::{Digest, Sha256};
 
 use pktdist::cluster::record::{encode_declaration, encode_mark, encode_value, KeySpace};
 use pktdist::cluster::{DeclarationKey, StoreKey, StoredAffinity, StoredDeclaration};
-use pktdist::control::state_file::{self, SavedAffinity, MAGIC, VERSION};
+use pktdist::control::state_file::{self, SavedAffinity};
 use pktdist::protocol::message::ServiceAddr;
 use pktdist::types::{Declared, PortMatch};
 
@@ -56,20 +55,6 @@ fn saved() -> SavedAffinity {
         created_unix_ms: WALL_MS - 60_000,
         notify: Some("127.0.0.1:9".parse::<SocketAddr>().unwrap()),
     }
-}
-
-fn state_file(count: u32, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(40 + body.len() + 32);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&WALL_MS.to_be_bytes());
-    out.extend_from_slice(&count.to_be_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    out.extend_from_slice(body);
-    let sum = Sha256::digest(&out);
-    out.extend_from_slice(&sum);
-    out
 }
 
 fn read_state(bytes: &[u8]) {
@@ -109,7 +94,7 @@ fuzz_target!(|data: &[u8]| {
     match pick % 4 {
         0 => {
             let (&count, body) = rest.split_first().unwrap_or((&0, &[]));
-            read_state(&state_file(u32::from(count % 8), body));
+            read_state(&state_file::framed(WALL_MS, u32::from(count % 8), body));
             if count % 4 == 0 {
                 read_state(rest);
             }

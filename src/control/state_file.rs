@@ -196,14 +196,21 @@ pub fn encode(state: &SavedState) -> Vec<u8> {
             }
         }
     }
+    framed(state.saved_unix_ms, state.affinities.len() as u32, &body)
+}
+
+/// A file's bytes around `body`, its `entries` entries: the header and the
+/// checksum. ([`encode`] writes the entries; the fuzz target `stored`
+/// frames bytes of its own, so that they reach the entries' decoder.)
+pub fn framed(saved_unix_ms: u64, entries: u32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + SUM_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_be_bytes());
     out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&state.saved_unix_ms.to_be_bytes());
-    out.extend_from_slice(&(state.affinities.len() as u32).to_be_bytes());
+    out.extend_from_slice(&saved_unix_ms.to_be_bytes());
+    out.extend_from_slice(&entries.to_be_bytes());
     out.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     let sum = Sha256::digest(&out);
     out.extend_from_slice(&sum);
     out
