@@ -26,7 +26,6 @@ use libfuzzer_sys::fuzz_target;
 use pktdist::affinity::auto::AutoAffinityTable;
 use pktdist::affinity::key::TableKey;
 use pktdist::affinity::table::AffinityTable;
-use pktdist::control::registry::ServiceRegistry;
 use pktdist::datapath::counters::WorkerCounters;
 use pktdist::datapath::pktio::{MemBuf, MemIo, PacketBuf};
 use pktdist::datapath::snapshot::DataplaneCell;
@@ -282,8 +281,7 @@ struct Bed {
 
 fn bed() -> Bed {
     let cfg = pktdist_fuzz::config(CONFIG);
-    let mut registry = ServiceRegistry::from_config(&cfg).expect("registry");
-    let dp = registry.snapshot().expect("snapshot");
+    let (_, dp) = pktdist_fuzz::dataplane(&cfg);
     let (mut writer, reader) = AffinityTable::new(64);
     // A /24 of backend a's, and a static /32 (some ports) of b's, which
     // drains.

@@ -10,7 +10,7 @@ use pktdist::config::Config;
 use pktdist::control::plane::ControlPlane;
 use pktdist::control::registry::ServiceRegistry;
 use pktdist::control::statics;
-use pktdist::datapath::snapshot::DataplaneCell;
+use pktdist::datapath::snapshot::{Dataplane, DataplaneCell};
 
 /// The control plane's bed: a TCP service of three backends (one draining)
 /// with its limits set low, a UDP service whose affinities may overlap, an
@@ -86,6 +86,17 @@ pub fn config(sections: &str) -> Config {
     Config::parse(&text, "fuzz.toml").expect("the bed's configuration")
 }
 
+/// The services and backends of an accepted configuration, and the data
+/// plane's snapshot of them (what a start builds first).
+pub fn dataplane(cfg: &Config) -> (ServiceRegistry, Dataplane) {
+    let mut registry =
+        ServiceRegistry::from_config(cfg).expect("an accepted configuration's services");
+    let dp = registry
+        .snapshot()
+        .expect("an accepted configuration's snapshot");
+    (registry, dp)
+}
+
 /// A control plane for `cfg` over an affinity table of `capacity` entries,
 /// its static affinities installed (or not: the error is returned beside
 /// it), and a reader of its table.
@@ -97,11 +108,7 @@ pub fn plane(
     AffinityReader,
     Result<(), statics::NotInstalled>,
 ) {
-    let mut registry =
-        ServiceRegistry::from_config(cfg).expect("an accepted configuration's services");
-    let dp = registry
-        .snapshot()
-        .expect("an accepted configuration's snapshot");
+    let (registry, dp) = dataplane(cfg);
     let (writer, reader) = AffinityTable::new(capacity);
     let mut plane = ControlPlane::new(
         registry,
