@@ -381,6 +381,12 @@ impl AffinityManager {
         self.writer.capacity()
     }
 
+    /// Whether a create of `key` would find room in the table now (see
+    /// [`AffinityWriter::has_room`]); an existing key always has.
+    pub fn has_room(&self, key: &TableKey) -> bool {
+        self.writer.has_room(key)
+    }
+
     /// A reader handle for a worker.
     pub fn reader(&self) -> AffinityReader {
         self.writer.reader()

@@ -878,7 +878,17 @@ impl Inner {
     /// and only then the original cleared, so a reader that misses it in `c`
     /// is sent on to the copy. Returns the freed slot.
     fn displace(&self, c: usize) -> Option<usize> {
-        for j in 0..SLOTS {
+        let (j, p, d, k) = self.movable(c)?;
+        self.write_slot(d, k, &p, self.slot(c, j)[3].load(Ordering::Relaxed));
+        self.add_overflow(c, true);
+        self.clear_slot(c, j);
+        Some(j)
+    }
+
+    /// A key [`Inner::displace`] can move out of bucket `c`: its slot, its
+    /// probe, and the free slot of its alternate bucket. Writer side only.
+    fn movable(&self, c: usize) -> Option<(usize, Probe, usize, usize)> {
+        (0..SLOTS).find_map(|j| {
             let s = self.slot(c, j);
             let p = Probe::from_words(
                 self.seed,
@@ -888,16 +898,10 @@ impl Inner {
             );
             let d = self.alternate(&p);
             if self.primary(&p) != c || d == c {
-                continue;
+                return None;
             }
-            if let Some(k) = self.free_slot(d) {
-                self.write_slot(d, k, &p, s[3].load(Ordering::Relaxed));
-                self.add_overflow(c, true);
-                self.clear_slot(c, j);
-                return Some(j);
-            }
-        }
-        None
+            self.free_slot(d).map(|k| (j, p, d, k))
+        })
     }
 }
 
@@ -1168,6 +1172,24 @@ impl AffinityWriter {
         self.mark_host(&key, true);
         self.len += 1;
         Ok(())
+    }
+
+    /// Whether [`AffinityWriter::insert`] of `key` would succeed now,
+    /// without changing anything: the key is there, or the table is below
+    /// its capacity and one of the key's two buckets has a free slot or a
+    /// key that can move on to its own alternate. For a writer that must
+    /// answer before it inserts (a cluster instance asks the shared store
+    /// first, and every instance inserts once the store has it).
+    pub fn has_room(&self, key: &TableKey) -> bool {
+        let t = &*self.inner;
+        let p = Probe::of_key(t.seed, key);
+        if t.locate(&p).is_some() {
+            return true;
+        }
+        self.len < t.capacity
+            && [t.primary(&p), t.alternate(&p)]
+                .into_iter()
+                .any(|b| t.free_slot(b).is_some() || t.movable(b).is_some())
     }
 
     /// Removes `key`; false if it was not there.
@@ -1854,13 +1876,17 @@ mod tests {
     fn bounded_capacity() {
         let (mut w, r) = AffinityTable::new(100);
         for i in 0..100u128 {
-            w.insert(key(0, Family::V4, i, 32, PortMatch::Any), i as u32)
-                .unwrap();
+            let k = key(0, Family::V4, i, 32, PortMatch::Any);
+            assert!(w.has_room(&k));
+            w.insert(k, i as u32).unwrap();
         }
-        assert_eq!(
-            w.insert(key(0, Family::V4, 1000, 32, PortMatch::Any), 1),
-            Err(TableFull)
+        let more = key(0, Family::V4, 1000, 32, PortMatch::Any);
+        assert!(!w.has_room(&more));
+        assert!(
+            w.has_room(&key(0, Family::V4, 5, 32, PortMatch::Any)),
+            "present"
         );
+        assert_eq!(w.insert(more, 1), Err(TableFull));
         // Replacing an existing key still works when full.
         assert_eq!(
             w.insert(key(0, Family::V4, 5, 32, PortMatch::Any), 77),
@@ -1893,10 +1919,13 @@ mod tests {
         let mut full = 0;
         for i in 0..40u16 {
             let k = key(0, Family::V4, 1, 32, PortMatch::Range(i, 100 + i));
+            let room = w.has_room(&k);
             match w.insert(k, u32::from(i)) {
                 Ok(()) => ok += 1,
                 Err(TableFull) => full += 1,
             }
+            // The dry run foretells the insert, and changed nothing.
+            assert_eq!(room, w.get(&k).is_some(), "range {i}");
         }
         assert!((SLOTS..=2 * SLOTS).contains(&ok), "{ok}");
         assert_eq!(ok + full, 40);

@@ -2293,6 +2293,39 @@ mod tests {
         assert_eq!(installed + c.table_full, u64::from(n));
     }
 
+    /// A create that no table could hold (this one, and every other
+    /// instance's, installs what the store holds) is refused with
+    /// TABLE_FULL before it reaches the store; what is already there can
+    /// still be extended.
+    #[test]
+    fn a_create_the_local_table_has_no_room_for_is_refused() {
+        let full: Vec<(StoredAffinity, Revision)> = (0..1024u32)
+            .map(|i| {
+                let mut s = stored("a", "i2", 60_000);
+                s.affinity.client = [198, 18, (i >> 8) as u8, i as u8].into();
+                s.affinity.prefix_len = 32;
+                (s, 5)
+            })
+            .collect();
+        let mut b = loaded("i1", full);
+        let table = b.plane.affinities();
+        assert_eq!(table.len(), table.capacity());
+        // b holds none yet; the admin is held to no quota.
+        for who in ["b", ADMIN_NAME] {
+            let req = Request::AffinityCreate(op("198.18.100.0", 24, Some("b"), 60));
+            let r = b.ask(who, req, true);
+            assert_eq!(r.code, ReturnCode::TableFull, "{who}: {r:?}");
+            assert!(b.op().is_none(), "nothing sent to the store");
+        }
+        let r = b.ask(
+            "a",
+            Request::AffinityExtend(op("198.18.0.5", 32, Some("a"), 60)),
+            true,
+        );
+        deferred(&r);
+        assert!(matches!(b.op(), Some(StoreOp::Put { expect: 5, .. })));
+    }
+
     use crate::config::Config;
 
     /// The state backend `name` of web is in.

@@ -266,6 +266,13 @@ impl ControlPlane {
             }
             _ => {}
         }
+        if record.is_none() && !self.affinities.has_room(&c.key) {
+            // Every instance installs what the store holds, and none could
+            // honour a key this table has no room for: refused before it
+            // reaches the store, as a lone instance refuses it.
+            let err = crate::affinity::AffinityError::TableFull;
+            return Planned::Answer(self.affinity_error(err, now, &c.key));
+        }
         let Some(key) = self.store_key(&c.key) else {
             return Planned::Answer(Response::new(ReturnCode::NotFound));
         };
