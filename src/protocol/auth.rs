@@ -319,9 +319,10 @@ impl Hasher for PassThrough {
 /// stored as a keyed 64-bit hash (a secret SipHash key per process, so a
 /// sender cannot aim for collisions), in a set bounded by `capacity`.
 ///
-/// When the set is full, the oldest pair is forgotten early and its sender's
-/// *floor* rises to its timestamp: that sender's requests stamped at or
-/// before the floor are refused from then on. Memory stays bounded, a replay
+/// A forgotten pair raises its sender's *floor* to its timestamp: that
+/// sender's requests stamped at or before the floor are refused from then
+/// on, should the clock step back. When the set is full, the oldest pair
+/// is forgotten early, and its floor rises the same way. Memory stays bounded, a replay
 /// is never accepted, and a sender sending fresh requests is never refused,
 /// however busy the others are.
 pub struct ReplayGuard {
@@ -418,17 +419,23 @@ impl ReplayGuard {
         Ok(())
     }
 
-    /// Forgets pairs whose timestamp has left the window. Entries are
-    /// forgotten in insertion order; one with a later deadline at the front
-    /// holds back the ones behind it for at most twice the skew, which only
+    /// Forgets pairs whose timestamp has left the window, raising their
+    /// senders' floors as making room does: should the clock step back
+    /// into the window again, a forgotten pair is refused, not taken as
+    /// new. (A floor only refuses what the window refused when it rose, so
+    /// it costs a sender with a right clock nothing.) Entries are forgotten
+    /// in insertion order; one with a later deadline at the front holds
+    /// back the ones behind it for at most twice the skew, which only
     /// remembers them longer (safe).
     pub fn expire(&mut self, now_ms: u64) {
-        while let Some(&(until, fp, _, _)) = self.order.front() {
+        while let Some(&(until, fp, ts, sender)) = self.order.front() {
             if until >= now_ms {
                 break;
             }
             self.order.pop_front();
             self.seen.remove(&fp);
+            let floor = &mut self.floors[sender as usize];
+            *floor = (*floor).max(ts);
         }
     }
 }
@@ -506,6 +513,26 @@ mod tests {
         assert_eq!(g.check("a", 1, now, now + 10_001), Err(ReplayError::Stale));
         g.expire(now + 10_001);
         assert!(g.len() < 3);
+    }
+
+    /// A pair forgotten once its window passed stays refused should the
+    /// clock step back into that window; fresh requests are still taken.
+    #[test]
+    fn a_clock_stepped_back_does_not_reopen_the_window() {
+        let mut g = ReplayGuard::new(Duration::from_secs(10), 100);
+        let now = 100_000;
+        assert_eq!(g.check("a", 1, now, now), Ok(()));
+        assert_eq!(g.check("b", 2, now - 5_000, now), Ok(()));
+        g.expire(now + 10_001);
+        assert_eq!(g.len(), 0);
+        // The clock steps back: the forgotten pairs are in the window again.
+        assert_eq!(g.check("a", 1, now, now), Err(ReplayError::Forgotten));
+        assert_eq!(
+            g.check("b", 2, now - 5_000, now),
+            Err(ReplayError::Forgotten)
+        );
+        assert_eq!(g.check("a", 3, now + 1, now), Ok(()));
+        assert_eq!(g.check("b", 4, now - 4_999, now), Ok(()));
     }
 
     #[test]
