@@ -1174,7 +1174,12 @@ impl StoreSync {
                 if this_end {
                     self.won(&key, out);
                 }
-                self.deleted.insert(key, revision);
+                // Until the watch echoes the delete: one it echoed already
+                // (it often comes before the answer) has nothing left to
+                // hold back, and an entry for it would stay until a load.
+                if revision > self.revision {
+                    self.deleted.insert(key, revision);
+                }
             }
             Outcome::Moved { current } => match current {
                 Some((v, rev))
@@ -2119,11 +2124,12 @@ mod tests {
                     .notices
                     .is_empty());
             }
-            // Nothing is sent again.
+            // Nothing is sent again, nor kept.
             assert!(b.turn(WALL + 60_000).notices.is_empty());
             assert!(b.op().is_none());
             let c = b.sync.counters();
             assert_eq!((c.ends_won, c.ends_lost), (1, 0));
+            assert!(b.sync.deleted.is_empty(), "{:?}", b.sync.deleted);
         }
     }
 
@@ -2153,6 +2159,7 @@ mod tests {
             let out = b.done(ticket, late.clone(), WALL + 2020);
             assert!(out.notices.is_empty(), "{late:?}");
             assert_eq!(b.lookup(), Some(1), "{late:?}");
+            assert!(b.sync.deleted.is_empty(), "{late:?}: the watch echoed it");
             let c = b.sync.counters();
             assert_eq!((c.ends_won, c.ends_lost), (1, 0), "{late:?}");
             // The new affinity's end: through the store (its writer's
