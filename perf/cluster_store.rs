@@ -130,7 +130,7 @@ fn affinity(service: &str, i: u32) -> StoredAffinity {
 fn wait_loaded(h: &StoreHandle) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match h.try_event() {
+        match h.try_event().map_err(|_| "the store thread is gone")? {
             Some(StoreEvent::Loaded { .. }) => return Ok(()),
             Some(StoreEvent::Unreachable { error }) => return Err(error),
             Some(_) => {}
@@ -177,7 +177,9 @@ fn one_run(
             let mut h = hist();
             let mut seen = 0u64;
             while seen < n && !stop.load(Ordering::Relaxed) {
-                match sb.try_event() {
+                // A thread gone delivers no more: what it saw is counted.
+                let Ok(event) = sb.try_event() else { break };
+                match event {
                     Some(StoreEvent::Changed {
                         change: Change::Put(v),
                         ..
@@ -217,7 +219,7 @@ fn one_run(
             }
             next += 1;
         }
-        match sa.try_event() {
+        match sa.try_event().map_err(|_| "store A's thread is gone")? {
             Some(StoreEvent::Done { ticket, outcome }) => {
                 answered += 1;
                 if let Some(t) = sent_at.remove(&ticket) {

@@ -102,7 +102,7 @@ impl Store {
                 }
                 looked += 1;
             }
-            match self.h.try_event() {
+            match self.h.try_event().expect("the store thread is running") {
                 Some(e) => self.pending.push_back(e),
                 None => {
                     assert!(

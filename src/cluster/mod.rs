@@ -195,6 +195,11 @@ pub enum StoreEvent {
     Unreadable { key: String, error: String },
 }
 
+/// The store thread ended (it panicked): no more events will come, and no
+/// op sent reaches etcd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreGone;
+
 /// The control thread's end of the store thread.
 pub struct StoreHandle {
     ops: tokio::sync::mpsc::UnboundedSender<StoreOp>,
@@ -229,8 +234,13 @@ impl StoreHandle {
         self.ops.send(op).is_ok()
     }
 
-    /// The next event, without waiting.
-    pub fn try_event(&self) -> Option<StoreEvent> {
-        self.events.try_recv().ok()
+    /// The next event, without waiting; `Err` once the store thread has
+    /// ended and every event it sent was taken.
+    pub fn try_event(&self) -> Result<Option<StoreEvent>, StoreGone> {
+        match self.events.try_recv() {
+            Ok(ev) => Ok(Some(ev)),
+            Err(mpsc::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::TryRecvError::Disconnected) => Err(StoreGone),
+        }
     }
 }

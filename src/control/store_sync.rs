@@ -29,8 +29,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use crate::cluster::{
-    Change, DeclarationKey, Outcome, Revision, StoreEvent, StoreHandle, StoreKey, StoreOp,
-    StoredAffinity, StoredDeclaration, Ticket,
+    Change, DeclarationKey, Outcome, Revision, StoreEvent, StoreGone, StoreHandle, StoreKey,
+    StoreOp, StoredAffinity, StoredDeclaration, Ticket,
 };
 use crate::control::handler::{Call, Response};
 use crate::control::plane::{secs, state_reply, ControlPlane, Installed, Planned, SharedEnd};
@@ -167,6 +167,8 @@ pub struct StoreSync {
     deleted: HashMap<StoreKey, Revision>,
     /// A load is installed and the store has not been unreachable since.
     up: bool,
+    /// The store thread ended: nothing from the store will come again.
+    gone: bool,
     /// A load has been installed (the instance may report itself ready).
     loaded: bool,
     /// When `up` last changed (Unix ms; 0: never).
@@ -203,6 +205,7 @@ impl StoreSync {
             ends: HashMap::new(),
             deleted: HashMap::new(),
             up: false,
+            gone: false,
             loaded: false,
             since_unix_ms: 0,
             last_error: None,
@@ -218,9 +221,18 @@ impl StoreSync {
     }
 
     /// A full load of the table has been installed: the instance may say
-    /// it is ready (and stays so while the store is unreachable).
+    /// it is ready (and stays so while the store is unreachable, not once
+    /// the store thread is gone).
     pub fn ready(&self) -> bool {
-        self.loaded
+        self.loaded && !self.gone
+    }
+
+    /// The store thread ended (it panicked): this instance no longer
+    /// applies the other instances' changes nor sends its own, and must
+    /// stop for its supervisor to start it anew (a new start loads the
+    /// table again).
+    pub fn gone(&self) -> bool {
+        self.gone
     }
 
     /// The store answers (a load installed, not unreachable since).
@@ -505,8 +517,25 @@ impl StoreSync {
     pub fn turn(&mut self, plane: &mut ControlPlane, wall_ms: u64) -> Outbox {
         let mut out = Outbox::default();
         self.take_ends(plane, wall_ms, &mut out);
-        while let Some(ev) = self.store.try_event() {
-            self.apply(plane, ev, wall_ms, &mut out);
+        loop {
+            match self.store.try_event() {
+                Ok(Some(ev)) => self.apply(plane, ev, wall_ms, &mut out),
+                Ok(None) => break,
+                Err(StoreGone) => {
+                    if !self.gone {
+                        log::error!(
+                            "cluster: the store thread ended: the shared table is no longer                              followed here"
+                        );
+                        if self.up {
+                            self.since_unix_ms = wall_ms;
+                        }
+                        self.gone = true;
+                        self.up = false;
+                        self.last_error = Some("the store thread ended".into());
+                    }
+                    break;
+                }
+            }
         }
         // Events may have ended more (a load of an affinity already due).
         self.take_ends(plane, wall_ms, &mut out);

@@ -446,7 +446,14 @@ impl ControlThread {
         self.poll();
     }
 
-    /// Runs steps until `stop` is set or `deadline` passes; reloads whenever
+    /// In cluster mode, the store thread ended ([`StoreSync::gone`]): the
+    /// instance must stop.
+    pub fn store_gone(&self) -> bool {
+        self.cluster.as_ref().is_some_and(StoreSync::gone)
+    }
+
+    /// Runs steps until `stop` is set, `deadline` passes or the store
+    /// thread is gone ([`ControlThread::store_gone`]); reloads whenever
     /// `reload` (SIGHUP's flag) is set.
     pub fn serve_until(
         &mut self,
@@ -456,7 +463,10 @@ impl ControlThread {
     ) {
         loop {
             let now = Instant::now();
-            if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d) {
+            if stop.load(Ordering::Relaxed)
+                || deadline.is_some_and(|d| now >= d)
+                || self.store_gone()
+            {
                 // Stopping: no longer ready, before anything stops.
                 self.stopping = true;
                 if let Some(m) = &self.metrics {
@@ -924,6 +934,44 @@ mod tests {
         ctl.step(Instant::now());
         assert!(matches!(a.recv_signed(A_1), Some(Received::Reply(_))));
         (ctl, store, a, o.key)
+    }
+
+    /// The store thread ends (as when it panics): the instance is no
+    /// longer ready and its loop returns, for `pktdist run` to stop; the
+    /// events it sent before are applied first.
+    #[test]
+    fn an_ended_store_thread_stops_the_instance() {
+        use crate::cluster::StoreEvent;
+        let file = File::new(
+            "cluster-gone",
+            &format!("{}{CLUSTER}", config(ADMIN_1, A_1)),
+        );
+        let (mut ctl, store) = cluster_thread(&file);
+        let loaded = StoreEvent::Loaded {
+            revision: 3,
+            affinities: vec![],
+            declarations: Vec::new(),
+            ended: Vec::new(),
+        };
+        store.events.send(loaded).unwrap();
+        ctl.step(Instant::now());
+        assert!(ctl.ready() && !ctl.store_gone());
+        store
+            .events
+            .send(StoreEvent::Unreachable {
+                error: "its last word".into(),
+            })
+            .unwrap();
+        drop(store);
+        let (stop, reload) = (AtomicBool::new(false), AtomicBool::new(false));
+        // Bounded, should it not notice.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        ctl.serve_until(&stop, &reload, Some(deadline));
+        assert!(Instant::now() < deadline, "it noticed");
+        assert!(ctl.store_gone() && !ctl.ready());
+        let c = ctl.summary().extra.cluster.unwrap();
+        assert!(!c.store_up);
+        assert_eq!(c.last_error.as_deref(), Some("the store thread ended"));
     }
 
     /// `text` (the test configuration) without backend a and its key.

@@ -149,13 +149,15 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
         opts.duration.and_then(|d| began.checked_add(d)),
     );
     notifier.stopping();
-    // Asked to stop by a signal: not ready from now on (BGP withdraws the
-    // VIPs behind `/ready`), forwarding on for `[control] stop_delay` so
-    // that what the routers send meanwhile still reaches its backends. Not
-    // after a worker died: its queues would stay unread meanwhile; nor
-    // when it never was ready: no router was sending here.
+    // Asked to stop by a signal, or stopping as the cluster's store thread
+    // ended: not ready from now on (BGP withdraws the VIPs behind
+    // `/ready`), forwarding on for `[control] stop_delay` so that what the
+    // routers send meanwhile still reaches its backends. Not after a
+    // worker died: its queues would stay unread meanwhile; nor when it
+    // never was ready: no router was sending here.
     let delay = control.config().control.stop_delay;
-    let signalled = flags.signal.load(Ordering::Relaxed);
+    let store_gone = control.store_gone();
+    let signalled = flags.signal.load(Ordering::Relaxed) || store_gone;
     if signalled
         && control.was_ready()
         && !flags.worker_died.load(Ordering::Relaxed)
@@ -185,6 +187,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Summary, String> {
     drop(control);
     drop(keeper);
     drop(started);
+    if store_gone {
+        // For the supervisor to start it anew, which loads the shared
+        // table again.
+        return Err("the cluster's store thread ended".into());
+    }
     Ok(summary)
 }
 
