@@ -94,7 +94,8 @@ pub struct WorkerCounters {
     /// a restart, an eviction, or an RSS change): the flow is picked anew
     /// and tracked from then on; a reset is routed without an entry.
     pub unknown_flows: Counter,
-    /// Flows whose backend vanished and were rerouted.
+    /// Flows whose backend vanished (or is down, for a SYN on them) and
+    /// were rerouted.
     pub rerouted: Counter,
     pub flows_active: Counter,
     pub flows_evicted: Counter,

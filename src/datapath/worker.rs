@@ -975,13 +975,23 @@ impl<IO: PacketIo> Worker<IO> {
             self.counters.syns.inc();
         }
         // A known flow keeps its backend while that backend is configured
-        // (a draining backend keeps its connections).
+        // (a draining or down backend keeps its connections), but a SYN
+        // on a down backend's flow is a new connection (the client reused
+        // the tuple, or retries one the backend never answered), which a
+        // down backend gets none of.
         match self.flows.lookup(&p.key, hash, now, flags) {
             Lookup::Hit(e) => {
                 if let Some(x) = exit_of(exits, e.backend, svc.id) {
-                    return Ok(x);
+                    if !syn
+                        || dp
+                            .backend(e.backend)
+                            .is_some_and(|b| b.reachable_for(svc.id))
+                    {
+                        return Ok(x);
+                    }
                 }
-                // Its backend was removed: forget the flow and route anew.
+                // Its backend was removed, or is down and this is a SYN:
+                // forget the flow and route anew.
                 self.counters.rerouted.inc();
                 if let Some(old) = self.flows.remove(&p.key, hash) {
                     self.counters.flows_closed.inc();
@@ -2131,6 +2141,18 @@ mod tests {
             })
             .collect();
         assert_eq!(send(&mut b, &acks, 2 * SEC), before);
+        // A SYN on the tuple of one of its flows is a new connection: it
+        // goes elsewhere, and the flow with it; the others keep be2.
+        let on_be2 = before.iter().position(|a| backend_index(*a) == 2).unwrap();
+        let reused = tcp([198, 18, 5, on_be2 as u8 / 2], 5000, tcp_flags::SYN);
+        assert_eq!(on_be2 % 2, 0, "the pinned /24's");
+        let out = send(&mut b, &[reused], 2 * SEC);
+        assert_eq!(out.len(), 1);
+        assert_ne!(backend_index(out[0]), 2);
+        assert_eq!(b.worker.counters().rerouted.get(), 1);
+        let mut moved = before.clone();
+        moved[on_be2] = out[0];
+        assert_eq!(send(&mut b, &acks, 2 * SEC), moved);
         // New connections: the pinned clients and those auto-pinned to be2
         // go to the others, and none reaches be2.
         let again: Vec<Vec<u8>> = (0..64u32)
@@ -2162,7 +2184,7 @@ mod tests {
         assert_eq!(c.drops[DropReason::AllBackendsDown as usize].get(), 8);
         assert_eq!(c.drops[DropReason::NoBackend as usize].get(), 0);
         // Open flows still reach their backends.
-        assert_eq!(send(&mut b, &acks, 3 * SEC), before);
+        assert_eq!(send(&mut b, &acks, 3 * SEC), moved);
     }
 
     #[test]
