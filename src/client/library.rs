@@ -58,6 +58,12 @@ const SEEN_NOTICES: usize = 65_536;
 pub const MAX_RETRIES: u32 = 100;
 /// Notifications queued while waiting for replies.
 const MAX_QUEUED_NOTICES: usize = 4096;
+/// Datagrams read at most, without waiting, once a wait's deadline has
+/// passed: enough to take a reply or notice that has already arrived, and
+/// a bound, so that a peer sending faster than they are read cannot hold
+/// the call past its deadline. Those left stay in the socket for the next
+/// call.
+const LATE_READS: u32 = 64;
 
 /// Why a request did not produce a reply (or, for the list and one-call
 /// helpers, an OK reply).
@@ -534,8 +540,8 @@ impl ControlClient {
             let n = encode_request(&mut self.tx, &header, &self.key, request)?;
             self.socket.send_to(&self.tx[..n], self.server)?;
             sent.push(nonce);
-            let deadline = deadline_after(self.timeout);
-            while let Some((rid, reply)) = self.receive_until(deadline, false)? {
+            let mut wait = Wait::new(self.timeout);
+            while let Some((rid, reply)) = self.receive_until(&mut wait, false)? {
                 if rid == id
                     && reply.request_type == request.msg_type() as u8
                     && sent.contains(&reply.request_nonce)
@@ -555,9 +561,9 @@ impl ControlClient {
         if let Some(n) = self.ended.pop_front() {
             return Ok(Some(n));
         }
-        let deadline = deadline_after(timeout);
+        let mut wait = Wait::new(timeout);
         loop {
-            match self.receive_until(deadline, true)? {
+            match self.receive_until(&mut wait, true)? {
                 None => return Ok(self.ended.pop_front()),
                 Some(_) => self.ignored += 1,
             }
@@ -568,18 +574,26 @@ impl ControlClient {
     }
 
     /// Receives datagrams until an authentic reply arrives (returned with its
-    /// request id) or `deadline` passes (`None`). Notifications are queued;
+    /// request id) or `wait` ends (`None`). Notifications are queued;
     /// with `until_notice`, a queued one also ends the wait (`None`).
     fn receive_until(
         &mut self,
-        deadline: Instant,
+        wait: &mut Wait,
         until_notice: bool,
     ) -> Result<Option<(u32, Reply)>, ClientError> {
         loop {
             // Past the deadline, what has arrived is still read (without
             // waiting): a reply or notice already in the socket is taken.
-            let left = deadline.saturating_duration_since(Instant::now());
+            // But only [`LATE_READS`] datagrams over the whole wait, however
+            // many calls it takes: a socket that never empties (a flood of
+            // junk or of replayed replies) does not keep the caller from
+            // returning.
+            let left = wait.deadline.saturating_duration_since(Instant::now());
             let received = if left.is_zero() {
+                if wait.late_reads == 0 {
+                    return Ok(None);
+                }
+                wait.late_reads -= 1;
                 self.socket.set_nonblocking(true)?;
                 let r = self.socket.recv_from(&mut self.rx);
                 self.socket.set_nonblocking(false)?;
@@ -734,6 +748,23 @@ pub fn set_backend_state(
 ) -> Result<Reply, ClientError> {
     let mut c = ControlClient::new(server, name, key)?;
     ok(c.set_backend_state(None, None, state)?)
+}
+
+/// One wait for datagrams (a request's attempt, a [`ControlClient::recv_ended`]):
+/// its deadline, and how many datagrams may still be read once it has
+/// passed.
+struct Wait {
+    deadline: Instant,
+    late_reads: u32,
+}
+
+impl Wait {
+    fn new(timeout: Duration) -> Wait {
+        Wait {
+            deadline: deadline_after(timeout),
+            late_reads: LATE_READS,
+        }
+    }
 }
 
 /// The instant `wait` from now; a wait too long to add (a caller's
@@ -1320,6 +1351,47 @@ mod tests {
         // On the loopback the datagram is in the socket once sent.
         assert_eq!(web1.recv_ended(Duration::ZERO).unwrap(), Some(notice));
         assert_eq!(web1.recv_ended(Duration::ZERO).unwrap(), None);
+    }
+
+    /// Past its deadline the client still reads what has arrived, but only
+    /// a bounded number of datagrams, whether junk or authentic replies it
+    /// is not waiting for (a replayed one, say): the rest stay in the
+    /// socket for the next call.
+    #[test]
+    fn past_the_deadline_a_bounded_number_of_datagrams_are_read() {
+        const SENT: u64 = 100;
+        let mut web1 =
+            ControlClient::new("127.0.0.1:1".parse().unwrap(), "web1", WEB1_KEY).unwrap();
+        let to = SocketAddr::new(
+            "127.0.0.1".parse().unwrap(),
+            web1.local_addr().unwrap().port(),
+        );
+        let h = Header {
+            msg_type: MsgType::Reply as u8,
+            request_id: 1,
+            timestamp_ms: 1,
+            nonce: 1,
+            name: "web1",
+        };
+        let r = Reply::new(MsgType::AffinityCancel as u8, 1, ReturnCode::Ok);
+        let mut stale = [0u8; MAX_DATAGRAM];
+        let len = encode_reply(&mut stale, &h, &Key::new(WEB1_KEY).unwrap(), &r).unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // On the loopback each is in the socket once sent.
+        for i in 0..SENT {
+            let d: &[u8] = if i % 2 == 0 { b"junk" } else { &stale[..len] };
+            peer.send_to(d, to).unwrap();
+        }
+        assert_eq!(web1.recv_ended(Duration::ZERO).unwrap(), None);
+        let first = web1.ignored();
+        assert!(first < SENT, "read {first} of {SENT}");
+        assert_eq!(first, u64::from(LATE_READS));
+        while web1.ignored() < SENT {
+            let before = web1.ignored();
+            assert_eq!(web1.recv_ended(Duration::ZERO).unwrap(), None);
+            assert!(web1.ignored() > before, "the rest are read by later calls");
+        }
+        assert_eq!(web1.ignored(), SENT);
     }
 
     #[test]
