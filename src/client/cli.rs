@@ -6,11 +6,11 @@ use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 
-use crate::client::library::{AffinitySpec, ClientError, ControlClient};
+use crate::client::library::{deadline_after, AffinitySpec, ClientError, ControlClient};
 use crate::config::{Config, DurationStr};
 use crate::net::IpNet;
 use crate::protocol::auth::parse_hex_key;
@@ -354,20 +354,40 @@ pub fn run_status(args: &StatusArgs) -> Result<bool, String> {
     }
 }
 
-/// The status code of `GET path` at `addr`.
+/// The status code of `GET path` at `addr`, within `timeout` for the whole
+/// exchange (connecting, sending, every read): an instance that answers a
+/// byte at a time is not waited for read after read.
 fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
-    use std::io::Read as _;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    // In one write: `write!` on the stream would send the request in
-    // pieces, and a server that answers once it has read the first piece
-    // and closes would leave the rest to fail with a broken pipe.
+    use std::io::{ErrorKind, Read as _};
+    let deadline = deadline_after(timeout);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, time_left(deadline)?)?;
+    // In one write (the loop only finishes a partial one): `write!` on the
+    // stream would send the request in pieces, and a server that answers
+    // once it has read the first piece and closes would leave the rest to
+    // fail with a broken pipe.
     let request = format!("GET {path} HTTP/1.1\r\nHost: pktdist\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes())?;
-    let mut head = Vec::new();
-    s.take(4096).read_to_end(&mut head)?;
-    let text = String::from_utf8_lossy(&head);
+    let mut unsent = request.as_bytes();
+    while !unsent.is_empty() {
+        s.set_write_timeout(Some(time_left(deadline)?))?;
+        match s.write(unsent) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => unsent = &unsent[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(timed_out(e)),
+        }
+    }
+    let mut head = vec![0u8; 4096];
+    let mut len = 0;
+    while len < head.len() {
+        s.set_read_timeout(Some(time_left(deadline)?))?;
+        match s.read(&mut head[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(timed_out(e)),
+        }
+    }
+    let text = String::from_utf8_lossy(&head[..len]);
     text.lines()
         .next()
         .and_then(|l| {
@@ -376,7 +396,26 @@ fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Resu
         })
         .and_then(|r| r.get(..3))
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
+        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "not an HTTP answer"))
+}
+
+/// The time left until `deadline` (a timeout error once it has passed),
+/// for a socket timeout: `report::metrics`'s, which is private to it.
+fn time_left(deadline: Instant) -> std::io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(std::io::ErrorKind::TimedOut.into())
+    } else {
+        Ok(left)
+    }
+}
+
+/// A socket timeout (`WouldBlock` on Unix) as the timeout it is.
+fn timed_out(e: std::io::Error) -> std::io::Error {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock => std::io::ErrorKind::TimedOut.into(),
+        _ => e,
+    }
 }
 
 /// `30s`, `5m`, `2h`, `1d`, `250ms`, or plain seconds.
@@ -963,6 +1002,43 @@ mod tests {
             let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
         });
         addr
+    }
+
+    /// `--timeout` bounds the whole status call: an instance that accepts
+    /// and then answers a byte at a time, each well within the timeout,
+    /// is given up on, not waited for read after read.
+    #[test]
+    fn status_gives_up_on_a_dribbled_answer_at_its_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            // Until the client hangs up: the answer never ends.
+            let answer = b"HTTP/1.1 200 OK\r\n"
+                .iter()
+                .chain(std::iter::repeat(&b'x'));
+            for b in answer {
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run_status(&StatusArgs {
+                metrics: Some(addr),
+                config: None,
+                timeout,
+            }));
+        });
+        // A generous bound: that it returns, not how soon.
+        let got = rx
+            .recv_timeout(timeout * 10)
+            .expect("status still reading long after its timeout");
+        let e = got.unwrap_err();
+        assert!(e.contains("cannot ask") && e.contains("timed out"), "{e}");
     }
 
     #[test]

@@ -769,7 +769,7 @@ impl Wait {
 
 /// The instant `wait` from now; a wait too long to add (a caller's
 /// `Duration::MAX`, say) waits about a century instead.
-fn deadline_after(wait: Duration) -> Instant {
+pub(crate) fn deadline_after(wait: Duration) -> Instant {
     const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
     let now = Instant::now();
     now.checked_add(wait).unwrap_or_else(|| now + CENTURY)
