@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
@@ -17,6 +17,7 @@ use crate::protocol::auth::parse_hex_key;
 use crate::protocol::message::{
     AffinityEntry, AffinityKey, BackendEntry, Reply, Request, ReturnCode, ServiceAddr,
 };
+use crate::report::metrics::time_left;
 use crate::report::statsview::{self, fmt_secs};
 use crate::report::summary::Summary;
 use crate::types::{Declared, PortMatch};
@@ -397,17 +398,6 @@ fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Resu
         .and_then(|r| r.get(..3))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "not an HTTP answer"))
-}
-
-/// The time left until `deadline` (a timeout error once it has passed),
-/// for a socket timeout: `report::metrics`'s, which is private to it.
-fn time_left(deadline: Instant) -> std::io::Result<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        Err(std::io::ErrorKind::TimedOut.into())
-    } else {
-        Ok(left)
-    }
 }
 
 /// A socket timeout (`WouldBlock` on Unix) as the timeout it is.

@@ -820,8 +820,9 @@ impl Drop for Slot {
 }
 
 /// The time left until `deadline` (a timeout error once it has passed),
-/// for a socket timeout.
-fn time_left(deadline: Instant) -> io::Result<Duration> {
+/// for a socket timeout (the metrics server's answers, and `pktdist
+/// status`'s request).
+pub(crate) fn time_left(deadline: Instant) -> io::Result<Duration> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         Err(io::ErrorKind::TimedOut.into())
