@@ -88,8 +88,8 @@ fn run(args: RunArgs) -> Result<(), String> {
     use pktdist::run::{run, RunOptions};
     let cfg = Config::load(&args.config).map_err(|e| e.to_string())?;
     if cfg.affinity.state_file.is_none() && cfg.cluster.is_none() {
-        log::info!(
-            "requested affinities are kept in memory only: \
+        log::warn!(
+            "requested affinities are kept in memory only and a restart loses them: \
              [affinity] state_file keeps them across restarts"
         );
     }
