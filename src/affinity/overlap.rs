@@ -59,9 +59,19 @@ impl OverlapIndex {
     }
 
     pub fn remove(&mut self, key: &TableKey) {
+        self.remove_where(key, |_| true);
+    }
+
+    /// Removes `key` as `owner`'s, where several owners may hold equal
+    /// keys (creates in flight to the shared store).
+    pub fn remove_owned(&mut self, key: &TableKey, owner: BackendId) {
+        self.remove_where(key, |o| o == owner);
+    }
+
+    fn remove_where(&mut self, key: &TableKey, owned: impl Fn(BackendId) -> bool) {
         let n = net(key);
         if let Some(v) = self.nets.get_mut(&n) {
-            if let Some(i) = v.iter().position(|(p, _)| *p == key.ports()) {
+            if let Some(i) = v.iter().position(|&(p, o)| p == key.ports() && owned(o)) {
                 v.swap_remove(i);
                 if let Some(lengths) = self.lengths.get_mut(&(n.0, n.1)) {
                     lengths[usize::from(n.3)] -= 1;

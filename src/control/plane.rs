@@ -39,7 +39,7 @@ use crate::report::summary::{CounterBase, Summary};
 use crate::types::{BackendId, BackendState, Declared, EndReason, Family, PortMatch};
 
 mod shared;
-pub use shared::{Installed, Planned, SharedEnd};
+pub use shared::{Installed, PendingCreates, Planned, SharedEnd};
 
 /// What [`ControlPlane::restore`] did with a state file's affinities.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,6 +121,9 @@ pub struct ControlPlane {
     /// name, so that a backend configured later (a reload, BACKEND_ADD)
     /// starts with them.
     shared_declarations: HashMap<DeclarationKey, Declared>,
+    /// Cluster mode: creates of new keys waiting for the store, which the
+    /// checks of the next ones count.
+    pending: PendingCreates,
 }
 
 impl ControlPlane {
@@ -147,6 +150,7 @@ impl ControlPlane {
             states: BackendStates::new(),
             shared_ends: None,
             shared_declarations: HashMap::new(),
+            pending: PendingCreates::default(),
         };
         // Backends configured with weight 0 start draining.
         let mut next = plane.registry.clone();
@@ -591,6 +595,17 @@ impl ControlPlane {
             .dp
             .service_named(&a.service)
             .ok_or(EndReason::BackendRemoved)?;
+        // The service it was saved on: one of the same name on another VIP,
+        // port or protocol is another service, as a reload takes it (whose
+        // affinities end).
+        let here = ServiceAddr {
+            addr: svc.vip,
+            port: svc.port,
+            proto: svc.proto,
+        };
+        if a.service_addr != here {
+            return Err(EndReason::BackendRemoved);
+        }
         let owner = self
             .dp
             .find_backend(svc.id, &a.owner)
@@ -618,6 +633,12 @@ impl ControlPlane {
     pub fn replace_services(&mut self, cfg: &Config) -> Result<Vec<BackendId>, RegistryError> {
         let mut next = self.registry.clone();
         let removed = next.reload(cfg)?;
+        // A removed backend's inputs (its checks, what was declared for
+        // it) go with it before the new backends' states are combined: the
+        // registry may hand its id to one of them.
+        for id in &removed {
+            self.states.remove(*id);
+        }
         self.settle_into(&mut next);
         let dp = next.snapshot()?;
         // A kept service keeps its id (the registry matches services by
@@ -676,13 +697,14 @@ impl ControlPlane {
     }
 
     /// Ends every affinity a removed backend owned. Call before publishing
-    /// the snapshot without it, so the notices can still name it.
+    /// the snapshot without it, so the notices can still name it (its
+    /// state inputs go before the next states are combined: its id may
+    /// already be a new backend's).
     fn end_backend(&mut self, id: BackendId) {
         let mut ended = Vec::new();
         self.affinities.remove_backend(id, &mut ended);
         self.counters.ended_backend_removed += ended.len() as u64;
         self.queue_notices(ended);
-        self.states.remove(id);
     }
 
     /// The service a wire key names, and the key in table form.
@@ -789,7 +811,8 @@ impl ControlPlane {
             ));
         }
         let quota = limits.quota(self.affinities.capacity(), svc.backends.len());
-        let held = self.affinities.requested_by(owner);
+        // With its creates still waiting for the shared store (cluster).
+        let held = self.affinities.requested_by(owner) + self.pending.held_by(owner);
         if held >= quota {
             let name = self.backend_name(owner).unwrap_or("?");
             let source = match limits.max_per_backend {
@@ -806,12 +829,15 @@ impl ControlPlane {
             ));
         }
         if limits.overlap == OverlapPolicy::Refuse {
-            if let Some((other, other_owner)) = self.affinities.overlapping(key, owner) {
-                let remaining = self
-                    .affinities
-                    .get(&other)
-                    .and_then(|r| r.remaining_ms(now))
-                    .map_or(u32::MAX, secs);
+            let other = self.affinities.overlapping(key, owner);
+            if let Some((other, other_owner)) =
+                other.or_else(|| self.pending.overlapping(key, owner))
+            {
+                let remaining = match self.affinities.get(&other) {
+                    Some(r) => r.remaining_ms(now).map_or(u32::MAX, secs),
+                    // A create in flight to the shared store (cluster).
+                    None => self.pending.asked_secs(&other, other_owner).unwrap_or(0),
+                };
                 let owner_name = self.backend_name(other_owner).unwrap_or("?");
                 let client = crate::net::bits_ip(other.family(), other.addr());
                 return Err((
@@ -917,8 +943,13 @@ impl ControlPlane {
             }
         }
         // A backend's new affinity is held to its service's limits; the
-        // operator's is not, and renewing one it holds adds nothing.
-        if action == AffinityAction::Create && !is_admin && self.affinities.get(&key).is_none() {
+        // operator's is not, and renewing one it holds (or has asked the
+        // shared store for) adds nothing.
+        if action == AffinityAction::Create
+            && !is_admin
+            && self.affinities.get(&key).is_none()
+            && self.pending.asked_secs(&key, owner).is_none()
+        {
             if let Err((limit, r)) = self.within_limits(svc, &key, owner, now) {
                 *limit.counter(&mut self.counters.limited) += 1;
                 return Err(r);
@@ -1073,6 +1104,9 @@ impl ControlPlane {
             Ok(r) => r,
             Err(e) => return registry_error(e),
         };
+        if let Some(id) = removed {
+            self.states.remove(id);
+        }
         self.settle_into(&mut next);
         let dp = match next.snapshot() {
             Ok(dp) => dp,
@@ -1935,6 +1969,43 @@ address = "2001:db8:1::2"
         assert_eq!(state_of(&p, "a"), BackendState::Up);
     }
 
+    /// A reload that removes a down backend and adds another that takes
+    /// its id (ids are handed out from where the last left off; with every
+    /// other id in use, the newcomer gets the one just given up): the
+    /// newcomer starts up, not with what made the removed one down.
+    #[test]
+    fn a_new_backend_on_a_removed_one_s_id_starts_afresh() {
+        // m1, a, b and 4,093 more: every id of the 4,096 in use.
+        let more: String = (0..4093)
+            .map(|i| {
+                let a = format!("10.1.{}.{}", i / 256, i % 256);
+                format!("[[services.backends]]\nname = \"x{i}\"\naddress = \"{a}\"\n")
+            })
+            .collect();
+        let text = config_text().replace(
+            "max_affinity_duration = \"10m\"",
+            "max_affinity_duration = \"10m\"\nmaglev_table_size = 409517",
+        ) + &more;
+        let (mut p, _) = plane(&text);
+        let b = p.dataplane().find_backend(WEB, "b").unwrap().id;
+        let down = Request::BackendState {
+            service: Some("web"),
+            backend: Some("b"),
+            state: Declared::Down,
+        };
+        assert_eq!(call(&mut p, "admin", down).code, ReturnCode::Ok);
+        assert_eq!(state_of(&p, "b"), BackendState::Down);
+        let text = text.replace("name = \"b\"", "name = \"c\"");
+        p.replace_services(&Config::parse(&text, "t.toml").unwrap())
+            .unwrap();
+        assert_eq!(
+            p.dataplane().find_backend(WEB, "c").unwrap().id,
+            b,
+            "b's id"
+        );
+        assert_eq!(state_of(&p, "c"), BackendState::Up);
+    }
+
     #[test]
     fn saved_state_comes_back_in_a_new_plane_with_its_time_left() {
         let (mut p, _) = plane(&config_text());
@@ -1990,6 +2061,16 @@ address = "2001:db8:1::2"
         assert!(n
             .iter()
             .any(|(_, x)| x.owner == "b" && x.reason == EndReason::BackendRemoved));
+        // Web on another port is another service: both end, b's notice
+        // naming the service it was on.
+        let moved = config_text().replace("port = 80\n", "port = 8080\n");
+        assert_ne!(moved, config_text());
+        let (mut q, _) = plane(&moved);
+        assert_eq!(q.restore(&saved.affinities, wall).gone, 2);
+        let n = q.take_notices();
+        let b = n.iter().find(|(_, x)| x.owner == "b").unwrap();
+        assert_eq!(b.1.reason, EndReason::BackendRemoved);
+        assert_eq!(b.1.key.service.port, 80);
         let (mut q, _) = plane(&config_text());
         let kb = TableKey::new(WEB, Family::V4, 0xc612_0100, 24, PortMatch::Any).unwrap();
         q.create_static(kb, 1).unwrap();

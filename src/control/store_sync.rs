@@ -28,6 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
+use crate::affinity::key::TableKey;
 use crate::cluster::{
     Change, DeclarationKey, Outcome, Revision, StoreEvent, StoreGone, StoreHandle, StoreKey,
     StoreOp, StoredAffinity, StoredDeclaration, Ticket,
@@ -37,7 +38,7 @@ use crate::control::plane::{secs, state_reply, ControlPlane, Installed, Planned,
 use crate::control::state_file::SavedAffinity;
 use crate::datapath::latency::Percentiles;
 use crate::protocol::message::{EndedNotice, Request, ReturnCode};
-use crate::types::{BackendState, Declared, EndReason};
+use crate::types::{BackendId, BackendState, Declared, EndReason};
 
 /// How long an instance other than an affinity's writer waits before it
 /// ends the affinity itself (ms).
@@ -63,6 +64,9 @@ enum InFlight {
         value: SavedAffinity,
         extend: bool,
         retried: bool,
+        /// A create of a key the local table did not hold
+        /// ([`Planned::Put`]), counted as pending until its outcome.
+        fresh: Option<(TableKey, BackendId)>,
     },
     /// A request's cancel.
     Cancel {
@@ -328,7 +332,11 @@ impl StoreSync {
         let ticket = self.ticket();
         let (op, flight) = match planned {
             Planned::Answer(r) => return r,
-            Planned::Put { value, extend } => (
+            Planned::Put {
+                value,
+                extend,
+                fresh,
+            } => (
                 self.put_op(
                     ticket,
                     value.clone(),
@@ -339,6 +347,7 @@ impl StoreSync {
                     value,
                     extend,
                     retried: false,
+                    fresh,
                 },
             ),
             Planned::Delete { key, owner } => (
@@ -356,6 +365,13 @@ impl StoreSync {
             ),
         };
         if !self.store.submit(op) {
+            if let InFlight::Put {
+                fresh: Some((key, owner)),
+                ..
+            } = flight
+            {
+                plane.create_settled(key, owner);
+            }
             return self.unavailable("the store thread has stopped: nothing was done".into());
         }
         self.in_flight.insert(ticket, flight);
@@ -994,7 +1010,15 @@ impl StoreSync {
                 value,
                 extend,
                 retried,
-            } => self.put_done(plane, ticket, value, extend, retried, outcome, wall_ms, out),
+                fresh,
+            } => {
+                if let Some((key, owner)) = fresh {
+                    plane.create_settled(key, owner);
+                }
+                self.put_done(
+                    plane, ticket, value, extend, retried, fresh, outcome, wall_ms, out,
+                )
+            }
             InFlight::Cancel {
                 key,
                 owner,
@@ -1020,6 +1044,7 @@ impl StoreSync {
         value: SavedAffinity,
         extend: bool,
         retried: bool,
+        fresh: Option<(TableKey, BackendId)>,
         outcome: Outcome,
         wall_ms: u64,
         out: &mut Outbox,
@@ -1086,12 +1111,17 @@ impl StoreSync {
                     self.counters.retried += 1;
                     let op = self.put_op(ticket, value.clone(), expect, wall_ms);
                     if self.store.submit(op) {
+                        if let Some((k, owner)) = fresh {
+                            let left = value.expires_unix_ms.saturating_sub(wall_ms);
+                            plane.create_resent(k, owner, secs(left));
+                        }
                         self.in_flight.insert(
                             ticket,
                             InFlight::Put {
                                 value,
                                 extend,
                                 retried: true,
+                                fresh,
                             },
                         );
                         return;
@@ -1266,7 +1296,7 @@ mod tests {
     use crate::control::counters::ServerCounters;
     use crate::control::handler::Payload;
     use crate::control::testing::{config_text, first_time_left, op, plane, src, WEB};
-    use crate::protocol::message::{ServiceAddr, ADMIN_NAME};
+    use crate::protocol::message::{AffinityOp, ServiceAddr, ADMIN_NAME};
     use crate::protocol::rate_limit::{RateLimiter, RateLimits};
     use crate::types::{Family, PortMatch};
 
@@ -1288,7 +1318,12 @@ mod tests {
     }
 
     fn bed(me: &str) -> Bed {
-        let (mut plane, reader) = plane(&config_text());
+        bed_of(me, &config_text())
+    }
+
+    /// [`bed`] for the configuration `text`.
+    fn bed_of(me: &str, text: &str) -> Bed {
+        let (mut plane, reader) = plane(text);
         let (handle, peer) = StoreHandle::pair();
         let sync = StoreSync::new(handle, me, &mut plane);
         Bed {
@@ -1304,7 +1339,12 @@ mod tests {
 
     /// A bed whose store has loaded `affinities` at revision 10.
     fn loaded(me: &str, affinities: Vec<(StoredAffinity, Revision)>) -> Bed {
-        let mut b = bed(me);
+        loaded_of(me, &config_text(), affinities)
+    }
+
+    /// [`loaded`] for the configuration `text`.
+    fn loaded_of(me: &str, text: &str, affinities: Vec<(StoredAffinity, Revision)>) -> Bed {
+        let mut b = bed_of(me, text);
         b.event(StoreEvent::Loaded {
             revision: 10,
             affinities,
@@ -2335,15 +2375,7 @@ mod tests {
     /// still be extended.
     #[test]
     fn a_create_the_local_table_has_no_room_for_is_refused() {
-        let full: Vec<(StoredAffinity, Revision)> = (0..1024u32)
-            .map(|i| {
-                let mut s = stored("a", "i2", 60_000);
-                s.affinity.client = [198, 18, (i >> 8) as u8, i as u8].into();
-                s.affinity.prefix_len = 32;
-                (s, 5)
-            })
-            .collect();
-        let mut b = loaded("i1", full);
+        let mut b = loaded("i1", a_s_hosts(0));
         let table = b.plane.affinities();
         assert_eq!(table.len(), table.capacity());
         // b holds none yet; the admin is held to no quota.
@@ -2360,6 +2392,107 @@ mod tests {
         );
         deferred(&r);
         assert!(matches!(b.op(), Some(StoreOp::Put { expect: 5, .. })));
+    }
+
+    /// The 1,024 /32s 198.18.0.0 to 198.18.3.255 of a, less the first
+    /// `spared`, as the store holds them.
+    fn a_s_hosts(spared: u32) -> Vec<(StoredAffinity, Revision)> {
+        (spared..1024u32)
+            .map(|i| {
+                let mut s = stored("a", "i2", 60_000);
+                s.affinity.client = [198, 18, (i >> 8) as u8, i as u8].into();
+                s.affinity.prefix_len = 32;
+                (s, 5)
+            })
+            .collect()
+    }
+
+    /// The next op's ticket, a put.
+    fn put_ticket(b: &mut Bed) -> Ticket {
+        match b.op() {
+            Some(StoreOp::Put { ticket, .. }) => ticket,
+            other => panic!("no put: {other:?}"),
+        }
+    }
+
+    /// Creates waiting for the store count as held: a burst of them at one
+    /// instance cannot pass, together, the owner's quota, the overlap rule
+    /// or the table's room, each of which one alone would pass.
+    #[test]
+    fn creates_in_flight_count_against_quota_overlap_and_room() {
+        let text = config_text().replace(
+            "max_affinity_duration = \"10m\"",
+            "max_affinity_duration = \"10m\"\nmax_affinities_per_backend = 2",
+        );
+        let mut b = loaded_of("i1", &text, vec![]);
+        let host = |n: u8| Request::AffinityCreate(op_of(&format!("198.18.9.{n}"), 32, "a"));
+        let first = deferred(&b.ask("a", host(1), true));
+        let t1 = put_ticket(&mut b);
+        deferred(&b.ask("a", host(2), true));
+        let t2 = put_ticket(&mut b);
+        let r = b.ask("a", host(3), true);
+        assert_eq!(r.code, ReturnCode::QuotaExceeded, "{r:?}");
+        assert!(b.op().is_none());
+        // The same key again is a renewal, not one more.
+        deferred(&b.ask("a", host(1), true));
+        let t1b = put_ticket(&mut b);
+        // b may not pin a client inside a's /32 in flight.
+        let r = b.ask(
+            "b",
+            Request::AffinityCreate(op_of("198.18.9.0", 24, "b")),
+            true,
+        );
+        assert_eq!(
+            (r.code, r.owner.as_deref()),
+            (ReturnCode::Conflict, Some("a")),
+            "{r:?}"
+        );
+        assert_eq!(r.remaining_secs, 60);
+        // One commits (installed: still two held), the other fails.
+        assert_eq!(first, t1);
+        b.done(t1, Outcome::Committed { revision: 11 }, WALL);
+        b.done(t1b, Outcome::Committed { revision: 12 }, WALL);
+        let r = b.ask("a", host(3), true);
+        assert_eq!(r.code, ReturnCode::QuotaExceeded, "{r:?}");
+        let unavailable = Outcome::Unavailable {
+            error: "timed out".into(),
+        };
+        b.done(t2, unavailable, WALL);
+        deferred(&b.ask("a", host(3), true));
+        put_ticket(&mut b);
+
+        // Room: a table one key short of full takes one create in flight.
+        let mut b = loaded("i1", a_s_hosts(1));
+        assert_eq!(b.plane.affinities().len(), 1023);
+        deferred(&b.ask(
+            ADMIN_NAME,
+            Request::AffinityCreate(op_of("198.18.9.1", 32, "b")),
+            true,
+        ));
+        let t = put_ticket(&mut b);
+        let r = b.ask(
+            ADMIN_NAME,
+            Request::AffinityCreate(op_of("198.18.9.2", 32, "b")),
+            true,
+        );
+        assert_eq!(r.code, ReturnCode::TableFull, "{r:?}");
+        b.done(
+            t,
+            Outcome::Unavailable {
+                error: "down".into(),
+            },
+            WALL,
+        );
+        deferred(&b.ask(
+            ADMIN_NAME,
+            Request::AffinityCreate(op_of("198.18.9.2", 32, "b")),
+            true,
+        ));
+    }
+
+    /// A create of `client/plen` on web for `owner`, 60 s.
+    fn op_of<'a>(client: &str, plen: u8, owner: &'a str) -> AffinityOp<'a> {
+        op(client, plen, Some(owner), 60)
     }
 
     use crate::config::Config;

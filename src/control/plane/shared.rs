@@ -9,8 +9,11 @@
 
 use std::net::SocketAddr;
 
+use hashbrown::HashMap;
+
 use crate::affinity::key::TableKey;
 use crate::affinity::manager::Ended;
+use crate::affinity::overlap::OverlapIndex;
 use crate::cluster::{DeclarationKey, StoreKey};
 use crate::control::handler::Response;
 use crate::control::registry::ServiceRegistry;
@@ -29,6 +32,76 @@ pub struct SharedEnd {
     pub notice: EndedNotice,
 }
 
+/// The new keys this instance asked the store for whose outcome it has not
+/// had yet: a create's checks (the table's room, the owner's quota, the
+/// overlap rule) count them as held, so that a burst of creates at one
+/// instance cannot each pass a check that together they fail. Empty when
+/// the instance runs alone, whose creates change the table at once.
+#[derive(Default)]
+pub struct PendingCreates {
+    /// Creates in flight per (key, owner), and the duration (s) the last
+    /// of them asked for.
+    entries: HashMap<(TableKey, BackendId), (u32, u32)>,
+    /// Distinct keys in flight per owner.
+    by_owner: HashMap<BackendId, usize>,
+    /// Their networks, for the overlap rule.
+    overlap: OverlapIndex,
+}
+
+impl PendingCreates {
+    fn add(&mut self, key: TableKey, owner: BackendId, secs: u32) {
+        let (n, asked) = self.entries.entry((key, owner)).or_insert((0, 0));
+        if *n == 0 {
+            *self.by_owner.entry(owner).or_insert(0) += 1;
+            self.overlap.insert(&key, owner);
+        }
+        *n += 1;
+        *asked = secs;
+    }
+
+    fn settle(&mut self, key: TableKey, owner: BackendId) {
+        let Some((n, _)) = self.entries.get_mut(&(key, owner)) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        self.entries.remove(&(key, owner));
+        self.overlap.remove_owned(&key, owner);
+        if let Some(k) = self.by_owner.get_mut(&owner) {
+            *k -= 1;
+            if *k == 0 {
+                self.by_owner.remove(&owner);
+            }
+        }
+    }
+
+    /// Distinct keys in flight.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Distinct keys in flight for `owner`.
+    pub fn held_by(&self, owner: BackendId) -> usize {
+        self.by_owner.get(&owner).copied().unwrap_or(0)
+    }
+
+    /// A key in flight for another owner that shares a client with `key`.
+    pub fn overlapping(&self, key: &TableKey, owner: BackendId) -> Option<(TableKey, BackendId)> {
+        self.overlap.other(key, owner)
+    }
+
+    /// The duration (s) the create of `key` for `owner` in flight asked for.
+    pub fn asked_secs(&self, key: &TableKey, owner: BackendId) -> Option<u32> {
+        self.entries.get(&(*key, owner)).map(|&(_, secs)| secs)
+    }
+}
+
 /// What a change request comes to once checked against the local table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Planned {
@@ -36,7 +109,13 @@ pub enum Planned {
     /// are each instance's own, from its configuration).
     Answer(Response),
     /// Write this affinity (a create, or an extend when `extend`).
-    Put { value: SavedAffinity, extend: bool },
+    /// `fresh`: a create of a key the local table does not hold, counted
+    /// in [`PendingCreates`] until [`ControlPlane::create_settled`].
+    Put {
+        value: SavedAffinity,
+        extend: bool,
+        fresh: Option<(TableKey, BackendId)>,
+    },
     /// Delete the affinity of `key` (a cancel). `owner`: the backend that
     /// must own it (None: the operator cancels whoever does).
     Delete {
@@ -266,7 +345,8 @@ impl ControlPlane {
             }
             _ => {}
         }
-        if record.is_none() && !self.affinities.has_room(&c.key) {
+        let full = self.affinities.len() + self.pending.len() >= self.affinities.capacity();
+        if record.is_none() && (full || !self.affinities.has_room(&c.key)) {
             // Every instance installs what the store holds, and none could
             // honour a key this table has no room for: refused before it
             // reaches the store, as a lone instance refuses it.
@@ -295,20 +375,41 @@ impl ControlPlane {
             AffinityAction::Extend => record.and_then(|r| r.notify),
             _ => op.notify.or(record.and_then(|r| r.notify)),
         };
+        let value = SavedAffinity {
+            service: key.service,
+            service_addr: wire_key(svc, &c.key).service,
+            owner: owner.to_string(),
+            client: key.client,
+            prefix_len: key.prefix_len,
+            ports: key.ports,
+            expires_unix_ms: wall_ms.saturating_add(c.duration_ms),
+            created_unix_ms,
+            notify,
+        };
+        let fresh = match (record, c.owner) {
+            (None, Some(owner)) => {
+                self.pending.add(c.key, owner, secs(c.duration_ms));
+                Some((c.key, owner))
+            }
+            _ => None,
+        };
         Planned::Put {
-            value: SavedAffinity {
-                service: key.service,
-                service_addr: wire_key(svc, &c.key).service,
-                owner: owner.to_string(),
-                client: key.client,
-                prefix_len: key.prefix_len,
-                ports: key.ports,
-                expires_unix_ms: wall_ms.saturating_add(c.duration_ms),
-                created_unix_ms,
-                notify,
-            },
+            value,
             extend: action == AffinityAction::Extend,
+            fresh,
         }
+    }
+
+    /// The store's answer to a create [`Planned::Put`] marked `fresh` came
+    /// (whatever it was): the key is no longer counted as in flight.
+    pub fn create_settled(&mut self, key: TableKey, owner: BackendId) {
+        self.pending.settle(key, owner);
+    }
+
+    /// A settled create sent to the store again, for `secs` more: in
+    /// flight once more.
+    pub fn create_resent(&mut self, key: TableKey, owner: BackendId, secs: u32) {
+        self.pending.add(key, owner, secs);
     }
 
     /// Ends a store affinity this instance wrote whose service or backend
