@@ -912,16 +912,8 @@ mod tests {
         Peer,
         crate::protocol::message::AffinityKey,
     ) {
-        use crate::cluster::{StoreEvent, StoreOp};
-        let (mut ctl, mut store) = cluster_thread(file);
-        let loaded = StoreEvent::Loaded {
-            revision: 3,
-            affinities: vec![],
-            declarations: Vec::new(),
-            ended: Vec::new(),
-        };
-        store.events.send(loaded).unwrap();
-        ctl.step(Instant::now());
+        use crate::cluster::StoreOp;
+        let (mut ctl, mut store) = loaded_cluster_thread(file);
         let mut a = Peer::new("a", A_1);
         let mut o = op("198.18.0.0", 24, None, secs);
         o.notify = None;
@@ -946,15 +938,7 @@ mod tests {
             "cluster-gone",
             &format!("{}{CLUSTER}", config(ADMIN_1, A_1)),
         );
-        let (mut ctl, store) = cluster_thread(&file);
-        let loaded = StoreEvent::Loaded {
-            revision: 3,
-            affinities: vec![],
-            declarations: Vec::new(),
-            ended: Vec::new(),
-        };
-        store.events.send(loaded).unwrap();
-        ctl.step(Instant::now());
+        let (mut ctl, store) = loaded_cluster_thread(&file);
         assert!(ctl.ready() && !ctl.store_gone());
         store
             .events
@@ -972,6 +956,20 @@ mod tests {
         let c = ctl.summary().extra.cluster.unwrap();
         assert!(!c.store_up);
         assert_eq!(c.last_error.as_deref(), Some("the store thread ended"));
+    }
+
+    /// [`cluster_thread`] once its store loaded an empty table (revision 3).
+    fn loaded_cluster_thread(file: &File) -> (ControlThread, crate::cluster::StorePeer) {
+        let (mut ctl, store) = cluster_thread(file);
+        let loaded = crate::cluster::StoreEvent::Loaded {
+            revision: 3,
+            affinities: vec![],
+            declarations: Vec::new(),
+            ended: Vec::new(),
+        };
+        store.events.send(loaded).unwrap();
+        ctl.step(Instant::now());
+        (ctl, store)
     }
 
     /// `text` (the test configuration) without backend a and its key.
