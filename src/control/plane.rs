@@ -633,11 +633,28 @@ impl ControlPlane {
     pub fn replace_services(&mut self, cfg: &Config) -> Result<Vec<BackendId>, RegistryError> {
         let mut next = self.registry.clone();
         let removed = next.reload(cfg)?;
+        // The checks know backends by name: one they hold down under an
+        // address the reload changed (a new id) is down from the first
+        // snapshot, not up until they are asked again.
+        let held_down: Vec<(BackendId, Option<String>)> = removed
+            .iter()
+            .filter_map(|&id| {
+                let status = self.states.get(id).filter(|s| s.healthy == Some(false))?;
+                let b = self.dp.backend(id)?;
+                let svc = self.dp.service(b.service)?;
+                let renewed = next.backend_id(&svc.name, &b.name)?;
+                Some((renewed, status.check_error.clone()))
+            })
+            .collect();
         // A removed backend's inputs (its checks, what was declared for
         // it) go with it before the new backends' states are combined: the
         // registry may hand its id to one of them.
         for id in &removed {
             self.states.remove(*id);
+        }
+        let now = self.now_ms();
+        for (id, error) in held_down {
+            self.states.set_health(id, false, error, now);
         }
         self.settle_into(&mut next);
         let dp = next.snapshot()?;
@@ -1967,6 +1984,27 @@ address = "2001:db8:1::2"
         assert_eq!(weight_of(&p, "a"), file_weight, "the file's weight again");
         assert_eq!(state_of(&p, "b"), BackendState::Draining, "the drain stays");
         assert_eq!(state_of(&p, "a"), BackendState::Up);
+    }
+
+    /// A backend the checks hold down keeps that state under a new address
+    /// (a new id) from the reload's own snapshot on.
+    #[test]
+    fn a_held_down_backend_moved_to_another_address_is_published_down() {
+        let (mut p, _) = plane(&config_text());
+        let old = p.dataplane().find_backend(WEB, "b").unwrap().id;
+        p.set_backend_health("web", "b", false, Some("connect: refused".into()))
+            .unwrap();
+        assert_eq!(state_of(&p, "b"), BackendState::Down);
+        let moved = config_text().replace("address = \"10.0.0.2\"", "address = \"10.0.0.9\"");
+        let snapshots = p.counters().snapshots;
+        p.replace_services(&Config::parse(&moved, "t.toml").unwrap())
+            .unwrap();
+        assert_eq!(p.counters().snapshots, snapshots + 1, "one snapshot");
+        assert_ne!(p.dataplane().find_backend(WEB, "b").unwrap().id, old);
+        assert_eq!(state_of(&p, "b"), BackendState::Down);
+        let id = p.dataplane().find_backend(WEB, "b").unwrap().id;
+        let why = p.states.get(id).and_then(|s| s.check_error.clone());
+        assert_eq!(why.as_deref(), Some("connect: refused"));
     }
 
     /// A reload that removes a down backend and adds another that takes

@@ -254,9 +254,10 @@ impl ControlThread {
     /// configuration and the current services, and applies the changes of
     /// the backends checked no longer. Then tells the plane again which
     /// backends the checks hold down: a backend whose address or whose
-    /// service's address changed has a new id, which the plane takes for up
-    /// until told, while the checks (which know backends by name) see no
-    /// change to report.
+    /// service's address changed has a new id, while the checks (which
+    /// know backends by name) see no change to report. (A reload's plane
+    /// already gave the new id the old one's verdict for its first
+    /// snapshot; this makes it so whatever changed the ids.)
     fn update_health_targets(&mut self) {
         let stopped = self
             .health
