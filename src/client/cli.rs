@@ -303,7 +303,7 @@ pub struct StatusArgs {
     /// The running instance's configuration file.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Time to wait for the answer.
+    /// Time the whole call may take: connecting, asking, reading the answer.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
