@@ -43,9 +43,8 @@ fn default_interval() -> DurationStr {
     DurationStr::secs(2)
 }
 
-fn default_timeout() -> DurationStr {
-    DurationStr::secs(1)
-}
+/// The longest default timeout; a shorter interval gets half its own.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn default_rise() -> u32 {
     2
@@ -67,9 +66,10 @@ pub struct HealthConfig {
     /// Time from one check's start to the next's.
     #[serde(default = "default_interval")]
     pub interval: DurationStr,
-    /// How long one check may take (below `interval`).
-    #[serde(default = "default_timeout")]
-    pub timeout: DurationStr,
+    /// How long one check may take (below `interval`; default
+    /// [`HealthConfig::timeout`]'s).
+    #[serde(default)]
+    pub timeout: Option<DurationStr>,
     /// Checks passed in a row that bring a down backend up.
     #[serde(default = "default_rise")]
     pub rise: u32,
@@ -91,6 +91,14 @@ impl HealthConfig {
     /// The TCP port checked for a service on `service_port`.
     pub fn port_for(&self, service_port: u16) -> u16 {
         self.port.unwrap_or(service_port)
+    }
+
+    /// How long one check may take: as set, or 1 s, or half the interval
+    /// when that is shorter (so that any valid interval alone is a valid
+    /// check, as HAProxy's timeout follows its `inter`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+            .map_or_else(|| DEFAULT_TIMEOUT.min(self.interval.0 / 2), |t| t.0)
     }
 
     /// HTTP: the path requested.
@@ -115,7 +123,7 @@ impl HealthConfig {
                 "a udp service's health check needs a port: the TCP port its backends answer checks on",
             );
         }
-        let (interval, timeout) = (self.interval.0, self.timeout.0);
+        let (interval, timeout) = (self.interval.0, self.timeout());
         if interval < MIN_HEALTH_INTERVAL || interval > MAX_HEALTH_INTERVAL {
             return fail(
                 p.key("interval"),
@@ -135,7 +143,8 @@ impl HealthConfig {
                 p.key("timeout"),
                 format!(
                     "{}: the timeout must be below the interval ({})",
-                    self.timeout, self.interval
+                    DurationStr(timeout),
+                    self.interval
                 ),
             );
         }

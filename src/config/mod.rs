@@ -1309,6 +1309,10 @@ impl Config {
                 if let Err(e) = host_address(&b.address) {
                     return fail(bp.key("address"), e);
                 }
+                // 0.0.0.0 would check this host, a group address nothing.
+                if let Some(Err(e)) = b.health_address.as_ref().map(host_address) {
+                    return fail(bp.key("health_address"), e);
+                }
                 if s.forwarding == Forwarding::L2 && b.mac.is_none() {
                     return fail(bp.key("mac"), "forwarding = \"l2\" needs the backend's mac");
                 }
@@ -1712,6 +1716,8 @@ impl Config {
                     if b.weight == 0 { " draining" } else { "" },
                     match (&s.health, b.health_address) {
                         (Some(_), Some(a)) => format!(", checked at {a}"),
+                        (None, Some(a)) =>
+                            format!(", health_address {a} unused (the service has no health key)"),
                         _ => String::new(),
                     }
                 );
@@ -1750,7 +1756,7 @@ fn health_plan(h: &HealthConfig, service_port: u16) -> String {
         h.kind.name(),
         h.port_for(service_port),
         h.interval,
-        h.timeout,
+        DurationStr(h.timeout()),
         h.fall,
         h.rise
     );

@@ -1345,7 +1345,7 @@ fn health_checks_are_parsed_with_their_defaults() {
     assert_eq!(h.kind, HealthKind::Http);
     assert_eq!((h.port_for(80), h.rise, h.fall), (80, 2, 3));
     assert_eq!(
-        (h.interval.0, h.timeout.0),
+        (h.interval.0, h.timeout()),
         (
             std::time::Duration::from_secs(2),
             std::time::Duration::from_secs(1)
@@ -1379,6 +1379,11 @@ fn bad_health_settings_name_key_and_line() {
             format!("{h}interval = \"1s\", timeout = \"1s\" }}"),
             "timeout",
             "the timeout must be below the interval",
+        ),
+        (
+            format!("{h}interval = \"100ms\", timeout = \"1s\" }}"),
+            "timeout",
+            "1s: the timeout must be below the interval (100ms)",
         ),
         (
             format!("{h}interval = \"2s\", timeout = \"5s\" }}"),
@@ -1460,6 +1465,67 @@ fn bad_health_settings_name_key_and_line() {
         "health = { kind = \"tcp\", port = 53 }",
     );
     assert!(Config::parse(&ok, "t.toml").is_ok());
+}
+
+#[test]
+fn a_health_timeout_left_out_follows_a_short_interval() {
+    let timeout = |h: &str| {
+        let c = Config::parse(&with_health(h), "t.toml").unwrap();
+        c.services[0].health.as_ref().unwrap().timeout()
+    };
+    let ms = std::time::Duration::from_millis;
+    // 1 s, or half the interval below 2 s: any interval alone is valid.
+    assert_eq!(timeout("health = { kind = \"tcp\" }"), ms(1000));
+    assert_eq!(
+        timeout("health = { kind = \"tcp\", interval = \"1s\" }"),
+        ms(500)
+    );
+    assert_eq!(
+        timeout("health = { kind = \"tcp\", interval = \"100ms\" }"),
+        ms(50)
+    );
+    assert_eq!(
+        timeout("health = { kind = \"tcp\", interval = \"1s\", timeout = \"900ms\" }"),
+        ms(900)
+    );
+    let plan = Config::parse(
+        &with_health("health = { kind = \"tcp\", interval = \"1s\" }"),
+        "t.toml",
+    )
+    .unwrap()
+    .plan();
+    assert!(plan.contains("every 1s (timeout 500ms)"), "{plan}");
+}
+
+#[test]
+fn a_health_address_is_one_hosts_and_said_unused_without_checks() {
+    let with_address = |t: &str, a: &str| {
+        t.replacen(
+            "address = \"10.0.0.1\"",
+            &format!("address = \"10.0.0.1\"\nhealth_address = \"{a}\""),
+            1,
+        )
+    };
+    let checked = with_health("health = { kind = \"tcp\" }");
+    for bad in ["0.0.0.0", "224.0.0.1", "255.255.255.255", "::"] {
+        let e = err(&with_address(&checked, bad));
+        assert!(e.to_string().contains("health_address"), "{bad}: {e}");
+        assert!(
+            e.to_string().contains("not the address of one host"),
+            "{bad}: {e}"
+        );
+    }
+    let plan = Config::parse(&with_address(&checked, "192.168.0.1"), "t.toml")
+        .unwrap()
+        .plan();
+    assert!(plan.contains(", checked at 192.168.0.1"), "{plan}");
+    let plan = Config::parse(&with_address(&BASE, "192.168.0.1"), "t.toml")
+        .unwrap()
+        .plan();
+    assert!(
+        plan.contains(", health_address 192.168.0.1 unused (the service has no health key)"),
+        "{plan}"
+    );
 }
 
 #[test]

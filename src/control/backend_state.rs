@@ -122,6 +122,16 @@ impl BackendStates {
         }
     }
 
+    /// Makes `error` the check error of `id` if its checks hold it down.
+    pub fn note_check_error(&mut self, id: BackendId, error: Option<&str>) {
+        let Some(s) = self.slots.get_mut(id as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if s.healthy == Some(false) && s.check_error.as_deref() != error {
+            s.check_error = error.map(String::from);
+        }
+    }
+
     /// What the state of `id` would be with `weight`, its inputs as they
     /// are now (up for a backend not known yet).
     pub fn combined(&self, id: BackendId, weight: u32) -> BackendState {

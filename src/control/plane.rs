@@ -55,6 +55,18 @@ pub struct Restored {
     pub refused: usize,
 }
 
+/// One health verdict for [`ControlPlane::set_backends_health`]: backend
+/// `backend` of `service` passes its checks (`up`), fails them (`error`
+/// says why), or is up unchecked (`up` with an `error`: its checks
+/// stopped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthVerdict<'a> {
+    pub service: &'a str,
+    pub backend: &'a str,
+    pub up: bool,
+    pub error: Option<String>,
+}
+
 /// What an affinity request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AffinityAction {
@@ -248,15 +260,53 @@ impl ControlPlane {
         up: bool,
         error: Option<String>,
     ) -> Result<(), RegistryError> {
-        let id = self.registry.backend_id(service, backend).ok_or_else(|| {
-            RegistryError::NoSuchBackend {
+        if self.registry.backend_id(service, backend).is_none() {
+            return Err(RegistryError::NoSuchBackend {
                 service: service.to_string(),
                 backend: backend.to_string(),
-            }
-        })?;
+            });
+        }
+        self.set_backends_health([HealthVerdict {
+            service,
+            backend,
+            up,
+            error,
+        }])
+    }
+
+    /// Applies many health verdicts (as [`set_backend_health`]) and
+    /// publishes one snapshot for them all: a tick's worth of the checker's
+    /// changes (a rack of backends failing together) costs one Maglev
+    /// build per service, not one per backend. A verdict on a backend
+    /// removed since is dropped.
+    ///
+    /// [`set_backend_health`]: Self::set_backend_health
+    pub fn set_backends_health<'a>(
+        &mut self,
+        verdicts: impl IntoIterator<Item = HealthVerdict<'a>>,
+    ) -> Result<(), RegistryError> {
         let now = self.now_ms();
-        self.states.set_health(id, up, error, now);
+        for v in verdicts {
+            if let Some(id) = self.registry.backend_id(v.service, v.backend) {
+                self.states.set_health(id, v.up, v.error, now);
+            }
+        }
         self.apply_states()
+    }
+
+    /// Keeps a down backend's reason current: the error of its last failed
+    /// check, which changes while it stays down (refused, then timing out)
+    /// with no new verdict. Publishes nothing.
+    pub fn note_check_error(&mut self, service: &str, backend: &str, error: Option<&str>) {
+        let Some(id) = self.registry.backend_id(service, backend) else {
+            return;
+        };
+        self.states.note_check_error(id, error);
+    }
+
+    /// True when `service` has a backend named `backend`.
+    pub fn has_backend(&self, service: &str, backend: &str) -> bool {
+        self.registry.backend_id(service, backend).is_some()
     }
 
     /// The backends a BACKEND_STATE from `sender` concerns: backend
@@ -1798,6 +1848,39 @@ address = "2001:db8:1::2"
         assert!(p.dataplane().service(WEB).unwrap().maglev.is_empty());
         p.set_backend_health("web", "b", true, None).unwrap();
         assert!(!p.dataplane().service(WEB).unwrap().all_down);
+    }
+
+    #[test]
+    fn a_batch_of_health_verdicts_is_one_snapshot() {
+        let (mut p, _r) = plane(&config_text());
+        let before = p.counters().snapshots;
+        let down = |backend| HealthVerdict {
+            service: "web",
+            backend,
+            up: false,
+            error: Some(format!("{backend}: refused")),
+        };
+        // A verdict on a backend removed since is dropped, not an error.
+        p.set_backends_health([down("a"), down("gone"), down("b")])
+            .unwrap();
+        assert_eq!(p.counters().snapshots, before + 1, "one snapshot for all");
+        assert_eq!(state_of(&p, "a"), BackendState::Down);
+        assert_eq!(state_of(&p, "b"), BackendState::Down);
+        assert!(p.dataplane().service(WEB).unwrap().all_down);
+        // The same verdicts again change nothing: no snapshot.
+        p.set_backends_health([down("a"), down("b")]).unwrap();
+        assert_eq!(p.counters().snapshots, before + 1);
+        // A down backend's reason follows its last failed check.
+        p.note_check_error("web", "a", Some("connect: timed out"));
+        assert_eq!(
+            p.backend_status(A).unwrap().check_error.as_deref(),
+            Some("connect: timed out")
+        );
+        assert_eq!(p.counters().snapshots, before + 1);
+        // An up backend has none.
+        p.set_backend_health("web", "a", true, None).unwrap();
+        p.note_check_error("web", "a", Some("connect: timed out"));
+        assert_eq!(p.backend_status(A).unwrap().check_error, None);
     }
 
     #[test]

@@ -8,8 +8,7 @@
 //! [`ControlThread::serve_until`] and asks for the [`ControlThread::summary`]
 //! at the end. Each [`step`](ControlThread::step) expires affinities and
 //! sends their AFFINITY_ENDED notices (every [`TICK`]), takes the health
-//! checker's reports (applying each change in
-//! [`apply_health_change`](ControlThread::apply_health_change)), keeps the
+//! checker's reports (a tick's changes in one snapshot), keeps the
 //! state file current when `[affinity] state_file` is set, prints the
 //! status line when due, and serves the requests waiting on the socket;
 //! [`ControlThread::save_state`] writes the state file at shutdown.
@@ -28,7 +27,7 @@ use crate::cluster::StoreHandle;
 use crate::config::Config;
 use crate::control::counters::{control_summary, ServerCounters};
 use crate::control::handler::{Call, ControlHandler, Response};
-use crate::control::plane::ControlPlane;
+use crate::control::plane::{ControlPlane, HealthVerdict};
 use crate::control::registry::ServiceRegistry;
 use crate::control::reload::ConfigFile;
 use crate::control::server::{ControlServer, ServerAuth, ServerConfig};
@@ -257,49 +256,72 @@ impl ControlThread {
     /// service's address changed has a new id, while the checks (which
     /// know backends by name) see no change to report. (A reload's plane
     /// already gave the new id the old one's verdict for its first
-    /// snapshot; this makes it so whatever changed the ids.)
+    /// snapshot; this makes it so whatever changed the ids.) All of it is
+    /// one snapshot at most.
     fn update_health_targets(&mut self) {
         let stopped = self
             .health
             .update(self.file.running(), self.plane.dataplane());
-        for c in stopped {
-            self.apply_health_change(c);
-        }
-        for (service, backend, error) in self.health.view().down() {
-            // Down already: no change. Gone from the plane: nothing to do.
-            let _ = self
-                .plane
-                .set_backend_health(&service, &backend, false, error);
+        let mut verdicts = self.health_verdicts(&stopped);
+        verdicts.extend(
+            self.health
+                .view()
+                .down()
+                .map(|(service, backend, error)| HealthVerdict {
+                    service,
+                    backend,
+                    up: false,
+                    error: error.map(String::from),
+                }),
+        );
+        if let Err(e) = self.plane.set_backends_health(verdicts) {
+            log::error!("health changes not applied: {e}");
         }
     }
 
-    /// Takes the health checker's reports and applies its changes.
+    /// Takes the health checker's reports and applies its changes, all in
+    /// one snapshot; then brings the down backends' reasons up to date.
     fn take_health_reports(&mut self) {
         if self.health.is_stale(self.plane.dataplane()) {
             self.update_health_targets();
         }
-        for c in self.health.drain() {
-            self.apply_health_change(c);
+        let changes = self.health.drain();
+        if !changes.is_empty() {
+            let verdicts = self.health_verdicts(&changes);
+            if let Err(e) = self.plane.set_backends_health(verdicts) {
+                log::error!("health changes not applied: {e}");
+            }
+        }
+        for (service, backend, error) in self.health.view().down() {
+            self.plane.note_check_error(service, backend, error);
         }
     }
 
-    /// Applies one backend's health change: every change the control thread
-    /// acts on, from the checks or from checks that stopped, passes here.
-    /// It is logged here (one line per change), and here the control plane
-    /// is told.
-    pub fn apply_health_change(&mut self, change: HealthChange) {
-        if change.up {
-            log::info!("{}", change.describe());
-        } else {
-            log::warn!("{}", change.describe());
+    /// The verdicts of health changes, each logged (one line per change:
+    /// every change the control thread acts on, from the checks or from
+    /// checks that stopped, passes here). A change of a backend removed
+    /// since (its checks stopped as it went) is no longer the plane's:
+    /// neither logged nor applied.
+    fn health_verdicts<'a>(&self, changes: &'a [HealthChange]) -> Vec<HealthVerdict<'a>> {
+        let mut verdicts = Vec::with_capacity(changes.len());
+        for c in changes {
+            if !self.plane.has_backend(&c.service, &c.backend) {
+                log::debug!("health: {} (a backend removed since)", c.describe());
+                continue;
+            }
+            if c.up {
+                log::info!("{}", c.describe());
+            } else {
+                log::warn!("{}", c.describe());
+            }
+            verdicts.push(HealthVerdict {
+                service: &c.service,
+                backend: &c.backend,
+                up: c.up,
+                error: c.error.clone(),
+            });
         }
-        // A backend removed since the check is no longer the plane's.
-        if let Err(e) =
-            self.plane
-                .set_backend_health(&change.service, &change.backend, change.up, change.error)
-        {
-            log::warn!("health change not applied: {e}");
-        }
+        verdicts
     }
 
     /// Writes the state file (if configured) with the affinities as they

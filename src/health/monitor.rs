@@ -48,6 +48,9 @@ pub struct HealthMonitor {
     backoff: Duration,
     /// Checkers started in place of one that could not start or ended.
     restarts: u64,
+    /// [`HealthMonitor::stop`] ended the checks on purpose (at shutdown):
+    /// the checker is not down.
+    stopped: bool,
     start: Start,
 }
 
@@ -75,6 +78,7 @@ impl HealthMonitor {
             restart_at: None,
             backoff: RESTART_FIRST,
             restarts: 0,
+            stopped: false,
             start,
         }
     }
@@ -92,6 +96,9 @@ impl HealthMonitor {
     /// A checker that cannot start is logged and started again later
     /// (by [`HealthMonitor::drain`]).
     pub fn update(&mut self, cfg: &Config, dp: &Dataplane) -> Vec<HealthChange> {
+        if self.stopped {
+            return Vec::new();
+        }
         self.generation = Some(dp.generation);
         let mut targets = target::targets(cfg, dp);
         let ids: HashMap<(&str, &str), u64> =
@@ -130,8 +137,7 @@ impl HealthMonitor {
         let down = self
             .view
             .down()
-            .into_iter()
-            .map(|(service, backend, _)| (service, backend))
+            .map(|(service, backend, _)| (service.to_string(), backend.to_string()))
             .collect();
         match (self.start)(self.targets.clone(), down) {
             Ok(c) => {
@@ -152,9 +158,10 @@ impl HealthMonitor {
         }
     }
 
-    /// True while backends are to be checked and no checker runs.
+    /// True while backends are to be checked and no checker runs (but
+    /// after [`HealthMonitor::stop`]).
     pub fn checker_down(&self) -> bool {
-        !self.targets.is_empty() && self.checker.is_none()
+        !self.stopped && !self.targets.is_empty() && self.checker.is_none()
     }
 
     /// The checks for the statistics, at `now`.
@@ -246,6 +253,7 @@ impl HealthMonitor {
 
     /// Stops the checker thread (checks end; the view stays).
     pub fn stop(&mut self) {
+        self.stopped = true;
         self.restart_at = None;
         if let Some(mut c) = self.checker.take() {
             c.stop();

@@ -40,9 +40,13 @@ pub enum StartError {
     Failed(String),
 }
 
-/// Linux errno values of a host short of resources: EMFILE, ENFILE,
-/// ENOBUFS, ENOMEM.
-const LOCAL_ERRNOS: [i32; 4] = [24, 23, 105, 12];
+/// Linux errno values of a fault on this host, not the backend's: short
+/// of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM), of local ports or of
+/// its source address (EADDRNOTAVAIL), its interface down (ENETDOWN), or
+/// its own firewall refusing the probe (EPERM, EACCES). Counting these as
+/// failed checks would take every backend down together when the check
+/// network fails, though the data path may still reach them all.
+const LOCAL_ERRNOS: [i32; 8] = [24, 23, 105, 12, 99, 100, 1, 13];
 
 fn start_error(what: &str, e: io::Error) -> StartError {
     let why = format!("{what}: {e}");
@@ -177,5 +181,28 @@ impl Probe {
     /// Takes the socket out of the poll; dropping the probe then closes it.
     pub fn deregister(&mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.stream);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_of_this_host_are_not_the_backends() {
+        let err = |n| start_error("connect", io::Error::from_raw_os_error(n));
+        // EMFILE, EADDRNOTAVAIL, ENETDOWN, EPERM: this host's.
+        for n in [24, 99, 100, 1, 13] {
+            assert!(matches!(err(n), StartError::Local(_)), "errno {n}");
+        }
+        // ECONNREFUSED, ENETUNREACH, EHOSTUNREACH: the backend's (or its
+        // network's).
+        for n in [111, 101, 113] {
+            assert!(matches!(err(n), StartError::Failed(_)), "errno {n}");
+        }
+        assert_eq!(
+            err(111),
+            StartError::Failed(format!("connect: {}", io::Error::from_raw_os_error(111)))
+        );
     }
 }

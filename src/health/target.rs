@@ -37,7 +37,7 @@ impl CheckSpec {
         CheckSpec {
             kind: h.kind,
             interval: h.interval.0,
-            timeout: h.timeout.0,
+            timeout: h.timeout(),
             rise: h.rise,
             fall: h.fall,
             http: (h.kind == HealthKind::Http).then(|| HttpCheck {

@@ -644,6 +644,30 @@ fn a_checker_that_ended_is_started_again_in_the_states_it_left() {
 }
 
 #[test]
+fn a_checker_stopped_at_shutdown_is_not_down() {
+    let (_server, _refused, cfg, plane) = a_refused_b_up();
+    let mut m = HealthMonitor::new();
+    assert!(m.update(&cfg, plane.dataplane()).is_empty());
+    let c = changes_of(&mut m, 1);
+    assert_eq!((c[0].backend.as_str(), c[0].up), ("a", false));
+    m.stop();
+    assert!(m.checker().is_none());
+    let s = m.summary(std::time::SystemTime::now());
+    assert!(!s.checker_down, "stopped on purpose, not down");
+    assert_eq!(
+        s.backend("web", "a").unwrap().state,
+        "down",
+        "the view stays"
+    );
+    // Nothing starts it again.
+    assert!(m.update(&cfg, plane.dataplane()).is_empty());
+    assert!(m
+        .drain_at(Instant::now() + Duration::from_secs(120))
+        .is_empty());
+    assert!(m.checker().is_none());
+}
+
+#[test]
 fn a_checker_that_cannot_start_is_tried_again_with_a_growing_wait() {
     let (_server, _refused, cfg, plane) = a_refused_b_up();
     let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));

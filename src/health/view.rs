@@ -24,7 +24,11 @@ struct Entry {
     since: SystemTime,
     checked: SocketAddr,
     kind: HealthKind,
+    /// The last probe's error (None: it passed).
     last_error: Option<String>,
+    /// The last failed probe's error, kept until the backend is up again:
+    /// why a backend the checks hold down is down.
+    last_failure: Option<String>,
     checks: u64,
     failed: u64,
     changes: u64,
@@ -61,6 +65,7 @@ impl HealthView {
                     checked: t.addr,
                     kind: t.check.kind,
                     last_error: None,
+                    last_failure: None,
                     checks: 0,
                     failed: 0,
                     changes: 0,
@@ -103,6 +108,9 @@ impl HealthView {
         e.checks += 1;
         e.failed += u64::from(p.error.is_some());
         e.last_error = p.error.clone();
+        if p.error.is_some() {
+            e.last_failure = p.error.clone();
+        }
         let h = self
             .probe_ns
             .entry((p.service.clone(), p.kind))
@@ -125,6 +133,9 @@ impl HealthView {
         e.up = c.up;
         e.since = c.at;
         e.changes += 1;
+        if c.up {
+            e.last_failure = None;
+        }
         true
     }
 
@@ -136,13 +147,12 @@ impl HealthView {
     }
 
     /// The (service, backend) names of the backends the checks hold down,
-    /// each with its last check's error.
-    pub fn down(&self) -> Vec<(String, String, Option<String>)> {
+    /// each with its last failed check's error.
+    pub fn down(&self) -> impl Iterator<Item = (&str, &str, Option<&str>)> {
         self.backends
             .iter()
             .filter(|(_, e)| !e.up)
-            .map(|((s, b), e)| (s.clone(), b.clone(), e.last_error.clone()))
-            .collect()
+            .map(|((s, b), e)| (s.as_str(), b.as_str(), e.last_failure.as_deref()))
     }
 
     /// The view for the statistics, at `now`.
@@ -280,6 +290,50 @@ mod tests {
             checked: "127.0.0.1:8080".parse().unwrap(),
             at,
         }
+    }
+
+    #[test]
+    fn a_down_backend_is_down_for_its_last_failed_check() {
+        let t0 = SystemTime::now();
+        let mut v = HealthView::default();
+        v.set_targets(&[target("a", HealthKind::Tcp)], t0);
+        let probe = |v: &mut HealthView, error: Option<&str>| {
+            v.record_probe(
+                1,
+                &ProbeResult {
+                    service: "web".into(),
+                    backend: "a".into(),
+                    kind: HealthKind::Tcp,
+                    elapsed: Duration::from_millis(3),
+                    error: error.map(String::from),
+                },
+            )
+        };
+        let down = |v: &HealthView| {
+            v.down()
+                .map(|(s, b, e)| (s.to_string(), b.to_string(), e.map(String::from)))
+                .collect::<Vec<_>>()
+        };
+        probe(&mut v, Some("connect: refused"));
+        assert!(v.apply(1, &change("a", false, t0)));
+        let why = |e: &str| vec![("web".into(), "a".into(), Some(e.to_string()))];
+        assert_eq!(down(&v), why("connect: refused"));
+        // One check passes (rise is 2): still down, for the failed one.
+        probe(&mut v, None);
+        assert_eq!(down(&v), why("connect: refused"));
+        assert_eq!(
+            v.summary(t0).backends[0].last_error,
+            None,
+            "the last check passed"
+        );
+        // The next failure is the reason now.
+        probe(&mut v, Some("connect: timed out after 500ms"));
+        assert_eq!(down(&v), why("connect: timed out after 500ms"));
+        // Up again, and down later for a new reason only.
+        assert!(v.apply(1, &change("a", true, t0)));
+        assert!(down(&v).is_empty());
+        assert!(v.apply(1, &change("a", false, t0)));
+        assert_eq!(down(&v), vec![("web".into(), "a".into(), None)]);
     }
 
     #[test]
