@@ -115,8 +115,9 @@ attach() {
 }
 
 up() {
-    for tool in ip ethtool; do
-        command -v $tool >/dev/null || { echo "testbed: $tool is missing (apt-get install iproute2 ethtool)" >&2; exit 1; }
+    local tool
+    for tool in ip:iproute2 ethtool:ethtool sysctl:procps; do
+        command -v "${tool%%:*}" >/dev/null || { echo "testbed: ${tool%%:*} is missing (apt-get install ${tool#*:})" >&2; exit 1; }
     done
     if [ "$ETCD" = yes ]; then
         command -v etcd >/dev/null || { echo "testbed: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
