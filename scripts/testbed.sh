@@ -242,10 +242,18 @@ up() {
         # tunl0 decapsulates; otherwise (CONFIG_NET_IPIP off, as on the CI
         # machines) the backend server decapsulates in user space
         # (examples/backend_server.rs --decap).
+        local tunl=""
         if ip -n "$ns" link add tunl0 type ipip 2>/dev/null || ip -n "$ns" link show tunl0 >/dev/null 2>&1; then
             ip -n "$ns" link set tunl0 up
+            tunl=tunl0
         fi
-        for k in all default eth0 lo; do
+        # Reverse-path filtering off: decapsulated packets arrive on tunl0
+        # (or, with --decap, on lo) from the client's address, whose route
+        # leaves by eth0, and an interface filters by the larger of "all"
+        # and its own value. tunl0 exists from the namespace's creation on,
+        # with the value the host's init namespace gave it (strict, 1, on
+        # some distributions), before "default" is set here: name it too.
+        for k in all default eth0 lo $tunl; do
             ip netns exec "$ns" sysctl -qw "net.ipv4.conf.$k.rp_filter=0"
         done
         # Replies to the client behind the router go through the router.
