@@ -10,8 +10,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+usage() { echo "usage: $0 [--no-build]" >&2; exit 2; }
 build=1
-[ "${1:-}" = "--no-build" ] && build=0
+for arg in "$@"; do
+    case "$arg" in
+        --no-build) build=0 ;;
+        -h | --help) echo "usage: $0 [--no-build]"; exit 0 ;;
+        *) echo "build-deb: unknown argument '$arg'" >&2; usage ;;
+    esac
+done
 
 if [ "$build" = 1 ]; then
     cargo build --release --bin pktdist

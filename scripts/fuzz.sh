@@ -57,6 +57,10 @@ case ${1:-} in
 --check)
     (cd fuzz && cargo fmt --check)
     cargo fuzz build -s none
+    # The run's temporary corpus and log go however the script ends.
+    corpus=""
+    log=""
+    trap 'rm -rf "$corpus" "$log"' EXIT
     for t in "${targets[@]}"; do
         echo "== fuzz $t"
         # A fresh corpus, so that the run is the same on every machine: the
@@ -69,6 +73,8 @@ case ${1:-} in
         fi
         grep -E '^(Done|stat::new_units_added)' "$log" || tail -n 5 "$log"
         rm -rf "$corpus" "$log"
+        corpus=""
+        log=""
     done
     ;;
 "")

@@ -94,6 +94,19 @@ hugetlbfs_mounts() {
     }' /proc/mounts
 }
 
+# The non-empty files on the hugetlbfs mounts for this page size, one a
+# line with its size. Each holds its pages until it is removed, also after
+# the process that made it is gone: DPDK keeps its map files (<file
+# prefix>map_<n>), so a pktdist, testpmd or pktgen killed by SIGKILL (or by
+# a service manager's stop timeout) leaves them behind.
+hugetlbfs_files() {
+    local dir ps
+    while read -r dir ps; do
+        [ -n "$dir" ] && [ "$ps" = "$size" ] || continue
+        find "$dir" -xdev -type f -size +0c -printf '%p (%s bytes)\n' 2>/dev/null || true
+    done < <(hugetlbfs_mounts)
+}
+
 # NUMA nodes that have hugepage counters for this page size.
 numa_nodes() {
     local d
@@ -243,6 +256,12 @@ for i in "${!targets[@]}"; do
                 echo "  (kernel command line: hugepagesz=$size hugepages=$pages, see docs/real-nic.md)" >&2
             else
                 echo "  pages still in use cannot be released until their users exit" >&2
+                files=$(hugetlbfs_files)
+                if [ -n "$files" ]; then
+                    echo "  these files on hugetlbfs hold pages (a DPDK process killed without cleaning up leaves its *map_* files):" >&2
+                    echo "$files" | sed 's/^/    /' >&2
+                    echo "  remove those no process uses ('fuser -v FILE' prints nothing), then run this again (docs/real-nic.md, Undo)" >&2
+                fi
             fi
             short=1
         else

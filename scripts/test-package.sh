@@ -76,6 +76,14 @@ grep -qx 'state_file = "/var/lib/pktdist/affinities.state"' "$root/fs/etc/pktdis
 grep -q "install -d -m 0750 /var/lib/pktdist" "$root/control/postinst" \
     || fail "postinst does not make /var/lib/pktdist"
 grep -qx "StateDirectory=pktdist" "$unit" || fail "the unit has no StateDirectory=pktdist"
+# systemd must not kill pktdist during the longest [control] stop_delay the
+# configuration accepts (MAX_STOP_DELAY) or the stop and state-file write
+# after it.
+max_delay=$(sed -n 's/^pub const MAX_STOP_DELAY: Duration = Duration::from_secs(\([0-9]*\));$/\1/p' src/config/mod.rs)
+stop_timeout=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)$/\1/p' "$unit")
+[ -n "$max_delay" ] || fail "no MAX_STOP_DELAY in seconds in src/config/mod.rs"
+[ -n "$stop_timeout" ] && [ "$stop_timeout" -ge $((max_delay + 30)) ] \
+    || fail "the unit's TimeoutStopSec (${stop_timeout:-none}) is not at least the longest stop_delay ($max_delay s) plus 30 s"
 
 bin=$root/fs/usr/bin/pktdist
 "$bin" --version | grep -q "^pktdist " || fail "pktdist --version"

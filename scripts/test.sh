@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test of pktdist, the real-DPDK ones included, after installing
 # what a fresh Debian machine lacks. This is what CI runs (.ci/run).
+# Runs as root: the test beds make network namespaces, and the DPDK tests
+# start EAL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    # Plain sudo would not do: its secure_path drops ~/.cargo/bin. -E keeps
+    # HOME (rustup's toolchains); env sets the caller's PATH back.
+    echo "test.sh: run it as root (network namespaces, DPDK): sudo -E env \"PATH=\$PATH\" ./scripts/test.sh" >&2
+    exit 1
+fi
 
 ./scripts/install-deps.sh
 

@@ -50,7 +50,8 @@
 # etcd), its BIRD's to $STATE/lbk/bird.conf; the glue and the
 # BIRDs start with the bed and log to $STATE. Start pktdist yourself:
 #   ip netns exec pd-lb2 ./target/release/pktdist run --config $STATE/lb2/pktdist.toml
-# $STATE is $PD_TESTBED_STATE, default /tmp/<prefix>-testbed; the glue runs
+# $STATE is $PD_TESTBED_STATE (a new or empty directory, which up marks as
+# the bed's: down removes nothing else), default /tmp/<prefix>-testbed; the glue runs
 # $PKTDIST status (default ./target/release/pktdist).
 #
 # Usage: scripts/testbed.sh up [--instances N] [--etcd] | down | status
@@ -72,7 +73,12 @@ NS_LB=$PREFIX-lb
 CLIENTS=(c1 c2)
 BACKENDS=(be1 be2 be3)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-STATE=${PD_TESTBED_STATE:-/tmp/$PREFIX-testbed}
+STATE_DEFAULT=/tmp/$PREFIX-testbed
+STATE=${PD_TESTBED_STATE:-$STATE_DEFAULT}
+# Written into $STATE by up: down removes only a directory that has it (or
+# the default one, the bed's by its name), never one a caller named that
+# holds other files.
+STATE_MARKER=.pktdist-testbed
 PKTDIST=${PKTDIST:-$REPO/target/release/pktdist}
 INSTANCES=1
 ETCD=no
@@ -96,11 +102,27 @@ down() {
         for pid in $(ip netns pids "$ns" 2>/dev/null || true); do kill -9 "$pid" 2>/dev/null || true; done
         ip netns del "$ns" 2>/dev/null || true
     done
-    rm -rf "$STATE"
+    if [ -e "$STATE/$STATE_MARKER" ] || [ "$STATE" = "$STATE_DEFAULT" ]; then
+        rm -rf "$STATE"
+    elif [ -e "$STATE" ]; then
+        echo "testbed: left $STATE alone (not made by the bed: no $STATE_MARKER in it)" >&2
+    fi
     # veth ends left in the root namespace by an interrupted 'up'.
     for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$PREFIX-" || true); do
         ip link del "$l" 2>/dev/null || true
     done
+}
+
+# state_dir: makes $STATE, marked as the bed's, or takes it if it is the
+# bed's already or empty; refuses a directory holding other files, which
+# down would not remove.
+state_dir() {
+    if [ -d "$STATE" ] && [ ! -e "$STATE/$STATE_MARKER" ] && [ -n "$(ls -A "$STATE")" ]; then
+        echo "testbed: $STATE (PD_TESTBED_STATE) holds files the bed did not make: name a new or empty directory" >&2
+        exit 1
+    fi
+    mkdir -p "$STATE"
+    : >"$STATE/$STATE_MARKER"
 }
 
 # attach NAME NS IFNAME: a veth pair with one end in NS (as IFNAME) and the
@@ -115,8 +137,9 @@ attach() {
 }
 
 up() {
-    for tool in ip ethtool; do
-        command -v $tool >/dev/null || { echo "testbed: $tool is missing (apt-get install iproute2 ethtool)" >&2; exit 1; }
+    local tool
+    for tool in ip:iproute2 ethtool:ethtool sysctl:procps; do
+        command -v "${tool%%:*}" >/dev/null || { echo "testbed: ${tool%%:*} is missing (apt-get install ${tool#*:})" >&2; exit 1; }
     done
     if [ "$ETCD" = yes ]; then
         command -v etcd >/dev/null || { echo "testbed: etcd is missing (apt-get install etcd-server)" >&2; exit 1; }
@@ -129,6 +152,8 @@ up() {
         [ -x "$PKTDIST" ] || { echo "testbed: $PKTDIST is not built: cargo build --release --features dpdk first" >&2; exit 1; }
     fi
     down
+    # Only the ECMP bed keeps files (configurations, logs) in $STATE.
+    [ "$INSTANCES" -eq 1 ] || state_dir
     command -v modprobe >/dev/null && modprobe ipip 2>/dev/null || true
     ip netns add "$NS_SW"
     ip -n "$NS_SW" link add br0 type bridge
@@ -241,10 +266,18 @@ up() {
         # tunl0 decapsulates; otherwise (CONFIG_NET_IPIP off, as on the CI
         # machines) the backend server decapsulates in user space
         # (examples/backend_server.rs --decap).
+        local tunl=""
         if ip -n "$ns" link add tunl0 type ipip 2>/dev/null || ip -n "$ns" link show tunl0 >/dev/null 2>&1; then
             ip -n "$ns" link set tunl0 up
+            tunl=tunl0
         fi
-        for k in all default eth0 lo; do
+        # Reverse-path filtering off: decapsulated packets arrive on tunl0
+        # (or, with --decap, on lo) from the client's address, whose route
+        # leaves by eth0, and an interface filters by the larger of "all"
+        # and its own value. tunl0 exists from the namespace's creation on,
+        # with the value the host's init namespace gave it (strict, 1, on
+        # some distributions), before "default" is set here: name it too.
+        for k in all default eth0 lo $tunl; do
             ip netns exec "$ns" sysctl -qw "net.ipv4.conf.$k.rp_filter=0"
         done
         # Replies to the client behind the router go through the router.
@@ -387,6 +420,11 @@ status() {
         ip -n "$PREFIX-r1" route show $VIP | sed 's/^/  /'
     fi
 }
+
+if [ "$(realpath -m -- "$STATE")" = / ]; then
+    echo "testbed: PD_TESTBED_STATE must not be /" >&2
+    exit 2
+fi
 
 cmd=${1:-}
 [ $# -gt 0 ] && shift

@@ -26,7 +26,9 @@ local settings = common.settings({
     SRC_IP_MAX   = "10.99.3.232", -- ...up to (1000 clients)
     SRC_IP_INC   = "0.0.0.1",     -- step per packet
     SRC_PORT_MIN = 40000,         -- client ports...
-    SRC_PORT_MAX = 40063,         -- ...up to (64 per client)
+    SRC_PORT_MAX = 40063,         -- ...up to (64 ports; address and port step
+                                  -- together: lcm(1000, 64) = 8000 pairs, 8 ports
+                                  -- per client)
     SRC_PORT_INC = 1,             -- step per packet
     PKT_SIZE     = 256,           -- frame size with FCS
 })

@@ -140,17 +140,28 @@ if [ "$(basename "$script")" = syn-flood-pcap.lua ]; then
 fi
 
 mkdir -p "$(dirname "$MEMIF_SOCKET")"
-# The memif server creates the socket; a stale one makes it fail.
+# The memif server creates the socket; a stale one makes it fail. One that
+# a process still listens on is not stale: a pktdist of an aborted run
+# busy-polls a core and would skew this one.
 if [ -e "$MEMIF_SOCKET" ]; then
+    if [ -n "$(ss -Hxl src "$MEMIF_SOCKET" 2>/dev/null)" ]; then
+        echo "run-memif: a process still listens on $MEMIF_SOCKET (an earlier run's pktdist?); stop it first:" >&2
+        ss -Hxlp src "$MEMIF_SOCKET" >&2 || true
+        exit 1
+    fi
     echo "run-memif: removing stale $MEMIF_SOCKET"
     rm -f "$MEMIF_SOCKET"
 fi
 
 pktdist_pid=""
 idle_pid=""
+pktgen_run=""
 # shellcheck disable=SC2317 # called by the trap
 cleanup() {
     [ -z "$idle_pid" ] || kill "$idle_pid" 2>/dev/null || true
+    # pktgen runs under timeout(1): an ALRM makes it stop pktgen as on
+    # expiry (TERM, then KILL after its --kill-after).
+    [ -z "$pktgen_run" ] || kill -ALRM "$pktgen_run" 2>/dev/null || true
     if [ -n "$pktdist_pid" ] && kill -0 "$pktdist_pid" 2>/dev/null; then
         kill -TERM "$pktdist_pid" 2>/dev/null || true
         sleep 2
@@ -209,6 +220,7 @@ while kill -0 "$pktgen_run" 2>/dev/null; do
 done
 rc=0
 wait "$pktgen_run" || rc=$?
+pktgen_run=""
 kill "$idle_pid" 2>/dev/null || true
 idle_pid=""
 exec {idle_fd}<&-

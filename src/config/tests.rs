@@ -847,6 +847,7 @@ fn shipped_configs_are_valid() {
         "config/demo.toml",
         "config/real-nic.toml",
         "config/testbed.toml",
+        "perf/pktgen/pktdist-memif.toml",
     ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         // The state file's directory is the package's, which a test

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
@@ -70,11 +70,29 @@ pub fn skip_reason(tools: &[&str]) -> Option<String> {
     None
 }
 
+/// The newest modification time of `path`: the file's, or for a directory
+/// its own and that of everything under it.
+fn newest(path: &Path) -> Option<SystemTime> {
+    let meta = fs::metadata(path).ok()?;
+    let own = meta.modified().ok();
+    if !meta.is_dir() {
+        return own;
+    }
+    fs::read_dir(path)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| newest(&e.path()))
+        .chain(own)
+        .max()
+}
+
 /// The example binaries (backend_server, testbed_client). `cargo test
 /// --all-targets` builds examples only as test harnesses, so look for plain
 /// builds: this profile's, then release (scripts/test.sh builds `--release
-/// --examples` first), then debug; one older than its source does not
-/// count. Built here if none is found.
+/// --examples` first), then debug; one older than what it is built from
+/// (its source, the library under `src/`, `Cargo.toml`, `build.rs`) does
+/// not count, so that an old debug build does not win over a fresh
+/// release one. Built here if none is found.
 pub fn examples() -> (PathBuf, PathBuf) {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
@@ -92,9 +110,15 @@ pub fn examples() -> (PathBuf, PathBuf) {
         target.join("debug/examples"),
     ];
     let find = |name: &str| -> Option<PathBuf> {
-        let source = fs::metadata(repo().join(format!("examples/{name}.rs")))
-            .and_then(|m| m.modified())
-            .ok()?;
+        let source = [
+            format!("examples/{name}.rs"),
+            "src".into(),
+            "Cargo.toml".into(),
+            "build.rs".into(),
+        ]
+        .iter()
+        .filter_map(|p| newest(&repo().join(p)))
+        .max()?;
         dirs.iter().map(|d| d.join(name)).find(|p| {
             fs::metadata(p)
                 .and_then(|m| m.modified())
