@@ -319,11 +319,14 @@ pub fn one_host(family: Family, addr: u128) -> bool {
 /// headers is refused (`echo_options`): answering it would mean processing
 /// them; so is one from no one host's address (`echo_bad_source`), and an
 /// IPv4 one whose header checksum fails (`bad_checksum`: its source may be
-/// another's).
+/// another's). A request that passes these checks is answered if
+/// `allow()` (the rate limit, charged for answers only), else refused
+/// (`echo_rate_limited`).
 pub fn echo_reply<B: PacketBuf>(
     buf: &mut B,
     at: &IcmpAt,
     src_mac: [u8; 6],
+    allow: impl FnOnce() -> bool,
 ) -> Result<(), IcmpDrop> {
     let l3 = usize::from(at.l3_offset);
     let l4 = usize::from(at.l4_offset);
@@ -351,6 +354,9 @@ pub fn echo_reply<B: PacketBuf>(
     };
     if !one_host(at.family, source) {
         return Err(IcmpDrop::EchoBadSource);
+    }
+    if !allow() {
+        return Err(IcmpDrop::EchoRateLimited);
     }
     reply_macs(d, src_mac);
     let (request, reply) = match at.family {
@@ -791,7 +797,7 @@ mod tests {
             .unwrap();
             let at = at_of(&f);
             let mut b = MemBuf::from_frame(&f);
-            echo_reply(&mut b, &at, MAC).unwrap();
+            echo_reply(&mut b, &at, MAC, || true).unwrap();
             let out = b.data();
             let l3 = at.l3_offset as usize;
             assert_eq!(&out[0..6], &f[6..12], "back to the sender");
@@ -815,7 +821,7 @@ mod tests {
         .unwrap();
         let at = at_of(&f6);
         let mut b = MemBuf::from_frame(&f6);
-        echo_reply(&mut b, &at, MAC).unwrap();
+        echo_reply(&mut b, &at, MAC, || true).unwrap();
         let ip = ipv6::Packet::new_checked(&b.data()[14..]).unwrap();
         assert_eq!((ip.src_addr(), ip.dst_addr()), (VIP6, CLIENT6));
         assert_eq!(ip.hop_limit(), 64);
@@ -836,7 +842,7 @@ mod tests {
         .unwrap();
         let mut b = MemBuf::from_frame(&f);
         assert_eq!(
-            echo_reply(&mut b, &at_of(&f), MAC),
+            echo_reply(&mut b, &at_of(&f), MAC, || true),
             Err(IcmpDrop::EchoOptions)
         );
         assert_eq!(b.data(), &f[..], "unchanged");
@@ -849,7 +855,7 @@ mod tests {
         .unwrap();
         let mut b = MemBuf::from_frame(&f6);
         assert_eq!(
-            echo_reply(&mut b, &at_of(&f6), MAC),
+            echo_reply(&mut b, &at_of(&f6), MAC, || true),
             Err(IcmpDrop::EchoOptions)
         );
     }
@@ -889,7 +895,7 @@ mod tests {
         for f in &frames {
             let mut b = MemBuf::from_frame(f);
             assert_eq!(
-                echo_reply(&mut b, &at_of(f), MAC),
+                echo_reply(&mut b, &at_of(f), MAC, || true),
                 Err(IcmpDrop::EchoBadSource),
                 "{f:02x?}"
             );
@@ -901,7 +907,7 @@ mod tests {
         f[14 + 12] ^= 1; // the source, under the header checksum
         let mut b = MemBuf::from_frame(&f);
         assert_eq!(
-            echo_reply(&mut b, &at_of(&f), MAC),
+            echo_reply(&mut b, &at_of(&f), MAC, || true),
             Err(IcmpDrop::BadChecksum)
         );
         assert!(one_host(Family::V4, u32::from_be_bytes(CLIENT) as u128));

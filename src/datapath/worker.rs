@@ -862,11 +862,9 @@ impl<IO: PacketIo> Worker<IO> {
         if !self.setup.icmp.echo.answers(at.family, vip) {
             return Err(IcmpVerdict::Icmp(IcmpDrop::EchoOff));
         }
-        if !self.echo_limit.allow(now) {
-            return Err(IcmpVerdict::Icmp(IcmpDrop::EchoRateLimited));
-        }
         let rx_mac = self.io.port_mac(rx_port);
-        icmp::echo_reply(buf, at, rx_mac).map_err(IcmpVerdict::Icmp)?;
+        let limit = &mut self.echo_limit;
+        icmp::echo_reply(buf, at, rx_mac, || limit.allow(now)).map_err(IcmpVerdict::Icmp)?;
         self.counters.icmp_echo_answered.inc();
         Ok(rx_port)
     }
@@ -979,6 +977,7 @@ impl<IO: PacketIo> Worker<IO> {
         // on a down backend's flow is a new connection (the client reused
         // the tuple, or retries one the backend never answered), which a
         // down backend gets none of.
+        let mut known = false;
         match self.flows.lookup(&p.key, hash, now, flags) {
             Lookup::Hit(e) => {
                 if let Some(x) = exit_of(exits, e.backend, svc.id) {
@@ -992,6 +991,7 @@ impl<IO: PacketIo> Worker<IO> {
                 }
                 // Its backend was removed, or is down and this is a SYN:
                 // forget the flow and route anew.
+                known = true;
                 self.counters.rerouted.inc();
                 if let Some(old) = self.flows.remove(&p.key, hash) {
                     self.counters.flows_closed.inc();
@@ -1015,7 +1015,9 @@ impl<IO: PacketIo> Worker<IO> {
         }
 
         if is_tcp && !syn {
-            self.counters.unknown_flows.inc();
+            if !known {
+                self.counters.unknown_flows.inc();
+            }
             if flags & tcp_flags::RST != 0 {
                 // A reset for a flow we do not know: route it statelessly
                 // and remember nothing.
@@ -1027,14 +1029,15 @@ impl<IO: PacketIo> Worker<IO> {
         let now_ms = now / 1_000_000;
         let (backend, auto_slot) =
             self.pick_new(dp, svc, query, p, hash, now_ms, syn || !is_tcp)?;
+        // A flow learned from a packet of its middle is half-open until
+        // its next packet: a flood of spoofed ACKs holds entries (and
+        // automatic-affinity pins) for the `syn_timeout`, as a SYN flood's.
         let state = if !is_tcp {
             TcpState::Udp
-        } else if syn {
-            TcpState::SynSeen
-        } else if flags & tcp_flags::FIN != 0 {
+        } else if flags & tcp_flags::FIN != 0 && !syn {
             TcpState::Closing
         } else {
-            TcpState::Established
+            TcpState::SynSeen
         };
         let auto_slot = auto_slot.map_or(NO_AUTO_SLOT, |s| s.0);
         let bc = self.counters.backend(backend);
@@ -1790,10 +1793,84 @@ mod tests {
             .map(|&f| backend_index(f))
             .collect();
         assert_eq!(after, first);
+        // Past the fin timeout (5 s) and within the established one (60
+        // s): the connection went on after the reset, so it is open again.
+        let later: Vec<usize> = send(&mut b, &each(tcp_flags::ACK), 20 * SEC)
+            .iter()
+            .map(|&f| backend_index(f))
+            .collect();
+        assert_eq!(
+            later, first,
+            "a forged reset does not shorten the connection"
+        );
+        // A reset forged with a SYN behind it does not move it either.
+        send(&mut b, &each(tcp_flags::RST), 21 * SEC);
+        let moved: Vec<usize> = send(&mut b, &each(tcp_flags::SYN), 21 * SEC)
+            .iter()
+            .map(|&f| backend_index(f))
+            .collect();
+        assert_eq!(moved, first, "the SYN after a reset keeps the backend");
+        let after: Vec<usize> = send(&mut b, &each(tcp_flags::ACK), 22 * SEC)
+            .iter()
+            .map(|&f| backend_index(f))
+            .collect();
+        assert_eq!(after, first);
         let c = b.worker.counters();
         assert_eq!(c.unknown_flows.get(), 0);
         assert_eq!(c.flows_closed.get(), 0);
+        assert_eq!(c.flows_expired.get(), 0);
         assert_eq!(b.worker.flows().len(), clients.len());
+    }
+
+    /// A flow learned from a packet of its middle (a spoofed ACK, or a
+    /// connection the table lost) holds its entry for the SYN timeout
+    /// until its next packet confirms it: a flood of spoofed ACKs ends in
+    /// seconds, not at the established timeout.
+    #[test]
+    fn a_flow_learned_mid_connection_is_half_open_until_its_next_packet() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes, 1024);
+        let spoofed: Vec<Vec<u8>> = (0..50u8)
+            .map(|i| tcp([198, 18, 16, i], 9, tcp_flags::ACK))
+            .collect();
+        let live = tcp([198, 18, 17, 1], 9, tcp_flags::ACK);
+        assert_eq!(send(&mut b, &spoofed, SEC).len(), 50);
+        let to = send(&mut b, std::slice::from_ref(&live), SEC);
+        assert_eq!(b.worker.counters().unknown_flows.get(), 51);
+        // The live connection's next packet confirms its flow.
+        assert_eq!(send(&mut b, std::slice::from_ref(&live), 2 * SEC), to);
+        // Past the SYN timeout (5 s), within the established one (60 s):
+        // the spoofed entries are gone, the live one stays.
+        b.worker.sweep(10 * SEC, true);
+        assert_eq!(b.worker.flows().len(), 1);
+        assert_eq!(b.worker.counters().flows_expired.get(), 50);
+        assert_eq!(send(&mut b, std::slice::from_ref(&live), 11 * SEC), to);
+        assert_eq!(b.worker.counters().unknown_flows.get(), 51);
+    }
+
+    /// A packet of a known flow whose backend was removed is rerouted, not
+    /// counted as an unknown flow's.
+    #[test]
+    fn a_removed_backends_flow_is_rerouted_not_unknown() {
+        let bes = vec![backend(0, 0, 100), backend(1, 0, 100)];
+        let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::Maglev, IPIP);
+        let mut b = bed(vec![svc], bes.clone(), 1024);
+        let clients: Vec<[u8; 4]> = (0..40u8).map(|i| [198, 18, 18, i]).collect();
+        let each =
+            |flags: u8| -> Vec<Vec<u8>> { clients.iter().map(|&c| tcp(c, 7, flags)).collect() };
+        let first = send(&mut b, &each(tcp_flags::SYN), SEC);
+        send(&mut b, &each(tcp_flags::ACK), SEC);
+        let on_0 = first.iter().filter(|&&a| backend_index(a) == 0).count();
+        assert!(on_0 > 0 && on_0 < clients.len());
+        let kept = vec![bes[1].clone()];
+        let svc = service(0, 80, PROTO_TCP, &kept, SchedulerKind::Maglev, IPIP);
+        b.cell.publish(Dataplane::new(2, vec![svc], kept));
+        let after = send(&mut b, &each(tcp_flags::ACK), 2 * SEC);
+        assert!(after.iter().all(|&a| backend_index(a) == 1));
+        let c = b.worker.counters();
+        assert_eq!(c.rerouted.get(), on_0 as u64);
+        assert_eq!(c.unknown_flows.get(), 0);
     }
 
     /// Every SYN counts as one, also a SYN repeated on a flow already open;
@@ -2964,6 +3041,27 @@ mod icmp_tests {
         assert_eq!(c.icmp_drops[IcmpDrop::EchoRateLimited as usize].get(), 3);
         // A second later, more.
         assert_eq!(run(&mut b, &pings[..1], 2 * SEC).len(), 1);
+        // Requests refused for themselves (IPv4 options, no one host's
+        // source) spend none of the rate: it counts answers.
+        let refused: Vec<Vec<u8>> = (0..8u32)
+            .map(|i| {
+                let options = [1, 1, 1, 0];
+                let mut spec =
+                    FrameSpec::icmp_v4([203, 0, 113, 1], VIP, v4::ECHO_REQUEST, 0, 100 + i);
+                if i % 2 == 0 {
+                    spec.ipv4_options = &options;
+                } else {
+                    spec = FrameSpec::icmp_v4([0, 0, 0, 0], VIP, v4::ECHO_REQUEST, 0, 100 + i);
+                }
+                spec.build().unwrap()
+            })
+            .collect();
+        assert!(run(&mut b, &refused, 10 * SEC).is_empty());
+        assert_eq!(run(&mut b, &pings, 10 * SEC).len(), 5);
+        let c = b.worker.counters();
+        assert_eq!(c.icmp_drops[IcmpDrop::EchoOptions as usize].get(), 4);
+        assert_eq!(c.icmp_drops[IcmpDrop::EchoBadSource as usize].get(), 4);
+        assert_eq!(c.icmp_drops[IcmpDrop::EchoRateLimited as usize].get(), 6);
     }
 
     /// A 1500-byte DF packet from `src` to the web service: 20 bytes too

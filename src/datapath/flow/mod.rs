@@ -107,6 +107,11 @@ const HAS_AUTO: u8 = 0x40;
 /// Bit of a slot's state byte marking a guest: a flow stored in its
 /// alternate bucket, not its home.
 const GUEST: u8 = 0x20;
+/// Bit of a slot's state byte marking a [`TcpState::Closing`] flow that a
+/// reset closed (not a FIN): a later packet of its middle shows the reset
+/// was not the connection's (a forgery outside the backend's window, which
+/// its TCP ignored) and opens it again.
+const RESET: u8 = 0x10;
 /// Moves of a bucket's own flows to their alternates are tried while fewer
 /// than `capacity - capacity / MOVE_LIMIT` flows of the family are stored.
 const MOVE_LIMIT: usize = 16;
@@ -121,7 +126,10 @@ const CACHE_LINE: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum TcpState {
-    /// SYN seen, no ACK from the client yet.
+    /// SYN seen, no ACK from the client yet; or a flow learned from one
+    /// packet of its middle (the flow table did not know it), until a
+    /// second confirms it: a spoofed packet takes an entry for the
+    /// `syn_timeout` only.
     SynSeen = 0,
     /// The client has acknowledged: the connection is open.
     Established = 1,
@@ -889,17 +897,28 @@ impl<K: SlotKey> Part<K> {
         }
         let old_state = TcpState::from_u8(slot.state);
         let mut state = old_state;
+        let mut reset = slot.state & RESET;
         if old_state != TcpState::Udp {
             let syn_only =
                 tcp_flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
-            if old_state == TcpState::Closing && syn_only {
+            // A SYN after a FIN reuses the tuple for a new connection; one
+            // after a reset keeps the flow's backend until the fin timeout
+            // (the reset may have been forged, and the SYN with it).
+            if old_state == TcpState::Closing && syn_only && reset == 0 {
                 books.stats.closed += 1;
                 books.stats.misses += 1;
                 books.vacant = Some(vacancy);
                 return Lookup::Stale(self.vacate(books, (b, s), home, false));
             }
             if tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
-                state = TcpState::Closing;
+                if tcp_flags & tcp_flags::FIN != 0 {
+                    (state, reset) = (TcpState::Closing, 0);
+                } else if old_state != TcpState::Closing {
+                    (state, reset) = (TcpState::Closing, RESET);
+                }
+            } else if reset != 0 && !syn_only {
+                // The client goes on after the reset: it was not its own.
+                (state, reset) = (TcpState::Established, 0);
             } else if old_state == TcpState::SynSeen && tcp_flags & tcp_flags::ACK != 0 {
                 state = TcpState::Established;
             }
@@ -913,7 +932,7 @@ impl<K: SlotKey> Part<K> {
             }
         }
         let slot = &mut self.buckets[b].metas[s];
-        slot.state = slot.state & !3 | state as u8;
+        slot.state = slot.state & !(3 | RESET) | state as u8 | reset;
         slot.stamp = stamp_of(now);
         books.stats.hits += 1;
         Lookup::Hit(Hit {
@@ -1939,11 +1958,13 @@ mod tests {
         }
     }
 
-    /// A reset closes the flow as a FIN does: its later packets (those of
-    /// a live connection, when the reset was forged) still find it until
-    /// the `fin` timeout, and a SYN on its tuple starts anew.
+    /// A reset closes the flow as a FIN does, but for a while only: its
+    /// later packets find it until the `fin` timeout, and a packet of the
+    /// connection's middle after it (the reset was forged, and the backend
+    /// ignored it) opens it again, with the established timeout; a SYN on
+    /// its tuple keeps its backend.
     #[test]
-    fn rst_closes_the_flow_until_the_fin_timeout() {
+    fn rst_closes_the_flow_until_the_connection_goes_on() {
         for fam in FAMILIES {
             let mut t = table(64);
             let k = key_of(fam, 3, PROTO_TCP);
@@ -1951,29 +1972,47 @@ mod tests {
             let mut e = entry(k, TcpState::Established);
             e.auto_slot = 42;
             t.put(e, h, SEC);
-            let closing = |l: Lookup| match l {
-                Lookup::Hit(e) => e.backend == 7 && e.state == TcpState::Closing,
+            let hit = |l: Lookup, state| match l {
+                Lookup::Hit(e) => e.backend == 7 && e.state == state,
                 _ => false,
             };
             let fin = TIMEOUTS.fin.as_nanos() as u64;
-            assert!(closing(t.lookup(&k, h, 2 * SEC, RST | ACK)));
-            // The connection goes on: it stays closing, and lives on its
-            // packets.
-            assert!(closing(t.lookup(&k, h, 3 * SEC, ACK)));
-            assert!(closing(t.lookup(&k, h, 3 * SEC + fin, ACK)));
+            let established = TIMEOUTS.established.as_nanos() as u64;
+            assert!(fin < established / 2);
+            assert!(hit(t.lookup(&k, h, 2 * SEC, RST | ACK), TcpState::Closing));
+            // A SYN (forged with the reset, or the client reusing its
+            // tuple): the flow keeps its backend, still closing.
+            assert!(hit(t.lookup(&k, h, 2 * SEC, SYN), TcpState::Closing));
+            assert!(hit(t.lookup(&k, h, 2 * SEC, RST), TcpState::Closing));
+            // The connection goes on: open again, and it outlives the fin
+            // timeout.
+            assert!(hit(t.lookup(&k, h, 3 * SEC, ACK), TcpState::Established));
+            assert!(hit(
+                t.lookup(&k, h, 3 * SEC + 2 * fin, ACK),
+                TcpState::Established
+            ));
             assert_eq!(t.auto_slot_of(&k, h), Some(42));
             assert_eq!(t.stats().closed, 0);
+            // A reset after a FIN changes nothing: the ACKs of a closing
+            // connection do not open it again.
+            let now = 4 * SEC + 2 * fin;
+            assert!(hit(t.lookup(&k, h, now, FIN | ACK), TcpState::Closing));
+            assert!(hit(t.lookup(&k, h, now, RST), TcpState::Closing));
+            assert!(hit(t.lookup(&k, h, now, ACK), TcpState::Closing));
             // Idle past the fin timeout, it is gone, its slot handed back.
             let mut ended = Vec::new();
-            t.sweep(4 * SEC + 2 * fin, t.buckets(), |e| ended.push(e));
+            t.sweep(now + 2 * fin, t.buckets(), |e| ended.push(e));
             assert_eq!(ended.len(), 1);
             assert_eq!((ended[0].key, ended[0].auto_slot), (k, 42));
             assert_eq!(t.len(), 0);
-            // A SYN on a reset flow's tuple is a new connection.
-            t.put(entry(k, TcpState::Established), h, 10 * SEC);
-            assert!(closing(t.lookup(&k, h, 10 * SEC, RST)));
-            assert!(matches!(t.lookup(&k, h, 10 * SEC, SYN), Lookup::Stale(_)));
-            assert_eq!(t.stats().closed, 1);
+            // A reset flow that stays quiet ends at the fin timeout.
+            t.put(entry(k, TcpState::Established), h, 100 * SEC);
+            assert!(hit(t.lookup(&k, h, 100 * SEC, RST), TcpState::Closing));
+            assert!(matches!(
+                t.lookup(&k, h, 100 * SEC + 2 * fin, ACK),
+                Lookup::Stale(Displaced { expired: true, .. })
+            ));
+            assert!(t.consistent());
         }
     }
 
@@ -2909,7 +2948,7 @@ mod tests {
             assert!(is_hit(&t.lookup(&guest, flow_hash(&guest), 3 * SEC, ACK)));
             assert!(t.home_residents(&guest, flow_hash(&guest)).contains(&guest));
             assert!(t.consistent());
-            // Guests ending by a new SYN on a reset flow, removal and
+            // Guests ending by a new SYN on a closed flow, removal and
             // expiry keep the books.
             let guests: Vec<FlowKey> = keys
                 .iter()
@@ -2918,7 +2957,7 @@ mod tests {
                 .collect();
             assert_eq!(guests.len(), 19 - WAYS - 1);
             let g0 = flow_hash(&guests[0]);
-            assert!(is_hit(&t.lookup(&guests[0], g0, 3 * SEC, RST)));
+            assert!(is_hit(&t.lookup(&guests[0], g0, 3 * SEC, FIN | ACK)));
             assert!(matches!(
                 t.lookup(&guests[0], g0, 3 * SEC, SYN),
                 Lookup::Stale(_)
