@@ -347,6 +347,59 @@ class Retries(Base):
         for earlier, later in zip(stamps, stamps[1:]):
             self.assertLess(earlier, later, stamps)
 
+    def test_a_clock_stepped_back_does_not_poison_later_requests(self) -> None:
+        # A clock an hour ahead, then corrected: the next request carries
+        # the clock's time, not a stamp an hour ahead (which pktdist would
+        # drop as stale, for an hour). A smaller step back stays within the
+        # lead: the stamps go on increasing.
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            for _ in range(4):
+                req = s.recv()
+                seen.append(req)
+                s.reply(req)
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        t = 1_700_000_000_000
+        clock = [t + 3_600_000, t, t - 500, t - 1_000]
+        for ms in clock:
+            with mock.patch("time.time_ns", return_value=ms * 1_000_000):
+                c.cancel("192.0.2.10:80", "198.51.100.7")
+        self.srv.join()
+        self.assertEqual(pktdist.client.MAX_LEAD_MS, 1000)
+        # t + 1: 501 ms ahead of the clock; t + 2: 1,002 ms ahead, too far.
+        self.assertEqual([r.timestamp for r in seen], [t + 3_600_000, t, t + 1, t - 1_000])
+
+    def test_a_burst_runs_at_most_the_lead_ahead_of_the_clock(self) -> None:
+        # A burst of over 1,000 requests a second (a frozen clock): the
+        # stamps increase 1 ms apart up to MAX_LEAD_MS ahead, then restart
+        # from the clock rather than drift past pktdist's allowed skew.
+        n = 1_500
+        stamps: List[int] = []
+
+        def script(s: FakeServer) -> None:
+            for _ in range(n):
+                req = s.recv()
+                stamps.append(req.timestamp)
+                s.reply(req)
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        t = 1_700_000_000_000
+        with mock.patch("time.time_ns", return_value=t * 1_000_000):
+            for _ in range(n):
+                c.cancel("192.0.2.10:80", "198.51.100.7")
+        self.srv.join()
+        lead = pktdist.client.MAX_LEAD_MS
+        self.assertEqual(lead, 1000)
+        self.assertEqual(len(stamps), n)
+        # (Plain comparisons: a diff of these lists takes difflib minutes.)
+        self.assertLessEqual(max(stamps) - t, lead, "a stamp ran more than the lead ahead")
+        self.assertTrue(stamps[: lead + 1] == list(range(t, t + lead + 1)), "not 1 ms apart up to the lead")
+        self.assertTrue(stamps[lead + 1 :] == list(range(t, t + n - lead - 1)), "not restarted from the clock")
+
     def test_a_late_reply_to_the_first_attempt_is_accepted(self) -> None:
         def script(s: FakeServer) -> None:
             first = s.recv()

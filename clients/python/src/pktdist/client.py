@@ -64,6 +64,16 @@ DEFAULT_RETRIES = 2
 NOTICE_SKEW = 10.0
 #: Notification nonces remembered at most, to drop repeats within the window.
 SEEN_NOTICES = 65536
+#: Milliseconds a request's timestamp may run ahead of this host's clock.
+#: Requests are stamped 1 ms after the previous one when the clock has not
+#: moved on (PROTOCOL.md §3.2); where that would be more than this ahead of
+#: the clock (a burst of over 1,000 requests a second, or a clock stepped
+#: back), the clock's own time is used instead. A timestamp pktdist never
+#: answered needs no protecting: a sender's floor only rises to timestamps
+#: of pairs it forgot, which are at least its clock skew behind its clock.
+#: Without this bound the stamps would drift past pktdist's allowed skew
+#: and every later request would go unanswered.
+MAX_LEAD_MS = 1000
 #: Notifications queued while nobody receives them; beyond, the oldest go.
 MAX_QUEUED_NOTICES = 4096
 #: Largest statistics document accepted.
@@ -604,11 +614,7 @@ class Client:
             while sent < attempts:
                 nonce = _random_u64()
                 with self._cv:
-                    # Increasing per sender name: pktdist refuses a request
-                    # stamped at or before the sender's floor, which may be
-                    # the previous request's timestamp (PROTOCOL.md §3.2).
-                    ts = max(time.time_ns() // 1_000_000, self._last_ts + 1)
-                    self._last_ts = ts
+                    ts = self._next_timestamp()
                     target = self._current
                     # Registered before sending, so that a fast reply finds it.
                     pending.nonces[nonce] = target
@@ -638,6 +644,19 @@ class Client:
             with self._cv:
                 self._pending.pop(request_id, None)
                 self._replies.pop(request_id, None)
+
+    def _next_timestamp(self) -> int:
+        """The timestamp of the next message, in ms (called with the lock
+        held): increasing per sender name, as pktdist refuses a request
+        stamped at or before the sender's floor, which may be the previous
+        request's timestamp (PROTOCOL.md §3.2), but never more than
+        MAX_LEAD_MS ahead of the clock."""
+        now_ms = time.time_ns() // 1_000_000
+        ts = max(now_ms, self._last_ts + 1)
+        if ts - now_ms > MAX_LEAD_MS:
+            ts = now_ms
+        self._last_ts = ts
+        return ts
 
     def _move_on(self, target: int) -> None:
         """No reply (or no sending) from the server address `target`: the
