@@ -4,6 +4,7 @@ replies and notifications it accepts, retries, pagination, threads."""
 from __future__ import annotations
 
 import json
+import pickle
 import select
 import socket
 import struct
@@ -879,6 +880,44 @@ class Resolution(Base):
         c.retries = 0
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 5).remaining, 5)
         self.srv.join()
+
+
+class Pickling(unittest.TestCase):
+    """Errors cross process boundaries (multiprocessing, a
+    ProcessPoolExecutor's worker) as what they are."""
+
+    def roundtrip(self, e: BaseException) -> BaseException:
+        got = pickle.loads(pickle.dumps(e))
+        self.assertIs(type(got), type(e))
+        self.assertEqual((str(got), got.args), (str(e), e.args))
+        return got
+
+    def test_refusals_keep_their_type_attributes_and_text(self) -> None:
+        e = self.roundtrip(pktdist.Conflict(pktdist.ReturnCode.CONFLICT, "CONFLICT", "m", "web2", 5))
+        assert isinstance(e, pktdist.Conflict)
+        self.assertEqual((e.code, e.code_name, e.message, e.owner, e.remaining), (1, "CONFLICT", "m", "web2", 5))
+        self.assertIsInstance(e.code, pktdist.ReturnCode)
+        self.assertEqual(str(e), "CONFLICT (owner web2, 5 s remaining): m")
+        static = self.roundtrip(pktdist.Conflict(1, "CONFLICT", "", "web2", pktdist.STATIC_REMAINING))
+        assert isinstance(static, pktdist.Conflict)
+        self.assertTrue(static.static)
+        for code in [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 42]:
+            with self.subTest(code=code):
+                e = pktdist.errors.refused(code, f"CODE_{code}", f"reason {code}", None, 0)
+                got = self.roundtrip(e)
+                assert isinstance(got, pktdist.Refused)
+                self.assertEqual((got.code, got.message, got.owner, got.remaining), (code, f"reason {code}", None, 0))
+        e = pktdist.NotFound(2, "NOT_FOUND")
+        e.note = "kept"  # type: ignore[attr-defined]
+        self.assertEqual(self.roundtrip(e).note, "kept")  # type: ignore[attr-defined]
+
+    def test_other_errors(self) -> None:
+        t = self.roundtrip(pktdist.Timeout(3))
+        assert isinstance(t, pktdist.Timeout)
+        self.assertEqual(t.attempts, 3)
+        self.assertTrue(str(t).startswith("no reply after 3 attempts ("), str(t))
+        self.roundtrip(pktdist.ProtocolError("list pagination made no progress"))
+        self.roundtrip(pktdist.Error("the client is closed"))
 
 
 class Exports(unittest.TestCase):
