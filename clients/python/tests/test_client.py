@@ -4,6 +4,7 @@ replies and notifications it accepts, retries, pagination, threads."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import select
 import socket
@@ -652,8 +653,70 @@ class Notifications(Base):
         c = self.client()
         with self.assertRaises(ValueError):
             c.recv_ended(timeout=-1)
+        with self.assertRaises(ValueError):
+            c.recv_ended(timeout=float("nan"))
         with self.assertRaises(TypeError):
             c.recv_ended(timeout="1")  # type: ignore[arg-type]
+
+    def test_huge_and_infinite_timeouts_wait_until_closed(self) -> None:
+        # Beyond select()'s and Condition.wait()'s limits: no OverflowError;
+        # each waits (two threads: one reads the socket, one waits on the
+        # condition) until the client is closed.
+        for timeout in [1e7, 1e10, math.inf]:
+            with self.subTest(timeout=timeout):
+                c = self.client()
+                errors: List[BaseException] = []
+
+                def wait() -> None:
+                    try:
+                        c.recv_ended(timeout=timeout)
+                    except BaseException as e:  # noqa: BLE001
+                        errors.append(e)
+
+                ts = [threading.Thread(target=wait) for _ in range(2)]
+                for t in ts:
+                    t.start()
+                time.sleep(0.2)  # let both block (not a timing assertion)
+                c.close()
+                for t in ts:
+                    t.join(PATIENCE)
+                self.assertEqual([type(e) for e in errors], [pktdist.Error, pktdist.Error], errors)
+                self.assertIn("closed", str(errors[0]))
+
+    def test_an_infinite_timeout_means_no_timeout(self) -> None:
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        self.srv.ended(to, nonce=1, reason=2)
+        threading.Timer(SHORT, c.close).start()
+        self.assertEqual([e.reason for e in c.iter_ended(timeout=math.inf)], [2])
+
+    def test_a_long_wait_is_made_of_capped_waits(self) -> None:
+        # Waits of at most MAX_WAIT each (50 ms here), one after the other,
+        # until the notice comes.
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        later = threading.Timer(SHORT, lambda: self.srv.ended(to, nonce=1, reason=3))
+        with mock.patch("pktdist.client.MAX_WAIT", 0.05), mock.patch.object(
+            c._selector, "select", wraps=c._selector.select
+        ) as select_:
+            later.start()
+            got = c.recv_ended(timeout=1e7)
+        later.join()
+        assert got is not None
+        self.assertEqual(got.reason, pktdist.EndReason.BACKEND_REMOVED)
+        self.assertGreater(select_.call_count, 1)
+        self.assertTrue(all(call.args[0] <= 0.05 for call in select_.call_args_list), select_.call_args_list)
+
+    def test_the_per_attempt_timeout_is_at_most_a_day(self) -> None:
+        for bad in [86400.5, 1e10, math.inf, math.nan]:
+            with self.subTest(timeout=bad):
+                with self.assertRaises(ValueError):
+                    pktdist.Client(self.srv.address, "web1", WEB1_KEY, timeout=bad)
+        c = self.client(timeout=86400)
+        self.assertEqual(c.timeout, pktdist.client.MAX_TIMEOUT)
+        with self.assertRaises(ValueError):
+            c.timeout = 1e10
+        self.assertEqual(c.timeout, 86400.0)
 
 
 class Threads(Base):

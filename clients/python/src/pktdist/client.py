@@ -56,6 +56,9 @@ __all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_RETRIES"]
 
 #: Seconds to wait for a reply to each attempt.
 DEFAULT_TIMEOUT = 1.0
+#: Largest per-attempt timeout accepted, in seconds (one day); above, the
+#: client refuses it (ValueError).
+MAX_TIMEOUT = 86400.0
 #: Attempts after the first.
 DEFAULT_RETRIES = 2
 #: Seconds an AFFINITY_ENDED's timestamp may be from this host's clock
@@ -81,6 +84,10 @@ MAX_STATS_LEN = 16 << 20
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: Datagrams read at most by a wait whose deadline has passed.
 MAX_POLL_READS = 64
+#: Longest single wait on the socket or the condition, in seconds (one day):
+#: a longer timeout waits in several (select() and Condition.wait() refuse
+#: values beyond the platform's limits with OverflowError).
+MAX_WAIT = 86400.0
 
 
 class _Pending:
@@ -132,7 +139,8 @@ class Client:
             name), or ``"admin"``.
         key: that name's key, 16 to 128 raw bytes
             (:func:`pktdist.key_from_hex` reads the hex form).
-        timeout: seconds to wait for a reply to each attempt.
+        timeout: seconds to wait for a reply to each attempt, above 0 and
+            at most :data:`MAX_TIMEOUT` (one day).
         retries: attempts after the first when no reply comes.
         bind: local ``"host:port"`` for the socket, where notifications
             arrive; by default any address, a free port. It limits the
@@ -259,15 +267,18 @@ class Client:
 
     @property
     def timeout(self) -> float:
-        """Seconds to wait for a reply to each attempt."""
+        """Seconds to wait for a reply to each attempt (above 0, at most
+        MAX_TIMEOUT: one day)."""
         return self._timeout
 
     @timeout.setter
     def timeout(self, value: float) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"timeout must be seconds (int or float), not {type(value).__name__}")
-        if not 0 < value < float("inf"):
-            raise ValueError(f"timeout must be a finite number of seconds above 0, got {value}")
+        if not 0 < value <= MAX_TIMEOUT:
+            raise ValueError(
+                f"timeout must be above 0 and at most {MAX_TIMEOUT:.0f} seconds (one day), got {value}"
+            )
         self._timeout = float(value)
 
     @property
@@ -509,13 +520,16 @@ class Client:
 
     def recv_ended(self, timeout: Optional[float] = None) -> Optional[Ended]:
         """The next AFFINITY_ENDED notification, waiting up to `timeout`
-        seconds for one (None = as long as it takes); None if none came.
-        Raises :class:`pktdist.Error` if the client is or gets closed."""
+        seconds for one (None or infinity = as long as it takes); None if
+        none came. Raises :class:`pktdist.Error` if the client is or gets
+        closed."""
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
                 raise TypeError(f"timeout must be seconds or None, not {type(timeout).__name__}")
             if not timeout >= 0:
                 raise ValueError(f"timeout must be at least 0 seconds, got {timeout}")
+            if timeout == float("inf"):
+                timeout = None
         deadline = None if timeout is None else time.monotonic() + timeout
         # Another thread may take the notice that woke this one: wait again.
         while self._wait_for(lambda: bool(self._ended), deadline):
@@ -526,7 +540,8 @@ class Client:
 
     def iter_ended(self, timeout: Optional[float] = None) -> Iterator[Ended]:
         """Yields notifications as they arrive. Ends when `timeout` seconds
-        pass without one (None = never) or when the client is closed."""
+        pass without one (None or infinity = never) or when the client is
+        closed."""
         while True:
             try:
                 notice = self.recv_ended(timeout)
@@ -692,7 +707,7 @@ class Client:
                         break
                     if expired:
                         return False
-                    self._cv.wait(None if deadline is None else deadline - time.monotonic())
+                    self._cv.wait(None if deadline is None else min(MAX_WAIT, deadline - time.monotonic()))
             try:
                 if final:
                     # What has arrived already, without waiting.
@@ -703,7 +718,7 @@ class Client:
                             if ready():
                                 break
                 else:
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    left = None if deadline is None else min(MAX_WAIT, max(0.0, deadline - time.monotonic()))
                     self._read_one(left)
             finally:
                 with self._cv:
