@@ -199,6 +199,28 @@ class Requests(Base):
             pktdist.Client("127.0.0.1:7400", "web1", "00" * 32)  # type: ignore[arg-type]
 
 
+    def test_a_raw_request_type_must_be_a_byte(self) -> None:
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            seen.append(req)
+            s.reply(req, text="reloaded")
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        next_id = c._next_id
+        for bad in [256, -1, 0x1_0000_0001]:
+            with self.subTest(msg_type=bad):
+                with self.assertRaisesRegex(ValueError, "not a byte"):
+                    c.request(bad, b"")
+        # Nothing was sent, and no request id was used.
+        rb = c.request(pktdist.MsgType.RELOAD, b"")
+        self.srv.join()
+        self.assertEqual(rb.reply.message, "reloaded")
+        self.assertEqual((seen[0].msg_type, seen[0].request_id, seen[0].body), (0x0A, next_id, b""))
+
+
 class Verification(Base):
     def test_forged_and_unrelated_replies_are_ignored(self) -> None:
         def script(s: FakeServer) -> None:

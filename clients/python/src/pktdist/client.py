@@ -610,8 +610,11 @@ class Client:
         """Sends one request of type `msg_type` with `body` (retrying as
         configured) and returns pktdist's authentic reply, whatever its code.
         The methods above are built on it; it is here for message types they
-        do not cover."""
-        return self._request(int(msg_type), bytes(body))
+        do not cover. Raises ValueError for a type outside 0 to 255."""
+        t = int(msg_type)
+        if not 0 <= t <= 255:
+            raise ValueError(f"message type {msg_type} is not a byte (0 to 255)")
+        return self._request(t, bytes(body))
 
     def _request(self, msg_type: int, body: bytes) -> ReplyBody:
         with self._cv:
