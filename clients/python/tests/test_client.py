@@ -3,6 +3,7 @@ replies and notifications it accepts, retries, pagination, threads."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import pickle
@@ -11,8 +12,10 @@ import socket
 import struct
 import threading
 import time
+import typing
 import unittest
-from typing import Any, Callable, List, Optional, Tuple
+from datetime import timedelta
+from typing import Any, Callable, List, Optional, Tuple, Union
 from unittest import mock
 
 import pktdist
@@ -965,6 +968,72 @@ class Resolution(Base):
         c.retries = 0
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 5).remaining, 5)
         self.srv.join()
+
+
+def _admits(hint: Any, value: object) -> bool:
+    """Whether a type checker would take `value` for `hint` (the few forms
+    the package's annotations use; an int is a float, as PEP 484 says)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_admits(a, value) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_admits, args, value))
+    if origin is list:
+        return isinstance(value, list) and all(_admits(args[0], v) for v in value)
+    return isinstance(value, hint)
+
+
+class Annotations(unittest.TestCase):
+    """The type hints (the package ships py.typed) take every argument form
+    the README documents and the code accepts."""
+
+    def test_documented_argument_forms_type_check(self) -> None:
+        svc = "192.0.2.10:80"
+        clients = ["198.51.100.7", "198.51.100.0/24", ipaddress.ip_address("198.51.100.7"), ipaddress.ip_network("198.51.100.0/24")]
+        durations = [600, 1.5, timedelta(minutes=5)]
+        ports = [None, 443, (1000, 1999), "1000-1999", "any", "443", [1000, 1999]]
+        notify = ["127.0.0.1:7501", ("127.0.0.1", 7501), (ipaddress.ip_address("127.0.0.1"), 7501)]
+        keys = [WEB1_KEY, bytearray(WEB1_KEY), memoryview(WEB1_KEY)]
+        forms = {
+            "client": clients,
+            "duration": durations,
+            "ports": ports,
+            "notify": notify,
+        }
+        # Each form works at run time...
+        service = pktdist._wire.parse_service(svc)
+        for c in clients:
+            pktdist._wire.parse_client(c, service)
+        for d in durations:
+            pktdist._wire.duration_secs(d)
+        for p in ports:
+            pktdist._wire.parse_ports(p)
+        for n in notify:
+            pktdist._wire.parse_sockaddr(n, "notify")
+        for k in keys:
+            pktdist._wire.check_key(k)
+        # ...and its annotation takes it.
+        for method, params in [
+            (pktdist.Client.create, ["client", "duration", "ports", "notify"]),
+            (pktdist.Client.extend, ["client", "duration", "ports"]),
+            (pktdist.Client.cancel, ["client", "ports"]),
+        ]:
+            hints = typing.get_type_hints(method)
+            for param in params:
+                for value in forms[param]:
+                    with self.subTest(method=method.__name__, param=param, value=value):
+                        self.assertTrue(_admits(hints[param], value), hints[param])
+        hints = typing.get_type_hints(pktdist.Client.__init__)
+        for k in keys:
+            self.assertTrue(_admits(hints["key"], k), hints["key"])
+        hints = typing.get_type_hints(pktdist.Client.request)
+        self.assertTrue(_admits(hints["body"], bytearray(b"x")), hints["body"])
+        # The checker itself refuses what it should.
+        self.assertFalse(_admits(typing.get_type_hints(pktdist.Client.create)["duration"], "600"))
 
 
 class Pickling(unittest.TestCase):

@@ -154,7 +154,7 @@ class Client:
         self,
         server: str,
         name: str,
-        key: bytes,
+        key: w.BytesArg,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
@@ -314,21 +314,22 @@ class Client:
     def create(
         self,
         service: str,
-        client: str,
-        duration: float,
+        client: w.ClientArg,
+        duration: w.DurationArg,
         owner: Optional[str] = None,
-        ports: w.Ports = None,
-        notify: Optional[str] = None,
+        ports: w.PortsArg = None,
+        notify: Optional[w.SockaddrArg] = None,
     ) -> Reply:
-        """Pins `client` (an address or CIDR network) on `service`
-        (``"vip:port"``, TCP) to the owner for `duration` seconds (rounded up
-        to whole seconds).
+        """Pins `client` (an address or CIDR network, as a str or an
+        :mod:`ipaddress` object) on `service` (``"vip:port"``, TCP) to the
+        owner for `duration` seconds (int, float or timedelta; rounded up to
+        whole seconds).
 
         `owner` defaults to this client's name; only ``admin`` may name
         another backend (and must name one). `ports` restricts it to client
         ports: an int, a (low, high) tuple or ``"low-high"``; None = any.
-        `notify` (``"ip:port"``) is where AFFINITY_ENDED goes; by default
-        this client's socket.
+        `notify` (``"ip:port"`` or an (ip, port) tuple) is where
+        AFFINITY_ENDED goes; by default this client's socket.
 
         Creating an affinity this owner already has renews it. Returns the
         OK reply (``reply.remaining`` = seconds granted); raises
@@ -349,10 +350,10 @@ class Client:
     def extend(
         self,
         service: str,
-        client: str,
-        duration: float,
+        client: w.ClientArg,
+        duration: w.DurationArg,
         owner: Optional[str] = None,
-        ports: w.Ports = None,
+        ports: w.PortsArg = None,
     ) -> Reply:
         """Gives an existing affinity of the owner a new duration from now.
         Raises :class:`pktdist.NotFound` if there is none, and
@@ -370,9 +371,9 @@ class Client:
     def cancel(
         self,
         service: str,
-        client: str,
+        client: w.ClientArg,
         owner: Optional[str] = None,
-        ports: w.Ports = None,
+        ports: w.PortsArg = None,
     ) -> Reply:
         """Removes an affinity at once (its notify address gets an
         AFFINITY_ENDED with reason CANCELLED). Raises
@@ -384,11 +385,11 @@ class Client:
         self,
         msg_type: int,
         service: str,
-        client: str,
+        client: w.ClientArg,
         duration: int,
         owner: Optional[str],
-        ports: w.Ports,
-        notify: Optional[str],
+        ports: w.PortsArg,
+        notify: Optional[w.SockaddrArg],
     ) -> Reply:
         svc = w.parse_service(service)
         body = w.affinity_body(
@@ -606,7 +607,7 @@ class Client:
                 raise ProtocolError("list pagination made no progress")
             offset = rb.next_offset
 
-    def request(self, msg_type: int, body: bytes) -> ReplyBody:
+    def request(self, msg_type: int, body: w.BytesArg) -> ReplyBody:
         """Sends one request of type `msg_type` with `body` (retrying as
         configured) and returns pktdist's authentic reply, whatever its code.
         The methods above are built on it; it is here for message types they
