@@ -633,6 +633,31 @@ class Notifications(Base):
         assert n is not None
         self.assertEqual(n.reason, pktdist.EndReason.EXPIRED)
 
+    def test_notices_beyond_the_queue_bound_are_dropped_and_counted(self) -> None:
+        # Five notices arrive while a request waits, the queue holds three
+        # (4,096 really): the two oldest go, counted.
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            for n in range(5):
+                s.ended(req.source, nonce=10 + n, client=f"198.51.100.{n}", prefix=32)
+            s.reply(req)
+
+        self.srv.run(script)
+        c = self.client()
+        self.assertEqual(c.dropped_notices, 0)
+        with mock.patch("pktdist.client.MAX_QUEUED_NOTICES", 3):
+            c.cancel("192.0.2.10:80", "198.51.100.0/24")
+        self.srv.join()
+        self.assertEqual(c.dropped_notices, 2)
+        got = []
+        while True:
+            n = c.recv_ended(timeout=0)
+            if n is None:
+                break
+            got.append(n.client)
+        self.assertEqual(got, [f"198.51.100.{n}/32" for n in (2, 3, 4)])
+        self.assertEqual(c.ignored, 0)
+
     def test_a_zero_timeout_polls_what_has_arrived(self) -> None:
         c = self.client()
         self.assertIsNone(c.recv_ended(timeout=0))

@@ -77,7 +77,8 @@ SEEN_NOTICES = 65536
 #: Without this bound the stamps would drift past pktdist's allowed skew
 #: and every later request would go unanswered.
 MAX_LEAD_MS = 1000
-#: Notifications queued while nobody receives them; beyond, the oldest go.
+#: Notifications queued while nobody receives them; beyond, the oldest go
+#: (counted in :attr:`Client.dropped_notices`).
 MAX_QUEUED_NOTICES = 4096
 #: Largest statistics document accepted.
 MAX_STATS_LEN = 16 << 20
@@ -242,6 +243,7 @@ class Client:
         self._seen: Deque[Tuple[int, int]] = deque()
         self._seen_set: Set[int] = set()
         self._ignored = 0
+        self._dropped_notices = 0
 
     # -- properties --------------------------------------------------------
 
@@ -300,6 +302,13 @@ class Client:
         client, malformed, late or duplicate."""
         with self._cv:
             return self._ignored
+
+    @property
+    def dropped_notices(self) -> int:
+        """Authentic notifications dropped unread: the oldest queued, when
+        MAX_QUEUED_NOTICES (4,096) were waiting for recv_ended."""
+        with self._cv:
+            return self._dropped_notices
 
     @property
     def closed(self) -> bool:
@@ -788,6 +797,7 @@ class Client:
                     self._ended.append(notice)
                     if len(self._ended) > MAX_QUEUED_NOTICES:
                         self._ended.popleft()
+                        self._dropped_notices += 1
             else:
                 raise w.Malformed("unexpected message type")
         except w.Malformed:
