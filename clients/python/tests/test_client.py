@@ -3,14 +3,19 @@ replies and notifications it accepts, retries, pagination, threads."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
+import pickle
 import select
 import socket
 import struct
 import threading
 import time
+import typing
 import unittest
-from typing import Any, Callable, List, Optional, Tuple
+from datetime import timedelta
+from typing import Any, Callable, List, Optional, Set, Tuple, Union
 from unittest import mock
 
 import pktdist
@@ -29,10 +34,14 @@ from fakeserver import (
     reply_body,
 )
 
-# Short waits for replies that are meant never to come, and the client's
-# per-attempt timeout where the fake server answers at once (long enough for
-# a loaded machine to run the server's thread); generous ones for anything
-# that is meant to come (a slow machine only makes them wait).
+# Short waits for replies that are meant never to come (the per-attempt
+# timeout of an attempt that is to go unanswered); generous ones for anything
+# that is meant to come (a slow machine only makes them wait). Where a test
+# needs a retry, the server's script answers by request id, whichever
+# attempt it gets, and sets the client's timeout to PATIENCE once it has the
+# retry (not before: the unanswered attempt's wait may not have begun), so a
+# loaded machine that runs the server's thread late costs time, not a
+# failure.
 SHORT = 0.5
 PATIENCE = 10.0
 
@@ -43,9 +52,25 @@ class Base(unittest.TestCase):
         self.addCleanup(self.srv.close)
 
     def client(self, name: str = "web1", key: bytes = WEB1_KEY, **kw: object) -> pktdist.Client:
+        """A client of the fake server; by default it waits PATIENCE for
+        each reply and does not retry (the scripts answer each request
+        once)."""
+        kw.setdefault("timeout", PATIENCE)
+        kw.setdefault("retries", 0)
         c = pktdist.Client(self.srv.address, name, key, **kw)  # type: ignore[arg-type]
         self.addCleanup(c.close)
         return c
+
+    def settle(self, c: pktdist.Client, ignored: int) -> None:
+        """Once the server's script has finished: reads what it sent after
+        the client stopped reading (a client reads only while it waits)
+        until `ignored` datagrams have been dropped, and checks that no
+        more were."""
+        deadline = time.monotonic() + PATIENCE
+        while c.ignored < ignored and time.monotonic() < deadline:
+            self.assertIsNone(c.recv_ended(timeout=0.05))
+        self.assertIsNone(c.recv_ended(timeout=0))
+        self.assertEqual(c.ignored, ignored)
 
 
 class Requests(Base):
@@ -197,6 +222,28 @@ class Requests(Base):
             pktdist.Client("127.0.0.1:7400", "web1", "00" * 32)  # type: ignore[arg-type]
 
 
+    def test_a_raw_request_type_must_be_a_byte(self) -> None:
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            seen.append(req)
+            s.reply(req, text="reloaded")
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        next_id = c._next_id
+        for bad in [256, -1, 0x1_0000_0001]:
+            with self.subTest(msg_type=bad):
+                with self.assertRaisesRegex(ValueError, "not a byte"):
+                    c.request(bad, b"")
+        # Nothing was sent, and no request id was used.
+        rb = c.request(pktdist.MsgType.RELOAD, b"")
+        self.srv.join()
+        self.assertEqual(rb.reply.message, "reloaded")
+        self.assertEqual((seen[0].msg_type, seen[0].request_id, seen[0].body), (0x0A, next_id, b""))
+
+
 class Verification(Base):
     def test_forged_and_unrelated_replies_are_ignored(self) -> None:
         def script(s: FakeServer) -> None:
@@ -234,7 +281,8 @@ class Verification(Base):
         self.srv.join()
         self.assertEqual(cm.exception.attempts, 2)
         self.assertIn("no reply after 2 attempts", str(cm.exception))
-        self.assertEqual(c.ignored, 4)
+        # Forgeries sent after the last attempt's deadline are read now.
+        self.settle(c, 4)
 
     def test_a_replayed_reply_is_refused(self) -> None:
         old: List[bytes] = []
@@ -260,7 +308,7 @@ class Verification(Base):
         with self.assertRaises(pktdist.Timeout):
             c.create("192.0.2.10:80", "198.51.100.7", 60)
         self.srv.join()
-        self.assertEqual(c.ignored, 2)
+        self.settle(c, 2)
 
     def test_a_duplicated_reply_is_used_once(self) -> None:
         def script(s: FakeServer) -> None:
@@ -294,11 +342,11 @@ class Verification(Base):
                 s.reply(req, body=b)
 
         self.srv.run(script)
-        c = self.client(timeout=SHORT * 2, retries=0)
+        c = self.client(timeout=SHORT, retries=0)
         with self.assertRaises(pktdist.Timeout):
             c.create("192.0.2.10:80", "198.51.100.7", 5)
         self.srv.join()
-        self.assertEqual(c.ignored, len(bodies))
+        self.settle(c, len(bodies))
 
 
 class Retries(Base):
@@ -308,10 +356,11 @@ class Retries(Base):
         def script(s: FakeServer) -> None:
             seen.append(s.recv())  # dropped: no answer
             seen.append(s.recv())
+            c.timeout = PATIENCE  # should the answer be late, one more wait
             s.reply(seen[1], remaining=7)
 
-        self.srv.run(script)
         c = self.client(timeout=SHORT, retries=3)
+        self.srv.run(script)
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 7).remaining, 7)
         self.srv.join()
         first, second = seen
@@ -329,32 +378,94 @@ class Retries(Base):
 
         def script(s: FakeServer) -> None:
             seen.append(s.recv())  # dropped: the retry comes
-            for _ in range(3):
+            # Each request answered once, whichever attempt comes first (a
+            # late answer means one more attempt, answered no more).
+            answered: Set[int] = set()
+            while len(answered) < 3:
                 req = s.recv()
                 seen.append(req)
-                s.reply(req)
+                c.timeout = PATIENCE
+                if req.request_id not in answered:
+                    answered.add(req.request_id)
+                    s.reply(req)
 
+        c = self.client(timeout=SHORT, retries=3)
         self.srv.run(script)
-        c = self.client(timeout=SHORT, retries=1)
         stopped_ms = 1_700_000_000_000
         with mock.patch("time.time_ns", return_value=stopped_ms * 1_000_000):
             for _ in range(3):
                 c.cancel("192.0.2.10:80", "198.51.100.7")
         self.srv.join()
         stamps = [r.timestamp for r in seen]
-        self.assertEqual(len(stamps), 4)
+        self.assertGreaterEqual(len(stamps), 4)
+        self.assertEqual(len({r.request_id for r in seen}), 3)
+        self.assertEqual(seen[0].request_id, seen[1].request_id)
         self.assertEqual(stamps[0], stopped_ms)
         for earlier, later in zip(stamps, stamps[1:]):
             self.assertLess(earlier, later, stamps)
+
+    def test_a_clock_stepped_back_does_not_poison_later_requests(self) -> None:
+        # A clock an hour ahead, then corrected: the next request carries
+        # the clock's time, not a stamp an hour ahead (which pktdist would
+        # drop as stale, for an hour). A smaller step back stays within the
+        # lead: the stamps go on increasing.
+        seen: List[Request] = []
+
+        def script(s: FakeServer) -> None:
+            for _ in range(4):
+                req = s.recv()
+                seen.append(req)
+                s.reply(req)
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        t = 1_700_000_000_000
+        clock = [t + 3_600_000, t, t - 500, t - 1_000]
+        for ms in clock:
+            with mock.patch("time.time_ns", return_value=ms * 1_000_000):
+                c.cancel("192.0.2.10:80", "198.51.100.7")
+        self.srv.join()
+        self.assertEqual(pktdist.client.MAX_LEAD_MS, 1000)
+        # t + 1: 501 ms ahead of the clock; t + 2: 1,002 ms ahead, too far.
+        self.assertEqual([r.timestamp for r in seen], [t + 3_600_000, t, t + 1, t - 1_000])
+
+    def test_a_burst_runs_at_most_the_lead_ahead_of_the_clock(self) -> None:
+        # A burst of over 1,000 requests a second (a frozen clock): the
+        # stamps increase 1 ms apart up to MAX_LEAD_MS ahead, then restart
+        # from the clock rather than drift past pktdist's allowed skew.
+        n = 1_500
+        stamps: List[int] = []
+
+        def script(s: FakeServer) -> None:
+            for _ in range(n):
+                req = s.recv()
+                stamps.append(req.timestamp)
+                s.reply(req)
+
+        self.srv.run(script)
+        c = self.client(timeout=PATIENCE, retries=0)
+        t = 1_700_000_000_000
+        with mock.patch("time.time_ns", return_value=t * 1_000_000):
+            for _ in range(n):
+                c.cancel("192.0.2.10:80", "198.51.100.7")
+        self.srv.join()
+        lead = pktdist.client.MAX_LEAD_MS
+        self.assertEqual(lead, 1000)
+        self.assertEqual(len(stamps), n)
+        # (Plain comparisons: a diff of these lists takes difflib minutes.)
+        self.assertLessEqual(max(stamps) - t, lead, "a stamp ran more than the lead ahead")
+        self.assertTrue(stamps[: lead + 1] == list(range(t, t + lead + 1)), "not 1 ms apart up to the lead")
+        self.assertTrue(stamps[lead + 1 :] == list(range(t, t + n - lead - 1)), "not restarted from the clock")
 
     def test_a_late_reply_to_the_first_attempt_is_accepted(self) -> None:
         def script(s: FakeServer) -> None:
             first = s.recv()
             s.recv()  # the retry
+            c.timeout = PATIENCE  # should the answer be late, one more wait
             s.reply(first, remaining=3)
 
+        c = self.client(timeout=SHORT, retries=2)
         self.srv.run(script)
-        c = self.client(timeout=SHORT, retries=1)
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 3).remaining, 3)
         self.srv.join()
 
@@ -522,6 +633,31 @@ class Notifications(Base):
         assert n is not None
         self.assertEqual(n.reason, pktdist.EndReason.EXPIRED)
 
+    def test_notices_beyond_the_queue_bound_are_dropped_and_counted(self) -> None:
+        # Five notices arrive while a request waits, the queue holds three
+        # (4,096 really): the two oldest go, counted.
+        def script(s: FakeServer) -> None:
+            req = s.recv()
+            for n in range(5):
+                s.ended(req.source, nonce=10 + n, client=f"198.51.100.{n}", prefix=32)
+            s.reply(req)
+
+        self.srv.run(script)
+        c = self.client()
+        self.assertEqual(c.dropped_notices, 0)
+        with mock.patch("pktdist.client.MAX_QUEUED_NOTICES", 3):
+            c.cancel("192.0.2.10:80", "198.51.100.0/24")
+        self.srv.join()
+        self.assertEqual(c.dropped_notices, 2)
+        got = []
+        while True:
+            n = c.recv_ended(timeout=0)
+            if n is None:
+                break
+            got.append(n.client)
+        self.assertEqual(got, [f"198.51.100.{n}/32" for n in (2, 3, 4)])
+        self.assertEqual(c.ignored, 0)
+
     def test_a_zero_timeout_polls_what_has_arrived(self) -> None:
         c = self.client()
         self.assertIsNone(c.recv_ended(timeout=0))
@@ -598,8 +734,70 @@ class Notifications(Base):
         c = self.client()
         with self.assertRaises(ValueError):
             c.recv_ended(timeout=-1)
+        with self.assertRaises(ValueError):
+            c.recv_ended(timeout=float("nan"))
         with self.assertRaises(TypeError):
             c.recv_ended(timeout="1")  # type: ignore[arg-type]
+
+    def test_huge_and_infinite_timeouts_wait_until_closed(self) -> None:
+        # Beyond select()'s and Condition.wait()'s limits: no OverflowError;
+        # each waits (two threads: one reads the socket, one waits on the
+        # condition) until the client is closed.
+        for timeout in [1e7, 1e10, math.inf]:
+            with self.subTest(timeout=timeout):
+                c = self.client()
+                errors: List[BaseException] = []
+
+                def wait() -> None:
+                    try:
+                        c.recv_ended(timeout=timeout)
+                    except BaseException as e:  # noqa: BLE001
+                        errors.append(e)
+
+                ts = [threading.Thread(target=wait) for _ in range(2)]
+                for t in ts:
+                    t.start()
+                time.sleep(0.2)  # let both block (not a timing assertion)
+                c.close()
+                for t in ts:
+                    t.join(PATIENCE)
+                self.assertEqual([type(e) for e in errors], [pktdist.Error, pktdist.Error], errors)
+                self.assertIn("closed", str(errors[0]))
+
+    def test_an_infinite_timeout_means_no_timeout(self) -> None:
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        self.srv.ended(to, nonce=1, reason=2)
+        threading.Timer(SHORT, c.close).start()
+        self.assertEqual([e.reason for e in c.iter_ended(timeout=math.inf)], [2])
+
+    def test_a_long_wait_is_made_of_capped_waits(self) -> None:
+        # Waits of at most MAX_WAIT each (50 ms here), one after the other,
+        # until the notice comes.
+        c = self.client()
+        to = ("127.0.0.1", int(c.local_address.rsplit(":", 1)[1]))
+        later = threading.Timer(SHORT, lambda: self.srv.ended(to, nonce=1, reason=3))
+        with mock.patch("pktdist.client.MAX_WAIT", 0.05), mock.patch.object(
+            c._selector, "select", wraps=c._selector.select
+        ) as select_:
+            later.start()
+            got = c.recv_ended(timeout=1e7)
+        later.join()
+        assert got is not None
+        self.assertEqual(got.reason, pktdist.EndReason.BACKEND_REMOVED)
+        self.assertGreater(select_.call_count, 1)
+        self.assertTrue(all(call.args[0] <= 0.05 for call in select_.call_args_list), select_.call_args_list)
+
+    def test_the_per_attempt_timeout_is_at_most_a_day(self) -> None:
+        for bad in [86400.5, 1e10, math.inf, math.nan]:
+            with self.subTest(timeout=bad):
+                with self.assertRaises(ValueError):
+                    pktdist.Client(self.srv.address, "web1", WEB1_KEY, timeout=bad)
+        c = self.client(timeout=86400)
+        self.assertEqual(c.timeout, pktdist.client.MAX_TIMEOUT)
+        with self.assertRaises(ValueError):
+            c.timeout = 1e10
+        self.assertEqual(c.timeout, 86400.0)
 
 
 class Threads(Base):
@@ -700,42 +898,57 @@ class Resolution(Base):
         return s
 
     def resolving(self, *infos: Tuple[Any, ...]) -> pktdist.Client:
-        """A client of "pktdist.test", which resolves to `infos`."""
+        """A client of "pktdist.test", which resolves to `infos`: its first
+        attempt's timeout is short (it moves on from a silent address), and
+        it retries twice (a late answer to the second attempt is still
+        waited for, when the script has set the timeout to PATIENCE)."""
         port = int(self.srv.address.rsplit(":", 1)[1])
         with mock.patch("socket.getaddrinfo", return_value=list(infos)):
-            c = pktdist.Client(f"pktdist.test:{port}", "web1", WEB1_KEY, timeout=SHORT, retries=1)
+            c = pktdist.Client(f"pktdist.test:{port}", "web1", WEB1_KEY, timeout=SHORT, retries=2)
         self.addCleanup(c.close)
         return c
 
     def check_moves_on(self, silent: socket.socket, family: int) -> None:
         seen: List[Request] = []
-
-        def script(s: FakeServer) -> None:
-            for remaining in (1, 2):
-                req = s.recv()
-                seen.append(req)
-                s.reply(req, remaining=remaining)
-
-        self.srv.run(script)
         port = int(self.srv.address.rsplit(":", 1)[1])
         c = self.resolving(
             _datagram_info(family, silent.getsockname()),
             _datagram_info(socket.AF_INET, ("127.0.0.1", port)),
         )
+
+        def script(s: FakeServer) -> None:
+            # Each request answered once (a late answer means one more
+            # attempt, to the silent address, and perhaps one more here).
+            answered: Set[int] = set()
+            while len(answered) < 2:
+                req = s.recv()
+                seen.append(req)
+                c.timeout = PATIENCE
+                if req.request_id not in answered:
+                    answered.add(req.request_id)
+                    s.reply(req, remaining=len(answered))
+
+        self.srv.run(script)
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 1).remaining, 1)
         # The first attempt went to the first address, the retry to the
         # second, which answered: the next request goes there at once.
         silent.settimeout(PATIENCE)
-        silent.recv(65536)
+        to_silent = [silent.recv(65536)]
         self.assertEqual(c.server, self.srv.address)
         c.retries = 0
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 2).remaining, 2)
         self.srv.join()
         silent.settimeout(0)
-        with self.assertRaises(OSError):
-            silent.recv(65536)
+        while True:
+            try:
+                to_silent.append(silent.recv(65536))
+            except OSError:
+                break
+        # Only attempts of the first request went there.
+        self.assertEqual({d[5:9] for d in to_silent}, {struct.pack(">I", seen[0].request_id)})
+        self.assertNotEqual(seen[0].request_id, seen[-1].request_id)
         # pktdist sees an IPv4 source, where notifications go.
-        self.assertEqual([r.source[0] for r in seen], ["127.0.0.1", "127.0.0.1"])
+        self.assertEqual({r.source[0] for r in seen}, {"127.0.0.1"})
         self.assertEqual(c.ignored, 0)
 
     def test_localhost_as_ipv6_first_reaches_a_server_on_ipv4(self) -> None:
@@ -751,12 +964,23 @@ class Resolution(Base):
         first = FakeServer()
         self.addCleanup(first.close)
         retried = threading.Event()
+        c = self.resolving(
+            _datagram_info(socket.AF_INET, first.sock.getsockname()),
+            _datagram_info(socket.AF_INET, self.srv.sock.getsockname()),
+        )
 
         def late(s: FakeServer) -> None:
             req = s.recv()
             assert retried.wait(PATIENCE)
+            # Should this answer be late, the next attempt (back here)
+            # waits for it.
+            c.timeout = PATIENCE
             s.reply(req, remaining=1)
-            s.reply(s.recv(), remaining=2)
+            while True:
+                nxt = s.recv()
+                if nxt.request_id != req.request_id:
+                    s.reply(nxt, remaining=2)
+                    return
 
         def second(s: FakeServer) -> None:
             s.recv()
@@ -764,10 +988,6 @@ class Resolution(Base):
 
         first.run(late)
         self.srv.run(second)
-        c = self.resolving(
-            _datagram_info(socket.AF_INET, first.sock.getsockname()),
-            _datagram_info(socket.AF_INET, self.srv.sock.getsockname()),
-        )
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 1).remaining, 1)
         self.assertEqual(c.server, first.address)
         c.retries = 0
@@ -786,7 +1006,7 @@ class Resolution(Base):
             _datagram_info(socket.AF_INET, ("255.255.255.255", 7400)),
             _datagram_info(socket.AF_INET, self.srv.sock.getsockname()),
         )
-        c.retries = 0
+        c.retries, c.timeout = 0, PATIENCE
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 3).remaining, 3)
         self.srv.join()
         # Where no address can be sent to, that is the error.
@@ -805,7 +1025,7 @@ class Resolution(Base):
             _datagram_info(socket.AF_INET, ("127.0.0.1", port)),
         ]
         with mock.patch("socket.getaddrinfo", return_value=infos):
-            c = pktdist.Client(f"pktdist.test:{port}", "web1", WEB1_KEY, bind="127.0.0.1:0")
+            c = pktdist.Client(f"pktdist.test:{port}", "web1", WEB1_KEY, bind="127.0.0.1:0", timeout=PATIENCE)
         self.addCleanup(c.close)
         self.assertEqual(c.server, self.srv.address)
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 4).remaining, 4)
@@ -823,9 +1043,113 @@ class Resolution(Base):
                 _datagram_info(socket.AF_INET, ("127.0.0.1", port)),
             )
         self.assertEqual(c.server, self.srv.address)
-        c.retries = 0
+        c.retries, c.timeout = 0, PATIENCE
         self.assertEqual(c.create("192.0.2.10:80", "198.51.100.7", 5).remaining, 5)
         self.srv.join()
+
+
+def _admits(hint: Any, value: object) -> bool:
+    """Whether a type checker would take `value` for `hint` (the few forms
+    the package's annotations use; an int is a float, as PEP 484 says)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_admits(a, value) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_admits, args, value))
+    if origin is list:
+        return isinstance(value, list) and all(_admits(args[0], v) for v in value)
+    return isinstance(value, hint)
+
+
+class Annotations(unittest.TestCase):
+    """The type hints (the package ships py.typed) take every argument form
+    the README documents and the code accepts."""
+
+    def test_documented_argument_forms_type_check(self) -> None:
+        svc = "192.0.2.10:80"
+        clients = ["198.51.100.7", "198.51.100.0/24", ipaddress.ip_address("198.51.100.7"), ipaddress.ip_network("198.51.100.0/24")]
+        durations = [600, 1.5, timedelta(minutes=5)]
+        ports = [None, 443, (1000, 1999), "1000-1999", "any", "443", [1000, 1999]]
+        notify = ["127.0.0.1:7501", ("127.0.0.1", 7501), (ipaddress.ip_address("127.0.0.1"), 7501)]
+        keys = [WEB1_KEY, bytearray(WEB1_KEY), memoryview(WEB1_KEY)]
+        forms = {
+            "client": clients,
+            "duration": durations,
+            "ports": ports,
+            "notify": notify,
+        }
+        # Each form works at run time...
+        service = pktdist._wire.parse_service(svc)
+        for c in clients:
+            pktdist._wire.parse_client(c, service)
+        for d in durations:
+            pktdist._wire.duration_secs(d)
+        for p in ports:
+            pktdist._wire.parse_ports(p)
+        for n in notify:
+            pktdist._wire.parse_sockaddr(n, "notify")
+        for k in keys:
+            pktdist._wire.check_key(k)
+        # ...and its annotation takes it.
+        for method, params in [
+            (pktdist.Client.create, ["client", "duration", "ports", "notify"]),
+            (pktdist.Client.extend, ["client", "duration", "ports"]),
+            (pktdist.Client.cancel, ["client", "ports"]),
+        ]:
+            hints = typing.get_type_hints(method)
+            for param in params:
+                for value in forms[param]:
+                    with self.subTest(method=method.__name__, param=param, value=value):
+                        self.assertTrue(_admits(hints[param], value), hints[param])
+        hints = typing.get_type_hints(pktdist.Client.__init__)
+        for k in keys:
+            self.assertTrue(_admits(hints["key"], k), hints["key"])
+        hints = typing.get_type_hints(pktdist.Client.request)
+        self.assertTrue(_admits(hints["body"], bytearray(b"x")), hints["body"])
+        # The checker itself refuses what it should.
+        self.assertFalse(_admits(typing.get_type_hints(pktdist.Client.create)["duration"], "600"))
+
+
+class Pickling(unittest.TestCase):
+    """Errors cross process boundaries (multiprocessing, a
+    ProcessPoolExecutor's worker) as what they are."""
+
+    def roundtrip(self, e: BaseException) -> BaseException:
+        got = pickle.loads(pickle.dumps(e))
+        self.assertIs(type(got), type(e))
+        self.assertEqual((str(got), got.args), (str(e), e.args))
+        return got
+
+    def test_refusals_keep_their_type_attributes_and_text(self) -> None:
+        e = self.roundtrip(pktdist.Conflict(pktdist.ReturnCode.CONFLICT, "CONFLICT", "m", "web2", 5))
+        assert isinstance(e, pktdist.Conflict)
+        self.assertEqual((e.code, e.code_name, e.message, e.owner, e.remaining), (1, "CONFLICT", "m", "web2", 5))
+        self.assertIsInstance(e.code, pktdist.ReturnCode)
+        self.assertEqual(str(e), "CONFLICT (owner web2, 5 s remaining): m")
+        static = self.roundtrip(pktdist.Conflict(1, "CONFLICT", "", "web2", pktdist.STATIC_REMAINING))
+        assert isinstance(static, pktdist.Conflict)
+        self.assertTrue(static.static)
+        for code in [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 42]:
+            with self.subTest(code=code):
+                e = pktdist.errors.refused(code, f"CODE_{code}", f"reason {code}", None, 0)
+                got = self.roundtrip(e)
+                assert isinstance(got, pktdist.Refused)
+                self.assertEqual((got.code, got.message, got.owner, got.remaining), (code, f"reason {code}", None, 0))
+        e = pktdist.NotFound(2, "NOT_FOUND")
+        e.note = "kept"  # type: ignore[attr-defined]
+        self.assertEqual(self.roundtrip(e).note, "kept")  # type: ignore[attr-defined]
+
+    def test_other_errors(self) -> None:
+        t = self.roundtrip(pktdist.Timeout(3))
+        assert isinstance(t, pktdist.Timeout)
+        self.assertEqual(t.attempts, 3)
+        self.assertTrue(str(t).startswith("no reply after 3 attempts ("), str(t))
+        self.roundtrip(pktdist.ProtocolError("list pagination made no progress"))
+        self.roundtrip(pktdist.Error("the client is closed"))
 
 
 class Exports(unittest.TestCase):

@@ -1,6 +1,6 @@
 """The package installs with pip (from pyproject.toml, standard library
 only) and the installed copy is complete: its modules, py.typed, and the
-version in its metadata."""
+version and license expression in its metadata."""
 
 from __future__ import annotations
 
@@ -22,14 +22,12 @@ def has_pip() -> bool:
 
 def local_setuptools_fits() -> bool:
     """Whether this interpreter's setuptools can build the package offline:
-    PEP 621 metadata needs setuptools 61, and before 70.1 building a wheel
-    also needs the wheel package."""
+    pyproject.toml's license as an SPDX string needs setuptools 77 (as its
+    build-system says), which builds wheels without the wheel package."""
     code = (
         "import setuptools, sys\n"
         "v = tuple(int(x) for x in setuptools.__version__.split('.')[:2])\n"
-        "if v < (70, 1):\n"
-        "    import wheel\n"
-        "sys.exit(int(v < (61, 0)))\n"
+        "sys.exit(int(v < (77, 0)))\n"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
@@ -64,6 +62,9 @@ class Install(unittest.TestCase):
                 "import importlib.metadata as m, pktdist, sys;"
                 "assert pktdist.__file__.startswith(sys.argv[1]), pktdist.__file__;"
                 "assert m.version('pktdist') == pktdist.__version__, m.version('pktdist');"
+                # The license as an SPDX expression (PEP 639), not the
+                # deprecated table form.
+                "assert m.metadata('pktdist')['License-Expression'] == 'Apache-2.0', dict(m.metadata('pktdist'));"
                 "print(pktdist.Client, pktdist.PROTOCOL_VERSION)"
             )
             env = dict(os.environ, PYTHONPATH=target)

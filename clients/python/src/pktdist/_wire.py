@@ -62,6 +62,19 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 #: Client ports as the API shows them: None = any port, an int = that one
 #: port, a (low, high) tuple = that inclusive range.
 Ports = Union[None, int, Tuple[int, int]]
+#: Client ports as the API takes them: also ``"any"``, ``"443"`` or
+#: ``"1000-1999"``, and a [low, high] list.
+PortsArg = Union[None, int, str, Tuple[int, int], List[int]]
+#: A client as the API takes it: ``"198.51.100.7"``, ``"198.51.100.0/24"``,
+#: or an :mod:`ipaddress` address or network.
+ClientArg = Union[str, IPAddress, IPNetwork]
+#: A duration in seconds, or a timedelta.
+DurationArg = Union[float, timedelta]
+#: An address and port: ``"ip:port"``, ``"[v6]:port"`` or an (ip, port)
+#: tuple, the ip a str or an :mod:`ipaddress` address.
+SockaddrArg = Union[str, Tuple[Union[str, IPAddress], int]]
+#: Raw bytes (a key, a request body).
+BytesArg = Union[bytes, bytearray, memoryview]
 
 
 class MsgType(enum.IntEnum):

@@ -56,6 +56,9 @@ __all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_RETRIES"]
 
 #: Seconds to wait for a reply to each attempt.
 DEFAULT_TIMEOUT = 1.0
+#: Largest per-attempt timeout accepted, in seconds (one day); above, the
+#: client refuses it (ValueError).
+MAX_TIMEOUT = 86400.0
 #: Attempts after the first.
 DEFAULT_RETRIES = 2
 #: Seconds an AFFINITY_ENDED's timestamp may be from this host's clock
@@ -64,13 +67,28 @@ DEFAULT_RETRIES = 2
 NOTICE_SKEW = 10.0
 #: Notification nonces remembered at most, to drop repeats within the window.
 SEEN_NOTICES = 65536
-#: Notifications queued while nobody receives them; beyond, the oldest go.
+#: Milliseconds a request's timestamp may run ahead of this host's clock.
+#: Requests are stamped 1 ms after the previous one when the clock has not
+#: moved on (PROTOCOL.md §3.2); where that would be more than this ahead of
+#: the clock (a burst of over 1,000 requests a second, or a clock stepped
+#: back), the clock's own time is used instead. A timestamp pktdist never
+#: answered needs no protecting: a sender's floor only rises to timestamps
+#: of pairs it forgot, which are at least its clock skew behind its clock.
+#: Without this bound the stamps would drift past pktdist's allowed skew
+#: and every later request would go unanswered.
+MAX_LEAD_MS = 1000
+#: Notifications queued while nobody receives them; beyond, the oldest go
+#: (counted in :attr:`Client.dropped_notices`).
 MAX_QUEUED_NOTICES = 4096
 #: Largest statistics document accepted.
 MAX_STATS_LEN = 16 << 20
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: Datagrams read at most by a wait whose deadline has passed.
 MAX_POLL_READS = 64
+#: Longest single wait on the socket or the condition, in seconds (one day):
+#: a longer timeout waits in several (select() and Condition.wait() refuse
+#: values beyond the platform's limits with OverflowError).
+MAX_WAIT = 86400.0
 
 
 class _Pending:
@@ -122,7 +140,8 @@ class Client:
             name), or ``"admin"``.
         key: that name's key, 16 to 128 raw bytes
             (:func:`pktdist.key_from_hex` reads the hex form).
-        timeout: seconds to wait for a reply to each attempt.
+        timeout: seconds to wait for a reply to each attempt, above 0 and
+            at most :data:`MAX_TIMEOUT` (one day).
         retries: attempts after the first when no reply comes.
         bind: local ``"host:port"`` for the socket, where notifications
             arrive; by default any address, a free port. It limits the
@@ -136,7 +155,7 @@ class Client:
         self,
         server: str,
         name: str,
-        key: bytes,
+        key: w.BytesArg,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
@@ -224,6 +243,7 @@ class Client:
         self._seen: Deque[Tuple[int, int]] = deque()
         self._seen_set: Set[int] = set()
         self._ignored = 0
+        self._dropped_notices = 0
 
     # -- properties --------------------------------------------------------
 
@@ -249,15 +269,18 @@ class Client:
 
     @property
     def timeout(self) -> float:
-        """Seconds to wait for a reply to each attempt."""
+        """Seconds to wait for a reply to each attempt (above 0, at most
+        MAX_TIMEOUT: one day)."""
         return self._timeout
 
     @timeout.setter
     def timeout(self, value: float) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"timeout must be seconds (int or float), not {type(value).__name__}")
-        if not 0 < value < float("inf"):
-            raise ValueError(f"timeout must be a finite number of seconds above 0, got {value}")
+        if not 0 < value <= MAX_TIMEOUT:
+            raise ValueError(
+                f"timeout must be above 0 and at most {MAX_TIMEOUT:.0f} seconds (one day), got {value}"
+            )
         self._timeout = float(value)
 
     @property
@@ -281,6 +304,13 @@ class Client:
             return self._ignored
 
     @property
+    def dropped_notices(self) -> int:
+        """Authentic notifications dropped unread: the oldest queued, when
+        MAX_QUEUED_NOTICES (4,096) were waiting for recv_ended."""
+        with self._cv:
+            return self._dropped_notices
+
+    @property
     def closed(self) -> bool:
         with self._cv:
             return self._closed
@@ -293,21 +323,22 @@ class Client:
     def create(
         self,
         service: str,
-        client: str,
-        duration: float,
+        client: w.ClientArg,
+        duration: w.DurationArg,
         owner: Optional[str] = None,
-        ports: w.Ports = None,
-        notify: Optional[str] = None,
+        ports: w.PortsArg = None,
+        notify: Optional[w.SockaddrArg] = None,
     ) -> Reply:
-        """Pins `client` (an address or CIDR network) on `service`
-        (``"vip:port"``, TCP) to the owner for `duration` seconds (rounded up
-        to whole seconds).
+        """Pins `client` (an address or CIDR network, as a str or an
+        :mod:`ipaddress` object) on `service` (``"vip:port"``, TCP) to the
+        owner for `duration` seconds (int, float or timedelta; rounded up to
+        whole seconds).
 
         `owner` defaults to this client's name; only ``admin`` may name
         another backend (and must name one). `ports` restricts it to client
         ports: an int, a (low, high) tuple or ``"low-high"``; None = any.
-        `notify` (``"ip:port"``) is where AFFINITY_ENDED goes; by default
-        this client's socket.
+        `notify` (``"ip:port"`` or an (ip, port) tuple) is where
+        AFFINITY_ENDED goes; by default this client's socket.
 
         Creating an affinity this owner already has renews it. Returns the
         OK reply (``reply.remaining`` = seconds granted); raises
@@ -328,10 +359,10 @@ class Client:
     def extend(
         self,
         service: str,
-        client: str,
-        duration: float,
+        client: w.ClientArg,
+        duration: w.DurationArg,
         owner: Optional[str] = None,
-        ports: w.Ports = None,
+        ports: w.PortsArg = None,
     ) -> Reply:
         """Gives an existing affinity of the owner a new duration from now.
         Raises :class:`pktdist.NotFound` if there is none, and
@@ -349,9 +380,9 @@ class Client:
     def cancel(
         self,
         service: str,
-        client: str,
+        client: w.ClientArg,
         owner: Optional[str] = None,
-        ports: w.Ports = None,
+        ports: w.PortsArg = None,
     ) -> Reply:
         """Removes an affinity at once (its notify address gets an
         AFFINITY_ENDED with reason CANCELLED). Raises
@@ -363,11 +394,11 @@ class Client:
         self,
         msg_type: int,
         service: str,
-        client: str,
+        client: w.ClientArg,
         duration: int,
         owner: Optional[str],
-        ports: w.Ports,
-        notify: Optional[str],
+        ports: w.PortsArg,
+        notify: Optional[w.SockaddrArg],
     ) -> Reply:
         svc = w.parse_service(service)
         body = w.affinity_body(
@@ -499,13 +530,16 @@ class Client:
 
     def recv_ended(self, timeout: Optional[float] = None) -> Optional[Ended]:
         """The next AFFINITY_ENDED notification, waiting up to `timeout`
-        seconds for one (None = as long as it takes); None if none came.
-        Raises :class:`pktdist.Error` if the client is or gets closed."""
+        seconds for one (None or infinity = as long as it takes); None if
+        none came. Raises :class:`pktdist.Error` if the client is or gets
+        closed."""
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
                 raise TypeError(f"timeout must be seconds or None, not {type(timeout).__name__}")
             if not timeout >= 0:
                 raise ValueError(f"timeout must be at least 0 seconds, got {timeout}")
+            if timeout == float("inf"):
+                timeout = None
         deadline = None if timeout is None else time.monotonic() + timeout
         # Another thread may take the notice that woke this one: wait again.
         while self._wait_for(lambda: bool(self._ended), deadline):
@@ -516,7 +550,8 @@ class Client:
 
     def iter_ended(self, timeout: Optional[float] = None) -> Iterator[Ended]:
         """Yields notifications as they arrive. Ends when `timeout` seconds
-        pass without one (None = never) or when the client is closed."""
+        pass without one (None or infinity = never) or when the client is
+        closed."""
         while True:
             try:
                 notice = self.recv_ended(timeout)
@@ -581,12 +616,15 @@ class Client:
                 raise ProtocolError("list pagination made no progress")
             offset = rb.next_offset
 
-    def request(self, msg_type: int, body: bytes) -> ReplyBody:
+    def request(self, msg_type: int, body: w.BytesArg) -> ReplyBody:
         """Sends one request of type `msg_type` with `body` (retrying as
         configured) and returns pktdist's authentic reply, whatever its code.
         The methods above are built on it; it is here for message types they
-        do not cover."""
-        return self._request(int(msg_type), bytes(body))
+        do not cover. Raises ValueError for a type outside 0 to 255."""
+        t = int(msg_type)
+        if not 0 <= t <= 255:
+            raise ValueError(f"message type {msg_type} is not a byte (0 to 255)")
+        return self._request(t, bytes(body))
 
     def _request(self, msg_type: int, body: bytes) -> ReplyBody:
         with self._cv:
@@ -604,11 +642,7 @@ class Client:
             while sent < attempts:
                 nonce = _random_u64()
                 with self._cv:
-                    # Increasing per sender name: pktdist refuses a request
-                    # stamped at or before the sender's floor, which may be
-                    # the previous request's timestamp (PROTOCOL.md §3.2).
-                    ts = max(time.time_ns() // 1_000_000, self._last_ts + 1)
-                    self._last_ts = ts
+                    ts = self._next_timestamp()
                     target = self._current
                     # Registered before sending, so that a fast reply finds it.
                     pending.nonces[nonce] = target
@@ -638,6 +672,19 @@ class Client:
             with self._cv:
                 self._pending.pop(request_id, None)
                 self._replies.pop(request_id, None)
+
+    def _next_timestamp(self) -> int:
+        """The timestamp of the next message, in ms (called with the lock
+        held): increasing per sender name, as pktdist refuses a request
+        stamped at or before the sender's floor, which may be the previous
+        request's timestamp (PROTOCOL.md §3.2), but never more than
+        MAX_LEAD_MS ahead of the clock."""
+        now_ms = time.time_ns() // 1_000_000
+        ts = max(now_ms, self._last_ts + 1)
+        if ts - now_ms > MAX_LEAD_MS:
+            ts = now_ms
+        self._last_ts = ts
+        return ts
 
     def _move_on(self, target: int) -> None:
         """No reply (or no sending) from the server address `target`: the
@@ -673,7 +720,7 @@ class Client:
                         break
                     if expired:
                         return False
-                    self._cv.wait(None if deadline is None else deadline - time.monotonic())
+                    self._cv.wait(None if deadline is None else min(MAX_WAIT, deadline - time.monotonic()))
             try:
                 if final:
                     # What has arrived already, without waiting.
@@ -684,7 +731,7 @@ class Client:
                             if ready():
                                 break
                 else:
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    left = None if deadline is None else min(MAX_WAIT, max(0.0, deadline - time.monotonic()))
                     self._read_one(left)
             finally:
                 with self._cv:
@@ -750,6 +797,7 @@ class Client:
                     self._ended.append(notice)
                     if len(self._ended) > MAX_QUEUED_NOTICES:
                         self._ended.popleft()
+                        self._dropped_notices += 1
             else:
                 raise w.Malformed("unexpected message type")
         except w.Malformed:

@@ -18,7 +18,7 @@ anything is sent.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 from ._wire import STATIC_REMAINING
 
@@ -80,6 +80,15 @@ class Refused(Error):
         if message:
             text += f": {message}"
         super().__init__(text)
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # The arguments __init__ takes (args holds only the text), so that
+        # pickle (multiprocessing, ProcessPoolExecutor) rebuilds it.
+        return (
+            type(self),
+            (self.code, self.code_name, self.message, self.owner, self.remaining),
+            self.__dict__,
+        )
 
     @property
     def static(self) -> bool:
@@ -183,6 +192,9 @@ class Timeout(Error):
             "(is pktdist listening there, the name and key right, the clock in "
             "sync and this address allowed?)"
         )
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (type(self), (self.attempts,), self.__dict__)
 
 
 class ProtocolError(Error):
