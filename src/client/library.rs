@@ -64,6 +64,15 @@ const MAX_QUEUED_NOTICES: usize = 4096;
 /// the call past its deadline. Those left stay in the socket for the next
 /// call.
 const LATE_READS: u32 = 64;
+/// Most a request's timestamp runs ahead of the clock (ms): more than
+/// one request a millisecond, or a clock stepped back, stamp each a
+/// millisecond after the last, up to this; beyond, the clock's time again.
+/// A timestamp never answered needs no protecting (pktdist refused it:
+/// stale), and one it took was within its skew of its clock, so its floor
+/// for this name rises past the clock's time only under the pressure
+/// PROTOCOL.md §3.2 describes. Without the bound the stamps would drift
+/// past pktdist's allowed skew and every later request would go unanswered.
+pub const MAX_LEAD_MS: u64 = 1000;
 
 /// Why a request did not produce a reply (or, for the list and one-call
 /// helpers, an OK reply).
@@ -526,9 +535,7 @@ impl ControlClient {
         let mut sent: Vec<u64> = Vec::with_capacity(attempts as usize);
         for _ in 0..attempts {
             let nonce = self.nonces.next();
-            // Increasing (PROTOCOL §3.2): a request stamped at or before
-            // the server's floor for this name would be refused.
-            let timestamp_ms = unix_ms(SystemTime::now()).max(self.last_timestamp_ms + 1);
+            let timestamp_ms = next_timestamp(unix_ms(SystemTime::now()), self.last_timestamp_ms);
             self.last_timestamp_ms = timestamp_ms;
             let header = Header {
                 msg_type: request.msg_type() as u8,
@@ -775,9 +782,47 @@ pub(crate) fn deadline_after(wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or_else(|| now + CENTURY)
 }
 
+/// A request's timestamp at `now_ms` after one stamped `last_ms`:
+/// increasing (PROTOCOL.md §3.2: a request stamped at or before the
+/// server's floor for this name would be refused), but at most
+/// [`MAX_LEAD_MS`] ahead of the clock.
+fn next_timestamp(now_ms: u64, last_ms: u64) -> u64 {
+    let next = now_ms.max(last_ms.saturating_add(1));
+    if next - now_ms > MAX_LEAD_MS {
+        now_ms
+    } else {
+        next
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_increase_but_never_run_far_ahead_of_the_clock() {
+        let t = 1_700_000_000_000u64;
+        assert_eq!(next_timestamp(t, 0), t);
+        assert_eq!(next_timestamp(t, t), t + 1, "two in one millisecond");
+        assert_eq!(next_timestamp(t, t - 5), t);
+        // A burst on a frozen clock: a millisecond apart up to the lead,
+        // then the clock's time again.
+        let mut last = 0;
+        let stamps: Vec<u64> = (0..1500)
+            .map(|_| {
+                last = next_timestamp(t, last);
+                last
+            })
+            .collect();
+        assert_eq!(stamps[1000], t + 1000);
+        assert_eq!(stamps[1001], t);
+        assert!(stamps.iter().all(|&s| s >= t && s - t <= MAX_LEAD_MS));
+        // A clock an hour fast, then set right: the next request is
+        // stamped by the clock, not an hour ahead of it.
+        let ahead = next_timestamp(t + 3_600_000, t);
+        assert_eq!(next_timestamp(t, ahead), t);
+        assert_eq!(next_timestamp(t, u64::MAX), t);
+    }
     use crate::control::counters::ServerCounters;
     use crate::control::handler::{Call, ControlHandler, Payload, Response};
     use crate::control::server::{ControlServer, ServerConfig};
@@ -1193,21 +1238,22 @@ mod tests {
         assert!(d >= now + Duration::from_secs(5) && d < Instant::now() + Duration::from_secs(6));
     }
 
-    /// Timestamps increase, even when the clock goes back: the server may
-    /// refuse a sender's requests stamped at or before a floor (§3.2).
+    /// Timestamps increase, even when the clock goes back (here by half a
+    /// second, within [`MAX_LEAD_MS`]): the server may refuse a sender's
+    /// requests stamped at or before a floor (§3.2).
     #[test]
     fn request_timestamps_increase() {
-        const LATER: u64 = 4_000_000_000_000; // 2096
-        let (addr, t) = scripted(|s| {
+        let later = unix_ms(SystemTime::now()) + 500;
+        let (addr, t) = scripted(move |s| {
             for i in 1..=2 {
                 answer(s, WEB1_KEY, "web1", |h, _| {
-                    assert_eq!(h.timestamp_ms, LATER + i)
+                    assert_eq!(h.timestamp_ms, later + i)
                 });
             }
         });
         let mut c = ControlClient::new(addr, "web1", WEB1_KEY).unwrap();
         c.set_timeout(Duration::from_secs(5));
-        c.last_timestamp_ms = LATER;
+        c.last_timestamp_ms = later;
         for _ in 0..2 {
             assert_eq!(
                 c.cancel_affinity(&AffinitySpec::new(akey())).unwrap().code,
