@@ -2458,6 +2458,8 @@ mod tests {
         backend: BackendId,
         auto: u32,
         state: TcpState,
+        /// Closing by a reset (not a FIN).
+        reset: bool,
         last_seen: u64,
     }
 
@@ -2711,6 +2713,7 @@ mod tests {
                             backend: be,
                             auto: e.auto_slot,
                             state,
+                            reset: false,
                             last_seen: now,
                         },
                     );
@@ -2725,16 +2728,24 @@ mod tests {
                             if let Lookup::Stale(d) = got {
                                 prop_assert_eq!(d.backend, known.backend);
                                 let syn_on_closing = known.state == TcpState::Closing
+                                    && !known.reset
                                     && flags & (SYN | ACK | RST) == SYN;
                                 prop_assert!(idle > timeout || syn_on_closing);
                                 prop_assert!(d.expired || syn_on_closing);
                                 model.remove(&k);
                             } else {
                                 prop_assert!(idle <= timeout + SLACK, "{got:?} after {idle} ns");
-                                let mut next = known.state;
+                                let (mut next, mut reset) = (known.state, known.reset);
+                                let syn_only = flags & (SYN | ACK | RST) == SYN;
                                 if known.state != TcpState::Udp {
-                                    if flags & (FIN | RST) != 0 {
-                                        next = TcpState::Closing;
+                                    if flags & FIN != 0 {
+                                        (next, reset) = (TcpState::Closing, false);
+                                    } else if flags & RST != 0 {
+                                        if known.state != TcpState::Closing {
+                                            (next, reset) = (TcpState::Closing, true);
+                                        }
+                                    } else if known.reset && !syn_only {
+                                        (next, reset) = (TcpState::Established, false);
                                     } else if known.state == TcpState::SynSeen && flags & ACK != 0 {
                                         next = TcpState::Established;
                                     }
@@ -2750,6 +2761,7 @@ mod tests {
                                             k,
                                             Known {
                                                 state: next,
+                                                reset,
                                                 last_seen: now,
                                                 ..known
                                             },
