@@ -54,6 +54,30 @@ fn default_fall() -> u32 {
     3
 }
 
+/// What a service does while its health checks hold down every backend
+/// that would otherwise take new connections (`all_unhealthy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllUnhealthy {
+    /// Those backends take new connections as though they passed: checks
+    /// that fail everywhere at once more likely fail on this side (the
+    /// check network, this host's firewall) than on every backend, and
+    /// dropping every new connection is an outage either way.
+    #[default]
+    Spread,
+    /// New connections are dropped (`all_backends_down`).
+    Drop,
+}
+
+impl AllUnhealthy {
+    pub fn name(self) -> &'static str {
+        match self {
+            AllUnhealthy::Spread => "spread",
+            AllUnhealthy::Drop => "drop",
+        }
+    }
+}
+
 /// A service's health check (`[[services]] health = { ... }`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -36,7 +36,8 @@ use crate::types::{PortMatch, PROTO_TCP, PROTO_UDP};
 pub use cluster::{ClusterConfig, StoreKind};
 pub use error::{ConfigError, KeyPath, Seg};
 pub use health::{
-    HealthConfig, HealthKind, StatusRanges, MAX_HEALTH_INTERVAL, MAX_RISE_FALL, MIN_HEALTH_INTERVAL,
+    AllUnhealthy, HealthConfig, HealthKind, StatusRanges, MAX_HEALTH_INTERVAL, MAX_RISE_FALL,
+    MIN_HEALTH_INTERVAL,
 };
 pub use queues::Spread;
 pub use types::{DurationStr, HexKey, MacAddr, MIN_KEY_BYTES};
@@ -540,6 +541,10 @@ pub struct ServiceConfig {
     /// Present: the backends are checked actively.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+    /// While the checks hold every backend down: spread new connections
+    /// over them (default) or drop them.
+    #[serde(default)]
+    pub all_unhealthy: AllUnhealthy,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
 }
@@ -1697,7 +1702,15 @@ impl Config {
                 }
             );
             if let Some(h) = &s.health {
-                let _ = writeln!(o, "    health: {}", health_plan(h, s.port));
+                let _ = writeln!(
+                    o,
+                    "    health: {}; all failing: {}",
+                    health_plan(h, s.port),
+                    match s.all_unhealthy {
+                        AllUnhealthy::Spread => "new connections spread over them all",
+                        AllUnhealthy::Drop => "new connections dropped",
+                    }
+                );
             }
             let total: u64 = s.backends.iter().map(|b| b.weight as u64).sum();
             for b in &s.backends {

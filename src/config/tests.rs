@@ -1499,6 +1499,26 @@ fn a_health_timeout_left_out_follows_a_short_interval() {
 }
 
 #[test]
+fn all_unhealthy_spreads_by_default_and_may_drop() {
+    let c = Config::parse(&with_health("health = { kind = \"tcp\" }"), "t.toml").unwrap();
+    assert_eq!(c.services[0].all_unhealthy, AllUnhealthy::Spread);
+    assert!(
+        c.plan()
+            .contains("; all failing: new connections spread over them all"),
+        "{}",
+        c.plan()
+    );
+    let t = with_health("health = { kind = \"tcp\" }\nall_unhealthy = \"drop\"");
+    let c = Config::parse(&t, "t.toml").unwrap();
+    assert_eq!(c.services[0].all_unhealthy, AllUnhealthy::Drop);
+    assert!(c.plan().contains("; all failing: new connections dropped"));
+    let t = with_health("all_unhealthy = \"sometimes\"");
+    let e = err(&t);
+    assert!(e.to_string().contains("all_unhealthy"), "{e}");
+    assert_eq!(e.line, line_of(&t, "all_unhealthy"), "{e}");
+}
+
+#[test]
 fn a_health_address_is_one_hosts_and_said_unused_without_checks() {
     let with_address = |t: &str, a: &str| {
         t.replacen(

@@ -132,6 +132,15 @@ impl BackendStates {
         }
     }
 
+    /// What the state of `id` would be with `weight` and its checks
+    /// passing: what its declarations and weight alone make it.
+    pub fn combined_unchecked(&self, id: BackendId, weight: u32) -> BackendState {
+        let (app, admin) = self
+            .get(id)
+            .map_or((Declared::Up, Declared::Up), |s| (s.app, s.admin));
+        BackendState::combine(app, admin, true, weight)
+    }
+
     /// What the state of `id` would be with `weight`, its inputs as they
     /// are now (up for a backend not known yet).
     pub fn combined(&self, id: BackendId, weight: u32) -> BackendState {

@@ -21,7 +21,7 @@ use crate::affinity::manager::{AffinityManager, Ended, Record};
 use crate::affinity::table::SLOTS;
 use crate::affinity::AffinityError;
 use crate::cluster::DeclarationKey;
-use crate::config::Config;
+use crate::config::{AllUnhealthy, Config};
 use crate::control::backend_state::{BackendStates, BackendStatus, StateChange};
 use crate::control::counters::{LimitCounters, PlaneCounters};
 use crate::control::handler::Response;
@@ -36,7 +36,7 @@ use crate::protocol::message::{
     ServiceAddr,
 };
 use crate::report::summary::{CounterBase, Summary};
-use crate::types::{BackendId, BackendState, Declared, EndReason, Family, PortMatch};
+use crate::types::{BackendId, BackendState, Declared, EndReason, Family, PortMatch, ServiceId};
 
 mod shared;
 pub use shared::{Installed, PendingCreates, Planned, SharedEnd};
@@ -382,11 +382,36 @@ impl ControlPlane {
     /// true when one changed.
     fn settle_into(&mut self, next: &mut ServiceRegistry) -> bool {
         self.adopt_declarations(next);
-        let targets: Vec<(BackendId, BackendState)> = next
-            .backends()
-            .map(|(id, _, b)| (id, self.states.combined(id, b.weight)))
-            .collect();
+        let mut targets: Vec<(BackendId, BackendState)> = Vec::new();
+        let mut spreading: Vec<(ServiceId, bool)> = Vec::new();
+        for (service, policy, backends) in next.services() {
+            let from = targets.len();
+            targets.extend(
+                backends
+                    .iter()
+                    .map(|(id, b)| (*id, self.states.combined(*id, b.weight))),
+            );
+            // No backend takes new connections, and some would but for
+            // their checks: with `all_unhealthy = "spread"` those do.
+            let unchecked = |(id, b): &(BackendId, NewBackend)| {
+                self.states.combined_unchecked(*id, b.weight) == BackendState::Up
+            };
+            let spread = policy == AllUnhealthy::Spread
+                && !targets[from..].iter().any(|(_, s)| *s == BackendState::Up)
+                && backends.iter().any(unchecked);
+            if spread {
+                for (t, b) in targets[from..].iter_mut().zip(backends) {
+                    if unchecked(b) {
+                        t.1 = BackendState::Up;
+                    }
+                }
+            }
+            spreading.push((service, spread));
+        }
         let mut changed = false;
+        for (service, on) in spreading {
+            changed |= next.set_spreading(service, on);
+        }
         for (id, state) in targets {
             changed |= next.state(id) != state;
             next.set_state(id, state);
@@ -429,11 +454,14 @@ impl ControlPlane {
             return;
         };
         let service = self.dp.service(b.service).map_or("?", |s| s.name.as_str());
-        let why = self
-            .states
-            .get(c.backend)
-            .map(|st| state_reasons(st, b.weight))
-            .unwrap_or_default();
+        let why = match self.states.get(c.backend) {
+            Some(st) if c.to == BackendState::Up && st.healthy == Some(false) => {
+                "its health checks fail, as every backend's of the service: all take new connections"
+                    .to_string()
+            }
+            Some(st) => state_reasons(st, b.weight),
+            None => String::new(),
+        };
         let level = if c.to == BackendState::Up {
             log::Level::Info
         } else {
@@ -756,6 +784,7 @@ impl ControlPlane {
     /// Makes `next` the registry and publishes its snapshot `dp` (built
     /// first, so that a change that cannot be built changes nothing).
     fn commit(&mut self, next: ServiceRegistry, dp: Dataplane) {
+        log_spreading(&self.dp, &dp);
         self.counter_base.update(&self.dp, &dp, &self.workers);
         self.registry = next;
         self.cell.publish(dp);
@@ -1199,6 +1228,25 @@ pub(crate) fn state_reply(done: &[(String, String, BackendState)]) -> Response {
 }
 
 /// Why a backend is in its state: the inputs that make it so, for the log.
+/// One log line per service that starts or stops spreading its new
+/// connections over backends that all fail their checks.
+fn log_spreading(old: &Dataplane, new: &Dataplane) {
+    for s in &new.services {
+        let was = old.service_named(&s.name).is_some_and(|o| o.all_unhealthy);
+        if s.all_unhealthy && !was {
+            log::warn!(
+                "service {}: every backend fails its health checks: they take new connections all the same (all_unhealthy = \"spread\")",
+                s.name
+            );
+        } else if was && !s.all_unhealthy {
+            log::info!(
+                "service {}: no longer spreading over backends that fail their health checks",
+                s.name
+            );
+        }
+    }
+}
+
 fn state_reasons(st: &BackendStatus, weight: u32) -> String {
     let mut why = Vec::new();
     if st.healthy == Some(false) {
@@ -1840,19 +1888,122 @@ address = "2001:db8:1::2"
 
     #[test]
     fn every_backend_down_marks_the_service() {
-        let (mut p, _r) = plane(&config_text());
+        let (mut p, _r) = plane(&dropping_config());
         p.set_backend_health("web", "a", false, None).unwrap();
         assert!(!p.dataplane().service(WEB).unwrap().all_down);
         p.set_backend_health("web", "b", false, None).unwrap();
         assert!(p.dataplane().service(WEB).unwrap().all_down);
+        assert!(!p.dataplane().service(WEB).unwrap().all_unhealthy);
         assert!(p.dataplane().service(WEB).unwrap().maglev.is_empty());
         p.set_backend_health("web", "b", true, None).unwrap();
         assert!(!p.dataplane().service(WEB).unwrap().all_down);
     }
 
+    /// The test configuration with web's `all_unhealthy = "drop"`.
+    fn dropping_config() -> String {
+        config_text().replacen(
+            "max_affinity_duration = \"10m\"",
+            "max_affinity_duration = \"10m\"\nall_unhealthy = \"drop\"",
+            1,
+        )
+    }
+
+    /// While the checks hold every backend of a service down (and nothing
+    /// else would), they take new connections all the same: up in every
+    /// respect, until one passes again.
+    #[test]
+    fn backends_that_all_fail_their_checks_take_connections_all_the_same() {
+        let (mut p, r) = plane(&config_text());
+        let web = |p: &ControlPlane| p.dataplane().service(WEB).unwrap().clone();
+        assert_eq!(
+            call(
+                &mut p,
+                "a",
+                Request::AffinityCreate(op("198.18.0.0", 24, Some("a"), 60))
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        p.set_backend_health("web", "a", false, Some("connect: refused".into()))
+            .unwrap();
+        assert_eq!(state_of(&p, "a"), BackendState::Down);
+        assert!(!web(&p).all_unhealthy);
+        p.set_backend_health("web", "b", false, Some("connect: timed out".into()))
+            .unwrap();
+        // Both up, both in the Maglev table, the service marked.
+        assert_eq!(state_of(&p, "a"), BackendState::Up);
+        assert_eq!(state_of(&p, "b"), BackendState::Up);
+        let svc = web(&p);
+        assert!(svc.all_unhealthy && !svc.all_down);
+        assert!(svc.maglev.shares().iter().all(|&s| s > 0));
+        // Their checks still say why, and the summary says so.
+        let st = p.backend_status(A).unwrap();
+        assert_eq!(
+            (st.healthy, st.check_error.as_deref()),
+            (Some(false), Some("connect: refused"))
+        );
+        let summary = p.summary();
+        let ws = summary.services.iter().find(|s| s.name == "web").unwrap();
+        assert!(ws.all_unhealthy);
+        assert!(ws.backends.iter().all(|b| b.state == "up"));
+        let text = summary.render();
+        assert!(
+            text.contains(
+                "affinity hits (every backend fails its health checks: all take new connections)"
+            ),
+            "{text}"
+        );
+        let metrics = crate::report::metrics::render(&summary);
+        assert!(metrics.contains("pktdist_service_all_unhealthy{service=\"web\"} 1\n"));
+        assert!(metrics.contains("pktdist_service_all_unhealthy{service=\"mail\"} 0\n"));
+        assert!(
+            !summary
+                .services
+                .iter()
+                .find(|s| s.name == "mail")
+                .unwrap()
+                .all_unhealthy
+        );
+        // Up in every respect: the affinity stays, past the grace.
+        p.expire_at(p.now_ms() + 45_000);
+        assert!(p.take_notices().is_empty());
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(A));
+        // The first that passes ends it: the other is down at once.
+        p.set_backend_health("web", "b", true, None).unwrap();
+        assert_eq!(state_of(&p, "a"), BackendState::Down);
+        assert_eq!(state_of(&p, "b"), BackendState::Up);
+        assert!(!web(&p).all_unhealthy);
+        // A backend declared down is not spread over: the operator takes
+        // b down, a's checks fail: all down, no spreading.
+        assert_eq!(
+            call(
+                &mut p,
+                "admin",
+                Request::BackendState {
+                    service: Some("web"),
+                    backend: Some("b"),
+                    state: Declared::Down,
+                }
+            )
+            .code,
+            ReturnCode::Ok
+        );
+        assert_eq!(
+            state_of(&p, "a"),
+            BackendState::Up,
+            "a alone would take them"
+        );
+        assert!(web(&p).all_unhealthy);
+        // A reload to `drop` ends the spreading.
+        let cfg = Config::parse(&dropping_config(), "t.toml").unwrap();
+        p.replace_services(&cfg).unwrap();
+        assert_eq!(state_of(&p, "a"), BackendState::Down);
+        assert!(web(&p).all_down && !web(&p).all_unhealthy);
+    }
+
     #[test]
     fn a_batch_of_health_verdicts_is_one_snapshot() {
-        let (mut p, _r) = plane(&config_text());
+        let (mut p, _r) = plane(&dropping_config());
         let before = p.counters().snapshots;
         let down = |backend| HealthVerdict {
             service: "web",

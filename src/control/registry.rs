@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::affinity::limits::AffinityLimits;
 use crate::config::{
-    Config, Forwarding, HashInput, Protocol, Scheduler, ServiceConfig, ADMIN_RESERVED,
+    AllUnhealthy, Config, Forwarding, HashInput, Protocol, Scheduler, ServiceConfig, ADMIN_RESERVED,
 };
 use crate::datapath::snapshot::{
     AutoAffinity, Backend, Dataplane, ForwardMode, HashKind, SchedulerKind, Service,
@@ -89,6 +89,11 @@ struct ServiceEntry {
     max_affinity: Duration,
     limits: AffinityLimits,
     affinity_grace: Duration,
+    all_unhealthy: AllUnhealthy,
+    /// Its backends that would take new connections all fail their checks
+    /// and take them anyway (`all_unhealthy = "spread"`): set by the
+    /// control plane as it combines the states.
+    spreading: bool,
     backends: Vec<(BackendId, NewBackend)>,
     /// The table for the current backends and weights, if built.
     maglev: Option<Arc<MaglevTable>>,
@@ -131,6 +136,8 @@ impl ServiceEntry {
             max_affinity: s.max_affinity_duration.0,
             limits: s.affinity_limits(),
             affinity_grace: s.affinity_grace.0,
+            all_unhealthy: s.all_unhealthy,
+            spreading: false,
             backends: Vec::new(),
             maglev: None,
         })
@@ -354,6 +361,27 @@ impl ServiceRegistry {
             .flat_map(|s| s.backends.iter().map(|(id, b)| (*id, s.name.as_str(), b)))
     }
 
+    /// Each service's id, its `all_unhealthy` and its backends.
+    pub fn services(
+        &self,
+    ) -> impl Iterator<Item = (ServiceId, AllUnhealthy, &[(BackendId, NewBackend)])> + '_ {
+        self.services
+            .iter()
+            .map(|s| (s.id, s.all_unhealthy, s.backends.as_slice()))
+    }
+
+    /// Marks `service` as spreading its new connections over backends that
+    /// all fail their checks (or not); true when that changed.
+    pub fn set_spreading(&mut self, service: ServiceId, on: bool) -> bool {
+        match self.services.iter_mut().find(|s| s.id == service) {
+            Some(s) if s.spreading != on => {
+                s.spreading = on;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The state backend `id` has in the snapshots.
     pub fn state(&self, id: BackendId) -> BackendState {
         self.states
@@ -418,6 +446,7 @@ impl ServiceRegistry {
                 limits: s.limits,
                 affinity_grace: s.affinity_grace,
                 all_down,
+                all_unhealthy: s.spreading,
             });
             for (id, b) in &s.backends {
                 backends.push(Backend {

@@ -152,6 +152,10 @@ pub struct Service {
     /// It has backends and every one of them is down: its new connections
     /// are dropped as [`DropReason::AllBackendsDown`](crate::types::DropReason).
     pub all_down: bool,
+    /// Its backends that would take new connections all fail their health
+    /// checks, and take them anyway (`all_unhealthy = "spread"`): they are
+    /// up in this snapshot (control thread and statistics only).
+    pub all_unhealthy: bool,
 }
 
 impl Service {

@@ -295,6 +295,19 @@ pub fn render(s: &Summary) -> String {
         }
     }
 
+    let mut f = Family::new(
+        &mut o,
+        "pktdist_service_all_unhealthy",
+        "gauge",
+        "1 while every backend of a service that would take new connections fails its health checks and they take them all the same (all_unhealthy = \"spread\").",
+    );
+    for svc in &s.services {
+        f.value(
+            &[("service", &svc.name)],
+            f64::from(u8::from(svc.all_unhealthy)),
+        );
+    }
+
     type Get = fn(&crate::report::summary::BackendSummary) -> f64;
     let per_backend: [(&'static str, &str, &str, Get); 7] = [
         (

@@ -139,6 +139,11 @@ pub struct ServiceSummary {
     pub affinity_hits: u64,
     pub affinity_misses: u64,
     pub auto_affinity_hits: u64,
+    /// Every backend that would take new connections fails its health
+    /// checks, and they take them all the same (`all_unhealthy =
+    /// "spread"`). Absent in older servers' JSON.
+    #[serde(default)]
+    pub all_unhealthy: bool,
     pub backends: Vec<BackendSummary>,
 }
 
@@ -641,6 +646,7 @@ impl Summary {
                     affinity_hits,
                     affinity_misses,
                     auto_affinity_hits,
+                    all_unhealthy: s.all_unhealthy,
                     backends,
                 }
             })
@@ -828,8 +834,19 @@ impl Summary {
         for s in &self.services {
             let _ = writeln!(
                 o,
-                "  service {} {}:{}/{}: {} packets, {} new connections, {} affinity hits",
-                s.name, s.vip, s.port, s.protocol, s.packets, s.new_connections, s.affinity_hits
+                "  service {} {}:{}/{}: {} packets, {} new connections, {} affinity hits{}",
+                s.name,
+                s.vip,
+                s.port,
+                s.protocol,
+                s.packets,
+                s.new_connections,
+                s.affinity_hits,
+                if s.all_unhealthy {
+                    " (every backend fails its health checks: all take new connections)"
+                } else {
+                    ""
+                }
             );
             let _ = writeln!(
                 o,
@@ -1021,6 +1038,7 @@ mod tests {
             limits: Default::default(),
             affinity_grace: Duration::from_secs(30),
             all_down: false,
+            all_unhealthy: false,
         };
         Dataplane::new(1, vec![svc], backends)
     }

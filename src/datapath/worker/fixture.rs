@@ -102,6 +102,7 @@ pub fn service(
         limits: Default::default(),
         affinity_grace: Duration::from_secs(30),
         all_down: !backends.is_empty() && backends.iter().all(|b| b.state == BackendState::Down),
+        all_unhealthy: false,
     }
 }
 
