@@ -1227,7 +1227,6 @@ pub(crate) fn state_reply(done: &[(String, String, BackendState)]) -> Response {
     Response::ok().with_message(text.join(", "))
 }
 
-/// Why a backend is in its state: the inputs that make it so, for the log.
 /// One log line per service that starts or stops spreading its new
 /// connections over backends that all fail their checks.
 fn log_spreading(old: &Dataplane, new: &Dataplane) {
@@ -1247,6 +1246,7 @@ fn log_spreading(old: &Dataplane, new: &Dataplane) {
     }
 }
 
+/// Why a backend is in its state: the inputs that make it so, for the log.
 fn state_reasons(st: &BackendStatus, weight: u32) -> String {
     let mut why = Vec::new();
     if st.healthy == Some(false) {
@@ -1974,7 +1974,7 @@ address = "2001:db8:1::2"
         assert_eq!(state_of(&p, "b"), BackendState::Up);
         assert!(!web(&p).all_unhealthy);
         // A backend declared down is not spread over: the operator takes
-        // b down, a's checks fail: all down, no spreading.
+        // b down while a's checks fail: a alone takes new connections.
         assert_eq!(
             call(
                 &mut p,
@@ -1993,6 +1993,7 @@ address = "2001:db8:1::2"
             BackendState::Up,
             "a alone would take them"
         );
+        assert_eq!(state_of(&p, "b"), BackendState::Down, "declared down");
         assert!(web(&p).all_unhealthy);
         // A reload to `drop` ends the spreading.
         let cfg = Config::parse(&dropping_config(), "t.toml").unwrap();

@@ -976,7 +976,10 @@ impl<IO: PacketIo> Worker<IO> {
         // (a draining or down backend keeps its connections), but a SYN
         // on a down backend's flow is a new connection (the client reused
         // the tuple, or retries one the backend never answered), which a
-        // down backend gets none of.
+        // down backend gets none of. A SYN on a reset flow (closing: a
+        // FIN's comes back stale) keeps its backend, draining too: the
+        // reset may have been forged with it, and a client that does reuse
+        // its tuple is served there all the same.
         let mut known = false;
         match self.flows.lookup(&p.key, hash, now, flags) {
             Lookup::Hit(e) => {
@@ -999,8 +1002,9 @@ impl<IO: PacketIo> Worker<IO> {
                 }
             }
             Lookup::Stale(old) => {
-                // Idle past its timeout, or a new SYN on a closing flow's
-                // tuple: the old flow is over and this packet starts anew.
+                // Idle past its timeout, or a new SYN on the tuple of a flow
+                // a FIN closed: the old flow is over and this packet starts
+                // anew.
                 if old.expired {
                     self.counters.flows_expired.inc();
                 } else {

@@ -226,7 +226,7 @@ pub fn render(s: &Summary) -> String {
         &mut o,
         "pktdist_flows_ended_total",
         "counter",
-        "Flows that left the workers' flow tables, by reason: closed (a new SYN on the tuple of a flow closing after FIN or RST, its backend removed), evicted (a full bucket's least recently seen, for a new flow), expired (idle past its timeout).",
+        "Flows that left the workers' flow tables, by reason: closed (a new SYN on the tuple of a flow closing after a FIN, or of a down backend's flow; its backend removed), evicted (a full bucket's least recently seen, for a new flow), expired (idle past its timeout).",
     );
     for (reason, v) in s.flows_ended.as_array() {
         f.value(&[("reason", reason)], v as f64);
@@ -580,7 +580,7 @@ fn health(o: &mut String, s: &Summary) {
         o,
         "pktdist_backend_up",
         "gauge",
-        "0 while the backend's health checks hold it down, else 1 (a drained or declared-down backend too).",
+        "0 while the backend's health checks fail (their verdict: down, also while its service spreads over backends that all fail), else 1 (a drained or declared-down backend too).",
     );
     for svc in &s.services {
         for b in &svc.backends {

@@ -423,9 +423,8 @@ impl ControlSummary {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct FlowsEnded {
-    /// Ended by a new SYN on the tuple of a flow closing (after FIN or
-    /// RST) or of a down backend's flow, or because their backend was
-    /// removed.
+    /// Ended by a new SYN on the tuple of a flow closing after a FIN or of
+    /// a down backend's flow, or because their backend was removed.
     pub closed: u64,
     /// Live flows a full bucket gave up for a new one (the least recently
     /// seen of their bucket): a table too small for its flows.

@@ -222,7 +222,7 @@ pub struct FlowStats {
     pub evicted: u64,
     /// Flows ended by their idle timeout (found by lookup, insert or sweep).
     pub expired: u64,
-    /// Flows ended by a new SYN reusing a closing flow's tuple.
+    /// Flows ended by a new SYN reusing the tuple of a flow a FIN closed.
     pub closed: u64,
     /// Flows removed by `remove`.
     pub removed: u64,
@@ -1459,13 +1459,16 @@ impl FlowTable {
 
     /// Finds a live flow, refreshes its last-seen time to `now` and applies
     /// the packet's TCP flags: ACK moves SynSeen to Established, FIN or RST
-    /// moves to Closing (the shorter `fin` timeout), where a SYN on the
-    /// tuple starts a new connection. A reset does not end the flow at
+    /// moves to Closing (the shorter `fin` timeout). After a FIN a SYN on
+    /// the tuple starts a new connection (Stale). A reset ends nothing at
     /// once: a reset forged by someone who guessed the tuple, which the
     /// backend's TCP ignores (it is outside the window), would otherwise
     /// leave the live connection to be routed anew, and a lost reset's
-    /// retransmission still finds its backend. UDP flows ignore flags. See
-    /// [`Lookup`] for what comes back.
+    /// retransmission still finds its backend. So a SYN on a reset flow's
+    /// tuple finds it (Closing, and its backend kept unless the caller
+    /// finds that down), and a packet of the connection's middle after the reset
+    /// moves it back to Established. UDP flows ignore flags. See [`Lookup`]
+    /// for what comes back.
     #[inline]
     pub fn lookup(&mut self, key: &FlowKey, hash: u64, now: u64, tcp_flags: u8) -> Lookup {
         match key.family {
