@@ -1780,45 +1780,33 @@ mod tests {
         let svc = service(0, 80, PROTO_TCP, &bes, SchedulerKind::RoundRobin, IPIP);
         let mut b = bed(vec![svc], bes, 1024);
         let clients: Vec<[u8; 4]> = (0..6u8).map(|i| [198, 18, 15, i]).collect();
-        let syns: Vec<Vec<u8>> = clients.iter().map(|&c| tcp(c, 7, tcp_flags::SYN)).collect();
-        let first: Vec<usize> = send(&mut b, &syns, SEC)
-            .iter()
-            .map(|&f| backend_index(f))
-            .collect();
-        let each =
-            |flags: u8| -> Vec<Vec<u8>> { clients.iter().map(|&c| tcp(c, 7, flags)).collect() };
-        let reset: Vec<usize> = send(&mut b, &each(tcp_flags::RST), 2 * SEC)
-            .iter()
-            .map(|&f| backend_index(f))
-            .collect();
+        // Each client's packet with `flags` at `now`: the backends reached.
+        let each = |b: &mut Bed, flags: u8, now: u64| -> Vec<usize> {
+            let frames: Vec<Vec<u8>> = clients.iter().map(|&c| tcp(c, 7, flags)).collect();
+            send(b, &frames, now)
+                .iter()
+                .map(|&f| backend_index(f))
+                .collect()
+        };
+        let first = each(&mut b, tcp_flags::SYN, SEC);
+        let reset = each(&mut b, tcp_flags::RST, 2 * SEC);
         assert_eq!(reset, first, "each reset reaches its connection's backend");
-        let after: Vec<usize> = send(&mut b, &each(tcp_flags::ACK), 3 * SEC)
-            .iter()
-            .map(|&f| backend_index(f))
-            .collect();
-        assert_eq!(after, first);
+        assert_eq!(each(&mut b, tcp_flags::ACK, 3 * SEC), first);
         // Past the fin timeout (5 s) and within the established one (60
         // s): the connection went on after the reset, so it is open again.
-        let later: Vec<usize> = send(&mut b, &each(tcp_flags::ACK), 20 * SEC)
-            .iter()
-            .map(|&f| backend_index(f))
-            .collect();
         assert_eq!(
-            later, first,
+            each(&mut b, tcp_flags::ACK, 20 * SEC),
+            first,
             "a forged reset does not shorten the connection"
         );
         // A reset forged with a SYN behind it does not move it either.
-        send(&mut b, &each(tcp_flags::RST), 21 * SEC);
-        let moved: Vec<usize> = send(&mut b, &each(tcp_flags::SYN), 21 * SEC)
-            .iter()
-            .map(|&f| backend_index(f))
-            .collect();
-        assert_eq!(moved, first, "the SYN after a reset keeps the backend");
-        let after: Vec<usize> = send(&mut b, &each(tcp_flags::ACK), 22 * SEC)
-            .iter()
-            .map(|&f| backend_index(f))
-            .collect();
-        assert_eq!(after, first);
+        each(&mut b, tcp_flags::RST, 21 * SEC);
+        assert_eq!(
+            each(&mut b, tcp_flags::SYN, 21 * SEC),
+            first,
+            "the SYN after a reset keeps the backend"
+        );
+        assert_eq!(each(&mut b, tcp_flags::ACK, 22 * SEC), first);
         let c = b.worker.counters();
         assert_eq!(c.unknown_flows.get(), 0);
         assert_eq!(c.flows_closed.get(), 0);

@@ -281,6 +281,21 @@ mod tests {
         }
     }
 
+    /// Records a probe of target 1 (web/a, tcp) that failed with `error`
+    /// (None: passed).
+    fn probe(v: &mut HealthView, error: Option<&str>) {
+        v.record_probe(
+            1,
+            &ProbeResult {
+                service: "web".into(),
+                backend: "a".into(),
+                kind: HealthKind::Tcp,
+                elapsed: Duration::from_millis(3),
+                error: error.map(String::from),
+            },
+        )
+    }
+
     fn change(backend: &str, up: bool, at: SystemTime) -> HealthChange {
         HealthChange {
             service: "web".into(),
@@ -297,18 +312,6 @@ mod tests {
         let t0 = SystemTime::now();
         let mut v = HealthView::default();
         v.set_targets(&[target("a", HealthKind::Tcp)], t0);
-        let probe = |v: &mut HealthView, error: Option<&str>| {
-            v.record_probe(
-                1,
-                &ProbeResult {
-                    service: "web".into(),
-                    backend: "a".into(),
-                    kind: HealthKind::Tcp,
-                    elapsed: Duration::from_millis(3),
-                    error: error.map(String::from),
-                },
-            )
-        };
         let down = |v: &HealthView| {
             v.down()
                 .map(|(s, b, e)| (s.to_string(), b.to_string(), e.map(String::from)))
@@ -351,16 +354,7 @@ mod tests {
         assert!(v.apply(1, &change("a", false, t1)));
         assert!(!v.apply(1, &change("a", false, t1)), "no change twice");
         assert!(!v.is_up("web", "a"));
-        v.record_probe(
-            1,
-            &ProbeResult {
-                service: "web".into(),
-                backend: "a".into(),
-                kind: HealthKind::Tcp,
-                elapsed: Duration::from_millis(3),
-                error: Some("connect: refused".into()),
-            },
-        );
+        probe(&mut v, Some("connect: refused"));
         // The kind changes (a new check): a stays down, c is new and up.
         let next = [
             target("a", HealthKind::Http),
