@@ -898,27 +898,31 @@ impl<K: SlotKey> Part<K> {
         let old_state = TcpState::from_u8(slot.state);
         let mut state = old_state;
         let mut reset = slot.state & RESET;
-        if old_state != TcpState::Udp {
+        if old_state == TcpState::Closing {
             let syn_only =
                 tcp_flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
-            // A SYN after a FIN reuses the tuple for a new connection; one
-            // after a reset keeps the flow's backend until the fin timeout
-            // (the reset may have been forged, and the SYN with it).
-            if old_state == TcpState::Closing && syn_only && reset == 0 {
+            if syn_only && reset == 0 {
+                // A SYN after a FIN reuses the tuple for a new connection;
+                // one after a reset keeps the flow's backend until the fin
+                // timeout (the reset may have been forged, and the SYN
+                // with it).
                 books.stats.closed += 1;
                 books.stats.misses += 1;
                 books.vacant = Some(vacancy);
                 return Lookup::Stale(self.vacate(books, (b, s), home, false));
             }
-            if tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
-                if tcp_flags & tcp_flags::FIN != 0 {
-                    (state, reset) = (TcpState::Closing, 0);
-                } else if old_state != TcpState::Closing {
-                    (state, reset) = (TcpState::Closing, RESET);
-                }
-            } else if reset != 0 && !syn_only {
+            if tcp_flags & tcp_flags::FIN != 0 {
+                reset = 0;
+            } else if reset != 0 && !syn_only && tcp_flags & tcp_flags::RST == 0 {
                 // The client goes on after the reset: it was not its own.
                 (state, reset) = (TcpState::Established, 0);
+            }
+        } else if old_state != TcpState::Udp {
+            if tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                state = TcpState::Closing;
+                if tcp_flags & tcp_flags::FIN == 0 {
+                    reset = RESET;
+                }
             } else if old_state == TcpState::SynSeen && tcp_flags & tcp_flags::ACK != 0 {
                 state = TcpState::Established;
             }
