@@ -236,7 +236,7 @@ def client(name: str, **kw: object) -> pktdist.Client:
     return pktdist.Client(CONTROL, name, KEYS[name], **kw)  # type: ignore[arg-type]
 
 
-def set_up(name: str) -> None:
+def declare_up(name: str) -> None:
     """Declares backend `name` up again (with a client of its own, closed)."""
     with client(name) as c:
         c.set_state("up")
@@ -492,7 +492,7 @@ class ExampleBackend(unittest.TestCase):
         # other tests share this pktdist and need be1 up again, so the state
         # is set back after the example has stopped (cleanups run last
         # first), also when the test fails before its own stop.
-        self.addCleanup(set_up, "be1")
+        self.addCleanup(declare_up, "be1")
         self.addCleanup(ex.stop)
         self.assertIsNotNone(ex.out.wait_for("be1: ready:"), ex.output())
         service = f"127.0.0.1:{LOCAL_PORT}"
