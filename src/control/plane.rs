@@ -249,10 +249,9 @@ impl ControlPlane {
         self.states.get(id)
     }
 
-    /// Applies a health verdict for `backend` of `service` (from the
-    /// health checker): a backend whose checks fail is down, `error` says
-    /// why; up with an `error` is up without checks (they stopped).
-    /// Publishes a new snapshot when its state changes.
+    /// One verdict of [`set_backends_health`](Self::set_backends_health),
+    /// refused for a backend the plane does not have (the tests' form).
+    #[cfg(test)]
     pub fn set_backend_health(
         &mut self,
         service: &str,
@@ -274,13 +273,12 @@ impl ControlPlane {
         }])
     }
 
-    /// Applies many health verdicts (as [`set_backend_health`]) and
-    /// publishes one snapshot for them all: a tick's worth of the checker's
+    /// Applies the health checker's verdicts ([`HealthVerdict`]: a backend
+    /// whose checks fail is down, its error says why) and publishes one
+    /// snapshot for them all, if they change a state: a tick's worth of
     /// changes (a rack of backends failing together) costs one Maglev
     /// build per service, not one per backend. A verdict on a backend
     /// removed since is dropped.
-    ///
-    /// [`set_backend_health`]: Self::set_backend_health
     pub fn set_backends_health<'a>(
         &mut self,
         verdicts: impl IntoIterator<Item = HealthVerdict<'a>>,
@@ -1503,12 +1501,7 @@ mod tests {
     fn draining_backends_get_no_new_affinities_and_removal_ends_them() {
         let (mut p, r) = plane(&config_text());
         assert_eq!(
-            call(
-                &mut p,
-                "a",
-                Request::AffinityCreate(op("198.18.0.0", 24, Some("a"), 60))
-            )
-            .code,
+            create(&mut p, "a", "198.18.0.0", 24, "a").code,
             ReturnCode::Ok
         );
         // Only the admin changes backends.
@@ -1830,15 +1823,10 @@ address = "2001:db8:1::2"
     #[test]
     fn down_backends_leave_the_scheduler_and_their_requested_affinities_end_after_the_grace() {
         let (mut p, r) = plane(&config_text());
-        let create = |p: &mut ControlPlane, client: &str| {
-            call(
-                p,
-                "a",
-                Request::AffinityCreate(op(client, 24, Some("a"), 60)),
-            )
-            .code
-        };
-        assert_eq!(create(&mut p, "198.18.0.0"), ReturnCode::Ok);
+        assert_eq!(
+            create(&mut p, "a", "198.18.0.0", 24, "a").code,
+            ReturnCode::Ok
+        );
         let fixed = TableKey::new(WEB, Family::V4, 0xc612_0100, 24, PortMatch::Any).unwrap();
         p.create_static(fixed, A).unwrap();
         p.set_backend_health("web", "a", false, Some("connect: refused".into()))
@@ -1860,7 +1848,10 @@ address = "2001:db8:1::2"
         // Its affinities stay in the table during the grace (the workers
         // skip them), but it gets no new ones.
         assert_eq!(r.lookup(WEB, Family::V4, 0xc612_0001, 1), Some(A));
-        assert_eq!(create(&mut p, "198.18.2.0"), ReturnCode::Draining);
+        assert_eq!(
+            create(&mut p, "a", "198.18.2.0", 24, "a").code,
+            ReturnCode::Draining
+        );
         p.expire_at(st.since_ms + 29_999);
         assert!(p.take_notices().is_empty(), "the grace (30 s) is not over");
         p.expire_at(st.since_ms + 30_000);
@@ -1882,7 +1873,10 @@ address = "2001:db8:1::2"
         assert_eq!(state_of(&p, "a"), BackendState::Up);
         assert!(p.dataplane().service(WEB).unwrap().maglev.shares()[0] > 0);
         assert_eq!(p.backend_status(A).unwrap().check_error, None);
-        assert_eq!(create(&mut p, "198.18.0.0"), ReturnCode::Ok);
+        assert_eq!(
+            create(&mut p, "a", "198.18.0.0", 24, "a").code,
+            ReturnCode::Ok
+        );
         assert!(p.set_backend_health("web", "zz", false, None).is_err());
     }
 
@@ -1916,12 +1910,7 @@ address = "2001:db8:1::2"
         let (mut p, r) = plane(&config_text());
         let web = |p: &ControlPlane| p.dataplane().service(WEB).unwrap().clone();
         assert_eq!(
-            call(
-                &mut p,
-                "a",
-                Request::AffinityCreate(op("198.18.0.0", 24, Some("a"), 60))
-            )
-            .code,
+            create(&mut p, "a", "198.18.0.0", 24, "a").code,
             ReturnCode::Ok
         );
         p.set_backend_health("web", "a", false, Some("connect: refused".into()))
@@ -2044,12 +2033,7 @@ address = "2001:db8:1::2"
             state,
         };
         assert_eq!(
-            call(
-                &mut p,
-                "a",
-                Request::AffinityCreate(op("198.18.0.0", 24, Some("a"), 60))
-            )
-            .code,
+            create(&mut p, "a", "198.18.0.0", 24, "a").code,
             ReturnCode::Ok
         );
         // a drains itself (the server fills in its name; the plane takes
