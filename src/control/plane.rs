@@ -556,6 +556,12 @@ impl ControlPlane {
         }
     }
 
+    /// Frees the snapshots the workers have all let go of (each tick), so
+    /// that no worker frees one: see [`DataplaneCell::collect`].
+    pub fn collect_snapshots(&self) {
+        self.cell.collect();
+    }
+
     /// The affinities that ended since the last call: (where to send the
     /// notice, if the owner gave an address; the notice).
     pub fn take_notices(&mut self) -> Vec<(Option<SocketAddr>, EndedNotice)> {

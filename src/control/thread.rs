@@ -338,7 +338,8 @@ impl ControlThread {
         }
     }
 
-    /// Runs the ports' upkeep, expires affinities, installs the static
+    /// Runs the ports' upkeep, expires affinities, frees the snapshots the
+    /// workers have let go of, installs the static
     /// affinities a reload could not (see [`ConfigFile`]), applies the
     /// health checks' reports, hands the state file's writer what changed,
     /// refreshes the metrics when they are due, sets readiness (`/ready`,
@@ -350,6 +351,7 @@ impl ControlThread {
             upkeep();
         }
         self.plane.expire();
+        self.plane.collect_snapshots();
         self.file.install_waiting_statics(&mut self.plane);
         self.take_health_reports();
         if let Some(s) = &mut self.state {

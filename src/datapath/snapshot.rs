@@ -308,6 +308,12 @@ impl Dataplane {
 pub struct DataplaneCell {
     generation: AtomicU64,
     current: Mutex<Arc<Dataplane>>,
+    /// Snapshots a publish replaced, kept until no worker holds them and
+    /// then freed by the control thread ([`DataplaneCell::collect`]), so
+    /// that a worker never frees one: a snapshot's tables were allocated on
+    /// the control thread, and freeing them takes that allocator arena's
+    /// lock and may unmap pages, which interrupts every core of the process.
+    retired: Mutex<Vec<Arc<Dataplane>>>,
 }
 
 impl DataplaneCell {
@@ -315,6 +321,7 @@ impl DataplaneCell {
         DataplaneCell {
             generation: AtomicU64::new(dp.generation),
             current: Mutex::new(Arc::new(dp)),
+            retired: Mutex::new(Vec::new()),
         }
     }
 
@@ -336,10 +343,59 @@ impl DataplaneCell {
             .clone()
     }
 
-    /// Publishes a new snapshot (control thread only).
+    /// Publishes a new snapshot (control thread only). The one it replaces
+    /// is kept for [`DataplaneCell::collect`].
     pub fn publish(&self, dp: Dataplane) {
+        self.collect();
         let gen = dp.generation;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(dp);
+        let old = std::mem::replace(
+            &mut *self.current.lock().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(dp),
+        );
         self.generation.store(gen, Ordering::Release);
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(old);
+    }
+
+    /// Frees the replaced snapshots nothing else holds any longer (control
+    /// thread only: each tick, and before each publish). A snapshot held
+    /// only here cannot be taken again (`load` gives the current one).
+    pub fn collect(&self) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|dp| Arc::strong_count(dp) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot a publish replaced is not freed by the worker that
+    /// drops it last, but by the control thread's next collect.
+    #[test]
+    fn replaced_snapshots_are_freed_by_the_publisher() {
+        let cell = DataplaneCell::new(Dataplane::default());
+        let held = cell.load();
+        let first = Arc::downgrade(&held);
+        cell.publish(Dataplane::default());
+        cell.collect();
+        assert!(first.upgrade().is_some(), "freed while a worker held it");
+        drop(held);
+        assert!(
+            first.upgrade().is_some(),
+            "freed by the worker that dropped it"
+        );
+        cell.collect();
+        assert!(first.upgrade().is_none(), "kept after no worker held it");
+        // One never loaded goes at the next collect too.
+        let second = Arc::downgrade(&cell.load());
+        cell.publish(Dataplane::default());
+        assert!(second.upgrade().is_some());
+        cell.collect();
+        assert!(second.upgrade().is_none());
     }
 }

@@ -6,17 +6,19 @@
 //!
 //! The control thread renders the text about once a second; a small HTTP
 //! thread serves the latest rendering, so a slow scraper never holds up the
-//! control thread. Each connection is answered on a thread of its own (at
-//! most [`MAX_CONNECTIONS`] at once, more wait in the listen backlog),
+//! control thread. Each connection is answered on a thread of its own,
 //! within [`REQUEST_DEADLINE`] for its request head and [`ANSWER_DEADLINE`]
-//! for the answer, so clients that trickle their requests or never read
-//! delay a readiness check or a scrape only while they hold every
-//! connection, and at most by a request's deadline each time.
+//! for the answer. Connections from this host (the route announcer's
+//! readiness check) have [`MAX_LOCAL`] threads of their own; other hosts
+//! share [`MAX_CONNECTIONS`], at most [`MAX_PER_PEER`] each. A connection
+//! no thread is left for is answered 503 at once, so clients that trickle
+//! their requests or never read cannot make a readiness check wait.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,8 +36,19 @@ const MAX_REQUEST: usize = 8192;
 /// (hung, or in a reload that long) reads as not ready and its route is
 /// withdrawn, while one busy for a moment does not flap.
 const READY_FOR: Duration = Duration::from_secs(5);
-/// Connections answered at once, each on its own thread.
+/// Connections from other hosts answered at once, each on its own thread.
 const MAX_CONNECTIONS: usize = 8;
+/// Of those, from any one address.
+const MAX_PER_PEER: usize = 2;
+/// Connections from this host answered at once, counted apart from the
+/// others': a readiness check from this host never waits behind other
+/// hosts' connections, however many they hold open.
+const MAX_LOCAL: usize = 4;
+/// How old the rendered text may be before `GET /metrics` answers 503: the
+/// control thread renders it every second, so older means it is stuck (as
+/// for [`READY_FOR`]), and a scrape must not pass frozen figures off as
+/// live ones.
+const STALE_AFTER: Duration = READY_FOR;
 /// How long a connection may take to send its request head before it is
 /// closed.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
@@ -92,10 +105,19 @@ impl Family<'_> {
             l.push(("quantile", q));
             l
         };
+        // No observation: no quantile either (NaN, as Prometheus's own
+        // clients export it), rather than a 0 that reads as fast.
+        let of = |v: u64| {
+            if p.count == 0 {
+                f64::NAN
+            } else {
+                v as f64 * scale
+            }
+        };
         for (q, v) in p.quantiles() {
-            self.sample("", &with(q), v as f64 * scale);
+            self.sample("", &with(q), of(v));
         }
-        self.sample("", &with("1"), p.max as f64 * scale);
+        self.sample("", &with("1"), of(p.max));
         self.sample("_sum", labels, p.mean * p.count as f64 * scale);
         self.sample("_count", labels, p.count as f64);
     }
@@ -386,7 +408,7 @@ pub fn render(s: &Summary) -> String {
     }
 
     type WorkerGet = fn(&crate::report::summary::WorkerSummary) -> f64;
-    let per_worker: [(&'static str, &str, &str, WorkerGet); 5] = [
+    let per_worker: [(&'static str, &str, &str, WorkerGet); 6] = [
         (
             "pktdist_worker_received_packets_total",
             "counter",
@@ -414,8 +436,14 @@ pub fn render(s: &Summary) -> String {
         (
             "pktdist_worker_busy_ratio",
             "gauge",
-            "Share of time a worker spent in loop iterations that received packets.",
+            "Share of time a worker spent in loop iterations that received packets, since start (rate(pktdist_worker_busy_seconds_total) is the current share).",
             |w| w.busy,
+        ),
+        (
+            "pktdist_worker_busy_seconds_total",
+            "counter",
+            "Time a worker spent in loop iterations that received packets.",
+            |w| w.busy_seconds,
         ),
     ];
     for (name, kind, help, get) in per_worker {
@@ -708,6 +736,33 @@ impl Shared {
         let at = *self.ready_at.lock().unwrap_or_else(|e| e.into_inner());
         at.is_some_and(|t| t.elapsed() < READY_FOR)
     }
+
+    /// What `GET /metrics` answers: the latest rendering with readiness
+    /// (known here, at the moment of the scrape) added; or why there is
+    /// none to give, if it was never rendered or is older than
+    /// [`STALE_AFTER`] (the scrape fails, so `up` reads 0).
+    fn metrics(&self) -> Result<String, String> {
+        let rendered = *self.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        match rendered.map(|t| t.elapsed()) {
+            None => return Err("no metrics yet: pktdist is starting\n".into()),
+            Some(age) if age > STALE_AFTER => {
+                return Err(format!(
+                    "metrics stale: last rendered {:.1} s ago (the control thread is stuck)\n",
+                    age.as_secs_f64()
+                ));
+            }
+            Some(_) => {}
+        }
+        let mut text = self.text.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Family::new(
+            &mut text,
+            "pktdist_ready",
+            "gauge",
+            "1 while GET /ready answers 200 (serving, with the whole affinity table), 0 while starting or stopping.",
+        )
+        .value(&[], if self.is_ready() { 1.0 } else { 0.0 });
+        Ok(text)
+    }
 }
 
 /// The HTTP endpoint's thread.
@@ -786,16 +841,18 @@ impl Drop for MetricsServer {
 }
 
 fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let pools = Arc::new(Mutex::new(Pools::default()));
     while !shared.stop.load(Ordering::Relaxed) {
-        // At the limit, new connections wait in the backlog.
-        if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
         match listener.accept() {
-            Ok((stream, _)) => {
-                let slot = Slot::take(&active);
+            Ok((stream, peer)) => {
+                let slot = stream
+                    .local_addr()
+                    .ok()
+                    .and_then(|local| Slot::take(&pools, peer.ip(), local.ip()));
+                let Some(slot) = slot else {
+                    busy(stream);
+                    continue;
+                };
                 let s = Arc::clone(&shared);
                 // If the thread cannot start, the closure is dropped with
                 // the connection (closed, unanswered) and the slot.
@@ -815,20 +872,85 @@ fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// One of the [`MAX_CONNECTIONS`] answered at once, given back when
-/// dropped, however its thread ends.
-struct Slot(Arc<AtomicUsize>);
+/// Answers a connection no thread is left for: 503 at once (a client that
+/// could not get an answer in time learns so now rather than after the
+/// others' deadlines). What it has sent is read first, without waiting
+/// for more, so that closing it does not reset the connection and lose
+/// the answer.
+fn busy(mut stream: TcpStream) {
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut head = [0u8; 1024];
+    for _ in 0..MAX_REQUEST / head.len() {
+        if !matches!(stream.read(&mut head), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let _ = stream.write(
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+          Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n",
+    );
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// The connections being answered: this host's, and other hosts' by
+/// address.
+#[derive(Default)]
+struct Pools {
+    local: usize,
+    remote: usize,
+    peers: HashMap<IpAddr, usize>,
+}
+
+/// One connection's place in [`Pools`], given back when dropped, however
+/// its thread ends.
+struct Slot {
+    pools: Arc<Mutex<Pools>>,
+    /// `None` for a connection from this host.
+    peer: Option<IpAddr>,
+}
 
 impl Slot {
-    fn take(active: &Arc<AtomicUsize>) -> Slot {
-        active.fetch_add(1, Ordering::AcqRel);
-        Slot(Arc::clone(active))
+    /// A place for a connection from `peer` to `local` (this host's when
+    /// they are the same address, which a connection to one of its own
+    /// addresses has), if its pool has one left.
+    fn take(pools: &Arc<Mutex<Pools>>, peer: IpAddr, local: IpAddr) -> Option<Slot> {
+        let mut p = pools.lock().unwrap_or_else(|e| e.into_inner());
+        let peer = (peer.to_canonical() != local.to_canonical()).then_some(peer);
+        match peer {
+            None if p.local < MAX_LOCAL => p.local += 1,
+            Some(ip)
+                if p.remote < MAX_CONNECTIONS
+                    && p.peers.get(&ip).copied().unwrap_or(0) < MAX_PER_PEER =>
+            {
+                p.remote += 1;
+                *p.peers.entry(ip).or_insert(0) += 1;
+            }
+            _ => return None,
+        }
+        Some(Slot {
+            pools: Arc::clone(pools),
+            peer,
+        })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut p = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        match self.peer {
+            None => p.local -= 1,
+            Some(ip) => {
+                p.remote -= 1;
+                if let Some(n) = p.peers.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.peers.remove(&ip);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -861,15 +983,10 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared
-                .text
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        ),
+        ("GET", "/metrics") => match shared.metrics() {
+            Ok(text) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
+            Err(why) => ("503 Service Unavailable", "text/plain; charset=utf-8", why),
+        },
         ("GET", "/ready") if shared.is_ready() => {
             ("200 OK", "text/plain; charset=utf-8", "ready\n".to_string())
         }
@@ -917,6 +1034,7 @@ mod tests {
     use super::*;
     use crate::datapath::counters::WorkerCounters;
     use crate::types::DropReason;
+    use std::sync::atomic::AtomicUsize;
 
     fn summary() -> Summary {
         let w = vec![Arc::new(WorkerCounters::default())];
@@ -988,21 +1106,43 @@ mod tests {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 
+    /// `path`'s answer, asked from `from` (a loopback address other than
+    /// the server's reads as another host).
+    fn get_from(from: [u8; 4], addr: SocketAddr, path: &str) -> String {
+        let mut s = connect_from(from, addr);
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    }
+
+    fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+        s.connect(&addr.into()).unwrap();
+        s.into()
+    }
+
+    const HERE: [u8; 4] = [127, 0, 0, 1];
+
     #[test]
     fn http_endpoint_serves_metrics_and_404() {
         let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let get = |path: &str| get_from(HERE, m.local_addr(), path);
+        let none = get("/metrics");
+        assert!(
+            none.starts_with("HTTP/1.1 503") && none.ends_with("starting\n"),
+            "never rendered: {none}"
+        );
         m.publish("pktdist_x 1\n".into());
-        let get = |path: &str| {
-            let mut s = TcpStream::connect(m.local_addr()).unwrap();
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-            let mut r = String::new();
-            s.read_to_string(&mut r).unwrap();
-            r
-        };
         let ok = get("/metrics");
         assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
         assert!(ok.contains("text/plain; version=0.0.4"));
-        assert!(ok.ends_with("\r\n\r\npktdist_x 1\n"));
+        assert!(
+            ok.contains("\r\n\r\npktdist_x 1\n# HELP pktdist_ready ")
+                && ok.ends_with("\npktdist_ready 0\n"),
+            "{ok}"
+        );
         assert!(get("/nope").starts_with("HTTP/1.1 404"));
         assert!(get("/ready").starts_with("HTTP/1.1 503"));
         m.set_ready(true);
@@ -1011,52 +1151,69 @@ mod tests {
             ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"),
             "{ready}"
         );
+        assert!(get("/metrics").ends_with("\npktdist_ready 1\n"));
         m.set_ready(false);
         assert!(get("/ready").starts_with("HTTP/1.1 503"));
     }
 
-    /// Ready holds only while the control thread keeps saying so: one that
-    /// stops (hung) reads as not ready once [`READY_FOR`] has passed.
+    /// Ready holds only while the control thread keeps saying so, and the
+    /// metrics only while it keeps rendering them: one that stops (hung)
+    /// reads as not ready, and fails its scrapes, once [`READY_FOR`] has
+    /// passed.
     #[test]
-    fn readiness_lapses_without_the_control_threads_word() {
+    fn readiness_and_metrics_lapse_without_the_control_threads_word() {
         let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
-        let get = || {
-            let mut s = TcpStream::connect(m.local_addr()).unwrap();
-            write!(s, "GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-            let mut r = String::new();
-            s.read_to_string(&mut r).unwrap();
-            r
-        };
+        let get = |path: &str| get_from(HERE, m.local_addr(), path);
         m.set_ready(true);
-        assert!(get().starts_with("HTTP/1.1 200"));
-        std::thread::sleep(READY_FOR + Duration::from_millis(200));
+        m.publish("pktdist_x 1\n".into());
+        assert!(get("/ready").starts_with("HTTP/1.1 200"));
+        assert!(get("/metrics").starts_with("HTTP/1.1 200"));
+        std::thread::sleep(READY_FOR.max(STALE_AFTER) + Duration::from_millis(200));
         assert!(
-            get().starts_with("HTTP/1.1 503"),
+            get("/ready").starts_with("HTTP/1.1 503"),
             "no word for longer than READY_FOR"
         );
+        let stale = get("/metrics");
+        assert!(
+            stale.starts_with("HTTP/1.1 503") && stale.contains("metrics stale: last rendered"),
+            "{stale}"
+        );
         m.set_ready(true);
-        assert!(get().starts_with("HTTP/1.1 200"));
+        m.publish("pktdist_x 2\n".into());
+        assert!(get("/ready").starts_with("HTTP/1.1 200"));
+        assert!(get("/metrics").contains("\npktdist_x 2\n"));
     }
 
-    /// Clients that trickle their request a byte at a time, each byte
-    /// within any per-read timeout, hold up a readiness check only until
-    /// one of them is cut off, and do not keep their connections: the
-    /// server closes each once the request's deadline has passed.
+    /// Other hosts that hold every connection they may, by trickling
+    /// their requests a byte at a time, neither hold up a readiness check
+    /// from this host (answered while they are all still connected) nor
+    /// get more: one more from any of them is answered 503 at once, as is
+    /// one from a host beyond the pool. The server still closes each
+    /// trickler once the request's deadline has passed.
     #[test]
-    fn trickling_clients_are_cut_off_and_a_readiness_check_gets_through() {
+    fn other_hosts_cannot_hold_up_a_readiness_check_from_this_one() {
         let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
         m.set_ready(true);
         let addr = m.local_addr();
         let done = Arc::new(AtomicBool::new(false));
-        // More tricklers than the server answers at once, each counted in
-        // `trickling` once its first byte is sent.
-        let n = MAX_CONNECTIONS + 2;
-        let trickling = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // MAX_PER_PEER tricklers from each of enough other addresses to
+        // fill the pool, each counted in `trickling` once its first byte
+        // is sent and in `closed` once the server has closed it.
+        let peers = MAX_CONNECTIONS.div_ceil(MAX_PER_PEER);
+        let n = peers * MAX_PER_PEER;
+        assert_eq!(n, MAX_CONNECTIONS, "the pool is filled exactly");
+        let peer = |i: usize| [127, 0, 0, 2 + i as u8];
+        let trickling = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
         let tricklers: Vec<_> = (0..n)
-            .map(|_| {
-                let (done, trickling) = (Arc::clone(&done), Arc::clone(&trickling));
+            .map(|i| {
+                let (done, trickling, closed) = (
+                    Arc::clone(&done),
+                    Arc::clone(&trickling),
+                    Arc::clone(&closed),
+                );
+                let mut s = connect_from(peer(i / MAX_PER_PEER), addr);
                 std::thread::spawn(move || {
-                    let mut s = TcpStream::connect(addr).unwrap();
                     s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
                     let mut first = true;
                     // Until the server closes the connection, or the test
@@ -1068,6 +1225,7 @@ mod tests {
                         // Closed by the server: a write fails once it has
                         // reset the connection, a read sees the end.
                         if s.write_all(&[b]).is_err() {
+                            closed.fetch_add(1, Ordering::SeqCst);
                             return true;
                         }
                         if std::mem::take(&mut first) {
@@ -1075,8 +1233,14 @@ mod tests {
                         }
                         let mut one = [0u8; 1];
                         match s.read(&mut one) {
-                            Ok(0) => return true,
-                            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                            Ok(0) => {
+                                closed.fetch_add(1, Ordering::SeqCst);
+                                return true;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                                closed.fetch_add(1, Ordering::SeqCst);
+                                return true;
+                            }
                             _ => {}
                         }
                         std::thread::sleep(Duration::from_millis(100));
@@ -1085,23 +1249,28 @@ mod tests {
                 })
             })
             .collect();
-        // Once the tricklers are connected and trickling, a readiness check
-        // still gets its answer (with a pool held by the tricklers, after
-        // one of them is cut off).
         let hang = Instant::now() + Duration::from_secs(60);
         while trickling.load(Ordering::SeqCst) < n {
             assert!(Instant::now() < hang, "the tricklers never all started");
             std::thread::sleep(Duration::from_millis(5));
         }
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        write!(s, "GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut r = String::new();
-        s.read_to_string(&mut r).unwrap();
+        let ready = get_from(HERE, addr, "/ready");
         assert!(
-            r.starts_with("HTTP/1.1 200") && r.ends_with("ready\n"),
-            "{r}"
+            ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"),
+            "{ready}"
         );
+        assert_eq!(
+            closed.load(Ordering::SeqCst),
+            0,
+            "the readiness check waited for a trickler to be cut off"
+        );
+        for from in [peer(0), peer(peers)] {
+            let busy = get_from(from, addr, "/metrics");
+            assert!(
+                busy.starts_with("HTTP/1.1 503") && busy.ends_with("busy\n"),
+                "{from:?}: {busy}"
+            );
+        }
         // Every trickler is cut off by the server, well before the test
         // gives up on them.
         let watchdog = {
@@ -1118,5 +1287,7 @@ mod tests {
             );
         }
         drop(watchdog);
+        // Their places are given back.
+        assert!(get_from(peer(0), addr, "/ready").starts_with("HTTP/1.1 200"));
     }
 }

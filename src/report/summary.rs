@@ -178,6 +178,9 @@ pub struct WorkerSummary {
     pub active_flows: u64,
     /// Share of wall time spent in loop iterations that received packets.
     pub busy: f64,
+    /// Time spent in loop iterations that received packets, since start.
+    #[serde(default)]
+    pub busy_seconds: f64,
 }
 
 /// What the workers did with ICMP, and with packets too long for their
@@ -705,6 +708,7 @@ impl Summary {
                     } else {
                         0.0
                     },
+                    busy_seconds: w.busy_ns.get() as f64 / 1e9,
                 })
                 .collect(),
             ports: Vec::new(),

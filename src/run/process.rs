@@ -705,10 +705,15 @@ impl PortView {
 
     fn refresh(&mut self) {
         for (name, port, counters) in &mut self.ports {
+            // The link on both sides of the counters: a driver that zeroes
+            // them when its peer leaves (memif) reports the link down
+            // first, and a reading is one of an up link only if the link
+            // was up before and after it (zeros read while a peer left and
+            // came back would otherwise pass for a counter reset, and the
+            // driver's carried-on counts would be added twice).
+            let before = port.link().is_ok_and(|l| l.up);
             let Ok(s) = port.stats() else { continue };
-            // The link after the counters: a driver that zeroes them when
-            // its peer leaves (memif) reports the link down first.
-            let up = port.link().is_ok_and(|l| l.up);
+            let up = before && port.link().is_ok_and(|l| l.up);
             if up != counters.link_up() {
                 if up {
                     log::info!("port {name}: link up");
