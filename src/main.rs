@@ -19,7 +19,10 @@ const EXIT_NOT_READY: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    pktdist::run::logging::init(cli.log_level.as_deref());
+    if let Err(e) = pktdist::run::logging::init(cli.log_level.as_deref()) {
+        eprintln!("pktdist: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.cmd {
         Cmd::Check { config } => check(&config),
         Cmd::Run(args) => run(args),

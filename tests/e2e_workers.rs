@@ -400,6 +400,29 @@ fn a_worker_that_cannot_start_stops_those_started() {
     );
 }
 
+/// A core list in [eal] args that puts EAL's main thread (pktdist's
+/// control thread) on another CPU than `[cores] control`, here worker 0's,
+/// is refused at start with the reason, before any worker runs.
+#[test]
+fn a_core_list_that_moves_the_control_thread_is_refused() {
+    let _g = serial();
+    let dir = TempDir::new("workers");
+    let config = dir.path("demo.toml");
+    let text = demo_with("[1]").replace("args = [\n", "args = [\n  \"-l\", \"1\",\n");
+    std::fs::write(&config, text).expect("write config");
+    let p = Pktdist::spawn(&["run", "--config", path_str(&config), "--duration", "30"]);
+    let done = p.wait(Duration::from_secs(60));
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr.contains(
+            "[eal] args put EAL's main thread, pktdist's control thread, on CPU(s) [1], not on [cores] control = 0"
+        ),
+        "{}",
+        done.stderr
+    );
+    assert!(!done.stderr.contains("worker 0"), "{}", done.stderr);
+}
+
 /// Workers go on the cores the configuration names, also those outside
 /// the CPU mask pktdist started with (a server's `isolcpus` takes the
 /// worker cores out of every process's mask); a core no thread can be

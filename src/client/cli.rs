@@ -61,10 +61,15 @@ impl ConnArgs {
 
     /// The control address: --server, else the config's, else the default.
     pub fn server_addr(&self) -> Result<SocketAddr, String> {
+        self.server_addr_in(self.config_file()?.as_ref())
+    }
+
+    /// [`ConnArgs::server_addr`] with `--config` already read as `cfg`.
+    fn server_addr_in(&self, cfg: Option<&Config>) -> Result<SocketAddr, String> {
         if let Some(s) = self.server {
             return Ok(s);
         }
-        Ok(match self.config_file()? {
+        Ok(match cfg {
             Some(cfg) => cfg.control.listen,
             None => DEFAULT_SERVER.parse().map_err(|e| format!("{e}"))?,
         })
@@ -72,6 +77,11 @@ impl ConnArgs {
 
     /// The key bytes from `--key`, `--key-file` or the config's keys.
     pub fn key_bytes(&self) -> Result<Vec<u8>, String> {
+        self.key_bytes_in(self.config_file()?.as_ref())
+    }
+
+    /// [`ConnArgs::key_bytes`] with `--config` already read as `cfg`.
+    fn key_bytes_in(&self, cfg: Option<&Config>) -> Result<Vec<u8>, String> {
         match (&self.key, &self.key_file) {
             (Some(hex), _) => parse_hex_key(hex).map_err(|e| format!("--key: {e}")),
             (None, Some(path)) => {
@@ -79,7 +89,7 @@ impl ConnArgs {
                     .map_err(|e| format!("--key-file {}: {e}", path.display()))?;
                 parse_hex_key(&text).map_err(|e| format!("--key-file {}: {e}", path.display()))
             }
-            (None, None) => match self.config_file()? {
+            (None, None) => match cfg {
                 Some(cfg) => cfg
                     .control
                     .keys
@@ -96,10 +106,11 @@ impl ConnArgs {
         }
     }
 
-    /// A client connected as these arguments say.
+    /// A client connected as these arguments say (`--config` read once).
     pub fn client(&self) -> Result<ControlClient, String> {
-        let key = self.key_bytes()?;
-        let mut c = ControlClient::new(self.server_addr()?, &self.name, &key)
+        let cfg = self.config_file()?;
+        let key = self.key_bytes_in(cfg.as_ref())?;
+        let mut c = ControlClient::new(self.server_addr_in(cfg.as_ref())?, &self.name, &key)
             .map_err(|e| format!("control client: {e}"))?;
         c.set_timeout(self.timeout);
         Ok(c)
@@ -288,7 +299,7 @@ pub struct StatsArgs {
     /// Refresh continuously.
     #[arg(long)]
     pub watch: bool,
-    /// Refresh interval for --watch.
+    /// Refresh interval for --watch (at least 100ms).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
 }
@@ -734,14 +745,28 @@ pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
         }
         return Ok(());
     }
+    if args.interval < MIN_WATCH_INTERVAL {
+        return Err(format!(
+            "--interval {:?}: at least {MIN_WATCH_INTERVAL:?}",
+            args.interval
+        ));
+    }
     let terminal = std::io::stdout().is_terminal();
-    let server = args.conn.server_addr()?.to_string();
+    let mut client = args.conn.client()?;
+    let server = client.server().to_string();
     let mut prev: Option<Summary> = None;
     loop {
-        let doc = fetch_stats(&args.conn)?;
-        let cur: Summary =
-            serde_json::from_str(&doc).map_err(|e| format!("statistics are not a summary: {e}"))?;
-        let frame = statsview::render(&server, prev.as_ref(), &cur, terminal);
+        // A missed answer (the instance busy in a reload, restarting) is
+        // shown and the view goes on; the last figures stay for the next
+        // frame's rates.
+        let fetched = client.stats().map_err(err).and_then(|doc| {
+            serde_json::from_str::<Summary>(&doc)
+                .map_err(|e| format!("statistics are not a summary: {e}"))
+        });
+        let frame = match &fetched {
+            Ok(cur) => statsview::render(&server, prev.as_ref(), cur, terminal),
+            Err(e) => format!("pktdist stats {server}: no answer: {e}\n"),
+        };
         let mut out = std::io::stdout().lock();
         if out
             .write_all(frame.as_bytes())
@@ -751,10 +776,16 @@ pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
             // The reader went away (a closed pipe): stop quietly.
             return Ok(());
         }
-        prev = Some(cur);
+        if let Ok(cur) = fetched {
+            prev = Some(cur);
+        }
         std::thread::sleep(args.interval);
     }
 }
+
+/// The shortest refresh of `pktdist stats --watch`: each is a request the
+/// control thread answers with a whole statistics document.
+const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `pktdist reload`: the running instance re-reads its configuration file.
 pub fn run_reload(conn: &ConnArgs) -> Result<(), String> {
@@ -904,6 +935,22 @@ mod tests {
         };
         assert!(s.watch);
         assert_eq!(s.conn.server, Some("10.0.0.1:7000".parse().unwrap()));
+        // A watch refreshed faster than 100ms is refused before it asks.
+        let Top::Stats(s) = parse(&[
+            "stats",
+            "--watch",
+            "--interval",
+            "10ms",
+            "--server",
+            "127.0.0.1:9",
+            "--key",
+            "000102030405060708090a0b0c0d0e0f",
+        ])
+        .unwrap() else {
+            panic!("wrong command")
+        };
+        let e = run_stats(&s).unwrap_err();
+        assert!(e.contains("--interval 10ms: at least 100ms"), "{e}");
     }
 
     #[test]

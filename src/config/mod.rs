@@ -933,6 +933,19 @@ impl Config {
                     }
                 }
             }
+            // Ports receive promiscuously: unmatched frames sent back out of
+            // the port they came in on would echo the segment's broadcasts
+            // and other hosts' frames onto it (and between two such
+            // instances, forever).
+            if port.unmatched_to.as_deref() == Some(port.name.as_str()) {
+                return fail(
+                    p.index(i).key("unmatched_to"),
+                    format!(
+                        "{:?} is this port: unmatched frames go to another port",
+                        port.name
+                    ),
+                );
+            }
         }
         Ok(())
     }
@@ -1326,7 +1339,9 @@ impl Config {
                 }
             }
             backends_total += s.backends.len();
-            if let Err(e) = MaglevTable::new(
+            // The table's rules, without its build: the control thread
+            // builds the tables a reload changes, once.
+            if let Err(e) = MaglevTable::check(
                 &s.backends
                     .iter()
                     .map(|b| (b.name.as_str(), b.weight))

@@ -406,6 +406,19 @@ fn missing_port() {
         "forward_to = \"nope\"",
         "no port named",
     );
+    // Unmatched frames go to another port, never back out of their own.
+    let t = edit(
+        "forward_to = \"p0\"",
+        "forward_to = \"p0\"\nunmatched_to = \"p0\"",
+    );
+    assert!(Config::parse(&t, "t.toml").is_ok());
+    let t = edit("forward_to = \"p0\"", "unmatched_to = \"p1\"");
+    check(
+        &t,
+        "ports[1].unmatched_to",
+        "unmatched_to = \"p1\"",
+        "\"p1\" is this port",
+    );
     // No [[ports]] at all.
     let t = BASE
         .replace(

@@ -28,7 +28,7 @@ impl FromStr for DurationStr {
     fn from_str(s: &str) -> Result<DurationStr, String> {
         let bad = || {
             format!(
-                "bad duration {s:?}: expected a number with a unit (ms, s, m, h, d), like \"30s\" or \"1h30m\""
+                "bad duration {s:?}: expected a number with a unit (ns, us, ms, s, m, h, d), like \"30s\" or \"1h30m\""
             )
         };
         let too_large = || format!("bad duration {s:?}: too large to represent");

@@ -17,11 +17,12 @@ pub struct ConfigFile {
     /// None: the configuration did not come from a file; reload refuses.
     path: Option<PathBuf>,
     running: Config,
-    /// Some static affinity of the running configuration is not installed
-    /// (its key held by another backend's requested affinity, or the table
-    /// full when it was applied): [`ConfigFile::install_waiting_statics`]
-    /// tries again.
-    statics_waiting: bool,
+    /// The static affinities of the running configuration (indexes in its
+    /// `[[affinities]]`) not installed when it was applied (the key held by
+    /// another backend's requested affinity, or the table full):
+    /// [`ConfigFile::install_waiting_statics`] tries them again, and only
+    /// them (one the operator cancelled since stays cancelled).
+    statics_waiting: Vec<usize>,
 }
 
 /// What a reload applied.
@@ -37,7 +38,7 @@ impl ConfigFile {
         ConfigFile {
             path,
             running,
-            statics_waiting: false,
+            statics_waiting: Vec::new(),
         }
     }
 
@@ -90,10 +91,10 @@ impl ConfigFile {
             removed.len(),
         );
         self.statics_waiting = match statics::install(plane, &next) {
-            Ok(()) => false,
+            Ok(()) => Vec::new(),
             Err(e) => {
                 message.push_str(&format!("; {e} (each installed once it can be)"));
-                true
+                e.indexes
             }
         };
         if dropped > 0 {
@@ -113,9 +114,15 @@ impl ConfigFile {
     /// can now (their keys free, room in the table); the control thread
     /// calls it every tick, after the affinities due have ended.
     pub fn install_waiting_statics(&mut self, plane: &mut ControlPlane) {
-        if self.statics_waiting && statics::install(plane, &self.running).is_ok() {
-            self.statics_waiting = false;
-            log::info!("static affinities: every one of the configuration is installed");
+        if self.statics_waiting.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.statics_waiting);
+        match statics::install_these(plane, &self.running, waiting) {
+            Ok(()) => {
+                log::info!("static affinities: every one of the configuration is installed")
+            }
+            Err(e) => self.statics_waiting = e.indexes,
         }
     }
 }

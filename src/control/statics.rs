@@ -5,31 +5,56 @@
 //! waits for it to end ([`crate::control::reload::ConfigFile`] tries again
 //! every tick).
 
+use std::collections::HashSet;
 use std::fmt;
 
 use crate::affinity::key::TableKey;
-use crate::config::Config;
+use crate::config::{Config, StaticAffinityConfig};
 use crate::control::plane::ControlPlane;
 use crate::datapath::snapshot::Dataplane;
 use crate::net::{family, ip_bits};
 use crate::types::BackendId;
 
-/// The static affinities that could not be installed, each as
-/// `affinities[i]: why`.
+/// The static affinities that could not be installed: their indexes in
+/// the configuration's `[[affinities]]`, and each as `affinities[i]: why`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NotInstalled(pub Vec<String>);
+pub struct NotInstalled {
+    pub indexes: Vec<usize>,
+    pub reasons: Vec<String>,
+}
 
 impl fmt::Display for NotInstalled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "static affinities not installed: {}", self.0.join(", "))
+        write!(
+            f,
+            "static affinities not installed: {}",
+            self.reasons.join(", ")
+        )
     }
 }
 
 /// Installs the configuration's static affinities that are not there yet.
 pub fn install(plane: &mut ControlPlane, cfg: &Config) -> Result<(), NotInstalled> {
-    let mut failed = Vec::new();
-    for (i, resolved) in keys(plane.dataplane(), cfg).into_iter().enumerate() {
-        let result = resolved.and_then(|(key, owner)| {
+    install_these(plane, cfg, 0..cfg.affinities.len())
+}
+
+/// [`install`] for the static affinities of `cfg` at `indexes` only (those
+/// that were waiting: the others stay as they are, one the operator
+/// cancelled too).
+pub fn install_these(
+    plane: &mut ControlPlane,
+    cfg: &Config,
+    indexes: impl IntoIterator<Item = usize>,
+) -> Result<(), NotInstalled> {
+    let mut failed = NotInstalled {
+        indexes: Vec::new(),
+        reasons: Vec::new(),
+    };
+    for i in indexes {
+        let Some(a) = cfg.affinities.get(i) else {
+            continue;
+        };
+        let result = resolve(plane.dataplane(), a).and_then(|(key, owner)| {
             // Installed already; a requested affinity of the same owner is
             // made static (below), not left to expire.
             if plane
@@ -44,13 +69,14 @@ pub fn install(plane: &mut ControlPlane, cfg: &Config) -> Result<(), NotInstalle
                 .map_err(|_| "refused (conflict or table full)")
         });
         if let Err(e) = result {
-            failed.push(format!("affinities[{i}]: {e}"));
+            failed.indexes.push(i);
+            failed.reasons.push(format!("affinities[{i}]: {e}"));
         }
     }
-    if failed.is_empty() {
+    if failed.indexes.is_empty() {
         Ok(())
     } else {
-        Err(NotInstalled(failed))
+        Err(failed)
     }
 }
 
@@ -60,9 +86,8 @@ pub fn install(plane: &mut ControlPlane, cfg: &Config) -> Result<(), NotInstalle
 /// many.
 pub fn remove_dropped(plane: &mut ControlPlane, old: &Config, new: &Config) -> usize {
     let dp = plane.dataplane();
-    let keep: Vec<(TableKey, BackendId)> = keys(dp, new).into_iter().flatten().collect();
+    let keep: HashSet<(TableKey, BackendId)> = keys(dp, new).flatten().collect();
     let gone: Vec<TableKey> = keys(dp, old)
-        .into_iter()
         .flatten()
         .filter(|(k, owner)| {
             !keep.contains(&(*k, *owner))
@@ -80,26 +105,33 @@ pub fn remove_dropped(plane: &mut ControlPlane, old: &Config, new: &Config) -> u
 
 /// A configuration's static affinities as table keys and owners, against
 /// the snapshot `dp`.
-fn keys(dp: &Dataplane, cfg: &Config) -> Vec<Result<(TableKey, BackendId), &'static str>> {
-    cfg.affinities
-        .iter()
-        .map(|a| {
-            let svc = dp.service_named(&a.service).ok_or("no such service")?;
-            let owner = dp
-                .find_backend(svc.id, &a.backend)
-                .ok_or("no such backend")?
-                .id;
-            let key = TableKey::new(
-                svc.id,
-                family(a.client.addr),
-                ip_bits(a.client.addr),
-                a.client.prefix,
-                a.client_port,
-            )
-            .map_err(|_| "bad key")?;
-            Ok((key, owner))
-        })
-        .collect()
+fn keys<'a>(
+    dp: &'a Dataplane,
+    cfg: &'a Config,
+) -> impl Iterator<Item = Result<(TableKey, BackendId), &'static str>> + 'a {
+    cfg.affinities.iter().map(|a| resolve(dp, a))
+}
+
+/// One static affinity as a table key and owner, against the snapshot
+/// `dp`.
+fn resolve(
+    dp: &Dataplane,
+    a: &StaticAffinityConfig,
+) -> Result<(TableKey, BackendId), &'static str> {
+    let svc = dp.service_named(&a.service).ok_or("no such service")?;
+    let owner = dp
+        .find_backend(svc.id, &a.backend)
+        .ok_or("no such backend")?
+        .id;
+    let key = TableKey::new(
+        svc.id,
+        family(a.client.addr),
+        ip_bits(a.client.addr),
+        a.client.prefix,
+        a.client_port,
+    )
+    .map_err(|_| "bad key")?;
+    Ok((key, owner))
 }
 
 #[cfg(test)]
@@ -215,7 +247,9 @@ mod tests {
     }
 
     /// A reload's static affinity whose key another backend's requested
-    /// affinity holds is installed once that one ends.
+    /// affinity holds is installed once that one ends; the retries leave
+    /// the other statics alone (one the operator cancelled meanwhile stays
+    /// cancelled until the next reload).
     #[test]
     fn a_static_affinity_held_off_by_a_reload_is_installed_when_its_key_is_free() {
         let (mut p, r) = plane(&config_text());
@@ -236,7 +270,8 @@ mod tests {
         std::fs::write(
             &path,
             format!(
-                "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n",
+                "{}\n[[affinities]]\nservice = \"web\"\nclient = \"203.0.113.0/24\"\nbackend = \"b\"\n\
+                 \n[[affinities]]\nservice = \"web\"\nclient = \"198.51.100.0/24\"\nbackend = \"b\"\n",
                 config_text()
             ),
         )
@@ -244,16 +279,32 @@ mod tests {
         let msg = file.reload(&mut p).unwrap().message;
         std::fs::remove_file(&path).unwrap();
         assert!(
-            msg.contains("not installed: affinities[0]") && msg.contains("once it can be"),
+            msg.contains("not installed: affinities[0]")
+                && !msg.contains("affinities[1]")
+                && msg.contains("once it can be"),
             "{msg}"
         );
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc633_6405, 9), Some(b));
+        let cancelled = call(
+            &mut p,
+            "admin",
+            Request::AffinityCancel(op("198.51.100.0", 24, None, 0)),
+        );
+        assert_eq!(cancelled.code, ReturnCode::Ok);
         file.install_waiting_statics(&mut p);
         assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(a));
+        assert_eq!(
+            r.lookup(WEB, Family::V4, 0xc633_6405, 9),
+            None,
+            "the operator's cancel undone by a retry"
+        );
         let later = p.now_ms() + 61_000;
         p.expire_at(later);
         assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), None);
         file.install_waiting_statics(&mut p);
         assert_eq!(r.lookup(WEB, Family::V4, 0xcb00_7105, 9), Some(b));
+        assert_eq!(r.lookup(WEB, Family::V4, 0xc633_6405, 9), None);
+        assert_eq!(p.affinities().len(), 1);
         let (_, rec) = p.affinities().list().next().unwrap();
         assert_eq!(rec.expires, None, "static");
     }

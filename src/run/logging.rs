@@ -14,12 +14,22 @@ use std::io::Write;
 use log::Level;
 
 /// Installs the logger; a second call is a no-op (tests may call it often).
-pub fn init(filter: Option<&str>) {
-    let spec = filter
-        .map(str::to_string)
-        .or_else(|| std::env::var("PKTDIST_LOG").ok())
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_string());
+/// Refuses a filter with a bare word that is neither a level nor one of
+/// pktdist's module paths (`warning`): the filter syntax would read it as
+/// the name of a module, and with no other directive nothing would be
+/// logged at all, errors included.
+pub fn init(filter: Option<&str>) -> Result<(), String> {
+    let (spec, from) = match filter {
+        Some(f) => (f.to_string(), "--log-level"),
+        None => match std::env::var("PKTDIST_LOG") {
+            Ok(v) => (v, "PKTDIST_LOG"),
+            Err(_) => match std::env::var("RUST_LOG") {
+                Ok(v) => (v, "RUST_LOG"),
+                Err(_) => ("info".to_string(), "the default"),
+            },
+        },
+    };
+    check_filter(&spec).map_err(|e| format!("{from} {spec:?}: {e}"))?;
     let journal = stderr_is_journal();
     let _ = env_logger::Builder::new()
         .parse_filters(&spec)
@@ -37,6 +47,37 @@ pub fn init(filter: Option<&str>) {
             }
         })
         .try_init();
+    Ok(())
+}
+
+/// Checks a filter's directives (`level`, `path=level` or `path`, comma
+/// separated, optionally followed by `/regex`): a bare word must be a
+/// level or a path in pktdist.
+fn check_filter(spec: &str) -> Result<(), String> {
+    let directives = spec.split_once('/').map_or(spec, |(d, _)| d);
+    for d in directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        let is_level = |w: &str| w.parse::<log::LevelFilter>().is_ok();
+        match d.split_once('=') {
+            Some((_, level)) if !is_level(level.trim()) => {
+                return Err(format!(
+                    "{level:?} in {d:?} is not a level (off, error, warn, info, debug, trace)"
+                ));
+            }
+            Some(_) => {}
+            None if is_level(d) || d == "pktdist" || d.starts_with("pktdist::") => {}
+            None => {
+                return Err(format!(
+                    "{d:?} is neither a level (off, error, warn, info, debug, trace) nor a \
+                     module of pktdist (pktdist::...)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The syslog priority of a level, as sd-daemon(3) prefixes use them.
@@ -70,6 +111,36 @@ fn stderr_is_journal() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A word that is not a level would be read as a module name, and
+    /// silence the whole log: refused, with the word named.
+    #[test]
+    fn filters_with_a_word_that_is_no_level_are_refused() {
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "warn,pktdist::control=debug",
+            "pktdist::health",
+            "pktdist",
+            "tokio=debug, info",
+            "debug/affinity",
+            "",
+        ] {
+            assert_eq!(check_filter(ok), Ok(()), "{ok:?}");
+        }
+        for (bad, named) in [
+            ("warning", "\"warning\" is neither a level"),
+            ("info,verbose", "\"verbose\" is neither"),
+            (
+                "pktdist=warning",
+                "\"warning\" in \"pktdist=warning\" is not a level",
+            ),
+        ] {
+            let e = check_filter(bad).unwrap_err();
+            assert!(e.contains(named), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn priorities_follow_syslog() {

@@ -251,6 +251,18 @@ fn start(cfg: &Config) -> Result<Started, String> {
     crate::dpdk::pin_current_thread(cfg.cores.control)
         .map_err(|e| format!("control core {}: {e}", cfg.cores.control))?;
     let eal = Eal::init(&eal_args(cfg)).map_err(|e| format!("EAL: {e}"))?;
+    // EAL pinned this thread (pktdist's control thread) to its main
+    // lcore's CPUs: a core list in [eal] args may have put it elsewhere,
+    // onto a worker's core.
+    let pinned = crate::dpdk::allowed_cpus();
+    if pinned != [cfg.cores.control] {
+        return Err(format!(
+            "[eal] args put EAL's main thread, pktdist's control thread, on CPU(s) {pinned:?}, \
+             not on [cores] control = {}: leave the core list (-l, -c, --lcores, --main-lcore) \
+             out of [eal] args, or start it with the control core",
+            cfg.cores.control
+        ));
+    }
     // One mbuf pool per NUMA socket with ports, made as its first port
     // opens: a NIC receives into memory on its own socket.
     let pools = SocketPools::new(

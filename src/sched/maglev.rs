@@ -83,37 +83,7 @@ impl MaglevTable {
     /// 100 × the number of backends with a weight above 0. Backends with
     /// weight 0 get no entries.
     pub fn new(backends: &[(&str, u32)], size: usize) -> Result<MaglevTable, String> {
-        if backends.len() > MAX_BACKENDS {
-            return Err(format!(
-                "{} backends: a Maglev table indexes at most {MAX_BACKENDS}",
-                backends.len()
-            ));
-        }
-        if size > MAX_SIZE {
-            return Err(format!(
-                "Maglev table size {size} is above the largest, {MAX_SIZE}"
-            ));
-        }
-        if !is_prime(size) {
-            return Err(format!("Maglev table size {size} is not a prime"));
-        }
-        let active = backends.iter().filter(|b| b.1 > 0).count();
-        if size < active.saturating_mul(100) {
-            return Err(format!(
-                "Maglev table size {size} is smaller than 100 x {active} backends with weight > 0 (at least {})",
-                active * 100
-            ));
-        }
-        // Turns are taken in name order, not list order, so the table depends
-        // only on the (name, weight) set.
-        let mut order: Vec<usize> = (0..backends.len()).collect();
-        order.sort_by(|&a, &b| backends[a].0.cmp(backends[b].0));
-        if let Some(w) = order
-            .windows(2)
-            .find(|w| backends[w[0]].0 == backends[w[1]].0)
-        {
-            return Err(format!("backend name {:?} appears twice", backends[w[0]].0));
-        }
+        let order = Self::check(backends, size)?;
         let max_weight = backends.iter().map(|b| b.1 as u64).max().unwrap_or(0);
         if max_weight == 0 {
             return Ok(MaglevTable {
@@ -171,6 +141,44 @@ impl MaglevTable {
             entries,
             backends: backends.len(),
         })
+    }
+
+    /// Checks what [`MaglevTable::new`] needs of its arguments (without the
+    /// build: configuration checks call it); returns the backends' indexes
+    /// in name order.
+    pub fn check(backends: &[(&str, u32)], size: usize) -> Result<Vec<usize>, String> {
+        if backends.len() > MAX_BACKENDS {
+            return Err(format!(
+                "{} backends: a Maglev table indexes at most {MAX_BACKENDS}",
+                backends.len()
+            ));
+        }
+        if size > MAX_SIZE {
+            return Err(format!(
+                "Maglev table size {size} is above the largest, {MAX_SIZE}"
+            ));
+        }
+        if !is_prime(size) {
+            return Err(format!("Maglev table size {size} is not a prime"));
+        }
+        let active = backends.iter().filter(|b| b.1 > 0).count();
+        if size < active.saturating_mul(100) {
+            return Err(format!(
+                "Maglev table size {size} is smaller than 100 x {active} backends with weight > 0 (at least {})",
+                active * 100
+            ));
+        }
+        // Turns are taken in name order, not list order, so the table depends
+        // only on the (name, weight) set.
+        let mut order: Vec<usize> = (0..backends.len()).collect();
+        order.sort_by(|&a, &b| backends[a].0.cmp(backends[b].0));
+        if let Some(w) = order
+            .windows(2)
+            .find(|w| backends[w[0]].0 == backends[w[1]].0)
+        {
+            return Err(format!("backend name {:?} appears twice", backends[w[0]].0));
+        }
+        Ok(order)
     }
 
     /// The backend index for a flow hash, or None when every weight is 0.
