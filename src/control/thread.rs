@@ -56,6 +56,10 @@ const MIN_STATUS_INTERVAL: Duration = Duration::from_millis(100);
 /// A source of the ports' device counters.
 pub type PortStatsSource = Box<dyn Fn() -> Vec<PortSummary> + Send>;
 
+/// The ports' upkeep: the names of the ports whose link has failed (down
+/// past a hold-down after having been up).
+pub type PortUpkeep = Box<dyn FnMut() -> Vec<String> + Send>;
+
 /// What the process hands the control thread besides the configuration.
 pub struct ControlSetup {
     /// The file reload re-reads (None: reload refuses).
@@ -66,7 +70,7 @@ pub struct ControlSetup {
     pub port_stats: Option<PortStatsSource>,
     /// Upkeep of the ports, run first in every tick (a tenth of a second):
     /// the DPDK layer's link events and counter readings (None: nothing).
-    pub port_upkeep: Option<Box<dyn FnMut() + Send>>,
+    pub port_upkeep: Option<PortUpkeep>,
     /// Where the status line goes every `[control] status_interval` (None:
     /// no status line).
     pub status: Option<Box<dyn Write + Send>>,
@@ -87,7 +91,10 @@ pub struct ControlThread {
     file: ConfigFile,
     shared: Shared,
     port_stats: Option<PortStatsSource>,
-    port_upkeep: Option<Box<dyn FnMut() + Send>>,
+    port_upkeep: Option<PortUpkeep>,
+    /// The ports whose link failed, as the last upkeep said: the instance
+    /// is not ready while there is one.
+    ports_failed: Vec<String>,
     metrics: Option<MetricsServer>,
     status: Option<StatusLine>,
     /// The state file, when `[affinity] state_file` is set.
@@ -173,6 +180,7 @@ impl ControlThread {
             shared,
             port_stats: setup.port_stats,
             port_upkeep: setup.port_upkeep,
+            ports_failed: Vec::new(),
             metrics,
             status: setup.status.map(|out| StatusLine {
                 out,
@@ -348,7 +356,18 @@ impl ControlThread {
     /// tick.
     pub fn tick(&mut self) {
         if let Some(upkeep) = &mut self.port_upkeep {
-            upkeep();
+            let failed = upkeep();
+            if failed != self.ports_failed {
+                if failed.is_empty() {
+                    log::info!("every port has its link again: ready as far as the ports go");
+                } else {
+                    log::warn!(
+                        "not ready: no link on port(s) {} (their traffic is lost; routes to this instance should be withdrawn)",
+                        failed.join(", ")
+                    );
+                }
+                self.ports_failed = failed;
+            }
         }
         self.plane.expire();
         self.plane.collect_snapshots();
@@ -387,9 +406,13 @@ impl ControlThread {
     /// Whether the instance serves with its whole table: always alone; in
     /// cluster mode once a full load of the shared table is installed (and
     /// still while the store is unreachable: every instance withdrawing at
-    /// once would take the service down). Never once asked to stop.
+    /// once would take the service down). Never once asked to stop, nor
+    /// while a port's link has failed (its share of the traffic would be
+    /// lost; a port that never came up does not count).
     pub fn ready(&self) -> bool {
-        !self.stopping && self.cluster.as_ref().is_none_or(|c| c.ready())
+        !self.stopping
+            && self.ports_failed.is_empty()
+            && self.cluster.as_ref().is_none_or(|c| c.ready())
     }
 
     /// Whether some tick found the instance ready: until then `/ready`
@@ -822,6 +845,41 @@ mod tests {
         }
         assert!(!ctl.ready());
         assert!(get(metrics, "/ready").contains(" 503 "));
+    }
+
+    /// While the ports' upkeep says a port's link has failed, the instance
+    /// is not ready (its routes are withdrawn); once it is back, it is
+    /// ready again.
+    #[test]
+    fn a_port_without_link_makes_the_instance_not_ready() {
+        let file = File::new("link", &config(ADMIN_1, A_1));
+        let cfg = Config::load(&file.0).unwrap();
+        let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+        let f = Arc::clone(&failed);
+        let mut ctl = ControlThread::new(
+            &cfg,
+            ControlSetup {
+                config_path: Some(file.0.clone()),
+                workers: vec![Arc::new(WorkerCounters::default())],
+                port_stats: None,
+                port_upkeep: Some(Box::new(move || f.lock().unwrap().clone())),
+                status: None,
+                discard_bad_state: false,
+                store: None,
+            },
+        )
+        .unwrap();
+        let metrics = ctl.metrics_addr().unwrap();
+        ctl.tick();
+        assert!(ctl.ready());
+        *failed.lock().unwrap() = vec!["p1".into()];
+        ctl.tick();
+        assert!(!ctl.ready());
+        assert!(get(metrics, "/ready").contains(" 503 "));
+        failed.lock().unwrap().clear();
+        ctl.tick();
+        assert!(ctl.ready());
+        assert!(get(metrics, "/ready").contains(" 200 "));
     }
 
     const CLUSTER: &str =

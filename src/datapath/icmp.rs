@@ -441,7 +441,9 @@ pub fn too_big_reply<B: PacketBuf>(
             h.set_tos(0);
             h.set_total_len((ip_len + msg_len) as u16);
             h.set_ident(0);
-            h.set_frag(false, false, 0);
+            // DF: an atomic datagram, whose identification may be 0 (RFC
+            // 6864 section 4.1).
+            h.set_frag(true, false, 0);
             h.set_ttl(REPLY_TTL);
             h.set_protocol(PROTO_ICMP);
             h.set_src_addr(vip);
@@ -943,7 +945,7 @@ mod tests {
             assert_eq!(ip.total_len(), 576);
             assert_eq!((ip.src_addr(), ip.dst_addr()), (VIP, CLIENT));
             assert_eq!(ip.protocol(), 1);
-            assert!(!ip.dont_frag());
+            assert!(ip.dont_frag() && ip.ident() == 0, "an atomic datagram");
             let m = icmp::Packet::new_checked(ip.payload()).unwrap();
             assert!(m.verify_checksum_v4());
             assert_eq!((m.msg_type(), m.code(), m.next_hop_mtu()), (3, 4, 1480));

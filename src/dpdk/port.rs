@@ -681,9 +681,12 @@ fn lookup(name: &CStr) -> Option<u16> {
 /// takes less (its `max_mtu`, its largest frame) or where a frame would not
 /// fit one receive buffer of `room` bytes. A frame's overhead is DPDK's
 /// for the device: what its largest frame adds to its largest MTU, else
-/// an Ethernet header and FCS.
+/// an Ethernet header and FCS; in a receive buffer, at least that and two
+/// VLAN tags (ixgbe receives into several buffers, which pktdist drops,
+/// once a frame of the MTU with two tags would not fit one).
 fn device_mtu(info: &sys::rte_eth_dev_info, want: u16, room: u16) -> u16 {
     const ETHER_OVERHEAD: u32 = 18;
+    const TWO_VLAN_TAGS: u32 = 8;
     let max_mtu = u32::from(info.max_mtu);
     let overhead = if info.max_mtu != u16::MAX && info.max_rx_pktlen > max_mtu {
         info.max_rx_pktlen - max_mtu
@@ -693,7 +696,7 @@ fn device_mtu(info: &sys::rte_eth_dev_info, want: u16, room: u16) -> u16 {
     let mtu = u32::from(want)
         .min(max_mtu)
         .min(info.max_rx_pktlen.saturating_sub(overhead))
-        .min(u32::from(room).saturating_sub(overhead))
+        .min(u32::from(room).saturating_sub(overhead.max(ETHER_OVERHEAD + TWO_VLAN_TAGS)))
         .max(u32::from(info.min_mtu));
     u16::try_from(mtu).unwrap_or(u16::MAX)
 }
@@ -782,12 +785,15 @@ mod tests {
         // A NIC whose largest frame is 9728 bytes with an MTU of 9710.
         assert_eq!(device_mtu(&info(9710, 9728), 1500, 2048), 1500);
         assert_eq!(device_mtu(&info(9710, 9728), 1600, 2048), 1600);
-        assert_eq!(device_mtu(&info(9710, 9728), 9000, 2048), 2030);
+        // At most a frame with two VLAN tags in one 2,048-byte buffer.
+        assert_eq!(device_mtu(&info(9710, 9728), 9000, 2048), 2022);
         // A driver that gives only its largest frame (1518 bytes).
         assert_eq!(device_mtu(&info(u16::MAX, 1518), 1600, 2048), 1500);
         assert_eq!(device_mtu(&info(u16::MAX, 65535), 1600, 2048), 1600);
         // One that counts a VLAN tag in its overhead (22 bytes).
         assert_eq!(device_mtu(&info(1500, 1522), 1500, 2048), 1500);
-        assert_eq!(device_mtu(&info(9000, 9022), 9000, 2048), 2026);
+        assert_eq!(device_mtu(&info(9000, 9022), 9000, 2048), 2022);
+        // One that counts two (26 bytes: i40e).
+        assert_eq!(device_mtu(&info(9702, 9728), 9000, 2048), 2022);
     }
 }

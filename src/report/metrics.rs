@@ -758,7 +758,7 @@ impl Shared {
             &mut text,
             "pktdist_ready",
             "gauge",
-            "1 while GET /ready answers 200 (serving, with the whole affinity table), 0 while starting or stopping.",
+            "1 while GET /ready answers 200 (serving, with the whole affinity table and every port's link), 0 while starting or stopping, or a port has lost its link.",
         )
         .value(&[], if self.is_ready() { 1.0 } else { 0.0 });
         Ok(text)

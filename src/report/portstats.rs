@@ -10,6 +10,8 @@
 //! (the driver is not counting) and, with the link up, taken as a reset
 //! whose previous total is kept.
 
+use std::time::{Duration, Instant};
+
 use super::summary::PortSummary;
 
 /// The counters of [`PortSummary`], in the order of [`fields`].
@@ -84,9 +86,60 @@ impl PortCounters {
     }
 }
 
+/// Whether a port's link has failed: down for longer than a hold-down
+/// after having been up. A port that never came up (a memif port waiting
+/// for its first peer, a NIC still negotiating) has not failed: it never
+/// carried traffic that would now be lost.
+#[derive(Clone, Debug, Default)]
+pub struct LinkWatch {
+    up_once: bool,
+    down_since: Option<Instant>,
+}
+
+impl LinkWatch {
+    /// Takes a reading of the link at `now`.
+    pub fn update(&mut self, up: bool, now: Instant) {
+        if up {
+            self.up_once = true;
+            self.down_since = None;
+        } else if self.up_once && self.down_since.is_none() {
+            self.down_since = Some(now);
+        }
+    }
+
+    /// Whether the link has been down for at least `hold` at `now`, after
+    /// having been up.
+    pub fn failed(&self, now: Instant, hold: Duration) -> bool {
+        self.down_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= hold)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_fails_when_down_past_the_hold_down_after_being_up() {
+        let hold = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut w = LinkWatch::default();
+        // Never up yet: waiting, not failed.
+        w.update(false, at(0));
+        assert!(!w.failed(at(5_000), hold));
+        w.update(true, at(5_000));
+        w.update(false, at(6_000));
+        assert!(!w.failed(at(6_500), hold), "within the hold-down");
+        w.update(false, at(6_900));
+        assert!(w.failed(at(7_000), hold));
+        // Back up: no longer failed, and a new loss starts a new hold-down.
+        w.update(true, at(7_100));
+        assert!(!w.failed(at(7_100), hold));
+        w.update(false, at(8_000));
+        assert!(!w.failed(at(8_500), hold));
+        assert!(w.failed(at(9_000), hold));
+    }
 
     fn reading(ipackets: u64, opackets: u64) -> PortSummary {
         PortSummary {

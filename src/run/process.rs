@@ -20,14 +20,14 @@ use super::notify::Notifier;
 use super::traffic_source::{TrafficReport, TrafficSource};
 use super::trafficgen::{Target, TrafficGen, TrafficSpec};
 use crate::config::{Config, Spread};
-use crate::control::thread::{ControlSetup, ControlThread, PortStatsSource};
+use crate::control::thread::{ControlSetup, ControlThread, PortStatsSource, PortUpkeep};
 use crate::datapath::counters::WorkerCounters;
 use crate::datapath::worker::{PortPlan, Shared, Worker, WorkerSetup};
 use crate::dpdk::{
     spawn_worker, DpdkError, Eal, EventGuard, Mempool, Port, PortQueues, PortSetup, QueueDir,
     SocketPools, WorkerHandle, DEFAULT_DATA_ROOM, SOCKET_ANY,
 };
-use crate::report::portstats::PortCounters;
+use crate::report::portstats::{LinkWatch, PortCounters};
 use crate::report::summary::{PortSummary, Summary};
 
 /// How `pktdist run` was asked to run.
@@ -671,7 +671,7 @@ impl PortKeeper {
         })
     }
 
-    fn upkeep(&self) -> Box<dyn FnMut() + Send> {
+    fn upkeep(&self) -> PortUpkeep {
         let (view, guard) = (Arc::clone(&self.view), Arc::clone(&self.guard));
         Box::new(move || {
             let refresh = || lock(&view).refresh();
@@ -682,6 +682,7 @@ impl PortKeeper {
             }
             drop(g);
             refresh();
+            lock(&view).failed()
         })
     }
 
@@ -698,25 +699,34 @@ impl PortKeeper {
 /// changes logged.
 struct PortView {
     ports: Vec<(String, Arc<Port>, PortCounters)>,
+    links: Vec<LinkWatch>,
 }
+
+/// How long a port's link may be down, after having been up, before the
+/// instance reads as not ready (its routes withdrawn): long enough to ride
+/// over a flap, short against the seconds a router takes to notice.
+const LINK_HOLD_DOWN: Duration = Duration::from_secs(1);
 
 impl PortView {
     fn new(ports: impl Iterator<Item = (String, Arc<Port>)>) -> PortView {
+        let ports: Vec<_> = ports
+            .map(|(name, port)| {
+                let mut c = PortCounters::new();
+                // Up until a reading says otherwise: a port that starts
+                // down (memif without a peer yet) is logged as such.
+                c.update(&PortSummary::default(), true);
+                (name, port, c)
+            })
+            .collect();
         PortView {
-            ports: ports
-                .map(|(name, port)| {
-                    let mut c = PortCounters::new();
-                    // Up until a reading says otherwise: a port that starts
-                    // down (memif without a peer yet) is logged as such.
-                    c.update(&PortSummary::default(), true);
-                    (name, port, c)
-                })
-                .collect(),
+            links: vec![LinkWatch::default(); ports.len()],
+            ports,
         }
     }
 
     fn refresh(&mut self) {
-        for (name, port, counters) in &mut self.ports {
+        let now = Instant::now();
+        for ((name, port, counters), link) in self.ports.iter_mut().zip(&mut self.links) {
             // The link on both sides of the counters: a driver that zeroes
             // them when its peer leaves (memif) reports the link down
             // first, and a reading is one of an up link only if the link
@@ -734,7 +744,19 @@ impl PortView {
                 }
             }
             counters.update(&device_counters(&s), up);
+            link.update(up, now);
         }
+    }
+
+    /// The ports whose link has failed ([`LinkWatch`], [`LINK_HOLD_DOWN`]).
+    fn failed(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.ports
+            .iter()
+            .zip(&self.links)
+            .filter(|(_, link)| link.failed(now, LINK_HOLD_DOWN))
+            .map(|((name, ..), _)| name.clone())
+            .collect()
     }
 
     fn summaries(&self) -> Vec<PortSummary> {

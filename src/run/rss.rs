@@ -1,14 +1,15 @@
 //! Receive-side scaling in software, as a NIC does it: the Toeplitz hash of
-//! a packet's addresses and ports under the 40-byte key most NICs use by
-//! default, and a 128-entry redirection table that spreads the hash's low
+//! a packet's addresses and ports under Microsoft's 40-byte key (ixgbe's
+//! and igb's default; i40e, mlx5 and ice load others), and a 128-entry
+//! redirection table that spreads the hash's low
 //! bits over the queues round robin (DPDK's default table). The built-in
 //! traffic source uses it to put each flow on the receive queue a NIC
 //! would, so every packet of a flow reaches the same worker.
 
 use crate::types::{Family, FlowKey};
 
-/// The default RSS key of Microsoft's RSS specification, which Intel's and
-/// most other NICs' drivers load when the application gives none.
+/// The default RSS key of Microsoft's RSS specification, which ixgbe's and
+/// igb's drivers load when the application gives none.
 pub const DEFAULT_KEY: [u8; 40] = [
     0x6d, 0x5a, 0x56, 0xda, 0x25, 0x5b, 0x0e, 0xc2, 0x41, 0x67, 0x25, 0x3d, 0x43, 0xa3, 0x8f, 0xb0,
     0xd0, 0xca, 0x2b, 0xcb, 0xae, 0x7b, 0x30, 0xb4, 0x77, 0xcb, 0x2d, 0xa3, 0x80, 0x30, 0xf2, 0x0c,
