@@ -215,9 +215,22 @@ pub struct PortConfig {
     /// ICMP (DF set, or IPv6) or sent in fragments (IPv4 without DF).
     #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// Receive frames whatever their destination MAC (default: see
+    /// [`PortConfig::promiscuous`]).
+    #[serde(default)]
+    pub promiscuous: Option<bool>,
 }
 
 impl PortConfig {
+    /// Whether the port receives frames whatever their destination MAC:
+    /// as configured, else off for a NIC (its own filter drops the frames
+    /// for other hosts a switch floods, which several instances on one
+    /// segment would otherwise each forward) and on for a virtual device
+    /// (its frames may carry any MAC: a capture, a test bed's).
+    pub fn promiscuous(&self) -> bool {
+        self.promiscuous.unwrap_or(!self.is_pci())
+    }
+
     /// True when the device is a PCI address rather than a virtual device.
     pub fn is_pci(&self) -> bool {
         let d = self.device.split(',').next().unwrap_or_default();
@@ -933,10 +946,10 @@ impl Config {
                     }
                 }
             }
-            // Ports receive promiscuously: unmatched frames sent back out of
-            // the port they came in on would echo the segment's broadcasts
-            // and other hosts' frames onto it (and between two such
-            // instances, forever).
+            // Unmatched frames sent back out of the port they came in on
+            // would echo the segment's broadcasts (and, on a promiscuous
+            // port, other hosts' frames) onto it, and between two such
+            // instances forever.
             if port.unmatched_to.as_deref() == Some(port.name.as_str()) {
                 return fail(
                     p.index(i).key("unmatched_to"),
@@ -1551,10 +1564,11 @@ impl Config {
         for (i, p) in self.ports.iter().enumerate() {
             let _ = writeln!(
                 o,
-                "  [{i}] {} device {} ({}): {nw} rx + {nw} tx queue{} (one per worker; {}), {} rx / {} tx descriptors, mtu {}, forwards on {}{}{}",
+                "  [{i}] {} device {} ({}{}): {nw} rx + {nw} tx queue{} (one per worker; {}), {} rx / {} tx descriptors, mtu {}, forwards on {}{}{}",
                 p.name,
                 p.device,
                 if p.is_pci() { "PCI" } else { "virtual" },
+                if p.promiscuous() { ", promiscuous" } else { "" },
                 if nw == 1 { "" } else { "s" },
                 p.spread(nw, fed == Some(p.name.as_str())).describe(),
                 p.rx_descriptors,

@@ -134,6 +134,7 @@ mod tests {
             forward_to: None,
             unmatched_to: None,
             mtu: 1500,
+            promiscuous: None,
         }
     }
 

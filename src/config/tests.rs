@@ -112,6 +112,31 @@ fn check(text: &str, key: &str, needle: &str, msg_part: &str) {
     assert!(shown.contains(key), "{shown}");
 }
 
+/// A port is promiscuous as configured, else when it is a virtual device.
+#[test]
+fn promiscuous_by_default_on_virtual_devices_only() {
+    let c = Config::parse(&BASE, "t.toml").unwrap();
+    assert!(c.ports.iter().all(|p| p.promiscuous()));
+    let t = BASE.replace("device = \"net_ring0\"", "device = \"0000:3b:00.0\"");
+    let c = Config::parse(&t, "t.toml").unwrap();
+    assert!(!c.ports[0].promiscuous() && c.ports[1].promiscuous());
+    assert!(c.plan().contains("device 0000:3b:00.0 (PCI):"));
+    assert!(c
+        .plan()
+        .contains("device net_ring1 (virtual, promiscuous):"));
+    let t = t
+        .replace(
+            "device = \"0000:3b:00.0\"",
+            "device = \"0000:3b:00.0\"\npromiscuous = true",
+        )
+        .replace(
+            "device = \"net_ring1\"",
+            "device = \"net_ring1\"\npromiscuous = false",
+        );
+    let c = Config::parse(&t, "t.toml").unwrap();
+    assert!(c.ports[0].promiscuous() && !c.ports[1].promiscuous());
+}
+
 #[test]
 fn base_is_valid() {
     let c = Config::parse(&BASE, "t.toml").unwrap();

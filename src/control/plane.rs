@@ -214,30 +214,29 @@ impl ControlPlane {
         );
         s.affinity_lifetime_ms = Percentiles::of(&self.lifetimes);
         s.affinity_capacity = self.affinities.capacity();
+        // The summary lists the snapshot's services in its order; each
+        // backend is found by name once (thousands of backends: no search
+        // per backend).
+        let now = self.now_ms();
         for (summary, svc) in s.services.iter_mut().zip(&self.dp.services) {
             let quota = svc
                 .limits
                 .quota(self.affinities.capacity(), svc.backends.len());
+            let ids: HashMap<&str, BackendId> = svc
+                .backends
+                .iter()
+                .filter_map(|&id| self.dp.backend(id))
+                .map(|b| (b.name.as_str(), b.id))
+                .collect();
             for b in summary.backends.iter_mut() {
-                if let Some(backend) = self.dp.find_backend(svc.id, &b.name) {
-                    b.affinities = self.affinities.requested_by(backend.id) as u64;
-                    b.affinity_quota = quota as u64;
-                }
-            }
-        }
-        let now = self.now_ms();
-        for ss in &mut s.services {
-            let Some(svc) = self.dp.service_named(&ss.name) else {
-                continue;
-            };
-            for bs in &mut ss.backends {
-                let status = self
-                    .dp
-                    .find_backend(svc.id, &bs.name)
-                    .and_then(|b| self.states.get(b.id));
-                if let Some(st) = status {
-                    bs.state_for_secs = now.saturating_sub(st.since_ms) / 1000;
-                    bs.check_error = st.check_error.clone();
+                let Some(&id) = ids.get(b.name.as_str()) else {
+                    continue;
+                };
+                b.affinities = self.affinities.requested_by(id) as u64;
+                b.affinity_quota = quota as u64;
+                if let Some(st) = self.states.get(id) {
+                    b.state_for_secs = now.saturating_sub(st.since_ms) / 1000;
+                    b.check_error = st.check_error.clone();
                 }
             }
         }

@@ -25,8 +25,8 @@ pub struct PortSetup {
     pub rx_desc: u16,
     /// Transmit descriptors per queue.
     pub tx_desc: u16,
-    /// Receive frames for any destination MAC (a VIP's frames come to us by
-    /// routing, not by our MAC, on some set-ups).
+    /// Receive frames for any destination MAC, not only the port's own,
+    /// broadcast and multicast ones.
     pub promiscuous: bool,
     /// Spread flows over the queues with RSS on IP addresses and TCP/UDP
     /// ports, when there are several queues and the device can.

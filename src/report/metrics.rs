@@ -14,7 +14,7 @@
 //! no thread is left for is answered 503 at once, so clients that trickle
 //! their requests or never read cannot make a readiness check wait.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -610,11 +610,17 @@ fn health(o: &mut String, s: &Summary) {
         "gauge",
         "0 while the backend's health checks fail (their verdict: down, also while its service spreads over backends that all fail), else 1 (a drained or declared-down backend too).",
     );
+    // Looked up once per backend, not searched (thousands of backends).
+    let down: HashSet<(&str, &str)> = h
+        .map(|h| h.backends.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|b| b.state != "up")
+        .map(|b| (b.service.as_str(), b.backend.as_str()))
+        .collect();
     for svc in &s.services {
         for b in &svc.backends {
-            let down = h
-                .and_then(|h| h.backend(&svc.name, &b.name))
-                .is_some_and(|b| b.state != "up");
+            let down = down.contains(&(svc.name.as_str(), b.name.as_str()));
             f.value(
                 &[("service", &svc.name), ("backend", &b.name)],
                 if down { 0.0 } else { 1.0 },

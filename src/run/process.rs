@@ -283,7 +283,7 @@ fn start(cfg: &Config) -> Result<Started, String> {
             queues: cfg.cores.workers.len() as u16,
             rx_desc: p.rx_descriptors,
             tx_desc: p.tx_descriptors,
-            promiscuous: true,
+            promiscuous: p.promiscuous(),
             rss: true,
             // A memif port passes packets only while its peer is connected
             // and the event guard below has it open.
