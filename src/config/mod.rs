@@ -964,6 +964,27 @@ impl Config {
     }
 
     fn validate_sections(&self, root: &KeyPath) -> Check {
+        // Workers free the mbufs other workers received (and EAL's
+        // threads those of the ports' queues): the pool must take puts and
+        // gets from several threads at once.
+        let args = &self.eal.args;
+        let ops = args.iter().enumerate().find_map(|(i, a)| {
+            a.strip_prefix("--mbuf-pool-ops-name=").or_else(|| {
+                (a == "--mbuf-pool-ops-name")
+                    .then(|| args.get(i + 1).map(String::as_str))
+                    .flatten()
+            })
+        });
+        if let Some(ops) = ops.filter(|o| ["ring_sp_sc", "ring_sp_mc", "ring_mp_sc"].contains(o)) {
+            return fail(
+                root.key("eal").key("args"),
+                format!(
+                    "--mbuf-pool-ops-name {ops}: the mbuf pool is used by several threads at once \
+                     (workers free each other's mbufs); use a multi-producer, multi-consumer one \
+                     (the default ring_mp_mc, ring_mt_rts, ring_mt_hts, stack)"
+                ),
+            );
+        }
         let m = &self.mempool;
         if m.mbufs < 1024 {
             return fail(

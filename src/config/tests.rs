@@ -112,6 +112,27 @@ fn check(text: &str, key: &str, needle: &str, msg_part: &str) {
     assert!(shown.contains(key), "{shown}");
 }
 
+/// A pool driver that is not safe for several threads is refused.
+#[test]
+fn single_thread_mbuf_pools_are_refused() {
+    for (args, bad) in [
+        ("\"--mbuf-pool-ops-name\", \"ring_sp_sc\"", true),
+        ("\"--mbuf-pool-ops-name=ring_mp_sc\"", true),
+        ("\"--mbuf-pool-ops-name\", \"ring_mp_mc\"", false),
+        ("\"--mbuf-pool-ops-name=stack\"", false),
+    ] {
+        let t = edit(
+            "args = [\"--no-huge\", \"--no-pci\"]",
+            &format!("args = [\"--no-huge\", \"--no-pci\", {args}]"),
+        );
+        if bad {
+            check(&t, "eal.args", "args = [", "several threads at once");
+        } else {
+            assert!(Config::parse(&t, "t.toml").is_ok(), "{args}");
+        }
+    }
+}
+
 /// A port is promiscuous as configured, else when it is a virtual device.
 #[test]
 fn promiscuous_by_default_on_virtual_devices_only() {
