@@ -59,8 +59,9 @@ pub enum Cmd {
     /// Make a running instance re-read its configuration file (as SIGHUP).
     Reload(ConnArgs),
     /// Whether a running instance is ready (GET /ready on its metrics
-    /// listener): exit 0 ready, 3 not ready (starting or stopping), 1 when
-    /// it cannot be asked.
+    /// listener): exit 0 ready, 3 not ready (starting or stopping, or the
+    /// port forwarded traffic leaves by without link), 1 when it cannot be
+    /// asked (or answers busy).
     Status(StatusArgs),
     /// Write the man pages or a shell completion script (for packagers).
     #[command(hide = true)]

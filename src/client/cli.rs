@@ -60,7 +60,8 @@ impl ConnArgs {
     }
 
     /// The control address: --server, else the config's, else the default.
-    pub fn server_addr(&self) -> Result<SocketAddr, String> {
+    #[cfg(test)]
+    fn server_addr(&self) -> Result<SocketAddr, String> {
         self.server_addr_in(self.config_file()?.as_ref())
     }
 
@@ -76,7 +77,8 @@ impl ConnArgs {
     }
 
     /// The key bytes from `--key`, `--key-file` or the config's keys.
-    pub fn key_bytes(&self) -> Result<Vec<u8>, String> {
+    #[cfg(test)]
+    fn key_bytes(&self) -> Result<Vec<u8>, String> {
         self.key_bytes_in(self.config_file()?.as_ref())
     }
 
@@ -755,17 +757,21 @@ pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
     let mut client = args.conn.client()?;
     let server = client.server().to_string();
     let mut prev: Option<Summary> = None;
-    loop {
-        // A missed answer (the instance busy in a reload, restarting) is
-        // shown and the view goes on; the last figures stay for the next
-        // frame's rates.
-        let fetched = client.stats().map_err(err).and_then(|doc| {
+    let fetch = |client: &mut ControlClient| {
+        client.stats().map_err(err).and_then(|doc| {
             serde_json::from_str::<Summary>(&doc)
                 .map_err(|e| format!("statistics are not a summary: {e}"))
-        });
+        })
+    };
+    // The first answer must come (a wrong key or address fails here).
+    let mut fetched = Ok(fetch(&mut client)?);
+    loop {
+        // A later miss (the instance busy in a reload, restarting) is shown
+        // and the view goes on; the last figures stay for the next frame's
+        // rates.
         let frame = match &fetched {
             Ok(cur) => statsview::render(&server, prev.as_ref(), cur, terminal),
-            Err(e) => format!("pktdist stats {server}: no answer: {e}\n"),
+            Err(e) => format!("pktdist stats {server}: no statistics: {e}\n"),
         };
         let mut out = std::io::stdout().lock();
         if out
@@ -780,6 +786,7 @@ pub fn run_stats(args: &StatsArgs) -> Result<(), String> {
             prev = Some(cur);
         }
         std::thread::sleep(args.interval);
+        fetched = fetch(&mut client);
     }
 }
 

@@ -56,8 +56,8 @@ const MIN_STATUS_INTERVAL: Duration = Duration::from_millis(100);
 /// A source of the ports' device counters.
 pub type PortStatsSource = Box<dyn Fn() -> Vec<PortSummary> + Send>;
 
-/// The ports' upkeep: the names of the ports whose link has failed (down
-/// past a hold-down after having been up).
+/// The ports' upkeep: the names of the ports forwarded traffic leaves by
+/// whose link has failed (down past a hold-down after having been up).
 pub type PortUpkeep = Box<dyn FnMut() -> Vec<String> + Send>;
 
 /// What the process hands the control thread besides the configuration.
@@ -407,8 +407,8 @@ impl ControlThread {
     /// cluster mode once a full load of the shared table is installed (and
     /// still while the store is unreachable: every instance withdrawing at
     /// once would take the service down). Never once asked to stop, nor
-    /// while a port's link has failed (its share of the traffic would be
-    /// lost; a port that never came up does not count).
+    /// while the link of a port forwarded traffic leaves by has failed
+    /// (the ports' upkeep says which).
     pub fn ready(&self) -> bool {
         !self.stopping
             && self.ports_failed.is_empty()

@@ -329,13 +329,20 @@ impl Port {
         // SAFETY: zero-initialised, and filled in on success.
         self.mac = unsafe { addr.assume_init() }.addr_bytes;
         self.start_locked()?;
-        if conf.promiscuous {
+        // Set either way: a driver may start promiscuous (af_packet on an
+        // interface left so), and some virtual devices have no filter to
+        // open or close (not an error).
+        let (ret, op) = if conf.promiscuous {
             // SAFETY: the port exists.
             let ret = unsafe { sys::rte_eth_promiscuous_enable(id) };
-            // Some virtual devices have no filter to open: not an error.
-            if ret < 0 && ret != -ENOTSUP {
-                return Err(DpdkError::ret("rte_eth_promiscuous_enable", ret));
-            }
+            (ret, "rte_eth_promiscuous_enable")
+        } else {
+            // SAFETY: the port exists.
+            let ret = unsafe { sys::rte_eth_promiscuous_disable(id) };
+            (ret, "rte_eth_promiscuous_disable")
+        };
+        if ret < 0 && ret != -ENOTSUP {
+            return Err(DpdkError::ret(op, ret));
         }
         Ok(())
     }

@@ -215,7 +215,8 @@ pub struct HealthSummary {
 
 impl HealthSummary {
     /// The entry of a checked backend.
-    pub fn backend(&self, service: &str, backend: &str) -> Option<&BackendHealth> {
+    #[cfg(test)]
+    pub(crate) fn backend(&self, service: &str, backend: &str) -> Option<&BackendHealth> {
         self.backends
             .iter()
             .find(|b| b.service == service && b.backend == backend)

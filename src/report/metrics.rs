@@ -11,10 +11,11 @@
 //! for the answer. Connections from this host (the route announcer's
 //! readiness check) have [`MAX_LOCAL`] threads of their own; other hosts
 //! share [`MAX_CONNECTIONS`], at most [`MAX_PER_PEER`] each. A connection
-//! no thread is left for is answered 503 at once, so clients that trickle
-//! their requests or never read cannot make a readiness check wait.
+//! that finds no thread within [`SLOT_WAIT`] is answered 429, so clients
+//! that trickle their requests or never read cannot make a readiness check
+//! from this host wait.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -44,6 +45,12 @@ const MAX_PER_PEER: usize = 2;
 /// others': a readiness check from this host never waits behind other
 /// hosts' connections, however many they hold open.
 const MAX_LOCAL: usize = 4;
+/// How long an accepted connection may wait for a thread of its pool
+/// before it is answered 429 (busy).
+const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// Accepted connections waiting for a thread at most; more are answered
+/// 429 at once.
+const MAX_WAITING: usize = 64;
 /// How old the rendered text may be before `GET /metrics` answers 503: the
 /// control thread renders it every second, so older means it is stuck (as
 /// for [`READY_FOR`]), and a scrape must not pass frozen figures off as
@@ -610,7 +617,7 @@ fn health(o: &mut String, s: &Summary) {
         "gauge",
         "0 while the backend's health checks fail (their verdict: down, also while its service spreads over backends that all fail), else 1 (a drained or declared-down backend too).",
     );
-    // Looked up once per backend, not searched (thousands of backends).
+    // A set, for thousands of backends.
     let down: HashSet<(&str, &str)> = h
         .map(|h| h.backends.as_slice())
         .unwrap_or_default()
@@ -764,7 +771,7 @@ impl Shared {
             &mut text,
             "pktdist_ready",
             "gauge",
-            "1 while GET /ready answers 200 (serving, with the whole affinity table and every port's link), 0 while starting or stopping, or a port has lost its link.",
+            "1 while GET /ready answers 200 (serving, with the whole affinity table and every port's link), 0 while starting or stopping, or a port forwarded traffic leaves by has lost its link.",
         )
         .value(&[], if self.is_ready() { 1.0 } else { 0.0 });
         Ok(text)
@@ -848,41 +855,56 @@ impl Drop for MetricsServer {
 
 fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let pools = Arc::new(Mutex::new(Pools::default()));
+    // Accepted connections waiting for a thread: (connection, peer, the
+    // address it reached, when it was accepted).
+    let mut waiting: VecDeque<(TcpStream, IpAddr, IpAddr, Instant)> = VecDeque::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let slot = stream
-                    .local_addr()
-                    .ok()
-                    .and_then(|local| Slot::take(&pools, peer.ip(), local.ip()));
-                let Some(slot) = slot else {
+        let accepted = match listener.accept() {
+            Ok((stream, peer)) => match stream.local_addr() {
+                Ok(local) if waiting.len() < MAX_WAITING => {
+                    waiting.push_back((stream, peer.ip(), local.ip(), Instant::now()));
+                    true
+                }
+                _ => {
                     busy(stream);
-                    continue;
-                };
-                let s = Arc::clone(&shared);
-                // If the thread cannot start, the closure is dropped with
-                // the connection (closed, unanswered) and the slot.
-                let _ = std::thread::Builder::new()
-                    .name("pktdist-http".into())
-                    .spawn(move || {
-                        let _slot = slot;
-                        // A misbehaving client costs at most its deadlines.
-                        let _ = answer(stream, &s);
-                    });
+                    true
+                }
+            },
+            Err(_) => false,
+        };
+        for _ in 0..waiting.len() {
+            let Some((stream, peer, local, since)) = waiting.pop_front() else {
+                break;
+            };
+            match Slot::take(&pools, peer, local) {
+                Some(slot) => {
+                    let s = Arc::clone(&shared);
+                    // If the thread cannot start, the closure is dropped
+                    // with the connection (closed, unanswered) and the slot.
+                    let _ = std::thread::Builder::new()
+                        .name("pktdist-http".into())
+                        .spawn(move || {
+                            // A misbehaving client costs at most its
+                            // deadlines; its slot is given back as soon as
+                            // the connection is closed.
+                            let _ = answer(stream, &s);
+                            drop(slot);
+                        });
+                }
+                None if since.elapsed() >= SLOT_WAIT => busy(stream),
+                None => waiting.push_back((stream, peer, local, since)),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+        if !accepted {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-/// Answers a connection no thread is left for: 503 at once (a client that
-/// could not get an answer in time learns so now rather than after the
-/// others' deadlines). What it has sent is read first, without waiting
-/// for more, so that closing it does not reset the connection and lose
-/// the answer.
+/// Answers a connection that waited [`SLOT_WAIT`] for a thread in vain
+/// (or found too many waiting): 429 at once, without waiting for its
+/// request. What it has sent is read first, without waiting for more, so
+/// that closing it does not reset the connection and lose the answer.
 fn busy(mut stream: TcpStream) {
     if stream.set_nonblocking(true).is_err() {
         return;
@@ -894,10 +916,22 @@ fn busy(mut stream: TcpStream) {
         }
     }
     let _ = stream.write(
-        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-          Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n",
+        http_reply(
+            "429 Too Many Requests",
+            "text/plain; charset=utf-8",
+            "busy: too many connections\n",
+        )
+        .as_bytes(),
     );
     let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// An HTTP/1.1 answer, the connection closed after it.
+fn http_reply(status: &str, ctype: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// The connections being answered: this host's, and other hosts' by
@@ -1017,10 +1051,7 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
             "only GET\n".to_string(),
         ),
     };
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let reply = http_reply(status, ctype, &body);
     let deadline = Instant::now() + ANSWER_DEADLINE;
     let mut rest = reply.as_bytes();
     while !rest.is_empty() {
@@ -1040,7 +1071,6 @@ mod tests {
     use super::*;
     use crate::datapath::counters::WorkerCounters;
     use crate::types::DropReason;
-    use std::sync::atomic::AtomicUsize;
 
     fn summary() -> Summary {
         let w = vec![Arc::new(WorkerCounters::default())];
@@ -1190,38 +1220,22 @@ mod tests {
         assert!(get("/metrics").contains("\npktdist_x 2\n"));
     }
 
-    /// Other hosts that hold every connection they may, by trickling
-    /// their requests a byte at a time, neither hold up a readiness check
-    /// from this host (answered while they are all still connected) nor
-    /// get more: one more from any of them is answered 503 at once, as is
-    /// one from a host beyond the pool. The server still closes each
-    /// trickler once the request's deadline has passed.
+    /// Clients that trickle their requests a byte at a time, each byte
+    /// within any per-read timeout, do not keep their connections: the
+    /// server closes each once the request's deadline has passed, and
+    /// their places are given back.
     #[test]
-    fn other_hosts_cannot_hold_up_a_readiness_check_from_this_one() {
+    fn trickling_clients_are_cut_off() {
         let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
         m.set_ready(true);
         let addr = m.local_addr();
         let done = Arc::new(AtomicBool::new(false));
-        // MAX_PER_PEER tricklers from each of enough other addresses to
-        // fill the pool, each counted in `trickling` once its first byte
-        // is sent and in `closed` once the server has closed it.
-        let peers = MAX_CONNECTIONS.div_ceil(MAX_PER_PEER);
-        let n = peers * MAX_PER_PEER;
-        assert_eq!(n, MAX_CONNECTIONS, "the pool is filled exactly");
-        let peer = |i: usize| [127, 0, 0, 2 + i as u8];
-        let trickling = Arc::new(AtomicUsize::new(0));
-        let closed = Arc::new(AtomicUsize::new(0));
-        let tricklers: Vec<_> = (0..n)
-            .map(|i| {
-                let (done, trickling, closed) = (
-                    Arc::clone(&done),
-                    Arc::clone(&trickling),
-                    Arc::clone(&closed),
-                );
-                let mut s = connect_from(peer(i / MAX_PER_PEER), addr);
+        let tricklers: Vec<_> = (0..MAX_PER_PEER)
+            .map(|_| {
+                let done = Arc::clone(&done);
+                let mut s = connect_from(peer(0), addr);
                 std::thread::spawn(move || {
                     s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
-                    let mut first = true;
                     // Until the server closes the connection, or the test
                     // is over (a server that never closes it fails below).
                     for &b in b"GET /metrics HTTP/1.1\r\nHost: x".iter().cycle() {
@@ -1231,22 +1245,12 @@ mod tests {
                         // Closed by the server: a write fails once it has
                         // reset the connection, a read sees the end.
                         if s.write_all(&[b]).is_err() {
-                            closed.fetch_add(1, Ordering::SeqCst);
                             return true;
-                        }
-                        if std::mem::take(&mut first) {
-                            trickling.fetch_add(1, Ordering::SeqCst);
                         }
                         let mut one = [0u8; 1];
                         match s.read(&mut one) {
-                            Ok(0) => {
-                                closed.fetch_add(1, Ordering::SeqCst);
-                                return true;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                                closed.fetch_add(1, Ordering::SeqCst);
-                                return true;
-                            }
+                            Ok(0) => return true,
+                            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
                             _ => {}
                         }
                         std::thread::sleep(Duration::from_millis(100));
@@ -1255,30 +1259,6 @@ mod tests {
                 })
             })
             .collect();
-        let hang = Instant::now() + Duration::from_secs(60);
-        while trickling.load(Ordering::SeqCst) < n {
-            assert!(Instant::now() < hang, "the tricklers never all started");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let ready = get_from(HERE, addr, "/ready");
-        assert!(
-            ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"),
-            "{ready}"
-        );
-        assert_eq!(
-            closed.load(Ordering::SeqCst),
-            0,
-            "the readiness check waited for a trickler to be cut off"
-        );
-        for from in [peer(0), peer(peers)] {
-            let busy = get_from(from, addr, "/metrics");
-            assert!(
-                busy.starts_with("HTTP/1.1 503") && busy.ends_with("busy\n"),
-                "{from:?}: {busy}"
-            );
-        }
-        // Every trickler is cut off by the server, well before the test
-        // gives up on them.
         let watchdog = {
             let done = Arc::clone(&done);
             std::thread::spawn(move || {
@@ -1293,7 +1273,80 @@ mod tests {
             );
         }
         drop(watchdog);
-        // Their places are given back.
-        assert!(get_from(peer(0), addr, "/ready").starts_with("HTTP/1.1 200"));
+        assert_places_come_back(addr);
+    }
+
+    /// Other hosts that hold every connection they may, each asking for
+    /// large metrics and never reading them, neither hold up a readiness
+    /// check from this host nor get more: one more from any of them, and
+    /// one from a host beyond the pool, is answered 429 once it has waited
+    /// its second.
+    #[test]
+    fn other_hosts_cannot_hold_up_a_readiness_check_from_this_one() {
+        let m = MetricsServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        m.set_ready(true);
+        // Far more than the sockets' buffers take: an answer that cannot
+        // be written before its deadline, while nobody reads it.
+        m.publish("x".repeat(16 << 20));
+        let addr = m.local_addr();
+        let peers = MAX_CONNECTIONS.div_ceil(MAX_PER_PEER);
+        assert_eq!(
+            peers * MAX_PER_PEER,
+            MAX_CONNECTIONS,
+            "the pool is filled exactly"
+        );
+        let holders: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|i| {
+                let mut s = connect_from(peer(i / MAX_PER_PEER), addr);
+                write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                // The answer has begun: the connection holds its place.
+                let mut first = [0u8; 12];
+                s.read_exact(&mut first).unwrap();
+                assert_eq!(&first, b"HTTP/1.1 200");
+                s
+            })
+            .collect();
+        let ready = get_from(HERE, addr, "/ready");
+        assert!(
+            ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"),
+            "{ready}"
+        );
+        for from in [peer(0), peer(peers)] {
+            let busy = get_from(from, addr, "/ready");
+            assert!(
+                busy.starts_with("HTTP/1.1 429") && busy.ends_with("too many connections\n"),
+                "{from:?}: {busy}"
+            );
+        }
+        drop(holders);
+        assert_places_come_back(addr);
+    }
+
+    /// Another host's address: loopback addresses other than the server's.
+    fn peer(i: usize) -> [u8; 4] {
+        [127, 0, 0, 2 + i as u8]
+    }
+
+    /// Once the connections that held them are gone, every other host's
+    /// place is free again: each address gets its answers.
+    fn assert_places_come_back(addr: SocketAddr) {
+        let peers = MAX_CONNECTIONS.div_ceil(MAX_PER_PEER);
+        let hang = Instant::now() + Duration::from_secs(60);
+        for i in 0..peers {
+            // A place is given back once its thread has seen the
+            // connection end: ask until it is.
+            loop {
+                let r = get_from(peer(i), addr, "/ready");
+                if r.starts_with("HTTP/1.1 200") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < hang,
+                    "{:?} never got a place: {r}",
+                    peer(i)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 }

@@ -46,7 +46,7 @@ impl PortCounters {
     }
 
     /// Takes a reading of the device's counters (`raw`; its name and link
-    /// field are ignored) and whether the link was up right after it.
+    /// field are ignored) and whether the link was up around it.
     pub fn update(&mut self, raw: &PortSummary, link_up: bool) {
         for ((now, last), base) in fields(raw)
             .into_iter()
@@ -87,31 +87,39 @@ impl PortCounters {
 }
 
 /// Whether a port's link has failed: down for longer than a hold-down
-/// after having been up. A port that never came up (a memif port waiting
-/// for its first peer, a NIC still negotiating) has not failed: it never
-/// carried traffic that would now be lost.
+/// after having been up, and until it has been up again for as long (a
+/// flapping link stays failed). A port that never came up (a memif port
+/// waiting for its first peer, a NIC still negotiating) has not failed: it
+/// never carried traffic that would now be lost.
 #[derive(Clone, Debug, Default)]
 pub struct LinkWatch {
     up_once: bool,
-    down_since: Option<Instant>,
+    failed: bool,
+    /// Since when the link reads as it does now.
+    since: Option<Instant>,
+    up: bool,
 }
 
 impl LinkWatch {
-    /// Takes a reading of the link at `now`.
-    pub fn update(&mut self, up: bool, now: Instant) {
-        if up {
-            self.up_once = true;
-            self.down_since = None;
-        } else if self.up_once && self.down_since.is_none() {
-            self.down_since = Some(now);
+    /// Takes a reading of the link at `now`; `hold` is how long a change
+    /// must last to count.
+    pub fn update(&mut self, up: bool, now: Instant, hold: Duration) {
+        if up != self.up || self.since.is_none() {
+            self.up = up;
+            self.since = Some(now);
+        }
+        self.up_once |= up;
+        let lasted = self
+            .since
+            .is_some_and(|t| now.saturating_duration_since(t) >= hold);
+        if lasted {
+            self.failed = !up && self.up_once;
         }
     }
 
-    /// Whether the link has been down for at least `hold` at `now`, after
-    /// having been up.
-    pub fn failed(&self, now: Instant, hold: Duration) -> bool {
-        self.down_since
-            .is_some_and(|t| now.saturating_duration_since(t) >= hold)
+    /// Whether the link has failed.
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 }
 
@@ -123,22 +131,29 @@ mod tests {
     fn a_link_fails_when_down_past_the_hold_down_after_being_up() {
         let hold = Duration::from_secs(1);
         let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut w = LinkWatch::default();
+        let mut at = |ms: u64, up: bool| {
+            w.update(up, t0 + Duration::from_millis(ms), hold);
+            w.failed()
+        };
         // Never up yet: waiting, not failed.
-        w.update(false, at(0));
-        assert!(!w.failed(at(5_000), hold));
-        w.update(true, at(5_000));
-        w.update(false, at(6_000));
-        assert!(!w.failed(at(6_500), hold), "within the hold-down");
-        w.update(false, at(6_900));
-        assert!(w.failed(at(7_000), hold));
-        // Back up: no longer failed, and a new loss starts a new hold-down.
-        w.update(true, at(7_100));
-        assert!(!w.failed(at(7_100), hold));
-        w.update(false, at(8_000));
-        assert!(!w.failed(at(8_500), hold));
-        assert!(w.failed(at(9_000), hold));
+        assert!(!at(0, false));
+        assert!(!at(5_000, false));
+        assert!(!at(5_000, true));
+        assert!(!at(6_000, false));
+        assert!(!at(6_500, false), "within the hold-down");
+        assert!(at(7_000, false));
+        // Back up: failed until it has stayed up for the hold-down too.
+        assert!(at(7_100, true));
+        assert!(at(7_900, true), "a flap is not a recovery");
+        assert!(at(7_950, false));
+        assert!(at(8_500, true));
+        assert!(at(9_400, true));
+        assert!(!at(9_500, true));
+        // A new loss starts a new hold-down.
+        assert!(!at(10_000, false));
+        assert!(!at(10_900, false));
+        assert!(at(11_000, false));
     }
 
     fn reading(ipackets: u64, opackets: u64) -> PortSummary {

@@ -14,22 +14,26 @@ use std::io::Write;
 use log::Level;
 
 /// Installs the logger; a second call is a no-op (tests may call it often).
-/// Refuses a filter with a bare word that is neither a level nor one of
-/// pktdist's module paths (`warning`): the filter syntax would read it as
-/// the name of a module, and with no other directive nothing would be
-/// logged at all, errors included.
+/// Refuses a filter given as `--log-level` or `PKTDIST_LOG` with a bare
+/// word that is neither a level nor one of pktdist's module paths
+/// (`warning`): the filter syntax would read it as the name of a module,
+/// and with no other directive nothing would be logged at all, errors
+/// included. `RUST_LOG`, which other programs share, is only warned of
+/// such a word, and `info` used instead.
 pub fn init(filter: Option<&str>) -> Result<(), String> {
-    let (spec, from) = match filter {
-        Some(f) => (f.to_string(), "--log-level"),
+    let spec = match filter {
+        Some(f) => checked(f, "--log-level")?,
         None => match std::env::var("PKTDIST_LOG") {
-            Ok(v) => (v, "PKTDIST_LOG"),
+            Ok(v) => checked(&v, "PKTDIST_LOG")?,
             Err(_) => match std::env::var("RUST_LOG") {
-                Ok(v) => (v, "RUST_LOG"),
-                Err(_) => ("info".to_string(), "the default"),
+                Ok(v) => checked(&v, "RUST_LOG").unwrap_or_else(|e| {
+                    eprintln!("pktdist: {e}; logging at info");
+                    "info".to_string()
+                }),
+                Err(_) => "info".to_string(),
             },
         },
     };
-    check_filter(&spec).map_err(|e| format!("{from} {spec:?}: {e}"))?;
     let journal = stderr_is_journal();
     let _ = env_logger::Builder::new()
         .parse_filters(&spec)
@@ -48,6 +52,13 @@ pub fn init(filter: Option<&str>) -> Result<(), String> {
         })
         .try_init();
     Ok(())
+}
+
+/// `spec` if [`check_filter`] takes it, else why not, naming `from`.
+fn checked(spec: &str, from: &str) -> Result<String, String> {
+    check_filter(spec)
+        .map(|()| spec.to_string())
+        .map_err(|e| format!("{from} {spec:?}: {e}"))
 }
 
 /// Checks a filter's directives (`level`, `path=level` or `path`, comma

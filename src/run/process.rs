@@ -349,11 +349,16 @@ fn start(cfg: &Config) -> Result<Started, String> {
             );
         }
         log::info!(
-            "port {} = {} ({}), mac {}, device mtu {}, {} queue(s){}{}; {}, mbufs from pool {}",
+            "port {} = {} ({}), mac {}{}, device mtu {}, {} queue(s){}{}; {}, mbufs from pool {}",
             p.name,
             p.device,
             port.driver(),
             crate::config::MacAddr(mac),
+            if p.promiscuous() {
+                " (promiscuous: any destination MAC)"
+            } else {
+                " (receives frames to this MAC and broadcast only)"
+            },
             port.mtu(),
             port.queues(),
             spread,
@@ -648,11 +653,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl PortKeeper {
     /// Guarded (memif) ports open once their peer is connected.
     fn new(cfg: &Config, ports: &[Arc<Port>]) -> PortKeeper {
+        let ways_out = cfg
+            .ports
+            .iter()
+            .map(|p| {
+                cfg.ports
+                    .iter()
+                    .any(|q| q.forward_to.as_deref().unwrap_or(&q.name) == p.name)
+            })
+            .collect();
         let view = PortView::new(
             cfg.ports
                 .iter()
                 .map(|p| p.name.clone())
                 .zip(ports.iter().cloned()),
+            ways_out,
         );
         let mut guard = EventGuard::new(ports);
         guard.tick(|| {});
@@ -700,15 +715,21 @@ impl PortKeeper {
 struct PortView {
     ports: Vec<(String, Arc<Port>, PortCounters)>,
     links: Vec<LinkWatch>,
+    /// Per port, whether forwarded traffic leaves by it (some port's
+    /// `forward_to`, by default itself): the ports readiness counts. A
+    /// router sees its own side of a receiving port's link go down and
+    /// stops sending there; the way out to the backends it cannot see.
+    ways_out: Vec<bool>,
 }
 
-/// How long a port's link may be down, after having been up, before the
-/// instance reads as not ready (its routes withdrawn): long enough to ride
+/// How long a change of a port's link must last to count for readiness:
+/// down that long after having been up, the instance reads as not ready
+/// (its routes withdrawn); up that long again, ready. Long enough to ride
 /// over a flap, short against the seconds a router takes to notice.
-const LINK_HOLD_DOWN: Duration = Duration::from_secs(1);
+const LINK_HOLD: Duration = Duration::from_secs(1);
 
 impl PortView {
-    fn new(ports: impl Iterator<Item = (String, Arc<Port>)>) -> PortView {
+    fn new(ports: impl Iterator<Item = (String, Arc<Port>)>, ways_out: Vec<bool>) -> PortView {
         let ports: Vec<_> = ports
             .map(|(name, port)| {
                 let mut c = PortCounters::new();
@@ -721,6 +742,7 @@ impl PortView {
         PortView {
             links: vec![LinkWatch::default(); ports.len()],
             ports,
+            ways_out,
         }
     }
 
@@ -744,18 +766,19 @@ impl PortView {
                 }
             }
             counters.update(&device_counters(&s), up);
-            link.update(up, now);
+            link.update(up, now, LINK_HOLD);
         }
     }
 
-    /// The ports whose link has failed ([`LinkWatch`], [`LINK_HOLD_DOWN`]).
+    /// The ports forwarded traffic leaves by whose link has failed
+    /// ([`LinkWatch`], [`LINK_HOLD`]).
     fn failed(&self) -> Vec<String> {
-        let now = Instant::now();
         self.ports
             .iter()
             .zip(&self.links)
-            .filter(|(_, link)| link.failed(now, LINK_HOLD_DOWN))
-            .map(|((name, ..), _)| name.clone())
+            .zip(&self.ways_out)
+            .filter(|((_, link), &way_out)| way_out && link.failed())
+            .map(|(((name, ..), _), _)| name.clone())
             .collect()
     }
 
