@@ -408,7 +408,9 @@ fn a_core_list_that_moves_the_control_thread_is_refused() {
     let _g = serial();
     let dir = TempDir::new("workers");
     let config = dir.path("demo.toml");
-    let text = demo_with("[1]").replace("args = [\n", "args = [\n  \"-l\", \"1\",\n");
+    // Mapped with --lcores, which only EAL itself applies (a plain -l is
+    // refused by the configuration check already).
+    let text = demo_with("[1]").replace("args = [\n", "args = [\n  \"--lcores\", \"1@1\",\n");
     std::fs::write(&config, text).expect("write config");
     let p = Pktdist::spawn(&["run", "--config", path_str(&config), "--duration", "30"]);
     let done = p.wait(Duration::from_secs(60));

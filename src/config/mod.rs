@@ -121,6 +121,57 @@ pub struct EalConfig {
     pub args: Vec<String>,
 }
 
+/// The CPU EAL puts its main thread on where `args` say so plainly: the
+/// `--main-lcore`, else the lowest core of `-l` or `-c` (lcore n runs on
+/// CPU n). None without such a list, with `--lcores` (whose mapping `run`
+/// checks once EAL has applied it) or with one EAL will refuse itself.
+fn eal_main_cpu(args: &[String]) -> Option<usize> {
+    if args.iter().any(|a| a.starts_with("--lcores")) {
+        return None;
+    }
+    if let Some(n) = eal_option(args, "--main-lcore") {
+        return n.trim().parse().ok();
+    }
+    if let Some(list) = eal_option(args, "-l") {
+        return list
+            .split(',')
+            .map(|r| {
+                r.split_once('-')
+                    .map_or(r, |(lo, _)| lo)
+                    .trim()
+                    .parse::<usize>()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?
+            .into_iter()
+            .min();
+    }
+    let mask = eal_option(args, "-c")?.trim();
+    let hex = mask
+        .strip_prefix("0x")
+        .or_else(|| mask.strip_prefix("0X"))
+        .unwrap_or(mask);
+    hex.chars().rev().enumerate().find_map(|(i, c)| {
+        let d = c.to_digit(16)?;
+        (d != 0).then(|| i * 4 + d.trailing_zeros() as usize)
+    })
+}
+
+/// The value of an EAL option given as `NAME VALUE`, as `NAME=VALUE` (a
+/// long option) or as `NAMEVALUE` (a short one).
+fn eal_option<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        let rest = a.strip_prefix(name)?;
+        if rest.is_empty() {
+            args.get(i + 1).map(String::as_str)
+        } else if name.starts_with("--") {
+            rest.strip_prefix('=')
+        } else {
+            Some(rest)
+        }
+    })
+}
+
 /// Longest `[cores] idle_sleep`.
 pub const MAX_IDLE_SLEEP: Duration = Duration::from_millis(10);
 
@@ -964,17 +1015,21 @@ impl Config {
     }
 
     fn validate_sections(&self, root: &KeyPath) -> Check {
+        if let Some(cpu) = eal_main_cpu(&self.eal.args).filter(|&c| c != self.cores.control) {
+            return fail(
+                root.key("eal").key("args"),
+                format!(
+                    "the core list puts EAL's main thread, pktdist's control thread, on CPU \
+                     {cpu}, not on [cores] control = {}: leave the core list (-l, -c, \
+                     --main-lcore) out, or start it with the control core",
+                    self.cores.control
+                ),
+            );
+        }
         // Workers free the mbufs other workers received (and EAL's
         // threads those of the ports' queues): the pool must take puts and
         // gets from several threads at once.
-        let args = &self.eal.args;
-        let ops = args.iter().enumerate().find_map(|(i, a)| {
-            a.strip_prefix("--mbuf-pool-ops-name=").or_else(|| {
-                (a == "--mbuf-pool-ops-name")
-                    .then(|| args.get(i + 1).map(String::as_str))
-                    .flatten()
-            })
-        });
+        let ops = eal_option(&self.eal.args, "--mbuf-pool-ops-name");
         if let Some(ops) = ops.filter(|o| ["ring_sp_sc", "ring_sp_mc", "ring_mp_sc"].contains(o)) {
             return fail(
                 root.key("eal").key("args"),

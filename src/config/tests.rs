@@ -112,6 +112,34 @@ fn check(text: &str, key: &str, needle: &str, msg_part: &str) {
     assert!(shown.contains(key), "{shown}");
 }
 
+/// A core list in [eal] args must put EAL's main thread (the control
+/// thread) on the control core, where the list says so plainly.
+#[test]
+fn eal_core_lists_must_start_with_the_control_core() {
+    for (args, refused) in [
+        ("\"-l\", \"1\"", true),
+        ("\"-l1-3\"", true),
+        ("\"-l\", \"0,3\"", false),
+        ("\"-l\", \"3,0-1\"", false),
+        ("\"-c\", \"0x6\"", true),
+        ("\"-c\", \"0x7\"", false),
+        ("\"-l\", \"0-3\", \"--main-lcore\", \"2\"", true),
+        ("\"-l\", \"0-3\", \"--main-lcore=0\"", false),
+        // Mapped by --lcores: checked by run once EAL has applied it.
+        ("\"--lcores\", \"1@1\"", false),
+    ] {
+        let t = edit(
+            "args = [\"--no-huge\", \"--no-pci\"]",
+            &format!("args = [\"--no-huge\", \"--no-pci\", {args}]"),
+        );
+        if refused {
+            check(&t, "eal.args", "args = [", "not on [cores] control = 0");
+        } else {
+            assert!(Config::parse(&t, "t.toml").is_ok(), "{args}");
+        }
+    }
+}
+
 /// A pool driver that is not safe for several threads is refused.
 #[test]
 fn single_thread_mbuf_pools_are_refused() {
