@@ -112,53 +112,55 @@ fn check(text: &str, key: &str, needle: &str, msg_part: &str) {
     assert!(shown.contains(key), "{shown}");
 }
 
-/// A core list in [eal] args must put EAL's main thread (the control
-/// thread) on the control core, where the list says so plainly.
-#[test]
-fn eal_core_lists_must_start_with_the_control_core() {
-    for (args, refused) in [
-        ("\"-l\", \"1\"", true),
-        ("\"-l1-3\"", true),
-        ("\"-l\", \"0,3\"", false),
-        ("\"-l\", \"3,0-1\"", false),
-        ("\"-c\", \"0x6\"", true),
-        ("\"-c\", \"0x7\"", false),
-        ("\"-l\", \"0-3\", \"--main-lcore\", \"2\"", true),
-        ("\"-l\", \"0-3\", \"--main-lcore=0\"", false),
-        // Mapped by --lcores: checked by run once EAL has applied it.
-        ("\"--lcores\", \"1@1\"", false),
-    ] {
+/// Checks BASE with `args` added to `[eal] args`: refused with `refusal`
+/// where the case says so, else accepted.
+fn check_eal_args(cases: &[(&str, bool)], refusal: &str) {
+    for &(args, refused) in cases {
         let t = edit(
             "args = [\"--no-huge\", \"--no-pci\"]",
             &format!("args = [\"--no-huge\", \"--no-pci\", {args}]"),
         );
         if refused {
-            check(&t, "eal.args", "args = [", "not on [cores] control = 0");
+            check(&t, "eal.args", "args = [", refusal);
         } else {
             assert!(Config::parse(&t, "t.toml").is_ok(), "{args}");
         }
     }
 }
 
+/// A core list in [eal] args must put EAL's main thread (the control
+/// thread) on the control core, where the list says so plainly.
+#[test]
+fn eal_core_lists_must_start_with_the_control_core() {
+    check_eal_args(
+        &[
+            ("\"-l\", \"1\"", true),
+            ("\"-l1-3\"", true),
+            ("\"-l\", \"0,3\"", false),
+            ("\"-l\", \"3,0-1\"", false),
+            ("\"-c\", \"0x6\"", true),
+            ("\"-c\", \"0x7\"", false),
+            ("\"-l\", \"0-3\", \"--main-lcore\", \"2\"", true),
+            ("\"-l\", \"0-3\", \"--main-lcore=0\"", false),
+            // Mapped by --lcores: checked by run once EAL has applied it.
+            ("\"--lcores\", \"1@1\"", false),
+        ],
+        "not on [cores] control = 0",
+    );
+}
+
 /// A pool driver that is not safe for several threads is refused.
 #[test]
 fn single_thread_mbuf_pools_are_refused() {
-    for (args, bad) in [
-        ("\"--mbuf-pool-ops-name\", \"ring_sp_sc\"", true),
-        ("\"--mbuf-pool-ops-name=ring_mp_sc\"", true),
-        ("\"--mbuf-pool-ops-name\", \"ring_mp_mc\"", false),
-        ("\"--mbuf-pool-ops-name=stack\"", false),
-    ] {
-        let t = edit(
-            "args = [\"--no-huge\", \"--no-pci\"]",
-            &format!("args = [\"--no-huge\", \"--no-pci\", {args}]"),
-        );
-        if bad {
-            check(&t, "eal.args", "args = [", "several threads at once");
-        } else {
-            assert!(Config::parse(&t, "t.toml").is_ok(), "{args}");
-        }
-    }
+    check_eal_args(
+        &[
+            ("\"--mbuf-pool-ops-name\", \"ring_sp_sc\"", true),
+            ("\"--mbuf-pool-ops-name=ring_mp_sc\"", true),
+            ("\"--mbuf-pool-ops-name\", \"ring_mp_mc\"", false),
+            ("\"--mbuf-pool-ops-name=stack\"", false),
+        ],
+        "several threads at once",
+    );
 }
 
 /// A port is promiscuous as configured, else when it is a virtual device.
